@@ -1,0 +1,17 @@
+"""qcore: NumPy-first weight quantization (schemes, quantize/dequantize, bit packing, metrics, checkpoints).
+
+>>> import numpy as np, qcore
+>>> w = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
+>>> qa = qcore.quantize(w, qcore.QuantScheme(bits=4, symmetric=False, granularity=qcore.PerGroup(128)))
+>>> bool(qcore.metrics.sqnr_db(w, qcore.dequantize(qa)) > 15)
+True
+"""
+
+from . import metrics
+from .compat import (calculate_quantization_error, channel_linear_quantize, linear_quantize,
+                     quantize_symmetric, quantize_weight_per_channel)
+from .metrics import quantization_error
+from .quantize import QuantizedArray, compute_qparams, dequantize, fake_quantize, quantize
+from .scheme import PerChannel, PerGroup, PerTensor, QuantScheme
+
+__version__ = "0.1.0"

@@ -1,0 +1,145 @@
+"""numba kernels for quantize / dequantize. A leaf: imports nothing of the package.
+
+Every kernel receives checked, C-contiguous arrays from :mod:`qcore.quantize` and must equal the NumPy
+reference in ``tests/qcore/reference.py`` bit for bit (ties included), so the arithmetic here is written in
+the same order as there: parameters in float64, scale rounded once to float32, ``rint(x / scale) + zp``
+in the input's compute dtype, clip, cast.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+F32_TINY = np.float32(np.finfo(np.float32).tiny)  # smallest normal: the scale of an all-zero group
+F32_MAX = np.float64(np.finfo(np.float32).max)
+
+
+@njit(cache=True, nogil=True)
+def params_from_minmax(mn, mx, qmax, symmetric):
+    """(scale float32, zero_point) of one group from its min and max (any float type)."""
+    lo = min(np.float64(mn), 0.0)  # widen the range to include 0 so that 0.0 is exact
+    hi = max(np.float64(mx), 0.0)
+    if symmetric:
+        s64 = max(-lo, hi) / qmax
+    else:
+        s64 = (hi - lo) / qmax
+    s64 = min(s64, F32_MAX)  # +-3.4e38 ranges overflow float32 when subtracted
+    scale = np.float32(s64)
+    if not scale >= F32_TINY:  # also catches 0: an all-zero group gets the smallest normal, never 0
+        scale = F32_TINY
+    zp = 0.0
+    if not symmetric:
+        zp = min(max(np.rint(-lo / np.float64(scale)), 0.0), np.float64(qmax))
+    return scale, zp
+
+
+@njit(cache=True, nogil=True)
+def _minmax(seg):
+    """(min, max, has_nan) of a non-empty 1-D run. Kept a separate serial function: inlined into a prange
+    body, the same loop does not vectorise (measured 7x slower)."""
+    mn = seg[0]
+    mx = mn
+    nan = False
+    for i in range(seg.size):
+        v = seg[i]
+        mn = min(mn, v)
+        mx = max(mx, v)
+        nan |= v != v
+    return mn, mx, nan
+
+
+@njit(cache=True, nogil=True)
+def _quantize_seg(seg, s, z, qmin, qmax, out):
+    # float32 operands keep float32 input in float32 (the reference's rounding, and twice the SIMD width);
+    # float64 input promotes them exactly.
+    zc = np.float32(z)
+    lo = np.float32(qmin)
+    hi = np.float32(qmax)
+    for i in range(seg.size):
+        t = np.rint(seg[i] / s) + zc
+        out[i] = min(max(t, lo), hi)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def quantize_groups(x, g, qmin, qmax, symmetric, codes, scale, zp):
+    """Fused per-row pass: min/max of each group of ``g`` along axis 1, its parameters, then its codes.
+
+    x: (R, L) float32/float64; codes: (R, L) int8/uint8; scale: (R, L//g) float32; zp: (R, L//g) uint8.
+    Returns one flag per row: 1 if the row holds NaN or Inf (the caller raises; ``codes`` is then garbage).
+    """
+    rows, length = x.shape
+    bad = np.zeros(rows, dtype=np.uint8)
+    for r in prange(rows):
+        # Row first, then a 1-D slice: numba types that as contiguous (a 2-D slice x[r, a:b] is not, and
+        # its loops do not vectorise).
+        xr = x[r]
+        cr = codes[r]
+        for j in range(length // g):
+            seg = xr[j * g:(j + 1) * g]
+            mn, mx, nan = _minmax(seg)
+            if nan or mn == -np.inf or mx == np.inf:
+                bad[r] = 1
+                continue
+            s, z = params_from_minmax(mn, mx, qmax, symmetric)
+            scale[r, j] = s
+            zp[r, j] = np.uint8(z)
+            _quantize_seg(seg, s, z, qmin, qmax, cr[j * g:(j + 1) * g])
+    return bad
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def minmax_chunks(x, chunk):
+    """Per-chunk (min, max, has_nan) of a flat array, chunks of ``chunk`` elements run in parallel."""
+    n = x.size
+    nchunks = max((n + chunk - 1) // chunk, 1)
+    mns = np.zeros(nchunks, dtype=np.float64)
+    mxs = np.zeros(nchunks, dtype=np.float64)
+    nans = np.zeros(nchunks, dtype=np.uint8)
+    for c in prange(nchunks):
+        start = c * chunk
+        stop = min(start + chunk, n)
+        if start >= stop:
+            continue
+        mn, mx, nan = _minmax(x[start:stop])
+        mns[c] = mn
+        mxs[c] = mx
+        nans[c] = nan
+    return mns, mxs, nans
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def quantize_flat(x, s, z, qmin, qmax, chunk, codes):
+    """Per-tensor codes of a flat array with one (scale, zero point), in parallel chunks."""
+    n = x.size
+    nchunks = (n + chunk - 1) // chunk
+    for c in prange(nchunks):
+        stop = min(c * chunk + chunk, n)
+        _quantize_seg(x[c * chunk:stop], s, z, qmin, qmax, codes[c * chunk:stop])
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_seg(codes, s, z, out):
+    for i in range(codes.size):
+        out[i] = (np.float32(codes[i]) - z) * s
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def dequantize_groups(codes, g, scale, zp, out):
+    """out[r, i] = (codes[r, i] - zp[r, i // g]) * scale[r, i // g] in float32; ``zp`` may have 0 columns."""
+    rows, length = codes.shape
+    has_zp = zp.shape[1] > 0
+    for r in prange(rows):
+        cr = codes[r]
+        orow = out[r]
+        for j in range(length // g):
+            z = np.float32(zp[r, j]) if has_zp else np.float32(0.0)
+            _dequantize_seg(cr[j * g:(j + 1) * g], scale[r, j], z, orow[j * g:(j + 1) * g])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def dequantize_flat(codes, s, z, chunk, out):
+    """Per-tensor dequantize of a flat array: out = (codes - z) * s in float32."""
+    n = codes.size
+    nchunks = (n + chunk - 1) // chunk
+    for c in prange(nchunks):
+        stop = min(c * chunk + chunk, n)
+        _dequantize_seg(codes[c * chunk:stop], np.float32(s), np.float32(z), out[c * chunk:stop])

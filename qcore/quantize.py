@@ -1,0 +1,311 @@
+"""quantize / dequantize / fake_quantize on NumPy arrays, and the :class:`QuantizedArray` container.
+
+>>> import numpy as np
+>>> from qcore import QuantScheme, PerTensor, quantize, dequantize
+>>> qa = quantize(np.array([-1.0, 0.0, 0.5, 1.0], np.float32), QuantScheme(8, True, PerTensor()))
+>>> qa.codes.tolist(), float(qa.scale)
+([-127, 0, 64, 127], 0.007874015718698502)
+>>> dequantize(qa).round(3).tolist()
+[-1.0, 0.0, 0.504, 1.0]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import ml_dtypes
+import numpy as np
+
+from . import _kernels
+from .scheme import PerChannel, PerGroup, PerTensor, QuantScheme, _normalize_axis
+
+__all__ = ["QuantizedArray", "compute_qparams", "quantize", "dequantize", "fake_quantize", "check_float_array"]
+
+_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16))
+_CHUNK = 1 << 16  # elements per parallel chunk of the per-tensor kernels
+
+
+def check_float_array(x, name: str = "x") -> np.ndarray:
+    """Return ``x`` as an ndarray after checking it is a floating array of rank >= 1 (no copy).
+
+    Raises ``TypeError`` for integer, bool, complex or object input and ``ValueError`` for 0-d input.
+    """
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}; use np.asarray(...) first")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, float32, float64 or bfloat16, got dtype {x.dtype}")
+    if x.ndim == 0:
+        raise ValueError(f"{name} is 0-d; quantization needs rank >= 1 (use x.reshape(1))")
+    return x
+
+
+def _compute_view(x: np.ndarray) -> np.ndarray:
+    # float16/bfloat16 widen to float32 exactly; float32/float64 are used as they are.
+    return x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)
+
+
+def _raise_nonfinite(x: np.ndarray, name: str) -> None:
+    bad = np.argwhere(~np.isfinite(x.astype(np.float32) if x.dtype == ml_dtypes.bfloat16 else x))
+    idx = tuple(int(i) for i in bad[0])
+    raise ValueError(f"{name} contains {x[idx]} at index {idx}; NaN and Inf cannot be quantized")
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedArray:
+    """Integer codes with their scale and zero point: ``x ≈ (codes - zero_point) * scale``.
+
+    ``codes`` has the shape of the original array (int8 for symmetric schemes, uint8 for asymmetric);
+    ``scale`` is float32 of shape ``scheme.params_shape(shape)``: ``()`` per tensor, ``(shape[axis],)`` per
+    channel, the shape with ``axis`` divided by the group size per group. ``zero_point`` is uint8 of the same
+    shape, or ``None`` for symmetric schemes. Codes were rounded half to even.
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero_point: Optional[np.ndarray]
+    scheme: QuantScheme
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes when stored packed: codes at ``bits`` per element (per row), plus scale and zero point."""
+        from .packing import packed_shape
+
+        n = int(np.prod(packed_shape(self.shape, self.scheme.bits), dtype=np.int64))
+        return n + self.scale.nbytes + (0 if self.zero_point is None else self.zero_point.nbytes)
+
+    def packed(self) -> np.ndarray:
+        """Codes packed along the last axis (DESIGN section 3); signed codes get the ``2^(b-1)`` offset.
+
+        >>> import numpy as np; from qcore import QuantScheme, PerTensor, quantize
+        >>> quantize(np.array([-1.0, 1.0], np.float32), QuantScheme(4, True, PerTensor())).packed()
+        array([241], dtype=uint8)
+        """
+        from .packing import pack
+
+        codes = self.codes
+        if self.scheme.symmetric:
+            codes = (codes.astype(np.int16) + (1 << (self.scheme.bits - 1))).astype(np.uint8)
+        return pack(codes, self.scheme.bits)
+
+    @classmethod
+    def from_packed(cls, packed, scale, zero_point, scheme: QuantScheme, shape) -> "QuantizedArray":
+        """Rebuild from :meth:`packed` bytes; validates parameters and code range."""
+        from .packing import unpack
+
+        if not isinstance(scheme, QuantScheme):
+            raise TypeError(f"scheme must be a QuantScheme, got {type(scheme).__name__}")
+        shape = tuple(int(n) for n in shape)
+        if len(shape) == 0:
+            raise ValueError("shape must have rank >= 1")
+        packed = np.asarray(packed)
+        if packed.shape[:-1] != shape[:-1]:
+            raise ValueError(f"packed leading shape {packed.shape[:-1]} does not match shape {shape}")
+        codes = unpack(packed, scheme.bits, shape[-1])
+        if scheme.symmetric:
+            codes = (codes.astype(np.int16) - (1 << (scheme.bits - 1))).astype(np.int8)
+        return cls.from_parts(codes, scale, zero_point, scheme)
+
+    @classmethod
+    def from_parts(cls, codes, scale, zero_point, scheme: QuantScheme) -> "QuantizedArray":
+        """Build from arrays after checking dtypes, shapes, the code range, and that scales are finite and > 0."""
+        if not isinstance(scheme, QuantScheme):
+            raise TypeError(f"scheme must be a QuantScheme, got {type(scheme).__name__}")
+        codes = np.ascontiguousarray(codes)
+        if codes.dtype != scheme.code_dtype:
+            raise TypeError(f"codes must be {scheme.code_dtype} for scheme {scheme}, got {codes.dtype}")
+        pshape = scheme.params_shape(codes.shape)
+        scale = np.ascontiguousarray(scale)
+        if scale.dtype != np.float32 or scale.shape != pshape:
+            raise ValueError(f"scale must be float32 of shape {pshape}, got {scale.dtype} {scale.shape}")
+        if not np.all(np.isfinite(scale) & (scale > 0)):
+            raise ValueError("scale must be finite and > 0 everywhere")
+        if scheme.symmetric:
+            if zero_point is not None:
+                raise ValueError("a symmetric scheme has no zero_point (pass None)")
+        else:
+            zero_point = np.ascontiguousarray(zero_point)
+            if zero_point.dtype != np.uint8 or zero_point.shape != pshape:
+                raise ValueError(f"zero_point must be uint8 of shape {pshape}, got {zero_point.dtype} "
+                                 f"{zero_point.shape}")
+            if zero_point.size and int(zero_point.max()) > scheme.qmax:
+                raise ValueError(f"zero_point {int(zero_point.max())} is outside 0..{scheme.qmax}")
+        if codes.size and (int(codes.min()) < scheme.qmin or int(codes.max()) > scheme.qmax):
+            raise ValueError(f"codes outside {scheme.qmin}..{scheme.qmax} for scheme {scheme}")
+        return cls(codes, scale, zero_point, scheme)
+
+    def __repr__(self) -> str:
+        return f"QuantizedArray(shape={self.shape}, scheme={self.scheme}, scale.shape={self.scale.shape})"
+
+
+def _layout(shape: tuple[int, ...], scheme: QuantScheme):
+    """How a granularity maps onto 2-D rows: (axis moved to the row/column, group size, groups per row)."""
+    g = scheme.granularity
+    if isinstance(g, PerChannel):
+        return "channel", _normalize_axis(g.axis, len(shape), "PerChannel")
+    if isinstance(g, PerGroup):
+        return "group", _normalize_axis(g.axis, len(shape), "PerGroup")
+    return "tensor", None
+
+
+def _check_scheme(scheme) -> QuantScheme:
+    if not isinstance(scheme, QuantScheme):
+        raise TypeError(f"scheme must be a qcore.QuantScheme, got {type(scheme).__name__}")
+    return scheme
+
+
+def quantize(x, scheme: QuantScheme = QuantScheme()) -> QuantizedArray:
+    """Quantize a float array (any rank >= 1, any strides) to a :class:`QuantizedArray`.
+
+    Scale and zero point come from each group's min/max (symmetric: absmax); NaN or Inf is a ``ValueError``
+    naming the first bad index. Empty groups and all-zero groups get ``scale = float32 tiny`` and codes equal
+    to the zero point; an empty array gives empty codes and parameters of ``scheme.params_shape(x.shape)``.
+
+    >>> import numpy as np; from qcore import QuantScheme, PerGroup
+    >>> qa = quantize(np.arange(8, dtype=np.float32).reshape(2, 4), QuantScheme(4, False, PerGroup(2)))
+    >>> qa.scale.shape, qa.zero_point.tolist()
+    ((2, 2), [[0, 0], [0, 0]])
+    """
+    scheme = _check_scheme(scheme)
+    x = check_float_array(x)
+    pshape = scheme.params_shape(x.shape)
+    kind, axis = _layout(x.shape, scheme)
+    xc = _compute_view(x)
+    qmin, qmax = scheme.qmin, scheme.qmax
+    cdtype = scheme.code_dtype
+
+    if kind == "tensor":
+        flat = np.ascontiguousarray(xc).reshape(-1)
+        mns, mxs, nans = _kernels.minmax_chunks(flat, _CHUNK)
+        mn, mx = (mns.min(), mxs.max()) if flat.size else (0.0, 0.0)
+        if nans.any() or not (np.isfinite(mn) and np.isfinite(mx)):
+            _raise_nonfinite(x, "x")
+        s, z = _kernels.params_from_minmax(mn, mx, qmax, scheme.symmetric)
+        codes = np.empty(flat.shape, cdtype)
+        _kernels.quantize_flat(flat, np.float32(s), z, qmin, qmax, _CHUNK, codes)
+        zp = None if scheme.symmetric else np.array(z, np.uint8)
+        return QuantizedArray(codes.reshape(x.shape), np.array(s, np.float32), zp, scheme)
+
+    # Move the reduced axes so that every group is a run inside one C-contiguous row.
+    if kind == "channel":
+        moved = np.moveaxis(xc, axis, 0)
+        # explicit column count: reshape(-1) cannot infer it when the array is empty
+        rows2d = np.ascontiguousarray(moved).reshape(x.shape[axis], int(np.prod(moved.shape[1:])))
+        g, ngroups = rows2d.shape[1], 1
+    else:
+        moved = np.moveaxis(xc, axis, -1)
+        rows2d = np.ascontiguousarray(moved).reshape(-1, x.shape[axis])
+        g = scheme.granularity.size
+        ngroups = rows2d.shape[1] // g
+    rows, length = rows2d.shape
+    codes2d = np.empty((rows, length), cdtype)
+    # Groups with no elements keep these values: the all-zero convention.
+    scale2d = np.full((rows, ngroups), _kernels.F32_TINY, np.float32)
+    zp2d = np.zeros((rows, ngroups), np.uint8)
+    if rows and length:
+        bad = _kernels.quantize_groups(rows2d, g, qmin, qmax, scheme.symmetric, codes2d, scale2d, zp2d)
+        if bad.any():
+            _raise_nonfinite(x, "x")
+    codes = np.ascontiguousarray(np.moveaxis(codes2d.reshape(moved.shape), 0 if kind == "channel" else -1, axis))
+    if kind == "channel":
+        scale, zp = scale2d.reshape(pshape), zp2d.reshape(pshape)
+    else:
+        moved_p = moved.shape[:-1] + (ngroups,)
+        scale = np.ascontiguousarray(np.moveaxis(scale2d.reshape(moved_p), -1, axis))
+        zp = np.ascontiguousarray(np.moveaxis(zp2d.reshape(moved_p), -1, axis))
+    return QuantizedArray(codes, scale, None if scheme.symmetric else zp, scheme)
+
+
+def compute_qparams(x, scheme: QuantScheme = QuantScheme()):
+    """``(scale, zero_point)`` that :func:`quantize` uses for ``x``; ``zero_point`` is None when symmetric.
+
+    >>> import numpy as np; from qcore import QuantScheme, PerTensor
+    >>> s, z = compute_qparams(np.array([-1.0, 3.0], np.float32), QuantScheme(8, False, PerTensor()))
+    >>> float(s), int(z)
+    (0.01568627543747425, 64)
+    """
+    qa = quantize(x, scheme)
+    return qa.scale, qa.zero_point
+
+
+def dequantize(qa, *args, dtype=np.float32) -> np.ndarray:
+    """Float array ``(codes - zero_point) * scale``, computed in float32, returned as ``dtype``.
+
+    Accepts a :class:`QuantizedArray`, or prior-art style ``dequantize(codes, scale[, zero_point])`` with a
+    scalar scale, or a per-channel scale broadcast along axis 0 (``scale.shape == (codes.shape[0],)``), or any
+    scale that NumPy broadcasts against ``codes``.
+
+    >>> import numpy as np
+    >>> dequantize(np.array([-127, 64], np.int8), np.float32(0.5)).tolist()
+    [-63.5, 32.0]
+    """
+    if not isinstance(qa, QuantizedArray):
+        return _dequantize_loose(qa, *args, dtype=dtype)
+    if args:
+        raise TypeError("dequantize(QuantizedArray) takes no positional parameters besides the array")
+    out_dtype = np.dtype(dtype)
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float16, float32, float64 or bfloat16, got {out_dtype}")
+    codes, scheme = qa.codes, qa.scheme
+    if codes.size == 0:
+        return np.zeros(codes.shape, out_dtype)
+    kind, axis = _layout(codes.shape, scheme)
+    if kind == "tensor":
+        out = np.empty(codes.size, np.float32)
+        z = 0 if qa.zero_point is None else int(qa.zero_point)
+        _kernels.dequantize_flat(np.ascontiguousarray(codes).reshape(-1), float(qa.scale), z, _CHUNK, out)
+        out = out.reshape(codes.shape)
+    else:
+        if kind == "channel":
+            moved = np.moveaxis(codes, axis, 0)
+            c2d = np.ascontiguousarray(moved).reshape(codes.shape[axis], int(np.prod(moved.shape[1:])))
+            s2d = qa.scale.reshape(-1, 1)
+            z2d = None if qa.zero_point is None else qa.zero_point.reshape(-1, 1)
+            g = c2d.shape[1]
+        else:
+            moved = np.moveaxis(codes, axis, -1)
+            c2d = np.ascontiguousarray(moved).reshape(-1, codes.shape[axis])
+            s2d = np.ascontiguousarray(np.moveaxis(qa.scale, axis, -1)).reshape(c2d.shape[0], -1)
+            z2d = (None if qa.zero_point is None
+                   else np.ascontiguousarray(np.moveaxis(qa.zero_point, axis, -1)).reshape(c2d.shape[0], -1))
+            g = scheme.granularity.size
+        out2d = np.empty(c2d.shape, np.float32)
+        zarg = np.zeros((c2d.shape[0], 0), np.uint8) if z2d is None else np.ascontiguousarray(z2d)
+        _kernels.dequantize_groups(c2d, g, np.ascontiguousarray(s2d), zarg, out2d)
+        out = np.ascontiguousarray(np.moveaxis(out2d.reshape(moved.shape), 0 if kind == "channel" else -1, axis))
+    return out if out_dtype == np.float32 else out.astype(out_dtype)
+
+
+def _dequantize_loose(codes, scale=None, zero_point=None, *, dtype=np.float32) -> np.ndarray:
+    codes = np.asarray(codes)
+    if codes.dtype.kind not in "iu":
+        raise TypeError(f"codes must be an integer array, got dtype {codes.dtype}")
+    if scale is None:
+        raise TypeError("dequantize(codes, scale[, zero_point]) needs a scale")
+    scale = np.asarray(scale, np.float32)
+    if scale.ndim == 1 and codes.ndim > 1 and scale.shape[0] == codes.shape[0] != codes.shape[-1]:
+        scale = scale.reshape((-1,) + (1,) * (codes.ndim - 1))  # per output channel, prior-art convention
+    c = codes.astype(np.float32)
+    if zero_point is not None:
+        zp = np.asarray(zero_point, np.float32)
+        if zp.shape == scale.shape:
+            zp = zp.reshape(scale.shape)
+        elif zp.ndim == 1 and codes.ndim > 1 and zp.shape[0] == codes.shape[0]:
+            zp = zp.reshape((-1,) + (1,) * (codes.ndim - 1))
+        c = c - zp
+    try:
+        out = c * scale
+    except ValueError:
+        raise ValueError(f"scale of shape {scale.shape} does not broadcast against codes of shape "
+                         f"{codes.shape}") from None
+    return out.astype(dtype, copy=False)
+
+
+def fake_quantize(x, scheme: QuantScheme = QuantScheme()) -> np.ndarray:
+    """``dequantize(quantize(x))`` in ``x``'s dtype: the values a quantized model actually sees."""
+    x = check_float_array(x)
+    return dequantize(quantize(x, scheme), dtype=x.dtype)
