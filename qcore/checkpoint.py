@@ -148,21 +148,25 @@ def _check_shape(shape, where: str, path) -> tuple:
     return tuple(shape)
 
 
+def _pickle_reason() -> str:
+    return ("is a Python pickle (PyTorch .bin/.pt format); loading a pickle can run arbitrary code, so qcore "
+            "never reads one. Convert it to .safetensors with a tool you trust (e.g. transformers' "
+            "save_pretrained(safe_serialization=True)) and pass that instead")
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    # a zip archive (torch.save since 1.6) or a raw pickle stream (protocol 2+ starts with 0x80 <proto>)
+    return head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+
+
 def check_not_pickle(path) -> None:
-    """Refuse a PyTorch pickle checkpoint (by suffix or by content) with the reason, without unpickling it."""
+    """Refuse a pickle checkpoint by its suffix (``.bin``, ``.pt``, ...), with the reason, without opening it.
+
+    A pickle under another name is refused by :func:`read_header` when its header does not parse.
+    """
     p = os.fspath(path)
-    why = ("is a Python pickle (PyTorch .bin/.pt format); loading a pickle can run arbitrary code, so qcore "
-           "never reads one. Convert it to .safetensors with a tool you trust (e.g. transformers' "
-           "save_pretrained(safe_serialization=True)) and pass that instead")
     if p.lower().endswith(PICKLE_SUFFIXES):
-        raise ValueError(f"{p}: refusing to read: {why}")
-    if os.path.isfile(p):
-        with open(p, "rb") as f:
-            head = f.read(4)
-        # zip archive (torch.save since 1.6) or a raw pickle stream (protocol 2+ starts with 0x80)
-        if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04",
-                                                                                 b"\x05")):
-            raise ValueError(f"{p}: refusing to read: the file {why}")
+        raise ValueError(f"{p}: refusing to read: this {_pickle_reason()}")
 
 
 def read_header(path) -> Header:
@@ -181,12 +185,14 @@ def read_header(path) -> Header:
             raise _bad(p, f"truncated: the file has {size} bytes, a safetensors file starts with an 8-byte header "
                           "length")
         (n,) = struct.unpack("<Q", first)
-        if n > MAX_HEADER_BYTES:
-            raise _bad(p, f"bad header: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit (not a "
-                          "safetensors file?)")
-        if 8 + n > size:
-            raise _bad(p, f"truncated: header length {n} runs past the end of the {size}-byte file")
-        raw = f.read(n)
+        raw = f.read(n) if 8 + n <= min(size, 8 + MAX_HEADER_BYTES) else b""
+    if not raw.startswith(b"{") and _looks_like_pickle(first):
+        raise _bad(p, f"refusing to read: the file {_pickle_reason()}")
+    if n > MAX_HEADER_BYTES:
+        raise _bad(p, f"bad header: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit (not a "
+                      "safetensors file?)")
+    if 8 + n > size:
+        raise _bad(p, f"truncated: header length {n} runs past the end of the {size}-byte file")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
