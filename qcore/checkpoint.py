@@ -353,6 +353,12 @@ def _check_layout(header: Header, qmeta: dict) -> None:
 # Writing: a streaming safetensors writer with an atomic commit
 # ---------------------------------------------------------------------------------------------------------
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -427,6 +433,7 @@ class SafetensorsWriter:
         parent = os.path.dirname(self.path)
         fd, self._tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual permissions
             self._f = os.fdopen(fd, "wb")
             self._f.write(struct.pack("<Q", len(raw)))
             self._f.write(raw)
