@@ -29,6 +29,12 @@ def params_from_minmax(mn, mx, qmax, symmetric):
     zp = 0.0
     if not symmetric:
         zp = min(max(np.rint(-lo / np.float64(scale)), 0.0), np.float64(qmax))
+    # At the edge of the float32 range, shrink the grid so that every code dequantizes to a finite value.
+    reach = max(zp, qmax - zp)
+    if np.float64(scale) * reach > F32_MAX:
+        scale = np.float32(F32_MAX / reach)
+        if np.float64(scale) * reach > F32_MAX:
+            scale = np.nextafter(scale, np.float32(0))
     return scale, zp
 
 

@@ -31,6 +31,8 @@ def check_float_array(x, name: str = "x") -> np.ndarray:
 
     Raises ``TypeError`` for integer, bool, complex or object input and ``ValueError`` for 0-d input.
     """
+    if isinstance(x, np.generic):  # a NumPy scalar is a 0-d array: let the rank check name it
+        x = np.asarray(x)
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}; use np.asarray(...) first")
     if x.dtype not in _FLOAT_DTYPES:
@@ -198,7 +200,7 @@ def quantize(x, scheme: QuantScheme = QuantScheme()) -> QuantizedArray:
         g, ngroups = rows2d.shape[1], 1
     else:
         moved = np.moveaxis(xc, axis, -1)
-        rows2d = np.ascontiguousarray(moved).reshape(-1, x.shape[axis])
+        rows2d = np.ascontiguousarray(moved).reshape(int(np.prod(moved.shape[:-1])), x.shape[axis])
         g = scheme.granularity.size
         ngroups = rows2d.shape[1] // g
     rows, length = rows2d.shape

@@ -1,0 +1,175 @@
+"""Exhaustive checks over every code of every width, and known-answer vectors."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from qcore import (PerChannel, PerGroup, PerTensor, QuantizedArray, QuantScheme, compute_qparams, dequantize,
+                   quantize)
+
+TINY = np.finfo(np.float32).tiny
+F32_MAX = np.finfo(np.float32).max
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_every_symmetric_code_round_trips(bits):
+    qmax = 2 ** (bits - 1) - 1
+    codes = np.arange(-qmax, qmax + 1)
+    x = (codes * 0.25).astype(np.float32)  # a power-of-two step: scale is exactly 0.25
+    qa = quantize(x, QuantScheme(bits, True, PerTensor()))
+    assert float(qa.scale) == 0.25
+    np.testing.assert_array_equal(qa.codes, codes)
+    np.testing.assert_array_equal(dequantize(qa), x)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_every_asymmetric_code_and_zero_point_round_trips(bits):
+    qmax = 2 ** bits - 1
+    codes = np.arange(qmax + 1)
+    # one row per zero point: rows quantize independently per channel
+    zps = np.arange(qmax + 1)
+    x = ((codes[None, :] - zps[:, None]) * 0.5).astype(np.float32)
+    qa = quantize(x, QuantScheme(bits, False, PerChannel(0)))
+    np.testing.assert_array_equal(qa.scale, np.full(qmax + 1, 0.5, np.float32))
+    np.testing.assert_array_equal(qa.zero_point, zps)
+    np.testing.assert_array_equal(qa.codes, np.broadcast_to(codes, x.shape))
+    np.testing.assert_array_equal(dequantize(qa), x)
+
+
+def test_ties_round_half_to_even():
+    # scale is exactly 1.0 (absmax 127 / 127); x/scale lands on k + 0.5
+    x = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 127.0], np.float32)
+    qa = quantize(x, QuantScheme(8, True, PerTensor()))
+    assert float(qa.scale) == 1.0
+    assert qa.codes.tolist() == [0, 2, 2, 0, -2, -2, 126, 127]
+
+
+def test_asymmetric_ties_and_zero_point():
+    # range [-2, 253] -> scale (255/255) = 1, zero point 2; 0.5 + 2 rounds to 2 (even), 1.5 -> 4
+    x = np.array([-2.0, 0.5, 1.5, 253.0], np.float32)
+    qa = quantize(x, QuantScheme(8, False, PerTensor()))
+    assert (float(qa.scale), int(qa.zero_point)) == (1.0, 2)
+    assert qa.codes.tolist() == [0, 2, 4, 255]
+
+
+def test_asymmetric_range_is_widened_to_include_zero():
+    x = np.array([2.0, 3.0, 4.0], np.float32)  # all positive: range becomes [0, 4]
+    qa = quantize(x, QuantScheme(8, False, PerTensor()))
+    assert int(qa.zero_point) == 0 and np.isclose(float(qa.scale), 4 / 255)
+    y = np.array([-4.0, -1.0], np.float32)  # all negative: range [-4, 0], zero point at the top
+    qb = quantize(y, QuantScheme(8, False, PerTensor()))
+    assert int(qb.zero_point) == 255
+
+
+def test_all_zero_rows_get_the_smallest_normal_scale_and_exact_zeros():
+    x = np.zeros((3, 8), np.float32)
+    x[1] = np.linspace(-1, 1, 8)
+    for scheme in (QuantScheme(8, True, PerChannel(0)), QuantScheme(4, False, PerChannel(0)),
+                   QuantScheme(3, False, PerGroup(4))):
+        qa = quantize(x, scheme)
+        s = qa.scale.reshape(3, -1)
+        assert np.all(s[[0, 2]] == np.float32(TINY)) and np.all(s[1] > TINY)
+        zp = 0 if qa.zero_point is None else qa.zero_point.reshape(3, -1)[[0, 2]]
+        assert np.all(qa.codes[[0, 2]] == (zp if np.ndim(zp) == 0 else np.repeat(zp, 8 // zp.shape[1], 1)))
+        y = dequantize(qa)
+        assert np.all(y[[0, 2]] == 0) and not np.any(np.isnan(y))
+
+
+def test_single_non_zero():
+    x = np.array([0, 0, 5.0, 0], np.float32)
+    qa = quantize(x, QuantScheme(8, True, PerTensor()))
+    assert qa.codes.tolist() == [0, 0, 127, 0]
+    np.testing.assert_allclose(dequantize(qa), x, rtol=1e-6)
+
+
+def test_subnormals():
+    x = np.array([1e-45, -1e-44, 3e-39, 0.0], np.float32)
+    for scheme in (QuantScheme(8, True, PerTensor()), QuantScheme(4, False, PerTensor())):
+        qa = quantize(x, scheme)
+        assert float(qa.scale) >= TINY and np.isfinite(qa.scale)
+        assert np.max(np.abs(dequantize(qa) - x)) <= float(qa.scale) / 2
+
+
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (8, False), (2, True), (1, False)])
+def test_huge_values_near_float32_max_stay_finite(bits, symmetric):
+    x = np.array([F32_MAX, -F32_MAX, 1.0, -F32_MAX / 3], np.float32)
+    qa = quantize(x, QuantScheme(bits, symmetric, PerTensor()))
+    assert np.isfinite(qa.scale) and float(qa.scale) > 0
+    assert np.all((qa.codes >= qa.scheme.qmin) & (qa.codes <= qa.scheme.qmax))
+    assert np.all(np.isfinite(dequantize(qa)))
+    err = np.abs(dequantize(qa).astype(np.float64) - x.astype(np.float64))
+    if bits == 8 and symmetric:  # the extremes are reproduced to float32 precision
+        np.testing.assert_allclose(dequantize(qa)[:2], x[:2], rtol=1e-6)
+    elif bits == 8:  # the grid was shrunk to stay finite: within one step, not half
+        assert np.all(err <= float(qa.scale) * 1.001)
+
+
+def test_float64_input_divides_in_float64():
+    x = np.array([1.0, 1 / 3, -0.7], np.float64)
+    qa = quantize(x, QuantScheme(8, True, PerTensor()))
+    s = np.float64(qa.scale)
+    assert qa.codes.tolist() == np.rint(x / s).astype(int).tolist()
+
+
+def test_bfloat16_and_float16_inputs_quantize_their_exact_values():
+    x32 = np.linspace(-2, 2, 32, dtype=np.float32).reshape(2, 16)
+    for dt in (ml_dtypes.bfloat16, np.float16):
+        x = x32.astype(dt)
+        a = quantize(x, QuantScheme(4, False, PerGroup(8)))
+        b = quantize(x.astype(np.float32), QuantScheme(4, False, PerGroup(8)))
+        np.testing.assert_array_equal(a.codes, b.codes)
+        np.testing.assert_array_equal(a.scale, b.scale)
+
+
+def test_params_shapes_for_every_granularity():
+    x = np.ones((4, 6, 8), np.float32)
+    assert quantize(x, QuantScheme(8, True, PerTensor())).scale.shape == ()
+    assert quantize(x, QuantScheme(8, True, PerChannel(1))).scale.shape == (6,)
+    assert quantize(x, QuantScheme(8, True, PerChannel(-1))).scale.shape == (8,)
+    assert quantize(x, QuantScheme(8, False, PerGroup(4))).zero_point.shape == (4, 6, 2)
+    assert quantize(x, QuantScheme(8, False, PerGroup(3, axis=1))).scale.shape == (4, 2, 8)
+
+
+def test_empty_arrays_have_a_defined_result():
+    qa = quantize(np.zeros((0, 8), np.float32), QuantScheme(4, False, PerGroup(4)))
+    assert qa.codes.shape == (0, 8) and qa.scale.shape == (0, 2) and dequantize(qa).shape == (0, 8)
+    qb = quantize(np.zeros((3, 0), np.float32), QuantScheme(8, True, PerChannel(0)))
+    assert qb.scale.tolist() == [TINY] * 3  # empty channels follow the all-zero convention
+    qc = quantize(np.zeros((0,), np.float32), QuantScheme(8, False, PerTensor()))
+    assert float(qc.scale) == TINY and int(qc.zero_point) == 0 and dequantize(qc).shape == (0,)
+
+
+def test_compute_qparams_matches_quantize():
+    x = np.random.default_rng(0).standard_normal((5, 12)).astype(np.float32)
+    scheme = QuantScheme(3, False, PerGroup(4))
+    s, z = compute_qparams(x, scheme)
+    qa = quantize(x, scheme)
+    np.testing.assert_array_equal(s, qa.scale)
+    np.testing.assert_array_equal(z, qa.zero_point)
+    s8, z8 = compute_qparams(x, QuantScheme())
+    assert z8 is None and s8.shape == (5,)
+
+
+def test_quantized_array_from_parts_validates():
+    x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
+    qa = quantize(x, QuantScheme(4, False, PerGroup(4)))
+    again = QuantizedArray.from_parts(qa.codes, qa.scale, qa.zero_point, qa.scheme)
+    np.testing.assert_array_equal(dequantize(again), dequantize(qa))
+    with pytest.raises(ValueError, match="scale must be finite"):
+        QuantizedArray.from_parts(qa.codes, np.full_like(qa.scale, np.nan), qa.zero_point, qa.scheme)
+    with pytest.raises(ValueError, match="codes outside 0..15"):
+        QuantizedArray.from_parts(qa.codes + 16, qa.scale, qa.zero_point, qa.scheme)
+    with pytest.raises(ValueError, match=r"scale must be float32 of shape \(2, 2\)"):
+        QuantizedArray.from_parts(qa.codes, qa.scale[:1], qa.zero_point, qa.scheme)
+    with pytest.raises(TypeError, match="codes must be uint8"):
+        QuantizedArray.from_parts(qa.codes.astype(np.int8), qa.scale, qa.zero_point, qa.scheme)
+
+
+def test_dequantize_prior_art_positional_forms():
+    codes = np.array([[-127, 0, 127], [10, 20, 30]], np.int8)
+    np.testing.assert_allclose(dequantize(codes, 0.5), codes * 0.5)
+    scales = np.array([1.0, 2.0], np.float32)  # per output channel
+    np.testing.assert_allclose(dequantize(codes, scales), codes * scales[:, None])
+    np.testing.assert_allclose(dequantize(np.array([3, 5], np.uint8), 0.25, 3), [0.0, 0.5])
+    with pytest.raises(TypeError, match="integer array"):
+        dequantize(np.array([0.5]), 1.0)
