@@ -1,0 +1,433 @@
+"""Forward kernels of the quantized Linear layers and the table that picks one.
+
+Two weight layouts exist at run time (``qtorch.linear`` holds exactly one of them per module):
+
+* ``canonical`` -- the state_dict form (DESIGN.md section 3): codes ``[N, ceil(K*bits/8)]`` packed along K
+  (int8 for 8-bit symmetric, uint8 otherwise), scale/zero_point in qcore's shapes. Served by the portable path
+  (dequantize to float, then ``F.linear``) on every device, and on CPU by ``torch._weight_int8pack_mm``.
+* ``blocked`` (CPU) -- the codes of ``NT`` consecutive output channels stored K-major, one contiguous block
+  per tile: ``[N/NT, K, NT]`` for 8 bits and ``[N/NT, K, NT/2]`` for 4 bits (byte ``j`` of a row holds column
+  ``j`` in its low nibble and column ``j + NT/2`` in its high nibble); scale and zero point ``[G, N]`` with G the
+  number of groups along K. A numba kernel streams each tile once (vectorised over the NT columns, no
+  reassociation needed); for many rows the tiles are dequantized to float32 and multiplied by oneDNN/MKL.
+
+Dispatch (``plan``): by device, activation dtype and number of rows, from ``CPU_MAX_ROWS_NUMBA`` below.
+
+Measured on the development CPU (AMD EPYC, 2 cores, AVX2 without AVX-512/AMX, torch 2.13), K = N = 4096,
+median ms of eager calls (noisy: the cores are shared); see benchmarks/bench_linear.py for the ratios:
+
+=====================================  =========  =========  ==========
+kernel                                  rows = 1   rows = 16  rows = 128
+=====================================  =========  =========  ==========
+dense F.linear float32                   2.9        ~30 (*)     80
+dense F.linear bfloat16                  1.8-2.0    25          196
+dense F.linear float16                   1.5        20          165
+_weight_int8pack_mm bfloat16             1.0-1.2    8.4         73
+_weight_int8pack_mm float32 / float16    22 / 8.6   262 / 214   1800 / 2200 (scalar fallback on AVX2)
+_weight_int4pack_mm_for_cpu bfloat16     1.2        6-10        50-75
+_weight_int4pack_mm_for_cpu f32 / f16    36 / 17    490 / 295   2100 / 3900 (scalar fallback on AVX2)
+dequantize whole + F.linear (f32)        28-52      90-140      66-95
+numba blocked int8 (this file), f32 x    0.74       8           (see table)
+=====================================  =========  =========  ==========
+
+(*) MKL/oneDNN sgemm for 2 <= rows <= ~16 was slower than 16 single-row GEMVs on this machine.
+
+Consequences: on this CPU the int8/int4 ``_weight_*pack_mm`` kernels are vectorised for bfloat16 only and the
+numba blocked kernel is faster than both at few rows for every dtype; for many rows, float32 matmul of
+dequantized tiles beats bfloat16/float16 dense matmul (no native bf16/fp16 FMA on AVX2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+__all__ = ["CPU_MAX_ROWS_NUMBA", "choose_path", "gemm_blocked", "dequant_blocked", "unpack_codes",
+           "dequantize_canonical", "blocked_tile", "to_blocked", "from_blocked", "int8pack_ok"]
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dispatch table. Rows (= x.numel() // in_features) up to this bound take the numba kernel on CPU; more rows
+# take float32 matmul of dequantized tiles. Crossovers measured with benchmarks/bench_linear.py at K = N = 4096
+# (see the module docstring); keyed by (activation dtype, bits of the blocked layout).
+CPU_MAX_ROWS_NUMBA = {
+    (torch.float32, 8): 24, (torch.bfloat16, 8): 48, (torch.float16, 8): 48,
+    (torch.float32, 4): 24, (torch.bfloat16, 4): 48, (torch.float16, 4): 48,
+}
+# Columns per tile of the blocked layout, largest first: the largest dividing N is used.
+_TILES = (128, 64, 32, 16)
+# Dequantized float32 bytes per chunk of the many-rows path (bounds its temporary memory).
+_CHUNK_BYTES = 16 << 20
+
+
+def blocked_tile(out_features: int) -> int:
+    """Tile width for the blocked layout, or 0 when ``out_features`` has no supported tile (use canonical)."""
+    for nt in _TILES:
+        if out_features % nt == 0:
+            return nt
+    return 0
+
+
+def int8pack_ok(dtype: torch.dtype, in_features: int) -> bool:
+    """Preconditions of ``torch._weight_int8pack_mm`` that keep it from crashing (DESIGN.md section 5).
+
+    bfloat16 with ``K % 16 != 0`` (at >= 4 rows) or ``K % 8 != 0`` kills the process; float16/float32 are safe at
+    any K but are scalar (slow) on AVX2. Checked once per (dtype, K), never per call.
+    """
+    if dtype == torch.bfloat16:
+        return in_features % 16 == 0
+    return dtype in (torch.float16, torch.float32)
+
+
+def choose_path(device_type: str, dtype: torch.dtype, rows: int, layout: str, bits: int) -> str:
+    """Name of the forward path for a call: ``numba``, ``tiles`` (dequantized tiles + f32 matmul) or ``dense``.
+
+    Depends only on shapes, dtypes and module configuration, so it is constant under ``torch.compile``.
+    """
+    if layout == "blocked":
+        if device_type == "cpu" and 0 < rows <= CPU_MAX_ROWS_NUMBA.get((dtype, bits), 0):
+            return "numba"
+        return "tiles"
+    return "dense"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# numba kernels (leaves: they receive checked, contiguous arrays only)
+
+@njit(cache=True, nogil=True, parallel=True)
+def _gemm_q8(x, wb, scale, zp, gsize, n_out, out):  # pragma: no cover - compiled
+    # x [M, K] f32; wb [T, K, NT] int8|uint8; scale [G, T*NT] f32; zp [G, T*NT] uint8 or [0, 0]; out [M, n_out]
+    M, K = x.shape
+    T, _, NT = wb.shape
+    G = scale.shape[0]
+    has_zp = zp.shape[0] > 0
+    for t in prange(T):
+        n0 = t * NT
+        nt = min(NT, n_out - n0)
+        acc = np.zeros((M, NT), np.float32)
+        tot = np.zeros((M, NT), np.float32)
+        zf = np.zeros(NT, np.float32)
+        wf = np.empty((4, NT), np.float32)
+        for g in range(G):
+            acc[:, :] = 0
+            if has_zp:
+                zrow = zp[g, n0:n0 + NT]
+                for j in range(NT):
+                    zf[j] = np.float32(zrow[j])
+            k = g * gsize
+            kend = k + gsize
+            while k + 4 <= kend:
+                w0 = wb[t, k]
+                w1 = wb[t, k + 1]
+                w2 = wb[t, k + 2]
+                w3 = wb[t, k + 3]
+                if M == 1:
+                    x0 = x[0, k]
+                    x1 = x[0, k + 1]
+                    x2 = x[0, k + 2]
+                    x3 = x[0, k + 3]
+                    a = acc[0]
+                    for j in range(NT):
+                        z = zf[j]
+                        a[j] += ((x0 * (np.float32(w0[j]) - z) + x1 * (np.float32(w1[j]) - z))
+                                 + (x2 * (np.float32(w2[j]) - z) + x3 * (np.float32(w3[j]) - z)))
+                else:
+                    f0 = wf[0]
+                    f1 = wf[1]
+                    f2 = wf[2]
+                    f3 = wf[3]
+                    for j in range(NT):
+                        z = zf[j]
+                        f0[j] = np.float32(w0[j]) - z
+                        f1[j] = np.float32(w1[j]) - z
+                        f2[j] = np.float32(w2[j]) - z
+                        f3[j] = np.float32(w3[j]) - z
+                    for m in range(M):
+                        x0 = x[m, k]
+                        x1 = x[m, k + 1]
+                        x2 = x[m, k + 2]
+                        x3 = x[m, k + 3]
+                        a = acc[m]
+                        for j in range(NT):
+                            a[j] += (x0 * f0[j] + x1 * f1[j]) + (x2 * f2[j] + x3 * f3[j])
+                k += 4
+            while k < kend:
+                w0 = wb[t, k]
+                for m in range(M):
+                    x0 = x[m, k]
+                    a = acc[m]
+                    for j in range(NT):
+                        a[j] += x0 * (np.float32(w0[j]) - zf[j])
+                k += 1
+            sc = scale[g, n0:n0 + NT]
+            for m in range(M):
+                a = acc[m]
+                tt = tot[m]
+                for j in range(NT):
+                    tt[j] += a[j] * sc[j]
+        for m in range(M):
+            o = out[m, n0:n0 + nt]
+            tt = tot[m]
+            for j in range(nt):
+                o[j] = tt[j]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _gemm_q4(x, wb, scale, zp, gsize, n_out, out):  # pragma: no cover - compiled
+    # x [M, K] f32; wb [T, K, NT/2] uint8 (low nibble: column j, high nibble: column j + NT/2);
+    # scale [G, T*NT] f32; zp [G, T*NT] uint8 (always present: symmetric codes carry the offset 8); out [M, n_out]
+    M, K = x.shape
+    T, _, H = wb.shape
+    NT = 2 * H
+    G = scale.shape[0]
+    for t in prange(T):
+        n0 = t * NT
+        nt = min(NT, n_out - n0)
+        acc = np.zeros((M, NT), np.float32)
+        tot = np.zeros((M, NT), np.float32)
+        zf = np.zeros(NT, np.float32)
+        wf = np.empty((4, NT), np.float32)
+        for g in range(G):
+            acc[:, :] = 0
+            zrow = zp[g, n0:n0 + NT]
+            for j in range(NT):
+                zf[j] = np.float32(zrow[j])
+            k = g * gsize
+            kend = k + gsize
+            while k + 4 <= kend:
+                f0 = wf[0]
+                f1 = wf[1]
+                f2 = wf[2]
+                f3 = wf[3]
+                w0 = wb[t, k]
+                w1 = wb[t, k + 1]
+                w2 = wb[t, k + 2]
+                w3 = wb[t, k + 3]
+                for j in range(H):
+                    zl = zf[j]
+                    zh = zf[j + H]
+                    f0[j] = np.float32(w0[j] & 15) - zl
+                    f0[j + H] = np.float32(w0[j] >> 4) - zh
+                    f1[j] = np.float32(w1[j] & 15) - zl
+                    f1[j + H] = np.float32(w1[j] >> 4) - zh
+                    f2[j] = np.float32(w2[j] & 15) - zl
+                    f2[j + H] = np.float32(w2[j] >> 4) - zh
+                    f3[j] = np.float32(w3[j] & 15) - zl
+                    f3[j + H] = np.float32(w3[j] >> 4) - zh
+                for m in range(M):
+                    x0 = x[m, k]
+                    x1 = x[m, k + 1]
+                    x2 = x[m, k + 2]
+                    x3 = x[m, k + 3]
+                    a = acc[m]
+                    for j in range(NT):
+                        a[j] += (x0 * f0[j] + x1 * f1[j]) + (x2 * f2[j] + x3 * f3[j])
+                k += 4
+            while k < kend:
+                w0 = wb[t, k]
+                for m in range(M):
+                    x0 = x[m, k]
+                    a = acc[m]
+                    for j in range(H):
+                        a[j] += x0 * (np.float32(w0[j] & 15) - zf[j])
+                        a[j + H] += x0 * (np.float32(w0[j] >> 4) - zf[j + H])
+                k += 1
+            sc = scale[g, n0:n0 + NT]
+            for m in range(M):
+                a = acc[m]
+                tt = tot[m]
+                for j in range(NT):
+                    tt[j] += a[j] * sc[j]
+        for m in range(M):
+            o = out[m, n0:n0 + nt]
+            tt = tot[m]
+            for j in range(nt):
+                o[j] = tt[j]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The numba kernel as a torch custom op: opaque to torch.compile (fullgraph works), CPU only.
+
+@torch.library.custom_op("qtorch::gemm_blocked", mutates_args=())
+def gemm_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                 group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """``x[M, K] @ dequant(qweight).T`` from the blocked layout, computed in float32, returned in ``x.dtype``."""
+    xf = x.detach().to(torch.float32).contiguous()
+    out = torch.empty((xf.shape[0], out_features), dtype=torch.float32)
+    kern = _gemm_q8 if bits == 8 else _gemm_q4
+    kern(xf.numpy(), qweight.numpy(), scale.numpy(), zero_point.numpy(), group_size, out_features, out.numpy())
+    return out.to(x.dtype)
+
+
+@gemm_blocked.register_fake
+def _(x, qweight, scale, zero_point, group_size, bits, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layout conversions and torch dequantization (device-agnostic torch ops)
+
+def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    """Unsigned codes ``[..., length]`` (int16) from rows packed LSB-first along the last axis (DESIGN.md s.3)."""
+    if bits == 8:
+        return packed[..., :length].to(torch.int16)
+    p = packed.to(torch.int16)
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.int16)
+        codes = (p.unsqueeze(-1) >> shifts) & mask
+        return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :length]
+    # widths that straddle bytes: read 16 bits starting at the element's first byte
+    off = torch.arange(length, device=packed.device, dtype=torch.int64) * bits
+    byte, shift = off // 8, (off % 8).to(torch.int16)
+    padded = torch.nn.functional.pad(p, (0, 1))
+    lo = padded.index_select(-1, byte)
+    hi = padded.index_select(-1, byte + 1)
+    return ((lo | (hi << 8)) >> shift) & mask
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`unpack_codes` (uint8 rows of ``ceil(length*bits/8)`` bytes); codes must be < 2**bits."""
+    length = codes.shape[-1]
+    nbytes = (length * bits + 7) // 8
+    if bits == 8:
+        return codes.to(torch.uint8)
+    c = codes.to(torch.int32)
+    if 8 % bits == 0:
+        per = 8 // bits
+        pad = nbytes * per - length
+        c = torch.nn.functional.pad(c, (0, pad)).reshape(*codes.shape[:-1], nbytes, per)
+        shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.int32)
+        return (c << shifts).sum(-1).to(torch.uint8)
+    # general widths: scatter every bit of every code into its byte
+    out = torch.zeros(*codes.shape[:-1], nbytes, dtype=torch.int32, device=codes.device)
+    pos = torch.arange(length, device=codes.device, dtype=torch.int64) * bits
+    for b in range(bits):
+        bitpos = pos + b
+        val = ((c >> b) & 1) << (bitpos % 8).to(torch.int32)
+        out.index_add_(-1, bitpos // 8, val)
+    return out.to(torch.uint8)
+
+
+def _param_view(p: torch.Tensor, kind: str, axis: int, n: int, k: int, g: int) -> torch.Tensor:
+    """Broadcastable view of a scale/zero point against the codes reshaped by :func:`_codes_view`."""
+    if kind == "tensor":
+        return p
+    if kind == "channel":
+        return p.reshape(n, 1) if axis == 0 else p.reshape(1, k)
+    return p.reshape(n, k // g, 1) if axis == 1 else p.reshape(n // g, 1, k)
+
+
+def _codes_view(c: torch.Tensor, kind: str, axis: int, n: int, k: int, g: int) -> torch.Tensor:
+    if kind != "group":
+        return c
+    return c.reshape(n, k // g, g) if axis == 1 else c.reshape(n // g, g, k)
+
+
+def dequantize_canonical(qweight, scale, zero_point, *, bits: int, symmetric: bool, kind: str, axis: int,
+                         group: int, out_features: int, in_features: int, dtype=torch.float32) -> torch.Tensor:
+    """``(codes - zero_point) * scale`` in float32 (as qcore computes it), returned ``[N, K]`` in ``dtype``."""
+    n, k = out_features, in_features
+    if bits == 8 and symmetric:
+        c = qweight.to(torch.float32)
+    else:
+        c = unpack_codes(qweight, bits, k).to(torch.float32)
+        if symmetric:
+            c = c - float(1 << (bits - 1))
+    c = _codes_view(c, kind, axis, n, k, group)
+    if zero_point is not None:
+        c = c - _param_view(zero_point, kind, axis, n, k, group).to(torch.float32)
+    w = c * _param_view(scale, kind, axis, n, k, group)
+    return w.reshape(n, k).to(dtype)
+
+
+def _scale_rows(p: torch.Tensor, kind: str, n: int, k: int, g: int) -> torch.Tensor:
+    """Canonical scale/zero point -> ``[G, N]`` rows of the blocked layout (G groups along K)."""
+    if kind == "tensor":
+        return p.reshape(1, 1).expand(1, n).contiguous()
+    if kind == "channel":
+        return p.reshape(1, n).contiguous()
+    return p.reshape(n, k // g).t().contiguous()
+
+
+def _scale_canonical(p: torch.Tensor, kind: str, n: int, k: int, g: int) -> torch.Tensor:
+    if kind == "tensor":
+        return p[0, 0].clone()
+    if kind == "channel":
+        return p.reshape(n).clone()
+    return p.t().contiguous()
+
+
+def to_blocked(qweight, scale, zero_point, *, bits: int, symmetric: bool, kind: str, group: int,
+               out_features: int, in_features: int, tile: int):
+    """Canonical (qweight, scale, zero_point) -> blocked (qweight, scale [G,N], zero_point [G,N] or [0,0])."""
+    n, k = out_features, in_features
+    T = n // tile
+    if bits == 8:
+        wb = qweight.reshape(T, tile, k).transpose(1, 2).contiguous()
+        zp = (torch.zeros((0, 0), dtype=torch.uint8, device=qweight.device) if zero_point is None
+              else _scale_rows(zero_point, kind, n, k, group))
+    else:  # 4 bits: unsigned codes, symmetric ones carry the offset 8 as their zero point
+        c = unpack_codes(qweight, 4, k).reshape(T, tile, k)
+        h = tile // 2
+        wb = (c[:, :h] | (c[:, h:] << 4)).to(torch.uint8).transpose(1, 2).contiguous()
+        if zero_point is None:
+            zp = torch.full((1 if kind != "group" else k // group, n), 8, dtype=torch.uint8, device=qweight.device)
+        else:
+            zp = _scale_rows(zero_point, kind, n, k, group)
+    return wb, _scale_rows(scale, kind, n, k, group), zp
+
+
+def from_blocked(wb, scale, zero_point, *, bits: int, symmetric: bool, kind: str, group: int,
+                 out_features: int, in_features: int):
+    """Inverse of :func:`to_blocked`: the canonical (qweight, scale, zero_point)."""
+    n, k = out_features, in_features
+    T = wb.shape[0]
+    if bits == 8:
+        q = wb.transpose(1, 2).reshape(n, k).contiguous()
+        zp = None if symmetric else _scale_canonical(zero_point, kind, n, k, group)
+    else:
+        b = wb.transpose(1, 2).to(torch.int16)  # [T, H, K]
+        c = torch.cat([b & 15, b >> 4], dim=1).reshape(n, k)
+        q = pack_codes(c, 4)
+        zp = None if symmetric else _scale_canonical(zero_point, kind, n, k, group)
+    return q, _scale_canonical(scale, kind, n, k, group), zp
+
+
+def dequant_blocked(wb, scale, zero_point, *, bits: int, group: int, t0: int = 0, t1: int | None = None,
+                    dtype=torch.float32) -> torch.Tensor:
+    """Dequantized tiles ``[t1-t0, K, NT]`` of the blocked layout (``W.T`` tile by tile), in ``dtype``."""
+    t1 = wb.shape[0] if t1 is None else t1
+    w = wb[t0:t1]
+    if bits == 8:
+        c = w.to(dtype)
+    else:
+        c = torch.cat([w & 15, w >> 4], dim=2).to(dtype)
+    T, K, NT = c.shape
+    G = scale.shape[0]
+    gs = K // G
+    cols = slice(t0 * NT, t1 * NT)
+    c = c.reshape(T, G, gs, NT)
+    s = scale[:, cols].reshape(G, T, NT).transpose(0, 1).unsqueeze(2).to(dtype)
+    if zero_point.shape[0]:
+        z = zero_point[:, cols].reshape(G, T, NT).transpose(0, 1).unsqueeze(2).to(dtype)
+        c = c - z
+    return (c * s).reshape(T, K, NT)
+
+
+def tiles_matmul(x2d: torch.Tensor, wb, scale, zero_point, *, bits: int, group: int, out_features: int,
+                 compute_dtype: torch.dtype) -> torch.Tensor:
+    """``x2d @ W.T`` for many rows: dequantize a chunk of tiles, one batched matmul per chunk."""
+    T, K = wb.shape[0], wb.shape[1]
+    NT = wb.shape[2] * (2 if bits == 4 else 1)
+    per_chunk = max(1, _CHUNK_BYTES // (K * NT * 4))
+    xc = x2d.to(compute_dtype)
+    outs = []
+    for t0 in range(0, T, per_chunk):
+        t1 = min(T, t0 + per_chunk)
+        w = dequant_blocked(wb, scale, zero_point, bits=bits, group=group, t0=t0, t1=t1, dtype=compute_dtype)
+        outs.append(torch.matmul(xc.unsqueeze(0), w))  # [t, M, NT]
+    y = torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+    return y.permute(1, 0, 2).reshape(x2d.shape[0], T * NT)[:, :out_features].to(x2d.dtype)
+

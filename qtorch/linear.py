@@ -1,0 +1,452 @@
+"""Quantized drop-in replacements for ``nn.Linear``: integer weights, float activations.
+
+The quantization math is qcore's (``qcore.quantize``); this module holds the result and runs the forward.
+``y = x @ ((codes - zero_point) * scale).T + bias``, computed from the codes without ever keeping a
+full-precision copy of the weight.
+
+>>> import torch, qtorch
+>>> lin = torch.nn.Linear(256, 64)
+>>> q = qtorch.W4A16Linear.from_linear(lin)          # 4-bit asymmetric, groups of 128 along in_features
+>>> x = torch.randn(3, 256)
+>>> bool(torch.allclose(q(x), torch.nn.functional.linear(x, q.dequantized_weight(), q.bias), atol=1e-5))
+True
+
+State (``state_dict``), the canonical device-independent form, the same as qcore checkpoints (DESIGN.md s.3-4):
+
+============  ===========================================================================================
+key           content
+============  ===========================================================================================
+``qweight``   8 bits: the codes ``[out, in]`` themselves, int8 (-127..127) when symmetric, uint8 when
+              asymmetric. 1..7 bits: uint8 ``[out, ceil(in*bits/8)]``, codes packed along ``in``, LSB first,
+              signed codes stored with the offset ``2^(bits-1)`` (``QuantizedArray.packed()``).
+``scale``     float32 in qcore's shape: ``()`` per tensor, ``(out,)`` per channel, ``(out, in/g)`` per group
+``zero_point`` uint8, same shape as ``scale``; asymmetric schemes only
+``bias``      the bias in the module's compute dtype, if the layer has one
+============  ===========================================================================================
+
+At run time on CPU the codes may be held in a kernel layout instead (see :mod:`qtorch.kernels`); ``state_dict``
+converts back, ``load_state_dict`` validates every key (shape, dtype, value range) before changing anything.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qcore
+from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
+
+from . import kernels as K
+from ._torch_numpy import to_numpy
+
+__all__ = ["QuantLinear", "W8A16Linear", "W4A16Linear", "W8A16LinearLayer", "QuantizedLinear",
+           "COMPUTE_DTYPES"]
+
+#: activation / compute dtypes the layers accept
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+W8_SCHEME = QuantScheme(bits=8, symmetric=True, granularity=PerChannel(axis=0))
+
+
+def _check_features(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    if dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"dtype must be one of torch.float32, torch.float16, torch.bfloat16, got {dtype}")
+    return dtype
+
+
+def _granularity_info(scheme: QuantScheme, n: int, k: int):
+    """(kind, axis normalised to 0/1, group size along that axis) for a [n, k] weight."""
+    g = scheme.granularity
+    if isinstance(g, PerTensor):
+        return "tensor", 0, k
+    if isinstance(g, PerChannel):
+        return "channel", g.axis % 2, k if g.axis % 2 == 0 else n
+    return "group", g.axis % 2, g.size
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with weights quantized by any qcore scheme (1..8 bits, any granularity).
+
+    ``QuantLinear(in_features, out_features, bias=True, *, scheme, dtype=torch.float32, device=None)``.
+    ``dtype`` is the compute dtype (activations, bias, output); ``.to(dtype)`` changes it, never the codes.
+    Fill it with :meth:`quantize` or build it with :meth:`from_linear`. Until then the weight is zero.
+
+    >>> import torch, qcore, qtorch
+    >>> s = qcore.QuantScheme(bits=2, symmetric=False, granularity=qcore.PerGroup(32))
+    >>> q = qtorch.QuantLinear(64, 16, scheme=s).quantize(torch.randn(16, 64))
+    >>> tuple(q.state_dict()["qweight"].shape)                  # 64 codes of 2 bits -> 16 bytes per row
+    (16, 16)
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, scheme: QuantScheme,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features = _check_features("in_features", in_features)
+        self.out_features = _check_features("out_features", out_features)
+        if not isinstance(scheme, QuantScheme):
+            raise TypeError(f"scheme must be a qcore.QuantScheme, got {type(scheme).__name__}")
+        try:
+            scheme.validate_shape((self.out_features, self.in_features))
+        except ValueError as e:
+            raise ValueError(f"scheme {scheme} cannot quantize a weight of shape [out_features={out_features}, "
+                             f"in_features={in_features}]: {e}") from None
+        self.scheme = scheme
+        self.compute_dtype = _check_dtype(dtype)
+        self._kind, self._axis, self._group = _granularity_info(scheme, self.out_features, self.in_features)
+        self._pshape = tuple(scheme.params_shape((self.out_features, self.in_features)))
+        self._layout = "canonical"
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        q, s, z = self._zero_state(device)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", s)
+        self.register_buffer("zero_point", z)
+        self.register_buffer("bias", torch.zeros(self.out_features, dtype=dtype, device=device) if bias else None)
+        self._relayout()
+
+    # ------------------------------------------------------------------ canonical form
+    @property
+    def bits(self) -> int:
+        return self.scheme.bits
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype (activations, bias, output)."""
+        return self.compute_dtype
+
+    @property
+    def weight_layout(self) -> str:
+        """``canonical`` or ``blocked`` (the CPU kernel layout, see :mod:`qtorch.kernels`)."""
+        return self._layout
+
+    def _qweight_spec(self):
+        n, k, b = self.out_features, self.in_features, self.scheme.bits
+        if b == 8:
+            return (torch.int8 if self.scheme.symmetric else torch.uint8), (n, k)
+        return torch.uint8, (n, (k * b + 7) // 8)
+
+    def _zero_state(self, device):
+        dt, shape = self._qweight_spec()
+        off = 0 if (self.scheme.symmetric and self.bits == 8) or not self.scheme.symmetric else 1 << (self.bits - 1)
+        if off:  # symmetric sub-8-bit: code 0 is stored as the offset in every field
+            codes = torch.full((self.out_features, self.in_features), off, dtype=torch.int16)
+            q = K.pack_codes(codes, self.bits).to(device)
+        else:
+            q = torch.zeros(shape, dtype=dt, device=device)
+        s = torch.ones(self._pshape, dtype=torch.float32, device=device)
+        z = None if self.scheme.symmetric else torch.zeros(self._pshape, dtype=torch.uint8, device=device)
+        return q, s, z
+
+    def _canonical(self):
+        """(qweight, scale, zero_point) in the canonical form, whatever the run-time layout."""
+        if self._layout == "canonical":
+            return self.qweight, self.scale, self.zero_point
+        return K.from_blocked(self.qweight, self.scale, self.zero_point, bits=self.bits,
+                              symmetric=self.scheme.symmetric, kind=self._kind, group=self._group,
+                              out_features=self.out_features, in_features=self.in_features)
+
+    def _blocked_eligible(self, device: torch.device) -> int:
+        """Tile width of the blocked layout for this module on ``device``, 0 if it does not apply."""
+        if device.type != "cpu" or self.bits not in (4, 8):
+            return 0
+        if self._kind == "group" and self._axis != 1 or self._kind == "channel" and self._axis != 0:
+            return 0
+        return K.blocked_tile(self.out_features)
+
+    def _relayout(self) -> None:
+        """Hold the layout that the fast path of the current device wants (exactly one layout at a time)."""
+        tile = self._blocked_eligible(self.qweight.device)
+        want = "blocked" if tile else "canonical"
+        if want == self._layout:
+            return
+        q, s, z = self._canonical()
+        if want == "blocked":
+            q, s, z = K.to_blocked(q, s, z, bits=self.bits, symmetric=self.scheme.symmetric, kind=self._kind,
+                                   group=self._group, out_features=self.out_features,
+                                   in_features=self.in_features, tile=tile)
+        self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = q, s, z
+        self._layout = want
+
+    def _set_canonical(self, q, s, z) -> None:
+        self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = q, s, z
+        self._layout = "canonical"
+        self._relayout()
+
+    # ------------------------------------------------------------------ quantization
+    def quantize(self, weight) -> "QuantLinear":
+        """Quantize ``weight`` (``[out_features, in_features]``, torch or NumPy, any float dtype) with qcore.
+
+        Returns ``self``. The float weight is not kept.
+        """
+        if isinstance(weight, torch.Tensor):
+            if not weight.is_floating_point():
+                raise TypeError(f"weight must be a floating tensor, got dtype {weight.dtype}")
+            shape = tuple(weight.shape)
+        else:
+            weight = np.asarray(weight)
+            if weight.dtype.kind != "f" and weight.dtype.name != "bfloat16":
+                raise TypeError(f"weight must be a floating array, got dtype {weight.dtype}")
+            shape = weight.shape
+        want = (self.out_features, self.in_features)
+        if shape != want:
+            raise ValueError(f"weight has shape {list(shape)}, expected [out_features, in_features] = {list(want)}")
+        w = to_numpy(weight) if isinstance(weight, torch.Tensor) else weight
+        qa = qcore.quantize(w, self.scheme)
+        q = qa.codes if self.bits == 8 else qa.packed()
+        device = self.qweight.device
+        zp = None if qa.zero_point is None else torch.from_numpy(np.array(qa.zero_point, np.uint8)).to(device)
+        self._set_canonical(torch.from_numpy(np.array(q)).to(device),
+                            torch.from_numpy(np.array(qa.scale, np.float32)).to(device), zp)
+        return self
+
+    def quantized_array(self) -> qcore.QuantizedArray:
+        """The weight as a qcore :class:`~qcore.QuantizedArray` (NumPy, on CPU)."""
+        q, s, z = (None if t is None else to_numpy(t) for t in self._canonical())
+        shape = (self.out_features, self.in_features)
+        if self.bits == 8:
+            return qcore.QuantizedArray.from_parts(q, s, z, self.scheme)
+        return qcore.QuantizedArray.from_packed(q, s, z, self.scheme, shape)
+
+    @classmethod
+    def _resolve_scheme(cls, scheme):
+        return QuantScheme() if scheme is None else scheme
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme | None = None) -> "QuantLinear":
+        """A quantized copy of ``linear`` (same device; compute dtype = its weight dtype, float32 if unsupported).
+
+        ``scheme`` defaults to the class's scheme (8-bit symmetric per channel for :class:`QuantLinear`).
+        """
+        if not isinstance(linear, nn.Linear) and not (hasattr(linear, "weight") and hasattr(linear, "in_features")):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        scheme = cls._resolve_scheme(scheme)
+        w = linear.weight
+        dtype = w.dtype if w.dtype in COMPUTE_DTYPES else torch.float32
+        m = cls.__new__(cls)
+        QuantLinear.__init__(m, linear.in_features, linear.out_features, linear.bias is not None, scheme=scheme,
+                             dtype=dtype, device=w.device)
+        m.quantize(w.detach())
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach().to(dtype))
+        return m
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(codes - zero_point) * scale`` as ``[out_features, in_features]`` (float32 math, then ``dtype``).
+
+        ``dtype`` defaults to the compute dtype. Equal to ``qcore.dequantize`` of the same codes.
+        """
+        dtype = self.compute_dtype if dtype is None else dtype
+        n, k = self.out_features, self.in_features
+        if self._layout == "blocked":
+            w = K.dequant_blocked(self.qweight, self.scale, self.zero_point, bits=self.bits,
+                                  group=k // self.scale.shape[0])
+            return w.permute(0, 2, 1).reshape(n, k).to(dtype)
+        return K.dequantize_canonical(self.qweight, self.scale, self.zero_point, bits=self.bits,
+                                      symmetric=self.scheme.symmetric, kind=self._kind, axis=self._axis,
+                                      group=self._group, out_features=n, in_features=k, dtype=dtype)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in COMPUTE_DTYPES:
+            raise TypeError(f"input dtype must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            got = "a 0-d tensor" if x.dim() == 0 else f"{x.shape[-1]} (input shape {list(x.shape)})"
+            raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {got}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        y = self._matmul(x2)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        dev = x2.device.type
+        path = K.choose_path(dev, x2.dtype, x2.shape[0], self._layout, self.bits)
+        n, k = self.out_features, self.in_features
+        if path == "numba":
+            return torch.ops.qtorch.gemm_blocked(x2, self.qweight, self.scale, self.zero_point,
+                                                 k // self.scale.shape[0], self.bits, n)
+        if path == "tiles":
+            return K.tiles_matmul(x2, self.qweight, self.scale, self.zero_point, bits=self.bits,
+                                  group=k // self.scale.shape[0], out_features=n,
+                                  compute_dtype=torch.float32 if dev == "cpu" else x2.dtype)
+        if (dev == "cpu" and x2.dtype == torch.bfloat16 and self.bits == 8 and self.scheme.symmetric
+                and self._kind == "channel" and self._axis == 0 and K.int8pack_ok(x2.dtype, k)):
+            # PyTorch's vectorised bf16 kernel (guarded: K % 16 == 0, see kernels.int8pack_ok)
+            return torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale.to(x2.dtype))
+        # portable path: dequantize, then one matmul (float32 on CPU: AVX2 has no bf16/fp16 FMA)
+        cdt = torch.float32 if dev == "cpu" else x2.dtype
+        w = self.dequantized_weight(cdt)
+        return F.linear(x2.to(cdt), w).to(x2.dtype)
+
+    # ------------------------------------------------------------------ device / dtype moves
+    def _apply(self, fn, recurse=True):
+        # Codes, scales and zero points move with the device only; only the bias (and the compute dtype)
+        # follows a dtype change, so .to(torch.bfloat16) / .half() never round the scales.
+        probe = fn(torch.zeros((), dtype=self.compute_dtype, device=self.qweight.device))
+        if probe.is_floating_point() and probe.dtype != self.compute_dtype:
+            _check_dtype(probe.dtype)
+        new_device = probe.device
+        old_device = self.qweight.device
+        if new_device.type != old_device.type and self._layout == "blocked":
+            self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = self._canonical()
+            self._layout = "canonical"
+        for name, buf in list(self._buffers.items()):
+            if buf is None:
+                continue
+            if name == "bias":
+                self._buffers[name] = fn(buf)
+            else:
+                self._buffers[name] = buf.to(new_device)
+        if probe.is_floating_point():
+            self.compute_dtype = probe.dtype
+        self._relayout()
+        return self
+
+    # ------------------------------------------------------------------ state dict
+    def _expected_state(self):
+        dt, shape = self._qweight_spec()
+        exp = {"qweight": (dt, shape), "scale": (torch.float32, self._pshape)}
+        if not self.scheme.symmetric:
+            exp["zero_point"] = (torch.uint8, self._pshape)
+        if self.bias is not None:
+            exp["bias"] = (None, (self.out_features,))
+        return exp
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        q, s, z = self._canonical()
+        items = {"qweight": q, "scale": s, "zero_point": z, "bias": self.bias}
+        for name, t in items.items():
+            if t is not None:
+                destination[prefix + name] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        exp = self._expected_state()
+        got, errors = {}, []
+        for name, (dt, shape) in exp.items():
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            t = state_dict[key]
+            if not isinstance(t, torch.Tensor):
+                errors.append(f"{key}: expected a tensor, got {type(t).__name__}")
+                continue
+            want_dt = dt if dt is not None else "a floating dtype"
+            ok_dt = t.dtype == dt if dt is not None else t.is_floating_point()
+            if not ok_dt or tuple(t.shape) != tuple(shape):
+                errors.append(f"{key}: expected {want_dt} of shape {list(shape)}, got {t.dtype} of shape "
+                              f"{list(t.shape)} (scheme {self.scheme}, in_features={self.in_features}, "
+                              f"out_features={self.out_features})")
+                continue
+            got[name] = t
+        if "scale" in got:
+            s = got["scale"]
+            if s.numel() and not bool(torch.all(torch.isfinite(s) & (s > 0))):
+                errors.append(f"{prefix}scale: every scale must be finite and > 0")
+        if "zero_point" in got and got["zero_point"].numel():
+            zmax = int(got["zero_point"].max())
+            if zmax > self.scheme.qmax:
+                errors.append(f"{prefix}zero_point: {zmax} is outside 0..{self.scheme.qmax}")
+        if "qweight" in got and self.bits == 8 and self.scheme.symmetric and got["qweight"].numel():
+            qmin = int(got["qweight"].min())
+            if qmin < self.scheme.qmin:
+                errors.append(f"{prefix}qweight: code {qmin} is outside {self.scheme.qmin}..{self.scheme.qmax}")
+        for key in state_dict:
+            if key.startswith(prefix):
+                rest = key[len(prefix):]
+                if "." not in rest and rest not in exp:
+                    unexpected_keys.append(key)
+        error_msgs.extend(errors)
+        if errors or any(prefix + n not in state_dict for n in ("qweight", "scale", "zero_point") if n in exp):
+            return  # never half-load the weight
+        dev = self.qweight.device
+        z = got["zero_point"].to(dev).clone() if "zero_point" in got else None
+        self._set_canonical(got["qweight"].to(dev).clone(), got["scale"].to(dev).clone(), z)
+        if "bias" in got:
+            self._buffers["bias"] = got["bias"].to(device=dev, dtype=self.compute_dtype).clone()
+
+    # ------------------------------------------------------------------ repr
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"scheme={self.scheme}, dtype={self.compute_dtype}, layout={self._layout}")
+
+
+class W8A16Linear(QuantLinear):
+    """8-bit symmetric per-output-channel weights (int8 codes -127..127), float activations."""
+
+    _scheme = W8_SCHEME
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__(in_features, out_features, bias, scheme=self._scheme, dtype=dtype, device=device)
+
+    @classmethod
+    def _resolve_scheme(cls, scheme):
+        if scheme is not None and scheme != cls._scheme:
+            raise ValueError(f"{cls.__name__} uses scheme {cls._scheme}, got {scheme}; use QuantLinear.from_linear "
+                             f"for other schemes")
+        return cls._scheme
+
+
+class W4A16Linear(QuantLinear):
+    """4-bit asymmetric weights with one scale and zero point per group of ``group_size`` (default 128) inputs."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = 128,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__(in_features, out_features, bias,
+                         scheme=QuantScheme(bits=4, symmetric=False, granularity=PerGroup(group_size)),
+                         dtype=dtype, device=device)
+
+    @classmethod
+    def _resolve_scheme(cls, scheme):
+        if scheme is None:
+            return QuantScheme(bits=4, symmetric=False, granularity=PerGroup(128))
+        if scheme.bits != 4 or scheme.symmetric or not isinstance(scheme.granularity, PerGroup):
+            raise ValueError(f"W4A16Linear needs a 4-bit asymmetric per-group scheme, got {scheme}")
+        return scheme
+
+
+class W8A16LinearLayer(W8A16Linear):
+    """Prior-art name and constructor: ``W8A16LinearLayer(in_features, out_features, bias=True, dtype=torch.float32)``.
+
+    ``.quantize(weights)`` then call it; ``int8_weights`` and ``scales`` are the prior-art attribute names.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32):
+        super().__init__(in_features, out_features, bias, dtype=dtype)
+
+    @property
+    def int8_weights(self) -> torch.Tensor:
+        return self._canonical()[0]
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return self._canonical()[1]
+
+
+class QuantizedLinear(QuantLinear):
+    """Prior-art name: ``QuantizedLinear.from_linear(linear)`` (8-bit symmetric per channel unless ``scheme``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, scheme: QuantScheme | None = None,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__(in_features, out_features, bias, scheme=QuantScheme() if scheme is None else scheme,
+                         dtype=dtype, device=device)
+
+    def quantize_weights(self, weight) -> "QuantizedLinear":
+        """Prior-art alias of :meth:`quantize`."""
+        return self.quantize(weight)
