@@ -173,3 +173,24 @@ def test_dequantize_prior_art_positional_forms():
     np.testing.assert_allclose(dequantize(np.array([3, 5], np.uint8), 0.25, 3), [0.0, 0.5])
     with pytest.raises(TypeError, match="integer array"):
         dequantize(np.array([0.5]), 1.0)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_packed_round_trip_applies_the_signed_offset(bits, symmetric):
+    if bits == 1 and symmetric:
+        return
+    x = np.random.default_rng(bits).standard_normal((3, 40)).astype(np.float32)
+    scheme = QuantScheme(bits, symmetric, PerGroup(8))
+    qa = quantize(x, scheme)
+    packed = qa.packed()
+    assert packed.dtype == np.uint8 and packed.shape == (3, -(-40 * bits // 8))
+    back = QuantizedArray.from_packed(packed, qa.scale, qa.zero_point, scheme, qa.shape)
+    np.testing.assert_array_equal(back.codes, qa.codes)
+    assert qa.nbytes == packed.nbytes + qa.scale.nbytes + (0 if symmetric else qa.zero_point.nbytes)
+
+
+def test_packed_signed_layout_is_offset_binary():
+    # symmetric 4-bit codes -7..7 are stored as code + 8: [-1.0, 1.0] -> codes [-7, 7] -> nibbles 1, 15
+    qa = quantize(np.array([-1.0, 1.0], np.float32), QuantScheme(4, True, PerTensor()))
+    assert qa.codes.tolist() == [-7, 7] and qa.packed().tolist() == [1 | 15 << 4]
