@@ -1,0 +1,494 @@
+"""Bit packing of 1..8-bit unsigned codes into uint8 (the layout of DESIGN.md section 3).
+
+Layout
+------
+Packing runs along the **last axis**; every row (every index of the leading axes) packs on its own
+into ``ceil(n * bits / 8)`` bytes, so rows can be sliced and sharded without unpacking.
+
+The row is one little-endian bit stream: element ``i`` occupies bits ``[i*bits, (i+1)*bits)`` of the
+stream, least significant bit first, and stream bit ``k`` is bit ``k % 8`` of byte ``k // 8``.
+Padding bits at the end of a row are zero. ``bits=8`` is the identity. For ``bits=4`` this is
+``byte[j] = c[2j] | c[2j+1] << 4``; widths 3, 5, 6, 7 straddle byte boundaries.
+
+Worked example, ``bits=3``, one row of 5 codes ``[5, 3, 7, 0, 6]`` (binary ``101 011 111 000 110``)::
+
+    stream bit:   0 1 2 | 3 4 5 | 6 7 8 | 9 10 11 | 12 13 14 | 15
+    from code:    c0=5  | c1=3  | c2=7  | c3=0    | c4=6     | pad
+    bit value:    1 0 1 | 1 1 0 | 1 1 1 | 0 0  0  | 0  1  1  | 0
+
+    byte 0 = stream bits 0..7  = 1,0,1,1,1,0,1,1 (LSB first) = 0b11011101 = 0xDD
+    byte 1 = stream bits 8..15 = 1,0,0,0,0,1,1,0 (LSB first) = 0b01100001 = 0x61
+
+so ``pack(np.array([5, 3, 7, 0, 6], np.uint8), 3)`` is ``[0xDD, 0x61]`` (2 bytes = ceil(5*3/8)), and
+``unpack(np.array([0xDD, 0x61], np.uint8), 3, 5)`` gives the codes back.
+
+Signed codes are stored with an offset of ``2**(bits-1)``; ``QuantizedArray.packed()`` /
+``QuantizedArray.from_packed`` apply it, these functions only see unsigned codes.
+
+Speed: the numba kernels move 8 codes (one 64-bit word) at a time with shifts and masks, and for the
+widths that straddle bytes they handle 64 codes -> ``bits`` whole 64-bit words, so no loop is bit
+serial. Rows whose packed length is a whole number of bytes are contiguous in the output, so the
+whole array is packed as one stream split into chunks across threads (good for few long rows and
+many short rows alike).
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+from numba import njit
+
+__all__ = ["pack", "unpack", "packed_shape"]
+
+_U64 = np.uint64
+# Work is split across threads only in parts of at least this many codes (smaller: thread
+# hand-off costs more than it saves).
+_PARALLEL_MIN_CODES = 1 << 18
+
+
+# --------------------------------------------------------------------------------------------
+# numba kernels. They receive checked, C-contiguous arrays of the right sizes only.
+# Indices are uint64 on purpose: a signed index makes numba emit negative-index wraparound code,
+# which stops LLVM from vectorising the loops.
+# --------------------------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _lowmask(nbits):
+    return (_U64(1) << _U64(nbits)) - _U64(1)
+
+
+@njit(inline="always")
+def _swar_pack(x, b):
+    """8 codes, one per byte of ``x`` (each < 2**b), -> one ``8*b``-bit value, code i at bit i*b."""
+    m1 = _lowmask(b) * _U64(0x0001000100010001)
+    x = (x & m1) | ((x >> _U64(8 - b)) & (m1 << _U64(b)))
+    m2 = _lowmask(2 * b) * _U64(0x0000000100000001)
+    x = (x & m2) | ((x >> _U64(16 - 2 * b)) & (m2 << _U64(2 * b)))
+    m3 = _lowmask(4 * b)
+    x = (x & m3) | ((x >> _U64(32 - 4 * b)) & (m3 << _U64(4 * b)))
+    return x
+
+
+@njit(inline="always")
+def _swar_unpack(v, b):
+    """Inverse of ``_swar_pack``: an ``8*b``-bit value -> 8 codes, one per byte."""
+    m3 = _lowmask(4 * b)
+    x = (v & m3) | ((v & (m3 << _U64(4 * b))) << _U64(32 - 4 * b))
+    m2 = _lowmask(2 * b) * _U64(0x0000000100000001)
+    x = (x & m2) | ((x & (m2 << _U64(2 * b))) << _U64(16 - 2 * b))
+    m1 = _lowmask(b) * _U64(0x0001000100010001)
+    x = (x & m1) | ((x & (m1 << _U64(b))) << _U64(8 - b))
+    return x
+
+
+# --- widths 1, 2, 4: one input word of 8 codes -> one output item of 8*b bits (u8/u16/u32) ----
+
+
+@njit(inline="always")
+def _pack_words(cw, ow, k0, k1, b):
+    acc = _U64(0)
+    for g in range(_U64(8) * _U64(k0), _U64(8) * _U64(k1)):
+        x = cw[g]
+        acc |= x
+        ow[g] = _swar_pack(x, b)
+    return acc
+
+
+@njit(inline="always")
+def _unpack_words(pw, cw, k0, k1, b):
+    for g in range(_U64(8) * _U64(k0), _U64(8) * _U64(k1)):
+        cw[g] = _swar_unpack(_U64(pw[g]), b)
+
+
+# --- widths 3, 5, 6, 7: a block of 64 codes (8 input words) -> b output words ----------------
+# The loops over k and i run over compile-time constants once b is a literal, so LLVM unrolls them
+# into straight-line shifts and ORs.
+
+
+@njit(inline="always")
+def _pack_blocks(cw, ow, k0, k1, b):
+    acc = _U64(0)
+    for blk in range(_U64(k0), _U64(k1)):
+        ib = _U64(8) * blk
+        ob = _U64(b) * blk
+        for i in range(8):
+            acc |= cw[ib + _U64(i)]
+        for k in range(b):
+            w = _U64(0)
+            for i in range(8):
+                s = 8 * b * i - 64 * k
+                if s > -8 * b and s < 64:
+                    v = _swar_pack(cw[ib + _U64(i)], b)
+                    if s >= 0:
+                        w |= v << _U64(s)
+                    else:
+                        w |= v >> _U64(-s)
+            ow[ob + _U64(k)] = w
+    return acc
+
+
+@njit(inline="always")
+def _unpack_blocks(pw, cw, k0, k1, b):
+    vmask = _lowmask(8 * b)
+    for blk in range(_U64(k0), _U64(k1)):
+        ib = _U64(b) * blk
+        ob = _U64(8) * blk
+        for i in range(8):
+            k = (8 * b * i) // 64
+            s = (8 * b * i) % 64
+            v = pw[ib + _U64(k)] >> _U64(s)
+            if s + 8 * b > 64:
+                v |= pw[ib + _U64(k + 1)] << _U64(64 - s)
+            cw[ob + _U64(i)] = _swar_unpack(v & vmask, b)
+
+
+@njit(inline="always")
+def _pack_blocks_b(cw, ow, k0, k1, bits):
+    if bits == 3:
+        return _pack_blocks(cw, ow, k0, k1, 3)
+    if bits == 5:
+        return _pack_blocks(cw, ow, k0, k1, 5)
+    if bits == 6:
+        return _pack_blocks(cw, ow, k0, k1, 6)
+    return _pack_blocks(cw, ow, k0, k1, 7)
+
+
+@njit(inline="always")
+def _unpack_blocks_b(pw, cw, k0, k1, bits):
+    if bits == 3:
+        _unpack_blocks(pw, cw, k0, k1, 3)
+    elif bits == 5:
+        _unpack_blocks(pw, cw, k0, k1, 5)
+    elif bits == 6:
+        _unpack_blocks(pw, cw, k0, k1, 6)
+    else:
+        _unpack_blocks(pw, cw, k0, k1, 7)
+
+
+# --- range kernels over blocks [k0, k1) of 64 codes; the wrapper spreads ranges over threads ---
+
+
+@njit(cache=True, nogil=True)
+def _pack_words_range(cw, ow, bits, k0, k1):
+    return _pack_words(cw, ow, k0, k1, bits)
+
+
+@njit(cache=True, nogil=True)
+def _unpack_words_range(pw, cw, bits, k0, k1):
+    _unpack_words(pw, cw, k0, k1, bits)
+
+
+@njit(cache=True, nogil=True)
+def _pack_blocks_range(cw, ow, bits, k0, k1):
+    return _pack_blocks_b(cw, ow, k0, k1, bits)
+
+
+@njit(cache=True, nogil=True)
+def _unpack_blocks_range(pw, cw, bits, k0, k1):
+    _unpack_blocks_b(pw, cw, k0, k1, bits)
+
+
+# --- rows (any alignment) and stream tails: byte-wise loads, 8 codes at a time. `b` is a runtime
+# value here (not specialised per width): these paths are rarer and this keeps compile time low.
+
+
+@njit(inline="always")
+def _load_bytes(a, i, nbytes):
+    x = _U64(0)
+    for k in range(nbytes):
+        x |= _U64(a[i + _U64(k)]) << _U64(8 * k)
+    return x
+
+
+@njit(inline="always")
+def _store_bytes(a, i, x, nbytes):
+    for k in range(nbytes):
+        a[i + _U64(k)] = np.uint8((x >> _U64(8 * k)) & _U64(0xFF))
+
+
+@njit(inline="always")
+def _pack_row_b(c, o, b):
+    n = _U64(c.size)
+    ng = n // _U64(8)
+    acc = _U64(0)
+    for g in range(ng):
+        x = _load_bytes(c, _U64(8) * g, 8)
+        acc |= x
+        _store_bytes(o, _U64(b) * g, _swar_pack(x, b), b)
+    # tail of r < 8 codes: r*b < 64 bits, into ceil(r*b/8) bytes, padding bits zero
+    r = n - _U64(8) * ng
+    v = _U64(0)
+    for i in range(r):
+        x = _U64(c[_U64(8) * ng + i])
+        acc |= x
+        v |= x << (_U64(b) * i)
+    nbytes = (r * _U64(b) + _U64(7)) // _U64(8)
+    base = _U64(b) * ng
+    for k in range(nbytes):
+        o[base + k] = np.uint8((v >> (_U64(8) * k)) & _U64(0xFF))
+    return acc
+
+
+@njit(inline="always")
+def _unpack_row_b(p, c, b):
+    n = _U64(c.size)
+    ng = n // _U64(8)
+    for g in range(ng):
+        v = _load_bytes(p, _U64(b) * g, b)
+        _store_bytes(c, _U64(8) * g, _swar_unpack(v, b), 8)
+    r = n - _U64(8) * ng
+    nbytes = (r * _U64(b) + _U64(7)) // _U64(8)
+    base = _U64(b) * ng
+    v = _U64(0)
+    for k in range(nbytes):
+        v |= _U64(p[base + k]) << (_U64(8) * k)
+    m = _lowmask(b)
+    for i in range(r):
+        c[_U64(8) * ng + i] = np.uint8((v >> (_U64(b) * i)) & m)
+
+
+@njit(cache=True, nogil=True)
+def _pack_rows_range(c2, o2, bits, r0, r1):
+    acc = _U64(0)
+    for r in range(r0, r1):
+        acc |= _pack_row_b(c2[r], o2[r], bits)
+    return acc
+
+
+@njit(cache=True, nogil=True)
+def _unpack_rows_range(p2, c2, bits, r0, r1):
+    for r in range(r0, r1):
+        _unpack_row_b(p2[r], c2[r], bits)
+
+
+# --------------------------------------------------------------------------------------------
+# Python wrappers: all validation lives here.
+# --------------------------------------------------------------------------------------------
+
+_WORD_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+
+
+def _check_bits(bits) -> int:
+    if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer)):
+        raise ValueError(f"bits must be an integer in 1..8, got {bits!r} ({type(bits).__name__})")
+    bits = int(bits)
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    return bits
+
+
+def _check_length(length) -> int:
+    if isinstance(length, (bool, np.bool_)):
+        raise ValueError(f"length must be a non-negative integer, got {length!r}")
+    try:
+        length = operator.index(length)
+    except TypeError:
+        raise ValueError(
+            f"length must be a non-negative integer, got {length!r} ({type(length).__name__})"
+        ) from None
+    if length < 0:
+        raise ValueError(f"length must be a non-negative integer, got {length}")
+    return length
+
+
+def _packed_len(n: int, bits: int) -> int:
+    return (n * bits + 7) // 8
+
+
+def packed_shape(shape, bits) -> tuple:
+    """Shape of ``pack(codes, bits)`` for codes of ``shape``: the last axis ``n`` becomes
+    ``ceil(n * bits / 8)``, e.g. ``packed_shape((4096, 4096), 4) == (4096, 2048)``."""
+    bits = _check_bits(bits)
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, (bool, np.bool_)):
+        shape = (shape,)
+    try:
+        shape = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise ValueError(f"shape must be a sequence of non-negative integers, got {shape!r}") from None
+    if len(shape) == 0:
+        raise ValueError("shape must have at least one axis (packing runs along the last axis), got ()")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"shape must be a sequence of non-negative integers, got {shape!r}")
+    return shape[:-1] + (_packed_len(shape[-1], bits),)
+
+
+def _first_bad(codes: np.ndarray, mask: np.ndarray):
+    flat = int(np.flatnonzero(mask.reshape(-1))[0])
+    idx = tuple(int(i) for i in np.unravel_index(flat, codes.shape))
+    return idx, codes[idx]
+
+
+def _raise_too_large(codes: np.ndarray, bits: int):
+    idx, val = _first_bad(codes, codes >= (1 << bits))
+    raise ValueError(
+        f"code {int(val)} at index {idx} does not fit in {bits} bits (allowed 0..{(1 << bits) - 1})"
+    )
+
+
+def _as_uint8_codes(codes, bits: int) -> np.ndarray:
+    codes = np.asarray(codes)
+    if codes.dtype == np.uint8:
+        pass
+    elif codes.dtype.kind in "iu":
+        # wider or signed integers: check the range here, then narrow (uint8 is the fast path)
+        if codes.dtype.kind == "i" and codes.size and (codes < 0).any():
+            idx, val = _first_bad(codes, codes < 0)
+            raise ValueError(
+                f"code {int(val)} at index {idx} is negative; codes must be unsigned in "
+                f"0..{(1 << bits) - 1} (offset signed codes by {1 << (bits - 1)} first)"
+            )
+        if codes.size and (codes >= (1 << bits)).any():
+            _raise_too_large(codes, bits)
+        codes = codes.astype(np.uint8)
+    else:
+        raise TypeError(
+            f"codes must be an integer array (uint8 preferred), got dtype {codes.dtype}"
+        )
+    if codes.ndim == 0:
+        raise ValueError("codes must have at least one axis (packing runs along the last axis), got a scalar")
+    return codes
+
+
+def pack(codes, bits) -> np.ndarray:
+    """Pack unsigned ``bits``-bit codes along the last axis into uint8 (layout: module docstring).
+
+    ``codes``: integer array of any shape and strides (uint8 is the fast path), every value in
+    ``0..2**bits - 1``. Returns a new C-contiguous uint8 array of ``packed_shape(codes.shape, bits)``.
+
+    >>> pack(np.array([5, 3, 7, 0, 6], np.uint8), 3)
+    array([221,  97], dtype=uint8)
+    """
+    bits = _check_bits(bits)
+    codes = np.ascontiguousarray(_as_uint8_codes(codes, bits))
+    n = codes.shape[-1]
+    out = np.empty(codes.shape[:-1] + (_packed_len(n, bits),), np.uint8)
+    if codes.size == 0:
+        return out  # rows of length 0 pack to 0 bytes; no rows at all is an empty result
+    if bits == 8:
+        np.copyto(out, codes)
+        return out
+    nrows = codes.size // n
+    if nrows == 1 or (n * bits) % 8 == 0:
+        # rows end on byte boundaries, so the whole array is one contiguous bit stream
+        acc = _pack_stream(codes.reshape(-1), out.reshape(-1), bits)
+    else:
+        acc = 0
+        for a in _run_split(_pack_rows_range, (codes.reshape(nrows, n), out.reshape(nrows, -1), bits),
+                            nrows, _min_rows(n)):
+            acc |= int(a)
+    # acc is the OR of all codes (spread over the 8 bytes of a word): any bit at or above `bits`
+    # means some code does not fit. The kernels never raise; the error is raised here.
+    allowed = ((1 << bits) - 1) * 0x0101010101010101
+    if acc & ~allowed:
+        _raise_too_large(codes, bits)
+    return out
+
+
+def unpack(packed, bits, length) -> np.ndarray:
+    """Inverse of :func:`pack`: uint8 ``packed`` (last axis ``ceil(length * bits / 8)`` bytes) ->
+    uint8 codes with last axis ``length``. Padding bits are ignored, so any bytes unpack to codes
+    in ``0..2**bits - 1``.
+
+    >>> unpack(np.array([0xDD, 0x61], np.uint8), 3, 5)
+    array([5, 3, 7, 0, 6], dtype=uint8)
+    """
+    bits = _check_bits(bits)
+    length = _check_length(length)
+    packed = np.asarray(packed)
+    if packed.dtype != np.uint8:
+        raise TypeError(f"packed must be a uint8 array, got dtype {packed.dtype}")
+    if packed.ndim == 0:
+        raise ValueError("packed must have at least one axis, got a scalar")
+    m = _packed_len(length, bits)
+    if packed.shape[-1] != m:
+        raise ValueError(
+            f"packed last axis has {packed.shape[-1]} bytes but {length} codes of {bits} bits "
+            f"need ceil({length}*{bits}/8) = {m}"
+        )
+    out = np.empty(packed.shape[:-1] + (length,), np.uint8)
+    if out.size == 0:
+        return out
+    packed = np.ascontiguousarray(packed)
+    if bits == 8:
+        np.copyto(out, packed)
+        return out
+    nrows = out.size // length
+    if nrows == 1 or (length * bits) % 8 == 0:
+        _unpack_stream(packed.reshape(-1), out.reshape(-1), bits)
+    else:
+        _run_split(_unpack_rows_range, (packed.reshape(nrows, m), out.reshape(nrows, length), bits),
+                   nrows, _min_rows(length))
+    return out
+
+
+# --- work splitting: the kernels release the GIL, so plain threads run them in parallel ----------
+# (Python threads rather than numba's parallel=True: the kernels compile several times faster, and
+# with a sleeping pool there are no spinning OpenMP workers stealing the shared cores.)
+
+_NUM_THREADS = max(1, min(os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS))
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool():
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=_NUM_THREADS - 1, thread_name_prefix="qcore-pack")
+        return _POOL
+
+
+def _run_split(kernel, args, total: int, min_part: int) -> list:
+    """``kernel(*args, lo, hi)`` over ``[0, total)``, in up to ``_NUM_THREADS`` equal parts."""
+    nparts = max(1, min(_NUM_THREADS, total // max(min_part, 1)))
+    if nparts == 1:
+        return [kernel(*args, 0, total)]
+    bounds = [total * i // nparts for i in range(nparts + 1)]
+    futures = [_pool().submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, nparts)]
+    results = [kernel(*args, bounds[0], bounds[1])]
+    return results + [f.result() for f in futures]
+
+
+def _min_rows(n: int) -> int:
+    return -(-_PARALLEL_MIN_CODES // max(n, 1))
+
+
+def _pack_stream(c: np.ndarray, o: np.ndarray, bits: int) -> int:
+    nblocks = c.size // 64
+    acc = 0
+    if nblocks:
+        cw = c[: 64 * nblocks].view(np.uint64)
+        if bits in _WORD_DTYPES:
+            ow = o[: 8 * bits * nblocks].view(_WORD_DTYPES[bits])
+            kernel = _pack_words_range
+        else:
+            ow = o[: 8 * bits * nblocks].view(np.uint64)
+            kernel = _pack_blocks_range
+        for a in _run_split(kernel, (cw, ow, bits), nblocks, _PARALLEL_MIN_CODES // 64):
+            acc |= int(a)
+    if c.size > 64 * nblocks:
+        tail = c[64 * nblocks:].reshape(1, -1)
+        acc |= int(_pack_rows_range(tail, o[8 * bits * nblocks:].reshape(1, -1), bits, 0, 1))
+    return acc
+
+
+def _unpack_stream(p: np.ndarray, c: np.ndarray, bits: int) -> None:
+    nblocks = c.size // 64
+    if nblocks:
+        cw = c[: 64 * nblocks].view(np.uint64)
+        if bits in _WORD_DTYPES:
+            pw = p[: 8 * bits * nblocks].view(_WORD_DTYPES[bits])
+            kernel = _unpack_words_range
+        else:
+            pw = p[: 8 * bits * nblocks].view(np.uint64)
+            kernel = _unpack_blocks_range
+        _run_split(kernel, (pw, cw, bits), nblocks, _PARALLEL_MIN_CODES // 64)
+    if c.size > 64 * nblocks:
+        tail = c[64 * nblocks:].reshape(1, -1)
+        _unpack_rows_range(p[8 * bits * nblocks:].reshape(1, -1), tail, bits, 0, 1)
