@@ -15,3 +15,4 @@ from .quantize import QuantizedArray, compute_qparams, dequantize, fake_quantize
 from .scheme import PerChannel, PerGroup, PerTensor, QuantScheme
 
 __version__ = "0.1.0"
+from .packing import pack, unpack, packed_shape
