@@ -40,8 +40,10 @@ def params_from_minmax(mn, mx, qmax, symmetric):
 
 @njit(cache=True, nogil=True)
 def _minmax(seg):
-    """(min, max, has_nan) of a non-empty 1-D run. Kept a separate serial function: inlined into a prange
-    body, the same loop does not vectorise (measured 7x slower)."""
+    """(min, max, bad) of a non-empty 1-D float run; bad is True if it holds NaN or +-Inf.
+
+    Kept a separate serial function: inlined into a prange body, the same loop does not vectorise.
+    """
     mn = seg[0]
     mx = mn
     nan = False
@@ -50,7 +52,45 @@ def _minmax(seg):
         mn = min(mn, v)
         mx = max(mx, v)
         nan |= v != v
-    return mn, mx, nan
+    return np.float64(mn), np.float64(mx), nan or mn == -np.inf or mx == np.inf
+
+
+_KEY_MASK = np.int32(0x7FFFFFFF)
+_KEY_POS_INF = np.int32(0x7F800000)  # key of +inf; NaNs with the sign bit clear sort above it
+_KEY_NEG_INF = np.int32(-2139095041)  # key of -inf (0xff800000 ^ 0x7fffffff); negative NaNs sort below
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _key(v):
+    # float32 bits -> an int32 whose signed order is the float order (-0.0 just below +0.0). Integer
+    # min/max reductions vectorise without fast-math, float ones do not: 1.5x faster on the same data.
+    return v ^ ((v >> 31) & _KEY_MASK)
+
+
+@njit(cache=True, nogil=True)
+def _minmax_f32bits(seg):
+    """:func:`_minmax` of float32 data given as its int32 bit pattern; NaN and Inf show as keys at or
+    beyond the keys of +-Inf, so nothing is lost by not comparing floats."""
+    mn = np.int32(2147483647)
+    mx = np.int32(-2147483648)
+    for i in range(seg.size):
+        k = _key(seg[i])
+        mn = min(mn, k)
+        mx = max(mx, k)
+    bad = mx >= _KEY_POS_INF or mn <= _KEY_NEG_INF
+    both = np.empty(2, np.int32)
+    both[0] = _key(mn)  # the transform is its own inverse
+    both[1] = _key(mx)
+    f = both.view(np.float32)
+    return np.float64(f[0]), np.float64(f[1]), bad
+
+
+@njit(cache=True, nogil=True)
+def _group_minmax(seg, bits):
+    # ``bits`` is the int32 view of a float32 ``seg`` (fast path), or an empty array for other dtypes.
+    if bits.size:
+        return _minmax_f32bits(bits)
+    return _minmax(seg)
 
 
 @njit(cache=True, nogil=True)
@@ -66,10 +106,11 @@ def _quantize_seg(seg, s, z, qmin, qmax, out):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def quantize_groups(x, g, qmin, qmax, symmetric, codes, scale, zp):
+def quantize_groups(x, xbits, g, qmin, qmax, symmetric, codes, scale, zp):
     """Fused per-row pass: min/max of each group of ``g`` along axis 1, its parameters, then its codes.
 
-    x: (R, L) float32/float64; codes: (R, L) int8/uint8; scale: (R, L//g) float32; zp: (R, L//g) uint8.
+    x: (R, L) float32/float64; xbits: x.view(int32) for float32 x, else an empty (R, 0) array;
+    codes: (R, L) int8/uint8; scale: (R, L//g) float32; zp: (R, L//g) uint8.
     Returns one flag per row: 1 if the row holds NaN or Inf (the caller raises; ``codes`` is then garbage).
     """
     rows, length = x.shape
@@ -78,11 +119,12 @@ def quantize_groups(x, g, qmin, qmax, symmetric, codes, scale, zp):
         # Row first, then a 1-D slice: numba types that as contiguous (a 2-D slice x[r, a:b] is not, and
         # its loops do not vectorise).
         xr = x[r]
+        br = xbits[r]
         cr = codes[r]
         for j in range(length // g):
             seg = xr[j * g:(j + 1) * g]
-            mn, mx, nan = _minmax(seg)
-            if nan or mn == -np.inf or mx == np.inf:
+            mn, mx, nonfinite = _group_minmax(seg, br[j * g:(j + 1) * g])
+            if nonfinite:
                 bad[r] = 1
                 continue
             s, z = params_from_minmax(mn, mx, qmax, symmetric)
@@ -93,8 +135,8 @@ def quantize_groups(x, g, qmin, qmax, symmetric, codes, scale, zp):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def minmax_chunks(x, chunk):
-    """Per-chunk (min, max, has_nan) of a flat array, chunks of ``chunk`` elements run in parallel."""
+def minmax_chunks(x, xbits, chunk):
+    """Per-chunk (min, max, non-finite) of a flat array (``xbits`` as in :func:`quantize_groups`)."""
     n = x.size
     nchunks = max((n + chunk - 1) // chunk, 1)
     mns = np.zeros(nchunks, dtype=np.float64)
@@ -105,10 +147,10 @@ def minmax_chunks(x, chunk):
         stop = min(start + chunk, n)
         if start >= stop:
             continue
-        mn, mx, nan = _minmax(x[start:stop])
+        mn, mx, bad = _group_minmax(x[start:stop], xbits[start:stop] if xbits.size else xbits)
         mns[c] = mn
         mxs[c] = mx
-        nans[c] = nan
+        nans[c] = bad
     return mns, mxs, nans
 
 

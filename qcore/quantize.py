@@ -47,6 +47,11 @@ def _compute_view(x: np.ndarray) -> np.ndarray:
     return x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)
 
 
+def _bits_view(a: np.ndarray) -> np.ndarray:
+    # float32 data goes to the kernels also as its int32 bit pattern (their fast min/max path)
+    return a.view(np.int32) if a.dtype == np.float32 else np.empty(a.shape[:-1] + (0,), np.int32)
+
+
 def _raise_nonfinite(x: np.ndarray, name: str) -> None:
     bad = np.argwhere(~np.isfinite(x.astype(np.float32) if x.dtype == ml_dtypes.bfloat16 else x))
     idx = tuple(int(i) for i in bad[0])
@@ -182,9 +187,9 @@ def quantize(x, scheme: QuantScheme = QuantScheme()) -> QuantizedArray:
 
     if kind == "tensor":
         flat = np.ascontiguousarray(xc).reshape(-1)
-        mns, mxs, nans = _kernels.minmax_chunks(flat, _CHUNK)
+        mns, mxs, bad = _kernels.minmax_chunks(flat, _bits_view(flat), _CHUNK)
         mn, mx = (mns.min(), mxs.max()) if flat.size else (0.0, 0.0)
-        if nans.any() or not (np.isfinite(mn) and np.isfinite(mx)):
+        if bad.any():
             _raise_nonfinite(x, "x")
         s, z = _kernels.params_from_minmax(mn, mx, qmax, scheme.symmetric)
         codes = np.empty(flat.shape, cdtype)
@@ -209,7 +214,8 @@ def quantize(x, scheme: QuantScheme = QuantScheme()) -> QuantizedArray:
     scale2d = np.full((rows, ngroups), _kernels.F32_TINY, np.float32)
     zp2d = np.zeros((rows, ngroups), np.uint8)
     if rows and length:
-        bad = _kernels.quantize_groups(rows2d, g, qmin, qmax, scheme.symmetric, codes2d, scale2d, zp2d)
+        bad = _kernels.quantize_groups(rows2d, _bits_view(rows2d), g, qmin, qmax, scheme.symmetric,
+                                       codes2d, scale2d, zp2d)
         if bad.any():
             _raise_nonfinite(x, "x")
     codes = np.ascontiguousarray(np.moveaxis(codes2d.reshape(moved.shape), 0 if kind == "channel" else -1, axis))
