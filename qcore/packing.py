@@ -34,6 +34,7 @@ many short rows alike).
 
 from __future__ import annotations
 
+import itertools
 import operator
 import os
 import threading
@@ -88,22 +89,38 @@ def _swar_unpack(v, b):
 
 
 # --- widths 1, 2, 4: one input word of 8 codes -> one output item of 8*b bits (u8/u16/u32) ----
+# For b <= 4 a stage needs no pre-mask: shifting a code right by 8-b (16-2b, 32-4b) bits moves
+# nothing of it into the kept bits. (Codes >= 2**b give garbage here, but the wrapper raises.)
 
 
 @njit(inline="always")
-def _pack_words(cw, ow, k0, k1, b):
+def _swar_pack_narrow(x, b):
+    x = (x | (x >> _U64(8 - b))) & (_lowmask(2 * b) * _U64(0x0001000100010001))
+    x = (x | (x >> _U64(16 - 2 * b))) & (_lowmask(4 * b) * _U64(0x0000000100000001))
+    return x | (x >> _U64(32 - 4 * b))  # the store truncates to the low 8*b bits
+
+
+@njit(inline="always")
+def _swar_unpack_narrow(v, b):
+    x = (v | (v << _U64(32 - 4 * b))) & (_lowmask(4 * b) * _U64(0x0000000100000001))
+    x = (x | (x << _U64(16 - 2 * b))) & (_lowmask(2 * b) * _U64(0x0001000100010001))
+    return (x | (x << _U64(8 - b))) & (_lowmask(b) * _U64(0x0101010101010101))
+
+
+@njit(inline="always")
+def _pack_words(cw, ow, k0, k1, b, otype):
     acc = _U64(0)
     for g in range(_U64(8) * _U64(k0), _U64(8) * _U64(k1)):
         x = cw[g]
         acc |= x
-        ow[g] = _swar_pack(x, b)
+        ow[g] = otype(_swar_pack_narrow(x, b))
     return acc
 
 
 @njit(inline="always")
 def _unpack_words(pw, cw, k0, k1, b):
     for g in range(_U64(8) * _U64(k0), _U64(8) * _U64(k1)):
-        cw[g] = _swar_unpack(_U64(pw[g]), b)
+        cw[g] = _swar_unpack_narrow(_U64(pw[g]), b)
 
 
 # --- widths 3, 5, 6, 7: a block of 64 codes (8 input words) -> b output words ----------------
@@ -175,13 +192,33 @@ def _unpack_blocks_b(pw, cw, k0, k1, bits):
 
 
 @njit(cache=True, nogil=True)
-def _pack_words_range(cw, ow, bits, k0, k1):
-    return _pack_words(cw, ow, k0, k1, bits)
+def _pack_w1(cw, ow, k0, k1):
+    return _pack_words(cw, ow, k0, k1, 1, np.uint8)
 
 
 @njit(cache=True, nogil=True)
-def _unpack_words_range(pw, cw, bits, k0, k1):
-    _unpack_words(pw, cw, k0, k1, bits)
+def _pack_w2(cw, ow, k0, k1):
+    return _pack_words(cw, ow, k0, k1, 2, np.uint16)
+
+
+@njit(cache=True, nogil=True)
+def _pack_w4(cw, ow, k0, k1):
+    return _pack_words(cw, ow, k0, k1, 4, np.uint32)
+
+
+@njit(cache=True, nogil=True)
+def _unpack_w1(pw, cw, k0, k1):
+    _unpack_words(pw, cw, k0, k1, 1)
+
+
+@njit(cache=True, nogil=True)
+def _unpack_w2(pw, cw, k0, k1):
+    _unpack_words(pw, cw, k0, k1, 2)
+
+
+@njit(cache=True, nogil=True)
+def _unpack_w4(pw, cw, k0, k1):
+    _unpack_words(pw, cw, k0, k1, 4)
 
 
 @njit(cache=True, nogil=True)
@@ -272,6 +309,8 @@ def _unpack_rows_range(p2, c2, bits, r0, r1):
 # --------------------------------------------------------------------------------------------
 
 _WORD_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+_PACK_WORDS = {1: _pack_w1, 2: _pack_w2, 4: _pack_w4}
+_UNPACK_WORDS = {1: _unpack_w1, 2: _unpack_w2, 4: _unpack_w4}
 
 
 def _check_bits(bits) -> int:
@@ -445,14 +484,46 @@ def _pool():
 
 
 def _run_split(kernel, args, total: int, min_part: int) -> list:
-    """``kernel(*args, lo, hi)`` over ``[0, total)``, in up to ``_NUM_THREADS`` equal parts."""
-    nparts = max(1, min(_NUM_THREADS, total // max(min_part, 1)))
-    if nparts == 1:
+    """Results of ``kernel(*args, lo, hi)`` over chunks covering ``[0, total)``.
+
+    Threads claim chunks from a shared counter and the calling thread works too, waiting only
+    for chunks another thread has actually claimed: on a busy machine, where a pool thread may
+    not get a core for milliseconds, the caller just does more of the work itself.
+    """
+    nchunks = min(total // max(min_part, 1), 8 * _NUM_THREADS)
+    if _NUM_THREADS == 1 or nchunks < 2:
         return [kernel(*args, 0, total)]
-    bounds = [total * i // nparts for i in range(nparts + 1)]
-    futures = [_pool().submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, nparts)]
-    results = [kernel(*args, bounds[0], bounds[1])]
-    return results + [f.result() for f in futures]
+    bounds = [total * i // nchunks for i in range(nchunks + 1)]
+    results = [None] * nchunks
+    claim = itertools.count()  # next() on a count is atomic under the GIL
+    state = {"left": nchunks, "error": None}
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def work():
+        while True:
+            i = next(claim)
+            if i >= nchunks:
+                return
+            try:
+                results[i] = kernel(*args, bounds[i], bounds[i + 1])
+            except BaseException as e:  # pragma: no cover - kernels do not raise on checked input
+                state["error"] = e
+                done.set()
+                return
+            with lock:
+                state["left"] -= 1
+                if state["left"] == 0:
+                    done.set()
+
+    pool = _pool()
+    for _ in range(_NUM_THREADS - 1):
+        pool.submit(work)
+    work()
+    done.wait()
+    if state["error"] is not None:  # pragma: no cover
+        raise state["error"]
+    return results
 
 
 def _min_rows(n: int) -> int:
@@ -465,12 +536,12 @@ def _pack_stream(c: np.ndarray, o: np.ndarray, bits: int) -> int:
     if nblocks:
         cw = c[: 64 * nblocks].view(np.uint64)
         if bits in _WORD_DTYPES:
-            ow = o[: 8 * bits * nblocks].view(_WORD_DTYPES[bits])
-            kernel = _pack_words_range
+            args = (cw, o[: 8 * bits * nblocks].view(_WORD_DTYPES[bits]))
+            kernel = _PACK_WORDS[bits]
         else:
-            ow = o[: 8 * bits * nblocks].view(np.uint64)
+            args = (cw, o[: 8 * bits * nblocks].view(np.uint64), bits)
             kernel = _pack_blocks_range
-        for a in _run_split(kernel, (cw, ow, bits), nblocks, _PARALLEL_MIN_CODES // 64):
+        for a in _run_split(kernel, args, nblocks, _PARALLEL_MIN_CODES // 64):
             acc |= int(a)
     if c.size > 64 * nblocks:
         tail = c[64 * nblocks:].reshape(1, -1)
@@ -483,12 +554,12 @@ def _unpack_stream(p: np.ndarray, c: np.ndarray, bits: int) -> None:
     if nblocks:
         cw = c[: 64 * nblocks].view(np.uint64)
         if bits in _WORD_DTYPES:
-            pw = p[: 8 * bits * nblocks].view(_WORD_DTYPES[bits])
-            kernel = _unpack_words_range
+            args = (p[: 8 * bits * nblocks].view(_WORD_DTYPES[bits]), cw)
+            kernel = _UNPACK_WORDS[bits]
         else:
-            pw = p[: 8 * bits * nblocks].view(np.uint64)
+            args = (p[: 8 * bits * nblocks].view(np.uint64), cw, bits)
             kernel = _unpack_blocks_range
-        _run_split(kernel, (pw, cw, bits), nblocks, _PARALLEL_MIN_CODES // 64)
+        _run_split(kernel, args, nblocks, _PARALLEL_MIN_CODES // 64)
     if c.size > 64 * nblocks:
         tail = c[64 * nblocks:].reshape(1, -1)
         _unpack_rows_range(p[8 * bits * nblocks:].reshape(1, -1), tail, bits, 0, 1)
