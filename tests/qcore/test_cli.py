@@ -1,0 +1,405 @@
+"""`qcore quantize`: streamed quantization of safetensors files and sharded folders, its errors, memory, no torch."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+from qcore import PerChannel, PerGroup, QuantScheme, dequantize, quantize
+from qcore import checkpoint as ck
+from qcore import cli
+from qcore.metrics import sqnr_db
+
+RNG = np.random.default_rng(7)
+BF16 = ml_dtypes.bfloat16
+
+
+def write_checkpoint(folder, shards, metadata=None, extra_files=None):
+    """A sharded checkpoint: ``shards`` is a list of {name: array}; returns {name: array}."""
+    os.makedirs(folder, exist_ok=True)
+    weight_map, tensors = {}, {}
+    n = len(shards)
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        with ck.SafetensorsWriter(os.path.join(folder, fname), [(k, v.dtype, v.shape) for k, v in shard.items()],
+                                  metadata if metadata is not None else {"format": "pt"}) as w:
+            for k, v in shard.items():
+                w.write(k, v)
+                weight_map[k] = fname
+        tensors.update(shard)
+    with open(os.path.join(folder, ck.INDEX_NAME), "w") as f:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+    for name, text in (extra_files or {}).items():
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(text)
+    return tensors
+
+
+def small_model():
+    """Two shards in the shape of a decoder: embeddings, layers with norms and biases, lm_head, an int buffer."""
+    def r(*shape, dtype=BF16):
+        return RNG.standard_normal(shape).astype(dtype)
+    s1 = {"model.embed_tokens.weight": r(50, 64), "model.layers.0.input_layernorm.weight": r(64),
+          "model.layers.0.self_attn.q_proj.weight": r(32, 64), "model.layers.0.self_attn.q_proj.bias": r(32),
+          "model.layers.0.mlp.up_proj.weight": r(96, 64, dtype=np.float32)}
+    s2 = {"model.layers.1.self_attn.q_proj.weight": r(32, 64, dtype=np.float16),
+          "model.layers.1.mlp.down_proj.weight": r(64, 96), "model.norm.weight": r(64),
+          "lm_head.weight": r(50, 64), "model.rotary.positions": np.arange(16, dtype=np.int64)}
+    return [s1, s2]
+
+
+QUANTIZED_BY_DEFAULT = {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight",
+                        "model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    folder = tmp_path / "model"
+    tensors = write_checkpoint(folder, small_model(), extra_files={"config.json": '{"model_type": "toy"}'})
+    return folder, tensors
+
+
+def run(*args):
+    return cli.main([str(a) for a in args])
+
+
+def leftovers(folder):
+    """Temporary files or folders qcore could have left in ``folder`` (their names start with a dot)."""
+    return [n for n in os.listdir(folder) if n.startswith(".")]
+
+
+def same_quantization(loaded, x, scheme):
+    ref = quantize(x.astype(np.float32), scheme)
+    assert loaded.scheme == scheme
+    assert np.array_equal(loaded.codes, ref.codes)
+    assert np.array_equal(loaded.scale, ref.scale)
+    if scheme.symmetric:
+        assert loaded.zero_point is None
+    else:
+        assert np.array_equal(loaded.zero_point, ref.zero_point)
+
+
+@pytest.mark.parametrize("bits, asym, group", [(8, False, None), (8, True, 32), (4, True, 32), (3, False, 16),
+                                               (2, True, None), (1, True, 32)])
+def test_sharded_round_trip(model_dir, tmp_path, capsys, bits, asym, group):
+    folder, tensors = model_dir
+    out = tmp_path / "out"
+    args = ["quantize", folder, out, "--bits", bits] + (["--asymmetric"] if asym else []) + \
+           (["--group-size", group] if group else [])
+    assert run(*args) == 0
+    scheme = QuantScheme(bits, not asym, PerGroup(group) if group else PerChannel(0))
+    # output mirrors the input: the same shard names, a new index, the config copied
+    assert sorted(os.listdir(out)) == sorted(os.listdir(folder))
+    assert (out / "config.json").read_text() == '{"model_type": "toy"}'
+    index = json.loads((out / ck.INDEX_NAME).read_text())
+    for fname in set(index["weight_map"].values()):
+        assert set(load_file(out / fname)) == {k for k, v in index["weight_map"].items() if v == fname}
+        with safe_open(out / fname, framework="numpy") as f:
+            assert f.metadata()["format"] == "pt"  # input metadata kept (transformers checks it)
+    loaded = ck.load(out)
+    assert set(loaded) == set(tensors)
+    for name, x in tensors.items():
+        if name in QUANTIZED_BY_DEFAULT:
+            same_quantization(loaded[name], x, scheme)  # pieces of rows == the whole tensor at once
+        else:
+            assert loaded[name].dtype == x.dtype and loaded[name].tobytes() == x.tobytes(), name
+    assert leftovers(tmp_path) == [] and leftovers(out) == []
+    summary = capsys.readouterr().out
+    assert "4 tensors quantized" in summary and "6 copied unchanged" in summary and "worst SQNR" in summary
+
+
+def test_single_file_and_folder_with_model_safetensors(tmp_path):
+    x = RNG.standard_normal((16, 32)).astype(BF16)
+    src = tmp_path / "m.safetensors"
+    ck.save(src, {"a.weight": x, "a.bias": x[0].copy()})
+    assert run("quantize", src, tmp_path / "q.safetensors", "--bits", 4, "-q") == 0
+    loaded = ck.load(tmp_path / "q.safetensors")
+    same_quantization(loaded["a.weight"], x, QuantScheme(4))
+    (tmp_path / "dir").mkdir()
+    os.replace(src, tmp_path / "dir" / "model.safetensors")
+    assert run("quantize", tmp_path / "dir", tmp_path / "qdir", "-q") == 0
+    assert os.listdir(tmp_path / "qdir") == ["model.safetensors"]
+    same_quantization(ck.load(tmp_path / "qdir")["a.weight"], x, QuantScheme(8))
+
+
+def test_sqnr_in_summary_matches_metrics(model_dir, tmp_path):
+    folder, tensors = model_dir
+    s = cli.quantize_checkpoint(folder, tmp_path / "out", bits=3, symmetric=False, group_size=16)
+    loaded = ck.load(tmp_path / "out")
+    expected = sorted((sqnr_db(tensors[n].astype(np.float32), dequantize(loaded[n])), n) for n in QUANTIZED_BY_DEFAULT)
+    assert [n for _, n, _ in s["worst_sqnr"]] == [n for _, n in expected]
+    for (db, _, _), (ref, _) in zip(s["worst_sqnr"], expected):
+        assert abs(db - ref) < 1e-3
+    assert s["input_bytes"] == sum(os.path.getsize(folder / f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    assert s["output_bytes"] == sum(os.path.getsize(tmp_path / "out" / f) for f in os.listdir(tmp_path / "out")
+                                    if f.endswith(".safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Selection and patterns
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pattern, name, hit", [
+    ("layers.1", "layers.1.q.weight", True),
+    ("layers.1", "layers.10.q.weight", False),
+    ("layers.1", "xlayers.1.q.weight", False),
+    ("lm_head", "lm_head.weight", True),
+    ("lm_head", "model.lm_head.weight", False),
+    ("*lm_head", "model.lm_head.weight", True),
+    ("*.mlp.*", "model.layers.0.mlp.up.weight", True),
+    ("layers.?.q", "layers.3.q.weight", True),
+    ("layers.?.q", "layers.13.q.weight", False),
+    ("re:.*\\.(q|k)_proj", "m.layers.0.q_proj.weight", True),
+    ("re:.*\\.(q|k)_proj", "m.layers.0.v_proj.weight", False),
+    ("re:layers\\.1", "layers.10.weight", False),
+    ("q.weight", "layers.1.q.weight", False),
+])
+def test_patterns_match_whole_dotted_names(pattern, name, hit):
+    assert cli.Pattern(pattern).matches(name) is hit
+
+
+def test_bad_regex_is_reported(model_dir, tmp_path, capsys):
+    assert run("quantize", model_dir[0], tmp_path / "out", "--exclude", "re:(") == 1
+    assert "invalid regular expression" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_include_and_exclude(model_dir, tmp_path):
+    folder, tensors = model_dir
+    s = cli.quantize_checkpoint(folder, tmp_path / "a", exclude=["model.layers.1", "*up_proj"])
+    assert {n for _, n, _ in s["worst_sqnr"]} == {"model.layers.0.self_attn.q_proj.weight"}
+    s = cli.quantize_checkpoint(folder, tmp_path / "b", include=["lm_head", "re:.*embed_tokens"],
+                                exclude=["model.layers.1"])
+    assert {n for _, n, _ in s["worst_sqnr"]} == {"lm_head.weight", "model.embed_tokens.weight"}
+
+
+def test_layer_1_does_not_cover_layer_10(tmp_path):
+    x = RNG.standard_normal((8, 16)).astype(np.float32)
+    ck.save(tmp_path / "m.safetensors", {f"layers.{i}.q.weight": x for i in (1, 10, 11)})
+    s = cli.quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "q.safetensors", exclude=["layers.1"])
+    assert {n for _, n, _ in s["worst_sqnr"]} == {"layers.10.q.weight", "layers.11.q.weight"}
+
+
+def test_unmatched_pattern_warns(model_dir, tmp_path, capsys):
+    assert run("quantize", model_dir[0], tmp_path / "out", "--exclude", "nothing.like.this", "-q") == 0
+    assert "pattern 'nothing.like.this' matches no tensor" in capsys.readouterr().err
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        run("quantize", "--help")
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for frag in ("default: 8", "*embed*", "*lm_head", "*norm*", "layers.10", "re:<regex>", "--overwrite"):
+        assert frag in text, frag
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors: a clear message, exit status 1, nothing left behind, an existing output untouched
+# ---------------------------------------------------------------------------------------------------------
+
+def expect_error(capsys, args, *fragments):
+    assert run(*args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("qcore quantize: error: ")
+    for frag in fragments:
+        assert frag in err, err
+    return err
+
+
+def test_existing_output_refused_unless_overwrite(model_dir, tmp_path, capsys):
+    folder, _ = model_dir
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    expect_error(capsys, ["quantize", folder, out], "already exists", "--overwrite")
+    assert os.listdir(out) == ["keep.txt"]
+    assert run("quantize", folder, out, "--overwrite", "-q") == 0
+    assert "keep.txt" not in os.listdir(out) and ck.INDEX_NAME in os.listdir(out)
+    assert leftovers(tmp_path) == []
+    f = tmp_path / "f.safetensors"
+    f.write_bytes(b"old")
+    src = folder / "model-00001-of-00002.safetensors"
+    expect_error(capsys, ["quantize", src, f], "already exists")
+    assert f.read_bytes() == b"old"
+    assert run("quantize", src, f, "--overwrite", "-q") == 0
+    assert "model.layers.0.mlp.up_proj.weight" in ck.load(f)
+
+
+def test_failure_midway_leaves_no_output_and_keeps_existing(model_dir, tmp_path, capsys):
+    folder, tensors = model_dir
+    x = tensors["model.layers.1.mlp.down_proj.weight"].copy()
+    x[40, 7] = np.nan  # in the second shard: the first shard is already written when this is found
+    shards = small_model()
+    shards[1]["model.layers.1.mlp.down_proj.weight"] = x
+    bad = tmp_path / "bad"
+    write_checkpoint(bad, shards)
+    out = tmp_path / "out"
+    expect_error(capsys, ["quantize", bad, out], "model.layers.1.mlp.down_proj.weight", "(40, 7)", "NaN")
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert run("quantize", folder, out, "-q") == 0
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    expect_error(capsys, ["quantize", bad, out, "--overwrite"], "NaN")
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert leftovers(tmp_path) == []
+
+
+def test_scheme_that_does_not_fit_is_refused_before_writing(model_dir, tmp_path, capsys):
+    expect_error(capsys, ["quantize", model_dir[0], tmp_path / "out", "--group-size", 48],
+                 "PerGroup size 48 does not divide the length 64", "--exclude")
+    assert os.listdir(tmp_path) == ["model"]
+    expect_error(capsys, ["quantize", model_dir[0], tmp_path / "out", "--bits", 1], "use symmetric=False")
+    assert os.listdir(tmp_path) == ["model"]
+
+
+def test_output_parent_is_a_file(model_dir, tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    expect_error(capsys, ["quantize", model_dir[0], blocker / "out"], "is not a folder")
+    src = model_dir[0] / "model-00001-of-00002.safetensors"
+    expect_error(capsys, ["quantize", src, blocker / "q.safetensors"], "is not a folder")
+    expect_error(capsys, ["quantize", src, tmp_path / "missing" / "q.safetensors"], "does not exist")
+    assert sorted(os.listdir(tmp_path)) == ["file.txt", "model"]
+
+
+def _run_as_nobody(fn):
+    """Run ``fn()`` in a forked child that dropped root privileges; returns what it printed."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(w, fn().encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    return text
+
+
+def test_read_only_output_folder():
+    """A folder the user cannot write to. Root ignores permission bits, so as root the check runs in a
+    child process that drops to the 'nobody' user; the folders live outside pytest's root-only tmp dir."""
+    base = tempfile.mkdtemp(prefix="qcore-ro-")
+    try:
+        os.chmod(base, 0o755)
+        os.mkdir(os.path.join(base, "in"), 0o755)
+        src = os.path.join(base, "in", "model.safetensors")
+        ck.save(src, {"a.weight": np.ones((4, 8), np.float32)})
+        os.chmod(src, 0o644)
+        ro = os.path.join(base, "ro")
+        os.mkdir(ro)
+        os.chmod(ro, 0o555)
+        args = ["quantize", src, os.path.join(ro, "q.safetensors")]
+        args_dir = ["quantize", os.path.dirname(src), os.path.join(ro, "out")]
+
+        def attempt():
+            import contextlib
+            import io
+
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                codes = (cli.main(args), cli.main(args_dir))
+            return f"{codes}\n{err.getvalue()}"
+
+        text = _run_as_nobody(attempt) if os.geteuid() == 0 else attempt()
+        codes, err = text.split("\n", 1)
+        assert codes == "(1, 1)", text
+        assert err.count("Permission denied") == 2, err
+        assert os.listdir(ro) == []
+    finally:
+        os.chmod(os.path.join(base, "ro"), 0o755)
+        import shutil
+        shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt"])
+def test_pickle_input_refused(tmp_path, capsys, name):
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps({"w": 1}))
+    expect_error(capsys, ["quantize", path, tmp_path / "q.safetensors"], "pickle", "arbitrary code")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    os.replace(path, folder / name)
+    expect_error(capsys, ["quantize", folder, tmp_path / "out"], "pickle", "arbitrary code")
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_bad_input_files(model_dir, tmp_path, capsys):
+    folder, _ = model_dir
+    expect_error(capsys, ["quantize", folder, folder], "same as INPUT")
+    shard = folder / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    expect_error(capsys, ["quantize", folder, tmp_path / "out"], "model-00002-of-00002.safetensors", "truncated")
+    expect_error(capsys, ["quantize", tmp_path / "nope.safetensors", tmp_path / "q.safetensors"], "no such file")
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_quantized_checkpoint_is_not_requantized(tmp_path, capsys):
+    ck.save(tmp_path / "q.safetensors", {"w": quantize(np.ones((4, 8), np.float32), QuantScheme(4))})
+    expect_error(capsys, ["quantize", tmp_path / "q.safetensors", tmp_path / "qq.safetensors"],
+                 "already a qcore-quantized")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Subprocesses: python -m qcore without torch, and the peak memory of a streamed run
+# ---------------------------------------------------------------------------------------------------------
+
+def test_python_m_qcore_never_imports_torch(model_dir, tmp_path):
+    code = textwrap.dedent(f"""
+        import runpy, sys
+        sys.argv = ["qcore", "quantize", {str(model_dir[0])!r}, {str(tmp_path / 'out')!r}, "--bits", "4"]
+        try:
+            runpy.run_module("qcore", run_name="__main__")
+        except SystemExit as e:
+            assert e.code in (0, None), e.code
+        bad = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+        print("TORCH:", bad)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "TORCH: []" in r.stdout and "4 tensors quantized" in r.stdout
+
+
+def test_peak_rss_is_bounded_by_the_largest_tensor_not_the_checkpoint(tmp_path):
+    """360 MB checkpoint, largest tensor 4 MB: the budget 3 x 4 MB + 300 MB is below the checkpoint size, so
+    holding a shard or the checkpoint in memory fails this test."""
+    block = RNG.standard_normal((1024, 2048)).astype(BF16)  # 4 MB
+    shards = []
+    for s in range(6):
+        shard = {}
+        for t in range(15):  # 60 MB per shard; 3 of 15 tensors quantized
+            name = f"layers.{s}.w{t}.weight" if t < 3 else f"layers.{s}.buf{t}"
+            shard[name] = block
+        shards.append(shard)
+    folder = tmp_path / "big"
+    write_checkpoint(folder, shards)
+    size = sum(os.path.getsize(folder / f) for f in os.listdir(folder))
+    largest = block.nbytes
+    budget = 3 * largest + 300 * 2**20
+    assert size > budget
+    code = textwrap.dedent(f"""
+        import resource, subprocess, sys
+        r = subprocess.run([sys.executable, "-m", "qcore", "quantize", {str(folder)!r}, {str(tmp_path / 'out')!r},
+                            "--bits", "4", "--group-size", "128", "-q"])
+        print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    rc, peak = map(int, r.stdout.split())
+    assert rc == 0, r.stderr
+    assert peak <= budget, f"peak RSS {peak / 2**20:.0f} MiB > budget {budget / 2**20:.0f} MiB"
+    assert len(ck.load(tmp_path / "out" / "model-00001-of-00006.safetensors")) == 15
