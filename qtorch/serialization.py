@@ -1,0 +1,248 @@
+"""Quantized checkpoints in and out of a live ``nn.Module``: the qcore file format (DESIGN.md section 4).
+
+>>> import torch, tempfile, os, qtorch
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+>>> report = qtorch.quantize_model(model, "w8a16", exclude=())
+>>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+>>> qtorch.save_quantized(model, path)
+>>> with qtorch.empty_weights():                      # parameters on the meta device: no memory
+...     fresh = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+>>> fresh = qtorch.load_quantized(fresh, path)
+>>> x = torch.randn(2, 64)
+>>> bool(torch.equal(fresh(x), model(x)))
+True
+
+A quantized ``Linear`` named ``M`` is stored as the qcore tensor ``M.weight`` (``M.weight.qweight``,
+``M.weight.scale``, ``M.weight.zero_point``); every other entry of the state dict is stored as it is. So a
+checkpoint written by ``qcore quantize`` from a model's ``model.safetensors`` loads into that model class, and
+a checkpoint written here loads with ``qcore.checkpoint.load`` without torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import torch
+from torch import nn
+
+import qcore
+from qcore import checkpoint as ckpt_io
+
+from ._torch_numpy import from_numpy, to_numpy
+from .linear import COMPUTE_DTYPES, QuantLinear
+
+__all__ = ["save_quantized", "load_quantized", "empty_weights"]
+
+_QUANT_LEAVES = ("qweight", "scale", "zero_point")
+
+
+@contextlib.contextmanager
+def empty_weights():
+    """Build models inside this block with their parameters on the ``meta`` device (no memory, no init cost
+    beyond one parameter at a time); buffers stay real. Fill them with :func:`load_quantized`."""
+    original = nn.Module.register_parameter
+
+    def register_parameter(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            p = module._parameters[name]
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def save_quantized(model: nn.Module, path, *, overwrite: bool = True) -> None:
+    """Write ``model`` (with :class:`~qtorch.QuantLinear` layers) to the safetensors file ``path``.
+
+    The file is written under a temporary name and renamed when complete. The compute dtype of each quantized
+    layer is recorded, so :func:`load_quantized` restores it.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if "" in quantized:
+        raise ValueError("the model itself is a QuantLinear; wrap it in a module (e.g. nn.Sequential) to save it")
+    tensors, dtypes = {}, {}
+    for name, m in quantized.items():
+        tensors[f"{name}.weight"] = m.quantized_array()
+        dtypes[name] = str(m.compute_dtype).removeprefix("torch.")
+    for key, value in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in quantized and leaf in _QUANT_LEAVES:
+            continue
+        if value.device.type == "meta":
+            raise ValueError(f"{key} is on the meta device (never loaded); there is nothing to save")
+        tensors[key] = to_numpy(value)
+    ckpt_io.save(os.fspath(path), tensors, metadata={"qtorch.compute_dtypes": json.dumps(dtypes)},
+                 overwrite=overwrite)
+
+
+def _tensor_owners(model: nn.Module):
+    """name -> (module, attribute, kind) for every parameter and buffer, non-persistent buffers included."""
+    out = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        prefix = f"{mname}." if mname else ""
+        for pname, p in m._parameters.items():
+            if p is not None:
+                out.setdefault(prefix + pname, (m, pname, "param"))
+        for bname, b in m._buffers.items():
+            if b is not None:
+                out.setdefault(prefix + bname, (m, bname, "buffer"))
+    return out
+
+
+def _current(owner) -> torch.Tensor:
+    m, attr, kind = owner
+    return m._parameters[attr] if kind == "param" else m._buffers[attr]
+
+
+def load_quantized(model: nn.Module, path, *, device=None, strict: bool = True) -> nn.Module:
+    """Fill ``model`` from a qcore checkpoint, in place, and return it.
+
+    ``model`` may be built the usual way or inside :func:`empty_weights` (or entirely on the ``meta`` device
+    when the checkpoint covers every buffer too). Each ``Linear`` whose weight the checkpoint holds quantized is
+    replaced by a :class:`~qtorch.QuantLinear` built straight from the codes: its full-precision weight is
+    never materialised. Everything is checked before the model is touched: a module that is not a Linear, a
+    shape that differs, keys the model does not have or (with ``strict``) tensors the checkpoint lacks are
+    listed together in one ``ValueError``, and the model is left as it was.
+
+    ``device`` places tensors that were on ``meta`` (default CPU); others keep the device they are on.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    target_device = torch.device(device) if device is not None else torch.device("cpu")
+    path = os.fspath(path)
+    loaded = ckpt_io.load(path)  # validates the whole file first
+    meta_dtypes = _compute_dtypes(path)
+    modules = dict(model.named_modules())
+    owners = _tensor_owners(model)
+    persistent = set(model.state_dict().keys())
+    problems, replacements, plain = [], {}, {}
+
+    for key, value in loaded.items():
+        if not isinstance(value, qcore.QuantizedArray):
+            plain[key] = value
+            continue
+        mname, _, leaf = key.rpartition(".")
+        m = modules.get(mname)
+        if leaf != "weight" or m is None or not isinstance(m, (nn.Linear, QuantLinear)):
+            what = "no such module" if m is None else f"{type(m).__name__} is not a Linear"
+            problems.append(f"{key}: quantized tensor for {mname or '<root>'} ({what})")
+            continue
+        if tuple(value.shape) != (m.out_features, m.in_features):
+            problems.append(f"{key}: checkpoint shape {list(value.shape)}, model expects "
+                            f"{[m.out_features, m.in_features]}")
+            continue
+        replacements[mname] = (m, value)
+
+    for key, value in plain.items():
+        mname, _, leaf = key.rpartition(".")
+        if mname in replacements and leaf == "bias":
+            m = replacements[mname][0]
+            if m.bias is None or tuple(m.bias.shape) != value.shape:
+                problems.append(f"{key}: checkpoint bias {list(value.shape)} does not fit "
+                                f"{'a layer without bias' if m.bias is None else list(m.bias.shape)}")
+            continue
+        owner = owners.get(key)
+        if owner is None:
+            problems.append(f"{key}: unexpected key (the model has no such parameter or buffer)")
+        elif tuple(_current(owner).shape) != value.shape:
+            problems.append(f"{key}: checkpoint shape {list(value.shape)}, model has "
+                            f"{list(_current(owner).shape)}")
+
+    # What the checkpoint leaves unfilled: missing persistent state (strict), and meta tensors in any case.
+    covered = set(plain)
+    covered_tensors = {id(_current(owners[k])) for k in plain if k in owners}
+    for key, owner in owners.items():
+        mname, _, leaf = key.rpartition(".")
+        if mname in replacements and (leaf in ("weight", "bias") or leaf in _QUANT_LEAVES):
+            if leaf == "bias" and f"{mname}.bias" not in plain and strict:
+                problems.append(f"{key}: missing from the checkpoint")
+            continue
+        if key in covered or id(_current(owner)) in covered_tensors:  # tied to a tensor that is loaded
+            continue
+        if _current(owner).device.type == "meta":
+            problems.append(f"{key}: on the meta device and not in the checkpoint")
+        elif strict and key in persistent:
+            problems.append(f"{key}: missing from the checkpoint")
+    if problems:
+        raise ValueError(f"cannot load {path} into {type(model).__name__} ({len(problems)} problem(s); the model "
+                         f"was not changed):\n  " + "\n  ".join(problems))
+
+    # Build every new layer before touching the model: a failure here still leaves it as it was.
+    new_layers = {}
+    for mname, (m, qa) in replacements.items():
+        dtype = _layer_dtype(m, meta_dtypes.get(mname))
+        dev = _place(m.weight if isinstance(m, nn.Linear) else m.qweight, target_device)
+        q = QuantLinear(m.in_features, m.out_features, bias=m.bias is not None, scheme=qa.scheme, dtype=dtype,
+                        device=dev)
+        state = {"qweight": from_numpy(ckpt_io.encode_qweight(qa)), "scale": from_numpy(qa.scale)}
+        if qa.zero_point is not None:
+            state["zero_point"] = from_numpy(qa.zero_point)
+        if m.bias is not None:
+            state["bias"] = from_numpy(plain[f"{mname}.bias"]).to(dtype)
+        q.load_state_dict(state)
+        new_layers[mname] = q
+    staged, seen = {}, set()
+    for key, value in plain.items():
+        if key.rpartition(".")[0] in replacements:
+            continue
+        cur = _current(owners[key])
+        if id(cur) in seen:  # a second name of a tied tensor: the first one loads it
+            continue
+        seen.add(id(cur))
+        staged[key] = from_numpy(value).reshape(value.shape).to(dtype=cur.dtype, device=_place(cur, target_device))
+
+    with torch.no_grad():
+        for mname, q in new_layers.items():
+            parent_name, _, child = mname.rpartition(".")
+            setattr(modules[parent_name] if parent_name else model, child, q)
+        replaced = {}  # id of an old meta tensor -> its new tensor, so tied tensors stay tied
+        for key, t in staged.items():
+            m, attr, kind = owners[key]
+            cur = _current(owners[key])
+            if cur.device.type == "meta":
+                new = nn.Parameter(t, requires_grad=cur.requires_grad) if kind == "param" else t
+                replaced[id(cur)] = new
+                (m._parameters if kind == "param" else m._buffers)[attr] = new
+            else:
+                cur.copy_(t)
+        for key, owner in owners.items():  # other names of a replaced meta tensor (tied weights)
+            m, attr, kind = owner
+            cur = _current(owner)
+            if cur.device.type == "meta" and id(cur) in replaced:
+                (m._parameters if kind == "param" else m._buffers)[attr] = replaced[id(cur)]
+    return model
+
+
+def _compute_dtypes(path: str) -> dict:
+    _, files, _ = ckpt_io.checkpoint_files(path)
+    out = {}
+    for f in files:
+        meta = ckpt_io.read_header(f).metadata or {}
+        raw = meta.get("qtorch.compute_dtypes")
+        if raw:
+            try:
+                out.update(json.loads(raw))
+            except (ValueError, TypeError):
+                raise ValueError(f"{f}: __metadata__['qtorch.compute_dtypes'] is not valid JSON") from None
+    return out
+
+
+def _layer_dtype(m: nn.Module, recorded) -> torch.dtype:
+    if recorded is not None:
+        dt = getattr(torch, str(recorded), None)
+        if dt in COMPUTE_DTYPES:
+            return dt
+    dt = m.weight.dtype if isinstance(m, nn.Linear) else m.compute_dtype
+    return dt if dt in COMPUTE_DTYPES else torch.float32
+
+
+def _place(t: torch.Tensor, target: torch.device) -> torch.device:
+    return target if t.device.type == "meta" else t.device
