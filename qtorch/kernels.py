@@ -264,6 +264,20 @@ def _(x, qweight, scale, zero_point, group_size, bits, out_features):
     return x.new_empty((x.shape[0], out_features))
 
 
+@torch.library.custom_op("qtorch::tiles_blocked", mutates_args=())
+def tiles_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                  group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """:func:`tiles_matmul` in float32 as an opaque op, so that inductor's freezing cannot constant-fold the
+    dequantized tiles into a full-precision copy of the weight."""
+    return tiles_matmul(x, qweight, scale, zero_point, bits=bits, group=group_size, out_features=out_features,
+                        compute_dtype=torch.float32)
+
+
+@tiles_blocked.register_fake
+def _(x, qweight, scale, zero_point, group_size, bits, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Layout conversions and torch dequantization (device-agnostic torch ops)
 

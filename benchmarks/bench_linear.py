@@ -1,0 +1,98 @@
+"""Quantized Linear layers against nn.Linear of the same dtype: ratio = dense time / quantized time (> 1: faster).
+
+    python benchmarks/bench_linear.py                       # K = N = 4096, rows 1/16/128, f32/bf16/f16, eager+compiled
+    python benchmarks/bench_linear.py --no-compile --dtypes bfloat16 --rows 1 128
+
+Eager is compared with eager, and compiled (``qtorch.compile``: inductor, freezing, max-autotune) with the dense
+layer compiled the same way. Dense and quantized calls alternate inside every round (the machine is shared and
+noisy, so both see the same conditions); the medians of the rounds are reported. Threads: torch's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import qtorch  # noqa: E402
+from qtorch.compile import compile as qcompile  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _time(fn, x) -> float:
+    t = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - t
+
+
+def paired_medians(dense, quant, x, budget_s: float, min_reps: int = 5, max_reps: int = 60):
+    """Median seconds of dense(x) and quant(x), measured alternately after warm-up."""
+    with torch.no_grad():
+        for _ in range(2):
+            dense(x)
+            quant(x)
+        est = _time(dense, x) + _time(quant, x)
+        reps = int(min(max_reps, max(min_reps, budget_s / max(est, 1e-6))))
+        td, tq = [], []
+        for _ in range(reps):
+            td.append(_time(dense, x))
+            tq.append(_time(quant, x))
+    return statistics.median(td), statistics.median(tq)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--k", type=int, default=4096)
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 16, 128])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"], choices=list(DTYPES))
+    p.add_argument("--layers", nargs="+", default=["W8A16Linear", "W4A16Linear"])
+    p.add_argument("--no-compile", action="store_true", help="eager only")
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per cell (default 1.0)")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    k, n = args.k, args.n
+    print(f"K={k} N={n} torch {torch.__version__} threads={torch.get_num_threads()} "
+          f"cpu={torch.backends.cpu.get_cpu_capability()}; ratio = dense ms / quantized ms")
+    header = "| layer | dtype | mode | " + " | ".join(f"rows={r}" for r in args.rows) + " |"
+    lines = [header, "|" + "---|" * (3 + len(args.rows))]
+    modes = ["eager"] + ([] if args.no_compile else ["compiled"])
+    for dname in args.dtypes:
+        dt = DTYPES[dname]
+        dense = nn.Linear(k, n, bias=True, dtype=dt).eval()
+        for lname in args.layers:
+            quant = getattr(qtorch, lname).from_linear(dense).eval()
+            for mode in modes:
+                if mode == "eager":
+                    fd, fq = dense, quant
+                else:
+                    torch._dynamo.reset()
+                    fd, fq = qcompile(dense), qcompile(quant)
+                cells = []
+                for r in args.rows:
+                    x = torch.randn(r, k, dtype=dt)
+                    if mode == "compiled":
+                        with torch.no_grad():  # compile both before timing
+                            fd(x)
+                            fq(x)
+                    td, tq = paired_medians(fd, fq, x, args.budget)
+                    cells.append(f"{td / tq:.2f}x ({td * 1e3:.2f}/{tq * 1e3:.2f} ms)")
+                    print(f"  {lname:12s} {dname:9s} {mode:8s} rows={r:4d}: dense {td * 1e3:8.2f} ms  "
+                          f"quantized {tq * 1e3:8.2f} ms  ratio {td / tq:5.2f}x", flush=True)
+                lines.append(f"| {lname} | {dname} | {mode} | " + " | ".join(cells) + " |")
+    print()
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

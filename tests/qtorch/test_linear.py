@@ -1,0 +1,247 @@
+"""qtorch.linear: every forward path against F.linear(x, dequantized_weight()), state, devices, bad input."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qcore
+import qtorch
+from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
+from qtorch import kernels as K
+from qtorch._torch_numpy import from_numpy, to_numpy
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
+
+W8 = QuantScheme(8, True, PerChannel(0))
+W4 = QuantScheme(4, False, PerGroup(4))
+
+
+def _check_close(y, x, q):
+    """|y - F.linear(x, W)| <= eps(dtype) * (|x| @ |W|.T): the dtype's rounding of a dot product of these terms."""
+    w = q.dequantized_weight(torch.float32)
+    ref = F.linear(x, q.dequantized_weight(x.dtype), None if q.bias is None else q.bias.to(x.dtype))
+    bound = F.linear(x.float().abs(), w.abs()) + (0 if q.bias is None else q.bias.float().abs())
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    err = (y.float() - ref.float()).abs()
+    assert torch.all(err <= EPS[x.dtype] * bound + 1e-6), float((err - EPS[x.dtype] * bound).max())
+
+
+@pytest.fixture
+def paths(monkeypatch):
+    """Records the path chosen for every forward call."""
+    seen = []
+    orig = K.choose_path
+
+    def spy(*a):
+        seen.append(orig(*a))
+        return seen[-1]
+
+    monkeypatch.setattr(K, "choose_path", spy)
+    return seen
+
+
+# (scheme, out_features): blocked layout (N % 16 == 0) or canonical (N = 30), granularities, widths
+SCHEMES = [(W8, 48), (W8, 30), (W4, 32), (W4, 30), (QuantScheme(4, True, PerChannel(0)), 16),
+           (QuantScheme(8, False, PerTensor()), 16), (QuantScheme(3, True, PerGroup(4)), 16),
+           (QuantScheme(2, False, PerChannel(1)), 16), (QuantScheme(8, True, PerGroup(4, axis=0)), 16)]
+
+
+@pytest.mark.parametrize("scheme,n", SCHEMES, ids=lambda v: str(v))
+@pytest.mark.parametrize("k", [100, 500, 504, 520])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_matches_f_linear_on_every_path(scheme, n, k, dtype, paths):
+    if isinstance(scheme.granularity, PerGroup) and k % scheme.granularity.size and scheme.granularity.axis == -1:
+        pytest.skip("group size does not divide k")
+    torch.manual_seed(k + n)
+    lin = torch.nn.Linear(k, n, dtype=dtype)
+    q = qtorch.QuantLinear.from_linear(lin, scheme)
+    for rows in (1, 3, 4, 16, 65):
+        x = torch.randn(rows, k, dtype=dtype)
+        _check_close(q(x), x, q)
+    assert set(paths) == ({"numba", "tiles"} if q.weight_layout == "blocked" else {"dense"})
+
+
+@pytest.mark.parametrize("k", [1, 7])
+def test_tiny_and_odd_in_features(k):
+    for scheme in (W8, QuantScheme(4, False, PerChannel(0)), QuantScheme(5, True, PerTensor())):
+        q = qtorch.QuantLinear.from_linear(torch.nn.Linear(k, 32), scheme)
+        for rows in (1, 4, 128):
+            x = torch.randn(rows, k)
+            _check_close(q(x), x, q)
+
+
+def test_bfloat16_int8pack_path_is_guarded(monkeypatch):
+    calls = []
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[0].shape) or real(*a))
+    for k in (32, 504, 520, 7):  # only K % 16 == 0 may reach the kernel (504, 520, 7 would crash it)
+        q = qtorch.W8A16Linear.from_linear(torch.nn.Linear(k, 30, dtype=torch.bfloat16))
+        for rows in (1, 4, 16):
+            x = torch.randn(rows, k, dtype=torch.bfloat16)
+            _check_close(q(x), x, q)
+    assert calls and all(s[1] == 32 for s in calls)
+
+
+@pytest.mark.parametrize("layer", ["W8A16Linear", "W4A16Linear"])
+def test_three_d_input_and_many_rows(layer):
+    q = getattr(qtorch, layer).from_linear(torch.nn.Linear(256, 64, dtype=torch.bfloat16))
+    x = torch.randn(2, 70, 256, dtype=torch.bfloat16)
+    y = q(x)
+    assert y.shape == (2, 70, 64)
+    _check_close(y.reshape(140, 64), x.reshape(140, 256), q)
+    assert q(torch.randn(0, 256, dtype=torch.bfloat16)).shape == (0, 64)
+
+
+@pytest.mark.parametrize("scheme", [W8, W4, QuantScheme(3, True, PerGroup(4)), QuantScheme(1, False, PerTensor()),
+                                    QuantScheme(8, False, PerChannel(1))], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantization_is_qcores_and_state_dict_is_canonical(scheme, dtype):
+    lin = torch.nn.Linear(24, 32, dtype=dtype)
+    q = qtorch.QuantLinear.from_linear(lin, scheme)
+    qa = qcore.quantize(to_numpy(lin.weight), scheme)
+    assert torch.equal(q.dequantized_weight(torch.float32), torch.from_numpy(qcore.dequantize(qa)))
+    sd = q.state_dict()
+    assert set(sd) == {"qweight", "scale", "bias"} | ({"zero_point"} if not scheme.symmetric else set())
+    expected_q = qa.codes if scheme.bits == 8 else qa.packed()
+    assert sd["qweight"].dtype == from_numpy(expected_q).dtype and np.array_equal(sd["qweight"].numpy(), expected_q)
+    assert sd["scale"].dtype == torch.float32 and np.array_equal(sd["scale"].numpy(), qa.scale)
+    if not scheme.symmetric:
+        assert np.array_equal(sd["zero_point"].numpy(), qa.zero_point)
+    assert torch.equal(sd["bias"], lin.bias.detach())
+    assert q.quantized_array().codes.tobytes() == qa.codes.tobytes()
+    # round trip into a fresh module, exact
+    q2 = qtorch.QuantLinear(24, 32, scheme=scheme, dtype=dtype)
+    q2.load_state_dict(sd)
+    for key, t in q2.state_dict().items():
+        assert torch.equal(t, sd[key]), key
+    x = torch.randn(5, 24, dtype=dtype)
+    assert torch.equal(q2(x), q(x))
+
+
+def test_no_full_precision_copy_of_the_weight():
+    q = qtorch.W8A16Linear.from_linear(torch.nn.Linear(512, 256))
+    for name, t in list(q.named_buffers()) + list(q.named_parameters()):
+        assert not (t.is_floating_point() and t.numel() >= 512 * 256 // 8), name
+    q4 = qtorch.W4A16Linear.from_linear(torch.nn.Linear(512, 256))
+    assert sum(t.numel() * t.element_size() for t in q4.buffers() if not t.is_floating_point()) <= 512 * 256 // 2 + 4096
+
+
+def test_load_state_dict_lists_every_offending_key():
+    q = qtorch.W4A16Linear(256, 64)
+    sd = q.state_dict()
+    bad = dict(sd)
+    bad["qweight"] = torch.zeros(64, 64, dtype=torch.uint8)  # a 2-bit-wide row: wrong bit width
+    bad["scale"] = bad["scale"].double()
+    del bad["zero_point"]
+    with pytest.raises(RuntimeError) as e:
+        qtorch.W4A16Linear(256, 64).load_state_dict(bad)
+    msg = str(e.value)
+    assert "qweight" in msg and "[64, 128]" in msg and "[64, 64]" in msg
+    assert "scale" in msg and "torch.float64" in msg and "zero_point" in msg
+    # values are checked too, and nothing is half-loaded
+    target = qtorch.W4A16Linear(256, 64)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    bad = dict(sd)
+    bad["scale"] = torch.zeros_like(sd["scale"])
+    bad["zero_point"] = torch.full_like(sd["zero_point"], 16)
+    with pytest.raises(RuntimeError, match="finite and > 0") as e:
+        target.load_state_dict(bad)
+    assert "zero_point: 16 is outside 0..15" in str(e.value)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        qtorch.W4A16Linear(256, 64).load_state_dict({**sd, "weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_to_dtype_changes_compute_dtype_never_the_codes(device):
+    q = qtorch.W4A16Linear.from_linear(torch.nn.Linear(256, 48)).to(device)
+    sd = {k: v.clone() for k, v in q.state_dict().items()}
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        q = q.to(dt)
+        assert q.dtype == dt and q.bias.dtype == dt and q.scale.dtype == torch.float32
+        for key in ("qweight", "scale", "zero_point"):
+            assert torch.equal(q.state_dict()[key], sd[key])
+        x = torch.randn(3, 256, dtype=dt, device=device)
+        _check_close(q(x), x, q)
+    q.half()
+    assert q.dtype == torch.float16
+    with pytest.raises(TypeError, match="float64"):
+        q.double()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_from_linear_keeps_device_and_dtype(device):
+    lin = torch.nn.Linear(64, 32, dtype=torch.bfloat16, device=device)
+    q = qtorch.QuantLinear.from_linear(lin, W4)
+    assert q.dtype == torch.bfloat16 and q.qweight.device.type == device and q.bias.device.type == device
+    x = torch.randn(2, 64, dtype=torch.bfloat16, device=device)
+    _check_close(q(x), x, q)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_cuda_round_trip_keeps_state():
+    q = qtorch.W8A16Linear.from_linear(torch.nn.Linear(64, 48))
+    sd = q.state_dict()
+    q.cuda()
+    assert q.weight_layout == "canonical"
+    q.cpu()
+    assert all(torch.equal(v, sd[k]) for k, v in q.state_dict().items())
+
+
+def test_bad_input():
+    q = qtorch.W8A16Linear(64, 32)
+    with pytest.raises(ValueError, match="in_features=64.*got 63"):
+        q(torch.randn(2, 63))
+    with pytest.raises(ValueError, match="in_features=64"):
+        q(torch.tensor(1.0))
+    for bad in (torch.ones(2, 64, dtype=torch.int64), torch.ones(2, 64, dtype=torch.bool),
+                torch.ones(2, 64, dtype=torch.float64)):
+        with pytest.raises(TypeError, match="dtype"):
+            q(bad)
+    with pytest.raises(ValueError, match=r"\[32, 65\].*\[32, 64\]"):
+        q.quantize(torch.randn(32, 65))
+    with pytest.raises(TypeError):
+        q.quantize(torch.ones(32, 64, dtype=torch.int32))
+    with pytest.raises(ValueError, match="100"):
+        qtorch.W4A16Linear(100, 32)  # group size 128 does not divide in_features=100
+    with pytest.raises(ValueError, match="128.*100|100.*128"):
+        qtorch.QuantLinear(100, 32, scheme=QuantScheme(4, False, PerGroup(128)))
+    with pytest.raises(TypeError):
+        qtorch.QuantLinear(64, 32, scheme="int8")
+    with pytest.raises(ValueError):
+        qtorch.W8A16Linear(0, 32)
+    with pytest.raises(TypeError):
+        qtorch.W8A16Linear(64, 32, dtype=torch.int8)
+    with pytest.raises(ValueError, match="NaN|nan"):
+        q.quantize(torch.full((32, 64), float("nan")))
+    with pytest.raises(ValueError):
+        qtorch.W8A16Linear.from_linear(torch.nn.Linear(64, 32), W4)
+
+
+def test_prior_art_api():
+    layer = qtorch.W8A16LinearLayer(4, 8, True, torch.float32)
+    w = torch.randn(8, 4)
+    layer.quantize(w)
+    assert layer.int8_weights.dtype == torch.int8 and layer.int8_weights.shape == (8, 4)
+    assert torch.allclose(layer.int8_weights.float() * layer.scales[:, None], w, atol=float(layer.scales.max()) / 2)
+    x = torch.randn(2, 4)
+    assert layer(x).shape == (2, 8)
+    lin = torch.nn.Linear(16, 32)
+    ql = qtorch.QuantizedLinear.from_linear(lin)
+    assert isinstance(ql, qtorch.QuantizedLinear) and ql.scheme == W8
+    assert ql.quantize_weights(lin.weight) is ql
+    q4 = qtorch.W4A16Linear.from_linear(torch.nn.Linear(256, 16))
+    assert isinstance(q4, qtorch.W4A16Linear) and q4.scheme.bits == 4
+    assert "scheme=asym int4 per-group(128" in repr(q4) and "in_features=256" in repr(q4)
+
+
+def test_quantization_error_is_small():
+    lin = torch.nn.Linear(512, 64)
+    for cls, min_db in ((qtorch.W8A16Linear, 35), (qtorch.W4A16Linear, 15)):
+        q = cls.from_linear(lin)
+        x = torch.randn(8, 512)
+        ref, y = lin(x).detach(), q(x)
+        assert qcore.metrics.sqnr_db(ref.numpy(), y.numpy()) > min_db
