@@ -312,6 +312,38 @@ _WORD_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 _PACK_WORDS = {1: _pack_w1, 2: _pack_w2, 4: _pack_w4}
 _UNPACK_WORDS = {1: _unpack_w1, 2: _unpack_w2, 4: _unpack_w4}
 
+# One signature per kernel, compiled (or loaded from the cache) on first use, then compilation is
+# switched off: the inputs are typed read-only and unaligned, which every array converts to, so a
+# read-only (memory-mapped checkpoint) or oddly aligned input never triggers a fresh compile.
+_I64 = numba.types.int64
+
+
+def _arr(dtype, ndim, inp):
+    return numba.types.Array(numba.from_dtype(np.dtype(dtype)), ndim, "C", readonly=inp, aligned=not inp)
+
+
+_SIGNATURES = {
+    _pack_blocks_range: numba.types.uint64(_arr(np.uint64, 1, True), _arr(np.uint64, 1, False), _I64, _I64, _I64),
+    _unpack_blocks_range: numba.types.void(_arr(np.uint64, 1, True), _arr(np.uint64, 1, False), _I64, _I64, _I64),
+    _pack_rows_range: numba.types.uint64(_arr(np.uint8, 2, True), _arr(np.uint8, 2, False), _I64, _I64, _I64),
+    _unpack_rows_range: numba.types.void(_arr(np.uint8, 2, True), _arr(np.uint8, 2, False), _I64, _I64, _I64),
+}
+for _b, _dt in _WORD_DTYPES.items():
+    _SIGNATURES[_PACK_WORDS[_b]] = numba.types.uint64(_arr(np.uint64, 1, True), _arr(_dt, 1, False), _I64, _I64)
+    _SIGNATURES[_UNPACK_WORDS[_b]] = numba.types.void(_arr(_dt, 1, True), _arr(np.uint64, 1, False), _I64, _I64)
+_READY = set()
+_READY_LOCK = threading.Lock()
+
+
+def _ready(kernel):
+    if kernel not in _READY:
+        with _READY_LOCK:
+            if kernel not in _READY:
+                kernel.compile(_SIGNATURES[kernel])
+                kernel.disable_compile()
+                _READY.add(kernel)
+    return kernel
+
 
 def _check_bits(bits) -> int:
     if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer)):
@@ -490,6 +522,7 @@ def _run_split(kernel, args, total: int, min_part: int) -> list:
     for chunks another thread has actually claimed: on a busy machine, where a pool thread may
     not get a core for milliseconds, the caller just does more of the work itself.
     """
+    kernel = _ready(kernel)
     nchunks = min(total // max(min_part, 1), 8 * _NUM_THREADS)
     if _NUM_THREADS == 1 or nchunks < 2:
         return [kernel(*args, 0, total)]
@@ -545,7 +578,7 @@ def _pack_stream(c: np.ndarray, o: np.ndarray, bits: int) -> int:
             acc |= int(a)
     if c.size > 64 * nblocks:
         tail = c[64 * nblocks:].reshape(1, -1)
-        acc |= int(_pack_rows_range(tail, o[8 * bits * nblocks:].reshape(1, -1), bits, 0, 1))
+        acc |= int(_ready(_pack_rows_range)(tail, o[8 * bits * nblocks:].reshape(1, -1), bits, 0, 1))
     return acc
 
 
@@ -562,4 +595,4 @@ def _unpack_stream(p: np.ndarray, c: np.ndarray, bits: int) -> None:
         _run_split(kernel, args, nblocks, _PARALLEL_MIN_CODES // 64)
     if c.size > 64 * nblocks:
         tail = c[64 * nblocks:].reshape(1, -1)
-        _unpack_rows_range(p[8 * bits * nblocks:].reshape(1, -1), tail, bits, 0, 1)
+        _ready(_unpack_rows_range)(p[8 * bits * nblocks:].reshape(1, -1), tail, bits, 0, 1)
