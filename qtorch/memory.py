@@ -1,0 +1,106 @@
+"""Real memory held by a model's tensors.
+
+``memory_footprint(model)`` counts every parameter and buffer once per underlying storage, so tied weights
+(``lm_head.weight is wte.weight``), a module registered under two names, and views into one buffer are counted
+once, and the int8 / packed uint8 buffers of quantized layers count at their real size. On transformers models it
+agrees with ``PreTrainedModel.get_memory_footprint()`` (which counts parameters and buffers, de-duplicated by
+identity).
+
+    >>> import torch
+    >>> lin = torch.nn.Linear(4, 8)                  # 8*4 + 8 float32
+    >>> memory_footprint(lin)
+    160
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+import torch
+from torch import nn
+
+__all__ = ["memory_footprint", "module_nbytes", "format_bytes", "release_free_memory"]
+
+
+def _tensors(module: nn.Module):
+    # remove_duplicate=False: walk every registration; de-duplication happens on storages below.
+    for _, p in module.named_parameters(remove_duplicate=False):
+        yield p
+    for _, b in module.named_buffers(remove_duplicate=False):
+        if b is not None:
+            yield b
+
+
+def _storage_key_and_nbytes(t: torch.Tensor):
+    """(key identifying the memory, bytes of that memory) for one tensor."""
+    if t.device.type == "meta":
+        # Meta tensors own no memory, but count what they will need once materialised (like transformers does),
+        # de-duplicated by identity since they have no data pointer.
+        return ("meta", id(t)), t.nelement() * t.element_size()
+    try:
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        nbytes = st.nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):  # tensor subclasses without a plain storage
+        return ("id", id(t)), t.nelement() * t.element_size()
+    if ptr == 0:  # empty storage
+        return ("id", id(t)), 0
+    return (t.device.type, t.device.index, ptr), nbytes
+
+
+def module_nbytes(module: nn.Module) -> int:
+    """Bytes of the distinct storages behind ``module``'s parameters and buffers (see the module docstring)."""
+    seen: dict = {}
+    for t in _tensors(module):
+        key, nbytes = _storage_key_and_nbytes(t)
+        if key not in seen:
+            seen[key] = nbytes
+    return int(sum(seen.values()))
+
+
+def memory_footprint(model: nn.Module) -> int:
+    """Bytes held by ``model``'s parameters and buffers, each storage counted once.
+
+    A storage is the block of memory a tensor views; two tensors that share one (tied weights, views) are counted
+    once, at the storage's size. Raises TypeError for anything that is not an ``nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"memory_footprint expects a torch.nn.Module, got {type(model).__name__!r}")
+    return module_nbytes(model)
+
+
+def format_bytes(n: int | float) -> str:
+    """Human-readable bytes: 1536 -> '1.5 KiB'."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024.0 or unit == "GiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024.0
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+_libc = None
+
+
+def release_free_memory() -> bool:
+    """Hand memory that the C allocator keeps after ``free`` back to the operating system (glibc ``malloc_trim``).
+
+    glibc serves medium blocks from its heap and keeps freed heap pages mapped, so after a model's dense weights
+    are freed the process RSS may not drop although the memory is free. Returns True where it could ask (Linux
+    with glibc), False elsewhere; never raises.
+    """
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = getattr(_libc, "malloc_trim", None)
+        if trim is None:  # musl and others
+            return False
+        trim(0)
+        return True
+    except OSError:
+        return False

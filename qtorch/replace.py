@@ -1,0 +1,715 @@
+"""Quantize whole models: swap Linear layers for quantized ones, with exclusions, a dry-run plan and a report.
+
+    >>> report = qtorch.quantize_model(model, "w8a16", exclude=["lm_head"])   # doctest: +SKIP
+    >>> print(report)                     # per-layer table: scheme, bytes before/after, SQNR, max abs error
+
+Patterns (``exclude``, ``include`` and the keys of a scheme mapping) are one of
+
+- an exact dotted module name, ``"encoder.layer.1"``;
+- an ``fnmatch`` glob (any of ``* ? [``), ``"*.mlp.*"`` (case-sensitive; ``*`` also crosses dots);
+- ``"re:<regex>"``, matched with ``re.fullmatch``;
+- a callable ``(name, module) -> bool``.
+
+String patterns match *whole* dotted names, so ``"layers.1"`` never matches ``"layers.10"``, and a name also covers
+everything below it: ``"layers.1"`` matches ``"layers.1.mlp.fc1"`` (a pattern is tried against the layer's name
+and against each of its dotted ancestors).
+
+Layers handled: ``nn.Linear`` (exact type, or subclasses that keep ``nn.Linear.forward``) and transformers'
+GPT-2 style ``Conv1D`` (weight stored ``[in, out]``; quantized as the equivalent Linear).
+
+Safety: every check runs before the first layer is touched (shape vs scheme, dtype, NaN/Inf, weights tied to
+another tensor, hooks that would be lost, parents that read ``.weight`` directly, and a trial build of the
+quantized layer for each distinct configuration); incompatible layers are listed together in one ValueError, or
+kept dense and reported with ``on_incompatible="skip"``. Replacement then goes layer by layer, dropping each dense
+weight as soon as its replacement is in place, so the extra memory at any moment is a few copies of one layer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+import qcore
+from qcore import PerChannel, PerGroup, QuantScheme
+
+from .memory import memory_footprint, module_nbytes, release_free_memory
+from .report import LayerReport, QuantizationReport, scheme_label
+
+__all__ = [
+    "PRESETS", "IncompatibleLayersError", "resolve_scheme", "plan", "quantize_model",
+    "replace_linear_with_target_and_quantize", "replace_linear_layers_with_w8a16", "Quantizer",
+]
+
+DEFAULT_EXCLUDE = ("lm_head",)
+ON_INCOMPATIBLE = ("error", "skip")
+
+
+def _w8a16() -> QuantScheme:
+    return QuantScheme(bits=8, symmetric=True, granularity=PerChannel(axis=0))
+
+
+def _w4a16(group: int = 128) -> QuantScheme:
+    return QuantScheme(bits=4, symmetric=False, granularity=PerGroup(group))
+
+
+#: Preset names. ``"w4a16-g64"`` style names pick another group size for the grouped presets.
+PRESETS: dict[str, Callable[[], QuantScheme]] = {"w8a16": _w8a16, "w4a16": _w4a16}
+_GROUP_PRESET = re.compile(r"^(w4a16)[-_]g(\d+)$")
+
+
+def resolve_scheme(scheme: str | QuantScheme) -> QuantScheme:
+    """A preset name (``"w8a16"``: int8 symmetric per output channel; ``"w4a16"``: int4 asymmetric, groups of
+    128 along ``in_features``; ``"w4a16-g32"``: groups of 32) or a QuantScheme -> QuantScheme."""
+    if isinstance(scheme, QuantScheme):
+        return scheme
+    if isinstance(scheme, str):
+        key = scheme.strip().lower()
+        if key in PRESETS:
+            return PRESETS[key]()
+        m = _GROUP_PRESET.match(key)
+        if m:
+            return _w4a16(int(m.group(2)))
+        raise ValueError(f"unknown scheme preset {scheme!r}; allowed: {sorted(PRESETS)} "
+                         f"or 'w4a16-g<group size>' (e.g. 'w4a16-g64'), or a qcore.QuantScheme")
+    raise TypeError(f"expected a preset name or a qcore.QuantScheme, got {type(scheme).__name__}: {scheme!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# patterns
+# ---------------------------------------------------------------------------------------------------------------
+
+def _ancestors(name: str) -> list[str]:
+    """'a.b.c' -> ['a', 'a.b', 'a.b.c']: the names a pattern may match to cover this module."""
+    parts = name.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+class Pattern:
+    """One module-name pattern (see the module docstring). ``matches(name, module)``; ``label`` for reports."""
+
+    __slots__ = ("spec", "kind", "_rx", "label")
+
+    def __init__(self, spec: str | Callable[[str, nn.Module], bool], what: str = "pattern"):
+        self.spec = spec
+        if callable(spec) and not isinstance(spec, str):
+            self.kind = "callable"
+            self._rx = None
+            self.label = getattr(spec, "__name__", None) or repr(spec)
+            return
+        if not isinstance(spec, str):
+            raise TypeError(f"{what} must be a module name, glob, 're:<regex>' or a callable (name, module) -> "
+                            f"bool; got {type(spec).__name__}: {spec!r}")
+        if spec == "" or spec == "re:":
+            raise ValueError(f"{what} {spec!r} is empty; give a dotted module name such as 'lm_head'")
+        self.label = spec
+        if spec.startswith("re:"):
+            self.kind = "regex"
+            try:
+                self._rx = re.compile(spec[3:])
+            except re.error as e:
+                raise ValueError(f"{what} {spec!r} is not a valid regular expression: {e}") from None
+        elif any(c in spec for c in "*?["):
+            self.kind = "glob"
+            self._rx = re.compile(fnmatch.translate(spec))
+        else:
+            self.kind = "exact"
+            self._rx = None
+
+    def matches(self, name: str, module: nn.Module | None = None) -> bool:
+        if self.kind == "callable":
+            return bool(self.spec(name, module))
+        if self.kind == "exact":
+            return name == self.spec or name.startswith(self.spec + ".")
+        return any(self._rx.fullmatch(a) is not None for a in _ancestors(name))
+
+    def __repr__(self) -> str:
+        return f"Pattern({self.label!r})"
+
+
+def _patterns(spec, what: str) -> list[Pattern]:
+    if spec is None:
+        return []
+    if isinstance(spec, (str, Pattern)) or callable(spec):
+        spec = [spec]  # a bare "lm_head" is one pattern, not the characters l, m, _, ...
+    try:
+        items = list(spec)
+    except TypeError:
+        raise TypeError(f"{what} must be a pattern or an iterable of patterns, got {type(spec).__name__}: "
+                        f"{spec!r}") from None
+    return [p if isinstance(p, Pattern) else Pattern(p, what) for p in items]
+
+
+def _first_match(patterns: Iterable[Pattern], names: list[str], module: nn.Module) -> Pattern | None:
+    for p in patterns:
+        if any(p.matches(n, module) for n in names):
+            return p
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# targets: what a layer becomes
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Target:
+    """A scheme (built with ``QuantLinear.from_linear``) or a layer class (prior-art style)."""
+
+    scheme: QuantScheme | None
+    cls: type | None = None
+
+    @property
+    def label(self) -> str:
+        return self.cls.__name__ if self.cls is not None else scheme_label(self.scheme)
+
+    def build(self, linear: nn.Linear) -> nn.Module:
+        if self.cls is None:
+            from .linear import QuantLinear
+
+            return QuantLinear.from_linear(linear, self.scheme)
+        if callable(getattr(self.cls, "from_linear", None)):
+            return self.cls.from_linear(linear)
+        # Prior-art protocol: cls(in_features, out_features, bias, dtype) then .quantize(weight).
+        new = self.cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
+        new.quantize(linear.weight.detach())
+        if linear.bias is not None:
+            new.bias = linear.bias
+        return new.to(linear.weight.device)
+
+
+def _class_scheme(cls: type) -> QuantScheme | None:
+    """The scheme a layer class applies when given none (qtorch classes answer ``_resolve_scheme(None)``)."""
+    resolve = getattr(cls, "_resolve_scheme", None)
+    if callable(resolve):
+        try:
+            s = resolve(None)
+        except Exception:  # noqa: BLE001 - a class that insists on a scheme: ask the attributes below
+            s = None
+        if isinstance(s, QuantScheme):
+            return s
+    for attr in ("scheme", "_scheme"):
+        s = getattr(cls, attr, None)
+        if isinstance(s, QuantScheme):
+            return s
+    # The prior-art W8A16LinearLayer protocol is int8 symmetric per output channel (scale = absmax / 127).
+    return _w8a16() if "w8a16" in cls.__name__.lower() else None
+
+
+def _target_from(value: Any, what: str) -> _Target | None:
+    if value is None:
+        return None
+    if isinstance(value, type):
+        if not issubclass(value, nn.Module):
+            raise TypeError(f"{what}: a target class must be an nn.Module subclass, got {value.__name__}")
+        return _Target(scheme=_class_scheme(value), cls=value)
+    return _Target(scheme=resolve_scheme(value))
+
+
+def _scheme_spec(scheme) -> tuple[_Target | None, list[tuple[Pattern, _Target | None]] | None]:
+    """-> (single target, None) or (None, [(pattern, target or None), ...]) for a mapping."""
+    if isinstance(scheme, Mapping):
+        if not scheme:
+            raise ValueError("the scheme mapping is empty; give at least one pattern -> scheme entry")
+        rules = []
+        for pat, value in scheme.items():
+            rules.append((Pattern(pat, "scheme mapping key"), _target_from(value, f"scheme for {pat!r}")))
+        return None, rules
+    return _target_from(scheme, "scheme"), None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------------------------------------------
+
+class IncompatibleLayersError(ValueError):
+    """Raised before anything is modified; ``.layers`` lists the incompatible records, ``.report`` the full plan."""
+
+    def __init__(self, message: str, layers: list[LayerReport], report: QuantizationReport):
+        super().__init__(message)
+        self.layers = layers
+        self.report = report
+
+
+def _linear_kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    cls = type(module)
+    if (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2):
+        return "Conv1D"
+    return None
+
+
+@dataclass
+class _Job:
+    record: LayerReport
+    module: nn.Module | None
+    parents: list[tuple[nn.Module, str]]
+    target: _Target | None = None
+
+
+@dataclass
+class _Plan:
+    jobs: list[_Job]
+    unused: list[str]
+    explicit_unused: list[str]
+    model_bytes: int = 0
+    smoke: dict = field(default_factory=dict)
+
+
+def _weight_2d(module: nn.Module, kind: str) -> torch.Tensor:
+    """The weight as [out_features, in_features] (a transposed view for Conv1D)."""
+    return module.weight.t() if kind == "Conv1D" else module.weight
+
+
+def _dense_nbytes(module: nn.Module) -> int:
+    n = module.weight.nelement() * module.weight.element_size()
+    if getattr(module, "bias", None) is not None:
+        n += module.bias.nelement() * module.bias.element_size()
+    return int(n)
+
+
+def _as_linear(module: nn.Module, kind: str) -> nn.Linear:
+    """``module`` itself for nn.Linear; for Conv1D an equivalent nn.Linear (a transposed copy of the weight)."""
+    if kind == "Linear":
+        return module
+    w = module.weight.detach().t().contiguous()
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=module.bias is not None, device="meta", dtype=w.dtype)
+    lin.weight = nn.Parameter(w, requires_grad=False)
+    if module.bias is not None:
+        lin.bias = module.bias
+    return lin
+
+
+def _storage_key(t: torch.Tensor):
+    if t.device.type == "meta":
+        return None
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    return (t.device.type, t.device.index, ptr) if ptr else None
+
+
+def _incompatibility(module: nn.Module, kind: str, names: list[str], parents, target: _Target,
+                     owners: dict, check_values: bool) -> str | None:
+    """Why ``module`` cannot be replaced by ``target`` (None when it can). Cheap checks first."""
+    w = module.weight
+    out_f, in_f = _weight_2d(module, kind).shape
+    if w.device.type == "meta":
+        return "weight is on the meta device (not materialised); load the weights first"
+    if not w.dtype.is_floating_point:
+        return f"weight dtype {w.dtype} is not a floating-point type"
+    if w.dtype not in _COMPUTE_DTYPES and (target.cls is None or issubclass(target.cls, _quant_linear_cls())):
+        return (f"weight dtype {w.dtype}: quantized layers compute in float32, float16 or bfloat16 (the model's "
+                f"activations would not fit); convert the model first, e.g. model.float()")
+    if kind == "Linear" and type(module).forward is not nn.Linear.forward:
+        return (f"{type(module).__name__} subclasses nn.Linear but overrides forward(); replacing it would change "
+                f"what it computes")
+    if "forward" in vars(module):
+        return "forward() is patched on this instance (e.g. an accelerate hook); replacing it would drop the patch"
+    hooks = (len(module._forward_hooks) + len(module._forward_pre_hooks) + len(module._backward_hooks)
+             + len(getattr(module, "_backward_pre_hooks", {})))
+    if hooks:
+        return f"{hooks} hook(s) are registered on this module and would be lost by replacing it"
+    if hasattr(module, "parametrizations"):
+        return "weight is parametrized (torch.nn.utils.parametrize); remove the parametrization first"
+    for parent, _ in parents:
+        if isinstance(parent, nn.MultiheadAttention):
+            return "its parent nn.MultiheadAttention reads out_proj.weight directly instead of calling the layer"
+    own = {f"{n}.weight" for n in names} | {f"{n}.bias" for n in names}
+    for t in (w, getattr(module, "bias", None)):
+        if t is None:
+            continue
+        key = _storage_key(t)
+        others = sorted(o for o in owners.get(key, ()) if o not in own) if key is not None else []
+        if others:
+            return (f"weight shares memory with {others[0]!r} (tied weights); quantizing it would keep the dense "
+                    f"copy alive and untie them. Exclude it")
+    if target.scheme is not None:
+        try:
+            target.scheme.validate_shape((int(out_f), int(in_f)))
+        except ValueError as e:
+            return f"shape {int(out_f)}x{int(in_f)} does not fit {scheme_label(target.scheme)}: {e}"
+    # A finite sum proves every element finite (NaN/Inf propagate) without a full-size temporary; only a
+    # non-finite sum (NaN/Inf, or an overflow of huge values) pays for the elementwise check.
+    if check_values and not bool(torch.isfinite(w.sum())):
+        finite = torch.isfinite(w)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite)[0].tolist()
+            if kind == "Conv1D":
+                bad = bad[::-1]
+            return f"weight contains NaN or Inf (first at index {tuple(bad)} of the [out, in] weight)"
+    return None
+
+
+def _smoke_test(module: nn.Module, kind: str, target: _Target, cache: dict) -> str | None:
+    """Build ``target`` on a few rows of this layer: catches a layer class that cannot handle this dtype /
+    in_features / device before any layer of the model is replaced. One try per distinct (target, in_features,
+    dtype, device, bias) configuration."""
+    w2 = _weight_2d(module, kind)
+    bias = getattr(module, "bias", None)
+    key = (target, int(w2.shape[1]), w2.dtype, str(w2.device), bias is not None)
+    if key in cache:
+        return cache[key]
+    rows = min(int(w2.shape[0]), 16)
+    try:
+        with torch.no_grad():
+            lin = nn.Linear(int(w2.shape[1]), rows, bias=bias is not None, device="meta", dtype=w2.dtype)
+            lin.weight = nn.Parameter(w2[:rows].detach().clone(), requires_grad=False)
+            if bias is not None:
+                lin.bias = nn.Parameter(bias[:rows].detach().clone(), requires_grad=False)
+            target.build(lin)
+        reason = None
+    except Exception as e:  # noqa: BLE001 - any failure of the target class makes the layer incompatible
+        reason = f"{target.label} cannot be built for this layer: {type(e).__name__}: {e}"
+    cache[key] = reason
+    return reason
+
+
+def _build_plan(model: nn.Module, scheme, exclude, include, on_incompatible: str, *, check_values: bool,
+                applied: bool) -> _Plan:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if on_incompatible not in ON_INCOMPATIBLE:
+        raise ValueError(f"on_incompatible must be one of {ON_INCOMPATIBLE}, got {on_incompatible!r}")
+    single, rules = _scheme_spec(scheme)
+    excl = _patterns(exclude, "exclude pattern")
+    incl = _patterns(include, "include pattern") if include is not None else None
+    explicit = [] if exclude is DEFAULT_EXCLUDE else excl
+    explicit = explicit + (incl or []) + [p for p, _ in (rules or [])]
+
+    # Every registration of every module (a module shared under two names is replaced under both), its parents,
+    # and every name under which a tensor's memory is reachable (to detect tied weights).
+    names: dict[int, list[str]] = {}
+    parents: dict[int, list[tuple[nn.Module, str]]] = {}
+    modules: dict[int, nn.Module] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if name == "" or _linear_kind(mod) is None:
+            continue
+        names.setdefault(id(mod), []).append(name)
+        modules[id(mod)] = mod
+    if not names:
+        return _Plan(jobs=[], unused=[p.label for p in excl + (incl or []) + [p for p, _ in (rules or [])]],
+                     explicit_unused=[p.label for p in explicit], model_bytes=memory_footprint(model))
+    wanted = {n for ns in names.values() for n in ns}
+    for pname, pmod in model.named_modules(remove_duplicate=False):
+        for cname, child in pmod._modules.items():  # named_children() would hide a second registration
+            full = f"{pname}.{cname}" if pname else cname
+            if full in wanted:
+                parents.setdefault(id(child), []).append((pmod, cname))
+    owners: dict = {}
+    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        if t is not None:
+            key = _storage_key(t)
+            if key is not None:
+                owners.setdefault(key, []).append(n)
+
+    used: set[int] = set()
+    jobs: list[_Job] = []
+    smoke_cache: dict = {}
+    for mid, mod in modules.items():
+        kind = _linear_kind(mod)
+        mnames = names[mid]
+        w2 = _weight_2d(mod, kind)
+        rec = LayerReport(name=mnames[0], kind=kind, shape=(int(w2.shape[0]), int(w2.shape[1])),
+                          dtype=str(w2.dtype).replace("torch.", ""), status="planned",
+                          bytes_before=_dense_nbytes(mod), aliases=tuple(mnames[1:]))
+        rec.bytes_after = rec.bytes_before
+        job = _Job(record=rec, module=mod, parents=parents.get(mid, []))
+        jobs.append(job)
+        hit = _first_match(excl, mnames, mod)
+        if hit is not None:
+            used.add(id(hit))
+            rec.status, rec.pattern, rec.reason = "excluded", hit.label, f"excluded by pattern {hit.label!r}"
+            continue
+        if incl is not None:
+            hit = _first_match(incl, mnames, mod)
+            if hit is None:
+                rec.status, rec.reason = "not_included", "matched no include pattern"
+                continue
+            used.add(id(hit))
+        if rules is None:
+            target = single
+        else:
+            target = None
+            for pat, tgt in rules:
+                if any(pat.matches(n, mod) for n in mnames):
+                    used.add(id(pat))
+                    rec.pattern, target = pat.label, tgt
+                    break
+            if target is None:
+                rec.status = "no_scheme"
+                rec.reason = (f"scheme mapping sends {rec.pattern!r} to None (kept dense)" if rec.pattern
+                              else "no pattern of the scheme mapping matched")
+                continue
+        job.target = target
+        rec.scheme, rec.target = target.scheme, (target.cls or _quant_linear_cls()).__name__
+        reason = _incompatibility(mod, kind, mnames, job.parents, target, owners, check_values)
+        if reason is None:
+            reason = _smoke_test(mod, kind, target, smoke_cache)
+        if reason is not None:
+            rec.status, rec.reason = "incompatible", reason
+
+    all_patterns = excl + (incl or []) + [p for p, _ in (rules or [])]
+    unused = [p.label for p in all_patterns if id(p) not in used and p.kind != "callable"]
+    explicit_unused = [p.label for p in explicit if id(p) not in used and p.kind != "callable"]
+    plan_ = _Plan(jobs=jobs, unused=unused, explicit_unused=explicit_unused, model_bytes=memory_footprint(model))
+
+    bad = [j.record for j in jobs if j.record.status == "incompatible"]
+    if bad and on_incompatible == "error":
+        lines = [f"  - {r.name} ({r.kind} {r.shape[0]}x{r.shape[1]}, {r.dtype}): {r.reason}" for r in bad]
+        msg = (f"{len(bad)} Linear layer(s) cannot be quantized as asked; nothing was changed:\n" + "\n".join(lines)
+               + "\nExclude them (exclude=[...]), give them another scheme (a pattern -> scheme mapping), "
+               "or pass on_incompatible='skip' to keep them dense (the report lists them).")
+        raise IncompatibleLayersError(msg, bad, _report_from(plan_, applied=False, seconds=0.0))
+    return plan_
+
+
+def _quant_linear_cls():
+    from .linear import QuantLinear
+
+    return QuantLinear
+
+
+_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _report_from(p: _Plan, *, applied: bool, seconds: float, model_bytes_after: int | None = None):
+    layers = [j.record for j in p.jobs]
+    if model_bytes_after is None:
+        model_bytes_after = p.model_bytes - sum(r.bytes_before - r.bytes_after for r in layers)
+    return QuantizationReport(layers=layers, applied=applied, model_bytes_before=p.model_bytes,
+                              model_bytes_after=int(model_bytes_after), unused_patterns=p.unused, seconds=seconds)
+
+
+def _warn_unused(p: _Plan) -> None:
+    if p.explicit_unused:
+        warnings.warn(f"pattern(s) {p.explicit_unused} matched no Linear layer of the model; check the names "
+                      f"(see [name for name, _ in model.named_modules()])", UserWarning, stacklevel=3)
+
+
+def _to_numpy_f32(t: torch.Tensor) -> np.ndarray:
+    """float32 NumPy view (a copy only when the dtype or device differs)."""
+    t = t.detach()
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    return t.cpu().numpy()
+
+
+_METRIC_CHUNK = 1 << 16  # elements: qcore.metrics works in float64, so whole-layer calls would cost ~8 layers
+
+
+def _weight_error(w: np.ndarray, w_hat: np.ndarray) -> tuple[float, float]:
+    """(SQNR dB, max abs error) of ``w_hat`` against ``w`` from qcore.metrics, over row chunks so that the float64
+    temporaries stay small: SQNR = 10 log10(sum w^2 / sum (w - w_hat)^2) is assembled from per-chunk MSEs."""
+    w2, h2 = w.reshape(w.shape[0], -1), w_hat.reshape(w.shape[0], -1)
+    rows = max(1, _METRIC_CHUNK // max(1, w2.shape[1]))
+    signal = noise = 0.0
+    max_err = 0.0
+    for i in range(0, w2.shape[0], rows):
+        a, b = w2[i:i + rows], h2[i:i + rows]
+        n = a.size
+        noise += qcore.metrics.mse(a, b) * n
+        signal += float(np.square(a, dtype=np.float64).sum())
+        max_err = max(max_err, qcore.metrics.max_abs_error(a, b))
+    if noise == 0:
+        return float("inf"), float(max_err)
+    if signal == 0:
+        return float("-inf"), float(max_err)
+    return float(10.0 * np.log10(signal / noise)), float(max_err)
+
+
+def _plan_layer(job: _Job) -> None:
+    """Fill the predicted bytes and the weight error of one layer from qcore, without touching the model."""
+    rec, mod, target = job.record, job.module, job.target
+    bias = getattr(mod, "bias", None)
+    bias_bytes = 0 if bias is None else bias.nelement() * bias.element_size()
+    if target.scheme is None:  # an unknown layer class: build it to know its size
+        with torch.no_grad():
+            new = target.build(_as_linear(mod, rec.kind))
+            rec.bytes_after = module_nbytes(new)
+            deq = getattr(new, "dequantized_weight", None)
+            if callable(deq):
+                rec.sqnr_db, rec.max_abs_error = _weight_error(_to_numpy_f32(_weight_2d(mod, rec.kind)),
+                                                               _to_numpy_f32(deq()))
+        return
+    w = _to_numpy_f32(_weight_2d(mod, rec.kind))
+    qa = qcore.quantize(w, target.scheme)
+    rec.bytes_after = int(qa.nbytes) + int(bias_bytes)
+    rec.sqnr_db, rec.max_abs_error = _weight_error(w, qcore.dequantize(qa))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public entry points
+# ---------------------------------------------------------------------------------------------------------------
+
+def plan(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_EXCLUDE, include=None,
+         on_incompatible: str = "error") -> QuantizationReport:
+    """Dry run of :func:`quantize_model` with the same arguments: the same report, the model untouched.
+
+    Bytes after and the weight error come from ``qcore.quantize`` on the NumPy weight. Raises the same
+    :class:`IncompatibleLayersError` as ``quantize_model`` would (its ``.report`` holds the full plan).
+    """
+    t0 = time.perf_counter()
+    p = _build_plan(model, scheme, exclude, include, on_incompatible, check_values=True, applied=False)
+    _warn_unused(p)
+    with torch.no_grad():
+        for job in p.jobs:
+            if job.record.status == "planned":
+                _plan_layer(job)
+    return _report_from(p, applied=False, seconds=time.perf_counter() - t0)
+
+
+def quantize_model(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_EXCLUDE, include=None,
+                   on_incompatible: str = "error") -> QuantizationReport:
+    """Replace the Linear layers of ``model`` in place by quantized ones; return a :class:`QuantizationReport`.
+
+    scheme: ``"w8a16"`` (int8 symmetric per channel), ``"w4a16"`` (int4 asymmetric, groups of 128),
+        ``"w4a16-g64"``..., a ``qcore.QuantScheme``, a layer class (``W8A16Linear``, the prior-art
+        ``W8A16LinearLayer``...), or a mapping ``{pattern: scheme or None}`` where the first matching pattern
+        wins (None keeps the layer dense; a layer no pattern matches stays dense and is reported).
+    exclude: patterns of layers to keep dense (default ``("lm_head",)``); exclusion wins over everything.
+    include: if given, only layers matching one of these patterns are considered.
+    on_incompatible: ``"error"`` raises one ValueError listing every incompatible layer before anything is
+        modified; ``"skip"`` keeps them dense and the report says why.
+
+    Example::
+
+        report = quantize_model(model, {"*.mlp.*": "w4a16", "*": "w8a16"}, exclude=["lm_head", "re:.*\\.0\\..*"])
+        print(report)
+
+    All checks run before the first replacement; then layers are replaced one at a time and each dense weight is
+    released as soon as its quantized layer is in place (peak extra memory: a few copies of one layer).
+    """
+    t0 = time.perf_counter()
+    p = _build_plan(model, scheme, exclude, include, on_incompatible, check_values=True, applied=True)
+    _warn_unused(p)
+    done = 0
+    try:
+        with torch.no_grad():
+            for job in p.jobs:
+                if job.record.status == "planned":
+                    _apply_layer(job)
+                    done += 1
+    except BaseException as e:  # MemoryError, KeyboardInterrupt...: say how far it got
+        if hasattr(e, "add_note"):
+            e.add_note(f"qtorch.quantize_model stopped after replacing {done} layer(s); each layer is either fully "
+                       f"replaced or untouched, never half-done")
+        raise
+    finally:
+        for job in p.jobs:
+            job.module = None
+            job.parents = []
+    if done:
+        release_free_memory()
+    return _report_from(p, applied=True, seconds=time.perf_counter() - t0,
+                        model_bytes_after=memory_footprint(model))
+
+
+def _apply_layer(job: _Job) -> None:
+    rec = job.record
+    mod = job.module
+    lin = _as_linear(mod, rec.kind)
+    new = job.target.build(lin)
+    new.train(mod.training)
+    w = _to_numpy_f32(lin.weight)
+    deq = getattr(new, "dequantized_weight", None)
+    if callable(deq):
+        w_hat = _to_numpy_f32(deq())
+    elif job.target.scheme is not None:
+        w_hat = qcore.dequantize(qcore.quantize(w, job.target.scheme))
+    else:
+        w_hat = None
+    if w_hat is not None:
+        rec.sqnr_db, rec.max_abs_error = _weight_error(w, w_hat)
+    del w, w_hat, deq, lin
+    rec.bytes_after = module_nbytes(new)
+    # The swap is the only mutation, and it comes last: a failure above leaves this layer untouched.
+    for parent, attr in job.parents:
+        setattr(parent, attr, new)
+    rec.status = "quantized"
+    job.module = None  # drop our reference: the dense weight is freed here unless someone else holds it
+    del mod, new
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prior-art entry points
+# ---------------------------------------------------------------------------------------------------------------
+
+def _prior_art_exclude(names_to_exclude) -> list[Pattern]:
+    """Prior-art exclusion: an entry equal to a child's own name excludes it at any depth (as the original
+    ``for name, child in module.named_children(): if name not in exclude`` recursion does); full dotted names and
+    our patterns work too."""
+    if names_to_exclude is None:
+        return []
+    if isinstance(names_to_exclude, str):
+        names_to_exclude = [names_to_exclude]
+    out = []
+    for entry in names_to_exclude:
+        if isinstance(entry, str) and "." not in entry and not entry.startswith("re:"):
+            out.append(Pattern(_LocalName(entry), "exclude pattern"))
+        else:
+            out.append(Pattern(entry, "exclude pattern"))
+    return out
+
+
+class _LocalName:
+    def __init__(self, local: str):
+        self.local = local
+        self.__name__ = local
+
+    def __call__(self, name: str, module) -> bool:
+        return self.local in name.split(".")
+
+
+def _prior_art_call(model, target, exclude) -> QuantizationReport:
+    report = quantize_model(model, target, exclude=_prior_art_exclude(exclude), on_incompatible="skip")
+    if report.incompatible:
+        warnings.warn("kept dense (incompatible): " + "; ".join(f"{r.name}: {r.reason}" for r in report.incompatible),
+                      UserWarning, stacklevel=3)
+    return report
+
+
+def replace_linear_with_target_and_quantize(module: nn.Module, target_class, module_name_to_exclude=()):
+    """Prior-art entry point (SmolQuant / DeepLearning.AI course): replace every Linear of ``module`` by
+    ``target_class`` (a class such as ``W8A16LinearLayer``, or a scheme / preset name) and quantize it, except
+    children whose own name is in ``module_name_to_exclude``. Incompatible layers stay dense with a warning.
+    Returns the :class:`QuantizationReport` (the original returned None)."""
+    return _prior_art_call(module, target_class, module_name_to_exclude)
+
+
+def replace_linear_layers_with_w8a16(model: nn.Module, target=None, exclude_list=()):
+    """Prior-art entry point (modular-quantization): like :func:`replace_linear_with_target_and_quantize`;
+    ``target`` is a layer class, a scheme or a preset name (default ``"w8a16"``), or an object with a ``cls`` /
+    ``target_class`` / ``layer_class`` attribute holding the class (the original ``Target.Linear(cls)``)."""
+    if target is None:
+        target = "w8a16"
+    elif not isinstance(target, (type, str, QuantScheme, Mapping)):
+        for attr in ("cls", "target_class", "layer_class", "layer", "value"):
+            inner = getattr(target, attr, None)
+            if isinstance(inner, type):
+                target = inner
+                break
+        else:
+            raise TypeError(f"target must be a layer class, a scheme or a preset name, got {target!r}")
+    return _prior_art_call(model, target, exclude_list)
+
+
+class Quantizer:
+    """Prior-art entry point: ``Quantizer(model, W8A16LinearLayer, ["lm_head"])`` quantizes ``model`` in place
+    right away (as the original function did). The instance keeps ``.model`` and ``.report``."""
+
+    def __init__(self, model: nn.Module, target_class=None, exclude=("lm_head",)):
+        self.model = model
+        self.report = _prior_art_call(model, "w8a16" if target_class is None else target_class, exclude)
+
+    def __repr__(self) -> str:
+        return f"Quantizer({type(self.model).__name__}, {self.report!r})"
