@@ -301,6 +301,20 @@ def test_code_too_large_names_first_index_and_value(bits, shape, where):
         pack(codes, bits)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7])
+def test_a_single_code_too_large_is_found_at_every_position(bits):
+    for shape in [(2 * 64 + 13,), (3, 64), (3, 9)]:  # one stream with a tail; whole blocks; rows path
+        size = int(np.prod(shape))
+        for pos in range(size):
+            codes = random_codes(pos, size, bits)
+            bad = (1 << bits) + pos % (256 - (1 << bits))  # every value that does not fit shows up
+            codes[pos] = bad
+            codes = codes.reshape(shape)
+            where = np.unravel_index(pos, shape)
+            with pytest.raises(ValueError, match=rf"code {bad} at index \({', '.join(map(str, where))},?\)"):
+                pack(codes, bits)
+
+
 def test_code_too_large_in_wide_and_signed_dtypes():
     with pytest.raises(ValueError, match=r"code 256 at index \(1,\).*8 bits"):
         pack(np.array([0, 256], np.int32), 8)
