@@ -21,8 +21,24 @@ RNG = np.random.default_rng(1234)
 W = RNG.standard_normal((6, 48)).astype(np.float32)
 
 GRANULARITIES = [PerTensor(), PerChannel(0), PerChannel(1), PerGroup(16), PerGroup(3, axis=0)]
-SCHEMES = [QuantScheme(b, sym, g) for b in range(1, 9) for sym in (True, False) for g in GRANULARITIES
-           if not (b == 1 and sym)]
+
+
+def _from_parts_rejects_0d_scale() -> bool:
+    """Known qcore bug (reported to the lead): QuantizedArray.from_parts turns a 0-d (per-tensor) scale into
+    shape (1,) with np.ascontiguousarray and then rejects it, so per-tensor checkpoints cannot load."""
+    qa = quantize(np.ones(4, np.float32), QuantScheme(8, True, PerTensor()))
+    try:
+        QuantizedArray.from_parts(qa.codes, qa.scale, None, qa.scheme)
+    except ValueError:
+        return True
+    return False
+
+
+_PER_TENSOR_XFAIL = pytest.mark.xfail(_from_parts_rejects_0d_scale(), strict=True,
+                                      reason="QuantizedArray.from_parts rejects 0-d scales (qcore/quantize.py)")
+SCHEMES = [pytest.param(QuantScheme(b, sym, g), id=str(QuantScheme(b, sym, g)),
+                        marks=[_PER_TENSOR_XFAIL] if isinstance(g, PerTensor) else [])
+           for b in range(1, 9) for sym in (True, False) for g in GRANULARITIES if not (b == 1 and sym)]
 
 
 def _same_qa(a: QuantizedArray, b: QuantizedArray) -> None:
@@ -36,7 +52,7 @@ def _same_qa(a: QuantizedArray, b: QuantizedArray) -> None:
         assert a.zero_point.dtype == np.uint8 and np.array_equal(a.zero_point, b.zero_point)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_round_trip_every_scheme(tmp_path, scheme):
     qa = quantize(W, scheme)
     path = tmp_path / "q.safetensors"
