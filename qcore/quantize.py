@@ -47,6 +47,12 @@ def _compute_view(x: np.ndarray) -> np.ndarray:
     return x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)
 
 
+def _contiguous(a) -> np.ndarray:
+    # np.ascontiguousarray turns 0-d arrays (per-tensor parameters) into shape (1,); this keeps the shape
+    a = np.asarray(a)
+    return a if a.flags.c_contiguous else a.copy(order="C")
+
+
 def _bits_view(a: np.ndarray) -> np.ndarray:
     # float32 data goes to the kernels also as its int32 bit pattern (their fast min/max path)
     return a.view(np.int32) if a.dtype == np.float32 else np.empty(a.shape[:-1] + (0,), np.int32)
@@ -126,7 +132,7 @@ class QuantizedArray:
         if codes.dtype != scheme.code_dtype:
             raise TypeError(f"codes must be {scheme.code_dtype} for scheme {scheme}, got {codes.dtype}")
         pshape = scheme.params_shape(codes.shape)
-        scale = np.ascontiguousarray(scale)
+        scale = _contiguous(scale)
         if scale.dtype != np.float32 or scale.shape != pshape:
             raise ValueError(f"scale must be float32 of shape {pshape}, got {scale.dtype} {scale.shape}")
         if not np.all(np.isfinite(scale) & (scale > 0)):
@@ -135,7 +141,7 @@ class QuantizedArray:
             if zero_point is not None:
                 raise ValueError("a symmetric scheme has no zero_point (pass None)")
         else:
-            zero_point = np.ascontiguousarray(zero_point)
+            zero_point = _contiguous(zero_point)
             if zero_point.dtype != np.uint8 or zero_point.shape != pshape:
                 raise ValueError(f"zero_point must be uint8 of shape {pshape}, got {zero_point.dtype} "
                                  f"{zero_point.shape}")

@@ -150,6 +150,13 @@ def test_compute_qparams_matches_quantize():
     assert z8 is None and s8.shape == (5,)
 
 
+def test_from_parts_keeps_per_tensor_parameters_0d():
+    qa = quantize(np.linspace(-1, 1, 8, dtype=np.float32), QuantScheme(4, False, PerTensor()))
+    again = QuantizedArray.from_parts(qa.codes, qa.scale, qa.zero_point, qa.scheme)
+    assert again.scale.shape == () and again.zero_point.shape == ()
+    np.testing.assert_array_equal(dequantize(again), dequantize(qa))
+
+
 def test_quantized_array_from_parts_validates():
     x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
     qa = quantize(x, QuantScheme(4, False, PerGroup(4)))
