@@ -503,6 +503,9 @@ def unpack(packed, bits, length) -> np.ndarray:
 # with a sleeping pool there are no spinning OpenMP workers stealing the shared cores.)
 
 _NUM_THREADS = max(1, min(os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS))
+# Like OMP_DYNAMIC: use no more threads than there are idle cores by the 1-minute load average. On a
+# saturated machine a second thread mostly waits for a core and the call then waits for it.
+_DYNAMIC_THREADS = True
 _POOL = None
 _POOL_LOCK = threading.Lock()
 
@@ -511,8 +514,20 @@ def _pool():
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=_NUM_THREADS - 1, thread_name_prefix="qcore-pack")
+            _POOL = ThreadPoolExecutor(max_workers=max(4, os.cpu_count() or 1), thread_name_prefix="qcore-pack")
         return _POOL
+
+
+def _threads() -> int:
+    n = _NUM_THREADS
+    if _DYNAMIC_THREADS and n > 1:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):  # pragma: no cover - not on every platform
+            return n
+        # the load average counts this (running) thread too
+        n = max(1, min(n, int((os.cpu_count() or 1) - busy + 1.5)))
+    return n
 
 
 def _run_split(kernel, args, total: int, min_part: int) -> list:
@@ -524,7 +539,8 @@ def _run_split(kernel, args, total: int, min_part: int) -> list:
     """
     kernel = _ready(kernel)
     nchunks = min(total // max(min_part, 1), 8 * _NUM_THREADS)
-    if _NUM_THREADS == 1 or nchunks < 2:
+    nthreads = _threads() if nchunks >= 2 else 1
+    if nthreads == 1:
         return [kernel(*args, 0, total)]
     bounds = [total * i // nchunks for i in range(nchunks + 1)]
     results = [None] * nchunks
@@ -550,7 +566,7 @@ def _run_split(kernel, args, total: int, min_part: int) -> list:
                     done.set()
 
     pool = _pool()
-    for _ in range(_NUM_THREADS - 1):
+    for _ in range(nthreads - 1):
         pool.submit(work)
     work()
     done.wait()

@@ -118,6 +118,7 @@ def test_against_numpy_bitstream_reference(bits):
 @pytest.mark.parametrize("bits", WIDTHS)
 def test_large_arrays_split_across_threads(bits, monkeypatch):
     monkeypatch.setattr(packing, "_NUM_THREADS", 3)  # exercise the split even on a 1-cpu machine
+    monkeypatch.setattr(packing, "_DYNAMIC_THREADS", False)  # ... or a busy one
     # one long row with a tail, byte-aligned rows (one stream), and rows that end mid-byte
     for shape in [(1, (1 << 19) + 13), (512, 1024), (301, 1001)]:
         check_round_trip(random_codes(shape[1] + bits, shape, bits), bits)
@@ -270,14 +271,14 @@ def test_unpack_arbitrary_bytes(bits, lead, n, seed):
 def test_any_work_split_gives_the_same_bytes(bits, n, seed, threads, min_part):
     codes = random_codes(seed, (3, n), bits)
     expected = ref_pack(codes, bits)
-    saved = packing._NUM_THREADS, packing._PARALLEL_MIN_CODES
+    saved = packing._NUM_THREADS, packing._PARALLEL_MIN_CODES, packing._DYNAMIC_THREADS
     try:
-        packing._NUM_THREADS, packing._PARALLEL_MIN_CODES = threads, min_part
+        packing._NUM_THREADS, packing._PARALLEL_MIN_CODES, packing._DYNAMIC_THREADS = threads, min_part, False
         np.testing.assert_array_equal(pack(codes, bits), expected)
         np.testing.assert_array_equal(unpack(expected, bits, n), codes)
         np.testing.assert_array_equal(pack(codes[1], bits), expected[1])
     finally:
-        packing._NUM_THREADS, packing._PARALLEL_MIN_CODES = saved
+        packing._NUM_THREADS, packing._PARALLEL_MIN_CODES, packing._DYNAMIC_THREADS = saved
 
 
 # --- bad input --------------------------------------------------------------------------------------
