@@ -25,11 +25,16 @@ so ``pack(np.array([5, 3, 7, 0, 6], np.uint8), 3)`` is ``[0xDD, 0x61]`` (2 bytes
 Signed codes are stored with an offset of ``2**(bits-1)``; ``QuantizedArray.packed()`` /
 ``QuantizedArray.from_packed`` apply it, these functions only see unsigned codes.
 
-Speed: the numba kernels move 8 codes (one 64-bit word) at a time with shifts and masks, and for the
-widths that straddle bytes they handle 64 codes -> ``bits`` whole 64-bit words, so no loop is bit
-serial. Rows whose packed length is a whole number of bytes are contiguous in the output, so the
-whole array is packed as one stream split into chunks across threads (good for few long rows and
-many short rows alike).
+A row whose length is a multiple of 32 / bits codes (bits 2, 4, 8), viewed as little-endian int32,
+is the ``pack_to_int32`` layout of the compressed-tensors format that vLLM loads.
+
+Speed: the numba kernels move 8 codes (one 64-bit word) at a time with shifts and masks; for the
+widths that straddle bytes a block of 64 codes becomes ``bits`` whole 64-bit words, so no loop is
+bit serial. When rows end on byte boundaries the whole array is one contiguous stream, cut into
+chunks that threads claim (one long row and many short rows alike); otherwise threads take rows.
+The thread count follows the idle cores (1-minute load average, like ``OMP_DYNAMIC``). The range
+check of ``pack`` costs no extra pass: the kernel ORs the codes together as it goes, and the
+wrapper raises if any bit at or above ``bits`` is set.
 """
 
 from __future__ import annotations
