@@ -21,8 +21,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -493,6 +495,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "quantize":  # pragma: no cover - argparse only accepts known commands
         return 2
+    previous = _raise_on_sigterm()
     try:
         summary = quantize_checkpoint(args.input, args.output, bits=args.bits, symmetric=not args.asymmetric,
                                       group_size=args.group_size, include=args.include, exclude=args.exclude,
@@ -500,10 +503,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("qcore quantize: interrupted; no output written", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("qcore quantize: terminated; no output written", file=sys.stderr)
+        return 143
     except (CliError, ValueError, OSError) as e:
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
         print(f"qcore quantize: error: {msg}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if not args.quiet:
         _print_summary(summary)
     return 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM turned into an exception, so that temporary files are removed on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _raise_on_sigterm():
+    """Install the SIGTERM handler (main thread only); returns the previous handler or None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)

@@ -253,6 +253,30 @@ def test_failure_midway_leaves_no_output_and_keeps_existing(model_dir, tmp_path,
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("how, status", [("sigint", 130), ("sigterm", 143)])
+def test_interrupted_run_leaves_nothing(model_dir, tmp_path, capsys, monkeypatch, how, status):
+    """Ctrl-C or SIGTERM in the middle of the second shard: temporary files removed, no output."""
+    import signal
+
+    real, calls = cli._stream_tensor, []
+
+    def interrupting(*args):
+        calls.append(1)
+        if len(calls) == 7:
+            if how == "sigint":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler of main() turns it into an exception
+        return real(*args)
+
+    monkeypatch.setattr(cli, "_stream_tensor", interrupting)
+    out = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)
+    assert run("quantize", model_dir[0], out) == status
+    assert "no output written" in capsys.readouterr().err
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is before  # main() restores the handler it replaced
+
+
 def test_scheme_that_does_not_fit_is_refused_before_writing(model_dir, tmp_path, capsys):
     expect_error(capsys, ["quantize", model_dir[0], tmp_path / "out", "--group-size", 48],
                  "PerGroup size 48 does not divide the length 64", "--exclude")
