@@ -1,0 +1,170 @@
+"""Benchmark `qcore quantize` streaming a synthetic bf16 checkpoint of >= 2 GB in several shards.
+
+The checkpoint (shaped like a 7B-class decoder: 4096 hidden, 11008 MLP, 32000 vocabulary) is written with
+qcore's streaming writer into a temporary folder, removed afterwards. Each configuration runs
+`python -m qcore quantize` in a child process; its own peak RSS comes from ``os.wait4`` (this process's
+other children do not count). Baselines in the same run, on the same warm page cache:
+
+* copy:  `qcore quantize --include <nothing>`: the same streaming path copying every tensor unchanged
+         (read, write, fsync): the I/O floor of the command
+* cp:    ``shutil.copyfile`` of every shard (the file system's own copy)
+
+Throughput is input bytes / wall seconds of the child (including interpreter start and imports).
+The RSS budget of issue 6 is 3 x the largest tensor + 300 MB.
+
+Run:  python benchmarks/bench_checkpoint.py [--layers 4] [--repeats 1] [--dir /tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import ml_dtypes
+import numpy as np
+
+from qcore import checkpoint as ck
+
+HIDDEN, MLP, VOCAB = 4096, 11008, 32000
+
+
+def layer_tensors(i: int) -> list:
+    p = f"model.layers.{i}"
+    out = [(f"{p}.input_layernorm.weight", (HIDDEN,)), (f"{p}.post_attention_layernorm.weight", (HIDDEN,))]
+    out += [(f"{p}.self_attn.{n}_proj.weight", (HIDDEN, HIDDEN)) for n in "qkvo"]
+    out += [(f"{p}.mlp.gate_proj.weight", (MLP, HIDDEN)), (f"{p}.mlp.up_proj.weight", (MLP, HIDDEN)),
+            (f"{p}.mlp.down_proj.weight", (HIDDEN, MLP))]
+    return out
+
+
+def write_checkpoint(folder: str, layers: int) -> dict:
+    """Shards: embeddings; one per layer; final norm + lm_head. Random bf16 rows (a fixed random block per
+    column count, scaled per piece), written piece by piece with qcore's streaming writer."""
+    rng = np.random.default_rng(0)
+    shards = [[("model.embed_tokens.weight", (VOCAB, HIDDEN))]]
+    shards += [layer_tensors(i) for i in range(layers)]
+    shards += [[("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]]
+    blocks: dict = {}
+    weight_map = {}
+    n = len(shards)
+    for s, shard in enumerate(shards):
+        fname = f"model-{s + 1:05d}-of-{n:05d}.safetensors"
+        entries = [(name, ml_dtypes.bfloat16, shape) for name, shape in shard]
+        with ck.SafetensorsWriter(os.path.join(folder, fname), entries, {"format": "pt"}) as w:
+            for name, shape in shard:
+                cols = shape[-1]
+                if cols not in blocks:
+                    blocks[cols] = (rng.standard_normal((256, cols)) * 0.02).astype(np.float32)
+                rows = shape[0] if len(shape) == 2 else 1
+                for r0 in range(0, rows, 256):
+                    piece = blocks[cols][:min(256, rows - r0)] * np.float32(1 + 0.001 * r0)
+                    w.write(name, piece.reshape(-1)[:int(np.prod(shape))].astype(ml_dtypes.bfloat16))
+                weight_map[name] = fname
+    import json
+
+    with open(os.path.join(folder, ck.INDEX_NAME), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    sizes = [int(np.prod(shape)) * 2 for shard in shards for _, shape in shard]
+    return {"bytes": sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)),
+            "shards": n, "largest": max(sizes)}
+
+
+def run_child(args: list) -> tuple:
+    """(wall seconds, peak RSS bytes, stdout) of `python -m qcore quantize ARGS` in a child process."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "qcore", "quantize", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    out, err = p.stdout.read(), p.stderr.read()
+    if p.returncode != 0:
+        raise SystemExit(f"qcore quantize {' '.join(args)} failed ({p.returncode}):\n{err}")
+    return wall, usage.ru_maxrss * 1024, out
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers (405 MB each; default 4 -> 2.2 GB)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per configuration (median reported)")
+    ap.add_argument("--dir", default=None, help="where to put the temporary checkpoint (default: system temp)")
+    args = ap.parse_args()
+
+    base = tempfile.mkdtemp(prefix="qcore-bench-ckpt-", dir=args.dir)
+    try:
+        src = os.path.join(base, "in")
+        os.mkdir(src)
+        t0 = time.perf_counter()
+        info = write_checkpoint(src, args.layers)
+        t_write = time.perf_counter() - t0
+        gb = info["bytes"] / 1e9
+        budget = 3 * info["largest"] + 300e6
+        print(f"checkpoint: {gb:.2f} GB bf16 in {info['shards']} shards, largest tensor "
+              f"{info['largest'] / 1e6:.0f} MB; written by qcore's streaming writer in {t_write:.1f} s "
+              f"({gb / t_write:.2f} GB/s)")
+        print(f"RSS budget (3 x largest + 300 MB): {budget / 1e6:.0f} MB;  {os.cpu_count()} CPUs, warm page cache")
+
+        # warm-up: numba caches, imports
+        warm = os.path.join(base, "warm")
+        os.mkdir(warm)
+        ck.save(os.path.join(warm, "model.safetensors"),
+                {"a.weight": np.ones((256, 256), ml_dtypes.bfloat16)})
+        for extra in (["--bits", "8"], ["--bits", "4", "--group-size", "128"]):
+            run_child([warm, os.path.join(base, "warm-out"), "--overwrite", "-q", *extra])
+
+        cp_times = []
+        for _ in range(args.repeats):
+            dst = os.path.join(base, "cp")
+            os.makedirs(dst, exist_ok=True)
+            t0 = time.perf_counter()
+            for f in os.listdir(src):
+                shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+            cp_times.append(time.perf_counter() - t0)
+            shutil.rmtree(dst)
+        t_cp = statistics.median(cp_times)
+
+        configs = [
+            ("copy (no tensor quantized)", ["--include", "no.such.tensor"]),
+            ("int8 per-channel", ["--bits", "8"]),
+            ("int4 asym group 128", ["--bits", "4", "--asymmetric", "--group-size", "128"]),
+        ]
+        rows = []
+        for label, extra in configs:
+            walls, peaks, out_bytes, summary = [], [], 0, ""
+            for _ in range(args.repeats):
+                out = os.path.join(base, "out")
+                wall, peak, summary = run_child([src, out, "--overwrite", *extra])
+                out_bytes = folder_bytes(out)
+                walls.append(wall)
+                peaks.append(peak)
+                shutil.rmtree(out)
+            rows.append((label, statistics.median(walls), max(peaks), out_bytes, summary))
+        t_copy = rows[0][1]
+
+        print()
+        print(f"{'configuration':<28} {'seconds':>8} {'GB/s':>6} {'vs copy':>8} {'vs cp':>6} {'peak RSS':>9} "
+              f"{'budget':>7} {'output':>9}")
+        print(f"{'cp (shutil.copyfile)':<28} {t_cp:8.1f} {gb / t_cp:6.2f} {'':>8} {1.0:6.2f} {'':>9} {'':>7} "
+              f"{gb:7.2f}GB")
+        for label, wall, peak, out_bytes, _ in rows:
+            print(f"{label:<28} {wall:8.1f} {gb / wall:6.2f} {t_copy / wall:8.2f} {t_cp / wall:6.2f} "
+                  f"{peak / 1e6:7.0f}MB {budget / 1e6:5.0f}MB {out_bytes / 1e9:7.2f}GB")
+        print()
+        print("summary printed by the int4 run:")
+        print(rows[-1][4].rstrip())
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
