@@ -372,3 +372,48 @@ def test_peak_extra_memory_is_about_one_layer_not_one_model():
     assert r["model"] > 200e6 and layer == 768 * 768 * 4 + 768 * 4
     assert extra < 4 * layer + 4 * 2**20, (extra / layer, r)
     assert r["rss0"] - r["rss1"] > 0.8 * (r["model"] - r["after"])  # and the memory really came back
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# prior-art entry points
+# ------------------------------------------------------------------------------------------------------------------
+
+class Wrapper(nn.Module):
+    """lm_head one level down, as in the prior-art DETR / codegen examples."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.model = nn.ModuleDict({"proj": nn.Linear(64, 64), "lm_head": nn.Linear(64, 32)})
+        self.head2 = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.head2(self.model["lm_head"](self.model["proj"](x)))
+
+
+@pytest.mark.parametrize("entry", ["smolquant", "modular", "quantizer"])
+def test_prior_art_entry_points_exclude_by_child_name_at_any_depth(entry):
+    m = Wrapper().eval()
+    x = torch.randn(2, 64)
+    ref = m(x)
+    if entry == "smolquant":
+        rep = qtorch.replace_linear_with_target_and_quantize(m, W8A16LinearLayer, ["lm_head"])
+    elif entry == "modular":
+        class Target:  # the original passes Target.Linear(QWQALinearLayer): an object holding the class
+            def __init__(self, cls):
+                self.cls = cls
+        rep = qtorch.replace_linear_layers_with_w8a16(m, Target(W8A16LinearLayer), ["lm_head"])
+    else:
+        rep = qtorch.Quantizer(m, W8A16LinearLayer, ["lm_head"]).report
+    assert isinstance(m.model["proj"], W8A16LinearLayer) and isinstance(m.head2, W8A16LinearLayer)
+    assert type(m.model["lm_head"]) is nn.Linear and rep["model.lm_head"].status == "excluded"
+    torch.testing.assert_close(m(x), ref, rtol=0.02, atol=0.02)
+
+
+def test_prior_art_entry_points_keep_incompatible_layers_dense_with_a_warning():
+    m = nn.Sequential(nn.Linear(16, 16), nn.MultiheadAttention(16, 2))
+    with pytest.warns(UserWarning, match=r"1.out_proj: its parent nn.MultiheadAttention"):
+        rep = qtorch.replace_linear_with_target_and_quantize(m, W8A16LinearLayer, [])
+    assert rep["0"].status == "quantized" and rep["1.out_proj"].status == "incompatible"
+    x = torch.randn(3, 1, 16)
+    m[1](x, x, x)  # still runs
