@@ -217,6 +217,33 @@ def test_nan_weight_is_reported_before_any_change():
     assert [type(x) for x in m.modules()] == types
 
 
+def test_a_failure_while_replacing_leaves_every_layer_whole(monkeypatch):
+    """Past validation only the unexpected can fail (out of memory, Ctrl-C). Layers already replaced stay
+    replaced (their dense weights are gone), the failing layer and the rest stay dense and intact, the model runs."""
+    m = toy()
+    snap = snapshot(m)
+    x = torch.randint(0, 64, (1, 3))
+    orig = QuantLinear.from_linear.__func__
+    calls = []
+
+    def flaky(cls, linear, scheme=None):
+        if linear.out_features > 16:  # not a trial build on a few rows
+            calls.append(linear)
+            if len(calls) == 5:
+                raise MemoryError("simulated")
+        return orig(cls, linear, scheme)
+
+    monkeypatch.setattr(QuantLinear, "from_linear", classmethod(flaky))
+    with pytest.raises(MemoryError) as ei:
+        qtorch.quantize_model(m, "w8a16")
+    assert "after replacing 4 layer(s)" in "".join(getattr(ei.value, "__notes__", []))
+    kinds = [type(mod) for name, mod in m.named_modules() if name in linear_names(toy())]
+    assert kinds == [QuantLinear] * 4 + [nn.Linear] * (len(kinds) - 4)
+    state, _ = snap
+    assert torch.equal(m.layers[2].fc1.weight, state["layers.2.fc1.weight"])  # the failing layer, untouched
+    m(x)
+
+
 def test_tied_weights_do_not_break():
     m = toy()
     m.lm_head.weight = m.embed.weight  # tie like GPT-2
