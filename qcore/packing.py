@@ -42,6 +42,7 @@ from __future__ import annotations
 import itertools
 import operator
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -52,6 +53,9 @@ from numba import njit
 __all__ = ["pack", "unpack", "packed_shape"]
 
 _U64 = np.uint64
+# The stream kernels read codes as native uint64 words; on a big-endian machine everything takes the
+# byte-wise rows path, which builds its words explicitly little-endian.
+_LITTLE_ENDIAN = sys.byteorder == "little"
 # Work is split across threads only in parts of at least this many codes (smaller: thread
 # hand-off costs more than it saves).
 _PARALLEL_MIN_CODES = 1 << 18
@@ -450,7 +454,7 @@ def pack(codes, bits) -> np.ndarray:
         np.copyto(out, codes)
         return out
     nrows = codes.size // n
-    if nrows == 1 or (n * bits) % 8 == 0:
+    if _LITTLE_ENDIAN and (nrows == 1 or (n * bits) % 8 == 0):
         # rows end on byte boundaries, so the whole array is one contiguous bit stream
         acc = _pack_stream(codes.reshape(-1), out.reshape(-1), bits)
     else:
@@ -495,7 +499,7 @@ def unpack(packed, bits, length) -> np.ndarray:
         np.copyto(out, packed)
         return out
     nrows = out.size // length
-    if nrows == 1 or (length * bits) % 8 == 0:
+    if _LITTLE_ENDIAN and (nrows == 1 or (length * bits) % 8 == 0):
         _unpack_stream(packed.reshape(-1), out.reshape(-1), bits)
     else:
         _run_split(_unpack_rows_range, (packed.reshape(nrows, m), out.reshape(nrows, length), bits),

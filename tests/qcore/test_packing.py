@@ -124,6 +124,14 @@ def test_large_arrays_split_across_threads(bits, monkeypatch):
         check_round_trip(random_codes(shape[1] + bits, shape, bits), bits)
 
 
+@pytest.mark.parametrize("bits", [1, 3, 4, 6, 7])
+def test_bytewise_rows_path_alone(bits, monkeypatch):
+    """The path big-endian machines take for every shape (here forced on any machine)."""
+    monkeypatch.setattr(packing, "_LITTLE_ENDIAN", False)
+    for shape in [(1,), (200,), (3, 64), (5, 33), (2, 2, 1000)]:
+        check_round_trip(random_codes(bits, shape, bits), bits)
+
+
 def test_all_zero_and_all_max_rows():
     for bits in WIDTHS:
         for fill in (0, (1 << bits) - 1):
