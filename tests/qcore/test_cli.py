@@ -411,21 +411,26 @@ def test_peak_rss_is_bounded_by_the_largest_tensor_not_the_checkpoint(tmp_path):
     write_checkpoint(tmp_path / "tiny", [{"layers.0.w0.weight": block}])
     size = sum(os.path.getsize(tmp_path / "big" / f) for f in os.listdir(tmp_path / "big"))
     largest = block.nbytes
-    # One child process: the one-tensor run first (its peak includes imports and numba), then the big one.
-    code = textwrap.dedent(f"""
+    # One worker process runs the one-tensor checkpoint first (its peak includes imports and numba), then the
+    # big one. It is started by a small wrapper that reads RUSAGE_CHILDREN: Linux carries a process's peak RSS
+    # across fork and exec, so a child of the (large) pytest process would report pytest's own peak.
+    worker = textwrap.dedent(f"""
         import resource
         from qcore.cli import main
         args = ["--bits", "4", "--group-size", "128", "-q"]
         assert main(["quantize", {str(tmp_path / 'tiny')!r}, {str(tmp_path / 'tiny-out')!r}, *args]) == 0
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flush=True)
         assert main(["quantize", {str(tmp_path / 'big')!r}, {str(tmp_path / 'big-out')!r}, *args]) == 0
     """)
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-    _, status, usage = os.wait4(child.pid, 0)  # the rusage of this child alone
-    out, err = child.stdout.read(), child.stderr.read()
-    assert os.waitstatus_to_exitcode(status) == 0, err
-    baseline, peak = int(out.split()[0]), usage.ru_maxrss * 1024
+    wrapper = textwrap.dedent(f"""
+        import resource, subprocess, sys
+        r = subprocess.run([sys.executable, "-c", {worker!r}], capture_output=True, text=True)
+        print(r.returncode, r.stdout.strip(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+        sys.stderr.write(r.stderr)
+    """)
+    r = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=300)
+    rc, baseline, peak = map(int, r.stdout.split())
+    assert rc == 0, r.stderr
     budget = 3 * largest + 300 * 2**20
     assert baseline + size > budget  # the budget does separate streaming from loading everything
     mib = 2**20
