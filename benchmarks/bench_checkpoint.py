@@ -2,8 +2,9 @@
 
 The checkpoint (shaped like a 7B-class decoder: 4096 hidden, 11008 MLP, 32000 vocabulary) is written with
 qcore's streaming writer into a temporary folder, removed afterwards. Each configuration runs
-`python -m qcore quantize` in a child process; its own peak RSS comes from ``os.wait4`` (this process's
-other children do not count). Baselines in the same run, on the same warm page cache:
+`python -m qcore quantize` in a child process, whose peak RSS is read with RUSAGE_CHILDREN in a small
+wrapper process between us and it (Linux keeps a process's peak RSS across fork and exec, so a direct child
+would report this process's peak). Baselines in the same run, on the same warm page cache:
 
 * copy:  `qcore quantize --include <nothing>`: the same streaming path copying every tensor unchanged
          (read, write, fsync): the I/O floor of the command
@@ -75,18 +76,29 @@ def write_checkpoint(folder: str, layers: int) -> dict:
             "shards": n, "largest": max(sizes)}
 
 
+_WRAPPER = """
+import os, resource, subprocess, sys, time
+t0 = time.perf_counter()
+r = subprocess.run([sys.executable, "-m", "qcore", "quantize", *sys.argv[1:]], capture_output=True, text=True)
+wall = time.perf_counter() - t0
+sys.stderr.write(r.stderr)
+sys.stdout.write(f"{r.returncode} {wall} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}\\n")
+sys.stdout.write(r.stdout)
+"""
+
+
 def run_child(args: list) -> tuple:
-    """(wall seconds, peak RSS bytes, stdout) of `python -m qcore quantize ARGS` in a child process."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "qcore", "quantize", *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    out, err = p.stdout.read(), p.stderr.read()
-    if p.returncode != 0:
-        raise SystemExit(f"qcore quantize {' '.join(args)} failed ({p.returncode}):\n{err}")
-    return wall, usage.ru_maxrss * 1024, out
+    """(wall seconds, peak RSS bytes, stdout) of `python -m qcore quantize ARGS` in a child process.
+
+    The child is started by a small wrapper process that reads RUSAGE_CHILDREN: Linux carries a process's
+    peak RSS across fork and exec, so a direct child of this (larger) process would report our own peak.
+    """
+    r = subprocess.run([sys.executable, "-c", _WRAPPER, *args], capture_output=True, text=True)
+    first, _, out = r.stdout.partition("\n")
+    rc, wall, peak = first.split()
+    if int(rc) != 0 or r.returncode != 0:
+        raise SystemExit(f"qcore quantize {' '.join(args)} failed ({rc}):\n{r.stderr}")
+    return float(wall), int(peak), out
 
 
 def folder_bytes(folder: str) -> int:
