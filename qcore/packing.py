@@ -48,7 +48,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 __all__ = ["pack", "unpack", "packed_shape"]
 
@@ -200,9 +202,36 @@ def _unpack_blocks_b(pw, cw, k0, k1, bits):
 # --- range kernels over blocks [k0, k1) of 64 codes; the wrapper spreads ranges over threads ---
 
 
+@intrinsic
+def _bits32(typingctx, arr, idx):
+    """32 one-bit codes ``arr[idx:idx+32]`` -> bit 0 of each as a uint32 (code i at bit i), with
+    bit 32 set if any of them is > 1. Portable LLVM vector IR (a byte-wise compare and movemask on
+    x86), about 1.5x less work than the word-at-a-time SWAR for this width."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and idx == types.uint64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        vec = ir.VectorType(ir.IntType(8), 32)
+        v = builder.load(builder.bitcast(builder.gep(ary.data, [args[1]]), vec.as_pointer()), align=1)
+        low = builder.bitcast(builder.trunc(v, ir.VectorType(ir.IntType(1), 32)), ir.IntType(32))
+        big = builder.icmp_unsigned(">", v, ir.Constant(vec, [1] * 32))
+        anybig = builder.icmp_unsigned("!=", builder.bitcast(big, ir.IntType(32)), ir.Constant(ir.IntType(32), 0))
+        i64 = ir.IntType(64)
+        return builder.or_(builder.zext(low, i64), builder.shl(builder.zext(anybig, i64), ir.Constant(i64, 32)))
+
+    return types.uint64(arr, idx), codegen
+
+
 @njit(cache=True, nogil=True)
-def _pack_w1(cw, ow, k0, k1):
-    return _pack_words(cw, ow, k0, k1, 1, np.uint8)
+def _pack_w1(c, o32, k0, k1):
+    bad = _U64(0)
+    for j in range(_U64(2) * _U64(k0), _U64(2) * _U64(k1)):
+        r = _bits32(c, _U64(32) * j)
+        bad |= r
+        o32[j] = np.uint32(r & _U64(0xFFFFFFFF))
+    # shaped like the OR of the codes that the wrapper checks: bit 1 set iff some code is > 1
+    return _U64(2) if bad >> _U64(32) else _U64(0)
 
 
 @njit(cache=True, nogil=True)
@@ -317,7 +346,7 @@ def _unpack_rows_range(p2, c2, bits, r0, r1):
 # Python wrappers: all validation lives here.
 # --------------------------------------------------------------------------------------------
 
-_WORD_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+_WORD_DTYPES = {1: np.uint32, 2: np.uint16, 4: np.uint32}  # bits=1: 32 codes -> one uint32
 _PACK_WORDS = {1: _pack_w1, 2: _pack_w2, 4: _pack_w4}
 _UNPACK_WORDS = {1: _unpack_w1, 2: _unpack_w2, 4: _unpack_w4}
 
@@ -338,8 +367,10 @@ _SIGNATURES = {
     _unpack_rows_range: numba.types.void(_arr(np.uint8, 2, True), _arr(np.uint8, 2, False), _I64, _I64, _I64),
 }
 for _b, _dt in _WORD_DTYPES.items():
-    _SIGNATURES[_PACK_WORDS[_b]] = numba.types.uint64(_arr(np.uint64, 1, True), _arr(_dt, 1, False), _I64, _I64)
-    _SIGNATURES[_UNPACK_WORDS[_b]] = numba.types.void(_arr(_dt, 1, True), _arr(np.uint64, 1, False), _I64, _I64)
+    _cin = np.uint8 if _b == 1 else np.uint64  # _pack_w1 reads the codes bytes directly
+    _SIGNATURES[_PACK_WORDS[_b]] = numba.types.uint64(_arr(_cin, 1, True), _arr(_dt, 1, False), _I64, _I64)
+    _pin = np.uint8 if _b == 1 else _dt
+    _SIGNATURES[_UNPACK_WORDS[_b]] = numba.types.void(_arr(_pin, 1, True), _arr(np.uint64, 1, False), _I64, _I64)
 _READY = set()
 _READY_LOCK = threading.Lock()
 
@@ -594,7 +625,8 @@ def _pack_stream(c: np.ndarray, o: np.ndarray, bits: int) -> int:
     if nblocks:
         cw = c[: 64 * nblocks].view(np.uint64)
         if bits in _WORD_DTYPES:
-            args = (cw, o[: 8 * bits * nblocks].view(_WORD_DTYPES[bits]))
+            cin = c[: 64 * nblocks] if bits == 1 else cw
+            args = (cin, o[: 8 * bits * nblocks].view(_WORD_DTYPES[bits]))
             kernel = _PACK_WORDS[bits]
         else:
             args = (cw, o[: 8 * bits * nblocks].view(np.uint64), bits)
@@ -612,7 +644,8 @@ def _unpack_stream(p: np.ndarray, c: np.ndarray, bits: int) -> None:
     if nblocks:
         cw = c[: 64 * nblocks].view(np.uint64)
         if bits in _WORD_DTYPES:
-            args = (p[: 8 * bits * nblocks].view(_WORD_DTYPES[bits]), cw)
+            pin = p[: 8 * nblocks] if bits == 1 else p[: 8 * bits * nblocks].view(_WORD_DTYPES[bits])
+            args = (pin, cw)
             kernel = _UNPACK_WORDS[bits]
         else:
             args = (p[: 8 * bits * nblocks].view(np.uint64), cw, bits)
