@@ -44,15 +44,15 @@ import torch
 from numba import njit, prange
 
 __all__ = ["CPU_MAX_ROWS_NUMBA", "choose_path", "gemm_blocked", "dequant_blocked", "unpack_codes",
-           "dequantize_canonical", "blocked_tile", "to_blocked", "from_blocked", "int8pack_ok"]
+           "dequantize_canonical", "blocked_tile", "to_blocked", "from_blocked", "int8pack_ok", "tiles_blocked"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # The dispatch table. Rows (= x.numel() // in_features) up to this bound take the numba kernel on CPU; more rows
 # take float32 matmul of dequantized tiles. Crossovers measured with benchmarks/bench_linear.py at K = N = 4096
 # (see the module docstring); keyed by (activation dtype, bits of the blocked layout).
 CPU_MAX_ROWS_NUMBA = {
-    (torch.float32, 8): 24, (torch.bfloat16, 8): 48, (torch.float16, 8): 48,
-    (torch.float32, 4): 24, (torch.bfloat16, 4): 48, (torch.float16, 4): 48,
+    (torch.float32, 8): 256, (torch.bfloat16, 8): 256, (torch.float16, 8): 256,
+    (torch.float32, 4): 256, (torch.bfloat16, 4): 256, (torch.float16, 4): 256,
 }
 # Columns per tile of the blocked layout, largest first: the largest dividing N is used.
 _TILES = (128, 64, 32, 16)
@@ -81,6 +81,8 @@ def int8pack_ok(dtype: torch.dtype, in_features: int) -> bool:
 
 def choose_path(device_type: str, dtype: torch.dtype, rows: int, layout: str, bits: int) -> str:
     """Name of the forward path for a call: ``numba``, ``tiles`` (dequantized tiles + f32 matmul) or ``dense``.
+
+    The blocked layout exists on CPU only; ``dense`` is the canonical layout (int8pack or dequantize + matmul).
 
     Depends only on shapes, dtypes and module configuration, so it is constant under ``torch.compile``.
     """
@@ -203,6 +205,22 @@ def _gemm_q4(x, wb, scale, zp, gsize, n_out, out):  # pragma: no cover - compile
                 w1 = wb[t, k + 1]
                 w2 = wb[t, k + 2]
                 w3 = wb[t, k + 3]
+                if M == 1:  # decode and accumulate in one pass (memory bound: no round trip through wf)
+                    x0 = x[0, k]
+                    x1 = x[0, k + 1]
+                    x2 = x[0, k + 2]
+                    x3 = x[0, k + 3]
+                    a = acc[0]
+                    for j in range(H):
+                        zl = zf[j]
+                        a[j] += ((x0 * (np.float32(w0[j] & 15) - zl) + x1 * (np.float32(w1[j] & 15) - zl))
+                                 + (x2 * (np.float32(w2[j] & 15) - zl) + x3 * (np.float32(w3[j] & 15) - zl)))
+                    for j in range(H):
+                        zh = zf[j + H]
+                        a[j + H] += ((x0 * (np.float32(w0[j] >> 4) - zh) + x1 * (np.float32(w1[j] >> 4) - zh))
+                                     + (x2 * (np.float32(w2[j] >> 4) - zh) + x3 * (np.float32(w3[j] >> 4) - zh)))
+                    k += 4
+                    continue
                 for j in range(H):
                     zl = zf[j]
                     zh = zf[j + H]
@@ -245,6 +263,38 @@ def _gemm_q4(x, wb, scale, zp, gsize, n_out, out):  # pragma: no cover - compile
                 o[j] = tt[j]
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _dequant_tiles(wb, bits, scale, zp, t0, t1, out):  # pragma: no cover - compiled
+    # W.T for tiles t0..t1 of the blocked layout: out[k, (t-t0)*NT + j] = (code - zp) * scale, float32, one pass.
+    T, K, W = wb.shape
+    NT = W * 2 if bits == 4 else W
+    G = scale.shape[0]
+    gsize = K // G
+    has_zp = zp.shape[0] > 0
+    for k in prange(K):
+        g = k // gsize
+        o = out[k]
+        for t in range(t0, t1):
+            c0 = (t - t0) * NT
+            n0 = t * NT
+            sc = scale[g, n0:n0 + NT]
+            w = wb[t, k]
+            if bits == 4:
+                z = zp[g, n0:n0 + NT]
+                H = W
+                for j in range(H):
+                    o[c0 + j] = (np.float32(w[j] & 15) - np.float32(z[j])) * sc[j]
+                for j in range(H):
+                    o[c0 + H + j] = (np.float32(w[j] >> 4) - np.float32(z[j + H])) * sc[j + H]
+            elif has_zp:
+                z = zp[g, n0:n0 + NT]
+                for j in range(NT):
+                    o[c0 + j] = (np.float32(w[j]) - np.float32(z[j])) * sc[j]
+            else:
+                for j in range(NT):
+                    o[c0 + j] = np.float32(w[j]) * sc[j]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The numba kernel as a torch custom op: opaque to torch.compile (fullgraph works), CPU only.
 
@@ -267,10 +317,22 @@ def _(x, qweight, scale, zero_point, group_size, bits, out_features):
 @torch.library.custom_op("qtorch::tiles_blocked", mutates_args=())
 def tiles_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                   group_size: int, bits: int, out_features: int) -> torch.Tensor:
-    """:func:`tiles_matmul` in float32 as an opaque op, so that inductor's freezing cannot constant-fold the
-    dequantized tiles into a full-precision copy of the weight."""
-    return tiles_matmul(x, qweight, scale, zero_point, bits=bits, group=group_size, out_features=out_features,
-                        compute_dtype=torch.float32)
+    """``x[M, K] @ dequant(qweight).T`` for many rows (CPU): chunks of tiles dequantized to float32 by numba in
+    one pass, each multiplied by one float32 matmul. Opaque to torch.compile, so that freezing cannot
+    constant-fold the dequantized weight into a full-precision copy."""
+    T, K = qweight.shape[0], qweight.shape[1]
+    NT = qweight.shape[2] * (2 if bits == 4 else 1)
+    per_chunk = max(1, _CHUNK_BYTES // (K * NT * 4))
+    xf = x.detach().to(torch.float32).contiguous()
+    wq, sq, zq = qweight.numpy(), scale.numpy(), zero_point.numpy()
+    outs = []
+    for t0 in range(0, T, per_chunk):
+        t1 = min(T, t0 + per_chunk)
+        w = torch.empty((K, (t1 - t0) * NT), dtype=torch.float32)  # C-contiguous: one numba signature
+        _dequant_tiles(wq, bits, sq, zq, t0, t1, w.numpy())
+        outs.append(torch.mm(xf, w))
+    y = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+    return y[:, :out_features].to(x.dtype)
 
 
 @tiles_blocked.register_fake
@@ -428,20 +490,3 @@ def dequant_blocked(wb, scale, zero_point, *, bits: int, group: int, t0: int = 0
         z = zero_point[:, cols].reshape(G, T, NT).transpose(0, 1).unsqueeze(2).to(dtype)
         c = c - z
     return (c * s).reshape(T, K, NT)
-
-
-def tiles_matmul(x2d: torch.Tensor, wb, scale, zero_point, *, bits: int, group: int, out_features: int,
-                 compute_dtype: torch.dtype) -> torch.Tensor:
-    """``x2d @ W.T`` for many rows: dequantize a chunk of tiles, one batched matmul per chunk."""
-    T, K = wb.shape[0], wb.shape[1]
-    NT = wb.shape[2] * (2 if bits == 4 else 1)
-    per_chunk = max(1, _CHUNK_BYTES // (K * NT * 4))
-    xc = x2d.to(compute_dtype)
-    outs = []
-    for t0 in range(0, T, per_chunk):
-        t1 = min(T, t0 + per_chunk)
-        w = dequant_blocked(wb, scale, zero_point, bits=bits, group=group, t0=t0, t1=t1, dtype=compute_dtype)
-        outs.append(torch.matmul(xc.unsqueeze(0), w))  # [t, M, NT]
-    y = torch.cat(outs, 0) if len(outs) > 1 else outs[0]
-    return y.permute(1, 0, 2).reshape(x2d.shape[0], T * NT)[:, :out_features].to(x2d.dtype)
-

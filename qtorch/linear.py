@@ -284,13 +284,9 @@ class QuantLinear(nn.Module):
         if path == "numba":
             return torch.ops.qtorch.gemm_blocked(x2, self.qweight, self.scale, self.zero_point,
                                                  k // self.scale.shape[0], self.bits, n)
-        if path == "tiles" and dev == "cpu":
+        if path == "tiles":
             return torch.ops.qtorch.tiles_blocked(x2, self.qweight, self.scale, self.zero_point,
                                                   k // self.scale.shape[0], self.bits, n)
-        if path == "tiles":
-            return K.tiles_matmul(x2, self.qweight, self.scale, self.zero_point, bits=self.bits,
-                                  group=k // self.scale.shape[0], out_features=n,
-                                  compute_dtype=torch.float32 if dev == "cpu" else x2.dtype)
         if (dev == "cpu" and x2.dtype == torch.bfloat16 and self.bits == 8 and self.scheme.symmetric
                 and self._kind == "channel" and self._axis == 0 and K.int8pack_ok(x2.dtype, k)):
             # PyTorch's vectorised bf16 kernel (guarded: K % 16 == 0, see kernels.int8pack_ok)
