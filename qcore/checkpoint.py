@@ -573,6 +573,8 @@ _SHARD_NAME = re.compile(r"^[^/\\\x00]+\.safetensors$")
 def _read_index(folder: str) -> dict:
     """``{shard file name: set of tensor names}`` from a checked ``model.safetensors.index.json``."""
     ipath = os.path.join(folder, INDEX_NAME)
+    if os.path.getsize(ipath) > MAX_HEADER_BYTES:
+        raise _bad(ipath, f"bad index: larger than {MAX_HEADER_BYTES} bytes")
     try:
         with open(ipath, "rb") as f:
             index = json.loads(f.read().decode("utf-8"), object_pairs_hook=_no_duplicates)
