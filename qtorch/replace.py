@@ -30,7 +30,7 @@ import fnmatch
 import re
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -261,7 +261,6 @@ class _Plan:
     unused: list[str]
     explicit_unused: list[str]
     model_bytes: int = 0
-    smoke: dict = field(default_factory=dict)
 
 
 def _weight_2d(module: nn.Module, kind: str) -> torch.Tensor:
@@ -299,7 +298,7 @@ def _storage_key(t: torch.Tensor):
 
 
 def _incompatibility(module: nn.Module, kind: str, names: list[str], parents, target: _Target,
-                     owners: dict, check_values: bool) -> str | None:
+                     owners: dict) -> str | None:
     """Why ``module`` cannot be replaced by ``target`` (None when it can). Cheap checks first."""
     w = module.weight
     out_f, in_f = _weight_2d(module, kind).shape
@@ -344,7 +343,7 @@ def _incompatibility(module: nn.Module, kind: str, names: list[str], parents, ta
             return f"shape {int(out_f)}x{int(in_f)} does not fit {scheme_label(target.scheme)}: {e}"
     # A finite sum proves every element finite (NaN/Inf propagate) without a full-size temporary; only a
     # non-finite sum (NaN/Inf, or an overflow of huge values) pays for the elementwise check.
-    if check_values and not bool(torch.isfinite(w.sum())):
+    if not bool(torch.isfinite(w.sum())):
         finite = torch.isfinite(w)
         if not bool(finite.all()):
             bad = torch.nonzero(~finite)[0].tolist()
@@ -378,10 +377,12 @@ def _smoke_test(module: nn.Module, kind: str, target: _Target, cache: dict) -> s
     return reason
 
 
-def _build_plan(model: nn.Module, scheme, exclude, include, on_incompatible: str, *, check_values: bool,
-                applied: bool) -> _Plan:
+def _build_plan(model: nn.Module, scheme, exclude, include, on_incompatible: str) -> _Plan:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if _linear_kind(model) is not None:
+        raise TypeError(f"model is itself a {type(model).__name__}; quantize_model replaces the layers inside a "
+                        f"model in place. For one layer use qtorch.QuantLinear.from_linear(layer, scheme)")
     if on_incompatible not in ON_INCOMPATIBLE:
         raise ValueError(f"on_incompatible must be one of {ON_INCOMPATIBLE}, got {on_incompatible!r}")
     single, rules = _scheme_spec(scheme)
@@ -456,7 +457,7 @@ def _build_plan(model: nn.Module, scheme, exclude, include, on_incompatible: str
                 continue
         job.target = target
         rec.scheme, rec.target = target.scheme, (target.cls or _quant_linear_cls()).__name__
-        reason = _incompatibility(mod, kind, mnames, job.parents, target, owners, check_values)
+        reason = _incompatibility(mod, kind, mnames, job.parents, target, owners)
         if reason is None:
             reason = _smoke_test(mod, kind, target, smoke_cache)
         if reason is not None:
@@ -563,7 +564,7 @@ def plan(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_EXCLUDE, in
     :class:`IncompatibleLayersError` as ``quantize_model`` would (its ``.report`` holds the full plan).
     """
     t0 = time.perf_counter()
-    p = _build_plan(model, scheme, exclude, include, on_incompatible, check_values=True, applied=False)
+    p = _build_plan(model, scheme, exclude, include, on_incompatible)
     _warn_unused(p)
     with torch.no_grad():
         for job in p.jobs:
@@ -594,7 +595,7 @@ def quantize_model(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_E
     released as soon as its quantized layer is in place (peak extra memory: a few copies of one layer).
     """
     t0 = time.perf_counter()
-    p = _build_plan(model, scheme, exclude, include, on_incompatible, check_values=True, applied=True)
+    p = _build_plan(model, scheme, exclude, include, on_incompatible)
     _warn_unused(p)
     done = 0
     try:

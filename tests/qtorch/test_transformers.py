@@ -29,7 +29,6 @@ SENTENCES = [
     "Coffee is grown in tropical regions.", "The children built a sandcastle on the beach.",
     "This laptop has a long battery life.", "Photosynthesis converts light into chemical energy.",
     "The committee approved the new budget.", "I would like a table for two, please.",
-    "Solar panels were installed on the roof.", "The novel was translated into twelve languages.",
 ]
 
 
