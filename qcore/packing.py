@@ -99,7 +99,7 @@ def _swar_unpack(v, b):
     return x
 
 
-# --- widths 1, 2, 4: one input word of 8 codes -> one output item of 8*b bits (u8/u16/u32) ----
+# --- widths 1, 2, 4: one word of 8 codes <-> one item of 8*b bits (u8/u16/u32); 1-bit pack: below
 # For b <= 4 a stage needs no pre-mask: shifting a code right by 8-b (16-2b, 32-4b) bits moves
 # nothing of it into the kept bits. (Codes >= 2**b give garbage here, but the wrapper raises.)
 
@@ -488,6 +488,8 @@ def pack(codes, bits) -> np.ndarray:
     if _LITTLE_ENDIAN and (nrows == 1 or (n * bits) % 8 == 0):
         # rows end on byte boundaries, so the whole array is one contiguous bit stream
         acc = _pack_stream(codes.reshape(-1), out.reshape(-1), bits)
+    elif _LITTLE_ENDIAN and bits in _WORD_DTYPES and n >= _PAD_MIN_LENGTH:
+        acc = _pack_padded(codes.reshape(nrows, n), out.reshape(nrows, -1), bits)
     else:
         acc = 0
         for a in _run_split(_pack_rows_range, (codes.reshape(nrows, n), out.reshape(nrows, -1), bits),
@@ -532,10 +534,44 @@ def unpack(packed, bits, length) -> np.ndarray:
     nrows = out.size // length
     if _LITTLE_ENDIAN and (nrows == 1 or (length * bits) % 8 == 0):
         _unpack_stream(packed.reshape(-1), out.reshape(-1), bits)
+    elif _LITTLE_ENDIAN and bits in _WORD_DTYPES and length >= _PAD_MIN_LENGTH:
+        _unpack_padded(packed.reshape(nrows, m), out.reshape(nrows, length), bits)
     else:
         _run_split(_unpack_rows_range, (packed.reshape(nrows, m), out.reshape(nrows, length), bits),
                    nrows, _min_rows(length))
     return out
+
+
+# --- rows that end mid-byte, widths 1, 2, 4: a row of m bytes holds exactly 8*m/bits codes, so
+# zero-padding each row to that length (in bounded chunks of rows) makes the rows one stream again.
+# An extra strided copy, but far cheaper than the row-by-row kernel.
+
+_PAD_CHUNK_CODES = 1 << 22
+_PAD_MIN_LENGTH = 64  # NumPy's strided copy of very short rows costs more than the row kernel
+
+
+def _pack_padded(c2: np.ndarray, o2: np.ndarray, bits: int) -> int:
+    nrows, n = c2.shape
+    npad = 8 * o2.shape[1] // bits
+    step = max(1, _PAD_CHUNK_CODES // npad)
+    tmp = np.zeros((min(step, nrows), npad), np.uint8)  # the padding columns stay zero
+    acc = 0
+    for r0 in range(0, nrows, step):
+        r1 = min(nrows, r0 + step)
+        tmp[: r1 - r0, :n] = c2[r0:r1]
+        acc |= _pack_stream(tmp[: r1 - r0].reshape(-1), o2[r0:r1].reshape(-1), bits)
+    return acc
+
+
+def _unpack_padded(p2: np.ndarray, c2: np.ndarray, bits: int) -> None:
+    nrows, n = c2.shape
+    npad = 8 * p2.shape[1] // bits
+    step = max(1, _PAD_CHUNK_CODES // npad)
+    tmp = np.empty((min(step, nrows), npad), np.uint8)
+    for r0 in range(0, nrows, step):
+        r1 = min(nrows, r0 + step)
+        _unpack_stream(p2[r0:r1].reshape(-1), tmp[: r1 - r0].reshape(-1), bits)
+        c2[r0:r1] = tmp[: r1 - r0, :n]
 
 
 # --- work splitting: the kernels release the GIL, so plain threads run them in parallel ----------

@@ -275,18 +275,22 @@ def test_unpack_arbitrary_bytes(bits, lead, n, seed):
 
 
 @given(bits=st.integers(1, 8), n=st.integers(1, 3000), seed=st.integers(0, 2**32 - 1),
-       threads=st.integers(1, 4), min_part=st.sampled_from([64, 256, 1000, 1 << 18]))
-def test_any_work_split_gives_the_same_bytes(bits, n, seed, threads, min_part):
-    codes = random_codes(seed, (3, n), bits)
+       threads=st.integers(1, 4), min_part=st.sampled_from([64, 256, 1000, 1 << 18]),
+       pad_chunk=st.sampled_from([1, 2000, 1 << 22]))
+def test_any_work_split_gives_the_same_bytes(bits, n, seed, threads, min_part, pad_chunk):
+    codes = random_codes(seed, (5, n), bits)
     expected = ref_pack(codes, bits)
-    saved = packing._NUM_THREADS, packing._PARALLEL_MIN_CODES, packing._DYNAMIC_THREADS
+    names = "_NUM_THREADS", "_PARALLEL_MIN_CODES", "_DYNAMIC_THREADS", "_PAD_CHUNK_CODES"
+    saved = [getattr(packing, k) for k in names]
     try:
-        packing._NUM_THREADS, packing._PARALLEL_MIN_CODES, packing._DYNAMIC_THREADS = threads, min_part, False
+        for k, v in zip(names, (threads, min_part, False, pad_chunk)):
+            setattr(packing, k, v)
         np.testing.assert_array_equal(pack(codes, bits), expected)
         np.testing.assert_array_equal(unpack(expected, bits, n), codes)
         np.testing.assert_array_equal(pack(codes[1], bits), expected[1])
     finally:
-        packing._NUM_THREADS, packing._PARALLEL_MIN_CODES, packing._DYNAMIC_THREADS = saved
+        for k, v in zip(names, saved):
+            setattr(packing, k, v)
 
 
 # --- bad input --------------------------------------------------------------------------------------
@@ -312,7 +316,8 @@ def test_code_too_large_names_first_index_and_value(bits, shape, where):
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7])
 def test_a_single_code_too_large_is_found_at_every_position(bits):
-    for shape in [(2 * 64 + 13,), (3, 64), (3, 9)]:  # one stream with a tail; whole blocks; rows path
+    # one stream with a tail; whole blocks; rows ending mid-byte, short (row kernel) and long (padded)
+    for shape in [(2 * 64 + 13,), (3, 64), (3, 9), (2, 67)]:
         size = int(np.prod(shape))
         for pos in range(size):
             codes = random_codes(pos, size, bits)
