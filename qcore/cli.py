@@ -6,7 +6,7 @@
 
 INPUT is a ``.safetensors`` file, or a folder with ``model.safetensors.index.json`` (shards) or
 ``model.safetensors``; OUTPUT mirrors it (same shard names, a new index, and the folder's small text files such
-as ``config.json`` and tokenizer files copied). Each tensor is read with positioned reads in pieces of a few
+as ``config.json``, tokenizer files and sentence-transformers module folders copied). Each tensor is read with positioned reads in pieces of a few
 million elements, quantized, and written into its place in the output file, so the peak memory depends on the
 piece size, not on the checkpoint (measured in ``benchmarks/bench_checkpoint.py``). The input is read with
 positioned reads rather than through a memory map because the pages of a map count towards the process's RSS
@@ -310,6 +310,26 @@ def _write_index(path: str, weight_map: dict, total_size: int) -> None:
         raise
 
 
+def _copy_side_files(src_root: str, dst_root: str, out: str) -> None:
+    """Copy the small text files of a model folder (config, tokenizer, sentence-transformers module folders
+    such as ``1_Pooling/``) beside the new shards. Links, hidden entries, OUTPUT itself, tensors and pickles
+    are skipped."""
+    skip = {os.path.realpath(out), os.path.realpath(dst_root)}
+    for dirpath, dirnames, filenames in os.walk(src_root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and not os.path.islink(os.path.join(dirpath, d))
+                             and os.path.realpath(os.path.join(dirpath, d)) not in skip)
+        rel = os.path.relpath(dirpath, src_root)
+        for fname in sorted(filenames):
+            src = os.path.join(dirpath, fname)
+            if (fname.startswith(".") or not fname.endswith(_COPY_SUFFIXES) or os.path.islink(src)
+                    or (rel == "." and fname == ck.INDEX_NAME)):
+                continue
+            dst_dir = os.path.normpath(os.path.join(dst_root, rel))
+            os.makedirs(dst_dir, exist_ok=True)
+            shutil.copyfile(src, os.path.join(dst_dir, fname))
+
+
 def _commit_folder(tmpdir: str, out: str) -> None:
     """Move the finished folder into place; an existing OUTPUT is only removed once the new one is there."""
     old = None
@@ -383,11 +403,7 @@ def quantize_checkpoint(input_path, output, *, bits: int = 8, symmetric: bool = 
         if kind != "file":
             if kind == "sharded":
                 _write_index(os.path.join(tmpdir, ck.INDEX_NAME), weight_map, total_size)
-            for fname in sorted(os.listdir(input_path)):
-                src = os.path.join(input_path, fname)
-                if (fname != ck.INDEX_NAME and fname.endswith(_COPY_SUFFIXES) and os.path.isfile(src)
-                        and not os.path.islink(src)):
-                    shutil.copyfile(src, os.path.join(tmpdir, fname))
+            _copy_side_files(input_path, tmpdir, out)
         out_bytes = sum(os.path.getsize(p) for p in out_files)
         if tmpdir is not None:
             _commit_folder(tmpdir, out)

@@ -39,6 +39,7 @@ def write_checkpoint(folder, shards, metadata=None, extra_files=None):
     with open(os.path.join(folder, ck.INDEX_NAME), "w") as f:
         json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
     for name, text in (extra_files or {}).items():
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
         with open(os.path.join(folder, name), "w") as f:
             f.write(text)
     return tensors
@@ -64,7 +65,8 @@ QUANTIZED_BY_DEFAULT = {"model.layers.0.self_attn.q_proj.weight", "model.layers.
 @pytest.fixture
 def model_dir(tmp_path):
     folder = tmp_path / "model"
-    tensors = write_checkpoint(folder, small_model(), extra_files={"config.json": '{"model_type": "toy"}'})
+    tensors = write_checkpoint(folder, small_model(), extra_files={"config.json": '{"model_type": "toy"}',
+                                                                   "1_Pooling/config.json": '{"pool": 1}'})
     return folder, tensors
 
 
@@ -100,6 +102,7 @@ def test_sharded_round_trip(model_dir, tmp_path, capsys, bits, asym, group):
     # output mirrors the input: the same shard names, a new index, the config copied
     assert sorted(os.listdir(out)) == sorted(os.listdir(folder))
     assert (out / "config.json").read_text() == '{"model_type": "toy"}'
+    assert (out / "1_Pooling" / "config.json").read_text() == '{"pool": 1}'  # sentence-transformers modules
     index = json.loads((out / ck.INDEX_NAME).read_text())
     for fname in set(index["weight_map"].values()):
         assert set(load_file(out / fname)) == {k for k, v in index["weight_map"].items() if v == fname}
@@ -129,6 +132,20 @@ def test_single_file_and_folder_with_model_safetensors(tmp_path):
     assert run("quantize", tmp_path / "dir", tmp_path / "qdir", "-q") == 0
     assert os.listdir(tmp_path / "qdir") == ["model.safetensors"]
     same_quantization(ck.load(tmp_path / "qdir")["a.weight"], x, QuantScheme(8))
+
+
+def test_side_files_copied_but_not_tensors_pickles_or_hidden(model_dir, tmp_path):
+    folder, _ = model_dir
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({}))
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x.json").write_text("{}")
+    (folder / "tokenizer.model").write_bytes(b"spm")
+    (folder / "stray.safetensors").write_bytes(b"")
+    os.symlink(folder / "config.json", folder / "link.json")
+    assert run("quantize", folder, tmp_path / "out", "-q") == 0
+    got = sorted(os.listdir(tmp_path / "out"))
+    assert got == sorted(["1_Pooling", "config.json", "tokenizer.model", ck.INDEX_NAME,
+                          "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])
 
 
 def test_sqnr_in_summary_matches_metrics(model_dir, tmp_path):
@@ -247,9 +264,12 @@ def test_failure_midway_leaves_no_output_and_keeps_existing(model_dir, tmp_path,
     expect_error(capsys, ["quantize", bad, out], "model.layers.1.mlp.down_proj.weight", "(40, 7)", "NaN")
     assert not out.exists() and leftovers(tmp_path) == []
     assert run("quantize", folder, out, "-q") == 0
-    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    def snapshot():
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = snapshot()
     expect_error(capsys, ["quantize", bad, out, "--overwrite"], "NaN")
-    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert snapshot() == before
     assert leftovers(tmp_path) == []
 
 
