@@ -372,6 +372,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+_HAS_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
+
+
 class SafetensorsWriter:
     """Write a safetensors file tensor by tensor, holding at most one piece of one tensor in memory.
 
@@ -463,6 +466,35 @@ class SafetensorsWriter:
             self._f.seek(self._data_start + off + done)
             self._f.write(a.reshape(-1).view(np.uint8).data)
         slot[4] = done + nb
+
+    def copy_from(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
+        """Append ``nbytes`` raw bytes read from file descriptor ``src_fd`` at ``src_offset`` to tensor ``name``
+        (the caller vouches that they are that tensor's dtype). Uses ``os.copy_file_range`` where the system has
+        it, so the bytes go file to file inside the kernel without passing through this process's memory."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise KeyError(f"tensor {name!r} was not declared to this writer")
+        code, shape, off, n, done = slot
+        if done + nbytes > n:
+            raise ValueError(f"tensor {name!r}: {done + nbytes} bytes written, but shape {list(shape)} of {code} "
+                             f"holds {n}")
+        self._f.flush()
+        dst_fd, pos, end = self._f.fileno(), 0, nbytes
+        while pos < end:
+            k = 0
+            if _HAS_COPY_FILE_RANGE:
+                try:
+                    k = os.copy_file_range(src_fd, dst_fd, end - pos, src_offset + pos,
+                                           self._data_start + off + done + pos)
+                except OSError:  # e.g. EXDEV on old kernels, or a file system without support
+                    k = 0
+            if not k:
+                chunk = os.pread(src_fd, min(end - pos, 1 << 24), src_offset + pos)
+                if not chunk:
+                    raise ValueError(f"tensor {name!r}: the source ended early (was it changed while reading?)")
+                k = os.pwrite(dst_fd, chunk, self._data_start + off + done + pos)
+            pos += k
+        slot[4] = done + nbytes
 
     def close(self) -> None:
         """Check completeness, fsync, and rename the temporary file to ``path``."""

@@ -224,14 +224,12 @@ class _Stats:
 
 def _stream_tensor(f, info: ck.TensorInfo, scheme: Optional[QuantScheme], writer, stats: _Stats, bar) -> None:
     dt = info.np_dtype
-    if scheme is None:  # a plain tensor: copied piece by piece, bytes unchanged
-        total = math.prod(info.shape)
-        step = max(1, (CHUNK_ELEMENTS * 4) // dt.itemsize)
-        for e0 in range(0, total, step):
-            buf = np.empty(min(step, total - e0), dt)
-            _read_into(f, info.start + e0 * dt.itemsize, buf, info.name)
-            writer.write(info.name, buf)
-            bar.update(buf.nbytes)
+    if scheme is None:  # a plain tensor: bytes copied unchanged, file to file, in pieces (for the progress bar)
+        step = CHUNK_ELEMENTS * 4
+        for b0 in range(0, info.nbytes, step):
+            k = min(step, info.nbytes - b0)
+            writer.copy_from(info.name, f.fileno(), info.start + b0, k)
+            bar.update(k)
         stats.copied += 1
         return
     rows, cols = info.shape

@@ -148,6 +148,35 @@ def test_streaming_writer_in_pieces_matches_official_loader(tmp_path_factory, sp
         assert got[name].tobytes() == arr.tobytes()
 
 
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_writer_copy_from_a_file(tmp_path, monkeypatch, kernel_copy):
+    """Raw bytes copied file to file (os.copy_file_range, or pread/pwrite without it) beside array writes."""
+    monkeypatch.setattr(ck, "_HAS_COPY_FILE_RANGE", kernel_copy and ck._HAS_COPY_FILE_RANGE)
+    src = tmp_path / "src.bin"
+    payload = RNG.standard_normal(1000).astype(ml_dtypes.bfloat16)
+    src.write_bytes(b"junk" + payload.tobytes())
+    path = tmp_path / "c.safetensors"
+    with open(src, "rb") as f, ck.SafetensorsWriter(path, [("a", np.uint8, (3,)), ("b", ml_dtypes.bfloat16, (1000,))]) as w:
+        w.write("a", np.array([1, 2], np.uint8))
+        w.copy_from("b", f.fileno(), 4, 1200)
+        w.write("a", np.array([3], np.uint8))
+        w.copy_from("b", f.fileno(), 1204, 800)
+        with pytest.raises(ValueError, match="holds 2000"):
+            w.copy_from("b", f.fileno(), 4, 2)
+    got = load_file(path)
+    assert got["a"].tolist() == [1, 2, 3] and got["b"].tobytes() == payload.tobytes()
+
+
+def test_writer_copy_from_a_short_source(tmp_path, monkeypatch):
+    monkeypatch.setattr(ck, "_HAS_COPY_FILE_RANGE", False)
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"1234")
+    with open(src, "rb") as f, pytest.raises(ValueError, match="source ended early"):
+        with ck.SafetensorsWriter(tmp_path / "c.safetensors", [("b", np.uint8, (8,))]) as w:
+            w.copy_from("b", f.fileno(), 0, 8)
+    assert sorted(os.listdir(tmp_path)) == ["src.bin"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Writing never leaves partial files
 # ---------------------------------------------------------------------------------------------------------
