@@ -40,7 +40,7 @@ from torch import nn
 import qcore
 from qcore import PerChannel, PerGroup, QuantScheme
 
-from .memory import memory_footprint, module_nbytes, release_free_memory
+from .memory import _storage_key_and_nbytes, memory_footprint, module_nbytes, release_free_memory
 from .report import LayerReport, QuantizationReport, scheme_label
 
 __all__ = [
@@ -288,13 +288,7 @@ def _as_linear(module: nn.Module, kind: str) -> nn.Linear:
 
 
 def _storage_key(t: torch.Tensor):
-    if t.device.type == "meta":
-        return None
-    try:
-        ptr = t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None
-    return (t.device.type, t.device.index, ptr) if ptr else None
+    return _storage_key_and_nbytes(t)[0]
 
 
 def _incompatibility(module: nn.Module, kind: str, names: list[str], parents, target: _Target,
@@ -327,8 +321,7 @@ def _incompatibility(module: nn.Module, kind: str, names: list[str], parents, ta
     for t in (w, getattr(module, "bias", None)):
         if t is None:
             continue
-        key = _storage_key(t)
-        others = sorted(o for o in owners.get(key, ()) if o not in own) if key is not None else []
+        others = sorted(o for o in owners.get(_storage_key(t), ()) if o not in own)
         if others:
             return (f"weight shares memory with {others[0]!r} (tied weights); quantizing it would keep the dense "
                     f"copy alive and untie them. Exclude it")
@@ -413,9 +406,7 @@ def _build_plan(model: nn.Module, scheme, exclude, include, on_incompatible: str
     owners: dict = {}
     for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
         if t is not None:
-            key = _storage_key(t)
-            if key is not None:
-                owners.setdefault(key, []).append(n)
+            owners.setdefault(_storage_key(t), []).append(n)
 
     used: set[int] = set()
     jobs: list[_Job] = []
