@@ -211,6 +211,20 @@ def test_unmatched_pattern_warns(model_dir, tmp_path, capsys):
     assert "pattern 'nothing.like.this' matches no tensor" in capsys.readouterr().err
 
 
+def test_progress_bar_only_on_a_terminal(model_dir, tmp_path, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for tty, name in ((False, "a"), (True, "b")):
+        err = Terminal() if tty else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        assert run("quantize", model_dir[0], tmp_path / name, "-q") == 0
+        assert ("100%" in err.getvalue()) is tty, err.getvalue()
+
+
 def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit) as e:
         run("quantize", "--help")
