@@ -7,7 +7,7 @@ in the input's compute dtype, clip, cast.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 F32_TINY = np.float32(np.finfo(np.float32).tiny)  # smallest normal: the scale of an all-zero group
 F32_MAX = np.float64(np.finfo(np.float32).max)
@@ -39,15 +39,16 @@ def params_from_minmax(mn, mx, qmax, symmetric):
 
 
 @njit(cache=True, nogil=True)
-def _minmax(seg):
-    """(min, max, bad) of a non-empty 1-D float run; bad is True if it holds NaN or +-Inf.
+def _minmax(seg, start, stop):
+    """(min, max, bad) of the non-empty run ``seg[start:stop]``; bad is True if it holds NaN or +-Inf.
 
-    Kept a separate serial function: inlined into a prange body, the same loop does not vectorise.
+    Kept a separate serial function: inlined into a prange body, the same loop does not vectorise. Runs are
+    given as bounds, not slices: a slice per group costs reference counting that a 32-element group notices.
     """
-    mn = seg[0]
+    mn = seg[np.uint64(start)]
     mx = mn
     nan = False
-    for i in range(seg.size):
+    for i in range(np.uint64(start), np.uint64(stop)):  # unsigned: no wraparound code, so it vectorises
         v = seg[i]
         mn = min(mn, v)
         mx = max(mx, v)
@@ -68,126 +69,110 @@ def _key(v):
 
 
 @njit(cache=True, nogil=True)
-def _minmax_f32bits(seg):
+def _minmax_f32bits(seg, start, stop, scratch):
     """:func:`_minmax` of float32 data given as its int32 bit pattern; NaN and Inf show as keys at or
-    beyond the keys of +-Inf, so nothing is lost by not comparing floats."""
+    beyond the keys of +-Inf, so nothing is lost by not comparing floats. ``scratch``: 2 int32 slots, passed
+    in because an allocation per group costs more than the group's arithmetic."""
     mn = np.int32(2147483647)
     mx = np.int32(-2147483648)
-    for i in range(seg.size):
+    for i in range(np.uint64(start), np.uint64(stop)):  # unsigned: no wraparound code, so it vectorises
         k = _key(seg[i])
         mn = min(mn, k)
         mx = max(mx, k)
     bad = mx >= _KEY_POS_INF or mn <= _KEY_NEG_INF
-    both = np.empty(2, np.int32)
-    both[0] = _key(mn)  # the transform is its own inverse
-    both[1] = _key(mx)
-    f = both.view(np.float32)
+    scratch[0] = _key(mn)  # the transform is its own inverse
+    scratch[1] = _key(mx)
+    f = scratch.view(np.float32)
     return np.float64(f[0]), np.float64(f[1]), bad
 
 
 @njit(cache=True, nogil=True)
-def _group_minmax(seg, bits):
+def _group_minmax(seg, bits, start, stop, scratch):
     # ``bits`` is the int32 view of a float32 ``seg`` (fast path), or an empty array for other dtypes.
     if bits.size:
-        return _minmax_f32bits(bits)
-    return _minmax(seg)
+        return _minmax_f32bits(bits, start, stop, scratch)
+    return _minmax(seg, start, stop)
 
 
 @njit(cache=True, nogil=True)
-def _quantize_seg(seg, s, z, qmin, qmax, out):
+def _quantize_seg(seg, start, stop, s, z, qmin, qmax, out):
     # float32 operands keep float32 input in float32 (the reference's rounding, and twice the SIMD width);
     # float64 input promotes them exactly.
     zc = np.float32(z)
     lo = np.float32(qmin)
     hi = np.float32(qmax)
-    for i in range(seg.size):
+    for i in range(np.uint64(start), np.uint64(stop)):  # unsigned: no wraparound code, so it vectorises
         t = np.rint(seg[i] / s) + zc
         out[i] = min(max(t, lo), hi)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def quantize_groups(x, xbits, g, qmin, qmax, symmetric, codes, scale, zp):
-    """Fused per-row pass: min/max of each group of ``g`` along axis 1, its parameters, then its codes.
+# The kernels below run over a range of rows or elements ``[r0, r1)`` and release the GIL, so that
+# qcore._parallel can split one call across threads. (numba's parallel=True compiled 3x slower, a real
+# cost on every fresh install, and its OpenMP workers spin on a shared machine.)
 
-    x: (R, L) float32/float64; xbits: x.view(int32) for float32 x, else an empty (R, 0) array;
+@njit(cache=True, nogil=True)
+def quantize_rows(x, xbits, g, qmin, qmax, symmetric, codes, scale, zp, r0, r1):
+    """Fused pass over rows ``r0..r1``: min/max of each group of ``g`` along axis 1, its parameters, then
+    its codes. x: (R, L) float32/float64; xbits: x.view(int32) for float32 x, else an empty (R, 0) array;
     codes: (R, L) int8/uint8; scale: (R, L//g) float32; zp: (R, L//g) uint8.
-    Returns one flag per row: 1 if the row holds NaN or Inf (the caller raises; ``codes`` is then garbage).
+    Returns the number of rows holding NaN or Inf (the caller raises; ``codes`` is then garbage).
     """
-    rows, length = x.shape
-    bad = np.zeros(rows, dtype=np.uint8)
-    for r in prange(rows):
-        # Row first, then a 1-D slice: numba types that as contiguous (a 2-D slice x[r, a:b] is not, and
-        # its loops do not vectorise).
+    length = x.shape[1]
+    bad = 0
+    scratch = np.empty(2, np.int32)
+    for r in range(r0, r1):
+        # Row first: a 1-D row of a C array is typed contiguous (a 2-D slice x[r, a:b] is not, and its loops
+        # do not vectorise).
         xr = x[r]
         br = xbits[r]
         cr = codes[r]
         for j in range(length // g):
-            seg = xr[j * g:(j + 1) * g]
-            mn, mx, nonfinite = _group_minmax(seg, br[j * g:(j + 1) * g])
+            mn, mx, nonfinite = _group_minmax(xr, br, j * g, (j + 1) * g, scratch)
             if nonfinite:
-                bad[r] = 1
-                continue
+                bad += 1
+                break
             s, z = params_from_minmax(mn, mx, qmax, symmetric)
             scale[r, j] = s
             zp[r, j] = np.uint8(z)
-            _quantize_seg(seg, s, z, qmin, qmax, cr[j * g:(j + 1) * g])
+            _quantize_seg(xr, j * g, (j + 1) * g, s, z, qmin, qmax, cr)
     return bad
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def minmax_chunks(x, xbits, chunk):
-    """Per-chunk (min, max, non-finite) of a flat array (``xbits`` as in :func:`quantize_groups`)."""
-    n = x.size
-    nchunks = max((n + chunk - 1) // chunk, 1)
-    mns = np.zeros(nchunks, dtype=np.float64)
-    mxs = np.zeros(nchunks, dtype=np.float64)
-    nans = np.zeros(nchunks, dtype=np.uint8)
-    for c in prange(nchunks):
-        start = c * chunk
-        stop = min(start + chunk, n)
-        if start >= stop:
-            continue
-        mn, mx, bad = _group_minmax(x[start:stop], xbits[start:stop] if xbits.size else xbits)
-        mns[c] = mn
-        mxs[c] = mx
-        nans[c] = bad
-    return mns, mxs, nans
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def quantize_flat(x, s, z, qmin, qmax, chunk, codes):
-    """Per-tensor codes of a flat array with one (scale, zero point), in parallel chunks."""
-    n = x.size
-    nchunks = (n + chunk - 1) // chunk
-    for c in prange(nchunks):
-        stop = min(c * chunk + chunk, n)
-        _quantize_seg(x[c * chunk:stop], s, z, qmin, qmax, codes[c * chunk:stop])
+@njit(cache=True, nogil=True)
+def minmax_range(x, xbits, lo, hi):
+    """(min, max, non-finite) of ``x[lo:hi]`` of a flat array (``xbits`` as in :func:`quantize_rows`)."""
+    if lo >= hi:
+        return 0.0, 0.0, False
+    return _group_minmax(x, xbits, lo, hi, np.empty(2, np.int32))
 
 
 @njit(cache=True, nogil=True)
-def _dequantize_seg(codes, s, z, out):
-    for i in range(codes.size):
+def quantize_flat(x, s, z, qmin, qmax, codes, lo, hi):
+    """Per-tensor codes of ``x[lo:hi]`` of a flat array with one (scale, zero point)."""
+    _quantize_seg(x, lo, hi, s, z, qmin, qmax, codes)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_seg(codes, start, stop, s, z, out):
+    for i in range(np.uint64(start), np.uint64(stop)):  # unsigned: no wraparound code, so it vectorises
         out[i] = (np.float32(codes[i]) - z) * s
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def dequantize_groups(codes, g, scale, zp, out):
-    """out[r, i] = (codes[r, i] - zp[r, i // g]) * scale[r, i // g] in float32; ``zp`` may have 0 columns."""
-    rows, length = codes.shape
+@njit(cache=True, nogil=True)
+def dequantize_rows(codes, g, scale, zp, out, r0, r1):
+    """out[r, i] = (codes[r, i] - zp[r, i // g]) * scale[r, i // g] in float32 for rows ``r0..r1``;
+    ``zp`` may have 0 columns (symmetric)."""
+    length = codes.shape[1]
     has_zp = zp.shape[1] > 0
-    for r in prange(rows):
+    for r in range(r0, r1):
         cr = codes[r]
         orow = out[r]
         for j in range(length // g):
             z = np.float32(zp[r, j]) if has_zp else np.float32(0.0)
-            _dequantize_seg(cr[j * g:(j + 1) * g], scale[r, j], z, orow[j * g:(j + 1) * g])
+            _dequantize_seg(cr, j * g, (j + 1) * g, scale[r, j], z, orow)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def dequantize_flat(codes, s, z, chunk, out):
-    """Per-tensor dequantize of a flat array: out = (codes - z) * s in float32."""
-    n = codes.size
-    nchunks = (n + chunk - 1) // chunk
-    for c in prange(nchunks):
-        stop = min(c * chunk + chunk, n)
-        _dequantize_seg(codes[c * chunk:stop], np.float32(s), np.float32(z), out[c * chunk:stop])
+@njit(cache=True, nogil=True)
+def dequantize_flat(codes, s, z, out, lo, hi):
+    """Per-tensor dequantize of ``codes[lo:hi]`` of a flat array: out = (codes - z) * s in float32."""
+    _dequantize_seg(codes, lo, hi, np.float32(s), np.float32(z), out)

@@ -18,12 +18,17 @@ import ml_dtypes
 import numpy as np
 
 from . import _kernels
+from ._parallel import run_split
 from .scheme import PerChannel, PerGroup, PerTensor, QuantScheme, _normalize_axis
 
 __all__ = ["QuantizedArray", "compute_qparams", "quantize", "dequantize", "fake_quantize", "check_float_array"]
 
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16))
-_CHUNK = 1 << 16  # elements per parallel chunk of the per-tensor kernels
+_MIN_PART = 1 << 16  # elements per thread's share, at least: below that a thread hand-off costs more
+
+
+def _min_rows(length: int) -> int:
+    return -(-_MIN_PART // max(length, 1))
 
 
 def check_float_array(x, name: str = "x") -> np.ndarray:
@@ -193,13 +198,13 @@ def quantize(x, scheme: QuantScheme = QuantScheme()) -> QuantizedArray:
 
     if kind == "tensor":
         flat = np.ascontiguousarray(xc).reshape(-1)
-        mns, mxs, bad = _kernels.minmax_chunks(flat, _bits_view(flat), _CHUNK)
-        mn, mx = (mns.min(), mxs.max()) if flat.size else (0.0, 0.0)
-        if bad.any():
+        parts = run_split(_kernels.minmax_range, (flat, _bits_view(flat)), flat.size, _MIN_PART)
+        if any(bad for _, _, bad in parts):
             _raise_nonfinite(x, "x")
+        mn, mx = min(p[0] for p in parts), max(p[1] for p in parts)
         s, z = _kernels.params_from_minmax(mn, mx, qmax, scheme.symmetric)
         codes = np.empty(flat.shape, cdtype)
-        _kernels.quantize_flat(flat, np.float32(s), z, qmin, qmax, _CHUNK, codes)
+        run_split(_kernels.quantize_flat, (flat, np.float32(s), z, qmin, qmax, codes), flat.size, _MIN_PART)
         zp = None if scheme.symmetric else np.array(z, np.uint8)
         return QuantizedArray(codes.reshape(x.shape), np.array(s, np.float32), zp, scheme)
 
@@ -220,9 +225,9 @@ def quantize(x, scheme: QuantScheme = QuantScheme()) -> QuantizedArray:
     scale2d = np.full((rows, ngroups), _kernels.F32_TINY, np.float32)
     zp2d = np.zeros((rows, ngroups), np.uint8)
     if rows and length:
-        bad = _kernels.quantize_groups(rows2d, _bits_view(rows2d), g, qmin, qmax, scheme.symmetric,
-                                       codes2d, scale2d, zp2d)
-        if bad.any():
+        bad = run_split(_kernels.quantize_rows, (rows2d, _bits_view(rows2d), g, qmin, qmax, scheme.symmetric,
+                                                 codes2d, scale2d, zp2d), rows, _min_rows(length))
+        if any(bad):
             _raise_nonfinite(x, "x")
     codes = np.ascontiguousarray(np.moveaxis(codes2d.reshape(moved.shape), 0 if kind == "channel" else -1, axis))
     if kind == "channel":
@@ -271,7 +276,8 @@ def dequantize(qa, *args, dtype=np.float32) -> np.ndarray:
     if kind == "tensor":
         out = np.empty(codes.size, np.float32)
         z = 0 if qa.zero_point is None else int(qa.zero_point)
-        _kernels.dequantize_flat(np.ascontiguousarray(codes).reshape(-1), float(qa.scale), z, _CHUNK, out)
+        run_split(_kernels.dequantize_flat, (np.ascontiguousarray(codes).reshape(-1), float(qa.scale), z, out),
+                  codes.size, _MIN_PART)
         out = out.reshape(codes.shape)
     else:
         if kind == "channel":
@@ -289,7 +295,8 @@ def dequantize(qa, *args, dtype=np.float32) -> np.ndarray:
             g = scheme.granularity.size
         out2d = np.empty(c2d.shape, np.float32)
         zarg = np.zeros((c2d.shape[0], 0), np.uint8) if z2d is None else np.ascontiguousarray(z2d)
-        _kernels.dequantize_groups(c2d, g, np.ascontiguousarray(s2d), zarg, out2d)
+        run_split(_kernels.dequantize_rows, (c2d, g, np.ascontiguousarray(s2d), zarg, out2d), c2d.shape[0],
+                  _min_rows(c2d.shape[1]))
         out = np.ascontiguousarray(np.moveaxis(out2d.reshape(moved.shape), 0 if kind == "channel" else -1, axis))
     return out if out_dtype == np.float32 else out.astype(out_dtype)
 
