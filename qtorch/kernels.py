@@ -340,6 +340,26 @@ def _(x, qweight, scale, zero_point, group_size, bits, out_features):
     return x.new_empty((x.shape[0], out_features))
 
 
+def _setup_backward(ctx, inputs, output):
+    x, qweight, scale, zero_point, group_size, bits, out_features = inputs
+    ctx.save_for_backward(qweight, scale, zero_point)
+    ctx.bits, ctx.group, ctx.n, ctx.x_dtype = bits, group_size, out_features, x.dtype
+
+
+def _backward(ctx, grad):
+    # d(x @ W.T)/dx = grad @ W: the codes stay frozen (no gradient), the input gets one (adapters, probes).
+    qweight, scale, zero_point = ctx.saved_tensors
+    wt = dequant_blocked(qweight, scale, zero_point, bits=ctx.bits, group=ctx.group)  # [T, K, NT] = W.T tiles
+    T, K, NT = wt.shape
+    wt = wt.permute(1, 0, 2).reshape(K, T * NT)[:, :ctx.n]
+    gx = torch.mm(grad.to(torch.float32), wt.t()).to(ctx.x_dtype)
+    return gx, None, None, None, None, None, None
+
+
+gemm_blocked.register_autograd(_backward, setup_context=_setup_backward)
+tiles_blocked.register_autograd(_backward, setup_context=_setup_backward)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Layout conversions and torch dequantization (device-agnostic torch ops)
 

@@ -245,3 +245,13 @@ def test_quantization_error_is_small():
         x = torch.randn(8, 512)
         ref, y = lin(x).detach(), q(x)
         assert qcore.metrics.sqnr_db(ref.numpy(), y.numpy()) > min_db
+
+
+@pytest.mark.parametrize("n,rows", [(48, 3), (48, 300), (30, 3)])  # numba op, tiles op, canonical
+def test_input_gradient_flows_through_frozen_codes(n, rows):
+    q = qtorch.W8A16Linear.from_linear(torch.nn.Linear(64, n))
+    x = torch.randn(rows, 64, requires_grad=True)
+    q(x).square().sum().backward()
+    xr = x.detach().clone().requires_grad_(True)
+    F.linear(xr, q.dequantized_weight(), q.bias).square().sum().backward()
+    assert torch.allclose(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
