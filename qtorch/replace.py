@@ -394,9 +394,6 @@ def _build_plan(model: nn.Module, scheme, exclude, include, on_incompatible: str
             continue
         names.setdefault(id(mod), []).append(name)
         modules[id(mod)] = mod
-    if not names:
-        return _Plan(jobs=[], unused=[p.label for p in excl + (incl or []) + [p for p, _ in (rules or [])]],
-                     explicit_unused=[p.label for p in explicit], model_bytes=memory_footprint(model))
     wanted = {n for ns in names.values() for n in ns}
     for pname, pmod in model.named_modules(remove_duplicate=False):
         for cname, child in pmod._modules.items():  # named_children() would hide a second registration
@@ -404,7 +401,8 @@ def _build_plan(model: nn.Module, scheme, exclude, include, on_incompatible: str
             if full in wanted:
                 parents.setdefault(id(child), []).append((pmod, cname))
     owners: dict = {}
-    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for n, t in tensors:
         if t is not None:
             owners.setdefault(_storage_key(t), []).append(n)
 
@@ -650,7 +648,7 @@ def _prior_art_exclude(names_to_exclude) -> list[Pattern]:
         names_to_exclude = [names_to_exclude]
     out = []
     for entry in names_to_exclude:
-        if isinstance(entry, str) and "." not in entry and not entry.startswith("re:"):
+        if isinstance(entry, str) and not entry.startswith("re:") and not any(c in entry for c in ".*?["):
             out.append(Pattern(_LocalName(entry), "exclude pattern"))
         else:
             out.append(Pattern(entry, "exclude pattern"))
