@@ -19,6 +19,7 @@ Run:  python benchmarks/bench_checkpoint.py [--layers 4] [--repeats 1] [--dir /t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -46,7 +47,8 @@ def layer_tensors(i: int) -> list:
 
 def write_checkpoint(folder: str, layers: int) -> dict:
     """Shards: embeddings; one per layer; final norm + lm_head. Random bf16 rows (a fixed random block per
-    column count, scaled per piece), written piece by piece with qcore's streaming writer."""
+    column count, scaled per piece, with a share of outlier columns that differs per tensor), written piece by
+    piece with qcore's streaming writer."""
     rng = np.random.default_rng(0)
     shards = [[("model.embed_tokens.weight", (VOCAB, HIDDEN))]]
     shards += [layer_tensors(i) for i in range(layers)]
@@ -63,12 +65,12 @@ def write_checkpoint(folder: str, layers: int) -> dict:
                 if cols not in blocks:
                     blocks[cols] = (rng.standard_normal((256, cols)) * 0.02).astype(np.float32)
                 rows = shape[0] if len(shape) == 2 else 1
+                # outlier columns (a different share per tensor) so that tensors differ in SQNR
+                gain = np.where(rng.random(cols) < 0.002 * (len(weight_map) % 7), 8.0, 1.0).astype(np.float32)
                 for r0 in range(0, rows, 256):
-                    piece = blocks[cols][:min(256, rows - r0)] * np.float32(1 + 0.001 * r0)
+                    piece = blocks[cols][:min(256, rows - r0)] * (gain * np.float32(1 + 0.001 * r0))
                     w.write(name, piece.reshape(-1)[:int(np.prod(shape))].astype(ml_dtypes.bfloat16))
                 weight_map[name] = fname
-    import json
-
     with open(os.path.join(folder, ck.INDEX_NAME), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
     sizes = [int(np.prod(shape)) * 2 for shard in shards for _, shape in shard]
