@@ -13,7 +13,7 @@ would report this process's peak). Baselines in the same run, on the same warm p
 Throughput is input bytes / wall seconds of the child (including interpreter start and imports).
 The RSS budget of issue 6 is 3 x the largest tensor + 300 MB.
 
-Run:  python benchmarks/bench_checkpoint.py [--layers 4] [--repeats 1] [--dir /tmp]
+Run:  python benchmarks/bench_checkpoint.py [--layers 4] [--repeats 3] [--dir /tmp]
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def folder_bytes(folder: str) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4, help="decoder layers (405 MB each; default 4 -> 2.2 GB)")
-    ap.add_argument("--repeats", type=int, default=1, help="runs per configuration (median reported)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per configuration (median reported)")
     ap.add_argument("--dir", default=None, help="where to put the temporary checkpoint (default: system temp)")
     args = ap.parse_args()
 
