@@ -160,9 +160,16 @@ class QuantLinear(nn.Module):
         """Tile width of the blocked layout for this module on ``device``, 0 if it does not apply."""
         if device.type != "cpu" or self.bits not in (4, 8):
             return 0
+        if self._int8pack_layout():
+            return 0  # bfloat16 compute: PyTorch's vectorised int8 kernel takes the canonical [N, K] codes
         if self._kind == "group" and self._axis != 1 or self._kind == "channel" and self._axis != 0:
             return 0
         return K.blocked_tile(self.out_features)
+
+    def _int8pack_layout(self) -> bool:
+        """bf16 compute, 8-bit symmetric per output channel, K % 16 == 0: ``torch._weight_int8pack_mm``."""
+        return (self.compute_dtype == torch.bfloat16 and self.bits == 8 and self.scheme.symmetric
+                and self._kind == "channel" and self._axis == 0 and K.int8pack_ok(torch.bfloat16, self.in_features))
 
     def _relayout(self) -> None:
         """Hold the layout that the fast path of the current device wants (exactly one layout at a time)."""

@@ -76,13 +76,17 @@ def test_tiny_and_odd_in_features(k):
 def test_bfloat16_int8pack_path_is_guarded(monkeypatch):
     calls = []
     real = torch._weight_int8pack_mm
-    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[0].shape) or real(*a))
-    for k in (32, 504, 520, 7):  # only K % 16 == 0 may reach the kernel (504, 520, 7 would crash it)
-        q = qtorch.W8A16Linear.from_linear(torch.nn.Linear(k, 30, dtype=torch.bfloat16))
-        for rows in (1, 4, 16):
-            x = torch.randn(rows, k, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[0]) or real(*a))
+    for n in (30, 48):
+        for k in (32, 512, 504, 520, 7):  # only K % 16 == 0 may reach the kernel (504, 520, 7 would crash it)
+            q = qtorch.W8A16Linear.from_linear(torch.nn.Linear(k, n, dtype=torch.bfloat16))
+            assert q.weight_layout == ("canonical" if k % 16 == 0 or n == 30 else "blocked")
+            for rows in (1, 4, 16, 130):
+                x = torch.randn(rows, k, dtype=torch.bfloat16)
+                _check_close(q(x), x, q)
+            x = torch.randn(3, k)  # a float32 input to a bfloat16 module: the portable path
             _check_close(q(x), x, q)
-    assert calls and all(s[1] == 32 for s in calls)
+    assert calls and all(t.shape[1] in (32, 512) and t.dtype == torch.bfloat16 for t in calls)
 
 
 @pytest.mark.parametrize("layer", ["W8A16Linear", "W4A16Linear"])
