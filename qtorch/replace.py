@@ -381,7 +381,9 @@ def _build_plan(model: nn.Module, scheme, exclude, include, on_incompatible: str
     single, rules = _scheme_spec(scheme)
     excl = _patterns(exclude, "exclude pattern")
     incl = _patterns(include, "include pattern") if include is not None else None
-    explicit = [] if exclude is DEFAULT_EXCLUDE else excl
+    # The default exclusion (however spelled) is no typo when a model has no lm_head: only other patterns warn.
+    is_default = exclude == "lm_head" or (isinstance(exclude, (tuple, list)) and tuple(exclude) == DEFAULT_EXCLUDE)
+    explicit = [] if is_default else excl
     explicit = explicit + (incl or []) + [p for p, _ in (rules or [])]
 
     # Every registration of every module (a module shared under two names is replaced under both), its parents,

@@ -132,6 +132,7 @@ def test_unmatched_explicit_pattern_warns_and_is_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the default exclude on a model without lm_head does not warn
         qtorch.plan(nn.Sequential(nn.Linear(8, 8)), "w8a16")
+        qtorch.plan(nn.Sequential(nn.Linear(8, 8)), "w8a16", exclude=["lm_head"])
 
 
 # ------------------------------------------------------------------------------------------------------------------
