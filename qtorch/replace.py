@@ -370,9 +370,18 @@ def _smoke_test(module: nn.Module, kind: str, target: _Target, cache: dict) -> s
     return reason
 
 
+def _unwrap(model):
+    """The model inside a torch.compile / qtorch.compile wrapper, so that names read as the user wrote them
+    ("lm_head", not "_orig_mod.lm_head"). The wrapper recompiles on its next call."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
+
+
 def _build_plan(model: nn.Module, scheme, exclude, include, on_incompatible: str) -> _Plan:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = _unwrap(model)
     if _linear_kind(model) is not None:
         raise TypeError(f"model is itself a {type(model).__name__}; quantize_model replaces the layers inside a "
                         f"model in place. For one layer use qtorch.QuantLinear.from_linear(layer, scheme)")
@@ -607,7 +616,7 @@ def quantize_model(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_E
     if done:
         release_free_memory()
     return _report_from(p, applied=True, seconds=time.perf_counter() - t0,
-                        model_bytes_after=memory_footprint(model))
+                        model_bytes_after=memory_footprint(_unwrap(model)))
 
 
 def _apply_layer(job: _Job) -> None:

@@ -118,6 +118,13 @@ def test_include_glob_regex_and_callable():
     assert {r.name for r in rep.quantized} == {f"layers.{i}.fc2" for i in range(12)} | {"lm_head"}
 
 
+def test_names_inside_a_compiled_wrapper_read_as_written():
+    m = toy()
+    wrapped = torch.compile(m, backend="eager")  # compiles lazily: nothing runs here
+    rep = qtorch.plan(wrapped, "w8a16")
+    assert rep["lm_head"].status == "excluded" and "layers.0.fc1" in [r.name for r in rep.quantized]
+
+
 def test_a_bare_string_is_one_pattern_not_its_characters():
     m = toy()
     rep = qtorch.plan(m, "w8a16", exclude="layers")
