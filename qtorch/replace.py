@@ -628,7 +628,10 @@ def _apply_layer(job: _Job) -> None:
     w = _to_numpy_f32(lin.weight)
     deq = getattr(new, "dequantized_weight", None)
     if callable(deq):
-        w_hat = _to_numpy_f32(deq())
+        try:  # float32, as the CPU kernels compute: a bf16 rounding here would be the report's, not the layer's
+            w_hat = _to_numpy_f32(deq(torch.float32))
+        except TypeError:
+            w_hat = _to_numpy_f32(deq())
     elif job.target.scheme is not None:
         w_hat = qcore.dequantize(qcore.quantize(w, job.target.scheme))
     else:
