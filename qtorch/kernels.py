@@ -129,21 +129,33 @@ def _gemm_q8(x, wb, scale, zp, gsize, n_out, out):  # pragma: no cover - compile
                     x2 = x[0, k + 2]
                     x3 = x[0, k + 3]
                     a = acc[0]
-                    for j in range(NT):
-                        z = zf[j]
-                        a[j] += ((x0 * (np.float32(w0[j]) - z) + x1 * (np.float32(w1[j]) - z))
-                                 + (x2 * (np.float32(w2[j]) - z) + x3 * (np.float32(w3[j]) - z)))
+                    if has_zp:
+                        for j in range(NT):
+                            z = zf[j]
+                            a[j] += ((x0 * (np.float32(w0[j]) - z) + x1 * (np.float32(w1[j]) - z))
+                                     + (x2 * (np.float32(w2[j]) - z) + x3 * (np.float32(w3[j]) - z)))
+                    else:  # symmetric codes: no zero point to subtract
+                        for j in range(NT):
+                            a[j] += ((x0 * np.float32(w0[j]) + x1 * np.float32(w1[j]))
+                                     + (x2 * np.float32(w2[j]) + x3 * np.float32(w3[j])))
                 else:
                     f0 = wf[0]
                     f1 = wf[1]
                     f2 = wf[2]
                     f3 = wf[3]
-                    for j in range(NT):
-                        z = zf[j]
-                        f0[j] = np.float32(w0[j]) - z
-                        f1[j] = np.float32(w1[j]) - z
-                        f2[j] = np.float32(w2[j]) - z
-                        f3[j] = np.float32(w3[j]) - z
+                    if has_zp:
+                        for j in range(NT):
+                            z = zf[j]
+                            f0[j] = np.float32(w0[j]) - z
+                            f1[j] = np.float32(w1[j]) - z
+                            f2[j] = np.float32(w2[j]) - z
+                            f3[j] = np.float32(w3[j]) - z
+                    else:
+                        for j in range(NT):
+                            f0[j] = np.float32(w0[j])
+                            f1[j] = np.float32(w1[j])
+                            f2[j] = np.float32(w2[j])
+                            f3[j] = np.float32(w3[j])
                     for m in range(M):
                         x0 = x[m, k]
                         x1 = x[m, k + 1]
