@@ -23,21 +23,7 @@ W = RNG.standard_normal((6, 48)).astype(np.float32)
 GRANULARITIES = [PerTensor(), PerChannel(0), PerChannel(1), PerGroup(16), PerGroup(3, axis=0)]
 
 
-def _from_parts_rejects_0d_scale() -> bool:
-    """Known qcore bug (reported to the lead): QuantizedArray.from_parts turns a 0-d (per-tensor) scale into
-    shape (1,) with np.ascontiguousarray and then rejects it, so per-tensor checkpoints cannot load."""
-    qa = quantize(np.ones(4, np.float32), QuantScheme(8, True, PerTensor()))
-    try:
-        QuantizedArray.from_parts(qa.codes, qa.scale, None, qa.scheme)
-    except ValueError:
-        return True
-    return False
-
-
-_PER_TENSOR_XFAIL = pytest.mark.xfail(_from_parts_rejects_0d_scale(), strict=True,
-                                      reason="QuantizedArray.from_parts rejects 0-d scales (qcore/quantize.py)")
-SCHEMES = [pytest.param(QuantScheme(b, sym, g), id=str(QuantScheme(b, sym, g)),
-                        marks=[_PER_TENSOR_XFAIL] if isinstance(g, PerTensor) else [])
+SCHEMES = [pytest.param(QuantScheme(b, sym, g), id=str(QuantScheme(b, sym, g)))
            for b in range(1, 9) for sym in (True, False) for g in GRANULARITIES if not (b == 1 and sym)]
 
 
