@@ -199,6 +199,7 @@ def test_incompatible_layers_are_all_listed_in_one_error_before_anything_changes
         assert f"  - {name} (Linear" in msg and str(k) in msg
     assert "  - 0 " not in msg and "nothing was changed" in msg
     assert isinstance(ei.value, IncompatibleLayersError) and len(ei.value.layers) == 3
+    assert ei.value.report["0"].status == "planned" and ei.value.report["1"].status == "incompatible"
     assert_unchanged(m, snap)
 
 
