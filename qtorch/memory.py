@@ -35,6 +35,8 @@ def _tensors(module: nn.Module):
 
 def _storage_key_and_nbytes(t: torch.Tensor):
     """(key identifying the memory, bytes of that memory) for one tensor."""
+    if nn.parameter.is_lazy(t):  # LazyLinear before its first forward: no memory yet
+        return ("id", id(t)), 0
     if t.device.type == "meta":
         # Meta tensors own no memory, but count what they will need once materialised (like transformers does),
         # de-duplicated by identity since they have no data pointer.

@@ -295,6 +295,8 @@ def _incompatibility(module: nn.Module, kind: str, names: list[str], parents, ta
                      owners: dict) -> str | None:
     """Why ``module`` cannot be replaced by ``target`` (None when it can). Cheap checks first."""
     w = module.weight
+    if isinstance(w, nn.parameter.UninitializedParameter):
+        return "lazy layer whose weight is not initialised yet; run one forward pass first"
     out_f, in_f = _weight_2d(module, kind).shape
     if w.device.type == "meta":
         return "weight is on the meta device (not materialised); load the weights first"
@@ -423,10 +425,11 @@ def _build_plan(model: nn.Module, scheme, exclude, include, on_incompatible: str
     for mid, mod in modules.items():
         kind = _linear_kind(mod)
         mnames = names[mid]
-        w2 = _weight_2d(mod, kind)
-        rec = LayerReport(name=mnames[0], kind=kind, shape=(int(w2.shape[0]), int(w2.shape[1])),
-                          dtype=str(w2.dtype).replace("torch.", ""), status="planned",
-                          bytes_before=_dense_nbytes(mod), aliases=tuple(mnames[1:]))
+        lazy = isinstance(mod.weight, nn.parameter.UninitializedParameter)
+        shape = (0, 0) if lazy else tuple(int(n) for n in _weight_2d(mod, kind).shape)
+        rec = LayerReport(name=mnames[0], kind=kind, shape=shape, dtype=str(mod.weight.dtype).replace("torch.", ""),
+                          status="planned", bytes_before=0 if lazy else _dense_nbytes(mod),
+                          aliases=tuple(mnames[1:]))
         rec.bytes_after = rec.bytes_before
         job = _Job(record=rec, module=mod, parents=parents.get(mid, []))
         jobs.append(job)

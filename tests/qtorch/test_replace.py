@@ -285,13 +285,15 @@ def test_layers_whose_replacement_would_misbehave_are_incompatible():
     hooked = nn.Linear(16, 16)
     hooked.register_forward_hook(lambda mod, i, o: o + 1)
     mha = nn.MultiheadAttention(16, 2)
-    m = nn.ModuleDict({"custom": Custom(16, 16), "hooked": hooked, "attn": mha, "ok": nn.Linear(16, 16)})
+    m = nn.ModuleDict({"custom": Custom(16, 16), "hooked": hooked, "attn": mha, "ok": nn.Linear(16, 16),
+                       "lazy": nn.LazyLinear(16)})
     rep = qtorch.plan(m, "w8a16", on_incompatible="skip")
+    assert "not initialised" in rep["lazy"].reason
     assert "overrides forward" in rep["custom"].reason
     assert "hook" in rep["hooked"].reason
     assert "MultiheadAttention" in rep["attn.out_proj"].reason
     assert rep["ok"].status == "planned"
-    with pytest.raises(ValueError, match="3 Linear layer"):
+    with pytest.raises(ValueError, match="4 Linear layer"):
         qtorch.quantize_model(m, "w8a16")
 
 
