@@ -51,6 +51,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 __all__ = ["pack", "unpack", "packed_shape"]
@@ -204,35 +205,40 @@ def _unpack_blocks_b(pw, cw, k0, k1, bits):
 
 
 @intrinsic
-def _bits32(typingctx, arr, idx):
-    """32 one-bit codes ``arr[idx:idx+32]`` -> bit 0 of each as a uint32 (code i at bit i), with
-    bit 32 set if any of them is > 1. Portable LLVM vector IR (a byte-wise compare and movemask on
-    x86), about 1.5x less work than the word-at-a-time SWAR for this width."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and idx == types.uint64):
+def _pack1_loop(typingctx, src, dst, j0, j1):
+    """1-bit pack of ``src[32*j0 : 32*j1]`` (one code a byte) into ``dst[j0:j1]`` (uint32, code i at
+    bit i): per 32 codes one byte-wise shift and movemask. Returns the OR of all the codes spread
+    over the 8 bytes of a word, like the other kernels. Written as portable LLVM vector IR: numba
+    cannot express a movemask, and the SWAR word loop costs about twice as much for this width."""
+    if not (isinstance(src, types.Array) and src.dtype == types.uint8 and isinstance(dst, types.Array)
+            and dst.dtype == types.uint32 and j0 == types.int64 and j1 == types.int64):
         return None
 
     def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        vec = ir.VectorType(ir.IntType(8), 32)
-        v = builder.load(builder.bitcast(builder.gep(ary.data, [args[1]]), vec.as_pointer()), align=1)
-        low = builder.bitcast(builder.trunc(v, ir.VectorType(ir.IntType(1), 32)), ir.IntType(32))
-        big = builder.icmp_unsigned(">", v, ir.Constant(vec, [1] * 32))
-        anybig = builder.icmp_unsigned("!=", builder.bitcast(big, ir.IntType(32)), ir.Constant(ir.IntType(32), 0))
+        s = context.make_array(sig.args[0])(context, builder, args[0])
+        d = context.make_array(sig.args[1])(context, builder, args[1])
         i64 = ir.IntType(64)
-        return builder.or_(builder.zext(low, i64), builder.shl(builder.zext(anybig, i64), ir.Constant(i64, 32)))
+        vec = ir.VectorType(ir.IntType(8), 32)
+        accp = cgutils.alloca_once_value(builder, ir.Constant(vec, [0] * 32))
+        with cgutils.for_range(builder, builder.sub(args[3], args[2])) as loop:
+            j = builder.add(args[2], loop.index)
+            ptr = builder.bitcast(builder.gep(s.data, [builder.mul(j, ir.Constant(i64, 32))]), vec.as_pointer())
+            v = builder.load(ptr, align=1)
+            builder.store(builder.or_(builder.load(accp), v), accp)
+            bits = builder.bitcast(builder.trunc(v, ir.VectorType(ir.IntType(1), 32)), ir.IntType(32))
+            builder.store(bits, builder.gep(d.data, [j]))
+        words = builder.bitcast(builder.load(accp), ir.VectorType(i64, 4))
+        acc = builder.extract_element(words, ir.Constant(ir.IntType(32), 0))
+        for lane in (1, 2, 3):
+            acc = builder.or_(acc, builder.extract_element(words, ir.Constant(ir.IntType(32), lane)))
+        return acc
 
-    return types.uint64(arr, idx), codegen
+    return types.uint64(src, dst, j0, j1), codegen
 
 
 @njit(cache=True, nogil=True)
 def _pack_w1(c, o32, k0, k1):
-    bad = _U64(0)
-    for j in range(_U64(2) * _U64(k0), _U64(2) * _U64(k1)):
-        r = _bits32(c, _U64(32) * j)
-        bad |= r
-        o32[j] = np.uint32(r & _U64(0xFFFFFFFF))
-    # shaped like the OR of the codes that the wrapper checks: bit 1 set iff some code is > 1
-    return _U64(2) if bad >> _U64(32) else _U64(0)
+    return _pack1_loop(c, o32, 2 * k0, 2 * k1)
 
 
 @njit(cache=True, nogil=True)
