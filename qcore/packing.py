@@ -28,13 +28,15 @@ Signed codes are stored with an offset of ``2**(bits-1)``; ``QuantizedArray.pack
 A row whose length is a multiple of 32 / bits codes (bits 2, 4, 8), viewed as little-endian int32,
 is the ``pack_to_int32`` layout of the compressed-tensors format that vLLM loads.
 
-Speed: the numba kernels move 8 codes (one 64-bit word) at a time with shifts and masks; for the
-widths that straddle bytes a block of 64 codes becomes ``bits`` whole 64-bit words, so no loop is
-bit serial. When rows end on byte boundaries the whole array is one contiguous stream, cut into
-chunks that threads claim (one long row and many short rows alike); otherwise threads take rows.
-The thread count follows the idle cores (1-minute load average, like ``OMP_DYNAMIC``). The range
-check of ``pack`` costs no extra pass: the kernel ORs the codes together as it goes, and the
-wrapper raises if any bit at or above ``bits`` is set.
+Speed: the numba kernels move 8 codes (one 64-bit word) at a time with shifts and masks (1-bit
+packing: 32 codes per vector compare-and-movemask); for the widths that straddle bytes a block of
+64 codes becomes ``bits`` whole 64-bit words, so no loop is bit serial. When rows end on byte
+boundaries the whole array is one contiguous stream, cut into chunks that threads claim (one long
+row and many short rows alike); longer rows that end mid-byte are zero-padded to a byte boundary in
+bounded chunks and take the same path; short ones use a row-by-row kernel. The thread count follows
+the idle cores (1-minute load average, like ``OMP_DYNAMIC``). The range check of ``pack`` costs no
+extra pass: the kernels OR the codes together as they go, and the wrapper raises if any bit at or
+above ``bits`` is set. The kernels never raise and only see arrays the wrapper has checked.
 """
 
 from __future__ import annotations
