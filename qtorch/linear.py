@@ -113,6 +113,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", s)
         self.register_buffer("zero_point", z)
         self.register_buffer("bias", torch.zeros(self.out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("scale_compute", None, persistent=False)
         self._relayout()
 
     # ------------------------------------------------------------------ canonical form
@@ -175,6 +176,12 @@ class QuantLinear(nn.Module):
         """Hold the layout that the fast path of the current device wants (exactly one layout at a time)."""
         tile = self._blocked_eligible(self.qweight.device)
         want = "blocked" if tile else "canonical"
+        # the int8pack kernel wants the scales in the activation dtype: a derived [N] buffer, not saved
+        if self.qweight.device.type == "cpu" and self._int8pack_layout():
+            self._buffers["scale_compute"] = self._buffers["scale"].to(torch.bfloat16) if want == self._layout \
+                else None
+        else:
+            self._buffers["scale_compute"] = None
         if want == self._layout:
             return
         q, s, z = self._canonical()
@@ -184,6 +191,8 @@ class QuantLinear(nn.Module):
                                    in_features=self.in_features, tile=tile)
         self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = q, s, z
         self._layout = want
+        if want == "canonical" and self.qweight.device.type == "cpu" and self._int8pack_layout():
+            self._buffers["scale_compute"] = s.to(torch.bfloat16)
 
     def _set_canonical(self, q, s, z) -> None:
         self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = q, s, z
@@ -294,10 +303,10 @@ class QuantLinear(nn.Module):
         if path == "tiles":
             return torch.ops.qtorch.tiles_blocked(x2, self.qweight, self.scale, self.zero_point,
                                                   k // self.scale.shape[0], self.bits, n)
-        if (dev == "cpu" and x2.dtype == torch.bfloat16 and self.bits == 8 and self.scheme.symmetric
-                and self._kind == "channel" and self._axis == 0 and K.int8pack_ok(x2.dtype, k)):
-            # PyTorch's vectorised bf16 kernel (guarded: K % 16 == 0, see kernels.int8pack_ok)
-            return torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale.to(x2.dtype))
+        if dev == "cpu" and x2.dtype == torch.bfloat16 and self.scale_compute is not None:
+            # PyTorch's vectorised bf16 kernel; scale_compute exists only when its preconditions hold
+            # (bf16 module, 8-bit symmetric per channel, K % 16 == 0: kernels.int8pack_ok)
+            return torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale_compute)
         # portable path: dequantize, then one matmul (float32 on CPU: AVX2 has no bf16/fp16 FMA)
         cdt = torch.float32 if dev == "cpu" else x2.dtype
         w = self.dequantized_weight(cdt)

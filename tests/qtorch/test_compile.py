@@ -34,6 +34,13 @@ def test_qtorch_compile_inductor_fullgraph_and_restores_nothing_global():
     assert torch.allclose(y, m(x), atol=1e-5, rtol=1e-5)
     assert (inductor_config.freezing, inductor_config.max_autotune) == before
     assert set(cm.state_dict()) == {"_orig_mod." + k for k in m.state_dict()}
+    # bfloat16: the torch._weight_int8pack_mm path goes through inductor's lowering too
+    torch._dynamo.reset()
+    qb = qtorch.W8A16Linear.from_linear(torch.nn.Linear(64, 32, dtype=torch.bfloat16))
+    assert qb.weight_layout == "canonical" and qb.scale_compute.dtype == torch.bfloat16
+    xb = torch.randn(2, 64, dtype=torch.bfloat16)
+    assert torch.allclose(qtorch.compile(qb, fullgraph=True, autotune=False)(xb).float(), qb(xb).float(),
+                          atol=1e-2, rtol=1e-2)
 
 
 def test_compile_options():
