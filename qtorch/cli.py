@@ -110,10 +110,8 @@ def cmd_quantize(args) -> int:
     t_before = _latency_ms(model, batch)
     mem_before = qtorch.memory_footprint(model)
 
-    names = {name for name, _ in model.named_modules()}
-    # the default exclusion only means something for models with an lm_head; do not warn about it elsewhere
-    exclude = [p for p in args.exclude if not (p == "lm_head" and args.exclude == DEFAULT_EXCLUDE and p not in names)]
-    report = qtorch.quantize_model(model, args.scheme, exclude=tuple(exclude))
+    report = qtorch.quantize_model(model, args.scheme, exclude=tuple(args.exclude),
+                                   progress=not args.quiet and sys.stderr.isatty())
     out = _outputs(model, batch, causal)
     t_after = _latency_ms(model, batch)
     mem_after = qtorch.memory_footprint(model)

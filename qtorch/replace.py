@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from torch import nn
 
 import qcore
@@ -577,7 +578,7 @@ def plan(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_EXCLUDE, in
 
 
 def quantize_model(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_EXCLUDE, include=None,
-                   on_incompatible: str = "error") -> QuantizationReport:
+                   on_incompatible: str = "error", progress: bool = False) -> QuantizationReport:
     """Replace the Linear layers of ``model`` in place by quantized ones; return a :class:`QuantizationReport`.
 
     scheme: ``"w8a16"`` (int8 symmetric per channel), ``"w4a16"`` (int4 asymmetric, groups of 128),
@@ -596,17 +597,20 @@ def quantize_model(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_E
 
     All checks run before the first replacement; then layers are replaced one at a time and each dense weight is
     released as soon as its quantized layer is in place (peak extra memory: a few copies of one layer).
+    ``progress=True`` shows a tqdm progress bar (on stderr) while layers are replaced.
     """
     t0 = time.perf_counter()
     p = _build_plan(model, scheme, exclude, include, on_incompatible)
     _warn_unused(p)
     done = 0
+    todo = [job for job in p.jobs if job.record.status == "planned"]
     try:
-        with torch.no_grad():
-            for job in p.jobs:
-                if job.record.status == "planned":
-                    _apply_layer(job)
-                    done += 1
+        with torch.no_grad(), tqdm(total=len(todo), desc="quantizing", unit="layer", disable=not progress) as bar:
+            for job in todo:
+                bar.set_postfix_str(job.record.name[-40:], refresh=False)
+                _apply_layer(job)
+                done += 1
+                bar.update()
     except BaseException as e:  # MemoryError, KeyboardInterrupt...: say how far it got
         if hasattr(e, "add_note"):
             e.add_note(f"qtorch.quantize_model stopped after replacing {done} layer(s); each layer is either fully "
