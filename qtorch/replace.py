@@ -513,27 +513,12 @@ def _to_numpy_f32(t: torch.Tensor) -> np.ndarray:
     return t.cpu().numpy()
 
 
-_METRIC_CHUNK = 1 << 16  # elements: qcore.metrics works in float64, so whole-layer calls would cost ~8 layers
 
 
 def _weight_error(w: np.ndarray, w_hat: np.ndarray) -> tuple[float, float]:
-    """(SQNR dB, max abs error) of ``w_hat`` against ``w`` from qcore.metrics, over row chunks so that the float64
-    temporaries stay small: SQNR = 10 log10(sum w^2 / sum (w - w_hat)^2) is assembled from per-chunk MSEs."""
-    w2, h2 = w.reshape(w.shape[0], -1), w_hat.reshape(w.shape[0], -1)
-    rows = max(1, _METRIC_CHUNK // max(1, w2.shape[1]))
-    signal = noise = 0.0
-    max_err = 0.0
-    for i in range(0, w2.shape[0], rows):
-        a, b = w2[i:i + rows], h2[i:i + rows]
-        n = a.size
-        noise += qcore.metrics.mse(a, b) * n
-        signal += float(np.square(a, dtype=np.float64).sum())
-        max_err = max(max_err, qcore.metrics.max_abs_error(a, b))
-    if noise == 0:
-        return float("inf"), float(max_err)
-    if signal == 0:
-        return float("-inf"), float(max_err)
-    return float(10.0 * np.log10(signal / noise)), float(max_err)
+    """(SQNR dB, max abs error) of ``w_hat`` against ``w`` (qcore.metrics works in small float64 chunks)."""
+    err = qcore.metrics.quantization_error(w, w_hat)
+    return err["snr_db"], err["max_abs_error"]
 
 
 def _plan_layer(job: _Job) -> None:
