@@ -1,40 +1,61 @@
 """Forward kernels of the quantized Linear layers and the table that picks one.
 
-Two weight layouts exist at run time (``qtorch.linear`` holds exactly one of them per module):
+Run-time weight layouts (``qtorch.linear`` holds exactly one per module, converts back for ``state_dict``):
 
 * ``canonical`` -- the state_dict form (DESIGN.md section 3): codes ``[N, ceil(K*bits/8)]`` packed along K
-  (int8 for 8-bit symmetric, uint8 otherwise), scale/zero_point in qcore's shapes. Served by the portable path
-  (dequantize to float, then ``F.linear``) on every device, and on CPU by ``torch._weight_int8pack_mm``.
+  (int8 for 8-bit symmetric, uint8 otherwise), scale/zero_point in qcore's shapes. Served by
+  ``torch._weight_int8pack_mm`` (CPU, bfloat16, guarded) and otherwise by the portable path (dequantize in
+  float32, one ``F.linear``; in the input dtype on CUDA) on every device.
 * ``blocked`` (CPU) -- the codes of ``NT`` consecutive output channels stored K-major, one contiguous block
   per tile: ``[N/NT, K, NT]`` for 8 bits and ``[N/NT, K, NT/2]`` for 4 bits (byte ``j`` of a row holds column
   ``j`` in its low nibble and column ``j + NT/2`` in its high nibble); scale and zero point ``[G, N]`` with G the
-  number of groups along K. A numba kernel streams each tile once (vectorised over the NT columns, no
-  reassociation needed); for many rows the tiles are dequantized to float32 and multiplied by oneDNN/MKL.
+  number of groups along K. A numba kernel streams each tile once (vectorised over the NT columns, so no
+  reassociation is needed, float32 accumulation); for many rows, chunks of tiles are dequantized to float32
+  in one numba pass and multiplied by ``torch.mm``.
 
-Dispatch (``plan``): by device, activation dtype and number of rows, from ``CPU_MAX_ROWS_NUMBA`` below.
+Dispatch table (CPU; every other device uses the canonical portable path):
 
-Measured on the development CPU (AMD EPYC, 2 cores, AVX2 without AVX-512/AMX, torch 2.13), K = N = 4096,
-median ms of eager calls (noisy: the cores are shared); see benchmarks/bench_linear.py for the ratios:
+==========================================================  ===========================  =====================
+module                                                      rows <= CPU_MAX_ROWS_NUMBA   more rows
+==========================================================  ===========================  =====================
+bf16 compute, 8-bit symmetric per channel, K % 16 == 0      ``_weight_int8pack_mm``      ``_weight_int8pack_mm``
+8 or 4 bits; per tensor, per channel(0) or groups along K;  numba ``gemm_blocked``       ``tiles_blocked``
+N % 16 == 0
+anything else (other widths, granularities, N % 16 != 0)    dequantize + ``F.linear``    same
+==========================================================  ===========================  =====================
 
-=====================================  =========  =========  ==========
-kernel                                  rows = 1   rows = 16  rows = 128
-=====================================  =========  =========  ==========
-dense F.linear float32                   2.9        ~30 (*)     80
-dense F.linear bfloat16                  1.8-2.0    25          196
-dense F.linear float16                   1.5        20          165
-_weight_int8pack_mm bfloat16             1.0-1.2    8.4         73
-_weight_int8pack_mm float32 / float16    22 / 8.6   262 / 214   1800 / 2200 (scalar fallback on AVX2)
-_weight_int4pack_mm_for_cpu bfloat16     1.2        6-10        50-75
-_weight_int4pack_mm_for_cpu f32 / f16    36 / 17    490 / 295   2100 / 3900 (scalar fallback on AVX2)
-dequantize whole + F.linear (f32)        28-52      90-140      66-95
-numba blocked int8 (this file), f32 x    0.74       8           (see table)
-=====================================  =========  =========  ==========
+Measurements behind it: development CPU (AMD EPYC, 2 cores, AVX2 without AVX-512/AMX, torch 2.13), K = N = 4096,
+best-of-N ms (the 2 cores were shared with other jobs all session: single runs varied up to 5x):
 
-(*) MKL/oneDNN sgemm for 2 <= rows <= ~16 was slower than 16 single-row GEMVs on this machine.
+====================================  =========  =========  ==========
+kernel                                 rows = 1   rows = 16  rows = 128
+====================================  =========  =========  ==========
+dense F.linear float32                  2.9-3.4   12-60       46-170
+dense F.linear bfloat16                 1.7-2.2   25-40       196-400
+dense F.linear float16                  1.5       20          165
+_weight_int8pack_mm bfloat16            0.99      8.4-10.6    73-130
+_weight_int8pack_mm float32 / float16   22 / 8.6  262 / 214   1800 / 2200   (scalar fallback on AVX2)
+_weight_int4pack_mm_for_cpu bfloat16    1.2       6-10.7      50-123
+_weight_int4pack_mm_for_cpu f32 / f16   36 / 17   490 / 295   2100 / 3900   (scalar fallback on AVX2)
+dequantize whole + F.linear (float32)   28-52     90-140      66-95
+numba gemm_blocked int8, float32 x      0.74-1.5  7.4-8       56-180
+numba gemm_blocked int4, float32 x      1.7-2.3   9-11        45-126
+====================================  =========  =========  ==========
 
-Consequences: on this CPU the int8/int4 ``_weight_*pack_mm`` kernels are vectorised for bfloat16 only and the
-numba blocked kernel is faster than both at few rows for every dtype; for many rows, float32 matmul of
-dequantized tiles beats bfloat16/float16 dense matmul (no native bf16/fp16 FMA on AVX2).
+Crossovers recorded from these runs:
+
+* ``_weight_int8pack_mm`` beats the numba kernel in bfloat16 at 1 row (0.99 vs 1.81 ms, same run), ties at 16
+  (10.6 vs 11.2) and 128 rows (130 vs 114): bfloat16 8-bit per-channel layers use it at every row count.
+  In float32/float16 it is a scalar loop on AVX2 (8-20x slower than dense): never dispatched there.
+* ``_weight_int4pack_mm_for_cpu`` beats the numba 4-bit kernel in bfloat16 at 1 row (1.23 vs 1.70 ms) and ties
+  beyond; it is not used yet because its packed layout depends on the CPU capability (AVX2/AVX-512 blocks of
+  32/64 rows) and converting it back to the canonical codes for ``state_dict`` needs a verified inverse.
+* numba kernel vs dequantized tiles + ``torch.mm``: numba ahead at 64 (133 vs 208 ms), 128 (247 vs 414) and
+  256 rows (360 vs 501) under load; tiles ahead at 128 rows on a quiet machine (48 vs 56): the bound is 256 rows.
+* float32 matmul of dequantized weights beats bf16/fp16 dense matmul at >= 16 rows (no bf16/fp16 FMA on AVX2):
+  the tiles and portable paths compute in float32 for every input dtype on CPU.
+* dense float32 ``F.linear`` at 2..16 rows is irregular here (12-60 ms at 16 rows): MKL picks a GEMM path that
+  is slower per row than its GEMV at 1 row.
 """
 
 from __future__ import annotations
