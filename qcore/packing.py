@@ -34,7 +34,7 @@ packing: 32 codes per vector compare-and-movemask); for the widths that straddle
 boundaries the whole array is one contiguous stream, cut into chunks that threads claim (one long
 row and many short rows alike); longer rows that end mid-byte are zero-padded to a byte boundary in
 bounded chunks and take the same path; short ones use a row-by-row kernel. The thread count follows
-the idle cores (1-minute load average, like ``OMP_DYNAMIC``). The range check of ``pack`` costs no
+the idle cores at the call (like ``OMP_DYNAMIC``). The range check of ``pack`` costs no
 extra pass: the kernels OR the codes together as they go, and the wrapper raises if any bit at or
 above ``bits`` is set. The kernels never raise and only see arrays the wrapper has checked.
 """
@@ -64,7 +64,7 @@ _U64 = np.uint64
 _LITTLE_ENDIAN = sys.byteorder == "little"
 # Work is split across threads only in parts of at least this many codes (smaller: thread
 # hand-off costs more than it saves).
-_PARALLEL_MIN_CODES = 1 << 18
+_PARALLEL_MIN_CODES = 1 << 19
 
 
 # --------------------------------------------------------------------------------------------
@@ -607,8 +607,10 @@ def _unpack_padded(p2: np.ndarray, c2: np.ndarray, bits: int) -> None:
 # with a sleeping pool there are no spinning OpenMP workers stealing the shared cores.)
 
 _NUM_THREADS = max(1, min(os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS))
-# Like OMP_DYNAMIC: use no more threads than there are idle cores by the 1-minute load average. On a
-# saturated machine a second thread mostly waits for a core and the call then waits for it.
+# Like OMP_DYNAMIC: use no more threads than there are idle cores right now. On a busy machine an
+# extra thread mostly waits for a core (and the call for it); on an idle one it doubles the memory
+# bandwidth. Linux: the number of runnable tasks in /proc/loadavg at the call (the 1-minute load
+# average lags by a minute and misses idle moments); elsewhere the load average.
 _DYNAMIC_THREADS = True
 _POOL = None
 _POOL_LOCK = threading.Lock()
@@ -622,15 +624,22 @@ def _pool():
         return _POOL
 
 
+def _busy_cores() -> float:
+    """Cores kept busy by other work, not counting the calling thread."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            return int(f.read().split()[3].split(b"/")[0]) - 1  # runnable tasks, this one included
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0] - 0.5  # this thread is in it too
+        except (AttributeError, OSError):  # pragma: no cover - not on every platform
+            return 0.0
+
+
 def _threads() -> int:
     n = _NUM_THREADS
     if _DYNAMIC_THREADS and n > 1:
-        try:
-            busy = os.getloadavg()[0]
-        except (AttributeError, OSError):  # pragma: no cover - not on every platform
-            return n
-        # the load average counts this (running) thread too
-        n = max(1, min(n, int((os.cpu_count() or 1) - busy + 1.5)))
+        n = max(1, min(n, int((os.cpu_count() or 1) - _busy_cores())))
     return n
 
 

@@ -132,6 +132,18 @@ def test_bytewise_rows_path_alone(bits, monkeypatch):
         check_round_trip(random_codes(bits, shape, bits), bits)
 
 
+def test_thread_count_follows_idle_cores(monkeypatch):
+    monkeypatch.setattr(packing, "_NUM_THREADS", 4)
+    assert 1 <= packing._threads() <= 4
+    monkeypatch.setattr(packing, "_busy_cores", lambda: 100.0)
+    assert packing._threads() == 1
+    monkeypatch.setattr(packing, "_busy_cores", lambda: 0.0)
+    assert packing._threads() == min(4, packing.os.cpu_count())
+    monkeypatch.setattr(packing, "_DYNAMIC_THREADS", False)
+    monkeypatch.setattr(packing, "_busy_cores", lambda: 100.0)
+    assert packing._threads() == 4
+
+
 def test_all_zero_and_all_max_rows():
     for bits in WIDTHS:
         for fill in (0, (1 << bits) - 1):
