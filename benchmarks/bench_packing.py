@@ -95,10 +95,11 @@ def main() -> None:
     configs = ["auto", 1, qcore.packing._NUM_THREADS] if qcore.packing._NUM_THREADS > 1 else ["auto"]
     print(f"qcore.pack / qcore.unpack, {args.rows}x{args.cols} = {n / 2**20:.0f}M uint8 codes, "
           f"median of {args.repeats} (numpy: {args.numpy_repeats}) after warm-up, {ncpu} cpus, "
-          f"load avg {os.getloadavg()[0]:.1f} (auto uses {qcore.packing._threads()} thread(s) at this load)")
+          f"load avg {os.getloadavg()[0]:.1f} (auto would use {qcore.packing._threads()} thread(s) right now)")
     print("copy: np.copyto of the same uint8 codes array into a preallocated output, ms; other columns: "
           "time / copy time")
-    print("auto: the library default; 1t / 2t: forced 1 / 2 threads; numpy: shifts and ORs over strided slices;")
+    print("auto: the library default (threads = idle cores at each call); 1t / 2t: forced 1 / 2 threads;")
+    print("numpy: shifts and ORs over strided slices;")
     print("floor: one thread only streaming the input bytes in (ndarray.max) plus the output bytes out (fill)")
     labels = [("auto" if c == "auto" else f"{c}t") for c in configs]
     head = (f"{'bits':>4} {'copy ms':>7} | pack {' '.join(f'{lb:>5}' for lb in labels)} {'numpy':>6} {'floor':>5} | "
