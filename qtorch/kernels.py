@@ -107,6 +107,8 @@ def choose_path(device_type: str, dtype: torch.dtype, rows: int, layout: str, bi
 
     Depends only on shapes, dtypes and module configuration, so it is constant under ``torch.compile``.
     """
+    if layout == "int4pack":
+        return "int4pack" if device_type == "cpu" and dtype == torch.bfloat16 else "dense"
     if layout == "blocked":
         if device_type == "cpu" and 0 < rows <= CPU_MAX_ROWS_NUMBA.get((dtype, bits), 0):
             return "numba"
@@ -391,6 +393,91 @@ def _backward(ctx, grad):
 
 gemm_blocked.register_autograd(_backward, setup_context=_setup_backward)
 tiles_blocked.register_autograd(_backward, setup_context=_setup_backward)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch._weight_int4pack_mm_for_cpu: its packed layout depends on the CPU capability (blocks of 32 rows on AVX2,
+# 64 on AVX-512, pairs otherwise), so the way back to canonical codes is measured, not assumed: tiny probes give
+# each row's byte base, per-k stride and nibble, and every conversion is verified against the codes it packed.
+
+INT4PACK_GROUPS = (32, 64, 128, 256)
+_INT4_MAPS: dict = {}
+
+
+def _int4pack_probe(n: int, k: int):
+    """(byte [n, k] int64, high-nibble flag [n, k] bool) of code (row, col) in the int4pack layout of [n, k]."""
+    digits = max(1, ((n - 1).bit_length() + 3) // 4)
+    rows = torch.arange(n, dtype=torch.int32)
+    byte = torch.full((n, k), -1, dtype=torch.int64)
+    hi = torch.zeros((n, k), dtype=torch.bool)
+    for col in range(k):
+        mark = torch.zeros((n, k), dtype=torch.int32)
+        mark[:, col] = 1
+        pos = _nibbles(torch._convert_weight_to_int4pack_for_cpu(mark, 1)).nonzero().flatten()
+        if pos.numel() != n:
+            raise RuntimeError("int4pack probe: unexpected layout")
+        ids = torch.zeros(n, dtype=torch.int64)
+        for d in range(digits):  # rows identified by their base-16 digits, one probe per digit
+            codes = torch.zeros((n, k), dtype=torch.int32)
+            codes[:, col] = (rows >> (4 * d)) & 15
+            nib = _nibbles(torch._convert_weight_to_int4pack_for_cpu(codes, 1))
+            ids += nib[pos].to(torch.int64) << (4 * d)
+        byte[ids, col] = pos // 2
+        hi[ids, col] = (pos % 2).bool()
+    return byte, hi
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    b = packed.reshape(-1).to(torch.int16)
+    return torch.stack([b & 15, b >> 4], 1).reshape(-1)
+
+
+def int4pack_map(n: int, k: int):
+    """(base [n], stride [n], offset [n], hi [n]): code (row, col) of an [n, k] weight sits in byte
+    ``base*k + col*stride + offset`` of the int4pack layout, high nibble where ``hi``. Measured, cached per n."""
+    if n not in _INT4_MAPS:
+        b2, h2 = _int4pack_probe(n, 2)
+        b4, h4 = _int4pack_probe(n, 4)
+        base = (b4[:, 0] - b2[:, 0]) // 2
+        stride = b2[:, 1] - b2[:, 0]
+        offset = b2[:, 0] - 2 * base
+        hi = h4[:, 0]
+        if not (torch.equal(b4, base[:, None] * 4 + torch.arange(4)[None, :] * stride[:, None] + offset[:, None])
+                and bool(torch.all(h4 == hi[:, None])) and bool(torch.all(h2 == hi[:, None]))):
+            raise RuntimeError("int4pack layout is not affine in k on this CPU")
+        _INT4_MAPS[n] = (base, stride, offset, hi)
+    return _INT4_MAPS[n]
+
+
+def int4pack_unpack(packed: torch.Tensor, n: int, k: int, rows_per_chunk: int = 256) -> torch.Tensor:
+    """Unsigned 4-bit codes ``[n, k]`` (uint8) from ``torch._convert_weight_to_int4pack_for_cpu`` output."""
+    base, stride, offset, hi = int4pack_map(n, k)
+    flat = packed.reshape(-1)
+    out = torch.empty((n, k), dtype=torch.uint8)
+    cols = torch.arange(k, dtype=torch.int64)
+    for r0 in range(0, n, rows_per_chunk):
+        r1 = min(n, r0 + rows_per_chunk)
+        idx = (base[r0:r1, None] * k + cols[None, :] * stride[r0:r1, None] + offset[r0:r1, None])
+        b = flat[idx.reshape(-1)].reshape(r1 - r0, k)
+        out[r0:r1] = torch.where(hi[r0:r1, None], b >> 4, b & 15)
+    return out
+
+
+def to_int4pack(codes: torch.Tensor, scale: torch.Tensor, zero_point, *, symmetric: bool, group: int):
+    """Unsigned codes ``[n, k]`` (symmetric ones with the offset 8) -> (packed, scales_and_zeros [k/g, n, 2] bf16)
+    or ``None`` when the round trip through the measured layout map is not exact (never use it then)."""
+    n, k = codes.shape
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    try:
+        if not torch.equal(int4pack_unpack(packed, n, k), codes.to(torch.uint8)):
+            return None
+    except RuntimeError:
+        return None
+    # the kernel computes (u - 8) * scale + zero, so an integer zero point zp maps to zero = (8 - zp) * scale
+    s = scale.reshape(n, k // group).to(torch.float32)
+    z = torch.zeros_like(s) if symmetric else (8.0 - zero_point.reshape(n, k // group).to(torch.float32)) * s
+    sz = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return packed, sz
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -107,6 +107,7 @@ class QuantLinear(nn.Module):
         self._kind, self._axis, self._group = _granularity_info(scheme, self.out_features, self.in_features)
         self._pshape = tuple(scheme.params_shape((self.out_features, self.in_features)))
         self._layout = "canonical"
+        self._int4pack_failed = False
         device = torch.device(device) if device is not None else torch.device("cpu")
         q, s, z = self._zero_state(device)
         self.register_buffer("qweight", q)
@@ -114,7 +115,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("zero_point", z)
         self.register_buffer("bias", torch.zeros(self.out_features, dtype=dtype, device=device) if bias else None)
         self.register_buffer("scale_compute", None, persistent=False)
-        self._relayout()
+        # the zero weight stays canonical (every path serves it); quantize() / load_state_dict() pick the layout
 
     # ------------------------------------------------------------------ canonical form
     @property
@@ -128,7 +129,7 @@ class QuantLinear(nn.Module):
 
     @property
     def weight_layout(self) -> str:
-        """``canonical`` or ``blocked`` (the CPU kernel layout, see :mod:`qtorch.kernels`)."""
+        """``canonical``, ``blocked`` or ``int4pack`` (CPU kernel layouts, see :mod:`qtorch.kernels`)."""
         return self._layout
 
     def _qweight_spec(self):
@@ -153,6 +154,9 @@ class QuantLinear(nn.Module):
         """(qweight, scale, zero_point) in the canonical form, whatever the run-time layout."""
         if self._layout == "canonical":
             return self.qweight, self.scale, self.zero_point
+        if self._layout == "int4pack":
+            codes = K.int4pack_unpack(self.qweight, self.out_features, self.in_features)
+            return K.pack_codes(codes, 4), self.scale, self.zero_point
         return K.from_blocked(self.qweight, self.scale, self.zero_point, bits=self.bits,
                               symmetric=self.scheme.symmetric, kind=self._kind, group=self._group,
                               out_features=self.out_features, in_features=self.in_features)
@@ -172,27 +176,42 @@ class QuantLinear(nn.Module):
         return (self.compute_dtype == torch.bfloat16 and self.bits == 8 and self.scheme.symmetric
                 and self._kind == "channel" and self._axis == 0 and K.int8pack_ok(torch.bfloat16, self.in_features))
 
+    def _int4pack_eligible(self) -> bool:
+        """bf16 compute, 4-bit, groups of 32/64/128/256 along K, N % 16 == 0: ``torch._weight_int4pack_mm_for_cpu``."""
+        return (self.compute_dtype == torch.bfloat16 and self.bits == 4 and self._kind == "group"
+                and self._axis == 1 and self._group in K.INT4PACK_GROUPS and self.out_features % 16 == 0
+                and not self._int4pack_failed)
+
     def _relayout(self) -> None:
         """Hold the layout that the fast path of the current device wants (exactly one layout at a time)."""
-        tile = self._blocked_eligible(self.qweight.device)
-        want = "blocked" if tile else "canonical"
-        # the int8pack kernel wants the scales in the activation dtype: a derived [N] buffer, not saved
-        if self.qweight.device.type == "cpu" and self._int8pack_layout():
-            self._buffers["scale_compute"] = self._buffers["scale"].to(torch.bfloat16) if want == self._layout \
-                else None
-        else:
+        dev = self.qweight.device
+        want = "blocked" if self._blocked_eligible(dev) else "canonical"
+        if dev.type == "cpu" and self._int4pack_eligible():
+            want = "int4pack"
+        if want != self._layout:
+            q, s, z = self._canonical()
+            sc = None
+            if want == "int4pack":
+                r = K.to_int4pack(K.unpack_codes(q, 4, self.in_features), s, z, symmetric=self.scheme.symmetric,
+                                  group=self._group)
+                if r is None:  # the measured layout map did not reproduce the codes: never use the kernel
+                    self._int4pack_failed = True
+                    want = "blocked"
+                else:
+                    q, sc = r
+            if want == "blocked":
+                q, s, z = K.to_blocked(q, s, z, bits=self.bits, symmetric=self.scheme.symmetric, kind=self._kind,
+                                       group=self._group, out_features=self.out_features,
+                                       in_features=self.in_features, tile=K.blocked_tile(self.out_features))
+            self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = q, s, z
+            self._buffers["scale_compute"] = sc
+            self._layout = want
+        if self._layout == "canonical":
+            # the int8pack kernel wants the scales in the activation dtype: a derived [N] buffer, not saved
+            ok = dev.type == "cpu" and self._int8pack_layout()
+            self._buffers["scale_compute"] = self.scale.to(torch.bfloat16) if ok else None
+        elif self._layout == "blocked":
             self._buffers["scale_compute"] = None
-        if want == self._layout:
-            return
-        q, s, z = self._canonical()
-        if want == "blocked":
-            q, s, z = K.to_blocked(q, s, z, bits=self.bits, symmetric=self.scheme.symmetric, kind=self._kind,
-                                   group=self._group, out_features=self.out_features,
-                                   in_features=self.in_features, tile=tile)
-        self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = q, s, z
-        self._layout = want
-        if want == "canonical" and self.qweight.device.type == "cpu" and self._int8pack_layout():
-            self._buffers["scale_compute"] = s.to(torch.bfloat16)
 
     def _set_canonical(self, q, s, z) -> None:
         self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = q, s, z
@@ -273,7 +292,7 @@ class QuantLinear(nn.Module):
             w = K.dequant_blocked(self.qweight, self.scale, self.zero_point, bits=self.bits,
                                   group=k // self.scale.shape[0])
             return w.permute(0, 2, 1).reshape(n, k).to(dtype)
-        return K.dequantize_canonical(self.qweight, self.scale, self.zero_point, bits=self.bits,
+        return K.dequantize_canonical(*self._canonical(), bits=self.bits,
                                       symmetric=self.scheme.symmetric, kind=self._kind, axis=self._axis,
                                       group=self._group, out_features=n, in_features=k, dtype=dtype)
 
@@ -300,6 +319,9 @@ class QuantLinear(nn.Module):
         if path == "numba":
             return torch.ops.qtorch.gemm_blocked(x2, self.qweight, self.scale, self.zero_point,
                                                  k // self.scale.shape[0], self.bits, n)
+        if path == "int4pack":
+            # PyTorch's vectorised bf16 int4 kernel; the layout exists only when its preconditions hold
+            return torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.qweight, self._group, self.scale_compute)
         if path == "tiles":
             return torch.ops.qtorch.tiles_blocked(x2, self.qweight, self.scale, self.zero_point,
                                                   k // self.scale.shape[0], self.bits, n)
@@ -321,7 +343,7 @@ class QuantLinear(nn.Module):
             _check_dtype(probe.dtype)
         new_device = probe.device
         old_device = self.qweight.device
-        if new_device.type != old_device.type and self._layout == "blocked":
+        if new_device.type != old_device.type and self._layout != "canonical":
             self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = self._canonical()
             self._layout = "canonical"
         for name, buf in list(self._buffers.items()):

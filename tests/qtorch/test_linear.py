@@ -260,3 +260,29 @@ def test_input_gradient_flows_through_frozen_codes(n, rows):
     xr = x.detach().clone().requires_grad_(True)
     F.linear(xr, q.dequantized_weight(), q.bias).square().sum().backward()
     assert torch.allclose(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sym,g,n,k", [(False, 128, 48, 256), (True, 32, 16, 96), (False, 64, 64, 64)])
+def test_bfloat16_int4pack_path(sym, g, n, k, monkeypatch):
+    calls = []
+    real = torch._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(a[0].shape) or real(*a))
+    scheme = QuantScheme(4, sym, PerGroup(g))
+    lin = torch.nn.Linear(k, n, dtype=torch.bfloat16)
+    q = qtorch.QuantLinear.from_linear(lin, scheme)
+    assert q.weight_layout == "int4pack" and q.scale_compute.shape == (k // g, n, 2)
+    qa = qcore.quantize(to_numpy(lin.weight), scheme)
+    assert torch.equal(q.dequantized_weight(torch.float32), torch.from_numpy(qcore.dequantize(qa)))
+    assert np.array_equal(q.state_dict()["qweight"].numpy(), qa.packed())
+    for rows in (1, 3, 4, 16, 130):
+        x = torch.randn(rows, k, dtype=torch.bfloat16)
+        _check_close(q(x), x, q)
+    assert len(calls) == 5
+    x = torch.randn(2, k)  # float32 input to a bfloat16 module: the portable path
+    _check_close(q(x), x, q)
+    sd = q.state_dict()
+    q.float()
+    assert q.weight_layout == "blocked" and all(torch.equal(v, sd[k2]) for k2, v in q.state_dict().items()
+                                                  if k2 != "bias")
+    q.bfloat16()
+    assert q.weight_layout == "int4pack" and torch.equal(q.state_dict()["qweight"], sd["qweight"])
