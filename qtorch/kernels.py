@@ -6,6 +6,11 @@ Run-time weight layouts (``qtorch.linear`` holds exactly one per module, convert
   (int8 for 8-bit symmetric, uint8 otherwise), scale/zero_point in qcore's shapes. Served by
   ``torch._weight_int8pack_mm`` (CPU, bfloat16, guarded) and otherwise by the portable path (dequantize in
   float32, one ``F.linear``; in the input dtype on CUDA) on every device.
+* ``int4pack`` (CPU, bfloat16 compute, 4 bits in groups of 32/64/128/256 along K, N % 16 == 0) -- the output of
+  ``torch._convert_weight_to_int4pack_for_cpu`` (a CPU-capability-specific blocked layout) with
+  ``scales_and_zeros [K/g, N, 2]`` (bf16, ``zero = (8 - zp) * scale``), served by
+  ``torch._weight_int4pack_mm_for_cpu``. The way back to the canonical codes is measured by probes and
+  verified on every conversion (:func:`int4pack_map`); a mismatch means the layout is never used.
 * ``blocked`` (CPU) -- the codes of ``NT`` consecutive output channels stored K-major, one contiguous block
   per tile: ``[N/NT, K, NT]`` for 8 bits and ``[N/NT, K, NT/2]`` for 4 bits (byte ``j`` of a row holds column
   ``j`` in its low nibble and column ``j + NT/2`` in its high nibble); scale and zero point ``[G, N]`` with G the
@@ -19,6 +24,7 @@ Dispatch table (CPU; every other device uses the canonical portable path):
 module                                                      rows <= CPU_MAX_ROWS_NUMBA   more rows
 ==========================================================  ===========================  =====================
 bf16 compute, 8-bit symmetric per channel, K % 16 == 0      ``_weight_int8pack_mm``      ``_weight_int8pack_mm``
+bf16 compute, 4-bit groups of 32..256 along K, N % 16 == 0  ``_weight_int4pack_mm...``   same
 8 or 4 bits; per tensor, per channel(0) or groups along K;  numba ``gemm_blocked``       ``tiles_blocked``
 N % 16 == 0
 anything else (other widths, granularities, N % 16 != 0)    dequantize + ``F.linear``    same
@@ -47,9 +53,12 @@ Crossovers recorded from these runs:
 * ``_weight_int8pack_mm`` beats the numba kernel in bfloat16 at 1 row (0.99 vs 1.81 ms, same run), ties at 16
   (10.6 vs 11.2) and 128 rows (130 vs 114): bfloat16 8-bit per-channel layers use it at every row count.
   In float32/float16 it is a scalar loop on AVX2 (8-20x slower than dense): never dispatched there.
-* ``_weight_int4pack_mm_for_cpu`` beats the numba 4-bit kernel in bfloat16 at 1 row (1.23 vs 1.70 ms) and ties
-  beyond; it is not used yet because its packed layout depends on the CPU capability (AVX2/AVX-512 blocks of
-  32/64 rows) and converting it back to the canonical codes for ``state_dict`` needs a verified inverse.
+* ``_weight_int4pack_mm_for_cpu`` beats the numba 4-bit kernel in bfloat16 at 1 row (1.23 vs 1.70 ms, same run)
+  and ties beyond: bfloat16 4-bit group layers use it at every row count. Its float32/float16 versions are
+  scalar loops on AVX2: never dispatched there.
+* The numba kernels and torch use two different OpenMP runtimes (numba: system libgomp; torch: its bundled one).
+  Back-to-back calls let one pool's spinning threads delay the other's on 2 cores: one reason the bf16 layers
+  prefer PyTorch's own kernels.
 * numba kernel vs dequantized tiles + ``torch.mm``: numba ahead at 64 (133 vs 208 ms), 128 (247 vs 414) and
   256 rows (360 vs 501) under load; tiles ahead at 128 rows on a quiet machine (48 vs 56): the bound is 256 rows.
 * float32 matmul of dequantized weights beats bf16/fp16 dense matmul at >= 16 rows (no bf16/fp16 FMA on AVX2):
