@@ -342,15 +342,24 @@ def _dequant_tiles(wb, bits, scale, zp, t0, t1, out):  # pragma: no cover - comp
 # ---------------------------------------------------------------------------------------------------------------
 # The numba kernel as a torch custom op: opaque to torch.compile (fullgraph works), CPU only.
 
-@torch.library.custom_op("qtorch::gemm_blocked", mutates_args=())
-def gemm_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                 group_size: int, bits: int, out_features: int) -> torch.Tensor:
-    """``x[M, K] @ dequant(qweight).T`` from the blocked layout, computed in float32, returned in ``x.dtype``."""
+def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                      group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """``x[M, K] @ dequant(qweight).T`` from the blocked layout, computed in float32, returned in ``x.dtype``.
+
+    The body of the ``qtorch::gemm_blocked`` op; eager callers without autograd may call it directly (the
+    op's dispatch costs ~0.1 ms, 10% of a 4096x4096 single-row call)."""
     xf = x.detach().to(torch.float32).contiguous()
     out = torch.empty((xf.shape[0], out_features), dtype=torch.float32)
     kern = _gemm_q8 if bits == 8 else _gemm_q4
     kern(xf.numpy(), qweight.numpy(), scale.numpy(), zero_point.numpy(), group_size, out_features, out.numpy())
     return out.to(x.dtype)
+
+
+@torch.library.custom_op("qtorch::gemm_blocked", mutates_args=())
+def gemm_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                 group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """:func:`gemm_blocked_impl` as an op: opaque to torch.compile (fullgraph works), with an input gradient."""
+    return gemm_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
 
 
 @gemm_blocked.register_fake

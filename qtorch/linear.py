@@ -317,6 +317,9 @@ class QuantLinear(nn.Module):
         path = K.choose_path(dev, x2.dtype, x2.shape[0], self._layout, self.bits)
         n, k = self.out_features, self.in_features
         if path == "numba":
+            if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x2.requires_grad):
+                return K.gemm_blocked_impl(x2, self.qweight, self.scale, self.zero_point,
+                                           k // self.scale.shape[0], self.bits, n)
             return torch.ops.qtorch.gemm_blocked(x2, self.qweight, self.scale, self.zero_point,
                                                  k // self.scale.shape[0], self.bits, n)
         if path == "int4pack":
