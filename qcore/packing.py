@@ -149,18 +149,20 @@ def _pack_blocks(cw, ow, k0, k1, b):
     for blk in range(_U64(k0), _U64(k1)):
         ib = _U64(8) * blk
         ob = _U64(b) * blk
-        for i in range(8):
-            acc |= cw[ib + _U64(i)]
-        for k in range(b):
+        x0, x1, x2, x3 = cw[ib], cw[ib + _U64(1)], cw[ib + _U64(2)], cw[ib + _U64(3)]
+        x4, x5, x6, x7 = cw[ib + _U64(4)], cw[ib + _U64(5)], cw[ib + _U64(6)], cw[ib + _U64(7)]
+        acc |= ((x0 | x1) | (x2 | x3)) | ((x4 | x5) | (x6 | x7))
+        vs = (_swar_pack(x0, b), _swar_pack(x1, b), _swar_pack(x2, b), _swar_pack(x3, b),
+              _swar_pack(x4, b), _swar_pack(x5, b), _swar_pack(x6, b), _swar_pack(x7, b))
+        for k in range(b):  # output word k takes every value whose 8*b bits overlap it
             w = _U64(0)
             for i in range(8):
                 s = 8 * b * i - 64 * k
                 if s > -8 * b and s < 64:
-                    v = _swar_pack(cw[ib + _U64(i)], b)
                     if s >= 0:
-                        w |= v << _U64(s)
+                        w |= vs[i] << _U64(s)
                     else:
-                        w |= v >> _U64(-s)
+                        w |= vs[i] >> _U64(-s)
             ow[ob + _U64(k)] = w
     return acc
 
