@@ -114,7 +114,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", s)
         self.register_buffer("zero_point", z)
         self.register_buffer("bias", torch.zeros(self.out_features, dtype=dtype, device=device) if bias else None)
-        self.register_buffer("scale_compute", None, persistent=False)
+        # Derived bf16 scales for PyTorch's int8pack/int4pack kernels ([N], or [K/g, N, 2] with zero = (8-zp)*scale):
+        # a plain attribute rebuilt by _relayout, so that buffers (state, memory_footprint) stay the canonical
+        # quantized data; kernel_nbytes() reports its size.
+        self._scale_compute = None
         # the zero weight stays canonical (every path serves it); quantize() / load_state_dict() pick the layout
 
     # ------------------------------------------------------------------ canonical form
@@ -204,14 +207,14 @@ class QuantLinear(nn.Module):
                                        group=self._group, out_features=self.out_features,
                                        in_features=self.in_features, tile=K.blocked_tile(self.out_features))
             self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = q, s, z
-            self._buffers["scale_compute"] = sc
+            self._scale_compute = sc
             self._layout = want
         if self._layout == "canonical":
             # the int8pack kernel wants the scales in the activation dtype: a derived [N] buffer, not saved
             ok = dev.type == "cpu" and self._int8pack_layout()
-            self._buffers["scale_compute"] = self.scale.to(torch.bfloat16) if ok else None
+            self._scale_compute = self.scale.to(torch.bfloat16) if ok else None
         elif self._layout == "blocked":
-            self._buffers["scale_compute"] = None
+            self._scale_compute = None
 
     def _set_canonical(self, q, s, z) -> None:
         self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = q, s, z
@@ -281,6 +284,13 @@ class QuantLinear(nn.Module):
             m.bias.copy_(linear.bias.detach().to(dtype))
         return m
 
+    def kernel_nbytes(self) -> int:
+        """Bytes of derived kernel data held besides the buffers: the bf16 scales of the bfloat16
+        ``_weight_int8pack_mm`` (2 per output channel) and ``_weight_int4pack_mm_for_cpu`` (4 per group) paths,
+        else 0. ``memory_footprint`` counts buffers only; add this for the exact resident size."""
+        t = self._scale_compute
+        return 0 if t is None else t.numel() * t.element_size()
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``(codes - zero_point) * scale`` as ``[out_features, in_features]`` (float32 math, then ``dtype``).
 
@@ -324,14 +334,16 @@ class QuantLinear(nn.Module):
                                                  k // self.scale.shape[0], self.bits, n)
         if path == "int4pack":
             # PyTorch's vectorised bf16 int4 kernel; the layout exists only when its preconditions hold
-            return torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.qweight, self._group, self.scale_compute)
+            return torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.qweight, self._group,
+                                                    self._scale_compute)
         if path == "tiles":
             return torch.ops.qtorch.tiles_blocked(x2, self.qweight, self.scale, self.zero_point,
                                                   k // self.scale.shape[0], self.bits, n)
-        if dev == "cpu" and x2.dtype == torch.bfloat16 and self.scale_compute is not None:
-            # PyTorch's vectorised bf16 kernel; scale_compute exists only when its preconditions hold
+        if dev == "cpu" and x2.dtype == torch.bfloat16 and self._layout == "canonical" \
+                and self._scale_compute is not None:
+            # PyTorch's vectorised bf16 kernel; _scale_compute exists only when its preconditions hold
             # (bf16 module, 8-bit symmetric per channel, K % 16 == 0: kernels.int8pack_ok)
-            return torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale_compute)
+            return torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self._scale_compute)
         # portable path: dequantize, then one matmul (float32 on CPU: AVX2 has no bf16/fp16 FMA)
         cdt = torch.float32 if dev == "cpu" else x2.dtype
         w = self.dequantized_weight(cdt)

@@ -37,7 +37,7 @@ def test_qtorch_compile_inductor_fullgraph_and_restores_nothing_global():
     # bfloat16: the torch._weight_int8pack_mm path goes through inductor's lowering too
     torch._dynamo.reset()
     qb = qtorch.W8A16Linear.from_linear(torch.nn.Linear(64, 64, dtype=torch.bfloat16))
-    assert qb.weight_layout == "canonical" and qb.scale_compute.dtype == torch.bfloat16
+    assert qb.weight_layout == "canonical" and qb.kernel_nbytes() == 64 * 2
     q4 = qtorch.W4A16Linear(64, 32, group_size=32, dtype=torch.bfloat16).quantize(torch.randn(32, 64))
     assert q4.weight_layout == "int4pack"  # torch._weight_int4pack_mm_for_cpu through inductor
     mb = torch.nn.Sequential(qb, q4)

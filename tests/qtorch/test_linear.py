@@ -270,7 +270,7 @@ def test_bfloat16_int4pack_path(sym, g, n, k, monkeypatch):
     scheme = QuantScheme(4, sym, PerGroup(g))
     lin = torch.nn.Linear(k, n, dtype=torch.bfloat16)
     q = qtorch.QuantLinear.from_linear(lin, scheme)
-    assert q.weight_layout == "int4pack" and q.scale_compute.shape == (k // g, n, 2)
+    assert q.weight_layout == "int4pack" and q.kernel_nbytes() == (k // g) * n * 2 * 2
     qa = qcore.quantize(to_numpy(lin.weight), scheme)
     assert torch.equal(q.dequantized_weight(torch.float32), torch.from_numpy(qcore.dequantize(qa)))
     assert np.array_equal(q.state_dict()["qweight"].numpy(), qa.packed())
