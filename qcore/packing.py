@@ -626,11 +626,27 @@ def _pool():
         return _POOL
 
 
+_ACTIVE_WORKERS = 0  # pool threads inside a call right now (they are runnable, but ours)
+_ACTIVE_LOCK = threading.Lock()
+
+
+def _counted(fn):
+    global _ACTIVE_WORKERS
+    with _ACTIVE_LOCK:
+        _ACTIVE_WORKERS += 1
+    try:
+        fn()
+    finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE_WORKERS -= 1
+
+
 def _busy_cores() -> float:
-    """Cores kept busy by other work, not counting the calling thread."""
+    """Cores kept busy by other work, not counting the calling thread or our own pool threads."""
     try:
         with open("/proc/loadavg", "rb") as f:
-            return int(f.read().split()[3].split(b"/")[0]) - 1  # runnable tasks, this one included
+            running = int(f.read().split()[3].split(b"/")[0])  # runnable tasks, this one included
+        return max(0, running - 1 - _ACTIVE_WORKERS)
     except (OSError, ValueError, IndexError):
         try:
             return os.getloadavg()[0] - 0.5  # this thread is in it too
@@ -682,7 +698,7 @@ def _run_split(kernel, args, total: int, min_part: int) -> list:
 
     pool = _pool()
     for _ in range(nthreads - 1):
-        pool.submit(work)
+        pool.submit(_counted, work)
     work()
     done.wait()
     if state["error"] is not None:  # pragma: no cover
