@@ -6,6 +6,7 @@ written independently of the numba kernels.
 
 import doctest
 import re
+import time
 
 import numpy as np
 import pytest
@@ -120,8 +121,12 @@ def test_large_arrays_split_across_threads(bits, monkeypatch):
     monkeypatch.setattr(packing, "_NUM_THREADS", 3)  # exercise the split even on a 1-cpu machine
     monkeypatch.setattr(packing, "_DYNAMIC_THREADS", False)  # ... or a busy one
     # one long row with a tail, byte-aligned rows (one stream), and rows that end mid-byte
-    for shape in [(1, (1 << 19) + 13), (512, 1024), (301, 1001)]:
+    for shape in [(1, (1 << 20) + 13), (1024, 1024), (301, 4001)]:
         check_round_trip(random_codes(shape[1] + bits, shape, bits), bits)
+    deadline = time.monotonic() + 10
+    while packing._ACTIVE_WORKERS and time.monotonic() < deadline:  # late pool threads find no work
+        time.sleep(0.01)
+    assert packing._ACTIVE_WORKERS == 0
 
 
 @pytest.mark.parametrize("bits", [1, 3, 4, 6, 7])
@@ -313,9 +318,12 @@ def test_any_work_split_gives_the_same_bytes(bits, n, seed, threads, min_part, p
     ((10,), (9,)),                 # tail of a single short row
     ((3, 64), (2, 5)),             # byte-aligned rows: one stream of whole blocks
     ((4, 33), (3, 32)),            # rows ending mid-byte (rows path), last code
-    ((1, (1 << 19) + 3), (0, 300_000)),  # split across threads
+    ((1, (1 << 20) + 3), (0, 700_000)),  # split across threads
+    ((2, 100), (1, 99)),           # rows ending mid-byte, long enough for the padded path
 ])
-def test_code_too_large_names_first_index_and_value(bits, shape, where):
+def test_code_too_large_names_first_index_and_value(bits, shape, where, monkeypatch):
+    monkeypatch.setattr(packing, "_NUM_THREADS", 2)
+    monkeypatch.setattr(packing, "_DYNAMIC_THREADS", False)
     codes = np.zeros(shape, np.uint8)
     codes[where] = 1 << bits
     later = tuple(s - 1 for s in shape)
