@@ -608,7 +608,11 @@ def _unpack_padded(p2: np.ndarray, c2: np.ndarray, bits: int) -> None:
 # (Python threads rather than numba's parallel=True: the kernels compile several times faster, and
 # with a sleeping pool there are no spinning OpenMP workers stealing the shared cores.)
 
-_NUM_THREADS = max(1, min(os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS))
+try:
+    _CPUS = len(os.sched_getaffinity(0))  # the cores this process may run on (containers, taskset)
+except (AttributeError, OSError):  # pragma: no cover - not on every platform
+    _CPUS = os.cpu_count() or 1
+_NUM_THREADS = max(1, min(_CPUS, numba.config.NUMBA_NUM_THREADS))
 # Like OMP_DYNAMIC: use no more threads than there are idle cores right now. On a busy machine an
 # extra thread mostly waits for a core (and the call for it); on an idle one it doubles the memory
 # bandwidth. Linux: the number of runnable tasks in /proc/loadavg at the call (the 1-minute load
@@ -622,7 +626,7 @@ def _pool():
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=max(4, os.cpu_count() or 1), thread_name_prefix="qcore-pack")
+            _POOL = ThreadPoolExecutor(max_workers=max(4, _CPUS), thread_name_prefix="qcore-pack")
         return _POOL
 
 
@@ -657,7 +661,7 @@ def _busy_cores() -> float:
 def _threads() -> int:
     n = _NUM_THREADS
     if _DYNAMIC_THREADS and n > 1:
-        n = max(1, min(n, int((os.cpu_count() or 1) - _busy_cores())))
+        n = max(1, min(n, int(_CPUS - _busy_cores())))
     return n
 
 

@@ -143,7 +143,7 @@ def test_thread_count_follows_idle_cores(monkeypatch):
     monkeypatch.setattr(packing, "_busy_cores", lambda: 100.0)
     assert packing._threads() == 1
     monkeypatch.setattr(packing, "_busy_cores", lambda: 0.0)
-    assert packing._threads() == min(4, packing.os.cpu_count())
+    assert packing._threads() == min(4, packing._CPUS)
     monkeypatch.setattr(packing, "_DYNAMIC_THREADS", False)
     monkeypatch.setattr(packing, "_busy_cores", lambda: 100.0)
     assert packing._threads() == 4
