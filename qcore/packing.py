@@ -618,6 +618,7 @@ _NUM_THREADS = max(1, min(_CPUS, numba.config.NUMBA_NUM_THREADS))
 # bandwidth. Linux: the number of runnable tasks in /proc/loadavg at the call (the 1-minute load
 # average lags by a minute and misses idle moments); elsewhere the load average.
 _DYNAMIC_THREADS = True
+_CHUNKS_PER_THREAD = 8  # claimable chunks per thread: balance on a busy machine vs hand-off costs
 _POOL = None
 _POOL_LOCK = threading.Lock()
 
@@ -673,7 +674,7 @@ def _run_split(kernel, args, total: int, min_part: int) -> list:
     not get a core for milliseconds, the caller just does more of the work itself.
     """
     kernel = _ready(kernel)
-    nchunks = min(total // max(min_part, 1), 8 * _NUM_THREADS)
+    nchunks = min(total // max(min_part, 1), _CHUNKS_PER_THREAD * _NUM_THREADS)
     nthreads = _threads() if nchunks >= 2 else 1
     if nthreads == 1:
         return [kernel(*args, 0, total)]
