@@ -210,7 +210,7 @@ class QuantLinear(nn.Module):
             self._scale_compute = sc
             self._layout = want
         if self._layout == "canonical":
-            # the int8pack kernel wants the scales in the activation dtype: a derived [N] buffer, not saved
+            # the int8pack kernel wants the scales in the activation dtype: a derived [N] tensor, never saved
             ok = dev.type == "cpu" and self._int8pack_layout()
             self._scale_compute = self.scale.to(torch.bfloat16) if ok else None
         elif self._layout == "blocked":
