@@ -89,6 +89,7 @@ def main() -> None:
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
+    order_rng = np.random.default_rng(1)
     shape = (args.rows, args.cols)
     n = args.rows * args.cols
     ncpu = os.cpu_count()
@@ -131,8 +132,12 @@ def main() -> None:
             fns[f"pack{c}"] = (c, lambda: qcore.pack(codes, bits))
             fns[f"unpack{c}"] = (c, lambda: qcore.unpack(packed, bits, args.cols))
         times = {k: [] for k in fns}
+        order = list(fns)
         for rep in range(args.repeats + 1):  # the first round is the warm-up
-            for k, (c, f) in fns.items():
+            # a fresh order every round: what ran just before (and left in the caches) varies evenly
+            order_rng.shuffle(order)
+            for k in order:
+                c, f = fns[k]
                 with _Threads(c if c is not None else "auto"):
                     t = _timed(f)
                 if rep:
