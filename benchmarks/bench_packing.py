@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -157,6 +158,25 @@ def main() -> None:
         ufloor = (med["read_packed"] + med["write_codes"]) / c0
         print(f"{bits:>4} {c0:7.2f} | pack {pk} {med['np_pack'] / c0:6.1f} {pfloor:5.2f} | unpack {up} "
               f"{med['np_unpack'] / c0:6.1f} {ufloor:5.2f} | {'-' if target is None else f'<={target}':>6} {ok}")
+    # context for the 2-thread column: how much more memory bandwidth a second core brings here
+    src = rng.integers(0, 256, shape, dtype=np.uint8)
+    dst = np.empty_like(src)
+    half = shape[0] // 2
+    pool = ThreadPoolExecutor(1)
+
+    def copy2():
+        f = pool.submit(np.copyto, dst[half:], src[half:])
+        np.copyto(dst[:half], src[:half])
+        f.result()
+
+    t1, t2 = [], []
+    for rep in range(args.repeats + 1):
+        a, b = _timed(lambda: np.copyto(dst, src)), _timed(copy2)
+        if rep:
+            t1.append(a)
+            t2.append(b)
+    print(f"memory scaling: np.copyto split over 2 threads takes {np.median(t2) / np.median(t1):.2f}x "
+          f"the 1-thread copy")
     print(f"load avg at the end {os.getloadavg()[0]:.1f}; "
           + ("all targets met" if all_ok else "some targets missed (the machine is shared: re-run if noisy)"))
 
