@@ -252,11 +252,6 @@ class QuantLinear(nn.Module):
         """The weight as a qcore :class:`~qcore.QuantizedArray` (NumPy, on CPU)."""
         q, s, z = (None if t is None else to_numpy(t) for t in self._canonical())
         shape = (self.out_features, self.in_features)
-        if self._kind == "tensor":  # built directly: the parameters are 0-d (validated when loaded)
-            codes = q if self.bits == 8 else qcore.unpack(q, self.bits, self.in_features)
-            if self.scheme.symmetric and self.bits < 8:
-                codes = (codes.astype(np.int16) - (1 << (self.bits - 1))).astype(np.int8)
-            return qcore.QuantizedArray(np.array(codes), np.array(s), None if z is None else np.array(z), self.scheme)
         if self.bits == 8:
             return qcore.QuantizedArray.from_parts(q, s, z, self.scheme)
         return qcore.QuantizedArray.from_packed(q, s, z, self.scheme, shape)
