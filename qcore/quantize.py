@@ -5,7 +5,7 @@
 >>> qa = quantize(np.array([-1.0, 0.0, 0.5, 1.0], np.float32), QuantScheme(8, True, PerTensor()))
 >>> qa.codes.tolist(), float(qa.scale)
 ([-127, 0, 64, 127], 0.007874015718698502)
->>> dequantize(qa).round(3).tolist()
+>>> dequantize(qa, dtype=np.float64).round(3).tolist()
 [-1.0, 0.0, 0.504, 1.0]
 """
 

@@ -1,7 +1,18 @@
+"""qtorch: quantized ``nn.Linear`` layers and whole-model quantization on top of qcore (qtorch -> qcore, never back).
+
+>>> import torch, qtorch
+>>> model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+>>> report = qtorch.quantize_model(model, "w8a16", exclude=())   # in place; lm_head is excluded by default
+>>> len(report.quantized), type(model[0]).__name__
+(2, 'QuantLinear')
+"""
+
+from .compile import compile
+from .linear import QuantizedLinear, QuantLinear, W4A16Linear, W8A16Linear, W8A16LinearLayer
 from .memory import memory_footprint
 from .replace import (IncompatibleLayersError, Quantizer, plan, quantize_model, replace_linear_layers_with_w8a16,
                       replace_linear_with_target_and_quantize)
 from .report import LayerReport, QuantizationReport
-from .linear import QuantizedLinear, QuantLinear, W4A16Linear, W8A16Linear, W8A16LinearLayer
 from .serialization import empty_weights, load_quantized, save_quantized
-from .compile import compile
+
+__version__ = "0.1.0"

@@ -1,7 +1,13 @@
 """Quantize whole models: swap Linear layers for quantized ones, with exclusions, a dry-run plan and a report.
 
-    >>> report = qtorch.quantize_model(model, "w8a16", exclude=["lm_head"])   # doctest: +SKIP
-    >>> print(report)                     # per-layer table: scheme, bytes before/after, SQNR, max abs error
+    >>> import torch, qtorch
+    >>> model = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.Linear(64, 64) for _ in range(11)]),
+    ...                              "lm_head": torch.nn.Linear(64, 100)})
+    >>> report = qtorch.quantize_model(model, "w8a16", exclude=["lm_head", "layers.1"])  # not layers.10
+    >>> [r.name for r in report.skipped], len(report.quantized)
+    (['layers.1', 'lm_head'], 10)
+
+``print(report)`` is a per-layer table: scheme, bytes before/after, SQNR, max abs error.
 
 Patterns (``exclude``, ``include`` and the keys of a scheme mapping) are one of
 

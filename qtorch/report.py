@@ -13,9 +13,12 @@ Every Linear-like layer of the model (``nn.Linear`` and transformers' GPT-2 styl
 
 Nothing is skipped silently: every layer that stays dense carries a ``reason``.
 
-    >>> report = qtorch.plan(model, "w4a16")             # doctest: +SKIP
-    >>> print(report)                                    # readable table
-    >>> json.dumps(report.to_dict(), allow_nan=False)    # JSON-safe
+    >>> import json, torch, qtorch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.Linear(64, 10))
+    >>> report = qtorch.plan(model, "w4a16", on_incompatible="skip")   # 64 inputs: no group of 128 fits
+    >>> [(r.name, r.status) for r in report]
+    [('0', 'planned'), ('1', 'incompatible')]
+    >>> s = json.dumps(report.to_dict(), allow_nan=False)              # JSON-safe; print(report) is a table
 """
 
 from __future__ import annotations
