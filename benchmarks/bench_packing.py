@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 import qcore
+import qcore._parallel
 import qcore.packing
 
 
@@ -73,12 +74,12 @@ class _Threads:
         self.n = n
 
     def __enter__(self):
-        self.saved = qcore.packing._NUM_THREADS, qcore.packing._DYNAMIC_THREADS
+        self.saved = qcore._parallel.NUM_THREADS, qcore._parallel.DYNAMIC
         if self.n != "auto":
-            qcore.packing._NUM_THREADS, qcore.packing._DYNAMIC_THREADS = self.n, False
+            qcore._parallel.NUM_THREADS, qcore._parallel.DYNAMIC = self.n, False
 
     def __exit__(self, *exc):
-        qcore.packing._NUM_THREADS, qcore.packing._DYNAMIC_THREADS = self.saved
+        qcore._parallel.NUM_THREADS, qcore._parallel.DYNAMIC = self.saved
 
 
 def main() -> None:
@@ -94,10 +95,10 @@ def main() -> None:
     shape = (args.rows, args.cols)
     n = args.rows * args.cols
     ncpu = os.cpu_count()
-    configs = ["auto", 1, qcore.packing._NUM_THREADS] if qcore.packing._NUM_THREADS > 1 else ["auto"]
+    configs = ["auto", 1, qcore._parallel.NUM_THREADS] if qcore._parallel.NUM_THREADS > 1 else ["auto"]
     print(f"qcore.pack / qcore.unpack, {args.rows}x{args.cols} = {n / 2**20:.0f}M uint8 codes, "
           f"median of {args.repeats} (numpy: {args.numpy_repeats}) after warm-up, {ncpu} cpus, "
-          f"load avg {os.getloadavg()[0]:.1f} (auto would use {qcore.packing._threads()} thread(s) right now)")
+          f"load avg {os.getloadavg()[0]:.1f} (auto would use {qcore._parallel.threads()} thread(s) right now)")
     print("copy: np.copyto of the same uint8 codes array into a preallocated output, ms; other columns: "
           "time / copy time")
     print("auto: the library default (threads = idle cores at each call); 1t / 2t: forced 1 / 2 threads;")

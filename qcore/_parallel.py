@@ -1,8 +1,11 @@
 """Split one kernel call over threads. A leaf: imports nothing of the package.
 
 The numba kernels release the GIL (``nogil=True``) and take a range ``[lo, hi)`` as their last two
-arguments, so plain Python threads run them in parallel: no OpenMP workers spinning on a shared machine,
-and kernels that compile several times faster than with ``parallel=True``.
+arguments, so plain Python threads run them in parallel. (Rather than numba's ``parallel=True``: the kernels
+compile several times faster, and a sleeping pool has no spinning OpenMP workers stealing shared cores.)
+
+>>> run_split(lambda scale, lo, hi: (hi - lo) * scale, (2,), 10, 100)   # too little work: one call
+[20]
 """
 
 from __future__ import annotations
@@ -12,52 +15,79 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["run_split", "num_threads"]
+__all__ = ["run_split", "threads"]
+
+try:
+    CPUS = len(os.sched_getaffinity(0))  # the cores this process may run on (containers, taskset)
+except (AttributeError, OSError):  # pragma: no cover - not on every platform
+    CPUS = os.cpu_count() or 1
+#: most threads one call uses (``QCORE_NUM_THREADS`` or ``NUMBA_NUM_THREADS`` cap it)
+NUM_THREADS = max(1, min(CPUS, int(os.environ.get("QCORE_NUM_THREADS") or os.environ.get("NUMBA_NUM_THREADS")
+                                   or CPUS)))
+#: like OMP_DYNAMIC: use no more threads than there are idle cores right now. On a busy machine an extra
+#: thread mostly waits for a core (and the call for it); on an idle one it doubles the memory bandwidth.
+DYNAMIC = True
+CHUNKS_PER_THREAD = 8  # claimable chunks per thread: balance on a busy machine vs hand-off costs
 
 _POOL = None
 _POOL_LOCK = threading.Lock()
-
-
-def _usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1  # pragma: no cover - not Linux
-
-
-#: upper bound on threads per call (``QCORE_NUM_THREADS`` overrides; default: the usable cores)
-MAX_THREADS = max(1, int(os.environ.get("QCORE_NUM_THREADS") or _usable_cores()))
+_ACTIVE_WORKERS = 0  # pool threads inside a call right now (they are runnable, but ours)
+_ACTIVE_LOCK = threading.Lock()
 
 
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=max(MAX_THREADS - 1, 1), thread_name_prefix="qcore")
+            _POOL = ThreadPoolExecutor(max_workers=max(4, CPUS), thread_name_prefix="qcore")
         return _POOL
 
 
-def num_threads() -> int:
-    """Threads for the next call: no more than there are idle cores by the 1-minute load average (like
-    OMP_DYNAMIC). On a saturated machine a second thread mostly waits for a core, and the call waits for it."""
-    n = MAX_THREADS
-    if n > 1:
+def _counted(fn) -> None:
+    global _ACTIVE_WORKERS
+    with _ACTIVE_LOCK:
+        _ACTIVE_WORKERS += 1
+    try:
+        fn()
+    finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE_WORKERS -= 1
+
+
+def busy_cores() -> float:
+    """Cores kept busy by other work, not counting the calling thread or our own pool threads.
+
+    Linux: the runnable tasks in /proc/loadavg at the call (the 1-minute load average lags by a minute and
+    misses idle moments); elsewhere the load average.
+    """
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])  # runnable tasks, this one included
+        return max(0, running - 1 - _ACTIVE_WORKERS)
+    except (OSError, ValueError, IndexError):
         try:
-            busy = os.getloadavg()[0]
+            return os.getloadavg()[0] - 0.5  # this thread is in it too
         except (AttributeError, OSError):  # pragma: no cover - not on every platform
-            return n
-        n = max(1, min(n, int(MAX_THREADS - busy + 1.5)))  # the load average counts this thread too
+            return 0.0
+
+
+def threads() -> int:
+    """Threads for the next call: ``NUM_THREADS``, or fewer when other work keeps cores busy (``DYNAMIC``)."""
+    n = NUM_THREADS
+    if DYNAMIC and n > 1:
+        n = max(1, min(n, int(CPUS - busy_cores())))
     return n
 
 
 def run_split(kernel, args, total: int, min_part: int) -> list:
     """Results of ``kernel(*args, lo, hi)`` over chunks covering ``[0, total)``, in chunk order.
 
-    Threads claim chunks from a shared counter and the calling thread works too, waiting only for chunks
-    another thread has actually claimed: when a pool thread gets no core for a while, the caller just does
-    more of the work itself.
+    Chunks hold at least ``min_part`` items. Threads claim chunks from a shared counter and the calling thread
+    works too, waiting only for chunks another thread has actually claimed: on a busy machine, where a pool
+    thread may not get a core for milliseconds, the caller just does more of the work itself.
     """
-    nchunks = min(total // max(min_part, 1), 8 * MAX_THREADS)
-    nthreads = num_threads() if nchunks >= 2 else 1
+    nchunks = min(total // max(min_part, 1), CHUNKS_PER_THREAD * NUM_THREADS)
+    nthreads = threads() if nchunks >= 2 else 1
     if nthreads == 1:
         return [kernel(*args, 0, total)]
     bounds = [total * i // nchunks for i in range(nchunks + 1)]
@@ -74,7 +104,7 @@ def run_split(kernel, args, total: int, min_part: int) -> list:
                 return
             try:
                 results[i] = kernel(*args, bounds[i], bounds[i + 1])
-            except BaseException as e:  # pragma: no cover - kernels do not raise on checked input
+            except BaseException as e:
                 state["error"] = e
                 done.set()
                 return
@@ -85,9 +115,9 @@ def run_split(kernel, args, total: int, min_part: int) -> list:
 
     pool = _pool()
     for _ in range(nthreads - 1):
-        pool.submit(work)
+        pool.submit(_counted, work)
     work()
     done.wait()
-    if state["error"] is not None:  # pragma: no cover
+    if state["error"] is not None:
         raise state["error"]
     return results

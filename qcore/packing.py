@@ -41,13 +41,10 @@ above ``bits`` is set. The kernels never raise and only see arrays the wrapper h
 
 from __future__ import annotations
 
-import itertools
 import math
 import operator
-import os
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -55,6 +52,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from . import _parallel
 
 __all__ = ["pack", "unpack", "packed_shape"]
 
@@ -604,111 +603,11 @@ def _unpack_padded(p2: np.ndarray, c2: np.ndarray, bits: int) -> None:
         c2[r0:r1] = tmp[: r1 - r0, :n]
 
 
-# --- work splitting: the kernels release the GIL, so plain threads run them in parallel ----------
-# (Python threads rather than numba's parallel=True: the kernels compile several times faster, and
-# with a sleeping pool there are no spinning OpenMP workers stealing the shared cores.)
-
-try:
-    _CPUS = len(os.sched_getaffinity(0))  # the cores this process may run on (containers, taskset)
-except (AttributeError, OSError):  # pragma: no cover - not on every platform
-    _CPUS = os.cpu_count() or 1
-_NUM_THREADS = max(1, min(_CPUS, numba.config.NUMBA_NUM_THREADS))
-# Like OMP_DYNAMIC: use no more threads than there are idle cores right now. On a busy machine an
-# extra thread mostly waits for a core (and the call for it); on an idle one it doubles the memory
-# bandwidth. Linux: the number of runnable tasks in /proc/loadavg at the call (the 1-minute load
-# average lags by a minute and misses idle moments); elsewhere the load average.
-_DYNAMIC_THREADS = True
-_CHUNKS_PER_THREAD = 8  # claimable chunks per thread: balance on a busy machine vs hand-off costs
-_POOL = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool():
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=max(4, _CPUS), thread_name_prefix="qcore-pack")
-        return _POOL
-
-
-_ACTIVE_WORKERS = 0  # pool threads inside a call right now (they are runnable, but ours)
-_ACTIVE_LOCK = threading.Lock()
-
-
-def _counted(fn):
-    global _ACTIVE_WORKERS
-    with _ACTIVE_LOCK:
-        _ACTIVE_WORKERS += 1
-    try:
-        fn()
-    finally:
-        with _ACTIVE_LOCK:
-            _ACTIVE_WORKERS -= 1
-
-
-def _busy_cores() -> float:
-    """Cores kept busy by other work, not counting the calling thread or our own pool threads."""
-    try:
-        with open("/proc/loadavg", "rb") as f:
-            running = int(f.read().split()[3].split(b"/")[0])  # runnable tasks, this one included
-        return max(0, running - 1 - _ACTIVE_WORKERS)
-    except (OSError, ValueError, IndexError):
-        try:
-            return os.getloadavg()[0] - 0.5  # this thread is in it too
-        except (AttributeError, OSError):  # pragma: no cover - not on every platform
-            return 0.0
-
-
-def _threads() -> int:
-    n = _NUM_THREADS
-    if _DYNAMIC_THREADS and n > 1:
-        n = max(1, min(n, int(_CPUS - _busy_cores())))
-    return n
+# --- work splitting: qcore._parallel runs the ranged, GIL-free kernels on threads ---------------------
 
 
 def _run_split(kernel, args, total: int, min_part: int) -> list:
-    """Results of ``kernel(*args, lo, hi)`` over chunks covering ``[0, total)``.
-
-    Threads claim chunks from a shared counter and the calling thread works too, waiting only
-    for chunks another thread has actually claimed: on a busy machine, where a pool thread may
-    not get a core for milliseconds, the caller just does more of the work itself.
-    """
-    kernel = _ready(kernel)
-    nchunks = min(total // max(min_part, 1), _CHUNKS_PER_THREAD * _NUM_THREADS)
-    nthreads = _threads() if nchunks >= 2 else 1
-    if nthreads == 1:
-        return [kernel(*args, 0, total)]
-    bounds = [total * i // nchunks for i in range(nchunks + 1)]
-    results = [None] * nchunks
-    claim = itertools.count()  # next() on a count is atomic under the GIL
-    state = {"left": nchunks, "error": None}
-    lock = threading.Lock()
-    done = threading.Event()
-
-    def work():
-        while True:
-            i = next(claim)
-            if i >= nchunks:
-                return
-            try:
-                results[i] = kernel(*args, bounds[i], bounds[i + 1])
-            except BaseException as e:  # pragma: no cover - kernels do not raise on checked input
-                state["error"] = e
-                done.set()
-                return
-            with lock:
-                state["left"] -= 1
-                if state["left"] == 0:
-                    done.set()
-
-    pool = _pool()
-    for _ in range(nthreads - 1):
-        pool.submit(_counted, work)
-    work()
-    done.wait()
-    if state["error"] is not None:  # pragma: no cover
-        raise state["error"]
-    return results
+    return _parallel.run_split(_ready(kernel), args, total, min_part)
 
 
 def _min_rows(n: int) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _kernels
 from ._parallel import run_split
-from .scheme import PerChannel, PerGroup, PerTensor, QuantScheme, _normalize_axis
+from .scheme import PerChannel, PerGroup, QuantScheme, _normalize_axis
 
 __all__ = ["QuantizedArray", "compute_qparams", "quantize", "dequantize", "fake_quantize", "check_float_array"]
 

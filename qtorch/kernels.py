@@ -617,7 +617,6 @@ def from_blocked(wb, scale, zero_point, *, bits: int, symmetric: bool, kind: str
                  out_features: int, in_features: int):
     """Inverse of :func:`to_blocked`: the canonical (qweight, scale, zero_point)."""
     n, k = out_features, in_features
-    T = wb.shape[0]
     if bits == 8:
         q = wb.transpose(1, 2).reshape(n, k).contiguous()
         zp = None if symmetric else _scale_canonical(zero_point, kind, n, k, group)

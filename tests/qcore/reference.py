@@ -4,7 +4,7 @@ numba kernels. The kernels must equal it bit for bit."""
 import ml_dtypes
 import numpy as np
 
-from qcore.scheme import PerChannel, PerGroup, PerTensor
+from qcore.scheme import PerChannel, PerTensor
 
 TINY = np.float32(np.finfo(np.float32).tiny)
 F32_MAX = np.float64(np.finfo(np.float32).max)

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import qcore
-from qcore import packing
+from qcore import _parallel, packing
 from qcore.packing import pack, packed_shape, unpack
 
 WIDTHS = list(range(1, 9))
@@ -118,15 +118,15 @@ def test_against_numpy_bitstream_reference(bits):
 
 @pytest.mark.parametrize("bits", WIDTHS)
 def test_large_arrays_split_across_threads(bits, monkeypatch):
-    monkeypatch.setattr(packing, "_NUM_THREADS", 3)  # exercise the split even on a 1-cpu machine
-    monkeypatch.setattr(packing, "_DYNAMIC_THREADS", False)  # ... or a busy one
+    monkeypatch.setattr(_parallel, "NUM_THREADS", 3)  # exercise the split even on a 1-cpu machine
+    monkeypatch.setattr(_parallel, "DYNAMIC", False)  # ... or a busy one
     # one long row with a tail, byte-aligned rows (one stream), and rows that end mid-byte
     for shape in [(1, (1 << 20) + 13), (1024, 1024), (301, 4001)]:
         check_round_trip(random_codes(shape[1] + bits, shape, bits), bits)
     deadline = time.monotonic() + 10
-    while packing._ACTIVE_WORKERS and time.monotonic() < deadline:  # late pool threads find no work
+    while _parallel._ACTIVE_WORKERS and time.monotonic() < deadline:  # late pool threads find no work
         time.sleep(0.01)
-    assert packing._ACTIVE_WORKERS == 0
+    assert _parallel._ACTIVE_WORKERS == 0
 
 
 @pytest.mark.parametrize("bits", [1, 3, 4, 6, 7])
@@ -138,15 +138,15 @@ def test_bytewise_rows_path_alone(bits, monkeypatch):
 
 
 def test_thread_count_follows_idle_cores(monkeypatch):
-    monkeypatch.setattr(packing, "_NUM_THREADS", 4)
-    assert 1 <= packing._threads() <= 4
-    monkeypatch.setattr(packing, "_busy_cores", lambda: 100.0)
-    assert packing._threads() == 1
-    monkeypatch.setattr(packing, "_busy_cores", lambda: 0.0)
-    assert packing._threads() == min(4, packing._CPUS)
-    monkeypatch.setattr(packing, "_DYNAMIC_THREADS", False)
-    monkeypatch.setattr(packing, "_busy_cores", lambda: 100.0)
-    assert packing._threads() == 4
+    monkeypatch.setattr(_parallel, "NUM_THREADS", 4)
+    assert 1 <= _parallel.threads() <= 4
+    monkeypatch.setattr(_parallel, "busy_cores", lambda: 100.0)
+    assert _parallel.threads() == 1
+    monkeypatch.setattr(_parallel, "busy_cores", lambda: 0.0)
+    assert _parallel.threads() == min(4, _parallel.CPUS)
+    monkeypatch.setattr(_parallel, "DYNAMIC", False)
+    monkeypatch.setattr(_parallel, "busy_cores", lambda: 100.0)
+    assert _parallel.threads() == 4
 
 
 def test_all_zero_and_all_max_rows():
@@ -297,17 +297,18 @@ def test_unpack_arbitrary_bytes(bits, lead, n, seed):
 def test_any_work_split_gives_the_same_bytes(bits, n, seed, threads, min_part, pad_chunk):
     codes = random_codes(seed, (5, n), bits)
     expected = ref_pack(codes, bits)
-    names = "_NUM_THREADS", "_PARALLEL_MIN_CODES", "_DYNAMIC_THREADS", "_PAD_CHUNK_CODES"
-    saved = [getattr(packing, k) for k in names]
+    knobs = [(_parallel, "NUM_THREADS", threads), (packing, "_PARALLEL_MIN_CODES", min_part),
+             (_parallel, "DYNAMIC", False), (packing, "_PAD_CHUNK_CODES", pad_chunk)]
+    saved = [(mod, k, getattr(mod, k)) for mod, k, _ in knobs]
     try:
-        for k, v in zip(names, (threads, min_part, False, pad_chunk)):
-            setattr(packing, k, v)
+        for mod, k, v in knobs:
+            setattr(mod, k, v)
         np.testing.assert_array_equal(pack(codes, bits), expected)
         np.testing.assert_array_equal(unpack(expected, bits, n), codes)
         np.testing.assert_array_equal(pack(codes[1], bits), expected[1])
     finally:
-        for k, v in zip(names, saved):
-            setattr(packing, k, v)
+        for mod, k, v in saved:
+            setattr(mod, k, v)
 
 
 # --- bad input --------------------------------------------------------------------------------------
@@ -322,8 +323,8 @@ def test_any_work_split_gives_the_same_bytes(bits, n, seed, threads, min_part, p
     ((2, 100), (1, 99)),           # rows ending mid-byte, long enough for the padded path
 ])
 def test_code_too_large_names_first_index_and_value(bits, shape, where, monkeypatch):
-    monkeypatch.setattr(packing, "_NUM_THREADS", 2)
-    monkeypatch.setattr(packing, "_DYNAMIC_THREADS", False)
+    monkeypatch.setattr(_parallel, "NUM_THREADS", 2)
+    monkeypatch.setattr(_parallel, "DYNAMIC", False)
     codes = np.zeros(shape, np.uint8)
     codes[where] = 1 << bits
     later = tuple(s - 1 for s in shape)

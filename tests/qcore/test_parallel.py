@@ -14,8 +14,8 @@ from tests.qcore.reference import ref_dequantize, ref_quantize
 @pytest.fixture
 def threads(monkeypatch):
     def use(n):
-        monkeypatch.setattr(P, "MAX_THREADS", n)
-        monkeypatch.setattr(P, "num_threads", lambda: n)
+        monkeypatch.setattr(P, "NUM_THREADS", n)
+        monkeypatch.setattr(P, "DYNAMIC", False)
     return use
 
 
