@@ -40,7 +40,8 @@ def params_from_minmax(mn, mx, qmax, symmetric):
 
 @njit(cache=True, nogil=True)
 def _minmax(seg, start, stop):
-    """(min, max, bad) of the non-empty run ``seg[start:stop]``; bad is True if it holds NaN or +-Inf.
+    """(min, max, bad) of the non-empty run ``seg[start:stop]``; bad is True if it holds NaN, +-Inf or a
+    value beyond the float32 range.
 
     Kept a separate serial function: inlined into a prange body, the same loop does not vectorise. Runs are
     given as bounds, not slices: a slice per group costs reference counting that a 32-element group notices.
@@ -53,7 +54,8 @@ def _minmax(seg, start, stop):
         mn = min(mn, v)
         mx = max(mx, v)
         nan |= v != v
-    return np.float64(mn), np.float64(mx), nan or mn == -np.inf or mx == np.inf
+    # float64 input beyond the float32 range has no float32 scale (and inf is beyond it too)
+    return np.float64(mn), np.float64(mx), nan or mn < -F32_MAX or mx > F32_MAX
 
 
 _KEY_MASK = np.int32(0x7FFFFFFF)

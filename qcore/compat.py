@@ -34,13 +34,17 @@ def _asymmetric(x, granularity, dtype):
     dt = np.dtype(dtype)
     if dt not in (np.dtype(np.int8), np.dtype(np.uint8)):
         raise TypeError(f"dtype must be np.int8 or np.uint8, got {dt}")
-    qa = quantize(check_float_array(x), QuantScheme(8, False, granularity))
+    x = check_float_array(x)
+    qa = quantize(x, QuantScheme(8, False, granularity))
+    scale, zp, codes = qa.scale, qa.zero_point, qa.codes
+    if isinstance(granularity, PerChannel):  # shaped to broadcast along ``dim``, as the prior art returns them
+        shape = [1] * x.ndim
+        shape[granularity.axis % x.ndim] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
     if dt == np.uint8:
-        return qa.scale, qa.zero_point, qa.codes
+        return scale, zp, codes
     # int8: the same grid shifted by -128, so (codes - zero_point) * scale is unchanged.
-    codes = (qa.codes.astype(np.int16) - 128).astype(np.int8)
-    zp = (qa.zero_point.astype(np.int16) - 128).astype(np.int8)
-    return qa.scale, zp, codes
+    return scale, (zp.astype(np.int16) - 128).astype(np.int8), (codes.astype(np.int16) - 128).astype(np.int8)
 
 
 def linear_quantize(x, dtype=np.int8):
@@ -50,7 +54,8 @@ def linear_quantize(x, dtype=np.int8):
 
 
 def channel_linear_quantize(x, dim=0, dtype=np.int8):
-    """Like :func:`linear_quantize` with one scale and zero point per index of ``dim``."""
+    """Like :func:`linear_quantize` with one scale and zero point per index of ``dim``, shaped to broadcast
+    against ``x`` (``(n, 1)`` for ``dim=0`` of a 2-D array, ``(1, n)`` for ``dim=1``)."""
     return _asymmetric(x, PerChannel(dim), dtype)
 
 

@@ -40,7 +40,9 @@ def _sums(x, x_hat) -> tuple[int, float, float, float, float]:
         ssx += float(np.dot(da, da))
         np.abs(d, out=d)
         sae += float(d.sum())
-        mae = max(mae, float(d.max()))
+        m = float(d.max())
+        if mae == mae and not m <= mae:  # NaN propagates (and stays): max() would silently drop it
+            mae = m
     return a.size, sse, ssx, sae, mae
 
 

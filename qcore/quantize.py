@@ -63,9 +63,18 @@ def _bits_view(a: np.ndarray) -> np.ndarray:
     return a.view(np.int32) if a.dtype == np.float32 else np.empty(a.shape[:-1] + (0,), np.int32)
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _raise_nonfinite(x: np.ndarray, name: str) -> None:
-    bad = np.argwhere(~np.isfinite(x.astype(np.float32) if x.dtype == ml_dtypes.bfloat16 else x))
+    """Raise the ValueError for the first value the kernels flagged (slow path: only runs on bad input)."""
+    xv = x.astype(np.float32) if x.dtype == ml_dtypes.bfloat16 else x
+    with np.errstate(invalid="ignore"):
+        bad = np.argwhere(~(np.abs(xv) <= _F32_MAX))  # NaN compares False, so it is caught too
     idx = tuple(int(i) for i in bad[0])
+    if np.isfinite(xv[idx]):
+        raise ValueError(f"{name} contains {x[idx]} at index {idx}, beyond the float32 range (|x| <= "
+                         f"{_F32_MAX:.4g}) that float32 scales can represent")
     raise ValueError(f"{name} contains {x[idx]} at index {idx}; NaN and Inf cannot be quantized")
 
 
@@ -83,6 +92,29 @@ class QuantizedArray:
     scale: np.ndarray
     zero_point: Optional[np.ndarray]
     scheme: QuantScheme
+
+    def __post_init__(self) -> None:
+        # Structure only (cheap): the kernels index scale/zero_point by the codes' shape, so a mismatch here
+        # would read out of bounds. from_parts() also checks the values.
+        scheme = self.scheme
+        if not isinstance(scheme, QuantScheme):
+            raise TypeError(f"scheme must be a QuantScheme, got {type(scheme).__name__}")
+        for name in ("codes", "scale"):
+            if not isinstance(getattr(self, name), np.ndarray):
+                raise TypeError(f"{name} must be a numpy.ndarray, got {type(getattr(self, name)).__name__}")
+        if self.codes.dtype != scheme.code_dtype:
+            raise TypeError(f"codes must be {scheme.code_dtype} for scheme {scheme}, got {self.codes.dtype}")
+        pshape = scheme.params_shape(self.codes.shape)  # also rejects 0-d codes and shapes the scheme cannot take
+        if self.scale.dtype != np.float32 or self.scale.shape != pshape:
+            raise ValueError(f"scale must be float32 of shape {pshape}, got {self.scale.dtype} {self.scale.shape}")
+        if scheme.symmetric:
+            if self.zero_point is not None:
+                raise ValueError("a symmetric scheme has no zero_point (pass None)")
+        elif (not isinstance(self.zero_point, np.ndarray) or self.zero_point.dtype != np.uint8
+              or self.zero_point.shape != pshape):
+            got = (f"{self.zero_point.dtype} {self.zero_point.shape}" if isinstance(self.zero_point, np.ndarray)
+                   else type(self.zero_point).__name__)
+            raise ValueError(f"zero_point must be uint8 of shape {pshape}, got {got}")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -131,30 +163,15 @@ class QuantizedArray:
     @classmethod
     def from_parts(cls, codes, scale, zero_point, scheme: QuantScheme) -> "QuantizedArray":
         """Build from arrays after checking dtypes, shapes, the code range, and that scales are finite and > 0."""
-        if not isinstance(scheme, QuantScheme):
-            raise TypeError(f"scheme must be a QuantScheme, got {type(scheme).__name__}")
-        codes = np.ascontiguousarray(codes)
-        if codes.dtype != scheme.code_dtype:
-            raise TypeError(f"codes must be {scheme.code_dtype} for scheme {scheme}, got {codes.dtype}")
-        pshape = scheme.params_shape(codes.shape)
-        scale = _contiguous(scale)
-        if scale.dtype != np.float32 or scale.shape != pshape:
-            raise ValueError(f"scale must be float32 of shape {pshape}, got {scale.dtype} {scale.shape}")
-        if not np.all(np.isfinite(scale) & (scale > 0)):
+        qa = cls(np.ascontiguousarray(codes), _contiguous(scale),
+                 None if zero_point is None else _contiguous(zero_point), scheme)
+        if not np.all(np.isfinite(qa.scale) & (qa.scale > 0)):
             raise ValueError("scale must be finite and > 0 everywhere")
-        if scheme.symmetric:
-            if zero_point is not None:
-                raise ValueError("a symmetric scheme has no zero_point (pass None)")
-        else:
-            zero_point = _contiguous(zero_point)
-            if zero_point.dtype != np.uint8 or zero_point.shape != pshape:
-                raise ValueError(f"zero_point must be uint8 of shape {pshape}, got {zero_point.dtype} "
-                                 f"{zero_point.shape}")
-            if zero_point.size and int(zero_point.max()) > scheme.qmax:
-                raise ValueError(f"zero_point {int(zero_point.max())} is outside 0..{scheme.qmax}")
-        if codes.size and (int(codes.min()) < scheme.qmin or int(codes.max()) > scheme.qmax):
+        if qa.zero_point is not None and qa.zero_point.size and int(qa.zero_point.max()) > scheme.qmax:
+            raise ValueError(f"zero_point {int(qa.zero_point.max())} is outside 0..{scheme.qmax}")
+        if qa.codes.size and (int(qa.codes.min()) < scheme.qmin or int(qa.codes.max()) > scheme.qmax):
             raise ValueError(f"codes outside {scheme.qmin}..{scheme.qmax} for scheme {scheme}")
-        return cls(codes, scale, zero_point, scheme)
+        return qa
 
     def __repr__(self) -> str:
         return f"QuantizedArray(shape={self.shape}, scheme={self.scheme}, scale.shape={self.scale.shape})"
@@ -308,14 +325,14 @@ def _dequantize_loose(codes, scale=None, zero_point=None, *, dtype=np.float32) -
     if scale is None:
         raise TypeError("dequantize(codes, scale[, zero_point]) needs a scale")
     scale = np.asarray(scale, np.float32)
-    if scale.ndim == 1 and codes.ndim > 1 and scale.shape[0] == codes.shape[0] != codes.shape[-1]:
-        scale = scale.reshape((-1,) + (1,) * (codes.ndim - 1))  # per output channel, prior-art convention
+    if scale.ndim == 1 and codes.ndim > 1 and scale.shape[0] == codes.shape[0]:
+        # one scale per output channel (axis 0), the prior-art convention, square weights included; a scale
+        # for the last axis must be shaped to broadcast, e.g. (1, n)
+        scale = scale.reshape((-1,) + (1,) * (codes.ndim - 1))
     c = codes.astype(np.float32)
     if zero_point is not None:
         zp = np.asarray(zero_point, np.float32)
-        if zp.shape == scale.shape:
-            zp = zp.reshape(scale.shape)
-        elif zp.ndim == 1 and codes.ndim > 1 and zp.shape[0] == codes.shape[0]:
+        if zp.ndim == 1 and codes.ndim > 1 and zp.shape[0] == codes.shape[0]:
             zp = zp.reshape((-1,) + (1,) * (codes.ndim - 1))
         c = c - zp
     try:

@@ -23,6 +23,24 @@ def test_known_values():
     assert d["snr_db"] == metrics.sqnr_db(x, y)
 
 
+def test_nan_propagates_to_every_figure():
+    x, y = np.array([1.0, 2.0, 3.0]), np.array([np.nan, 2.0, 2.0])
+    d = quantization_error(x, y)
+    assert all(math.isnan(d[k]) for k in ("max_abs_error", "mean_abs_error", "mse"))
+    assert math.isnan(metrics.max_abs_error(np.r_[x, np.zeros(1 << 17)], np.r_[y, np.zeros(1 << 17)]))
+
+
+def test_square_weights_prior_art_per_channel_is_per_output_channel():
+    w = np.random.default_rng(2).standard_normal((4, 4)).astype(np.float32)
+    w[0] *= 100  # one loud output channel: applying its scale on the wrong axis would show
+    codes, scales = quantize_weight_per_channel(w)
+    np.testing.assert_allclose(dequantize(codes, scales), w, atol=float(scales.max()) / 2 + 1e-6)
+    assert calculate_quantization_error(w, codes, scales)["snr_db"] > 35
+    for dim in (0, 1):
+        s, z, q = channel_linear_quantize(w, dim=dim)
+        np.testing.assert_allclose(dequantize(q, s, z), w, atol=float(s.max()) / 2 + 1e-5)
+
+
 def test_edge_cases():
     z = np.zeros(3)
     assert metrics.sqnr_db(np.ones(3), np.ones(3)) == math.inf
@@ -53,8 +71,9 @@ def test_prior_art_names():
         s, z, q = linear_quantize(w, dtype=dtype)
         assert q.dtype == dtype and q.min() == lo and s.shape == ()
         np.testing.assert_allclose(dequantize(q, s, z), w, atol=float(s) / 2 + 1e-7)
-        s, z, q = channel_linear_quantize(w, dim=0, dtype=dtype)
-        assert s.shape == (8,) and z.shape == (8,)
-        np.testing.assert_allclose(dequantize(q, s, z), w, atol=float(s.max()) / 2 + 1e-7)
+        for dim in (0, 1):
+            s, z, q = channel_linear_quantize(w, dim=dim, dtype=dtype)
+            assert s.shape == z.shape == ((8, 1) if dim == 0 else (1, 16))
+            np.testing.assert_allclose(dequantize(q, s, z), w, atol=float(s.max()) / 2 + 1e-7)
     with pytest.raises(TypeError, match="np.int8 or np.uint8"):
         linear_quantize(w, dtype=np.int16)

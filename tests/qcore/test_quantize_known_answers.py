@@ -157,6 +157,29 @@ def test_from_parts_keeps_per_tensor_parameters_0d():
     np.testing.assert_array_equal(dequantize(again), dequantize(qa))
 
 
+def test_the_constructor_checks_structure_so_kernels_never_read_out_of_bounds():
+    s = QuantScheme()
+    with pytest.raises(ValueError, match=r"scale must be float32 of shape \(4,\), got float32 \(2,\)"):
+        QuantizedArray(np.ones((4, 8), np.int8), np.ones(2, np.float32), None, s)
+    with pytest.raises(ValueError, match=r"scale must be float32 of shape \(67108864,\)"):
+        QuantizedArray(np.ones((1 << 26, 1), np.int8), np.ones(1, np.float32), None, s)
+    with pytest.raises(TypeError, match="codes must be int8"):
+        QuantizedArray(np.ones((4, 8), np.uint8), np.ones(4, np.float32), None, s)
+    with pytest.raises(ValueError, match="zero_point must be uint8 of shape"):
+        QuantizedArray(np.ones((4, 8), np.uint8), np.ones(4, np.float32), None, QuantScheme(8, False))
+    with pytest.raises(ValueError, match="0-d"):
+        QuantizedArray(np.ones((), np.int8), np.ones((), np.float32), None, QuantScheme(8, True, PerTensor()))
+
+
+def test_float64_beyond_the_float32_range_is_refused():
+    for scheme in (QuantScheme(8, True, PerTensor()), QuantScheme(8, True, PerChannel(0)), QuantScheme(4, False)):
+        x = np.array([[1.0, -5.0], [1e300, 2.0]])
+        with pytest.raises(ValueError, match=r"1e\+300 at index \(1, 0\), beyond the float32 range"):
+            quantize(x, scheme)
+    ok = np.array([[F32_MAX, -F32_MAX]], np.float64)  # the float32 maximum itself is fine
+    assert np.all(np.isfinite(dequantize(quantize(ok, QuantScheme(8, True, PerTensor())))))
+
+
 def test_quantized_array_from_parts_validates():
     x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
     qa = quantize(x, QuantScheme(4, False, PerGroup(4)))
