@@ -16,10 +16,8 @@ until it is closed: for a 1.2 GB file read through ``safe_open`` the RSS reached
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -31,6 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import checkpoint as ck
+from .patterns import NamePattern
 from .quantize import dequantize, quantize
 from .scheme import PerChannel, PerGroup, QuantScheme
 
@@ -47,40 +46,7 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 1 (no traceback)."""
 
 
-class Pattern:
-    """A tensor-name pattern: an exact dotted name, an ``fnmatch`` glob, or ``re:<regex>``.
-
-    A pattern matches whole dotted names, and a pattern that matches a module name covers every tensor below
-    it: ``lm_head`` matches ``lm_head.weight``; ``layers.1`` matches ``layers.1.q.weight`` but not
-    ``layers.10.q.weight``. Globs and regexes are case-sensitive; ``*`` also matches dots.
-
-    >>> Pattern("layers.1").matches("layers.10.weight"), Pattern("layers.1").matches("layers.1.weight")
-    (False, True)
-    >>> Pattern("re:.*\\\\.(q|k)_proj").matches("model.layers.0.q_proj.weight")
-    True
-    """
-
-    def __init__(self, text: str):
-        if not isinstance(text, str) or not text:
-            raise ValueError(f"empty pattern {text!r}")
-        self.text = text
-        if text.startswith("re:"):
-            try:
-                self._rx = re.compile(text[3:])
-            except re.error as e:
-                raise ValueError(f"pattern {text!r}: invalid regular expression: {e}") from None
-            self._match = lambda s: self._rx.fullmatch(s) is not None
-        elif any(c in text for c in "*?["):
-            self._match = lambda s: fnmatch.fnmatchcase(s, text)
-        else:
-            self._match = lambda s: s == text
-
-    def matches(self, name: str) -> bool:
-        parts = name.split(".")
-        return any(self._match(".".join(parts[:i])) for i in range(1, len(parts) + 1))
-
-    def __repr__(self) -> str:
-        return f"Pattern({self.text!r})"
+Pattern = NamePattern  # tensor-name patterns: see qcore.patterns
 
 
 def _selected(name: str, info: ck.TensorInfo, include, exclude) -> bool:

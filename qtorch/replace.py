@@ -32,7 +32,6 @@ weight as soon as its replacement is in place, so the extra memory at any moment
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import time
 import warnings
@@ -46,6 +45,7 @@ from torch import nn
 
 import qcore
 from qcore import PerChannel, PerGroup, QuantScheme
+from qcore.patterns import NamePattern
 
 from .memory import _storage_key_and_nbytes, memory_footprint, module_nbytes, release_free_memory
 from .report import LayerReport, QuantizationReport, scheme_label
@@ -93,49 +93,32 @@ def resolve_scheme(scheme: str | QuantScheme) -> QuantScheme:
 # patterns
 # ---------------------------------------------------------------------------------------------------------------
 
-def _ancestors(name: str) -> list[str]:
-    """'a.b.c' -> ['a', 'a.b', 'a.b.c']: the names a pattern may match to cover this module."""
-    parts = name.split(".")
-    return [".".join(parts[: i + 1]) for i in range(len(parts))]
-
-
 class Pattern:
-    """One module-name pattern (see the module docstring). ``matches(name, module)``; ``label`` for reports."""
+    """One module-name pattern: a qcore :class:`~qcore.patterns.NamePattern` (exact dotted name, glob,
+    ``re:<regex>``) or a callable ``(name, module) -> bool``. ``label`` names it in reports."""
 
-    __slots__ = ("spec", "kind", "_rx", "label")
+    __slots__ = ("spec", "label", "_name")
 
     def __init__(self, spec: str | Callable[[str, nn.Module], bool], what: str = "pattern"):
         self.spec = spec
         if callable(spec) and not isinstance(spec, str):
-            self.kind = "callable"
-            self._rx = None
+            self._name = None
             self.label = getattr(spec, "__name__", None) or repr(spec)
             return
         if not isinstance(spec, str):
             raise TypeError(f"{what} must be a module name, glob, 're:<regex>' or a callable (name, module) -> "
                             f"bool; got {type(spec).__name__}: {spec!r}")
-        if spec == "" or spec == "re:":
-            raise ValueError(f"{what} {spec!r} is empty; give a dotted module name such as 'lm_head'")
+        self._name = NamePattern(spec, what)
         self.label = spec
-        if spec.startswith("re:"):
-            self.kind = "regex"
-            try:
-                self._rx = re.compile(spec[3:])
-            except re.error as e:
-                raise ValueError(f"{what} {spec!r} is not a valid regular expression: {e}") from None
-        elif any(c in spec for c in "*?["):
-            self.kind = "glob"
-            self._rx = re.compile(fnmatch.translate(spec))
-        else:
-            self.kind = "exact"
-            self._rx = None
+
+    @property
+    def kind(self) -> str:
+        return "callable" if self._name is None else self._name.kind
 
     def matches(self, name: str, module: nn.Module | None = None) -> bool:
-        if self.kind == "callable":
+        if self._name is None:
             return bool(self.spec(name, module))
-        if self.kind == "exact":
-            return name == self.spec or name.startswith(self.spec + ".")
-        return any(self._rx.fullmatch(a) is not None for a in _ancestors(name))
+        return self._name.matches(name)
 
     def __repr__(self) -> str:
         return f"Pattern({self.label!r})"

@@ -186,7 +186,7 @@ def test_patterns_match_whole_dotted_names(pattern, name, hit):
 
 def test_bad_regex_is_reported(model_dir, tmp_path, capsys):
     assert run("quantize", model_dir[0], tmp_path / "out", "--exclude", "re:(") == 1
-    assert "invalid regular expression" in capsys.readouterr().err
+    assert "not a valid regular expression" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
