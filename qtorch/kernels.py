@@ -481,6 +481,53 @@ def int4pack_unpack(packed: torch.Tensor, n: int, k: int, rows_per_chunk: int = 
     return out
 
 
+def int4pack_dequant(packed: torch.Tensor, scale: torch.Tensor, zero_point, *, n: int, k: int,
+                     group: int) -> torch.Tensor:
+    """``(codes - zero_point) * scale`` ``[n, k]`` in float32 from the int4pack layout (canonical scale ``[n, k/g]``,
+    zero point ``[n, k/g]`` uint8, or ``None`` for symmetric codes, which carry the offset 8)."""
+    c = int4pack_unpack(packed, n, k).to(torch.float32).reshape(n, k // group, group)
+    z = 8.0 if zero_point is None else zero_point.reshape(n, k // group, 1).to(torch.float32)
+    return ((c - z) * scale.reshape(n, k // group, 1)).reshape(n, k)
+
+
+class Int8PackMM(torch.autograd.Function):
+    """``torch._weight_int8pack_mm`` (no derivative in PyTorch) with an input gradient ``grad @ (codes * scale)``.
+
+    ``apply(x, qweight [N, K] int8, scale_compute [N] (x's dtype), scale [N] float32)``. Used only when the input
+    needs a gradient: the no-grad forward calls the op itself, so that inductor still sees it."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scale_compute, scale):
+        ctx.save_for_backward(qweight, scale)
+        return torch._weight_int8pack_mm(x, qweight, scale_compute)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qweight, scale = ctx.saved_tensors
+        gx = torch.mm(grad.to(torch.float32) * scale, qweight.to(torch.float32))
+        return gx.to(grad.dtype), None, None, None
+
+
+class Int4PackMM(torch.autograd.Function):
+    """``torch._weight_int4pack_mm_for_cpu`` (no derivative in PyTorch) with an input gradient ``grad @ W``, W
+    decoded from the int4pack layout in the backward only (see :class:`Int8PackMM`).
+
+    ``apply(x, packed, group, scales_and_zeros, scale [N, K/g] float32, zero_point [N, K/g] or None, n, k)``."""
+
+    @staticmethod
+    def forward(ctx, x, packed, group, scales_and_zeros, scale, zero_point, n, k):
+        ctx.save_for_backward(packed, scale, zero_point)
+        ctx.group, ctx.n, ctx.k = group, n, k
+        return torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed, scale, zero_point = ctx.saved_tensors
+        w = int4pack_dequant(packed, scale, zero_point, n=ctx.n, k=ctx.k, group=ctx.group)
+        gx = torch.mm(grad.to(torch.float32), w)
+        return gx.to(grad.dtype), None, None, None, None, None, None, None
+
+
 def to_int4pack(codes: torch.Tensor, scale: torch.Tensor, zero_point, *, symmetric: bool, group: int):
     """Unsigned codes ``[n, k]`` (symmetric ones with the offset 8) -> (packed, scales_and_zeros [k/g, n, 2] bf16)
     or ``None`` when the round trip through the measured layout map is not exact (never use it then)."""

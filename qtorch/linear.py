@@ -328,7 +328,11 @@ class QuantLinear(nn.Module):
             return torch.ops.qtorch.gemm_blocked(x2, self.qweight, self.scale, self.zero_point,
                                                  k // self.scale.shape[0], self.bits, n)
         if path == "int4pack":
-            # PyTorch's vectorised bf16 int4 kernel; the layout exists only when its preconditions hold
+            # PyTorch's vectorised bf16 int4 kernel; the layout exists only when its preconditions hold.
+            # It has no derivative: an input that needs a gradient goes through a wrapper that supplies one.
+            if torch.is_grad_enabled() and x2.requires_grad:
+                return K.Int4PackMM.apply(x2.contiguous(), self.qweight, self._group, self._scale_compute,
+                                          self.scale, self.zero_point, n, k)
             return torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.qweight, self._group,
                                                     self._scale_compute)
         if path == "tiles":
@@ -338,6 +342,8 @@ class QuantLinear(nn.Module):
                 and self._scale_compute is not None:
             # PyTorch's vectorised bf16 kernel; _scale_compute exists only when its preconditions hold
             # (bf16 module, 8-bit symmetric per channel, K % 16 == 0: kernels.int8pack_ok)
+            if torch.is_grad_enabled() and x2.requires_grad:  # no derivative in PyTorch: the wrapper has one
+                return K.Int8PackMM.apply(x2.contiguous(), self.qweight, self._scale_compute, self.scale)
             return torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self._scale_compute)
         # portable path: dequantize, then one matmul (float32 on CPU: AVX2 has no bf16/fp16 FMA)
         cdt = torch.float32 if dev == "cpu" else x2.dtype

@@ -262,6 +262,58 @@ def test_input_gradient_flows_through_frozen_codes(n, rows):
     assert torch.allclose(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
 
 
+# (layer, scheme, n, k, dtype, rows, path): every forward path, the bf16 PyTorch kernels included
+GRAD_CASES = [
+    ("W8A16Linear", None, 64, 256, torch.bfloat16, 3, "int8pack"),
+    ("W8A16Linear", None, 64, 256, torch.bfloat16, 300, "int8pack"),
+    ("W4A16Linear", None, 64, 256, torch.bfloat16, 3, "int4pack"),
+    ("QuantLinear", QuantScheme(4, True, PerGroup(32)), 32, 96, torch.bfloat16, 300, "int4pack"),
+    ("QuantLinear", W4, 32, 64, torch.bfloat16, 3, "numba"),
+    ("QuantLinear", QuantScheme(4, True, PerTensor()), 32, 64, torch.float16, 300, "tiles"),
+    ("QuantLinear", QuantScheme(8, False, PerTensor()), 32, 64, torch.float32, 3, "numba"),
+    ("QuantLinear", QuantScheme(3, True, PerGroup(4)), 16, 64, torch.bfloat16, 3, "dense"),
+]
+
+
+@pytest.mark.parametrize("layer,scheme,n,k,dtype,rows,path", GRAD_CASES, ids=str)
+def test_input_gradient_on_every_path(layer, scheme, n, k, dtype, rows, path, paths, monkeypatch):
+    calls = []
+    for op in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu"):
+        real = getattr(torch, op)
+        monkeypatch.setattr(torch, op, lambda *a, _r=real, _op=op: calls.append(_op) or _r(*a))
+    torch.manual_seed(n + rows)
+    cls = getattr(qtorch, layer)
+    lin = torch.nn.Linear(k, n, dtype=dtype)
+    q = cls.from_linear(lin) if scheme is None else cls.from_linear(lin, scheme)
+    x = torch.randn(2, rows, k, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, rows, n, dtype=dtype)
+    q(x).backward(g)
+    w = q.dequantized_weight(torch.float32)
+    ref = g.float() @ w
+    bound = g.float().abs() @ w.abs()
+    assert x.grad.dtype == dtype and x.grad.shape == x.shape
+    assert torch.all((x.grad.float() - ref).abs() <= 2 * EPS[dtype] * bound + 1e-5)
+    kernel = {"int8pack": "_weight_int8pack_mm", "int4pack": "_weight_int4pack_mm_for_cpu"}.get(path)
+    assert calls == ([kernel] if kernel else [])
+    assert paths == ["dense" if path == "int8pack" else path]
+    # no grad needed: the same kernel, the output equal to the one with a gradient
+    with torch.no_grad():
+        y0 = q(x)
+    assert torch.equal(y0, q(x).detach())
+
+
+@pytest.mark.parametrize("layer", ["W8A16Linear", "W4A16Linear"])
+def test_bfloat16_kernels_have_an_input_gradient_under_compile(layer):
+    torch._dynamo.reset()
+    q = getattr(qtorch, layer).from_linear(torch.nn.Linear(256, 64).bfloat16())
+    c = torch.compile(q, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 256, dtype=torch.bfloat16, requires_grad=True)
+    c(x).float().square().sum().backward()
+    xr = x.detach().float().requires_grad_(True)
+    F.linear(xr, q.dequantized_weight(torch.float32), q.bias.float()).square().sum().backward()
+    assert torch.allclose(x.grad.float(), xr.grad, rtol=0.05, atol=0.05 * float(xr.grad.abs().max()))
+
+
 @pytest.mark.parametrize("sym,g,n,k", [(False, 128, 48, 256), (True, 32, 16, 96), (False, 64, 64, 64)])
 def test_bfloat16_int4pack_path(sym, g, n, k, monkeypatch):
     calls = []
