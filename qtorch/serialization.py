@@ -16,6 +16,14 @@ A quantized ``Linear`` named ``M`` is stored as the qcore tensor ``M.weight`` (`
 ``M.weight.scale``, ``M.weight.zero_point``); every other entry of the state dict is stored as it is. So a
 checkpoint written by ``qcore quantize`` from a model's ``model.safetensors`` loads into that model class, and
 a checkpoint written here loads with ``qcore.checkpoint.load`` without torch.
+
+Orientation. A :class:`~qtorch.QuantLinear` holds its weight as ``[out_features, in_features]``, and so does
+the file written here, also for layers that were GPT-2 style ``Conv1D`` (whose own weight is ``[in, out]``).
+The ``__metadata__`` entry ``"qtorch.layout"`` (JSON ``{layer name: "out_in" | "in_out"}``) records it, because
+a square ``Conv1D`` cannot be told apart by shape. A quantized tensor that the entry does not name is in its
+module's own orientation: ``[out, in]`` for ``nn.Linear``, ``[in, out]`` for ``Conv1D`` (what ``qcore quantize``
+writes from a GPT-2 ``model.safetensors``); :func:`load_quantized` transposes it exactly
+(:func:`transpose_quantized`).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import contextlib
 import json
 import os
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,10 +41,14 @@ from qcore import checkpoint as ckpt_io
 
 from ._torch_numpy import from_numpy, to_numpy
 from .linear import COMPUTE_DTYPES, QuantLinear
+from .replace import _linear_kind
 
-__all__ = ["save_quantized", "load_quantized", "empty_weights"]
+__all__ = ["save_quantized", "load_quantized", "empty_weights", "transpose_quantized"]
 
 _QUANT_LEAVES = ("qweight", "scale", "zero_point")
+META_LAYOUT = "qtorch.layout"
+META_DTYPES = "qtorch.compute_dtypes"
+OUT_IN, IN_OUT = "out_in", "in_out"
 
 
 @contextlib.contextmanager
@@ -72,6 +85,7 @@ def save_quantized(model: nn.Module, path, *, overwrite: bool = True) -> None:
     for name, m in quantized.items():
         tensors[f"{name}.weight"] = m.quantized_array()
         dtypes[name] = str(m.compute_dtype).removeprefix("torch.")
+    layout = {name: OUT_IN for name in sorted(quantized)}  # every QuantLinear, Conv1D-born ones included
     for key, value in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
         if owner in quantized and leaf in _QUANT_LEAVES:
@@ -79,8 +93,8 @@ def save_quantized(model: nn.Module, path, *, overwrite: bool = True) -> None:
         if value.device.type == "meta":
             raise ValueError(f"{key} is on the meta device (never loaded); there is nothing to save")
         tensors[key] = to_numpy(value)
-    ckpt_io.save(os.fspath(path), tensors, metadata={"qtorch.compute_dtypes": json.dumps(dtypes)},
-                 overwrite=overwrite)
+    metadata = {META_DTYPES: json.dumps(dtypes), META_LAYOUT: json.dumps(layout)}
+    ckpt_io.save(os.fspath(path), tensors, metadata=metadata, overwrite=overwrite)
 
 
 def _tensor_owners(model: nn.Module):
@@ -112,6 +126,10 @@ def load_quantized(model: nn.Module, path, *, device=None, strict: bool = True) 
     shape that differs, keys the model does not have or (with ``strict``) tensors the checkpoint lacks are
     listed together in one ``ValueError``, and the model is left as it was.
 
+    GPT-2 style ``Conv1D`` modules (weight ``[in, out]``) are replaced like Linear layers; the orientation of the
+    stored tensor comes from the file (see the module docstring). With ``strict=False`` a quantized layer whose
+    bias the file lacks keeps its own bias (a problem if that bias is on ``meta``).
+
     ``device`` places tensors that were on ``meta`` (default CPU); others keep the device they are on.
     """
     if not isinstance(model, nn.Module):
@@ -119,7 +137,7 @@ def load_quantized(model: nn.Module, path, *, device=None, strict: bool = True) 
     target_device = torch.device(device) if device is not None else torch.device("cpu")
     path = os.fspath(path)
     loaded = ckpt_io.load(path)  # validates the whole file first
-    meta_dtypes = _compute_dtypes(path)
+    meta_dtypes, layouts = _qtorch_metadata(path)
     modules = dict(model.named_modules())
     owners = _tensor_owners(model)
     persistent = set(model.state_dict().keys())
@@ -131,14 +149,24 @@ def load_quantized(model: nn.Module, path, *, device=None, strict: bool = True) 
             continue
         mname, _, leaf = key.rpartition(".")
         m = modules.get(mname)
-        if leaf != "weight" or m is None or not isinstance(m, (nn.Linear, QuantLinear)):
+        kind = None if m is None else _module_kind(m)
+        if leaf != "weight" or kind is None:
             what = "no such module" if m is None else f"{type(m).__name__} is not a Linear"
             problems.append(f"{key}: quantized tensor for {mname or '<root>'} ({what})")
             continue
-        if tuple(value.shape) != (m.out_features, m.in_features):
-            problems.append(f"{key}: checkpoint shape {list(value.shape)}, model expects "
-                            f"{[m.out_features, m.in_features]}")
+        n_in, n_out = _features(m, kind)
+        stored = layouts.get(mname, IN_OUT if kind == "Conv1D" else OUT_IN)
+        want = [n_out, n_in] if stored == OUT_IN else [n_in, n_out]
+        if list(value.shape) != want:
+            problems.append(f"{key}: checkpoint shape {list(value.shape)}, model expects {want} "
+                            f"({'[out, in]' if stored == OUT_IN else '[in, out]'} for {type(m).__name__})")
             continue
+        if stored == IN_OUT:
+            try:
+                value = transpose_quantized(value)
+            except ValueError as e:
+                problems.append(f"{key}: cannot transpose to [out, in]: {e}")
+                continue
         replacements[mname] = (m, value)
 
     for key, value in plain.items():
@@ -162,8 +190,11 @@ def load_quantized(model: nn.Module, path, *, device=None, strict: bool = True) 
     for key, owner in owners.items():
         mname, _, leaf = key.rpartition(".")
         if mname in replacements and (leaf in ("weight", "bias") or leaf in _QUANT_LEAVES):
-            if leaf == "bias" and f"{mname}.bias" not in plain and strict:
-                problems.append(f"{key}: missing from the checkpoint")
+            if leaf == "bias" and key not in plain:
+                if strict:
+                    problems.append(f"{key}: missing from the checkpoint")
+                elif _current(owner).device.type == "meta":
+                    problems.append(f"{key}: on the meta device and not in the checkpoint")
             continue
         if key in covered or id(_current(owner)) in covered_tensors:  # tied to a tensor that is loaded
             continue
@@ -179,14 +210,16 @@ def load_quantized(model: nn.Module, path, *, device=None, strict: bool = True) 
     new_layers = {}
     for mname, (m, qa) in replacements.items():
         dtype = _layer_dtype(m, meta_dtypes.get(mname))
-        dev = _place(m.weight if isinstance(m, nn.Linear) else m.qweight, target_device)
-        q = QuantLinear(m.in_features, m.out_features, bias=m.bias is not None, scheme=qa.scheme, dtype=dtype,
-                        device=dev)
+        dev = _place(m.qweight if isinstance(m, QuantLinear) else m.weight, target_device)
+        n_out, n_in = qa.shape
+        q = QuantLinear(n_in, n_out, bias=m.bias is not None, scheme=qa.scheme, dtype=dtype, device=dev)
         state = {"qweight": from_numpy(ckpt_io.encode_qweight(qa)), "scale": from_numpy(qa.scale)}
         if qa.zero_point is not None:
             state["zero_point"] = from_numpy(qa.zero_point)
         if m.bias is not None:
-            state["bias"] = from_numpy(plain[f"{mname}.bias"]).to(dtype)
+            b = plain.get(f"{mname}.bias")
+            # strict=False and not in the file: the layer keeps its own bias (checked above: not on meta)
+            state["bias"] = from_numpy(b).to(dtype) if b is not None else m.bias.detach().to(dtype)
         q.load_state_dict(state)
         new_layers[mname] = q
     staged, seen = {}, set()
@@ -221,18 +254,86 @@ def load_quantized(model: nn.Module, path, *, device=None, strict: bool = True) 
     return model
 
 
-def _compute_dtypes(path: str) -> dict:
+def _json_object(f: str, meta: dict, key: str) -> dict:
+    raw = meta.get(key)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise ValueError(f"{f}: __metadata__[{key!r}] is not valid JSON") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"{f}: __metadata__[{key!r}] must be a JSON object of strings, got {raw!r:.80}")
+    return value
+
+
+def _qtorch_metadata(path: str):
+    """``({layer: compute dtype name}, {layer: "out_in" | "in_out"})`` from the files' ``__metadata__``."""
     _, files, _ = ckpt_io.checkpoint_files(path)
-    out = {}
+    dtypes, layouts = {}, {}
     for f in files:
         meta = ckpt_io.read_header(f).metadata or {}
-        raw = meta.get("qtorch.compute_dtypes")
-        if raw:
-            try:
-                out.update(json.loads(raw))
-            except (ValueError, TypeError):
-                raise ValueError(f"{f}: __metadata__['qtorch.compute_dtypes'] is not valid JSON") from None
-    return out
+        d = _json_object(f, meta, META_DTYPES)
+        dtypes.update(d)
+        if META_LAYOUT in meta:
+            lay = _json_object(f, meta, META_LAYOUT)
+            bad = {k: v for k, v in lay.items() if v not in (OUT_IN, IN_OUT)}
+            if bad:
+                k = next(iter(bad))
+                raise ValueError(f"{f}: __metadata__[{META_LAYOUT!r}]: layer {k!r} has layout {bad[k]!r:.40}; "
+                                 f"expected {OUT_IN!r} or {IN_OUT!r}")
+            layouts.update(lay)
+        else:  # written by save_quantized before the layout was recorded: every QuantLinear was [out, in]
+            layouts.update({name: OUT_IN for name in d})
+    return dtypes, layouts
+
+
+def _module_kind(m: nn.Module):
+    """``"QuantLinear"``, ``"Linear"``, ``"Conv1D"`` (transformers, weight ``[in, out]``) or None."""
+    return "QuantLinear" if isinstance(m, QuantLinear) else _linear_kind(m)
+
+
+def _features(m: nn.Module, kind: str) -> tuple:
+    """``(in_features, out_features)`` of a layer (for Conv1D from its weight's shape, meta included)."""
+    if kind == "Conv1D":
+        return int(m.weight.shape[0]), int(m.weight.shape[1])
+    return m.in_features, m.out_features
+
+
+def transpose_quantized(qa: qcore.QuantizedArray) -> qcore.QuantizedArray:
+    """The 2-D quantized array ``qa`` transposed, exactly: ``dequantize(result) == dequantize(qa).T``.
+
+    Codes, scale and zero point are transposed and the granularity axis follows: ``PerChannel(0)`` <->
+    ``PerChannel(1)``, ``PerGroup(g, -1 or 1)`` -> ``PerGroup(g, 0)``, ``PerGroup(g, 0)`` -> ``PerGroup(g, -1)``,
+    ``PerTensor`` unchanged. This turns a GPT-2 ``Conv1D`` weight quantized as stored (``[in, out]``) into the
+    ``[out, in]`` a :class:`~qtorch.QuantLinear` holds.
+
+    >>> import numpy as np, qcore
+    >>> w = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    >>> qa = qcore.quantize(w, qcore.QuantScheme(4, False, qcore.PerGroup(2)))
+    >>> t = transpose_quantized(qa)
+    >>> t.scheme.granularity, bool(np.array_equal(qcore.dequantize(t), qcore.dequantize(qa).T))
+    (PerGroup(size=2, axis=0), True)
+    """
+    if not isinstance(qa, qcore.QuantizedArray):
+        raise TypeError(f"expected a qcore.QuantizedArray, got {type(qa).__name__}")
+    if len(qa.shape) != 2:
+        raise ValueError(f"only 2-D arrays can be transposed, got shape {list(qa.shape)}")
+    s = qa.scheme
+    g = s.granularity
+    scale, zp = qa.scale, qa.zero_point
+    if isinstance(g, qcore.PerChannel):
+        new_g = qcore.PerChannel(1 - g.axis % 2)  # one scale per index of the same dimension, now the other axis
+    elif isinstance(g, qcore.PerGroup):
+        new_g = qcore.PerGroup(g.size, 0 if g.axis % 2 == 1 else -1)
+        scale = scale.T
+        zp = None if zp is None else zp.T
+    else:
+        new_g = g
+    new = qcore.QuantScheme(bits=s.bits, symmetric=s.symmetric, granularity=new_g)
+    # np.array(order="C") rather than np.ascontiguousarray, which turns a 0-d (per-tensor) scale into shape (1,)
+    return qcore.QuantizedArray.from_parts(np.array(qa.codes.T, order="C"), np.array(scale, order="C"),
+                                           None if zp is None else np.array(zp, order="C"), new)
 
 
 def _layer_dtype(m: nn.Module, recorded) -> torch.dtype:
@@ -240,7 +341,7 @@ def _layer_dtype(m: nn.Module, recorded) -> torch.dtype:
         dt = getattr(torch, str(recorded), None)
         if dt in COMPUTE_DTYPES:
             return dt
-    dt = m.weight.dtype if isinstance(m, nn.Linear) else m.compute_dtype
+    dt = m.compute_dtype if isinstance(m, QuantLinear) else m.weight.dtype
     return dt if dt in COMPUTE_DTYPES else torch.float32
 
 

@@ -1,5 +1,6 @@
 """qtorch.save_quantized / load_quantized: exact round trips, meta-device models, tied weights, bad checkpoints."""
 
+import json
 import os
 import subprocess
 import sys
@@ -168,3 +169,164 @@ def test_qcore_quantize_output_loads_into_the_transformers_model(tmp_path):
     a, b = dense(ids).last_hidden_state, q(ids).last_hidden_state
     cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
     assert cos > 0.999
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GPT-2 style Conv1D layers (weight stored [in, out]): qtorch files and `qcore quantize` files both load
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    dense = transformers.GPT2LMHeadModel(cfg).eval()
+    folder = tmp_path_factory.mktemp("gpt2") / "dense"
+    dense.save_pretrained(folder)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    return transformers, cfg, dense, folder, ids
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_gpt2_conv1d_round_trip_is_exact_into_a_usual_and_an_empty_model(tiny_gpt2, tmp_path):
+    transformers, cfg, dense, _, ids = tiny_gpt2
+    q = transformers.GPT2LMHeadModel(cfg).eval()
+    q.load_state_dict(dense.state_dict())
+    report = qtorch.quantize_model(q, "w8a16")
+    assert report.counts()["quantized"] == 8  # c_attn, attn c_proj (square 64x64), c_fc, mlp c_proj per layer
+    want = _logits(q, ids)
+    path = tmp_path / "gpt2.safetensors"
+    qtorch.save_quantized(q, path)
+    layout = json.loads(qcore.checkpoint.read_header(str(path)).metadata["qtorch.layout"])
+    assert layout["transformer.h.0.attn.c_proj"] == "out_in" and len(layout) == 8
+
+    torch.manual_seed(5)
+    usual = transformers.GPT2LMHeadModel(cfg).eval()
+    qtorch.load_quantized(usual, path)
+    with qtorch.empty_weights():
+        empty = transformers.GPT2LMHeadModel(cfg).eval()
+    qtorch.load_quantized(empty, path)
+    for m in (usual, empty):
+        layer = m.transformer.h[1].attn.c_attn
+        assert isinstance(layer, qtorch.QuantLinear) and (layer.in_features, layer.out_features) == (64, 192)
+        assert torch.equal(_logits(m, ids), want)
+
+
+def test_gpt2_file_from_an_earlier_save_without_layout_metadata_still_loads(tiny_gpt2, tmp_path):
+    transformers, cfg, dense, _, ids = tiny_gpt2
+    q = transformers.GPT2LMHeadModel(cfg).eval()
+    q.load_state_dict(dense.state_dict())
+    qtorch.quantize_model(q, "w8a16")
+    path = tmp_path / "gpt2.safetensors"
+    qtorch.save_quantized(q, path)
+    md = qcore.checkpoint.read_header(str(path)).metadata
+    old = tmp_path / "old.safetensors"  # what save_quantized wrote before: the compute dtypes only
+    qcore.checkpoint.save(str(old), qcore.checkpoint.load(str(path)),
+                          metadata={"qtorch.compute_dtypes": md["qtorch.compute_dtypes"]})
+    with qtorch.empty_weights():
+        empty = transformers.GPT2LMHeadModel(cfg).eval()
+    qtorch.load_quantized(empty, old)
+    assert torch.equal(_logits(empty, ids), _logits(q, ids))
+
+
+def test_qcore_quantize_of_a_gpt2_checkpoint_loads_into_the_transformers_model(tiny_gpt2, tmp_path):
+    transformers, cfg, dense, src, ids = tiny_gpt2
+    out = tmp_path / "q8"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run([sys.executable, "-m", "qcore", "quantize", str(src), str(out), "--quiet"],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    ref = _logits(dense, ids)
+    for build_empty in (False, True):
+        if build_empty:
+            with qtorch.empty_weights():
+                m = transformers.GPT2LMHeadModel(cfg).eval()
+        else:
+            m = transformers.GPT2LMHeadModel(cfg).eval()
+        qtorch.load_quantized(m, out)
+        layer = m.transformer.h[0].mlp.c_fc  # stored [in=64, out=256], per input feature (PerChannel(0))
+        assert isinstance(layer, qtorch.QuantLinear) and (layer.in_features, layer.out_features) == (64, 256)
+        assert layer.scheme.granularity == qcore.PerChannel(1)
+        assert sum(isinstance(x, qtorch.QuantLinear) for x in m.modules()) == 8
+        cos = torch.nn.functional.cosine_similarity(_logits(m, ids).flatten(), ref.flatten(), dim=0)
+        assert cos > 0.999
+
+
+def test_qcore_quantize_gpt2_with_groups_loads_transposed_groups(tiny_gpt2, tmp_path):
+    from qcore.cli import quantize_checkpoint
+
+    transformers, cfg, dense, src, ids = tiny_gpt2
+    out = tmp_path / "q4"
+    quantize_checkpoint(str(src), str(out), bits=4, symmetric=False, group_size=32)
+    stored = qcore.checkpoint.load(str(out))["transformer.h.0.attn.c_attn.weight"]
+    assert stored.shape == (64, 192) and stored.scheme.granularity == PerGroup(32)
+    with qtorch.empty_weights():
+        m = transformers.GPT2LMHeadModel(cfg).eval()
+    qtorch.load_quantized(m, out)
+    layer = m.transformer.h[0].attn.c_attn
+    assert layer.scheme.granularity == PerGroup(32, 0)
+    np.testing.assert_array_equal(layer.dequantized_weight(torch.float32).numpy(), qcore.dequantize(stored).T)
+    cos = torch.nn.functional.cosine_similarity(_logits(m, ids).flatten(), _logits(dense, ids).flatten(), dim=0)
+    assert cos > 0.99
+
+
+@pytest.mark.parametrize("scheme", [
+    QuantScheme(8, True, qcore.PerTensor()), QuantScheme(8, True, qcore.PerChannel(0)),
+    QuantScheme(8, False, qcore.PerChannel(1)), QuantScheme(4, False, PerGroup(2)),
+    QuantScheme(4, True, PerGroup(4, 0)), QuantScheme(3, False, PerGroup(3, -1)),
+    QuantScheme(2, False, qcore.PerChannel(-1)),
+])
+def test_transpose_quantized_is_exact(scheme):
+    from qtorch.serialization import transpose_quantized
+
+    w = np.random.default_rng(3).standard_normal((12, 6)).astype(np.float32)
+    qa = qcore.quantize(w, scheme)
+    t = transpose_quantized(qa)
+    assert t.shape == (6, 12) and t.scheme.bits == scheme.bits and t.scheme.symmetric == scheme.symmetric
+    np.testing.assert_array_equal(qcore.dequantize(t), qcore.dequantize(qa).T)
+    np.testing.assert_array_equal(t.packed(), qcore.QuantizedArray.from_parts(
+        np.ascontiguousarray(qa.codes.T), t.scale, t.zero_point, t.scheme).packed())
+    back = transpose_quantized(t)
+    np.testing.assert_array_equal(qcore.dequantize(back), qcore.dequantize(qa))
+    # and a QuantLinear built from it computes with exactly that weight
+    q = qtorch.QuantLinear(12, 6, bias=False, scheme=t.scheme)
+    state = {"qweight": torch.from_numpy(qcore.checkpoint.encode_qweight(t)), "scale": torch.from_numpy(t.scale)}
+    if t.zero_point is not None:
+        state["zero_point"] = torch.from_numpy(t.zero_point)
+    q.load_state_dict(state)
+    np.testing.assert_array_equal(q.dequantized_weight(torch.float32).numpy(), qcore.dequantize(qa).T)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# strict=False and a bias the file lacks
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_non_strict_load_keeps_a_real_bias_the_file_lacks_and_reports_a_meta_one(tmp_path):
+    net = _quantized_net()
+    path = tmp_path / "net.safetensors"
+    qtorch.save_quantized(net, path)
+    tensors = qcore.checkpoint.load(str(path))
+    del tensors["fc1.bias"]
+    md = qcore.checkpoint.read_header(str(path)).metadata
+    nobias = tmp_path / "nobias.safetensors"
+    qcore.checkpoint.save(str(nobias), tensors, metadata={k: v for k, v in md.items() if not k.startswith("qcore.")})
+
+    with pytest.raises(ValueError, match="fc1.bias: missing from the checkpoint"):
+        qtorch.load_quantized(Net(), nobias)
+    usual = Net()
+    own = usual.fc1.bias.detach().clone()
+    qtorch.load_quantized(usual, nobias, strict=False)
+    assert isinstance(usual.fc1, qtorch.QuantLinear) and torch.equal(usual.fc1.bias, own)
+    np.testing.assert_array_equal(usual.fc1.dequantized_weight(torch.float32).numpy(),
+                                  net.fc1.dequantized_weight(torch.float32).numpy())
+
+    with qtorch.empty_weights():
+        meta = Net()
+    with pytest.raises(ValueError, match="fc1.bias: on the meta device and not in the checkpoint") as e:
+        qtorch.load_quantized(meta, nobias, strict=False)
+    assert "the model was not changed" in str(e.value) and type(meta.fc1) is nn.Linear
