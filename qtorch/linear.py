@@ -25,7 +25,9 @@ key           content
 ============  ===========================================================================================
 
 At run time on CPU the codes may be held in a kernel layout instead (see :mod:`qtorch.kernels`); ``state_dict``
-converts back, ``load_state_dict`` validates every key (shape, dtype, value range) before changing anything.
+converts back, ``load_state_dict`` validates every key (shape, dtype, value range) before changing anything, and
+loads a layer's state all or nothing: a missing or unexpected key of the layer (``bias`` included) leaves it as it
+was, with ``strict=False`` too (the keys are reported in the result).
 """
 
 from __future__ import annotations
@@ -420,18 +422,29 @@ class QuantLinear(nn.Module):
             zmax = int(got["zero_point"].max())
             if zmax > self.scheme.qmax:
                 errors.append(f"{prefix}zero_point: {zmax} is outside 0..{self.scheme.qmax}")
-        if "qweight" in got and self.bits == 8 and self.scheme.symmetric and got["qweight"].numel():
-            qmin = int(got["qweight"].min())
-            if qmin < self.scheme.qmin:
-                errors.append(f"{prefix}qweight: code {qmin} is outside {self.scheme.qmin}..{self.scheme.qmax}")
+        if "qweight" in got and got["qweight"].numel():
+            # the decoded codes of every width (sub-8-bit symmetric ones carry the offset 2^(bits-1))
+            q = got["qweight"]
+            codes = q if self.bits == 8 else K.unpack_codes(q, self.bits, self.in_features)
+            off = (1 << (self.bits - 1)) if self.scheme.symmetric and self.bits < 8 else 0
+            lo, hi = int(codes.min()) - off, int(codes.max()) - off
+            for c in (lo, hi) if lo != hi else (lo,):
+                if not self.scheme.qmin <= c <= self.scheme.qmax:
+                    errors.append(f"{prefix}qweight: code {c} is outside {self.scheme.qmin}..{self.scheme.qmax} "
+                                  f"(scheme {self.scheme})")
+        own_unexpected = []
         for key in state_dict:
             if key.startswith(prefix):
                 rest = key[len(prefix):]
                 if "." not in rest and rest not in exp:
-                    unexpected_keys.append(key)
+                    own_unexpected.append(key)
+        unexpected_keys.extend(own_unexpected)
         error_msgs.extend(errors)
-        if errors or any(prefix + n not in state_dict for n in ("qweight", "scale", "zero_point") if n in exp):
-            return  # never half-load the weight
+        # All or nothing: PyTorch passes strict=True here whatever the caller asked and raises only after every
+        # module has loaded, so a layer cannot know whether a missing or unexpected key will fail the load; it
+        # loads only a state that is exactly its own, so that a failed load changes nothing.
+        if errors or own_unexpected or any(prefix + n not in state_dict for n in exp):
+            return
         dev = self.qweight.device
         z = got["zero_point"].to(dev).clone() if "zero_point" in got else None
         self._set_canonical(got["qweight"].to(dev).clone(), got["scale"].to(dev).clone(), z)

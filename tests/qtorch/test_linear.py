@@ -159,6 +159,51 @@ def test_load_state_dict_lists_every_offending_key():
         qtorch.W4A16Linear(256, 64).load_state_dict({**sd, "weight": torch.zeros(1)})
 
 
+@pytest.mark.parametrize("scheme", [W8, W4, QuantScheme(4, True, PerGroup(32)), QuantScheme(3, True, PerChannel(0))],
+                         ids=str)
+def test_failed_load_changes_nothing(scheme):
+    a = qtorch.QuantLinear.from_linear(torch.nn.Linear(64, 32), scheme)
+    b = qtorch.QuantLinear.from_linear(torch.nn.Linear(64, 32), scheme)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    for drop in ("bias", "scale"):
+        sd = a.state_dict()
+        del sd[drop]
+        with pytest.raises(RuntimeError, match="Missing key"):
+            b.load_state_dict(sd)
+        assert all(torch.equal(before[k], v) for k, v in b.state_dict().items()), drop
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        b.load_state_dict({**a.state_dict(), "extra": torch.zeros(1)})
+    assert all(torch.equal(before[k], v) for k, v in b.state_dict().items())
+    # all or nothing with strict=False too (the layer cannot tell): reported, nothing loaded
+    sd = a.state_dict()
+    del sd["bias"]
+    res = b.load_state_dict(sd, strict=False)
+    assert res.missing_keys == ["bias"]
+    assert all(torch.equal(before[k], v) for k, v in b.state_dict().items())
+    b.load_state_dict(a.state_dict())
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+
+
+@pytest.mark.parametrize("bits,sym,low", [(8, True, -128), (4, True, -8), (3, True, -4), (2, True, -2),
+                                          (1, False, None), (4, False, None), (8, False, None)])
+def test_load_checks_the_code_range_of_every_width(bits, sym, low):
+    scheme = QuantScheme(bits, sym, PerChannel(0))
+    q = qtorch.QuantLinear.from_linear(torch.nn.Linear(20, 16), scheme)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    sd = q.state_dict()
+    sd["qweight"] = torch.zeros_like(sd["qweight"])  # signed 8-bit: -128 below; packed: unsigned 0 everywhere
+    if bits == 8 and sym:
+        sd["qweight"][0, 0] = -128
+    if low is None:  # every stored pattern is a valid code of an asymmetric scheme
+        q.load_state_dict(sd)
+        assert q.quantized_array().codes.min() == 0
+        return
+    with pytest.raises(RuntimeError, match=f"qweight: code {low} is outside {scheme.qmin}..{scheme.qmax}"):
+        q.load_state_dict(sd)
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+    q.quantized_array()  # still valid
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layer", ["W4A16Linear", "W8A16Linear"])  # W8 in bf16 switches to the int8pack layout
 def test_to_dtype_changes_compute_dtype_never_the_codes(device, layer):
