@@ -55,7 +55,7 @@ from .scheme import QuantScheme
 
 __all__ = ["save", "load", "read_header", "checkpoint_files", "check_not_pickle", "SafetensorsWriter",
            "TensorInfo", "Header", "DTYPES", "FORMAT_VERSION", "INDEX_NAME", "quantized_entries",
-           "encode_qweight"]
+           "encode_qweight", "quantized_metadata"]
 
 #: Version of the qcore layer of the file format (``__metadata__["qcore.format_version"]``).
 FORMAT_VERSION = 1
@@ -322,6 +322,21 @@ def _parse_qmeta(header: Header) -> dict:
             raise _bad(p, f"{where}: field dtype {dtype!r:.40} must be one of {sorted(_FLOAT_NAMES)}")
         out[name] = (scheme, shape, dtype)
     return out
+
+
+def quantized_metadata(header: Header) -> dict:
+    """``{name: (scheme, shape, dtype name or None)}`` for the quantized tensors of a file, from its header only.
+
+    ``header`` comes from :func:`read_header`. The qcore metadata (format version, schemes, shapes, dtypes) and
+    the tensors that store each quantized tensor (names, dtypes, shapes against the packing formula) are
+    checked as :func:`load` checks them; a bad file is a ``ValueError`` naming the file, tensor and field. The
+    tensor data is not read: use :func:`load` to check the values too. A file without qcore metadata gives ``{}``.
+    """
+    if not isinstance(header, Header):
+        raise TypeError(f"header must be a qcore.checkpoint.Header (from read_header), got {type(header).__name__}")
+    qmeta = _parse_qmeta(header)
+    _check_layout(header, qmeta)
+    return qmeta
 
 
 def _check_layout(header: Header, qmeta: dict) -> None:

@@ -1,6 +1,6 @@
 """The ``qtorch`` command: quantize a local transformers model and show what it cost; summarise a checkpoint.
 
-    qtorch quantize [MODEL] [--scheme w8a16|w4a16] [--exclude PATTERN ...] [-o OUT]
+    qtorch quantize [MODEL] [--scheme w8a16|w4a16] [--exclude PATTERN]... [-o OUT]
     qtorch info PATH
 
 With no MODEL, ``qtorch quantize`` uses the all-MiniLM-L6-v2 sentence-embedding model that the PyPI package
@@ -10,11 +10,11 @@ With no MODEL, ``qtorch quantize`` uses the all-MiniLM-L6-v2 sentence-embedding 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -29,7 +29,16 @@ SENTENCES = (
     "Photosynthesis turns light into chemical energy.",
 )
 SCHEMES = ("w8a16", "w4a16")
-DEFAULT_EXCLUDE = ["lm_head"]
+DEFAULT_EXCLUDE = ("lm_head",)
+
+
+def exclude_patterns(args) -> list:
+    """The layers ``qtorch quantize`` keeps dense: each ``--exclude`` value, ``lm_head`` when none is given,
+    none at all for ``--exclude ""``."""
+    given = getattr(args, "exclude", None)
+    if given is None:
+        return list(DEFAULT_EXCLUDE)
+    return [p for p in given if p]
 
 
 def _default_model() -> str:
@@ -101,8 +110,8 @@ def cmd_quantize(args) -> int:
     from qtorch.memory import format_bytes
 
     model_dir = args.model or _default_model()
-    if args.output and os.path.exists(args.output) and not args.overwrite:
-        raise SystemExit(f"qtorch quantize: {args.output} exists; pass --overwrite to replace it")
+    if args.output:
+        _check_output(model_dir, args.output, args.overwrite)
     print(f"model: {model_dir}")
     model, tokenizer, causal = _load(model_dir)
     batch = tokenizer(list(SENTENCES), padding=True, return_tensors="pt")
@@ -110,7 +119,7 @@ def cmd_quantize(args) -> int:
     t_before = _latency_ms(model, batch)
     mem_before = qtorch.memory_footprint(model)
 
-    report = qtorch.quantize_model(model, args.scheme, exclude=tuple(args.exclude),
+    report = qtorch.quantize_model(model, args.scheme, exclude=tuple(exclude_patterns(args)),
                                    progress=not args.quiet and sys.stderr.isatty())
     out = _outputs(model, batch, causal)
     t_after = _latency_ms(model, batch)
@@ -132,31 +141,56 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _save(model, model_dir: str, out: str, overwrite: bool) -> None:
-    """OUT/ gets model.safetensors (quantized) plus the source folder's config and tokenizer files."""
-    import qtorch
+def _check_output(model_dir: str, output: str, overwrite: bool) -> None:
+    """Refuse a bad OUT before any work: existing (without --overwrite), a file, MODEL itself, no parent."""
+    out, src = os.path.realpath(output), os.path.realpath(model_dir)
+    if os.path.lexists(output) and not overwrite:
+        raise SystemExit(f"qtorch quantize: {output} exists; pass --overwrite to replace it")
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise SystemExit(f"qtorch quantize: {output} is a file; OUT must be a folder")
+    if out == src or src.startswith(out + os.sep):
+        raise SystemExit(f"qtorch quantize: OUT {output} is MODEL or contains it; write to a new folder")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise SystemExit(f"qtorch quantize: cannot write {output}: its parent {parent} is not a folder")
 
-    os.makedirs(out, exist_ok=True)
-    qtorch.save_quantized(model, os.path.join(out, "model.safetensors"), overwrite=overwrite)
-    for name in os.listdir(model_dir):
-        src = os.path.join(model_dir, name)
-        if os.path.isfile(src) and not name.endswith((".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack",
-                                                       ".index.json")):
-            shutil.copy2(src, os.path.join(out, name))
+
+def _save(model, model_dir: str, out: str, overwrite: bool) -> None:
+    """OUT/ gets model.safetensors (quantized) plus the source folder's config and tokenizer files (and
+    sentence-transformers module folders such as ``1_Pooling/``), as ``qcore quantize`` copies them.
+
+    The folder is built under a temporary name beside OUT and renamed when complete; an existing OUT is replaced
+    only then, so an interrupted or failed save leaves OUT as it was and no partial folder.
+    """
+    import qtorch
+    from qcore import checkpoint as ck
+    from qcore.cli import _commit_folder, _copy_side_files
+
+    out = os.path.abspath(out)
+    if os.path.lexists(out) and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    tmpdir = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.", suffix=".tmp")
+    try:
+        os.chmod(tmpdir, 0o777 & ~ck._umask())  # mkdtemp makes 0700
+        qtorch.save_quantized(model, os.path.join(tmpdir, "model.safetensors"))
+        _copy_side_files(model_dir, tmpdir, out)
+        _commit_folder(tmpdir, out)
+        tmpdir = None
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def cmd_info(args) -> int:
     from qcore import checkpoint as ck
-    from qcore.scheme import QuantScheme
 
     _, files, _ = ck.checkpoint_files(args.path)
     rows, plain_bytes, plain_n, q_bytes, q_orig = [], 0, 0, 0, 0
     versions = set()
     for f in files:
         header = ck.read_header(f)
-        md = header.metadata or {}
-        versions.add(md.get("qcore.format_version", "-"))
-        table = json.loads(md.get("qcore.quantized", "{}"))
+        table = ck.quantized_metadata(header)  # checked: a hostile header is a ValueError, never a traceback
+        versions.add(header.metadata.get("qcore.format_version", "-"))
         parts = {}
         for name, t in header.tensors.items():
             base, _, leaf = name.rpartition(".")
@@ -165,13 +199,12 @@ def cmd_info(args) -> int:
             else:
                 plain_n += 1
                 plain_bytes += t.nbytes
-        for name, entry in table.items():
-            scheme = QuantScheme.from_dict(entry["scheme"])
+        for name, (scheme, shape, dtype) in table.items():
             n = 1
-            for d in entry["shape"]:
+            for d in shape:
                 n *= d
-            orig = n * {"float32": 4, "float64": 8}.get(entry.get("dtype") or "float32", 2)
-            rows.append((name, entry["shape"], str(scheme), parts.get(name, 0), orig))
+            orig = n * {"float32": 4, "float64": 8}.get(dtype or "float32", 2)
+            rows.append((name, list(shape), str(scheme), parts.get(name, 0), orig))
             q_bytes += parts.get(name, 0)
             q_orig += orig
     print(f"{args.path}: {len(files)} file(s), qcore format version {', '.join(sorted(versions))}")
@@ -192,17 +225,29 @@ def cmd_info(args) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows real defaults only: no "(default: None)" / "(default: False)" after options that say theirs."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qtorch", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a local transformers model and report what it cost",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     q.add_argument("model", nargs="?", metavar="MODEL",
                    help="local transformers model folder (default: the bundled all-MiniLM-L6-v2)")
     q.add_argument("--scheme", choices=SCHEMES, default="w8a16",
                    help="w8a16: int8 symmetric per channel; w4a16: int4 asymmetric, groups of 128")
-    q.add_argument("--exclude", nargs="*", default=DEFAULT_EXCLUDE, metavar="PATTERN",
-                   help="layers kept dense: dotted names, globs or re:<regex>")
+    # one value per flag: a list-valued option would swallow the optional MODEL positional after it
+    q.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
+                   help="a layer kept dense: dotted name, glob or re:<regex>; repeat the option for several "
+                        "(--exclude lm_head --exclude '*.mlp.*'). Default: lm_head, when no --exclude is given; "
+                        "--exclude '' keeps no layer dense")
     q.add_argument("-o", "--output", metavar="OUT", help="save the quantized model to this folder")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -217,8 +262,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return cmd_quantize(args) if args.command == "quantize" else cmd_info(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"qtorch {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
+        print(f"qtorch {args.command}: error: {msg}", file=sys.stderr)
         return 1
 
 
