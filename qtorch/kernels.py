@@ -14,7 +14,8 @@ Run-time weight layouts (``qtorch.linear`` holds exactly one per module, convert
 * ``blocked`` (CPU) -- the codes of ``NT`` consecutive output channels stored K-major, one contiguous block
   per tile: ``[N/NT, K, NT]`` for 8 bits and ``[N/NT, K, NT/2]`` for 4 bits (byte ``j`` of a row holds column
   ``j`` in its low nibble and column ``j + NT/2`` in its high nibble); scale and zero point ``[G, N]`` with G the
-  number of groups along K. A numba kernel streams each tile once (vectorised over the NT columns, so no
+  number of groups along K (0-d per tensor; zero point ``[0, 0]`` when symmetric: never more bytes than the
+  canonical state). A numba kernel streams each tile once (vectorised over the NT columns, so no
   reassociation is needed, float32 accumulation); for many rows, chunks of tiles are dequantized to float32
   in one numba pass and multiplied by ``torch.mm``.
 
@@ -221,23 +222,25 @@ def _gemm_q8(x, wb, scale, zp, gsize, n_out, out):  # pragma: no cover - compile
 @njit(cache=True, nogil=True, parallel=True)
 def _gemm_q4(x, wb, scale, zp, gsize, n_out, out):  # pragma: no cover - compiled
     # x [M, K] f32; wb [T, K, NT/2] uint8 (low nibble: column j, high nibble: column j + NT/2);
-    # scale [G, T*NT] f32; zp [G, T*NT] uint8 (always present: symmetric codes carry the offset 8); out [M, n_out]
+    # scale [G, T*NT] f32; zp [G, T*NT] uint8, or [0, 0] for symmetric codes (they carry the offset 8); out [M, n_out]
     M, K = x.shape
     T, _, H = wb.shape
     NT = 2 * H
     G = scale.shape[0]
+    has_zp = zp.shape[0] > 0
     for t in prange(T):
         n0 = t * NT
         nt = min(NT, n_out - n0)
         acc = np.zeros((M, NT), np.float32)
         tot = np.zeros((M, NT), np.float32)
-        zf = np.zeros(NT, np.float32)
+        zf = np.full(NT, np.float32(8.0))
         wf = np.empty((4, NT), np.float32)
         for g in range(G):
             acc[:, :] = 0
-            zrow = zp[g, n0:n0 + NT]
-            for j in range(NT):
-                zf[j] = np.float32(zrow[j])
+            if has_zp:
+                zrow = zp[g, n0:n0 + NT]
+                for j in range(NT):
+                    zf[j] = np.float32(zrow[j])
             k = g * gsize
             kend = k + gsize
             while k + 4 <= kend:
@@ -323,13 +326,19 @@ def _dequant_tiles(wb, bits, scale, zp, t0, t1, out):  # pragma: no cover - comp
             n0 = t * NT
             sc = scale[g, n0:n0 + NT]
             w = wb[t, k]
-            if bits == 4:
+            if bits == 4 and has_zp:
                 z = zp[g, n0:n0 + NT]
                 H = W
                 for j in range(H):
                     o[c0 + j] = (np.float32(w[j] & 15) - np.float32(z[j])) * sc[j]
                 for j in range(H):
                     o[c0 + H + j] = (np.float32(w[j] >> 4) - np.float32(z[j + H])) * sc[j + H]
+            elif bits == 4:  # symmetric: the offset 8
+                H = W
+                for j in range(H):
+                    o[c0 + j] = (np.float32(w[j] & 15) - np.float32(8.0)) * sc[j]
+                for j in range(H):
+                    o[c0 + H + j] = (np.float32(w[j] >> 4) - np.float32(8.0)) * sc[j + H]
             elif has_zp:
                 z = zp[g, n0:n0 + NT]
                 for j in range(NT):
@@ -342,6 +351,16 @@ def _dequant_tiles(wb, bits, scale, zp, t0, t1, out):  # pragma: no cover - comp
 # ---------------------------------------------------------------------------------------------------------------
 # The numba kernel as a torch custom op: opaque to torch.compile (fullgraph works), CPU only.
 
+def blocked_params(scale: torch.Tensor, zero_point: torch.Tensor, n: int):
+    """Scale and zero point of the blocked layout as the kernels read them, ``[G, N]``: the layout keeps a
+    per-tensor scale / zero point 0-d (as in the canonical state), expanded here to a temporary ``[1, N]``."""
+    if scale.dim() == 0:
+        scale = scale.reshape(1, 1).expand(1, n).contiguous()
+    if zero_point.dim() == 0:
+        zero_point = zero_point.reshape(1, 1).expand(1, n).contiguous()
+    return scale, zero_point
+
+
 def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                       group_size: int, bits: int, out_features: int) -> torch.Tensor:
     """``x[M, K] @ dequant(qweight).T`` from the blocked layout, computed in float32, returned in ``x.dtype``.
@@ -349,6 +368,7 @@ def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     The body of the ``qtorch::gemm_blocked`` op; eager callers without autograd may call it directly (the
     op's dispatch costs ~0.1 ms, 10% of a 4096x4096 single-row call)."""
     xf = x.detach().to(torch.float32).contiguous()
+    scale, zero_point = blocked_params(scale, zero_point, out_features)
     out = torch.empty((xf.shape[0], out_features), dtype=torch.float32)
     kern = _gemm_q8 if bits == 8 else _gemm_q4
     kern(xf.numpy(), qweight.numpy(), scale.numpy(), zero_point.numpy(), group_size, out_features, out.numpy())
@@ -377,6 +397,7 @@ def tiles_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, z
     NT = qweight.shape[2] * (2 if bits == 4 else 1)
     per_chunk = max(1, _CHUNK_BYTES // (K * NT * 4))
     xf = x.detach().to(torch.float32).contiguous()
+    scale, zero_point = blocked_params(scale, zero_point, out_features)
     wq, sq, zq = qweight.numpy(), scale.numpy(), zero_point.numpy()
     outs = []
     for t0 in range(0, T, per_chunk):
@@ -624,9 +645,9 @@ def dequantize_canonical(qweight, scale, zero_point, *, bits: int, symmetric: bo
 
 
 def _scale_rows(p: torch.Tensor, kind: str, n: int, k: int, g: int) -> torch.Tensor:
-    """Canonical scale/zero point -> ``[G, N]`` rows of the blocked layout (G groups along K)."""
+    """Canonical scale/zero point -> ``[G, N]`` rows of the blocked layout (G groups along K); per tensor: 0-d."""
     if kind == "tensor":
-        return p.reshape(1, 1).expand(1, n).contiguous()
+        return p.reshape(()).clone()
     if kind == "channel":
         return p.reshape(1, n).contiguous()
     return p.reshape(n, k // g).t().contiguous()
@@ -634,7 +655,7 @@ def _scale_rows(p: torch.Tensor, kind: str, n: int, k: int, g: int) -> torch.Ten
 
 def _scale_canonical(p: torch.Tensor, kind: str, n: int, k: int, g: int) -> torch.Tensor:
     if kind == "tensor":
-        return p[0, 0].clone()
+        return p.reshape(()).clone()
     if kind == "channel":
         return p.reshape(n).clone()
     return p.t().contiguous()
@@ -642,21 +663,20 @@ def _scale_canonical(p: torch.Tensor, kind: str, n: int, k: int, g: int) -> torc
 
 def to_blocked(qweight, scale, zero_point, *, bits: int, symmetric: bool, kind: str, group: int,
                out_features: int, in_features: int, tile: int):
-    """Canonical (qweight, scale, zero_point) -> blocked (qweight, scale [G,N], zero_point [G,N] or [0,0])."""
+    """Canonical (qweight, scale, zero_point) -> blocked (qweight, scale [G,N], zero_point [G,N] or [0,0]).
+
+    Per tensor, scale and zero point stay 0-d; symmetric codes have no zero point ([0, 0]; 4-bit ones are stored
+    with the offset 8, which the kernels subtract): the layout holds no more bytes than the canonical state."""
     n, k = out_features, in_features
     T = n // tile
     if bits == 8:
         wb = qweight.reshape(T, tile, k).transpose(1, 2).contiguous()
-        zp = (torch.zeros((0, 0), dtype=torch.uint8, device=qweight.device) if zero_point is None
-              else _scale_rows(zero_point, kind, n, k, group))
-    else:  # 4 bits: unsigned codes, symmetric ones carry the offset 8 as their zero point
+    else:  # 4 bits: unsigned codes (symmetric ones with the offset 8)
         c = unpack_codes(qweight, 4, k).reshape(T, tile, k)
         h = tile // 2
         wb = (c[:, :h] | (c[:, h:] << 4)).to(torch.uint8).transpose(1, 2).contiguous()
-        if zero_point is None:
-            zp = torch.full((1 if kind != "group" else k // group, n), 8, dtype=torch.uint8, device=qweight.device)
-        else:
-            zp = _scale_rows(zero_point, kind, n, k, group)
+    zp = (torch.zeros((0, 0), dtype=torch.uint8, device=qweight.device) if zero_point is None
+          else _scale_rows(zero_point, kind, n, k, group))
     return wb, _scale_rows(scale, kind, n, k, group), zp
 
 
@@ -680,6 +700,7 @@ def dequant_blocked(wb, scale, zero_point, *, bits: int, group: int, t0: int = 0
     """Dequantized tiles ``[t1-t0, K, NT]`` of the blocked layout (``W.T`` tile by tile), in ``dtype``."""
     t1 = wb.shape[0] if t1 is None else t1
     w = wb[t0:t1]
+    scale, zero_point = blocked_params(scale, zero_point, wb.shape[0] * wb.shape[2] * (2 if bits == 4 else 1))
     if bits == 8:
         c = w.to(dtype)
     else:
@@ -693,4 +714,6 @@ def dequant_blocked(wb, scale, zero_point, *, bits: int, group: int, t0: int = 0
     if zero_point.shape[0]:
         z = zero_point[:, cols].reshape(G, T, NT).transpose(0, 1).unsqueeze(2).to(dtype)
         c = c - z
+    elif bits == 4:  # symmetric 4-bit codes carry the offset 8
+        c = c - 8.0
     return (c * s).reshape(T, K, NT)

@@ -297,7 +297,7 @@ class QuantLinear(nn.Module):
         n, k = self.out_features, self.in_features
         if self._layout == "blocked":
             w = K.dequant_blocked(self.qweight, self.scale, self.zero_point, bits=self.bits,
-                                  group=k // self.scale.shape[0])
+                                  group=self._group)
             return w.permute(0, 2, 1).reshape(n, k).to(dtype)
         return K.dequantize_canonical(*self._canonical(), bits=self.bits,
                                       symmetric=self.scheme.symmetric, kind=self._kind, axis=self._axis,
@@ -326,9 +326,9 @@ class QuantLinear(nn.Module):
         if path == "numba":
             if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x2.requires_grad):
                 return K.gemm_blocked_impl(x2, self.qweight, self.scale, self.zero_point,
-                                           k // self.scale.shape[0], self.bits, n)
+                                           self._group, self.bits, n)
             return torch.ops.qtorch.gemm_blocked(x2, self.qweight, self.scale, self.zero_point,
-                                                 k // self.scale.shape[0], self.bits, n)
+                                                 self._group, self.bits, n)
         if path == "int4pack":
             # PyTorch's vectorised bf16 int4 kernel; the layout exists only when its preconditions hold.
             # It has no derivative: an input that needs a gradient goes through a wrapper that supplies one.
@@ -339,7 +339,7 @@ class QuantLinear(nn.Module):
                                                     self._scale_compute)
         if path == "tiles":
             return torch.ops.qtorch.tiles_blocked(x2, self.qweight, self.scale, self.zero_point,
-                                                  k // self.scale.shape[0], self.bits, n)
+                                                  self._group, self.bits, n)
         if dev == "cpu" and x2.dtype == torch.bfloat16 and self._layout == "canonical" \
                 and self._scale_compute is not None:
             # PyTorch's vectorised bf16 kernel; _scale_compute exists only when its preconditions hold

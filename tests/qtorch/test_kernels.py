@@ -50,7 +50,7 @@ def test_blocked_layout_round_trip_is_exact(bits, sym, kind, g, tile):
     assert (z is None and z2 is None) or torch.equal(z2, z)
     # the dequantized tiles are W.T tile by tile, equal to the canonical dequantization bit for bit
     w = K.dequantize_canonical(q, s, z, axis=0 if kind != "group" else 1, **kw)
-    wt = K.dequant_blocked(wb, sb, zb, bits=bits, group=k // sb.shape[0])
+    wt = K.dequant_blocked(wb, sb, zb, bits=bits, group=(g if kind == "group" else k))
     assert torch.equal(wt.permute(0, 2, 1).reshape(n, k), w)
 
 
@@ -68,10 +68,10 @@ def test_numba_kernel_and_tiles_match_float64_reference(bits, sym, kind, g, k, r
     x = torch.randn(rows, k)
     ref = x.double() @ w.T
     bound = x.double().abs() @ w.abs().T
-    y = K.gemm_blocked(x, wb, sb, zb, k // sb.shape[0], bits, n)
+    y = K.gemm_blocked(x, wb, sb, zb, (g if kind == "group" else k), bits, n)
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     assert torch.all((y.double() - ref).abs() <= 1e-5 * bound + 1e-30)
-    yt = K.tiles_blocked(x, wb, sb, zb, k // sb.shape[0], bits, n)
+    yt = K.tiles_blocked(x, wb, sb, zb, (g if kind == "group" else k), bits, n)
     assert torch.all((yt.double() - ref).abs() <= 1e-5 * bound + 1e-30)
 
 

@@ -133,6 +133,24 @@ def test_no_full_precision_copy_of_the_weight():
     assert sum(t.numel() * t.element_size() for t in q4.buffers() if not t.is_floating_point()) <= 512 * 256 // 2 + 4096
 
 
+@pytest.mark.parametrize("scheme", [QuantScheme(4, True, PerGroup(32)), QuantScheme(8, True, PerTensor()),
+                                    QuantScheme(4, False, PerTensor()), QuantScheme(4, True, PerChannel(0)), W8, W4],
+                         ids=str)
+def test_blocked_layout_holds_no_more_than_the_canonical_state(scheme):
+    lin = torch.nn.Linear(128, 64)
+    q = qtorch.QuantLinear.from_linear(lin, scheme)
+    assert q.weight_layout == "blocked"
+    state = sum(t.numel() * t.element_size() for t in q.state_dict().values())
+    assert qtorch.memory_footprint(q) == state  # no zero point of 8s, a per-tensor scale stays 0-d
+    m = torch.nn.Sequential(torch.nn.Linear(128, 64))
+    p = qtorch.plan(m, scheme)
+    r = qtorch.quantize_model(m, scheme)
+    assert [a.bytes_after for a in p] == [b.bytes_after for b in r] == [state]
+    x = torch.randn(300, 128)
+    for rows in (1, 300):  # numba and tiles paths
+        _check_close(q(x[:rows]), x[:rows], q)
+
+
 def test_load_state_dict_lists_every_offending_key():
     q = qtorch.W4A16Linear(256, 64)
     sd = q.state_dict()
