@@ -129,6 +129,44 @@ def choose_path(device_type: str, dtype: torch.dtype, rows: int, layout: str, bi
 # ---------------------------------------------------------------------------------------------------------------
 # numba kernels (leaves: they receive checked, contiguous arrays only)
 
+@njit(inline="always", cache=True, nogil=True)
+def _load_zp(zrow, zf):  # pragma: no cover - compiled
+    for j in range(zf.shape[0]):
+        zf[j] = np.float32(zrow[j])
+
+
+@njit(inline="always", cache=True, nogil=True)
+def _acc4(x, k, f0, f1, f2, f3, acc):  # pragma: no cover - compiled
+    # acc[m, :] += x[m, k:k+4] @ rows k..k+4 of the decoded tile (f0..f3), for every row m of x
+    for m in range(x.shape[0]):
+        x0 = x[m, k]
+        x1 = x[m, k + 1]
+        x2 = x[m, k + 2]
+        x3 = x[m, k + 3]
+        a = acc[m]
+        for j in range(a.shape[0]):
+            a[j] += (x0 * f0[j] + x1 * f1[j]) + (x2 * f2[j] + x3 * f3[j])
+
+
+@njit(inline="always", cache=True, nogil=True)
+def _add_scaled(acc, sc, tot):  # pragma: no cover - compiled
+    # tot[m, j] += acc[m, j] * sc[j]: one group's partial sums, scaled, into the tile's totals
+    for m in range(acc.shape[0]):
+        a = acc[m]
+        tt = tot[m]
+        for j in range(acc.shape[1]):
+            tt[j] += a[j] * sc[j]
+
+
+@njit(inline="always", cache=True, nogil=True)
+def _store(tot, out, n0, nt):  # pragma: no cover - compiled
+    for m in range(tot.shape[0]):
+        o = out[m, n0:n0 + nt]
+        tt = tot[m]
+        for j in range(nt):
+            o[j] = tt[j]
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _gemm_q8(x, wb, scale, zp, gsize, n_out, out):  # pragma: no cover - compiled
     # x [M, K] f32; wb [T, K, NT] int8|uint8; scale [G, T*NT] f32; zp [G, T*NT] uint8 or [0, 0]; out [M, n_out]
@@ -146,9 +184,7 @@ def _gemm_q8(x, wb, scale, zp, gsize, n_out, out):  # pragma: no cover - compile
         for g in range(G):
             acc[:, :] = 0
             if has_zp:
-                zrow = zp[g, n0:n0 + NT]
-                for j in range(NT):
-                    zf[j] = np.float32(zrow[j])
+                _load_zp(zp[g, n0:n0 + NT], zf)
             k = g * gsize
             kend = k + gsize
             while k + 4 <= kend:
@@ -189,14 +225,7 @@ def _gemm_q8(x, wb, scale, zp, gsize, n_out, out):  # pragma: no cover - compile
                             f1[j] = np.float32(w1[j])
                             f2[j] = np.float32(w2[j])
                             f3[j] = np.float32(w3[j])
-                    for m in range(M):
-                        x0 = x[m, k]
-                        x1 = x[m, k + 1]
-                        x2 = x[m, k + 2]
-                        x3 = x[m, k + 3]
-                        a = acc[m]
-                        for j in range(NT):
-                            a[j] += (x0 * f0[j] + x1 * f1[j]) + (x2 * f2[j] + x3 * f3[j])
+                    _acc4(x, k, f0, f1, f2, f3, acc)
                 k += 4
             while k < kend:
                 w0 = wb[t, k]
@@ -206,17 +235,8 @@ def _gemm_q8(x, wb, scale, zp, gsize, n_out, out):  # pragma: no cover - compile
                     for j in range(NT):
                         a[j] += x0 * (np.float32(w0[j]) - zf[j])
                 k += 1
-            sc = scale[g, n0:n0 + NT]
-            for m in range(M):
-                a = acc[m]
-                tt = tot[m]
-                for j in range(NT):
-                    tt[j] += a[j] * sc[j]
-        for m in range(M):
-            o = out[m, n0:n0 + nt]
-            tt = tot[m]
-            for j in range(nt):
-                o[j] = tt[j]
+            _add_scaled(acc, scale[g, n0:n0 + NT], tot)
+        _store(tot, out, n0, nt)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -238,9 +258,7 @@ def _gemm_q4(x, wb, scale, zp, gsize, n_out, out):  # pragma: no cover - compile
         for g in range(G):
             acc[:, :] = 0
             if has_zp:
-                zrow = zp[g, n0:n0 + NT]
-                for j in range(NT):
-                    zf[j] = np.float32(zrow[j])
+                _load_zp(zp[g, n0:n0 + NT], zf)
             k = g * gsize
             kend = k + gsize
             while k + 4 <= kend:
@@ -279,14 +297,7 @@ def _gemm_q4(x, wb, scale, zp, gsize, n_out, out):  # pragma: no cover - compile
                     f2[j + H] = np.float32(w2[j] >> 4) - zh
                     f3[j] = np.float32(w3[j] & 15) - zl
                     f3[j + H] = np.float32(w3[j] >> 4) - zh
-                for m in range(M):
-                    x0 = x[m, k]
-                    x1 = x[m, k + 1]
-                    x2 = x[m, k + 2]
-                    x3 = x[m, k + 3]
-                    a = acc[m]
-                    for j in range(NT):
-                        a[j] += (x0 * f0[j] + x1 * f1[j]) + (x2 * f2[j] + x3 * f3[j])
+                _acc4(x, k, f0, f1, f2, f3, acc)
                 k += 4
             while k < kend:
                 w0 = wb[t, k]
@@ -297,17 +308,8 @@ def _gemm_q4(x, wb, scale, zp, gsize, n_out, out):  # pragma: no cover - compile
                         a[j] += x0 * (np.float32(w0[j] & 15) - zf[j])
                         a[j + H] += x0 * (np.float32(w0[j] >> 4) - zf[j + H])
                 k += 1
-            sc = scale[g, n0:n0 + NT]
-            for m in range(M):
-                a = acc[m]
-                tt = tot[m]
-                for j in range(NT):
-                    tt[j] += a[j] * sc[j]
-        for m in range(M):
-            o = out[m, n0:n0 + nt]
-            tt = tot[m]
-            for j in range(nt):
-                o[j] = tt[j]
+            _add_scaled(acc, scale[g, n0:n0 + NT], tot)
+        _store(tot, out, n0, nt)
 
 
 @njit(cache=True, nogil=True, parallel=True)
