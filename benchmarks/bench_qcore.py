@@ -76,11 +76,17 @@ def main():
         t_qc_q = median_ms(lambda: qcore.quantize(x, scheme), args.repeat)
         t_np_dq = median_ms(lambda: np_dq(ref), args.repeat)
         t_qc_dq = median_ms(lambda: qcore.dequantize(qa), args.repeat)
+        out = np.empty(x.shape, np.float32)
+        t_qc_dq_out = median_ms(lambda: qcore.dequantize(qa, out=out), args.repeat)
         target_q, target_dq = ("8x", "4x") if "tensor" not in name else ("-", "-")
         print(f"{name:26} {'quantize':10} {t_np_q:8.2f} {t_qc_q:8.2f} {t_np_q / t_qc_q:8.1f}x {target_q:>7}")
         print(f"{name:26} {'dequantize':10} {t_np_dq:8.2f} {t_qc_dq:8.2f} {t_np_dq / t_qc_dq:8.1f}x {target_dq:>7}")
+        print(f"{name:26} {'  out=':10} {t_np_dq:8.2f} {t_qc_dq_out:8.2f} {t_np_dq / t_qc_dq_out:8.1f}x {'':>7}")
     y = np.empty_like(x)
-    print(f"(a plain np.copyto of the float32 input takes {median_ms(lambda: np.copyto(y, x), args.repeat):.2f} ms)")
+    print(f"(np.copyto of the float32 input into a preallocated array: "
+          f"{median_ms(lambda: np.copyto(y, x), args.repeat):.2f} ms; a new float32 array of that size, filled: "
+          f"{median_ms(lambda: np.full(x.shape, 1.0, np.float32), args.repeat):.2f} ms: the floor of any "
+          f"dequantize that returns a new array)")
 
 
 if __name__ == "__main__":

@@ -268,18 +268,21 @@ def compute_qparams(x, scheme: QuantScheme = QuantScheme()):
     return qa.scale, qa.zero_point
 
 
-def dequantize(qa, *args, dtype=np.float32) -> np.ndarray:
+def dequantize(qa, *args, dtype=np.float32, out=None) -> np.ndarray:
     """Float array ``(codes - zero_point) * scale``, computed in float32, returned as ``dtype``.
 
     Accepts a :class:`QuantizedArray`, or prior-art style ``dequantize(codes, scale[, zero_point])`` with a
     scalar scale, or a per-channel scale broadcast along axis 0 (``scale.shape == (codes.shape[0],)``), or any
-    scale that NumPy broadcasts against ``codes``.
+    scale that NumPy broadcasts against ``codes``. ``out``: a C-contiguous float32 array of the codes' shape to
+    write into (a fresh 64 MB result costs more in page faults than the arithmetic does).
 
     >>> import numpy as np
     >>> dequantize(np.array([-127, 64], np.int8), np.float32(0.5)).tolist()
     [-63.5, 32.0]
     """
     if not isinstance(qa, QuantizedArray):
+        if out is not None:
+            raise TypeError("out= is supported with a QuantizedArray only")
         return _dequantize_loose(qa, *args, dtype=dtype)
     if args:
         raise TypeError("dequantize(QuantizedArray) takes no positional parameters besides the array")
@@ -287,15 +290,22 @@ def dequantize(qa, *args, dtype=np.float32) -> np.ndarray:
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be float16, float32, float64 or bfloat16, got {out_dtype}")
     codes, scheme = qa.codes, qa.scheme
+    if out is not None:
+        if out_dtype != np.float32:
+            raise TypeError(f"out= gives float32 results; dtype must be float32, got {out_dtype}")
+        if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != codes.shape
+                or not out.flags.c_contiguous or not out.flags.writeable):
+            got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+            raise ValueError(f"out must be a writeable C-contiguous float32 array of shape {codes.shape}, got {got}")
     if codes.size == 0:
-        return np.zeros(codes.shape, out_dtype)
+        return np.zeros(codes.shape, out_dtype) if out is None else out
     kind, axis = _layout(codes.shape, scheme)
     if kind == "tensor":
-        out = np.empty(codes.size, np.float32)
+        flat = np.empty(codes.size, np.float32) if out is None else out.reshape(-1)
         z = 0 if qa.zero_point is None else int(qa.zero_point)
-        run_split(_kernels.dequantize_flat, (np.ascontiguousarray(codes).reshape(-1), float(qa.scale), z, out),
+        run_split(_kernels.dequantize_flat, (np.ascontiguousarray(codes).reshape(-1), float(qa.scale), z, flat),
                   codes.size, _MIN_PART)
-        out = out.reshape(codes.shape)
+        result = flat.reshape(codes.shape)
     else:
         if kind == "channel":
             moved = np.moveaxis(codes, axis, 0)
@@ -303,6 +313,7 @@ def dequantize(qa, *args, dtype=np.float32) -> np.ndarray:
             s2d = qa.scale.reshape(-1, 1)
             z2d = None if qa.zero_point is None else qa.zero_point.reshape(-1, 1)
             g = c2d.shape[1]
+            in_place = axis == 0  # the kernel's row layout is the array's own
         else:
             moved = np.moveaxis(codes, axis, -1)
             c2d = np.ascontiguousarray(moved).reshape(-1, codes.shape[axis])
@@ -310,12 +321,20 @@ def dequantize(qa, *args, dtype=np.float32) -> np.ndarray:
             z2d = (None if qa.zero_point is None
                    else np.ascontiguousarray(np.moveaxis(qa.zero_point, axis, -1)).reshape(c2d.shape[0], -1))
             g = scheme.granularity.size
-        out2d = np.empty(c2d.shape, np.float32)
+            in_place = axis == codes.ndim - 1
+        out2d = out.reshape(c2d.shape) if out is not None and in_place else np.empty(c2d.shape, np.float32)
         zarg = np.zeros((c2d.shape[0], 0), np.uint8) if z2d is None else np.ascontiguousarray(z2d)
         run_split(_kernels.dequantize_rows, (c2d, g, np.ascontiguousarray(s2d), zarg, out2d), c2d.shape[0],
                   _min_rows(c2d.shape[1]))
-        out = np.ascontiguousarray(np.moveaxis(out2d.reshape(moved.shape), 0 if kind == "channel" else -1, axis))
-    return out if out_dtype == np.float32 else out.astype(out_dtype)
+        result = np.moveaxis(out2d.reshape(moved.shape), 0 if kind == "channel" else -1, axis)
+        if out is not None:
+            if not in_place:
+                np.copyto(out, result)
+            return out
+        result = np.ascontiguousarray(result)
+    if out is not None:
+        return out
+    return result if out_dtype == np.float32 else result.astype(out_dtype)
 
 
 def _dequantize_loose(codes, scale=None, zero_point=None, *, dtype=np.float32) -> np.ndarray:

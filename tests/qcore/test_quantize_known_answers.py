@@ -195,6 +195,22 @@ def test_quantized_array_from_parts_validates():
         QuantizedArray.from_parts(qa.codes.astype(np.int8), qa.scale, qa.zero_point, qa.scheme)
 
 
+@pytest.mark.parametrize("scheme", [QuantScheme(8, True, PerTensor()), QuantScheme(8, True, PerChannel(0)),
+                                    QuantScheme(4, False, PerChannel(1)), QuantScheme(3, False, PerGroup(4)),
+                                    QuantScheme(4, True, PerGroup(2, axis=0))])
+def test_dequantize_into_out_equals_a_fresh_result(scheme):
+    x = np.random.default_rng(3).standard_normal((6, 8)).astype(np.float32)
+    qa = quantize(x, scheme)
+    out = np.full(x.shape, np.nan, np.float32)
+    assert dequantize(qa, out=out) is out
+    np.testing.assert_array_equal(out, dequantize(qa))
+    for bad in (np.empty((8, 6), np.float32), np.empty(x.shape, np.float64), np.empty((8, 6), np.float32).T):
+        with pytest.raises(ValueError, match=r"out must be a writeable C-contiguous float32 array of shape \(6, 8\)"):
+            dequantize(qa, out=bad)
+    with pytest.raises(TypeError, match="dtype must be float32"):
+        dequantize(qa, dtype=np.float16, out=out)
+
+
 def test_dequantize_prior_art_positional_forms():
     codes = np.array([[-127, 0, 127], [10, 20, 30]], np.int8)
     np.testing.assert_allclose(dequantize(codes, 0.5), codes * 0.5)
