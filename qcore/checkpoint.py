@@ -42,6 +42,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ from .quantize import QuantizedArray
 from .scheme import QuantScheme
 
 __all__ = ["save", "load", "read_header", "checkpoint_files", "check_not_pickle", "SafetensorsWriter",
+           "staging_folder", "commit_folder",
            "TensorInfo", "Header", "DTYPES", "FORMAT_VERSION", "INDEX_NAME", "quantized_entries",
            "encode_qweight", "quantized_metadata"]
 
@@ -388,6 +390,36 @@ def _fsync_dir(path: str) -> None:
 
 
 _HAS_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
+
+
+def staging_folder(out: str) -> str:
+    """A new empty folder beside ``out`` (same file system, so :func:`commit_folder` is a rename), with the
+    permissions a plain ``mkdir`` would give. The caller removes it if it does not commit it."""
+    tmpdir = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix=f".{os.path.basename(out)}.",
+                              suffix=".tmp")
+    os.chmod(tmpdir, 0o777 & ~_umask())  # mkdtemp makes 0700
+    return tmpdir
+
+
+def commit_folder(tmpdir: str, out: str) -> None:
+    """Move the finished folder into place; an existing OUTPUT is only removed once the new one is there."""
+    old = None
+    if os.path.lexists(out):
+        old = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.old.")
+        os.rmdir(old)
+        os.rename(out, old)
+    try:
+        os.rename(tmpdir, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    _fsync_dir(os.path.dirname(out))
+    if old is not None:
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.unlink(old)
 
 
 class SafetensorsWriter:

@@ -274,7 +274,7 @@ def _write_index(path: str, weight_map: dict, total_size: int) -> None:
         raise
 
 
-def _copy_side_files(src_root: str, dst_root: str, out: str) -> None:
+def copy_side_files(src_root: str, dst_root: str, out: str) -> None:
     """Copy the small text files of a model folder (config, tokenizer, sentence-transformers module folders
     such as ``1_Pooling/``) beside the new shards. Links, hidden entries, OUTPUT itself, tensors and pickles
     are skipped."""
@@ -292,27 +292,6 @@ def _copy_side_files(src_root: str, dst_root: str, out: str) -> None:
             dst_dir = os.path.normpath(os.path.join(dst_root, rel))
             os.makedirs(dst_dir, exist_ok=True)
             shutil.copyfile(src, os.path.join(dst_dir, fname))
-
-
-def _commit_folder(tmpdir: str, out: str) -> None:
-    """Move the finished folder into place; an existing OUTPUT is only removed once the new one is there."""
-    old = None
-    if os.path.lexists(out):
-        old = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.old.")
-        os.rmdir(old)
-        os.rename(out, old)
-    try:
-        os.rename(tmpdir, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    ck._fsync_dir(os.path.dirname(out))
-    if old is not None:
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.unlink(old)
 
 
 def quantize_checkpoint(input_path, output, *, bits: int = 8, symmetric: bool = True,
@@ -346,8 +325,7 @@ def quantize_checkpoint(input_path, output, *, bits: int = 8, symmetric: bool = 
         if kind == "file":
             targets = [out]
         else:
-            tmpdir = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.", suffix=".tmp")
-            os.chmod(tmpdir, 0o777 & ~ck._umask())  # mkdtemp makes 0700
+            tmpdir = ck.staging_folder(out)
             targets = [os.path.join(tmpdir, os.path.basename(fpath)) for fpath, _ in headers]
         weight_map, total_size = {}, 0
         for (fpath, header), plan, target in zip(headers, plans, targets):
@@ -367,10 +345,10 @@ def quantize_checkpoint(input_path, output, *, bits: int = 8, symmetric: bool = 
         if kind != "file":
             if kind == "sharded":
                 _write_index(os.path.join(tmpdir, ck.INDEX_NAME), weight_map, total_size)
-            _copy_side_files(input_path, tmpdir, out)
+            copy_side_files(input_path, tmpdir, out)
         out_bytes = sum(os.path.getsize(p) for p in out_files)
         if tmpdir is not None:
-            _commit_folder(tmpdir, out)
+            ck.commit_folder(tmpdir, out)
             tmpdir = None
     finally:
         bar.close()

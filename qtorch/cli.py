@@ -14,7 +14,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -164,17 +163,16 @@ def _save(model, model_dir: str, out: str, overwrite: bool) -> None:
     """
     import qtorch
     from qcore import checkpoint as ck
-    from qcore.cli import _commit_folder, _copy_side_files
+    from qcore.cli import copy_side_files
 
     out = os.path.abspath(out)
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    tmpdir = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.", suffix=".tmp")
+    tmpdir = ck.staging_folder(out)
     try:
-        os.chmod(tmpdir, 0o777 & ~ck._umask())  # mkdtemp makes 0700
         qtorch.save_quantized(model, os.path.join(tmpdir, "model.safetensors"))
-        _copy_side_files(model_dir, tmpdir, out)
-        _commit_folder(tmpdir, out)
+        copy_side_files(model_dir, tmpdir, out)
+        ck.commit_folder(tmpdir, out)
         tmpdir = None
     finally:
         if tmpdir is not None:
