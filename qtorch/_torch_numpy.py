@@ -70,4 +70,5 @@ def from_numpy(a: np.ndarray, device=None) -> torch.Tensor:
         if not a.flags.writeable:
             a = a.copy()
         t = torch.from_numpy(np.ascontiguousarray(a))
+    t = t.reshape(a.shape)  # np.ascontiguousarray makes 0-d arrays 1-d; keep per-tensor parameters 0-d
     return t if device is None else t.to(device)

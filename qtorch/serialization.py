@@ -230,7 +230,7 @@ def load_quantized(model: nn.Module, path, *, device=None, strict: bool = True) 
         if id(cur) in seen:  # a second name of a tied tensor: the first one loads it
             continue
         seen.add(id(cur))
-        staged[key] = from_numpy(value).reshape(value.shape).to(dtype=cur.dtype, device=_place(cur, target_device))
+        staged[key] = from_numpy(value).to(dtype=cur.dtype, device=_place(cur, target_device))
 
     with torch.no_grad():
         for mname, q in new_layers.items():
