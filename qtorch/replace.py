@@ -44,9 +44,10 @@ from tqdm import tqdm
 from torch import nn
 
 import qcore
-from qcore import PerChannel, PerGroup, QuantScheme
+from qcore import PerGroup, QuantScheme
 from qcore.patterns import NamePattern
 
+from .linear import COMPUTE_DTYPES, W8_SCHEME, QuantLinear
 from .memory import _storage_key_and_nbytes, memory_footprint, module_nbytes, release_free_memory
 from .report import LayerReport, QuantizationReport, scheme_label
 
@@ -60,7 +61,7 @@ ON_INCOMPATIBLE = ("error", "skip")
 
 
 def _w8a16() -> QuantScheme:
-    return QuantScheme(bits=8, symmetric=True, granularity=PerChannel(axis=0))
+    return W8_SCHEME
 
 
 def _w4a16(group: int = 128) -> QuantScheme:
@@ -292,7 +293,7 @@ def _incompatibility(module: nn.Module, kind: str, names: list[str], parents, ta
         return "weight is on the meta device (not materialised); load the weights first"
     if not w.dtype.is_floating_point:
         return f"weight dtype {w.dtype} is not a floating-point type"
-    if w.dtype not in _COMPUTE_DTYPES and (target.cls is None or issubclass(target.cls, _quant_linear_cls())):
+    if w.dtype not in COMPUTE_DTYPES and (target.cls is None or issubclass(target.cls, QuantLinear)):
         return (f"weight dtype {w.dtype}: quantized layers compute in float32, float16 or bfloat16 (the model's "
                 f"activations would not fit); convert the model first, e.g. model.float()")
     if kind == "Linear" and type(module).forward is not nn.Linear.forward:
@@ -449,7 +450,7 @@ def _build_plan(model: nn.Module, scheme, exclude, include, on_incompatible: str
                               else "no pattern of the scheme mapping matched")
                 continue
         job.target = target
-        rec.scheme, rec.target = target.scheme, (target.cls or _quant_linear_cls()).__name__
+        rec.scheme, rec.target = target.scheme, (target.cls or QuantLinear).__name__
         reason = _incompatibility(mod, kind, mnames, job.parents, target, owners)
         if reason is None:
             reason = _smoke_test(mod, kind, target, smoke_cache)
@@ -471,13 +472,6 @@ def _build_plan(model: nn.Module, scheme, exclude, include, on_incompatible: str
     return plan_
 
 
-def _quant_linear_cls():
-    from .linear import QuantLinear
-
-    return QuantLinear
-
-
-_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _report_from(p: _Plan, *, applied: bool, seconds: float, model_bytes_after: int | None = None):
