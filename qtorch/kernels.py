@@ -70,9 +70,13 @@ Crossovers recorded from these runs:
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from numba import njit, prange
+
+from . import gemv
 
 __all__ = ["CPU_MAX_ROWS_NUMBA", "choose_path", "gemm_blocked", "dequant_blocked", "unpack_codes",
            "dequantize_canonical", "blocked_tile", "to_blocked", "from_blocked", "int8pack_ok", "tiles_blocked"]
@@ -85,6 +89,12 @@ CPU_MAX_ROWS_NUMBA = {
     (torch.float32, 8): 256, (torch.bfloat16, 8): 256, (torch.float16, 8): 256,
     (torch.float32, 4): 256, (torch.bfloat16, 4): 256, (torch.float16, 4): 256,
 }
+# bfloat16 modules: PyTorch's int8pack / int4pack kernels, or the blocked layout's kernels? On AVX2 the blocked ones
+# win at every row count (development CPU, bench_linear.py, same runs: rows=1 0.69 vs 1.13 ms at 8 bits and 0.75 vs
+# 1.36 ms at 4 bits; rows=128 48.6 vs 58.2 ms and 42.4 vs 51.9 ms). Where PyTorch has AVX-512 / AMX kernels and
+# inductor templates for them (DESIGN.md section 5), its kernels stay. QTORCH_TORCH_PACK=1 / 0 forces either.
+TORCH_PACK_KERNELS = {"1": True, "0": False}.get(os.environ.get("QTORCH_TORCH_PACK", ""),
+                                                 torch.backends.cpu.get_cpu_capability() != "AVX2")
 # Columns per tile of the blocked layout, largest first: the largest dividing N is used.
 _TILES = (128, 64, 32, 16)
 # Dequantized float32 bytes per chunk of the many-rows path (bounds its temporary memory).
@@ -372,6 +382,9 @@ def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     xf = x.detach().to(torch.float32).contiguous()
     scale, zero_point = blocked_params(scale, zero_point, out_features)
     out = torch.empty((xf.shape[0], out_features), dtype=torch.float32)
+    if xf.shape[0] == 1 and gemv.eligible(bits, qweight.shape[2]):  # decoding: the one-row kernel
+        gemv.gemv_tensors(xf, qweight, scale, zero_point, group_size, bits, out)
+        return out.to(x.dtype)
     kern = _gemm_q8 if bits == 8 else _gemm_q4
     kern(xf.numpy(), qweight.numpy(), scale.numpy(), zero_point.numpy(), group_size, out_features, out.numpy())
     return out.to(x.dtype)

@@ -178,12 +178,12 @@ class QuantLinear(nn.Module):
 
     def _int8pack_layout(self) -> bool:
         """bf16 compute, 8-bit symmetric per output channel, K % 16 == 0: ``torch._weight_int8pack_mm``."""
-        return (self.compute_dtype == torch.bfloat16 and self.bits == 8 and self.scheme.symmetric
+        return (K.TORCH_PACK_KERNELS and self.compute_dtype == torch.bfloat16 and self.bits == 8 and self.scheme.symmetric
                 and self._kind == "channel" and self._axis == 0 and K.int8pack_ok(torch.bfloat16, self.in_features))
 
     def _int4pack_eligible(self) -> bool:
         """bf16 compute, 4-bit, groups of 32/64/128/256 along K, N % 16 == 0: ``torch._weight_int4pack_mm_for_cpu``."""
-        return (self.compute_dtype == torch.bfloat16 and self.bits == 4 and self._kind == "group"
+        return (K.TORCH_PACK_KERNELS and self.compute_dtype == torch.bfloat16 and self.bits == 4 and self._kind == "group"
                 and self._axis == 1 and self._group in K.INT4PACK_GROUPS and self.out_features % 16 == 0
                 and not self._int4pack_failed)
 

@@ -10,8 +10,9 @@ from qtorch.compile import CompiledModule, compile_options
 
 
 @pytest.mark.parametrize("layer,n,rows", [("W8A16Linear", 48, 2), ("W4A16Linear", 32, 300),
-                                          ("W8A16Linear", 30, 3)])  # numba op, tiles op, canonical dense
-def test_fullgraph_trace_has_no_graph_break(layer, n, rows):
+                                          ("W8A16Linear", 30, 3),  # numba op, tiles op, canonical dense
+                                          ("W4A16Linear", 128, 1), ("W8A16Linear", 128, 1)])  # one-row kernel
+def test_fullgraph_trace_has_no_graph_break(layer, n, rows, blocked_kernels):
     torch._dynamo.reset()
     q = getattr(qtorch, layer).from_linear(torch.nn.Linear(128, n, dtype=torch.bfloat16))
     x = torch.randn(rows, 128, dtype=torch.bfloat16)
@@ -19,7 +20,7 @@ def test_fullgraph_trace_has_no_graph_break(layer, n, rows):
     assert torch.equal(cq(x), q(x))
 
 
-def test_qtorch_compile_inductor_fullgraph_and_restores_nothing_global():
+def test_qtorch_compile_inductor_fullgraph_and_restores_nothing_global(torch_pack_kernels):
     torch._dynamo.reset()
     before = (inductor_config.freezing, inductor_config.max_autotune)
     m = torch.nn.Sequential(qtorch.W8A16Linear(64, 32), torch.nn.GELU(),

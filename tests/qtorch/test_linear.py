@@ -73,7 +73,7 @@ def test_tiny_and_odd_in_features(k):
             _check_close(q(x), x, q)
 
 
-def test_bfloat16_int8pack_path_is_guarded(monkeypatch):
+def test_bfloat16_int8pack_path_is_guarded(monkeypatch, torch_pack_kernels):
     calls = []
     real = torch._weight_int8pack_mm
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[0]) or real(*a))
@@ -332,6 +332,9 @@ GRAD_CASES = [
     ("W4A16Linear", None, 64, 256, torch.bfloat16, 3, "int4pack"),
     ("QuantLinear", QuantScheme(4, True, PerGroup(32)), 32, 96, torch.bfloat16, 300, "int4pack"),
     ("QuantLinear", W4, 32, 64, torch.bfloat16, 3, "numba"),
+    ("W8A16Linear", None, 128, 256, torch.bfloat16, 1, "numba"),  # the one-row kernel, bf16 on the blocked layout
+    ("W4A16Linear", None, 64, 256, torch.bfloat16, 1, "numba"),
+    ("W4A16Linear", None, 64, 256, torch.bfloat16, 300, "tiles"),
     ("QuantLinear", QuantScheme(4, True, PerTensor()), 32, 64, torch.float16, 300, "tiles"),
     ("QuantLinear", QuantScheme(8, False, PerTensor()), 32, 64, torch.float32, 3, "numba"),
     ("QuantLinear", QuantScheme(3, True, PerGroup(4)), 16, 64, torch.bfloat16, 3, "dense"),
@@ -340,6 +343,8 @@ GRAD_CASES = [
 
 @pytest.mark.parametrize("layer,scheme,n,k,dtype,rows,path", GRAD_CASES, ids=str)
 def test_input_gradient_on_every_path(layer, scheme, n, k, dtype, rows, path, paths, monkeypatch):
+    # bf16 layers take PyTorch's kernels or the blocked ones depending on the CPU: each case names its own
+    monkeypatch.setattr(K, "TORCH_PACK_KERNELS", path in ("int8pack", "int4pack"))
     calls = []
     for op in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu"):
         real = getattr(torch, op)
@@ -348,8 +353,9 @@ def test_input_gradient_on_every_path(layer, scheme, n, k, dtype, rows, path, pa
     cls = getattr(qtorch, layer)
     lin = torch.nn.Linear(k, n, dtype=dtype)
     q = cls.from_linear(lin) if scheme is None else cls.from_linear(lin, scheme)
-    x = torch.randn(2, rows, k, dtype=dtype, requires_grad=True)
-    g = torch.randn(2, rows, n, dtype=dtype)
+    lead = (2, rows) if rows > 1 else (1, 1)  # one row in all: the decoding kernel
+    x = torch.randn(*lead, k, dtype=dtype, requires_grad=True)
+    g = torch.randn(*lead, n, dtype=dtype)
     q(x).backward(g)
     w = q.dequantized_weight(torch.float32)
     ref = g.float() @ w
@@ -378,7 +384,7 @@ def test_bfloat16_kernels_have_an_input_gradient_under_compile(layer):
 
 
 @pytest.mark.parametrize("sym,g,n,k", [(False, 128, 48, 256), (True, 32, 16, 96), (False, 64, 64, 64)])
-def test_bfloat16_int4pack_path(sym, g, n, k, monkeypatch):
+def test_bfloat16_int4pack_path(sym, g, n, k, monkeypatch, torch_pack_kernels):
     calls = []
     real = torch._weight_int4pack_mm_for_cpu
     monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(a[0].shape) or real(*a))

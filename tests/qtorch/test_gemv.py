@@ -1,0 +1,95 @@
+"""qtorch.gemv: the one-row kernel of the blocked layouts, on torch's OpenMP team and on qcore's threads."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import qtorch
+from qtorch import _omp, gemv
+from qtorch import kernels as K
+
+from .test_kernels import CASES, _random_canonical
+
+
+def _blocked(bits, sym, kind, g, n, k, tile, seed):
+    q, s, z = _random_canonical(bits, sym, kind, n, k, g, seed=seed)
+    kw = dict(bits=bits, symmetric=sym, kind=kind, group=g, out_features=n, in_features=k)
+    w = K.dequantize_canonical(q, s, z, axis=0 if kind != "group" else 1, **kw).double()
+    wb, sb, zb = K.to_blocked(q, s, z, tile=tile, **kw)
+    return w, wb, sb, zb
+
+
+def _no_team(monkeypatch):
+    monkeypatch.setattr(_omp, "_GOMP_PARALLEL", False)
+
+
+@pytest.mark.parametrize("bits,sym,kind,g", CASES)
+@pytest.mark.parametrize("k", [4, 100, 520])
+@pytest.mark.parametrize("tile", [64, 128])
+@pytest.mark.parametrize("team", [True, False])
+def test_one_row_matches_float64_reference(bits, sym, kind, g, k, tile, team, monkeypatch):
+    if not team:
+        _no_team(monkeypatch)
+    if kind == "group" and k % g:
+        g = 2 if k % 2 == 0 else 1
+    n = 3 * tile
+    w, wb, sb, zb = _blocked(bits, sym, kind, g, n, k, tile, seed=k + tile)
+    assert gemv.eligible(bits, wb.shape[2])
+    x = torch.randn(1, k)
+    ref = (x.double() @ w.T)[0]
+    sp, zp = K.blocked_params(sb, zb, n)
+    out = gemv.gemv_blocked(x[0].numpy(), wb.numpy(), sp.numpy(), zp.numpy(), g if kind == "group" else k, bits,
+                            np.full(n, np.nan, np.float32))
+    # the zero point is folded in per group (sum x*c - z*sum x), so the rounding scales with the codes and zero
+    # points themselves (both < 2^bits), not with (c - z): bound it by |x| @ (2^(bits+1) * scale)
+    gsize = g if kind == "group" else k
+    scale_full = sp.T.double().repeat_interleave(gsize, dim=1)  # [n, k]
+    bound = (x.double().abs() @ (2.0 ** (bits + 1) * scale_full).T)[0]
+    assert np.isfinite(out).all()
+    assert torch.all((torch.from_numpy(out).double() - ref).abs() <= 1e-5 * bound)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_team_and_threads_give_the_same_bits(bits, monkeypatch):
+    w, wb, sb, zb = _blocked(bits, bits == 8, "group" if bits == 4 else "channel", 32 if bits == 4 else 1,
+                             512, 256, 128, seed=bits)
+    sp, zp = K.blocked_params(sb, zb, 512)
+    x = np.random.default_rng(1).standard_normal(256).astype(np.float32)
+    g = 32 if bits == 4 else 256
+    a = gemv.gemv_blocked(x, wb.numpy(), sp.numpy(), zp.numpy(), g, bits, np.empty(512, np.float32))
+    _no_team(monkeypatch)
+    b = gemv.gemv_blocked(x, wb.numpy(), sp.numpy(), zp.numpy(), g, bits, np.empty(512, np.float32))
+    assert np.array_equal(a, b)  # every tile is computed by the same code, whoever claims it
+
+
+def test_eligibility_by_bytes_per_tile_row():
+    assert gemv.eligible(8, 128) and gemv.eligible(8, 64) and not gemv.eligible(8, 32)
+    assert gemv.eligible(4, 64) and gemv.eligible(4, 32) and not gemv.eligible(4, 16)
+    assert not gemv.eligible(3, 64)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info(),
+                    reason="torch runs on GNU OpenMP only on Linux builds")
+def test_torch_openmp_team_is_found():
+    assert _omp.available()
+
+
+@pytest.mark.parametrize("cls", [qtorch.W8A16Linear, qtorch.W4A16Linear])
+@pytest.mark.parametrize("shape", [(1, 256), (256,), (1, 1, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_single_row_forward_takes_the_one_row_kernel(cls, shape, dtype, monkeypatch, blocked_kernels):
+    lin = torch.nn.Linear(256, 128, dtype=dtype)
+    q = cls.from_linear(lin)
+    assert q.weight_layout == "blocked"
+    calls = []
+    real = gemv.gemv_tensors
+    monkeypatch.setattr(gemv, "gemv_tensors", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(*shape, dtype=dtype)
+    with torch.no_grad():
+        y = q(x)
+    assert calls == [1]
+    ref = torch.nn.functional.linear(x.float(), q.dequantized_weight(torch.float32), q.bias.float())
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]  # rounding of the output
+    assert y.dtype == dtype and y.shape == ref.shape and torch.allclose(y.float(), ref, rtol=tol, atol=tol)
