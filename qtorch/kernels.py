@@ -15,19 +15,23 @@ Run-time weight layouts (``qtorch.linear`` holds exactly one per module, convert
   per tile: ``[N/NT, K, NT]`` for 8 bits and ``[N/NT, K, NT/2]`` for 4 bits (byte ``j`` of a row holds column
   ``j`` in its low nibble and column ``j + NT/2`` in its high nibble); scale and zero point ``[G, N]`` with G the
   number of groups along K (0-d per tensor; zero point ``[0, 0]`` when symmetric: never more bytes than the
-  canonical state). A numba kernel streams each tile once (vectorised over the NT columns, so no
-  reassociation is needed, float32 accumulation); for many rows, chunks of tiles are dequantized to float32
-  in one numba pass and multiplied by ``torch.mm``.
+  canonical state). One row (decoding) takes :mod:`qtorch.gemv` (LLVM vector IR, accumulators in registers, on
+  PyTorch's own OpenMP team) where a tile row holds a multiple of 64 codes (N % 64 == 0); a few rows take a
+  numba kernel that streams each tile once (vectorised over the NT columns, so no reassociation is needed,
+  float32 accumulation); for many rows, chunks of tiles are dequantized to float32 in one numba pass and
+  multiplied by ``torch.mm``.
 
-Dispatch table (CPU; every other device uses the canonical portable path):
+Dispatch table (CPU; every other device uses the canonical portable path). "torch pack" is
+``TORCH_PACK_KERNELS``: off on AVX2, where the blocked kernels measured faster at every row count; on elsewhere:
 
 ==========================================================  ===========================  =====================
 module                                                      rows <= CPU_MAX_ROWS_NUMBA   more rows
 ==========================================================  ===========================  =====================
-bf16 compute, 8-bit symmetric per channel, K % 16 == 0      ``_weight_int8pack_mm``      ``_weight_int8pack_mm``
-bf16 compute, 4-bit groups of 32..256 along K, N % 16 == 0  ``_weight_int4pack_mm...``   same
-8 or 4 bits; per tensor, per channel(0) or groups along K;  numba ``gemm_blocked``       ``tiles_blocked``
-N % 16 == 0
+torch pack, bf16, 8-bit symmetric per channel, K % 16 == 0  ``_weight_int8pack_mm``      ``_weight_int8pack_mm``
+torch pack, bf16, 4-bit groups of 32..256 along K, N % 16   ``_weight_int4pack_mm...``   same
+8 or 4 bits; per tensor, per channel(0) or groups along K;  rows = 1, N % 64 == 0:       ``tiles_blocked``
+N % 16 == 0                                                 ``gemv``; else numba
+                                                            ``gemm_blocked``
 anything else (other widths, granularities, N % 16 != 0)    dequantize + ``F.linear``    same
 ==========================================================  ===========================  =====================
 
@@ -47,19 +51,21 @@ _weight_int4pack_mm_for_cpu f32 / f16   36 / 17   490 / 295   2100 / 3900   (sca
 dequantize whole + F.linear (float32)   28-52     90-140      66-95
 numba gemm_blocked int8, float32 x      0.74-1.5  7.4-8       56-180
 numba gemm_blocked int4, float32 x      1.7-2.3   9-11        45-126
+gemv (one row) int8 / int4, bf16 x      0.69-0.78 / 0.66-0.75 (right after a dense bf16 layer)
 ====================================  =========  =========  ==========
 
 Crossovers recorded from these runs:
 
-* ``_weight_int8pack_mm`` beats the numba kernel in bfloat16 at 1 row (0.99 vs 1.81 ms, same run), ties at 16
-  (10.6 vs 11.2) and 128 rows (130 vs 114): bfloat16 8-bit per-channel layers use it at every row count.
-  In float32/float16 it is a scalar loop on AVX2 (8-20x slower than dense): never dispatched there.
-* ``_weight_int4pack_mm_for_cpu`` beats the numba 4-bit kernel in bfloat16 at 1 row (1.23 vs 1.70 ms, same run)
-  and ties beyond: bfloat16 4-bit group layers use it at every row count. Its float32/float16 versions are
-  scalar loops on AVX2: never dispatched there.
-* The numba kernels and torch use two different OpenMP runtimes (numba: system libgomp; torch: its bundled one).
-  Back-to-back calls let one pool's spinning threads delay the other's on 2 cores: one reason the bf16 layers
-  prefer PyTorch's own kernels.
+* One row: ``gemv`` beats both PyTorch kernels in bfloat16 right after a dense layer (same runs: int8 0.69 vs
+  1.13 ms for ``_weight_int8pack_mm``; int4 0.75 vs 1.36 ms for ``_weight_int4pack_mm_for_cpu``). The first numba
+  kernel lost to them (1.81 / 1.70 ms): its accumulators lived in memory, and its ``parallel=True`` pool (numba's
+  libgomp, not torch's) waited for cores held by torch's spinning OpenMP workers. ``gemv`` runs on torch's team.
+* 16 and 128 rows, bfloat16, blocked layout vs PyTorch's kernels (same runs): 8 bits 6.0 vs 6.6 ms and 48.6 vs
+  58.2 ms; 4 bits 6.0 vs 8.2 ms and 42.4 vs 51.9 ms. So on AVX2 bfloat16 layers take the blocked layout at every
+  row count (``TORCH_PACK_KERNELS`` off). PyTorch's float32/float16 versions of both kernels are scalar loops on
+  AVX2 (8-20x slower than dense): never dispatched.
+* Tiles of 128 columns vs 64 (same run): 9.5 vs 11.5 ms at 16 rows and 56 vs 65 ms at 128 rows for 8 bits; at one
+  row equal once ``gemv`` reads whole 128-byte rows (0.705 vs 0.706 ms; two strided half-row passes took 0.86).
 * numba kernel vs dequantized tiles + ``torch.mm``: numba ahead at 64 (133 vs 208 ms), 128 (247 vs 414) and
   256 rows (360 vs 501) under load; tiles ahead at 128 rows on a quiet machine (48 vs 56): the bound is 256 rows.
 * float32 matmul of dequantized weights beats bf16/fp16 dense matmul at >= 16 rows (no bf16/fp16 FMA on AVX2):
