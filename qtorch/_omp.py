@@ -1,4 +1,4 @@
-"""Run a numba kernel on PyTorch's own OpenMP thread team. A leaf: imports torch and ctypes only.
+"""Run a numba kernel on PyTorch's own OpenMP thread team. A leaf: imports torch, ctypes and numba only.
 
 Why: after every parallel op, PyTorch's OpenMP workers spin for milliseconds waiting for the next one. A second
 thread pool started in that window (numba's ``parallel=True`` runtime, or Python threads) finds the cores taken by
@@ -7,8 +7,10 @@ after a dense bf16 layer against 0.65 ms on idle cores. Handing the same work to
 (``GOMP_parallel`` of the libgomp that torch loaded) reuses the spinning workers: 0.95 ms in the same alternation,
 and nothing oversubscribes the cores.
 
-A kernel is a numba ``cfunc(void(voidptr))``; every team thread calls it with the same pointer, and the threads
-split the work between them by claiming chunks from a shared counter (``claim`` in the kernel). Where torch does
+A kernel is a numba ``cfunc(void(voidptr))``; every team thread calls it with the same pointer: an int64 block whose
+first entry is a chunk counter, then shapes and array addresses (``as_ptr`` turns one back into a pointer for
+``numba.carray``). The threads split the work by claiming chunks from the counter (``claim``), so a thread that
+starts late simply takes fewer. Where torch does
 not run on GNU OpenMP (macOS, Windows, a torch built with another backend), :func:`team_call` returns False and
 the caller runs its kernel some other way.
 
@@ -23,8 +25,11 @@ import os
 import threading
 
 import torch
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
-__all__ = ["available", "team_call", "team_size"]
+__all__ = ["as_ptr", "available", "claim", "team_call", "team_size"]
 
 _LOCK = threading.Lock()
 _GOMP_PARALLEL = None  # ctypes function, or False once the lookup failed
@@ -88,3 +93,20 @@ def team_call(kernel_address: int, block_address: int, nthreads: int | None = No
         return False
     fn(kernel_address, block_address, team_size() if nthreads is None else nthreads, 0)
     return True
+
+
+@intrinsic
+def as_ptr(typingctx, addr):
+    """An int64 address as a ``voidptr`` (for ``numba.carray`` in a team kernel)."""
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+    return types.voidptr(addr), codegen
+
+
+@intrinsic
+def claim(typingctx, block):
+    """Atomically ``block[0] += 1``; returns the value before: the chunk the calling thread takes."""
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", a.data, ir.Constant(ir.IntType(64), 1), "monotonic")
+    return types.int64(block), codegen

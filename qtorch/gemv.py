@@ -155,22 +155,6 @@ def _gemv_range(x, wb, scale, zp, gsize, bits, out, t0, t1):  # pragma: no cover
             o[j] = tot[j]
 
 
-@intrinsic
-def _as_ptr(typingctx, addr):
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
-    return types.voidptr(addr), codegen
-
-
-@intrinsic
-def _claim(typingctx, block):
-    """Atomically ``block[0] += 1``; returns the value before (the chunk this thread takes)."""
-    def codegen(context, builder, sig, args):
-        a = context.make_array(sig.args[0])(context, builder, args[0])
-        return builder.atomic_rmw("add", a.data, ir.Constant(_I64, 1), "monotonic")
-    return types.int64(block), codegen
-
-
 # The argument block of the team kernel (int64): the chunk counter, then shapes, then data addresses.
 _B_NEXT, _B_T, _B_K, _B_W, _B_G, _B_GSIZE, _B_BITS, _B_SIGNED, _B_ZPROWS, _B_X, _B_WB, _B_SCALE, _B_ZP, _B_OUT = range(14)
 
@@ -179,20 +163,20 @@ def _team_gemv(data):  # pragma: no cover - compiled; runs on every thread of to
     b = carray(data, 14, np.int64)
     T, K, W, G = b[_B_T], b[_B_K], b[_B_W], b[_B_G]
     NT = W * 2 if b[_B_BITS] == 4 else W
-    x = carray(_as_ptr(b[_B_X]), K, np.float32)
-    scale = carray(_as_ptr(b[_B_SCALE]), (G, T * NT), np.float32)
+    x = carray(_omp.as_ptr(b[_B_X]), K, np.float32)
+    scale = carray(_omp.as_ptr(b[_B_SCALE]), (G, T * NT), np.float32)
     zrows = b[_B_ZPROWS]
-    zp = carray(_as_ptr(b[_B_ZP]), (zrows, T * NT if zrows else 0), np.uint8)
-    out = carray(_as_ptr(b[_B_OUT]), T * NT, np.float32)
+    zp = carray(_omp.as_ptr(b[_B_ZP]), (zrows, T * NT if zrows else 0), np.uint8)
+    out = carray(_omp.as_ptr(b[_B_OUT]), T * NT, np.float32)
     while True:
-        t = _claim(b)
+        t = _omp.claim(b)
         if t >= T:
             return
         if b[_B_SIGNED]:
-            _gemv_range(x, carray(_as_ptr(b[_B_WB]), (T, K, W), np.int8), scale, zp, b[_B_GSIZE], b[_B_BITS],
+            _gemv_range(x, carray(_omp.as_ptr(b[_B_WB]), (T, K, W), np.int8), scale, zp, b[_B_GSIZE], b[_B_BITS],
                         out, t, t + 1)
         else:
-            _gemv_range(x, carray(_as_ptr(b[_B_WB]), (T, K, W), np.uint8), scale, zp, b[_B_GSIZE], b[_B_BITS],
+            _gemv_range(x, carray(_omp.as_ptr(b[_B_WB]), (T, K, W), np.uint8), scale, zp, b[_B_GSIZE], b[_B_BITS],
                         out, t, t + 1)
 
 

@@ -82,10 +82,11 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from . import gemv
+from . import dequant, gemv
 
 __all__ = ["CPU_MAX_ROWS_NUMBA", "choose_path", "gemm_blocked", "dequant_blocked", "unpack_codes",
-           "dequantize_canonical", "blocked_tile", "to_blocked", "from_blocked", "int8pack_ok", "tiles_blocked"]
+           "dequantize_canonical", "blocked_tile", "to_blocked", "from_blocked", "int8pack_ok", "tiles_blocked",
+           "tiles_blocked_impl"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # The dispatch table. Rows (= x.numel() // in_features) up to this bound take the numba kernel on CPU; more rows
@@ -328,44 +329,6 @@ def _gemm_q4(x, wb, scale, zp, gsize, n_out, out):  # pragma: no cover - compile
         _store(tot, out, n0, nt)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _dequant_tiles(wb, bits, scale, zp, t0, t1, out):  # pragma: no cover - compiled
-    # W.T for tiles t0..t1 of the blocked layout: out[k, (t-t0)*NT + j] = (code - zp) * scale, float32, one pass.
-    T, K, W = wb.shape
-    NT = W * 2 if bits == 4 else W
-    G = scale.shape[0]
-    gsize = K // G
-    has_zp = zp.shape[0] > 0
-    for k in prange(K):
-        g = k // gsize
-        o = out[k]
-        for t in range(t0, t1):
-            c0 = (t - t0) * NT
-            n0 = t * NT
-            sc = scale[g, n0:n0 + NT]
-            w = wb[t, k]
-            if bits == 4 and has_zp:
-                z = zp[g, n0:n0 + NT]
-                H = W
-                for j in range(H):
-                    o[c0 + j] = (np.float32(w[j] & 15) - np.float32(z[j])) * sc[j]
-                for j in range(H):
-                    o[c0 + H + j] = (np.float32(w[j] >> 4) - np.float32(z[j + H])) * sc[j + H]
-            elif bits == 4:  # symmetric: the offset 8
-                H = W
-                for j in range(H):
-                    o[c0 + j] = (np.float32(w[j] & 15) - np.float32(8.0)) * sc[j]
-                for j in range(H):
-                    o[c0 + H + j] = (np.float32(w[j] >> 4) - np.float32(8.0)) * sc[j + H]
-            elif has_zp:
-                z = zp[g, n0:n0 + NT]
-                for j in range(NT):
-                    o[c0 + j] = (np.float32(w[j]) - np.float32(z[j])) * sc[j]
-            else:
-                for j in range(NT):
-                    o[c0 + j] = np.float32(w[j]) * sc[j]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The numba kernel as a torch custom op: opaque to torch.compile (fullgraph works), CPU only.
 
@@ -408,12 +371,11 @@ def _(x, qweight, scale, zero_point, group_size, bits, out_features):
     return x.new_empty((x.shape[0], out_features))
 
 
-@torch.library.custom_op("qtorch::tiles_blocked", mutates_args=())
-def tiles_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                  group_size: int, bits: int, out_features: int) -> torch.Tensor:
-    """``x[M, K] @ dequant(qweight).T`` for many rows (CPU): chunks of tiles dequantized to float32 by numba in
-    one pass, each multiplied by one float32 matmul. Opaque to torch.compile, so that freezing cannot
-    constant-fold the dequantized weight into a full-precision copy."""
+def tiles_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                       group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """``x[M, K] @ dequant(qweight).T`` for many rows (CPU): chunks of tiles dequantized to float32
+    (:mod:`qtorch.dequant`), each multiplied by one float32 matmul. The body of the ``qtorch::tiles_blocked`` op;
+    eager callers without autograd call it directly (the op's dispatch costs ~0.05 ms)."""
     T, K = qweight.shape[0], qweight.shape[1]
     NT = qweight.shape[2] * (2 if bits == 4 else 1)
     per_chunk = max(1, _CHUNK_BYTES // (K * NT * 4))
@@ -424,10 +386,18 @@ def tiles_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, z
     for t0 in range(0, T, per_chunk):
         t1 = min(T, t0 + per_chunk)
         w = torch.empty((K, (t1 - t0) * NT), dtype=torch.float32)  # C-contiguous: one numba signature
-        _dequant_tiles(wq, bits, sq, zq, t0, t1, w.numpy())
+        dequant.dequant_tiles(wq, bits, sq, zq, t0, t1, w.numpy())
         outs.append(torch.mm(xf, w))
     y = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
     return y[:, :out_features].to(x.dtype)
+
+
+@torch.library.custom_op("qtorch::tiles_blocked", mutates_args=())
+def tiles_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                  group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """:func:`tiles_blocked_impl` as an op: opaque to torch.compile, so that freezing cannot constant-fold the
+    dequantized weight into a full-precision copy; with an input gradient."""
+    return tiles_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
 
 
 @tiles_blocked.register_fake

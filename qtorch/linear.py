@@ -338,6 +338,8 @@ class QuantLinear(nn.Module):
             return torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.qweight, self._group,
                                                     self._scale_compute)
         if path == "tiles":
+            if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x2.requires_grad):
+                return K.tiles_blocked_impl(x2, self.qweight, self.scale, self.zero_point, self._group, self.bits, n)
             return torch.ops.qtorch.tiles_blocked(x2, self.qweight, self.scale, self.zero_point,
                                                   self._group, self.bits, n)
         if dev == "cpu" and x2.dtype == torch.bfloat16 and self._layout == "canonical" \
