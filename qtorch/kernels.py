@@ -16,10 +16,10 @@ Run-time weight layouts (``qtorch.linear`` holds exactly one per module, convert
   ``j`` in its low nibble and column ``j + NT/2`` in its high nibble); scale and zero point ``[G, N]`` with G the
   number of groups along K (0-d per tensor; zero point ``[0, 0]`` when symmetric: never more bytes than the
   canonical state). One row (decoding) takes :mod:`qtorch.gemv` (LLVM vector IR, accumulators in registers, on
-  PyTorch's own OpenMP team) where a tile row holds a multiple of 64 codes (N % 64 == 0); a few rows take a
-  numba kernel that streams each tile once (vectorised over the NT columns, so no reassociation is needed,
-  float32 accumulation); for many rows, chunks of tiles are dequantized to float32 in one numba pass and
-  multiplied by ``torch.mm``.
+  PyTorch's own OpenMP team) where a tile row holds a multiple of 64 codes (N % 64 == 0); up to
+  ``CPU_MAX_ROWS_NUMBA`` rows take :mod:`qtorch.gemm` (a register-blocked micro-kernel over 6 rows x 16
+  columns, also vector IR on torch's team; float32 accumulation); for more rows, chunks of tiles are dequantized
+  to float32 by :mod:`qtorch.dequant` and multiplied by ``torch.mm``.
 
 Dispatch table (CPU; every other device uses the canonical portable path). "torch pack" is
 ``TORCH_PACK_KERNELS``: off on AVX2, where the blocked kernels measured faster at every row count; on elsewhere:
@@ -30,8 +30,7 @@ module                                                      rows <= CPU_MAX_ROWS
 torch pack, bf16, 8-bit symmetric per channel, K % 16 == 0  ``_weight_int8pack_mm``      ``_weight_int8pack_mm``
 torch pack, bf16, 4-bit groups of 32..256 along K, N % 16   ``_weight_int4pack_mm...``   same
 8 or 4 bits; per tensor, per channel(0) or groups along K;  rows = 1, N % 64 == 0:       ``tiles_blocked``
-N % 16 == 0                                                 ``gemv``; else numba
-                                                            ``gemm_blocked``
+N % 16 == 0                                                 ``gemv``; else ``gemm``
 anything else (other widths, granularities, N % 16 != 0)    dequantize + ``F.linear``    same
 ==========================================================  ===========================  =====================
 
@@ -49,9 +48,10 @@ _weight_int8pack_mm float32 / float16   22 / 8.6  262 / 214   1800 / 2200   (sca
 _weight_int4pack_mm_for_cpu bfloat16    1.2       6-10.7      50-123
 _weight_int4pack_mm_for_cpu f32 / f16   36 / 17   490 / 295   2100 / 3900   (scalar fallback on AVX2)
 dequantize whole + F.linear (float32)   28-52     90-140      66-95
-numba gemm_blocked int8, float32 x      0.74-1.5  7.4-8       56-180
-numba gemm_blocked int4, float32 x      1.7-2.3   9-11        45-126
+first numba kernel int8, float32 x      0.74-1.5  7.4-8       56-180
+first numba kernel int4, float32 x      1.7-2.3   9-11        45-126
 gemv (one row) int8 / int4, bf16 x      0.69-0.78 / 0.66-0.75 (right after a dense bf16 layer)
+gemm int8 / int4, float32 x                       4.2 / 4.7   29 / 42
 ====================================  =========  =========  ==========
 
 Crossovers recorded from these runs:
@@ -66,8 +66,11 @@ Crossovers recorded from these runs:
   AVX2 (8-20x slower than dense): never dispatched.
 * Tiles of 128 columns vs 64 (same run): 9.5 vs 11.5 ms at 16 rows and 56 vs 65 ms at 128 rows for 8 bits; at one
   row equal once ``gemv`` reads whole 128-byte rows (0.705 vs 0.706 ms; two strided half-row passes took 0.86).
-* numba kernel vs dequantized tiles + ``torch.mm``: numba ahead at 64 (133 vs 208 ms), 128 (247 vs 414) and
-  256 rows (360 vs 501) under load; tiles ahead at 128 rows on a quiet machine (48 vs 56): the bound is 256 rows.
+* ``gemm`` vs the first numba kernel (same runs, float32): 1.4-2.5x faster at every shape and row count measured
+  (384x384 to 4096x4096, 2 to 128 rows), e.g. 4096x4096 at 128 rows 29 vs 59 ms (int8), 42 vs 58 ms (int4).
+* ``gemm`` vs dequantized tiles + ``torch.mm`` (float32, same runs): ``gemm`` ahead up to 256 rows at 8 bits
+  (4096x4096: 64 vs 84 ms at 256 rows; level at 512) and mostly at 4 bits (384x384: 0.71 vs 0.77 ms at 256 rows,
+  4096x4096: 74 vs 62 ms); tiles ahead from 512 rows: the bound stays 256 rows.
 * float32 matmul of dequantized weights beats bf16/fp16 dense matmul at >= 16 rows (no bf16/fp16 FMA on AVX2):
   the tiles and portable paths compute in float32 for every input dtype on CPU.
 * dense float32 ``F.linear`` at 2..16 rows is irregular here (12-60 ms at 16 rows): MKL picks a GEMM path that
@@ -78,11 +81,9 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
-from numba import njit, prange
 
-from . import dequant, gemv
+from . import dequant, gemm, gemv
 
 __all__ = ["CPU_MAX_ROWS_NUMBA", "choose_path", "gemm_blocked", "dequant_blocked", "unpack_codes",
            "dequantize_canonical", "blocked_tile", "to_blocked", "from_blocked", "int8pack_ok", "tiles_blocked",
@@ -146,189 +147,6 @@ def choose_path(device_type: str, dtype: torch.dtype, rows: int, layout: str, bi
 # ---------------------------------------------------------------------------------------------------------------
 # numba kernels (leaves: they receive checked, contiguous arrays only)
 
-@njit(inline="always", cache=True, nogil=True)
-def _load_zp(zrow, zf):  # pragma: no cover - compiled
-    for j in range(zf.shape[0]):
-        zf[j] = np.float32(zrow[j])
-
-
-@njit(inline="always", cache=True, nogil=True)
-def _acc4(x, k, f0, f1, f2, f3, acc):  # pragma: no cover - compiled
-    # acc[m, :] += x[m, k:k+4] @ rows k..k+4 of the decoded tile (f0..f3), for every row m of x
-    for m in range(x.shape[0]):
-        x0 = x[m, k]
-        x1 = x[m, k + 1]
-        x2 = x[m, k + 2]
-        x3 = x[m, k + 3]
-        a = acc[m]
-        for j in range(a.shape[0]):
-            a[j] += (x0 * f0[j] + x1 * f1[j]) + (x2 * f2[j] + x3 * f3[j])
-
-
-@njit(inline="always", cache=True, nogil=True)
-def _add_scaled(acc, sc, tot):  # pragma: no cover - compiled
-    # tot[m, j] += acc[m, j] * sc[j]: one group's partial sums, scaled, into the tile's totals
-    for m in range(acc.shape[0]):
-        a = acc[m]
-        tt = tot[m]
-        for j in range(acc.shape[1]):
-            tt[j] += a[j] * sc[j]
-
-
-@njit(inline="always", cache=True, nogil=True)
-def _store(tot, out, n0, nt):  # pragma: no cover - compiled
-    for m in range(tot.shape[0]):
-        o = out[m, n0:n0 + nt]
-        tt = tot[m]
-        for j in range(nt):
-            o[j] = tt[j]
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _gemm_q8(x, wb, scale, zp, gsize, n_out, out):  # pragma: no cover - compiled
-    # x [M, K] f32; wb [T, K, NT] int8|uint8; scale [G, T*NT] f32; zp [G, T*NT] uint8 or [0, 0]; out [M, n_out]
-    M, K = x.shape
-    T, _, NT = wb.shape
-    G = scale.shape[0]
-    has_zp = zp.shape[0] > 0
-    for t in prange(T):
-        n0 = t * NT
-        nt = min(NT, n_out - n0)
-        acc = np.zeros((M, NT), np.float32)
-        tot = np.zeros((M, NT), np.float32)
-        zf = np.zeros(NT, np.float32)
-        wf = np.empty((4, NT), np.float32)
-        for g in range(G):
-            acc[:, :] = 0
-            if has_zp:
-                _load_zp(zp[g, n0:n0 + NT], zf)
-            k = g * gsize
-            kend = k + gsize
-            while k + 4 <= kend:
-                w0 = wb[t, k]
-                w1 = wb[t, k + 1]
-                w2 = wb[t, k + 2]
-                w3 = wb[t, k + 3]
-                if M == 1:
-                    x0 = x[0, k]
-                    x1 = x[0, k + 1]
-                    x2 = x[0, k + 2]
-                    x3 = x[0, k + 3]
-                    a = acc[0]
-                    if has_zp:
-                        for j in range(NT):
-                            z = zf[j]
-                            a[j] += ((x0 * (np.float32(w0[j]) - z) + x1 * (np.float32(w1[j]) - z))
-                                     + (x2 * (np.float32(w2[j]) - z) + x3 * (np.float32(w3[j]) - z)))
-                    else:  # symmetric codes: no zero point to subtract
-                        for j in range(NT):
-                            a[j] += ((x0 * np.float32(w0[j]) + x1 * np.float32(w1[j]))
-                                     + (x2 * np.float32(w2[j]) + x3 * np.float32(w3[j])))
-                else:
-                    f0 = wf[0]
-                    f1 = wf[1]
-                    f2 = wf[2]
-                    f3 = wf[3]
-                    if has_zp:
-                        for j in range(NT):
-                            z = zf[j]
-                            f0[j] = np.float32(w0[j]) - z
-                            f1[j] = np.float32(w1[j]) - z
-                            f2[j] = np.float32(w2[j]) - z
-                            f3[j] = np.float32(w3[j]) - z
-                    else:
-                        for j in range(NT):
-                            f0[j] = np.float32(w0[j])
-                            f1[j] = np.float32(w1[j])
-                            f2[j] = np.float32(w2[j])
-                            f3[j] = np.float32(w3[j])
-                    _acc4(x, k, f0, f1, f2, f3, acc)
-                k += 4
-            while k < kend:
-                w0 = wb[t, k]
-                for m in range(M):
-                    x0 = x[m, k]
-                    a = acc[m]
-                    for j in range(NT):
-                        a[j] += x0 * (np.float32(w0[j]) - zf[j])
-                k += 1
-            _add_scaled(acc, scale[g, n0:n0 + NT], tot)
-        _store(tot, out, n0, nt)
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _gemm_q4(x, wb, scale, zp, gsize, n_out, out):  # pragma: no cover - compiled
-    # x [M, K] f32; wb [T, K, NT/2] uint8 (low nibble: column j, high nibble: column j + NT/2);
-    # scale [G, T*NT] f32; zp [G, T*NT] uint8, or [0, 0] for symmetric codes (they carry the offset 8); out [M, n_out]
-    M, K = x.shape
-    T, _, H = wb.shape
-    NT = 2 * H
-    G = scale.shape[0]
-    has_zp = zp.shape[0] > 0
-    for t in prange(T):
-        n0 = t * NT
-        nt = min(NT, n_out - n0)
-        acc = np.zeros((M, NT), np.float32)
-        tot = np.zeros((M, NT), np.float32)
-        zf = np.full(NT, np.float32(8.0))
-        wf = np.empty((4, NT), np.float32)
-        for g in range(G):
-            acc[:, :] = 0
-            if has_zp:
-                _load_zp(zp[g, n0:n0 + NT], zf)
-            k = g * gsize
-            kend = k + gsize
-            while k + 4 <= kend:
-                f0 = wf[0]
-                f1 = wf[1]
-                f2 = wf[2]
-                f3 = wf[3]
-                w0 = wb[t, k]
-                w1 = wb[t, k + 1]
-                w2 = wb[t, k + 2]
-                w3 = wb[t, k + 3]
-                if M == 1:  # decode and accumulate in one pass (memory bound: no round trip through wf)
-                    x0 = x[0, k]
-                    x1 = x[0, k + 1]
-                    x2 = x[0, k + 2]
-                    x3 = x[0, k + 3]
-                    a = acc[0]
-                    for j in range(H):
-                        zl = zf[j]
-                        a[j] += ((x0 * (np.float32(w0[j] & 15) - zl) + x1 * (np.float32(w1[j] & 15) - zl))
-                                 + (x2 * (np.float32(w2[j] & 15) - zl) + x3 * (np.float32(w3[j] & 15) - zl)))
-                    for j in range(H):
-                        zh = zf[j + H]
-                        a[j + H] += ((x0 * (np.float32(w0[j] >> 4) - zh) + x1 * (np.float32(w1[j] >> 4) - zh))
-                                     + (x2 * (np.float32(w2[j] >> 4) - zh) + x3 * (np.float32(w3[j] >> 4) - zh)))
-                    k += 4
-                    continue
-                for j in range(H):
-                    zl = zf[j]
-                    zh = zf[j + H]
-                    f0[j] = np.float32(w0[j] & 15) - zl
-                    f0[j + H] = np.float32(w0[j] >> 4) - zh
-                    f1[j] = np.float32(w1[j] & 15) - zl
-                    f1[j + H] = np.float32(w1[j] >> 4) - zh
-                    f2[j] = np.float32(w2[j] & 15) - zl
-                    f2[j + H] = np.float32(w2[j] >> 4) - zh
-                    f3[j] = np.float32(w3[j] & 15) - zl
-                    f3[j + H] = np.float32(w3[j] >> 4) - zh
-                _acc4(x, k, f0, f1, f2, f3, acc)
-                k += 4
-            while k < kend:
-                w0 = wb[t, k]
-                for m in range(M):
-                    x0 = x[m, k]
-                    a = acc[m]
-                    for j in range(H):
-                        a[j] += x0 * (np.float32(w0[j] & 15) - zf[j])
-                        a[j + H] += x0 * (np.float32(w0[j] >> 4) - zf[j + H])
-                k += 1
-            _add_scaled(acc, scale[g, n0:n0 + NT], tot)
-        _store(tot, out, n0, nt)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The numba kernel as a torch custom op: opaque to torch.compile (fullgraph works), CPU only.
 
@@ -353,9 +171,8 @@ def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     out = torch.empty((xf.shape[0], out_features), dtype=torch.float32)
     if xf.shape[0] == 1 and gemv.eligible(bits, qweight.shape[2]):  # decoding: the one-row kernel
         gemv.gemv_tensors(xf, qweight, scale, zero_point, group_size, bits, out)
-        return out.to(x.dtype)
-    kern = _gemm_q8 if bits == 8 else _gemm_q4
-    kern(xf.numpy(), qweight.numpy(), scale.numpy(), zero_point.numpy(), group_size, out_features, out.numpy())
+    else:
+        gemm.gemm_tensors(xf, qweight, scale, zero_point, group_size, bits, out)
     return out.to(x.dtype)
 
 

@@ -1,0 +1,309 @@
+"""Few-rows forward (2..``CPU_MAX_ROWS_NUMBA`` rows: short prompts, small batches) of the 8- and 4-bit blocked
+layouts on the CPU: a register-blocked GEMM that decodes every code once per block of rows.
+
+A leaf of :mod:`qtorch.kernels`. ``out[M, N] = x[M, K] @ ((code - zp) * scale).T`` from the blocked layout (see
+``kernels.to_blocked``): tiles ``wb[T, K, NT]`` (8 bits) or ``wb[T, K, NT/2]`` (4 bits, low nibble column ``j``,
+high nibble column ``j + NT/2``), scale and zero point ``[G, N]``.
+
+The micro-kernel ``_rows_strip`` is LLVM vector IR: for up to 6 rows of ``x`` and a strip of 16 output columns it
+keeps 12 ``<8 x float>`` accumulators in registers while it walks a block of K: per step one load of 16 codes,
+``code - zero_point`` in integers (exact), two conversions, then 6 broadcasts and 12 FMAs. Each group's sums are
+scaled once into a float32 tile of totals. numba's own loop over the same arrays (the previous kernel) kept its
+accumulators in memory: about twice the loads per FMA. Work units (a tile and a range of rows) are claimed by the
+threads of PyTorch's OpenMP team (:mod:`qtorch._omp`), or by qcore's threads where torch has no such team.
+
+>>> import numpy as np
+>>> wb = np.ones((1, 4, 16), np.int8)                      # one tile: K = 4, 16 output channels, codes 1
+>>> out = np.empty((2, 16), np.float32)
+>>> x = np.array([[1, 2, 3, 4], [1, 1, 1, 1]], np.float32)
+>>> gemm_blocked(x, wb, np.full((1, 16), 0.5, np.float32), np.zeros((0, 0), np.uint8), 4, 8, out)[:, :2]
+array([[5., 5.],
+       [2., 2.]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import carray, cfunc, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from qcore import _parallel
+
+from . import _omp
+
+__all__ = ["gemm_blocked", "gemm_tensors"]
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_V8F = ir.VectorType(ir.FloatType(), 8)
+_V8I = ir.VectorType(_I32, 8)
+_V8B = ir.VectorType(ir.IntType(8), 8)
+MR = 6  # rows per micro-kernel call: 12 accumulators + 2 weight vectors + 1 broadcast = 15 of the 16 registers
+KB = 256  # rows of K per call at most: the codes of a block stay in L1 while the row blocks pass over them
+
+
+@intrinsic
+def _rows_strip(typingctx, wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, mr, has_zp):
+    """tot[m0+i, tcol.. (2 vectors)] += scale * sum_{k in k0..k0+nk} x[m0+i, k] * (code - zp), i < mr.
+
+    8 bits: codes wb[t, k, col:col+16] are columns col..col+16 of the tile. 4 bits: bytes wb[t, k, col:col+8] hold
+    columns col..col+8 (low nibbles) and col+W..col+W+8 (high nibbles); without zero points the offset is 8.
+    ``tot`` is float32 [rows, NT], the second vector of a row at tcol+8 (8 bits) or tcol+W (4 bits).
+    """
+    if not (isinstance(bits, types.IntegerLiteral) and isinstance(mr, types.IntegerLiteral)
+            and isinstance(has_zp, types.BooleanLiteral)):
+        return None
+    nbits, nrows, with_zp = bits.literal_value, mr.literal_value, has_zp.literal_value
+    signed = wb.dtype == types.int8
+
+    def codegen(context, builder, sig, args):
+        w = context.make_array(sig.args[0])(context, builder, args[0])
+        xa = context.make_array(sig.args[5])(context, builder, args[5])
+        ta = context.make_array(sig.args[7])(context, builder, args[7])
+        sa = context.make_array(sig.args[9])(context, builder, args[9])
+        za = context.make_array(sig.args[10])(context, builder, args[10])
+        tt, kk0, n, col, m0, tcol, g, n0 = (context.cast(builder, args[i], sig.args[i], types.int64)
+                                            for i in (1, 2, 3, 4, 6, 8, 11, 12))
+        _, k_all, width = cgutils.unpack_tuple(builder, w.shape, 3)
+        _, xk = cgutils.unpack_tuple(builder, xa.shape, 2)
+        _, tn = cgutils.unpack_tuple(builder, ta.shape, 2)
+        _, scols = cgutils.unpack_tuple(builder, sa.shape, 2)
+        _, zcols = cgutils.unpack_tuple(builder, za.shape, 2)
+        c8 = ir.Constant(_I64, 8)
+        second = c8 if nbits == 8 else width  # offset of the strip's second 8 columns within the tile
+        wp = builder.gep(w.data, [builder.add(builder.mul(builder.add(builder.mul(tt, k_all), kk0), width), col)])
+        xrows = [builder.gep(xa.data, [builder.add(builder.mul(builder.add(m0, ir.Constant(_I64, i)), xk), kk0)])
+                 for i in range(nrows)]
+
+        def vload(ptr, ty, off):
+            return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=1)
+
+        zvec = [None, None]
+        if with_zp:
+            zbase = builder.gep(za.data, [builder.add(builder.mul(g, zcols), builder.add(n0, col))])
+            zvec = [builder.zext(vload(zbase, _V8B, ir.Constant(_I64, 0)), _V8I),
+                    builder.zext(vload(zbase, _V8B, second), _V8I)]
+        elif nbits == 4:
+            zvec = [ir.Constant(_V8I, [8] * 8)] * 2
+        zero = ir.Constant(_V8F, [0.0] * 8)
+        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(2)] for _ in range(nrows)]  # -> registers
+        lanes0 = ir.Constant(_V8I, [0] * 8)
+        with cgutils.for_range(builder, n) as loop:
+            i = loop.index
+            row = builder.gep(wp, [builder.mul(i, width)])
+            if nbits == 8:
+                ints = [builder.sext(vload(row, _V8B, ir.Constant(_I64, v * 8)), _V8I) if signed
+                        else builder.zext(vload(row, _V8B, ir.Constant(_I64, v * 8)), _V8I) for v in (0, 1)]
+            else:
+                z = builder.zext(vload(row, _V8B, ir.Constant(_I64, 0)), _V8I)
+                ints = [builder.and_(z, ir.Constant(_V8I, [15] * 8)), builder.lshr(z, ir.Constant(_V8I, [4] * 8))]
+            if zvec[0] is not None:
+                ints = [builder.sub(v, zv) for v, zv in zip(ints, zvec)]
+            ws = [builder.sitofp(v, _V8F) for v in ints]
+            for r in range(nrows):
+                xv = builder.load(builder.gep(xrows[r], [i]))
+                xb = builder.shuffle_vector(builder.insert_element(ir.Constant(_V8F, ir.Undefined), xv,
+                                                                   ir.Constant(_I32, 0)),
+                                            ir.Constant(_V8F, ir.Undefined), lanes0)
+                for v in (0, 1):
+                    prod = builder.fmul(xb, ws[v], flags=("contract",))
+                    builder.store(builder.fadd(builder.load(accs[r][v]), prod, flags=("contract",)), accs[r][v])
+        # epilogue: the group's scale, once per block of K
+        sbase = builder.gep(sa.data, [builder.add(builder.mul(g, scols), builder.add(n0, col))])
+        scl = [builder.load(builder.bitcast(builder.gep(sbase, [off]), _V8F.as_pointer()), align=4)
+               for off in (ir.Constant(_I64, 0), second)]
+        for r in range(nrows):
+            trow = builder.gep(ta.data, [builder.add(builder.mul(builder.add(m0, ir.Constant(_I64, r)), tn), tcol)])
+            for v, off in ((0, ir.Constant(_I64, 0)), (1, second)):
+                p = builder.bitcast(builder.gep(trow, [off]), _V8F.as_pointer())
+                builder.store(builder.fadd(builder.load(p, align=4), builder.fmul(builder.load(accs[r][v]), scl[v])),
+                              p, align=4)
+        return context.get_dummy_value()
+
+    return types.void(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, mr, has_zp), codegen
+
+
+@njit(inline="always")
+def _strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, mr, has_zp):  # pragma: no cover
+    # literal dispatch: one micro-kernel per (bits, zero points, rows in this block)
+    if bits == 8:
+        if has_zp:
+            if mr == 6:
+                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 6, True)
+            elif mr == 5:
+                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 5, True)
+            elif mr == 4:
+                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 4, True)
+            elif mr == 3:
+                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 3, True)
+            elif mr == 2:
+                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 2, True)
+            else:
+                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 1, True)
+        else:
+            if mr == 6:
+                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 6, False)
+            elif mr == 5:
+                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 5, False)
+            elif mr == 4:
+                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 4, False)
+            elif mr == 3:
+                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 3, False)
+            elif mr == 2:
+                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 2, False)
+            else:
+                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 1, False)
+    elif has_zp:
+        if mr == 6:
+            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 6, True)
+        elif mr == 5:
+            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 5, True)
+        elif mr == 4:
+            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 4, True)
+        elif mr == 3:
+            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 3, True)
+        elif mr == 2:
+            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 2, True)
+        else:
+            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 1, True)
+    else:
+        if mr == 6:
+            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 6, False)
+        elif mr == 5:
+            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 5, False)
+        elif mr == 4:
+            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 4, False)
+        elif mr == 3:
+            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 3, False)
+        elif mr == 2:
+            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 2, False)
+        else:
+            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 1, False)
+
+
+@njit(cache=True, nogil=True)
+def _gemm_units(x, wb, scale, zp, gsize, bits, out, mchunks, u0, u1):  # pragma: no cover - compiled
+    # work unit u: tile u // mchunks, rows chunk u % mchunks of x
+    M, K = x.shape
+    T, _, W = wb.shape
+    NT = W * 2 if bits == 4 else W
+    has_zp = zp.shape[0] > 0
+    step = 16 if bits == 8 else 8  # bytes of a tile row per strip (16 columns)
+    for u in range(u0, u1):
+        t = u // mchunks
+        c = u % mchunks
+        r0 = M * c // mchunks
+        r1 = M * (c + 1) // mchunks
+        n0 = t * NT
+        tot = np.zeros((r1 - r0, NT), np.float32)
+        xs = x[r0:r1]
+        k = 0
+        while k < K:
+            g = k // gsize
+            nk = min(KB, (g + 1) * gsize - k)
+            for m0 in range(0, r1 - r0, MR):
+                mr = min(MR, r1 - r0 - m0)
+                for col in range(0, W, step):
+                    _strip(wb, t, k, nk, col, xs, m0, tot, col, scale, zp, g, n0, bits, mr, has_zp)
+            k += nk
+        for i in range(r1 - r0):
+            o = out[r0 + i, n0:n0 + NT]
+            tr = tot[i]
+            for j in range(NT):
+                o[j] = tr[j]
+
+
+# The argument block of the team kernel (int64): the unit counter, shapes, then data addresses.
+_B_NEXT, _B_UNITS, _B_MCH, _B_M, _B_T, _B_K, _B_W, _B_G, _B_GSIZE, _B_BITS, _B_SIGNED, _B_ZPROWS, _B_X, _B_WB, \
+    _B_SCALE, _B_ZP, _B_OUT = range(17)
+
+
+def _team_gemm(data):  # pragma: no cover - compiled; runs on every thread of torch's OpenMP team
+    b = carray(data, 17, np.int64)
+    M, T, K, W, G, bits = b[_B_M], b[_B_T], b[_B_K], b[_B_W], b[_B_G], b[_B_BITS]
+    NT = W * 2 if bits == 4 else W
+    x = carray(_omp.as_ptr(b[_B_X]), (M, K), np.float32)
+    scale = carray(_omp.as_ptr(b[_B_SCALE]), (G, T * NT), np.float32)
+    zrows = b[_B_ZPROWS]
+    zp = carray(_omp.as_ptr(b[_B_ZP]), (zrows, T * NT if zrows else 0), np.uint8)
+    out = carray(_omp.as_ptr(b[_B_OUT]), (M, T * NT), np.float32)
+    units, mch, gsize = b[_B_UNITS], b[_B_MCH], b[_B_GSIZE]
+    while True:
+        u = _omp.claim(b)
+        if u >= units:
+            return
+        if b[_B_SIGNED]:
+            _gemm_units(x, carray(_omp.as_ptr(b[_B_WB]), (T, K, W), np.int8), scale, zp, gsize, bits, out, mch,
+                        u, u + 1)
+        else:
+            _gemm_units(x, carray(_omp.as_ptr(b[_B_WB]), (T, K, W), np.uint8), scale, zp, gsize, bits, out, mch,
+                        u, u + 1)
+
+
+_TEAM_KERNEL = None
+
+
+def _team_kernel_address() -> int:
+    global _TEAM_KERNEL
+    if _TEAM_KERNEL is None:  # a cfunc compiles (or loads from the cache) when it is created: on first use
+        _TEAM_KERNEL = cfunc(types.void(types.voidptr), nogil=True, cache=True)(_team_gemm)
+    return _TEAM_KERNEL.address
+
+
+def _row_chunks(M: int, T: int, nthreads: int) -> int:
+    """Chunks of rows per tile: enough work units for the threads (4 per thread), each at least MR rows."""
+    want = -(-4 * nthreads // max(T, 1))
+    return max(1, min(want, M // MR))
+
+
+def gemm_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarray, gsize: int, bits: int,
+                 out: np.ndarray) -> np.ndarray:
+    """``out = x @ ((code - zp) * scale).T`` for float32 ``x[M, K]`` from the blocked layout; returns ``out``.
+
+    ``wb`` int8/uint8 ``[T, K, W]`` (``W`` a multiple of 16 at 8 bits, of 8 at 4 bits), ``scale`` float32
+    ``[G, T*NT]``, ``zp`` uint8 ``[G, T*NT]`` or ``[0, 0]``, ``gsize * G == K``, ``out`` float32 ``[M, T*NT]``; all
+    C-contiguous (``kernels`` checks them).
+    """
+    M, K = x.shape
+    T, _, W = wb.shape
+    nth = _omp.team_size()
+    mch = _row_chunks(M, T, nth)
+    if M and T and K and _run_on_team(M, T, K, W, scale.shape[0], gsize, bits, wb.dtype == np.int8, zp.shape[0],
+                                      mch, x.ctypes.data, wb.ctypes.data, scale.ctypes.data, zp.ctypes.data,
+                                      out.ctypes.data):
+        return out
+    return _run_on_threads(x, wb, scale, zp, gsize, bits, out, mch)
+
+
+def gemm_tensors(x, wb, scale, zp, gsize: int, bits: int, out):
+    """:func:`gemm_blocked` on CPU torch tensors (the forward's entry)."""
+    M, K = x.shape
+    T, _, W = wb.shape
+    mch = _row_chunks(M, T, _omp.team_size())
+    if M and T and K and _run_on_team(M, T, K, W, scale.shape[0], gsize, bits, wb.dtype == torch.int8, zp.shape[0],
+                                      mch, x.data_ptr(), wb.data_ptr(), scale.data_ptr(), zp.data_ptr(),
+                                      out.data_ptr()):
+        return out
+    _run_on_threads(x.numpy(), wb.numpy(), scale.numpy(), zp.numpy(), gsize, bits, out.numpy(), mch)
+    return out
+
+
+def _run_on_team(M, T, K, W, G, gsize, bits, signed, zrows, mch, *addresses) -> bool:
+    units = T * mch
+    if units < 2 or _omp.team_size() < 2:
+        return False
+    block = np.array((0, units, mch, M, T, K, W, G, gsize, bits, signed, zrows) + addresses, np.int64)
+    return _omp.team_call(_team_kernel_address(), block.ctypes.data)  # the caller holds the arrays until done
+
+
+def _run_on_threads(x, wb, scale, zp, gsize, bits, out, mch):
+    M, K = x.shape
+    T = wb.shape[0]
+    if K == 0:
+        out[:] = 0
+        return out
+    if M and T:
+        _parallel.run_split(_gemm_units, (x, wb, scale, zp, gsize, bits, out, mch), T * mch, 1)
+    return out

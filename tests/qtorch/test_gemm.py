@@ -1,0 +1,53 @@
+"""qtorch.gemm: the register-blocked few-rows kernel of the blocked layouts, on torch's team and on qcore's threads."""
+
+import numpy as np
+import pytest
+import torch
+
+from qtorch import _omp, gemm
+from qtorch import kernels as K
+
+from .test_kernels import CASES, _random_canonical
+
+
+@pytest.mark.parametrize("bits,sym,kind,g", CASES)
+@pytest.mark.parametrize("k", [4, 300, 520])  # 520: more than one block of K (gemm.KB) per group or channel
+@pytest.mark.parametrize("tile,rows", [(16, 1), (64, 7), (128, 13), (16, 130)])
+@pytest.mark.parametrize("team", [True, False])
+def test_matches_float64_reference(bits, sym, kind, g, k, tile, rows, team, monkeypatch):
+    if not team:
+        monkeypatch.setattr(_omp, "_GOMP_PARALLEL", False)
+    if kind == "group" and k % g:
+        g = 2
+    n = 2 * tile
+    q, s, z = _random_canonical(bits, sym, kind, n, k, g, seed=k + tile + rows)
+    kw = dict(bits=bits, symmetric=sym, kind=kind, group=g, out_features=n, in_features=k)
+    w = K.dequantize_canonical(q, s, z, axis=0 if kind != "group" else 1, **kw).double()
+    wb, sb, zb = K.to_blocked(q, s, z, tile=tile, **kw)
+    sp, zp = K.blocked_params(sb, zb, n)
+    x = torch.randn(rows, k)
+    out = np.full((rows, n), np.nan, np.float32)
+    gemm.gemm_blocked(x.numpy(), wb.numpy(), sp.numpy(), zp.numpy(), g if kind == "group" else k, bits, out)
+    ref = x.double() @ w.T
+    bound = x.double().abs() @ w.abs().T  # products of (code - zp) exactly: the dot product's own rounding
+    assert torch.all((torch.from_numpy(out).double() - ref).abs() <= 1e-5 * bound + 1e-30)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_team_and_threads_give_the_same_bits(bits, monkeypatch):
+    sym = bits == 8
+    q, s, z = _random_canonical(bits, sym, "group", 256, 512, 64, seed=bits)
+    kw = dict(bits=bits, symmetric=sym, kind="group", group=64, out_features=256, in_features=512)
+    wb, sb, zb = K.to_blocked(q, s, z, tile=128, **kw)
+    sp, zp = K.blocked_params(sb, zb, 256)
+    x = np.random.default_rng(0).standard_normal((37, 512)).astype(np.float32)
+    a = gemm.gemm_blocked(x, wb.numpy(), sp.numpy(), zp.numpy(), 64, bits, np.empty((37, 256), np.float32))
+    monkeypatch.setattr(_omp, "_GOMP_PARALLEL", False)
+    b = gemm.gemm_blocked(x, wb.numpy(), sp.numpy(), zp.numpy(), 64, bits, np.empty((37, 256), np.float32))
+    assert np.array_equal(a, b)  # the same rows and tiles go through the same code, whoever runs them
+
+
+def test_work_units_cover_every_row():
+    assert gemm._row_chunks(1, 32, 2) == 1
+    assert gemm._row_chunks(100, 3, 2) == 3  # 3 tiles, 2 threads: rows are split for balance
+    assert gemm._row_chunks(5, 1, 8) == 1  # never chunks of fewer than MR rows
