@@ -29,7 +29,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["as_ptr", "available", "claim", "team_call", "team_size"]
+__all__ = ["as_ptr", "available", "check_contiguous", "claim", "team_call", "team_size"]
 
 _LOCK = threading.Lock()
 _GOMP_PARALLEL = None  # ctypes function, or False once the lookup failed
@@ -80,6 +80,13 @@ def available() -> bool:
 def team_size() -> int:
     """Threads of torch's intra-op team (``torch.get_num_threads()``)."""
     return max(1, torch.get_num_threads())
+
+
+def check_contiguous(**arrays) -> None:
+    """The team kernels address arrays by shape alone: every one must be C-contiguous (a ValueError names it)."""
+    for name, a in arrays.items():
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous (the kernel addresses it by its shape)")
 
 
 def team_call(kernel_address: int, block_address: int, nthreads: int | None = None) -> bool:

@@ -28,6 +28,7 @@ from numba.extending import intrinsic
 from qcore import _parallel
 
 from . import _omp
+from ._omp import check_contiguous as _check_contiguous
 
 __all__ = ["dequant_tiles"]
 
@@ -156,6 +157,7 @@ def dequant_tiles(wb: np.ndarray, bits: int, scale: np.ndarray, zp: np.ndarray, 
     ``wb`` int8/uint8 ``[T, K, W]``, ``scale`` float32 ``[G, T*NT]``, ``zp`` uint8 ``[G, T*NT]`` or ``[0, 0]``
     (all C-contiguous; ``kernels`` checks them). ``W`` is a multiple of 8 (tiles of 16 columns and up).
     """
+    _check_contiguous(wb=wb, scale=scale, zp=zp, out=out)
     T, K, W = wb.shape
     if K == 0 or t1 <= t0:
         return out

@@ -32,6 +32,7 @@ from numba.extending import intrinsic
 from qcore import _parallel
 
 from . import _omp
+from ._omp import check_contiguous as _check_contiguous
 
 __all__ = ["gemm_blocked", "gemm_tensors"]
 
@@ -266,6 +267,7 @@ def gemm_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarra
     ``[G, T*NT]``, ``zp`` uint8 ``[G, T*NT]`` or ``[0, 0]``, ``gsize * G == K``, ``out`` float32 ``[M, T*NT]``; all
     C-contiguous (``kernels`` checks them).
     """
+    _check_contiguous(x=x, wb=wb, scale=scale, zp=zp, out=out)
     M, K = x.shape
     T, _, W = wb.shape
     nth = _omp.team_size()

@@ -35,6 +35,7 @@ from numba.extending import intrinsic
 from qcore import _parallel
 
 from . import _omp
+from ._omp import check_contiguous as _check_contiguous
 
 __all__ = ["eligible", "gemv_blocked", "gemv_tensors"]
 
@@ -199,6 +200,7 @@ def gemv_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarra
     ``wb`` int8/uint8 ``[T, K, W]`` with ``eligible(bits, W)``, ``scale`` float32 ``[G, T*NT]``, ``zp`` uint8
     ``[G, T*NT]`` or ``[0, 0]``, ``gsize * G == K``, ``out`` float32 ``[T*NT]``. Returns ``out``.
     """
+    _check_contiguous(x=x, wb=wb, scale=scale, zp=zp, out=out)
     T, K, W = wb.shape
     if T and K and _on_team(T, K, W, scale.shape[0], gsize, bits, wb.dtype == np.int8, zp.shape[0],
                             x.ctypes.data, wb.ctypes.data, scale.ctypes.data, zp.ctypes.data, out.ctypes.data):

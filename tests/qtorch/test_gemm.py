@@ -51,3 +51,16 @@ def test_work_units_cover_every_row():
     assert gemm._row_chunks(1, 32, 2) == 1
     assert gemm._row_chunks(100, 3, 2) == 3  # 3 tiles, 2 threads: rows are split for balance
     assert gemm._row_chunks(5, 1, 8) == 1  # never chunks of fewer than MR rows
+
+
+def test_non_contiguous_arrays_are_refused_by_name():
+    q, s, z = _random_canonical(8, True, "channel", 32, 16, 1)
+    wb, sb, zb = K.to_blocked(q, s, z, bits=8, symmetric=True, kind="channel", group=1, out_features=32,
+                              in_features=16, tile=16)
+    sp, zp = K.blocked_params(sb, zb, 32)
+    x = np.ones((4, 32), np.float32)[:, ::2]  # a strided view
+    with pytest.raises(ValueError, match="x must be C-contiguous"):
+        gemm.gemm_blocked(x, wb.numpy(), sp.numpy(), zp.numpy(), 16, 8, np.empty((4, 32), np.float32))
+    out = np.empty((32, 4), np.float32).T
+    with pytest.raises(ValueError, match="out must be C-contiguous"):
+        gemm.gemm_blocked(np.ones((4, 16), np.float32), wb.numpy(), sp.numpy(), zp.numpy(), 16, 8, out)
