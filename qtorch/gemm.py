@@ -128,60 +128,19 @@ def _rows_strip(typingctx, wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n
 
 @njit(inline="always")
 def _strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, mr, has_zp):  # pragma: no cover
-    # literal dispatch: one micro-kernel per (bits, zero points, rows in this block)
-    if bits == 8:
-        if has_zp:
-            if mr == 6:
-                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 6, True)
-            elif mr == 5:
-                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 5, True)
-            elif mr == 4:
-                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 4, True)
-            elif mr == 3:
-                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 3, True)
-            elif mr == 2:
-                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 2, True)
-            else:
-                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 1, True)
-        else:
-            if mr == 6:
-                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 6, False)
-            elif mr == 5:
-                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 5, False)
-            elif mr == 4:
-                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 4, False)
-            elif mr == 3:
-                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 3, False)
-            elif mr == 2:
-                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 2, False)
-            else:
-                _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 8, 1, False)
-    elif has_zp:
-        if mr == 6:
-            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 6, True)
-        elif mr == 5:
-            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 5, True)
-        elif mr == 4:
-            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 4, True)
-        elif mr == 3:
-            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 3, True)
-        elif mr == 2:
-            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 2, True)
-        else:
-            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 1, True)
+    # literal dispatch on the rows of this block; bits and has_zp arrive as literals from the call sites
+    if mr == 6:
+        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 6, has_zp)
+    elif mr == 5:
+        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 5, has_zp)
+    elif mr == 4:
+        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 4, has_zp)
+    elif mr == 3:
+        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 3, has_zp)
+    elif mr == 2:
+        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 2, has_zp)
     else:
-        if mr == 6:
-            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 6, False)
-        elif mr == 5:
-            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 5, False)
-        elif mr == 4:
-            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 4, False)
-        elif mr == 3:
-            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 3, False)
-        elif mr == 2:
-            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 2, False)
-        else:
-            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, 4, 1, False)
+        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 1, has_zp)
 
 
 @njit(cache=True, nogil=True)
@@ -207,7 +166,14 @@ def _gemm_units(x, wb, scale, zp, gsize, bits, out, mchunks, u0, u1):  # pragma:
             for m0 in range(0, r1 - r0, MR):
                 mr = min(MR, r1 - r0 - m0)
                 for col in range(0, W, step):
-                    _strip(wb, t, k, nk, col, xs, m0, tot, col, scale, zp, g, n0, bits, mr, has_zp)
+                    if bits == 8 and has_zp:
+                        _strip(wb, t, k, nk, col, xs, m0, tot, col, scale, zp, g, n0, 8, mr, True)
+                    elif bits == 8:
+                        _strip(wb, t, k, nk, col, xs, m0, tot, col, scale, zp, g, n0, 8, mr, False)
+                    elif has_zp:
+                        _strip(wb, t, k, nk, col, xs, m0, tot, col, scale, zp, g, n0, 4, mr, True)
+                    else:
+                        _strip(wb, t, k, nk, col, xs, m0, tot, col, scale, zp, g, n0, 4, mr, False)
             k += nk
         for i in range(r1 - r0):
             o = out[r0 + i, n0:n0 + NT]
