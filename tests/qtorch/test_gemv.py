@@ -1,5 +1,6 @@
 """qtorch.gemv: the one-row kernel of the blocked layouts, on torch's OpenMP team and on qcore's threads."""
 
+import os
 import sys
 
 import numpy as np
@@ -70,8 +71,9 @@ def test_eligibility_by_bytes_per_tile_row():
     assert not gemv.eligible(3, 64)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info(),
-                    reason="torch runs on GNU OpenMP only on Linux builds")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info()
+                    or os.environ.get("QTORCH_OMP_TEAM") == "0",
+                    reason="torch runs on GNU OpenMP only on Linux builds (and QTORCH_OMP_TEAM=0 opts out)")
 def test_torch_openmp_team_is_found():
     assert _omp.available()
 
