@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qtorch import _omp, gemm
 from qtorch import kernels as K
@@ -64,3 +66,26 @@ def test_non_contiguous_arrays_are_refused_by_name():
     out = np.empty((32, 4), np.float32).T
     with pytest.raises(ValueError, match="out must be C-contiguous"):
         gemm.gemm_blocked(np.ones((4, 16), np.float32), wb.numpy(), sp.numpy(), zp.numpy(), 16, 8, out)
+
+
+@settings(deadline=None, max_examples=40)
+@given(k=st.integers(1, 600), tiles=st.sampled_from([(16, 1), (64, 1), (128, 2), (64, 3)]), rows=st.integers(1, 20),
+       scheme=st.sampled_from(["w8", "w8-asym", "w4-g32", "w4-sym-channel"]), seed=st.integers(0, 2**31 - 1))
+def test_module_forward_matches_f_linear_on_random_shapes(k, tiles, rows, scheme, seed):
+    import qtorch
+    from qcore import PerChannel, PerGroup, QuantScheme
+    tile, count = tiles
+    n = tile * count
+    sch = {"w8": QuantScheme(8, True, PerChannel(0)), "w8-asym": QuantScheme(8, False, PerChannel(0)),
+           "w4-g32": QuantScheme(4, False, PerGroup(32)), "w4-sym-channel": QuantScheme(4, True, PerChannel(0))}[scheme]
+    if scheme == "w4-g32":
+        k = max(32, k // 32 * 32)
+    torch.manual_seed(seed)
+    q = qtorch.QuantLinear.from_linear(torch.nn.Linear(k, n), sch)
+    x = torch.randn(rows, k)
+    with torch.no_grad():
+        y = q(x)
+    w = q.dequantized_weight(torch.float64)
+    ref = x.double() @ w.T + q.bias.double()
+    bound = x.double().abs() @ w.abs().T + q.bias.double().abs()
+    assert torch.all((y.double() - ref).abs() <= 1e-5 * bound + 1e-6)
