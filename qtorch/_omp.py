@@ -1,18 +1,17 @@
-"""Run a numba kernel on PyTorch's own OpenMP thread team. A leaf: imports torch, ctypes and numba only.
+"""Run a numba kernel on PyTorch's own OpenMP thread team. A leaf: imports torch, numba and qcore's thread splitter.
 
 Why: after every parallel op, PyTorch's OpenMP workers spin for milliseconds waiting for the next one. A second
 thread pool started in that window (numba's ``parallel=True`` runtime, or Python threads) finds the cores taken by
 the spinning workers. Measured on the 2-core development CPU, a 2-thread 4096x4096 int8 GEMV took 1.74 ms right
 after a dense bf16 layer against 0.65 ms on idle cores. Handing the same work to torch's team instead
-(``GOMP_parallel`` of the libgomp that torch loaded) reuses the spinning workers: 0.95 ms in the same alternation,
-and nothing oversubscribes the cores.
+(``GOMP_parallel`` as torch binds it) reuses the spinning workers: 0.95 ms in the same alternation, and nothing
+oversubscribes the cores.
 
-A kernel is a numba ``cfunc(void(voidptr))``; every team thread calls it with the same pointer: an int64 block whose
-first entry is a chunk counter, then shapes and array addresses (``as_ptr`` turns one back into a pointer for
+A kernel is a numba ``cfunc(void(voidptr))``; every team thread calls it with the same pointer: an int64 block
+whose first entry is a chunk counter, then shapes and array addresses (``as_ptr`` turns one back into a pointer for
 ``numba.carray``). The threads split the work by claiming chunks from the counter (``claim``), so a thread that
-starts late simply takes fewer. Where torch does
-not run on GNU OpenMP (macOS, Windows, a torch built with another backend), :func:`team_call` returns False and
-the caller runs its kernel some other way.
+starts late simply takes fewer. :func:`run` picks the place: torch's team; the calling thread when torch runs one
+thread or in a forked child; qcore's threads where torch has no OpenMP team (macOS, Windows, another backend).
 
 >>> available() in (True, False)
 True
@@ -24,52 +23,69 @@ import ctypes
 import os
 import threading
 
+import numpy as np
 import torch
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
+from qcore import _parallel
 
-__all__ = ["as_ptr", "available", "check_contiguous", "claim", "team_call", "team_size"]
+__all__ = ["as_ptr", "available", "check_operands", "claim", "run", "team_call", "team_size"]
 
 _LOCK = threading.Lock()
 _GOMP_PARALLEL = None  # ctypes function, or False once the lookup failed
 _DISABLED = os.environ.get("QTORCH_OMP_TEAM", "1") == "0"  # opt-out, and a way to test the fallback
 
 
-def _torch_libgomp():
-    """Path of the libgomp that torch itself loaded, or None (another OpenMP runtime, or not Linux)."""
-    if "OpenMP" not in torch.__config__.parallel_info():
+def _torch_gomp_parallel():
+    """``GOMP_parallel`` as torch itself binds it, or None (torch's ATen backend is not OpenMP, or no such symbol).
+
+    Looked up through the handle of the loaded ``libtorch_cpu``: ``dlsym`` on it searches that library's own
+    dependencies, so it finds the OpenMP runtime torch runs on (its bundled libgomp, a system one it links, or
+    Intel OpenMP's GOMP entry points), never another package's copy.
+    """
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
-    torch_dir = os.path.dirname(os.path.realpath(torch.__file__))
-    found = None
+    lib = None
     try:
         with open("/proc/self/maps") as f:
             for line in f:
                 path = line.rsplit(None, 1)[-1]
-                if "libgomp" in os.path.basename(path) and path.startswith("/"):
-                    if os.path.realpath(path).startswith(torch_dir):
-                        return path  # the copy bundled with torch
-                    found = found or path  # a system libgomp that torch linked against
+                if path.startswith("/") and os.path.basename(path).startswith("libtorch_cpu."):
+                    lib = path
+                    break
     except OSError:
         return None
-    return found
+    if lib is None:
+        return None
+    try:
+        fn = ctypes.CDLL(lib).GOMP_parallel  # already loaded: dlopen returns the existing handle
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)
+    fn.restype = None
+    return fn
 
 
 def _lookup():
     global _GOMP_PARALLEL
     with _LOCK:
         if _GOMP_PARALLEL is None:
-            fn = False
-            path = None if _DISABLED else _torch_libgomp()
-            if path is not None:
-                try:
-                    fn = ctypes.CDLL(path).GOMP_parallel  # already loaded: dlopen returns torch's handle
-                    fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)
-                    fn.restype = None
-                except (OSError, AttributeError):
-                    fn = False
-            _GOMP_PARALLEL = fn
+            fn = None if _DISABLED else _torch_gomp_parallel()
+            _GOMP_PARALLEL = fn if fn is not None else False
     return _GOMP_PARALLEL
+
+
+def _after_fork_in_child():
+    # an OpenMP team does not survive fork (GNU OpenMP hangs in the child once the parent used it): the child
+    # runs every kernel on its calling thread
+    global _IN_FORKED_CHILD
+    _IN_FORKED_CHILD = True
+
+
+_IN_FORKED_CHILD = False
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def available() -> bool:
@@ -82,11 +98,35 @@ def team_size() -> int:
     return max(1, torch.get_num_threads())
 
 
-def check_contiguous(**arrays) -> None:
-    """The team kernels address arrays by shape alone: every one must be C-contiguous (a ValueError names it)."""
-    for name, a in arrays.items():
+def check_operands(wb, scale, zp, gsize: int, bits: int, out, out_shape: tuple, x=None, x_shape: tuple = ()) -> None:
+    """Validate the NumPy operands of a blocked-layout kernel before their addresses reach it: the kernels address
+    arrays by shape alone, so a wrong dtype, shape or stride would read or write the wrong memory. Raises a
+    ``TypeError`` (dtype) or ``ValueError`` (shape, strides) that names the operand."""
+    named = {"x": x, "wb": wb, "scale": scale, "zp": zp, "out": out}
+    want = {"x": ("float32",), "wb": ("int8", "uint8"), "scale": ("float32",), "zp": ("uint8",), "out": ("float32",)}
+    for name, a in named.items():
+        if a is None:
+            continue
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name} must be a NumPy array, got {type(a).__name__}")
+        if a.dtype.name not in want[name]:
+            raise TypeError(f"{name} must be {' or '.join(want[name])}, got {a.dtype}")
         if not a.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous (the kernel addresses it by its shape)")
+    if wb.ndim != 3 or bits not in (4, 8):
+        raise ValueError(f"wb must be [T, K, W] tiles of 4- or 8-bit codes, got shape {wb.shape} and bits={bits}")
+    T, K, W = wb.shape
+    n = T * (W * 2 if bits == 4 else W)
+    G = scale.shape[0] if scale.ndim == 2 else 0
+    if scale.shape != (G, n) or G < 1 or gsize * G != K:
+        raise ValueError(f"scale must be [G, {n}] with G * group size = K = {K}, got {scale.shape} and group size "
+                         f"{gsize}")
+    if zp.shape not in ((0, 0), (G, n)):
+        raise ValueError(f"zp must be [{G}, {n}] or [0, 0], got {zp.shape}")
+    if x is not None and x.shape != x_shape:
+        raise ValueError(f"x must be {list(x_shape)}, got {list(x.shape)}")
+    if out.shape != out_shape:
+        raise ValueError(f"out must be {list(out_shape)}, got {list(out.shape)}")
 
 
 def team_call(kernel_address: int, block_address: int, nthreads: int | None = None) -> bool:
@@ -100,6 +140,26 @@ def team_call(kernel_address: int, block_address: int, nthreads: int | None = No
         return False
     fn(kernel_address, block_address, team_size() if nthreads is None else nthreads, 0)
     return True
+
+
+def run(units: int, team_kernel, block: np.ndarray, kernel, args: tuple, total: int, min_part: int) -> None:
+    """Run a ranged kernel over ``[0, total)`` where it belongs.
+
+    On torch's team when there is one with 2+ threads and 2+ work units (``team_kernel()`` gives the cfunc's
+    address, compiled on first use; ``block`` is its argument block). On the calling thread when torch's team
+    has one thread (``torch.set_num_threads(1)``: DataLoader workers, one process per core). On qcore's threads
+    only where torch has no GNU OpenMP team.
+    """
+    if _IN_FORKED_CHILD:
+        kernel(*args, 0, total)
+        return
+    if available():
+        if units >= 2 and team_size() >= 2:
+            team_call(team_kernel(), block.ctypes.data)  # the caller holds every array in the block until here
+        else:
+            kernel(*args, 0, total)
+        return
+    _parallel.run_split(kernel, args, total, min_part)
 
 
 @intrinsic

@@ -25,10 +25,8 @@ from llvmlite import ir
 from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
-from qcore import _parallel
 
 from . import _omp
-from ._omp import check_contiguous as _check_contiguous
 
 __all__ = ["dequant_tiles"]
 
@@ -154,19 +152,24 @@ def dequant_tiles(wb: np.ndarray, bits: int, scale: np.ndarray, zp: np.ndarray, 
                   out: np.ndarray) -> np.ndarray:
     """Write ``W.T`` for tiles ``t0..t1`` into ``out`` (float32 ``[K, (t1-t0)*NT]``, C-contiguous); returns ``out``.
 
-    ``wb`` int8/uint8 ``[T, K, W]``, ``scale`` float32 ``[G, T*NT]``, ``zp`` uint8 ``[G, T*NT]`` or ``[0, 0]``
-    (all C-contiguous; ``kernels`` checks them). ``W`` is a multiple of 8 (tiles of 16 columns and up).
+    ``wb`` int8/uint8 ``[T, K, W]`` (``W`` a multiple of 8: tiles of 16 columns and up), ``scale`` float32
+    ``[G, T*NT]``, ``zp`` uint8 ``[G, T*NT]`` or ``[0, 0]``, all C-contiguous (checked: a ``TypeError`` /
+    ``ValueError`` names the operand).
     """
-    _check_contiguous(wb=wb, scale=scale, zp=zp, out=out)
-    T, K, W = wb.shape
-    if K == 0 or t1 <= t0:
+    T, K, W = wb.shape if getattr(wb, "ndim", 0) == 3 else (0, 0, 0)
+    G = scale.shape[0] if getattr(scale, "ndim", 0) == 2 and scale.shape[0] else 1
+    if not 0 <= t0 <= t1 <= T:
+        raise ValueError(f"tiles {t0}..{t1} are not within the {T} tiles of wb")
+    NT = W * 2 if bits == 4 else W
+    _omp.check_operands(wb, scale, zp, K // G, bits, out, (K, (t1 - t0) * NT))
+    if W % 8:
+        raise ValueError(f"tile rows of {W} bytes: the kernel reads 8 bytes at a time")
+    if K == 0 or t1 == t0:
         return out
-    per_row = (t1 - t0) * W * (2 if bits == 4 else 1)
+    per_row = (t1 - t0) * NT
     nchunks = int(min(K, max(1, K * per_row // _CHUNK_VALUES), 16 * _omp.team_size()))
-    if nchunks > 1 and _omp.team_size() > 1:
-        block = np.array((0, nchunks, T, K, W, scale.shape[0], bits, wb.dtype == np.int8, zp.shape[0], t0, t1,
-                          wb.ctypes.data, scale.ctypes.data, zp.ctypes.data, out.ctypes.data), np.int64)
-        if _omp.team_call(_team_kernel_address(), block.ctypes.data):  # the caller holds the arrays until done
-            return out
-    _parallel.run_split(_dequant_range, (wb, bits, scale, zp, t0, t1, out), K, max(1, _CHUNK_VALUES // per_row))
+    block = np.array((0, nchunks, T, K, W, scale.shape[0], bits, wb.dtype == np.int8, zp.shape[0], t0, t1,
+                      wb.ctypes.data, scale.ctypes.data, zp.ctypes.data, out.ctypes.data), np.int64)
+    _omp.run(nchunks, _team_kernel_address, block, _dequant_range, (wb, bits, scale, zp, t0, t1, out), K,
+             max(1, _CHUNK_VALUES // per_row))
     return out

@@ -24,17 +24,14 @@ array([[5., 5.],
 from __future__ import annotations
 
 import numpy as np
-import torch
 from llvmlite import ir
 from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
-from qcore import _parallel
 
 from . import _omp
-from ._omp import check_contiguous as _check_contiguous
 
-__all__ = ["gemm_blocked", "gemm_tensors"]
+__all__ = ["gemm_blocked"]
 
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
@@ -42,6 +39,7 @@ _V8F = ir.VectorType(ir.FloatType(), 8)
 _V8I = ir.VectorType(_I32, 8)
 _V8B = ir.VectorType(ir.IntType(8), 8)
 MR = 6  # rows per micro-kernel call: 12 accumulators + 2 weight vectors + 1 broadcast = 15 of the 16 registers
+# (with zero points 2 more vectors: LLVM keeps them in memory operands or spills; not measured separately)
 KB = 256  # rows of K per call at most: the codes of a block stay in L1 while the row blocks pass over them
 
 
@@ -231,47 +229,36 @@ def gemm_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarra
 
     ``wb`` int8/uint8 ``[T, K, W]`` (``W`` a multiple of 16 at 8 bits, of 8 at 4 bits), ``scale`` float32
     ``[G, T*NT]``, ``zp`` uint8 ``[G, T*NT]`` or ``[0, 0]``, ``gsize * G == K``, ``out`` float32 ``[M, T*NT]``; all
-    C-contiguous (``kernels`` checks them).
+    C-contiguous (checked: a ``TypeError`` / ``ValueError`` names the operand).
     """
-    _check_contiguous(x=x, wb=wb, scale=scale, zp=zp, out=out)
-    M, K = x.shape
-    T, _, W = wb.shape
-    nth = _omp.team_size()
-    mch = _row_chunks(M, T, nth)
-    if M and T and K and _run_on_team(M, T, K, W, scale.shape[0], gsize, bits, wb.dtype == np.int8, zp.shape[0],
-                                      mch, x.ctypes.data, wb.ctypes.data, scale.ctypes.data, zp.ctypes.data,
-                                      out.ctypes.data):
-        return out
-    return _run_on_threads(x, wb, scale, zp, gsize, bits, out, mch)
-
-
-def gemm_tensors(x, wb, scale, zp, gsize: int, bits: int, out):
-    """:func:`gemm_blocked` on CPU torch tensors (the forward's entry)."""
-    M, K = x.shape
-    T, _, W = wb.shape
-    mch = _row_chunks(M, T, _omp.team_size())
-    if M and T and K and _run_on_team(M, T, K, W, scale.shape[0], gsize, bits, wb.dtype == torch.int8, zp.shape[0],
-                                      mch, x.data_ptr(), wb.data_ptr(), scale.data_ptr(), zp.data_ptr(),
-                                      out.data_ptr()):
-        return out
-    _run_on_threads(x.numpy(), wb.numpy(), scale.numpy(), zp.numpy(), gsize, bits, out.numpy(), mch)
+    T, K, W = wb.shape if getattr(wb, "ndim", 0) == 3 else (0, 0, 0)
+    M = x.shape[0] if getattr(x, "ndim", 0) == 2 else 0
+    _omp.check_operands(wb, scale, zp, gsize, bits, out, (M, T * (W * 2 if bits == 4 else W)), x=x, x_shape=(M, K))
+    if W % (16 if bits == 8 else 8):
+        raise ValueError(f"tile rows of {W} bytes: the kernel reads strips of {16 if bits == 8 else 8} bytes")
+    _run(x, wb, scale, zp, gsize, bits, out, x.ctypes.data, wb.ctypes.data, scale.ctypes.data, zp.ctypes.data,
+         out.ctypes.data)
     return out
 
 
-def _run_on_team(M, T, K, W, G, gsize, bits, signed, zrows, mch, *addresses) -> bool:
-    units = T * mch
-    if units < 2 or _omp.team_size() < 2:
-        return False
-    block = np.array((0, units, mch, M, T, K, W, G, gsize, bits, signed, zrows) + addresses, np.int64)
-    return _omp.team_call(_team_kernel_address(), block.ctypes.data)  # the caller holds the arrays until done
+def _gemm_tensors(x, wb, scale, zp, gsize: int, bits: int, out):
+    """:func:`gemm_blocked` on CPU torch tensors that ``kernels.gemm_blocked_impl`` built (contiguous, of the
+    layout's dtypes and shapes): the forward's entry."""
+    _run(x.numpy(), wb.numpy(), scale.numpy(), zp.numpy(), gsize, bits, out.numpy(), x.data_ptr(), wb.data_ptr(),
+         scale.data_ptr(), zp.data_ptr(), out.data_ptr())
+    return out
 
 
-def _run_on_threads(x, wb, scale, zp, gsize, bits, out, mch):
+def _run(x, wb, scale, zp, gsize, bits, out, *addresses) -> None:
     M, K = x.shape
-    T = wb.shape[0]
+    T, _, W = wb.shape
     if K == 0:
         out[:] = 0
-        return out
-    if M and T:
-        _parallel.run_split(_gemm_units, (x, wb, scale, zp, gsize, bits, out, mch), T * mch, 1)
-    return out
+        return
+    if M == 0 or T == 0:
+        return
+    mch = _row_chunks(M, T, _omp.team_size())
+    block = np.array((0, T * mch, mch, M, T, K, W, scale.shape[0], gsize, bits, wb.dtype == np.int8, zp.shape[0])
+                     + addresses, np.int64)
+    _omp.run(T * mch, _team_kernel_address, block, _gemm_units, (x, wb, scale, zp, gsize, bits, out, mch),
+             T * mch, 1)

@@ -145,10 +145,8 @@ def choose_path(device_type: str, dtype: torch.dtype, rows: int, layout: str, bi
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# numba kernels (leaves: they receive checked, contiguous arrays only)
-
-# ---------------------------------------------------------------------------------------------------------------
-# The numba kernel as a torch custom op: opaque to torch.compile (fullgraph works), CPU only.
+# The kernels (qtorch.gemv / gemm / dequant, leaves) as torch custom ops: opaque to torch.compile (fullgraph
+# works), CPU only.
 
 def blocked_params(scale: torch.Tensor, zero_point: torch.Tensor, n: int):
     """Scale and zero point of the blocked layout as the kernels read them, ``[G, N]``: the layout keeps a
@@ -171,9 +169,10 @@ def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     scale, zero_point = blocked_params(scale, zero_point, out_features)
     out = torch.empty((xf.shape[0], out_features), dtype=torch.float32)
     if xf.shape[0] == 1 and gemv.eligible(bits, qweight.shape[2]):  # decoding: the one-row kernel
-        gemv.gemv_tensors(xf, qweight, scale, zero_point, group_size, bits, out)
+        # bf16/f16 inputs: the zero point folded per group (its float32 rounding stays below theirs)
+        gemv._gemv_tensors(xf, qweight, scale, zero_point, group_size, bits, out, x.dtype != torch.float32)
     else:
-        gemm.gemm_tensors(xf, qweight, scale, zero_point, group_size, bits, out)
+        gemm._gemm_tensors(xf, qweight, scale, zero_point, group_size, bits, out)
     return out.to(x.dtype)
 
 

@@ -178,7 +178,10 @@ class QuantLinear(nn.Module):
 
     def _int8pack_layout(self) -> bool:
         """bf16 compute, 8-bit symmetric per output channel, K % 16 == 0: ``torch._weight_int8pack_mm``."""
-        return (K.TORCH_PACK_KERNELS and self.compute_dtype == torch.bfloat16 and self.bits == 8 and self.scheme.symmetric
+        # also where PyTorch's kernels are not preferred, if the blocked layout has no tile for N (N % 16 != 0):
+        # int8pack still beats dequantizing the whole weight per call
+        preferred = K.TORCH_PACK_KERNELS or not K.blocked_tile(self.out_features)
+        return (preferred and self.compute_dtype == torch.bfloat16 and self.bits == 8 and self.scheme.symmetric
                 and self._kind == "channel" and self._axis == 0 and K.int8pack_ok(torch.bfloat16, self.in_features))
 
     def _int4pack_eligible(self) -> bool:

@@ -89,3 +89,48 @@ def test_module_forward_matches_f_linear_on_random_shapes(k, tiles, rows, scheme
     ref = x.double() @ w.T + q.bias.double()
     bound = x.double().abs() @ w.abs().T + q.bias.double().abs()
     assert torch.all((y.double() - ref).abs() <= 1e-5 * bound + 1e-6)
+
+
+def _small(bits=8):
+    q, s, z = _random_canonical(bits, bits == 8, "channel", 32, 16, 1)
+    wb, sb, zb = K.to_blocked(q, s, z, bits=bits, symmetric=bits == 8, kind="channel", group=1, out_features=32,
+                              in_features=16, tile=16)
+    sp, zp = K.blocked_params(sb, zb, 32)
+    return wb.numpy(), sp.numpy(), zp.numpy()
+
+
+def test_wrong_dtypes_and_shapes_are_refused_by_name():
+    wb, sp, zp = _small()
+    x, out = np.ones((4, 16), np.float32), np.empty((4, 32), np.float32)
+    with pytest.raises(TypeError, match="x must be float32, got float64"):
+        gemm.gemm_blocked(x.astype(np.float64), wb, sp, zp, 16, 8, out)
+    with pytest.raises(TypeError, match="scale must be float32"):
+        gemm.gemm_blocked(x, wb, sp.astype(np.float64), zp, 16, 8, out)
+    with pytest.raises(TypeError, match="zp must be uint8"):
+        gemm.gemm_blocked(x, wb, sp, zp.astype(np.int32), 16, 8, out)
+    with pytest.raises(ValueError, match=r"x must be \[4, 16\], got \[4, 15\]"):
+        gemm.gemm_blocked(x[:, :15].copy(), wb, sp, zp, 16, 8, out)
+    with pytest.raises(ValueError, match=r"out must be \[4, 32\]"):
+        gemm.gemm_blocked(x, wb, sp, zp, 16, 8, np.empty((4, 31), np.float32))
+    with pytest.raises(ValueError, match="scale must be"):
+        gemm.gemm_blocked(x, wb, sp, zp, 8, 8, out)  # a group size that does not match scale's groups
+    assert np.isfinite(gemm.gemm_blocked(x, wb, sp, zp, 16, 8, out)).all()
+
+
+def test_one_torch_thread_runs_on_the_calling_thread(monkeypatch):
+    if not _omp.available():
+        pytest.skip("no torch OpenMP team here")
+    wb, sp, zp = _small()
+    x = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
+    a = gemm.gemm_blocked(x, wb, sp, zp, 16, 8, np.empty((40, 32), np.float32))
+    split_calls, team_calls = [], []
+    monkeypatch.setattr(_omp._parallel, "run_split", lambda *a, **k: split_calls.append(1))
+    monkeypatch.setattr(_omp, "team_call", lambda *a, **k: team_calls.append(1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        b = gemm.gemm_blocked(x, wb, sp, zp, 16, 8, np.empty((40, 32), np.float32))
+    finally:
+        torch.set_num_threads(threads)
+    assert split_calls == [] and team_calls == []  # neither qcore's threads nor the team: torch asked for one
+    assert np.array_equal(a, b)

@@ -30,7 +30,8 @@ def _no_team(monkeypatch):
 @pytest.mark.parametrize("k", [4, 100, 520])
 @pytest.mark.parametrize("tile", [64, 128])
 @pytest.mark.parametrize("team", [True, False])
-def test_one_row_matches_float64_reference(bits, sym, kind, g, k, tile, team, monkeypatch):
+@pytest.mark.parametrize("fold", [False, True])
+def test_one_row_matches_float64_reference(bits, sym, kind, g, k, tile, team, fold, monkeypatch):
     if not team:
         _no_team(monkeypatch)
     if kind == "group" and k % g:
@@ -41,27 +42,27 @@ def test_one_row_matches_float64_reference(bits, sym, kind, g, k, tile, team, mo
     x = torch.randn(1, k)
     ref = (x.double() @ w.T)[0]
     sp, zp = K.blocked_params(sb, zb, n)
-    out = gemv.gemv_blocked(x[0].numpy(), wb.numpy(), sp.numpy(), zp.numpy(), g if kind == "group" else k, bits,
-                            np.full(n, np.nan, np.float32))
-    # the zero point is folded in per group (sum x*c - z*sum x), so the rounding scales with the codes and zero
-    # points themselves (both < 2^bits), not with (c - z): bound it by |x| @ (2^(bits+1) * scale)
     gsize = g if kind == "group" else k
-    scale_full = sp.T.double().repeat_interleave(gsize, dim=1)  # [n, k]
-    bound = (x.double().abs() @ (2.0 ** (bits + 1) * scale_full).T)[0]
+    out = gemv.gemv_blocked(x[0].numpy(), wb.numpy(), sp.numpy(), zp.numpy(), gsize, bits,
+                            np.full(n, np.nan, np.float32), fold=fold)
+    bound = (x.double().abs() @ w.abs().T)[0]  # code - zero point is exact: only the dot product rounds
+    if fold:  # z * sum(x) subtracted per group: the rounding scales with the codes and zero points (< 2^bits)
+        bound = (x.double().abs() @ (2.0 ** (bits + 1) * sp.T.double().repeat_interleave(gsize, dim=1)).T)[0]
     assert np.isfinite(out).all()
-    assert torch.all((torch.from_numpy(out).double() - ref).abs() <= 1e-5 * bound)
+    assert torch.all((torch.from_numpy(out).double() - ref).abs() <= 1e-5 * bound + 1e-30)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_team_and_threads_give_the_same_bits(bits, monkeypatch):
+@pytest.mark.parametrize("fold", [False, True])
+def test_team_and_threads_give_the_same_bits(bits, fold, monkeypatch):
     w, wb, sb, zb = _blocked(bits, bits == 8, "group" if bits == 4 else "channel", 32 if bits == 4 else 1,
                              512, 256, 128, seed=bits)
     sp, zp = K.blocked_params(sb, zb, 512)
     x = np.random.default_rng(1).standard_normal(256).astype(np.float32)
     g = 32 if bits == 4 else 256
-    a = gemv.gemv_blocked(x, wb.numpy(), sp.numpy(), zp.numpy(), g, bits, np.empty(512, np.float32))
+    a = gemv.gemv_blocked(x, wb.numpy(), sp.numpy(), zp.numpy(), g, bits, np.empty(512, np.float32), fold=fold)
     _no_team(monkeypatch)
-    b = gemv.gemv_blocked(x, wb.numpy(), sp.numpy(), zp.numpy(), g, bits, np.empty(512, np.float32))
+    b = gemv.gemv_blocked(x, wb.numpy(), sp.numpy(), zp.numpy(), g, bits, np.empty(512, np.float32), fold=fold)
     assert np.array_equal(a, b)  # every tile is computed by the same code, whoever claims it
 
 
@@ -86,8 +87,8 @@ def test_single_row_forward_takes_the_one_row_kernel(cls, shape, dtype, monkeypa
     q = cls.from_linear(lin)
     assert q.weight_layout == "blocked"
     calls = []
-    real = gemv.gemv_tensors
-    monkeypatch.setattr(gemv, "gemv_tensors", lambda *a: calls.append(1) or real(*a))
+    real = gemv._gemv_tensors
+    monkeypatch.setattr(gemv, "_gemv_tensors", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(*shape, dtype=dtype)
     with torch.no_grad():
         y = q(x)
@@ -95,3 +96,21 @@ def test_single_row_forward_takes_the_one_row_kernel(cls, shape, dtype, monkeypa
     ref = torch.nn.functional.linear(x.float(), q.dequantized_weight(torch.float32), q.bias.float())
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]  # rounding of the output
     assert y.dtype == dtype and y.shape == ref.shape and torch.allclose(y.float(), ref, rtol=tol, atol=tol)
+
+
+def test_zero_points_cost_no_precision():
+    # codes and zero points near 128 with a positive input: subtracting z * sum(x) in float32 would lose ~1e-4 of
+    # the result; subtracting in integers keeps the float32 rounding of the dot product itself
+    rng = np.random.default_rng(0)
+    n, k, tile = 128, 4096, 128
+    q = torch.from_numpy(rng.integers(120, 137, (n, k), dtype=np.uint8))
+    s = torch.full((n,), 0.01)
+    z = torch.full((n,), 128, dtype=torch.uint8)
+    kw = dict(bits=8, symmetric=False, kind="channel", group=1, out_features=n, in_features=k)
+    w = K.dequantize_canonical(q, s, z, axis=0, **kw).double()
+    wb, sb, zb = K.to_blocked(q, s, z, tile=tile, **kw)
+    sp, zp = K.blocked_params(sb, zb, n)
+    x = torch.rand(k)
+    out = gemv.gemv_blocked(x.numpy(), wb.numpy(), sp.numpy(), zp.numpy(), k, 8, np.empty(n, np.float32))
+    ref = x.double() @ w.T
+    assert torch.all((torch.from_numpy(out).double() - ref).abs() <= 1e-5 * (x.double().abs() @ w.abs().T))

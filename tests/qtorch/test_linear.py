@@ -407,3 +407,16 @@ def test_bfloat16_int4pack_path(sym, g, n, k, monkeypatch, torch_pack_kernels):
                                                   if k2 != "bias")
     q.bfloat16()
     assert q.weight_layout == "int4pack" and torch.equal(q.state_dict()["qweight"], sd["qweight"])
+
+
+def test_bfloat16_int8_layers_without_a_tile_keep_int8pack(blocked_kernels, monkeypatch):
+    # N % 16 != 0 has no blocked tile: PyTorch's int8 kernel still beats dequantizing the whole weight per call
+    calls = []
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or real(*a))
+    q = qtorch.W8A16Linear.from_linear(torch.nn.Linear(64, 1000, dtype=torch.bfloat16))
+    assert q.weight_layout == "canonical" and q.kernel_nbytes() == 1000 * 2
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    _check_close(q(x), x, q)
+    assert calls == [1]
+    assert qtorch.W8A16Linear.from_linear(torch.nn.Linear(64, 1024, dtype=torch.bfloat16)).weight_layout == "blocked"
