@@ -114,3 +114,26 @@ def test_zero_points_cost_no_precision():
     out = gemv.gemv_blocked(x.numpy(), wb.numpy(), sp.numpy(), zp.numpy(), k, 8, np.empty(n, np.float32))
     ref = x.double() @ w.T
     assert torch.all((torch.from_numpy(out).double() - ref).abs() <= 1e-5 * (x.double().abs() @ w.abs().T))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_runs_the_kernels_on_its_own_thread():
+    # an OpenMP team does not survive fork: after the parent used it, the child must not call into it (GNU OpenMP
+    # would hang); the child runs the kernels on its calling thread
+    q = qtorch.W4A16Linear.from_linear(torch.nn.Linear(512, 256))
+    x = torch.randn(1, 512)
+    with torch.no_grad():
+        y = q(x)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        import signal
+        signal.alarm(60)  # a hang ends the child instead of the test run
+        code = 3
+        try:
+            assert _omp._IN_FORKED_CHILD
+            with torch.no_grad():
+                code = 0 if torch.equal(q(x), y) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
