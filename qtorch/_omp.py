@@ -26,11 +26,11 @@ import threading
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import types
+from numba import cfunc, types
 from numba.extending import intrinsic
 from qcore import _parallel
 
-__all__ = ["as_ptr", "available", "check_operands", "claim", "run", "team_call", "team_size"]
+__all__ = ["TeamKernel", "as_ptr", "available", "check_operands", "claim", "run", "team_call", "team_size"]
 
 _LOCK = threading.Lock()
 _GOMP_PARALLEL = None  # ctypes function, or False once the lookup failed
@@ -145,8 +145,8 @@ def team_call(kernel_address: int, block_address: int, nthreads: int | None = No
 def run(units: int, team_kernel, block: np.ndarray, kernel, args: tuple, total: int, min_part: int) -> None:
     """Run a ranged kernel over ``[0, total)`` where it belongs.
 
-    On torch's team when there is one with 2+ threads and 2+ work units (``team_kernel()`` gives the cfunc's
-    address, compiled on first use; ``block`` is its argument block). On the calling thread when torch's team
+    On torch's team when there is one with 2+ threads and 2+ work units (``team_kernel``: a :class:`TeamKernel`;
+    ``block`` is its argument block). On the calling thread when torch's team
     has one thread (``torch.set_num_threads(1)``: DataLoader workers, one process per core). On qcore's threads
     only where torch has no GNU OpenMP team.
     """
@@ -160,6 +160,25 @@ def run(units: int, team_kernel, block: np.ndarray, kernel, args: tuple, total: 
             kernel(*args, 0, total)
         return
     _parallel.run_split(kernel, args, total, min_part)
+
+
+class TeamKernel:
+    """A team kernel's Python function, compiled as a ``cfunc(void(voidptr))`` the first time it is needed (a
+    cfunc compiles, or loads from numba's cache, when it is created: never at import, never without a team).
+
+    >>> TeamKernel(lambda data: None)._cfunc is None
+    True
+    """
+
+    def __init__(self, pyfunc):
+        self.pyfunc = pyfunc
+        self._cfunc = None
+
+    def __call__(self) -> int:
+        """The compiled kernel's address."""
+        if self._cfunc is None:
+            self._cfunc = cfunc(types.void(types.voidptr), nogil=True, cache=True)(self.pyfunc)
+        return self._cfunc.address
 
 
 @intrinsic

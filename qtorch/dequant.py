@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, cfunc, njit, types
+from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -137,15 +137,8 @@ def _team_dequant(data):  # pragma: no cover - compiled; runs on every thread of
             _dequant_range(carray(_omp.as_ptr(b[_B_WB]), (T, K, W), np.uint8), bits, scale, zp, t0, t1, out, k0, k1)
 
 
-_TEAM_KERNEL = None
+_TEAM_KERNEL = _omp.TeamKernel(_team_dequant)
 _CHUNK_VALUES = 1 << 16  # values per claimed chunk at least (smaller: the hand-off costs more than it saves)
-
-
-def _team_kernel_address() -> int:
-    global _TEAM_KERNEL
-    if _TEAM_KERNEL is None:  # a cfunc compiles (or loads from the cache) when it is created: on first use
-        _TEAM_KERNEL = cfunc(types.void(types.voidptr), nogil=True, cache=True)(_team_dequant)
-    return _TEAM_KERNEL.address
 
 
 def dequant_tiles(wb: np.ndarray, bits: int, scale: np.ndarray, zp: np.ndarray, t0: int, t1: int,
@@ -170,6 +163,6 @@ def dequant_tiles(wb: np.ndarray, bits: int, scale: np.ndarray, zp: np.ndarray, 
     nchunks = int(min(K, max(1, K * per_row // _CHUNK_VALUES), 16 * _omp.team_size()))
     block = np.array((0, nchunks, T, K, W, scale.shape[0], bits, wb.dtype == np.int8, zp.shape[0], t0, t1,
                       wb.ctypes.data, scale.ctypes.data, zp.ctypes.data, out.ctypes.data), np.int64)
-    _omp.run(nchunks, _team_kernel_address, block, _dequant_range, (wb, bits, scale, zp, t0, t1, out), K,
+    _omp.run(nchunks, _TEAM_KERNEL, block, _dequant_range, (wb, bits, scale, zp, t0, t1, out), K,
              max(1, _CHUNK_VALUES // per_row))
     return out

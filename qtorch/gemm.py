@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, cfunc, njit, types
+from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -207,14 +207,7 @@ def _team_gemm(data):  # pragma: no cover - compiled; runs on every thread of to
                         u, u + 1)
 
 
-_TEAM_KERNEL = None
-
-
-def _team_kernel_address() -> int:
-    global _TEAM_KERNEL
-    if _TEAM_KERNEL is None:  # a cfunc compiles (or loads from the cache) when it is created: on first use
-        _TEAM_KERNEL = cfunc(types.void(types.voidptr), nogil=True, cache=True)(_team_gemm)
-    return _TEAM_KERNEL.address
+_TEAM_KERNEL = _omp.TeamKernel(_team_gemm)
 
 
 def _row_chunks(M: int, T: int, nthreads: int) -> int:
@@ -260,5 +253,5 @@ def _run(x, wb, scale, zp, gsize, bits, out, *addresses) -> None:
     mch = _row_chunks(M, T, _omp.team_size())
     block = np.array((0, T * mch, mch, M, T, K, W, scale.shape[0], gsize, bits, wb.dtype == np.int8, zp.shape[0])
                      + addresses, np.int64)
-    _omp.run(T * mch, _team_kernel_address, block, _gemm_units, (x, wb, scale, zp, gsize, bits, out, mch),
+    _omp.run(T * mch, _TEAM_KERNEL, block, _gemm_units, (x, wb, scale, zp, gsize, bits, out, mch),
              T * mch, 1)

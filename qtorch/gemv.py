@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, cfunc, njit, types
+from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -204,15 +204,7 @@ def _team_gemv(data):  # pragma: no cover - compiled; runs on every thread of to
                         b[_B_BITS], out, t, t + 1)
 
 
-_TEAM_KERNEL = None
-
-
-def _team_kernel_address() -> int:
-    """Address of ``_team_gemv`` compiled as a C callback (on first use: a cfunc compiles when it is created)."""
-    global _TEAM_KERNEL
-    if _TEAM_KERNEL is None:
-        _TEAM_KERNEL = cfunc(types.void(types.voidptr), nogil=True, cache=True)(_team_gemv)
-    return _TEAM_KERNEL.address
+_TEAM_KERNEL = _omp.TeamKernel(_team_gemv)
 
 
 def gemv_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarray, gsize: int, bits: int,
@@ -255,5 +247,5 @@ def _run(x, wb, scale, zp, gsize, bits, out, fold) -> None:
     xs = x.reshape(G, gsize).sum(1, dtype=np.float32) if fold else np.zeros(0, np.float32)
     block = np.array((0, T, K, W, G, gsize, bits, wb.dtype == np.int8, zp.shape[0], fold, x.ctypes.data,
                       xs.ctypes.data, wb.ctypes.data, scale.ctypes.data, zp.ctypes.data, out.ctypes.data), np.int64)
-    _omp.run(T, _team_kernel_address, block, _gemv_range, (x, xs, wb, scale, zp, gsize, bits, out), T,
+    _omp.run(T, _TEAM_KERNEL, block, _gemv_range, (x, xs, wb, scale, zp, gsize, bits, out), T,
              max(1, (1 << 21) // (K * W)))
