@@ -27,14 +27,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _omp
+from ._ir import I64 as _I64, V8B as _V8B, V8F as _V8F, V8I as _V8I
 
 __all__ = ["dequant_tiles"]
 
-_I32 = ir.IntType(32)
-_I64 = ir.IntType(64)
-_V8F = ir.VectorType(ir.FloatType(), 8)
-_V8I = ir.VectorType(_I32, 8)
-_V8B = ir.VectorType(ir.IntType(8), 8)
 
 
 @intrinsic

@@ -30,14 +30,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _omp
+from ._ir import I32 as _I32, I64 as _I64, V8B as _V8B, V8F as _V8F, V8I as _V8I
 
 __all__ = ["gemm_blocked"]
 
-_I32 = ir.IntType(32)
-_I64 = ir.IntType(64)
-_V8F = ir.VectorType(ir.FloatType(), 8)
-_V8I = ir.VectorType(_I32, 8)
-_V8B = ir.VectorType(ir.IntType(8), 8)
 MR = 6  # rows per micro-kernel call: 12 accumulators + 2 weight vectors + 1 broadcast = 15 of the 16 registers
 # (with zero points 2 more vectors: LLVM keeps them in memory operands or spills; not measured separately)
 KB = 256  # rows of K per call at most: the codes of a block stay in L1 while the row blocks pass over them
