@@ -232,13 +232,14 @@ def gemm_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarra
 
 def _gemm_tensors(x, wb, scale, zp, gsize: int, bits: int, out):
     """:func:`gemm_blocked` on CPU torch tensors that ``kernels.gemm_blocked_impl`` built (contiguous, of the
-    layout's dtypes and shapes): the forward's entry."""
+    layout's dtypes and shapes): the forward's entry, where a tensor's address costs less to get than an array's."""
     _run(x.numpy(), wb.numpy(), scale.numpy(), zp.numpy(), gsize, bits, out.numpy(), x.data_ptr(), wb.data_ptr(),
          scale.data_ptr(), zp.data_ptr(), out.data_ptr())
     return out
 
 
 def _run(x, wb, scale, zp, gsize, bits, out, *addresses) -> None:
+    # the arrays (for qcore's threads) and their addresses (for the team kernel's block) of the same operands
     M, K = x.shape
     T, _, W = wb.shape
     if K == 0:

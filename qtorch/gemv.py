@@ -220,18 +220,22 @@ def gemv_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarra
     if not eligible(bits, W):
         raise ValueError(f"the one-row kernel reads {64 if bits == 8 else 32}-byte chunks of a tile row; "
                          f"{W} bytes per row is not a multiple")
-    _run(x, wb, scale, zp, gsize, bits, out, fold)
+    _run(x, wb, scale, zp, gsize, bits, out, fold, x.ctypes.data, wb.ctypes.data, scale.ctypes.data,
+         zp.ctypes.data, out.ctypes.data)
     return out
 
 
 def _gemv_tensors(x, wb, scale, zp, gsize: int, bits: int, out, fold: bool):
     """:func:`gemv_blocked` on CPU torch tensors that ``kernels.gemm_blocked_impl`` built (contiguous, of the layout's
-    dtypes and shapes; ``x`` / ``out`` ``[1, K]`` / ``[1, N]``)."""
-    _run(x.numpy().reshape(-1), wb.numpy(), scale.numpy(), zp.numpy(), gsize, bits, out.numpy().reshape(-1), fold)
+    dtypes and shapes; ``x`` / ``out`` ``[1, K]`` / ``[1, N]``): the forward's entry, where a tensor's address costs
+    less to get than an array's."""
+    _run(x.numpy().reshape(-1), wb.numpy(), scale.numpy(), zp.numpy(), gsize, bits, out.numpy().reshape(-1), fold,
+         x.data_ptr(), wb.data_ptr(), scale.data_ptr(), zp.data_ptr(), out.data_ptr())
     return out
 
 
-def _run(x, wb, scale, zp, gsize, bits, out, fold) -> None:
+def _run(x, wb, scale, zp, gsize, bits, out, fold, xa, wa, sa, za, oa) -> None:
+    # the arrays (for qcore's threads) and their addresses (for the team kernel's block) of the same operands
     T, K, W = wb.shape
     if T == 0 or K == 0:
         out[:] = 0
@@ -240,7 +244,7 @@ def _run(x, wb, scale, zp, gsize, bits, out, fold) -> None:
     fold = bool(fold) and bool(zp.shape[0] or bits == 4)
     # group sums of x, once per call (a sequential sum per tile cost 6% of a 4-bit row)
     xs = x.reshape(G, gsize).sum(1, dtype=np.float32) if fold else np.zeros(0, np.float32)
-    block = np.array((0, T, K, W, G, gsize, bits, wb.dtype == np.int8, zp.shape[0], fold, x.ctypes.data,
-                      xs.ctypes.data, wb.ctypes.data, scale.ctypes.data, zp.ctypes.data, out.ctypes.data), np.int64)
+    block = np.array((0, T, K, W, G, gsize, bits, wb.dtype == np.int8, zp.shape[0], fold, xa, xs.ctypes.data, wa,
+                      sa, za, oa), np.int64)
     _omp.run(T, _TEAM_KERNEL, block, _gemv_range, (x, xs, wb, scale, zp, gsize, bits, out), T,
              max(1, (1 << 21) // (K * W)))
