@@ -1,8 +1,11 @@
-"""Split one kernel call over threads. A leaf: imports nothing of the package.
+"""Split one kernel call over threads. Imports only the ``_team`` leaf of the package.
 
 The numba kernels release the GIL (``nogil=True``) and take a range ``[lo, hi)`` as their last two
-arguments, so plain Python threads run them in parallel. (Rather than numba's ``parallel=True``: the kernels
-compile several times faster, and a sleeping pool has no spinning OpenMP workers stealing shared cores.)
+arguments, so plain Python threads run them in parallel (:func:`run_split`). A kernel that also has a team
+version (a ``cfunc`` reading its operands from an int64 block) runs on an OpenMP team where the process has
+one (:func:`run_chunks`): its workers spin between calls, so a short call does not wait for threads to wake.
+(Not numba's ``parallel=True``: the kernels compile several times faster, and its runtime would be a second
+OpenMP team beside torch's.)
 
 >>> run_split(lambda scale, lo, hi: (hi - lo) * scale, (2,), 10, 100)   # too little work: one call
 [20]
@@ -15,7 +18,11 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["run_split", "threads"]
+import numpy as np
+
+from . import _team
+
+__all__ = ["TEAM_HEADER", "run_chunks", "run_split", "threads"]
 
 try:
     CPUS = len(os.sched_getaffinity(0))  # the cores this process may run on (containers, taskset)
@@ -28,12 +35,26 @@ NUM_THREADS = max(1, min(CPUS, int(os.environ.get("QCORE_NUM_THREADS") or os.env
 #: thread mostly waits for a core (and the call for it); on an idle one it doubles the memory bandwidth.
 DYNAMIC = True
 CHUNKS_PER_THREAD = 2  # claimable chunks per thread: balance vs hand-off costs (8 cost 2-3% of a 1.6 ms pack)
+TEAM_CHUNKS_PER_THREAD = 8  # on a team a claim is one atomic add: more chunks balance a late or stolen core
+#: a team block: [chunk counter, chunks, total, the kernel's own operands..., then one result per chunk]
+TEAM_HEADER = 16
 
 _POOL = None
 _POOL_LOCK = threading.Lock()
 _ACTIVE_WORKERS = 0  # pool threads inside a call right now (they are runnable, but ours)
 _ACTIVE_LOCK = threading.Lock()
 _LOADAVG_FD = None  # /proc/loadavg, opened on first use and kept open
+
+
+def _after_fork_in_child() -> None:
+    global _POOL, _ACTIVE_WORKERS, _POOL_LOCK, _ACTIVE_LOCK
+    # the parent's pool threads do not exist here: a task submitted to its executor would never run
+    _POOL, _ACTIVE_WORKERS = None, 0
+    _POOL_LOCK, _ACTIVE_LOCK = threading.Lock(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -72,7 +93,7 @@ def busy_cores() -> float:
         # pread on a descriptor kept open: 2 us, against 20 us for open/read/close (a 1 ms call noticed that)
         # "0.59 0.96 0.99 1/80 11928": runnable tasks (this one included) / all; anything else raises below
         running = int(os.pread(fd, 128, 0).split()[3].split(b"/")[0])
-        return max(0, running - 1 - _ACTIVE_WORKERS)
+        return max(0, running - 1 - _ACTIVE_WORKERS - _team.own_spinners())
     except (OSError, ValueError, IndexError, AttributeError):
         _LOADAVG_FD = None  # open it again next time (someone may have closed it; at worst a descriptor leaks)
         try:
@@ -87,6 +108,33 @@ def threads() -> int:
     if DYNAMIC and n > 1:
         n = max(1, min(n, int(CPUS - busy_cores())))
     return n
+
+
+def run_chunks(team_kernel, operands: tuple, total: int, min_part: int) -> np.ndarray:
+    """Run a team kernel over chunks covering ``[0, total)``; returns each chunk's result (uint64), in order.
+
+    ``team_kernel`` (a ``_team.TeamKernel``) gets an int64 block ``[0, chunks, total, *operands,
+    results...]``: ``operands`` are at most ``TEAM_HEADER - 3`` ints, array addresses among them (the caller
+    keeps those arrays alive); every thread that calls it claims chunks from the counter at ``block[0]``
+    until none is left and writes chunk i's result at ``TEAM_HEADER + i``. Chunks hold at least ``min_part``
+    items. It runs on an OpenMP team where the process has one (``qcore._team``), else on this thread plus
+    pool threads, else (one chunk, or one idle core) on this thread alone.
+    """
+    if len(operands) > TEAM_HEADER - 3:
+        raise ValueError(f"a team block holds at most {TEAM_HEADER - 3} operands, got {len(operands)}")
+    nchunks = max(1, min(total // max(min_part, 1), TEAM_CHUNKS_PER_THREAD * NUM_THREADS))
+    nthreads = threads() if nchunks >= 2 else 1
+    block = np.zeros(TEAM_HEADER + nchunks, np.int64)
+    block[1], block[2] = nchunks, total
+    block[3:3 + len(operands)] = operands
+    address = block.ctypes.data
+    if nthreads == 1 or not _team.run(team_kernel, block, nthreads):
+        call = team_kernel.ctypes()  # ctypes releases the GIL for the call
+        waits = [_pool().submit(_counted, lambda: call(address)) for _ in range(nthreads - 1)]
+        call(address)
+        for f in waits:  # a pool thread that starts late finds no chunk left and returns at once
+            f.result()
+    return block[TEAM_HEADER:].view(np.uint64)
 
 
 def run_split(kernel, args, total: int, min_part: int) -> list:

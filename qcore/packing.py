@@ -44,16 +44,14 @@ from __future__ import annotations
 import math
 import operator
 import sys
-import threading
 
-import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import _parallel
+from . import _parallel, _team
 
 __all__ = ["pack", "unpack", "packed_shape"]
 
@@ -169,9 +167,6 @@ def _unpack_blocks_b(pw, cw, k0, k1, bits):
         _unpack_blocks(pw, cw, k0, k1, 7)
 
 
-# --- range kernels over blocks [k0, k1) of 64 codes; the wrapper spreads ranges over threads ---
-
-
 # --- widths 1, 2, 4: a block of 64 codes (64 bytes) <-> 8*b bytes, as LLVM vector IR. Portable IR that
 # LLVM maps onto the host's vector unit: on AVX2 a block is two 32-byte registers, a few lane-wise shifts,
 # ORs and ANDs, and one narrowing (pack) or widening (zero-extend) per block. 1.4-1.7x faster in cache than
@@ -283,46 +278,6 @@ _pack1_loop, _pack2_loop, _pack4_loop = _pack_loop(1), _pack_loop(2), _pack_loop
 _unpack1_loop, _unpack2_loop, _unpack4_loop = _unpack_loop(1), _unpack_loop(2), _unpack_loop(4)
 
 
-@njit(cache=True, nogil=True)
-def _pack_w1(c, o, k0, k1):
-    return _pack1_loop(c, o, k0, k1)
-
-
-@njit(cache=True, nogil=True)
-def _pack_w2(c, o, k0, k1):
-    return _pack2_loop(c, o, k0, k1)
-
-
-@njit(cache=True, nogil=True)
-def _pack_w4(c, o, k0, k1):
-    return _pack4_loop(c, o, k0, k1)
-
-
-@njit(cache=True, nogil=True)
-def _unpack_w1(p, c, k0, k1):
-    _unpack1_loop(p, c, k0, k1)
-
-
-@njit(cache=True, nogil=True)
-def _unpack_w2(p, c, k0, k1):
-    _unpack2_loop(p, c, k0, k1)
-
-
-@njit(cache=True, nogil=True)
-def _unpack_w4(p, c, k0, k1):
-    _unpack4_loop(p, c, k0, k1)
-
-
-@njit(cache=True, nogil=True)
-def _pack_blocks_range(cw, ow, bits, k0, k1):
-    return _pack_blocks_b(cw, ow, k0, k1, bits)
-
-
-@njit(cache=True, nogil=True)
-def _unpack_blocks_range(pw, cw, bits, k0, k1):
-    _unpack_blocks_b(pw, cw, k0, k1, bits)
-
-
 # --- rows (any alignment) and stream tails: byte-wise loads, 8 codes at a time. `b` is a runtime
 # value here (not specialised per width): these paths are rarer and this keeps compile time low.
 
@@ -382,59 +337,230 @@ def _unpack_row_b(p, c, b):
         c[_U64(8) * ng + i] = np.uint8((v >> (_U64(b) * i)) & m)
 
 
-@njit(cache=True, nogil=True)
-def _pack_rows_range(c2, o2, bits, r0, r1):
+# --- team kernels (qcore._team): one cfunc per width for each direction, plus one for the rows path, each
+# compiled on first use (a user of 4-bit codes compiles only those). The block holds, after the chunk
+# header: [3] bits, [4] source address, [5] rows, [6] source row length in bytes, [7] destination address,
+# [8] destination row length in bytes. Stream chunks are 64-code blocks; rows chunks are rows.
+
+_H = _parallel.TEAM_HEADER
+_ROWS = 0  # the key of the rows kernels in _TEAM_PACK / _TEAM_UNPACK (their width comes from the block)
+
+
+@njit(inline="always")
+def _stream_bytes(head):
+    return (carray(_team.as_ptr(head[4]), head[6], np.uint8), carray(_team.as_ptr(head[7]), head[8], np.uint8))
+
+
+@njit(inline="always")
+def _stream_words(head):
+    return (carray(_team.as_ptr(head[4]), head[6] // 8, np.uint64),
+            carray(_team.as_ptr(head[7]), head[8] // 8, np.uint64))
+
+
+@njit(inline="always")
+def _row_arrays(head):
+    rows = head[5]
+    return (carray(_team.as_ptr(head[4]), (rows, head[6]), np.uint8),
+            carray(_team.as_ptr(head[7]), (rows, head[8]), np.uint8))
+
+
+@njit(inline="always")
+def _claim_loop(data, chunk):
+    """The body of every team kernel: claim chunks until none is left; chunk i's result goes to block[H + i]."""
+    head = carray(data, _H, np.int64)
+    nchunks, total = head[1], head[2]
+    block = carray(data, _H + nchunks, np.int64)
+    while True:
+        i = _team.claim(block)
+        if i >= nchunks:
+            return
+        block[_H + i] = np.int64(chunk(head, total * i // nchunks, total * (i + 1) // nchunks))
+
+
+# One chunk function per kernel and width, so that each cfunc holds only its own code: a cfunc that
+# dispatched on the width at run time compiled every width's unrolled code, 30 s each.
+
+@njit(inline="always")
+def _pack_rows_chunk(head, lo, hi):
+    c2, o2 = _row_arrays(head)
     acc = _U64(0)
-    for r in range(r0, r1):
-        acc |= _pack_row_b(c2[r], o2[r], bits)
+    for r in range(lo, hi):
+        acc |= _pack_row_b(c2[r], o2[r], head[3])
     return acc
 
 
-@njit(cache=True, nogil=True)
-def _unpack_rows_range(p2, c2, bits, r0, r1):
-    for r in range(r0, r1):
-        _unpack_row_b(p2[r], c2[r], bits)
+@njit(inline="always")
+def _unpack_rows_chunk(head, lo, hi):
+    p2, c2 = _row_arrays(head)
+    for r in range(lo, hi):
+        _unpack_row_b(p2[r], c2[r], head[3])
+    return _U64(0)
+
+
+@njit(inline="always")
+def _pack1_chunk(head, lo, hi):
+    src, dst = _stream_bytes(head)
+    return _pack1_loop(src, dst, lo, hi)
+
+
+@njit(inline="always")
+def _pack2_chunk(head, lo, hi):
+    src, dst = _stream_bytes(head)
+    return _pack2_loop(src, dst, lo, hi)
+
+
+@njit(inline="always")
+def _pack4_chunk(head, lo, hi):
+    src, dst = _stream_bytes(head)
+    return _pack4_loop(src, dst, lo, hi)
+
+
+@njit(inline="always")
+def _pack3_chunk(head, lo, hi):
+    src, dst = _stream_words(head)
+    return _pack_blocks(src, dst, lo, hi, 3)
+
+
+@njit(inline="always")
+def _pack5_chunk(head, lo, hi):
+    src, dst = _stream_words(head)
+    return _pack_blocks(src, dst, lo, hi, 5)
+
+
+@njit(inline="always")
+def _pack6_chunk(head, lo, hi):
+    src, dst = _stream_words(head)
+    return _pack_blocks(src, dst, lo, hi, 6)
+
+
+@njit(inline="always")
+def _pack7_chunk(head, lo, hi):
+    src, dst = _stream_words(head)
+    return _pack_blocks(src, dst, lo, hi, 7)
+
+
+@njit(inline="always")
+def _unpack1_chunk(head, lo, hi):
+    src, dst = _stream_bytes(head)
+    _unpack1_loop(src, dst, lo, hi)
+    return _U64(0)
+
+
+@njit(inline="always")
+def _unpack2_chunk(head, lo, hi):
+    src, dst = _stream_bytes(head)
+    _unpack2_loop(src, dst, lo, hi)
+    return _U64(0)
+
+
+@njit(inline="always")
+def _unpack4_chunk(head, lo, hi):
+    src, dst = _stream_bytes(head)
+    _unpack4_loop(src, dst, lo, hi)
+    return _U64(0)
+
+
+@njit(inline="always")
+def _unpack3_chunk(head, lo, hi):
+    src, dst = _stream_words(head)
+    _unpack_blocks(src, dst, lo, hi, 3)
+    return _U64(0)
+
+
+@njit(inline="always")
+def _unpack5_chunk(head, lo, hi):
+    src, dst = _stream_words(head)
+    _unpack_blocks(src, dst, lo, hi, 5)
+    return _U64(0)
+
+
+@njit(inline="always")
+def _unpack6_chunk(head, lo, hi):
+    src, dst = _stream_words(head)
+    _unpack_blocks(src, dst, lo, hi, 6)
+    return _U64(0)
+
+
+@njit(inline="always")
+def _unpack7_chunk(head, lo, hi):
+    src, dst = _stream_words(head)
+    _unpack_blocks(src, dst, lo, hi, 7)
+    return _U64(0)
+
+
+def _pack_rows(data):
+    _claim_loop(data, _pack_rows_chunk)
+
+
+def _pack_1(data):
+    _claim_loop(data, _pack1_chunk)
+
+
+def _pack_2(data):
+    _claim_loop(data, _pack2_chunk)
+
+
+def _pack_3(data):
+    _claim_loop(data, _pack3_chunk)
+
+
+def _pack_4(data):
+    _claim_loop(data, _pack4_chunk)
+
+
+def _pack_5(data):
+    _claim_loop(data, _pack5_chunk)
+
+
+def _pack_6(data):
+    _claim_loop(data, _pack6_chunk)
+
+
+def _pack_7(data):
+    _claim_loop(data, _pack7_chunk)
+
+
+def _unpack_rows(data):
+    _claim_loop(data, _unpack_rows_chunk)
+
+
+def _unpack_1(data):
+    _claim_loop(data, _unpack1_chunk)
+
+
+def _unpack_2(data):
+    _claim_loop(data, _unpack2_chunk)
+
+
+def _unpack_3(data):
+    _claim_loop(data, _unpack3_chunk)
+
+
+def _unpack_4(data):
+    _claim_loop(data, _unpack4_chunk)
+
+
+def _unpack_5(data):
+    _claim_loop(data, _unpack5_chunk)
+
+
+def _unpack_6(data):
+    _claim_loop(data, _unpack6_chunk)
+
+
+def _unpack_7(data):
+    _claim_loop(data, _unpack7_chunk)
+
+
+_TEAM_PACK = {b: _team.TeamKernel(f) for b, f in enumerate(
+    (_pack_rows, _pack_1, _pack_2, _pack_3, _pack_4, _pack_5, _pack_6, _pack_7))}
+_TEAM_UNPACK = {b: _team.TeamKernel(f) for b, f in enumerate(
+    (_unpack_rows, _unpack_1, _unpack_2, _unpack_3, _unpack_4, _unpack_5, _unpack_6, _unpack_7))}
 
 
 # --------------------------------------------------------------------------------------------
 # Python wrappers: all validation lives here.
 # --------------------------------------------------------------------------------------------
-
-_PACK_WORDS = {1: _pack_w1, 2: _pack_w2, 4: _pack_w4}
-_UNPACK_WORDS = {1: _unpack_w1, 2: _unpack_w2, 4: _unpack_w4}
-
-# One signature per kernel, compiled (or loaded from the cache) on first use, then compilation is
-# switched off: the inputs are typed read-only and unaligned, which every array converts to, so a
-# read-only (memory-mapped checkpoint) or oddly aligned input never triggers a fresh compile.
-_I64 = numba.types.int64
-
-
-def _arr(dtype, ndim, inp):
-    return numba.types.Array(numba.from_dtype(np.dtype(dtype)), ndim, "C", readonly=inp, aligned=not inp)
-
-
-_SIGNATURES = {
-    _pack_blocks_range: numba.types.uint64(_arr(np.uint64, 1, True), _arr(np.uint64, 1, False), _I64, _I64, _I64),
-    _unpack_blocks_range: numba.types.void(_arr(np.uint64, 1, True), _arr(np.uint64, 1, False), _I64, _I64, _I64),
-    _pack_rows_range: numba.types.uint64(_arr(np.uint8, 2, True), _arr(np.uint8, 2, False), _I64, _I64, _I64),
-    _unpack_rows_range: numba.types.void(_arr(np.uint8, 2, True), _arr(np.uint8, 2, False), _I64, _I64, _I64),
-}
-for _b in _PACK_WORDS:
-    _SIGNATURES[_PACK_WORDS[_b]] = numba.types.uint64(_arr(np.uint8, 1, True), _arr(np.uint8, 1, False), _I64, _I64)
-    _SIGNATURES[_UNPACK_WORDS[_b]] = numba.types.void(_arr(np.uint8, 1, True), _arr(np.uint8, 1, False), _I64, _I64)
-_READY = set()
-_READY_LOCK = threading.Lock()
-
-
-def _ready(kernel):
-    if kernel not in _READY:
-        with _READY_LOCK:
-            if kernel not in _READY:
-                kernel.compile(_SIGNATURES[kernel])
-                kernel.disable_compile()
-                _READY.add(kernel)
-    return kernel
-
 
 def _check_bits(bits) -> int:
     if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer)):
@@ -543,8 +669,9 @@ def pack(codes, bits) -> np.ndarray:
         acc = _pack_padded(codes.reshape(nrows, n), out.reshape(nrows, -1), bits)
     else:
         acc = 0
-        for a in _run_split(_pack_rows_range, (codes.reshape(nrows, n), out.reshape(nrows, -1), bits),
-                            nrows, _min_rows(n)):
+        c2, o2 = codes.reshape(nrows, n), out.reshape(nrows, -1)
+        for a in _run(_TEAM_PACK[_ROWS], (bits, c2.ctypes.data, nrows, n, o2.ctypes.data, o2.shape[1]),
+                      nrows, _min_rows(n)):
             acc |= int(a)
     # acc is the OR of all codes (spread over the 8 bytes of a word): any bit at or above `bits`
     # means some code does not fit. The kernels never raise; the error is raised here.
@@ -588,8 +715,8 @@ def unpack(packed, bits, length) -> np.ndarray:
     elif _LITTLE_ENDIAN and length >= _PAD_MIN_LENGTH:
         _unpack_padded(packed.reshape(nrows, m), out.reshape(nrows, length), bits)
     else:
-        _run_split(_unpack_rows_range, (packed.reshape(nrows, m), out.reshape(nrows, length), bits),
-                   nrows, _min_rows(length))
+        p2, c2 = packed.reshape(nrows, m), out.reshape(nrows, length)
+        _run(_TEAM_UNPACK[_ROWS], (bits, p2.ctypes.data, nrows, m, c2.ctypes.data, length), nrows, _min_rows(length))
     return out
 
 
@@ -644,11 +771,11 @@ def _unpack_padded(p2: np.ndarray, c2: np.ndarray, bits: int) -> None:
         c2[r0:r1] = tmp[: r1 - r0, :n]
 
 
-# --- work splitting: qcore._parallel runs the ranged, GIL-free kernels on threads ---------------------
+# --- work splitting: qcore._parallel runs a team kernel on an OpenMP team, or on threads ------------
 
 
-def _run_split(kernel, args, total: int, min_part: int) -> list:
-    return _parallel.run_split(_ready(kernel), args, total, min_part)
+def _run(team_kernel, operands: tuple, total: int, min_part: int):
+    return _parallel.run_chunks(team_kernel, operands, total, min_part)
 
 
 def _min_rows(n: int) -> int:
@@ -656,33 +783,26 @@ def _min_rows(n: int) -> int:
 
 
 def _pack_stream(c: np.ndarray, o: np.ndarray, bits: int) -> int:
+    """Pack the contiguous codes ``c`` into ``o`` as one bit stream: whole 64-code blocks split across
+    threads, then the tail (under 64 codes) as one row. Returns the OR of the codes (see ``pack``)."""
     nblocks = c.size // 64
     acc = 0
     if nblocks:
-        if bits in _PACK_WORDS:
-            args = (c[: 64 * nblocks], o[: 8 * bits * nblocks])
-            kernel = _PACK_WORDS[bits]
-        else:
-            args = (c[: 64 * nblocks].view(np.uint64), o[: 8 * bits * nblocks].view(np.uint64), bits)
-            kernel = _pack_blocks_range
-        for a in _run_split(kernel, args, nblocks, _PARALLEL_MIN_CODES // 64):
+        operands = (bits, c.ctypes.data, 1, 64 * nblocks, o.ctypes.data, 8 * bits * nblocks)
+        for a in _run(_TEAM_PACK[bits], operands, nblocks, _PARALLEL_MIN_CODES // 64):
             acc |= int(a)
     if c.size > 64 * nblocks:
-        tail = c[64 * nblocks:].reshape(1, -1)
-        acc |= int(_ready(_pack_rows_range)(tail, o[8 * bits * nblocks:].reshape(1, -1), bits, 0, 1))
+        tail, otail = c[64 * nblocks:], o[8 * bits * nblocks:]
+        operands = (bits, tail.ctypes.data, 1, tail.size, otail.ctypes.data, otail.size)
+        acc |= int(_run(_TEAM_PACK[_ROWS], operands, 1, 1)[0])
     return acc
 
 
 def _unpack_stream(p: np.ndarray, c: np.ndarray, bits: int) -> None:
     nblocks = c.size // 64
     if nblocks:
-        if bits in _UNPACK_WORDS:
-            args = (p[: 8 * bits * nblocks], c[: 64 * nblocks])
-            kernel = _UNPACK_WORDS[bits]
-        else:
-            args = (p[: 8 * bits * nblocks].view(np.uint64), c[: 64 * nblocks].view(np.uint64), bits)
-            kernel = _unpack_blocks_range
-        _run_split(kernel, args, nblocks, _PARALLEL_MIN_CODES // 64)
+        operands = (bits, p.ctypes.data, 1, 8 * bits * nblocks, c.ctypes.data, 64 * nblocks)
+        _run(_TEAM_UNPACK[bits], operands, nblocks, _PARALLEL_MIN_CODES // 64)
     if c.size > 64 * nblocks:
-        tail = c[64 * nblocks:].reshape(1, -1)
-        _ready(_unpack_rows_range)(p[8 * bits * nblocks:].reshape(1, -1), tail, bits, 0, 1)
+        ptail, tail = p[8 * bits * nblocks:], c[64 * nblocks:]
+        _run(_TEAM_UNPACK[_ROWS], (bits, ptail.ctypes.data, 1, ptail.size, tail.ctypes.data, tail.size), 1, 1)
