@@ -7,10 +7,10 @@ after a dense bf16 layer against 0.65 ms on idle cores. Handing the same work to
 (``GOMP_parallel`` as torch binds it) reuses the spinning workers: 0.95 ms in the same alternation, and nothing
 oversubscribes the cores.
 
-A kernel is a numba ``cfunc(void(voidptr))``; every team thread calls it with the same pointer: an int64 block
-whose first entry is a chunk counter, then shapes and array addresses (``as_ptr`` turns one back into a pointer for
-``numba.carray``). The threads split the work by claiming chunks from the counter (``claim``), so a thread that
-starts late simply takes fewer. :func:`run` picks the place: torch's team; the calling thread when torch runs one
+A kernel is a numba ``cfunc(void(voidptr))`` (``qcore._team.TeamKernel``, as qcore's own kernels); every team
+thread calls it with the same pointer: an int64 block whose first entry is a chunk counter, then shapes and array
+addresses (``as_ptr`` turns one back into a pointer for ``numba.carray``). The threads split the work by claiming
+chunks from the counter (``claim``), so a thread that starts late simply takes fewer. :func:`run` picks the place: torch's team; the calling thread when torch runs one
 thread or in a forked child; qcore's threads where torch has no OpenMP team (macOS, Windows, another backend).
 
 >>> available() in (True, False)
@@ -19,16 +19,13 @@ True
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import cfunc, types
-from numba.extending import intrinsic
-from qcore import _parallel
+from qcore import _parallel, _team
+from qcore._team import TeamKernel, as_ptr, claim  # noqa: F401 - the kernel modules take them from here
 
 __all__ = ["TeamKernel", "as_ptr", "available", "check_operands", "claim", "run", "team_call", "team_size"]
 
@@ -39,32 +36,10 @@ _DISABLED = os.environ.get("QTORCH_OMP_TEAM", "1") == "0"  # opt-out, and a way 
 
 def _torch_gomp_parallel():
     """``GOMP_parallel`` as torch itself binds it, or None (torch's ATen backend is not OpenMP, or no such symbol).
-
-    Looked up through the handle of the loaded ``libtorch_cpu``: ``dlsym`` on it searches that library's own
-    dependencies, so it finds the OpenMP runtime torch runs on (its bundled libgomp, a system one it links, or
-    Intel OpenMP's GOMP entry points), never another package's copy.
-    """
+    The lookup (through the loaded ``libtorch_cpu``'s handle) is qcore's: one runtime for both packages."""
     if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
-    lib = None
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.rsplit(None, 1)[-1]
-                if path.startswith("/") and os.path.basename(path).startswith("libtorch_cpu."):
-                    lib = path
-                    break
-    except OSError:
-        return None
-    if lib is None:
-        return None
-    try:
-        fn = ctypes.CDLL(lib).GOMP_parallel  # already loaded: dlopen returns the existing handle
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)
-    fn.restype = None
-    return fn
+    return _team.torch_gomp_parallel()
 
 
 def _lookup():
@@ -160,39 +135,3 @@ def run(units: int, team_kernel, block: np.ndarray, kernel, args: tuple, total: 
             kernel(*args, 0, total)
         return
     _parallel.run_split(kernel, args, total, min_part)
-
-
-class TeamKernel:
-    """A team kernel's Python function, compiled as a ``cfunc(void(voidptr))`` the first time it is needed (a
-    cfunc compiles, or loads from numba's cache, when it is created: never at import, never without a team).
-
-    >>> TeamKernel(lambda data: None)._cfunc is None
-    True
-    """
-
-    def __init__(self, pyfunc):
-        self.pyfunc = pyfunc
-        self._cfunc = None
-
-    def __call__(self) -> int:
-        """The compiled kernel's address."""
-        if self._cfunc is None:
-            self._cfunc = cfunc(types.void(types.voidptr), nogil=True, cache=True)(self.pyfunc)
-        return self._cfunc.address
-
-
-@intrinsic
-def as_ptr(typingctx, addr):
-    """An int64 address as a ``voidptr`` (for ``numba.carray`` in a team kernel)."""
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
-    return types.voidptr(addr), codegen
-
-
-@intrinsic
-def claim(typingctx, block):
-    """Atomically ``block[0] += 1``; returns the value before: the chunk the calling thread takes."""
-    def codegen(context, builder, sig, args):
-        a = context.make_array(sig.args[0])(context, builder, args[0])
-        return builder.atomic_rmw("add", a.data, ir.Constant(ir.IntType(64), 1), "monotonic")
-    return types.int64(block), codegen
