@@ -1,4 +1,4 @@
-"""numba kernels for quantize / dequantize. A leaf: imports nothing of the package.
+"""numba kernels for quantize / dequantize. Imports only the ``_team`` leaf of the package.
 
 Every kernel receives checked, C-contiguous arrays from :mod:`qcore.quantize` and must equal the NumPy
 reference in ``tests/qcore/reference.py`` bit for bit (ties included), so the arithmetic here is written in
@@ -7,7 +7,9 @@ in the input's compute dtype, clip, cast.
 """
 
 import numpy as np
-from numba import njit
+from numba import carray, njit
+
+from . import _team
 
 F32_TINY = np.float32(np.finfo(np.float32).tiny)  # smallest normal: the scale of an all-zero group
 F32_MAX = np.float64(np.finfo(np.float32).max)
@@ -109,9 +111,9 @@ def _quantize_seg(seg, start, stop, s, z, qmin, qmax, out):
         out[i] = min(max(t, lo), hi)
 
 
-# The kernels below run over a range of rows or elements ``[r0, r1)`` and release the GIL, so that
-# qcore._parallel can split one call across threads. (numba's parallel=True compiled 3x slower, a real
-# cost on every fresh install, and its OpenMP workers spin on a shared machine.)
+# The kernels below run over a range of rows or elements ``[r0, r1)``, so that qcore._parallel can split one
+# call across a thread team (the team kernels at the end). (numba's parallel=True compiled 3x slower, a real
+# cost on every fresh install, and its runtime would be an OpenMP team of its own.)
 
 @njit(cache=True, nogil=True)
 def quantize_rows(x, xbits, g, qmin, qmax, symmetric, codes, scale, zp, r0, r1):
@@ -179,3 +181,144 @@ def dequantize_rows(codes, g, scale, zp, out, r0, r1):
 def dequantize_flat(codes, s, z, out, lo, hi):
     """Per-tensor dequantize of ``codes[lo:hi]`` of a flat array: out = (codes - z) * s in float32."""
     _dequantize_seg(codes, lo, hi, np.float32(s), np.float32(z), out)
+
+
+# --- team kernels (qcore._team): a cfunc per kernel and dtype pair, compiled on first use. Each reads its
+# operands from the int64 block after the chunk header (floats as float64 bit patterns) and runs the
+# kernel above on the chunks it claims. Slots, from 3:
+#   quantize_rows:   R, L, x, xbits, xbits columns, g, qmin, qmax, symmetric, codes, scale, zp, groups
+#   minmax_range:    n, x, xbits, xbits length, out (float64 [chunks, 3]: min, max, non-finite)
+#   quantize_flat:   n, x, scale, zero point, qmin, qmax, codes
+#   dequantize_rows: R, L, codes, g, scale, zp, zp columns, out (float32 [R, L]); scale has L // g columns
+#   dequantize_flat: n, codes, scale, zero point, out
+
+@njit(inline="always")
+def _ptr(head, k):
+    return _team.as_ptr(head[k])
+
+
+@njit(inline="always")
+def _f64(head, k):
+    return head.view(np.float64)[k]
+
+
+@njit(inline="always")
+def _quantize_rows_chunk(head, i, lo, hi, xdt, cdt):
+    R, L, g, ngroups = head[3], head[4], head[8], head[15]
+    x = carray(_ptr(head, 5), (R, L), xdt)
+    xbits = carray(_ptr(head, 6), (R, head[7]), np.int32)
+    codes = carray(_ptr(head, 12), (R, L), cdt)
+    scale = carray(_ptr(head, 13), (R, ngroups), np.float32)
+    zp = carray(_ptr(head, 14), (R, ngroups), np.uint8)
+    return quantize_rows(x, xbits, g, head[9], head[10], head[11] != 0, codes, scale, zp, lo, hi)
+
+
+@njit(inline="always")
+def _minmax_chunk(head, i, lo, hi, xdt, _y):
+    n = head[3]
+    mn, mx, bad = minmax_range(carray(_ptr(head, 4), n, xdt), carray(_ptr(head, 5), head[6], np.int32), lo, hi)
+    out = carray(_ptr(head, 7), (i + 1, 3), np.float64)
+    out[i, 0], out[i, 1], out[i, 2] = mn, mx, 1.0 if bad else 0.0
+    return 0
+
+
+@njit(inline="always")
+def _quantize_flat_chunk(head, i, lo, hi, xdt, cdt):
+    n = head[3]
+    quantize_flat(carray(_ptr(head, 4), n, xdt), np.float32(_f64(head, 5)), _f64(head, 6), head[7], head[8],
+                  carray(_ptr(head, 9), n, cdt), lo, hi)
+    return 0
+
+
+@njit(inline="always")
+def _dequantize_rows_chunk(head, i, lo, hi, cdt, _y):
+    R, L, g = head[3], head[4], head[6]
+    ngroups = L // g
+    dequantize_rows(carray(_ptr(head, 5), (R, L), cdt), g, carray(_ptr(head, 7), (R, ngroups), np.float32),
+                    carray(_ptr(head, 8), (R, head[9]), np.uint8), carray(_ptr(head, 10), (R, L), np.float32),
+                    lo, hi)
+    return 0
+
+
+@njit(inline="always")
+def _dequantize_flat_chunk(head, i, lo, hi, cdt, _y):
+    n = head[3]
+    dequantize_flat(carray(_ptr(head, 4), n, cdt), _f64(head, 5), _f64(head, 6), carray(_ptr(head, 7), n, np.float32),
+                    lo, hi)
+    return 0
+
+
+def _quantize_rows_f32_i8(data):
+    _team.claim_loop(data, _quantize_rows_chunk, np.float32, np.int8)
+
+
+def _quantize_rows_f32_u8(data):
+    _team.claim_loop(data, _quantize_rows_chunk, np.float32, np.uint8)
+
+
+def _quantize_rows_f64_i8(data):
+    _team.claim_loop(data, _quantize_rows_chunk, np.float64, np.int8)
+
+
+def _quantize_rows_f64_u8(data):
+    _team.claim_loop(data, _quantize_rows_chunk, np.float64, np.uint8)
+
+
+def _minmax_f32(data):
+    _team.claim_loop(data, _minmax_chunk, np.float32, 0)
+
+
+def _minmax_f64(data):
+    _team.claim_loop(data, _minmax_chunk, np.float64, 0)
+
+
+def _quantize_flat_f32_i8(data):
+    _team.claim_loop(data, _quantize_flat_chunk, np.float32, np.int8)
+
+
+def _quantize_flat_f32_u8(data):
+    _team.claim_loop(data, _quantize_flat_chunk, np.float32, np.uint8)
+
+
+def _quantize_flat_f64_i8(data):
+    _team.claim_loop(data, _quantize_flat_chunk, np.float64, np.int8)
+
+
+def _quantize_flat_f64_u8(data):
+    _team.claim_loop(data, _quantize_flat_chunk, np.float64, np.uint8)
+
+
+def _dequantize_rows_i8(data):
+    _team.claim_loop(data, _dequantize_rows_chunk, np.int8, 0)
+
+
+def _dequantize_rows_u8(data):
+    _team.claim_loop(data, _dequantize_rows_chunk, np.uint8, 0)
+
+
+def _dequantize_flat_i8(data):
+    _team.claim_loop(data, _dequantize_flat_chunk, np.int8, 0)
+
+
+def _dequantize_flat_u8(data):
+    _team.claim_loop(data, _dequantize_flat_chunk, np.uint8, 0)
+
+
+_T = _team.TeamKernel
+#: team kernels by (kernel name, dtype names): the input's compute dtype and/or the codes' dtype
+TEAM = {
+    ("quantize_rows", "float32", "int8"): _T(_quantize_rows_f32_i8),
+    ("quantize_rows", "float32", "uint8"): _T(_quantize_rows_f32_u8),
+    ("quantize_rows", "float64", "int8"): _T(_quantize_rows_f64_i8),
+    ("quantize_rows", "float64", "uint8"): _T(_quantize_rows_f64_u8),
+    ("minmax_range", "float32"): _T(_minmax_f32),
+    ("minmax_range", "float64"): _T(_minmax_f64),
+    ("quantize_flat", "float32", "int8"): _T(_quantize_flat_f32_i8),
+    ("quantize_flat", "float32", "uint8"): _T(_quantize_flat_f32_u8),
+    ("quantize_flat", "float64", "int8"): _T(_quantize_flat_f64_i8),
+    ("quantize_flat", "float64", "uint8"): _T(_quantize_flat_f64_u8),
+    ("dequantize_rows", "int8"): _T(_dequantize_rows_i8),
+    ("dequantize_rows", "uint8"): _T(_dequantize_rows_u8),
+    ("dequantize_flat", "int8"): _T(_dequantize_flat_i8),
+    ("dequantize_flat", "uint8"): _T(_dequantize_flat_u8),
+}

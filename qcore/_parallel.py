@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _team
 
-__all__ = ["TEAM_HEADER", "run_chunks", "run_split", "threads"]
+__all__ = ["TEAM_HEADER", "f64_bits", "run_chunks", "run_split", "team_chunks", "threads"]
 
 try:
     CPUS = len(os.sched_getaffinity(0))  # the cores this process may run on (containers, taskset)
@@ -36,8 +36,7 @@ NUM_THREADS = max(1, min(CPUS, int(os.environ.get("QCORE_NUM_THREADS") or os.env
 DYNAMIC = True
 CHUNKS_PER_THREAD = 2  # claimable chunks per thread: balance vs hand-off costs (8 cost 2-3% of a 1.6 ms pack)
 TEAM_CHUNKS_PER_THREAD = 8  # on a team a claim is one atomic add: more chunks balance a late or stolen core
-#: a team block: [chunk counter, chunks, total, the kernel's own operands..., then one result per chunk]
-TEAM_HEADER = 16
+TEAM_HEADER = _team.HEADER
 
 _POOL = None
 _POOL_LOCK = threading.Lock()
@@ -110,6 +109,16 @@ def threads() -> int:
     return n
 
 
+def team_chunks(total: int, min_part: int) -> int:
+    """How many chunks :func:`run_chunks` cuts ``[0, total)`` into (for kernels that write per-chunk output)."""
+    return max(1, min(total // max(min_part, 1), TEAM_CHUNKS_PER_THREAD * NUM_THREADS))
+
+
+def f64_bits(value) -> int:
+    """A float as the int64 bit pattern of its float64 value: how a team block carries a float operand."""
+    return int(np.float64(value).view(np.int64))
+
+
 def run_chunks(team_kernel, operands: tuple, total: int, min_part: int) -> np.ndarray:
     """Run a team kernel over chunks covering ``[0, total)``; returns each chunk's result (uint64), in order.
 
@@ -122,7 +131,7 @@ def run_chunks(team_kernel, operands: tuple, total: int, min_part: int) -> np.nd
     """
     if len(operands) > TEAM_HEADER - 3:
         raise ValueError(f"a team block holds at most {TEAM_HEADER - 3} operands, got {len(operands)}")
-    nchunks = max(1, min(total // max(min_part, 1), TEAM_CHUNKS_PER_THREAD * NUM_THREADS))
+    nchunks = team_chunks(total, min_part)
     nthreads = threads() if nchunks >= 2 else 1
     block = np.zeros(TEAM_HEADER + nchunks, np.int64)
     block[1], block[2] = nchunks, total

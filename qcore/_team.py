@@ -28,12 +28,15 @@ import sys
 import threading
 import time
 
+import numpy as np
 from llvmlite import ir
-from numba import cfunc, types
+from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
-__all__ = ["TeamKernel", "as_ptr", "claim", "gomp_parallel", "own_spinners", "run", "torch_gomp_parallel"]
+__all__ = ["HEADER", "TeamKernel", "as_ptr", "claim", "claim_loop", "gomp_parallel", "own_spinners", "run", "torch_gomp_parallel"]
 
+#: a team block: [chunk counter, chunks, total, the kernel's own operands..., then one result per chunk]
+HEADER = 16
 _LOCK = threading.Lock()
 _FN = None  # the resolved GOMP_parallel (ctypes function), False when there is none
 _RESOLVED_WITH_TORCH = False  # whether torch was loaded when _FN was resolved
@@ -181,3 +184,18 @@ def claim(typingctx, block):
         a = context.make_array(sig.args[0])(context, builder, args[0])
         return builder.atomic_rmw("add", a.data, ir.Constant(ir.IntType(64), 1), "monotonic")
     return types.int64(block), codegen
+
+
+@njit(inline="always")
+def claim_loop(data, chunk, a, b):
+    """The body of a team kernel: claim chunks of the block at ``data`` until none is left, run
+    ``chunk(head, i, lo, hi, a, b)`` on each (``head``: the block's int64 header; ``a``, ``b``: constants of
+    the kernel, such as dtypes) and store its result, as int64, at ``HEADER + i``."""
+    head = carray(data, HEADER, np.int64)
+    nchunks, total = head[1], head[2]
+    block = carray(data, HEADER + nchunks, np.int64)
+    while True:
+        i = claim(block)
+        if i >= nchunks:
+            return
+        block[HEADER + i] = np.int64(chunk(head, i, total * i // nchunks, total * (i + 1) // nchunks, a, b))

@@ -342,7 +342,6 @@ def _unpack_row_b(p, c, b):
 # header: [3] bits, [4] source address, [5] rows, [6] source row length in bytes, [7] destination address,
 # [8] destination row length in bytes. Stream chunks are 64-code blocks; rows chunks are rows.
 
-_H = _parallel.TEAM_HEADER
 _ROWS = 0  # the key of the rows kernels in _TEAM_PACK / _TEAM_UNPACK (their width comes from the block)
 
 
@@ -364,24 +363,11 @@ def _row_arrays(head):
             carray(_team.as_ptr(head[7]), (rows, head[8]), np.uint8))
 
 
-@njit(inline="always")
-def _claim_loop(data, chunk):
-    """The body of every team kernel: claim chunks until none is left; chunk i's result goes to block[H + i]."""
-    head = carray(data, _H, np.int64)
-    nchunks, total = head[1], head[2]
-    block = carray(data, _H + nchunks, np.int64)
-    while True:
-        i = _team.claim(block)
-        if i >= nchunks:
-            return
-        block[_H + i] = np.int64(chunk(head, total * i // nchunks, total * (i + 1) // nchunks))
-
-
 # One chunk function per kernel and width, so that each cfunc holds only its own code: a cfunc that
 # dispatched on the width at run time compiled every width's unrolled code, 30 s each.
 
 @njit(inline="always")
-def _pack_rows_chunk(head, lo, hi):
+def _pack_rows_chunk(head, i, lo, hi, _x, _y):
     c2, o2 = _row_arrays(head)
     acc = _U64(0)
     for r in range(lo, hi):
@@ -390,7 +376,7 @@ def _pack_rows_chunk(head, lo, hi):
 
 
 @njit(inline="always")
-def _unpack_rows_chunk(head, lo, hi):
+def _unpack_rows_chunk(head, i, lo, hi, _x, _y):
     p2, c2 = _row_arrays(head)
     for r in range(lo, hi):
         _unpack_row_b(p2[r], c2[r], head[3])
@@ -398,158 +384,158 @@ def _unpack_rows_chunk(head, lo, hi):
 
 
 @njit(inline="always")
-def _pack1_chunk(head, lo, hi):
+def _pack1_chunk(head, i, lo, hi, _x, _y):
     src, dst = _stream_bytes(head)
     return _pack1_loop(src, dst, lo, hi)
 
 
 @njit(inline="always")
-def _pack2_chunk(head, lo, hi):
+def _pack2_chunk(head, i, lo, hi, _x, _y):
     src, dst = _stream_bytes(head)
     return _pack2_loop(src, dst, lo, hi)
 
 
 @njit(inline="always")
-def _pack4_chunk(head, lo, hi):
+def _pack4_chunk(head, i, lo, hi, _x, _y):
     src, dst = _stream_bytes(head)
     return _pack4_loop(src, dst, lo, hi)
 
 
 @njit(inline="always")
-def _pack3_chunk(head, lo, hi):
+def _pack3_chunk(head, i, lo, hi, _x, _y):
     src, dst = _stream_words(head)
     return _pack_blocks(src, dst, lo, hi, 3)
 
 
 @njit(inline="always")
-def _pack5_chunk(head, lo, hi):
+def _pack5_chunk(head, i, lo, hi, _x, _y):
     src, dst = _stream_words(head)
     return _pack_blocks(src, dst, lo, hi, 5)
 
 
 @njit(inline="always")
-def _pack6_chunk(head, lo, hi):
+def _pack6_chunk(head, i, lo, hi, _x, _y):
     src, dst = _stream_words(head)
     return _pack_blocks(src, dst, lo, hi, 6)
 
 
 @njit(inline="always")
-def _pack7_chunk(head, lo, hi):
+def _pack7_chunk(head, i, lo, hi, _x, _y):
     src, dst = _stream_words(head)
     return _pack_blocks(src, dst, lo, hi, 7)
 
 
 @njit(inline="always")
-def _unpack1_chunk(head, lo, hi):
+def _unpack1_chunk(head, i, lo, hi, _x, _y):
     src, dst = _stream_bytes(head)
     _unpack1_loop(src, dst, lo, hi)
     return _U64(0)
 
 
 @njit(inline="always")
-def _unpack2_chunk(head, lo, hi):
+def _unpack2_chunk(head, i, lo, hi, _x, _y):
     src, dst = _stream_bytes(head)
     _unpack2_loop(src, dst, lo, hi)
     return _U64(0)
 
 
 @njit(inline="always")
-def _unpack4_chunk(head, lo, hi):
+def _unpack4_chunk(head, i, lo, hi, _x, _y):
     src, dst = _stream_bytes(head)
     _unpack4_loop(src, dst, lo, hi)
     return _U64(0)
 
 
 @njit(inline="always")
-def _unpack3_chunk(head, lo, hi):
+def _unpack3_chunk(head, i, lo, hi, _x, _y):
     src, dst = _stream_words(head)
     _unpack_blocks(src, dst, lo, hi, 3)
     return _U64(0)
 
 
 @njit(inline="always")
-def _unpack5_chunk(head, lo, hi):
+def _unpack5_chunk(head, i, lo, hi, _x, _y):
     src, dst = _stream_words(head)
     _unpack_blocks(src, dst, lo, hi, 5)
     return _U64(0)
 
 
 @njit(inline="always")
-def _unpack6_chunk(head, lo, hi):
+def _unpack6_chunk(head, i, lo, hi, _x, _y):
     src, dst = _stream_words(head)
     _unpack_blocks(src, dst, lo, hi, 6)
     return _U64(0)
 
 
 @njit(inline="always")
-def _unpack7_chunk(head, lo, hi):
+def _unpack7_chunk(head, i, lo, hi, _x, _y):
     src, dst = _stream_words(head)
     _unpack_blocks(src, dst, lo, hi, 7)
     return _U64(0)
 
 
 def _pack_rows(data):
-    _claim_loop(data, _pack_rows_chunk)
+    _team.claim_loop(data, _pack_rows_chunk, 0, 0)
 
 
 def _pack_1(data):
-    _claim_loop(data, _pack1_chunk)
+    _team.claim_loop(data, _pack1_chunk, 0, 0)
 
 
 def _pack_2(data):
-    _claim_loop(data, _pack2_chunk)
+    _team.claim_loop(data, _pack2_chunk, 0, 0)
 
 
 def _pack_3(data):
-    _claim_loop(data, _pack3_chunk)
+    _team.claim_loop(data, _pack3_chunk, 0, 0)
 
 
 def _pack_4(data):
-    _claim_loop(data, _pack4_chunk)
+    _team.claim_loop(data, _pack4_chunk, 0, 0)
 
 
 def _pack_5(data):
-    _claim_loop(data, _pack5_chunk)
+    _team.claim_loop(data, _pack5_chunk, 0, 0)
 
 
 def _pack_6(data):
-    _claim_loop(data, _pack6_chunk)
+    _team.claim_loop(data, _pack6_chunk, 0, 0)
 
 
 def _pack_7(data):
-    _claim_loop(data, _pack7_chunk)
+    _team.claim_loop(data, _pack7_chunk, 0, 0)
 
 
 def _unpack_rows(data):
-    _claim_loop(data, _unpack_rows_chunk)
+    _team.claim_loop(data, _unpack_rows_chunk, 0, 0)
 
 
 def _unpack_1(data):
-    _claim_loop(data, _unpack1_chunk)
+    _team.claim_loop(data, _unpack1_chunk, 0, 0)
 
 
 def _unpack_2(data):
-    _claim_loop(data, _unpack2_chunk)
+    _team.claim_loop(data, _unpack2_chunk, 0, 0)
 
 
 def _unpack_3(data):
-    _claim_loop(data, _unpack3_chunk)
+    _team.claim_loop(data, _unpack3_chunk, 0, 0)
 
 
 def _unpack_4(data):
-    _claim_loop(data, _unpack4_chunk)
+    _team.claim_loop(data, _unpack4_chunk, 0, 0)
 
 
 def _unpack_5(data):
-    _claim_loop(data, _unpack5_chunk)
+    _team.claim_loop(data, _unpack5_chunk, 0, 0)
 
 
 def _unpack_6(data):
-    _claim_loop(data, _unpack6_chunk)
+    _team.claim_loop(data, _unpack6_chunk, 0, 0)
 
 
 def _unpack_7(data):
-    _claim_loop(data, _unpack7_chunk)
+    _team.claim_loop(data, _unpack7_chunk, 0, 0)
 
 
 _TEAM_PACK = {b: _team.TeamKernel(f) for b, f in enumerate(

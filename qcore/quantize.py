@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from . import _kernels
-from ._parallel import run_split
+from ._parallel import f64_bits, run_chunks, team_chunks
 from .scheme import PerChannel, PerGroup, QuantScheme, _normalize_axis
 
 __all__ = ["QuantizedArray", "compute_qparams", "quantize", "dequantize", "fake_quantize", "check_float_array"]
@@ -215,13 +215,19 @@ def quantize(x, scheme: QuantScheme = QuantScheme()) -> QuantizedArray:
 
     if kind == "tensor":
         flat = np.ascontiguousarray(xc).reshape(-1)
-        parts = run_split(_kernels.minmax_range, (flat, _bits_view(flat)), flat.size, _MIN_PART)
-        if any(bad for _, _, bad in parts):
+        xbits = _bits_view(flat)
+        parts = np.zeros((team_chunks(flat.size, _MIN_PART), 3))  # min, max, non-finite of each chunk
+        run_chunks(_kernels.TEAM["minmax_range", flat.dtype.name],
+                   (flat.size, flat.ctypes.data, xbits.ctypes.data, xbits.size, parts.ctypes.data),
+                   flat.size, _MIN_PART)
+        if parts[:, 2].any():
             _raise_nonfinite(x, "x")
-        mn, mx = min(p[0] for p in parts), max(p[1] for p in parts)
+        mn, mx = parts[:, 0].min(), parts[:, 1].max()
         s, z = _kernels.params_from_minmax(mn, mx, qmax, scheme.symmetric)
         codes = np.empty(flat.shape, cdtype)
-        run_split(_kernels.quantize_flat, (flat, np.float32(s), z, qmin, qmax, codes), flat.size, _MIN_PART)
+        run_chunks(_kernels.TEAM["quantize_flat", flat.dtype.name, codes.dtype.name],
+                   (flat.size, flat.ctypes.data, f64_bits(np.float32(s)), f64_bits(z), qmin, qmax, codes.ctypes.data),
+                   flat.size, _MIN_PART)
         zp = None if scheme.symmetric else np.array(z, np.uint8)
         return QuantizedArray(codes.reshape(x.shape), np.array(s, np.float32), zp, scheme)
 
@@ -242,9 +248,12 @@ def quantize(x, scheme: QuantScheme = QuantScheme()) -> QuantizedArray:
     scale2d = np.full((rows, ngroups), _kernels.F32_TINY, np.float32)
     zp2d = np.zeros((rows, ngroups), np.uint8)
     if rows and length:
-        bad = run_split(_kernels.quantize_rows, (rows2d, _bits_view(rows2d), g, qmin, qmax, scheme.symmetric,
-                                                 codes2d, scale2d, zp2d), rows, _min_rows(length))
-        if any(bad):
+        xbits = _bits_view(rows2d)
+        bad = run_chunks(_kernels.TEAM["quantize_rows", rows2d.dtype.name, codes2d.dtype.name],
+                         (rows, length, rows2d.ctypes.data, xbits.ctypes.data, xbits.shape[1], g, qmin, qmax,
+                          int(scheme.symmetric), codes2d.ctypes.data, scale2d.ctypes.data, zp2d.ctypes.data, ngroups),
+                         rows, _min_rows(length))
+        if bad.any():
             _raise_nonfinite(x, "x")
     codes = np.ascontiguousarray(np.moveaxis(codes2d.reshape(moved.shape), 0 if kind == "channel" else -1, axis))
     if kind == "channel":
@@ -303,8 +312,10 @@ def dequantize(qa, *args, dtype=np.float32, out=None) -> np.ndarray:
     if kind == "tensor":
         flat = np.empty(codes.size, np.float32) if out is None else out.reshape(-1)
         z = 0 if qa.zero_point is None else int(qa.zero_point)
-        run_split(_kernels.dequantize_flat, (np.ascontiguousarray(codes).reshape(-1), float(qa.scale), z, flat),
-                  codes.size, _MIN_PART)
+        cflat = np.ascontiguousarray(codes).reshape(-1)
+        run_chunks(_kernels.TEAM["dequantize_flat", cflat.dtype.name],
+                   (cflat.size, cflat.ctypes.data, f64_bits(qa.scale), f64_bits(z), flat.ctypes.data),
+                   codes.size, _MIN_PART)
         result = flat.reshape(codes.shape)
     else:
         if kind == "channel":
@@ -324,8 +335,10 @@ def dequantize(qa, *args, dtype=np.float32, out=None) -> np.ndarray:
             in_place = axis == codes.ndim - 1
         out2d = out.reshape(c2d.shape) if out is not None and in_place else np.empty(c2d.shape, np.float32)
         zarg = np.zeros((c2d.shape[0], 0), np.uint8) if z2d is None else np.ascontiguousarray(z2d)
-        run_split(_kernels.dequantize_rows, (c2d, g, np.ascontiguousarray(s2d), zarg, out2d), c2d.shape[0],
-                  _min_rows(c2d.shape[1]))
+        s2d = np.ascontiguousarray(s2d)
+        run_chunks(_kernels.TEAM["dequantize_rows", c2d.dtype.name],
+                   (c2d.shape[0], c2d.shape[1], c2d.ctypes.data, g, s2d.ctypes.data, zarg.ctypes.data, zarg.shape[1],
+                    out2d.ctypes.data), c2d.shape[0], _min_rows(c2d.shape[1]))
         result = np.moveaxis(out2d.reshape(moved.shape), 0 if kind == "channel" else -1, axis)
         if out is not None:
             if not in_place:
