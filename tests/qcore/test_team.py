@@ -1,0 +1,139 @@
+"""qcore._team and _parallel.run_chunks: the OpenMP team, and the thread and one-thread paths it falls back to,
+give the same bytes; a forked child and QCORE_OMP_TEAM=0 work; torch loaded later moves qcore to torch's team."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import qcore
+import qcore._parallel as P
+from qcore import PerChannel, PerGroup, PerTensor, QuantScheme, _team
+from tests.qcore.reference import ref_quantize
+
+HAS_TEAM = _team.gomp_parallel() is not None
+
+
+@pytest.fixture
+def threads(monkeypatch):
+    def use(n):
+        monkeypatch.setattr(P, "NUM_THREADS", n)
+        monkeypatch.setattr(P, "DYNAMIC", False)
+    return use
+
+
+def _work(bits):
+    rng = np.random.default_rng(bits)
+    x = rng.standard_normal((300, 1000)).astype(np.float32)  # several chunks of every kernel
+    codes = rng.integers(0, 1 << bits, (300, 1000), dtype=np.uint8)
+    odd = rng.integers(0, 1 << bits, (5000, 33), dtype=np.uint8)  # rows path
+    out = [qcore.pack(codes, bits), qcore.pack(odd, bits), qcore.unpack(qcore.pack(codes, bits), bits, 1000)]
+    for scheme in (QuantScheme(bits, False, PerGroup(100)), QuantScheme(bits, True, PerChannel(0)),
+                   QuantScheme(bits, False, PerTensor())):
+        qa = qcore.quantize(x, scheme)
+        out += [qa.codes, qa.scale, qcore.dequantize(qa)]
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_team_threads_and_one_thread_give_the_same_bytes(threads, monkeypatch, bits):
+    P_MIN = 1 << 10
+    monkeypatch.setattr(qcore.packing, "_PARALLEL_MIN_CODES", P_MIN)  # many chunks even on small arrays
+    threads(3)
+    on_team = _work(bits)
+    monkeypatch.setattr(_team, "gomp_parallel", lambda: None)  # as where no OpenMP runtime is found
+    on_threads = _work(bits)
+    threads(1)
+    alone = _work(bits)
+    for a, b, c in zip(on_team, on_threads, alone):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_team_results_equal_the_reference(threads):
+    threads(2)
+    x = np.random.default_rng(7).standard_normal((520, 768)).astype(np.float64)
+    for scheme in (QuantScheme(8, True, PerTensor()), QuantScheme(4, False, PerGroup(64))):
+        qa = qcore.quantize(x, scheme)
+        codes, scale, _ = ref_quantize(x, scheme)
+        np.testing.assert_array_equal(qa.codes, codes)
+        np.testing.assert_array_equal(qa.scale, scale)
+
+
+def test_run_chunks_covers_the_range_and_names_too_many_operands(threads):
+    threads(2)
+    with pytest.raises(ValueError, match="at most 13 operands"):
+        P.run_chunks(qcore.packing._TEAM_PACK[4], tuple(range(14)), 10, 1)
+    assert P.team_chunks(0, 1) == 1 and P.team_chunks(100, 1000) == 1
+    assert P.team_chunks(1 << 30, 1) == P.TEAM_CHUNKS_PER_THREAD * P.NUM_THREADS
+
+
+def test_own_spinners_count_only_right_after_our_own_team_call(monkeypatch):
+    monkeypatch.setattr(_team, "_OWN_TEAM", True)
+    monkeypatch.setattr(_team, "_LAST_SIZE", 2)
+    monkeypatch.setattr(_team, "_LAST_END", _team.time.monotonic())
+    assert _team.own_spinners() == 1
+    monkeypatch.setattr(_team, "_LAST_END", _team.time.monotonic() - 2 * _team.SPIN_WINDOW_S)
+    assert _team.own_spinners() == 0
+    monkeypatch.setattr(_team, "_LAST_END", _team.time.monotonic())
+    monkeypatch.setattr(_team, "_OWN_TEAM", False)  # torch's team: its spinners may be torch's own
+    assert _team.own_spinners() == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_packs_and_quantizes_without_the_parents_team(threads):
+    threads(2)
+    codes = np.random.default_rng(1).integers(0, 16, (1024, 1024), dtype=np.uint8)
+    x = np.random.default_rng(2).standard_normal((512, 512)).astype(np.float32)
+    packed, qa = qcore.pack(codes, 4), qcore.quantize(x, QuantScheme(4, False, PerGroup(64)))
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        import signal
+        signal.alarm(60)  # a hang ends the child instead of the test run
+        code = 3
+        try:
+            assert _team.gomp_parallel() is None
+            same = (np.array_equal(qcore.pack(codes, 4), packed)
+                    and np.array_equal(qcore.quantize(x, qa.scheme).codes, qa.codes))
+            code = 0 if same else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _run(code: str, **env) -> str:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_qcore_omp_team_0_uses_threads():
+    out = _run("""
+        import numpy as np, qcore, qcore._team as T, qcore._parallel as P
+        P.NUM_THREADS, P.DYNAMIC = 2, False
+        c = np.random.default_rng(0).integers(0, 4, (2048, 2048), dtype=np.uint8)
+        assert np.array_equal(qcore.unpack(qcore.pack(c, 2), 2, 2048), c)
+        print(T.gomp_parallel())
+    """, QCORE_OMP_TEAM="0")
+    assert out.strip() == "None"
+
+
+@pytest.mark.skipif(not HAS_TEAM, reason="no OpenMP runtime here")
+def test_torch_loaded_later_moves_qcore_to_torchs_team():
+    pytest.importorskip("torch")
+    out = _run("""
+        import numpy as np, qcore, qcore._team as T, qcore._parallel as P
+        P.NUM_THREADS, P.DYNAMIC = 2, False
+        c = np.random.default_rng(0).integers(0, 16, (2048, 2048), dtype=np.uint8)
+        p = qcore.pack(c, 4)
+        before = T._RESOLVED_WITH_TORCH
+        import torch
+        assert np.array_equal(qcore.pack(c, 4), p)
+        print(before, T._RESOLVED_WITH_TORCH, T.gomp_parallel() is not None)
+    """)
+    assert out.split() == ["False", "True", "True"]
