@@ -33,8 +33,9 @@ shifts, masks and one narrowing (LLVM vector IR); for the widths that straddle b
 64 codes becomes ``bits`` whole 64-bit words by shifts and ORs, so no loop is bit serial. When rows end on byte
 boundaries the whole array is one contiguous stream, cut into chunks that threads claim (one long
 row and many short rows alike); longer rows that end mid-byte are zero-padded to a byte boundary in
-bounded chunks and take the same path; short ones use a row-by-row kernel. The thread count follows
-the idle cores at the call (like ``OMP_DYNAMIC``). The range check of ``pack`` costs no
+bounded chunks and take the same path; short ones use a row-by-row kernel. Chunks run on an OpenMP
+team (``qcore._team``), or Python threads where there is none; the thread count follows the idle cores
+at the call (like ``OMP_DYNAMIC``). The range check of ``pack`` costs no
 extra pass: the kernels OR the codes together as they go, and the wrapper raises if any bit at or
 above ``bits`` is set. The kernels never raise and only see arrays the wrapper has checked.
 """
