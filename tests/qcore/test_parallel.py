@@ -11,14 +11,6 @@ from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
 from tests.qcore.reference import ref_dequantize, ref_quantize
 
 
-@pytest.fixture
-def threads(monkeypatch):
-    def use(n):
-        monkeypatch.setattr(P, "NUM_THREADS", n)
-        monkeypatch.setattr(P, "DYNAMIC", False)
-    return use
-
-
 @pytest.mark.parametrize("n", [1, 2, 4])
 @pytest.mark.parametrize("total,min_part", [(0, 1), (1, 1), (7, 2), (1000, 10), (100, 1000)])
 def test_chunks_cover_the_range_once_in_order(threads, n, total, min_part):

@@ -17,14 +17,6 @@ from tests.qcore.reference import ref_quantize
 HAS_TEAM = _team.gomp_parallel() is not None
 
 
-@pytest.fixture
-def threads(monkeypatch):
-    def use(n):
-        monkeypatch.setattr(P, "NUM_THREADS", n)
-        monkeypatch.setattr(P, "DYNAMIC", False)
-    return use
-
-
 def _work(bits):
     rng = np.random.default_rng(bits)
     x = rng.standard_normal((300, 1000)).astype(np.float32)  # several chunks of every kernel
