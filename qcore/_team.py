@@ -42,12 +42,11 @@ _FN = None  # the resolved GOMP_parallel (ctypes function), False when there is 
 _RESOLVED_WITH_TORCH = False  # whether torch was loaded when _FN was resolved
 _DISABLED = os.environ.get("QCORE_OMP_TEAM", "1") == "0"  # opt-out, and a way to test the thread fallback
 _IN_FORKED_CHILD = False
-#: after a call, libgomp's workers spin (about 9 ms measured here) before they sleep: cores they keep busy
-#: are ours, not other work's (``qcore._parallel.busy_cores`` subtracts them)
+#: after a call, libgomp's workers spin (about 9 ms measured here) before they sleep: the cores they keep busy
+#: are the team's, free for our next call, not other work's (``qcore._parallel.busy_cores`` subtracts them)
 SPIN_WINDOW_S = 0.02
 _LAST_END = 0.0
 _LAST_SIZE = 1
-_OWN_TEAM = False  # whether the last call ran on a team no torch op shares (then its spinners are ours)
 
 
 def _after_fork_in_child():
@@ -122,8 +121,8 @@ def gomp_parallel():
 
 
 def own_spinners() -> int:
-    """Threads of our last team call that may still be spinning (runnable, yet ours)."""
-    if _OWN_TEAM and time.monotonic() - _LAST_END < SPIN_WINDOW_S:
+    """Workers of our last team call that may still be spinning: runnable, yet free for our next call."""
+    if time.monotonic() - _LAST_END < SPIN_WINDOW_S:
         return _LAST_SIZE - 1
     return 0
 
@@ -131,12 +130,12 @@ def own_spinners() -> int:
 def run(kernel: "TeamKernel", block, nthreads: int) -> bool:
     """Run ``kernel`` on ``nthreads`` team threads with ``block`` (a NumPy int64 array the caller keeps alive)
     as its argument, and wait for all. False (nothing ran) where there is no team. ctypes releases the GIL."""
-    global _LAST_END, _LAST_SIZE, _OWN_TEAM
+    global _LAST_END, _LAST_SIZE
     fn = gomp_parallel()
     if fn is None:
         return False
     fn(kernel(), block.ctypes.data, nthreads, 0)
-    _LAST_END, _LAST_SIZE, _OWN_TEAM = time.monotonic(), nthreads, not _RESOLVED_WITH_TORCH
+    _LAST_END, _LAST_SIZE = time.monotonic(), nthreads
     return True
 
 

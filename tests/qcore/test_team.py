@@ -63,16 +63,22 @@ def test_run_chunks_covers_the_range_and_names_too_many_operands(threads):
     assert P.team_chunks(1 << 30, 1) == P.TEAM_CHUNKS_PER_THREAD * P.NUM_THREADS
 
 
-def test_own_spinners_count_only_right_after_our_own_team_call(monkeypatch):
-    monkeypatch.setattr(_team, "_OWN_TEAM", True)
+def test_own_spinners_count_only_right_after_a_team_call(monkeypatch):
     monkeypatch.setattr(_team, "_LAST_SIZE", 2)
     monkeypatch.setattr(_team, "_LAST_END", _team.time.monotonic())
     assert _team.own_spinners() == 1
     monkeypatch.setattr(_team, "_LAST_END", _team.time.monotonic() - 2 * _team.SPIN_WINDOW_S)
     assert _team.own_spinners() == 0
-    monkeypatch.setattr(_team, "_LAST_END", _team.time.monotonic())
-    monkeypatch.setattr(_team, "_OWN_TEAM", False)  # torch's team: its spinners may be torch's own
-    assert _team.own_spinners() == 0
+
+
+def test_busy_cores_leaves_out_the_teams_own_spinners(monkeypatch):
+    monkeypatch.setattr(P, "_LOADAVG_FD", None)
+    monkeypatch.setattr(P.os, "open", lambda *a: 99)
+    monkeypatch.setattr(P.os, "pread", lambda fd, n, off: b"0.50 0.40 0.30 3/120 4242")  # 3 runnable: us + 2
+    monkeypatch.setattr(_team, "own_spinners", lambda: 1)
+    assert P.busy_cores() == 1
+    monkeypatch.setattr(_team, "own_spinners", lambda: 0)
+    assert P.busy_cores() == 2
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
