@@ -1,9 +1,9 @@
 """Split one kernel call over threads. Imports only the ``_team`` leaf of the package.
 
-The numba kernels release the GIL (``nogil=True``) and take a range ``[lo, hi)`` as their last two
-arguments, so plain Python threads run them in parallel (:func:`run_split`). A kernel that also has a team
-version (a ``cfunc`` reading its operands from an int64 block) runs on an OpenMP team where the process has
-one (:func:`run_chunks`): its workers spin between calls, so a short call does not wait for threads to wake.
+qcore's kernels are team kernels (a ``cfunc`` reading its operands from an int64 block): :func:`run_chunks`
+runs one on an OpenMP team where the process has one (its workers spin between calls, so a short call does not
+wait for threads to wake), else on Python threads. :func:`run_split` runs a GIL-free numba kernel that takes a
+range ``[lo, hi)`` as its last two arguments on Python threads (qtorch's kernels where torch has no team).
 (Not numba's ``parallel=True``: the kernels compile several times faster, and its runtime would be a second
 OpenMP team beside torch's.)
 
