@@ -410,6 +410,7 @@ patterns:
   an exact dotted name ("lm_head"), an fnmatch glob ("*.mlp.*", "*" also matches dots) or "re:<regex>"
   (Python syntax, full match). A pattern matches whole dotted names, and a module name covers the tensors
   below it: "layers.1" matches "layers.1.q_proj.weight" but not "layers.10.q_proj.weight".
+  A list of patterns runs to the next option: put INPUT OUTPUT first, or end the list with "--".
 
 scheme:
   symmetric signed codes by default (--asymmetric: unsigned codes with a zero point), one scale per output
@@ -429,9 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
         "quantize", help="quantize a safetensors checkpoint (file or sharded folder)",
         description="Quantize a safetensors checkpoint tensor by tensor, in bounded memory, without torch.",
         epilog=_SELECTION_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    q.add_argument("input", metavar="INPUT",
+    # nargs="?": their absence is reported by main(), which can say why (an --include/--exclude list before
+    # them takes every word up to the next option, INPUT and OUTPUT included)
+    q.add_argument("input", metavar="INPUT", nargs="?",
                    help="a .safetensors file, or a folder with model.safetensors.index.json or model.safetensors")
-    q.add_argument("output", metavar="OUTPUT",
+    q.add_argument("output", metavar="OUTPUT", nargs="?",
                    help="output .safetensors file (file INPUT) or folder (folder INPUT; shards mirror INPUT)")
     q.add_argument("--bits", type=_bits, default=8, metavar="{1..8}", help="bits per weight (default: %(default)s)")
     q.add_argument("--asymmetric", action="store_true",
@@ -453,6 +456,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``qcore`` console script and ``python -m qcore``; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.command != "quantize":  # pragma: no cover - argparse only accepts known commands
+        return 2
+    if args.output is None:
+        missing = "INPUT and OUTPUT are" if args.input is None else "OUTPUT is"
+        lists = [f"--{name} {' '.join(getattr(args, name))}" for name in ("include", "exclude")
+                 if getattr(args, name)]
+        hint = (f"; {' and '.join(lists)}: a pattern list takes every word up to the next option, so put INPUT "
+                f"OUTPUT before it or end the list with --" if lists else "")
+        print(f"qcore quantize: error: {missing} missing{hint}", file=sys.stderr)
         return 2
     previous = _raise_on_sigterm()
     try:

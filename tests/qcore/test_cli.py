@@ -211,6 +211,18 @@ def test_unmatched_pattern_warns(model_dir, tmp_path, capsys):
     assert "pattern 'nothing.like.this' matches no tensor" in capsys.readouterr().err
 
 
+def test_a_pattern_list_before_the_paths_is_explained_and_dash_dash_ends_it(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    # nargs="+" takes every word up to the next option: the paths end up as patterns
+    assert run("quantize", "--exclude", "nothing.like.this", model_dir[0], out) == 2
+    err = capsys.readouterr().err
+    assert "INPUT and OUTPUT are missing" in err and "end the list with --" in err and not out.exists()
+    assert run("quantize", "-q", "--exclude", "nothing.like.this", "--", model_dir[0], out) == 0
+    assert out.exists()
+    assert run("quantize", model_dir[0]) == 2
+    assert "OUTPUT is missing" in capsys.readouterr().err
+
+
 def test_progress_bar_only_on_a_terminal(model_dir, tmp_path, monkeypatch):
     import io
 
