@@ -119,28 +119,34 @@ def f64_bits(value) -> int:
     return int(np.float64(value).view(np.int64))
 
 
-def run_chunks(team_kernel, operands: tuple, total: int, min_part: int) -> np.ndarray:
+def run_chunks(team_kernel, operands: tuple, total: int, min_part: int, keep: tuple = (),
+               nchunks: int | None = None) -> np.ndarray:
     """Run a team kernel over chunks covering ``[0, total)``; returns each chunk's result (uint64), in order.
 
     ``team_kernel`` (a ``_team.TeamKernel``) gets an int64 block ``[0, chunks, total, *operands,
-    results...]``: ``operands`` are at most ``TEAM_HEADER - 3`` ints, array addresses among them (the caller
-    keeps those arrays alive); every thread that calls it claims chunks from the counter at ``block[0]``
-    until none is left and writes chunk i's result at ``TEAM_HEADER + i``. Chunks hold at least ``min_part``
-    items. It runs on an OpenMP team where the process has one (``qcore._team``), else on this thread plus
-    pool threads, else (one chunk, or one idle core) on this thread alone.
+    results...]``: ``operands`` are at most ``TEAM_HEADER - 3`` ints, array addresses among them; every thread
+    that calls it claims chunks from the counter at ``block[0]`` until none is left and writes chunk i's result
+    at ``TEAM_HEADER + i``. ``keep``: the arrays behind those addresses, held until every thread is done (even
+    when the caller is interrupted). Chunks hold at least ``min_part`` items; ``nchunks`` (from
+    :func:`team_chunks`) fixes their number for a kernel that writes per-chunk output. It runs on an OpenMP team
+    where the process has one (``qcore._team``), else on this thread plus pool threads, else (one chunk, or one
+    idle core) on this thread alone.
     """
     if len(operands) > TEAM_HEADER - 3:
         raise ValueError(f"a team block holds at most {TEAM_HEADER - 3} operands, got {len(operands)}")
-    nchunks = team_chunks(total, min_part)
+    nchunks = team_chunks(total, min_part) if nchunks is None else max(1, nchunks)
     nthreads = threads() if nchunks >= 2 else 1
     block = np.zeros(TEAM_HEADER + nchunks, np.int64)
     block[1], block[2] = nchunks, total
     block[3:3 + len(operands)] = operands
-    address = block.ctypes.data
     if nthreads == 1 or not _team.run(team_kernel, block, nthreads):
         call = team_kernel.ctypes()  # ctypes releases the GIL for the call
-        waits = [_pool().submit(_counted, lambda: call(address)) for _ in range(nthreads - 1)]
-        call(address)
+
+        def work(block=block, keep=keep):  # the task holds the block and the arrays until it returns
+            call(block.ctypes.data)
+
+        waits = [_pool().submit(_counted, work) for _ in range(nthreads - 1)]
+        work()
         for f in waits:  # a pool thread that starts late finds no chunk left and returns at once
             f.result()
     return block[TEAM_HEADER:].view(np.uint64)

@@ -6,9 +6,12 @@ call, so back-to-back calls find them awake. Measured there, 4-bit packing of 16
 0.34-0.53x the time of ``np.copyto`` on the team against 0.55-0.85x on Python threads, in the same runs.
 
 Which team: the OpenMP runtime PyTorch runs on when torch is loaded (found through the handle of
-``libtorch_cpu``, never by importing torch), so qcore's kernels and torch's ops share one set of workers and
-never fight over cores; otherwise a GNU OpenMP runtime already in the process, or the system's
-``libgomp.so.1``. Without one (macOS, Windows, no libgomp), in a forked child (a GNU OpenMP team does not
+``libtorch_cpu``, never by importing torch), so qcore's kernels and torch's ops share one set of workers;
+otherwise a GNU OpenMP runtime already in the process, or the system's ``libgomp.so.1``.
+
+The team kernels of ``packing`` and ``_kernels`` inline :func:`claim_loop`, ``HEADER``, :func:`claim` and
+:func:`as_ptr`, and numba's cache only notices changes to a kernel's own file: after editing them here, delete
+``qcore/__pycache__/*.nb[ic]``. Without one (macOS, Windows, no libgomp), in a forked child (a GNU OpenMP team does not
 survive fork) or with ``QCORE_OMP_TEAM=0``, :func:`gomp_parallel` is None and callers use Python threads.
 
 A kernel is a numba ``cfunc(void(voidptr))`` (:class:`TeamKernel`); every team thread calls it with the same
@@ -50,8 +53,12 @@ _LAST_SIZE = 1
 
 
 def _after_fork_in_child():
-    global _IN_FORKED_CHILD
-    _IN_FORKED_CHILD = True  # GNU OpenMP hangs in a child whose parent used a team
+    global _IN_FORKED_CHILD, _LOCK
+    # GNU OpenMP hangs in a child whose parent ran a team (ours, or torch's: torch may have run one whenever it
+    # is loaded); a child of a parent that never did may start its own
+    if _LAST_END or "torch" in sys.modules:
+        _IN_FORKED_CHILD = True
+    _LOCK = threading.Lock()  # another thread may have held it at the fork
 
 
 if hasattr(os, "register_at_fork"):
@@ -92,9 +99,11 @@ def torch_gomp_parallel():
 
 
 def _resolve():
+    """(GOMP_parallel or None, whether torch's library was there to ask)."""
     if _DISABLED:
-        return None
-    fn = torch_gomp_parallel() if "torch" in sys.modules else None
+        return None, False
+    torch_lib = "torch" in sys.modules and _loaded_library(("libtorch_cpu.",)) is not None
+    fn = torch_gomp_parallel() if torch_lib else None
     if fn is None:
         lib = _loaded_library(("libgomp.", "libgomp-"))  # someone loaded one already: share it
         fn = _symbol(lib) if lib else None
@@ -103,7 +112,7 @@ def _resolve():
         # one runtime, one team. A torch wheel whose libgomp has a hashed name brings its own; the next
         # call notices torch and moves to torch's team.
         fn = _symbol("libgomp.so.1")
-    return fn
+    return fn, torch_lib
 
 
 def gomp_parallel():
@@ -113,10 +122,11 @@ def gomp_parallel():
         return None
     if _FN is None or (not _RESOLVED_WITH_TORCH and "torch" in sys.modules):
         with _LOCK:
-            torch_loaded = "torch" in sys.modules
-            if _FN is None or (torch_loaded and not _RESOLVED_WITH_TORCH):
-                fn = _resolve()
-                _FN, _RESOLVED_WITH_TORCH = (fn if fn is not None else False), torch_loaded
+            if _FN is None or (not _RESOLVED_WITH_TORCH and "torch" in sys.modules):
+                # torch in sys.modules but libtorch_cpu not mapped yet (another thread is importing it): asked
+                # again on the next call, until torch's library is there
+                fn, _RESOLVED_WITH_TORCH = _resolve()
+                _FN = fn if fn is not None else False
     return _FN or None
 
 

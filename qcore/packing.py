@@ -51,6 +51,7 @@ from llvmlite import ir
 from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from numba.np.arrayobj import populate_array
 
 from . import _parallel, _team
 
@@ -351,10 +352,26 @@ def _stream_bytes(head):
     return (carray(_team.as_ptr(head[4]), head[6], np.uint8), carray(_team.as_ptr(head[7]), head[8], np.uint8))
 
 
+@intrinsic
+def _u64_words(typingctx, addr, n):
+    """``n`` uint64 words at byte address ``addr`` as an array typed *unaligned* (numba then loads and stores
+    them with alignment 1): a stream may start at any byte (a checkpoint's tensor, a chunk of rows)."""
+    aryty = types.Array(types.uint64, 1, "C", aligned=False)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(aryty)(context, builder)
+        itemsize = context.get_constant(types.intp, 8)
+        populate_array(ary, data=builder.inttoptr(args[0], context.get_value_type(types.uint64).as_pointer()),
+                       shape=cgutils.pack_array(builder, [args[1]]), strides=cgutils.pack_array(builder, [itemsize]),
+                       itemsize=itemsize, meminfo=None)
+        return ary._getvalue()
+
+    return aryty(addr, n), codegen
+
+
 @njit(inline="always")
 def _stream_words(head):
-    return (carray(_team.as_ptr(head[4]), head[6] // 8, np.uint64),
-            carray(_team.as_ptr(head[7]), head[8] // 8, np.uint64))
+    return _u64_words(head[4], head[6] // 8), _u64_words(head[7], head[8] // 8)
 
 
 @njit(inline="always")
@@ -658,7 +675,7 @@ def pack(codes, bits) -> np.ndarray:
         acc = 0
         c2, o2 = codes.reshape(nrows, n), out.reshape(nrows, -1)
         for a in _run(_TEAM_PACK[_ROWS], (bits, c2.ctypes.data, nrows, n, o2.ctypes.data, o2.shape[1]),
-                      nrows, _min_rows(n)):
+                      nrows, _min_rows(n), (c2, o2)):
             acc |= int(a)
     # acc is the OR of all codes (spread over the 8 bytes of a word): any bit at or above `bits`
     # means some code does not fit. The kernels never raise; the error is raised here.
@@ -703,7 +720,8 @@ def unpack(packed, bits, length) -> np.ndarray:
         _unpack_padded(packed.reshape(nrows, m), out.reshape(nrows, length), bits)
     else:
         p2, c2 = packed.reshape(nrows, m), out.reshape(nrows, length)
-        _run(_TEAM_UNPACK[_ROWS], (bits, p2.ctypes.data, nrows, m, c2.ctypes.data, length), nrows, _min_rows(length))
+        _run(_TEAM_UNPACK[_ROWS], (bits, p2.ctypes.data, nrows, m, c2.ctypes.data, length), nrows, _min_rows(length),
+             (p2, c2))
     return out
 
 
@@ -761,8 +779,8 @@ def _unpack_padded(p2: np.ndarray, c2: np.ndarray, bits: int) -> None:
 # --- work splitting: qcore._parallel runs a team kernel on an OpenMP team, or on threads ------------
 
 
-def _run(team_kernel, operands: tuple, total: int, min_part: int):
-    return _parallel.run_chunks(team_kernel, operands, total, min_part)
+def _run(team_kernel, operands: tuple, total: int, min_part: int, keep: tuple):
+    return _parallel.run_chunks(team_kernel, operands, total, min_part, keep=keep)
 
 
 def _min_rows(n: int) -> int:
@@ -776,12 +794,12 @@ def _pack_stream(c: np.ndarray, o: np.ndarray, bits: int) -> int:
     acc = 0
     if nblocks:
         operands = (bits, c.ctypes.data, 1, 64 * nblocks, o.ctypes.data, 8 * bits * nblocks)
-        for a in _run(_TEAM_PACK[bits], operands, nblocks, _PARALLEL_MIN_CODES // 64):
+        for a in _run(_TEAM_PACK[bits], operands, nblocks, _PARALLEL_MIN_CODES // 64, (c, o)):
             acc |= int(a)
     if c.size > 64 * nblocks:
         tail, otail = c[64 * nblocks:], o[8 * bits * nblocks:]
         operands = (bits, tail.ctypes.data, 1, tail.size, otail.ctypes.data, otail.size)
-        acc |= int(_run(_TEAM_PACK[_ROWS], operands, 1, 1)[0])
+        acc |= int(_run(_TEAM_PACK[_ROWS], operands, 1, 1, (tail, otail))[0])
     return acc
 
 
@@ -789,7 +807,8 @@ def _unpack_stream(p: np.ndarray, c: np.ndarray, bits: int) -> None:
     nblocks = c.size // 64
     if nblocks:
         operands = (bits, p.ctypes.data, 1, 8 * bits * nblocks, c.ctypes.data, 64 * nblocks)
-        _run(_TEAM_UNPACK[bits], operands, nblocks, _PARALLEL_MIN_CODES // 64)
+        _run(_TEAM_UNPACK[bits], operands, nblocks, _PARALLEL_MIN_CODES // 64, (p, c))
     if c.size > 64 * nblocks:
         ptail, tail = p[8 * bits * nblocks:], c[64 * nblocks:]
-        _run(_TEAM_UNPACK[_ROWS], (bits, ptail.ctypes.data, 1, ptail.size, tail.ctypes.data, tail.size), 1, 1)
+        _run(_TEAM_UNPACK[_ROWS], (bits, ptail.ctypes.data, 1, ptail.size, tail.ctypes.data, tail.size), 1, 1,
+             (ptail, tail))

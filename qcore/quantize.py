@@ -48,8 +48,11 @@ def check_float_array(x, name: str = "x") -> np.ndarray:
 
 
 def _compute_view(x: np.ndarray) -> np.ndarray:
-    # float16/bfloat16 widen to float32 exactly; float32/float64 are used as they are.
-    return x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)
+    # float16/bfloat16 widen to float32 exactly; float32/float64 are used as they are, unless misaligned (a view
+    # at an odd byte offset of a buffer): the kernels load whole floats, so those get an aligned copy.
+    if x.dtype in (np.float32, np.float64):
+        return x if x.flags.aligned else x.copy()
+    return x.astype(np.float32)
 
 
 def _contiguous(a) -> np.ndarray:
@@ -216,10 +219,11 @@ def quantize(x, scheme: QuantScheme = QuantScheme()) -> QuantizedArray:
     if kind == "tensor":
         flat = np.ascontiguousarray(xc).reshape(-1)
         xbits = _bits_view(flat)
-        parts = np.zeros((team_chunks(flat.size, _MIN_PART), 3))  # min, max, non-finite of each chunk
+        nchunks = team_chunks(flat.size, _MIN_PART)
+        parts = np.zeros((nchunks, 3))  # min, max, non-finite of each chunk: the kernel writes row i of chunk i
         run_chunks(_kernels.TEAM["minmax_range", flat.dtype.name],
                    (flat.size, flat.ctypes.data, xbits.ctypes.data, xbits.size, parts.ctypes.data),
-                   flat.size, _MIN_PART)
+                   flat.size, _MIN_PART, keep=(flat, xbits, parts), nchunks=nchunks)
         if parts[:, 2].any():
             _raise_nonfinite(x, "x")
         mn, mx = parts[:, 0].min(), parts[:, 1].max()
@@ -227,7 +231,7 @@ def quantize(x, scheme: QuantScheme = QuantScheme()) -> QuantizedArray:
         codes = np.empty(flat.shape, cdtype)
         run_chunks(_kernels.TEAM["quantize_flat", flat.dtype.name, codes.dtype.name],
                    (flat.size, flat.ctypes.data, f64_bits(np.float32(s)), f64_bits(z), qmin, qmax, codes.ctypes.data),
-                   flat.size, _MIN_PART)
+                   flat.size, _MIN_PART, keep=(flat, codes))
         zp = None if scheme.symmetric else np.array(z, np.uint8)
         return QuantizedArray(codes.reshape(x.shape), np.array(s, np.float32), zp, scheme)
 
@@ -252,7 +256,7 @@ def quantize(x, scheme: QuantScheme = QuantScheme()) -> QuantizedArray:
         bad = run_chunks(_kernels.TEAM["quantize_rows", rows2d.dtype.name, codes2d.dtype.name],
                          (rows, length, rows2d.ctypes.data, xbits.ctypes.data, xbits.shape[1], g, qmin, qmax,
                           int(scheme.symmetric), codes2d.ctypes.data, scale2d.ctypes.data, zp2d.ctypes.data, ngroups),
-                         rows, _min_rows(length))
+                         rows, _min_rows(length), keep=(rows2d, xbits, codes2d, scale2d, zp2d))
         if bad.any():
             _raise_nonfinite(x, "x")
     codes = np.ascontiguousarray(np.moveaxis(codes2d.reshape(moved.shape), 0 if kind == "channel" else -1, axis))
@@ -303,9 +307,12 @@ def dequantize(qa, *args, dtype=np.float32, out=None) -> np.ndarray:
         if out_dtype != np.float32:
             raise TypeError(f"out= gives float32 results; dtype must be float32, got {out_dtype}")
         if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != codes.shape
-                or not out.flags.c_contiguous or not out.flags.writeable):
+                or not out.flags.c_contiguous or not out.flags.writeable or not out.flags.aligned):
             got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
-            raise ValueError(f"out must be a writeable C-contiguous float32 array of shape {codes.shape}, got {got}")
+            if isinstance(out, np.ndarray) and not out.flags.aligned:
+                got += " at a misaligned address"
+            raise ValueError(f"out must be a writeable C-contiguous float32 array of shape {codes.shape} (aligned), "
+                             f"got {got}")
     if codes.size == 0:
         return np.zeros(codes.shape, out_dtype) if out is None else out
     kind, axis = _layout(codes.shape, scheme)
@@ -315,7 +322,7 @@ def dequantize(qa, *args, dtype=np.float32, out=None) -> np.ndarray:
         cflat = np.ascontiguousarray(codes).reshape(-1)
         run_chunks(_kernels.TEAM["dequantize_flat", cflat.dtype.name],
                    (cflat.size, cflat.ctypes.data, f64_bits(qa.scale), f64_bits(z), flat.ctypes.data),
-                   codes.size, _MIN_PART)
+                   codes.size, _MIN_PART, keep=(cflat, flat))
         result = flat.reshape(codes.shape)
     else:
         if kind == "channel":
@@ -336,9 +343,10 @@ def dequantize(qa, *args, dtype=np.float32, out=None) -> np.ndarray:
         out2d = out.reshape(c2d.shape) if out is not None and in_place else np.empty(c2d.shape, np.float32)
         zarg = np.zeros((c2d.shape[0], 0), np.uint8) if z2d is None else np.ascontiguousarray(z2d)
         s2d = np.ascontiguousarray(s2d)
+        s2d = s2d if s2d.flags.aligned else s2d.copy()  # a scale viewed at an odd offset of a buffer
         run_chunks(_kernels.TEAM["dequantize_rows", c2d.dtype.name],
                    (c2d.shape[0], c2d.shape[1], c2d.ctypes.data, g, s2d.ctypes.data, zarg.ctypes.data, zarg.shape[1],
-                    out2d.ctypes.data), c2d.shape[0], _min_rows(c2d.shape[1]))
+                    out2d.ctypes.data), c2d.shape[0], _min_rows(c2d.shape[1]), keep=(c2d, s2d, zarg, out2d))
         result = np.moveaxis(out2d.reshape(moved.shape), 0 if kind == "channel" else -1, axis)
         if out is not None:
             if not in_place:

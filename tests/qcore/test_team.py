@@ -135,3 +135,65 @@ def test_torch_loaded_later_moves_qcore_to_torchs_team():
         print(before, T._RESOLVED_WITH_TORCH, T.gomp_parallel() is not None)
     """)
     assert out.split() == ["False", "True", "True"]
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 5, 7])
+def test_streams_at_odd_byte_offsets(threads, monkeypatch, bits):
+    # a tensor inside a checkpoint (or a row chunk) may start at any byte: the word kernels load unaligned
+    threads(2)
+    monkeypatch.setattr(qcore.packing, "_PARALLEL_MIN_CODES", 1 << 10)
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 1 << bits, 64 * 1000 + 9, dtype=np.uint8)
+    packed = qcore.pack(codes, bits)
+    for offset in (1, 3, 5):
+        buf = np.zeros(codes.size + offset, np.uint8)
+        buf[offset:] = codes
+        np.testing.assert_array_equal(qcore.pack(buf[offset:], bits), packed)
+        pbuf = np.zeros(packed.size + offset, np.uint8)
+        pbuf[offset:] = packed
+        np.testing.assert_array_equal(qcore.unpack(pbuf[offset:], bits, codes.size), codes)
+    rows = rng.integers(0, 1 << bits, (300, 71), dtype=np.uint8)  # padded path: 71-code rows end mid-byte
+    np.testing.assert_array_equal(qcore.unpack(qcore.pack(rows, bits), bits, 71), rows)
+
+
+def test_misaligned_floats_are_quantized_like_aligned_ones_and_out_must_be_aligned(threads):
+    threads(2)
+    x = np.random.default_rng(3).standard_normal((256, 512)).astype(np.float32)
+    buf = np.zeros(x.nbytes + 1, np.uint8)
+    odd = np.frombuffer(buf[1:].data, np.float32).reshape(x.shape)  # a float32 view at an odd address
+    odd[...] = x
+    assert not odd.flags.aligned
+    for scheme in (QuantScheme(4, False, PerGroup(64)), QuantScheme(8, True, PerTensor())):
+        a, b = qcore.quantize(x, scheme), qcore.quantize(odd, scheme)
+        np.testing.assert_array_equal(a.codes, b.codes)
+        np.testing.assert_array_equal(a.scale, b.scale)
+    qa = qcore.quantize(x, QuantScheme(4, False, PerGroup(64)))
+    with pytest.raises(ValueError, match="aligned"):
+        qcore.dequantize(qa, out=odd)
+
+
+def test_run_chunks_uses_the_chunk_count_it_is_given(threads):
+    threads(2)
+    codes = np.random.default_rng(0).integers(0, 16, 64 * 100, dtype=np.uint8)
+    out = np.empty(codes.size // 2, np.uint8)
+    res = P.run_chunks(qcore.packing._TEAM_PACK[4], (4, codes.ctypes.data, 1, codes.size, out.ctypes.data, out.size),
+                       100, 1, keep=(codes, out), nchunks=3)
+    assert res.shape == (3,)
+    np.testing.assert_array_equal(out, qcore.pack(codes, 4))
+
+
+def test_torch_half_imported_is_asked_again_later():
+    # a qcore call while another thread is still importing torch (torch in sys.modules, libtorch_cpu not yet
+    # mapped) must not settle on a team of its own for good
+    pytest.importorskip("torch")
+    out = _run("""
+        import sys, types, qcore._team as T
+        sys.modules["torch"] = types.ModuleType("torch")   # torch's import under way
+        T.gomp_parallel()
+        before = T._RESOLVED_WITH_TORCH
+        del sys.modules["torch"]
+        import torch
+        T.gomp_parallel()
+        print(before, T._RESOLVED_WITH_TORCH)
+    """)
+    assert out.split() == ["False", "True"]
