@@ -54,10 +54,9 @@ _LAST_SIZE = 1
 
 def _after_fork_in_child():
     global _IN_FORKED_CHILD, _LOCK
-    # GNU OpenMP hangs in a child whose parent ran a team (ours, or torch's: torch may have run one whenever it
-    # is loaded); a child of a parent that never did may start its own
-    if _LAST_END or "torch" in sys.modules:
-        _IN_FORKED_CHILD = True
+    # GNU OpenMP hangs in a child whose parent ran a team on the forking thread: ours, torch's, or any other
+    # library's (numba's omp layer, an OpenMP BLAS), which we cannot see; so no child starts one
+    _IN_FORKED_CHILD = True
     _LOCK = threading.Lock()  # another thread may have held it at the fork
 
 
