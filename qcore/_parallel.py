@@ -136,20 +136,35 @@ def run_chunks(team_kernel, operands: tuple, total: int, min_part: int, keep: tu
         raise ValueError(f"a team block holds at most {TEAM_HEADER - 3} operands, got {len(operands)}")
     nchunks = team_chunks(total, min_part) if nchunks is None else max(1, nchunks)
     nthreads = threads() if nchunks >= 2 else 1
-    block = np.zeros(TEAM_HEADER + nchunks, np.int64)
+    block = np.zeros(TEAM_HEADER + nchunks + 1, np.int64)  # the last entry counts the chunks done
     block[1], block[2] = nchunks, total
     block[3:3 + len(operands)] = operands
     if nthreads == 1 or not _team.run(team_kernel, block, nthreads):
         call = team_kernel.ctypes()  # ctypes releases the GIL for the call
-
-        def work(block=block, keep=keep):  # the task holds the block and the arrays until it returns
+        if nthreads == 1:
             call(block.ctypes.data)
+        else:
+            returned = threading.Semaphore(0)
 
-        waits = [_pool().submit(_counted, work) for _ in range(nthreads - 1)]
-        work()
-        for f in waits:  # a pool thread that starts late finds no chunk left and returns at once
-            f.result()
-    return block[TEAM_HEADER:].view(np.uint64)
+            def work(block=block, keep=keep):  # holds the block and the arrays until it returns
+                try:
+                    call(block.ctypes.data)
+                finally:
+                    returned.release()
+
+            for _ in range(nthreads - 1):
+                _pool().submit(_counted, work)
+            call(block.ctypes.data)
+            # every chunk is claimed now: wait only while a pool thread still runs one (a thread that starts late,
+            # on a busy machine, finds none left and is not waited for)
+            waited = 0
+            while not _team.all_done(block):
+                if waited == nthreads - 1:  # every thread returned, yet chunks are not counted done
+                    raise RuntimeError("qcore's team kernels did not count their chunks: numba's cache holds kernels "
+                                       "compiled against another qcore._team; delete qcore/__pycache__/*.nb[ic]")
+                returned.acquire()
+                waited += 1
+    return block[TEAM_HEADER:TEAM_HEADER + nchunks].view(np.uint64)
 
 
 def run_split(kernel, args, total: int, min_part: int) -> list:

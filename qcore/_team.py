@@ -36,9 +36,9 @@ from llvmlite import ir
 from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
-__all__ = ["HEADER", "TeamKernel", "as_ptr", "claim", "claim_loop", "gomp_parallel", "own_spinners", "run", "torch_gomp_parallel"]
+__all__ = ["HEADER", "TeamKernel", "all_done", "as_ptr", "claim", "claim_loop", "gomp_parallel", "own_spinners", "run", "torch_gomp_parallel"]
 
-#: a team block: [chunk counter, chunks, total, the kernel's own operands..., then one result per chunk]
+#: a team block: [chunk counter, chunks, total, the kernel's own operands..., one result per chunk, chunks done]
 HEADER = 16
 _LOCK = threading.Lock()
 _FN = None  # the resolved GOMP_parallel (ctypes function), False when there is none
@@ -194,16 +194,45 @@ def claim(typingctx, block):
     return types.int64(block), codegen
 
 
+@intrinsic
+def _count_done(typingctx, block, index):
+    """Atomically ``block[index] += 1``, releasing this thread's writes to whoever sees the new count."""
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.gep(a.data, [args[1]])
+        builder.atomic_rmw("add", ptr, ir.Constant(ir.IntType(64), 1), "acq_rel")
+        return context.get_dummy_value()
+    return types.void(block, index), codegen
+
+
+@intrinsic
+def _load_acquire(typingctx, block, index):
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.load_atomic(builder.gep(a.data, [args[1]]), "acquire", 8)
+    return types.int64(block, index), codegen
+
+
 @njit(inline="always")
 def claim_loop(data, chunk, a, b):
     """The body of a team kernel: claim chunks of the block at ``data`` until none is left, run
     ``chunk(head, i, lo, hi, a, b)`` on each (``head``: the block's int64 header; ``a``, ``b``: constants of
-    the kernel, such as dtypes) and store its result, as int64, at ``HEADER + i``."""
+    the kernel, such as dtypes), store its result, as int64, at ``HEADER + i`` and count it done at
+    ``HEADER + chunks`` (see :func:`all_done`)."""
     head = carray(data, HEADER, np.int64)
     nchunks, total = head[1], head[2]
-    block = carray(data, HEADER + nchunks, np.int64)
+    block = carray(data, HEADER + nchunks + 1, np.int64)
     while True:
         i = claim(block)
         if i >= nchunks:
             return
         block[HEADER + i] = np.int64(chunk(head, i, total * i // nchunks, total * (i + 1) // nchunks, a, b))
+        _count_done(block, HEADER + nchunks)
+
+
+@njit(cache=True, nogil=True)
+def all_done(block):
+    """Whether every chunk of a team block has been run; its results and outputs are then visible to the
+    caller (an acquire load of the count that the threads released)."""
+    nchunks = block[1]
+    return _load_acquire(block, HEADER + nchunks) == nchunks

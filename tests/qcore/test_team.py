@@ -5,9 +5,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
+from numba import carray
 
 import qcore
 import qcore._parallel as P
@@ -197,3 +199,36 @@ def test_torch_half_imported_is_asked_again_later():
         print(before, T._RESOLVED_WITH_TORCH)
     """)
     assert out.split() == ["False", "True"]
+
+
+def _claims_without_counting(data):  # a kernel compiled against an older block layout: no done count
+    head = carray(data, _team.HEADER, np.int64)
+    block = carray(data, _team.HEADER + head[1], np.int64)
+    while _team.claim(block) < head[1]:
+        pass
+
+
+def test_thread_path_waits_only_for_claimed_chunks_and_names_a_stale_kernel(threads, monkeypatch):
+    threads(2)
+    monkeypatch.setattr(_team, "gomp_parallel", lambda: None)  # the Python-thread path
+    gate, started = threading.Event(), []
+
+    class LatePool:  # a pool thread that gets no core until the test lets it
+        def submit(self, fn, *args):
+            def late():
+                gate.wait(20)
+                started.append(1)
+                fn(*args)
+            threading.Thread(target=late).start()
+
+    monkeypatch.setattr(P, "_pool", LatePool)
+    codes = np.random.default_rng(0).integers(0, 16, 64 * 1000, dtype=np.uint8)
+    out = np.empty(codes.size // 2, np.uint8)
+    P.run_chunks(qcore.packing._TEAM_PACK[4], (4, codes.ctypes.data, 1, codes.size, out.ctypes.data, out.size),
+                 1000, 10, keep=(codes, out))
+    assert not started  # the caller ran every chunk itself and did not wait for the late thread
+    gate.set()
+    np.testing.assert_array_equal(out, qcore.pack(codes, 4))
+    monkeypatch.setattr(P, "_pool", lambda: __import__("concurrent.futures").futures.ThreadPoolExecutor(1))
+    with pytest.raises(RuntimeError, match="delete qcore/__pycache__"):
+        P.run_chunks(_team.TeamKernel(_claims_without_counting), (), 1000, 10)
