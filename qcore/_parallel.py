@@ -102,9 +102,13 @@ def busy_cores() -> float:
 
 
 def threads() -> int:
-    """Threads for the next call: ``NUM_THREADS``, or fewer when other work keeps cores busy (``DYNAMIC``)."""
+    """Threads for the next call: ``NUM_THREADS``, or fewer when other work keeps cores busy (``DYNAMIC``).
+
+    Not on torch's team: after every torch op its workers spin, runnable, for milliseconds, so the load would
+    read as busy cores (measured: every qcore call of a ``quantize_model`` ran on one thread), yet those are
+    the very workers the call would run on. There qcore does as torch's own ops do: the whole team."""
     n = NUM_THREADS
-    if DYNAMIC and n > 1:
+    if DYNAMIC and n > 1 and not _team.on_torch_team():
         n = max(1, min(n, int(CPUS - busy_cores())))
     return n
 

@@ -36,7 +36,8 @@ from llvmlite import ir
 from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
-__all__ = ["HEADER", "TeamKernel", "all_done", "as_ptr", "claim", "claim_loop", "gomp_parallel", "own_spinners", "run", "torch_gomp_parallel"]
+__all__ = ["HEADER", "TeamKernel", "all_done", "as_ptr", "claim", "claim_loop", "gomp_parallel", "on_torch_team",
+           "own_spinners", "run", "torch_gomp_parallel"]
 
 #: a team block: [chunk counter, chunks, total, the kernel's own operands..., one result per chunk, chunks done]
 HEADER = 16
@@ -127,6 +128,11 @@ def gomp_parallel():
                 fn, _RESOLVED_WITH_TORCH = _resolve()
                 _FN = fn if fn is not None else False
     return _FN or None
+
+
+def on_torch_team() -> bool:
+    """Whether team calls go to the OpenMP runtime torch's ops run on."""
+    return gomp_parallel() is not None and _RESOLVED_WITH_TORCH
 
 
 def own_spinners() -> int:

@@ -138,6 +138,7 @@ def test_bytewise_rows_path_alone(bits, monkeypatch):
 
 
 def test_thread_count_follows_idle_cores(monkeypatch):
+    monkeypatch.setattr(_parallel._team, "on_torch_team", lambda: False)  # qcore's own team or threads
     monkeypatch.setattr(_parallel, "NUM_THREADS", 4)
     assert 1 <= _parallel.threads() <= 4
     monkeypatch.setattr(_parallel, "busy_cores", lambda: 100.0)

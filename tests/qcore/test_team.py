@@ -73,6 +73,16 @@ def test_own_spinners_count_only_right_after_a_team_call(monkeypatch):
     assert _team.own_spinners() == 0
 
 
+def test_on_torchs_team_the_whole_team_runs_whatever_the_load(monkeypatch):
+    # torch's workers spin after each of its ops and read as busy cores; they are the workers a call runs on
+    monkeypatch.setattr(P, "NUM_THREADS", 4)
+    monkeypatch.setattr(P, "busy_cores", lambda: 100.0)
+    monkeypatch.setattr(_team, "on_torch_team", lambda: True)
+    assert P.threads() == 4
+    monkeypatch.setattr(_team, "on_torch_team", lambda: False)
+    assert P.threads() == 1
+
+
 def test_busy_cores_leaves_out_the_teams_own_spinners(monkeypatch):
     monkeypatch.setattr(P, "_LOADAVG_FD", None)
     monkeypatch.setattr(P.os, "open", lambda *a: 99)
