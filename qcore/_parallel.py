@@ -101,14 +101,20 @@ def busy_cores() -> float:
             return 0.0
 
 
-def threads() -> int:
+def threads(team: bool = False) -> int:
     """Threads for the next call: ``NUM_THREADS``, or fewer when other work keeps cores busy (``DYNAMIC``).
 
-    Not on torch's team: after every torch op its workers spin, runnable, for milliseconds, so the load would
-    read as busy cores (measured: every qcore call of a ``quantize_model`` ran on one thread), yet those are
-    the very workers the call would run on. There qcore does as torch's own ops do: the whole team."""
+    ``team``: for a call on an OpenMP team, which also caps the count at the runtime's own thread count
+    (``torch.set_num_threads(1)`` in a DataLoader worker, ``OMP_NUM_THREADS``). On torch's team the load is not
+    read: after every torch op its workers spin, runnable, for milliseconds, so they would read as busy cores
+    (measured: every qcore call of a ``quantize_model`` ran on one thread), yet they are the very workers the
+    call runs on. There qcore does as torch's own ops do: the whole team."""
     n = NUM_THREADS
-    if DYNAMIC and n > 1 and not _team.on_torch_team():
+    if team:
+        n = min(n, _team.team_threads())
+        if _team.on_torch_team():
+            return n
+    if DYNAMIC and n > 1:
         n = max(1, min(n, int(CPUS - busy_cores())))
     return n
 
@@ -139,7 +145,7 @@ def run_chunks(team_kernel, operands: tuple, total: int, min_part: int, keep: tu
     if len(operands) > TEAM_HEADER - 3:
         raise ValueError(f"a team block holds at most {TEAM_HEADER - 3} operands, got {len(operands)}")
     nchunks = team_chunks(total, min_part) if nchunks is None else max(1, nchunks)
-    nthreads = threads() if nchunks >= 2 else 1
+    nthreads = threads(team=_team.gomp_parallel() is not None) if nchunks >= 2 else 1
     block = np.zeros(TEAM_HEADER + nchunks + 1, np.int64)  # the last entry counts the chunks done
     block[1], block[2] = nchunks, total
     block[3:3 + len(operands)] = operands

@@ -37,7 +37,7 @@ from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
 __all__ = ["HEADER", "TeamKernel", "all_done", "as_ptr", "claim", "claim_loop", "gomp_parallel", "on_torch_team",
-           "own_spinners", "run", "torch_gomp_parallel"]
+           "own_spinners", "run", "team_threads", "torch_gomp_parallel"]
 
 #: a team block: [chunk counter, chunks, total, the kernel's own operands..., one result per chunk, chunks done]
 HEADER = 16
@@ -79,12 +79,17 @@ def _loaded_library(prefixes) -> str | None:
 
 
 def _symbol(lib: str):
+    """``GOMP_parallel`` of ``lib`` (a ctypes function carrying the same runtime's ``omp_get_max_threads`` as
+    ``.max_threads``), or None."""
     try:
-        fn = ctypes.CDLL(lib).GOMP_parallel  # a loaded library: dlopen returns its handle
+        handle = ctypes.CDLL(lib)  # a loaded library: dlopen returns its handle
+        fn, max_threads = handle.GOMP_parallel, handle.omp_get_max_threads
     except (OSError, AttributeError):
         return None
     fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)
     fn.restype = None
+    max_threads.argtypes, max_threads.restype = (), ctypes.c_int
+    fn.max_threads = max_threads
     return fn
 
 
@@ -128,6 +133,13 @@ def gomp_parallel():
                 fn, _RESOLVED_WITH_TORCH = _resolve()
                 _FN = fn if fn is not None else False
     return _FN or None
+
+
+def team_threads() -> int:
+    """The team size the runtime would pick for this thread (``omp_get_max_threads``): what
+    ``torch.set_num_threads`` set on torch's runtime, ``OMP_NUM_THREADS`` or the cores on ours; 1 without one."""
+    fn = gomp_parallel()
+    return 1 if fn is None else max(1, fn.max_threads())
 
 
 def on_torch_team() -> bool:

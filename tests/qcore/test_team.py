@@ -77,10 +77,28 @@ def test_on_torchs_team_the_whole_team_runs_whatever_the_load(monkeypatch):
     # torch's workers spin after each of its ops and read as busy cores; they are the workers a call runs on
     monkeypatch.setattr(P, "NUM_THREADS", 4)
     monkeypatch.setattr(P, "busy_cores", lambda: 100.0)
+    monkeypatch.setattr(_team, "team_threads", lambda: 4)
     monkeypatch.setattr(_team, "on_torch_team", lambda: True)
-    assert P.threads() == 4
+    assert P.threads(team=True) == 4
+    monkeypatch.setattr(_team, "team_threads", lambda: 1)  # torch.set_num_threads(1)
+    assert P.threads(team=True) == 1
+    monkeypatch.setattr(_team, "team_threads", lambda: 4)
     monkeypatch.setattr(_team, "on_torch_team", lambda: False)
-    assert P.threads() == 1
+    assert P.threads(team=True) == 1 and P.threads() == 1
+
+
+@pytest.mark.skipif(not HAS_TEAM, reason="no OpenMP runtime here")
+def test_torch_set_num_threads_1_keeps_qcore_on_one_thread():
+    pytest.importorskip("torch")
+    out = _run("""
+        import torch, qcore._parallel as P, qcore._team as T
+        P.NUM_THREADS, P.DYNAMIC = 2, False
+        torch.set_num_threads(1)
+        a = P.threads(team=T.gomp_parallel() is not None)
+        torch.set_num_threads(2)
+        print(a, P.threads(team=T.gomp_parallel() is not None), T.on_torch_team())
+    """)
+    assert out.split() == ["1", "2", "True"]
 
 
 def test_busy_cores_leaves_out_the_teams_own_spinners(monkeypatch):
