@@ -145,7 +145,7 @@ def run_chunks(team_kernel, operands: tuple, total: int, min_part: int, keep: tu
     if len(operands) > TEAM_HEADER - 3:
         raise ValueError(f"a team block holds at most {TEAM_HEADER - 3} operands, got {len(operands)}")
     nchunks = team_chunks(total, min_part) if nchunks is None else max(1, nchunks)
-    nthreads = threads(team=_team.gomp_parallel() is not None) if nchunks >= 2 else 1
+    nthreads = min(threads(team=_team.gomp_parallel() is not None), nchunks) if nchunks >= 2 else 1
     block = np.zeros(TEAM_HEADER + nchunks + 1, np.int64)  # the last entry counts the chunks done
     block[1], block[2] = nchunks, total
     block[3:3 + len(operands)] = operands
@@ -170,8 +170,9 @@ def run_chunks(team_kernel, operands: tuple, total: int, min_part: int, keep: tu
             waited = 0
             while not _team.all_done(block):
                 if waited == nthreads - 1:  # every thread returned, yet chunks are not counted done
-                    raise RuntimeError("qcore's team kernels did not count their chunks: numba's cache holds kernels "
-                                       "compiled against another qcore._team; delete qcore/__pycache__/*.nb[ic]")
+                    raise RuntimeError("qcore's team kernel did not count all its chunks: it failed (see the error "
+                                       "numba printed above), or numba's cache holds kernels compiled against another "
+                                       "qcore._team (delete qcore/__pycache__/*.nb[ic])")
                 returned.acquire()
                 waited += 1
     return block[TEAM_HEADER:TEAM_HEADER + nchunks].view(np.uint64)

@@ -43,7 +43,10 @@ __all__ = ["HEADER", "TeamKernel", "all_done", "as_ptr", "claim", "claim_loop", 
 HEADER = 16
 _LOCK = threading.Lock()
 _FN = None  # the resolved GOMP_parallel (ctypes function), False when there is none
-_RESOLVED_WITH_TORCH = False  # whether torch was loaded when _FN was resolved
+_RESOLVED_WITH_TORCH = False  # whether torch's library was mapped when _FN was resolved
+_FROM_TORCH = False  # whether _FN is torch's own (looked up through libtorch_cpu)
+_LAST_RESOLVE = 0.0
+_RESOLVE_INTERVAL_S = 1.0
 _DISABLED = os.environ.get("QCORE_OMP_TEAM", "1") == "0"  # opt-out, and a way to test the thread fallback
 _IN_FORKED_CHILD = False
 #: after a call, libgomp's workers spin (about 9 ms measured here) before they sleep: the cores they keep busy
@@ -103,12 +106,18 @@ def torch_gomp_parallel():
     return None if lib is None else _symbol(lib)
 
 
+def _torch_loaded() -> bool:
+    # a real module: sys.modules["torch"] = None (a common way to hide torch) or a stub is not torch
+    return getattr(sys.modules.get("torch"), "__file__", None) is not None
+
+
 def _resolve():
-    """(GOMP_parallel or None, whether torch's library was there to ask)."""
+    """(GOMP_parallel or None, whether libtorch_cpu was mapped, whether the function is torch's own)."""
     if _DISABLED:
-        return None, False
-    torch_lib = "torch" in sys.modules and _loaded_library(("libtorch_cpu.",)) is not None
+        return None, False, False
+    torch_lib = _torch_loaded() and _loaded_library(("libtorch_cpu.",)) is not None
     fn = torch_gomp_parallel() if torch_lib else None
+    from_torch = fn is not None
     if fn is None:
         lib = _loaded_library(("libgomp.", "libgomp-"))  # someone loaded one already: share it
         fn = _symbol(lib) if lib else None
@@ -117,34 +126,44 @@ def _resolve():
         # one runtime, one team. A torch wheel whose libgomp has a hashed name brings its own; the next
         # call notices torch and moves to torch's team.
         fn = _symbol("libgomp.so.1")
-    return fn, torch_lib
+    return fn, torch_lib, from_torch
 
 
 def gomp_parallel():
     """The ``GOMP_parallel`` to run team kernels with, or None where there is no usable team."""
-    global _FN, _RESOLVED_WITH_TORCH
+    global _FN, _RESOLVED_WITH_TORCH, _FROM_TORCH, _LAST_RESOLVE
     if _IN_FORKED_CHILD:
         return None
-    if _FN is None or (not _RESOLVED_WITH_TORCH and "torch" in sys.modules):
+    if _FN is None or (not _RESOLVED_WITH_TORCH and _torch_loaded()
+                       and time.monotonic() - _LAST_RESOLVE > _RESOLVE_INTERVAL_S):
         with _LOCK:
-            if _FN is None or (not _RESOLVED_WITH_TORCH and "torch" in sys.modules):
-                # torch in sys.modules but libtorch_cpu not mapped yet (another thread is importing it): asked
-                # again on the next call, until torch's library is there
-                fn, _RESOLVED_WITH_TORCH = _resolve()
+            if _FN is None or (not _RESOLVED_WITH_TORCH and _torch_loaded()):
+                # torch loaded but libtorch_cpu not mapped yet (another thread is importing it): asked again,
+                # at most every _RESOLVE_INTERVAL_S (a scan of /proc/self/maps costs ~2 ms), until it is there
+                fn, _RESOLVED_WITH_TORCH, _FROM_TORCH = _resolve()
                 _FN = fn if fn is not None else False
+                _LAST_RESOLVE = time.monotonic()
     return _FN or None
 
 
 def team_threads() -> int:
-    """The team size the runtime would pick for this thread (``omp_get_max_threads``): what
-    ``torch.set_num_threads`` set on torch's runtime, ``OMP_NUM_THREADS`` or the cores on ours; 1 without one."""
+    """Threads a team call may use: torch's thread count on torch's team (``torch.set_num_threads``, which
+    libgomp keeps per thread: a thread where torch never ran an op would read the default), else the runtime's
+    ``omp_get_max_threads`` (``OMP_NUM_THREADS`` or the cores); 1 without a team."""
     fn = gomp_parallel()
-    return 1 if fn is None else max(1, fn.max_threads())
+    if fn is None:
+        return 1
+    if _FROM_TORCH:
+        try:
+            return max(1, int(sys.modules["torch"].get_num_threads()))  # the loaded torch; never imported here
+        except Exception:  # a torch without it: the runtime's own answer below
+            pass
+    return max(1, fn.max_threads())
 
 
 def on_torch_team() -> bool:
-    """Whether team calls go to the OpenMP runtime torch's ops run on."""
-    return gomp_parallel() is not None and _RESOLVED_WITH_TORCH
+    """Whether team calls go to the OpenMP runtime torch's ops run on (found through torch's own library)."""
+    return gomp_parallel() is not None and _FROM_TORCH
 
 
 def own_spinners() -> int:

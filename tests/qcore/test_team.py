@@ -217,16 +217,44 @@ def test_torch_half_imported_is_asked_again_later():
     # mapped) must not settle on a team of its own for good
     pytest.importorskip("torch")
     out = _run("""
-        import sys, types, qcore._team as T
-        sys.modules["torch"] = types.ModuleType("torch")   # torch's import under way
+        import sys, time, types, qcore._team as T
+        stub = types.ModuleType("torch")
+        stub.__file__ = "torch/__init__.py"   # torch's import under way
+        sys.modules["torch"] = stub
         T.gomp_parallel()
-        before = T._RESOLVED_WITH_TORCH
+        before = T._RESOLVED_WITH_TORCH, T.on_torch_team()
         del sys.modules["torch"]
         import torch
+        time.sleep(T._RESOLVE_INTERVAL_S)
         T.gomp_parallel()
-        print(before, T._RESOLVED_WITH_TORCH)
+        print(*before, T._RESOLVED_WITH_TORCH, T.on_torch_team())
     """)
-    assert out.split() == ["False", "True"]
+    assert out.split() == ["False", "False", "True", "True"]
+
+
+def test_a_hidden_or_stub_torch_is_no_torch_and_costs_no_rescans():
+    out = _run("""
+        import sys, types, qcore._team as T
+        sys.modules["torch"] = None   # the usual way to hide torch
+        T.gomp_parallel()
+        first = T._LAST_RESOLVE
+        for _ in range(100):
+            T.gomp_parallel()
+        print(T._LAST_RESOLVE == first, T.on_torch_team())
+    """)
+    assert out.split() == ["True", "False"]
+
+
+@pytest.mark.skipif(not HAS_TEAM, reason="no OpenMP runtime here")
+def test_a_torch_without_openmp_is_not_called_torchs_team():
+    pytest.importorskip("torch")
+    out = _run("""
+        import qcore._team as T
+        T.torch_gomp_parallel = lambda: None   # as a torch built on TBB or its native pool
+        import torch
+        print(T.gomp_parallel() is not None, T.on_torch_team(), T.team_threads() >= 1)
+    """)
+    assert out.split() == ["True", "False", "True"]
 
 
 def _claims_without_counting(data):  # a kernel compiled against an older block layout: no done count
@@ -260,3 +288,37 @@ def test_thread_path_waits_only_for_claimed_chunks_and_names_a_stale_kernel(thre
     monkeypatch.setattr(P, "_pool", lambda: __import__("concurrent.futures").futures.ThreadPoolExecutor(1))
     with pytest.raises(RuntimeError, match="delete qcore/__pycache__"):
         P.run_chunks(_team.TeamKernel(_claims_without_counting), (), 1000, 10)
+
+
+@pytest.mark.skipif(not HAS_TEAM, reason="no OpenMP runtime here")
+def test_torchs_thread_count_holds_on_every_python_thread():
+    # libgomp keeps the count per thread; torch's setting is read from torch
+    pytest.importorskip("torch")
+    out = _run("""
+        import threading, torch, qcore._team as T
+        torch.set_num_threads(1)
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(T.team_threads()))
+        t.start(); t.join()
+        print(T.team_threads(), *seen)
+    """)
+    assert out.split() == ["1", "1"]
+
+
+def test_no_more_threads_than_chunks(threads, monkeypatch):
+    threads(4)
+    monkeypatch.setattr(_team, "gomp_parallel", lambda: None)
+    submitted = []
+
+    class CountingPool:
+        def submit(self, fn, *args):
+            submitted.append(1)
+            threading.Thread(target=fn, args=args).start()
+
+    monkeypatch.setattr(P, "_pool", CountingPool)
+    codes = np.random.default_rng(0).integers(0, 16, 64 * 100, dtype=np.uint8)
+    out = np.empty(codes.size // 2, np.uint8)
+    P.run_chunks(qcore.packing._TEAM_PACK[4], (4, codes.ctypes.data, 1, codes.size, out.ctypes.data, out.size),
+                 100, 1, keep=(codes, out), nchunks=2)
+    assert len(submitted) == 1  # two chunks: the caller and one pool thread
+    np.testing.assert_array_equal(out, qcore.pack(codes, 4))
