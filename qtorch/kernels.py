@@ -176,6 +176,28 @@ def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     return out.to(x.dtype)
 
 
+def gemv_plan(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int, bits: int):
+    """A :class:`qtorch.gemv.Plan` of a blocked layout's own buffers for one-row calls (:func:`gemv_planned`), or
+    None where the plain path serves: a layout the one-row kernel does not read, an empty layer, or a per-tensor
+    scale (expanded per call, so that an in-place update of the 0-d buffer is always seen)."""
+    if (qweight.device.type != "cpu" or qweight.dim() != 3 or 0 in qweight.shape or scale.dim() != 2
+            or zero_point.dim() != 2 or not gemv.eligible(bits, qweight.shape[2])
+            or not (qweight.is_contiguous() and scale.is_contiguous() and zero_point.is_contiguous())):
+        return None
+    return gemv.Plan(qweight.numpy(), scale.numpy(), zero_point.numpy(), group_size, bits, qweight.data_ptr(),
+                     scale.data_ptr(), zero_point.data_ptr())
+
+
+def gemv_planned(x: torch.Tensor, plan, out_features: int) -> torch.Tensor:
+    """:func:`gemm_blocked_impl` for one row ``x[1, K]`` with a layer's :func:`gemv_plan`: same kernel, same
+    result, less Python per call (eager, no autograd)."""
+    xf = x.detach().to(torch.float32).contiguous()
+    out = torch.empty((1, out_features), dtype=torch.float32)
+    gemv.run_plan(plan, xf.numpy().reshape(-1), xf.data_ptr(), out.numpy().reshape(-1), out.data_ptr(),
+                  x.dtype != torch.float32)
+    return out.to(x.dtype)
+
+
 @torch.library.custom_op("qtorch::gemm_blocked", mutates_args=())
 def gemm_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                  group_size: int, bits: int, out_features: int) -> torch.Tensor:

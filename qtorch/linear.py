@@ -33,6 +33,7 @@ was, with ``strict=False`` too (the keys are reported in the result).
 from __future__ import annotations
 
 import numbers
+import weakref
 
 import numpy as np
 import torch
@@ -44,6 +45,9 @@ from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
 
 from . import kernels as K
 from ._torch_numpy import to_numpy
+
+#: layer -> (qweight, scale, zero_point, its one-row plan or None): weak keys, so the plan goes with the layer
+_GEMV_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 __all__ = ["QuantLinear", "W8A16Linear", "W4A16Linear", "W8A16LinearLayer", "QuantizedLinear",
            "COMPUTE_DTYPES"]
@@ -331,11 +335,15 @@ class QuantLinear(nn.Module):
             # the custom op for torch.compile and autograd; its body directly otherwise (the op's dispatch costs
             # ~0.05 ms, several percent of a one-row call)
             direct = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x2.requires_grad)
+            b = self._buffers
             if path == "numba":
+                if direct and x2.shape[0] == 1:  # decoding: the layer's one-row plan, built once
+                    plan = self._gemv_plan(b)
+                    if plan is not None:
+                        return K.gemv_planned(x2, plan, n)
                 fn = K.gemm_blocked_impl if direct else torch.ops.qtorch.gemm_blocked
             else:
                 fn = K.tiles_blocked_impl if direct else torch.ops.qtorch.tiles_blocked
-            b = self._buffers
             return fn(x2, b["qweight"], b["scale"], b["zero_point"], self._group, self.bits, n)
         if path == "int4pack":
             # PyTorch's vectorised bf16 int4 kernel; the layout exists only when its preconditions hold.
@@ -356,6 +364,17 @@ class QuantLinear(nn.Module):
         cdt = torch.float32 if dev == "cpu" else x2.dtype
         w = self.dequantized_weight(cdt)
         return F.linear(x2.to(cdt), w).to(x2.dtype)
+
+    def _gemv_plan(self, b):
+        """This layer's ``kernels.gemv_plan``, rebuilt when a buffer is replaced or moved. Kept outside the module
+        (``_GEMV_PLANS``, weak keys) so that copying or pickling a module never copies it."""
+        qw, sc, zp = b["qweight"], b["scale"], b["zero_point"]
+        entry = _GEMV_PLANS.get(self)
+        if (entry is None or entry[0] is not qw or entry[1] is not sc or entry[2] is not zp
+                or (entry[3] is not None and entry[3].addresses != (qw.data_ptr(), sc.data_ptr(), zp.data_ptr()))):
+            entry = (qw, sc, zp, K.gemv_plan(qw, sc, zp, self._group, self.bits))
+            _GEMV_PLANS[self] = entry
+        return entry[3]
 
     # ------------------------------------------------------------------ device / dtype moves
     def _apply(self, fn, recurse=True):

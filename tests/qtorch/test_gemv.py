@@ -1,5 +1,6 @@
 """qtorch.gemv: the one-row kernel of the blocked layouts, on torch's OpenMP team and on qcore's threads."""
 
+import copy
 import os
 import sys
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 import qtorch
+from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
 from qtorch import _omp, gemv
+from qtorch.linear import QuantLinear
 from qtorch import kernels as K
 
 from .test_kernels import CASES, _random_canonical
@@ -87,8 +90,8 @@ def test_single_row_forward_takes_the_one_row_kernel(cls, shape, dtype, monkeypa
     q = cls.from_linear(lin)
     assert q.weight_layout == "blocked"
     calls = []
-    real = gemv._gemv_tensors
-    monkeypatch.setattr(gemv, "_gemv_tensors", lambda *a: calls.append(1) or real(*a))
+    real = gemv.run_plan
+    monkeypatch.setattr(gemv, "run_plan", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(*shape, dtype=dtype)
     with torch.no_grad():
         y = q(x)
@@ -137,3 +140,52 @@ def test_a_forked_child_runs_the_kernels_on_its_own_thread():
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _plain(monkeypatch):
+    monkeypatch.setattr(QuantLinear, "_gemv_plan", lambda self, b: None)
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(8, True, PerChannel(0)), QuantScheme(8, False, PerGroup(64)),
+                                    QuantScheme(4, True, PerGroup(32)), QuantScheme(4, False, PerChannel(0)),
+                                    QuantScheme(8, True, PerTensor())], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_layers_one_row_plan_gives_the_plain_paths_bits(scheme, dtype, monkeypatch, blocked_kernels):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 128, dtype=dtype)
+    q = QuantLinear.from_linear(lin, scheme)
+    x = torch.randn(1, 256, dtype=dtype)
+    with torch.no_grad():
+        planned = q(x)
+        with monkeypatch.context() as m:
+            _plain(m)
+            plain = q(x)
+    assert torch.equal(planned, plain)
+    has_plan = q._gemv_plan(q._buffers) is not None
+    assert has_plan == (q.weight_layout == "blocked" and not isinstance(scheme.granularity, PerTensor))
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(8, True, PerChannel(0)), QuantScheme(4, False, PerGroup(64)),
+                                    QuantScheme(8, True, PerTensor())], ids=str)
+def test_the_plan_follows_the_layers_buffers(scheme, blocked_kernels):
+    # in place (load_state_dict), replaced (a copy of the layer), and copied layers: no stale plan
+    torch.manual_seed(1)
+    a = QuantLinear.from_linear(torch.nn.Linear(256, 128), scheme)
+    b = QuantLinear.from_linear(torch.nn.Linear(256, 128), scheme)
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+        assert not torch.equal(ya, yb)
+        c = copy.deepcopy(a)
+        assert torch.equal(c(x), ya)
+        a.load_state_dict(b.state_dict())  # copies into a's own buffers: same tensors, new values
+        assert torch.equal(a(x), yb)
+        assert torch.equal(c(x), ya)  # the copy kept its own weights
+        c.load_state_dict(b.state_dict())
+        assert torch.equal(c(x), yb)
+        d = QuantLinear.from_linear(torch.nn.Linear(256, 128), scheme)
+        d.bias = c.bias
+        yd = d(x)
+        for name in ("qweight", "scale", "zero_point"):  # replaced buffers
+            c._buffers[name] = d._buffers[name].clone()
+        assert torch.equal(c(x), yd)
