@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _team
 
-__all__ = ["TEAM_HEADER", "f64_bits", "run_chunks", "run_split", "team_chunks", "threads"]
+__all__ = ["f64_bits", "run_chunks", "run_split", "team_chunks", "threads"]
 
 try:
     CPUS = len(os.sched_getaffinity(0))  # the cores this process may run on (containers, taskset)
@@ -36,7 +36,6 @@ NUM_THREADS = max(1, min(CPUS, int(os.environ.get("QCORE_NUM_THREADS") or os.env
 DYNAMIC = True
 CHUNKS_PER_THREAD = 2  # claimable chunks per thread: balance vs hand-off costs (8 cost 2-3% of a 1.6 ms pack)
 TEAM_CHUNKS_PER_THREAD = 8  # on a team a claim is one atomic add: more chunks balance a late or stolen core
-TEAM_HEADER = _team.HEADER
 
 _POOL = None
 _POOL_LOCK = threading.Lock()
@@ -134,19 +133,19 @@ def run_chunks(team_kernel, operands: tuple, total: int, min_part: int, keep: tu
     """Run a team kernel over chunks covering ``[0, total)``; returns each chunk's result (uint64), in order.
 
     ``team_kernel`` (a ``_team.TeamKernel``) gets an int64 block ``[0, chunks, total, *operands,
-    results...]``: ``operands`` are at most ``TEAM_HEADER - 3`` ints, array addresses among them; every thread
+    results...]``: ``operands`` are at most ``_team.HEADER - 3`` ints, array addresses among them; every thread
     that calls it claims chunks from the counter at ``block[0]`` until none is left and writes chunk i's result
-    at ``TEAM_HEADER + i``. ``keep``: the arrays behind those addresses, held until every thread is done (even
+    at ``_team.HEADER + i``. ``keep``: the arrays behind those addresses, held until every thread is done (even
     when the caller is interrupted). Chunks hold at least ``min_part`` items; ``nchunks`` (from
     :func:`team_chunks`) fixes their number for a kernel that writes per-chunk output. It runs on an OpenMP team
     where the process has one (``qcore._team``), else on this thread plus pool threads, else (one chunk, or one
     idle core) on this thread alone.
     """
-    if len(operands) > TEAM_HEADER - 3:
-        raise ValueError(f"a team block holds at most {TEAM_HEADER - 3} operands, got {len(operands)}")
+    if len(operands) > _team.HEADER - 3:
+        raise ValueError(f"a team block holds at most {_team.HEADER - 3} operands, got {len(operands)}")
     nchunks = team_chunks(total, min_part) if nchunks is None else max(1, nchunks)
     nthreads = min(threads(team=_team.gomp_parallel() is not None), nchunks) if nchunks >= 2 else 1
-    block = np.zeros(TEAM_HEADER + nchunks + 1, np.int64)  # the last entry counts the chunks done
+    block = np.zeros(_team.HEADER + nchunks + 1, np.int64)  # the last entry counts the chunks done
     block[1], block[2] = nchunks, total
     block[3:3 + len(operands)] = operands
     if nthreads == 1 or not _team.run(team_kernel, block, nthreads):
@@ -175,7 +174,7 @@ def run_chunks(team_kernel, operands: tuple, total: int, min_part: int, keep: tu
                                        "qcore._team (delete qcore/__pycache__/*.nb[ic])")
                 returned.acquire()
                 waited += 1
-    return block[TEAM_HEADER:TEAM_HEADER + nchunks].view(np.uint64)
+    return block[_team.HEADER:_team.HEADER + nchunks].view(np.uint64)
 
 
 def run_split(kernel, args, total: int, min_part: int) -> list:
