@@ -21,7 +21,7 @@ from . import _kernels
 from ._parallel import f64_bits, run_chunks, team_chunks
 from .scheme import PerChannel, PerGroup, QuantScheme, _normalize_axis
 
-__all__ = ["QuantizedArray", "compute_qparams", "quantize", "dequantize", "fake_quantize", "check_float_array"]
+__all__ = ["QuantizedArray", "check_grid", "compute_qparams", "quantize", "dequantize", "fake_quantize", "check_float_array"]
 
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16))
 _MIN_PART = 1 << 16  # elements per thread's share, at least: below that a thread hand-off costs more
@@ -79,6 +79,44 @@ def _raise_nonfinite(x: np.ndarray, name: str) -> None:
         raise ValueError(f"{name} contains {x[idx]} at index {idx}, beyond the float32 range (|x| <= "
                          f"{_F32_MAX:.4g}) that float32 scales can represent")
     raise ValueError(f"{name} contains {x[idx]} at index {idx}; NaN and Inf cannot be quantized")
+
+
+def check_grid(scale: np.ndarray, zero_point: Optional[np.ndarray], scheme: QuantScheme) -> None:
+    """``ValueError`` unless every scale is finite and > 0 and every code of the scheme's range dequantizes to a
+    finite float32 (the guarantee :func:`quantize` gives, checked again on parameters that come from a file).
+
+    >>> import numpy as np; from qcore import QuantScheme
+    >>> check_grid(np.array([3e38], np.float32), None, QuantScheme(8))
+    Traceback (most recent call last):
+    ...
+    ValueError: scale 3e+38 at index (0,) makes code 127 dequantize to inf (float32 overflow)
+    """
+    scale = np.asarray(scale)
+    if scale.size == 0:
+        return
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.isfinite(scale) & (scale > 0))
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0]) if scale.ndim else ()
+        raise ValueError(f"scale must be finite and > 0 everywhere, got {float(scale[idx]):.6g} at index {idx}")
+    # the farthest code from the zero point: qmax - zp or zp - qmin (symmetric: zp = 0, qmin = -qmax)
+    if zero_point is None:
+        reach = np.full(scale.shape, scheme.qmax, np.float32)
+    else:
+        zp = np.asarray(zero_point).astype(np.int32)
+        reach = np.maximum(scheme.qmax - zp, zp - scheme.qmin).astype(np.float32)
+    with np.errstate(over="ignore"):
+        far = reach * scale.astype(np.float32)  # the multiplication dequantize performs, in float32
+    over = ~np.isfinite(far)
+    if over.any():
+        idx = tuple(int(i) for i in np.argwhere(over)[0]) if scale.ndim else ()
+        if zero_point is None:
+            what = f"code {scheme.qmax}"
+        else:
+            z = int(np.asarray(zero_point)[idx])
+            what = f"code {scheme.qmax if scheme.qmax - z >= z - scheme.qmin else scheme.qmin} (zero point {z})"
+        raise ValueError(f"scale {float(scale[idx]):.6g} at index {idx} makes {what} dequantize to inf "
+                         "(float32 overflow)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,12 +204,13 @@ class QuantizedArray:
     @classmethod
     def from_parts(cls, codes, scale, zero_point, scheme: QuantScheme) -> "QuantizedArray":
         """Build from arrays after checking dtypes, shapes, the code range, and that scales are finite and > 0."""
-        qa = cls(np.ascontiguousarray(codes), _contiguous(scale),
+        # _contiguous, not np.ascontiguousarray: the latter turns 0-d codes into shape (1,), which the
+        # constructor would then accept instead of refusing
+        qa = cls(_contiguous(codes), _contiguous(scale),
                  None if zero_point is None else _contiguous(zero_point), scheme)
-        if not np.all(np.isfinite(qa.scale) & (qa.scale > 0)):
-            raise ValueError("scale must be finite and > 0 everywhere")
         if qa.zero_point is not None and qa.zero_point.size and int(qa.zero_point.max()) > scheme.qmax:
             raise ValueError(f"zero_point {int(qa.zero_point.max())} is outside 0..{scheme.qmax}")
+        check_grid(qa.scale, qa.zero_point, scheme)
         if qa.codes.size and (int(qa.codes.min()) < scheme.qmin or int(qa.codes.max()) > scheme.qmax):
             raise ValueError(f"codes outside {scheme.qmin}..{scheme.qmax} for scheme {scheme}")
         return qa
