@@ -71,7 +71,9 @@ _F32_MAX = float(np.finfo(np.float32).max)
 
 def _raise_nonfinite(x: np.ndarray, name: str) -> None:
     """Raise the ValueError for the first value the kernels flagged (slow path: only runs on bad input)."""
-    xv = x.astype(np.float32) if x.dtype == ml_dtypes.bfloat16 else x
+    # compared in float32 (float64 input as it is): in float16 the float32 bound itself rounds to inf, and
+    # ``inf <= inf`` would let the infinity through
+    xv = x if x.dtype == np.float64 else x.astype(np.float32)
     with np.errstate(invalid="ignore"):
         bad = np.argwhere(~(np.abs(xv) <= _F32_MAX))  # NaN compares False, so it is caught too
     idx = tuple(int(i) for i in bad[0])

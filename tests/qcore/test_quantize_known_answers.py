@@ -240,3 +240,26 @@ def test_packed_signed_layout_is_offset_binary():
     # symmetric 4-bit codes -7..7 are stored as code + 8: [-1.0, 1.0] -> codes [-7, 7] -> nibbles 1, 15
     qa = quantize(np.array([-1.0, 1.0], np.float32), QuantScheme(4, True, PerTensor()))
     assert qa.codes.tolist() == [-7, 7] and qa.packed().tolist() == [1 | 15 << 4]
+
+
+def test_from_parts_refuses_0d_codes_as_the_constructor_does():
+    with pytest.raises(ValueError, match="0-d"):
+        QuantizedArray.from_parts(np.array(3, np.int8), np.array(1, np.float32), None, QuantScheme(8, True, PerTensor()))
+
+
+@pytest.mark.parametrize("scheme,zp,bad", [
+    (QuantScheme(8, True, PerTensor()), None, "code 127 dequantize to inf"),
+    (QuantScheme(8, False, PerTensor()), 200, r"code 0 \(zero point 200\) dequantize to inf"),
+    (QuantScheme(4, False, PerTensor()), 3, r"code 15 \(zero point 3\) dequantize to inf"),
+])
+def test_from_parts_refuses_scales_whose_codes_overflow(scheme, zp, bad):
+    # 3e38 is finite, but 127 * 3e38 is not: a file must not bring in what quantize would never make
+    codes = np.zeros(4, scheme.code_dtype)
+    z = None if zp is None else np.array(zp, np.uint8)
+    with pytest.raises(ValueError, match=bad):
+        QuantizedArray.from_parts(codes, np.array(3e38, np.float32), z, scheme)
+    edge = np.float32(F32_MAX / max(scheme.qmax - (zp or 0), zp or 0))
+    edge = np.nextafter(edge, np.float32(0))  # the largest scale quantize itself could produce here
+    qa = QuantizedArray.from_parts(codes, np.array(edge, np.float32), z, scheme)
+    full = np.full(4, scheme.qmin if zp and zp > scheme.qmax - zp else scheme.qmax, scheme.code_dtype)
+    assert np.all(np.isfinite(dequantize(QuantizedArray.from_parts(full, qa.scale, z, scheme))))

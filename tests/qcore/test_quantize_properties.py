@@ -137,3 +137,36 @@ def test_other_output_dtypes(dtype):
     y = dequantize(qa, dtype=dtype)
     assert y.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(y, dequantize(qa).astype(dtype))
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+@st.composite
+def extreme_groups(draw):
+    """Per-tensor schemes on values anywhere up to +-float32 max, ranges wider than float32 can hold included."""
+    bits = draw(st.integers(1, 8))
+    symmetric = bits > 1 and draw(st.booleans())
+    ends = st.floats(0, 1).map(lambda u: u * F32_MAX)
+    lo, hi = -draw(ends), draw(ends)
+    fill = st.floats(0, 1).map(lambda u: lo + u * (hi - lo))
+    x = np.array([lo, hi] + draw(st.lists(fill, max_size=6)), np.float32)
+    return x, QuantScheme(bits, symmetric, PerTensor())
+
+
+@given(extreme_groups())
+def test_error_bound_at_the_float32_extremes(case):
+    """The exact bound: half a step, unless an asymmetric group spans more than float32 max; then one step.
+
+    Such a group's grid is shrunk so that every code dequantizes to a finite float32, and an integer zero point
+    (0.0 exact) cannot centre it, so the far end is clipped by up to one step.
+    """
+    x, scheme = case
+    qa = quantize(x, scheme)
+    y = dequantize(qa).astype(np.float64)
+    assert np.all(np.isfinite(y))
+    xf = x.astype(np.float64)
+    err, step = np.abs(xf - y), float(qa.scale)
+    span = max(float(xf.max()), 0.0) - min(float(xf.min()), 0.0)
+    bound = step / 2 if scheme.symmetric or span <= F32_MAX else step
+    assert np.all(err <= bound * (1 + 1e-6) + np.abs(xf) * 2e-7), (float(np.max(err)) / step, span)
