@@ -1,4 +1,4 @@
-"""Bit packing of 1..8-bit unsigned codes into uint8 (the layout of DESIGN.md section 3).
+"""Bit packing of 1..8-bit unsigned codes into uint8 (the layout of docs/packing.md).
 
 Layout
 ------

@@ -172,7 +172,7 @@ class QuantizedArray:
         return n + self.scale.nbytes + (0 if self.zero_point is None else self.zero_point.nbytes)
 
     def packed(self) -> np.ndarray:
-        """Codes packed along the last axis (DESIGN section 3); signed codes get the ``2^(b-1)`` offset.
+        """Codes packed along the last axis (docs/packing.md); signed codes get the ``2^(b-1)`` offset.
 
         >>> import numpy as np; from qcore import QuantScheme, PerTensor, quantize
         >>> quantize(np.array([-1.0, 1.0], np.float32), QuantScheme(4, True, PerTensor())).packed()

@@ -1,4 +1,4 @@
-"""Plain NumPy reference of the quantization numerics (DESIGN.md section 2), written independently of the
+"""Plain NumPy reference of the quantization numerics (docs/numerics.md), written independently of the
 numba kernels. The kernels must equal it bit for bit."""
 
 import ml_dtypes

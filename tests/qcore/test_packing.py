@@ -1,4 +1,4 @@
-"""qcore.packing: the byte layout of DESIGN.md section 3, round trips, and the errors at the boundary.
+"""qcore.packing: the byte layout of docs/packing.md, round trips, and the errors at the boundary.
 
 The reference below is a plain NumPy bit stream (np.unpackbits / np.packbits with bitorder="little"),
 written independently of the numba kernels.
@@ -195,7 +195,7 @@ def test_output_is_a_new_array():
         assert not np.shares_memory(unpack(packed, bits, 16), packed)
 
 
-# --- the compressed-tensors consequence (DESIGN.md section 3) --------------------------------------
+# --- the compressed-tensors consequence (docs/packing.md) --------------------------------------
 
 
 def pack_to_int32_reference(value, num_bits):
@@ -218,7 +218,7 @@ def test_rows_viewed_as_int32_are_compressed_tensors_pack_to_int32(bits):
     half = 1 << (bits - 1)
     for cols in (32, 64, 96, 4096):
         signed = rng.integers(-half, half, (7, cols), dtype=np.int8)  # full signed range, incl. -2^(b-1)
-        packed = pack((signed.astype(np.int16) + half).astype(np.uint8), bits)  # DESIGN: offset first
+        packed = pack((signed.astype(np.int16) + half).astype(np.uint8), bits)  # docs/packing.md: offset first
         as_int32 = packed.view("<i4")
         assert as_int32.shape == (7, cols * bits // 32)
         np.testing.assert_array_equal(as_int32, pack_to_int32_reference(signed, bits))

@@ -1,4 +1,4 @@
-"""DESIGN.md section 2 promises, as properties over random shapes, axes, bits, modes and granularities."""
+"""The promises of docs/numerics.md, as properties over random shapes, axes, bits, modes and granularities."""
 
 import ml_dtypes
 import numpy as np
