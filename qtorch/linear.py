@@ -72,6 +72,13 @@ def _check_dtype(dtype) -> torch.dtype:
     return dtype
 
 
+def _canonical_copy(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A C-contiguous copy of ``t`` on ``device``: the layout the layer builds itself. PyTorch's kernels need it
+    (``_weight_int8pack_mm`` refuses other strides) and the dense path sums in another order on other strides."""
+    # clone(memory_format=...), not .to(memory_format=...): the latter keeps the strides when nothing else changes
+    return t.detach().to(device=device, dtype=dtype).clone(memory_format=torch.contiguous_format)
+
+
 def _granularity_info(scheme: QuantScheme, n: int, k: int):
     """(kind, axis normalised to 0/1, group size along that axis) for a [n, k] weight."""
     g = scheme.granularity
@@ -470,10 +477,10 @@ class QuantLinear(nn.Module):
         if errors or own_unexpected or any(prefix + n not in state_dict for n in exp):
             return
         dev = self.qweight.device
-        z = got["zero_point"].to(dev).clone() if "zero_point" in got else None
-        self._set_canonical(got["qweight"].to(dev).clone(), got["scale"].to(dev).clone(), z)
+        z = _canonical_copy(got["zero_point"], dev) if "zero_point" in got else None
+        self._set_canonical(_canonical_copy(got["qweight"], dev), _canonical_copy(got["scale"], dev), z)
         if "bias" in got:
-            self._buffers["bias"] = got["bias"].to(device=dev, dtype=self.compute_dtype).clone()
+            self._buffers["bias"] = _canonical_copy(got["bias"], dev, self.compute_dtype)
 
     # ------------------------------------------------------------------ repr
     def extra_repr(self) -> str:

@@ -420,3 +420,33 @@ def test_bfloat16_int8_layers_without_a_tile_keep_int8pack(blocked_kernels, monk
     _check_close(q(x), x, q)
     assert calls == [1]
     assert qtorch.W8A16Linear.from_linear(torch.nn.Linear(64, 1024, dtype=torch.bfloat16)).weight_layout == "blocked"
+
+
+def _other_strides(t):
+    """``t`` with the same values in another memory layout: column-major when 2-D, every other element when 1-D."""
+    if t.dim() == 2:
+        return t.t().contiguous().t()
+    if t.dim() == 1 and t.numel() > 1:
+        return torch.stack([t, t], -1)[..., 0]
+    return t
+
+
+@pytest.mark.parametrize("scheme,n", SCHEMES + [(QuantScheme(4, False, PerGroup(32)), 32)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_loaded_state_is_canonical_whatever_the_strides_of_the_source(scheme, n, dtype, torch_pack_kernels):
+    k = 64
+    torch.manual_seed(n)
+    src = qtorch.QuantLinear.from_linear(torch.nn.Linear(k, n, dtype=dtype), scheme)
+    sd = src.state_dict()
+    strided = {key: _other_strides(t) for key, t in sd.items()}
+    assert not strided["qweight"].is_contiguous()
+    dst = qtorch.QuantLinear(k, n, scheme=scheme, dtype=dtype)
+    dst.load_state_dict(strided)
+    assert dst.weight_layout == src.weight_layout
+    for key, t in src._buffers.items():  # the layout the layer builds itself, bit for bit
+        if t is not None:
+            assert dst._buffers[key].is_contiguous() and dst._buffers[key].stride() == t.stride(), key
+            assert torch.equal(dst._buffers[key], t), key
+    for rows in (1, 3, 300):
+        x = torch.randn(rows, k, dtype=dtype)
+        assert torch.equal(dst(x), src(x)), rows
