@@ -42,6 +42,7 @@ from torch import nn
 
 import qcore
 from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
+from qcore.quantize import check_grid
 
 from . import kernels as K
 from ._torch_numpy import to_numpy
@@ -445,14 +446,21 @@ class QuantLinear(nn.Module):
                               f"out_features={self.out_features})")
                 continue
             got[name] = t
-        if "scale" in got:
-            s = got["scale"]
-            if s.numel() and not bool(torch.all(torch.isfinite(s) & (s > 0))):
-                errors.append(f"{prefix}scale: every scale must be finite and > 0")
+        zp_ok = True
         if "zero_point" in got and got["zero_point"].numel():
             zmax = int(got["zero_point"].max())
             if zmax > self.scheme.qmax:
                 errors.append(f"{prefix}zero_point: {zmax} is outside 0..{self.scheme.qmax}")
+                zp_ok = False
+        if "scale" in got and (self.scheme.symmetric or "zero_point" in got):
+            # every code must dequantize to a finite float32 (a finite scale of 3e38 does not): qcore's own check,
+            # on NumPy copies (scales are one per channel or group, small beside the codes)
+            zp = got.get("zero_point")
+            try:
+                # a zero point out of range is reported above; the grid is then checked from code qmax
+                check_grid(to_numpy(got["scale"]), to_numpy(zp) if zp is not None and zp_ok else None, self.scheme)
+            except ValueError as e:
+                errors.append(f"{prefix}scale: {e}")
         if "qweight" in got and got["qweight"].numel():
             # the decoded codes of every width (sub-8-bit symmetric ones carry the offset 2^(bits-1))
             q = got["qweight"]

@@ -450,3 +450,22 @@ def test_loaded_state_is_canonical_whatever_the_strides_of_the_source(scheme, n,
     for rows in (1, 3, 300):
         x = torch.randn(rows, k, dtype=dtype)
         assert torch.equal(dst(x), src(x)), rows
+
+
+@pytest.mark.parametrize("scheme", [W8, W4, QuantScheme(2, False, PerTensor())], ids=str)
+def test_load_refuses_finite_scales_whose_codes_dequantize_to_inf(scheme):
+    src = qtorch.QuantLinear.from_linear(torch.nn.Linear(64, 32), scheme)
+    dst = qtorch.QuantLinear.from_linear(torch.nn.Linear(64, 32), scheme)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    sd = src.state_dict()
+    huge = sd["scale"].clone()
+    huge.view(-1)[-1] = 3e38  # finite, but 3e38 * (code - zero point) overflows float32
+    with pytest.raises(RuntimeError, match=r"scale: scale 3e\+38 at index .* dequantize to inf"):
+        dst.load_state_dict({**sd, "scale": huge})
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
+    assert torch.isfinite(dst.dequantized_weight()).all()
+    # a large scale that keeps every code finite (255 * 1e36 < 3.4e38) still loads
+    ok = sd["scale"].clone()
+    ok.view(-1)[-1] = 1e36
+    dst.load_state_dict({**sd, "scale": ok})
+    assert torch.isfinite(dst.dequantized_weight()).all()
