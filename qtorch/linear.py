@@ -27,12 +27,18 @@ key           content
 At run time on CPU the codes may be held in a kernel layout instead (see :mod:`qtorch.kernels`); ``state_dict``
 converts back, ``load_state_dict`` validates every key (shape, dtype, value range) before changing anything, and
 loads a layer's state all or nothing: a missing or unexpected key of the layer (``bias`` included) leaves it as it
-was, with ``strict=False`` too (the keys are reported in the result).
+was, with ``strict=False`` too (the keys are reported in the result). Loaded tensors are stored C-contiguous, whatever
+their strides, and every scale must make every code dequantize to a finite float32.
+
+The meta device works as for ``nn.Linear``: ``with torch.device("meta"):`` builds layers with no memory,
+``load_state_dict(state, assign=True)`` then takes the state's tensors and device, ``to_empty(device=...)`` gives
+a zero weight ready for ``load_state_dict``, and ``.to()`` out of meta raises (there is nothing to copy).
 """
 
 from __future__ import annotations
 
 import numbers
+import warnings
 import weakref
 
 import numpy as np
@@ -80,6 +86,11 @@ def _canonical_copy(t: torch.Tensor, device: torch.device, dtype: torch.dtype | 
     return t.detach().to(device=device, dtype=dtype).clone(memory_format=torch.contiguous_format)
 
 
+def _canonical_view(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` itself where it is already C-contiguous on ``device`` in ``dtype`` (``assign=True``), else a copy."""
+    return t.detach().to(device=device, dtype=dtype).contiguous()
+
+
 def _granularity_info(scheme: QuantScheme, n: int, k: int):
     """(kind, axis normalised to 0/1, group size along that axis) for a [n, k] weight."""
     g = scheme.granularity
@@ -122,7 +133,8 @@ class QuantLinear(nn.Module):
         self._pshape = tuple(scheme.params_shape((self.out_features, self.in_features)))
         self._layout = "canonical"
         self._int4pack_failed = False
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        # like nn.Linear: no device means the default one, so `with torch.device("meta"):` builds on meta
+        device = torch.device(device) if device is not None else torch.get_default_device()
         q, s, z = self._zero_state(device)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", s)
@@ -247,6 +259,10 @@ class QuantLinear(nn.Module):
         if isinstance(weight, torch.Tensor):
             if not weight.is_floating_point():
                 raise TypeError(f"weight must be a floating tensor, got dtype {weight.dtype}")
+            if weight.device.type == "meta":
+                raise ValueError(f"weight {list(weight.shape)} is on the meta device: it has no values to quantize. "
+                                 "Load the float weights first, or build the layer on meta and fill it with "
+                                 "load_state_dict(quantized_state, assign=True)")
             shape = tuple(weight.shape)
         else:
             weight = np.asarray(weight)
@@ -393,16 +409,26 @@ class QuantLinear(nn.Module):
             _check_dtype(probe.dtype)
         new_device = probe.device
         old_device = self.qweight.device
-        if new_device.type != old_device.type and self._layout != "canonical":
-            self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = self._canonical()
+        if old_device.type == "meta" and new_device.type != "meta":
+            # only to_empty() gets here (.to() cannot copy out of meta: the probe above raised, as nn.Linear does).
+            # There is nothing to move: the layer starts over from its zero weight, whose codes and scales are valid
+            # for every path, and load_state_dict fills it.
+            self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = self._zero_state(new_device)
             self._layout = "canonical"
-        for name, buf in list(self._buffers.items()):
-            if buf is None:
-                continue
-            if name == "bias":
-                self._buffers[name] = fn(buf)
-            else:
-                self._buffers[name] = buf.to(new_device)
+            if self._buffers["bias"] is not None:
+                self._buffers["bias"] = torch.zeros(self.out_features, dtype=probe.dtype if probe.is_floating_point()
+                                                    else self.compute_dtype, device=new_device)
+        else:
+            if new_device.type != old_device.type and self._layout != "canonical":
+                self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = self._canonical()
+                self._layout = "canonical"
+            for name, buf in list(self._buffers.items()):
+                if buf is None:
+                    continue
+                if name == "bias":
+                    self._buffers[name] = fn(buf)
+                else:
+                    self._buffers[name] = buf.to(new_device)
         if probe.is_floating_point():
             self.compute_dtype = probe.dtype
         self._relayout()
@@ -446,24 +472,34 @@ class QuantLinear(nn.Module):
                               f"out_features={self.out_features})")
                 continue
             got[name] = t
+        # assign=True (the way to fill a model built on meta): the layer takes the state's tensors and their device,
+        # as nn.Linear does; otherwise it copies them onto its own device (a layer on meta stays there)
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
+        dev = got["qweight"].device if assign and "qweight" in got else self.qweight.device
+        if dev.type != "meta":
+            for name, t in got.items():
+                if t.device.type == "meta":
+                    errors.append(f"{prefix}{name}: is on the meta device, it has no data to load into this layer on "
+                                  f"{dev} (assign=True takes meta tensors, and the layer moves to meta)")
+        real = {name: t for name, t in got.items() if t.device.type != "meta"}  # the values that can be checked
         zp_ok = True
-        if "zero_point" in got and got["zero_point"].numel():
+        if "zero_point" in real and real["zero_point"].numel():
             zmax = int(got["zero_point"].max())
             if zmax > self.scheme.qmax:
                 errors.append(f"{prefix}zero_point: {zmax} is outside 0..{self.scheme.qmax}")
                 zp_ok = False
-        if "scale" in got and (self.scheme.symmetric or "zero_point" in got):
+        if "scale" in real and (self.scheme.symmetric or "zero_point" in real):
             # every code must dequantize to a finite float32 (a finite scale of 3e38 does not): qcore's own check,
             # on NumPy copies (scales are one per channel or group, small beside the codes)
-            zp = got.get("zero_point")
+            zp = real.get("zero_point")
             try:
                 # a zero point out of range is reported above; the grid is then checked from code qmax
-                check_grid(to_numpy(got["scale"]), to_numpy(zp) if zp is not None and zp_ok else None, self.scheme)
+                check_grid(to_numpy(real["scale"]), to_numpy(zp) if zp is not None and zp_ok else None, self.scheme)
             except ValueError as e:
                 errors.append(f"{prefix}scale: {e}")
-        if "qweight" in got and got["qweight"].numel():
+        if "qweight" in real and real["qweight"].numel():
             # the decoded codes of every width (sub-8-bit symmetric ones carry the offset 2^(bits-1))
-            q = got["qweight"]
+            q = real["qweight"]
             codes = q if self.bits == 8 else K.unpack_codes(q, self.bits, self.in_features)
             off = (1 << (self.bits - 1)) if self.scheme.symmetric and self.bits < 8 else 0
             lo, hi = int(codes.min()) - off, int(codes.max()) - off
@@ -484,11 +520,17 @@ class QuantLinear(nn.Module):
         # loads only a state that is exactly its own, so that a failed load changes nothing.
         if errors or own_unexpected or any(prefix + n not in state_dict for n in exp):
             return
-        dev = self.qweight.device
-        z = _canonical_copy(got["zero_point"], dev) if "zero_point" in got else None
-        self._set_canonical(_canonical_copy(got["qweight"], dev), _canonical_copy(got["scale"], dev), z)
+        if dev.type == "meta" and not assign:
+            for name in real:  # nn.Linear's warning: loading real tensors into meta ones copies nothing
+                warnings.warn(f"for {prefix}{name}: copying from a non-meta parameter in the checkpoint to a meta "
+                              "parameter in the current model, which is a no-op. (Did you mean to pass `assign=True` "
+                              "to assign items in the state dictionary to their corresponding key in the module "
+                              "instead of copying them in place?)", UserWarning, stacklevel=2)
+        take = _canonical_view if assign else _canonical_copy
+        z = take(got["zero_point"], dev) if "zero_point" in got else None
+        self._set_canonical(take(got["qweight"], dev), take(got["scale"], dev), z)
         if "bias" in got:
-            self._buffers["bias"] = _canonical_copy(got["bias"], dev, self.compute_dtype)
+            self._buffers["bias"] = take(got["bias"], dev, self.compute_dtype)
 
     # ------------------------------------------------------------------ repr
     def extra_repr(self) -> str:
