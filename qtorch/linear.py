@@ -56,7 +56,7 @@ from ._torch_numpy import to_numpy
 #: layer -> (qweight, scale, zero_point, its one-row plan or None): weak keys, so the plan goes with the layer
 _GEMV_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-__all__ = ["QuantLinear", "W8A16Linear", "W4A16Linear", "W8A16LinearLayer", "QuantizedLinear",
+__all__ = ["QuantLinear", "W8A16Linear", "W4A16Linear", "W8A16LinearLayer", "QWQALinearLayer", "QuantizedLinear",
            "COMPUTE_DTYPES"]
 
 #: activation / compute dtypes the layers accept
@@ -71,6 +71,16 @@ def _check_features(name: str, value) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return int(value)
+
+
+def _check_bias(bias) -> bool:
+    if bias is None or isinstance(bias, (bool, np.bool_)):
+        return bool(bias)
+    if isinstance(bias, torch.dtype):  # W8A16LinearLayer(in, out, torch.bfloat16): the dtype in the bias slot
+        raise TypeError(f"bias must be True, False or None, got the dtype {bias}; pass it as dtype={bias}")
+    hint = (" (a tensor: build the layer with bias=True, then layer.bias.copy_(values), or use from_linear)"
+            if isinstance(bias, torch.Tensor) else "")
+    raise TypeError(f"bias must be True, False or None (no bias), got {type(bias).__name__}{hint}")
 
 
 def _check_dtype(dtype) -> torch.dtype:
@@ -120,6 +130,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features = _check_features("in_features", in_features)
         self.out_features = _check_features("out_features", out_features)
+        bias = _check_bias(bias)
         if not isinstance(scheme, QuantScheme):
             raise TypeError(f"scheme must be a qcore.QuantScheme, got {type(scheme).__name__}")
         try:
@@ -576,7 +587,15 @@ class W4A16Linear(QuantLinear):
 class W8A16LinearLayer(W8A16Linear):
     """Prior-art name and constructor: ``W8A16LinearLayer(in_features, out_features, bias=True, dtype=torch.float32)``.
 
-    ``.quantize(weights)`` then call it; ``int8_weights`` and ``scales`` are the prior-art attribute names.
+    ``bias`` is True, False or None (no bias), ``dtype`` the compute dtype; both may be given by keyword, in any
+    order (``W8A16LinearLayer(128, 64, dtype=torch.bfloat16, bias=None)``). A tensor or a dtype given as ``bias``
+    is a ``TypeError``. ``.quantize(weights)`` then call it; ``int8_weights`` and ``scales`` are the prior-art
+    attribute names.
+
+    >>> import torch
+    >>> layer = W8A16LinearLayer(in_features=4, out_features=8, bias=True)
+    >>> layer.quantize(torch.randn(8, 4)).int8_weights.dtype, layer(torch.randn(2, 4)).shape
+    (torch.int8, torch.Size([2, 8]))
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32):
@@ -589,6 +608,10 @@ class W8A16LinearLayer(W8A16Linear):
     @property
     def scales(self) -> torch.Tensor:
         return self._canonical()[1]
+
+
+class QWQALinearLayer(W8A16LinearLayer):
+    """Prior-art name (modular-quantization) of :class:`W8A16LinearLayer`: int8 weights, float activations."""
 
 
 class QuantizedLinear(QuantLinear):
