@@ -113,7 +113,7 @@ def _refuse_special_file(path: str, action: str) -> None:
         return
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return
-    kind = next((name for test, name in _SPECIAL_KINDS if test(mode)), "not a regular file")
+    kind = next((name for test, name in _SPECIAL_KINDS if test(mode)), "a special file")
     raise ValueError(f"{path}: is {kind}, not a regular file or a folder; refusing to {action} it")
 
 
