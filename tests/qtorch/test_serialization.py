@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -335,7 +336,6 @@ def test_non_strict_load_keeps_a_real_bias_the_file_lacks_and_reports_a_meta_one
 def _load_in_thread(model, path, seconds=20):
     """load_quantized(model, path) in a thread: the exception it raised, or "blocked" after ``seconds`` (a hang
     guard, not a timing assertion: a FIFO blocks forever)."""
-    import threading
     out = []
 
     def run():
