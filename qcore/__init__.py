@@ -8,7 +8,7 @@ True
 """
 
 from . import metrics
-from .compat import (calculate_quantization_error, channel_linear_quantize, linear_quantize,
+from .compat import (calculate_quantization_error, channel_linear_quantize, linear_dequantize, linear_quantize,
                      quantize_symmetric, quantize_weight_per_channel)
 from .metrics import quantization_error
 from .quantize import QuantizedArray, compute_qparams, dequantize, fake_quantize, quantize

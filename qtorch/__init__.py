@@ -7,8 +7,10 @@
 (2, 'QuantLinear')
 """
 
+from .compat import (calculate_quantization_error, channel_linear_quantize, dequantize, linear_dequantize,
+                     linear_quantize, quantize_symmetric, quantize_weight_per_channel)
 from .compile import compile
-from .linear import QuantizedLinear, QuantLinear, W4A16Linear, W8A16Linear, W8A16LinearLayer
+from .linear import QuantizedLinear, QuantLinear, QWQALinearLayer, W4A16Linear, W8A16Linear, W8A16LinearLayer
 from .memory import memory_footprint
 from .replace import (IncompatibleLayersError, Quantizer, plan, quantize_model, replace_linear_layers_with_w8a16,
                       replace_linear_with_target_and_quantize)

@@ -27,12 +27,18 @@ key           content
 At run time on CPU the codes may be held in a kernel layout instead (see :mod:`qtorch.kernels`); ``state_dict``
 converts back, ``load_state_dict`` validates every key (shape, dtype, value range) before changing anything, and
 loads a layer's state all or nothing: a missing or unexpected key of the layer (``bias`` included) leaves it as it
-was, with ``strict=False`` too (the keys are reported in the result).
+was, with ``strict=False`` too (the keys are reported in the result). Loaded tensors are stored C-contiguous, whatever
+their strides, and every scale must make every code dequantize to a finite float32.
+
+The meta device works as for ``nn.Linear``: ``with torch.device("meta"):`` builds layers with no memory,
+``load_state_dict(state, assign=True)`` then takes the state's tensors and device, ``to_empty(device=...)`` gives
+a zero weight ready for ``load_state_dict``, and ``.to()`` out of meta raises (there is nothing to copy).
 """
 
 from __future__ import annotations
 
 import numbers
+import warnings
 import weakref
 
 import numpy as np
@@ -42,6 +48,7 @@ from torch import nn
 
 import qcore
 from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
+from qcore.quantize import check_grid
 
 from . import kernels as K
 from ._torch_numpy import to_numpy
@@ -49,7 +56,7 @@ from ._torch_numpy import to_numpy
 #: layer -> (qweight, scale, zero_point, its one-row plan or None): weak keys, so the plan goes with the layer
 _GEMV_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-__all__ = ["QuantLinear", "W8A16Linear", "W4A16Linear", "W8A16LinearLayer", "QuantizedLinear",
+__all__ = ["QuantLinear", "W8A16Linear", "W4A16Linear", "W8A16LinearLayer", "QWQALinearLayer", "QuantizedLinear",
            "COMPUTE_DTYPES"]
 
 #: activation / compute dtypes the layers accept
@@ -66,10 +73,32 @@ def _check_features(name: str, value) -> int:
     return int(value)
 
 
+def _check_bias(bias) -> bool:
+    if bias is None or isinstance(bias, (bool, np.bool_)):
+        return bool(bias)
+    if isinstance(bias, torch.dtype):  # W8A16LinearLayer(in, out, torch.bfloat16): the dtype in the bias slot
+        raise TypeError(f"bias must be True, False or None, got the dtype {bias}; pass it as dtype={bias}")
+    hint = (" (a tensor: build the layer with bias=True, then layer.bias.copy_(values), or use from_linear)"
+            if isinstance(bias, torch.Tensor) else "")
+    raise TypeError(f"bias must be True, False or None (no bias), got {type(bias).__name__}{hint}")
+
+
 def _check_dtype(dtype) -> torch.dtype:
     if dtype not in COMPUTE_DTYPES:
         raise TypeError(f"dtype must be one of torch.float32, torch.float16, torch.bfloat16, got {dtype}")
     return dtype
+
+
+def _canonical_copy(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A C-contiguous copy of ``t`` on ``device``: the layout the layer builds itself. PyTorch's kernels need it
+    (``_weight_int8pack_mm`` refuses other strides) and the dense path sums in another order on other strides."""
+    # clone(memory_format=...), not .to(memory_format=...): the latter keeps the strides when nothing else changes
+    return t.detach().to(device=device, dtype=dtype).clone(memory_format=torch.contiguous_format)
+
+
+def _canonical_view(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` itself where it is already C-contiguous on ``device`` in ``dtype`` (``assign=True``), else a copy."""
+    return t.detach().to(device=device, dtype=dtype).contiguous()
 
 
 def _granularity_info(scheme: QuantScheme, n: int, k: int):
@@ -101,6 +130,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features = _check_features("in_features", in_features)
         self.out_features = _check_features("out_features", out_features)
+        bias = _check_bias(bias)
         if not isinstance(scheme, QuantScheme):
             raise TypeError(f"scheme must be a qcore.QuantScheme, got {type(scheme).__name__}")
         try:
@@ -114,7 +144,8 @@ class QuantLinear(nn.Module):
         self._pshape = tuple(scheme.params_shape((self.out_features, self.in_features)))
         self._layout = "canonical"
         self._int4pack_failed = False
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        # like nn.Linear: no device means the default one, so `with torch.device("meta"):` builds on meta
+        device = torch.device(device) if device is not None else torch.get_default_device()
         q, s, z = self._zero_state(device)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", s)
@@ -239,6 +270,10 @@ class QuantLinear(nn.Module):
         if isinstance(weight, torch.Tensor):
             if not weight.is_floating_point():
                 raise TypeError(f"weight must be a floating tensor, got dtype {weight.dtype}")
+            if weight.device.type == "meta":
+                raise ValueError(f"weight {list(weight.shape)} is on the meta device: it has no values to quantize. "
+                                 "Load the float weights first, or build the layer on meta and fill it with "
+                                 "load_state_dict(quantized_state, assign=True)")
             shape = tuple(weight.shape)
         else:
             weight = np.asarray(weight)
@@ -385,16 +420,26 @@ class QuantLinear(nn.Module):
             _check_dtype(probe.dtype)
         new_device = probe.device
         old_device = self.qweight.device
-        if new_device.type != old_device.type and self._layout != "canonical":
-            self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = self._canonical()
+        if old_device.type == "meta" and new_device.type != "meta":
+            # only to_empty() gets here (.to() cannot copy out of meta: the probe above raised, as nn.Linear does).
+            # There is nothing to move: the layer starts over from its zero weight, whose codes and scales are valid
+            # for every path, and load_state_dict fills it.
+            self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = self._zero_state(new_device)
             self._layout = "canonical"
-        for name, buf in list(self._buffers.items()):
-            if buf is None:
-                continue
-            if name == "bias":
-                self._buffers[name] = fn(buf)
-            else:
-                self._buffers[name] = buf.to(new_device)
+            if self._buffers["bias"] is not None:
+                self._buffers["bias"] = torch.zeros(self.out_features, dtype=probe.dtype if probe.is_floating_point()
+                                                    else self.compute_dtype, device=new_device)
+        else:
+            if new_device.type != old_device.type and self._layout != "canonical":
+                self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = self._canonical()
+                self._layout = "canonical"
+            for name, buf in list(self._buffers.items()):
+                if buf is None:
+                    continue
+                if name == "bias":
+                    self._buffers[name] = fn(buf)
+                else:
+                    self._buffers[name] = buf.to(new_device)
         if probe.is_floating_point():
             self.compute_dtype = probe.dtype
         self._relayout()
@@ -438,17 +483,34 @@ class QuantLinear(nn.Module):
                               f"out_features={self.out_features})")
                 continue
             got[name] = t
-        if "scale" in got:
-            s = got["scale"]
-            if s.numel() and not bool(torch.all(torch.isfinite(s) & (s > 0))):
-                errors.append(f"{prefix}scale: every scale must be finite and > 0")
-        if "zero_point" in got and got["zero_point"].numel():
+        # assign=True (the way to fill a model built on meta): the layer takes the state's tensors and their device,
+        # as nn.Linear does; otherwise it copies them onto its own device (a layer on meta stays there)
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
+        dev = got["qweight"].device if assign and "qweight" in got else self.qweight.device
+        if dev.type != "meta":
+            for name, t in got.items():
+                if t.device.type == "meta":
+                    errors.append(f"{prefix}{name}: is on the meta device, it has no data to load into this layer on "
+                                  f"{dev} (assign=True takes meta tensors, and the layer moves to meta)")
+        real = {name: t for name, t in got.items() if t.device.type != "meta"}  # the values that can be checked
+        zp_ok = True
+        if "zero_point" in real and real["zero_point"].numel():
             zmax = int(got["zero_point"].max())
             if zmax > self.scheme.qmax:
                 errors.append(f"{prefix}zero_point: {zmax} is outside 0..{self.scheme.qmax}")
-        if "qweight" in got and got["qweight"].numel():
+                zp_ok = False
+        if "scale" in real and (self.scheme.symmetric or "zero_point" in real):
+            # every code must dequantize to a finite float32 (a finite scale of 3e38 does not): qcore's own check,
+            # on NumPy copies (scales are one per channel or group, small beside the codes)
+            zp = real.get("zero_point")
+            try:
+                # a zero point out of range is reported above; the grid is then checked from code qmax
+                check_grid(to_numpy(real["scale"]), to_numpy(zp) if zp is not None and zp_ok else None, self.scheme)
+            except ValueError as e:
+                errors.append(f"{prefix}scale: {e}")
+        if "qweight" in real and real["qweight"].numel():
             # the decoded codes of every width (sub-8-bit symmetric ones carry the offset 2^(bits-1))
-            q = got["qweight"]
+            q = real["qweight"]
             codes = q if self.bits == 8 else K.unpack_codes(q, self.bits, self.in_features)
             off = (1 << (self.bits - 1)) if self.scheme.symmetric and self.bits < 8 else 0
             lo, hi = int(codes.min()) - off, int(codes.max()) - off
@@ -469,11 +531,17 @@ class QuantLinear(nn.Module):
         # loads only a state that is exactly its own, so that a failed load changes nothing.
         if errors or own_unexpected or any(prefix + n not in state_dict for n in exp):
             return
-        dev = self.qweight.device
-        z = got["zero_point"].to(dev).clone() if "zero_point" in got else None
-        self._set_canonical(got["qweight"].to(dev).clone(), got["scale"].to(dev).clone(), z)
+        if dev.type == "meta" and not assign:
+            for name in real:  # nn.Linear's warning: loading real tensors into meta ones copies nothing
+                warnings.warn(f"for {prefix}{name}: copying from a non-meta parameter in the checkpoint to a meta "
+                              "parameter in the current model, which is a no-op. (Did you mean to pass `assign=True` "
+                              "to assign items in the state dictionary to their corresponding key in the module "
+                              "instead of copying them in place?)", UserWarning, stacklevel=2)
+        take = _canonical_view if assign else _canonical_copy
+        z = take(got["zero_point"], dev) if "zero_point" in got else None
+        self._set_canonical(take(got["qweight"], dev), take(got["scale"], dev), z)
         if "bias" in got:
-            self._buffers["bias"] = got["bias"].to(device=dev, dtype=self.compute_dtype).clone()
+            self._buffers["bias"] = take(got["bias"], dev, self.compute_dtype)
 
     # ------------------------------------------------------------------ repr
     def extra_repr(self) -> str:
@@ -519,7 +587,15 @@ class W4A16Linear(QuantLinear):
 class W8A16LinearLayer(W8A16Linear):
     """Prior-art name and constructor: ``W8A16LinearLayer(in_features, out_features, bias=True, dtype=torch.float32)``.
 
-    ``.quantize(weights)`` then call it; ``int8_weights`` and ``scales`` are the prior-art attribute names.
+    ``bias`` is True, False or None (no bias), ``dtype`` the compute dtype; both may be given by keyword, in any
+    order (``W8A16LinearLayer(128, 64, dtype=torch.bfloat16, bias=None)``). A tensor or a dtype given as ``bias``
+    is a ``TypeError``. ``.quantize(weights)`` then call it; ``int8_weights`` and ``scales`` are the prior-art
+    attribute names.
+
+    >>> import torch
+    >>> layer = W8A16LinearLayer(in_features=4, out_features=8, bias=True)
+    >>> layer.quantize(torch.randn(8, 4)).int8_weights.dtype, layer(torch.randn(2, 4)).shape
+    (torch.int8, torch.Size([2, 8]))
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32):
@@ -532,6 +608,10 @@ class W8A16LinearLayer(W8A16Linear):
     @property
     def scales(self) -> torch.Tensor:
         return self._canonical()[1]
+
+
+class QWQALinearLayer(W8A16LinearLayer):
+    """Prior-art name (modular-quantization) of :class:`W8A16LinearLayer`: int8 weights, float activations."""
 
 
 class QuantizedLinear(QuantLinear):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 
 import numpy as np
 import torch
@@ -73,8 +74,8 @@ def empty_weights():
 def save_quantized(model: nn.Module, path, *, overwrite: bool = True) -> None:
     """Write ``model`` (with :class:`~qtorch.QuantLinear` layers) to the safetensors file ``path``.
 
-    The file is written under a temporary name and renamed when complete. The compute dtype of each quantized
-    layer is recorded, so :func:`load_quantized` restores it.
+    The file is written under a temporary name and renamed when complete (never over a FIFO or a device: a
+    ``ValueError``). The compute dtype of each quantized layer is recorded, so :func:`load_quantized` restores it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -94,7 +95,26 @@ def save_quantized(model: nn.Module, path, *, overwrite: bool = True) -> None:
             raise ValueError(f"{key} is on the meta device (never loaded); there is nothing to save")
         tensors[key] = to_numpy(value)
     metadata = {META_DTYPES: json.dumps(dtypes), META_LAYOUT: json.dumps(layout)}
-    ckpt_io.save(os.fspath(path), tensors, metadata=metadata, overwrite=overwrite)
+    path = os.fspath(path)
+    _refuse_special_file(path, "write over")
+    ckpt_io.save(path, tensors, metadata=metadata, overwrite=overwrite)
+
+
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                  (stat.S_ISSOCK, "a socket"))
+
+
+def _refuse_special_file(path: str, action: str) -> None:
+    """``ValueError`` naming ``path`` when it exists and is neither a regular file nor a folder: opening a FIFO
+    to read blocks until a writer comes (forever, in a script), and saving renames a file over it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # absent or unreachable: the reader or writer names the problem
+        return
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = next((name for test, name in _SPECIAL_KINDS if test(mode)), "a special file")
+    raise ValueError(f"{path}: is {kind}, not a regular file or a folder; refusing to {action} it")
 
 
 def _tensor_owners(model: nn.Module):
@@ -131,11 +151,13 @@ def load_quantized(model: nn.Module, path, *, device=None, strict: bool = True) 
     bias the file lacks keeps its own bias (a problem if that bias is on ``meta``).
 
     ``device`` places tensors that were on ``meta`` (default CPU); others keep the device they are on.
+    A path that is neither a regular file nor a folder (a FIFO, a device) is a ``ValueError`` before it is opened.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     target_device = torch.device(device) if device is not None else torch.device("cpu")
     path = os.fspath(path)
+    _refuse_special_file(path, "read")  # before anything opens it (the files of a folder must be regular ones)
     loaded = ckpt_io.load(path)  # validates the whole file first
     meta_dtypes, layouts = _qtorch_metadata(path)
     modules = dict(model.named_modules())

@@ -420,3 +420,145 @@ def test_bfloat16_int8_layers_without_a_tile_keep_int8pack(blocked_kernels, monk
     _check_close(q(x), x, q)
     assert calls == [1]
     assert qtorch.W8A16Linear.from_linear(torch.nn.Linear(64, 1024, dtype=torch.bfloat16)).weight_layout == "blocked"
+
+
+def _other_strides(t):
+    """``t`` with the same values in another memory layout: column-major when 2-D, every other element when 1-D."""
+    if t.dim() == 2:
+        return t.t().contiguous().t()
+    if t.dim() == 1 and t.numel() > 1:
+        return torch.stack([t, t], -1)[..., 0]
+    return t
+
+
+@pytest.mark.parametrize("scheme,n", SCHEMES + [(QuantScheme(4, False, PerGroup(32)), 32)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_loaded_state_is_canonical_whatever_the_strides_of_the_source(scheme, n, dtype, torch_pack_kernels):
+    k = 64
+    torch.manual_seed(n)
+    src = qtorch.QuantLinear.from_linear(torch.nn.Linear(k, n, dtype=dtype), scheme)
+    sd = src.state_dict()
+    strided = {key: _other_strides(t) for key, t in sd.items()}
+    assert not strided["qweight"].is_contiguous()
+    dst = qtorch.QuantLinear(k, n, scheme=scheme, dtype=dtype)
+    dst.load_state_dict(strided)
+    assert dst.weight_layout == src.weight_layout
+    for key, t in src._buffers.items():  # the layout the layer builds itself, bit for bit
+        if t is not None:
+            assert dst._buffers[key].is_contiguous() and dst._buffers[key].stride() == t.stride(), key
+            assert torch.equal(dst._buffers[key], t), key
+    for rows in (1, 3, 300):
+        x = torch.randn(rows, k, dtype=dtype)
+        assert torch.equal(dst(x), src(x)), rows
+
+
+
+
+@pytest.mark.parametrize("scheme", [W8, QuantScheme(8, False, PerTensor())], ids=str)
+def test_float32_outputs_after_loading_a_column_major_state_are_the_sources_bit_for_bit(scheme):
+    # the dense path (N = 100 has no blocked tile) summed in another order on column-major codes: up to 8e-7 off
+    torch.manual_seed(0)
+    src = qtorch.QuantLinear.from_linear(torch.nn.Linear(500, 100), scheme)
+    dst = qtorch.QuantLinear(500, 100, scheme=scheme)
+    dst.load_state_dict({key: _other_strides(t) for key, t in src.state_dict().items()})
+    x = torch.randn(3, 500)
+    assert torch.equal(dst(x), src(x))
+@pytest.mark.parametrize("scheme", [W8, W4, QuantScheme(2, False, PerTensor())], ids=str)
+def test_load_refuses_finite_scales_whose_codes_dequantize_to_inf(scheme):
+    src = qtorch.QuantLinear.from_linear(torch.nn.Linear(64, 32), scheme)
+    dst = qtorch.QuantLinear.from_linear(torch.nn.Linear(64, 32), scheme)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    sd = src.state_dict()
+    huge = sd["scale"].clone()
+    huge.view(-1)[-1] = 3e38  # finite, but 3e38 * (code - zero point) overflows float32
+    with pytest.raises(RuntimeError, match=r"scale: scale 3e\+38 at index .* dequantize to inf"):
+        dst.load_state_dict({**sd, "scale": huge})
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
+    assert torch.isfinite(dst.dequantized_weight()).all()
+    # a large scale that keeps every code finite (255 * 1e36 < 3.4e38) still loads
+    ok = sd["scale"].clone()
+    ok.view(-1)[-1] = 1e36
+    dst.load_state_dict({**sd, "scale": ok})
+    assert torch.isfinite(dst.dequantized_weight()).all()
+
+
+META_LAYERS = [lambda: qtorch.QuantLinear(64, 32, scheme=W8), lambda: qtorch.W4A16Linear(64, 32, group_size=32),
+               lambda: qtorch.QuantLinear(64, 32, scheme=QuantScheme(3, True, PerGroup(16))),
+               lambda: qtorch.W8A16LinearLayer(64, 32, dtype=torch.bfloat16)]
+
+
+@pytest.mark.parametrize("build", META_LAYERS)
+def test_layers_built_on_meta_behave_like_nn_linear(build):
+    with torch.device("meta"):
+        q = build()
+    cpu = build()
+    assert {k: (v.device.type, v.dtype, v.shape) for k, v in q.state_dict().items()} == \
+        {k: ("meta", v.dtype, v.shape) for k, v in cpu.state_dict().items()}
+    assert q(torch.randn(3, 64, dtype=q.dtype, device="meta")).shape == (3, 32)
+    with pytest.raises(NotImplementedError, match="to_empty"):  # nn.Linear's answer too: there is nothing to copy
+        q.to("cpu")
+    # to_empty: a valid zero weight on the new device, ready for load_state_dict
+    q.to_empty(device="cpu")
+    assert all(t.device.type == "cpu" for t in q.state_dict().values())
+    assert torch.equal(q.dequantized_weight(), torch.zeros(32, 64, dtype=q.dtype))
+    assert torch.equal(q(torch.ones(2, 64, dtype=q.dtype)), torch.zeros(2, 32, dtype=q.dtype))
+    src = qtorch.QuantLinear.from_linear(torch.nn.Linear(64, 32, dtype=q.dtype), q.scheme)
+    q.load_state_dict(src.state_dict())
+    x = torch.randn(5, 64, dtype=q.dtype)
+    assert q.weight_layout == src.weight_layout and torch.equal(q(x), src(x))
+
+
+def test_a_model_built_on_meta_loads_with_assign_true():
+    """What transformers users do: build the model on meta (no memory), then assign the loaded tensors."""
+    def build():
+        return torch.nn.Sequential(torch.nn.Linear(64, 64), qtorch.QuantLinear(64, 32, scheme=W8),
+                                   qtorch.W4A16Linear(32, 16, group_size=32))
+    src = build()
+    src[1].quantize(torch.randn(32, 64))
+    src[2].quantize(torch.randn(16, 32))
+    with torch.device("meta"):
+        model = build()
+    model.load_state_dict(src.state_dict(), assign=True)
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+    x = torch.randn(3, 64)
+    assert torch.equal(model(x), src(x))
+    # values are checked on the way in, whatever the target
+    with torch.device("meta"):
+        model = build()
+    bad = src.state_dict()
+    bad["1.scale"] = torch.full_like(bad["1.scale"], 3e38)
+    with pytest.raises(RuntimeError, match=r"1\.scale: scale 3e\+38"):
+        model.load_state_dict(bad, assign=True)
+    assert model[1].qweight.device.type == "meta"
+
+
+def test_meta_state_dicts_load_as_into_nn_linear():
+    src = qtorch.QuantLinear.from_linear(torch.nn.Linear(64, 32), W4)
+    meta_sd = qtorch.QuantLinear(64, 32, scheme=W4, device="meta").state_dict()
+    # into a real layer: nothing to copy, an error that names every key; the layer is unchanged
+    q = qtorch.QuantLinear.from_linear(torch.nn.Linear(64, 32), W4)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    with pytest.raises(RuntimeError) as e:
+        q.load_state_dict(meta_sd)
+    for key in ("qweight", "scale", "zero_point", "bias"):
+        assert f"{key}: is on the meta device" in str(e.value)
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+    # with assign=True the layer takes them and moves to meta, as nn.Linear does
+    q.load_state_dict(meta_sd, assign=True)
+    assert all(t.device.type == "meta" for t in q.state_dict().values())
+    # meta into meta: shapes and dtypes are checked, the layer stays on meta
+    m = qtorch.QuantLinear(64, 32, scheme=W4, device="meta")
+    m.load_state_dict(meta_sd)
+    with pytest.raises(RuntimeError, match=r"qweight: expected torch.uint8 of shape \[32, 32\]"):
+        m.load_state_dict({**meta_sd, "qweight": torch.empty(32, 31, dtype=torch.uint8, device="meta")})
+    # real tensors into a meta layer without assign: a no-op with nn.Linear's warning
+    with pytest.warns(UserWarning, match="assign=True"):
+        m.load_state_dict(src.state_dict())
+    assert m.qweight.device.type == "meta"
+
+
+def test_quantizing_a_meta_weight_names_the_problem():
+    with pytest.raises(ValueError, match="meta device"):
+        qtorch.QuantLinear.from_linear(torch.nn.Linear(64, 32, device="meta"))
+    with pytest.raises(ValueError, match="meta device"):
+        qtorch.W8A16Linear(64, 32).quantize(torch.empty(32, 64, device="meta"))

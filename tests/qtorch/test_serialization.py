@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -330,3 +331,64 @@ def test_non_strict_load_keeps_a_real_bias_the_file_lacks_and_reports_a_meta_one
     with pytest.raises(ValueError, match="fc1.bias: on the meta device and not in the checkpoint") as e:
         qtorch.load_quantized(meta, nobias, strict=False)
     assert "the model was not changed" in str(e.value) and type(meta.fc1) is nn.Linear
+
+
+def _load_in_thread(model, path, seconds=20):
+    """load_quantized(model, path) in a thread: the exception it raised, or "blocked" after ``seconds`` (a hang
+    guard, not a timing assertion: a FIFO blocks forever)."""
+    out = []
+
+    def run():
+        try:
+            qtorch.load_quantized(model, path)
+            out.append(None)
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():  # release the blocked reader: a writer opens and closes the FIFO
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(seconds)
+        return "blocked"
+    return out[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_fifos_and_devices_are_refused_before_opening(tmp_path):
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    err = _load_in_thread(Net(), fifo)
+    assert isinstance(err, ValueError) and f"{fifo}: is a FIFO" in str(err), err
+    with pytest.raises(ValueError, match="is a character device"):
+        qtorch.load_quantized(Net(), os.devnull)
+    # saving never renames a file over one either
+    with pytest.raises(ValueError, match=r"is a FIFO, not a regular file or a folder; refusing to write over it"):
+        qtorch.save_quantized(_quantized_net(), fifo)
+    assert os.path.exists(fifo) and sorted(os.listdir(tmp_path)) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("build", ["usual", "empty_weights", "meta"])
+def test_loaded_layers_hold_the_layout_they_build_themselves(tmp_path, build, torch_pack_kernels):
+    net = _quantized_net(torch.bfloat16, scheme="w8a16")  # bf16 8-bit per channel: PyTorch's int8pack kernel
+    path = tmp_path / "net.safetensors"
+    qtorch.save_quantized(net, path)
+    if build == "usual":
+        fresh = Net(torch.bfloat16)
+    elif build == "empty_weights":
+        with qtorch.empty_weights():
+            fresh = Net(torch.bfloat16)
+    else:
+        with torch.device("meta"):
+            fresh = Net(torch.bfloat16)
+    qtorch.load_quantized(fresh, path)
+    for name, m in fresh.named_modules():
+        if isinstance(m, qtorch.QuantLinear):
+            ref = net.get_submodule(name)
+            assert m.weight_layout == ref.weight_layout
+            for key, t in ref._buffers.items():
+                if t is not None:
+                    assert m._buffers[key].stride() == t.stride() and m._buffers[key].is_contiguous(), (name, key)
+    ids = torch.randint(0, 50, (3, 7))
+    assert torch.equal(fresh(ids), net(ids))
