@@ -2,7 +2,7 @@
 
 Run-time weight layouts (``qtorch.linear`` holds exactly one per module, converts back for ``state_dict``):
 
-* ``canonical`` -- the state_dict form (DESIGN.md section 3): codes ``[N, ceil(K*bits/8)]`` packed along K
+* ``canonical`` -- the state_dict form (docs/packing.md): codes ``[N, ceil(K*bits/8)]`` packed along K
   (int8 for 8-bit symmetric, uint8 otherwise), scale/zero_point in qcore's shapes. Served by
   ``torch._weight_int8pack_mm`` (CPU, bfloat16, guarded) and otherwise by the portable path (dequantize in
   float32, one ``F.linear``; in the input dtype on CUDA) on every device.
@@ -100,7 +100,7 @@ CPU_MAX_ROWS_NUMBA = {
 # bfloat16 modules: PyTorch's int8pack / int4pack kernels, or the blocked layout's kernels? On AVX2 the blocked ones
 # win at every row count (development CPU, bench_linear.py, same runs: rows=1 0.69 vs 1.13 ms at 8 bits and 0.75 vs
 # 1.36 ms at 4 bits; rows=128 48.6 vs 58.2 ms and 42.4 vs 51.9 ms). Where PyTorch has AVX-512 / AMX kernels and
-# inductor templates for them (DESIGN.md section 5), its kernels stay. QTORCH_TORCH_PACK=1 / 0 forces either.
+# inductor templates for them (docs/kernels.md), its kernels stay. QTORCH_TORCH_PACK=1 / 0 forces either.
 TORCH_PACK_KERNELS = {"1": True, "0": False}.get(os.environ.get("QTORCH_TORCH_PACK", ""),
                                                  torch.backends.cpu.get_cpu_capability() != "AVX2")
 # Columns per tile of the blocked layout, largest first: the largest dividing N is used.
@@ -118,7 +118,7 @@ def blocked_tile(out_features: int) -> int:
 
 
 def int8pack_ok(dtype: torch.dtype, in_features: int) -> bool:
-    """Preconditions of ``torch._weight_int8pack_mm`` that keep it from crashing (DESIGN.md section 5).
+    """Preconditions of ``torch._weight_int8pack_mm`` that keep it from crashing (docs/kernels.md).
 
     bfloat16 with ``K % 16 != 0`` (at >= 4 rows) or ``K % 8 != 0`` kills the process; float16/float32 are safe at
     any K but are scalar (slow) on AVX2. Checked once per (dtype, K), never per call.
@@ -400,7 +400,7 @@ def to_int4pack(codes: torch.Tensor, scale: torch.Tensor, zero_point, *, symmetr
 # Layout conversions and torch dequantization (device-agnostic torch ops)
 
 def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """Unsigned codes ``[..., length]`` (int16) from rows packed LSB-first along the last axis (DESIGN.md s.3)."""
+    """Unsigned codes ``[..., length]`` (int16) from rows packed LSB-first along the last axis (docs/packing.md)."""
     if bits == 8:
         return packed[..., :length].to(torch.int16)
     p = packed.to(torch.int16)

@@ -11,7 +11,7 @@ full-precision copy of the weight.
 >>> bool(torch.allclose(q(x), torch.nn.functional.linear(x, q.dequantized_weight(), q.bias), atol=1e-5))
 True
 
-State (``state_dict``), the canonical device-independent form, the same as qcore checkpoints (DESIGN.md s.3-4):
+State (``state_dict``), the canonical device-independent form, the same as qcore checkpoints (docs/checkpoint-format.md):
 
 ============  ===========================================================================================
 key           content

@@ -1,4 +1,4 @@
-"""Quantized checkpoints in and out of a live ``nn.Module``: the qcore file format (DESIGN.md section 4).
+"""Quantized checkpoints in and out of a live ``nn.Module``: the qcore file format (docs/checkpoint-format.md).
 
 >>> import torch, tempfile, os, qtorch
 >>> model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
