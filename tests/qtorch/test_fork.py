@@ -61,7 +61,8 @@ class Work:
 
 
 def _equal(a, b) -> bool:
-    return all((torch.equal(x, y) if isinstance(x, torch.Tensor) else np.array_equal(x, y)) for x, y in zip(a, b))
+    return len(a) == len(b) and all((torch.equal(x, y) if isinstance(x, torch.Tensor) else np.array_equal(x, y))
+                                    for x, y in zip(a, b))
 
 
 @pytest.fixture
