@@ -14,6 +14,13 @@ The team kernels of ``packing`` and ``_kernels`` inline :func:`claim_loop`, ``HE
 ``qcore/__pycache__/*.nb[ic]``. Without one (macOS, Windows, no libgomp), in a forked child (a GNU OpenMP team does not
 survive fork) or with ``QCORE_OMP_TEAM=0``, :func:`gomp_parallel` is None and callers use Python threads.
 
+Fork: GNU OpenMP keeps a team's idle workers in a pool of the thread that started it. A child forked from that
+thread inherits the pool but not its threads, and its next team of 2+ threads (a torch op on 2 threads) waits
+for them forever. So before every ``os.fork`` (``multiprocessing``'s "fork", DataLoader workers) qcore releases
+the forking thread's idle workers of every OpenMP runtime it runs on, and of torch's when torch is loaded
+(:func:`release_before_fork`, OpenMP 5.0's ``omp_pause_resource_all``): the child starts without a pool, and the
+parent's next team call starts new workers (once per fork).
+
 A kernel is a numba ``cfunc(void(voidptr))`` (:class:`TeamKernel`); every team thread calls it with the same
 pointer: an int64 block whose first entry is a chunk counter the threads ``claim`` chunks from, so a thread
 that starts late simply takes fewer; then shapes and array addresses (``as_ptr`` turns one back into a
@@ -37,7 +44,7 @@ from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
 __all__ = ["HEADER", "TeamKernel", "all_done", "as_ptr", "claim", "claim_loop", "gomp_parallel", "on_torch_team",
-           "own_spinners", "run", "team_threads", "torch_gomp_parallel"]
+           "own_spinners", "release_before_fork", "run", "team_threads", "torch_gomp_parallel"]
 
 #: a team block: [chunk counter, chunks, total, the kernel's own operands..., one result per chunk, chunks done]
 HEADER = 16
@@ -56,16 +63,42 @@ _LAST_END = 0.0
 _LAST_SIZE = 1
 
 
+#: ``omp_pause_resource_all`` of every GNU OpenMP runtime :func:`_symbol` found, by address (one per runtime)
+_PAUSES: dict = {}
+_TORCH_RUNTIME_SEEN = False  # whether torch's runtime (if it has one) is among _PAUSES
+_OMP_PAUSE_SOFT = 1  # omp_pause_resource_t; GNU OpenMP frees the calling thread's pool for either kind
+
+
+def release_before_fork() -> None:
+    """Release the idle team workers that the calling thread's OpenMP runtimes keep (qcore's, and torch's when
+    torch is loaded), so that a child forked now starts with no pool of missing threads. Runs before every
+    ``os.fork``; the parent's next team call starts new workers. A runtime without ``omp_pause_resource_all``
+    (GCC < 9) is left alone: its child can hang as before.
+    """
+    global _TORCH_RUNTIME_SEEN
+    try:
+        if not _TORCH_RUNTIME_SEEN and _torch_loaded():
+            # torch's own ops leave the same pool (a torch-only parent's child hangs too); qtorch's layers run them
+            lib = _loaded_library(("libtorch_cpu.",))
+            if lib is not None:
+                _symbol(lib)
+                _TORCH_RUNTIME_SEEN = True
+        for pause in list(_PAUSES.values()):
+            pause(_OMP_PAUSE_SOFT)  # -1 only inside a parallel region, where Python never forks
+    except Exception:  # pragma: no cover - a fork must go ahead; the child may hang as it did before
+        pass
+
+
 def _after_fork_in_child():
     global _IN_FORKED_CHILD, _LOCK
-    # GNU OpenMP hangs in a child whose parent ran a team on the forking thread: ours, torch's, or any other
-    # library's (numba's omp layer, an OpenMP BLAS), which we cannot see; so no child starts one
+    # the child starts no team for qcore: where release_before_fork could not empty the pool (a runtime without
+    # omp_pause_resource_all) the call would hang. torch's ops in the child do use the emptied pool.
     _IN_FORKED_CHILD = True
     _LOCK = threading.Lock()  # another thread may have held it at the fork
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=release_before_fork, after_in_child=_after_fork_in_child)
 
 
 def _loaded_library(prefixes) -> str | None:
@@ -93,7 +126,21 @@ def _symbol(lib: str):
     fn.restype = None
     max_threads.argtypes, max_threads.restype = (), ctypes.c_int
     fn.max_threads = max_threads
+    pause = getattr(handle, "omp_pause_resource_all", None)  # OpenMP 5.0: GCC >= 9
+    if pause is not None and not _is_llvm_openmp(handle):
+        pause.argtypes, pause.restype = (ctypes.c_int,), ctypes.c_int
+        _PAUSES.setdefault(ctypes.cast(pause, ctypes.c_void_p).value, pause)
     return fn
+
+
+def _is_llvm_openmp(handle) -> bool:
+    """Whether the runtime is LLVM's or Intel's OpenMP (which also serves ``GOMP_parallel``): it resets itself in a
+    forked child, and pausing it would touch every thread's team, not only the forking thread's."""
+    try:
+        handle["__kmpc_fork_call"]
+    except AttributeError:
+        return False
+    return True
 
 
 def torch_gomp_parallel():

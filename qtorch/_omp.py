@@ -52,8 +52,9 @@ def _lookup():
 
 
 def _after_fork_in_child():
-    # an OpenMP team does not survive fork (GNU OpenMP hangs in the child once the parent used it): the child
-    # runs every kernel on its calling thread
+    # the child runs every kernel on its calling thread, as qcore's do: qcore._team.release_before_fork empties
+    # torch's pool of the parent's workers (torch's own ops in the child use it), but a runtime it cannot release
+    # (no omp_pause_resource_all) would hang a team call here
     global _IN_FORKED_CHILD
     _IN_FORKED_CHILD = True
 

@@ -1,5 +1,6 @@
 """qcore._team and _parallel.run_chunks: the OpenMP team, and the thread and one-thread paths it falls back to,
-give the same bytes; a forked child and QCORE_OMP_TEAM=0 work; torch loaded later moves qcore to torch's team."""
+give the same bytes; a forked child and QCORE_OMP_TEAM=0 work, and a child forked after a team call can start a team
+of its own; torch loaded later moves qcore to torch's team."""
 
 import os
 import subprocess
@@ -131,6 +132,28 @@ def test_a_forked_child_packs_and_quantizes_without_the_parents_team(threads):
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(not HAS_TEAM or not hasattr(os, "register_at_fork"), reason="needs an OpenMP runtime and fork")
+def test_a_child_forked_after_a_team_call_can_start_a_team_on_the_same_runtime():
+    # GNU OpenMP keeps a team's idle workers in the pool of the thread that started it; a child forked from that
+    # thread has the pool but not the threads, and its next 2-thread team (torch's, an OpenMP BLAS's) waited for
+    # them forever. qcore releases them before the fork.
+    out = _run("""
+        import os, signal, numba, numpy as np, qcore, qcore._team as T, qcore._parallel as P
+        P.NUM_THREADS, P.DYNAMIC = 2, False
+        qcore.pack(np.random.default_rng(0).integers(0, 16, (2048, 2048), dtype=np.uint8), 4)  # a 2-thread team
+        gomp, noop = T.gomp_parallel(), numba.cfunc("void(voidptr)")(lambda data: None)
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(20)  # a hang ends the child (SIGALRM) instead of the test run
+            gomp(noop.address, 0, 2, 0)  # another library's 2-thread team, on the runtime qcore used
+            os._exit(7)
+        _, status = os.waitpid(pid, 0)
+        print(T._LAST_SIZE, os.waitstatus_to_exitcode(status))
+        gomp(noop.address, 0, 2, 0)  # the parent's team starts again
+    """, OMP_NUM_THREADS="2")  # a 2-thread team even on one core
+    assert out.split() == ["2", "7"]
 
 
 def _run(code: str, **env) -> str:
