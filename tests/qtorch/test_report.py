@@ -94,3 +94,13 @@ def test_compression_ratio_is_the_weights_ratio_that_qtorch_info_prints():
     assert f"quantized weights {dense / stored:.2f}x smaller" in str(report)
     assert compression_ratio(0, 0) == 1.0
 
+
+@pytest.mark.parametrize("exclude", [None, "lm_head", ["lm_head"], ("lm_head",)])
+def test_the_default_lm_head_exclusion_is_not_an_unmatched_pattern(exclude):
+    m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))  # no lm_head
+    kwargs = {} if exclude is None else {"exclude": exclude}
+    for report in (qtorch.plan(m, "w8a16", **kwargs), qtorch.quantize_model(m, "w8a16", **kwargs)):
+        assert report.unused_patterns == [] and "matched no layer" not in str(report)
+    with pytest.warns(UserWarning, match="'nope'"):
+        report = qtorch.quantize_model(nn.Sequential(nn.Linear(64, 8)), "w8a16", exclude=["nope"])
+    assert report.unused_patterns == ["nope"]  # a pattern the user wrote still is
