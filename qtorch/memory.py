@@ -21,7 +21,8 @@ import sys
 import torch
 from torch import nn
 
-__all__ = ["memory_footprint", "module_nbytes", "format_bytes", "release_free_memory"]
+__all__ = ["memory_footprint", "module_nbytes", "format_bytes", "release_free_memory", "dense_weight_nbytes",
+           "quantized_weight_nbytes", "compression_ratio"]
 
 
 def _tensors(module: nn.Module):
@@ -81,6 +82,47 @@ def format_bytes(n: int | float) -> str:
             return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024.0
     return f"{n:.1f} GiB"  # pragma: no cover
+
+
+# Bytes per element of the dense dtypes a quantized weight can come from (the names qcore checkpoints record).
+_DENSE_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+def dense_weight_nbytes(shape, dtype) -> int:
+    """Bytes of a dense weight of ``shape`` and ``dtype`` (a torch dtype or its name; None means float32)."""
+    name = "float32" if dtype is None else str(dtype).removeprefix("torch.")
+    if name not in _DENSE_ITEMSIZE:
+        raise ValueError(f"dtype {dtype!r} is not a dense floating type ({', '.join(_DENSE_ITEMSIZE)})")
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * _DENSE_ITEMSIZE[name]
+
+
+def quantized_weight_nbytes(shape, scheme) -> int:
+    """Bytes a quantized weight takes as stored: packed codes + scales + zero points (no bias)."""
+    from qcore import checkpoint as ck
+
+    total = 0
+    for _, code, sub in ck.quantized_entries("w", tuple(shape), scheme):
+        n = 1
+        for d in sub:
+            n *= int(d)
+        total += n * ck.DTYPES[code].itemsize
+    return total
+
+
+def compression_ratio(dense_nbytes: int, quantized_nbytes: int) -> float:
+    """How many times smaller the quantized weights are: dense bytes of the quantized weights / their bytes as
+    stored (codes + scales + zero points). Biases and layers left dense are not part of it; 1.0 when nothing
+    was quantized. ``qtorch quantize``'s report and ``qtorch info`` both print this number.
+
+    >>> import qcore
+    >>> s = qcore.QuantScheme(4, False, qcore.PerGroup(128))   # w4a16
+    >>> round(compression_ratio(dense_weight_nbytes((384, 384), "float32"), quantized_weight_nbytes((384, 384), s)), 2)
+    7.42
+    """
+    return dense_nbytes / quantized_nbytes if quantized_nbytes else 1.0
 
 
 _libc = None

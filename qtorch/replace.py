@@ -457,9 +457,9 @@ def _build_plan(model: nn.Module, scheme, exclude, include, on_incompatible: str
         if reason is not None:
             rec.status, rec.reason = "incompatible", reason
 
-    all_patterns = excl + (incl or []) + [p for p, _ in (rules or [])]
-    unused = [p.label for p in all_patterns if id(p) not in used and p.kind != "callable"]
+    # The default exclusion is not the user's pattern: a model without lm_head is no news (report or warning).
     explicit_unused = [p.label for p in explicit if id(p) not in used and p.kind != "callable"]
+    unused = explicit_unused
     plan_ = _Plan(jobs=jobs, unused=unused, explicit_unused=explicit_unused, model_bytes=memory_footprint(model))
 
     bad = [j.record for j in jobs if j.record.status == "incompatible"]

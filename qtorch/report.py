@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .memory import format_bytes
+from .memory import compression_ratio, dense_weight_nbytes, format_bytes, quantized_weight_nbytes
 
 __all__ = ["LayerReport", "QuantizationReport", "scheme_label"]
 
@@ -183,8 +183,17 @@ class QuantizationReport:
 
     @property
     def compression_ratio(self) -> float:
-        """bytes_before / bytes_after over all Linear layers (1.0 when nothing changed)."""
-        return self.bytes_before / self.bytes_after if self.bytes_after else 1.0
+        """Dense bytes of the quantized weights / their quantized bytes (codes + scales + zero points), as
+        :func:`qtorch.memory.compression_ratio` defines it for ``qtorch info`` too; biases and dense layers are
+        not part of it. 1.0 when nothing is quantized."""
+        dense = quantized = 0
+        for r in self.quantized:
+            if r.scheme is None:  # a layer class without a scheme: only its measured bytes are known
+                dense, quantized = dense + r.bytes_before, quantized + r.bytes_after
+            else:
+                dense += dense_weight_nbytes(r.shape, r.dtype)
+                quantized += quantized_weight_nbytes(r.shape, r.scheme)
+        return compression_ratio(dense, quantized)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -233,7 +242,7 @@ class QuantizationReport:
             ])
         rows.append([
             "total", "", "", format_bytes(self.bytes_before), format_bytes(self.bytes_after), "", "",
-            f"{self.compression_ratio:.2f}x smaller",
+            f"quantized weights {self.compression_ratio:.2f}x smaller",
         ])
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head[:-1])]
 

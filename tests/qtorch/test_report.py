@@ -42,7 +42,8 @@ def test_records_and_totals(reports):
     assert applied["2"].sqnr_db == float("inf") and applied["2"].max_abs_error == 0.0
     assert applied["0"].sqnr_db > 35 and 0 < applied["0"].max_abs_error < 1e-3
     assert applied.model_bytes_after == qtorch.memory_footprint(m)
-    assert applied.compression_ratio == pytest.approx(applied.bytes_before / applied.bytes_after)
+    # dense bytes of the quantized weights / their stored bytes (int8 codes + one float32 scale per row); no biases
+    assert applied.compression_ratio == (128 * 256 * 4 + 100 * 128 * 4) / (128 * 256 + 128 * 4 + 100 * 128 + 100 * 4)
     assert [r.name for r in applied.skipped] == ["3", "lm_head"] and len(applied.quantized) == 2
     with pytest.raises(KeyError, match="nope"):
         applied["nope"]
@@ -77,3 +78,29 @@ def test_str_is_a_readable_table(reports):
     assert "int8 sym per-channel" in row and "128x256" in row and "QuantLinear" in row
     assert "inf" in next(line for line in text.splitlines() if line.startswith("2 "))
     assert repr(applied).startswith("QuantizationReport(applied=True")
+
+
+def test_compression_ratio_is_the_weights_ratio_that_qtorch_info_prints():
+    from qtorch.memory import compression_ratio, dense_weight_nbytes, quantized_weight_nbytes
+
+    m = model()
+    report = qtorch.quantize_model(m, "w4a16-g32", exclude=["lm_head", "3"])  # 100 inputs: no groups of 32
+    layers = [r for r in report.quantized]
+    dense = sum(dense_weight_nbytes(r.shape, r.dtype) for r in layers)
+    stored = sum(q.qweight.nbytes + q.scale.nbytes + q.zero_point.nbytes
+                 for q in m.modules() if isinstance(q, qtorch.QuantLinear))
+    assert sum(quantized_weight_nbytes(r.shape, r.scheme) for r in layers) == stored
+    assert report.compression_ratio == compression_ratio(dense, stored) == dense / stored
+    assert f"quantized weights {dense / stored:.2f}x smaller" in str(report)
+    assert compression_ratio(0, 0) == 1.0
+
+
+@pytest.mark.parametrize("exclude", [None, "lm_head", ["lm_head"], ("lm_head",)])
+def test_the_default_lm_head_exclusion_is_not_an_unmatched_pattern(exclude):
+    m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))  # no lm_head
+    kwargs = {} if exclude is None else {"exclude": exclude}
+    for report in (qtorch.plan(m, "w8a16", **kwargs), qtorch.quantize_model(m, "w8a16", **kwargs)):
+        assert report.unused_patterns == [] and "matched no layer" not in str(report)
+    with pytest.warns(UserWarning, match="'nope'"):
+        report = qtorch.quantize_model(nn.Sequential(nn.Linear(64, 8)), "w8a16", exclude=["nope"])
+    assert report.unused_patterns == ["nope"]  # a pattern the user wrote still is

