@@ -1,8 +1,10 @@
 """`qcore quantize`: streamed quantization of safetensors files and sharded folders, its errors, memory, no torch."""
 
 import json
+import math
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import tempfile
@@ -484,3 +486,59 @@ def test_peak_rss_is_bounded_by_the_largest_tensor_not_the_checkpoint(tmp_path):
     assert peak <= baseline + 3 * largest + 40 * mib, \
         f"peak RSS {peak / mib:.0f} MiB, one-tensor run {baseline / mib:.0f} MiB, largest tensor {largest / mib} MiB"
     assert len(ck.load(tmp_path / "big-out" / "model-00001-of-00002.safetensors")) == 40
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile sizes: every planned output and loop is bounded by the real input
+# ---------------------------------------------------------------------------------------------------------
+
+def _header_only(path, shape, dtype="F32", name="z.weight"):
+    h = json.dumps({name: {"dtype": dtype, "shape": shape, "data_offsets": [0, 0]}}).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(struct.pack("<Q", len(h)) + h)
+    return path
+
+
+@pytest.fixture
+def few_pieces(monkeypatch):
+    """Fail the test (instead of filling the disk) when a tensor is quantized in more than 10 pieces."""
+    real, calls = cli.quantize, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 10:
+            raise RuntimeError("more than 10 pieces quantized for a checkpoint of a few bytes")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cli, "quantize", counted)
+    return calls
+
+
+def test_empty_tensor_with_huge_parameters_is_refused_before_writing(tmp_path, capsys, few_pieces):
+    """A 96-byte file with one tensor [2**40, 0]. Before: 2**40 per-row scales planned and streamed out (5.3 GB
+    in 15 s, until the disk was full). Now: refused before anything is written, naming file and tensor."""
+    src = _header_only(tmp_path / "z.safetensors", [2**40, 0])
+    assert os.path.getsize(src) == 96
+    expect_error(capsys, ["quantize", src, tmp_path / "q.safetensors"], str(src), "'z.weight'",
+                 "has no elements", "4.00 TiB", "--exclude z.weight")
+    assert sorted(os.listdir(tmp_path)) == ["z.safetensors"] and few_pieces == []
+
+
+def test_empty_tensor_with_empty_parameters_takes_no_loop(tmp_path, few_pieces):
+    """[2**40, 0] per group has empty scales: allowed, and written without looping over 2**40 empty rows
+    (before: ~2**19 rounds of quantizing nothing)."""
+    src = _header_only(tmp_path / "z.safetensors", [2**40, 0])
+    assert run("quantize", src, tmp_path / "q.safetensors", "--group-size", 16, "-q") == 0
+    qa = ck.load(tmp_path / "q.safetensors")["z.weight"]
+    assert qa.shape == (2**40, 0) and qa.scale.shape == (2**40, 0) and few_pieces == []
+
+
+@pytest.mark.parametrize("shape, fragment", [([2**48] * 8 + [0], "spans more than 2^60"),
+                                             ([1] * 65, "65 dimensions")])
+def test_tensor_that_safetensors_or_numpy_refuse_is_refused_before_writing(tmp_path, capsys, shape, fragment):
+    """Before: [2**48]*8+[0] was copied into an output that safetensors refuses ('overflow computing buffer
+    size'), and a 65-dimensional tensor into one that load refuses. Now both are refused by read_header."""
+    src = _header_only(tmp_path / "z.safetensors", shape, name="buf")
+    if math.prod(shape):  # [1]*65 holds one element
+        src.write_bytes(src.read_bytes().replace(b'"data_offsets": [0, 0]', b'"data_offsets": [0, 4]') + b"\0" * 4)
+    expect_error(capsys, ["quantize", src, tmp_path / "q.safetensors"], str(src), "'buf'", fragment)
+    assert sorted(os.listdir(tmp_path)) == ["z.safetensors"]
