@@ -38,6 +38,7 @@ the final name and never damages an existing one. Pickle files (``.bin``, ``.pt`
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -46,7 +47,6 @@ import reprlib
 import shutil
 import stat
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Union
 
@@ -57,7 +57,7 @@ from .quantize import QuantizedArray, check_grid
 from .scheme import QuantScheme
 
 __all__ = ["save", "load", "read_header", "checkpoint_files", "check_not_pickle", "SafetensorsWriter",
-           "staging_folder", "commit_folder",
+           "staging_folder", "commit_folder", "recover_output",
            "TensorInfo", "Header", "DTYPES", "FORMAT_VERSION", "INDEX_NAME", "quantized_entries",
            "encode_qweight", "quantized_metadata"]
 
@@ -487,49 +487,194 @@ def _umask() -> int:
 
 
 def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+    """Make the renames in folder ``path`` durable; an I/O error is raised, never reported as success."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:  # some filesystems do not support fsync on a directory
-        pass
+    except OSError as e:
+        # file systems that cannot sync a folder say so with EINVAL/ENOTSUP; anything else (EIO) is a failure
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise OSError(e.errno, f"{e.strerror} (syncing the folder {path} after a rename; the result may "
+                                   "not survive a crash)", path) from None
     finally:
         os.close(fd)
 
 
 _HAS_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
 
+# ---------------------------------------------------------------------------------------------------------
+# Staging beside OUTPUT, the commit, and recovery from a run that was killed
+#
+# Every temporary entry is named ".{OUTPUT name}.qcore-{pid}-{start}-{random}.{state}": the owner's pid and
+# start time (so a reused pid is not mistaken for the owner) tell a later run whether the owner is gone.
+# States: "tmp" (being written), "ready" (complete, about to replace OUTPUT), "old" (the previous OUTPUT,
+# moved aside during the commit). A folder commit is: tmp -> ready; OUTPUT -> old; ready -> OUTPUT; remove
+# old. A run killed anywhere in it leaves entries from which the next run knows what to do (recover_output).
+# ---------------------------------------------------------------------------------------------------------
+
+_STAGED = re.compile(r"^\.(?P<base>.+)\.qcore-(?P<pid>\d+)-(?P<start>\d+)-(?P<rand>[A-Za-z0-9_]+)\.(?P<state>tmp|ready|old)$")
+
+
+def _start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot (Linux), 0 where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _owner_alive(pid: int, start: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        pass
+    now = _start_time(pid)
+    return not (start and now and now != start)  # the same pid, started later: another process
+
+
+def _staged_name(out: str, state: str, rand: Optional[str] = None) -> str:
+    rand = rand or os.urandom(6).hex()
+    pid = os.getpid()
+    return os.path.join(os.path.dirname(out),
+                        f".{os.path.basename(out)}.qcore-{pid}-{_start_time(pid)}-{rand}.{state}")
+
+
+def _with_state(path: str, state: str) -> str:
+    return path.rsplit(".", 1)[0] + "." + state
+
+
+class _FolderLock:
+    """An exclusive ``flock`` on a folder (no lock file to leave behind): recoveries and commits of outputs in
+    one folder never interleave."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __enter__(self):
+        self.fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):  # no flock here: the pid check alone keeps live runs apart
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing releases the lock
+        return False
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _recover(out: str) -> list:
+    """Finish or undo what dead runs left beside ``out`` (the caller holds the folder lock)."""
+    parent, base = os.path.dirname(out), os.path.basename(out)
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    left = {"tmp": [], "ready": [], "old": []}
+    for name in names:
+        m = _STAGED.match(name)
+        if m and m["base"] == base and not _owner_alive(int(m["pid"]), int(m["start"])):
+            left[m["state"]].append(os.path.join(parent, name))
+    done = []
+    for path in sorted(left["ready"], key=lambda q: os.stat(q).st_mtime_ns, reverse=True):
+        if not os.path.lexists(out):  # killed between moving OUTPUT aside and moving the new one in
+            os.rename(path, out)
+            done.append(f"finished the replacement of {out} that an interrupted run had begun")
+        else:
+            _remove(path)
+    for path in left["old"]:
+        if not os.path.lexists(out):  # killed before the new one was ready: put the previous OUTPUT back
+            os.rename(path, out)
+            done.append(f"restored the previous {out} that an interrupted run had moved aside")
+        else:
+            _remove(path)
+    for path in left["tmp"]:
+        _remove(path)
+    if left["tmp"] and not done:
+        done.append(f"removed {len(left['tmp'])} unfinished temporary output(s) of interrupted runs beside {out}")
+    if any(left.values()):
+        _fsync_dir(parent)
+    return done
+
+
+def recover_output(out) -> list:
+    """Clean up after runs that were killed while writing ``out``: finish or undo an interrupted folder commit
+    (so ``out`` is never left missing) and remove their temporary files and folders. Entries of live
+    processes are left alone. Returns one sentence per thing done (empty if there was nothing to do).
+
+    >>> import tempfile, os
+    >>> recover_output(os.path.join(tempfile.mkdtemp(), "out"))
+    []
+    """
+    out = os.path.abspath(os.fspath(out))
+    with _FolderLock(os.path.dirname(out)):
+        return _recover(out)
+
 
 def staging_folder(out: str) -> str:
     """A new empty folder beside ``out`` (same file system, so :func:`commit_folder` is a rename), with the
-    permissions a plain ``mkdir`` would give. The caller removes it if it does not commit it."""
-    tmpdir = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix=f".{os.path.basename(out)}.",
-                              suffix=".tmp")
-    os.chmod(tmpdir, 0o777 & ~_umask())  # mkdtemp makes 0700
+    permissions a plain ``mkdir`` would give, named after this process so that a later run can tell when it
+    was left by a killed one. Leftovers of dead runs for ``out`` are recovered first (:func:`recover_output`).
+    The caller removes the folder if it does not commit it."""
+    out = os.path.abspath(os.fspath(out))
+    with _FolderLock(os.path.dirname(out)):
+        _recover(out)
+        tmpdir = _staged_name(out, "tmp")
+        os.mkdir(tmpdir, 0o777 & ~_umask())
     return tmpdir
 
 
 def commit_folder(tmpdir: str, out: str) -> None:
-    """Move the finished folder into place; an existing OUTPUT is only removed once the new one is there."""
-    old = None
-    if os.path.lexists(out):
-        old = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.old.")
-        os.rmdir(old)
-        os.rename(out, old)
-    try:
-        os.rename(tmpdir, out)
-    except BaseException:
+    """Move the finished folder ``tmpdir`` into place at ``out``; an existing ``out`` is only removed once the
+    new one is there. A crash at any point leaves either the old or the new complete folder at ``out``, or
+    entries from which the next :func:`staging_folder` / :func:`recover_output` restores one of them."""
+    out = os.path.abspath(os.fspath(out))
+    parent = os.path.dirname(out)
+    with _FolderLock(parent):
+        ready = _with_state(tmpdir, "ready") if _STAGED.match(os.path.basename(tmpdir)) else _staged_name(out, "ready")
+        os.rename(tmpdir, ready)
+        _fsync_dir(parent)  # "ready" must be on disk before OUTPUT is moved aside
+        old = None
+        try:
+            if os.path.lexists(out):
+                old = _with_state(ready, "old")
+                os.rename(out, old)
+            os.rename(ready, out)
+        except OSError as e:
+            if old is not None and not os.path.lexists(out):
+                os.rename(old, out)
+            _remove(ready)
+            raise OSError(e.errno, f"cannot move the new output into place: {e.strerror}", out) from None
+        except BaseException:
+            if old is not None and not os.path.lexists(out):
+                os.rename(old, out)
+            _remove(ready)
+            raise
+        _fsync_dir(parent)
         if old is not None:
-            os.rename(old, out)
-        raise
-    _fsync_dir(os.path.dirname(out))
-    if old is not None:
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.unlink(old)
+            _remove(old)
+
+
+def _named(e: BaseException, path: str) -> BaseException:
+    """An ``OSError`` without a file name (``EFBIG`` from a write, ``ENOSPC``...) gets ``path``; others as they are."""
+    if isinstance(e, OSError) and not e.filename:
+        return OSError(e.errno, e.strerror or str(e), path)
+    return e
 
 
 class SafetensorsWriter:
@@ -605,14 +750,21 @@ class SafetensorsWriter:
         self.size = self._data_start + off
         if not overwrite and os.path.lexists(self.path):
             raise FileExistsError(f"{self.path} already exists (pass overwrite=True / --overwrite to replace it)")
-        parent = os.path.dirname(self.path)
-        fd, self._tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
+        recover_output(self.path)  # temporary files of killed writers of this path
+        self._tmp = _staged_name(self.path, "tmp")
+        # O_EXCL: a name of this process's own; the mode goes through the umask like any new file's
         try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual permissions
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.path) from None
+        try:
             self._f = os.fdopen(fd, "wb")
             self._f.write(struct.pack("<Q", len(raw)))
             self._f.write(raw)
             self._f.truncate(self.size)  # reserve the full length; pieces fill it in place
+        except OSError as e:
+            self.abort()
+            raise _named(e, self.path) from None
         except BaseException:
             self.abort()
             raise
@@ -635,8 +787,11 @@ class SafetensorsWriter:
             raise ValueError(f"tensor {name!r}: {done + nb} bytes written, but shape {list(shape)} of {code} "
                              f"holds {n}")
         if nb:
-            self._f.seek(self._data_start + off + done)
-            self._f.write(a.reshape(-1).view(np.uint8).data)
+            try:
+                self._f.seek(self._data_start + off + done)
+                self._f.write(a.reshape(-1).view(np.uint8).data)
+            except OSError as e:
+                raise _named(e, self.path) from None
         slot[4] = done + nb
 
     def copy_from(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
@@ -664,7 +819,10 @@ class SafetensorsWriter:
                 chunk = os.pread(src_fd, min(end - pos, 1 << 24), src_offset + pos)
                 if not chunk:
                     raise ValueError(f"tensor {name!r}: the source ended early (was it changed while reading?)")
-                k = os.pwrite(dst_fd, chunk, self._data_start + off + done + pos)
+                try:
+                    k = os.pwrite(dst_fd, chunk, self._data_start + off + done + pos)
+                except OSError as e:
+                    raise _named(e, self.path) from None
             pos += k
         slot[4] = done + nbytes
 
@@ -682,10 +840,17 @@ class SafetensorsWriter:
             if self.overwrite:
                 os.replace(self._tmp, self.path)
             else:
-                os.link(self._tmp, self.path)  # fails if path appeared meanwhile: never clobber
+                try:
+                    os.link(self._tmp, self.path)  # fails if path appeared meanwhile: never clobber
+                except FileExistsError:
+                    raise FileExistsError(errno.EEXIST, "already exists (it appeared while this file was written)",
+                                          self.path) from None
                 os.unlink(self._tmp)
             self._done = True
             _fsync_dir(os.path.dirname(self.path))
+        except OSError as e:
+            self.abort()
+            raise _named(e, self.path) from None
         except BaseException:
             self.abort()
             raise
@@ -752,7 +917,10 @@ def save(path, tensors: Mapping[str, Union[QuantizedArray, np.ndarray]], metadat
                 entries.append((tname, code, shape))
                 arrays[tname] = arr
         elif isinstance(value, np.ndarray):
-            entries.append((name, dtype_code(value.dtype), value.shape))
+            try:
+                entries.append((name, dtype_code(value.dtype), value.shape))
+            except TypeError as e:
+                raise TypeError(f"tensor {name!r}: {e}") from None
             arrays[name] = value
         else:
             raise TypeError(f"tensor {name!r}: expected a QuantizedArray or numpy.ndarray, got "
