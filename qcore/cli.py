@@ -46,6 +46,42 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 1 (no traceback)."""
 
 
+def _silence(stream) -> None:
+    """Point a stream whose reader went away (``qcore ... | head -1``) at /dev/null, so that neither the next
+    write nor the flush at exit raises BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to redirect
+        pass
+
+
+def _say(line: str, stream=None) -> None:
+    """Print one line; a closed pipe silences the stream instead of raising."""
+    stream = stream if stream is not None else sys.stdout
+    try:
+        print(line, file=stream, flush=True)
+    except BrokenPipeError:
+        _silence(stream)
+
+
+def _stderr_log(line: str) -> None:
+    _say(f"qcore quantize: {line}", sys.stderr)
+
+
+def package_version() -> str:
+    """The installed distribution's version, or the package's own ``__version__`` when it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("qcore-qtorch")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 Pattern = NamePattern  # tensor-name patterns: see qcore.patterns
 
 
@@ -106,14 +142,15 @@ def _read_inputs(input_path: str):
     return kind, headers, shards
 
 
-def _plan(headers, scheme: QuantScheme, include, exclude):
+def _plan(headers, scheme: QuantScheme, include, exclude, log=None):
     """Per shard: ``[(TensorInfo, scheme or None)]`` in file order; checks the scheme fits every chosen tensor."""
+    log = log or _stderr_log
     inc = [Pattern(t) for t in include]
     exc = [Pattern(t) for t in exclude]
     all_names = {n for _, h in headers for n in h.tensors}
     for p in inc + exc:
         if not any(p.matches(n) for n in all_names):
-            print(f"qcore quantize: warning: pattern {p.text!r} matches no tensor", file=sys.stderr)
+            log(f"warning: pattern {p.text!r} matches no tensor")
     plans, problems = [], []
     for _, header in headers:
         plan = []
@@ -165,7 +202,7 @@ def _output_entries(plan) -> list:
     return entries
 
 
-def _check_output(input_path: str, output: str, kind: str, overwrite: bool) -> str:
+def _check_output(input_path: str, output: str, kind: str, overwrite: bool, log=None) -> str:
     out = os.path.abspath(output)
     src = os.path.abspath(input_path)
     if kind == "file":
@@ -173,18 +210,30 @@ def _check_output(input_path: str, output: str, kind: str, overwrite: bool) -> s
             raise CliError(f"OUTPUT {output!r} must end in .safetensors (INPUT is a single file)")
         if os.path.isdir(out):
             raise CliError(f"OUTPUT {output!r} is a folder; INPUT is a single file, so OUTPUT must be a file path")
-    elif os.path.lexists(out) and not os.path.isdir(out):
-        raise CliError(f"OUTPUT {output!r} is a file; INPUT is a folder, so OUTPUT must be a folder")
-    if os.path.realpath(out) == os.path.realpath(src):
+    else:
+        if out.endswith(".safetensors") and not os.path.isdir(out):
+            raise CliError(f"OUTPUT {output!r} looks like a file name, but INPUT {input_path!r} is a folder, so "
+                           f"OUTPUT must be a folder (it gets the same shard names); e.g. "
+                           f"{output[:-len('.safetensors')] or 'out'}/")
+        if os.path.lexists(out) and not os.path.isdir(out):
+            raise CliError(f"OUTPUT {output!r} is a file; INPUT is a folder, so OUTPUT must be a folder")
+    real_out, real_src = os.path.realpath(out), os.path.realpath(src)
+    if real_out == real_src:
         raise CliError(f"OUTPUT {output!r} is the same as INPUT; write to a new path")
-    if kind != "file" and os.path.realpath(src).startswith(os.path.realpath(out) + os.sep):
+    if kind != "file" and real_src.startswith(real_out + os.sep):
         raise CliError(f"OUTPUT {output!r} contains INPUT; write to a new path")
-    if os.path.lexists(out) and not overwrite:
-        raise CliError(f"OUTPUT {output!r} already exists; pass --overwrite to replace it")
+    if kind != "file" and real_out.startswith(real_src + os.sep):
+        # a later run on INPUT would copy this output's index, whose shards are not beside it
+        raise CliError(f"OUTPUT {output!r} is inside INPUT {input_path!r}; write it outside the model folder")
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
         what = "is not a folder" if os.path.exists(parent) else "does not exist"
         raise CliError(f"cannot write OUTPUT {output!r}: its parent {parent!r} {what}")
+    # a run killed while replacing OUTPUT may have left it moved aside: put it back before deciding anything
+    for note in ck.recover_output(out):
+        (log or _stderr_log)(f"note: {note.replace(out, repr(output))}")
+    if os.path.lexists(out) and not overwrite:
+        raise CliError(f"OUTPUT {output!r} already exists; pass --overwrite to replace it")
     return out
 
 
@@ -232,13 +281,13 @@ def _stream_tensor(f, info: ck.TensorInfo, scheme: Optional[QuantScheme], writer
         del x
         try:
             qa = quantize(xf, scheme)  # rows quantize independently (per-channel axis 0 / groups along rows)
-        except ValueError:
+        except ValueError as e:
             bad = np.argwhere(~np.isfinite(xf))
             if len(bad):
                 i, j = int(bad[0][0]), int(bad[0][1])
                 raise CliError(f"tensor {info.name!r}: {xf[i, j]} at index ({i + r0}, {j}); NaN and Inf cannot "
                                "be quantized (leave the tensor out with --exclude)") from None
-            raise
+            raise ValueError(f"tensor {info.name!r}: {e}") from None
         writer.write(names[0], ck.encode_qweight(qa))
         writer.write(names[1], qa.scale)
         if qa.zero_point is not None:
@@ -269,12 +318,33 @@ class _NoBar:
         pass
 
 
-def _progress(total: int):
-    if not sys.stderr.isatty():
+def _progress(total: int, quiet: bool = False):
+    if quiet or not sys.stderr.isatty():
         return _NoBar()
-    from tqdm import tqdm
+    return _BinaryBar(total)
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr, dynamic_ncols=True)
+
+class _BinaryBar:
+    """tqdm counting bytes, shown in MiB (binary units, as every size qcore prints)."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total / 2**20, unit="MiB", bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+                         "{n:.1f}/{total:.1f} MiB [{elapsed}<{remaining}, {rate_fmt}]", file=sys.stderr,
+                         dynamic_ncols=True)
+
+    def update(self, n):
+        self._bar.update(n / 2**20)
+
+    def set_description_str(self, s):
+        self._bar.set_description_str(s)
+
+    def close(self):
+        try:
+            self._bar.close()
+        except BrokenPipeError:
+            _silence(sys.stderr)
 
 
 def _write_index(path: str, weight_map: dict, total_size: int) -> None:
@@ -318,13 +388,16 @@ def copy_side_files(src_root: str, dst_root: str, out: str) -> None:
 
 def quantize_checkpoint(input_path, output, *, bits: int = 8, symmetric: bool = True,
                         group_size: Optional[int] = None, include: Sequence[str] = (),
-                        exclude: Sequence[str] = (), overwrite: bool = False) -> dict:
+                        exclude: Sequence[str] = (), overwrite: bool = False, quiet: bool = False,
+                        log=None) -> dict:
     """Quantize the checkpoint ``input_path`` into ``output`` (see the module docstring); returns a summary dict.
 
     Raises ``ValueError`` for a bad input file, ``CliError`` for a bad request (existing output, scheme that
     does not fit a tensor, ...) and ``OSError`` for I/O failures; in every case nothing is left at ``output``
-    (an existing ``output`` is untouched) and no temporary file remains.
+    (an existing ``output`` is untouched) and no temporary file remains. Warnings and notes go to ``log`` (a
+    callable taking one line; default: standard error), or nowhere with ``quiet``.
     """
+    log = (lambda line: None) if quiet else (log or _stderr_log)
     input_path = os.fspath(input_path)
     try:
         gran = PerGroup(group_size) if group_size else PerChannel(0)
@@ -335,12 +408,12 @@ def quantize_checkpoint(input_path, output, *, bits: int = 8, symmetric: bool = 
         raise CliError(str(e)) from None
     t0 = time.perf_counter()
     kind, headers, _ = _read_inputs(input_path)
-    plans = _plan(headers, scheme, include, exclude)
-    out = _check_output(input_path, output, kind, overwrite)
+    plans = _plan(headers, scheme, include, exclude, log)
+    out = _check_output(input_path, os.fspath(output), kind, overwrite, log)
     in_bytes = sum(h.file_size for _, h in headers)
     total = sum(info.nbytes for plan in plans for info, _ in plan)
     stats = _Stats()
-    bar = _progress(total)
+    bar = _progress(total, quiet)
     tmpdir = None
     out_files = []
     try:
@@ -357,7 +430,9 @@ def quantize_checkpoint(input_path, output, *, bits: int = 8, symmetric: bool = 
             md = ck.qcore_metadata(qtable, {k: v for k, v in header.metadata.items() if not k.startswith("qcore.")})
             bar.set_description_str(os.path.basename(fpath))
             with ck.SafetensorsWriter(target, entries, md, overwrite=overwrite or kind != "file") as w, \
-                    open(fpath, "rb", buffering=0) as f:
+                    os.fdopen(ck._open_regular(fpath), "rb", buffering=0) as f:
+                if header.identity and ck._identity(os.fstat(f.fileno())) != header.identity:
+                    raise ValueError(f"{fpath}: the file changed after its header was read; run again")
                 for info, s in plan:
                     _stream_tensor(f, info, s, w, stats, bar)
             out_files.append(target)
@@ -385,6 +460,9 @@ def quantize_checkpoint(input_path, output, *, bits: int = 8, symmetric: bool = 
 
 def _print_summary(s: dict, out=None) -> None:
     out = out if out is not None else sys.stdout
+
+    def print(line, file=None):  # noqa: A001 - every line of the summary survives a closed pipe
+        _say(line, out)
     ratio = s["input_bytes"] / s["output_bytes"] if s["output_bytes"] else float("nan")
     gibs = s["input_bytes"] / 2**30 / s["seconds"] if s["seconds"] > 0 else float("inf")
     shards = f" ({s['shards']} shards)" if s["kind"] == "sharded" else ""
@@ -446,6 +524,7 @@ output:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcore", description="qcore: NumPy-first weight quantization.")
+    parser.add_argument("--version", action="version", version=f"qcore {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     q = sub.add_parser(
@@ -470,12 +549,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"never quantize tensors matching these patterns (always excluded by default: "
                         f"{' '.join(DEFAULT_EXCLUDE)}, unless --include is given)")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    q.add_argument("--quiet", "-q", action="store_true", help="print no summary")
+    q.add_argument("--quiet", "-q", action="store_true",
+                   help="print nothing but errors (no progress bar, warnings, notes or summary)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``qcore`` console script and ``python -m qcore``; returns the exit status."""
+    """Entry point of the ``qcore`` console script and ``python -m qcore``; returns the exit status.
+
+    A reader that goes away (``qcore ... | head -1``) silences the output instead of raising: the work itself
+    is not affected and the exit status is the command's own.
+    """
+    try:
+        return _main(argv)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BrokenPipeError:
+                _silence(stream)
+            except (OSError, ValueError):
+                pass
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "quantize":  # pragma: no cover - argparse only accepts known commands
         return 2
@@ -485,22 +582,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  if getattr(args, name)]
         hint = (f"; {' and '.join(lists)}: a pattern list takes every word up to the next option, so put INPUT "
                 f"OUTPUT before it or end the list with --" if lists else "")
-        print(f"qcore quantize: error: {missing} missing{hint}", file=sys.stderr)
+        _say(f"qcore quantize: error: {missing} missing{hint}", sys.stderr)
         return 2
     previous = _raise_on_sigterm()
     try:
         summary = quantize_checkpoint(args.input, args.output, bits=args.bits, symmetric=not args.asymmetric,
                                       group_size=args.group_size, include=args.include, exclude=args.exclude,
-                                      overwrite=args.overwrite)
+                                      overwrite=args.overwrite, quiet=args.quiet)
     except KeyboardInterrupt:
-        print("qcore quantize: interrupted; no output written", file=sys.stderr)
+        _say("qcore quantize: interrupted; no output written", sys.stderr)
         return 130
     except _Terminated:
-        print("qcore quantize: terminated; no output written", file=sys.stderr)
+        _say("qcore quantize: terminated; no output written", sys.stderr)
         return 143
     except (CliError, ValueError, OSError) as e:
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
-        print(f"qcore quantize: error: {msg}", file=sys.stderr)
+        _say(f"qcore quantize: error: {msg}", sys.stderr)
         return 1
     finally:
         if previous is not None:
