@@ -1034,6 +1034,13 @@ def _load_file(path: str, header: Header, qmeta: dict) -> dict:
             check_grid(scale, zp, scheme)  # finite, > 0, and no code of the scheme dequantizes to inf
         except ValueError as e:
             raise _bad(p, f"{where}: field scale: {e}") from None
+        used = (shape[-1] * scheme.bits) % 8  # bits of a row's last byte that hold codes; the rest is padding
+        pad = np.uint8((0xFF << used) & 0xFF)
+        if scheme.bits < 8 and used and q.size and (q[..., -1] & pad).any():
+            idx = tuple(int(i) for i in np.argwhere(q[..., -1] & pad)[0])
+            raise _bad(p, f"{where}: field qweight: padding bits of the last byte of row {idx} are not zero "
+                          f"(0x{int(q[idx + (-1,)]):02x}; {shape[-1]} codes of {scheme.bits} bits use the low "
+                          f"{used} bits of it): not the packing layout qcore writes")
         try:
             if scheme.bits == 8:
                 qa = QuantizedArray.from_parts(q, scale, zp, scheme)

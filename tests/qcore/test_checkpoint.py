@@ -619,3 +619,15 @@ def test_load_reads_the_file_its_header_came_from(tmp_path, monkeypatch):
         return h
     monkeypatch.setattr(ck, "read_header", then_swap)
     _expect(path, "changed after its header was read")
+
+
+def test_nonzero_padding_bits_are_refused(tmp_path):
+    """7 codes of 3 bits fill 21 bits of 3 bytes; the top 3 bits of each row's last byte are padding, zero in
+    the layout (found by the mutation test). Before: loaded, the padding silently ignored."""
+    path = tmp_path / "q.safetensors"
+    ck.save(path, {"w": quantize(W[:2, :7].copy(), QuantScheme(3, True, PerTensor()))})
+
+    def put(a):
+        a.reshape(2, 3)[1, 2] |= 0x80
+    _edit_data(path, "w.qweight", put)
+    _expect(path, "quantized tensor 'w'", "field qweight", "padding bits of the last byte of row (1,)")
