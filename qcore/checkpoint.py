@@ -30,10 +30,17 @@ dtypes; bfloat16 through ``ml_dtypes``). A folder checkpoint is shards plus ``mo
 
 Loading checks the whole file before returning anything: the safetensors header (sizes, offsets, dtypes from
 :data:`DTYPES`), the metadata (format version, schemes, shapes), the tensor set (no missing or unexpected
-keys), dtypes and shapes against the packing formula, and the values (scale finite and > 0, zero point and
-codes in range). A bad file raises ``ValueError`` naming the file, the tensor and the field. Files are written
-to a temporary name in the destination folder, fsynced and renamed: a crash never leaves a partial file under
-the final name and never damages an existing one. Pickle files (``.bin``, ``.pt``) are refused, unread.
+keys), dtypes and shapes against the packing formula, and the values (every code dequantizes to a finite
+float32, zero point and codes in range, padding bits zero). A bad file raises ``ValueError`` naming the file,
+the tensor and the field; every file that safetensors itself refuses is refused first, and the writer refuses
+whatever the reader would (names, at most :data:`MAX_RANK` dimensions, sizes), so it never writes a file that
+``load`` rejects. Only regular files are read (a FIFO or device is refused, never waited on).
+
+Files are written to a temporary name in the destination folder, fsynced and renamed: a crash never leaves a
+partial file under the final name and never damages an existing one. A folder replaces an existing one in
+three renames; a process killed between them leaves entries named after it, which the next writer of the same
+path (:func:`recover_output`) uses to put back the old folder or finish the new one, before removing what
+dead processes left. Pickle files (``.bin``, ``.pt``) are refused, unread.
 """
 
 from __future__ import annotations
@@ -639,31 +646,45 @@ def staging_folder(out: str) -> str:
     return tmpdir
 
 
+def _fsync_tree(folder: str) -> None:
+    """fsync every file and folder under ``folder`` (files the writer already synced cost nothing more)."""
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+
+
 def commit_folder(tmpdir: str, out: str) -> None:
     """Move the finished folder ``tmpdir`` into place at ``out``; an existing ``out`` is only removed once the
     new one is there. A crash at any point leaves either the old or the new complete folder at ``out``, or
-    entries from which the next :func:`staging_folder` / :func:`recover_output` restores one of them."""
+    entries from which the next :func:`staging_folder` / :func:`recover_output` restores one of them. On an
+    error ``out`` is left as it was and ``tmpdir`` is removed."""
     out = os.path.abspath(os.fspath(out))
     parent = os.path.dirname(out)
+    _fsync_tree(tmpdir)  # the contents are on disk before anything points at them
     with _FolderLock(parent):
         ready = _with_state(tmpdir, "ready") if _STAGED.match(os.path.basename(tmpdir)) else _staged_name(out, "ready")
         os.rename(tmpdir, ready)
-        _fsync_dir(parent)  # "ready" must be on disk before OUTPUT is moved aside
         old = None
         try:
+            _fsync_dir(parent)  # "ready" is on disk before OUTPUT is moved aside
             if os.path.lexists(out):
                 old = _with_state(ready, "old")
                 os.rename(out, old)
             os.rename(ready, out)
-        except OSError as e:
+        except BaseException as e:
             if old is not None and not os.path.lexists(out):
                 os.rename(old, out)
             _remove(ready)
-            raise OSError(e.errno, f"cannot move the new output into place: {e.strerror}", out) from None
-        except BaseException:
-            if old is not None and not os.path.lexists(out):
-                os.rename(old, out)
-            _remove(ready)
+            if isinstance(e, OSError):
+                raise OSError(e.errno, f"cannot move the new output into place: {e.strerror}", out) from None
             raise
         _fsync_dir(parent)
         if old is not None:

@@ -33,7 +33,8 @@ from .patterns import NamePattern
 from .quantize import dequantize, quantize
 from .scheme import PerChannel, PerGroup, QuantScheme
 
-__all__ = ["main", "build_parser", "Pattern", "select_tensors", "quantize_checkpoint"]
+__all__ = ["main", "build_parser", "Pattern", "select_tensors", "quantize_checkpoint", "fmt_bytes",
+           "package_version"]
 
 #: Names (or module names above them) never quantized unless --include asks: embeddings, output head, norms.
 DEFAULT_EXCLUDE = ("*embed*", "*Embed*", "*lm_head", "*norm*", "*Norm*", "*wte", "*wpe")
@@ -518,7 +519,9 @@ scheme:
 
 output:
   written under a temporary name beside OUTPUT and renamed when complete; an existing OUTPUT is refused
-  unless --overwrite, and is replaced only after the new output is complete. Torch is not needed.
+  unless --overwrite, and is replaced only after the new output is complete. If a run was killed while
+  replacing OUTPUT, the next run on it first puts back the previous OUTPUT or finishes the new one, and
+  removes what killed runs left. OUTPUT may not be inside a folder INPUT. Torch is not needed.
 """
 
 

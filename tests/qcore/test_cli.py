@@ -710,3 +710,25 @@ def test_value_errors_about_a_tensor_name_it(tmp_path):
     with pytest.raises(TypeError, match="tensor 'w'"):
         ck.SafetensorsWriter(tmp_path / "x.safetensors", [("w", np.complex64, (2,))])
     assert os.listdir(tmp_path) == []
+
+
+def test_failed_commit_keeps_output_and_names_it(model_dir, tmp_path, capsys, monkeypatch):
+    """The last rename of the commit fails: the previous OUTPUT is put back, nothing is left beside it, and
+    the message names OUTPUT (before: the temporary folder's name)."""
+    import errno
+
+    folder, _ = model_dir
+    out = tmp_path / "out"
+    assert run("quantize", folder, out, "-q") == 0
+    before = _tree(out)
+    real, calls = os.rename, []
+
+    def rename(a, b, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(a, b, **kw)
+    monkeypatch.setattr(os, "rename", rename)
+    err = expect_error(capsys, ["quantize", folder, out, "--bits", 4, "--overwrite"], "Invalid cross-device link")
+    assert err.startswith(f"qcore quantize: error: {out}: cannot move the new output into place"), err
+    assert _tree(out) == before and leftovers(tmp_path) == []
