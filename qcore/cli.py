@@ -335,17 +335,22 @@ class _BinaryBar:
                          "{n:.1f}/{total:.1f} MiB [{elapsed}<{remaining}, {rate_fmt}]", file=sys.stderr,
                          dynamic_ncols=True)
 
-    def update(self, n):
-        self._bar.update(n / 2**20)
-
-    def set_description_str(self, s):
-        self._bar.set_description_str(s)
-
-    def close(self):
+    def _guarded(self, fn, *args):
+        # a terminal that went away must not stop the work: the bar goes quiet instead
         try:
-            self._bar.close()
+            fn(*args)
         except BrokenPipeError:
             _silence(sys.stderr)
+            self._bar.disable = True
+
+    def update(self, n):
+        self._guarded(self._bar.update, n / 2**20)
+
+    def set_description_str(self, s):
+        self._guarded(self._bar.set_description_str, s)
+
+    def close(self):
+        self._guarded(self._bar.close)
 
 
 def _write_index(path: str, weight_map: dict, total_size: int) -> None:
