@@ -30,32 +30,41 @@ dtypes; bfloat16 through ``ml_dtypes``). A folder checkpoint is shards plus ``mo
 
 Loading checks the whole file before returning anything: the safetensors header (sizes, offsets, dtypes from
 :data:`DTYPES`), the metadata (format version, schemes, shapes), the tensor set (no missing or unexpected
-keys), dtypes and shapes against the packing formula, and the values (scale finite and > 0, zero point and
-codes in range). A bad file raises ``ValueError`` naming the file, the tensor and the field. Files are written
-to a temporary name in the destination folder, fsynced and renamed: a crash never leaves a partial file under
-the final name and never damages an existing one. Pickle files (``.bin``, ``.pt``) are refused, unread.
+keys), dtypes and shapes against the packing formula, and the values (every code dequantizes to a finite
+float32, zero point and codes in range, padding bits zero). A bad file raises ``ValueError`` naming the file,
+the tensor and the field; every file that safetensors itself refuses is refused first, and the writer refuses
+whatever the reader would (names, at most :data:`MAX_RANK` dimensions, sizes), so it never writes a file that
+``load`` rejects. Only regular files are read (a FIFO or device is refused, never waited on).
+
+Files are written to a temporary name in the destination folder, fsynced and renamed: a crash never leaves a
+partial file under the final name and never damages an existing one. A folder replaces an existing one in
+three renames; a process killed between them leaves entries named after it, which the next writer of the same
+path (:func:`recover_output`) uses to put back the old folder or finish the new one, before removing what
+dead processes left. Pickle files (``.bin``, ``.pt``) are refused, unread.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import reprlib
 import shutil
+import stat
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Union
 
 import ml_dtypes  # registers "bfloat16" with NumPy: safetensors' NumPy loader cannot read BF16 without it
 import numpy as np
 
-from .quantize import QuantizedArray
+from .quantize import QuantizedArray, check_grid
 from .scheme import QuantScheme
 
 __all__ = ["save", "load", "read_header", "checkpoint_files", "check_not_pickle", "SafetensorsWriter",
-           "staging_folder", "commit_folder",
+           "staging_folder", "commit_folder", "recover_output",
            "TensorInfo", "Header", "DTYPES", "FORMAT_VERSION", "INDEX_NAME", "quantized_entries",
            "encode_qweight", "quantized_metadata"]
 
@@ -80,6 +89,14 @@ _FLOAT_NAMES = {"float16", "bfloat16", "float32", "float64"}
 
 MAX_HEADER_BYTES = 100_000_000  # the limit of the reference safetensors implementation
 _MAX_DIM = 1 << 48  # no real tensor dimension comes near; bounds the arithmetic on hostile shapes
+#: Most dimensions a tensor may have: NumPy's limit, so that every tensor a header declares can be built.
+MAX_RANK = 64
+#: Most bytes the non-zero dimensions of a shape may span (times the item size). safetensors multiplies the
+#: dimensions in 64 bits and NumPy refuses arrays whose non-zero dimensions overflow it, even when another
+#: dimension is 0: this bound keeps every such product far from overflow on both sides.
+MAX_TENSOR_BYTES = 1 << 60
+#: Deepest JSON nesting read from a header, qcore metadata or an index (valid files nest 4 levels at most).
+MAX_JSON_DEPTH = 64
 _QUANT_SUFFIXES = ("qweight", "scale", "zero_point")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -129,6 +146,7 @@ class Header:
     metadata: dict
     data_start: int
     file_size: int
+    identity: tuple = ()  # (device, inode, size, mtime) when read: the data is read from the same file
 
 
 def _no_duplicates(pairs):
@@ -140,14 +158,110 @@ def _no_duplicates(pairs):
     return out
 
 
-def _check_shape(shape, where: str, path) -> tuple:
-    if not isinstance(shape, list):
-        raise _bad(path, f"{where}: shape must be a list of ints, got {shape!r:.80}")
+def _shape_problem(shape, itemsize: int) -> Optional[str]:
+    """Why a shape cannot be stored or read (``None`` if it can); the writer and the reader share this rule."""
+    if not isinstance(shape, (list, tuple)):
+        return "must be a list of ints"
+    if len(shape) > MAX_RANK:
+        return f"has {len(shape)} dimensions; at most {MAX_RANK} are supported (NumPy's limit)"
+    span = itemsize
     for n in shape:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n > _MAX_DIM:
-            raise _bad(path, f"{where}: shape {shape!r:.80} has dimension {n!r:.40}; dimensions must be ints "
-                             f"in 0..{_MAX_DIM}")
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or not 0 <= n <= _MAX_DIM:
+            return f"has dimension {n!r:.40}; dimensions must be ints in 0..{_MAX_DIM}"
+        span *= max(int(n), 1)
+        if span > MAX_TENSOR_BYTES:
+            return ("spans more than 2^60 bytes (1 EiB) in its non-zero dimensions: no real tensor is that large, "
+                    "and the product overflows safetensors' and NumPy's size arithmetic")
+    return None
+
+
+def _check_shape(shape, where: str, path, itemsize: int = 1) -> tuple:
+    problem = _shape_problem(shape, itemsize)
+    if problem is not None or not isinstance(shape, list):
+        raise _bad(path, f"{where}: shape {_brief(shape)} {problem or 'must be a list of ints'}")
     return tuple(shape)
+
+
+def _name_problem(name) -> Optional[str]:
+    """Why a tensor name cannot be stored (``None`` if it can); the writer and the reader share this rule."""
+    if not isinstance(name, str) or not name:
+        return "tensor names must be non-empty strings"
+    if name == "__metadata__":
+        return "'__metadata__' is reserved by safetensors"
+    if not _utf8_ok(name):
+        return "tensor names must be valid Unicode (no lone surrogates), as UTF-8 JSON requires"
+    return None
+
+
+def _utf8_ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict = 3, 60, 60, 8, 6
+
+
+def _brief(value) -> str:
+    """A short repr for messages; bounded in length and depth, whatever a hostile file holds."""
+    return _SHORT.repr(value)
+
+
+def _load_json(raw: bytes, path, what: str):
+    """Parse UTF-8 JSON from a file: duplicate keys, nesting deeper than :data:`MAX_JSON_DEPTH` and lone
+    surrogates (which safetensors' own parser refuses) are ``ValueError`` s naming ``path`` and ``what``."""
+    try:
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError as e:
+        raise _bad(path, f"{what}: not valid UTF-8 ({e})") from None
+    except ValueError as e:
+        raise _bad(path, f"{what}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise _bad(path, f"{what}: JSON nested more than {MAX_JSON_DEPTH} levels deep") from None
+    check_strings = b"\\u" in raw
+    stack = [(value, 1)]
+    while stack:  # iterative: later code (messages, scheme parsing) may recurse on what is kept
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise _bad(path, f"{what}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
+            items = v.items() if isinstance(v, dict) else enumerate(v)
+            for k, x in items:
+                if check_strings and isinstance(k, str) and not _utf8_ok(k):
+                    raise _bad(path, f"{what}: a key holds a lone surrogate escape ({_brief(k)}), not valid Unicode")
+                stack.append((x, depth + 1))
+        elif check_strings and isinstance(v, str) and not _utf8_ok(v):
+            raise _bad(path, f"{what}: a string holds a lone surrogate escape ({_brief(v)}), not valid Unicode")
+    return value
+
+
+def _open_regular(path) -> int:
+    """A read-only descriptor of ``path``, refused unless it is a regular file: a FIFO or a device would block
+    a reader forever (or never end). ``O_NONBLOCK`` makes even the open of a FIFO return at once."""
+    p = os.fspath(path)
+    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode)
+                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a socket"
+                    if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+            raise _bad(p, f"is {kind}; checkpoints are read from regular files only")
+        if hasattr(os, "O_NONBLOCK"):
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _identity(st) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _pickle_reason() -> str:
@@ -174,14 +288,19 @@ def check_not_pickle(path) -> None:
 def read_header(path) -> Header:
     """Read and check the header of a safetensors file (reads only the header; ``ValueError`` if bad).
 
-    Checks: the 8-byte length against the file size and :data:`MAX_HEADER_BYTES`, UTF-8 JSON object without
-    duplicate keys, string-only ``__metadata__``, dtypes from :data:`DTYPES`, shapes of non-negative ints,
-    each byte range equal to ``prod(shape) * itemsize``, ranges contiguous from 0 and ending at the end of file.
+    Checks: a regular file (never a FIFO or device), the 8-byte length against the file size and
+    :data:`MAX_HEADER_BYTES`, UTF-8 JSON object without duplicate keys, lone surrogates or nesting deeper than
+    :data:`MAX_JSON_DEPTH`, string-only ``__metadata__``, dtypes from :data:`DTYPES`, names, shapes of at most
+    :data:`MAX_RANK` non-negative ints spanning at most :data:`MAX_TENSOR_BYTES`, each byte range equal to
+    ``prod(shape) * itemsize``, ranges contiguous from 0 and ending at the end of file. Every file that
+    safetensors itself refuses is refused here first.
     """
     check_not_pickle(path)
     p = os.fspath(path)
-    with open(p, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    fd = _open_regular(p)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        size = st.st_size
         first = f.read(8)
         if len(first) < 8:
             raise _bad(p, f"truncated: the file has {size} bytes, a safetensors file starts with an 8-byte header "
@@ -195,10 +314,9 @@ def read_header(path) -> Header:
                       "safetensors file?)")
     if 8 + n > size:
         raise _bad(p, f"truncated: header length {n} runs past the end of the {size}-byte file")
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _bad(p, f"bad header: not valid UTF-8 JSON ({e})") from None
+    if len(raw) != n:
+        raise _bad(p, "truncated: the file shrank while its header was read")
+    header = _load_json(raw, p, "bad header")
     if not isinstance(header, dict):
         raise _bad(p, f"bad header: expected a JSON object, got {type(header).__name__}")
     metadata = header.pop("__metadata__", {})
@@ -210,21 +328,22 @@ def read_header(path) -> Header:
     data_start = 8 + n
     infos = []
     for name, entry in header.items():
-        if not name:
-            raise _bad(p, "bad header: empty tensor name")
+        problem = _name_problem(name)
+        if problem:
+            raise _bad(p, f"bad header: tensor {_brief(name)}: {problem}")
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise _bad(p, f"tensor {name!r}: header entry must have exactly dtype, shape, data_offsets; got "
-                          f"{entry!r:.120}")
+                          f"{_brief(entry)}")
         code = entry["dtype"]
-        if code not in DTYPES:
-            raise _bad(p, f"tensor {name!r}: dtype {code!r:.40} is not supported; allowed: {', '.join(DTYPES)}")
-        shape = _check_shape(entry["shape"], f"tensor {name!r}", p)
+        if not isinstance(code, str) or code not in DTYPES:
+            raise _bad(p, f"tensor {name!r}: dtype {_brief(code)} is not supported; allowed: {', '.join(DTYPES)}")
+        shape = _check_shape(entry["shape"], f"tensor {name!r}", p, DTYPES[code].itemsize)
         offs = entry["data_offsets"]
         if (not isinstance(offs, list) or len(offs) != 2
                 or any(isinstance(o, bool) or not isinstance(o, int) for o in offs)
                 or not 0 <= offs[0] <= offs[1]):
             raise _bad(p, f"tensor {name!r}: data_offsets must be [start, end] with 0 <= start <= end, got "
-                          f"{offs!r:.80}")
+                          f"{_brief(offs)}")
         expected = math.prod(shape) * DTYPES[code].itemsize
         if offs[1] - offs[0] != expected:
             raise _bad(p, f"tensor {name!r}: data_offsets {offs} span {offs[1] - offs[0]} bytes but shape "
@@ -243,7 +362,7 @@ def read_header(path) -> Header:
     if pos < size:
         raise _bad(p, f"bad file: {size - pos} bytes after the last tensor (the header describes "
                       f"{pos - data_start} data bytes)")
-    return Header(p, {t.name: t for t in infos}, dict(metadata), data_start, size)
+    return Header(p, {t.name: t for t in infos}, dict(metadata), data_start, size, _identity(st))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,32 +415,30 @@ def _parse_qmeta(header: Header) -> dict:
     unknown = sorted(set(qkeys) - {META_VERSION, META_QUANTIZED})
     if unknown:
         raise _bad(p, f"metadata: unexpected qcore keys {unknown}")
-    try:
-        table = json.loads(md.get(META_QUANTIZED, "{}"), object_pairs_hook=_no_duplicates)
-    except ValueError as e:
-        raise _bad(p, f"metadata {META_QUANTIZED}: not valid JSON ({e})") from None
+    table = _load_json(md.get(META_QUANTIZED, "{}").encode("utf-8"), p, f"metadata {META_QUANTIZED}")
     if not isinstance(table, dict):
         raise _bad(p, f"metadata {META_QUANTIZED}: expected a JSON object")
     out = {}
     for name, entry in table.items():
+        problem = _name_problem(name)
+        if problem:
+            raise _bad(p, f"metadata {META_QUANTIZED}: quantized tensor {_brief(name)}: {problem}")
         where = f"quantized tensor {name!r}"
         if not isinstance(entry, dict) or not {"scheme", "shape"} <= set(entry) <= {"scheme", "shape", "dtype"}:
             raise _bad(p, f"{where}: metadata entry must have scheme, shape and optionally dtype; got "
-                          f"{entry!r:.120}")
+                          f"{_brief(entry)}")
         try:
             scheme = QuantScheme.from_dict(entry["scheme"])
         except (ValueError, TypeError) as e:
             raise _bad(p, f"{where}: field scheme: {e}") from None
         shape = _check_shape(entry["shape"], f"{where}: field shape", p)
-        if math.prod(shape) > 1 << 62:
-            raise _bad(p, f"{where}: field shape {list(shape)} is too large")
         try:
             scheme.validate_shape(shape)
         except ValueError as e:
             raise _bad(p, f"{where}: field shape {list(shape)} does not fit the scheme: {e}") from None
         dtype = entry.get("dtype")
-        if dtype is not None and dtype not in _FLOAT_NAMES:
-            raise _bad(p, f"{where}: field dtype {dtype!r:.40} must be one of {sorted(_FLOAT_NAMES)}")
+        if dtype is not None and (not isinstance(dtype, str) or dtype not in _FLOAT_NAMES):
+            raise _bad(p, f"{where}: field dtype {_brief(dtype)} must be one of {sorted(_FLOAT_NAMES)}")
         out[name] = (scheme, shape, dtype)
     return out
 
@@ -377,49 +494,208 @@ def _umask() -> int:
 
 
 def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+    """Make the renames in folder ``path`` durable; an I/O error is raised, never reported as success."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:  # some filesystems do not support fsync on a directory
-        pass
+    except OSError as e:
+        # file systems that cannot sync a folder say so with EINVAL/ENOTSUP; anything else (EIO) is a failure
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise OSError(e.errno, f"{e.strerror} (syncing the folder {path} after a rename; the result may "
+                                   "not survive a crash)", path) from None
     finally:
         os.close(fd)
 
 
 _HAS_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
 
+# ---------------------------------------------------------------------------------------------------------
+# Staging beside OUTPUT, the commit, and recovery from a run that was killed
+#
+# Every temporary entry is named ".{OUTPUT name}.qcore-{pid}-{start}-{random}.{state}": the owner's pid and
+# start time (so a reused pid is not mistaken for the owner) tell a later run whether the owner is gone.
+# States: "tmp" (being written), "ready" (complete, about to replace OUTPUT), "old" (the previous OUTPUT,
+# moved aside during the commit). A folder commit is: tmp -> ready; OUTPUT -> old; ready -> OUTPUT; remove
+# old. A run killed anywhere in it leaves entries from which the next run knows what to do (recover_output).
+# ---------------------------------------------------------------------------------------------------------
+
+_STAGED = re.compile(r"^\.(?P<base>.+)\.qcore-(?P<pid>\d+)-(?P<start>\d+)-(?P<rand>[A-Za-z0-9_]+)\.(?P<state>tmp|ready|old)$")
+
+
+def _start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot (Linux), 0 where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _owner_alive(pid: int, start: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        pass
+    now = _start_time(pid)
+    return not (start and now and now != start)  # the same pid, started later: another process
+
+
+def _staged_name(out: str, state: str, rand: Optional[str] = None) -> str:
+    rand = rand or os.urandom(6).hex()
+    pid = os.getpid()
+    return os.path.join(os.path.dirname(out),
+                        f".{os.path.basename(out)}.qcore-{pid}-{_start_time(pid)}-{rand}.{state}")
+
+
+def _with_state(path: str, state: str) -> str:
+    return path.rsplit(".", 1)[0] + "." + state
+
+
+class _FolderLock:
+    """An exclusive ``flock`` on a folder (no lock file to leave behind): recoveries and commits of outputs in
+    one folder never interleave."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __enter__(self):
+        self.fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):  # no flock here: the pid check alone keeps live runs apart
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing releases the lock
+        return False
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _recover(out: str) -> list:
+    """Finish or undo what dead runs left beside ``out`` (the caller holds the folder lock)."""
+    parent, base = os.path.dirname(out), os.path.basename(out)
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    left = {"tmp": [], "ready": [], "old": []}
+    for name in names:
+        m = _STAGED.match(name)
+        if m and m["base"] == base and not _owner_alive(int(m["pid"]), int(m["start"])):
+            left[m["state"]].append(os.path.join(parent, name))
+    done = []
+    for path in sorted(left["ready"], key=lambda q: os.stat(q).st_mtime_ns, reverse=True):
+        if not os.path.lexists(out):  # killed between moving OUTPUT aside and moving the new one in
+            os.rename(path, out)
+            done.append(f"finished the replacement of {out} that an interrupted run had begun")
+        else:
+            _remove(path)
+    for path in left["old"]:
+        if not os.path.lexists(out):  # killed before the new one was ready: put the previous OUTPUT back
+            os.rename(path, out)
+            done.append(f"restored the previous {out} that an interrupted run had moved aside")
+        else:
+            _remove(path)
+    for path in left["tmp"]:
+        _remove(path)
+    if left["tmp"] and not done:
+        done.append(f"removed {len(left['tmp'])} unfinished temporary output(s) of interrupted runs beside {out}")
+    if any(left.values()):
+        _fsync_dir(parent)
+    return done
+
+
+def recover_output(out) -> list:
+    """Clean up after runs that were killed while writing ``out``: finish or undo an interrupted folder commit
+    (so ``out`` is never left missing) and remove their temporary files and folders. Entries of live
+    processes are left alone. Returns one sentence per thing done (empty if there was nothing to do).
+
+    >>> import tempfile, os
+    >>> recover_output(os.path.join(tempfile.mkdtemp(), "out"))
+    []
+    """
+    out = os.path.abspath(os.fspath(out))
+    with _FolderLock(os.path.dirname(out)):
+        return _recover(out)
+
 
 def staging_folder(out: str) -> str:
     """A new empty folder beside ``out`` (same file system, so :func:`commit_folder` is a rename), with the
-    permissions a plain ``mkdir`` would give. The caller removes it if it does not commit it."""
-    tmpdir = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix=f".{os.path.basename(out)}.",
-                              suffix=".tmp")
-    os.chmod(tmpdir, 0o777 & ~_umask())  # mkdtemp makes 0700
+    permissions a plain ``mkdir`` would give, named after this process so that a later run can tell when it
+    was left by a killed one. Leftovers of dead runs for ``out`` are recovered first (:func:`recover_output`).
+    The caller removes the folder if it does not commit it."""
+    out = os.path.abspath(os.fspath(out))
+    with _FolderLock(os.path.dirname(out)):
+        _recover(out)
+        tmpdir = _staged_name(out, "tmp")
+        os.mkdir(tmpdir, 0o777 & ~_umask())
     return tmpdir
 
 
+def _fsync_tree(folder: str) -> None:
+    """fsync every file and folder under ``folder`` (files the writer already synced cost nothing more)."""
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+
+
 def commit_folder(tmpdir: str, out: str) -> None:
-    """Move the finished folder into place; an existing OUTPUT is only removed once the new one is there."""
-    old = None
-    if os.path.lexists(out):
-        old = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.old.")
-        os.rmdir(old)
-        os.rename(out, old)
-    try:
-        os.rename(tmpdir, out)
-    except BaseException:
+    """Move the finished folder ``tmpdir`` into place at ``out``; an existing ``out`` is only removed once the
+    new one is there. A crash at any point leaves either the old or the new complete folder at ``out``, or
+    entries from which the next :func:`staging_folder` / :func:`recover_output` restores one of them. On an
+    error ``out`` is left as it was and ``tmpdir`` is removed."""
+    out = os.path.abspath(os.fspath(out))
+    parent = os.path.dirname(out)
+    _fsync_tree(tmpdir)  # the contents are on disk before anything points at them
+    with _FolderLock(parent):
+        ready = _with_state(tmpdir, "ready") if _STAGED.match(os.path.basename(tmpdir)) else _staged_name(out, "ready")
+        os.rename(tmpdir, ready)
+        old = None
+        try:
+            _fsync_dir(parent)  # "ready" is on disk before OUTPUT is moved aside
+            if os.path.lexists(out):
+                old = _with_state(ready, "old")
+                os.rename(out, old)
+            os.rename(ready, out)
+        except BaseException as e:
+            if old is not None and not os.path.lexists(out):
+                os.rename(old, out)
+            _remove(ready)
+            if isinstance(e, OSError):
+                raise OSError(e.errno, f"cannot move the new output into place: {e.strerror}", out) from None
+            raise
+        _fsync_dir(parent)
         if old is not None:
-            os.rename(old, out)
-        raise
-    _fsync_dir(os.path.dirname(out))
-    if old is not None:
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.unlink(old)
+            _remove(old)
+
+
+def _named(e: BaseException, path: str) -> BaseException:
+    """An ``OSError`` without a file name (``EFBIG`` from a write, ``ENOSPC``...) gets ``path``; others as they are."""
+    if isinstance(e, OSError) and not e.filename:
+        return OSError(e.errno, e.strerror or str(e), path)
+    return e
 
 
 class SafetensorsWriter:
@@ -449,19 +725,31 @@ class SafetensorsWriter:
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"metadata must map str to str (safetensors stores text only), got {k!r}: "
                                 f"{type(v).__name__}")
+            if not _utf8_ok(k) or not _utf8_ok(v):
+                raise ValueError(f"metadata {_brief(k)}: keys and values must be valid Unicode (no lone "
+                                 "surrogates), as UTF-8 JSON requires")
         items = []
         seen = set()
+        # The reader's rules (read_header): a file this writer completes is a file load() accepts.
         for name, dtype, shape in entries:
-            if not isinstance(name, str) or not name or name == "__metadata__":
-                raise ValueError(f"invalid tensor name {name!r}")
+            problem = _name_problem(name)
+            if problem:
+                raise ValueError(f"invalid tensor name {_brief(name)}: {problem}")
             if name in seen:
                 raise ValueError(f"duplicate tensor name {name!r}")
             seen.add(name)
-            code = dtype if isinstance(dtype, str) and dtype in DTYPES else dtype_code(dtype)
-            shape = tuple(int(n) for n in shape)
-            if any(n < 0 for n in shape):
-                raise ValueError(f"tensor {name!r}: negative dimension in shape {shape}")
-            items.append((name, code, shape))
+            try:
+                code = dtype if isinstance(dtype, str) and dtype in DTYPES else dtype_code(dtype)
+            except TypeError as e:
+                raise TypeError(f"tensor {name!r}: {e}") from None
+            try:
+                shape = tuple(shape)
+            except TypeError:
+                raise TypeError(f"tensor {name!r}: shape must be a sequence of ints, got {_brief(shape)}") from None
+            problem = _shape_problem(shape, DTYPES[code].itemsize)
+            if problem:
+                raise ValueError(f"tensor {name!r}: shape {_brief(shape)} {problem}")
+            items.append((name, code, tuple(int(n) for n in shape)))
         # Decreasing item size keeps every offset a multiple of its tensor's item size (as safetensors does).
         items.sort(key=lambda it: -DTYPES[it[1]].itemsize)
         hdr: dict = {}
@@ -476,18 +764,28 @@ class SafetensorsWriter:
             off += n
         raw = json.dumps(hdr, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
+        if len(raw) > MAX_HEADER_BYTES:
+            raise ValueError(f"{self.path}: the header would take {len(raw)} bytes, over the {MAX_HEADER_BYTES}-byte "
+                             "limit of safetensors readers (too many tensors or too much metadata)")
         self._data_start = 8 + len(raw)
         self.size = self._data_start + off
         if not overwrite and os.path.lexists(self.path):
             raise FileExistsError(f"{self.path} already exists (pass overwrite=True / --overwrite to replace it)")
-        parent = os.path.dirname(self.path)
-        fd, self._tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
+        recover_output(self.path)  # temporary files of killed writers of this path
+        self._tmp = _staged_name(self.path, "tmp")
+        # O_EXCL: a name of this process's own; the mode goes through the umask like any new file's
         try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual permissions
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.path) from None
+        try:
             self._f = os.fdopen(fd, "wb")
             self._f.write(struct.pack("<Q", len(raw)))
             self._f.write(raw)
             self._f.truncate(self.size)  # reserve the full length; pieces fill it in place
+        except OSError as e:
+            self.abort()
+            raise _named(e, self.path) from None
         except BaseException:
             self.abort()
             raise
@@ -510,8 +808,11 @@ class SafetensorsWriter:
             raise ValueError(f"tensor {name!r}: {done + nb} bytes written, but shape {list(shape)} of {code} "
                              f"holds {n}")
         if nb:
-            self._f.seek(self._data_start + off + done)
-            self._f.write(a.reshape(-1).view(np.uint8).data)
+            try:
+                self._f.seek(self._data_start + off + done)
+                self._f.write(a.reshape(-1).view(np.uint8).data)
+            except OSError as e:
+                raise _named(e, self.path) from None
         slot[4] = done + nb
 
     def copy_from(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
@@ -539,7 +840,10 @@ class SafetensorsWriter:
                 chunk = os.pread(src_fd, min(end - pos, 1 << 24), src_offset + pos)
                 if not chunk:
                     raise ValueError(f"tensor {name!r}: the source ended early (was it changed while reading?)")
-                k = os.pwrite(dst_fd, chunk, self._data_start + off + done + pos)
+                try:
+                    k = os.pwrite(dst_fd, chunk, self._data_start + off + done + pos)
+                except OSError as e:
+                    raise _named(e, self.path) from None
             pos += k
         slot[4] = done + nbytes
 
@@ -557,10 +861,17 @@ class SafetensorsWriter:
             if self.overwrite:
                 os.replace(self._tmp, self.path)
             else:
-                os.link(self._tmp, self.path)  # fails if path appeared meanwhile: never clobber
+                try:
+                    os.link(self._tmp, self.path)  # fails if path appeared meanwhile: never clobber
+                except FileExistsError:
+                    raise FileExistsError(errno.EEXIST, "already exists (it appeared while this file was written)",
+                                          self.path) from None
                 os.unlink(self._tmp)
             self._done = True
             _fsync_dir(os.path.dirname(self.path))
+        except OSError as e:
+            self.abort()
+            raise _named(e, self.path) from None
         except BaseException:
             self.abort()
             raise
@@ -627,7 +938,10 @@ def save(path, tensors: Mapping[str, Union[QuantizedArray, np.ndarray]], metadat
                 entries.append((tname, code, shape))
                 arrays[tname] = arr
         elif isinstance(value, np.ndarray):
-            entries.append((name, dtype_code(value.dtype), value.shape))
+            try:
+                entries.append((name, dtype_code(value.dtype), value.shape))
+            except TypeError as e:
+                raise TypeError(f"tensor {name!r}: {e}") from None
             arrays[name] = value
         else:
             raise TypeError(f"tensor {name!r}: expected a QuantizedArray or numpy.ndarray, got "
@@ -652,19 +966,17 @@ _SHARD_NAME = re.compile(r"^[^/\\\x00]+\.safetensors$")
 def _read_index(folder: str) -> dict:
     """``{shard file name: set of tensor names}`` from a checked ``model.safetensors.index.json``."""
     ipath = os.path.join(folder, INDEX_NAME)
-    if os.path.getsize(ipath) > MAX_HEADER_BYTES:
+    with os.fdopen(_open_regular(ipath), "rb") as f:
+        raw = f.read(MAX_HEADER_BYTES + 1)
+    if len(raw) > MAX_HEADER_BYTES:
         raise _bad(ipath, f"bad index: larger than {MAX_HEADER_BYTES} bytes")
-    try:
-        with open(ipath, "rb") as f:
-            index = json.loads(f.read().decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _bad(ipath, f"bad index: not valid UTF-8 JSON ({e})") from None
+    index = _load_json(raw, ipath, "bad index")
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise _bad(ipath, "bad index: expected a JSON object with a 'weight_map' object")
     shards: dict = {}
     for tname, fname in index["weight_map"].items():
         if not isinstance(fname, str) or not _SHARD_NAME.match(fname) or fname in (".", ".."):
-            raise _bad(ipath, f"tensor {tname!r}: shard {fname!r:.80} must be a plain file name ending in "
+            raise _bad(ipath, f"tensor {_brief(tname)}: shard {_brief(fname)} must be a plain file name ending in "
                               ".safetensors in the same folder")
         shards.setdefault(fname, set()).add(tname)
     if not shards:
@@ -678,16 +990,17 @@ def checkpoint_files(path) -> tuple:
     p = os.fspath(path)
     check_not_pickle(p)
     if os.path.isdir(p):
-        if os.path.isfile(os.path.join(p, INDEX_NAME)):
+        # exists(), not isfile(): a FIFO or device under these names is refused by name when opened
+        if os.path.exists(os.path.join(p, INDEX_NAME)):
             shards = _read_index(p)
             files = [os.path.join(p, name) for name in shards]
             for fpath in files:
-                if not os.path.isfile(fpath):
+                if not os.path.exists(fpath):
                     raise _bad(os.path.join(p, INDEX_NAME), f"shard {os.path.basename(fpath)!r} listed in the "
                                                              "index does not exist")
             return "sharded", files, shards
         single = os.path.join(p, SINGLE_NAME)
-        if os.path.isfile(single):
+        if os.path.exists(single):
             return "folder", [single], None
         pickles = sorted(f for f in os.listdir(p) if f.lower().endswith(PICKLE_SUFFIXES))
         if pickles:
@@ -709,29 +1022,46 @@ def _check_shard_index(header: Header, expected: set, index_path: str) -> None:
         raise _bad(index_path, f"tensor {extra[0]!r} in {os.path.basename(header.path)} is not listed in the index")
 
 
-def _load_file(path: str, header: Header, qmeta: dict) -> dict:
-    from safetensors import safe_open
-
+def _read_tensors(header: Header) -> dict:
+    """``{name: array}`` of every tensor of a checked header, read from the same file the header came from."""
     p = header.path
     raw = {}
-    with safe_open(p, framework="numpy") as f:
-        for name in header.tensors:
-            arr = f.get_tensor(name)
-            if arr.dtype != DTYPES[header.tensors[name].dtype] or arr.shape != header.tensors[name].shape:
-                raise _bad(p, f"tensor {name!r}: safetensors returned {arr.dtype} {arr.shape}, header says "
-                              f"{header.tensors[name].dtype} {list(header.tensors[name].shape)}")
-            raw[name] = arr
+    with os.fdopen(_open_regular(p), "rb", buffering=0) as f:
+        if header.identity and _identity(os.fstat(f.fileno())) != header.identity:
+            raise _bad(p, "the file changed after its header was read; load it again")
+        for name, t in header.tensors.items():
+            buf = np.empty(t.nbytes, np.uint8)
+            view, pos = memoryview(buf), 0
+            while pos < t.nbytes:
+                k = os.preadv(f.fileno(), [view[pos:]], t.start + pos)
+                if not k:
+                    raise _bad(p, f"tensor {name!r}: the file ended early (was it changed while reading?)")
+                pos += k
+            raw[name] = buf.view(t.np_dtype).reshape(t.shape)
+    return raw
+
+
+def _load_file(path: str, header: Header, qmeta: dict) -> dict:
+    p = header.path
+    raw = _read_tensors(header)
     out = {}
     for name, (scheme, shape, _dtype) in qmeta.items():
         q, scale = raw.pop(f"{name}.qweight"), raw.pop(f"{name}.scale")
         zp = None if scheme.symmetric else raw.pop(f"{name}.zero_point")
         where = f"quantized tensor {name!r}"
-        bad = ~np.isfinite(scale) | ~(scale > 0)
-        if bad.any():
-            idx = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise _bad(p, f"{where}: field scale: {scale[idx]!r} at index {idx}; scales must be finite and > 0")
         if zp is not None and zp.size and int(zp.max()) > scheme.qmax:
             raise _bad(p, f"{where}: field zero_point: {int(zp.max())} is outside 0..{scheme.qmax} for {scheme}")
+        try:
+            check_grid(scale, zp, scheme)  # finite, > 0, and no code of the scheme dequantizes to inf
+        except ValueError as e:
+            raise _bad(p, f"{where}: field scale: {e}") from None
+        used = (shape[-1] * scheme.bits) % 8  # bits of a row's last byte that hold codes; the rest is padding
+        pad = np.uint8((0xFF << used) & 0xFF)
+        if scheme.bits < 8 and used and q.size and (q[..., -1] & pad).any():
+            idx = tuple(int(i) for i in np.argwhere(q[..., -1] & pad)[0])
+            raise _bad(p, f"{where}: field qweight: padding bits of the last byte of row {idx} are not zero "
+                          f"(0x{int(q[idx + (-1,)]):02x}; {shape[-1]} codes of {scheme.bits} bits use the low "
+                          f"{used} bits of it): not the packing layout qcore writes")
         try:
             if scheme.bits == 8:
                 qa = QuantizedArray.from_parts(q, scale, zp, scheme)

@@ -10,7 +10,7 @@ as ``config.json``, tokenizer files and sentence-transformers module folders cop
 million elements, quantized, and written into its place in the output file, so the peak memory depends on the
 piece size, not on the checkpoint (measured in ``benchmarks/bench_checkpoint.py``). The input is read with
 positioned reads rather than through a memory map because the pages of a map count towards the process's RSS
-until it is closed: for a 1.2 GB file read through ``safe_open`` the RSS reached 1.2 GB, with ``pread`` 0.2 GB.
+until it is closed: for a 1.1 GiB file read through ``safe_open`` the RSS reached 1.1 GiB, with ``pread`` 0.19 GiB.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from .patterns import NamePattern
 from .quantize import dequantize, quantize
 from .scheme import PerChannel, PerGroup, QuantScheme
 
-__all__ = ["main", "build_parser", "Pattern", "select_tensors", "quantize_checkpoint"]
+__all__ = ["main", "build_parser", "Pattern", "select_tensors", "quantize_checkpoint", "fmt_bytes",
+           "package_version"]
 
 #: Names (or module names above them) never quantized unless --include asks: embeddings, output head, norms.
 DEFAULT_EXCLUDE = ("*embed*", "*Embed*", "*lm_head", "*norm*", "*Norm*", "*wte", "*wpe")
@@ -44,6 +45,42 @@ _COPY_SUFFIXES = (".json", ".txt", ".model", ".md", ".jinja")
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 1 (no traceback)."""
+
+
+def _silence(stream) -> None:
+    """Point a stream whose reader went away (``qcore ... | head -1``) at /dev/null, so that neither the next
+    write nor the flush at exit raises BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to redirect
+        pass
+
+
+def _say(line: str, stream=None) -> None:
+    """Print one line; a closed pipe silences the stream instead of raising."""
+    stream = stream if stream is not None else sys.stdout
+    try:
+        print(line, file=stream, flush=True)
+    except BrokenPipeError:
+        _silence(stream)
+
+
+def _stderr_log(line: str) -> None:
+    _say(f"qcore quantize: {line}", sys.stderr)
+
+
+def package_version() -> str:
+    """The installed distribution's version, or the package's own ``__version__`` when it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("qcore-qtorch")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
 
 
 Pattern = NamePattern  # tensor-name patterns: see qcore.patterns
@@ -69,11 +106,12 @@ def select_tensors(infos: dict, include: Sequence[str] = (), exclude: Sequence[s
     return [n for n, info in infos.items() if _selected(n, info, inc, exc)]
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
+def fmt_bytes(n: float) -> str:
+    """A size in binary units, as the project writes sizes everywhere: ``fmt_bytes(3 * 2**20) == '3.00 MiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000.0
+        n /= 1024.0
     return f"{n} B"
 
 
@@ -105,14 +143,15 @@ def _read_inputs(input_path: str):
     return kind, headers, shards
 
 
-def _plan(headers, scheme: QuantScheme, include, exclude):
+def _plan(headers, scheme: QuantScheme, include, exclude, log=None):
     """Per shard: ``[(TensorInfo, scheme or None)]`` in file order; checks the scheme fits every chosen tensor."""
+    log = log or _stderr_log
     inc = [Pattern(t) for t in include]
     exc = [Pattern(t) for t in exclude]
     all_names = {n for _, h in headers for n in h.tensors}
     for p in inc + exc:
         if not any(p.matches(n) for n in all_names):
-            print(f"qcore quantize: warning: pattern {p.text!r} matches no tensor", file=sys.stderr)
+            log(f"warning: pattern {p.text!r} matches no tensor")
     plans, problems = [], []
     for _, header in headers:
         plan = []
@@ -123,9 +162,12 @@ def _plan(headers, scheme: QuantScheme, include, exclude):
                     scheme.validate_shape(info.shape)
                 except ValueError as e:
                     problems.append(f"{name} {list(info.shape)}: {e}")
+                    plan.append((info, None))
+                    continue
                 clash = [f"{name}.{s}" for s in ("qweight", "scale", "zero_point") if f"{name}.{s}" in all_names]
                 if clash:
                     problems.append(f"{name}: the output name {clash[0]!r} is already a tensor of the input")
+                _check_output_bound(header.path, info, scheme)
             plan.append((info, scheme if chosen else None))
         plans.append(plan)
     if problems:
@@ -133,6 +175,22 @@ def _plan(headers, scheme: QuantScheme, include, exclude):
         raise CliError(f"{scheme} cannot be applied to: " + "; ".join(problems[:5]) + more
                        + ". Exclude these tensors with --exclude or pick another --group-size")
     return plans
+
+
+def _check_output_bound(path: str, info: ck.TensorInfo, scheme: QuantScheme) -> None:
+    """Refuse a tensor whose quantized form would be larger than 3 bytes per input byte, before anything is written.
+
+    For a tensor with elements the bound always holds (at worst one 1-byte code, a 4-byte scale and a 1-byte
+    zero point per 2-byte input element); it fails for a tensor without elements whose parameters would not
+    be empty, such as ``[2**40, 0]`` per channel: 4 TiB of scales planned from a 96-byte file.
+    """
+    planned = sum(math.prod(shape) * ck.DTYPES[code].itemsize
+                  for _, code, shape in ck.quantized_entries(info.name, info.shape, scheme))
+    if planned > 3 * info.nbytes:
+        what = (f"has no elements (shape {list(info.shape)}), yet" if info.nbytes == 0
+                else f"holds {fmt_bytes(info.nbytes)}, yet")
+        raise ValueError(f"{path}: tensor {info.name!r} {what} its {scheme} form would take {fmt_bytes(planned)}; "
+                         f"refusing to write it (leave it out with --exclude {info.name})")
 
 
 def _output_entries(plan) -> list:
@@ -145,7 +203,7 @@ def _output_entries(plan) -> list:
     return entries
 
 
-def _check_output(input_path: str, output: str, kind: str, overwrite: bool) -> str:
+def _check_output(input_path: str, output: str, kind: str, overwrite: bool, log=None) -> str:
     out = os.path.abspath(output)
     src = os.path.abspath(input_path)
     if kind == "file":
@@ -153,18 +211,30 @@ def _check_output(input_path: str, output: str, kind: str, overwrite: bool) -> s
             raise CliError(f"OUTPUT {output!r} must end in .safetensors (INPUT is a single file)")
         if os.path.isdir(out):
             raise CliError(f"OUTPUT {output!r} is a folder; INPUT is a single file, so OUTPUT must be a file path")
-    elif os.path.lexists(out) and not os.path.isdir(out):
-        raise CliError(f"OUTPUT {output!r} is a file; INPUT is a folder, so OUTPUT must be a folder")
-    if os.path.realpath(out) == os.path.realpath(src):
+    else:
+        if out.endswith(".safetensors") and not os.path.isdir(out):
+            raise CliError(f"OUTPUT {output!r} looks like a file name, but INPUT {input_path!r} is a folder, so "
+                           f"OUTPUT must be a folder (it gets the same shard names); e.g. "
+                           f"{output[:-len('.safetensors')] or 'out'}/")
+        if os.path.lexists(out) and not os.path.isdir(out):
+            raise CliError(f"OUTPUT {output!r} is a file; INPUT is a folder, so OUTPUT must be a folder")
+    real_out, real_src = os.path.realpath(out), os.path.realpath(src)
+    if real_out == real_src:
         raise CliError(f"OUTPUT {output!r} is the same as INPUT; write to a new path")
-    if kind != "file" and os.path.realpath(src).startswith(os.path.realpath(out) + os.sep):
+    if kind != "file" and real_src.startswith(real_out + os.sep):
         raise CliError(f"OUTPUT {output!r} contains INPUT; write to a new path")
-    if os.path.lexists(out) and not overwrite:
-        raise CliError(f"OUTPUT {output!r} already exists; pass --overwrite to replace it")
+    if kind != "file" and real_out.startswith(real_src + os.sep):
+        # a later run on INPUT would copy this output's index, whose shards are not beside it
+        raise CliError(f"OUTPUT {output!r} is inside INPUT {input_path!r}; write it outside the model folder")
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
         what = "is not a folder" if os.path.exists(parent) else "does not exist"
         raise CliError(f"cannot write OUTPUT {output!r}: its parent {parent!r} {what}")
+    # a run killed while replacing OUTPUT may have left it moved aside: put it back before deciding anything
+    for note in ck.recover_output(out):
+        (log or _stderr_log)(f"note: {note.replace(out, repr(output))}")
+    if os.path.lexists(out) and not overwrite:
+        raise CliError(f"OUTPUT {output!r} already exists; pass --overwrite to replace it")
     return out
 
 
@@ -202,7 +272,9 @@ def _stream_tensor(f, info: ck.TensorInfo, scheme: Optional[QuantScheme], writer
     names = [e[0] for e in ck.quantized_entries(info.name, info.shape, scheme)]
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
     signal = noise = 0.0
-    for r0 in range(0, rows, step):
+    # No elements: every output entry is empty too (_check_output_bound), so there is nothing to loop over;
+    # looping over rows of nothing would take 2**40 / step rounds for a [2**40, 0] tensor.
+    for r0 in range(0, rows if info.nbytes else 0, step):
         x = np.empty((min(step, rows - r0), cols), dt)
         _read_into(f, info.start + r0 * cols * dt.itemsize, x, info.name)
         # float16/bfloat16 widen exactly to float32, where quantize computes anyway: convert once.
@@ -210,13 +282,13 @@ def _stream_tensor(f, info: ck.TensorInfo, scheme: Optional[QuantScheme], writer
         del x
         try:
             qa = quantize(xf, scheme)  # rows quantize independently (per-channel axis 0 / groups along rows)
-        except ValueError:
+        except ValueError as e:
             bad = np.argwhere(~np.isfinite(xf))
             if len(bad):
                 i, j = int(bad[0][0]), int(bad[0][1])
                 raise CliError(f"tensor {info.name!r}: {xf[i, j]} at index ({i + r0}, {j}); NaN and Inf cannot "
                                "be quantized (leave the tensor out with --exclude)") from None
-            raise
+            raise ValueError(f"tensor {info.name!r}: {e}") from None
         writer.write(names[0], ck.encode_qweight(qa))
         writer.write(names[1], qa.scale)
         if qa.zero_point is not None:
@@ -247,12 +319,38 @@ class _NoBar:
         pass
 
 
-def _progress(total: int):
-    if not sys.stderr.isatty():
+def _progress(total: int, quiet: bool = False):
+    if quiet or not sys.stderr.isatty():
         return _NoBar()
-    from tqdm import tqdm
+    return _BinaryBar(total)
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr, dynamic_ncols=True)
+
+class _BinaryBar:
+    """tqdm counting bytes, shown in MiB (binary units, as every size qcore prints)."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total / 2**20, unit="MiB", bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+                         "{n:.1f}/{total:.1f} MiB [{elapsed}<{remaining}, {rate_fmt}]", file=sys.stderr,
+                         dynamic_ncols=True)
+
+    def _guarded(self, fn, *args):
+        # a terminal that went away must not stop the work: the bar goes quiet instead
+        try:
+            fn(*args)
+        except BrokenPipeError:
+            _silence(sys.stderr)
+            self._bar.disable = True
+
+    def update(self, n):
+        self._guarded(self._bar.update, n / 2**20)
+
+    def set_description_str(self, s):
+        self._guarded(self._bar.set_description_str, s)
+
+    def close(self):
+        self._guarded(self._bar.close)
 
 
 def _write_index(path: str, weight_map: dict, total_size: int) -> None:
@@ -296,13 +394,16 @@ def copy_side_files(src_root: str, dst_root: str, out: str) -> None:
 
 def quantize_checkpoint(input_path, output, *, bits: int = 8, symmetric: bool = True,
                         group_size: Optional[int] = None, include: Sequence[str] = (),
-                        exclude: Sequence[str] = (), overwrite: bool = False) -> dict:
+                        exclude: Sequence[str] = (), overwrite: bool = False, quiet: bool = False,
+                        log=None) -> dict:
     """Quantize the checkpoint ``input_path`` into ``output`` (see the module docstring); returns a summary dict.
 
     Raises ``ValueError`` for a bad input file, ``CliError`` for a bad request (existing output, scheme that
     does not fit a tensor, ...) and ``OSError`` for I/O failures; in every case nothing is left at ``output``
-    (an existing ``output`` is untouched) and no temporary file remains.
+    (an existing ``output`` is untouched) and no temporary file remains. Warnings and notes go to ``log`` (a
+    callable taking one line; default: standard error), or nowhere with ``quiet``.
     """
+    log = (lambda line: None) if quiet else (log or _stderr_log)
     input_path = os.fspath(input_path)
     try:
         gran = PerGroup(group_size) if group_size else PerChannel(0)
@@ -313,12 +414,12 @@ def quantize_checkpoint(input_path, output, *, bits: int = 8, symmetric: bool = 
         raise CliError(str(e)) from None
     t0 = time.perf_counter()
     kind, headers, _ = _read_inputs(input_path)
-    plans = _plan(headers, scheme, include, exclude)
-    out = _check_output(input_path, output, kind, overwrite)
+    plans = _plan(headers, scheme, include, exclude, log)
+    out = _check_output(input_path, os.fspath(output), kind, overwrite, log)
     in_bytes = sum(h.file_size for _, h in headers)
     total = sum(info.nbytes for plan in plans for info, _ in plan)
     stats = _Stats()
-    bar = _progress(total)
+    bar = _progress(total, quiet)
     tmpdir = None
     out_files = []
     try:
@@ -335,7 +436,9 @@ def quantize_checkpoint(input_path, output, *, bits: int = 8, symmetric: bool = 
             md = ck.qcore_metadata(qtable, {k: v for k, v in header.metadata.items() if not k.startswith("qcore.")})
             bar.set_description_str(os.path.basename(fpath))
             with ck.SafetensorsWriter(target, entries, md, overwrite=overwrite or kind != "file") as w, \
-                    open(fpath, "rb", buffering=0) as f:
+                    os.fdopen(ck._open_regular(fpath), "rb", buffering=0) as f:
+                if header.identity and ck._identity(os.fstat(f.fileno())) != header.identity:
+                    raise ValueError(f"{fpath}: the file changed after its header was read; run again")
                 for info, s in plan:
                     _stream_tensor(f, info, s, w, stats, bar)
             out_files.append(target)
@@ -363,14 +466,17 @@ def quantize_checkpoint(input_path, output, *, bits: int = 8, symmetric: bool = 
 
 def _print_summary(s: dict, out=None) -> None:
     out = out if out is not None else sys.stdout
+
+    def print(line, file=None):  # noqa: A001 - every line of the summary survives a closed pipe
+        _say(line, out)
     ratio = s["input_bytes"] / s["output_bytes"] if s["output_bytes"] else float("nan")
-    gbs = s["input_bytes"] / 1e9 / s["seconds"] if s["seconds"] > 0 else float("inf")
+    gibs = s["input_bytes"] / 2**30 / s["seconds"] if s["seconds"] > 0 else float("inf")
     shards = f" ({s['shards']} shards)" if s["kind"] == "sharded" else ""
     print(f"qcore quantize: {s['quantized']} tensors quantized ({s['scheme']}), {s['copied']} copied unchanged",
           file=out)
-    print(f"  input   {_fmt_bytes(s['input_bytes']):>10}  {s['input']}{shards}", file=out)
-    print(f"  output  {_fmt_bytes(s['output_bytes']):>10}  {s['output']}", file=out)
-    print(f"  ratio   {ratio:.2f}x smaller, {s['seconds']:.1f} s ({gbs:.2f} GB/s)", file=out)
+    print(f"  input   {fmt_bytes(s['input_bytes']):>10}  {s['input']}{shards}", file=out)
+    print(f"  output  {fmt_bytes(s['output_bytes']):>10}  {s['output']}", file=out)
+    print(f"  ratio   {ratio:.2f}x smaller, {s['seconds']:.1f} s ({gibs:.2f} GiB/s)", file=out)
     if s["worst_sqnr"]:
         print(f"  worst SQNR ({len(s['worst_sqnr'])} of {s['quantized']} quantized tensors):", file=out)
         for db, name, shape in s["worst_sqnr"]:
@@ -418,12 +524,15 @@ scheme:
 
 output:
   written under a temporary name beside OUTPUT and renamed when complete; an existing OUTPUT is refused
-  unless --overwrite, and is replaced only after the new output is complete. Torch is not needed.
+  unless --overwrite, and is replaced only after the new output is complete. If a run was killed while
+  replacing OUTPUT, the next run on it first puts back the previous OUTPUT or finishes the new one, and
+  removes what killed runs left. OUTPUT may not be inside a folder INPUT. Torch is not needed.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcore", description="qcore: NumPy-first weight quantization.")
+    parser.add_argument("--version", action="version", version=f"qcore {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     q = sub.add_parser(
@@ -448,12 +557,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"never quantize tensors matching these patterns (always excluded by default: "
                         f"{' '.join(DEFAULT_EXCLUDE)}, unless --include is given)")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    q.add_argument("--quiet", "-q", action="store_true", help="print no summary")
+    q.add_argument("--quiet", "-q", action="store_true",
+                   help="print nothing but errors (no progress bar, warnings, notes or summary)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``qcore`` console script and ``python -m qcore``; returns the exit status."""
+    """Entry point of the ``qcore`` console script and ``python -m qcore``; returns the exit status.
+
+    A reader that goes away (``qcore ... | head -1``) silences the output instead of raising: the work itself
+    is not affected and the exit status is the command's own.
+    """
+    try:
+        return _main(argv)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BrokenPipeError:
+                _silence(stream)
+            except (OSError, ValueError):
+                pass
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "quantize":  # pragma: no cover - argparse only accepts known commands
         return 2
@@ -463,22 +590,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  if getattr(args, name)]
         hint = (f"; {' and '.join(lists)}: a pattern list takes every word up to the next option, so put INPUT "
                 f"OUTPUT before it or end the list with --" if lists else "")
-        print(f"qcore quantize: error: {missing} missing{hint}", file=sys.stderr)
+        _say(f"qcore quantize: error: {missing} missing{hint}", sys.stderr)
         return 2
     previous = _raise_on_sigterm()
     try:
         summary = quantize_checkpoint(args.input, args.output, bits=args.bits, symmetric=not args.asymmetric,
                                       group_size=args.group_size, include=args.include, exclude=args.exclude,
-                                      overwrite=args.overwrite)
+                                      overwrite=args.overwrite, quiet=args.quiet)
     except KeyboardInterrupt:
-        print("qcore quantize: interrupted; no output written", file=sys.stderr)
+        _say("qcore quantize: interrupted; no output written", sys.stderr)
         return 130
     except _Terminated:
-        print("qcore quantize: terminated; no output written", file=sys.stderr)
+        _say("qcore quantize: terminated; no output written", sys.stderr)
         return 143
     except (CliError, ValueError, OSError) as e:
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
-        print(f"qcore quantize: error: {msg}", file=sys.stderr)
+        _say(f"qcore quantize: error: {msg}", sys.stderr)
         return 1
     finally:
         if previous is not None:

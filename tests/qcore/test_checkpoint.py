@@ -1,8 +1,10 @@
 """qcore.checkpoint: round trips, the official safetensors loader, and hostile files."""
 
 import json
+import math
 import os
 import pickle
+import re
 import struct
 
 import ml_dtypes
@@ -285,14 +287,14 @@ def test_trailing_bytes(qfile):
 
 
 @pytest.mark.parametrize("header_bytes, fragment", [
-    (b"not json at all!", "not valid UTF-8 JSON"),
+    (b"not json at all!", "not valid JSON"),
     (b"[1, 2, 3]       ", "expected a JSON object"),
     (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],'
      b'"data_offsets":[0,4]}}', "duplicate key 'a'"),
     (b'{"__metadata__":{"x":1}}', "__metadata__ must map strings to strings"),
     (b'{"a":{"dtype":"F8_E4M3","shape":[4],"data_offsets":[0,4]}}', "dtype 'F8_E4M3' is not supported"),
     (b'{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}', "tensor 'a': shape [-1]"),
-    (b'{"a":{"dtype":"F32","shape":[1099511627776,1099511627776],"data_offsets":[0,4]}}', "needs"),
+    (b'{"a":{"dtype":"F32","shape":[1099511627776,1099511627776],"data_offsets":[0,4]}}', "spans more than 2^60"),
     (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}', "data_offsets must be"),
     (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],'
      b'"data_offsets":[2,6]}}', "overlaps"),
@@ -457,3 +459,175 @@ def test_hostile_index(tmp_path, edit, fragment):
     (tmp_path / "m" / ck.INDEX_NAME).write_text(json.dumps({"weight_map": wm}))
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
         ck.load(tmp_path / "m")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sizes, nesting, special files: what the reader refuses, the writer refuses too
+# ---------------------------------------------------------------------------------------------------------
+
+def _raw_file(path, header: dict, data: bytes = b""):
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+    return path
+
+
+@pytest.mark.parametrize("name, code, shape, fragment", [
+    ("t", "F32", [2**48] * 8 + [0], "spans more than 2^60"),      # safetensors: overflow computing buffer size
+    ("t", "F32", [0, 2**48, 2**48], "spans more than 2^60"),      # NumPy: array is too big
+    ("t", "F32", [1] * 65, "65 dimensions"),                       # NumPy: at most 64 dimensions
+    ("t", "U8", [2**49], "dimensions must be ints in 0.."),
+    ("bad\ud800name", "F32", [1], "lone surrogate"),               # serde_json refuses lone surrogates
+])
+def test_reader_and_writer_refuse_the_same_tensors(tmp_path, name, code, shape, fragment):
+    """Before: read_header passed these (load or safetensors then failed with NumPy's or Rust's words), and the
+    writer wrote files that load refused."""
+    nbytes = math.prod(shape) * ck.DTYPES[code].itemsize if math.prod(shape) < 2**20 else 0
+    hdr = {name: {"dtype": code, "shape": shape, "data_offsets": [0, nbytes]}}
+    h = json.dumps(hdr).encode()  # ensure_ascii: the surrogate stays a \ud800 escape, as a hostile file has it
+    h += b" " * (-len(h) % 8)
+    path = tmp_path / "r.safetensors"
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b"\0" * nbytes)
+    with pytest.raises(ValueError, match=re.escape(fragment)) as info:
+        ck.read_header(path)
+    assert str(path) in str(info.value)
+    _expect(path, str(path), fragment)
+    out = tmp_path / "w.safetensors"
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        ck.SafetensorsWriter(out, [(name, code, shape)])
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["r.safetensors"]
+
+
+def test_writer_refuses_what_the_reader_refuses_in_metadata(tmp_path):
+    with pytest.raises(ValueError, match="lone surrogates"):
+        ck.SafetensorsWriter(tmp_path / "w.safetensors", [("a", "F32", [1])], {"note": "x\udc80"})
+    with pytest.raises(ValueError, match="'__metadata__' is reserved"):
+        ck.SafetensorsWriter(tmp_path / "w.safetensors", [("__metadata__", "F32", [1])])
+    with pytest.raises(ValueError, match="over the 100000000-byte limit"):
+        ck.SafetensorsWriter(tmp_path / "w.safetensors", [("a", "F32", [1])], {"big": "x" * 100_000_001})
+    assert os.listdir(tmp_path) == []
+
+
+def test_64_dimensions_round_trip(tmp_path):
+    x = np.arange(2, dtype=np.float32).reshape((1,) * 63 + (2,))
+    ck.save(tmp_path / "a.safetensors", {"t": x})
+    assert np.array_equal(ck.load(tmp_path / "a.safetensors")["t"], x)
+    assert np.array_equal(load_file(tmp_path / "a.safetensors")["t"], x)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+SHALLOW_BUT_TOO_DEEP = "[" * 70 + "]" * 70  # under Python's recursion limit: refused by the depth walk
+
+
+@pytest.mark.parametrize("deep", [DEEP, SHALLOW_BUT_TOO_DEEP])
+@pytest.mark.parametrize("where", ["header", "metadata", "index"])
+def test_deeply_nested_json_is_a_value_error_naming_the_file(tmp_path, where, deep):
+    """Before: RecursionError with a traceback (header, qcore.quantized and index alike)."""
+    if where == "header":
+        path = _raw_file(tmp_path / "d.safetensors", {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+                         b"\0" * 4)
+        header, data = _split(path)
+        raw = json.dumps(header)[:-1] + ', "b": ' + deep + "}"
+        h = raw.encode() + b" " * (-len(raw) % 8)
+        path.write_bytes(struct.pack("<Q", len(h)) + h + bytes(data))
+        named = path
+    elif where == "metadata":
+        path = tmp_path / "d.safetensors"
+        ck.save(path, {"w": quantize(W, QuantScheme(4))})
+        header, data = _split(path)
+        header["__metadata__"]["qcore.quantized"] = deep
+        _join(path, header, data)
+        named = path
+    else:
+        _sharded(tmp_path / "m")
+        index = tmp_path / "m" / ck.INDEX_NAME
+        index.write_text(index.read_text()[:-1] + ', "extra": ' + deep + "}")
+        path, named = tmp_path / "m", index
+    msg = _expect(path, str(named), "nested more than 64 levels")
+    assert "Recursion" not in msg
+
+
+def _alarm(seconds):
+    """A hang guard: a blocked open() or read() is interrupted with TimeoutError after ``seconds``."""
+    import signal
+
+    def fire(*_):
+        raise TimeoutError(f"blocked for more than {seconds} s")
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    return lambda: (signal.alarm(0), signal.signal(signal.SIGALRM, previous))
+
+
+@pytest.mark.parametrize("what", ["file", "read_header", "single in folder", "shard", "index"])
+def test_fifo_is_refused_not_waited_on(tmp_path, what):
+    """Before: open() of a FIFO blocked forever (load, read_header, a folder's model.safetensors, a shard, the
+    index). Now: a ValueError naming the path, at once."""
+    folder = tmp_path / "m"
+    if what in ("shard", "index"):
+        _sharded(folder)
+        fifo = folder / ("model-00002-of-00002.safetensors" if what == "shard" else ck.INDEX_NAME)
+        fifo.unlink()
+        target = folder
+    elif what == "single in folder":
+        folder.mkdir()
+        fifo = target = folder / "model.safetensors"
+    else:
+        fifo = target = tmp_path / "f.safetensors"
+    os.mkfifo(fifo)
+    done = _alarm(10)
+    try:
+        with pytest.raises(ValueError, match="FIFO") as info:
+            ck.read_header(target) if what == "read_header" else ck.load(target)
+    finally:
+        done()
+    assert str(fifo) in str(info.value)
+
+
+def test_device_file_is_refused(tmp_path):
+    done = _alarm(10)
+    try:
+        with pytest.raises(ValueError, match="a device"):
+            ck.read_header("/dev/zero")
+    finally:
+        done()
+
+
+@pytest.mark.parametrize("scheme, value", [(QuantScheme(8, True, PerChannel(0)), 3e38),
+                                           (QuantScheme(4, False, PerGroup(16)), 1e38)])
+def test_finite_scale_that_makes_a_code_dequantize_to_inf_is_refused(tmp_path, scheme, value):
+    """3e38 is finite and > 0, but 127 * 3e38 is inf in float32. Before: loaded, and dequantize gave inf (on
+    this branch: refused as 'field qweight'). Now: 'field scale', naming the tensor."""
+    path = tmp_path / "q.safetensors"
+    ck.save(path, {"w": quantize(W, scheme)})
+
+    def put(a):
+        a.reshape(-1)[0] = value
+    _edit_data(path, "w.scale", put)
+    _expect(path, str(path), "quantized tensor 'w'", "field scale", "dequantize to inf")
+
+
+def test_load_reads_the_file_its_header_came_from(tmp_path, monkeypatch):
+    """The data is read through a descriptor checked against the header's file: a file swapped in between
+    (here, replaced by another one) is reported, never mixed with the first file's header."""
+    path = tmp_path / "a.safetensors"
+    ck.save(path, {"a": np.ones(4, np.float32)})
+    real = ck.read_header
+
+    def then_swap(p):
+        h = real(p)
+        ck.save(path, {"a": np.zeros(4, np.float32)})  # same size, another inode
+        return h
+    monkeypatch.setattr(ck, "read_header", then_swap)
+    _expect(path, "changed after its header was read")
+
+
+def test_nonzero_padding_bits_are_refused(tmp_path):
+    """7 codes of 3 bits fill 21 bits of 3 bytes; the top 3 bits of each row's last byte are padding, zero in
+    the layout (found by the mutation test). Before: loaded, the padding silently ignored."""
+    path = tmp_path / "q.safetensors"
+    ck.save(path, {"w": quantize(W[:2, :7].copy(), QuantScheme(3, True, PerTensor()))})
+
+    def put(a):
+        a.reshape(2, 3)[1, 2] |= 0x80
+    _edit_data(path, "w.qweight", put)
+    _expect(path, "quantized tensor 'w'", "field qweight", "padding bits of the last byte of row (1,)")

@@ -1,8 +1,10 @@
 """`qcore quantize`: streamed quantization of safetensors files and sharded folders, its errors, memory, no torch."""
 
 import json
+import math
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import tempfile
@@ -207,7 +209,7 @@ def test_layer_1_does_not_cover_layer_10(tmp_path):
 
 
 def test_unmatched_pattern_warns(model_dir, tmp_path, capsys):
-    assert run("quantize", model_dir[0], tmp_path / "out", "--exclude", "nothing.like.this", "-q") == 0
+    assert run("quantize", model_dir[0], tmp_path / "out", "--exclude", "nothing.like.this") == 0
     assert "pattern 'nothing.like.this' matches no tensor" in capsys.readouterr().err
 
 
@@ -233,8 +235,9 @@ def test_progress_bar_only_on_a_terminal(model_dir, tmp_path, monkeypatch):
     for tty, name in ((False, "a"), (True, "b")):
         err = Terminal() if tty else io.StringIO()
         monkeypatch.setattr(sys, "stderr", err)
-        assert run("quantize", model_dir[0], tmp_path / name, "-q") == 0
+        assert run("quantize", model_dir[0], tmp_path / name) == 0
         assert ("100%" in err.getvalue()) is tty, err.getvalue()
+        assert ("MiB" in err.getvalue()) is tty and " MB" not in err.getvalue()  # binary units
 
 
 def test_help_shows_defaults(capsys):
@@ -401,11 +404,12 @@ def test_read_only_output_folder():
 def test_pickle_input_refused(tmp_path, capsys, name):
     path = tmp_path / name
     path.write_bytes(pickle.dumps({"w": 1}))
-    expect_error(capsys, ["quantize", path, tmp_path / "q.safetensors"], "pickle", "arbitrary code")
+    err = expect_error(capsys, ["quantize", path, tmp_path / "q.safetensors"], str(path), "pickle", "arbitrary code")
+    assert "Traceback" not in err and "Unpickling" not in err
     folder = tmp_path / "hf"
     folder.mkdir()
     os.replace(path, folder / name)
-    expect_error(capsys, ["quantize", folder, tmp_path / "out"], "pickle", "arbitrary code")
+    expect_error(capsys, ["quantize", folder, tmp_path / "out"], str(folder / name), "pickle", "arbitrary code")
     assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 
@@ -484,3 +488,248 @@ def test_peak_rss_is_bounded_by_the_largest_tensor_not_the_checkpoint(tmp_path):
     assert peak <= baseline + 3 * largest + 40 * mib, \
         f"peak RSS {peak / mib:.0f} MiB, one-tensor run {baseline / mib:.0f} MiB, largest tensor {largest / mib} MiB"
     assert len(ck.load(tmp_path / "big-out" / "model-00001-of-00002.safetensors")) == 40
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile sizes: every planned output and loop is bounded by the real input
+# ---------------------------------------------------------------------------------------------------------
+
+def _header_only(path, shape, dtype="F32", name="z.weight"):
+    h = json.dumps({name: {"dtype": dtype, "shape": shape, "data_offsets": [0, 0]}}).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(struct.pack("<Q", len(h)) + h)
+    return path
+
+
+@pytest.fixture
+def few_pieces(monkeypatch):
+    """Fail the test (instead of filling the disk) when a tensor is quantized in more than 10 pieces."""
+    real, calls = cli.quantize, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 10:
+            raise RuntimeError("more than 10 pieces quantized for a checkpoint of a few bytes")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cli, "quantize", counted)
+    return calls
+
+
+def test_empty_tensor_with_huge_parameters_is_refused_before_writing(tmp_path, capsys, few_pieces):
+    """A 96-byte file with one tensor [2**40, 0]. Before: 2**40 per-row scales planned and streamed out (5.3 GB
+    in 15 s, until the disk was full). Now: refused before anything is written, naming file and tensor."""
+    src = _header_only(tmp_path / "z.safetensors", [2**40, 0])
+    assert os.path.getsize(src) == 96
+    expect_error(capsys, ["quantize", src, tmp_path / "q.safetensors"], str(src), "'z.weight'",
+                 "has no elements", "4.00 TiB", "--exclude z.weight")
+    assert sorted(os.listdir(tmp_path)) == ["z.safetensors"] and few_pieces == []
+
+
+def test_empty_tensor_with_empty_parameters_takes_no_loop(tmp_path, few_pieces):
+    """[2**40, 0] per group has empty scales: allowed, and written without looping over 2**40 empty rows
+    (before: ~2**19 rounds of quantizing nothing)."""
+    src = _header_only(tmp_path / "z.safetensors", [2**40, 0])
+    assert run("quantize", src, tmp_path / "q.safetensors", "--group-size", 16, "-q") == 0
+    qa = ck.load(tmp_path / "q.safetensors")["z.weight"]
+    assert qa.shape == (2**40, 0) and qa.scale.shape == (2**40, 0) and few_pieces == []
+
+
+@pytest.mark.parametrize("shape, fragment", [([2**48] * 8 + [0], "spans more than 2^60"),
+                                             ([1] * 65, "65 dimensions")])
+def test_tensor_that_safetensors_or_numpy_refuse_is_refused_before_writing(tmp_path, capsys, shape, fragment):
+    """Before: [2**48]*8+[0] was copied into an output that safetensors refuses ('overflow computing buffer
+    size'), and a 65-dimensional tensor into one that load refuses. Now both are refused by read_header."""
+    src = _header_only(tmp_path / "z.safetensors", shape, name="buf")
+    if math.prod(shape):  # [1]*65 holds one element
+        src.write_bytes(src.read_bytes().replace(b'"data_offsets": [0, 0]', b'"data_offsets": [0, 4]') + b"\0" * 4)
+    expect_error(capsys, ["quantize", src, tmp_path / "q.safetensors"], str(src), "'buf'", fragment)
+    assert sorted(os.listdir(tmp_path)) == ["z.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The commit window: a run killed while replacing OUTPUT is repaired by the next one
+# ---------------------------------------------------------------------------------------------------------
+
+def _killed_at_rename(args, n):
+    """Run ``qcore`` in a child that dies (as under kill -9: no cleanup) when it calls os.rename for the n-th time."""
+    code = textwrap.dedent(f"""
+        import os, sys
+        from qcore import cli
+        real, calls = os.rename, []
+        def rename(a, b, **kw):
+            calls.append(1)
+            if len(calls) == {n}:
+                os._exit(9)
+            return real(a, b, **kw)
+        os.rename = rename
+        sys.exit(cli.main({[str(a) for a in args]!r}))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9, r.stderr
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("n, outcome", [(1, "old"), (2, "old"), (3, "new")])
+def test_kill_inside_the_commit_is_repaired_by_the_next_run(model_dir, tmp_path, capsys, n, outcome):
+    """The commit renames staging -> ready (1), OUTPUT -> aside (2), ready -> OUTPUT (3). Before: a kill at (3)
+    left OUTPUT missing (the old result in .out.old.*, the new one in .out.*.tmp), and nothing ever cleaned
+    them. Now the next run on OUTPUT puts back the old result or finishes the commit, and removes the rest."""
+    folder, _ = model_dir
+    out = tmp_path / "out"
+    assert run("quantize", folder, out, "--bits", 8, "-q") == 0
+    old = _tree(out)
+    assert run("quantize", folder, tmp_path / "ref", "--bits", 4, "-q") == 0
+    new = _tree(tmp_path / "ref")
+    _killed_at_rename(["quantize", folder, out, "--bits", 4, "--overwrite", "-q"], n)
+    # the next run without --overwrite first repairs OUTPUT (and says so), then refuses to replace it
+    assert run("quantize", folder, out) == 1
+    err = capsys.readouterr().err
+    assert f"OUTPUT {str(out)!r} already exists" in err
+    assert ("note: finished the replacement of" in err) is (outcome == "new"), err
+    assert _tree(out) == (old if outcome == "old" else new)
+    assert leftovers(tmp_path) == []
+    ck.load(out)
+    assert run("quantize", folder, out, "--bits", 4, "--overwrite", "-q") == 0
+    assert _tree(out) == new and leftovers(tmp_path) == []
+
+
+def test_staging_left_by_a_dead_process_is_removed_but_not_a_live_ones(model_dir, tmp_path):
+    """Before: folders of killed runs stayed forever. Now a run removes those whose owner is gone (pid and
+    start time in the name) and leaves those of live processes alone."""
+    folder, _ = model_dir
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".out.qcore-{dead}-1-abc.tmp"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+    stale_file = tmp_path / f".q.safetensors.qcore-{dead}-1-abd.tmp"
+    stale_file.write_bytes(b"partial")
+    live = tmp_path / f".out.qcore-{os.getpid()}-{ck._start_time(os.getpid())}-abe.tmp"
+    live.mkdir()
+    assert run("quantize", folder, out, "-q") == 0
+    assert run("quantize", folder / "model-00001-of-00002.safetensors", tmp_path / "q.safetensors", "-q") == 0
+    assert leftovers(tmp_path) == [live.name]
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_directory_fsync_error_is_not_reported_as_success(model_dir, tmp_path, capsys, monkeypatch, kind):
+    """Before: an fsync error on the folder after the rename was swallowed and the run reported success."""
+    import errno
+    import stat
+
+    real = os.fsync
+
+    def failing(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", failing)
+    folder, _ = model_dir
+    src, out = (folder, tmp_path / "out") if kind == "folder" else \
+        (folder / "model-00001-of-00002.safetensors", tmp_path / "q.safetensors")
+    expect_error(capsys, ["quantize", src, out], "Input/output error", "may not survive a crash")
+
+
+def test_output_inside_input_is_refused(model_dir, tmp_path, capsys):
+    """Before: accepted; a later run on INPUT then copied this output's index, whose shards are not there."""
+    folder, _ = model_dir
+    before = sorted(os.listdir(folder))
+    expect_error(capsys, ["quantize", folder, folder / "q"], "inside INPUT")
+    expect_error(capsys, ["quantize", folder, folder / "sub" / "q"], "inside INPUT")
+    assert sorted(os.listdir(folder)) == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command as a new user meets it
+# ---------------------------------------------------------------------------------------------------------
+
+def test_version(capsys):
+    """Before: 'unrecognized arguments: --version' (exit 2)."""
+    with pytest.raises(SystemExit) as e:
+        run("--version")
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"qcore {cli.package_version()}"
+    assert cli.package_version().count(".") >= 1
+
+
+def test_quiet_prints_nothing_but_errors(model_dir, tmp_path, capsys, monkeypatch):
+    """Before: -q only dropped the summary; warnings and the progress bar (on a terminal) still printed."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert run("quantize", model_dir[0], tmp_path / "out", "--exclude", "nothing.like.this", "-q") == 0
+    assert err.getvalue() == "" and capsys.readouterr().out == ""
+    assert run("quantize", model_dir[0], tmp_path / "out", "-q") == 1  # errors still print
+    assert "already exists" in err.getvalue()
+
+
+def test_sizes_are_in_binary_units(model_dir, tmp_path, capsys):
+    """Before: '36.87 KB' (powers of 1000). Now KiB/MiB/GiB, as the rest of the project."""
+    assert run("quantize", model_dir[0], tmp_path / "out") == 0
+    text = capsys.readouterr().out
+    assert "KiB" in text and "GiB/s" in text and " KB" not in text and "GB/s" not in text
+    assert cli.fmt_bytes(1536) == "1.50 KiB" and cli.fmt_bytes(3 * 2**30) == "3.00 GiB"
+    assert cli.fmt_bytes(1023) == "1023 B"
+
+
+@pytest.mark.parametrize("args", [["--version"], ["quantize", "IN", "OUT"]])
+def test_closed_pipe_is_silent(model_dir, tmp_path, args):
+    """`qcore ... | head -1` where the reader has gone. Before: a BrokenPipeError traceback (exit 1)."""
+    args = [str(model_dir[0]) if a == "IN" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first line is written
+    try:
+        p = subprocess.run([sys.executable, "-m", "qcore", *args], stdout=w, stderr=subprocess.PIPE, text=True,
+                           timeout=120)
+    finally:
+        os.close(w)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    if "quantize" in args:
+        assert "model.layers.0.mlp.up_proj.weight" in ck.load(tmp_path / "out")
+
+
+def test_folder_input_with_a_file_output_is_explained(model_dir, tmp_path, capsys):
+    """Before: a folder named out.safetensors was created."""
+    expect_error(capsys, ["quantize", model_dir[0], tmp_path / "out.safetensors"], "INPUT", "is a folder",
+                 "OUTPUT must be a folder")
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_value_errors_about_a_tensor_name_it(tmp_path):
+    """Before: 'dtype complex128 cannot be stored', naming no tensor."""
+    with pytest.raises(TypeError, match="tensor 'w': dtype complex128 cannot be stored"):
+        ck.save(tmp_path / "x.safetensors", {"w": np.ones(2, np.complex128)})
+    with pytest.raises(TypeError, match="tensor 'w'"):
+        ck.SafetensorsWriter(tmp_path / "x.safetensors", [("w", np.complex64, (2,))])
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_commit_keeps_output_and_names_it(model_dir, tmp_path, capsys, monkeypatch):
+    """The last rename of the commit fails: the previous OUTPUT is put back, nothing is left beside it, and
+    the message names OUTPUT (before: the temporary folder's name)."""
+    import errno
+
+    folder, _ = model_dir
+    out = tmp_path / "out"
+    assert run("quantize", folder, out, "-q") == 0
+    before = _tree(out)
+    real, calls = os.rename, []
+
+    def rename(a, b, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(a, b, **kw)
+    monkeypatch.setattr(os, "rename", rename)
+    err = expect_error(capsys, ["quantize", folder, out, "--bits", 4, "--overwrite"], "Invalid cross-device link")
+    assert err.startswith(f"qcore quantize: error: {out}: cannot move the new output into place"), err
+    assert _tree(out) == before and leftovers(tmp_path) == []
