@@ -1,4 +1,4 @@
-"""Quantized checkpoints: safetensors files of :class:`~qcore.QuantizedArray` s and plain arrays (DESIGN section 4).
+"""Quantized checkpoints: safetensors files of :class:`~qcore.QuantizedArray` s and plain arrays (docs/checkpoint-format.md).
 
 >>> import numpy as np, qcore, tempfile, os
 >>> w = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
@@ -14,8 +14,8 @@ File layout. A quantized tensor ``W`` of original shape ``shape`` and scheme ``s
 ==================  =====  =======================================================================
 tensor              dtype  shape and content
 ==================  =====  =======================================================================
-``W.qweight``       U8     ``packed_shape(shape, s.bits)``: codes packed along the last axis (DESIGN
-                           section 3), signed codes offset by ``2^(b-1)``.
+``W.qweight``       U8     ``packed_shape(shape, s.bits)``: codes packed along the last axis
+                           (docs/packing.md), signed codes offset by ``2^(b-1)``.
                            **8 bits:** the codes themselves, shape ``shape``: I8 (-127..127) when
                            symmetric, U8 (0..255) when asymmetric, the layout int8 matmul kernels take.
 ``W.scale``         F32    ``s.params_shape(shape)``; finite and > 0
