@@ -30,3 +30,14 @@ def test_relative_links_resolve(path):
 def test_docs_cover_the_contract():
     names = {p.name for p in (ROOT / "docs").glob("*.md")}
     assert {"numerics.md", "packing.md", "checkpoint-format.md", "architecture.md"} <= names
+
+
+def test_every_test_the_guarantees_name_exists():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    tests = set(re.findall(r"\b(test_\w+)\b(?!\.py)", section))
+    files = set(re.findall(r"`(tests/[\w/]+\.py)", section))
+    source = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
+    missing = sorted(t for t in tests if not re.search(rf"def {t}\(", source))
+    assert not missing, f"README's Guarantees name tests that do not exist: {missing}"
+    assert all((ROOT / f).exists() for f in files), [f for f in files if not (ROOT / f).exists()]
