@@ -128,6 +128,12 @@ class QuantizedArray:
         return self.codes.shape
 
     @property
+    def params(self) -> QParams:
+        """Scale and zero point as a :class:`~qcore.params.QParams` (sharing the arrays): the grid to quantize
+        other data on, ``quantize(y, params=qa.params)``."""
+        return QParams(self.scale, self.zero_point, self.scheme)
+
+    @property
     def nbytes(self) -> int:
         """Bytes when stored packed: codes at ``bits`` per element (per row), plus scale and zero point."""
         from .packing import packed_shape
@@ -174,9 +180,7 @@ class QuantizedArray:
         # constructor would then accept instead of refusing
         qa = cls(_contiguous(codes), _contiguous(scale),
                  None if zero_point is None else _contiguous(zero_point), scheme)
-        if qa.zero_point is not None and qa.zero_point.size and int(qa.zero_point.max()) > scheme.qmax:
-            raise ValueError(f"zero_point {int(qa.zero_point.max())} is outside 0..{scheme.qmax}")
-        check_grid(qa.scale, qa.zero_point, scheme)
+        qa.params.check(qa.shape)  # zero points in range, and check_grid
         if qa.codes.size and (int(qa.codes.min()) < scheme.qmin or int(qa.codes.max()) > scheme.qmax):
             raise ValueError(f"codes outside {scheme.qmin}..{scheme.qmax} for scheme {scheme}")
         return qa

@@ -283,3 +283,20 @@ def test_numpy_scalars_are_per_tensor_params():
     p = QParams(np.float32(0.25), np.uint8(3), QuantScheme(8, False, PerTensor()))
     assert p.scale.shape == () and p.zero_point.shape == ()
     assert quantize(np.array([-0.75, 0.5], np.float32), params=p).codes.tolist() == [0, 5]
+
+
+def test_a_quantized_array_gives_its_grid_for_other_data():
+    scheme = QuantScheme(4, False, PerGroup(4))
+    qa = quantize(X, scheme)
+    assert qa.params.scheme == scheme and qa.params.scale is qa.scale
+    y = X * 1.5  # beyond the grid in places: those codes clip
+    np.testing.assert_array_equal(quantize(y, params=qa.params).codes,
+                                  ref_quantize_given(y, qa.scale, qa.zero_point, scheme))
+
+
+def test_from_parts_checks_zero_points_as_given_params_are_checked():
+    qa = quantize(X, ASYM)
+    zp = qa.zero_point.copy()
+    zp[1, 0] = 16
+    with pytest.raises(ValueError, match=r"zero_point 16 at index \(1, 0\) is outside 0..15"):
+        type(qa).from_parts(qa.codes, qa.scale, zp, ASYM)
