@@ -300,3 +300,14 @@ def test_from_parts_checks_zero_points_as_given_params_are_checked():
     zp[1, 0] = 16
     with pytest.raises(ValueError, match=r"zero_point 16 at index \(1, 0\) is outside 0..15"):
         type(qa).from_parts(qa.codes, qa.scale, zp, ASYM)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("scheme", [QuantScheme(8, True, PerChannel(0)), QuantScheme(4, False, PerTensor()),
+                                    QuantScheme(2, False, PerGroup(2))])
+def test_a_tiny_scale_saturates_even_where_x_over_scale_overflows(dtype, scheme):
+    x = np.array([[3e38, -3e38, 1.0, 0.0]], dtype)  # x / 1.2e-38 is +-inf in float32 (and beyond in float64)
+    pshape = scheme.params_shape(x.shape)
+    zp = None if scheme.symmetric else np.full(pshape, 1, np.uint8)
+    qa = quantize(x, params=QParams(np.full(pshape, np.finfo(np.float32).tiny, np.float32), zp, scheme))
+    assert qa.codes.tolist() == [[scheme.qmax, scheme.qmin, scheme.qmax, 0 if zp is None else 1]]
