@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -209,16 +210,19 @@ class _Rows:
     """``xc`` as C-contiguous 2-D rows in which every group is a run of ``g`` elements (per channel: the whole
     row), and the way back to the caller's shapes for codes and parameters."""
 
+    __slots__ = ("kind", "axis", "x", "g", "ngroups", "moved_shape")
+
     def __init__(self, xc: np.ndarray, kind: str, axis: int, scheme: QuantScheme):
         self.kind, self.axis = kind, axis
         if kind == "channel":
             moved = np.moveaxis(xc, axis, 0)
-            # explicit column count: reshape(-1) cannot infer it when the array is empty
-            self.x = np.ascontiguousarray(moved).reshape(xc.shape[axis], int(np.prod(moved.shape[1:])))
+            # explicit column count: reshape(-1) cannot infer it when the array is empty. (math.prod, not
+            # np.prod: a few microseconds less per call, which a small layer notices)
+            self.x = np.ascontiguousarray(moved).reshape(xc.shape[axis], math.prod(moved.shape[1:]))
             self.g, self.ngroups = self.x.shape[1], 1
         else:
             moved = np.moveaxis(xc, axis, -1)
-            self.x = np.ascontiguousarray(moved).reshape(int(np.prod(moved.shape[:-1])), xc.shape[axis])
+            self.x = np.ascontiguousarray(moved).reshape(math.prod(moved.shape[:-1]), xc.shape[axis])
             self.g = scheme.granularity.size
             self.ngroups = self.x.shape[1] // self.g
         self.moved_shape = moved.shape
