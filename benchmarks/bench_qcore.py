@@ -4,6 +4,8 @@
 
 Prints the median time of each and the speed-up (NumPy time / qcore time). Targets on the 2-core development
 CPU: quantize >= 8x, dequantize >= 4x, for int8 per-channel symmetric and int4 per-group(128) asymmetric.
+The two steps apart follow each quantize line: ``qparams`` (compute_qparams, min/max only) and ``params=``
+(quantize with those parameters given), against the same NumPy baseline.
 """
 
 import argparse
@@ -74,12 +76,17 @@ def main():
         assert np.abs(ref[0].astype(np.int16) - qa.codes).max() <= 1
         t_np_q = median_ms(np_q, args.repeat)
         t_qc_q = median_ms(lambda: qcore.quantize(x, scheme), args.repeat)
+        params = qcore.compute_qparams(x, scheme)
+        t_qc_p = median_ms(lambda: qcore.compute_qparams(x, scheme), args.repeat)
+        t_qc_qg = median_ms(lambda: qcore.quantize(x, params=params), args.repeat)
         t_np_dq = median_ms(lambda: np_dq(ref), args.repeat)
         t_qc_dq = median_ms(lambda: qcore.dequantize(qa), args.repeat)
         out = np.empty(x.shape, np.float32)
         t_qc_dq_out = median_ms(lambda: qcore.dequantize(qa, out=out), args.repeat)
         target_q, target_dq = ("8x", "4x") if "tensor" not in name else ("-", "-")
         print(f"{name:26} {'quantize':10} {t_np_q:8.2f} {t_qc_q:8.2f} {t_np_q / t_qc_q:8.1f}x {target_q:>7}")
+        print(f"{name:26} {'  qparams':10} {t_np_q:8.2f} {t_qc_p:8.2f} {t_np_q / t_qc_p:8.1f}x {'':>7}")
+        print(f"{name:26} {'  params=':10} {t_np_q:8.2f} {t_qc_qg:8.2f} {t_np_q / t_qc_qg:8.1f}x {'':>7}")
         print(f"{name:26} {'dequantize':10} {t_np_dq:8.2f} {t_qc_dq:8.2f} {t_np_dq / t_qc_dq:8.1f}x {target_dq:>7}")
         print(f"{name:26} {'  out=':10} {t_np_dq:8.2f} {t_qc_dq_out:8.2f} {t_np_dq / t_qc_dq_out:8.1f}x {'':>7}")
     y = np.empty_like(x)

@@ -11,6 +11,7 @@ from . import metrics
 from .compat import (calculate_quantization_error, channel_linear_quantize, linear_dequantize, linear_quantize,
                      quantize_symmetric, quantize_weight_per_channel)
 from .metrics import quantization_error
+from .params import QParams, params_methods, register_params_method
 from .quantize import QuantizedArray, compute_qparams, dequantize, fake_quantize, quantize
 from .scheme import PerChannel, PerGroup, PerTensor, QuantScheme
 

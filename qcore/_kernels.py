@@ -322,3 +322,107 @@ TEAM = {
     ("dequantize_flat", "int8"): _T(_dequantize_flat_i8),
     ("dequantize_flat", "uint8"): _T(_dequantize_flat_u8),
 }
+
+
+# --- the params step apart from rounding: min/max parameters alone, and codes from given parameters. Same
+# arithmetic as quantize_rows (the same _group_minmax, params_from_minmax and _quantize_seg), so that
+# quantizing with minmax_params_rows' output equals the fused kernel bit for bit. Team slots, from 3:
+#   minmax_params_rows:    R, L, x, xbits, xbits columns, g, qmax, symmetric, scale, zp
+#   quantize_rows_given:   R, L, x, xbits, xbits columns, g, qmin, qmax, codes, scale, zp, zp columns
+
+@njit(cache=True, nogil=True)
+def minmax_params_rows(x, xbits, g, qmax, symmetric, scale, zp, r0, r1):
+    """Scale and zero point of every group of ``g`` along axis 1 for rows ``r0..r1``, from its min/max (the
+    parameters :func:`quantize_rows` uses, without its codes). Returns the number of rows holding NaN or Inf."""
+    length = x.shape[1]
+    bad = 0
+    scratch = np.empty(2, np.int32)
+    for r in range(r0, r1):
+        xr = x[r]
+        br = xbits[r]
+        for j in range(length // g):
+            mn, mx, nonfinite = _group_minmax(xr, br, j * g, (j + 1) * g, scratch)
+            if nonfinite:
+                bad += 1
+                break
+            s, z = params_from_minmax(mn, mx, qmax, symmetric)
+            scale[r, j] = s
+            zp[r, j] = np.uint8(z)
+    return bad
+
+
+@njit(cache=True, nogil=True)
+def quantize_rows_given(x, xbits, g, qmin, qmax, codes, scale, zp, r0, r1):
+    """Codes of rows ``r0..r1`` with given parameters: group ``j`` of row ``r`` (``g`` elements along axis 1)
+    uses ``scale[r, j]`` and ``zp[r, j]`` (``zp`` may have 0 columns: symmetric). Returns the number of rows
+    holding NaN, Inf or float64 beyond the float32 range (the caller raises; ``codes`` is then garbage)."""
+    length = x.shape[1]
+    has_zp = zp.shape[1] > 0
+    bad = 0
+    scratch = np.empty(2, np.int32)
+    for r in range(r0, r1):
+        xr = x[r]
+        cr = codes[r]
+        # one read of the row for the input check; the row is then in cache for the rounding pass
+        if length and _group_minmax(xr, xbits[r], 0, length, scratch)[2]:
+            bad += 1
+            continue
+        for j in range(length // g):
+            z = np.float64(zp[r, j]) if has_zp else 0.0
+            _quantize_seg(xr, j * g, (j + 1) * g, scale[r, j], z, qmin, qmax, cr)
+    return bad
+
+
+@njit(inline="always")
+def _minmax_params_rows_chunk(head, i, lo, hi, xdt, _y):
+    R, L, g = head[3], head[4], head[8]
+    x = carray(_ptr(head, 5), (R, L), xdt)
+    xbits = carray(_ptr(head, 6), (R, head[7]), np.int32)
+    scale = carray(_ptr(head, 11), (R, L // g), np.float32)
+    zp = carray(_ptr(head, 12), (R, L // g), np.uint8)
+    return minmax_params_rows(x, xbits, g, head[9], head[10] != 0, scale, zp, lo, hi)
+
+
+@njit(inline="always")
+def _quantize_rows_given_chunk(head, i, lo, hi, xdt, cdt):
+    R, L, g = head[3], head[4], head[8]
+    x = carray(_ptr(head, 5), (R, L), xdt)
+    xbits = carray(_ptr(head, 6), (R, head[7]), np.int32)
+    codes = carray(_ptr(head, 11), (R, L), cdt)
+    scale = carray(_ptr(head, 12), (R, L // g), np.float32)
+    zp = carray(_ptr(head, 13), (R, head[14]), np.uint8)
+    return quantize_rows_given(x, xbits, g, head[9], head[10], codes, scale, zp, lo, hi)
+
+
+def _minmax_params_rows_f32(data):
+    _team.claim_loop(data, _minmax_params_rows_chunk, np.float32, 0)
+
+
+def _minmax_params_rows_f64(data):
+    _team.claim_loop(data, _minmax_params_rows_chunk, np.float64, 0)
+
+
+def _quantize_rows_given_f32_i8(data):
+    _team.claim_loop(data, _quantize_rows_given_chunk, np.float32, np.int8)
+
+
+def _quantize_rows_given_f32_u8(data):
+    _team.claim_loop(data, _quantize_rows_given_chunk, np.float32, np.uint8)
+
+
+def _quantize_rows_given_f64_i8(data):
+    _team.claim_loop(data, _quantize_rows_given_chunk, np.float64, np.int8)
+
+
+def _quantize_rows_given_f64_u8(data):
+    _team.claim_loop(data, _quantize_rows_given_chunk, np.float64, np.uint8)
+
+
+TEAM.update({
+    ("minmax_params_rows", "float32"): _T(_minmax_params_rows_f32),
+    ("minmax_params_rows", "float64"): _T(_minmax_params_rows_f64),
+    ("quantize_rows_given", "float32", "int8"): _T(_quantize_rows_given_f32_i8),
+    ("quantize_rows_given", "float32", "uint8"): _T(_quantize_rows_given_f32_u8),
+    ("quantize_rows_given", "float64", "int8"): _T(_quantize_rows_given_f64_i8),
+    ("quantize_rows_given", "float64", "uint8"): _T(_quantize_rows_given_f64_u8),
+})

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,9 +20,11 @@ import numpy as np
 
 from . import _kernels
 from ._parallel import f64_bits, run_chunks, team_chunks
+from .params import QParams, check_grid, params_method, params_methods, register_params_method
 from .scheme import PerChannel, PerGroup, QuantScheme, _normalize_axis
 
-__all__ = ["QuantizedArray", "check_grid", "compute_qparams", "quantize", "dequantize", "fake_quantize", "check_float_array"]
+__all__ = ["QuantizedArray", "QParams", "check_grid", "compute_qparams", "quantize", "dequantize", "fake_quantize",
+           "check_float_array", "minmax_params"]
 
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16))
 _MIN_PART = 1 << 16  # elements per thread's share, at least: below that a thread hand-off costs more
@@ -83,44 +86,6 @@ def _raise_nonfinite(x: np.ndarray, name: str) -> None:
     raise ValueError(f"{name} contains {x[idx]} at index {idx}; NaN and Inf cannot be quantized")
 
 
-def check_grid(scale: np.ndarray, zero_point: Optional[np.ndarray], scheme: QuantScheme) -> None:
-    """``ValueError`` unless every scale is finite and > 0 and every code of the scheme's range dequantizes to a
-    finite float32 (the guarantee :func:`quantize` gives, checked again on parameters that come from a file).
-
-    >>> import numpy as np; from qcore import QuantScheme
-    >>> check_grid(np.array([3e38], np.float32), None, QuantScheme(8))
-    Traceback (most recent call last):
-    ...
-    ValueError: scale 3e+38 at index (0,) makes code 127 dequantize to inf (float32 overflow)
-    """
-    scale = np.asarray(scale)
-    if scale.size == 0:
-        return
-    with np.errstate(invalid="ignore"):
-        bad = ~(np.isfinite(scale) & (scale > 0))
-    if bad.any():
-        idx = tuple(int(i) for i in np.argwhere(bad)[0]) if scale.ndim else ()
-        raise ValueError(f"scale must be finite and > 0 everywhere, got {float(scale[idx]):.6g} at index {idx}")
-    # the farthest code from the zero point: qmax - zp or zp - qmin (symmetric: zp = 0, qmin = -qmax)
-    if zero_point is None:
-        reach = np.full(scale.shape, scheme.qmax, np.float32)
-    else:
-        zp = np.asarray(zero_point).astype(np.int32)
-        reach = np.maximum(scheme.qmax - zp, zp - scheme.qmin).astype(np.float32)
-    with np.errstate(over="ignore"):
-        far = reach * scale.astype(np.float32)  # the multiplication dequantize performs, in float32
-    over = ~np.isfinite(far)
-    if over.any():
-        idx = tuple(int(i) for i in np.argwhere(over)[0]) if scale.ndim else ()
-        if zero_point is None:
-            what = f"code {scheme.qmax}"
-        else:
-            z = int(np.asarray(zero_point)[idx])
-            what = f"code {scheme.qmax if scheme.qmax - z >= z - scheme.qmin else scheme.qmin} (zero point {z})"
-        raise ValueError(f"scale {float(scale[idx]):.6g} at index {idx} makes {what} dequantize to inf "
-                         "(float32 overflow)")
-
-
 @dataclass(frozen=True, eq=False)
 class QuantizedArray:
     """Integer codes with their scale and zero point: ``x ≈ (codes - zero_point) * scale``.
@@ -162,6 +127,12 @@ class QuantizedArray:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.codes.shape
+
+    @property
+    def params(self) -> QParams:
+        """Scale and zero point as a :class:`~qcore.params.QParams` (sharing the arrays): the grid to quantize
+        other data on, ``quantize(y, params=qa.params)``."""
+        return QParams(self.scale, self.zero_point, self.scheme)
 
     @property
     def nbytes(self) -> int:
@@ -210,9 +181,7 @@ class QuantizedArray:
         # constructor would then accept instead of refusing
         qa = cls(_contiguous(codes), _contiguous(scale),
                  None if zero_point is None else _contiguous(zero_point), scheme)
-        if qa.zero_point is not None and qa.zero_point.size and int(qa.zero_point.max()) > scheme.qmax:
-            raise ValueError(f"zero_point {int(qa.zero_point.max())} is outside 0..{scheme.qmax}")
-        check_grid(qa.scale, qa.zero_point, scheme)
+        qa.params.check(qa.shape)  # zero points in range, and check_grid
         if qa.codes.size and (int(qa.codes.min()) < scheme.qmin or int(qa.codes.max()) > scheme.qmax):
             raise ValueError(f"codes outside {scheme.qmin}..{scheme.qmax} for scheme {scheme}")
         return qa
@@ -237,89 +206,213 @@ def _check_scheme(scheme) -> QuantScheme:
     return scheme
 
 
-def quantize(x, scheme: QuantScheme = QuantScheme()) -> QuantizedArray:
+class _Rows:
+    """``xc`` as C-contiguous 2-D rows in which every group is a run of ``g`` elements (per channel: the whole
+    row), and the way back to the caller's shapes for codes and parameters."""
+
+    __slots__ = ("kind", "axis", "x", "g", "ngroups", "moved_shape")
+
+    def __init__(self, xc: np.ndarray, kind: str, axis: int, scheme: QuantScheme):
+        self.kind, self.axis = kind, axis
+        if kind == "channel":
+            moved = np.moveaxis(xc, axis, 0)
+            # explicit column count: reshape(-1) cannot infer it when the array is empty. (math.prod, not
+            # np.prod: a few microseconds less per call, which a small layer notices)
+            self.x = np.ascontiguousarray(moved).reshape(xc.shape[axis], math.prod(moved.shape[1:]))
+            self.g, self.ngroups = self.x.shape[1], 1
+        else:
+            moved = np.moveaxis(xc, axis, -1)
+            self.x = np.ascontiguousarray(moved).reshape(math.prod(moved.shape[:-1]), xc.shape[axis])
+            self.g = scheme.granularity.size
+            self.ngroups = self.x.shape[1] // self.g
+        self.moved_shape = moved.shape
+
+    def codes_back(self, codes2d: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.moveaxis(codes2d.reshape(self.moved_shape),
+                                                0 if self.kind == "channel" else -1, self.axis))
+
+    def params_back(self, p2d: np.ndarray, pshape: tuple[int, ...]) -> np.ndarray:
+        if self.kind == "channel":
+            return p2d.reshape(pshape)
+        return np.ascontiguousarray(np.moveaxis(p2d.reshape(self.moved_shape[:-1] + (self.ngroups,)), -1, self.axis))
+
+    def params_rows(self, p: np.ndarray) -> np.ndarray:
+        """Parameters of the caller's shape as (rows, groups), C-contiguous and aligned for the kernels."""
+        if self.kind == "channel":
+            p2d = np.ascontiguousarray(p).reshape(-1, 1)
+        else:
+            p2d = np.ascontiguousarray(np.moveaxis(p, self.axis, -1)).reshape(self.x.shape[0], self.ngroups)
+        return p2d if p2d.flags.aligned else p2d.copy()  # a view at an odd offset of a buffer
+
+
+def _flat_minmax(x: np.ndarray, flat: np.ndarray, xbits: np.ndarray) -> tuple[float, float]:
+    """(min, max) of the contiguous 1-D ``flat`` (``x`` viewed flat); ``ValueError`` naming the first NaN, Inf or
+    out-of-range value of ``x``."""
+    nchunks = team_chunks(flat.size, _MIN_PART)
+    parts = np.zeros((nchunks, 3))  # min, max, non-finite of each chunk: the kernel writes row i of chunk i
+    run_chunks(_kernels.TEAM["minmax_range", flat.dtype.name],
+               (flat.size, flat.ctypes.data, xbits.ctypes.data, xbits.size, parts.ctypes.data),
+               flat.size, _MIN_PART, keep=(flat, xbits, parts), nchunks=nchunks)
+    if parts[:, 2].any():
+        _raise_nonfinite(x, "x")
+    return parts[:, 0].min(), parts[:, 1].max()
+
+
+def _quantize_flat(flat: np.ndarray, s, z, scheme: QuantScheme) -> np.ndarray:
+    codes = np.empty(flat.shape, scheme.code_dtype)
+    run_chunks(_kernels.TEAM["quantize_flat", flat.dtype.name, codes.dtype.name],
+               (flat.size, flat.ctypes.data, f64_bits(np.float32(s)), f64_bits(z), scheme.qmin, scheme.qmax,
+                codes.ctypes.data), flat.size, _MIN_PART, keep=(flat, codes))
+    return codes
+
+
+def quantize(x, scheme: Optional[QuantScheme] = None, params=None) -> QuantizedArray:
     """Quantize a float array (any rank >= 1, any strides) to a :class:`QuantizedArray`.
 
-    Scale and zero point come from each group's min/max (symmetric: absmax); NaN or Inf is a ``ValueError``
-    naming the first bad index. Empty groups and all-zero groups get ``scale = float32 tiny`` and codes equal
-    to the zero point; an empty array gives empty codes and parameters of ``scheme.params_shape(x.shape)``.
+    ``scheme`` defaults to ``QuantScheme()`` (or ``params.scheme``). ``params`` says where scale and zero point
+    come from: ``None`` or ``"minmax"``, each group's min/max (symmetric: absmax), computed in the same pass as
+    the codes; the name of another registered params method (:func:`qcore.params.params_methods`); or a
+    :class:`~qcore.params.QParams` (from :func:`compute_qparams`, or built by hand), checked against ``x`` and
+    ``scheme`` first. Codes are ``clip(rint(x / scale) + zero_point, qmin, qmax)``, rounded half to even.
+
+    NaN or Inf is a ``ValueError`` naming the first bad index. Empty groups and all-zero groups get
+    ``scale = float32 tiny`` and codes equal to the zero point; an empty array gives empty codes and parameters
+    of ``scheme.params_shape(x.shape)``.
 
     >>> import numpy as np; from qcore import QuantScheme, PerGroup
     >>> qa = quantize(np.arange(8, dtype=np.float32).reshape(2, 4), QuantScheme(4, False, PerGroup(2)))
     >>> qa.scale.shape, qa.zero_point.tolist()
     ((2, 2), [[0, 0], [0, 0]])
     """
-    scheme = _check_scheme(scheme)
+    if isinstance(params, QParams):
+        if scheme is not None and _check_scheme(scheme) != params.scheme:
+            raise ValueError(f"params are for scheme {params.scheme}, not {scheme}")
+        return _quantize_given(check_float_array(x), params)
+    scheme = QuantScheme() if scheme is None else _check_scheme(scheme)
+    if params is not None and not isinstance(params, str):
+        raise TypeError(f"params must be a qcore.QParams, a params method name {params_methods()} or None, "
+                        f"got {type(params).__name__}")
     x = check_float_array(x)
+    if params is not None and params != "minmax":
+        return _quantize_given(x, compute_qparams(x, scheme, method=params))
     pshape = scheme.params_shape(x.shape)
     kind, axis = _layout(x.shape, scheme)
     xc = _compute_view(x)
-    qmin, qmax = scheme.qmin, scheme.qmax
-    cdtype = scheme.code_dtype
 
     if kind == "tensor":
         flat = np.ascontiguousarray(xc).reshape(-1)
-        xbits = _bits_view(flat)
-        nchunks = team_chunks(flat.size, _MIN_PART)
-        parts = np.zeros((nchunks, 3))  # min, max, non-finite of each chunk: the kernel writes row i of chunk i
-        run_chunks(_kernels.TEAM["minmax_range", flat.dtype.name],
-                   (flat.size, flat.ctypes.data, xbits.ctypes.data, xbits.size, parts.ctypes.data),
-                   flat.size, _MIN_PART, keep=(flat, xbits, parts), nchunks=nchunks)
-        if parts[:, 2].any():
-            _raise_nonfinite(x, "x")
-        mn, mx = parts[:, 0].min(), parts[:, 1].max()
-        s, z = _kernels.params_from_minmax(mn, mx, qmax, scheme.symmetric)
-        codes = np.empty(flat.shape, cdtype)
-        run_chunks(_kernels.TEAM["quantize_flat", flat.dtype.name, codes.dtype.name],
-                   (flat.size, flat.ctypes.data, f64_bits(np.float32(s)), f64_bits(z), qmin, qmax, codes.ctypes.data),
-                   flat.size, _MIN_PART, keep=(flat, codes))
+        mn, mx = _flat_minmax(x, flat, _bits_view(flat))
+        s, z = _kernels.params_from_minmax(mn, mx, scheme.qmax, scheme.symmetric)
+        codes = _quantize_flat(flat, s, z, scheme)
         zp = None if scheme.symmetric else np.array(z, np.uint8)
         return QuantizedArray(codes.reshape(x.shape), np.array(s, np.float32), zp, scheme)
 
-    # Move the reduced axes so that every group is a run inside one C-contiguous row.
-    if kind == "channel":
-        moved = np.moveaxis(xc, axis, 0)
-        # explicit column count: reshape(-1) cannot infer it when the array is empty
-        rows2d = np.ascontiguousarray(moved).reshape(x.shape[axis], int(np.prod(moved.shape[1:])))
-        g, ngroups = rows2d.shape[1], 1
-    else:
-        moved = np.moveaxis(xc, axis, -1)
-        rows2d = np.ascontiguousarray(moved).reshape(int(np.prod(moved.shape[:-1])), x.shape[axis])
-        g = scheme.granularity.size
-        ngroups = rows2d.shape[1] // g
-    rows, length = rows2d.shape
-    codes2d = np.empty((rows, length), cdtype)
+    rows = _Rows(xc, kind, axis, scheme)
+    (nrows, length), ngroups = rows.x.shape, rows.ngroups
+    codes2d = np.empty((nrows, length), scheme.code_dtype)
     # Groups with no elements keep these values: the all-zero convention.
-    scale2d = np.full((rows, ngroups), _kernels.F32_TINY, np.float32)
-    zp2d = np.zeros((rows, ngroups), np.uint8)
-    if rows and length:
+    scale2d = np.full((nrows, ngroups), _kernels.F32_TINY, np.float32)
+    zp2d = np.zeros((nrows, ngroups), np.uint8)
+    if nrows and length:
+        rows2d = rows.x
         xbits = _bits_view(rows2d)
         bad = run_chunks(_kernels.TEAM["quantize_rows", rows2d.dtype.name, codes2d.dtype.name],
-                         (rows, length, rows2d.ctypes.data, xbits.ctypes.data, xbits.shape[1], g, qmin, qmax,
-                          int(scheme.symmetric), codes2d.ctypes.data, scale2d.ctypes.data, zp2d.ctypes.data, ngroups),
-                         rows, _min_rows(length), keep=(rows2d, xbits, codes2d, scale2d, zp2d))
+                         (nrows, length, rows2d.ctypes.data, xbits.ctypes.data, xbits.shape[1], rows.g, scheme.qmin,
+                          scheme.qmax, int(scheme.symmetric), codes2d.ctypes.data, scale2d.ctypes.data,
+                          zp2d.ctypes.data, ngroups),
+                         nrows, _min_rows(length), keep=(rows2d, xbits, codes2d, scale2d, zp2d))
         if bad.any():
             _raise_nonfinite(x, "x")
-    codes = np.ascontiguousarray(np.moveaxis(codes2d.reshape(moved.shape), 0 if kind == "channel" else -1, axis))
-    if kind == "channel":
-        scale, zp = scale2d.reshape(pshape), zp2d.reshape(pshape)
-    else:
-        moved_p = moved.shape[:-1] + (ngroups,)
-        scale = np.ascontiguousarray(np.moveaxis(scale2d.reshape(moved_p), -1, axis))
-        zp = np.ascontiguousarray(np.moveaxis(zp2d.reshape(moved_p), -1, axis))
-    return QuantizedArray(codes, scale, None if scheme.symmetric else zp, scheme)
+    return QuantizedArray(rows.codes_back(codes2d), rows.params_back(scale2d, pshape),
+                          None if scheme.symmetric else rows.params_back(zp2d, pshape), scheme)
 
 
-def compute_qparams(x, scheme: QuantScheme = QuantScheme()):
-    """``(scale, zero_point)`` that :func:`quantize` uses for ``x``; ``zero_point`` is None when symmetric.
+def _quantize_given(x: np.ndarray, params: QParams) -> QuantizedArray:
+    """Codes of the checked float array ``x`` with ``params`` (checked here against ``x``'s shape)."""
+    scheme = params.scheme
+    params.check(x.shape)
+    kind, axis = _layout(x.shape, scheme)
+    xc = _compute_view(x)
+    # the result owns its parameters: a later change to the caller's arrays must not alter it
+    scale = _contiguous(params.scale).copy()
+    zp = None if params.zero_point is None else _contiguous(params.zero_point).copy()
+
+    if kind == "tensor":
+        flat = np.ascontiguousarray(xc).reshape(-1)
+        _flat_minmax(x, flat, _bits_view(flat))  # the input check; the range itself is not needed
+        codes = _quantize_flat(flat, scale, 0 if zp is None else int(zp), scheme)
+        return QuantizedArray(codes.reshape(x.shape), scale, zp, scheme)
+
+    rows = _Rows(xc, kind, axis, scheme)
+    nrows, length = rows.x.shape
+    codes2d = np.empty((nrows, length), scheme.code_dtype)
+    if nrows and length:
+        rows2d = rows.x
+        xbits = _bits_view(rows2d)
+        scale2d = rows.params_rows(scale)
+        zp2d = np.zeros((nrows, 0), np.uint8) if zp is None else rows.params_rows(zp)
+        bad = run_chunks(_kernels.TEAM["quantize_rows_given", rows2d.dtype.name, codes2d.dtype.name],
+                         (nrows, length, rows2d.ctypes.data, xbits.ctypes.data, xbits.shape[1], rows.g, scheme.qmin,
+                          scheme.qmax, codes2d.ctypes.data, scale2d.ctypes.data, zp2d.ctypes.data, zp2d.shape[1]),
+                         nrows, _min_rows(length), keep=(rows2d, xbits, codes2d, scale2d, zp2d))
+        if bad.any():
+            _raise_nonfinite(x, "x")
+    return QuantizedArray(rows.codes_back(codes2d), scale, zp, scheme)
+
+
+def compute_qparams(x, scheme: QuantScheme = QuantScheme(), method: str = "minmax") -> QParams:
+    """The :class:`~qcore.params.QParams` that the registered params method ``method`` picks for ``x``; for
+    ``"minmax"``, those :func:`quantize` uses. It unpacks as ``scale, zero_point`` (None when symmetric).
 
     >>> import numpy as np; from qcore import QuantScheme, PerTensor
     >>> s, z = compute_qparams(np.array([-1.0, 3.0], np.float32), QuantScheme(8, False, PerTensor()))
     >>> float(s), int(z)
     (0.01568627543747425, 64)
     """
-    qa = quantize(x, scheme)
-    return qa.scale, qa.zero_point
+    scheme = _check_scheme(scheme)
+    fn = params_method(method)
+    x = check_float_array(x)
+    scheme.validate_shape(x.shape)
+    xc = _compute_view(x)
+    if method != "minmax":  # minmax's kernels check the input as they read it
+        flat = np.ascontiguousarray(xc).reshape(-1)
+        _flat_minmax(x, flat, _bits_view(flat))
+    p = fn(xc, scheme)
+    if not isinstance(p, QParams):
+        raise TypeError(f"params method {method!r} returned {type(p).__name__}, not a qcore.QParams")
+    if p.scheme != scheme:
+        raise ValueError(f"params method {method!r} returned params for scheme {p.scheme}, not {scheme}")
+    p.check(x.shape)
+    return p
+
+
+@register_params_method("minmax")
+def minmax_params(x: np.ndarray, scheme: QuantScheme) -> QParams:
+    """Each group's range widened to include 0 (symmetric: its absmax) spread over the code range, with an
+    integer zero point that makes 0.0 exact; the parameters of the fused min/max + rounding pass."""
+    pshape = scheme.params_shape(x.shape)
+    kind, axis = _layout(x.shape, scheme)
+    xc = _compute_view(x)
+    if kind == "tensor":
+        flat = np.ascontiguousarray(xc).reshape(-1)
+        mn, mx = _flat_minmax(x, flat, _bits_view(flat))
+        s, z = _kernels.params_from_minmax(mn, mx, scheme.qmax, scheme.symmetric)
+        return QParams(np.array(s, np.float32), None if scheme.symmetric else np.array(z, np.uint8), scheme)
+    rows = _Rows(xc, kind, axis, scheme)
+    (nrows, length), ngroups = rows.x.shape, rows.ngroups
+    scale2d = np.full((nrows, ngroups), _kernels.F32_TINY, np.float32)
+    zp2d = np.zeros((nrows, ngroups), np.uint8)
+    if nrows and length:
+        rows2d = rows.x
+        xbits = _bits_view(rows2d)
+        bad = run_chunks(_kernels.TEAM["minmax_params_rows", rows2d.dtype.name],
+                         (nrows, length, rows2d.ctypes.data, xbits.ctypes.data, xbits.shape[1], rows.g, scheme.qmax,
+                          int(scheme.symmetric), scale2d.ctypes.data, zp2d.ctypes.data),
+                         nrows, _min_rows(length), keep=(rows2d, xbits, scale2d, zp2d))
+        if bad.any():
+            _raise_nonfinite(x, "x")
+    return QParams(rows.params_back(scale2d, pshape),
+                   None if scheme.symmetric else rows.params_back(zp2d, pshape), scheme)
 
 
 def dequantize(qa, *args, dtype=np.float32, out=None) -> np.ndarray:
@@ -424,7 +517,7 @@ def _dequantize_loose(codes, scale=None, zero_point=None, *, dtype=np.float32) -
     return out.astype(dtype, copy=False)
 
 
-def fake_quantize(x, scheme: QuantScheme = QuantScheme()) -> np.ndarray:
-    """``dequantize(quantize(x))`` in ``x``'s dtype: the values a quantized model actually sees."""
+def fake_quantize(x, scheme: Optional[QuantScheme] = None, params=None) -> np.ndarray:
+    """``dequantize(quantize(x, scheme, params))`` in ``x``'s dtype: the values a quantized model actually sees."""
     x = check_float_array(x)
-    return dequantize(quantize(x, scheme), dtype=x.dtype)
+    return dequantize(quantize(x, scheme, params), dtype=x.dtype)

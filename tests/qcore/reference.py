@@ -67,3 +67,13 @@ def ref_dequantize(codes, scale, zp, scheme):
 
 def bf16(x):
     return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16)
+
+
+def ref_quantize_given(x, scale, zp, scheme):
+    """Codes of ``x`` with given parameters (in the user-visible params shape): ``clip(rint(x / s) + zp)``."""
+    xg, red = grouped(compute_view(x), scheme)
+    shape = [1 if i in red else n for i, n in enumerate(xg.shape)]
+    s = np.asarray(scale, np.float32).reshape(shape)
+    z = np.zeros(shape, np.float32) if zp is None else np.asarray(zp).reshape(shape).astype(np.float32)
+    q = np.rint(xg / s) + z
+    return np.clip(q, scheme.qmin, scheme.qmax).astype(scheme.code_dtype).reshape(x.shape)
