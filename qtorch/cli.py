@@ -131,6 +131,8 @@ def check_model_folder(model_dir: str):
     not already quantized) and a tokenizer that encodes the built-in sentences. Returns ``(config, tokenizer)``."""
     from qcore import checkpoint as ck
 
+    from qcore.model_folder import MARKER_KEY, PRODUCERS
+
     from .pretrained import _read_config
 
     if not os.path.isdir(model_dir):
@@ -138,9 +140,10 @@ def check_model_folder(model_dir: str):
         raise CliError(f"{model_dir}: {what}; MODEL is a local transformers model folder")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise CliError(f"{model_dir} is not a transformers model folder (no config.json)")
-    marker = _read_config(model_dir).get("quantization_config")
+    marker = _read_config(model_dir).get(MARKER_KEY)
     if marker is not None:
-        by = "qtorch" if isinstance(marker, dict) and marker.get("quantizer") == "qtorch" else "another tool"
+        ours = isinstance(marker, dict) and marker.get("quantizer") in PRODUCERS
+        by = marker["quantizer"] if ours else "another tool"
         raise CliError(f"{model_dir} is already quantized by {by} (config.json has a quantization_config); "
                        f"quantize the original model instead")
     problems = []
@@ -339,13 +342,12 @@ def cmd_info(args, say) -> int:
     for f in files:
         header = ck.read_header(f)
         table = ck.quantized_metadata(header)  # checked: a hostile header is a ValueError, never a traceback
-        versions.add(header.metadata.get("qcore.format_version", "-"))
-        parts = {}
+        versions.add(header.metadata.get(ck.META_VERSION, "-"))
+        stored = ck.stored_names(header, table)  # the format's names for each quantized tensor's entries
+        parts = {name: sum(header.tensors[t].nbytes for t in names) for name, names in stored.items()}
+        owned = {t for names in stored.values() for t in names}
         for name, t in header.tensors.items():
-            base, _, leaf = name.rpartition(".")
-            if base in table and leaf in ("qweight", "scale", "zero_point"):
-                parts[base] = parts.get(base, 0) + t.nbytes
-            else:
+            if name not in owned:
                 plain_n += 1
                 plain_bytes += t.nbytes
         for name, (scheme, shape, dtype) in table.items():
@@ -372,8 +374,9 @@ def cmd_info(args, say) -> int:
     if os.path.isdir(args.path) and os.path.isfile(os.path.join(args.path, "config.json")):
         from .pretrained import read_marker
 
-        if read_marker(args.path) is not None:
-            say("  config.json marks it as quantized by qtorch: load it with qtorch.from_pretrained")
+        marker = read_marker(args.path)
+        if marker is not None:
+            say(f"  config.json marks it as quantized by {marker['quantizer']}: load it with qtorch.from_pretrained")
         else:
             say("  config.json has no qtorch quantization_config: transformers' from_pretrained would load it with "
                 "random weights; load it with qtorch.from_pretrained")
