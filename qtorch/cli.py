@@ -268,7 +268,7 @@ def cmd_quantize(args, say) -> int:
     scheme = chosen_scheme(args)
     model_dir = args.model or _default_model()
     if args.output:
-        _check_output(model_dir, args.output, args.overwrite)
+        _check_output(model_dir, args.output, args.overwrite, say)
     say(f"model: {model_dir}")
     config, tokenizer = check_model_folder(model_dir)
     causal = _is_causal(config)
@@ -303,8 +303,16 @@ def cmd_quantize(args, say) -> int:
     return 0
 
 
-def _check_output(model_dir: str, output: str, overwrite: bool) -> None:
-    """Refuse a bad OUT before any work: existing (without --overwrite), a file, MODEL itself, no parent."""
+def _check_output(model_dir: str, output: str, overwrite: bool, say=None) -> None:
+    """Refuse a bad OUT before any work: existing (without --overwrite), a file, MODEL itself, no parent.
+
+    What a killed run left beside OUT is recovered first, as ``qcore quantize`` does: an OUT put back by the
+    recovery is an existing OUT, never replaced without --overwrite."""
+    from qcore import checkpoint as ck
+
+    if os.path.isdir(os.path.dirname(os.path.abspath(output))):
+        for note in ck.recover_output(output):
+            (say or print)(f"note: {note}")
     out, src = os.path.realpath(output), os.path.realpath(model_dir)
     if os.path.lexists(output) and not overwrite:
         raise CliError(f"{output} exists; pass --overwrite to replace it")

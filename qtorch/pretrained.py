@@ -155,6 +155,7 @@ def save_folder(model: nn.Module, source: str, out: str, *, overwrite: bool = Fa
     import qtorch
 
     out = os.path.abspath(out)
+    ck.recover_output(out)  # an OUTPUT put back here is an existing one: the check below must see it
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     marker = quantization_config(model)

@@ -147,6 +147,22 @@ def test_output_is_replaced_whole_and_only_when_complete(tiny_bert, tmp_path, mo
     assert type(qtorch.from_pretrained(out)) is transformers.BertModel
 
 
+def test_output_put_back_by_the_recovery_is_refused_before_any_work(tiny_bert, tmp_path, capsys, no_model_load):
+    """A run killed while replacing OUT left the previous OUT moved aside. Before: OUT looked absent, the run
+    went ahead, and its commit put the old OUT back and replaced it without --overwrite. Now the recovery
+    comes first (as in qcore quantize): OUT is back, says so, and is refused without --overwrite."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "result.txt").write_text("an earlier result")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    os.rename(out, tmp_path / f".out.qcore-{dead}-1-abc.old")
+    assert main(["quantize", str(tiny_bert), "-o", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "note: restored the previous" in captured.out and "exists; pass --overwrite" in captured.err
+    assert os.listdir(out) == ["result.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
 def test_output_that_is_the_model_folder_is_refused(tiny_bert, capsys):
     assert "is MODEL or contains it" in error_of(["quantize", str(tiny_bert), "-o", str(tiny_bert), "--overwrite"],
                                                  capsys)

@@ -183,6 +183,30 @@ def test_transformers_refuses_a_qcore_quantize_output_of_minilm(tmp_path):
     assert type(qtorch.from_pretrained(out)) is transformers.BertModel
 
 
+def test_save_folder_recovers_out_before_deciding_it_is_new(llama_src, tmp_path):
+    """A run killed in the middle of replacing OUT leaves the previous OUT moved aside. Before: save_folder saw no
+    OUT, its own staging then put the previous OUT back, and the commit replaced it without ``overwrite``. Now
+    the recovery comes first, so the restored OUT is an existing one and is refused."""
+    import subprocess
+    import sys
+
+    from qcore import checkpoint as ck
+
+    model = transformers.LlamaForCausalLM.from_pretrained(llama_src).eval()
+    qtorch.quantize_model(model, "w8a16")
+    out = tmp_path / "out"
+    save_folder(model, llama_src, str(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    os.rename(out, tmp_path / f".out.qcore-{dead}-1-abc.old")  # what a run killed at the commit leaves
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        save_folder(model, llama_src, str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    ck.load(out)
+
+
 def test_save_folder_replaces_out_only_when_complete_and_needs_quantized_layers(llama_src, tmp_path):
     model = transformers.LlamaForCausalLM.from_pretrained(llama_src).eval()
     out = tmp_path / "out"
