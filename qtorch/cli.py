@@ -75,14 +75,12 @@ def _presets() -> dict:
 
 
 def _scheme_help() -> str:
-    from qcore import PerGroup
+    from qcore.labels import scheme_label
 
-    from .report import scheme_label
+    from .replace import grouped_presets
 
-    presets = _presets()
-    grouped = [n for n, s in presets.items() if isinstance(s.granularity, PerGroup)]
-    names = "; ".join(f"{n}: {scheme_label(s)}" for n, s in presets.items())
-    extra = "".join(f"; {n}-g<N>: groups of N" for n in grouped)
+    names = "; ".join(f"{n}: {scheme_label(s)}" for n, s in _presets().items())
+    extra = "".join(f"; {n}-g<N>: groups of N" for n in grouped_presets())
     return f"{names}{extra}. --group-size N gives any of them groups of N inputs"
 
 
@@ -109,17 +107,16 @@ def _positive_int(text: str) -> int:
 
 def chosen_scheme(args):
     """The ``qcore.QuantScheme`` of ``--scheme`` and ``--group-size``."""
-    from qcore import PerGroup, QuantScheme
-
-    from .replace import resolve_scheme
+    from .replace import parse_preset, resolve_scheme, with_group_size
 
     scheme = resolve_scheme(args.scheme)
     if args.group_size is None:
         return scheme
-    if isinstance(scheme.granularity, PerGroup) and args.scheme not in _presets():
+    base, size = parse_preset(args.scheme)
+    if size is not None:
         raise CliError(f"--scheme {args.scheme} already sets a group size; give it once (--scheme "
-                       f"{args.scheme.rsplit('-', 1)[0]} --group-size {args.group_size})")
-    return QuantScheme(bits=scheme.bits, symmetric=scheme.symmetric, granularity=PerGroup(args.group_size))
+                       f"{base} --group-size {args.group_size})")
+    return with_group_size(scheme, args.group_size)
 
 
 # ------------------------------------------------------------------------------------------------------------------

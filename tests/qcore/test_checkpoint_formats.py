@@ -207,7 +207,7 @@ def test_the_library_modules_of_the_command_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, qcore.convert, qcore.model_folder, qcore.formats, qcore.cli\n"
+    code = ("import sys, qcore.convert, qcore.model_folder, qcore.formats, qcore.labels, qcore.cli\n"
             "print(','.join(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
