@@ -378,3 +378,13 @@ def test_latency_lines_say_median_spread_and_slower_or_faster():
     noisy = latency_lines([0.134, 0.140, 0.300], [1.617, 0.100, 0.110], 8)
     assert noisy[1] == "  quantized is 1.27x faster than dense on this machine"
     assert noisy[2].startswith("  note: the rounds differ by up to") and "busy machine" in noisy[2]
+
+
+def test_qtorch_does_not_import_the_qcore_command_line():
+    """The helpers qtorch shares with qcore quantize (side files, the marker) live in qcore library modules.
+    Before: qtorch.pretrained.save_folder imported qcore.cli.copy_side_files."""
+    import pathlib
+
+    sources = sorted(pathlib.Path(qtorch.__file__).parent.glob("*.py"))
+    users = [p.name for p in sources if re.search(r"qcore\.cli\b|from qcore import .*\bcli\b", p.read_text())]
+    assert users == []
