@@ -1,4 +1,4 @@
-"""Benchmark `qcore quantize` streaming a synthetic bf16 checkpoint of >= 2 GB in several shards.
+"""Benchmark `qcore quantize` streaming a synthetic bf16 checkpoint of 2 GiB (2.1 GB) in several shards.
 
 The checkpoint (shaped like a 7B-class decoder: 4096 hidden, 11008 MLP, 32000 vocabulary) is written with
 qcore's streaming writer into a temporary folder, removed afterwards. Each configuration runs
@@ -11,8 +11,9 @@ would report this process's peak). Baselines in the same run, on the same warm p
 * cp:    ``shutil.copyfile`` of every shard, then fsync of each (the file system's own copy, made as durable
          as qcore's output, which is fsynced before it is renamed)
 
-Throughput is input bytes / wall seconds of the child (including interpreter start and imports).
-The RSS budget of issue 6 is 3 x the largest tensor + 300 MB.
+Throughput is input bytes / wall seconds of the child (including interpreter start and imports). Sizes and
+rates are printed in binary units (MiB, GiB, GiB/s), as the qcore and qtorch commands print them.
+The RSS budget of issue 6 is 3 x the largest tensor + 300 MB (10^6 bytes; printed in MiB).
 
 Run:  python benchmarks/bench_checkpoint.py [--layers 4] [--repeats 3] [--dir /tmp]
 """
@@ -35,6 +36,7 @@ import numpy as np
 from qcore import checkpoint as ck
 
 HIDDEN, MLP, VOCAB = 4096, 11008, 32000
+MIB, GIB = 2**20, 2**30
 
 
 def layer_tensors(i: int) -> list:
@@ -110,7 +112,7 @@ def folder_bytes(folder: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=4, help="decoder layers (405 MB each; default 4 -> 2.2 GB)")
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers (386 MiB each; default 4 -> 2.0 GiB)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per configuration (median reported)")
     ap.add_argument("--dir", default=None, help="where to put the temporary checkpoint (default: system temp)")
     args = ap.parse_args()
@@ -122,12 +124,12 @@ def main() -> None:
         t0 = time.perf_counter()
         info = write_checkpoint(src, args.layers)
         t_write = time.perf_counter() - t0
-        gb = info["bytes"] / 1e9
+        gib = info["bytes"] / GIB
         budget = 3 * info["largest"] + 300e6
-        print(f"checkpoint: {gb:.2f} GB bf16 in {info['shards']} shards, largest tensor "
-              f"{info['largest'] / 1e6:.0f} MB; written by qcore's streaming writer in {t_write:.1f} s "
-              f"({gb / t_write:.2f} GB/s)")
-        print(f"RSS budget (3 x largest + 300 MB): {budget / 1e6:.0f} MB;  {os.cpu_count()} CPUs, warm page cache")
+        print(f"checkpoint: {gib:.2f} GiB bf16 in {info['shards']} shards, largest tensor "
+              f"{info['largest'] / MIB:.0f} MiB; written by qcore's streaming writer in {t_write:.1f} s "
+              f"({gib / t_write:.2f} GiB/s)")
+        print(f"RSS budget (3 x largest + 300 MB): {budget / MIB:.0f} MiB;  {os.cpu_count()} CPUs, warm page cache")
 
         # warm-up: numba caches, imports
         warm = os.path.join(base, "warm")
@@ -174,13 +176,13 @@ def main() -> None:
         t_copy = rows[0][1]
 
         print()
-        print(f"{'configuration':<28} {'seconds':>8} {'GB/s':>6} {'vs copy':>8} {'vs cp':>6} {'peak RSS':>9} "
-              f"{'budget':>7} {'output':>9}")
-        print(f"{'cp + fsync':<28} {t_cp:8.1f} {gb / t_cp:6.2f} {'':>8} {1.0:6.2f} {'':>9} {'':>7} "
-              f"{gb:7.2f}GB")
+        print(f"{'configuration':<28} {'seconds':>8} {'GiB/s':>6} {'vs copy':>8} {'vs cp':>6} {'peak RSS':>10} "
+              f"{'budget':>8} {'output':>10}")
+        print(f"{'cp + fsync':<28} {t_cp:8.1f} {gib / t_cp:6.2f} {'':>8} {1.0:6.2f} {'':>10} {'':>8} "
+              f"{gib:6.2f} GiB")
         for label, wall, peak, out_bytes, _ in rows:
-            print(f"{label:<28} {wall:8.1f} {gb / wall:6.2f} {t_copy / wall:8.2f} {t_cp / wall:6.2f} "
-                  f"{peak / 1e6:7.0f}MB {budget / 1e6:5.0f}MB {out_bytes / 1e9:7.2f}GB")
+            print(f"{label:<28} {wall:8.1f} {gib / wall:6.2f} {t_copy / wall:8.2f} {t_cp / wall:6.2f} "
+                  f"{peak / MIB:6.0f} MiB {budget / MIB:4.0f} MiB {out_bytes / GIB:6.2f} GiB")
         print()
         print("summary printed by the last int4 run:")
         print(rows[-1][4].rstrip())

@@ -9,24 +9,12 @@
 >>> np.array_equal(out["layer.weight"].codes, qa.codes), out["layer.bias"].dtype
 (True, dtype('float32'))
 
-File layout. A quantized tensor ``W`` of original shape ``shape`` and scheme ``s`` is stored as
-
-==================  =====  =======================================================================
-tensor              dtype  shape and content
-==================  =====  =======================================================================
-``W.qweight``       U8     ``packed_shape(shape, s.bits)``: codes packed along the last axis
-                           (docs/packing.md), signed codes offset by ``2^(b-1)``.
-                           **8 bits:** the codes themselves, shape ``shape``: I8 (-127..127) when
-                           symmetric, U8 (0..255) when asymmetric, the layout int8 matmul kernels take.
-``W.scale``         F32    ``s.params_shape(shape)``; finite and > 0
-``W.zero_point``    U8     same shape as the scale, in ``0..2^b-1``; asymmetric schemes only
-==================  =====  =======================================================================
-
-and the file's ``__metadata__`` (string values only, as safetensors requires) holds
-``"qcore.format_version": "1"`` and ``"qcore.quantized"``: a JSON object
-``{"W": {"scheme": s.to_dict(), "shape": [...], "dtype": "bfloat16"}}`` (``dtype``, the original floating
-dtype, is optional). Every other tensor is a plain array stored as it is (F16/BF16/F32/F64 and integer
-dtypes; bfloat16 through ``ml_dtypes``). A folder checkpoint is shards plus ``model.safetensors.index.json``.
+File layout. How a quantized tensor is stored belongs to its format (:mod:`qcore.formats`); this module is
+the container around it. The default format, ``"qcore"`` (:mod:`qcore.formats.native`), stores a quantized
+``W`` as ``W.qweight`` (packed codes, docs/packing.md), ``W.scale`` and, asymmetric only, ``W.zero_point``,
+described by a versioned JSON table in the file's ``__metadata__``. Every other tensor is a plain array
+stored as it is (F16/BF16/F32/F64 and integer dtypes; bfloat16 through ``ml_dtypes``). A folder checkpoint
+is shards plus ``model.safetensors.index.json``.
 
 Loading checks the whole file before returning anything: the safetensors header (sizes, offsets, dtypes from
 :data:`DTYPES`), the metadata (format version, schemes, shapes), the tensor set (no missing or unexpected
@@ -60,18 +48,14 @@ from typing import Iterable, Mapping, Optional, Union
 import ml_dtypes  # registers "bfloat16" with NumPy: safetensors' NumPy loader cannot read BF16 without it
 import numpy as np
 
-from .quantize import QuantizedArray, check_grid
+from .quantize import QuantizedArray
 from .scheme import QuantScheme
 
 __all__ = ["save", "load", "read_header", "checkpoint_files", "check_not_pickle", "SafetensorsWriter",
            "staging_folder", "commit_folder", "recover_output",
            "TensorInfo", "Header", "DTYPES", "FORMAT_VERSION", "INDEX_NAME", "quantized_entries",
-           "encode_qweight", "quantized_metadata"]
+           "encode_qweight", "quantized_metadata", "stored_names"]
 
-#: Version of the qcore layer of the file format (``__metadata__["qcore.format_version"]``).
-FORMAT_VERSION = 1
-META_VERSION = "qcore.format_version"
-META_QUANTIZED = "qcore.quantized"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -85,7 +69,6 @@ DTYPES: dict[str, np.dtype] = {
 }
 _CODE_OF = {dt: code for code, dt in DTYPES.items()}
 FLOAT_CODES = ("F16", "BF16", "F32", "F64")
-_FLOAT_NAMES = {"float16", "bfloat16", "float32", "float64"}
 
 MAX_HEADER_BYTES = 100_000_000  # the limit of the reference safetensors implementation
 _MAX_DIM = 1 << 48  # no real tensor dimension comes near; bounds the arithmetic on hostile shapes
@@ -97,7 +80,6 @@ MAX_RANK = 64
 MAX_TENSOR_BYTES = 1 << 60
 #: Deepest JSON nesting read from a header, qcore metadata or an index (valid files nest 4 levels at most).
 MAX_JSON_DEPTH = 64
-_QUANT_SUFFIXES = ("qweight", "scale", "zero_point")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -366,107 +348,59 @@ def read_header(path) -> Header:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The qcore layer: quantized entries and their metadata
+# The format layer: quantized entries and their metadata, asked of the file's format (qcore.formats)
 # ---------------------------------------------------------------------------------------------------------
 
-def _packed_shape(shape: tuple, bits: int) -> tuple:
-    from .packing import packed_shape
-
-    return tuple(int(n) for n in packed_shape(tuple(shape), bits))
+def _format(name: Optional[str] = None):
+    return _get_format() if name is None else _get_format(name)
 
 
-def quantized_entries(name: str, shape: tuple, scheme: QuantScheme) -> list:
-    """``[(tensor name, dtype code, shape), ...]`` that store a quantized ``name`` (see the module docstring)."""
-    shape = tuple(int(n) for n in shape)
-    if scheme.bits == 8:
-        q = (f"{name}.qweight", "I8" if scheme.symmetric else "U8", shape)
-    else:
-        q = (f"{name}.qweight", "U8", _packed_shape(shape, scheme.bits))
-    pshape = tuple(scheme.params_shape(shape))
-    out = [q, (f"{name}.scale", "F32", pshape)]
-    if not scheme.symmetric:
-        out.append((f"{name}.zero_point", "U8", pshape))
-    return out
+def _format_of(header: Header):
+    return _format_of_metadata(header.metadata, header.path)
 
 
-def encode_qweight(qa: QuantizedArray) -> np.ndarray:
-    """The ``.qweight`` array of ``qa``: packed uint8 codes, or the int8/uint8 codes themselves at 8 bits."""
-    return np.ascontiguousarray(qa.codes) if qa.scheme.bits == 8 else qa.packed()
-
-
-def _qmeta_entry(qa: QuantizedArray, dtype=None) -> dict:
-    d = {"scheme": qa.scheme.to_dict(), "shape": [int(n) for n in qa.shape]}
-    if dtype is not None:
-        d["dtype"] = np.dtype(dtype).name
-    return d
+def quantized_entries(name: str, shape: tuple, scheme: QuantScheme, format: Optional[str] = None) -> list:
+    """``[(tensor name, dtype code, shape), ...]`` that store a quantized ``name`` in ``format`` (default: qcore;
+    see :mod:`qcore.formats`)."""
+    return _format(format).entries(name, shape, scheme)
 
 
 def _parse_qmeta(header: Header) -> dict:
-    """``{name: (scheme, shape, dtype name or None)}`` from the qcore metadata of a checked header."""
-    p, md = header.path, header.metadata
-    qkeys = [k for k in md if k.startswith("qcore.")]
-    if not qkeys:
-        return {}
-    if META_VERSION not in md:
-        raise _bad(p, f"metadata has {qkeys[0]!r} but no {META_VERSION!r}")
-    if md[META_VERSION] != str(FORMAT_VERSION):
-        raise _bad(p, f"metadata {META_VERSION}: unknown qcore format version {md[META_VERSION]!r:.40}; this "
-                      f"qcore reads version {FORMAT_VERSION} (upgrade qcore to read newer files)")
-    unknown = sorted(set(qkeys) - {META_VERSION, META_QUANTIZED})
-    if unknown:
-        raise _bad(p, f"metadata: unexpected qcore keys {unknown}")
-    table = _load_json(md.get(META_QUANTIZED, "{}").encode("utf-8"), p, f"metadata {META_QUANTIZED}")
-    if not isinstance(table, dict):
-        raise _bad(p, f"metadata {META_QUANTIZED}: expected a JSON object")
-    out = {}
-    for name, entry in table.items():
-        problem = _name_problem(name)
-        if problem:
-            raise _bad(p, f"metadata {META_QUANTIZED}: quantized tensor {_brief(name)}: {problem}")
-        where = f"quantized tensor {name!r}"
-        if not isinstance(entry, dict) or not {"scheme", "shape"} <= set(entry) <= {"scheme", "shape", "dtype"}:
-            raise _bad(p, f"{where}: metadata entry must have scheme, shape and optionally dtype; got "
-                          f"{_brief(entry)}")
-        try:
-            scheme = QuantScheme.from_dict(entry["scheme"])
-        except (ValueError, TypeError) as e:
-            raise _bad(p, f"{where}: field scheme: {e}") from None
-        shape = _check_shape(entry["shape"], f"{where}: field shape", p)
-        try:
-            scheme.validate_shape(shape)
-        except ValueError as e:
-            raise _bad(p, f"{where}: field shape {list(shape)} does not fit the scheme: {e}") from None
-        dtype = entry.get("dtype")
-        if dtype is not None and (not isinstance(dtype, str) or dtype not in _FLOAT_NAMES):
-            raise _bad(p, f"{where}: field dtype {_brief(dtype)} must be one of {sorted(_FLOAT_NAMES)}")
-        out[name] = (scheme, shape, dtype)
-    return out
+    """``{name: (scheme, shape, dtype name or None)}`` from the format metadata of a checked header."""
+    return _format_of(header).read_table(header)
 
 
 def quantized_metadata(header: Header) -> dict:
     """``{name: (scheme, shape, dtype name or None)}`` for the quantized tensors of a file, from its header only.
 
-    ``header`` comes from :func:`read_header`. The qcore metadata (format version, schemes, shapes, dtypes) and
+    ``header`` comes from :func:`read_header`. The format metadata (format version, schemes, shapes, dtypes) and
     the tensors that store each quantized tensor (names, dtypes, shapes against the packing formula) are
     checked as :func:`load` checks them; a bad file is a ``ValueError`` naming the file, tensor and field. The
-    tensor data is not read: use :func:`load` to check the values too. A file without qcore metadata gives ``{}``.
+    tensor data is not read: use :func:`load` to check the values too. A file without such metadata gives ``{}``.
     """
     if not isinstance(header, Header):
         raise TypeError(f"header must be a qcore.checkpoint.Header (from read_header), got {type(header).__name__}")
-    qmeta = _parse_qmeta(header)
-    _check_layout(header, qmeta)
+    fmt = _format_of(header)
+    qmeta = fmt.read_table(header)
+    _check_layout(header, qmeta, fmt)
     return qmeta
 
 
-def _check_layout(header: Header, qmeta: dict) -> None:
-    """Every quantized tensor has exactly its entries, with the dtypes and shapes the packing formula gives."""
+def stored_names(header: Header, qmeta: dict) -> dict:
+    """``{quantized tensor name: [names of the tensors that store it]}`` for a checked file's ``qmeta``."""
+    fmt = _format_of(header)
+    return {name: [e[0] for e in fmt.entries(name, shape, scheme)] for name, (scheme, shape, _) in qmeta.items()}
+
+
+def _check_layout(header: Header, qmeta: dict, fmt) -> None:
+    """Every quantized tensor has exactly its entries, with the dtypes and shapes the format gives."""
     p, tensors = header.path, header.tensors
     claimed = set()
     for name, (scheme, shape, _) in qmeta.items():
         if name in tensors:
             raise _bad(p, f"quantized tensor {name!r}: a plain tensor has the same name")
-        for tname, code, tshape in quantized_entries(name, shape, scheme):
-            field = tname[len(name) + 1:]
+        for tname, code, tshape in fmt.entries(name, shape, scheme):
+            field = tname[len(name) + 1:] if tname.startswith(name + ".") else tname
             t = tensors.get(tname)
             if t is None:
                 raise _bad(p, f"quantized tensor {name!r}: field {field}: missing tensor {tname!r}")
@@ -477,8 +411,7 @@ def _check_layout(header: Header, qmeta: dict) -> None:
                 raise _bad(p, f"quantized tensor {name!r}: field {field}: shape {list(t.shape)} ({t.nbytes} "
                               f"bytes), expected {list(tshape)} for shape {list(shape)} at {scheme}")
             claimed.add(tname)
-        for suffix in _QUANT_SUFFIXES:
-            tname = f"{name}.{suffix}"
+        for tname in fmt.candidates(name):
             if tname in tensors and tname not in claimed:
                 raise _bad(p, f"quantized tensor {name!r}: unexpected tensor {tname!r} for {scheme}")
 
@@ -898,25 +831,16 @@ class SafetensorsWriter:
         return False
 
 
-def _quantized_meta_json(table: dict) -> str:
-    return json.dumps(table, separators=(",", ":"), sort_keys=True)
-
-
 def qcore_metadata(quantized: Mapping[str, dict], extra: Optional[Mapping[str, str]] = None) -> dict:
     """The ``__metadata__`` of a qcore file: user strings plus the versioned table of quantized tensors."""
-    md = dict(extra or {})
-    bad = [k for k in md if not isinstance(k, str) or k.startswith("qcore.")]
-    if bad:
-        raise ValueError(f"metadata keys starting with 'qcore.' are reserved, got {bad[0]!r}")
-    md[META_VERSION] = str(FORMAT_VERSION)
-    md[META_QUANTIZED] = _quantized_meta_json(dict(quantized))
-    return md
+    return _format("qcore").file_metadata(quantized, extra)
 
 
 def save(path, tensors: Mapping[str, Union[QuantizedArray, np.ndarray]], metadata: Optional[Mapping[str, str]] = None,
-         *, overwrite: bool = True) -> None:
-    """Write ``tensors`` to the safetensors file ``path``: :class:`QuantizedArray` values packed (see the module
-    docstring), arrays as they are. ``metadata`` (str to str) goes into ``__metadata__`` beside the qcore keys.
+         *, overwrite: bool = True, format: Optional[str] = None) -> None:
+    """Write ``tensors`` to the safetensors file ``path``: :class:`QuantizedArray` values encoded by ``format``
+    (default ``"qcore"``, see :mod:`qcore.formats`), arrays as they are. ``metadata`` (str to str) goes into
+    ``__metadata__`` beside the format's keys.
 
     The file is written under a temporary name and renamed when complete. ``overwrite=False`` refuses an
     existing ``path`` (``FileExistsError``).
@@ -924,15 +848,16 @@ def save(path, tensors: Mapping[str, Union[QuantizedArray, np.ndarray]], metadat
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors must be a mapping of name -> QuantizedArray or numpy array, got "
                         f"{type(tensors).__name__}")
+    fmt = _format(format)
     entries, arrays, qtable = [], {}, {}
     for name, value in tensors.items():
         if not isinstance(name, str) or not name:
             raise TypeError(f"tensor names must be non-empty strings, got {name!r}")
         if isinstance(value, QuantizedArray):
-            qtable[name] = _qmeta_entry(value)
-            parts = [encode_qweight(value), value.scale, value.zero_point]
-            for (tname, code, shape), arr in zip(quantized_entries(name, value.shape, value.scheme), parts):
-                arr = np.asarray(arr)
+            qtable[name] = fmt.describe(value.scheme, value.shape)
+            parts = fmt.encode(name, value)
+            for tname, code, shape in fmt.entries(name, value.shape, value.scheme):
+                arr = np.asarray(parts[tname])
                 if dtype_code(arr.dtype) != code or arr.shape != shape:
                     raise ValueError(f"tensor {name!r}: {tname} is {arr.dtype} {arr.shape}, expected {code} {shape}")
                 entries.append((tname, code, shape))
@@ -950,7 +875,7 @@ def save(path, tensors: Mapping[str, Union[QuantizedArray, np.ndarray]], metadat
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"tensor names collide with the entries of a quantized tensor: {dup}")
-    md = qcore_metadata({k: qtable[k] for k in sorted(qtable)}, metadata)
+    md = fmt.file_metadata({k: qtable[k] for k in sorted(qtable)}, metadata)
     with SafetensorsWriter(path, entries, md, overwrite=overwrite) as w:
         for name, arr in arrays.items():
             w.write(name, arr)
@@ -1041,37 +966,12 @@ def _read_tensors(header: Header) -> dict:
     return raw
 
 
-def _load_file(path: str, header: Header, qmeta: dict) -> dict:
-    p = header.path
+def _load_file(path: str, header: Header, qmeta: dict, fmt) -> dict:
     raw = _read_tensors(header)
     out = {}
     for name, (scheme, shape, _dtype) in qmeta.items():
-        q, scale = raw.pop(f"{name}.qweight"), raw.pop(f"{name}.scale")
-        zp = None if scheme.symmetric else raw.pop(f"{name}.zero_point")
-        where = f"quantized tensor {name!r}"
-        if zp is not None and zp.size and int(zp.max()) > scheme.qmax:
-            raise _bad(p, f"{where}: field zero_point: {int(zp.max())} is outside 0..{scheme.qmax} for {scheme}")
-        try:
-            check_grid(scale, zp, scheme)  # finite, > 0, and no code of the scheme dequantizes to inf
-        except ValueError as e:
-            raise _bad(p, f"{where}: field scale: {e}") from None
-        used = (shape[-1] * scheme.bits) % 8  # bits of a row's last byte that hold codes; the rest is padding
-        pad = np.uint8((0xFF << used) & 0xFF)
-        if scheme.bits < 8 and used and q.size and (q[..., -1] & pad).any():
-            idx = tuple(int(i) for i in np.argwhere(q[..., -1] & pad)[0])
-            raise _bad(p, f"{where}: field qweight: padding bits of the last byte of row {idx} are not zero "
-                          f"(0x{int(q[idx + (-1,)]):02x}; {shape[-1]} codes of {scheme.bits} bits use the low "
-                          f"{used} bits of it): not the packing layout qcore writes")
-        try:
-            if scheme.bits == 8:
-                qa = QuantizedArray.from_parts(q, scale, zp, scheme)
-            else:
-                qa = QuantizedArray.from_packed(q, scale, zp, scheme, shape)
-        except (ValueError, TypeError) as e:
-            raise _bad(p, f"{where}: field qweight: {e}") from None
-        if qa.shape != shape:
-            raise _bad(p, f"{where}: field qweight: decodes to shape {qa.shape}, metadata says {list(shape)}")
-        out[name] = qa
+        parts = {tname: raw.pop(tname) for tname, _, _ in fmt.entries(name, shape, scheme)}
+        out[name] = fmt.decode(header.path, name, scheme, shape, parts)
     out.update(raw)
     return out
 
@@ -1090,15 +990,22 @@ def load(path) -> dict:
         header = read_header(fpath)
         if shards is not None:
             _check_shard_index(header, shards[os.path.basename(fpath)], os.path.join(os.fspath(path), INDEX_NAME))
-        qmeta = _parse_qmeta(header)
-        _check_layout(header, qmeta)
-        stored = set(header.tensors) - {f"{n}.{s}" for n in qmeta for s in _QUANT_SUFFIXES}
+        fmt = _format_of(header)
+        qmeta = fmt.read_table(header)
+        _check_layout(header, qmeta, fmt)
+        stored = set(header.tensors) - {t for n in qmeta for t in fmt.candidates(n)}
         for name in list(stored) + list(qmeta):
             if name in owner:
                 raise _bad(fpath, f"tensor {name!r} is also in {owner[name]}")
             owner[name] = fpath
-        checked.append((fpath, header, qmeta))
+        checked.append((fpath, header, qmeta, fmt))
     out = {}
-    for fpath, header, qmeta in checked:
-        out.update(_load_file(fpath, header, qmeta))
+    for fpath, header, qmeta, fmt in checked:
+        out.update(_load_file(fpath, header, qmeta, fmt))
     return out
+
+
+# The format layer is imported last: its modules build on the container above. The qcore format's facts live
+# in its module; these names stay here for the code that knows them from here.
+from .formats import format_of as _format_of_metadata, get_format as _get_format  # noqa: E402
+from .formats.native import FORMAT_VERSION, META_QUANTIZED, META_VERSION, encode_qweight  # noqa: E402

@@ -75,14 +75,12 @@ def _presets() -> dict:
 
 
 def _scheme_help() -> str:
-    from qcore import PerGroup
+    from qcore.labels import scheme_label
 
-    from .report import scheme_label
+    from .replace import grouped_presets
 
-    presets = _presets()
-    grouped = [n for n, s in presets.items() if isinstance(s.granularity, PerGroup)]
-    names = "; ".join(f"{n}: {scheme_label(s)}" for n, s in presets.items())
-    extra = "".join(f"; {n}-g<N>: groups of N" for n in grouped)
+    names = "; ".join(f"{n}: {scheme_label(s)}" for n, s in _presets().items())
+    extra = "".join(f"; {n}-g<N>: groups of N" for n in grouped_presets())
     return f"{names}{extra}. --group-size N gives any of them groups of N inputs"
 
 
@@ -109,17 +107,16 @@ def _positive_int(text: str) -> int:
 
 def chosen_scheme(args):
     """The ``qcore.QuantScheme`` of ``--scheme`` and ``--group-size``."""
-    from qcore import PerGroup, QuantScheme
-
-    from .replace import resolve_scheme
+    from .replace import parse_preset, resolve_scheme, with_group_size
 
     scheme = resolve_scheme(args.scheme)
     if args.group_size is None:
         return scheme
-    if isinstance(scheme.granularity, PerGroup) and args.scheme not in _presets():
+    base, size = parse_preset(args.scheme)
+    if size is not None:
         raise CliError(f"--scheme {args.scheme} already sets a group size; give it once (--scheme "
-                       f"{args.scheme.rsplit('-', 1)[0]} --group-size {args.group_size})")
-    return QuantScheme(bits=scheme.bits, symmetric=scheme.symmetric, granularity=PerGroup(args.group_size))
+                       f"{base} --group-size {args.group_size})")
+    return with_group_size(scheme, args.group_size)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -131,6 +128,8 @@ def check_model_folder(model_dir: str):
     not already quantized) and a tokenizer that encodes the built-in sentences. Returns ``(config, tokenizer)``."""
     from qcore import checkpoint as ck
 
+    from qcore.model_folder import MARKER_KEY, PRODUCERS
+
     from .pretrained import _read_config
 
     if not os.path.isdir(model_dir):
@@ -138,9 +137,10 @@ def check_model_folder(model_dir: str):
         raise CliError(f"{model_dir}: {what}; MODEL is a local transformers model folder")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise CliError(f"{model_dir} is not a transformers model folder (no config.json)")
-    marker = _read_config(model_dir).get("quantization_config")
+    marker = _read_config(model_dir).get(MARKER_KEY)
     if marker is not None:
-        by = "qtorch" if isinstance(marker, dict) and marker.get("quantizer") == "qtorch" else "another tool"
+        ours = isinstance(marker, dict) and marker.get("quantizer") in PRODUCERS
+        by = marker["quantizer"] if ours else "another tool"
         raise CliError(f"{model_dir} is already quantized by {by} (config.json has a quantization_config); "
                        f"quantize the original model instead")
     problems = []
@@ -265,7 +265,7 @@ def cmd_quantize(args, say) -> int:
     scheme = chosen_scheme(args)
     model_dir = args.model or _default_model()
     if args.output:
-        _check_output(model_dir, args.output, args.overwrite)
+        _check_output(model_dir, args.output, args.overwrite, say)
     say(f"model: {model_dir}")
     config, tokenizer = check_model_folder(model_dir)
     causal = _is_causal(config)
@@ -300,8 +300,16 @@ def cmd_quantize(args, say) -> int:
     return 0
 
 
-def _check_output(model_dir: str, output: str, overwrite: bool) -> None:
-    """Refuse a bad OUT before any work: existing (without --overwrite), a file, MODEL itself, no parent."""
+def _check_output(model_dir: str, output: str, overwrite: bool, say=None) -> None:
+    """Refuse a bad OUT before any work: existing (without --overwrite), a file, MODEL itself, no parent.
+
+    What a killed run left beside OUT is recovered first, as ``qcore quantize`` does: an OUT put back by the
+    recovery is an existing OUT, never replaced without --overwrite."""
+    from qcore import checkpoint as ck
+
+    if os.path.isdir(os.path.dirname(os.path.abspath(output))):
+        for note in ck.recover_output(output):
+            (say or print)(f"note: {note}")
     out, src = os.path.realpath(output), os.path.realpath(model_dir)
     if os.path.lexists(output) and not overwrite:
         raise CliError(f"{output} exists; pass --overwrite to replace it")
@@ -339,13 +347,12 @@ def cmd_info(args, say) -> int:
     for f in files:
         header = ck.read_header(f)
         table = ck.quantized_metadata(header)  # checked: a hostile header is a ValueError, never a traceback
-        versions.add(header.metadata.get("qcore.format_version", "-"))
-        parts = {}
+        versions.add(header.metadata.get(ck.META_VERSION, "-"))
+        stored = ck.stored_names(header, table)  # the format's names for each quantized tensor's entries
+        parts = {name: sum(header.tensors[t].nbytes for t in names) for name, names in stored.items()}
+        owned = {t for names in stored.values() for t in names}
         for name, t in header.tensors.items():
-            base, _, leaf = name.rpartition(".")
-            if base in table and leaf in ("qweight", "scale", "zero_point"):
-                parts[base] = parts.get(base, 0) + t.nbytes
-            else:
+            if name not in owned:
                 plain_n += 1
                 plain_bytes += t.nbytes
         for name, (scheme, shape, dtype) in table.items():
@@ -372,8 +379,9 @@ def cmd_info(args, say) -> int:
     if os.path.isdir(args.path) and os.path.isfile(os.path.join(args.path, "config.json")):
         from .pretrained import read_marker
 
-        if read_marker(args.path) is not None:
-            say("  config.json marks it as quantized by qtorch: load it with qtorch.from_pretrained")
+        marker = read_marker(args.path)
+        if marker is not None:
+            say(f"  config.json marks it as quantized by {marker['quantizer']}: load it with qtorch.from_pretrained")
         else:
             say("  config.json has no qtorch quantization_config: transformers' from_pretrained would load it with "
                 "random weights; load it with qtorch.from_pretrained")

@@ -2,7 +2,8 @@
 
 A folder holds ``model.safetensors`` (the qcore checkpoint format, see :mod:`qtorch.serialization`), the source
 model's config, tokenizer and sentence-transformers files, and in ``config.json`` a ``quantization_config`` that
-marks the folder as quantized by qtorch::
+marks the folder as quantized (defined once, torch-free, in :mod:`qcore.model_folder`; ``qcore quantize`` of a
+model folder writes the same marker with ``"quantizer": "qcore"``)::
 
     "quantization_config": {
         "quantizer": "qtorch", "qtorch_version": "0.1.0",
@@ -11,10 +12,10 @@ marks the folder as quantized by qtorch::
                      "granularity": {"type": "per_group", "size": 128, "axis": -1}}],
         "loader": "qtorch.from_pretrained", "note": "..."}
 
-The marker has no ``quant_method`` on purpose. transformers has no loader for this format yet; it skips a
-``quantization_config`` whose ``quant_method`` it does not know (a warning, then a model with random weights),
-but refuses one without a ``quant_method`` with a ``ValueError``. So ``AutoModel.from_pretrained(folder)`` and
-``SentenceTransformer(folder)`` fail loudly instead of returning a wrong model. Load it with::
+The marker has no ``quant_method`` on purpose: transformers refuses a ``quantization_config`` without one with a
+``ValueError``, where it would skip an unknown one and return a model with random weights. So
+``AutoModel.from_pretrained(folder)`` and ``SentenceTransformer(folder)`` fail loudly instead of returning a wrong
+model. Load it with::
 
     import qtorch
     model = qtorch.from_pretrained("minilm-w4")   # BertModel with QuantLinear layers, in eval mode
@@ -22,7 +23,6 @@ but refuses one without a ``quant_method`` with a ``ValueError``. So ``AutoModel
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -30,19 +30,15 @@ import torch
 from torch import nn
 
 from qcore import checkpoint as ck
+from qcore import model_folder
+from qcore.model_folder import CONFIG_NAME, LOADER, MARKER_KEY, NOTE  # noqa: F401  (the names callers know)
 
 __all__ = ["from_pretrained", "quantization_config", "read_marker", "save_folder", "model_class_for",
            "torch_dtype_of"]
 
-CONFIG_NAME = "config.json"
-MARKER_KEY = "quantization_config"
 QUANTIZER = "qtorch"
-LOADER = "qtorch.from_pretrained"
 #: Versions of the qcore checkpoint format this module reads.
-READABLE_FORMAT_VERSIONS = (1,)
-NOTE = ("Load with qtorch.from_pretrained(folder). There is no quant_method on purpose: transformers has no loader "
-        "for this format yet, and it refuses a quantization_config without quant_method, where it would skip an "
-        "unknown one and return a model with random weights.")
+READABLE_FORMAT_VERSIONS = (ck.FORMAT_VERSION,)
 
 
 def torch_dtype_of(config) -> torch.dtype:
@@ -64,46 +60,23 @@ def quantization_config(model: nn.Module) -> dict:
             schemes.append(m.scheme.to_dict())
     if not schemes:
         raise ValueError(f"{type(model).__name__} has no quantized layer (QuantLinear); quantize it first")
-    return {"quantizer": QUANTIZER, "qtorch_version": __version__, "checkpoint_format": "qcore",
-            "checkpoint_format_version": ck.FORMAT_VERSION, "schemes": schemes, "loader": LOADER, "note": NOTE}
+    return model_folder.quantization_marker(QUANTIZER, __version__, schemes)
 
 
 def _read_config(folder: str) -> dict:
-    path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise ValueError(f"{folder}: not a transformers model folder (no {CONFIG_NAME})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path}: not valid UTF-8 JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+    return model_folder.read_config(folder)
 
 
 def read_marker(folder) -> dict | None:
-    """The qtorch ``quantization_config`` of ``folder/config.json``; None when it has none.
+    """The ``quantization_config`` of ``folder/config.json`` written by qtorch or qcore; None when it has none.
 
     A ``quantization_config`` of another tool, or of a newer checkpoint format, is a ``ValueError``.
     """
     folder = os.fspath(folder)
-    config = _read_config(folder)
-    marker = config.get(MARKER_KEY)
+    marker = _read_config(folder).get(MARKER_KEY)
     if marker is None:
         return None
-    where = f"{os.path.join(folder, CONFIG_NAME)}: {MARKER_KEY}"
-    if not isinstance(marker, dict):
-        raise ValueError(f"{where} must be a JSON object, got {type(marker).__name__}")
-    if marker.get("quantizer") != QUANTIZER:
-        other = marker.get("quant_method", marker.get("quantizer"))
-        raise ValueError(f"{where} is {other!r}, not qtorch's; load this folder with the loader of that tool "
-                         f"(for transformers' own methods: AutoModel.from_pretrained)")
-    version = marker.get("checkpoint_format_version")
-    if version not in READABLE_FORMAT_VERSIONS:
-        raise ValueError(f"{where}: checkpoint_format_version {version!r} is not one this qtorch reads "
-                         f"({', '.join(map(str, READABLE_FORMAT_VERSIONS))}); upgrade qtorch")
-    return marker
+    return model_folder.check_marker(marker, f"{os.path.join(folder, CONFIG_NAME)}: {MARKER_KEY}", reader="qtorch")
 
 
 def model_class_for(config):
@@ -180,9 +153,9 @@ def save_folder(model: nn.Module, source: str, out: str, *, overwrite: bool = Fa
     replaced only then (and only with ``overwrite``), so a failed save leaves ``out`` as it was.
     """
     import qtorch
-    from qcore.cli import copy_side_files
 
     out = os.path.abspath(out)
+    ck.recover_output(out)  # an OUTPUT put back here is an existing one: the check below must see it
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     marker = quantization_config(model)
@@ -190,16 +163,8 @@ def save_folder(model: nn.Module, source: str, out: str, *, overwrite: bool = Fa
     tmpdir = ck.staging_folder(out)
     try:
         qtorch.save_quantized(model, os.path.join(tmpdir, ck.SINGLE_NAME))
-        copy_side_files(source, tmpdir, out)
-        config[MARKER_KEY] = marker
-        dtype = _dense_dtype(model)
-        if dtype is not None:  # the source's may differ (a model loaded with dtype=...); from_pretrained builds this
-            config["dtype"] = dtype
-            if "torch_dtype" in config:
-                config["torch_dtype"] = dtype
-        with open(os.path.join(tmpdir, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
+        model_folder.copy_side_files(source, tmpdir, out)
+        model_folder.write_config(tmpdir, config, marker, _dense_dtype(model))
         ck.commit_folder(tmpdir, out)
         tmpdir = None
     finally:

@@ -52,7 +52,8 @@ from .memory import _storage_key_and_nbytes, memory_footprint, module_nbytes, re
 from .report import LayerReport, QuantizationReport, scheme_label
 
 __all__ = [
-    "PRESETS", "IncompatibleLayersError", "resolve_scheme", "plan", "quantize_model",
+    "PRESETS", "IncompatibleLayersError", "resolve_scheme", "parse_preset", "grouped_presets", "with_group_size",
+    "plan", "quantize_model",
     "replace_linear_with_target_and_quantize", "replace_linear_layers_with_w8a16", "Quantizer",
 ]
 
@@ -64,13 +65,36 @@ def _w8a16() -> QuantScheme:
     return W8_SCHEME
 
 
-def _w4a16(group: int = 128) -> QuantScheme:
-    return QuantScheme(bits=4, symmetric=False, granularity=PerGroup(group))
+def _w4a16() -> QuantScheme:
+    return QuantScheme(bits=4, symmetric=False, granularity=PerGroup(128))
 
 
-#: Preset names. ``"w4a16-g64"`` style names pick another group size for the grouped presets.
+#: Preset names, the one list (the ``qtorch`` command takes its choices from here). A preset in groups also
+#: takes ``"<name>-g<N>"`` (or ``_g<N>``) for groups of N: ``"w4a16-g64"``.
 PRESETS: dict[str, Callable[[], QuantScheme]] = {"w8a16": _w8a16, "w4a16": _w4a16}
-_GROUP_PRESET = re.compile(r"^(w4a16)[-_]g(\d+)$")
+_GROUP_SUFFIX = re.compile(r"^(?P<base>.+?)[-_]g(?P<size>\d+)$")
+
+
+def grouped_presets() -> list[str]:
+    """The presets in groups, which take a ``-g<N>`` suffix: ``['w4a16']``."""
+    return [n for n in sorted(PRESETS) if isinstance(PRESETS[n]().granularity, PerGroup)]
+
+
+def with_group_size(scheme: QuantScheme, size: int) -> QuantScheme:
+    """``scheme`` with one scale (and zero point) per ``size`` consecutive inputs of each row."""
+    return QuantScheme(bits=scheme.bits, symmetric=scheme.symmetric, granularity=PerGroup(size))
+
+
+def parse_preset(name: str) -> tuple[str, int | None] | None:
+    """``(preset, group size the name sets or None)``: ``("w4a16", 64)`` for ``"W4A16-g64"``; ``None`` for a
+    name that is no preset."""
+    key = name.strip().lower()
+    if key in PRESETS:
+        return key, None
+    m = _GROUP_SUFFIX.match(key)
+    if m and m["base"] in grouped_presets():
+        return m["base"], int(m["size"])
+    return None
 
 
 def resolve_scheme(scheme: str | QuantScheme) -> QuantScheme:
@@ -79,14 +103,13 @@ def resolve_scheme(scheme: str | QuantScheme) -> QuantScheme:
     if isinstance(scheme, QuantScheme):
         return scheme
     if isinstance(scheme, str):
-        key = scheme.strip().lower()
-        if key in PRESETS:
-            return PRESETS[key]()
-        m = _GROUP_PRESET.match(key)
-        if m:
-            return _w4a16(int(m.group(2)))
-        raise ValueError(f"unknown scheme preset {scheme!r}; allowed: {sorted(PRESETS)} "
-                         f"or 'w4a16-g<group size>' (e.g. 'w4a16-g64'), or a qcore.QuantScheme")
+        parsed = parse_preset(scheme)
+        if parsed is not None:
+            base, size = parsed
+            return PRESETS[base]() if size is None else with_group_size(PRESETS[base](), size)
+        grouped = "".join(f"or '{n}-g<group size>' (e.g. '{n}-g64'), " for n in grouped_presets())
+        raise ValueError(f"unknown scheme preset {scheme!r}; allowed: {sorted(PRESETS)} {grouped}or a "
+                         "qcore.QuantScheme")
     raise TypeError(f"expected a preset name or a qcore.QuantScheme, got {type(scheme).__name__}: {scheme!r}")
 
 

@@ -27,6 +27,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from qcore.labels import scheme_label
+
 from .memory import compression_ratio, dense_weight_nbytes, format_bytes, quantized_weight_nbytes
 
 __all__ = ["LayerReport", "QuantizationReport", "scheme_label"]
@@ -41,27 +43,6 @@ def _json_float(x: float | None):
         return None
     x = float(x)
     return x if math.isfinite(x) else str(x)
-
-
-def scheme_label(scheme: Any) -> str:
-    """Short human label of a qcore.QuantScheme: 'int8 sym per-channel', 'int4 asym g128', 'int4 sym per-tensor'."""
-    if scheme is None:
-        return "-"
-    bits = getattr(scheme, "bits", None)
-    if bits is None:
-        return str(scheme)
-    sym = "sym" if getattr(scheme, "symmetric", False) else "asym"
-    gran = getattr(scheme, "granularity", None)
-    gname = type(gran).__name__
-    if gname == "PerGroup":
-        g = f"g{getattr(gran, 'size', getattr(gran, 'group_size', '?'))}"
-    elif gname == "PerChannel":
-        g = "per-channel"
-    elif gname == "PerTensor":
-        g = "per-tensor"
-    else:
-        g = str(gran)
-    return f"int{bits} {sym} {g}"
 
 
 def _scheme_dict(scheme: Any):

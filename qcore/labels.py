@@ -1,0 +1,36 @@
+"""Short human labels of schemes, the one place that names a granularity in tables and help texts.
+
+>>> from qcore import PerChannel, PerGroup, QuantScheme
+>>> scheme_label(QuantScheme(4, False, PerGroup(128))), scheme_label(QuantScheme(8, True, PerChannel(0)))
+('int4 asym g128', 'int8 sym per-channel')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .scheme import PerChannel, PerGroup, PerTensor
+
+__all__ = ["granularity_label", "scheme_label"]
+
+
+def granularity_label(granularity: Any) -> str:
+    """``'per-tensor'``, ``'per-channel'`` or ``'g<size>'``; ``str()`` of anything else."""
+    if isinstance(granularity, PerGroup):
+        return f"g{granularity.size}"
+    if isinstance(granularity, PerChannel):
+        return "per-channel"
+    if isinstance(granularity, PerTensor):
+        return "per-tensor"
+    return str(granularity)
+
+
+def scheme_label(scheme: Any) -> str:
+    """``'int<bits> sym|asym <granularity label>'`` of a QuantScheme; ``'-'`` for None, ``str()`` of others."""
+    if scheme is None:
+        return "-"
+    bits = getattr(scheme, "bits", None)
+    if bits is None:
+        return str(scheme)
+    sym = "sym" if getattr(scheme, "symmetric", False) else "asym"
+    return f"int{bits} {sym} {granularity_label(getattr(scheme, 'granularity', None))}"
