@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .base import Layout
-from .codec import dense_linear, dequantize_codes
+from .codec import dense_linear
 
 __all__ = ["INT4PACK", "INT4PACK_GROUPS", "int4pack_map", "int4pack_unpack", "int4pack_dequant", "to_int4pack",
            "Int4PackMM"]
