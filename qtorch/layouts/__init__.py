@@ -12,10 +12,10 @@ layout        eligible (all CPU-only but ``canonical``)
 ``canonical`` everything, every device (dequantize + ``F.linear``)
 ============  ==========================================================================================
 
-:func:`candidates` lists the eligible layouts of a weight in the order of preference; the layer takes the first
-whose conversion succeeds. The default policy keeps registration order, except that where
-``TORCH_PACK_KERNELS`` is on the layouts running PyTorch's own kernels come first. ``TORCH_PACK_KERNELS`` is off on
-AVX2, where the blocked kernels measured faster at every row count, and on elsewhere (PyTorch has AVX-512 / AMX
+:func:`candidates` lists the eligible layouts of a weight (:func:`eligible`) in the order of preference
+(:func:`default_policy`); the layer takes the first whose conversion succeeds. The default policy keeps
+registration order, except that where ``TORCH_PACK_KERNELS`` is on the layouts running PyTorch's own kernels come
+first. ``TORCH_PACK_KERNELS`` is off on AVX2, where the blocked kernels measured faster at every row count, and on elsewhere (PyTorch has AVX-512 / AMX
 kernels and inductor templates for them, docs/kernels.md); ``QTORCH_TORCH_PACK=1`` / ``0`` forces either.
 
 >>> import torch, qcore
@@ -82,7 +82,8 @@ from .canonical import CANONICAL
 from .int4pack import INT4PACK
 from .int8pack import INT8PACK
 
-__all__ = ["Layout", "WeightSpec", "register", "registered", "get", "candidates", "TORCH_PACK_KERNELS"]
+__all__ = ["Layout", "WeightSpec", "register", "registered", "get", "eligible", "default_policy", "candidates",
+           "TORCH_PACK_KERNELS"]
 
 # bfloat16 layers: PyTorch's int8pack / int4pack kernels first, or the blocked layout's kernels? On AVX2 the blocked
 # ones win at every row count (development CPU, bench_linear.py, same runs: rows=1 0.69 vs 1.13 ms at 8 bits and
@@ -116,14 +117,25 @@ def get(name: str) -> Layout:
         raise ValueError(f"unknown layout {name!r}; registered: {sorted(_REGISTRY)}") from None
 
 
-def candidates(spec: WeightSpec, device, compute_dtype: torch.dtype) -> list:
-    """The layouts that can hold ``spec`` on ``device`` for a layer computing in ``compute_dtype``, most preferred
-    first (the default policy; see the module docstring). ``canonical`` is always the last."""
+def eligible(spec: WeightSpec, device, compute_dtype: torch.dtype) -> list:
+    """The layouts that can hold ``spec`` on ``device`` for a layer computing in ``compute_dtype``, in registration
+    order, ``canonical`` (eligible everywhere) last."""
     device = torch.device(device)
     found = [lay for lay in _REGISTRY.values() if lay is not CANONICAL and lay.eligible(spec, device, compute_dtype)]
-    if TORCH_PACK_KERNELS:
-        found.sort(key=lambda lay: not lay.torch_kernels)  # stable: registration order within each kind
     return found + [CANONICAL]
+
+
+def default_policy(found: list) -> list:
+    """Today's preference: registration order, PyTorch's own kernels first where ``TORCH_PACK_KERNELS`` is on."""
+    if TORCH_PACK_KERNELS:
+        return sorted(found, key=lambda lay: not lay.torch_kernels)  # stable: registration order within each kind
+    return list(found)
+
+
+def candidates(spec: WeightSpec, device, compute_dtype: torch.dtype) -> list:
+    """:func:`eligible` layouts ordered by the policy, most preferred first: a layer holds the first whose
+    conversion succeeds. ``canonical`` is always among them."""
+    return default_policy(eligible(spec, device, compute_dtype))
 
 
 register(BLOCKED)

@@ -74,7 +74,7 @@ def _codes_view(c: torch.Tensor, kind: str, axis: int, n: int, k: int, g: int) -
 
 
 
-def _affine(c, scale, zero_point, kind, axis, n, k, group, dtype):
+def affine(c, scale, zero_point, kind, axis, n, k, group, dtype):
     """``(c - zero_point) * scale`` of float32 codes ``c [N, K]``, returned ``[N, K]`` in ``dtype``."""
     c = _codes_view(c, kind, axis, n, k, group)
     if zero_point is not None:
@@ -93,7 +93,7 @@ def dequantize_canonical(qweight, scale, zero_point, *, bits: int, symmetric: bo
         c = unpack_codes(qweight, bits, k).to(torch.float32)
         if symmetric:
             c = c - float(1 << (bits - 1))
-    return _affine(c, scale, zero_point, kind, axis, n, k, group, dtype)
+    return affine(c, scale, zero_point, kind, axis, n, k, group, dtype)
 
 
 def dequantize_codes(codes, scale, zero_point, spec, dtype=torch.float32) -> torch.Tensor:
@@ -101,7 +101,7 @@ def dequantize_codes(codes, scale, zero_point, spec, dtype=torch.float32) -> tor
     c = codes.to(torch.float32)
     if spec.code_offset:
         c = c - float(spec.code_offset)
-    return _affine(c, scale, zero_point, spec.kind, spec.axis, spec.out_features, spec.in_features, spec.group,
+    return affine(c, scale, zero_point, spec.kind, spec.axis, spec.out_features, spec.in_features, spec.group,
                    dtype)
 
 

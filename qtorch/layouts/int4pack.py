@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .base import Layout
-from .codec import dense_linear
+from .codec import affine, dense_linear
 
 __all__ = ["INT4PACK", "INT4PACK_GROUPS", "int4pack_map", "int4pack_unpack", "int4pack_dequant", "to_int4pack",
            "Int4PackMM"]
@@ -89,9 +89,10 @@ def int4pack_dequant(packed: torch.Tensor, scale: torch.Tensor, zero_point, *, n
                      group: int) -> torch.Tensor:
     """``(codes - zero_point) * scale`` ``[n, k]`` in float32 from the int4pack layout (canonical scale ``[n, k/g]``,
     zero point ``[n, k/g]`` uint8, or ``None`` for symmetric codes, which carry the offset 8)."""
-    c = int4pack_unpack(packed, n, k).to(torch.float32).reshape(n, k // group, group)
-    z = 8.0 if zero_point is None else zero_point.reshape(n, k // group, 1).to(torch.float32)
-    return ((c - z) * scale.reshape(n, k // group, 1)).reshape(n, k)
+    c = int4pack_unpack(packed, n, k).to(torch.float32)
+    if zero_point is None:
+        c = c - 8.0
+    return affine(c, scale, zero_point, "group", 1, n, k, group, torch.float32)
 
 
 
