@@ -66,7 +66,12 @@ def test_candidates_are_the_eligible_layouts_in_preference_order(monkeypatch):
     assert names(QuantScheme(3, True, PerGroup(32)), 64, 256, f32) == ["canonical"]
     assert names(w4, 64, 256, bf16, torch.device("cuda")) == ["canonical"]
     assert names(w4, 64, 256, bf16, torch.device("meta")) == ["canonical"]
+    # the two steps: what can hold the weight (registration order), then the policy's order
+    found = layouts.eligible(WeightSpec.of(w8, 64, 256), cpu, bf16)
+    assert [lay.name for lay in found] == ["blocked", "int8pack", "canonical"]
+    assert [lay.name for lay in layouts.default_policy(found)] == ["int8pack", "blocked", "canonical"]
     monkeypatch.setattr(layouts, "TORCH_PACK_KERNELS", False)
+    assert [lay.name for lay in layouts.default_policy(found)] == ["blocked", "int8pack", "canonical"]
     assert names(w8, 64, 256, bf16) == ["blocked", "int8pack", "canonical"]
     assert names(w8, 30, 256, bf16) == ["int8pack", "canonical"]
     # a layer holds its first candidate, and says so
