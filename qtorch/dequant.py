@@ -1,6 +1,6 @@
 """Dequantize tiles of the 8- and 4-bit blocked layouts to float32, for the many-rows forward and the backward.
 
-A leaf of :mod:`qtorch.kernels` (``tiles_blocked`` multiplies the result by ``torch.mm``). For tiles ``t0..t1`` of
+A leaf of :mod:`qtorch.layouts.blocked` (``tiles_blocked`` multiplies the result by ``torch.mm``). For tiles ``t0..t1`` of
 ``wb[T, K, W]`` it writes ``out[k, (t - t0) * NT + j] = (code - zero_point) * scale`` as float32 ``[K, (t1-t0)*NT]``,
 which is ``W.T`` for those output channels. ``code - zero_point`` is formed in integers and converted exactly, so
 the values equal the canonical dequantization bit for bit (one rounding: the product).

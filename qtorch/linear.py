@@ -24,7 +24,8 @@ key           content
 ``bias``      the bias in the module's compute dtype, if the layer has one
 ============  ===========================================================================================
 
-At run time on CPU the codes may be held in a kernel layout instead (see :mod:`qtorch.kernels`); ``state_dict``
+At run time the codes may be held in a kernel layout instead (:mod:`qtorch.layouts`; the layer's
+:class:`~qtorch.weight.QuantizedWeight` is ``layer.quantized_weight``); ``state_dict``
 converts back, ``load_state_dict`` validates every key (shape, dtype, value range) before changing anything, and
 loads a layer's state all or nothing: a missing or unexpected key of the layer (``bias`` included) leaves it as it
 was, with ``strict=False`` too (the keys are reported in the result). Loaded tensors are stored C-contiguous, whatever
@@ -39,22 +40,16 @@ from __future__ import annotations
 
 import numbers
 import warnings
-import weakref
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import qcore
-from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
-from qcore.quantize import check_grid
+from qcore import PerChannel, PerGroup, QuantScheme
 
-from . import kernels as K
 from ._torch_numpy import to_numpy
-
-#: layer -> (qweight, scale, zero_point, its one-row plan or None): weak keys, so the plan goes with the layer
-_GEMV_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+from .weight import QuantizedWeight, WeightSpec
 
 __all__ = ["QuantLinear", "W8A16Linear", "W4A16Linear", "W8A16LinearLayer", "QWQALinearLayer", "QuantizedLinear",
            "COMPUTE_DTYPES"]
@@ -101,22 +96,14 @@ def _canonical_view(t: torch.Tensor, device: torch.device, dtype: torch.dtype | 
     return t.detach().to(device=device, dtype=dtype).contiguous()
 
 
-def _granularity_info(scheme: QuantScheme, n: int, k: int):
-    """(kind, axis normalised to 0/1, group size along that axis) for a [n, k] weight."""
-    g = scheme.granularity
-    if isinstance(g, PerTensor):
-        return "tensor", 0, k
-    if isinstance(g, PerChannel):
-        return "channel", g.axis % 2, k if g.axis % 2 == 0 else n
-    return "group", g.axis % 2, g.size
-
-
 class QuantLinear(nn.Module):
     """Linear layer with weights quantized by any qcore scheme (1..8 bits, any granularity).
 
     ``QuantLinear(in_features, out_features, bias=True, *, scheme, dtype=torch.float32, device=None)``.
     ``dtype`` is the compute dtype (activations, bias, output); ``.to(dtype)`` changes it, never the codes.
     Fill it with :meth:`quantize` or build it with :meth:`from_linear`. Until then the weight is zero.
+    The weight is a :class:`~qtorch.weight.QuantizedWeight` (``quantized_weight``) that works on this module's
+    buffers; the module builds, validates and quantizes, and its forward is ``weight.linear(x) + bias``.
 
     >>> import torch, qcore, qtorch
     >>> s = qcore.QuantScheme(bits=2, symmetric=False, granularity=qcore.PerGroup(32))
@@ -140,24 +127,21 @@ class QuantLinear(nn.Module):
                              f"in_features={in_features}]: {e}") from None
         self.scheme = scheme
         self.compute_dtype = _check_dtype(dtype)
-        self._kind, self._axis, self._group = _granularity_info(scheme, self.out_features, self.in_features)
-        self._pshape = tuple(scheme.params_shape((self.out_features, self.in_features)))
-        self._layout = "canonical"
-        self._int4pack_failed = False
         # like nn.Linear: no device means the default one, so `with torch.device("meta"):` builds on meta
         device = torch.device(device) if device is not None else torch.get_default_device()
-        q, s, z = self._zero_state(device)
-        self.register_buffer("qweight", q)
-        self.register_buffer("scale", s)
-        self.register_buffer("zero_point", z)
+        for name in ("qweight", "scale", "zero_point"):
+            self.register_buffer(name, None)
+        # the weight fills this module's buffers (qweight, scale, zero_point) with a zero weight, canonical: every
+        # path serves it; quantize() / load_state_dict() pick the layout
+        self._w = QuantizedWeight(WeightSpec.of(scheme, self.out_features, self.in_features), self._buffers, device)
         self.register_buffer("bias", torch.zeros(self.out_features, dtype=dtype, device=device) if bias else None)
-        # Derived bf16 scales for PyTorch's int8pack/int4pack kernels ([N], or [K/g, N, 2] with zero = (8-zp)*scale):
-        # a plain attribute rebuilt by _relayout, so that buffers (state, memory_footprint) stay the canonical
-        # quantized data; kernel_nbytes() reports its size.
-        self._scale_compute = None
-        # the zero weight stays canonical (every path serves it); quantize() / load_state_dict() pick the layout
 
     # ------------------------------------------------------------------ canonical form
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        """The layer's :class:`~qtorch.weight.QuantizedWeight` (it works on this module's buffers)."""
+        return self._w
+
     @property
     def bits(self) -> int:
         return self.scheme.bits
@@ -169,97 +153,17 @@ class QuantLinear(nn.Module):
 
     @property
     def weight_layout(self) -> str:
-        """``canonical``, ``blocked`` or ``int4pack`` (CPU kernel layouts, see :mod:`qtorch.kernels`)."""
-        return self._layout
+        """The form the codes are held in: ``canonical``, ``blocked`` or ``int4pack`` (:mod:`qtorch.layouts`)."""
+        return self._w.layout.holds
 
-    def _qweight_spec(self):
-        n, k, b = self.out_features, self.in_features, self.scheme.bits
-        if b == 8:
-            return (torch.int8 if self.scheme.symmetric else torch.uint8), (n, k)
-        return torch.uint8, (n, (k * b + 7) // 8)
-
-    def _zero_state(self, device):
-        dt, shape = self._qweight_spec()
-        off = 0 if (self.scheme.symmetric and self.bits == 8) or not self.scheme.symmetric else 1 << (self.bits - 1)
-        if off:  # symmetric sub-8-bit: code 0 is stored as the offset in every field
-            codes = torch.full((self.out_features, self.in_features), off, dtype=torch.int16)
-            q = K.pack_codes(codes, self.bits).to(device)
-        else:
-            q = torch.zeros(shape, dtype=dt, device=device)
-        s = torch.ones(self._pshape, dtype=torch.float32, device=device)
-        z = None if self.scheme.symmetric else torch.zeros(self._pshape, dtype=torch.uint8, device=device)
-        return q, s, z
+    def layout_candidates(self) -> list:
+        """Names of the layouts that can hold this layer's weight on its device, most preferred first; the layer
+        holds the first whose conversion succeeds (``quantized_weight.layout.name``)."""
+        return self._w.candidates(self.compute_dtype)
 
     def _canonical(self):
         """(qweight, scale, zero_point) in the canonical form, whatever the run-time layout."""
-        if self._layout == "canonical":
-            return self.qweight, self.scale, self.zero_point
-        if self._layout == "int4pack":
-            codes = K.int4pack_unpack(self.qweight, self.out_features, self.in_features)
-            return K.pack_codes(codes, 4), self.scale, self.zero_point
-        return K.from_blocked(self.qweight, self.scale, self.zero_point, bits=self.bits,
-                              symmetric=self.scheme.symmetric, kind=self._kind, group=self._group,
-                              out_features=self.out_features, in_features=self.in_features)
-
-    def _blocked_eligible(self, device: torch.device) -> int:
-        """Tile width of the blocked layout for this module on ``device``, 0 if it does not apply."""
-        if device.type != "cpu" or self.bits not in (4, 8):
-            return 0
-        if self._int8pack_layout():
-            return 0  # bfloat16 compute: PyTorch's vectorised int8 kernel takes the canonical [N, K] codes
-        if self._kind == "group" and self._axis != 1 or self._kind == "channel" and self._axis != 0:
-            return 0
-        return K.blocked_tile(self.out_features)
-
-    def _int8pack_layout(self) -> bool:
-        """bf16 compute, 8-bit symmetric per output channel, K % 16 == 0: ``torch._weight_int8pack_mm``."""
-        # also where PyTorch's kernels are not preferred, if the blocked layout has no tile for N (N % 16 != 0):
-        # int8pack still beats dequantizing the whole weight per call
-        preferred = K.TORCH_PACK_KERNELS or not K.blocked_tile(self.out_features)
-        return (preferred and self.compute_dtype == torch.bfloat16 and self.bits == 8 and self.scheme.symmetric
-                and self._kind == "channel" and self._axis == 0 and K.int8pack_ok(torch.bfloat16, self.in_features))
-
-    def _int4pack_eligible(self) -> bool:
-        """bf16 compute, 4-bit, groups of 32/64/128/256 along K, N % 16 == 0: ``torch._weight_int4pack_mm_for_cpu``."""
-        return (K.TORCH_PACK_KERNELS and self.compute_dtype == torch.bfloat16 and self.bits == 4 and self._kind == "group"
-                and self._axis == 1 and self._group in K.INT4PACK_GROUPS and self.out_features % 16 == 0
-                and not self._int4pack_failed)
-
-    def _relayout(self) -> None:
-        """Hold the layout that the fast path of the current device wants (exactly one layout at a time)."""
-        dev = self.qweight.device
-        want = "blocked" if self._blocked_eligible(dev) else "canonical"
-        if dev.type == "cpu" and self._int4pack_eligible():
-            want = "int4pack"
-        if want != self._layout:
-            q, s, z = self._canonical()
-            sc = None
-            if want == "int4pack":
-                r = K.to_int4pack(K.unpack_codes(q, 4, self.in_features), s, z, symmetric=self.scheme.symmetric,
-                                  group=self._group)
-                if r is None:  # the measured layout map did not reproduce the codes: never use the kernel
-                    self._int4pack_failed = True
-                    want = "blocked"
-                else:
-                    q, sc = r
-            if want == "blocked":
-                q, s, z = K.to_blocked(q, s, z, bits=self.bits, symmetric=self.scheme.symmetric, kind=self._kind,
-                                       group=self._group, out_features=self.out_features,
-                                       in_features=self.in_features, tile=K.blocked_tile(self.out_features))
-            self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = q, s, z
-            self._scale_compute = sc
-            self._layout = want
-        if self._layout == "canonical":
-            # the int8pack kernel wants the scales in the activation dtype: a derived [N] tensor, never saved
-            ok = dev.type == "cpu" and self._int8pack_layout()
-            self._scale_compute = self.scale.to(torch.bfloat16) if ok else None
-        elif self._layout == "blocked":
-            self._scale_compute = None
-
-    def _set_canonical(self, q, s, z) -> None:
-        self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = q, s, z
-        self._layout = "canonical"
-        self._relayout()
+        return self._w.canonical()
 
     # ------------------------------------------------------------------ quantization
     def quantize(self, weight) -> "QuantLinear":
@@ -284,21 +188,12 @@ class QuantLinear(nn.Module):
         if shape != want:
             raise ValueError(f"weight has shape {list(shape)}, expected [out_features, in_features] = {list(want)}")
         w = to_numpy(weight) if isinstance(weight, torch.Tensor) else weight
-        qa = qcore.quantize(w, self.scheme)
-        q = qa.codes if self.bits == 8 else qa.packed()
-        device = self.qweight.device
-        zp = None if qa.zero_point is None else torch.from_numpy(np.array(qa.zero_point, np.uint8)).to(device)
-        self._set_canonical(torch.from_numpy(np.array(q)).to(device),
-                            torch.from_numpy(np.array(qa.scale, np.float32)).to(device), zp)
+        self._w.load_quantized_array(qcore.quantize(w, self.scheme), self.compute_dtype)
         return self
 
     def quantized_array(self) -> qcore.QuantizedArray:
         """The weight as a qcore :class:`~qcore.QuantizedArray` (NumPy, on CPU)."""
-        q, s, z = (None if t is None else to_numpy(t) for t in self._canonical())
-        shape = (self.out_features, self.in_features)
-        if self.bits == 8:
-            return qcore.QuantizedArray.from_parts(q, s, z, self.scheme)
-        return qcore.QuantizedArray.from_packed(q, s, z, self.scheme, shape)
+        return self._w.to_quantized_array()
 
     @classmethod
     def _resolve_scheme(cls, scheme):
@@ -323,27 +218,46 @@ class QuantLinear(nn.Module):
             m.bias.copy_(linear.bias.detach().to(dtype))
         return m
 
+    @classmethod
+    def from_quantized_array(cls, qa: qcore.QuantizedArray, bias=None, *, dtype: torch.dtype = torch.float32,
+                             device=None) -> "QuantLinear":
+        """A layer holding ``qa`` (``[out_features, in_features]``, validated by qcore), its codes converted once
+        into the layout this layer runs; ``bias`` a tensor of ``out_features`` values or None.
+
+        >>> import numpy as np, qcore, torch
+        >>> qa = qcore.quantize(np.ones((16, 32), np.float32), qcore.QuantScheme(4, False, qcore.PerGroup(32)))
+        >>> QuantLinear.from_quantized_array(qa)(torch.ones(1, 32))[0, :2]
+        tensor([32., 32.])
+        """
+        if not isinstance(qa, qcore.QuantizedArray):
+            raise TypeError(f"expected a qcore.QuantizedArray, got {type(qa).__name__}")
+        if len(qa.shape) != 2:
+            raise ValueError(f"a Linear weight is 2-D [out_features, in_features], got shape {list(qa.shape)}")
+        n, k = qa.shape
+        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)):
+            got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be a tensor of shape [{n}] (out_features), got {got}")
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        with torch.device("meta"):  # no zero weight to allocate: the array's values replace it
+            m = cls.__new__(cls)
+            QuantLinear.__init__(m, k, n, bias is not None, scheme=qa.scheme, dtype=dtype)
+        m._w.load_quantized_array(qa, m.compute_dtype, device=device)
+        if bias is not None:
+            m._buffers["bias"] = _canonical_copy(bias, device, m.compute_dtype)
+        return m
+
     def kernel_nbytes(self) -> int:
         """Bytes of derived kernel data held besides the buffers: the bf16 scales of the bfloat16
         ``_weight_int8pack_mm`` (2 per output channel) and ``_weight_int4pack_mm_for_cpu`` (4 per group) paths,
         else 0. ``memory_footprint`` counts buffers only; add this for the exact resident size."""
-        t = self._scale_compute
-        return 0 if t is None else t.numel() * t.element_size()
+        return self._w.kernel_nbytes()
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``(codes - zero_point) * scale`` as ``[out_features, in_features]`` (float32 math, then ``dtype``).
 
         ``dtype`` defaults to the compute dtype. Equal to ``qcore.dequantize`` of the same codes.
         """
-        dtype = self.compute_dtype if dtype is None else dtype
-        n, k = self.out_features, self.in_features
-        if self._layout == "blocked":
-            w = K.dequant_blocked(self.qweight, self.scale, self.zero_point, bits=self.bits,
-                                  group=self._group)
-            return w.permute(0, 2, 1).reshape(n, k).to(dtype)
-        return K.dequantize_canonical(*self._canonical(), bits=self.bits,
-                                      symmetric=self.scheme.symmetric, kind=self._kind, axis=self._axis,
-                                      group=self._group, out_features=n, in_features=k, dtype=dtype)
+        return self._w.dequantize(self.compute_dtype if dtype is None else dtype)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -354,85 +268,32 @@ class QuantLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             got = "a 0-d tensor" if x.dim() == 0 else f"{x.shape[-1]} (input shape {list(x.shape)})"
             raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {got}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        y = self._matmul(x2)
+        y = self._w.linear(x)
         bias = self._buffers["bias"]  # not self.bias: nn.Module.__getattr__ costs ~1.5 us per buffer
         if bias is not None:
             y = y + bias.to(y.dtype)
-        return y.reshape(*lead, self.out_features)
-
-    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        dev = x2.device.type
-        path = K.choose_path(dev, x2.dtype, x2.shape[0], self._layout, self.bits)
-        n, k = self.out_features, self.in_features
-        if path in ("numba", "tiles"):
-            # the custom op for torch.compile and autograd; its body directly otherwise (the op's dispatch costs
-            # ~0.05 ms, several percent of a one-row call)
-            direct = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x2.requires_grad)
-            b = self._buffers
-            if path == "numba":
-                if direct and x2.shape[0] == 1:  # decoding: the layer's one-row plan, built once
-                    plan = self._gemv_plan(b)
-                    if plan is not None:
-                        return K.gemv_planned(x2, plan, n)
-                fn = K.gemm_blocked_impl if direct else torch.ops.qtorch.gemm_blocked
-            else:
-                fn = K.tiles_blocked_impl if direct else torch.ops.qtorch.tiles_blocked
-            return fn(x2, b["qweight"], b["scale"], b["zero_point"], self._group, self.bits, n)
-        if path == "int4pack":
-            # PyTorch's vectorised bf16 int4 kernel; the layout exists only when its preconditions hold.
-            # It has no derivative: an input that needs a gradient goes through a wrapper that supplies one.
-            if torch.is_grad_enabled() and x2.requires_grad:
-                return K.Int4PackMM.apply(x2.contiguous(), self.qweight, self._group, self._scale_compute,
-                                          self.scale, self.zero_point, n, k)
-            return torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.qweight, self._group,
-                                                    self._scale_compute)
-        if dev == "cpu" and x2.dtype == torch.bfloat16 and self._layout == "canonical" \
-                and self._scale_compute is not None:
-            # PyTorch's vectorised bf16 kernel; _scale_compute exists only when its preconditions hold
-            # (bf16 module, 8-bit symmetric per channel, K % 16 == 0: kernels.int8pack_ok)
-            if torch.is_grad_enabled() and x2.requires_grad:  # no derivative in PyTorch: the wrapper has one
-                return K.Int8PackMM.apply(x2.contiguous(), self.qweight, self._scale_compute, self.scale)
-            return torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self._scale_compute)
-        # portable path: dequantize, then one matmul (float32 on CPU: AVX2 has no bf16/fp16 FMA)
-        cdt = torch.float32 if dev == "cpu" else x2.dtype
-        w = self.dequantized_weight(cdt)
-        return F.linear(x2.to(cdt), w).to(x2.dtype)
-
-    def _gemv_plan(self, b):
-        """This layer's ``kernels.gemv_plan``, rebuilt when a buffer is replaced or moved. Kept outside the module
-        (``_GEMV_PLANS``, weak keys) so that copying or pickling a module never copies it."""
-        qw, sc, zp = b["qweight"], b["scale"], b["zero_point"]
-        entry = _GEMV_PLANS.get(self)
-        if (entry is None or entry[0] is not qw or entry[1] is not sc or entry[2] is not zp
-                or (entry[3] is not None and entry[3].addresses != (qw.data_ptr(), sc.data_ptr(), zp.data_ptr()))):
-            entry = (qw, sc, zp, K.gemv_plan(qw, sc, zp, self._group, self.bits))
-            _GEMV_PLANS[self] = entry
-        return entry[3]
+        return y
 
     # ------------------------------------------------------------------ device / dtype moves
     def _apply(self, fn, recurse=True):
         # Codes, scales and zero points move with the device only; only the bias (and the compute dtype)
         # follows a dtype change, so .to(torch.bfloat16) / .half() never round the scales.
-        probe = fn(torch.zeros((), dtype=self.compute_dtype, device=self.qweight.device))
+        probe = fn(torch.zeros((), dtype=self.compute_dtype, device=self._w.device))
         if probe.is_floating_point() and probe.dtype != self.compute_dtype:
             _check_dtype(probe.dtype)
         new_device = probe.device
-        old_device = self.qweight.device
+        old_device = self._w.device
         if old_device.type == "meta" and new_device.type != "meta":
             # only to_empty() gets here (.to() cannot copy out of meta: the probe above raised, as nn.Linear does).
             # There is nothing to move: the layer starts over from its zero weight, whose codes and scales are valid
             # for every path, and load_state_dict fills it.
-            self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = self._zero_state(new_device)
-            self._layout = "canonical"
+            self._w.reset(new_device)
             if self._buffers["bias"] is not None:
                 self._buffers["bias"] = torch.zeros(self.out_features, dtype=probe.dtype if probe.is_floating_point()
                                                     else self.compute_dtype, device=new_device)
         else:
-            if new_device.type != old_device.type and self._layout != "canonical":
-                self._buffers["qweight"], self._buffers["scale"], self._buffers["zero_point"] = self._canonical()
-                self._layout = "canonical"
+            if new_device.type != old_device.type:
+                self._w.to_canonical_layout()
             for name, buf in list(self._buffers.items()):
                 if buf is None:
                     continue
@@ -442,21 +303,22 @@ class QuantLinear(nn.Module):
                     self._buffers[name] = buf.to(new_device)
         if probe.is_floating_point():
             self.compute_dtype = probe.dtype
-        self._relayout()
+        self._w.relayout(self.compute_dtype)
         return self
 
     # ------------------------------------------------------------------ state dict
     def _expected_state(self):
-        dt, shape = self._qweight_spec()
-        exp = {"qweight": (dt, shape), "scale": (torch.float32, self._pshape)}
+        spec = self._w.spec
+        dt, shape = spec.qweight_spec
+        exp = {"qweight": (dt, shape), "scale": (torch.float32, spec.pshape)}
         if not self.scheme.symmetric:
-            exp["zero_point"] = (torch.uint8, self._pshape)
+            exp["zero_point"] = (torch.uint8, spec.pshape)
         if self.bias is not None:
             exp["bias"] = (None, (self.out_features,))
         return exp
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        q, s, z = self._canonical()
+        q, s, z = self._w.canonical()
         items = {"qweight": q, "scale": s, "zero_point": z, "bias": self.bias}
         for name, t in items.items():
             if t is not None:
@@ -486,38 +348,16 @@ class QuantLinear(nn.Module):
         # assign=True (the way to fill a model built on meta): the layer takes the state's tensors and their device,
         # as nn.Linear does; otherwise it copies them onto its own device (a layer on meta stays there)
         assign = bool(local_metadata.get("assign_to_params_buffers", False))
-        dev = got["qweight"].device if assign and "qweight" in got else self.qweight.device
+        dev = got["qweight"].device if assign and "qweight" in got else self._w.device
         if dev.type != "meta":
             for name, t in got.items():
                 if t.device.type == "meta":
                     errors.append(f"{prefix}{name}: is on the meta device, it has no data to load into this layer on "
                                   f"{dev} (assign=True takes meta tensors, and the layer moves to meta)")
-        real = {name: t for name, t in got.items() if t.device.type != "meta"}  # the values that can be checked
-        zp_ok = True
-        if "zero_point" in real and real["zero_point"].numel():
-            zmax = int(got["zero_point"].max())
-            if zmax > self.scheme.qmax:
-                errors.append(f"{prefix}zero_point: {zmax} is outside 0..{self.scheme.qmax}")
-                zp_ok = False
-        if "scale" in real and (self.scheme.symmetric or "zero_point" in real):
-            # every code must dequantize to a finite float32 (a finite scale of 3e38 does not): qcore's own check,
-            # on NumPy copies (scales are one per channel or group, small beside the codes)
-            zp = real.get("zero_point")
-            try:
-                # a zero point out of range is reported above; the grid is then checked from code qmax
-                check_grid(to_numpy(real["scale"]), to_numpy(zp) if zp is not None and zp_ok else None, self.scheme)
-            except ValueError as e:
-                errors.append(f"{prefix}scale: {e}")
-        if "qweight" in real and real["qweight"].numel():
-            # the decoded codes of every width (sub-8-bit symmetric ones carry the offset 2^(bits-1))
-            q = real["qweight"]
-            codes = q if self.bits == 8 else K.unpack_codes(q, self.bits, self.in_features)
-            off = (1 << (self.bits - 1)) if self.scheme.symmetric and self.bits < 8 else 0
-            lo, hi = int(codes.min()) - off, int(codes.max()) - off
-            for c in (lo, hi) if lo != hi else (lo,):
-                if not self.scheme.qmin <= c <= self.scheme.qmax:
-                    errors.append(f"{prefix}qweight: code {c} is outside {self.scheme.qmin}..{self.scheme.qmax} "
-                                  f"(scheme {self.scheme})")
+        # the values that can be checked, by the weight's one validation
+        real = {name: t for name, t in got.items() if t.device.type != "meta" and name != "bias"}
+        value_errors, codes = self._w.check_state(real, prefix)
+        errors.extend(value_errors)
         own_unexpected = []
         for key in state_dict:
             if key.startswith(prefix):
@@ -532,21 +372,23 @@ class QuantLinear(nn.Module):
         if errors or own_unexpected or any(prefix + n not in state_dict for n in exp):
             return
         if dev.type == "meta" and not assign:
-            for name in real:  # nn.Linear's warning: loading real tensors into meta ones copies nothing
-                warnings.warn(f"for {prefix}{name}: copying from a non-meta parameter in the checkpoint to a meta "
-                              "parameter in the current model, which is a no-op. (Did you mean to pass `assign=True` "
-                              "to assign items in the state dictionary to their corresponding key in the module "
-                              "instead of copying them in place?)", UserWarning, stacklevel=2)
+            for name in got:  # nn.Linear's warning: loading real tensors into meta ones copies nothing
+                if got[name].device.type != "meta":
+                    warnings.warn(f"for {prefix}{name}: copying from a non-meta parameter in the checkpoint to a meta "
+                                  "parameter in the current model, which is a no-op. (Did you mean to pass "
+                                  "`assign=True` to assign items in the state dictionary to their corresponding key "
+                                  "in the module instead of copying them in place?)", UserWarning, stacklevel=2)
         take = _canonical_view if assign else _canonical_copy
         z = take(got["zero_point"], dev) if "zero_point" in got else None
-        self._set_canonical(take(got["qweight"], dev), take(got["scale"], dev), z)
+        self._w.set_canonical(take(got["qweight"], dev), take(got["scale"], dev), z, self.compute_dtype,
+                              codes=codes if dev.type != "meta" else None)
         if "bias" in got:
             self._buffers["bias"] = take(got["bias"], dev, self.compute_dtype)
 
     # ------------------------------------------------------------------ repr
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"scheme={self.scheme}, dtype={self.compute_dtype}, layout={self._layout}")
+                f"scheme={self.scheme}, dtype={self.compute_dtype}, layout={self.weight_layout}")
 
 
 class W8A16Linear(QuantLinear):

@@ -84,13 +84,11 @@ def save_quantized(model: nn.Module, path, *, overwrite: bool = True) -> None:
         raise ValueError("the model itself is a QuantLinear; wrap it in a module (e.g. nn.Sequential) to save it")
     tensors, dtypes = {}, {}
     for name, m in quantized.items():
+        # straight from the run-time layout to qcore's codes; the writer packs them once
         tensors[f"{name}.weight"] = m.quantized_array()
         dtypes[name] = str(m.compute_dtype).removeprefix("torch.")
     layout = {name: OUT_IN for name in sorted(quantized)}  # every QuantLinear, Conv1D-born ones included
-    for key, value in model.state_dict().items():
-        owner, _, leaf = key.rpartition(".")
-        if owner in quantized and leaf in _QUANT_LEAVES:
-            continue
+    for key, value in _plain_state(model, quantized).items():
         if value.device.type == "meta":
             raise ValueError(f"{key} is on the meta device (never loaded); there is nothing to save")
         tensors[key] = to_numpy(value)
@@ -98,6 +96,28 @@ def save_quantized(model: nn.Module, path, *, overwrite: bool = True) -> None:
     path = os.fspath(path)
     _refuse_special_file(path, "write over")
     ckpt_io.save(path, tensors, metadata=metadata, overwrite=overwrite)
+
+
+def _plain_state(model: nn.Module, quantized: dict) -> dict:
+    """``model.state_dict()`` without the quantized leaves of the layers in ``quantized``, which it never converts
+    back to the canonical form (the caller has their quantized arrays)."""
+    saved = {}
+    for m in quantized.values():
+        saved[m] = m.__dict__.get("_save_to_state_dict")
+        m._save_to_state_dict = _bias_only.__get__(m)
+    try:
+        return model.state_dict()
+    finally:
+        for m, own in saved.items():
+            if own is None:
+                del m._save_to_state_dict
+            else:
+                m._save_to_state_dict = own
+
+
+def _bias_only(self, destination, prefix, keep_vars):
+    if self.bias is not None:
+        destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
 
 _SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -233,17 +253,13 @@ def load_quantized(model: nn.Module, path, *, device=None, strict: bool = True) 
     for mname, (m, qa) in replacements.items():
         dtype = _layer_dtype(m, meta_dtypes.get(mname))
         dev = _place(m.qweight if isinstance(m, QuantLinear) else m.weight, target_device)
-        n_out, n_in = qa.shape
-        q = QuantLinear(n_in, n_out, bias=m.bias is not None, scheme=qa.scheme, dtype=dtype, device=dev)
-        state = {"qweight": from_numpy(ckpt_io.encode_qweight(qa)), "scale": from_numpy(qa.scale)}
-        if qa.zero_point is not None:
-            state["zero_point"] = from_numpy(qa.zero_point)
+        bias = None
         if m.bias is not None:
             b = plain.get(f"{mname}.bias")
             # strict=False and not in the file: the layer keeps its own bias (checked above: not on meta)
-            state["bias"] = from_numpy(b).to(dtype) if b is not None else m.bias.detach().to(dtype)
-        q.load_state_dict(state)
-        new_layers[mname] = q
+            bias = from_numpy(b) if b is not None else m.bias.detach()
+        # qcore validated the array when it read the file: its codes go into the layer's layout in one conversion
+        new_layers[mname] = QuantLinear.from_quantized_array(qa, bias, dtype=dtype, device=dev)
     staged, seen = {}, set()
     for key, value in plain.items():
         if key.rpartition(".")[0] in replacements:

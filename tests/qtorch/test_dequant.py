@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from qtorch import _omp, dequant
-from qtorch import kernels as K
+from qtorch.layouts import blocked, codec
 
-from .test_kernels import CASES, _random_canonical
+from .test_layouts import CASES, _random_canonical
 
 
 @pytest.mark.parametrize("bits,sym,kind,g", CASES)
@@ -20,9 +20,9 @@ def test_tiles_equal_the_canonical_dequantization(bits, sym, kind, g, tile, team
     n, k = 3 * tile, 260
     q, s, z = _random_canonical(bits, sym, kind, n, k, g, seed=tile + bits)
     kw = dict(bits=bits, symmetric=sym, kind=kind, group=g, out_features=n, in_features=k)
-    w = K.dequantize_canonical(q, s, z, axis=0 if kind != "group" else 1, **kw)  # [n, k] float32
-    wb, sb, zb = K.to_blocked(q, s, z, tile=tile, **kw)
-    sp, zp = K.blocked_params(sb, zb, n)
+    w = codec.dequantize_canonical(q, s, z, axis=0 if kind != "group" else 1, **kw)  # [n, k] float32
+    wb, sb, zb = blocked.to_blocked(q, s, z, tile=tile, **kw)
+    sp, zp = blocked.blocked_params(sb, zb, n)
     out = np.full((k, (t1 - t0) * tile), np.nan, np.float32)
     dequant.dequant_tiles(wb.numpy(), bits, sp.numpy(), zp.numpy(), t0, t1, out)
     assert torch.equal(torch.from_numpy(out), w[t0 * tile:t1 * tile].T.contiguous())  # bit for bit, every value

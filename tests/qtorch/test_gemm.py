@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qtorch import _omp, gemm
-from qtorch import kernels as K
+from qtorch.layouts import blocked, codec
 
-from .test_kernels import CASES, _random_canonical
+from .test_layouts import CASES, _random_canonical
 
 
 @pytest.mark.parametrize("bits,sym,kind,g", CASES)
@@ -24,9 +24,9 @@ def test_matches_float64_reference(bits, sym, kind, g, k, tile, rows, team, monk
     n = 2 * tile
     q, s, z = _random_canonical(bits, sym, kind, n, k, g, seed=k + tile + rows)
     kw = dict(bits=bits, symmetric=sym, kind=kind, group=g, out_features=n, in_features=k)
-    w = K.dequantize_canonical(q, s, z, axis=0 if kind != "group" else 1, **kw).double()
-    wb, sb, zb = K.to_blocked(q, s, z, tile=tile, **kw)
-    sp, zp = K.blocked_params(sb, zb, n)
+    w = codec.dequantize_canonical(q, s, z, axis=0 if kind != "group" else 1, **kw).double()
+    wb, sb, zb = blocked.to_blocked(q, s, z, tile=tile, **kw)
+    sp, zp = blocked.blocked_params(sb, zb, n)
     x = torch.randn(rows, k)
     out = np.full((rows, n), np.nan, np.float32)
     gemm.gemm_blocked(x.numpy(), wb.numpy(), sp.numpy(), zp.numpy(), g if kind == "group" else k, bits, out)
@@ -40,8 +40,8 @@ def test_team_and_threads_give_the_same_bits(bits, monkeypatch):
     sym = bits == 8
     q, s, z = _random_canonical(bits, sym, "group", 256, 512, 64, seed=bits)
     kw = dict(bits=bits, symmetric=sym, kind="group", group=64, out_features=256, in_features=512)
-    wb, sb, zb = K.to_blocked(q, s, z, tile=128, **kw)
-    sp, zp = K.blocked_params(sb, zb, 256)
+    wb, sb, zb = blocked.to_blocked(q, s, z, tile=128, **kw)
+    sp, zp = blocked.blocked_params(sb, zb, 256)
     x = np.random.default_rng(0).standard_normal((37, 512)).astype(np.float32)
     a = gemm.gemm_blocked(x, wb.numpy(), sp.numpy(), zp.numpy(), 64, bits, np.empty((37, 256), np.float32))
     monkeypatch.setattr(_omp, "_GOMP_PARALLEL", False)
@@ -57,9 +57,9 @@ def test_work_units_cover_every_row():
 
 def test_non_contiguous_arrays_are_refused_by_name():
     q, s, z = _random_canonical(8, True, "channel", 32, 16, 1)
-    wb, sb, zb = K.to_blocked(q, s, z, bits=8, symmetric=True, kind="channel", group=1, out_features=32,
+    wb, sb, zb = blocked.to_blocked(q, s, z, bits=8, symmetric=True, kind="channel", group=1, out_features=32,
                               in_features=16, tile=16)
-    sp, zp = K.blocked_params(sb, zb, 32)
+    sp, zp = blocked.blocked_params(sb, zb, 32)
     x = np.ones((4, 32), np.float32)[:, ::2]  # a strided view
     with pytest.raises(ValueError, match="x must be C-contiguous"):
         gemm.gemm_blocked(x, wb.numpy(), sp.numpy(), zp.numpy(), 16, 8, np.empty((4, 32), np.float32))
@@ -93,9 +93,9 @@ def test_module_forward_matches_f_linear_on_random_shapes(k, tiles, rows, scheme
 
 def _small(bits=8):
     q, s, z = _random_canonical(bits, bits == 8, "channel", 32, 16, 1)
-    wb, sb, zb = K.to_blocked(q, s, z, bits=bits, symmetric=bits == 8, kind="channel", group=1, out_features=32,
+    wb, sb, zb = blocked.to_blocked(q, s, z, bits=bits, symmetric=bits == 8, kind="channel", group=1, out_features=32,
                               in_features=16, tile=16)
-    sp, zp = K.blocked_params(sb, zb, 32)
+    sp, zp = blocked.blocked_params(sb, zb, 32)
     return wb.numpy(), sp.numpy(), zp.numpy()
 
 

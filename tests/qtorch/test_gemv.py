@@ -12,16 +12,16 @@ import qtorch
 from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
 from qtorch import _omp, gemv
 from qtorch.linear import QuantLinear
-from qtorch import kernels as K
+from qtorch.layouts import blocked, codec
 
-from .test_kernels import CASES, _random_canonical
+from .test_layouts import CASES, _random_canonical
 
 
 def _blocked(bits, sym, kind, g, n, k, tile, seed):
     q, s, z = _random_canonical(bits, sym, kind, n, k, g, seed=seed)
     kw = dict(bits=bits, symmetric=sym, kind=kind, group=g, out_features=n, in_features=k)
-    w = K.dequantize_canonical(q, s, z, axis=0 if kind != "group" else 1, **kw).double()
-    wb, sb, zb = K.to_blocked(q, s, z, tile=tile, **kw)
+    w = codec.dequantize_canonical(q, s, z, axis=0 if kind != "group" else 1, **kw).double()
+    wb, sb, zb = blocked.to_blocked(q, s, z, tile=tile, **kw)
     return w, wb, sb, zb
 
 
@@ -44,7 +44,7 @@ def test_one_row_matches_float64_reference(bits, sym, kind, g, k, tile, team, fo
     assert gemv.eligible(bits, wb.shape[2])
     x = torch.randn(1, k)
     ref = (x.double() @ w.T)[0]
-    sp, zp = K.blocked_params(sb, zb, n)
+    sp, zp = blocked.blocked_params(sb, zb, n)
     gsize = g if kind == "group" else k
     out = gemv.gemv_blocked(x[0].numpy(), wb.numpy(), sp.numpy(), zp.numpy(), gsize, bits,
                             np.full(n, np.nan, np.float32), fold=fold)
@@ -60,7 +60,7 @@ def test_one_row_matches_float64_reference(bits, sym, kind, g, k, tile, team, fo
 def test_team_and_threads_give_the_same_bits(bits, fold, monkeypatch):
     w, wb, sb, zb = _blocked(bits, bits == 8, "group" if bits == 4 else "channel", 32 if bits == 4 else 1,
                              512, 256, 128, seed=bits)
-    sp, zp = K.blocked_params(sb, zb, 512)
+    sp, zp = blocked.blocked_params(sb, zb, 512)
     x = np.random.default_rng(1).standard_normal(256).astype(np.float32)
     g = 32 if bits == 4 else 256
     a = gemv.gemv_blocked(x, wb.numpy(), sp.numpy(), zp.numpy(), g, bits, np.empty(512, np.float32), fold=fold)
@@ -110,9 +110,9 @@ def test_zero_points_cost_no_precision():
     s = torch.full((n,), 0.01)
     z = torch.full((n,), 128, dtype=torch.uint8)
     kw = dict(bits=8, symmetric=False, kind="channel", group=1, out_features=n, in_features=k)
-    w = K.dequantize_canonical(q, s, z, axis=0, **kw).double()
-    wb, sb, zb = K.to_blocked(q, s, z, tile=tile, **kw)
-    sp, zp = K.blocked_params(sb, zb, n)
+    w = codec.dequantize_canonical(q, s, z, axis=0, **kw).double()
+    wb, sb, zb = blocked.to_blocked(q, s, z, tile=tile, **kw)
+    sp, zp = blocked.blocked_params(sb, zb, n)
     x = torch.rand(k)
     out = gemv.gemv_blocked(x.numpy(), wb.numpy(), sp.numpy(), zp.numpy(), k, 8, np.empty(n, np.float32))
     ref = x.double() @ w.T
@@ -143,7 +143,7 @@ def test_a_forked_child_runs_the_kernels_on_its_own_thread():
 
 
 def _plain(monkeypatch):
-    monkeypatch.setattr(QuantLinear, "_gemv_plan", lambda self, b: None)
+    monkeypatch.setattr(blocked.BLOCKED, "plan", lambda weight: None)
 
 
 @pytest.mark.parametrize("scheme", [QuantScheme(8, True, PerChannel(0)), QuantScheme(8, False, PerGroup(64)),
@@ -161,7 +161,7 @@ def test_a_layers_one_row_plan_gives_the_plain_paths_bits(scheme, dtype, monkeyp
             _plain(m)
             plain = q(x)
     assert torch.equal(planned, plain)
-    has_plan = q._gemv_plan(q._buffers) is not None
+    has_plan = blocked.BLOCKED.plan(q.quantized_weight) is not None
     assert has_plan == (q.weight_layout == "blocked" and not isinstance(scheme.granularity, PerTensor))
 
 

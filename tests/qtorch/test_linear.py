@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import qcore
 import qtorch
 from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
-from qtorch import kernels as K
+from qtorch import layouts
 from qtorch._torch_numpy import from_numpy, to_numpy
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -33,13 +33,15 @@ def _check_close(y, x, q):
 def paths(monkeypatch):
     """Records the path chosen for every forward call."""
     seen = []
-    orig = K.choose_path
 
-    def spy(*a):
-        seen.append(orig(*a))
-        return seen[-1]
+    def spy(orig):
+        def path(*a):
+            seen.append(orig(*a))
+            return seen[-1]
+        return path
 
-    monkeypatch.setattr(K, "choose_path", spy)
+    for lay in layouts.registered():
+        monkeypatch.setattr(lay, "path", spy(lay.path))
     return seen
 
 
@@ -344,7 +346,7 @@ GRAD_CASES = [
 @pytest.mark.parametrize("layer,scheme,n,k,dtype,rows,path", GRAD_CASES, ids=str)
 def test_input_gradient_on_every_path(layer, scheme, n, k, dtype, rows, path, paths, monkeypatch):
     # bf16 layers take PyTorch's kernels or the blocked ones depending on the CPU: each case names its own
-    monkeypatch.setattr(K, "TORCH_PACK_KERNELS", path in ("int8pack", "int4pack"))
+    monkeypatch.setattr(layouts, "TORCH_PACK_KERNELS", path in ("int8pack", "int4pack"))
     calls = []
     for op in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu"):
         real = getattr(torch, op)

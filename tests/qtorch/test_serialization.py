@@ -392,3 +392,64 @@ def test_loaded_layers_hold_the_layout_they_build_themselves(tmp_path, build, to
                     assert m._buffers[key].stride() == t.stride() and m._buffers[key].is_contiguous(), (name, key)
     ids = torch.randint(0, 50, (3, 7))
     assert torch.equal(fresh(ids), net(ids))
+
+
+def _conversions(fn):
+    """Calls of the codec functions (qcore's pack / unpack, qtorch's torch ones) made by ``fn()``, by name."""
+    names = {"pack", "unpack", "pack_codes", "unpack_codes", "int4pack_unpack", "from_blocked", "to_blocked"}
+    seen = {}
+
+    def profile(frame, event, arg):
+        code = frame.f_code
+        if event == "call" and code.co_name in names and ("qcore" in code.co_filename or "qtorch" in code.co_filename):
+            seen[code.co_name] = seen.get(code.co_name, 0) + 1
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+def _w4_model(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(256, 256, dtype=dtype) for _ in range(3)])
+    qtorch.quantize_model(model, "w4a16", exclude=())
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_saving_converts_each_4bit_weight_once(tmp_path, dtype, monkeypatch):
+    # the blocked layout (float32) and PyTorch's int4pack one (bfloat16, where its kernel is preferred) are read
+    # once into codes, which the file writer packs once; no canonical copy is packed or unpacked on the way
+    import qtorch.layouts
+    monkeypatch.setattr(qtorch.layouts, "TORCH_PACK_KERNELS", True, raising=False)
+    model = _w4_model(dtype)
+    layout = "int4pack" if dtype == torch.bfloat16 else "blocked"
+    assert all(m.weight_layout == layout for m in model)
+    path = tmp_path / "m.safetensors"
+    seen = _conversions(lambda: qtorch.save_quantized(model, path))
+    want = {"pack": 3} if layout == "blocked" else {"pack": 3, "int4pack_unpack": 3}
+    assert seen == want
+    fresh = qtorch.load_quantized(nn.Sequential(*[nn.Linear(256, 256, dtype=dtype) for _ in range(3)]), path)
+    x = torch.randn(2, 256, dtype=dtype)
+    assert torch.equal(fresh(x), model(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_loading_converts_each_4bit_weight_once(tmp_path, dtype, monkeypatch):
+    # qcore unpacks the file's codes once (and validates them); the layer's layout is built from those codes
+    # (int4pack verifies its packing by reading it back once)
+    import qtorch.layouts
+    monkeypatch.setattr(qtorch.layouts, "TORCH_PACK_KERNELS", True, raising=False)
+    model = _w4_model(dtype)
+    path = tmp_path / "m.safetensors"
+    qtorch.save_quantized(model, path)
+    fresh = nn.Sequential(*[nn.Linear(256, 256, dtype=dtype) for _ in range(3)])
+    seen = _conversions(lambda: qtorch.load_quantized(fresh, path))
+    want = {"unpack": 3} if dtype == torch.float32 else {"unpack": 3, "int4pack_unpack": 3}
+    assert seen == want
+    x = torch.randn(2, 256, dtype=dtype)
+    assert all(a.weight_layout == b.weight_layout for a, b in zip(fresh, model))
+    assert torch.equal(fresh(x), model(x))

@@ -1,4 +1,4 @@
-"""qtorch.kernels: layout conversions against qcore packing, the numba kernels and the dispatch table."""
+"""qtorch.layouts: layout conversions against qcore packing, the numba kernels and the dispatch table."""
 
 import numpy as np
 import pytest
@@ -7,16 +7,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import qcore
-from qtorch import kernels as K
+from qtorch.layouts import blocked, codec, int8pack
+from qtorch.layouts.canonical import CANONICAL
 
 
 @given(bits=st.integers(1, 8), rows=st.integers(0, 3), length=st.integers(0, 70), seed=st.integers(0, 2**31))
 def test_unpack_and_pack_codes_match_qcore(bits, rows, length, seed):
     codes = np.random.default_rng(seed).integers(0, 2**bits, (rows, length), dtype=np.uint8)
     packed = qcore.pack(codes, bits)
-    got = K.unpack_codes(torch.from_numpy(packed), bits, length)
+    got = codec.unpack_codes(torch.from_numpy(packed), bits, length)
     assert np.array_equal(got.numpy(), codes)
-    assert np.array_equal(K.pack_codes(torch.from_numpy(codes), bits).numpy(), packed)
+    assert np.array_equal(codec.pack_codes(torch.from_numpy(codes), bits).numpy(), packed)
 
 
 def _random_canonical(bits, sym, kind, n, k, g, seed=0):
@@ -43,14 +44,14 @@ def test_blocked_layout_round_trip_is_exact(bits, sym, kind, g, tile):
     n, k = 2 * tile, 12
     q, s, z = _random_canonical(bits, sym, kind, n, k, g)
     kw = dict(bits=bits, symmetric=sym, kind=kind, group=g, out_features=n, in_features=k)
-    wb, sb, zb = K.to_blocked(q, s, z, tile=tile, **kw)
-    q2, s2, z2 = K.from_blocked(wb, sb, zb, **kw)
+    wb, sb, zb = blocked.to_blocked(q, s, z, tile=tile, **kw)
+    q2, s2, z2 = blocked.from_blocked(wb, sb, zb, **kw)
     assert q2.dtype == q.dtype and torch.equal(q2, q)
     assert s2.shape == s.shape and torch.equal(s2, s)
     assert (z is None and z2 is None) or torch.equal(z2, z)
     # the dequantized tiles are W.T tile by tile, equal to the canonical dequantization bit for bit
-    w = K.dequantize_canonical(q, s, z, axis=0 if kind != "group" else 1, **kw)
-    wt = K.dequant_blocked(wb, sb, zb, bits=bits, group=(g if kind == "group" else k))
+    w = codec.dequantize_canonical(q, s, z, axis=0 if kind != "group" else 1, **kw)
+    wt = blocked.dequant_blocked(wb, sb, zb, bits=bits, group=(g if kind == "group" else k))
     assert torch.equal(wt.permute(0, 2, 1).reshape(n, k), w)
 
 
@@ -63,39 +64,39 @@ def test_numba_kernel_and_tiles_match_float64_reference(bits, sym, kind, g, k, r
     n, tile = 48, 16
     q, s, z = _random_canonical(bits, sym, kind, n, k, g, seed=k + rows)
     kw = dict(bits=bits, symmetric=sym, kind=kind, group=g, out_features=n, in_features=k)
-    w = K.dequantize_canonical(q, s, z, axis=0 if kind != "group" else 1, **kw).double()
-    wb, sb, zb = K.to_blocked(q, s, z, tile=tile, **kw)
+    w = codec.dequantize_canonical(q, s, z, axis=0 if kind != "group" else 1, **kw).double()
+    wb, sb, zb = blocked.to_blocked(q, s, z, tile=tile, **kw)
     x = torch.randn(rows, k)
     ref = x.double() @ w.T
     bound = x.double().abs() @ w.abs().T
-    y = K.gemm_blocked(x, wb, sb, zb, (g if kind == "group" else k), bits, n)
+    y = blocked.gemm_blocked(x, wb, sb, zb, (g if kind == "group" else k), bits, n)
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     assert torch.all((y.double() - ref).abs() <= 1e-5 * bound + 1e-30)
-    yt = K.tiles_blocked(x, wb, sb, zb, (g if kind == "group" else k), bits, n)
+    yt = blocked.tiles_blocked(x, wb, sb, zb, (g if kind == "group" else k), bits, n)
     assert torch.all((yt.double() - ref).abs() <= 1e-5 * bound + 1e-30)
 
 
 def test_numba_kernel_returns_the_input_dtype():
     q, s, z = _random_canonical(8, True, "channel", 32, 16, 1)
-    wb, sb, zb = K.to_blocked(q, s, z, bits=8, symmetric=True, kind="channel", group=1, out_features=32,
+    wb, sb, zb = blocked.to_blocked(q, s, z, bits=8, symmetric=True, kind="channel", group=1, out_features=32,
                               in_features=16, tile=16)
     for dt in (torch.bfloat16, torch.float16):
-        assert K.gemm_blocked(torch.randn(2, 16, dtype=dt), wb, sb, zb, 16, 8, 32).dtype == dt
+        assert blocked.gemm_blocked(torch.randn(2, 16, dtype=dt), wb, sb, zb, 16, 8, 32).dtype == dt
 
 
 def test_int8pack_guard_encodes_the_segfault_preconditions():
-    assert K.int8pack_ok(torch.bfloat16, 4096)
+    assert int8pack.int8pack_ok(torch.bfloat16, 4096)
     for k in (1, 7, 8, 100, 504, 520):
-        assert not K.int8pack_ok(torch.bfloat16, k)
-    assert K.int8pack_ok(torch.float32, 7) and K.int8pack_ok(torch.float16, 7)
-    assert not K.int8pack_ok(torch.float64, 16)
+        assert not int8pack.int8pack_ok(torch.bfloat16, k)
+    assert int8pack.int8pack_ok(torch.float32, 7) and int8pack.int8pack_ok(torch.float16, 7)
+    assert not int8pack.int8pack_ok(torch.float64, 16)
 
 
 def test_dispatch_table():
-    assert K.choose_path("cpu", torch.float32, 1, "blocked", 8) == "numba"
-    big = max(K.CPU_MAX_ROWS_NUMBA.values()) + 1
-    assert K.choose_path("cpu", torch.bfloat16, big, "blocked", 4) == "tiles"
-    assert K.choose_path("cpu", torch.float32, 0, "blocked", 8) == "tiles"  # empty input: no kernel launch
-    assert K.choose_path("cuda", torch.float16, 1, "blocked", 8) == "tiles"
-    assert K.choose_path("cpu", torch.float32, 1, "canonical", 8) == "dense"
-    assert K.blocked_tile(4096) == 128 and K.blocked_tile(48) == 16 and K.blocked_tile(100) == 0
+    assert blocked.BLOCKED.path("cpu", torch.float32, 1, 8) == "numba"
+    big = max(blocked.CPU_MAX_ROWS_NUMBA.values()) + 1
+    assert blocked.BLOCKED.path("cpu", torch.bfloat16, big, 4) == "tiles"
+    assert blocked.BLOCKED.path("cpu", torch.float32, 0, 8) == "tiles"  # empty input: no kernel launch
+    assert blocked.BLOCKED.path("cuda", torch.float16, 1, 8) == "tiles"
+    assert CANONICAL.path("cpu", torch.float32, 1, 8) == "dense"
+    assert blocked.blocked_tile(4096) == 128 and blocked.blocked_tile(48) == 16 and blocked.blocked_tile(100) == 0

@@ -1,0 +1,134 @@
+"""What every run-time weight layout provides, and the description of the weight it is asked about.
+
+A layout is a singleton (one instance per module of :mod:`qtorch.layouts`), so that a layer's choice survives
+``copy.deepcopy`` and pickling as the same object (it is stored by name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qcore import PerChannel, PerTensor, QuantScheme
+
+from .codec import dequantize_codes, pack_codes, unpack_codes
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """The fixed description of a quantized ``[out_features, in_features]`` weight: what the layouts decide on.
+
+    ``kind`` is ``tensor``, ``channel`` or ``group``; ``axis`` the granularity axis normalised to 0/1; ``group`` the
+    group size along that axis (``in_features`` per tensor or per output channel).
+
+    >>> import qcore
+    >>> s = WeightSpec.of(qcore.QuantScheme(4, False, qcore.PerGroup(32)), 16, 64)
+    >>> s.kind, s.axis, s.group, s.pshape
+    ('group', 1, 32, (16, 2))
+    """
+
+    scheme: QuantScheme
+    out_features: int
+    in_features: int
+    bits: int
+    symmetric: bool
+    kind: str
+    axis: int
+    group: int
+    pshape: tuple
+
+    @classmethod
+    def of(cls, scheme: QuantScheme, out_features: int, in_features: int) -> "WeightSpec":
+        n, k = out_features, in_features
+        g = scheme.granularity
+        if isinstance(g, PerTensor):
+            kind, axis, group = "tensor", 0, k
+        elif isinstance(g, PerChannel):
+            kind, axis, group = "channel", g.axis % 2, (k if g.axis % 2 == 0 else n)
+        else:
+            kind, axis, group = "group", g.axis % 2, g.size
+        return cls(scheme, n, k, scheme.bits, scheme.symmetric, kind, axis, group,
+                   tuple(scheme.params_shape((n, k))))
+
+    @property
+    def qweight_spec(self):
+        """(dtype, shape) of the canonical ``qweight``: the codes at 8 bits, rows packed along ``in`` below."""
+        if self.bits == 8:
+            return (torch.int8 if self.symmetric else torch.uint8), (self.out_features, self.in_features)
+        return torch.uint8, (self.out_features, (self.in_features * self.bits + 7) // 8)
+
+    @property
+    def code_offset(self) -> int:
+        """What a stored code adds to the signed code: ``2^(bits-1)`` for symmetric sub-8-bit schemes, else 0."""
+        return (1 << (self.bits - 1)) if self.symmetric and self.bits < 8 else 0
+
+
+class Layout:
+    """One run-time form of a quantized weight: when it applies, how it converts, how it runs.
+
+    Subclasses set ``name`` (the registry key), ``holds`` (the storage form a layer reports as its
+    ``weight_layout``) and ``torch_kernels`` (True when the forward is one of PyTorch's own kernels: the default
+    policy ranks those first where ``layouts.TORCH_PACK_KERNELS`` is on), and implement :meth:`eligible`,
+    :meth:`from_codes` or :meth:`from_canonical`, :meth:`to_codes` (unless it holds the canonical form),
+    :meth:`path` and :meth:`linear`.
+
+    Forms exchanged: *canonical* ``(qweight, scale, zero_point)`` is the state_dict form (docs/packing.md);
+    *codes* ``(codes [N, K], scale, zero_point)`` is the same with the stored codes unpacked (the canonical
+    ``qweight`` itself at 8 bits; symmetric sub-8-bit codes carry the offset ``2^(bits-1)``). A conversion returns
+    ``(qweight, scale, zero_point, aux)`` (``aux``: derived kernel data that is not a buffer, or None), or None when
+    it cannot serve this weight after all (the next candidate is taken).
+    """
+
+    name = ""
+    holds = ""
+    torch_kernels = False
+
+    # -- eligibility and dispatch
+    def eligible(self, spec: WeightSpec, device: torch.device, compute_dtype: torch.dtype) -> bool:
+        raise NotImplementedError
+
+    def path(self, device_type: str, dtype: torch.dtype, rows: int, bits: int) -> str:
+        """The name of the kernel a call of ``rows`` rows takes (constant under ``torch.compile``)."""
+        raise NotImplementedError
+
+    def linear(self, weight, x2: torch.Tensor, path: str) -> torch.Tensor:
+        """``x2 [M, K] @ W.T`` for the ``QuantizedWeight`` ``weight`` held in this layout, by the kernel ``path``
+        (what :meth:`path` returned for this call)."""
+        raise NotImplementedError
+
+    # -- conversions (each layout overrides at least one of from_codes / from_canonical)
+    def from_codes(self, spec: WeightSpec, codes, scale, zero_point):
+        return self.from_canonical(spec, pack_codes(codes, spec.bits) if spec.bits < 8 else codes, scale,
+                                   zero_point)
+
+    def from_canonical(self, spec: WeightSpec, qweight, scale, zero_point):
+        codes = qweight if spec.bits == 8 else unpack_codes(qweight, spec.bits, spec.in_features)
+        return self.from_codes(spec, codes, scale, zero_point)
+
+    def to_codes(self, spec: WeightSpec, qweight, scale, zero_point):
+        """``(codes, scale, zero_point)`` of the canonical form from this layout's buffers."""
+        raise NotImplementedError
+
+    def to_canonical(self, spec: WeightSpec, qweight, scale, zero_point):
+        codes, s, z = self.to_codes(spec, qweight, scale, zero_point)
+        return (codes if spec.bits == 8 else pack_codes(codes, spec.bits)), s, z
+
+    def dequantize(self, spec: WeightSpec, qweight, scale, zero_point, dtype: torch.dtype) -> torch.Tensor:
+        """``(codes - zero_point) * scale`` ``[N, K]`` in float32, returned in ``dtype`` (qcore's arithmetic)."""
+        codes, s, z = self.to_codes(spec, qweight, scale, zero_point)
+        return dequantize_codes(codes, s, z, spec, dtype)
+
+    # -- identity: one instance per layout, copied and pickled by name
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        from . import get
+        return get, (self.name,)
+
+    def __repr__(self) -> str:
+        return f"<layout {self.name}>"

@@ -1,0 +1,326 @@
+"""The blocked layout (CPU, 8 or 4 bits): qtorch's own kernels, tile by tile.
+
+The codes of ``NT`` consecutive output channels are stored K-major, one contiguous block per tile:
+``[N/NT, K, NT]`` for 8 bits and ``[N/NT, K, NT/2]`` for 4 bits (byte ``j`` of a row holds column ``j`` in its low
+nibble and column ``j + NT/2`` in its high nibble); scale and zero point ``[G, N]`` with G the number of groups
+along K (0-d per tensor; zero point ``[0, 0]`` when symmetric: never more bytes than the canonical state).
+
+Eligible on CPU for 8 or 4 bits, per tensor, per output channel or in groups along K, where a tile width (128, 64,
+32 or 16, the largest dividing N) exists. One row (decoding) takes :mod:`qtorch.gemv` (LLVM vector IR, accumulators
+in registers, on PyTorch's own OpenMP team) where a tile row holds a multiple of 64 codes (N % 64 == 0), through a
+per-layer plan built once; up to ``CPU_MAX_ROWS_NUMBA`` rows take :mod:`qtorch.gemm` (a register-blocked
+micro-kernel over 6 rows x 16 columns; float32 accumulation); more rows take chunks of tiles dequantized to float32
+by :mod:`qtorch.dequant` and multiplied by ``torch.mm``. The kernels are torch custom ops (opaque to
+``torch.compile``, with an input gradient); eager calls without autograd call their bodies directly.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .. import dequant, gemm, gemv
+from .base import Layout
+from .codec import pack_codes, unpack_codes
+
+__all__ = ["BLOCKED", "CPU_MAX_ROWS_NUMBA", "blocked_tile", "blocked_params", "to_blocked", "from_blocked",
+           "dequant_blocked", "gemm_blocked", "gemm_blocked_impl", "tiles_blocked", "tiles_blocked_impl",
+           "gemv_plan", "gemv_planned"]
+
+# Rows (= x.numel() // in_features) up to this bound take the gemm kernel on CPU; more rows take float32 matmul
+# of dequantized tiles. Crossovers measured with benchmarks/bench_linear.py at K = N = 4096 (see
+# qtorch.layouts); keyed by (activation dtype, bits).
+CPU_MAX_ROWS_NUMBA = {
+    (torch.float32, 8): 256, (torch.bfloat16, 8): 256, (torch.float16, 8): 256,
+    (torch.float32, 4): 256, (torch.bfloat16, 4): 256, (torch.float16, 4): 256,
+}
+# Columns per tile, largest first: the largest dividing N is used.
+_TILES = (128, 64, 32, 16)
+# Dequantized float32 bytes per chunk of the many-rows path (bounds its temporary memory).
+_CHUNK_BYTES = 16 << 20
+# QuantizedWeight -> (qweight, scale, zero_point, its one-row plan or None): weak keys, so the plan goes with the
+# weight, and copying or pickling a layer never copies it.
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def blocked_tile(out_features: int) -> int:
+    """Tile width for the blocked layout, or 0 when ``out_features`` has no supported tile (use canonical)."""
+    for nt in _TILES:
+        if out_features % nt == 0:
+            return nt
+    return 0
+
+
+# The kernels (qtorch.gemv / gemm / dequant, leaves) as torch custom ops: opaque to torch.compile (fullgraph
+# works), CPU only.
+
+def blocked_params(scale: torch.Tensor, zero_point: torch.Tensor, n: int):
+    """Scale and zero point of the blocked layout as the kernels read them, ``[G, N]``: the layout keeps a
+    per-tensor scale / zero point 0-d (as in the canonical state), expanded here to a temporary ``[1, N]``."""
+    if scale.dim() == 0:
+        scale = scale.reshape(1, 1).expand(1, n).contiguous()
+    if zero_point.dim() == 0:
+        zero_point = zero_point.reshape(1, 1).expand(1, n).contiguous()
+    return scale.contiguous(), zero_point.contiguous()  # no copies for the layout's own buffers
+
+
+def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                      group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """``x[M, K] @ dequant(qweight).T`` from the blocked layout, computed in float32, returned in ``x.dtype``.
+
+    The body of the ``qtorch::gemm_blocked`` op; eager callers without autograd may call it directly (the
+    op's dispatch costs ~0.1 ms, 10% of a 4096x4096 single-row call)."""
+    xf = x.detach().to(torch.float32).contiguous()
+    qweight = qweight.contiguous()  # the kernels address arrays by shape: no copy for the layout's own buffer
+    scale, zero_point = blocked_params(scale, zero_point, out_features)
+    out = torch.empty((xf.shape[0], out_features), dtype=torch.float32)
+    if xf.shape[0] == 1 and gemv.eligible(bits, qweight.shape[2]):  # decoding: the one-row kernel
+        # bf16/f16 inputs: the zero point folded per group (its float32 rounding stays below theirs)
+        gemv._gemv_tensors(xf, qweight, scale, zero_point, group_size, bits, out, x.dtype != torch.float32)
+    else:
+        gemm._gemm_tensors(xf, qweight, scale, zero_point, group_size, bits, out)
+    return out.to(x.dtype)
+
+
+def gemv_plan(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int, bits: int):
+    """A :class:`qtorch.gemv.Plan` of a blocked layout's own buffers for one-row calls (:func:`gemv_planned`), or
+    None where the plain path serves: a layout the one-row kernel does not read, an empty layer, or a per-tensor
+    scale (expanded per call, so that an in-place update of the 0-d buffer is always seen)."""
+    if (qweight.device.type != "cpu" or qweight.dim() != 3 or 0 in qweight.shape or scale.dim() != 2
+            or zero_point.dim() != 2 or not gemv.eligible(bits, qweight.shape[2])
+            or not (qweight.is_contiguous() and scale.is_contiguous() and zero_point.is_contiguous())):
+        return None
+    return gemv.Plan(qweight.numpy(), scale.numpy(), zero_point.numpy(), group_size, bits, qweight.data_ptr(),
+                     scale.data_ptr(), zero_point.data_ptr())
+
+
+def gemv_planned(x: torch.Tensor, plan, out_features: int) -> torch.Tensor:
+    """:func:`gemm_blocked_impl` for one row ``x[1, K]`` with a layer's :func:`gemv_plan`: same kernel, same
+    result, less Python per call (eager, no autograd)."""
+    xf = x.detach().to(torch.float32).contiguous()
+    out = torch.empty((1, out_features), dtype=torch.float32)
+    gemv.run_plan(plan, xf.numpy().reshape(-1), xf.data_ptr(), out.numpy().reshape(-1), out.data_ptr(),
+                  x.dtype != torch.float32)
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("qtorch::gemm_blocked", mutates_args=())
+def gemm_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                 group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """:func:`gemm_blocked_impl` as an op: opaque to torch.compile (fullgraph works), with an input gradient."""
+    return gemm_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
+
+
+@gemm_blocked.register_fake
+def _(x, qweight, scale, zero_point, group_size, bits, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
+def tiles_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                       group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """``x[M, K] @ dequant(qweight).T`` for many rows (CPU): chunks of tiles dequantized to float32
+    (:mod:`qtorch.dequant`), each multiplied by one float32 matmul. The body of the ``qtorch::tiles_blocked`` op;
+    eager callers without autograd call it directly (the op's dispatch costs ~0.05 ms)."""
+    T, K = qweight.shape[0], qweight.shape[1]
+    NT = qweight.shape[2] * (2 if bits == 4 else 1)
+    per_chunk = max(1, _CHUNK_BYTES // (K * NT * 4))
+    xf = x.detach().to(torch.float32).contiguous()
+    scale, zero_point = blocked_params(scale, zero_point, out_features)
+    wq, sq, zq = qweight.contiguous().numpy(), scale.numpy(), zero_point.numpy()
+    outs = []
+    for t0 in range(0, T, per_chunk):
+        t1 = min(T, t0 + per_chunk)
+        w = torch.empty((K, (t1 - t0) * NT), dtype=torch.float32)  # C-contiguous: one numba signature
+        dequant.dequant_tiles(wq, bits, sq, zq, t0, t1, w.numpy())
+        outs.append(torch.mm(xf, w))
+    y = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+    return y[:, :out_features].to(x.dtype)
+
+
+@torch.library.custom_op("qtorch::tiles_blocked", mutates_args=())
+def tiles_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                  group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """:func:`tiles_blocked_impl` as an op: opaque to torch.compile, so that freezing cannot constant-fold the
+    dequantized weight into a full-precision copy; with an input gradient."""
+    return tiles_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
+
+
+@tiles_blocked.register_fake
+def _(x, qweight, scale, zero_point, group_size, bits, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
+def _setup_backward(ctx, inputs, output):
+    x, qweight, scale, zero_point, group_size, bits, out_features = inputs
+    ctx.save_for_backward(qweight, scale, zero_point)
+    ctx.bits, ctx.group, ctx.n, ctx.x_dtype = bits, group_size, out_features, x.dtype
+
+
+def _backward(ctx, grad):
+    # d(x @ W.T)/dx = grad @ W: the codes stay frozen (no gradient), the input gets one (adapters, probes).
+    qweight, scale, zero_point = ctx.saved_tensors
+    wt = dequant_blocked(qweight, scale, zero_point, bits=ctx.bits, group=ctx.group)  # [T, K, NT] = W.T tiles
+    T, K, NT = wt.shape
+    wt = wt.permute(1, 0, 2).reshape(K, T * NT)[:, :ctx.n]
+    gx = torch.mm(grad.to(torch.float32), wt.t()).to(ctx.x_dtype)
+    return gx, None, None, None, None, None, None
+
+
+gemm_blocked.register_autograd(_backward, setup_context=_setup_backward)
+tiles_blocked.register_autograd(_backward, setup_context=_setup_backward)
+
+
+
+def _scale_rows(p: torch.Tensor, kind: str, n: int, k: int, g: int) -> torch.Tensor:
+    """Canonical scale/zero point -> ``[G, N]`` rows of the blocked layout (G groups along K); per tensor: 0-d."""
+    if kind == "tensor":
+        return p.reshape(()).clone()
+    if kind == "channel":
+        return p.reshape(1, n).contiguous()
+    return p.reshape(n, k // g).t().contiguous()
+
+
+def _scale_canonical(p: torch.Tensor, kind: str, n: int, k: int, g: int) -> torch.Tensor:
+    if kind == "tensor":
+        return p.reshape(()).clone()
+    if kind == "channel":
+        return p.reshape(n).clone()
+    return p.t().contiguous()
+
+
+def codes_to_blocked(codes, scale, zero_point, *, bits: int, kind: str, group: int, out_features: int,
+                     in_features: int, tile: int):
+    """Stored codes ``[N, K]`` (the canonical ``qweight`` at 8 bits; unsigned 4-bit codes, symmetric ones with the
+    offset 8) -> blocked (qweight, scale [G,N], zero_point [G,N] or [0,0])."""
+    n, k = out_features, in_features
+    T = n // tile
+    if bits == 8:
+        wb = codes.reshape(T, tile, k).transpose(1, 2).contiguous()
+    else:
+        c = codes.reshape(T, tile, k)
+        h = tile // 2
+        wb = (c[:, :h] | (c[:, h:] << 4)).to(torch.uint8).transpose(1, 2).contiguous()
+    zp = (torch.zeros((0, 0), dtype=torch.uint8, device=codes.device) if zero_point is None
+          else _scale_rows(zero_point, kind, n, k, group))
+    return wb, _scale_rows(scale, kind, n, k, group), zp
+
+
+def blocked_to_codes(wb, scale, zero_point, *, bits: int, symmetric: bool, kind: str, group: int,
+                     out_features: int, in_features: int):
+    """Inverse of :func:`codes_to_blocked`: (stored codes [N, K], canonical scale, canonical zero point)."""
+    n, k = out_features, in_features
+    if bits == 8:
+        c = wb.transpose(1, 2).reshape(n, k).contiguous()
+    else:
+        b = wb.transpose(1, 2).to(torch.int16)  # [T, H, K]
+        c = torch.cat([b & 15, b >> 4], dim=1).reshape(n, k)
+    zp = None if symmetric else _scale_canonical(zero_point, kind, n, k, group)
+    return c, _scale_canonical(scale, kind, n, k, group), zp
+
+
+def to_blocked(qweight, scale, zero_point, *, bits: int, symmetric: bool, kind: str, group: int,
+               out_features: int, in_features: int, tile: int):
+    """Canonical (qweight, scale, zero_point) -> blocked (qweight, scale [G,N], zero_point [G,N] or [0,0]).
+
+    Per tensor, scale and zero point stay 0-d; symmetric codes have no zero point ([0, 0]; 4-bit ones are stored
+    with the offset 8, which the kernels subtract): the layout holds no more bytes than the canonical state."""
+    codes = qweight if bits == 8 else unpack_codes(qweight, 4, in_features)
+    return codes_to_blocked(codes, scale, zero_point, bits=bits, kind=kind, group=group, out_features=out_features,
+                            in_features=in_features, tile=tile)
+
+
+def from_blocked(wb, scale, zero_point, *, bits: int, symmetric: bool, kind: str, group: int,
+                 out_features: int, in_features: int):
+    """Inverse of :func:`to_blocked`: the canonical (qweight, scale, zero_point)."""
+    c, s, z = blocked_to_codes(wb, scale, zero_point, bits=bits, symmetric=symmetric, kind=kind, group=group,
+                               out_features=out_features, in_features=in_features)
+    return (c if bits == 8 else pack_codes(c, 4)), s, z
+
+
+def dequant_blocked(wb, scale, zero_point, *, bits: int, group: int, t0: int = 0, t1: int | None = None,
+                    dtype=torch.float32) -> torch.Tensor:
+    """Dequantized tiles ``[t1-t0, K, NT]`` of the blocked layout (``W.T`` tile by tile), in ``dtype``."""
+    t1 = wb.shape[0] if t1 is None else t1
+    w = wb[t0:t1]
+    scale, zero_point = blocked_params(scale, zero_point, wb.shape[0] * wb.shape[2] * (2 if bits == 4 else 1))
+    if bits == 8:
+        c = w.to(dtype)
+    else:
+        c = torch.cat([w & 15, w >> 4], dim=2).to(dtype)
+    T, K, NT = c.shape
+    G = scale.shape[0]
+    gs = K // G
+    cols = slice(t0 * NT, t1 * NT)
+    c = c.reshape(T, G, gs, NT)
+    s = scale[:, cols].reshape(G, T, NT).transpose(0, 1).unsqueeze(2).to(dtype)
+    if zero_point.shape[0]:
+        z = zero_point[:, cols].reshape(G, T, NT).transpose(0, 1).unsqueeze(2).to(dtype)
+        c = c - z
+    elif bits == 4:  # symmetric 4-bit codes carry the offset 8
+        c = c - 8.0
+    return (c * s).reshape(T, K, NT)
+
+
+class Blocked(Layout):
+    """qtorch's tile kernels (see the module docstring)."""
+
+    name = holds = "blocked"
+
+    def eligible(self, spec, device, compute_dtype):
+        if device.type != "cpu" or spec.bits not in (4, 8):
+            return False
+        if spec.kind == "group" and spec.axis != 1 or spec.kind == "channel" and spec.axis != 0:
+            return False
+        return blocked_tile(spec.out_features) > 0
+
+    def path(self, device_type, dtype, rows, bits):
+        """``numba`` (gemv / gemm) up to ``CPU_MAX_ROWS_NUMBA`` rows on CPU, else ``tiles``."""
+        if device_type == "cpu" and 0 < rows <= CPU_MAX_ROWS_NUMBA.get((dtype, bits), 0):
+            return "numba"
+        return "tiles"
+
+    def linear(self, weight, x2, path):
+        spec, b = weight.spec, weight.buffers
+        n = spec.out_features
+        # the custom op for torch.compile and autograd; its body directly otherwise (the op's dispatch costs
+        # ~0.05 ms, several percent of a one-row call)
+        direct = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x2.requires_grad)
+        if path == "numba":
+            if direct and x2.shape[0] == 1:  # decoding: the weight's one-row plan, built once
+                plan = self.plan(weight)
+                if plan is not None:
+                    return gemv_planned(x2, plan, n)
+            fn = gemm_blocked_impl if direct else torch.ops.qtorch.gemm_blocked
+        else:
+            fn = tiles_blocked_impl if direct else torch.ops.qtorch.tiles_blocked
+        return fn(x2, b["qweight"], b["scale"], b["zero_point"], spec.group, spec.bits, n)
+
+    def plan(self, weight):
+        """``weight``'s :func:`gemv_plan`, rebuilt when a buffer is replaced or moved."""
+        b = weight.buffers
+        qw, sc, zp = b["qweight"], b["scale"], b["zero_point"]
+        entry = _PLANS.get(weight)
+        if (entry is None or entry[0] is not qw or entry[1] is not sc or entry[2] is not zp
+                or (entry[3] is not None and entry[3].addresses != (qw.data_ptr(), sc.data_ptr(), zp.data_ptr()))):
+            entry = (qw, sc, zp, gemv_plan(qw, sc, zp, weight.spec.group, weight.spec.bits))
+            _PLANS[weight] = entry
+        return entry[3]
+
+    def from_codes(self, spec, codes, scale, zero_point):
+        q, s, z = codes_to_blocked(codes, scale, zero_point, bits=spec.bits, kind=spec.kind, group=spec.group,
+                                   out_features=spec.out_features, in_features=spec.in_features,
+                                   tile=blocked_tile(spec.out_features))
+        return q, s, z, None
+
+    def to_codes(self, spec, qweight, scale, zero_point):
+        return blocked_to_codes(qweight, scale, zero_point, bits=spec.bits, symmetric=spec.symmetric,
+                                kind=spec.kind, group=spec.group, out_features=spec.out_features,
+                                in_features=spec.in_features)
+
+    def dequantize(self, spec, qweight, scale, zero_point, dtype):
+        w = dequant_blocked(qweight, scale, zero_point, bits=spec.bits, group=spec.group)
+        return w.permute(0, 2, 1).reshape(spec.out_features, spec.in_features).to(dtype)
+
+
+BLOCKED = Blocked()

@@ -1,0 +1,111 @@
+"""The torch codec that every layout shares: pack / unpack codes along the last axis (docs/packing.md) and
+dequantize them as qcore does (float32 ``(codes - zero_point) * scale``), on any device.
+
+>>> import torch
+>>> codes = torch.tensor([[1, 2, 3]])
+>>> pack_codes(codes, 4), unpack_codes(pack_codes(codes, 4), 4, 3)
+(tensor([[33,  3]], dtype=torch.uint8), tensor([[1, 2, 3]], dtype=torch.int16))
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["unpack_codes", "pack_codes", "dequantize_canonical", "dequantize_codes"]
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    """Unsigned codes ``[..., length]`` (int16) from rows packed LSB-first along the last axis (docs/packing.md)."""
+    if bits == 8:
+        return packed[..., :length].to(torch.int16)
+    p = packed.to(torch.int16)
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.int16)
+        codes = (p.unsqueeze(-1) >> shifts) & mask
+        return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :length]
+    # widths that straddle bytes: read 16 bits starting at the element's first byte
+    off = torch.arange(length, device=packed.device, dtype=torch.int64) * bits
+    byte, shift = off // 8, (off % 8).to(torch.int16)
+    padded = torch.nn.functional.pad(p, (0, 1))
+    lo = padded.index_select(-1, byte)
+    hi = padded.index_select(-1, byte + 1)
+    return ((lo | (hi << 8)) >> shift) & mask
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`unpack_codes` (uint8 rows of ``ceil(length*bits/8)`` bytes); codes must be < 2**bits."""
+    length = codes.shape[-1]
+    nbytes = (length * bits + 7) // 8
+    if bits == 8:
+        return codes.to(torch.uint8)
+    c = codes.to(torch.int32)
+    if 8 % bits == 0:
+        per = 8 // bits
+        pad = nbytes * per - length
+        c = torch.nn.functional.pad(c, (0, pad)).reshape(*codes.shape[:-1], nbytes, per)
+        shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.int32)
+        return (c << shifts).sum(-1).to(torch.uint8)
+    # general widths: scatter every bit of every code into its byte
+    out = torch.zeros(*codes.shape[:-1], nbytes, dtype=torch.int32, device=codes.device)
+    pos = torch.arange(length, device=codes.device, dtype=torch.int64) * bits
+    for b in range(bits):
+        bitpos = pos + b
+        val = ((c >> b) & 1) << (bitpos % 8).to(torch.int32)
+        out.index_add_(-1, bitpos // 8, val)
+    return out.to(torch.uint8)
+
+
+def _param_view(p: torch.Tensor, kind: str, axis: int, n: int, k: int, g: int) -> torch.Tensor:
+    """Broadcastable view of a scale/zero point against the codes reshaped by :func:`_codes_view`."""
+    if kind == "tensor":
+        return p
+    if kind == "channel":
+        return p.reshape(n, 1) if axis == 0 else p.reshape(1, k)
+    return p.reshape(n, k // g, 1) if axis == 1 else p.reshape(n // g, 1, k)
+
+
+def _codes_view(c: torch.Tensor, kind: str, axis: int, n: int, k: int, g: int) -> torch.Tensor:
+    if kind != "group":
+        return c
+    return c.reshape(n, k // g, g) if axis == 1 else c.reshape(n // g, g, k)
+
+
+
+def affine(c, scale, zero_point, kind, axis, n, k, group, dtype):
+    """``(c - zero_point) * scale`` of float32 codes ``c [N, K]``, returned ``[N, K]`` in ``dtype``."""
+    c = _codes_view(c, kind, axis, n, k, group)
+    if zero_point is not None:
+        c = c - _param_view(zero_point, kind, axis, n, k, group).to(torch.float32)
+    w = c * _param_view(scale, kind, axis, n, k, group)
+    return w.reshape(n, k).to(dtype)
+
+
+def dequantize_canonical(qweight, scale, zero_point, *, bits: int, symmetric: bool, kind: str, axis: int,
+                         group: int, out_features: int, in_features: int, dtype=torch.float32) -> torch.Tensor:
+    """``(codes - zero_point) * scale`` in float32 (as qcore computes it), returned ``[N, K]`` in ``dtype``."""
+    n, k = out_features, in_features
+    if bits == 8 and symmetric:
+        c = qweight.to(torch.float32)
+    else:
+        c = unpack_codes(qweight, bits, k).to(torch.float32)
+        if symmetric:
+            c = c - float(1 << (bits - 1))
+    return affine(c, scale, zero_point, kind, axis, n, k, group, dtype)
+
+
+def dequantize_codes(codes, scale, zero_point, spec, dtype=torch.float32) -> torch.Tensor:
+    """:func:`dequantize_canonical` of unpacked stored codes ``[N, K]`` (a ``WeightSpec`` describes them)."""
+    c = codes.to(torch.float32)
+    if spec.code_offset:
+        c = c - float(spec.code_offset)
+    return affine(c, scale, zero_point, spec.kind, spec.axis, spec.out_features, spec.in_features, spec.group,
+                   dtype)
+
+
+def dense_linear(x2: torch.Tensor, w_of) -> torch.Tensor:
+    """The portable forward: ``w_of(dtype)`` dequantized once, one matmul (float32 on CPU)."""
+    cdt = torch.float32 if x2.device.type == "cpu" else x2.dtype
+    return F.linear(x2.to(cdt), w_of(cdt)).to(x2.dtype)

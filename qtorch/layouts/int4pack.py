@@ -1,0 +1,169 @@
+"""The int4pack layout: PyTorch's ``torch._weight_int4pack_mm_for_cpu`` (CPU, bfloat16, 4 bits in groups).
+
+Eligible for 4-bit weights in groups of 32/64/128/256 along K of a bfloat16 layer on CPU with N % 16 == 0.
+``qweight`` is the output of ``torch._convert_weight_to_int4pack_for_cpu`` (a CPU-capability-specific blocked
+layout); scale and zero point stay canonical, and the kernel's ``scales_and_zeros [K/g, N, 2]`` (bf16,
+``zero = (8 - zp) * scale``) are derived data (``aux``). Its packed layout depends on the CPU capability (blocks of
+32 rows on AVX2, 64 on AVX-512, pairs otherwise), so the way back to canonical codes is measured, not assumed: tiny
+probes give each row's byte base, per-k stride and nibble, and every conversion is verified against the codes it
+packed. A mismatch marks the output width unusable: such weights take the next candidate layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Layout
+from .codec import affine, dense_linear
+
+__all__ = ["INT4PACK", "INT4PACK_GROUPS", "int4pack_map", "int4pack_unpack", "int4pack_dequant", "to_int4pack",
+           "Int4PackMM"]
+
+INT4PACK_GROUPS = (32, 64, 128, 256)
+# n -> the measured layout map of [n, k] weights (int4pack_map)
+_INT4_MAPS: dict = {}
+# output widths whose conversion did not reproduce the codes: never used again in this process
+_UNUSABLE: set = set()
+
+
+def _int4pack_probe(n: int, k: int):
+    """(byte [n, k] int64, high-nibble flag [n, k] bool) of code (row, col) in the int4pack layout of [n, k]."""
+    digits = max(1, ((n - 1).bit_length() + 3) // 4)
+    rows = torch.arange(n, dtype=torch.int32)
+    byte = torch.full((n, k), -1, dtype=torch.int64)
+    hi = torch.zeros((n, k), dtype=torch.bool)
+    for col in range(k):
+        mark = torch.zeros((n, k), dtype=torch.int32)
+        mark[:, col] = 1
+        pos = _nibbles(torch._convert_weight_to_int4pack_for_cpu(mark, 1)).nonzero().flatten()
+        if pos.numel() != n:
+            raise RuntimeError("int4pack probe: unexpected layout")
+        ids = torch.zeros(n, dtype=torch.int64)
+        for d in range(digits):  # rows identified by their base-16 digits, one probe per digit
+            codes = torch.zeros((n, k), dtype=torch.int32)
+            codes[:, col] = (rows >> (4 * d)) & 15
+            nib = _nibbles(torch._convert_weight_to_int4pack_for_cpu(codes, 1))
+            ids += nib[pos].to(torch.int64) << (4 * d)
+        byte[ids, col] = pos // 2
+        hi[ids, col] = (pos % 2).bool()
+    return byte, hi
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    b = packed.reshape(-1).to(torch.int16)
+    return torch.stack([b & 15, b >> 4], 1).reshape(-1)
+
+
+def int4pack_map(n: int, k: int):
+    """(base [n], stride [n], offset [n], hi [n]): code (row, col) of an [n, k] weight sits in byte
+    ``base*k + col*stride + offset`` of the int4pack layout, high nibble where ``hi``. Measured, cached per n."""
+    if n not in _INT4_MAPS:
+        b2, h2 = _int4pack_probe(n, 2)
+        b4, h4 = _int4pack_probe(n, 4)
+        base = (b4[:, 0] - b2[:, 0]) // 2
+        stride = b2[:, 1] - b2[:, 0]
+        offset = b2[:, 0] - 2 * base
+        hi = h4[:, 0]
+        if not (torch.equal(b4, base[:, None] * 4 + torch.arange(4)[None, :] * stride[:, None] + offset[:, None])
+                and bool(torch.all(h4 == hi[:, None])) and bool(torch.all(h2 == hi[:, None]))):
+            raise RuntimeError("int4pack layout is not affine in k on this CPU")
+        _INT4_MAPS[n] = (base, stride, offset, hi)
+    return _INT4_MAPS[n]
+
+
+def int4pack_unpack(packed: torch.Tensor, n: int, k: int, rows_per_chunk: int = 256) -> torch.Tensor:
+    """Unsigned 4-bit codes ``[n, k]`` (uint8) from ``torch._convert_weight_to_int4pack_for_cpu`` output."""
+    base, stride, offset, hi = int4pack_map(n, k)
+    flat = packed.reshape(-1)
+    out = torch.empty((n, k), dtype=torch.uint8)
+    cols = torch.arange(k, dtype=torch.int64)
+    for r0 in range(0, n, rows_per_chunk):
+        r1 = min(n, r0 + rows_per_chunk)
+        idx = (base[r0:r1, None] * k + cols[None, :] * stride[r0:r1, None] + offset[r0:r1, None])
+        b = flat[idx.reshape(-1)].reshape(r1 - r0, k)
+        out[r0:r1] = torch.where(hi[r0:r1, None], b >> 4, b & 15)
+    return out
+
+
+def int4pack_dequant(packed: torch.Tensor, scale: torch.Tensor, zero_point, *, n: int, k: int,
+                     group: int) -> torch.Tensor:
+    """``(codes - zero_point) * scale`` ``[n, k]`` in float32 from the int4pack layout (canonical scale ``[n, k/g]``,
+    zero point ``[n, k/g]`` uint8, or ``None`` for symmetric codes, which carry the offset 8)."""
+    c = int4pack_unpack(packed, n, k).to(torch.float32)
+    if zero_point is None:
+        c = c - 8.0
+    return affine(c, scale, zero_point, "group", 1, n, k, group, torch.float32)
+
+
+
+class Int4PackMM(torch.autograd.Function):
+    """``torch._weight_int4pack_mm_for_cpu`` (no derivative in PyTorch) with an input gradient ``grad @ W``, W
+    decoded from the int4pack layout in the backward only (see :class:`Int8PackMM`).
+
+    ``apply(x, packed, group, scales_and_zeros, scale [N, K/g] float32, zero_point [N, K/g] or None, n, k)``."""
+
+    @staticmethod
+    def forward(ctx, x, packed, group, scales_and_zeros, scale, zero_point, n, k):
+        ctx.save_for_backward(packed, scale, zero_point)
+        ctx.group, ctx.n, ctx.k = group, n, k
+        return torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed, scale, zero_point = ctx.saved_tensors
+        w = int4pack_dequant(packed, scale, zero_point, n=ctx.n, k=ctx.k, group=ctx.group)
+        gx = torch.mm(grad.to(torch.float32), w)
+        return gx.to(grad.dtype), None, None, None, None, None, None, None
+
+
+def to_int4pack(codes: torch.Tensor, scale: torch.Tensor, zero_point, *, symmetric: bool, group: int):
+    """Unsigned codes ``[n, k]`` (symmetric ones with the offset 8) -> (packed, scales_and_zeros [k/g, n, 2] bf16)
+    or ``None`` when the round trip through the measured layout map is not exact (never use it then)."""
+    n, k = codes.shape
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    try:
+        if not torch.equal(int4pack_unpack(packed, n, k), codes.to(torch.uint8)):
+            return None
+    except RuntimeError:
+        return None
+    # the kernel computes (u - 8) * scale + zero, so an integer zero point zp maps to zero = (8 - zp) * scale
+    s = scale.reshape(n, k // group).to(torch.float32)
+    z = torch.zeros_like(s) if symmetric else (8.0 - zero_point.reshape(n, k // group).to(torch.float32)) * s
+    sz = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return packed, sz
+
+
+
+class Int4Pack(Layout):
+    name, holds, torch_kernels = "int4pack", "int4pack", True
+
+    def eligible(self, spec, device, compute_dtype):
+        return (device.type == "cpu" and compute_dtype == torch.bfloat16 and spec.bits == 4 and spec.kind == "group"
+                and spec.axis == 1 and spec.group in INT4PACK_GROUPS and spec.out_features % 16 == 0
+                and spec.out_features not in _UNUSABLE)
+
+    def path(self, device_type, dtype, rows, bits):
+        return "int4pack" if device_type == "cpu" and dtype == torch.bfloat16 else "dense"
+
+    def linear(self, weight, x2, path):
+        if path == "dense":
+            return dense_linear(x2, weight.dequantize)
+        spec, b = weight.spec, weight.buffers
+        # It has no derivative: an input that needs a gradient goes through a wrapper that supplies one.
+        if torch.is_grad_enabled() and x2.requires_grad:
+            return Int4PackMM.apply(x2.contiguous(), b["qweight"], spec.group, weight.aux, b["scale"],
+                                    b["zero_point"], spec.out_features, spec.in_features)
+        return torch._weight_int4pack_mm_for_cpu(x2.contiguous(), b["qweight"], spec.group, weight.aux)
+
+    def from_codes(self, spec, codes, scale, zero_point):
+        r = to_int4pack(codes, scale, zero_point, symmetric=spec.symmetric, group=spec.group)
+        if r is None:  # the measured layout map did not reproduce the codes: never use the kernel for this width
+            _UNUSABLE.add(spec.out_features)
+            return None
+        return r[0], scale, zero_point, r[1]
+
+    def to_codes(self, spec, qweight, scale, zero_point):
+        return int4pack_unpack(qweight, spec.out_features, spec.in_features), scale, zero_point
+
+
+INT4PACK = Int4Pack()

@@ -1,0 +1,82 @@
+"""The int8pack layout: PyTorch's ``torch._weight_int8pack_mm`` on the canonical codes (CPU, bfloat16).
+
+Eligible for 8-bit symmetric per-output-channel weights of a bfloat16 layer on CPU where the kernel cannot crash
+(:func:`int8pack_ok`). The buffers are the canonical state itself; the kernel's bfloat16 scales ``[N]`` are
+derived data (``aux``, never saved). Inputs of another dtype take the portable path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Layout
+from .codec import dense_linear, dequantize_canonical
+
+__all__ = ["INT8PACK", "int8pack_ok", "Int8PackMM"]
+
+
+def int8pack_ok(dtype: torch.dtype, in_features: int) -> bool:
+    """Preconditions of ``torch._weight_int8pack_mm`` that keep it from crashing (docs/kernels.md).
+
+    bfloat16 with ``K % 16 != 0`` (at >= 4 rows) or ``K % 8 != 0`` kills the process; float16/float32 are safe at
+    any K but are scalar (slow) on AVX2. Checked once per (dtype, K), never per call.
+    """
+    if dtype == torch.bfloat16:
+        return in_features % 16 == 0
+    return dtype in (torch.float16, torch.float32)
+
+
+
+class Int8PackMM(torch.autograd.Function):
+    """``torch._weight_int8pack_mm`` (no derivative in PyTorch) with an input gradient ``grad @ (codes * scale)``.
+
+    ``apply(x, qweight [N, K] int8, scale_compute [N] (x's dtype), scale [N] float32)``. Used only when the input
+    needs a gradient: the no-grad forward calls the op itself, so that inductor still sees it."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scale_compute, scale):
+        ctx.save_for_backward(qweight, scale)
+        return torch._weight_int8pack_mm(x, qweight, scale_compute)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qweight, scale = ctx.saved_tensors
+        gx = torch.mm(grad.to(torch.float32) * scale, qweight.to(torch.float32))
+        return gx.to(grad.dtype), None, None, None
+
+
+
+class Int8Pack(Layout):
+    name, holds, torch_kernels = "int8pack", "canonical", True
+
+    def eligible(self, spec, device, compute_dtype):
+        return (device.type == "cpu" and compute_dtype == torch.bfloat16 and spec.bits == 8 and spec.symmetric
+                and spec.kind == "channel" and spec.axis == 0 and int8pack_ok(torch.bfloat16, spec.in_features))
+
+    def path(self, device_type, dtype, rows, bits):
+        return "dense"  # the canonical codes: the name the portable path reports too
+
+    def linear(self, weight, x2, path):
+        if x2.device.type == "cpu" and x2.dtype == torch.bfloat16:
+            b = weight.buffers
+            if torch.is_grad_enabled() and x2.requires_grad:  # no derivative in PyTorch: the wrapper has one
+                return Int8PackMM.apply(x2.contiguous(), b["qweight"], weight.aux, b["scale"])
+            return torch._weight_int8pack_mm(x2.contiguous(), b["qweight"], weight.aux)
+        return dense_linear(x2, weight.dequantize)
+
+    def from_canonical(self, spec, qweight, scale, zero_point):
+        return qweight, scale, zero_point, scale.to(torch.bfloat16)  # the kernel wants the activations' dtype
+
+    def to_codes(self, spec, qweight, scale, zero_point):
+        return qweight, scale, zero_point
+
+    def to_canonical(self, spec, qweight, scale, zero_point):
+        return qweight, scale, zero_point
+
+    def dequantize(self, spec, qweight, scale, zero_point, dtype):
+        return dequantize_canonical(qweight, scale, zero_point, bits=8, symmetric=True, kind=spec.kind,
+                                    axis=spec.axis, group=spec.group, out_features=spec.out_features,
+                                    in_features=spec.in_features, dtype=dtype)
+
+
+INT8PACK = Int8Pack()

@@ -1,0 +1,243 @@
+"""The quantized weight of a qtorch layer: scheme, logical shape, run-time layout and buffers, in one object.
+
+``x ≈ (codes - zero_point) * scale``, rounded half to even by qcore. The buffers live in a dict (a layer passes its
+own ``_buffers``, so that ``state_dict``, ``.to()`` and ``torch.compile`` see them as the layer's buffers):
+``qweight``, ``scale`` and ``zero_point`` in the form of the current layout (:mod:`qtorch.layouts`), plus ``aux``,
+derived kernel data that is never saved. Conversions to and from :class:`qcore.QuantizedArray` go straight between
+the layout and the codes (one conversion each way).
+
+>>> import numpy as np, torch, qcore
+>>> qa = qcore.quantize(np.linspace(-1, 1, 64, dtype=np.float32).reshape(4, 16),
+...                     qcore.QuantScheme(4, False, qcore.PerGroup(8)))
+>>> w = QuantizedWeight.from_quantized_array(qa)
+>>> w.layout.name, tuple(w.linear(torch.ones(2, 16)).shape)
+('canonical', (2, 4))
+>>> bool(np.array_equal(w.to_quantized_array().codes, qa.codes))
+True
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import qcore
+from qcore import packing
+from qcore.quantize import check_grid
+
+from . import layouts
+from ._torch_numpy import to_numpy
+from .layouts import WeightSpec
+from .layouts.canonical import CANONICAL
+from .layouts.codec import pack_codes, unpack_codes
+
+__all__ = ["QuantizedWeight", "WeightSpec"]
+
+
+class QuantizedWeight:
+    """``QuantizedWeight(spec, buffers=None)``: a zero weight (every code at the zero point, scale 1), canonical.
+
+    ``buffers`` is the dict that holds ``qweight``, ``scale`` and ``zero_point`` (a layer's ``_buffers``); a new
+    one when None. Build a filled one with :meth:`from_quantized_array`, or fill it with :meth:`load_quantized_array`
+    / :meth:`set_canonical`.
+    """
+
+    def __init__(self, spec: WeightSpec, buffers: dict | None = None, device=None):
+        if not isinstance(spec, WeightSpec):
+            raise TypeError(f"spec must be a qtorch.layouts.WeightSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.buffers = {} if buffers is None else buffers
+        self.layout = CANONICAL
+        self.aux = None
+        self.reset(torch.get_default_device() if device is None else torch.device(device))
+
+    # ------------------------------------------------------------------ state
+    def reset(self, device: torch.device) -> None:
+        """The zero weight on ``device``, canonical: valid for every layout, and what ``to_empty`` gives."""
+        spec = self.spec
+        dt, shape = spec.qweight_spec
+        if spec.code_offset:  # symmetric sub-8-bit: code 0 is stored as the offset in every field
+            codes = torch.full((spec.out_features, spec.in_features), spec.code_offset, dtype=torch.int16)
+            q = pack_codes(codes, spec.bits).to(device)
+        else:
+            q = torch.zeros(shape, dtype=dt, device=device)
+        s = torch.ones(spec.pshape, dtype=torch.float32, device=device)
+        z = None if spec.symmetric else torch.zeros(spec.pshape, dtype=torch.uint8, device=device)
+        self._hold(CANONICAL, q, s, z, None)
+
+    def _hold(self, layout, q, s, z, aux) -> None:
+        b = self.buffers
+        b["qweight"], b["scale"], b["zero_point"] = q, s, z
+        self.layout, self.aux = layout, aux
+
+    @property
+    def device(self) -> torch.device:
+        return self.buffers["qweight"].device
+
+    def canonical(self):
+        """``(qweight, scale, zero_point)`` in the canonical (state_dict) form, whatever the layout."""
+        b = self.buffers
+        return self.layout.to_canonical(self.spec, b["qweight"], b["scale"], b["zero_point"])
+
+    def codes(self):
+        """``(codes [N, K], scale, zero_point)``: the stored codes unpacked (symmetric sub-8-bit ones carry the
+        offset ``2^(bits-1)``), scale and zero point canonical."""
+        b = self.buffers
+        q, s, z = b["qweight"], b["scale"], b["zero_point"]
+        if self.layout.holds == "canonical" and self.spec.bits < 8 and q.device.type == "cpu":
+            # qcore's unpacking kernel: the file writer packs these codes again, once
+            c = packing.unpack(to_numpy(q), self.spec.bits, self.spec.in_features)
+            return torch.from_numpy(c), s, z
+        return self.layout.to_codes(self.spec, q, s, z)
+
+    def candidates(self, compute_dtype: torch.dtype, device=None) -> list:
+        """Names of the layouts that can hold this weight, most preferred first (:func:`qtorch.layouts.candidates`)."""
+        dev = self.device if device is None else torch.device(device)
+        return [lay.name for lay in layouts.candidates(self.spec, dev, compute_dtype)]
+
+    def relayout(self, compute_dtype: torch.dtype, *, codes=None) -> None:
+        """Hold the first candidate layout whose conversion succeeds (the current one if it comes first).
+
+        ``codes``: the unpacked canonical codes when the caller has them (a load validated them), to save a pass."""
+        b = self.buffers
+        cur = self.layout
+        for lay in layouts.candidates(self.spec, self.device, compute_dtype):
+            if lay is cur:
+                return
+            q, s, z = b["qweight"], b["scale"], b["zero_point"]
+            if lay.holds == "canonical":
+                r = lay.from_canonical(self.spec, *cur.to_canonical(self.spec, q, s, z))
+            elif codes is not None:
+                r = lay.from_codes(self.spec, codes.to(q.device), s, z)
+            elif cur.holds == "canonical":
+                r = lay.from_canonical(self.spec, q, s, z)
+            else:
+                r = lay.from_codes(self.spec, *cur.to_codes(self.spec, q, s, z))
+            if r is not None:
+                self._hold(lay, *r)
+                return
+
+    def set_canonical(self, qweight, scale, zero_point, compute_dtype: torch.dtype, *, codes=None) -> None:
+        """Take a canonical state (already validated), then move to the preferred layout."""
+        self._hold(CANONICAL, qweight, scale, zero_point, None)
+        self.relayout(compute_dtype, codes=codes)
+
+    def to_canonical_layout(self) -> None:
+        """Hold the canonical form (before a move to another kind of device)."""
+        if self.layout is not CANONICAL:
+            self._hold(CANONICAL, *self.canonical(), None)
+
+    # ------------------------------------------------------------------ qcore
+    @classmethod
+    def from_quantized_array(cls, qa: qcore.QuantizedArray, *, device=None,
+                             compute_dtype: torch.dtype = torch.float32) -> "QuantizedWeight":
+        """A weight holding ``qa`` (2-D, ``[out, in]``) on ``device`` (default CPU), in the layout preferred for a
+        layer computing in ``compute_dtype``."""
+        if not isinstance(qa, qcore.QuantizedArray):
+            raise TypeError(f"expected a qcore.QuantizedArray, got {type(qa).__name__}")
+        if len(qa.shape) != 2:
+            raise ValueError(f"a quantized weight is 2-D [out_features, in_features], got shape {list(qa.shape)}")
+        w = cls(WeightSpec.of(qa.scheme, *qa.shape), device="meta")  # no zero state to allocate
+        w.load_quantized_array(qa, compute_dtype, device="cpu" if device is None else device)
+        return w
+
+    def load_quantized_array(self, qa: qcore.QuantizedArray, compute_dtype: torch.dtype, *, device=None) -> None:
+        """Replace the values by those of ``qa`` (same scheme and shape; qcore validated them), on ``device``
+        (default: this weight's), converting the codes once into the preferred layout."""
+        spec = self.spec
+        if qa.scheme != spec.scheme or tuple(qa.shape) != (spec.out_features, spec.in_features):
+            raise ValueError(f"quantized array {list(qa.shape)} {qa.scheme} does not fit this weight "
+                             f"[{spec.out_features}, {spec.in_features}] {spec.scheme}")
+        dev = self.device if device is None else torch.device(device)
+        s = _tensor(qa.scale, dev)
+        z = None if qa.zero_point is None else _tensor(qa.zero_point, dev)
+        codes = None
+        for lay in layouts.candidates(spec, dev, compute_dtype):
+            if lay.holds == "canonical" and spec.bits < 8:
+                r = lay.from_canonical(spec, _tensor(qa.packed(), dev), s, z)  # qcore's packing kernel
+            else:
+                if codes is None:
+                    c = qa.codes
+                    if spec.code_offset:
+                        c = (c.astype(np.int16) + spec.code_offset).astype(np.uint8)
+                    codes = _tensor(c, dev)
+                r = lay.from_codes(spec, codes, s, z)
+            if r is not None:
+                self._hold(lay, *r)
+                return
+
+    def to_quantized_array(self) -> qcore.QuantizedArray:
+        """The weight as a :class:`qcore.QuantizedArray` (NumPy, on CPU), converted once from the layout."""
+        spec = self.spec
+        c, s, z = self.codes()
+        codes = to_numpy(c)
+        if spec.code_offset:
+            codes = (codes.astype(np.int16) - spec.code_offset).astype(np.int8)
+        elif codes.dtype != spec.scheme.code_dtype:
+            codes = codes.astype(spec.scheme.code_dtype)
+        # the values were validated when they came in: the constructor checks the structure only
+        return qcore.QuantizedArray(np.ascontiguousarray(codes), _array(s), None if z is None else _array(z),
+                                    spec.scheme)
+
+    # ------------------------------------------------------------------ math
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(codes - zero_point) * scale`` ``[out, in]`` (float32 math, then ``dtype``), equal to qcore's."""
+        b = self.buffers
+        return self.layout.dequantize(self.spec, b["qweight"], b["scale"], b["zero_point"], dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in] @ W.T`` -> ``[..., out]`` in ``x.dtype``, by the layout's kernel (no bias)."""
+        spec, lay = self.spec, self.layout
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, spec.in_features)
+        y = lay.linear(self, x2, lay.path(x2.device.type, x2.dtype, x2.shape[0], spec.bits))
+        return y.reshape(*lead, spec.out_features)
+
+    def kernel_nbytes(self) -> int:
+        """Bytes of derived kernel data (``aux``) held besides the buffers."""
+        t = self.aux
+        return 0 if t is None else t.numel() * t.element_size()
+
+    # ------------------------------------------------------------------ validation
+    def check_state(self, tensors: dict, prefix: str = ""):
+        """Problems with the canonical state ``tensors`` (``qweight``, ``scale``, ``zero_point``: the ones present,
+        on a real device), as messages naming the key; and the unpacked sub-8-bit codes (new memory) when read.
+
+        The grid (scale finite, > 0, every code dequantizing to a finite float32) is qcore's own check, on NumPy
+        copies (scales are one per channel or group, small beside the codes)."""
+        spec, scheme = self.spec, self.spec.scheme
+        errors, codes = [], None
+        zp_ok = True
+        if "zero_point" in tensors and tensors["zero_point"].numel():
+            zmax = int(tensors["zero_point"].max())
+            if zmax > scheme.qmax:
+                errors.append(f"{prefix}zero_point: {zmax} is outside 0..{scheme.qmax}")
+                zp_ok = False
+        if "scale" in tensors and (spec.symmetric or "zero_point" in tensors):
+            zp = tensors.get("zero_point")
+            try:
+                # a zero point out of range is reported above; the grid is then checked from code qmax
+                check_grid(to_numpy(tensors["scale"]), to_numpy(zp) if zp is not None and zp_ok else None, scheme)
+            except ValueError as e:
+                errors.append(f"{prefix}scale: {e}")
+        if "qweight" in tensors:
+            q = tensors["qweight"]
+            c = q if spec.bits == 8 else unpack_codes(q, spec.bits, spec.in_features)
+            codes = None if spec.bits == 8 else c  # 8 bits: the caller's copy of qweight is the codes
+            if c.numel():
+                off = spec.code_offset
+                lo, hi = int(c.min()) - off, int(c.max()) - off
+                for c in (lo, hi) if lo != hi else (lo,):
+                    if not scheme.qmin <= c <= scheme.qmax:
+                        errors.append(f"{prefix}qweight: code {c} is outside {scheme.qmin}..{scheme.qmax} "
+                                      f"(scheme {scheme})")
+        return errors, codes
+
+
+def _tensor(a: np.ndarray, device) -> torch.Tensor:
+    """A C-contiguous copy of ``a`` on ``device``: the weight never shares memory with the caller's arrays."""
+    return torch.from_numpy(np.array(a, order="C")).to(device)
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    return np.array(to_numpy(t), order="C")

@@ -1,0 +1,171 @@
+"""qtorch.weight.QuantizedWeight and the layout registry: one conversion each way, the candidates step, plug-ins."""
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qcore
+import qtorch
+from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
+from qtorch import layouts
+from qtorch.layouts import Layout, WeightSpec
+from qtorch.layouts.codec import dequantize_codes
+from qtorch.weight import QuantizedWeight
+
+SCHEMES = [QuantScheme(b, s, g) for b in (1, 2, 3, 4, 5, 8) for s in (True, False) if not (b == 1 and s)
+           for g in (PerTensor(), PerChannel(0), PerGroup(16))]
+
+
+def _qa(scheme, n=32, k=64, seed=0):
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+    return qcore.quantize(w, scheme)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_quantized_array_round_trip_in_every_layout(scheme, dtype):
+    qa = _qa(scheme)
+    w = QuantizedWeight.from_quantized_array(qa, compute_dtype=dtype)
+    assert w.layout.name == w.candidates(dtype)[0]
+    back = w.to_quantized_array()
+    assert back.scheme == qa.scheme and back.codes.dtype == qa.codes.dtype
+    assert np.array_equal(back.codes, qa.codes) and np.array_equal(back.scale, qa.scale)
+    assert (qa.zero_point is None and back.zero_point is None) or np.array_equal(back.zero_point, qa.zero_point)
+    assert torch.equal(w.dequantize(), torch.from_numpy(qcore.dequantize(qa)))
+    x = torch.randn(3, 64, dtype=dtype)
+    ref = F.linear(x.float(), w.dequantize())
+    assert torch.allclose(w.linear(x).float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+
+
+def test_the_array_is_copied_in_and_out():
+    qa = _qa(QuantScheme(8, True, PerChannel(0)), n=30)  # canonical: the codes are the buffer itself
+    w = QuantizedWeight.from_quantized_array(qa)
+    before = w.dequantize()
+    qa.codes[:] = 0
+    assert torch.equal(w.dequantize(), before)
+
+
+def test_candidates_are_the_eligible_layouts_in_preference_order(monkeypatch):
+    w8 = QuantScheme(8, True, PerChannel(0))
+    w4 = QuantScheme(4, False, PerGroup(32))
+    cpu, bf16, f32 = torch.device("cpu"), torch.bfloat16, torch.float32
+
+    def names(scheme, n, k, dtype, device=cpu):
+        return [lay.name for lay in layouts.candidates(WeightSpec.of(scheme, n, k), device, dtype)]
+
+    monkeypatch.setattr(layouts, "TORCH_PACK_KERNELS", True)
+    assert names(w8, 64, 256, bf16) == ["int8pack", "blocked", "canonical"]
+    assert names(w4, 64, 256, bf16) == ["int4pack", "blocked", "canonical"]
+    assert names(w8, 64, 256, f32) == ["blocked", "canonical"]
+    assert names(w8, 64, 100, bf16) == ["blocked", "canonical"]  # K % 16 != 0 would crash the int8 kernel
+    assert names(w8, 30, 256, bf16) == ["int8pack", "canonical"]  # N = 30: no blocked tile
+    assert names(QuantScheme(3, True, PerGroup(32)), 64, 256, f32) == ["canonical"]
+    assert names(w4, 64, 256, bf16, torch.device("cuda")) == ["canonical"]
+    assert names(w4, 64, 256, bf16, torch.device("meta")) == ["canonical"]
+    # the two steps: what can hold the weight (registration order), then the policy's order
+    found = layouts.eligible(WeightSpec.of(w8, 64, 256), cpu, bf16)
+    assert [lay.name for lay in found] == ["blocked", "int8pack", "canonical"]
+    assert [lay.name for lay in layouts.default_policy(found)] == ["int8pack", "blocked", "canonical"]
+    monkeypatch.setattr(layouts, "TORCH_PACK_KERNELS", False)
+    assert [lay.name for lay in layouts.default_policy(found)] == ["blocked", "int8pack", "canonical"]
+    assert names(w8, 64, 256, bf16) == ["blocked", "int8pack", "canonical"]
+    assert names(w8, 30, 256, bf16) == ["int8pack", "canonical"]
+    # a layer holds its first candidate, and says so
+    q = qtorch.QuantLinear.from_linear(torch.nn.Linear(256, 64, dtype=bf16), w4)
+    assert q.layout_candidates() == ["blocked", "int4pack", "canonical"]
+    assert q.quantized_weight.layout.name == "blocked"
+
+
+def test_copies_keep_the_layout_object_and_their_own_buffers():
+    q = qtorch.W4A16Linear.from_linear(torch.nn.Linear(256, 64))
+    x = torch.randn(2, 256)
+    for c in (copy.deepcopy(q), pickle.loads(pickle.dumps(q))):
+        assert c.quantized_weight.layout is q.quantized_weight.layout
+        assert c.quantized_weight.buffers is c._buffers and c._buffers["qweight"] is not q._buffers["qweight"]
+        assert torch.equal(c(x), q(x))
+
+
+class _Transposed(Layout):
+    """A toy layout: 8-bit codes held ``[K, N]`` (float32 layers on CPU), to show what a new layout takes."""
+
+    name = holds = "transposed"
+
+    def eligible(self, spec, device, compute_dtype):
+        return device.type == "cpu" and spec.bits == 8 and compute_dtype == torch.float32
+
+    def path(self, device_type, dtype, rows, bits):
+        return "transposed"
+
+    def linear(self, weight, x2, path):
+        return x2.float() @ weight.dequantize().t()
+
+    def from_codes(self, spec, codes, scale, zero_point):
+        return codes.t().contiguous(), scale, zero_point, None
+
+    def to_codes(self, spec, qweight, scale, zero_point):
+        return qweight.t().contiguous(), scale, zero_point
+
+
+def test_a_new_layout_is_one_class_and_one_registration(monkeypatch):
+    builtin = layouts.registered()
+    monkeypatch.setattr(layouts, "_REGISTRY", {})
+    layouts.register(_Transposed())  # ahead of the built-in ones: registration order is the preference order
+    for lay in builtin:
+        layouts.register(lay)
+    with pytest.raises(ValueError, match="already registered"):
+        layouts.register(_Transposed())
+    with pytest.raises(TypeError, match="Layout instance"):
+        layouts.register("transposed")
+    lin = torch.nn.Linear(64, 32)
+    q = qtorch.QuantLinear.from_linear(lin, QuantScheme(8, False, PerChannel(0)))
+    assert q.weight_layout == "transposed" and q.qweight.shape == (64, 32)
+    ref = qtorch.QuantLinear.from_linear(lin, QuantScheme(8, False, PerChannel(0)))
+    sd = q.state_dict()
+    assert sd["qweight"].shape == (32, 64) and torch.equal(q.dequantized_weight(), ref.dequantized_weight())
+    x = torch.randn(3, 64)
+    assert torch.allclose(q(x), F.linear(x, q.dequantized_weight(), q.bias), atol=1e-5)
+    q.bfloat16()  # not eligible any more: the next candidate, converted through the codes
+    assert q.weight_layout != "transposed" and torch.equal(q.state_dict()["qweight"], sd["qweight"])
+
+
+def test_codes_dequantize_as_the_canonical_form():
+    scheme = QuantScheme(3, True, PerGroup(16))
+    qa = _qa(scheme)
+    w = QuantizedWeight.from_quantized_array(qa)
+    codes, s, z = w.codes()
+    assert codes.shape == (32, 64) and int(codes.min()) >= 0
+    assert torch.equal(dequantize_codes(codes, s, z, w.spec), w.dequantize())
+
+
+def test_from_quantized_array_checks_its_input():
+    with pytest.raises(TypeError, match="QuantizedArray"):
+        QuantizedWeight.from_quantized_array(np.zeros((2, 2)))
+    qa = qcore.quantize(np.ones(8, np.float32), QuantScheme())
+    with pytest.raises(ValueError, match=r"2-D .* shape \[8\]"):
+        QuantizedWeight.from_quantized_array(qa)
+    qa2 = _qa(QuantScheme())
+    w = QuantizedWeight.from_quantized_array(qa2)
+    with pytest.raises(ValueError, match="does not fit"):
+        w.load_quantized_array(_qa(QuantScheme(4, False, PerGroup(16))), torch.float32)
+    with pytest.raises(ValueError, match=r"bias must be a tensor of shape \[32\]"):
+        qtorch.QuantLinear.from_quantized_array(qa2, torch.zeros(3))
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, False, PerGroup(32)), QuantScheme(8, True, PerChannel(0)),
+                                    QuantScheme(2, False, PerTensor())], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_layer_from_a_quantized_array_equals_one_loaded_from_its_state(scheme, dtype):
+    qa = _qa(scheme, n=64, k=128)
+    bias = torch.randn(64)
+    a = qtorch.QuantLinear.from_quantized_array(qa, bias, dtype=dtype)
+    b = qtorch.QuantLinear(128, 64, scheme=scheme, dtype=dtype)
+    b.load_state_dict(a.state_dict())
+    assert a.weight_layout == b.weight_layout and a.bias.dtype == dtype
+    for key, t in b._buffers.items():
+        assert (t is None and a._buffers[key] is None) or torch.equal(a._buffers[key], t), key
+    x = torch.randn(3, 128, dtype=dtype)
+    assert torch.equal(a(x), b(x))
