@@ -13,7 +13,7 @@ Team kernels (qcore's and qtorch's) inline :func:`claim_loop` and the block layo
 notices changes to a kernel's own file. So every kernel built on :func:`claim_loop` answers a probe (a block of no
 chunks) with the :data:`FINGERPRINT` of the ``_team`` it was compiled against; :class:`TeamKernel` probes each kernel
 once, when it is loaded, and recompiles one that numba's cache kept from another ``_team`` (nothing to delete by
-hand). Without a team (macOS, Windows, no libgomp), in a forked child (a GNU OpenMP team does not survive fork) or
+hand; the fingerprint is part of the kernels' cache key as well). Without a team (macOS, Windows, no libgomp), in a forked child (a GNU OpenMP team does not survive fork) or
 with ``QCORE_OMP_TEAM=0`` (``QTORCH_OMP_TEAM=0``: a deprecated alias), :func:`gomp_parallel` is None and callers
 use Python threads.
 
@@ -28,12 +28,14 @@ A kernel is a numba ``cfunc(void(voidptr))`` (:class:`TeamKernel`); every team t
 pointer: an int64 block whose first entry is a chunk counter the threads ``claim`` chunks from, so a thread
 that starts late simply takes fewer; then the kernel's operands, described by an :class:`Operands` spec (named,
 typed fields: the Python side packs them, the numba side reads them as a named tuple), one result per chunk, and
-a trailer (chunks done, starved threads, team size).
+a trailer (chunks done, starved threads, team size, cycle counts).
 
 Under load: GNU OpenMP's team ends in a barrier that waits for every thread, even one that claimed nothing. When
 another process holds a core, a team thread may wait a scheduler slice (milliseconds) for it, and so does the
-call. :func:`claim_loop` counts the threads that got almost none of the chunks; :func:`run` then caps the team
-(:func:`thread_cap`) for a short, growing while before it tries the whole team again.
+call. :func:`claim_loop` counts the threads that got almost none of the chunks, and notes (in cycles) when the
+first and the last thread ran out of chunks; after a call where a thread starved, or where threads waited for a
+straggler longer than half the time they worked, :func:`run` caps the team (:func:`thread_cap`) for a short,
+growing while before it tries the whole team again.
 
 >>> gomp_parallel() is None or callable(gomp_parallel())
 True
@@ -46,6 +48,7 @@ import ctypes
 import hashlib
 import keyword
 import os
+import platform
 import sys
 import threading
 import time
@@ -54,6 +57,9 @@ import warnings
 import numpy as np
 from llvmlite import ir
 from numba import carray, cfunc, njit, types
+from numba.core import cgutils
+from numba.core.caching import FunctionCache
+from numba.core.ccallback import CFunc
 from numba.extending import intrinsic
 
 __all__ = ["ADDR", "F64", "FINGERPRINT", "HEADER", "I64", "Operands", "TeamKernel", "all_done", "as_ptr", "claim",
@@ -61,13 +67,18 @@ __all__ = ["ADDR", "F64", "FINGERPRINT", "HEADER", "I64", "Operands", "TeamKerne
            "release_before_fork", "run", "team_threads", "thread_cap", "torch_gomp_parallel", "torch_team"]
 
 #: a team block: [chunk counter, chunks, total, the kernel's operands (at most MAX_OPERANDS)..., one result per
-#: chunk, then the trailer: chunks done, starved threads, team size]. Entries 0-2 stay where they are in every
+#: chunk, then the trailer: chunks done, starved threads, team size, and the cycle counter when the first thread
+#: came in, when the first ran out of chunks and when the last did]. Entries 0-2 stay where they are in every
 #: layout: a probe (no chunks) is answered in entry 2, whatever layout the kernel was compiled against.
 HEADER = 16
 MAX_OPERANDS = HEADER - 3
-DONE, STARVED, THREADS = range(3)  # trailer entries, from HEADER + chunks on
-TRAILER = 3
+DONE, STARVED, THREADS, FIRST_IN, FIRST_OUT, LAST_OUT = range(6)  # trailer entries, from HEADER + chunks on
+TRAILER = 6
 PROBE = 2
+_NEVER = np.iinfo(np.int64).max
+#: a cycle counter the kernels read (the TSC); elsewhere 0, and only the threads' shares of the chunks tell a
+#: thread that came late
+_HAS_CLOCK = platform.machine().lower() in ("x86_64", "amd64")
 _LOCK = threading.Lock()
 _FN = None  # the resolved GOMP_parallel (ctypes function), False when there is none
 _RESOLVED_WITH_TORCH = False  # whether torch's library was mapped when _FN was resolved
@@ -280,10 +291,11 @@ CAP_FIRST_S, CAP_MAX_S = 0.1, 1.6  # how long the cap holds: doubled each time t
 _CAP = None  # (until, threads, while_s) once a team call starved threads
 
 
-def _note_starved(nthreads: int, starved: int, wall_s: float) -> None:
+def _note_starved(nthreads: int, starved: int, wall_s: float, waited: bool = False) -> None:
     global _CAP
     now, cap = time.monotonic(), _CAP
-    if starved and wall_s >= LATE_S:
+    if (starved or waited) and wall_s >= LATE_S:
+        starved = max(starved, 1)
         hold = CAP_FIRST_S if cap is None else min(CAP_MAX_S, 2 * cap[2])
         _CAP = (now + hold, max(1, nthreads - starved), hold)
     elif cap is not None and now >= cap[0] and nthreads > cap[1]:
@@ -302,6 +314,7 @@ def new_block(nchunks: int, total: int, operands: tuple = ()) -> np.ndarray:
     block = np.zeros(HEADER + nchunks + TRAILER, np.int64)
     block[1], block[2] = nchunks, total
     block[3:3 + len(operands)] = operands
+    block[HEADER + nchunks + FIRST_IN] = block[HEADER + nchunks + FIRST_OUT] = _NEVER
     return block
 
 
@@ -322,8 +335,18 @@ def run(kernel: "TeamKernel", block, nthreads: int, nchunks: int | None = None) 
     fn(address, block.ctypes.data, nthreads, 0)
     _LAST_END, _LAST_SIZE = time.monotonic(), nthreads
     if nchunks is not None and nthreads > 1:
-        _note_starved(nthreads, int(block[HEADER + nchunks + STARVED]), _LAST_END - start)
+        trailer = block[HEADER + nchunks:]
+        _note_starved(nthreads, int(trailer[STARVED]), _LAST_END - start, _waited(trailer))
     return True
+
+
+def _waited(trailer) -> bool:
+    """Whether threads that ran out of chunks waited for a straggler (a late thread, or one taken off its core
+    holding a chunk) longer than half the time all of them worked: the team then cost more than it gave."""
+    first_in, first_out, last_out = (int(trailer[k]) for k in (FIRST_IN, FIRST_OUT, LAST_OUT))
+    if not (first_in <= first_out <= last_out) or first_in == last_out:
+        return False  # no clock here
+    return 2 * (last_out - first_out) > first_out - first_in
 
 
 def _fingerprint() -> int:
@@ -340,6 +363,13 @@ def _fingerprint() -> int:
 FINGERPRINT = _fingerprint()
 
 
+class _LayoutCache(FunctionCache):
+    """numba's cache of a team kernel, keyed on the block layout too."""
+
+    def _index_key(self, sig, codegen):
+        return super()._index_key(sig, codegen), FINGERPRINT
+
+
 def _probe(compiled) -> int:
     """Call a kernel with a block of no chunks: a :func:`claim_loop` kernel writes its FINGERPRINT, a kernel of
     another kind nothing (it must take an all-zero block as no work). The block is long enough for any header."""
@@ -352,9 +382,11 @@ class TeamKernel:
     """A team kernel's Python function, compiled as a ``cfunc(void(voidptr))`` the first time it is needed (a
     cfunc compiles, or loads from numba's cache, when it is created: never at import, never without a team).
 
-    Loaded from numba's cache, a :func:`claim_loop` kernel is probed: one compiled against another ``_team``
-    (an older block layout; numba's cache only notices edits to the kernel's own file) is compiled again, and
-    the cache updated (``recompiled`` is then True).
+    numba's cache only notices edits to the kernel's own file, not to the block layout and :func:`claim_loop` it
+    inlines from here: so the :data:`FINGERPRINT` of this ``_team`` is part of the kernel's cache key (a kernel
+    cached against another layout is compiled anew, and cached beside it), and a :func:`claim_loop` kernel is
+    probed when it is loaded (one that answers another fingerprint is compiled again). ``from_cache`` tells
+    whether the kernel was loaded from numba's cache.
 
     >>> TeamKernel(lambda data: None)._cfunc is None
     True
@@ -364,10 +396,16 @@ class TeamKernel:
         self.pyfunc = pyfunc
         self._cfunc = None
         self._lock = threading.Lock()
-        self.recompiled = False
+        self.from_cache = False
 
     def _build(self):
-        return cfunc(types.void(types.voidptr), nogil=True, cache=True)(self.pyfunc)
+        try:
+            compiled = CFunc(self.pyfunc, ((types.voidptr,), types.void), {}, {"nogil": True})
+            compiled._cache = _LayoutCache(self.pyfunc)
+        except Exception:  # pragma: no cover - another numba's internals: the probe below still guards
+            return cfunc(types.void(types.voidptr), nogil=True, cache=True)(self.pyfunc)
+        compiled.compile()
+        return compiled
 
     def _compiled(self):
         if self._cfunc is None:
@@ -377,10 +415,10 @@ class TeamKernel:
                     if _probe(compiled) not in (0, FINGERPRINT):
                         compiled._cache.flush()  # forget the stale entry, so that the fresh one is saved in its place
                         compiled = self._build()
-                        self.recompiled = True
                         if _probe(compiled) != FINGERPRINT:  # pragma: no cover - numba did not compile anew
                             raise RuntimeError(f"team kernel {self.pyfunc.__qualname__} still answers another "
                                                f"qcore._team after recompiling it")
+                    self.from_cache = getattr(compiled, "_cache_hits", 0) > 0
                     self._cfunc = compiled
         return self._cfunc
 
@@ -487,6 +525,34 @@ def _count_done(typingctx, block, index):
     return types.void(block, index), codegen
 
 
+def _atomic(op):
+    @intrinsic
+    def rmw(typingctx, block, index, value):
+        """Atomically ``block[index] = op(block[index], value)``."""
+        def codegen(context, builder, sig, args):
+            a = context.make_array(sig.args[0])(context, builder, args[0])
+            v = context.cast(builder, args[2], sig.args[2], types.int64)
+            builder.atomic_rmw(op, builder.gep(a.data, [args[1]]), v, "monotonic")
+            return context.get_dummy_value()
+        return types.void(block, index, value), codegen
+    return rmw
+
+
+_atomic_min, _atomic_max = _atomic("min"), _atomic("max")
+
+
+@intrinsic
+def _clock(typingctx):
+    """The CPU's cycle counter (x86-64's TSC: steady, shared by the cores); 0 elsewhere."""
+    def codegen(context, builder, sig, args):
+        if not _HAS_CLOCK:
+            return ir.Constant(ir.IntType(64), 0)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), []),
+                                            "llvm.readcyclecounter")
+        return builder.call(fn, [])
+    return types.int64(), codegen
+
+
 @intrinsic
 def _load_acquire(typingctx, block, index):
     def codegen(context, builder, sig, args):
@@ -510,6 +576,9 @@ def claim_operands(data, read, chunk, a, b):
     nchunks, total = head[1], head[2]
     block = carray(data, HEADER + nchunks + TRAILER, np.int64)
     ops = read(head)
+    trailer = HEADER + nchunks
+    if nchunks:
+        _atomic_min(block, trailer + FIRST_IN, _clock())
     mine = 0
     while True:
         i = claim(block)
@@ -521,10 +590,13 @@ def claim_operands(data, read, chunk, a, b):
     if nchunks == 0:
         block[PROBE] = FINGERPRINT
         return
-    team = block[HEADER + nchunks + THREADS]
+    out = _clock()
+    _atomic_min(block, trailer + FIRST_OUT, out)
+    _atomic_max(block, trailer + LAST_OUT, out)
+    team = block[trailer + THREADS]
     # a thread with under a quarter of its share arrived late: its core was busy, and the team's barrier waited
     if team > 1 and nchunks >= 4 * team and mine * 4 * team < nchunks:
-        _count_done(block, HEADER + nchunks + STARVED)
+        _count_done(block, trailer + STARVED)
 
 
 @njit(inline="always")

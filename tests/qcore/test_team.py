@@ -438,10 +438,35 @@ def test_a_kernel_cached_against_an_older_block_layout_is_compiled_again(tmp_pat
         src, dst = np.arange(1000), np.zeros(1000, np.int64)
         res = P.run_chunks(stale_kernel.KERNEL, (src.ctypes.data, dst.ctypes.data, 1000), 1000, 10,
                            keep=(src, dst), nchunks=4)
-        print(res.tolist() == [0, 250, 500, 750], np.array_equal(dst, src + 1), stale_kernel.KERNEL.recompiled)
+        print(res.tolist() == [0, 250, 500, 750], np.array_equal(dst, src + 1), stale_kernel.KERNEL.from_cache)
     """
-    assert _run(check, **env).split() == ["True", "True", "True"]  # found stale when loaded, compiled again
-    assert _run(check, **env).split() == ["True", "True", "False"]  # and the cache now holds the new one
+    assert _run(check, **env).split() == ["True", "True", "False"]  # not loaded from the cache: compiled again
+    assert _run(check, **env).split() == ["True", "True", "True"]  # and the cache now holds the new one
+
+
+def test_a_kernel_that_answers_another_layout_when_probed_is_compiled_again(tmp_path):
+    # the second guard: a cache entry under the current key, yet compiled against another layout
+    (tmp_path / "stale_kernel.py").write_text(_STALE_MODULE)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    _run("""
+        import qcore._team as T
+        real = T.FINGERPRINT
+        T._LayoutCache._index_key = lambda self, sig, codegen: (T.FunctionCache._index_key(self, sig, codegen), real)
+        T.HEADER, T.FINGERPRINT = 20, 12345   # compiled against an older layout, cached under today's key
+        import stale_kernel
+        stale_kernel.KERNEL.ctypes()
+    """, **env)
+    check = """
+        import numpy as np, qcore._parallel as P, stale_kernel
+        P.NUM_THREADS, P.DYNAMIC = 2, False
+        src, dst = np.arange(1000), np.zeros(1000, np.int64)
+        res = P.run_chunks(stale_kernel.KERNEL, (src.ctypes.data, dst.ctypes.data, 1000), 1000, 10,
+                           keep=(src, dst), nchunks=4)
+        print(res.tolist() == [0, 250, 500, 750], np.array_equal(dst, src + 1), stale_kernel.KERNEL.from_cache)
+    """
+    assert _run(check, **env).split() == ["True", "True", "False"]  # the probe found it stale: compiled again
+    assert _run(check, **env).split() == ["True", "True", "True"]  # in its place in the cache
 
 
 def test_qtorch_omp_team_0_is_a_deprecated_alias_of_qcore_omp_team_0():
