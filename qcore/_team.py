@@ -10,10 +10,10 @@ Which team: the OpenMP runtime PyTorch runs on when torch is loaded (found throu
 otherwise a GNU OpenMP runtime already in the process, or the system's ``libgomp.so.1``.
 
 Team kernels (qcore's and qtorch's) inline :func:`claim_loop` and the block layout from here, and numba's cache only
-notices changes to a kernel's own file. So every kernel built on :func:`claim_loop` answers a probe (a block of no
-chunks) with the :data:`FINGERPRINT` of the ``_team`` it was compiled against; :class:`TeamKernel` probes each kernel
-once, when it is loaded, and recompiles one that numba's cache kept from another ``_team`` (nothing to delete by
-hand; the fingerprint is part of the kernels' cache key as well). Without a team (macOS, Windows, no libgomp), in a forked child (a GNU OpenMP team does not survive fork) or
+notices changes to a kernel's own file. So this file's :data:`FINGERPRINT` is part of every team kernel's cache
+key, and a kernel built on :func:`claim_loop` answers a probe (a block of no chunks) with the fingerprint it was
+compiled against: :class:`TeamKernel` compiles again a kernel cached against another layout (nothing to delete by
+hand). Without a team (macOS, Windows, no libgomp), in a forked child (a GNU OpenMP team does not survive fork) or
 with ``QCORE_OMP_TEAM=0`` (``QTORCH_OMP_TEAM=0``: a deprecated alias), :func:`gomp_parallel` is None and callers
 use Python threads.
 
