@@ -336,7 +336,9 @@ def run(kernel: "TeamKernel", block, nthreads: int, nchunks: int | None = None) 
     _LAST_END, _LAST_SIZE = time.monotonic(), nthreads
     if nchunks is not None and nthreads > 1:
         trailer = block[HEADER + nchunks:]
-        _note_starved(nthreads, int(trailer[STARVED]), _LAST_END - start, _waited(trailer))
+        # with fewer chunks, a quiet team's last chunk alone can keep the others waiting that long
+        waited = nchunks >= 4 * nthreads and _waited(trailer)
+        _note_starved(nthreads, int(trailer[STARVED]), _LAST_END - start, waited)
     return True
 
 

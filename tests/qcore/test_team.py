@@ -531,3 +531,17 @@ def test_the_cap_holds_longer_each_time_the_whole_team_starves_again(monkeypatch
     now[0] += 2 * _team.CAP_FIRST_S
     _team._note_starved(4, 0, 0.001)  # the whole team, nobody starved: the load is gone
     assert _team._CAP is None and _team.thread_cap(4) == 4
+
+
+def test_threads_that_waited_for_a_straggler_longer_than_half_their_work_cap_the_team(monkeypatch):
+    def trailer(first_in, first_out, last_out):
+        t = np.zeros(_team.TRAILER, np.int64)
+        t[_team.FIRST_IN], t[_team.FIRST_OUT], t[_team.LAST_OUT] = first_in, first_out, last_out
+        return t
+
+    assert not _team._waited(trailer(0, 1000, 1400))  # the last chunk: a short wait
+    assert _team._waited(trailer(0, 1000, 1600))  # a straggler kept the others waiting 600 of 1000 cycles' work
+    assert not _team._waited(trailer(0, 0, 0))  # no cycle counter on this CPU
+    monkeypatch.setattr(_team, "_CAP", None)
+    _team._note_starved(2, 0, 0.001, waited=True)
+    assert _team.thread_cap(2) == 1
