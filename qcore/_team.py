@@ -67,15 +67,14 @@ __all__ = ["ADDR", "F64", "FINGERPRINT", "HEADER", "I64", "Operands", "TeamKerne
            "release_before_fork", "run", "team_threads", "thread_cap", "torch_gomp_parallel", "torch_team"]
 
 #: a team block: [chunk counter, chunks, total, the kernel's operands (at most MAX_OPERANDS)..., one result per
-#: chunk, then the trailer: chunks done, starved threads, team size, and the cycle counter when the first thread
-#: came in, when the first ran out of chunks and when the last did]. Entries 0-2 stay where they are in every
+#: chunk, then the trailer: chunks done (off a team), starved threads, team size, and the cycle counter when chunk 0
+#: was claimed, when the first thread ran out of chunks and when the last did]. Entries 0-2 stay where they are in every
 #: layout: a probe (no chunks) is answered in entry 2, whatever layout the kernel was compiled against.
 HEADER = 16
 MAX_OPERANDS = HEADER - 3
 DONE, STARVED, THREADS, FIRST_IN, FIRST_OUT, LAST_OUT = range(6)  # trailer entries, from HEADER + chunks on
 TRAILER = 6
 PROBE = 2
-_NEVER = np.iinfo(np.int64).max
 #: a cycle counter the kernels read (the TSC); elsewhere 0, and only the threads' shares of the chunks tell a
 #: thread that came late
 _HAS_CLOCK = platform.machine().lower() in ("x86_64", "amd64")
@@ -314,7 +313,6 @@ def new_block(nchunks: int, total: int, operands: tuple = ()) -> np.ndarray:
     block = np.zeros(HEADER + nchunks + TRAILER, np.int64)
     block[1], block[2] = nchunks, total
     block[3:3 + len(operands)] = operands
-    block[HEADER + nchunks + FIRST_IN] = block[HEADER + nchunks + FIRST_OUT] = _NEVER
     return block
 
 
@@ -334,11 +332,12 @@ def run(kernel: "TeamKernel", block, nthreads: int, nchunks: int | None = None) 
     start = time.monotonic()
     fn(address, block.ctypes.data, nthreads, 0)
     _LAST_END, _LAST_SIZE = time.monotonic(), nthreads
-    if nchunks is not None and nthreads > 1:
+    wall = _LAST_END - start
+    if nchunks is not None and nthreads > 1 and (wall >= LATE_S or _CAP is not None):  # else: nothing to learn
         trailer = block[HEADER + nchunks:]
         # with fewer chunks, a quiet team's last chunk alone can keep the others waiting that long
         waited = nchunks >= 4 * nthreads and _waited(trailer)
-        _note_starved(nthreads, int(trailer[STARVED]), _LAST_END - start, waited)
+        _note_starved(nthreads, int(trailer[STARVED]), wall, waited)
     return True
 
 
@@ -527,22 +526,6 @@ def _count_done(typingctx, block, index):
     return types.void(block, index), codegen
 
 
-def _atomic(op):
-    @intrinsic
-    def rmw(typingctx, block, index, value):
-        """Atomically ``block[index] = op(block[index], value)``."""
-        def codegen(context, builder, sig, args):
-            a = context.make_array(sig.args[0])(context, builder, args[0])
-            v = context.cast(builder, args[2], sig.args[2], types.int64)
-            builder.atomic_rmw(op, builder.gep(a.data, [args[1]]), v, "monotonic")
-            return context.get_dummy_value()
-        return types.void(block, index, value), codegen
-    return rmw
-
-
-_atomic_min, _atomic_max = _atomic("min"), _atomic("max")
-
-
 @intrinsic
 def _clock(typingctx):
     """The CPU's cycle counter (x86-64's TSC: steady, shared by the cores); 0 elsewhere."""
@@ -579,23 +562,26 @@ def claim_operands(data, read, chunk, a, b):
     block = carray(data, HEADER + nchunks + TRAILER, np.int64)
     ops = read(head)
     trailer = HEADER + nchunks
-    if nchunks:
-        _atomic_min(block, trailer + FIRST_IN, _clock())
+    team = block[trailer + THREADS]  # 0: not on an OpenMP team (Python threads, or the caller alone)
     mine = 0
     while True:
         i = claim(block)
         if i >= nchunks:
             break
+        if i == 0:
+            block[trailer + FIRST_IN] = _clock()
         block[HEADER + i] = np.int64(chunk(ops, i, total * i // nchunks, total * (i + 1) // nchunks, a, b))
-        _count_done(block, HEADER + nchunks + DONE)
+        if team == 0:  # off a team the caller learns from this count that every chunk is done (the team: its barrier)
+            _count_done(block, trailer + DONE)
         mine += 1
     if nchunks == 0:
         block[PROBE] = FINGERPRINT
         return
-    out = _clock()
-    _atomic_min(block, trailer + FIRST_OUT, out)
-    _atomic_max(block, trailer + LAST_OUT, out)
-    team = block[trailer + THREADS]
+    # every thread ends on one claim past the chunks, in the order the threads ran out of them: no atomics needed
+    if i == nchunks:
+        block[trailer + FIRST_OUT] = _clock()
+    elif i == nchunks + team - 1:
+        block[trailer + LAST_OUT] = _clock()
     # a thread with under a quarter of its share arrived late: its core was busy, and the team's barrier waited
     if team > 1 and nchunks >= 4 * team and mine * 4 * team < nchunks:
         _count_done(block, trailer + STARVED)
