@@ -184,14 +184,23 @@ def dequantize_flat(codes, s, z, out, lo, hi):
 
 
 # --- team kernels (qcore._team): a cfunc per kernel and dtype pair, compiled on first use. Each reads its
-# operands from the int64 block after the chunk header (floats as float64 bit patterns) and runs the
-# kernel above on the chunks it claims. Slots, from 3:
-#   quantize_rows:   R, L, x, xbits, xbits columns, g, qmin, qmax, symmetric, codes, scale, zp, groups
-#   minmax_range:    n, x, xbits, xbits length, out (float64 [chunks, 3]: min, max, non-finite)
-#   quantize_flat:   n, x, scale, zero point, qmin, qmax, codes
-#   dequantize_rows: R, L, codes, g, scale, zp, zp columns, out (float32 [R, L]); scale has L // g columns
-#   dequantize_flat: n, codes, scale, zero point, out
+# operands (an Operands spec below, in the order qcore.quantize passes them) and runs the kernel above on the
+# chunks it claims.
+_I, _F, _A = _team.I64, _team.F64, _team.ADDR
+QUANTIZE_ROWS = _team.Operands("quantize_rows", rows=_I, length=_I, x=_A, xbits=_A, xbits_cols=_I, g=_I, qmin=_I,
+                               qmax=_I, symmetric=_I, codes=_A, scale=_A, zp=_A, groups=_I)
+MINMAX_RANGE = _team.Operands("minmax_range", n=_I, x=_A, xbits=_A, xbits_len=_I,
+                              out=_A)  # out: float64 [chunks, 3]: min, max, non-finite
+QUANTIZE_FLAT = _team.Operands("quantize_flat", n=_I, x=_A, scale=_F, zero_point=_F, qmin=_I, qmax=_I, codes=_A)
+DEQUANTIZE_ROWS = _team.Operands("dequantize_rows", rows=_I, length=_I, codes=_A, g=_I, scale=_A, zp=_A, zp_cols=_I,
+                                 out=_A)  # out: float32 [rows, length]; scale has length // g columns
+DEQUANTIZE_FLAT = _team.Operands("dequantize_flat", n=_I, codes=_A, scale=_F, zero_point=_F, out=_A)
+_read_quantize_rows, _read_minmax_range, _read_quantize_flat = (QUANTIZE_ROWS.read, MINMAX_RANGE.read,
+                                                               QUANTIZE_FLAT.read)
+_read_dequantize_rows, _read_dequantize_flat = DEQUANTIZE_ROWS.read, DEQUANTIZE_FLAT.read
 
+
+# for a kernel that reads its operands from the header by slot (``_team.claim_loop``): head[3], head[4], ...
 @njit(inline="always")
 def _ptr(head, k):
     return _team.as_ptr(head[k])
@@ -203,105 +212,103 @@ def _f64(head, k):
 
 
 @njit(inline="always")
-def _quantize_rows_chunk(head, i, lo, hi, xdt, cdt):
-    R, L, g, ngroups = head[3], head[4], head[8], head[15]
-    x = carray(_ptr(head, 5), (R, L), xdt)
-    xbits = carray(_ptr(head, 6), (R, head[7]), np.int32)
-    codes = carray(_ptr(head, 12), (R, L), cdt)
-    scale = carray(_ptr(head, 13), (R, ngroups), np.float32)
-    zp = carray(_ptr(head, 14), (R, ngroups), np.uint8)
-    return quantize_rows(x, xbits, g, head[9], head[10], head[11] != 0, codes, scale, zp, lo, hi)
+def _quantize_rows_chunk(o, i, lo, hi, xdt, cdt):
+    R, L, ngroups = o.rows, o.length, o.groups
+    x = carray(o.x, (R, L), xdt)
+    xbits = carray(o.xbits, (R, o.xbits_cols), np.int32)
+    codes = carray(o.codes, (R, L), cdt)
+    scale = carray(o.scale, (R, ngroups), np.float32)
+    zp = carray(o.zp, (R, ngroups), np.uint8)
+    return quantize_rows(x, xbits, o.g, o.qmin, o.qmax, o.symmetric != 0, codes, scale, zp, lo, hi)
 
 
 @njit(inline="always")
-def _minmax_chunk(head, i, lo, hi, xdt, _y):
-    n = head[3]
-    mn, mx, bad = minmax_range(carray(_ptr(head, 4), n, xdt), carray(_ptr(head, 5), head[6], np.int32), lo, hi)
-    out = carray(_ptr(head, 7), (i + 1, 3), np.float64)
+def _minmax_chunk(o, i, lo, hi, xdt, _y):
+    n = o.n
+    mn, mx, bad = minmax_range(carray(o.x, n, xdt), carray(o.xbits, o.xbits_len, np.int32), lo, hi)
+    out = carray(o.out, (i + 1, 3), np.float64)
     out[i, 0], out[i, 1], out[i, 2] = mn, mx, 1.0 if bad else 0.0
     return 0
 
 
 @njit(inline="always")
-def _quantize_flat_chunk(head, i, lo, hi, xdt, cdt):
-    n = head[3]
-    quantize_flat(carray(_ptr(head, 4), n, xdt), np.float32(_f64(head, 5)), _f64(head, 6), head[7], head[8],
-                  carray(_ptr(head, 9), n, cdt), lo, hi)
+def _quantize_flat_chunk(o, i, lo, hi, xdt, cdt):
+    n = o.n
+    quantize_flat(carray(o.x, n, xdt), np.float32(o.scale), o.zero_point, o.qmin, o.qmax, carray(o.codes, n, cdt),
+                  lo, hi)
     return 0
 
 
 @njit(inline="always")
-def _dequantize_rows_chunk(head, i, lo, hi, cdt, _y):
-    R, L, g = head[3], head[4], head[6]
+def _dequantize_rows_chunk(o, i, lo, hi, cdt, _y):
+    R, L, g = o.rows, o.length, o.g
     ngroups = L // g
-    dequantize_rows(carray(_ptr(head, 5), (R, L), cdt), g, carray(_ptr(head, 7), (R, ngroups), np.float32),
-                    carray(_ptr(head, 8), (R, head[9]), np.uint8), carray(_ptr(head, 10), (R, L), np.float32),
-                    lo, hi)
+    dequantize_rows(carray(o.codes, (R, L), cdt), g, carray(o.scale, (R, ngroups), np.float32),
+                    carray(o.zp, (R, o.zp_cols), np.uint8), carray(o.out, (R, L), np.float32), lo, hi)
     return 0
 
 
 @njit(inline="always")
-def _dequantize_flat_chunk(head, i, lo, hi, cdt, _y):
-    n = head[3]
-    dequantize_flat(carray(_ptr(head, 4), n, cdt), _f64(head, 5), _f64(head, 6), carray(_ptr(head, 7), n, np.float32),
-                    lo, hi)
+def _dequantize_flat_chunk(o, i, lo, hi, cdt, _y):
+    n = o.n
+    dequantize_flat(carray(o.codes, n, cdt), o.scale, o.zero_point, carray(o.out, n, np.float32), lo, hi)
     return 0
 
 
 def _quantize_rows_f32_i8(data):
-    _team.claim_loop(data, _quantize_rows_chunk, np.float32, np.int8)
+    _team.claim_operands(data, _read_quantize_rows, _quantize_rows_chunk, np.float32, np.int8)
 
 
 def _quantize_rows_f32_u8(data):
-    _team.claim_loop(data, _quantize_rows_chunk, np.float32, np.uint8)
+    _team.claim_operands(data, _read_quantize_rows, _quantize_rows_chunk, np.float32, np.uint8)
 
 
 def _quantize_rows_f64_i8(data):
-    _team.claim_loop(data, _quantize_rows_chunk, np.float64, np.int8)
+    _team.claim_operands(data, _read_quantize_rows, _quantize_rows_chunk, np.float64, np.int8)
 
 
 def _quantize_rows_f64_u8(data):
-    _team.claim_loop(data, _quantize_rows_chunk, np.float64, np.uint8)
+    _team.claim_operands(data, _read_quantize_rows, _quantize_rows_chunk, np.float64, np.uint8)
 
 
 def _minmax_f32(data):
-    _team.claim_loop(data, _minmax_chunk, np.float32, 0)
+    _team.claim_operands(data, _read_minmax_range, _minmax_chunk, np.float32, 0)
 
 
 def _minmax_f64(data):
-    _team.claim_loop(data, _minmax_chunk, np.float64, 0)
+    _team.claim_operands(data, _read_minmax_range, _minmax_chunk, np.float64, 0)
 
 
 def _quantize_flat_f32_i8(data):
-    _team.claim_loop(data, _quantize_flat_chunk, np.float32, np.int8)
+    _team.claim_operands(data, _read_quantize_flat, _quantize_flat_chunk, np.float32, np.int8)
 
 
 def _quantize_flat_f32_u8(data):
-    _team.claim_loop(data, _quantize_flat_chunk, np.float32, np.uint8)
+    _team.claim_operands(data, _read_quantize_flat, _quantize_flat_chunk, np.float32, np.uint8)
 
 
 def _quantize_flat_f64_i8(data):
-    _team.claim_loop(data, _quantize_flat_chunk, np.float64, np.int8)
+    _team.claim_operands(data, _read_quantize_flat, _quantize_flat_chunk, np.float64, np.int8)
 
 
 def _quantize_flat_f64_u8(data):
-    _team.claim_loop(data, _quantize_flat_chunk, np.float64, np.uint8)
+    _team.claim_operands(data, _read_quantize_flat, _quantize_flat_chunk, np.float64, np.uint8)
 
 
 def _dequantize_rows_i8(data):
-    _team.claim_loop(data, _dequantize_rows_chunk, np.int8, 0)
+    _team.claim_operands(data, _read_dequantize_rows, _dequantize_rows_chunk, np.int8, 0)
 
 
 def _dequantize_rows_u8(data):
-    _team.claim_loop(data, _dequantize_rows_chunk, np.uint8, 0)
+    _team.claim_operands(data, _read_dequantize_rows, _dequantize_rows_chunk, np.uint8, 0)
 
 
 def _dequantize_flat_i8(data):
-    _team.claim_loop(data, _dequantize_flat_chunk, np.int8, 0)
+    _team.claim_operands(data, _read_dequantize_flat, _dequantize_flat_chunk, np.int8, 0)
 
 
 def _dequantize_flat_u8(data):
-    _team.claim_loop(data, _dequantize_flat_chunk, np.uint8, 0)
+    _team.claim_operands(data, _read_dequantize_flat, _dequantize_flat_chunk, np.uint8, 0)
 
 
 _T = _team.TeamKernel

@@ -107,10 +107,13 @@ def threads(team: bool = False) -> int:
     (``torch.set_num_threads(1)`` in a DataLoader worker, ``OMP_NUM_THREADS``). On torch's team the load is not
     read: after every torch op its workers spin, runnable, for milliseconds, so they would read as busy cores
     (measured: every qcore call of a ``quantize_model`` ran on one thread), yet they are the very workers the
-    call runs on. There qcore does as torch's own ops do: the whole team."""
+    call runs on. There qcore does as torch's own ops do: the whole team, unless a recent team call found a
+    thread starved by another process (``_team.thread_cap``)."""
     n = NUM_THREADS
     if team:
         n = min(n, _team.team_threads())
+        if DYNAMIC:
+            n = _team.thread_cap(n)  # fewer while a recent call starved threads (a busy core, the load unseen)
         if _team.on_torch_team():
             return n
     if DYNAMIC and n > 1:
@@ -141,14 +144,10 @@ def run_chunks(team_kernel, operands: tuple, total: int, min_part: int, keep: tu
     where the process has one (``qcore._team``), else on this thread plus pool threads, else (one chunk, or one
     idle core) on this thread alone.
     """
-    if len(operands) > _team.HEADER - 3:
-        raise ValueError(f"a team block holds at most {_team.HEADER - 3} operands, got {len(operands)}")
     nchunks = team_chunks(total, min_part) if nchunks is None else max(1, nchunks)
+    block = _team.new_block(nchunks, total, operands)  # the trailer's first entry counts the chunks done
     nthreads = min(threads(team=_team.gomp_parallel() is not None), nchunks) if nchunks >= 2 else 1
-    block = np.zeros(_team.HEADER + nchunks + 1, np.int64)  # the last entry counts the chunks done
-    block[1], block[2] = nchunks, total
-    block[3:3 + len(operands)] = operands
-    if nthreads == 1 or not _team.run(team_kernel, block, nthreads):
+    if nthreads == 1 or not _team.run(team_kernel, block, nthreads, nchunks):
         call = team_kernel.ctypes()  # ctypes releases the GIL for the call
         if nthreads == 1:
             call(block.ctypes.data)
@@ -169,9 +168,10 @@ def run_chunks(team_kernel, operands: tuple, total: int, min_part: int, keep: tu
             waited = 0
             while not _team.all_done(block):
                 if waited == nthreads - 1:  # every thread returned, yet chunks are not counted done
-                    raise RuntimeError("qcore's team kernel did not count all its chunks: it failed (see the error "
-                                       "numba printed above), or numba's cache holds kernels compiled against another "
-                                       "qcore._team (delete qcore/__pycache__/*.nb[ic])")
+                    raise RuntimeError(f"team kernel {team_kernel.pyfunc.__qualname__} did not count all its chunks: "
+                                       "it failed (see the error numba printed above), or it is not built on "
+                                       "qcore._team.claim_loop and numba's cache holds it compiled against another "
+                                       "block layout (delete qcore/__pycache__/*.nb[ic])")
                 returned.acquire()
                 waited += 1
     return block[_team.HEADER:_team.HEADER + nchunks].view(np.uint64)

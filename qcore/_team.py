@@ -9,10 +9,13 @@ Which team: the OpenMP runtime PyTorch runs on when torch is loaded (found throu
 ``libtorch_cpu``, never by importing torch), so qcore's kernels and torch's ops share one set of workers;
 otherwise a GNU OpenMP runtime already in the process, or the system's ``libgomp.so.1``.
 
-The team kernels of ``packing`` and ``_kernels`` inline :func:`claim_loop`, ``HEADER``, :func:`claim` and
-:func:`as_ptr`, and numba's cache only notices changes to a kernel's own file: after editing them here, delete
-``qcore/__pycache__/*.nb[ic]``. Without one (macOS, Windows, no libgomp), in a forked child (a GNU OpenMP team does not
-survive fork) or with ``QCORE_OMP_TEAM=0``, :func:`gomp_parallel` is None and callers use Python threads.
+Team kernels (qcore's and qtorch's) inline :func:`claim_loop` and the block layout from here, and numba's cache only
+notices changes to a kernel's own file. So this file's :data:`FINGERPRINT` is part of every team kernel's cache
+key, and a kernel built on :func:`claim_loop` answers a probe (a block of no chunks) with the fingerprint it was
+compiled against: :class:`TeamKernel` compiles again a kernel cached against another layout (nothing to delete by
+hand). Without a team (macOS, Windows, no libgomp), in a forked child (a GNU OpenMP team does not survive fork) or
+with ``QCORE_OMP_TEAM=0`` (``QTORCH_OMP_TEAM=0``: a deprecated alias), :func:`gomp_parallel` is None and callers
+use Python threads.
 
 Fork: GNU OpenMP keeps a team's idle workers in a pool of the thread that started it. A child forked from that
 thread inherits the pool but not its threads, and its next team of 2+ threads (a torch op on 2 threads) waits
@@ -23,8 +26,16 @@ parent's next team call starts new workers (once per fork).
 
 A kernel is a numba ``cfunc(void(voidptr))`` (:class:`TeamKernel`); every team thread calls it with the same
 pointer: an int64 block whose first entry is a chunk counter the threads ``claim`` chunks from, so a thread
-that starts late simply takes fewer; then shapes and array addresses (``as_ptr`` turns one back into a
-pointer for ``numba.carray``).
+that starts late simply takes fewer; then the kernel's operands, described by an :class:`Operands` spec (named,
+typed fields: the Python side packs them, the numba side reads them as a named tuple), one result per chunk, and
+a trailer (chunks done, starved threads, team size, cycle counts).
+
+Under load: GNU OpenMP's team ends in a barrier that waits for every thread, even one that claimed nothing. When
+another process holds a core, a team thread may wait a scheduler slice (milliseconds) for it, and so does the
+call. :func:`claim_loop` counts the threads that got almost none of the chunks, and notes (in cycles) when the
+first and the last thread ran out of chunks; after a call where a thread starved, or where threads waited for a
+straggler longer than half the time they worked, :func:`run` caps the team (:func:`thread_cap`) for a short,
+growing while before it tries the whole team again.
 
 >>> gomp_parallel() is None or callable(gomp_parallel())
 True
@@ -32,29 +43,59 @@ True
 
 from __future__ import annotations
 
+import collections
 import ctypes
+import hashlib
+import keyword
 import os
+import platform
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 from llvmlite import ir
 from numba import carray, cfunc, njit, types
+from numba.core import cgutils
+from numba.core.caching import FunctionCache
+from numba.core.ccallback import CFunc
 from numba.extending import intrinsic
 
-__all__ = ["HEADER", "TeamKernel", "all_done", "as_ptr", "claim", "claim_loop", "gomp_parallel", "on_torch_team",
-           "own_spinners", "release_before_fork", "run", "team_threads", "torch_gomp_parallel"]
+__all__ = ["ADDR", "F64", "FINGERPRINT", "HEADER", "I64", "Operands", "TeamKernel", "all_done", "as_ptr", "claim",
+           "claim_loop", "claim_operands", "gomp_parallel", "new_block", "on_torch_team", "own_spinners",
+           "release_before_fork", "run", "team_threads", "thread_cap", "torch_gomp_parallel", "torch_team"]
 
-#: a team block: [chunk counter, chunks, total, the kernel's own operands..., one result per chunk, chunks done]
+#: a team block: [chunk counter, chunks, total, the kernel's operands (at most MAX_OPERANDS)..., one result per
+#: chunk, then the trailer: chunks done (off a team), starved threads, team size, and the cycle counter when chunk 0
+#: was claimed, when the first thread ran out of chunks and when the last did]. Entries 0-2 stay where they are in every
+#: layout: a probe (no chunks) is answered in entry 2, whatever layout the kernel was compiled against.
 HEADER = 16
+MAX_OPERANDS = HEADER - 3
+DONE, STARVED, THREADS, FIRST_IN, FIRST_OUT, LAST_OUT = range(6)  # trailer entries, from HEADER + chunks on
+TRAILER = 6
+PROBE = 2
+#: a cycle counter the kernels read (the TSC); elsewhere 0, and only the threads' shares of the chunks tell a
+#: thread that came late
+_HAS_CLOCK = platform.machine().lower() in ("x86_64", "amd64")
 _LOCK = threading.Lock()
 _FN = None  # the resolved GOMP_parallel (ctypes function), False when there is none
 _RESOLVED_WITH_TORCH = False  # whether torch's library was mapped when _FN was resolved
 _FROM_TORCH = False  # whether _FN is torch's own (looked up through libtorch_cpu)
 _LAST_RESOLVE = 0.0
 _RESOLVE_INTERVAL_S = 1.0
-_DISABLED = os.environ.get("QCORE_OMP_TEAM", "1") == "0"  # opt-out, and a way to test the thread fallback
+
+
+def _switched_off() -> bool:
+    """``QCORE_OMP_TEAM=0`` (an opt-out, and a way to test the thread fallback); ``QTORCH_OMP_TEAM`` is its old name."""
+    old = os.environ.get("QTORCH_OMP_TEAM")
+    if old is not None:
+        warnings.warn("QTORCH_OMP_TEAM is deprecated: set QCORE_OMP_TEAM (one switch for qcore and qtorch)",
+                      DeprecationWarning, stacklevel=2)
+    return os.environ.get("QCORE_OMP_TEAM", old if old is not None else "1") == "0"
+
+
+_DISABLED = _switched_off()
 _IN_FORKED_CHILD = False
 #: after a call, libgomp's workers spin (about 9 ms measured here) before they sleep: the cores they keep busy
 #: are the team's, free for our next call, not other work's (``qcore._parallel.busy_cores`` subtracts them)
@@ -178,19 +219,33 @@ def _resolve():
 
 def gomp_parallel():
     """The ``GOMP_parallel`` to run team kernels with, or None where there is no usable team."""
-    global _FN, _RESOLVED_WITH_TORCH, _FROM_TORCH, _LAST_RESOLVE
     if _IN_FORKED_CHILD:
         return None
     if _FN is None or (not _RESOLVED_WITH_TORCH and _torch_loaded()
                        and time.monotonic() - _LAST_RESOLVE > _RESOLVE_INTERVAL_S):
-        with _LOCK:
-            if _FN is None or (not _RESOLVED_WITH_TORCH and _torch_loaded()):
-                # torch loaded but libtorch_cpu not mapped yet (another thread is importing it): asked again,
-                # at most every _RESOLVE_INTERVAL_S (a scan of /proc/self/maps costs ~2 ms), until it is there
-                fn, _RESOLVED_WITH_TORCH, _FROM_TORCH = _resolve()
-                _FN = fn if fn is not None else False
-                _LAST_RESOLVE = time.monotonic()
+        # torch loaded but libtorch_cpu not mapped yet (another thread is importing it): asked again, at most
+        # every _RESOLVE_INTERVAL_S (a scan of /proc/self/maps costs ~2 ms), until it is there
+        _resolve_now(lambda: _FN is None or (not _RESOLVED_WITH_TORCH and _torch_loaded()))
     return _FN or None
+
+
+def _resolve_now(still_needed) -> None:
+    global _FN, _RESOLVED_WITH_TORCH, _FROM_TORCH, _LAST_RESOLVE
+    with _LOCK:
+        if still_needed():
+            fn, _RESOLVED_WITH_TORCH, _FROM_TORCH = _resolve()
+            _FN = fn if fn is not None else False
+            _LAST_RESOLVE = time.monotonic()
+
+
+def torch_team():
+    """``GOMP_parallel`` of the team torch's ops run on, for a caller that has imported torch (qtorch), or None
+    (no team here, or torch's library has no GNU OpenMP entry points)."""
+    if _IN_FORKED_CHILD or _DISABLED:
+        return None
+    if not _RESOLVED_WITH_TORCH and _torch_loaded():
+        _resolve_now(lambda: not _RESOLVED_WITH_TORCH)  # torch is imported: no need to wait for the interval
+    return gomp_parallel() if _FROM_TORCH else None
 
 
 def team_threads() -> int:
@@ -220,21 +275,119 @@ def own_spinners() -> int:
     return 0
 
 
-def run(kernel: "TeamKernel", block, nthreads: int) -> bool:
+def thread_cap(n: int) -> int:
+    """``n``, or fewer while a recent team call starved threads (another process held their cores); the whole team
+    again once that while is over (the call that finds out whether the load is gone)."""
+    cap = _CAP
+    if cap is None or n <= cap[1] or time.monotonic() >= cap[0]:
+        return n
+    return cap[1]
+
+
+#: a team call this long that starved a thread waited for it (a worker woken from sleep costs ~0.1 ms at most)
+LATE_S = 0.0003
+CAP_FIRST_S, CAP_MAX_S = 0.1, 1.6  # how long the cap holds: doubled each time the whole team starves again
+_CAP = None  # (until, threads, while_s) once a team call starved threads
+
+
+def _note_starved(nthreads: int, starved: int, wall_s: float, waited: bool = False) -> None:
+    global _CAP
+    now, cap = time.monotonic(), _CAP
+    if (starved or waited) and wall_s >= LATE_S:
+        starved = max(starved, 1)
+        hold = CAP_FIRST_S if cap is None else min(CAP_MAX_S, 2 * cap[2])
+        _CAP = (now + hold, max(1, nthreads - starved), hold)
+    elif cap is not None and now >= cap[0] and nthreads > cap[1]:
+        _CAP = None  # the whole team ran and nobody starved: the load is gone
+
+
+def new_block(nchunks: int, total: int, operands: tuple = ()) -> np.ndarray:
+    """A team block for ``nchunks`` chunks covering ``[0, total)`` with ``operands`` (ints: see
+    :meth:`Operands.pack`) after the chunk header.
+
+    >>> b = new_block(2, 10, (7,)); b[:4].tolist(), b.size == HEADER + 2 + TRAILER
+    ([0, 2, 10, 7], True)
+    """
+    if len(operands) > MAX_OPERANDS:
+        raise ValueError(f"a team block holds at most {MAX_OPERANDS} operands, got {len(operands)}")
+    block = np.zeros(HEADER + nchunks + TRAILER, np.int64)
+    block[1], block[2] = nchunks, total
+    block[3:3 + len(operands)] = operands
+    return block
+
+
+def run(kernel: "TeamKernel", block, nthreads: int, nchunks: int | None = None) -> bool:
     """Run ``kernel`` on ``nthreads`` team threads with ``block`` (a NumPy int64 array the caller keeps alive)
-    as its argument, and wait for all. False (nothing ran) where there is no team. ctypes releases the GIL."""
+    as its argument, and wait for all. False (nothing ran) where there is no team. ctypes releases the GIL.
+
+    ``nchunks``: the block is a :func:`new_block` of that many chunks, for a :func:`claim_loop` kernel; the threads
+    it starved then cap the next calls (:func:`thread_cap`)."""
     global _LAST_END, _LAST_SIZE
     fn = gomp_parallel()
     if fn is None:
         return False
-    fn(kernel(), block.ctypes.data, nthreads, 0)
+    address = kernel()
+    if nchunks is not None:
+        block[HEADER + nchunks + THREADS] = nthreads
+    start = time.monotonic()
+    fn(address, block.ctypes.data, nthreads, 0)
     _LAST_END, _LAST_SIZE = time.monotonic(), nthreads
+    wall = _LAST_END - start
+    if nchunks is not None and nthreads > 1 and (wall >= LATE_S or _CAP is not None):  # else: nothing to learn
+        trailer = block[HEADER + nchunks:]
+        # with fewer chunks, a quiet team's last chunk alone can keep the others waiting that long
+        waited = nchunks >= 4 * nthreads and _waited(trailer)
+        _note_starved(nthreads, int(trailer[STARVED]), wall, waited)
     return True
+
+
+def _waited(trailer) -> bool:
+    """Whether threads that ran out of chunks waited for a straggler (a late thread, or one taken off its core
+    holding a chunk) longer than half the time all of them worked: the team then cost more than it gave."""
+    first_in, first_out, last_out = (int(trailer[k]) for k in (FIRST_IN, FIRST_OUT, LAST_OUT))
+    if not (first_in <= first_out <= last_out) or first_in == last_out:
+        return False  # no clock here
+    return 2 * (last_out - first_out) > first_out - first_in
+
+
+def _fingerprint() -> int:
+    """A hash of this file: every team kernel inlines its block layout and :func:`claim_loop`."""
+    try:
+        with open(__file__, "rb") as f:
+            src = f.read()
+    except OSError:  # pragma: no cover - no source (a frozen install): the layout's constants
+        src = repr((HEADER, TRAILER, DONE, STARVED, THREADS, PROBE)).encode()
+    return (int.from_bytes(hashlib.sha256(src).digest()[:8], "little") >> 2) | 1  # positive, never 0
+
+
+#: what a :func:`claim_loop` kernel answers to a probe: the ``_team`` it was compiled against
+FINGERPRINT = _fingerprint()
+
+
+class _LayoutCache(FunctionCache):
+    """numba's cache of a team kernel, keyed on the block layout too."""
+
+    def _index_key(self, sig, codegen):
+        return super()._index_key(sig, codegen), FINGERPRINT
+
+
+def _probe(compiled) -> int:
+    """Call a kernel with a block of no chunks: a :func:`claim_loop` kernel writes its FINGERPRINT, a kernel of
+    another kind nothing (it must take an all-zero block as no work). The block is long enough for any header."""
+    block = np.zeros(256, np.int64)
+    compiled.ctypes(block.ctypes.data)
+    return int(block[PROBE])
 
 
 class TeamKernel:
     """A team kernel's Python function, compiled as a ``cfunc(void(voidptr))`` the first time it is needed (a
     cfunc compiles, or loads from numba's cache, when it is created: never at import, never without a team).
+
+    numba's cache only notices edits to the kernel's own file, not to the block layout and :func:`claim_loop` it
+    inlines from here: so the :data:`FINGERPRINT` of this ``_team`` is part of the kernel's cache key (a kernel
+    cached against another layout is compiled anew, and cached beside it), and a :func:`claim_loop` kernel is
+    probed when it is loaded (one that answers another fingerprint is compiled again). ``from_cache`` tells
+    whether the kernel was loaded from numba's cache.
 
     >>> TeamKernel(lambda data: None)._cfunc is None
     True
@@ -244,12 +397,30 @@ class TeamKernel:
         self.pyfunc = pyfunc
         self._cfunc = None
         self._lock = threading.Lock()
+        self.from_cache = False
+
+    def _build(self):
+        try:
+            compiled = CFunc(self.pyfunc, ((types.voidptr,), types.void), {}, {"nogil": True})
+            compiled._cache = _LayoutCache(self.pyfunc)
+        except Exception:  # pragma: no cover - another numba's internals: the probe below still guards
+            return cfunc(types.void(types.voidptr), nogil=True, cache=True)(self.pyfunc)
+        compiled.compile()
+        return compiled
 
     def _compiled(self):
         if self._cfunc is None:
             with self._lock:
                 if self._cfunc is None:
-                    self._cfunc = cfunc(types.void(types.voidptr), nogil=True, cache=True)(self.pyfunc)
+                    compiled = self._build()
+                    if _probe(compiled) not in (0, FINGERPRINT):
+                        compiled._cache.flush()  # forget the stale entry, so that the fresh one is saved in its place
+                        compiled = self._build()
+                        if _probe(compiled) != FINGERPRINT:  # pragma: no cover - numba did not compile anew
+                            raise RuntimeError(f"team kernel {self.pyfunc.__qualname__} still answers another "
+                                               f"qcore._team after recompiling it")
+                    self.from_cache = getattr(compiled, "_cache_hits", 0) > 0
+                    self._cfunc = compiled
         return self._cfunc
 
     def __call__(self) -> int:
@@ -259,6 +430,72 @@ class TeamKernel:
     def ctypes(self):
         """The compiled kernel as a ctypes function of one pointer (a call releases the GIL)."""
         return self._compiled().ctypes
+
+
+I64, F64, ADDR = "int64", "float64", "address"  # the kinds of an operand
+
+
+class Operands:
+    """The operands of a team kernel: named, typed fields of its block, after the chunk header.
+
+    The Python side packs values with :meth:`pack` (an ``ADDR`` takes an array or an address; the caller keeps the
+    array alive until the call returns); the kernel reads them with ``read`` (inlined into the kernel): a named
+    tuple whose ``I64`` fields are int64, ``F64`` float64 and ``ADDR`` pointers for ``numba.carray``.
+
+    >>> axpy = Operands("axpy", n=I64, a=F64, x=ADDR)
+    >>> axpy.pack(n=3, a=0.5, x=4096)
+    (3, 4602678819172646912, 4096)
+    """
+
+    def __init__(self, name: str, **fields):
+        if len(fields) > MAX_OPERANDS:
+            raise ValueError(f"a team block holds at most {MAX_OPERANDS} operands; {name} has {len(fields)}")
+        for field, kind in fields.items():
+            if kind not in (I64, F64, ADDR):
+                raise ValueError(f"operand {name}.{field} is of kind {kind!r}; allowed: I64, F64, ADDR")
+            if field.startswith("_") or keyword.iskeyword(field):
+                raise ValueError(f"operand {name}.{field}: a field name must be an identifier not starting with _")
+        self.name, self.fields = name, dict(fields)
+        self.type = collections.namedtuple(name, list(fields))
+        self.read = _reader(self)
+
+    def slot(self, field: str) -> int:
+        """Where ``field`` is in the block (to set one operand of a block built before)."""
+        return 3 + list(self.fields).index(field)
+
+    def pack(self, **values) -> tuple:
+        """The fields' values as the ints of the block, in field order."""
+        if values.keys() != self.fields.keys():
+            missing, unknown = self.fields.keys() - values.keys(), values.keys() - self.fields.keys()
+            raise TypeError(f"{self.name} operands: missing {sorted(missing)}, unknown {sorted(unknown)}")
+        out = []
+        for field, kind in self.fields.items():
+            v = values[field]
+            if kind == ADDR:
+                out.append(v.ctypes.data if isinstance(v, np.ndarray) else int(v))
+            elif kind == F64:
+                out.append(int(np.float64(v).view(np.int64)))
+            else:
+                out.append(int(v))
+        return tuple(out)
+
+    def __repr__(self) -> str:
+        return f"Operands({self.name!r}, {', '.join(f'{f}={k}' for f, k in self.fields.items())})"
+
+
+@njit(inline="always")
+def _f64_at(head, k):
+    return head.view(np.float64)[k]
+
+
+def _reader(spec: Operands):
+    # generated like collections.namedtuple: numba needs one function whose field types are known when it compiles
+    get = {I64: "head[{}]", F64: "_f64_at(head, {})", ADDR: "as_ptr(head[{}])"}
+    values = ", ".join(get[kind].format(3 + k) for k, kind in enumerate(spec.fields.values()))
+    src = f"def read(head):\n    return _type({values})\n"
+    scope = {"_type": spec.type, "_f64_at": _f64_at, "as_ptr": as_ptr}
+    exec(compile(src, f"<qcore._team.Operands {spec.name}>", "exec"), scope)
+    return njit(inline="always")(scope["read"])
 
 
 @intrinsic
@@ -290,6 +527,18 @@ def _count_done(typingctx, block, index):
 
 
 @intrinsic
+def _clock(typingctx):
+    """The CPU's cycle counter (x86-64's TSC: steady, shared by the cores); 0 elsewhere."""
+    def codegen(context, builder, sig, args):
+        if not _HAS_CLOCK:
+            return ir.Constant(ir.IntType(64), 0)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), []),
+                                            "llvm.readcyclecounter")
+        return builder.call(fn, [])
+    return types.int64(), codegen
+
+
+@intrinsic
 def _load_acquire(typingctx, block, index):
     def codegen(context, builder, sig, args):
         a = context.make_array(sig.args[0])(context, builder, args[0])
@@ -298,20 +547,51 @@ def _load_acquire(typingctx, block, index):
 
 
 @njit(inline="always")
-def claim_loop(data, chunk, a, b):
+def _raw(head):
+    return head
+
+
+@njit(inline="always")
+def claim_operands(data, read, chunk, a, b):
     """The body of a team kernel: claim chunks of the block at ``data`` until none is left, run
-    ``chunk(head, i, lo, hi, a, b)`` on each (``head``: the block's int64 header; ``a``, ``b``: constants of
-    the kernel, such as dtypes), store its result, as int64, at ``HEADER + i`` and count it done at
-    ``HEADER + chunks`` (see :func:`all_done`)."""
+    ``chunk(ops, i, lo, hi, a, b)`` on each (``ops``: ``read(header)``, an :class:`Operands` spec's ``read``;
+    ``a``, ``b``: constants of the kernel, such as dtypes), store its result, as int64, at ``HEADER + i`` and count
+    it done (see :func:`all_done`). A block of no chunks is a probe: the answer is :data:`FINGERPRINT`."""
     head = carray(data, HEADER, np.int64)
     nchunks, total = head[1], head[2]
-    block = carray(data, HEADER + nchunks + 1, np.int64)
+    block = carray(data, HEADER + nchunks + TRAILER, np.int64)
+    ops = read(head)
+    trailer = HEADER + nchunks
+    team = block[trailer + THREADS]  # 0: not on an OpenMP team (Python threads, or the caller alone)
+    mine = 0
     while True:
         i = claim(block)
         if i >= nchunks:
-            return
-        block[HEADER + i] = np.int64(chunk(head, i, total * i // nchunks, total * (i + 1) // nchunks, a, b))
-        _count_done(block, HEADER + nchunks)
+            break
+        if i == 0:
+            block[trailer + FIRST_IN] = _clock()
+        block[HEADER + i] = np.int64(chunk(ops, i, total * i // nchunks, total * (i + 1) // nchunks, a, b))
+        if team == 0:  # off a team the caller learns from this count that every chunk is done (the team: its barrier)
+            _count_done(block, trailer + DONE)
+        mine += 1
+    if nchunks == 0:
+        block[PROBE] = FINGERPRINT
+        return
+    # every thread ends on one claim past the chunks, in the order the threads ran out of them: no atomics needed
+    if i == nchunks:
+        block[trailer + FIRST_OUT] = _clock()
+    elif i == nchunks + team - 1:
+        block[trailer + LAST_OUT] = _clock()
+    # a thread with under a quarter of its share arrived late: its core was busy, and the team's barrier waited
+    if team > 1 and nchunks >= 4 * team and mine * 4 * team < nchunks:
+        _count_done(block, trailer + STARVED)
+
+
+@njit(inline="always")
+def claim_loop(data, chunk, a, b):
+    """:func:`claim_operands` for a kernel that reads its operands from the int64 header itself:
+    ``chunk(head, i, lo, hi, a, b)`` with the operands at ``head[3:16]``."""
+    claim_operands(data, _raw, chunk, a, b)
 
 
 @njit(cache=True, nogil=True)
@@ -319,4 +599,4 @@ def all_done(block):
     """Whether every chunk of a team block has been run; its results and outputs are then visible to the
     caller (an acquire load of the count that the threads released)."""
     nchunks = block[1]
-    return _load_acquire(block, HEADER + nchunks) == nchunks
+    return _load_acquire(block, HEADER + nchunks + DONE) == nchunks

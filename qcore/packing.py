@@ -340,28 +340,35 @@ def _unpack_row_b(p, c, b):
 
 
 # --- team kernels (qcore._team): one cfunc per width for each direction, plus one for the rows path, each
-# compiled on first use (a user of 4-bit codes compiles only those). The block holds, after the chunk
-# header: [3] bits, [4] source address, [5] rows, [6] source row length in bytes, [7] destination address,
-# [8] destination row length in bytes. Stream chunks are 64-code blocks; rows chunks are rows.
+# compiled on first use (a user of 4-bit codes compiles only those). Stream chunks are 64-code blocks; rows
+# chunks are rows.
 
 _ROWS = 0  # the key of the rows kernels in _TEAM_PACK / _TEAM_UNPACK (their width comes from the block)
+#: every packing kernel's operands: ``rows`` rows of ``src_len`` bytes at ``src`` into rows of ``dst_len`` at ``dst``
+OPERANDS = _team.Operands("packing", bits=_team.I64, src=_team.ADDR, rows=_team.I64, src_len=_team.I64,
+                          dst=_team.ADDR, dst_len=_team.I64)
+_read = OPERANDS.read
 
 
 @njit(inline="always")
-def _stream_bytes(head):
-    return (carray(_team.as_ptr(head[4]), head[6], np.uint8), carray(_team.as_ptr(head[7]), head[8], np.uint8))
+def _stream_bytes(o):
+    return carray(o.src, o.src_len, np.uint8), carray(o.dst, o.dst_len, np.uint8)
 
 
 @intrinsic
 def _u64_words(typingctx, addr, n):
-    """``n`` uint64 words at byte address ``addr`` as an array typed *unaligned* (numba then loads and stores
-    them with alignment 1): a stream may start at any byte (a checkpoint's tensor, a chunk of rows)."""
+    """``n`` uint64 words at byte address ``addr`` (a pointer or an int) as an array typed *unaligned* (numba then
+    loads and stores them with alignment 1): a stream may start at any byte (a checkpoint's tensor, a chunk of
+    rows)."""
     aryty = types.Array(types.uint64, 1, "C", aligned=False)
+    is_ptr = isinstance(addr, types.RawPointer)
 
     def codegen(context, builder, sig, args):
         ary = context.make_array(aryty)(context, builder)
         itemsize = context.get_constant(types.intp, 8)
-        populate_array(ary, data=builder.inttoptr(args[0], context.get_value_type(types.uint64).as_pointer()),
+        u64p = context.get_value_type(types.uint64).as_pointer()
+        data = builder.bitcast(args[0], u64p) if is_ptr else builder.inttoptr(args[0], u64p)
+        populate_array(ary, data=data,
                        shape=cgutils.pack_array(builder, [args[1]]), strides=cgutils.pack_array(builder, [itemsize]),
                        itemsize=itemsize, meminfo=None)
         return ary._getvalue()
@@ -370,190 +377,188 @@ def _u64_words(typingctx, addr, n):
 
 
 @njit(inline="always")
-def _stream_words(head):
-    return _u64_words(head[4], head[6] // 8), _u64_words(head[7], head[8] // 8)
+def _stream_words(o):
+    return _u64_words(o.src, o.src_len // 8), _u64_words(o.dst, o.dst_len // 8)
 
 
 @njit(inline="always")
-def _row_arrays(head):
-    rows = head[5]
-    return (carray(_team.as_ptr(head[4]), (rows, head[6]), np.uint8),
-            carray(_team.as_ptr(head[7]), (rows, head[8]), np.uint8))
+def _row_arrays(o):
+    return carray(o.src, (o.rows, o.src_len), np.uint8), carray(o.dst, (o.rows, o.dst_len), np.uint8)
 
 
 # One chunk function per kernel and width, so that each cfunc holds only its own code: a cfunc that
 # dispatched on the width at run time compiled every width's unrolled code, 30 s each.
 
 @njit(inline="always")
-def _pack_rows_chunk(head, i, lo, hi, _x, _y):
-    c2, o2 = _row_arrays(head)
+def _pack_rows_chunk(o, i, lo, hi, _x, _y):
+    c2, o2 = _row_arrays(o)
     acc = _U64(0)
     for r in range(lo, hi):
-        acc |= _pack_row_b(c2[r], o2[r], head[3])
+        acc |= _pack_row_b(c2[r], o2[r], o.bits)
     return acc
 
 
 @njit(inline="always")
-def _unpack_rows_chunk(head, i, lo, hi, _x, _y):
-    p2, c2 = _row_arrays(head)
+def _unpack_rows_chunk(o, i, lo, hi, _x, _y):
+    p2, c2 = _row_arrays(o)
     for r in range(lo, hi):
-        _unpack_row_b(p2[r], c2[r], head[3])
+        _unpack_row_b(p2[r], c2[r], o.bits)
     return _U64(0)
 
 
 @njit(inline="always")
-def _pack1_chunk(head, i, lo, hi, _x, _y):
-    src, dst = _stream_bytes(head)
+def _pack1_chunk(o, i, lo, hi, _x, _y):
+    src, dst = _stream_bytes(o)
     return _pack1_loop(src, dst, lo, hi)
 
 
 @njit(inline="always")
-def _pack2_chunk(head, i, lo, hi, _x, _y):
-    src, dst = _stream_bytes(head)
+def _pack2_chunk(o, i, lo, hi, _x, _y):
+    src, dst = _stream_bytes(o)
     return _pack2_loop(src, dst, lo, hi)
 
 
 @njit(inline="always")
-def _pack4_chunk(head, i, lo, hi, _x, _y):
-    src, dst = _stream_bytes(head)
+def _pack4_chunk(o, i, lo, hi, _x, _y):
+    src, dst = _stream_bytes(o)
     return _pack4_loop(src, dst, lo, hi)
 
 
 @njit(inline="always")
-def _pack3_chunk(head, i, lo, hi, _x, _y):
-    src, dst = _stream_words(head)
+def _pack3_chunk(o, i, lo, hi, _x, _y):
+    src, dst = _stream_words(o)
     return _pack_blocks(src, dst, lo, hi, 3)
 
 
 @njit(inline="always")
-def _pack5_chunk(head, i, lo, hi, _x, _y):
-    src, dst = _stream_words(head)
+def _pack5_chunk(o, i, lo, hi, _x, _y):
+    src, dst = _stream_words(o)
     return _pack_blocks(src, dst, lo, hi, 5)
 
 
 @njit(inline="always")
-def _pack6_chunk(head, i, lo, hi, _x, _y):
-    src, dst = _stream_words(head)
+def _pack6_chunk(o, i, lo, hi, _x, _y):
+    src, dst = _stream_words(o)
     return _pack_blocks(src, dst, lo, hi, 6)
 
 
 @njit(inline="always")
-def _pack7_chunk(head, i, lo, hi, _x, _y):
-    src, dst = _stream_words(head)
+def _pack7_chunk(o, i, lo, hi, _x, _y):
+    src, dst = _stream_words(o)
     return _pack_blocks(src, dst, lo, hi, 7)
 
 
 @njit(inline="always")
-def _unpack1_chunk(head, i, lo, hi, _x, _y):
-    src, dst = _stream_bytes(head)
+def _unpack1_chunk(o, i, lo, hi, _x, _y):
+    src, dst = _stream_bytes(o)
     _unpack1_loop(src, dst, lo, hi)
     return _U64(0)
 
 
 @njit(inline="always")
-def _unpack2_chunk(head, i, lo, hi, _x, _y):
-    src, dst = _stream_bytes(head)
+def _unpack2_chunk(o, i, lo, hi, _x, _y):
+    src, dst = _stream_bytes(o)
     _unpack2_loop(src, dst, lo, hi)
     return _U64(0)
 
 
 @njit(inline="always")
-def _unpack4_chunk(head, i, lo, hi, _x, _y):
-    src, dst = _stream_bytes(head)
+def _unpack4_chunk(o, i, lo, hi, _x, _y):
+    src, dst = _stream_bytes(o)
     _unpack4_loop(src, dst, lo, hi)
     return _U64(0)
 
 
 @njit(inline="always")
-def _unpack3_chunk(head, i, lo, hi, _x, _y):
-    src, dst = _stream_words(head)
+def _unpack3_chunk(o, i, lo, hi, _x, _y):
+    src, dst = _stream_words(o)
     _unpack_blocks(src, dst, lo, hi, 3)
     return _U64(0)
 
 
 @njit(inline="always")
-def _unpack5_chunk(head, i, lo, hi, _x, _y):
-    src, dst = _stream_words(head)
+def _unpack5_chunk(o, i, lo, hi, _x, _y):
+    src, dst = _stream_words(o)
     _unpack_blocks(src, dst, lo, hi, 5)
     return _U64(0)
 
 
 @njit(inline="always")
-def _unpack6_chunk(head, i, lo, hi, _x, _y):
-    src, dst = _stream_words(head)
+def _unpack6_chunk(o, i, lo, hi, _x, _y):
+    src, dst = _stream_words(o)
     _unpack_blocks(src, dst, lo, hi, 6)
     return _U64(0)
 
 
 @njit(inline="always")
-def _unpack7_chunk(head, i, lo, hi, _x, _y):
-    src, dst = _stream_words(head)
+def _unpack7_chunk(o, i, lo, hi, _x, _y):
+    src, dst = _stream_words(o)
     _unpack_blocks(src, dst, lo, hi, 7)
     return _U64(0)
 
 
 def _pack_rows(data):
-    _team.claim_loop(data, _pack_rows_chunk, 0, 0)
+    _team.claim_operands(data, _read, _pack_rows_chunk, 0, 0)
 
 
 def _pack_1(data):
-    _team.claim_loop(data, _pack1_chunk, 0, 0)
+    _team.claim_operands(data, _read, _pack1_chunk, 0, 0)
 
 
 def _pack_2(data):
-    _team.claim_loop(data, _pack2_chunk, 0, 0)
+    _team.claim_operands(data, _read, _pack2_chunk, 0, 0)
 
 
 def _pack_3(data):
-    _team.claim_loop(data, _pack3_chunk, 0, 0)
+    _team.claim_operands(data, _read, _pack3_chunk, 0, 0)
 
 
 def _pack_4(data):
-    _team.claim_loop(data, _pack4_chunk, 0, 0)
+    _team.claim_operands(data, _read, _pack4_chunk, 0, 0)
 
 
 def _pack_5(data):
-    _team.claim_loop(data, _pack5_chunk, 0, 0)
+    _team.claim_operands(data, _read, _pack5_chunk, 0, 0)
 
 
 def _pack_6(data):
-    _team.claim_loop(data, _pack6_chunk, 0, 0)
+    _team.claim_operands(data, _read, _pack6_chunk, 0, 0)
 
 
 def _pack_7(data):
-    _team.claim_loop(data, _pack7_chunk, 0, 0)
+    _team.claim_operands(data, _read, _pack7_chunk, 0, 0)
 
 
 def _unpack_rows(data):
-    _team.claim_loop(data, _unpack_rows_chunk, 0, 0)
+    _team.claim_operands(data, _read, _unpack_rows_chunk, 0, 0)
 
 
 def _unpack_1(data):
-    _team.claim_loop(data, _unpack1_chunk, 0, 0)
+    _team.claim_operands(data, _read, _unpack1_chunk, 0, 0)
 
 
 def _unpack_2(data):
-    _team.claim_loop(data, _unpack2_chunk, 0, 0)
+    _team.claim_operands(data, _read, _unpack2_chunk, 0, 0)
 
 
 def _unpack_3(data):
-    _team.claim_loop(data, _unpack3_chunk, 0, 0)
+    _team.claim_operands(data, _read, _unpack3_chunk, 0, 0)
 
 
 def _unpack_4(data):
-    _team.claim_loop(data, _unpack4_chunk, 0, 0)
+    _team.claim_operands(data, _read, _unpack4_chunk, 0, 0)
 
 
 def _unpack_5(data):
-    _team.claim_loop(data, _unpack5_chunk, 0, 0)
+    _team.claim_operands(data, _read, _unpack5_chunk, 0, 0)
 
 
 def _unpack_6(data):
-    _team.claim_loop(data, _unpack6_chunk, 0, 0)
+    _team.claim_operands(data, _read, _unpack6_chunk, 0, 0)
 
 
 def _unpack_7(data):
-    _team.claim_loop(data, _unpack7_chunk, 0, 0)
+    _team.claim_operands(data, _read, _unpack7_chunk, 0, 0)
 
 
 _TEAM_PACK = {b: _team.TeamKernel(f) for b, f in enumerate(
@@ -674,7 +679,8 @@ def pack(codes, bits) -> np.ndarray:
     else:
         acc = 0
         c2, o2 = codes.reshape(nrows, n), out.reshape(nrows, -1)
-        for a in _run(_TEAM_PACK[_ROWS], (bits, c2.ctypes.data, nrows, n, o2.ctypes.data, o2.shape[1]),
+        for a in _run(_TEAM_PACK[_ROWS], OPERANDS.pack(bits=bits, src=c2, rows=nrows, src_len=n, dst=o2,
+                                                       dst_len=o2.shape[1]),
                       nrows, _min_rows(n), (c2, o2)):
             acc |= int(a)
     # acc is the OR of all codes (spread over the 8 bytes of a word): any bit at or above `bits`
@@ -720,8 +726,8 @@ def unpack(packed, bits, length) -> np.ndarray:
         _unpack_padded(packed.reshape(nrows, m), out.reshape(nrows, length), bits)
     else:
         p2, c2 = packed.reshape(nrows, m), out.reshape(nrows, length)
-        _run(_TEAM_UNPACK[_ROWS], (bits, p2.ctypes.data, nrows, m, c2.ctypes.data, length), nrows, _min_rows(length),
-             (p2, c2))
+        _run(_TEAM_UNPACK[_ROWS], OPERANDS.pack(bits=bits, src=p2, rows=nrows, src_len=m, dst=c2, dst_len=length),
+             nrows, _min_rows(length), (p2, c2))
     return out
 
 
@@ -793,12 +799,12 @@ def _pack_stream(c: np.ndarray, o: np.ndarray, bits: int) -> int:
     nblocks = c.size // 64
     acc = 0
     if nblocks:
-        operands = (bits, c.ctypes.data, 1, 64 * nblocks, o.ctypes.data, 8 * bits * nblocks)
+        operands = OPERANDS.pack(bits=bits, src=c, rows=1, src_len=64 * nblocks, dst=o, dst_len=8 * bits * nblocks)
         for a in _run(_TEAM_PACK[bits], operands, nblocks, _PARALLEL_MIN_CODES // 64, (c, o)):
             acc |= int(a)
     if c.size > 64 * nblocks:
         tail, otail = c[64 * nblocks:], o[8 * bits * nblocks:]
-        operands = (bits, tail.ctypes.data, 1, tail.size, otail.ctypes.data, otail.size)
+        operands = OPERANDS.pack(bits=bits, src=tail, rows=1, src_len=tail.size, dst=otail, dst_len=otail.size)
         acc |= int(_run(_TEAM_PACK[_ROWS], operands, 1, 1, (tail, otail))[0])
     return acc
 
@@ -806,9 +812,9 @@ def _pack_stream(c: np.ndarray, o: np.ndarray, bits: int) -> int:
 def _unpack_stream(p: np.ndarray, c: np.ndarray, bits: int) -> None:
     nblocks = c.size // 64
     if nblocks:
-        operands = (bits, p.ctypes.data, 1, 8 * bits * nblocks, c.ctypes.data, 64 * nblocks)
+        operands = OPERANDS.pack(bits=bits, src=p, rows=1, src_len=8 * bits * nblocks, dst=c, dst_len=64 * nblocks)
         _run(_TEAM_UNPACK[bits], operands, nblocks, _PARALLEL_MIN_CODES // 64, (p, c))
     if c.size > 64 * nblocks:
         ptail, tail = p[8 * bits * nblocks:], c[64 * nblocks:]
-        _run(_TEAM_UNPACK[_ROWS], (bits, ptail.ctypes.data, 1, ptail.size, tail.ctypes.data, tail.size), 1, 1,
-             (ptail, tail))
+        _run(_TEAM_UNPACK[_ROWS], OPERANDS.pack(bits=bits, src=ptail, rows=1, src_len=ptail.size, dst=tail,
+                                               dst_len=tail.size), 1, 1, (ptail, tail))

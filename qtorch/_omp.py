@@ -1,4 +1,6 @@
-"""Run a numba kernel on PyTorch's own OpenMP thread team. A leaf: imports torch, numba and qcore's thread splitter.
+"""Run a numba kernel on PyTorch's own OpenMP thread team, through qcore's runtime (:mod:`qcore._team`: one
+``GOMP_parallel`` lookup, one fork rule, one switch, ``QCORE_OMP_TEAM``). A leaf: imports torch, numba and qcore's
+runtime.
 
 Why: after every parallel op, PyTorch's OpenMP workers spin for milliseconds waiting for the next one. A second
 thread pool started in that window (numba's ``parallel=True`` runtime, or Python threads) finds the cores taken by
@@ -7,11 +9,11 @@ after a dense bf16 layer against 0.65 ms on idle cores. Handing the same work to
 (``GOMP_parallel`` as torch binds it) reuses the spinning workers: 0.95 ms in the same alternation, and nothing
 oversubscribes the cores.
 
-A kernel is a numba ``cfunc(void(voidptr))`` (``qcore._team.TeamKernel``, as qcore's own kernels); every team
-thread calls it with the same pointer: an int64 block whose first entry is a chunk counter, then shapes and array
-addresses (``as_ptr`` turns one back into a pointer for ``numba.carray``). The threads split the work by claiming
-chunks from the counter (``claim``), so a thread that starts late simply takes fewer. :func:`run` picks the place: torch's team; the calling thread when torch runs one
-thread or in a forked child; qcore's threads where torch has no OpenMP team (macOS, Windows, another backend).
+A kernel is a ``qcore._team.TeamKernel`` built on ``claim_operands``: its operands are an ``Operands`` spec, and
+the team's threads claim its chunks from the block's counter, so a thread that starts late simply takes fewer.
+:func:`run` picks the place: torch's team (fewer threads for a while after a call that starved one: another
+process held its core); the calling thread when torch runs one thread or in a forked child; qcore's threads
+where torch has no OpenMP team (macOS, Windows, another backend).
 
 >>> available() in (True, False)
 True
@@ -19,49 +21,43 @@ True
 
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
 import torch
 from qcore import _parallel, _team
-from qcore._team import TeamKernel, as_ptr, claim  # noqa: F401 - the kernel modules take them from here
+# the kernel modules take these from here
+from qcore._team import ADDR, F64, I64, Operands, TeamKernel, as_ptr, claim, claim_operands  # noqa: F401
 
-__all__ = ["TeamKernel", "as_ptr", "available", "check_operands", "claim", "run", "team_call", "team_size"]
+__all__ = ["ADDR", "F64", "I64", "Operands", "TeamKernel", "as_ptr", "available", "check_operands", "claim",
+           "claim_operands", "new_block", "run", "team_call", "team_size"]
 
 _LOCK = threading.Lock()
-_GOMP_PARALLEL = None  # ctypes function, or False once the lookup failed
-_DISABLED = os.environ.get("QTORCH_OMP_TEAM", "1") == "0"  # opt-out, and a way to test the fallback
+_GOMP_PARALLEL = None  # torch's GOMP_parallel (qcore._team's), or False once the lookup found none
+new_block = _team.new_block
+
+
+def __getattr__(name):
+    if name == "_IN_FORKED_CHILD":  # one fork rule: qcore._team's
+        return _team._IN_FORKED_CHILD
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _torch_gomp_parallel():
-    """``GOMP_parallel`` as torch itself binds it, or None (torch's ATen backend is not OpenMP, or no such symbol).
-    The lookup (through the loaded ``libtorch_cpu``'s handle) is qcore's: one runtime for both packages."""
+    """``GOMP_parallel`` as torch itself binds it, or None (torch's ATen backend is not OpenMP, no such symbol, or
+    ``QCORE_OMP_TEAM=0``)."""
     if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
-    return _team.torch_gomp_parallel()
+    return _team.torch_team()
 
 
 def _lookup():
     global _GOMP_PARALLEL
     with _LOCK:
         if _GOMP_PARALLEL is None:
-            fn = None if _DISABLED else _torch_gomp_parallel()
+            fn = _torch_gomp_parallel()
             _GOMP_PARALLEL = fn if fn is not None else False
     return _GOMP_PARALLEL
-
-
-def _after_fork_in_child():
-    # the child runs every kernel on its calling thread, as qcore's do: qcore._team.release_before_fork empties
-    # torch's pool of the parent's workers (torch's own ops in the child use it), but a runtime it cannot release
-    # (no omp_pause_resource_all) would hang a team call here
-    global _IN_FORKED_CHILD
-    _IN_FORKED_CHILD = True
-
-
-_IN_FORKED_CHILD = False
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def available() -> bool:
@@ -112,27 +108,34 @@ def team_call(kernel_address: int, block_address: int, nthreads: int | None = No
     which makes libgomp reuse the team torch's own ops use. ctypes releases the GIL for the call.
     """
     fn = _GOMP_PARALLEL if _GOMP_PARALLEL is not None else _lookup()
-    if not fn:
+    if not fn or _team._IN_FORKED_CHILD:
         return False
     fn(kernel_address, block_address, team_size() if nthreads is None else nthreads, 0)
     return True
 
 
-def run(units: int, team_kernel, block: np.ndarray, kernel, args: tuple, total: int, min_part: int) -> None:
+def run(units: int, team_kernel, block: np.ndarray, kernel, args: tuple, total: int, min_part: int,
+        nchunks: int | None = None) -> None:
     """Run a ranged kernel over ``[0, total)`` where it belongs.
 
     On torch's team when there is one with 2+ threads and 2+ work units (``team_kernel``: a :class:`TeamKernel`;
-    ``block`` is its argument block). On the calling thread when torch's team
-    has one thread (``torch.set_num_threads(1)``: DataLoader workers, one process per core). On qcore's threads
-    only where torch has no GNU OpenMP team.
+    ``block`` is its argument block, a ``new_block`` of ``nchunks`` chunks for a ``claim_operands`` kernel). On the
+    calling thread when torch's team has one thread (``torch.set_num_threads(1)``: DataLoader workers, one process
+    per core), when a recent call starved a team thread (another process holds its core), and in a forked child.
+    On qcore's threads only where torch has no GNU OpenMP team.
     """
-    if _IN_FORKED_CHILD:
+    if _team._IN_FORKED_CHILD:
         kernel(*args, 0, total)
         return
     if available():
-        if units >= 2 and team_size() >= 2:
+        n = team_size()
+        if nchunks is not None and _parallel.DYNAMIC:
+            n = _team.thread_cap(n)
+        if units < 2 or n < 2:
+            kernel(*args, 0, total)
+        elif nchunks is None:
             team_call(team_kernel(), block.ctypes.data)  # the caller holds every array in the block until here
-        else:
+        elif not _team.run(team_kernel, block, n, nchunks):
             kernel(*args, 0, total)
         return
     _parallel.run_split(kernel, args, total, min_part)

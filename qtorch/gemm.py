@@ -176,34 +176,33 @@ def _gemm_units(x, wb, scale, zp, gsize, bits, out, mchunks, u0, u1):  # pragma:
                 o[j] = tr[j]
 
 
-# The argument block of the team kernel (int64): the unit counter, shapes, then data addresses.
-_B_NEXT, _B_UNITS, _B_MCH, _B_M, _B_T, _B_K, _B_W, _B_G, _B_GSIZE, _B_BITS, _B_SIGNED, _B_ZPROWS, _B_X, _B_WB, \
-    _B_SCALE, _B_ZP, _B_OUT = range(17)
+#: the team kernel's operands (its chunks are the work units: the block's total); wb's dtype is the kernel's own
+OPERANDS = _omp.Operands("gemm", row_chunks=_omp.I64, M=_omp.I64, T=_omp.I64, K=_omp.I64, W=_omp.I64,
+                         gsize=_omp.I64, bits=_omp.I64, zp_rows=_omp.I64, x=_omp.ADDR, wb=_omp.ADDR,
+                         scale=_omp.ADDR, zp=_omp.ADDR, out=_omp.ADDR)
+_read = OPERANDS.read
 
 
-def _team_gemm(data):  # pragma: no cover - compiled; runs on every thread of torch's OpenMP team
-    b = carray(data, 17, np.int64)
-    M, T, K, W, G, bits = b[_B_M], b[_B_T], b[_B_K], b[_B_W], b[_B_G], b[_B_BITS]
+@njit(inline="always")
+def _gemm_chunk(o, i, u0, u1, wdt, _y):  # pragma: no cover - compiled; units u0..u1 on a thread of torch's team
+    M, T, K, W, G, bits = o.M, o.T, o.K, o.W, o.K // o.gsize, o.bits
     NT = W * 2 if bits == 4 else W
-    x = carray(_omp.as_ptr(b[_B_X]), (M, K), np.float32)
-    scale = carray(_omp.as_ptr(b[_B_SCALE]), (G, T * NT), np.float32)
-    zrows = b[_B_ZPROWS]
-    zp = carray(_omp.as_ptr(b[_B_ZP]), (zrows, T * NT if zrows else 0), np.uint8)
-    out = carray(_omp.as_ptr(b[_B_OUT]), (M, T * NT), np.float32)
-    units, mch, gsize = b[_B_UNITS], b[_B_MCH], b[_B_GSIZE]
-    while True:
-        u = _omp.claim(b)
-        if u >= units:
-            return
-        if b[_B_SIGNED]:
-            _gemm_units(x, carray(_omp.as_ptr(b[_B_WB]), (T, K, W), np.int8), scale, zp, gsize, bits, out, mch,
-                        u, u + 1)
-        else:
-            _gemm_units(x, carray(_omp.as_ptr(b[_B_WB]), (T, K, W), np.uint8), scale, zp, gsize, bits, out, mch,
-                        u, u + 1)
+    zrows = o.zp_rows
+    _gemm_units(carray(o.x, (M, K), np.float32), carray(o.wb, (T, K, W), wdt),
+                carray(o.scale, (G, T * NT), np.float32), carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8),
+                o.gsize, bits, carray(o.out, (M, T * NT), np.float32), o.row_chunks, u0, u1)
+    return 0
 
 
-_TEAM_KERNEL = _omp.TeamKernel(_team_gemm)
+def _team_gemm_i8(data):  # pragma: no cover - compiled
+    _omp.claim_operands(data, _read, _gemm_chunk, np.int8, 0)
+
+
+def _team_gemm_u8(data):  # pragma: no cover - compiled
+    _omp.claim_operands(data, _read, _gemm_chunk, np.uint8, 0)
+
+
+_TEAM_KERNELS = {True: _omp.TeamKernel(_team_gemm_i8), False: _omp.TeamKernel(_team_gemm_u8)}  # by signedness
 
 
 def _row_chunks(M: int, T: int, nthreads: int) -> int:
@@ -238,7 +237,7 @@ def _gemm_tensors(x, wb, scale, zp, gsize: int, bits: int, out):
     return out
 
 
-def _run(x, wb, scale, zp, gsize, bits, out, *addresses) -> None:
+def _run(x, wb, scale, zp, gsize, bits, out, xa, wa, sa, za, oa) -> None:
     # the arrays (for qcore's threads) and their addresses (for the team kernel's block) of the same operands
     M, K = x.shape
     T, _, W = wb.shape
@@ -248,7 +247,8 @@ def _run(x, wb, scale, zp, gsize, bits, out, *addresses) -> None:
     if M == 0 or T == 0:
         return
     mch = _row_chunks(M, T, _omp.team_size())
-    block = np.array((0, T * mch, mch, M, T, K, W, scale.shape[0], gsize, bits, wb.dtype == np.int8, zp.shape[0])
-                     + addresses, np.int64)
-    _omp.run(T * mch, _TEAM_KERNEL, block, _gemm_units, (x, wb, scale, zp, gsize, bits, out, mch),
-             T * mch, 1)
+    units = T * mch
+    block = _omp.new_block(units, units, OPERANDS.pack(row_chunks=mch, M=M, T=T, K=K, W=W, gsize=gsize, bits=bits,
+                                                       zp_rows=zp.shape[0], x=xa, wb=wa, scale=sa, zp=za, out=oa))
+    _omp.run(units, _TEAM_KERNELS[wb.dtype == np.int8], block, _gemm_units, (x, wb, scale, zp, gsize, bits, out, mch),
+             units, 1, nchunks=units)

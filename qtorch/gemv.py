@@ -172,34 +172,34 @@ def _gemv_range(x, xs, wb, scale, zp, gsize, bits, out, t0, t1):  # pragma: no c
             o[j] = tot[j]
 
 
-# The argument block of the team kernel (int64): the chunk counter, then shapes, then data addresses.
-_B_NEXT, _B_T, _B_K, _B_W, _B_G, _B_GSIZE, _B_BITS, _B_SIGNED, _B_ZPROWS, _B_FOLD, _B_X, _B_XS, _B_WB, _B_SCALE, \
-    _B_ZP, _B_OUT = range(16)
+#: the team kernel's operands (its chunks are tiles: the block's total is T); wb's dtype is the kernel's own
+OPERANDS = _omp.Operands("gemv", K=_omp.I64, W=_omp.I64, gsize=_omp.I64, bits=_omp.I64, zp_rows=_omp.I64,
+                         fold=_omp.I64, tiles=_omp.I64, x=_omp.ADDR, xs=_omp.ADDR, wb=_omp.ADDR, scale=_omp.ADDR,
+                         zp=_omp.ADDR, out=_omp.ADDR)
+_read = OPERANDS.read
 
 
-def _team_gemv(data):  # pragma: no cover - compiled; runs on every thread of torch's OpenMP team
-    b = carray(data, 16, np.int64)
-    T, K, W, G = b[_B_T], b[_B_K], b[_B_W], b[_B_G]
-    NT = W * 2 if b[_B_BITS] == 4 else W
-    x = carray(_omp.as_ptr(b[_B_X]), K, np.float32)
-    xs = carray(_omp.as_ptr(b[_B_XS]), G if b[_B_FOLD] else 0, np.float32)
-    scale = carray(_omp.as_ptr(b[_B_SCALE]), (G, T * NT), np.float32)
-    zrows = b[_B_ZPROWS]
-    zp = carray(_omp.as_ptr(b[_B_ZP]), (zrows, T * NT if zrows else 0), np.uint8)
-    out = carray(_omp.as_ptr(b[_B_OUT]), T * NT, np.float32)
-    while True:
-        t = _omp.claim(b)
-        if t >= T:
-            return
-        if b[_B_SIGNED]:
-            _gemv_range(x, xs, carray(_omp.as_ptr(b[_B_WB]), (T, K, W), np.int8), scale, zp, b[_B_GSIZE],
-                        b[_B_BITS], out, t, t + 1)
-        else:
-            _gemv_range(x, xs, carray(_omp.as_ptr(b[_B_WB]), (T, K, W), np.uint8), scale, zp, b[_B_GSIZE],
-                        b[_B_BITS], out, t, t + 1)
+@njit(inline="always")
+def _gemv_chunk(o, i, t0, t1, wdt, _y):  # pragma: no cover - compiled; tiles t0..t1 on a thread of torch's team
+    T, K, W, G = o.tiles, o.K, o.W, o.K // o.gsize
+    NT = W * 2 if o.bits == 4 else W
+    zrows = o.zp_rows
+    _gemv_range(carray(o.x, K, np.float32), carray(o.xs, G if o.fold else 0, np.float32),
+                carray(o.wb, (T, K, W), wdt), carray(o.scale, (G, T * NT), np.float32),
+                carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8), o.gsize, o.bits,
+                carray(o.out, T * NT, np.float32), t0, t1)
+    return 0
 
 
-_TEAM_KERNEL = _omp.TeamKernel(_team_gemv)
+def _team_gemv_i8(data):  # pragma: no cover - compiled
+    _omp.claim_operands(data, _read, _gemv_chunk, np.int8, 0)
+
+
+def _team_gemv_u8(data):  # pragma: no cover - compiled
+    _omp.claim_operands(data, _read, _gemv_chunk, np.uint8, 0)
+
+
+_TEAM_KERNELS = {True: _omp.TeamKernel(_team_gemv_i8), False: _omp.TeamKernel(_team_gemv_u8)}  # by signedness
 
 
 def gemv_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarray, gsize: int, bits: int,
@@ -248,7 +248,8 @@ class Plan:
     the team block, and the block's other fixed fields. A module builds it once (``QuantLinear``'s eager path),
     which saves about 15 us of a call's Python (a 768x768 layer's kernel takes about 18 us)."""
 
-    __slots__ = ("wb", "scale", "zp", "gsize", "bits", "T", "K", "G", "fold_ok", "min_part", "block", "addresses")
+    __slots__ = ("wb", "scale", "zp", "gsize", "bits", "T", "K", "G", "fold_ok", "min_part", "block", "addresses",
+                 "kernel")
 
     def __init__(self, wb, scale, zp, gsize: int, bits: int, wa: int, sa: int, za: int):
         T, K, W = wb.shape
@@ -256,12 +257,14 @@ class Plan:
         self.T, self.K, self.G = T, K, scale.shape[0]
         self.fold_ok = bool(zp.shape[0] or bits == 4)
         self.min_part = max(1, (1 << 21) // max(1, K * W))
-        self.block = np.array((0, T, K, W, self.G, gsize, bits, wb.dtype == np.int8, zp.shape[0], 0, 0, 0, wa, sa,
-                               za, 0), np.int64)
+        self.block = _omp.new_block(T, T, OPERANDS.pack(K=K, W=W, gsize=gsize, bits=bits, zp_rows=zp.shape[0], fold=0,
+                                                        tiles=T, x=0, xs=0, wb=wa, scale=sa, zp=za, out=0))
         self.addresses = (wa, sa, za)
+        self.kernel = _TEAM_KERNELS[wb.dtype == np.int8]
 
 
 _NO_SUMS = np.zeros(0, np.float32)
+_FOLD, _X, _XS, _OUT = (OPERANDS.slot(f) for f in ("fold", "x", "xs", "out"))
 
 
 def run_plan(p: Plan, x, xa: int, out, oa: int, fold: bool) -> None:
@@ -271,6 +274,6 @@ def run_plan(p: Plan, x, xa: int, out, oa: int, fold: bool) -> None:
     # group sums of x, once per call (a sequential sum per tile cost 6% of a 4-bit row)
     xs = x.reshape(p.G, p.gsize).sum(1, dtype=np.float32) if fold else _NO_SUMS
     block = p.block.copy()  # per call: a module may run on several threads at once
-    block[_B_FOLD], block[_B_X], block[_B_XS], block[_B_OUT] = fold, xa, xs.ctypes.data, oa
-    _omp.run(p.T, _TEAM_KERNEL, block, _gemv_range, (x, xs, p.wb, p.scale, p.zp, p.gsize, p.bits, out), p.T,
-             p.min_part)
+    block[_FOLD], block[_X], block[_XS], block[_OUT] = fold, xa, xs.ctypes.data, oa
+    _omp.run(p.T, p.kernel, block, _gemv_range, (x, xs, p.wb, p.scale, p.zp, p.gsize, p.bits, out), p.T,
+             p.min_part, nchunks=p.T)

@@ -76,6 +76,7 @@ def test_own_spinners_count_only_right_after_a_team_call(monkeypatch):
 
 def test_on_torchs_team_the_whole_team_runs_whatever_the_load(monkeypatch):
     # torch's workers spin after each of its ops and read as busy cores; they are the workers a call runs on
+    monkeypatch.setattr(_team, "_CAP", None)  # no starved call before (thread_cap: tests below)
     monkeypatch.setattr(P, "NUM_THREADS", 4)
     monkeypatch.setattr(P, "busy_cores", lambda: 100.0)
     monkeypatch.setattr(_team, "team_threads", lambda: 4)
@@ -345,3 +346,202 @@ def test_no_more_threads_than_chunks(threads, monkeypatch):
                  100, 1, keep=(codes, out), nchunks=2)
     assert len(submitted) == 1  # two chunks: the caller and one pool thread
     np.testing.assert_array_equal(out, qcore.pack(codes, 4))
+
+
+# --- the block's operands, and a kernel compiled against an older block layout
+
+
+def test_operands_pack_named_typed_fields_and_name_what_is_wrong():
+    spec = _team.Operands("demo", n=_team.I64, a=_team.F64, x=_team.ADDR)
+    x = np.zeros(3)
+    assert spec.pack(n=3, a=0.5, x=x) == (3, int(np.float64(0.5).view(np.int64)), x.ctypes.data)
+    assert spec.pack(a=-2, x=7, n=np.int64(4)) == (4, int(np.float64(-2).view(np.int64)), 7)  # any order
+    assert [spec.slot(f) for f in ("n", "a", "x")] == [3, 4, 5]
+    with pytest.raises(TypeError, match=r"missing \['x'\], unknown \['y'\]"):
+        spec.pack(n=1, a=0.0, y=2)
+    with pytest.raises(ValueError, match="at most 13 operands; big has 14"):
+        _team.Operands("big", **{f"f{i}": _team.I64 for i in range(14)})
+    with pytest.raises(ValueError, match="demo.n is of kind 'int32'"):
+        _team.Operands("demo", n="int32")
+    with pytest.raises(ValueError, match="demo._n"):
+        _team.Operands("demo", _n=_team.I64)
+
+
+def _axpy_chunk(o, i, lo, hi, _a, _b):  # out[k] = a * x[k] + n over the chunk; the result: the chunk's length
+    x, out = carray(o.x, o.n, np.float64), carray(o.out, o.n, np.float64)
+    for k in range(lo, hi):
+        out[k] = o.a * x[k] + o.n
+    return hi - lo
+
+
+_AXPY = _team.Operands("axpy", n=_team.I64, a=_team.F64, x=_team.ADDR, out=_team.ADDR)
+_axpy_read = _AXPY.read
+_axpy_chunk = __import__("numba").njit(inline="always")(_axpy_chunk)
+
+
+def _axpy(data):
+    _team.claim_operands(data, _axpy_read, _axpy_chunk, 0, 0)
+
+
+_AXPY_KERNEL = _team.TeamKernel(_axpy)
+
+
+@pytest.mark.parametrize("team", [True, False])
+def test_a_kernel_reads_its_operands_by_name(threads, monkeypatch, team):
+    threads(2)
+    if not team:
+        monkeypatch.setattr(_team, "gomp_parallel", lambda: None)
+    x, out = np.arange(1000.0), np.zeros(1000)
+    res = P.run_chunks(_AXPY_KERNEL, _AXPY.pack(n=x.size, a=0.5, x=x, out=out), x.size, 10, keep=(x, out), nchunks=7)
+    np.testing.assert_array_equal(out, 0.5 * x + 1000)
+    assert res.sum() == 1000 and res.shape == (7,)
+
+
+_STALE_MODULE = """
+import numpy as np
+from numba import carray, njit
+from qcore import _team
+
+
+@njit(inline="always")
+def _chunk(head, i, lo, hi, _a, _b):  # dst[k] = src[k] + 1; the result: the chunk's first index
+    src, dst = carray(_team.as_ptr(head[3]), head[5], np.int64), carray(_team.as_ptr(head[4]), head[5], np.int64)
+    for k in range(lo, hi):
+        dst[k] = src[k] + 1
+    return lo
+
+
+def kernel(data):
+    _team.claim_loop(data, _chunk, 0, 0)
+
+
+KERNEL = _team.TeamKernel(kernel)
+"""
+
+
+def test_a_kernel_cached_against_an_older_block_layout_is_compiled_again(tmp_path):
+    # numba's cache only notices edits to a kernel's own file, not to the _team layout it inlines: before, such a
+    # kernel ran against the new layout (its results and done count landed elsewhere) until its cache files
+    # were deleted by hand
+    (tmp_path / "stale_kernel.py").write_text(_STALE_MODULE)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    _run("""
+        import qcore._team as T
+        T.HEADER, T.FINGERPRINT = 20, 12345   # an older _team: a longer header, another fingerprint
+        import stale_kernel
+        stale_kernel.KERNEL.ctypes()   # compiled, and cached against that layout
+    """, **env)
+    check = """
+        import numpy as np, qcore._parallel as P, stale_kernel
+        P.NUM_THREADS, P.DYNAMIC = 2, False
+        src, dst = np.arange(1000), np.zeros(1000, np.int64)
+        res = P.run_chunks(stale_kernel.KERNEL, (src.ctypes.data, dst.ctypes.data, 1000), 1000, 10,
+                           keep=(src, dst), nchunks=4)
+        print(res.tolist() == [0, 250, 500, 750], np.array_equal(dst, src + 1), stale_kernel.KERNEL.from_cache)
+    """
+    assert _run(check, **env).split() == ["True", "True", "False"]  # not loaded from the cache: compiled again
+    assert _run(check, **env).split() == ["True", "True", "True"]  # and the cache now holds the new one
+
+
+def test_a_kernel_that_answers_another_layout_when_probed_is_compiled_again(tmp_path):
+    # the second guard: a cache entry under the current key, yet compiled against another layout
+    (tmp_path / "stale_kernel.py").write_text(_STALE_MODULE)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    _run("""
+        import qcore._team as T
+        real = T.FINGERPRINT
+        T._LayoutCache._index_key = lambda self, sig, codegen: (T.FunctionCache._index_key(self, sig, codegen), real)
+        T.HEADER, T.FINGERPRINT = 20, 12345   # compiled against an older layout, cached under today's key
+        import stale_kernel
+        stale_kernel.KERNEL.ctypes()
+    """, **env)
+    check = """
+        import numpy as np, qcore._parallel as P, stale_kernel
+        P.NUM_THREADS, P.DYNAMIC = 2, False
+        src, dst = np.arange(1000), np.zeros(1000, np.int64)
+        res = P.run_chunks(stale_kernel.KERNEL, (src.ctypes.data, dst.ctypes.data, 1000), 1000, 10,
+                           keep=(src, dst), nchunks=4)
+        print(res.tolist() == [0, 250, 500, 750], np.array_equal(dst, src + 1), stale_kernel.KERNEL.from_cache)
+    """
+    assert _run(check, **env).split() == ["True", "True", "False"]  # the probe found it stale: compiled again
+    assert _run(check, **env).split() == ["True", "True", "True"]  # in its place in the cache
+
+
+def test_qtorch_omp_team_0_is_a_deprecated_alias_of_qcore_omp_team_0():
+    out = _run("""
+        import warnings
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as seen:
+            import qcore._team as T
+        print(T.gomp_parallel(), any(issubclass(w.category, DeprecationWarning) and "QCORE_OMP_TEAM" in str(w.message)
+                                     for w in seen))
+    """, QTORCH_OMP_TEAM="0")
+    assert out.split() == ["None", "True"]
+
+
+# --- under load: a team thread that another process keeps off its core
+
+
+@__import__("numba").njit(inline="always")
+def _late_chunk(head, i, lo, hi, _a, _b):
+    # chunk 0's thread waits (bounded) until every chunk is claimed: as a thread that got its core late
+    if i == 0:
+        for _ in range(2_000_000_000):
+            if _team._load_acquire(head, 0) > head[1]:
+                break
+    return 0
+
+
+def _late(data):
+    _team.claim_loop(data, _late_chunk, 0, 0)
+
+
+_LATE_KERNEL = _team.TeamKernel(_late)
+
+
+@pytest.mark.skipif(not HAS_TEAM, reason="no OpenMP runtime here")
+def test_a_call_that_starved_a_thread_caps_the_team_for_a_while(monkeypatch):
+    monkeypatch.setattr(_team, "_CAP", None)
+    monkeypatch.setattr(_team, "LATE_S", 0.0)  # however short the wait for it
+    block = _team.new_block(16, 16)
+    assert _team.run(_LATE_KERNEL, block, 2, 16)
+    assert block[_team.HEADER + 16 + _team.STARVED] == 1  # one thread ran 1 chunk of 16, under a quarter of 8
+    assert _team.thread_cap(2) == 1 and _team.thread_cap(1) == 1
+    monkeypatch.setattr(P, "NUM_THREADS", 2)
+    monkeypatch.setattr(_team, "team_threads", lambda: 2)
+    assert P.threads(team=True) == 1
+    monkeypatch.setattr(P, "DYNAMIC", False)  # a fixed thread count is kept whatever happened
+    assert P.threads(team=True) == 2
+
+
+def test_the_cap_holds_longer_each_time_the_whole_team_starves_again(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(_team.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(_team, "_CAP", None)
+    _team._note_starved(4, 1, 0.001)
+    assert _team.thread_cap(4) == 3 and _team.thread_cap(2) == 2
+    now[0] += _team.CAP_FIRST_S  # over: the whole team again; it starves again, and the cap holds twice as long
+    assert _team.thread_cap(4) == 4
+    _team._note_starved(4, 2, 0.001)
+    assert _team._CAP[1:] == (2, 2 * _team.CAP_FIRST_S)
+    _team._note_starved(4, 1, 0.0001)  # a short call that starved a thread waited little: no news
+    assert _team._CAP[1] == 2
+    now[0] += 2 * _team.CAP_FIRST_S
+    _team._note_starved(4, 0, 0.001)  # the whole team, nobody starved: the load is gone
+    assert _team._CAP is None and _team.thread_cap(4) == 4
+
+
+def test_threads_that_waited_for_a_straggler_longer_than_half_their_work_cap_the_team(monkeypatch):
+    def trailer(first_in, first_out, last_out):
+        t = np.zeros(_team.TRAILER, np.int64)
+        t[_team.FIRST_IN], t[_team.FIRST_OUT], t[_team.LAST_OUT] = first_in, first_out, last_out
+        return t
+
+    assert not _team._waited(trailer(0, 1000, 1400))  # the last chunk: a short wait
+    assert _team._waited(trailer(0, 1000, 1600))  # a straggler kept the others waiting 600 of 1000 cycles' work
+    assert not _team._waited(trailer(0, 0, 0))  # no cycle counter on this CPU
+    monkeypatch.setattr(_team, "_CAP", None)
+    _team._note_starved(2, 0, 0.001, waited=True)
+    assert _team.thread_cap(2) == 1

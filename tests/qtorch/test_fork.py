@@ -74,8 +74,8 @@ def parent(monkeypatch):
     team_calls = []
     run, team_call = _team.run, _omp.team_call
 
-    def counted_run(kernel, block, nthreads):
-        ran = run(kernel, block, nthreads)
+    def counted_run(kernel, block, nthreads, *rest):
+        ran = run(kernel, block, nthreads, *rest)
         team_calls.append(ran and nthreads >= 2)
         return ran
 

@@ -189,3 +189,40 @@ def test_the_plan_follows_the_layers_buffers(scheme, blocked_kernels):
         for name in ("qweight", "scale", "zero_point"):  # replaced buffers
             c._buffers[name] = d._buffers[name].clone()
         assert torch.equal(c(x), yd)
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_after_a_call_starved_a_team_thread_the_kernels_run_on_the_calling_thread(rows, monkeypatch):
+    # another process held a team thread's core, and the team's barrier waited for it: for a while, the calls
+    # that follow do not wait for that core (qcore._team.thread_cap); the bits stay the same
+    if not _omp.available():
+        pytest.skip("no torch OpenMP team here")
+    import time
+    from qcore import _team
+    from qtorch import gemm
+    w, wb, sb, zb = _blocked(4, False, "group", 32, 256, 512, 64, seed=3)
+    sp, zp = K.blocked_params(sb, zb, 256)
+    x = np.random.default_rng(0).standard_normal((rows, 512)).astype(np.float32)
+
+    def call():
+        out = np.empty((rows, 256), np.float32)
+        if rows == 1:
+            return gemv.gemv_blocked(x[0], wb.numpy(), sp.numpy(), zp.numpy(), 32, 4, out[0])
+        return gemm.gemm_blocked(x, wb.numpy(), sp.numpy(), zp.numpy(), 32, 4, out)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(_team, "_CAP", None)
+        on_team = call()
+        runs = []
+        monkeypatch.setattr(_team, "run", lambda *a, **k: runs.append(a) or False)
+        monkeypatch.setattr(_team, "_CAP", (time.monotonic() + 600, 1, 600.0))  # a starved call just now
+        capped = call()
+        assert runs == []
+        monkeypatch.setattr(_omp._parallel, "DYNAMIC", False)  # a fixed thread count: the whole team regardless
+        call()
+        assert len(runs) == 1 and runs[0][2] == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(on_team, capped)
