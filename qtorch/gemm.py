@@ -1,8 +1,8 @@
 """Few-rows forward (2..``CPU_MAX_ROWS_NUMBA`` rows: short prompts, small batches) of the 8- and 4-bit blocked
 layouts on the CPU: a register-blocked GEMM that decodes every code once per block of rows.
 
-A leaf of :mod:`qtorch.kernels`. ``out[M, N] = x[M, K] @ ((code - zp) * scale).T`` from the blocked layout (see
-``kernels.to_blocked``): tiles ``wb[T, K, NT]`` (8 bits) or ``wb[T, K, NT/2]`` (4 bits, low nibble column ``j``,
+A leaf of :mod:`qtorch.layouts.blocked`. ``out[M, N] = x[M, K] @ ((code - zp) * scale).T`` from the blocked layout
+(see ``layouts.blocked``): tiles ``wb[T, K, NT]`` (8 bits) or ``wb[T, K, NT/2]`` (4 bits, low nibble column ``j``,
 high nibble column ``j + NT/2``), scale and zero point ``[G, N]``.
 
 The micro-kernel ``_rows_strip`` is LLVM vector IR: for up to 6 rows of ``x`` and a strip of 16 output columns it
@@ -230,7 +230,7 @@ def gemm_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarra
 
 
 def _gemm_tensors(x, wb, scale, zp, gsize: int, bits: int, out):
-    """:func:`gemm_blocked` on CPU torch tensors that ``kernels.gemm_blocked_impl`` built (contiguous, of the
+    """:func:`gemm_blocked` on CPU torch tensors that ``layouts.blocked`` built (contiguous, of the
     layout's dtypes and shapes): the forward's entry, where a tensor's address costs less to get than an array's."""
     _run(x.numpy(), wb.numpy(), scale.numpy(), zp.numpy(), gsize, bits, out.numpy(), x.data_ptr(), wb.data_ptr(),
          scale.data_ptr(), zp.data_ptr(), out.data_ptr())

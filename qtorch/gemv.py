@@ -1,7 +1,7 @@
 """One-row forward (``rows == 1``: decoding) of the 8- and 4-bit blocked layouts, at memory speed on the CPU.
 
-A leaf of :mod:`qtorch.kernels`, which calls it for single-row inputs. The layout is the one
-``kernels.to_blocked`` builds: tiles of ``NT`` output channels stored K-major, ``wb[T, K, NT]`` (8 bits: int8
+A leaf of :mod:`qtorch.layouts.blocked`, which calls it for single-row inputs. The layout is the one
+``layouts.blocked`` builds: tiles of ``NT`` output channels stored K-major, ``wb[T, K, NT]`` (8 bits: int8
 symmetric, uint8 with zero points) or ``wb[T, K, NT/2]`` (4 bits: byte ``j`` holds column ``j`` in its low nibble
 and column ``j + NT/2`` in its high one); scale and zero point ``[G, N]``.
 
@@ -226,7 +226,7 @@ def gemv_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarra
 
 
 def _gemv_tensors(x, wb, scale, zp, gsize: int, bits: int, out, fold: bool):
-    """:func:`gemv_blocked` on CPU torch tensors that ``kernels.gemm_blocked_impl`` built (contiguous, of the layout's
+    """:func:`gemv_blocked` on CPU torch tensors that ``layouts.blocked`` built (contiguous, of the layout's
     dtypes and shapes; ``x`` / ``out`` ``[1, K]`` / ``[1, N]``): the forward's entry, where a tensor's address costs
     less to get than an array's."""
     _run(x.numpy().reshape(-1), wb.numpy(), scale.numpy(), zp.numpy(), gsize, bits, out.numpy().reshape(-1), fold,
@@ -245,7 +245,7 @@ def _run(x, wb, scale, zp, gsize, bits, out, fold, xa, wa, sa, za, oa) -> None:
 
 class Plan:
     """The part of a one-row call that depends on the layer only: its arrays (kept alive), their addresses in
-    the team block, and the block's other fixed fields. A module builds it once (``QuantLinear``'s eager path),
+    the team block, and the block's other fixed fields. The blocked layout builds it once (``layouts.blocked``'s ``plan``),
     which saves about 15 us of a call's Python (a 768x768 layer's kernel takes about 18 us)."""
 
     __slots__ = ("wb", "scale", "zp", "gsize", "bits", "T", "K", "G", "fold_ok", "min_part", "block", "addresses",
