@@ -1,0 +1,173 @@
+"""Dequantize output rows of a canonical weight into float32 or bfloat16, for :mod:`qtorch.dequant_mm`. A leaf.
+
+Reads the state_dict form (docs/packing.md): codes ``[N, ceil(K*bits/8)]`` packed LSB first along K (8 bits: the
+codes themselves, int8 when symmetric), and writes ``out[r - r0, k] = (code - zero) * scale`` for rows
+``r0..r1``. ``code - zero`` is formed in integers and converted exactly, then multiplied by the float32 scale (one
+rounding, as qcore computes it); bfloat16 output rounds that float32 value to nearest even, so it equals
+``dequantize(...).to(torch.bfloat16)`` bit for bit.
+
+Scales and zero points come in one form for every granularity: ``S[R, G]`` with row ``r // row_div`` and group
+``k // (K // G)``: per tensor ``[1, 1]`` (row_div = N), per channel ``[N, 1]``, groups along K ``[N, K/g]``, per
+input column ``[1, K]`` (row_div = N), groups along N ``[N/g, K]`` (row_div = g). ``Z`` is uint8 of the same
+shape, or ``[0, 0]`` with ``zero`` the fixed offset (0 for int8 codes, ``2^(bits-1)`` for packed symmetric ones).
+
+Why a kernel: torch's ``int8 -> bfloat16`` conversion and the scale multiply ran at a fraction of memory speed in
+a probe (each a separate pass); this writes every value once. Rows are claimed in chunks by the threads of
+PyTorch's OpenMP team (:mod:`qtorch._omp`), so the matmul that follows finds its workers awake.
+
+>>> import numpy as np
+>>> q = np.array([[-2, 0, 3]], np.int8).view(np.uint8)
+>>> out = np.empty((1, 3), np.float32)
+>>> dequant_rows(q, 8, True, 3, np.full((1, 1), 0.5, np.float32), np.zeros((0, 0), np.uint8), 0, 1, 0, 1, out)
+array([[-1. ,  0. ,  1.5]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import carray, njit
+
+from . import _omp
+
+__all__ = ["dequant_rows"]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _code(qrow, k, bits):  # pragma: no cover - compiled
+    # code k of a packed row of any width: read 16 bits from its first byte (widths 3, 5, 6, 7 straddle bytes)
+    off = k * bits
+    i = off >> 3
+    v = np.int32(qrow[i])
+    if i + 1 < qrow.shape[0]:
+        v |= np.int32(qrow[i + 1]) << 8
+    return (v >> (off & 7)) & ((1 << bits) - 1)
+
+
+@njit(cache=True, nogil=True)
+def _row_f32(qrow, bits, K, S, Z, sr, zero, dst):  # pragma: no cover - compiled
+    # one output row in float32: groups of K // G codes share a scale (and a zero point). Each group's loop runs
+    # over slices from 0 (LLVM vectorises these; indexing the whole row from k0 measured 2.3x slower)
+    G = S.shape[1]
+    gs = K // G
+    has_z = Z.shape[0] > 0
+    for g in range(G):
+        s = S[sr, g]
+        z = np.int32(Z[sr, g]) if has_z else np.int32(zero)
+        k0 = g * gs
+        dg = dst[k0:k0 + gs]
+        if bits == 8:  # int8 rows (symmetric) or uint8 rows (asymmetric)
+            qg = qrow[k0:k0 + gs]
+            for k in range(gs):
+                dg[k] = np.float32(np.int32(qg[k]) - z) * s
+        elif bits == 4 and gs % 2 == 0:  # whole bytes: low nibble first
+            qg = qrow[k0 >> 1:(k0 + gs) >> 1]
+            for j in range(gs >> 1):
+                c = np.int32(qg[j])
+                dg[2 * j] = np.float32((c & 15) - z) * s
+                dg[2 * j + 1] = np.float32((c >> 4) - z) * s
+        else:
+            for k in range(gs):
+                dg[k] = np.float32(_code(qrow, k0 + k, bits) - z) * s
+
+
+@njit(cache=True, nogil=True)
+def _to_bf16(src_bits, dst):  # pragma: no cover - compiled
+    # float32 bit patterns -> bfloat16, round to nearest even (finite values: scales are validated)
+    for k in range(src_bits.shape[0]):
+        u = src_bits[k]
+        dst[k] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(cache=True, nogil=True)
+def _rows(q, bits, K, S, Z, zero, row_div, r0, out32, out16, scratch, a, b):  # pragma: no cover - compiled
+    # rows r0 + a .. r0 + b; bfloat16 output goes through one float32 scratch row (private to the caller)
+    for i in range(a, b):
+        r = r0 + i
+        if out16.shape[0]:
+            _row_f32(q[r], bits, K, S, Z, r // row_div, zero, scratch)
+            _to_bf16(scratch.view(np.uint32), out16[i])
+        else:
+            _row_f32(q[r], bits, K, S, Z, r // row_div, zero, out32[i])
+
+
+# The argument block of the team kernel (int64): chunk counter, chunks, then shapes, flags and addresses.
+(_B_NEXT, _B_CHUNKS, _B_N, _B_KB, _B_K, _B_R, _B_G, _B_ZR, _B_BITS, _B_SIGNED, _B_ZERO, _B_DIV, _B_R0, _B_ROWS,
+ _B_BF16, _B_Q, _B_S, _B_Z, _B_OUT, _B_SCRATCH, _B_LEN) = range(21)
+
+
+def _team_rows(data):  # pragma: no cover - compiled; runs on every thread of torch's OpenMP team
+    b = carray(data, _B_LEN, np.int64)
+    K, rows, bf16 = b[_B_K], b[_B_ROWS], b[_B_BF16]
+    S = carray(_omp.as_ptr(b[_B_S]), (b[_B_R], b[_B_G]), np.float32)
+    zr = b[_B_ZR]
+    Z = carray(_omp.as_ptr(b[_B_Z]), (zr, b[_B_G] if zr else 0), np.uint8)
+    nchunks = b[_B_CHUNKS]
+    out16 = carray(_omp.as_ptr(b[_B_OUT]), (rows if bf16 else 0, K), np.uint16)
+    out32 = carray(_omp.as_ptr(b[_B_OUT]), (0 if bf16 else rows, K), np.float32)
+    scratch_all = carray(_omp.as_ptr(b[_B_SCRATCH]), (nchunks, K if bf16 else 0), np.float32)
+    while True:
+        i = _omp.claim(b)
+        if i >= nchunks:
+            return
+        a, e = rows * i // nchunks, rows * (i + 1) // nchunks
+        if b[_B_SIGNED]:
+            _rows(carray(_omp.as_ptr(b[_B_Q]), (b[_B_N], b[_B_KB]), np.int8), b[_B_BITS], K, S, Z, b[_B_ZERO],
+                  b[_B_DIV], b[_B_R0], out32, out16, scratch_all[i], a, e)
+        else:
+            _rows(carray(_omp.as_ptr(b[_B_Q]), (b[_B_N], b[_B_KB]), np.uint8), b[_B_BITS], K, S, Z, b[_B_ZERO],
+                  b[_B_DIV], b[_B_R0], out32, out16, scratch_all[i], a, e)
+
+
+_TEAM_KERNEL = _omp.TeamKernel(_team_rows)
+_CHUNK_VALUES = 1 << 15  # values per claimed chunk at least: smaller hand-offs cost more than they save
+
+
+def dequant_rows(q: np.ndarray, bits: int, signed8: bool, K: int, S: np.ndarray, Z: np.ndarray, zero: int,
+                 row_div: int, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
+    """Write rows ``r0..r1`` of the dequantized ``[N, K]`` weight into ``out`` (``[r1 - r0, K]``, float32, or
+    uint16 holding bfloat16 bits); returns ``out``. The operands' form: module docstring. Every operand is
+    checked (dtype, C-contiguity, shape) before its address reaches the kernel: a ``TypeError`` / ``ValueError``
+    names it.
+    """
+    for name, a, dts in (("q", q, ("uint8",)), ("S", S, ("float32",)), ("Z", Z, ("uint8",)),
+                         ("out", out, ("float32", "uint16"))):
+        if not isinstance(a, np.ndarray) or a.ndim != 2:
+            raise TypeError(f"{name} must be a 2-d NumPy array, got {type(a).__name__}")
+        if a.dtype.name not in dts:
+            raise TypeError(f"{name} must be {' or '.join(dts)}, got {a.dtype}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous (the kernel addresses it by its shape)")
+    if bits not in range(1, 9) or (signed8 and bits != 8):
+        raise ValueError(f"bits must be 1..8 (8 for signed8 codes), got {bits} with signed8={signed8}")
+    N, KB = q.shape
+    if KB != (K * bits + 7) // 8:
+        raise ValueError(f"q has rows of {KB} bytes, {K} codes of {bits} bits need {(K * bits + 7) // 8}")
+    R, G = S.shape
+    if not (G >= 1 and K % G == 0 and row_div >= 1 and R >= 1 and (N - 1) // row_div < R):
+        raise ValueError(f"S must be [rows, groups] with groups dividing K={K} and (N-1) // row_div < rows; got "
+                         f"{S.shape} and row_div={row_div} for N={N}")
+    if Z.shape not in ((0, 0), (R, G)):
+        raise ValueError(f"Z must be {[R, G]} or [0, 0], got {list(Z.shape)}")
+    if not 0 <= r0 <= r1 <= N or out.shape != (r1 - r0, K):
+        raise ValueError(f"rows {r0}..{r1} of {N} need out of shape {[r1 - r0, K]}, got {list(out.shape)}")
+    rows = r1 - r0
+    if rows == 0 or K == 0:
+        return out
+    bf16 = out.dtype == np.uint16
+    nchunks = int(max(1, min(rows, rows * K // _CHUNK_VALUES, 16 * _omp.team_size())))
+    scratch = np.empty((nchunks, K if bf16 else 0), np.float32)  # one row per chunk: private to its thread
+    block = np.array((0, nchunks, N, KB, K, R, G, Z.shape[0], bits, signed8, zero, row_div, r0, rows, bf16,
+                      q.ctypes.data, S.ctypes.data, Z.ctypes.data, out.ctypes.data, scratch.ctypes.data), np.int64)
+    out32 = out if not bf16 else np.empty((0, K), np.float32)
+    out16 = out if bf16 else np.empty((0, K), np.uint16)
+    # without torch's team: the calling thread (one scratch row), or qcore's threads (_ranged: one each)
+    qk = q.view(np.int8) if signed8 else q
+    _omp.run(nchunks, _TEAM_KERNEL, block, _ranged, (qk, bits, K, S, Z, zero, row_div, r0, out32, out16), rows,
+             max(1, _CHUNK_VALUES // K))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _ranged(q, bits, K, S, Z, zero, row_div, r0, out32, out16, a, b):  # pragma: no cover - compiled
+    _rows(q, bits, K, S, Z, zero, row_div, r0, out32, out16,
+          np.empty(K if out16.shape[0] else 0, np.float32), a, b)
