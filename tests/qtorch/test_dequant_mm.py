@@ -90,12 +90,18 @@ def test_float32_blocks_give_the_same_result_as_one_matmul():
 
 
 def test_the_bfloat16_rounding_is_nearest_even():
-    # float32 values exactly halfway between two bfloat16 values, odd and even, and signed
-    bits = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x3F807FFF, 0x3F808001, 0x00000000], np.uint32)
-    out = np.empty(6, np.uint16)
-    DR._to_bf16(bits, out)
-    want = torch.from_numpy(bits.view(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    # code 1 times a scale halfway between two bfloat16 values (odd and even neighbours, signed), or next to one
+    bits = np.array([0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0x00800000, 0x7F7F8000], np.uint32)
+    scale = bits.view(np.float32).reshape(-1, 1)
+    out = np.empty((6, 1), np.uint16)
+    DR.dequant_rows(np.ones((6, 1), np.int8).view(np.uint8), 8, True, 1, scale, np.zeros((0, 0), np.uint8), 0, 1,
+                    0, 6, out)
+    neg = np.empty((6, 1), np.uint16)
+    DR.dequant_rows(np.full((6, 1), -1, np.int8).view(np.uint8), 8, True, 1, scale, np.zeros((0, 0), np.uint8), 0,
+                    1, 0, 6, neg)
+    want = torch.from_numpy(scale).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     assert np.array_equal(out, want)
+    assert np.array_equal(neg, want | 0x8000)
 
 
 def test_no_rows_and_one_row():
