@@ -1,7 +1,7 @@
 """Forward paths of one quantized layer against dense ``F.linear``: ratio = dense ms / path ms (> 1: faster).
 
     python benchmarks/bench_paths.py                        # K = N = 4096, rows 1/16/128, bf16 + f32, W8 + W4
-    python benchmarks/bench_paths.py --rows 128 --dtypes bfloat16 --reps 30
+    python benchmarks/bench_paths.py --rows 128 --dtypes bfloat16 --reps 30 --threads 1
 
 Paths per cell (eager, no autograd):
 
@@ -83,7 +83,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES))
     p.add_argument("--layers", nargs="+", default=["W8A16Linear", "W4A16Linear"])
     p.add_argument("--reps", type=int, default=15, help="timed repetitions per cell (default 15)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     k, n = args.k, args.n

@@ -189,6 +189,6 @@ def test_kernel_operands_are_checked_before_use():
         DR.dequant_rows(q, 8, False, 8, np.ones((2, 1), np.float32), Z, 0, 1, 0, 4, out)
 
 
-def test_block_rows_hold_about_two_megabytes():
-    assert block_rows_for(4096, torch.bfloat16) == 256 and block_rows_for(4096, torch.float32) == 128
+def test_block_rows_hold_about_eight_megabytes():
+    assert block_rows_for(4096, torch.bfloat16) == 1024 and block_rows_for(4096, torch.float32) == 512
     assert block_rows_for(10 ** 7, torch.float32) == 16
