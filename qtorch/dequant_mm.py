@@ -176,10 +176,8 @@ def _buffer(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _block_rows(spec: WeightSpec, dtype: torch.dtype, block_rows: int) -> int:
-    rows = block_rows if block_rows > 0 else block_rows_for(spec.in_features, dtype)
-    if spec.kind == "group" and spec.axis == 0:  # a block holds whole groups of output channels
-        rows = max(spec.group, rows // spec.group * spec.group)
-    return rows
+    # any cut works, groups of output channels included: the kernel reads scales by absolute row
+    return block_rows if block_rows > 0 else block_rows_for(spec.in_features, dtype)
 
 
 def dequantize(qweight, scale, zero_point, spec: WeightSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -75,7 +75,7 @@ def test_forward_matches_linear_of_the_dequantized_weight(k, dtype, rows):
     for label, scheme in _schemes(k, n):
         q, s, z, ref, spec = _state(scheme, n, k, seed=rows)
         want = F.linear(x.float(), ref.to(dtype).float())
-        for block_rows in (0, 16, 8):  # 8: groups of 4 rows along N stay whole
+        for block_rows in (0, 16, 8):
             y = dequant_linear(x, q, s, z, spec, block_rows=block_rows)
             assert y.dtype == dtype and y.shape == (rows, n)
             err = (y.float() - want).abs().max().item()
@@ -192,3 +192,19 @@ def test_kernel_operands_are_checked_before_use():
 def test_block_rows_hold_about_eight_megabytes():
     assert block_rows_for(4096, torch.bfloat16) == 1024 and block_rows_for(4096, torch.float32) == 512
     assert block_rows_for(10 ** 7, torch.float32) == 16
+
+
+@pytest.mark.parametrize("block_rows", [6, 16, 0])
+def test_groups_along_output_channels_across_block_boundaries(block_rows):
+    # groups of 4 output channels, blocks of 6 rows: a group straddles two blocks, its scale row is the same
+    scheme = QuantScheme(bits=4, symmetric=False, granularity=PerGroup(4, axis=0))
+    q, s, z, ref, spec = _state(scheme, 36, 48, seed=3)
+    x = torch.randn(7, 48)
+    torch.testing.assert_close(dequant_linear(x, q, s, z, spec, block_rows=block_rows), F.linear(x, ref))
+
+
+def test_strided_input_equals_its_contiguous_copy():
+    q, s, z, ref, spec = _state(QuantScheme(bits=8), 40, 24)
+    xt = torch.randn(24, 5).t()  # [5, 24], not C-contiguous
+    assert torch.equal(dequant_linear(xt, q, s, z, spec, block_rows=16),
+                       dequant_linear(xt.contiguous(), q, s, z, spec, block_rows=16))
