@@ -1,0 +1,137 @@
+"""Forward paths of one quantized layer against dense ``F.linear``: ratio = dense ms / path ms (> 1: faster).
+
+    python benchmarks/bench_paths.py                        # K = N = 4096, rows 1/16/128, bf16 + f32, W8 + W4
+    python benchmarks/bench_paths.py --rows 128 --dtypes bfloat16 --reps 30 --threads 1
+
+Paths per cell (eager, no autograd):
+
+* ``layer``: today's ``qtorch.W8A16Linear`` / ``W4A16Linear`` (``from_linear``) forward, whatever it dispatches to;
+* ``dequant_mm``: :func:`qtorch.dequant_mm.dequant_linear` on the canonical state (blocks of output rows
+  dequantized into the activation dtype, then ``F.linear``: oneDNN/AMX in bfloat16 where the CPU has it);
+* ``int8pack``: ``torch._weight_int8pack_mm`` (W8, symmetric per channel; preconditions checked);
+* ``int4pack``: ``torch._weight_int4pack_mm_for_cpu`` (W4 in groups of 32..256, bfloat16 only).
+
+Every path of a cell and the dense layer run in turn inside each repetition (the machine may be shared: all see
+the same conditions); the table shows medians, the per-cell lines also the best. ``tuned`` is the path that
+:class:`qtorch.autotune.Dispatcher` picks for the cell, measured in the same process. The first lines print the
+CPU model and its ISA flags, so that a table from one machine is never taken for another's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import qtorch  # noqa: E402
+from qtorch import autotune  # noqa: E402
+from qtorch import kernels as K  # noqa: E402
+from qtorch.dequant_mm import WeightSpec, dequant_linear  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ISA = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile", "asimd",
+       "sve")
+
+
+def cpu_line() -> str:
+    model, flags = autotune.cpu_info()
+    have = [f for f in ISA if f in flags.split()]
+    return (f"CPU: {model} | ISA: {' '.join(have) or 'none of ' + '/'.join(ISA)} | torch capability "
+            f"{torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+
+
+def _paths(layer, dtype, x_rows):
+    """name -> callable(x) of every eligible path of ``layer`` (canonical state taken from its state_dict)."""
+    state = layer.state_dict()
+    q, s, z = state["qweight"], state["scale"], state.get("zero_point")
+    n, k = layer.out_features, layer.in_features
+    spec = WeightSpec.from_scheme(layer.scheme, n, k)
+    paths = {"layer": lambda x: layer(x),
+             "dequant_mm": lambda x: dequant_linear(x, q, s, z, spec)}
+    sc = layer.scheme
+    if (sc.bits == 8 and sc.symmetric and spec.kind == "channel" and spec.axis == 0
+            and K.int8pack_ok(dtype, k)):
+        s_dt = s.to(dtype)
+        paths["int8pack"] = lambda x: torch._weight_int8pack_mm(x, q, s_dt)
+    if (dtype == torch.bfloat16 and sc.bits == 4 and spec.kind == "group" and spec.axis == 1
+            and spec.group in K.INT4PACK_GROUPS and n % 16 == 0):
+        packed = K.to_int4pack(K.unpack_codes(q, 4, k), s, z, symmetric=sc.symmetric, group=spec.group)
+        if packed is not None:
+            p, sz = packed
+            paths["int4pack"] = lambda x: torch._weight_int4pack_mm_for_cpu(x, p, spec.group, sz)
+    return paths
+
+
+def _time(fn, x) -> float:
+    t = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--k", type=int, default=4096)
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 16, 128])
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES))
+    p.add_argument("--layers", nargs="+", default=["W8A16Linear", "W4A16Linear"])
+    p.add_argument("--reps", type=int, default=15, help="timed repetitions per cell (default 15)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    k, n = args.k, args.n
+    print(cpu_line())
+    print(f"K={k} N={n}; ratio = dense median ms / path median ms; each repetition runs dense and every path in turn")
+    tuner = autotune.Dispatcher(cache_path=False, env={})
+    names = ["layer", "dequant_mm", "int8pack", "int4pack"]
+    lines = ["| layer | dtype | rows | dense ms | " + " | ".join(names) + " | tuned |",
+             "|" + "---|" * (5 + len(names))]
+    with torch.no_grad():
+        for dname in args.dtypes:
+            dt = DTYPES[dname]
+            dense = torch.nn.Linear(k, n, bias=False, dtype=dt).eval()
+            for lname in args.layers:
+                layer = getattr(qtorch, lname).from_linear(dense).eval()
+                for r in args.rows:
+                    x = torch.randn(r, k, dtype=dt)
+                    paths = _paths(layer, dt, r)
+                    ref = F.linear(x.float(), layer.dequantized_weight(torch.float32))
+                    for name, fn in paths.items():  # warm-up and a correctness check of every path
+                        err = (fn(x).float() - ref).abs().max().item() / max(1e-6, ref.abs().max().item())
+                        if err > (2e-2 if dt == torch.bfloat16 else 1e-4):
+                            raise SystemExit(f"{lname} {dname} rows={r}: path {name} is off by {err:.2e} (relative)")
+                    dense(x)
+                    times = {"dense": []}
+                    times.update({name: [] for name in paths})
+                    for _ in range(args.reps):
+                        times["dense"].append(_time(dense, x))
+                        for name, fn in paths.items():
+                            times[name].append(_time(fn, x))
+                    med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+                    best = {name: min(t) * 1e3 for name, t in times.items()}
+                    key = autotune.DispatchKey.make(n, k, f"{lname}", dt, rows=r)
+                    tuned = tuner.choose(key, {name: (lambda fn=fn: fn(x)) for name, fn in paths.items()})
+                    cells = [f"{med['dense'] / med[name]:.2f}x ({med[name]:.2f})" if name in med else "-"
+                             for name in names]
+                    lines.append(f"| {lname} | {dname} | {r} | {med['dense']:.2f} | " + " | ".join(cells)
+                                 + f" | {tuned} |")
+                    print(f"  {lname:11s} {dname:8s} rows={r:4d} layout={layer.weight_layout:9s} "
+                          + "  ".join(f"{name} {med[name]:.2f}/{best[name]:.2f}" for name in med)
+                          + f" ms (median/best)  tuned: {tuned}", flush=True)
+    print()
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

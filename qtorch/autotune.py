@@ -1,0 +1,352 @@
+"""Pick a forward path by timing the eligible ones on this machine, once per layer shape, dtype and row bucket.
+
+No table written on one CPU is right on another (an AVX2 CPU and an AMX one disagree at every row count), so the
+choice is measured where the model runs. A :class:`Dispatcher` times the candidates it is given at first use
+(one warm-up call each, then alternating rounds; the median wins), keeps the decision for the process and in a
+small JSON file shared by every process on the machine:
+
+* file: ``$QTORCH_CACHE_DIR/dispatch-<fingerprint>.json`` (default ``~/.cache/qtorch``); the fingerprint hashes
+  the CPU model and flags, the torch, qtorch and Python versions, so a file never serves another machine or
+  another build. A corrupt or foreign file is ignored and rewritten. Writes hold a lock file, merge with what is
+  on disk and replace the file atomically (temporary file + rename): concurrent processes lose no decision and
+  never leave a half-written file.
+* ``QTORCH_PATH=<name>`` forces that path wherever it is among the candidates (elsewhere the normal choice).
+* ``QTORCH_AUTOTUNE=0`` turns measuring off: the first candidate (the caller's default order) is used.
+* Under ``torch.compile`` tracing nothing is measured: the cached decision, else the default, is used.
+
+Bounded: a decision costs one warm-up call per candidate plus rounds of timed calls until ``budget_s`` (20 ms by
+default) is spent, ``max_rounds`` are done, or one candidate is clearly best (the others are dropped as soon as
+their fastest call is ``drop_ratio`` times slower than the leader's median).
+
+>>> import time
+>>> d = Dispatcher(cache_path=False, env={})
+>>> key = DispatchKey.make(4096, 4096, "w8-sym-channel", "bfloat16", rows=128)
+>>> key.bucket
+'65-256'
+>>> d.choose(key, {"slow": lambda: time.sleep(0.002), "fast": lambda: None})
+'fast'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+__all__ = ["ROW_BUCKETS", "DispatchKey", "Dispatcher", "row_bucket", "cpu_info", "fingerprint", "default_cache_path",
+           "default_dispatcher"]
+
+#: upper bounds of the row buckets; more rows than the last bound form one more bucket
+ROW_BUCKETS = (1, 4, 16, 64, 256)
+FILE_FORMAT = "qtorch-dispatch"
+FILE_VERSION = 1
+
+
+def row_bucket(rows: int) -> str:
+    """The bucket label of a call with ``rows`` rows: ``1``, ``2-4``, ``5-16``, ``17-64``, ``65-256``, ``>256``.
+
+    >>> [row_bucket(r) for r in (1, 3, 16, 17, 128, 4096)]
+    ['1', '2-4', '5-16', '17-64', '65-256', '>256']
+    """
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows must be an int >= 1, got {rows!r}")
+    lo = 1
+    for hi in ROW_BUCKETS:
+        if rows <= hi:
+            return str(hi) if lo == hi else f"{lo}-{hi}"
+        lo = hi + 1
+    return f">{ROW_BUCKETS[-1]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchKey:
+    """What a decision depends on: layer shape, scheme label, activation dtype, row bucket and torch's threads."""
+
+    out_features: int
+    in_features: int
+    scheme: str
+    dtype: str
+    bucket: str
+    threads: int
+
+    @classmethod
+    def make(cls, out_features: int, in_features: int, scheme: str, dtype, rows: int,
+             threads: int | None = None) -> "DispatchKey":
+        """Key of a call: ``dtype`` a ``torch.dtype`` or its name, ``rows`` the call's rows (bucketed here)."""
+        for name, v in (("out_features", out_features), ("in_features", in_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not isinstance(scheme, str) or not scheme or "|" in scheme:
+            raise ValueError(f"scheme must be a non-empty label without '|', got {scheme!r}")
+        dname = str(dtype).removeprefix("torch.")
+        threads = torch.get_num_threads() if threads is None else threads
+        return cls(out_features, in_features, scheme, dname, row_bucket(rows), int(threads))
+
+    def __str__(self) -> str:
+        return (f"{self.out_features}x{self.in_features}|{self.scheme}|{self.dtype}|rows {self.bucket}|"
+                f"threads {self.threads}")
+
+
+# ------------------------------------------------------------------------------------------------ fingerprint
+
+def cpu_info() -> tuple[str, str]:
+    """(CPU model name, space-separated ISA flags) of this machine; Linux reads ``/proc/cpuinfo``, elsewhere the
+    platform's processor name and torch's CPU capability stand in for the flags."""
+    model, flags = "", ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                name = name.strip()
+                if name == "model name" and not model:
+                    model = value.strip()
+                elif name in ("flags", "Features") and not flags:
+                    flags = " ".join(sorted(value.split()))
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine()
+    flags = flags or f"capability={torch.backends.cpu.get_cpu_capability()}"
+    return model, flags
+
+
+def _qtorch_version() -> str:
+    from . import __version__  # a late import: qtorch/__init__ may import this module
+
+    return __version__
+
+
+def fingerprint() -> dict:
+    """What a cache file is valid for: CPU model and flags, machine, torch / qtorch / Python versions."""
+    model, flags = cpu_info()
+    return {"cpu": model, "flags": flags, "machine": platform.machine(), "torch": torch.__version__,
+            "qtorch": _qtorch_version(), "python": platform.python_version()}
+
+
+def _fingerprint_id(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_cache_path(env: Mapping[str, str] | None = None) -> Path:
+    """``$QTORCH_CACHE_DIR/dispatch-<fingerprint>.json``, by default under ``~/.cache/qtorch``."""
+    env = os.environ if env is None else env
+    root = env.get("QTORCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "qtorch")
+    return Path(root) / f"dispatch-{_fingerprint_id(fingerprint())}.json"
+
+
+# ------------------------------------------------------------------------------------------------ the file
+
+def _read_decisions(path: Path, fp: dict) -> dict:
+    """Decisions in ``path``, or {} when it is missing, corrupt, foreign or written for another fingerprint."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    if (not isinstance(data, dict) or data.get("format") != FILE_FORMAT or data.get("version") != FILE_VERSION
+            or data.get("fingerprint") != fp or not isinstance(data.get("decisions"), dict)):
+        return {}
+    return {k: v for k, v in data["decisions"].items()
+            if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("path"), str)}
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock on ``path.lock`` between processes (POSIX ``flock``; elsewhere none: the rename alone
+    keeps the file whole, and a racing writer may drop the other's newest decision, which is then re-measured)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(str(path) + ".lock", "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _write_decisions(path: Path, fp: dict, new: dict) -> dict:
+    """Merge ``new`` into the decisions on disk and replace the file atomically; returns the merged decisions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(path):
+        merged = _read_decisions(path, fp)
+        merged.update(new)
+        data = {"format": FILE_FORMAT, "version": FILE_VERSION, "fingerprint": fp, "decisions": merged}
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    return merged
+
+
+# ------------------------------------------------------------------------------------------------ the dispatcher
+
+class Dispatcher:
+    """Measured choice among candidate forward paths, cached per :class:`DispatchKey` in the process and on disk.
+
+    ``cache_path``: a file path, ``None`` for :func:`default_cache_path`, ``False`` for no file. ``timer`` (seconds,
+    monotonic) and ``env`` (``QTORCH_PATH``, ``QTORCH_AUTOTUNE``, ``QTORCH_CACHE_DIR``; read once, here) can be
+    injected. ``budget_s`` bounds the timed rounds of one decision, ``min_rounds`` / ``max_rounds`` their count.
+    """
+
+    def __init__(self, cache_path: str | os.PathLike | None | bool = None, *, timer: Callable[[], float] =
+                 time.perf_counter, env: Mapping[str, str] | None = None, budget_s: float = 0.02,
+                 min_rounds: int = 3, max_rounds: int = 15, drop_ratio: float = 1.5):
+        env = dict(os.environ if env is None else env)
+        if not (budget_s >= 0 and 1 <= min_rounds <= max_rounds and drop_ratio > 1):
+            raise ValueError(f"need budget_s >= 0, 1 <= min_rounds <= max_rounds and drop_ratio > 1, got "
+                             f"{budget_s}, {min_rounds}, {max_rounds}, {drop_ratio}")
+        if cache_path is True:
+            raise TypeError("cache_path must be a path, None (the default file) or False (no file)")
+        self.cache_path = (None if cache_path is False else
+                           default_cache_path(env) if cache_path is None else Path(cache_path))
+        self.timer = timer
+        self.budget_s, self.min_rounds, self.max_rounds, self.drop_ratio = budget_s, min_rounds, max_rounds, drop_ratio
+        self.forced = env.get("QTORCH_PATH") or None
+        flag = env.get("QTORCH_AUTOTUNE", "1").strip().lower()
+        if flag not in ("1", "0", "true", "false", "on", "off", "yes", "no", ""):
+            raise ValueError(f"QTORCH_AUTOTUNE must be 1 or 0, got {env['QTORCH_AUTOTUNE']!r}")
+        self.measuring = flag not in ("0", "false", "off", "no")
+        self._fp = fingerprint() if self.cache_path is not None else None
+        self._lock = threading.Lock()
+        self._decisions: dict[str, dict] = {}  # key string -> {"path": name, "ms": {name: median ms}}
+        self._disk_loaded = False
+        self._warned_write = False
+
+    # -------------------------------------------------------------- lookups
+    def _load_disk(self) -> None:
+        if self._disk_loaded:
+            return
+        self._disk_loaded = True
+        if self.cache_path is not None:
+            on_disk = _read_decisions(self.cache_path, self._fp)
+            with self._lock:
+                for k, v in on_disk.items():
+                    self._decisions.setdefault(k, v)
+
+    def cached(self, key: DispatchKey) -> str | None:
+        """The decision kept for ``key`` (this process or the file), or None."""
+        if not torch.compiler.is_compiling():
+            self._load_disk()
+        entry = self._decisions.get(str(key))
+        return None if entry is None else entry["path"]
+
+    def decisions(self) -> dict[str, dict]:
+        """A copy of every decision known to this dispatcher (key string -> path and timings in ms)."""
+        self._load_disk()
+        with self._lock:
+            return {k: dict(v) for k, v in self._decisions.items()}
+
+    # -------------------------------------------------------------- the choice
+    def choose(self, key: DispatchKey, candidates: Mapping[str, Callable[[], Any]]) -> str:
+        """Name of the path to use for ``key`` among ``candidates`` (name -> a callable running one forward; only
+        eligible paths, in the default order). Measures at the first call for ``key`` and remembers the result.
+
+        A candidate that raises while being measured is dropped; if every one raises, the first error is raised.
+        """
+        if not isinstance(key, DispatchKey):
+            raise TypeError(f"key must be a DispatchKey, got {type(key).__name__}")
+        names = list(candidates)
+        if not names:
+            raise ValueError(f"no candidate path for {key}")
+        if self.forced is not None and self.forced in candidates:
+            return self.forced
+        if len(names) == 1:
+            return names[0]
+        compiling = torch.compiler.is_compiling()
+        if not self.measuring:
+            return names[0]
+        found = self.cached(key)
+        if found in candidates:
+            return found
+        if compiling:  # never time inside tracing: the default until an eager call has measured
+            return names[0]
+        ms = self._measure(candidates)
+        best = min(ms, key=ms.get)
+        self._remember(key, {"path": best, "ms": {n: round(v, 4) for n, v in ms.items()}})
+        return best
+
+    def _measure(self, candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
+        """Median ms per candidate that ran (the dropped ones keep the samples they have)."""
+        alive, errors = {}, []
+        for name, fn in candidates.items():  # warm-up: first calls compile, allocate, fill caches
+            try:
+                fn()
+                alive[name] = fn
+            except Exception as e:  # an ineligible path is not a decision-breaker
+                errors.append(e)
+        if not alive:
+            raise errors[0]
+        samples: dict[str, list[float]] = {name: [] for name in alive}
+        spent, rounds = 0.0, 0
+        while True:
+            for name in list(alive):
+                t0 = self.timer()
+                alive[name]()
+                dt = self.timer() - t0
+                samples[name].append(dt)
+                spent += dt
+            rounds += 1
+            med = {n: statistics.median(samples[n]) for n in alive}
+            lead = min(med, key=med.get)
+            for n in list(alive):  # clearly slower: its best call loses to the leader's typical one
+                if n != lead and min(samples[n]) > self.drop_ratio * med[lead]:
+                    del alive[n]
+            if len(alive) == 1 or rounds >= self.max_rounds or (rounds >= self.min_rounds and spent >= self.budget_s):
+                break
+            if spent >= 4 * self.budget_s:  # very slow candidates: do not hold the first call for long
+                break
+        return {n: statistics.median(s) * 1e3 for n, s in samples.items()}
+
+    def _remember(self, key: DispatchKey, entry: dict) -> None:
+        with self._lock:
+            self._decisions[str(key)] = entry
+        if self.cache_path is None:
+            return
+        try:
+            merged = _write_decisions(self.cache_path, self._fp, {str(key): entry})
+        except OSError as e:  # a read-only home: the process cache still works
+            if not self._warned_write:
+                self._warned_write = True
+                warnings.warn(f"qtorch: cannot write the dispatch cache {self.cache_path}: {e}", RuntimeWarning,
+                              stacklevel=3)
+            return
+        with self._lock:
+            for k, v in merged.items():
+                self._decisions.setdefault(k, v)
+
+
+_DEFAULT: Dispatcher | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_dispatcher() -> Dispatcher:
+    """The process's dispatcher (environment read at its first use)."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = Dispatcher()
+        return _DEFAULT
+
