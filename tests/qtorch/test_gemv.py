@@ -201,7 +201,7 @@ def test_after_a_call_starved_a_team_thread_the_kernels_run_on_the_calling_threa
     from qcore import _team
     from qtorch import gemm
     w, wb, sb, zb = _blocked(4, False, "group", 32, 256, 512, 64, seed=3)
-    sp, zp = K.blocked_params(sb, zb, 256)
+    sp, zp = blocked.blocked_params(sb, zb, 256)
     x = np.random.default_rng(0).standard_normal((rows, 512)).astype(np.float32)
 
     def call():

@@ -396,13 +396,18 @@ def test_loaded_layers_hold_the_layout_they_build_themselves(tmp_path, build, to
 
 def _conversions(fn):
     """Calls of the codec functions (qcore's pack / unpack, qtorch's torch ones) made by ``fn()``, by name."""
-    names = {"pack", "unpack", "pack_codes", "unpack_codes", "int4pack_unpack", "from_blocked", "to_blocked"}
+    import qcore.packing
+    from qtorch.layouts import blocked, codec, int4pack
+    # the functions themselves, by code object: a method of another class may share a name (Operands.pack)
+    funcs = [qcore.packing.pack, qcore.packing.unpack, codec.pack_codes, codec.unpack_codes,
+             int4pack.int4pack_unpack, blocked.from_blocked, blocked.to_blocked]
+    codes = {f.__code__: f.__name__ for f in funcs}
     seen = {}
 
     def profile(frame, event, arg):
-        code = frame.f_code
-        if event == "call" and code.co_name in names and ("qcore" in code.co_filename or "qtorch" in code.co_filename):
-            seen[code.co_name] = seen.get(code.co_name, 0) + 1
+        name = codes.get(frame.f_code) if event == "call" else None
+        if name is not None:
+            seen[name] = seen.get(name, 0) + 1
 
     sys.setprofile(profile)
     try:
