@@ -71,7 +71,8 @@ class Layout:
     ``weight_layout``) and ``torch_kernels`` (True when the forward is one of PyTorch's own kernels: the default
     policy ranks those first where ``layouts.TORCH_PACK_KERNELS`` is on), and implement :meth:`eligible`,
     :meth:`from_codes` or :meth:`from_canonical`, :meth:`to_codes` (unless it holds the canonical form),
-    :meth:`path` and :meth:`linear`.
+    :meth:`path` and :meth:`linear`; a layout with several paths for a call sets ``tuned`` and lists them in
+    :meth:`paths`.
 
     Forms exchanged: *canonical* ``(qweight, scale, zero_point)`` is the state_dict form (docs/packing.md);
     *codes* ``(codes [N, K], scale, zero_point)`` is the same with the stored codes unpacked (the canonical
@@ -83,6 +84,8 @@ class Layout:
     name = ""
     holds = ""
     torch_kernels = False
+    #: True when :meth:`paths` may offer more than one path: the layer then picks by measurement (qtorch.autotune)
+    tuned = False
 
     # -- eligibility and dispatch
     def eligible(self, spec: WeightSpec, device: torch.device, compute_dtype: torch.dtype) -> bool:
@@ -91,6 +94,11 @@ class Layout:
     def path(self, device_type: str, dtype: torch.dtype, rows: int, bits: int) -> str:
         """The name of the kernel a call of ``rows`` rows takes (constant under ``torch.compile``)."""
         raise NotImplementedError
+
+    def paths(self, device_type: str, dtype: torch.dtype, rows: int, bits: int) -> tuple:
+        """Every path that can serve such a call, the layout's own first (the one :meth:`path` names); a layer
+        with ``tuned`` layouts times them and keeps the fastest per row bucket."""
+        return (self.path(device_type, dtype, rows, bits),)
 
     def linear(self, weight, x2: torch.Tensor, path: str) -> torch.Tensor:
         """``x2 [M, K] @ W.T`` for the ``QuantizedWeight`` ``weight`` held in this layout, by the kernel ``path``

@@ -3,11 +3,13 @@
 ``qweight`` holds the codes ``[N, ceil(K*bits/8)]`` packed along K, LSB first (docs/packing.md; int8 codes
 -127..127 for 8-bit symmetric, uint8 otherwise), scale and zero point in qcore's shapes. The forward
 dequantizes the whole weight (float32 on CPU: AVX2 has no bf16/fp16 FMA; the input dtype elsewhere) and runs one
-``F.linear``: slow per call, but it serves every scheme, shape and device.
+``F.linear``: slow per call, but it serves every scheme, shape and device. CPU calls of several rows may take
+``dequant_mm`` instead (:mod:`qtorch.layouts.dequant_path`) where the layer measured it faster.
 """
 
 from __future__ import annotations
 
+from . import dequant_path
 from .base import Layout
 from .codec import dense_linear, dequantize_canonical, unpack_codes
 
@@ -18,6 +20,7 @@ class Canonical(Layout):
     """Every scheme, shape and device: the fallback that the default policy always ranks last."""
 
     name = holds = "canonical"
+    tuned = True
 
     def eligible(self, spec, device, compute_dtype):
         return True
@@ -25,7 +28,14 @@ class Canonical(Layout):
     def path(self, device_type, dtype, rows, bits):
         return "dense"
 
+    def paths(self, device_type, dtype, rows, bits):
+        if dequant_path.eligible(device_type, dtype, rows):
+            return ("dense", dequant_path.NAME)
+        return ("dense",)
+
     def linear(self, weight, x2, path):
+        if path == dequant_path.NAME:
+            return dequant_path.linear(weight, x2)
         return dense_linear(x2, weight.dequantize)
 
     def from_canonical(self, spec, qweight, scale, zero_point):

@@ -2,13 +2,16 @@
 
 Eligible for 8-bit symmetric per-output-channel weights of a bfloat16 layer on CPU where the kernel cannot crash
 (:func:`int8pack_ok`). The buffers are the canonical state itself; the kernel's bfloat16 scales ``[N]`` are
-derived data (``aux``, never saved). Inputs of another dtype take the portable path.
+derived data (``aux``, never saved). Inputs of another dtype take the portable path. CPU calls of several rows
+may take ``dequant_mm`` instead (:mod:`qtorch.layouts.dequant_path`) where the layer measured it faster: the
+measured choice calls the kernel's path ``int8pack`` (:meth:`path` keeps naming it ``dense``, as before).
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import dequant_path
 from .base import Layout
 from .codec import dense_linear, dequantize_canonical
 
@@ -47,7 +50,7 @@ class Int8PackMM(torch.autograd.Function):
 
 
 class Int8Pack(Layout):
-    name, holds, torch_kernels = "int8pack", "canonical", True
+    name, holds, torch_kernels, tuned = "int8pack", "canonical", True, True
 
     def eligible(self, spec, device, compute_dtype):
         return (device.type == "cpu" and compute_dtype == torch.bfloat16 and spec.bits == 8 and spec.symmetric
@@ -56,7 +59,15 @@ class Int8Pack(Layout):
     def path(self, device_type, dtype, rows, bits):
         return "dense"  # the canonical codes: the name the portable path reports too
 
+    def paths(self, device_type, dtype, rows, bits):
+        own = "int8pack" if device_type == "cpu" and dtype == torch.bfloat16 else "dense"
+        if dequant_path.eligible(device_type, dtype, rows):
+            return (own, dequant_path.NAME)
+        return (own,)
+
     def linear(self, weight, x2, path):
+        if path == dequant_path.NAME:
+            return dequant_path.linear(weight, x2)
         if x2.device.type == "cpu" and x2.dtype == torch.bfloat16:
             b = weight.buffers
             if torch.is_grad_enabled() and x2.requires_grad:  # no derivative in PyTorch: the wrapper has one
