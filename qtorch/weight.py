@@ -10,10 +10,16 @@ the layout and the codes (one conversion each way).
 >>> qa = qcore.quantize(np.linspace(-1, 1, 64, dtype=np.float32).reshape(4, 16),
 ...                     qcore.QuantScheme(4, False, qcore.PerGroup(8)))
 >>> w = QuantizedWeight.from_quantized_array(qa)
->>> w.layout.name, tuple(w.linear(torch.ones(2, 16)).shape)
-('canonical', (2, 4))
+>>> w.layout.name, tuple(w.linear(torch.ones(1, 16)).shape)
+('canonical', (1, 4))
 >>> bool(np.array_equal(w.to_quantized_array().codes, qa.codes))
 True
+
+Where the layout offers several paths for a call (``Layout.tuned``: ``canonical`` and ``int8pack`` on CPU, several
+rows: their own and ``dequant_mm``), :meth:`QuantizedWeight.linear` asks :func:`qtorch.autotune.default_dispatcher`
+once per (device type, dtype, row bucket), which times them on this machine (``QTORCH_PATH`` forces one,
+``QTORCH_AUTOTUNE=0`` keeps the layout's own), and keeps the answer: later calls cost one dict lookup. Under
+``torch.compile`` tracing nothing is measured: the kept answer, else the layout's own path.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import qcore
 from qcore import packing
 from qcore.quantize import check_grid
 
-from . import layouts
+from . import autotune, layouts
 from ._torch_numpy import to_numpy
 from .layouts import WeightSpec
 from .layouts.canonical import CANONICAL
@@ -49,6 +55,7 @@ class QuantizedWeight:
         self.buffers = {} if buffers is None else buffers
         self.layout = CANONICAL
         self.aux = None
+        self._routes: dict = {}  # (device type, dtype, row bucket index) -> path, for tuned layouts
         self.reset(torch.get_default_device() if device is None else torch.device(device))
 
     # ------------------------------------------------------------------ state
@@ -69,6 +76,7 @@ class QuantizedWeight:
         b = self.buffers
         b["qweight"], b["scale"], b["zero_point"] = q, s, z
         self.layout, self.aux = layout, aux
+        self._routes = {}
 
     @property
     def device(self) -> torch.device:
@@ -190,8 +198,37 @@ class QuantizedWeight:
         spec, lay = self.spec, self.layout
         lead = x.shape[:-1]
         x2 = x.reshape(-1, spec.in_features)
-        y = lay.linear(self, x2, lay.path(x2.device.type, x2.dtype, x2.shape[0], spec.bits))
+        rows = x2.shape[0]
+        if lay.tuned and rows > 0:
+            key = (x2.device.type, x2.dtype, autotune.bucket_index(rows))
+            path = self._routes.get(key)
+            if path is None:
+                path = self._route(x2, key)
+        else:
+            path = lay.path(x2.device.type, x2.dtype, rows, spec.bits)
+        y = lay.linear(self, x2, path)
         return y.reshape(*lead, spec.out_features)
+
+    def _route(self, x2: torch.Tensor, key: tuple) -> str:
+        """The path for calls like ``x2`` (first call of its row bucket): the dispatcher's choice among the
+        layout's paths, kept in ``_routes``; the layout's own path under tracing or when measuring is off."""
+        spec, lay = self.spec, self.layout
+        dev, dt, rows = x2.device.type, x2.dtype, x2.shape[0]
+        own = lay.path(dev, dt, rows, spec.bits)
+        if torch.compiler.is_compiling():  # never measure while tracing; nothing is stored either
+            return own
+        names = lay.paths(dev, dt, rows, spec.bits)
+        path = own
+        d = autotune.default_dispatcher()
+        if len(names) > 1 and (d.measuring or d.forced in names):
+            label = f"{lay.name}-w{spec.bits}{'s' if spec.symmetric else 'a'}-{spec.kind}{spec.axis}-g{spec.group}"
+            dkey = autotune.DispatchKey.make(spec.out_features, spec.in_features, label, dt, rows)
+            with torch.no_grad():  # timing builds no autograd graph; the path serves both
+                path = d.choose(dkey, {n: (lambda n=n: lay.linear(self, x2, n)) for n in names})
+            if path == names[0]:
+                path = own  # the layout's own path under the name it has always reported
+        self._routes[key] = path
+        return path
 
     def kernel_nbytes(self) -> int:
         """Bytes of derived kernel data (``aux``) held besides the buffers."""

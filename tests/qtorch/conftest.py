@@ -2,7 +2,7 @@
 
 import pytest
 
-from qtorch import layouts
+from qtorch import autotune, layouts
 
 
 @pytest.fixture
@@ -15,3 +15,10 @@ def torch_pack_kernels(monkeypatch):
 def blocked_kernels(monkeypatch):
     """bfloat16 layers on the blocked layout's kernels (the choice on AVX2 CPUs)."""
     monkeypatch.setattr(layouts, "TORCH_PACK_KERNELS", False)
+
+
+@pytest.fixture(autouse=True)
+def no_measured_dispatch(monkeypatch):
+    """Every test runs the layouts' own paths, as with ``QTORCH_AUTOTUNE=0`` and no dispatch file: a measured
+    choice differs between runs and machines. tests/qtorch/test_dispatch.py installs its own dispatchers."""
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env={"QTORCH_AUTOTUNE": "0"}))
