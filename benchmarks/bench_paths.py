@@ -2,18 +2,23 @@
 
     python benchmarks/bench_paths.py                        # K = N = 4096, rows 1/16/128, bf16 + f32, W8 + W4
     python benchmarks/bench_paths.py --rows 128 --dtypes bfloat16 --reps 30 --threads 1
+    python benchmarks/bench_paths.py --layers W8A16Linear --dtypes float32 --rows 128 --n 4100   # canonical layout
 
 Paths per cell (eager, no autograd):
 
-* ``layer``: today's ``qtorch.W8A16Linear`` / ``W4A16Linear`` (``from_linear``) forward, whatever it dispatches to;
+* ``off``: the ``qtorch.W8A16Linear`` / ``W4A16Linear`` (``from_linear``) forward with ``QTORCH_AUTOTUNE=0`` (each
+  layout's own path);
+* ``on``: the same layer measuring its paths (a fresh in-memory dispatcher, no file): the path it kept is printed;
 * ``dequant_mm``: :func:`qtorch.dequant_mm.dequant_linear` on the canonical state (blocks of output rows
   dequantized into the activation dtype, then ``F.linear``: oneDNN/AMX in bfloat16 where the CPU has it);
 * ``int8pack``: ``torch._weight_int8pack_mm`` (W8, symmetric per channel; preconditions checked);
 * ``int4pack``: ``torch._weight_int4pack_mm_for_cpu`` (W4 in groups of 32..256, bfloat16 only).
 
 Every path of a cell and the dense layer run in turn inside each repetition (the machine may be shared: all see
-the same conditions); the table shows medians, the per-cell lines also the best. ``tuned`` is the path that
-:class:`qtorch.autotune.Dispatcher` picks for the cell, measured in the same process. The first lines print the
+the same conditions, but each path pays for the caches the one before it left: ``on`` runs right after ``off``);
+the table shows medians, the per-cell lines also the best. ``on kept`` is the path the measuring layer kept for the
+cell's row bucket (``-``: its layout has a single path); ``tuned`` is what :class:`qtorch.autotune.Dispatcher`
+picks among all the columns, measured in the same process. The first lines print the
 CPU model and its ISA flags, so that a table from one machine is never taken for another's.
 """
 
@@ -32,7 +37,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
 from qtorch import autotune  # noqa: E402
-from qtorch import kernels as K  # noqa: E402
+from qtorch.layouts.codec import unpack_codes  # noqa: E402
+from qtorch.layouts.int4pack import INT4PACK_GROUPS, to_int4pack  # noqa: E402
+from qtorch.layouts.int8pack import int8pack_ok  # noqa: E402
 from qtorch.dequant_mm import WeightSpec, dequant_linear  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -47,22 +54,44 @@ def cpu_line() -> str:
             f"{torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__} | threads {torch.get_num_threads()}")
 
 
-def _paths(layer, dtype, x_rows):
+def _with_dispatcher(layer, env, routes):
+    """``layer(x)`` with ``qtorch.autotune``'s process dispatcher replaced by one reading ``env`` (no file) and the
+    layer's kept paths by ``routes``: "off" and "on" run the same weight (a copy would sit elsewhere in cache)."""
+    d = autotune.Dispatcher(cache_path=False, env=env)
+
+    def run(x):
+        w = layer.quantized_weight
+        saved = autotune._DEFAULT, w._routes
+        autotune._DEFAULT, w._routes = d, routes
+        try:
+            return layer(x)
+        finally:
+            autotune._DEFAULT, w._routes = saved
+    return run
+
+
+def _kept(routes, dtype, rows) -> str:
+    """The path kept for CPU calls of ``rows`` rows in ``dtype`` (``-`` when the layout has no choice)."""
+    return routes.get(("cpu", dtype, autotune.bucket_index(rows)), "-")
+
+
+def _paths(layer, on_routes, dtype, x_rows):
     """name -> callable(x) of every eligible path of ``layer`` (canonical state taken from its state_dict)."""
     state = layer.state_dict()
     q, s, z = state["qweight"], state["scale"], state.get("zero_point")
     n, k = layer.out_features, layer.in_features
     spec = WeightSpec.from_scheme(layer.scheme, n, k)
-    paths = {"layer": lambda x: layer(x),
+    paths = {"off": _with_dispatcher(layer, {"QTORCH_AUTOTUNE": "0"}, {}),
+             "on": _with_dispatcher(layer, {}, on_routes),
              "dequant_mm": lambda x: dequant_linear(x, q, s, z, spec)}
     sc = layer.scheme
     if (sc.bits == 8 and sc.symmetric and spec.kind == "channel" and spec.axis == 0
-            and K.int8pack_ok(dtype, k)):
+            and int8pack_ok(dtype, k)):
         s_dt = s.to(dtype)
         paths["int8pack"] = lambda x: torch._weight_int8pack_mm(x, q, s_dt)
     if (dtype == torch.bfloat16 and sc.bits == 4 and spec.kind == "group" and spec.axis == 1
-            and spec.group in K.INT4PACK_GROUPS and n % 16 == 0):
-        packed = K.to_int4pack(K.unpack_codes(q, 4, k), s, z, symmetric=sc.symmetric, group=spec.group)
+            and spec.group in INT4PACK_GROUPS and n % 16 == 0):
+        packed = to_int4pack(unpack_codes(q, 4, k), s, z, symmetric=sc.symmetric, group=spec.group)
         if packed is not None:
             p, sz = packed
             paths["int4pack"] = lambda x: torch._weight_int4pack_mm_for_cpu(x, p, spec.group, sz)
@@ -93,18 +122,19 @@ def main(argv=None) -> int:
     print(cpu_line())
     print(f"K={k} N={n}; ratio = dense median ms / path median ms; each repetition runs dense and every path in turn")
     tuner = autotune.Dispatcher(cache_path=False, env={})
-    names = ["layer", "dequant_mm", "int8pack", "int4pack"]
-    lines = ["| layer | dtype | rows | dense ms | " + " | ".join(names) + " | tuned |",
-             "|" + "---|" * (5 + len(names))]
+    names = ["off", "on", "dequant_mm", "int8pack", "int4pack"]
+    lines = ["| layer | N | dtype | rows | dense ms | " + " | ".join(names) + " | on kept | tuned |",
+             "|" + "---|" * (7 + len(names))]
     with torch.no_grad():
         for dname in args.dtypes:
             dt = DTYPES[dname]
             dense = torch.nn.Linear(k, n, bias=False, dtype=dt).eval()
             for lname in args.layers:
                 layer = getattr(qtorch, lname).from_linear(dense).eval()
+                on_routes = {}  # the paths the "on" layer measured and kept
                 for r in args.rows:
                     x = torch.randn(r, k, dtype=dt)
-                    paths = _paths(layer, dt, r)
+                    paths = _paths(layer, on_routes, dt, r)
                     ref = F.linear(x.float(), layer.dequantized_weight(torch.float32))
                     for name, fn in paths.items():  # warm-up and a correctness check of every path
                         err = (fn(x).float() - ref).abs().max().item() / max(1e-6, ref.abs().max().item())
@@ -123,11 +153,12 @@ def main(argv=None) -> int:
                     tuned = tuner.choose(key, {name: (lambda fn=fn: fn(x)) for name, fn in paths.items()})
                     cells = [f"{med['dense'] / med[name]:.2f}x ({med[name]:.2f})" if name in med else "-"
                              for name in names]
-                    lines.append(f"| {lname} | {dname} | {r} | {med['dense']:.2f} | " + " | ".join(cells)
-                                 + f" | {tuned} |")
-                    print(f"  {lname:11s} {dname:8s} rows={r:4d} layout={layer.weight_layout:9s} "
+                    kept = _kept(on_routes, dt, r)
+                    lines.append(f"| {lname} | {n} | {dname} | {r} | {med['dense']:.2f} | " + " | ".join(cells)
+                                 + f" | {kept} | {tuned} |")
+                    print(f"  {lname:11s} {dname:8s} rows={r:4d} layout={layer.quantized_weight.layout.name:9s} "
                           + "  ".join(f"{name} {med[name]:.2f}/{best[name]:.2f}" for name in med)
-                          + f" ms (median/best)  tuned: {tuned}", flush=True)
+                          + f" ms (median/best)  on kept: {kept}  tuned: {tuned}", flush=True)
     print()
     print("\n".join(lines))
     return 0
