@@ -24,8 +24,13 @@ kernels and inductor templates for them, docs/kernels.md); ``QTORCH_TORCH_PACK=1
 >>> [l.name for l in candidates(spec, torch.device("cpu"), torch.float32)]   # N = 30: no blocked tile
 ['canonical']
 
+Within a layout, ``canonical`` and ``int8pack`` (both hold the canonical codes) also serve CPU calls of several
+rows by ``dequant_mm`` (:mod:`~qtorch.layouts.dequant_path`); the weight times both paths per row bucket and keeps
+the faster (:mod:`qtorch.weight`, :mod:`qtorch.autotune`).
+
 Adding a layout: a module with a :class:`~qtorch.layouts.base.Layout` subclass (eligibility, conversion from and
-to canonical codes, ``path`` and ``linear``) and one :func:`register` call below.
+to canonical codes, ``path`` and ``linear``; ``tuned`` and ``paths`` where it has more than one path) and one
+:func:`register` call below.
 
 Measurements behind it: development CPU (AMD EPYC, 2 cores, AVX2 without AVX-512/AMX, torch 2.13), K = N = 4096,
 best-of-N ms (the 2 cores were shared with other jobs all session: single runs varied up to 5x):
