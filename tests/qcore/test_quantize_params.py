@@ -59,7 +59,8 @@ def arrays_with_params(draw):
     xf = compute_view(x).astype(np.float64)
     mag = float(np.abs(xf).max()) if xf.size and np.abs(xf).max() > 0 else 1.0
     factor = draw(hnp.arrays(np.float64, pshape, elements=st.floats(0.05, 3.0)))
-    scale = (factor * mag / scheme.qmax).astype(np.float32)
+    # subnormal data can make the product underflow to 0, which no valid grid has: the smallest normal instead
+    scale = np.maximum((factor * mag / scheme.qmax).astype(np.float32), np.finfo(np.float32).tiny)
     zp = None
     if not scheme.symmetric:
         zp = draw(hnp.arrays(np.uint8, pshape, elements=st.integers(0, scheme.qmax)))
