@@ -16,7 +16,8 @@ import sys
 import threading
 from typing import Optional, Sequence
 
-from .convert import DEFAULT_EXCLUDE, RequestError, _say, _silence, fmt_bytes, quantize_checkpoint, select_tensors
+from .convert import (DEFAULT_EXCLUDE, RequestError, _say, _silence, fmt_bytes, positive_int, quantize_checkpoint,
+                      select_tensors)
 from .model_folder import copy_side_files
 from .patterns import NamePattern
 
@@ -65,18 +66,8 @@ def _print_summary(s: dict, out=None) -> None:
 # Command line
 # ---------------------------------------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def _bits(text: str) -> int:
-    v = _positive_int(text)
+    v = positive_int(text)
     if not 1 <= v <= 8:
         raise argparse.ArgumentTypeError(f"bits must be in 1..8, got {v}")
     return v
@@ -128,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=_bits, default=8, metavar="{1..8}", help="bits per weight (default: %(default)s)")
     q.add_argument("--asymmetric", action="store_true",
                    help="unsigned codes with a zero point (default: symmetric signed codes; 1 bit needs this)")
-    q.add_argument("--group-size", type=_positive_int, default=None, metavar="N",
+    q.add_argument("--group-size", type=positive_int, default=None, metavar="N",
                    help="one scale per N consecutive inputs along each row (default: one scale per row)")
     q.add_argument("--include", action="extend", nargs="+", default=[], metavar="PATTERN",
                    help="quantize only tensors matching these patterns (default: *.weight minus the exclusions "

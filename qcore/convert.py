@@ -22,6 +22,7 @@ because the pages of a map count towards the process's RSS until it is closed: f
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import shutil
@@ -35,6 +36,7 @@ import numpy as np
 from . import checkpoint as ck
 from . import model_folder
 from .formats import DEFAULT_FORMAT, get_format
+from .labels import format_bytes
 from .patterns import NamePattern
 from .quantize import dequantize, quantize
 from .scheme import PerChannel, PerGroup, QuantScheme
@@ -96,13 +98,20 @@ def select_tensors(infos: dict, include: Sequence[str] = (), exclude: Sequence[s
     return [n for n, info in infos.items() if _selected(n, info, inc, exc)]
 
 
+def positive_int(text: str) -> int:
+    """The argument type of both command lines for counts and sizes (``--group-size``, ``--rounds``)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
 def fmt_bytes(n: float) -> str:
-    """A size in binary units, as the project writes sizes everywhere: ``fmt_bytes(3 * 2**20) == '3.00 MiB'``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024.0
-    return f"{n} B"
+    """A size in binary units: ``fmt_bytes(3 * 2**20) == '3.00 MiB'`` (:func:`qcore.labels.format_bytes`)."""
+    return format_bytes(n)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 from .scheme import PerChannel, PerGroup, PerTensor
 
-__all__ = ["granularity_label", "scheme_label"]
+__all__ = ["granularity_label", "scheme_label", "format_bytes"]
 
 
 def granularity_label(granularity: Any) -> str:
@@ -34,3 +34,17 @@ def scheme_label(scheme: Any) -> str:
         return str(scheme)
     sym = "sym" if getattr(scheme, "symmetric", False) else "asym"
     return f"int{bits} {sym} {granularity_label(getattr(scheme, 'granularity', None))}"
+
+
+def format_bytes(n: float, digits: int = 2) -> str:
+    """A size in binary units, as the project writes sizes everywhere.
+
+    >>> format_bytes(3 * 2**20), format_bytes(1536, digits=1), format_bytes(100)
+    ('3.00 MiB', '1.5 KiB', '100 B')
+    """
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.{digits}f} {unit}"
+        n /= 1024.0
+    return f"{n} B"  # pragma: no cover

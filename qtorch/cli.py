@@ -95,16 +95,6 @@ def _scheme_name(text: str) -> str:
     return text.strip().lower()
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def chosen_scheme(args):
     """The ``qcore.QuantScheme`` of ``--scheme`` and ``--group-size``."""
     from .replace import parse_preset, resolve_scheme, with_group_size
@@ -405,6 +395,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qcore.convert import positive_int
+
     from . import __version__
 
     p = argparse.ArgumentParser(prog="qtorch", description=__doc__.split("\n\n")[0])
@@ -415,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", nargs="?", metavar="MODEL",
                    help="local transformers model folder (default: the bundled all-MiniLM-L6-v2)")
     q.add_argument("--scheme", type=_scheme_name, default="w8a16", metavar="NAME", help=_scheme_help())
-    q.add_argument("--group-size", type=_positive_int, default=None, metavar="N",
+    q.add_argument("--group-size", type=positive_int, default=None, metavar="N",
                    help="one scale (and zero point) per N consecutive inputs of each row")
     # one value per flag: a list-valued option would swallow the optional MODEL positional after it
     q.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
@@ -427,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", metavar="OUT",
                    help="save the quantized model to this folder (load it with qtorch.from_pretrained)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    q.add_argument("--rounds", type=_positive_int, default=7, metavar="N",
+    q.add_argument("--rounds", type=positive_int, default=7, metavar="N",
                    help="timed rounds of the latency comparison (dense and quantized alternate)")
     q.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     i = sub.add_parser("info", help="summarise a quantized checkpoint (file or folder)")

@@ -21,6 +21,8 @@ import sys
 import torch
 from torch import nn
 
+from qcore.labels import format_bytes as _format_bytes
+
 __all__ = ["memory_footprint", "module_nbytes", "format_bytes", "release_free_memory", "dense_weight_nbytes",
            "quantized_weight_nbytes", "compression_ratio"]
 
@@ -75,13 +77,8 @@ def memory_footprint(model: nn.Module) -> int:
 
 
 def format_bytes(n: int | float) -> str:
-    """Human-readable bytes: 1536 -> '1.5 KiB'."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024.0 or unit == "GiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024.0
-    return f"{n:.1f} GiB"  # pragma: no cover
+    """Human-readable bytes: 1536 -> '1.5 KiB' (qcore's formatter, one decimal)."""
+    return _format_bytes(n, digits=1)
 
 
 # Bytes per element of the dense dtypes a quantized weight can come from (the names qcore checkpoints record).
