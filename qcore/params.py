@@ -32,7 +32,7 @@ import numpy as np
 
 from .scheme import QuantScheme
 
-__all__ = ["QParams", "ZERO_POINT_KINDS", "check_grid", "params_method", "params_methods", "register_params_method"]
+__all__ = ["QParams", "ZERO_POINT_KINDS", "check_codes", "check_grid", "check_zero_point", "params_method", "params_methods", "register_params_method"]
 
 #: How a zero point enters the grid. ``"int"``: ``x ≈ (q - zero_point) * scale`` with an integer zero point in
 #: the code range, so that 0.0 is exact. (A float offset, ``x ≈ q * scale + offset`` as llama.cpp's Q4_1 and
@@ -76,6 +76,55 @@ def check_grid(scale: np.ndarray, zero_point: Optional[np.ndarray], scheme: Quan
             what = f"code {scheme.qmax if scheme.qmax - z >= z - scheme.qmin else scheme.qmin} (zero point {z})"
         raise ValueError(f"scale {float(scale[idx]):.6g} at index {idx} makes {what} dequantize to inf "
                          "(float32 overflow)")
+
+
+def _first(mask: np.ndarray) -> tuple:
+    """Index of the first True of ``mask`` (a tuple; ``()`` for a 0-d mask)."""
+    return tuple(int(i) for i in np.argwhere(mask)[0]) if mask.ndim else ()
+
+
+def check_zero_point(zero_point: Optional[np.ndarray], scheme: QuantScheme) -> None:
+    """``ValueError`` unless every zero point lies in ``0..qmax`` of ``scheme`` (uint8 storage holds up to 255).
+
+    The one check of stored zero points: :meth:`QParams.check`, checkpoint readers and qtorch's
+    ``load_state_dict`` all call it.
+
+    >>> import numpy as np; from qcore import QuantScheme
+    >>> check_zero_point(np.array([3, 16], np.uint8), QuantScheme(4, False))
+    Traceback (most recent call last):
+    ...
+    ValueError: zero_point 16 at index (1,) is outside 0..15 for scheme asym int4 per-channel(axis=0)
+    """
+    if zero_point is None:
+        return
+    zp = np.asarray(zero_point)
+    if zp.size and int(zp.max()) > scheme.qmax:
+        idx = _first(zp > scheme.qmax)
+        raise ValueError(f"zero_point {int(zp[idx])} at index {idx} is outside 0..{scheme.qmax} for scheme {scheme}")
+
+
+def check_codes(codes: np.ndarray, scheme: QuantScheme, offset: int = 0) -> None:
+    """``ValueError`` unless every ``code - offset`` lies in ``qmin..qmax`` of ``scheme``.
+
+    ``offset``: what a stored code adds to the code (``2^(bits-1)`` for symmetric codes stored unsigned, as packed
+    rows hold them). The one check of stored codes: :meth:`QuantizedArray.from_parts`, checkpoint readers and
+    qtorch's ``load_state_dict`` all call it.
+
+    >>> import numpy as np; from qcore import QuantScheme
+    >>> check_codes(np.array([[0, -128]], np.int8), QuantScheme(8))
+    Traceback (most recent call last):
+    ...
+    ValueError: code -128 is outside -127..127 for scheme sym int8 per-channel(axis=0) (first at index (0, 1))
+    """
+    c = np.asarray(codes)
+    if not c.size:
+        return
+    lo, hi = int(c.min()) - offset, int(c.max()) - offset
+    if lo >= scheme.qmin and hi <= scheme.qmax:
+        return
+    bad = lo if lo < scheme.qmin else hi
+    idx = _first(c == bad + offset)
+    raise ValueError(f"code {bad} is outside {scheme.qmin}..{scheme.qmax} for scheme {scheme} (first at index {idx})")
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,12 +187,8 @@ class QParams:
         if self.scale.shape != pshape:
             raise ValueError(f"scale has shape {self.scale.shape}, but {self.scheme} needs {pshape} for an input "
                              f"of shape {tuple(shape)}")
-        zp = self.zero_point
-        if zp is not None and zp.size and int(zp.max()) > self.scheme.qmax:
-            idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(zp)), zp.shape))
-            raise ValueError(f"zero_point {int(zp[idx])} at index {idx} is outside 0..{self.scheme.qmax} "
-                             f"for scheme {self.scheme}")
-        check_grid(self.scale, zp, self.scheme)
+        check_zero_point(self.zero_point, self.scheme)
+        check_grid(self.scale, self.zero_point, self.scheme)
 
     def __repr__(self) -> str:
         return (f"QParams(scheme={self.scheme}, scale.shape={self.scale.shape}, "

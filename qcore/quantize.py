@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _kernels
 from ._parallel import f64_bits, run_chunks, team_chunks
-from .params import QParams, check_grid, params_method, params_methods, register_params_method
+from .params import QParams, check_codes, check_grid, check_zero_point, params_method, params_methods, register_params_method
 from .scheme import PerChannel, PerGroup, QuantScheme, _normalize_axis
 
 __all__ = ["QuantizedArray", "QParams", "check_grid", "compute_qparams", "quantize", "dequantize", "fake_quantize",
@@ -182,8 +182,7 @@ class QuantizedArray:
         qa = cls(_contiguous(codes), _contiguous(scale),
                  None if zero_point is None else _contiguous(zero_point), scheme)
         qa.params.check(qa.shape)  # zero points in range, and check_grid
-        if qa.codes.size and (int(qa.codes.min()) < scheme.qmin or int(qa.codes.max()) > scheme.qmax):
-            raise ValueError(f"codes outside {scheme.qmin}..{scheme.qmax} for scheme {scheme}")
+        check_codes(qa.codes, scheme)
         return qa
 
     def __repr__(self) -> str:

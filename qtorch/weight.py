@@ -29,7 +29,7 @@ import torch
 
 import qcore
 from qcore import packing
-from qcore.quantize import check_grid
+from qcore.params import check_codes, check_grid, check_zero_point
 
 from . import autotune, layouts
 from ._torch_numpy import to_numpy
@@ -240,34 +240,32 @@ class QuantizedWeight:
         """Problems with the canonical state ``tensors`` (``qweight``, ``scale``, ``zero_point``: the ones present,
         on a real device), as messages naming the key; and the unpacked sub-8-bit codes (new memory) when read.
 
-        The grid (scale finite, > 0, every code dequantizing to a finite float32) is qcore's own check, on NumPy
-        copies (scales are one per channel or group, small beside the codes)."""
+        The checks are qcore's own (:func:`qcore.params.check_zero_point`, :func:`~qcore.params.check_grid`,
+        :func:`~qcore.params.check_codes`), the ones its checkpoint reader and ``QuantizedArray.from_parts`` run,
+        on NumPy views of the tensors (copies off the CPU)."""
         spec, scheme = self.spec, self.spec.scheme
         errors, codes = [], None
-        zp_ok = True
-        if "zero_point" in tensors and tensors["zero_point"].numel():
-            zmax = int(tensors["zero_point"].max())
-            if zmax > scheme.qmax:
-                errors.append(f"{prefix}zero_point: {zmax} is outside 0..{scheme.qmax}")
-                zp_ok = False
-        if "scale" in tensors and (spec.symmetric or "zero_point" in tensors):
-            zp = tensors.get("zero_point")
+        zp = tensors.get("zero_point")
+        zp_np = None if zp is None else to_numpy(zp)
+        if zp_np is not None:
             try:
-                # a zero point out of range is reported above; the grid is then checked from code qmax
-                check_grid(to_numpy(tensors["scale"]), to_numpy(zp) if zp is not None and zp_ok else None, scheme)
+                check_zero_point(zp_np, scheme)
+            except ValueError as e:
+                errors.append(f"{prefix}{e}")  # "zero_point 16 at index (0, 1) is outside ...": names the key
+                zp_np = None  # reported; the grid is then checked from code qmax
+        if "scale" in tensors and (spec.symmetric or zp is not None):
+            try:
+                check_grid(to_numpy(tensors["scale"]), zp_np, scheme)
             except ValueError as e:
                 errors.append(f"{prefix}scale: {e}")
         if "qweight" in tensors:
             q = tensors["qweight"]
             c = q if spec.bits == 8 else unpack_codes(q, spec.bits, spec.in_features)
             codes = None if spec.bits == 8 else c  # 8 bits: the caller's copy of qweight is the codes
-            if c.numel():
-                off = spec.code_offset
-                lo, hi = int(c.min()) - off, int(c.max()) - off
-                for c in (lo, hi) if lo != hi else (lo,):
-                    if not scheme.qmin <= c <= scheme.qmax:
-                        errors.append(f"{prefix}qweight: code {c} is outside {scheme.qmin}..{scheme.qmax} "
-                                      f"(scheme {scheme})")
+            try:
+                check_codes(to_numpy(c), scheme, spec.code_offset)
+            except ValueError as e:
+                errors.append(f"{prefix}qweight: {e}")
         return errors, codes
 
 

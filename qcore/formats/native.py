@@ -26,6 +26,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from .. import checkpoint as ck
+from ..params import check_zero_point
 from ..quantize import QuantizedArray, check_grid
 from ..scheme import QuantScheme
 from . import CheckpointFormat, register_format
@@ -82,8 +83,10 @@ class QcoreFormat(CheckpointFormat):
         q, scale = arrays[f"{name}.qweight"], arrays[f"{name}.scale"]
         zp = None if scheme.symmetric else arrays[f"{name}.zero_point"]
         where = f"quantized tensor {name!r}"
-        if zp is not None and zp.size and int(zp.max()) > scheme.qmax:
-            raise ck._bad(path, f"{where}: field zero_point: {int(zp.max())} is outside 0..{scheme.qmax} for {scheme}")
+        try:
+            check_zero_point(zp, scheme)
+        except ValueError as e:
+            raise ck._bad(path, f"{where}: field zero_point: {e}") from None
         try:
             check_grid(scale, zp, scheme)  # finite, > 0, and no code of the scheme dequantizes to inf
         except ValueError as e:

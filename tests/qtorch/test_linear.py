@@ -173,7 +173,7 @@ def test_load_state_dict_lists_every_offending_key():
     bad["zero_point"] = torch.full_like(sd["zero_point"], 16)
     with pytest.raises(RuntimeError, match="finite and > 0") as e:
         target.load_state_dict(bad)
-    assert "zero_point: 16 is outside 0..15" in str(e.value)
+    assert "zero_point 16 at index (0, 0) is outside 0..15" in str(e.value)
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
     with pytest.raises(RuntimeError, match="Unexpected key"):
         qtorch.W4A16Linear(256, 64).load_state_dict({**sd, "weight": torch.zeros(1)})
@@ -564,3 +564,30 @@ def test_quantizing_a_meta_weight_names_the_problem():
         qtorch.QuantLinear.from_linear(torch.nn.Linear(64, 32, device="meta"))
     with pytest.raises(ValueError, match="meta device"):
         qtorch.W8A16Linear(64, 32).quantize(torch.empty(32, 64, device="meta"))
+
+
+@pytest.mark.parametrize("field", ["qweight", "zero_point"])
+def test_load_state_dict_and_qcore_refuse_a_bad_state_in_the_same_words(field):
+    """One validation: load_state_dict reports what qcore's own checks say of the same arrays."""
+    from qcore.params import check_codes, check_zero_point
+
+    scheme = QuantScheme(8, True, PerChannel(0)) if field == "qweight" else QuantScheme(4, False, PerChannel(0))
+    q = qtorch.QuantLinear.from_linear(torch.nn.Linear(16, 8), scheme)
+    sd = {k: v.clone() for k, v in q.state_dict().items()}
+    codes = q.quantized_array().codes
+    if field == "qweight":
+        sd["qweight"][3, 5] = -128
+        codes = sd["qweight"].numpy()
+        check, args = check_codes, (codes, scheme)
+    else:
+        sd["zero_point"][6] = 16
+        check, args = check_zero_point, (sd["zero_point"].numpy(), scheme)
+    with pytest.raises(ValueError) as ref:
+        check(*args)
+    with pytest.raises(ValueError) as via_qcore:
+        qcore.QuantizedArray.from_parts(codes, sd["scale"].numpy(),
+                                        None if scheme.symmetric else sd["zero_point"].numpy(), scheme)
+    with pytest.raises(RuntimeError) as via_torch:
+        q.load_state_dict(sd)
+    assert str(ref.value) in str(via_qcore.value)
+    assert str(ref.value) in str(via_torch.value)
