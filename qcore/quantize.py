@@ -151,6 +151,9 @@ class QuantizedArray:
         """
         from .packing import pack
 
+        kept = self.__dict__.get("_packed")
+        if kept is not None:  # the bytes from_packed was given: the same layout, no second pass
+            return kept.copy()
         codes = self.codes
         if self.scheme.symmetric:
             codes = (codes.astype(np.int16) + (1 << (self.scheme.bits - 1))).astype(np.uint8)
@@ -158,7 +161,10 @@ class QuantizedArray:
 
     @classmethod
     def from_packed(cls, packed, scale, zero_point, scheme: QuantScheme, shape) -> "QuantizedArray":
-        """Rebuild from :meth:`packed` bytes; validates parameters and code range."""
+        """Rebuild from :meth:`packed` bytes; validates parameters and code range.
+
+        The array keeps a copy of ``packed`` (when its padding bits are zero, as :meth:`packed` writes them), so
+        that :meth:`packed` (a checkpoint writer) returns those bytes instead of packing the codes again."""
         from .packing import unpack
 
         if not isinstance(scheme, QuantScheme):
@@ -172,7 +178,12 @@ class QuantizedArray:
         codes = unpack(packed, scheme.bits, shape[-1])
         if scheme.symmetric:
             codes = (codes.astype(np.int16) - (1 << (scheme.bits - 1))).astype(np.int8)
-        return cls.from_parts(codes, scale, zero_point, scheme)
+        qa = cls.from_parts(codes, scale, zero_point, scheme)
+        used = (shape[-1] * scheme.bits) % 8  # bits of a row's last byte that hold codes
+        if scheme.bits < 8 and packed.dtype == np.uint8 and not (used and packed.size
+                                                                  and (packed[..., -1] >> used).any()):
+            object.__setattr__(qa, "_packed", np.array(packed, order="C"))
+        return qa
 
     @classmethod
     def from_parts(cls, codes, scale, zero_point, scheme: QuantScheme) -> "QuantizedArray":

@@ -177,6 +177,13 @@ class QuantizedWeight:
     def to_quantized_array(self) -> qcore.QuantizedArray:
         """The weight as a :class:`qcore.QuantizedArray` (NumPy, on CPU), converted once from the layout."""
         spec = self.spec
+        b = self.buffers
+        if self.layout.holds == "canonical" and spec.bits < 8:
+            # packed rows already: qcore unpacks (and checks) them once and keeps the bytes for the file writer
+            z = b["zero_point"]
+            return qcore.QuantizedArray.from_packed(to_numpy(b["qweight"]), _array(b["scale"]),
+                                                    None if z is None else _array(z), spec.scheme,
+                                                    (spec.out_features, spec.in_features))
         c, s, z = self.codes()
         codes = to_numpy(c)
         if spec.code_offset:

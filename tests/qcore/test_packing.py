@@ -415,3 +415,23 @@ def test_unpack_length_must_match_last_axis():
 
 def test_exported_from_qcore():
     assert qcore.pack is pack and qcore.unpack is unpack and qcore.packed_shape is packed_shape
+
+
+def test_from_packed_keeps_the_bytes_it_was_given_for_packed():
+    from qcore import QuantizedArray, QuantScheme, PerChannel, quantize
+
+    x = np.random.default_rng(3).standard_normal((4, 13)).astype(np.float32)  # 13 codes: padding in the last byte
+    qa = quantize(x, QuantScheme(3, True, PerChannel(0)))
+    p = qa.packed()
+    again = QuantizedArray.from_packed(p, qa.scale, None, qa.scheme, qa.shape)
+    out = again.packed()
+    np.testing.assert_array_equal(out, p)
+    out[:] = 0  # a copy: the kept bytes are not the caller's to change
+    np.testing.assert_array_equal(again.packed(), p)
+    p[:] = 0  # nor is the source
+    np.testing.assert_array_equal(again.packed(), qa.packed())
+    # bytes with set padding bits are not the layout packed() writes: not kept, packed again
+    dirty = qa.packed()
+    dirty[:, -1] |= 0x80
+    np.testing.assert_array_equal(QuantizedArray.from_packed(dirty, qa.scale, None, qa.scheme, qa.shape).packed(),
+                                  qa.packed())

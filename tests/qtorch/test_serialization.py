@@ -458,3 +458,18 @@ def test_loading_converts_each_4bit_weight_once(tmp_path, dtype, monkeypatch):
     x = torch.randn(2, 256, dtype=dtype)
     assert all(a.weight_layout == b.weight_layout for a, b in zip(fresh, model))
     assert torch.equal(fresh(x), model(x))
+
+
+def test_saving_a_canonical_4bit_weight_converts_it_once(tmp_path):
+    # N = 40 has no blocked tile: the weight stays canonical (packed rows). Saving reads its codes once (one
+    # unpack, validated by qcore) and writes the packed rows it already holds: no second packing pass.
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(256, 40) for _ in range(3)])  # three parallel heads, called one by one
+    qtorch.quantize_model(model, "w4a16", exclude=())
+    assert all(m.weight_layout == "canonical" for m in model)
+    path = tmp_path / "m.safetensors"
+    assert _conversions(lambda: qtorch.save_quantized(model, path)) == {"unpack": 3}
+    fresh = qtorch.load_quantized(nn.Sequential(*[nn.Linear(256, 40) for _ in range(3)]), path)
+    x = torch.randn(2, 256)
+    assert all(torch.equal(a(x), b(x)) for a, b in zip(fresh, model))
+    assert all(torch.equal(a.state_dict()["qweight"], b.state_dict()["qweight"]) for a, b in zip(fresh, model))
