@@ -15,13 +15,10 @@ __all__ = ["granularity_label", "scheme_label", "format_bytes"]
 
 
 def granularity_label(granularity: Any) -> str:
-    """``'per-tensor'``, ``'per-channel'`` or ``'g<size>'``; ``str()`` of anything else."""
-    if isinstance(granularity, PerGroup):
-        return f"g{granularity.size}"
-    if isinstance(granularity, PerChannel):
-        return "per-channel"
-    if isinstance(granularity, PerTensor):
-        return "per-tensor"
+    """``'per-tensor'``, ``'per-channel'`` or ``'g<size>'`` (the granularity's own ``label``); ``str()`` of
+    anything else."""
+    if isinstance(granularity, (PerTensor, PerChannel, PerGroup)):
+        return granularity.label
     return str(granularity)
 
 

@@ -33,6 +33,12 @@ def _check_int(name: str, value: Any) -> int:
 class PerTensor:
     """One scale (and zero point) for the whole array."""
 
+    #: the short name tables use (qcore.labels); :meth:`describe` is the full one messages use
+    label = "per-tensor"
+
+    def describe(self) -> str:
+        return "per-tensor"
+
     def to_dict(self) -> dict:
         return {"type": "per_tensor"}
 
@@ -45,6 +51,11 @@ class PerChannel:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axis", _check_int("PerChannel axis", self.axis))
+
+    label = "per-channel"
+
+    def describe(self) -> str:
+        return f"per-channel(axis={self.axis})"
 
     def to_dict(self) -> dict:
         return {"type": "per_channel", "axis": self.axis}
@@ -63,6 +74,13 @@ class PerGroup:
             raise ValueError(f"PerGroup size must be >= 1, got {size}")
         object.__setattr__(self, "size", size)
         object.__setattr__(self, "axis", _check_int("PerGroup axis", self.axis))
+
+    @property
+    def label(self) -> str:
+        return f"g{self.size}"
+
+    def describe(self) -> str:
+        return f"per-group({self.size}, axis={self.axis})"
 
     def to_dict(self) -> dict:
         return {"type": "per_group", "size": self.size, "axis": self.axis}
@@ -189,7 +207,4 @@ class QuantScheme:
             raise ValueError(f"invalid scheme {d!r}: {e}") from None
 
     def __str__(self) -> str:
-        g = self.granularity
-        gs = ("per-tensor" if isinstance(g, PerTensor) else f"per-channel(axis={g.axis})"
-              if isinstance(g, PerChannel) else f"per-group({g.size}, axis={g.axis})")
-        return f"{'sym' if self.symmetric else 'asym'} int{self.bits} {gs}"
+        return f"{'sym' if self.symmetric else 'asym'} int{self.bits} {self.granularity.describe()}"
