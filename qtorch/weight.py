@@ -20,6 +20,11 @@ rows: their own and ``dequant_mm``), :meth:`QuantizedWeight.linear` asks :func:`
 once per (device type, dtype, row bucket), which times them on this machine (``QTORCH_PATH`` forces one,
 ``QTORCH_AUTOTUNE=0`` keeps the layout's own), and keeps the answer: later calls cost one dict lookup. Under
 ``torch.compile`` tracing nothing is measured: the kept answer, else the layout's own path.
+
+The layout itself is chosen the same way when a weight is filled or moved (:meth:`QuantizedWeight.relayout`,
+:meth:`~QuantizedWeight.load_quantized_array`, :meth:`~QuantizedWeight.set_canonical`): where several layouts can
+hold it, :func:`qtorch.layouts.choose` times throwaway copies once per shape, scheme and dtype on this machine, and
+the copy of the winner is the one kept.
 """
 
 from __future__ import annotations
@@ -99,7 +104,8 @@ class QuantizedWeight:
         return self.layout.to_codes(self.spec, q, s, z)
 
     def candidates(self, compute_dtype: torch.dtype, device=None) -> list:
-        """Names of the layouts that can hold this weight, most preferred first (:func:`qtorch.layouts.candidates`)."""
+        """Names of the layouts that can hold this weight, most preferred first: the kept (or forced) decision, else
+        the static order (:func:`qtorch.layouts.candidates`; listing never measures)."""
         dev = self.device if device is None else torch.device(device)
         return [lay.name for lay in layouts.candidates(self.spec, dev, compute_dtype)]
 
@@ -307,7 +313,8 @@ def _trial_runs(spec: WeightSpec, lay, state: tuple, compute_dtype: torch.dtype,
     gen = torch.Generator().manual_seed(0)
     runs = {}
     for rows in autotune.LAYOUT_ROWS:
-        x = torch.randn(rows, spec.in_features, generator=gen).to(device=device, dtype=compute_dtype)
+        x = torch.randn(rows, spec.in_features, generator=gen, dtype=torch.float32, device="cpu")
+        x = x.to(device=device, dtype=compute_dtype)
         names = lay.paths(torch.device(device).type, compute_dtype, rows, spec.bits)
         runs[rows] = {n: (lambda n=n, x=x: lay.linear(w, x, n)) for n in names}
     return runs

@@ -235,6 +235,15 @@ def test_the_meta_device_measures_nothing_and_a_real_load_does(monkeypatch, tmp_
     assert q.quantized_weight.layout is INT8PACK and clock.ran
 
 
+def test_a_cpu_weight_built_under_a_meta_default_device_is_measured_on_cpu(monkeypatch, tmp_path):
+    clock = Clock(monkeypatch, AMX_LIKE)
+    use_dispatcher(monkeypatch, tmp_path, env={}, timer=clock)
+    qa = qcore.quantize(np.random.default_rng(0).standard_normal((N, K)).astype(np.float32), W8)
+    with torch.device("meta"):  # the trial inputs must not follow the default device
+        w = QuantizedWeight.from_quantized_array(qa, device="cpu", compute_dtype=BF16)
+    assert w.layout is INT8PACK and w.device.type == "cpu" and clock.ran
+
+
 # ------------------------------------------------------------------------------------------------ real kernels
 
 @pytest.mark.parametrize("scheme", [W8, W4], ids=["w8", "w4"])
