@@ -359,7 +359,8 @@ class Dispatcher:
         count in ``rows``, or None when the layout cannot hold this weight after all), in the static order.
 
         Measures at the first call for ``key`` (nothing is converted otherwise) and keeps the result. Rule: per row
-        count, a layout's time is that of its fastest path; its score is its worst ratio to the fastest layout
+        count, a layout's time is the fastest call of its fastest path (the fastest, not the median: other work on
+        the machine only adds time, and this decision is kept for good); its score is its worst ratio to the fastest layout
         over ``rows``; the lowest score wins, scores within ``tie`` of it going to the earliest in the static order.
         So no measured case is much slower than the best layout could make it.
 
@@ -393,9 +394,9 @@ class Dispatcher:
         ms: dict[str, dict[int, float]] = {name: {} for name in built}
         for r in rows:
             flat = {f"{name}:{p}": fn for name, runs in built.items() for p, fn in runs[r].items()}
-            for label, v in self._measure(flat).items():
+            for label, got in self._samples(flat).items():
                 name = label.partition(":")[0]
-                ms[name][r] = min(ms[name].get(r, float("inf")), v)
+                ms[name][r] = min(ms[name].get(r, float("inf")), min(got) * 1e3)
         scored = [name for name in built if len(ms[name]) == len(rows)]  # a path for every row count ran
         if not scored:
             return names[0]
@@ -410,6 +411,10 @@ class Dispatcher:
 
     def _measure(self, candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
         """Median ms per candidate that ran (the dropped ones keep the samples they have)."""
+        return {n: statistics.median(s) * 1e3 for n, s in self._samples(candidates).items()}
+
+    def _samples(self, candidates: Mapping[str, Callable[[], Any]]) -> dict[str, list[float]]:
+        """Timed calls (seconds) per candidate that ran: warm-up, then alternating rounds within the budget."""
         alive, errors = {}, []
         for name, fn in candidates.items():  # warm-up: first calls compile, allocate, fill caches
             try:
@@ -438,7 +443,7 @@ class Dispatcher:
                 break
             if spent >= 4 * self.budget_s:  # very slow candidates: do not hold the first call for long
                 break
-        return {n: statistics.median(s) * 1e3 for n, s in samples.items()}
+        return samples
 
     def _remember(self, key: "DispatchKey | LayoutKey", entry: dict) -> None:
         with self._lock:

@@ -144,6 +144,15 @@ def test_the_rule_is_the_lowest_worst_ratio_ties_to_the_static_order():
         d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0])
         runs = {"a": _fake(clock, 1.0, 50.0), "b": _fake(clock, 1.02, 50.0)}
         assert d.choose_layout(key, {n: runs[n] for n in order}) == order[0]
+    # each layout at its fastest call: other work on the machine only adds time (by medians b would win)
+    d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0])
+    spiky = iter([1.0] + [5.0, 5.0, 1.0] * 10)  # warm-up, then calls slowed by other processes
+
+    def a_one_row():
+        clock[0] += next(spiky) / 1e3
+    a = lambda: {1: {"own": a_one_row}, 128: _fake(clock, 1.0, 50.0)()[128]}
+    assert d.choose_layout(key, {"b": _fake(clock, 2.0, 50.0), "a": a}) == "a"
+    assert d.decisions()[str(key)]["ms"]["a@1"] == 1.0
     # a layout that cannot hold the weight (None) or whose paths all raise is left out
     d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0])
     got = d.choose_layout(key, {"none": lambda: None, "fails": _fake(clock, 0.1, 0.1, fail=True),
