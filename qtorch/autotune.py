@@ -358,11 +358,12 @@ class Dispatcher:
         throwaway copy of the weight and returns ``{rows: {path name: callable running one forward}}`` for every
         count in ``rows``, or None when the layout cannot hold this weight after all), in the static order.
 
-        Measures at the first call for ``key`` (nothing is converted otherwise) and keeps the result. Rule: per row
-        count, a layout's time is the fastest call of its fastest path (the fastest, not the median: other work on
-        the machine only adds time, and this decision is kept for good); its score is its worst ratio to the fastest layout
-        over ``rows``; the lowest score wins, scores within ``tie`` of it going to the earliest in the static order.
-        So no measured case is much slower than the best layout could make it.
+        Measures at the first call for ``key`` (nothing is converted otherwise) and keeps the result, within the
+        budget per row count. Rule: per row count, a layout's time is the fastest call of its fastest path; its
+        score is its worst ratio to the fastest layout over ``rows``; the lowest score wins, scores within ``tie``
+        of it going to the earliest in the static order. So no measured case is much slower than the best layout
+        could make it. The fastest call, not the median, and no path dropped after one round: other work on the
+        machine only adds time, and this decision is kept for good.
 
         >>> import time
         >>> d = Dispatcher(cache_path=False, env={})
@@ -394,7 +395,7 @@ class Dispatcher:
         ms: dict[str, dict[int, float]] = {name: {} for name in built}
         for r in rows:
             flat = {f"{name}:{p}": fn for name, runs in built.items() for p, fn in runs[r].items()}
-            for label, got in self._samples(flat).items():
+            for label, got in self._samples(flat, drop=False).items():
                 name = label.partition(":")[0]
                 ms[name][r] = min(ms[name].get(r, float("inf")), min(got) * 1e3)
         scored = [name for name in built if len(ms[name]) == len(rows)]  # a path for every row count ran
@@ -413,8 +414,9 @@ class Dispatcher:
         """Median ms per candidate that ran (the dropped ones keep the samples they have)."""
         return {n: statistics.median(s) * 1e3 for n, s in self._samples(candidates).items()}
 
-    def _samples(self, candidates: Mapping[str, Callable[[], Any]]) -> dict[str, list[float]]:
-        """Timed calls (seconds) per candidate that ran: warm-up, then alternating rounds within the budget."""
+    def _samples(self, candidates: Mapping[str, Callable[[], Any]], drop: bool = True) -> dict[str, list[float]]:
+        """Timed calls (seconds) per candidate that ran: warm-up, then alternating rounds within the budget
+        (``drop``: a clearly slower candidate stops being timed)."""
         alive, errors = {}, []
         for name, fn in candidates.items():  # warm-up: first calls compile, allocate, fill caches
             try:
@@ -436,7 +438,7 @@ class Dispatcher:
             rounds += 1
             med = {n: statistics.median(samples[n]) for n in alive}
             lead = min(med, key=med.get)
-            for n in list(alive):  # clearly slower: its best call loses to the leader's typical one
+            for n in list(alive) if drop else ():  # clearly slower: its best call loses to the leader's typical one
                 if n != lead and min(samples[n]) > self.drop_ratio * med[lead]:
                     del alive[n]
             if len(alive) == 1 or rounds >= self.max_rounds or (rounds >= self.min_rounds and spent >= self.budget_s):

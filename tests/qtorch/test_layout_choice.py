@@ -153,6 +153,14 @@ def test_the_rule_is_the_lowest_worst_ratio_ties_to_the_static_order():
     a = lambda: {1: {"own": a_one_row}, 128: _fake(clock, 1.0, 50.0)()[128]}
     assert d.choose_layout(key, {"b": _fake(clock, 2.0, 50.0), "a": a}) == "a"
     assert d.decisions()[str(key)]["ms"]["a@1"] == 1.0
+    # nor dropped after one unlucky call (the path dispatcher drops a path 3x slower after one round)
+    d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0])
+    unlucky = iter([1.0, 10.0] + [1.0] * 30)
+
+    def a_one_row():
+        clock[0] += next(unlucky) / 1e3
+    a = lambda: {1: {"own": a_one_row}, 128: _fake(clock, 1.0, 50.0)()[128]}
+    assert d.choose_layout(key, {"b": _fake(clock, 2.0, 50.0), "a": a}) == "a"
     # a layout that cannot hold the weight (None) or whose paths all raise is left out
     d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0])
     got = d.choose_layout(key, {"none": lambda: None, "fails": _fake(clock, 0.1, 0.1, fail=True),
