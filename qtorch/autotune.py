@@ -23,7 +23,9 @@ file, under keys beginning ``layout|``.
 
 Bounded: a decision costs one warm-up call per candidate plus rounds of timed calls until ``budget_s`` (20 ms by
 default) is spent, ``max_rounds`` are done, or one candidate is clearly best (the others are dropped as soon as
-their fastest call is ``drop_ratio`` times slower than the leader's median).
+their fastest call is ``drop_ratio`` times slower than the leader's median). A layout decision costs the
+conversion of a throwaway copy per candidate layout, then, per row count in ``LAYOUT_ROWS``, one warm-up call per
+path and timed rounds within ``budget_s`` (one round where a call takes over ``budget_s``); nothing is dropped.
 
 >>> import time
 >>> d = Dispatcher(cache_path=False, env={})
@@ -295,7 +297,7 @@ class Dispatcher:
                           FutureWarning, stacklevel=2)
         self._fp = fingerprint() if self.cache_path is not None else None
         self._lock = threading.Lock()
-        self._decisions: dict[str, dict] = {}  # key string -> {"path": name, "ms": {name: median ms}}
+        self._decisions: dict[str, dict] = {}  # key string -> {"path": name (a layout for LayoutKey), "ms": {...}}
         self._disk_loaded = False
         self._warned_write = False
 
