@@ -14,9 +14,18 @@ small JSON file shared by every process on the machine:
 * ``QTORCH_AUTOTUNE=0`` turns measuring off: the first candidate (the caller's default order) is used.
 * Under ``torch.compile`` tracing nothing is measured: the cached decision, else the default, is used.
 
+The same dispatcher picks a weight's *layout* (:meth:`Dispatcher.choose_layout`, keyed by :class:`LayoutKey`:
+shape, scheme, compute dtype, threads): each candidate layout is timed at one row and at ``LAYOUT_ROWS[-1]`` rows,
+each at its fastest path, and the layout whose worst ratio to the fastest layout over those row counts is lowest
+wins. ``QTORCH_LAYOUT=<name>`` forces a layout where it is eligible (read here, applied by
+:func:`qtorch.layouts.choose`); ``QTORCH_AUTOTUNE=0`` keeps the static order. Layout decisions live in the same
+file, under keys beginning ``layout|``.
+
 Bounded: a decision costs one warm-up call per candidate plus rounds of timed calls until ``budget_s`` (20 ms by
 default) is spent, ``max_rounds`` are done, or one candidate is clearly best (the others are dropped as soon as
-their fastest call is ``drop_ratio`` times slower than the leader's median).
+their fastest call is ``drop_ratio`` times slower than the leader's median). A layout decision costs the
+conversion of a throwaway copy per candidate layout, then, per row count in ``LAYOUT_ROWS``, one warm-up call per
+path and timed rounds within ``budget_s`` (one round where a call takes over ``budget_s``); nothing is dropped.
 
 >>> import time
 >>> d = Dispatcher(cache_path=False, env={})
@@ -45,11 +54,18 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["ROW_BUCKETS", "DispatchKey", "Dispatcher", "row_bucket", "bucket_index", "cpu_info", "fingerprint", "default_cache_path",
-           "default_dispatcher"]
+__all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "LAYOUT_TIE", "DispatchKey", "LayoutKey", "Dispatcher", "row_bucket",
+           "bucket_index", "cpu_info", "fingerprint", "default_cache_path", "default_dispatcher"]
 
 #: upper bounds of the row buckets; more rows than the last bound form one more bucket
 ROW_BUCKETS = (1, 4, 16, 64, 256)
+#: row counts a layout decision times: one row (decoding: reads the weight once, memory-bound) and 128 rows (a
+#: prompt: compute-bound, the 65-256 bucket); the row counts between lie between the two regimes, and the path
+#: dispatcher still picks the best path of the held layout per bucket.
+LAYOUT_ROWS = (1, 128)
+#: layouts whose worst ratio is within this factor of the lowest count as tied: the static order decides (a 5%
+#: difference is below what one short timing on a shared machine resolves)
+LAYOUT_TIE = 1.05
 FILE_FORMAT = "qtorch-dispatch"
 FILE_VERSION = 1
 
@@ -110,6 +126,29 @@ class DispatchKey:
     def __str__(self) -> str:
         return (f"{self.out_features}x{self.in_features}|{self.scheme}|{self.dtype}|rows {self.bucket}|"
                 f"threads {self.threads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutKey:
+    """What a layout decision depends on: layer shape, scheme label, compute dtype and torch's threads.
+
+    >>> str(LayoutKey.make(4096, 4096, "w8s-channel0-g4096", "bfloat16", threads=2))
+    'layout|4096x4096|w8s-channel0-g4096|bfloat16|threads 2'
+    """
+
+    out_features: int
+    in_features: int
+    scheme: str
+    dtype: str
+    threads: int
+
+    @classmethod
+    def make(cls, out_features: int, in_features: int, scheme: str, dtype, threads: int | None = None) -> "LayoutKey":
+        d = DispatchKey.make(out_features, in_features, scheme, dtype, 1, threads)  # the same checks
+        return cls(d.out_features, d.in_features, d.scheme, d.dtype, d.threads)
+
+    def __str__(self) -> str:  # the prefix keeps these apart from the path decisions in the same file
+        return f"layout|{self.out_features}x{self.in_features}|{self.scheme}|{self.dtype}|threads {self.threads}"
 
 
 # ------------------------------------------------------------------------------------------------ fingerprint
@@ -222,6 +261,8 @@ class Dispatcher:
     ``cache_path``: a file path, ``None`` for :func:`default_cache_path`, ``False`` for no file. ``timer`` (seconds,
     monotonic) and ``env`` (``QTORCH_PATH``, ``QTORCH_AUTOTUNE``, ``QTORCH_CACHE_DIR``; read once, here) can be
     injected. ``budget_s`` bounds the timed rounds of one decision, ``min_rounds`` / ``max_rounds`` their count.
+    ``QTORCH_LAYOUT`` (``forced_layout``) and the deprecated ``QTORCH_TORCH_PACK`` (``torch_pack``: True / False /
+    None) are read here too, for :func:`qtorch.layouts.choose`.
     ``drop_ratio`` is 3 by default: the first timed calls of a path can be 2-3x slower than its settled speed
     (``dequant_mm``, 128 x 512 -> 300 bf16 on the AMX Xeon: 0.68, 0.59, 0.39, then 0.24 ms), and 1.5 dropped it
     against a kernel it beats.
@@ -245,9 +286,18 @@ class Dispatcher:
         if flag not in ("1", "0", "true", "false", "on", "off", "yes", "no", ""):
             raise ValueError(f"QTORCH_AUTOTUNE must be 1 or 0, got {env['QTORCH_AUTOTUNE']!r}")
         self.measuring = flag not in ("0", "false", "off", "no")
+        self.forced_layout = env.get("QTORCH_LAYOUT", "").strip() or None
+        pack = env.get("QTORCH_TORCH_PACK", "").strip()
+        if pack not in ("", "0", "1"):
+            raise ValueError(f"QTORCH_TORCH_PACK must be 1 or 0, got {env['QTORCH_TORCH_PACK']!r}")
+        self.torch_pack = {"1": True, "0": False}.get(pack)
+        if self.torch_pack is not None and self.forced_layout is None:
+            warnings.warn("QTORCH_TORCH_PACK is deprecated: the layout is measured on this machine; "
+                          "QTORCH_LAYOUT=<name> forces one (int8pack, int4pack, blocked, canonical)",
+                          FutureWarning, stacklevel=2)
         self._fp = fingerprint() if self.cache_path is not None else None
         self._lock = threading.Lock()
-        self._decisions: dict[str, dict] = {}  # key string -> {"path": name, "ms": {name: median ms}}
+        self._decisions: dict[str, dict] = {}  # key string -> {"path": name (a layout for LayoutKey), "ms": {...}}
         self._disk_loaded = False
         self._warned_write = False
 
@@ -262,7 +312,7 @@ class Dispatcher:
                 for k, v in on_disk.items():
                     self._decisions.setdefault(k, v)
 
-    def cached(self, key: DispatchKey) -> str | None:
+    def cached(self, key: "DispatchKey | LayoutKey") -> str | None:
         """The decision kept for ``key`` (this process or the file), or None."""
         if not torch.compiler.is_compiling():
             self._load_disk()
@@ -304,8 +354,71 @@ class Dispatcher:
         self._remember(key, {"path": best, "ms": {n: round(v, 4) for n, v in ms.items()}})
         return best
 
+    def choose_layout(self, key: LayoutKey, candidates: Mapping[str, Callable[[], Mapping | None]],
+                      rows: tuple = LAYOUT_ROWS, tie: float = LAYOUT_TIE) -> str:
+        """Name of the layout to hold for ``key`` among ``candidates`` (name -> a callable that converts a
+        throwaway copy of the weight and returns ``{rows: {path name: callable running one forward}}`` for every
+        count in ``rows``, or None when the layout cannot hold this weight after all), in the static order.
+
+        Measures at the first call for ``key`` (nothing is converted otherwise) and keeps the result, within the
+        budget per row count. Rule: per row count, a layout's time is the fastest call of its fastest path; its
+        score is its worst ratio to the fastest layout over ``rows``; the lowest score wins, scores within ``tie``
+        of it going to the earliest in the static order. So no measured case is much slower than the best layout
+        could make it. The fastest call, not the median, and no path dropped after one round: other work on the
+        machine only adds time, and this decision is kept for good.
+
+        >>> import time
+        >>> d = Dispatcher(cache_path=False, env={})
+        >>> key = LayoutKey.make(64, 64, "w8s-channel0-g64", "bfloat16")
+        >>> slow_prompt = {1: {"a": lambda: None}, 128: {"a": lambda: time.sleep(0.003)}}
+        >>> fast_both = {1: {"b": lambda: None}, 128: {"b": lambda: None}}
+        >>> d.choose_layout(key, {"a": lambda: slow_prompt, "b": lambda: fast_both})
+        'b'
+        """
+        if not isinstance(key, LayoutKey):
+            raise TypeError(f"key must be a LayoutKey, got {type(key).__name__}")
+        names = list(candidates)
+        if not names:
+            raise ValueError(f"no candidate layout for {key}")
+        if len(names) == 1 or not self.measuring:
+            return names[0]
+        found = self.cached(key)
+        if found in candidates:
+            return found
+        if torch.compiler.is_compiling():  # never time (nor convert) inside tracing
+            return names[0]
+        built = {}
+        for name in names:
+            runs = candidates[name]()
+            if runs is not None:
+                built[name] = runs
+        if len(built) < 2:  # nothing to compare: not a measured decision, so nothing is kept
+            return next(iter(built), names[0])
+        ms: dict[str, dict[int, float]] = {name: {} for name in built}
+        for r in rows:
+            flat = {f"{name}:{p}": fn for name, runs in built.items() for p, fn in runs[r].items()}
+            for label, got in self._samples(flat, drop=False).items():
+                name = label.partition(":")[0]
+                ms[name][r] = min(ms[name].get(r, float("inf")), min(got) * 1e3)
+        scored = [name for name in built if len(ms[name]) == len(rows)]  # a path for every row count ran
+        if not scored:
+            return names[0]
+        eps = 1e-6  # ms; keeps the ratios finite for calls too fast to time
+        best = {r: min(ms[n][r] for n in scored) for r in rows}
+        score = {n: max((ms[n][r] + eps) / (best[r] + eps) for r in rows) for n in scored}
+        low = min(score.values())
+        pick = next(n for n in names if n in score and score[n] <= low * tie)
+        self._remember(key, {"path": pick, "ms": {f"{n}@{r}": round(v, 4) for n in ms for r, v in ms[n].items()},
+                             "score": {n: round(v, 3) for n, v in score.items()}})
+        return pick
+
     def _measure(self, candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
         """Median ms per candidate that ran (the dropped ones keep the samples they have)."""
+        return {n: statistics.median(s) * 1e3 for n, s in self._samples(candidates).items()}
+
+    def _samples(self, candidates: Mapping[str, Callable[[], Any]], drop: bool = True) -> dict[str, list[float]]:
+        """Timed calls (seconds) per candidate that ran: warm-up, then alternating rounds within the budget
+        (``drop``: a clearly slower candidate stops being timed)."""
         alive, errors = {}, []
         for name, fn in candidates.items():  # warm-up: first calls compile, allocate, fill caches
             try:
@@ -327,16 +440,16 @@ class Dispatcher:
             rounds += 1
             med = {n: statistics.median(samples[n]) for n in alive}
             lead = min(med, key=med.get)
-            for n in list(alive):  # clearly slower: its best call loses to the leader's typical one
+            for n in list(alive) if drop else ():  # clearly slower: its best call loses to the leader's typical one
                 if n != lead and min(samples[n]) > self.drop_ratio * med[lead]:
                     del alive[n]
             if len(alive) == 1 or rounds >= self.max_rounds or (rounds >= self.min_rounds and spent >= self.budget_s):
                 break
             if spent >= 4 * self.budget_s:  # very slow candidates: do not hold the first call for long
                 break
-        return {n: statistics.median(s) * 1e3 for n, s in samples.items()}
+        return samples
 
-    def _remember(self, key: DispatchKey, entry: dict) -> None:
+    def _remember(self, key: "DispatchKey | LayoutKey", entry: dict) -> None:
         with self._lock:
             self._decisions[str(key)] = entry
         if self.cache_path is None:

@@ -20,6 +20,11 @@ rows: their own and ``dequant_mm``), :meth:`QuantizedWeight.linear` asks :func:`
 once per (device type, dtype, row bucket), which times them on this machine (``QTORCH_PATH`` forces one,
 ``QTORCH_AUTOTUNE=0`` keeps the layout's own), and keeps the answer: later calls cost one dict lookup. Under
 ``torch.compile`` tracing nothing is measured: the kept answer, else the layout's own path.
+
+The layout itself is chosen the same way when a weight is filled or moved (:meth:`QuantizedWeight.relayout`,
+:meth:`~QuantizedWeight.load_quantized_array`, :meth:`~QuantizedWeight.set_canonical`): where several layouts can
+hold it, :func:`qtorch.layouts.choose` times throwaway copies once per shape, scheme and dtype on this machine, and
+the copy of the winner is the one kept.
 """
 
 from __future__ import annotations
@@ -99,28 +104,56 @@ class QuantizedWeight:
         return self.layout.to_codes(self.spec, q, s, z)
 
     def candidates(self, compute_dtype: torch.dtype, device=None) -> list:
-        """Names of the layouts that can hold this weight, most preferred first (:func:`qtorch.layouts.candidates`)."""
+        """Names of the layouts that can hold this weight, most preferred first: the kept (or forced) decision, else
+        the static order (:func:`qtorch.layouts.candidates`; listing never measures)."""
         dev = self.device if device is None else torch.device(device)
         return [lay.name for lay in layouts.candidates(self.spec, dev, compute_dtype)]
 
     def relayout(self, compute_dtype: torch.dtype, *, codes=None) -> None:
-        """Hold the first candidate layout whose conversion succeeds (the current one if it comes first).
+        """Hold the most preferred candidate layout whose conversion succeeds (the current one if it comes first).
 
+        Where several layouts can hold the weight, the first relayout for its shape, scheme and dtype on this machine
+        times them (:func:`qtorch.layouts.choose`); later ones reuse the kept decision.
         ``codes``: the unpacked canonical codes when the caller has them (a load validated them), to save a pass."""
-        b = self.buffers
+        spec, b = self.spec, self.buffers
         cur = self.layout
-        for lay in layouts.candidates(self.spec, self.device, compute_dtype):
+        q, s, z = b["qweight"], b["scale"], b["zero_point"]
+
+        def convert(lay):
             if lay is cur:
-                return
-            q, s, z = b["qweight"], b["scale"], b["zero_point"]
+                return q, s, z, self.aux
             if lay.holds == "canonical":
-                r = lay.from_canonical(self.spec, *cur.to_canonical(self.spec, q, s, z))
-            elif codes is not None:
-                r = lay.from_codes(self.spec, codes.to(q.device), s, z)
-            elif cur.holds == "canonical":
-                r = lay.from_canonical(self.spec, q, s, z)
-            else:
-                r = lay.from_codes(self.spec, *cur.to_codes(self.spec, q, s, z))
+                return lay.from_canonical(spec, *cur.to_canonical(spec, q, s, z))
+            if codes is not None:
+                return lay.from_codes(spec, codes.to(q.device), s, z)
+            if cur.holds == "canonical":
+                return lay.from_canonical(spec, q, s, z)
+            return lay.from_codes(spec, *cur.to_codes(spec, q, s, z))
+
+        self._take_preferred(compute_dtype, self.device, convert)
+
+    def _take_preferred(self, compute_dtype: torch.dtype, device: torch.device, convert, *,
+                        keep_current: bool = True) -> None:
+        """Hold the first layout of the (measured) preference order for which ``convert(layout)`` gives a state
+        (``keep_current``: the current layout stays as it is when it comes first); a conversion made for measuring
+        is the one kept, never made twice."""
+        made: dict = {}
+
+        def converted(lay):
+            if lay not in made:
+                made[lay] = convert(lay)
+            return made[lay]
+
+        def trial(lay):
+            r = converted(lay)
+            return None if r is None else _trial_runs(self.spec, lay, r, compute_dtype, device)
+
+        with torch.no_grad():  # timing builds no autograd graph
+            order = layouts.choose(self.spec, device, compute_dtype, trial)
+        for lay in order:
+            if keep_current and lay is self.layout:
+                return
+            r = converted(lay)
             if r is not None:
                 self._hold(lay, *r)
                 return
@@ -160,19 +193,19 @@ class QuantizedWeight:
         s = _tensor(qa.scale, dev)
         z = None if qa.zero_point is None else _tensor(qa.zero_point, dev)
         codes = None
-        for lay in layouts.candidates(spec, dev, compute_dtype):
+
+        def convert(lay):
+            nonlocal codes
             if lay.holds == "canonical" and spec.bits < 8:
-                r = lay.from_canonical(spec, _tensor(qa.packed(), dev), s, z)  # qcore's packing kernel
-            else:
-                if codes is None:
-                    c = qa.codes
-                    if spec.code_offset:
-                        c = (c.astype(np.int16) + spec.code_offset).astype(np.uint8)
-                    codes = _tensor(c, dev)
-                r = lay.from_codes(spec, codes, s, z)
-            if r is not None:
-                self._hold(lay, *r)
-                return
+                return lay.from_canonical(spec, _tensor(qa.packed(), dev), s, z)  # qcore's packing kernel
+            if codes is None:
+                c = qa.codes
+                if spec.code_offset:
+                    c = (c.astype(np.int16) + spec.code_offset).astype(np.uint8)
+                codes = _tensor(c, dev)
+            return lay.from_codes(spec, codes, s, z)
+
+        self._take_preferred(compute_dtype, dev, convert, keep_current=False)
 
     def to_quantized_array(self) -> qcore.QuantizedArray:
         """The weight as a :class:`qcore.QuantizedArray` (NumPy, on CPU), converted once from the layout."""
@@ -228,7 +261,7 @@ class QuantizedWeight:
         path = own
         d = autotune.default_dispatcher()
         if len(names) > 1 and (d.measuring or d.forced in names):
-            label = f"{lay.name}-w{spec.bits}{'s' if spec.symmetric else 'a'}-{spec.kind}{spec.axis}-g{spec.group}"
+            label = f"{lay.name}-{layouts.scheme_label(spec)}"
             dkey = autotune.DispatchKey.make(spec.out_features, spec.in_features, label, dt, rows)
             with torch.no_grad():  # timing builds no autograd graph; the path serves both
                 path = d.choose(dkey, {n: (lambda n=n: lay.linear(self, x2, n)) for n in names})
@@ -274,6 +307,22 @@ class QuantizedWeight:
             except ValueError as e:
                 errors.append(f"{prefix}qweight: {e}")
         return errors, codes
+
+
+def _trial_runs(spec: WeightSpec, lay, state: tuple, compute_dtype: torch.dtype, device) -> dict:
+    """``{rows: {path: callable}}`` over :data:`qtorch.autotune.LAYOUT_ROWS` for a throwaway weight holding
+    ``state`` in ``lay``: one forward of random inputs (``compute_dtype``, a fixed seed of its own: the global
+    generator is left alone) by each path the layout offers for that call."""
+    w = QuantizedWeight(spec, device="meta")  # no zero state to allocate
+    w._hold(lay, *state)
+    gen = torch.Generator().manual_seed(0)
+    runs = {}
+    for rows in autotune.LAYOUT_ROWS:
+        x = torch.randn(rows, spec.in_features, generator=gen, dtype=torch.float32, device="cpu")
+        x = x.to(device=device, dtype=compute_dtype)
+        names = lay.paths(torch.device(device).type, compute_dtype, rows, spec.bits)
+        runs[rows] = {n: (lambda n=n, x=x: lay.linear(w, x, n)) for n in names}
+    return runs
 
 
 def _tensor(a: np.ndarray, device) -> torch.Tensor:

@@ -12,11 +12,19 @@ layout        eligible (all CPU-only but ``canonical``)
 ``canonical`` everything, every device (dequantize + ``F.linear``)
 ============  ==========================================================================================
 
-:func:`candidates` lists the eligible layouts of a weight (:func:`eligible`) in the order of preference
-(:func:`default_policy`); the layer takes the first whose conversion succeeds. The default policy keeps
-registration order, except that where ``TORCH_PACK_KERNELS`` is on the layouts running PyTorch's own kernels come
-first. ``TORCH_PACK_KERNELS`` is off on AVX2, where the blocked kernels measured faster at every row count, and on elsewhere (PyTorch has AVX-512 / AMX
-kernels and inductor templates for them, docs/kernels.md); ``QTORCH_TORCH_PACK=1`` / ``0`` forces either.
+:func:`candidates` lists the eligible layouts of a weight (:func:`eligible`) in the order of preference; the layer
+takes the first whose conversion succeeds. The order is decided on the user's machine (:func:`choose`): where two
+or more layouts besides ``canonical`` can hold a CPU weight, a throwaway copy of the weight is converted into each
+and timed on random inputs of the layer's dtype at one row (decoding) and at 128 rows (a prompt), each layout at
+its fastest path (``Layout.paths``); the layout whose worst ratio to the fastest over those two row counts is lowest
+comes first (:meth:`qtorch.autotune.Dispatcher.choose_layout`). The decision is kept per (shape, scheme, compute
+dtype, threads) in the dispatcher's cache, for the process and on disk, so a model's layers of one shape measure
+once per machine. ``QTORCH_LAYOUT=<name>`` forces a layout wherever it is eligible (an unknown name is an error).
+
+Unmeasured (``QTORCH_AUTOTUNE=0``, under ``torch.compile`` tracing, off CPU) the static order of
+:func:`default_policy` holds: registration order, PyTorch's kernels first where ``TORCH_PACK_KERNELS`` is on (every
+CPU but AVX2 ones, from the measurements below). ``QTORCH_TORCH_PACK=1`` / ``0`` (deprecated) puts PyTorch's
+kernels first / last without measuring.
 
 >>> import torch, qcore
 >>> from qtorch.layouts import WeightSpec, candidates
@@ -60,7 +68,7 @@ Crossovers recorded from these runs:
   libgomp, not torch's) waited for cores held by torch's spinning OpenMP workers. ``gemv`` runs on torch's team.
 * 16 and 128 rows, bfloat16, blocked layout vs PyTorch's kernels (same runs): 8 bits 6.0 vs 6.6 ms and 48.6 vs
   58.2 ms; 4 bits 6.0 vs 8.2 ms and 42.4 vs 51.9 ms. So on AVX2 bfloat16 layers take the blocked layout at every
-  row count (``TORCH_PACK_KERNELS`` off). PyTorch's float32/float16 versions of both kernels are scalar loops on
+  row count (the static order there). PyTorch's float32/float16 versions of both kernels are scalar loops on
   AVX2 (8-20x slower than dense): never dispatched.
 * Tiles of 128 columns vs 64 (same run): 9.5 vs 11.5 ms at 16 rows and 56 vs 65 ms at 128 rows for 8 bits; at one
   row equal once ``gemv`` reads whole 128-byte rows (0.705 vs 0.706 ms; two strided half-row passes took 0.86).
@@ -81,18 +89,20 @@ import os
 
 import torch
 
+from .. import autotune
 from .base import Layout, WeightSpec
 from .blocked import BLOCKED
 from .canonical import CANONICAL
 from .int4pack import INT4PACK
 from .int8pack import INT8PACK
 
-__all__ = ["Layout", "WeightSpec", "register", "registered", "get", "eligible", "default_policy", "candidates",
-           "TORCH_PACK_KERNELS"]
+__all__ = ["Layout", "WeightSpec", "register", "registered", "get", "eligible", "default_policy", "scheme_label",
+           "choose", "candidates", "TORCH_PACK_KERNELS"]
 
-# bfloat16 layers: PyTorch's int8pack / int4pack kernels first, or the blocked layout's kernels? On AVX2 the blocked
-# ones win at every row count (development CPU, bench_linear.py, same runs: rows=1 0.69 vs 1.13 ms at 8 bits and
-# 0.75 vs 1.36 ms at 4 bits; rows=128 48.6 vs 58.2 ms and 42.4 vs 51.9 ms).
+# The unmeasured order only (the layout is measured where measuring is on): PyTorch's int8pack / int4pack kernels
+# first, or the blocked layout's? On AVX2 the blocked ones won at every row count (development CPU, bench_linear.py,
+# same runs: rows=1 0.69 vs 1.13 ms at 8 bits and 0.75 vs 1.36 ms at 4 bits; rows=128 48.6 vs 58.2 ms and 42.4 vs
+# 51.9 ms).
 TORCH_PACK_KERNELS = {"1": True, "0": False}.get(os.environ.get("QTORCH_TORCH_PACK", ""),
                                                  torch.backends.cpu.get_cpu_capability() != "AVX2")
 
@@ -131,16 +141,63 @@ def eligible(spec: WeightSpec, device, compute_dtype: torch.dtype) -> list:
 
 
 def default_policy(found: list) -> list:
-    """Today's preference: registration order, PyTorch's own kernels first where ``TORCH_PACK_KERNELS`` is on."""
+    """The static (unmeasured) order: registration order, PyTorch's own kernels first where ``TORCH_PACK_KERNELS``
+    is on; ``canonical`` stays last."""
     if TORCH_PACK_KERNELS:
         return sorted(found, key=lambda lay: not lay.torch_kernels)  # stable: registration order within each kind
     return list(found)
 
 
+def scheme_label(spec: WeightSpec) -> str:
+    """The scheme part of a layout decision's key.
+
+    >>> import qcore
+    >>> scheme_label(WeightSpec.of(qcore.QuantScheme(4, False, qcore.PerGroup(128)), 4096, 4096))
+    'w4a-group1-g128'
+    """
+    return f"w{spec.bits}{'s' if spec.symmetric else 'a'}-{spec.kind}{spec.axis}-g{spec.group}"
+
+
+def _first(order: list, name: str) -> list:
+    return sorted(order, key=lambda lay: lay.name != name)  # stable: the rest keep their order
+
+
+def choose(spec: WeightSpec, device, compute_dtype: torch.dtype, trial=None) -> list:
+    """The eligible layouts of ``spec``, most preferred first (``canonical`` is always among them, last unless
+    forced), as decided on this machine.
+
+    ``trial(layout)`` converts a throwaway copy of the weight into ``layout`` and returns ``{rows: {path:
+    callable}}`` for :meth:`qtorch.autotune.Dispatcher.choose_layout`, or None when it cannot; without it, nothing
+    is measured: a kept decision, else the static order (for listing). In order of precedence: ``QTORCH_LAYOUT``
+    where that layout is eligible; the deprecated ``QTORCH_TORCH_PACK``; the measured choice when two or more
+    layouts besides ``canonical`` are eligible on CPU and measuring is on; the static order (:func:`default_policy`).
+    """
+    device = torch.device(device)
+    order = default_policy(eligible(spec, device, compute_dtype))
+    d = autotune.default_dispatcher()
+    if d.forced_layout is not None:
+        if d.forced_layout not in _REGISTRY:
+            raise ValueError(f"QTORCH_LAYOUT={d.forced_layout!r} is not a registered layout; registered: "
+                             f"{sorted(_REGISTRY)}")
+        if any(lay.name == d.forced_layout for lay in order):
+            return _first(order, d.forced_layout)
+    if d.torch_pack is not None:
+        return sorted(order, key=lambda lay: (lay is CANONICAL, lay.torch_kernels != d.torch_pack))
+    timed = [lay for lay in order if lay is not CANONICAL]
+    if len(timed) < 2 or device.type != "cpu":
+        return order
+    key = autotune.LayoutKey.make(spec.out_features, spec.in_features, scheme_label(spec), compute_dtype)
+    if trial is None:
+        name = d.cached(key) if d.measuring else None
+    else:
+        name = d.choose_layout(key, {lay.name: (lambda lay=lay: trial(lay)) for lay in timed})
+    return order if name is None else _first(order, name)
+
+
 def candidates(spec: WeightSpec, device, compute_dtype: torch.dtype) -> list:
-    """:func:`eligible` layouts ordered by the policy, most preferred first: a layer holds the first whose
-    conversion succeeds. ``canonical`` is always among them."""
-    return default_policy(eligible(spec, device, compute_dtype))
+    """:func:`choose` without measuring: the eligible layouts, the kept (or forced) decision first, else in the
+    static order. ``canonical`` is always among them."""
+    return choose(spec, device, compute_dtype)
 
 
 register(BLOCKED)

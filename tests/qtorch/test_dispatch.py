@@ -13,6 +13,8 @@ from qtorch.layouts.int8pack import INT8PACK
 
 EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
 W8 = QuantScheme(8, True, PerChannel(0))
+#: the int8pack tests hold that layout whatever the layout measurement would pick (tests/qtorch/test_layout_choice.py)
+PIN = {"QTORCH_LAYOUT": "int8pack"}
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +81,8 @@ def test_every_canonical_path_equals_f_linear_on_odd_shapes(scheme, k, dtype):
 
 
 @pytest.mark.parametrize("n,k", [(30, 32), (1000, 64), (48, 512)])
-def test_every_int8pack_path_equals_f_linear(n, k, torch_pack_kernels):
+def test_every_int8pack_path_equals_f_linear(n, k, monkeypatch, tmp_path):
+    use_dispatcher(monkeypatch, tmp_path, env=PIN)
     q = qtorch.W8A16Linear.from_linear(torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16))
     w = q.quantized_weight
     assert w.layout is INT8PACK
@@ -98,10 +101,10 @@ def _int8pack_layer():
     return q
 
 
-def test_the_faster_path_wins_per_row_bucket(monkeypatch, tmp_path, torch_pack_kernels):
+def test_the_faster_path_wins_per_row_bucket(monkeypatch, tmp_path):
     # int8pack faster at a few rows, dequant_mm (the AMX matmul) faster at 128 rows, as on the Xeon
     costs = Costs(monkeypatch, INT8PACK, lambda path, rows: {"dequant_mm": 3.6}.get(path, 0.5 if rows < 8 else 26.0))
-    d = use_dispatcher(monkeypatch, tmp_path, env={}, timer=costs)
+    d = use_dispatcher(monkeypatch, tmp_path, env=PIN, timer=costs)
     q = _int8pack_layer()
     w = q.quantized_weight
     for rows, want in ((3, "dense"), (128, "dequant_mm"), (100, "dequant_mm"), (4, "dense")):
@@ -123,9 +126,9 @@ def test_the_faster_path_wins_per_row_bucket(monkeypatch, tmp_path, torch_pack_k
     assert costs.ran == ["dequant_mm"]
 
 
-def test_a_faster_own_path_keeps_it_and_one_row_is_never_measured(monkeypatch, tmp_path, torch_pack_kernels):
+def test_a_faster_own_path_keeps_it_and_one_row_is_never_measured(monkeypatch, tmp_path):
     costs = Costs(monkeypatch, INT8PACK, lambda path, rows: 9.0 if path == "dequant_mm" else 1.0)
-    use_dispatcher(monkeypatch, tmp_path, env={}, timer=costs)
+    use_dispatcher(monkeypatch, tmp_path, env=PIN, timer=costs)
     q = _int8pack_layer()
     q(torch.randn(128, 64, dtype=torch.bfloat16))
     assert costs.ran[-1] == "dense" and "dequant_mm" in costs.ran  # measured, the kernel kept
@@ -147,10 +150,10 @@ def test_canonical_layer_picks_dequant_mm_when_faster(monkeypatch, tmp_path):
                                       ({"QTORCH_PATH": "dequant_mm", "QTORCH_AUTOTUNE": "0"}, "dequant_mm"),
                                       ({"QTORCH_PATH": "int8pack"}, "dense"),
                                       ({"QTORCH_AUTOTUNE": "0"}, "dense")])
-def test_environment_forces_a_path_or_turns_measuring_off(env, want, monkeypatch, tmp_path, torch_pack_kernels):
+def test_environment_forces_a_path_or_turns_measuring_off(env, want, monkeypatch, tmp_path):
     # dequant_mm would win by far: only the environment keeps the own path
     costs = Costs(monkeypatch, INT8PACK, lambda path, rows: 1.0 if path == "dequant_mm" else 50.0)
-    use_dispatcher(monkeypatch, tmp_path, env=env, timer=costs)
+    use_dispatcher(monkeypatch, tmp_path, env={**PIN, **env}, timer=costs)
     q = _int8pack_layer()
     x = torch.randn(128, 64, dtype=torch.bfloat16)
     check_close(q(x), x, q.quantized_weight.dequantize())
@@ -158,10 +161,9 @@ def test_environment_forces_a_path_or_turns_measuring_off(env, want, monkeypatch
     assert not (tmp_path / "dispatch.json").exists()
 
 
-def test_compile_fullgraph_takes_the_kept_or_default_path_and_measures_nothing(monkeypatch, tmp_path,
-                                                                             torch_pack_kernels):
+def test_compile_fullgraph_takes_the_kept_or_default_path_and_measures_nothing(monkeypatch, tmp_path):
     costs = Costs(monkeypatch, INT8PACK, lambda path, rows: 1.0 if path == "dequant_mm" else 50.0)
-    use_dispatcher(monkeypatch, tmp_path, env={}, timer=costs)
+    use_dispatcher(monkeypatch, tmp_path, env=PIN, timer=costs)
     x = torch.randn(128, 64, dtype=torch.bfloat16)
     torch._dynamo.reset()
     fresh = _int8pack_layer()
@@ -178,9 +180,9 @@ def test_compile_fullgraph_takes_the_kept_or_default_path_and_measures_nothing(m
     check_close(y, x, q.quantized_weight.dequantize())
 
 
-def test_state_dict_is_unchanged_by_the_choice(monkeypatch, tmp_path, torch_pack_kernels):
+def test_state_dict_is_unchanged_by_the_choice(monkeypatch, tmp_path):
     costs = Costs(monkeypatch, INT8PACK, lambda path, rows: 1.0 if path == "dequant_mm" else 50.0)
-    use_dispatcher(monkeypatch, tmp_path, env={}, timer=costs)
+    use_dispatcher(monkeypatch, tmp_path, env=PIN, timer=costs)
     q = _int8pack_layer()
     before = {k: v.clone() for k, v in q.state_dict().items()}
     q(torch.randn(128, 64, dtype=torch.bfloat16))
@@ -189,9 +191,9 @@ def test_state_dict_is_unchanged_by_the_choice(monkeypatch, tmp_path, torch_pack
     assert q.quantized_weight.layout is INT8PACK and q.quantized_weight._routes
 
 
-def test_a_new_layout_forgets_the_kept_paths(monkeypatch, tmp_path, torch_pack_kernels):
+def test_a_new_layout_forgets_the_kept_paths(monkeypatch, tmp_path):
     costs = Costs(monkeypatch, INT8PACK, lambda path, rows: 1.0 if path == "dequant_mm" else 50.0)
-    use_dispatcher(monkeypatch, tmp_path, env={}, timer=costs)
+    use_dispatcher(monkeypatch, tmp_path, env=PIN, timer=costs)
     q = _int8pack_layer()
     q(torch.randn(128, 64, dtype=torch.bfloat16))
     assert q.quantized_weight._routes

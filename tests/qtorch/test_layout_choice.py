@@ -1,0 +1,296 @@
+"""The layout of a CPU weight chosen by measurement (qtorch.layouts.choose, Dispatcher.choose_layout): injected
+timings decide by the worst-ratio rule, the decision is kept (process and file), QTORCH_LAYOUT / QTORCH_AUTOTUNE=0 /
+QTORCH_TORCH_PACK, tracing and the meta device measure nothing; every eligible layout computes the same product and
+the state_dict stays canonical whichever is held."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qcore
+import qtorch
+from qcore import PerChannel, PerGroup, QuantScheme
+from qtorch import autotune, layouts
+from qtorch.layouts import WeightSpec
+from qtorch.layouts.blocked import BLOCKED
+from qtorch.layouts.canonical import CANONICAL
+from qtorch.layouts.int4pack import INT4PACK
+from qtorch.layouts.int8pack import INT8PACK
+from qtorch.weight import QuantizedWeight
+
+BF16 = torch.bfloat16
+W8 = QuantScheme(8, True, PerChannel(0))
+W4 = QuantScheme(4, False, PerGroup(32))
+N, K = 64, 256  # every layout is eligible for both schemes in bfloat16
+TORCH_LAYOUT = {W8: "int8pack", W4: "int4pack"}
+
+# ms per call at (1 row, 128 rows), shaped like the measurements in qtorch/layouts/__init__.py: on AVX2 the blocked
+# kernels win at both row counts; on an AMX CPU PyTorch's kernels (and dequant_mm's AMX matmul) win by far at 128
+# rows, while blocked keeps a small lead at one row.
+AVX2_LIKE = {"blocked": (0.69, 48.6), "int8pack": (1.13, 58.2), "int4pack": (1.36, 51.9), "dequant_mm": (None, 70.0)}
+AMX_LIKE = {"blocked": (0.70, 26.0), "int8pack": (1.00, 26.0), "int4pack": (0.90, 5.0), "dequant_mm": (None, 3.6)}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dispatcher(monkeypatch, tmp_path):
+    """A measuring dispatcher of this test's own (conftest.py turns measuring off for the other files)."""
+    return use_dispatcher(monkeypatch, tmp_path, env={})
+
+
+def use_dispatcher(monkeypatch, tmp_path, env, timer=None):
+    kw = {} if timer is None else {"timer": timer}
+    d = autotune.Dispatcher(cache_path=tmp_path / "dispatch.json", env=env, **kw)
+    monkeypatch.setattr(autotune, "_DEFAULT", d)
+    return d
+
+
+class Clock:
+    """Injected timings: every layout's ``linear`` advances a fake clock by ``table`` ms and records the call as
+    ``(layout, path, rows)``."""
+
+    def __init__(self, monkeypatch, table):
+        self.now, self.ran = 0.0, []
+        for lay in (BLOCKED, INT8PACK, INT4PACK, CANONICAL):
+            orig = type(lay).linear
+
+            def linear(weight, x2, path, lay=lay, orig=orig):
+                rows = x2.shape[0]
+                key = "dequant_mm" if path == "dequant_mm" else lay.name
+                self.now += (100.0 if lay is CANONICAL else table[key][0 if rows == 1 else 1]) / 1e3
+                self.ran.append((lay.name, path, rows))
+                return orig(lay, weight, x2, path)
+            monkeypatch.setattr(lay, "linear", linear)
+
+    def __call__(self):
+        return self.now
+
+    def layouts_run(self):
+        return {name for name, _, _ in self.ran}
+
+
+def check_close(y, x, w):
+    """|y - F.linear(x, W)| within bfloat16 rounding of the dot products (W: the float32 dequantized weight)."""
+    ref = F.linear(x.float(), w)
+    bound = F.linear(x.float().abs(), w.abs())
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    err = (y.float() - ref).abs()
+    assert torch.all(err <= 2.0**-6 * bound + 1e-6), float((err - 2.0**-6 * bound).max())
+
+
+def _layer(scheme, n=N, k=K):
+    return qtorch.QuantLinear.from_linear(torch.nn.Linear(k, n, bias=False, dtype=BF16), scheme)
+
+
+def _key(scheme, n=N, k=K):
+    spec = WeightSpec.of(scheme, n, k)
+    return str(autotune.LayoutKey.make(n, k, layouts.scheme_label(spec), BF16))
+
+
+# ------------------------------------------------------------------------------------------------ injected timings
+
+@pytest.mark.parametrize("scheme", [W8, W4], ids=["w8", "w4"])
+def test_amx_like_timings_pick_the_layout_whose_many_rows_path_is_fast(scheme, monkeypatch, tmp_path,
+                                                                       blocked_kernels):
+    clock = Clock(monkeypatch, AMX_LIKE)
+    d = use_dispatcher(monkeypatch, tmp_path, env={}, timer=clock)
+    assert layouts.candidates(WeightSpec.of(scheme, N, K), "cpu", BF16)[0] is BLOCKED  # the static order differs
+    q = _layer(scheme)
+    want = TORCH_LAYOUT[scheme]
+    assert q.quantized_weight.layout.name == want and q.layout_candidates()[0] == want
+    assert clock.layouts_run() == {"blocked", want}  # canonical is never timed
+    entry = d.decisions()[_key(scheme)]
+    assert entry["path"] == want
+    assert set(entry["ms"]) == {f"{name}@{rows}" for name in ("blocked", want) for rows in autotune.LAYOUT_ROWS}
+    x = torch.randn(5, K, dtype=BF16)
+    check_close(q(x), x, q.quantized_weight.dequantize())
+
+
+@pytest.mark.parametrize("scheme", [W8, W4], ids=["w8", "w4"])
+def test_avx2_like_timings_pick_blocked(scheme, monkeypatch, tmp_path, torch_pack_kernels):
+    clock = Clock(monkeypatch, AVX2_LIKE)
+    d = use_dispatcher(monkeypatch, tmp_path, env={}, timer=clock)
+    assert layouts.candidates(WeightSpec.of(scheme, N, K), "cpu", BF16)[0].name == TORCH_LAYOUT[scheme]
+    q = _layer(scheme)
+    assert q.quantized_weight.layout is BLOCKED and q.layout_candidates()[0] == "blocked"
+    assert d.decisions()[_key(scheme)]["path"] == "blocked"
+    x = torch.randn(1, K, dtype=BF16)
+    check_close(q(x), x, q.quantized_weight.dequantize())
+
+
+def _fake(clock, ms1, ms128, fail=False):
+    """A candidate for choose_layout: one path per row count that advances ``clock`` by the given ms."""
+    def run(ms):
+        def call():
+            if fail:
+                raise RuntimeError("this path cannot run here")
+            clock[0] += ms / 1e3
+        return call
+    return lambda: {1: {"own": run(ms1)}, 128: {"own": run(ms128)}}
+
+
+def test_the_rule_is_the_lowest_worst_ratio_ties_to_the_static_order():
+    clock = [0.0]
+    d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0])
+    key = autotune.LayoutKey.make(64, 64, "w8s-channel0-g64", BF16)
+    # best 1.0 ms at one row, 50 at 128: a = max(1, 2) = 2, b = max(2, 1) = 2, c = max(1.5, 1.2) = 1.5
+    got = d.choose_layout(key, {"a": _fake(clock, 1.0, 100.0), "b": _fake(clock, 2.0, 50.0),
+                                "c": _fake(clock, 1.5, 60.0)})
+    assert got == "c" and d.decisions()[str(key)]["score"] == {"a": 2.0, "b": 2.0, "c": 1.5}
+    # within 5%: the first in the static order, in either order
+    for order in (("a", "b"), ("b", "a")):
+        d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0])
+        runs = {"a": _fake(clock, 1.0, 50.0), "b": _fake(clock, 1.02, 50.0)}
+        assert d.choose_layout(key, {n: runs[n] for n in order}) == order[0]
+    # each layout at its fastest call: other work on the machine only adds time (by medians b would win)
+    d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0])
+    spiky = iter([1.0] + [5.0, 5.0, 1.0] * 10)  # warm-up, then calls slowed by other processes
+
+    def a_one_row():
+        clock[0] += next(spiky) / 1e3
+    a = lambda: {1: {"own": a_one_row}, 128: _fake(clock, 1.0, 50.0)()[128]}
+    assert d.choose_layout(key, {"b": _fake(clock, 2.0, 50.0), "a": a}) == "a"
+    assert d.decisions()[str(key)]["ms"]["a@1"] == 1.0
+    # nor dropped after one unlucky call (the path dispatcher drops a path 3x slower after one round)
+    d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0])
+    unlucky = iter([1.0, 10.0] + [1.0] * 30)
+
+    def a_one_row():
+        clock[0] += next(unlucky) / 1e3
+    a = lambda: {1: {"own": a_one_row}, 128: _fake(clock, 1.0, 50.0)()[128]}
+    assert d.choose_layout(key, {"b": _fake(clock, 2.0, 50.0), "a": a}) == "a"
+    # a layout that cannot hold the weight (None) or whose paths all raise is left out
+    d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0])
+    got = d.choose_layout(key, {"none": lambda: None, "fails": _fake(clock, 0.1, 0.1, fail=True),
+                                "slow": _fake(clock, 3.0, 300.0), "ok": _fake(clock, 1.0, 100.0)})
+    assert got == "ok" and set(d.decisions()[str(key)]["score"]) == {"slow", "ok"}
+    with pytest.raises(TypeError, match="LayoutKey"):
+        d.choose_layout(str(key), {"a": _fake(clock, 1.0, 1.0)})
+
+
+def test_the_decision_is_kept_in_the_process_and_in_the_file(monkeypatch, tmp_path):
+    clock = Clock(monkeypatch, AMX_LIKE)
+    use_dispatcher(monkeypatch, tmp_path, env={}, timer=clock)
+    first = _layer(W8)
+    assert first.quantized_weight.layout is INT8PACK and clock.ran
+    clock.ran.clear()
+    second = _layer(W8)  # same shape, scheme and dtype: the kept decision
+    second.to(BF16)  # a relayout in place: a dict lookup too
+    assert second.quantized_weight.layout is INT8PACK and clock.ran == []
+    on_disk = json.loads((tmp_path / "dispatch.json").read_text())["decisions"]
+    assert on_disk[_key(W8)]["path"] == "int8pack"
+    # the next process: a new dispatcher on the same file measures nothing, even with timings that would disagree
+    clock = Clock(monkeypatch, AVX2_LIKE)
+    use_dispatcher(monkeypatch, tmp_path, env={}, timer=clock)
+    assert _layer(W8).quantized_weight.layout is INT8PACK and clock.ran == []
+    # another shape is another decision
+    assert _layer(W8, n=128).quantized_weight.layout is BLOCKED and clock.ran
+
+
+def test_qtorch_layout_forces_an_eligible_layout(monkeypatch, tmp_path):
+    clock = Clock(monkeypatch, AMX_LIKE)  # int8pack would win
+    for forced in ("blocked", "canonical"):
+        use_dispatcher(monkeypatch, tmp_path, env={"QTORCH_LAYOUT": forced}, timer=clock)
+        q = _layer(W8)
+        assert q.quantized_weight.layout.name == forced and q.layout_candidates()[0] == forced
+    assert clock.ran == [] and not (tmp_path / "dispatch.json").exists()
+    use_dispatcher(monkeypatch, tmp_path, env={"QTORCH_LAYOUT": "int4pack"}, timer=clock)  # not for 8 bits
+    assert _layer(W8).quantized_weight.layout is INT8PACK and clock.ran  # measured as usual
+    use_dispatcher(monkeypatch, tmp_path, env={"QTORCH_LAYOUT": "int3pack"}, timer=clock)
+    with pytest.raises(ValueError, match="QTORCH_LAYOUT='int3pack' is not a registered layout"):
+        _layer(W8)
+
+
+@pytest.mark.parametrize("torch_first", [True, False])
+def test_autotune_off_keeps_the_static_order(torch_first, monkeypatch, tmp_path):
+    monkeypatch.setattr(layouts, "TORCH_PACK_KERNELS", torch_first)
+    clock = Clock(monkeypatch, AMX_LIKE)
+    use_dispatcher(monkeypatch, tmp_path, env={"QTORCH_AUTOTUNE": "0"}, timer=clock)
+    for scheme in (W8, W4):
+        want = TORCH_LAYOUT[scheme] if torch_first else "blocked"
+        assert _layer(scheme).quantized_weight.layout.name == want
+    assert clock.ran == [] and not (tmp_path / "dispatch.json").exists()
+
+
+@pytest.mark.parametrize("flag,want", [("1", INT8PACK), ("0", BLOCKED)])
+def test_qtorch_torch_pack_is_a_deprecated_alias(flag, want, monkeypatch, tmp_path):
+    clock = Clock(monkeypatch, AVX2_LIKE if flag == "1" else AMX_LIKE)  # measuring would pick the other one
+    with pytest.warns(FutureWarning, match="QTORCH_TORCH_PACK is deprecated"):
+        use_dispatcher(monkeypatch, tmp_path, env={"QTORCH_TORCH_PACK": flag}, timer=clock)
+    assert _layer(W8).quantized_weight.layout is want and clock.ran == []
+    with pytest.raises(ValueError, match="QTORCH_TORCH_PACK must be 1 or 0"):
+        autotune.Dispatcher(cache_path=False, env={"QTORCH_TORCH_PACK": "yes"})
+
+
+def test_nothing_is_measured_or_kept_while_tracing(monkeypatch, tmp_path, blocked_kernels):
+    clock = Clock(monkeypatch, AMX_LIKE)
+    d = use_dispatcher(monkeypatch, tmp_path, env={}, timer=clock)
+    qa = qcore.quantize(np.random.default_rng(0).standard_normal((N, K)).astype(np.float32), W8)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    w = QuantizedWeight.from_quantized_array(qa, compute_dtype=BF16)
+    assert w.layout is BLOCKED and clock.ran == [] and d.decisions() == {}  # the static order
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert QuantizedWeight.from_quantized_array(qa, compute_dtype=BF16).layout is INT8PACK  # eager: measured
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    clock.ran.clear()
+    assert QuantizedWeight.from_quantized_array(qa, compute_dtype=BF16).layout is INT8PACK  # the kept decision
+    assert clock.ran == []
+
+
+def test_the_meta_device_measures_nothing_and_a_real_load_does(monkeypatch, tmp_path):
+    clock = Clock(monkeypatch, AMX_LIKE)
+    d = use_dispatcher(monkeypatch, tmp_path, env={}, timer=clock)
+    state = _layer(W8).state_dict()
+    d = use_dispatcher(monkeypatch, tmp_path / "other", env={}, timer=clock)
+    clock.ran.clear()
+    with torch.device("meta"):
+        q = qtorch.W8A16Linear(K, N, bias=False, dtype=BF16)
+    assert q.quantized_weight.layout is CANONICAL and clock.ran == [] and d.decisions() == {}
+    q.load_state_dict(state, assign=True)
+    assert q.quantized_weight.layout is INT8PACK and clock.ran
+
+
+def test_a_cpu_weight_built_under_a_meta_default_device_is_measured_on_cpu(monkeypatch, tmp_path):
+    clock = Clock(monkeypatch, AMX_LIKE)
+    use_dispatcher(monkeypatch, tmp_path, env={}, timer=clock)
+    qa = qcore.quantize(np.random.default_rng(0).standard_normal((N, K)).astype(np.float32), W8)
+    with torch.device("meta"):  # the trial inputs must not follow the default device
+        w = QuantizedWeight.from_quantized_array(qa, device="cpu", compute_dtype=BF16)
+    assert w.layout is INT8PACK and w.device.type == "cpu" and clock.ran
+
+
+# ------------------------------------------------------------------------------------------------ real kernels
+
+@pytest.mark.parametrize("scheme", [W8, W4], ids=["w8", "w4"])
+def test_every_eligible_layout_equals_f_linear_and_saves_the_same_state(scheme, monkeypatch, tmp_path):
+    spec = WeightSpec.of(scheme, N, K)
+    names = [lay.name for lay in layouts.eligible(spec, "cpu", BF16)]
+    assert names == ["blocked", TORCH_LAYOUT[scheme], "canonical"]
+    lin = torch.nn.Linear(K, N, bias=False, dtype=BF16)
+    states = []
+    for name in names:
+        use_dispatcher(monkeypatch, tmp_path / name, env={"QTORCH_LAYOUT": name})
+        q = qtorch.QuantLinear.from_linear(lin, scheme)
+        w = q.quantized_weight
+        assert w.layout.name == name
+        ref_w = w.dequantize()
+        for rows in (1, 32):
+            x = torch.randn(rows, K, dtype=BF16)
+            for path in w.layout.paths("cpu", BF16, rows, scheme.bits):
+                check_close(w.layout.linear(w, x, path), x, ref_w)
+            check_close(q(x), x, ref_w)
+        states.append(q.state_dict())
+    for st in states[1:]:  # canonical whatever the layout
+        assert set(st) == set(states[0]) and all(torch.equal(st[k], states[0][k]) for k in st)
+
+
+def test_a_real_measurement_picks_an_eligible_layout_and_writes_it(fresh_dispatcher, tmp_path):
+    q = _layer(W8)
+    entry = fresh_dispatcher.decisions()[_key(W8)]
+    assert q.quantized_weight.layout.name == entry["path"] in ("blocked", "int8pack")
+    assert {f"{n}@{r}" for n in ("blocked", "int8pack") for r in autotune.LAYOUT_ROWS} == set(entry["ms"])
+    assert _key(W8) in json.loads((tmp_path / "dispatch.json").read_text())["decisions"]
+    x = torch.randn(3, K, dtype=BF16)
+    check_close(q(x), x, q.quantized_weight.dequantize())
