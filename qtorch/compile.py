@@ -40,6 +40,7 @@ kernels took 7x longer than the template and ``dequant_mm`` ran at 0.61x of dens
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch._inductor.config as inductor_config
@@ -131,19 +132,24 @@ def _tracing_setup(freezing: bool, woq: bool):
     from torch._inductor.constant_folding import ConstantFolder
 
     orig = ConstantFolder.__dict__["is_impure"]
-
-    def is_impure(folder, node):
-        return orig(folder, node) or (node.op == "call_function" and _reads_codes(folder, node))
-
-    prev = _WOQ_TEMPLATES
-    ConstantFolder.is_impure = is_impure
+    prev, prev_freezing = _WOQ_TEMPLATES, inductor_config.freezing
+    ConstantFolder.is_impure = _keeping_codes(orig)
     _WOQ_TEMPLATES = woq
+    inductor_config.freezing = True  # plain assignment: config.patch costs ~20 us per call
     try:
-        with inductor_config.patch(freezing=True):
-            yield
+        yield
     finally:
+        inductor_config.freezing = prev_freezing
         _WOQ_TEMPLATES = prev
         ConstantFolder.is_impure = orig
+
+
+@functools.lru_cache(maxsize=None)
+def _keeping_codes(is_impure):
+    """``is_impure`` of inductor's constant folder, also true for a node that reads a weight's codes."""
+    def keeping_codes(folder, node):
+        return is_impure(folder, node) or (node.op == "call_function" and _reads_codes(folder, node))
+    return keeping_codes
 
 
 def _device_type(model) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compile import woq_templates
 from . import dequant_path
 from .base import Layout
 from .codec import dense_linear, dequantize_canonical
@@ -54,10 +55,8 @@ def _woq_template(x2: torch.Tensor) -> bool:
     (:func:`qtorch.compile.woq_templates`): the op then goes into the graph instead of the ``dequant_mm`` custom
     op, and inductor measures its AMX template against the ATen kernel. 4096 x 4096, bf16, one thread, same runs:
     the chosen kernel beat ``dequant_mm`` at 16 and 128 rows (qtorch/compile.py)."""
-    if x2.device.type != "cpu" or x2.dtype != torch.bfloat16 or not torch.compiler.is_compiling():
-        return False
-    from ..compile import woq_templates
-    return woq_templates()
+    return (x2.device.type == "cpu" and x2.dtype == torch.bfloat16 and torch.compiler.is_compiling()
+            and woq_templates())
 
 
 class Int8Pack(Layout):
