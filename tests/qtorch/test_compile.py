@@ -80,6 +80,27 @@ class FrozenConstants:
                 if t.is_floating_point() and t.numel() >= numel]
 
 
+def code_constants(code):
+    """(name, dtype, numel) of each constant the generated module declares (its header names them all, the
+    templates' pre-packed weights included)."""
+    found = []
+    for name, dtype, shape in re.findall(r"^(\w+) = None  # device\(type='\w+'.*?\) torch\.(\w+) \(([\d, ]*)\)", code,
+                                         re.M):
+        numel = 1
+        for d in filter(None, (p.strip() for p in shape.split(","))):
+            numel *= int(d)
+        found.append((name, dtype, numel))
+    return found
+
+
+def assert_no_full_precision_weight(rec, code, n, k):
+    """Neither the frozen graph nor the generated module holds a floating tensor of half the weight's size."""
+    assert rec.full_precision_bigger_than(n * k // 2) == []
+    consts = code_constants(code)
+    assert consts, "the generated module declares no constant: nothing was frozen"
+    assert [c for c in consts if c[2] >= n * k // 2 and c[1] not in ("int8", "uint8")] == []
+
+
 def compile_and_record(model, x, **kw):
     """(output, FrozenConstants, generated code) of ``qtorch.compile(model, fullgraph=True, **kw)(x)``."""
     from torch._inductor.utils import run_and_get_code
@@ -121,9 +142,9 @@ def test_frozen_graph_holds_no_full_precision_weight(scheme, n):
     q = qtorch.QuantLinear.from_linear(torch.nn.Linear(128, n), scheme=scheme)
     assert q.quantized_weight.layout.name == "canonical"
     x = torch.randn(3, 128)
-    y, rec, _ = compile_and_record(q, x, autotune=False)
+    y, rec, code = compile_and_record(q, x, autotune=False)
     assert torch.allclose(y, q(x), atol=1e-5, rtol=1e-5)
-    assert rec.full_precision_bigger_than(n * 128 // 2) == []
+    assert_no_full_precision_weight(rec, code, n, 128)
     codes = [t for t in rec.constants.values() if t.dtype in (torch.int8, torch.uint8)]
     b = q.quantized_weight.buffers  # codes as stored: packed, never unpacked at compile time
     assert sum(t.numel() for t in codes) == sum(b[k].numel() for k in ("qweight", "zero_point") if b[k] is not None)
@@ -151,7 +172,7 @@ def test_int8pack_traces_its_woq_op_for_inductor_templates(monkeypatch, torch_pa
         y, rec, code = compile_and_record(q, x, autotune=True)
     assert "dequant_mm" not in code and "_weight_int8pack_mm" in " ".join(rec.targets)
     assert torch.allclose(y.float(), eager.float(), atol=2e-2, rtol=2e-2)
-    assert rec.full_precision_bigger_than(64 * 128 // 2) == []
+    assert_no_full_precision_weight(rec, code, 64, 128)
 
 
 @pytest.mark.parametrize("layer,kw", [("W8A16Linear", {}), ("W4A16Linear", {"scheme": QuantScheme(4, False, PerGroup(32))})])
@@ -167,7 +188,7 @@ def test_woq_template_output_matches_eager(layer, kw, torch_pack_kernels):
         assert "micro_gemm" in code  # the template, not the ATen kernel
     ref = q(x).float()
     assert torch.allclose(y.float(), ref, atol=2e-2 * float(ref.abs().max()), rtol=2e-2)
-    assert rec.full_precision_bigger_than(64 * 128 // 2) == []
+    assert_no_full_precision_weight(rec, code, 64, 128)
 
 
 def test_blocked_layout_keeps_its_custom_op(blocked_kernels):
@@ -178,4 +199,4 @@ def test_blocked_layout_keeps_its_custom_op(blocked_kernels):
     y, rec, code = compile_and_record(q, x, autotune=False)
     assert "qtorch" in " ".join(rec.targets)
     assert torch.allclose(y.float(), q(x).float(), atol=1e-2, rtol=1e-2)
-    assert rec.full_precision_bigger_than(64 * 128 // 2) == []
+    assert_no_full_precision_weight(rec, code, 64, 128)
