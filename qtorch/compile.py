@@ -31,10 +31,11 @@ layout          traced op
 ``canonical``   dequantize + ``F.linear``, or the ``qtorch::dequant_mm`` custom op; the codes stay int8/uint8
 ==============  ===============================================================================================
 
-Measured with K = N = 4096, bfloat16, one thread, dense and quantized calls alternating (Intel Xeon with AMX,
-torch 2.13; the machine was shared, see the figures in the project's benchmark notes): at 128 rows the template
-ran the int8 layer at 1.06-1.16x and the int4 layer at 1.14-1.38x of the frozen dense layer, where the ATen
-kernels took 7x longer than the template and ``dequant_mm`` ran at 0.61x of dense (0.40x at 16 rows).
+Measured with K = N = 4096, bfloat16, one thread, dense and quantized calls alternating, medians (Intel Xeon
+with AMX, torch 2.13, a 2-core machine shared with other jobs): at 128 rows the template ran the int8 layer at
+1.06-1.45x and the int4 layer at 0.99-1.38x of the frozen dense layer across three runs, where the ATen kernels
+took about 7x longer than the template and ``dequant_mm`` ran at 0.61x of dense (0.40x at 16 rows). Folding is
+kept off every 1-byte integer constant of the model, not only codes (a uint8 mask is then converted per call).
 """
 
 from __future__ import annotations
@@ -103,9 +104,8 @@ def woq_templates() -> bool:
 def _reads_codes(folder, node) -> bool:
     """Whether the fx ``node`` reads a 1-byte integer tensor (a weight's codes)."""
     for a in node.all_input_nodes:
-        if a.op == "get_attr":
-            t = getattr(folder.module, a.target, None)
-        else:
+        t = getattr(folder.module, a.target, None) if a.op == "get_attr" else None
+        if t is None:
             t = a.meta.get("val")
         if isinstance(t, torch.Tensor) and t.dtype in _CODE_DTYPES:
             return True
