@@ -33,7 +33,7 @@ layout          traced op
 
 Measured with K = N = 4096, bfloat16, one thread, dense and quantized calls alternating, medians (Intel Xeon
 with AMX, torch 2.13, a 2-core machine shared with other jobs): at 128 rows the template ran the int8 layer at
-1.06-1.45x and the int4 layer at 0.99-1.38x of the frozen dense layer across three runs, where the ATen kernels
+1.02-1.45x and the int4 layer at 0.99-1.38x of the frozen dense layer across four runs, where the ATen kernels
 took about 7x longer than the template and ``dequant_mm`` ran at 0.61x of dense (0.40x at 16 rows). Folding is
 kept off every 1-byte integer constant of the model, not only codes (a uint8 mask is then converted per call).
 """
