@@ -1,11 +1,13 @@
 """torch.compile over the quantized layers: fullgraph tracing of every path, and qtorch.compile end to end."""
 
+import re
+
 import pytest
 import torch
 import torch._inductor.config as inductor_config
 
 import qtorch
-from qcore import PerGroup, QuantScheme
+from qcore import PerChannel, PerGroup, QuantScheme
 from qtorch.compile import CompiledModule, compile_options
 
 
@@ -53,3 +55,148 @@ def test_compile_options():
     assert compile_options("cpu", autotune=False) == {"freezing": True}
     with pytest.raises(TypeError):
         qtorch.compile(lambda x: x)
+
+
+# ---------------------------------------------------------------- what inductor gets to see under qtorch.compile
+
+class FrozenConstants:
+    """An inductor post-grad pass that records the graph's constants (name -> tensor) and call targets."""
+
+    def __init__(self):
+        self.constants, self.targets = {}, []
+
+    def __call__(self, graph):
+        gm = graph.owning_module
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                t = getattr(gm, node.target, None)
+                if isinstance(t, torch.Tensor):
+                    self.constants[node.target] = t
+            elif node.op == "call_function":
+                self.targets.append(str(node.target))
+
+    def full_precision_bigger_than(self, numel):
+        return [(k, t.dtype, tuple(t.shape)) for k, t in self.constants.items()
+                if t.is_floating_point() and t.numel() >= numel]
+
+
+def code_constants(code):
+    """(name, dtype, numel) of each constant the generated module declares (its header names them all, the
+    templates' pre-packed weights included)."""
+    found = []
+    for name, dtype, shape in re.findall(r"^(\w+) = None  # device\(type='\w+'.*?\) torch\.(\w+) \(([\d, ]*)\)", code,
+                                         re.M):
+        numel = 1
+        for d in filter(None, (p.strip() for p in shape.split(","))):
+            numel *= int(d)
+        found.append((name, dtype, numel))
+    return found
+
+
+def assert_no_full_precision_weight(rec, code, n, k):
+    """Neither the frozen graph nor the generated module holds a floating tensor of half the weight's size."""
+    assert rec.full_precision_bigger_than(n * k // 2) == []
+    consts = code_constants(code)
+    assert consts, "the generated module declares no constant: nothing was frozen"
+    assert [c for c in consts if c[2] >= n * k // 2 and c[1] not in ("int8", "uint8")] == []
+
+
+def compile_and_record(model, x, **kw):
+    """(output, FrozenConstants, generated code) of ``qtorch.compile(model, fullgraph=True, **kw)(x)``."""
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    rec = FrozenConstants()
+    with inductor_config.patch(post_grad_custom_post_pass=rec, fx_graph_cache=False):
+        y, code = run_and_get_code(qtorch.compile(model, fullgraph=True, **kw), x)
+    return y, rec, "\n".join(code)
+
+
+def bf16_layer(cls, n=64, k=128, **kw):
+    torch.manual_seed(0)
+    return cls.from_linear(torch.nn.Linear(k, n, dtype=torch.bfloat16), **kw)
+
+
+def test_weights_become_frozen_constants(torch_pack_kernels):
+    """inductor's freezing must see the weights as constants (its dense pre-packing and weight-only templates
+    need them so): the compiled call takes the input alone."""
+    q = bf16_layer(qtorch.W8A16Linear)
+    assert q.quantized_weight.layout.name == "int8pack"
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    y, rec, code = compile_and_record(q, x, autotune=False)
+    assert torch.equal(y, q(x))
+    qweight = q.quantized_weight.buffers["qweight"]
+    assert any(t.dtype == torch.int8 and t.shape == qweight.shape for t in rec.constants.values())
+    assert re.search(r"\n\s+\w+, = args\n", code)  # the compiled call takes x alone
+    # the dense layer too: oneDNN gets its pre-packed weight
+    dense = torch.nn.Linear(128, 64, dtype=torch.bfloat16)
+    y, rec, code = compile_and_record(dense, x, autotune=False)
+    assert torch.allclose(y.float(), dense(x).float(), atol=1e-2, rtol=1e-2)
+    assert any(t.shape == dense.weight.shape for t in rec.constants.values())
+
+
+@pytest.mark.parametrize("scheme,n", [(QuantScheme(8, True, PerChannel(0)), 30), (QuantScheme(4, False, PerGroup(32)), 30)])
+def test_frozen_graph_holds_no_full_precision_weight(scheme, n):
+    """A layer that dequantizes in the graph (the portable path: N = 30 fits no packed layout) keeps its codes as
+    the constant: freezing must not fold the dequantized weight into a float32 copy."""
+    torch.manual_seed(0)
+    q = qtorch.QuantLinear.from_linear(torch.nn.Linear(128, n), scheme=scheme)
+    assert q.quantized_weight.layout.name == "canonical"
+    x = torch.randn(3, 128)
+    y, rec, code = compile_and_record(q, x, autotune=False)
+    assert torch.allclose(y, q(x), atol=1e-5, rtol=1e-5)
+    assert_no_full_precision_weight(rec, code, n, 128)
+    codes = [t for t in rec.constants.values() if t.dtype in (torch.int8, torch.uint8)]
+    b = q.quantized_weight.buffers  # codes as stored: packed, never unpacked at compile time
+    assert sum(t.numel() for t in codes) == sum(b[k].numel() for k in ("qweight", "zero_point") if b[k] is not None)
+
+
+def forced_route(monkeypatch, path):
+    """A dispatcher that sends every several-row call to ``path`` (as ``QTORCH_PATH`` does)."""
+    from qtorch import autotune
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env={"QTORCH_PATH": path}))
+
+
+def test_int8pack_traces_its_woq_op_for_inductor_templates(monkeypatch, torch_pack_kernels):
+    """With max-autotune, an int8pack layer whose calls were routed to ``dequant_mm`` (an opaque custom op) puts
+    ``_weight_int8pack_mm`` into the graph instead, for inductor to weigh its AMX/AVX-512 template against the
+    ATen kernel; a plain compile (no template) keeps the routed custom op."""
+    forced_route(monkeypatch, "dequant_mm")
+    q = bf16_layer(qtorch.W8A16Linear)
+    x = torch.randn(8, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = q(x)  # keeps the route
+    assert "dequant_mm" in str(q.quantized_weight._routes.values())
+    y, rec, code = compile_and_record(q, x, autotune=False)
+    assert "qtorch.dequant_mm" in " ".join(rec.targets) and torch.equal(y, eager)
+    with inductor_config.patch(max_autotune_gemm_backends="CPP,ATEN"):
+        y, rec, code = compile_and_record(q, x, autotune=True)
+    assert "dequant_mm" not in code and "_weight_int8pack_mm" in " ".join(rec.targets)
+    assert torch.allclose(y.float(), eager.float(), atol=2e-2, rtol=2e-2)
+    assert_no_full_precision_weight(rec, code, 64, 128)
+
+
+@pytest.mark.parametrize("layer,kw", [("W8A16Linear", {}), ("W4A16Linear", {"scheme": QuantScheme(4, False, PerGroup(32))})])
+def test_woq_template_output_matches_eager(layer, kw, torch_pack_kernels):
+    """inductor's C++ weight-only template (the only choice here) reads the int8pack / int4pack weight as
+    qtorch laid it out: the compiled layer equals the eager one within bfloat16 rounding."""
+    q = bf16_layer(getattr(qtorch, layer), **kw)
+    assert q.quantized_weight.layout.name in ("int8pack", "int4pack")
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    with inductor_config.patch(max_autotune_gemm_backends="CPP"):
+        y, rec, code = compile_and_record(q, x, autotune=True)
+    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        assert "micro_gemm" in code  # the template, not the ATen kernel
+    ref = q(x).float()
+    assert torch.allclose(y.float(), ref, atol=2e-2 * float(ref.abs().max()), rtol=2e-2)
+    assert_no_full_precision_weight(rec, code, 64, 128)
+
+
+def test_blocked_layout_keeps_its_custom_op(blocked_kernels):
+    """No inductor template reads the blocked layout: its custom op stays in the graph, codes frozen as stored."""
+    q = bf16_layer(qtorch.W4A16Linear, scheme=QuantScheme(4, False, PerGroup(32)))
+    assert q.quantized_weight.layout.name == "blocked"
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    y, rec, code = compile_and_record(q, x, autotune=False)
+    assert "qtorch" in " ".join(rec.targets)
+    assert torch.allclose(y.float(), q(x).float(), atol=1e-2, rtol=1e-2)
+    assert_no_full_precision_weight(rec, code, 64, 128)
