@@ -153,7 +153,9 @@ def test_frozen_graph_holds_no_full_precision_weight(scheme, n):
 def forced_route(monkeypatch, path):
     """A dispatcher that sends every several-row call to ``path`` (as ``QTORCH_PATH`` does)."""
     from qtorch import autotune
-    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env={"QTORCH_PATH": path}))
+    # the layout under test, not one chosen by measuring
+    env = {"QTORCH_PATH": path, "QTORCH_LAYOUT": "int8pack"}
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env=env))
 
 
 def test_int8pack_traces_its_woq_op_for_inductor_templates(monkeypatch, torch_pack_kernels):
