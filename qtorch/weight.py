@@ -158,6 +158,25 @@ class QuantizedWeight:
                 self._hold(lay, *r)
                 return
 
+    def hold_layout(self, name: str, compute_dtype: torch.dtype) -> bool:
+        """Hold the layout called ``name`` if it is eligible for this weight and its conversion succeeds; returns
+        whether the weight holds it now (the state is unchanged otherwise)."""
+        lay = layouts.get(name)
+        if lay is self.layout:
+            return True
+        if lay not in layouts.eligible(self.spec, self.device, compute_dtype):
+            return False
+        spec, b, cur = self.spec, self.buffers, self.layout
+        q, s, z = b["qweight"], b["scale"], b["zero_point"]
+        if lay.holds == "canonical" or cur.holds == "canonical":
+            r = lay.from_canonical(spec, *cur.to_canonical(spec, q, s, z))
+        else:
+            r = lay.from_codes(spec, *cur.to_codes(spec, q, s, z))
+        if r is None:
+            return False
+        self._hold(lay, *r)
+        return True
+
     def set_canonical(self, qweight, scale, zero_point, compute_dtype: torch.dtype, *, codes=None) -> None:
         """Take a canonical state (already validated), then move to the preferred layout."""
         self._hold(CANONICAL, qweight, scale, zero_point, None)
