@@ -34,8 +34,9 @@ Under load: GNU OpenMP's team ends in a barrier that waits for every thread, eve
 another process holds a core, a team thread may wait a scheduler slice (milliseconds) for it, and so does the
 call. :func:`claim_loop` counts the threads that got almost none of the chunks, and notes (in cycles) when the
 first and the last thread ran out of chunks; after a call where a thread starved, or where threads waited for a
-straggler longer than half the time they worked, :func:`run` caps the team (:func:`thread_cap`) for a short,
-growing while before it tries the whole team again.
+straggler longer than half the time they worked, :func:`run` caps the team (:func:`thread_cap`) for a while
+before it tries the whole team again: 10 ms after one such call (a lone stall on a quiet machine costs little),
+doubled with each one that follows while the core stays busy, up to 1.6 s (see :func:`_note_starved`).
 
 >>> gomp_parallel() is None or callable(gomp_parallel())
 True
@@ -47,6 +48,7 @@ import collections
 import ctypes
 import hashlib
 import keyword
+import math
 import os
 import platform
 import sys
@@ -100,6 +102,7 @@ _IN_FORKED_CHILD = False
 #: after a call, libgomp's workers spin (about 9 ms measured here) before they sleep: the cores they keep busy
 #: are the team's, free for our next call, not other work's (``qcore._parallel.busy_cores`` subtracts them)
 SPIN_WINDOW_S = 0.02
+_now = time.monotonic  # the clock of the spin window and the under-load guard (tests set another)
 _LAST_END = 0.0
 _LAST_SIZE = 1
 
@@ -270,35 +273,53 @@ def on_torch_team() -> bool:
 
 def own_spinners() -> int:
     """Workers of our last team call that may still be spinning: runnable, yet free for our next call."""
-    if time.monotonic() - _LAST_END < SPIN_WINDOW_S:
+    if _now() - _LAST_END < SPIN_WINDOW_S:
         return _LAST_SIZE - 1
     return 0
 
 
 def thread_cap(n: int) -> int:
-    """``n``, or fewer while a recent team call starved threads (another process held their cores); the whole team
-    again once that while is over (the call that finds out whether the load is gone)."""
+    """``n``, or fewer while a recent team call waited for a thread kept off its core (another process held it); the
+    whole team again once that while is over (the call that finds out whether the load is gone)."""
     cap = _CAP
-    if cap is None or n <= cap[1] or time.monotonic() >= cap[0]:
+    if cap is None or n <= cap[1] or _now() >= cap[0]:
         return n
     return cap[1]
 
 
 #: a team call this long that starved a thread waited for it (a worker woken from sleep costs ~0.1 ms at most)
 LATE_S = 0.0003
-CAP_FIRST_S, CAP_MAX_S = 0.1, 1.6  # how long the cap holds: doubled each time the whole team starves again
-_CAP = None  # (until, threads, while_s) once a team call starved threads
+#: how long the cap holds after a late call: CAP_FIRST_S after one, doubled with each late call that follows, up to
+#: CAP_MAX_S. One stall on a quiet machine (a page fault, another process's burst) caps about ten 1 ms calls; a busy
+#: core is tried again after 10, 20, 40 ... ms, then every 1.6 s
+CAP_FIRST_S, CAP_MAX_S = 0.01, 1.6
+MAX_LEVEL = 1 + math.ceil(math.log2(CAP_MAX_S / CAP_FIRST_S))
+_CAP = None  # (until, threads, hold_s) after a late team call
+_LEVEL = 0  # the evidence of load: +1 per late team call, -1 per call of the whole team that nobody waited in
 
 
 def _note_starved(nthreads: int, starved: int, wall_s: float, waited: bool = False) -> None:
-    global _CAP
-    now, cap = time.monotonic(), _CAP
-    if (starved or waited) and wall_s >= LATE_S:
-        starved = max(starved, 1)
-        hold = CAP_FIRST_S if cap is None else min(CAP_MAX_S, 2 * cap[2])
-        _CAP = (now + hold, max(1, nthreads - starved), hold)
-    elif cap is not None and now >= cap[0] and nthreads > cap[1]:
-        _CAP = None  # the whole team ran and nobody starved: the load is gone
+    """Learn from a team call of ``nthreads`` that took ``wall_s``: ``starved`` threads claimed almost no chunks,
+    ``waited``: the others waited long for a straggler (:func:`_waited`).
+
+    A late call caps the team (the threads that kept up) for ``hold(level)``, each late call one level up; a clean
+    call of more threads than any cap in force lifts the cap and steps one level down. So a lone stall costs one
+    short cap, and a lucky call while a core stays busy (the scheduler let a late thread in at once) does not start
+    the doubling again from its first step.
+    """
+    global _CAP, _LEVEL
+    now, cap = _now(), _CAP
+    active = cap is not None and now < cap[0]
+    if starved or waited:
+        if wall_s < LATE_S:
+            return  # a short call: whoever came late cost it little, and tells little
+        _LEVEL = min(MAX_LEVEL, _LEVEL + 1)
+        hold = min(CAP_MAX_S, CAP_FIRST_S * 2 ** (_LEVEL - 1))
+        keep = max(1, nthreads - max(starved, 1))
+        _CAP = (now + hold, min(keep, cap[1]) if active else keep, hold)
+    elif not active or nthreads > cap[1]:
+        _LEVEL = max(0, _LEVEL - 1)
+        _CAP = None
 
 
 def new_block(nchunks: int, total: int, operands: tuple = ()) -> np.ndarray:
@@ -329,11 +350,11 @@ def run(kernel: "TeamKernel", block, nthreads: int, nchunks: int | None = None) 
     address = kernel()
     if nchunks is not None:
         block[HEADER + nchunks + THREADS] = nthreads
-    start = time.monotonic()
+    start = _now()
     fn(address, block.ctypes.data, nthreads, 0)
-    _LAST_END, _LAST_SIZE = time.monotonic(), nthreads
+    _LAST_END, _LAST_SIZE = _now(), nthreads
     wall = _LAST_END - start
-    if nchunks is not None and nthreads > 1 and (wall >= LATE_S or _CAP is not None):  # else: nothing to learn
+    if nchunks is not None and nthreads > 1 and (wall >= LATE_S or _CAP is not None or _LEVEL):  # else: no news
         trailer = block[HEADER + nchunks:]
         # with fewer chunks, a quiet team's last chunk alone can keep the others waiting that long
         waited = nchunks >= 4 * nthreads and _waited(trailer)
