@@ -280,11 +280,57 @@ def own_spinners() -> int:
 
 def thread_cap(n: int) -> int:
     """``n``, or fewer while a recent team call waited for a thread kept off its core (another process held it); the
-    whole team again once that while is over (the call that finds out whether the load is gone)."""
+    whole team again once that while is over (the call that finds out whether the load is gone), unless other
+    tasks plainly still hold the cores (:func:`_cores_still_taken`): then the cap holds on, twice as long."""
     cap = _CAP
-    if cap is None or n <= cap[1] or _now() >= cap[0]:
+    if cap is None or n <= cap[1]:
         return n
-    return cap[1]
+    now = _now()
+    if now < cap[0]:
+        return cap[1]
+    if _cores_still_taken(n):
+        _hold_on(cap, now)
+        return cap[1]
+    return n
+
+
+def running_tasks() -> int | None:
+    """Tasks running or waiting for a core on the whole machine right now, the caller included (``running`` of
+    /proc/loadavg's ``running/all``); None where that cannot be read (not Linux)."""
+    global _LOADAVG_FD
+    try:
+        fd = _LOADAVG_FD
+        if fd is None:
+            fd = _LOADAVG_FD = os.open("/proc/loadavg", os.O_RDONLY)  # kept open: a pread costs ~2 us, open ~20
+        # "0.59 0.96 0.99 1/80 11928"; anything else raises below
+        return int(os.pread(fd, 128, 0).split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError, AttributeError):
+        _LOADAVG_FD = None  # open it again next time (someone may have closed it)
+        return None
+
+
+_LOADAVG_FD = None
+try:
+    _CPUS = len(os.sched_getaffinity(0))  # the cores this process may run on (containers, taskset)
+except (AttributeError, OSError):  # pragma: no cover - not on every platform
+    _CPUS = os.cpu_count() or 1
+
+
+def _cores_still_taken(n: int) -> bool:
+    """Whether other tasks surely keep so many cores busy that a team of ``n`` would wait for one (read when a cap
+    ends, instead of trying the whole team and waiting a scheduler slice to find out). Of the running tasks, at
+    most the caller and the workers of the largest team that ran lately are ours (spinning workers are runnable);
+    the rest are others'. False when unsure: the whole team is tried."""
+    running = running_tasks()
+    if running is None:
+        return False
+    ours = max(n, _LAST_SIZE, team_threads())
+    if _torch_loaded() and not _FROM_TORCH:  # torch's own team beside ours: its workers spin too
+        try:
+            ours += max(0, int(sys.modules["torch"].get_num_threads()) - 1)
+        except Exception:
+            ours += n
+    return running - ours > _CPUS - n
 
 
 #: a team call this long that starved a thread waited for it (a worker woken from sleep costs ~0.1 ms at most)
@@ -296,6 +342,18 @@ CAP_FIRST_S, CAP_MAX_S = 0.01, 1.6
 MAX_LEVEL = 1 + math.ceil(math.log2(CAP_MAX_S / CAP_FIRST_S))
 _CAP = None  # (until, threads, hold_s) after a late team call
 _LEVEL = 0  # the evidence of load: +1 per late team call, -1 per call of the whole team that nobody waited in
+
+
+def _hold_s(level: int) -> float:
+    return min(CAP_MAX_S, CAP_FIRST_S * 2 ** (level - 1))
+
+
+def _hold_on(cap: tuple, now: float) -> None:
+    """The cap ``cap`` is over, but the load is still there: one level up, as a late call would have been."""
+    global _CAP, _LEVEL
+    _LEVEL = min(MAX_LEVEL, _LEVEL + 1)
+    hold = _hold_s(_LEVEL)
+    _CAP = (now + hold, cap[1], hold)
 
 
 def _note_starved(nthreads: int, starved: int, wall_s: float, waited: bool = False) -> None:
@@ -314,7 +372,7 @@ def _note_starved(nthreads: int, starved: int, wall_s: float, waited: bool = Fal
         if wall_s < LATE_S:
             return  # a short call: whoever came late cost it little, and tells little
         _LEVEL = min(MAX_LEVEL, _LEVEL + 1)
-        hold = min(CAP_MAX_S, CAP_FIRST_S * 2 ** (_LEVEL - 1))
+        hold = _hold_s(_LEVEL)
         keep = max(1, nthreads - max(starved, 1))
         _CAP = (now + hold, min(keep, cap[1]) if active else keep, hold)
     elif not active or nthreads > cap[1]:

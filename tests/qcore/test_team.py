@@ -105,9 +105,9 @@ def test_torch_set_num_threads_1_keeps_qcore_on_one_thread():
 
 
 def test_busy_cores_leaves_out_the_teams_own_spinners(monkeypatch):
-    monkeypatch.setattr(P, "_LOADAVG_FD", None)
-    monkeypatch.setattr(P.os, "open", lambda *a: 99)
-    monkeypatch.setattr(P.os, "pread", lambda fd, n, off: b"0.50 0.40 0.30 3/120 4242")  # 3 runnable: us + 2
+    monkeypatch.setattr(_team, "_LOADAVG_FD", None)
+    monkeypatch.setattr(_team.os, "open", lambda *a: 99)
+    monkeypatch.setattr(_team.os, "pread", lambda fd, n, off: b"0.50 0.40 0.30 3/120 4242")  # 3 runnable: us + 2
     monkeypatch.setattr(_team, "own_spinners", lambda: 1)
     assert P.busy_cores() == 1
     monkeypatch.setattr(_team, "own_spinners", lambda: 0)
@@ -509,14 +509,13 @@ def clock(monkeypatch):
     monkeypatch.setattr(_team, "_now", lambda: now[0])
     monkeypatch.setattr(_team, "_CAP", None)
     monkeypatch.setattr(_team, "_LEVEL", 0)
+    monkeypatch.setattr(_team, "running_tasks", lambda: None)  # the machine's real load stays out of these tests
     return now
 
 
 @pytest.mark.skipif(not HAS_TEAM, reason="no OpenMP runtime here")
-def test_a_call_that_starved_a_thread_caps_the_team_for_a_while(monkeypatch):
-    monkeypatch.setattr(_team, "_CAP", None)
-    monkeypatch.setattr(_team, "_LEVEL", 0)
-    monkeypatch.setattr(_team, "LATE_S", 0.0)  # however short the wait for it
+def test_a_call_that_starved_a_thread_caps_the_team_for_a_while(monkeypatch, clock):
+    monkeypatch.setattr(_team, "LATE_S", 0.0)  # however short the wait for it (the fake clock stands still)
     block = _team.new_block(16, 16)
     assert _team.run(_LATE_KERNEL, block, 2, 16)
     assert block[_team.HEADER + 16 + _team.STARVED] == 1  # one thread ran 1 chunk of 16, under a quarter of 8
@@ -584,6 +583,33 @@ def test_what_a_capped_or_short_call_tells(clock):
     assert _team._CAP[1:] == (2, 2 * _team.CAP_FIRST_S) and _team._LEVEL == 2
     _team._note_starved(4, 0, 0.001)  # the whole team (a fixed thread count), and nobody waited: lifted
     assert _team._CAP is None and _team._LEVEL == 1
+
+
+def test_a_cap_holds_on_without_trying_the_team_while_other_tasks_plainly_take_the_cores(clock, monkeypatch):
+    # trying the whole team on a busy core costs a scheduler slice (5-15 ms measured on the shared 2-core machine);
+    # /proc/loadavg's running count, read when a cap ends, shows such a core for ~2 us
+    monkeypatch.setattr(_team, "_CPUS", 2)
+    monkeypatch.setattr(_team, "team_threads", lambda: 2)
+    monkeypatch.setattr(_team, "_LAST_SIZE", 2)
+    monkeypatch.setattr(_team, "_FROM_TORCH", True)  # one team, torch's: no second set of workers to count
+    running = [3]
+    monkeypatch.setattr(_team, "running_tasks", lambda: running[0])
+    _team._note_starved(2, 1, 0.005)
+    clock[0] = _team._CAP[0]
+    # 3 running: at most 2 ours (the caller, a spinning worker), so another task holds a core: the cap holds on
+    assert _team.thread_cap(2) == 1
+    assert _team._LEVEL == 2 and _team._CAP[2] == 2 * _team.CAP_FIRST_S
+    clock[0] = _team._CAP[0]
+    running[0] = 2  # maybe only ours: try the whole team
+    assert _team.thread_cap(2) == 2 and _team._LEVEL == 2
+    running[0] = None  # no /proc/loadavg: try the whole team
+    assert _team.thread_cap(2) == 2
+    monkeypatch.setattr(_team, "_CPUS", 8)
+    monkeypatch.setattr(_team, "team_threads", lambda: 8)
+    running[0] = 8
+    assert _team.thread_cap(8) == 8  # all 8 may be ours: no core is surely taken by others
+    running[0] = 9
+    assert _team.thread_cap(8) == 1 and _team._LEVEL == 3
 
 
 def _fake_team(monkeypatch, clock, trailer: dict, wall_s: float):
