@@ -167,9 +167,9 @@ def main() -> None:
     have = [f for f in ISA if f in flags.split()]
     print(f"CPU: {model} | {len(os.sched_getaffinity(0))} cpus | ISA: {' '.join(have) or '-'}")
     print(f"qcore from {_where(qcore)}; torch {torch.__version__} on {torch.get_num_threads()} threads")
+    start_load = os.getloadavg()[0]
     print(f"median of {args.repeats} calls, ms; loaded: {args.busy} busy-loop process(es)"
-          f"{' pinned to the last CPU(s)' if args.pin else ', not pinned'}; load avg {os.getloadavg()[0]:.2f} "
-          f"at the start")
+          f"{' pinned to the last CPU(s)' if args.pin else ', not pinned'}; load avg {start_load:.2f} at the start")
     quiet, quiet_runs = _measure(calls, args.repeats, order_rng, args.trace)
     with _Busy(args.busy, args.pin):
         loaded, loaded_runs = _measure(calls, args.repeats, order_rng, args.trace)
@@ -192,6 +192,10 @@ def main() -> None:
                   f"loaded: {_trace_cell(loaded_runs[name, 'team'])}")
     print(f"load avg at the end {os.getloadavg()[0]:.2f}; "
           + ("all targets met" if all_ok else "some targets missed (the machine is shared: re-run if noisy)"))
+    if start_load > 0.5:
+        print(f"note: other processes kept the machine busy before the busy loop started (load avg {start_load:.2f} "
+              f"on {len(os.sched_getaffinity(0))} cpus): 'quiet' is not quiet, and a single-thread call that the "
+              "scheduler preempts takes a time slice longer, so medians of both columns jump between two values")
 
 
 if __name__ == "__main__":

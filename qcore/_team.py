@@ -36,7 +36,9 @@ call. :func:`claim_loop` counts the threads that got almost none of the chunks, 
 first and the last thread ran out of chunks; after a call where a thread starved, or where threads waited for a
 straggler longer than half the time they worked, :func:`run` caps the team (:func:`thread_cap`) for a while
 before it tries the whole team again: 10 ms after one such call (a lone stall on a quiet machine costs little),
-doubled with each one that follows while the core stays busy, up to 1.6 s (see :func:`_note_starved`).
+doubled with each one that follows while the core stays busy, up to 1.6 s (see :func:`_note_starved`). When a cap
+ends while the machine's running tasks outnumber what the team's own threads could be (/proc/loadavg, read in
+~2 us), the cap holds on without trying the whole team (:func:`_cores_still_taken`).
 
 >>> gomp_parallel() is None or callable(gomp_parallel())
 True
@@ -305,7 +307,7 @@ def running_tasks() -> int | None:
         # "0.59 0.96 0.99 1/80 11928"; anything else raises below
         return int(os.pread(fd, 128, 0).split()[3].split(b"/")[0])
     except (OSError, ValueError, IndexError, AttributeError):
-        _LOADAVG_FD = None  # open it again next time (someone may have closed it)
+        _LOADAVG_FD = None  # open it again next time (someone may have closed it; at worst a descriptor leaks)
         return None
 
 
