@@ -283,14 +283,16 @@ def own_spinners() -> int:
 def thread_cap(n: int) -> int:
     """``n``, or fewer while a recent team call waited for a thread kept off its core (another process held it); the
     whole team again once that while is over (the call that finds out whether the load is gone), unless other
-    tasks plainly still hold the cores (:func:`_cores_still_taken`): then the cap holds on, twice as long."""
+    tasks plainly still hold the cores (:func:`_cores_still_taken`): then the cap holds on, twice as long. After
+    the longest hold the whole team is tried whatever the count says (tasks of low priority, which yield a core at
+    once, count as running too)."""
     cap = _CAP
     if cap is None or n <= cap[1]:
         return n
     now = _now()
     if now < cap[0]:
         return cap[1]
-    if _cores_still_taken(n):
+    if _LEVEL < MAX_LEVEL and _cores_still_taken(n):
         _hold_on(cap, now)
         return cap[1]
     return n

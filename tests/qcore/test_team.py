@@ -610,6 +610,9 @@ def test_a_cap_holds_on_without_trying_the_team_while_other_tasks_plainly_take_t
     assert _team.thread_cap(8) == 8  # all 8 may be ours: no core is surely taken by others
     running[0] = 9
     assert _team.thread_cap(8) == 1 and _team._LEVEL == 3
+    monkeypatch.setattr(_team, "_LEVEL", _team.MAX_LEVEL)  # after the longest hold the team is tried regardless:
+    clock[0] = _team._CAP[0]  # the running count also holds tasks of low priority, which yield a core at once
+    assert _team.thread_cap(8) == 8
 
 
 def _fake_team(monkeypatch, clock, trailer: dict, wall_s: float):
