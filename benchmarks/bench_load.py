@@ -141,6 +141,20 @@ def _trace_cell(runs: list) -> str:
     return f"{len(teamed):>2}/{len(runs)} on 2+ threads, {len(late):>2} late, median {med}"
 
 
+def _other_tasks(samples: int = 20) -> float | None:
+    """Other processes' running tasks, averaged over ``samples`` reads of /proc/loadavg 10 ms apart (the load
+    average lags by a minute); None where there is no such file."""
+    counts = []
+    try:
+        for _ in range(samples):
+            with open("/proc/loadavg", "rb") as f:  # "0.59 0.96 0.99 1/80 11928": running/all tasks
+                counts.append(int(f.read().split()[3].split(b"/")[0]) - 1)  # not this thread
+            time.sleep(0.01)
+    except (OSError, ValueError, IndexError):
+        return None
+    return float(np.mean(counts))
+
+
 def _where(module) -> str:
     """Where ``module`` was imported from, with the git commit there (benchmarks compare checkouts)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(module.__file__)))
@@ -167,9 +181,10 @@ def main() -> None:
     have = [f for f in ISA if f in flags.split()]
     print(f"CPU: {model} | {len(os.sched_getaffinity(0))} cpus | ISA: {' '.join(have) or '-'}")
     print(f"qcore from {_where(qcore)}; torch {torch.__version__} on {torch.get_num_threads()} threads")
-    start_load = os.getloadavg()[0]
+    others = _other_tasks()
     print(f"median of {args.repeats} calls, ms; loaded: {args.busy} busy-loop process(es)"
-          f"{' pinned to the last CPU(s)' if args.pin else ', not pinned'}; load avg {start_load:.2f} at the start")
+          f"{' pinned to the last CPU(s)' if args.pin else ', not pinned'}; before it, other processes' running "
+          f"tasks: {others:.1f} on average" if others is not None else "")
     quiet, quiet_runs = _measure(calls, args.repeats, order_rng, args.trace)
     with _Busy(args.busy, args.pin):
         loaded, loaded_runs = _measure(calls, args.repeats, order_rng, args.trace)
@@ -190,12 +205,11 @@ def main() -> None:
         for name in calls:
             print(f"  {name:<40} quiet: {_trace_cell(quiet_runs[name, 'team'])} | "
                   f"loaded: {_trace_cell(loaded_runs[name, 'team'])}")
-    print(f"load avg at the end {os.getloadavg()[0]:.2f}; "
-          + ("all targets met" if all_ok else "some targets missed (the machine is shared: re-run if noisy)"))
-    if start_load > 0.5:
-        print(f"note: other processes kept the machine busy before the busy loop started (load avg {start_load:.2f} "
-              f"on {len(os.sched_getaffinity(0))} cpus): 'quiet' is not quiet, and a single-thread call that the "
-              "scheduler preempts takes a time slice longer, so medians of both columns jump between two values")
+    print(("all targets met" if all_ok else "some targets missed (the machine is shared: re-run if noisy)"))
+    if others is not None and others >= 0.3:
+        print(f"note: other processes kept cores busy before the busy loop started ({others:.1f} running tasks on "
+              f"average, {len(os.sched_getaffinity(0))} cpus): 'quiet' is not quiet, and a call the scheduler preempts "
+              "takes a time slice longer (a 1.5 ms pack: 5-13 ms), so both columns' medians jump between two values")
 
 
 if __name__ == "__main__":
