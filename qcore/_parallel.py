@@ -41,7 +41,6 @@ _POOL = None
 _POOL_LOCK = threading.Lock()
 _ACTIVE_WORKERS = 0  # pool threads inside a call right now (they are runnable, but ours)
 _ACTIVE_LOCK = threading.Lock()
-_LOADAVG_FD = None  # /proc/loadavg, opened on first use and kept open
 
 
 def _after_fork_in_child() -> None:
@@ -80,24 +79,13 @@ def busy_cores() -> float:
     Linux: the runnable tasks in /proc/loadavg at the call (the 1-minute load average lags by a minute and
     misses idle moments); elsewhere the load average.
     """
-    global _LOADAVG_FD
-    try:
-        fd = _LOADAVG_FD
-        if fd is None:
-            with _ACTIVE_LOCK:  # one descriptor for all threads
-                if _LOADAVG_FD is None:
-                    _LOADAVG_FD = os.open("/proc/loadavg", os.O_RDONLY)
-                fd = _LOADAVG_FD
-        # pread on a descriptor kept open: 2 us, against 20 us for open/read/close (a 1 ms call noticed that)
-        # "0.59 0.96 0.99 1/80 11928": runnable tasks (this one included) / all; anything else raises below
-        running = int(os.pread(fd, 128, 0).split()[3].split(b"/")[0])
+    running = _team.running_tasks()  # this thread among them
+    if running is not None:
         return max(0, running - 1 - _ACTIVE_WORKERS - _team.own_spinners())
-    except (OSError, ValueError, IndexError, AttributeError):
-        _LOADAVG_FD = None  # open it again next time (someone may have closed it; at worst a descriptor leaks)
-        try:
-            return os.getloadavg()[0] - 0.5  # this thread is in it too
-        except (AttributeError, OSError):  # pragma: no cover - not on every platform
-            return 0.0
+    try:
+        return os.getloadavg()[0] - 0.5  # this thread is in it too
+    except (AttributeError, OSError):  # pragma: no cover - not on every platform
+        return 0.0
 
 
 def threads(team: bool = False) -> int:

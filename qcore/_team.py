@@ -34,8 +34,11 @@ Under load: GNU OpenMP's team ends in a barrier that waits for every thread, eve
 another process holds a core, a team thread may wait a scheduler slice (milliseconds) for it, and so does the
 call. :func:`claim_loop` counts the threads that got almost none of the chunks, and notes (in cycles) when the
 first and the last thread ran out of chunks; after a call where a thread starved, or where threads waited for a
-straggler longer than half the time they worked, :func:`run` caps the team (:func:`thread_cap`) for a short,
-growing while before it tries the whole team again.
+straggler longer than half the time they worked, :func:`run` caps the team (:func:`thread_cap`) for a while
+before it tries the whole team again: 10 ms after one such call (a lone stall on a quiet machine costs little),
+doubled with each one that follows while the core stays busy, up to 1.6 s (see :func:`_note_starved`). When a cap
+ends while the machine's running tasks outnumber what the team's own threads could be (/proc/loadavg, read in
+~2 us), the cap holds on without trying the whole team (:func:`_cores_still_taken`).
 
 >>> gomp_parallel() is None or callable(gomp_parallel())
 True
@@ -47,6 +50,7 @@ import collections
 import ctypes
 import hashlib
 import keyword
+import math
 import os
 import platform
 import sys
@@ -100,6 +104,7 @@ _IN_FORKED_CHILD = False
 #: after a call, libgomp's workers spin (about 9 ms measured here) before they sleep: the cores they keep busy
 #: are the team's, free for our next call, not other work's (``qcore._parallel.busy_cores`` subtracts them)
 SPIN_WINDOW_S = 0.02
+_now = time.monotonic  # the clock of the spin window and the under-load guard (tests set another)
 _LAST_END = 0.0
 _LAST_SIZE = 1
 
@@ -270,35 +275,113 @@ def on_torch_team() -> bool:
 
 def own_spinners() -> int:
     """Workers of our last team call that may still be spinning: runnable, yet free for our next call."""
-    if time.monotonic() - _LAST_END < SPIN_WINDOW_S:
+    if _now() - _LAST_END < SPIN_WINDOW_S:
         return _LAST_SIZE - 1
     return 0
 
 
 def thread_cap(n: int) -> int:
-    """``n``, or fewer while a recent team call starved threads (another process held their cores); the whole team
-    again once that while is over (the call that finds out whether the load is gone)."""
+    """``n``, or fewer while a recent team call waited for a thread kept off its core (another process held it); the
+    whole team again once that while is over (the call that finds out whether the load is gone), unless other
+    tasks plainly still hold the cores (:func:`_cores_still_taken`): then the cap holds on, twice as long. After
+    the longest hold the whole team is tried whatever the count says (tasks of low priority, which yield a core at
+    once, count as running too)."""
     cap = _CAP
-    if cap is None or n <= cap[1] or time.monotonic() >= cap[0]:
+    if cap is None or n <= cap[1]:
         return n
-    return cap[1]
+    now = _now()
+    if now < cap[0]:
+        return cap[1]
+    if _LEVEL < MAX_LEVEL and _cores_still_taken(n):
+        _hold_on(cap, now)
+        return cap[1]
+    return n
+
+
+def running_tasks() -> int | None:
+    """Tasks running or waiting for a core on the whole machine right now, the caller included (``running`` of
+    /proc/loadavg's ``running/all``); None where that cannot be read (not Linux)."""
+    global _LOADAVG_FD
+    try:
+        fd = _LOADAVG_FD
+        if fd is None:
+            fd = _LOADAVG_FD = os.open("/proc/loadavg", os.O_RDONLY)  # kept open: a pread costs ~2 us, open ~20
+        # "0.59 0.96 0.99 1/80 11928"; anything else raises below
+        return int(os.pread(fd, 128, 0).split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError, AttributeError):
+        _LOADAVG_FD = None  # open it again next time (someone may have closed it; at worst a descriptor leaks)
+        return None
+
+
+_LOADAVG_FD = None
+try:
+    _CPUS = len(os.sched_getaffinity(0))  # the cores this process may run on (containers, taskset)
+except (AttributeError, OSError):  # pragma: no cover - not on every platform
+    _CPUS = os.cpu_count() or 1
+
+
+def _cores_still_taken(n: int) -> bool:
+    """Whether other tasks surely keep so many cores busy that a team of ``n`` would wait for one (read when a cap
+    ends, instead of trying the whole team and waiting a scheduler slice to find out). Of the running tasks, at
+    most the caller and the workers of the largest team that ran lately are ours (spinning workers are runnable);
+    the rest are others'. False when unsure: the whole team is tried."""
+    running = running_tasks()
+    if running is None:
+        return False
+    ours = max(n, _LAST_SIZE, team_threads())
+    if _torch_loaded() and not _FROM_TORCH:  # torch's own team beside ours: its workers spin too
+        try:
+            ours += max(0, int(sys.modules["torch"].get_num_threads()) - 1)
+        except Exception:
+            ours += n
+    return running - ours > _CPUS - n
 
 
 #: a team call this long that starved a thread waited for it (a worker woken from sleep costs ~0.1 ms at most)
 LATE_S = 0.0003
-CAP_FIRST_S, CAP_MAX_S = 0.1, 1.6  # how long the cap holds: doubled each time the whole team starves again
-_CAP = None  # (until, threads, while_s) once a team call starved threads
+#: how long the cap holds after a late call: CAP_FIRST_S after one, doubled with each late call that follows, up to
+#: CAP_MAX_S. One stall on a quiet machine (a page fault, another process's burst) caps about ten 1 ms calls; a busy
+#: core is tried again after 10, 20, 40 ... ms, then every 1.6 s
+CAP_FIRST_S, CAP_MAX_S = 0.01, 1.6
+MAX_LEVEL = 1 + math.ceil(math.log2(CAP_MAX_S / CAP_FIRST_S))
+_CAP = None  # (until, threads, hold_s) after a late team call
+_LEVEL = 0  # the evidence of load: +1 per late team call, -1 per call of the whole team that nobody waited in
+
+
+def _hold_s(level: int) -> float:
+    return min(CAP_MAX_S, CAP_FIRST_S * 2 ** (level - 1))
+
+
+def _hold_on(cap: tuple, now: float) -> None:
+    """The cap ``cap`` is over, but the load is still there: one level up, as a late call would have been."""
+    global _CAP, _LEVEL
+    _LEVEL = min(MAX_LEVEL, _LEVEL + 1)
+    hold = _hold_s(_LEVEL)
+    _CAP = (now + hold, cap[1], hold)
 
 
 def _note_starved(nthreads: int, starved: int, wall_s: float, waited: bool = False) -> None:
-    global _CAP
-    now, cap = time.monotonic(), _CAP
-    if (starved or waited) and wall_s >= LATE_S:
-        starved = max(starved, 1)
-        hold = CAP_FIRST_S if cap is None else min(CAP_MAX_S, 2 * cap[2])
-        _CAP = (now + hold, max(1, nthreads - starved), hold)
-    elif cap is not None and now >= cap[0] and nthreads > cap[1]:
-        _CAP = None  # the whole team ran and nobody starved: the load is gone
+    """Learn from a team call of ``nthreads`` that took ``wall_s``: ``starved`` threads claimed almost no chunks,
+    ``waited``: the others waited long for a straggler (:func:`_waited`).
+
+    A late call caps the team (the threads that kept up) for ``hold(level)``, each late call one level up; a clean
+    call of more threads than any cap in force lifts the cap and steps one level down. So a lone stall costs one
+    short cap, and a lucky call while a core stays busy (the scheduler let a late thread in at once) does not start
+    the doubling again from its first step.
+    """
+    global _CAP, _LEVEL
+    now, cap = _now(), _CAP
+    active = cap is not None and now < cap[0]
+    if starved or waited:
+        if wall_s < LATE_S:
+            return  # a short call: whoever came late cost it little, and tells little
+        _LEVEL = min(MAX_LEVEL, _LEVEL + 1)
+        hold = _hold_s(_LEVEL)
+        keep = max(1, nthreads - max(starved, 1))
+        _CAP = (now + hold, min(keep, cap[1]) if active else keep, hold)
+    elif not active or nthreads > cap[1]:
+        _LEVEL = max(0, _LEVEL - 1)
+        _CAP = None
 
 
 def new_block(nchunks: int, total: int, operands: tuple = ()) -> np.ndarray:
@@ -329,11 +412,11 @@ def run(kernel: "TeamKernel", block, nthreads: int, nchunks: int | None = None) 
     address = kernel()
     if nchunks is not None:
         block[HEADER + nchunks + THREADS] = nthreads
-    start = time.monotonic()
+    start = _now()
     fn(address, block.ctypes.data, nthreads, 0)
-    _LAST_END, _LAST_SIZE = time.monotonic(), nthreads
+    _LAST_END, _LAST_SIZE = _now(), nthreads
     wall = _LAST_END - start
-    if nchunks is not None and nthreads > 1 and (wall >= LATE_S or _CAP is not None):  # else: nothing to learn
+    if nchunks is not None and nthreads > 1 and (wall >= LATE_S or _CAP is not None or _LEVEL):  # else: no news
         trailer = block[HEADER + nchunks:]
         # with fewer chunks, a quiet team's last chunk alone can keep the others waiting that long
         waited = nchunks >= 4 * nthreads and _waited(trailer)
