@@ -68,8 +68,8 @@ class Layout:
     """One run-time form of a quantized weight: when it applies, how it converts, how it runs.
 
     Subclasses set ``name`` (the registry key), ``holds`` (the storage form a layer reports as its
-    ``weight_layout``) and ``torch_kernels`` (True when the forward is one of PyTorch's own kernels: the default
-    policy ranks those first where ``layouts.TORCH_PACK_KERNELS`` is on), and implement :meth:`eligible`,
+    ``weight_layout``) and ``torch_kernels`` (True when the forward is one of PyTorch's own kernels: the unmeasured
+    order ranks those first where ``layouts.TORCH_PACK_KERNELS`` is on; with measuring on, the layouts are timed), and implement :meth:`eligible`,
     :meth:`from_codes` or :meth:`from_canonical`, :meth:`to_codes` (unless it holds the canonical form),
     :meth:`path` and :meth:`linear`; a layout with several paths for a call sets ``tuned`` and lists them in
     :meth:`paths`.
