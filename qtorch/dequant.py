@@ -10,7 +10,7 @@ float16 round that float32 value once more, to nearest even: bit for bit ``dequa
 The format is the dtype of ``out``: float32, float16, or uint16 holding bfloat16 bits (NumPy has no bfloat16; a
 torch bfloat16 tensor viewed as ``int16`` then ``uint16`` is one).
 
-One row of a tile is written by ``_dequant_row``, LLVM vector IR: 16 codes per step (8 in the last step of a row
+A chunk of rows is written by ``_dequant_block``, LLVM vector IR: 16 codes per step (8 in the last step of a row
 of 8 bytes) widened to ``<16 x i32>``, the zero point subtracted, converted, scaled and stored in the output
 format (bfloat16: the rounding in integers, as :mod:`qtorch.dequant_rows` does; float16: ``fptrunc``, which
 rounds to nearest even). numba's own loop over the same arrays vectorised only partly (1.5 G values/s on one
@@ -38,58 +38,75 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import _omp
-from ._ir import F16, F32, I8, I16, I32, I64, vec
+from ._ir import BF16, F16, F32, I8, I16, I32, I64, host_has, vec
 
 __all__ = ["dequant_tiles", "OUT_DTYPES"]
 
 #: the output formats, by the dtype of ``out``
 OUT_DTYPES = ("float32", "float16", "uint16")
-_F32, _BF16, _F16 = 0, 1, 2  # the kernel's format codes (uint16 out: bfloat16 bits)
+_F32, _BF16, _F16, _BF16_CVT = 0, 1, 2, 3  # the kernel's format codes (uint16 out: bfloat16 / float16 bits)
+# bfloat16 by the CPU's conversion (AVX512-BF16 ``vcvtneps2bf16``: 1 instruction for 16 values where the rounding in
+# integers takes 7). It reads float32 subnormals as zero, so it serves only chunks whose scales are all normal:
+# then every value is 0 or at least the smallest normal in magnitude (|code - zp| >= 1), and the two agree bit for bit
+_TINY = np.finfo(np.float32).tiny
+_CVT = None  # whether the CPU numba compiles for has it (asked once)
+
+
+def _bf16_format(scale: np.ndarray, c0: int, c1: int) -> int:
+    global _CVT
+    if _CVT is None:
+        _CVT = host_has("avx512bf16")
+    return _BF16_CVT if _CVT and scale[:, c0:c1].min() >= _TINY else _BF16
 
 
 @intrinsic
-def _dequant_row(typingctx, wb, t, k, out, ocol, scale, zp, g, n0, bits, has_zp, fmt):
-    """out[k, ocol:ocol+NT] = (codes of wb[t, k] - zp[g, n0:n0+NT]) * scale[g, n0:n0+NT], 16 values a step.
+def _dequant_block(typingctx, wb, t0, t1, k0, k1, out, scale, zp, bits, fmt):
+    """out[k, (t - t0) * NT + j] = (code j of wb[t, k] - zp[g, t * NT + j]) * scale[g, t * NT + j] for rows
+    k0..k1 and tiles t0..t1 (g = k // (K // G)), 16 values a step; one call for a whole chunk.
 
-    4 bits: byte j of the row holds column j (low nibble) and column j + W (high nibble); without zero points the
-    codes carry the offset 8. ``fmt``: 0 float32 (``out`` float32), 1 bfloat16 / 2 float16 (``out`` uint16).
+    4 bits: byte j of a tile row holds column j (low nibble) and column j + W (high nibble); without zero points
+    the codes carry the offset 8. ``fmt`` (a literal): 0 float32 (``out`` float32), 1 bfloat16, 2 float16, 3
+    bfloat16 by the CPU's conversion (``out`` uint16; 3 only for normal scales, and the same as 1 on a CPU without
+    AVX512-BF16). Bit widths and zero points are run-time branches around whole loop nests.
     """
-    if not (isinstance(bits, types.IntegerLiteral) and isinstance(has_zp, types.BooleanLiteral)
-            and isinstance(fmt, types.IntegerLiteral)):
+    if not isinstance(fmt, types.IntegerLiteral):
         return None
-    nbits, with_zp, form = bits.literal_value, has_zp.literal_value, fmt.literal_value
+    form = fmt.literal_value
     if out.dtype != (types.float32 if form == _F32 else types.uint16):
         return None
     signed = wb.dtype == types.int8
+    if form == _BF16_CVT and not host_has("avx512bf16"):  # never chosen there; no libcall for LLVM to emit
+        form = _BF16
 
     def codegen(context, builder, sig, args):
         w = context.make_array(sig.args[0])(context, builder, args[0])
-        o = context.make_array(sig.args[3])(context, builder, args[3])
-        sa = context.make_array(sig.args[5])(context, builder, args[5])
-        za = context.make_array(sig.args[6])(context, builder, args[6])
-        tt, kk, ocol, g, n0 = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 4, 7, 8))
+        o = context.make_array(sig.args[5])(context, builder, args[5])
+        sa = context.make_array(sig.args[6])(context, builder, args[6])
+        za = context.make_array(sig.args[7])(context, builder, args[7])
+        t0, t1, k0, k1, nbits_rt = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 3, 4, 8))
         _, k_all, width = cgutils.unpack_tuple(builder, w.shape, 3)
         _, ocols = cgutils.unpack_tuple(builder, o.shape, 2)
-        _, scols = cgutils.unpack_tuple(builder, sa.shape, 2)
-        _, zcols = cgutils.unpack_tuple(builder, za.shape, 2)
-        wp = builder.gep(w.data, [builder.mul(builder.add(builder.mul(tt, k_all), kk), width)])
-        op = builder.gep(o.data, [builder.add(builder.mul(kk, ocols), ocol)])
-        sp = builder.gep(sa.data, [builder.add(builder.mul(g, scols), n0)])
-        zp_ = builder.gep(za.data, [builder.add(builder.mul(g, zcols), n0)])
+        srows, scols = cgutils.unpack_tuple(builder, sa.shape, 2)
+        zrows, zcols = cgutils.unpack_tuple(builder, za.shape, 2)
+        gsize = builder.udiv(k_all, srows)
+        zero = ir.Constant(I64, 0)
 
-        def vload(ptr, ty, off):
-            return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=1)
+        def const(v):
+            return ir.Constant(I64, v)
 
         def splat(lanes, value):
             return ir.Constant(vec(I32, lanes), [value] * lanes)
 
-        def store(val, col, lanes):  # val: <lanes x float>
+        def vload(ptr, ty, off):
+            return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=1)
+
+        def store(op, val, col, lanes):  # val: <lanes x float>
             dst = builder.gep(op, [col])
             if form == _F32:
                 builder.store(val, builder.bitcast(dst, val.type.as_pointer()), align=4)
                 return
-            if form == _F16:
-                half = builder.bitcast(builder.fptrunc(val, vec(F16, lanes)), vec(I16, lanes))
+            if form in (_F16, _BF16_CVT):
+                half = builder.bitcast(builder.fptrunc(val, vec(F16 if form == _F16 else BF16, lanes)), vec(I16, lanes))
             else:  # bfloat16: round to nearest even on the bits (finite values: scales are validated)
                 u = builder.bitcast(val, vec(I32, lanes))
                 odd = builder.and_(builder.lshr(u, splat(lanes, 16)), splat(lanes, 1))
@@ -97,88 +114,84 @@ def _dequant_row(typingctx, wb, t, k, out, ocol, scale, zp, g, n0, bits, has_zp,
                 half = builder.trunc(u, vec(I16, lanes))
             builder.store(half, builder.bitcast(dst, half.type.as_pointer()), align=2)
 
-        def emit(ints, col, lanes):  # ints: <lanes x i32> codes of columns col..col+lanes
-            if with_zp:
-                ints = builder.sub(ints, builder.zext(vload(zp_, vec(I8, lanes), col), vec(I32, lanes)))
-            elif nbits == 4:
-                ints = builder.sub(ints, splat(lanes, 8))
-            val = builder.fmul(builder.sitofp(ints, vec(F32, lanes)), vload(sp, vec(F32, lanes), col))
-            store(val, col, lanes)
+        def nest(nbits, with_zp):
+            nt = builder.mul(width, const(2)) if nbits == 4 else width
 
-        def step(col, lanes):  # the codes of `lanes` bytes of the tile row from byte col
-            b = vload(wp, vec(I8, lanes), col)
-            if nbits == 8:
-                emit(builder.sext(b, vec(I32, lanes)) if signed else builder.zext(b, vec(I32, lanes)), col, lanes)
-            else:
-                z = builder.zext(b, vec(I32, lanes))
-                emit(builder.and_(z, splat(lanes, 15)), col, lanes)
-                emit(builder.lshr(z, splat(lanes, 4)), builder.add(col, width), lanes)
+            def emit(ptrs, ints, col, lanes):  # ints: <lanes x i32> codes of columns col..col+lanes
+                op, sp, zp_ = ptrs
+                if with_zp:
+                    ints = builder.sub(ints, builder.zext(vload(zp_, vec(I8, lanes), col), vec(I32, lanes)))
+                elif nbits == 4:
+                    ints = builder.sub(ints, splat(lanes, 8))
+                val = builder.fmul(builder.sitofp(ints, vec(F32, lanes)), vload(sp, vec(F32, lanes), col))
+                store(op, val, col, lanes)
 
-        with cgutils.for_range(builder, builder.udiv(width, ir.Constant(I64, 16))) as loop:
-            step(builder.mul(loop.index, ir.Constant(I64, 16)), 16)
-        tail = builder.and_(width, ir.Constant(I64, 8))  # rows of 8 (mod 16) bytes: 4-bit tiles of 16 columns
-        with builder.if_then(builder.icmp_unsigned("!=", tail, ir.Constant(I64, 0))):
-            step(builder.sub(width, ir.Constant(I64, 8)), 8)
+            def step(wp, ptrs, col, lanes):  # the codes of `lanes` bytes of a tile row from byte col
+                b = vload(wp, vec(I8, lanes), col)
+                if nbits == 8:
+                    ints = builder.sext(b, vec(I32, lanes)) if signed else builder.zext(b, vec(I32, lanes))
+                    emit(ptrs, ints, col, lanes)
+                else:
+                    z = builder.zext(b, vec(I32, lanes))
+                    emit(ptrs, builder.and_(z, splat(lanes, 15)), col, lanes)
+                    emit(ptrs, builder.lshr(z, splat(lanes, 4)), builder.add(col, width), lanes)
+
+            with cgutils.for_range(builder, builder.sub(k1, k0)) as kl:
+                k = builder.add(k0, kl.index)
+                g = builder.udiv(k, gsize)
+                orow = builder.gep(o.data, [builder.mul(k, ocols)])
+                srow = builder.gep(sa.data, [builder.add(builder.mul(g, scols), builder.mul(t0, nt))])
+                zrow = builder.gep(za.data, [builder.add(builder.mul(g, zcols), builder.mul(t0, nt))]) if with_zp else None
+                with cgutils.for_range(builder, builder.sub(t1, t0)) as tl:
+                    wp = builder.gep(w.data, [builder.mul(builder.add(builder.mul(builder.add(t0, tl.index), k_all), k),
+                                                          width)])
+                    off = builder.mul(tl.index, nt)
+                    ptrs = (builder.gep(orow, [off]), builder.gep(srow, [off]),
+                            builder.gep(zrow, [off]) if with_zp else None)
+                    with cgutils.for_range(builder, builder.udiv(width, const(16))) as loop:
+                        step(wp, ptrs, builder.mul(loop.index, const(16)), 16)
+                    tail = builder.and_(width, const(8))  # rows of 8 (mod 16) bytes: 4-bit tiles of 16 columns
+                    with builder.if_then(builder.icmp_unsigned("!=", tail, zero)):
+                        step(wp, ptrs, builder.sub(width, const(8)), 8)
+
+        has_zp = builder.icmp_unsigned("!=", zrows, zero)
+        for nbits in (8, 4):
+            for with_zp in (True, False):
+                cond = builder.and_(builder.icmp_signed("==", nbits_rt, const(nbits)),
+                                    has_zp if with_zp else builder.not_(has_zp))
+                with builder.if_then(cond):
+                    nest(nbits, with_zp)
         return context.get_dummy_value()
 
-    return types.void(wb, t, k, out, ocol, scale, zp, g, n0, bits, has_zp, fmt), codegen
+    return types.void(wb, t0, t1, k0, k1, out, scale, zp, bits, fmt), codegen
 
 
-def _tile_row(wb, t, k, out, ocol, scale, zp, g, n0, bits, has_zp, fmt):  # pragma: no cover - compiled only
+def _block(wb, t0, t1, k0, k1, out, scale, zp, bits, fmt):  # pragma: no cover - compiled only
     raise NotImplementedError
 
 
-@overload(_tile_row, inline="always")
-def _tile_row_typed(wb, t, k, out, ocol, scale, zp, g, n0, bits, has_zp, fmt):
-    """``_dequant_row`` with literal bits / zero points / format, picked at run time (the output's dtype picks
-    float32 against the 16-bit formats when this compiles)."""
+@overload(_block, inline="always")
+def _block_typed(wb, t0, t1, k0, k1, out, scale, zp, bits, fmt):
+    """``_dequant_block`` with the format as a literal, picked at run time among those of ``out``'s dtype."""
     if out.dtype == types.float32:
-        def row32(wb, t, k, out, ocol, scale, zp, g, n0, bits, has_zp, fmt):
-            if bits == 4:
-                if has_zp:
-                    _dequant_row(wb, t, k, out, ocol, scale, zp, g, n0, 4, True, 0)
-                else:
-                    _dequant_row(wb, t, k, out, ocol, scale, zp, g, n0, 4, False, 0)
-            elif has_zp:
-                _dequant_row(wb, t, k, out, ocol, scale, zp, g, n0, 8, True, 0)
-            else:
-                _dequant_row(wb, t, k, out, ocol, scale, zp, g, n0, 8, False, 0)
-        return row32
+        def block32(wb, t0, t1, k0, k1, out, scale, zp, bits, fmt):
+            _dequant_block(wb, t0, t1, k0, k1, out, scale, zp, bits, 0)
+        return block32
 
-    def row16(wb, t, k, out, ocol, scale, zp, g, n0, bits, has_zp, fmt):
-        if fmt == 2:
-            if bits == 4:
-                if has_zp:
-                    _dequant_row(wb, t, k, out, ocol, scale, zp, g, n0, 4, True, 2)
-                else:
-                    _dequant_row(wb, t, k, out, ocol, scale, zp, g, n0, 4, False, 2)
-            elif has_zp:
-                _dequant_row(wb, t, k, out, ocol, scale, zp, g, n0, 8, True, 2)
-            else:
-                _dequant_row(wb, t, k, out, ocol, scale, zp, g, n0, 8, False, 2)
-        elif bits == 4:
-            if has_zp:
-                _dequant_row(wb, t, k, out, ocol, scale, zp, g, n0, 4, True, 1)
-            else:
-                _dequant_row(wb, t, k, out, ocol, scale, zp, g, n0, 4, False, 1)
-        elif has_zp:
-            _dequant_row(wb, t, k, out, ocol, scale, zp, g, n0, 8, True, 1)
+    def block16(wb, t0, t1, k0, k1, out, scale, zp, bits, fmt):
+        if fmt == 3:
+            _dequant_block(wb, t0, t1, k0, k1, out, scale, zp, bits, 3)
+        elif fmt == 2:
+            _dequant_block(wb, t0, t1, k0, k1, out, scale, zp, bits, 2)
         else:
-            _dequant_row(wb, t, k, out, ocol, scale, zp, g, n0, 8, False, 1)
-    return row16
+            _dequant_block(wb, t0, t1, k0, k1, out, scale, zp, bits, 1)
+    return block16
 
 
 @njit(cache=True, nogil=True)
 def _dequant_range(wb, bits, scale, zp, t0, t1, out, fmt, k0, k1):  # pragma: no cover - compiled
     # rows k0..k1 of W.T for the output channels of tiles t0..t1 (the layout: module docstring)
-    T, K, W = wb.shape
-    NT = W * 2 if bits == 4 else W
-    gsize = K // scale.shape[0]
-    has_zp = zp.shape[0] > 0
-    for k in range(k0, k1):
-        g = k // gsize
-        for t in range(t0, t1):
-            _tile_row(wb, t, k, out, (t - t0) * NT, scale, zp, g, t * NT, bits, has_zp, fmt)
+    _block(wb, t0, t1, k0, k1, out, scale, zp, bits, fmt)
 
 
 #: the team kernel's operands (its chunks are ranges of K: the block's total); wb's dtype is the kernel's own
@@ -244,6 +257,8 @@ def dequant_tiles(wb: np.ndarray, bits: int, scale: np.ndarray, zp: np.ndarray, 
     if K == 0 or t1 == t0:
         return out
     fmt = {"float32": _F32, "uint16": _BF16, "float16": _F16}[out.dtype.name]
+    if fmt == _BF16:
+        fmt = _bf16_format(scale, t0 * NT, t1 * NT)
     o = out if fmt == _F32 else out.view(np.uint16)
     per_row = (t1 - t0) * NT
     nchunks = int(min(K, max(1, K * per_row // _CHUNK_VALUES), 16 * _omp.team_size()))

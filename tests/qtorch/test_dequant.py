@@ -30,8 +30,11 @@ def test_tiles_equal_the_canonical_dequantization(bits, sym, kind, g, tile, team
 
 
 def _scales(rng, shape, kind):
-    """float32 scales of three kinds: random, ties of bfloat16 / float16 rounding for codes of +-1 and +-2 (the
-    dropped bits exactly half an ulp), and a range from float16 subnormals to float16 overflow."""
+    """float32 scales of four kinds: random, ties of bfloat16 / float16 rounding for codes of +-1 and +-2 (the
+    dropped bits exactly half an ulp), a range from float16 subnormals to float16 overflow, and float32 subnormals
+    beside normal scales (the CPU's bfloat16 conversion would read those values as 0)."""
+    if kind == "subnormal":
+        return np.exp(rng.uniform(np.log(1e-44), np.log(1e-36), shape)).astype(np.float32)
     if kind == "random":
         return (rng.random(shape) + 0.25).astype(np.float32)
     if kind == "ties":
@@ -81,13 +84,18 @@ def test_tiles_equal_a_numpy_reference_for_every_row_width(bits, sym, G, W):
 @pytest.mark.parametrize("bits,sym", [(8, True), (8, False), (4, True), (4, False)])
 @pytest.mark.parametrize("G", [1, 8])
 @pytest.mark.parametrize("W", [8, 24, 64])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("scale_kind", ["random", "ties", "range"])
+# bfloat16 as this CPU allows (its conversion instruction where it has one) and by the rounding in integers
+@pytest.mark.parametrize("dtype,cpu_cvt", [(torch.bfloat16, None), (torch.bfloat16, False), (torch.float16, None)],
+                         ids=str)
+@pytest.mark.parametrize("scale_kind", ["random", "ties", "range", "subnormal"])
 @pytest.mark.parametrize("team", [True, False])
-def test_16_bit_tiles_are_the_float32_tiles_rounded_by_torch(bits, sym, G, W, dtype, scale_kind, team, monkeypatch):
-    # bit for bit dequantize(...).to(dtype): round to nearest even, ties, float16 subnormals and overflow included
+def test_16_bit_tiles_are_the_float32_tiles_rounded_by_torch(bits, sym, G, W, dtype, scale_kind, team, cpu_cvt,
+                                                             monkeypatch):
+    # bit for bit dequantize(...).to(dtype): round to nearest even, ties, subnormals and float16 overflow included
     if not team:
         monkeypatch.setattr(_omp, "_GOMP_PARALLEL", False)
+    if cpu_cvt is not None:
+        monkeypatch.setattr(dequant, "_CVT", cpu_cvt)
     rng = np.random.default_rng(W * 7 + bits + G)
     T, K = 4, 1024  # several chunks for the team's threads
     wb, scale, zp = _tiles_arrays(bits, sym, G, T, K, W, rng, scale_kind)
@@ -100,6 +108,8 @@ def test_16_bit_tiles_are_the_float32_tiles_rounded_by_torch(bits, sym, G, W, dt
     view = got.numpy() if dtype == torch.float16 else got.view(torch.int16).numpy().view(np.uint16)
     assert dequant.dequant_tiles(wb, bits, scale, zp, t0, t1, view) is view
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    if scale_kind == "subnormal":  # what the CPU's conversion would have flushed to 0 is there
+        assert np.any((ref != 0) & (np.abs(ref) < np.finfo(np.float32).tiny))
     if scale_kind == "ties":  # the ties are there: values exactly half a unit between two neighbours
         u = ref.view(np.uint32)
         assert np.any((u & 0xFFFF) == 0x8000) if dtype == torch.bfloat16 else np.any((u & 0x1FFF) == 0x1000)
