@@ -43,11 +43,14 @@ def vec(elem: ir.Type, lanes: int) -> ir.VectorType:
 
 def host_has(feature: str) -> bool:
     """Whether numba compiles for this CPU (no ``NUMBA_CPU_NAME``) and it has ``feature`` (LLVM's name, e.g.
-    ``avx512bf16``): an instruction chosen by it then exists wherever the compiled (and cached) code runs."""
+    ``avx512bf16``; ``NUMBA_CPU_FEATURES``, where set, is the list): an instruction chosen by it then exists
+    wherever the compiled (and cached) code runs."""
     from numba.core import config
 
     if config.CPU_NAME:
         return False
+    if config.CPU_FEATURES is not None:
+        return f"+{feature}" in config.CPU_FEATURES.split(",")
     try:
         return bool(binding.get_host_cpu_features().get(feature, False))
     except RuntimeError:  # pragma: no cover - LLVM cannot tell on this platform

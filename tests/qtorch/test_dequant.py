@@ -160,3 +160,28 @@ def test_after_a_call_starved_a_team_thread_the_kernel_runs_on_the_calling_threa
     finally:
         torch.set_num_threads(threads)
     assert np.array_equal(on_team, capped)
+
+
+def test_the_cpu_conversion_is_used_only_where_numba_compiles_for_a_cpu_that_has_it(monkeypatch):
+    from numba.core import config
+
+    from qtorch import _ir
+    monkeypatch.setattr(config, "CPU_NAME", "generic")  # portable code: no AVX512-BF16 assumed
+    assert not _ir.host_has("avx512bf16")
+    monkeypatch.setattr(config, "CPU_NAME", None)
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx512f,+avx512bw")
+    assert not _ir.host_has("avx512bf16") and _ir.host_has("avx512f")
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx512f,+avx512bf16")
+    assert _ir.host_has("avx512bf16")
+
+
+def test_float16_tiles_where_the_cpu_has_no_float16_conversion(monkeypatch):
+    # no F16C: float32 tiles cast by NumPy (round to nearest even), the same bits
+    rng = np.random.default_rng(11)
+    wb, scale, zp = _tiles_arrays(4, False, 2, 3, 64, 16, rng, "range")
+    want = np.empty((64, 3 * 32), np.float16)
+    dequant.dequant_tiles(wb, 4, scale, zp, 0, 3, want)
+    monkeypatch.setattr(dequant, "_native_f16", lambda: False)
+    got = np.full_like(want, np.nan)
+    assert dequant.dequant_tiles(wb, 4, scale, zp, 0, 3, got) is got
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
