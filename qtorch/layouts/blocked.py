@@ -333,6 +333,13 @@ def dequant_blocked(wb, scale, zero_point, *, bits: int, group: int, t0: int = 0
     return (c * s).reshape(T, K, NT)
 
 
+def _own_path(device_type, dtype, rows: int, bits: int) -> str:
+    # one rule for path() and paths(): asking for the candidates is not a call taking a path
+    if device_type == "cpu" and 0 < rows <= CPU_MAX_ROWS_NUMBA.get((dtype, bits), 0):
+        return "numba"
+    return "tiles"
+
+
 class Blocked(Layout):
     """qtorch's tile kernels (see the module docstring)."""
 
@@ -348,14 +355,12 @@ class Blocked(Layout):
 
     def path(self, device_type, dtype, rows, bits):
         """``numba`` (gemv / gemm) up to ``CPU_MAX_ROWS_NUMBA`` rows on CPU, else ``tiles``."""
-        if device_type == "cpu" and 0 < rows <= CPU_MAX_ROWS_NUMBA.get((dtype, bits), 0):
-            return "numba"
-        return "tiles"
+        return _own_path(device_type, dtype, rows, bits)
 
     def paths(self, device_type, dtype, rows, bits):
         """The own path, then for CPU calls of 2+ rows ``tiles_act`` (bfloat16 / float16 activations) and
         ``tiles`` (float32 tiles) where it is not the own path already."""
-        own = self.path(device_type, dtype, rows, bits)
+        own = _own_path(device_type, dtype, rows, bits)
         if device_type != "cpu" or rows < 2:
             return (own,)
         more = (TILES_ACT,) if dtype in _ACT_DTYPES else ()
