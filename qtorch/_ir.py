@@ -1,13 +1,57 @@
-"""LLVM IR types shared by the vector kernels (``gemv``, ``gemm``, ``dequant``). A leaf: imports llvmlite only.
+"""LLVM IR types shared by the vector kernels (``gemv``, ``gemm``, ``dequant``). A leaf: imports llvmlite
+(and numba's config, to tell the CPU it compiles for).
 
->>> str(V8F)
-'<8 x float>'
+>>> str(V8F), str(vec(ir.HalfType(), 16)), str(vec(BF16, 16))
+('<8 x float>', '<16 x half>', '<16 x bfloat>')
 """
 
-from llvmlite import ir
+from llvmlite import binding, ir
 
+
+class BFloatType(ir.Type):
+    """LLVM's ``bfloat`` (llvmlite's IR builder has no such type; LLVM itself has had it since version 11)."""
+
+    null = "0.0"
+    intrinsic_name = "bf16"
+
+    def __str__(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, BFloatType)
+
+    def __hash__(self):
+        return hash(BFloatType)
+
+
+I8 = ir.IntType(8)
+I16 = ir.IntType(16)
 I32 = ir.IntType(32)
 I64 = ir.IntType(64)
-V8F = ir.VectorType(ir.FloatType(), 8)  # 8 float32 lanes: one AVX2 register
+F32 = ir.FloatType()
+F16 = ir.HalfType()
+BF16 = BFloatType()
+V8F = ir.VectorType(F32, 8)  # 8 float32 lanes: one AVX2 register
 V8I = ir.VectorType(I32, 8)
-V8B = ir.VectorType(ir.IntType(8), 8)  # 8 codes, widened to V8I before conversion
+V8B = ir.VectorType(I8, 8)  # 8 codes, widened to V8I before conversion
+
+
+def vec(elem: ir.Type, lanes: int) -> ir.VectorType:
+    """``<lanes x elem>``: the kernels pick 16 lanes (one AVX-512 register of float32) where a row allows."""
+    return ir.VectorType(elem, lanes)
+
+
+def host_has(feature: str) -> bool:
+    """Whether numba compiles for this CPU (no ``NUMBA_CPU_NAME``) and it has ``feature`` (LLVM's name, e.g.
+    ``avx512bf16``; ``NUMBA_CPU_FEATURES``, where set, is the list): an instruction chosen by it then exists
+    wherever the compiled (and cached) code runs."""
+    from numba.core import config
+
+    if config.CPU_NAME:
+        return False
+    if config.CPU_FEATURES is not None:
+        return f"+{feature}" in config.CPU_FEATURES.split(",")
+    try:
+        return bool(binding.get_host_cpu_features().get(feature, False))
+    except RuntimeError:  # pragma: no cover - LLVM cannot tell on this platform
+        return False

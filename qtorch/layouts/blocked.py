@@ -10,12 +10,22 @@ Eligible on CPU for 8 or 4 bits, per tensor, per output channel or in groups alo
 in registers, on PyTorch's own OpenMP team) where a tile row holds a multiple of 64 codes (N % 64 == 0), through a
 per-layer plan built once; up to ``CPU_MAX_ROWS_NUMBA`` rows take :mod:`qtorch.gemm` (a register-blocked
 micro-kernel over 6 rows x 16 columns; float32 accumulation); more rows take chunks of tiles dequantized to float32
-by :mod:`qtorch.dequant` and multiplied by ``torch.mm``. The kernels are torch custom ops (opaque to
+by :mod:`qtorch.dequant` and multiplied by ``torch.mm`` (``tiles``). The kernels are torch custom ops (opaque to
 ``torch.compile``, with an input gradient); eager calls without autograd call their bodies directly.
+
+The layout is ``tuned``: CPU calls of several rows also offer ``tiles_act`` (chunks of tiles dequantized in the
+activation dtype, bfloat16 or float16, and multiplied by ``torch.mm`` in that dtype: oneDNN's AMX / AVX-512 kernels
+where the CPU has them) and, where it is not the own path, ``tiles``; the layer times them on this machine
+(:mod:`qtorch.autotune`) and keeps the fastest per row bucket.
+
+>>> import torch
+>>> BLOCKED.paths("cpu", torch.bfloat16, 128, 8), BLOCKED.paths("cpu", torch.float32, 1000, 4)
+(('numba', 'tiles_act', 'tiles'), ('tiles',))
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -26,7 +36,7 @@ from .codec import pack_codes, unpack_codes
 
 __all__ = ["BLOCKED", "CPU_MAX_ROWS_NUMBA", "blocked_tile", "blocked_params", "to_blocked", "from_blocked",
            "dequant_blocked", "gemm_blocked", "gemm_blocked_impl", "tiles_blocked", "tiles_blocked_impl",
-           "gemv_plan", "gemv_planned"]
+           "tiles_act_blocked", "tiles_act_blocked_impl", "gemv_plan", "gemv_planned", "TILES_ACT"]
 
 # Rows (= x.numel() // in_features) up to this bound take the gemm kernel on CPU; more rows take float32 matmul
 # of dequantized tiles. Crossovers measured with benchmarks/bench_linear.py at K = N = 4096 (see
@@ -37,8 +47,13 @@ CPU_MAX_ROWS_NUMBA = {
 }
 # Columns per tile, largest first: the largest dividing N is used.
 _TILES = (128, 64, 32, 16)
-# Dequantized float32 bytes per chunk of the many-rows path (bounds its temporary memory).
-_CHUNK_BYTES = 16 << 20
+# Dequantized bytes per chunk of the tiles paths (bounds their temporary memory, held per thread). 8 MB won on the
+# AMX Xeon (one thread, K = N = 4096, 128 rows, bfloat16, two alternating runs of 15: dense/tiles_act 0.73 / 0.79 /
+# 0.62 / 0.73 and 0.66 / 0.71 / 0.68 / 0.66 for 4 / 8 / 16 / 32 MB; float32 also best at 8 MB), as for dequant_mm
+_CHUNK_BYTES = 8 << 20
+#: the path that dequantizes in the activation dtype (bfloat16, float16) and multiplies in it
+TILES_ACT = "tiles_act"
+_ACT_DTYPES = (torch.bfloat16, torch.float16)
 # QuantizedWeight -> (qweight, scale, zero_point, its one-row plan or None): weak keys, so the plan goes with the
 # weight, and copying or pickling a layer never copies it.
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -117,25 +132,69 @@ def _(x, qweight, scale, zero_point, group_size, bits, out_features):
     return x.new_empty((x.shape[0], out_features))
 
 
+_BUFFERS = threading.local()
+
+
+def _buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread chunk buffer, reused across calls: a fresh multi-MB tensor per chunk costs page faults (the
+    same reason as ``qtorch.dequant_mm``'s block buffer)."""
+    cache = getattr(_BUFFERS, "cache", None)
+    if cache is None:
+        cache = _BUFFERS.cache = {}
+    t = cache.get(dtype)
+    if t is None or t.numel() < numel:
+        t = cache[dtype] = torch.empty(numel, dtype=dtype)
+    return t[:numel]
+
+
+def _kernel_view(w: torch.Tensor):
+    """``w`` as the NumPy array :func:`qtorch.dequant.dequant_tiles` writes (bfloat16: its bits as uint16)."""
+    if w.dtype == torch.bfloat16:
+        return w.view(torch.int16).numpy().view("uint16")
+    return w.numpy()
+
+
+def _tiles_mm(x, qweight, scale, zero_point, bits: int, out_features: int, cdt: torch.dtype) -> torch.Tensor:
+    """``x @ W.T`` computed in ``cdt``: chunks of tiles dequantized in ``cdt``, one ``torch.mm`` each, written into
+    column slices of one output; returned in ``x.dtype``."""
+    T, K = qweight.shape[0], qweight.shape[1]
+    NT = qweight.shape[2] * (2 if bits == 4 else 1)
+    per_chunk = max(1, _CHUNK_BYTES // (K * NT * cdt.itemsize))
+    xc = x.detach().to(cdt).contiguous()
+    scale, zero_point = blocked_params(scale, zero_point, out_features)
+    wq, sq, zq = qweight.contiguous().numpy(), scale.numpy(), zero_point.numpy()
+    buf = _buffer(K * min(per_chunk, T) * NT, cdt)
+    if per_chunk >= T:  # one chunk: its product is the output
+        w = buf.view(K, T * NT)
+        dequant.dequant_tiles(wq, bits, sq, zq, 0, T, _kernel_view(w))
+        return torch.mm(xc, w)[:, :out_features].to(x.dtype)
+    y = torch.empty((xc.shape[0], T * NT), dtype=cdt)
+    for t0 in range(0, T, per_chunk):
+        t1 = min(T, t0 + per_chunk)
+        w = buf[:K * (t1 - t0) * NT].view(K, (t1 - t0) * NT)
+        dequant.dequant_tiles(wq, bits, sq, zq, t0, t1, _kernel_view(w))
+        # straight into the output's columns (unit stride, rows of N): a product then copied took one more parallel
+        # region per chunk, 2x the time on the busy 2-core Xeon (4 chunks of 128 x 4096 x 1024: 62 vs 31 ms)
+        torch.mm(xc, w, out=y[:, t0 * NT:t1 * NT])
+    return y[:, :out_features].to(x.dtype)
+
+
 def tiles_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                        group_size: int, bits: int, out_features: int) -> torch.Tensor:
     """``x[M, K] @ dequant(qweight).T`` for many rows (CPU): chunks of tiles dequantized to float32
     (:mod:`qtorch.dequant`), each multiplied by one float32 matmul. The body of the ``qtorch::tiles_blocked`` op;
     eager callers without autograd call it directly (the op's dispatch costs ~0.05 ms)."""
-    T, K = qweight.shape[0], qweight.shape[1]
-    NT = qweight.shape[2] * (2 if bits == 4 else 1)
-    per_chunk = max(1, _CHUNK_BYTES // (K * NT * 4))
-    xf = x.detach().to(torch.float32).contiguous()
-    scale, zero_point = blocked_params(scale, zero_point, out_features)
-    wq, sq, zq = qweight.contiguous().numpy(), scale.numpy(), zero_point.numpy()
-    outs = []
-    for t0 in range(0, T, per_chunk):
-        t1 = min(T, t0 + per_chunk)
-        w = torch.empty((K, (t1 - t0) * NT), dtype=torch.float32)  # C-contiguous: one numba signature
-        dequant.dequant_tiles(wq, bits, sq, zq, t0, t1, w.numpy())
-        outs.append(torch.mm(xf, w))
-    y = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
-    return y[:, :out_features].to(x.dtype)
+    return _tiles_mm(x, qweight, scale, zero_point, bits, out_features, torch.float32)
+
+
+def tiles_act_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                           group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """:func:`tiles_blocked_impl` in the activation dtype: chunks of tiles dequantized to bfloat16 / float16 (the
+    float32 value rounded once, as ``dequantize(...).to(x.dtype)``) and multiplied by ``torch.mm`` in that dtype
+    (AMX on CPUs that have it). float32 inputs compute as :func:`tiles_blocked_impl`. The body of the
+    ``qtorch::tiles_act_blocked`` op."""
+    cdt = x.dtype if x.dtype in _ACT_DTYPES else torch.float32
+    return _tiles_mm(x, qweight, scale, zero_point, bits, out_features, cdt)
 
 
 @torch.library.custom_op("qtorch::tiles_blocked", mutates_args=())
@@ -147,6 +206,19 @@ def tiles_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, z
 
 
 @tiles_blocked.register_fake
+def _(x, qweight, scale, zero_point, group_size, bits, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.custom_op("qtorch::tiles_act_blocked", mutates_args=())
+def tiles_act_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                      group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """:func:`tiles_act_blocked_impl` as an op: opaque to torch.compile (freezing cannot fold the dequantized
+    weight into a full-precision copy), with an input gradient."""
+    return tiles_act_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
+
+
+@tiles_act_blocked.register_fake
 def _(x, qweight, scale, zero_point, group_size, bits, out_features):
     return x.new_empty((x.shape[0], out_features))
 
@@ -169,6 +241,7 @@ def _backward(ctx, grad):
 
 gemm_blocked.register_autograd(_backward, setup_context=_setup_backward)
 tiles_blocked.register_autograd(_backward, setup_context=_setup_backward)
+tiles_act_blocked.register_autograd(_backward, setup_context=_setup_backward)
 
 
 
@@ -262,10 +335,18 @@ def dequant_blocked(wb, scale, zero_point, *, bits: int, group: int, t0: int = 0
     return (c * s).reshape(T, K, NT)
 
 
+def _own_path(device_type, dtype, rows: int, bits: int) -> str:
+    # one rule for path() and paths(): asking for the candidates is not a call taking a path
+    if device_type == "cpu" and 0 < rows <= CPU_MAX_ROWS_NUMBA.get((dtype, bits), 0):
+        return "numba"
+    return "tiles"
+
+
 class Blocked(Layout):
     """qtorch's tile kernels (see the module docstring)."""
 
     name = holds = "blocked"
+    tuned = True
 
     def eligible(self, spec, device, compute_dtype):
         if device.type != "cpu" or spec.bits not in (4, 8):
@@ -276,9 +357,16 @@ class Blocked(Layout):
 
     def path(self, device_type, dtype, rows, bits):
         """``numba`` (gemv / gemm) up to ``CPU_MAX_ROWS_NUMBA`` rows on CPU, else ``tiles``."""
-        if device_type == "cpu" and 0 < rows <= CPU_MAX_ROWS_NUMBA.get((dtype, bits), 0):
-            return "numba"
-        return "tiles"
+        return _own_path(device_type, dtype, rows, bits)
+
+    def paths(self, device_type, dtype, rows, bits):
+        """The own path, then for CPU calls of 2+ rows ``tiles_act`` (bfloat16 / float16 activations) and
+        ``tiles`` (float32 tiles) where it is not the own path already."""
+        own = _own_path(device_type, dtype, rows, bits)
+        if device_type != "cpu" or rows < 2:
+            return (own,)
+        more = (TILES_ACT,) if dtype in _ACT_DTYPES else ()
+        return (own,) + more + (("tiles",) if own != "tiles" else ())
 
     def linear(self, weight, x2, path):
         spec, b = weight.spec, weight.buffers
@@ -292,6 +380,8 @@ class Blocked(Layout):
                 if plan is not None:
                     return gemv_planned(x2, plan, n)
             fn = gemm_blocked_impl if direct else torch.ops.qtorch.gemm_blocked
+        elif path == TILES_ACT:
+            fn = tiles_act_blocked_impl if direct else torch.ops.qtorch.tiles_act_blocked
         else:
             fn = tiles_blocked_impl if direct else torch.ops.qtorch.tiles_blocked
         return fn(x2, b["qweight"], b["scale"], b["zero_point"], spec.group, spec.bits, n)

@@ -1,0 +1,121 @@
+"""The blocked layout's paths (``numba``, ``tiles``, ``tiles_act``): every one it offers gives F.linear's numbers on this
+machine, is reached through the layer's dispatch, and stays one opaque op under torch.compile with an input
+gradient."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qtorch
+from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
+from qtorch import autotune
+from qtorch.layouts import blocked
+
+EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}  # the dtype's rounding of a dot product
+SCHEMES = [QuantScheme(8, True, PerChannel(0)), QuantScheme(4, False, PerGroup(32)), QuantScheme(8, False, PerTensor()),
+           QuantScheme(4, True, PerChannel(0)), QuantScheme(4, True, PerGroup(64))]
+
+pytestmark = pytest.mark.usefixtures("blocked_kernels")  # bf16 layers too: the blocked layout, whatever the CPU
+
+
+def _layer(scheme, dtype, n=96, k=256, seed=0):
+    torch.manual_seed(seed)
+    q = qtorch.QuantLinear.from_linear(torch.nn.Linear(k, n, bias=False, dtype=dtype), scheme)
+    assert q.weight_layout == "blocked"
+    return q
+
+
+def _assert_close(y, x, q):
+    """|y - F.linear(x, W)| <= eps(dtype) * (|x| @ |W|.T), W the layer's dequantized weight in x's dtype."""
+    ref = F.linear(x, q.dequantized_weight(x.dtype))
+    bound = F.linear(x.float().abs(), q.dequantized_weight(torch.float32).abs())
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    err = (y.float() - ref.float()).abs()
+    assert torch.all(err <= EPS[x.dtype] * bound + 1e-6), float((err - EPS[x.dtype] * bound).max())
+
+
+def test_paths_offered():
+    paths = blocked.BLOCKED.paths
+    assert blocked.BLOCKED.tuned
+    assert paths("cpu", torch.bfloat16, 128, 8) == ("numba", "tiles_act", "tiles")
+    assert paths("cpu", torch.float16, 2, 4) == ("numba", "tiles_act", "tiles")
+    assert paths("cpu", torch.bfloat16, 1000, 4) == ("tiles", "tiles_act")
+    assert paths("cpu", torch.float32, 128, 8) == ("numba", "tiles")  # float32: tiles_act would be tiles itself
+    assert paths("cpu", torch.float32, 1000, 8) == ("tiles",)
+    assert paths("cpu", torch.bfloat16, 1, 8) == ("numba",)  # one row: the decoding kernel only
+    assert paths("cuda", torch.bfloat16, 128, 8) == ("tiles",)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):  # the own path first, under its old name
+        for rows in (1, 2, 16, 256, 257, 4096):
+            assert paths("cpu", dt, rows, 8)[0] == blocked.BLOCKED.path("cpu", dt, rows, 8)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows", [2, 7, 300])
+def test_every_path_matches_f_linear(scheme, dtype, rows):
+    q = _layer(scheme, dtype, seed=rows)
+    x = torch.randn(rows, 256, dtype=dtype)
+    names = blocked.BLOCKED.paths("cpu", dtype, rows, scheme.bits)
+    assert len(names) >= 1 + (dtype != torch.float32 or rows <= 256)
+    with torch.no_grad():
+        for name in names:
+            _assert_close(blocked.BLOCKED.linear(q.quantized_weight, x, name), x, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_tiles_act_computes_with_the_weight_rounded_to_the_activation_dtype(dtype):
+    # the dequantized chunk is dequantize(...).to(dtype): the product equals one matmul with that weight
+    q = _layer(QuantScheme(4, False, PerGroup(32)), dtype, n=64, k=128, seed=3)
+    x = torch.randn(5, 128, dtype=dtype)
+    with torch.no_grad():
+        y = blocked.BLOCKED.linear(q.quantized_weight, x, "tiles_act")
+    assert torch.equal(y, torch.mm(x, q.dequantized_weight(dtype).t().contiguous()))
+
+
+def test_chunks_cover_every_output_channel(monkeypatch):
+    # several chunks of tiles (a small chunk budget): the same numbers as one chunk, in both paths
+    q = _layer(QuantScheme(8, False, PerGroup(64)), torch.bfloat16, n=160, k=256, seed=4)
+    x = torch.randn(9, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        whole = {p: blocked.BLOCKED.linear(q.quantized_weight, x, p) for p in ("tiles", "tiles_act")}
+        monkeypatch.setattr(blocked, "_CHUNK_BYTES", 256 * 32 * 2 * 2)  # 2 tiles of 32 columns in bfloat16
+        for p in ("tiles", "tiles_act"):
+            assert torch.equal(blocked.BLOCKED.linear(q.quantized_weight, x, p), whole[p])
+
+
+@pytest.mark.parametrize("path", ["tiles_act", "tiles"])
+def test_a_forced_path_is_taken_by_the_layer_with_an_input_gradient(path, monkeypatch):
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env={"QTORCH_PATH": path}))
+    taken = []
+    real = blocked.BLOCKED.linear
+    monkeypatch.setattr(blocked.BLOCKED, "linear", lambda w, x, p: taken.append(p) or real(w, x, p))
+    q = _layer(QuantScheme(4, False, PerGroup(32)), torch.bfloat16, seed=5)
+    x = torch.randn(2, 6, 256, dtype=torch.bfloat16, requires_grad=True)
+    y = q(x)
+    assert taken == [path]
+    _assert_close(y.detach().reshape(12, -1), x.detach().reshape(12, -1), q)
+    g = torch.randn_like(y)
+    y.backward(g)
+    w = q.dequantized_weight(torch.float32)
+    ref = g.float().reshape(12, -1) @ w
+    bound = g.float().abs().reshape(12, -1) @ w.abs()
+    assert x.grad.dtype == torch.bfloat16
+    assert torch.all((x.grad.float().reshape(12, -1) - ref).abs() <= 2 * EPS[torch.bfloat16] * bound + 1e-5)
+
+
+def test_tiles_act_is_one_opaque_op_under_torch_compile(monkeypatch):
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env={"QTORCH_PATH": "tiles_act"}))
+    torch._dynamo.reset()
+    q = _layer(QuantScheme(8, True, PerChannel(0)), torch.bfloat16, seed=6)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    eager = q(x)  # the layer keeps its (forced) choice for this row bucket; tracing reads it
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    y = torch.compile(q, fullgraph=True, backend=backend)(x)
+    assert torch.equal(y, eager)
+    assert any("tiles_act_blocked" in t for t in seen), seen
+    assert not any("dequant" in t for t in seen)  # no full-precision weight in the graph to fold
