@@ -18,8 +18,9 @@ Every path of a cell and the dense layer run in turn inside each repetition (the
 the same conditions, but each path pays for the caches the one before it left: ``on`` runs right after ``off``);
 the table shows medians, the per-cell lines also the best. ``on kept`` is the path the measuring layer kept for the
 cell's row bucket (``-``: its layout has a single path); ``tuned`` is what :class:`qtorch.autotune.Dispatcher`
-picks among all the columns, measured in the same process. The first lines print the
-CPU model and its ISA flags, so that a table from one machine is never taken for another's.
+picks among all the columns, measured in the same process. The first line names the
+machine (CPU model, ISA flags, torch's CPU capability), so that a table from one machine is never taken for
+another's.
 """
 
 from __future__ import annotations
@@ -41,17 +42,9 @@ from qtorch.layouts.codec import unpack_codes  # noqa: E402
 from qtorch.layouts.int4pack import INT4PACK_GROUPS, to_int4pack  # noqa: E402
 from qtorch.layouts.int8pack import int8pack_ok  # noqa: E402
 from qtorch.dequant_mm import WeightSpec, dequant_linear  # noqa: E402
+from _machine import machine_line  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-ISA = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile", "asimd",
-       "sve")
-
-
-def cpu_line() -> str:
-    model, flags = autotune.cpu_info()
-    have = [f for f in ISA if f in flags.split()]
-    return (f"CPU: {model} | ISA: {' '.join(have) or 'none of ' + '/'.join(ISA)} | torch capability "
-            f"{torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__} | threads {torch.get_num_threads()}")
 
 
 def _with_dispatcher(layer, env, routes):
@@ -119,7 +112,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     k, n = args.k, args.n
-    print(cpu_line())
+    print(machine_line())
     print(f"K={k} N={n}; ratio = dense median ms / path median ms; each repetition runs dense and every path in turn")
     tuner = autotune.Dispatcher(cache_path=False, env={})
     names = ["off", "on", "dequant_mm", "int8pack", "int4pack"]
