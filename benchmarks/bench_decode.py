@@ -40,8 +40,8 @@ from _layers import bytes_per_token, format_paths  # noqa: E402
 from _machine import machine_line  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-TABLE_HEAD = ("| dtype | model | model memory | weights read / token | ms / token | speed-up | byte-ratio limit "
-              "| % of limit |\n|---|---|---|---|---|---|---|---|")
+TABLE_HEAD = ("| dtype | model | model memory | weights read / token | ms / token | tokens / s | speed-up "
+              "| byte-ratio limit | % of limit |\n|---|---|---|---|---|---|---|---|---|")
 
 
 def build(hidden: int, layers: int, vocab: int, dtype: torch.dtype):
@@ -122,7 +122,7 @@ def table_rows(label: str, models: dict, result: dict) -> list:
         limit = read[base] / read[name]
         against = "- | -" if name == base else f"{limit:.2f}x | {100 * speed / limit:.0f}%"
         rows.append(f"| {label} | {name} | {mem:.0f} MiB | {read[name] / 2**20:.1f} MiB | "
-                    f"{result[name].ms_median:.1f} | {speed:.2f}x | {against} |")
+                    f"{result[name].ms_median:.1f} | {1e3 / result[name].ms_median:.1f} | {speed:.2f}x | {against} |")
     return rows
 
 
@@ -154,7 +154,8 @@ def main(argv=None) -> int:
     print(f"LlamaForCausalLM hidden={args.hidden} layers={args.layers} vocab={args.vocab}, {args.tokens} new tokens "
           f"after a {prompt.shape[1]}-token prompt, greedy, KV cache; ms / token = median step over {args.repeats} "
           f"rounds, models in lockstep")
-    table, paths = [TABLE_HEAD], []
+    print(TABLE_HEAD)
+    notes = []
     for dname in args.dtypes:
         dt = DTYPES[dname]
         models = {"dense": build(args.hidden, args.layers, args.vocab, dt)}
@@ -162,15 +163,14 @@ def main(argv=None) -> int:
             models[scheme] = copy.deepcopy(models["dense"])
             qtorch.quantize_model(models[scheme], scheme)
         result = decode_ms(models, prompt, args.tokens, args.repeats)
-        rows = table_rows(dname, models, result)
-        print("\n".join(rows), flush=True)
-        table += rows
-        paths += [f"{dname}:"] + path_lines(models, dt, prompt.shape[1])
+        print("\n".join(table_rows(dname, models, result)), flush=True)
+        notes.append(f"{dname}: prefill ({prompt.shape[1]} tokens), median ms: "
+                     + ", ".join(f"{name} {r.prefill_ms:.1f}" for name, r in result.items()))
+        notes += path_lines(models, dt, prompt.shape[1])
         del models
     print()
-    print("\n".join(table))
-    print("paths (layout/kernel) per layer shape out x in:")
-    print("\n".join(paths))
+    print("prefill, and the path (layout/kernel) per layer shape out x in:")
+    print("\n".join(notes))
     return 0
 
 

@@ -65,7 +65,8 @@ def load_smollm2(dtype: torch.dtype = torch.bfloat16):
     transformers.utils.logging.disable_progress_bar()
     path = smollm2_dir()
     tok = transformers.AutoTokenizer.from_pretrained(path, gguf_file=GGUF_FILE)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE, dtype=dtype).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE)  # dequantized, float32
+    model = model.to(dtype).eval()
     return tok, model
 
 
@@ -121,6 +122,8 @@ def main(argv=None) -> int:
           f"w4a16-g64 = int4 asymmetric, groups of 64")
     print(TABLE_HEAD)
     print("\n".join(table_rows("bfloat16", models, result)))
+    print(f"prefill ({prompt.shape[1]} tokens), median ms: "
+          + ", ".join(f"{name} {r.prefill_ms:.1f}" for name, r in result.items()))
 
     print()
     n_prompt = prompt.shape[1]
