@@ -63,9 +63,14 @@ def _with_dispatcher(layer, env, routes):
     return run
 
 
-def _kept(routes, dtype, rows) -> str:
-    """The path kept for CPU calls of ``rows`` rows in ``dtype`` (``-`` when the layout has no choice)."""
-    return routes.get(("cpu", dtype, autotune.bucket_index(rows)), "-")
+def _kept(layer, routes, dtype, rows) -> str:
+    """The path kept for CPU calls of ``rows`` rows in ``dtype`` (``-`` when the layout has no choice), named by
+    what runs: a layout keeps its own path under the name ``path()`` gives it (int8pack's reads "dense")."""
+    kept = routes.get(("cpu", dtype, autotune.bucket_index(rows)))
+    if kept is None:
+        return "-"
+    lay, bits = layer.quantized_weight.layout, layer.scheme.bits
+    return lay.paths("cpu", dtype, rows, bits)[0] if kept == lay.path("cpu", dtype, rows, bits) else kept
 
 
 def _paths(layer, on_routes, dtype, x_rows):
@@ -146,7 +151,7 @@ def main(argv=None) -> int:
                     tuned = tuner.choose(key, {name: (lambda fn=fn: fn(x)) for name, fn in paths.items()})
                     cells = [f"{med['dense'] / med[name]:.2f}x ({med[name]:.2f})" if name in med else "-"
                              for name in names]
-                    kept = _kept(on_routes, dt, r)
+                    kept = _kept(layer, on_routes, dt, r)
                     lines.append(f"| {lname} | {n} | {dname} | {r} | {med['dense']:.2f} | " + " | ".join(cells)
                                  + f" | {kept} | {tuned} |")
                     print(f"  {lname:11s} {dname:8s} rows={r:4d} layout={layer.quantized_weight.layout.name:9s} "
