@@ -34,6 +34,7 @@ import ml_dtypes
 import numpy as np
 
 from qcore import checkpoint as ck
+from _machine import machine_line
 
 HIDDEN, MLP, VOCAB = 4096, 11008, 32000
 MIB, GIB = 2**20, 2**30
@@ -117,6 +118,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to put the temporary checkpoint (default: system temp)")
     args = ap.parse_args()
 
+    print(machine_line())
     base = tempfile.mkdtemp(prefix="qcore-bench-ckpt-", dir=args.dir)
     try:
         src = os.path.join(base, "in")

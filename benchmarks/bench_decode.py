@@ -6,17 +6,28 @@
 The model is ``transformers.LlamaForCausalLM`` with random weights (decoding speed does not depend on their
 values), quantized in place by ``qtorch.quantize_model`` (``lm_head`` stays dense, as by default). Each variant
 greedily generates ``--tokens`` new tokens after a short prompt, with the KV cache, every Linear seeing one row per
-step: the case weight-only quantization is for. Reported: the model's memory (``qtorch.memory_footprint``),
-milliseconds per generated token (best of ``--repeats`` rounds in which the three models alternate; the prompt's
-prefill cancelled out by timing two generations of different lengths) and the speed-up over the dense model of
-the same dtype.
+step: the case weight-only quantization is for. Reported per model:
+
+* model memory (``qtorch.memory_footprint``) and the weight bytes one decoding step reads (every Linear's
+  weight, quantized codes plus the scales the kernel reads; ``lm_head`` included);
+* milliseconds per generated token: greedy decoding as ``generate`` does it (one forward call with the KV cache,
+  argmax), the models advancing in lockstep, one timed step each in turn, so that all see the same moments of a
+  shared machine (a contended 2-core host made whole ``generate`` calls vary 10x from one second to the next);
+  the median over all ``--tokens`` steps of ``--repeats`` rounds, after an untimed warm-up round;
+* speed-up over the dense model of the same dtype, and against the byte-ratio limit (dense bytes / quantized
+  bytes read per step: what a purely memory-bound decoder would gain), as a percentage of that limit;
+* below the table, the forward path each quantized layer shape took (layout/kernel) for the one-row decoding
+  steps and for the prompt.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import inspect
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -25,8 +36,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
+from _layers import bytes_per_token, format_paths  # noqa: E402
+from _machine import machine_line  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TABLE_HEAD = ("| dtype | model | model memory | weights read / token | ms / token | tokens / s | speed-up "
+              "| byte-ratio limit | % of limit |\n|---|---|---|---|---|---|---|---|---|")
 
 
 def build(hidden: int, layers: int, vocab: int, dtype: torch.dtype):
@@ -40,24 +55,85 @@ def build(hidden: int, layers: int, vocab: int, dtype: torch.dtype):
     return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
 
 
-def _generate_seconds(model, prompt, n: int) -> float:
-    t = time.perf_counter()
-    model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    return time.perf_counter() - t
+@dataclasses.dataclass
+class Decode:
+    """One model's decoding: the median and best ms of its one-token steps, the median prefill ms and the greedy
+    token ids it produced (prompt excluded, from the last round)."""
+
+    ms_median: float
+    ms_best: float
+    prefill_ms: float
+    tokens: torch.Tensor
 
 
-def ms_per_token(models: dict, prompt, tokens: int, repeats: int) -> dict:
-    """Best-of-N milliseconds per generated token of every model, measured in alternation (the machine is shared:
-    all see the same conditions), the prefill cancelled out: (t(1 + tokens) - t(1)) / tokens."""
-    best = {name: [float("inf"), float("inf")] for name in models}
+def _greedy_steps(model, prompt: torch.Tensor, tokens: int):
+    """Greedy decoding as ``generate`` does it, one forward call per ``next()``: first the prompt (prefill), then
+    ``tokens`` one-token steps with the KV cache; each call's argmax becomes the next input. Returns the ids."""
+    # the cache keyword is ``cache`` from transformers 5.x on, ``past_key_values`` before
+    params = inspect.signature(model.forward).parameters
+    kw = "cache" if "cache" in params else "past_key_values"
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # lm_head on the last position only
+    out = model(input_ids=prompt, use_cache=True, **extra)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    ids = [out.logits[:, -1].argmax(-1, keepdim=True)]
+    yield
+    for _ in range(tokens):
+        out = model(input_ids=ids[-1], use_cache=True, **extra, **{kw: cache})
+        ids.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        yield
+    return torch.cat(ids, 1)[0]
+
+
+def decode_ms(models: dict, prompt: torch.Tensor, tokens: int, repeats: int) -> dict:
+    """``{name: Decode}`` for every model: greedy decoding of ``tokens`` steps after ``prompt`` (batch 1), the
+    models advancing in lockstep, one timed step each in turn, so that all see the same moments of a shared
+    machine; one untimed warm-up round (kernels compile, paths are measured), then ``repeats`` timed rounds. The
+    per-step figure is the median over all steps of all rounds."""
+    steps = {name: [] for name in models}
+    prefill = {name: [] for name in models}
+    ids = {}
     with torch.no_grad():
-        for m in models.values():
-            _generate_seconds(m, prompt, 2)  # warm-up: kernels compile or load from the cache
-        for _ in range(repeats):
-            for name, m in models.items():
-                best[name][0] = min(best[name][0], _generate_seconds(m, prompt, 1))
-                best[name][1] = min(best[name][1], _generate_seconds(m, prompt, 1 + tokens))
-    return {name: (full - short) / tokens * 1e3 for name, (short, full) in best.items()}
+        for r in range(repeats + 1):
+            gens = {name: _greedy_steps(m, prompt, tokens) for name, m in models.items()}
+            for i in range(tokens + 2):  # prefill, the steps, then the generator's return
+                for name, g in gens.items():
+                    t = time.perf_counter()
+                    try:
+                        next(g)
+                    except StopIteration as stop:
+                        ids[name] = stop.value
+                        continue
+                    dt = (time.perf_counter() - t) * 1e3
+                    if r:
+                        (prefill if i == 0 else steps)[name].append(dt)
+    return {name: Decode(statistics.median(steps[name]), min(steps[name]), statistics.median(prefill[name]),
+                         ids[name]) for name in models}
+
+
+def table_rows(label: str, models: dict, result: dict) -> list:
+    """Markdown rows of the table in ``TABLE_HEAD`` for ``models`` (the first one the dense baseline)."""
+    names = list(models)
+    base = names[0]
+    read = {name: bytes_per_token(m) for name, m in models.items()}
+    rows = []
+    for name in names:
+        mem = qtorch.memory_footprint(models[name]) / 2**20
+        speed = result[base].ms_median / result[name].ms_median
+        limit = read[base] / read[name]
+        against = "- | -" if name == base else f"{limit:.2f}x | {100 * speed / limit:.0f}%"
+        rows.append(f"| {label} | {name} | {mem:.0f} MiB | {read[name] / 2**20:.1f} MiB | "
+                    f"{result[name].ms_median:.1f} | {1e3 / result[name].ms_median:.1f} | {speed:.2f}x | {against} |")
+    return rows
+
+
+def path_lines(models: dict, dtype: torch.dtype, prompt_rows: int) -> list:
+    """One line per quantized model: the path each layer shape (out x in) took at 1 row and at the prompt's rows."""
+    lines = []
+    for name, m in models.items():
+        if any(isinstance(x, qtorch.QuantLinear) for x in m.modules()):
+            lines.append(f"  {name}: decode (1 row): {format_paths(m, dtype, 1)}")
+            lines.append(f"  {name}: prompt ({prompt_rows} rows): {format_paths(m, dtype, prompt_rows)}")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -66,25 +142,35 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     prompt = torch.randint(0, args.vocab, (1, 16))
+    print(machine_line())
     print(f"LlamaForCausalLM hidden={args.hidden} layers={args.layers} vocab={args.vocab}, {args.tokens} new tokens "
-          f"after a 16-token prompt, greedy, KV cache; torch {torch.__version__}, threads={torch.get_num_threads()}")
-    print("| dtype | model | model memory | ms / token | speed-up |")
-    print("|---|---|---|---|---|")
+          f"after a {prompt.shape[1]}-token prompt, greedy, KV cache; ms / token = median step over {args.repeats} "
+          f"rounds, models in lockstep")
+    print(TABLE_HEAD)
+    notes = []
     for dname in args.dtypes:
-        models = {"dense": build(args.hidden, args.layers, args.vocab, DTYPES[dname])}
+        dt = DTYPES[dname]
+        models = {"dense": build(args.hidden, args.layers, args.vocab, dt)}
         for scheme in ("w8a16", "w4a16"):
             models[scheme] = copy.deepcopy(models["dense"])
             qtorch.quantize_model(models[scheme], scheme)
-        ms = ms_per_token(models, prompt, args.tokens, args.repeats)
-        for name, m in models.items():
-            mb = qtorch.memory_footprint(m) / 2**20
-            print(f"| {dname} | {name} | {mb:.0f} MiB | {ms[name]:.1f} | {ms['dense'] / ms[name]:.2f}x |", flush=True)
+        result = decode_ms(models, prompt, args.tokens, args.repeats)
+        print("\n".join(table_rows(dname, models, result)), flush=True)
+        notes.append(f"{dname}: prefill ({prompt.shape[1]} tokens), median ms: "
+                     + ", ".join(f"{name} {r.prefill_ms:.1f}" for name, r in result.items()))
+        notes += path_lines(models, dt, prompt.shape[1])
         del models
+    print()
+    print("prefill, and the path (layout/kernel) per layer shape out x in:")
+    print("\n".join(notes))
     return 0
 
 

@@ -7,7 +7,9 @@ Eager is compared with eager, and compiled (``qtorch.compile``: inductor, freezi
 layer compiled the same way. Dense and quantized calls alternate inside every round (the machine is shared and
 noisy, so both see the same conditions). The table reports best-of-N times (the usual estimator of the
 uncontended time on a shared machine, as ``timeit`` recommends); the per-cell lines also print the medians.
-Threads: torch's default (numba uses as many).
+Threads: torch's default (numba uses as many). The first line names the machine (CPU model, ISA flags, torch's
+CPU capability); every cell names the path the quantized layer took, ``layout/kernel`` (see ``_layers.py``):
+the layout its weight is held in and the kernel kept for that row count.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
 from qtorch.compile import compile as qcompile  # noqa: E402
+from _layers import layer_path  # noqa: E402
+from _machine import machine_line  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,8 +70,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     k, n = args.k, args.n
-    print(f"K={k} N={n} torch {torch.__version__} threads={torch.get_num_threads()} "
-          f"cpu={torch.backends.cpu.get_cpu_capability()}; ratio = dense ms / quantized ms (best of N)")
+    print(machine_line())
+    print(f"K={k} N={n}; ratio = dense ms / quantized ms (best of N), then the quantized layer's path")
     header = "| layer | dtype | mode | " + " | ".join(f"rows={r}" for r in args.rows) + " |"
     lines = [header, "|" + "---|" * (3 + len(args.rows))]
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
@@ -90,10 +94,11 @@ def main(argv=None) -> int:
                             fd(x)
                             fq(x)
                     (td, tdm), (tq, tqm) = paired_times(fd, fq, x, args.budget)
-                    cells.append(f"{td / tq:.2f}x ({td * 1e3:.2f}/{tq * 1e3:.2f} ms)")
+                    path = layer_path(quant, dt, r)
+                    cells.append(f"{td / tq:.2f}x ({td * 1e3:.2f}/{tq * 1e3:.2f} ms) {path}")
                     print(f"  {lname:12s} {dname:9s} {mode:8s} rows={r:4d}: best dense {td * 1e3:8.2f} ms  "
                           f"quantized {tq * 1e3:8.2f} ms  ratio {td / tq:5.2f}x | median {tdm * 1e3:8.2f} / "
-                          f"{tqm * 1e3:8.2f} ms  ratio {tdm / tqm:5.2f}x", flush=True)
+                          f"{tqm * 1e3:8.2f} ms  ratio {tdm / tqm:5.2f}x | {path}", flush=True)
                 lines.append(f"| {lname} | {dname} | {mode} | " + " | ".join(cells) + " |")
     print()
     print("\n".join(lines))

@@ -22,6 +22,7 @@ import numpy as np
 import qcore
 import qcore._parallel
 import qcore.packing
+from _machine import machine_line
 
 
 def numpy_pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -96,6 +97,7 @@ def main() -> None:
     n = args.rows * args.cols
     ncpu = os.cpu_count()
     configs = ["auto", 1, qcore._parallel.NUM_THREADS] if qcore._parallel.NUM_THREADS > 1 else ["auto"]
+    print(machine_line())
     print(f"qcore.pack / qcore.unpack, {args.rows}x{args.cols} = {n / 2**20:.0f}M uint8 codes, "
           f"median of {args.repeats} (numpy: {args.numpy_repeats}) after warm-up, {ncpu} cpus, "
           f"load avg {os.getloadavg()[0]:.1f} (auto would use {qcore._parallel.threads()} thread(s) right now)")

@@ -18,8 +18,9 @@ Every path of a cell and the dense layer run in turn inside each repetition (the
 the same conditions, but each path pays for the caches the one before it left: ``on`` runs right after ``off``);
 the table shows medians, the per-cell lines also the best. ``on kept`` is the path the measuring layer kept for the
 cell's row bucket (``-``: its layout has a single path); ``tuned`` is what :class:`qtorch.autotune.Dispatcher`
-picks among all the columns, measured in the same process. The first lines print the
-CPU model and its ISA flags, so that a table from one machine is never taken for another's.
+picks among all the columns, measured in the same process. The first line names the
+machine (CPU model, ISA flags, torch's CPU capability), so that a table from one machine is never taken for
+another's.
 """
 
 from __future__ import annotations
@@ -41,17 +42,9 @@ from qtorch.layouts.codec import unpack_codes  # noqa: E402
 from qtorch.layouts.int4pack import INT4PACK_GROUPS, to_int4pack  # noqa: E402
 from qtorch.layouts.int8pack import int8pack_ok  # noqa: E402
 from qtorch.dequant_mm import WeightSpec, dequant_linear  # noqa: E402
+from _machine import machine_line  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-ISA = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile", "asimd",
-       "sve")
-
-
-def cpu_line() -> str:
-    model, flags = autotune.cpu_info()
-    have = [f for f in ISA if f in flags.split()]
-    return (f"CPU: {model} | ISA: {' '.join(have) or 'none of ' + '/'.join(ISA)} | torch capability "
-            f"{torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__} | threads {torch.get_num_threads()}")
 
 
 def _with_dispatcher(layer, env, routes):
@@ -70,9 +63,14 @@ def _with_dispatcher(layer, env, routes):
     return run
 
 
-def _kept(routes, dtype, rows) -> str:
-    """The path kept for CPU calls of ``rows`` rows in ``dtype`` (``-`` when the layout has no choice)."""
-    return routes.get(("cpu", dtype, autotune.bucket_index(rows)), "-")
+def _kept(layer, routes, dtype, rows) -> str:
+    """The path kept for CPU calls of ``rows`` rows in ``dtype`` (``-`` when the layout has no choice), named by
+    what runs: a layout keeps its own path under the name ``path()`` gives it (int8pack's reads "dense")."""
+    kept = routes.get(("cpu", dtype, autotune.bucket_index(rows)))
+    if kept is None:
+        return "-"
+    lay, bits = layer.quantized_weight.layout, layer.scheme.bits
+    return lay.paths("cpu", dtype, rows, bits)[0] if kept == lay.path("cpu", dtype, rows, bits) else kept
 
 
 def _paths(layer, on_routes, dtype, x_rows):
@@ -119,7 +117,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     k, n = args.k, args.n
-    print(cpu_line())
+    print(machine_line())
     print(f"K={k} N={n}; ratio = dense median ms / path median ms; each repetition runs dense and every path in turn")
     tuner = autotune.Dispatcher(cache_path=False, env={})
     names = ["off", "on", "dequant_mm", "int8pack", "int4pack"]
@@ -153,7 +151,7 @@ def main(argv=None) -> int:
                     tuned = tuner.choose(key, {name: (lambda fn=fn: fn(x)) for name, fn in paths.items()})
                     cells = [f"{med['dense'] / med[name]:.2f}x ({med[name]:.2f})" if name in med else "-"
                              for name in names]
-                    kept = _kept(on_routes, dt, r)
+                    kept = _kept(layer, on_routes, dt, r)
                     lines.append(f"| {lname} | {n} | {dname} | {r} | {med['dense']:.2f} | " + " | ".join(cells)
                                  + f" | {kept} | {tuned} |")
                     print(f"  {lname:11s} {dname:8s} rows={r:4d} layout={layer.quantized_weight.layout.name:9s} "

@@ -15,6 +15,7 @@ import numpy as np
 
 import qcore
 from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
+from _machine import machine_line
 
 
 def median_ms(fn, repeat):
@@ -67,6 +68,7 @@ def main():
         ("int8 per-tensor sym", QuantScheme(8, True, PerTensor()), lambda: np_sym_per_tensor(x),
          lambda q: q[0].astype(np.float32) * q[1]),
     ]
+    print(machine_line())
     print(f"qcore vs NumPy on a {n}x{n} float32 array, median of {args.repeat} (ms); speed-up = NumPy / qcore")
     print(f"{'scheme':26} {'op':10} {'numpy':>8} {'qcore':>8} {'speed-up':>9} {'target':>7}")
     for name, scheme, np_q, np_dq in cases:
