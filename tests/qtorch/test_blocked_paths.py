@@ -85,7 +85,8 @@ def test_chunks_cover_every_output_channel(monkeypatch):
 
 @pytest.mark.parametrize("path", ["tiles_act", "tiles"])
 def test_a_forced_path_is_taken_by_the_layer_with_an_input_gradient(path, monkeypatch):
-    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env={"QTORCH_PATH": path}))
+    env = {"QTORCH_PATH": path, "QTORCH_LAYOUT": "blocked"}  # the layout under test, not a measured one
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env=env))
     taken = []
     real = blocked.BLOCKED.linear
     monkeypatch.setattr(blocked.BLOCKED, "linear", lambda w, x, p: taken.append(p) or real(w, x, p))
@@ -104,7 +105,8 @@ def test_a_forced_path_is_taken_by_the_layer_with_an_input_gradient(path, monkey
 
 
 def test_tiles_act_is_one_opaque_op_under_torch_compile(monkeypatch):
-    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env={"QTORCH_PATH": "tiles_act"}))
+    env = {"QTORCH_PATH": "tiles_act", "QTORCH_LAYOUT": "blocked"}
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env=env))
     torch._dynamo.reset()
     q = _layer(QuantScheme(8, True, PerChannel(0)), torch.bfloat16, seed=6)
     x = torch.randn(3, 256, dtype=torch.bfloat16)
