@@ -2,7 +2,7 @@
 
 No table written on one CPU is right on another (an AVX2 CPU and an AMX one disagree at every row count), so the
 choice is measured where the model runs. A :class:`Dispatcher` times the candidates it is given at first use
-(one warm-up call each, then alternating rounds; the median wins), keeps the decision for the process and in a
+(one warm-up call each, then alternating rounds; the fastest call wins), keeps the decision for the process and in a
 small JSON file shared by every process on the machine:
 
 * file: ``$QTORCH_CACHE_DIR/dispatch-<fingerprint>.json`` (default ``~/.cache/qtorch``); the fingerprint hashes
@@ -413,8 +413,10 @@ class Dispatcher:
         return pick
 
     def _measure(self, candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
-        """Median ms per candidate that ran (the dropped ones keep the samples they have)."""
-        return {n: statistics.median(s) * 1e3 for n, s in self._samples(candidates).items()}
+        """Fastest call in ms per candidate that ran (the dropped ones keep the samples they have). The fastest,
+        not the median: other work on a shared machine only adds time to a call, and a decision is kept for good
+        (a median taken while a neighbour held a core picked a path 1.5x slower than its rival on a quiet one)."""
+        return {n: min(s) * 1e3 for n, s in self._samples(candidates).items()}
 
     def _samples(self, candidates: Mapping[str, Callable[[], Any]], drop: bool = True) -> dict[str, list[float]]:
         """Timed calls (seconds) per candidate that ran: warm-up, then alternating rounds within the budget
