@@ -10,6 +10,9 @@ small JSON file shared by every process on the machine:
   another build. A corrupt or foreign file is ignored and rewritten. Writes hold a lock file, merge with what is
   on disk and replace the file atomically (temporary file + rename): concurrent processes lose no decision and
   never leave a half-written file.
+* a decision measured while another process had a runnable task (``/proc/loadavg``, before or after the timing)
+  is kept for this process only: a path timed beside a busy neighbour is the one that suffers least from
+  waiting for a core, not the fastest, and a later process on a quieter machine measures again.
 * ``QTORCH_PATH=<name>`` forces that path wherever it is among the candidates (elsewhere the normal choice).
 * ``QTORCH_AUTOTUNE=0`` turns measuring off: the first candidate (the caller's default order) is used.
 * Under ``torch.compile`` tracing nothing is measured: the cached decision, else the default, is used.
@@ -263,6 +266,10 @@ class Dispatcher:
     injected. ``budget_s`` bounds the timed rounds of one decision, ``min_rounds`` / ``max_rounds`` their count.
     ``QTORCH_LAYOUT`` (``forced_layout``) and the deprecated ``QTORCH_TORCH_PACK`` (``torch_pack``: True / False /
     None) are read here too, for :func:`qtorch.layouts.choose`.
+    ``others_running`` (injectable) counts other processes' runnable tasks: a decision measured while one ran
+    (before or after the timing) is kept for this process only, never written to the file, so that a later
+    process on a quieter machine measures again (a path timed beside a busy neighbour is the one that suffers
+    least from waiting for a core, not the fastest one).
     ``drop_ratio`` is 3 by default: the first timed calls of a path can be 2-3x slower than its settled speed
     (``dequant_mm``, 128 x 512 -> 300 bf16 on the AMX Xeon: 0.68, 0.59, 0.39, then 0.24 ms), and 1.5 dropped it
     against a kernel it beats.
@@ -270,7 +277,8 @@ class Dispatcher:
 
     def __init__(self, cache_path: str | os.PathLike | None | bool = None, *, timer: Callable[[], float] =
                  time.perf_counter, env: Mapping[str, str] | None = None, budget_s: float = 0.02,
-                 min_rounds: int = 3, max_rounds: int = 15, drop_ratio: float = 3.0):
+                 min_rounds: int = 3, max_rounds: int = 15, drop_ratio: float = 3.0,
+                 others_running: Callable[[], int | None] | None = None):
         env = dict(os.environ if env is None else env)
         if not (budget_s >= 0 and 1 <= min_rounds <= max_rounds and drop_ratio > 1):
             raise ValueError(f"need budget_s >= 0, 1 <= min_rounds <= max_rounds and drop_ratio > 1, got "
@@ -280,6 +288,7 @@ class Dispatcher:
         self.cache_path = (None if cache_path is False else
                            default_cache_path(env) if cache_path is None else Path(cache_path))
         self.timer = timer
+        self.others_running = others_running
         self.budget_s, self.min_rounds, self.max_rounds, self.drop_ratio = budget_s, min_rounds, max_rounds, drop_ratio
         self.forced = env.get("QTORCH_PATH") or None
         flag = env.get("QTORCH_AUTOTUNE", "1").strip().lower()
@@ -349,9 +358,10 @@ class Dispatcher:
             return found
         if compiling:  # never time inside tracing: the default until an eager call has measured
             return names[0]
+        busy = self._busy()
         ms = self._measure(candidates)
         best = min(ms, key=ms.get)
-        self._remember(key, {"path": best, "ms": {n: round(v, 4) for n, v in ms.items()}})
+        self._remember(key, {"path": best, "ms": {n: round(v, 4) for n, v in ms.items()}}, busy or self._busy())
         return best
 
     def choose_layout(self, key: LayoutKey, candidates: Mapping[str, Callable[[], Mapping | None]],
@@ -394,6 +404,7 @@ class Dispatcher:
                 built[name] = runs
         if len(built) < 2:  # nothing to compare: not a measured decision, so nothing is kept
             return next(iter(built), names[0])
+        busy = self._busy()
         ms: dict[str, dict[int, float]] = {name: {} for name in built}
         for r in rows:
             flat = {f"{name}:{p}": fn for name, runs in built.items() for p, fn in runs[r].items()}
@@ -409,7 +420,7 @@ class Dispatcher:
         low = min(score.values())
         pick = next(n for n in names if n in score and score[n] <= low * tie)
         self._remember(key, {"path": pick, "ms": {f"{n}@{r}": round(v, 4) for n in ms for r, v in ms[n].items()},
-                             "score": {n: round(v, 3) for n, v in score.items()}})
+                             "score": {n: round(v, 3) for n, v in score.items()}}, busy or self._busy())
         return pick
 
     def _measure(self, candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
@@ -451,10 +462,20 @@ class Dispatcher:
                 break
         return samples
 
-    def _remember(self, key: "DispatchKey | LayoutKey", entry: dict) -> None:
+    def _busy(self) -> bool:
+        """Whether another process had a runnable task just now (the timings may be skewed by waiting for a core)."""
+        try:
+            n = (self.others_running or _others_running)()
+        except Exception:
+            return False
+        return n is not None and n > 0
+
+    def _remember(self, key: "DispatchKey | LayoutKey", entry: dict, busy: bool = False) -> None:
+        if busy:
+            entry = {**entry, "busy": True}
         with self._lock:
             self._decisions[str(key)] = entry
-        if self.cache_path is None:
+        if self.cache_path is None or busy:  # measured beside other work: this process only
             return
         try:
             merged = _write_decisions(self.cache_path, self._fp, {str(key): entry})
@@ -467,6 +488,17 @@ class Dispatcher:
         with self._lock:
             for k, v in merged.items():
                 self._decisions.setdefault(k, v)
+
+
+def _others_running() -> int | None:
+    """Runnable tasks of other processes right now: the machine's running count (/proc/loadavg) less this
+    process's own (the calling thread and torch's workers, which spin between ops); None where unknown."""
+    from qcore import _team
+
+    running = _team.running_tasks()
+    if running is None:
+        return None
+    return running - max(1, torch.get_num_threads())
 
 
 _DEFAULT: Dispatcher | None = None

@@ -22,3 +22,10 @@ def no_measured_dispatch(monkeypatch):
     """Every test runs the layouts' own paths, as with ``QTORCH_AUTOTUNE=0`` and no dispatch file: a measured
     choice differs between runs and machines. tests/qtorch/test_dispatch.py installs its own dispatchers."""
     monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env={"QTORCH_AUTOTUNE": "0"}))
+
+
+@pytest.fixture(autouse=True)
+def quiet_machine(monkeypatch):
+    """Dispatchers see no other process's work (the test machine is shared): their decisions are written to their
+    files as on a quiet machine. test_autotune.py tests the busy case with its own probe."""
+    monkeypatch.setattr(autotune, "_others_running", lambda: 0)

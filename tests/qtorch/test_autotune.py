@@ -85,6 +85,18 @@ def test_the_fastest_call_decides_not_the_median():
     assert d.decisions()[str(KEY)]["ms"] == {"steady": 2.0, "fast": 1.0}
 
 
+@pytest.mark.parametrize("busy_at", ["before", "after", "never"])
+def test_a_decision_measured_beside_other_work_is_kept_in_the_process_only(tmp_path, busy_at):
+    clock = FakeClock()
+    probes = iter({"before": (1, 0), "after": (0, 2), "never": (0, 0)}[busy_at])
+    d = dispatcher(tmp_path, clock=clock, others_running=lambda: next(probes))
+    cands = {"a": clock.path("a", 2.0), "b": clock.path("b", 1.0)}
+    assert d.choose(KEY, cands) == "b"
+    assert d.choose(KEY, cands) == "b" and clock.calls["b"] <= 1 + d.max_rounds  # measured once in the process
+    again = dispatcher(tmp_path, clock=clock, others_running=lambda: 0)
+    assert again.cached(KEY) == (None if busy_at != "never" else "b")  # a later process measures again
+
+
 def test_a_clearly_slower_path_is_dropped_after_one_round():
     clock = FakeClock()
     d = dispatcher(clock=clock, min_rounds=3, max_rounds=10)
@@ -207,7 +219,7 @@ _WRITER = textwrap.dedent("""
         def run():
             t[0] += ms / 1e3
         return run
-    d = A.Dispatcher(cache_path=path, timer=timer, env={})
+    d = A.Dispatcher(cache_path=path, timer=timer, env={}, others_running=lambda: 0)
     for i in range(n):
         key = A.DispatchKey.make(64 + i, 64, "w8-" + tag, torch.float32, rows=1, threads=1)
         assert d.choose(key, {"slow": cost(2.0), tag: cost(1.0)}) == tag
