@@ -15,8 +15,8 @@ the layout and the codes (one conversion each way).
 >>> bool(np.array_equal(w.to_quantized_array().codes, qa.codes))
 True
 
-Where the layout offers several paths for a call (``Layout.tuned``: ``canonical`` and ``int8pack`` on CPU, several
-rows: their own and ``dequant_mm``), :meth:`QuantizedWeight.linear` asks :func:`qtorch.autotune.default_dispatcher`
+Where the layout offers several paths for a call (``Layout.tuned``: on CPU, several rows: ``canonical`` and
+``int8pack`` their own and ``dequant_mm``; ``blocked`` its own, ``tiles_act`` and ``tiles``), :meth:`QuantizedWeight.linear` asks :func:`qtorch.autotune.default_dispatcher`
 once per (device type, dtype, row bucket), which times them on this machine (``QTORCH_PATH`` forces one,
 ``QTORCH_AUTOTUNE=0`` keeps the layout's own), and keeps the answer: later calls cost one dict lookup. Under
 ``torch.compile`` tracing nothing is measured: the kept answer, else the layout's own path.

@@ -32,9 +32,10 @@ kernels first / last without measuring.
 >>> [l.name for l in candidates(spec, torch.device("cpu"), torch.float32)]   # N = 30: no blocked tile
 ['canonical']
 
-Within a layout, ``canonical`` and ``int8pack`` (both hold the canonical codes) also serve CPU calls of several
-rows by ``dequant_mm`` (:mod:`~qtorch.layouts.dequant_path`); the weight times both paths per row bucket and keeps
-the faster (:mod:`qtorch.weight`, :mod:`qtorch.autotune`).
+Within a layout, CPU calls of several rows have several paths: ``canonical`` and ``int8pack`` (both hold the
+canonical codes) also offer ``dequant_mm`` (:mod:`~qtorch.layouts.dequant_path`), ``blocked`` offers ``tiles_act``
+and ``tiles`` beside its own; the weight times them per row bucket and keeps the fastest (:mod:`qtorch.weight`,
+:mod:`qtorch.autotune`).
 
 Adding a layout: a module with a :class:`~qtorch.layouts.base.Layout` subclass (eligibility, conversion from and
 to canonical codes, ``path`` and ``linear``; ``tuned`` and ``paths`` where it has more than one path) and one
