@@ -100,3 +100,14 @@ def test_dispatch_table():
     assert blocked.BLOCKED.path("cuda", torch.float16, 1, 8) == "tiles"
     assert CANONICAL.path("cpu", torch.float32, 1, 8) == "dense"
     assert blocked.blocked_tile(4096) == 128 and blocked.blocked_tile(48) == 16 and blocked.blocked_tile(100) == 0
+
+
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 64), (64, 256), (32, 1024)])
+def test_int4pack_unpack_reads_back_the_codes_eagerly_and_traced(n, k):
+    from qtorch.layouts import int4pack
+
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n + k))
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    assert torch.equal(int4pack.int4pack_unpack(packed, n, k), codes)  # the numba loop
+    traced = int4pack._unpack_traced(packed, n, k, *int4pack.int4pack_map(n, k))  # the torch ops under tracing
+    assert torch.equal(traced, codes)
