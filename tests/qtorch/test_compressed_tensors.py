@@ -270,3 +270,25 @@ def test_minilm_loads_in_automodel_and_sentence_transformers(tmp_path):
     back = qtorch.from_pretrained(out)
     with torch.no_grad():
         assert torch.equal(back(**batch).last_hidden_state, ref)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# qcore quantize --format compressed-tensors (streamed, without torch) -> transformers
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["--bits", "8"], ["--bits", "4", "--group-size", "32"]], ids=["int8", "int4-g32"])
+def test_qcore_command_line_output_loads_in_transformers(llama, tmp_path, argv):
+    from qcore import cli
+
+    out = str(tmp_path / "ct")
+    assert cli.main(["quantize", llama, out, "--format", "compressed-tensors", "-q"] + argv) == 0
+    stored = ck.load(os.path.join(out, "model.safetensors"))  # our own table: qcore reads the file alone
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    twin = transformers.LlamaForCausalLM.from_pretrained(llama).eval()
+    with torch.no_grad():
+        for name, value in stored.items():
+            if isinstance(value, qcore.QuantizedArray):
+                twin.get_submodule(name[: -len(".weight")]).weight.copy_(torch.from_numpy(qcore.dequantize(value)))
+    assert torch.equal(logits(hf), logits(twin))
+    back = qtorch.from_pretrained(out)
+    assert close(logits(back), logits(twin))
