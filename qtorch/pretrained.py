@@ -216,7 +216,7 @@ def save_folder(model: nn.Module, source: str, out: str, *, overwrite: bool = Fa
     which transformers' ``from_pretrained`` (with the compressed-tensors package), vLLM and
     :func:`from_pretrained` load::
 
-        qtorch.save_folder(model, "minilm", "minilm-ct", format="compressed-tensors")
+        qtorch.pretrained.save_folder(model, "minilm", "minilm-ct", format="compressed-tensors")
         transformers.AutoModel.from_pretrained("minilm-ct")
 
     The folder is built under a temporary name beside ``out`` and renamed when complete; an existing ``out`` is
