@@ -2,6 +2,7 @@
 
     qcore quantize model.safetensors model-int8.safetensors
     qcore quantize llama/ llama-w4/ --bits 4 --group-size 128 --exclude "layers.0.*"
+    qcore quantize llama/ llama-ct/ --bits 4 --asymmetric --group-size 128 --format compressed-tensors
     python -m qcore quantize ...
 
 What is quantized, how the output is written and what a model folder's ``config.json`` gets are described in
@@ -18,6 +19,7 @@ from typing import Optional, Sequence
 
 from .convert import (DEFAULT_EXCLUDE, RequestError, _say, _silence, fmt_bytes, positive_int, quantize_checkpoint,
                       select_tensors)
+from .formats import DEFAULT_FORMAT, format_names
 from .model_folder import copy_side_files
 from .patterns import NamePattern
 
@@ -96,8 +98,16 @@ output:
   unless --overwrite, and is replaced only after the new output is complete. If a run was killed while
   replacing OUTPUT, the next run on it first puts back the previous OUTPUT or finishes the new one, and
   removes what killed runs left. OUTPUT may not be inside a folder INPUT. Torch is not needed.
-  A folder OUTPUT's config.json gets a "quantization_config" marker (no "quant_method"): transformers then
-  refuses the folder instead of loading random weights; load it with qtorch.from_pretrained.
+  With --format qcore, a folder OUTPUT's config.json gets a "quantization_config" marker (no "quant_method"):
+  transformers then refuses the folder instead of loading random weights; load it with qtorch.from_pretrained.
+
+formats (--format):
+  qcore               qcore's own tensors (W.qweight, W.scale, W.zero_point); any scheme qcore has.
+  compressed-tensors  the "pack-quantized" format of the compressed-tensors package: config.json gets its
+                      quantization_config, so transformers (with compressed-tensors installed), vLLM and
+                      qtorch.from_pretrained load the folder. Weights of modules (names ending in .weight),
+                      one scale per row or groups along the row; a tensor it cannot store is named, and
+                      nothing is written.
 """
 
 
@@ -127,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--exclude", action="extend", nargs="+", default=[], metavar="PATTERN",
                    help=f"never quantize tensors matching these patterns (always excluded by default: "
                         f"{' '.join(DEFAULT_EXCLUDE)}, unless --include is given)")
+    q.add_argument("--format", choices=format_names(), default=DEFAULT_FORMAT,
+                   help="checkpoint format written: qcore's own (default; loads with qtorch.from_pretrained) or "
+                        "compressed-tensors' pack-quantized (loads with transformers and vLLM too; see below)")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     q.add_argument("--quiet", "-q", action="store_true",
                    help="print nothing but errors (no progress bar, warnings, notes or summary)")
@@ -167,7 +180,7 @@ def _main(argv) -> int:
     try:
         summary = quantize_checkpoint(args.input, args.output, bits=args.bits, symmetric=not args.asymmetric,
                                       group_size=args.group_size, include=args.include, exclude=args.exclude,
-                                      overwrite=args.overwrite, quiet=args.quiet)
+                                      overwrite=args.overwrite, quiet=args.quiet, format=args.format)
     except KeyboardInterrupt:
         _say("qcore quantize: interrupted; no output written", sys.stderr)
         return 130

@@ -10,9 +10,11 @@
 INPUT is a ``.safetensors`` file, or a folder with ``model.safetensors.index.json`` (shards) or
 ``model.safetensors``; OUTPUT mirrors it (same shard names, a new index, and the folder's small text files such
 as ``config.json``, tokenizer files and sentence-transformers module folders copied, :mod:`qcore.model_folder`).
-A folder's ``config.json`` gets the ``quantization_config`` marker of :func:`qcore.model_folder.quantization_marker`,
-so that transformers refuses the folder instead of loading random weights. How each quantized tensor is named,
-encoded and described is the business of the checkpoint format (:mod:`qcore.formats`, ``"qcore"`` by default).
+A folder's ``config.json`` gets the format's ``quantization_config``: for ``"qcore"`` (the default) the marker of
+:func:`qcore.model_folder.quantization_marker`, so that transformers refuses the folder instead of loading random
+weights; for ``"compressed-tensors"`` that format's own, which transformers and vLLM load
+(:mod:`qcore.formats.compressed_tensors`). How each quantized tensor is named, encoded and described is the
+business of the checkpoint format (:mod:`qcore.formats`).
 Each tensor is read with positioned reads in pieces of a few million elements, quantized, and written into its
 place in the output file, so the peak memory depends on the piece size, not on the checkpoint (measured in
 ``benchmarks/bench_checkpoint.py``). The input is read with positioned reads rather than through a memory map
@@ -163,6 +165,11 @@ def _plan(headers, scheme: QuantScheme, include, exclude, fmt, log=None):
                     problems.append(f"{name} {list(info.shape)}: {e}")
                     plan.append((info, None))
                     continue
+                problem = fmt.check(name, tuple(info.shape), scheme)
+                if problem:
+                    problems.append(f"{name} {list(info.shape)}: {problem}")
+                    plan.append((info, None))
+                    continue
                 clash = [t for t in fmt.candidates(name) if t in all_names]
                 if clash:
                     problems.append(f"{name}: the output name {clash[0]!r} is already a tensor of the input")
@@ -172,7 +179,8 @@ def _plan(headers, scheme: QuantScheme, include, exclude, fmt, log=None):
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise RequestError(f"{scheme} cannot be applied to: " + "; ".join(problems[:5]) + more
-                       + ". Exclude these tensors with --exclude or pick another --group-size")
+                           + ". Exclude these tensors with --exclude or pick another --group-size"
+                           + ("" if fmt.name == DEFAULT_FORMAT else f" (format {fmt.name}); nothing was written"))
     return plans
 
 
@@ -270,7 +278,8 @@ def _stream_tensor(f, info: ck.TensorInfo, scheme: Optional[QuantScheme], writer
         return
     rows, cols = info.shape
     fmt = fmt or get_format()
-    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    multiple = fmt.row_multiple(scheme)  # e.g. rows whose zero points fill whole int32 words
+    step = max(multiple, CHUNK_ELEMENTS // max(cols, 1) // multiple * multiple)
     signal = noise = 0.0
     # No elements: every output entry is empty too (_check_output_bound), so there is nothing to loop over;
     # looping over rows of nothing would take 2**40 / step rounds for a [2**40, 0] tensor.
@@ -289,7 +298,7 @@ def _stream_tensor(f, info: ck.TensorInfo, scheme: Optional[QuantScheme], writer
                 raise RequestError(f"tensor {info.name!r}: {xf[i, j]} at index ({i + r0}, {j}); NaN and Inf cannot "
                                "be quantized (leave the tensor out with --exclude)") from None
             raise ValueError(f"tensor {info.name!r}: {e}") from None
-        for tname, part in fmt.encode(info.name, qa).items():  # the next rows of each entry
+        for tname, part in fmt.encode_rows(info.name, qa, info.shape, r0).items():  # the next rows of each entry
             writer.write(tname, part)
         if xf.size:
             # sqnr_db of qcore.metrics, accumulated over pieces: 10 log10(sum x^2 / sum (x - x_hat)^2).
@@ -441,8 +450,13 @@ def quantize_checkpoint(input_path, output, *, bits: int = 8, symmetric: bool = 
                 _write_index(os.path.join(tmpdir, ck.INDEX_NAME), weight_map, total_size, fmt)
             model_folder.copy_side_files(input_path, tmpdir, out)
             if marked:
-                model_folder.mark_config(tmpdir, model_folder.quantization_marker(
-                    "qcore", _version(), [scheme.to_dict()], fmt.name))
+                quantized = {info.name: s for plan in plans for info, s in plan if s is not None}
+                # 2-D float weights left dense: the folder's format may have to name them (compressed-tensors'
+                # ignore list)
+                dense = [info.name for plan in plans for info, s in plan
+                         if s is None and info.name.endswith(".weight") and len(info.shape) == 2
+                         and info.dtype in ck.FLOAT_CODES]
+                model_folder.mark_config(tmpdir, fmt.folder_config("qcore", _version(), quantized, dense))
         out_bytes = sum(os.path.getsize(p) for p in out_files)
         if tmpdir is not None:
             ck.commit_folder(tmpdir, out)

@@ -8,7 +8,11 @@ source folder's config, tokenizer and sentence-transformers files, and in ``conf
                             "schemes": [{"version": 1, "bits": 4, ...}],
                             "loader": "qtorch.from_pretrained", "note": "..."}
 
-The marker has no ``quant_method`` on purpose. transformers has no loader for this format; it skips a
+That marker belongs to the ``"qcore"`` format. A ``"compressed-tensors"`` folder gets that format's own
+``quantization_config`` instead (``quant_method: "compressed-tensors"``, written by
+:meth:`qcore.formats.CheckpointFormat.folder_config`), which transformers and vLLM load.
+
+The qcore marker has no ``quant_method`` on purpose. transformers has no loader for this format; it skips a
 ``quantization_config`` whose ``quant_method`` it does not know (a warning, then a model with random weights),
 but refuses one without a ``quant_method`` with a ``ValueError``. So ``AutoModel.from_pretrained(folder)`` fails
 loudly instead of returning a wrong model.

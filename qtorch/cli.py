@@ -248,12 +248,16 @@ def _incompatible_message(e, args) -> str:
 def cmd_quantize(args, say) -> int:
     import torch
 
+    from qcore.formats import DEFAULT_FORMAT
+
     import qtorch
 
     from .pretrained import model_class_for, save_folder, torch_dtype_of
 
     scheme = chosen_scheme(args)
     model_dir = args.model or _default_model()
+    if args.format != DEFAULT_FORMAT and not args.output:
+        raise CliError(f"--format {args.format} says how OUT is written; pass -o OUT")
     if args.output:
         _check_output(model_dir, args.output, args.overwrite, say)
     say(f"model: {model_dir}")
@@ -284,9 +288,13 @@ def cmd_quantize(args, say) -> int:
     for line in latency_lines(t_dense, t_quant, len(SENTENCES)):
         say(line)
     if args.output:
-        save_folder(model, model_dir, args.output, overwrite=args.overwrite)
-        say(f"saved to {args.output}; load it with  qtorch.from_pretrained({args.output!r})  (transformers' own "
-            f"from_pretrained refuses it: its config.json marks it as quantized by qtorch)")
+        save_folder(model, model_dir, args.output, overwrite=args.overwrite, format=args.format)
+        if args.format == DEFAULT_FORMAT:
+            say(f"saved to {args.output}; load it with  qtorch.from_pretrained({args.output!r})  (transformers' "
+                f"own from_pretrained refuses it: its config.json marks it as quantized by qtorch)")
+        else:
+            say(f"saved to {args.output} ({args.format}); load it with  qtorch.from_pretrained({args.output!r}), "
+                f"or with transformers' from_pretrained or vLLM")
     return 0
 
 
@@ -327,6 +335,7 @@ def _check_readable(path: str) -> None:
 
 def cmd_info(args, say) -> int:
     from qcore import checkpoint as ck
+    from qcore.formats import format_of
 
     from .memory import compression_ratio, dense_weight_nbytes, format_bytes
 
@@ -337,7 +346,8 @@ def cmd_info(args, say) -> int:
     for f in files:
         header = ck.read_header(f)
         table = ck.quantized_metadata(header)  # checked: a hostile header is a ValueError, never a traceback
-        versions.add(header.metadata.get(ck.META_VERSION, "-"))
+        fmt = format_of(header.metadata, f)
+        versions.add(f"{fmt.name} format version {fmt.version}")
         stored = ck.stored_names(header, table)  # the format's names for each quantized tensor's entries
         parts = {name: sum(header.tensors[t].nbytes for t in names) for name, names in stored.items()}
         owned = {t for names in stored.values() for t in names}
@@ -354,7 +364,7 @@ def cmd_info(args, say) -> int:
         raise CliError(f"{args.path} is not quantized: no qcore-quantized tensor in its {len(files)} file(s) "
                        f"({plain_n} tensors, {format_bytes(plain_bytes)}); quantize it with qtorch quantize or "
                        f"qcore quantize")
-    say(f"{args.path}: {len(files)} file(s), qcore format version {', '.join(sorted(versions))}")
+    say(f"{args.path}: {len(files)} file(s), {', '.join(sorted(versions))}")
     if args.verbose:
         say(f"{'tensor':48} {'shape':>14} {'scheme':34} {'bytes':>10}")
         for name, shape, scheme, nb in rows:
@@ -369,8 +379,15 @@ def cmd_info(args, say) -> int:
     if os.path.isdir(args.path) and os.path.isfile(os.path.join(args.path, "config.json")):
         from .pretrained import read_marker
 
-        marker = read_marker(args.path)
-        if marker is not None:
+        from qcore.formats.compressed_tensors import is_ct_config
+        from qcore.model_folder import read_config
+
+        ct = is_ct_config(read_config(args.path))
+        marker = None if ct else read_marker(args.path)
+        if ct:
+            say("  config.json: compressed-tensors pack-quantized: loads with transformers' from_pretrained "
+                "(compressed-tensors installed), vLLM and qtorch.from_pretrained")
+        elif marker is not None:
             say(f"  config.json marks it as quantized by {marker['quantizer']}: load it with qtorch.from_pretrained")
         else:
             say("  config.json has no qtorch quantization_config: transformers' from_pretrained would load it with "
@@ -396,6 +413,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     from qcore.convert import positive_int
+    from qcore.formats import DEFAULT_FORMAT, format_names
 
     from . import __version__
 
@@ -418,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep layers the scheme cannot quantize dense (the report says why) instead of stopping")
     q.add_argument("-o", "--output", metavar="OUT",
                    help="save the quantized model to this folder (load it with qtorch.from_pretrained)")
+    q.add_argument("--format", choices=format_names(), default=DEFAULT_FORMAT,
+                   help="checkpoint format of OUT: qcore's own (loads with qtorch.from_pretrained), or "
+                        "compressed-tensors' pack-quantized (loads with transformers, vLLM and "
+                        "qtorch.from_pretrained)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.add_argument("--rounds", type=positive_int, default=7, metavar="N",
                    help="timed rounds of the latency comparison (dense and quantized alternate)")

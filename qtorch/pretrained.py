@@ -12,7 +12,12 @@ model folder writes the same marker with ``"quantizer": "qcore"``)::
                      "granularity": {"type": "per_group", "size": 128, "axis": -1}}],
         "loader": "qtorch.from_pretrained", "note": "..."}
 
-The marker has no ``quant_method`` on purpose: transformers refuses a ``quantization_config`` without one with a
+``save_folder(..., format="compressed-tensors")`` (``qtorch quantize --format compressed-tensors``) writes
+compressed-tensors' ``pack-quantized`` format instead (:mod:`qcore.formats.compressed_tensors`), with that format's
+``quantization_config``: transformers (with the compressed-tensors package) and vLLM load it, and so does
+:func:`from_pretrained`, as it loads such folders written by the compressed-tensors package itself.
+
+The qtorch marker has no ``quant_method`` on purpose: transformers refuses a ``quantization_config`` without one with a
 ``ValueError``, where it would skip an unknown one and return a model with random weights. So
 ``AutoModel.from_pretrained(folder)`` and ``SentenceTransformer(folder)`` fail loudly instead of returning a wrong
 model. Load it with::
@@ -31,6 +36,7 @@ from torch import nn
 
 from qcore import checkpoint as ck
 from qcore import model_folder
+from qcore.formats.compressed_tensors import is_ct_config
 from qcore.model_folder import CONFIG_NAME, LOADER, MARKER_KEY, NOTE  # noqa: F401  (the names callers know)
 
 __all__ = ["from_pretrained", "quantization_config", "read_marker", "save_folder", "model_class_for",
@@ -61,6 +67,39 @@ def quantization_config(model: nn.Module) -> dict:
     if not schemes:
         raise ValueError(f"{type(model).__name__} has no quantized layer (QuantLinear); quantize it first")
     return model_folder.quantization_marker(QUANTIZER, __version__, schemes)
+
+
+def _folder_config(model: nn.Module, format: str) -> dict:
+    """The ``quantization_config`` of ``format`` for ``model``; a ``ValueError`` naming each layer the format
+    cannot store, or a dense layer it could not name."""
+    from qcore.formats import get_format
+
+    from .linear import QuantLinear
+    from .replace import _linear_kind
+
+    fmt = get_format(format)
+    if fmt.name == "qcore":
+        return quantization_config(model)
+    quantized, dense, problems = {}, [], []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            shape = (m.out_features, m.in_features)
+            problem = fmt.check(f"{name}.weight", shape, m.scheme)
+            if problem:
+                problems.append(f"{name} {list(shape)}: {problem}")
+            quantized[f"{name}.weight"] = m.scheme
+        elif _linear_kind(m) is not None:
+            if _linear_kind(m) != "Linear":
+                problems.append(f"{name}: a {type(m).__name__} layer; the {fmt.name} loaders quantize nn.Linear only")
+            dense.append(f"{name}.weight")
+    if not quantized:
+        raise ValueError(f"{type(model).__name__} has no quantized layer (QuantLinear); quantize it first")
+    if problems:
+        raise ValueError(f"format {fmt.name} cannot store: " + "; ".join(problems[:5])
+                         + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "") + "; nothing was written")
+    from . import __version__
+
+    return fmt.folder_config(QUANTIZER, __version__, quantized, dense)
 
 
 def _read_config(folder: str) -> dict:
@@ -98,8 +137,9 @@ def _is_quantized_checkpoint(folder: str) -> bool:
 
 
 def from_pretrained(folder, *, model_class=None, device=None) -> nn.Module:
-    """Load a quantized model folder (``qtorch quantize -o``, or ``qcore quantize`` of a model folder) into the
-    transformers model its config names, with :class:`~qtorch.QuantLinear` layers built straight from the codes.
+    """Load a quantized model folder (``qtorch quantize -o``, ``qcore quantize`` of a model folder, or a
+    compressed-tensors ``pack-quantized`` folder, ours or another tool's) into the transformers model its config
+    names, with :class:`~qtorch.QuantLinear` layers built straight from the codes (never dequantized).
 
     The model is built inside :func:`qtorch.empty_weights` (no dense weight is allocated or initialised), then
     filled by :func:`qtorch.load_quantized`, which checks the whole checkpoint before touching the model. Its
@@ -112,27 +152,51 @@ def from_pretrained(folder, *, model_class=None, device=None) -> nn.Module:
     Raises ``ValueError`` for a folder that is not quantized (load it with transformers), a marker of another
     tool or a newer format, and any mismatch between the checkpoint and the model.
     """
-    from .serialization import empty_weights, load_quantized
+    from .serialization import load_quantized
 
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise ValueError(f"{folder}: not a folder (from_pretrained loads a quantized model folder)")
+    if is_ct_config(_read_config(folder)):
+        return _from_ct_folder(folder, model_class, device)
     marker = read_marker(folder)
     if marker is None and not _is_quantized_checkpoint(folder):
         raise ValueError(f"{folder} is not quantized (no qtorch quantization_config in {CONFIG_NAME} and no "
                          f"quantized tensor in its checkpoint); load it with transformers' from_pretrained, or "
                          f"quantize it first (qtorch quantize {folder} -o OUT)")
+    model = _empty_model(folder, model_class)
+    load_quantized(model, folder, device=device)
+    return model.eval()
+
+
+def _empty_model(folder: str, model_class=None, *, foreign_config: bool = False) -> nn.Module:
+    """The transformers model of ``folder/config.json``, built inside :func:`qtorch.empty_weights`."""
     import transformers
 
+    from .serialization import empty_weights
+
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    if foreign_config and hasattr(config, "quantization_config"):
+        # compressed-tensors' config describes its own modules; this model holds QuantLinear layers instead
+        del config.quantization_config
     cls = model_class if model_class is not None else model_class_for(config)
     dtype = torch_dtype_of(config)
     with empty_weights():
         if hasattr(cls, "from_config"):  # AutoModel* classes
-            model = cls.from_config(config, dtype=dtype)
-        else:
-            model = cls._from_config(config, dtype=dtype)
-    load_quantized(model, folder, device=device)
+            return cls.from_config(config, dtype=dtype)
+        return cls._from_config(config, dtype=dtype)
+
+
+def _from_ct_folder(folder: str, model_class, device) -> nn.Module:
+    """A compressed-tensors ``pack-quantized`` folder, written by us or by the compressed-tensors package: each
+    packed weight becomes a :class:`~qtorch.QuantLinear` with the same codes, scales and zero points."""
+    from qcore.formats.compressed_tensors import load_folder
+
+    from .serialization import _fill
+
+    loaded = load_folder(folder)  # checks config.json and every tensor before the model is built
+    model = _empty_model(folder, model_class, foreign_config=True)
+    _fill(model, folder, loaded, device=device)
     return model.eval()
 
 
@@ -144,10 +208,16 @@ def _dense_dtype(model: nn.Module) -> str | None:
     return None
 
 
-def save_folder(model: nn.Module, source: str, out: str, *, overwrite: bool = False) -> None:
+def save_folder(model: nn.Module, source: str, out: str, *, overwrite: bool = False, format: str = "qcore") -> None:
     """Write the quantized ``model`` as a model folder ``out``: ``model.safetensors``, the small files of the
     ``source`` model folder (config, tokenizer, sentence-transformers modules such as ``1_Pooling/``), and in
-    ``config.json`` the qtorch marker and the model's dtype (which :func:`from_pretrained` builds).
+    ``config.json`` the model's dtype (which :func:`from_pretrained` builds) and the ``format``'s
+    ``quantization_config``: qtorch's marker for ``"qcore"``; for ``"compressed-tensors"`` that format's own,
+    which transformers' ``from_pretrained`` (with the compressed-tensors package), vLLM and
+    :func:`from_pretrained` load::
+
+        qtorch.pretrained.save_folder(model, "minilm", "minilm-ct", format="compressed-tensors")
+        transformers.AutoModel.from_pretrained("minilm-ct")
 
     The folder is built under a temporary name beside ``out`` and renamed when complete; an existing ``out`` is
     replaced only then (and only with ``overwrite``), so a failed save leaves ``out`` as it was.
@@ -158,11 +228,11 @@ def save_folder(model: nn.Module, source: str, out: str, *, overwrite: bool = Fa
     ck.recover_output(out)  # an OUTPUT put back here is an existing one: the check below must see it
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    marker = quantization_config(model)
+    marker = _folder_config(model, format)  # an unknown format or a layer it cannot store: before any writing
     config = _read_config(source)
     tmpdir = ck.staging_folder(out)
     try:
-        qtorch.save_quantized(model, os.path.join(tmpdir, ck.SINGLE_NAME))
+        qtorch.save_quantized(model, os.path.join(tmpdir, ck.SINGLE_NAME), format=format)
         model_folder.copy_side_files(source, tmpdir, out)
         model_folder.write_config(tmpdir, config, marker, _dense_dtype(model))
         ck.commit_folder(tmpdir, out)

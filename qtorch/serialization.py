@@ -71,8 +71,9 @@ def empty_weights():
         nn.Module.register_parameter = original
 
 
-def save_quantized(model: nn.Module, path, *, overwrite: bool = True) -> None:
-    """Write ``model`` (with :class:`~qtorch.QuantLinear` layers) to the safetensors file ``path``.
+def save_quantized(model: nn.Module, path, *, overwrite: bool = True, format: str = "qcore") -> None:
+    """Write ``model`` (with :class:`~qtorch.QuantLinear` layers) to the safetensors file ``path``, its quantized
+    weights in the checkpoint ``format`` (``"qcore"``, or ``"compressed-tensors"``: see :mod:`qcore.formats`).
 
     The file is written under a temporary name and renamed when complete (never over a FIFO or a device: a
     ``ValueError``). The compute dtype of each quantized layer is recorded, so :func:`load_quantized` restores it.
@@ -95,7 +96,7 @@ def save_quantized(model: nn.Module, path, *, overwrite: bool = True) -> None:
     metadata = {META_DTYPES: json.dumps(dtypes), META_LAYOUT: json.dumps(layout)}
     path = os.fspath(path)
     _refuse_special_file(path, "write over")
-    ckpt_io.save(path, tensors, metadata=metadata, overwrite=overwrite)
+    ckpt_io.save(path, tensors, metadata=metadata, overwrite=overwrite, format=format)
 
 
 def _plain_state(model: nn.Module, quantized: dict) -> dict:
@@ -179,6 +180,12 @@ def load_quantized(model: nn.Module, path, *, device=None, strict: bool = True) 
     path = os.fspath(path)
     _refuse_special_file(path, "read")  # before anything opens it (the files of a folder must be regular ones)
     loaded = ckpt_io.load(path)  # validates the whole file first
+    return _fill(model, path, loaded, device=device, strict=strict)
+
+
+def _fill(model: nn.Module, path: str, loaded: dict, *, device=None, strict: bool = True) -> nn.Module:
+    """:func:`load_quantized` of ``loaded`` (``{name: QuantizedArray or array}``, checked), read from ``path``."""
+    target_device = torch.device(device) if device is not None else torch.device("cpu")
     meta_dtypes, layouts = _qtorch_metadata(path)
     modules = dict(model.named_modules())
     owners = _tensor_owners(model)

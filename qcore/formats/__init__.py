@@ -3,8 +3,10 @@
 A format is a small registered :class:`CheckpointFormat`. :mod:`qcore.checkpoint` and
 :func:`qcore.convert.quantize_checkpoint` handle the container (headers, streaming writes, atomic commits,
 shards) and ask the format for everything else: the entries that store a quantized tensor, the arrays that go
-into them, the ``__metadata__`` that describes them, and how to read them back. The one format today is
-``"qcore"`` (:mod:`qcore.formats.native`); a new one is one module plus one :func:`register_format` call.
+into them, the ``__metadata__`` that describes them, and how to read them back. The formats are ``"qcore"``
+(:mod:`qcore.formats.native`, the default) and ``"compressed-tensors"`` (:mod:`qcore.formats.compressed_tensors`,
+the ``pack-quantized`` format that transformers and vLLM load); a new one is one module plus one
+:func:`register_format` call.
 
 >>> fmt = get_format("qcore")
 >>> import qcore
@@ -14,7 +16,7 @@ into them, the ``__metadata__`` that describes them, and how to read them back. 
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 
 from ..quantize import QuantizedArray
@@ -73,6 +75,32 @@ class CheckpointFormat:
         """String entries for the ``metadata`` of a sharded checkpoint's index."""
         return {}
 
+    def check(self, name: str, shape: tuple, scheme: QuantScheme) -> Optional[str]:
+        """Why this format cannot store ``name`` of ``shape`` under ``scheme`` (one line), or None when it can.
+        Asked before anything is written, so that a refusal names every such tensor at once."""
+        return None
+
+    def row_multiple(self, scheme: QuantScheme) -> int:
+        """Pieces of rows handed to :meth:`encode_rows` hold a multiple of this many rows (but the last)."""
+        return 1
+
+    def encode_rows(self, name: str, qa: QuantizedArray, shape: tuple, row0: int) -> dict:
+        """The next parts of each entry for rows ``row0:row0 + len(qa)`` of the tensor ``name`` of ``shape``
+        (:func:`qcore.convert.quantize_checkpoint` streams pieces of rows); default :meth:`encode`."""
+        return self.encode(name, qa)
+
+    def folder_config(self, producer: str, version: str, quantized: Mapping[str, QuantScheme],
+                      dense: Sequence[str] = ()) -> dict:
+        """The ``quantization_config`` of a model folder's ``config.json`` holding ``quantized`` (``{tensor name:
+        scheme}``) beside the dense 2-D weights ``dense``; default: qcore's marker (:mod:`qcore.model_folder`)."""
+        from ..model_folder import quantization_marker
+
+        schemes = []
+        for s in quantized.values():
+            if s.to_dict() not in schemes:
+                schemes.append(s.to_dict())
+        return quantization_marker(producer, version, schemes, self.name)
+
     def owns_key(self, key: str) -> bool:
         """Whether a ``__metadata__`` key belongs to this format (an input's such keys are not carried over)."""
         return bool(self.metadata_prefix) and key.startswith(self.metadata_prefix)
@@ -106,6 +134,7 @@ def get_format(name: str = DEFAULT_FORMAT) -> CheckpointFormat:
 
 
 def format_names() -> list:
+    """The registered formats' names, sorted: the choices of ``--format`` on both command lines."""
     return sorted(_REGISTRY)
 
 
@@ -119,3 +148,4 @@ def format_of(metadata: Mapping[str, str], path: str = "") -> CheckpointFormat:
 
 
 from . import native  # noqa: E402  (registers "qcore")
+from . import compressed_tensors  # noqa: E402,F401  (registers "compressed-tensors")

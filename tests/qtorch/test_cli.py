@@ -388,3 +388,35 @@ def test_qtorch_does_not_import_the_qcore_command_line():
     sources = sorted(pathlib.Path(qtorch.__file__).parent.glob("*.py"))
     users = [p.name for p in sources if re.search(r"qcore\.cli\b|from qcore import .*\bcli\b", p.read_text())]
     assert users == []
+
+
+def test_format_compressed_tensors_saves_a_folder_transformers_loads(tiny_bert, tmp_path, capsys):
+    import json
+
+    from qcore.formats import format_names
+    from qtorch.cli import build_parser
+
+    pytest.importorskip("compressed_tensors")
+
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["quantize"]._actions
+                  if a.dest == "format")
+    assert list(action.choices) == format_names()  # a format registered later is offered by itself
+    out = tmp_path / "ct"
+    assert main(["quantize", str(tiny_bert), "--scheme", "w8a16", "-o", str(out), "--format", "compressed-tensors",
+                 "--rounds", "1"]) == 0
+    assert "(compressed-tensors)" in capsys.readouterr().out
+    qc = json.load(open(out / "config.json"))["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and "quantizer" not in qc
+    batch = {"input_ids": torch.tensor([[101, 2023, 2003, 102]])}
+    with torch.no_grad():
+        got = transformers.AutoModel.from_pretrained(str(out)).eval()(**batch).last_hidden_state
+        ours = qtorch.from_pretrained(str(out))(**batch).last_hidden_state
+    assert (got - ours).abs().max().item() <= 1e-5 * ours.abs().max().item()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "compressed-tensors format version 1" in text and "loads with transformers' from_pretrained" in text
+
+
+def test_format_without_output_is_refused(tiny_bert, capsys, no_model_load):
+    assert main(["quantize", str(tiny_bert), "--format", "compressed-tensors"]) == 1
+    assert "pass -o OUT" in capsys.readouterr().err

@@ -217,3 +217,27 @@ def test_save_folder_replaces_out_only_when_complete_and_needs_quantized_layers(
     with pytest.raises(FileExistsError, match="--overwrite"):
         save_folder(model, llama_src, str(out))
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_compressed_tensors_folder_refusals_name_the_problem_before_building_the_model(llama_src, tmp_path,
+                                                                                       monkeypatch):
+    pytest.importorskip("compressed_tensors")
+    model = transformers.LlamaForCausalLM.from_pretrained(llama_src).eval()
+    qtorch.quantize_model(model, "w4a16-g32")
+    out = tmp_path / "ct"
+    save_folder(model, llama_src, str(out), format="compressed-tensors")
+    config = json.load(open(out / "config.json"))
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    built = []
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
+                        lambda *a, **k: built.append(a) or pytest.fail("the model was built"))
+    group = config["quantization_config"]["config_groups"]["group_0"]
+    for key, value, message in [("input_activations", {"num_bits": 8, "type": "int"}, "activation quantization"),
+                                ("weights", dict(group["weights"], actorder="group"), "act-order"),
+                                ("format", "nvfp4-pack-quantized", "imports 'pack-quantized' only")]:
+        bad = json.loads(json.dumps(config))
+        bad["quantization_config"]["config_groups"]["group_0"][key] = value
+        (out / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            qtorch.from_pretrained(str(out))
+    assert built == []
