@@ -12,7 +12,7 @@ from .compat import (calculate_quantization_error, channel_linear_quantize, dequ
 from .compile import compile
 from .linear import QuantizedLinear, QuantLinear, QWQALinearLayer, W4A16Linear, W8A16Linear, W8A16LinearLayer
 from .memory import memory_footprint
-from .pretrained import from_pretrained
+from .pretrained import from_pretrained, save_folder
 from .replace import (IncompatibleLayersError, Quantizer, plan, quantize_model, replace_linear_layers_with_w8a16,
                       replace_linear_with_target_and_quantize)
 from .report import LayerReport, QuantizationReport
