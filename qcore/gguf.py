@@ -27,9 +27,9 @@ qcore's defaults (round half to even, float32 scales) are unchanged.
 True
 
 Files: :func:`import_gguf` reads every tensor of a GGUF file (quantized ones as :class:`QuantizedArray`, F32 /
-F16 / BF16 ones as arrays), :func:`export_gguf` writes one (metadata such as the architecture and tokenizer
-copied from a source GGUF or given as a dict). Both use the ``gguf`` package (``pip install gguf``), imported
-only when a file is read or written.
+F16 / BF16 ones as arrays; pure NumPy), :func:`export_gguf` writes one (metadata such as the architecture and
+tokenizer copied from a source GGUF or given as a dict) with the ``gguf`` package's writer (``pip install gguf``),
+imported only then.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from .quantize import QuantizedArray, check_float_array
 from .scheme import PerGroup, QuantScheme
 
 __all__ = ["BLOCK", "TYPES", "scheme_of", "quantize", "encode", "decode", "import_gguf", "export_gguf",
-           "read_metadata"]
+           "read_metadata", "read_header"]
 
 #: values per block of every GGUF quantized type qcore handles
 BLOCK = 32
@@ -261,50 +261,155 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise ImportError("reading or writing GGUF files needs the 'gguf' package: pip install gguf") from None
+        raise ImportError("writing GGUF files needs the 'gguf' package: pip install gguf") from None
     return gguf
+
+
+# GGUF's value types (the file format's numbering): scalar struct codes; 8 is a string, 9 an array
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+# ggml tensor types qcore reads: id -> name
+_GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 30: "BF16"}
+_ITEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+class _Cursor:
+    """Little-endian reads from a bytes-like buffer (the file's header, memory-mapped)."""
+
+    def __init__(self, buf, path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, fmt: str):
+        import struct
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise ValueError(f"{self.path}: truncated GGUF header (at byte {self.pos})")
+        v = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += size
+        return v
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError(f"{self.path}: truncated GGUF header (a string of {n} bytes at byte {self.pos})")
+        v = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return v
+
+    def _strings(self, n: int) -> list:
+        import struct
+        u64, buf, pos, end, out = struct.Struct("<Q").unpack_from, self.buf, self.pos, len(self.buf), []
+        for _ in range(n):
+            if pos + 8 > end:
+                break
+            k = u64(buf, pos)[0]
+            pos += 8
+            out.append(bytes(buf[pos:pos + k]).decode("utf-8", errors="replace"))
+            pos += k
+        if pos > end or len(out) < n:
+            raise ValueError(f"{self.path}: truncated GGUF header (an array of {n} strings at byte {self.pos})")
+        self.pos = pos
+        return out
+
+    def value(self, vtype: int):
+        if vtype == _STRING:
+            return self.string()
+        if vtype in _SCALARS:
+            v = self.take(_SCALARS[vtype])
+            return float(v) if vtype in (6, 12) else v
+        if vtype == _ARRAY:
+            item, n = self.take("<I"), self.take("<Q")
+            if item == _STRING:  # the vocabulary: 10^5 strings, read in one tight loop
+                return self._strings(n)
+            if item in _SCALARS and item != 7:
+                dt = np.dtype(_SCALARS[item])
+                a = np.frombuffer(self.buf, dt, n, self.pos)
+                self.pos += n * dt.itemsize
+                return a.tolist()
+            return [self.value(item) for _ in range(n)]
+        raise ValueError(f"{self.path}: unknown GGUF value type {vtype} at byte {self.pos}")
+
+
+def _read(path):
+    """``(metadata, tensors, mapped file)`` of the GGUF file ``path``: metadata as :func:`read_metadata` gives it,
+    tensors as ``{name: (type name or "type <id>", NumPy shape, byte offset, byte count)}``."""
+    path = os.fspath(path)
+    mm = np.memmap(path, np.uint8, "r")
+    cur = _Cursor(memoryview(mm), path)
+    if bytes(mm[:4]) != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file (magic {bytes(mm[:4])!r})")
+    cur.pos = 4
+    version = cur.take("<I")
+    if version not in (2, 3):
+        raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+    n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
+    meta = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        vtype = cur.take("<I")
+        sub = None
+        if vtype == _ARRAY:
+            sub = cur.take("<I")
+            cur.pos -= 4
+        meta[key] = (cur.value(vtype), vtype, sub)
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        ndim = cur.take("<I")
+        dims = [cur.take("<Q") for _ in range(ndim)]
+        tid, offset = cur.take("<I"), cur.take("<Q")
+        infos.append((name, _GGML_TYPES.get(tid, f"type {tid}"), tuple(reversed(dims)), offset))
+    align = int(meta.get("general.alignment", (32,))[0])
+    start = -(-cur.pos // align) * align
+    tensors = {}
+    for name, kind, shape, offset in infos:
+        n = int(np.prod(shape, dtype=np.int64))
+        nbytes = (n // BLOCK * TYPES[kind] if kind in TYPES else n * _ITEM_BYTES[kind] if kind in _ITEM_BYTES
+                  else 0)
+        if start + offset + nbytes > mm.size:
+            raise ValueError(f"{path}: tensor {name!r} ends at byte {start + offset + nbytes}, beyond the file "
+                             f"({mm.size} bytes)")
+        tensors[name] = (kind, shape, start + offset, nbytes)
+    return meta, tensors, mm
 
 
 def import_gguf(path, names=None) -> dict:
     """Every tensor of the GGUF file ``path`` (or those in ``names``), by GGUF name: Q8_0 / Q4_0 / Q4_1 as
     :class:`QuantizedArray` (lossless, the mapping in the module docstring), F32 / F16 / BF16 as arrays of that
     dtype, in NumPy's row-major shape (GGUF lists dimensions innermost first: ``[K, N]`` is ``(N, K)`` here).
-    Another type is a ``ValueError`` naming the tensor and its type."""
-    gguf = _gguf()
-    reader = gguf.GGUFReader(os.fspath(path))
+    Another type is a ``ValueError`` naming the tensor and its type. Pure NumPy: the ``gguf`` package is not
+    needed to read."""
+    _, infos, mm = _read(path)
     want = None if names is None else set(names)
+    if want is not None and want - set(infos):
+        raise ValueError(f"{path}: no tensor named {sorted(want - set(infos))}")
     out = {}
-    for t in reader.tensors:
-        if want is not None and t.name not in want:
+    for name, (kind, shape, start, nbytes) in infos.items():
+        if want is not None and name not in want:
             continue
-        kind = t.tensor_type.name
-        shape = tuple(int(v) for v in reversed(t.shape.tolist()))
+        raw = mm[start:start + nbytes]
         if kind in TYPES:
-            out[t.name] = decode(t.data, kind, shape, name=t.name)
+            out[name] = decode(raw, kind, shape, name=name)
         elif kind in _FLOAT_TYPES:
             dt = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}[kind]
-            out[t.name] = np.array(t.data).view(dt).reshape(shape)
+            out[name] = np.array(raw).view(dt).reshape(shape)
         else:
-            raise ValueError(f"{path}: tensor {t.name!r} has GGUF type {kind}; qcore reads "
+            raise ValueError(f"{path}: tensor {name!r} has GGUF {kind}; qcore reads "
                              f"{sorted(TYPES) + list(_FLOAT_TYPES)}")
-    if want is not None and want - set(out):
-        raise ValueError(f"{path}: no tensor named {sorted(want - set(out))}")
     return out
 
 
 def read_metadata(path) -> dict:
-    """The key/value metadata of the GGUF file ``path``: ``{key: (value, value type, array item type or None)}``,
-    the form :func:`export_gguf` takes (the ``GGUF.*`` header fields left out)."""
-    gguf = _gguf()
-    reader = gguf.GGUFReader(os.fspath(path))
-    meta = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        vtype = f.types[0]
-        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
-        meta[key] = (f.contents(), vtype, sub)
-    return meta
+    """The key/value metadata of the GGUF file ``path``: ``{key: (value, value type, array item type or None)}``
+    (GGUF's type numbers, which ``gguf.GGUFValueType`` names), the form :func:`export_gguf` takes."""
+    return _read(path)[0]
+
+
+def read_header(path) -> tuple:
+    """``(metadata, tensors)`` of the GGUF file ``path`` in one pass over its header: :func:`read_metadata`'s dict,
+    and ``{name: (GGUF type name, NumPy shape)}`` of its tensors (not read)."""
+    meta, infos, _ = _read(path)
+    return meta, {name: (kind, shape) for name, (kind, shape, _, _) in infos.items()}
 
 
 Tensor = Union[QuantizedArray, np.ndarray]
@@ -359,9 +464,10 @@ def export_gguf(path, tensors: Mapping[str, Tensor], metadata, *, types: Optiona
     try:
         w = gguf.GGUFWriter(tmp, arch)
         for key, (value, vtype, sub) in metadata.items():
-            if key == "general.architecture":
-                continue  # the writer adds it
-            w.add_key_value(key, value, vtype, sub_type=sub)
+            if key in ("general.architecture", "general.alignment"):
+                continue  # the writer adds the first, and aligns its tensors to its own default
+            w.add_key_value(key, value, gguf.GGUFValueType(vtype),
+                            sub_type=None if sub is None else gguf.GGUFValueType(sub))
         for name, data, raw in encoded:
             w.add_tensor(name, data, raw_dtype=raw)
         w.write_header_to_file()
