@@ -179,8 +179,33 @@ def test_export_refuses_before_writing_and_leaves_the_old_file(tmp_path):
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["m.gguf"]
 
 
-def test_a_missing_gguf_package_is_a_clear_import_error(monkeypatch, tmp_path):
+def test_reading_needs_no_gguf_package_and_writing_says_what_is_missing(monkeypatch, tmp_path):
     import sys
+    path = tmp_path / "m.gguf"
+    qa = qg.quantize(np.ones((2, 32), np.float32), "Q4_1")
+    qg.export_gguf(path, {"w": qa}, _metadata())
     monkeypatch.setitem(sys.modules, "gguf", None)
-    with pytest.raises(ImportError, match="needs the 'gguf' package: pip install gguf"):
-        qg.import_gguf(tmp_path / "x.gguf")
+    back = qg.import_gguf(path)["w"]
+    assert np.array_equal(back.codes, qa.codes) and qg.read_metadata(path)["tokenizer.ggml.tokens"][0] == ["a", "b"]
+    with pytest.raises(ImportError, match="writing GGUF files needs the 'gguf' package: pip install gguf"):
+        qg.export_gguf(tmp_path / "n.gguf", {"w": qa}, _metadata())
+
+
+def test_the_header_reader_agrees_with_gguf_reader_and_refuses_broken_files(tmp_path):
+    path = tmp_path / "m.gguf"
+    qg.export_gguf(path, {"w": qg.quantize(np.ones((4, 64), np.float32), "Q8_0")}, _metadata())
+    meta, tensors = qg.read_header(path)
+    r = gguf.GGUFReader(path)
+    assert {k: v[0] for k, v in meta.items()} == {k: f.contents() for k, f in r.fields.items()
+                                                  if not k.startswith("GGUF.")}
+    assert tensors == {"w": ("Q8_0", (4, 64))}
+    (tmp_path / "not.gguf").write_bytes(b"GGML" + bytes(20))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        qg.import_gguf(tmp_path / "not.gguf")
+    data = path.read_bytes()
+    (tmp_path / "short.gguf").write_bytes(data[:60])
+    with pytest.raises(ValueError, match="short.gguf: truncated GGUF header"):
+        qg.import_gguf(tmp_path / "short.gguf")
+    (tmp_path / "cut.gguf").write_bytes(data[:-64])
+    with pytest.raises(ValueError, match="cut.gguf: tensor 'w' ends at byte .* beyond the file"):
+        qg.import_gguf(tmp_path / "cut.gguf")
