@@ -46,7 +46,7 @@ from .quantize import QuantizedArray, check_float_array
 from .scheme import PerGroup, QuantScheme
 
 __all__ = ["BLOCK", "TYPES", "scheme_of", "quantize", "encode", "decode", "import_gguf", "export_gguf",
-           "read_metadata", "read_header"]
+           "read_metadata", "read_header", "tokenizer_metadata"]
 
 #: values per block of every GGUF quantized type qcore handles
 BLOCK = 32
@@ -410,6 +410,66 @@ def read_header(path) -> tuple:
     and ``{name: (GGUF type name, NumPy shape)}`` of its tensors (not read)."""
     meta, infos, _ = _read(path)
     return meta, {name: (kind, shape) for name, (kind, shape, _, _) in infos.items()}
+
+
+def tokenizer_metadata(folder, *, pre: str = "default") -> dict:
+    """The ``tokenizer.ggml.*`` metadata (:func:`export_gguf`'s form) of the byte-level BPE tokenizer (GPT-2
+    style: Llama 3, SmolLM, Qwen) in the Hugging Face folder ``folder`` (``tokenizer.json``), as llama.cpp's
+    converter writes it: every token by id, added special tokens typed CONTROL and other added tokens
+    USER_DEFINED, the merges, the special token ids, the add-BOS/EOS flags and the chat template (by the
+    ``gguf`` package's own ``SpecialVocab``). ``pre``: llama.cpp's pre-tokenizer name (its converter recognises it
+    by a hash of sample encodings; ``"default"`` unless you know it, e.g. ``"smollm"``, ``"llama-bpe"``).
+    ``ValueError`` for another tokenizer kind (SentencePiece: take the metadata from a GGUF of the model)."""
+    import json
+
+    gguf = _gguf()
+    folder = os.fspath(folder)
+    fname = os.path.join(folder, "tokenizer.json")
+    if not os.path.exists(fname):
+        raise ValueError(f"{folder}: no tokenizer.json (a Hugging Face fast tokenizer is needed)")
+    with open(fname, encoding="utf-8") as f:
+        tok = json.load(f)
+    model = tok.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback") or (tok.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ValueError(f"{fname}: only byte-level BPE tokenizers are converted here, got model "
+                         f"{model.get('type')!r} with decoder {(tok.get('decoder') or {}).get('type')!r}")
+    vocab = dict(model["vocab"])
+    added = {a["id"]: a for a in tok.get("added_tokens") or []}
+    for i, a in added.items():
+        vocab.setdefault(a["content"], i)
+    n = max(vocab.values()) + 1
+    tokens, types = [f"[PAD{i}]" for i in range(n)], [int(gguf.TokenType.USER_DEFINED)] * n
+    for text, i in vocab.items():
+        tokens[i] = text
+        a = added.get(i)
+        types[i] = int(gguf.TokenType.NORMAL if a is None else gguf.TokenType.CONTROL if a.get("special")
+                       else gguf.TokenType.USER_DEFINED)
+    w = gguf.GGUFWriter(None, "none")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    gguf.SpecialVocab(folder, load_merges=True, n_vocab=n).add_to_gguf(w, quiet=True)
+    meta = {k: (v.value, int(v.type), None if v.sub_type is None else int(v.sub_type))
+            for k, v in w.kv_data[0].items() if k != "general.architecture"}
+    boolean = int(gguf.GGUFValueType.BOOL)
+    # what llama.cpp's converter adds for a byte-level BPE: the ByteLevel pre-tokenizer's prefix space, and the
+    # BOS flag from the post-processor's template when tokenizer_config.json does not say
+    meta.setdefault("tokenizer.ggml.add_space_prefix", (_add_prefix_space(tok.get("pre_tokenizer")), boolean, None))
+    post = tok.get("post_processor") or {}
+    single = [next(iter(p.values())).get("id") for p in post.get("single", []) if isinstance(p, dict)]
+    bos = meta.get("tokenizer.ggml.bos_token_id", (None,))[0]
+    adds_bos = post.get("type") == "TemplateProcessing" and bool(single) and single[0] != "A" and bos is not None
+    meta.setdefault("tokenizer.ggml.add_bos_token", (adds_bos, boolean, None))
+    return meta
+
+
+def _add_prefix_space(pre) -> bool:
+    if not isinstance(pre, dict):
+        return False
+    if pre.get("type") == "ByteLevel":
+        return bool(pre.get("add_prefix_space", False))
+    return any(_add_prefix_space(p) for p in pre.get("pretokenizers", []))
 
 
 Tensor = Union[QuantizedArray, np.ndarray]

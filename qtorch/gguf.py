@@ -28,7 +28,7 @@ from qcore import gguf as qgguf
 from .linear import QuantLinear
 from .weight import QuantizedWeight, WeightSpec
 
-__all__ = ["from_gguf", "gguf_config", "metadata_from_config", "to_gguf", "quant_linear"]
+__all__ = ["from_gguf", "gguf_config", "metadata_from_config", "metadata_from_folder", "to_gguf", "quant_linear"]
 
 _ARCHS = ("llama",)
 
@@ -140,6 +140,13 @@ def metadata_from_config(config) -> dict:
     return meta
 
 
+def metadata_from_folder(folder, *, pre: str = "default") -> dict:
+    """GGUF metadata of the Hugging Face model folder ``folder``: :func:`metadata_from_config` of its config and
+    :func:`qcore.gguf.tokenizer_metadata` of its tokenizer (``pre``: llama.cpp's pre-tokenizer name)."""
+    from transformers import AutoConfig
+    return {**metadata_from_config(AutoConfig.from_pretrained(folder)), **qgguf.tokenizer_metadata(folder, pre=pre)}
+
+
 def from_gguf(path, *, dtype: torch.dtype = torch.float32):
     """The transformers causal LM of the GGUF file ``path`` (Llama architecture), its quantized Linear weights
     held by :class:`~qtorch.QuantLinear` layers without loss, the rest dequantized to ``dtype``.
@@ -200,13 +207,16 @@ def to_gguf(model, path, metadata, *, types: Optional[Mapping[str, str]] = None)
     """Write ``model`` (a transformers Llama causal LM, its Linear layers :class:`~qtorch.QuantLinear` or float) to
     the GGUF file ``path``: quantized layers as their GGUF type (Q8_0 / Q4_0 / Q4_1, their codes and scales as
     they are), float parameters as F32, or quantized with :func:`qcore.gguf.quantize` where ``types`` names them
-    by GGUF name (e.g. ``{"token_embd.weight": "Q8_0"}``). ``metadata``: a source GGUF's path or
-    :func:`qcore.gguf.read_metadata`'s dict (architecture, hyperparameters, tokenizer). A tied output layer is not
+    by GGUF name (e.g. ``{"token_embd.weight": "Q8_0"}``). ``metadata``: a source GGUF's path, a Hugging Face
+    model folder (:func:`metadata_from_folder`), or :func:`qcore.gguf.read_metadata`'s dict (architecture,
+    hyperparameters, tokenizer). A tied output layer is not
     written (llama.cpp ties it to ``token_embd``). Nothing is written when a tensor does not fit
     (:func:`qcore.gguf.export_gguf`)."""
     config = model.config
     if config.model_type not in _ARCHS:
         raise ValueError(f"to_gguf writes {_ARCHS} models, got {config.model_type!r}")
+    if not isinstance(metadata, Mapping) and os.path.isdir(metadata):
+        metadata = metadata_from_folder(metadata)
     types = dict(types or {})
     hf_to_gguf = {hf: g for g, hf in _name_map(model, config).items()}
     tied = getattr(config, "tie_word_embeddings", False)

