@@ -109,7 +109,10 @@ def _config(path, meta, infos):
     arch = meta.get("general.architecture", (None,))[0]
     if arch not in _ARCHS:
         raise ValueError(f"{os.fspath(path)}: architecture {arch!r} is not supported; from_gguf reads {_ARCHS}")
-    cfg = {"tie_word_embeddings": "output.weight" not in infos}
+    # biases are not in the metadata: the tensors say (transformers' loader reads the same for StableLM)
+    cfg = {"tie_word_embeddings": "output.weight" not in infos,
+           "attention_bias": any(n.endswith(".attn_q.bias") for n in infos),
+           "mlp_bias": any(n.endswith(".ffn_up.bias") for n in infos)}
     for key, (value, _, _) in meta.items():
         prefix, _, rest = key.partition(".")
         renamed = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
@@ -170,36 +173,35 @@ def from_gguf(path, *, dtype: torch.dtype = torch.float32):
     unknown = sorted(set(tensors) - set(names))
     if unknown:
         raise ValueError(f"{path}: tensors {unknown} map to no parameter of {type(model).__name__}")
-    params = dict(model.named_parameters())
+    tied = getattr(config, "tie_word_embeddings", False)
+    expected = {hf for g, hf in names.items() if not (tied and g.startswith("output."))}
     filled = set()
     with torch.no_grad():
-        for gname, t in tensors.items():
-            hf = names[gname]
-            heads = _heads(gname, config)
+        # weights first: a quantized Linear becomes a QuantLinear, whose bias buffer the bias tensor then fills
+        for gname in sorted(tensors, key=lambda g: g.endswith(".bias")):
+            t, hf, heads = tensors[gname], names[gname], _heads(gname, config)
             mod_name, _, leaf = hf.rpartition(".")
             module = model.get_submodule(mod_name)
             if isinstance(t, qcore.QuantizedArray) and isinstance(module, nn.Linear) and leaf == "weight":
                 if heads:
                     t = _rows(t, np.argsort(_permutation(t.shape[0], heads)))
-                bias = module.bias
-                _set_module(model, mod_name, quant_linear(t, None if bias is None else bias.detach(), dtype=dtype))
+                bias = None if module.bias is None else torch.zeros(t.shape[0])
+                _set_module(model, mod_name, quant_linear(t, bias, dtype=dtype))
                 filled.add(hf)
                 continue
             w = qcore.dequantize(t) if isinstance(t, qcore.QuantizedArray) else np.asarray(t, np.float32)
             if heads:
                 w = w[np.argsort(_permutation(w.shape[0], heads))]
-            p = params[hf]
-            if tuple(p.shape) != w.shape:
-                raise ValueError(f"{path}: tensor {gname!r} has shape {w.shape}, parameter {hf} {tuple(p.shape)}")
-            p.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+            target = getattr(module, leaf)  # the module now there: a parameter, or a QuantLinear's bias buffer
+            if tuple(target.shape) != w.shape:
+                raise ValueError(f"{path}: tensor {gname!r} has shape {w.shape}, {hf} {tuple(target.shape)}")
+            target.copy_(torch.from_numpy(np.ascontiguousarray(w)))
             filled.add(hf)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-        filled |= {n for n, p in model.named_parameters() if n not in filled
-                   and any(p is q for m, q in model.named_parameters() if m in filled)}
-    missing = sorted(n for n, _ in model.named_parameters() if n not in filled and not n.endswith(".bias"))
+    missing = sorted(expected - filled)
     if missing:
-        raise ValueError(f"{path}: no tensor for parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise ValueError(f"{path}: no tensor for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if tied:
+        model.tie_weights()
     return model.eval()
 
 
@@ -234,7 +236,8 @@ def to_gguf(model, path, metadata, *, types: Optional[Mapping[str, str]] = None)
             if gname in types:
                 qtypes[gname] = types.pop(gname)
             if module.bias is not None:
-                out[hf_to_gguf[f"{mod_name}.bias"]] = module.bias.detach().float().cpu().numpy()
+                b = module.bias.detach().float().cpu().numpy()
+                out[hf_to_gguf[f"{mod_name}.bias"]] = b[_permutation(b.shape[0], heads)] if heads else b
     seen = set()
     for hf, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen and tied:

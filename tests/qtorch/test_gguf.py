@@ -56,8 +56,8 @@ def test_smollm2_q4_1_loads_into_quant_linear_layers_without_loss(smol):
     assert all(np.array_equal(getattr(down, f), getattr(src["blk.29.ffn_down.weight"], f))
                for f in ("codes", "scale", "zero_point"))
     # the dequantized weight is gguf's dequantization of the file's bytes, bit for bit
-    raw = {t.name: t for t in gguf.GGUFReader(path).tensors}["blk.29.ffn_down.weight"]
-    want = gguf.quants.dequantize(np.array(raw.data), raw.tensor_type)
+    raw = qg.encode(src["blk.29.ffn_down.weight"], "Q4_1")  # the file's bytes (decode/encode is lossless)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1)
     assert torch.equal(layers["model.layers.29.mlp.down_proj"].dequantized_weight(), torch.from_numpy(want))
 
 
@@ -75,12 +75,14 @@ def test_smollm2_exported_back_has_the_source_tensor_bytes(smol, tmp_path):
     path, model = smol
     out = tmp_path / "out.gguf"
     tg.to_gguf(model, out, path, types={"token_embd.weight": "Q8_0"})
-    src = {t.name: t for t in gguf.GGUFReader(path).tensors}
-    new = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    src, kinds = qg.import_gguf(path), qg.read_header(path)[1]
+    new = {t.name: t for t in gguf.GGUFReader(out).tensors}  # gguf-py reads what we wrote
     assert set(new) == set(src)
     for name, t in src.items():
-        assert new[name].tensor_type == t.tensor_type, name
-        assert np.array_equal(np.array(new[name].data), np.array(t.data)), name
+        kind = kinds[name][0]
+        assert new[name].tensor_type.name == kind, name
+        raw = qg.encode(t, kind) if kind in qg.TYPES else t  # the source file's bytes
+        assert np.array_equal(np.array(new[name].data), raw), name
     meta, back = qg.read_metadata(path), qg.read_metadata(out)
     assert {k: v[0] for k, v in back.items()} == {k: v[0] for k, v in meta.items() if k != "general.alignment"}
 
@@ -176,3 +178,29 @@ def test_a_config_built_model_exports_with_the_folder_metadata(tmp_path):
     meta = tg.metadata_from_config(model.config)
     assert meta["llama.attention.head_count_kv"][0] == 2 and meta["llama.embedding_length"][0] == 64
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_biases_and_missing_tensors(tmp_path):
+    # attention biases: the QuantLinear's bias buffer takes the file's bias tensor
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, attention_bias=True, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg).eval()
+    q = model.model.layers[0].self_attn.q_proj
+    torch.nn.init.normal_(q.bias)
+    qa = qg.quantize(q.weight.detach().numpy(), "Q8_0")
+    tg._set_module(model, "model.layers.0.self_attn.q_proj", tg.quant_linear(qa, q.bias.detach()))
+    path = tmp_path / "b.gguf"
+    tg.to_gguf(model, path, tg.metadata_from_config(cfg))
+    back = tg.from_gguf(path)
+    assert torch.equal(back.model.layers[0].self_attn.q_proj.bias, model.model.layers[0].self_attn.q_proj.bias)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+    # a file without a parameter's tensor is refused, naming it
+    tensors = qg.import_gguf(path)
+    del tensors["blk.0.ffn_up.weight"]
+    qg.export_gguf(tmp_path / "c.gguf", tensors, qg.read_metadata(path))
+    with pytest.raises(ValueError, match=r"no tensor for \['model.layers.0.mlp.up_proj.weight'\]"):
+        tg.from_gguf(tmp_path / "c.gguf")
