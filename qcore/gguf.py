@@ -373,12 +373,15 @@ def _read(path):
     return meta, tensors, mm
 
 
-def import_gguf(path, names=None) -> dict:
+def import_gguf(path, names=None, *, dequantize_other: bool = False) -> dict:
     """Every tensor of the GGUF file ``path`` (or those in ``names``), by GGUF name: Q8_0 / Q4_0 / Q4_1 as
     :class:`QuantizedArray` (lossless, the mapping in the module docstring), F32 / F16 / BF16 as arrays of that
     dtype, in NumPy's row-major shape (GGUF lists dimensions innermost first: ``[K, N]`` is ``(N, K)`` here).
-    Another type is a ``ValueError`` naming the tensor and its type. Pure NumPy: the ``gguf`` package is not
-    needed to read."""
+    Pure NumPy: the ``gguf`` package is not needed for these.
+
+    Another type (K-quants, Q5_0, ...) is a ``ValueError`` naming the tensor and its type, unless
+    ``dequantize_other``: then it is ``gguf.quants.dequantize``'s float32 array (the values transformers' loader
+    gives; the ``gguf`` package is needed)."""
     _, infos, mm = _read(path)
     want = None if names is None else set(names)
     if want is not None and want - set(infos):
@@ -393,10 +396,40 @@ def import_gguf(path, names=None) -> dict:
         elif kind in _FLOAT_TYPES:
             dt = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}[kind]
             out[name] = np.array(raw).view(dt).reshape(shape)
+        elif dequantize_other:
+            out[name] = _dequantize_other(path, mm, name, kind, shape, start)
         else:
-            raise ValueError(f"{path}: tensor {name!r} has GGUF {kind}; qcore reads "
-                             f"{sorted(TYPES) + list(_FLOAT_TYPES)}")
+            raise ValueError(f"{path}: tensor {name!r} has GGUF {_type_name(kind)}; qcore reads "
+                             f"{sorted(TYPES) + list(_FLOAT_TYPES)} (dequantize_other=True: others as float32)")
     return out
+
+
+def _type_name(kind: str) -> str:
+    """``"type 14"`` as the gguf package names it (``Q6_K``) where it is installed."""
+    if not kind.startswith("type "):
+        return kind
+    try:
+        import gguf
+        return gguf.GGMLQuantizationType(int(kind[5:])).name
+    except (ImportError, ValueError):
+        return kind
+
+
+def _dequantize_other(path, mm, name, kind, shape, start) -> np.ndarray:
+    gguf = _gguf()
+    try:
+        qt = gguf.GGMLQuantizationType(int(kind[5:]))
+    except ValueError:
+        raise ValueError(f"{path}: tensor {name!r} has an unknown GGUF {kind}") from None
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    if not shape or shape[-1] % block:
+        raise ValueError(f"{path}: tensor {name!r} ({qt.name}) has shape {shape}, rows not of whole blocks")
+    row = shape[-1] // block * size
+    nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * row
+    if start + nbytes > mm.size:
+        raise ValueError(f"{path}: tensor {name!r} ends at byte {start + nbytes}, beyond the file ({mm.size} bytes)")
+    raw = np.array(mm[start:start + nbytes]).reshape(shape[:-1] + (row,))
+    return np.ascontiguousarray(gguf.quants.dequantize(raw, qt), np.float32).reshape(shape)
 
 
 def read_metadata(path) -> dict:

@@ -3,7 +3,8 @@
 :func:`from_gguf` builds the transformers model of a Llama-architecture GGUF file (its config as transformers
 reads it) whose Linear layers are :class:`~qtorch.QuantLinear` holding the file's Q8_0 / Q4_0 / Q4_1 codes and
 block scales exactly (:mod:`qcore.gguf` for the mapping; Q4_1 with a float zero point). Other tensors (norms, the
-embedding) are dequantized into the model's float parameters, as transformers does. :func:`to_gguf` writes such a
+embedding, Linear weights of other GGUF types such as Q6_K) are dequantized into the model's float parameters, as
+transformers does. :func:`to_gguf` writes such a
 model back: the quantized layers' bytes are the source file's.
 
 Both need the ``gguf`` and ``transformers`` packages (``accelerate`` as well for transformers' own GGUF loading).
@@ -166,7 +167,7 @@ def from_gguf(path, *, dtype: torch.dtype = torch.float32):
     path = os.fspath(path)
     meta, infos = qgguf.read_header(path)
     config = _config(path, meta, infos)
-    tensors = qgguf.import_gguf(path)
+    tensors = qgguf.import_gguf(path, dequantize_other=True)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config).to(dtype)
     names = _name_map(model, config)

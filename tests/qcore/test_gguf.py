@@ -229,3 +229,21 @@ def test_minilm_weights_through_a_gguf_file_read_by_gguf_py(tmp_path):
         qtype, ref = want[t.name]
         assert t.tensor_type.name == qtype and np.array_equal(np.array(t.data), ref), t.name
         assert np.array_equal(gguf.quants.dequantize(np.array(t.data), t.tensor_type), dequantize(tensors[t.name]))
+
+
+def test_other_gguf_types_are_named_or_dequantized_as_gguf_py_does(tmp_path):
+    x = np.random.default_rng(4).standard_normal((4, 64)).astype(np.float32)
+    w = gguf.GGUFWriter(tmp_path / "q5.gguf", "llama")
+    w.add_tensor("w5", gguf.quants.quantize(x, T.Q5_0), raw_dtype=T.Q5_0)
+    w.add_tensor("w8", gguf.quants.quantize(x, T.Q8_0), raw_dtype=T.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="tensor 'w5' has GGUF Q5_0; qcore reads"):
+        qg.import_gguf(tmp_path / "q5.gguf")
+    got = qg.import_gguf(tmp_path / "q5.gguf", dequantize_other=True)
+    assert got["w5"].dtype == np.float32
+    assert np.array_equal(got["w5"], gguf.quants.dequantize(gguf.quants.quantize(x, T.Q5_0), T.Q5_0))
+    assert qg.read_header(tmp_path / "q5.gguf")[1]["w8"] == ("Q8_0", (4, 64))
+    assert isinstance(got["w8"], qg.QuantizedArray)
