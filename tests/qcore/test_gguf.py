@@ -4,6 +4,9 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 gguf = pytest.importorskip("gguf")
 
@@ -49,6 +52,38 @@ def test_blocks_equal_gguf_quants_bit_for_bit(qtype, seed):
     back = qg.decode(ref, qtype, x.shape)
     assert np.array_equal(back.codes, qa.codes) and np.array_equal(back.scale, qa.scale)
     assert np.array_equal(qg.encode(back, qtype), ref)
+
+
+@st.composite
+def _blocks_strategy(draw):
+    rows, nblocks = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    scale = draw(st.sampled_from([1e-7, 1e-3, 1.0, 100.0, 6e4 / 127]))
+    kind = draw(st.sampled_from(["floats", "grid", "constant"]))
+    if kind == "floats":
+        elems = st.floats(-1, 1, width=32).map(lambda v: v * scale)
+    elif kind == "grid":  # small integers over a power of two: exact ties after scaling
+        elems = st.integers(-16, 16).map(lambda v: v / 16 * scale)
+    else:
+        v = draw(st.floats(-1, 1, width=32)) * scale
+        elems = st.just(v)
+    x = draw(hnp.arrays(np.float64, (rows, nblocks * 32), elements=elems)).astype(np.float32)
+    return x, draw(st.sampled_from(TYPES))
+
+
+@given(_blocks_strategy())
+def test_property_bytes_equal_gguf_and_requantizing_keeps_the_codes(case):
+    x, qtype = case
+    assume(np.isfinite(x).all())
+    qa = qg.quantize(x, qtype)
+    ref = gguf.quants.quantize(x, getattr(T, qtype))
+    assert np.array_equal(qg.encode(qa, qtype), ref)
+    w = dequantize(qa)
+    deq = gguf.quants.dequantize(ref, getattr(T, qtype))
+    # equal, except blocks whose float16 scale underflowed to 0 (qcore's scale is then float32 tiny)
+    assert (np.abs(w - deq) <= 127 * np.finfo(np.float32).tiny).all()
+    # the codes come back, except where the block scale underflowed (every code then dequantizes alike)
+    live = np.repeat(qa.scale != np.finfo(np.float32).tiny, 32, axis=-1)
+    assert np.array_equal(q_quantize(w, params=qa.params).codes[live], qa.codes[live])
 
 
 @pytest.mark.parametrize("qtype", TYPES)
