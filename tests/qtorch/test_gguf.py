@@ -204,3 +204,16 @@ def test_biases_and_missing_tensors(tmp_path):
     qg.export_gguf(tmp_path / "c.gguf", tensors, qg.read_metadata(path))
     with pytest.raises(ValueError, match=r"no tensor for \['model.layers.0.mlp.up_proj.weight'\]"):
         tg.from_gguf(tmp_path / "c.gguf")
+
+
+def test_a_float_zero_point_never_takes_dequant_mm_even_when_forced(monkeypatch, tmp_path):
+    # dequant_mm's kernels take integer zero points: a forced path must not reach a float-zero-point weight
+    from qtorch import autotune
+    d = autotune.Dispatcher(cache_path=tmp_path / "dispatch.json", env={"QTORCH_PATH": "dequant_mm"})
+    monkeypatch.setattr(autotune, "_DEFAULT", d)
+    x = np.random.default_rng(5).standard_normal((40, 64)).astype(np.float32) + 3.0  # minimums far from 0
+    qa = qg.quantize(x, "Q4_1")
+    layer = tg.quant_linear(qa)
+    inp = torch.randn(32, 64)
+    want = inp @ torch.from_numpy(qcore.dequantize(qa)).T
+    assert torch.allclose(layer(inp), want, atol=1e-4)
