@@ -2,6 +2,7 @@
 
 import os
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -179,13 +180,16 @@ def test_export_writes_a_file_gguf_reads_with_our_bytes_and_import_gives_the_arr
     w = rng.standard_normal((8, 64)).astype(np.float32)
     tensors = {"a.weight": qg.quantize(w, "Q8_0"), "b.weight": qg.quantize(w, "Q4_0"),
                "c.weight": qg.quantize(w, "Q4_1"), "norm.weight": rng.standard_normal(64).astype(np.float32),
-               "h.weight": w.astype(np.float16)}
+               "h.weight": w.astype(np.float16), "bf.weight": w.astype(ml_dtypes.bfloat16)}
     path = tmp_path / "m.gguf"
     qg.export_gguf(path, tensors, _metadata())
     r = gguf.GGUFReader(path)
     assert r.fields["general.architecture"].contents() == "llama"
     assert r.fields["tokenizer.ggml.tokens"].contents() == ["a", "b"]
     by = {t.name: t for t in r.tensors}
+    assert by["bf.weight"].tensor_type.name == "BF16" and by["h.weight"].tensor_type.name == "F16"
+    assert np.array_equal(gguf.quants.dequantize(np.array(by["bf.weight"].data), by["bf.weight"].tensor_type),
+                          w.astype(ml_dtypes.bfloat16).astype(np.float32))
     for name, qtype in (("a.weight", "Q8_0"), ("b.weight", "Q4_0"), ("c.weight", "Q4_1")):
         t = by[name]
         assert t.tensor_type.name == qtype and t.shape.tolist() == [64, 8]
