@@ -18,3 +18,4 @@ from .scheme import PerChannel, PerGroup, PerTensor, QuantScheme
 __version__ = "0.1.0"
 from .packing import pack, unpack, packed_shape
 from . import checkpoint  # qcore.checkpoint.save / load: quantized safetensors files
+from . import gguf  # qcore.gguf: GGUF (llama.cpp) blocks and files; the gguf package only when a file is used

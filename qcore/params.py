@@ -32,12 +32,13 @@ import numpy as np
 
 from .scheme import QuantScheme
 
-__all__ = ["QParams", "ZERO_POINT_KINDS", "check_codes", "check_grid", "check_zero_point", "params_method", "params_methods", "register_params_method"]
+__all__ = ["QParams", "ZERO_POINT_KINDS", "check_codes", "check_float_grid", "check_grid", "check_zero_point",
+           "params_method", "params_methods", "register_params_method"]
 
 #: How a zero point enters the grid. ``"int"``: ``x ≈ (q - zero_point) * scale`` with an integer zero point in
-#: the code range, so that 0.0 is exact. (A float offset, ``x ≈ q * scale + offset`` as llama.cpp's Q4_1 and
-#: HQQ use, would be a second kind here, with its own rounding and dequantize kernels.)
-ZERO_POINT_KINDS = ("int",)
+#: the code range (uint8), so that 0.0 is exact. ``"float"``: ``x ≈ q * scale + zero_point`` with a float32
+#: offset (llama.cpp's Q4_1 ``q * d + m``, HQQ), asymmetric schemes only; 0.0 need not be on the grid.
+ZERO_POINT_KINDS = ("int", "float")
 
 
 def check_grid(scale: np.ndarray, zero_point: Optional[np.ndarray], scheme: QuantScheme) -> None:
@@ -76,6 +77,34 @@ def check_grid(scale: np.ndarray, zero_point: Optional[np.ndarray], scheme: Quan
             what = f"code {scheme.qmax if scheme.qmax - z >= z - scheme.qmin else scheme.qmin} (zero point {z})"
         raise ValueError(f"scale {float(scale[idx]):.6g} at index {idx} makes {what} dequantize to inf "
                          "(float32 overflow)")
+
+
+def check_float_grid(scale: np.ndarray, zero_point: np.ndarray, scheme: QuantScheme) -> None:
+    """The float zero point's :func:`check_grid`: ``ValueError`` unless every scale is finite and > 0, every zero
+    point (offset) is finite, and both ends of the grid, ``zero_point`` and ``qmax * scale + zero_point``, are
+    finite in float32 (between them every code dequantizes to a finite float32).
+
+    >>> import numpy as np; from qcore import QuantScheme
+    >>> check_float_grid(np.array([1.0], np.float32), np.array([np.nan], np.float32), QuantScheme(4, False))
+    Traceback (most recent call last):
+    ...
+    ValueError: zero_point nan at index (0,) is not finite (float zero point)
+    """
+    scale, zp = np.asarray(scale), np.asarray(zero_point)
+    if scale.size == 0:
+        return
+    check_grid(scale, None, scheme)  # scales finite and > 0
+    bad = ~np.isfinite(zp)
+    if bad.any():
+        idx = _first(bad)
+        raise ValueError(f"zero_point {float(zp[idx]):.6g} at index {idx} is not finite (float zero point)")
+    with np.errstate(over="ignore"):
+        far = np.float32(scheme.qmax) * scale.astype(np.float32) + zp.astype(np.float32)
+    over = ~np.isfinite(far)
+    if over.any():
+        idx = _first(over)
+        raise ValueError(f"scale {float(scale[idx]):.6g} with zero_point {float(zp[idx]):.6g} at index {idx} makes "
+                         f"code {scheme.qmax} dequantize to inf (float32 overflow)")
 
 
 def _first(mask: np.ndarray) -> tuple:
@@ -132,7 +161,9 @@ class QParams:
     """Scale and zero point of every group of ``scheme``: ``x ≈ (q - zero_point) * scale``.
 
     ``scale``: float32 of shape ``scheme.params_shape(x.shape)``; ``zero_point``: uint8 of the same shape, or
-    ``None`` for a symmetric scheme; ``zero_point_kind``: one of :data:`ZERO_POINT_KINDS`. The constructor checks
+    ``None`` for a symmetric scheme; ``zero_point_kind``: one of :data:`ZERO_POINT_KINDS`. With
+    ``zero_point_kind="float"`` (asymmetric schemes only) ``zero_point`` is float32 and the grid is
+    ``x ≈ q * scale + zero_point``. The constructor checks
     structure only (NumPy scalars become 0-d arrays); :meth:`check` (run by :func:`qcore.quantize`) checks the
     values against an input shape.
     Unpacks as ``scale, zero_point``, the pair ``compute_qparams`` returned before this class existed.
@@ -161,12 +192,18 @@ class QParams:
             got = self.scale.dtype if isinstance(self.scale, np.ndarray) else type(self.scale).__name__
             raise TypeError(f"scale must be a float32 numpy.ndarray, got {got} (use .astype(np.float32))")
         if self.scheme.symmetric:
+            if self.zero_point_kind != "int":
+                raise ValueError(f"zero_point_kind {self.zero_point_kind!r} needs an asymmetric scheme, got "
+                                 f"{self.scheme}")
             if self.zero_point is not None:
                 raise ValueError(f"a symmetric scheme ({self.scheme}) has no zero_point (pass None)")
             return
-        if not isinstance(self.zero_point, np.ndarray) or self.zero_point.dtype != np.uint8:
+        want = np.uint8 if self.zero_point_kind == "int" else np.float32
+        if not isinstance(self.zero_point, np.ndarray) or self.zero_point.dtype != want:
             got = self.zero_point.dtype if isinstance(self.zero_point, np.ndarray) else type(self.zero_point).__name__
-            raise TypeError(f"zero_point of asymmetric scheme {self.scheme} must be a uint8 numpy.ndarray, got {got}")
+            kind = "" if self.zero_point_kind == "int" else " (zero_point_kind='float')"
+            raise TypeError(f"zero_point of asymmetric scheme {self.scheme} must be a {np.dtype(want).name} "
+                            f"numpy.ndarray{kind}, got {got}")
         if self.zero_point.shape != self.scale.shape:
             raise ValueError(f"zero_point shape {self.zero_point.shape} differs from scale shape {self.scale.shape}")
 
@@ -175,7 +212,8 @@ class QParams:
 
     def check(self, shape) -> None:
         """``ValueError`` unless these parameters fit an input of ``shape``: ``scale`` (and ``zero_point``) of
-        ``scheme.params_shape(shape)``, zero points in ``0..qmax``, and :func:`check_grid`.
+        ``scheme.params_shape(shape)``, zero points in ``0..qmax``, and :func:`check_grid` (a float zero point:
+        :func:`check_float_grid`).
 
         >>> import numpy as np; from qcore import QuantScheme
         >>> QParams(np.ones(3, np.float32), None, QuantScheme(8)).check((4, 16))
@@ -187,6 +225,9 @@ class QParams:
         if self.scale.shape != pshape:
             raise ValueError(f"scale has shape {self.scale.shape}, but {self.scheme} needs {pshape} for an input "
                              f"of shape {tuple(shape)}")
+        if self.zero_point_kind == "float":
+            check_float_grid(self.scale, self.zero_point, self.scheme)
+            return
         check_zero_point(self.zero_point, self.scheme)
         check_grid(self.scale, self.zero_point, self.scheme)
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from . import _kernels
 from ._parallel import f64_bits, run_chunks, team_chunks
-from .params import QParams, check_codes, check_grid, check_zero_point, params_method, params_methods, register_params_method
+from .params import (ZERO_POINT_KINDS, QParams, check_codes, check_grid, check_zero_point, params_method, params_methods,
+                     register_params_method)
 from .scheme import PerChannel, PerGroup, QuantScheme, _normalize_axis
 
 __all__ = ["QuantizedArray", "QParams", "check_grid", "compute_qparams", "quantize", "dequantize", "fake_quantize",
@@ -94,12 +95,16 @@ class QuantizedArray:
     ``scale`` is float32 of shape ``scheme.params_shape(shape)``: ``()`` per tensor, ``(shape[axis],)`` per
     channel, the shape with ``axis`` divided by the group size per group. ``zero_point`` is uint8 of the same
     shape, or ``None`` for symmetric schemes. Codes were rounded half to even.
+
+    ``zero_point_kind="float"`` (asymmetric only; see :data:`qcore.params.ZERO_POINT_KINDS`): ``zero_point`` is a
+    float32 offset and ``x ≈ codes * scale + zero_point`` (GGUF's Q4_1 ``q * d + m``).
     """
 
     codes: np.ndarray
     scale: np.ndarray
     zero_point: Optional[np.ndarray]
     scheme: QuantScheme
+    zero_point_kind: str = "int"
 
     def __post_init__(self) -> None:
         # Structure only (cheap): the kernels index scale/zero_point by the codes' shape, so a mismatch here
@@ -115,14 +120,20 @@ class QuantizedArray:
         pshape = scheme.params_shape(self.codes.shape)  # also rejects 0-d codes and shapes the scheme cannot take
         if self.scale.dtype != np.float32 or self.scale.shape != pshape:
             raise ValueError(f"scale must be float32 of shape {pshape}, got {self.scale.dtype} {self.scale.shape}")
+        if self.zero_point_kind not in ZERO_POINT_KINDS:
+            raise ValueError(f"zero_point_kind {self.zero_point_kind!r} is not supported; expected one of "
+                             f"{ZERO_POINT_KINDS}")
+        zdt = np.uint8 if self.zero_point_kind == "int" else np.float32
         if scheme.symmetric:
             if self.zero_point is not None:
                 raise ValueError("a symmetric scheme has no zero_point (pass None)")
-        elif (not isinstance(self.zero_point, np.ndarray) or self.zero_point.dtype != np.uint8
+            if self.zero_point_kind != "int":
+                raise ValueError(f"zero_point_kind {self.zero_point_kind!r} needs an asymmetric scheme, got {scheme}")
+        elif (not isinstance(self.zero_point, np.ndarray) or self.zero_point.dtype != zdt
               or self.zero_point.shape != pshape):
             got = (f"{self.zero_point.dtype} {self.zero_point.shape}" if isinstance(self.zero_point, np.ndarray)
                    else type(self.zero_point).__name__)
-            raise ValueError(f"zero_point must be uint8 of shape {pshape}, got {got}")
+            raise ValueError(f"zero_point must be {np.dtype(zdt).name} of shape {pshape}, got {got}")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -132,7 +143,7 @@ class QuantizedArray:
     def params(self) -> QParams:
         """Scale and zero point as a :class:`~qcore.params.QParams` (sharing the arrays): the grid to quantize
         other data on, ``quantize(y, params=qa.params)``."""
-        return QParams(self.scale, self.zero_point, self.scheme)
+        return QParams(self.scale, self.zero_point, self.scheme, self.zero_point_kind)
 
     @property
     def nbytes(self) -> int:
@@ -160,7 +171,8 @@ class QuantizedArray:
         return pack(codes, self.scheme.bits)
 
     @classmethod
-    def from_packed(cls, packed, scale, zero_point, scheme: QuantScheme, shape) -> "QuantizedArray":
+    def from_packed(cls, packed, scale, zero_point, scheme: QuantScheme, shape, *,
+                    zero_point_kind: str = "int") -> "QuantizedArray":
         """Rebuild from :meth:`packed` bytes; validates parameters and code range.
 
         The array keeps a copy of ``packed`` (when its padding bits are zero, as :meth:`packed` writes them), so
@@ -178,7 +190,7 @@ class QuantizedArray:
         codes = unpack(packed, scheme.bits, shape[-1])
         if scheme.symmetric:
             codes = (codes.astype(np.int16) - (1 << (scheme.bits - 1))).astype(np.int8)
-        qa = cls.from_parts(codes, scale, zero_point, scheme)
+        qa = cls.from_parts(codes, scale, zero_point, scheme, zero_point_kind=zero_point_kind)
         used = (shape[-1] * scheme.bits) % 8  # bits of a row's last byte that hold codes
         if scheme.bits < 8 and packed.dtype == np.uint8 and not (used and packed.size
                                                                   and (packed[..., -1] >> used).any()):
@@ -186,18 +198,20 @@ class QuantizedArray:
         return qa
 
     @classmethod
-    def from_parts(cls, codes, scale, zero_point, scheme: QuantScheme) -> "QuantizedArray":
+    def from_parts(cls, codes, scale, zero_point, scheme: QuantScheme, *,
+                   zero_point_kind: str = "int") -> "QuantizedArray":
         """Build from arrays after checking dtypes, shapes, the code range, and that scales are finite and > 0."""
         # _contiguous, not np.ascontiguousarray: the latter turns 0-d codes into shape (1,), which the
         # constructor would then accept instead of refusing
         qa = cls(_contiguous(codes), _contiguous(scale),
-                 None if zero_point is None else _contiguous(zero_point), scheme)
+                 None if zero_point is None else _contiguous(zero_point), scheme, zero_point_kind)
         qa.params.check(qa.shape)  # zero points in range, and check_grid
         check_codes(qa.codes, scheme)
         return qa
 
     def __repr__(self) -> str:
-        return f"QuantizedArray(shape={self.shape}, scheme={self.scheme}, scale.shape={self.scale.shape})"
+        kind = "" if self.zero_point_kind == "int" else f", zero_point_kind={self.zero_point_kind!r}"
+        return f"QuantizedArray(shape={self.shape}, scheme={self.scheme}, scale.shape={self.scale.shape}{kind})"
 
 
 def _layout(shape: tuple[int, ...], scheme: QuantScheme):
@@ -341,6 +355,8 @@ def _quantize_given(x: np.ndarray, params: QParams) -> QuantizedArray:
     """Codes of the checked float array ``x`` with ``params`` (checked here against ``x``'s shape)."""
     scheme = params.scheme
     params.check(x.shape)
+    if params.zero_point_kind == "float":
+        return _quantize_float_zp(x, params)
     kind, axis = _layout(x.shape, scheme)
     xc = _compute_view(x)
     # the result owns its parameters: a later change to the caller's arrays must not alter it
@@ -368,6 +384,38 @@ def _quantize_given(x: np.ndarray, params: QParams) -> QuantizedArray:
         if bad.any():
             _raise_nonfinite(x, "x")
     return QuantizedArray(rows.codes_back(codes2d), scale, zp, scheme)
+
+
+def expand_params(p: np.ndarray, shape: tuple, scheme: QuantScheme) -> np.ndarray:
+    """``p`` (scale or zero point of ``scheme`` for an array of ``shape``) broadcastable against that array: one
+    value per element along a group's axis, a channel's value along its axis.
+
+    >>> import numpy as np; from qcore import QuantScheme, PerGroup
+    >>> expand_params(np.array([[1, 2]]), (1, 4), QuantScheme(4, False, PerGroup(2))).tolist()
+    [[1, 1, 2, 2]]
+    """
+    kind, axis = _layout(tuple(shape), scheme)
+    if kind == "tensor":
+        return p
+    if kind == "channel":
+        return p.reshape(tuple(shape[i] if i == axis else 1 for i in range(len(shape))))
+    return np.repeat(p, scheme.granularity.size, axis=axis)
+
+
+def _quantize_float_zp(x: np.ndarray, params: QParams) -> QuantizedArray:
+    """``clip(rint((x - zero_point) / scale), 0, qmax)`` of the checked ``x``: the float zero point's rounding
+    (half to even, as every qcore code), in float32 (float64 input: in float64)."""
+    scheme = params.scheme
+    xc = _compute_view(x)
+    if xc.size:
+        flat = np.ascontiguousarray(xc).reshape(-1)
+        _flat_minmax(x, flat, _bits_view(flat))  # the input check: NaN, Inf, beyond float32
+    scale, zp = _contiguous(params.scale).copy(), _contiguous(params.zero_point).copy()
+    s, z = expand_params(scale, x.shape, scheme), expand_params(zp, x.shape, scheme)
+    with np.errstate(over="ignore", invalid="ignore"):
+        q = np.rint((xc - z.astype(xc.dtype)) / s.astype(xc.dtype))
+    codes = np.clip(q, 0, scheme.qmax).astype(np.uint8)
+    return QuantizedArray(codes, scale, zp, scheme, "float")
 
 
 def compute_qparams(x, scheme: QuantScheme = QuantScheme(), method: str = "minmax") -> QParams:
@@ -426,7 +474,8 @@ def minmax_params(x: np.ndarray, scheme: QuantScheme) -> QParams:
 
 
 def dequantize(qa, *args, dtype=np.float32, out=None) -> np.ndarray:
-    """Float array ``(codes - zero_point) * scale``, computed in float32, returned as ``dtype``.
+    """Float array ``(codes - zero_point) * scale`` (a float zero point: ``codes * scale + zero_point``), computed
+    in float32, returned as ``dtype``.
 
     Accepts a :class:`QuantizedArray`, or prior-art style ``dequantize(codes, scale[, zero_point])`` with a
     scalar scale, or a per-channel scale broadcast along axis 0 (``scale.shape == (codes.shape[0],)``), or any
@@ -459,6 +508,14 @@ def dequantize(qa, *args, dtype=np.float32, out=None) -> np.ndarray:
                              f"got {got}")
     if codes.size == 0:
         return np.zeros(codes.shape, out_dtype) if out is None else out
+    if qa.zero_point_kind == "float":
+        # codes * scale + zero_point: two float32 roundings, the order GGUF's Q4_1 dequantizes in
+        w = (codes.astype(np.float32) * expand_params(qa.scale, codes.shape, scheme)
+             + expand_params(qa.zero_point, codes.shape, scheme))
+        if out is not None:
+            np.copyto(out, w)
+            return out
+        return w if out_dtype == np.float32 else w.astype(out_dtype)
     kind, axis = _layout(codes.shape, scheme)
     if kind == "tensor":
         flat = np.empty(codes.size, np.float32) if out is None else out.reshape(-1)

@@ -10,6 +10,8 @@
 from .compat import (calculate_quantization_error, channel_linear_quantize, dequantize, linear_dequantize,
                      linear_quantize, quantize_symmetric, quantize_weight_per_channel)
 from .compile import compile
+from . import gguf  # qtorch.gguf: GGUF (llama.cpp) files into QuantLinear models and back
+from .gguf import from_gguf
 from .linear import QuantizedLinear, QuantLinear, QWQALinearLayer, W4A16Linear, W8A16Linear, W8A16LinearLayer
 from .memory import memory_footprint
 from .pretrained import from_pretrained, save_folder

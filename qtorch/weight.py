@@ -34,7 +34,7 @@ import torch
 
 import qcore
 from qcore import packing
-from qcore.params import check_codes, check_grid, check_zero_point
+from qcore.params import check_codes, check_float_grid, check_grid, check_zero_point
 
 from . import autotune, layouts
 from ._torch_numpy import to_numpy
@@ -74,7 +74,8 @@ class QuantizedWeight:
         else:
             q = torch.zeros(shape, dtype=dt, device=device)
         s = torch.ones(spec.pshape, dtype=torch.float32, device=device)
-        z = None if spec.symmetric else torch.zeros(spec.pshape, dtype=torch.uint8, device=device)
+        zdt = torch.uint8 if spec.zero_point_kind == "int" else torch.float32
+        z = None if spec.symmetric else torch.zeros(spec.pshape, dtype=zdt, device=device)
         self._hold(CANONICAL, q, s, z, None)
 
     def _hold(self, layout, q, s, z, aux) -> None:
@@ -137,6 +138,11 @@ class QuantizedWeight:
         """Hold the first layout of the (measured) preference order for which ``convert(layout)`` gives a state
         (``keep_current``: the current layout stays as it is when it comes first); a conversion made for measuring
         is the one kept, never made twice."""
+        if self.spec.zero_point_kind == "float":
+            # only the canonical layout dequantizes a float zero point: nothing to choose or measure
+            if not (keep_current and self.layout is CANONICAL):
+                self._hold(CANONICAL, *convert(CANONICAL))
+            return
         made: dict = {}
 
         def converted(lay):
@@ -197,7 +203,7 @@ class QuantizedWeight:
             raise TypeError(f"expected a qcore.QuantizedArray, got {type(qa).__name__}")
         if len(qa.shape) != 2:
             raise ValueError(f"a quantized weight is 2-D [out_features, in_features], got shape {list(qa.shape)}")
-        w = cls(WeightSpec.of(qa.scheme, *qa.shape), device="meta")  # no zero state to allocate
+        w = cls(WeightSpec.of(qa.scheme, *qa.shape, zero_point_kind=qa.zero_point_kind), device="meta")
         w.load_quantized_array(qa, compute_dtype, device="cpu" if device is None else device)
         return w
 
@@ -205,9 +211,11 @@ class QuantizedWeight:
         """Replace the values by those of ``qa`` (same scheme and shape; qcore validated them), on ``device``
         (default: this weight's), converting the codes once into the preferred layout."""
         spec = self.spec
-        if qa.scheme != spec.scheme or tuple(qa.shape) != (spec.out_features, spec.in_features):
-            raise ValueError(f"quantized array {list(qa.shape)} {qa.scheme} does not fit this weight "
-                             f"[{spec.out_features}, {spec.in_features}] {spec.scheme}")
+        if (qa.scheme != spec.scheme or tuple(qa.shape) != (spec.out_features, spec.in_features)
+                or qa.zero_point_kind != spec.zero_point_kind):
+            raise ValueError(f"quantized array {list(qa.shape)} {qa.scheme} (zero_point_kind={qa.zero_point_kind!r}) "
+                             f"does not fit this weight [{spec.out_features}, {spec.in_features}] {spec.scheme} "
+                             f"(zero_point_kind={spec.zero_point_kind!r})")
         dev = self.device if device is None else torch.device(device)
         s = _tensor(qa.scale, dev)
         z = None if qa.zero_point is None else _tensor(qa.zero_point, dev)
@@ -235,7 +243,8 @@ class QuantizedWeight:
             z = b["zero_point"]
             return qcore.QuantizedArray.from_packed(to_numpy(b["qweight"]), _array(b["scale"]),
                                                     None if z is None else _array(z), spec.scheme,
-                                                    (spec.out_features, spec.in_features))
+                                                    (spec.out_features, spec.in_features),
+                                                    zero_point_kind=spec.zero_point_kind)
         c, s, z = self.codes()
         codes = to_numpy(c)
         if spec.code_offset:
@@ -244,7 +253,7 @@ class QuantizedWeight:
             codes = codes.astype(spec.scheme.code_dtype)
         # the values were validated when they came in: the constructor checks the structure only
         return qcore.QuantizedArray(np.ascontiguousarray(codes), _array(s), None if z is None else _array(z),
-                                    spec.scheme)
+                                    spec.scheme, spec.zero_point_kind)
 
     # ------------------------------------------------------------------ math
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -258,7 +267,7 @@ class QuantizedWeight:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, spec.in_features)
         rows = x2.shape[0]
-        if lay.tuned and rows > 0:
+        if lay.tuned and rows > 0 and spec.zero_point_kind == "int":  # dequant_mm takes integer zero points
             key = (x2.device.type, x2.dtype, autotune.bucket_index(rows))
             path = self._routes.get(key)
             if path is None:
@@ -306,6 +315,12 @@ class QuantizedWeight:
         errors, codes = [], None
         zp = tensors.get("zero_point")
         zp_np = None if zp is None else to_numpy(zp)
+        if spec.zero_point_kind == "float" and zp_np is not None and "scale" in tensors:
+            try:
+                check_float_grid(to_numpy(tensors["scale"]), zp_np, scheme)
+            except ValueError as e:
+                errors.append(f"{prefix}{e}")
+            zp_np = zp = None  # checked: the integer zero point's checks below do not apply
         if zp_np is not None:
             try:
                 check_zero_point(zp_np, scheme)

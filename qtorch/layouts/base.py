@@ -37,9 +37,16 @@ class WeightSpec:
     axis: int
     group: int
     pshape: tuple
+    #: ``"int"`` (uint8, ``(q - zero_point) * scale``) or ``"float"`` (float32, ``q * scale + zero_point``: GGUF's
+    #: Q4_1); only the canonical layout holds a float zero point
+    zero_point_kind: str = "int"
 
     @classmethod
-    def of(cls, scheme: QuantScheme, out_features: int, in_features: int) -> "WeightSpec":
+    def of(cls, scheme: QuantScheme, out_features: int, in_features: int, *,
+           zero_point_kind: str = "int") -> "WeightSpec":
+        if zero_point_kind not in ("int", "float") or (zero_point_kind == "float" and scheme.symmetric):
+            raise ValueError(f"zero_point_kind must be 'int', or 'float' with an asymmetric scheme; got "
+                             f"{zero_point_kind!r} with {scheme}")
         n, k = out_features, in_features
         g = scheme.granularity
         if isinstance(g, PerTensor):
@@ -49,7 +56,7 @@ class WeightSpec:
         else:
             kind, axis, group = "group", g.axis % 2, g.size
         return cls(scheme, n, k, scheme.bits, scheme.symmetric, kind, axis, group,
-                   tuple(scheme.params_shape((n, k))))
+                   tuple(scheme.params_shape((n, k))), zero_point_kind)
 
     @property
     def qweight_spec(self):

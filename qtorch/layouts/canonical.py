@@ -51,7 +51,8 @@ class Canonical(Layout):
     def dequantize(self, spec, qweight, scale, zero_point, dtype):
         return dequantize_canonical(qweight, scale, zero_point, bits=spec.bits, symmetric=spec.symmetric,
                                     kind=spec.kind, axis=spec.axis, group=spec.group,
-                                    out_features=spec.out_features, in_features=spec.in_features, dtype=dtype)
+                                    out_features=spec.out_features, in_features=spec.in_features, dtype=dtype,
+                                    zero_point_kind=spec.zero_point_kind)
 
 
 CANONICAL = Canonical()

@@ -74,9 +74,14 @@ def _codes_view(c: torch.Tensor, kind: str, axis: int, n: int, k: int, g: int) -
 
 
 
-def affine(c, scale, zero_point, kind, axis, n, k, group, dtype):
-    """``(c - zero_point) * scale`` of float32 codes ``c [N, K]``, returned ``[N, K]`` in ``dtype``."""
+def affine(c, scale, zero_point, kind, axis, n, k, group, dtype, float_zero_point: bool = False):
+    """``(c - zero_point) * scale`` of float32 codes ``c [N, K]``, returned ``[N, K]`` in ``dtype``;
+    ``float_zero_point``: ``c * scale + zero_point`` (float32 offsets, qcore's ``zero_point_kind="float"``)."""
     c = _codes_view(c, kind, axis, n, k, group)
+    if float_zero_point:
+        # two float32 roundings in qcore's (and GGUF Q4_1's) order: no fused multiply-add
+        w = c * _param_view(scale, kind, axis, n, k, group) + _param_view(zero_point, kind, axis, n, k, group)
+        return w.reshape(n, k).to(dtype)
     if zero_point is not None:
         c = c - _param_view(zero_point, kind, axis, n, k, group).to(torch.float32)
     w = c * _param_view(scale, kind, axis, n, k, group)
@@ -84,8 +89,10 @@ def affine(c, scale, zero_point, kind, axis, n, k, group, dtype):
 
 
 def dequantize_canonical(qweight, scale, zero_point, *, bits: int, symmetric: bool, kind: str, axis: int,
-                         group: int, out_features: int, in_features: int, dtype=torch.float32) -> torch.Tensor:
-    """``(codes - zero_point) * scale`` in float32 (as qcore computes it), returned ``[N, K]`` in ``dtype``."""
+                         group: int, out_features: int, in_features: int, dtype=torch.float32,
+                         zero_point_kind: str = "int") -> torch.Tensor:
+    """``(codes - zero_point) * scale`` in float32 (as qcore computes it), returned ``[N, K]`` in ``dtype``
+    (``zero_point_kind="float"``: ``codes * scale + zero_point``)."""
     n, k = out_features, in_features
     if bits == 8 and symmetric:
         c = qweight.to(torch.float32)
@@ -93,7 +100,7 @@ def dequantize_canonical(qweight, scale, zero_point, *, bits: int, symmetric: bo
         c = unpack_codes(qweight, bits, k).to(torch.float32)
         if symmetric:
             c = c - float(1 << (bits - 1))
-    return affine(c, scale, zero_point, kind, axis, n, k, group, dtype)
+    return affine(c, scale, zero_point, kind, axis, n, k, group, dtype, zero_point_kind == "float")
 
 
 def dequantize_codes(codes, scale, zero_point, spec, dtype=torch.float32) -> torch.Tensor:
@@ -102,7 +109,7 @@ def dequantize_codes(codes, scale, zero_point, spec, dtype=torch.float32) -> tor
     if spec.code_offset:
         c = c - float(spec.code_offset)
     return affine(c, scale, zero_point, spec.kind, spec.axis, spec.out_features, spec.in_features, spec.group,
-                   dtype)
+                  dtype, spec.zero_point_kind == "float")
 
 
 def dense_linear(x2: torch.Tensor, w_of) -> torch.Tensor:

@@ -197,7 +197,9 @@ def test_params_with_another_scheme_or_kind_or_type_are_refused():
     p = compute_qparams(X, SYM)
     with pytest.raises(ValueError, match=r"params are for scheme sym int8 per-channel\(axis=0\), not sym int4"):
         quantize(X, QuantScheme(4, True, PerChannel(0)), params=p)
-    with pytest.raises(ValueError, match=r"zero_point_kind 'float' is not supported; expected one of \('int',\)"):
+    with pytest.raises(ValueError, match=r"zero_point_kind 'half' is not supported; expected one of \('int', 'float'\)"):
+        QParams(p.scale, None, SYM, zero_point_kind="half")
+    with pytest.raises(ValueError, match=r"zero_point_kind 'float' needs an asymmetric scheme, got sym int8"):
         QParams(p.scale, None, SYM, zero_point_kind="float")
     with pytest.raises(TypeError, match="scheme must be a qcore.QuantScheme, got str"):
         QParams(p.scale, None, "int8")
