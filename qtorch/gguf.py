@@ -27,7 +27,6 @@ import qcore
 from qcore import gguf as qgguf
 
 from .linear import QuantLinear
-from .weight import QuantizedWeight, WeightSpec
 
 __all__ = ["from_gguf", "gguf_config", "metadata_from_config", "metadata_from_folder", "to_gguf", "quant_linear"]
 
@@ -40,19 +39,7 @@ def quant_linear(qa: qcore.QuantizedArray, bias: Optional[torch.Tensor] = None, 
     canonical layout serves: its dequantize computes ``codes * scale + zero_point``)."""
     if not isinstance(qa, qcore.QuantizedArray):
         raise TypeError(f"expected a qcore.QuantizedArray, got {type(qa).__name__}")
-    if qa.zero_point_kind == "int":
-        return QuantLinear.from_quantized_array(qa, bias, dtype=dtype, device=device)
-    if len(qa.shape) != 2:
-        raise ValueError(f"a Linear weight is 2-D [out_features, in_features], got shape {list(qa.shape)}")
-    n, k = qa.shape
-    with torch.device("meta"):
-        m = QuantLinear(k, n, bias is not None, scheme=qa.scheme, dtype=dtype)
-    m._w = QuantizedWeight(WeightSpec.of(qa.scheme, n, k, zero_point_kind=qa.zero_point_kind), m._buffers,
-                           device="meta")
-    m._w.load_quantized_array(qa, m.compute_dtype, device="cpu" if device is None else device)
-    if bias is not None:
-        m._buffers["bias"] = bias.detach().to(device=m._w.device, dtype=m.compute_dtype).clone()
-    return m
+    return QuantLinear.from_quantized_array(qa, bias, dtype=dtype, device=device)
 
 
 def _permutation(n_rows: int, n_head: int) -> np.ndarray:

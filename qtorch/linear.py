@@ -241,6 +241,9 @@ class QuantLinear(nn.Module):
         with torch.device("meta"):  # no zero weight to allocate: the array's values replace it
             m = cls.__new__(cls)
             QuantLinear.__init__(m, k, n, bias is not None, scheme=qa.scheme, dtype=dtype)
+            if qa.zero_point_kind != "int":  # a float zero point (x = q * scale + zero_point): its own weight spec
+                m._w = QuantizedWeight(WeightSpec.of(qa.scheme, n, k, zero_point_kind=qa.zero_point_kind),
+                                       m._buffers, "meta")
         m._w.load_quantized_array(qa, m.compute_dtype, device=device)
         if bias is not None:
             m._buffers["bias"] = _canonical_copy(bias, device, m.compute_dtype)
@@ -311,8 +314,8 @@ class QuantLinear(nn.Module):
         spec = self._w.spec
         dt, shape = spec.qweight_spec
         exp = {"qweight": (dt, shape), "scale": (torch.float32, spec.pshape)}
-        if not self.scheme.symmetric:
-            exp["zero_point"] = (torch.uint8, spec.pshape)
+        if not self.scheme.symmetric:  # integer zero points are uint8 codes; float ones (GGUF's Q4_1) float32
+            exp["zero_point"] = (torch.uint8 if spec.zero_point_kind == "int" else torch.float32, spec.pshape)
         if self.bias is not None:
             exp["bias"] = (None, (self.out_features,))
         return exp

@@ -146,8 +146,8 @@ def test_float_zero_point_layer_serves_every_call_shape_on_the_dense_path():
         inp = torch.randn(rows, 96)
         assert torch.allclose(layer(inp), inp @ w.T + 1, atol=1e-4)
     assert torch.equal(layer.dequantized_weight(), w)
-    with pytest.raises(ValueError, match="zero_point_kind='float'.* does not fit this weight"):
-        QuantLinear.from_quantized_array(qa)
+    same = QuantLinear.from_quantized_array(qa, torch.ones(48))  # the layer's own constructor takes it too
+    assert torch.equal(same(inp), layer(inp))
 
 
 def test_other_architectures_and_unknown_tensors_are_refused(tmp_path):
@@ -217,3 +217,19 @@ def test_a_float_zero_point_never_takes_dequant_mm_even_when_forced(monkeypatch,
     inp = torch.randn(32, 64)
     want = inp @ torch.from_numpy(qcore.dequantize(qa)).T
     assert torch.allclose(layer(inp), want, atol=1e-4)
+
+
+def test_a_float_zero_point_layer_saves_and_loads_its_state():
+    """A layer holding a float zero point (GGUF's Q4_1) reports it as float32 in its state, and a layer built for
+    that kind loads it back exactly; a layer with integer zero points refuses it, naming the key."""
+    x = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
+    qa = qg.quantize(x, "Q4_1")
+    a = QuantLinear.from_quantized_array(qa)
+    sd = a.state_dict()
+    assert sd["zero_point"].dtype == torch.float32
+    b = QuantLinear.from_quantized_array(qg.quantize(x[::-1].copy(), "Q4_1"))
+    b.load_state_dict(sd)
+    inp = torch.randn(3, 64)
+    assert torch.equal(a(inp), b(inp))
+    with pytest.raises(RuntimeError, match="zero_point"):
+        QuantLinear(64, 32, scheme=qa.scheme).load_state_dict(sd)
