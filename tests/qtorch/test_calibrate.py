@@ -157,3 +157,26 @@ def test_cli_refuses_a_method_without_its_calibration(tiny_bert, capsys, argv, m
     assert main(["quantize", str(tiny_bert), "--scheme", "w4a16", *argv]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_gptq_on_conv1d_layers_uses_the_transposed_weight(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tests.qtorch.model_folders import gpt2_folder
+
+    gpt2_folder(tmp_path)
+    m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    calib = [torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    conv = m.transformer.h[0].attn.c_attn  # a Conv1D: weight [in, out]
+    seen = []
+    handle = conv.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().reshape(-1, 64)))
+    with torch.no_grad():
+        for ids in calib:
+            m(ids)
+    handle.remove()
+    h = qcore.gptq.Hessian.of(torch.cat(seen).numpy())
+    want = qcore.gptq.gptq(conv.weight.detach().t().contiguous().numpy(), h, resolve_scheme("w4a16-g32"),
+                           act_order=True, params="mse")
+    qtorch.quantize_model(m, "w4a16-g32", method="gptq", calibration=calib)
+    got = m.transformer.h[0].attn.c_attn.quantized_array()
+    assert got.shape == (192, 64)
+    assert np.mean(got.codes != want.codes) < 0.01  # the Hessian was summed in another order
