@@ -24,8 +24,9 @@ import contextlib
 import numbers
 
 import numpy as np
+from numba import njit
 
-from ._parallel import threads
+from ._parallel import run_split, threads
 from .params import params_method
 from .quantize import QuantizedArray, check_float_array, compute_qparams, quantize
 from .scheme import PerChannel, PerGroup, PerTensor, QuantScheme, _normalize_axis
@@ -99,6 +100,33 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     except np.linalg.LinAlgError:
         raise ValueError(f"the Hessian is not positive definite after dampening {damp:g} x mean(diag); raise damp "
                          "or use more calibration inputs") from None
+
+
+@njit(cache=True, nogil=True)
+def _segment(w1, err1, u1, a, b, gidx, scale, zp, qmin, qmax, q1, r0, r1):
+    """Columns ``a..b`` of a block, rows ``r0..r1``: round each column on its group's grid (qcore.quantize's
+    arithmetic), and spread its error over the block's later columns. Rows are independent here."""
+    m = w1.shape[1]
+    for r in range(r0, r1):
+        wr = w1[r]
+        for i in range(a, b):
+            j = gidx[i]
+            s = scale[r, j]
+            z = np.float32(zp[r, j])
+            v = wr[i]
+            q = min(max(np.rint(v / s) + z, qmin), qmax)
+            q1[r, i] = q
+            e = (v - (q - z) * s) / u1[i, i]
+            err1[r, i] = e
+            for t in range(i + 1, m):
+                wr[t] -= e * u1[i, t]
+    return 0
+
+
+def _run_segment(w1, err1, u1, a, b, gidx, scale, zp, qmin, qmax, q1) -> None:
+    if b > a:
+        run_split(_segment, (w1, err1, u1, a, b, gidx, scale, zp, qmin, qmax, q1), w1.shape[0],
+                  max(1, (1 << 15) // max(1, (b - a) * w1.shape[1])))
 
 
 def _blas_threads():
@@ -177,33 +205,34 @@ def _columns(wf, h, scheme, kind, gsize, damp, act_order, block_size, params) ->
     codes = np.empty((n, k), np.float32)
     qmin, qmax = np.float32(scheme.qmin), np.float32(scheme.qmax)
 
+    gidx = (perm // gsize if kind == "group" else np.zeros(k, np.int64)).astype(np.int64)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = wf[:, i1:i2].copy()
+        w1 = np.ascontiguousarray(wf[:, i1:i2])
         err1 = np.zeros((n, i2 - i1), np.float32)
-        u1 = u[i1:i2, i1:i2]
+        q1 = np.empty((n, i2 - i1), np.float32)
+        u1 = np.ascontiguousarray(u[i1:i2, i1:i2])
+        g1 = gidx[i1:i2]
+        start = 0  # columns start..i of this block have their parameters: one kernel call for them
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            j = col // gsize if kind == "group" else 0
-            if not done[j]:
-                pos = where[j * gsize:(j + 1) * gsize]  # the group's columns, all still unquantized
-                current = np.empty((n, pos.size), np.float32)
-                inside = pos < i2
-                current[:, inside] = w1[:, pos[inside] - i1]
-                out = pos[~inside]
-                if out.size:  # compensation from this block's columns is still pending there: apply it
-                    current[:, ~inside] = wf[:, out] - err1[:, :i] @ u[i1:i1 + i, out]
-                p = compute_qparams(current, col_scheme, method=params)
-                scale[:, j] = p.scale
-                zp[:, j] = 0 if p.zero_point is None else p.zero_point
-                done[j] = True
-            s, z = scale[:, j], zp[:, j].astype(np.float32)
-            col_w = w1[:, i]
-            q = np.minimum(np.maximum(np.rint(col_w / s) + z, qmin), qmax)  # qcore.quantize's arithmetic
-            codes[:, col] = q
-            e = (col_w - (q - z) * s) / u1[i, i]
-            w1[:, i:] -= np.outer(e, u1[i, i:])
-            err1[:, i] = e
+            j = int(g1[i])
+            if done[j]:
+                continue
+            _run_segment(w1, err1, u1, start, i, g1, scale, zp, qmin, qmax, q1)
+            start = i
+            pos = where[j * gsize:(j + 1) * gsize]  # the group's columns, all still unquantized
+            current = np.empty((n, pos.size), np.float32)
+            inside = pos < i2
+            current[:, inside] = w1[:, pos[inside] - i1]
+            out = pos[~inside]
+            if out.size:  # compensation from this block's columns is still pending there: apply it
+                current[:, ~inside] = wf[:, out] - err1[:, :i] @ u[i1:i1 + i, out]
+            p = compute_qparams(current, col_scheme, method=params)
+            scale[:, j] = p.scale
+            zp[:, j] = 0 if p.zero_point is None else p.zero_point
+            done[j] = True
+        _run_segment(w1, err1, u1, start, i2 - i1, g1, scale, zp, qmin, qmax, q1)
+        codes[:, perm[i1:i2]] = q1
         wf[:, i2:] -= err1 @ u[i1:i2, i2:]
 
     if kind == "tensor":
