@@ -245,6 +245,29 @@ def _incompatible_message(e, args) -> str:
               f"--skip-incompatible (the report lists them); or choose another --scheme / --group-size.")
 
 
+def _calibration(args, tokenizer) -> list | None:
+    """``--calibration FILE`` as tokenized batches (one text per non-empty line, 8 a batch, at most 512 tokens
+    each); ``CliError`` when it does not go with ``--method``."""
+    if args.method != "gptq":
+        if args.calibration:
+            raise CliError(f"--calibration is used by --method gptq only, not by --method {args.method}")
+        return None
+    if not args.calibration:
+        raise CliError("--method gptq needs --calibration FILE: text the model will see (one sample a line), "
+                       "not the text you evaluate it on")
+    try:
+        with open(args.calibration, encoding="utf-8") as f:
+            texts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read --calibration {args.calibration}: {e}") from None
+    if not texts:
+        raise CliError(f"--calibration {args.calibration} holds no text (one sample a line)")
+    if tokenizer.pad_token is None:  # causal LMs often have none: batches need one
+        tokenizer.pad_token = tokenizer.eos_token
+    return [dict(tokenizer(texts[i:i + 8], padding=True, truncation=True, max_length=512, return_tensors="pt"))
+            for i in range(0, len(texts), 8)]
+
+
 def cmd_quantize(args, say) -> int:
     import torch
 
@@ -265,6 +288,7 @@ def cmd_quantize(args, say) -> int:
     causal = _is_causal(config)
     cls = model_class_for(config)
     model = cls.from_pretrained(model_dir, local_files_only=True, dtype=torch_dtype_of(config)).eval()
+    calibration = _calibration(args, tokenizer)
     batch = tokenizer(list(SENTENCES), padding=True, return_tensors="pt")
     ref = _outputs(model, batch, causal)
     dense = copy.deepcopy(model)  # kept to time dense and quantized in alternation
@@ -273,7 +297,8 @@ def cmd_quantize(args, say) -> int:
         warnings.filterwarnings("ignore", message=r"pattern\(s\) .* matched no Linear layer")
         report = qtorch.quantize_model(model, scheme, exclude=tuple(exclude_patterns(args)),
                                        on_incompatible="skip" if args.skip_incompatible else "error",
-                                       progress=not args.quiet and sys.stderr.isatty())
+                                       progress=not args.quiet and sys.stderr.isatty(), method=args.method,
+                                       calibration=calibration)
     out = _outputs(model, batch, causal)
     cos = torch.nn.functional.cosine_similarity(ref, out, dim=-1)
     with torch.inference_mode():
@@ -432,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a layer kept dense: dotted name, glob or re:<regex>; repeat the option for several "
                         "(--exclude lm_head --exclude '*.mlp.*'). Default: lm_head, when no --exclude is given; "
                         "--exclude '' keeps no layer dense")
+    q.add_argument("--method", choices=("minmax", "mse", "gptq"), default="minmax",
+                   help="how scales are chosen: each group's range (minmax), the clipping with the least squared "
+                        "error (mse), or GPTQ's error-compensating rounding on --calibration text (gptq)")
+    q.add_argument("--calibration", metavar="FILE",
+                   help="text for --method gptq, one sample a line (UTF-8)")
     q.add_argument("--skip-incompatible", action="store_true",
                    help="keep layers the scheme cannot quantize dense (the report says why) instead of stopping")
     q.add_argument("-o", "--output", metavar="OUT",

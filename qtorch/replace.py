@@ -569,7 +569,8 @@ def plan(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_EXCLUDE, in
 
 
 def quantize_model(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_EXCLUDE, include=None,
-                   on_incompatible: str = "error", progress: bool = False) -> QuantizationReport:
+                   on_incompatible: str = "error", progress: bool = False, method: str = "minmax",
+                   calibration=None) -> QuantizationReport:
     """Replace the Linear layers of ``model`` in place by quantized ones; return a :class:`QuantizationReport`.
 
     scheme: ``"w8a16"`` (int8 symmetric per channel), ``"w4a16"`` (int4 asymmetric, groups of 128),
@@ -589,17 +590,25 @@ def quantize_model(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_E
     All checks run before the first replacement; then layers are replaced one at a time and each dense weight is
     released as soon as its quantized layer is in place (peak extra memory: a few copies of one layer).
     ``progress=True`` shows a tqdm progress bar (on stderr) while layers are replaced.
+    method: how each weight's parameters are chosen: ``"minmax"`` (default), another qcore params method
+        (``"mse"``: per group, the clipping with the least squared error), or ``"gptq"`` (error-compensating
+        rounding from ``calibration``: a list of model inputs, each a tensor, a tuple of positional arguments or
+        a dict of keyword arguments; see :mod:`qtorch.calibrate`).
     """
+    from .calibrate import check_method, gptq_layers
+
     t0 = time.perf_counter()
     p = _build_plan(model, scheme, exclude, include, on_incompatible)
     _warn_unused(p)
     done = 0
     todo = [job for job in p.jobs if job.record.status == "planned"]
+    batches = check_method(method, calibration, todo)
     try:
         with torch.no_grad(), tqdm(total=len(todo), desc="quantizing", unit="layer", disable=not progress) as bar:
-            for job in todo:
+            pairs = gptq_layers(model, todo, batches) if method == "gptq" else ((job, None) for job in todo)
+            for job, qa in pairs:
                 bar.set_postfix_str(job.record.name[-40:], refresh=False)
-                _apply_layer(job)
+                _apply_layer(job, qa, method)
                 done += 1
                 bar.update()
     except BaseException as e:  # MemoryError, KeyboardInterrupt...: say how far it got
@@ -617,11 +626,18 @@ def quantize_model(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_E
                         model_bytes_after=memory_footprint(_unwrap(model)))
 
 
-def _apply_layer(job: _Job) -> None:
+def _apply_layer(job: _Job, qa: qcore.QuantizedArray | None = None, method: str = "minmax") -> None:
     rec = job.record
     mod = job.module
     lin = _as_linear(mod, rec.kind)
-    new = job.target.build(lin)
+    if qa is None and method != "minmax":
+        qa = qcore.quantize(_to_numpy_f32(lin.weight), job.target.scheme, params=method)
+    if qa is None:
+        new = job.target.build(lin)
+    else:  # parameters chosen elsewhere (a params method, GPTQ): the layer from_linear would build, with these
+        dtype = lin.weight.dtype if lin.weight.dtype in COMPUTE_DTYPES else torch.float32
+        bias = None if lin.bias is None else lin.bias.detach()
+        new = QuantLinear.from_quantized_array(qa, bias, dtype=dtype, device=lin.weight.device)
     new.train(mod.training)
     w = _to_numpy_f32(lin.weight)
     deq = getattr(new, "dequantized_weight", None)
