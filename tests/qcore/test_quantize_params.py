@@ -205,10 +205,10 @@ def test_params_with_another_scheme_or_kind_or_type_are_refused():
         QParams(p.scale, None, "int8")
     with pytest.raises(TypeError, match=r"params must be a qcore.QParams, a params method name \('minmax',"):
         quantize(X, SYM, params=(p.scale, None))
-    with pytest.raises(ValueError, match=r"unknown params method 'mse'; registered: \('minmax',"):
-        quantize(X, SYM, params="mse")
-    with pytest.raises(ValueError, match="unknown params method 'mse'"):
-        compute_qparams(X, SYM, method="mse")
+    with pytest.raises(ValueError, match=r"unknown params method 'nope'; registered: \('minmax',"):
+        quantize(X, SYM, params="nope")
+    with pytest.raises(ValueError, match="unknown params method 'nope'"):
+        compute_qparams(X, SYM, method="nope")
 
 
 @pytest.mark.parametrize("scheme", [SYM, ASYM, QuantScheme(8, False, PerTensor())])
@@ -242,7 +242,7 @@ def test_one_function_and_one_registration_add_a_method(registry):
         p = compute_qparams(x, scheme)
         return QParams(p.scale / 2, p.zero_point, scheme)
 
-    assert params_methods() == ("halfrange", "minmax")
+    assert params_methods() == ("halfrange", "minmax", "mse")
     x = np.linspace(-1, 1, 32, dtype=np.float16).reshape(4, 8)
     scheme = QuantScheme(8, True, PerChannel(0))
     qa = quantize(x, scheme, params="halfrange")
