@@ -215,8 +215,10 @@ def hqq_quantizer() -> Quantizer:
                                     st.sampled_from([1, 2, 3, 4, 8]), st.sampled_from([8, 16, 32, 64]))
     # the optimizer minimises an lp-norm of the error, not each element's: no half-step bound, no exact zero
     promises = Promises(error_bound=False, exact_zero=False, rejects_nonfinite=False)
+    # 8 rows: HQQ's bit packing stacks 8 / bits groups per byte and fails (or drops rows) when the number of groups
+    # is not a multiple of that; a weight matrix always has enough
     return Quantizer("hqq", quantize, dequantize, promises, schemes=groups,
-                     dtypes=(np.float16, np.float32, _bf16()), min_side=1, ranks=(2, 2))
+                     dtypes=(np.float16, np.float32, _bf16()), min_side=8, max_side=8, ranks=(2, 2))
 
 
 # --- registry ---------------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def check_requantize(qz: Quantizer, case) -> None:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             # a zero scale (GGUF's all-zero block) maps every value to the zero point, as its quantizer does
             ratio = np.where(s == 0, 0.0, _f64(y) / np.where(s == 0, 1.0, s))
-            again = np.clip(np.rint(ratio) + _f64(q.zero), q.qmin, q.qmax)
+            again = np.clip(np.rint(ratio + _f64(q.zero)), q.qmin, q.qmax)  # = rint(ratio) + zero for an integer zero
     bad = _f64(again) != _f64(q.codes)
     if bad.any():
         i = np.unravel_index(int(np.argmax(bad)), bad.shape)

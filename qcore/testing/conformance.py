@@ -55,7 +55,7 @@ def run_check(name: str, subject, max_examples: int = 60, seed: int = 0, shrink:
 
     @prop_seed
     @settings(max_examples=max_examples, deadline=None, database=None, derandomize=seed == 0, phases=phases,
-              suppress_health_check=list(HealthCheck), print_blob=False)
+              suppress_health_check=list(HealthCheck), print_blob=False, report_multiple_bugs=False)
     @given(strategy_for(subject))
     def prop(case):
         last["case"] = case  # Hypothesis replays the shrunk example last: this ends as the smallest one

@@ -95,7 +95,7 @@ class Quantizer:
     arrays that fit the drawn scheme); ``dtypes`` the input dtypes; ``magnitudes`` the group magnitudes it is
     meant for (default: subnormals to the float32 maximum); ``min_side`` and ``ranks``
     (min, max) the array shapes. ``requantize(y, q) -> codes`` re-quantizes with
-    the parameters of ``q``; by default ``clip(rint(y / scale) + zero, qmin, qmax)``.
+    the parameters of ``q``; by default ``clip(rint(y / scale + zero), qmin, qmax)``.
     """
 
     name: str
