@@ -5,10 +5,10 @@ the Hypothesis strategies that find the hard cases (all-zero groups, ties at k+0
 float32 range, odd lengths, non-contiguous views), and adapters for qcore and its peers. Needs Hypothesis, a test
 dependency that ``import qcore`` never imports::
 
-    >>> from qcore.testing import adapters, run_conformance          # doctest: +SKIP
-    >>> results = run_conformance(adapters.qcore_quantizer())        # doctest: +SKIP
-    >>> all(r.passed for r in results.values() if r.promised)        # doctest: +SKIP
-    True
+    >>> from qcore.testing import adapters, run_conformance
+    >>> results = run_conformance(adapters.qcore_quantizer(), max_examples=5, only=["error_bound", "exact_zero"])
+    >>> {name: r.passed for name, r in results.items()}
+    {'error_bound': True, 'exact_zero': True}
 
 See docs/testing.md for wrapping one's own quantizer.
 """

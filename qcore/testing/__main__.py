@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from . import adapters
@@ -15,6 +16,8 @@ def main(argv=None) -> int:
                    f"{','.join(adapters.LIBRARIES)}; those not installed are reported and skipped")
     p.add_argument("--max-examples", type=int, default=100, help="Hypothesis examples per promise (default 100)")
     p.add_argument("--only", default=None, help="comma-separated promise names to run")
+    p.add_argument("--ordinary", action="store_true", help="only ordinary magnitudes (1e-3 to 1e4) for every "
+                   "library, instead of each one's own range (subnormals to 3e38 unless it declares less)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.against.split(",") if n.strip()]
     unknown = [n for n in names if n not in adapters.LIBRARIES]
@@ -34,6 +37,8 @@ def main(argv=None) -> int:
             print(f"{name}: cannot be imported ({e}), skipped", file=sys.stderr)
             continue
         for qz in quantizers:
+            if args.ordinary:
+                qz = dataclasses.replace(qz, magnitudes=adapters.ORDINARY_MAGNITUDES)
             print(f"checking {qz.name} ...", file=sys.stderr, flush=True)
             packer = adapters.qcore_packer() if name == "qcore" else None
             try:

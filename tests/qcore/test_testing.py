@@ -173,7 +173,7 @@ def test_adapters_registry():
 
 def test_command_prints_the_table(capsys, monkeypatch):
     monkeypatch.setattr(adapters, "installed", lambda name: name == "qcore")
-    assert cli.main(["--against", "qcore,hqq", "--max-examples", "5", "--only", "error_bound,bit_order"]) == 0
+    assert cli.main(["--against", "qcore,hqq", "--max-examples", "5", "--only", "error_bound,bit_order", "--ordinary"]) == 0
     out, err = capsys.readouterr()
     assert "| promise | qcore |" in out and "| error_bound | passed |" in out and "| bit_order | passed |" in out
     assert "hqq: not installed, skipped" in err
