@@ -127,7 +127,8 @@ def torchao_quantizer() -> Quantizer:
         t = _torch(x)
         block = block_of(x.shape, scheme.granularity)
         if scheme.symmetric:
-            lo, hi, mapping, dtype = -(1 << (scheme.bits - 1)), (1 << (scheme.bits - 1)) - 1, qp.MappingType.SYMMETRIC, torch.int8
+            half = 1 << (scheme.bits - 1)
+            lo, hi, mapping, dtype = -half, half - 1, qp.MappingType.SYMMETRIC, torch.int8
         else:
             lo, hi, mapping, dtype = 0, (1 << scheme.bits) - 1, qp.MappingType.ASYMMETRIC, torch.uint8
         scale, zp = qp.choose_qparams_affine(t, mapping, block, dtype, lo, hi)
@@ -156,8 +157,8 @@ def _bf16():
 
 def quanto_quantizers() -> list:
     """optimum-quanto's weight quantizers as ``quantize_weight`` builds them: qint8 per output channel with
-    ``AbsmaxOptimizer`` (``scale = absmax / 127``, codes in the qtype's ``[-128, 127]``, ``x = q * s``), and qint4 per group along the rows with
-    ``MaxOptimizer`` (codes ``[0, 15]``, float shift: ``x = q * s - shift``)."""
+    ``AbsmaxOptimizer`` (``scale = absmax / 127``, codes in the qtype's ``[-128, 127]``, ``x = q * s``), and qint4
+    per group along the rows with ``MaxOptimizer`` (codes ``[0, 15]``, float shift: ``x = q * s - shift``)."""
     import torch
     from optimum.quanto import qint4, qint8
     from optimum.quanto.tensor.grouped import ungroup

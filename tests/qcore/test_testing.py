@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from qcore import PerGroup, PerTensor, QuantScheme
+from qcore import PerTensor, QuantScheme
 from qcore.testing import PROMISES, Packer, Promises, Quantized, Quantizer, conformance_table, run_conformance
 from qcore.testing import __main__ as cli
 from qcore.testing import adapters
@@ -173,7 +173,8 @@ def test_adapters_registry():
 
 def test_command_prints_the_table(capsys, monkeypatch):
     monkeypatch.setattr(adapters, "installed", lambda name: name == "qcore")
-    assert cli.main(["--against", "qcore,hqq", "--max-examples", "5", "--only", "error_bound,bit_order", "--ordinary"]) == 0
+    argv = ["--against", "qcore,hqq", "--max-examples", "5", "--only", "error_bound,bit_order", "--ordinary"]
+    assert cli.main(argv) == 0
     out, err = capsys.readouterr()
     assert "| promise | qcore |" in out and "| error_bound | passed |" in out and "| bit_order | passed |" in out
     assert "hqq: not installed, skipped" in err

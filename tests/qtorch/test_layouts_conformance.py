@@ -1,7 +1,6 @@
 """Every qtorch layout keeps qcore's promises: quantize with qcore, hold the weight in the layout, read the codes
 back and dequantize from the layout (the conformance suite of qcore.testing, one specification for both)."""
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import assume, settings
