@@ -27,11 +27,11 @@ class Result:
 
 
 def describe(case) -> str:
-    """A short, exact text of a check's input (arrays printed in full up to 24 values)."""
+    """A short, exact text of a check's input (arrays printed in full up to 64 values)."""
     parts = []
     for item in case if isinstance(case, tuple) else (case,):
         if isinstance(item, np.ndarray):
-            text = np.array2string(item.ravel(), separator=", ", threshold=24, edgeitems=4, floatmode="unique",
+            text = np.array2string(item.ravel(), separator=", ", threshold=64, edgeitems=4, floatmode="unique",
                                    max_line_width=10**6)
             parts.append(f"{item.dtype} {item.shape} {text}")
         else:
