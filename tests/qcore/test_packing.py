@@ -16,21 +16,13 @@ from hypothesis import strategies as st
 import qcore
 from qcore import _parallel, packing
 from qcore.packing import pack, packed_shape, unpack
+from qcore.testing.checks import ref_pack  # element i -> stream bits [i*b, (i+1)*b), LSB first, zero padding
+from qcore.testing.strategies import LEADING_SHAPES, ROW_LENGTHS
 
 WIDTHS = list(range(1, 9))
 
 
 # --- the NumPy bit-stream reference ---------------------------------------------------------------
-
-
-def ref_pack(codes, bits):
-    """Element i of a row -> stream bits [i*bits, (i+1)*bits), LSB first; stream bit k -> bit k%8 of
-    byte k//8; zero padding. One row per index of the leading axes."""
-    codes = np.asarray(codes, np.uint8)
-    n = codes.shape[-1]
-    per_code = np.unpackbits(codes[..., None], axis=-1, bitorder="little")[..., :bits]
-    stream = per_code.reshape(codes.shape[:-1] + (n * bits,))
-    return np.packbits(stream, axis=-1, bitorder="little")
 
 
 def ref_unpack(packed, bits, n):
@@ -256,14 +248,7 @@ def test_unaligned_and_read_only_buffers(bits):
 
 # --- Hypothesis -------------------------------------------------------------------------------------
 
-LAST_AXIS = st.one_of(
-    st.sampled_from([0, 1, 2, 3, 5, 7, 8, 9, 13, 31, 33, 63, 64, 65, 97, 127, 1000, 1021]),
-    st.integers(0, 300),
-)
-LEADING = st.one_of(
-    st.lists(st.integers(0, 4), min_size=0, max_size=3),
-    st.lists(st.integers(1, 600), min_size=1, max_size=1),  # many rows
-)
+LAST_AXIS, LEADING = ROW_LENGTHS, LEADING_SHAPES  # the row lengths and leading shapes of qcore.testing
 
 
 @given(bits=st.integers(1, 8), lead=LEADING, n=LAST_AXIS, seed=st.integers(0, 2**32 - 1))

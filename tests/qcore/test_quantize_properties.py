@@ -1,44 +1,18 @@
-"""The promises of docs/numerics.md, as properties over random shapes, axes, bits, modes and granularities."""
+"""The promises of docs/numerics.md, as properties over random shapes, axes, bits, modes and granularities.
+
+The strategies and the promise checks live in ``qcore.testing`` (the same suite other quantizers can run)."""
 
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
-from qcore import PerChannel, PerGroup, PerTensor, QuantScheme, dequantize, fake_quantize, quantize
+from qcore import PerChannel, PerGroup, QuantScheme, dequantize, fake_quantize, quantize
+from qcore.testing import PROMISES, adapters
+from qcore.testing.conformance import run_check
+from qcore.testing.strategies import F32_MAX, expand as _expand, extreme_groups, schemes_and_arrays
 from tests.qcore.reference import compute_view, ref_dequantize, ref_quantize
-
-DTYPES = [np.float16, np.float32, np.float64, ml_dtypes.bfloat16]
-
-
-@st.composite
-def schemes_and_arrays(draw, max_rank=3, elements=None):
-    rank = draw(st.integers(1, max_rank))
-    shape = list(draw(hnp.array_shapes(min_dims=rank, max_dims=rank, min_side=0, max_side=9)))
-    bits = draw(st.integers(1, 8))
-    symmetric = bits > 1 and draw(st.booleans())
-    kind = draw(st.sampled_from(["tensor", "channel", "group"]))
-    axis = draw(st.integers(-rank, rank - 1))
-    if kind == "tensor":
-        gran = PerTensor()
-    elif kind == "channel":
-        gran = PerChannel(axis)
-    else:
-        size = draw(st.sampled_from([1, 2, 3, 4, 8]))
-        shape[axis] = size * draw(st.integers(0, 4))
-        gran = PerGroup(size, axis)
-    dtype = draw(st.sampled_from(DTYPES))
-    if elements is None:
-        scale = draw(st.sampled_from([1e-30, 1e-3, 1.0, 1e4, 1e30]))
-        elements = st.floats(-1, 1, width=32).map(lambda v: v * scale)
-    data = draw(hnp.arrays(np.float64, tuple(shape), elements=elements))
-    with np.errstate(over="ignore"):  # 1e30 does not fit float16: such draws are discarded just below
-        x = data.astype(dtype)
-    assume(np.all(np.isfinite(x.astype(np.float64))))
-    return x, QuantScheme(bits, symmetric, gran)
-
 
 @given(schemes_and_arrays())
 def test_kernels_equal_numpy_reference_bit_for_bit(case):
@@ -53,17 +27,6 @@ def test_kernels_equal_numpy_reference_bit_for_bit(case):
     else:
         np.testing.assert_array_equal(qa.zero_point, zp)
     np.testing.assert_array_equal(dequantize(qa), ref_dequantize(codes, scale, zp, scheme))
-
-
-def _expand(params, x_shape, scheme):
-    """Broadcast per-group parameters back to the element shape."""
-    g = scheme.granularity
-    if isinstance(g, PerTensor):
-        return np.broadcast_to(params, x_shape)
-    if isinstance(g, PerChannel):
-        axis = g.axis % len(x_shape)
-        return np.broadcast_to(params.reshape([-1 if i == axis else 1 for i in range(len(x_shape))]), x_shape)
-    return np.repeat(params, g.size, axis=g.axis)
 
 
 @given(schemes_and_arrays())
@@ -139,21 +102,6 @@ def test_other_output_dtypes(dtype):
     np.testing.assert_array_equal(y, dequantize(qa).astype(dtype))
 
 
-F32_MAX = float(np.finfo(np.float32).max)
-
-
-@st.composite
-def extreme_groups(draw):
-    """Per-tensor schemes on values anywhere up to +-float32 max, ranges wider than float32 can hold included."""
-    bits = draw(st.integers(1, 8))
-    symmetric = bits > 1 and draw(st.booleans())
-    ends = st.floats(0, 1).map(lambda u: u * F32_MAX)
-    lo, hi = -draw(ends), draw(ends)
-    fill = st.floats(0, 1).map(lambda u: lo + u * (hi - lo))
-    x = np.array([lo, hi] + draw(st.lists(fill, max_size=6)), np.float32)
-    return x, QuantScheme(bits, symmetric, PerTensor())
-
-
 @given(extreme_groups())
 def test_error_bound_at_the_float32_extremes(case):
     """The exact bound: half a step, unless an asymmetric group spans more than float32 max; then one step.
@@ -170,3 +118,11 @@ def test_error_bound_at_the_float32_extremes(case):
     span = max(float(xf.max()), 0.0) - min(float(xf.min()), 0.0)
     bound = step / 2 if scheme.symmetric or span <= F32_MAX else step
     assert np.all(err <= bound * (1 + 1e-6) + np.abs(xf) * 2e-7), (float(np.max(err)) / step, span)
+
+
+@pytest.mark.parametrize("promise", list(PROMISES))
+def test_qcore_keeps_every_promise_of_the_conformance_suite(promise):
+    """Every promise of ``qcore.testing``, on subnormals to the float32 maximum, ties, all-zero groups and views."""
+    subject = adapters.qcore_packer() if promise in ("packing", "bit_order") else adapters.qcore_quantizer()
+    result = run_check(promise, subject, max_examples=settings().max_examples)
+    assert result.passed, f"{result.message}\ninput: {result.counterexample}"

@@ -1,0 +1,56 @@
+"""``python -m qcore.testing --against qcore,torchao,quanto,hqq,gguf``: the conformance table, promise by library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from . import adapters
+from .conformance import conformance_table, run_conformance
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qcore.testing", description=__doc__.split(":")[0])
+    p.add_argument("--against", default="qcore,gguf", help="comma-separated libraries, from "
+                   f"{','.join(adapters.LIBRARIES)}; those not installed are reported and skipped")
+    p.add_argument("--max-examples", type=int, default=100, help="Hypothesis examples per promise (default 100)")
+    p.add_argument("--only", default=None, help="comma-separated promise names to run")
+    p.add_argument("--ordinary", action="store_true", help="only ordinary magnitudes (1e-3 to 1e4) for every "
+                   "library, instead of each one's own range (subnormals to 3e38 unless it declares less)")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.against.split(",") if n.strip()]
+    unknown = [n for n in names if n not in adapters.LIBRARIES]
+    if unknown:
+        p.error(f"unknown library {unknown}; known: {', '.join(adapters.LIBRARIES)}")
+    if args.max_examples < 1:
+        p.error(f"--max-examples must be >= 1, got {args.max_examples}")
+    only = None if args.only is None else [n.strip() for n in args.only.split(",")]
+    results = {}
+    for name in names:
+        if not adapters.installed(name):
+            print(f"{name}: not installed, skipped", file=sys.stderr)
+            continue
+        try:
+            quantizers = adapters.LIBRARIES[name][1]()
+        except ImportError as e:
+            print(f"{name}: cannot be imported ({e}), skipped", file=sys.stderr)
+            continue
+        for qz in quantizers:
+            if args.ordinary:
+                qz = dataclasses.replace(qz, magnitudes=adapters.ORDINARY_MAGNITUDES)
+            print(f"checking {qz.name} ...", file=sys.stderr, flush=True)
+            packer = adapters.qcore_packer() if name == "qcore" else None
+            try:
+                results[qz.name] = run_conformance(qz, packer, args.max_examples, only=only)
+            except ValueError as e:
+                p.error(str(e))
+    if not results:
+        print("no library to check", file=sys.stderr)
+        return 2
+    print(conformance_table(results), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
