@@ -181,3 +181,22 @@ def test_ragged_checkpoint_with_divisible_scale_shape_is_refused(tmp_path):
     save_file(tensors, path, metadata=md)
     with pytest.raises(ValueError, match="'w'.*scale"):
         checkpoint.load(path)
+
+
+@pytest.mark.parametrize("qtype, scheme", [("Q8_0", QuantScheme(8, True, PerGroup(32))),
+                                           ("Q4_0", QuantScheme(4, False, PerGroup(32)))])
+def test_gguf_refuses_a_ragged_last_block_naming_the_tensor(tmp_path, qtype, scheme):
+    gguf = pytest.importorskip("gguf")
+    from qcore import gguf as qg
+
+    x = np.random.default_rng(5).standard_normal((4, 40)).astype(np.float32)
+    qa = quantize(x, scheme)  # groups of 32 and 8: GGUF blocks are all 32
+    with pytest.raises(ValueError, match=r"blk\.0\.ffn_up\.weight: .*multiple of 32.*\[4, 40\].*ragged"):
+        qg.encode(qa, qtype, name="blk.0.ffn_up.weight")
+    good = qg.quantize(np.ones((4, 64), np.float32), qtype)
+    path = tmp_path / "m.gguf"
+    meta = {"general.architecture": ("llama", gguf.GGUFValueType.STRING, None)}
+    with pytest.raises(ValueError, match=r"blk\.0\.ffn_up\.weight: .*ragged"):
+        qg.export_gguf(path, {"blk.0.attn_q.weight": good, "blk.0.ffn_up.weight": qa}, meta,
+                       types={"blk.0.attn_q.weight": qtype, "blk.0.ffn_up.weight": qtype})
+    assert not path.exists()  # refused before anything is written
