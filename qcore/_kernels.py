@@ -111,6 +111,16 @@ def _quantize_seg(seg, start, stop, s, z, qmin, qmax, out):
         out[i] = min(max(t, lo), hi)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _ngroups(length, g):
+    return (length + g - 1) // g  # a ragged last group counts as one
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _group_stop(j, g, length):
+    return min((j + 1) * g, length)  # the last group of a ragged row ends at the row's end
+
+
 # The kernels below run over a range of rows or elements ``[r0, r1)``, so that qcore._parallel can split one
 # call across a thread team (the team kernels at the end). (numba's parallel=True compiled 3x slower, a real
 # cost on every fresh install, and its runtime would be an OpenMP team of its own.)
@@ -119,7 +129,8 @@ def _quantize_seg(seg, start, stop, s, z, qmin, qmax, out):
 def quantize_rows(x, xbits, g, qmin, qmax, symmetric, codes, scale, zp, r0, r1):
     """Fused pass over rows ``r0..r1``: min/max of each group of ``g`` along axis 1, its parameters, then
     its codes. x: (R, L) float32/float64; xbits: x.view(int32) for float32 x, else an empty (R, 0) array;
-    codes: (R, L) int8/uint8; scale: (R, L//g) float32; zp: (R, L//g) uint8.
+    codes: (R, L) int8/uint8; scale: (R, ceil(L/g)) float32; zp: (R, ceil(L/g)) uint8. When g does not divide
+    L, the last group of each row is the shorter run ``[(ceil(L/g) - 1) * g, L)``.
     Returns the number of rows holding NaN or Inf (the caller raises; ``codes`` is then garbage).
     """
     length = x.shape[1]
@@ -131,15 +142,16 @@ def quantize_rows(x, xbits, g, qmin, qmax, symmetric, codes, scale, zp, r0, r1):
         xr = x[r]
         br = xbits[r]
         cr = codes[r]
-        for j in range(length // g):
-            mn, mx, nonfinite = _group_minmax(xr, br, j * g, (j + 1) * g, scratch)
+        for j in range(_ngroups(length, g)):
+            stop = _group_stop(j, g, length)
+            mn, mx, nonfinite = _group_minmax(xr, br, j * g, stop, scratch)
             if nonfinite:
                 bad += 1
                 break
             s, z = params_from_minmax(mn, mx, qmax, symmetric)
             scale[r, j] = s
             zp[r, j] = np.uint8(z)
-            _quantize_seg(xr, j * g, (j + 1) * g, s, z, qmin, qmax, cr)
+            _quantize_seg(xr, j * g, stop, s, z, qmin, qmax, cr)
     return bad
 
 
@@ -166,15 +178,15 @@ def _dequantize_seg(codes, start, stop, s, z, out):
 @njit(cache=True, nogil=True)
 def dequantize_rows(codes, g, scale, zp, out, r0, r1):
     """out[r, i] = (codes[r, i] - zp[r, i // g]) * scale[r, i // g] in float32 for rows ``r0..r1``;
-    ``zp`` may have 0 columns (symmetric)."""
+    ``zp`` may have 0 columns (symmetric). scale/zp have ceil(L/g) columns (a ragged last group)."""
     length = codes.shape[1]
     has_zp = zp.shape[1] > 0
     for r in range(r0, r1):
         cr = codes[r]
         orow = out[r]
-        for j in range(length // g):
+        for j in range(_ngroups(length, g)):
             z = np.float32(zp[r, j]) if has_zp else np.float32(0.0)
-            _dequantize_seg(cr, j * g, (j + 1) * g, scale[r, j], z, orow)
+            _dequantize_seg(cr, j * g, _group_stop(j, g, length), scale[r, j], z, orow)
 
 
 @njit(cache=True, nogil=True)
@@ -193,7 +205,7 @@ MINMAX_RANGE = _team.Operands("minmax_range", n=_I, x=_A, xbits=_A, xbits_len=_I
                               out=_A)  # out: float64 [chunks, 3]: min, max, non-finite
 QUANTIZE_FLAT = _team.Operands("quantize_flat", n=_I, x=_A, scale=_F, zero_point=_F, qmin=_I, qmax=_I, codes=_A)
 DEQUANTIZE_ROWS = _team.Operands("dequantize_rows", rows=_I, length=_I, codes=_A, g=_I, scale=_A, zp=_A, zp_cols=_I,
-                                 out=_A)  # out: float32 [rows, length]; scale has length // g columns
+                                 out=_A)  # out: float32 [rows, length]; scale has ceil(length / g) columns
 DEQUANTIZE_FLAT = _team.Operands("dequantize_flat", n=_I, codes=_A, scale=_F, zero_point=_F, out=_A)
 _read_quantize_rows, _read_minmax_range, _read_quantize_flat = (QUANTIZE_ROWS.read, MINMAX_RANGE.read,
                                                                QUANTIZE_FLAT.read)
@@ -242,7 +254,7 @@ def _quantize_flat_chunk(o, i, lo, hi, xdt, cdt):
 @njit(inline="always")
 def _dequantize_rows_chunk(o, i, lo, hi, cdt, _y):
     R, L, g = o.rows, o.length, o.g
-    ngroups = L // g
+    ngroups = _ngroups(L, g)
     dequantize_rows(carray(o.codes, (R, L), cdt), g, carray(o.scale, (R, ngroups), np.float32),
                     carray(o.zp, (R, o.zp_cols), np.uint8), carray(o.out, (R, L), np.float32), lo, hi)
     return 0
@@ -347,8 +359,8 @@ def minmax_params_rows(x, xbits, g, qmax, symmetric, scale, zp, r0, r1):
     for r in range(r0, r1):
         xr = x[r]
         br = xbits[r]
-        for j in range(length // g):
-            mn, mx, nonfinite = _group_minmax(xr, br, j * g, (j + 1) * g, scratch)
+        for j in range(_ngroups(length, g)):
+            mn, mx, nonfinite = _group_minmax(xr, br, j * g, _group_stop(j, g, length), scratch)
             if nonfinite:
                 bad += 1
                 break
@@ -374,9 +386,9 @@ def quantize_rows_given(x, xbits, g, qmin, qmax, codes, scale, zp, r0, r1):
         if length and _group_minmax(xr, xbits[r], 0, length, scratch)[2]:
             bad += 1
             continue
-        for j in range(length // g):
+        for j in range(_ngroups(length, g)):
             z = np.float64(zp[r, j]) if has_zp else 0.0
-            _quantize_seg(xr, j * g, (j + 1) * g, scale[r, j], z, qmin, qmax, cr)
+            _quantize_seg(xr, j * g, _group_stop(j, g, length), scale[r, j], z, qmin, qmax, cr)
     return bad
 
 
@@ -385,8 +397,8 @@ def _minmax_params_rows_chunk(head, i, lo, hi, xdt, _y):
     R, L, g = head[3], head[4], head[8]
     x = carray(_ptr(head, 5), (R, L), xdt)
     xbits = carray(_ptr(head, 6), (R, head[7]), np.int32)
-    scale = carray(_ptr(head, 11), (R, L // g), np.float32)
-    zp = carray(_ptr(head, 12), (R, L // g), np.uint8)
+    scale = carray(_ptr(head, 11), (R, _ngroups(L, g)), np.float32)
+    zp = carray(_ptr(head, 12), (R, _ngroups(L, g)), np.uint8)
     return minmax_params_rows(x, xbits, g, head[9], head[10] != 0, scale, zp, lo, hi)
 
 
@@ -396,7 +408,7 @@ def _quantize_rows_given_chunk(head, i, lo, hi, xdt, cdt):
     x = carray(_ptr(head, 5), (R, L), xdt)
     xbits = carray(_ptr(head, 6), (R, head[7]), np.int32)
     codes = carray(_ptr(head, 11), (R, L), cdt)
-    scale = carray(_ptr(head, 12), (R, L // g), np.float32)
+    scale = carray(_ptr(head, 12), (R, _ngroups(L, g)), np.float32)
     zp = carray(_ptr(head, 13), (R, head[14]), np.uint8)
     return quantize_rows_given(x, xbits, g, head[9], head[10], codes, scale, zp, lo, hi)
 

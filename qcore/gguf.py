@@ -162,6 +162,9 @@ def _check_array(qa: QuantizedArray, qtype: str, name: str) -> None:
             or g.size != BLOCK or g.axis % len(qa.shape) != len(qa.shape) - 1:
         raise ValueError(f"{name}: GGUF {qtype} holds {want} (blocks of {BLOCK} along the last axis), got "
                          f"{qa.scheme}")
+    if qa.shape[-1] % BLOCK:  # qcore's groups of 32 would end in a shorter one: GGUF blocks are all whole
+        raise ValueError(f"{name}: GGUF {qtype} needs a last axis that is a multiple of {BLOCK}, got shape "
+                         f"{list(qa.shape)} (a ragged last group is not expressible in GGUF blocks)")
     kind = "float" if qtype == "Q4_1" else "int"
     if qa.zero_point_kind != kind:
         raise ValueError(f"{name}: GGUF {qtype} needs zero_point_kind={kind!r}, got {qa.zero_point_kind!r}")

@@ -93,7 +93,8 @@ class QuantizedArray:
 
     ``codes`` has the shape of the original array (int8 for symmetric schemes, uint8 for asymmetric);
     ``scale`` is float32 of shape ``scheme.params_shape(shape)``: ``()`` per tensor, ``(shape[axis],)`` per
-    channel, the shape with ``axis`` divided by the group size per group. ``zero_point`` is uint8 of the same
+    channel, the shape with ``axis`` divided by the group size per group (rounded up: a group size that does not
+    divide the axis leaves a shorter last group). ``zero_point`` is uint8 of the same
     shape, or ``None`` for symmetric schemes. Codes were rounded half to even.
 
     ``zero_point_kind="float"`` (asymmetric only; see :data:`qcore.params.ZERO_POINT_KINDS`): ``zero_point`` is a
@@ -248,7 +249,7 @@ class _Rows:
             moved = np.moveaxis(xc, axis, -1)
             self.x = np.ascontiguousarray(moved).reshape(math.prod(moved.shape[:-1]), xc.shape[axis])
             self.g = scheme.granularity.size
-            self.ngroups = self.x.shape[1] // self.g
+            self.ngroups = -(-self.x.shape[1] // self.g)  # a ragged last group counts as one
         self.moved_shape = moved.shape
 
     def codes_back(self, codes2d: np.ndarray) -> np.ndarray:
@@ -399,7 +400,8 @@ def expand_params(p: np.ndarray, shape: tuple, scheme: QuantScheme) -> np.ndarra
         return p
     if kind == "channel":
         return p.reshape(tuple(shape[i] if i == axis else 1 for i in range(len(shape))))
-    return np.repeat(p, scheme.granularity.size, axis=axis)
+    # a ragged last group repeats past the axis' end: cut it back to the axis length
+    return np.take(np.repeat(p, scheme.granularity.size, axis=axis), np.arange(shape[axis]), axis=axis)
 
 
 def _quantize_float_zp(x: np.ndarray, params: QParams) -> QuantizedArray:

@@ -63,7 +63,8 @@ class PerChannel:
 
 @dataclass(frozen=True)
 class PerGroup:
-    """One scale per run of ``size`` consecutive elements along ``axis``, inside each row."""
+    """One scale per run of ``size`` consecutive elements along ``axis``, inside each row; when ``size`` does not
+    divide the axis, the last run of each row is shorter (``ceil(n / size)`` groups)."""
 
     size: int
     axis: int = -1
@@ -155,10 +156,14 @@ class QuantScheme:
         return np.dtype(np.int8) if self.symmetric else np.dtype(np.uint8)
 
     def params_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Shape of ``scale``/``zero_point`` for an input of ``shape`` (validates the shape first).
+        """Shape of ``scale``/``zero_point`` for an input of ``shape`` (validates the shape first). A group size
+        that does not divide the axis gives ``ceil(n / size)`` groups, the last one shorter (as compressed-tensors
+        stores them).
 
         >>> QuantScheme(4, False, PerGroup(2)).params_shape((3, 8))
         (3, 4)
+        >>> QuantScheme(4, False, PerGroup(128)).params_shape((3, 576))  # 4 groups of 128, then one of 64
+        (3, 5)
         """
         self.validate_shape(shape)
         g = self.granularity
@@ -167,7 +172,7 @@ class QuantScheme:
         if isinstance(g, PerChannel):
             return (shape[_normalize_axis(g.axis, len(shape), "PerChannel")],)
         axis = _normalize_axis(g.axis, len(shape), "PerGroup")
-        return tuple(n // g.size if i == axis else n for i, n in enumerate(shape))
+        return tuple(-(-n // g.size) if i == axis else n for i, n in enumerate(shape))
 
     def validate_shape(self, shape: tuple[int, ...]) -> None:
         """Raise ``ValueError`` if this scheme cannot be applied to an array of ``shape``."""
@@ -178,9 +183,7 @@ class QuantScheme:
         if isinstance(g, PerChannel):
             _normalize_axis(g.axis, ndim, "PerChannel")
         elif isinstance(g, PerGroup):
-            axis = _normalize_axis(g.axis, ndim, "PerGroup")
-            if shape[axis] % g.size:
-                raise ValueError(f"PerGroup size {g.size} does not divide the length {shape[axis]} of axis {g.axis}")
+            _normalize_axis(g.axis, ndim, "PerGroup")
 
     def to_dict(self) -> dict:
         """JSON-safe form, with a format version (see :meth:`from_dict`)."""

@@ -76,7 +76,8 @@ class WeightSpec:
             return ()
         if self.kind == "channel":
             return (n,) if self.axis == 0 else (k,)
-        return (n, k // g) if self.axis == 1 else (n // g, k)
+        # a group size that does not divide its axis leaves a shorter last group: ceil(n / g) groups
+        return (n, -(-k // g)) if self.axis == 1 else (-(-n // g), k)
 
     @property
     def qweight_dtype(self) -> torch.dtype:
@@ -93,7 +94,7 @@ class WeightSpec:
             return 1, 1, n
         if self.kind == "channel":
             return (n, 1, 1) if self.axis == 0 else (1, k, n)
-        return (n, k // g, 1) if self.axis == 1 else (n // g, k, g)
+        return (n, -(-k // g), 1) if self.axis == 1 else (-(-n // g), k, g)
 
 
 def _check(x, qweight, scale, zero_point, spec: WeightSpec) -> None:
@@ -156,7 +157,8 @@ def _dequant_block(ops, spec: WeightSpec, r0: int, r1: int, dtype: torch.dtype, 
     kdt = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     w = out if out is not None and dtype == kdt else torch.empty((r1 - r0, k), dtype=kdt)
     dst = w.view(torch.int16).numpy().view("uint16") if kdt == torch.bfloat16 else w.numpy()
-    _dq.dequant_rows(q, spec.bits, signed8, k, S, Z, zero, row_div, r0, r1, dst)
+    group = spec.group if spec.kind == "group" and spec.axis == 1 else 0  # along K: the ragged last group's size
+    _dq.dequant_rows(q, spec.bits, signed8, k, S, Z, zero, row_div, r0, r1, dst, group)
     return w if dtype == kdt else w.to(dtype)
 
 

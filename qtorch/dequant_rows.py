@@ -7,7 +7,8 @@ codes themselves, int8 when symmetric), and writes ``out[r - r0, k] = (code - ze
 float32 value to nearest even, so it equals ``dequantize(...).to(torch.bfloat16)`` bit for bit.
 
 Scales and zero points come in one form for every granularity: ``S[R, G]`` with row ``r // row_div`` and group
-``k // (K // G)``: per tensor ``[1, 1]`` (row_div = N), per channel ``[N, 1]``, groups along K ``[N, K/g]``, per
+``k // (K // G)``: per tensor ``[1, 1]`` (row_div = N), per channel ``[N, 1]``, groups along K ``[N, ceil(K/g)]``
+(``group=g``: the last group shorter where g does not divide K), per
 input column ``[1, K]`` (row_div = N), groups along N ``[N/g, K]`` (row_div = g). ``Z`` is uint8 of the same
 shape, or ``[0, 0]`` with ``zero`` the fixed offset (0 for int8 codes, ``2^(bits-1)`` for packed symmetric ones).
 
@@ -78,49 +79,59 @@ def _put_typed(dst, k, v):
     return store
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _group(qrow, bits, k0, gs, s, z, whole_bytes, dst):  # pragma: no cover - compiled
+    # codes k0 .. k0 + gs of a row, over slices from 0 (LLVM vectorises these; indexing the whole row from k0
+    # measured 2.3x slower)
+    dg = dst[k0:k0 + gs]
+    if bits == 8:  # int8 rows (symmetric) or uint8 rows (asymmetric)
+        qg = qrow[k0:k0 + gs]
+        for k in range(gs):
+            _put(dg, k, (np.float32(qg[k]) - z) * s)
+    elif bits == 4 and whole_bytes:  # low nibble first
+        qg = qrow[k0 >> 1:(k0 + gs) >> 1]
+        for j in range(gs >> 1):
+            c = np.int32(qg[j])
+            _put(dg, 2 * j, (np.float32(c & 15) - z) * s)
+            _put(dg, 2 * j + 1, (np.float32(c >> 4) - z) * s)
+    else:
+        for k in range(gs):
+            _put(dg, k, (np.float32(_code(qrow, k0 + k, bits)) - z) * s)
+
+
 @njit(cache=True, nogil=True)
-def _row(qrow, bits, K, S, Z, sr, zero, dst):  # pragma: no cover - compiled
-    # one output row: groups of K // G codes share a scale (and a zero point). Each group's loop runs over slices
-    # from 0 (LLVM vectorises these; indexing the whole row from k0 measured 2.3x slower). ``_put`` stores each
-    # value as float32 or as bfloat16 bits, by ``dst``'s dtype: converting in registers measured 2.2x faster than
-    # a float32 scratch row converted afterwards
+def _row(qrow, bits, K, S, Z, sr, zero, gsize, dst):  # pragma: no cover - compiled
+    # one output row: groups of ``gsize`` codes share a scale (and a zero point); a ragged row ends in a shorter
+    # group, done apart so that the loop over whole groups keeps one trip count (a per-group length measured 20%
+    # slower for 8-bit rows to bfloat16). ``_put`` stores each value as float32 or as bfloat16 bits, by ``dst``'s
+    # dtype: converting in registers measured 2.2x faster than a float32 scratch row converted afterwards
     G = S.shape[1]
-    gs = K // G
+    full = min(G, K // gsize)
     has_z = Z.shape[0] > 0
-    for g in range(G):
-        s = S[sr, g]
+    even = gsize % 2 == 0
+    for g in range(full):
         z = np.float32(Z[sr, g]) if has_z else np.float32(zero)  # code - z is exact in float32 too
-        k0 = g * gs
-        dg = dst[k0:k0 + gs]
-        if bits == 8:  # int8 rows (symmetric) or uint8 rows (asymmetric)
-            qg = qrow[k0:k0 + gs]
-            for k in range(gs):
-                _put(dg, k, (np.float32(qg[k]) - z) * s)
-        elif bits == 4 and gs % 2 == 0:  # whole bytes: low nibble first
-            qg = qrow[k0 >> 1:(k0 + gs) >> 1]
-            for j in range(gs >> 1):
-                c = np.int32(qg[j])
-                _put(dg, 2 * j, (np.float32(c & 15) - z) * s)
-                _put(dg, 2 * j + 1, (np.float32(c >> 4) - z) * s)
-        else:
-            for k in range(gs):
-                _put(dg, k, (np.float32(_code(qrow, k0 + k, bits)) - z) * s)
+        _group(qrow, bits, g * gsize, gsize, S[sr, g], z, even, dst)
+    if full < G:
+        z = np.float32(Z[sr, G - 1]) if has_z else np.float32(zero)
+        k0 = full * gsize
+        _group(qrow, bits, k0, K - k0, S[sr, G - 1], z, even and (K - k0) % 2 == 0, dst)
 
 
 @njit(cache=True, nogil=True)
-def _ranged(q, bits, K, S, Z, zero, row_div, r0, out32, out16, a, b):  # pragma: no cover - compiled
+def _ranged(q, bits, K, S, Z, zero, row_div, gsize, r0, out32, out16, a, b):  # pragma: no cover - compiled
     # rows r0 + a .. r0 + b into out32 (float32) or, where it has rows, out16 (bfloat16 bits)
     for i in range(a, b):
         r = r0 + i
         if out16.shape[0]:
-            _row(q[r], bits, K, S, Z, r // row_div, zero, out16[i])
+            _row(q[r], bits, K, S, Z, r // row_div, zero, gsize, out16[i])
         else:
-            _row(q[r], bits, K, S, Z, r // row_div, zero, out32[i])
+            _row(q[r], bits, K, S, Z, r // row_div, zero, gsize, out32[i])
 
 
 # The argument block of the team kernel (int64): chunk counter, chunks, then shapes, flags and addresses.
 (_B_NEXT, _B_CHUNKS, _B_N, _B_KB, _B_K, _B_R, _B_G, _B_ZR, _B_BITS, _B_SIGNED, _B_ZERO, _B_DIV, _B_R0, _B_ROWS,
- _B_BF16, _B_Q, _B_S, _B_Z, _B_OUT, _B_LEN) = range(20)
+ _B_BF16, _B_Q, _B_S, _B_Z, _B_OUT, _B_GSIZE, _B_LEN) = range(21)
 
 
 def _team_rows(data):  # pragma: no cover - compiled; runs on every thread of torch's OpenMP team
@@ -139,10 +150,10 @@ def _team_rows(data):  # pragma: no cover - compiled; runs on every thread of to
         a, e = rows * i // nchunks, rows * (i + 1) // nchunks
         if b[_B_SIGNED]:
             _ranged(carray(_omp.as_ptr(b[_B_Q]), (b[_B_N], b[_B_KB]), np.int8), b[_B_BITS], K, S, Z, b[_B_ZERO],
-                    b[_B_DIV], b[_B_R0], out32, out16, a, e)
+                    b[_B_DIV], b[_B_GSIZE], b[_B_R0], out32, out16, a, e)
         else:
             _ranged(carray(_omp.as_ptr(b[_B_Q]), (b[_B_N], b[_B_KB]), np.uint8), b[_B_BITS], K, S, Z, b[_B_ZERO],
-                    b[_B_DIV], b[_B_R0], out32, out16, a, e)
+                    b[_B_DIV], b[_B_GSIZE], b[_B_R0], out32, out16, a, e)
 
 
 _TEAM_KERNEL = _omp.TeamKernel(_team_rows)
@@ -150,11 +161,12 @@ _CHUNK_VALUES = 1 << 15  # values per claimed chunk at least: smaller hand-offs 
 
 
 def dequant_rows(q: np.ndarray, bits: int, signed8: bool, K: int, S: np.ndarray, Z: np.ndarray, zero: int,
-                 row_div: int, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
+                 row_div: int, r0: int, r1: int, out: np.ndarray, group: int = 0) -> np.ndarray:
     """Write rows ``r0..r1`` of the dequantized ``[N, K]`` weight into ``out`` (``[r1 - r0, K]``, float32, or
-    uint16 holding bfloat16 bits); returns ``out``. The operands' form: module docstring. Every operand is
-    checked (dtype, C-contiguity, shape) before its address reaches the kernel: a ``TypeError`` / ``ValueError``
-    names it.
+    uint16 holding bfloat16 bits); returns ``out``. The operands' form: module docstring. ``group``: codes per
+    group along K, for groups that do not divide K (``G = ceil(K / group)``, the last group shorter); 0 means
+    ``K // G``. Every operand is checked (dtype, C-contiguity, shape) before its address reaches the kernel: a
+    ``TypeError`` / ``ValueError`` names it.
     """
     for name, a, dts in (("q", q, ("uint8",)), ("S", S, ("float32",)), ("Z", Z, ("uint8",)),
                          ("out", out, ("float32", "uint16"))):
@@ -170,9 +182,13 @@ def dequant_rows(q: np.ndarray, bits: int, signed8: bool, K: int, S: np.ndarray,
     if KB != (K * bits + 7) // 8:
         raise ValueError(f"q has rows of {KB} bytes, {K} codes of {bits} bits need {(K * bits + 7) // 8}")
     R, G = S.shape
-    if not (G >= 1 and K % G == 0 and row_div >= 1 and R >= 1 and (N - 1) // row_div < R):
-        raise ValueError(f"S must be [rows, groups] with groups dividing K={K} and (N-1) // row_div < rows; got "
-                         f"{S.shape} and row_div={row_div} for N={N}")
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 0:
+        raise ValueError(f"group must be an int >= 0, got {group!r}")
+    groups_ok = K % G == 0 if group == 0 else G == -(-K // group)
+    if not (G >= 1 and groups_ok and row_div >= 1 and R >= 1 and (N - 1) // row_div < R):
+        raise ValueError(f"S must be [rows, groups] with groups dividing K={K} (or ceil(K / group) groups, "
+                         f"group={group}) and (N-1) // row_div < rows; got {S.shape} and row_div={row_div} for N={N}")
+    gsize = K // G if group == 0 else int(group)
     if Z.shape not in ((0, 0), (R, G)):
         raise ValueError(f"Z must be {[R, G]} or [0, 0], got {list(Z.shape)}")
     if not 0 <= r0 <= r1 <= N or out.shape != (r1 - r0, K):
@@ -183,12 +199,12 @@ def dequant_rows(q: np.ndarray, bits: int, signed8: bool, K: int, S: np.ndarray,
     bf16 = out.dtype == np.uint16
     nchunks = int(max(1, min(rows, rows * K // _CHUNK_VALUES, 16 * _omp.team_size())))
     block = np.array((0, nchunks, N, KB, K, R, G, Z.shape[0], bits, signed8, zero, row_div, r0, rows, bf16,
-                      q.ctypes.data, S.ctypes.data, Z.ctypes.data, out.ctypes.data), np.int64)
+                      q.ctypes.data, S.ctypes.data, Z.ctypes.data, out.ctypes.data, gsize), np.int64)
     out32 = out if not bf16 else np.empty((0, K), np.float32)
     out16 = out if bf16 else np.empty((0, K), np.uint16)
     # without torch's team: the calling thread, or qcore's threads
     qk = q.view(np.int8) if signed8 else q
-    _omp.run(nchunks, _TEAM_KERNEL, block, _ranged, (qk, bits, K, S, Z, zero, row_div, r0, out32, out16), rows,
+    _omp.run(nchunks, _TEAM_KERNEL, block, _ranged, (qk, bits, K, S, Z, zero, row_div, gsize, r0, out32, out16), rows,
              max(1, _CHUNK_VALUES // K))
     return out
 

@@ -344,11 +344,7 @@ def _incompatibility(module: nn.Module, kind: str, names: list[str], parents, ta
     if target.scheme is not None:
         try:
             target.scheme.validate_shape((int(out_f), int(in_f)))
-        except ValueError as e:
-            g = target.scheme.granularity
-            if isinstance(g, PerGroup) and g.axis in (-1, 1) and in_f % g.size:
-                return (f"in_features={int(in_f)} is not divisible by the group size {g.size} "
-                        f"({scheme_label(target.scheme)})")
+        except ValueError as e:  # a group size that does not divide in_features is served (a shorter last group)
             return f"shape {int(out_f)}x{int(in_f)} does not fit {scheme_label(target.scheme)}: {e}"
     # A finite sum proves every element finite (NaN/Inf propagate) without a full-size temporary; only a
     # non-finite sum (NaN/Inf, or an overflow of huge values) pays for the elementwise check.

@@ -15,7 +15,8 @@ Nothing is skipped silently: every layer that stays dense carries a ``reason``.
 
     >>> import json, torch, qtorch
     >>> model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.Linear(64, 10))
-    >>> report = qtorch.plan(model, "w4a16", on_incompatible="skip")   # 64 inputs: no group of 128 fits
+    >>> _ = model[1].register_forward_hook(lambda m, i, o: None)      # a hooked layer is not replaced
+    >>> report = qtorch.plan(model, "w4a16", on_incompatible="skip")
     >>> [(r.name, r.status) for r in report]
     [('0', 'planned'), ('1', 'incompatible')]
     >>> s = json.dumps(report.to_dict(), allow_nan=False)              # JSON-safe; print(report) is a table

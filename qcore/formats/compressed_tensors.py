@@ -103,7 +103,7 @@ def _strategy(scheme: QuantScheme) -> tuple:
 def _scale_shape(shape: tuple, scheme: QuantScheme) -> tuple:
     kind, size = _strategy(scheme)
     if kind == "group":
-        return (shape[0], shape[1] // size)
+        return (shape[0], -(-shape[1] // size))  # ceil: a ragged last group has its own scale, as in their files
     return (shape[0], 1) if kind == "channel" else (1,)
 
 
@@ -129,9 +129,6 @@ class CompressedTensorsFormat(CheckpointFormat):
             return "compressed-tensors has one scale per output channel (axis 0), not per column"
         if isinstance(g, PerGroup) and g.axis % 2 != 1:
             return "compressed-tensors groups run along the input axis (-1), not along axis 0"
-        if isinstance(g, PerGroup) and shape[1] % g.size:
-            return (f"group size {g.size} does not divide the input size {shape[1]} (ragged last groups are not "
-                    f"supported yet)")
         if isinstance(g, PerTensor) and not scheme.symmetric:
             return "asymmetric per-tensor weights are not written in compressed-tensors (use per channel or group)"
         return None

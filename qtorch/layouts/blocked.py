@@ -353,6 +353,8 @@ class Blocked(Layout):
             return False
         if spec.kind == "group" and spec.axis != 1 or spec.kind == "channel" and spec.axis != 0:
             return False
+        if spec.kind == "group" and spec.in_features % spec.group:  # its tiles hold whole groups only
+            return False
         return blocked_tile(spec.out_features) > 0
 
     def path(self, device_type, dtype, rows, bits):

@@ -74,9 +74,25 @@ def _codes_view(c: torch.Tensor, kind: str, axis: int, n: int, k: int, g: int) -
 
 
 
+def _per_element(p: torch.Tensor, axis: int, n: int, k: int, g: int) -> torch.Tensor:
+    """A group scale/zero point repeated to one value per element ``[N, K]``, the ragged last group cut to the
+    axis' end (``ceil(k / g)`` groups: 2 groups of 4 cover a row of 6 as 4 + 2)."""
+    if axis == 1:
+        return p.reshape(n, -1).repeat_interleave(g, dim=1)[:, :k]
+    return p.reshape(-1, k).repeat_interleave(g, dim=0)[:n]
+
+
 def affine(c, scale, zero_point, kind, axis, n, k, group, dtype, float_zero_point: bool = False):
     """``(c - zero_point) * scale`` of float32 codes ``c [N, K]``, returned ``[N, K]`` in ``dtype``;
     ``float_zero_point``: ``c * scale + zero_point`` (float32 offsets, qcore's ``zero_point_kind="float"``)."""
+    if kind == "group" and (k if axis == 1 else n) % group:
+        # a ragged last group does not reshape into [groups, g]: parameters per element instead (same arithmetic)
+        s = _per_element(scale, axis, n, k, group)
+        if float_zero_point:
+            return (c * s + _per_element(zero_point, axis, n, k, group)).to(dtype)
+        if zero_point is not None:
+            c = c - _per_element(zero_point, axis, n, k, group).to(torch.float32)
+        return (c * s).to(dtype)
     c = _codes_view(c, kind, axis, n, k, group)
     if float_zero_point:
         # two float32 roundings in qcore's (and GGUF Q4_1's) order: no fused multiply-add

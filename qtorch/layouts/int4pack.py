@@ -1,6 +1,7 @@
 """The int4pack layout: PyTorch's ``torch._weight_int4pack_mm_for_cpu`` (CPU, bfloat16, 4 bits in groups).
 
-Eligible for 4-bit weights in groups of 32/64/128/256 along K of a bfloat16 layer on CPU with N % 16 == 0.
+Eligible for 4-bit weights in groups of 32/64/128/256 along K of a bfloat16 layer on CPU with N % 16 == 0
+and K a multiple of the group size (a ragged last group is not expressible in its tiles).
 ``qweight`` is the output of ``torch._convert_weight_to_int4pack_for_cpu`` (a CPU-capability-specific blocked
 layout); scale and zero point stay canonical, and the kernel's ``scales_and_zeros [K/g, N, 2]`` (bf16,
 ``zero = (8 - zp) * scale``) are derived data (``aux``). Its packed layout depends on the CPU capability (blocks of
@@ -167,7 +168,8 @@ class Int4Pack(Layout):
 
     def eligible(self, spec, device, compute_dtype):
         return (device.type == "cpu" and compute_dtype == torch.bfloat16 and spec.bits == 4 and spec.kind == "group"
-                and spec.axis == 1 and spec.group in INT4PACK_GROUPS and spec.out_features % 16 == 0
+                and spec.axis == 1 and spec.group in INT4PACK_GROUPS and spec.in_features % spec.group == 0
+                and spec.out_features % 16 == 0
                 and spec.out_features not in _UNUSABLE)
 
     def path(self, device_type, dtype, rows, bits):

@@ -350,9 +350,6 @@ def test_interrupted_run_leaves_nothing(model_dir, tmp_path, capsys, monkeypatch
 
 
 def test_scheme_that_does_not_fit_is_refused_before_writing(model_dir, tmp_path, capsys):
-    expect_error(capsys, ["quantize", model_dir[0], tmp_path / "out", "--group-size", 48],
-                 "PerGroup size 48 does not divide the length 64", "--exclude")
-    assert os.listdir(tmp_path) == ["model"]
     expect_error(capsys, ["quantize", model_dir[0], tmp_path / "out", "--bits", 1], "use symmetric=False")
     assert os.listdir(tmp_path) == ["model"]
 

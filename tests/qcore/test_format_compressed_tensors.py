@@ -150,13 +150,13 @@ def test_folder_config_is_compressed_tensors_own_and_names_dense_weights(tmp_pat
     assert loaded["lm_head.weight"].dtype == ml_dtypes.bfloat16
 
 
-def test_a_group_that_does_not_divide_is_refused_naming_the_tensor_before_writing(tmp_path, capsys):
-    model_folder(tmp_path / "in", rows=72)  # down_proj is [64, 64], up_proj [72, 64]: group 48 fits neither
+def test_a_group_that_does_not_divide_is_written_with_ceil_groups(tmp_path, capsys):
+    model_folder(tmp_path / "in", rows=72)  # down_proj is [64, 64], up_proj [72, 64]: groups of 48 and 16
     rc = cli.main(["quantize", str(tmp_path / "in"), str(tmp_path / "out"), "--bits", "4", "--group-size", "48",
                    "--format", "compressed-tensors"])
-    err = capsys.readouterr().err
-    assert rc == 1 and "model.layers.0.mlp.up_proj.weight [72, 64]" in err and "does not divide" in err
-    assert not os.path.exists(tmp_path / "out")
+    assert rc == 0, capsys.readouterr().err
+    loaded = ctf.load_folder(tmp_path / "out")
+    assert loaded["model.layers.0.mlp.up_proj.weight"].scale.shape == (72, 2)
 
 
 def test_a_tensor_that_is_not_a_module_weight_is_refused_before_writing(tmp_path, capsys):

@@ -258,15 +258,22 @@ def test_group_size():
         scheme("--group-size", "0")
 
 
-def test_incompatible_layers_remedies_are_flags_and_skip_keeps_them_dense(tiny_bert, capsys):
-    argv = ["quantize", str(tiny_bert), "--scheme", "w4a16", "--group-size", "256", "--rounds", "1"]
-    err = error_of(argv, capsys)  # in_features 128 does not take groups of 256; the 256-wide ones do
-    assert "not divisible by the group size 256" in err
+def test_incompatible_layers_remedies_are_flags_and_skip_keeps_them_dense(tiny_bert, tmp_path, capsys):
+    # every width takes groups of 256 (a shorter last group); a NaN weight fits no scheme
+    bad = tmp_path / "nan-bert"
+    shutil.copytree(tiny_bert, bad)
+    model = transformers.BertModel.from_pretrained(bad)
+    with torch.no_grad():
+        model.encoder.layer[0].attention.self.query.weight[0, 0] = float("nan")
+    model.save_pretrained(bad)
+    argv = ["quantize", str(bad), "--scheme", "w4a16", "--group-size", "256", "--rounds", "1"]
+    err = error_of(argv, capsys)
+    assert "weight contains NaN or Inf" in err
     assert "--exclude lm_head --exclude encoder.layer.0.attention.self.query" in err and "--skip-incompatible" in err
     assert "on_incompatible" not in err and "exclude=" not in err
     assert main(argv + ["--skip-incompatible"]) == 0
     text = capsys.readouterr().out
-    assert "Linear layers (11 incompatible, 2 quantized)" in text and "dense: incompatible" in text
+    assert "Linear layers (1 incompatible, 12 quantized)" in text and "dense: incompatible" in text
 
 
 def test_default_lm_head_exclusion_is_not_reported_as_unmatched(tiny_bert, capsys):

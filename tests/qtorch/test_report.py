@@ -30,7 +30,10 @@ def model():
 
 @pytest.fixture(scope="module")
 def reports():
-    plan = qtorch.plan(model(), "w4a16", on_incompatible="skip")
+    planned = model()
+    with torch.no_grad():
+        planned[3].weight[0, 0] = float("nan")  # incompatible with any scheme
+    plan = qtorch.plan(planned, "w4a16", on_incompatible="skip")
     m = model()
     applied = qtorch.quantize_model(m, "w8a16", exclude=["lm_head", "3"])
     return plan, applied, m
@@ -40,7 +43,7 @@ def test_records_and_totals(reports):
     plan, applied, m = reports
     assert [r.name for r in plan] == ["0", "2", "3", "lm_head"]
     assert [r.status for r in plan] == ["planned", "planned", "incompatible", "excluded"]
-    assert plan["3"].reason == "in_features=100 is not divisible by the group size 128 (int4 asym g128)"
+    assert plan["3"].reason == "weight contains NaN or Inf (first at index (0, 0) of the [out, in] weight)"
     assert plan["0"].shape == (128, 256) and plan["0"].dtype == "float32" and plan["0"].kind == "Linear"
     assert plan["0"].bytes_before == (128 * 256 + 128) * 4
     # int4 codes packed two per byte + float32 scale and uint8 zero point per group of 128 + the bias
@@ -79,7 +82,7 @@ def test_str_is_a_readable_table(reports):
     for name in ("0", "2", "3", "lm_head"):
         assert any(line.split()[0] == name for line in lines[3:]), name
     row = next(line for line in lines if line.startswith("3 "))
-    assert "128x100" in row and "dense: incompatible" in row and "not divisible" in row
+    assert "128x100" in row and "dense: incompatible" in row and "NaN" in row
     assert any(line.startswith("total") and "x smaller" in line for line in lines)
     assert "model memory (predicted):" in text
     text = str(applied)
