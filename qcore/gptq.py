@@ -85,6 +85,9 @@ def _check_scheme(scheme, n: int, k: int):
     if isinstance(g, PerChannel) and _normalize_axis(g.axis, 2, "PerChannel") == 0:
         return "channel", k
     if isinstance(g, PerGroup) and _normalize_axis(g.axis, 2, "PerGroup") == 1:
+        if k % g.size:
+            raise ValueError(f"GPTQ needs groups that divide K: group size {g.size} does not divide K = {k} (a "
+                             f"ragged last group is not supported by gptq yet; quantize() and params='mse' take it)")
         return "group", g.size
     raise ValueError(f"GPTQ quantizes along the input axis K of a weight [N, K]: the scheme needs PerTensor(), "
                      f"PerChannel(0) or PerGroup(size, axis=1), got {scheme}")

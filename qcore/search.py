@@ -52,13 +52,15 @@ def _group_error(seg, start, stop, s, z, qmin, qmax):
 
 @njit(cache=True, nogil=True)
 def _mse_rows(x, g, qmin, qmax, symmetric, steps, lowest, scale, zp, r0, r1):
-    """Best clipping of every group of ``g`` along axis 1 of rows ``r0..r1``: writes ``scale`` and ``zp``."""
-    ngroups = x.shape[1] // g
+    """Best clipping of every group of ``g`` along axis 1 of rows ``r0..r1`` (a shorter last group where ``g``
+    does not divide the row): writes ``scale`` and ``zp``."""
+    length = x.shape[1]
+    ngroups = (length + g - 1) // g
     for r in range(r0, r1):
         xr = x[r]
         for j in range(ngroups):
             start = j * g
-            stop = start + g
+            stop = min(start + g, length)
             mn = np.float64(xr[start])
             mx = mn
             for i in range(start, stop):
@@ -96,7 +98,7 @@ def mse_params(x: np.ndarray, scheme: QuantScheme) -> QParams:
         rows = _Rows(xc, kind, axis, scheme)
         rows2d, g, back = rows.x, rows.g, rows
     nrows, length = rows2d.shape
-    ngroups = length // g if length else (1 if kind == "tensor" else back.ngroups)
+    ngroups = -(-length // g) if length else (1 if kind == "tensor" else back.ngroups)  # ragged last group: one
     scale2d = np.full((nrows, ngroups), F32_TINY, np.float32)  # empty groups: the all-zero convention
     zp2d = np.zeros((nrows, ngroups), np.uint8)
     if nrows and length:

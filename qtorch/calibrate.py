@@ -48,6 +48,14 @@ def check_method(method: Any, calibration: Any, jobs) -> list | None:
         if calibration is not None:
             raise ValueError(f"calibration is used by method='gptq' only, not by method={method!r}")
         return None
+    from qcore.gptq import _check_scheme
+
+    for job in jobs:  # every layer GPTQ would quantize, checked before the first one is
+        if job.target is not None and job.target.scheme is not None:
+            try:
+                _check_scheme(job.target.scheme, *job.record.shape)
+            except ValueError as e:
+                raise ValueError(f"layer {job.record.name!r}: {e}") from None
     if calibration is None or isinstance(calibration, (torch.Tensor, dict, str)):
         raise ValueError("method='gptq' needs calibration=: a list of model inputs (tensors, tuples of positional "
                          "arguments, or dicts of keyword arguments such as a tokenizer's output)")

@@ -97,8 +97,22 @@ def test_bad_input_is_refused_by_name():
     x[1, 3] = np.nan
     with pytest.raises(ValueError, match=r"NaN and Inf cannot be quantized"):
         quantize(x, QuantScheme(4, False, PerGroup(4)), params="mse")
-    with pytest.raises(ValueError, match="does not divide"):
-        quantize(np.ones((2, 6), np.float32), QuantScheme(4, False, PerGroup(4)), params="mse")
+
+
+def test_a_ragged_last_group_gets_its_own_search():
+    """Group size 4 on rows of 6: two groups, the last of 2 values, each clipped on its own and never worse than
+    min-max."""
+    x = np.random.default_rng(5).standard_normal((3, 6)).astype(np.float32)
+    x[:, 4:] *= 40  # the short group's own range
+    s = QuantScheme(4, False, PerGroup(4))
+    a, b = quantize(x, s, params="mse"), quantize(x, s)
+    assert a.scale.shape == (3, 2)
+    for j, cols in enumerate((slice(0, 4), slice(4, 6))):
+        err = lambda qa: ((dequantize(qa)[:, cols] - x[:, cols]) ** 2).sum(axis=1)
+        assert np.all(err(a) <= err(b))
+        one = quantize(np.ascontiguousarray(x[:, cols]), QuantScheme(4, False, PerGroup(cols.stop - cols.start)),
+                       params="mse")
+        np.testing.assert_array_equal(a.scale[:, j], one.scale[:, 0])
 
 
 PINNED = "0e04dc19c5be6990d4d11efd881ccdb9a751d08d3b9bde170130824d559a2ccf"

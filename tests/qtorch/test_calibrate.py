@@ -180,3 +180,16 @@ def test_gptq_on_conv1d_layers_uses_the_transposed_weight(tmp_path):
     got = m.transformer.h[0].attn.c_attn.quantized_array()
     assert got.shape == (192, 64)
     assert np.mean(got.codes != want.codes) < 0.01  # the Hessian was summed in another order
+
+
+def test_gptq_refuses_a_ragged_layer_before_any_layer_changes():
+    """GPTQ needs groups that divide K: a model with one such layer is refused, naming it, and nothing changes."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 96),
+                                torch.nn.ReLU(), torch.nn.Linear(96, 32))
+    before = [m.weight.clone() for m in model if isinstance(m, torch.nn.Linear)]
+    with pytest.raises(ValueError, match=r"layer '4'.*group size 64 does not divide K = 96"):
+        qtorch.quantize_model(model, qcore.QuantScheme(4, False, qcore.PerGroup(64)), method="gptq",
+                              calibration=[torch.randn(4, 64)], exclude=())
+    assert all(isinstance(m, torch.nn.Linear) for m in model if not isinstance(m, torch.nn.ReLU))
+    assert all(torch.equal(a, m.weight) for a, m in zip(before, [m for m in model if isinstance(m, torch.nn.Linear)]))
