@@ -57,7 +57,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "LAYOUT_TIE", "DispatchKey", "LayoutKey", "Dispatcher", "row_bucket",
+__all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "COLD_ROWS", "evict_caches", "LAYOUT_TIE", "DispatchKey", "LayoutKey", "Dispatcher", "row_bucket",
            "bucket_index", "cpu_info", "fingerprint", "default_cache_path", "default_dispatcher"]
 
 #: upper bounds of the row buckets; more rows than the last bound form one more bucket
@@ -66,6 +66,11 @@ ROW_BUCKETS = (1, 4, 16, 64, 256)
 #: prompt: compute-bound, the 65-256 bucket); the row counts between lie between the two regimes, and the path
 #: dispatcher still picks the best path of the held layout per bucket.
 LAYOUT_ROWS = (1, 128)
+#: row counts whose layout trials evict the CPU caches before every timed call: a decoding step reads each layer's
+#: weight from memory (the model's other layers have evicted it), and timed back to back a small weight stays in
+#: cache, which favoured a kernel that is fast on cached weights (a 2048x2048 4-bit layer, bf16: blocked 1.5x
+#: int4pack's one-row time back to back, 1.6 ms per token more in a model than that predicted)
+COLD_ROWS = (1,)
 #: layouts whose worst ratio is within this factor of the lowest count as tied: the static order decides (a 5%
 #: difference is below what one short timing on a shared machine resolves)
 LAYOUT_TIE = 1.05
@@ -278,7 +283,8 @@ class Dispatcher:
     def __init__(self, cache_path: str | os.PathLike | None | bool = None, *, timer: Callable[[], float] =
                  time.perf_counter, env: Mapping[str, str] | None = None, budget_s: float = 0.02,
                  min_rounds: int = 3, max_rounds: int = 15, drop_ratio: float = 3.0,
-                 others_running: Callable[[], int | None] | None = None):
+                 others_running: Callable[[], int | None] | None = None,
+                 evict: Callable[[], Any] | None = None):
         env = dict(os.environ if env is None else env)
         if not (budget_s >= 0 and 1 <= min_rounds <= max_rounds and drop_ratio > 1):
             raise ValueError(f"need budget_s >= 0, 1 <= min_rounds <= max_rounds and drop_ratio > 1, got "
@@ -289,6 +295,7 @@ class Dispatcher:
                            default_cache_path(env) if cache_path is None else Path(cache_path))
         self.timer = timer
         self.others_running = others_running
+        self.evict = evict or evict_caches
         self.budget_s, self.min_rounds, self.max_rounds, self.drop_ratio = budget_s, min_rounds, max_rounds, drop_ratio
         self.forced = env.get("QTORCH_PATH") or None
         flag = env.get("QTORCH_AUTOTUNE", "1").strip().lower()
@@ -408,7 +415,8 @@ class Dispatcher:
         ms: dict[str, dict[int, float]] = {name: {} for name in built}
         for r in rows:
             flat = {f"{name}:{p}": fn for name, runs in built.items() for p, fn in runs[r].items()}
-            for label, got in self._samples(flat, drop=False).items():
+            before = self.evict if r in COLD_ROWS else None
+            for label, got in self._samples(flat, drop=False, before=before).items():
                 name = label.partition(":")[0]
                 ms[name][r] = min(ms[name].get(r, float("inf")), min(got) * 1e3)
         scored = [name for name in built if len(ms[name]) == len(rows)]  # a path for every row count ran
@@ -429,9 +437,10 @@ class Dispatcher:
         (a median taken while a neighbour held a core picked a path 1.5x slower than its rival on a quiet one)."""
         return {n: min(s) * 1e3 for n, s in self._samples(candidates).items()}
 
-    def _samples(self, candidates: Mapping[str, Callable[[], Any]], drop: bool = True) -> dict[str, list[float]]:
+    def _samples(self, candidates: Mapping[str, Callable[[], Any]], drop: bool = True,
+                 before: Callable[[], Any] | None = None) -> dict[str, list[float]]:
         """Timed calls (seconds) per candidate that ran: warm-up, then alternating rounds within the budget
-        (``drop``: a clearly slower candidate stops being timed)."""
+        (``drop``: a clearly slower candidate stops being timed; ``before``: run, untimed, before every timed call)."""
         alive, errors = {}, []
         for name, fn in candidates.items():  # warm-up: first calls compile, allocate, fill caches
             try:
@@ -445,6 +454,8 @@ class Dispatcher:
         spent, rounds = 0.0, 0
         while True:
             for name in list(alive):
+                if before is not None:
+                    before()
                 t0 = self.timer()
                 alive[name]()
                 dt = self.timer() - t0
@@ -488,6 +499,21 @@ class Dispatcher:
         with self._lock:
             for k, v in merged.items():
                 self._decisions.setdefault(k, v)
+
+
+_EVICT: list = []
+
+
+def evict_caches() -> None:
+    """Write a buffer larger than the last-level cache (twice its size, 32-256 MB), so that the next call finds
+    no weight in cache, as a layer of a model does."""
+    if not _EVICT:
+        try:
+            llc = int(os.sysconf("SC_LEVEL3_CACHE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            llc = 0
+        _EVICT.append(torch.empty(min(max(2 * llc, 32 << 20), 256 << 20) // 4, dtype=torch.float32))
+    _EVICT[0].fill_(1.0)
 
 
 def _others_running() -> int | None:

@@ -131,6 +131,28 @@ def _fake(clock, ms1, ms128, fail=False):
     return lambda: {1: {"own": run(ms1)}, 128: {"own": run(ms128)}}
 
 
+def test_one_row_trials_find_the_weight_out_of_cache_and_eviction_is_not_timed():
+    """A decoding step reads a layer's weight from memory: every timed one-row call of a layout trial follows a
+    cache eviction (untimed); the 128-row calls do not."""
+    clock = [0.0]
+    log = []
+    d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0], min_rounds=3, max_rounds=3,
+                            evict=lambda: (log.append("evict"), clock.__setitem__(0, clock[0] + 5.0)))
+
+    def candidate(ms1, ms128):
+        def run(rows, ms):
+            return lambda: (log.append(rows), clock.__setitem__(0, clock[0] + ms / 1e3))
+        return lambda: {1: {"own": run(1, ms1)}, 128: {"own": run(128, ms128)}}
+
+    key = autotune.LayoutKey.make(64, 64, "w4a-group1-g32", BF16)
+    assert d.choose_layout(key, {"a": candidate(1.0, 10.0), "b": candidate(2.0, 5.0)}) == "a"  # scores 2 and 2: the tie goes to the first
+    ones = [i for i, e in enumerate(log) if e == 1]
+    timed_ones = ones[2:]  # the first call of each candidate is the untimed warm-up
+    assert timed_ones and all(log[i - 1] == "evict" for i in timed_ones)
+    assert "evict" not in [log[i - 1] for i, e in enumerate(log) if e == 128 and i]
+    assert d.decisions()[str(key)]["ms"] == {"a@1": 1.0, "a@128": 10.0, "b@1": 2.0, "b@128": 5.0}  # 5 s evictions unseen
+
+
 def test_the_rule_is_the_lowest_worst_ratio_ties_to_the_static_order():
     clock = [0.0]
     d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0])
