@@ -1,4 +1,5 @@
-"""``python -m qcore.testing --against qcore,torchao,quanto,hqq,gguf``: the conformance table, promise by library."""
+"""``python -m qcore.testing --against qcore,gguf``: the conformance table, promise by library (the torch-based
+peers: ``python -m qtorch.conformance --against qcore,torchao,quanto,hqq,gguf``)."""
 
 from __future__ import annotations
 
@@ -10,29 +11,34 @@ from . import adapters
 from .conformance import conformance_table, run_conformance
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qcore.testing", description=__doc__.split(":")[0])
+def main(argv=None, libraries=None, prog: str = "python -m qcore.testing") -> int:
+    """The command; ``libraries`` (name -> (module, adapter factory)) defaults to qcore's own (qcore, gguf):
+    ``python -m qtorch.conformance`` adds the torch-based peers."""
+    libraries = adapters.LIBRARIES if libraries is None else libraries
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split(":")[0])
     p.add_argument("--against", default="qcore,gguf", help="comma-separated libraries, from "
-                   f"{','.join(adapters.LIBRARIES)}; those not installed are reported and skipped")
+                   f"{','.join(libraries)}; those not installed are reported and skipped")
     p.add_argument("--max-examples", type=int, default=100, help="Hypothesis examples per promise (default 100)")
     p.add_argument("--only", default=None, help="comma-separated promise names to run")
     p.add_argument("--ordinary", action="store_true", help="only ordinary magnitudes (1e-3 to 1e4) for every "
                    "library, instead of each one's own range (subnormals to 3e38 unless it declares less)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.against.split(",") if n.strip()]
-    unknown = [n for n in names if n not in adapters.LIBRARIES]
+    unknown = [n for n in names if n not in libraries]
     if unknown:
-        p.error(f"unknown library {unknown}; known: {', '.join(adapters.LIBRARIES)}")
+        torchy = [n for n in unknown if n in adapters.TORCH_PEERS]
+        hint = f" ({', '.join(torchy)}: python -m qtorch.conformance)" if torchy else ""
+        p.error(f"unknown library {unknown}; known: {', '.join(libraries)}{hint}")
     if args.max_examples < 1:
         p.error(f"--max-examples must be >= 1, got {args.max_examples}")
     only = None if args.only is None else [n.strip() for n in args.only.split(",")]
     results = {}
     for name in names:
-        if not adapters.installed(name):
+        if not adapters.installed(name, libraries):
             print(f"{name}: not installed, skipped", file=sys.stderr)
             continue
         try:
-            quantizers = adapters.LIBRARIES[name][1]()
+            quantizers = libraries[name][1]()
         except ImportError as e:
             print(f"{name}: cannot be imported ({e}), skipped", file=sys.stderr)
             continue
