@@ -116,22 +116,22 @@ class QuantizedWeight:
         Where several layouts can hold the weight, the first relayout for its shape, scheme and dtype on this machine
         times them (:func:`qtorch.layouts.choose`); later ones reuse the kept decision.
         ``codes``: the unpacked canonical codes when the caller has them (a load validated them), to save a pass."""
-        spec, b = self.spec, self.buffers
-        cur = self.layout
+        self._take_preferred(compute_dtype, self.device, lambda lay: self._converted(lay, codes))
+
+    def _converted(self, lay, codes=None):
+        """This weight's state converted into ``lay`` (``(qweight, scale, zero_point, aux)``, or None when ``lay``
+        cannot hold it after all); ``codes``: the unpacked canonical codes when the caller has them."""
+        spec, b, cur = self.spec, self.buffers, self.layout
         q, s, z = b["qweight"], b["scale"], b["zero_point"]
-
-        def convert(lay):
-            if lay is cur:
-                return q, s, z, self.aux
-            if lay.holds == "canonical":
-                return lay.from_canonical(spec, *cur.to_canonical(spec, q, s, z))
-            if codes is not None:
-                return lay.from_codes(spec, codes.to(q.device), s, z)
-            if cur.holds == "canonical":
-                return lay.from_canonical(spec, q, s, z)
-            return lay.from_codes(spec, *cur.to_codes(spec, q, s, z))
-
-        self._take_preferred(compute_dtype, self.device, convert)
+        if lay is cur:
+            return q, s, z, self.aux
+        if lay.holds == "canonical":
+            return lay.from_canonical(spec, *cur.to_canonical(spec, q, s, z))
+        if codes is not None:
+            return lay.from_codes(spec, codes.to(q.device), s, z)
+        if cur.holds == "canonical":
+            return lay.from_canonical(spec, q, s, z)
+        return lay.from_codes(spec, *cur.to_codes(spec, q, s, z))
 
     def _take_preferred(self, compute_dtype: torch.dtype, device: torch.device, convert, *,
                         keep_current: bool = True) -> None:
@@ -172,12 +172,7 @@ class QuantizedWeight:
             return True
         if lay not in layouts.eligible(self.spec, self.device, compute_dtype):
             return False
-        spec, b, cur = self.spec, self.buffers, self.layout
-        q, s, z = b["qweight"], b["scale"], b["zero_point"]
-        if lay.holds == "canonical" or cur.holds == "canonical":
-            r = lay.from_canonical(spec, *cur.to_canonical(spec, q, s, z))
-        else:
-            r = lay.from_codes(spec, *cur.to_codes(spec, q, s, z))
+        r = self._converted(lay)
         if r is None:
             return False
         self._hold(lay, *r)
