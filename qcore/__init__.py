@@ -15,6 +15,7 @@ from .params import QParams, params_methods, register_params_method
 from .quantize import QuantizedArray, compute_qparams, dequantize, fake_quantize, quantize
 from .scheme import PerChannel, PerGroup, PerTensor, QuantScheme
 from . import search  # registers the "mse" params method
+from . import hqq  # registers the "hqq" params method
 
 __version__ = "0.1.0"
 from .packing import pack, unpack, packed_shape
