@@ -9,6 +9,7 @@
 
 from .compat import (calculate_quantization_error, channel_linear_quantize, dequantize, linear_dequantize,
                      linear_quantize, quantize_symmetric, quantize_weight_per_channel)
+from .allocate import BitPlan, allocate_bits
 from .compile import compile
 from . import gguf  # qtorch.gguf: GGUF (llama.cpp) files into QuantLinear models and back
 from .gguf import from_gguf
