@@ -8,16 +8,16 @@ each iteration rounds the group, shrinks the residual with the generalised soft 
 the ``hqq`` package's default solver (``optimize_weights_proximal_legacy``): :data:`LP_NORM` 0.7,
 :data:`BETA` 10, :data:`KAPPA` 1.01, :data:`ITERS` 20. Like that solver, the loss is in the weight's own units.
 
-- asymmetric schemes: the scale stays min-max's and the zero point moves, as continuous as in the ``hqq``
-  package. qcore stores an integer zero point (0.0 stays exact, every layout and kernel serves the result), so
-  the grid then settles: both neighbouring integers are tried, each with its scale refitted by least squares on
-  the codes it gives (a few refit rounds), and the one with the least squared error wins;
-- symmetric schemes: the zero point is 0, so the quadratic half solves for the scale instead, then settles the
-  same way.
+- asymmetric schemes: the zero point moves, continuous as in the ``hqq`` package (the mean of
+  ``q - (x - e) / s``), and the scale follows by least squares on the same codes. qcore stores an integer zero
+  point (0.0 stays exact, every layout and kernel serves the result), so the grid then settles: both
+  neighbouring integers are tried, each with its scale refitted by least squares on the codes it gives
+  (:data:`REFITS` rounds), and the one with the least squared error wins;
+- symmetric schemes: the zero point is 0 and only the scale moves, then settles the same way.
 
 Per group the result is never worse than min-max in squared error: min-max's own grid is one of the candidates,
-and it wins ties. At 4 bits in groups of 64 this removes about a tenth of the squared error of a Gaussian
-weight, and much more where a group holds an outlier.
+and it wins ties. At 4 bits in groups of 64 it removes 6-7% of min-max's squared error on Gaussian weights and
+on all-MiniLM-L6-v2's (about what the ``hqq`` package's float zero point removes); time: about 1.2 times ``"mse"``'s.
 
 >>> import numpy as np; from qcore import QuantScheme, PerGroup, quantize, dequantize
 >>> w = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
