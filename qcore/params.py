@@ -270,6 +270,6 @@ def params_methods() -> tuple[str, ...]:
     """Names of the registered params methods, sorted.
 
     >>> params_methods()
-    ('minmax', 'mse')
+    ('hqq', 'minmax', 'mse')
     """
     return tuple(sorted(_METHODS))

@@ -203,9 +203,9 @@ def test_params_with_another_scheme_or_kind_or_type_are_refused():
         QParams(p.scale, None, SYM, zero_point_kind="float")
     with pytest.raises(TypeError, match="scheme must be a qcore.QuantScheme, got str"):
         QParams(p.scale, None, "int8")
-    with pytest.raises(TypeError, match=r"params must be a qcore.QParams, a params method name \('minmax',"):
+    with pytest.raises(TypeError, match=r"params must be a qcore.QParams, a params method name \('hqq', 'minmax',"):
         quantize(X, SYM, params=(p.scale, None))
-    with pytest.raises(ValueError, match=r"unknown params method 'nope'; registered: \('minmax',"):
+    with pytest.raises(ValueError, match=r"unknown params method 'nope'; registered: \('hqq', 'minmax',"):
         quantize(X, SYM, params="nope")
     with pytest.raises(ValueError, match="unknown params method 'nope'"):
         compute_qparams(X, SYM, method="nope")
@@ -242,7 +242,7 @@ def test_one_function_and_one_registration_add_a_method(registry):
         p = compute_qparams(x, scheme)
         return QParams(p.scale / 2, p.zero_point, scheme)
 
-    assert params_methods() == ("halfrange", "minmax", "mse")
+    assert params_methods() == ("halfrange", "hqq", "minmax", "mse")
     x = np.linspace(-1, 1, 32, dtype=np.float16).reshape(4, 8)
     scheme = QuantScheme(8, True, PerChannel(0))
     qa = quantize(x, scheme, params="halfrange")
