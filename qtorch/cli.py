@@ -95,6 +95,17 @@ def _scheme_name(text: str) -> str:
     return text.strip().lower()
 
 
+def method_names() -> tuple:
+    """The choices of ``--method``: qcore's registered params methods, then qtorch's calibrated ones
+    (:data:`qtorch.calibrate.METHODS`), read when the parser is built, so that a newly registered method is a
+    choice without a change here."""
+    import qcore
+
+    from .calibrate import METHODS
+
+    return tuple(qcore.params_methods()) + tuple(m for m in METHODS if m not in qcore.params_methods())
+
+
 def chosen_scheme(args):
     """The ``qcore.QuantScheme`` of ``--scheme`` and ``--group-size``."""
     from .replace import parse_preset, resolve_scheme, with_group_size
@@ -457,9 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a layer kept dense: dotted name, glob or re:<regex>; repeat the option for several "
                         "(--exclude lm_head --exclude '*.mlp.*'). Default: lm_head, when no --exclude is given; "
                         "--exclude '' keeps no layer dense")
-    q.add_argument("--method", choices=("minmax", "mse", "gptq"), default="minmax",
-                   help="how scales are chosen: each group's range (minmax), the clipping with the least squared "
-                        "error (mse), or GPTQ's error-compensating rounding on --calibration text (gptq)")
+    q.add_argument("--method", choices=method_names(), default="minmax",
+                   help="how scales are chosen: a qcore params method (minmax: each group's range; mse: the "
+                        "clipping with the least squared error; any other registered with "
+                        "qcore.register_params_method), or GPTQ's error-compensating rounding on --calibration "
+                        "text (gptq)")
     q.add_argument("--calibration", metavar="FILE",
                    help="text for --method gptq, one sample a line (UTF-8)")
     q.add_argument("--skip-incompatible", action="store_true",
