@@ -400,14 +400,15 @@ def test_qtorch_does_not_import_the_qcore_command_line():
 def test_format_compressed_tensors_saves_a_folder_transformers_loads(tiny_bert, tmp_path, capsys):
     import json
 
-    from qcore.formats import format_names
+    from qcore.formats import FILE_FORMATS, format_names
     from qtorch.cli import build_parser
 
     pytest.importorskip("compressed_tensors")
 
     action = next(a for a in build_parser()._subparsers._group_actions[0].choices["quantize"]._actions
                   if a.dest == "format")
-    assert list(action.choices) == format_names()  # a format registered later is offered by itself
+    # a checkpoint format registered later is offered by itself, and so are the file formats (GGUF)
+    assert list(action.choices) == format_names() + list(FILE_FORMATS)
     out = tmp_path / "ct"
     assert main(["quantize", str(tiny_bert), "--scheme", "w8a16", "-o", str(out), "--format", "compressed-tensors",
                  "--rounds", "1"]) == 0
