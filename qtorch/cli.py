@@ -1,6 +1,7 @@
 """The ``qtorch`` command: quantize a local transformers model and show what it cost; summarise a checkpoint.
 
     qtorch quantize [MODEL] [--scheme NAME] [--group-size N] [--exclude PATTERN]... [--skip-incompatible] [-o OUT]
+                    [--format qcore|compressed-tensors|gguf] [--method METHOD]
     qtorch info PATH
     qtorch --version
 

@@ -68,13 +68,9 @@ def gguf_type(bits: int, symmetric: bool, group_size: Optional[int] = None) -> s
     return qtype
 
 
-def _model_type(config: Mapping) -> Optional[str]:
-    return config.get("model_type")
-
-
 def check_architecture(config: Mapping, where: str = "config.json") -> str:
     """The architecture of a ``config.json`` dict if it is one written here; ``ValueError`` naming it otherwise."""
-    arch = _model_type(config)
+    arch = config.get("model_type")
     if arch not in ARCHITECTURES:
         named = ", ".join(config.get("architectures") or ()) or "none named"
         raise ValueError(f"{where}: architecture {arch!r} ({named}) cannot be written as GGUF here: GGUF output "
@@ -193,7 +189,7 @@ def _float_type(info: ck.TensorInfo):
 
 def quantize_folder(input_path, output, *, bits: int = 8, symmetric: bool = True,
                     group_size: Optional[int] = None, include: Sequence[str] = (), exclude: Sequence[str] = (),
-                    overwrite: bool = False, pre: str = "default", log=None) -> dict:
+                    overwrite: bool = False, pre: str = "default") -> dict:
     """Quantize the Llama model folder ``input_path`` into the GGUF file ``output`` (``qcore quantize --format
     gguf``); returns the summary dict of :func:`qcore.convert.quantize_checkpoint`.
 
@@ -205,7 +201,6 @@ def quantize_folder(input_path, output, *, bits: int = 8, symmetric: bool = True
     ``output``."""
     from ..convert import RequestError, _read_inputs, _read_into, select_tensors
 
-    log = log or (lambda line: None)
     input_path, output = os.fspath(input_path), os.fspath(output)
     t0 = time.perf_counter()
     try:
