@@ -3,6 +3,7 @@
     qcore quantize model.safetensors model-int8.safetensors
     qcore quantize llama/ llama-w4/ --bits 4 --group-size 128 --exclude "layers.0.*"
     qcore quantize llama/ llama-ct/ --bits 4 --asymmetric --group-size 128 --format compressed-tensors
+    qcore quantize llama/ llama-q4_1.gguf --bits 4 --asymmetric --format gguf
     python -m qcore quantize ...
 
 What is quantized, how the output is written and what a model folder's ``config.json`` gets are described in
@@ -19,7 +20,7 @@ from typing import Optional, Sequence
 
 from .convert import (DEFAULT_EXCLUDE, RequestError, _say, _silence, fmt_bytes, positive_int, quantize_checkpoint,
                       select_tensors)
-from .formats import DEFAULT_FORMAT, format_names
+from .formats import DEFAULT_FORMAT, output_format_names
 from .model_folder import copy_side_files
 from .patterns import NamePattern
 
@@ -108,6 +109,12 @@ formats (--format):
                       qtorch.from_pretrained load the folder. Weights of modules (names ending in .weight),
                       one scale per row or groups along the row; a tensor it cannot store is named, and
                       nothing is written.
+  gguf                one llama.cpp GGUF file (OUTPUT ends in .gguf) of a Llama-architecture model folder
+                      (config.json, byte-level BPE tokenizer.json, safetensors weights): --bits 8 is Q8_0,
+                      --bits 4 Q4_0, --bits 4 --asymmetric Q4_1, in GGUF's blocks of 32 along each row (no other
+                      --group-size), quantized with llama.cpp's rounding and float16 scales; Q and K rows in
+                      llama.cpp's order; the other tensors as floats. Streamed one tensor at a time, written
+                      under a temporary name and renamed when complete; the gguf package is needed.
 """
 
 
@@ -137,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--exclude", action="extend", nargs="+", default=[], metavar="PATTERN",
                    help=f"never quantize tensors matching these patterns (always excluded by default: "
                         f"{' '.join(DEFAULT_EXCLUDE)}, unless --include is given)")
-    q.add_argument("--format", choices=format_names(), default=DEFAULT_FORMAT,
-                   help="checkpoint format written: qcore's own (default; loads with qtorch.from_pretrained) or "
-                        "compressed-tensors' pack-quantized (loads with transformers and vLLM too; see below)")
+    q.add_argument("--format", choices=output_format_names(), default=DEFAULT_FORMAT,
+                   help="what is written: qcore's own checkpoint (default; loads with qtorch.from_pretrained), "
+                        "compressed-tensors' pack-quantized (loads with transformers and vLLM too), or one GGUF "
+                        "file for llama.cpp (see below)")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     q.add_argument("--quiet", "-q", action="store_true",
                    help="print nothing but errors (no progress bar, warnings, notes or summary)")
@@ -178,16 +186,23 @@ def _main(argv) -> int:
         return 2
     previous = _raise_on_sigterm()
     try:
-        summary = quantize_checkpoint(args.input, args.output, bits=args.bits, symmetric=not args.asymmetric,
+        if args.format == "gguf":
+            from .formats.gguf_model import quantize_folder
+
+            summary = quantize_folder(args.input, args.output, bits=args.bits, symmetric=not args.asymmetric,
                                       group_size=args.group_size, include=args.include, exclude=args.exclude,
-                                      overwrite=args.overwrite, quiet=args.quiet, format=args.format)
+                                      overwrite=args.overwrite)
+        else:
+            summary = quantize_checkpoint(args.input, args.output, bits=args.bits, symmetric=not args.asymmetric,
+                                          group_size=args.group_size, include=args.include, exclude=args.exclude,
+                                          overwrite=args.overwrite, quiet=args.quiet, format=args.format)
     except KeyboardInterrupt:
         _say("qcore quantize: interrupted; no output written", sys.stderr)
         return 130
     except _Terminated:
         _say("qcore quantize: terminated; no output written", sys.stderr)
         return 143
-    except (CliError, ValueError, OSError) as e:
+    except (CliError, ValueError, OSError, ImportError) as e:
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
         _say(f"qcore quantize: error: {msg}", sys.stderr)
         return 1

@@ -46,7 +46,7 @@ from .quantize import QuantizedArray, check_float_array
 from .scheme import PerGroup, QuantScheme
 
 __all__ = ["BLOCK", "TYPES", "scheme_of", "quantize", "encode", "decode", "import_gguf", "export_gguf",
-           "read_metadata", "read_header", "tokenizer_metadata"]
+           "write_gguf", "read_metadata", "read_header", "tokenizer_metadata"]
 
 #: values per block of every GGUF quantized type qcore handles
 BLOCK = 32
@@ -528,7 +528,6 @@ def export_gguf(path, tensors: Mapping[str, Tensor], metadata, *, types: Optiona
         metadata = read_metadata(metadata)
     if "general.architecture" not in metadata:
         raise ValueError("metadata has no 'general.architecture' (llama.cpp needs it, and the architecture's keys)")
-    arch = metadata["general.architecture"][0]
     types = dict(types or {})
     unknown = set(types) - set(tensors)
     if unknown:
@@ -554,24 +553,56 @@ def export_gguf(path, tensors: Mapping[str, Tensor], metadata, *, types: Optiona
                 raise TypeError(f"tensor {name!r}: a float array or QuantizedArray, got dtype {t.dtype}")
         else:
             raise TypeError(f"tensor {name!r}: expected a QuantizedArray or numpy array, got {type(t).__name__}")
+    write_gguf(path, metadata, [(name, data.shape, data.dtype, raw, lambda data=data: data)
+                                for name, data, raw in encoded])
+
+
+def write_gguf(path, metadata: Mapping, tensors) -> None:
+    """Write the GGUF file ``path`` one tensor at a time: ``tensors`` is a list of ``(name, shape, dtype, raw type,
+    produce)``: the shape and dtype of the data (NumPy's row-major shape; for a quantized or BF16 type the uint8
+    bytes of :func:`encode` and ``raw type`` a ``gguf.GGMLQuantizationType``; None for F32/F16 arrays), and
+    ``produce()``, which returns the data when its turn comes, so that one tensor at a time is in memory.
+    ``metadata`` is :func:`read_metadata`'s form, with ``general.architecture``.
+
+    The file is written beside ``path`` under a temporary name, fsynced and renamed when complete: an error
+    (a ``produce`` that raises, data of another size) or an interrupt leaves ``path`` as it was."""
+    gguf = _gguf()
+    if "general.architecture" not in metadata:
+        raise ValueError("metadata has no 'general.architecture' (llama.cpp needs it, and the architecture's keys)")
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(prefix=".gguf-", dir=os.path.dirname(os.path.abspath(path)))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)  # the permissions of a file written the ordinary way, not mkstemp's 0600
     os.close(fd)
+    w = None
     try:
-        w = gguf.GGUFWriter(tmp, arch)
+        w = gguf.GGUFWriter(tmp, metadata["general.architecture"][0])
         for key, (value, vtype, sub) in metadata.items():
             if key in ("general.architecture", "general.alignment"):
                 continue  # the writer adds the first, and aligns its tensors to its own default
             w.add_key_value(key, value, gguf.GGUFValueType(vtype),
                             sub_type=None if sub is None else gguf.GGUFValueType(sub))
-        for name, data, raw in encoded:
-            w.add_tensor(name, data, raw_dtype=raw)
+        for name, shape, dtype, raw, _ in tensors:
+            shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+            w.add_tensor_info(name, shape, dtype, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, raw_dtype=raw)
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for name, shape, dtype, _, produce in tensors:
+            data = np.ascontiguousarray(produce())
+            if data.dtype != np.dtype(dtype) or data.shape != tuple(shape):
+                raise ValueError(f"tensor {name!r}: produced {data.dtype} {list(data.shape)}, announced "
+                                 f"{np.dtype(dtype)} {list(shape)}")
+            w.write_tensor_data(data)
+        w.flush()
+        for f in w.fout or ():
+            os.fsync(f.fileno())
         w.close()
         os.replace(tmp, path)
     except BaseException:
+        if w is not None:
+            w.close()
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise

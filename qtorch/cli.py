@@ -1,6 +1,7 @@
 """The ``qtorch`` command: quantize a local transformers model and show what it cost; summarise a checkpoint.
 
     qtorch quantize [MODEL] [--scheme NAME] [--group-size N] [--exclude PATTERN]... [--skip-incompatible] [-o OUT]
+                    [--format qcore|compressed-tensors|gguf] [--method METHOD]
     qtorch info PATH
     qtorch --version
 
@@ -93,6 +94,17 @@ def _scheme_name(text: str) -> str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"unknown scheme {text!r}; choose from {_scheme_help()}") from None
     return text.strip().lower()
+
+
+def method_names() -> tuple:
+    """The choices of ``--method``: qcore's registered params methods, then qtorch's calibrated ones
+    (:data:`qtorch.calibrate.METHODS`), read when the parser is built, so that a newly registered method is a
+    choice without a change here."""
+    import qcore
+
+    from .calibrate import METHODS
+
+    return tuple(qcore.params_methods()) + tuple(m for m in METHODS if m not in qcore.params_methods())
 
 
 def chosen_scheme(args):
@@ -275,16 +287,29 @@ def cmd_quantize(args, say) -> int:
 
     import qtorch
 
+    from .gguf import layer_class, to_gguf
     from .pretrained import model_class_for, save_folder, torch_dtype_of
 
     scheme = chosen_scheme(args)
     model_dir = args.model or _default_model()
     if args.format != DEFAULT_FORMAT and not args.output:
         raise CliError(f"--format {args.format} says how OUT is written; pass -o OUT")
-    if args.output:
+    gguf = args.format == GGUF
+    if gguf:
+        qtype = _gguf_type(args, scheme)
+        _check_gguf_output(args.output, args.overwrite)
+    elif args.output:
         _check_output(model_dir, args.output, args.overwrite, say)
     say(f"model: {model_dir}")
     config, tokenizer = check_model_folder(model_dir)
+    if gguf:  # architecture and tokenizer, before the model is loaded
+        from qcore.formats.gguf_model import folder_metadata
+
+        try:
+            metadata = folder_metadata(model_dir)
+        except ValueError as e:
+            raise CliError(f"--format gguf: {e}") from None
+        scheme = layer_class(qtype)
     causal = _is_causal(config)
     cls = model_class_for(config)
     model = cls.from_pretrained(model_dir, local_files_only=True, dtype=torch_dtype_of(config)).eval()
@@ -312,7 +337,11 @@ def cmd_quantize(args, say) -> int:
         f"mean {cos.mean():.5f}, min {cos.min():.5f}")
     for line in latency_lines(t_dense, t_quant, len(SENTENCES)):
         say(line)
-    if args.output:
+    if gguf:
+        to_gguf(model, args.output, metadata)
+        say(f"saved to {args.output} (GGUF {qtype}); run it with llama.cpp (llama-cli -m {args.output} -p ...), or "
+            f"load it with transformers' from_pretrained(folder, gguf_file=...) or qtorch.from_gguf")
+    elif args.output:
         save_folder(model, model_dir, args.output, overwrite=args.overwrite, format=args.format)
         if args.format == DEFAULT_FORMAT:
             say(f"saved to {args.output}; load it with  qtorch.from_pretrained({args.output!r})  (transformers' "
@@ -321,6 +350,41 @@ def cmd_quantize(args, say) -> int:
             say(f"saved to {args.output} ({args.format}); load it with  qtorch.from_pretrained({args.output!r}), "
                 f"or with transformers' from_pretrained or vLLM")
     return 0
+
+
+GGUF = "gguf"  # the --format that writes one llama.cpp file (qcore.formats.FILE_FORMATS)
+
+
+def _gguf_type(args, scheme) -> str:
+    """The GGUF type ``--format gguf`` writes for ``--scheme`` (w8a16: Q8_0, w4a16: Q4_1), in GGUF's blocks of 32
+    whatever the preset's own group size; ``CliError`` for a scheme, group size or method GGUF cannot hold."""
+    from qcore.formats.gguf_model import gguf_type
+
+    from .replace import parse_preset
+
+    asked = args.group_size if args.group_size is not None else (parse_preset(args.scheme) or (None, None))[1]
+    try:
+        qtype = gguf_type(scheme.bits, scheme.symmetric, asked)
+    except ValueError as e:
+        raise CliError(f"--format gguf with --scheme {args.scheme}: {e}") from None
+    if args.method != "minmax":
+        raise CliError(f"--format gguf quantizes as llama.cpp does for {qtype} (its rounding and float16 block "
+                       f"scales); --method {args.method} chooses other parameters, which the file cannot hold. "
+                       f"Leave --method out, or write --format compressed-tensors")
+    return qtype
+
+
+def _check_gguf_output(output: str, overwrite: bool) -> None:
+    """OUT of ``--format gguf``: one new ``.gguf`` file (replaced only with --overwrite), in an existing folder."""
+    if not output.endswith(".gguf"):
+        raise CliError(f"OUT {output!r} must end in .gguf (--format gguf writes one file)")
+    if os.path.isdir(output):
+        raise CliError(f"OUT {output!r} is a folder; --format gguf writes one file")
+    if os.path.lexists(output) and not overwrite:
+        raise CliError(f"{output} exists; pass --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise CliError(f"cannot write {output}: its parent {parent} is not a folder")
 
 
 def _check_output(model_dir: str, output: str, overwrite: bool, say=None) -> None:
@@ -438,7 +502,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     from qcore.convert import positive_int
-    from qcore.formats import DEFAULT_FORMAT, format_names
+    from qcore.formats import DEFAULT_FORMAT, output_format_names
 
     from . import __version__
 
@@ -457,19 +521,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a layer kept dense: dotted name, glob or re:<regex>; repeat the option for several "
                         "(--exclude lm_head --exclude '*.mlp.*'). Default: lm_head, when no --exclude is given; "
                         "--exclude '' keeps no layer dense")
-    q.add_argument("--method", choices=("minmax", "mse", "gptq"), default="minmax",
-                   help="how scales are chosen: each group's range (minmax), the clipping with the least squared "
-                        "error (mse), or GPTQ's error-compensating rounding on --calibration text (gptq)")
+    q.add_argument("--method", choices=method_names(), default="minmax",
+                   help="how scales are chosen: a qcore params method (minmax: each group's range; mse: the "
+                        "clipping with the least squared error; any other registered with "
+                        "qcore.register_params_method), or GPTQ's error-compensating rounding on --calibration "
+                        "text (gptq)")
     q.add_argument("--calibration", metavar="FILE",
                    help="text for --method gptq, one sample a line (UTF-8)")
     q.add_argument("--skip-incompatible", action="store_true",
                    help="keep layers the scheme cannot quantize dense (the report says why) instead of stopping")
     q.add_argument("-o", "--output", metavar="OUT",
-                   help="save the quantized model to this folder (load it with qtorch.from_pretrained)")
-    q.add_argument("--format", choices=format_names(), default=DEFAULT_FORMAT,
-                   help="checkpoint format of OUT: qcore's own (loads with qtorch.from_pretrained), or "
-                        "compressed-tensors' pack-quantized (loads with transformers, vLLM and "
-                        "qtorch.from_pretrained)")
+                   help="save the quantized model to this folder (load it with qtorch.from_pretrained), or to this "
+                        ".gguf file with --format gguf")
+    q.add_argument("--format", choices=output_format_names(), default=DEFAULT_FORMAT,
+                   help="what OUT is: qcore's own checkpoint folder (loads with qtorch.from_pretrained), "
+                        "compressed-tensors' pack-quantized folder (loads with transformers, vLLM and "
+                        "qtorch.from_pretrained), or one llama.cpp GGUF file of a Llama model (w8a16: Q8_0, "
+                        "w4a16: Q4_1, in GGUF's blocks of 32, quantized as llama.cpp does)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.add_argument("--rounds", type=positive_int, default=7, metavar="N",
                    help="timed rounds of the latency comparison (dense and quantized alternate)")

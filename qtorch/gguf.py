@@ -25,10 +25,12 @@ from torch import nn
 
 import qcore
 from qcore import gguf as qgguf
+from qcore.formats.gguf_model import permutation
 
 from .linear import QuantLinear
 
-__all__ = ["from_gguf", "gguf_config", "metadata_from_config", "metadata_from_folder", "to_gguf", "quant_linear"]
+__all__ = ["from_gguf", "gguf_config", "metadata_from_config", "metadata_from_folder", "to_gguf", "quant_linear",
+           "layer_class"]
 
 _ARCHS = ("llama",)
 
@@ -43,9 +45,39 @@ def quant_linear(qa: qcore.QuantizedArray, bias: Optional[torch.Tensor] = None, 
 
 
 def _permutation(n_rows: int, n_head: int) -> np.ndarray:
-    """Row order llama.cpp's converter gives Q and K (the rotary halves interleaved): GGUF row ``i`` is HF row
-    ``perm[i]``. transformers' ``reverse_permute_weights`` undoes it; rows move whole, so codes do too."""
-    return np.arange(n_rows).reshape(n_head, 2, n_rows // n_head // 2).swapaxes(1, 2).reshape(-1)
+    """Row order llama.cpp's converter gives Q and K (:func:`qcore.formats.gguf_model.permutation`);
+    transformers' ``reverse_permute_weights`` undoes it. Rows move whole, so codes do too."""
+    return permutation(n_rows, n_head)
+
+
+_LAYER_CLASSES: dict = {}
+
+
+def layer_class(qtype: str) -> type:
+    """A layer class for :func:`qtorch.quantize_model` that quantizes each Linear as llama.cpp does for the GGUF
+    type ``qtype`` (``"Q8_0"``, ``"Q4_0"``, ``"Q4_1"``: :func:`qcore.gguf.quantize`, its rounding and float16 block
+    scales), so that :func:`to_gguf` writes exactly the weights the model computes with. Its ``from_linear`` returns
+    a :class:`~qtorch.QuantLinear`; a layer whose ``in_features`` is not a multiple of 32 is reported incompatible.
+
+        qtorch.quantize_model(model, qtorch.gguf.layer_class("Q4_1"))
+        qtorch.gguf.to_gguf(model, "out.gguf", "model-folder")
+    """
+    qgguf._check_type(qtype)
+    cls = _LAYER_CLASSES.get(qtype)
+    if cls is None:
+        def from_linear(cls, linear: nn.Linear) -> QuantLinear:
+            w = linear.weight.detach()
+            qa = qgguf.quantize(w.float().cpu().numpy(), cls.qtype, name="weight")
+            dtype = w.dtype if w.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+            bias = None if linear.bias is None else linear.bias.detach()
+            return QuantLinear.from_quantized_array(qa, bias, dtype=dtype, device=w.device)
+
+        cls = type(f"GGUF_{qtype}", (nn.Module,), {
+            "__doc__": f"Builds QuantLinear layers holding GGUF {qtype} blocks (see qtorch.gguf.layer_class).",
+            "__module__": __name__, "qtype": qtype, "scheme": qgguf.scheme_of(qtype),
+            "from_linear": classmethod(from_linear)})
+        _LAYER_CLASSES[qtype] = cls
+    return cls
 
 
 def _rows(qa: qcore.QuantizedArray, order: np.ndarray) -> qcore.QuantizedArray:
@@ -111,31 +143,24 @@ def _config(path, meta, infos):
 
 def metadata_from_config(config) -> dict:
     """GGUF metadata (:func:`qcore.gguf.export_gguf`'s form) of a transformers Llama ``config``: the architecture
-    and its hyperparameters, by transformers' GGUF key table read backwards. No tokenizer: llama.cpp needs the
-    ``tokenizer.ggml.*`` keys as well (take them from a GGUF of the same model, :func:`qcore.gguf.read_metadata`).
+    and its hyperparameters (:func:`qcore.formats.gguf_model.config_metadata`, the key table transformers' GGUF
+    loader reads). No tokenizer: llama.cpp needs the ``tokenizer.ggml.*`` keys as well (take them from a GGUF of
+    the same model, :func:`qcore.gguf.read_metadata`, or use :func:`metadata_from_folder`).
     """
-    from gguf import GGUFValueType
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from qcore.formats.gguf_model import config_metadata
 
     if config.model_type not in _ARCHS:
         raise ValueError(f"metadata_from_config writes {_ARCHS} configs, got {config.model_type!r}")
-    meta = {"general.architecture": (config.model_type, GGUFValueType.STRING, None)}
-    for key, attr in GGUF_CONFIG_MAPPING[config.model_type].items():
-        value = getattr(config, attr, None)
-        if attr == "rope_theta" and value is None:  # newer configs keep it in rope_parameters
-            value = (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
-        if value is None or attr is None:
-            continue
-        vtype = GGUFValueType.FLOAT32 if isinstance(value, float) else GGUFValueType.UINT32
-        meta[f"{config.model_type}.{key}"] = (value, vtype, None)
-    return meta
+    return config_metadata(config.to_dict())
 
 
 def metadata_from_folder(folder, *, pre: str = "default") -> dict:
-    """GGUF metadata of the Hugging Face model folder ``folder``: :func:`metadata_from_config` of its config and
-    :func:`qcore.gguf.tokenizer_metadata` of its tokenizer (``pre``: llama.cpp's pre-tokenizer name)."""
-    from transformers import AutoConfig
-    return {**metadata_from_config(AutoConfig.from_pretrained(folder)), **qgguf.tokenizer_metadata(folder, pre=pre)}
+    """GGUF metadata of the Hugging Face model folder ``folder``: the hyperparameters of its ``config.json`` and
+    :func:`qcore.gguf.tokenizer_metadata` of its tokenizer (``pre``: llama.cpp's pre-tokenizer name)
+    (:func:`qcore.formats.gguf_model.folder_metadata`)."""
+    from qcore.formats.gguf_model import folder_metadata
+
+    return folder_metadata(folder, pre=pre)
 
 
 def from_gguf(path, *, dtype: torch.dtype = torch.float32):

@@ -22,7 +22,8 @@ from typing import Mapping, Optional, Sequence
 from ..quantize import QuantizedArray
 from ..scheme import QuantScheme
 
-__all__ = ["CheckpointFormat", "register_format", "get_format", "format_names", "format_of", "DEFAULT_FORMAT"]
+__all__ = ["CheckpointFormat", "register_format", "get_format", "format_names", "format_of", "DEFAULT_FORMAT",
+           "FILE_FORMATS", "output_format_names"]
 
 DEFAULT_FORMAT = "qcore"
 
@@ -136,6 +137,17 @@ def get_format(name: str = DEFAULT_FORMAT) -> CheckpointFormat:
 def format_names() -> list:
     """The registered formats' names, sorted: the choices of ``--format`` on both command lines."""
     return sorted(_REGISTRY)
+
+
+#: Outputs that are files of their own rather than formats of tensors inside safetensors checkpoints: a GGUF file
+#: has its own container, metadata and tensor names (:mod:`qcore.formats.gguf_model` says why it is no
+#: :class:`CheckpointFormat`). Both command lines offer them beside :func:`format_names`.
+FILE_FORMATS = ("gguf",)
+
+
+def output_format_names() -> list:
+    """The choices of ``--format`` on both command lines: the checkpoint formats, then :data:`FILE_FORMATS`."""
+    return format_names() + [f for f in FILE_FORMATS if f not in _REGISTRY]
 
 
 def format_of(metadata: Mapping[str, str], path: str = "") -> CheckpointFormat:

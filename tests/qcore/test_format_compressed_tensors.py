@@ -34,7 +34,9 @@ def test_registered_and_offered_by_the_command_line():
     assert formats.format_names() == ["compressed-tensors", "qcore"]
     action = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["quantize"]._actions
                   if a.dest == "format")
-    assert list(action.choices) == formats.format_names() and action.default == "qcore"
+    # the checkpoint formats, then the file formats (GGUF: qcore.formats.gguf_model)
+    assert list(action.choices) == formats.output_format_names() == formats.format_names() + ["gguf"]
+    assert action.default == "qcore"
 
 
 def test_a_format_registered_later_is_a_choice_by_itself():

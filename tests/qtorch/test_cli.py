@@ -400,14 +400,15 @@ def test_qtorch_does_not_import_the_qcore_command_line():
 def test_format_compressed_tensors_saves_a_folder_transformers_loads(tiny_bert, tmp_path, capsys):
     import json
 
-    from qcore.formats import format_names
+    from qcore.formats import FILE_FORMATS, format_names
     from qtorch.cli import build_parser
 
     pytest.importorskip("compressed_tensors")
 
     action = next(a for a in build_parser()._subparsers._group_actions[0].choices["quantize"]._actions
                   if a.dest == "format")
-    assert list(action.choices) == format_names()  # a format registered later is offered by itself
+    # a checkpoint format registered later is offered by itself, and so are the file formats (GGUF)
+    assert list(action.choices) == format_names() + list(FILE_FORMATS)
     out = tmp_path / "ct"
     assert main(["quantize", str(tiny_bert), "--scheme", "w8a16", "-o", str(out), "--format", "compressed-tensors",
                  "--rounds", "1"]) == 0
@@ -427,3 +428,34 @@ def test_format_compressed_tensors_saves_a_folder_transformers_loads(tiny_bert, 
 def test_format_without_output_is_refused(tiny_bert, capsys, no_model_load):
     assert main(["quantize", str(tiny_bert), "--format", "compressed-tensors"]) == 1
     assert "pass -o OUT" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# --method: qcore's registered params methods and qtorch's calibrated ones, read when the parser is built
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_a_params_method_registered_later_is_a_method_choice(tiny_bert, monkeypatch, capsys):
+    import qcore
+    import qcore.params
+
+    from qtorch.calibrate import METHODS
+    from qtorch.cli import build_parser
+
+    monkeypatch.setattr(qcore.params, "_METHODS", dict(qcore.params._METHODS))  # the registration ends here
+    calls = []
+
+    @qcore.register_params_method("halved-range")
+    def halved(x, scheme):  # minmax's parameters, but clipping every group to half its range
+        p = qcore.params.params_method("minmax")(x, scheme)
+        calls.append(x.shape)
+        return qcore.QParams(p.scale / 2, p.zero_point, scheme)
+
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["quantize"]._actions
+                  if a.dest == "method")
+    assert list(action.choices) == list(qcore.params_methods()) + list(METHODS)
+    assert "halved-range" in action.choices and "gptq" in action.choices
+    assert main(["quantize", str(tiny_bert), "--scheme", "w4a16", "--method", "halved-range", "--rounds", "1"]) == 0
+    assert len(calls) == 2 * 6 + 1  # every quantized Linear of the 2-layer BERT (and its pooler) went through it
+    with pytest.raises(SystemExit):
+        main(["quantize", str(tiny_bert), "--method", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
