@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 __all__ = ["mse", "max_abs_error", "mean_abs_error", "relative_error_pct", "sqnr_db", "quantization_error"]
 
@@ -29,9 +30,39 @@ def _pair(x, x_hat) -> tuple[np.ndarray, np.ndarray]:
     return a.reshape(-1), b.reshape(-1)
 
 
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
+def _sums_kernel(a, b):  # pragma: no cover - compiled
+    # float64 sums, reassociated (vectorized) but never assuming finite values: a NaN difference sets the max
+    sse = 0.0
+    ssx = 0.0
+    sae = 0.0
+    mae = 0.0
+    nan = False
+    for i in range(a.size):
+        da = np.float64(a[i])
+        d = da - np.float64(b[i])
+        sse += d * d
+        ssx += da * da
+        ad = abs(d)
+        sae += ad
+        if ad > mae:
+            mae = ad
+        nan |= ad != ad
+    return sse, ssx, sae, (np.nan if nan else mae)
+
+
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def _sums(x, x_hat) -> tuple[int, float, float, float, float]:
-    """(n, sum (x - x_hat)^2, sum x^2, sum |x - x_hat|, max |x - x_hat|) in float64, one pass over chunks."""
+    """(n, sum (x - x_hat)^2, sum x^2, sum |x - x_hat|, max |x - x_hat|) in float64, one pass.
+
+    float32 / float64 pairs take a compiled loop (a model's report measures every weight: NumPy's chunked float64
+    temporaries ran at 16 M values/s, 12 s for a 135M-parameter model); other dtypes go through chunks."""
     a, b = _pair(x, x_hat)
+    if a.dtype in _KERNEL_DTYPES and b.dtype == a.dtype and a.size:
+        sse, ssx, sae, mae = _sums_kernel(np.ascontiguousarray(a), np.ascontiguousarray(b))
+        return a.size, float(sse), float(ssx), float(sae), float(mae)
     sse = ssx = sae = mae = 0.0
     for i in range(0, a.size, _CHUNK):
         da = a[i:i + _CHUNK].astype(np.float64)
