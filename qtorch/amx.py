@@ -1,0 +1,459 @@
+"""Many-rows forward of the 8- and 4-bit blocked layouts on AMX tiles (Intel CPUs with AMX-BF16).
+
+A leaf of :mod:`qtorch.layouts.blocked`. ``out[M, N] = x[M, K] @ ((code - zp) * scale).T`` from the blocked layout
+(see ``layouts.blocked``): tiles ``wb[T, K, NT]`` (8 bits) or ``wb[T, K, NT/2]`` (4 bits, low nibble column ``j``,
+high nibble column ``j + NT/2``; symmetric codes carry the offset 8), scale and zero point ``[G, N]``.
+
+No dequantized weight is ever written: for a strip of 16 output channels and a block of K, ``code - zp`` (an
+integer of magnitude <= 255, exact in bfloat16) is converted into a small panel in the VNNI order of AMX's B
+operand, ``B[kp][2n + j] = code[2kp + j][n] - zp``, that stays in L1 while every block of 16 rows of ``x`` is
+multiplied by it (``tdpbf16ps``, float32 accumulation in the C tiles). The activations are split exactly into
+bfloat16 parts, ``x = x_1 + x_2 + x_3`` (float32: three, each the bfloat16 rounding of what is left; float16: two;
+bfloat16: one): a product of two bfloat16 values is exact in float32, so all parts accumulate into the same C
+tile and the result has float32 accuracy. At the end of each group the C tiles are scaled into the output.
+
+Eligible (:func:`eligible`) where K % 32 == 0 and each group holds a multiple of 32 rows of K, and the process
+may use AMX (:func:`available`: numba compiles for a CPU with ``amx-tile`` and ``amx-bf16``, and Linux granted
+the tile data state, ``arch_prctl(ARCH_REQ_XCOMP_PERM)``, asked once per process; a forked child inherits it).
+Work units (a strip of 16 or 32 output channels) are claimed by the threads of PyTorch's OpenMP team.
+
+>>> import numpy as np
+>>> wb = np.ones((1, 32, 16), np.int8)                     # one tile: K = 32, 16 output channels, codes 1
+>>> x = np.stack([np.ones(32, np.float32), np.arange(32, dtype=np.float32)])
+>>> out = np.empty((2, 16), np.float32)
+>>> if available():
+...     out = amx_blocked(x, wb, np.full((1, 16), 0.5, np.float32), np.zeros((0, 0), np.uint8), 32, 8, out)
+... else:
+...     out[:] = [[16.0], [248.0]]
+>>> out[:, :2]
+array([[ 16.,  16.],
+       [248., 248.]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import _omp
+from ._ir import AMX_TILE, F32, I8, I16, I32, I64, host_has, vec
+
+__all__ = ["available", "eligible", "amx_blocked", "amx_linear"]
+
+KB = 512  # rows of K per panel at most: 16 channels x 512 rows = 16 KB of bfloat16, with its pair in L1
+_ROWS = 16  # rows of a tile (A and C), and K pairs of a B tile
+_PARTS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}  # bfloat16 parts that hold the value exactly
+
+_LOCK = threading.Lock()
+_AVAILABLE = None
+
+
+def _request_tile_state() -> bool:
+    """Ask Linux for the AMX tile data state (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``): without it
+    the first tile instruction kills the process. Granted per process, inherited by a fork."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        sys_arch_prctl = {"x86_64": 158}.get(__import__("platform").machine().lower())
+        if sys_arch_prctl is None:
+            return False
+        return libc.syscall(sys_arch_prctl, 0x1023, 18) == 0  # ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    except (OSError, AttributeError):  # pragma: no cover - no libc symbol
+        return False
+
+
+def available() -> bool:
+    """Whether this process may run the AMX kernel: numba compiles for a CPU with AMX tiles and their bfloat16 dot
+    product, and Linux granted the tile state (asked once)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        with _LOCK:
+            if _AVAILABLE is None:
+                _AVAILABLE = host_has("amx-tile") and host_has("amx-bf16") and _request_tile_state()
+    return _AVAILABLE
+
+
+def eligible(in_features: int, group_size: int) -> bool:
+    """Whether the kernel serves a layer of ``in_features`` with groups of ``group_size`` along K (K itself for
+    one group): whole 32-row steps of K inside each group. Says nothing about the CPU (:func:`available`).
+
+    >>> eligible(384, 384), eligible(384, 128), eligible(4096, 48), eligible(100, 100)
+    (True, True, False, False)
+    """
+    return in_features > 0 and in_features % 32 == 0 and group_size > 0 and group_size % 32 == 0
+
+
+@intrinsic
+def _vnni_panel(typingctx, wb, base, npairs, zp, zbase, buf, boff, mode, has_zp):
+    """buf[boff + 32 kp + 2 n + j] = bfloat16(code(k0 + 2 kp + j, n) - zp[n]) for 16 channels n and ``npairs``
+    pairs of rows of K, read from ``wb`` at element offset ``base`` (row k0, the strip's first byte).
+
+    ``mode`` (literal) 8: 16 bytes a row are 16 codes (int8 sign-extended, uint8 zero-extended); 0 / 1: 16 bytes
+    a row, their low / high nibbles; 2: 8 bytes a row, low nibbles then high nibbles (a 4-bit tile of 16 columns).
+    ``has_zp`` (literal): subtract ``zp[zbase:zbase+16]`` (uint8); else 4-bit codes subtract 8, 8-bit nothing.
+    """
+    if not (isinstance(mode, types.IntegerLiteral) and isinstance(has_zp, types.BooleanLiteral)):
+        return None
+    m, with_zp = mode.literal_value, has_zp.literal_value
+    signed = m == 8 and wb.dtype == types.int8
+
+    def codegen(context, builder, sig, args):
+        w = context.make_array(sig.args[0])(context, builder, args[0])
+        za = context.make_array(sig.args[3])(context, builder, args[3])
+        ba = context.make_array(sig.args[5])(context, builder, args[5])
+        base, npairs, zbase, boff = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 4, 6))
+        _, _, width = cgutils.unpack_tuple(builder, w.shape, 3)
+        v16b, v16s, v32s = vec(I8, 16), vec(I16, 16), vec(I16, 32)
+        inter = ir.Constant(vec(I32, 32), [i // 2 + (16 if i % 2 else 0) for i in range(32)])
+
+        def codes(ptr):  # <16 x i16> codes of one row of K
+            if m == 2:
+                b8 = builder.load(builder.bitcast(ptr, vec(I8, 8).as_pointer()), align=1)
+                both = builder.shuffle_vector(b8, ir.Constant(vec(I8, 8), ir.Undefined),
+                                              ir.Constant(vec(I32, 16), list(range(8)) * 2))
+                wide = builder.zext(both, v16s)
+                lo = builder.and_(wide, ir.Constant(v16s, [15] * 16))
+                hi = builder.lshr(wide, ir.Constant(v16s, [4] * 16))
+                sel = ir.Constant(vec(ir.IntType(1), 16), [1] * 8 + [0] * 8)
+                return builder.select(sel, lo, hi)
+            b = builder.load(builder.bitcast(ptr, v16b.as_pointer()), align=1)
+            wide = builder.sext(b, v16s) if signed else builder.zext(b, v16s)
+            if m == 0:
+                return builder.and_(wide, ir.Constant(v16s, [15] * 16))
+            if m == 1:
+                return builder.lshr(wide, ir.Constant(v16s, [4] * 16))
+            return wide
+
+        zvec = None
+        if with_zp:
+            zb = builder.load(builder.bitcast(builder.gep(za.data, [zbase]), v16b.as_pointer()), align=1)
+            zvec = builder.zext(zb, v16s)
+        elif m != 8:
+            zvec = ir.Constant(v16s, [8] * 16)
+        src = builder.gep(w.data, [base])
+        dst = builder.gep(ba.data, [boff])
+        with cgutils.for_range(builder, npairs) as loop:
+            i = loop.index
+            r0 = builder.gep(src, [builder.mul(builder.mul(i, ir.Constant(I64, 2)), width)])
+            r1 = builder.gep(r0, [width])
+            c0, c1 = codes(r0), codes(r1)
+            if zvec is not None:
+                c0, c1 = builder.sub(c0, zvec), builder.sub(c1, zvec)
+            pair = builder.shuffle_vector(c0, c1, inter)  # <32 x i16>: row pairs interleaved per channel
+            f = builder.sitofp(pair, vec(F32, 32))
+            # an integer of at most 9 significant bits: its float32 bits end in 16 zeros, the upper half is bfloat16
+            bits = builder.trunc(builder.lshr(builder.bitcast(f, vec(I32, 32)), ir.Constant(vec(I32, 32), [16] * 32)),
+                                 v32s)
+            out = builder.gep(dst, [builder.mul(i, ir.Constant(I64, 32))])
+            builder.store(bits, builder.bitcast(out, v32s.as_pointer()), align=2)
+        return context.get_dummy_value()
+
+    return types.void(wb, base, npairs, zp, zbase, buf, boff, mode, has_zp), codegen
+
+
+def _amx_fn(builder, name, ret, argtys):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, argtys), name)
+
+
+@intrinsic
+def _amx_block(typingctx, xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, ns, nr, parts):
+    """C[r, s] += sum over parts p and k < nk of A(p, r) @ B(s): the float32 C tiles ``cb[coff + (16 r) ldc + 16 s]``
+    (row stride ``ldc``) for ``nr`` blocks of 16 rows and ``ns`` strips of 16 channels (literals, at most 2 x 2).
+
+    A: bfloat16 bits ``xp`` (int16), part ``p``, row block ``r`` at element ``abase + p pstride + 16 r lda`` (row
+    stride ``lda``); B: the panel ``buf`` (int16) of strip ``s`` at ``boff + s bstride``, 32 elements per pair of
+    K rows. The C tiles stay in tile registers over the whole of ``nk`` (a multiple of 32).
+    """
+    if not all(isinstance(v, types.IntegerLiteral) for v in (ns, nr, parts)):
+        return None
+    nstrips, nrows, nparts = ns.literal_value, nr.literal_value, parts.literal_value
+
+    def codegen(context, builder, sig, args):
+        xa = context.make_array(sig.args[0])(context, builder, args[0])
+        ba = context.make_array(sig.args[5])(context, builder, args[5])
+        ca = context.make_array(sig.args[8])(context, builder, args[8])
+        abase, lda, pstride, nk, boff, bstride, coff, ldc = (
+            context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 3, 4, 6, 7, 9, 10))
+        i8p = I8.as_pointer()
+        load = _amx_fn(builder, "llvm.x86.tileloadd64.internal", AMX_TILE, [I16, I16, i8p, I64])
+        store = _amx_fn(builder, "llvm.x86.tilestored64.internal", ir.VoidType(), [I16, I16, i8p, I64, AMX_TILE])
+        dp = _amx_fn(builder, "llvm.x86.tdpbf16ps.internal", AMX_TILE, [I16, I16, I16, AMX_TILE, AMX_TILE, AMX_TILE])
+        rows, cols = ir.Constant(I16, _ROWS), ir.Constant(I16, 64)
+
+        def c64(v):
+            return ir.Constant(I64, v)
+
+        def cptr(r, s):
+            off = builder.add(coff, builder.add(builder.mul(c64(16 * r), ldc), c64(16 * s)))
+            return builder.bitcast(builder.gep(ca.data, [off]), i8p)
+
+        cstride = builder.mul(ldc, c64(4))
+        astride = builder.mul(lda, c64(2))
+        init = {(r, s): builder.call(load, [rows, cols, cptr(r, s), cstride])
+                for r in range(nrows) for s in range(nstrips)}
+        entry = builder.block
+        head = builder.append_basic_block("amx.head")
+        body = builder.append_basic_block("amx.body")
+        done = builder.append_basic_block("amx.done")
+        builder.branch(head)
+        builder.position_at_end(head)
+        kk = builder.phi(I64)
+        kk.add_incoming(c64(0), entry)
+        acc = {}
+        for key, v in init.items():
+            acc[key] = builder.phi(AMX_TILE)
+            acc[key].add_incoming(v, entry)
+        builder.cbranch(builder.icmp_signed("<", kk, nk), body, done)
+        builder.position_at_end(body)
+        btiles = []
+        for s in range(nstrips):
+            off = builder.add(builder.add(boff, builder.mul(c64(s), bstride)), builder.mul(kk, c64(16)))
+            btiles.append(builder.call(load, [rows, cols, builder.bitcast(builder.gep(ba.data, [off]), i8p), c64(64)]))
+        new = {key: acc[key] for key in acc}
+        for p in range(nparts):
+            for r in range(nrows):
+                off = builder.add(builder.add(abase, builder.mul(c64(p), pstride)),
+                                  builder.add(builder.mul(c64(16 * r), lda), kk))
+                a = builder.call(load, [rows, cols, builder.bitcast(builder.gep(xa.data, [off]), i8p), astride])
+                for s in range(nstrips):
+                    new[(r, s)] = builder.call(dp, [rows, cols, cols, new[(r, s)], a, btiles[s]])
+        nxt = builder.add(kk, c64(32))
+        latch = builder.block
+        builder.branch(head)
+        kk.add_incoming(nxt, latch)
+        for key in acc:
+            acc[key].add_incoming(new[key], latch)
+        builder.position_at_end(done)
+        for (r, s), v in acc.items():
+            builder.call(store, [rows, cols, cptr(r, s), cstride, v])
+        return context.get_dummy_value()
+
+    return types.void(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, ns, nr, parts), codegen
+
+
+@njit(inline="always")
+def _panel(wb, base, npairs, zp, zbase, buf, boff, mode, has_zp):  # pragma: no cover - compiled
+    if mode == 8:
+        _vnni_panel(wb, base, npairs, zp, zbase, buf, boff, 8, has_zp)
+    elif mode == 0:
+        _vnni_panel(wb, base, npairs, zp, zbase, buf, boff, 0, has_zp)
+    elif mode == 1:
+        _vnni_panel(wb, base, npairs, zp, zbase, buf, boff, 1, has_zp)
+    else:
+        _vnni_panel(wb, base, npairs, zp, zbase, buf, boff, 2, has_zp)
+
+
+@njit(inline="always")
+def _block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, ns, nr, parts):  # pragma: no cover
+    # literal dispatch: strips x row blocks x parts
+    if parts == 3:
+        if ns == 2:
+            if nr == 2:
+                _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 2, 2, 3)
+            else:
+                _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 2, 1, 3)
+        elif nr == 2:
+            _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 1, 2, 3)
+        else:
+            _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 1, 1, 3)
+    elif parts == 2:
+        if ns == 2:
+            if nr == 2:
+                _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 2, 2, 2)
+            else:
+                _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 2, 1, 2)
+        elif nr == 2:
+            _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 1, 2, 2)
+        else:
+            _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 1, 1, 2)
+    else:
+        if ns == 2:
+            if nr == 2:
+                _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 2, 2, 1)
+            else:
+                _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 2, 1, 1)
+        elif nr == 2:
+            _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 1, 2, 1)
+        else:
+            _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 1, 1, 1)
+
+
+@njit(cache=True, nogil=True)
+def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma: no cover - compiled
+    # work unit u: ns strips of 16 output channels (ns = 2 where the tile width allows), all rows, all of K
+    _, Mp, K = xp.shape
+    T, _, W = wb.shape
+    NT = W * 2 if bits == 4 else W
+    half = NT // 2
+    ns = 2 if NT % 32 == 0 else 1
+    per_tile = NT // (16 * ns)
+    G = K // gsize
+    has_zp = zp.shape[0] > 0
+    cw = 16 * ns
+    cb = np.empty((Mp, cw), np.float32)
+    bstride = KB * 16  # int16 elements of one strip's panel (KB / 2 pairs x 32)
+    buf = np.empty(ns * bstride, np.int16)
+    xf = xp.reshape(-1)
+    cf = cb.reshape(-1)
+    pstride = Mp * K
+    for u in range(u0, u1):
+        t = u // per_tile
+        c0 = (u % per_tile) * cw  # first column of the unit within its tile
+        n0 = t * NT + c0
+        for g in range(G):
+            kg = g * gsize
+            k = kg
+            while k < kg + gsize:
+                nk = min(KB, kg + gsize - k)
+                for s in range(ns):
+                    col = c0 + 16 * s
+                    if bits == 8:
+                        mode = 8
+                        base = (t * K + k) * W + col
+                    elif NT == 16:
+                        mode = 2
+                        base = (t * K + k) * W
+                    elif col < half:
+                        mode = 0
+                        base = (t * K + k) * W + col
+                    else:
+                        mode = 1
+                        base = (t * K + k) * W + col - half
+                    zb = g * zp.shape[1] + n0 + 16 * s
+                    if has_zp:
+                        _panel(wb, base, nk // 2, zp, zb, buf, s * bstride, mode, True)
+                    else:
+                        _panel(wb, base, nk // 2, zp, zb, buf, s * bstride, mode, False)
+                if k == kg:
+                    cb[:] = 0
+                m0 = 0
+                while m0 < Mp:
+                    nr = 2 if Mp - m0 >= 32 else 1
+                    _block(xf, m0 * K + k, K, pstride, nk, buf, 0, bstride, cf, m0 * cw, cw, ns, nr, parts)
+                    m0 += 16 * nr
+                k += nk
+            # the group's sums, scaled into the output
+            srow = scale[g, n0:n0 + cw]
+            for i in range(M):
+                o = out[i, n0:n0 + cw]
+                c = cb[i]
+                if g == 0:
+                    for j in range(cw):
+                        o[j] = c[j] * srow[j]
+                else:
+                    for j in range(cw):
+                        o[j] += c[j] * srow[j]
+
+
+#: the team kernel's operands (its chunks are the work units); wb's dtype is the kernel's own
+OPERANDS = _omp.Operands("amx", parts=_omp.I64, M=_omp.I64, T=_omp.I64, K=_omp.I64, W=_omp.I64,
+                         gsize=_omp.I64, bits=_omp.I64, zp_rows=_omp.I64, x=_omp.ADDR, wb=_omp.ADDR,
+                         scale=_omp.ADDR, zp=_omp.ADDR, out=_omp.ADDR)
+_read = OPERANDS.read
+
+
+@njit(inline="always")
+def _amx_chunk(o, i, u0, u1, wdt, _y):  # pragma: no cover - compiled; units u0..u1 on a thread of torch's team
+    M, T, K, W, G, bits = o.M, o.T, o.K, o.W, o.K // o.gsize, o.bits
+    NT = W * 2 if bits == 4 else W
+    Mp = (M + 15) // 16 * 16
+    zrows = o.zp_rows
+    _amx_units(carray(o.x, (o.parts, Mp, K), np.int16), o.parts, M, carray(o.wb, (T, K, W), wdt),
+               carray(o.scale, (G, T * NT), np.float32), carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8),
+               o.gsize, bits, carray(o.out, (M, T * NT), np.float32), u0, u1)
+    return 0
+
+
+def _team_amx_i8(data):  # pragma: no cover - compiled
+    _omp.claim_operands(data, _read, _amx_chunk, np.int8, 0)
+
+
+def _team_amx_u8(data):  # pragma: no cover - compiled
+    _omp.claim_operands(data, _read, _amx_chunk, np.uint8, 0)
+
+
+_TEAM_KERNELS = {True: _omp.TeamKernel(_team_amx_i8), False: _omp.TeamKernel(_team_amx_u8)}  # by signedness
+
+
+def _units(T: int, NT: int) -> int:
+    return T * NT // (32 if NT % 32 == 0 else 16)
+
+
+def split_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x[M, K]`` (float32, float16 or bfloat16) as bfloat16 parts ``[P, Mp, K]`` whose sum is ``x`` (P = 3, 2,
+    1; each part the bfloat16 rounding of what the ones before left), rows padded with zeros to a multiple of 16.
+
+    >>> p = split_rows(torch.tensor([[1 + 2.0**-10]]))
+    >>> p.shape, p[:, 0, 0].tolist(), float(p.double().sum())
+    (torch.Size([3, 16, 1]), [1.0, 0.0009765625, 0.0], 1.0009765625)
+    """
+    M, K = x.shape
+    parts = _PARTS[x.dtype]
+    xp = torch.zeros((parts, -(-M // _ROWS) * _ROWS, K), dtype=torch.bfloat16)
+    if parts == 1:
+        xp[0, :M] = x
+        return xp
+    rest = x.detach().to(torch.float32)
+    for p in range(parts):
+        xp[p, :M] = rest
+        if p + 1 < parts:
+            rest = rest - xp[p, :M].to(torch.float32)
+    return xp
+
+
+def amx_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarray, gsize: int, bits: int,
+                out: np.ndarray) -> np.ndarray:
+    """``out = x @ ((code - zp) * scale).T`` for float32 ``x[M, K]`` from the blocked layout; returns ``out``.
+
+    Operands as :func:`qtorch.gemm.gemm_blocked` (checked: a ``TypeError`` / ``ValueError`` names the operand);
+    K and the group size must be multiples of 32 (:func:`eligible`), and the process able to use AMX
+    (:func:`available`; otherwise a ``RuntimeError``)."""
+    T, K, W = wb.shape if getattr(wb, "ndim", 0) == 3 else (0, 0, 0)
+    M = x.shape[0] if getattr(x, "ndim", 0) == 2 else 0
+    _omp.check_operands(wb, scale, zp, gsize, bits, out, (M, T * (W * 2 if bits == 4 else W)), x=x, x_shape=(M, K))
+    if not eligible(K, gsize):
+        raise ValueError(f"the AMX kernel needs K and the group size to be multiples of 32, got K={K}, "
+                         f"group size {gsize}")
+    if W % (16 if bits == 8 else 8):
+        raise ValueError(f"tile rows of {W} bytes: the kernel reads strips of 16 channels")
+    if not available():
+        raise RuntimeError("this process cannot use AMX tiles (no AMX-BF16 CPU, or Linux refused the tile state)")
+    xp = split_rows(torch.from_numpy(x))
+    _run(xp, wb, scale, zp, gsize, bits, out)
+    return out
+
+
+def amx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+               group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """The forward on CPU torch tensors that ``layouts.blocked`` built (``scale`` / ``zero_point`` already
+    ``[G, N]``): float32 ``[M, N]``."""
+    xp = split_rows(x)
+    out = torch.empty((x.shape[0], out_features), dtype=torch.float32)
+    _run(xp, qweight.numpy(), scale.numpy(), zero_point.numpy(), group_size, bits, out.numpy())
+    return out
+
+
+def _run(xp: torch.Tensor, wb, scale, zp, gsize, bits, out) -> None:
+    P, Mp, K = xp.shape
+    T, _, W = wb.shape
+    M = out.shape[0]
+    if M == 0 or T == 0:
+        return
+    NT = W * 2 if bits == 4 else W
+    units = _units(T, NT)
+    xi = xp.view(torch.int16).numpy()
+    block = _omp.new_block(units, units, OPERANDS.pack(parts=P, M=M, T=T, K=K, W=W, gsize=gsize, bits=bits,
+                                                       zp_rows=zp.shape[0], x=xi.ctypes.data, wb=wb.ctypes.data,
+                                                       scale=scale.ctypes.data, zp=zp.ctypes.data,
+                                                       out=out.ctypes.data))
+    _omp.run(units, _TEAM_KERNELS[wb.dtype == np.int8], block, _amx_units, (xi, P, M, wb, scale, zp, gsize, bits, out),
+             units, 1, nchunks=units)
