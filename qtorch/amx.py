@@ -44,14 +44,19 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _omp
-from ._ir import AMX_TILE, F32, I8, I16, I32, I64, host_has, vec
+from ._ir import AMX_TILE, BF16, F32, I8, I16, I32, I64, host_has, vec
 
 __all__ = ["available", "eligible", "amx_blocked", "amx_linear"]
 
 KB = 512  # rows of K per panel at most: 16 channels x 512 rows = 16 KB of bfloat16, with its pair in L1
+# bfloat16 values after each row of x: a row stride of K * 2 bytes, a multiple of 4 KB for the common widths, puts
+# the 16 rows of an A tile in one set of the L1 cache
+_PAD = 32
 _ROWS = 16  # rows of a tile (A and C), and K pairs of a B tile
 _PARTS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}  # bfloat16 parts that hold the value exactly
 
+# float32 -> bfloat16 by the CPU's conversion (AVX512-BF16), exact here: every value is a small integer
+_CVT = host_has("avx512bf16")
 _LOCK = threading.Lock()
 _AVAILABLE = None
 
@@ -141,20 +146,27 @@ def _vnni_panel(typingctx, wb, base, npairs, zp, zbase, buf, boff, mode, has_zp)
             zvec = ir.Constant(v16s, [8] * 16)
         src = builder.gep(w.data, [base])
         dst = builder.gep(ba.data, [boff])
+        v16i, v16f = vec(I32, 16), vec(F32, 16)
+        if zvec is not None:
+            zvec = builder.sext(zvec, v16i)
+
+        def to_bf16(c):  # <16 x i32>, integers of at most 9 significant bits: exact in bfloat16
+            f = builder.sitofp(c, v16f)
+            if _CVT:
+                return builder.bitcast(builder.fptrunc(f, vec(BF16, 16)), v16s)
+            # without the CPU's conversion: the float32 bits end in 16 zeros, the upper half is the bfloat16
+            return builder.trunc(builder.lshr(builder.bitcast(f, v16i), ir.Constant(v16i, [16] * 16)), v16s)
+
         with cgutils.for_range(builder, npairs) as loop:
             i = loop.index
             r0 = builder.gep(src, [builder.mul(builder.mul(i, ir.Constant(I64, 2)), width)])
             r1 = builder.gep(r0, [width])
-            c0, c1 = codes(r0), codes(r1)
+            c0, c1 = (builder.sext(codes(r), v16i) for r in (r0, r1))
             if zvec is not None:
                 c0, c1 = builder.sub(c0, zvec), builder.sub(c1, zvec)
-            pair = builder.shuffle_vector(c0, c1, inter)  # <32 x i16>: row pairs interleaved per channel
-            f = builder.sitofp(pair, vec(F32, 32))
-            # an integer of at most 9 significant bits: its float32 bits end in 16 zeros, the upper half is bfloat16
-            bits = builder.trunc(builder.lshr(builder.bitcast(f, vec(I32, 32)), ir.Constant(vec(I32, 32), [16] * 32)),
-                                 v32s)
+            pair = builder.shuffle_vector(to_bf16(c0), to_bf16(c1), inter)  # rows of the pair interleaved
             out = builder.gep(dst, [builder.mul(i, ir.Constant(I64, 32))])
-            builder.store(bits, builder.bitcast(out, v32s.as_pointer()), align=2)
+            builder.store(pair, builder.bitcast(out, v32s.as_pointer()), align=2)
         return context.get_dummy_value()
 
     return types.void(wb, base, npairs, zp, zbase, buf, boff, mode, has_zp), codegen
@@ -290,8 +302,8 @@ def _block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, ns, n
 @njit(cache=True, nogil=True)
 def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma: no cover - compiled
     # work unit u: ns strips of 16 output channels (ns = 2 where the tile width allows), all rows, all of K
-    _, Mp, K = xp.shape
-    T, _, W = wb.shape
+    _, Mp, LD = xp.shape
+    T, K, W = wb.shape
     NT = W * 2 if bits == 4 else W
     half = NT // 2
     ns = 2 if NT % 32 == 0 else 1
@@ -304,7 +316,7 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma
     buf = np.empty(ns * bstride, np.int16)
     xf = xp.reshape(-1)
     cf = cb.reshape(-1)
-    pstride = Mp * K
+    pstride = Mp * LD
     for u in range(u0, u1):
         t = u // per_tile
         c0 = (u % per_tile) * cw  # first column of the unit within its tile
@@ -338,7 +350,7 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma
                 m0 = 0
                 while m0 < Mp:
                     nr = 2 if Mp - m0 >= 32 else 1
-                    _block(xf, m0 * K + k, K, pstride, nk, buf, 0, bstride, cf, m0 * cw, cw, ns, nr, parts)
+                    _block(xf, m0 * LD + k, LD, pstride, nk, buf, 0, bstride, cf, m0 * cw, cw, ns, nr, parts)
                     m0 += 16 * nr
                 k += nk
             # the group's sums, scaled into the output
@@ -367,7 +379,7 @@ def _amx_chunk(o, i, u0, u1, wdt, _y):  # pragma: no cover - compiled; units u0.
     NT = W * 2 if bits == 4 else W
     Mp = (M + 15) // 16 * 16
     zrows = o.zp_rows
-    _amx_units(carray(o.x, (o.parts, Mp, K), np.int16), o.parts, M, carray(o.wb, (T, K, W), wdt),
+    _amx_units(carray(o.x, (o.parts, Mp, K + _PAD), np.int16), o.parts, M, carray(o.wb, (T, K, W), wdt),
                carray(o.scale, (G, T * NT), np.float32), carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8),
                o.gsize, bits, carray(o.out, (M, T * NT), np.float32), u0, u1)
     return 0
@@ -389,25 +401,27 @@ def _units(T: int, NT: int) -> int:
 
 
 def split_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x[M, K]`` (float32, float16 or bfloat16) as bfloat16 parts ``[P, Mp, K]`` whose sum is ``x`` (P = 3, 2,
-    1; each part the bfloat16 rounding of what the ones before left), rows padded with zeros to a multiple of 16.
+    """``x[M, K]`` (float32, float16 or bfloat16) as bfloat16 parts ``[P, Mp, K + 32]`` whose sum is ``x`` (P = 3,
+    2, 1; each part the bfloat16 rounding of what the ones before left), rows padded with zeros to a multiple of
+    16, and 32 zeros after each row (see ``_PAD``).
 
-    >>> p = split_rows(torch.tensor([[1 + 2.0**-10]]))
-    >>> p.shape, p[:, 0, 0].tolist(), float(p.double().sum())
-    (torch.Size([3, 16, 1]), [1.0, 0.0009765625, 0.0], 1.0009765625)
+    >>> p = split_rows(torch.tensor([[1 + 2.0**-10 + 2.0**-20]]))
+    >>> p.shape, p[:, 0, 0].tolist(), float(p.double().sum()) == 1 + 2.0**-10 + 2.0**-20
+    (torch.Size([3, 16, 33]), [1.0, 0.0009765625, 9.5367431640625e-07], True)
     """
     M, K = x.shape
     parts = _PARTS[x.dtype]
-    xp = torch.zeros((parts, -(-M // _ROWS) * _ROWS, K), dtype=torch.bfloat16)
+    buf = torch.zeros((parts, -(-M // _ROWS) * _ROWS, K + _PAD), dtype=torch.bfloat16)
+    xp = buf[:, :M, :K]
     if parts == 1:
-        xp[0, :M] = x
-        return xp
+        xp[0] = x
+        return buf
     rest = x.detach().to(torch.float32)
     for p in range(parts):
-        xp[p, :M] = rest
+        xp[p] = rest
         if p + 1 < parts:
-            rest = rest - xp[p, :M].to(torch.float32)
-    return xp
+            rest = rest - xp[p].to(torch.float32)
+    return buf
 
 
 def amx_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarray, gsize: int, bits: int,
@@ -425,8 +439,6 @@ def amx_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarray
                          f"group size {gsize}")
     if W % (16 if bits == 8 else 8):
         raise ValueError(f"tile rows of {W} bytes: the kernel reads strips of 16 channels")
-    if not available():
-        raise RuntimeError("this process cannot use AMX tiles (no AMX-BF16 CPU, or Linux refused the tile state)")
     xp = split_rows(torch.from_numpy(x))
     _run(xp, wb, scale, zp, gsize, bits, out)
     return out
@@ -443,8 +455,10 @@ def amx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
 
 
 def _run(xp: torch.Tensor, wb, scale, zp, gsize, bits, out) -> None:
-    P, Mp, K = xp.shape
-    T, _, W = wb.shape
+    if not (_AVAILABLE or available()):  # a tile instruction without the tile state is SIGILL, not an error
+        raise RuntimeError("this process cannot use AMX tiles (no AMX-BF16 CPU, or Linux refused the tile state)")
+    P, Mp, _ = xp.shape
+    T, K, W = wb.shape
     M = out.shape[0]
     if M == 0 or T == 0:
         return
