@@ -48,7 +48,7 @@ from ._ir import AMX_TILE, BF16, F32, I8, I16, I32, I64, host_has, vec
 
 __all__ = ["available", "eligible", "amx_blocked", "amx_linear"]
 
-KB = 512  # rows of K per panel at most: 16 channels x 512 rows = 16 KB of bfloat16, with its pair in L1
+KB = 256  # rows of K per panel at most: 16 channels x 256 rows = 8 KB of bfloat16; up to 4 strips stay in L1
 # bfloat16 values after each row of x: a row stride of K * 2 bytes, a multiple of 4 KB for the common widths, puts
 # the 16 rows of an A tile in one set of the L1 cache
 _PAD = 32
@@ -164,7 +164,13 @@ def _vnni_panel(typingctx, wb, base, npairs, zp, zbase, buf, boff, mode, has_zp)
             c0, c1 = (builder.sext(codes(r), v16i) for r in (r0, r1))
             if zvec is not None:
                 c0, c1 = builder.sub(c0, zvec), builder.sub(c1, zvec)
-            pair = builder.shuffle_vector(to_bf16(c0), to_bf16(c1), inter)  # rows of the pair interleaved
+            if _CVT:  # both rows in one conversion (vcvtne2ps2bf16), then one word permutation (vpermw)
+                both = builder.shuffle_vector(builder.sitofp(c0, v16f), builder.sitofp(c1, v16f),
+                                              ir.Constant(vec(I32, 32), list(range(32))))
+                both = builder.bitcast(builder.fptrunc(both, vec(BF16, 32)), v32s)
+                pair = builder.shuffle_vector(both, ir.Constant(v32s, ir.Undefined), inter)
+            else:
+                pair = builder.shuffle_vector(to_bf16(c0), to_bf16(c1), inter)  # rows of the pair interleaved
             out = builder.gep(dst, [builder.mul(i, ir.Constant(I64, 32))])
             builder.store(pair, builder.bitcast(out, v32s.as_pointer()), align=2)
         return context.get_dummy_value()
@@ -299,71 +305,94 @@ def _block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, ns, n
             _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 1, 1, 1)
 
 
+@njit(inline="always")
+def _unit_shape(W, bits):  # pragma: no cover - compiled
+    """(bytes of a tile row per unit, strips of 16 channels per unit): a unit reads whole 64-byte lines (8 bits)
+    or half lines holding both nibbles of its channels (4 bits), so no line is fetched twice."""
+    if bits == 8:
+        nb = min(W, 64)
+        return nb, nb // 16
+    if W == 8:  # a 4-bit tile of 16 channels: both nibbles of 8 bytes are one strip
+        return 8, 1
+    nb = min(W, 32)
+    return nb, 2 * (nb // 16)
+
+
 @njit(cache=True, nogil=True)
 def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma: no cover - compiled
-    # work unit u: ns strips of 16 output channels (ns = 2 where the tile width allows), all rows, all of K
+    # work unit u: the S strips of 16 output channels whose codes lie in one byte range of a tile row, all rows
     _, Mp, LD = xp.shape
     T, K, W = wb.shape
     NT = W * 2 if bits == 4 else W
-    half = NT // 2
-    ns = 2 if NT % 32 == 0 else 1
-    per_tile = NT // (16 * ns)
+    nb, S = _unit_shape(W, bits)
+    per_tile = W // nb
     G = K // gsize
     has_zp = zp.shape[0] > 0
-    cw = 16 * ns
+    cw = 16 * S
     cb = np.empty((Mp, cw), np.float32)
     bstride = KB * 16  # int16 elements of one strip's panel (KB / 2 pairs x 32)
-    buf = np.empty(ns * bstride, np.int16)
+    buf = np.empty(S * bstride, np.int16)
+    cols = np.empty(S, np.int64)  # the strips' first columns within the tile
     xf = xp.reshape(-1)
     cf = cb.reshape(-1)
     pstride = Mp * LD
     for u in range(u0, u1):
         t = u // per_tile
-        c0 = (u % per_tile) * cw  # first column of the unit within its tile
-        n0 = t * NT + c0
+        b0 = (u % per_tile) * nb  # the unit's first byte of a tile row
+        for i in range(S):
+            if bits == 8 or W == 8:
+                cols[i] = b0 + 16 * i
+            elif i < S // 2:
+                cols[i] = b0 + 16 * i
+            else:
+                cols[i] = W + b0 + 16 * (i - S // 2)
         for g in range(G):
             kg = g * gsize
             k = kg
             while k < kg + gsize:
                 nk = min(KB, kg + gsize - k)
-                for s in range(ns):
-                    col = c0 + 16 * s
+                for i in range(S):
+                    zb = g * zp.shape[1] + t * NT + cols[i]
                     if bits == 8:
                         mode = 8
-                        base = (t * K + k) * W + col
-                    elif NT == 16:
+                        base = (t * K + k) * W + cols[i]
+                    elif W == 8:
                         mode = 2
                         base = (t * K + k) * W
-                    elif col < half:
+                    elif i < S // 2:
                         mode = 0
-                        base = (t * K + k) * W + col
+                        base = (t * K + k) * W + cols[i]
                     else:
                         mode = 1
-                        base = (t * K + k) * W + col - half
-                    zb = g * zp.shape[1] + n0 + 16 * s
+                        base = (t * K + k) * W + cols[i] - W
                     if has_zp:
-                        _panel(wb, base, nk // 2, zp, zb, buf, s * bstride, mode, True)
+                        _panel(wb, base, nk // 2, zp, zb, buf, i * bstride, mode, True)
                     else:
-                        _panel(wb, base, nk // 2, zp, zb, buf, s * bstride, mode, False)
+                        _panel(wb, base, nk // 2, zp, zb, buf, i * bstride, mode, False)
                 if k == kg:
                     cb[:] = 0
-                m0 = 0
-                while m0 < Mp:
-                    nr = 2 if Mp - m0 >= 32 else 1
-                    _block(xf, m0 * LD + k, LD, pstride, nk, buf, 0, bstride, cf, m0 * cw, cw, ns, nr, parts)
-                    m0 += 16 * nr
+                for sp in range(0, S, 2):
+                    ns = min(2, S - sp)
+                    m0 = 0
+                    while m0 < Mp:
+                        nr = 2 if Mp - m0 >= 32 else 1
+                        _block(xf, m0 * LD + k, LD, pstride, nk, buf, sp * bstride, bstride, cf, m0 * cw + 16 * sp,
+                               cw, ns, nr, parts)
+                        m0 += 16 * nr
                 k += nk
             # the group's sums, scaled into the output
-            srow = scale[g, n0:n0 + cw]
-            for i in range(M):
-                o = out[i, n0:n0 + cw]
-                c = cb[i]
-                if g == 0:
-                    for j in range(cw):
-                        o[j] = c[j] * srow[j]
-                else:
-                    for j in range(cw):
-                        o[j] += c[j] * srow[j]
+            for i in range(S):
+                n0 = t * NT + cols[i]
+                srow = scale[g, n0:n0 + 16]
+                for m in range(M):
+                    o = out[m, n0:n0 + 16]
+                    c = cb[m, 16 * i:16 * i + 16]
+                    if g == 0:
+                        for j in range(16):
+                            o[j] = c[j] * srow[j]
+                    else:
+                        for j in range(16):
+                            o[j] += c[j] * srow[j]
 
 
 #: the team kernel's operands (its chunks are the work units); wb's dtype is the kernel's own
@@ -396,8 +425,9 @@ def _team_amx_u8(data):  # pragma: no cover - compiled
 _TEAM_KERNELS = {True: _omp.TeamKernel(_team_amx_i8), False: _omp.TeamKernel(_team_amx_u8)}  # by signedness
 
 
-def _units(T: int, NT: int) -> int:
-    return T * NT // (32 if NT % 32 == 0 else 16)
+def _units(T: int, W: int, bits: int) -> int:
+    per_row = min(W, 64) if bits == 8 else (8 if W == 8 else min(W, 32))
+    return T * (W // per_row)
 
 
 def split_rows(x: torch.Tensor) -> torch.Tensor:
@@ -463,7 +493,7 @@ def _run(xp: torch.Tensor, wb, scale, zp, gsize, bits, out) -> None:
     if M == 0 or T == 0:
         return
     NT = W * 2 if bits == 4 else W
-    units = _units(T, NT)
+    units = _units(T, W, bits)
     xi = xp.view(torch.int16).numpy()
     block = _omp.new_block(units, units, OPERANDS.pack(parts=P, M=M, T=T, K=K, W=W, gsize=gsize, bits=bits,
                                                        zp_rows=zp.shape[0], x=xi.ctypes.data, wb=wb.ctypes.data,
