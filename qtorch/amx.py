@@ -430,27 +430,80 @@ def _units(T: int, W: int, bits: int) -> int:
     return T * (W // per_row)
 
 
-def split_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x[M, K]`` (float32, float16 or bfloat16) as bfloat16 parts ``[P, Mp, K + 32]`` whose sum is ``x`` (P = 3,
-    2, 1; each part the bfloat16 rounding of what the ones before left), rows padded with zeros to a multiple of
-    16, and 32 zeros after each row (see ``_PAD``).
+@intrinsic
+def _split_rows(typingctx, x, xp, parts):
+    """xp[p, m, :K] = bfloat16 bits of part p of row m of ``x`` (float32, or float16 bits as int16 ``[M, K]``,
+    K % 16 == 0): each part the bfloat16 rounding (to nearest even) of what the parts before it left."""
+    if not isinstance(parts, types.IntegerLiteral) or x.dtype not in (types.float32, types.int16):
+        return None
+    nparts = parts.literal_value
+    src_ty = F32 if x.dtype == types.float32 else I16
 
-    >>> p = split_rows(torch.tensor([[1 + 2.0**-10 + 2.0**-20]]))
-    >>> p.shape, p[:, 0, 0].tolist(), float(p.double().sum()) == 1 + 2.0**-10 + 2.0**-20
-    (torch.Size([3, 16, 33]), [1.0, 0.0009765625, 9.5367431640625e-07], True)
+    def codegen(context, builder, sig, args):
+        xa = context.make_array(sig.args[0])(context, builder, args[0])
+        pa = context.make_array(sig.args[1])(context, builder, args[1])
+        M, K = cgutils.unpack_tuple(builder, xa.shape, 2)
+        _, Mp, LD = cgutils.unpack_tuple(builder, pa.shape, 3)
+        v16f, v16i, v16s = vec(F32, 16), vec(I32, 16), vec(I16, 16)
+        pstride = builder.mul(Mp, LD)
+
+        def c(v):
+            return ir.Constant(v16i, [v] * 16)
+
+        def to_bf16(f):  # <16 x i16>, rounded to nearest even
+            if _CVT:
+                return builder.bitcast(builder.fptrunc(f, vec(BF16, 16)), v16s)
+            u = builder.bitcast(f, v16i)
+            odd = builder.and_(builder.lshr(u, c(16)), c(1))
+            return builder.trunc(builder.lshr(builder.add(builder.add(u, c(0x7FFF)), odd), c(16)), v16s)
+
+        with cgutils.for_range(builder, M) as rows:
+            m = rows.index
+            with cgutils.for_range(builder, builder.udiv(K, ir.Constant(I64, 16))) as steps:
+                k = builder.mul(steps.index, ir.Constant(I64, 16))
+                src = builder.gep(xa.data, [builder.add(builder.mul(m, K), k)])
+                rest = builder.load(builder.bitcast(src, vec(src_ty, 16).as_pointer()), align=2)
+                if src_ty != F32:
+                    rest = builder.fpext(builder.bitcast(rest, vec(ir.HalfType(), 16)), v16f)
+                dst = builder.gep(pa.data, [builder.add(builder.mul(m, LD), k)])
+                for p in range(nparts):
+                    h = to_bf16(rest)
+                    builder.store(h, builder.bitcast(builder.gep(dst, [builder.mul(pstride, ir.Constant(I64, p))]),
+                                                     v16s.as_pointer()), align=2)
+                    if p + 1 < nparts:  # exact: the part holds the leading bits of rest
+                        back = builder.bitcast(builder.shl(builder.zext(h, v16i), c(16)), v16f)
+                        rest = builder.fsub(rest, back)
+        return context.get_dummy_value()
+
+    return types.void(x, xp, parts), codegen
+
+
+@njit(cache=True, nogil=True)
+def _split(x, xp):  # pragma: no cover - compiled
+    if xp.shape[0] == 3:
+        _split_rows(x, xp, 3)
+    else:
+        _split_rows(x, xp, 2)
+
+
+def split_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x[M, K]`` (float32, float16 or bfloat16; K a multiple of 16) as bfloat16 parts ``[P, Mp, K + 32]`` whose
+    sum is ``x`` (P = 3, 2, 1; each part the bfloat16 rounding of what the parts before it left), rows padded with
+    zeros to a multiple of 16; the 32 values after each row (``_PAD``) are never read.
+
+    >>> p = split_rows(torch.tensor([[1 + 2.0**-10 + 2.0**-20] * 16]))
+    >>> p.shape, p[:, 0, 0].tolist(), float(p[:, 0, 0].double().sum()) == 1 + 2.0**-10 + 2.0**-20
+    (torch.Size([3, 16, 48]), [1.0, 0.0009765625, 9.5367431640625e-07], True)
     """
     M, K = x.shape
     parts = _PARTS[x.dtype]
-    buf = torch.zeros((parts, -(-M // _ROWS) * _ROWS, K + _PAD), dtype=torch.bfloat16)
-    xp = buf[:, :M, :K]
+    buf = torch.empty((parts, -(-M // _ROWS) * _ROWS, K + _PAD), dtype=torch.bfloat16)
+    buf[:, M:] = 0
     if parts == 1:
-        xp[0] = x
-        return buf
-    rest = x.detach().to(torch.float32)
-    for p in range(parts):
-        xp[p] = rest
-        if p + 1 < parts:
-            rest = rest - xp[p].to(torch.float32)
+        buf[0, :M, :K] = x
+    else:
+        x = x.detach().contiguous()
+        _split((x if x.dtype == torch.float32 else x.view(torch.int16)).numpy(), buf.view(torch.int16).numpy())
     return buf
 
 
