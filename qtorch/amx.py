@@ -183,13 +183,18 @@ def _amx_fn(builder, name, ret, argtys):
 
 
 @intrinsic
-def _amx_block(typingctx, xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, ns, nr, parts):
-    """C[r, s] += sum over parts p and k < nk of A(p, r) @ B(s): the float32 C tiles ``cb[coff + (16 r) ldc + 16 s]``
-    (row stride ``ldc``) for ``nr`` blocks of 16 rows and ``ns`` strips of 16 channels (literals, at most 2 x 2).
+def _amx_block(typingctx, xp, abase, lda, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc, aoff0,
+               aoff1, ldacc, scale, soff0, soff1, sld, zero, ns, nr, parts):
+    """The rows ``nr`` x 16 and channels ``ns`` x 16 (literals, at most 2 x 2) of ``x @ B`` over ``nk`` rows of K
+    (a multiple of 32), in runs of ``gl`` rows (``nk`` itself, or one group), each run's float32 C tiles kept in
+    tile registers.
 
     A: bfloat16 bits ``xp`` (int16), part ``p``, row block ``r`` at element ``abase + p pstride + 16 r lda`` (row
     stride ``lda``); B: the panel ``buf`` (int16) of strip ``s`` at ``boff + s bstride``, 32 elements per pair of
-    K rows. The C tiles stay in tile registers over the whole of ``nk`` (a multiple of 32).
+    K rows. A run starts from zero where ``first`` (else from the partial sums in ``cb``, float32 at ``coff + 16 r
+    ldc + 16 s``) and ends in ``cb``; where ``last`` (the run ends its group, ``j``-th run: group row ``j`` of
+    ``scale`` at ``soff_s + j sld``) the sums are then scaled into ``acc`` (float32, row stride ``ldacc``, strip
+    ``s`` at ``aoff_s``): ``acc += C * scale``. ``zero``: 16 zero float32 (a C tile loaded with row stride 0).
     """
     if not all(isinstance(v, types.IntegerLiteral) for v in (ns, nr, parts)):
         return None
@@ -197,65 +202,95 @@ def _amx_block(typingctx, xp, abase, lda, pstride, nk, buf, boff, bstride, cb, c
 
     def codegen(context, builder, sig, args):
         xa = context.make_array(sig.args[0])(context, builder, args[0])
-        ba = context.make_array(sig.args[5])(context, builder, args[5])
-        ca = context.make_array(sig.args[8])(context, builder, args[8])
-        abase, lda, pstride, nk, boff, bstride, coff, ldc = (
-            context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 3, 4, 6, 7, 9, 10))
+        ba = context.make_array(sig.args[6])(context, builder, args[6])
+        ca = context.make_array(sig.args[9])(context, builder, args[9])
+        aa = context.make_array(sig.args[14])(context, builder, args[14])
+        sa = context.make_array(sig.args[18])(context, builder, args[18])
+        za = context.make_array(sig.args[22])(context, builder, args[22])
+        (abase, lda, pstride, nk, gl, boff, bstride, coff, ldc, first, last, aoff0, aoff1, ldacc, soff0, soff1,
+         sld) = (context.cast(builder, args[i], sig.args[i], types.int64)
+                 for i in (1, 2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 15, 16, 17, 19, 20, 21))
+        aoffs, soffs = (aoff0, aoff1), (soff0, soff1)
         i8p = I8.as_pointer()
         load = _amx_fn(builder, "llvm.x86.tileloadd64.internal", AMX_TILE, [I16, I16, i8p, I64])
         store = _amx_fn(builder, "llvm.x86.tilestored64.internal", ir.VoidType(), [I16, I16, i8p, I64, AMX_TILE])
         dp = _amx_fn(builder, "llvm.x86.tdpbf16ps.internal", AMX_TILE, [I16, I16, I16, AMX_TILE, AMX_TILE, AMX_TILE])
         rows, cols = ir.Constant(I16, _ROWS), ir.Constant(I16, 64)
+        v16f = vec(F32, 16)
 
         def c64(v):
             return ir.Constant(I64, v)
 
         def cptr(r, s):
             off = builder.add(coff, builder.add(builder.mul(c64(16 * r), ldc), c64(16 * s)))
-            return builder.bitcast(builder.gep(ca.data, [off]), i8p)
+            return builder.gep(ca.data, [off])
 
         cstride = builder.mul(ldc, c64(4))
         astride = builder.mul(lda, c64(2))
-        init = {(r, s): builder.call(load, [rows, cols, cptr(r, s), cstride])
-                for r in range(nrows) for s in range(nstrips)}
-        entry = builder.block
-        head = builder.append_basic_block("amx.head")
-        body = builder.append_basic_block("amx.body")
-        done = builder.append_basic_block("amx.done")
-        builder.branch(head)
-        builder.position_at_end(head)
-        kk = builder.phi(I64)
-        kk.add_incoming(c64(0), entry)
-        acc = {}
-        for key, v in init.items():
-            acc[key] = builder.phi(AMX_TILE)
-            acc[key].add_incoming(v, entry)
-        builder.cbranch(builder.icmp_signed("<", kk, nk), body, done)
-        builder.position_at_end(body)
-        btiles = []
-        for s in range(nstrips):
-            off = builder.add(builder.add(boff, builder.mul(c64(s), bstride)), builder.mul(kk, c64(16)))
-            btiles.append(builder.call(load, [rows, cols, builder.bitcast(builder.gep(ba.data, [off]), i8p), c64(64)]))
-        new = {key: acc[key] for key in acc}
-        for p in range(nparts):
-            for r in range(nrows):
-                off = builder.add(builder.add(abase, builder.mul(c64(p), pstride)),
-                                  builder.add(builder.mul(c64(16 * r), lda), kk))
-                a = builder.call(load, [rows, cols, builder.bitcast(builder.gep(xa.data, [off]), i8p), astride])
+        is_first = builder.icmp_signed("!=", first, c64(0))
+        zptr = builder.bitcast(za.data, i8p)
+        init_stride = builder.select(is_first, c64(0), cstride)
+        with cgutils.for_range(builder, builder.sdiv(nk, gl)) as runs:
+            j = runs.index
+            k0 = builder.mul(j, gl)
+            k1 = builder.add(k0, gl)
+            init = {(r, s): builder.call(load, [rows, cols, builder.select(is_first, zptr, builder.bitcast(cptr(r, s),
+                                                                                                          i8p)),
+                                                init_stride])
+                    for r in range(nrows) for s in range(nstrips)}
+            entry = builder.block
+            head = builder.append_basic_block("amx.head")
+            body = builder.append_basic_block("amx.body")
+            done = builder.append_basic_block("amx.done")
+            builder.branch(head)
+            builder.position_at_end(head)
+            kk = builder.phi(I64)
+            kk.add_incoming(k0, entry)
+            accs = {}
+            for key, v in init.items():
+                accs[key] = builder.phi(AMX_TILE)
+                accs[key].add_incoming(v, entry)
+            builder.cbranch(builder.icmp_signed("<", kk, k1), body, done)
+            builder.position_at_end(body)
+            btiles = []
+            for s in range(nstrips):
+                off = builder.add(builder.add(boff, builder.mul(c64(s), bstride)), builder.mul(kk, c64(16)))
+                btiles.append(builder.call(load, [rows, cols, builder.bitcast(builder.gep(ba.data, [off]), i8p),
+                                                  c64(64)]))
+            new = dict(accs)
+            for p in range(nparts):
+                for r in range(nrows):
+                    off = builder.add(builder.add(abase, builder.mul(c64(p), pstride)),
+                                      builder.add(builder.mul(c64(16 * r), lda), kk))
+                    a = builder.call(load, [rows, cols, builder.bitcast(builder.gep(xa.data, [off]), i8p), astride])
+                    for s in range(nstrips):
+                        new[(r, s)] = builder.call(dp, [rows, cols, cols, new[(r, s)], a, btiles[s]])
+            nxt = builder.add(kk, c64(32))
+            latch = builder.block
+            builder.branch(head)
+            kk.add_incoming(nxt, latch)
+            for key in accs:
+                accs[key].add_incoming(new[key], latch)
+            builder.position_at_end(done)
+            for (r, s), v in accs.items():
+                builder.call(store, [rows, cols, builder.bitcast(cptr(r, s), i8p), cstride, v])
+            with builder.if_then(builder.icmp_signed("!=", last, c64(0))):
                 for s in range(nstrips):
-                    new[(r, s)] = builder.call(dp, [rows, cols, cols, new[(r, s)], a, btiles[s]])
-        nxt = builder.add(kk, c64(32))
-        latch = builder.block
-        builder.branch(head)
-        kk.add_incoming(nxt, latch)
-        for key in acc:
-            acc[key].add_incoming(new[key], latch)
-        builder.position_at_end(done)
-        for (r, s), v in acc.items():
-            builder.call(store, [rows, cols, cptr(r, s), cstride, v])
+                    sc = builder.load(builder.bitcast(builder.gep(sa.data, [builder.add(soffs[s], builder.mul(j, sld))]),
+                                                      v16f.as_pointer()), align=4)
+                    for r in range(nrows):
+                        for i in range(16):
+                            row = 16 * r + i
+                            cp = builder.gep(ca.data, [builder.add(coff, builder.add(builder.mul(c64(row), ldc),
+                                                                                     c64(16 * s)))])
+                            ap = builder.gep(aa.data, [builder.add(aoffs[s], builder.mul(c64(row), ldacc))])
+                            cv = builder.load(builder.bitcast(cp, v16f.as_pointer()), align=4)
+                            ap = builder.bitcast(ap, v16f.as_pointer())
+                            builder.store(builder.fadd(builder.load(ap, align=4), builder.fmul(cv, sc)), ap, align=4)
         return context.get_dummy_value()
 
-    return types.void(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, ns, nr, parts), codegen
+    return (types.void(xp, abase, lda, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc, aoff0,
+                       aoff1, ldacc, scale, soff0, soff1, sld, zero, ns, nr, parts), codegen)
 
 
 @njit(inline="always")
@@ -271,38 +306,48 @@ def _panel(wb, base, npairs, zp, zbase, buf, boff, mode, has_zp):  # pragma: no 
 
 
 @njit(inline="always")
-def _block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, ns, nr, parts):  # pragma: no cover
+def _block(xp, abase, lda, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc, aoff0, aoff1, ldacc,
+           scale, soff0, soff1, sld, zero, ns, nr, parts):  # pragma: no cover - compiled
     # literal dispatch: strips x row blocks x parts
     if parts == 3:
-        if ns == 2:
-            if nr == 2:
-                _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 2, 2, 3)
-            else:
-                _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 2, 1, 3)
+        if ns == 2 and nr == 2:
+            _amx_block(xp, abase, lda, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
+                       aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 2, 2, 3)
+        elif ns == 2:
+            _amx_block(xp, abase, lda, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
+                       aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 2, 1, 3)
         elif nr == 2:
-            _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 1, 2, 3)
+            _amx_block(xp, abase, lda, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
+                       aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 1, 2, 3)
         else:
-            _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 1, 1, 3)
+            _amx_block(xp, abase, lda, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
+                       aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 1, 1, 3)
     elif parts == 2:
-        if ns == 2:
-            if nr == 2:
-                _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 2, 2, 2)
-            else:
-                _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 2, 1, 2)
+        if ns == 2 and nr == 2:
+            _amx_block(xp, abase, lda, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
+                       aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 2, 2, 2)
+        elif ns == 2:
+            _amx_block(xp, abase, lda, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
+                       aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 2, 1, 2)
         elif nr == 2:
-            _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 1, 2, 2)
+            _amx_block(xp, abase, lda, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
+                       aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 1, 2, 2)
         else:
-            _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 1, 1, 2)
+            _amx_block(xp, abase, lda, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
+                       aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 1, 1, 2)
     else:
-        if ns == 2:
-            if nr == 2:
-                _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 2, 2, 1)
-            else:
-                _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 2, 1, 1)
+        if ns == 2 and nr == 2:
+            _amx_block(xp, abase, lda, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
+                       aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 2, 2, 1)
+        elif ns == 2:
+            _amx_block(xp, abase, lda, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
+                       aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 2, 1, 1)
         elif nr == 2:
-            _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 1, 2, 1)
+            _amx_block(xp, abase, lda, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
+                       aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 1, 2, 1)
         else:
-            _amx_block(xp, abase, lda, pstride, nk, buf, boff, bstride, cb, coff, ldc, 1, 1, 1)
+            _amx_block(xp, abase, lda, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
+                       aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 1, 1, 1)
 
 
 @njit(inline="always")
@@ -324,75 +369,83 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma
     _, Mp, LD = xp.shape
     T, K, W = wb.shape
     NT = W * 2 if bits == 4 else W
+    N = T * NT
     nb, S = _unit_shape(W, bits)
     per_tile = W // nb
-    G = K // gsize
     has_zp = zp.shape[0] > 0
     cw = 16 * S
-    cb = np.empty((Mp, cw), np.float32)
+    cb = np.empty((Mp, cw), np.float32)  # partial sums of a group
+    acc = np.empty((Mp, cw), np.float32)  # the unit's output: sums of the groups' scaled sums
+    zero = np.zeros(16, np.float32)
     bstride = KB * 16  # int16 elements of one strip's panel (KB / 2 pairs x 32)
     buf = np.empty(S * bstride, np.int16)
     cols = np.empty(S, np.int64)  # the strips' first columns within the tile
     xf = xp.reshape(-1)
     cf = cb.reshape(-1)
+    af = acc.reshape(-1)
+    sf = scale.reshape(-1)
     pstride = Mp * LD
+    whole = gsize <= KB  # blocks of whole groups (else: blocks inside one group)
     for u in range(u0, u1):
         t = u // per_tile
         b0 = (u % per_tile) * nb  # the unit's first byte of a tile row
         for i in range(S):
-            if bits == 8 or W == 8:
-                cols[i] = b0 + 16 * i
-            elif i < S // 2:
+            if bits == 8 or W == 8 or i < S // 2:
                 cols[i] = b0 + 16 * i
             else:
                 cols[i] = W + b0 + 16 * (i - S // 2)
-        for g in range(G):
-            kg = g * gsize
-            k = kg
-            while k < kg + gsize:
-                nk = min(KB, kg + gsize - k)
-                for i in range(S):
-                    zb = g * zp.shape[1] + t * NT + cols[i]
-                    if bits == 8:
-                        mode = 8
-                        base = (t * K + k) * W + cols[i]
-                    elif W == 8:
-                        mode = 2
-                        base = (t * K + k) * W
-                    elif i < S // 2:
-                        mode = 0
-                        base = (t * K + k) * W + cols[i]
-                    else:
-                        mode = 1
-                        base = (t * K + k) * W + cols[i] - W
-                    if has_zp:
-                        _panel(wb, base, nk // 2, zp, zb, buf, i * bstride, mode, True)
-                    else:
-                        _panel(wb, base, nk // 2, zp, zb, buf, i * bstride, mode, False)
-                if k == kg:
-                    cb[:] = 0
-                for sp in range(0, S, 2):
-                    ns = min(2, S - sp)
-                    m0 = 0
-                    while m0 < Mp:
-                        nr = 2 if Mp - m0 >= 32 else 1
-                        _block(xf, m0 * LD + k, LD, pstride, nk, buf, sp * bstride, bstride, cf, m0 * cw + 16 * sp,
-                               cw, ns, nr, parts)
-                        m0 += 16 * nr
-                k += nk
-            # the group's sums, scaled into the output
+        acc[:] = 0
+        k = 0
+        while k < K:
+            g0 = k // gsize
+            if whole:
+                nk = min((KB // gsize) * gsize, K - k)
+                gl = gsize
+                first = 1
+                last = 1
+            else:
+                gend = (g0 + 1) * gsize
+                nk = min(KB, gend - k)
+                gl = nk
+                first = 1 if k == g0 * gsize else 0
+                last = 1 if k + nk == gend else 0
             for i in range(S):
-                n0 = t * NT + cols[i]
-                srow = scale[g, n0:n0 + 16]
-                for m in range(M):
-                    o = out[m, n0:n0 + 16]
-                    c = cb[m, 16 * i:16 * i + 16]
-                    if g == 0:
-                        for j in range(16):
-                            o[j] = c[j] * srow[j]
+                if bits == 8:
+                    mode = 8
+                    base = (t * K + k) * W + cols[i]
+                elif W == 8:
+                    mode = 2
+                    base = (t * K + k) * W
+                elif i < S // 2:
+                    mode = 0
+                    base = (t * K + k) * W + cols[i]
+                else:
+                    mode = 1
+                    base = (t * K + k) * W + cols[i] - W
+                for j in range(nk // gl):  # each group's own zero points
+                    zb = (g0 + j) * zp.shape[1] + t * NT + cols[i]
+                    if has_zp:
+                        _panel(wb, base + j * gl * W, gl // 2, zp, zb, buf, i * bstride + j * gl * 16, mode, True)
                     else:
-                        for j in range(16):
-                            o[j] += c[j] * srow[j]
+                        _panel(wb, base + j * gl * W, gl // 2, zp, zb, buf, i * bstride + j * gl * 16, mode, False)
+            for sp in range(0, S, 2):
+                ns = min(2, S - sp)
+                s1 = sp + ns - 1
+                m0 = 0
+                while m0 < Mp:
+                    nr = 2 if Mp - m0 >= 32 else 1
+                    _block(xf, m0 * LD + k, LD, pstride, nk, gl, buf, sp * bstride, bstride, cf, m0 * cw + 16 * sp, cw,
+                           first, last, af, m0 * cw + 16 * sp, m0 * cw + 16 * s1, cw, sf, g0 * N + t * NT + cols[sp],
+                           g0 * N + t * NT + cols[s1], N, zero, ns, nr, parts)
+                    m0 += 16 * nr
+            k += nk
+        for i in range(S):
+            n0 = t * NT + cols[i]
+            for m in range(M):
+                o = out[m, n0:n0 + 16]
+                a = acc[m, 16 * i:16 * i + 16]
+                for j in range(16):
+                    o[j] = a[j]
 
 
 #: the team kernel's operands (its chunks are the work units); wb's dtype is the kernel's own
