@@ -33,6 +33,7 @@ array([[ 16.,  16.],
 from __future__ import annotations
 
 import ctypes
+import platform
 import sys
 import threading
 
@@ -68,7 +69,7 @@ def _request_tile_state() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        sys_arch_prctl = {"x86_64": 158}.get(__import__("platform").machine().lower())
+        sys_arch_prctl = {"x86_64": 158}.get(platform.machine().lower())  # SYS_arch_prctl
         if sys_arch_prctl is None:
             return False
         return libc.syscall(sys_arch_prctl, 0x1023, 18) == 0  # ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
@@ -276,8 +277,8 @@ def _amx_block(typingctx, xp, abase, lda, pstride, nk, gl, buf, boff, bstride, c
                 builder.call(store, [rows, cols, builder.bitcast(cptr(r, s), i8p), cstride, v])
             with builder.if_then(builder.icmp_signed("!=", last, c64(0))):
                 for s in range(nstrips):
-                    sc = builder.load(builder.bitcast(builder.gep(sa.data, [builder.add(soffs[s], builder.mul(j, sld))]),
-                                                      v16f.as_pointer()), align=4)
+                    sp = builder.gep(sa.data, [builder.add(soffs[s], builder.mul(j, sld))])
+                    sc = builder.load(builder.bitcast(sp, v16f.as_pointer()), align=4)
                     for r in range(nrows):
                         for i in range(16):
                             row = 16 * r + i

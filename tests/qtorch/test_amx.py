@@ -4,8 +4,8 @@ with an input gradient; not offered for the shapes it does not serve; usable in 
 
 Tolerance: ``|y - F.linear(x, W)| <= eps * (|x| @ |W|.T)``, W the layer's dequantized weight in x's dtype, with
 eps 1e-5 for float32 (the kernel's float32 sums of exact bfloat16 products, against oneDNN's float32 sums: both
-round each partial sum; observed: below 3e-7 of that bound at K = 384 and 4096, as the gemm kernel) and the output rounding
-for bfloat16 / float16 (2^-6, 2^-9: the reference rounds W to that dtype, the kernel does not).
+round each partial sum; observed: below 3e-7 of that bound at K = 384 and 4096, as for the gemm kernel) and the
+output rounding for bfloat16 / float16 (2^-6, 2^-9: the reference rounds W to that dtype, the kernel does not).
 """
 
 import os

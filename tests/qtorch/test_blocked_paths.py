@@ -1,6 +1,6 @@
-"""The blocked layout's paths (``numba``, ``tiles``, ``tiles_act``, ``amx`` where the CPU has AMX): every one it offers gives F.linear's numbers on this
-machine, is reached through the layer's dispatch, and stays one opaque op under torch.compile with an input
-gradient."""
+"""The blocked layout's paths (``numba``, ``tiles``, ``tiles_act``, and ``amx`` where the CPU has AMX): every one it
+offers gives F.linear's numbers on this machine, is reached through the layer's dispatch, and stays one opaque op
+under torch.compile with an input gradient."""
 
 import pytest
 import torch
