@@ -99,13 +99,15 @@ def eligible(in_features: int, group_size: int) -> bool:
 
 
 @intrinsic
-def _vnni_panel(typingctx, wb, base, npairs, zp, zbase, buf, boff, mode, has_zp):
+def _vnni_panel(typingctx, wb, base, npairs, zp, zbase, buf, boff, pf, mode, has_zp):
     """buf[boff + 32 kp + 2 n + j] = bfloat16(code(k0 + 2 kp + j, n) - zp[n]) for 16 channels n and ``npairs``
     pairs of rows of K, read from ``wb`` at element offset ``base`` (row k0, the strip's first byte).
 
     ``mode`` (literal) 8: 16 bytes a row are 16 codes (int8 sign-extended, uint8 zero-extended); 0 / 1: 16 bytes
     a row, their low / high nibbles; 2: 8 bytes a row, low nibbles then high nibbles (a 4-bit tile of 16 columns).
     ``has_zp`` (literal): subtract ``zp[zbase:zbase+16]`` (uint8); else 4-bit codes subtract 8, 8-bit nothing.
+    Each pair of rows also prefetches the pair ``pf`` bytes further on (the next block's: memory streams while
+    this block converts and multiplies).
     """
     if not (isinstance(mode, types.IntegerLiteral) and isinstance(has_zp, types.BooleanLiteral)):
         return None
@@ -116,7 +118,9 @@ def _vnni_panel(typingctx, wb, base, npairs, zp, zbase, buf, boff, mode, has_zp)
         w = context.make_array(sig.args[0])(context, builder, args[0])
         za = context.make_array(sig.args[3])(context, builder, args[3])
         ba = context.make_array(sig.args[5])(context, builder, args[5])
-        base, npairs, zbase, boff = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 4, 6))
+        base, npairs, zbase, boff, pf = (context.cast(builder, args[i], sig.args[i], types.int64)
+                                         for i in (1, 2, 4, 6, 7))
+        prefetch = _amx_fn(builder, "llvm.prefetch.p0", ir.VoidType(), [I8.as_pointer(), I32, I32, I32])
         _, _, width = cgutils.unpack_tuple(builder, w.shape, 3)
         v16b, v16s, v32s = vec(I8, 16), vec(I16, 16), vec(I16, 32)
         inter = ir.Constant(vec(I32, 32), [i // 2 + (16 if i % 2 else 0) for i in range(32)])
@@ -162,6 +166,9 @@ def _vnni_panel(typingctx, wb, base, npairs, zp, zbase, buf, boff, mode, has_zp)
             i = loop.index
             r0 = builder.gep(src, [builder.mul(builder.mul(i, ir.Constant(I64, 2)), width)])
             r1 = builder.gep(r0, [width])
+            for r in (r0, r1):  # a prefetch never faults: past the end of the codes is harmless
+                builder.call(prefetch, [builder.bitcast(builder.gep(r, [pf]), I8.as_pointer()), ir.Constant(I32, 0),
+                                        ir.Constant(I32, 2), ir.Constant(I32, 1)])
             c0, c1 = (builder.sext(codes(r), v16i) for r in (r0, r1))
             if zvec is not None:
                 c0, c1 = builder.sub(c0, zvec), builder.sub(c1, zvec)
@@ -176,7 +183,7 @@ def _vnni_panel(typingctx, wb, base, npairs, zp, zbase, buf, boff, mode, has_zp)
             builder.store(pair, builder.bitcast(out, v32s.as_pointer()), align=2)
         return context.get_dummy_value()
 
-    return types.void(wb, base, npairs, zp, zbase, buf, boff, mode, has_zp), codegen
+    return types.void(wb, base, npairs, zp, zbase, buf, boff, pf, mode, has_zp), codegen
 
 
 def _amx_fn(builder, name, ret, argtys):
@@ -295,15 +302,15 @@ def _amx_block(typingctx, xp, abase, lda, pstride, nk, gl, buf, boff, bstride, c
 
 
 @njit(inline="always")
-def _panel(wb, base, npairs, zp, zbase, buf, boff, mode, has_zp):  # pragma: no cover - compiled
+def _panel(wb, base, npairs, zp, zbase, buf, boff, pf, mode, has_zp):  # pragma: no cover - compiled
     if mode == 8:
-        _vnni_panel(wb, base, npairs, zp, zbase, buf, boff, 8, has_zp)
+        _vnni_panel(wb, base, npairs, zp, zbase, buf, boff, pf, 8, has_zp)
     elif mode == 0:
-        _vnni_panel(wb, base, npairs, zp, zbase, buf, boff, 0, has_zp)
+        _vnni_panel(wb, base, npairs, zp, zbase, buf, boff, pf, 0, has_zp)
     elif mode == 1:
-        _vnni_panel(wb, base, npairs, zp, zbase, buf, boff, 1, has_zp)
+        _vnni_panel(wb, base, npairs, zp, zbase, buf, boff, pf, 1, has_zp)
     else:
-        _vnni_panel(wb, base, npairs, zp, zbase, buf, boff, 2, has_zp)
+        _vnni_panel(wb, base, npairs, zp, zbase, buf, boff, pf, 2, has_zp)
 
 
 @njit(inline="always")
@@ -411,6 +418,7 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma
                 first = 1 if k == g0 * gsize else 0
                 last = 1 if k + nk == gend else 0
             for i in range(S):
+                pf = nk * W if i == 0 else 0  # the unit's first strip prefetches the next block's lines
                 if bits == 8:
                     mode = 8
                     base = (t * K + k) * W + cols[i]
@@ -426,9 +434,9 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma
                 for j in range(nk // gl):  # each group's own zero points
                     zb = (g0 + j) * zp.shape[1] + t * NT + cols[i]
                     if has_zp:
-                        _panel(wb, base + j * gl * W, gl // 2, zp, zb, buf, i * bstride + j * gl * 16, mode, True)
+                        _panel(wb, base + j * gl * W, gl // 2, zp, zb, buf, i * bstride + j * gl * 16, pf, mode, True)
                     else:
-                        _panel(wb, base + j * gl * W, gl // 2, zp, zb, buf, i * bstride + j * gl * 16, mode, False)
+                        _panel(wb, base + j * gl * W, gl // 2, zp, zb, buf, i * bstride + j * gl * 16, pf, mode, False)
             for sp in range(0, S, 2):
                 ns = min(2, S - sp)
                 s1 = sp + ns - 1
