@@ -534,7 +534,9 @@ def _split_rows(typingctx, x, xp, parts):
                                                      v16s.as_pointer()), align=2)
                     if p + 1 < nparts:  # exact: the part holds the leading bits of rest
                         back = builder.bitcast(builder.shl(builder.zext(h, v16i), c(16)), v16f)
-                        rest = builder.fsub(rest, back)
+                        # an infinite x leaves 0, not inf - inf = NaN: the parts then multiply as x itself does
+                        same = builder.fcmp_ordered("==", rest, back)
+                        rest = builder.select(same, ir.Constant(v16f, [0.0] * 16), builder.fsub(rest, back))
         return context.get_dummy_value()
 
     return types.void(x, xp, parts), codegen

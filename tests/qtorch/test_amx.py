@@ -92,6 +92,20 @@ def test_float32_accuracy_is_float32s_not_bfloat16s():
     assert float(((y.double() - exact).abs() / bound).max()) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_non_finite_inputs_give_what_f_linear_gives(dtype):
+    # inf splits into (inf, 0, 0), not (inf, NaN, ...): a row with one inf is +-inf where F.linear's is
+    q = _layer(QuantScheme(8, True, PerChannel(0)), dtype, 96, 64, seed=7)
+    x = torch.randn(4, 64, dtype=dtype)
+    x[0, 3], x[1, 5], x[2, 7] = float("inf"), float("-inf"), float("nan")
+    with torch.no_grad():
+        y = blocked.BLOCKED.linear(q.quantized_weight, x, "amx")
+    ref = F.linear(x.float(), q.dequantized_weight(torch.float32))
+    assert torch.equal(y[:3].isnan(), ref[:3].isnan()) and torch.equal(y[:2].isinf(), ref[:2].isinf())
+    assert torch.equal(y[:2][ref[:2].isinf()].float(), ref[:2][ref[:2].isinf()])
+    _assert_close(y[3:], x[3:], q)
+
+
 def test_kernel_on_numpy_operands_checks_them():
     wb = np.ones((1, 64, 16), np.int8)
     scale = np.ones((1, 16), np.float32)
