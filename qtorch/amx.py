@@ -1,21 +1,25 @@
-"""Many-rows forward of the 8- and 4-bit blocked layouts on AMX tiles (Intel CPUs with AMX-BF16).
+"""Forward of the 8- and 4-bit blocked layouts on AMX tiles (Intel CPUs with AMX-BF16), any row count.
 
 A leaf of :mod:`qtorch.layouts.blocked`. ``out[M, N] = x[M, K] @ ((code - zp) * scale).T`` from the blocked layout
 (see ``layouts.blocked``): tiles ``wb[T, K, NT]`` (8 bits) or ``wb[T, K, NT/2]`` (4 bits, low nibble column ``j``,
 high nibble column ``j + NT/2``; symmetric codes carry the offset 8), scale and zero point ``[G, N]``.
 
-No dequantized weight is ever written: for a strip of 16 output channels and a block of K, ``code - zp`` (an
-integer of magnitude <= 255, exact in bfloat16) is converted into a small panel in the VNNI order of AMX's B
-operand, ``B[kp][2n + j] = code[2kp + j][n] - zp``, that stays in L1 while every block of 16 rows of ``x`` is
-multiplied by it (``tdpbf16ps``, float32 accumulation in the C tiles). The activations are split exactly into
-bfloat16 parts, ``x = x_1 + x_2 + x_3`` (float32: three, each the bfloat16 rounding of what is left; float16: two;
-bfloat16: one): a product of two bfloat16 values is exact in float32, so all parts accumulate into the same C
-tile and the result has float32 accuracy. At the end of each group the C tiles are scaled into the output.
+No dequantized weight is ever written: for a strip of 16 output channels and a block of K (``KB`` rows at most),
+``code - zp`` (an integer of magnitude <= 255, exact in bfloat16) is converted into a small panel in the VNNI order
+of AMX's B operand, ``B[kp][2n + j] = code[2kp + j][n] - zp``, that stays in L1 while every block of 16 rows of
+``x`` is multiplied by it (``tdpbf16ps``, float32 accumulation in the C tiles, 2 x 2 tiles per step). The
+activations are split exactly into bfloat16 parts, ``x = x_1 + x_2 + x_3`` (float32: three, each the bfloat16
+rounding of what is left; float16: two; bfloat16: one): a product of two bfloat16 values is exact in float32, so
+all parts accumulate into the same C tile and the result has float32 accuracy (AMX reads bfloat16 subnormals as
+zero: a float32 whose last part falls below 2^-126 loses that part). At the end of each group the C tiles are
+scaled into a float32 accumulator of the work unit, copied into the output at its end.
 
 Eligible (:func:`eligible`) where K % 32 == 0 and each group holds a multiple of 32 rows of K, and the process
 may use AMX (:func:`available`: numba compiles for a CPU with ``amx-tile`` and ``amx-bf16``, and Linux granted
 the tile data state, ``arch_prctl(ARCH_REQ_XCOMP_PERM)``, asked once per process; a forked child inherits it).
-Work units (a strip of 16 or 32 output channels) are claimed by the threads of PyTorch's OpenMP team.
+Work units are the strips whose codes share a 64-byte line of a tile row (8 bits: up to 4 strips; 4 bits: both
+nibbles of 32 bytes), so each line is fetched once; each block prefetches the next block's lines while it converts
+and multiplies. The units are claimed by the threads of PyTorch's OpenMP team.
 
 >>> import numpy as np
 >>> wb = np.ones((1, 32, 16), np.int8)                     # one tile: K = 32, 16 output channels, codes 1
@@ -50,13 +54,14 @@ from ._ir import AMX_TILE, BF16, F32, I8, I16, I32, I64, host_has, vec
 __all__ = ["available", "eligible", "amx_blocked", "amx_linear"]
 
 KB = 256  # rows of K per panel at most: 16 channels x 256 rows = 8 KB of bfloat16; up to 4 strips stay in L1
-# bfloat16 values after each row of x: a row stride of K * 2 bytes, a multiple of 4 KB for the common widths, puts
-# the 16 rows of an A tile in one set of the L1 cache
+# bfloat16 values after each row of x: a row stride of K * 2 bytes, a multiple of 4 KB for the common widths, would
+# put the 16 rows of an A tile in one set of the L1 cache (no gain measured separately on the 2-core Xeon)
 _PAD = 32
 _ROWS = 16  # rows of a tile (A and C), and K pairs of a B tile
 _PARTS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}  # bfloat16 parts that hold the value exactly
 
-# float32 -> bfloat16 by the CPU's conversion (AVX512-BF16), exact here: every value is a small integer
+# float32 -> bfloat16 by the CPU's conversion (AVX512-BF16): exact for the codes (small integers); for the parts
+# of x it rounds to nearest even as the integer rounding does, and reads subnormals as zero, as AMX does anyway
 _CVT = host_has("avx512bf16")
 _LOCK = threading.Lock()
 _AVAILABLE = None
