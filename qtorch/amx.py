@@ -58,6 +58,9 @@ KB = 256  # rows of K per panel at most: 16 channels x 256 rows = 8 KB of bfloat
 # put the 16 rows of an A tile in one set of the L1 cache (no gain measured separately on the 2-core Xeon)
 _PAD = 32
 _ROWS = 16  # rows of a tile (A and C), and K pairs of a B tile
+#: rows of x per kernel call at most: bounds the temporary parts of x (3 x 1024 x K bfloat16 for float32) while
+#: each weight panel still serves 1024 rows
+ROW_CHUNK = 1024
 _PARTS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}  # bfloat16 parts that hold the value exactly
 
 # float32 -> bfloat16 by the CPU's conversion (AVX512-BF16): exact for the codes (small integers); for the parts
@@ -599,10 +602,14 @@ def amx_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarray
 def amx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                group_size: int, bits: int, out_features: int) -> torch.Tensor:
     """The forward on CPU torch tensors that ``layouts.blocked`` built (``scale`` / ``zero_point`` already
-    ``[G, N]``): float32 ``[M, N]``."""
-    xp = split_rows(x)
-    out = torch.empty((x.shape[0], out_features), dtype=torch.float32)
-    _run(xp, qweight.numpy(), scale.numpy(), zero_point.numpy(), group_size, bits, out.numpy())
+    ``[G, N]``): float32 ``[M, N]``. Rows go ``ROW_CHUNK`` at a time: the bfloat16 parts of ``x`` take up to 1.5x its
+    float32 bytes, held for one chunk only."""
+    M = x.shape[0]
+    out = torch.empty((M, out_features), dtype=torch.float32)
+    wb, sc, zp = qweight.numpy(), scale.numpy(), zero_point.numpy()
+    for r0 in range(0, M, ROW_CHUNK):
+        r1 = min(M, r0 + ROW_CHUNK)
+        _run(split_rows(x[r0:r1]), wb, sc, zp, group_size, bits, out[r0:r1].numpy())
     return out
 
 

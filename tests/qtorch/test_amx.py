@@ -106,6 +106,18 @@ def test_non_finite_inputs_give_what_f_linear_gives(dtype):
     _assert_close(y[3:], x[3:], q)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_in_chunks_give_the_same_numbers(dtype, monkeypatch):
+    # chunks of 48 rows (3 tiles of 16) over 300 rows: every row computed as in one call, the last chunk ragged
+    q = _layer(QuantScheme(4, False, PerGroup(64)), dtype, 96, 256, seed=8)
+    x = torch.randn(300, 256, dtype=dtype)
+    with torch.no_grad():
+        whole = blocked.BLOCKED.linear(q.quantized_weight, x, "amx")
+        monkeypatch.setattr(amx, "ROW_CHUNK", 48)
+        assert torch.equal(blocked.BLOCKED.linear(q.quantized_weight, x, "amx"), whole)
+    _assert_close(whole, x, q)
+
+
 def test_kernel_on_numpy_operands_checks_them():
     wb = np.ones((1, 64, 16), np.int8)
     scale = np.ones((1, 16), np.float32)
