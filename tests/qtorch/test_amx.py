@@ -80,6 +80,15 @@ def test_amx_path_matches_f_linear(bits, symmetric, gran, dtype):
             _assert_close(blocked.BLOCKED.linear(q.quantized_weight, x, "amx"), x, q)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_split_rows_sums_to_x_in_a_tiles(dtype):
+    # the parts add up to x exactly (normal floats), rows in 16 x 32 tiles, padding rows zero
+    x = (torch.randn(37, 96) * torch.logspace(-8, 8, 96)).to(dtype)
+    p = amx.tile_rows(amx.split_rows(x), 96)
+    assert p.shape == ({torch.float32: 3, torch.float16: 2, torch.bfloat16: 1}[dtype], 48, 96)
+    assert torch.equal(p[:, :37].double().sum(0), x.double()) and not p[:, 37:].any()
+
+
 def test_float32_accuracy_is_float32s_not_bfloat16s():
     # the three bfloat16 parts of x carry all of its bits: far below bfloat16's rounding (2^-9 of the bound)
     q = _layer(QuantScheme(8, True, PerChannel(0)), torch.float32, 256, 4096, seed=1)
