@@ -12,7 +12,9 @@ Paths per cell (eager, no autograd):
 * ``dequant_mm``: :func:`qtorch.dequant_mm.dequant_linear` on the canonical state (blocks of output rows
   dequantized into the activation dtype, then ``F.linear``: oneDNN/AMX in bfloat16 where the CPU has it);
 * ``int8pack``: ``torch._weight_int8pack_mm`` (W8, symmetric per channel; preconditions checked);
-* ``int4pack``: ``torch._weight_int4pack_mm_for_cpu`` (W4 in groups of 32..256, bfloat16 only).
+* ``int4pack``: ``torch._weight_int4pack_mm_for_cpu`` (W4 in groups of 32..256, bfloat16 only);
+* ``amx``: the blocked layout's AMX path (:mod:`qtorch.amx`) on a blocked copy of the weight, where the CPU has
+  AMX-BF16 and the shape is one it serves.
 
 Every path of a cell and the dense layer run in turn inside each repetition (the machine may be shared: all see
 the same conditions, but each path pays for the caches the one before it left: ``on`` runs right after ``off``);
@@ -37,7 +39,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
-from qtorch import autotune  # noqa: E402
+from qtorch import amx, autotune  # noqa: E402
+from qtorch.layouts.blocked import amx_blocked_impl, blocked_tile, to_blocked  # noqa: E402
 from qtorch.layouts.codec import unpack_codes  # noqa: E402
 from qtorch.layouts.int4pack import INT4PACK_GROUPS, to_int4pack  # noqa: E402
 from qtorch.layouts.int8pack import int8pack_ok  # noqa: E402
@@ -93,6 +96,13 @@ def _paths(layer, on_routes, dtype, x_rows):
         if packed is not None:
             p, sz = packed
             paths["int4pack"] = lambda x: torch._weight_int4pack_mm_for_cpu(x, p, spec.group, sz)
+    tile = blocked_tile(n)
+    group = spec.group if spec.kind == "group" else k
+    if (amx.available() and tile and sc.bits in (4, 8) and amx.eligible(k, group)
+            and (spec.kind != "group" or spec.axis == 1) and (spec.kind != "channel" or spec.axis == 0)):
+        wb, sb, zb = to_blocked(q, s, z, bits=sc.bits, symmetric=sc.symmetric, kind=spec.kind, group=group,
+                                out_features=n, in_features=k, tile=tile)
+        paths["amx"] = lambda x: amx_blocked_impl(x, wb, sb, zb, group, sc.bits, n)
     return paths
 
 
@@ -120,7 +130,7 @@ def main(argv=None) -> int:
     print(machine_line())
     print(f"K={k} N={n}; ratio = dense median ms / path median ms; each repetition runs dense and every path in turn")
     tuner = autotune.Dispatcher(cache_path=False, env={})
-    names = ["off", "on", "dequant_mm", "int8pack", "int4pack"]
+    names = ["off", "on", "dequant_mm", "int8pack", "int4pack", "amx"]
     lines = ["| layer | N | dtype | rows | dense ms | " + " | ".join(names) + " | on kept | tuned |",
              "|" + "---|" * (7 + len(names))]
     with torch.no_grad():

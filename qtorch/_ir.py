@@ -55,3 +55,20 @@ def host_has(feature: str) -> bool:
         return bool(binding.get_host_cpu_features().get(feature, False))
     except RuntimeError:  # pragma: no cover - LLVM cannot tell on this platform
         return False
+
+
+class X86AMXType(ir.Type):
+    """LLVM's ``x86_amx``: one AMX tile register's value (llvmlite's IR builder has no such type). Values of it
+    exist only between ``llvm.x86.*.internal`` tile intrinsics inside one function; LLVM configures the tiles."""
+
+    def __str__(self):
+        return "x86_amx"
+
+    def __eq__(self, other):
+        return isinstance(other, X86AMXType)
+
+    def __hash__(self):
+        return hash(X86AMXType)
+
+
+AMX_TILE = X86AMXType()

@@ -15,11 +15,13 @@ by :mod:`qtorch.dequant` and multiplied by ``torch.mm`` (``tiles``). The kernels
 
 The layout is ``tuned``: CPU calls of several rows also offer ``tiles_act`` (chunks of tiles dequantized in the
 activation dtype, bfloat16 or float16, and multiplied by ``torch.mm`` in that dtype: oneDNN's AMX / AVX-512 kernels
-where the CPU has them) and, where it is not the own path, ``tiles``; the layer times them on this machine
-(:mod:`qtorch.autotune`) and keeps the fastest per row bucket.
+where the CPU has them) and, where it is not the own path, ``tiles``; on CPUs with AMX-BF16 calls of any row
+count also offer ``amx`` (:mod:`qtorch.amx`: the codes converted to bfloat16 tiles in L1, never a dequantized
+weight; float32 accuracy for float32 inputs; K and group sizes multiples of 32). The layer times them on this
+machine (:mod:`qtorch.autotune`) and keeps the fastest per row bucket.
 
 >>> import torch
->>> BLOCKED.paths("cpu", torch.bfloat16, 128, 8), BLOCKED.paths("cpu", torch.float32, 1000, 4)
+>>> BLOCKED.paths("cpu", torch.bfloat16, 128, 8)[:3], BLOCKED.paths("cpu", torch.float32, 1000, 4)[:1]
 (('numba', 'tiles_act', 'tiles'), ('tiles',))
 """
 
@@ -30,13 +32,14 @@ import weakref
 
 import torch
 
-from .. import dequant, gemm, gemv
+from .. import amx, dequant, gemm, gemv
 from .base import Layout
 from .codec import pack_codes, unpack_codes
 
 __all__ = ["BLOCKED", "CPU_MAX_ROWS_NUMBA", "blocked_tile", "blocked_params", "to_blocked", "from_blocked",
            "dequant_blocked", "gemm_blocked", "gemm_blocked_impl", "tiles_blocked", "tiles_blocked_impl",
-           "tiles_act_blocked", "tiles_act_blocked_impl", "gemv_plan", "gemv_planned", "TILES_ACT"]
+           "tiles_act_blocked", "tiles_act_blocked_impl", "amx_blocked", "amx_blocked_impl", "gemv_plan",
+           "gemv_planned", "TILES_ACT", "AMX"]
 
 # Rows (= x.numel() // in_features) up to this bound take the gemm kernel on CPU; more rows take float32 matmul
 # of dequantized tiles. Crossovers measured with benchmarks/bench_linear.py at K = N = 4096 (see
@@ -54,6 +57,8 @@ _CHUNK_BYTES = 8 << 20
 #: the path that dequantizes in the activation dtype (bfloat16, float16) and multiplies in it
 TILES_ACT = "tiles_act"
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
+#: the path on AMX tiles (:mod:`qtorch.amx`), offered on CPUs this process may use them on
+AMX = "amx"
 # QuantizedWeight -> (qweight, scale, zero_point, its one-row plan or None): weak keys, so the plan goes with the
 # weight, and copying or pickling a layer never copies it.
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -223,6 +228,32 @@ def _(x, qweight, scale, zero_point, group_size, bits, out_features):
     return x.new_empty((x.shape[0], out_features))
 
 
+def amx_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                     group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """``x[M, K] @ dequant(qweight).T`` on AMX tiles (:mod:`qtorch.amx`): the codes converted to bfloat16 panels in
+    L1, ``x`` split exactly into bfloat16 parts, float32 accumulation; returned in ``x.dtype``. A layer the kernel
+    does not serve (K or the group size not a multiple of 32: :func:`qtorch.amx.eligible`) takes
+    :func:`gemm_blocked_impl`. The body of the ``qtorch::amx_blocked`` op."""
+    if not amx.eligible(qweight.shape[1], group_size) or x.dtype not in (torch.float32, torch.bfloat16,
+                                                                         torch.float16):
+        return gemm_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
+    scale, zero_point = blocked_params(scale, zero_point, out_features)
+    out = amx.amx_linear(x.detach(), qweight.contiguous(), scale, zero_point, group_size, bits, out_features)
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("qtorch::amx_blocked", mutates_args=())
+def amx_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """:func:`amx_blocked_impl` as an op: opaque to torch.compile (fullgraph works), with an input gradient."""
+    return amx_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
+
+
+@amx_blocked.register_fake
+def _(x, qweight, scale, zero_point, group_size, bits, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
 def _setup_backward(ctx, inputs, output):
     x, qweight, scale, zero_point, group_size, bits, out_features = inputs
     ctx.save_for_backward(qweight, scale, zero_point)
@@ -242,6 +273,7 @@ def _backward(ctx, grad):
 gemm_blocked.register_autograd(_backward, setup_context=_setup_backward)
 tiles_blocked.register_autograd(_backward, setup_context=_setup_backward)
 tiles_act_blocked.register_autograd(_backward, setup_context=_setup_backward)
+amx_blocked.register_autograd(_backward, setup_context=_setup_backward)
 
 
 
@@ -335,6 +367,14 @@ def dequant_blocked(wb, scale, zero_point, *, bits: int, group: int, t0: int = 0
     return (c * s).reshape(T, K, NT)
 
 
+def _amx_offered(device_type, dtype, rows: int, spec) -> tuple:
+    if device_type != "cpu" or rows < 1 or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return ()
+    if spec is not None and not amx.eligible(spec.in_features, spec.group):
+        return ()
+    return (AMX,) if amx.available() else ()
+
+
 def _own_path(device_type, dtype, rows: int, bits: int) -> str:
     # one rule for path() and paths(): asking for the candidates is not a call taking a path
     if device_type == "cpu" and 0 < rows <= CPU_MAX_ROWS_NUMBA.get((dtype, bits), 0):
@@ -361,14 +401,18 @@ class Blocked(Layout):
         """``numba`` (gemv / gemm) up to ``CPU_MAX_ROWS_NUMBA`` rows on CPU, else ``tiles``."""
         return _own_path(device_type, dtype, rows, bits)
 
-    def paths(self, device_type, dtype, rows, bits):
+    def paths(self, device_type, dtype, rows, bits, spec=None):
         """The own path, then for CPU calls of 2+ rows ``tiles_act`` (bfloat16 / float16 activations) and
-        ``tiles`` (float32 tiles) where it is not the own path already."""
+        ``tiles`` (float32 tiles) where it is not the own path already, and on CPUs with AMX (any row count)
+        ``amx``. Given the layer's ``spec``, ``amx`` is offered only where its kernel serves the shape
+        (:func:`qtorch.amx.eligible`); without it, a layer the kernel does not serve runs ``numba`` under that
+        name."""
         own = _own_path(device_type, dtype, rows, bits)
+        tiles = _amx_offered(device_type, dtype, rows, spec)
         if device_type != "cpu" or rows < 2:
-            return (own,)
+            return (own,) + tiles
         more = (TILES_ACT,) if dtype in _ACT_DTYPES else ()
-        return (own,) + more + (("tiles",) if own != "tiles" else ())
+        return (own,) + more + (("tiles",) if own != "tiles" else ()) + tiles
 
     def linear(self, weight, x2, path):
         spec, b = weight.spec, weight.buffers
@@ -384,6 +428,8 @@ class Blocked(Layout):
             fn = gemm_blocked_impl if direct else torch.ops.qtorch.gemm_blocked
         elif path == TILES_ACT:
             fn = tiles_act_blocked_impl if direct else torch.ops.qtorch.tiles_act_blocked
+        elif path == AMX:
+            fn = amx_blocked_impl if direct else torch.ops.qtorch.amx_blocked
         else:
             fn = tiles_blocked_impl if direct else torch.ops.qtorch.tiles_blocked
         return fn(x2, b["qweight"], b["scale"], b["zero_point"], spec.group, spec.bits, n)

@@ -1,6 +1,6 @@
-"""The blocked layout's paths (``numba``, ``tiles``, ``tiles_act``): every one it offers gives F.linear's numbers on this
-machine, is reached through the layer's dispatch, and stays one opaque op under torch.compile with an input
-gradient."""
+"""The blocked layout's paths (``numba``, ``tiles``, ``tiles_act``, and ``amx`` where the CPU has AMX): every one it
+offers gives F.linear's numbers on this machine, is reached through the layer's dispatch, and stays one opaque op
+under torch.compile with an input gradient."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import qtorch
 from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
-from qtorch import autotune
+from qtorch import amx, autotune
 from qtorch.layouts import blocked
 
 EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}  # the dtype's rounding of a dot product
@@ -34,7 +34,8 @@ def _assert_close(y, x, q):
     assert torch.all(err <= EPS[x.dtype] * bound + 1e-6), float((err - EPS[x.dtype] * bound).max())
 
 
-def test_paths_offered():
+def test_paths_offered(monkeypatch):
+    monkeypatch.setattr(amx, "available", lambda: False)  # a CPU without AMX tiles: test_amx_offered_where_... below
     paths = blocked.BLOCKED.paths
     assert blocked.BLOCKED.tuned
     assert paths("cpu", torch.bfloat16, 128, 8) == ("numba", "tiles_act", "tiles")
@@ -49,6 +50,21 @@ def test_paths_offered():
             assert paths("cpu", dt, rows, 8)[0] == blocked.BLOCKED.path("cpu", dt, rows, 8)
 
 
+@pytest.mark.parametrize("usable", [True, False])
+def test_amx_offered_where_the_process_may_use_tiles_last_at_every_row_count(usable, monkeypatch):
+    monkeypatch.setattr(amx, "available", lambda: usable)
+    spec = _layer(QuantScheme(8, True, PerChannel(0)), torch.float32).quantized_weight.spec
+    ragged = _layer(QuantScheme(8, True, PerChannel(0)), torch.float32, k=100).quantized_weight.spec
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for rows in (1, 2, 16, 256, 257, 4096):
+            names = blocked.BLOCKED.paths("cpu", dt, rows, 8)
+            assert blocked.BLOCKED.paths("cpu", dt, rows, 8, spec=spec) == names  # a shape the kernel serves
+            assert ("amx" in names) == usable and (names[-1] == "amx") == usable
+            assert "amx" not in blocked.BLOCKED.paths("cpu", dt, rows, 8, spec=ragged)  # K % 32 != 0
+    assert "amx" not in blocked.BLOCKED.paths("cuda", torch.bfloat16, 16, 8, spec=spec)
+    assert "amx" not in blocked.BLOCKED.paths("cpu", torch.float64, 16, 8, spec=spec)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("rows", [2, 7, 300])
@@ -56,7 +72,7 @@ def test_every_path_matches_f_linear(scheme, dtype, rows):
     q = _layer(scheme, dtype, seed=rows)
     x = torch.randn(rows, 256, dtype=dtype)
     names = blocked.BLOCKED.paths("cpu", dtype, rows, scheme.bits)
-    assert len(names) >= 1 + (dtype != torch.float32 or rows <= 256)
+    assert len(names) >= 1 + (dtype != torch.float32 or rows <= 256) + amx.available()
     with torch.no_grad():
         for name in names:
             _assert_close(blocked.BLOCKED.linear(q.quantized_weight, x, name), x, q)
@@ -83,7 +99,7 @@ def test_chunks_cover_every_output_channel(monkeypatch):
             assert torch.equal(blocked.BLOCKED.linear(q.quantized_weight, x, p), whole[p])
 
 
-@pytest.mark.parametrize("path", ["tiles_act", "tiles"])
+@pytest.mark.parametrize("path", ["tiles_act", "tiles"] + (["amx"] if amx.available() else []))
 def test_a_forced_path_is_taken_by_the_layer_with_an_input_gradient(path, monkeypatch):
     env = {"QTORCH_PATH": path, "QTORCH_LAYOUT": "blocked"}  # the layout under test, not a measured one
     monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env=env))

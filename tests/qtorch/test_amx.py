@@ -1,0 +1,241 @@
+"""The blocked layout's AMX path (``qtorch.amx``): F.linear's numbers for every scheme the layout holds, tile width,
+row count and K it serves, in float32, bfloat16 and float16; reached through the layer's dispatch as one opaque op
+with an input gradient; not offered for the shapes it does not serve; usable in a forked child.
+
+Tolerance: ``|y - F.linear(x, W)| <= eps * (|x| @ |W|.T)``, W the layer's dequantized weight in x's dtype, with
+eps 1e-5 for float32 (the kernel's float32 sums of exact bfloat16 products, against oneDNN's float32 sums: both
+round each partial sum; observed: below 3e-7 of that bound at K = 384 and 4096, as for the gemm kernel) and the
+output rounding for bfloat16 / float16 (2^-6, 2^-9: the reference rounds W to that dtype, the kernel does not).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qtorch
+from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
+from qtorch import amx, autotune
+from qtorch.layouts import blocked
+
+pytestmark = [pytest.mark.skipif(not amx.available(), reason="the CPU has no AMX-BF16 tiles numba compiles for "
+                                 "(or Linux refused the tile state): the amx path is not offered here"),
+              pytest.mark.usefixtures("blocked_kernels")]
+
+EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
+GRANULARITIES = {"tensor": PerTensor(), "channel": PerChannel(0), "g32": PerGroup(32), "g64": PerGroup(64),
+                 "g128": PerGroup(128)}
+ROWS = (1, 3, 15, 16, 17, 64, 100, 128, 300)
+KS = (32, 384, 1536, 4096)
+WIDTHS = {16: 48, 32: 96, 64: 192, 128: 256}  # tile width -> out_features whose largest tile it is
+
+
+def _layer(scheme, dtype, n, k, seed):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=False, dtype=torch.float32)
+    with torch.no_grad():  # a spread of magnitudes per channel: per-channel scales and zero points differ
+        lin.weight.mul_(torch.rand(n, 1) * 4 + 0.1).add_(torch.randn(n, 1) * 0.05)
+    q = qtorch.QuantLinear.from_linear(lin.to(dtype), scheme)
+    assert q.weight_layout == "blocked"
+    return q
+
+
+def _assert_close(y, x, q):
+    ref = F.linear(x, q.dequantized_weight(x.dtype))
+    bound = F.linear(x.float().abs(), q.dequantized_weight(torch.float32).abs())
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    err = (y.float() - ref.float()).abs()
+    assert torch.all(err <= EPS[x.dtype] * bound + 1e-6), float((err - EPS[x.dtype] * bound).max())
+
+
+def _cases(gran):
+    """(K, tile width) pairs covering every K and width the granularity allows, and all rows between them."""
+    size = getattr(GRANULARITIES[gran], "size", 32)
+    ks = [k for k in KS if k % size == 0]
+    widths = list(WIDTHS)
+    for i, rows in enumerate(ROWS):
+        yield ks[i % len(ks)], widths[i % len(widths)], rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("gran", list(GRANULARITIES))
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_amx_path_matches_f_linear(bits, symmetric, gran, dtype):
+    scheme = QuantScheme(bits, symmetric, GRANULARITIES[gran])
+    layers = {}
+    for k, width, rows in _cases(gran):
+        q = layers.get((k, width))
+        if q is None:
+            q = layers[(k, width)] = _layer(scheme, dtype, WIDTHS[width], k, seed=k + width)
+        assert blocked.blocked_tile(q.out_features) == width
+        x = torch.randn(rows, k, dtype=dtype)
+        assert "amx" in blocked.BLOCKED.paths("cpu", dtype, rows, bits, spec=q.quantized_weight.spec)
+        with torch.no_grad():
+            _assert_close(blocked.BLOCKED.linear(q.quantized_weight, x, "amx"), x, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_split_rows_sums_to_x_in_a_tiles(dtype):
+    # the parts add up to x exactly (normal floats), rows in 16 x 32 tiles, padding rows zero
+    x = (torch.randn(37, 96) * torch.logspace(-8, 8, 96)).to(dtype)
+    p = amx.tile_rows(amx.split_rows(x), 96)
+    assert p.shape == ({torch.float32: 3, torch.float16: 2, torch.bfloat16: 1}[dtype], 48, 96)
+    assert torch.equal(p[:, :37].double().sum(0), x.double()) and not p[:, 37:].any()
+
+
+def test_float32_accuracy_is_float32s_not_bfloat16s():
+    # the three bfloat16 parts of x carry all of its bits: far below bfloat16's rounding (2^-9 of the bound)
+    q = _layer(QuantScheme(8, True, PerChannel(0)), torch.float32, 256, 4096, seed=1)
+    x = torch.randn(16, 4096)
+    w = q.dequantized_weight(torch.float64)
+    with torch.no_grad():
+        y = blocked.BLOCKED.linear(q.quantized_weight, x, "amx")
+    exact = x.double() @ w.t()
+    bound = x.double().abs() @ w.abs().t()
+    assert float(((y.double() - exact).abs() / bound).max()) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_non_finite_inputs_give_what_f_linear_gives(dtype):
+    # inf splits into (inf, 0, 0), not (inf, NaN, ...): a row with one inf is +-inf where F.linear's is
+    q = _layer(QuantScheme(8, True, PerChannel(0)), dtype, 96, 64, seed=7)
+    x = torch.randn(4, 64, dtype=dtype)
+    x[0, 3], x[1, 5], x[2, 7] = float("inf"), float("-inf"), float("nan")
+    with torch.no_grad():
+        y = blocked.BLOCKED.linear(q.quantized_weight, x, "amx")
+    ref = F.linear(x.float(), q.dequantized_weight(torch.float32))
+    assert torch.equal(y[:3].isnan(), ref[:3].isnan()) and torch.equal(y[:2].isinf(), ref[:2].isinf())
+    assert torch.equal(y[:2][ref[:2].isinf()].float(), ref[:2][ref[:2].isinf()])
+    _assert_close(y[3:], x[3:], q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_in_chunks_give_the_same_numbers(dtype, monkeypatch):
+    # chunks of 48 rows (3 tiles of 16) over 300 rows: every row computed as in one call, the last chunk ragged
+    q = _layer(QuantScheme(4, False, PerGroup(64)), dtype, 96, 256, seed=8)
+    x = torch.randn(300, 256, dtype=dtype)
+    with torch.no_grad():
+        whole = blocked.BLOCKED.linear(q.quantized_weight, x, "amx")
+        monkeypatch.setattr(amx, "ROW_CHUNK", 48)
+        assert torch.equal(blocked.BLOCKED.linear(q.quantized_weight, x, "amx"), whole)
+    _assert_close(whole, x, q)
+
+
+def test_kernel_on_numpy_operands_checks_them():
+    wb = np.ones((1, 64, 16), np.int8)
+    scale = np.ones((1, 16), np.float32)
+    none = np.zeros((0, 0), np.uint8)
+    out = np.empty((3, 16), np.float32)
+    x = np.ones((3, 64), np.float32)
+    assert np.array_equal(amx.amx_blocked(x, wb, scale, none, 64, 8, out), np.full((3, 16), 64, np.float32))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        amx.amx_blocked(x, wb, np.ones((4, 16), np.float32), none, 16, 8, out)
+    with pytest.raises(TypeError, match="x must be float32"):
+        amx.amx_blocked(x.astype(np.float64), wb, scale, none, 64, 8, out)
+    with pytest.raises(ValueError, match="out must be"):
+        amx.amx_blocked(x, wb, scale, none, 64, 8, np.empty((2, 16), np.float32))
+
+
+def _spec(n, k, scheme):
+    return _layer(scheme, torch.float32, n, k, seed=0).quantized_weight.spec
+
+
+@pytest.mark.parametrize("k, scheme", [(100, QuantScheme(8, True, PerChannel(0))),
+                                       (96, QuantScheme(4, False, PerGroup(48))),
+                                       (520, QuantScheme(8, False, PerTensor()))])
+def test_shapes_it_does_not_serve_are_not_offered(k, scheme):
+    spec = _spec(64, k, scheme)
+    assert not amx.eligible(spec.in_features, spec.group)
+    for rows in (1, 16, 300):
+        assert "amx" not in blocked.BLOCKED.paths("cpu", torch.bfloat16, rows, scheme.bits, spec=spec)
+    # named directly, it still computes the layer (by the gemm kernel)
+    q = _layer(scheme, torch.float32, 64, k, seed=2)
+    x = torch.randn(5, k)
+    with torch.no_grad():
+        _assert_close(blocked.BLOCKED.linear(q.quantized_weight, x, "amx"), x, q)
+
+
+def test_offered_at_every_row_count_on_cpu_only():
+    spec = _spec(64, 256, QuantScheme(8, True, PerChannel(0)))
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for rows in (1, 2, 16, 256, 257, 4096):
+            names = blocked.BLOCKED.paths("cpu", dt, rows, 8, spec=spec)
+            assert names[-1] == "amx" and names[0] == blocked.BLOCKED.path("cpu", dt, rows, 8)
+    assert "amx" not in blocked.BLOCKED.paths("cuda", torch.bfloat16, 16, 8, spec=spec)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_forced_amx_path_is_taken_by_the_layer_with_an_input_gradient(dtype, monkeypatch):
+    env = {"QTORCH_PATH": "amx", "QTORCH_LAYOUT": "blocked"}
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env=env))
+    taken = []
+    real = blocked.BLOCKED.linear
+    monkeypatch.setattr(blocked.BLOCKED, "linear", lambda w, x, p: taken.append(p) or real(w, x, p))
+    q = _layer(QuantScheme(4, False, PerGroup(32)), dtype, 96, 256, seed=5)
+    x = torch.randn(2, 9, 256, dtype=dtype, requires_grad=True)
+    y = q(x)
+    assert taken == ["amx"]
+    with torch.no_grad():
+        direct = real(q.quantized_weight, x.detach().reshape(18, -1), "amx")
+    assert torch.equal(y.detach().reshape(18, -1), direct)  # the op computes what its body does
+    _assert_close(direct, x.detach().reshape(18, -1), q)
+    g = torch.randn_like(y)
+    y.backward(g)
+    w = q.dequantized_weight(torch.float32)
+    ref = g.float().reshape(18, -1) @ w
+    bound = g.float().abs().reshape(18, -1) @ w.abs()
+    assert x.grad.dtype == dtype
+    assert torch.all((x.grad.float().reshape(18, -1) - ref).abs() <= 2 * EPS[dtype] * bound + 1e-5)
+
+
+def test_amx_is_one_opaque_op_under_torch_compile(monkeypatch):
+    env = {"QTORCH_PATH": "amx", "QTORCH_LAYOUT": "blocked"}
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env=env))
+    torch._dynamo.reset()
+    q = _layer(QuantScheme(8, True, PerChannel(0)), torch.bfloat16, 96, 256, seed=6)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    eager = q(x)
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    y = torch.compile(q, fullgraph=True, backend=backend)(x)
+    assert torch.equal(y, eager)
+    assert any("amx_blocked" in t for t in seen), seen
+    assert not any("dequant" in t for t in seen)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_runs_the_amx_path():
+    # the tile state Linux granted the parent is inherited: the child's first tile instruction is no SIGILL
+    script = textwrap.dedent("""
+        import os, sys, torch
+        import qtorch
+        from qcore import PerChannel, QuantScheme
+        from qtorch.layouts import blocked
+        q = qtorch.QuantLinear.from_linear(torch.nn.Linear(256, 128, bias=False), QuantScheme(8, True, PerChannel(0)))
+        x = torch.randn(20, 256)
+        with torch.no_grad():
+            parent = blocked.BLOCKED.linear(q.quantized_weight, x, "amx")
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            with torch.no_grad():
+                child = blocked.BLOCKED.linear(q.quantized_weight, x, "amx")
+            os.write(w, b"ok" if torch.equal(child, parent) else b"differs")
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        print(os.read(r, 16).decode(), status)
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["ok", "0"], (res.stdout, res.stderr[-2000:])
