@@ -280,7 +280,7 @@ class QuantizedWeight:
         own = lay.path(dev, dt, rows, spec.bits)
         if torch.compiler.is_compiling():  # never measure while tracing; nothing is stored either
             return own
-        names = lay.paths(dev, dt, rows, spec.bits)
+        names = lay.paths(dev, dt, rows, spec.bits, spec=spec)
         path = own
         d = autotune.default_dispatcher()
         if len(names) > 1 and (d.measuring or d.forced in names):
@@ -349,7 +349,7 @@ def _trial_runs(spec: WeightSpec, lay, state: tuple, compute_dtype: torch.dtype,
     for rows in autotune.LAYOUT_ROWS:
         x = torch.randn(rows, spec.in_features, generator=gen, dtype=torch.float32, device="cpu")
         x = x.to(device=device, dtype=compute_dtype)
-        names = lay.paths(torch.device(device).type, compute_dtype, rows, spec.bits)
+        names = lay.paths(torch.device(device).type, compute_dtype, rows, spec.bits, spec=spec)
         runs[rows] = {n: (lambda n=n, x=x: lay.linear(w, x, n)) for n in names}
     return runs
 

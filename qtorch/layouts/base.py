@@ -102,9 +102,11 @@ class Layout:
         """The name of the kernel a call of ``rows`` rows takes (constant under ``torch.compile``)."""
         raise NotImplementedError
 
-    def paths(self, device_type: str, dtype: torch.dtype, rows: int, bits: int) -> tuple:
+    def paths(self, device_type: str, dtype: torch.dtype, rows: int, bits: int, spec=None) -> tuple:
         """Every path that can serve such a call, the layout's own first (the one :meth:`path` names); a layer
-        with ``tuned`` layouts times them and keeps the fastest per row bucket."""
+        with ``tuned`` layouts times them and keeps the fastest per row bucket. ``spec`` (the layer's
+        ``WeightSpec``, where the caller has it) lets a layout leave out the paths whose kernel does not serve
+        the shape."""
         return (self.path(device_type, dtype, rows, bits),)
 
     def linear(self, weight, x2: torch.Tensor, path: str) -> torch.Tensor:

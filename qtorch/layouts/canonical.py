@@ -28,7 +28,7 @@ class Canonical(Layout):
     def path(self, device_type, dtype, rows, bits):
         return "dense"
 
-    def paths(self, device_type, dtype, rows, bits):
+    def paths(self, device_type, dtype, rows, bits, spec=None):
         if dequant_path.eligible(device_type, dtype, rows):
             return ("dense", dequant_path.NAME)
         return ("dense",)

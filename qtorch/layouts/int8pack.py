@@ -69,7 +69,7 @@ class Int8Pack(Layout):
     def path(self, device_type, dtype, rows, bits):
         return "dense"  # the canonical codes: the name the portable path reports too
 
-    def paths(self, device_type, dtype, rows, bits):
+    def paths(self, device_type, dtype, rows, bits, spec=None):
         own = "int8pack" if device_type == "cpu" and dtype == torch.bfloat16 else "dense"
         if dequant_path.eligible(device_type, dtype, rows):
             return (own, dequant_path.NAME)

@@ -239,3 +239,15 @@ def test_a_forked_child_runs_the_amx_path():
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split() == ["ok", "0"], (res.stdout, res.stderr[-2000:])
+
+
+def test_a_layer_whose_shape_amx_does_not_serve_is_never_timed_under_that_name(monkeypatch):
+    # K = 100 is no multiple of 32: the layer's dispatcher must not be offered "amx" (it would time the gemm
+    # fallback under that name and record a misleading decision)
+    d = autotune.Dispatcher(cache_path=False, env={"QTORCH_LAYOUT": "blocked"})
+    monkeypatch.setattr(autotune, "_DEFAULT", d)
+    q = _layer(QuantScheme(8, True, PerChannel(0)), torch.float32, 64, 100, seed=7)
+    with torch.no_grad():
+        q(torch.randn(16, 100))
+    offered = [set(v["ms"]) for k, v in d.decisions().items() if not k.startswith("layout|")]
+    assert offered and all("amx" not in names for names in offered)
