@@ -361,7 +361,7 @@ class Dispatcher:
         if not self.measuring:
             return names[0]
         found = self.cached(key)
-        if found in candidates:
+        if found in candidates and (compiling or self._measured_all(key, candidates)):
             return found
         if compiling:  # never time inside tracing: the default until an eager call has measured
             return names[0]
@@ -370,6 +370,13 @@ class Dispatcher:
         best = min(ms, key=ms.get)
         self._remember(key, {"path": best, "ms": {n: round(v, 4) for n, v in ms.items()}}, busy or self._busy())
         return best
+
+    def _measured_all(self, key: DispatchKey, candidates: Mapping) -> bool:
+        """Whether the kept decision for ``key`` timed every one of ``candidates``: a path that a newer build
+        offers (a kernel added since) was never raced, so the decision is measured again."""
+        entry = self._decisions.get(str(key)) or {}
+        timed = entry.get("ms")
+        return not isinstance(timed, dict) or all(n in timed for n in candidates)
 
     def choose_layout(self, key: LayoutKey, candidates: Mapping[str, Callable[[], Mapping | None]],
                       rows: tuple = LAYOUT_ROWS, tie: float = LAYOUT_TIE) -> str:

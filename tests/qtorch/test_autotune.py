@@ -280,3 +280,13 @@ def test_choose_runs_inside_torch_compile_fullgraph():
         return x * 2 if path == "double" else x + 1
     x = torch.ones(3)
     assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), torch.full((3,), 2.0))
+
+
+def test_a_path_added_since_the_decision_is_raced_against_the_kept_one(tmp_path):
+    # a newer build offers a path the kept decision never timed: it is measured, and wins where it is faster
+    clock = FakeClock()
+    dispatcher(tmp_path, clock=clock).choose(KEY, {"a": clock.path("a", 2.0), "b": clock.path("b", 1.0)})
+    newer = {"a": clock.path("a", 2.0), "b": clock.path("b", 1.0), "c": clock.path("c", 0.5)}
+    assert dispatcher(tmp_path, clock=clock).choose(KEY, newer) == "c"
+    before = dict(clock.calls)
+    assert dispatcher(tmp_path, clock=clock).choose(KEY, newer) == "c" and clock.calls == before  # kept again
