@@ -189,11 +189,30 @@ def _qtorch_version() -> str:
     return __version__
 
 
+def _paths_offered() -> list:
+    """Every layout's CPU paths, sorted: part of the fingerprint, so that a build offering another path or layout
+    (a kernel added between two commits of the same version) never serves decisions that did not race it."""
+    from . import layouts  # late: layouts import this module's users
+
+    names = set()
+    for lay in layouts.registered():
+        names.add(f"layout:{lay.name}")
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for rows in (1, 2, 300):
+                for bits in (8, 4):
+                    try:
+                        names.update(f"{lay.name}:{p}" for p in lay.paths("cpu", dtype, rows, bits))
+                    except Exception:  # a layout that cannot even list paths for this case offers none
+                        pass
+    return sorted(names)
+
+
 def fingerprint() -> dict:
-    """What a cache file is valid for: CPU model and flags, machine, torch / qtorch / Python versions."""
+    """What a cache file is valid for: CPU model and flags, machine, torch / qtorch / Python versions, and the
+    layouts and paths this build offers."""
     model, flags = cpu_info()
     return {"cpu": model, "flags": flags, "machine": platform.machine(), "torch": torch.__version__,
-            "qtorch": _qtorch_version(), "python": platform.python_version()}
+            "qtorch": _qtorch_version(), "python": platform.python_version(), "paths": _paths_offered()}
 
 
 def _fingerprint_id(fp: dict) -> str:

@@ -208,6 +208,18 @@ def test_the_file_name_carries_the_machine_fingerprint(tmp_path, monkeypatch):
     assert A.fingerprint()["cpu"] == "Other CPU"
 
 
+def test_a_build_offering_another_path_uses_another_file(tmp_path, monkeypatch):
+    # same versions, one more kernel (between two commits of a development install): decisions that never raced
+    # it, layout decisions included, are not served
+    from qtorch.layouts import blocked
+
+    env = {"QTORCH_CACHE_DIR": str(tmp_path)}
+    p = A.default_cache_path(env)
+    real = blocked.BLOCKED.paths
+    monkeypatch.setattr(blocked.BLOCKED, "paths", lambda *a, **k: real(*a, **k) + ("newer",))
+    assert "blocked:newer" in A.fingerprint()["paths"] and A.default_cache_path(env) != p
+
+
 _WRITER = textwrap.dedent("""
     import sys, torch
     from qtorch import autotune as A
