@@ -6,7 +6,8 @@ choice is measured where the model runs. A :class:`Dispatcher` times the candida
 small JSON file shared by every process on the machine:
 
 * file: ``$QTORCH_CACHE_DIR/dispatch-<fingerprint>.json`` (default ``~/.cache/qtorch``); the fingerprint hashes
-  the CPU model and flags, the torch, qtorch and Python versions, so a file never serves another machine or
+  the CPU model and flags, the torch, qtorch and Python versions and the layouts and paths offered, so a file
+  never serves another machine or
   another build. A corrupt or foreign file is ignored and rewritten. Writes hold a lock file, merge with what is
   on disk and replace the file atomically (temporary file + rename): concurrent processes lose no decision and
   never leave a half-written file.
