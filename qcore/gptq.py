@@ -57,12 +57,29 @@ class Hessian:
         x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
         if not np.all(np.isfinite(x2)):
             raise ValueError("inputs contain NaN or Inf; a Hessian of them is meaningless")
-        n = x2.shape[0]
+        self.add_gram(x2.T @ x2, x2.shape[0])
+
+    def add_gram(self, xtx, n: int) -> None:
+        """Add ``xtx = X^T X`` of ``n`` rows computed elsewhere (``[K, K]``), e.g. once for several layers that
+        see the same inputs, or by another framework's matmul. ``add(x)`` equals ``add_gram(x.T @ x, len(x))``.
+
+        >>> a, b = Hessian(2), Hessian(2); x = np.array([[1.0, 2.0], [3.0, 4.0]])
+        >>> a.add(x); b.add_gram(x.T @ x, 2); bool(np.array_equal(a.h, b.h))
+        True
+        """
+        k = self.h.shape[0]
+        xtx = np.asarray(xtx)
+        if xtx.dtype.kind != "f" or xtx.shape != (k, k):
+            raise ValueError(f"xtx must be a float [{k}, {k}] matrix, got {xtx.dtype} {xtx.shape}")
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"n must be an int >= 0 (the rows behind xtx), got {n!r}")
+        if not np.all(np.isfinite(xtx)):
+            raise ValueError("inputs contain NaN or Inf; a Hessian of them is meaningless")
         if n == 0:
             return
-        total = self.count + n
+        total = self.count + int(n)
         self.h *= self.count / total
-        self.h += (2.0 / total) * (x2.T @ x2)
+        self.h += (2.0 / total) * xtx.astype(np.float64, copy=False)
         self.count = total
 
     @classmethod
@@ -182,6 +199,14 @@ def gptq(w, h, scheme: QuantScheme, *, damp: float = 0.01, act_order: bool = Fal
         return _columns(wf, h, scheme, kind, gsize, float(damp), act_order, int(block_size), params)
 
 
+def _params(x, scheme, method):
+    p = compute_qparams(x, scheme, method=method)
+    if p.zero_point_kind != "int":  # the rounding kernel computes (q - zp) * scale with an integer zp
+        raise ValueError(f"params method {method!r} gives a {p.zero_point_kind} zero point; gptq needs an integer "
+                         "zero point (or a symmetric scheme)")
+    return p
+
+
 def _columns(wf, h, scheme, kind, gsize, damp, act_order, block_size, params) -> QuantizedArray:
     """The GPTQ loop on the checked float32 copy ``wf [N, K]`` (modified in place)."""
     n, k = wf.shape
@@ -199,7 +224,7 @@ def _columns(wf, h, scheme, kind, gsize, damp, act_order, block_size, params) ->
     zp = np.zeros((n, ngroups), np.uint8)
     done = np.zeros(ngroups, bool)
     if kind != "group":  # one set of parameters for all of K, from the weight as it is
-        p = compute_qparams(wf, scheme if kind == "tensor" else col_scheme, method=params)
+        p = _params(wf, scheme if kind == "tensor" else col_scheme, params)
         scale[:] = p.scale.reshape(-1, 1)
         zp[:] = 0 if p.zero_point is None else p.zero_point.reshape(-1, 1)
         done[:] = True
@@ -230,7 +255,7 @@ def _columns(wf, h, scheme, kind, gsize, damp, act_order, block_size, params) ->
             out = pos[~inside]
             if out.size:  # compensation from this block's columns is still pending there: apply it
                 current[:, ~inside] = wf[:, out] - err1[:, :i] @ u[i1:i1 + i, out]
-            p = compute_qparams(current, col_scheme, method=params)
+            p = _params(current, col_scheme, params)
             scale[:, j] = p.scale
             zp[:, j] = 0 if p.zero_point is None else p.zero_point
             done[j] = True
