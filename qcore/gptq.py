@@ -102,10 +102,7 @@ def _check_scheme(scheme, n: int, k: int):
     if isinstance(g, PerChannel) and _normalize_axis(g.axis, 2, "PerChannel") == 0:
         return "channel", k
     if isinstance(g, PerGroup) and _normalize_axis(g.axis, 2, "PerGroup") == 1:
-        if k % g.size:
-            raise ValueError(f"GPTQ needs groups that divide K: group size {g.size} does not divide K = {k} (a "
-                             f"ragged last group is not supported by gptq yet; quantize() and params='mse' take it)")
-        return "group", g.size
+        return "group", g.size  # a group size that does not divide K leaves a shorter last group
     raise ValueError(f"GPTQ quantizes along the input axis K of a weight [N, K]: the scheme needs PerTensor(), "
                      f"PerChannel(0) or PerGroup(size, axis=1), got {scheme}")
 
@@ -219,7 +216,7 @@ def _columns(wf, h, scheme, kind, gsize, damp, act_order, block_size, params) ->
     u = _inverse_cholesky(h[np.ix_(perm, perm)], damp).astype(np.float32)
 
     col_scheme = QuantScheme(scheme.bits, scheme.symmetric, PerChannel(0))
-    ngroups = k // gsize if kind == "group" else 1
+    ngroups = -(-k // gsize) if kind == "group" else 1
     scale = np.zeros((n, ngroups), np.float32)
     zp = np.zeros((n, ngroups), np.uint8)
     done = np.zeros(ngroups, bool)

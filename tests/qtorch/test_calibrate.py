@@ -293,17 +293,20 @@ def test_gptq_on_conv1d_layers_uses_the_transposed_weight(tmp_path):
     assert np.mean(got.codes != want.codes) < 0.01  # the Hessian was summed in another order
 
 
-def test_gptq_refuses_a_ragged_layer_before_any_layer_changes():
-    """GPTQ needs groups that divide K: a model with one such layer is refused, naming it, and nothing changes."""
+def test_gptq_quantizes_a_layer_whose_width_the_group_size_does_not_divide():
+    """Groups of 64 on K = 96: the last group is 32 wide (SmolLM2's 576 in groups of 128 is the real case)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 96),
                                 torch.nn.ReLU(), torch.nn.Linear(96, 32))
-    before = [m.weight.clone() for m in model if isinstance(m, torch.nn.Linear)]
-    with pytest.raises(ValueError, match=r"layer '4'.*group size 64 does not divide K = 96"):
-        qtorch.quantize_model(model, qcore.QuantScheme(4, False, qcore.PerGroup(64)), method="gptq",
-                              calibration=[torch.randn(4, 64)], exclude=())
-    assert all(isinstance(m, torch.nn.Linear) for m in model if not isinstance(m, torch.nn.ReLU))
-    assert all(torch.equal(a, m.weight) for a, m in zip(before, [m for m in model if isinstance(m, torch.nn.Linear)]))
+    w4 = model[4].weight.detach().numpy().copy()
+    scheme = qcore.QuantScheme(4, False, qcore.PerGroup(64))
+    calib = [inputs(16, s) for s in range(3)]
+    r = qtorch.quantize_model(model, scheme, method="gptq", calibration=calib, exclude=())
+    assert [layer.status for layer in r.layers] == ["quantized"] * 3
+    qa = model[4].quantized_array()
+    assert qa.scale.shape == (32, 2)
+    want = qcore.gptq.gptq(w4, hessian_of_inputs(model, "4", calib), scheme, act_order=True, params="mse")
+    np.testing.assert_array_equal(qa.codes, want.codes)
 
 
 # --- block replay on transformers models -------------------------------------------------------------------------
