@@ -111,7 +111,7 @@ def hessian_of_inputs(model, name, batches):
     acc = qcore.gptq.Hessian(layer.in_features)
 
     def pre(_module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         acc.add_gram((x.T @ x).numpy(), x.shape[0])
 
     handle = layer.register_forward_pre_hook(pre)
