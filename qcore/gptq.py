@@ -4,9 +4,10 @@ columns not yet quantized, weighted by the inverse Hessian of the layer's inputs
 ``W`` is ``[N, K]`` (``y = x @ W.T``), ``H = 2 X^T X`` is ``[K, K]`` over the calibration inputs ``X [n, K]``
 (:class:`Hessian` accumulates it in batches). The result is an ordinary :class:`qcore.QuantizedArray` of any
 scheme whose parameters run along ``K``: per tensor, per output channel (``PerChannel(0)``) or per group along
-``K`` (``PerGroup(size, axis=1)``); a group's scale and zero point are computed, by any registered params method,
-from the group's columns as they stand when its first column is reached (after the compensation from the
-columns before it), as the reference implementation does.
+``K`` (``PerGroup(size, axis=1)``, the last group shorter where ``size`` does not divide ``K``); a group's scale and
+zero point are computed, by any registered params method with an integer zero point, from the group's columns as
+they stand when its first column is reached (after the compensation from the columns before it), as the
+reference implementation does.
 
 >>> import numpy as np; from qcore import QuantScheme, PerGroup, quantize, dequantize
 >>> rng = np.random.default_rng(0)
