@@ -49,7 +49,7 @@ __all__ = ["GPTQ_DEFAULTS", "METHODS", "check_method", "gptq_layers"]
 METHODS = ("gptq",)
 
 #: ``method_options`` of ``method="gptq"`` and their defaults (see :func:`gptq_layers`)
-GPTQ_DEFAULTS = {"damp": 0.01, "act_order": True, "params": "mse", "sequential": False, "block_size": 128}
+GPTQ_DEFAULTS = {"damp": 0.1, "act_order": True, "params": "mse", "sequential": False, "block_size": 128}
 
 
 def check_method(method: Any, calibration: Any, jobs, options: Any = None) -> tuple[list | None, dict]:
@@ -494,15 +494,19 @@ def _sequential_groups(block: nn.Module, jobs: list, call: _Call, hidden: torch.
     return groups + ([missed] if missed else [])  # a layer the first batch did not reach: reported when measured
 
 
-def gptq_layers(model, jobs, batches: list, *, damp: float = 0.01, act_order: bool = True, params: str = "mse",
-                sequential: bool = False, block_size: int = 128) -> Iterator:
+def gptq_layers(model, jobs, batches: list, *, damp: float = GPTQ_DEFAULTS["damp"],
+                act_order: bool = GPTQ_DEFAULTS["act_order"], params: str = GPTQ_DEFAULTS["params"],
+                sequential: bool = GPTQ_DEFAULTS["sequential"], block_size: int = GPTQ_DEFAULTS["block_size"]
+                ) -> Iterator:
     """Yield ``(job, QuantizedArray)`` block after block. The caller puts each layer in place before asking for
     the next one, and later layers are measured through the quantized ones.
 
-    Defaults: activation order, and each group's grid from the ``"mse"`` params method; on all-MiniLM-L6-v2 at
-    4 bits, groups of 128, they raised the mean embedding cosine from 0.978 (plain GPTQ) to 0.982.
-    ``sequential``: within a block, measure each group of layers (see :func:`_sequential_groups`) through the
-    quantized groups before it, as the reference's ``true-sequential`` does."""
+    Defaults (:data:`GPTQ_DEFAULTS`): activation order and each group's grid from the ``"mse"`` params method
+    (all-MiniLM-L6-v2, 4 bits in groups of 128: mean embedding cosine 0.978 with plain GPTQ, 0.982 with these),
+    and dampening 0.1 of the mean diagonal rather than the reference's 0.01 (MiniLM 0.9828 -> 0.9860; SmolLM2
+    perplexity unchanged). ``sequential``: within a block, measure each group of layers (see
+    :func:`_sequential_groups`) through the quantized groups before it, as the reference's ``true-sequential``
+    does (SmolLM2 g64 perplexity +8.2% over dense instead of +9.1%, 1.2x the time; MiniLM unchanged)."""
     opts = {"damp": damp, "act_order": act_order, "params": params, "sequential": sequential,
             "block_size": block_size}
     root = model

@@ -9,7 +9,7 @@ from torch import nn
 
 import qcore
 import qtorch
-from qtorch.calibrate import _block_of
+from qtorch.calibrate import GPTQ_DEFAULTS, _block_of
 from qtorch.linear import QuantLinear
 from qtorch.replace import resolve_scheme
 
@@ -34,6 +34,10 @@ class Net(nn.Module):
         for b in self.layers:
             x = b(self.drop(x))
         return x
+
+
+#: the keyword arguments of qcore.gptq.gptq that quantize_model(method="gptq") passes by default
+DEFAULTS = {k: v for k, v in GPTQ_DEFAULTS.items() if k != "sequential"}
 
 
 def inputs(n, seed, d=64):
@@ -137,7 +141,7 @@ def test_each_block_is_calibrated_through_the_quantized_blocks_before_it(build, 
     m.eval()
     # block 1's Hessian is that of its inputs through the quantized block 0 (block 1 itself is not on the way)
     h = hessian_of_inputs(m, "layers.1.up", calib)
-    want = qcore.gptq.gptq(w1, h, resolve_scheme("w4a16-g32"), act_order=True, params="mse")
+    want = qcore.gptq.gptq(w1, h, resolve_scheme("w4a16-g32"), **DEFAULTS)
     np.testing.assert_array_equal(m.layers[1].up.quantized_array().codes, want.codes)
 
 
@@ -150,7 +154,7 @@ def test_a_model_without_numbered_blocks_is_calibrated_by_whole_model_runs_witho
         warnings.simplefilter("error")
         qtorch.quantize_model(model, "w4a16-g32", exclude=(), method="gptq", calibration=calib)
     h = hessian_of_inputs(model, "2", calib)
-    want = qcore.gptq.gptq(w2, h, resolve_scheme("w4a16-g32"), act_order=True, params="mse")
+    want = qcore.gptq.gptq(w2, h, resolve_scheme("w4a16-g32"), **DEFAULTS)
     np.testing.assert_array_equal(model[2].quantized_array().codes, want.codes)
 
 
@@ -164,7 +168,7 @@ def test_sequential_measures_each_layer_through_the_quantized_layers_before_it_i
                               method_options={"sequential": sequential})
         # through the quantized up layer of the same block
         h = hessian_of_inputs(m, "layers.0.down", calib)
-        want = qcore.gptq.gptq(w, h, resolve_scheme("w4a16-g32"), act_order=True, params="mse")
+        want = qcore.gptq.gptq(w, h, resolve_scheme("w4a16-g32"), **DEFAULTS)
         codes[sequential] = np.mean(m.layers[0].down.quantized_array().codes != want.codes)
     assert codes[True] == 0 and codes[False] > 0.01, codes
 
@@ -186,7 +190,7 @@ def test_gptq_layers_are_the_qcore_result():
     w_first = m.layers[0].up.weight.detach().numpy().copy()
     h = qcore.gptq.Hessian.of(calib[0].numpy())
     qtorch.quantize_model(m, "w4a16-g32", exclude=(), method="gptq", calibration=calib)
-    want = qcore.gptq.gptq(w_first, h, resolve_scheme("w4a16-g32"), act_order=True, params="mse")  # the defaults
+    want = qcore.gptq.gptq(w_first, h, resolve_scheme("w4a16-g32"), **DEFAULTS)  # quantize_model's defaults
     got = m.layers[0].up.quantized_array()
     np.testing.assert_array_equal(got.codes, want.codes)
     np.testing.assert_allclose(got.scale, want.scale, rtol=1e-6)
@@ -286,7 +290,7 @@ def test_gptq_on_conv1d_layers_uses_the_transposed_weight(tmp_path):
     handle.remove()
     h = qcore.gptq.Hessian.of(torch.cat(seen).numpy())
     want = qcore.gptq.gptq(conv.weight.detach().t().contiguous().numpy(), h, resolve_scheme("w4a16-g32"),
-                           act_order=True, params="mse")
+                           **DEFAULTS)
     qtorch.quantize_model(m, "w4a16-g32", method="gptq", calibration=calib)
     got = m.transformer.h[0].attn.c_attn.quantized_array()
     assert got.shape == (192, 64)
@@ -305,7 +309,7 @@ def test_gptq_quantizes_a_layer_whose_width_the_group_size_does_not_divide():
     assert [layer.status for layer in r.layers] == ["quantized"] * 3
     qa = model[4].quantized_array()
     assert qa.scale.shape == (32, 2)
-    want = qcore.gptq.gptq(w4, hessian_of_inputs(model, "4", calib), scheme, act_order=True, params="mse")
+    want = qcore.gptq.gptq(w4, hessian_of_inputs(model, "4", calib), scheme, **DEFAULTS)
     np.testing.assert_array_equal(qa.codes, want.codes)
 
 
