@@ -315,18 +315,18 @@ def main(argv=None) -> None:
     if options:
         print(f"gptq method_options: {options}")
     print()
-    print(f"| {'scheme':<10} | {'method':<9} | {bench.measure} | quantize s |")
-    print(f"|{'-' * 12}|{'-' * 11}|-------------|------------|------------|")
-    print(f"| {'dense':<10} | {'-':<9} | {bench.dense()} | {'-':>10} |", flush=True)
+    print(f"| {'scheme':<10} | {'method':<11} | {bench.measure} | quantize s |")
+    print(f"|{'-' * 12}|{'-' * 13}|-------------|------------|------------|")
+    print(f"| {'dense':<10} | {'-':<11} | {bench.dense()} | {'-':>10} |", flush=True)
     for scheme in args.schemes:
         for method in methods:
             obj, target = bench.copy()
             try:
                 dt = quantize(target, scheme, method, bench.calibration, options)
             except ValueError as e:
-                print(f"| {scheme:<10} | {method:<9} | n/a: {e} |", flush=True)
+                print(f"| {scheme:<10} | {method:<11} | n/a: {e} |", flush=True)
                 continue
-            print(f"| {scheme:<10} | {method:<9} | {bench.score(obj)} | {dt:10.1f} |", flush=True)
+            print(f"| {scheme:<10} | {method:<11} | {bench.score(obj)} | {dt:10.1f} |", flush=True)
             del obj, target
 
 
