@@ -4,9 +4,10 @@ columns not yet quantized, weighted by the inverse Hessian of the layer's inputs
 ``W`` is ``[N, K]`` (``y = x @ W.T``), ``H = 2 X^T X`` is ``[K, K]`` over the calibration inputs ``X [n, K]``
 (:class:`Hessian` accumulates it in batches). The result is an ordinary :class:`qcore.QuantizedArray` of any
 scheme whose parameters run along ``K``: per tensor, per output channel (``PerChannel(0)``) or per group along
-``K`` (``PerGroup(size, axis=1)``); a group's scale and zero point are computed, by any registered params method,
-from the group's columns as they stand when its first column is reached (after the compensation from the
-columns before it), as the reference implementation does.
+``K`` (``PerGroup(size, axis=1)``, the last group shorter where ``size`` does not divide ``K``); a group's scale and
+zero point are computed, by any registered params method with an integer zero point, from the group's columns as
+they stand when its first column is reached (after the compensation from the columns before it), as the
+reference implementation does.
 
 >>> import numpy as np; from qcore import QuantScheme, PerGroup, quantize, dequantize
 >>> rng = np.random.default_rng(0)
@@ -57,12 +58,29 @@ class Hessian:
         x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
         if not np.all(np.isfinite(x2)):
             raise ValueError("inputs contain NaN or Inf; a Hessian of them is meaningless")
-        n = x2.shape[0]
+        self.add_gram(x2.T @ x2, x2.shape[0])
+
+    def add_gram(self, xtx, n: int) -> None:
+        """Add ``xtx = X^T X`` of ``n`` rows computed elsewhere (``[K, K]``), e.g. once for several layers that
+        see the same inputs, or by another framework's matmul. ``add(x)`` equals ``add_gram(x.T @ x, len(x))``.
+
+        >>> a, b = Hessian(2), Hessian(2); x = np.array([[1.0, 2.0], [3.0, 4.0]])
+        >>> a.add(x); b.add_gram(x.T @ x, 2); bool(np.array_equal(a.h, b.h))
+        True
+        """
+        k = self.h.shape[0]
+        xtx = np.asarray(xtx)
+        if xtx.dtype.kind != "f" or xtx.shape != (k, k):
+            raise ValueError(f"xtx must be a float [{k}, {k}] matrix, got {xtx.dtype} {xtx.shape}")
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"n must be an int >= 0 (the rows behind xtx), got {n!r}")
+        if not np.all(np.isfinite(xtx)):
+            raise ValueError("inputs contain NaN or Inf; a Hessian of them is meaningless")
         if n == 0:
             return
-        total = self.count + n
+        total = self.count + int(n)
         self.h *= self.count / total
-        self.h += (2.0 / total) * (x2.T @ x2)
+        self.h += (2.0 / total) * xtx.astype(np.float64, copy=False)
         self.count = total
 
     @classmethod
@@ -85,10 +103,7 @@ def _check_scheme(scheme, n: int, k: int):
     if isinstance(g, PerChannel) and _normalize_axis(g.axis, 2, "PerChannel") == 0:
         return "channel", k
     if isinstance(g, PerGroup) and _normalize_axis(g.axis, 2, "PerGroup") == 1:
-        if k % g.size:
-            raise ValueError(f"GPTQ needs groups that divide K: group size {g.size} does not divide K = {k} (a "
-                             f"ragged last group is not supported by gptq yet; quantize() and params='mse' take it)")
-        return "group", g.size
+        return "group", g.size  # a group size that does not divide K leaves a shorter last group
     raise ValueError(f"GPTQ quantizes along the input axis K of a weight [N, K]: the scheme needs PerTensor(), "
                      f"PerChannel(0) or PerGroup(size, axis=1), got {scheme}")
 
@@ -182,6 +197,14 @@ def gptq(w, h, scheme: QuantScheme, *, damp: float = 0.01, act_order: bool = Fal
         return _columns(wf, h, scheme, kind, gsize, float(damp), act_order, int(block_size), params)
 
 
+def _params(x, scheme, method):
+    p = compute_qparams(x, scheme, method=method)
+    if p.zero_point_kind != "int":  # the rounding kernel computes (q - zp) * scale with an integer zp
+        raise ValueError(f"params method {method!r} gives a {p.zero_point_kind} zero point; gptq needs an integer "
+                         "zero point (or a symmetric scheme)")
+    return p
+
+
 def _columns(wf, h, scheme, kind, gsize, damp, act_order, block_size, params) -> QuantizedArray:
     """The GPTQ loop on the checked float32 copy ``wf [N, K]`` (modified in place)."""
     n, k = wf.shape
@@ -194,12 +217,12 @@ def _columns(wf, h, scheme, kind, gsize, damp, act_order, block_size, params) ->
     u = _inverse_cholesky(h[np.ix_(perm, perm)], damp).astype(np.float32)
 
     col_scheme = QuantScheme(scheme.bits, scheme.symmetric, PerChannel(0))
-    ngroups = k // gsize if kind == "group" else 1
+    ngroups = -(-k // gsize) if kind == "group" else 1
     scale = np.zeros((n, ngroups), np.float32)
     zp = np.zeros((n, ngroups), np.uint8)
     done = np.zeros(ngroups, bool)
     if kind != "group":  # one set of parameters for all of K, from the weight as it is
-        p = compute_qparams(wf, scheme if kind == "tensor" else col_scheme, method=params)
+        p = _params(wf, scheme if kind == "tensor" else col_scheme, params)
         scale[:] = p.scale.reshape(-1, 1)
         zp[:] = 0 if p.zero_point is None else p.zero_point.reshape(-1, 1)
         done[:] = True
@@ -230,7 +253,7 @@ def _columns(wf, h, scheme, kind, gsize, damp, act_order, block_size, params) ->
             out = pos[~inside]
             if out.size:  # compensation from this block's columns is still pending there: apply it
                 current[:, ~inside] = wf[:, out] - err1[:, :i] @ u[i1:i1 + i, out]
-            p = compute_qparams(current, col_scheme, method=params)
+            p = _params(current, col_scheme, params)
             scale[:, j] = p.scale
             zp[:, j] = 0 if p.zero_point is None else p.zero_point
             done[j] = True

@@ -566,7 +566,7 @@ def plan(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_EXCLUDE, in
 
 def quantize_model(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_EXCLUDE, include=None,
                    on_incompatible: str = "error", progress: bool = False, method: str = "minmax",
-                   calibration=None) -> QuantizationReport:
+                   calibration=None, method_options: dict | None = None) -> QuantizationReport:
     """Replace the Linear layers of ``model`` in place by quantized ones; return a :class:`QuantizationReport`.
 
     scheme: ``"w8a16"`` (int8 symmetric per channel), ``"w4a16"`` (int4 asymmetric, groups of 128),
@@ -590,6 +590,9 @@ def quantize_model(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_E
         (``"mse"``: per group, the clipping with the least squared error), or ``"gptq"`` (error-compensating
         rounding from ``calibration``: a list of model inputs, each a tensor, a tuple of positional arguments or
         a dict of keyword arguments; see :mod:`qtorch.calibrate`).
+    method_options: keyword options of the method: for ``"gptq"`` ``damp``, ``act_order``, ``params`` (the params
+        method of each group's grid), ``sequential`` and ``block_size`` (defaults in
+        ``qtorch.calibrate.GPTQ_DEFAULTS``), e.g. ``method_options={"params": "hqq"}``.
     """
     from .calibrate import check_method, gptq_layers
 
@@ -598,10 +601,11 @@ def quantize_model(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_E
     _warn_unused(p)
     done = 0
     todo = [job for job in p.jobs if job.record.status == "planned"]
-    batches = check_method(method, calibration, todo)
+    batches, options = check_method(method, calibration, todo, method_options)
     try:
         with torch.no_grad(), tqdm(total=len(todo), desc="quantizing", unit="layer", disable=not progress) as bar:
-            pairs = gptq_layers(model, todo, batches) if method == "gptq" else ((job, None) for job in todo)
+            pairs = (gptq_layers(model, todo, batches, **options) if method == "gptq"
+                     else ((job, None) for job in todo))
             for job, qa in pairs:
                 bar.set_postfix_str(job.record.name[-40:], refresh=False)
                 _apply_layer(job, qa, method)

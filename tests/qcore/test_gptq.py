@@ -10,7 +10,8 @@ from qcore import PerChannel, PerGroup, PerTensor, QuantizedArray, QuantScheme, 
 from qcore.gptq import Hessian, gptq
 
 SCHEMES = [QuantScheme(4, False, PerGroup(32, axis=1)), QuantScheme(4, True, PerGroup(16, axis=-1)),
-           QuantScheme(3, False, PerChannel(0)), QuantScheme(4, True, PerTensor()), QuantScheme(8, True)]
+           QuantScheme(3, False, PerChannel(0)), QuantScheme(4, True, PerTensor()), QuantScheme(8, True),
+           QuantScheme(4, False, PerGroup(64, axis=1))]  # K = 96: a shorter last group of 32
 
 
 def layer(n=48, k=96, samples=600, seed=0):
@@ -102,8 +103,6 @@ def test_bad_input_is_refused_by_name():
         gptq(w, h[:5, :5], s)
     with pytest.raises(ValueError, match=r"PerGroup\(size, axis=1\)"):
         gptq(w, h, QuantScheme(4, False, PerGroup(16, axis=0)))
-    with pytest.raises(ValueError, match="does not divide"):
-        gptq(w, h, QuantScheme(4, False, PerGroup(64, axis=1)))
     with pytest.raises(ValueError, match="damp must be"):
         gptq(w, h, s, damp=-1)
     with pytest.raises(ValueError, match="unknown params method 'nope'"):
@@ -116,3 +115,48 @@ def test_bad_input_is_refused_by_name():
         gptq(w, -np.eye(96), s, damp=0)
     with pytest.raises(ValueError, match=r"shape \[..., 96\]"):
         Hessian(96).add(np.ones((3, 5)))
+
+
+@pytest.mark.parametrize("params", ["minmax", "mse"])
+def test_with_uncorrelated_inputs_gptq_is_rounding_to_nearest_also_in_a_shorter_last_group(params):
+    """H = I: no column's error can be compensated by another, so GPTQ rounds each group on the grid its params
+    method gives it, as quantize does; K = 96 in groups of 64 leaves a last group of 32 columns."""
+    _, w = layer(seed=6)
+    scheme = QuantScheme(4, False, PerGroup(64, axis=1))
+    qa = gptq(w, np.eye(96), scheme, params=params, block_size=40)
+    want = quantize(w, scheme, params=params)
+    assert qa.scale.shape == want.scale.shape == (48, 2)
+    np.testing.assert_array_equal(qa.codes, want.codes)
+    np.testing.assert_array_equal(qa.scale, want.scale)
+    np.testing.assert_array_equal(qa.zero_point, want.zero_point)
+
+
+def test_add_gram_is_add_of_the_rows():
+    x, _ = layer(seed=7)
+    a, b = Hessian(96), Hessian(96)
+    for part in np.array_split(x, 3):
+        a.add(part)
+        b.add_gram(part.T @ part, len(part))
+    np.testing.assert_array_equal(a.h, b.h)
+    assert a.count == b.count == len(x)
+    with pytest.raises(ValueError, match=r"xtx must be a float \[96, 96\] matrix"):
+        b.add_gram(np.ones((3, 3)), 3)
+    with pytest.raises(ValueError, match="n must be an int >= 0"):
+        b.add_gram(np.eye(96), -1)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        b.add_gram(np.full((96, 96), np.nan), 1)
+
+
+def test_a_params_method_with_a_float_zero_point_is_refused_by_name(monkeypatch):
+    from qcore import params as qparams
+    from qcore.params import QParams
+
+    def offset_grid(x, scheme):  # x ~ q * scale + min: a float zero point, as GGUF's Q4_1
+        lo, hi = x.min(axis=-1), x.max(axis=-1)  # per row: the per-channel grid gptq asks for
+        scale = np.maximum((hi - lo) / scheme.qmax, 1e-8).astype(np.float32)
+        return QParams(scale, lo.astype(np.float32), scheme, zero_point_kind="float")
+
+    monkeypatch.setitem(qparams._METHODS, "test-offset", offset_grid)
+    x, w = layer()
+    with pytest.raises(ValueError, match="params method 'test-offset' gives a float zero point"):
+        gptq(w, Hessian.of(x), QuantScheme(4, False, PerGroup(32, axis=1)), params="test-offset")

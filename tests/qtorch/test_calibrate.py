@@ -1,5 +1,7 @@
 """quantize_model(method=...): qcore's params methods per layer, and GPTQ calibrated block by block."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from torch import nn
 
 import qcore
 import qtorch
-from qtorch.calibrate import _block_of
+from qtorch.calibrate import GPTQ_DEFAULTS, _block_of
 from qtorch.linear import QuantLinear
 from qtorch.replace import resolve_scheme
 
@@ -32,6 +34,10 @@ class Net(nn.Module):
         for b in self.layers:
             x = b(self.drop(x))
         return x
+
+
+#: the keyword arguments of qcore.gptq.gptq that quantize_model(method="gptq") passes by default
+DEFAULTS = {k: v for k, v in GPTQ_DEFAULTS.items() if k != "sequential"}
 
 
 def inputs(n, seed, d=64):
@@ -69,15 +75,113 @@ def test_gptq_output_is_closer_to_float_than_minmax_on_unseen_inputs():
     assert errors["gptq"] < 0.8 * errors["minmax"], errors
 
 
-def test_each_block_is_calibrated_through_the_quantized_blocks_before_it():
-    m = net()
-    seen = []
-    m.layers[1].register_forward_pre_hook(lambda mod, args: seen.append(type(m.layers[0].down)))
+class NetWithStepBetween(Net):
+    """The blocks cannot be replayed one by one: something runs between them."""
+
+    def forward(self, x):
+        for b in self.layers:
+            x = 0.5 * b(x)
+        return x
+
+
+def net_between(seed=0):
+    torch.manual_seed(seed)
+    return NetWithStepBetween().eval()
+
+
+def dequantized(model):
+    """A copy of ``model`` whose quantized layers are dense ``nn.Linear`` layers holding the dequantized weight:
+    the arithmetic calibration runs them in (their own kernels are picked by timing)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QuantLinear):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(mod.dequantized_weight(torch.float32))
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, lin)
+    return model
+
+
+def hessian_of_inputs(model, name, batches):
+    """``H`` of what layer ``name`` sees while ``model`` (quantized layers dequantized) runs ``batches``,
+    accumulated as quantize_model does."""
+    model = dequantized(model).eval()
+    layer = model.get_submodule(name)
+    acc = qcore.gptq.Hessian(layer.in_features)
+
+    def pre(_module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        acc.add_gram((x.T @ x).numpy(), x.shape[0])
+
+    handle = layer.register_forward_pre_hook(pre)
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    handle.remove()
+    return acc.h
+
+
+@pytest.mark.parametrize("build, path", [(net, "replay"), (net_between, "whole-model")])
+def test_each_block_is_calibrated_through_the_quantized_blocks_before_it(build, path):
+    m = build()
+    w1 = m.layers[1].up.weight.detach().numpy().copy()
+    calib = [inputs(32, 0), inputs(32, 1)]
     m.train()
-    qtorch.quantize_model(m, "w4a16-g32", exclude=(), method="gptq", calibration=[inputs(32, 0), inputs(32, 1)])
-    # block 1's layers are measured only after block 0 was replaced (and block 0's pass stopped before block 1)
-    assert seen and all(t is QuantLinear for t in seen)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qtorch.quantize_model(m, "w4a16-g32", exclude=(), method="gptq", calibration=calib)
     assert m.training  # the mode is given back
+    fallback = [w for w in caught if "whole-model run per block" in str(w.message)]
+    assert len(fallback) == (path == "whole-model")
+    m.eval()
+    # block 1's Hessian is that of its inputs through the quantized block 0 (block 1 itself is not on the way)
+    h = hessian_of_inputs(m, "layers.1.up", calib)
+    want = qcore.gptq.gptq(w1, h, resolve_scheme("w4a16-g32"), **DEFAULTS)
+    np.testing.assert_array_equal(m.layers[1].up.quantized_array().codes, want.codes)
+
+
+def test_a_model_without_numbered_blocks_is_calibrated_by_whole_model_runs_without_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    w2 = model[2].weight.detach().numpy().copy()
+    calib = [inputs(16, s) for s in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qtorch.quantize_model(model, "w4a16-g32", exclude=(), method="gptq", calibration=calib)
+    h = hessian_of_inputs(model, "2", calib)
+    want = qcore.gptq.gptq(w2, h, resolve_scheme("w4a16-g32"), **DEFAULTS)
+    np.testing.assert_array_equal(model[2].quantized_array().codes, want.codes)
+
+
+def test_sequential_measures_each_layer_through_the_quantized_layers_before_it_in_its_block():
+    calib = [inputs(32, 0), inputs(32, 1)]
+    codes = {}
+    for sequential in (False, True):
+        m = net()
+        w = m.layers[0].down.weight.detach().numpy().copy()
+        qtorch.quantize_model(m, "w4a16-g32", exclude=(), method="gptq", calibration=calib,
+                              method_options={"sequential": sequential})
+        # through the quantized up layer of the same block
+        h = hessian_of_inputs(m, "layers.0.down", calib)
+        want = qcore.gptq.gptq(w, h, resolve_scheme("w4a16-g32"), **DEFAULTS)
+        codes[sequential] = np.mean(m.layers[0].down.quantized_array().codes != want.codes)
+    assert codes[True] == 0 and codes[False] > 0.01, codes
+
+
+def test_method_options_reach_gptq():
+    m = net()
+    w = m.layers[0].up.weight.detach().numpy().copy()
+    calib = [inputs(64, 0)]
+    opts = {"params": "minmax", "act_order": False, "damp": 0.1, "block_size": 16}
+    qtorch.quantize_model(m, "w4a16-g32", exclude=(), method="gptq", calibration=calib, method_options=opts)
+    h = hessian_of_inputs(net(), "layers.0.up", calib)
+    want = qcore.gptq.gptq(w, h, resolve_scheme("w4a16-g32"), **opts)
+    np.testing.assert_array_equal(m.layers[0].up.quantized_array().codes, want.codes)
 
 
 def test_gptq_layers_are_the_qcore_result():
@@ -86,7 +190,7 @@ def test_gptq_layers_are_the_qcore_result():
     w_first = m.layers[0].up.weight.detach().numpy().copy()
     h = qcore.gptq.Hessian.of(calib[0].numpy())
     qtorch.quantize_model(m, "w4a16-g32", exclude=(), method="gptq", calibration=calib)
-    want = qcore.gptq.gptq(w_first, h, resolve_scheme("w4a16-g32"), act_order=True, params="mse")  # the defaults
+    want = qcore.gptq.gptq(w_first, h, resolve_scheme("w4a16-g32"), **DEFAULTS)  # quantize_model's defaults
     got = m.layers[0].up.quantized_array()
     np.testing.assert_array_equal(got.codes, want.codes)
     np.testing.assert_allclose(got.scale, want.scale, rtol=1e-6)
@@ -108,6 +212,17 @@ def test_mse_layers_are_the_qcore_result():
     ({"method": "gptq"}, ValueError, "method='gptq' needs calibration="),
     ({"method": "gptq", "calibration": []}, ValueError, "calibration is empty"),
     ({"method": "mse", "calibration": [torch.ones(2, 64)]}, ValueError, "calibration is used by method='gptq' only"),
+    ({"method": "mse", "method_options": {"damp": 0.1}}, ValueError, "method_options are taken by method='gptq'"),
+    ({"method": "gptq", "calibration": [torch.ones(2, 64)], "method_options": {"dampening": 0.1}}, ValueError,
+     r"unknown method_options \['dampening'\]"),
+    ({"method": "gptq", "calibration": [torch.ones(2, 64)], "method_options": {"damp": -1}}, ValueError,
+     "damp must be a finite number >= 0, got -1"),
+    ({"method": "gptq", "calibration": [torch.ones(2, 64)], "method_options": {"params": "nope"}}, ValueError,
+     "unknown params method 'nope'"),
+    ({"method": "gptq", "calibration": [torch.ones(2, 64)], "method_options": {"sequential": 1}}, TypeError,
+     "sequential must be a bool"),
+    ({"method": "gptq", "calibration": [torch.ones(2, 64)], "method_options": [("damp", 0.1)]}, TypeError,
+     "method_options must be a dict"),
 ])
 def test_bad_arguments_are_refused_before_any_layer_changes(kwargs, error, match):
     m = net()
@@ -175,21 +290,111 @@ def test_gptq_on_conv1d_layers_uses_the_transposed_weight(tmp_path):
     handle.remove()
     h = qcore.gptq.Hessian.of(torch.cat(seen).numpy())
     want = qcore.gptq.gptq(conv.weight.detach().t().contiguous().numpy(), h, resolve_scheme("w4a16-g32"),
-                           act_order=True, params="mse")
+                           **DEFAULTS)
     qtorch.quantize_model(m, "w4a16-g32", method="gptq", calibration=calib)
     got = m.transformer.h[0].attn.c_attn.quantized_array()
     assert got.shape == (192, 64)
     assert np.mean(got.codes != want.codes) < 0.01  # the Hessian was summed in another order
 
 
-def test_gptq_refuses_a_ragged_layer_before_any_layer_changes():
-    """GPTQ needs groups that divide K: a model with one such layer is refused, naming it, and nothing changes."""
+def test_gptq_quantizes_a_layer_whose_width_the_group_size_does_not_divide():
+    """Groups of 64 on K = 96: the last group is 32 wide (SmolLM2's 576 in groups of 128 is the real case)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 96),
                                 torch.nn.ReLU(), torch.nn.Linear(96, 32))
-    before = [m.weight.clone() for m in model if isinstance(m, torch.nn.Linear)]
-    with pytest.raises(ValueError, match=r"layer '4'.*group size 64 does not divide K = 96"):
-        qtorch.quantize_model(model, qcore.QuantScheme(4, False, qcore.PerGroup(64)), method="gptq",
-                              calibration=[torch.randn(4, 64)], exclude=())
-    assert all(isinstance(m, torch.nn.Linear) for m in model if not isinstance(m, torch.nn.ReLU))
-    assert all(torch.equal(a, m.weight) for a, m in zip(before, [m for m in model if isinstance(m, torch.nn.Linear)]))
+    w4 = model[4].weight.detach().numpy().copy()
+    scheme = qcore.QuantScheme(4, False, qcore.PerGroup(64))
+    calib = [inputs(16, s) for s in range(3)]
+    r = qtorch.quantize_model(model, scheme, method="gptq", calibration=calib, exclude=())
+    assert [layer.status for layer in r.layers] == ["quantized"] * 3
+    qa = model[4].quantized_array()
+    assert qa.scale.shape == (32, 2)
+    want = qcore.gptq.gptq(w4, hessian_of_inputs(model, "4", calib), scheme, **DEFAULTS)
+    np.testing.assert_array_equal(qa.codes, want.codes)
+
+
+# --- block replay on transformers models -------------------------------------------------------------------------
+
+def llama_model():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def bert_model():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)
+    return transformers.BertModel(cfg).eval()
+
+
+def token_batches(seed=0, n=3):
+    """Dicts of input_ids and attention_mask, some rows padded."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 100, (2, 12), generator=g)
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, 9:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def calibrate_recording(model, batches, monkeypatch, replay=True, **kw):
+    """quantize_model(method="gptq") recording each layer's Hessian, and how many times the embedding ran."""
+    import qtorch.calibrate as cal
+
+    hessians, calls = {}, []
+    real_gptq, real_plan = cal.gptq, cal._replay_plan
+
+    def recording_gptq(w, h, scheme, **options):
+        hessians[len(hessians)] = h.copy()
+        return real_gptq(w, h, scheme, **options)
+
+    def no_replay(*args):
+        raise cal._NotReplayable("switched off by the test")
+
+    monkeypatch.setattr(cal, "gptq", recording_gptq)
+    monkeypatch.setattr(cal, "_replay_plan", real_plan if replay else no_replay)
+    emb = model.get_input_embeddings()
+    handle = emb.register_forward_hook(lambda *a: calls.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = qtorch.quantize_model(model, "w4a16-g32", method="gptq", calibration=batches, **kw)
+    handle.remove()
+    monkeypatch.undo()
+    return r, hessians, len(calls)
+
+
+@pytest.mark.parametrize("build", [llama_model, bert_model], ids=["llama", "bert"])
+def test_block_replay_gives_the_hessians_of_whole_model_runs(build, monkeypatch):
+    batches = token_batches()
+    r1, replayed, runs_replay = calibrate_recording(build(), batches, monkeypatch)
+    r2, whole, runs_whole = calibrate_recording(build(), batches, monkeypatch, replay=False)
+    assert len(replayed) == len(whole) == len(r1.quantized) == len(r2.quantized) > 10
+    for i in whole:
+        np.testing.assert_allclose(replayed[i], whole[i], rtol=1e-12, atol=1e-12 * np.abs(whole[i]).max())
+    # the embedding ran once to check the replay and once per batch to capture the first block's inputs (BERT's
+    # pooler, after the stack, takes one whole-model run per batch more); whole-model runs: once per block
+    blocks = 3
+    assert runs_replay == 1 + len(batches) + (len(batches) if build is bert_model else 0)
+    assert runs_whole == len(batches) * (blocks + (build is bert_model))
+
+
+def state_bytes(model) -> bytes:
+    return b"".join(t.detach().contiguous().view(torch.uint8).numpy().tobytes()
+                    for _, t in sorted(model.state_dict().items()))
+
+
+def test_gptq_on_a_llama_gives_identical_bytes_every_time():
+    batches = token_batches(seed=1)
+    out = []
+    for _ in range(2):
+        m = llama_model()
+        qtorch.quantize_model(m, "w4a16-g32", method="gptq", calibration=batches,
+                              method_options={"sequential": True})
+        out.append(state_bytes(m))
+    assert out[0] == out[1]
