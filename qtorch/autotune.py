@@ -20,8 +20,8 @@ small JSON file shared by every process on the machine:
 
 The same dispatcher picks a weight's *layout* (:meth:`Dispatcher.choose_layout`, keyed by :class:`LayoutKey`:
 shape, scheme, compute dtype, threads): each candidate layout is timed at one row and at ``LAYOUT_ROWS[-1]`` rows,
-each at its fastest path, and the layout whose worst ratio to the fastest layout over those row counts is lowest
-wins. ``QTORCH_LAYOUT=<name>`` forces a layout where it is eligible (read here, applied by
+each at its fastest path, and the layout with the least time for a request (:data:`REQUEST_CALLS`: a 128-row
+prompt and 128 one-row decoding steps) wins. ``QTORCH_LAYOUT=<name>`` forces a layout where it is eligible (read here, applied by
 :func:`qtorch.layouts.choose`); ``QTORCH_AUTOTUNE=0`` keeps the static order. Layout decisions live in the same
 file, under keys beginning ``layout|``.
 
@@ -58,7 +58,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "COLD_ROWS", "evict_caches", "LAYOUT_TIE", "DispatchKey", "LayoutKey", "Dispatcher", "row_bucket",
+__all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "evict_caches", "LAYOUT_TIE", "DispatchKey", "LayoutKey", "Dispatcher", "row_bucket",
            "bucket_index", "cpu_info", "fingerprint", "default_cache_path", "default_dispatcher"]
 
 #: upper bounds of the row buckets; more rows than the last bound form one more bucket
@@ -72,7 +72,14 @@ LAYOUT_ROWS = (1, 128)
 #: cache, which favoured a kernel that is fast on cached weights (a 2048x2048 4-bit layer, bf16: blocked 1.5x
 #: int4pack's one-row time back to back, 1.6 ms per token more in a model than that predicted)
 COLD_ROWS = (1,)
-#: layouts whose worst ratio is within this factor of the lowest count as tied: the static order decides (a 5%
+#: calls per row count in the request a layout decision prices: a prompt of 128 tokens (one 128-row call), then
+#: 128 generated tokens (one-row calls). The worst ratio over the two row counts, the rule before, held
+#: prompt and decoding equal: AMX made the blocked layout's prompt 4-6x faster than PyTorch's int4pack kernel, and
+#: that rule then gave SmolLM2-135M's 576x1536 layers the blocked layout, whose one-row call is up to 1.4x
+#: int4pack's: w4a16 decoding fell from 2.03x to 1.43x of dense while its prompts, a small share of a request's
+#: time, got faster
+REQUEST_CALLS = {1: 128, 128: 1}
+#: layouts whose request cost is within this factor of the lowest count as tied: the static order decides (a 5%
 #: difference is below what one short timing on a shared machine resolves)
 LAYOUT_TIE = 1.05
 FILE_FORMAT = "qtorch-dispatch"
@@ -213,7 +220,8 @@ def fingerprint() -> dict:
     layouts and paths this build offers."""
     model, flags = cpu_info()
     return {"cpu": model, "flags": flags, "machine": platform.machine(), "torch": torch.__version__,
-            "qtorch": _qtorch_version(), "python": platform.python_version(), "paths": _paths_offered()}
+            "qtorch": _qtorch_version(), "python": platform.python_version(), "paths": _paths_offered(),
+            "layout_rule": {str(r): n for r, n in sorted(REQUEST_CALLS.items())}}
 
 
 def _fingerprint_id(fp: dict) -> str:
@@ -406,10 +414,11 @@ class Dispatcher:
 
         Measures at the first call for ``key`` (nothing is converted otherwise) and keeps the result, within the
         budget per row count. Rule: per row count, a layout's time is the fastest call of its fastest path; its
-        score is its worst ratio to the fastest layout over ``rows``; the lowest score wins, scores within ``tie``
-        of it going to the earliest in the static order. So no measured case is much slower than the best layout
-        could make it. The fastest call, not the median, and no path dropped after one round: other work on the
-        machine only adds time, and this decision is kept for good.
+        cost is the time of one request, :data:`REQUEST_CALLS` (a 128-row prompt, then 128 one-row decoding
+        steps; a row count it does not name counts once), and its score that cost over the cheapest layout's; the
+        lowest score wins, scores within ``tie`` of it going to the earliest in the static order. The fastest
+        call, not the median, and no path dropped after one round: other work on the machine only adds time, and
+        this decision is kept for good.
 
         >>> import time
         >>> d = Dispatcher(cache_path=False, env={})
@@ -450,8 +459,9 @@ class Dispatcher:
         if not scored:
             return names[0]
         eps = 1e-6  # ms; keeps the ratios finite for calls too fast to time
-        best = {r: min(ms[n][r] for n in scored) for r in rows}
-        score = {n: max((ms[n][r] + eps) / (best[r] + eps) for r in rows) for n in scored}
+        cost = {n: sum(REQUEST_CALLS.get(r, 1) * ms[n][r] for r in rows) + eps for n in scored}
+        cheapest = min(cost.values())
+        score = {n: cost[n] / cheapest for n in scored}
         low = min(score.values())
         pick = next(n for n in names if n in score and score[n] <= low * tie)
         self._remember(key, {"path": pick, "ms": {f"{n}@{r}": round(v, 4) for n in ms for r, v in ms[n].items()},
