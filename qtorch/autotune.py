@@ -20,8 +20,8 @@ small JSON file shared by every process on the machine:
 
 The same dispatcher picks a weight's *layout* (:meth:`Dispatcher.choose_layout`, keyed by :class:`LayoutKey`:
 shape, scheme, compute dtype, threads): each candidate layout is timed at one row and at ``LAYOUT_ROWS[-1]`` rows,
-each at its fastest path, and the layout with the least time for a request (:data:`REQUEST_CALLS`: a 128-row
-prompt and 128 one-row decoding steps) wins. ``QTORCH_LAYOUT=<name>`` forces a layout where it is eligible (read here, applied by
+each at its fastest path, and the layout with the least time for a request (:data:`REQUEST_CALLS`: a 512-token
+prompt in 128-row calls and 128 one-row decoding steps) wins. ``QTORCH_LAYOUT=<name>`` forces a layout where it is eligible (read here, applied by
 :func:`qtorch.layouts.choose`); ``QTORCH_AUTOTUNE=0`` keeps the static order. Layout decisions live in the same
 file, under keys beginning ``layout|``.
 
@@ -72,13 +72,15 @@ LAYOUT_ROWS = (1, 128)
 #: cache, which favoured a kernel that is fast on cached weights (a 2048x2048 4-bit layer, bf16: blocked 1.5x
 #: int4pack's one-row time back to back, 1.6 ms per token more in a model than that predicted)
 COLD_ROWS = (1,)
-#: calls per row count in the request a layout decision prices: a prompt of 128 tokens (one 128-row call), then
-#: 128 generated tokens (one-row calls). The worst ratio over the two row counts, the rule before, held
-#: prompt and decoding equal: AMX made the blocked layout's prompt 4-6x faster than PyTorch's int4pack kernel, and
-#: that rule then gave SmolLM2-135M's 576x1536 layers the blocked layout, whose one-row call is up to 1.4x
-#: int4pack's: w4a16 decoding fell from 2.03x to 1.43x of dense while its prompts, a small share of a request's
-#: time, got faster
-REQUEST_CALLS = {1: 128, 128: 1}
+#: calls per row count in the request a layout decision prices: a prompt of 512 tokens (four 128-row calls),
+#: then 128 generated tokens (one-row calls). The worst ratio over the two row counts, the rule before, held
+#: prompt and decoding equal: AMX made the blocked layout's prompt 3x faster than PyTorch's int4pack kernel on
+#: SmolLM2-135M's 576x1536 layers, and that rule then gave them the blocked layout, whose one-row call takes 2.4x
+#: int4pack's (0.113 against 0.047 ms, caches evicted): w4a16 decoding fell from 2.03x to 1.43x of dense. Priced as
+#: a request they keep int4pack, and 4096x4096 4-bit layers keep blocked (0.63 against 0.49 ms at one row, 4.5
+#: against 29.9 ms at 128 rows). A 128-token prompt moved the 4096-wide ones to int4pack too (0.15x of dense at 128
+#: rows)
+REQUEST_CALLS = {1: 128, 128: 4}
 #: layouts whose request cost is within this factor of the lowest count as tied: the static order decides (a 5%
 #: difference is below what one short timing on a shared machine resolves)
 LAYOUT_TIE = 1.05
@@ -414,8 +416,8 @@ class Dispatcher:
 
         Measures at the first call for ``key`` (nothing is converted otherwise) and keeps the result, within the
         budget per row count. Rule: per row count, a layout's time is the fastest call of its fastest path; its
-        cost is the time of one request, :data:`REQUEST_CALLS` (a 128-row prompt, then 128 one-row decoding
-        steps; a row count it does not name counts once), and its score that cost over the cheapest layout's; the
+        cost is the time of one request, :data:`REQUEST_CALLS` (a 512-token prompt in 128-row calls, then 128
+        one-row decoding steps; a row count it does not name counts once), and its score that cost over the cheapest layout's; the
         lowest score wins, scores within ``tie`` of it going to the earliest in the static order. The fastest
         call, not the median, and no path dropped after one round: other work on the machine only adds time, and
         this decision is kept for good.

@@ -16,7 +16,7 @@ layout        eligible (all CPU-only but ``canonical``)
 takes the first whose conversion succeeds. The order is decided on the user's machine (:func:`choose`): where two
 or more layouts besides ``canonical`` can hold a CPU weight, a throwaway copy of the weight is converted into each
 and timed on random inputs of the layer's dtype at one row (decoding) and at 128 rows (a prompt), each layout at
-its fastest path (``Layout.paths``); the layout with the least time for a request (one 128-row prompt and 128
+its fastest path (``Layout.paths``); the layout with the least time for a request (a 512-token prompt in 128-row calls and 128
 one-row decoding steps, :data:`qtorch.autotune.REQUEST_CALLS`) comes first (:meth:`qtorch.autotune.Dispatcher.choose_layout`). The decision is kept per (shape, scheme, compute
 dtype, threads) in the dispatcher's cache, for the process and on disk, so a model's layers of one shape measure
 once per machine. ``QTORCH_LAYOUT=<name>`` forces a layout wherever it is eligible (an unknown name is an error).
