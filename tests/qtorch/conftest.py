@@ -17,6 +17,16 @@ def blocked_kernels(monkeypatch):
     monkeypatch.setattr(layouts, "TORCH_PACK_KERNELS", False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_measured_dispatch_in_shared_fixtures():
+    """The same for module- and session-scoped fixtures, which are set up before any function-scoped one: a model
+    quantized in such a fixture measured its paths (and read and wrote the user's dispatch file), so a test
+    comparing it bit for bit with a model built inside the test compared two kernels."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env={"QTORCH_AUTOTUNE": "0"}))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def no_measured_dispatch(monkeypatch):
     """Every test runs the layouts' own paths, as with ``QTORCH_AUTOTUNE=0`` and no dispatch file: a measured
