@@ -35,7 +35,6 @@ imported only then.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Mapping, Optional, Union
 
 import ml_dtypes
@@ -565,15 +564,19 @@ def write_gguf(path, metadata: Mapping, tensors) -> None:
     ``metadata`` is :func:`read_metadata`'s form, with ``general.architecture``.
 
     The file is written beside ``path`` under a temporary name, fsynced and renamed when complete: an error
-    (a ``produce`` that raises, data of another size) or an interrupt leaves ``path`` as it was."""
+    (a ``produce`` that raises, data of another size) or an interrupt leaves ``path`` as it was, and what a run
+    killed mid-write left is removed by the next write of ``path``."""
     gguf = _gguf()
     if "general.architecture" not in metadata:
         raise ValueError("metadata has no 'general.architecture' (llama.cpp needs it, and the architecture's keys)")
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".gguf-", dir=os.path.dirname(os.path.abspath(path)))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.fchmod(fd, 0o666 & ~mask)  # the permissions of a file written the ordinary way, not mkstemp's 0600
+    from .checkpoint import _staged_name, recover_output
+
+    path = os.path.abspath(os.fspath(path))
+    recover_output(path)  # what runs killed while writing this file left beside it (a live run's is left alone)
+    # the checkpoint writer's staged name (owner pid and start time): a run killed mid-write leaves a file the next
+    # write of ``path`` (or ``qcore.checkpoint.recover_output``) removes
+    tmp = _staged_name(path, "tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to an ordinary file
     os.close(fd)
     w = None
     try:

@@ -218,6 +218,19 @@ def test_export_refuses_before_writing_and_leaves_the_old_file(tmp_path):
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["m.gguf"]
 
 
+def test_a_write_removes_what_a_killed_write_left_and_leaves_a_live_ones(tmp_path):
+    # a run killed mid-write leaves its staged temporary (named with its pid and start time); the next write of the
+    # same file removes it, while a live process's temporary stays
+    path = tmp_path / "m.gguf"
+    dead = tmp_path / ".m.gguf.qcore-999999999-1-abc.tmp"  # no such process
+    live = tmp_path / f".m.gguf.qcore-{os.getpid()}-0-def.tmp"
+    dead.write_bytes(b"half a file")
+    live.write_bytes(b"being written")
+    qg.export_gguf(path, {"w": qg.quantize(np.ones((2, 32), np.float32), "Q8_0")}, _metadata())
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.gguf", live.name])
+    assert gguf.GGUFReader(path).tensors[0].name == "w"
+
+
 def test_reading_needs_no_gguf_package_and_writing_says_what_is_missing(monkeypatch, tmp_path):
     import sys
     path = tmp_path / "m.gguf"

@@ -74,7 +74,7 @@ def tensors_of(path) -> dict:
 
 
 def leftovers(folder) -> list:
-    return sorted(n for n in os.listdir(folder) if n.startswith(".gguf-"))
+    return sorted(n for n in os.listdir(folder) if ".qcore-" in n and n.startswith("."))  # staged temporaries
 
 
 # ------------------------------------------------------------------------------------------------------------------
