@@ -7,8 +7,7 @@ small JSON file shared by every process on the machine:
 
 * file: ``$QTORCH_CACHE_DIR/dispatch-<fingerprint>.json`` (default ``~/.cache/qtorch``); the fingerprint hashes
   the CPU model and flags, the torch, qtorch and Python versions and the layouts and paths offered, so a file
-  never serves another machine or
-  another build. A corrupt or foreign file is ignored and rewritten. Writes hold a lock file, merge with what is
+  never serves another machine or another build. A corrupt or foreign file is ignored and rewritten. Writes hold a lock file, merge with what is
   on disk and replace the file atomically (temporary file + rename): concurrent processes lose no decision and
   never leave a half-written file.
 * a decision measured while another process had a runnable task (``/proc/loadavg``, before or after the timing)
@@ -58,8 +57,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "evict_caches", "LAYOUT_TIE", "DispatchKey", "LayoutKey", "Dispatcher", "row_bucket",
-           "bucket_index", "cpu_info", "fingerprint", "default_cache_path", "default_dispatcher"]
+__all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "evict_caches", "LAYOUT_TIE", "DispatchKey",
+           "LayoutKey", "Dispatcher", "row_bucket", "bucket_index", "cpu_info", "fingerprint", "default_cache_path", "default_dispatcher"]
 
 #: upper bounds of the row buckets; more rows than the last bound form one more bucket
 ROW_BUCKETS = (1, 4, 16, 64, 256)
@@ -210,10 +209,7 @@ def _paths_offered() -> list:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for rows in (1, 2, 300):
                 for bits in (8, 4):
-                    try:
-                        names.update(f"{lay.name}:{p}" for p in lay.paths("cpu", dtype, rows, bits))
-                    except Exception:  # a layout that cannot even list paths for this case offers none
-                        pass
+                    names.update(f"{lay.name}:{p}" for p in lay.paths("cpu", dtype, rows, bits))
     return sorted(names)
 
 
@@ -398,7 +394,11 @@ class Dispatcher:
         busy = self._busy()
         ms = self._measure(candidates)
         best = min(ms, key=ms.get)
-        self._remember(key, {"path": best, "ms": {n: round(v, 4) for n, v in ms.items()}}, busy or self._busy())
+        entry = {"path": best, "ms": {n: round(v, 4) for n, v in ms.items()}}
+        failed = [n for n in candidates if n not in ms]
+        if failed:  # raced and dropped: not a path this decision missed (else every call would measure again)
+            entry["failed"] = failed
+        self._remember(key, entry, busy or self._busy())
         return best
 
     def _measured_all(self, key: DispatchKey, candidates: Mapping) -> bool:
@@ -406,7 +406,8 @@ class Dispatcher:
         offers (a kernel added since) was never raced, so the decision is measured again."""
         entry = self._decisions.get(str(key)) or {}
         timed = entry.get("ms")
-        return not isinstance(timed, dict) or all(n in timed for n in candidates)
+        failed = entry.get("failed") or ()
+        return not isinstance(timed, dict) or all(n in timed or n in failed for n in candidates)
 
     def choose_layout(self, key: LayoutKey, candidates: Mapping[str, Callable[[], Mapping | None]],
                       rows: tuple = LAYOUT_ROWS, tie: float = LAYOUT_TIE) -> str:

@@ -302,3 +302,16 @@ def test_a_path_added_since_the_decision_is_raced_against_the_kept_one(tmp_path)
     assert dispatcher(tmp_path, clock=clock).choose(KEY, newer) == "c"
     before = dict(clock.calls)
     assert dispatcher(tmp_path, clock=clock).choose(KEY, newer) == "c" and clock.calls == before  # kept again
+
+
+def test_a_candidate_that_failed_its_race_does_not_make_every_call_measure_again(tmp_path):
+    clock = FakeClock()
+
+    def broken():
+        raise RuntimeError("not for this shape")
+
+    cands = {"a": clock.path("a", 2.0), "b": clock.path("b", 1.0), "broken": broken}
+    d = dispatcher(tmp_path, clock=clock)
+    assert d.choose(KEY, cands) == "b"
+    before = dict(clock.calls)
+    assert d.choose(KEY, cands) == "b" and clock.calls == before  # kept: nothing timed again
