@@ -26,9 +26,10 @@ file, under keys beginning ``layout|``.
 
 Bounded: a decision costs one warm-up call per candidate plus rounds of timed calls until ``budget_s`` (20 ms by
 default) is spent, ``max_rounds`` are done, or one candidate is clearly best (the others are dropped as soon as
-their fastest call is ``drop_ratio`` times slower than the leader's median). A layout decision costs the
-conversion of a throwaway copy per candidate layout, then, per row count in ``LAYOUT_ROWS``, one warm-up call per
-path and timed rounds within ``budget_s`` (one round where a call takes over ``budget_s``); nothing is dropped.
+their fastest of :data:`DROP_AFTER` or more timed calls is ``drop_ratio`` times slower than the leader's median).
+A layout decision costs the conversion of a throwaway copy per candidate layout, then, per row count in
+``LAYOUT_ROWS``, one warm-up call per path and timed rounds within ``budget_s`` (one round where a call takes over
+``budget_s``); nothing is dropped.
 
 >>> import time
 >>> d = Dispatcher(cache_path=False, env={})
@@ -57,8 +58,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "evict_caches", "LAYOUT_TIE", "DispatchKey",
-           "LayoutKey", "Dispatcher", "row_bucket", "bucket_index", "cpu_info", "fingerprint", "default_cache_path", "default_dispatcher"]
+__all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "evict_caches", "LAYOUT_TIE", "DROP_AFTER",
+           "DispatchKey", "LayoutKey", "Dispatcher", "row_bucket", "bucket_index", "cpu_info", "fingerprint",
+           "default_cache_path", "default_dispatcher"]
 
 #: upper bounds of the row buckets; more rows than the last bound form one more bucket
 ROW_BUCKETS = (1, 4, 16, 64, 256)
@@ -83,6 +85,12 @@ REQUEST_CALLS = {1: 128, 128: 4}
 #: layouts whose request cost is within this factor of the lowest count as tied: the static order decides (a 5%
 #: difference is below what one short timing on a shared machine resolves)
 LAYOUT_TIE = 1.05
+#: timed calls a candidate has made before a race may drop it: one call can be a hiccup (a preemption, a page
+#: fault), and a path dropped on it is lost for good. The AMX Xeon beside another job, MiniLM's 384x1536 layer at 104
+#: rows: amx's one timed call took 5.6 ms (0.5 ms settled), the leader's 1.5, and the layer ran 3x slower. Two, not
+#: more: beside other work a path that waits on a busy core (PyTorch's own ops: 6-20 ms a call there, 0.2 quiet)
+#: would otherwise spend the race's budget, and the others would get fewer rounds
+DROP_AFTER = 2
 FILE_FORMAT = "qtorch-dispatch"
 FILE_VERSION = 1
 
@@ -480,7 +488,8 @@ class Dispatcher:
     def _samples(self, candidates: Mapping[str, Callable[[], Any]], drop: bool = True,
                  before: Callable[[], Any] | None = None) -> dict[str, list[float]]:
         """Timed calls (seconds) per candidate that ran: warm-up, then alternating rounds within the budget
-        (``drop``: a clearly slower candidate stops being timed; ``before``: run, untimed, before every timed call)."""
+        (``drop``: a clearly slower candidate stops being timed once it made :data:`DROP_AFTER` timed calls;
+        ``before``: run, untimed, before every timed call)."""
         alive, errors = {}, []
         for name, fn in candidates.items():  # warm-up: first calls compile, allocate, fill caches
             try:
@@ -504,7 +513,8 @@ class Dispatcher:
             rounds += 1
             med = {n: statistics.median(samples[n]) for n in alive}
             lead = min(med, key=med.get)
-            for n in list(alive) if drop else ():  # clearly slower: its best call loses to the leader's typical one
+            for n in list(alive) if drop and rounds >= DROP_AFTER else ():
+                # clearly slower: its best call loses to the leader's typical one
                 if n != lead and min(samples[n]) > self.drop_ratio * med[lead]:
                     del alive[n]
             if len(alive) == 1 or rounds >= self.max_rounds or (rounds >= self.min_rounds and spent >= self.budget_s):
