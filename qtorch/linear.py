@@ -274,7 +274,11 @@ class QuantLinear(nn.Module):
         y = self._w.linear(x)
         bias = self._buffers["bias"]  # not self.bias: nn.Module.__getattr__ costs ~1.5 us per buffer
         if bias is not None:
-            y = y + bias.to(y.dtype)
+            if bias.dtype != y.dtype:  # .to() of the same dtype still costs ~1 us
+                bias = bias.to(y.dtype)
+            # y is the kernel's new tensor (Layout.linear): added in place, no second output to allocate and
+            # write (the same sums as y + bias); autograd's graph keeps the out-of-place add
+            y = y + bias if y.requires_grad else y.add_(bias)
         return y
 
     # ------------------------------------------------------------------ device / dtype moves

@@ -259,8 +259,8 @@ class QuantizedWeight:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in] @ W.T`` -> ``[..., out]`` in ``x.dtype``, by the layout's kernel (no bias)."""
         spec, lay = self.spec, self.layout
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, spec.in_features)
+        flat = x.dim() == 2 and x.shape[1] == spec.in_features  # no reshape either way: two views cost ~1.5 us
+        x2 = x if flat else x.reshape(-1, spec.in_features)
         rows = x2.shape[0]
         if lay.tuned and rows > 0 and spec.zero_point_kind == "int":  # dequant_mm takes integer zero points
             key = (x2.device.type, x2.dtype, autotune.bucket_index(rows))
@@ -270,7 +270,7 @@ class QuantizedWeight:
         else:
             path = lay.path(x2.device.type, x2.dtype, rows, spec.bits)
         y = lay.linear(self, x2, path)
-        return y.reshape(*lead, spec.out_features)
+        return y if flat else y.reshape(*x.shape[:-1], spec.out_features)
 
     def _route(self, x2: torch.Tensor, key: tuple) -> str:
         """The path for calls like ``x2`` (first call of its row bucket): the dispatcher's choice among the

@@ -111,7 +111,8 @@ class Layout:
 
     def linear(self, weight, x2: torch.Tensor, path: str) -> torch.Tensor:
         """``x2 [M, K] @ W.T`` for the ``QuantizedWeight`` ``weight`` held in this layout, by the kernel ``path``
-        (what :meth:`path` returned for this call)."""
+        (what :meth:`path` returned for this call): a new tensor, never ``x2`` nor memory the layout keeps (the
+        layer adds its bias to it in place)."""
         raise NotImplementedError
 
     # -- conversions (each layout overrides at least one of from_codes / from_canonical)

@@ -91,7 +91,7 @@ def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
 
     The body of the ``qtorch::gemm_blocked`` op; eager callers without autograd may call it directly (the
     op's dispatch costs ~0.1 ms, 10% of a 4096x4096 single-row call)."""
-    xf = x.detach().to(torch.float32).contiguous()
+    xf = _float32(x)
     qweight = qweight.contiguous()  # the kernels address arrays by shape: no copy for the layout's own buffer
     scale, zero_point = blocked_params(scale, zero_point, out_features)
     out = torch.empty((xf.shape[0], out_features), dtype=torch.float32)
@@ -100,7 +100,19 @@ def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
         gemv._gemv_tensors(xf, qweight, scale, zero_point, group_size, bits, out, x.dtype != torch.float32)
     else:
         gemm._gemm_tensors(xf, qweight, scale, zero_point, group_size, bits, out)
-    return out.to(x.dtype)
+    return _as(out, x.dtype)
+
+
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` detached, float32 and C-contiguous, itself where it already is (a no-op ``.to()`` still costs ~1 us,
+    and these run once per layer call)."""
+    if x.requires_grad:
+        x = x.detach()
+    return (x if x.dtype == torch.float32 else x.to(torch.float32)).contiguous()
+
+
+def _as(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def gemv_plan(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int, bits: int):
@@ -118,11 +130,11 @@ def gemv_plan(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
 def gemv_planned(x: torch.Tensor, plan, out_features: int) -> torch.Tensor:
     """:func:`gemm_blocked_impl` for one row ``x[1, K]`` with a layer's :func:`gemv_plan`: same kernel, same
     result, less Python per call (eager, no autograd)."""
-    xf = x.detach().to(torch.float32).contiguous()
+    xf = _float32(x)
     out = torch.empty((1, out_features), dtype=torch.float32)
     gemv.run_plan(plan, xf.numpy().reshape(-1), xf.data_ptr(), out.numpy().reshape(-1), out.data_ptr(),
                   x.dtype != torch.float32)
-    return out.to(x.dtype)
+    return _as(out, x.dtype)
 
 
 @torch.library.custom_op("qtorch::gemm_blocked", mutates_args=())
@@ -238,8 +250,9 @@ def amx_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
                                                                          torch.float16):
         return gemm_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
     scale, zero_point = blocked_params(scale, zero_point, out_features)
-    out = amx.amx_linear(x.detach(), qweight.contiguous(), scale, zero_point, group_size, bits, out_features)
-    return out.to(x.dtype)
+    out = amx.amx_linear(x.detach() if x.requires_grad else x, qweight.contiguous(), scale, zero_point, group_size,
+                         bits, out_features)
+    return _as(out, x.dtype)
 
 
 @torch.library.custom_op("qtorch::amx_blocked", mutates_args=())
