@@ -8,7 +8,7 @@ No dequantized weight is ever written: for the strips of 16 output channels of a
 (``KB`` rows at most), ``code - zp`` (an integer of magnitude <= 255, exact in bfloat16) is converted into small
 panels in the VNNI order of AMX's B operand, ``B[kp][2n + j] = code[2kp + j][n] - zp``, that stay in L1 while every
 block of 16 rows of ``x`` is multiplied by them (``tdpbf16ps``, float32 accumulation in the C tiles: 4 strips x 1
-row block per step at 16 rows, else 2 x 2). The conversion runs inside the tile loop, one step (32 rows of K)
+row block per step at 16 rows, else 2 x 2). The conversion runs inside the tile loop, two steps (of 32 rows of K)
 ahead, so the vector units convert while the tile unit multiplies: 4-bit codes by a table lookup of ``code + 16 -
 zp`` in one register (``vpermw``: no float conversion), 8-bit codes widened and converted 32 at a time
 (``vcvtne2ps2bf16``), the two rows of each pair interleaved as bytes before widening. The activations are split
@@ -60,6 +60,9 @@ __all__ = ["available", "eligible", "amx_blocked", "amx_linear"]
 
 KB = 256  # rows of K per panel at most: 16 channels x 256 rows = 8 KB of bfloat16; up to 4 strips stay in L1
 _ROWS = 16  # rows of a tile (A and C), and K pairs of a B tile
+#: steps (32 rows of K) the panel conversion runs ahead of the tile products: at one, the tile loads of the next
+#: step wait for the stores of the step just converted
+_AHEAD = 2
 #: rows of x per kernel call at most: bounds the temporary parts of x (3 x 1024 x K bfloat16 for float32) while
 #: each weight panel still serves 1024 rows
 ROW_CHUNK = 1024
@@ -331,12 +334,14 @@ def _amx_block(typingctx, xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr
                         bt = btiles[s] if btiles is not None else btile(s)
                         new[(r, s)] = builder.call(dp, [rows, cols, cols, new[(r, s)], a, bt])
             nxt = builder.add(kk, c64(32))
-            # the unit's panels of the next step, while the tile unit multiplies this one
-            more = builder.and_(builder.icmp_signed("!=", conv, c64(0)), builder.icmp_signed("<", nxt, nk))
+            # the unit's panels of the step after the next, while the tile unit multiplies this one (the next
+            # one's stores have had a whole step to reach L1, where the tile loads read them)
+            ahead = builder.add(kk, c64(32 * _AHEAD))
+            more = builder.and_(builder.icmp_signed("!=", conv, c64(0)), builder.icmp_signed("<", ahead, nk))
             with builder.if_then(more):
-                zoff = builder.add(builder.mul(builder.sdiv(builder.add(kblock, nxt), gsize), zstride), zcol)
+                zoff = builder.add(builder.mul(builder.sdiv(builder.add(kblock, ahead), gsize), zstride), zcol)
                 _emit_steps(builder, wa, signed, ba.data, cola.data, zpa.data, wbase, zoff, unit_strips, bstride,
-                            nxt, c64(16), pf, cm)
+                            ahead, c64(16), pf, cm)
             latch = builder.block
             builder.branch(head)
             kk.add_incoming(nxt, latch)
@@ -533,7 +538,9 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma
                 first = 1 if k == g0 * gsize else 0
                 last = 1 if k + nk == gend else 0
             # the first step's panels here; each step converts the next one while the tiles multiply
-            _steps(wb, buf, cols, zf, (t * K + k) * W, g0 * zstride + t * NT, S, bstride, 0, 16, nk * W, cmode)
+            for a in range(min(_AHEAD, nk // 32)):
+                _steps(wb, buf, cols, zf, (t * K + k) * W, ((k + 32 * a) // gsize) * zstride + t * NT, S, bstride,
+                       32 * a, 16, nk * W, cmode)
             for sp in range(0, S, wide):
                 ns = min(wide, S - sp)
                 m0 = 0
