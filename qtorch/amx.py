@@ -251,9 +251,10 @@ def _amx_block(typingctx, xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr
     kept in tile registers.
 
     ``q``: the int64 scalars ``(abase, rbs, pstride, nk, gl, boff, bstride, coff, ldc, first, last, aoff, ldacc,
-    soff, c0, sld, conv, wbase, nstrips, pf, k, gsize, zstride, zcol)``. A: bfloat16 bits ``xp`` (int16) in 1 KB
-    tiles (:func:`split_rows`), part ``p``, row block ``r``, column ``kk`` at element ``abase + p pstride + r rbs +
-    16 kk``; B: the panel ``buf`` (int16) of strip ``s`` at ``boff + s bstride``, 32 elements per pair of K rows. A
+    soff, c0, sld, conv, wbase, nstrips, pf, k, gsize, zstride, zcol, akmul, astride)``. A: bfloat16 bits ``xp``
+    (int16) in 1 KB tiles (:func:`split_rows`; ``akmul`` 16, ``astride`` 64 bytes) or x itself (``akmul`` 1,
+    ``astride`` 2 K bytes), part ``p``, row block ``r``, column ``kk`` at element ``abase + p pstride + r rbs +
+    akmul kk``; B: the panel ``buf`` (int16) of strip ``s`` at ``boff + s bstride``, 32 elements per pair of K rows. A
     run starts from zero where ``first`` (else from the partial sums in ``cb``, float32 at ``coff + 16 r ldc + 16
     s``) and ends in ``cb``; where ``last`` (the run ends its group, ``j``-th run) the sums are then scaled into
     ``acc`` (float32, row stride ``ldacc``, strip ``s`` at ``aoff + 16 s``): ``acc += C * scale``, the scale of
@@ -265,7 +266,7 @@ def _amx_block(typingctx, xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr
     """
     if not all(isinstance(v, types.IntegerLiteral) for v in (ns, nr, parts, cmode)):
         return None
-    if not (isinstance(q, types.UniTuple) and q.count == 24 and q.dtype == types.int64):
+    if not (isinstance(q, types.UniTuple) and q.count == 26 and q.dtype == types.int64):
         return None
     nstrips, nrows, nparts, cm = ns.literal_value, nr.literal_value, parts.literal_value, cmode.literal_value
     signed = wb.dtype == types.int8
@@ -274,7 +275,7 @@ def _amx_block(typingctx, xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr
         xa, wa, ba, ca, aa, sa, zpa, cola, za = (context.make_array(sig.args[i])(context, builder, args[i])
                                                  for i in range(9))
         (abase, rbs, pstride, nk, gl, boff, bstride, coff, ldc, first, last, aoff, ldacc, soff, c0, sld, conv, wbase,
-         unit_strips, pf, kblock, gsize, zstride, zcol) = cgutils.unpack_tuple(builder, args[9], 24)
+         unit_strips, pf, kblock, gsize, zstride, zcol, akmul, astride) = cgutils.unpack_tuple(builder, args[9], 26)
         i8p = I8.as_pointer()
         load = _amx_fn(builder, "llvm.x86.tileloadd64.internal", AMX_TILE, [I16, I16, i8p, I64])
         store = _amx_fn(builder, "llvm.x86.tilestored64.internal", ir.VoidType(), [I16, I16, i8p, I64, AMX_TILE])
@@ -328,8 +329,8 @@ def _amx_block(typingctx, xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr
             for p in range(nparts):
                 for r in range(nrows):
                     off = builder.add(builder.add(abase, builder.mul(c64(p), pstride)),
-                                      builder.add(builder.mul(c64(r), rbs), builder.mul(kk, c64(16))))
-                    a = builder.call(load, [rows, cols, builder.bitcast(builder.gep(xa.data, [off]), i8p), c64(64)])
+                                      builder.add(builder.mul(c64(r), rbs), builder.mul(kk, akmul)))
+                    a = builder.call(load, [rows, cols, builder.bitcast(builder.gep(xa.data, [off]), i8p), astride])
                     for s in range(nstrips):
                         bt = btiles[s] if btiles is not None else btile(s)
                         new[(r, s)] = builder.call(dp, [rows, cols, cols, new[(r, s)], a, bt])
@@ -486,9 +487,10 @@ def _unit_shape(W, bits):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma: no cover - compiled
+def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, out, u0, u1):  # pragma: no cover - compiled
     # work unit u: the S strips of 16 output channels whose codes lie in one byte range of a tile row, all rows.
-    # zp: [G, N] zero points, or one row of them for every group (4-bit symmetric: 8), or none (8-bit symmetric)
+    # zp: [G, N] zero points, or one row of them for every group (4-bit symmetric: 8), or none (8-bit symmetric).
+    # direct: xp holds x itself ([1, M / 16, 16 K], bfloat16 bits), its rows read as A tiles 2 K bytes apart
     _, blocks, rbs = xp.shape
     Mp = blocks * 16
     T, K, W = wb.shape
@@ -514,6 +516,7 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma
     whole = gsize <= KB  # blocks of whole groups (else: blocks inside one group)
     # strips per AMX block: at 16 rows one tile of A serves four strips (more C tiles in flight); else 2 x 2
     wide = 4 if parts == 1 and Mp == 16 else 2
+    akmul, astride = (1, 2 * K) if direct else (16, 64)
     for u in range(u0, u1):
         t = u // per_tile
         b0 = (u % per_tile) * nb  # the unit's first byte of a tile row
@@ -549,9 +552,10 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma
                     conv = 1 if sp == 0 and m0 == 0 else 0
                     # whole runs keep no partial sums between calls: their C tiles pass through the first rows
                     # of cb (they stay in L1)
-                    q = (m0 * K + 16 * k, rbs, pstride, nk, gl, sp * bstride, bstride,
+                    q = (m0 * K + akmul * k, rbs, pstride, nk, gl, sp * bstride, bstride,
                          (0 if whole else m0 * cw) + 16 * sp, cw, first, last, m0 * cw + 16 * sp, cw,
-                         g0 * N + t * NT, sp, N, conv, (t * K + k) * W, S, nk * W, k, gsize, zstride, t * NT)
+                         g0 * N + t * NT, sp, N, conv, (t * K + k) * W, S, nk * W, k, gsize, zstride, t * NT, akmul,
+                         astride)
                     _block(xf, wb, buf, cf, af, sf, zf, cols, zero, q, ns, nr, parts, cmode)
                     m0 += 16 * nr
             k += nk
@@ -565,21 +569,22 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma
 
 
 #: the team kernel's operands (its chunks are the work units); wb's dtype is the kernel's own
+#: ``flags``: bits | direct << 8 (a block holds at most 13 operands)
 OPERANDS = _omp.Operands("amx", parts=_omp.I64, M=_omp.I64, T=_omp.I64, K=_omp.I64, W=_omp.I64,
-                         gsize=_omp.I64, bits=_omp.I64, zp_rows=_omp.I64, x=_omp.ADDR, wb=_omp.ADDR,
+                         gsize=_omp.I64, flags=_omp.I64, zp_rows=_omp.I64, x=_omp.ADDR, wb=_omp.ADDR,
                          scale=_omp.ADDR, zp=_omp.ADDR, out=_omp.ADDR)
 _read = OPERANDS.read
 
 
 @njit(inline="always")
 def _amx_chunk(o, i, u0, u1, wdt, _y):  # pragma: no cover - compiled; units u0..u1 on a thread of torch's team
-    M, T, K, W, G, bits = o.M, o.T, o.K, o.W, o.K // o.gsize, o.bits
+    M, T, K, W, G, bits = o.M, o.T, o.K, o.W, o.K // o.gsize, o.flags & 255
     NT = W * 2 if bits == 4 else W
     Mp = (M + 15) // 16 * 16
     zrows = o.zp_rows
     _amx_units(carray(o.x, (o.parts, Mp // 16, 16 * K), np.int16), o.parts, M, carray(o.wb, (T, K, W), wdt),
                carray(o.scale, (G, T * NT), np.float32), carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8),
-               o.gsize, bits, carray(o.out, (M, T * NT), np.float32), u0, u1)
+               o.gsize, bits, o.flags >> 8, carray(o.out, (M, T * NT), np.float32), u0, u1)
     return 0
 
 
@@ -737,11 +742,17 @@ def amx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
     wb, sc, zp = qweight.numpy(), scale.numpy(), zero_point.numpy()
     for r0 in range(0, M, ROW_CHUNK):
         r1 = min(M, r0 + ROW_CHUNK)
-        _run(split_rows(x[r0:r1]), wb, sc, zp, group_size, bits, out[r0:r1].numpy())
+        xs = x[r0:r1]
+        if xs.dtype == torch.bfloat16 and (r1 - r0) % _ROWS == 0 and xs.is_contiguous():
+            # bfloat16 rows in whole tiles need no split: the A tiles are read from x, a row 2 K bytes apart
+            _run(xs.reshape(1, (r1 - r0) // _ROWS, _ROWS * xs.shape[1]), wb, sc, zp, group_size, bits,
+                 out[r0:r1].numpy(), direct=1)
+        else:
+            _run(split_rows(xs), wb, sc, zp, group_size, bits, out[r0:r1].numpy())
     return out
 
 
-def _run(xp: torch.Tensor, wb, scale, zp, gsize, bits, out) -> None:
+def _run(xp: torch.Tensor, wb, scale, zp, gsize, bits, out, direct: int = 0) -> None:
     if not (_AVAILABLE or available()):  # a tile instruction without the tile state is SIGILL, not an error
         raise RuntimeError("this process cannot use AMX tiles (no AMX-BF16 CPU, or Linux refused the tile state)")
     P = xp.shape[0]
@@ -753,12 +764,12 @@ def _run(xp: torch.Tensor, wb, scale, zp, gsize, bits, out) -> None:
         zp = _eights(out.shape[1])
     units = _units(T, W, bits)
     xi = xp.view(torch.int16).numpy()
-    block = _omp.new_block(units, units, OPERANDS.pack(parts=P, M=M, T=T, K=K, W=W, gsize=gsize, bits=bits,
-                                                       zp_rows=zp.shape[0], x=xi.ctypes.data, wb=wb.ctypes.data,
+    block = _omp.new_block(units, units, OPERANDS.pack(parts=P, M=M, T=T, K=K, W=W, gsize=gsize,
+                                                       flags=bits | direct << 8, zp_rows=zp.shape[0], x=xi.ctypes.data, wb=wb.ctypes.data,
                                                        scale=scale.ctypes.data, zp=zp.ctypes.data,
                                                        out=out.ctypes.data))
-    _omp.run(units, _TEAM_KERNELS[wb.dtype == np.int8], block, _amx_units, (xi, P, M, wb, scale, zp, gsize, bits, out),
-             units, 1, nchunks=units)
+    _omp.run(units, _TEAM_KERNELS[wb.dtype == np.int8], block, _amx_units,
+             (xi, P, M, wb, scale, zp, gsize, bits, direct, out), units, 1, nchunks=units)
 
 
 @functools.lru_cache(maxsize=16)
