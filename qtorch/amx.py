@@ -16,7 +16,10 @@ exactly into bfloat16 parts, ``x = x_1 + x_2 + x_3`` (float32: three, each the b
 float16: two; bfloat16: one): a product of two bfloat16 values is exact in float32, so all parts accumulate into
 the same C tile and the result has float32 accuracy (AMX reads bfloat16 subnormals as zero: a float32 whose last
 part falls below 2^-126 loses that part). At the end of each group the C tiles are scaled into a float32
-accumulator of the work unit (one fused multiply-add a row), copied into the output at its end.
+accumulator of the work unit (one fused multiply-add a row), copied into the output at its end. bfloat16 calls of
+32 rows or more on layers with several groups convert the dequantized weight instead, ``bfloat16((code - zp) *
+scale)`` (the weight F.linear multiplies in bfloat16), and accumulate all of K before one store
+(:func:`dequantizes`); bfloat16 rows in whole tiles are read as A tiles from x itself.
 
 Eligible (:func:`eligible`) where K % 32 == 0 and each group holds a multiple of 32 rows of K, and the process
 may use AMX (:func:`available`: numba compiles for a CPU with ``amx-tile`` and ``amx-bf16``, and Linux granted
@@ -63,6 +66,8 @@ _ROWS = 16  # rows of a tile (A and C), and K pairs of a B tile
 #: steps (32 rows of K) the panel conversion runs ahead of the tile products: at one, the tile loads of the next
 #: step wait for the stores of the step just converted
 _AHEAD = 2
+#: bfloat16 calls of this many rows and more, of layers with several groups, multiply dequantized panels
+_DEQ_ROWS = 32
 #: rows of x per kernel call at most: bounds the temporary parts of x (3 x 1024 x K bfloat16 for float32) while
 #: each weight panel still serves 1024 rows
 ROW_CHUNK = 1024
@@ -134,7 +139,22 @@ def _pairs_of(builder, z, first, n, width):
 _DIFF_BF16 = [int(np.array([i - 16], np.float32).view(np.uint32)[0] >> 16) for i in range(32)]
 
 
-def _emit_pair(builder, r0, r1, dst, dst_hi, mode, signed, zlo, zhi):
+def _to_bf16x32(builder, h0, h1):
+    """``<32 x i16>``: bfloat16 bits of two ``<16 x float>`` (``h0`` the low half), rounded to nearest even."""
+    v16f, v16i = vec(F32, 16), vec(I32, 16)
+    if _CVT:  # one vcvtne2ps2bf16 (its second operand fills the low half)
+        fn = _amx_fn(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", vec(BF16, 32), [v16f, v16f])
+        return builder.bitcast(builder.call(fn, [h1, h0]), vec(I16, 32))
+    halves = []
+    for f in (h0, h1):
+        u = builder.bitcast(f, v16i)
+        odd = builder.and_(builder.lshr(u, ir.Constant(v16i, [16] * 16)), ir.Constant(v16i, [1] * 16))
+        u = builder.add(builder.add(u, ir.Constant(v16i, [0x7FFF] * 16)), odd)
+        halves.append(builder.trunc(builder.lshr(u, ir.Constant(v16i, [16] * 16)), vec(I16, 16)))
+    return builder.shuffle_vector(halves[0], halves[1], ir.Constant(vec(I32, 32), list(range(32))))
+
+
+def _emit_pair(builder, r0, r1, dst, dst_hi, mode, signed, zlo, zhi, scales=None):
     """IR: one pair of rows of K (``r0``, ``r1``: i8 pointers to a strip's codes) as 32 bfloat16 ``code - zp`` in
     VNNI order (``B[2 n + j]`` = row ``j``, channel ``n``) at ``dst`` (i16 pointer).
 
@@ -142,7 +162,8 @@ def _emit_pair(builder, r0, r1, dst, dst_hi, mode, signed, zlo, zhi):
     ``<16 x i32>`` pairs); 3: 16 bytes a row, low nibbles to ``dst`` and high nibbles to ``dst_hi`` (``zlo`` /
     ``zhi``: ``16 - zp`` as ``<32 x i16>`` pairs); 2: 8 bytes a row, low nibbles channels 0-7 and high nibbles 8-15
     (``zlo``: ``16 - zp`` of channels 0-15 as pairs). Every value is an integer of at most 9 bits: exact in
-    bfloat16.
+    bfloat16. ``scales``: per output, the scales of its channels 0-7 and 8-15 as ``<16 x float>`` pairs: the panel
+    then holds ``bfloat16((code - zp) * scale)``, the dequantized weight as a bfloat16 matmul reads it.
     """
     nb = 8 if mode == 2 else 16
     vb, v32s = vec(I8, nb), vec(I16, 32)
@@ -158,14 +179,9 @@ def _emit_pair(builder, r0, r1, dst, dst_hi, mode, signed, zlo, zhi):
             if mode == 9:
                 wide = builder.sub(wide, z)
             halves.append(builder.sitofp(wide, v16f))
-        if _CVT:  # both halves in one vcvtne2ps2bf16 (its second operand fills the low half)
-            fn = _amx_fn(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", vec(BF16, 32), [v16f, v16f])
-            pair = builder.bitcast(builder.call(fn, [halves[1], halves[0]]), v32s)
-        else:  # the float32 bits end in 16 zeros: the upper half is the bfloat16
-            lo, hi = (builder.trunc(builder.lshr(builder.bitcast(f, v16i), ir.Constant(v16i, [16] * 16)),
-                                    vec(I16, 16)) for f in halves)
-            pair = builder.shuffle_vector(lo, hi, ir.Constant(vec(I32, 32), list(range(32))))
-        builder.store(pair, builder.bitcast(dst, v32s.as_pointer()), align=2)
+        if scales is not None:
+            halves = [builder.fmul(h, sv) for h, sv in zip(halves, scales[0])]
+        builder.store(_to_bf16x32(builder, *halves), builder.bitcast(dst, v32s.as_pointer()), align=2)
         return
     inter = ir.Constant(vec(I32, 2 * nb), [i // 2 + (nb if i % 2 else 0) for i in range(2 * nb)])
     vw = vec(I16, 2 * nb)
@@ -175,8 +191,14 @@ def _emit_pair(builder, r0, r1, dst, dst_hi, mode, signed, zlo, zhi):
     if mode == 2:
         lo = builder.shuffle_vector(lo, hi, ir.Constant(vec(I32, 32), list(range(32))))
     outs = [(builder.add(lo, zlo), dst)] + ([(builder.add(hi, zhi), dst_hi)] if mode == 3 else [])
-    for idx, ptr in outs:  # idx = code + 16 - zp, in 1..31
-        if _BW:  # a table lookup in one register (vpermw): no conversion
+    for o, (idx, ptr) in enumerate(outs):  # idx = code + 16 - zp, in 1..31
+        if scales is not None:
+            v32i = vec(I32, 32)
+            f = builder.sitofp(builder.sub(builder.zext(idx, v32i), ir.Constant(v32i, [16] * 32)), vec(F32, 32))
+            h0, h1 = (builder.fmul(builder.shuffle_vector(f, f, ir.Constant(vec(I32, 16), list(range(h, h + 16)))),
+                                   sv) for h, sv in zip((0, 16), scales[o]))
+            val = _to_bf16x32(builder, h0, h1)
+        elif _BW:  # a table lookup in one register (vpermw): no conversion
             fn = _amx_fn(builder, "llvm.x86.avx512.permvar.hi.512", v32s, [v32s, v32s])
             val = builder.call(fn, [ir.Constant(v32s, _DIFF_BF16), idx])
         else:
@@ -186,12 +208,14 @@ def _emit_pair(builder, r0, r1, dst, dst_hi, mode, signed, zlo, zhi):
         builder.store(val, builder.bitcast(ptr, v32s.as_pointer()), align=2)
 
 
-def _emit_steps(builder, w, signed, bdata, coldata, zdata, base, zoff, nstrips, bstride, kk0, npairs, pf, mode):
+def _emit_steps(builder, w, signed, bdata, coldata, zdata, base, zoff, nstrips, bstride, kk0, npairs, pf, mode,
+                sdata=None, soff=None):
     """IR: the panels of pairs ``kk0 / 2`` .. ``kk0 / 2 + npairs`` of a block for every strip of a unit (codes from
     element ``base`` of ``wb``, the block's first row of the unit's tile; strip ``i`` at column ``cols[i]``, its
     panel at ``i bstride``; its zero points at ``zp[zoff + cols[i]]``, uint8), see :func:`_emit_pair`. The first
     strip's rows also prefetch ``pf`` bytes further on (the next block's lines: memory streams while this block
-    converts and multiplies)."""
+    converts and multiplies). With ``sdata``: dequantized panels (:func:`_emit_pair`), the scales at
+    ``scale[soff + cols[i]]``."""
     c64 = functools.partial(ir.Constant, I64)
     _, _, width = cgutils.unpack_tuple(builder, w.shape, 3)
     reads = builder.sdiv(nstrips, c64(2)) if mode == 3 else (c64(1) if mode == 2 else nstrips)
@@ -215,6 +239,17 @@ def _emit_steps(builder, w, signed, bdata, coldata, zdata, base, zoff, nstrips, 
                 zh = builder.load(builder.bitcast(builder.gep(zp, [width]), vec(I8, 16).as_pointer()), align=1)
                 zlo = builder.sub(sixteen, _pairs_of(builder, z, 0, 16, I16))
                 zhi = builder.sub(sixteen, _pairs_of(builder, zh, 0, 16, I16))
+        scales = None
+        if sdata is not None:
+            v16f = vec(F32, 16)
+            sp = builder.gep(sdata, [builder.add(soff, col)])
+            pairs = [ir.Constant(vec(I32, 16), [h + i // 2 for i in range(16)]) for h in (0, 8)]
+
+            def strip_scales(ptr):
+                sv = builder.load(builder.bitcast(ptr, v16f.as_pointer()), align=4)
+                return [builder.shuffle_vector(sv, sv, idx) for idx in pairs]
+
+            scales = [strip_scales(sp)] + ([strip_scales(builder.gep(sp, [width]))] if mode == 3 else [])
         with cgutils.for_range(builder, npairs) as loop:
             p = loop.index
             r0 = builder.gep(src, [builder.mul(builder.mul(p, c64(2)), width)])
@@ -222,30 +257,33 @@ def _emit_steps(builder, w, signed, bdata, coldata, zdata, base, zoff, nstrips, 
             for r in (r0, r1):  # a prefetch never faults: past the end of the codes is harmless
                 _prefetch(builder, builder.gep(r, [pfi]))
             at = builder.mul(p, c64(32))
-            _emit_pair(builder, r0, r1, builder.gep(dst, [at]), builder.gep(dhi, [at]), mode, signed, zlo, zhi)
+            _emit_pair(builder, r0, r1, builder.gep(dst, [at]), builder.gep(dhi, [at]), mode, signed, zlo, zhi,
+                       scales)
 
 
 @intrinsic
-def _panel_steps(typingctx, wb, buf, cols, zp, base, zoff, nstrips, bstride, kk0, npairs, pf, mode):
-    """:func:`_emit_steps` as a call: ``npairs`` pairs of rows from row ``kk0`` of the block, every strip."""
-    if not isinstance(mode, types.IntegerLiteral):
+def _panel_steps(typingctx, wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, mode, deq):
+    """:func:`_emit_steps` as a call: ``npairs`` pairs of rows from row ``kk0`` of the block, every strip
+    (``deq``, literal: dequantized panels, the scales at ``scale[soff + cols[i]]``)."""
+    if not (isinstance(mode, types.IntegerLiteral) and isinstance(deq, types.IntegerLiteral)):
         return None
-    m = mode.literal_value
+    m, dq = mode.literal_value, deq.literal_value
     signed = wb.dtype == types.int8
 
     def codegen(context, builder, sig, args):
-        w, ba, ca, za = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(4))
-        base, zoff, nstrips, bstride, kk0, npairs, pf = (context.cast(builder, args[i], sig.args[i], types.int64)
-                                                         for i in range(4, 11))
+        w, ba, ca, za, sa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(5))
+        base, zoff, soff, nstrips, bstride, kk0, npairs, pf = (
+            context.cast(builder, args[i], sig.args[i], types.int64) for i in range(5, 13))
         _emit_steps(builder, w, signed, ba.data, ca.data, za.data, base, zoff, nstrips, bstride, kk0, npairs, pf,
-                    m)
+                    m, sa.data if dq else None, soff)
         return context.get_dummy_value()
 
-    return types.void(wb, buf, cols, zp, base, zoff, nstrips, bstride, kk0, npairs, pf, mode), codegen
+    return (types.void(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, mode, deq),
+            codegen)
 
 
 @intrinsic
-def _amx_block(typingctx, xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr, parts, cmode):
+def _amx_block(typingctx, xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr, parts, cmode, deq):
     """The rows ``nr`` x 16 and channels ``ns`` x 16 (literals: 4 x 1 or at most 2 x 2) of ``x @ B`` over ``nk``
     rows of K (a multiple of 32), in runs of ``gl`` rows (``nk`` itself, or one group), each run's float32 C tiles
     kept in tile registers.
@@ -262,10 +300,13 @@ def _amx_block(typingctx, xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr
 
     Where ``conv``, each step also converts the next step's panels of the unit's ``nstrips`` strips while the tile
     unit multiplies (:func:`_emit_steps` in ``cmode``, a literal; codes from ``wbase``, block row ``k``, zero
-    points of group ``(k + kk) // gsize`` at ``zp[group * zstride + zcol + cols[i]]``).
+    points of group ``(k + kk) // gsize`` at ``zp[group * zstride + zcol + cols[i]]``). ``deq`` (literal): the
+    panels are dequantized (scales of that group at ``scale[group * sld + zcol + cols[i]]``) and the sums are added
+    to ``acc`` unscaled.
     """
-    if not all(isinstance(v, types.IntegerLiteral) for v in (ns, nr, parts, cmode)):
+    if not all(isinstance(v, types.IntegerLiteral) for v in (ns, nr, parts, cmode, deq)):
         return None
+    dq = deq.literal_value
     if not (isinstance(q, types.UniTuple) and q.count == 26 and q.dtype == types.int64):
         return None
     nstrips, nrows, nparts, cm = ns.literal_value, nr.literal_value, parts.literal_value, cmode.literal_value
@@ -340,9 +381,11 @@ def _amx_block(typingctx, xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr
             ahead = builder.add(kk, c64(32 * _AHEAD))
             more = builder.and_(builder.icmp_signed("!=", conv, c64(0)), builder.icmp_signed("<", ahead, nk))
             with builder.if_then(more):
-                zoff = builder.add(builder.mul(builder.sdiv(builder.add(kblock, ahead), gsize), zstride), zcol)
+                group = builder.sdiv(builder.add(kblock, ahead), gsize)
+                zoff = builder.add(builder.mul(group, zstride), zcol)
                 _emit_steps(builder, wa, signed, ba.data, cola.data, zpa.data, wbase, zoff, unit_strips, bstride,
-                            ahead, c64(16), pf, cm)
+                            ahead, c64(16), pf, cm, sa.data if dq else None,
+                            builder.add(builder.mul(group, sld), zcol))
             latch = builder.block
             builder.branch(head)
             kk.add_incoming(nxt, latch)
@@ -365,112 +408,177 @@ def _amx_block(typingctx, xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr
                                                                    builder.mul(c64(row), ldacc))])
                             cv = builder.load(builder.bitcast(cp, v16f.as_pointer()), align=4)
                             ap = builder.bitcast(ap, v16f.as_pointer())
-                            builder.store(builder.call(fma, [cv, sc, builder.load(ap, align=4)]), ap, align=4)
+                            av = builder.load(ap, align=4)
+                            builder.store(builder.fadd(av, cv) if dq else builder.call(fma, [cv, sc, av]), ap,
+                                          align=4)
         return context.get_dummy_value()
 
-    return types.void(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr, parts, cmode), codegen
+    return types.void(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr, parts, cmode, deq), codegen
 
 
 @njit(inline="always")
-def _block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr, parts, cmode):  # pragma: no cover - compiled
-    # literal dispatch: parts x strips x row blocks x conversion mode; two or three parts take one row block (nr =
-    # 1): 7.0 against 9.0 ns per tdpbf16ps for 2 x 2 tiles (three parts, one thread, operands in cache)
+def _block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr, parts, cmode,
+           deq):  # pragma: no cover - compiled
+    # literal dispatch: parts x strips x row blocks x conversion mode (x dequantized panels, one part only); two or
+    # three parts take one row block (nr = 1): 7.0 against 9.0 ns per tdpbf16ps for 2 x 2 tiles (three parts, one
+    # thread, operands in cache)
     if parts == 3:
         if ns == 2 and nr == 1:
             if cmode == 8:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 3, 8)
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 3, 8, 0)
             elif cmode == 9:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 3, 9)
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 3, 9, 0)
             elif cmode == 3:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 3, 3)
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 3, 3, 0)
             else:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 3, 2)
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 3, 2, 0)
         else:
             if cmode == 8:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 3, 8)
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 3, 8, 0)
             elif cmode == 9:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 3, 9)
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 3, 9, 0)
             elif cmode == 3:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 3, 3)
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 3, 3, 0)
             else:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 3, 2)
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 3, 2, 0)
     elif parts == 2:
         if ns == 2 and nr == 1:
             if cmode == 8:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 2, 8)
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 2, 8, 0)
             elif cmode == 9:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 2, 9)
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 2, 9, 0)
             elif cmode == 3:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 2, 3)
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 2, 3, 0)
             else:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 2, 2)
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 2, 2, 0)
         else:
             if cmode == 8:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 2, 8)
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 2, 8, 0)
             elif cmode == 9:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 2, 9)
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 2, 9, 0)
             elif cmode == 3:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 2, 3)
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 2, 3, 0)
             else:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 2, 2)
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 2, 2, 0)
     else:
         if ns == 4 and nr == 1:
-            if cmode == 8:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 8)
-            elif cmode == 9:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 9)
-            elif cmode == 3:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 3)
+            if deq:
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 8, 1)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 9, 1)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 3, 1)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 2, 1)
             else:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 2)
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 8, 0)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 9, 0)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 3, 0)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 2, 0)
         elif ns == 2 and nr == 2:
-            if cmode == 8:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 8)
-            elif cmode == 9:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 9)
-            elif cmode == 3:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 3)
+            if deq:
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 8, 1)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 9, 1)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 3, 1)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 2, 1)
             else:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 2)
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 8, 0)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 9, 0)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 3, 0)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 2, 0)
         elif ns == 2 and nr == 1:
-            if cmode == 8:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 8)
-            elif cmode == 9:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 9)
-            elif cmode == 3:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 3)
+            if deq:
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 8, 1)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 9, 1)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 3, 1)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 2, 1)
             else:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 2)
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 8, 0)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 9, 0)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 3, 0)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 2, 0)
         elif ns == 1 and nr == 2:
-            if cmode == 8:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 8)
-            elif cmode == 9:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 9)
-            elif cmode == 3:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 3)
+            if deq:
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 8, 1)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 9, 1)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 3, 1)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 2, 1)
             else:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 2)
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 8, 0)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 9, 0)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 3, 0)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 2, 0)
         else:
-            if cmode == 8:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 8)
-            elif cmode == 9:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 9)
-            elif cmode == 3:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 3)
+            if deq:
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 8, 1)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 9, 1)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 3, 1)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 2, 1)
             else:
-                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 2)
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 8, 0)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 9, 0)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 3, 0)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 2, 0)
 
 
 @njit(inline="always")
-def _steps(wb, buf, cols, zp, base, zoff, nstrips, bstride, kk0, npairs, pf, cmode):  # pragma: no cover - compiled
-    if cmode == 8:
-        _panel_steps(wb, buf, cols, zp, base, zoff, nstrips, bstride, kk0, npairs, pf, 8)
-    elif cmode == 9:
-        _panel_steps(wb, buf, cols, zp, base, zoff, nstrips, bstride, kk0, npairs, pf, 9)
-    elif cmode == 3:
-        _panel_steps(wb, buf, cols, zp, base, zoff, nstrips, bstride, kk0, npairs, pf, 3)
+def _steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, cmode,
+           deq):  # pragma: no cover - compiled
+    if deq:
+        if cmode == 8:
+            _panel_steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, 8, 1)
+        elif cmode == 9:
+            _panel_steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, 9, 1)
+        elif cmode == 3:
+            _panel_steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, 3, 1)
+        else:
+            _panel_steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, 2, 1)
     else:
-        _panel_steps(wb, buf, cols, zp, base, zoff, nstrips, bstride, kk0, npairs, pf, 2)
+        if cmode == 8:
+            _panel_steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, 8, 0)
+        elif cmode == 9:
+            _panel_steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, 9, 0)
+        elif cmode == 3:
+            _panel_steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, 3, 0)
+        else:
+            _panel_steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, 2, 0)
 
 
 @njit(inline="always")
@@ -487,10 +595,11 @@ def _unit_shape(W, bits):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, out, u0, u1):  # pragma: no cover - compiled
+def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, deq, out, u0, u1):  # pragma: no cover - compiled
     # work unit u: the S strips of 16 output channels whose codes lie in one byte range of a tile row, all rows.
     # zp: [G, N] zero points, or one row of them for every group (4-bit symmetric: 8), or none (8-bit symmetric).
-    # direct: xp holds x itself ([1, M / 16, 16 K], bfloat16 bits), its rows read as A tiles 2 K bytes apart
+    # direct: xp holds x itself ([1, M / 16, 16 K], bfloat16 bits), its rows read as A tiles 2 K bytes apart.
+    # deq (one part only): dequantized panels, all of K one accumulation (:func:`dequantizes`)
     _, blocks, rbs = xp.shape
     Mp = blocks * 16
     T, K, W = wb.shape
@@ -513,7 +622,8 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, out, u0, u1):  
     zstride = N if zp.shape[0] > 1 else 0
     cmode = (9 if zp.shape[0] else 8) if bits == 8 else (2 if W == 8 else 3)
     pstride = blocks * rbs
-    whole = gsize <= KB  # blocks of whole groups (else: blocks inside one group)
+    gacc = K if deq else gsize  # rows of K accumulated in float32 before a scaling
+    whole = gacc <= KB  # blocks of whole groups (else: blocks inside one group)
     # strips per AMX block: at 16 rows one tile of A serves four strips (more C tiles in flight); else 2 x 2
     wide = 4 if parts == 1 and Mp == 16 else 2
     akmul, astride = (1, 2 * K) if direct else (16, 64)
@@ -528,22 +638,23 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, out, u0, u1):  
         acc[:] = 0
         k = 0
         while k < K:
-            g0 = k // gsize
+            g0 = k // gacc
             if whole:
-                nk = min((KB // gsize) * gsize, K - k)
-                gl = gsize
+                nk = min((KB // gacc) * gacc, K - k)
+                gl = gacc
                 first = 1
                 last = 1
             else:
-                gend = (g0 + 1) * gsize
+                gend = (g0 + 1) * gacc
                 nk = min(KB, gend - k)
                 gl = nk
-                first = 1 if k == g0 * gsize else 0
+                first = 1 if k == g0 * gacc else 0
                 last = 1 if k + nk == gend else 0
             # the first step's panels here; each step converts the next one while the tiles multiply
             for a in range(min(_AHEAD, nk // 32)):
-                _steps(wb, buf, cols, zf, (t * K + k) * W, ((k + 32 * a) // gsize) * zstride + t * NT, S, bstride,
-                       32 * a, 16, nk * W, cmode)
+                ga = (k + 32 * a) // gsize
+                _steps(wb, buf, cols, zf, sf, (t * K + k) * W, ga * zstride + t * NT, ga * N + t * NT, S, bstride,
+                       32 * a, 16, nk * W, cmode, deq)
             for sp in range(0, S, wide):
                 ns = min(wide, S - sp)
                 m0 = 0
@@ -556,7 +667,7 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, out, u0, u1):  
                          (0 if whole else m0 * cw) + 16 * sp, cw, first, last, m0 * cw + 16 * sp, cw,
                          g0 * N + t * NT, sp, N, conv, (t * K + k) * W, S, nk * W, k, gsize, zstride, t * NT, akmul,
                          astride)
-                    _block(xf, wb, buf, cf, af, sf, zf, cols, zero, q, ns, nr, parts, cmode)
+                    _block(xf, wb, buf, cf, af, sf, zf, cols, zero, q, ns, nr, parts, cmode, deq)
                     m0 += 16 * nr
             k += nk
         for i in range(S):
@@ -569,7 +680,7 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, out, u0, u1):  
 
 
 #: the team kernel's operands (its chunks are the work units); wb's dtype is the kernel's own
-#: ``flags``: bits | direct << 8 (a block holds at most 13 operands)
+#: ``flags``: bits | direct << 8 | deq << 9 (a block holds at most 13 operands)
 OPERANDS = _omp.Operands("amx", parts=_omp.I64, M=_omp.I64, T=_omp.I64, K=_omp.I64, W=_omp.I64,
                          gsize=_omp.I64, flags=_omp.I64, zp_rows=_omp.I64, x=_omp.ADDR, wb=_omp.ADDR,
                          scale=_omp.ADDR, zp=_omp.ADDR, out=_omp.ADDR)
@@ -584,7 +695,7 @@ def _amx_chunk(o, i, u0, u1, wdt, _y):  # pragma: no cover - compiled; units u0.
     zrows = o.zp_rows
     _amx_units(carray(o.x, (o.parts, Mp // 16, 16 * K), np.int16), o.parts, M, carray(o.wb, (T, K, W), wdt),
                carray(o.scale, (G, T * NT), np.float32), carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8),
-               o.gsize, bits, o.flags >> 8, carray(o.out, (M, T * NT), np.float32), u0, u1)
+               o.gsize, bits, (o.flags >> 8) & 1, o.flags >> 9, carray(o.out, (M, T * NT), np.float32), u0, u1)
     return 0
 
 
@@ -732,6 +843,21 @@ def amx_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarray
     return out
 
 
+def dequantizes(dtype: torch.dtype, rows: int, in_features: int, group_size: int) -> bool:
+    """Whether a call multiplies dequantized bfloat16 panels, ``bfloat16((code - zp) * scale)``, accumulating all
+    of K at once: bfloat16 activations, ``_DEQ_ROWS`` rows or more, several groups. Scaling the float32 sums at
+    the end of every group (one multiply-add per row and channel) then costs more than the conversion; the weight
+    is rounded to bfloat16 as the activations are, as F.linear on the dequantized bfloat16 weight computes. Decided
+    per call (all its row chunks alike), so a row's result does not depend on how the call is chunked.
+
+    >>> dequantizes(torch.bfloat16, 128, 4096, 128), dequantizes(torch.bfloat16, 16, 4096, 128)
+    (True, False)
+    >>> dequantizes(torch.bfloat16, 128, 4096, 4096), dequantizes(torch.float32, 128, 4096, 128)
+    (False, False)
+    """
+    return dtype == torch.bfloat16 and rows >= _DEQ_ROWS and group_size < in_features
+
+
 def amx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                group_size: int, bits: int, out_features: int) -> torch.Tensor:
     """The forward on CPU torch tensors that ``layouts.blocked`` built (``scale`` / ``zero_point`` already
@@ -740,19 +866,20 @@ def amx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
     M = x.shape[0]
     out = torch.empty((M, out_features), dtype=torch.float32)
     wb, sc, zp = qweight.numpy(), scale.numpy(), zero_point.numpy()
+    deq = int(dequantizes(x.dtype, M, qweight.shape[1], group_size))
     for r0 in range(0, M, ROW_CHUNK):
         r1 = min(M, r0 + ROW_CHUNK)
         xs = x[r0:r1]
         if xs.dtype == torch.bfloat16 and (r1 - r0) % _ROWS == 0 and xs.is_contiguous():
             # bfloat16 rows in whole tiles need no split: the A tiles are read from x, a row 2 K bytes apart
             _run(xs.reshape(1, (r1 - r0) // _ROWS, _ROWS * xs.shape[1]), wb, sc, zp, group_size, bits,
-                 out[r0:r1].numpy(), direct=1)
+                 out[r0:r1].numpy(), direct=1, deq=deq)
         else:
-            _run(split_rows(xs), wb, sc, zp, group_size, bits, out[r0:r1].numpy())
+            _run(split_rows(xs), wb, sc, zp, group_size, bits, out[r0:r1].numpy(), deq=deq)
     return out
 
 
-def _run(xp: torch.Tensor, wb, scale, zp, gsize, bits, out, direct: int = 0) -> None:
+def _run(xp: torch.Tensor, wb, scale, zp, gsize, bits, out, direct: int = 0, deq: int = 0) -> None:
     if not (_AVAILABLE or available()):  # a tile instruction without the tile state is SIGILL, not an error
         raise RuntimeError("this process cannot use AMX tiles (no AMX-BF16 CPU, or Linux refused the tile state)")
     P = xp.shape[0]
@@ -765,11 +892,11 @@ def _run(xp: torch.Tensor, wb, scale, zp, gsize, bits, out, direct: int = 0) -> 
     units = _units(T, W, bits)
     xi = xp.view(torch.int16).numpy()
     block = _omp.new_block(units, units, OPERANDS.pack(parts=P, M=M, T=T, K=K, W=W, gsize=gsize,
-                                                       flags=bits | direct << 8, zp_rows=zp.shape[0], x=xi.ctypes.data, wb=wb.ctypes.data,
+                                                       flags=bits | direct << 8 | deq << 9, zp_rows=zp.shape[0], x=xi.ctypes.data, wb=wb.ctypes.data,
                                                        scale=scale.ctypes.data, zp=zp.ctypes.data,
                                                        out=out.ctypes.data))
     _omp.run(units, _TEAM_KERNELS[wb.dtype == np.int8], block, _amx_units,
-             (xi, P, M, wb, scale, zp, gsize, bits, direct, out), units, 1, nchunks=units)
+             (xi, P, M, wb, scale, zp, gsize, bits, direct, deq, out), units, 1, nchunks=units)
 
 
 @functools.lru_cache(maxsize=16)
