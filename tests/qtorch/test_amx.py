@@ -290,13 +290,23 @@ def test_every_code_and_zero_point_converts_exactly(bits, nt, asym):
         np.testing.assert_array_equal(out, deq[:rows].astype(np.float32))
 
 
-def test_fallback_conversions_without_avx512_bf16_or_bw_are_exact(tmp_path):
-    # the code numba builds where the CPU lacks AVX512-BF16 (float32 -> bfloat16 by the bits) or AVX512-BW (no
-    # vpermw table): the same numbers, compiled here in a child with both switched off and an empty numba cache
+def _dequantized_panel_case(bits):
+    # a grouped layer and 64 bfloat16 rows: the calls that multiply dequantized bfloat16 panels
+    q = _layer(QuantScheme(bits, False, PerGroup(64)), torch.bfloat16, 96, 256, seed=11)
+    torch.manual_seed(12)
+    return q, torch.randn(64, 256, dtype=torch.bfloat16)
+
+
+def test_fallback_conversions_without_avx512_bf16_or_bw_give_the_same_numbers(tmp_path):
+    # the code numba builds where the CPU lacks AVX512-BF16 (float32 -> bfloat16 by the bits, rounded to nearest
+    # even) or AVX512-BW (no vpermw table): compiled here in a child with both switched off and an empty numba
+    # cache, it reads every code back exactly and gives the dequantized-panel calls' numbers bit for bit
     script = textwrap.dedent("""
         import sys
         import numpy as np
+        import torch
         from qtorch import amx
+        from qtorch.layouts import blocked
         amx._CVT = amx._BW = False
         sys.path.insert(0, sys.argv[1])
         import test_amx
@@ -305,9 +315,35 @@ def test_fallback_conversions_without_avx512_bf16_or_bw_are_exact(tmp_path):
             x = np.eye(16, deq.shape[0], dtype=np.float32)
             out = amx.amx_blocked(x, wb, scale, zp, gsize, bits, np.empty((16, deq.shape[1]), np.float32))
             assert np.array_equal(out, deq[:16].astype(np.float32)), (bits, nt, asym)
+        for bits in (4, 8):
+            q, x = test_amx._dequantized_panel_case(bits)
+            with torch.no_grad():
+                y = blocked.BLOCKED.linear(q.quantized_weight, x, "amx")
+            np.save(sys.argv[2] + f"/y{bits}.npy", y.float().numpy())
         print("ok")
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), NUMBA_CACHE_DIR=str(tmp_path))
-    res = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], capture_output=True, text=True,
-                         timeout=600, env=env)
+    res = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0 and res.stdout.split() == ["ok"], res.stderr[-3000:]
+    for bits in (4, 8):
+        q, x = _dequantized_panel_case(bits)
+        assert amx.dequantizes(x.dtype, 64, 256, 64)
+        with torch.no_grad():
+            y = blocked.BLOCKED.linear(q.quantized_weight, x, "amx")
+        assert torch.equal(torch.from_numpy(np.load(tmp_path / f"y{bits}.npy")), y.float())
+        _assert_close(y, x, q)
+
+
+def test_dequantized_panels_are_the_bfloat16_weight():
+    # 64 bfloat16 rows of a grouped layer: the kernel's float32 sums (before the output's rounding) are those of
+    # the dequantized weight rounded to bfloat16, as F.linear's bfloat16 weight is (exact codes would be 2^-9 off)
+    for bits in (4, 8):
+        q, x = _dequantized_panel_case(bits)
+        spec, b = q.quantized_weight.spec, q.quantized_weight.buffers
+        scale, zp = blocked.blocked_params(b["scale"], b["zero_point"], spec.out_features)
+        y = amx.amx_linear(x, b["qweight"], scale, zp, spec.group, bits, spec.out_features)
+        w = q.dequantized_weight(torch.bfloat16).double()
+        exact, bound = x.double() @ w.t(), x.double().abs() @ w.abs().t()
+        assert y.dtype == torch.float32
+        assert float(((y.double() - exact).abs() / bound).max()) < 1e-6
