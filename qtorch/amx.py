@@ -298,8 +298,8 @@ def _amx_block(typingctx, xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr
     ``acc`` (float32, row stride ``ldacc``, strip ``s`` at ``aoff + 16 s``): ``acc += C * scale``, the scale of
     strip ``s`` at ``soff + cols[c0 + s] + j sld``. ``zero``: 16 zero float32 (a C tile loaded with row stride 0).
 
-    Where ``conv``, each step also converts the next step's panels of the unit's ``nstrips`` strips while the tile
-    unit multiplies (:func:`_emit_steps` in ``cmode``, a literal; codes from ``wbase``, block row ``k``, zero
+    Where ``conv``, each step also converts the panels ``_AHEAD`` steps on, the unit's ``nstrips`` strips, while
+    the tile unit multiplies (:func:`_emit_steps` in ``cmode``, a literal; codes from ``wbase``, block row ``k``, zero
     points of group ``(k + kk) // gsize`` at ``zp[group * zstride + zcol + cols[i]]``). ``deq`` (literal): the
     panels are dequantized (scales of that group at ``scale[group * sld + zcol + cols[i]]``) and the sums are added
     to ``acc`` unscaled.
@@ -892,9 +892,9 @@ def _run(xp: torch.Tensor, wb, scale, zp, gsize, bits, out, direct: int = 0, deq
     units = _units(T, W, bits)
     xi = xp.view(torch.int16).numpy()
     block = _omp.new_block(units, units, OPERANDS.pack(parts=P, M=M, T=T, K=K, W=W, gsize=gsize,
-                                                       flags=bits | direct << 8 | deq << 9, zp_rows=zp.shape[0], x=xi.ctypes.data, wb=wb.ctypes.data,
-                                                       scale=scale.ctypes.data, zp=zp.ctypes.data,
-                                                       out=out.ctypes.data))
+                                                       flags=bits | direct << 8 | deq << 9, zp_rows=zp.shape[0],
+                                                       x=xi.ctypes.data, wb=wb.ctypes.data, scale=scale.ctypes.data,
+                                                       zp=zp.ctypes.data, out=out.ctypes.data))
     _omp.run(units, _TEAM_KERNELS[wb.dtype == np.int8], block, _amx_units,
              (xi, P, M, wb, scale, zp, gsize, bits, direct, deq, out), units, 1, nchunks=units)
 
