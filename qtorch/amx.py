@@ -4,15 +4,22 @@ A leaf of :mod:`qtorch.layouts.blocked`. ``out[M, N] = x[M, K] @ ((code - zp) * 
 (see ``layouts.blocked``): tiles ``wb[T, K, NT]`` (8 bits) or ``wb[T, K, NT/2]`` (4 bits, low nibble column ``j``,
 high nibble column ``j + NT/2``; symmetric codes carry the offset 8), scale and zero point ``[G, N]``.
 
-No dequantized weight is ever written: for a strip of 16 output channels and a block of K (``KB`` rows at most),
-``code - zp`` (an integer of magnitude <= 255, exact in bfloat16) is converted into a small panel in the VNNI order
-of AMX's B operand, ``B[kp][2n + j] = code[2kp + j][n] - zp``, that stays in L1 while every block of 16 rows of
-``x`` is multiplied by it (``tdpbf16ps``, float32 accumulation in the C tiles, 2 x 2 tiles per step). The
-activations are split exactly into bfloat16 parts, ``x = x_1 + x_2 + x_3`` (float32: three, each the bfloat16
-rounding of what is left; float16: two; bfloat16: one): a product of two bfloat16 values is exact in float32, so
-all parts accumulate into the same C tile and the result has float32 accuracy (AMX reads bfloat16 subnormals as
-zero: a float32 whose last part falls below 2^-126 loses that part). At the end of each group the C tiles are
-scaled into a float32 accumulator of the work unit, copied into the output at its end.
+No dequantized weight is ever written: for the strips of 16 output channels of a work unit and a block of K
+(``KB`` rows at most), ``code - zp`` (an integer of magnitude <= 255, exact in bfloat16) is converted into small
+panels in the VNNI order of AMX's B operand, ``B[kp][2n + j] = code[2kp + j][n] - zp``, that stay in L1 while every
+block of 16 rows of ``x`` is multiplied by them (``tdpbf16ps``, float32 accumulation in the C tiles: 4 strips x 1
+row block per step at 16 rows, else 2 x 2). The conversion runs inside the tile loop, two steps (of 32 rows of K)
+ahead, so the vector units convert while the tile unit multiplies: 4-bit codes by a table lookup of ``code + 16 -
+zp`` in one register (``vpermw``: no float conversion), 8-bit codes widened and converted 32 at a time
+(``vcvtne2ps2bf16``), the two rows of each pair interleaved as bytes before widening. The activations are split
+exactly into bfloat16 parts, ``x = x_1 + x_2 + x_3`` (float32: three, each the bfloat16 rounding of what is left;
+float16: two; bfloat16: one): a product of two bfloat16 values is exact in float32, so all parts accumulate into
+the same C tile and the result has float32 accuracy (AMX reads bfloat16 subnormals as zero: a float32 whose last
+part falls below 2^-126 loses that part). At the end of each group the C tiles are scaled into a float32
+accumulator of the work unit (one fused multiply-add a row), copied into the output at its end. bfloat16 calls of
+32 rows or more on layers with several groups convert the dequantized weight instead, ``bfloat16((code - zp) *
+scale)`` (the weight F.linear multiplies in bfloat16), and accumulate all of K before one store
+(:func:`dequantizes`); bfloat16 rows in whole tiles are read as A tiles from x itself.
 
 Eligible (:func:`eligible`) where K % 32 == 0 and each group holds a multiple of 32 rows of K, and the process
 may use AMX (:func:`available`: numba compiles for a CPU with ``amx-tile`` and ``amx-bf16``, and Linux granted
@@ -37,6 +44,7 @@ array([[ 16.,  16.],
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 import sys
 import threading
@@ -55,6 +63,11 @@ __all__ = ["available", "eligible", "amx_blocked", "amx_linear"]
 
 KB = 256  # rows of K per panel at most: 16 channels x 256 rows = 8 KB of bfloat16; up to 4 strips stay in L1
 _ROWS = 16  # rows of a tile (A and C), and K pairs of a B tile
+#: steps (32 rows of K) the panel conversion runs ahead of the tile products: at one, the tile loads of the next
+#: step wait for the stores of the step just converted
+_AHEAD = 2
+#: bfloat16 calls of this many rows and more, of layers with several groups, multiply dequantized panels
+_DEQ_ROWS = 32
 #: rows of x per kernel call at most: bounds the temporary parts of x (3 x 1024 x K bfloat16 for float32) while
 #: each weight panel still serves 1024 rows
 ROW_CHUNK = 1024
@@ -63,6 +76,8 @@ _PARTS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}  # bfloat16 par
 # float32 -> bfloat16 by the CPU's conversion (AVX512-BF16): exact for the codes (small integers); for the parts
 # of x it rounds to nearest even as the integer rounding does, and reads subnormals as zero, as AMX does anyway
 _CVT = host_has("avx512bf16")
+# vpermw (AVX512-BW, on every AMX CPU): the 4-bit panels' table lookup; without it, a float conversion
+_BW = host_has("avx512bw")
 _LOCK = threading.Lock()
 _AVAILABLE = None
 
@@ -103,134 +118,212 @@ def eligible(in_features: int, group_size: int) -> bool:
     return in_features > 0 and in_features % 32 == 0 and group_size > 0 and group_size % 32 == 0
 
 
-@intrinsic
-def _vnni_panel(typingctx, wb, base, npairs, zp, zbase, buf, boff, pf, mode, has_zp):
-    """buf[boff + 32 kp + 2 n + j] = bfloat16(code(k0 + 2 kp + j, n) - zp[n]) for 16 channels n and ``npairs``
-    pairs of rows of K, read from ``wb`` at element offset ``base`` (row k0, the strip's first byte).
-
-    ``mode`` (literal) 8: 16 bytes a row are 16 codes (int8 sign-extended, uint8 zero-extended); 0 / 1: 16 bytes
-    a row, their low / high nibbles; 2: 8 bytes a row, low nibbles then high nibbles (a 4-bit tile of 16 columns).
-    ``has_zp`` (literal): subtract ``zp[zbase:zbase+16]`` (uint8); else 4-bit codes subtract 8, 8-bit nothing.
-    Each pair of rows also prefetches the pair ``pf`` bytes further on (the next block's: memory streams while
-    this block converts and multiplies).
-    """
-    if not (isinstance(mode, types.IntegerLiteral) and isinstance(has_zp, types.BooleanLiteral)):
-        return None
-    m, with_zp = mode.literal_value, has_zp.literal_value
-    signed = m == 8 and wb.dtype == types.int8
-
-    def codegen(context, builder, sig, args):
-        w = context.make_array(sig.args[0])(context, builder, args[0])
-        za = context.make_array(sig.args[3])(context, builder, args[3])
-        ba = context.make_array(sig.args[5])(context, builder, args[5])
-        base, npairs, zbase, boff, pf = (context.cast(builder, args[i], sig.args[i], types.int64)
-                                         for i in (1, 2, 4, 6, 7))
-        prefetch = _amx_fn(builder, "llvm.prefetch.p0", ir.VoidType(), [I8.as_pointer(), I32, I32, I32])
-        _, _, width = cgutils.unpack_tuple(builder, w.shape, 3)
-        v16b, v16s, v32s = vec(I8, 16), vec(I16, 16), vec(I16, 32)
-        inter = ir.Constant(vec(I32, 32), [i // 2 + (16 if i % 2 else 0) for i in range(32)])
-
-        def codes(ptr):  # <16 x i16> codes of one row of K
-            if m == 2:
-                b8 = builder.load(builder.bitcast(ptr, vec(I8, 8).as_pointer()), align=1)
-                both = builder.shuffle_vector(b8, ir.Constant(vec(I8, 8), ir.Undefined),
-                                              ir.Constant(vec(I32, 16), list(range(8)) * 2))
-                wide = builder.zext(both, v16s)
-                lo = builder.and_(wide, ir.Constant(v16s, [15] * 16))
-                hi = builder.lshr(wide, ir.Constant(v16s, [4] * 16))
-                sel = ir.Constant(vec(ir.IntType(1), 16), [1] * 8 + [0] * 8)
-                return builder.select(sel, lo, hi)
-            b = builder.load(builder.bitcast(ptr, v16b.as_pointer()), align=1)
-            wide = builder.sext(b, v16s) if signed else builder.zext(b, v16s)
-            if m == 0:
-                return builder.and_(wide, ir.Constant(v16s, [15] * 16))
-            if m == 1:
-                return builder.lshr(wide, ir.Constant(v16s, [4] * 16))
-            return wide
-
-        zvec = None
-        if with_zp:
-            zb = builder.load(builder.bitcast(builder.gep(za.data, [zbase]), v16b.as_pointer()), align=1)
-            zvec = builder.zext(zb, v16s)
-        elif m != 8:
-            zvec = ir.Constant(v16s, [8] * 16)
-        src = builder.gep(w.data, [base])
-        dst = builder.gep(ba.data, [boff])
-        v16i, v16f = vec(I32, 16), vec(F32, 16)
-        if zvec is not None:
-            zvec = builder.sext(zvec, v16i)
-
-        def to_bf16(c):  # <16 x i32>, integers of at most 9 significant bits: exact in bfloat16
-            f = builder.sitofp(c, v16f)
-            if _CVT:
-                return builder.bitcast(builder.fptrunc(f, vec(BF16, 16)), v16s)
-            # without the CPU's conversion: the float32 bits end in 16 zeros, the upper half is the bfloat16
-            return builder.trunc(builder.lshr(builder.bitcast(f, v16i), ir.Constant(v16i, [16] * 16)), v16s)
-
-        with cgutils.for_range(builder, npairs) as loop:
-            i = loop.index
-            r0 = builder.gep(src, [builder.mul(builder.mul(i, ir.Constant(I64, 2)), width)])
-            r1 = builder.gep(r0, [width])
-            for r in (r0, r1):  # a prefetch never faults: past the end of the codes is harmless
-                builder.call(prefetch, [builder.bitcast(builder.gep(r, [pf]), I8.as_pointer()), ir.Constant(I32, 0),
-                                        ir.Constant(I32, 2), ir.Constant(I32, 1)])
-            c0, c1 = (builder.sext(codes(r), v16i) for r in (r0, r1))
-            if zvec is not None:
-                c0, c1 = builder.sub(c0, zvec), builder.sub(c1, zvec)
-            if _CVT:  # both rows in one conversion (vcvtne2ps2bf16), then one word permutation (vpermw)
-                both = builder.shuffle_vector(builder.sitofp(c0, v16f), builder.sitofp(c1, v16f),
-                                              ir.Constant(vec(I32, 32), list(range(32))))
-                both = builder.bitcast(builder.fptrunc(both, vec(BF16, 32)), v32s)
-                pair = builder.shuffle_vector(both, ir.Constant(v32s, ir.Undefined), inter)
-            else:
-                pair = builder.shuffle_vector(to_bf16(c0), to_bf16(c1), inter)  # rows of the pair interleaved
-            out = builder.gep(dst, [builder.mul(i, ir.Constant(I64, 32))])
-            builder.store(pair, builder.bitcast(out, v32s.as_pointer()), align=2)
-        return context.get_dummy_value()
-
-    return types.void(wb, base, npairs, zp, zbase, buf, boff, pf, mode, has_zp), codegen
-
-
 def _amx_fn(builder, name, ret, argtys):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, argtys), name)
 
 
-@intrinsic
-def _amx_block(typingctx, xp, abase, rbs, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc, aoff0,
-               aoff1, ldacc, scale, soff0, soff1, sld, zero, ns, nr, parts):
-    """The rows ``nr`` x 16 and channels ``ns`` x 16 (literals, at most 2 x 2) of ``x @ B`` over ``nk`` rows of K
-    (a multiple of 32), in runs of ``gl`` rows (``nk`` itself, or one group), each run's float32 C tiles kept in
-    tile registers.
+def _prefetch(builder, ptr):
+    fn = _amx_fn(builder, "llvm.prefetch.p0", ir.VoidType(), [I8.as_pointer(), I32, I32, I32])
+    builder.call(fn, [builder.bitcast(ptr, I8.as_pointer()), ir.Constant(I32, 0), ir.Constant(I32, 2),
+                      ir.Constant(I32, 1)])
 
-    A: bfloat16 bits ``xp`` (int16) in 1 KB tiles (:func:`split_rows`), part ``p``, row block ``r``, column ``kk`` at
-    element ``abase + p pstride + r rbs + 16 kk``; B: the panel ``buf`` (int16) of strip ``s`` at ``boff + s
-    bstride``, 32 elements per pair of K rows. A run starts from zero where ``first`` (else from the partial sums
-    in ``cb``, float32 at ``coff + 16 r ldc + 16 s``) and ends in ``cb``; where ``last`` (the run ends its group,
-    ``j``-th run: group row ``j`` of ``scale`` at ``soff_s + j sld``) the sums are then scaled into ``acc``
-    (float32, row stride ``ldacc``, strip ``s`` at ``aoff_s``): ``acc += C * scale``. ``zero``: 16 zero float32 (a
-    C tile loaded with row stride 0).
+
+def _pairs_of(builder, z, first, n, width):
+    """``<2n x iW>``: bytes ``first .. first + n`` of the ``<16 x i8>`` ``z``, each twice (one per row of a pair),
+    zero-extended."""
+    idx = ir.Constant(vec(I32, 2 * n), [first + i // 2 for i in range(2 * n)])
+    return builder.zext(builder.shuffle_vector(z, ir.Constant(vec(I8, 16), ir.Undefined), idx), vec(width, 2 * n))
+
+
+# bfloat16 of i - 16 for i in 0..31: the 4-bit panels look ``code - zp`` up by index ``code + 16 - zp`` (vpermw)
+_DIFF_BF16 = [int(np.array([i - 16], np.float32).view(np.uint32)[0] >> 16) for i in range(32)]
+
+
+def _to_bf16x32(builder, h0, h1):
+    """``<32 x i16>``: bfloat16 bits of two ``<16 x float>`` (``h0`` the low half), rounded to nearest even."""
+    v16f, v16i = vec(F32, 16), vec(I32, 16)
+    if _CVT:  # one vcvtne2ps2bf16 (its second operand fills the low half)
+        fn = _amx_fn(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", vec(BF16, 32), [v16f, v16f])
+        return builder.bitcast(builder.call(fn, [h1, h0]), vec(I16, 32))
+    halves = []
+    for f in (h0, h1):
+        u = builder.bitcast(f, v16i)
+        odd = builder.and_(builder.lshr(u, ir.Constant(v16i, [16] * 16)), ir.Constant(v16i, [1] * 16))
+        u = builder.add(builder.add(u, ir.Constant(v16i, [0x7FFF] * 16)), odd)
+        halves.append(builder.trunc(builder.lshr(u, ir.Constant(v16i, [16] * 16)), vec(I16, 16)))
+    return builder.shuffle_vector(halves[0], halves[1], ir.Constant(vec(I32, 32), list(range(32))))
+
+
+def _emit_pair(builder, r0, r1, dst, dst_hi, mode, signed, zlo, zhi, scales=None):
+    """IR: one pair of rows of K (``r0``, ``r1``: i8 pointers to a strip's codes) as 32 bfloat16 ``code - zp`` in
+    VNNI order (``B[2 n + j]`` = row ``j``, channel ``n``) at ``dst`` (i16 pointer).
+
+    ``mode`` 8 / 9: 16 codes a row (9: minus ``zlo`` / ``zhi``, the zero points of channels 0-7 / 8-15 as
+    ``<16 x i32>`` pairs); 3: 16 bytes a row, low nibbles to ``dst`` and high nibbles to ``dst_hi`` (``zlo`` /
+    ``zhi``: ``16 - zp`` as ``<32 x i16>`` pairs); 2: 8 bytes a row, low nibbles channels 0-7 and high nibbles 8-15
+    (``zlo``: ``16 - zp`` of channels 0-15 as pairs). Every value is an integer of at most 9 bits: exact in
+    bfloat16. ``scales``: per output, the scales of its channels 0-7 and 8-15 as ``<16 x float>`` pairs: the panel
+    then holds ``bfloat16((code - zp) * scale)``, the dequantized weight as a bfloat16 matmul reads it.
     """
-    if not all(isinstance(v, types.IntegerLiteral) for v in (ns, nr, parts)):
+    nb = 8 if mode == 2 else 16
+    vb, v32s = vec(I8, nb), vec(I16, 32)
+    a, b = (builder.load(builder.bitcast(r, vb.as_pointer()), align=1) for r in (r0, r1))
+    # the two rows' bytes interleaved before widening: each code's pair partner is the next element, as B wants
+    if mode in (8, 9):
+        v16i, v16f = vec(I32, 16), vec(F32, 16)
+        halves = []
+        for h, z in ((0, zlo), (8, zhi)):  # channels 0-7, then 8-15: vpunpcklbw / vpunpckhbw, then one widening
+            idx = ir.Constant(vec(I32, 16), [h + i // 2 + (16 if i % 2 else 0) for i in range(16)])
+            part = builder.shuffle_vector(a, b, idx)
+            wide = builder.sext(part, v16i) if signed else builder.zext(part, v16i)
+            if mode == 9:
+                wide = builder.sub(wide, z)
+            halves.append(builder.sitofp(wide, v16f))
+        if scales is not None:
+            halves = [builder.fmul(h, sv) for h, sv in zip(halves, scales[0])]
+        builder.store(_to_bf16x32(builder, *halves), builder.bitcast(dst, v32s.as_pointer()), align=2)
+        return
+    inter = ir.Constant(vec(I32, 2 * nb), [i // 2 + (nb if i % 2 else 0) for i in range(2 * nb)])
+    vw = vec(I16, 2 * nb)
+    wide = builder.zext(builder.shuffle_vector(a, b, inter), vw)
+    lo = builder.and_(wide, ir.Constant(vw, [15] * (2 * nb)))
+    hi = builder.lshr(wide, ir.Constant(vw, [4] * (2 * nb)))
+    if mode == 2:
+        lo = builder.shuffle_vector(lo, hi, ir.Constant(vec(I32, 32), list(range(32))))
+    outs = [(builder.add(lo, zlo), dst)] + ([(builder.add(hi, zhi), dst_hi)] if mode == 3 else [])
+    for o, (idx, ptr) in enumerate(outs):  # idx = code + 16 - zp, in 1..31
+        if scales is not None:
+            v32i = vec(I32, 32)
+            f = builder.sitofp(builder.sub(builder.zext(idx, v32i), ir.Constant(v32i, [16] * 32)), vec(F32, 32))
+            h0, h1 = (builder.fmul(builder.shuffle_vector(f, f, ir.Constant(vec(I32, 16), list(range(h, h + 16)))),
+                                   sv) for h, sv in zip((0, 16), scales[o]))
+            val = _to_bf16x32(builder, h0, h1)
+        elif _BW:  # a table lookup in one register (vpermw): no conversion
+            fn = _amx_fn(builder, "llvm.x86.avx512.permvar.hi.512", v32s, [v32s, v32s])
+            val = builder.call(fn, [ir.Constant(v32s, _DIFF_BF16), idx])
+        else:
+            v32i = vec(I32, 32)
+            f = builder.sitofp(builder.sub(builder.zext(idx, v32i), ir.Constant(v32i, [16] * 32)), vec(F32, 32))
+            val = builder.trunc(builder.lshr(builder.bitcast(f, v32i), ir.Constant(v32i, [16] * 32)), v32s)
+        builder.store(val, builder.bitcast(ptr, v32s.as_pointer()), align=2)
+
+
+def _emit_steps(builder, w, signed, bdata, coldata, zdata, base, zoff, nstrips, bstride, kk0, npairs, pf, mode,
+                sdata=None, soff=None):
+    """IR: the panels of pairs ``kk0 / 2`` .. ``kk0 / 2 + npairs`` of a block for every strip of a unit (codes from
+    element ``base`` of ``wb``, the block's first row of the unit's tile; strip ``i`` at column ``cols[i]``, its
+    panel at ``i bstride``; its zero points at ``zp[zoff + cols[i]]``, uint8), see :func:`_emit_pair`. The first
+    strip's rows also prefetch ``pf`` bytes further on (the next block's lines: memory streams while this block
+    converts and multiplies). With ``sdata``: dequantized panels (:func:`_emit_pair`), the scales at
+    ``scale[soff + cols[i]]``."""
+    c64 = functools.partial(ir.Constant, I64)
+    _, _, width = cgutils.unpack_tuple(builder, w.shape, 3)
+    reads = builder.sdiv(nstrips, c64(2)) if mode == 3 else (c64(1) if mode == 2 else nstrips)
+    sixteen = ir.Constant(vec(I16, 32), [16] * 32)
+    with cgutils.for_range(builder, reads) as strips:
+        i = strips.index
+        col = builder.load(builder.gep(coldata, [i]))
+        src = builder.gep(w.data, [builder.add(builder.add(base, col), builder.mul(kk0, width))])
+        dst = builder.gep(bdata, [builder.add(builder.mul(i, bstride), builder.mul(kk0, c64(16)))])
+        dhi = builder.gep(dst, [builder.mul(builder.sdiv(nstrips, c64(2)), bstride)])
+        pfi = builder.select(builder.icmp_signed("==", i, c64(0)), pf, c64(0))
+        zlo = zhi = None
+        if mode != 8:
+            zp = builder.gep(zdata, [builder.add(zoff, col)])
+            z = builder.load(builder.bitcast(zp, vec(I8, 16).as_pointer()), align=1)
+            if mode == 9:
+                zlo, zhi = _pairs_of(builder, z, 0, 8, I32), _pairs_of(builder, z, 8, 8, I32)
+            elif mode == 2:
+                zlo = builder.sub(sixteen, _pairs_of(builder, z, 0, 16, I16))
+            else:  # the high nibbles' channels lie W columns further on
+                zh = builder.load(builder.bitcast(builder.gep(zp, [width]), vec(I8, 16).as_pointer()), align=1)
+                zlo = builder.sub(sixteen, _pairs_of(builder, z, 0, 16, I16))
+                zhi = builder.sub(sixteen, _pairs_of(builder, zh, 0, 16, I16))
+        scales = None
+        if sdata is not None:
+            v16f = vec(F32, 16)
+            sp = builder.gep(sdata, [builder.add(soff, col)])
+            pairs = [ir.Constant(vec(I32, 16), [h + i // 2 for i in range(16)]) for h in (0, 8)]
+
+            def strip_scales(ptr):
+                sv = builder.load(builder.bitcast(ptr, v16f.as_pointer()), align=4)
+                return [builder.shuffle_vector(sv, sv, idx) for idx in pairs]
+
+            scales = [strip_scales(sp)] + ([strip_scales(builder.gep(sp, [width]))] if mode == 3 else [])
+        with cgutils.for_range(builder, npairs) as loop:
+            p = loop.index
+            r0 = builder.gep(src, [builder.mul(builder.mul(p, c64(2)), width)])
+            r1 = builder.gep(r0, [width])
+            for r in (r0, r1):  # a prefetch never faults: past the end of the codes is harmless
+                _prefetch(builder, builder.gep(r, [pfi]))
+            at = builder.mul(p, c64(32))
+            _emit_pair(builder, r0, r1, builder.gep(dst, [at]), builder.gep(dhi, [at]), mode, signed, zlo, zhi,
+                       scales)
+
+
+@intrinsic
+def _panel_steps(typingctx, wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, mode, deq):
+    """:func:`_emit_steps` as a call: ``npairs`` pairs of rows from row ``kk0`` of the block, every strip
+    (``deq``, literal: dequantized panels, the scales at ``scale[soff + cols[i]]``)."""
+    if not (isinstance(mode, types.IntegerLiteral) and isinstance(deq, types.IntegerLiteral)):
         return None
-    nstrips, nrows, nparts = ns.literal_value, nr.literal_value, parts.literal_value
+    m, dq = mode.literal_value, deq.literal_value
+    signed = wb.dtype == types.int8
 
     def codegen(context, builder, sig, args):
-        xa = context.make_array(sig.args[0])(context, builder, args[0])
-        ba = context.make_array(sig.args[6])(context, builder, args[6])
-        ca = context.make_array(sig.args[9])(context, builder, args[9])
-        aa = context.make_array(sig.args[14])(context, builder, args[14])
-        sa = context.make_array(sig.args[18])(context, builder, args[18])
-        za = context.make_array(sig.args[22])(context, builder, args[22])
-        (abase, rbs, pstride, nk, gl, boff, bstride, coff, ldc, first, last, aoff0, aoff1, ldacc, soff0, soff1,
-         sld) = (context.cast(builder, args[i], sig.args[i], types.int64)
-                 for i in (1, 2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 15, 16, 17, 19, 20, 21))
-        aoffs, soffs = (aoff0, aoff1), (soff0, soff1)
+        w, ba, ca, za, sa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(5))
+        base, zoff, soff, nstrips, bstride, kk0, npairs, pf = (
+            context.cast(builder, args[i], sig.args[i], types.int64) for i in range(5, 13))
+        _emit_steps(builder, w, signed, ba.data, ca.data, za.data, base, zoff, nstrips, bstride, kk0, npairs, pf,
+                    m, sa.data if dq else None, soff)
+        return context.get_dummy_value()
+
+    return (types.void(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, mode, deq),
+            codegen)
+
+
+@intrinsic
+def _amx_block(typingctx, xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr, parts, cmode, deq):
+    """The rows ``nr`` x 16 and channels ``ns`` x 16 (literals: 4 x 1 or at most 2 x 2) of ``x @ B`` over ``nk``
+    rows of K (a multiple of 32), in runs of ``gl`` rows (``nk`` itself, or one group), each run's float32 C tiles
+    kept in tile registers.
+
+    ``q``: the int64 scalars ``(abase, rbs, pstride, nk, gl, boff, bstride, coff, ldc, first, last, aoff, ldacc,
+    soff, c0, sld, conv, wbase, nstrips, pf, k, gsize, zstride, zcol, akmul, astride)``. A: bfloat16 bits ``xp``
+    (int16) in 1 KB tiles (:func:`split_rows`; ``akmul`` 16, ``astride`` 64 bytes) or x itself (``akmul`` 1,
+    ``astride`` 2 K bytes), part ``p``, row block ``r``, column ``kk`` at element ``abase + p pstride + r rbs +
+    akmul kk``; B: the panel ``buf`` (int16) of strip ``s`` at ``boff + s bstride``, 32 elements per pair of K rows. A
+    run starts from zero where ``first`` (else from the partial sums in ``cb``, float32 at ``coff + 16 r ldc + 16
+    s``) and ends in ``cb``; where ``last`` (the run ends its group, ``j``-th run) the sums are then scaled into
+    ``acc`` (float32, row stride ``ldacc``, strip ``s`` at ``aoff + 16 s``): ``acc += C * scale``, the scale of
+    strip ``s`` at ``soff + cols[c0 + s] + j sld``. ``zero``: 16 zero float32 (a C tile loaded with row stride 0).
+
+    Where ``conv``, each step also converts the panels ``_AHEAD`` steps on, the unit's ``nstrips`` strips, while
+    the tile unit multiplies (:func:`_emit_steps` in ``cmode``, a literal; codes from ``wbase``, block row ``k``, zero
+    points of group ``(k + kk) // gsize`` at ``zp[group * zstride + zcol + cols[i]]``). ``deq`` (literal): the
+    panels are dequantized (scales of that group at ``scale[group * sld + zcol + cols[i]]``) and the sums are added
+    to ``acc`` unscaled.
+    """
+    if not all(isinstance(v, types.IntegerLiteral) for v in (ns, nr, parts, cmode, deq)):
+        return None
+    dq = deq.literal_value
+    if not (isinstance(q, types.UniTuple) and q.count == 26 and q.dtype == types.int64):
+        return None
+    nstrips, nrows, nparts, cm = ns.literal_value, nr.literal_value, parts.literal_value, cmode.literal_value
+    signed = wb.dtype == types.int8
+
+    def codegen(context, builder, sig, args):
+        xa, wa, ba, ca, aa, sa, zpa, cola, za = (context.make_array(sig.args[i])(context, builder, args[i])
+                                                 for i in range(9))
+        (abase, rbs, pstride, nk, gl, boff, bstride, coff, ldc, first, last, aoff, ldacc, soff, c0, sld, conv, wbase,
+         unit_strips, pf, kblock, gsize, zstride, zcol, akmul, astride) = cgutils.unpack_tuple(builder, args[9], 26)
         i8p = I8.as_pointer()
         load = _amx_fn(builder, "llvm.x86.tileloadd64.internal", AMX_TILE, [I16, I16, i8p, I64])
         store = _amx_fn(builder, "llvm.x86.tilestored64.internal", ir.VoidType(), [I16, I16, i8p, I64, AMX_TILE])
         dp = _amx_fn(builder, "llvm.x86.tdpbf16ps.internal", AMX_TILE, [I16, I16, I16, AMX_TILE, AMX_TILE, AMX_TILE])
         rows, cols = ir.Constant(I16, _ROWS), ir.Constant(I16, 64)
         v16f = vec(F32, 16)
+        fma = _amx_fn(builder, "llvm.fma.v16f32", v16f, [v16f, v16f, v16f])
 
         def c64(v):
             return ir.Constant(I64, v)
@@ -265,20 +358,34 @@ def _amx_block(typingctx, xp, abase, rbs, pstride, nk, gl, buf, boff, bstride, c
                 accs[key].add_incoming(v, entry)
             builder.cbranch(builder.icmp_signed("<", kk, k1), body, done)
             builder.position_at_end(body)
-            btiles = []
-            for s in range(nstrips):
+
+            def btile(s):
                 off = builder.add(builder.add(boff, builder.mul(c64(s), bstride)), builder.mul(kk, c64(16)))
-                btiles.append(builder.call(load, [rows, cols, builder.bitcast(builder.gep(ba.data, [off]), i8p),
-                                                  c64(64)]))
+                return builder.call(load, [rows, cols, builder.bitcast(builder.gep(ba.data, [off]), i8p), c64(64)])
+
+            # 4 x 1: each B tile is used once (loaded where used: 4 C + A + B fit the 8 tile registers); 2 x 2:
+            # each B tile serves both row blocks
+            btiles = [btile(s) for s in range(nstrips)] if nstrips <= 2 else None
             new = dict(accs)
             for p in range(nparts):
                 for r in range(nrows):
                     off = builder.add(builder.add(abase, builder.mul(c64(p), pstride)),
-                                      builder.add(builder.mul(c64(r), rbs), builder.mul(kk, c64(16))))
-                    a = builder.call(load, [rows, cols, builder.bitcast(builder.gep(xa.data, [off]), i8p), c64(64)])
+                                      builder.add(builder.mul(c64(r), rbs), builder.mul(kk, akmul)))
+                    a = builder.call(load, [rows, cols, builder.bitcast(builder.gep(xa.data, [off]), i8p), astride])
                     for s in range(nstrips):
-                        new[(r, s)] = builder.call(dp, [rows, cols, cols, new[(r, s)], a, btiles[s]])
+                        bt = btiles[s] if btiles is not None else btile(s)
+                        new[(r, s)] = builder.call(dp, [rows, cols, cols, new[(r, s)], a, bt])
             nxt = builder.add(kk, c64(32))
+            # the unit's panels of the step after the next, while the tile unit multiplies this one (the next
+            # one's stores have had a whole step to reach L1, where the tile loads read them)
+            ahead = builder.add(kk, c64(32 * _AHEAD))
+            more = builder.and_(builder.icmp_signed("!=", conv, c64(0)), builder.icmp_signed("<", ahead, nk))
+            with builder.if_then(more):
+                group = builder.sdiv(builder.add(kblock, ahead), gsize)
+                zoff = builder.add(builder.mul(group, zstride), zcol)
+                _emit_steps(builder, wa, signed, ba.data, cola.data, zpa.data, wbase, zoff, unit_strips, bstride,
+                            ahead, c64(16), pf, cm, sa.data if dq else None,
+                            builder.add(builder.mul(group, sld), zcol))
             latch = builder.block
             builder.branch(head)
             kk.add_incoming(nxt, latch)
@@ -289,66 +396,189 @@ def _amx_block(typingctx, xp, abase, rbs, pstride, nk, gl, buf, boff, bstride, c
                 builder.call(store, [rows, cols, builder.bitcast(cptr(r, s), i8p), cstride, v])
             with builder.if_then(builder.icmp_signed("!=", last, c64(0))):
                 for s in range(nstrips):
-                    sp = builder.gep(sa.data, [builder.add(soffs[s], builder.mul(j, sld))])
-                    sc = builder.load(builder.bitcast(sp, v16f.as_pointer()), align=4)
+                    col = builder.load(builder.gep(cola.data, [builder.add(c0, c64(s))]))
+                    idx = builder.add(builder.add(soff, col), builder.mul(j, sld))
+                    sc = builder.load(builder.bitcast(builder.gep(sa.data, [idx]), v16f.as_pointer()), align=4)
                     for r in range(nrows):
                         for i in range(16):
                             row = 16 * r + i
                             cp = builder.gep(ca.data, [builder.add(coff, builder.add(builder.mul(c64(row), ldc),
                                                                                      c64(16 * s)))])
-                            ap = builder.gep(aa.data, [builder.add(aoffs[s], builder.mul(c64(row), ldacc))])
+                            ap = builder.gep(aa.data, [builder.add(builder.add(aoff, c64(16 * s)),
+                                                                   builder.mul(c64(row), ldacc))])
                             cv = builder.load(builder.bitcast(cp, v16f.as_pointer()), align=4)
                             ap = builder.bitcast(ap, v16f.as_pointer())
-                            builder.store(builder.fadd(builder.load(ap, align=4), builder.fmul(cv, sc)), ap, align=4)
+                            av = builder.load(ap, align=4)
+                            builder.store(builder.fadd(av, cv) if dq else builder.call(fma, [cv, sc, av]), ap,
+                                          align=4)
         return context.get_dummy_value()
 
-    return (types.void(xp, abase, rbs, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc, aoff0,
-                       aoff1, ldacc, scale, soff0, soff1, sld, zero, ns, nr, parts), codegen)
+    return types.void(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr, parts, cmode, deq), codegen
 
 
 @njit(inline="always")
-def _panel(wb, base, npairs, zp, zbase, buf, boff, pf, mode, has_zp):  # pragma: no cover - compiled
-    if mode == 8:
-        _vnni_panel(wb, base, npairs, zp, zbase, buf, boff, pf, 8, has_zp)
-    elif mode == 0:
-        _vnni_panel(wb, base, npairs, zp, zbase, buf, boff, pf, 0, has_zp)
-    elif mode == 1:
-        _vnni_panel(wb, base, npairs, zp, zbase, buf, boff, pf, 1, has_zp)
-    else:
-        _vnni_panel(wb, base, npairs, zp, zbase, buf, boff, pf, 2, has_zp)
-
-
-@njit(inline="always")
-def _block(xp, abase, rbs, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc, aoff0, aoff1, ldacc,
-           scale, soff0, soff1, sld, zero, ns, nr, parts):  # pragma: no cover - compiled
-    # literal dispatch: strips x row blocks x parts; two or three parts take one row block (nr = 1): 7.0 against
-    # 9.0 ns per tdpbf16ps for 2 x 2 tiles (three parts, one thread, operands in cache)
+def _block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, ns, nr, parts, cmode,
+           deq):  # pragma: no cover - compiled
+    # literal dispatch: parts x strips x row blocks x conversion mode (x dequantized panels, one part only); two or
+    # three parts take one row block (nr = 1): 7.0 against 9.0 ns per tdpbf16ps for 2 x 2 tiles (three parts, one
+    # thread, operands in cache)
     if parts == 3:
-        if ns == 2:
-            _amx_block(xp, abase, rbs, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
-                       aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 2, 1, 3)
+        if ns == 2 and nr == 1:
+            if cmode == 8:
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 3, 8, 0)
+            elif cmode == 9:
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 3, 9, 0)
+            elif cmode == 3:
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 3, 3, 0)
+            else:
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 3, 2, 0)
         else:
-            _amx_block(xp, abase, rbs, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
-                       aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 1, 1, 3)
+            if cmode == 8:
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 3, 8, 0)
+            elif cmode == 9:
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 3, 9, 0)
+            elif cmode == 3:
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 3, 3, 0)
+            else:
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 3, 2, 0)
     elif parts == 2:
-        if ns == 2:
-            _amx_block(xp, abase, rbs, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
-                       aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 2, 1, 2)
+        if ns == 2 and nr == 1:
+            if cmode == 8:
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 2, 8, 0)
+            elif cmode == 9:
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 2, 9, 0)
+            elif cmode == 3:
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 2, 3, 0)
+            else:
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 2, 2, 0)
         else:
-            _amx_block(xp, abase, rbs, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
-                       aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 1, 1, 2)
-    elif ns == 2 and nr == 2:
-        _amx_block(xp, abase, rbs, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
-                   aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 2, 2, 1)
-    elif ns == 2:
-        _amx_block(xp, abase, rbs, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
-                   aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 2, 1, 1)
-    elif nr == 2:
-        _amx_block(xp, abase, rbs, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
-                   aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 1, 2, 1)
+            if cmode == 8:
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 2, 8, 0)
+            elif cmode == 9:
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 2, 9, 0)
+            elif cmode == 3:
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 2, 3, 0)
+            else:
+                _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 2, 2, 0)
     else:
-        _amx_block(xp, abase, rbs, pstride, nk, gl, buf, boff, bstride, cb, coff, ldc, first, last, acc,
-                   aoff0, aoff1, ldacc, scale, soff0, soff1, sld, zero, 1, 1, 1)
+        if ns == 4 and nr == 1:
+            if deq:
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 8, 1)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 9, 1)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 3, 1)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 2, 1)
+            else:
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 8, 0)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 9, 0)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 3, 0)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 4, 1, 1, 2, 0)
+        elif ns == 2 and nr == 2:
+            if deq:
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 8, 1)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 9, 1)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 3, 1)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 2, 1)
+            else:
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 8, 0)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 9, 0)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 3, 0)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 2, 1, 2, 0)
+        elif ns == 2 and nr == 1:
+            if deq:
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 8, 1)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 9, 1)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 3, 1)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 2, 1)
+            else:
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 8, 0)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 9, 0)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 3, 0)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 2, 1, 1, 2, 0)
+        elif ns == 1 and nr == 2:
+            if deq:
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 8, 1)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 9, 1)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 3, 1)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 2, 1)
+            else:
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 8, 0)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 9, 0)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 3, 0)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 2, 1, 2, 0)
+        else:
+            if deq:
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 8, 1)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 9, 1)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 3, 1)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 2, 1)
+            else:
+                if cmode == 8:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 8, 0)
+                elif cmode == 9:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 9, 0)
+                elif cmode == 3:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 3, 0)
+                else:
+                    _amx_block(xp, wb, buf, cb, acc, scale, zp, cols, zero, q, 1, 1, 1, 2, 0)
+
+
+@njit(inline="always")
+def _steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, cmode,
+           deq):  # pragma: no cover - compiled
+    if deq:
+        if cmode == 8:
+            _panel_steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, 8, 1)
+        elif cmode == 9:
+            _panel_steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, 9, 1)
+        elif cmode == 3:
+            _panel_steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, 3, 1)
+        else:
+            _panel_steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, 2, 1)
+    else:
+        if cmode == 8:
+            _panel_steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, 8, 0)
+        elif cmode == 9:
+            _panel_steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, 9, 0)
+        elif cmode == 3:
+            _panel_steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, 3, 0)
+        else:
+            _panel_steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, 2, 0)
 
 
 @njit(inline="always")
@@ -365,8 +595,11 @@ def _unit_shape(W, bits):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma: no cover - compiled
-    # work unit u: the S strips of 16 output channels whose codes lie in one byte range of a tile row, all rows
+def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, deq, out, u0, u1):  # pragma: no cover - compiled
+    # work unit u: the S strips of 16 output channels whose codes lie in one byte range of a tile row, all rows.
+    # zp: [G, N] zero points, or one row of them for every group (4-bit symmetric: 8), or none (8-bit symmetric).
+    # direct: xp holds x itself ([1, M / 16, 16 K], bfloat16 bits), its rows read as A tiles 2 K bytes apart.
+    # deq (one part only): dequantized panels, all of K one accumulation (:func:`dequantizes`)
     _, blocks, rbs = xp.shape
     Mp = blocks * 16
     T, K, W = wb.shape
@@ -374,7 +607,6 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma
     N = T * NT
     nb, S = _unit_shape(W, bits)
     per_tile = W // nb
-    has_zp = zp.shape[0] > 0
     cw = 16 * S
     cb = np.empty((Mp, cw), np.float32)  # partial sums of a group
     acc = np.empty((Mp, cw), np.float32)  # the unit's output: sums of the groups' scaled sums
@@ -386,8 +618,15 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma
     cf = cb.reshape(-1)
     af = acc.reshape(-1)
     sf = scale.reshape(-1)
+    zf = zp.reshape(-1)
+    zstride = N if zp.shape[0] > 1 else 0
+    cmode = (9 if zp.shape[0] else 8) if bits == 8 else (2 if W == 8 else 3)
     pstride = blocks * rbs
-    whole = gsize <= KB  # blocks of whole groups (else: blocks inside one group)
+    gacc = K if deq else gsize  # rows of K accumulated in float32 before a scaling
+    whole = gacc <= KB  # blocks of whole groups (else: blocks inside one group)
+    # strips per AMX block: at 16 rows one tile of A serves four strips (more C tiles in flight); else 2 x 2
+    wide = 4 if parts == 1 and Mp == 16 else 2
+    akmul, astride = (1, 2 * K) if direct else (16, 64)
     for u in range(u0, u1):
         t = u // per_tile
         b0 = (u % per_tile) * nb  # the unit's first byte of a tile row
@@ -399,47 +638,36 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma
         acc[:] = 0
         k = 0
         while k < K:
-            g0 = k // gsize
+            g0 = k // gacc
             if whole:
-                nk = min((KB // gsize) * gsize, K - k)
-                gl = gsize
+                nk = min((KB // gacc) * gacc, K - k)
+                gl = gacc
                 first = 1
                 last = 1
             else:
-                gend = (g0 + 1) * gsize
+                gend = (g0 + 1) * gacc
                 nk = min(KB, gend - k)
                 gl = nk
-                first = 1 if k == g0 * gsize else 0
+                first = 1 if k == g0 * gacc else 0
                 last = 1 if k + nk == gend else 0
-            for i in range(S):
-                pf = nk * W if i == 0 else 0  # the unit's first strip prefetches the next block's lines
-                if bits == 8:
-                    mode = 8
-                    base = (t * K + k) * W + cols[i]
-                elif W == 8:
-                    mode = 2
-                    base = (t * K + k) * W
-                elif i < S // 2:
-                    mode = 0
-                    base = (t * K + k) * W + cols[i]
-                else:
-                    mode = 1
-                    base = (t * K + k) * W + cols[i] - W
-                for j in range(nk // gl):  # each group's own zero points
-                    zb = (g0 + j) * zp.shape[1] + t * NT + cols[i]
-                    if has_zp:
-                        _panel(wb, base + j * gl * W, gl // 2, zp, zb, buf, i * bstride + j * gl * 16, pf, mode, True)
-                    else:
-                        _panel(wb, base + j * gl * W, gl // 2, zp, zb, buf, i * bstride + j * gl * 16, pf, mode, False)
-            for sp in range(0, S, 2):
-                ns = min(2, S - sp)
-                s1 = sp + ns - 1
+            # the first step's panels here; each step converts the next one while the tiles multiply
+            for a in range(min(_AHEAD, nk // 32)):
+                ga = (k + 32 * a) // gsize
+                _steps(wb, buf, cols, zf, sf, (t * K + k) * W, ga * zstride + t * NT, ga * N + t * NT, S, bstride,
+                       32 * a, 16, nk * W, cmode, deq)
+            for sp in range(0, S, wide):
+                ns = min(wide, S - sp)
                 m0 = 0
                 while m0 < Mp:
-                    nr = 2 if Mp - m0 >= 32 and parts == 1 else 1
-                    _block(xf, m0 * K + 16 * k, rbs, pstride, nk, gl, buf, sp * bstride, bstride, cf,
-                           m0 * cw + 16 * sp, cw, first, last, af, m0 * cw + 16 * sp, m0 * cw + 16 * s1, cw, sf,
-                           g0 * N + t * NT + cols[sp], g0 * N + t * NT + cols[s1], N, zero, ns, nr, parts)
+                    nr = 2 if Mp - m0 >= 32 and parts == 1 and ns == 2 else 1
+                    conv = 1 if sp == 0 and m0 == 0 else 0
+                    # whole runs keep no partial sums between calls: their C tiles pass through the first rows
+                    # of cb (they stay in L1)
+                    q = (m0 * K + akmul * k, rbs, pstride, nk, gl, sp * bstride, bstride,
+                         (0 if whole else m0 * cw) + 16 * sp, cw, first, last, m0 * cw + 16 * sp, cw,
+                         g0 * N + t * NT, sp, N, conv, (t * K + k) * W, S, nk * W, k, gsize, zstride, t * NT, akmul,
+                         astride)
+                    _block(xf, wb, buf, cf, af, sf, zf, cols, zero, q, ns, nr, parts, cmode, deq)
                     m0 += 16 * nr
             k += nk
         for i in range(S):
@@ -452,21 +680,22 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, out, u0, u1):  # pragma
 
 
 #: the team kernel's operands (its chunks are the work units); wb's dtype is the kernel's own
+#: ``flags``: bits | direct << 8 | deq << 9 (a block holds at most 13 operands)
 OPERANDS = _omp.Operands("amx", parts=_omp.I64, M=_omp.I64, T=_omp.I64, K=_omp.I64, W=_omp.I64,
-                         gsize=_omp.I64, bits=_omp.I64, zp_rows=_omp.I64, x=_omp.ADDR, wb=_omp.ADDR,
+                         gsize=_omp.I64, flags=_omp.I64, zp_rows=_omp.I64, x=_omp.ADDR, wb=_omp.ADDR,
                          scale=_omp.ADDR, zp=_omp.ADDR, out=_omp.ADDR)
 _read = OPERANDS.read
 
 
 @njit(inline="always")
 def _amx_chunk(o, i, u0, u1, wdt, _y):  # pragma: no cover - compiled; units u0..u1 on a thread of torch's team
-    M, T, K, W, G, bits = o.M, o.T, o.K, o.W, o.K // o.gsize, o.bits
+    M, T, K, W, G, bits = o.M, o.T, o.K, o.W, o.K // o.gsize, o.flags & 255
     NT = W * 2 if bits == 4 else W
     Mp = (M + 15) // 16 * 16
     zrows = o.zp_rows
     _amx_units(carray(o.x, (o.parts, Mp // 16, 16 * K), np.int16), o.parts, M, carray(o.wb, (T, K, W), wdt),
                carray(o.scale, (G, T * NT), np.float32), carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8),
-               o.gsize, bits, carray(o.out, (M, T * NT), np.float32), u0, u1)
+               o.gsize, bits, (o.flags >> 8) & 1, o.flags >> 9, carray(o.out, (M, T * NT), np.float32), u0, u1)
     return 0
 
 
@@ -610,9 +839,23 @@ def amx_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarray
                          f"group size {gsize}")
     if W % (16 if bits == 8 else 8):
         raise ValueError(f"tile rows of {W} bytes: the kernel reads strips of 16 channels")
-    xp = split_rows(torch.from_numpy(x))
-    _run(xp, wb, scale, zp, gsize, bits, out)
+    _run(split_rows(torch.from_numpy(x)), wb, scale, zp, gsize, bits, out)
     return out
+
+
+def dequantizes(dtype: torch.dtype, rows: int, in_features: int, group_size: int) -> bool:
+    """Whether a call multiplies dequantized bfloat16 panels, ``bfloat16((code - zp) * scale)``, accumulating all
+    of K at once: bfloat16 activations, ``_DEQ_ROWS`` rows or more, several groups. Scaling the float32 sums at
+    the end of every group (one multiply-add per row and channel) then costs more than the conversion; the weight
+    is rounded to bfloat16 as the activations are, as F.linear on the dequantized bfloat16 weight computes. Decided
+    per call (all its row chunks alike), so a row's result does not depend on how the call is chunked.
+
+    >>> dequantizes(torch.bfloat16, 128, 4096, 128), dequantizes(torch.bfloat16, 16, 4096, 128)
+    (True, False)
+    >>> dequantizes(torch.bfloat16, 128, 4096, 4096), dequantizes(torch.float32, 128, 4096, 128)
+    (False, False)
+    """
+    return dtype == torch.bfloat16 and rows >= _DEQ_ROWS and group_size < in_features
 
 
 def amx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -623,13 +866,20 @@ def amx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
     M = x.shape[0]
     out = torch.empty((M, out_features), dtype=torch.float32)
     wb, sc, zp = qweight.numpy(), scale.numpy(), zero_point.numpy()
+    deq = int(dequantizes(x.dtype, M, qweight.shape[1], group_size))
     for r0 in range(0, M, ROW_CHUNK):
         r1 = min(M, r0 + ROW_CHUNK)
-        _run(split_rows(x[r0:r1]), wb, sc, zp, group_size, bits, out[r0:r1].numpy())
+        xs = x[r0:r1]
+        if xs.dtype == torch.bfloat16 and (r1 - r0) % _ROWS == 0 and xs.is_contiguous():
+            # bfloat16 rows in whole tiles need no split: the A tiles are read from x, a row 2 K bytes apart
+            _run(xs.reshape(1, (r1 - r0) // _ROWS, _ROWS * xs.shape[1]), wb, sc, zp, group_size, bits,
+                 out[r0:r1].numpy(), direct=1, deq=deq)
+        else:
+            _run(split_rows(xs), wb, sc, zp, group_size, bits, out[r0:r1].numpy(), deq=deq)
     return out
 
 
-def _run(xp: torch.Tensor, wb, scale, zp, gsize, bits, out) -> None:
+def _run(xp: torch.Tensor, wb, scale, zp, gsize, bits, out, direct: int = 0, deq: int = 0) -> None:
     if not (_AVAILABLE or available()):  # a tile instruction without the tile state is SIGILL, not an error
         raise RuntimeError("this process cannot use AMX tiles (no AMX-BF16 CPU, or Linux refused the tile state)")
     P = xp.shape[0]
@@ -637,12 +887,18 @@ def _run(xp: torch.Tensor, wb, scale, zp, gsize, bits, out) -> None:
     M = out.shape[0]
     if M == 0 or T == 0:
         return
-    NT = W * 2 if bits == 4 else W
+    if bits == 4 and zp.shape[0] == 0:  # symmetric 4-bit codes carry the offset 8: one row of 8s serves every group
+        zp = _eights(out.shape[1])
     units = _units(T, W, bits)
     xi = xp.view(torch.int16).numpy()
-    block = _omp.new_block(units, units, OPERANDS.pack(parts=P, M=M, T=T, K=K, W=W, gsize=gsize, bits=bits,
-                                                       zp_rows=zp.shape[0], x=xi.ctypes.data, wb=wb.ctypes.data,
-                                                       scale=scale.ctypes.data, zp=zp.ctypes.data,
-                                                       out=out.ctypes.data))
-    _omp.run(units, _TEAM_KERNELS[wb.dtype == np.int8], block, _amx_units, (xi, P, M, wb, scale, zp, gsize, bits, out),
-             units, 1, nchunks=units)
+    block = _omp.new_block(units, units, OPERANDS.pack(parts=P, M=M, T=T, K=K, W=W, gsize=gsize,
+                                                       flags=bits | direct << 8 | deq << 9, zp_rows=zp.shape[0],
+                                                       x=xi.ctypes.data, wb=wb.ctypes.data, scale=scale.ctypes.data,
+                                                       zp=zp.ctypes.data, out=out.ctypes.data))
+    _omp.run(units, _TEAM_KERNELS[wb.dtype == np.int8], block, _amx_units,
+             (xi, P, M, wb, scale, zp, gsize, bits, direct, deq, out), units, 1, nchunks=units)
+
+
+@functools.lru_cache(maxsize=16)
+def _eights(n: int) -> np.ndarray:
+    return np.full((1, n), 8, np.uint8)  # never written: the kernels only read zero points

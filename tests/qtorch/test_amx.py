@@ -251,3 +251,99 @@ def test_a_layer_whose_shape_amx_does_not_serve_is_never_timed_under_that_name(m
         q(torch.randn(16, 100))
     offered = [set(v["ms"]) for k, v in d.decisions().items() if not k.startswith("layout|")]
     assert offered and all("amx" not in names for names in offered)
+
+
+def _every_code_case(bits, nt, asym, k=64, gsize=32, seed=0):
+    """Operands of the blocked layout (``nt`` channels a tile, two tiles) holding every code, and every code with
+    every zero point, plus the exact dequantized weight ``[K, N]`` (float64: scales are powers of two)."""
+    n = 2 * nt
+    kk, nn = np.meshgrid(np.arange(k), np.arange(n), indexing="ij")
+    g = np.arange(k // gsize)[:, None]
+    scale = (2.0 ** -(1 + (np.arange(n)[None, :] + g) % 5)).astype(np.float32)
+    if bits == 4:
+        codes = (kk + 3 * nn + kk // 16) % 16
+        zp = ((7 * np.arange(n)[None, :] + 5 * g) % 16).astype(np.uint8) if asym else np.zeros((0, 0), np.uint8)
+        t = codes.reshape(k, 2, nt).transpose(1, 0, 2)  # [T, K, NT]
+        wb = (t[:, :, :nt // 2] | t[:, :, nt // 2:] << 4).astype(np.uint8)
+        z = zp[kk // gsize, nn] if asym else np.full((k, n), 8)
+    else:
+        codes = (16 * kk + nn + kk // 8) % 256
+        if not asym:
+            codes = codes - 128  # every int8 value, -128 included
+        zp = ((37 * np.arange(n)[None, :] + 101 * g) % 256).astype(np.uint8) if asym else np.zeros((0, 0), np.uint8)
+        wb = codes.reshape(k, 2, nt).transpose(1, 0, 2).astype(np.uint8 if asym else np.int8)
+        z = zp[kk // gsize, nn] if asym else np.zeros((k, n))
+    deq = (codes - z) * scale[kk // gsize, nn].astype(np.float64)
+    return np.ascontiguousarray(wb), scale, zp, gsize, deq
+
+
+@pytest.mark.parametrize("bits, nt, asym", [(4, nt, asym) for nt in (16, 32, 64, 128) for asym in (True, False)]
+                         + [(8, nt, asym) for nt in (16, 64, 128) for asym in (True, False)])
+def test_every_code_and_zero_point_converts_exactly(bits, nt, asym):
+    # one-hot rows of x read the weight back row by row: (code - zp) * scale exactly, for every code and every zero
+    # point of the width, at 16 rows (4 strips per A tile) and 64 rows (2 x 2 tiles); all groups of 32 rows
+    wb, scale, zp, gsize, deq = _every_code_case(bits, nt, asym)
+    k, n = deq.shape
+    for rows in (16, 64):
+        x = np.eye(rows, k, dtype=np.float32)
+        out = amx.amx_blocked(x, wb, scale, zp, gsize, bits, np.empty((rows, n), np.float32))
+        np.testing.assert_array_equal(out, deq[:rows].astype(np.float32))
+
+
+def _dequantized_panel_case(bits):
+    # a grouped layer and 64 bfloat16 rows: the calls that multiply dequantized bfloat16 panels
+    q = _layer(QuantScheme(bits, False, PerGroup(64)), torch.bfloat16, 96, 256, seed=11)
+    torch.manual_seed(12)
+    return q, torch.randn(64, 256, dtype=torch.bfloat16)
+
+
+def test_fallback_conversions_without_avx512_bf16_or_bw_give_the_same_numbers(tmp_path):
+    # the code numba builds where the CPU lacks AVX512-BF16 (float32 -> bfloat16 by the bits, rounded to nearest
+    # even) or AVX512-BW (no vpermw table): compiled here in a child with both switched off and an empty numba
+    # cache, it reads every code back exactly and gives the dequantized-panel calls' numbers bit for bit
+    script = textwrap.dedent("""
+        import sys
+        import numpy as np
+        import torch
+        from qtorch import amx
+        from qtorch.layouts import blocked
+        amx._CVT = amx._BW = False
+        sys.path.insert(0, sys.argv[1])
+        import test_amx
+        for bits, nt, asym in ((4, 16, True), (4, 64, False), (8, 64, False), (8, 16, True)):
+            wb, scale, zp, gsize, deq = test_amx._every_code_case(bits, nt, asym)
+            x = np.eye(16, deq.shape[0], dtype=np.float32)
+            out = amx.amx_blocked(x, wb, scale, zp, gsize, bits, np.empty((16, deq.shape[1]), np.float32))
+            assert np.array_equal(out, deq[:16].astype(np.float32)), (bits, nt, asym)
+        for bits in (4, 8):
+            q, x = test_amx._dequantized_panel_case(bits)
+            with torch.no_grad():
+                y = blocked.BLOCKED.linear(q.quantized_weight, x, "amx")
+            np.save(sys.argv[2] + f"/y{bits}.npy", y.float().numpy())
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), NUMBA_CACHE_DIR=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0 and res.stdout.split() == ["ok"], res.stderr[-3000:]
+    for bits in (4, 8):
+        q, x = _dequantized_panel_case(bits)
+        assert amx.dequantizes(x.dtype, 64, 256, 64)
+        with torch.no_grad():
+            y = blocked.BLOCKED.linear(q.quantized_weight, x, "amx")
+        assert torch.equal(torch.from_numpy(np.load(tmp_path / f"y{bits}.npy")), y.float())
+        _assert_close(y, x, q)
+
+
+def test_dequantized_panels_are_the_bfloat16_weight():
+    # 64 bfloat16 rows of a grouped layer: the kernel's float32 sums (before the output's rounding) are those of
+    # the dequantized weight rounded to bfloat16, as F.linear's bfloat16 weight is (exact codes would be 2^-9 off)
+    for bits in (4, 8):
+        q, x = _dequantized_panel_case(bits)
+        spec, b = q.quantized_weight.spec, q.quantized_weight.buffers
+        scale, zp = blocked.blocked_params(b["scale"], b["zero_point"], spec.out_features)
+        y = amx.amx_linear(x, b["qweight"], scale, zp, spec.group, bits, spec.out_features)
+        w = q.dequantized_weight(torch.bfloat16).double()
+        exact, bound = x.double() @ w.t(), x.double().abs() @ w.abs().t()
+        assert y.dtype == torch.float32
+        assert float(((y.double() - exact).abs() / bound).max()) < 1e-6
