@@ -34,7 +34,8 @@ def _no_team(monkeypatch):
 @pytest.mark.parametrize("tile", [64, 128])
 @pytest.mark.parametrize("team", [True, False])
 @pytest.mark.parametrize("fold", [False, True])
-def test_one_row_matches_float64_reference(bits, sym, kind, g, k, tile, team, fold, monkeypatch):
+@pytest.mark.parametrize("wide", [False, True])
+def test_one_row_matches_float64_reference(bits, sym, kind, g, k, tile, team, fold, wide, monkeypatch):
     if not team:
         _no_team(monkeypatch)
     if kind == "group" and k % g:
@@ -47,7 +48,7 @@ def test_one_row_matches_float64_reference(bits, sym, kind, g, k, tile, team, fo
     sp, zp = blocked.blocked_params(sb, zb, n)
     gsize = g if kind == "group" else k
     out = gemv.gemv_blocked(x[0].numpy(), wb.numpy(), sp.numpy(), zp.numpy(), gsize, bits,
-                            np.full(n, np.nan, np.float32), fold=fold)
+                            np.full(n, np.nan, np.float32), fold=fold, wide=wide)
     bound = (x.double().abs() @ w.abs().T)[0]  # code - zero point is exact: only the dot product rounds
     if fold:  # z * sum(x) subtracted per group: the rounding scales with the codes and zero points (< 2^bits)
         bound = (x.double().abs() @ (2.0 ** (bits + 1) * sp.T.double().repeat_interleave(gsize, dim=1)).T)[0]
@@ -67,6 +68,45 @@ def test_team_and_threads_give_the_same_bits(bits, fold, monkeypatch):
     _no_team(monkeypatch)
     b = gemv.gemv_blocked(x, wb.numpy(), sp.numpy(), zp.numpy(), g, bits, np.empty(512, np.float32), fold=fold)
     assert np.array_equal(a, b)  # every tile is computed by the same code, whoever claims it
+
+
+@pytest.mark.parametrize("bits,sym,kind,g", CASES)
+@pytest.mark.parametrize("k", [1, 7, 100, 520])
+@pytest.mark.parametrize("tile", [64, 128])
+@pytest.mark.parametrize("fold", [False, True])
+def test_lane_width_and_prefetch_change_no_bit(bits, sym, kind, g, k, tile, fold):
+    # 16-float (AVX-512) and 8-float vectors, with and without prefetching, run the same operations on each column
+    # in the same order: forced on or off on any host (LLVM splits wide vectors where the CPU lacks them), the
+    # results are equal bit for bit; ragged K, groups of 4 and zero points included
+    if kind == "group" and k % g:
+        g = 1
+    n = 3 * tile
+    w, wb, sb, zb = _blocked(bits, sym, kind, g, n, k, tile, seed=7 * k + tile)
+    sp, zp = blocked.blocked_params(sb, zb, n)
+    gsize = g if kind == "group" else k
+    x = np.random.default_rng(k).standard_normal(k).astype(np.float32)
+    outs = [gemv.gemv_blocked(x, wb.numpy(), sp.numpy(), zp.numpy(), gsize, bits, np.full(n, np.nan, np.float32),
+                              fold=fold, wide=wide, prefetch=pf)
+            for wide in (False, True) for pf in (0, 64, 4096)]
+    assert np.isfinite(outs[0]).all()
+    for o in outs[1:]:
+        assert np.array_equal(o, outs[0])
+
+
+def test_the_host_decides_the_lane_width():
+    from qtorch._ir import host_has
+    assert gemv.WIDE == host_has("avx512f")
+    w = qtorch.W4A16Linear.from_linear(torch.nn.Linear(256, 128)).quantized_weight
+    assert w.hold_layout("blocked", torch.float32)
+    assert blocked.BLOCKED.plan(w).wide == gemv.WIDE
+
+
+@pytest.mark.parametrize("prefetch", [-64, 1.5, True, 1 << 30])
+def test_a_bad_prefetch_distance_is_refused(prefetch):
+    wb = np.ones((1, 128, 64), np.int8)
+    with pytest.raises(ValueError, match="prefetch"):
+        gemv.gemv_blocked(np.ones(128, np.float32), wb, np.ones((1, 64), np.float32), np.zeros((0, 0), np.uint8),
+                          128, 8, np.empty(64, np.float32), prefetch=prefetch)
 
 
 def test_eligibility_by_bytes_per_tile_row():
