@@ -306,8 +306,10 @@ def test_fallback_conversions_without_avx512_bf16_or_bw_give_the_same_numbers(tm
         import numpy as np
         import torch
         from qtorch import amx
+        from qtorch import layouts
         from qtorch.layouts import blocked
         amx._CVT = amx._BW = False
+        layouts.TORCH_PACK_KERNELS = False  # bfloat16 layers on the blocked layout, as the fixture of this module
         sys.path.insert(0, sys.argv[1])
         import test_amx
         for bits, nt, asym in ((4, 16, True), (4, 64, False), (8, 64, False), (8, 16, True)):
@@ -322,7 +324,10 @@ def test_fallback_conversions_without_avx512_bf16_or_bw_give_the_same_numbers(tm
             np.save(sys.argv[2] + f"/y{bits}.npy", y.float().numpy())
         print("ok")
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), NUMBA_CACHE_DIR=str(tmp_path))
+    # the child runs the layouts' own paths with no dispatch file, as the tests here do (a measured layout choice
+    # could put the layer elsewhere than on the blocked layout)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), NUMBA_CACHE_DIR=str(tmp_path),
+               QTORCH_AUTOTUNE="0", QTORCH_CACHE_DIR=str(tmp_path))
     res = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(tmp_path)],
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0 and res.stdout.split() == ["ok"], res.stderr[-3000:]
