@@ -23,6 +23,7 @@ import numbers
 
 import numpy as np
 
+from .gptq import _blas_threads
 from .quantize import check_float_array, dequantize, quantize
 from .scheme import QuantScheme
 
@@ -36,12 +37,13 @@ def output_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
     return float(np.einsum("nk,nk->", e @ h, e))
 
 
-def awq_scales(weights, h, scheme: QuantScheme, *, grid: int = 20, params: str = "minmax"
+def awq_scales(weights, h, scheme: QuantScheme, *, grid: int = 10, params: str = "minmax", rows: int = 128
                ) -> tuple[np.ndarray, float]:
     """``(s [K] float32, alpha)`` for the weights ``[N_i, K]`` that share inputs with Hessian ``h [K, K]``,
     each rounded with ``scheme`` and ``params`` (see the module's docstring). ``s`` is all ones when
     ``alpha == 0`` wins. Scales are normalised to a geometric mean of 1 between their extremes, and inputs that
-    are (almost) always zero get the smallest scale rather than 0."""
+    are (almost) always zero get the smallest scale rather than 0. The error is scored (in float32) on ``rows``
+    evenly spaced rows of each weight: rows round independently, and ``alpha`` is one number for all of them."""
     h = np.asarray(h)
     if h.ndim != 2 or h.shape[0] != h.shape[1] or h.dtype.kind != "f" or not np.all(np.isfinite(h)):
         raise ValueError(f"h must be a finite float [K, K] matrix, got {h.dtype} {h.shape}")
@@ -56,25 +58,33 @@ def awq_scales(weights, h, scheme: QuantScheme, *, grid: int = 20, params: str =
             raise ValueError(f"weights[{i}] contains NaN or Inf")
     if not isinstance(scheme, QuantScheme):
         raise TypeError(f"scheme must be a qcore.QuantScheme, got {type(scheme).__name__}")
-    if isinstance(grid, bool) or not isinstance(grid, numbers.Integral) or grid < 1:
-        raise ValueError(f"grid must be a positive int, got {grid!r}")
+    for name, v in (("grid", grid), ("rows", rows)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    ws = [w[np.unique(np.linspace(0, len(w) - 1, min(len(w), rows)).round().astype(np.int64))] if len(w) else w
+          for w in ws]
     h = h.astype(np.float64)
     rms = np.sqrt(np.maximum(np.diag(h), 0.0) / 2)
     if k == 0 or not rms.max() > 0:
         return np.ones(k, np.float32), 0.0
     rms = np.maximum(rms, rms.max() * 1e-4)  # never a zero scale: 1/s folds into the producer of x
+    h32 = h.astype(np.float32)
 
     def error(s):
-        return sum(output_error(w, dequantize(quantize((w * s).astype(np.float32), scheme, params=params)) / s, h)
-                   for w in ws)
+        total = 0.0
+        for w in ws:
+            e = w - dequantize(quantize((w * s).astype(np.float32), scheme, params=params)).astype(np.float32) / s
+            total += float(np.einsum("nk,nk->", e @ h32, e, dtype=np.float64))
+        return total
 
     best_alpha, best_s = 0.0, np.ones(k, np.float32)
-    best = error(best_s.astype(np.float64))
-    for step in range(1, grid + 1):
-        alpha = step / grid
-        s = rms ** alpha
-        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        e = error(s.astype(np.float64))
-        if e < best:
-            best, best_alpha, best_s = e, alpha, s
+    with _blas_threads():
+        best = error(best_s)
+        for step in range(1, grid + 1):
+            alpha = step / grid
+            s = rms ** alpha
+            s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+            e = error(s)
+            if e < best:
+                best, best_alpha, best_s = e, alpha, s
     return best_s, best_alpha
