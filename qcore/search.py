@@ -35,10 +35,25 @@ _MIN_ELEMENTS = 1 << 14  # elements per thread's share, at least (each is scored
 
 
 @njit(cache=True, nogil=True)
-def _group_error(seg, start, stop, s, z, qmin, qmax, wts):
+def _group_error(seg, start, stop, s, z, qmin, qmax):
     """Squared error of rounding ``seg[start:stop]`` on the grid ``(s, z)``, in the arithmetic of
-    ``qcore._kernels`` (``rint(x / s) + z`` in the input's dtype, clip, then ``(q - z) * s`` in float32), each
-    element's term weighted by ``wts[i]`` (all ones for plain squared error: the products are exact)."""
+    ``qcore._kernels`` (``rint(x / s) + z`` in the input's dtype, clip, then ``(q - z) * s`` in float32)."""
+    zc = np.float32(z)
+    lo = np.float32(qmin)
+    hi = np.float32(qmax)
+    err = 0.0
+    for i in range(start, stop):
+        v = seg[i]
+        q = min(max(np.rint(v / s) + zc, lo), hi)
+        d = np.float64((np.float32(q) - zc) * s) - np.float64(v)
+        err += d * d
+    return err
+
+
+@njit(cache=True, nogil=True)
+def _weighted_group_error(seg, start, stop, s, z, qmin, qmax, wts):
+    """:func:`_group_error` with each element's term weighted by ``wts[i]`` (all ones for the plain squared
+    error: the products are exact)."""
     zc = np.float32(z)
     lo = np.float32(qmin)
     hi = np.float32(qmax)
@@ -69,13 +84,13 @@ def _mse_rows(x, g, qmin, qmax, symmetric, steps, lowest, wts, scale, zp, r0, r1
                 mn = min(mn, v)
                 mx = max(mx, v)
             best_s, best_z = params_from_minmax(mn, mx, qmax, symmetric)
-            best = _group_error(xr, start, stop, best_s, best_z, qmin, qmax, wts)
+            best = _weighted_group_error(xr, start, stop, best_s, best_z, qmin, qmax, wts)
             for k in range(1, steps):
                 if best == 0.0:
                     break
                 ratio = 1.0 - (1.0 - lowest) * k / (steps - 1)
                 s, z = params_from_minmax(mn * ratio, mx * ratio, qmax, symmetric)
-                e = _group_error(xr, start, stop, s, z, qmin, qmax, wts)
+                e = _weighted_group_error(xr, start, stop, s, z, qmin, qmax, wts)
                 if e < best:
                     best, best_s, best_z = e, s, z
             scale[r, j] = best_s
