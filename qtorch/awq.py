@@ -66,7 +66,7 @@ def _shared_inputs(block: nn.Module, jobs: list, run: Callable[[], torch.Tensor]
 
 
 def fold_block(block: nn.Module, jobs: list, hessians: list, run: Callable[[], torch.Tensor], *,
-               grid: int = 20) -> list[tuple[str, float]]:
+               grid: int = 10) -> list[tuple[str, float]]:
     """Fold activation-aware scales into ``block`` (see the module's docstring); ``hessians[i]`` (a
     :class:`qcore.gptq.Hessian` of ``jobs[i]``) is rescaled in place. ``run()`` runs the block on a calibration
     batch and returns its output. Returns ``(first layer's name, alpha)`` per folded set."""
@@ -93,7 +93,8 @@ def fold_block(block: nn.Module, jobs: list, hessians: list, run: Callable[[], t
             if alpha == 0:
                 continue
             st = torch.from_numpy(s)
-            targets = [None] if producers is None else producers
+            targets = [None] if producers is None else \
+                [u for u in producers if _passes_through(jobs[u].module, jobs[users[0]].module, run)]
             for producer in targets:
                 shrink = [norm.weight] + ([norm.bias] if isinstance(getattr(norm, "bias", None), torch.Tensor)
                                           else []) if producer is None else \
@@ -120,6 +121,34 @@ def fold_block(block: nn.Module, jobs: list, hessians: list, run: Callable[[], t
                 out.append((jobs[users[0]].record.name, alpha))
                 break
     return out
+
+
+def _passes_through(producer: nn.Linear, consumer: nn.Linear, run: Callable[[], torch.Tensor]) -> bool:
+    """Whether dividing ``producer``'s output channels by a scale divides ``consumer``'s input channels by the
+    same scale (``up_proj`` for ``down_proj``, which reads ``act(gate) * up``; not ``gate_proj``), tried with
+    powers of two, whose products are exact."""
+    t = 2.0 ** (torch.arange(producer.out_features) % 3 - 1).to(producer.weight.dtype)  # 1/2, 1, 2, 1/2...
+    seen = []
+
+    def hook(_module, args):
+        if not seen:
+            seen.append(args[0].detach().clone())
+
+    params = [producer.weight] + ([producer.bias] if producer.bias is not None else [])
+    saved = [(p, p.detach().clone()) for p in params]
+    handle = consumer.register_forward_pre_hook(hook)
+    try:
+        run()
+        before = seen.pop()
+        for p in params:
+            p.div_(t.to(p.device).reshape(-1, *([1] * (p.ndim - 1))))
+        run()
+        after = seen.pop()
+    finally:
+        handle.remove()
+        _restore(saved)
+    want = before / t.to(before.device, before.dtype)
+    return bool(torch.allclose(after, want, rtol=1e-5, atol=1e-6 * float(want.abs().max())))
 
 
 def _restore(saved) -> None:

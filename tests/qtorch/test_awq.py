@@ -62,15 +62,18 @@ def test_folding_leaves_a_float_llama_unchanged_and_rescales_the_hessians():
     assert not np.allclose(accs[0].h, jobs_and_hessians(loud_llama(), loud_llama().model.layers[0], batch)[1][0].h)
 
 
-def test_a_fold_that_changes_the_block_is_undone(monkeypatch):
-    """BERT's LayerNorm output also feeds the residual: scaling it changes the block, so nothing is kept."""
+@pytest.mark.parametrize("spread", [2.0, 1.001])
+def test_a_fold_that_changes_the_block_is_undone(monkeypatch, spread):
+    """BERT's LayerNorm output also feeds the residual: scaling it changes the block, so nothing is kept. Nor
+    does key take scales folded into query's rows (query runs before it, beside it, with outputs of key's input
+    width), however little they change this small model's output (spread 1.001)."""
     m, batch = bert_model(), token_batches()[0]
-    block = m.encoder.layer[0]
+    block = m.encoder.layer[1]
     jobs, accs = jobs_and_hessians(m, block, batch)
     before, hs = state_bytes(m), [a.h.copy() for a in accs]
     rng = np.random.default_rng(0)
-    monkeypatch.setattr(awq, "awq_scales", lambda ws, h, scheme, grid: (rng.uniform(0.5, 2, h.shape[0])
-                                                                        .astype(np.float32), 0.5))
+    monkeypatch.setattr(awq, "awq_scales", lambda ws, h, scheme, grid: (
+        rng.uniform(1 / spread, spread, h.shape[0]).astype(np.float32), 0.5))
     assert awq.fold_block(block, jobs, accs, lambda: m(**batch).last_hidden_state) == []
     assert state_bytes(m) == before
     assert all(np.array_equal(a.h, h) for a, h in zip(accs, hs))
