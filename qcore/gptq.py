@@ -166,9 +166,10 @@ def gptq(w, h, scheme: QuantScheme, *, damp: float = 0.01, act_order: bool = Fal
     quantize the columns in order of decreasing ``diag(H)`` (the stored groups stay contiguous along ``K``);
     ``block_size``: columns per lazy batch update (speed only); ``params``: the params method of each group
     (``"minmax"``, ``"mse"``, ...); ``weighted`` (with ``params="mse"``): score each group's candidate clippings
-    by ``sum_k H_kk (w_k - q_k)^2`` instead of the plain squared error; ``refit``: once every code is chosen, refit each row's group scales by least
-    squares on the output error (see :func:`refit_scales`). Columns whose inputs are always zero (``H[i, i] == 0``)
-    are quantized as 0. Deterministic: the same inputs give the same bytes.
+    by ``sum_k H_kk (w_k - q_k)^2`` instead of the plain squared error; ``refit``: once every code is chosen,
+    refit each row's group scales by least squares on the output error (see :func:`refit_scales`). Columns
+    whose inputs are always zero (``H[i, i] == 0``) are quantized as 0. Deterministic: the same inputs give the
+    same bytes.
     """
     w = check_float_array(w, "w")
     if w.ndim != 2:
