@@ -1,13 +1,16 @@
-"""Activation-aware scales folded into a block before GPTQ (``method_options={"awq": True}``).
+"""Activation-aware scales folded into a block before GPTQ (``method_options={"awq": True}``, the default).
 
 For each set of layers in a block that read the same tensor, made by a norm of that block (a module without
 children whose 1-D ``weight`` has the layers' input width: Llama's ``input_layernorm`` before q, k and v, its
 ``post_attention_layernorm`` before gate and up), :func:`qcore.awq.awq_scales` picks ``s [K]`` from the layers'
-Hessians; the layers' weights are multiplied by ``s`` along their input axis and the norm's weight (and bias) divided
-by it, so the block computes the same function before rounding, and each Hessian becomes ``H / (s s^T)``. The
-block is run on a calibration batch before and after: if its output moved by more than float32 rounding (the
-norm's output also feeds something else, such as a post-norm encoder's residual), every fold of the block is
-undone. A set whose best ``alpha`` is 0 is left alone.
+Hessians; the layers' weights are multiplied by ``s`` along their input axis and the norm's weight (and bias)
+divided by it, so the block computes the same function before rounding, and each Hessian becomes
+``H / (s s^T)``. A layer whose input no norm made (Llama's ``down_proj``, reading ``act(gate) * up``) takes its
+scales in the rows of a layer beside it that ran before it, where dividing that layer's outputs by a scale is
+seen to divide the consumer's inputs by the same scale (``up_proj``, not ``gate_proj``). After each fold the
+block is run on a calibration batch: if its output moved by more than float32 rounding (the norm's output also
+feeds something else, such as a post-norm encoder's residual), that fold is undone. A set whose best ``alpha``
+is 0 is left alone.
 """
 
 from __future__ import annotations
