@@ -25,8 +25,9 @@ not divide SmolLM2's 576, its groups straddle rows; qcore's last group of a row 
 
 Methods (``--methods``): ``minmax``, every registered qcore params method (``qcore.params_methods()``: ``mse``,
 ``hqq``... each group's grid chosen from the weight alone), ``gptq`` (error compensation from the calibration
-inputs, each group's grid by the default params method) and ``gptq:<params>`` (GPTQ with that params method's
-grids), and ``hqq-peer``: the ``hqq`` package's own ``Quantizer`` (HQQ 0.2.8, optimised zero point, float scale and
+inputs with ``qtorch.calibrate.GPTQ_DEFAULTS``: mse grids with diag(H)-weighted clippings, refitted scales and
+AWQ folds; ``--gptq weighted=false refit=false awq=false`` gives the earlier defaults) and ``gptq:<params>`` (GPTQ
+with that params method's grids), and ``hqq-peer``: the ``hqq`` package's own ``Quantizer`` (HQQ 0.2.8, optimised zero point, float scale and
 zero per group as it keeps them) on the same layers and group sizes, its dequantized weights put in place
 (8-bit: per output channel). Every cell quantizes a fresh copy of the model with ``qtorch.quantize_model`` (the
 default exclusions: SmolLM2's ``lm_head`` is its embedding table and stays dense); the table gives the accuracy

@@ -29,10 +29,10 @@ from numba import njit
 
 from ._parallel import run_split, threads
 from .params import params_method
-from .quantize import QuantizedArray, check_float_array, compute_qparams, quantize
+from .quantize import QuantizedArray, check_float_array, compute_qparams, dequantize, quantize  # noqa: F401
 from .scheme import PerChannel, PerGroup, PerTensor, QuantScheme, _normalize_axis
 
-__all__ = ["Hessian", "gptq"]
+__all__ = ["Hessian", "gptq", "refit_scales"]
 
 
 class Hessian:
@@ -159,14 +159,17 @@ def _blas_threads():
 
 
 def gptq(w, h, scheme: QuantScheme, *, damp: float = 0.01, act_order: bool = False, block_size: int = 128,
-         params: str = "minmax") -> QuantizedArray:
+         params: str = "minmax", weighted: bool = False, refit: bool = False) -> QuantizedArray:
     """Quantize ``w [N, K]`` with GPTQ given ``h = 2 X^T X`` (``[K, K]``, e.g. :attr:`Hessian.h`).
 
     ``damp``: added to the diagonal as a fraction of its mean (> 0 keeps the inverse stable); ``act_order``:
     quantize the columns in order of decreasing ``diag(H)`` (the stored groups stay contiguous along ``K``);
     ``block_size``: columns per lazy batch update (speed only); ``params``: the params method of each group
-    (``"minmax"``, ``"mse"``, ...). Columns whose inputs are always zero (``H[i, i] == 0``) are quantized as 0.
-    Deterministic: the same inputs give the same bytes.
+    (``"minmax"``, ``"mse"``, ...); ``weighted`` (with ``params="mse"``): score each group's candidate clippings
+    by ``sum_k H_kk (w_k - q_k)^2`` instead of the plain squared error; ``refit``: once every code is chosen,
+    refit each row's group scales by least squares on the output error (see :func:`refit_scales`). Columns
+    whose inputs are always zero (``H[i, i] == 0``) are quantized as 0. Deterministic: the same inputs give the
+    same bytes.
     """
     w = check_float_array(w, "w")
     if w.ndim != 2:
@@ -183,9 +186,12 @@ def gptq(w, h, scheme: QuantScheme, *, damp: float = 0.01, act_order: bool = Fal
         raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
     if not isinstance(block_size, numbers.Integral) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if not isinstance(act_order, bool):
-        raise TypeError(f"act_order must be a bool, got {act_order!r}")
+    for name, flag in (("act_order", act_order), ("weighted", weighted), ("refit", refit)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     params_method(params)  # ValueError naming the registered methods
+    if weighted and params != "mse":
+        raise ValueError(f"weighted=True weighs the clippings of params='mse', not of params={params!r}")
     wf = w.astype(np.float32)  # a copy: the caller's array is never touched
     if not np.all(np.isfinite(wf)):
         bad = tuple(int(i) for i in np.argwhere(~np.isfinite(wf))[0])
@@ -194,10 +200,96 @@ def gptq(w, h, scheme: QuantScheme, *, damp: float = 0.01, act_order: bool = Fal
     if n == 0 or k == 0:
         return quantize(wf, scheme)  # nothing to compensate: the empty array's conventional parameters
     with _blas_threads():
-        return _columns(wf, h, scheme, kind, gsize, float(damp), act_order, int(block_size), params)
+        qa = _columns(wf.copy() if refit else wf, h, scheme, kind, gsize, float(damp), act_order, int(block_size),
+                      params, weighted)
+        if refit and kind != "tensor":  # one scale shared by all rows: nothing to fit row by row
+            qa = refit_scales(wf, h, qa, damp=float(damp))
+        return qa
 
 
-def _params(x, scheme, method):
+def refit_scales(w, h, qa: QuantizedArray, *, damp: float = 0.01) -> QuantizedArray:
+    """``qa`` (a quantization of ``w [N, K]``, per output channel or per group along ``K``) with each row's scales
+    refitted, codes and zero points kept: per row, the scales ``s`` that minimise the output error
+    ``(w - dq)^T H' (w - dq)``, ``dq_k = s_g(k) (q_k - z_g(k))``, a least-squares problem with one unknown per
+    group (``H' = H + damp * mean(diag H) * I``, as :func:`gptq` dampens it). A row keeps its old scales unless the
+    new ones are positive, finite and lower its error, so the error of a row never rises. Useful after
+    :func:`gptq`, whose scales were chosen before the compensation moved the weights.
+
+    >>> rng = np.random.default_rng(0); x = rng.standard_normal((256, 32)); w = rng.standard_normal((4, 32))
+    >>> h = Hessian.of(x); qa = quantize(w, QuantScheme(4, False, PerGroup(16, axis=1)))
+    >>> err = lambda q: float(np.sum(((w - dequantize(q)) @ h) * (w - dequantize(q))))
+    >>> bool(err(refit_scales(w, h, qa, damp=0.0)) < err(qa))
+    True
+    """
+    w = check_float_array(w, "w")
+    if not isinstance(qa, QuantizedArray):
+        raise TypeError(f"qa must be a qcore.QuantizedArray, got {type(qa).__name__}")
+    if w.ndim != 2 or qa.shape != w.shape:
+        raise ValueError(f"w must be 2-D [N, K] with qa's shape {qa.shape}, got {w.shape}")
+    n, k = w.shape
+    kind, gsize = _check_scheme(qa.scheme, n, k)
+    if kind == "tensor":
+        raise ValueError("refit_scales fits each row's scales; a PerTensor() scheme shares one scale by all rows")
+    h = np.asarray(h)
+    if h.shape != (k, k) or h.dtype.kind != "f" or not np.all(np.isfinite(h)):
+        raise ValueError(f"h must be a finite float [K, K] = [{k}, {k}] matrix, got {h.dtype} {h.shape}")
+    if not isinstance(damp, numbers.Real) or not np.isfinite(damp) or damp < 0:
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    if n == 0 or k == 0:
+        return qa
+    h = h.astype(np.float64)
+    dead = np.diag(h) == 0  # as gptq: an input that is always zero makes its weight 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
+    wd = w.astype(np.float64)
+    wd[:, dead] = 0.0
+    old = np.ascontiguousarray(qa.scale, np.float32).reshape(n, -1)
+    ng = old.shape[1]
+    gidx = np.arange(k) // gsize if kind == "group" else np.zeros(k, np.int64)
+    starts = np.arange(0, k, gsize) if kind == "group" else np.array([0])
+    c = qa.codes.astype(np.float64)
+    if qa.zero_point is not None:
+        c -= np.asarray(qa.zero_point, np.float64).reshape(n, -1)[:, gidx]
+    with _blas_threads():
+        m = np.empty((n, ng, ng))
+        for g in range(ng):
+            cols = slice(starts[g], starts[g] + gsize)
+            m[:, :, g] = np.add.reduceat(c * (c[:, cols] @ h[cols]), starts, axis=1)
+        wh = wd @ h
+    rhs = np.add.reduceat(c * wh, starts, axis=1)
+    base = np.einsum("rk,rk->r", wh, wd)
+
+    def error(s):  # (w - c s)^T H (w - c s) per row, from the normal equations' terms
+        s = s.astype(np.float64)
+        return np.einsum("rg,rgh,rh->r", s, m, s) - 2 * np.einsum("rg,rg->r", s, rhs) + base
+
+    idle = np.einsum("rgg->rg", m) <= 0  # a group whose codes all sit on the zero point: its scale is moot
+    fixed_m, fixed_rhs = m.copy(), rhs.copy()
+    fixed_m[idle[:, :, None] & idle[:, None, :]] = 0.0
+    rows, groups = np.nonzero(idle)
+    fixed_m[rows, groups, groups] = 1.0
+    fixed_rhs[idle] = old[idle]
+    try:
+        new = np.linalg.solve(fixed_m, fixed_rhs[:, :, None])[:, :, 0].astype(np.float32)
+    except np.linalg.LinAlgError:  # a singular row: solve row by row, and such a row keeps its scales
+        new = np.array(old)
+        for r in range(n):
+            try:
+                new[r] = np.linalg.solve(fixed_m[r], fixed_rhs[r])
+            except np.linalg.LinAlgError:
+                pass
+    ok = np.all(np.isfinite(new) & (new >= np.finfo(np.float32).tiny), axis=1)
+    new[~ok] = old[~ok]
+    better = ok & (error(new) < error(old))
+    scale = np.where(better[:, None], new, old).astype(np.float32).reshape(np.shape(qa.scale))
+    return QuantizedArray.from_parts(qa.codes, scale, qa.zero_point, qa.scheme)
+
+
+def _params(x, scheme, method, weights=None):
+    if weights is not None:
+        from .search import weighted_mse_params
+
+        return weighted_mse_params(x, weights, scheme)
     p = compute_qparams(x, scheme, method=method)
     if p.zero_point_kind != "int":  # the rounding kernel computes (q - zp) * scale with an integer zp
         raise ValueError(f"params method {method!r} gives a {p.zero_point_kind} zero point; gptq needs an integer "
@@ -205,7 +297,7 @@ def _params(x, scheme, method):
     return p
 
 
-def _columns(wf, h, scheme, kind, gsize, damp, act_order, block_size, params) -> QuantizedArray:
+def _columns(wf, h, scheme, kind, gsize, damp, act_order, block_size, params, weighted=False) -> QuantizedArray:
     """The GPTQ loop on the checked float32 copy ``wf [N, K]`` (modified in place)."""
     n, k = wf.shape
     h = h.astype(np.float64)  # a copy
@@ -222,7 +314,8 @@ def _columns(wf, h, scheme, kind, gsize, damp, act_order, block_size, params) ->
     zp = np.zeros((n, ngroups), np.uint8)
     done = np.zeros(ngroups, bool)
     if kind != "group":  # one set of parameters for all of K, from the weight as it is
-        p = _params(wf, scheme if kind == "tensor" else col_scheme, params)
+        p = _params(wf, scheme if kind == "tensor" else col_scheme, params,
+                    np.diag(h)[perm] if weighted and kind == "channel" else None)
         scale[:] = p.scale.reshape(-1, 1)
         zp[:] = 0 if p.zero_point is None else p.zero_point.reshape(-1, 1)
         done[:] = True
@@ -253,7 +346,7 @@ def _columns(wf, h, scheme, kind, gsize, damp, act_order, block_size, params) ->
             out = pos[~inside]
             if out.size:  # compensation from this block's columns is still pending there: apply it
                 current[:, ~inside] = wf[:, out] - err1[:, :i] @ u[i1:i1 + i, out]
-            p = _params(current, col_scheme, params)
+            p = _params(current, col_scheme, params, np.diag(h)[j * gsize:(j + 1) * gsize] if weighted else None)
             scale[:, j] = p.scale
             zp[:, j] = 0 if p.zero_point is None else p.zero_point
             done[j] = True

@@ -26,7 +26,7 @@ from .params import QParams, register_params_method
 from .quantize import _compute_view, _layout, _Rows
 from .scheme import QuantScheme
 
-__all__ = ["STEPS", "LOWEST_RATIO", "mse_params"]
+__all__ = ["STEPS", "LOWEST_RATIO", "mse_params", "weighted_mse_params"]
 
 #: candidate clipping ratios per group, evenly spaced from 1.0 down to :data:`LOWEST_RATIO`
 STEPS = 100
@@ -51,9 +51,25 @@ def _group_error(seg, start, stop, s, z, qmin, qmax):
 
 
 @njit(cache=True, nogil=True)
-def _mse_rows(x, g, qmin, qmax, symmetric, steps, lowest, scale, zp, r0, r1):
+def _weighted_group_error(seg, start, stop, s, z, qmin, qmax, wts):
+    """:func:`_group_error` with each element's term weighted by ``wts[i]`` (all ones for the plain squared
+    error: the products are exact)."""
+    zc = np.float32(z)
+    lo = np.float32(qmin)
+    hi = np.float32(qmax)
+    err = 0.0
+    for i in range(start, stop):
+        v = seg[i]
+        q = min(max(np.rint(v / s) + zc, lo), hi)
+        d = np.float64((np.float32(q) - zc) * s) - np.float64(v)
+        err += d * d * wts[i]
+    return err
+
+
+@njit(cache=True, nogil=True)
+def _mse_rows(x, g, qmin, qmax, symmetric, steps, lowest, wts, scale, zp, r0, r1):
     """Best clipping of every group of ``g`` along axis 1 of rows ``r0..r1`` (a shorter last group where ``g``
-    does not divide the row): writes ``scale`` and ``zp``."""
+    does not divide the row), each column's squared error weighted by ``wts``: writes ``scale`` and ``zp``."""
     length = x.shape[1]
     ngroups = (length + g - 1) // g
     for r in range(r0, r1):
@@ -68,13 +84,13 @@ def _mse_rows(x, g, qmin, qmax, symmetric, steps, lowest, scale, zp, r0, r1):
                 mn = min(mn, v)
                 mx = max(mx, v)
             best_s, best_z = params_from_minmax(mn, mx, qmax, symmetric)
-            best = _group_error(xr, start, stop, best_s, best_z, qmin, qmax)
+            best = _weighted_group_error(xr, start, stop, best_s, best_z, qmin, qmax, wts)
             for k in range(1, steps):
                 if best == 0.0:
                     break
                 ratio = 1.0 - (1.0 - lowest) * k / (steps - 1)
                 s, z = params_from_minmax(mn * ratio, mx * ratio, qmax, symmetric)
-                e = _group_error(xr, start, stop, s, z, qmin, qmax)
+                e = _weighted_group_error(xr, start, stop, s, z, qmin, qmax, wts)
                 if e < best:
                     best, best_s, best_z = e, s, z
             scale[r, j] = best_s
@@ -103,10 +119,51 @@ def mse_params(x: np.ndarray, scheme: QuantScheme) -> QParams:
     zp2d = np.zeros((nrows, ngroups), np.uint8)
     if nrows and length:
         run_split(_mse_rows, (rows2d, g, scheme.qmin, scheme.qmax, scheme.symmetric, STEPS, LOWEST_RATIO,
-                              scale2d, zp2d), nrows, max(1, _MIN_ELEMENTS // length))
+                              np.ones(length), scale2d, zp2d), nrows, max(1, _MIN_ELEMENTS // length))
     if kind == "tensor":
         scale, zp = scale2d.reshape(()), zp2d.reshape(())
     else:
         scale, zp = back.params_back(scale2d, pshape), back.params_back(zp2d, pshape)
     # np.array, not np.ascontiguousarray: that would make per-tensor parameters of shape () into (1,)
     return QParams(np.array(scale, order="C"), None if scheme.symmetric else np.array(zp, order="C"), scheme)
+
+
+def weighted_mse_params(x: np.ndarray, weights: np.ndarray, scheme: QuantScheme) -> QParams:
+    """As ``"mse"``, each candidate clipping scored by ``sum_k weights[k] (x_k - dq_k)^2``: ``x [N, K]`` in
+    groups along ``K`` (``PerChannel(0)`` or ``PerGroup(size, axis=1)``), ``weights [K]`` finite and >= 0, e.g.
+    the diagonal of a layer's input Hessian, so that a column the inputs make important counts for more. Min-max
+    (ratio 1.0) stays a candidate: no group's weighted error is above min-max's.
+
+    >>> from qcore import PerChannel; x = np.array([[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 2.0]], np.float32)
+    >>> s = QuantScheme(2, False, PerChannel(0))
+    >>> float(weighted_mse_params(x, np.ones(8), s).scale[0]) < float(weighted_mse_params(x, np.eye(8)[7], s).scale[0])
+    True
+    """
+    from .scheme import PerChannel, PerGroup, _normalize_axis
+
+    x = np.asarray(x)
+    weights = np.asarray(weights, np.float64)
+    if x.ndim != 2 or x.dtype not in (np.float32, np.float64) or not np.all(np.isfinite(x)):
+        raise ValueError(f"x must be a finite float32/float64 [N, K] array, got {x.dtype} {x.shape}")
+    if weights.shape != (x.shape[1],) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise ValueError(f"weights must be {x.shape[1]} finite numbers >= 0 (one per column of x), got shape "
+                         f"{weights.shape}")
+    gran = scheme.granularity
+    if isinstance(gran, PerChannel) and _normalize_axis(gran.axis, 2, "PerChannel") == 0:
+        g = max(x.shape[1], 1)
+    elif isinstance(gran, PerGroup) and _normalize_axis(gran.axis, 2, "PerGroup") == 1:
+        g = gran.size
+    else:
+        raise ValueError(f"weighted_mse_params takes groups along axis 1 of x [N, K]: PerChannel(0) or "
+                         f"PerGroup(size, axis=1), got {scheme}")
+    n, k = x.shape
+    ngroups = -(-k // g)
+    scale = np.full((n, ngroups), F32_TINY, np.float32)
+    zp = np.zeros((n, ngroups), np.uint8)
+    if n and k:
+        run_split(_mse_rows, (np.ascontiguousarray(x), g, scheme.qmin, scheme.qmax, scheme.symmetric, STEPS,
+                              LOWEST_RATIO, np.ascontiguousarray(weights), scale, zp), n,
+                  max(1, _MIN_ELEMENTS // k))
+    if isinstance(gran, PerChannel):
+        scale, zp = scale.reshape(n), zp.reshape(n)
+    return QParams(scale, None if scheme.symmetric else zp, scheme)

@@ -591,8 +591,8 @@ def quantize_model(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_E
         rounding from ``calibration``: a list of model inputs, each a tensor, a tuple of positional arguments or
         a dict of keyword arguments; see :mod:`qtorch.calibrate`).
     method_options: keyword options of the method: for ``"gptq"`` ``damp``, ``act_order``, ``params`` (the params
-        method of each group's grid), ``sequential`` and ``block_size`` (defaults in
-        ``qtorch.calibrate.GPTQ_DEFAULTS``), e.g. ``method_options={"params": "hqq"}``.
+        method of each group's grid), ``weighted``, ``refit``, ``awq``, ``sequential`` and ``block_size``
+        (defaults in ``qtorch.calibrate.GPTQ_DEFAULTS``), e.g. ``method_options={"params": "hqq"}``.
     """
     from .calibrate import check_method, gptq_layers
 

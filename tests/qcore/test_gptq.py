@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from qcore import PerChannel, PerGroup, PerTensor, QuantizedArray, QuantScheme, dequantize, quantize
-from qcore.gptq import Hessian, gptq
+from qcore.gptq import Hessian, gptq, refit_scales
 
 SCHEMES = [QuantScheme(4, False, PerGroup(32, axis=1)), QuantScheme(4, True, PerGroup(16, axis=-1)),
            QuantScheme(3, False, PerChannel(0)), QuantScheme(4, True, PerTensor()), QuantScheme(8, True),
@@ -160,3 +160,100 @@ def test_a_params_method_with_a_float_zero_point_is_refused_by_name(monkeypatch)
     x, w = layer()
     with pytest.raises(ValueError, match="params method 'test-offset' gives a float zero point"):
         gptq(w, Hessian.of(x), QuantScheme(4, False, PerGroup(32, axis=1)), params="test-offset")
+
+
+def row_errors(w, h, qa, damp):
+    """Each row's ``(w - dq)^T H' (w - dq)`` with ``H'`` dampened as gptq and refit_scales dampen it."""
+    hd = h + damp * np.mean(np.diag(h)) * np.eye(len(h))
+    e = w.astype(np.float64) - dequantize(qa)
+    return np.einsum("rk,rk->r", e @ hd, e)
+
+
+REFIT_SCHEMES = [QuantScheme(4, False, PerGroup(32, axis=1)), QuantScheme(4, True, PerGroup(16, axis=1)),
+                 QuantScheme(3, False, PerChannel(0)), QuantScheme(4, False, PerGroup(64, axis=1))]
+
+
+@pytest.mark.parametrize("scheme", REFIT_SCHEMES, ids=str)
+@pytest.mark.parametrize("damp", [0.0, 0.1])
+def test_refit_never_raises_a_rows_output_error_and_keeps_codes_and_zero_points(scheme, damp):
+    x, w = layer(seed=8)
+    h = Hessian.of(x)
+    for qa in (quantize(w, scheme), quantize(w, scheme, params="mse"),
+               gptq(w, h, scheme, damp=0.1, act_order=True, params="mse")):
+        fit = refit_scales(w, h, qa, damp=damp)
+        before, after = row_errors(w, h, qa, damp), row_errors(w, h, fit, damp)
+        assert np.all(after <= before * (1 + 1e-9))
+        assert np.sum(after) < 0.99 * np.sum(before)  # and it does fit: the grids were chosen without H
+        np.testing.assert_array_equal(fit.codes, qa.codes)
+        if qa.zero_point is not None:
+            np.testing.assert_array_equal(fit.zero_point, qa.zero_point)
+        assert fit.scale.shape == qa.scale.shape and fit.scale.dtype == np.float32 and np.all(fit.scale > 0)
+
+
+def test_refit_is_the_least_squares_scale_of_a_single_group():
+    """One group per row, H = I: the best scale of fixed codes c is (c . w) / (c . c)."""
+    _, w = layer(seed=9)
+    scheme = QuantScheme(4, True, PerChannel(0))
+    qa = quantize(w, scheme)
+    c = qa.codes.astype(np.float64)
+    want = np.sum(c * w, axis=1) / np.sum(c * c, axis=1)
+    np.testing.assert_allclose(refit_scales(w, np.eye(96), qa, damp=0.0).scale, want, rtol=1e-6)
+
+
+def test_refit_keeps_the_scale_of_a_group_that_is_all_zero_point():
+    x, w = layer(seed=10)
+    w[3] = 0.0  # a zero row: every code is its zero point, no scale fits better than another
+    w[5, :32] = 0.0  # one zero group in a row whose other groups are refitted
+    scheme = QuantScheme(4, False, PerGroup(32, axis=1))
+    plain = quantize(w, scheme)  # gptq would move compensation into the zero group
+    qa = refit_scales(w, Hessian.of(x), plain)
+    np.testing.assert_array_equal(qa.scale[3], plain.scale[3])
+    assert qa.scale[5, 0] == plain.scale[5, 0] and np.all(dequantize(qa)[3] == 0) and np.all(qa.scale > 0)
+    assert not np.array_equal(qa.scale[5, 1:], plain.scale[5, 1:])
+
+
+def test_gptq_with_refit_lowers_the_output_error_and_is_deterministic():
+    x, w = layer(seed=11)
+    h = Hessian.of(x)
+    scheme = QuantScheme(4, False, PerGroup(32, axis=1))
+    plain = gptq(w, h, scheme, damp=0.1, act_order=True)
+    fit = gptq(w, h, scheme, damp=0.1, act_order=True, refit=True)
+    assert np.all(row_errors(w, h, fit, 0.1) <= row_errors(w, h, plain, 0.1))
+    assert out_error(x, w, fit) < out_error(x, w, plain)
+    first = digest(fit)
+    assert all(digest(gptq(w, h.copy(), scheme, damp=0.1, act_order=True, refit=True)) == first for _ in range(2))
+
+
+def test_refit_refuses_bad_input_by_name():
+    x, w = layer()
+    h = Hessian.of(x)
+    qa = quantize(w, QuantScheme(4, False, PerGroup(32, axis=1)))
+    with pytest.raises(ValueError, match=r"w must be 2-D \[N, K\] with qa's shape \(48, 96\)"):
+        refit_scales(w[:, :64], h, qa)
+    with pytest.raises(ValueError, match=r"h must be a finite float \[K, K\] = \[96, 96\]"):
+        refit_scales(w, h[:4, :4], qa)
+    with pytest.raises(ValueError, match="damp must be"):
+        refit_scales(w, h, qa, damp=np.nan)
+    with pytest.raises(TypeError, match="qa must be a qcore.QuantizedArray"):
+        refit_scales(w, h, dequantize(qa))
+    with pytest.raises(ValueError, match="PerTensor"):
+        refit_scales(w, h, quantize(w, QuantScheme(4, True, PerTensor())))
+    with pytest.raises(TypeError, match="refit must be a bool"):
+        gptq(w, h, QuantScheme(4, False, PerGroup(32, axis=1)), refit=1)
+
+
+def test_weighted_clipping_with_uncorrelated_inputs_is_the_weighted_search_of_each_group():
+    """H diagonal: nothing to compensate, so gptq(weighted=True) rounds each group on the clipping that
+    qcore.search.weighted_mse_params picks with weights diag(H)."""
+    from qcore.search import weighted_mse_params
+
+    _, w = layer(seed=12)
+    d = np.random.default_rng(12).gamma(0.5, size=96) + 0.01
+    scheme = QuantScheme(4, False, PerGroup(32, axis=1))
+    qa = gptq(w, np.diag(d), scheme, params="mse", weighted=True, damp=0.0)
+    want = quantize(w, params=weighted_mse_params(w, d, scheme))
+    np.testing.assert_array_equal(qa.scale, want.scale)
+    np.testing.assert_array_equal(qa.codes, want.codes)
+    assert not np.array_equal(qa.scale, quantize(w, scheme, params="mse").scale)
+    with pytest.raises(ValueError, match="weighted=True weighs the clippings of params='mse'"):
+        gptq(w, np.diag(d), scheme, params="minmax", weighted=True)

@@ -140,3 +140,45 @@ def test_a_fixed_input_gives_identical_bytes_on_any_thread_count(threads):
     assert digest(quantize(x, scheme, params="mse")) == one
     # pinned: the search's arithmetic is IEEE division, rint and float32 products, the same on every machine
     assert one == PINNED
+
+
+# --- weighted_mse_params: the clipping scored with per-column weights (gptq's weighted=True) ---------------------
+
+from qcore.search import weighted_mse_params  # noqa: E402
+
+WEIGHTED_SCHEMES = [QuantScheme(4, False, PerGroup(32, axis=1)), QuantScheme(4, True, PerGroup(16, axis=1)),
+                    QuantScheme(3, False, PerChannel(0)), QuantScheme(4, False, PerGroup(40, axis=1))]  # 40: ragged
+
+
+def weighted_group_errors(x, weights, qa, g):
+    e = (dequantize(qa).astype(np.float64) - x.astype(np.float64)) ** 2 * weights
+    return np.add.reduceat(e, np.arange(0, x.shape[1], g), axis=1)
+
+
+@pytest.mark.parametrize("scheme", WEIGHTED_SCHEMES, ids=str)
+def test_weighted_mse_never_has_a_larger_weighted_group_error_than_minmax(scheme):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((64, 96)) * rng.gamma(1.0, size=96)).astype(np.float32)
+    weights = rng.gamma(0.5, size=96)  # a few columns matter much more than the rest
+    g = getattr(scheme.granularity, "size", 96)
+    wq = quantize(x, params=weighted_mse_params(x, weights, scheme))
+    e_w = weighted_group_errors(x, weights, wq, g)
+    assert np.all(e_w <= weighted_group_errors(x, weights, quantize(x, scheme), g) * (1 + 1e-9))
+    # it optimises what it is asked to: a lower weighted error than the unweighted search, which it equals with
+    # equal weights
+    assert e_w.sum() < weighted_group_errors(x, weights, quantize(x, scheme, params="mse"), g).sum()
+    same = weighted_mse_params(x, np.full(96, 2.0), scheme)
+    np.testing.assert_array_equal(same.scale, compute_qparams(x, scheme, method="mse").scale)
+
+
+def test_weighted_mse_refuses_bad_input_by_name():
+    x = gaussian((4, 32))
+    s = QuantScheme(4, False, PerGroup(16, axis=1))
+    with pytest.raises(ValueError, match=r"weights must be 32 finite numbers >= 0"):
+        weighted_mse_params(x, np.ones(31), s)
+    with pytest.raises(ValueError, match=r"weights must be 32 finite numbers >= 0"):
+        weighted_mse_params(x, -np.ones(32), s)
+    with pytest.raises(ValueError, match=r"x must be a finite float32/float64 \[N, K\] array"):
+        weighted_mse_params(x[0], np.ones(32), s)
+    with pytest.raises(ValueError, match=r"PerChannel\(0\) or PerGroup\(size, axis=1\)"):
+        weighted_mse_params(x, np.ones(32), QuantScheme(4, False, PerGroup(2, axis=0)))

@@ -37,7 +37,7 @@ class Net(nn.Module):
 
 
 #: the keyword arguments of qcore.gptq.gptq that quantize_model(method="gptq") passes by default
-DEFAULTS = {k: v for k, v in GPTQ_DEFAULTS.items() if k != "sequential"}
+DEFAULTS = {k: v for k, v in GPTQ_DEFAULTS.items() if k not in ("sequential", "awq")}
 
 
 def inputs(n, seed, d=64):
@@ -134,7 +134,8 @@ def test_each_block_is_calibrated_through_the_quantized_blocks_before_it(build, 
     m.train()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        qtorch.quantize_model(m, "w4a16-g32", exclude=(), method="gptq", calibration=calib)
+        qtorch.quantize_model(m, "w4a16-g32", exclude=(), method="gptq", calibration=calib,
+                              method_options={"awq": False})  # awq would change up's weight before its GPTQ
     assert m.training  # the mode is given back
     fallback = [w for w in caught if "whole-model run per block" in str(w.message)]
     assert len(fallback) == (path == "whole-model")
@@ -173,15 +174,23 @@ def test_sequential_measures_each_layer_through_the_quantized_layers_before_it_i
     assert codes[True] == 0 and codes[False] > 0.01, codes
 
 
-def test_method_options_reach_gptq():
+@pytest.mark.parametrize("opts", [{"params": "minmax", "act_order": False, "damp": 0.1, "block_size": 16,
+                                   "refit": False},
+                                  {"params": "mse", "act_order": True, "weighted": True, "refit": True, "damp": 0.02},
+                                  {"params": "mse", "act_order": True, "weighted": False, "refit": False, "damp": 0.1},
+                                  # weighted (on by default) weighs mse's clippings: with hqq it is off unless asked
+                                  {"params": "hqq", "act_order": True, "damp": 0.1, "refit": True}], ids=str)
+def test_method_options_reach_gptq(opts):
     m = net()
     w = m.layers[0].up.weight.detach().numpy().copy()
     calib = [inputs(64, 0)]
-    opts = {"params": "minmax", "act_order": False, "damp": 0.1, "block_size": 16}
-    qtorch.quantize_model(m, "w4a16-g32", exclude=(), method="gptq", calibration=calib, method_options=opts)
+    qtorch.quantize_model(m, "w4a16-g32", exclude=(), method="gptq", calibration=calib,
+                          method_options={**opts, "awq": False})
     h = hessian_of_inputs(net(), "layers.0.up", calib)
     want = qcore.gptq.gptq(w, h, resolve_scheme("w4a16-g32"), **opts)
-    np.testing.assert_array_equal(m.layers[0].up.quantized_array().codes, want.codes)
+    got = m.layers[0].up.quantized_array()
+    np.testing.assert_array_equal(got.codes, want.codes)
+    np.testing.assert_array_equal(got.scale, want.scale)
 
 
 def test_gptq_layers_are_the_qcore_result():
@@ -189,7 +198,8 @@ def test_gptq_layers_are_the_qcore_result():
     calib = [inputs(64, 0)]
     w_first = m.layers[0].up.weight.detach().numpy().copy()
     h = qcore.gptq.Hessian.of(calib[0].numpy())
-    qtorch.quantize_model(m, "w4a16-g32", exclude=(), method="gptq", calibration=calib)
+    # awq off: it would fold layer 1's scales into the rows of layer 0 (relu(x / s) = relu(x) / s)
+    qtorch.quantize_model(m, "w4a16-g32", exclude=(), method="gptq", calibration=calib, method_options={"awq": False})
     want = qcore.gptq.gptq(w_first, h, resolve_scheme("w4a16-g32"), **DEFAULTS)  # quantize_model's defaults
     got = m.layers[0].up.quantized_array()
     np.testing.assert_array_equal(got.codes, want.codes)
@@ -221,6 +231,10 @@ def test_mse_layers_are_the_qcore_result():
      "unknown params method 'nope'"),
     ({"method": "gptq", "calibration": [torch.ones(2, 64)], "method_options": {"sequential": 1}}, TypeError,
      "sequential must be a bool"),
+    ({"method": "gptq", "calibration": [torch.ones(2, 64)], "method_options": {"refit": 1}}, TypeError,
+     "refit must be a bool"),
+    ({"method": "gptq", "calibration": [torch.ones(2, 64)], "method_options": {"weighted": True, "params": "hqq"}},
+     ValueError, "weighted=True weighs the clippings of params='mse', not of params='hqq'"),
     ({"method": "gptq", "calibration": [torch.ones(2, 64)], "method_options": [("damp", 0.1)]}, TypeError,
      "method_options must be a dict"),
 ])
@@ -363,7 +377,9 @@ def calibrate_recording(model, batches, monkeypatch, replay=True, **kw):
     handle = emb.register_forward_hook(lambda *a: calls.append(1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = qtorch.quantize_model(model, "w4a16-g32", method="gptq", calibration=batches, **kw)
+        # awq off: it folds scales in block replay only, and the Hessians compared are of the unscaled layers
+        r = qtorch.quantize_model(model, "w4a16-g32", method="gptq", calibration=batches,
+                                  **{"method_options": {"awq": False}, **kw})
     handle.remove()
     monkeypatch.undo()
     return r, hessians, len(calls)
