@@ -305,9 +305,12 @@ def test_fallback_conversions_without_avx512_bf16_or_bw_give_the_same_numbers(tm
         import sys
         import numpy as np
         import torch
-        from qtorch import amx
+        from qtorch import amx, autotune, layouts
         from qtorch.layouts import blocked
         amx._CVT = amx._BW = False
+        # as the fixtures set it in this process: the blocked layout, and no measured (or user-cached) dispatch
+        layouts.TORCH_PACK_KERNELS = False
+        autotune._DEFAULT = autotune.Dispatcher(cache_path=False, env={"QTORCH_AUTOTUNE": "0"})
         sys.path.insert(0, sys.argv[1])
         import test_amx
         for bits, nt, asym in ((4, 16, True), (4, 64, False), (8, 64, False), (8, 16, True)):
