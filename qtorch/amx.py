@@ -790,8 +790,7 @@ def _zero_padding(xp, M):  # pragma: no cover - compiled
         return
     for p in range(P):
         for kb in range(rbs // 512):
-            for j in range(512 * kb + 32 * r0, 512 * kb + 512):
-                xp[p, blocks - 1, j] = 0
+            xp[p, blocks - 1, 512 * kb + 32 * r0:512 * kb + 512] = 0
 
 
 def _split_f32(x, xp, M, K):  # pragma: no cover - compiled
