@@ -52,7 +52,7 @@ import threading
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import carray, njit, types
+from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -781,19 +781,71 @@ def _split_rows(typingctx, x, xp, parts, kind):
     return types.void(x, xp, parts, kind), codegen
 
 
-@njit(cache=True, nogil=True)
-def _split_f32(x, xp):  # pragma: no cover - compiled
-    _split_rows(x, xp, 3, 0)
+@njit(inline="always")
+def _zero_padding(xp, M):  # pragma: no cover - compiled
+    # rows M .. Mp of the last block: A tiles are read 16 rows at a time, and the parts buffer may be reused
+    P, blocks, rbs = xp.shape
+    r0 = M - (blocks - 1) * _ROWS
+    if blocks == 0 or r0 == _ROWS:
+        return
+    for p in range(P):
+        for kb in range(rbs // 512):
+            xp[p, blocks - 1, 512 * kb + 32 * r0:512 * kb + 512] = 0
 
 
-@njit(cache=True, nogil=True)
-def _split_f16(x, xp):  # pragma: no cover - compiled
-    _split_rows(x, xp, 2, 1)
+def _split_f32(x, xp, M, K):  # pragma: no cover - compiled
+    xp = carray(xp, (3, (M + 15) // 16, 16 * K), np.int16)
+    _split_rows(carray(x, (M, K), np.float32), xp, 3, 0)
+    _zero_padding(xp, M)
 
 
-@njit(cache=True, nogil=True)
-def _split_bf16(x, xp):  # pragma: no cover - compiled
-    _split_rows(x, xp, 1, 2)
+def _split_f16(x, xp, M, K):  # pragma: no cover - compiled
+    xp = carray(xp, (2, (M + 15) // 16, 16 * K), np.int16)
+    _split_rows(carray(x, (M, K), np.int16), xp, 2, 1)
+    _zero_padding(xp, M)
+
+
+def _split_bf16(x, xp, M, K):  # pragma: no cover - compiled
+    xp = carray(xp, (1, (M + 15) // 16, 16 * K), np.int16)
+    _split_rows(carray(x, (M, K), np.int16), xp, 1, 2)
+    _zero_padding(xp, M)
+
+
+_SPLIT_PY = {torch.float32: _split_f32, torch.float16: _split_f16, torch.bfloat16: _split_bf16}
+_SPLITS: dict = {}  # dtype -> the compiled split as a ctypes function (x address, parts address, M, K)
+
+
+def _splitter(dtype: torch.dtype):
+    """The split of ``dtype`` rows as a C callback, compiled (or loaded from numba's cache) on first use: a ctypes
+    call costs ~1 us where numba's dispatcher takes 7-11 us to match its arguments."""
+    fn = _SPLITS.get(dtype)
+    if fn is None:
+        with _LOCK:
+            fn = _SPLITS.get(dtype)
+            if fn is None:
+                sig = types.void(types.voidptr, types.voidptr, types.int64, types.int64)
+                fn = _SPLITS[dtype] = cfunc(sig, nogil=True, cache=True)(_SPLIT_PY[dtype]).ctypes
+    return fn
+
+
+class _Scratch(threading.local):
+    """One parts buffer per thread, reused by the calls of that thread: a call of 104 rows paid more for a fresh
+    buffer and its zeroed padding than for a third of its products. It never leaves :func:`amx_linear`."""
+
+    def __init__(self):
+        self.buf = None
+        self.addr = 0
+        self.busy = False  # a call in progress on this thread (re-entered from a signal handler or a finalizer)
+
+
+_SCRATCH = _Scratch()
+#: a thread keeps a parts buffer of at most this many bytes (3 x 1024 rows x K = 1536 of float32 take 9 MiB)
+SCRATCH_BYTES = 4 << 20
+
+
+def _split_into(x: torch.Tensor, parts: int, M: int, K: int, buf: np.ndarray) -> None:
+    """The parts of contiguous ``x[M, K]`` into ``buf`` (int16, at least ``parts * Mp * K`` elements)."""
+    _splitter(x.dtype)(x.data_ptr(), buf.ctypes.data, M, K)
 
 
 def split_rows(x: torch.Tensor) -> torch.Tensor:
@@ -808,13 +860,10 @@ def split_rows(x: torch.Tensor) -> torch.Tensor:
     """
     M, K = x.shape
     parts = _PARTS[x.dtype]
-    blocks = -(-M // _ROWS)
-    buf = torch.empty((parts, blocks, _ROWS * K), dtype=torch.bfloat16)
-    if M % _ROWS:
-        buf[:, -1] = 0  # the padding rows of the last block
-    x = x.detach().contiguous()
-    split = {torch.float32: _split_f32, torch.float16: _split_f16, torch.bfloat16: _split_bf16}[x.dtype]
-    split((x if x.dtype == torch.float32 else x.view(torch.int16)).numpy(), buf.view(torch.int16).numpy())
+    buf = torch.empty((parts, -(-M // _ROWS), _ROWS * K), dtype=torch.bfloat16)
+    x = x.detach().contiguous()  # held: the split reads it by address
+    if buf.numel():
+        _splitter(x.dtype)(x.data_ptr(), buf.data_ptr(), M, K)
     return buf
 
 
@@ -839,7 +888,14 @@ def amx_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarray
                          f"group size {gsize}")
     if W % (16 if bits == 8 else 8):
         raise ValueError(f"tile rows of {W} bytes: the kernel reads strips of 16 channels")
-    _run(split_rows(torch.from_numpy(x)), wb, scale, zp, gsize, bits, out)
+    if not (_AVAILABLE or available()):
+        raise RuntimeError(_NO_TILES)
+    if M and T:
+        xp = split_rows(torch.from_numpy(x))
+        if bits == 4 and zp.shape[0] == 0:
+            zp = _eights(out.shape[1])[0]
+        _run(xp.data_ptr(), xp.shape[0], M, wb.ctypes.data, wb.dtype == np.int8, T, K, W, scale.ctypes.data,
+             zp.ctypes.data, zp.shape[0], gsize, bits, out.ctypes.data)
     return out
 
 
@@ -861,44 +917,81 @@ def dequantizes(dtype: torch.dtype, rows: int, in_features: int, group_size: int
 def amx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                group_size: int, bits: int, out_features: int) -> torch.Tensor:
     """The forward on CPU torch tensors that ``layouts.blocked`` built (``scale`` / ``zero_point`` already
-    ``[G, N]``): float32 ``[M, N]``. Rows go ``ROW_CHUNK`` at a time: the bfloat16 parts of ``x`` take up to 1.5x its
-    float32 bytes, held for one chunk only."""
-    M = x.shape[0]
+    ``[G, N]``, all three contiguous): float32 ``[M, N]``, a new tensor. Rows go ``ROW_CHUNK`` at a time: the
+    bfloat16 parts of ``x`` take up to 1.5x its float32 bytes, held for one chunk only (in a buffer the calling
+    thread reuses, up to ``SCRATCH_BYTES``).
+
+    The operands reach the kernel as addresses read on every call (``data_ptr``, 0.05 us): nothing about a weight
+    is cached, so a weight moved, reloaded or rebuilt is read where it now is."""
+    if not (_AVAILABLE or available()):  # a tile instruction without the tile state is SIGILL, not an error
+        raise RuntimeError(_NO_TILES)
+    parts = _PARTS.get(x.dtype)
+    if parts is None or not (x.is_cpu and qweight.is_cpu and scale.is_cpu and zero_point.is_cpu):
+        raise TypeError(f"the AMX kernel takes CPU float32, float16 or bfloat16 rows, got {x.dtype} on {x.device}")
+    x = x.contiguous()
+    M, K = x.shape
     out = torch.empty((M, out_features), dtype=torch.float32)
-    wb, sc, zp = qweight.numpy(), scale.numpy(), zero_point.numpy()
-    deq = int(dequantizes(x.dtype, M, qweight.shape[1], group_size))
-    for r0 in range(0, M, ROW_CHUNK):
-        r1 = min(M, r0 + ROW_CHUNK)
-        xs = x[r0:r1]
-        if xs.dtype == torch.bfloat16 and (r1 - r0) % _ROWS == 0 and xs.is_contiguous():
-            # bfloat16 rows in whole tiles need no split: the A tiles are read from x, a row 2 K bytes apart
-            _run(xs.reshape(1, (r1 - r0) // _ROWS, _ROWS * xs.shape[1]), wb, sc, zp, group_size, bits,
-                 out[r0:r1].numpy(), direct=1, deq=deq)
-        else:
-            _run(split_rows(xs), wb, sc, zp, group_size, bits, out[r0:r1].numpy(), deq=deq)
+    T, _, W = qweight.shape
+    if M == 0 or T == 0:
+        return out
+    zrows = zero_point.shape[0]
+    if bits == 4 and zrows == 0:  # symmetric 4-bit codes carry the offset 8: one row of 8s serves every group
+        zaddr, zrows = _eights(out_features)[1], 1
+    else:
+        zaddr = zero_point.data_ptr()
+    deq = int(dequantizes(x.dtype, M, K, group_size))
+    signed = qweight.dtype == torch.int8
+    wa, sa, xa, oa, xsize = qweight.data_ptr(), scale.data_ptr(), x.data_ptr(), out.data_ptr(), x.element_size()
+    scratch = _SCRATCH
+    own = not scratch.busy
+    scratch.busy = True
+    try:
+        for r0 in range(0, M, ROW_CHUNK):
+            m = min(M, r0 + ROW_CHUNK) - r0
+            x0, o0 = xa + r0 * K * xsize, oa + r0 * out_features * 4
+            if x.dtype == torch.bfloat16 and m % _ROWS == 0:
+                # bfloat16 rows in whole tiles need no split: the A tiles are read from x, a row 2 K bytes apart
+                _run(x0, 1, m, wa, signed, T, K, W, sa, zaddr, zrows, group_size, bits, o0, direct=1, deq=deq)
+                continue
+            n = parts * -(-m // _ROWS) * _ROWS * K
+            if not own or 2 * n > SCRATCH_BYTES:
+                buf = np.empty(n, np.int16)  # a call re-entered on this thread, or too large to keep
+                pa = buf.ctypes.data
+            else:
+                if scratch.buf is None or scratch.buf.size < n:
+                    scratch.buf = np.empty(n, np.int16)
+                    scratch.addr = scratch.buf.ctypes.data  # 0.8 us a read
+                pa = scratch.addr
+            _splitter(x.dtype)(x0, pa, m, K)
+            _run(pa, parts, m, wa, signed, T, K, W, sa, zaddr, zrows, group_size, bits, o0, deq=deq)
+    finally:
+        if own:
+            scratch.busy = False
     return out
 
 
-def _run(xp: torch.Tensor, wb, scale, zp, gsize, bits, out, direct: int = 0, deq: int = 0) -> None:
-    if not (_AVAILABLE or available()):  # a tile instruction without the tile state is SIGILL, not an error
-        raise RuntimeError("this process cannot use AMX tiles (no AMX-BF16 CPU, or Linux refused the tile state)")
-    P = xp.shape[0]
-    T, K, W = wb.shape
-    M = out.shape[0]
-    if M == 0 or T == 0:
-        return
-    if bits == 4 and zp.shape[0] == 0:  # symmetric 4-bit codes carry the offset 8: one row of 8s serves every group
-        zp = _eights(out.shape[1])
+_NO_TILES = "this process cannot use AMX tiles (no AMX-BF16 CPU, or Linux refused the tile state)"
+
+
+def _serial(team, block, lo, hi) -> None:
+    # off a team (one thread, a forked child, no OpenMP): the team kernel on the calling thread claims every
+    # chunk itself (on Python threads, each claims from the same counter)
+    team.ctypes()(block.ctypes.data)
+
+
+def _run(xaddr: int, parts: int, M: int, wb: int, signed: bool, T: int, K: int, W: int, scale: int, zp: int,
+         zp_rows: int, gsize: int, bits: int, out: int, direct: int = 0, deq: int = 0) -> None:
+    """One kernel call on addresses: parts of x (or x itself, ``direct``), codes ``[T, K, W]``, scale and zero
+    points ``[G or zp_rows, N]``, out ``[M, N]`` float32. The caller holds every operand until it returns."""
     units = _units(T, W, bits)
-    xi = xp.view(torch.int16).numpy()
-    block = _omp.new_block(units, units, OPERANDS.pack(parts=P, M=M, T=T, K=K, W=W, gsize=gsize,
-                                                       flags=bits | direct << 8 | deq << 9, zp_rows=zp.shape[0],
-                                                       x=xi.ctypes.data, wb=wb.ctypes.data, scale=scale.ctypes.data,
-                                                       zp=zp.ctypes.data, out=out.ctypes.data))
-    _omp.run(units, _TEAM_KERNELS[wb.dtype == np.int8], block, _amx_units,
-             (xi, P, M, wb, scale, zp, gsize, bits, direct, deq, out), units, 1, nchunks=units)
+    # OPERANDS' fields in order (OPERANDS.pack checks names and kinds at ~2.5 us a call; a test pins the order)
+    block = _omp.new_block(units, units, (parts, M, T, K, W, gsize, bits | direct << 8 | deq << 9, zp_rows, xaddr,
+                                          wb, scale, zp, out))
+    team = _TEAM_KERNELS[signed]
+    _omp.run(units, team, block, _serial, (team, block), units, 1, nchunks=units)
 
 
 @functools.lru_cache(maxsize=16)
-def _eights(n: int) -> np.ndarray:
-    return np.full((1, n), 8, np.uint8)  # never written: the kernels only read zero points
+def _eights(n: int) -> tuple:
+    z = np.full((1, n), 8, np.uint8)  # never written: the kernels only read zero points
+    return z, z.ctypes.data

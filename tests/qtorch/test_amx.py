@@ -305,11 +305,12 @@ def test_fallback_conversions_without_avx512_bf16_or_bw_give_the_same_numbers(tm
         import sys
         import numpy as np
         import torch
-        from qtorch import amx
-        from qtorch import layouts
+        from qtorch import amx, autotune, layouts
         from qtorch.layouts import blocked
         amx._CVT = amx._BW = False
-        layouts.TORCH_PACK_KERNELS = False  # bfloat16 layers on the blocked layout, as the fixture of this module
+        # as the fixtures set it in this process: the blocked layout, and no measured (or user-cached) dispatch
+        layouts.TORCH_PACK_KERNELS = False
+        autotune._DEFAULT = autotune.Dispatcher(cache_path=False, env={"QTORCH_AUTOTUNE": "0"})
         sys.path.insert(0, sys.argv[1])
         import test_amx
         for bits, nt, asym in ((4, 16, True), (4, 64, False), (8, 64, False), (8, 16, True)):
@@ -352,3 +353,112 @@ def test_dequantized_panels_are_the_bfloat16_weight():
         exact, bound = x.double() @ w.t(), x.double().abs() @ w.abs().t()
         assert y.dtype == torch.float32
         assert float(((y.double() - exact).abs() / bound).max()) < 1e-6
+
+
+def _direct(q, x):
+    b, spec = q.quantized_weight.buffers, q.quantized_weight.spec
+    scale, zp = blocked.blocked_params(b["scale"], b["zero_point"], spec.out_features)
+    return amx.amx_linear(x, b["qweight"], scale, zp, spec.group, spec.bits, spec.out_features)
+
+
+def test_returned_outputs_never_share_the_reused_parts_buffer():
+    # the calling thread's parts buffer serves every call; what a call returns is its own: a later call (larger,
+    # smaller, another layer) leaves it as it was
+    q1 = _layer(QuantScheme(8, True, PerChannel(0)), torch.float32, 96, 384, seed=20)
+    q2 = _layer(QuantScheme(4, False, PerGroup(128)), torch.float32, 192, 256, seed=21)
+    xs = [torch.randn(rows, 384) for rows in (104, 17, 300)] + [torch.randn(33, 256)]
+    ys = [_direct(q1, x) for x in xs[:3]] + [_direct(q2, xs[3])]
+    kept = [y.clone() for y in ys]
+    for x, y in zip(xs[:3], ys[:3]):
+        assert torch.equal(_direct(q1, x), y)
+    assert torch.equal(_direct(q2, xs[3]), ys[3])
+    assert all(torch.equal(y, k) for y, k in zip(ys, kept))
+    assert len({y.data_ptr() for y in ys}) == len(ys)
+    buf = amx._SCRATCH.buf
+    assert buf is not None and all(not (buf.ctypes.data <= y.data_ptr() < buf.ctypes.data + buf.nbytes) for y in ys)
+    for x, k in zip(xs[:3], kept[:3]):
+        _assert_close(k, x, q1)
+
+
+def test_padding_rows_of_a_reused_parts_buffer_are_zeroed():
+    # a call of 300 rows of NaN fills the buffer; a call of 17 rows then splits into it: its 15 padding rows are
+    # zeros again, not the NaNs left before
+    q = _layer(QuantScheme(8, True, PerChannel(0)), torch.float32, 96, 64, seed=22)
+    _direct(q, torch.full((300, 64), float("nan")))
+    x = torch.randn(17, 64)
+    y = _direct(q, x)
+    parts = torch.from_numpy(amx._SCRATCH.buf[:3 * 2 * 16 * 64].copy()).view(torch.bfloat16).reshape(3, 2, 16 * 64)
+    p = amx.tile_rows(parts, 64)
+    assert not p[:, 17:].isnan().any() and not p[:, 17:].any()
+    assert torch.equal(p[:, :17], amx.tile_rows(amx.split_rows(x), 64)[:, :17])
+    _assert_close(y, x, q)
+
+
+def test_a_call_re_entered_on_the_same_thread_uses_a_buffer_of_its_own():
+    # a call that finds this thread's buffer in use (a signal handler or finalizer running a layer mid-call)
+    # splits into a fresh one: the buffer of the call it interrupted is left as it is
+    q = _layer(QuantScheme(8, True, PerChannel(0)), torch.float32, 96, 64, seed=23)
+    _direct(q, torch.randn(40, 64))
+    before = amx._SCRATCH.buf.copy()
+    amx._SCRATCH.busy = True
+    try:
+        x = torch.randn(20, 64)
+        y = _direct(q, x)
+        assert np.array_equal(amx._SCRATCH.buf, before) and amx._SCRATCH.busy
+    finally:
+        amx._SCRATCH.busy = False
+    _assert_close(y, x, q)
+
+
+def test_two_threads_two_layers_give_their_own_numbers():
+    # each thread splits into its own buffer: calls of two layers on two threads at once give what each gives alone
+    import threading
+    layers = [_layer(QuantScheme(8, True, PerChannel(0)), torch.float32, 96, 384, seed=24),
+              _layer(QuantScheme(4, False, PerGroup(64)), torch.float16, 192, 256, seed=25)]
+    inputs = [[torch.randn(rows, 384) for rows in (104, 7)], [torch.randn(rows, 256, dtype=torch.float16)
+                                                               for rows in (33, 64)]]
+    expected = [[_direct(q, x) for x in xs] for q, xs in zip(layers, inputs)]
+    bad = []
+
+    def work(i):
+        for r in range(60):
+            x = inputs[i][r % 2]
+            if not torch.equal(_direct(layers[i], x), expected[i][r % 2]):
+                bad.append((i, r))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and bad == []
+
+
+def test_one_thread_gives_the_team_s_numbers():
+    # with torch on one thread the team kernel runs on the calling thread: the same units, the same numbers
+    q = _layer(QuantScheme(4, True, PerGroup(128)), torch.float32, 256, 384, seed=26)
+    x = torch.randn(104, 384)
+    threads = torch.get_num_threads()
+    team = _direct(q, x)
+    try:
+        torch.set_num_threads(1)
+        alone = _direct(q, x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, team)
+    _assert_close(alone, x, q)
+
+
+def test_the_kernel_reads_its_operands_in_their_fields(monkeypatch):
+    # _run writes OPERANDS' fields by position: each lands in the field of its name
+    q = _layer(QuantScheme(8, False, PerChannel(0)), torch.bfloat16, 96, 64, seed=27)
+    seen = []
+    real = amx._omp.new_block
+    monkeypatch.setattr(amx._omp, "new_block", lambda n, t, ops: seen.append(ops) or real(n, t, ops))
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    y = _direct(q, x)
+    b = q.quantized_weight.buffers
+    ops = dict(zip(amx.OPERANDS.fields, seen[0]))
+    assert ops["parts"] == 1 and ops["M"] == 16 and ops["K"] == 64 and ops["x"] == x.data_ptr()
+    assert ops["out"] == y.data_ptr() and ops["wb"] == b["qweight"].data_ptr() and ops["flags"] & 255 == 8
+    assert ops["T"] * ops["W"] == 96 and ops["gsize"] == 64 and ops["zp_rows"] == 1
