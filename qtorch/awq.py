@@ -1,4 +1,5 @@
-"""Activation-aware scales folded into a block before GPTQ (``method_options={"awq": True}``, the default).
+"""Activation-aware scales folded into a block before GPTQ (``method_options={"awq": True}``; by default for
+layers of 4 bits or fewer).
 
 For each set of layers in a block that read the same tensor, made by a norm of that block (a module without
 children whose 1-D ``weight`` has the layers' input width: Llama's ``input_layernorm`` before q, k and v, its

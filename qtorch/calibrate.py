@@ -50,7 +50,7 @@ METHODS = ("gptq",)
 
 #: ``method_options`` of ``method="gptq"`` and their defaults (see :func:`gptq_layers`)
 GPTQ_DEFAULTS = {"damp": 0.1, "act_order": True, "params": "mse", "sequential": False, "block_size": 128,
-                 "weighted": True, "refit": True, "awq": True}
+                 "weighted": True, "refit": True, "awq": None}
 
 
 def check_method(method: Any, calibration: Any, jobs, options: Any = None) -> tuple[list | None, dict]:
@@ -107,8 +107,9 @@ def _check_options(method: str, options: Any) -> dict:
     if isinstance(d, bool) or not isinstance(d, numbers.Real) or not np.isfinite(d) or d < 0:
         raise ValueError(f"method_options damp must be a finite number >= 0, got {d!r}")
     for name in ("act_order", "sequential", "weighted", "refit", "awq"):
-        if not isinstance(opts[name], bool):
-            raise TypeError(f"method_options {name} must be a bool, got {opts[name]!r}")
+        if not isinstance(opts[name], bool) and not (name == "awq" and opts[name] is None):
+            raise TypeError(f"method_options {name} must be a bool{' or None' if name == 'awq' else ''}, "
+                            f"got {opts[name]!r}")
     b = opts["block_size"]
     if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1:
         raise ValueError(f"method_options block_size must be a positive int, got {b!r}")
@@ -461,7 +462,7 @@ def _replayed(root: nn.Module, plan, batches: list, opts: dict, dense: _DenseFor
                     except _Stop:
                         pass
             accs = rec.hessians()
-            if opts["awq"]:
+            if _awq_for(opts["awq"], group):
                 from .awq import fold_block
 
                 fold_block(block, group, accs, lambda: calls[0](block, hidden[0]))
@@ -506,11 +507,19 @@ def _sequential_groups(block: nn.Module, jobs: list, call: _Call, hidden: torch.
     return groups + ([missed] if missed else [])  # a layer the first batch did not reach: reported when measured
 
 
+def _awq_for(option: bool | None, group: list) -> bool:
+    """Whether a group of layers takes activation-aware scales: as asked, else (``None``) where each layer has
+    4 bits or fewer (rounding error large enough for the scales to pay)."""
+    if option is not None:
+        return option
+    return all(job.target.scheme is not None and job.target.scheme.bits <= 4 for job in group)
+
+
 def gptq_layers(model, jobs, batches: list, *, damp: float = GPTQ_DEFAULTS["damp"],
                 act_order: bool = GPTQ_DEFAULTS["act_order"], params: str = GPTQ_DEFAULTS["params"],
                 sequential: bool = GPTQ_DEFAULTS["sequential"], block_size: int = GPTQ_DEFAULTS["block_size"],
                 weighted: bool | None = None, refit: bool = GPTQ_DEFAULTS["refit"],
-                awq: bool = GPTQ_DEFAULTS["awq"]) -> Iterator:
+                awq: bool | None = GPTQ_DEFAULTS["awq"]) -> Iterator:
     """Yield ``(job, QuantizedArray)`` block after block. The caller puts each layer in place before asking for
     the next one, and later layers are measured through the quantized ones.
 
@@ -519,7 +528,9 @@ def gptq_layers(model, jobs, batches: list, *, damp: float = GPTQ_DEFAULTS["damp
     error (``weighted``; ``None``: for ``"mse"`` only), each row's scales refitted by least squares on
     the output error once its codes are chosen (``refit``), and activation-aware scales folded into each block
     before its GPTQ (``awq``, :mod:`qtorch.awq`: Llama-like blocks take them in their norms and ``up_proj``; a
-    block where a fold would change its output, such as BERT's, keeps none; block replay only). SmolLM2-135M,
+    block where a fold would change its output, such as BERT's, keeps none; block replay only; ``None``: where
+    every layer of the folded group has 4 bits or fewer: at 8 bits the folds moved SmolLM2's perplexity from
+    -0.0% to +0.1% over dense). SmolLM2-135M,
     4 bits in groups of 64, perplexity over dense on held-out text: +9.0% with mse grids alone, +5.9% weighted,
     +6.7% weighted and refitted, +3.8% with all three (refit alone: +9.1%); all-MiniLM-L6-v2 4-bit g128 mean
     cosine 0.98595 -> 0.98618 (weighted alone: 0.98580; awq folds nothing there). ``sequential``: within a
