@@ -860,7 +860,7 @@ def split_rows(x: torch.Tensor) -> torch.Tensor:
     """
     M, K = x.shape
     parts = _PARTS[x.dtype]
-    buf = torch.empty((parts, -(-M // _ROWS), _ROWS * K), dtype=torch.bfloat16)
+    buf = torch.empty((parts, -(-M // _ROWS), _ROWS * K), dtype=torch.bfloat16, device="cpu")
     x = x.detach().contiguous()  # held: the split reads it by address
     if buf.numel():
         _splitter(x.dtype)(x.data_ptr(), buf.data_ptr(), M, K)
@@ -930,7 +930,8 @@ def amx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
         raise TypeError(f"the AMX kernel takes CPU float32, float16 or bfloat16 rows, got {x.dtype} on {x.device}")
     x = x.contiguous()
     M, K = x.shape
-    out = torch.empty((M, out_features), dtype=torch.float32)
+    # on the CPU whatever the default device (under ``torch.device("meta")`` a bare empty has no memory to write)
+    out = torch.empty((M, out_features), dtype=torch.float32, device="cpu")
     T, _, W = qweight.shape
     if M == 0 or T == 0:
         return out

@@ -462,3 +462,18 @@ def test_the_kernel_reads_its_operands_in_their_fields(monkeypatch):
     assert ops["parts"] == 1 and ops["M"] == 16 and ops["K"] == 64 and ops["x"] == x.data_ptr()
     assert ops["out"] == y.data_ptr() and ops["wb"] == b["qweight"].data_ptr() and ops["flags"] & 255 == 8
     assert ops["T"] * ops["W"] == 96 and ops["gsize"] == 64 and ops["zp_rows"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_meta_default_device_does_not_move_the_kernels_buffers(dtype):
+    # layouts are timed while a model is built under torch.device("meta"); the kernel's output and split buffers
+    # were allocated on the default device, and the kernel wrote through a meta tensor's null address (a crash)
+    q = _layer(QuantScheme(8, True, PerGroup(64)), dtype, 48, 128, seed=5)
+    x = torch.randn(20, 128, dtype=dtype)
+    with torch.no_grad():
+        want = blocked.BLOCKED.linear(q.quantized_weight, x, "amx")
+        with torch.device("meta"):
+            got = blocked.BLOCKED.linear(q.quantized_weight, x, "amx")
+            parts = amx.split_rows(x.float())
+    assert got.device.type == "cpu" and torch.equal(got, want)
+    assert parts.device.type == "cpu"
