@@ -182,6 +182,9 @@ def test_torch_loaded_later_moves_qcore_to_torchs_team():
     out = _run("""
         import numpy as np, qcore, qcore._team as T, qcore._parallel as P
         P.NUM_THREADS, P.DYNAMIC = 2, False
+        # the team is looked up again at most once a second: without this, an import of torch faster than that
+        # (a warm page cache) left the second pack on the first lookup and the test depended on the clock
+        T._RESOLVE_INTERVAL_S = 0.0
         c = np.random.default_rng(0).integers(0, 16, (2048, 2048), dtype=np.uint8)
         p = qcore.pack(c, 4)
         before = T._RESOLVED_WITH_TORCH
