@@ -5,8 +5,9 @@ The codes of ``NT`` consecutive output channels are stored K-major, one contiguo
 nibble and column ``j + NT/2`` in its high nibble); scale and zero point ``[G, N]`` with G the number of groups
 along K (0-d per tensor; zero point ``[0, 0]`` when symmetric: never more bytes than the canonical state).
 
-Eligible on CPU for 8 or 4 bits, per tensor, per output channel or in groups along K, where a tile width (128, 64,
-32 or 16, the largest dividing N) exists. One row (decoding) takes :mod:`qtorch.gemv` (LLVM vector IR, accumulators
+Eligible on CPU for 8 or 4 bits, per tensor, per output channel or in groups along K (a ragged last group is
+completed with codes equal to its zero point, which dequantize to exactly 0, and x with zeros: :func:`padded_k`),
+where a tile width (128, 64, 32 or 16, the largest dividing N) exists. One row (decoding) takes :mod:`qtorch.gemv` (LLVM vector IR, accumulators
 in registers, on PyTorch's own OpenMP team) where a tile row holds a multiple of 64 codes (N % 64 == 0), through a
 per-layer plan built once; up to ``CPU_MAX_ROWS_NUMBA`` rows take :mod:`qtorch.gemm` (a register-blocked
 micro-kernel over 6 rows x 16 columns; float32 accumulation); more rows take chunks of tiles dequantized to float32
@@ -36,7 +37,7 @@ from .. import amx, dequant, gemm, gemv
 from .base import Layout
 from .codec import pack_codes, unpack_codes
 
-__all__ = ["BLOCKED", "CPU_MAX_ROWS_NUMBA", "blocked_tile", "blocked_params", "to_blocked", "from_blocked",
+__all__ = ["BLOCKED", "CPU_MAX_ROWS_NUMBA", "blocked_tile", "padded_k", "blocked_params", "to_blocked", "from_blocked",
            "dequant_blocked", "gemm_blocked", "gemm_blocked_impl", "tiles_blocked", "tiles_blocked_impl",
            "tiles_act_blocked", "tiles_act_blocked_impl", "amx_blocked", "amx_blocked_impl", "gemv_plan",
            "gemv_planned", "TILES_ACT", "AMX"]
@@ -291,12 +292,24 @@ amx_blocked.register_autograd(_backward, setup_context=_setup_backward)
 
 
 def _scale_rows(p: torch.Tensor, kind: str, n: int, k: int, g: int) -> torch.Tensor:
-    """Canonical scale/zero point -> ``[G, N]`` rows of the blocked layout (G groups along K); per tensor: 0-d."""
+    """Canonical scale/zero point -> ``[G, N]`` rows of the blocked layout (G groups along K, a ragged last one
+    included); per tensor: 0-d."""
     if kind == "tensor":
         return p.reshape(()).clone()
     if kind == "channel":
         return p.reshape(1, n).contiguous()
-    return p.reshape(n, k // g).t().contiguous()
+    return p.reshape(n, -(-k // g)).t().contiguous()
+
+
+def padded_k(in_features: int, kind: str, group: int) -> int:
+    """Rows of K the blocked layout holds: ``in_features`` rounded up to whole groups (the kernels read whole
+    groups only). A ragged last group is completed with codes equal to its zero point, which dequantize to
+    exactly 0, and a call pads x with zeros to match (:meth:`Blocked.linear`), so no product changes.
+
+    >>> padded_k(576, "group", 128), padded_k(576, "group", 64), padded_k(100, "channel", 0)
+    (640, 576, 100)
+    """
+    return -(-in_features // group) * group if kind == "group" else in_features
 
 
 def _scale_canonical(p: torch.Tensor, kind: str, n: int, k: int, g: int) -> torch.Tensor:
@@ -311,7 +324,11 @@ def codes_to_blocked(codes, scale, zero_point, *, bits: int, kind: str, group: i
                      in_features: int, tile: int):
     """Stored codes ``[N, K]`` (the canonical ``qweight`` at 8 bits; unsigned 4-bit codes, symmetric ones with the
     offset 8) -> blocked (qweight, scale [G,N], zero_point [G,N] or [0,0])."""
-    n, k = out_features, in_features
+    n, k = out_features, padded_k(in_features, kind, group)
+    if k != in_features:  # a ragged last group: completed with codes that dequantize to 0
+        fill = (torch.full((n, 1), 8 if bits == 4 else 0, dtype=codes.dtype, device=codes.device)
+                if zero_point is None else zero_point.reshape(n, -1)[:, -1:].to(codes.dtype))
+        codes = torch.cat([codes, fill.expand(n, k - in_features)], dim=1)
     T = n // tile
     if bits == 8:
         wb = codes.reshape(T, tile, k).transpose(1, 2).contiguous()
@@ -327,12 +344,12 @@ def codes_to_blocked(codes, scale, zero_point, *, bits: int, kind: str, group: i
 def blocked_to_codes(wb, scale, zero_point, *, bits: int, symmetric: bool, kind: str, group: int,
                      out_features: int, in_features: int):
     """Inverse of :func:`codes_to_blocked`: (stored codes [N, K], canonical scale, canonical zero point)."""
-    n, k = out_features, in_features
+    n, k, kp = out_features, in_features, wb.shape[1]  # kp: whole groups (padded_k)
     if bits == 8:
-        c = wb.transpose(1, 2).reshape(n, k).contiguous()
+        c = wb.transpose(1, 2).reshape(n, kp)[:, :k].contiguous()
     else:
         b = wb.transpose(1, 2).to(torch.int16)  # [T, H, K]
-        c = torch.cat([b & 15, b >> 4], dim=1).reshape(n, k)
+        c = torch.cat([b & 15, b >> 4], dim=1).reshape(n, kp)[:, :k].contiguous()
     zp = None if symmetric else _scale_canonical(zero_point, kind, n, k, group)
     return c, _scale_canonical(scale, kind, n, k, group), zp
 
@@ -383,7 +400,7 @@ def dequant_blocked(wb, scale, zero_point, *, bits: int, group: int, t0: int = 0
 def _amx_offered(device_type, dtype, rows: int, spec) -> tuple:
     if device_type != "cpu" or rows < 1 or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return ()
-    if spec is not None and not amx.eligible(spec.in_features, spec.group):
+    if spec is not None and not amx.eligible(padded_k(spec.in_features, spec.kind, spec.group), spec.group):
         return ()
     return (AMX,) if amx.available() else ()
 
@@ -405,8 +422,6 @@ class Blocked(Layout):
         if device.type != "cpu" or spec.bits not in (4, 8):
             return False
         if spec.kind == "group" and spec.axis != 1 or spec.kind == "channel" and spec.axis != 0:
-            return False
-        if spec.kind == "group" and spec.in_features % spec.group:  # its tiles hold whole groups only
             return False
         return blocked_tile(spec.out_features) > 0
 
@@ -430,6 +445,9 @@ class Blocked(Layout):
     def linear(self, weight, x2, path):
         spec, b = weight.spec, weight.buffers
         n = spec.out_features
+        kp = b["qweight"].shape[1]
+        if kp != x2.shape[1]:  # a ragged last group, completed in the layout: x completed with zeros
+            x2 = torch.nn.functional.pad(x2, (0, kp - x2.shape[1]))
         # the custom op for torch.compile and autograd; its body directly otherwise (the op's dispatch costs
         # ~0.05 ms, several percent of a one-row call)
         direct = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x2.requires_grad)
@@ -471,7 +489,8 @@ class Blocked(Layout):
 
     def dequantize(self, spec, qweight, scale, zero_point, dtype):
         w = dequant_blocked(qweight, scale, zero_point, bits=spec.bits, group=spec.group)
-        return w.permute(0, 2, 1).reshape(spec.out_features, spec.in_features).to(dtype)
+        w = w.permute(0, 2, 1).reshape(spec.out_features, qweight.shape[1])
+        return w[:, :spec.in_features].to(dtype)
 
 
 BLOCKED = Blocked()

@@ -33,21 +33,27 @@ def test_every_eligible_layout_and_path_equals_dense(scheme, dtype):
     want_w = torch.from_numpy(qcore.dequantize(qa))
     spec = WeightSpec.of(scheme, n, k)
     names = [lay.name for lay in layouts.eligible(spec, "cpu", dtype)]
-    # only layouts whose kernels take a shorter last group: blocked and int4pack hold whole groups
-    assert set(names) <= {"canonical", "int8pack"}, names
-    x = torch.randn(5, k).to(dtype)
+    # int4pack's tiles hold whole groups only; blocked completes the last group (codes that dequantize to 0)
+    assert "int4pack" not in names, names
+    assert ("blocked" in names) == (scheme.bits in (4, 8) and spec.axis == 1), names
+    q0, s0, z0 = qtorch.QuantLinear.from_quantized_array(qa, dtype=dtype)._w.canonical()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
     for name in names:
         layer = qtorch.QuantLinear.from_quantized_array(qa, dtype=dtype)
         if not layer._w.hold_layout(name, dtype):
             continue
         torch.testing.assert_close(layer.dequantized_weight(torch.float32), want_w, rtol=0, atol=0)
-        want = F.linear(x.float(), layer.dequantized_weight(torch.float32))
+        for got, ref in zip(layer._w.canonical(), (q0, s0, z0)):  # the state_dict never sees the completion
+            assert (got is None and ref is None) or torch.equal(got, ref), name
         w_, lay = layer._w, layer._w.layout
-        for path in lay.paths("cpu", dtype, x.shape[0], scheme.bits):
-            got = lay.linear(w_, x, path).float()
-            tol = 1e-5 if dtype == torch.float32 else 3e-2
-            torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()), msg=path)
-        torch.testing.assert_close(layer(x).float(), want, rtol=tol, atol=tol * float(want.abs().max()))
+        for rows in (1, 5, 40):  # the one-row kernel, the small-batch ones, bfloat16's dequantized AMX panels
+            x = torch.randn(rows, k).to(dtype)
+            want = F.linear(x.float(), layer.dequantized_weight(torch.float32))
+            for path in lay.paths("cpu", dtype, rows, scheme.bits, spec=spec):
+                got = lay.linear(w_, x, path).float()
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()),
+                                           msg=f"{name}/{path} at {rows} rows")
+            torch.testing.assert_close(layer(x).float(), want, rtol=tol, atol=tol * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=str)
@@ -100,7 +106,9 @@ def test_quantize_model_default_w4a16_on_hidden_576():
     quantized = [m for m in model.modules() if isinstance(m, qtorch.QuantLinear)]
     assert len(quantized) == 7, report  # q, k, v, o, gate, up, down (lm_head excluded by default)
     q_proj = model.model.layers[0].self_attn.q_proj
-    assert q_proj.scale.shape == (576, 5)
+    assert q_proj.state_dict()["scale"].shape == (576, 5)
+    # served by qtorch's kernels (the layout completes the last group), not by dequantizing the weight per call
+    assert q_proj.quantized_weight.layout.name == "blocked"
     with torch.no_grad():
         logits = model(ids).logits
         dense = _tiny_llama()
