@@ -1,11 +1,12 @@
-"""The blocked layout (CPU, 8 or 4 bits): qtorch's own kernels, tile by tile.
+"""The blocked layout (CPU, 1 to 8 bits, held in nibbles or bytes): qtorch's own kernels, tile by tile.
 
 The codes of ``NT`` consecutive output channels are stored K-major, one contiguous block per tile:
 ``[N/NT, K, NT]`` for 8 bits and ``[N/NT, K, NT/2]`` for 4 bits (byte ``j`` of a row holds column ``j`` in its low
 nibble and column ``j + NT/2`` in its high nibble); scale and zero point ``[G, N]`` with G the number of groups
 along K (0-d per tensor; zero point ``[0, 0]`` when symmetric: never more bytes than the canonical state).
 
-Eligible on CPU for 8 or 4 bits, per tensor, per output channel or in groups along K (a ragged last group is
+Eligible on CPU for 1 to 8 bits (codes of 1-3 bits held as nibbles and 5-7 bits as bytes, :func:`container_bits`:
+the same kernels, at the memory of 4 or 8 bits per code), per tensor, per output channel or in groups along K (a ragged last group is
 completed with codes equal to its zero point, which dequantize to exactly 0, and x with zeros: :func:`padded_k`),
 where a tile width (128, 64, 32 or 16, the largest dividing N) exists. One row (decoding) takes :mod:`qtorch.gemv` (LLVM vector IR, accumulators
 in registers, on PyTorch's own OpenMP team) where a tile row holds a multiple of 64 codes (N % 64 == 0), through a
@@ -37,7 +38,7 @@ from .. import amx, dequant, gemm, gemv
 from .base import Layout
 from .codec import pack_codes, unpack_codes
 
-__all__ = ["BLOCKED", "CPU_MAX_ROWS_NUMBA", "blocked_tile", "padded_k", "blocked_params", "to_blocked", "from_blocked",
+__all__ = ["BLOCKED", "CPU_MAX_ROWS_NUMBA", "blocked_tile", "padded_k", "container_bits", "blocked_params", "to_blocked", "from_blocked",
            "dequant_blocked", "gemm_blocked", "gemm_blocked_impl", "tiles_blocked", "tiles_blocked_impl",
            "tiles_act_blocked", "tiles_act_blocked_impl", "amx_blocked", "amx_blocked_impl", "gemv_plan",
            "gemv_planned", "TILES_ACT", "AMX"]
@@ -320,10 +321,48 @@ def _scale_canonical(p: torch.Tensor, kind: str, n: int, k: int, g: int) -> torc
     return p.t().contiguous()
 
 
+def container_bits(bits: int) -> int:
+    """Bits per code the blocked layout stores and its kernels read: 4 (nibbles) for 1- to 4-bit codes, 8 (bytes)
+    for 5- to 8-bit ones. A 3-bit layer then runs the 4-bit kernels at 4 bits per code in memory, instead of
+    unpacking its codes with tensor ops at every call (30-100x slower than the dense layer at one row).
+
+    >>> [container_bits(b) for b in (1, 2, 3, 4, 5, 8)]
+    [4, 4, 4, 4, 8, 8]
+    """
+    return 4 if bits <= 4 else 8
+
+
+def _to_container(codes: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Stored codes of ``bits`` -> the container's: asymmetric codes keep their values (and their zero points);
+    symmetric ones move from the offset ``2^(bits-1)`` to the container's (8 in a nibble; none in a signed byte)."""
+    cb = container_bits(bits)
+    if bits == cb:
+        return codes
+    if not symmetric:
+        return codes if cb == 4 else codes.to(torch.uint8)
+    q = codes.to(torch.int16) - (1 << (bits - 1))
+    return q + 8 if cb == 4 else q.to(torch.int8)
+
+
+def _from_container(c: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Inverse of :func:`_to_container` (int16 codes below 8 bits, as the canonical codec unpacks them)."""
+    cb = container_bits(bits)
+    if bits == cb:
+        return c
+    c = c.to(torch.int16)
+    if not symmetric:
+        return c
+    return (c - 8 if cb == 4 else c) + (1 << (bits - 1))
+
+
 def codes_to_blocked(codes, scale, zero_point, *, bits: int, kind: str, group: int, out_features: int,
-                     in_features: int, tile: int):
-    """Stored codes ``[N, K]`` (the canonical ``qweight`` at 8 bits; unsigned 4-bit codes, symmetric ones with the
-    offset 8) -> blocked (qweight, scale [G,N], zero_point [G,N] or [0,0])."""
+                     in_features: int, tile: int, symmetric: bool | None = None):
+    """Stored codes ``[N, K]`` (the canonical ``qweight`` at 8 bits; unsigned codes below 8 bits, symmetric ones
+    with the offset ``2^(bits-1)``) -> blocked (qweight, scale [G,N], zero_point [G,N] or [0,0]); codes of 1 to 7
+    bits are held in :func:`container_bits` (``symmetric`` defaults to: no zero point)."""
+    symmetric = zero_point is None if symmetric is None else symmetric
+    codes = _to_container(codes, bits, symmetric)
+    bits = container_bits(bits)
     n, k = out_features, padded_k(in_features, kind, group)
     if k != in_features:  # a ragged last group: completed with codes that dequantize to 0
         fill = (torch.full((n, 1), 8 if bits == 4 else 0, dtype=codes.dtype, device=codes.device)
@@ -345,11 +384,13 @@ def blocked_to_codes(wb, scale, zero_point, *, bits: int, symmetric: bool, kind:
                      out_features: int, in_features: int):
     """Inverse of :func:`codes_to_blocked`: (stored codes [N, K], canonical scale, canonical zero point)."""
     n, k, kp = out_features, in_features, wb.shape[1]  # kp: whole groups (padded_k)
+    bits, stored_bits = container_bits(bits), bits
     if bits == 8:
         c = wb.transpose(1, 2).reshape(n, kp)[:, :k].contiguous()
     else:
         b = wb.transpose(1, 2).to(torch.int16)  # [T, H, K]
         c = torch.cat([b & 15, b >> 4], dim=1).reshape(n, kp)[:, :k].contiguous()
+    c = _from_container(c, stored_bits, symmetric)
     zp = None if symmetric else _scale_canonical(zero_point, kind, n, k, group)
     return c, _scale_canonical(scale, kind, n, k, group), zp
 
@@ -360,9 +401,9 @@ def to_blocked(qweight, scale, zero_point, *, bits: int, symmetric: bool, kind: 
 
     Per tensor, scale and zero point stay 0-d; symmetric codes have no zero point ([0, 0]; 4-bit ones are stored
     with the offset 8, which the kernels subtract): the layout holds no more bytes than the canonical state."""
-    codes = qweight if bits == 8 else unpack_codes(qweight, 4, in_features)
+    codes = qweight if bits == 8 else unpack_codes(qweight, bits, in_features)
     return codes_to_blocked(codes, scale, zero_point, bits=bits, kind=kind, group=group, out_features=out_features,
-                            in_features=in_features, tile=tile)
+                            in_features=in_features, tile=tile, symmetric=symmetric)
 
 
 def from_blocked(wb, scale, zero_point, *, bits: int, symmetric: bool, kind: str, group: int,
@@ -370,7 +411,7 @@ def from_blocked(wb, scale, zero_point, *, bits: int, symmetric: bool, kind: str
     """Inverse of :func:`to_blocked`: the canonical (qweight, scale, zero_point)."""
     c, s, z = blocked_to_codes(wb, scale, zero_point, bits=bits, symmetric=symmetric, kind=kind, group=group,
                                out_features=out_features, in_features=in_features)
-    return (c if bits == 8 else pack_codes(c, 4)), s, z
+    return (c if bits == 8 else pack_codes(c, bits)), s, z
 
 
 def dequant_blocked(wb, scale, zero_point, *, bits: int, group: int, t0: int = 0, t1: int | None = None,
@@ -419,7 +460,7 @@ class Blocked(Layout):
     tuned = True
 
     def eligible(self, spec, device, compute_dtype):
-        if device.type != "cpu" or spec.bits not in (4, 8):
+        if device.type != "cpu" or not 1 <= spec.bits <= 8:
             return False
         if spec.kind == "group" and spec.axis != 1 or spec.kind == "channel" and spec.axis != 0:
             return False
@@ -427,7 +468,7 @@ class Blocked(Layout):
 
     def path(self, device_type, dtype, rows, bits):
         """``numba`` (gemv / gemm) up to ``CPU_MAX_ROWS_NUMBA`` rows on CPU, else ``tiles``."""
-        return _own_path(device_type, dtype, rows, bits)
+        return _own_path(device_type, dtype, rows, container_bits(bits))
 
     def paths(self, device_type, dtype, rows, bits, spec=None):
         """The own path, then for CPU calls of 2+ rows ``tiles_act`` (bfloat16 / float16 activations) and
@@ -435,7 +476,7 @@ class Blocked(Layout):
         ``amx``. Given the layer's ``spec``, ``amx`` is offered only where its kernel serves the shape
         (:func:`qtorch.amx.eligible`); without it, a layer the kernel does not serve runs ``numba`` under that
         name."""
-        own = _own_path(device_type, dtype, rows, bits)
+        own = _own_path(device_type, dtype, rows, container_bits(bits))
         tiles = _amx_offered(device_type, dtype, rows, spec)
         if device_type != "cpu" or rows < 2:
             return (own,) + tiles
@@ -463,7 +504,7 @@ class Blocked(Layout):
             fn = amx_blocked_impl if direct else torch.ops.qtorch.amx_blocked
         else:
             fn = tiles_blocked_impl if direct else torch.ops.qtorch.tiles_blocked
-        return fn(x2, b["qweight"], b["scale"], b["zero_point"], spec.group, spec.bits, n)
+        return fn(x2, b["qweight"], b["scale"], b["zero_point"], spec.group, container_bits(spec.bits), n)
 
     def plan(self, weight):
         """``weight``'s :func:`gemv_plan`, rebuilt when a buffer is replaced or moved."""
@@ -472,12 +513,13 @@ class Blocked(Layout):
         entry = _PLANS.get(weight)
         if (entry is None or entry[0] is not qw or entry[1] is not sc or entry[2] is not zp
                 or (entry[3] is not None and entry[3].addresses != (qw.data_ptr(), sc.data_ptr(), zp.data_ptr()))):
-            entry = (qw, sc, zp, gemv_plan(qw, sc, zp, weight.spec.group, weight.spec.bits))
+            entry = (qw, sc, zp, gemv_plan(qw, sc, zp, weight.spec.group, container_bits(weight.spec.bits)))
             _PLANS[weight] = entry
         return entry[3]
 
     def from_codes(self, spec, codes, scale, zero_point):
-        q, s, z = codes_to_blocked(codes, scale, zero_point, bits=spec.bits, kind=spec.kind, group=spec.group,
+        q, s, z = codes_to_blocked(codes, scale, zero_point, bits=spec.bits, symmetric=spec.symmetric,
+                                   kind=spec.kind, group=spec.group,
                                    out_features=spec.out_features, in_features=spec.in_features,
                                    tile=blocked_tile(spec.out_features))
         return q, s, z, None
@@ -488,7 +530,7 @@ class Blocked(Layout):
                                 in_features=spec.in_features)
 
     def dequantize(self, spec, qweight, scale, zero_point, dtype):
-        w = dequant_blocked(qweight, scale, zero_point, bits=spec.bits, group=spec.group)
+        w = dequant_blocked(qweight, scale, zero_point, bits=container_bits(spec.bits), group=spec.group)
         w = w.permute(0, 2, 1).reshape(spec.out_features, qweight.shape[1])
         return w[:, :spec.in_features].to(dtype)
 

@@ -135,8 +135,12 @@ def test_quantize_model_applies_the_plan():
     for c in plan.layers:
         assert isinstance(mods[c.name], qtorch.QuantLinear)
         assert mods[c.name].scheme == resolve_scheme(plan[c.name]) == c.scheme
-    assert sum(r.bytes_after for r in report.layers) == plan.total_bytes + sum(
+    # the plan counts stored bytes (the state_dict, the file); in memory, codes of 1-3 bits may sit in the
+    # blocked layout's 4-bit containers, so the layers hold at least that much
+    stored = sum(t.numel() * t.element_size() for c in plan.layers for t in mods[c.name].state_dict().values())
+    assert stored == plan.total_bytes + sum(
         m.bias.numel() * 4 for m in make_model(3).modules() if isinstance(m, nn.Linear))
+    assert sum(r.bytes_after for r in report.layers) >= stored
 
 
 def test_a_plan_with_hqq_and_its_table():

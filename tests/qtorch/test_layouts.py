@@ -111,3 +111,35 @@ def test_int4pack_unpack_reads_back_the_codes_eagerly_and_traced(n, k):
     assert torch.equal(int4pack.int4pack_unpack(packed, n, k), codes)  # the numba loop
     traced = int4pack._unpack_traced(packed, n, k, *int4pack.int4pack_map(n, k))  # the torch ops under tracing
     assert torch.equal(traced, codes)
+
+
+@pytest.mark.parametrize("bits,sym", [(1, False), (2, True), (2, False), (3, True), (3, False), (5, True),
+                                      (5, False), (6, False), (7, True)])  # 1-bit symmetric does not exist
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_holds_every_width_in_containers(bits, sym, dtype):
+    """Codes of 1-3 bits sit in 4-bit containers and 5-7 bits in bytes: every path equals F.linear of qcore's
+    dequantized weight, and the state_dict is the canonical one, packed at the scheme's width."""
+    import torch.nn.functional as F
+
+    import qtorch
+    from qcore import PerGroup, QuantScheme
+
+    scheme = QuantScheme(bits, sym, PerGroup(32))
+    n, k = 48, 80  # 80 = 2 * 32 + 16: a ragged last group as well
+    qa = qcore.quantize(np.random.default_rng(bits).standard_normal((n, k)).astype(np.float32), scheme)
+    want_w = torch.from_numpy(qcore.dequantize(qa))
+    layer = qtorch.QuantLinear.from_quantized_array(qa, dtype=dtype)
+    ref = qtorch.QuantLinear.from_quantized_array(qa, dtype=dtype)
+    assert layer._w.hold_layout("blocked", dtype) and ref._w.hold_layout("canonical", dtype)
+    assert layer.quantized_weight.layout.name == "blocked"
+    torch.testing.assert_close(layer.dequantized_weight(torch.float32), want_w, rtol=0, atol=0)
+    for key, t in ref.state_dict().items():
+        assert torch.equal(layer.state_dict()[key], t), key
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    w_, lay = layer._w, layer._w.layout
+    for rows in (1, 3, 40):
+        x = torch.randn(rows, k).to(dtype)
+        want = F.linear(x.float(), want_w)
+        for path in lay.paths("cpu", dtype, rows, bits, spec=w_.spec):
+            got = lay.linear(w_, x, path).float()
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()), msg=path)

@@ -335,7 +335,8 @@ GRAD_CASES = [
     ("W4A16Linear", None, 64, 256, torch.bfloat16, 300, "tiles"),
     ("QuantLinear", QuantScheme(4, True, PerTensor()), 32, 64, torch.float16, 300, "tiles"),
     ("QuantLinear", QuantScheme(8, False, PerTensor()), 32, 64, torch.float32, 3, "numba"),
-    ("QuantLinear", QuantScheme(3, True, PerGroup(4)), 16, 64, torch.bfloat16, 3, "dense"),
+    ("QuantLinear", QuantScheme(3, True, PerGroup(4)), 16, 64, torch.bfloat16, 3, "numba"),  # 4-bit containers
+    ("QuantLinear", QuantScheme(3, True, PerGroup(4)), 30, 64, torch.bfloat16, 3, "dense"),  # N = 30: canonical
 ]
 
 

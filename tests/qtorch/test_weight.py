@@ -63,7 +63,9 @@ def test_candidates_are_the_eligible_layouts_in_preference_order(monkeypatch):
     assert names(w8, 64, 256, f32) == ["blocked", "canonical"]
     assert names(w8, 64, 100, bf16) == ["blocked", "canonical"]  # K % 16 != 0 would crash the int8 kernel
     assert names(w8, 30, 256, bf16) == ["int8pack", "canonical"]  # N = 30: no blocked tile
-    assert names(QuantScheme(3, True, PerGroup(32)), 64, 256, f32) == ["canonical"]
+    # 3 bits: held in the blocked layout's 4-bit containers (the same kernels)
+    assert names(QuantScheme(3, True, PerGroup(32)), 64, 256, f32) == ["blocked", "canonical"]
+    assert names(QuantScheme(3, True, PerGroup(32)), 30, 256, f32) == ["canonical"]  # N = 30: no blocked tile
     assert names(w4, 64, 256, bf16, torch.device("cuda")) == ["canonical"]
     assert names(w4, 64, 256, bf16, torch.device("meta")) == ["canonical"]
     # the two steps: what can hold the weight (registration order), then the policy's order
