@@ -8,7 +8,9 @@ and column ``j + NT/2`` in its high one); scale and zero point ``[G, N]``.
 The inner loop is written as LLVM vector IR (``_dot_rows``): per row of a tile it loads the codes of up to 128
 columns, widens them to 32-bit integers, converts and multiply-adds them (FMA) into accumulators that stay in
 registers for a whole group, then adds the group's sums times its scales to the output (vector operations, the
-same ones per column as a scalar loop). Vectors are of 16 floats where the CPU numba compiles for has AVX-512
+same ones per column as a scalar loop). On AVX-512, 4-bit codes with no zero point to subtract per code
+(symmetric, or folded) become floats by a table lookup, ``vpermps`` on the 16 values of a nibble (one instruction
+instead of a mask, a subtraction and a conversion; the same values): 10-25% less time from L2. Vectors are of 16 floats where the CPU numba compiles for has AVX-512
 (:data:`WIDE`: half the instructions per code of 8), else of 8 (AVX2; LLVM splits 16-float vectors where a CPU
 lacks them, so either width runs anywhere, with the same bits: each column sees the same operations in the same
 order). numba's own loop over the same arrays keeps the accumulators in memory and re-checks aliasing on every row:
@@ -49,6 +51,9 @@ _I8P = _I8.as_pointer()
 
 __all__ = ["eligible", "gemv_blocked"]
 
+# vpermps on 16 floats (AVX-512F): an instruction, so only where numba compiles for a CPU that has it (a 16-float
+# vector elsewhere is split by LLVM; an intrinsic is not)
+_PERMPS = host_has("avx512f")
 
 
 def eligible(bits: int, tile_bytes: int) -> bool:
@@ -83,6 +88,9 @@ def _dot_rows(typingctx, wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, 
     signed = wb.dtype == types.int8
     nload = nbytes // L  # loads of L bytes per row
     nacc = nload if nbits == 8 else 2 * nload  # <L x float> accumulators
+    # 4-bit codes with no per-column zero point to subtract first (symmetric, or folded): their floats by a table
+    # lookup (vpermps: one instruction, the same values) instead of a mask, a subtraction and a conversion
+    lookup = nbits == 4 and L == 16 and zm in (2, 3, 4) and _PERMPS
     vf, vi, vb = vec(_F32, L), vec(_I32, L), vec(_I8, L)
 
     def codegen(context, builder, sig, args):
@@ -117,6 +125,10 @@ def _dot_rows(typingctx, wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, 
         accs = [cgutils.alloca_once_value(builder, zero) for _ in range(nacc)]  # -> registers
         lanes0 = ir.Constant(vi, [0] * L)
         prefetch = _prefetch_fn(builder)
+        if lookup:  # the float of each nibble, minus the offset 8 of symmetric codes where it is not folded
+            table = ir.Constant(vf, [float(i - 8 if zm == 2 else i) for i in range(16)])
+            permps = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vi]),
+                                                    "llvm.x86.avx512.permvar.sf.512")
         do_pf = builder.icmp_signed(">", pfd, ir.Constant(_I64, 0))
         lines = list(range(0, max(nbytes, 1), 64))  # the 64-byte lines a chunk of a row touches
         with cgutils.for_range(builder, n) as loop:
@@ -136,14 +148,20 @@ def _dot_rows(typingctx, wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, 
                                  align=1)
                 if nbits == 8:
                     parts = [(builder.sext(b, vi) if signed else builder.zext(b, vi), v)]
+                elif lookup:  # vpermps reads the low 4 bits of each index: the low nibble needs no mask
+                    z = builder.zext(b, vi)
+                    parts = [(z, v), (builder.lshr(z, ir.Constant(vi, [4] * L)), v + nload)]
                 else:
                     z = builder.zext(b, vi)
                     parts = [(builder.and_(z, ir.Constant(vi, [15] * L)), v),
                              (builder.lshr(z, ir.Constant(vi, [4] * L)), v + nload)]
                 for iv, a in parts:
-                    if zvec[a] is not None:
-                        iv = builder.sub(iv, zvec[a])
-                    f = builder.sitofp(iv, vf)
+                    if lookup:
+                        f = builder.call(permps, [table, iv])
+                    else:
+                        if zvec[a] is not None:
+                            iv = builder.sub(iv, zvec[a])
+                        f = builder.sitofp(iv, vf)
                     # 'contract': one FMA where the CPU has it, a multiply and an add where it has not
                     prod = builder.fmul(xb, f, flags=("contract",))
                     builder.store(builder.fadd(builder.load(accs[a]), prod, flags=("contract",)), accs[a])
