@@ -4,7 +4,8 @@
     python benchmarks/bench_linear.py --no-compile --dtypes bfloat16 --rows 1 128
 
 Eager is compared with eager, and compiled (``qtorch.compile``: inductor, freezing, max-autotune) with the dense
-layer compiled the same way. Dense and quantized calls alternate inside every round (the machine is shared and
+layer compiled the same way, once per cell with ``rows=`` that cell's rows (the layout a compiled layer holds is
+chosen for the rows it will run; the per-cell line prints the compile time, layout probes included). Dense and quantized calls alternate inside every round (the machine is shared and
 noisy, so both see the same conditions). The table reports best-of-N times (the usual estimator of the
 uncontended time on a shared machine, as ``timeit`` recommends); the per-cell lines also print the medians.
 Threads: torch's default (numba uses as many). The first line names the machine (CPU model, ISA flags, torch's
@@ -81,24 +82,28 @@ def main(argv=None) -> int:
         for lname in args.layers:
             quant = getattr(qtorch, lname).from_linear(dense).eval()
             for mode in modes:
-                if mode == "eager":
-                    fd, fq = dense, quant
-                else:
-                    torch._dynamo.reset()
-                    fd, fq = qcompile(dense), qcompile(quant)
                 cells = []
                 for r in args.rows:
                     x = torch.randn(r, k, dtype=dt)
+                    fd, fq, built = dense, quant, ""
                     if mode == "compiled":
-                        with torch.no_grad():  # compile both before timing
+                        torch._dynamo.reset()
+                        t0 = time.perf_counter()
+                        fd = qcompile(dense)
+                        with torch.no_grad():
                             fd(x)
+                        t1 = time.perf_counter()
+                        fq = qcompile(quant, rows=r)  # chooses the layout for r rows (probes), then compiles
+                        with torch.no_grad():
                             fq(x)
+                        t2 = time.perf_counter()
+                        built = f" | compile dense {t1 - t0:.1f} s, quantized {t2 - t1:.1f} s"
                     (td, tdm), (tq, tqm) = paired_times(fd, fq, x, args.budget)
                     path = layer_path(quant, dt, r)
                     cells.append(f"{td / tq:.2f}x ({td * 1e3:.2f}/{tq * 1e3:.2f} ms) {path}")
                     print(f"  {lname:12s} {dname:9s} {mode:8s} rows={r:4d}: best dense {td * 1e3:8.2f} ms  "
                           f"quantized {tq * 1e3:8.2f} ms  ratio {td / tq:5.2f}x | median {tdm * 1e3:8.2f} / "
-                          f"{tqm * 1e3:8.2f} ms  ratio {tdm / tqm:5.2f}x | {path}", flush=True)
+                          f"{tqm * 1e3:8.2f} ms  ratio {tdm / tqm:5.2f}x | {path}{built}", flush=True)
                 lines.append(f"| {lname} | {dname} | {mode} | " + " | ".join(cells) + " |")
     print()
     print("\n".join(lines))
