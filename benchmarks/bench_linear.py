@@ -27,7 +27,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
-from qtorch.compile import compile as qcompile  # noqa: E402
+from qtorch import autotune  # noqa: E402
+from qtorch.compile import TEMPLATE_LAYOUTS, compile as qcompile  # noqa: E402
 from _layers import layer_path  # noqa: E402
 from _machine import machine_line  # noqa: E402
 
@@ -100,6 +101,9 @@ def main(argv=None) -> int:
                         built = f" | compile dense {t1 - t0:.1f} s, quantized {t2 - t1:.1f} s"
                     (td, tdm), (tq, tqm) = paired_times(fd, fq, x, args.budget)
                     path = layer_path(quant, dt, r)
+                    lay = quant.quantized_weight.layout.name
+                    if mode == "compiled" and lay in TEMPLATE_LAYOUTS and dt == torch.bfloat16:
+                        path = f"{lay}/inductor"  # its op in the graph: inductor's template or the ATen kernel
                     cells.append(f"{td / tq:.2f}x ({td * 1e3:.2f}/{tq * 1e3:.2f} ms) {path}")
                     print(f"  {lname:12s} {dname:9s} {mode:8s} rows={r:4d}: best dense {td * 1e3:8.2f} ms  "
                           f"quantized {tq * 1e3:8.2f} ms  ratio {td / tq:5.2f}x | median {tdm * 1e3:8.2f} / "
@@ -107,6 +111,11 @@ def main(argv=None) -> int:
                 lines.append(f"| {lname} | {dname} | {mode} | " + " | ".join(cells) + " |")
     print()
     print("\n".join(lines))
+    probes = {k: v for k, v in autotune.default_dispatcher().decisions().items() if "|compiled-" in k}
+    if probes:  # the compiled layout decisions: best ms of each candidate's compiled probe per row count
+        print("\ncompiled layout decisions (probe ms per layout@rows):")
+        for k, v in sorted(probes.items()):
+            print(f"  {k}: {v['path']}  {v.get('ms')}{'  (busy)' if v.get('busy') else ''}")
     return 0
 
 
