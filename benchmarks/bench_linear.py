@@ -5,9 +5,10 @@
 
 Eager is compared with eager, and compiled (``qtorch.compile``: inductor, freezing, max-autotune) with the dense
 layer compiled the same way, once per cell with ``rows=`` that cell's rows (the layout a compiled layer holds is
-chosen for the rows it will run; the per-cell line prints the compile time, layout probes included). Dense and quantized calls alternate inside every round (the machine is shared and
-noisy, so both see the same conditions). The table reports best-of-N times (the usual estimator of the
-uncontended time on a shared machine, as ``timeit`` recommends); the per-cell lines also print the medians.
+chosen for the rows it will run; the per-cell line prints the compile time, layout probes included, and the end
+the probes' timings). Dense and quantized calls alternate inside every round (the machine is shared and noisy, so
+both see the same conditions). The table reports best-of-N times (the usual estimator of the uncontended time on a
+shared machine, as ``timeit`` recommends); the per-cell lines also print the medians.
 Threads: torch's default (numba uses as many). The first line names the machine (CPU model, ISA flags, torch's
 CPU capability); every cell names the path the quantized layer took, ``layout/kernel`` (see ``_layers.py``):
 the layout its weight is held in and the kernel kept for that row count.
@@ -27,8 +28,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
-from qtorch import autotune  # noqa: E402
-from qtorch.compile import TEMPLATE_LAYOUTS, compile as qcompile  # noqa: E402
+from qtorch.compile import TEMPLATE_LAYOUTS, compile as qcompile, probe_dispatcher  # noqa: E402
 from _layers import layer_path  # noqa: E402
 from _machine import machine_line  # noqa: E402
 
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                 lines.append(f"| {lname} | {dname} | {mode} | " + " | ".join(cells) + " |")
     print()
     print("\n".join(lines))
-    probes = {k: v for k, v in autotune.default_dispatcher().decisions().items() if "|compiled-" in k}
+    probes = {k: v for k, v in probe_dispatcher().decisions().items() if "|compiled-" in k}
     if probes:  # the compiled layout decisions: best ms of each candidate's compiled probe per row count
         print("\ncompiled layout decisions (probe ms per layout@rows):")
         for k, v in sorted(probes.items()):

@@ -229,6 +229,28 @@ def _candidates(weight, dtype) -> list:
 
 
 _PROBE_IDS = itertools.count()
+#: timing of the compiled probes, per row count: up to this many seconds of calls (rounds of both candidates,
+#: alternating) within ``PROBE_ROUNDS``. More than the eager dispatcher's 20 ms: a probe costs seconds of compiling
+#: anyway, and a decision timed beside other work took 3 or 4 calls per candidate there, too few to see past the
+#: waits for a core (probe calls of 20-45 ms for 1-2 ms kernels at a load of 5 on the 2-core Xeon)
+PROBE_BUDGET_S = 0.25
+PROBE_ROUNDS = (5, 40)
+_PROBE_DISPATCHER: list = [None, None]  # [the process's dispatcher it was made from, the probes' dispatcher]
+
+
+def probe_dispatcher():
+    """The dispatcher that times compiled probes: the process's (:func:`qtorch.autotune.default_dispatcher`:
+    its file, clock and measuring switch, so its decisions share the file) with the probes' budget."""
+    from . import autotune
+
+    d = autotune.default_dispatcher()
+    if _PROBE_DISPATCHER[0] is not d:
+        env = {"QTORCH_AUTOTUNE": "1" if d.measuring else "0"}
+        _PROBE_DISPATCHER[:] = [d, autotune.Dispatcher(False if d.cache_path is None else d.cache_path, env=env,
+                                                       timer=d.timer, budget_s=PROBE_BUDGET_S,
+                                                       min_rounds=PROBE_ROUNDS[0], max_rounds=PROBE_ROUNDS[1],
+                                                       others_running=d.others_running, evict=d.evict)]
+    return _PROBE_DISPATCHER[1]
 
 
 def _probe_forward(self, x):
@@ -294,17 +316,18 @@ def choose_layouts(model: nn.Module, rows=None, options: dict | None = None) -> 
     eligible; one candidate: it; ``QTORCH_AUTOTUNE=0``: the first of the static order
     (:func:`qtorch.layouts.default_policy`: the template layout on CPUs other than AVX2, else ``blocked``); else the
     decision kept for this machine, or a measurement: per candidate a one-layer probe on a copy of a layer's
-    weight, compiled with ``options`` and timed at each of ``rows`` by the layout dispatcher
-    (:meth:`qtorch.autotune.Dispatcher.choose_layout`: a row count's time is its fastest call, weighted by
-    ``autotune.REQUEST_CALLS``, 5% ties to the static order). A probe that fails to build, compile or run loses;
-    if every one fails, the static order holds (with a warning). Every decision is made before any layer moves.
+    weight, compiled with ``options`` and timed at each of ``rows`` by the layout race of
+    :meth:`qtorch.autotune.Dispatcher.choose_layout` (a row count's time is its fastest call, weighted by
+    ``autotune.REQUEST_CALLS``, 5% ties to the static order) within :data:`PROBE_BUDGET_S`
+    (:func:`probe_dispatcher`). A probe that fails to build, compile or run loses; if every one fails, the static
+    order holds (with a warning). Every decision is made before any layer moves.
     """
     from . import autotune, layouts
 
     rows = _rows(rows)
     options = compile_options("cpu") if options is None else options
-    d = autotune.default_dispatcher()
-    forced = d.forced_layout
+    forced = autotune.default_dispatcher().forced_layout
+    d = probe_dispatcher()
     if forced is not None:
         layouts.get(forced)  # an unknown name is an error, as for the eager choice
     decided, picks = {}, []

@@ -31,7 +31,7 @@ def layer(scheme, n=64, k=128, dtype=torch.bfloat16, seed=0):
 
 def install(monkeypatch, tmp_path, env=None):
     """A measuring dispatcher with its own file (or ``env``) as the process's."""
-    d = autotune.Dispatcher(cache_path=tmp_path / "dispatch.json", env=env or {})
+    d = autotune.Dispatcher(cache_path=tmp_path / "dispatch.json", env=env or {}, evict=lambda: None)
     monkeypatch.setattr(autotune, "_DEFAULT", d)
     return d
 
@@ -182,7 +182,8 @@ def test_probe_is_a_copy_with_a_forward_of_its_own():
 @SCHEMES
 def test_every_candidate_runs_compiled_within_tolerance(scheme):
     """Each candidate's probe, compiled with max-autotune as qtorch.compile compiles (C++ templates and ATen, no
-    other backend, to keep the test short), equals ``F.linear(x, dequantized_weight())`` within bfloat16's tolerance, at odd rows."""
+    other backend, to keep the test short), equals ``F.linear(x, dequantized_weight())`` within bfloat16's
+    tolerance, at odd rows."""
     q = layer(scheme, n=48, k=96)
     rows = (1, 5)
     with inductor_config.patch(max_autotune_gemm_backends="CPP,ATEN"):
@@ -212,3 +213,12 @@ def test_compile_end_to_end_holds_the_choice_and_keeps_paths(monkeypatch, tmp_pa
     assert ("cpu", torch.bfloat16, autotune.bucket_index(5)) in q.quantized_weight._routes
     ref = F.linear(x.float(), q.dequantized_weight(torch.float32), q.bias.float())
     assert torch.allclose(y, ref, atol=2e-2 * float(ref.abs().max()), rtol=2e-2)
+
+
+def test_probe_dispatcher_shares_the_file_with_a_longer_budget(monkeypatch, tmp_path):
+    d = install(monkeypatch, tmp_path)
+    p = qc.probe_dispatcher()
+    assert p is qc.probe_dispatcher() and p.cache_path == d.cache_path and p.measuring
+    assert (p.budget_s, p.min_rounds, p.max_rounds) == (qc.PROBE_BUDGET_S, *qc.PROBE_ROUNDS)
+    install(monkeypatch, tmp_path, {"QTORCH_AUTOTUNE": "0"})
+    assert qc.probe_dispatcher() is not p and not qc.probe_dispatcher().measuring
