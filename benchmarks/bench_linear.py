@@ -4,9 +4,11 @@
     python benchmarks/bench_linear.py --no-compile --dtypes bfloat16 --rows 1 128
 
 Eager is compared with eager, and compiled (``qtorch.compile``: inductor, freezing, max-autotune) with the dense
-layer compiled the same way. Dense and quantized calls alternate inside every round (the machine is shared and
-noisy, so both see the same conditions). The table reports best-of-N times (the usual estimator of the
-uncontended time on a shared machine, as ``timeit`` recommends); the per-cell lines also print the medians.
+layer compiled the same way, once per cell with ``rows=`` that cell's rows (the layout a compiled layer holds is
+chosen for the rows it will run; the per-cell line prints the compile time, layout probes included, and the end
+the probes' timings). Dense and quantized calls alternate inside every round (the machine is shared and noisy, so
+both see the same conditions). The table reports best-of-N times (the usual estimator of the uncontended time on a
+shared machine, as ``timeit`` recommends); the per-cell lines also print the medians.
 Threads: torch's default (numba uses as many). The first line names the machine (CPU model, ISA flags, torch's
 CPU capability); every cell names the path the quantized layer took, ``layout/kernel`` (see ``_layers.py``):
 the layout its weight is held in and the kernel kept for that row count.
@@ -26,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
-from qtorch.compile import compile as qcompile  # noqa: E402
+from qtorch.compile import TEMPLATE_LAYOUTS, compile as qcompile, probe_dispatcher  # noqa: E402
 from _layers import layer_path  # noqa: E402
 from _machine import machine_line  # noqa: E402
 
@@ -81,27 +83,39 @@ def main(argv=None) -> int:
         for lname in args.layers:
             quant = getattr(qtorch, lname).from_linear(dense).eval()
             for mode in modes:
-                if mode == "eager":
-                    fd, fq = dense, quant
-                else:
-                    torch._dynamo.reset()
-                    fd, fq = qcompile(dense), qcompile(quant)
                 cells = []
                 for r in args.rows:
                     x = torch.randn(r, k, dtype=dt)
+                    fd, fq, built = dense, quant, ""
                     if mode == "compiled":
-                        with torch.no_grad():  # compile both before timing
+                        torch._dynamo.reset()
+                        t0 = time.perf_counter()
+                        fd = qcompile(dense)
+                        with torch.no_grad():
                             fd(x)
+                        t1 = time.perf_counter()
+                        fq = qcompile(quant, rows=r)  # chooses the layout for r rows (probes), then compiles
+                        with torch.no_grad():
                             fq(x)
+                        t2 = time.perf_counter()
+                        built = f" | compile dense {t1 - t0:.1f} s, quantized {t2 - t1:.1f} s"
                     (td, tdm), (tq, tqm) = paired_times(fd, fq, x, args.budget)
                     path = layer_path(quant, dt, r)
+                    lay = quant.quantized_weight.layout.name
+                    if mode == "compiled" and lay in TEMPLATE_LAYOUTS and dt == torch.bfloat16:
+                        path = f"{lay}/inductor"  # its op in the graph: inductor's template or the ATen kernel
                     cells.append(f"{td / tq:.2f}x ({td * 1e3:.2f}/{tq * 1e3:.2f} ms) {path}")
                     print(f"  {lname:12s} {dname:9s} {mode:8s} rows={r:4d}: best dense {td * 1e3:8.2f} ms  "
                           f"quantized {tq * 1e3:8.2f} ms  ratio {td / tq:5.2f}x | median {tdm * 1e3:8.2f} / "
-                          f"{tqm * 1e3:8.2f} ms  ratio {tdm / tqm:5.2f}x | {path}", flush=True)
+                          f"{tqm * 1e3:8.2f} ms  ratio {tdm / tqm:5.2f}x | {path}{built}", flush=True)
                 lines.append(f"| {lname} | {dname} | {mode} | " + " | ".join(cells) + " |")
     print()
     print("\n".join(lines))
+    probes = {k: v for k, v in probe_dispatcher().decisions().items() if "|compiled-" in k}
+    if probes:  # the compiled layout decisions: best ms of each candidate's compiled probe per row count
+        print("\ncompiled layout decisions (probe ms per layout@rows):")
+        for k, v in sorted(probes.items()):
+            print(f"  {k}: {v['path']}  {v.get('ms')}{'  (busy)' if v.get('busy') else ''}")
     return 0
 
 

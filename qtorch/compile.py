@@ -18,10 +18,27 @@ return, see :func:`_tracing_setup`):
 * ``max_autotune=True`` (``mode="max-autotune"`` without CUDA graphs on CPU): inductor benchmarks its C++ GEMM
   templates against the ATen kernels at each shape and keeps the faster one.
 
-With max-autotune on CPU, ``qtorch.compile`` first moves every quantized weight that ``int8pack`` or ``int4pack``
-can hold into that layout (:func:`_hold_template_layouts`: the eager layout choice times qtorch's own kernels, which
-inductor cannot see into), so that inductor measures its template against the ATen kernel for that layer. The
+With max-autotune on CPU, ``qtorch.compile`` first decides, per quantized layer shape (out x in, scheme, compute
+dtype), which layout its layers hold in compiled inference (:func:`choose_layouts`), by measurement on this machine,
+as the eager layout choice does: inductor's template layout (``int8pack`` / ``int4pack``, whose ops it has
+weight-only templates for) against qtorch's own (``blocked``, custom ops that inductor cannot see into, each still
+running the path its eager dispatcher measured). Each candidate is a one-layer probe on a copy of the weight,
+compiled with the same options and timed at the rows the model will run (``rows=``, default one-row decoding steps
+and 128-row prompt calls weighed as a request, :data:`qtorch.autotune.REQUEST_CALLS`). The decision is kept like
+the dispatcher's (the process and ``$QTORCH_CACHE_DIR``, key ``layout|NxK|compiled-<scheme>-rows<r+r>|...``).
+``QTORCH_LAYOUT`` forces a layout; ``QTORCH_AUTOTUNE=0`` measures nothing and takes the static order of
+:func:`qtorch.layouts.default_policy` (the template layout on CPUs other than AVX2, else ``blocked``). Then every
+quantized layer runs each of ``rows`` once eagerly, so that the trace takes the path measured for it. The
 state_dict and the outputs (within the dtype's tolerance) are the same in every layout.
+
+The own layout is probed compiled too, not timed eagerly: its custom op is not its eager call (K = N = 4096 8-bit,
+bf16, one row, same run, best of 200 at a load of 3.4: eager ``blocked`` 0.44 ms, compiled 0.65 ms, where the op
+runs the one-row kernel without the layer's kept plan and pays the op's dispatch; the compiled template 0.53 ms).
+Cost, once per shape and ``rows`` on a machine (per process where it was measured beside other work, as for the
+dispatcher): a compile per candidate and row count, then up to :data:`PROBE_BUDGET_S` of timed calls per row count.
+K = N = 4096 on the 2-core Xeon at a load of 5: 6-16 s per shape and row count with inductor's caches cold, about
+1 s with its on-disk caches warm. Each probe's copy of the weight stays referenced by inductor's in-process caches
+after the decision (as any frozen graph's constants): one copy of the codes per candidate and probed shape.
 
 Which op each quantized layout puts in the graph (CPU, bfloat16):
 
@@ -31,8 +48,8 @@ layout          traced op
 ``int8pack``    ``torch._weight_int8pack_mm`` with max-autotune (even where the eager dispatcher chose
                 ``dequant_mm``): inductor's AMX / AVX-512 template, or the ATen kernel, whichever it measures faster
 ``int4pack``    ``torch._weight_int4pack_mm_for_cpu``: the same, with inductor's int4 template
-``blocked``     qtorch's custom ops (``qtorch::gemm_blocked``, ``qtorch::tiles_blocked``): no template reads this
-                layout
+``blocked``     qtorch's custom ops (``qtorch::amx_blocked``, ``qtorch::gemm_blocked``, ``qtorch::tiles_blocked``,
+                ``qtorch::tiles_act_blocked``: the path kept for the row bucket): no template reads this layout
 ``canonical``   dequantize + ``F.linear``, or the ``qtorch::dequant_mm`` custom op; the codes stay int8/uint8
 ==============  ===============================================================================================
 
@@ -46,7 +63,11 @@ kept off every 1-byte integer constant of the model, not only codes (a uint8 mas
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import itertools
+import types
+import warnings
 
 import torch
 import torch._inductor.config as inductor_config
@@ -165,45 +186,211 @@ def _device_type(model) -> str:
 
 #: layouts whose op inductor has weight-only GEMM templates for on CPU (AMX / AVX-512), most preferred first
 TEMPLATE_LAYOUTS = ("int8pack", "int4pack")
+#: qtorch's own layout: its custom ops stay opaque to inductor
+OWN_LAYOUT = "blocked"
 
 
-def _hold_template_layouts(model: nn.Module) -> list:
-    """Move every quantized weight that a template layout can hold into it; returns the layers moved.
+def _rows(rows) -> tuple:
+    """``rows`` of :func:`compile` as a sorted tuple of distinct ints >= 1 (None: ``autotune.LAYOUT_ROWS``)."""
+    from . import autotune
 
-    Under max-autotune inductor times its weight-only templates against the ATen kernel at each shape (a
-    measurement on this machine), which it can do only for ops it knows; qtorch's own kernels are opaque custom ops
-    to it (0.13-0.15x of compiled dense at 128 rows, bf16, for a blocked 4-bit layer; 0.99-1.38x in the int4pack
-    layout). The run-time layout is an internal form: outputs stay within the dtype's tolerance of
-    ``F.linear(x, dequantized_weight())`` and the state_dict is canonical either way."""
-    moved = []
+    if rows is None:
+        return tuple(autotune.LAYOUT_ROWS)
+    seq = (rows,) if isinstance(rows, int) else rows
+    try:
+        seq = tuple(seq)
+    except TypeError:
+        raise TypeError(f"rows must be an int or a sequence of ints, got {type(rows).__name__}") from None
+    if not seq or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in seq):
+        raise ValueError(f"rows must be ints >= 1 (the rows of the calls the model will run), got {rows!r}")
+    return tuple(sorted(set(seq)))
+
+
+def _quantized_layers(model: nn.Module) -> dict:
+    """``{(out, in, scheme label, compute dtype): [layers]}`` over the CPU quantized layers of ``model`` that hold an
+    integer zero point (a float zero point has only the canonical layout)."""
+    from .layouts import scheme_label
+
+    groups: dict = {}
     for m in model.modules():
         w = getattr(m, "quantized_weight", None)
         dtype = getattr(m, "compute_dtype", None)
-        if w is None or dtype is None or w.layout.name in TEMPLATE_LAYOUTS:
+        if w is None or dtype is None or w.device.type != "cpu" or w.spec.zero_point_kind != "int":
             continue
-        for name in TEMPLATE_LAYOUTS:
-            if w.hold_layout(name, dtype):
-                moved.append(m)
-                break
-    return moved
+        s = w.spec
+        groups.setdefault((s.out_features, s.in_features, scheme_label(s), dtype), []).append(m)
+    return groups
+
+
+def _candidates(weight, dtype) -> list:
+    """Names of the layouts a compiled layer of ``weight`` may hold, in the unmeasured order
+    (:func:`qtorch.layouts.default_policy`): the first template layout that can hold it and qtorch's own layout,
+    each where eligible. Empty without a template layout: nothing to choose, the layer keeps its layout."""
+    from . import layouts
+
+    found = layouts.eligible(weight.spec, weight.device, dtype)
+    names = [lay.name for lay in found]
+    template = next((n for n in TEMPLATE_LAYOUTS if n in names), None)
+    if template is None:
+        return []
+    picked = [lay for lay in found if lay.name in (template, OWN_LAYOUT)]
+    return [lay.name for lay in layouts.default_policy(picked)]
+
+
+_PROBE_IDS = itertools.count()
+#: timing of the compiled probes, per row count: up to this many seconds of calls (rounds of both candidates,
+#: alternating) within ``PROBE_ROUNDS``. More than the eager dispatcher's 20 ms: a probe costs seconds of compiling
+#: anyway, and a decision timed beside other work took 3 or 4 calls per candidate there, too few to see past the
+#: waits for a core (probe calls of 20-45 ms for 1-2 ms kernels at a load of 5 on the 2-core Xeon)
+PROBE_BUDGET_S = 0.25
+PROBE_ROUNDS = (5, 40)
+_PROBE_DISPATCHER: list = [None, None]  # [the process's dispatcher it was made from, the probes' dispatcher]
+
+
+def probe_dispatcher():
+    """The dispatcher that times compiled probes: the process's (:func:`qtorch.autotune.default_dispatcher`:
+    its file, clock and measuring switch, so its decisions share the file) with the probes' budget."""
+    from . import autotune
+
+    d = autotune.default_dispatcher()
+    if _PROBE_DISPATCHER[0] is not d:
+        env = {"QTORCH_AUTOTUNE": "1" if d.measuring else "0"}
+        _PROBE_DISPATCHER[:] = [d, autotune.Dispatcher(False if d.cache_path is None else d.cache_path, env=env,
+                                                       timer=d.timer, budget_s=PROBE_BUDGET_S,
+                                                       min_rounds=PROBE_ROUNDS[0], max_rounds=PROBE_ROUNDS[1],
+                                                       others_running=d.others_running, evict=d.evict)]
+    return _PROBE_DISPATCHER[1]
+
+
+def _probe_forward(self, x):
+    return self.layer(x)
+
+
+def _probe(layer: nn.Module, layout: str) -> nn.Module:
+    """A copy of ``layer`` (its own tensors) holding ``layout``, inside a module whose ``forward`` is a code object
+    of its own: Dynamo keeps compiled code per code object, so probes neither count towards the recompile limit of
+    the layer's ``forward`` (8: past it the layer would run eagerly, unnoticed) nor outlive the probe."""
+    copy_ = copy.deepcopy(layer)
+    if not copy_.quantized_weight.hold_layout(layout, copy_.compute_dtype):
+        raise ValueError(f"{layout} cannot hold this weight")
+    code = _probe_forward.__code__.replace(co_name=f"_probe_forward_{next(_PROBE_IDS)}")
+    cls = type("CompileProbe", (nn.Module,), {"forward": types.FunctionType(code, _probe_forward.__globals__)})
+    probe = cls()
+    probe.layer = copy_
+    return probe.eval()
+
+
+def _compiled_probe(layer: nn.Module, layout: str, rows: tuple, options: dict) -> "CompiledModule":
+    """:func:`_probe` compiled as :func:`compile` compiles the model (the same options, one graph per row count,
+    the paths measured for ``rows`` kept); compiles at its first call of each row count."""
+    probe = _probe(layer, layout)
+    _keep_paths(probe.layer, rows)
+    return CompiledModule(probe, torch.compile(probe, fullgraph=True, dynamic=False, options=options), options)
+
+
+def _probe_runs(layer: nn.Module, layout: str, rows: tuple, options: dict):
+    """``{rows: {"compiled": callable}}`` for :meth:`qtorch.autotune.Dispatcher.choose_layout`: a
+    :func:`_compiled_probe` on random inputs of the layer's dtype (the race's untimed warm-up call of each row
+    count compiles). None when the probe cannot be built (that candidate loses)."""
+    try:
+        run = _compiled_probe(layer, layout, rows, options)
+    except Exception:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    k, dtype = layer.in_features, layer.compute_dtype
+    xs = {r: torch.randn(r, k, generator=gen).to(dtype) for r in rows}
+    return {r: {"compiled": (lambda x=xs[r]: run(x))} for r in rows}
+
+
+def _keep_paths(layer: nn.Module, rows: tuple) -> None:
+    """Run ``layer``'s weight once eagerly per row count (zero inputs): a layout with several paths then keeps the
+    measured one for each row bucket (:meth:`qtorch.weight.QuantizedWeight.linear`), which the trace reads; under
+    tracing nothing is measured and an unmeasured bucket traces the layout's own path (``numba`` for ``blocked``
+    up to 256 rows, where ``amx`` or ``tiles_act`` may be several times faster)."""
+    w = layer.quantized_weight
+    if not w.layout.tuned:
+        return
+    with torch.no_grad():
+        for r in rows:
+            w.linear(torch.zeros(r, w.spec.in_features, dtype=layer.compute_dtype, device=w.device))
+
+
+def choose_layouts(model: nn.Module, rows=None, options: dict | None = None) -> dict:
+    """Decide, per quantized layer shape (out x in, scheme, compute dtype), the layout its layers hold in
+    compiled inference, then move them; returns ``{"out x in|scheme|dtype": layout name}`` of the shapes that had a
+    choice.
+
+    Candidates: the template layout (``int8pack`` / ``int4pack``, whose op inductor has weight-only templates for)
+    and qtorch's own (``blocked``, custom ops), where eligible. In order of precedence: ``QTORCH_LAYOUT`` where
+    eligible; one candidate: it; ``QTORCH_AUTOTUNE=0``: the first of the static order
+    (:func:`qtorch.layouts.default_policy`: the template layout on CPUs other than AVX2, else ``blocked``); else the
+    decision kept for this machine, or a measurement: per candidate a one-layer probe on a copy of a layer's
+    weight, compiled with ``options`` and timed at each of ``rows`` by the layout race of
+    :meth:`qtorch.autotune.Dispatcher.choose_layout` (a row count's time is its fastest call, weighted by
+    ``autotune.REQUEST_CALLS``, 5% ties to the static order) within :data:`PROBE_BUDGET_S`
+    (:func:`probe_dispatcher`). A probe that fails to build, compile or run loses; if every one fails, the static
+    order holds (with a warning). Every decision is made before any layer moves.
+    """
+    from . import autotune, layouts
+
+    rows = _rows(rows)
+    options = compile_options("cpu") if options is None else options
+    forced = autotune.default_dispatcher().forced_layout
+    d = probe_dispatcher()
+    if forced is not None:
+        layouts.get(forced)  # an unknown name is an error, as for the eager choice
+    decided, picks = {}, []
+    for (n, k, label, dtype), members in _quantized_layers(model).items():
+        w = members[0].quantized_weight
+        names = _candidates(w, dtype)
+        if forced is not None and forced in [lay.name for lay in layouts.eligible(w.spec, w.device, dtype)]:
+            pick = forced
+        elif not names:
+            continue
+        elif len(names) == 1 or not d.measuring:
+            pick = names[0]
+        else:
+            key = autotune.LayoutKey.make(n, k, f"compiled-{label}-rows{'+'.join(map(str, rows))}", dtype)
+            probes = {name: (lambda name=name: _probe_runs(members[0], name, rows, options)) for name in names}
+            try:
+                pick = d.choose_layout(key, probes, rows=rows)
+            except Exception as e:  # every probe failed: nothing was measured
+                warnings.warn(f"qtorch.compile: no layout probe of {key} ran ({type(e).__name__}: {e}); "
+                              f"{names[0]} (static order)", RuntimeWarning, stacklevel=3)
+                pick = names[0]
+        picks.append((members, pick))
+        decided[f"{n}x{k}|{label}|{str(dtype).removeprefix('torch.')}"] = pick
+    for members, pick in picks:
+        for m in members:
+            m.quantized_weight.hold_layout(pick, m.compute_dtype)
+    for members in _quantized_layers(model).values():
+        for m in members:
+            _keep_paths(m, rows)
+    return decided
 
 
 def compile(model, *, fullgraph: bool = False, dynamic: bool | None = False, autotune: bool = True,
-            backend: str = "inductor") -> CompiledModule:
+            backend: str = "inductor", rows=None) -> CompiledModule:
     """Compile ``model`` (any ``nn.Module``, quantized layers included) for inference.
 
     Puts ``model`` in eval mode, and returns a :class:`CompiledModule` whose forward runs under ``no_grad``
     through ``torch.compile(model, backend="inductor", options=compile_options(...))``. Global torch and
     inductor settings are not modified. ``dynamic=False`` (the default) compiles once per input shape, so each
     number of rows gets its own kernel choice; pass ``dynamic=None`` to let torch decide. ``autotune=False``
-    skips max-autotune (much faster compilation, e.g. for tests).
+    skips max-autotune (much faster compilation, e.g. for tests) and the layout choice.
+
+    ``rows``: the rows of the calls the model will run (an int or a sequence; default ``(1, 128)``, decoding steps
+    and prompt chunks weighed as a request, as the eager layout choice does). With max-autotune on CPU the layout of
+    each quantized layer shape is chosen for them by measurement (:func:`choose_layouts`), and every quantized layer
+    runs each of them once eagerly so that the trace takes the path measured for that row count.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"qtorch.compile needs an nn.Module, got {type(model).__name__}")
+    rows = _rows(rows)
     model.eval()
     device_type = _device_type(model)
     opts = compile_options(device_type, autotune=autotune) if backend == "inductor" else None
     if opts and opts.get("max_autotune") and device_type == "cpu":
-        _hold_template_layouts(model)
+        choose_layouts(model, rows, opts)
     compiled = torch.compile(model, fullgraph=fullgraph, dynamic=dynamic, backend=backend, options=opts)
     return CompiledModule(model, compiled, opts)

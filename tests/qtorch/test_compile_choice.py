@@ -1,0 +1,234 @@
+"""qtorch.compile's layout choice: inductor's template layout or qtorch's own, by timing compiled one-layer probes.
+
+Decisions are tested with injected probe timings (``_probe_runs`` replaced); the probes themselves are compiled and
+run for real on small layers and checked against ``F.linear(x, dequantized_weight())``."""
+
+import importlib
+import time
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+import torch.nn.functional as F
+
+import qtorch
+from qcore import PerChannel, PerGroup, QuantScheme
+from qtorch import autotune
+from qtorch.compile import _compiled_probe, _probe, choose_layouts, compile_options
+
+qc = importlib.import_module("qtorch.compile")  # `qtorch.compile` the attribute is the function
+
+W8 = QuantScheme(8, True, PerChannel(0))
+W4 = QuantScheme(4, False, PerGroup(32))
+TEMPLATE = {W8: "int8pack", W4: "int4pack"}
+SCHEMES = pytest.mark.parametrize("scheme", [W8, W4], ids=["w8", "w4"])
+
+
+def layer(scheme, n=64, k=128, dtype=torch.bfloat16, seed=0):
+    torch.manual_seed(seed)
+    return qtorch.QuantLinear.from_linear(torch.nn.Linear(k, n, dtype=dtype), scheme=scheme).eval()
+
+
+def install(monkeypatch, tmp_path, env=None):
+    """A measuring dispatcher with its own file (or ``env``) as the process's."""
+    d = autotune.Dispatcher(cache_path=tmp_path / "dispatch.json", env=env or {}, evict=lambda: None)
+    monkeypatch.setattr(autotune, "_DEFAULT", d)
+    return d
+
+
+class FakeProbes:
+    """``_probe_runs`` with injected times: ``ms[(layout, rows)]`` per call (a sleep), ``fail``: layouts whose
+    compiled call raises; records the (layout, rows) of each probe built."""
+
+    def __init__(self, ms, fail=()):
+        self.ms, self.fail, self.built = ms, set(fail), []
+
+    def __call__(self, layer, layout, rows, options):
+        self.built.append((layout, rows))
+
+        def run(r):
+            if layout in self.fail:
+                raise RuntimeError("inductor failed")
+            time.sleep(self.ms.get((layout, r), 0) / 1e3)
+        return {r: {"compiled": (lambda r=r: run(r))} for r in rows}
+
+
+def fake(monkeypatch, ms, fail=()):
+    probes = FakeProbes(ms, fail)
+    monkeypatch.setattr(qc, "_probe_runs", probes)
+    return probes
+
+
+def check_outputs(q, x, tol=2e-2):
+    ref = F.linear(x.float(), q.dequantized_weight(torch.float32), None if q.bias is None else q.bias.float())
+    with torch.no_grad():
+        y = q(x).float()
+    assert torch.allclose(y, ref, atol=tol * float(ref.abs().max()), rtol=tol)
+
+
+@SCHEMES
+@pytest.mark.parametrize("faster", ["template", "own"])
+def test_picks_the_faster_compiled_layout(monkeypatch, tmp_path, scheme, faster):
+    install(monkeypatch, tmp_path)
+    template = TEMPLATE[scheme]
+    slow = "blocked" if faster == "template" else template
+    probes = fake(monkeypatch, {(slow, 16): 4})
+    a, b, other = layer(scheme), layer(scheme, seed=1), layer(scheme, n=32)
+    model = torch.nn.Sequential(a, b, other)
+    got = choose_layouts(model, rows=16)
+    want = template if faster == "template" else "blocked"
+    assert got == {f"64x128|{qtorch.layouts.scheme_label(a.quantized_weight.spec)}|bfloat16": want,
+                   f"32x128|{qtorch.layouts.scheme_label(other.quantized_weight.spec)}|bfloat16": want}
+    assert a.quantized_weight.layout.name == b.quantized_weight.layout.name == want  # one probe per shape
+    assert sorted(probes.built) == sorted([("blocked", (16,)), (template, (16,))] * 2)
+    x = torch.randn(16, 128, dtype=torch.bfloat16)
+    for q in (a, b):
+        check_outputs(q, x)
+
+
+def test_rows_weigh_the_choice_as_a_request(monkeypatch, tmp_path):
+    """Own kernels faster at one row, the template at 128: each wins alone; together a request (128 one-row
+    steps, four 128-row calls: ``autotune.REQUEST_CALLS``) weighs them."""
+    install(monkeypatch, tmp_path)
+    fake(monkeypatch, {("int8pack", 1): 2, ("blocked", 128): 6})
+    for rows, want in ((1, "blocked"), (128, "int8pack"), ((1, 128), "blocked"), (None, "blocked")):
+        q = layer(W8)
+        choose_layouts(torch.nn.Sequential(q), rows=rows)
+        assert q.quantized_weight.layout.name == want, rows
+
+
+def test_decision_is_kept_in_the_process_and_on_disk(monkeypatch, tmp_path):
+    install(monkeypatch, tmp_path)
+    probes = fake(monkeypatch, {("int4pack", 1): 3})
+    choose_layouts(torch.nn.Sequential(layer(W4)), rows=1)
+    assert len(probes.built) == 2
+    q = layer(W4, seed=3)
+    choose_layouts(torch.nn.Sequential(q), rows=1)
+    assert len(probes.built) == 2 and q.quantized_weight.layout.name == "blocked"
+    install(monkeypatch, tmp_path)  # a new process: the file
+    q = layer(W4, seed=4)
+    choose_layouts(torch.nn.Sequential(q), rows=1)
+    assert len(probes.built) == 2 and q.quantized_weight.layout.name == "blocked"
+    choose_layouts(torch.nn.Sequential(q), rows=(1, 16))  # other rows: another decision
+    assert len(probes.built) == 4
+
+
+@pytest.mark.parametrize("env,kernels,want", [({"QTORCH_LAYOUT": "blocked"}, "torch_pack_kernels", "blocked"),
+                                              ({"QTORCH_LAYOUT": "int8pack"}, "blocked_kernels", "int8pack"),
+                                              ({"QTORCH_LAYOUT": "canonical"}, "torch_pack_kernels", "canonical"),
+                                              ({"QTORCH_AUTOTUNE": "0"}, "torch_pack_kernels", "int8pack"),
+                                              ({"QTORCH_AUTOTUNE": "0"}, "blocked_kernels", "blocked")])
+def test_env_forces_or_keeps_the_static_order(monkeypatch, tmp_path, request, env, kernels, want):
+    request.getfixturevalue(kernels)
+    install(monkeypatch, tmp_path, env)
+    probes = fake(monkeypatch, {})
+    q = layer(W8)
+    assert q.quantized_weight.hold_layout("int8pack" if want == "blocked" else "blocked", torch.bfloat16)
+    choose_layouts(torch.nn.Sequential(q), rows=16)
+    assert q.quantized_weight.layout.name == want and probes.built == []
+    check_outputs(q, torch.randn(3, 128, dtype=torch.bfloat16))
+
+
+def test_unknown_forced_layout_is_an_error(monkeypatch, tmp_path):
+    install(monkeypatch, tmp_path, {"QTORCH_LAYOUT": "nope"})
+    with pytest.raises(ValueError, match="nope"):
+        choose_layouts(torch.nn.Sequential(layer(W8)))
+
+
+def test_a_failing_probe_loses(monkeypatch, tmp_path, torch_pack_kernels):
+    install(monkeypatch, tmp_path)
+    fake(monkeypatch, {("blocked", 16): 5}, fail={"int8pack"})
+    q = layer(W8)
+    choose_layouts(torch.nn.Sequential(q), rows=16)
+    assert q.quantized_weight.layout.name == "blocked"
+    # every probe fails: the static order (template first here), with a warning; the layer is whole
+    fake(monkeypatch, {}, fail={"int4pack", "blocked"})
+    q = layer(W4)
+    with pytest.warns(RuntimeWarning, match="no layout probe"):
+        choose_layouts(torch.nn.Sequential(q), rows=16)
+    assert q.quantized_weight.layout.name == "int4pack"
+    check_outputs(q, torch.randn(16, 128, dtype=torch.bfloat16))
+
+
+def test_layers_without_a_template_layout_keep_theirs(monkeypatch, tmp_path, blocked_kernels):
+    install(monkeypatch, tmp_path)
+    probes = fake(monkeypatch, {})
+    f32 = layer(W8, dtype=torch.float32)  # no template layout for float32 layers
+    odd = layer(W4, n=30)  # N = 30: canonical only
+    assert choose_layouts(torch.nn.Sequential(f32, odd)) == {} and probes.built == []
+    assert (f32.quantized_weight.layout.name, odd.quantized_weight.layout.name) == ("blocked", "canonical")
+
+
+def test_rows_are_checked():
+    m = torch.nn.Sequential(layer(W8))
+    for bad in (0, (1, -2), (), "16", (1.5,)):
+        with pytest.raises(ValueError, match="rows"):
+            qtorch.compile(m, rows=bad)
+    with pytest.raises(TypeError, match="rows"):
+        qtorch.compile(m, rows=1.5)
+
+
+def test_probe_is_a_copy_with_a_forward_of_its_own():
+    """Dynamo keeps compiled code per code object, at most 8 entries each: probes sharing the layer's forward
+    would run eagerly past the eighth, and be timed eagerly."""
+    q = layer(W8)
+    p1, p2 = _probe(q, "blocked"), _probe(q, "int8pack")
+    assert type(p1).forward.__code__ is not type(p2).forward.__code__
+    assert (p1.layer.quantized_weight.layout.name, p2.layer.quantized_weight.layout.name) == ("blocked", "int8pack")
+    mine = {t.untyped_storage().data_ptr() for t in q.buffers()}
+    assert not mine & {t.untyped_storage().data_ptr() for t in list(p1.buffers()) + list(p2.buffers())}
+
+
+@SCHEMES
+def test_every_candidate_runs_compiled_within_tolerance(scheme):
+    """Each candidate's probe, compiled with max-autotune as qtorch.compile compiles (C++ templates and ATen, no
+    other backend, to keep the test short), equals ``F.linear(x, dequantized_weight())`` within bfloat16's
+    tolerance, at odd rows."""
+    q = layer(scheme, n=48, k=96)
+    rows = (1, 5)
+    with inductor_config.patch(max_autotune_gemm_backends="CPP,ATEN"):
+        for name in (TEMPLATE[scheme], "blocked"):
+            torch._dynamo.reset()
+            run = _compiled_probe(q, name, rows, compile_options("cpu"))
+            assert run._orig_mod.layer.quantized_weight.layout.name == name
+            for r in rows:
+                x = torch.randn(r, 96, dtype=torch.bfloat16)
+                ref = F.linear(x.float(), q.dequantized_weight(torch.float32), q.bias.float())
+                y = run(x).float()
+                assert torch.allclose(y, ref, atol=2e-2 * float(ref.abs().max()), rtol=2e-2), (name, r)
+
+
+def test_compile_end_to_end_holds_the_choice_and_keeps_paths(monkeypatch, tmp_path):
+    """qtorch.compile(rows=...) moves the layer to the measured winner before tracing, and runs each row count
+    once eagerly so the trace takes the path kept for it."""
+    install(monkeypatch, tmp_path)
+    fake(monkeypatch, {("int4pack", 5): 4})
+    q = layer(W4)
+    torch._dynamo.reset()
+    with inductor_config.patch(max_autotune_gemm_backends="CPP"):
+        cm = qtorch.compile(torch.nn.Sequential(q), rows=5)
+        x = torch.randn(5, 128, dtype=torch.bfloat16)
+        y = cm(x).float()
+    assert q.quantized_weight.layout.name == "blocked"
+    assert ("cpu", torch.bfloat16, autotune.bucket_index(5)) in q.quantized_weight._routes
+    ref = F.linear(x.float(), q.dequantized_weight(torch.float32), q.bias.float())
+    assert torch.allclose(y, ref, atol=2e-2 * float(ref.abs().max()), rtol=2e-2)
+
+
+def test_probe_dispatcher_shares_the_file_with_a_longer_budget(monkeypatch, tmp_path):
+    d = install(monkeypatch, tmp_path)
+    p = qc.probe_dispatcher()
+    assert p is qc.probe_dispatcher() and p.cache_path == d.cache_path and p.measuring
+    assert (p.budget_s, p.min_rounds, p.max_rounds) == (qc.PROBE_BUDGET_S, *qc.PROBE_ROUNDS)
+    install(monkeypatch, tmp_path, {"QTORCH_AUTOTUNE": "0"})
+    assert qc.probe_dispatcher() is not p and not qc.probe_dispatcher().measuring
+
+
+def test_compile_keeps_each_rows_path_before_tracing():
+    """A layer never called eagerly: under tracing nothing is measured, so without a kept path the trace took the
+    layout's own (``numba`` for a float32 blocked layer at 128 rows: 0.46-0.72x of compiled dense at K = N = 4096
+    on the AMX Xeon, where the kept ``amx`` ran at 1.10-1.58x)."""
+    q = layer(W8, dtype=torch.float32)
+    assert q.quantized_weight.layout.name == "blocked" and q.quantized_weight._routes == {}
+    qtorch.compile(q, rows=(3, 100))
+    assert set(q.quantized_weight._routes) == {("cpu", torch.float32, autotune.bucket_index(r)) for r in (3, 100)}
