@@ -26,7 +26,9 @@ may use AMX (:func:`available`: numba compiles for a CPU with ``amx-tile`` and `
 the tile data state, ``arch_prctl(ARCH_REQ_XCOMP_PERM)``, asked once per process; a forked child inherits it).
 Work units are the strips whose codes share a 64-byte line of a tile row (8 bits: up to 4 strips; 4 bits: both
 nibbles of 32 bytes), so each line is fetched once; each block prefetches the next block's lines while it converts
-and multiplies. The units are claimed by the threads of PyTorch's OpenMP team.
+and multiplies. The threads of PyTorch's OpenMP team claim whole tiles where there are 4 a thread or more
+(:func:`_chunks`): the units of a tile share its 64-byte lines (4 bits) or their 128-byte pairs, which the CPU
+fetches together; claimed one by one, two cores fetched each line (8-10% of a 16-row call on two cores).
 
 >>> import numpy as np
 >>> wb = np.ones((1, 32, 16), np.int8)                     # one tile: K = 32, 16 output channels, codes 1
@@ -714,6 +716,18 @@ def _units(T: int, W: int, bits: int) -> int:
     return T * (W // per_row)
 
 
+def _chunks(T: int, units: int, threads: int) -> int:
+    """Chunks the team claims (chunk ``i``: units ``units i / n .. units (i + 1) / n``): one per tile where the
+    tiles are at least 4 a thread, so a tile's units run in turn on one core and each line of codes is fetched by
+    that core alone (the second unit finds in L2 what the first one's fetches brought: the other half of a 64-byte
+    line at 4 bits, the adjacent line of a 128-byte pair); else one per unit, every thread busy.
+
+    >>> _chunks(32, 128, 2), _chunks(4, 16, 2)
+    (32, 16)
+    """
+    return T if T >= 4 * threads else units
+
+
 @intrinsic
 def _split_rows(typingctx, x, xp, parts, kind):
     """The bfloat16 parts of ``x`` (``kind`` 0: float32; 1: float16 bits, 2: bfloat16 bits, as int16 ``[M, K]``,
@@ -984,11 +998,12 @@ def _run(xaddr: int, parts: int, M: int, wb: int, signed: bool, T: int, K: int, 
     """One kernel call on addresses: parts of x (or x itself, ``direct``), codes ``[T, K, W]``, scale and zero
     points ``[G or zp_rows, N]``, out ``[M, N]`` float32. The caller holds every operand until it returns."""
     units = _units(T, W, bits)
+    nchunks = _chunks(T, units, _omp.team_size())
     # OPERANDS' fields in order (OPERANDS.pack checks names and kinds at ~2.5 us a call; a test pins the order)
-    block = _omp.new_block(units, units, (parts, M, T, K, W, gsize, bits | direct << 8 | deq << 9, zp_rows, xaddr,
+    block = _omp.new_block(nchunks, units, (parts, M, T, K, W, gsize, bits | direct << 8 | deq << 9, zp_rows, xaddr,
                                           wb, scale, zp, out))
     team = _TEAM_KERNELS[signed]
-    _omp.run(units, team, block, _serial, (team, block), units, 1, nchunks=units)
+    _omp.run(units, team, block, _serial, (team, block), units, 1, nchunks=nchunks)
 
 
 @functools.lru_cache(maxsize=16)
