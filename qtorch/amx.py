@@ -9,8 +9,8 @@ No dequantized weight is ever written: for the strips of 16 output channels of a
 panels in the VNNI order of AMX's B operand, ``B[kp][2n + j] = code[2kp + j][n] - zp``, that stay in L1 while every
 block of 16 rows of ``x`` is multiplied by them (``tdpbf16ps``, float32 accumulation in the C tiles: 4 strips x 1
 row block per step at 16 rows, else 2 x 2). The conversion runs inside the tile loop, two steps (of 32 rows of K)
-ahead, so the vector units convert while the tile unit multiplies: 4-bit codes by a table lookup of ``code + 16 -
-zp`` in one register (``vpermw``: no float conversion), 8-bit codes widened and converted 32 at a time
+ahead, so the vector units convert while the tile unit multiplies: 4-bit codes by a table lookup of ``code - zp``
+(mod 32) in one register (``vpermw``: no float conversion), 8-bit codes widened and converted 32 at a time
 (``vcvtne2ps2bf16``), the two rows of each pair interleaved as bytes before widening. The activations are split
 exactly into bfloat16 parts, ``x = x_1 + x_2 + x_3`` (float32: three, each the bfloat16 rounding of what is left;
 float16: two; bfloat16: one): a product of two bfloat16 values is exact in float32, so all parts accumulate into
@@ -26,7 +26,9 @@ may use AMX (:func:`available`: numba compiles for a CPU with ``amx-tile`` and `
 the tile data state, ``arch_prctl(ARCH_REQ_XCOMP_PERM)``, asked once per process; a forked child inherits it).
 Work units are the strips whose codes share a 64-byte line of a tile row (8 bits: up to 4 strips; 4 bits: both
 nibbles of 32 bytes), so each line is fetched once; each block prefetches the next block's lines while it converts
-and multiplies. The units are claimed by the threads of PyTorch's OpenMP team.
+and multiplies. The threads of PyTorch's OpenMP team claim whole tiles where there are 4 a thread or more
+(:func:`_chunks`): the units of a tile share its 64-byte lines (4 bits) or their 128-byte pairs, which the CPU
+fetches together; claimed one by one, two cores fetched each line (8-10% of a 16-row call on two cores).
 
 >>> import numpy as np
 >>> wb = np.ones((1, 32, 16), np.int8)                     # one tile: K = 32, 16 output channels, codes 1
@@ -135,8 +137,9 @@ def _pairs_of(builder, z, first, n, width):
     return builder.zext(builder.shuffle_vector(z, ir.Constant(vec(I8, 16), ir.Undefined), idx), vec(width, 2 * n))
 
 
-# bfloat16 of i - 16 for i in 0..31: the 4-bit panels look ``code - zp`` up by index ``code + 16 - zp`` (vpermw)
-_DIFF_BF16 = [int(np.array([i - 16], np.float32).view(np.uint32)[0] >> 16) for i in range(32)]
+# bfloat16 of d for d = i (i < 16) or i - 32: the 4-bit panels look ``d = code - zp`` (-15..15) up by its low 5
+# bits, ``i = d mod 32`` (vpermw reads no more): one subtraction a vector, no offset to add
+_DIFF_BF16 = [int(np.array([i if i < 16 else i - 32], np.float32).view(np.uint32)[0] >> 16) for i in range(32)]
 
 
 def _to_bf16x32(builder, h0, h1):
@@ -160,8 +163,8 @@ def _emit_pair(builder, r0, r1, dst, dst_hi, mode, signed, zlo, zhi, scales=None
 
     ``mode`` 8 / 9: 16 codes a row (9: minus ``zlo`` / ``zhi``, the zero points of channels 0-7 / 8-15 as
     ``<16 x i32>`` pairs); 3: 16 bytes a row, low nibbles to ``dst`` and high nibbles to ``dst_hi`` (``zlo`` /
-    ``zhi``: ``16 - zp`` as ``<32 x i16>`` pairs); 2: 8 bytes a row, low nibbles channels 0-7 and high nibbles 8-15
-    (``zlo``: ``16 - zp`` of channels 0-15 as pairs). Every value is an integer of at most 9 bits: exact in
+    ``zhi``: ``zp`` as ``<32 x i16>`` pairs); 2: 8 bytes a row, low nibbles channels 0-7 and high nibbles 8-15
+    (``zlo``: ``zp`` of channels 0-15 as pairs). Every value is an integer of at most 9 bits: exact in
     bfloat16. ``scales``: per output, the scales of its channels 0-7 and 8-15 as ``<16 x float>`` pairs: the panel
     then holds ``bfloat16((code - zp) * scale)``, the dequantized weight as a bfloat16 matmul reads it.
     """
@@ -190,11 +193,10 @@ def _emit_pair(builder, r0, r1, dst, dst_hi, mode, signed, zlo, zhi, scales=None
     hi = builder.lshr(wide, ir.Constant(vw, [4] * (2 * nb)))
     if mode == 2:
         lo = builder.shuffle_vector(lo, hi, ir.Constant(vec(I32, 32), list(range(32))))
-    outs = [(builder.add(lo, zlo), dst)] + ([(builder.add(hi, zhi), dst_hi)] if mode == 3 else [])
-    for o, (idx, ptr) in enumerate(outs):  # idx = code + 16 - zp, in 1..31
+    outs = [(builder.sub(lo, zlo), dst)] + ([(builder.sub(hi, zhi), dst_hi)] if mode == 3 else [])
+    for o, (idx, ptr) in enumerate(outs):  # idx = code - zp, in -15..15
         if scales is not None:
-            v32i = vec(I32, 32)
-            f = builder.sitofp(builder.sub(builder.zext(idx, v32i), ir.Constant(v32i, [16] * 32)), vec(F32, 32))
+            f = builder.sitofp(idx, vec(F32, 32))
             h0, h1 = (builder.fmul(builder.shuffle_vector(f, f, ir.Constant(vec(I32, 16), list(range(h, h + 16)))),
                                    sv) for h, sv in zip((0, 16), scales[o]))
             val = _to_bf16x32(builder, h0, h1)
@@ -203,7 +205,7 @@ def _emit_pair(builder, r0, r1, dst, dst_hi, mode, signed, zlo, zhi, scales=None
             val = builder.call(fn, [ir.Constant(v32s, _DIFF_BF16), idx])
         else:
             v32i = vec(I32, 32)
-            f = builder.sitofp(builder.sub(builder.zext(idx, v32i), ir.Constant(v32i, [16] * 32)), vec(F32, 32))
+            f = builder.sitofp(idx, vec(F32, 32))
             val = builder.trunc(builder.lshr(builder.bitcast(f, v32i), ir.Constant(v32i, [16] * 32)), v32s)
         builder.store(val, builder.bitcast(ptr, v32s.as_pointer()), align=2)
 
@@ -219,7 +221,6 @@ def _emit_steps(builder, w, signed, bdata, coldata, zdata, base, zoff, nstrips, 
     c64 = functools.partial(ir.Constant, I64)
     _, _, width = cgutils.unpack_tuple(builder, w.shape, 3)
     reads = builder.sdiv(nstrips, c64(2)) if mode == 3 else (c64(1) if mode == 2 else nstrips)
-    sixteen = ir.Constant(vec(I16, 32), [16] * 32)
     with cgutils.for_range(builder, reads) as strips:
         i = strips.index
         col = builder.load(builder.gep(coldata, [i]))
@@ -234,11 +235,11 @@ def _emit_steps(builder, w, signed, bdata, coldata, zdata, base, zoff, nstrips, 
             if mode == 9:
                 zlo, zhi = _pairs_of(builder, z, 0, 8, I32), _pairs_of(builder, z, 8, 8, I32)
             elif mode == 2:
-                zlo = builder.sub(sixteen, _pairs_of(builder, z, 0, 16, I16))
+                zlo = _pairs_of(builder, z, 0, 16, I16)
             else:  # the high nibbles' channels lie W columns further on
                 zh = builder.load(builder.bitcast(builder.gep(zp, [width]), vec(I8, 16).as_pointer()), align=1)
-                zlo = builder.sub(sixteen, _pairs_of(builder, z, 0, 16, I16))
-                zhi = builder.sub(sixteen, _pairs_of(builder, zh, 0, 16, I16))
+                zlo = _pairs_of(builder, z, 0, 16, I16)
+                zhi = _pairs_of(builder, zh, 0, 16, I16)
         scales = None
         if sdata is not None:
             v16f = vec(F32, 16)
@@ -715,6 +716,18 @@ def _units(T: int, W: int, bits: int) -> int:
     return T * (W // per_row)
 
 
+def _chunks(T: int, units: int, threads: int) -> int:
+    """Chunks the team claims (chunk ``i``: units ``units i / n .. units (i + 1) / n``): one per tile where the
+    tiles are at least 4 a thread, so a tile's units run in turn on one core and each line of codes is fetched by
+    that core alone (the second unit finds in L2 what the first one's fetches brought: the other half of a 64-byte
+    line at 4 bits, the adjacent line of a 128-byte pair); else one per unit, every thread busy.
+
+    >>> _chunks(32, 128, 2), _chunks(4, 16, 2)
+    (32, 16)
+    """
+    return T if T >= 4 * threads else units
+
+
 @intrinsic
 def _split_rows(typingctx, x, xp, parts, kind):
     """The bfloat16 parts of ``x`` (``kind`` 0: float32; 1: float16 bits, 2: bfloat16 bits, as int16 ``[M, K]``,
@@ -985,11 +998,12 @@ def _run(xaddr: int, parts: int, M: int, wb: int, signed: bool, T: int, K: int, 
     """One kernel call on addresses: parts of x (or x itself, ``direct``), codes ``[T, K, W]``, scale and zero
     points ``[G or zp_rows, N]``, out ``[M, N]`` float32. The caller holds every operand until it returns."""
     units = _units(T, W, bits)
+    nchunks = _chunks(T, units, _omp.team_size())
     # OPERANDS' fields in order (OPERANDS.pack checks names and kinds at ~2.5 us a call; a test pins the order)
-    block = _omp.new_block(units, units, (parts, M, T, K, W, gsize, bits | direct << 8 | deq << 9, zp_rows, xaddr,
+    block = _omp.new_block(nchunks, units, (parts, M, T, K, W, gsize, bits | direct << 8 | deq << 9, zp_rows, xaddr,
                                           wb, scale, zp, out))
     team = _TEAM_KERNELS[signed]
-    _omp.run(units, team, block, _serial, (team, block), units, 1, nchunks=units)
+    _omp.run(units, team, block, _serial, (team, block), units, 1, nchunks=nchunks)
 
 
 @functools.lru_cache(maxsize=16)

@@ -449,6 +449,28 @@ def test_one_thread_gives_the_team_s_numbers():
     _assert_close(alone, x, q)
 
 
+@pytest.mark.parametrize("scheme", [QuantScheme(8, True, PerChannel(0)), QuantScheme(4, False, PerGroup(32))],
+                         ids=["w8-channel", "w4-g32"])
+def test_a_team_claiming_whole_tiles_gives_every_unit_s_numbers(scheme):
+    # 8 tiles of 128 channels (2 units each) for 2 threads: the team claims tiles, a chunk runs both its units;
+    # a unit skipped or run twice shows against one thread's numbers (units claimed alone) and F.linear
+    q = _layer(scheme, torch.bfloat16, 1024, 128, seed=27)
+    x = torch.randn(48, 128, dtype=torch.bfloat16)
+    b = q.quantized_weight.buffers["qweight"]
+    T, _, W = b.shape
+    assert amx._chunks(T, amx._units(T, W, scheme.bits), 2) == T < amx._units(T, W, scheme.bits)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        team = _direct(q, x)
+        torch.set_num_threads(1)
+        alone = _direct(q, x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(team, alone)
+    _assert_close(team.to(x.dtype), x, q)
+
+
 def test_the_kernel_reads_its_operands_in_their_fields(monkeypatch):
     # _run writes OPERANDS' fields by position: each lands in the field of its name
     q = _layer(QuantScheme(8, False, PerChannel(0)), torch.bfloat16, 96, 64, seed=27)
