@@ -23,7 +23,7 @@ import numbers
 
 import numpy as np
 
-from .gptq import _blas_threads
+from ._parallel import blas_threads
 from .quantize import check_float_array, dequantize, quantize
 from .scheme import QuantScheme
 
@@ -78,7 +78,7 @@ def awq_scales(weights, h, scheme: QuantScheme, *, grid: int = 10, params: str =
         return total
 
     best_alpha, best_s = 0.0, np.ones(k, np.float32)
-    with _blas_threads():
+    with blas_threads():
         best = error(best_s)
         for step in range(1, grid + 1):
             alpha = step / grid

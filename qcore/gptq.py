@@ -21,13 +21,12 @@ True
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 
 import numpy as np
 from numba import njit
 
-from ._parallel import run_split, threads
+from ._parallel import blas_threads, run_split
 from .params import params_method
 from .quantize import QuantizedArray, check_float_array, compute_qparams, dequantize, quantize  # noqa: F401
 from .scheme import PerChannel, PerGroup, PerTensor, QuantScheme, _normalize_axis
@@ -147,17 +146,6 @@ def _run_segment(w1, err1, u1, a, b, gidx, scale, zp, qmin, qmax, q1) -> None:
                   max(1, (1 << 15) // max(1, (b - a) * w1.shape[1])))
 
 
-def _blas_threads():
-    """BLAS limited to the cores idle right now (``qcore._parallel.threads``) where threadpoolctl is installed:
-    BLAS threads that wait for a core busy with other work spin, and a Cholesky of 1536 columns measured 15x
-    slower on two threads of a loaded 2-core machine than on one."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # an optional speed-up only
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=threads(), user_api="blas")
-
-
 def gptq(w, h, scheme: QuantScheme, *, damp: float = 0.01, act_order: bool = False, block_size: int = 128,
          params: str = "minmax", weighted: bool = False, refit: bool = False) -> QuantizedArray:
     """Quantize ``w [N, K]`` with GPTQ given ``h = 2 X^T X`` (``[K, K]``, e.g. :attr:`Hessian.h`).
@@ -199,7 +187,7 @@ def gptq(w, h, scheme: QuantScheme, *, damp: float = 0.01, act_order: bool = Fal
 
     if n == 0 or k == 0:
         return quantize(wf, scheme)  # nothing to compensate: the empty array's conventional parameters
-    with _blas_threads():
+    with blas_threads():
         qa = _columns(wf.copy() if refit else wf, h, scheme, kind, gsize, float(damp), act_order, int(block_size),
                       params, weighted)
         if refit and kind != "tensor":  # one scale shared by all rows: nothing to fit row by row
@@ -250,7 +238,7 @@ def refit_scales(w, h, qa: QuantizedArray, *, damp: float = 0.01) -> QuantizedAr
     c = qa.codes.astype(np.float64)
     if qa.zero_point is not None:
         c -= np.asarray(qa.zero_point, np.float64).reshape(n, -1)[:, gidx]
-    with _blas_threads():
+    with blas_threads():
         m = np.empty((n, ng, ng))
         for g in range(ng):
             cols = slice(starts[g], starts[g] + gsize)
