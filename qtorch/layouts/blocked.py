@@ -36,7 +36,7 @@ import torch
 
 from .. import amx, dequant, gemm, gemv
 from .base import Layout
-from .codec import pack_codes, unpack_codes
+from .codec import pack_codes, padded_k, unpack_codes
 
 __all__ = ["BLOCKED", "CPU_MAX_ROWS_NUMBA", "blocked_tile", "padded_k", "container_bits", "blocked_params", "to_blocked", "from_blocked",
            "dequant_blocked", "gemm_blocked", "gemm_blocked_impl", "tiles_blocked", "tiles_blocked_impl",
@@ -300,17 +300,6 @@ def _scale_rows(p: torch.Tensor, kind: str, n: int, k: int, g: int) -> torch.Ten
     if kind == "channel":
         return p.reshape(1, n).contiguous()
     return p.reshape(n, -(-k // g)).t().contiguous()
-
-
-def padded_k(in_features: int, kind: str, group: int) -> int:
-    """Rows of K the blocked layout holds: ``in_features`` rounded up to whole groups (the kernels read whole
-    groups only). A ragged last group is completed with codes equal to its zero point, which dequantize to
-    exactly 0, and a call pads x with zeros to match (:meth:`Blocked.linear`), so no product changes.
-
-    >>> padded_k(576, "group", 128), padded_k(576, "group", 64), padded_k(100, "channel", 0)
-    (640, 576, 100)
-    """
-    return -(-in_features // group) * group if kind == "group" else in_features
 
 
 def _scale_canonical(p: torch.Tensor, kind: str, n: int, k: int, g: int) -> torch.Tensor:

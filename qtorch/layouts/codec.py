@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["unpack_codes", "pack_codes", "dequantize_canonical", "dequantize_codes"]
+__all__ = ["unpack_codes", "pack_codes", "dequantize_canonical", "dequantize_codes", "padded_k"]
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
@@ -132,3 +132,14 @@ def dense_linear(x2: torch.Tensor, w_of) -> torch.Tensor:
     """The portable forward: ``w_of(dtype)`` dequantized once, one matmul (float32 on CPU)."""
     cdt = torch.float32 if x2.device.type == "cpu" else x2.dtype
     return F.linear(x2.to(cdt), w_of(cdt)).to(x2.dtype)
+
+
+def padded_k(in_features: int, kind: str, group: int) -> int:
+    """Rows of K the tiled layouts hold: ``in_features`` rounded up to whole groups (the kernels read whole
+    groups only). The tiled layouts (blocked, int4pack) complete a ragged last group with codes equal to its zero
+    point, which dequantize to 0, and pad x with zeros per call to match, so no product changes.
+
+    >>> padded_k(576, "group", 128), padded_k(576, "group", 64), padded_k(100, "channel", 0)
+    (640, 576, 100)
+    """
+    return -(-in_features // group) * group if kind == "group" else in_features

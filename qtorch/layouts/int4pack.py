@@ -1,7 +1,8 @@
 """The int4pack layout: PyTorch's ``torch._weight_int4pack_mm_for_cpu`` (CPU, bfloat16, 4 bits in groups).
 
 Eligible for 4-bit weights in groups of 32/64/128/256 along K of a bfloat16 layer on CPU with N % 16 == 0
-and K a multiple of the group size (a ragged last group is not expressible in its tiles).
+(a ragged last group is completed in its tiles as in the blocked layout: codes equal to the group's zero point,
+x padded with zeros per call, so the padded columns add exactly 0).
 ``qweight`` is the output of ``torch._convert_weight_to_int4pack_for_cpu`` (a CPU-capability-specific blocked
 layout); scale and zero point stay canonical, and the kernel's ``scales_and_zeros [K/g, N, 2]`` (bf16,
 ``zero = (8 - zp) * scale``) are derived data (``aux``). Its packed layout depends on the CPU capability (blocks of
@@ -17,7 +18,7 @@ import torch
 from numba import njit
 
 from .base import Layout
-from .codec import affine, dense_linear
+from .codec import affine, dense_linear, padded_k
 
 __all__ = ["INT4PACK", "INT4PACK_GROUPS", "int4pack_map", "int4pack_unpack", "int4pack_dequant", "to_int4pack",
            "Int4PackMM"]
@@ -168,7 +169,7 @@ class Int4Pack(Layout):
 
     def eligible(self, spec, device, compute_dtype):
         return (device.type == "cpu" and compute_dtype == torch.bfloat16 and spec.bits == 4 and spec.kind == "group"
-                and spec.axis == 1 and spec.group in INT4PACK_GROUPS and spec.in_features % spec.group == 0
+                and spec.axis == 1 and spec.group in INT4PACK_GROUPS
                 and spec.out_features % 16 == 0
                 and spec.out_features not in _UNUSABLE)
 
@@ -179,13 +180,22 @@ class Int4Pack(Layout):
         if path == "dense":
             return dense_linear(x2, weight.dequantize)
         spec, b = weight.spec, weight.buffers
+        kp = padded_k(spec.in_features, spec.kind, spec.group)
+        if kp != x2.shape[1]:  # a ragged last group, completed in the layout: x completed with zeros
+            x2 = torch.nn.functional.pad(x2, (0, kp - x2.shape[1]))
         # It has no derivative: an input that needs a gradient goes through a wrapper that supplies one.
         if torch.is_grad_enabled() and x2.requires_grad:
             return Int4PackMM.apply(x2.contiguous(), b["qweight"], spec.group, weight.aux, b["scale"],
-                                    b["zero_point"], spec.out_features, spec.in_features)
+                                    b["zero_point"], spec.out_features, kp)
         return torch._weight_int4pack_mm_for_cpu(x2.contiguous(), b["qweight"], spec.group, weight.aux)
 
     def from_codes(self, spec, codes, scale, zero_point):
+        n, k = spec.out_features, spec.in_features
+        kp = padded_k(k, spec.kind, spec.group)
+        if kp != k:  # a ragged last group: completed with codes that dequantize to 0 (and x with zeros per call)
+            fill = (torch.full((n, 1), 8, dtype=codes.dtype, device=codes.device) if zero_point is None
+                    else zero_point.reshape(n, -1)[:, -1:].to(codes.dtype))
+            codes = torch.cat([codes, fill.expand(n, kp - k)], dim=1)
         r = to_int4pack(codes, scale, zero_point, symmetric=spec.symmetric, group=spec.group)
         if r is None:  # the measured layout map did not reproduce the codes: never use the kernel for this width
             _UNUSABLE.add(spec.out_features)
@@ -193,7 +203,9 @@ class Int4Pack(Layout):
         return r[0], scale, zero_point, r[1]
 
     def to_codes(self, spec, qweight, scale, zero_point):
-        return int4pack_unpack(qweight, spec.out_features, spec.in_features), scale, zero_point
+        kp = padded_k(spec.in_features, spec.kind, spec.group)
+        codes = int4pack_unpack(qweight, spec.out_features, kp)
+        return (codes if kp == spec.in_features else codes[:, :spec.in_features].contiguous()), scale, zero_point
 
 
 INT4PACK = Int4Pack()

@@ -33,8 +33,9 @@ def test_every_eligible_layout_and_path_equals_dense(scheme, dtype):
     want_w = torch.from_numpy(qcore.dequantize(qa))
     spec = WeightSpec.of(scheme, n, k)
     names = [lay.name for lay in layouts.eligible(spec, "cpu", dtype)]
-    # int4pack's tiles hold whole groups only; blocked completes the last group (codes that dequantize to 0)
-    assert "int4pack" not in names, names
+    # the tiled layouts complete the last group (codes that dequantize to 0, x padded with zeros)
+    assert ("int4pack" in names) == (dtype == torch.bfloat16 and scheme.bits == 4 and spec.axis == 1
+                                     and spec.group in (32, 64, 128, 256)), names
     assert ("blocked" in names) == (spec.axis == 1), names  # 3 bits too, in 4-bit containers
     q0, s0, z0 = qtorch.QuantLinear.from_quantized_array(qa, dtype=dtype)._w.canonical()
     tol = 1e-5 if dtype == torch.float32 else 3e-2
@@ -223,3 +224,17 @@ def test_ragged_symmetric_folder_loads_in_transformers(tmp_path):
     with torch.no_grad():
         ref = model(CT_IDS).logits
         assert (hf(CT_IDS).logits - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("name", ["blocked", "int4pack"])
+def test_ragged_tiled_layouts_give_the_input_gradient(name):
+    """x is padded to whole groups inside the forward; its gradient comes back at in_features columns."""
+    qa = _qa(32, 200, QuantScheme(4, False, PerGroup(64)), seed=3)
+    layer = qtorch.QuantLinear.from_quantized_array(qa, dtype=torch.bfloat16)
+    assert layer._w.hold_layout(name, torch.bfloat16)
+    x = torch.randn(3, 200, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(3, 32, dtype=torch.bfloat16)
+    layer(x).backward(g)
+    w = torch.from_numpy(qcore.dequantize(qa))
+    assert x.grad.shape == x.shape
+    torch.testing.assert_close(x.grad.float(), g.float() @ w, rtol=3e-2, atol=3e-2 * float((g.float() @ w).abs().max()))
