@@ -138,11 +138,6 @@ class QuantizedWeight:
         """Hold the first layout of the (measured) preference order for which ``convert(layout)`` gives a state
         (``keep_current``: the current layout stays as it is when it comes first); a conversion made for measuring
         is the one kept, never made twice."""
-        if self.spec.zero_point_kind == "float":
-            # only the canonical layout dequantizes a float zero point: nothing to choose or measure
-            if not (keep_current and self.layout is CANONICAL):
-                self._hold(CANONICAL, *convert(CANONICAL))
-            return
         made: dict = {}
 
         def converted(lay):

@@ -449,7 +449,7 @@ class Blocked(Layout):
     tuned = True
 
     def eligible(self, spec, device, compute_dtype):
-        if device.type != "cpu" or not 1 <= spec.bits <= 8:
+        if device.type != "cpu" or not 1 <= spec.bits <= 8 or spec.zero_point_kind != "int":
             return False
         if spec.kind == "group" and spec.axis != 1 or spec.kind == "channel" and spec.axis != 0:
             return False

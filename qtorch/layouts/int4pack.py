@@ -5,7 +5,7 @@ Eligible for 4-bit weights in groups of 32/64/128/256 along K of a bfloat16 laye
 x padded with zeros per call, so the padded columns add exactly 0).
 ``qweight`` is the output of ``torch._convert_weight_to_int4pack_for_cpu`` (a CPU-capability-specific blocked
 layout); scale and zero point stay canonical, and the kernel's ``scales_and_zeros [K/g, N, 2]`` (bf16,
-``zero = (8 - zp) * scale``) are derived data (``aux``). Its packed layout depends on the CPU capability (blocks of
+``zero = (8 - zp) * scale``, or ``8 * scale + m`` for a float zero point m) are derived data (``aux``). Its packed layout depends on the CPU capability (blocks of
 32 rows on AVX2, 64 on AVX-512, pairs otherwise), so the way back to canonical codes is measured, not assumed: tiny
 probes give each row's byte base, per-k stride and nibble, and every conversion is verified against the codes it
 packed. A mismatch marks the output width unusable: such weights take the next candidate layout.
@@ -118,11 +118,13 @@ def int4pack_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 def int4pack_dequant(packed: torch.Tensor, scale: torch.Tensor, zero_point, *, n: int, k: int,
                      group: int) -> torch.Tensor:
     """``(codes - zero_point) * scale`` ``[n, k]`` in float32 from the int4pack layout (canonical scale ``[n, k/g]``,
-    zero point ``[n, k/g]`` uint8, or ``None`` for symmetric codes, which carry the offset 8)."""
+    zero point ``[n, k/g]`` uint8, or ``None`` for symmetric codes, which carry the offset 8; a float32 zero point
+    is an offset: ``codes * scale + zero_point``)."""
     c = int4pack_unpack(packed, n, k).to(torch.float32)
     if zero_point is None:
         c = c - 8.0
-    return affine(c, scale, zero_point, "group", 1, n, k, group, torch.float32)
+    return affine(c, scale, zero_point, "group", 1, n, k, group, torch.float32,
+                  zero_point is not None and zero_point.is_floating_point())
 
 
 
@@ -156,9 +158,15 @@ def to_int4pack(codes: torch.Tensor, scale: torch.Tensor, zero_point, *, symmetr
             return None
     except RuntimeError:
         return None
-    # the kernel computes (u - 8) * scale + zero, so an integer zero point zp maps to zero = (8 - zp) * scale
+    # the kernel computes (u - 8) * scale + zero, so an integer zero point zp maps to zero = (8 - zp) * scale, and
+    # a float one m (u * scale + m: GGUF's Q4_1) to zero = 8 * scale + m
     s = scale.reshape(n, k // group).to(torch.float32)
-    z = torch.zeros_like(s) if symmetric else (8.0 - zero_point.reshape(n, k // group).to(torch.float32)) * s
+    if symmetric:
+        z = torch.zeros_like(s)
+    elif zero_point.is_floating_point():
+        z = 8.0 * s + zero_point.reshape(n, k // group).to(torch.float32)
+    else:
+        z = (8.0 - zero_point.reshape(n, k // group).to(torch.float32)) * s
     sz = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
     return packed, sz
 
@@ -193,7 +201,8 @@ class Int4Pack(Layout):
         n, k = spec.out_features, spec.in_features
         kp = padded_k(k, spec.kind, spec.group)
         if kp != k:  # a ragged last group: completed with codes that dequantize to 0 (and x with zeros per call)
-            fill = (torch.full((n, 1), 8, dtype=codes.dtype, device=codes.device) if zero_point is None
+            fill = (torch.full((n, 1), 8, dtype=codes.dtype, device=codes.device)
+                    if zero_point is None or zero_point.is_floating_point()  # a float offset: x's zeros suffice
                     else zero_point.reshape(n, -1)[:, -1:].to(codes.dtype))
             codes = torch.cat([codes, fill.expand(n, kp - k)], dim=1)
         r = to_int4pack(codes, scale, zero_point, symmetric=spec.symmetric, group=spec.group)

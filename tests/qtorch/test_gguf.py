@@ -233,3 +233,31 @@ def test_a_float_zero_point_layer_saves_and_loads_its_state():
     assert torch.equal(a(inp), b(inp))
     with pytest.raises(RuntimeError, match="zero_point"):
         QuantLinear(64, 32, scheme=qa.scheme).load_state_dict(sd)
+
+
+def test_float_zero_point_bf16_layer_runs_pytorch_int4_kernel():
+    """A Q4_1 weight (codes * scale + m) in a bfloat16 layer: int4pack holds it (zero = 8 * scale + m), the
+    outputs and the input gradient follow the dequantized weight, the canonical state is unchanged."""
+    from qtorch import layouts
+    from qtorch.layouts.base import WeightSpec
+
+    x = np.random.default_rng(4).standard_normal((48, 96)).astype(np.float32) + 0.5
+    qa = qg.quantize(x, "Q4_1")
+    spec = WeightSpec.of(qa.scheme, 48, 96, zero_point_kind="float")
+    names = [lay.name for lay in layouts.eligible(spec, "cpu", torch.bfloat16)]
+    assert names == ["int4pack", "canonical"]  # never blocked / dequant_mm: their kernels take integer zero points
+    layer = QuantLinear.from_quantized_array(qa, dtype=torch.bfloat16)
+    ref = QuantLinear.from_quantized_array(qa, dtype=torch.bfloat16)
+    assert layer._w.hold_layout("int4pack", torch.bfloat16) and ref._w.hold_layout("canonical", torch.bfloat16)
+    for key, t in ref.state_dict().items():
+        assert torch.equal(layer.state_dict()[key], t), key
+    w = torch.from_numpy(qcore.dequantize(qa))
+    for rows in (1, 5, 40):
+        inp = torch.randn(rows, 96).bfloat16()
+        want = inp.float() @ w.T
+        torch.testing.assert_close(layer(inp).float(), want, rtol=3e-2, atol=3e-2 * float(want.abs().max()))
+    inp = torch.randn(3, 96, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(3, 48, dtype=torch.bfloat16)
+    layer(inp).backward(g)
+    want = g.float() @ w
+    torch.testing.assert_close(inp.grad.float(), want, rtol=3e-2, atol=3e-2 * float(want.abs().max()))
