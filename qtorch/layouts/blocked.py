@@ -6,9 +6,10 @@ nibble and column ``j + NT/2`` in its high nibble); scale and zero point ``[G, N
 along K (0-d per tensor; zero point ``[0, 0]`` when symmetric: never more bytes than the canonical state).
 
 Eligible on CPU for 1 to 8 bits (codes of 1-3 bits held as nibbles and 5-7 bits as bytes, :func:`container_bits`:
-the same kernels, at the memory of 4 or 8 bits per code), per tensor, per output channel or in groups along K (a ragged last group is
-completed with codes equal to its zero point, which dequantize to exactly 0, and x with zeros: :func:`padded_k`),
-where a tile width (128, 64, 32 or 16, the largest dividing N) exists. One row (decoding) takes :mod:`qtorch.gemv` (LLVM vector IR, accumulators
+the same kernels, at the memory of 4 or 8 bits per code), per tensor, per output channel or in groups along K (a
+ragged last group is completed with codes equal to its zero point, which dequantize to exactly 0, and x with
+zeros: :func:`padded_k`), where a tile width (128, 64, 32 or 16, the largest dividing N) exists. One row
+(decoding) takes :mod:`qtorch.gemv` (LLVM vector IR, accumulators
 in registers, on PyTorch's own OpenMP team) where a tile row holds a multiple of 64 codes (N % 64 == 0), through a
 per-layer plan built once; up to ``CPU_MAX_ROWS_NUMBA`` rows take :mod:`qtorch.gemm` (a register-blocked
 micro-kernel over 6 rows x 16 columns; float32 accumulation); more rows take chunks of tiles dequantized to float32
@@ -36,9 +37,10 @@ import torch
 
 from .. import amx, dequant, gemm, gemv
 from .base import Layout
-from .codec import pack_codes, padded_k, unpack_codes
+from .codec import complete_groups, pack_codes, pad_columns, padded_k, unpack_codes
 
-__all__ = ["BLOCKED", "CPU_MAX_ROWS_NUMBA", "blocked_tile", "padded_k", "container_bits", "blocked_params", "to_blocked", "from_blocked",
+__all__ = ["BLOCKED", "CPU_MAX_ROWS_NUMBA", "blocked_tile", "padded_k", "container_bits", "blocked_params",
+           "to_blocked", "from_blocked",
            "dequant_blocked", "gemm_blocked", "gemm_blocked_impl", "tiles_blocked", "tiles_blocked_impl",
            "tiles_act_blocked", "tiles_act_blocked_impl", "amx_blocked", "amx_blocked_impl", "gemv_plan",
            "gemv_planned", "TILES_ACT", "AMX"]
@@ -353,10 +355,7 @@ def codes_to_blocked(codes, scale, zero_point, *, bits: int, kind: str, group: i
     codes = _to_container(codes, bits, symmetric)
     bits = container_bits(bits)
     n, k = out_features, padded_k(in_features, kind, group)
-    if k != in_features:  # a ragged last group: completed with codes that dequantize to 0
-        fill = (torch.full((n, 1), 8 if bits == 4 else 0, dtype=codes.dtype, device=codes.device)
-                if zero_point is None else zero_point.reshape(n, -1)[:, -1:].to(codes.dtype))
-        codes = torch.cat([codes, fill.expand(n, k - in_features)], dim=1)
+    codes = complete_groups(codes, zero_point, k, 8 if bits == 4 else 0)  # a ragged last group: codes worth 0
     T = n // tile
     if bits == 8:
         wb = codes.reshape(T, tile, k).transpose(1, 2).contiguous()
@@ -475,9 +474,7 @@ class Blocked(Layout):
     def linear(self, weight, x2, path):
         spec, b = weight.spec, weight.buffers
         n = spec.out_features
-        kp = b["qweight"].shape[1]
-        if kp != x2.shape[1]:  # a ragged last group, completed in the layout: x completed with zeros
-            x2 = torch.nn.functional.pad(x2, (0, kp - x2.shape[1]))
+        x2 = pad_columns(x2, b["qweight"].shape[1])  # a ragged last group, completed in the layout
         # the custom op for torch.compile and autograd; its body directly otherwise (the op's dispatch costs
         # ~0.05 ms, several percent of a one-row call)
         direct = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x2.requires_grad)

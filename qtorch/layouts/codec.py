@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["unpack_codes", "pack_codes", "dequantize_canonical", "dequantize_codes", "padded_k"]
+__all__ = ["unpack_codes", "pack_codes", "dequantize_canonical", "dequantize_codes", "padded_k", "complete_groups",
+           "pad_columns"]
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
@@ -143,3 +144,22 @@ def padded_k(in_features: int, kind: str, group: int) -> int:
     (640, 576, 100)
     """
     return -(-in_features // group) * group if kind == "group" else in_features
+
+
+def complete_groups(codes: torch.Tensor, zero_point, kp: int, zero_code: int) -> torch.Tensor:
+    """Codes ``[N, K]`` completed to ``[N, kp]`` (:func:`padded_k`) with codes that dequantize to 0: each row's
+    last integer zero point, or ``zero_code`` (the symmetric offset) where there is none or it is a float offset
+    (then x's zero padding, :func:`pad_columns`, is what makes the products 0)."""
+    n, k = codes.shape
+    if kp == k:
+        return codes
+    if zero_point is None or zero_point.is_floating_point():
+        fill = torch.full((n, 1), zero_code, dtype=codes.dtype, device=codes.device)
+    else:
+        fill = zero_point.reshape(n, -1)[:, -1:].to(codes.dtype)
+    return torch.cat([codes, fill.expand(n, kp - k)], dim=1)
+
+
+def pad_columns(x2: torch.Tensor, kp: int) -> torch.Tensor:
+    """``x2 [M, K]`` with zero columns up to ``kp`` (a tiled layout's completed last group); itself when ``kp == K``."""
+    return x2 if kp == x2.shape[1] else F.pad(x2, (0, kp - x2.shape[1]))

@@ -5,10 +5,11 @@ Eligible for 4-bit weights in groups of 32/64/128/256 along K of a bfloat16 laye
 x padded with zeros per call, so the padded columns add exactly 0).
 ``qweight`` is the output of ``torch._convert_weight_to_int4pack_for_cpu`` (a CPU-capability-specific blocked
 layout); scale and zero point stay canonical, and the kernel's ``scales_and_zeros [K/g, N, 2]`` (bf16,
-``zero = (8 - zp) * scale``, or ``8 * scale + m`` for a float zero point m) are derived data (``aux``). Its packed layout depends on the CPU capability (blocks of
-32 rows on AVX2, 64 on AVX-512, pairs otherwise), so the way back to canonical codes is measured, not assumed: tiny
-probes give each row's byte base, per-k stride and nibble, and every conversion is verified against the codes it
-packed. A mismatch marks the output width unusable: such weights take the next candidate layout.
+``zero = (8 - zp) * scale``, or ``8 * scale + m`` for a float zero point m) are derived data (``aux``). Its packed
+layout depends on the CPU capability (blocks of 32 rows on AVX2, 64 on AVX-512, pairs otherwise), so the way back
+to canonical codes is measured, not assumed: tiny probes give each row's byte base, per-k stride and nibble, and
+every conversion is verified against the codes it packed. A mismatch marks the output width unusable: such
+weights take the next candidate layout.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from numba import njit
 
 from .base import Layout
-from .codec import affine, dense_linear, padded_k
+from .codec import affine, complete_groups, dense_linear, pad_columns, padded_k
 
 __all__ = ["INT4PACK", "INT4PACK_GROUPS", "int4pack_map", "int4pack_unpack", "int4pack_dequant", "to_int4pack",
            "Int4PackMM"]
@@ -189,8 +190,7 @@ class Int4Pack(Layout):
             return dense_linear(x2, weight.dequantize)
         spec, b = weight.spec, weight.buffers
         kp = padded_k(spec.in_features, spec.kind, spec.group)
-        if kp != x2.shape[1]:  # a ragged last group, completed in the layout: x completed with zeros
-            x2 = torch.nn.functional.pad(x2, (0, kp - x2.shape[1]))
+        x2 = pad_columns(x2, kp)  # a ragged last group, completed in the layout
         # It has no derivative: an input that needs a gradient goes through a wrapper that supplies one.
         if torch.is_grad_enabled() and x2.requires_grad:
             return Int4PackMM.apply(x2.contiguous(), b["qweight"], spec.group, weight.aux, b["scale"],
@@ -198,13 +198,7 @@ class Int4Pack(Layout):
         return torch._weight_int4pack_mm_for_cpu(x2.contiguous(), b["qweight"], spec.group, weight.aux)
 
     def from_codes(self, spec, codes, scale, zero_point):
-        n, k = spec.out_features, spec.in_features
-        kp = padded_k(k, spec.kind, spec.group)
-        if kp != k:  # a ragged last group: completed with codes that dequantize to 0 (and x with zeros per call)
-            fill = (torch.full((n, 1), 8, dtype=codes.dtype, device=codes.device)
-                    if zero_point is None or zero_point.is_floating_point()  # a float offset: x's zeros suffice
-                    else zero_point.reshape(n, -1)[:, -1:].to(codes.dtype))
-            codes = torch.cat([codes, fill.expand(n, kp - k)], dim=1)
+        codes = complete_groups(codes, zero_point, padded_k(spec.in_features, spec.kind, spec.group), 8)
         r = to_int4pack(codes, scale, zero_point, symmetric=spec.symmetric, group=spec.group)
         if r is None:  # the measured layout map did not reproduce the codes: never use the kernel for this width
             _UNUSABLE.add(spec.out_features)
