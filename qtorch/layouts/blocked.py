@@ -35,15 +35,15 @@ import weakref
 
 import torch
 
-from .. import amx, dequant, gemm, gemv
+from .. import amx, bf16dot, dequant, gemm, gemv
 from .base import Layout
 from .codec import complete_groups, pack_codes, pad_columns, padded_k, unpack_codes
 
 __all__ = ["BLOCKED", "CPU_MAX_ROWS_NUMBA", "blocked_tile", "padded_k", "container_bits", "blocked_params",
            "to_blocked", "from_blocked",
            "dequant_blocked", "gemm_blocked", "gemm_blocked_impl", "tiles_blocked", "tiles_blocked_impl",
-           "tiles_act_blocked", "tiles_act_blocked_impl", "amx_blocked", "amx_blocked_impl", "gemv_plan",
-           "gemv_planned", "TILES_ACT", "AMX"]
+           "tiles_act_blocked", "tiles_act_blocked_impl", "amx_blocked", "amx_blocked_impl", "bf16dot_blocked",
+           "bf16dot_blocked_impl", "gemv_plan", "gemv_planned", "TILES_ACT", "AMX", "BF16DOT"]
 
 # Rows (= x.numel() // in_features) up to this bound take the gemm kernel on CPU; more rows take float32 matmul
 # of dequantized tiles. Crossovers measured with benchmarks/bench_linear.py at K = N = 4096 (see
@@ -63,6 +63,8 @@ TILES_ACT = "tiles_act"
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
 #: the path on AMX tiles (:mod:`qtorch.amx`), offered on CPUs this process may use them on
 AMX = "amx"
+#: the path on AVX512-BF16 dot products (:mod:`qtorch.bf16dot`), offered on CPUs that have them but no AMX
+BF16DOT = "bf16dot"
 # QuantizedWeight -> (qweight, scale, zero_point, its one-row plan or None): weak keys, so the plan goes with the
 # weight, and copying or pickling a layer never copies it.
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -271,6 +273,32 @@ def _(x, qweight, scale, zero_point, group_size, bits, out_features):
     return x.new_empty((x.shape[0], out_features))
 
 
+def bf16dot_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                         group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """``x[M, K] @ dequant(qweight).T`` by AVX512-BF16 dot products (:mod:`qtorch.bf16dot`) for bfloat16 and
+    float16 rows, float32 sums; returned in ``x.dtype``. Shapes the kernel does not serve (K or the group size not
+    a multiple of 32) and other dtypes take :func:`gemm_blocked_impl`. The body of the ``qtorch::bf16dot_blocked``
+    op."""
+    if not amx.eligible(qweight.shape[1], group_size) or x.dtype not in _ACT_DTYPES:
+        return gemm_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
+    scale, zero_point = blocked_params(scale, zero_point, out_features)
+    out = bf16dot.bf16dot_linear(x.detach() if x.requires_grad else x, qweight.contiguous(), scale, zero_point,
+                                 group_size, bits, out_features)
+    return _as(out, x.dtype)
+
+
+@torch.library.custom_op("qtorch::bf16dot_blocked", mutates_args=())
+def bf16dot_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                    group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """:func:`bf16dot_blocked_impl` as an op: opaque to torch.compile, with an input gradient."""
+    return bf16dot_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
+
+
+@bf16dot_blocked.register_fake
+def _(x, qweight, scale, zero_point, group_size, bits, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
 def _setup_backward(ctx, inputs, output):
     x, qweight, scale, zero_point, group_size, bits, out_features = inputs
     ctx.save_for_backward(qweight, scale, zero_point)
@@ -291,6 +319,7 @@ gemm_blocked.register_autograd(_backward, setup_context=_setup_backward)
 tiles_blocked.register_autograd(_backward, setup_context=_setup_backward)
 tiles_act_blocked.register_autograd(_backward, setup_context=_setup_backward)
 amx_blocked.register_autograd(_backward, setup_context=_setup_backward)
+bf16dot_blocked.register_autograd(_backward, setup_context=_setup_backward)
 
 
 
@@ -431,7 +460,11 @@ def _amx_offered(device_type, dtype, rows: int, spec) -> tuple:
         return ()
     if spec is not None and not amx.eligible(padded_k(spec.in_features, spec.kind, spec.group), spec.group):
         return ()
-    return (AMX,) if amx.available() else ()
+    if amx.available():
+        return (AMX,)
+    # one row takes gemv (a dot product per pair of codes gains nothing over its FMAs); float32 rows would need
+    # three bfloat16 parts: slower than the float32 kernels on the CPUs that have these dot products but no AMX
+    return (BF16DOT,) if rows >= 2 and dtype in _ACT_DTYPES and bf16dot.available() else ()
 
 
 def _own_path(device_type, dtype, rows: int, bits: int) -> str:
@@ -488,6 +521,8 @@ class Blocked(Layout):
             fn = tiles_act_blocked_impl if direct else torch.ops.qtorch.tiles_act_blocked
         elif path == AMX:
             fn = amx_blocked_impl if direct else torch.ops.qtorch.amx_blocked
+        elif path == BF16DOT:
+            fn = bf16dot_blocked_impl if direct else torch.ops.qtorch.bf16dot_blocked
         else:
             fn = tiles_blocked_impl if direct else torch.ops.qtorch.tiles_blocked
         return fn(x2, b["qweight"], b["scale"], b["zero_point"], spec.group, container_bits(spec.bits), n)

@@ -1,0 +1,395 @@
+"""Forward of the 8- and 4-bit blocked layouts by AVX512-BF16 dot products (``vdpbf16ps``): bfloat16 and float16
+rows on CPUs that have AVX512-BF16 but no AMX (AMD Zen 4 and later; Intel Cooper Lake).
+
+A leaf of :mod:`qtorch.layouts.blocked`, and the sibling of :mod:`qtorch.amx`, whose panels and row split it
+shares: for the strips of 16 output channels of a work unit and a block of K (``KB`` rows), ``code - zp`` is
+converted once into bfloat16 panels in VNNI order, ``B[kp][2n + j] = code[2kp + j][n] - zp`` (exact: integers of at
+most 9 bits), and one pair of K rows of a strip is then exactly one 512-bit operand of ``vdpbf16ps``. For every 16
+rows of ``x`` (8 or 4 at the end) sixteen float32 accumulators, one per row, stay in registers over a group: each
+pair of K rows costs one panel load and one ``vdpbf16ps`` per row (the row's two bfloat16 values broadcast to the
+16 lanes). Every code is converted once per call and serves all rows, where a float32 kernel converts it per block
+of rows and needs two FMAs for what one ``vdpbf16ps`` does. Each group's sums are scaled once into a float32
+accumulator of the work unit; bfloat16 calls of 32+ rows on layers with several groups convert the dequantized
+weight instead and sum all of K (:func:`qtorch.amx.dequantizes`), as F.linear on the dequantized bfloat16 weight
+does. float16 rows are split exactly into two bfloat16 parts (:func:`qtorch.amx.split_rows`), accumulated into the
+same registers. Like AMX, ``vdpbf16ps`` reads bfloat16 subnormals as zero.
+
+Eligible where :func:`qtorch.amx.eligible` is (K and the group size multiples of 32) and :func:`available`.
+
+>>> import numpy as np, torch
+>>> wb = torch.ones((1, 32, 16), dtype=torch.int8)          # one tile: K = 32, 16 output channels, codes 1
+>>> x = torch.stack([torch.ones(32), torch.arange(32.0)]).to(torch.bfloat16)
+>>> if available():
+...     out = bf16dot_linear(x, wb, torch.full((1, 16), 0.5), torch.zeros((0, 0), dtype=torch.uint8), 32, 8, 16)
+... else:
+...     out = torch.tensor([[16.0] * 16, [248.0] * 16])
+>>> out[:, :2].tolist()
+[[16.0, 16.0], [248.0, 248.0]]
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import _omp
+from ._ir import BF16, F32, I16, I32, I64, host_has, vec
+from .amx import (_PARTS, _SCRATCH, ROW_CHUNK, SCRATCH_BYTES, _chunks, _eights, _splitter, _steps, _unit_shape,
+                  _units, dequantizes, eligible)
+
+__all__ = ["available", "eligible", "bf16dot_linear"]
+
+#: rows of K per block: the panels of a unit's 4 strips (4 x 16 channels x 128 rows of bfloat16 = 16 KB) and 16
+#: rows of x (4 KB) stay in L1 (32 KB on Zen 4) while every block of rows passes over them
+KB = 128
+#: rows per register block: 2 strips x 12 rows = 24 float32 accumulators of the 32 registers; each broadcast of x
+#: serves two strips and each panel load twelve rows
+MR = 12
+_LOCK = threading.Lock()
+_AVAILABLE = None
+
+
+def available() -> bool:
+    """Whether numba compiles for a CPU with AVX512-BF16 (``vdpbf16ps``, ``vcvtne2ps2bf16``) and AVX512-BW (the
+    4-bit panels' ``vpermw`` lookup)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        with _LOCK:
+            if _AVAILABLE is None:
+                _AVAILABLE = host_has("avx512bf16") and host_has("avx512bw")
+    return _AVAILABLE
+
+
+@intrinsic
+def _dp_rows(typingctx, xf, buf, cf, af, sf, cols, q, parts, ns, mr):
+    """``mr`` rows x ``ns`` strips of 16 channels (literals) over ``nk`` rows of K (a multiple of 32), in runs of
+    ``gl`` rows (one group, or ``nk``), each run's float32 sums in ``mr * ns`` registers.
+
+    ``q``: int64 ``(m0, rbs, arow, astep, pstride, kbase, nk, gl, boff, bstride, coff, ldc, first, last, soff, sld,
+    c0, deq)``. A: bfloat16 bits (int16) of part ``p``, row ``m``, column ``k`` of the block at ``xf[p pstride +
+    (m // 16) rbs + (m % 16) arow + kbase + (k // 32) astep + k % 32]`` for rows ``m0 .. m0 + mr``; B: strip ``s``'s
+    panel at ``buf[boff + s bstride]``, 32 elements per pair of K rows. A run starts from zero where ``first``, else
+    from the partial sums ``cf[coff + r ldc + 16 s]``; where ``last`` (the run ends its group, the ``j``-th run)
+    its sums go into the unit's totals ``af`` (same offsets): ``+= C * scale`` with strip ``s``'s 16 scales at
+    ``sf[soff + cols[c0 + s] + j sld]``, or ``+= C`` where ``deq`` (dequantized panels); else they are stored to
+    ``cf``."""
+    if not all(isinstance(v, types.IntegerLiteral) for v in (parts, ns, mr)):
+        return None
+    if not (isinstance(q, types.UniTuple) and q.count == 18 and q.dtype == types.int64):
+        return None
+    nparts, nstrips, nrows = parts.literal_value, ns.literal_value, mr.literal_value
+
+    def codegen(context, builder, sig, args):
+        xa, ba, ca, aa, sa, cola = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(6))
+        (m0, rbs, arow, astep, pstride, kbase, nk, gl, boff, bstride, coff, ldc, first, last, soff, sld, c0,
+         deq) = cgutils.unpack_tuple(builder, args[6], 18)
+        v16f, v16i, vbf = vec(F32, 16), vec(I32, 16), vec(BF16, 32)
+        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, vbf, vbf]),
+                                            "llvm.x86.avx512bf16.dpbf16ps.512")
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16f, v16f]),
+                                             "llvm.fma.v16f32")
+        zero = ir.Constant(v16f, [0.0] * 16)
+
+        def c64(v):
+            return ir.Constant(I64, v)
+
+        def fptr(arr, off):
+            return builder.bitcast(builder.gep(arr, [off]), v16f.as_pointer())
+
+        def cell(r, s):  # offset of row r, strip s in cf / af
+            return builder.add(builder.add(coff, builder.mul(c64(r), ldc)), c64(16 * s))
+
+        is_first = builder.icmp_signed("!=", first, c64(0))
+        keys = [(r, s) for r in range(nrows) for s in range(nstrips)]
+        accs = {key: cgutils.alloca_once_value(builder, zero) for key in keys}  # -> registers (mem2reg)
+        rows = []  # the A rows' first elements (part p, row r) at the block's first column
+        for p in range(nparts):
+            rows.append([])
+            for r in range(nrows):
+                m = builder.add(m0, c64(r))
+                off = builder.add(builder.mul(builder.sdiv(m, c64(16)), rbs), builder.mul(builder.srem(m, c64(16)),
+                                                                                         arow))
+                off = builder.add(off, builder.add(kbase, builder.mul(c64(p), pstride)))
+                rows[p].append(builder.gep(xa.data, [off]))
+        with cgutils.for_range(builder, builder.sdiv(nk, gl)) as runs:
+            j = runs.index
+            for r, s in keys:
+                prev = builder.load(fptr(ca.data, cell(r, s)), align=4)
+                builder.store(builder.select(is_first, zero, prev), accs[(r, s)])
+            s0 = builder.sdiv(builder.mul(j, gl), c64(32))
+            with cgutils.for_range(builder, builder.sdiv(gl, c64(32))) as steps:
+                st = builder.add(s0, steps.index)
+                bsteps = [builder.gep(ba.data, [builder.add(builder.add(boff, builder.mul(c64(s), bstride)),
+                                                            builder.mul(st, c64(512)))]) for s in range(nstrips)]
+                aoffs = builder.mul(st, astep)
+                cur = {key: builder.load(a) for key, a in accs.items()}
+                for pair in range(16):
+                    bs = [builder.load(builder.bitcast(builder.gep(bp, [c64(32 * pair)]), vbf.as_pointer()), align=2)
+                          for bp in bsteps]
+                    for p in range(nparts):
+                        for r in range(nrows):
+                            ap = builder.gep(rows[p][r], [builder.add(aoffs, c64(2 * pair))])
+                            xv = builder.load(builder.bitcast(ap, I32.as_pointer()), align=2)
+                            splat = builder.shuffle_vector(
+                                builder.insert_element(ir.Constant(v16i, ir.Undefined), xv, ir.Constant(I32, 0)),
+                                ir.Constant(v16i, ir.Undefined), ir.Constant(v16i, [0] * 16))
+                            a = builder.bitcast(splat, vbf)
+                            for s in range(nstrips):
+                                cur[(r, s)] = builder.call(dp, [cur[(r, s)], a, bs[s]])
+                for key, a in accs.items():
+                    builder.store(cur[key], a)
+            with builder.if_else(builder.icmp_signed("!=", last, c64(0))) as (then, otherwise):
+                with then:
+                    unscaled = builder.icmp_signed("!=", deq, c64(0))
+                    for s in range(nstrips):
+                        col = builder.load(builder.gep(cola.data, [builder.add(c0, c64(s))]))
+                        sc = builder.load(fptr(sa.data, builder.add(builder.add(soff, col), builder.mul(j, sld))),
+                                          align=4)
+                        sc = builder.select(unscaled, ir.Constant(v16f, [1.0] * 16), sc)
+                        for r in range(nrows):
+                            ptr = fptr(aa.data, cell(r, s))
+                            builder.store(builder.call(fma, [builder.load(accs[(r, s)]), sc,
+                                                             builder.load(ptr, align=4)]), ptr, align=4)
+                with otherwise:
+                    for r, s in keys:
+                        builder.store(builder.load(accs[(r, s)]), fptr(ca.data, cell(r, s)), align=4)
+        return context.get_dummy_value()
+
+    return types.void(xf, buf, cf, af, sf, cols, q, parts, ns, mr), codegen
+
+
+@njit(inline="always")
+def _rows(xf, buf, cf, af, sf, cols, q, parts, ns, mr):  # pragma: no cover - compiled
+    # literal dispatch: parts x strips x rows of this block
+    if parts == 1:
+        if ns == 2:
+            if mr == MR:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 2, MR)
+            elif mr == 4:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 2, 4)
+            elif mr == 2:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 2, 2)
+            else:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 2, 1)
+        else:
+            if mr == MR:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 1, MR)
+            elif mr == 4:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 1, 4)
+            elif mr == 2:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 1, 2)
+            else:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 1, 1)
+    else:
+        if ns == 2:
+            if mr == MR:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 2, MR)
+            elif mr == 4:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 2, 4)
+            elif mr == 2:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 2, 2)
+            else:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 2, 1)
+        else:
+            if mr == MR:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 1, MR)
+            elif mr == 4:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 1, 4)
+            elif mr == 2:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 1, 2)
+            else:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 1, 1)
+
+
+@njit(inline="always")
+def _block_rows(rem, m0, Mp):  # pragma: no cover - compiled
+    # rows of the next register block: MR, 4, 2 or 1, rounding a tail up into the zero rows of the padding
+    if rem >= MR or (rem > 4 and m0 + MR <= Mp):
+        return MR
+    if rem >= 4 or (rem == 3 and m0 + 4 <= Mp):
+        return 4
+    return 2 if rem >= 2 else 1
+
+
+@njit(cache=True, nogil=True)
+def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, deq, out, u0, u1):  # pragma: no cover - compiled
+    # work unit u: the S strips of 16 output channels whose codes lie in one byte range of a tile row, all rows
+    # (as qtorch.amx's units). xp: [P, Mp / 16, 16 K] bfloat16 bits, A-tile order, or x itself (direct)
+    _, blocks, rbs = xp.shape
+    Mp = blocks * 16
+    T, K, W = wb.shape
+    NT = W * 2 if bits == 4 else W
+    N = T * NT
+    nb, S = _unit_shape(W, bits)
+    per_tile = W // nb
+    cw = 16 * S
+    cb = np.empty((Mp, cw), np.float32)  # partial sums of a group that spans blocks
+    acc = np.zeros((Mp, cw), np.float32)  # the unit's output: sums of the groups' scaled sums
+    bstride = KB * 16  # int16 elements of one strip's panel
+    buf = np.empty(S * bstride, np.int16)
+    cols = np.empty(S, np.int64)
+    xf = xp.reshape(-1)
+    cf = cb.reshape(-1)
+    af = acc.reshape(-1)
+    sf = scale.reshape(-1)
+    zf = zp.reshape(-1)
+    zstride = N if zp.shape[0] > 1 else 0
+    cmode = (9 if zp.shape[0] else 8) if bits == 8 else (2 if W == 8 else 3)
+    pstride = blocks * rbs
+    gacc = K if deq else gsize
+    whole = gacc <= KB
+    arow, astep = (K, 32) if direct else (32, 512)
+    for u in range(u0, u1):
+        t = u // per_tile
+        b0 = (u % per_tile) * nb
+        for i in range(S):
+            if bits == 8 or W == 8 or i < S // 2:
+                cols[i] = b0 + 16 * i
+            else:
+                cols[i] = W + b0 + 16 * (i - S // 2)
+        acc[:] = 0
+        k = 0
+        while k < K:
+            g0 = k // gacc
+            if whole:
+                nk = min((KB // gacc) * gacc, K - k)
+                gl = gacc
+                first = 1
+                last = 1
+            else:
+                gend = (g0 + 1) * gacc
+                nk = min(KB, gend - k)
+                gl = nk
+                first = 1 if k == g0 * gacc else 0
+                last = 1 if k + nk == gend else 0
+            for a in range(nk // 32):  # the block's panels, every strip (32 rows of K lie in one group)
+                ga = (k + 32 * a) // gsize
+                _steps(wb, buf, cols, zf, sf, (t * K + k) * W, ga * zstride + t * NT, ga * N + t * NT, S, bstride,
+                       32 * a, 16, nk * W, cmode, deq)
+            for s in range(0, S, 2):
+                ns = min(2, S - s)
+                m0 = 0
+                while m0 < M:
+                    mr = _block_rows(M - m0, m0, Mp)
+                    q = (m0, rbs, arow, astep, pstride, (k // 32) * astep, nk, gl, s * bstride, bstride, m0 * cw + 16 * s, cw,
+                         first, last, g0 * N + t * NT, N, s, deq)
+                    _rows(xf, buf, cf, af, sf, cols, q, parts, ns, mr)
+                    m0 += mr
+            k += nk
+        for i in range(S):
+            n0 = t * NT + cols[i]
+            for m in range(M):
+                o = out[m, n0:n0 + 16]
+                a = acc[m, 16 * i:16 * i + 16]
+                for j in range(16):
+                    o[j] = a[j]
+
+
+#: the team kernel's operands (its chunks are the work units); ``flags``: bits | direct << 8 | deq << 9
+OPERANDS = _omp.Operands("bf16dot", parts=_omp.I64, M=_omp.I64, T=_omp.I64, K=_omp.I64, W=_omp.I64,
+                         gsize=_omp.I64, flags=_omp.I64, zp_rows=_omp.I64, x=_omp.ADDR, wb=_omp.ADDR,
+                         scale=_omp.ADDR, zp=_omp.ADDR, out=_omp.ADDR)
+_read = OPERANDS.read
+
+
+@njit(inline="always")
+def _dp_chunk(o, i, u0, u1, wdt, _y):  # pragma: no cover - compiled; units u0..u1 on a thread of torch's team
+    M, T, K, W, G, bits = o.M, o.T, o.K, o.W, o.K // o.gsize, o.flags & 255
+    NT = W * 2 if bits == 4 else W
+    Mp = (M + 15) // 16 * 16
+    zrows = o.zp_rows
+    _dp_units(carray(o.x, (o.parts, Mp // 16, 16 * K), np.int16), o.parts, M, carray(o.wb, (T, K, W), wdt),
+              carray(o.scale, (G, T * NT), np.float32), carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8),
+              o.gsize, bits, (o.flags >> 8) & 1, o.flags >> 9, carray(o.out, (M, T * NT), np.float32), u0, u1)
+    return 0
+
+
+def _team_dp_i8(data):  # pragma: no cover - compiled
+    _omp.claim_operands(data, _read, _dp_chunk, np.int8, 0)
+
+
+def _team_dp_u8(data):  # pragma: no cover - compiled
+    _omp.claim_operands(data, _read, _dp_chunk, np.uint8, 0)
+
+
+_TEAM_KERNELS = {True: _omp.TeamKernel(_team_dp_i8), False: _omp.TeamKernel(_team_dp_u8)}  # by signedness
+
+
+def _serial(team, block, lo, hi) -> None:
+    # off a team (one thread, a forked child, no OpenMP): the team kernel on the calling thread claims every chunk
+    team.ctypes()(block.ctypes.data)
+
+
+def _run(xaddr: int, parts: int, M: int, wb: int, signed: bool, T: int, K: int, W: int, scale: int, zp: int,
+         zp_rows: int, gsize: int, bits: int, out: int, direct: int = 0, deq: int = 0) -> None:
+    """One kernel call on addresses (as :func:`qtorch.amx._run`); the caller holds every operand."""
+    units = _units(T, W, bits)
+    nchunks = _chunks(T, units, _omp.team_size())
+    block = _omp.new_block(nchunks, units, (parts, M, T, K, W, gsize, bits | direct << 8 | deq << 9, zp_rows, xaddr,
+                                          wb, scale, zp, out))
+    team = _TEAM_KERNELS[signed]
+    _omp.run(units, team, block, _serial, (team, block), units, 1, nchunks=nchunks)
+
+
+_NO_BF16 = "this process cannot run AVX512-BF16 dot products (numba does not compile for such a CPU)"
+
+
+def bf16dot_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                   group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """The forward on CPU torch tensors that ``layouts.blocked`` built (``scale`` / ``zero_point`` already
+    ``[G, N]``, all three contiguous; K and the group size multiples of 32): float32 ``[M, N]``, a new tensor, for
+    bfloat16 or float16 ``x[M, K]``. bfloat16 rows in whole blocks of 16 are read where they lie; other rows are
+    first laid out (float16: split into two bfloat16 parts) ``ROW_CHUNK`` rows at a time, in a buffer the calling
+    thread reuses."""
+    if not (_AVAILABLE or available()):  # the instruction on a CPU without it is SIGILL, not an error
+        raise RuntimeError(_NO_BF16)
+    if x.dtype not in (torch.bfloat16, torch.float16) or not (x.is_cpu and qweight.is_cpu and scale.is_cpu
+                                                              and zero_point.is_cpu):
+        raise TypeError(f"the AVX512-BF16 kernel takes CPU bfloat16 or float16 rows, got {x.dtype} on {x.device}")
+    x = x.contiguous()
+    M, K = x.shape
+    if not eligible(K, group_size) or qweight.shape[1] != K:
+        raise ValueError(f"the AVX512-BF16 kernel needs K and the group size to be multiples of 32, got K={K}, "
+                         f"group size {group_size}")
+    out = torch.empty((M, out_features), dtype=torch.float32, device="cpu")
+    T, _, W = qweight.shape
+    if M == 0 or T == 0:
+        return out
+    zrows = zero_point.shape[0]
+    if bits == 4 and zrows == 0:  # symmetric 4-bit codes carry the offset 8
+        zaddr, zrows = _eights(out_features)[1], 1
+    else:
+        zaddr = zero_point.data_ptr()
+    parts = _PARTS[x.dtype]
+    deq = int(dequantizes(x.dtype, M, K, group_size))
+    signed = qweight.dtype == torch.int8
+    wa, sa, xa, oa, xsize = qweight.data_ptr(), scale.data_ptr(), x.data_ptr(), out.data_ptr(), x.element_size()
+    scratch = _SCRATCH
+    own = not scratch.busy
+    scratch.busy = True
+    try:
+        for r0 in range(0, M, ROW_CHUNK):
+            m = min(M, r0 + ROW_CHUNK) - r0
+            x0, o0 = xa + r0 * K * xsize, oa + r0 * out_features * 4
+            n = parts * -(-m // 16) * 16 * K
+            if not own or 2 * n > SCRATCH_BYTES:
+                buf = np.empty(n, np.int16)
+                pa = buf.ctypes.data
+            else:
+                if scratch.buf is None or scratch.buf.size < n:
+                    scratch.buf = np.empty(n, np.int16)
+                    scratch.addr = scratch.buf.ctypes.data
+                pa = scratch.addr
+            _splitter(x.dtype)(x0, pa, m, K)
+            _run(pa, parts, m, wa, signed, T, K, W, sa, zaddr, zrows, group_size, bits, o0, deq=deq)
+    finally:
+        if own:
+            scratch.busy = False
+    return out
+
