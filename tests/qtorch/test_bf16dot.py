@@ -1,0 +1,182 @@
+"""The blocked layout's AVX512-BF16 path (``qtorch.bf16dot``): F.linear's numbers for every scheme the layout holds,
+tile width, row count and K it serves, in bfloat16 and float16; offered only where the CPU has the dot products and
+no AMX, for 2+ rows of bfloat16/float16 and shapes it serves; reached through the layer's dispatch as one opaque op
+with an input gradient.
+
+Tolerance: ``|y - F.linear(x, W)| <= eps * (|x| @ |W|.T)`` with eps the output dtype's rounding (bfloat16 2^-6,
+float16 2^-9: the kernel sums exact products of bfloat16 values in float32, the reference rounds W to x's dtype).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qtorch
+from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
+from qtorch import amx, autotune, bf16dot
+from qtorch.layouts import blocked
+
+runs_here = pytest.mark.skipif(not bf16dot.available(), reason="numba does not compile for a CPU with AVX512-BF16 "
+                               "here: the bf16dot path cannot run")
+pytestmark = pytest.mark.usefixtures("blocked_kernels")
+
+EPS = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
+GRANULARITIES = {"tensor": PerTensor(), "channel": PerChannel(0), "g32": PerGroup(32), "g64": PerGroup(64),
+                 "g128": PerGroup(128), "g256": PerGroup(256)}
+ROWS = (2, 3, 5, 12, 16, 17, 29, 64, 100, 128, 300)  # every register block and tail: 12, 4, 2, 1 rows
+KS = (32, 384, 1536, 4096)
+WIDTHS = {16: 48, 32: 96, 64: 192, 128: 256}  # tile width -> out_features whose largest tile it is
+
+
+def _layer(scheme, dtype, n, k, seed):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=False, dtype=torch.float32)
+    with torch.no_grad():  # a spread of magnitudes per channel: per-channel scales and zero points differ
+        lin.weight.mul_(torch.rand(n, 1) * 4 + 0.1).add_(torch.randn(n, 1) * 0.05)
+    q = qtorch.QuantLinear.from_linear(lin.to(dtype), scheme)
+    assert q.weight_layout == "blocked"
+    return q
+
+
+def _assert_close(y, x, q):
+    ref = F.linear(x, q.dequantized_weight(x.dtype))
+    bound = F.linear(x.float().abs(), q.dequantized_weight(torch.float32).abs())
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    err = (y.float() - ref.float()).abs()
+    assert torch.all(err <= EPS[x.dtype] * bound + 1e-6), float((err - EPS[x.dtype] * bound).max())
+
+
+def _cases(gran):
+    size = getattr(GRANULARITIES[gran], "size", 32)
+    ks = [k for k in KS if k % size == 0]
+    widths = list(WIDTHS)
+    for i, rows in enumerate(ROWS):
+        yield ks[i % len(ks)], widths[i % len(widths)], rows
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("gran", list(GRANULARITIES))
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_bf16dot_path_matches_f_linear(bits, symmetric, gran, dtype):
+    scheme = QuantScheme(bits, symmetric, GRANULARITIES[gran])
+    layers = {}
+    for k, width, rows in _cases(gran):
+        q = layers.get((k, width))
+        if q is None:
+            q = layers[(k, width)] = _layer(scheme, dtype, WIDTHS[width], k, seed=k + width)
+        x = torch.randn(rows, k, dtype=dtype)
+        if not amx.available():
+            assert "bf16dot" in blocked.BLOCKED.paths("cpu", dtype, rows, bits, spec=q.quantized_weight.spec)
+        with torch.no_grad():
+            _assert_close(blocked.BLOCKED.linear(q.quantized_weight, x, "bf16dot"), x, q)
+
+
+@runs_here
+def test_sums_whole_groups_across_blocks_of_k():
+    # per channel over K = 4096 (32 blocks of 128 rows of K, partial sums carried between them) and groups of 256
+    # (two blocks a group), at 16 rows (scaled per group) and 64 rows (dequantized panels): against float64
+    for scheme in (QuantScheme(8, False, PerChannel(0)), QuantScheme(4, True, PerGroup(256))):
+        q = _layer(scheme, torch.bfloat16, 128, 4096, seed=3)
+        w = q.dequantized_weight(torch.float64)
+        for rows in (16, 64):
+            x = torch.randn(rows, 4096, dtype=torch.bfloat16)
+            with torch.no_grad():
+                y = bf16dot.bf16dot_linear(x, *_operands(q), 128)
+            exact = x.double() @ w.t()
+            bound = x.double().abs() @ w.abs().t()
+            # float32 sums of exact products (64 rows: of the weight rounded to bfloat16)
+            assert float(((y.double() - exact).abs() / bound).max()) < (2.0**-8 if rows == 64 else 1e-5)
+
+
+def _operands(q):
+    b, spec = q.quantized_weight.buffers, q.quantized_weight.spec
+    scale, zp = blocked.blocked_params(b["scale"], b["zero_point"], spec.out_features)
+    return b["qweight"], scale, zp, spec.group, blocked.container_bits(spec.bits)
+
+
+@runs_here
+def test_rows_in_chunks_give_the_same_numbers(monkeypatch):
+    q = _layer(QuantScheme(4, False, PerGroup(64)), torch.bfloat16, 96, 256, seed=8)
+    x = torch.randn(300, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        whole = blocked.BLOCKED.linear(q.quantized_weight, x, "bf16dot")
+        monkeypatch.setattr(bf16dot, "ROW_CHUNK", 48)
+        assert torch.equal(blocked.BLOCKED.linear(q.quantized_weight, x, "bf16dot"), whole)
+    _assert_close(whole, x, q)
+
+
+@runs_here
+def test_kernel_checks_its_operands():
+    q = _layer(QuantScheme(8, True, PerChannel(0)), torch.bfloat16, 48, 64, seed=1)
+    qw, scale, zp, group, bits = _operands(q)
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        bf16dot.bf16dot_linear(torch.randn(3, 64), qw, scale, zp, group, bits, 48)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        bf16dot.bf16dot_linear(torch.randn(3, 48, dtype=torch.bfloat16), qw[:, :48], scale, zp, 48, bits, 48)
+    empty = bf16dot.bf16dot_linear(torch.randn(0, 64, dtype=torch.bfloat16), qw, scale, zp, group, bits, 48)
+    assert empty.shape == (0, 48)
+
+
+def test_offered_where_the_cpu_has_it_and_no_amx(monkeypatch):
+    spec = _layer(QuantScheme(8, True, PerChannel(0)), torch.float32, 64, 256, seed=0).quantized_weight.spec
+    monkeypatch.setattr(amx, "available", lambda: False)
+    monkeypatch.setattr(bf16dot, "available", lambda: True)
+    for dt in (torch.bfloat16, torch.float16):
+        assert "bf16dot" not in blocked.BLOCKED.paths("cpu", dt, 1, 8, spec=spec)  # one row: gemv
+        for rows in (2, 16, 4096):
+            assert blocked.BLOCKED.paths("cpu", dt, rows, 8, spec=spec)[-1] == "bf16dot"
+    for rows in (1, 16):  # float32 rows would need three bfloat16 parts: the float32 kernels are faster
+        assert "bf16dot" not in blocked.BLOCKED.paths("cpu", torch.float32, rows, 8, spec=spec)
+    assert "bf16dot" not in blocked.BLOCKED.paths("cuda", torch.bfloat16, 16, 8, spec=spec)
+    odd = _layer(QuantScheme(8, True, PerChannel(0)), torch.float32, 64, 100, seed=0).quantized_weight.spec
+    assert "bf16dot" not in blocked.BLOCKED.paths("cpu", torch.bfloat16, 16, 8, spec=odd)  # K % 32 != 0
+    monkeypatch.setattr(amx, "available", lambda: True)  # AMX, where present, is the faster kernel
+    assert "bf16dot" not in blocked.BLOCKED.paths("cpu", torch.bfloat16, 16, 8, spec=spec)
+    monkeypatch.setattr(amx, "available", lambda: False)
+    monkeypatch.setattr(bf16dot, "available", lambda: False)
+    assert "bf16dot" not in blocked.BLOCKED.paths("cpu", torch.bfloat16, 16, 8, spec=spec)
+
+
+@runs_here
+def test_a_forced_path_is_taken_by_the_layer_as_one_op_with_an_input_gradient(monkeypatch):
+    env = {"QTORCH_PATH": "bf16dot", "QTORCH_LAYOUT": "blocked"}
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env=env))
+    taken = []
+    real = blocked.BLOCKED.linear
+    monkeypatch.setattr(blocked.BLOCKED, "linear", lambda w, x, p: taken.append(p) or real(w, x, p))
+    q = _layer(QuantScheme(4, False, PerGroup(32)), torch.bfloat16, 96, 256, seed=5)
+    x = torch.randn(2, 9, 256, dtype=torch.bfloat16, requires_grad=True)
+    y = q(x)
+    assert taken == ["bf16dot"]
+    with torch.no_grad():
+        direct = real(q.quantized_weight, x.detach().reshape(18, -1), "bf16dot")
+    assert torch.equal(y.detach().reshape(18, -1), direct)
+    g = torch.randn_like(y)
+    y.backward(g)
+    w = q.dequantized_weight(torch.float32)
+    ref = g.float().reshape(18, -1) @ w
+    bound = g.float().abs().reshape(18, -1) @ w.abs()
+    assert x.grad.dtype == torch.bfloat16
+    assert torch.all((x.grad.float().reshape(18, -1) - ref).abs() <= 2 * EPS[torch.bfloat16] * bound + 1e-5)
+    torch._dynamo.reset()
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    with torch.no_grad():
+        eager = q(x.detach())
+        compiled = torch.compile(q, fullgraph=True, backend=backend)(x.detach())
+    assert torch.equal(compiled, eager)
+    assert any("bf16dot_blocked" in t for t in seen), seen
+
+
+def test_shapes_it_does_not_serve_take_the_gemm_kernel():
+    # named directly on a layer whose K is no multiple of 32, the op computes the layer by the gemm kernel
+    q = _layer(QuantScheme(8, True, PerChannel(0)), torch.bfloat16, 64, 100, seed=2)
+    x = torch.randn(5, 100, dtype=torch.bfloat16)
+    with torch.no_grad():
+        _assert_close(blocked.BLOCKED.linear(q.quantized_weight, x, "bf16dot"), x, q)
