@@ -16,7 +16,11 @@ lacks them, so either width runs anywhere, with the same bits: each column sees 
 order). numba's own loop over the same arrays keeps the accumulators in memory and re-checks aliasing on every row:
 2-3x more instructions per code. Accumulation is float32. The zero point is subtracted from the codes in integers
 (exact, as in every other path), or, for bfloat16/float16 inputs (``fold``), once per group as ``z * sum(x)``:
-20-30% faster, with float32 rounding that scales with the codes yet stays below those dtypes' own.
+20-30% faster, with float32 rounding that scales with the codes yet stays below those dtypes' own. On CPUs with
+AVX512-BF16, 4-bit codes of bfloat16 rows also have a dot-product variant (``run_plan(..., dot=True)``, the
+blocked layout's ``bf16dot`` path at one row, chosen by measurement): the bytes of two rows of K interleaved, each
+nibble's bfloat16 looked up by ``vpermw`` 32 at a time, and one ``vdpbf16ps`` per 32 codes where the float path
+takes two conversions and two FMAs (4096x4096 g128 on a 2-core Zen 4: 0.24 against 0.33 ms from L2).
 
 A tile's rows are contiguous (K-major): each thread streams one tile at a time from memory. On the wide path every
 row also prefetches the lines :data:`PREFETCH` bytes ahead into L2: the hardware prefetchers stop at each 4 KB
@@ -38,6 +42,8 @@ array([64., 64., 64.], dtype=float32)
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, types
@@ -45,7 +51,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _omp
-from ._ir import F32 as _F32, I8 as _I8, I32 as _I32, I64 as _I64, host_has, vec
+from ._ir import BF16 as _BF16, F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, host_has, vec
 
 _I8P = _I8.as_pointer()
 
@@ -54,6 +60,16 @@ __all__ = ["eligible", "gemv_blocked"]
 # vpermps on 16 floats (AVX-512F): an instruction, so only where numba compiles for a CPU that has it (a 16-float
 # vector elsewhere is split by LLVM; an intrinsic is not)
 _PERMPS = host_has("avx512f")
+#: vdpbf16ps (AVX512-BF16) and vpermw (AVX512-BW): the dot-product variant for bfloat16 rows (:func:`dot_available`)
+_DP = _PERMPS and host_has("avx512bf16") and host_has("avx512bw")
+# bfloat16 bits of (i & 15) for i < 32: vpermw reads the low 5 bits of an index, so a byte's low nibble needs no mask
+_NIBBLE_BF16 = [int(np.array([i & 15], np.float32).view(np.uint32)[0] >> 16) for i in range(32)]
+
+
+def dot_available() -> bool:
+    """Whether the one-row kernel's dot-product variant can run here (numba compiles for a CPU with AVX512-BF16
+    and AVX512-BW): 4-bit codes of bfloat16 rows, two rows of K per ``vdpbf16ps``."""
+    return _DP
 
 
 def eligible(bits: int, tile_bytes: int) -> bool:
@@ -85,6 +101,12 @@ def _dot_rows(typingctx, wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, 
     if not all(isinstance(a, types.IntegerLiteral) for a in (bits, chunk, zmode, lanes)):
         return None
     nbits, nbytes, zm, L = bits.literal_value, chunk.literal_value, zmode.literal_value, lanes.literal_value
+    if zm in (5, 6):  # zmodes 3 and 4 by bfloat16 dot products (:func:`_emit_dot_rows`), where they apply
+        if nbits == 4 and L == 16 and _DP:
+            sig = types.void(wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, xsg, pf, bits, chunk, zmode,
+                             lanes)
+            return sig, functools.partial(_emit_dot_rows, nbytes, zm - 2)
+        zm -= 2  # (8-bit call sites of the same loop: never run with these modes)
     signed = wb.dtype == types.int8
     nload = nbytes // L  # loads of L bytes per row
     nacc = nload if nbits == 8 else 2 * nload  # <L x float> accumulators
@@ -188,6 +210,86 @@ def _dot_rows(typingctx, wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, 
     return sig, codegen
 
 
+def _emit_dot_rows(nbytes, zm, context, builder, sig, args):
+    """:func:`_dot_rows` for 4-bit codes of bfloat16 rows (``zm`` 3 or 4, folded), two rows of K at a time: the
+    bytes of rows ``k`` and ``k + 1`` interleaved and widened to 16 bits, each nibble's bfloat16 looked up by
+    ``vpermw`` (32 codes an instruction), and one ``vdpbf16ps`` per 32 codes, ``acc[n] += x[k] code[k][n] +
+    x[k + 1] code[k + 1][n]`` (exact products, float32 sums) with ``x[k], x[k + 1]`` broadcast as one pair: one
+    instruction where the float path takes two FMAs and two conversions. ``x`` is float32 holding bfloat16 values
+    (its upper 16 bits are the value); ``nk`` is even."""
+    w = context.make_array(sig.args[0])(context, builder, args[0])
+    xa = context.make_array(sig.args[5])(context, builder, args[5])
+    oa = context.make_array(sig.args[6])(context, builder, args[6])
+    za = context.make_array(sig.args[9])(context, builder, args[9])
+    sa = context.make_array(sig.args[10])(context, builder, args[10])
+    tt, kk0, c0, n, lo, hi, g, n0, pfd = (context.cast(builder, args[i], sig.args[i], types.int64)
+                                          for i in (1, 2, 3, 4, 7, 8, 11, 12, 14))
+    xs = args[13]
+    L = 16
+    vf, vi, vb, vs, vbf = vec(_F32, L), vec(_I32, L), vec(_I8, L), vec(_I16, 32), vec(_BF16, 32)
+    _, zcols = cgutils.unpack_tuple(builder, za.shape, 2)
+    _, scols = cgutils.unpack_tuple(builder, sa.shape, 2)
+    zrow = builder.gep(za.data, [builder.add(builder.mul(g, zcols), n0)])
+    srow = builder.gep(sa.data, [builder.add(builder.mul(g, scols), n0)])
+    orow = builder.gep(oa.data, [n0])
+    _, k_all, width = cgutils.unpack_tuple(builder, w.shape, 3)
+    wp = builder.gep(w.data, [builder.add(builder.mul(builder.add(builder.mul(tt, k_all), kk0), width), c0)])
+    xp = builder.bitcast(builder.gep(xa.data, [kk0]), _I32.as_pointer())
+    nload = nbytes // L
+    offs = [builder.add(lo if i < nload else hi, ir.Constant(_I64, L * (i % nload))) for i in range(2 * nload)]
+    zero = ir.Constant(vf, [0.0] * L)
+    accs = [cgutils.alloca_once_value(builder, zero) for _ in range(2 * nload)]  # -> registers
+    fn = functools.partial(cgutils.get_or_insert_function, builder.module)
+    permw = fn(ir.FunctionType(vs, [vs, vs]), "llvm.x86.avx512.permvar.hi.512")
+    dp = fn(ir.FunctionType(vf, [vf, vbf, vbf]), "llvm.x86.avx512bf16.dpbf16ps.512")
+    prefetch = _prefetch_fn(builder)
+    table = ir.Constant(vs, _NIBBLE_BF16)
+    inter = ir.Constant(vec(_I32, 32), [i // 2 + (L if i % 2 else 0) for i in range(32)])
+    do_pf = builder.icmp_signed(">", pfd, ir.Constant(_I64, 0))
+    c16 = ir.Constant(_I32, 16)
+    with cgutils.for_range(builder, builder.sdiv(n, ir.Constant(_I64, 2))) as loop:
+        i = loop.index
+        row0 = builder.gep(wp, [builder.mul(builder.mul(i, ir.Constant(_I64, 2)), width)])
+        row1 = builder.gep(row0, [width])
+        with builder.if_then(do_pf, likely=True):
+            for r in (row0, row1):
+                for ln in range(0, nbytes, 64):
+                    p = builder.gep(r, [builder.add(pfd, ir.Constant(_I64, ln))])
+                    builder.call(prefetch, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
+        # x[k], x[k + 1]: their bfloat16 bits (the upper halves of the float32 values) as one 32-bit pair
+        pair = builder.load(builder.gep(xp, [builder.mul(i, ir.Constant(_I64, 2))]))
+        pair1 = builder.load(builder.gep(xp, [builder.add(builder.mul(i, ir.Constant(_I64, 2)), ir.Constant(_I64, 1))]))
+        xv = builder.or_(builder.lshr(pair, c16), builder.and_(pair1, ir.Constant(_I32, 0xFFFF0000)))
+        xb = builder.bitcast(builder.shuffle_vector(builder.insert_element(ir.Constant(vi, ir.Undefined), xv,
+                                                                         ir.Constant(_I32, 0)),
+                                                    ir.Constant(vi, ir.Undefined), ir.Constant(vi, [0] * L)), vbf)
+        cur = [builder.load(a) for a in accs]
+        for v in range(nload):
+            a, b = (builder.load(builder.bitcast(builder.gep(r, [ir.Constant(_I64, L * v)]), vb.as_pointer()),
+                                 align=1) for r in (row0, row1))
+            wide = builder.zext(builder.shuffle_vector(a, b, inter), vs)  # byte j of both rows: lanes 2j, 2j + 1
+            for idx, acc in ((wide, v), (builder.lshr(wide, ir.Constant(vs, [4] * 32)), v + nload)):
+                val = builder.bitcast(builder.call(permw, [table, idx]), vbf)
+                cur[acc] = builder.call(dp, [cur[acc], xb, val])
+        for a, c in zip(accs, cur):
+            builder.store(c, a)
+    xsb = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), xs, ir.Constant(_I32, 0)),
+                                 ir.Constant(vf, ir.Undefined), ir.Constant(vi, [0] * L))
+    if zm == 4:
+        xsb = builder.fmul(ir.Constant(vf, [8.0] * L), xsb)
+    for a, off in zip(accs, offs):  # the group's sums into the output, as the float path does
+        sv = builder.load(builder.bitcast(builder.gep(srow, [off]), vf.as_pointer()), align=4)
+        op = builder.bitcast(builder.gep(orow, [off]), vf.as_pointer())
+        v = builder.load(a)
+        if zm == 3:
+            zb = builder.load(builder.bitcast(builder.gep(zrow, [off]), vb.as_pointer()), align=1)
+            v = builder.fsub(v, builder.fmul(builder.uitofp(zb, vf), xsb))
+        else:
+            v = builder.fsub(v, xsb)
+        builder.store(builder.fadd(builder.load(op, align=4), builder.fmul(v, sv)), op, align=4)
+    return context.get_dummy_value()
+
+
 @njit(inline="always")
 def _dot_group(wb, t, k0, gsize, x, out, zp, scale, g, n0, xsg, pf, bits, W, zmode, lanes):  # pragma: no cover
     # one group of rows of tile t into out (zmode and lanes arrive as literals from the call sites): whole rows per
@@ -219,14 +321,19 @@ def _tile(wb, t, x, xs, scale, zp, gsize, bits, out, pf, zmode, lanes):  # pragm
 
 
 @njit(cache=True, nogil=True)
-def _gemv_range(x, xs, wb, scale, zp, gsize, bits, out, pf, wide, t0, t1):  # pragma: no cover - compiled
+def _gemv_range(x, xs, wb, scale, zp, gsize, bits, out, pf, wide, dot, t0, t1):  # pragma: no cover - compiled
     # out[n] = sum_k x[k] (code[n, k] - zp) * scale for the output channels of tiles t0..t1. With group sums of x
     # (xs, one per group; empty otherwise) the zero point is folded in afterwards: sum x c - z sum x. ``wide``:
-    # vectors of 16 floats (AVX-512) instead of 8.
+    # vectors of 16 floats (AVX-512) instead of 8. ``dot``: 4-bit codes of bfloat16 rows by dot products.
     has_zp = zp.shape[0] > 0
     fold = xs.shape[0] > 0
     for t in range(t0, t1):
-        if wide:
+        if dot and fold and bits == 4:  # bfloat16 rows by dot products (zmodes 3 / 4)
+            if has_zp:
+                _tile(wb, t, x, xs, scale, zp, gsize, bits, out, pf, 5, 16)
+            else:
+                _tile(wb, t, x, xs, scale, zp, gsize, bits, out, pf, 6, 16)
+        elif wide:
             if fold and has_zp:
                 _tile(wb, t, x, xs, scale, zp, gsize, bits, out, pf, 3, 16)
             elif fold and bits == 4:
@@ -251,7 +358,7 @@ def _gemv_range(x, xs, wb, scale, zp, gsize, bits, out, pf, wide, t0, t1):  # pr
 
 
 #: the team kernel's operands (its chunks are tiles: the block's total is T); wb's dtype is the kernel's own.
-#: ``flags``: fold (bit 0), wide (bit 1), the prefetch distance in bytes (from bit 2 on)
+#: ``flags``: fold (bit 0), wide (bit 1), dot (bit 2), the prefetch distance in bytes (from bit 3 on)
 OPERANDS = _omp.Operands("gemv", K=_omp.I64, W=_omp.I64, gsize=_omp.I64, bits=_omp.I64, zp_rows=_omp.I64,
                          flags=_omp.I64, tiles=_omp.I64, x=_omp.ADDR, xs=_omp.ADDR, wb=_omp.ADDR, scale=_omp.ADDR,
                          zp=_omp.ADDR, out=_omp.ADDR)
@@ -267,7 +374,7 @@ def _gemv_chunk(o, i, t0, t1, wdt, _y):  # pragma: no cover - compiled; tiles t0
     _gemv_range(carray(o.x, K, np.float32), carray(o.xs, G if fold else 0, np.float32),
                 carray(o.wb, (T, K, W), wdt), carray(o.scale, (G, T * NT), np.float32),
                 carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8), o.gsize, o.bits,
-                carray(o.out, T * NT, np.float32), o.flags >> 2, (o.flags >> 1) & 1, t0, t1)
+                carray(o.out, T * NT, np.float32), o.flags >> 3, (o.flags >> 1) & 1, (o.flags >> 2) & 1, t0, t1)
     return 0
 
 
@@ -324,22 +431,22 @@ def gemv_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarra
 _MAX_PREFETCH = 1 << 20
 
 
-def _gemv_tensors(x, wb, scale, zp, gsize: int, bits: int, out, fold: bool):
+def _gemv_tensors(x, wb, scale, zp, gsize: int, bits: int, out, fold: bool, dot: bool = False):
     """:func:`gemv_blocked` on CPU torch tensors that ``layouts.blocked`` built (contiguous, of the layout's
     dtypes and shapes; ``x`` / ``out`` ``[1, K]`` / ``[1, N]``): the forward's entry, where a tensor's address costs
     less to get than an array's."""
     _run(x.numpy().reshape(-1), wb.numpy(), scale.numpy(), zp.numpy(), gsize, bits, out.numpy().reshape(-1), fold,
-         x.data_ptr(), wb.data_ptr(), scale.data_ptr(), zp.data_ptr(), out.data_ptr())
+         x.data_ptr(), wb.data_ptr(), scale.data_ptr(), zp.data_ptr(), out.data_ptr(), dot=dot)
     return out
 
 
-def _run(x, wb, scale, zp, gsize, bits, out, fold, xa, wa, sa, za, oa, wide=None, prefetch=None) -> None:
+def _run(x, wb, scale, zp, gsize, bits, out, fold, xa, wa, sa, za, oa, wide=None, prefetch=None, dot=False) -> None:
     # the arrays (for qcore's threads) and their addresses (for the team kernel's block) of the same operands
     T, K, W = wb.shape
     if T == 0 or K == 0:
         out[:] = 0
         return
-    run_plan(Plan(wb, scale, zp, gsize, bits, wa, sa, za, wide=wide, prefetch=prefetch), x, xa, out, oa, fold)
+    run_plan(Plan(wb, scale, zp, gsize, bits, wa, sa, za, wide=wide, prefetch=prefetch), x, xa, out, oa, fold, dot)
 
 
 class Plan:
@@ -348,8 +455,8 @@ class Plan:
     which saves about 15 us of a call's Python (a 768x768 layer's kernel takes about 18 us). ``wide`` and
     ``prefetch`` as in :func:`gemv_blocked`."""
 
-    __slots__ = ("wb", "scale", "zp", "gsize", "bits", "T", "K", "G", "fold_ok", "min_part", "block", "addresses",
-                 "kernel", "wide", "prefetch")
+    __slots__ = ("wb", "scale", "zp", "gsize", "bits", "T", "K", "G", "fold_ok", "dot_ok", "min_part", "block",
+                 "addresses", "kernel", "wide", "prefetch")
 
     def __init__(self, wb, scale, zp, gsize: int, bits: int, wa: int, sa: int, za: int, *,
                  wide: bool | None = None, prefetch: int | None = None):
@@ -360,7 +467,8 @@ class Plan:
         self.min_part = max(1, (1 << 21) // max(1, K * W))
         self.wide = WIDE if wide is None else bool(wide)
         self.prefetch = PREFETCH if prefetch is None else int(prefetch)
-        flags = (self.prefetch << 2) | (int(self.wide) << 1)
+        self.dot_ok = _DP and self.wide and bits == 4 and gsize % 2 == 0
+        flags = (self.prefetch << 3) | (int(self.wide) << 1)
         self.block = _omp.new_block(T, T, OPERANDS.pack(K=K, W=W, gsize=gsize, bits=bits, zp_rows=zp.shape[0],
                                                         flags=flags, tiles=T, x=0, xs=0, wb=wa, scale=sa, zp=za,
                                                         out=0))
@@ -372,15 +480,18 @@ _NO_SUMS = np.zeros(0, np.float32)
 _FLAGS, _X, _XS, _OUT = (OPERANDS.slot(f) for f in ("flags", "x", "xs", "out"))
 
 
-def run_plan(p: Plan, x, xa: int, out, oa: int, fold: bool) -> None:
+def run_plan(p: Plan, x, xa: int, out, oa: int, fold: bool, dot: bool = False) -> None:
     """``out = x @ W.T`` for the layer of ``p``: ``x`` float32 ``[K]`` at address ``xa``, ``out`` float32 ``[N]``
-    at ``oa`` (``fold`` as in :func:`gemv_blocked`). The caller keeps ``x`` and ``out`` alive and of those shapes."""
+    at ``oa`` (``fold`` as in :func:`gemv_blocked`). ``dot``: ``x`` holds bfloat16 values and the 4-bit codes go
+    by dot products (:func:`dot_available`; where the layer allows: 16-float vectors, groups of even size, else the
+    float path). The caller keeps ``x`` and ``out`` alive and of those shapes."""
     fold = bool(fold) and p.fold_ok
+    dot = bool(dot) and fold and p.dot_ok
     # group sums of x, once per call (a sequential sum per tile cost 6% of a 4-bit row)
     xs = x.reshape(p.G, p.gsize).sum(1, dtype=np.float32) if fold else _NO_SUMS
     block = p.block.copy()  # per call: a module may run on several threads at once
-    block[_FLAGS] |= fold
+    block[_FLAGS] |= fold | dot << 2
     block[_X], block[_XS], block[_OUT] = xa, xs.ctypes.data, oa
     _omp.run(p.T, p.kernel, block, _gemv_range,
-             (x, xs, p.wb, p.scale, p.zp, p.gsize, p.bits, out, p.prefetch, p.wide), p.T,
+             (x, xs, p.wb, p.scale, p.zp, p.gsize, p.bits, out, p.prefetch, p.wide, dot), p.T,
              p.min_part, nchunks=p.T)

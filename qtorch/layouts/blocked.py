@@ -134,13 +134,14 @@ def gemv_plan(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
                      scale.data_ptr(), zero_point.data_ptr())
 
 
-def gemv_planned(x: torch.Tensor, plan, out_features: int) -> torch.Tensor:
+def gemv_planned(x: torch.Tensor, plan, out_features: int, dot: bool = False) -> torch.Tensor:
     """:func:`gemm_blocked_impl` for one row ``x[1, K]`` with a layer's :func:`gemv_plan`: same kernel, same
-    result, less Python per call (eager, no autograd)."""
+    result, less Python per call (eager, no autograd). ``dot``: bfloat16 ``x``, 4-bit codes by dot products
+    (the ``bf16dot`` path's one row)."""
     xf = _float32(x)
     out = torch.empty((1, out_features), dtype=torch.float32)
     gemv.run_plan(plan, xf.numpy().reshape(-1), xf.data_ptr(), out.numpy().reshape(-1), out.data_ptr(),
-                  x.dtype != torch.float32)
+                  x.dtype != torch.float32, dot and x.dtype == torch.bfloat16)
     return _as(out, x.dtype)
 
 
@@ -280,6 +281,13 @@ def bf16dot_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Te
     float16 rows, float32 sums; returned in ``x.dtype``. Shapes the kernel does not serve (K or the group size not
     a multiple of 32) and other dtypes take :func:`gemm_blocked_impl`. The body of the ``qtorch::bf16dot_blocked``
     op."""
+    if x.shape[0] == 1 and x.dtype == torch.bfloat16 and bits == 4 and gemv.eligible(bits, qweight.shape[2]):
+        # one row: the one-row kernel's dot-product variant (where the layer allows it, else its float path)
+        xf = _float32(x)
+        scale, zero_point = blocked_params(scale, zero_point, out_features)
+        out = torch.empty((1, out_features), dtype=torch.float32)
+        gemv._gemv_tensors(xf, qweight.contiguous(), scale, zero_point, group_size, bits, out, True, dot=True)
+        return _as(out, x.dtype)
     if not amx.eligible(qweight.shape[1], group_size) or x.dtype not in _ACT_DTYPES:
         return gemm_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
     scale, zero_point = blocked_params(scale, zero_point, out_features)
@@ -456,15 +464,22 @@ def dequant_blocked(wb, scale, zero_point, *, bits: int, group: int, t0: int = 0
     return (c * s).reshape(T, K, NT)
 
 
-def _amx_offered(device_type, dtype, rows: int, spec) -> tuple:
+def _amx_offered(device_type, dtype, rows: int, bits: int, spec) -> tuple:
     if device_type != "cpu" or rows < 1 or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return ()
+    if rows == 1 and dtype == torch.bfloat16 and container_bits(bits) == 4 and not amx.available():
+        # one bfloat16 row of 4-bit codes: gemv's dot-product variant (two rows of K per vdpbf16ps), where the
+        # layer's tiles and groups allow it
+        if not gemv.dot_available() or spec is not None and (
+                spec.group % 2 or not gemv.eligible(4, blocked_tile(spec.out_features) // 2)):
+            return ()
+        return (BF16DOT,)
     if spec is not None and not amx.eligible(padded_k(spec.in_features, spec.kind, spec.group), spec.group):
         return ()
     if amx.available():
         return (AMX,)
-    # one row takes gemv (a dot product per pair of codes gains nothing over its FMAs); float32 rows would need
-    # three bfloat16 parts: slower than the float32 kernels on the CPUs that have these dot products but no AMX
+    # float32 rows would need three bfloat16 parts: slower than the float32 kernels on the CPUs that have these
+    # dot products but no AMX
     return (BF16DOT,) if rows >= 2 and dtype in _ACT_DTYPES and bf16dot.available() else ()
 
 
@@ -499,7 +514,7 @@ class Blocked(Layout):
         (:func:`qtorch.amx.eligible`); without it, a layer the kernel does not serve runs ``numba`` under that
         name."""
         own = _own_path(device_type, dtype, rows, container_bits(bits))
-        tiles = _amx_offered(device_type, dtype, rows, spec)
+        tiles = _amx_offered(device_type, dtype, rows, bits, spec)
         if device_type != "cpu" or rows < 2:
             return (own,) + tiles
         more = (TILES_ACT,) if dtype in _ACT_DTYPES else ()
@@ -512,11 +527,12 @@ class Blocked(Layout):
         # the custom op for torch.compile and autograd; its body directly otherwise (the op's dispatch costs
         # ~0.05 ms, several percent of a one-row call)
         direct = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x2.requires_grad)
-        if path == "numba":
+        if path == "numba" or path == BF16DOT and x2.shape[0] == 1:
             if direct and x2.shape[0] == 1:  # decoding: the weight's one-row plan, built once
                 plan = self.plan(weight)
                 if plan is not None:
-                    return gemv_planned(x2, plan, n)
+                    return gemv_planned(x2, plan, n, dot=path == BF16DOT)
+        if path == "numba":
             fn = gemm_blocked_impl if direct else torch.ops.qtorch.gemm_blocked
         elif path == TILES_ACT:
             fn = tiles_act_blocked_impl if direct else torch.ops.qtorch.tiles_act_blocked

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import qtorch
 from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
-from qtorch import amx, autotune, bf16dot
+from qtorch import amx, autotune, bf16dot, gemv
 from qtorch.layouts import blocked
 
 runs_here = pytest.mark.skipif(not bf16dot.available(), reason="numba does not compile for a CPU with AVX512-BF16 "
@@ -124,7 +124,7 @@ def test_offered_where_the_cpu_has_it_and_no_amx(monkeypatch):
     monkeypatch.setattr(amx, "available", lambda: False)
     monkeypatch.setattr(bf16dot, "available", lambda: True)
     for dt in (torch.bfloat16, torch.float16):
-        assert "bf16dot" not in blocked.BLOCKED.paths("cpu", dt, 1, 8, spec=spec)  # one row: gemv
+        assert "bf16dot" not in blocked.BLOCKED.paths("cpu", dt, 1, 8, spec=spec)  # one 8-bit row: gemv
         for rows in (2, 16, 4096):
             assert blocked.BLOCKED.paths("cpu", dt, rows, 8, spec=spec)[-1] == "bf16dot"
     for rows in (1, 16):  # float32 rows would need three bfloat16 parts: the float32 kernels are faster
@@ -180,3 +180,38 @@ def test_shapes_it_does_not_serve_take_the_gemm_kernel():
     x = torch.randn(5, 100, dtype=torch.bfloat16)
     with torch.no_grad():
         _assert_close(blocked.BLOCKED.linear(q.quantized_weight, x, "bf16dot"), x, q)
+
+
+@pytest.mark.skipif(not gemv.dot_available(), reason="numba does not compile for a CPU with AVX512-BF16 here")
+@pytest.mark.parametrize("scheme", [QuantScheme(4, False, PerGroup(128)), QuantScheme(4, True, PerGroup(32)),
+                                    QuantScheme(4, False, PerChannel(0)), QuantScheme(3, False, PerGroup(64))],
+                         ids=str)
+@pytest.mark.parametrize("n, k", [(256, 4096), (192, 384), (128, 576)])  # 576: a ragged last group of 128
+def test_one_bfloat16_row_of_4_bit_codes_goes_by_dot_products(scheme, n, k, monkeypatch):
+    monkeypatch.setattr(amx, "available", lambda: False)
+    q = _layer(scheme, torch.bfloat16, n, k, seed=n + k)
+    spec = q.quantized_weight.spec
+    assert blocked.BLOCKED.paths("cpu", torch.bfloat16, 1, scheme.bits, spec=spec)[-1] == "bf16dot"
+    assert "bf16dot" not in blocked.BLOCKED.paths("cpu", torch.float16, 1, scheme.bits, spec=spec)
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    b = q.quantized_weight.buffers
+    with torch.no_grad():
+        y = blocked.BLOCKED.linear(q.quantized_weight, x, "bf16dot")  # eager: the layer's one-row plan
+        op = torch.ops.qtorch.bf16dot_blocked(blocked.pad_columns(x, b["qweight"].shape[1]), b["qweight"],
+                                              b["scale"], b["zero_point"], spec.group,
+                                              blocked.container_bits(spec.bits), n)  # compiled / autograd: the op
+    assert torch.equal(y, op)
+    _assert_close(y, x, q)
+
+
+def test_one_row_8_bit_or_float16_is_not_offered(monkeypatch):
+    monkeypatch.setattr(amx, "available", lambda: False)
+    monkeypatch.setattr(gemv, "dot_available", lambda: True)
+    spec8 = _layer(QuantScheme(8, True, PerChannel(0)), torch.float32, 64, 256, seed=0).quantized_weight.spec
+    spec4 = _layer(QuantScheme(4, True, PerGroup(64)), torch.float32, 64, 256, seed=0).quantized_weight.spec
+    assert "bf16dot" not in blocked.BLOCKED.paths("cpu", torch.bfloat16, 1, 8, spec=spec8)
+    assert "bf16dot" in blocked.BLOCKED.paths("cpu", torch.bfloat16, 1, 4, spec=spec4)
+    assert "bf16dot" not in blocked.BLOCKED.paths("cpu", torch.float16, 1, 4, spec=spec4)
+    assert "bf16dot" not in blocked.BLOCKED.paths("cpu", torch.float32, 1, 4, spec=spec4)
+    monkeypatch.setattr(gemv, "dot_available", lambda: False)
+    assert "bf16dot" not in blocked.BLOCKED.paths("cpu", torch.bfloat16, 1, 4, spec=spec4)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import qtorch
 from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
-from qtorch import amx, autotune
+from qtorch import amx, autotune, bf16dot, gemv
 from qtorch.layouts import blocked
 
 EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}  # the dtype's rounding of a dot product
@@ -35,7 +35,10 @@ def _assert_close(y, x, q):
 
 
 def test_paths_offered(monkeypatch):
-    monkeypatch.setattr(amx, "available", lambda: False)  # a CPU without AMX tiles: test_amx_offered_where_... below
+    # a CPU without AMX tiles or AVX512-BF16 (test_amx_offered_where_... below; tests/qtorch/test_bf16dot.py)
+    monkeypatch.setattr(amx, "available", lambda: False)
+    monkeypatch.setattr(bf16dot, "available", lambda: False)
+    monkeypatch.setattr(gemv, "dot_available", lambda: False)
     paths = blocked.BLOCKED.paths
     assert blocked.BLOCKED.tuned
     assert paths("cpu", torch.bfloat16, 128, 8) == ("numba", "tiles_act", "tiles")

@@ -266,3 +266,46 @@ def test_after_a_call_starved_a_team_thread_the_kernels_run_on_the_calling_threa
     finally:
         torch.set_num_threads(threads)
     assert np.array_equal(on_team, capped)
+
+
+@pytest.mark.skipif(not gemv.dot_available(), reason="numba does not compile for a CPU with AVX512-BF16 here")
+@pytest.mark.parametrize("sym,kind,g", [(False, "group", 4), (True, "group", 32), (True, "channel", 1),
+                                        (False, "tensor", 1), (False, "group", 128)])
+@pytest.mark.parametrize("tile", [64, 128])
+@pytest.mark.parametrize("team", [True, False])
+def test_the_dot_variant_matches_float64_for_bfloat16_rows(sym, kind, g, tile, team, monkeypatch):
+    # 4-bit codes of a bfloat16 row, two rows of K per vdpbf16ps: the float path's bound (the zero point folded)
+    if not team:
+        _no_team(monkeypatch)
+    k = 512
+    n = 3 * tile
+    w, wb, sb, zb = _blocked(4, sym, kind, g, n, k, tile, seed=tile + g)
+    x = torch.randn(1, k).to(torch.bfloat16).float()
+    sp, zp = blocked.blocked_params(sb, zb, n)
+    gsize = g if kind == "group" else k
+    plan = gemv.Plan(wb.numpy(), sp.numpy(), zp.numpy(), gsize, 4, wb.data_ptr(), sp.data_ptr(), zp.data_ptr())
+    assert plan.dot_ok
+    xs = x[0].numpy()
+    outs = {}
+    for dot in (False, True):
+        out = np.full(n, np.nan, np.float32)
+        gemv.run_plan(plan, xs, xs.ctypes.data, out, out.ctypes.data, True, dot)
+        outs[dot] = torch.from_numpy(out).double()
+    ref = (x.double() @ w.T)[0]
+    bound = (x.double().abs() @ (2.0 ** 5 * sp.T.double().repeat_interleave(gsize, dim=1)).T)[0]
+    for out in outs.values():
+        assert torch.all((out - ref).abs() <= 1e-5 * bound + 1e-30)
+
+
+def test_the_dot_variant_falls_back_where_the_layer_does_not_allow_it():
+    # odd groups (a pair of K rows would straddle two) and 8-bit codes take the float path, bit for bit
+    for bits, g, k in ((4, 3, 9), (8, 4, 64)):
+        w, wb, sb, zb = _blocked(bits, False, "group", g, 128, k, 128, seed=1)
+        sp, zp = blocked.blocked_params(sb, zb, 128)
+        plan = gemv.Plan(wb.numpy(), sp.numpy(), zp.numpy(), g, bits, wb.data_ptr(), sp.data_ptr(), zp.data_ptr())
+        assert not plan.dot_ok
+        xs = torch.randn(k).to(torch.bfloat16).float().numpy()
+        a, b = np.empty(128, np.float32), np.empty(128, np.float32)
+        gemv.run_plan(plan, xs, xs.ctypes.data, a, a.ctypes.data, True, False)
+        gemv.run_plan(plan, xs, xs.ctypes.data, b, b.ctypes.data, True, True)
+        assert np.array_equal(a, b)
