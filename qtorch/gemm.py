@@ -9,7 +9,11 @@ The micro-kernel ``_rows_strip`` is LLVM vector IR: for up to 6 rows of ``x`` an
 keeps 12 ``<8 x float>`` accumulators in registers while it walks a block of K: per step one load of 16 codes,
 ``code - zero_point`` in integers (exact), two conversions, then 6 broadcasts and 12 FMAs. Each group's sums are
 scaled once into a float32 tile of totals. numba's own loop over the same arrays (the previous kernel) kept its
-accumulators in memory: about twice the loads per FMA. Work units (a tile and a range of rows) are claimed by the
+accumulators in memory: about twice the loads per FMA. Where numba compiles for AVX-512 (:data:`WIDE`) and a tile
+row holds whole strips of 32 columns, the same kernel runs on ``<16 x float>`` vectors over up to 12 rows (24
+accumulators of the 32 registers), and rows are chunked on multiples of 12: each conversion of codes serves twice
+the rows, with the same sums in the same order, so the same bits. On a 2-core Zen 4 (104 rows, MiniLM's shapes)
+it took 4-bit layers from 0.72-0.87x to 0.88-1.11x of MKL's float32 matmul and the main job from 0.85x to 1.1x. Work units (a tile and a range of rows) are claimed by the
 threads of PyTorch's OpenMP team (:mod:`qtorch._omp`), or by qcore's threads where torch has no such team.
 
 >>> import numpy as np
@@ -30,28 +34,35 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _omp
-from ._ir import I32 as _I32, I64 as _I64, V8B as _V8B, V8F as _V8F, V8I as _V8I
+from ._ir import F32 as _F32, I8 as _I8, I32 as _I32, I64 as _I64, host_has, vec
 
-__all__ = ["gemm_blocked"]
+__all__ = ["gemm_blocked", "wide_strips"]
 
 MR = 6  # rows per micro-kernel call: 12 accumulators + 2 weight vectors + 1 broadcast = 15 of the 16 registers
 # (with zero points 2 more vectors: LLVM keeps them in memory operands or spills; not measured separately)
+#: where numba compiles for a CPU with AVX-512: strips of 2 x 16 columns and up to 12 rows, 24 accumulators of the
+#: 32 registers, so each conversion of codes serves twice the rows and each FMA does twice the work
+WIDE = host_has("avx512f")
+MR_WIDE = 12
+QUANTA = 4  # work units per thread at least (where the rows allow): the threads' shares even out
 KB = 256  # rows of K per call at most: the codes of a block stay in L1 while the row blocks pass over them
 
 
 @intrinsic
-def _rows_strip(typingctx, wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, mr, has_zp):
+def _rows_strip(typingctx, wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, mr, has_zp, lanes):
     """tot[m0+i, tcol.. (2 vectors)] += scale * sum_{k in k0..k0+nk} x[m0+i, k] * (code - zp), i < mr.
 
-    8 bits: codes wb[t, k, col:col+16] are columns col..col+16 of the tile. 4 bits: bytes wb[t, k, col:col+8] hold
-    columns col..col+8 (low nibbles) and col+W..col+W+8 (high nibbles); without zero points the offset is 8.
-    ``tot`` is float32 [rows, NT], the second vector of a row at tcol+8 (8 bits) or tcol+W (4 bits).
+    ``lanes`` L (8, or 16 on AVX-512) floats per vector. 8 bits: codes wb[t, k, col:col+2L] are columns
+    col..col+2L of the tile. 4 bits: bytes wb[t, k, col:col+L] hold columns col..col+L (low nibbles) and
+    col+W..col+W+L (high nibbles); without zero points the offset is 8. ``tot`` is float32 [rows, NT], the second
+    vector of a row at tcol+L (8 bits) or tcol+W (4 bits).
     """
     if not (isinstance(bits, types.IntegerLiteral) and isinstance(mr, types.IntegerLiteral)
-            and isinstance(has_zp, types.BooleanLiteral)):
+            and isinstance(has_zp, types.BooleanLiteral) and isinstance(lanes, types.IntegerLiteral)):
         return None
-    nbits, nrows, with_zp = bits.literal_value, mr.literal_value, has_zp.literal_value
+    nbits, nrows, with_zp, L = bits.literal_value, mr.literal_value, has_zp.literal_value, lanes.literal_value
     signed = wb.dtype == types.int8
+    _V8F, _V8I, _V8B = vec(_F32, L), vec(_I32, L), vec(_I8, L)  # L lanes (8: one AVX2 register)
 
     def codegen(context, builder, sig, args):
         w = context.make_array(sig.args[0])(context, builder, args[0])
@@ -66,8 +77,7 @@ def _rows_strip(typingctx, wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n
         _, tn = cgutils.unpack_tuple(builder, ta.shape, 2)
         _, scols = cgutils.unpack_tuple(builder, sa.shape, 2)
         _, zcols = cgutils.unpack_tuple(builder, za.shape, 2)
-        c8 = ir.Constant(_I64, 8)
-        second = c8 if nbits == 8 else width  # offset of the strip's second 8 columns within the tile
+        second = ir.Constant(_I64, L) if nbits == 8 else width  # offset of the strip's second L columns
         wp = builder.gep(w.data, [builder.add(builder.mul(builder.add(builder.mul(tt, k_all), kk0), width), col)])
         xrows = [builder.gep(xa.data, [builder.add(builder.mul(builder.add(m0, ir.Constant(_I64, i)), xk), kk0)])
                  for i in range(nrows)]
@@ -81,19 +91,19 @@ def _rows_strip(typingctx, wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n
             zvec = [builder.zext(vload(zbase, _V8B, ir.Constant(_I64, 0)), _V8I),
                     builder.zext(vload(zbase, _V8B, second), _V8I)]
         elif nbits == 4:
-            zvec = [ir.Constant(_V8I, [8] * 8)] * 2
-        zero = ir.Constant(_V8F, [0.0] * 8)
+            zvec = [ir.Constant(_V8I, [8] * L)] * 2
+        zero = ir.Constant(_V8F, [0.0] * L)
         accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(2)] for _ in range(nrows)]  # -> registers
-        lanes0 = ir.Constant(_V8I, [0] * 8)
+        lanes0 = ir.Constant(_V8I, [0] * L)
         with cgutils.for_range(builder, n) as loop:
             i = loop.index
             row = builder.gep(wp, [builder.mul(i, width)])
             if nbits == 8:
-                ints = [builder.sext(vload(row, _V8B, ir.Constant(_I64, v * 8)), _V8I) if signed
-                        else builder.zext(vload(row, _V8B, ir.Constant(_I64, v * 8)), _V8I) for v in (0, 1)]
+                ints = [builder.sext(vload(row, _V8B, ir.Constant(_I64, v * L)), _V8I) if signed
+                        else builder.zext(vload(row, _V8B, ir.Constant(_I64, v * L)), _V8I) for v in (0, 1)]
             else:
                 z = builder.zext(vload(row, _V8B, ir.Constant(_I64, 0)), _V8I)
-                ints = [builder.and_(z, ir.Constant(_V8I, [15] * 8)), builder.lshr(z, ir.Constant(_V8I, [4] * 8))]
+                ints = [builder.and_(z, ir.Constant(_V8I, [15] * L)), builder.lshr(z, ir.Constant(_V8I, [4] * L))]
             if zvec[0] is not None:
                 ints = [builder.sub(v, zv) for v, zv in zip(ints, zvec)]
             ws = [builder.sitofp(v, _V8F) for v in ints]
@@ -117,39 +127,77 @@ def _rows_strip(typingctx, wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n
                               p, align=4)
         return context.get_dummy_value()
 
-    return types.void(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, mr, has_zp), codegen
+    return types.void(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, mr, has_zp, lanes), codegen
 
 
 @njit(inline="always")
-def _strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, mr, has_zp):  # pragma: no cover
-    # literal dispatch on the rows of this block; bits and has_zp arrive as literals from the call sites
-    if mr == 6:
-        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 6, has_zp)
+def _strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, mr, has_zp, wide):  # pragma: no cover
+    # literal dispatch on the rows of this block and the lanes; bits and has_zp arrive as literals from the call
+    # sites. Wide blocks take 12, 8, 4, 2 or 1 rows (:func:`_block_rows`), narrow ones 1..6
+    if wide:
+        if mr == 12:
+            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 12, has_zp, 16)
+        elif mr == 8:
+            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 8, has_zp, 16)
+        elif mr == 4:
+            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 4, has_zp, 16)
+        elif mr == 2:
+            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 2, has_zp, 16)
+        else:
+            _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 1, has_zp, 16)
+    elif mr == 6:
+        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 6, has_zp, 8)
     elif mr == 5:
-        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 5, has_zp)
+        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 5, has_zp, 8)
     elif mr == 4:
-        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 4, has_zp)
+        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 4, has_zp, 8)
     elif mr == 3:
-        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 3, has_zp)
+        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 3, has_zp, 8)
     elif mr == 2:
-        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 2, has_zp)
+        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 2, has_zp, 8)
     else:
-        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 1, has_zp)
+        _rows_strip(wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, 1, has_zp, 8)
+
+
+@njit(inline="always")
+def _block_rows(rem, wide):  # pragma: no cover - compiled
+    # rows of the next register block: up to MR (narrow), or the largest of 12, 8, 4, 2, 1 that fits (wide)
+    if not wide:
+        return min(MR, rem)
+    if rem >= MR_WIDE:
+        return MR_WIDE
+    if rem >= 8:
+        return 8
+    if rem >= 4:
+        return 4
+    return 2 if rem >= 2 else 1
+
+
+@njit(inline="always")
+def _chunk_start(M, c, mchunks, wide):  # pragma: no cover - compiled
+    # first row of chunk c of M rows: wide chunks start on multiples of MR_WIDE, so they split into whole
+    # 12-row blocks (104 rows in 3 chunks: 36 + 36 + 32 rows, not 34 + 35 + 35 with 2- and 1-row tails)
+    if c >= mchunks:
+        return M
+    r = M * c // mchunks
+    return min(M, (r + MR_WIDE // 2) // MR_WIDE * MR_WIDE) if wide else r
 
 
 @njit(cache=True, nogil=True)
-def _gemm_units(x, wb, scale, zp, gsize, bits, out, mchunks, u0, u1):  # pragma: no cover - compiled
-    # work unit u: tile u // mchunks, rows chunk u % mchunks of x
+def _gemm_units(x, wb, scale, zp, gsize, bits, out, mchunks, wide, u0, u1):  # pragma: no cover - compiled
+    # work unit u: tile u // mchunks, rows chunk u % mchunks of x; ``wide``: 16-float vectors (the caller checked
+    # that a tile row holds whole strips of 32 columns)
     M, K = x.shape
     T, _, W = wb.shape
     NT = W * 2 if bits == 4 else W
     has_zp = zp.shape[0] > 0
-    step = 16 if bits == 8 else 8  # bytes of a tile row per strip (16 columns)
+    lanes = 16 if wide else 8
+    step = 2 * lanes if bits == 8 else lanes  # bytes of a tile row per strip (2 x lanes columns)
     for u in range(u0, u1):
         t = u // mchunks
         c = u % mchunks
-        r0 = M * c // mchunks
-        r1 = M * (c + 1) // mchunks
+        r0 = _chunk_start(M, c, mchunks, wide)
+        r1 = _chunk_start(M, c + 1, mchunks, wide)
         n0 = t * NT
         tot = np.zeros((r1 - r0, NT), np.float32)
         xs = x[r0:r1]
@@ -157,17 +205,19 @@ def _gemm_units(x, wb, scale, zp, gsize, bits, out, mchunks, u0, u1):  # pragma:
         while k < K:
             g = k // gsize
             nk = min(KB, (g + 1) * gsize - k)
-            for m0 in range(0, r1 - r0, MR):
-                mr = min(MR, r1 - r0 - m0)
+            m0 = 0
+            while m0 < r1 - r0:
+                mr = _block_rows(r1 - r0 - m0, wide)
                 for col in range(0, W, step):
                     if bits == 8 and has_zp:
-                        _strip(wb, t, k, nk, col, xs, m0, tot, col, scale, zp, g, n0, 8, mr, True)
+                        _strip(wb, t, k, nk, col, xs, m0, tot, col, scale, zp, g, n0, 8, mr, True, wide)
                     elif bits == 8:
-                        _strip(wb, t, k, nk, col, xs, m0, tot, col, scale, zp, g, n0, 8, mr, False)
+                        _strip(wb, t, k, nk, col, xs, m0, tot, col, scale, zp, g, n0, 8, mr, False, wide)
                     elif has_zp:
-                        _strip(wb, t, k, nk, col, xs, m0, tot, col, scale, zp, g, n0, 4, mr, True)
+                        _strip(wb, t, k, nk, col, xs, m0, tot, col, scale, zp, g, n0, 4, mr, True, wide)
                     else:
-                        _strip(wb, t, k, nk, col, xs, m0, tot, col, scale, zp, g, n0, 4, mr, False)
+                        _strip(wb, t, k, nk, col, xs, m0, tot, col, scale, zp, g, n0, 4, mr, False, wide)
+                m0 += mr
             k += nk
         for i in range(r1 - r0):
             o = out[r0 + i, n0:n0 + NT]
@@ -176,7 +226,8 @@ def _gemm_units(x, wb, scale, zp, gsize, bits, out, mchunks, u0, u1):  # pragma:
                 o[j] = tr[j]
 
 
-#: the team kernel's operands (its chunks are the work units: the block's total); wb's dtype is the kernel's own
+#: the team kernel's operands (its chunks are the work units: the block's total); wb's dtype is the kernel's own;
+#: ``bits``: the code width, | 256 for 16-float vectors
 OPERANDS = _omp.Operands("gemm", row_chunks=_omp.I64, M=_omp.I64, T=_omp.I64, K=_omp.I64, W=_omp.I64,
                          gsize=_omp.I64, bits=_omp.I64, zp_rows=_omp.I64, x=_omp.ADDR, wb=_omp.ADDR,
                          scale=_omp.ADDR, zp=_omp.ADDR, out=_omp.ADDR)
@@ -185,12 +236,12 @@ _read = OPERANDS.read
 
 @njit(inline="always")
 def _gemm_chunk(o, i, u0, u1, wdt, _y):  # pragma: no cover - compiled; units u0..u1 on a thread of torch's team
-    M, T, K, W, G, bits = o.M, o.T, o.K, o.W, o.K // o.gsize, o.bits
+    M, T, K, W, G, bits = o.M, o.T, o.K, o.W, o.K // o.gsize, o.bits & 255
     NT = W * 2 if bits == 4 else W
     zrows = o.zp_rows
     _gemm_units(carray(o.x, (M, K), np.float32), carray(o.wb, (T, K, W), wdt),
                 carray(o.scale, (G, T * NT), np.float32), carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8),
-                o.gsize, bits, carray(o.out, (M, T * NT), np.float32), o.row_chunks, u0, u1)
+                o.gsize, bits, carray(o.out, (M, T * NT), np.float32), o.row_chunks, o.bits >> 8, u0, u1)
     return 0
 
 
@@ -205,19 +256,30 @@ def _team_gemm_u8(data):  # pragma: no cover - compiled
 _TEAM_KERNELS = {True: _omp.TeamKernel(_team_gemm_i8), False: _omp.TeamKernel(_team_gemm_u8)}  # by signedness
 
 
-def _row_chunks(M: int, T: int, nthreads: int) -> int:
-    """Chunks of rows per tile: enough work units for the threads (4 per thread), each at least MR rows."""
-    want = -(-4 * nthreads // max(T, 1))
-    return max(1, min(want, M // MR))
+def _row_chunks(M: int, T: int, nthreads: int, mr: int = MR) -> int:
+    """Chunks of rows per tile: enough work units for the threads (4 per thread), each at least ``mr`` rows."""
+    want = -(-QUANTA * nthreads // max(T, 1))
+    return max(1, min(want, M // mr))
+
+
+def wide_strips(W: int, bits: int) -> bool:
+    """Whether the kernel reads tiles of ``W`` bytes a row in 16-float vectors: the host has AVX-512 and a row
+    holds whole strips of 32 columns (32 bytes at 8 bits, 16 at 4 bits); else 8-float vectors.
+
+    >>> wide_strips(64, 8) == WIDE, wide_strips(16, 8), wide_strips(8, 4)
+    (True, False, False)
+    """
+    return WIDE and W % (32 if bits == 8 else 16) == 0
 
 
 def gemm_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarray, gsize: int, bits: int,
-                 out: np.ndarray) -> np.ndarray:
+                 out: np.ndarray, *, wide: bool | None = None) -> np.ndarray:
     """``out = x @ ((code - zp) * scale).T`` for float32 ``x[M, K]`` from the blocked layout; returns ``out``.
 
     ``wb`` int8/uint8 ``[T, K, W]`` (``W`` a multiple of 16 at 8 bits, of 8 at 4 bits), ``scale`` float32
     ``[G, T*NT]``, ``zp`` uint8 ``[G, T*NT]`` or ``[0, 0]``, ``gsize * G == K``, ``out`` float32 ``[M, T*NT]``; all
-    C-contiguous (checked: a ``TypeError`` / ``ValueError`` names the operand).
+    C-contiguous (checked: a ``TypeError`` / ``ValueError`` names the operand). ``wide`` (default: the host
+    has AVX-512, :func:`wide_strips`) reads 16-float vectors where a tile row allows it; same sums either way.
     """
     T, K, W = wb.shape if getattr(wb, "ndim", 0) == 3 else (0, 0, 0)
     M = x.shape[0] if getattr(x, "ndim", 0) == 2 else 0
@@ -225,7 +287,7 @@ def gemm_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarra
     if W % (16 if bits == 8 else 8):
         raise ValueError(f"tile rows of {W} bytes: the kernel reads strips of {16 if bits == 8 else 8} bytes")
     _run(x, wb, scale, zp, gsize, bits, out, x.ctypes.data, wb.ctypes.data, scale.ctypes.data, zp.ctypes.data,
-         out.ctypes.data)
+         out.ctypes.data, wide)
     return out
 
 
@@ -237,7 +299,7 @@ def _gemm_tensors(x, wb, scale, zp, gsize: int, bits: int, out):
     return out
 
 
-def _run(x, wb, scale, zp, gsize, bits, out, xa, wa, sa, za, oa) -> None:
+def _run(x, wb, scale, zp, gsize, bits, out, xa, wa, sa, za, oa, wide=None) -> None:
     # the arrays (for qcore's threads) and their addresses (for the team kernel's block) of the same operands
     M, K = x.shape
     T, _, W = wb.shape
@@ -246,9 +308,11 @@ def _run(x, wb, scale, zp, gsize, bits, out, xa, wa, sa, za, oa) -> None:
         return
     if M == 0 or T == 0:
         return
-    mch = _row_chunks(M, T, _omp.team_size())
+    wide = wide_strips(W, bits) if wide is None else bool(wide) and W % (32 if bits == 8 else 16) == 0
+    mch = _row_chunks(M, T, _omp.team_size(), MR_WIDE if wide else MR)
     units = T * mch
-    block = _omp.new_block(units, units, OPERANDS.pack(row_chunks=mch, M=M, T=T, K=K, W=W, gsize=gsize, bits=bits,
-                                                       zp_rows=zp.shape[0], x=xa, wb=wa, scale=sa, zp=za, out=oa))
-    _omp.run(units, _TEAM_KERNELS[wb.dtype == np.int8], block, _gemm_units, (x, wb, scale, zp, gsize, bits, out, mch),
-             units, 1, nchunks=units)
+    block = _omp.new_block(units, units, OPERANDS.pack(row_chunks=mch, M=M, T=T, K=K, W=W, gsize=gsize,
+                                                       bits=bits | wide << 8, zp_rows=zp.shape[0], x=xa, wb=wa,
+                                                       scale=sa, zp=za, out=oa))
+    _omp.run(units, _TEAM_KERNELS[wb.dtype == np.int8], block, _gemm_units,
+             (x, wb, scale, zp, gsize, bits, out, mch, wide), units, 1, nchunks=units)

@@ -53,6 +53,40 @@ def test_work_units_cover_every_row():
     assert gemm._row_chunks(1, 32, 2) == 1
     assert gemm._row_chunks(100, 3, 2) == 3  # 3 tiles, 2 threads: rows are split for balance
     assert gemm._row_chunks(5, 1, 8) == 1  # never chunks of fewer than MR rows
+    assert gemm._row_chunks(30, 1, 8, gemm.MR_WIDE) == 2
+
+
+@pytest.mark.parametrize("bits,signed,with_zp", [(8, True, False), (8, False, True), (8, False, False),
+                                                 (4, False, True), (4, False, False)])
+@pytest.mark.parametrize("width", [8, 16, 32, 64])  # bytes per tile row: the narrower ones keep 8-float vectors
+@pytest.mark.parametrize("team", [True, False])
+def test_wide_strips_give_the_narrow_kernels_bits(bits, signed, with_zp, width, team, monkeypatch):
+    # 16-float vectors over 12 rows and 32 columns sum each output over K in the same order as 8-float vectors
+    # over 6 rows: the same bits at every row count (every 12/8/4/2/1-row block and chunk boundary)
+    if bits == 8 and width == 8:
+        return
+    if not team:
+        monkeypatch.setattr(_omp, "_GOMP_PARALLEL", False)
+    rng = np.random.default_rng(width + bits)
+    T, K, g = 3, 320, 64  # groups of 64: every block of K ends a group; 320: a block of 256 then one of 64
+    NT = 2 * width if bits == 4 else width
+    if signed:
+        wb = rng.integers(-128, 128, (T, K, width), dtype=np.int8)
+    else:
+        wb = rng.integers(0, 256, (T, K, width), dtype=np.uint8)
+    sc = rng.random((K // g, T * NT), dtype=np.float32) + 0.5
+    zp = (rng.integers(0, 2**bits, (K // g, T * NT), dtype=np.uint8) if with_zp else np.zeros((0, 0), np.uint8))
+    for rows in (1, 2, 5, 11, 12, 13, 23, 37, 104):
+        x = rng.standard_normal((rows, K)).astype(np.float32)
+        a = gemm.gemm_blocked(x, wb, sc, zp, g, bits, np.full((rows, T * NT), np.nan, np.float32), wide=False)
+        b = gemm.gemm_blocked(x, wb, sc, zp, g, bits, np.full((rows, T * NT), np.nan, np.float32), wide=True)
+        assert np.array_equal(a, b), (rows, float(np.nanmax(np.abs(a - b))))
+        assert np.isfinite(b).all()
+
+
+def test_the_host_decides_the_vector_width():
+    assert gemm.wide_strips(64, 8) == gemm.WIDE and gemm.wide_strips(16, 4) == gemm.WIDE
+    assert not gemm.wide_strips(16, 8) and not gemm.wide_strips(8, 4)  # a tile row of half a strip
 
 
 def test_non_contiguous_arrays_are_refused_by_name():
