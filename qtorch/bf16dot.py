@@ -4,10 +4,9 @@ rows on CPUs that have AVX512-BF16 but no AMX (AMD Zen 4 and later; Intel Cooper
 A leaf of :mod:`qtorch.layouts.blocked`, and the sibling of :mod:`qtorch.amx`, whose panels and row split it
 shares: for the strips of 16 output channels of a work unit and a block of K (``KB`` rows), ``code - zp`` is
 converted once into bfloat16 panels in VNNI order, ``B[kp][2n + j] = code[2kp + j][n] - zp`` (exact: integers of at
-most 9 bits), and one pair of K rows of a strip is then exactly one 512-bit operand of ``vdpbf16ps``. For every 16
-rows of ``x`` (8 or 4 at the end) sixteen float32 accumulators, one per row, stay in registers over a group: each
-pair of K rows costs one panel load and one ``vdpbf16ps`` per row (the row's two bfloat16 values broadcast to the
-16 lanes). Every code is converted once per call and serves all rows, where a float32 kernel converts it per block
+most 9 bits), and one pair of K rows of a strip is then exactly one 512-bit operand of ``vdpbf16ps``. For every 6
+rows of ``x`` (4, 2 or 1 at the end) and the unit's 4 strips, 24 float32 accumulators stay in registers over a
+group: each pair of K rows costs 4 panel loads, 6 broadcasts of a row's two bfloat16 values and 24 ``vdpbf16ps``. Every code is converted once per call and serves all rows, where a float32 kernel converts it per block
 of rows and needs two FMAs for what one ``vdpbf16ps`` does. Each group's sums are scaled once into a float32
 accumulator of the work unit; bfloat16 calls of 32+ rows on layers with several groups convert the dequantized
 weight instead and sum all of K (:func:`qtorch.amx.dequantizes`), as F.linear on the dequantized bfloat16 weight
@@ -48,9 +47,11 @@ __all__ = ["available", "eligible", "bf16dot_linear"]
 #: rows of K per block: the panels of a unit's 4 strips (4 x 16 channels x 128 rows of bfloat16 = 16 KB) and 16
 #: rows of x (4 KB) stay in L1 (32 KB on Zen 4) while every block of rows passes over them
 KB = 128
-#: rows per register block: 2 strips x 12 rows = 24 float32 accumulators of the 32 registers; each broadcast of x
-#: serves two strips and each panel load twelve rows
-MR = 12
+#: rows per register block: 4 strips x 6 rows = 24 float32 accumulators of the 32 registers; each broadcast of x
+#: serves four strips and each panel load six rows (0.42 loads per vdpbf16ps). Measured on a 2-core Zen 4,
+#: K = N = 4096 bfloat16: 2 strips x 12 rows took 13.2-14.1 ms at 128 rows and 2.2-2.65 ms at 16, this 11.4-11.5
+#: and 1.8-2.5 (dense: 10.5-11.2 and 2.2-2.7)
+MR = 6
 _LOCK = threading.Lock()
 _AVAILABLE = None
 
@@ -168,7 +169,16 @@ def _dp_rows(typingctx, xf, buf, cf, af, sf, cols, q, parts, ns, mr):
 def _rows(xf, buf, cf, af, sf, cols, q, parts, ns, mr):  # pragma: no cover - compiled
     # literal dispatch: parts x strips x rows of this block
     if parts == 1:
-        if ns == 2:
+        if ns == 4:
+            if mr == MR:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 4, MR)
+            elif mr == 4:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 4, 4)
+            elif mr == 2:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 4, 2)
+            else:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 4, 1)
+        elif ns == 2:
             if mr == MR:
                 _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 2, MR)
             elif mr == 4:
@@ -187,7 +197,16 @@ def _rows(xf, buf, cf, af, sf, cols, q, parts, ns, mr):  # pragma: no cover - co
             else:
                 _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 1, 1)
     else:
-        if ns == 2:
+        if ns == 4:
+            if mr == MR:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 4, MR)
+            elif mr == 4:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 4, 4)
+            elif mr == 2:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 4, 2)
+            else:
+                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 4, 1)
+        elif ns == 2:
             if mr == MR:
                 _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 2, MR)
             elif mr == 4:
@@ -272,8 +291,8 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, deq, out, u0, u1
                 ga = (k + 32 * a) // gsize
                 _steps(wb, buf, cols, zf, sf, (t * K + k) * W, ga * zstride + t * NT, ga * N + t * NT, S, bstride,
                        32 * a, 16, nk * W, cmode, deq)
-            for s in range(0, S, 2):
-                ns = min(2, S - s)
+            for s in range(0, S, 4):
+                ns = min(4, S - s)
                 m0 = 0
                 while m0 < M:
                     mr = _block_rows(M - m0, m0, Mp)
