@@ -238,7 +238,10 @@ def _emit_dot_rows(nbytes, zm, context, builder, sig, args):
     nload = nbytes // L
     offs = [builder.add(lo if i < nload else hi, ir.Constant(_I64, L * (i % nload))) for i in range(2 * nload)]
     zero = ir.Constant(vf, [0.0] * L)
-    accs = [cgutils.alloca_once_value(builder, zero) for _ in range(2 * nload)]  # -> registers
+    # two sets of accumulators where a chunk has few (32 bytes: 4 of them): consecutive pairs of rows alternate
+    # between them, so twice as many vdpbf16ps chains are in flight (each waits for its previous result)
+    sets = 2 if nload <= 2 else 1
+    accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(2 * nload)] for _ in range(sets)]
     fn = functools.partial(cgutils.get_or_insert_function, builder.module)
     permw = fn(ir.FunctionType(vs, [vs, vs]), "llvm.x86.avx512.permvar.hi.512")
     dp = fn(ir.FunctionType(vf, [vf, vbf, vbf]), "llvm.x86.avx512bf16.dpbf16ps.512")
@@ -247,8 +250,8 @@ def _emit_dot_rows(nbytes, zm, context, builder, sig, args):
     inter = ir.Constant(vec(_I32, 32), [i // 2 + (L if i % 2 else 0) for i in range(32)])
     do_pf = builder.icmp_signed(">", pfd, ir.Constant(_I64, 0))
     c16 = ir.Constant(_I32, 16)
-    with cgutils.for_range(builder, builder.sdiv(n, ir.Constant(_I64, 2))) as loop:
-        i = loop.index
+
+    def pair_step(i, cur):  # rows 2i, 2i + 1 of the group into the accumulator values cur
         row0 = builder.gep(wp, [builder.mul(builder.mul(i, ir.Constant(_I64, 2)), width)])
         row1 = builder.gep(row0, [width])
         with builder.if_then(do_pf, likely=True):
@@ -263,7 +266,6 @@ def _emit_dot_rows(nbytes, zm, context, builder, sig, args):
         xb = builder.bitcast(builder.shuffle_vector(builder.insert_element(ir.Constant(vi, ir.Undefined), xv,
                                                                          ir.Constant(_I32, 0)),
                                                     ir.Constant(vi, ir.Undefined), ir.Constant(vi, [0] * L)), vbf)
-        cur = [builder.load(a) for a in accs]
         for v in range(nload):
             a, b = (builder.load(builder.bitcast(builder.gep(r, [ir.Constant(_I64, L * v)]), vb.as_pointer()),
                                  align=1) for r in (row0, row1))
@@ -271,8 +273,24 @@ def _emit_dot_rows(nbytes, zm, context, builder, sig, args):
             for idx, acc in ((wide, v), (builder.lshr(wide, ir.Constant(vs, [4] * 32)), v + nload)):
                 val = builder.bitcast(builder.call(permw, [table, idx]), vbf)
                 cur[acc] = builder.call(dp, [cur[acc], xb, val])
-        for a, c in zip(accs, cur):
+
+    pairs = builder.sdiv(n, ir.Constant(_I64, 2))
+    steps = builder.sdiv(pairs, ir.Constant(_I64, sets))
+    with cgutils.for_range(builder, steps) as loop:
+        for j in range(sets):
+            cur = [builder.load(a) for a in accs[j]]
+            pair_step(builder.add(builder.mul(loop.index, ir.Constant(_I64, sets)), ir.Constant(_I64, j)), cur)
+            for a, c in zip(accs[j], cur):
+                builder.store(c, a)
+    with cgutils.for_range(builder, builder.sub(pairs, builder.mul(steps, ir.Constant(_I64, sets)))) as loop:
+        cur = [builder.load(a) for a in accs[0]]  # an odd pair left over
+        pair_step(builder.add(builder.mul(steps, ir.Constant(_I64, sets)), loop.index), cur)
+        for a, c in zip(accs[0], cur):
             builder.store(c, a)
+    for j in range(1, sets):
+        for a, b in zip(accs[0], accs[j]):
+            builder.store(builder.fadd(builder.load(a), builder.load(b)), a)
+    accs = accs[0]
     xsb = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), xs, ir.Constant(_I32, 0)),
                                  ir.Constant(vf, ir.Undefined), ir.Constant(vi, [0] * L))
     if zm == 4:
