@@ -1,17 +1,18 @@
 """Forward of the 8- and 4-bit blocked layouts by AVX512-BF16 dot products (``vdpbf16ps``): bfloat16 and float16
 rows on CPUs that have AVX512-BF16 but no AMX (AMD Zen 4 and later; Intel Cooper Lake).
 
-A leaf of :mod:`qtorch.layouts.blocked`, and the sibling of :mod:`qtorch.amx`, whose panels and row split it
-shares: for the strips of 16 output channels of a work unit and a block of K (``KB`` rows), ``code - zp`` is
-converted once into bfloat16 panels in VNNI order, ``B[kp][2n + j] = code[2kp + j][n] - zp`` (exact: integers of at
-most 9 bits), and one pair of K rows of a strip is then exactly one 512-bit operand of ``vdpbf16ps``. For every 6
-rows of ``x`` (4, 2 or 1 at the end) and the unit's 4 strips, 24 float32 accumulators stay in registers over a
-group: each pair of K rows costs 4 panel loads, 6 broadcasts of a row's two bfloat16 values and 24 ``vdpbf16ps``. Every code is converted once per call and serves all rows, where a float32 kernel converts it per block
-of rows and needs two FMAs for what one ``vdpbf16ps`` does. Each group's sums are scaled once into a float32
-accumulator of the work unit; bfloat16 calls of 32+ rows on layers with several groups convert the dequantized
-weight instead and sum all of K (:func:`qtorch.amx.dequantizes`), as F.linear on the dequantized bfloat16 weight
-does. float16 rows are split exactly into two bfloat16 parts (:func:`qtorch.amx.split_rows`), accumulated into the
-same registers. Like AMX, ``vdpbf16ps`` reads bfloat16 subnormals as zero.
+A leaf of :mod:`qtorch.layouts.blocked`, and the sibling of :mod:`qtorch.amx`, whose panels and row split it shares:
+for the strips of 16 output channels of a work unit and a block of K (``KB`` rows), ``code - zp`` is converted once
+into bfloat16 panels in VNNI order, ``B[kp][2n + j] = code[2kp + j][n] - zp`` (exact: integers of at most 9 bits),
+and one pair of K rows of a strip is then exactly one 512-bit operand of ``vdpbf16ps``. For every 6 rows of ``x``
+(4, 2 or 1 at the end) and the unit's 4 strips, 24 float32 accumulators stay in registers over a group: each pair of
+K rows costs 4 panel loads, 6 broadcasts of a row's two bfloat16 values and 24 ``vdpbf16ps``. Every code is
+converted once per call and serves all rows, where a float32 kernel converts it per block of rows and needs two FMAs
+for what one ``vdpbf16ps`` does. Each group's sums are scaled once into a float32 accumulator of the work unit;
+bfloat16 calls of 32+ rows on layers with several groups convert the dequantized weight instead and sum all of K
+(:func:`qtorch.amx.dequantizes`), as F.linear on the dequantized bfloat16 weight does. float16 rows are split
+exactly into two bfloat16 parts (:func:`qtorch.amx.split_rows`), accumulated into the same registers. Like AMX,
+``vdpbf16ps`` reads bfloat16 subnormals as zero.
 
 Eligible where :func:`qtorch.amx.eligible` is (K and the group size multiples of 32) and :func:`available`.
 
@@ -38,7 +39,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _omp
-from ._ir import BF16, F32, I16, I32, I64, host_has, vec
+from ._ir import BF16, F32, I32, I64, host_has, vec
 from .amx import (_PARTS, _SCRATCH, ROW_CHUNK, SCRATCH_BYTES, _chunks, _eights, _splitter, _steps, _unit_shape,
                   _units, dequantizes, eligible)
 
@@ -296,8 +297,8 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, deq, out, u0, u1
                 m0 = 0
                 while m0 < M:
                     mr = _block_rows(M - m0, m0, Mp)
-                    q = (m0, rbs, arow, astep, pstride, (k // 32) * astep, nk, gl, s * bstride, bstride, m0 * cw + 16 * s, cw,
-                         first, last, g0 * N + t * NT, N, s, deq)
+                    q = (m0, rbs, arow, astep, pstride, (k // 32) * astep, nk, gl, s * bstride, bstride,
+                         m0 * cw + 16 * s, cw, first, last, g0 * N + t * NT, N, s, deq)
                     _rows(xf, buf, cf, af, sf, cols, q, parts, ns, mr)
                     m0 += mr
             k += nk

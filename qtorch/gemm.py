@@ -12,9 +12,10 @@ scaled once into a float32 tile of totals. numba's own loop over the same arrays
 accumulators in memory: about twice the loads per FMA. Where numba compiles for AVX-512 (:data:`WIDE`) and a tile
 row holds whole strips of 32 columns, the same kernel runs on ``<16 x float>`` vectors over up to 12 rows (24
 accumulators of the 32 registers), and rows are chunked on multiples of 12: each conversion of codes serves twice
-the rows, with the same sums in the same order, so the same bits. On a 2-core Zen 4 (104 rows, MiniLM's shapes)
-it took 4-bit layers from 0.72-0.87x to 0.88-1.11x of MKL's float32 matmul and the main job from 0.85x to 1.1x. Work units (a tile and a range of rows) are claimed by the
-threads of PyTorch's OpenMP team (:mod:`qtorch._omp`), or by qcore's threads where torch has no such team.
+the rows, with the same sums in the same order, so the same bits. On a 2-core Zen 4 (104 rows, MiniLM's shapes) it
+took 4-bit layers from 0.72-0.87x to 0.88-1.11x of MKL's float32 matmul and the main job from 0.85x to 1.1x. Work
+units (a tile and a range of rows) are claimed by the threads of PyTorch's OpenMP team (:mod:`qtorch._omp`), or by
+qcore's threads where torch has no such team.
 
 >>> import numpy as np
 >>> wb = np.ones((1, 4, 16), np.int8)                      # one tile: K = 4, 16 output channels, codes 1
