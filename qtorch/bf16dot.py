@@ -238,9 +238,10 @@ def _block_rows(rem, m0, Mp):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, deq, out, u0, u1):  # pragma: no cover - compiled
+def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, u0, u1):  # pragma: no cover - compiled
     # work unit u: the S strips of 16 output channels whose codes lie in one byte range of a tile row, all rows
-    # (as qtorch.amx's units). xp: [P, Mp / 16, 16 K] bfloat16 bits, A-tile order, or x itself (direct)
+    # (as qtorch.amx's units). xp: [P, Mp / 16, 16 K] bfloat16 bits in A-tile order: 16 rows x 32 columns
+    # contiguous (x's own rows, 2 K bytes apart, thrashed one L1 set)
     _, blocks, rbs = xp.shape
     Mp = blocks * 16
     T, K, W = wb.shape
@@ -264,7 +265,7 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, deq, out, u0, u1
     pstride = blocks * rbs
     gacc = K if deq else gsize
     whole = gacc <= KB
-    arow, astep = (K, 32) if direct else (32, 512)
+    arow, astep = np.int64(32), np.int64(512)  # the next row in a 16 x 32 block; the next block of 32 columns
     for u in range(u0, u1):
         t = u // per_tile
         b0 = (u % per_tile) * nb
@@ -311,7 +312,7 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, deq, out, u0, u1
                     o[j] = a[j]
 
 
-#: the team kernel's operands (its chunks are the work units); ``flags``: bits | direct << 8 | deq << 9
+#: the team kernel's operands (its chunks are the work units); ``flags``: bits | deq << 9
 OPERANDS = _omp.Operands("bf16dot", parts=_omp.I64, M=_omp.I64, T=_omp.I64, K=_omp.I64, W=_omp.I64,
                          gsize=_omp.I64, flags=_omp.I64, zp_rows=_omp.I64, x=_omp.ADDR, wb=_omp.ADDR,
                          scale=_omp.ADDR, zp=_omp.ADDR, out=_omp.ADDR)
@@ -326,7 +327,7 @@ def _dp_chunk(o, i, u0, u1, wdt, _y):  # pragma: no cover - compiled; units u0..
     zrows = o.zp_rows
     _dp_units(carray(o.x, (o.parts, Mp // 16, 16 * K), np.int16), o.parts, M, carray(o.wb, (T, K, W), wdt),
               carray(o.scale, (G, T * NT), np.float32), carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8),
-              o.gsize, bits, (o.flags >> 8) & 1, o.flags >> 9, carray(o.out, (M, T * NT), np.float32), u0, u1)
+              o.gsize, bits, o.flags >> 9, carray(o.out, (M, T * NT), np.float32), u0, u1)
     return 0
 
 
@@ -347,11 +348,11 @@ def _serial(team, block, lo, hi) -> None:
 
 
 def _run(xaddr: int, parts: int, M: int, wb: int, signed: bool, T: int, K: int, W: int, scale: int, zp: int,
-         zp_rows: int, gsize: int, bits: int, out: int, direct: int = 0, deq: int = 0) -> None:
+         zp_rows: int, gsize: int, bits: int, out: int, deq: int = 0) -> None:
     """One kernel call on addresses (as :func:`qtorch.amx._run`); the caller holds every operand."""
     units = _units(T, W, bits)
     nchunks = _chunks(T, units, _omp.team_size())
-    block = _omp.new_block(nchunks, units, (parts, M, T, K, W, gsize, bits | direct << 8 | deq << 9, zp_rows, xaddr,
+    block = _omp.new_block(nchunks, units, (parts, M, T, K, W, gsize, bits | deq << 9, zp_rows, xaddr,
                                           wb, scale, zp, out))
     team = _TEAM_KERNELS[signed]
     _omp.run(units, team, block, _serial, (team, block), units, 1, nchunks=nchunks)
