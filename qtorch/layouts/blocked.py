@@ -93,18 +93,20 @@ def blocked_params(scale: torch.Tensor, zero_point: torch.Tensor, n: int):
 
 
 def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                      group_size: int, bits: int, out_features: int) -> torch.Tensor:
+                      group_size: int, bits: int, out_features: int, dot: bool = False) -> torch.Tensor:
     """``x[M, K] @ dequant(qweight).T`` from the blocked layout, computed in float32, returned in ``x.dtype``.
 
     The body of the ``qtorch::gemm_blocked`` op; eager callers without autograd may call it directly (the
-    op's dispatch costs ~0.1 ms, 10% of a 4096x4096 single-row call)."""
+    op's dispatch costs ~0.1 ms, 10% of a 4096x4096 single-row call). ``dot``: one bfloat16 row of 4-bit codes
+    by the one-row kernel's dot-product variant (the ``bf16dot`` path's one row)."""
     xf = _float32(x)
     qweight = qweight.contiguous()  # the kernels address arrays by shape: no copy for the layout's own buffer
     scale, zero_point = blocked_params(scale, zero_point, out_features)
     out = torch.empty((xf.shape[0], out_features), dtype=torch.float32)
     if xf.shape[0] == 1 and gemv.eligible(bits, qweight.shape[2]):  # decoding: the one-row kernel
         # bf16/f16 inputs: the zero point folded per group (its float32 rounding stays below theirs)
-        gemv._gemv_tensors(xf, qweight, scale, zero_point, group_size, bits, out, x.dtype != torch.float32)
+        gemv._gemv_tensors(xf, qweight, scale, zero_point, group_size, bits, out, x.dtype != torch.float32,
+                           dot=dot and x.dtype == torch.bfloat16)
     else:
         gemm._gemm_tensors(xf, qweight, scale, zero_point, group_size, bits, out)
     return _as(out, x.dtype)
@@ -281,15 +283,9 @@ def bf16dot_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Te
     float16 rows, float32 sums; returned in ``x.dtype``. Shapes the kernel does not serve (K or the group size not
     a multiple of 32) and other dtypes take :func:`gemm_blocked_impl`. The body of the ``qtorch::bf16dot_blocked``
     op."""
-    if x.shape[0] == 1 and x.dtype == torch.bfloat16 and bits == 4 and gemv.eligible(bits, qweight.shape[2]):
+    if x.shape[0] == 1 or not amx.eligible(qweight.shape[1], group_size) or x.dtype not in _ACT_DTYPES:
         # one row: the one-row kernel's dot-product variant (where the layer allows it, else its float path)
-        xf = _float32(x)
-        scale, zero_point = blocked_params(scale, zero_point, out_features)
-        out = torch.empty((1, out_features), dtype=torch.float32)
-        gemv._gemv_tensors(xf, qweight.contiguous(), scale, zero_point, group_size, bits, out, True, dot=True)
-        return _as(out, x.dtype)
-    if not amx.eligible(qweight.shape[1], group_size) or x.dtype not in _ACT_DTYPES:
-        return gemm_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
+        return gemm_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features, dot=True)
     scale, zero_point = blocked_params(scale, zero_point, out_features)
     out = bf16dot.bf16dot_linear(x.detach() if x.requires_grad else x, qweight.contiguous(), scale, zero_point,
                                  group_size, bits, out_features)
@@ -464,7 +460,7 @@ def dequant_blocked(wb, scale, zero_point, *, bits: int, group: int, t0: int = 0
     return (c * s).reshape(T, K, NT)
 
 
-def _amx_offered(device_type, dtype, rows: int, bits: int, spec) -> tuple:
+def _tile_kernels_offered(device_type, dtype, rows: int, bits: int, spec) -> tuple:
     if device_type != "cpu" or rows < 1 or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return ()
     if rows == 1 and dtype == torch.bfloat16 and container_bits(bits) == 4 and not amx.available():
@@ -515,7 +511,7 @@ class Blocked(Layout):
         (:func:`qtorch.amx.eligible`); without it, a layer the kernel does not serve runs ``numba`` under
         that name."""
         own = _own_path(device_type, dtype, rows, container_bits(bits))
-        tiles = _amx_offered(device_type, dtype, rows, bits, spec)
+        tiles = _tile_kernels_offered(device_type, dtype, rows, bits, spec)
         if device_type != "cpu" or rows < 2:
             return (own,) + tiles
         more = (TILES_ACT,) if dtype in _ACT_DTYPES else ()
