@@ -187,23 +187,7 @@ def _dot_rows(typingctx, wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, 
                     # 'contract': one FMA where the CPU has it, a multiply and an add where it has not
                     prod = builder.fmul(xb, f, flags=("contract",))
                     builder.store(builder.fadd(builder.load(accs[a]), prod, flags=("contract",)), accs[a])
-        # the group's sums into the output: the same operations as a scalar loop (no contraction), lane by lane
-        xsb = None
-        if zm in (3, 4):
-            xsb = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), xs, ir.Constant(_I32, 0)),
-                                         ir.Constant(vf, ir.Undefined), lanes0)
-            if zm == 4:
-                xsb = builder.fmul(ir.Constant(vf, [8.0] * L), xsb)
-        for a, off in zip(accs, offs):
-            s = builder.load(builder.bitcast(builder.gep(srow, [off]), vf.as_pointer()), align=4)
-            op = builder.bitcast(builder.gep(orow, [off]), vf.as_pointer())
-            v = builder.load(a)
-            if zm == 3:
-                zb = builder.load(builder.bitcast(builder.gep(zrow, [off]), vb.as_pointer()), align=1)
-                v = builder.fsub(v, builder.fmul(builder.uitofp(zb, vf), xsb))
-            elif zm == 4:
-                v = builder.fsub(v, xsb)
-            builder.store(builder.fadd(builder.load(op, align=4), builder.fmul(v, s)), op, align=4)
+        _emit_group_sums(builder, accs, offs, srow, orow, zrow, xs, zm, L)
         return context.get_dummy_value()
 
     sig = types.void(wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, xsg, pf, bits, chunk, zmode, lanes)
@@ -290,22 +274,31 @@ def _emit_dot_rows(nbytes, zm, context, builder, sig, args):
     for j in range(1, sets):
         for a, b in zip(accs[0], accs[j]):
             builder.store(builder.fadd(builder.load(a), builder.load(b)), a)
-    accs = accs[0]
-    xsb = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), xs, ir.Constant(_I32, 0)),
-                                 ir.Constant(vf, ir.Undefined), ir.Constant(vi, [0] * L))
-    if zm == 4:
-        xsb = builder.fmul(ir.Constant(vf, [8.0] * L), xsb)
-    for a, off in zip(accs, offs):  # the group's sums into the output, as the float path does
-        sv = builder.load(builder.bitcast(builder.gep(srow, [off]), vf.as_pointer()), align=4)
+    _emit_group_sums(builder, accs[0], offs, srow, orow, zrow, xs, zm, L)
+    return context.get_dummy_value()
+
+
+def _emit_group_sums(builder, accs, offs, srow, orow, zrow, xs, zm, L):
+    """IR: a group's sums (``accs``, ``<L x float>`` allocas for the columns at ``offs``) into the output row
+    ``orow``, times the scales ``srow``, the zero point folded where ``zm`` is 3 (``zrow``, times the group's sum
+    of x ``xs``) or 4 (8 times it): the same operations as a scalar loop (no contraction), lane by lane."""
+    vf, vi, vb = vec(_F32, L), vec(_I32, L), vec(_I8, L)
+    xsb = None
+    if zm in (3, 4):
+        xsb = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), xs, ir.Constant(_I32, 0)),
+                                     ir.Constant(vf, ir.Undefined), ir.Constant(vi, [0] * L))
+        if zm == 4:
+            xsb = builder.fmul(ir.Constant(vf, [8.0] * L), xsb)
+    for a, off in zip(accs, offs):
+        s = builder.load(builder.bitcast(builder.gep(srow, [off]), vf.as_pointer()), align=4)
         op = builder.bitcast(builder.gep(orow, [off]), vf.as_pointer())
         v = builder.load(a)
         if zm == 3:
             zb = builder.load(builder.bitcast(builder.gep(zrow, [off]), vb.as_pointer()), align=1)
             v = builder.fsub(v, builder.fmul(builder.uitofp(zb, vf), xsb))
-        else:
+        elif zm == 4:
             v = builder.fsub(v, xsb)
-        builder.store(builder.fadd(builder.load(op, align=4), builder.fmul(v, sv)), op, align=4)
-    return context.get_dummy_value()
+        builder.store(builder.fadd(builder.load(op, align=4), builder.fmul(v, s)), op, align=4)
 
 
 @njit(inline="always")

@@ -21,7 +21,8 @@ activation dtype, bfloat16 or float16, and multiplied by ``torch.mm`` in that dt
 where the CPU has them) and, where it is not the own path, ``tiles``; on CPUs with AMX-BF16 calls of any row
 count also offer ``amx`` (:mod:`qtorch.amx`: the codes converted to bfloat16 tiles in L1, never a dequantized
 weight; float32 accuracy for float32 inputs; K and group sizes multiples of 32); on CPUs with AVX512-BF16 and no AMX,
-bfloat16/float16 calls of 2+ rows also offer ``bf16dot`` (:mod:`qtorch.bf16dot`: the same panels by ``vdpbf16ps``).
+bfloat16/float16 calls of 2+ rows also offer ``bf16dot`` (:mod:`qtorch.bf16dot`: the same panels by ``vdpbf16ps``),
+and one bfloat16 row of 4-bit codes gemv's dot-product variant under that name.
 The layer times them on this machine (:mod:`qtorch.autotune`) and keeps the fastest per row bucket.
 
 >>> import torch
@@ -504,12 +505,11 @@ class Blocked(Layout):
         return _own_path(device_type, dtype, rows, container_bits(bits))
 
     def paths(self, device_type, dtype, rows, bits, spec=None):
-        """The own path, then for CPU calls of 2+ rows ``tiles_act`` (bfloat16 / float16 activations) and
-        ``tiles`` (float32 tiles) where it is not the own path already, and on CPUs with AMX (any row count)
-        ``amx``, on CPUs with AVX512-BF16 and no AMX (bfloat16/float16, 2+ rows) ``bf16dot``. Given the
-        layer's ``spec``, ``amx`` is offered only where its kernel serves the shape
-        (:func:`qtorch.amx.eligible`); without it, a layer the kernel does not serve runs ``numba`` under
-        that name."""
+        """The own path, then for CPU calls of 2+ rows ``tiles_act`` (bfloat16 / float16 activations) and ``tiles`` (float32
+        tiles) where it is not the own path already, and on CPUs with AMX (any row count) ``amx``, on CPUs with
+        AVX512-BF16 and no AMX ``bf16dot`` (bfloat16/float16, 2+ rows; one bfloat16 row of 4-bit codes). Given the
+        layer's ``spec``, ``amx`` is offered only where its kernel serves the shape (:func:`qtorch.amx.eligible`);
+        without it, a layer the kernel does not serve runs ``numba`` under that name."""
         own = _own_path(device_type, dtype, rows, container_bits(bits))
         tiles = _tile_kernels_offered(device_type, dtype, rows, bits, spec)
         if device_type != "cpu" or rows < 2:
