@@ -505,11 +505,12 @@ class Blocked(Layout):
         return _own_path(device_type, dtype, rows, container_bits(bits))
 
     def paths(self, device_type, dtype, rows, bits, spec=None):
-        """The own path, then for CPU calls of 2+ rows ``tiles_act`` (bfloat16 / float16 activations) and ``tiles`` (float32
-        tiles) where it is not the own path already, and on CPUs with AMX (any row count) ``amx``, on CPUs with
-        AVX512-BF16 and no AMX ``bf16dot`` (bfloat16/float16, 2+ rows; one bfloat16 row of 4-bit codes). Given the
-        layer's ``spec``, ``amx`` is offered only where its kernel serves the shape (:func:`qtorch.amx.eligible`);
-        without it, a layer the kernel does not serve runs ``numba`` under that name."""
+        """The own path, then for CPU calls of 2+ rows ``tiles_act`` (bfloat16 / float16 activations) and
+        ``tiles`` (float32 tiles) where it is not the own path already, and on CPUs with AMX (any row count)
+        ``amx``, on CPUs with AVX512-BF16 and no AMX ``bf16dot`` (bfloat16/float16, 2+ rows; one bfloat16 row of
+        4-bit codes). Given the layer's ``spec``, ``amx`` is offered only where its kernel serves the shape
+        (:func:`qtorch.amx.eligible`); without it, a layer the kernel does not serve runs ``numba`` under that
+        name."""
         own = _own_path(device_type, dtype, rows, container_bits(bits))
         tiles = _tile_kernels_offered(device_type, dtype, rows, bits, spec)
         if device_type != "cpu" or rows < 2:
