@@ -105,8 +105,7 @@ def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     scale, zero_point = blocked_params(scale, zero_point, out_features)
     out = torch.empty((xf.shape[0], out_features), dtype=torch.float32)
     if xf.shape[0] == 1 and gemv.eligible(bits, qweight.shape[2]):  # decoding: the one-row kernel
-        # bf16/f16 inputs: the zero point folded per group (its float32 rounding stays below theirs)
-        gemv._gemv_tensors(xf, qweight, scale, zero_point, group_size, bits, out, x.dtype != torch.float32,
+        gemv._gemv_tensors(xf, qweight, scale, zero_point, group_size, bits, out, _folds(x.dtype, bits),
                            dot=dot and x.dtype == torch.bfloat16)
     else:
         gemm._gemm_tensors(xf, qweight, scale, zero_point, group_size, bits, out)
@@ -144,8 +143,15 @@ def gemv_planned(x: torch.Tensor, plan, out_features: int, dot: bool = False) ->
     xf = _float32(x)
     out = torch.empty((1, out_features), dtype=torch.float32)
     gemv.run_plan(plan, xf.numpy().reshape(-1), xf.data_ptr(), out.numpy().reshape(-1), out.data_ptr(),
-                  x.dtype != torch.float32, dot and x.dtype == torch.bfloat16)
+                  _folds(x.dtype, plan.bits), dot and x.dtype == torch.bfloat16)
     return _as(out, x.dtype)
+
+
+def _folds(dtype: torch.dtype, bits: int) -> bool:
+    """Whether the one-row kernel folds the zero point in per group (:func:`qtorch.gemv.gemv_blocked`'s ``fold``):
+    4-bit codes always (centred: within the exact subtraction's bound, and 15% faster in float32), 8-bit ones for
+    bfloat16/float16 rows (the rounding of ``z * sum(x)`` stays below theirs)."""
+    return bits == 4 or dtype != torch.float32
 
 
 @torch.library.custom_op("qtorch::gemm_blocked", mutates_args=())

@@ -309,3 +309,24 @@ def test_the_dot_variant_falls_back_where_the_layer_does_not_allow_it():
         gemv.run_plan(plan, xs, xs.ctypes.data, a, a.ctypes.data, True, False)
         gemv.run_plan(plan, xs, xs.ctypes.data, b, b.ctypes.data, True, True)
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("sym,kind,g", [(False, "group", 4), (False, "group", 128), (False, "channel", 1),
+                                        (True, "group", 32)])
+@pytest.mark.parametrize("wide", [False, True])
+def test_folded_4bit_codes_keep_the_exact_subtractions_bound(sym, kind, g, wide):
+    # centred codes (code - 8) and (z - 8) sum(x) per group: every term at most 8 scales, as |code - z| <= 15 is:
+    # a float32 row folds and stays within the float32 rounding of the exact path's own terms
+    k, tile = 512, 128
+    n = 2 * tile
+    w, wb, sb, zb = _blocked(4, sym, kind, g, n, k, tile, seed=g + 7)
+    x = torch.randn(1, k) * 3 + 1  # a mean far from 0: sum(x) large against the centred sums
+    sp, zp = blocked.blocked_params(sb, zb, n)
+    gsize = g if kind == "group" else k
+    ref = (x.double() @ w.T)[0]
+    out = gemv.gemv_blocked(x[0].numpy(), wb.numpy(), sp.numpy(), zp.numpy(), gsize, 4,
+                            np.full(n, np.nan, np.float32), fold=True, wide=wide)
+    scales = sp.T.double().repeat_interleave(gsize, dim=1)  # [n, k]
+    bound = (x.double().abs() @ (16.0 * scales).T)[0]
+    err = (torch.from_numpy(out).double() - ref).abs()
+    assert torch.all(err <= 2 ** -20 * bound)
