@@ -140,3 +140,44 @@ def test_tiles_act_is_one_opaque_op_under_torch_compile(monkeypatch):
     assert torch.equal(y, eager)
     assert any("tiles_act_blocked" in t for t in seen), seen
     assert not any("dequant" in t for t in seen)  # no full-precision weight in the graph to fold
+
+
+def test_the_ops_one_row_plan_is_kept_per_weight_and_never_keeps_it_alive():
+    # the op path (compiled graphs, autograd) reuses the plan of the qweight tensor it is given, builds a new one
+    # when the scale tensor changes, and drops it with the tensor
+    import gc
+    import weakref
+
+    q = _layer(QuantScheme(4, False, PerGroup(32)), torch.float32, n=256)
+    b, spec = q.quantized_weight.buffers, q.quantized_weight.spec
+    assert gemv.eligible(4, b["qweight"].shape[2])  # tiles the one-row kernel reads
+    x = torch.randn(1, spec.in_features)
+    args = (b["qweight"], b["scale"], b["zero_point"], spec.group, 4, spec.out_features)
+    y = blocked.gemm_blocked_impl(x, *args)
+    plan = blocked._OP_PLANS[b["qweight"]][3]
+    assert torch.equal(blocked.gemm_blocked_impl(x, *args), y) and blocked._OP_PLANS[b["qweight"]][3] is plan
+    scale2 = b["scale"].clone() * 2
+    y2 = blocked.gemm_blocked_impl(x, b["qweight"], scale2, *args[2:])
+    assert blocked._OP_PLANS[b["qweight"]][3] is not plan
+    torch.testing.assert_close(y2, 2 * y)
+    qw = b["qweight"].clone()
+    blocked.gemm_blocked_impl(x, qw, *args[1:])
+    ref = weakref.ref(qw)
+    assert qw in blocked._OP_PLANS
+    del qw
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_compiled_model_restores_the_grad_mode_it_was_called_in():
+    m = torch.nn.Sequential(qtorch.W8A16Linear(64, 32))
+    m[0].quantize(torch.randn(32, 64))
+    cm = qtorch.compile(m, fullgraph=True, autotune=False)
+    x = torch.randn(2, 64)
+    for mode in (True, False):
+        torch.set_grad_enabled(mode)
+        try:
+            assert not cm(x).requires_grad
+            assert torch.is_grad_enabled() is mode
+        finally:
+            torch.set_grad_enabled(True)
