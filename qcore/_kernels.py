@@ -10,11 +10,13 @@ import numpy as np
 from numba import carray, njit
 
 from . import _team
+from ._jitcache import cached as _cached
 
 F32_TINY = np.float32(np.finfo(np.float32).tiny)  # smallest normal: the scale of an all-zero group
 F32_MAX = np.float64(np.finfo(np.float32).max)
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def params_from_minmax(mn, mx, qmax, symmetric):
     """(scale float32, zero_point) of one group from its min and max (any float type)."""
@@ -40,6 +42,7 @@ def params_from_minmax(mn, mx, qmax, symmetric):
     return scale, zp
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _minmax(seg, start, stop):
     """(min, max, bad) of the non-empty run ``seg[start:stop]``; bad is True if it holds NaN, +-Inf or a
@@ -65,6 +68,7 @@ _KEY_POS_INF = np.int32(0x7F800000)  # key of +inf; NaNs with the sign bit clear
 _KEY_NEG_INF = np.int32(-2139095041)  # key of -inf (0xff800000 ^ 0x7fffffff); negative NaNs sort below
 
 
+@_cached
 @njit(cache=True, nogil=True, inline="always")
 def _key(v):
     # float32 bits -> an int32 whose signed order is the float order (-0.0 just below +0.0). Integer
@@ -73,6 +77,7 @@ def _key(v):
     return np.int32(v ^ ((v >> np.int32(31)) & _KEY_MASK))
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _minmax_f32bits(seg, start, stop, scratch):
     """:func:`_minmax` of float32 data given as its int32 bit pattern; NaN and Inf show as keys at or
@@ -91,6 +96,7 @@ def _minmax_f32bits(seg, start, stop, scratch):
     return np.float64(f[0]), np.float64(f[1]), bad
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _group_minmax(seg, bits, start, stop, scratch):
     # ``bits`` is the int32 view of a float32 ``seg`` (fast path), or an empty array for other dtypes.
@@ -99,6 +105,7 @@ def _group_minmax(seg, bits, start, stop, scratch):
     return _minmax(seg, start, stop)
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _quantize_seg(seg, start, stop, s, z, qmin, qmax, out):
     # float32 operands keep float32 input in float32 (the reference's rounding, and twice the SIMD width);
@@ -111,11 +118,13 @@ def _quantize_seg(seg, start, stop, s, z, qmin, qmax, out):
         out[i] = min(max(t, lo), hi)
 
 
+@_cached
 @njit(cache=True, nogil=True, inline="always")
 def _ngroups(length, g):
     return (length + g - 1) // g  # a ragged last group counts as one
 
 
+@_cached
 @njit(cache=True, nogil=True, inline="always")
 def _group_stop(j, g, length):
     return min((j + 1) * g, length)  # the last group of a ragged row ends at the row's end
@@ -125,6 +134,7 @@ def _group_stop(j, g, length):
 # call across a thread team (the team kernels at the end). (numba's parallel=True compiled 3x slower, a real
 # cost on every fresh install, and its runtime would be an OpenMP team of its own.)
 
+@_cached
 @njit(cache=True, nogil=True)
 def quantize_rows(x, xbits, g, qmin, qmax, symmetric, codes, scale, zp, r0, r1):
     """Fused pass over rows ``r0..r1``: min/max of each group of ``g`` along axis 1, its parameters, then
@@ -155,6 +165,7 @@ def quantize_rows(x, xbits, g, qmin, qmax, symmetric, codes, scale, zp, r0, r1):
     return bad
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def minmax_range(x, xbits, lo, hi):
     """(min, max, non-finite) of ``x[lo:hi]`` of a flat array (``xbits`` as in :func:`quantize_rows`)."""
@@ -163,18 +174,21 @@ def minmax_range(x, xbits, lo, hi):
     return _group_minmax(x, xbits, lo, hi, np.empty(2, np.int32))
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def quantize_flat(x, s, z, qmin, qmax, codes, lo, hi):
     """Per-tensor codes of ``x[lo:hi]`` of a flat array with one (scale, zero point)."""
     _quantize_seg(x, lo, hi, s, z, qmin, qmax, codes)
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _dequantize_seg(codes, start, stop, s, z, out):
     for i in range(np.uint64(start), np.uint64(stop)):  # unsigned: no wraparound code, so it vectorises
         out[i] = (np.float32(codes[i]) - z) * s
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def dequantize_rows(codes, g, scale, zp, out, r0, r1):
     """out[r, i] = (codes[r, i] - zp[r, i // g]) * scale[r, i // g] in float32 for rows ``r0..r1``;
@@ -189,6 +203,7 @@ def dequantize_rows(codes, g, scale, zp, out, r0, r1):
             _dequantize_seg(cr, j * g, _group_stop(j, g, length), scale[r, j], z, orow)
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def dequantize_flat(codes, s, z, out, lo, hi):
     """Per-tensor dequantize of ``codes[lo:hi]`` of a flat array: out = (codes - z) * s in float32."""
@@ -349,6 +364,7 @@ TEAM = {
 #   minmax_params_rows:    R, L, x, xbits, xbits columns, g, qmax, symmetric, scale, zp
 #   quantize_rows_given:   R, L, x, xbits, xbits columns, g, qmin, qmax, codes, scale, zp, zp columns
 
+@_cached
 @njit(cache=True, nogil=True)
 def minmax_params_rows(x, xbits, g, qmax, symmetric, scale, zp, r0, r1):
     """Scale and zero point of every group of ``g`` along axis 1 for rows ``r0..r1``, from its min/max (the
@@ -370,6 +386,7 @@ def minmax_params_rows(x, xbits, g, qmax, symmetric, scale, zp, r0, r1):
     return bad
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def quantize_rows_given(x, xbits, g, qmin, qmax, codes, scale, zp, r0, r1):
     """Codes of rows ``r0..r1`` with given parameters: group ``j`` of row ``r`` (``g`` elements along axis 1)

@@ -66,6 +66,8 @@ from numba.core.caching import FunctionCache
 from numba.core.ccallback import CFunc
 from numba.extending import intrinsic
 
+from ._jitcache import cached as _cached
+
 __all__ = ["ADDR", "F64", "FINGERPRINT", "HEADER", "I64", "Operands", "TeamKernel", "all_done", "as_ptr", "claim",
            "claim_loop", "claim_operands", "gomp_parallel", "new_block", "on_torch_team", "own_spinners",
            "release_before_fork", "run", "team_threads", "thread_cap", "torch_gomp_parallel", "torch_team"]
@@ -448,10 +450,15 @@ FINGERPRINT = _fingerprint()
 
 
 class _LayoutCache(FunctionCache):
-    """numba's cache of a team kernel, keyed on the block layout too."""
+    """numba's cache of a team kernel, keyed on the block layout and on its package's kernel sources too
+    (:mod:`qcore._jitcache`)."""
+
+    def __init__(self, py_func, sources: int):
+        super().__init__(py_func)
+        self._sources = sources
 
     def _index_key(self, sig, codegen):
-        return super()._index_key(sig, codegen), FINGERPRINT
+        return super()._index_key(sig, codegen), FINGERPRINT, self._sources
 
 
 def _probe(compiled) -> int:
@@ -469,15 +476,17 @@ class TeamKernel:
     numba's cache only notices edits to the kernel's own file, not to the block layout and :func:`claim_loop` it
     inlines from here: so the :data:`FINGERPRINT` of this ``_team`` is part of the kernel's cache key (a kernel
     cached against another layout is compiled anew, and cached beside it), and a :func:`claim_loop` kernel is
-    probed when it is loaded (one that answers another fingerprint is compiled again). ``from_cache`` tells
-    whether the kernel was loaded from numba's cache.
+    probed when it is loaded (one that answers another fingerprint is compiled again). ``sources``: the
+    fingerprint of the kernel sources it inlines from elsewhere (:mod:`qcore._jitcache`; default qcore's own).
+    ``from_cache`` tells whether the kernel was loaded from numba's cache.
 
     >>> TeamKernel(lambda data: None)._cfunc is None
     True
     """
 
-    def __init__(self, pyfunc):
+    def __init__(self, pyfunc, sources: int | None = None):
         self.pyfunc = pyfunc
+        self.sources = _cached.key if sources is None else sources
         self._cfunc = None
         self._lock = threading.Lock()
         self.from_cache = False
@@ -485,7 +494,7 @@ class TeamKernel:
     def _build(self):
         try:
             compiled = CFunc(self.pyfunc, ((types.voidptr,), types.void), {}, {"nogil": True})
-            compiled._cache = _LayoutCache(self.pyfunc)
+            compiled._cache = _LayoutCache(self.pyfunc, self.sources)
         except Exception:  # pragma: no cover - another numba's internals: the probe below still guards
             return cfunc(types.void(types.voidptr), nogil=True, cache=True)(self.pyfunc)
         compiled.compile()
@@ -677,6 +686,7 @@ def claim_loop(data, chunk, a, b):
     claim_operands(data, _raw, chunk, a, b)
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def all_done(block):
     """Whether every chunk of a team block has been run; its results and outputs are then visible to the

@@ -30,6 +30,7 @@ from ._parallel import blas_threads, run_split
 from .params import params_method
 from .quantize import QuantizedArray, check_float_array, compute_qparams, dequantize, quantize  # noqa: F401
 from .scheme import PerChannel, PerGroup, PerTensor, QuantScheme, _normalize_axis
+from ._jitcache import cached as _cached
 
 __all__ = ["Hessian", "gptq", "refit_scales"]
 
@@ -119,6 +120,7 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
                          "or use more calibration inputs") from None
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _segment(w1, err1, u1, a, b, gidx, scale, zp, qmin, qmax, q1, r0, r1):
     """Columns ``a..b`` of a block, rows ``r0..r1``: round each column on its group's grid (qcore.quantize's

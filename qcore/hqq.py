@@ -38,6 +38,7 @@ from .params import QParams, register_params_method
 from .quantize import _compute_view, _layout, _Rows
 from .scheme import QuantScheme
 from .search import _group_error
+from ._jitcache import cached as _cached
 
 __all__ = ["BETA", "ITERS", "KAPPA", "LP_NORM", "REFITS", "hqq_params"]
 
@@ -53,6 +54,7 @@ REFITS = 3
 _MIN_ELEMENTS = 1 << 13  # elements per thread's share, at least (each is visited ~2 * ITERS times)
 
 
+@_cached
 @njit(cache=True, nogil=True, inline="always")
 def _shrink(r, beta, p):
     """The lp shrinkage operator: ``sign(r) * max(|r| - |r|^(p-1) / beta, 0)`` (0 at r == 0)."""
@@ -65,6 +67,7 @@ def _shrink(r, beta, p):
     return t if r > 0.0 else -t
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _solve(seg, start, stop, s, z, qmin, qmax, symmetric, iters, p, beta, kappa):
     """The half-quadratic iterations on one group from the grid ``(s, z)`` (float64, ``x ≈ (q - z) * s``, ``z``
@@ -102,6 +105,7 @@ def _solve(seg, start, stop, s, z, qmin, qmax, symmetric, iters, p, beta, kappa)
     return best_s, best_z
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _refit(seg, start, stop, s, z, qmin, qmax):
     """Least-squares scale for the codes the grid ``(s, z)`` gives the group (``s`` itself if they are all
@@ -119,6 +123,7 @@ def _refit(seg, start, stop, s, z, qmin, qmax):
     return num / den if den > 0.0 else np.float64(s)
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _valid_scale(s64, z, qmin, qmax):
     """``s64`` as a float32 scale whose whole grid stays finite, or 0 when there is none."""
@@ -130,6 +135,7 @@ def _valid_scale(s64, z, qmin, qmax):
     return s
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _hqq_rows(x, g, qmin, qmax, symmetric, iters, p, beta, kappa, refits, scale, zp, r0, r1):
     """HQQ grid of every group of ``g`` along axis 1 of rows ``r0..r1`` (a shorter last group where ``g`` does

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ._jitcache import cached as _cached
+
 __all__ = ["mse", "max_abs_error", "mean_abs_error", "relative_error_pct", "sqnr_db", "quantization_error"]
 
 
@@ -30,6 +32,7 @@ def _pair(x, x_hat) -> tuple[np.ndarray, np.ndarray]:
     return a.reshape(-1), b.reshape(-1)
 
 
+@_cached
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
 def _sums_kernel(a, b):  # pragma: no cover - compiled
     # float64 sums, reassociated (vectorized) but never assuming finite values: a NaN difference sets the max

@@ -25,6 +25,7 @@ from ._parallel import run_split
 from .params import QParams, register_params_method
 from .quantize import _compute_view, _layout, _Rows
 from .scheme import QuantScheme
+from ._jitcache import cached as _cached
 
 __all__ = ["STEPS", "LOWEST_RATIO", "mse_params", "weighted_mse_params"]
 
@@ -34,6 +35,7 @@ LOWEST_RATIO = 0.2
 _MIN_ELEMENTS = 1 << 14  # elements per thread's share, at least (each is scored STEPS times)
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _group_error(seg, start, stop, s, z, qmin, qmax):
     """Squared error of rounding ``seg[start:stop]`` on the grid ``(s, z)``, in the arithmetic of
@@ -50,6 +52,7 @@ def _group_error(seg, start, stop, s, z, qmin, qmax):
     return err
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _weighted_group_error(seg, start, stop, s, z, qmin, qmax, wts):
     """:func:`_group_error` with each element's term weighted by ``wts[i]`` (all ones for the plain squared
@@ -66,6 +69,7 @@ def _weighted_group_error(seg, start, stop, s, z, qmin, qmax, wts):
     return err
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _mse_rows(x, g, qmin, qmax, symmetric, steps, lowest, wts, scale, zp, r0, r1):
     """Best clipping of every group of ``g`` along axis 1 of rows ``r0..r1`` (a shorter last group where ``g``

@@ -27,10 +27,18 @@ import numpy as np
 import torch
 from qcore import _parallel, _team
 # the kernel modules take these from here
-from qcore._team import ADDR, F64, I64, Operands, TeamKernel, as_ptr, claim, claim_operands  # noqa: F401
+from qcore._team import ADDR, F64, I64, Operands, as_ptr, claim, claim_operands  # noqa: F401
+
+from ._ir import cached as _cached
 
 __all__ = ["ADDR", "F64", "I64", "Operands", "TeamKernel", "as_ptr", "available", "check_operands", "claim",
            "claim_operands", "new_block", "run", "team_call", "team_size"]
+
+
+def TeamKernel(pyfunc) -> _team.TeamKernel:
+    """A ``qcore._team.TeamKernel`` of a qtorch kernel: cached against qtorch's kernel sources too."""
+    return _team.TeamKernel(pyfunc, sources=_cached.key)
+
 
 _LOCK = threading.Lock()
 _GOMP_PARALLEL = None  # torch's GOMP_parallel (qcore._team's), or False once the lookup found none

@@ -54,12 +54,14 @@ import threading
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import carray, cfunc, njit, types
+from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from qcore._jitcache import keyed_cfunc
 
 from . import _omp
 from ._ir import AMX_TILE, BF16, F32, I8, I16, I32, I64, host_has, vec
+from ._ir import cached as _cached
 
 __all__ = ["available", "eligible", "amx_blocked", "amx_linear"]
 
@@ -595,6 +597,7 @@ def _unit_shape(W, bits):  # pragma: no cover - compiled
     return nb, 2 * (nb // 16)
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, deq, out, u0, u1):  # pragma: no cover - compiled
     # work unit u: the S strips of 16 output channels whose codes lie in one byte range of a tile row, all rows.
@@ -837,7 +840,7 @@ def _splitter(dtype: torch.dtype):
             fn = _SPLITS.get(dtype)
             if fn is None:
                 sig = types.void(types.voidptr, types.voidptr, types.int64, types.int64)
-                fn = _SPLITS[dtype] = cfunc(sig, nogil=True, cache=True)(_SPLIT_PY[dtype]).ctypes
+                fn = _SPLITS[dtype] = keyed_cfunc(_SPLIT_PY[dtype], sig, _cached.key, nogil=True).ctypes
     return fn
 
 

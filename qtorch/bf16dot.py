@@ -42,6 +42,7 @@ from . import _omp
 from ._ir import BF16, F32, I32, I64, host_has, vec
 from .amx import (_PARTS, _SCRATCH, ROW_CHUNK, SCRATCH_BYTES, _chunks, _eights, _splitter, _steps, _unit_shape,
                   _units, dequantizes, eligible)
+from ._ir import cached as _cached
 
 __all__ = ["available", "eligible", "bf16dot_linear"]
 
@@ -237,6 +238,7 @@ def _block_rows(rem, m0, Mp):  # pragma: no cover - compiled
     return 2 if rem >= 2 else 1
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, u0, u1):  # pragma: no cover - compiled
     # work unit u: the S strips of 16 output channels whose codes lie in one byte range of a tile row, all rows

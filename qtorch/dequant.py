@@ -43,6 +43,7 @@ from numba.extending import intrinsic, overload
 
 from . import _omp
 from ._ir import BF16, F16, F32, I8, I16, I32, I64, host_has, vec
+from ._ir import cached as _cached
 
 __all__ = ["dequant_tiles", "OUT_DTYPES"]
 
@@ -199,6 +200,7 @@ def _block_typed(wb, t0, t1, k0, k1, out, scale, zp, bits, fmt):
     return block16
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _dequant_range(wb, bits, scale, zp, t0, t1, out, fmt, k0, k1):  # pragma: no cover - compiled
     # rows k0..k1 of W.T for the output channels of tiles t0..t1 (the layout: module docstring)

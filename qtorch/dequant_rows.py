@@ -34,10 +34,12 @@ from numba import carray, njit, types
 from numba.extending import intrinsic, overload
 
 from . import _omp
+from ._ir import cached as _cached
 
 __all__ = ["dequant_rows"]
 
 
+@_cached
 @njit(cache=True, nogil=True, inline="always")
 def _code(qrow, k, bits):  # pragma: no cover - compiled
     # code k of a packed row of any width: read 16 bits from its first byte (widths 3, 5, 6, 7 straddle bytes)
@@ -79,6 +81,7 @@ def _put_typed(dst, k, v):
     return store
 
 
+@_cached
 @njit(cache=True, nogil=True, inline="always")
 def _group(qrow, bits, k0, gs, s, z, whole_bytes, dst):  # pragma: no cover - compiled
     # codes k0 .. k0 + gs of a row, over slices from 0 (LLVM vectorises these; indexing the whole row from k0
@@ -99,6 +102,7 @@ def _group(qrow, bits, k0, gs, s, z, whole_bytes, dst):  # pragma: no cover - co
             _put(dg, k, (np.float32(_code(qrow, k0 + k, bits)) - z) * s)
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _row(qrow, bits, K, S, Z, sr, zero, gsize, dst):  # pragma: no cover - compiled
     # one output row: groups of ``gsize`` codes share a scale (and a zero point); a ragged row ends in a shorter
@@ -118,6 +122,7 @@ def _row(qrow, bits, K, S, Z, sr, zero, gsize, dst):  # pragma: no cover - compi
         _group(qrow, bits, k0, K - k0, S[sr, G - 1], z, even and (K - k0) % 2 == 0, dst)
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _ranged(q, bits, K, S, Z, zero, row_div, gsize, r0, out32, out16, a, b):  # pragma: no cover - compiled
     # rows r0 + a .. r0 + b into out32 (float32) or, where it has rows, out16 (bfloat16 bits)

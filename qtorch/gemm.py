@@ -36,6 +36,7 @@ from numba.extending import intrinsic
 
 from . import _omp
 from ._ir import F32 as _F32, I8 as _I8, I32 as _I32, I64 as _I64, host_has, vec
+from ._ir import cached as _cached
 
 __all__ = ["gemm_blocked", "wide_strips"]
 
@@ -184,6 +185,7 @@ def _chunk_start(M, c, mchunks, wide):  # pragma: no cover - compiled
     return min(M, (r + MR_WIDE // 2) // MR_WIDE * MR_WIDE) if wide else r
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _gemm_units(x, wb, scale, zp, gsize, bits, out, mchunks, wide, u0, u1):  # pragma: no cover - compiled
     # work unit u: tile u // mchunks, rows chunk u % mchunks of x; ``wide``: 16-float vectors (the caller checked

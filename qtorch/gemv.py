@@ -55,6 +55,7 @@ from numba.extending import intrinsic
 
 from . import _omp
 from ._ir import BF16 as _BF16, F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, host_has, vec
+from ._ir import cached as _cached
 
 _I8P = _I8.as_pointer()
 
@@ -339,6 +340,7 @@ def _tile(wb, t, x, xs, scale, zp, gsize, bits, out, pf, zmode, lanes):  # pragm
         _dot_group(wb, t, g * gsize, gsize, x, out, zp, scale, g, n0, xsg, pf, bits, W, zmode, lanes)
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _gemv_range(x, xs, wb, scale, zp, gsize, bits, out, pf, wide, dot, t0, t1):  # pragma: no cover - compiled
     # out[n] = sum_k x[k] (code[n, k] - zp) * scale for the output channels of tiles t0..t1. With group sums of x

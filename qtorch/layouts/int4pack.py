@@ -20,6 +20,7 @@ from numba import njit
 
 from .base import Layout
 from .codec import affine, complete_groups, dense_linear, pad_columns, padded_k
+from .._ir import cached as _cached
 
 __all__ = ["INT4PACK", "INT4PACK_GROUPS", "int4pack_map", "int4pack_unpack", "int4pack_dequant", "to_int4pack",
            "Int4PackMM"]
@@ -76,6 +77,7 @@ def int4pack_map(n: int, k: int):
     return _INT4_MAPS[n]
 
 
+@_cached
 @njit(cache=True, nogil=True)
 def _unpack_by_map(flat, base, stride, offset, hi, out):  # pragma: no cover - compiled
     n, k = out.shape
