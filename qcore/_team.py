@@ -62,11 +62,10 @@ import numpy as np
 from llvmlite import ir
 from numba import carray, cfunc, njit, types
 from numba.core import cgutils
-from numba.core.caching import FunctionCache
 from numba.core.ccallback import CFunc
 from numba.extending import intrinsic
 
-from ._jitcache import cached as _cached
+from ._jitcache import SourcesCache, cached as _cached
 
 __all__ = ["ADDR", "F64", "FINGERPRINT", "HEADER", "I64", "Operands", "TeamKernel", "all_done", "as_ptr", "claim",
            "claim_loop", "claim_operands", "gomp_parallel", "new_block", "on_torch_team", "own_spinners",
@@ -449,16 +448,12 @@ def _fingerprint() -> int:
 FINGERPRINT = _fingerprint()
 
 
-class _LayoutCache(FunctionCache):
-    """numba's cache of a team kernel, keyed on the block layout and on its package's kernel sources too
-    (:mod:`qcore._jitcache`)."""
-
-    def __init__(self, py_func, sources: int):
-        super().__init__(py_func)
-        self._sources = sources
+class _LayoutCache(SourcesCache):
+    """numba's cache of a team kernel, keyed on its package's kernel sources (:mod:`qcore._jitcache`) and on the
+    block layout too."""
 
     def _index_key(self, sig, codegen):
-        return super()._index_key(sig, codegen), FINGERPRINT, self._sources
+        return super()._index_key(sig, codegen), FINGERPRINT
 
 
 def _probe(compiled) -> int:

@@ -101,18 +101,18 @@ def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     The body of the ``qtorch::gemm_blocked`` op; eager callers without autograd may call it directly (the
     op's dispatch costs ~0.1 ms, 10% of a 4096x4096 single-row call). ``dot``: one bfloat16 row of 4-bit codes
     by the one-row kernel's dot-product variant (the ``bf16dot`` path's one row)."""
-    xf = _float32(x)
     qweight = qweight.contiguous()  # the kernels address arrays by shape: no copy for the layout's own buffer
     scale, zero_point = blocked_params(scale, zero_point, out_features)
-    out = torch.empty((xf.shape[0], out_features), dtype=torch.float32)
-    if xf.shape[0] == 1 and gemv.eligible(bits, qweight.shape[2]):  # decoding: the one-row kernel
+    one_row = x.shape[0] == 1 and gemv.eligible(bits, qweight.shape[2])  # decoding: the one-row kernel
+    if one_row:
         plan = _op_plan(qweight, scale, zero_point, group_size, bits)
         if plan is not None:
-            gemv.run_plan(plan, xf.numpy().reshape(-1), xf.data_ptr(), out.numpy().reshape(-1), out.data_ptr(),
-                          _folds(x.dtype, bits), dot and x.dtype == torch.bfloat16)
-        else:
-            gemv._gemv_tensors(xf, qweight, scale, zero_point, group_size, bits, out, _folds(x.dtype, bits),
-                               dot=dot and x.dtype == torch.bfloat16)
+            return gemv_planned(x, plan, out_features, dot=dot)
+    xf = _float32(x)
+    out = torch.empty((xf.shape[0], out_features), dtype=torch.float32)
+    if one_row:
+        gemv._gemv_tensors(xf, qweight, scale, zero_point, group_size, bits, out, _folds(x.dtype, bits),
+                           dot=dot and x.dtype == torch.bfloat16)
     else:
         gemm._gemm_tensors(xf, qweight, scale, zero_point, group_size, bits, out)
     return _as(out, x.dtype)

@@ -456,7 +456,7 @@ def test_a_kernel_that_answers_another_layout_when_probed_is_compiled_again(tmp_
     _run("""
         import qcore._team as T
         real = T.FINGERPRINT
-        T._LayoutCache._index_key = lambda self, sig, codegen: (T.FunctionCache._index_key(self, sig, codegen), real)
+        T._LayoutCache._index_key = lambda self, sig, codegen: (T.SourcesCache._index_key(self, sig, codegen), real)
         T.HEADER, T.FINGERPRINT = 20, 12345   # compiled against an older layout, cached under today's key
         import stale_kernel
         stale_kernel.KERNEL.ctypes()
