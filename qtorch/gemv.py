@@ -121,7 +121,7 @@ def _dot_rows(typingctx, wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, 
     nacc = nload if nbits == 8 else 2 * nload  # <L x float> accumulators
     # 4-bit codes with no per-column zero point to subtract first (symmetric, or folded): their floats by a table
     # lookup (vpermps: one instruction, the same values) instead of a mask, a subtraction and a conversion
-    lookup = nbits == 4 and L == 16 and zm in (2, 3, 7) and _PERMPS
+    lookup = nbits == 4 and L == 16 and zm in (2, 7) and _PERMPS
     vf, vi, vb = vec(_F32, L), vec(_I32, L), vec(_I8, L)
 
     def codegen(context, builder, sig, args):
@@ -156,8 +156,8 @@ def _dot_rows(typingctx, wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, 
         accs = [cgutils.alloca_once_value(builder, zero) for _ in range(nacc)]  # -> registers
         lanes0 = ir.Constant(vi, [0] * L)
         prefetch = _prefetch_fn(builder)
-        if lookup:  # the float of each nibble, minus the offset 8 of symmetric codes where it is not folded
-            table = ir.Constant(vf, [float(i - 8 if zm in (2, 7) else i) for i in range(16)])
+        if lookup:  # the float of each nibble, centred: code - 8 (symmetric codes' offset, or folded codes)
+            table = ir.Constant(vf, [float(i - 8) for i in range(16)])
             permps = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vi]),
                                                     "llvm.x86.avx512.permvar.sf.512")
         do_pf = builder.icmp_signed(">", pfd, ir.Constant(_I64, 0))
