@@ -13,14 +13,17 @@ small JSON file shared by every process on the machine:
 * a decision measured while another process had a runnable task (``/proc/loadavg``, before or after the timing)
   is kept for this process only: a path timed beside a busy neighbour is the one that suffers least from
   waiting for a core, not the fastest, and a later process on a quieter machine measures again.
+* so is a decision in which a candidate raised (it is left out, with a ``RuntimeWarning`` naming it and its
+  error): a failure that a later process does not have must not keep its slower rival on disk for good.
 * ``QTORCH_PATH=<name>`` forces that path wherever it is among the candidates (elsewhere the normal choice).
 * ``QTORCH_AUTOTUNE=0`` turns measuring off: the first candidate (the caller's default order) is used.
 * Under ``torch.compile`` tracing nothing is measured: the cached decision, else the default, is used.
 
 The same dispatcher picks a weight's *layout* (:meth:`Dispatcher.choose_layout`, keyed by :class:`LayoutKey`:
-shape, scheme, compute dtype, threads): each candidate layout is timed at one row and at ``LAYOUT_ROWS[-1]`` rows,
-each at its fastest path, and the layout with the least time for a request (:data:`REQUEST_CALLS`: a 512-token
-prompt in 128-row calls and 128 one-row decoding steps) wins. ``QTORCH_LAYOUT=<name>`` forces a layout where it is eligible (read here, applied by
+shape, scheme, compute dtype, threads): each candidate layout is timed at the row counts of ``LAYOUT_ROWS`` (1, 16
+and 128), each at its fastest path, and the layout with the least time for a request (:data:`REQUEST_CALLS`: a
+512-token prompt in 128-row calls, one 16-row call and 128 one-row decoding steps) wins; within 10% of it, the one
+never far behind the fastest at any row count (:data:`LAYOUT_TIE`). ``QTORCH_LAYOUT=<name>`` forces a layout where it is eligible (read here, applied by
 :func:`qtorch.layouts.choose`); ``QTORCH_AUTOTUNE=0`` keeps the static order. Layout decisions live in the same
 file, under keys beginning ``layout|``.
 
@@ -64,10 +67,10 @@ __all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "evict_ca
 
 #: upper bounds of the row buckets; more rows than the last bound form one more bucket
 ROW_BUCKETS = (1, 4, 16, 64, 256)
-#: row counts a layout decision times: one row (decoding: reads the weight once, memory-bound) and 128 rows (a
-#: prompt: compute-bound, the 65-256 bucket); the row counts between lie between the two regimes, and the path
-#: dispatcher still picks the best path of the held layout per bucket.
-LAYOUT_ROWS = (1, 128)
+#: row counts a layout decision times: one row (decoding: reads the weight once, memory-bound), 16 rows (a short
+#: turn, or 16 sequences decoding together: between the two regimes) and 128 rows (a prompt: compute-bound, the
+#: 65-256 bucket); the path dispatcher still picks the best path of the held layout per bucket.
+LAYOUT_ROWS = (1, 16, 128)
 #: row counts whose layout trials evict the CPU caches before every timed call: a decoding step reads each layer's
 #: weight from memory (the model's other layers have evicted it), and timed back to back a small weight stays in
 #: cache, which favoured a kernel that is fast on cached weights (a 2048x2048 4-bit layer, bf16: blocked 1.5x
@@ -80,11 +83,15 @@ COLD_ROWS = (1,)
 #: int4pack's (0.113 against 0.047 ms, caches evicted): w4a16 decoding fell from 2.03x to 1.43x of dense. Priced as
 #: a request they keep int4pack, and 4096x4096 4-bit layers keep blocked (0.63 against 0.49 ms at one row, 4.5
 #: against 29.9 ms at 128 rows). A 128-token prompt moved the 4096-wide ones to int4pack too (0.15x of dense at 128
-#: rows)
-REQUEST_CALLS = {1: 128, 128: 4}
-#: layouts whose request cost is within this factor of the lowest count as tied: the static order decides (a 5%
-#: difference is below what one short timing on a shared machine resolves)
-LAYOUT_TIE = 1.05
+#: rows). One 16-row call stands for the short turns and small batches between.
+REQUEST_CALLS = {1: 128, 16: 1, 128: 4}
+#: layouts whose request cost is within this factor of the lowest count as tied. Among them the one whose worst row
+#: count is closest to the best layout at that count wins (its *regret*; ties of that, within the same factor, go
+#: to the static order). One-row calls outweigh the rest of a request, and their cold timings move by 5-10% between
+#: runs on a shared machine, so a narrow tie flipped bfloat16 4096x4096 8-bit layers between int8pack and blocked
+#: from run to run, on the Zen 4 and on the AMX Xeon alike: within 3% of each other at one row, int8pack 1.5x slower at
+#: 16 rows and 1.2x at 128 (Zen 4), 2.7x and 6x (Xeon, torch 2.11)
+LAYOUT_TIE = 1.10
 #: timed calls a candidate has made before a race may drop it: one call can be a hiccup (a preemption, a page
 #: fault), and a path dropped on it is lost for good. The AMX Xeon beside another job, MiniLM's 384x1536 layer at 104
 #: rows: amx's one timed call took 5.6 ms (0.5 ms settled), the leader's 1.5, and the layer ran 3x slower. Two, not
@@ -350,6 +357,7 @@ class Dispatcher:
         self._decisions: dict[str, dict] = {}  # key string -> {"path": name (a layout for LayoutKey), "ms": {...}}
         self._disk_loaded = False
         self._warned_write = False
+        self._warned_paths: set = set()
 
     # -------------------------------------------------------------- lookups
     def _load_disk(self) -> None:
@@ -400,13 +408,15 @@ class Dispatcher:
         if compiling:  # never time inside tracing: the default until an eager call has measured
             return names[0]
         busy = self._busy()
-        ms = self._measure(candidates)
+        errors: dict = {}
+        ms = self._measure(candidates, errors)
         best = min(ms, key=ms.get)
         entry = {"path": best, "ms": {n: round(v, 4) for n, v in ms.items()}}
         failed = [n for n in candidates if n not in ms]
         if failed:  # raced and dropped: not a path this decision missed (else every call would measure again)
             entry["failed"] = failed
-        self._remember(key, entry, busy or self._busy())
+            self._warn_failed(key, errors)
+        self._remember(key, entry, busy or self._busy(), persist=not failed)
         return best
 
     def _measured_all(self, key: DispatchKey, candidates: Mapping) -> bool:
@@ -425,18 +435,20 @@ class Dispatcher:
 
         Measures at the first call for ``key`` (nothing is converted otherwise) and keeps the result, within the
         budget per row count. Rule: per row count, a layout's time is the fastest call of its fastest path; its
-        cost is the time of one request, :data:`REQUEST_CALLS` (a 512-token prompt in 128-row calls, then 128
-        one-row decoding steps; a row count it does not name counts once), and its score that cost over the cheapest layout's; the
-        lowest score wins, scores within ``tie`` of it going to the earliest in the static order. The fastest
-        call, not the median, and no path dropped after one round: other work on the machine only adds time, and
-        this decision is kept for good.
+        cost is the time of one request, :data:`REQUEST_CALLS` (a 512-token prompt in 128-row calls, one 16-row
+        call, 128 one-row decoding steps; a row count it does not name counts once), and its score that cost over
+        the cheapest layout's. Of the layouts scoring within ``tie`` of the lowest, the one with the least regret
+        wins (its largest ratio, over the row counts, to the fastest layout at that count; regrets within ``tie``
+        go to the earliest in the static order): a near tie on the request goes to the layout that is never far
+        behind. The fastest call, not the median, and no path dropped after one round: other work on the machine
+        only adds time, and this decision is kept for good.
 
         >>> import time
         >>> d = Dispatcher(cache_path=False, env={})
         >>> key = LayoutKey.make(64, 64, "w8s-channel0-g64", "bfloat16")
-        >>> slow_prompt = {1: {"a": lambda: None}, 128: {"a": lambda: time.sleep(0.003)}}
-        >>> fast_both = {1: {"b": lambda: None}, 128: {"b": lambda: None}}
-        >>> d.choose_layout(key, {"a": lambda: slow_prompt, "b": lambda: fast_both})
+        >>> slow_prompt = {r: {"a": (lambda: time.sleep(0.003)) if r > 1 else (lambda: None)} for r in (1, 16, 128)}
+        >>> fast_all = {r: {"b": lambda: None} for r in (1, 16, 128)}
+        >>> d.choose_layout(key, {"a": lambda: slow_prompt, "b": lambda: fast_all})
         'b'
         """
         if not isinstance(key, LayoutKey):
@@ -460,10 +472,14 @@ class Dispatcher:
             return next(iter(built), names[0])
         busy = self._busy()
         ms: dict[str, dict[int, float]] = {name: {} for name in built}
+        errors: dict = {}
         for r in rows:
-            flat = {f"{name}:{p}": fn for name, runs in built.items() for p, fn in runs[r].items()}
+            flat = {f"{name}:{p}": fn for name, runs in built.items() for p, fn in runs.get(r, {}).items()}
             before = self.evict if r in COLD_ROWS else None
-            for label, got in self._samples(flat, drop=False, before=before).items():
+            failed_here: dict = {}
+            got_here = self._samples(flat, drop=False, before=before, errors=failed_here)
+            errors.update({f"{label}@{r}": e for label, e in failed_here.items()})
+            for label, got in got_here.items():
                 name = label.partition(":")[0]
                 ms[name][r] = min(ms[name].get(r, float("inf")), min(got) * 1e3)
         scored = [name for name in built if len(ms[name]) == len(rows)]  # a path for every row count ran
@@ -474,31 +490,43 @@ class Dispatcher:
         cheapest = min(cost.values())
         score = {n: cost[n] / cheapest for n in scored}
         low = min(score.values())
-        pick = next(n for n in names if n in score and score[n] <= low * tie)
-        self._remember(key, {"path": pick, "ms": {f"{n}@{r}": round(v, 4) for n in ms for r, v in ms[n].items()},
-                             "score": {n: round(v, 3) for n, v in score.items()}}, busy or self._busy())
+        near = [n for n in names if n in score and score[n] <= low * tie]  # in the static order
+        best_at = {r: min(ms[n][r] for n in scored) + eps for r in rows}
+        regret = {n: max((ms[n][r] + eps) / best_at[r] for r in rows) for n in near}
+        least = min(regret.values())
+        pick = next(n for n in near if regret[n] <= least * tie)
+        entry = {"path": pick, "ms": {f"{n}@{r}": round(v, 4) for n in ms for r, v in ms[n].items()},
+                 "score": {n: round(v, 3) for n, v in score.items()},
+                 "regret": {n: round(v, 3) for n, v in regret.items()}}
+        if errors:
+            entry["failed"] = sorted(errors)
+            self._warn_failed(key, errors)
+        self._remember(key, entry, busy or self._busy(), persist=not errors)
         return pick
 
-    def _measure(self, candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
+    def _measure(self, candidates: Mapping[str, Callable[[], Any]], errors: dict | None = None) -> dict[str, float]:
         """Fastest call in ms per candidate that ran (the dropped ones keep the samples they have). The fastest,
         not the median: other work on a shared machine only adds time to a call, and a decision is kept for good
         (a median taken while a neighbour held a core picked a path 1.5x slower than its rival on a quiet one)."""
-        return {n: min(s) * 1e3 for n, s in self._samples(candidates).items()}
+        return {n: min(s) * 1e3 for n, s in self._samples(candidates, errors=errors).items()}
 
     def _samples(self, candidates: Mapping[str, Callable[[], Any]], drop: bool = True,
-                 before: Callable[[], Any] | None = None) -> dict[str, list[float]]:
+                 before: Callable[[], Any] | None = None, errors: dict | None = None) -> dict[str, list[float]]:
         """Timed calls (seconds) per candidate that ran: warm-up, then alternating rounds within the budget
         (``drop``: a clearly slower candidate stops being timed once it made :data:`DROP_AFTER` timed calls;
-        ``before``: run, untimed, before every timed call)."""
-        alive, errors = {}, []
+        ``before``: run, untimed, before every timed call; ``errors``: filled with what each candidate that
+        raised in its warm-up call raised)."""
+        alive, raised = {}, {}
         for name, fn in candidates.items():  # warm-up: first calls compile, allocate, fill caches
             try:
                 fn()
                 alive[name] = fn
             except Exception as e:  # an ineligible path is not a decision-breaker
-                errors.append(e)
+                raised[name] = e
+        if errors is not None:
+            errors.update(raised)
         if not alive:
-            raise errors[0]
+            raise next(iter(raised.values()))
         samples: dict[str, list[float]] = {name: [] for name in alive}
         spent, rounds = 0.0, 0
         while True:
@@ -523,6 +551,18 @@ class Dispatcher:
                 break
         return samples
 
+    def _warn_failed(self, key, errors: Mapping[str, BaseException]) -> None:
+        """One warning per process and failing path: a path that raised was left out of a decision, which is
+        therefore kept for this process only (a crash that a later run does not have, a cache being rebuilt,
+        must not pin the slower rival on disk for good)."""
+        for name, e in errors.items():
+            tag = (name, type(e).__name__)
+            if tag in self._warned_paths:
+                continue
+            self._warned_paths.add(tag)
+            warnings.warn(f"qtorch: path {name!r} raised while {key} was measured ({type(e).__name__}: {e}); "
+                          "decided without it, for this process only", RuntimeWarning, stacklevel=4)
+
     def _busy(self) -> bool:
         """Whether another process had a runnable task just now (the timings may be skewed by waiting for a core)."""
         try:
@@ -531,13 +571,14 @@ class Dispatcher:
             return False
         return n is not None and n > 0
 
-    def _remember(self, key: "DispatchKey | LayoutKey", entry: dict, busy: bool = False) -> None:
+    def _remember(self, key: "DispatchKey | LayoutKey", entry: dict, busy: bool = False,
+                  persist: bool = True) -> None:
         if busy:
             entry = {**entry, "busy": True}
         with self._lock:
             self._decisions[str(key)] = entry
-        if self.cache_path is None or busy:  # measured beside other work: this process only
-            return
+        if self.cache_path is None or busy or not persist:  # measured beside other work, or a path failed:
+            return                                          # this process only
         try:
             merged = _write_decisions(self.cache_path, self._fp, {str(key): entry})
         except OSError as e:  # a read-only home: the process cache still works

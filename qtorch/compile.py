@@ -215,12 +215,16 @@ TEMPLATE_LAYOUTS = ("int8pack", "int4pack")
 OWN_LAYOUT = "blocked"
 
 
-def _rows(rows) -> tuple:
-    """``rows`` of :func:`compile` as a sorted tuple of distinct ints >= 1 (None: ``autotune.LAYOUT_ROWS``)."""
-    from . import autotune
+#: the row counts a compiled model's layouts are probed at when ``rows`` is not given: one row and a 128-row prompt
+#: (each count compiles one probe per layout: a third count, as eager layout decisions time, would cost a third more
+#: compile time)
+DEFAULT_ROWS = (1, 128)
 
+
+def _rows(rows) -> tuple:
+    """``rows`` of :func:`compile` as a sorted tuple of distinct ints >= 1 (None: :data:`DEFAULT_ROWS`)."""
     if rows is None:
-        return tuple(autotune.LAYOUT_ROWS)
+        return DEFAULT_ROWS
     seq = (rows,) if isinstance(rows, int) else rows
     try:
         seq = tuple(seq)

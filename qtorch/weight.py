@@ -149,7 +149,9 @@ class QuantizedWeight:
             r = converted(lay)
             return None if r is None else _trial_runs(self.spec, lay, r, compute_dtype, device)
 
-        with torch.no_grad():  # timing builds no autograd graph
+        # timing builds no autograd graph; what the kernels allocate goes to the weight's device, whatever the
+        # caller's default device (under a meta default every trial of qtorch's kernels raised)
+        with torch.no_grad(), torch.device(device):
             order = layouts.choose(self.spec, device, compute_dtype, trial)
         for lay in order:
             if keep_current and lay is self.layout:

@@ -15,9 +15,10 @@ layout        eligible (all CPU-only but ``canonical``)
 :func:`candidates` lists the eligible layouts of a weight (:func:`eligible`) in the order of preference; the layer
 takes the first whose conversion succeeds. The order is decided on the user's machine (:func:`choose`): where two
 or more layouts besides ``canonical`` can hold a CPU weight, a throwaway copy of the weight is converted into each
-and timed on random inputs of the layer's dtype at one row (decoding) and at 128 rows (a prompt), each layout at
-its fastest path (``Layout.paths``); the layout with the least time for a request (a 512-token prompt in 128-row calls and 128
-one-row decoding steps, :data:`qtorch.autotune.REQUEST_CALLS`) comes first (:meth:`qtorch.autotune.Dispatcher.choose_layout`). The decision is kept per (shape, scheme, compute
+and timed on random inputs of the layer's dtype at one row (decoding), 16 rows and 128 rows (a prompt), each layout
+at its fastest path (``Layout.paths``); the layout with the least time for a request (a 512-token prompt in 128-row
+calls, one 16-row call and 128 one-row decoding steps, :data:`qtorch.autotune.REQUEST_CALLS`) comes first, and
+within 10% of it the one never far behind the fastest at any of the three (:meth:`qtorch.autotune.Dispatcher.choose_layout`). The decision is kept per (shape, scheme, compute
 dtype, threads) in the dispatcher's cache, for the process and on disk, so a model's layers of one shape measure
 once per machine. ``QTORCH_LAYOUT=<name>`` forces a layout wherever it is eligible (an unknown name is an error).
 

@@ -130,7 +130,8 @@ def test_a_path_that_raises_is_dropped_and_all_failing_raises():
 
     def broken():
         raise RuntimeError("kernel refuses this shape")
-    assert d.choose(KEY, {"broken": broken, "ok": clock.path("ok", 5.0)}) == "ok"
+    with pytest.warns(RuntimeWarning, match="'broken' raised"):
+        assert d.choose(KEY, {"broken": broken, "ok": clock.path("ok", 5.0)}) == "ok"
     with pytest.raises(RuntimeError, match="refuses"):
         dispatcher().choose(KEY, {"x": broken, "y": broken})
 
@@ -322,6 +323,27 @@ def test_a_candidate_that_failed_its_race_does_not_make_every_call_measure_again
 
     cands = {"a": clock.path("a", 2.0), "b": clock.path("b", 1.0), "broken": broken}
     d = dispatcher(tmp_path, clock=clock)
-    assert d.choose(KEY, cands) == "b"
+    with pytest.warns(RuntimeWarning, match="'broken' raised.*not for this shape"):
+        assert d.choose(KEY, cands) == "b"
     before = dict(clock.calls)
     assert d.choose(KEY, cands) == "b" and clock.calls == before  # kept: nothing timed again
+
+
+def test_a_decision_made_without_a_path_that_raised_is_not_written(tmp_path):
+    """The failure may be one this process alone has: the next process measures again, and the path wins
+    there once it runs."""
+    clock = FakeClock()
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        raise OSError("kernel cache file truncated")
+
+    d = dispatcher(tmp_path, clock=clock)
+    with pytest.warns(RuntimeWarning, match="'fast' raised.*OSError: kernel cache file truncated"):
+        assert d.choose(KEY, {"slow": clock.path("slow", 3.0), "fast": flaky}) == "slow"
+    assert d.decisions()[str(KEY)]["failed"] == ["fast"]
+    assert not (tmp_path / "dispatch.json").exists()
+    later = dispatcher(tmp_path, clock=clock)
+    assert later.choose(KEY, {"slow": clock.path("slow", 3.0), "fast": clock.path("fast", 1.0)}) == "fast"
+    assert json.loads((tmp_path / "dispatch.json").read_text())["decisions"][str(KEY)]["path"] == "fast"

@@ -139,7 +139,8 @@ def test_a_failing_probe_loses(monkeypatch, tmp_path, torch_pack_kernels):
     install(monkeypatch, tmp_path)
     fake(monkeypatch, {("blocked", 16): 5}, fail={"int8pack"})
     q = layer(W8)
-    choose_layouts(torch.nn.Sequential(q), rows=16)
+    with pytest.warns(RuntimeWarning, match="'int8pack:compiled@16' raised"):
+        choose_layouts(torch.nn.Sequential(q), rows=16)
     assert q.quantized_weight.layout.name == "blocked"
     # every probe fails: the static order (template first here), with a warning; the layer is whole
     fake(monkeypatch, {}, fail={"int4pack", "blocked"})
