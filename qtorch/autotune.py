@@ -234,7 +234,8 @@ def fingerprint() -> dict:
     model, flags = cpu_info()
     return {"cpu": model, "flags": flags, "machine": platform.machine(), "torch": torch.__version__,
             "qtorch": _qtorch_version(), "python": platform.python_version(), "paths": _paths_offered(),
-            "layout_rule": {str(r): n for r, n in sorted(REQUEST_CALLS.items())}}
+            "layout_rule": {str(r): n for r, n in sorted(REQUEST_CALLS.items())}, "layout_rows": list(LAYOUT_ROWS),
+            "layout_tie": LAYOUT_TIE}
 
 
 def _fingerprint_id(fp: dict) -> str:

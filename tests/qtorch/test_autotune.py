@@ -231,6 +231,17 @@ def test_a_build_offering_another_path_uses_another_file(tmp_path, monkeypatch):
     assert "blocked:newer" in A.fingerprint()["paths"] and A.default_cache_path(env) != p
 
 
+
+@pytest.mark.parametrize("name, value", [("REQUEST_CALLS", {1: 64, 128: 8}), ("LAYOUT_ROWS", (1, 128)),
+                                         ("LAYOUT_TIE", 1.05)])
+def test_another_layout_rule_uses_another_file(tmp_path, monkeypatch, name, value):
+    # layout decisions made under another rule (request, row counts timed, tie) are not served
+    env = {"QTORCH_CACHE_DIR": str(tmp_path)}
+    p = A.default_cache_path(env)
+    monkeypatch.setattr(A, name, value)
+    assert A.default_cache_path(env) != p
+
+
 _WRITER = textwrap.dedent("""
     import sys, torch
     from qtorch import autotune as A
