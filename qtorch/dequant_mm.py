@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
 
 from . import dequant_rows as _dq
+from ._infer_ops import define_twin, needs_grad
 
 __all__ = ["WeightSpec", "dequant_linear", "dequantize", "block_rows_for"]
 
@@ -209,18 +210,24 @@ def _impl(x, qweight, scale, zero_point, spec: WeightSpec, block_rows: int) -> t
     return y
 
 
+def _kernel(x, qweight, scale, zero_point, bits, symmetric, kind, axis, group, out_features, block_rows):
+    spec = WeightSpec(bits, symmetric, kind, axis, group, out_features, x.shape[1])
+    return _impl(x, qweight, scale, zero_point, spec, block_rows)
+
+
+def _fake(x, qweight, scale, zero_point, bits, symmetric, kind, axis, group, out_features, block_rows):
+    return x.new_empty((x.shape[0], out_features))
+
+
 @torch.library.custom_op("qtorch::dequant_mm", mutates_args=())
 def _op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int,
         symmetric: bool, kind: str, axis: int, group: int, out_features: int, block_rows: int) -> torch.Tensor:
     """:func:`dequant_linear` as an op: opaque to torch.compile (freezing cannot fold the dequantized weight into
     a full-precision constant), with an input gradient."""
-    spec = WeightSpec(bits, symmetric, kind, axis, group, out_features, x.shape[1])
-    return _impl(x, qweight, scale, zero_point, spec, block_rows)
+    return _kernel(x, qweight, scale, zero_point, bits, symmetric, kind, axis, group, out_features, block_rows)
 
 
-@_op.register_fake
-def _(x, qweight, scale, zero_point, bits, symmetric, kind, axis, group, out_features, block_rows):
-    return x.new_empty((x.shape[0], out_features))
+_op.register_fake(_fake)
 
 
 def _setup_backward(ctx, inputs, output):
@@ -231,14 +238,19 @@ def _setup_backward(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    # d(x @ W.T)/dx = grad @ W; the codes are frozen (no gradient)
+    # d(x @ W.T)/dx = grad @ W; the codes are frozen (no gradient). W by torch ops, not the kernel: torch.compile
+    # traces a backward with fake tensors, which have no NumPy view. Imported here: the layouts import this module.
+    from .layouts.codec import dequantize_canonical
+
     qweight, scale, zero_point = ctx.saved_tensors
-    w = _dequant_block(_operands(qweight, scale, zero_point, ctx.spec), ctx.spec, 0, ctx.spec.out_features,
-                       torch.float32)
+    sp = ctx.spec
+    w = dequantize_canonical(qweight, scale, zero_point, bits=sp.bits, symmetric=sp.symmetric, kind=sp.kind,
+                             axis=sp.axis, group=sp.group, out_features=sp.out_features, in_features=sp.in_features)
     return (torch.mm(grad.to(torch.float32), w).to(ctx.x_dtype),) + (None,) * 10
 
 
 _op.register_autograd(_backward, setup_context=_setup_backward)
+_TWIN = define_twin("dequant_mm", _kernel, _fake)  # the op without its autograd layer (qtorch._infer_ops)
 
 
 def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -251,7 +263,9 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     _check(x, qweight, scale, zero_point, spec)
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 0:
         raise ValueError(f"block_rows must be an int >= 0, got {block_rows!r}")
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
-        return torch.ops.qtorch.dequant_mm(x, qweight, scale, zero_point, spec.bits, spec.symmetric, spec.kind,
-                                           spec.axis, spec.group, spec.out_features, block_rows)
+    grad = needs_grad(x)
+    if grad or torch.compiler.is_compiling():
+        op = torch.ops.qtorch.dequant_mm if grad else _TWIN
+        return op(x, qweight, scale, zero_point, spec.bits, spec.symmetric, spec.kind, spec.axis, spec.group,
+                  spec.out_features, block_rows)
     return _impl(x, qweight, scale, zero_point, spec, block_rows)

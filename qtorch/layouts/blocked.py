@@ -39,6 +39,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import amx, bf16dot, dequant, gemm, gemv
+from .._infer_ops import define_twin, needs_grad
 from .base import Layout
 from .codec import complete_groups, pack_codes, pad_columns, padded_k, unpack_codes
 
@@ -179,6 +180,10 @@ def _folds(dtype: torch.dtype, bits: int) -> bool:
     return bits == 4 or dtype != torch.float32
 
 
+def _fake(x, qweight, scale, zero_point, group_size, bits, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
 @torch.library.custom_op("qtorch::gemm_blocked", mutates_args=())
 def gemm_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                  group_size: int, bits: int, out_features: int) -> torch.Tensor:
@@ -186,9 +191,7 @@ def gemm_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
     return gemm_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
 
 
-@gemm_blocked.register_fake
-def _(x, qweight, scale, zero_point, group_size, bits, out_features):
-    return x.new_empty((x.shape[0], out_features))
+gemm_blocked.register_fake(_fake)
 
 
 _BUFFERS = threading.local()
@@ -264,9 +267,7 @@ def tiles_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, z
     return tiles_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
 
 
-@tiles_blocked.register_fake
-def _(x, qweight, scale, zero_point, group_size, bits, out_features):
-    return x.new_empty((x.shape[0], out_features))
+tiles_blocked.register_fake(_fake)
 
 
 @torch.library.custom_op("qtorch::tiles_act_blocked", mutates_args=())
@@ -277,9 +278,7 @@ def tiles_act_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     return tiles_act_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
 
 
-@tiles_act_blocked.register_fake
-def _(x, qweight, scale, zero_point, group_size, bits, out_features):
-    return x.new_empty((x.shape[0], out_features))
+tiles_act_blocked.register_fake(_fake)
 
 
 def amx_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -304,9 +303,7 @@ def amx_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
     return amx_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
 
 
-@amx_blocked.register_fake
-def _(x, qweight, scale, zero_point, group_size, bits, out_features):
-    return x.new_empty((x.shape[0], out_features))
+amx_blocked.register_fake(_fake)
 
 
 def bf16dot_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -331,9 +328,7 @@ def bf16dot_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     return bf16dot_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
 
 
-@bf16dot_blocked.register_fake
-def _(x, qweight, scale, zero_point, group_size, bits, out_features):
-    return x.new_empty((x.shape[0], out_features))
+bf16dot_blocked.register_fake(_fake)
 
 
 def _setup_backward(ctx, inputs, output):
@@ -357,6 +352,16 @@ tiles_blocked.register_autograd(_backward, setup_context=_setup_backward)
 tiles_act_blocked.register_autograd(_backward, setup_context=_setup_backward)
 amx_blocked.register_autograd(_backward, setup_context=_setup_backward)
 bf16dot_blocked.register_autograd(_backward, setup_context=_setup_backward)
+
+#: path -> (kernel, op with an input gradient, its inference twin: :mod:`qtorch._infer_ops`)
+_PATH_OPS = {
+    path: (impl, getattr(torch.ops.qtorch, name), define_twin(name, impl, _fake))
+    for path, name, impl in (("numba", "gemm_blocked", gemm_blocked_impl),
+                             ("tiles", "tiles_blocked", tiles_blocked_impl),
+                             (TILES_ACT, "tiles_act_blocked", tiles_act_blocked_impl),
+                             (AMX, "amx_blocked", amx_blocked_impl),
+                             (BF16DOT, "bf16dot_blocked", bf16dot_blocked_impl))
+}
 
 
 
@@ -553,24 +558,17 @@ class Blocked(Layout):
         spec, b = weight.spec, weight.buffers
         n = spec.out_features
         x2 = pad_columns(x2, b["qweight"].shape[1])  # a ragged last group, completed in the layout
-        # the custom op for torch.compile and autograd; its body directly otherwise (the op's dispatch costs
-        # ~0.05 ms, several percent of a one-row call)
-        direct = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x2.requires_grad)
+        # an op under torch.compile (opaque: freezing never folds a dequantized weight) and for autograd (the one
+        # with an input gradient), its kernel directly otherwise (an op's dispatch costs 20+ us a call)
+        grad = needs_grad(x2)
+        direct = not grad and not torch.compiler.is_compiling()
         if path == "numba" or path == BF16DOT and x2.shape[0] == 1:
             if direct and x2.shape[0] == 1:  # decoding: the weight's one-row plan, built once
                 plan = self.plan(weight)
                 if plan is not None:
                     return gemv_planned(x2, plan, n, dot=path == BF16DOT)
-        if path == "numba":
-            fn = gemm_blocked_impl if direct else torch.ops.qtorch.gemm_blocked
-        elif path == TILES_ACT:
-            fn = tiles_act_blocked_impl if direct else torch.ops.qtorch.tiles_act_blocked
-        elif path == AMX:
-            fn = amx_blocked_impl if direct else torch.ops.qtorch.amx_blocked
-        elif path == BF16DOT:
-            fn = bf16dot_blocked_impl if direct else torch.ops.qtorch.bf16dot_blocked
-        else:
-            fn = tiles_blocked_impl if direct else torch.ops.qtorch.tiles_blocked
+        impl, op, twin = _PATH_OPS.get(path, _PATH_OPS["tiles"])
+        fn = impl if direct else op if grad else twin
         return fn(x2, b["qweight"], b["scale"], b["zero_point"], spec.group, container_bits(spec.bits), n)
 
     def plan(self, weight):
