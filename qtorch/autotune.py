@@ -476,6 +476,8 @@ class Dispatcher:
         errors: dict = {}
         for r in rows:
             flat = {f"{name}:{p}": fn for name, runs in built.items() for p, fn in runs.get(r, {}).items()}
+            if not flat:  # no layout runs this row count: none is scored
+                continue
             before = self.evict if r in COLD_ROWS else None
             failed_here: dict = {}
             got_here = self._samples(flat, drop=False, before=before, errors=failed_here)

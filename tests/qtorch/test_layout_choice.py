@@ -206,6 +206,13 @@ def test_the_rule_is_the_least_request_time_ties_to_the_static_order():
     assert got == "ok" and set(d.decisions()[str(key)]["score"]) == {"slow", "ok"}
     with pytest.raises(TypeError, match="LayoutKey"):
         d.choose_layout(str(key), {"a": _fake(clock, 1.0, 1.0)})
+    # a layout that offers no path for a row count is not scored; if none offers one, nothing is measured
+    d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0])
+    no16 = lambda: {r: v for r, v in _fake(clock, 0.1, 1.0)().items() if r != 16}
+    assert d.choose_layout(key, {"no16": no16, "ok": _fake(clock, 1.0, 100.0)}) == "ok"
+    d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0])
+    assert d.choose_layout(key, {"a": no16, "b": no16}) == "a"  # the static order
+    assert str(key) not in d.decisions()
 
 
 def test_a_layout_decided_without_a_path_that_raised_is_kept_for_the_process_only(tmp_path):
