@@ -89,8 +89,8 @@ REQUEST_CALLS = {1: 128, 16: 1, 128: 4}
 #: count is closest to the best layout at that count wins (its *regret*; ties of that, within the same factor, go
 #: to the static order). One-row calls outweigh the rest of a request, and their cold timings move by 5-10% between
 #: runs on a shared machine, so a narrow tie flipped bfloat16 4096x4096 8-bit layers between int8pack and blocked
-#: from run to run, on the Zen 4 and on the AMX Xeon alike: within 3% of each other at one row, int8pack 1.5x slower at
-#: 16 rows and 1.2x at 128 (Zen 4), 2.7x and 6x (Xeon, torch 2.11)
+#: from run to run, on the Zen 4 and on the AMX Xeon alike: within 3% of each other at one row, int8pack 1.3-1.5x
+#: slower at 16 rows and 1.2x at 128 (Zen 4), 2.7x and 2x (Xeon, torch 2.11)
 LAYOUT_TIE = 1.10
 #: timed calls a candidate has made before a race may drop it: one call can be a hiccup (a preemption, a page
 #: fault), and a path dropped on it is lost for good. The AMX Xeon beside another job, MiniLM's 384x1536 layer at 104
