@@ -271,15 +271,21 @@ class QuantizedWeight:
 
     def _route(self, x2: torch.Tensor, key: tuple) -> str:
         """The path for calls like ``x2`` (first call of its row bucket): the dispatcher's choice among the
-        layout's paths, kept in ``_routes``; the layout's own path under tracing or when measuring is off."""
+        layout's paths, kept in ``_routes``; under tracing the layout's
+        :meth:`~qtorch.layouts.base.Layout.traced_path`; its own path when measuring is off, traced or not."""
         spec, lay = self.spec, self.layout
         dev, dt, rows = x2.device.type, x2.dtype, x2.shape[0]
-        own = lay.path(dev, dt, rows, spec.bits)
         if torch.compiler.is_compiling():  # never measure while tracing; nothing is stored either
-            return own
+            # the process's dispatcher as it is (tracing cannot take the lock that creates it; building the layer
+            # did); measuring off, or none yet: the own path, as an eager call takes it (same kernel, same bits)
+            d = autotune._DEFAULT
+            if d is not None and d.measuring:
+                return lay.traced_path(dev, dt, rows, spec.bits, spec=spec)
+            return lay.path(dev, dt, rows, spec.bits)
+        d = autotune.default_dispatcher()
+        own = lay.path(dev, dt, rows, spec.bits)
         names = lay.paths(dev, dt, rows, spec.bits, spec=spec)
         path = own
-        d = autotune.default_dispatcher()
         if len(names) > 1 and (d.measuring or d.forced in names):
             label = f"{lay.name}-{layouts.scheme_label(spec)}"
             dkey = autotune.DispatchKey.make(spec.out_features, spec.in_features, label, dt, rows)

@@ -109,6 +109,11 @@ class Layout:
         the shape."""
         return (self.path(device_type, dtype, rows, bits),)
 
+    def traced_path(self, device_type: str, dtype: torch.dtype, rows: int, bits: int, spec=None) -> str:
+        """The path a call takes under ``torch.compile`` tracing when the layer kept none for its row bucket
+        (nothing is measured while tracing): :meth:`path`, unless the layout knows a better guess."""
+        return self.path(device_type, dtype, rows, bits)
+
     def linear(self, weight, x2: torch.Tensor, path: str) -> torch.Tensor:
         """``x2 [M, K] @ W.T`` for the ``QuantizedWeight`` ``weight`` held in this layout, by the kernel ``path``
         (what :meth:`path` returned for this call): a new tensor, never ``x2`` nor memory the layout keeps (the

@@ -142,6 +142,52 @@ def test_tiles_act_is_one_opaque_op_under_torch_compile(monkeypatch):
     assert not any("dequant" in t for t in seen)  # no full-precision weight in the graph to fold
 
 
+_OPS = {"numba": "gemm_blocked", "tiles": "tiles_blocked", "tiles_act": "tiles_act_blocked", "amx": "amx_blocked",
+        "bf16dot": "bf16dot_blocked"}
+
+
+@pytest.mark.parametrize("usable", [True, False], ids=["tile-kernels", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_trace_with_no_kept_path_takes_the_tile_kernel_for_several_rows(usable, dtype, monkeypatch):
+    """Nothing is measured while tracing: a layer given straight to torch.compile takes the tile kernel its CPU
+    offers (amx, else bf16dot) for 2+ rows, where measured 2-4x faster than the own path, and gemv for one row;
+    with no tile kernel offered, the own path. With measuring off (``QTORCH_AUTOTUNE=0``) a trace takes the own
+    path, as an eager call does."""
+    if not usable:
+        monkeypatch.setattr(amx, "available", lambda: False)
+        monkeypatch.setattr(bf16dot, "available", lambda: False)
+        monkeypatch.setattr(gemv, "dot_available", lambda: False)
+    measuring = autotune.Dispatcher(cache_path=False, env={"QTORCH_LAYOUT": "blocked"})
+    monkeypatch.setattr(autotune, "_DEFAULT", measuring)
+    q = _layer(QuantScheme(8, True, PerChannel(0)), dtype, seed=7)
+    spec = q.quantized_weight.spec
+    for rows in (1, 16):
+        torch._dynamo.reset()
+        offered = blocked._tile_kernels_offered("cpu", dtype, rows, 8, spec)
+        want = offered[0] if rows > 1 and offered else blocked.BLOCKED.path("cpu", dtype, rows, 8)
+        assert bool(offered and rows > 1) == (want in ("amx", "bf16dot"))
+        seen = []
+
+        def backend(gm, inputs):
+            seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            return gm.forward
+
+        x = torch.randn(rows, 256, dtype=dtype)
+        with torch.no_grad():
+            y = torch.compile(q, fullgraph=True, backend=backend)(x)
+        assert any(f"qtorch.{_OPS[want]}_infer" in t for t in seen), (want, seen)
+        assert q.quantized_weight._routes == {}  # nothing measured or kept
+        _assert_close(y, x, q)
+    if usable and (amx.available() or bf16dot.available()):
+        assert blocked.BLOCKED.traced_path("cpu", torch.bfloat16, 16, 8, spec) in ("amx", "bf16dot")
+    # measuring off: the own path, traced as eager
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env={"QTORCH_AUTOTUNE": "0"}))
+    torch._dynamo.reset()
+    x = torch.randn(16, 256, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(q, fullgraph=True, backend="aot_eager")(x), q(x))
+
+
 def test_the_ops_one_row_plan_is_kept_per_weight_and_never_keeps_it_alive():
     # the op path (compiled graphs, autograd) reuses the plan of the qweight tensor it is given, builds a new one
     # when the scale tensor changes, and drops it with the tensor
