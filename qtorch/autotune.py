@@ -626,8 +626,11 @@ _DEFAULT_LOCK = threading.Lock()
 
 
 def default_dispatcher() -> Dispatcher:
-    """The process's dispatcher (environment read at its first use)."""
+    """The process's dispatcher (environment read at its first use). Once made, read without the lock: a global
+    read, which torch.compile can trace (it cannot enter a lock); building any layer makes it."""
     global _DEFAULT
+    if _DEFAULT is not None:
+        return _DEFAULT
     with _DEFAULT_LOCK:
         if _DEFAULT is None:
             _DEFAULT = Dispatcher()

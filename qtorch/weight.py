@@ -275,14 +275,12 @@ class QuantizedWeight:
         :meth:`~qtorch.layouts.base.Layout.traced_path`; its own path when measuring is off, traced or not."""
         spec, lay = self.spec, self.layout
         dev, dt, rows = x2.device.type, x2.dtype, x2.shape[0]
+        d = autotune.default_dispatcher()
         if torch.compiler.is_compiling():  # never measure while tracing; nothing is stored either
-            # the process's dispatcher as it is (tracing cannot take the lock that creates it; building the layer
-            # did); measuring off, or none yet: the own path, as an eager call takes it (same kernel, same bits)
-            d = autotune._DEFAULT
-            if d is not None and d.measuring:
+            # measuring off: the own path, as an eager call takes it (the same kernel, the same bits)
+            if d.measuring:
                 return lay.traced_path(dev, dt, rows, spec.bits, spec=spec)
             return lay.path(dev, dt, rows, spec.bits)
-        d = autotune.default_dispatcher()
         own = lay.path(dev, dt, rows, spec.bits)
         names = lay.paths(dev, dt, rows, spec.bits, spec=spec)
         path = own
