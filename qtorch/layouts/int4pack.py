@@ -20,6 +20,7 @@ from numba import njit
 
 from .base import Layout
 from .codec import affine, complete_groups, dense_linear, pad_columns, padded_k
+from .._infer_ops import needs_grad
 from .._ir import cached as _cached
 
 __all__ = ["INT4PACK", "INT4PACK_GROUPS", "int4pack_map", "int4pack_unpack", "int4pack_dequant", "to_int4pack",
@@ -194,7 +195,7 @@ class Int4Pack(Layout):
         kp = padded_k(spec.in_features, spec.kind, spec.group)
         x2 = pad_columns(x2, kp)  # a ragged last group, completed in the layout
         # It has no derivative: an input that needs a gradient goes through a wrapper that supplies one.
-        if torch.is_grad_enabled() and x2.requires_grad:
+        if needs_grad(x2):
             return Int4PackMM.apply(x2.contiguous(), b["qweight"], spec.group, weight.aux, b["scale"],
                                     b["zero_point"], spec.out_features, kp)
         return torch._weight_int4pack_mm_for_cpu(x2.contiguous(), b["qweight"], spec.group, weight.aux)

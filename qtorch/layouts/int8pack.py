@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .._infer_ops import needs_grad
 from ..compile import woq_templates
 from . import dequant_path
 from .base import Layout
@@ -80,7 +81,7 @@ class Int8Pack(Layout):
             return dequant_path.linear(weight, x2)
         if x2.device.type == "cpu" and x2.dtype == torch.bfloat16:
             b = weight.buffers
-            if torch.is_grad_enabled() and x2.requires_grad:  # no derivative in PyTorch: the wrapper has one
+            if needs_grad(x2):  # no derivative in PyTorch: the wrapper has one
                 return Int8PackMM.apply(x2.contiguous(), b["qweight"], weight.aux, b["scale"])
             return torch._weight_int8pack_mm(x2.contiguous(), b["qweight"], weight.aux)
         return dense_linear(x2, weight.dequantize)
