@@ -22,13 +22,13 @@ Zen 4); 8-bit codes fold as ``z * sum(x)`` for bfloat16/float16 rows only, whose
 that of codes up to 255. On CPUs with
 AVX512-BF16, 4-bit codes of bfloat16 rows also have a dot-product variant (``run_plan(..., dot=True)``, the
 blocked layout's ``bf16dot`` path at one row, chosen by measurement): one ``vdpbf16ps`` per 32 codes (two rows of K,
-16 columns) where the float path takes two conversions and two FMAs. Tiles of 128 columns interleave the two rows'
-bytes by 16-bit words, so that each 32-bit lane holds the same two bytes of both rows; a shift and one
-mask-and-or then make the bfloat16 ``1 + code / 16`` of one nibble of both (exact; no table, no widening), and each
-group's sums are corrected once, ``16 (acc - sum x) - z sum x``. On a 2-core Zen 4, 4096x4096 g128, one thread:
-0.32-0.37 ms hot and 0.44-0.49 from memory, against 0.44-0.52 / 0.59-0.66 for the earlier variant (bytes widened to
-16 bits, nibbles looked up by ``vpermw``), which tiles of 64 columns keep; both threads: 0.29-0.33 ms from memory
-either way, at memory speed there (a torch sum of the same 8 MB took 0.22-0.29 ms).
+16 columns) where the float path takes two conversions and two FMAs. The two rows' bytes are interleaved by
+16-bit words, so that each 32-bit lane holds the same two bytes of both rows; a shift and one mask-and-or then make
+the bfloat16 ``1 + code / 16`` of one nibble of both (exact; no table, no widening), and each group's sums are
+corrected once, ``16 (acc - sum x) - z sum x``. On a 2-core Zen 4, 4096x4096 g128, one thread: 0.32-0.37 ms hot and
+0.44-0.49 from memory, against 0.44-0.52 / 0.59-0.66 for the earlier variant (bytes widened to 16 bits, nibbles
+looked up by ``vpermw``); both threads: 0.29-0.33 ms from memory either way, at memory speed there (a torch sum of
+the same 8 MB took 0.22-0.29 ms).
 
 A tile's rows are contiguous (K-major): each thread streams one tile at a time from memory. On the wide path every
 row also prefetches the lines :data:`PREFETCH` bytes ahead into L2: the hardware prefetchers stop at each 4 KB
@@ -69,11 +69,8 @@ __all__ = ["eligible", "gemv_blocked"]
 # vpermps on 16 floats (AVX-512F): an instruction, so only where numba compiles for a CPU that has it (a 16-float
 # vector elsewhere is split by LLVM; an intrinsic is not)
 _PERMPS = host_has("avx512f")
-#: vdpbf16ps (AVX512-BF16) and vpermw (AVX512-BW): the dot-product variant for bfloat16 rows (:func:`dot_available`)
+#: vdpbf16ps (AVX512-BF16) and shuffles of 16-bit words (AVX512-BW): the dot-product variant for bfloat16 rows (:func:`dot_available`)
 _DP = _PERMPS and host_has("avx512bf16") and host_has("avx512bw")
-# bfloat16 bits of (i & 15) - 8 for i < 32 (the codes centred, exact): vpermw reads the low 5 bits of an index, so a
-# byte's low nibble needs no mask
-_NIBBLE_BF16 = [int(np.array([(i & 15) - 8], np.float32).view(np.uint32)[0] >> 16) for i in range(32)]
 
 
 def dot_available() -> bool:
@@ -113,14 +110,12 @@ def _dot_rows(typingctx, wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, 
     if not all(isinstance(a, types.IntegerLiteral) for a in (bits, chunk, zmode, lanes)):
         return None
     nbits, nbytes, zm, L = bits.literal_value, chunk.literal_value, zmode.literal_value, lanes.literal_value
-    if zm in (5, 6):  # zmodes 7 and 2 by bfloat16 dot products (:func:`_emit_dot_rows`), where they apply
+    if zm in (5, 6):  # zmodes 7 and 2 by bfloat16 dot products (:func:`_emit_dot_rows_magic`), where they apply
         zm = 7 if zm == 5 else 2
         if nbits == 4 and L == 16 and _DP:
             sig = types.void(wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, xsg, pf, bits, chunk, zmode,
                              lanes)
-            if nbytes == 64:
-                return sig, functools.partial(_emit_dot_rows64, zm)
-            return sig, functools.partial(_emit_dot_rows, nbytes, zm)
+            return sig, functools.partial(_emit_dot_rows_magic, nbytes, zm)
     if zm == 7 and nbits == 8:
         zm = 3  # (8-bit call sites of the same loop: never run with this mode)
     signed = wb.dtype == types.int8
@@ -210,13 +205,39 @@ def _dot_rows(typingctx, wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, 
     return sig, codegen
 
 
-def _emit_dot_rows(nbytes, zm, context, builder, sig, args):
-    """:func:`_dot_rows` for 4-bit codes of bfloat16 rows (``zm`` 7 or 2: centred, ``code - 8``), two rows of K
-    at a time: the bytes of rows ``k`` and ``k + 1`` interleaved and widened to 16 bits, each nibble's bfloat16
-    looked up by ``vpermw`` (32 codes an instruction), and one ``vdpbf16ps`` per 32 codes, ``acc[n] += x[k] code[k][n] +
-    x[k + 1] code[k + 1][n]`` (exact products, float32 sums) with ``x[k], x[k + 1]`` broadcast as one pair: one
-    instruction where the float path takes two FMAs and two conversions. ``x`` is float32 holding bfloat16 values
-    (its upper 16 bits are the value); ``nk`` is even."""
+def _magic_cols(nbytes: int) -> dict:
+    """:func:`_emit_dot_rows_magic`'s accumulators ``(h, p)`` (interleave half ``h``, nibble ``p`` of a 16-bit
+    word) -> the byte offset in the chunk of each lane's column (the low nibbles' columns for even ``p``, the high
+    nibbles' for odd ``p``). 64 bytes: lane ``4 L + d`` of half ``h`` holds word ``8 L + 4 h + d`` (the 128-bit
+    lanes of ``vpunpck{l,h}wd``); 32 bytes: lane ``i`` holds word ``i``."""
+    if nbytes == 64:
+        return {(h, p): [16 * (i // 4) + 8 * h + 2 * (i % 4) + (p >> 1) for i in range(16)]
+                for h in (0, 1) for p in range(4)}
+    return {(0, p): [2 * i + (p >> 1) for i in range(16)] for p in range(4)}
+
+
+def _magic_order(nbytes: int, parity: int) -> tuple:
+    """The accumulators of one nibble parity, and for each column of the chunk (in order) its lane in their
+    concatenation: the shuffle that puts them back in column order."""
+    cols = _magic_cols(nbytes)
+    keys = [key for key in cols if key[1] % 2 == parity]
+    where = {c: 16 * a + i for a, key in enumerate(keys) for i, c in enumerate(cols[key])}
+    return keys, [where[c] for c in range(nbytes)]
+
+
+def _emit_dot_rows_magic(nbytes, zm, context, builder, sig, args):
+    """:func:`_dot_rows` for 4-bit codes of bfloat16 rows (``zm`` 7 or 2) by ``vdpbf16ps``, two rows of K at a
+    time, with no byte widened and no table: the ``nbytes`` (32 or 64) bytes of rows ``k`` and ``k + 1``
+    interleaved by 16-bit words (64: ``vpunpcklwd`` / ``vpunpckhwd``; 32: one ``vpermt2w``), so that each 32-bit
+    lane holds the same two bytes of both rows in its two halves; one 32-bit shift brings nibble ``p`` of both
+    halves to bits 3-6 of each, and ``(v & 0x00780078) | 0x3F803F80`` (one ``vpternlogd``) makes both the bfloat16
+    ``1 + code / 16`` (exact). One ``vdpbf16ps`` per 32 codes, ``acc[n] += x[k] m[k][n] + x[k + 1] m[k + 1][n]``
+    (exact products, float32 sums) with ``x[k], x[k + 1]`` broadcast as one pair; two integer operations a vector
+    and no shuffle but the interleave (a widening and a ``vpermw`` table lookup per 32 codes took a third more time
+    on one thread of a Zen 4). The sums
+    give ``sum x (code - z) = 16 (acc - sum x) - z sum x`` per group (``z`` the zero point, or 8 for symmetric
+    codes). The accumulators hold the columns in the interleave's order (:func:`_magic_cols`) and are put back in
+    column order once per group. ``x`` is float32 holding bfloat16 values; ``nk`` is even."""
     w = context.make_array(sig.args[0])(context, builder, args[0])
     xa = context.make_array(sig.args[5])(context, builder, args[5])
     oa = context.make_array(sig.args[6])(context, builder, args[6])
@@ -225,107 +246,8 @@ def _emit_dot_rows(nbytes, zm, context, builder, sig, args):
     tt, kk0, c0, n, lo, hi, g, n0, pfd = (context.cast(builder, args[i], sig.args[i], types.int64)
                                           for i in (1, 2, 3, 4, 7, 8, 11, 12, 14))
     xs = args[13]
-    L = 16
-    vf, vi, vb, vs, vbf = vec(_F32, L), vec(_I32, L), vec(_I8, L), vec(_I16, 32), vec(_BF16, 32)
-    _, zcols = cgutils.unpack_tuple(builder, za.shape, 2)
-    _, scols = cgutils.unpack_tuple(builder, sa.shape, 2)
-    zrow = builder.gep(za.data, [builder.add(builder.mul(g, zcols), n0)])
-    srow = builder.gep(sa.data, [builder.add(builder.mul(g, scols), n0)])
-    orow = builder.gep(oa.data, [n0])
-    _, k_all, width = cgutils.unpack_tuple(builder, w.shape, 3)
-    wp = builder.gep(w.data, [builder.add(builder.mul(builder.add(builder.mul(tt, k_all), kk0), width), c0)])
-    xp = builder.bitcast(builder.gep(xa.data, [kk0]), _I32.as_pointer())
-    nload = nbytes // L
-    offs = [builder.add(lo if i < nload else hi, ir.Constant(_I64, L * (i % nload))) for i in range(2 * nload)]
-    zero = ir.Constant(vf, [0.0] * L)
-    # two sets of accumulators where a chunk has few (32 bytes: 4 of them): consecutive pairs of rows alternate
-    # between them, so twice as many vdpbf16ps chains are in flight (each waits for its previous result)
-    sets = 2 if nload <= 2 else 1
-    accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(2 * nload)] for _ in range(sets)]
-    fn = functools.partial(cgutils.get_or_insert_function, builder.module)
-    permw = fn(ir.FunctionType(vs, [vs, vs]), "llvm.x86.avx512.permvar.hi.512")
-    dp = fn(ir.FunctionType(vf, [vf, vbf, vbf]), "llvm.x86.avx512bf16.dpbf16ps.512")
-    prefetch = _prefetch_fn(builder)
-    table = ir.Constant(vs, _NIBBLE_BF16)
-    inter = ir.Constant(vec(_I32, 32), [i // 2 + (L if i % 2 else 0) for i in range(32)])
-    do_pf = builder.icmp_signed(">", pfd, ir.Constant(_I64, 0))
-    c16 = ir.Constant(_I32, 16)
-
-    def pair_step(i, cur):  # rows 2i, 2i + 1 of the group into the accumulator values cur
-        row0 = builder.gep(wp, [builder.mul(builder.mul(i, ir.Constant(_I64, 2)), width)])
-        row1 = builder.gep(row0, [width])
-        with builder.if_then(do_pf, likely=True):
-            for r in (row0, row1):
-                for ln in range(0, nbytes, 64):
-                    p = builder.gep(r, [builder.add(pfd, ir.Constant(_I64, ln))])
-                    builder.call(prefetch, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
-        # x[k], x[k + 1]: their bfloat16 bits (the upper halves of the float32 values) as one 32-bit pair
-        pair = builder.load(builder.gep(xp, [builder.mul(i, ir.Constant(_I64, 2))]))
-        pair1 = builder.load(builder.gep(xp, [builder.add(builder.mul(i, ir.Constant(_I64, 2)), ir.Constant(_I64, 1))]))
-        xv = builder.or_(builder.lshr(pair, c16), builder.and_(pair1, ir.Constant(_I32, 0xFFFF0000)))
-        xb = builder.bitcast(builder.shuffle_vector(builder.insert_element(ir.Constant(vi, ir.Undefined), xv,
-                                                                         ir.Constant(_I32, 0)),
-                                                    ir.Constant(vi, ir.Undefined), ir.Constant(vi, [0] * L)), vbf)
-        for v in range(nload):
-            a, b = (builder.load(builder.bitcast(builder.gep(r, [ir.Constant(_I64, L * v)]), vb.as_pointer()),
-                                 align=1) for r in (row0, row1))
-            wide = builder.zext(builder.shuffle_vector(a, b, inter), vs)  # byte j of both rows: lanes 2j, 2j + 1
-            for idx, acc in ((wide, v), (builder.lshr(wide, ir.Constant(vs, [4] * 32)), v + nload)):
-                val = builder.bitcast(builder.call(permw, [table, idx]), vbf)
-                cur[acc] = builder.call(dp, [cur[acc], xb, val])
-
-    pairs = builder.sdiv(n, ir.Constant(_I64, 2))
-    steps = builder.sdiv(pairs, ir.Constant(_I64, sets))
-    with cgutils.for_range(builder, steps) as loop:
-        for j in range(sets):
-            cur = [builder.load(a) for a in accs[j]]
-            pair_step(builder.add(builder.mul(loop.index, ir.Constant(_I64, sets)), ir.Constant(_I64, j)), cur)
-            for a, c in zip(accs[j], cur):
-                builder.store(c, a)
-    with cgutils.for_range(builder, builder.sub(pairs, builder.mul(steps, ir.Constant(_I64, sets)))) as loop:
-        cur = [builder.load(a) for a in accs[0]]  # an odd pair left over
-        pair_step(builder.add(builder.mul(steps, ir.Constant(_I64, sets)), loop.index), cur)
-        for a, c in zip(accs[0], cur):
-            builder.store(c, a)
-    for j in range(1, sets):
-        for a, b in zip(accs[0], accs[j]):
-            builder.store(builder.fadd(builder.load(a), builder.load(b)), a)
-    _emit_group_sums(builder, accs[0], offs, srow, orow, zrow, xs, zm, L)
-    return context.get_dummy_value()
-
-
-# _emit_dot_rows64: the column of lane i = 4 L + d of the accumulator of half h (vpunpcklwd / vpunpckhwd) and
-# nibble p of a dword's 16-bit halves, as an offset into the 64 bytes of a chunk (its low nibbles' columns for
-# even p, its high nibbles' for odd p)
-_MAGIC_COLS = {(h, p): [16 * (i // 4) + 8 * h + 2 * (i % 4) + (p >> 1) for i in range(16)]
-               for h in (0, 1) for p in range(4)}
-# the accumulators in the order of the 64 columns of each nibble half: column j lies in accumulator
-# _MAGIC_SOURCE[parity][j] // 16, lane _MAGIC_SOURCE[parity][j] % 16, counting the accumulators (h, p) of that
-# parity (p = parity, parity + 2) as h * 2 + p // 2
-_MAGIC_SOURCE = {par: [next(16 * (2 * h + p // 2) + i for h in (0, 1) for p in (par, par + 2) for i in range(16)
-                            if _MAGIC_COLS[(h, p)][i] == j) for j in range(64)] for par in (0, 1)}
-
-
-def _emit_dot_rows64(zm, context, builder, sig, args):
-    """:func:`_emit_dot_rows` for a chunk of 64 bytes a row (128 columns), with no byte widened and no table:
-    the 64 bytes of rows ``k`` and ``k + 1`` interleaved by 16-bit words (``vpunpcklwd`` / ``vpunpckhwd``),
-    so that each 32-bit lane holds the same two bytes of both rows in its two halves; one 32-bit shift brings
-    nibble ``p`` of both halves to bits 3-6 of each, and ``(v & 0x00780078) | 0x3F803F80`` (one ``vpternlogd``)
-    makes both the bfloat16 ``1 + code / 16`` (exact): a pair of rows, 32 codes, per ``vdpbf16ps``, two integer
-    operations a vector and no shuffle but the interleave (``_emit_dot_rows``: a widening and a ``vpermw`` table
-    lookup per 32 codes). The sums ``sum x (1 + code / 16)`` give ``sum x (code - z) = 16 (acc - sum x) - z sum
-    x`` per group (``z`` the zero point, or 8 for symmetric codes); the accumulators hold the columns in the
-    interleave's order (:data:`_MAGIC_COLS`) and are put back in column order once per group."""
-    w = context.make_array(sig.args[0])(context, builder, args[0])
-    xa = context.make_array(sig.args[5])(context, builder, args[5])
-    oa = context.make_array(sig.args[6])(context, builder, args[6])
-    za = context.make_array(sig.args[9])(context, builder, args[9])
-    sa = context.make_array(sig.args[10])(context, builder, args[10])
-    tt, kk0, c0, n, lo, hi, g, n0, pfd = (context.cast(builder, args[i], sig.args[i], types.int64)
-                                          for i in (1, 2, 3, 4, 7, 8, 11, 12, 14))
-    xs = args[13]
-    vf, vi, vbf, vb64 = vec(_F32, 16), vec(_I32, 16), vec(_BF16, 32), vec(_I8, 64)
-    vs = vec(_I16, 32)
+    vf, vi, vbf, vrow = vec(_F32, 16), vec(_I32, 16), vec(_BF16, 32), vec(_I8, nbytes)
+    vs = vec(_I16, nbytes // 2)
     _, zcols = cgutils.unpack_tuple(builder, za.shape, 2)
     _, scols = cgutils.unpack_tuple(builder, sa.shape, 2)
     zrow = builder.gep(za.data, [builder.add(builder.mul(g, zcols), n0)])
@@ -335,7 +257,8 @@ def _emit_dot_rows64(zm, context, builder, sig, args):
     wp = builder.gep(w.data, [builder.add(builder.mul(builder.add(builder.mul(tt, k_all), kk0), width), c0)])
     xp = builder.bitcast(builder.gep(xa.data, [kk0]), _I32.as_pointer())
     zero = ir.Constant(vf, [0.0] * 16)
-    keys = [(h, p) for h in (0, 1) for p in range(4)]
+    halves = (0, 1) if nbytes == 64 else (0,)
+    keys = [(h, p) for h in halves for p in range(4)]
     accs = {key: cgutils.alloca_once_value(builder, zero) for key in keys}
     fn = functools.partial(cgutils.get_or_insert_function, builder.module)
     dp = fn(ir.FunctionType(vf, [vf, vbf, vbf]), "llvm.x86.avx512bf16.dpbf16ps.512")
@@ -344,28 +267,32 @@ def _emit_dot_rows64(zm, context, builder, sig, args):
     c16 = ir.Constant(_I32, 16)
     mask = ir.Constant(vi, [0x00780078] * 16)
     ones = ir.Constant(vi, [0x3F803F80] * 16)
-    # vpunpck{l,h}wd: words 0-3 / 4-7 of each 128-bit lane of row k, each followed by the same word of row k + 1
-    unpack = {h: ir.Constant(vec(_I32, 32), [8 * (i // 8) + 4 * h + (i % 8) // 2 + (32 if i % 2 else 0)
-                                            for i in range(32)]) for h in (0, 1)}
+    # each word of row k followed by the same word of row k + 1: 64 bytes, vpunpck{l,h}wd (words 0-3 / 4-7 of each
+    # 128-bit lane); 32 bytes, all 16 words in one vector
+    if nbytes == 64:
+        unpack = {h: ir.Constant(vec(_I32, 32), [8 * (i // 8) + 4 * h + (i % 8) // 2 + (32 if i % 2 else 0)
+                                                for i in range(32)]) for h in halves}
+    else:
+        unpack = {0: ir.Constant(vec(_I32, 32), [i // 2 + (16 if i % 2 else 0) for i in range(32)])}
 
-    with cgutils.for_range(builder, builder.sdiv(n, ir.Constant(_I64, 2))) as loop:
-        i = loop.index
-        cur = {key: builder.load(a) for key, a in accs.items()}
+    def pair_step(i, cur):  # rows 2i, 2i + 1 of the group into the accumulator values cur
         row0 = builder.gep(wp, [builder.mul(builder.mul(i, ir.Constant(_I64, 2)), width)])
         row1 = builder.gep(row0, [width])
         with builder.if_then(do_pf, likely=True):
             for r in (row0, row1):
                 builder.call(prefetch, [builder.gep(r, [pfd]), ir.Constant(_I32, 0), ir.Constant(_I32, 2),
                                         ir.Constant(_I32, 1)])
-        pair = builder.load(builder.gep(xp, [builder.mul(i, ir.Constant(_I64, 2))]))
-        pair1 = builder.load(builder.gep(xp, [builder.add(builder.mul(i, ir.Constant(_I64, 2)), ir.Constant(_I64, 1))]))
+        # x[k], x[k + 1]: their bfloat16 bits (the upper halves of the float32 values) as one 32-bit pair
+        k2 = builder.mul(i, ir.Constant(_I64, 2))
+        pair = builder.load(builder.gep(xp, [k2]))
+        pair1 = builder.load(builder.gep(xp, [builder.add(k2, ir.Constant(_I64, 1))]))
         xv = builder.or_(builder.lshr(pair, c16), builder.and_(pair1, ir.Constant(_I32, 0xFFFF0000)))
         xb = builder.bitcast(builder.shuffle_vector(builder.insert_element(ir.Constant(vi, ir.Undefined), xv,
                                                                          ir.Constant(_I32, 0)),
                                                     ir.Constant(vi, ir.Undefined), ir.Constant(vi, [0] * 16)), vbf)
-        a, b = (builder.bitcast(builder.load(builder.bitcast(r, vb64.as_pointer()), align=1), vs)
+        a, b = (builder.bitcast(builder.load(builder.bitcast(r, vrow.as_pointer()), align=1), vs)
                 for r in (row0, row1))
-        for h in (0, 1):
+        for h in halves:
             v = builder.bitcast(builder.shuffle_vector(a, b, unpack[h]), vi)
             for p in range(4):
                 sh = 4 * p - 3  # nibble p of each half to bits 3-6
@@ -373,20 +300,27 @@ def _emit_dot_rows64(zm, context, builder, sig, args):
                      else builder.lshr(v, ir.Constant(vi, [sh] * 16)))
                 val = builder.bitcast(builder.or_(builder.and_(t, mask), ones), vbf)
                 cur[(h, p)] = builder.call(dp, [cur[(h, p)], xb, val])
-        for key, a_ in accs.items():
-            builder.store(cur[key], a_)
-    # back in column order: per nibble half (even p: columns lo + j, odd p: hi + j), 64 columns from 4 accumulators
+
+    # one set of accumulators (a second one alternating with it, as for chunks of 32 bytes before, ran 10% slower)
+    with cgutils.for_range(builder, builder.sdiv(n, ir.Constant(_I64, 2))) as loop:
+        cur = {key: builder.load(a) for key, a in accs.items()}
+        pair_step(loop.index, cur)
+        for key, a in accs.items():
+            builder.store(cur[key], a)
+    # back in column order: per nibble half (even p: columns lo + j, odd p: hi + j), nbytes columns
     xsb = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), xs, ir.Constant(_I32, 0)),
                                  ir.Constant(vf, ir.Undefined), ir.Constant(vi, [0] * 16))
     sixteen = ir.Constant(vf, [16.0] * 16)
     for par, base in ((0, lo), (1, hi)):
-        src = [builder.load(accs[(h, p)]) for h in (0, 1) for p in (par, par + 2)]
-        both = [builder.shuffle_vector(src[0], src[1], ir.Constant(vec(_I32, 32), list(range(32)))),
-                builder.shuffle_vector(src[2], src[3], ir.Constant(vec(_I32, 32), list(range(32))))]
-        allv = builder.shuffle_vector(both[0], both[1], ir.Constant(vec(_I32, 64), list(range(64))))
-        for q in range(4):
-            v = builder.shuffle_vector(allv, ir.Constant(vec(_F32, 64), ir.Undefined),
-                                       ir.Constant(vi, _MAGIC_SOURCE[par][16 * q:16 * q + 16]))
+        order, where = _magic_order(nbytes, par)
+        src = [builder.load(accs[key]) for key in order]
+        while len(src) > 1:  # concatenated, pairwise
+            both = ir.Constant(vec(_I32, 2 * src[0].type.count), list(range(2 * src[0].type.count)))
+            src = [builder.shuffle_vector(src[i], src[i + 1], both) for i in range(0, len(src), 2)]
+        allv = src[0]
+        for q in range(nbytes // 16):
+            v = builder.shuffle_vector(allv, ir.Constant(allv.type, ir.Undefined),
+                                       ir.Constant(vi, where[16 * q:16 * q + 16]))
             off = builder.add(base, ir.Constant(_I64, 16 * q))
             s = builder.load(builder.bitcast(builder.gep(srow, [off]), vf.as_pointer()), align=4)
             op = builder.bitcast(builder.gep(orow, [off]), vf.as_pointer())
