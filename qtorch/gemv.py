@@ -74,7 +74,8 @@ __all__ = ["eligible", "gemv_blocked"]
 # vpermps on 16 floats (AVX-512F): an instruction, so only where numba compiles for a CPU that has it (a 16-float
 # vector elsewhere is split by LLVM; an intrinsic is not)
 _PERMPS = host_has("avx512f")
-#: vdpbf16ps (AVX512-BF16) and shuffles of 16-bit words (AVX512-BW): the dot-product variant for bfloat16 rows (:func:`dot_available`)
+#: vdpbf16ps (AVX512-BF16) and shuffles of 16-bit words (AVX512-BW): the dot-product variant for bfloat16 rows
+#: (:func:`dot_available`)
 _DP = _PERMPS and host_has("avx512bf16") and host_has("avx512bw")
 
 
@@ -259,10 +260,10 @@ def _emit_dot_rows_magic(nbytes, zm, context, builder, sig, args):
     ``1 + code / 16`` (exact). One ``vdpbf16ps`` per 32 codes, ``acc[n] += x[k] m[k][n] + x[k + 1] m[k + 1][n]``
     (exact products, float32 sums) with ``x[k], x[k + 1]`` broadcast as one pair; two integer operations a vector
     and no shuffle but the interleave (a widening and a ``vpermw`` table lookup per 32 codes took a third more time
-    on one thread of a Zen 4). The sums
-    give ``sum x (code - z) = 16 (acc - sum x) - z sum x`` per group (``z`` the zero point, or 8 for symmetric
-    codes). The accumulators hold the columns in the interleave's order (:func:`_magic_cols`) and are put back in
-    column order once per group. ``x`` is float32 holding bfloat16 values; ``nk`` is even."""
+    on one thread of a Zen 4). The sums give ``sum x (code - z) = 16 (acc - sum x) - z sum x`` per group (``z`` the
+    zero point, or 8 for symmetric codes). The accumulators hold the columns in the interleave's order
+    (:func:`_magic_cols`) and are put back in column order once per group. ``x`` is float32 holding bfloat16
+    values; ``nk`` is even."""
     w = context.make_array(sig.args[0])(context, builder, args[0])
     xa = context.make_array(sig.args[5])(context, builder, args[5])
     oa = context.make_array(sig.args[6])(context, builder, args[6])
