@@ -216,19 +216,25 @@ def _dot_rows(typingctx, wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, 
                     builder.store(builder.fadd(builder.load(accs[a]), prod, flags=("contract",)), accs[a])
         if dwords:  # back in column order: accumulators v (low nibbles, columns lo + 16 v ..) and v + 4 (high)
             for par in (0, 1):
-                src = [builder.load(daccs[p]) for p in range(par, 8, 2)]
-                while len(src) > 1:
-                    both = ir.Constant(vec(_I32, 2 * src[0].type.count), list(range(2 * src[0].type.count)))
-                    src = [builder.shuffle_vector(src[j], src[j + 1], both) for j in range(0, len(src), 2)]
+                allv = _concat(builder, [builder.load(daccs[p]) for p in range(par, 8, 2)])
                 for v in range(4):  # column c = 4 i + q lies in accumulator p = 2 q + par, lane i
                     idx = [16 * (c % 4) + c // 4 for c in range(16 * v, 16 * v + 16)]
-                    builder.store(builder.shuffle_vector(src[0], ir.Constant(src[0].type, ir.Undefined),
+                    builder.store(builder.shuffle_vector(allv, ir.Constant(allv.type, ir.Undefined),
                                                          ir.Constant(vi, idx)), accs[v + 4 * par])
         _emit_group_sums(builder, accs, offs, srow, orow, zrow, xs, zm, L)
         return context.get_dummy_value()
 
     sig = types.void(wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, xsg, pf, bits, chunk, zmode, lanes)
     return sig, codegen
+
+
+def _concat(builder, vectors: list):
+    """IR: one vector of the ``vectors`` (a power of two of them, of one type) end to end, joined pairwise."""
+    while len(vectors) > 1:
+        n = 2 * vectors[0].type.count
+        vectors = [builder.shuffle_vector(vectors[i], vectors[i + 1], ir.Constant(vec(_I32, n), list(range(n))))
+                   for i in range(0, len(vectors), 2)]
+    return vectors[0]
 
 
 def _magic_cols(nbytes: int) -> dict:
@@ -339,11 +345,7 @@ def _emit_dot_rows_magic(nbytes, zm, context, builder, sig, args):
     sixteen = ir.Constant(vf, [16.0] * 16)
     for par, base in ((0, lo), (1, hi)):
         order, where = _magic_order(nbytes, par)
-        src = [builder.load(accs[key]) for key in order]
-        while len(src) > 1:  # concatenated, pairwise
-            both = ir.Constant(vec(_I32, 2 * src[0].type.count), list(range(2 * src[0].type.count)))
-            src = [builder.shuffle_vector(src[i], src[i + 1], both) for i in range(0, len(src), 2)]
-        allv = src[0]
+        allv = _concat(builder, [builder.load(accs[key]) for key in order])
         for q in range(nbytes // 16):
             v = builder.shuffle_vector(allv, ir.Constant(allv.type, ir.Undefined),
                                        ir.Constant(vi, where[16 * q:16 * q + 16]))
