@@ -6,8 +6,9 @@
 Per layer shape (out x in), enough distinct weights of that shape to exceed ``--mib`` MiB in all (more than the
 last-level cache) are called in turn, so that each call reads its codes from memory, as a decoding step does; the
 same is done hot (one weight, called repeatedly: what the kernel computes at, from the caches). Cases: asymmetric
-codes with the zero point folded per group (``fold``: the bfloat16/float16 forward), asymmetric exact (float32)
-and symmetric exact. Printed: best and median ms per call over ``--repeats`` rounds (cases alternating inside each
+codes with the zero point folded per group (``fold``: the forward's 4-bit path, and 8-bit for bfloat16/float16),
+asymmetric exact and symmetric exact, and for 4-bit codes on CPUs with AVX512-BF16 the dot-product variant of
+bfloat16 rows (``dot``: the ``bf16dot`` path's one row). Printed: best and median ms per call over ``--repeats`` rounds (cases alternating inside each
 round) and the codes' GB/s at the best; cold/hot near 1 means the kernel, not memory, is the limit.
 """
 
@@ -58,20 +59,24 @@ def main() -> None:
     print(f"{a.bits}-bit, groups of {a.group}, threads {torch.get_num_threads()}; ms per call (best / median), "
           f"GB/s of codes at the best")
     rng = np.random.default_rng(0)
-    cases = (("fold", 0, True), ("asym exact", 0, False), ("sym exact", 1, False))
+    cases = [("fold", 0, True, False), ("asym exact", 0, False, False), ("sym exact", 1, False, False)]
+    if a.bits == 4 and gemv.dot_available():
+        cases.append(("dot", 0, True, True))
     for n, k in SHAPES:
         codes = n * k * a.bits // 8
         cold = _layers(n, k, a.bits, a.group, max(2, (a.mib << 20) // codes), rng)
         hot = cold[:1] * 8
         x = rng.standard_normal(k).astype(np.float32)
+        xb = torch.from_numpy(x).to(torch.bfloat16).float().numpy()  # bfloat16 values, as the dot variant reads
         out = np.empty(n, np.float32)
         times = {}
         for r in range(a.repeats + 1):  # round 0: warm-up (compilation, first touch)
-            for name, sym, fold in cases:
+            for name, sym, fold, dot in cases:
+                xr = xb if dot else x
                 for temp, plans in (("cold", cold), ("hot", hot)):
                     t = time.perf_counter()
                     for pl in plans:
-                        gemv.run_plan(pl[sym], x, x.ctypes.data, out, out.ctypes.data, fold)
+                        gemv.run_plan(pl[sym], xr, xr.ctypes.data, out, out.ctypes.data, fold, dot)
                     if r:
                         times.setdefault((name, temp), []).append((time.perf_counter() - t) / len(plans) * 1e3)
         cells = []
