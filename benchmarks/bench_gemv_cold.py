@@ -76,7 +76,7 @@ def main() -> None:
                 for temp, plans in (("cold", cold), ("hot", hot)):
                     t = time.perf_counter()
                     for pl in plans:
-                        gemv.run_plan(pl[sym], xr, xr.ctypes.data, out, out.ctypes.data, fold, dot)
+                        gemv.run_plan(pl[sym], xr.ctypes.data, 0, out.ctypes.data, 0, fold, dot)
                     if r:
                         times.setdefault((name, temp), []).append((time.perf_counter() - t) / len(plans) * 1e3)
         cells = []

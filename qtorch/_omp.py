@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from qcore import _parallel, _team
 # the kernel modules take these from here
-from qcore._team import ADDR, F64, I64, Operands, as_ptr, claim, claim_operands  # noqa: F401
+from qcore._team import ADDR, F64, HEADER, I64, Operands, as_ptr, claim, claim_operands  # noqa: F401
 
 from ._ir import cached as _cached
 

@@ -56,8 +56,10 @@ array([64., 64., 64.], dtype=float32)
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
+import torch
 from llvmlite import ir
 from numba import carray, njit, types
 from numba.core import cgutils
@@ -454,35 +456,154 @@ def _gemv_range(x, xs, wb, scale, zp, gsize, bits, out, pf, wide, dot, t0, t1): 
 
 
 #: the team kernel's operands (its chunks are tiles: the block's total is T); wb's dtype is the kernel's own.
-#: ``flags``: fold (bit 0), wide (bit 1), dot (bit 2), the prefetch distance in bytes (from bit 3 on)
+#: ``flags``: fold (bit 0), wide (bit 1), dot (bit 2), x's kind (bits 3-4) and out's (bits 5-6) as in :data:`KINDS`,
+#: the prefetch distance in bytes (from bit 7 on). ``scratch``: float32 ``[N]``, the sums of an output that is not
+#: float32 (each tile converts its own columns into ``out`` once they are done)
 OPERANDS = _omp.Operands("gemv", K=_omp.I64, W=_omp.I64, gsize=_omp.I64, bits=_omp.I64, zp_rows=_omp.I64,
-                         flags=_omp.I64, tiles=_omp.I64, x=_omp.ADDR, xs=_omp.ADDR, wb=_omp.ADDR, scale=_omp.ADDR,
-                         zp=_omp.ADDR, out=_omp.ADDR)
+                         flags=_omp.I64, tiles=_omp.I64, x=_omp.ADDR, scratch=_omp.ADDR, wb=_omp.ADDR,
+                         scale=_omp.ADDR, zp=_omp.ADDR, out=_omp.ADDR)
 _read = OPERANDS.read
+#: the element types of ``x`` and ``out`` a call reads and writes, as the kernel numbers them
+KINDS = {"float32": 0, "bfloat16": 1, "float16": 2}
+TORCH_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_PF_SHIFT = 7
+
+
+@intrinsic
+def _half_bits_to_float(typingctx, h):
+    """float32 of the float16 whose bits are the uint16 ``h`` (exact: LLVM's ``fpext``, ``vcvtph2ps``)."""
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), _F32)
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _float_to_half_bits(typingctx, f):
+    """The bits of the float16 rounding (to nearest even) of the float32 ``f``, as torch's ``.to(float16)``."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _I16)
+    return types.uint16(types.float32), codegen
 
 
 @njit(inline="always")
-def _gemv_chunk(o, i, t0, t1, wdt, _y):  # pragma: no cover - compiled; tiles t0..t1 on a thread of torch's team
+def _widen_row(o, xf):  # pragma: no cover - compiled; x (its kind from flags) as float32, exactly
+    K = o.K
+    kind = (o.flags >> 3) & 3
+    if kind == 0:
+        src = carray(o.x, K, np.float32)
+        for k in range(K):
+            xf[k] = src[k]
+    elif kind == 1:  # bfloat16: the upper half of a float32
+        bits = carray(o.x, K, np.uint16)
+        xi = xf.view(np.uint32)
+        for k in range(K):
+            xi[k] = np.uint32(bits[k]) << np.uint32(16)
+    else:
+        bits = carray(o.x, K, np.uint16)
+        for k in range(K):
+            xf[k] = _half_bits_to_float(bits[k])
+
+
+@njit(inline="always")
+def _block_sum(xf, k0, n):  # pragma: no cover - compiled; n <= 128 values from k0: 8 lanes, then pairwise
+    part = np.zeros(8, np.float32)
+    n8 = n // 8 * 8
+    for k in range(0, n8, 8):
+        for j in range(8):
+            part[j] += xf[k0 + k + j]
+    s = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))
+    for k in range(n8, n):
+        s += xf[k0 + k]
+    return s
+
+
+@njit(inline="always")
+def _row_sums(xf, gsize, xs):  # pragma: no cover - compiled
+    # float32 sums of each group of x: blocks of 128 summed in 8 lanes, the blocks' sums added pairwise (a tree),
+    # so the rounding grows with log2 of the group size, as NumPy's pairwise sum does
+    nb = (gsize + 127) // 128
+    sums = np.empty(nb, np.float32)
+    for g in range(xs.shape[0]):
+        k0 = g * gsize
+        for b in range(nb):
+            sums[b] = _block_sum(xf, k0 + 128 * b, min(128, gsize - 128 * b))
+        m = nb
+        while m > 1:
+            h = m // 2
+            for b in range(h):
+                sums[b] = sums[2 * b] + sums[2 * b + 1]
+            if m % 2:
+                sums[h] = sums[m - 1]
+            m = h + m % 2
+        xs[g] = sums[0]
+
+
+@njit(inline="always")
+def _prep(o):  # pragma: no cover - compiled; per thread, once per call: x as float32 and its group sums
+    xf = np.empty(o.K, np.float32)
+    _widen_row(o, xf)
+    xs = np.empty(o.K // o.gsize if o.flags & 1 else 0, np.float32)
+    _row_sums(xf, o.gsize, xs)
+    return xf, xs
+
+
+@njit(inline="always")
+def _narrow(src, dst, kind, n0, n1):  # pragma: no cover - compiled; float32 sums into out's kind
+    if kind == 1:  # bfloat16, to nearest even, NaN as torch writes it
+        si = src.view(np.uint32)
+        for n in range(n0, n1):
+            u = si[n]
+            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                dst[n] = np.uint16(0x7FC0)
+            else:
+                dst[n] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    else:
+        for n in range(n0, n1):
+            dst[n] = _float_to_half_bits(src[n])
+
+
+@njit(inline="always")
+def _gemv_chunk(o, i, t0, t1, wdt, y):  # pragma: no cover - compiled; tiles t0..t1 on a thread of torch's team
     T, K, W, G = o.tiles, o.K, o.W, o.K // o.gsize
     NT = W * 2 if o.bits == 4 else W
     zrows = o.zp_rows
-    fold = o.flags & 1
-    _gemv_range(carray(o.x, K, np.float32), carray(o.xs, G if fold else 0, np.float32),
-                carray(o.wb, (T, K, W), wdt), carray(o.scale, (G, T * NT), np.float32),
-                carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8), o.gsize, o.bits,
-                carray(o.out, T * NT, np.float32), o.flags >> 3, (o.flags >> 1) & 1, (o.flags >> 2) & 1, t0, t1)
+    okind = (o.flags >> 5) & 3
+    xf, xs = y
+    sums = carray(o.scratch if okind else o.out, T * NT, np.float32)
+    _gemv_range(xf, xs, carray(o.wb, (T, K, W), wdt), carray(o.scale, (G, T * NT), np.float32),
+                carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8), o.gsize, o.bits, sums,
+                o.flags >> _PF_SHIFT, (o.flags >> 1) & 1, (o.flags >> 2) & 1, t0, t1)
+    if okind:
+        _narrow(sums, carray(o.out, T * NT, np.uint16), okind, t0 * NT, t1 * NT)
     return 0
 
 
+@njit(inline="always")
+def _team_body(data, wdt):  # pragma: no cover - compiled
+    head = carray(data, _omp.HEADER, np.int64)
+    if head[1] > 0:  # chunks to claim: this thread's own x (a block of none is the loader's probe)
+        y = _prep(_read(head))
+    else:
+        y = (np.empty(0, np.float32), np.empty(0, np.float32))
+    _omp.claim_operands(data, _read, _gemv_chunk, wdt, y)
+
+
 def _team_gemv_i8(data):  # pragma: no cover - compiled
-    _omp.claim_operands(data, _read, _gemv_chunk, np.int8, 0)
+    _team_body(data, np.int8)
 
 
 def _team_gemv_u8(data):  # pragma: no cover - compiled
-    _omp.claim_operands(data, _read, _gemv_chunk, np.uint8, 0)
+    _team_body(data, np.uint8)
 
 
 _TEAM_KERNELS = {True: _omp.TeamKernel(_team_gemv_i8), False: _omp.TeamKernel(_team_gemv_u8)}  # by signedness
+
+
+def _serial(team, block, lo, hi) -> None:
+    # off a team (one thread, a forked child, no OpenMP; or each of qcore's threads): the team kernel on the
+    # calling thread claims chunks until none is left
+    team.ctypes()(block.ctypes.data)
+
 
 #: vectors of 16 floats where the CPU numba compiles for has AVX-512 (half the instructions per code), else 8
 WIDE = host_has("avx512f")
@@ -520,8 +641,8 @@ def gemv_blocked(x: np.ndarray, wb: np.ndarray, scale: np.ndarray, zp: np.ndarra
     if prefetch is not None and (isinstance(prefetch, bool) or not isinstance(prefetch, int)
                                  or not 0 <= prefetch <= _MAX_PREFETCH):
         raise ValueError(f"prefetch must be an int of bytes in [0, {_MAX_PREFETCH}], got {prefetch!r}")
-    _run(x, wb, scale, zp, gsize, bits, out, fold, x.ctypes.data, wb.ctypes.data, scale.ctypes.data,
-         zp.ctypes.data, out.ctypes.data, wide, prefetch)
+    _run(wb, scale, zp, gsize, bits, fold, x.ctypes.data, 0, wb.ctypes.data, scale.ctypes.data, zp.ctypes.data,
+         out.ctypes.data, 0, wide, prefetch)
     return out
 
 
@@ -530,20 +651,30 @@ _MAX_PREFETCH = 1 << 20
 
 def _gemv_tensors(x, wb, scale, zp, gsize: int, bits: int, out, fold: bool, dot: bool = False):
     """:func:`gemv_blocked` on CPU torch tensors that ``layouts.blocked`` built (contiguous, of the layout's
-    dtypes and shapes; ``x`` / ``out`` ``[1, K]`` / ``[1, N]``): the forward's entry, where a tensor's address costs
-    less to get than an array's."""
-    _run(x.numpy().reshape(-1), wb.numpy(), scale.numpy(), zp.numpy(), gsize, bits, out.numpy().reshape(-1), fold,
-         x.data_ptr(), wb.data_ptr(), scale.data_ptr(), zp.data_ptr(), out.data_ptr(), dot=dot)
+    dtypes and shapes; ``x`` / ``out`` ``[1, K]`` / ``[1, N]`` of float32, bfloat16 or float16, each of its own):
+    the forward's entry, where a tensor's address costs less to get than an array's."""
+    _run(wb.numpy(), scale.numpy(), zp.numpy(), gsize, bits, fold, x.data_ptr(), TORCH_KINDS[x.dtype],
+         wb.data_ptr(), scale.data_ptr(), zp.data_ptr(), out.data_ptr(), TORCH_KINDS[out.dtype], dot=dot)
     return out
 
 
-def _run(x, wb, scale, zp, gsize, bits, out, fold, xa, wa, sa, za, oa, wide=None, prefetch=None, dot=False) -> None:
-    # the arrays (for qcore's threads) and their addresses (for the team kernel's block) of the same operands
+def _run(wb, scale, zp, gsize, bits, fold, xa, xkind, wa, sa, za, oa, okind, wide=None, prefetch=None,
+         dot=False) -> None:
+    # the arrays (kept alive by the plan) and the addresses (for the team kernel's block) of the same operands
     T, K, W = wb.shape
     if T == 0 or K == 0:
-        out[:] = 0
+        if T:
+            _zero_out(oa, okind, T * (W * 2 if bits == 4 else W))
         return
-    run_plan(Plan(wb, scale, zp, gsize, bits, wa, sa, za, wide=wide, prefetch=prefetch), x, xa, out, oa, fold, dot)
+    run_plan(Plan(wb, scale, zp, gsize, bits, wa, sa, za, wide=wide, prefetch=prefetch), xa, xkind, oa, okind, fold,
+             dot)
+
+
+def _zero_out(oa: int, okind: int, n: int) -> None:
+    # K = 0: every sum is empty (zero bits are zero in every kind)
+    import ctypes
+
+    ctypes.memset(oa, 0, n * (4 if okind == 0 else 2))
 
 
 class Plan:
@@ -552,7 +683,7 @@ class Plan:
     which saves about 15 us of a call's Python (a 768x768 layer's kernel takes about 18 us). ``wide`` and
     ``prefetch`` as in :func:`gemv_blocked`."""
 
-    __slots__ = ("wb", "scale", "zp", "gsize", "bits", "T", "K", "G", "fold_ok", "dot_ok", "min_part", "block",
+    __slots__ = ("wb", "scale", "zp", "gsize", "bits", "T", "K", "N", "G", "fold_ok", "dot_ok", "block",
                  "addresses", "kernel", "wide", "prefetch")
 
     def __init__(self, wb, scale, zp, gsize: int, bits: int, wa: int, sa: int, za: int, *,
@@ -560,35 +691,44 @@ class Plan:
         T, K, W = wb.shape
         self.wb, self.scale, self.zp, self.gsize, self.bits = wb, scale, zp, gsize, bits
         self.T, self.K, self.G = T, K, scale.shape[0]
+        self.N = T * (W * 2 if bits == 4 else W)
         self.fold_ok = bool(zp.shape[0] or bits == 4)
-        self.min_part = max(1, (1 << 21) // max(1, K * W))
         self.wide = WIDE if wide is None else bool(wide)
         self.prefetch = PREFETCH if prefetch is None else int(prefetch)
         self.dot_ok = _DP and self.wide and bits == 4 and gsize % 2 == 0
-        flags = (self.prefetch << 3) | (int(self.wide) << 1)
+        flags = (self.prefetch << _PF_SHIFT) | (int(self.wide) << 1)
         self.block = _omp.new_block(T, T, OPERANDS.pack(K=K, W=W, gsize=gsize, bits=bits, zp_rows=zp.shape[0],
-                                                        flags=flags, tiles=T, x=0, xs=0, wb=wa, scale=sa, zp=za,
-                                                        out=0))
+                                                        flags=flags, tiles=T, x=0, scratch=0, wb=wa, scale=sa,
+                                                        zp=za, out=0))
         self.addresses = (wa, sa, za)
         self.kernel = _TEAM_KERNELS[wb.dtype == np.int8]
 
 
-_NO_SUMS = np.zeros(0, np.float32)
-_FLAGS, _X, _XS, _OUT = (OPERANDS.slot(f) for f in ("flags", "x", "xs", "out"))
+_FLAGS, _X, _SCRATCH, _OUT = (OPERANDS.slot(f) for f in ("flags", "x", "scratch", "out"))
+_SUMS = threading.local()  # each calling thread's float32 sums of a call whose output is not float32
 
 
-def run_plan(p: Plan, x, xa: int, out, oa: int, fold: bool, dot: bool = False) -> None:
-    """``out = x @ W.T`` for the layer of ``p``: ``x`` float32 ``[K]`` at address ``xa``, ``out`` float32 ``[N]``
-    at ``oa`` (``fold`` as in :func:`gemv_blocked`). ``dot``: ``x`` holds bfloat16 values and the 4-bit codes go
-    by dot products (:func:`dot_available`; where the layer allows: 16-float vectors, groups of even size, else the
-    float path). The caller keeps ``x`` and ``out`` alive and of those shapes."""
+def _sums_address(n: int) -> int:
+    buf = getattr(_SUMS, "buf", None)
+    if buf is None or buf.size < n:
+        buf = _SUMS.buf = np.empty(max(n, 1024), np.float32)
+        _SUMS.addr = buf.ctypes.data
+    return _SUMS.addr
+
+
+def run_plan(p: Plan, xa: int, xkind: int, oa: int, okind: int, fold: bool, dot: bool = False) -> None:
+    """``out = x @ W.T`` for the layer of ``p``: ``x`` ``[K]`` at address ``xa`` and ``out`` ``[N]`` at ``oa``, of
+    the :data:`KINDS` ``xkind`` / ``okind`` (float32, bfloat16 or float16: each thread widens ``x`` to float32 for
+    itself, and each tile rounds its own float32 sums into ``out``, to nearest even, as ``.to()`` does); ``fold``
+    as in :func:`gemv_blocked`. ``dot``: ``x`` holds bfloat16 values and the 4-bit codes go by dot products
+    (:func:`dot_available`; where the layer allows: 16-float vectors, groups of even size, else the float path).
+    The caller keeps ``x`` and ``out`` alive."""
     fold = bool(fold) and p.fold_ok
     dot = bool(dot) and fold and p.dot_ok
-    # group sums of x, once per call (a sequential sum per tile cost 6% of a 4-bit row)
-    xs = x.reshape(p.G, p.gsize).sum(1, dtype=np.float32) if fold else _NO_SUMS
     block = p.block.copy()  # per call: a module may run on several threads at once
-    block[_FLAGS] |= fold | dot << 2
-    block[_X], block[_XS], block[_OUT] = xa, xs.ctypes.data, oa
-    _omp.run(p.T, p.kernel, block, _gemv_range,
-             (x, xs, p.wb, p.scale, p.zp, p.gsize, p.bits, out, p.prefetch, p.wide, dot), p.T,
-             p.min_part, nchunks=p.T)
+    block[_FLAGS] |= fold | dot << 2 | xkind << 3 | okind << 5
+    block[_X], block[_OUT] = xa, oa
+    if okind:
+        block[_SCRATCH] = _sums_address(p.N)
+    team = p.kernel
+    _omp.run(p.T, team, block, _serial, (team, block), p.T, 1, nchunks=p.T)

@@ -104,18 +104,20 @@ def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     by the one-row kernel's dot-product variant (the ``bf16dot`` path's one row)."""
     qweight = qweight.contiguous()  # the kernels address arrays by shape: no copy for the layout's own buffer
     scale, zero_point = blocked_params(scale, zero_point, out_features)
-    one_row = x.shape[0] == 1 and gemv.eligible(bits, qweight.shape[2])  # decoding: the one-row kernel
+    one_row = (x.shape[0] == 1 and gemv.eligible(bits, qweight.shape[2])  # decoding: the one-row kernel
+               and x.dtype in gemv.TORCH_KINDS)
     if one_row:
         plan = _op_plan(qweight, scale, zero_point, group_size, bits)
         if plan is not None:
             return gemv_planned(x, plan, out_features, dot=dot)
+    if one_row:
+        x = _row(x)
+        out = torch.empty((1, out_features), dtype=x.dtype)
+        return gemv._gemv_tensors(x, qweight, scale, zero_point, group_size, bits, out, _folds(x.dtype, bits),
+                                  dot=dot and x.dtype == torch.bfloat16)
     xf = _float32(x)
     out = torch.empty((xf.shape[0], out_features), dtype=torch.float32)
-    if one_row:
-        gemv._gemv_tensors(xf, qweight, scale, zero_point, group_size, bits, out, _folds(x.dtype, bits),
-                           dot=dot and x.dtype == torch.bfloat16)
-    else:
-        gemm._gemm_tensors(xf, qweight, scale, zero_point, group_size, bits, out)
+    gemm._gemm_tensors(xf, qweight, scale, zero_point, group_size, bits, out)
     return _as(out, x.dtype)
 
 
@@ -164,13 +166,21 @@ def _op_plan(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
 
 def gemv_planned(x: torch.Tensor, plan, out_features: int, dot: bool = False) -> torch.Tensor:
     """:func:`gemm_blocked_impl` for one row ``x[1, K]`` with a layer's :func:`gemv_plan`: same kernel, same
-    result, less Python per call (eager, no autograd). ``dot``: bfloat16 ``x``, 4-bit codes by dot products
-    (the ``bf16dot`` path's one row)."""
-    xf = _float32(x)
-    out = torch.empty((1, out_features), dtype=torch.float32)
-    gemv.run_plan(plan, xf.numpy().reshape(-1), xf.data_ptr(), out.numpy().reshape(-1), out.data_ptr(),
-                  _folds(x.dtype, plan.bits), dot and x.dtype == torch.bfloat16)
-    return _as(out, x.dtype)
+    result, less Python per call (eager, no autograd). The kernel reads ``x`` and writes the output in ``x``'s
+    dtype itself (no conversion before or after). ``dot``: bfloat16 ``x``, 4-bit codes by dot products (the
+    ``bf16dot`` path's one row)."""
+    x = _row(x)
+    dt = x.dtype
+    out = torch.empty((1, out_features), dtype=dt)
+    kind = gemv.TORCH_KINDS[dt]
+    gemv.run_plan(plan, x.data_ptr(), kind, out.data_ptr(), kind, _folds(dt, plan.bits), dot and kind == 1)
+    return out
+
+
+def _row(x: torch.Tensor) -> torch.Tensor:
+    """``x[1, K]`` as the one-row kernel reads it: its elements adjacent (any other stride of a single row is
+    moot); held by the caller while the kernel runs."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _folds(dtype: torch.dtype, bits: int) -> bool:

@@ -289,7 +289,7 @@ def test_the_dot_variant_matches_float64_for_bfloat16_rows(sym, kind, g, tile, t
     outs = {}
     for dot in (False, True):
         out = np.full(n, np.nan, np.float32)
-        gemv.run_plan(plan, xs, xs.ctypes.data, out, out.ctypes.data, True, dot)
+        gemv.run_plan(plan, xs.ctypes.data, 0, out.ctypes.data, 0, True, dot)
         outs[dot] = torch.from_numpy(out).double()
     ref = (x.double() @ w.T)[0]
     bound = (x.double().abs() @ (2.0 ** 5 * sp.T.double().repeat_interleave(gsize, dim=1)).T)[0]
@@ -306,8 +306,8 @@ def test_the_dot_variant_falls_back_where_the_layer_does_not_allow_it():
         assert not plan.dot_ok
         xs = torch.randn(k).to(torch.bfloat16).float().numpy()
         a, b = np.empty(128, np.float32), np.empty(128, np.float32)
-        gemv.run_plan(plan, xs, xs.ctypes.data, a, a.ctypes.data, True, False)
-        gemv.run_plan(plan, xs, xs.ctypes.data, b, b.ctypes.data, True, True)
+        gemv.run_plan(plan, xs.ctypes.data, 0, a.ctypes.data, 0, True, False)
+        gemv.run_plan(plan, xs.ctypes.data, 0, b.ctypes.data, 0, True, True)
         assert np.array_equal(a, b)
 
 
@@ -330,3 +330,47 @@ def test_folded_4bit_codes_keep_the_exact_subtractions_bound(sym, kind, g, wide)
     bound = (x.double().abs() @ (16.0 * scales).T)[0]
     err = (torch.from_numpy(out).double() - ref).abs()
     assert torch.all(err <= 2 ** -20 * bound)
+
+
+def _same(a, b):
+    # the same values bit for bit, NaN where the other has NaN (whose payload no conversion promises)
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan].view(torch.int16), b[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bits,sym,kind,g", [(4, False, "group", 32), (4, True, "channel", 1), (8, False, "group", 64),
+                                             (8, True, "channel", 1)])
+@pytest.mark.parametrize("team", [True, False])
+@pytest.mark.parametrize("dot", [False, True])
+def test_half_rows_in_and_out_are_the_float32_call_rounded(dtype, bits, sym, kind, g, team, dot, monkeypatch):
+    # the kernel widens a bfloat16/float16 row itself and rounds its own float32 sums into the output's dtype:
+    # bit for bit the float32 call on x.float(), then .to(dtype), NaN and overflow included
+    if not team:
+        _no_team(monkeypatch)
+    k, n = 256, 192
+    w, wb, sb, zb = _blocked(bits, sym, kind, g, n, k, 64, seed=bits + g)
+    sp, zp = blocked.blocked_params(sb, zb, n)
+    gsize = g if kind == "group" else k
+    plan = gemv.Plan(wb.numpy(), sp.numpy(), zp.numpy(), gsize, bits, wb.data_ptr(), sp.data_ptr(), zp.data_ptr())
+    kind_ = gemv.TORCH_KINDS[dtype]
+    for scale_x in (1.0, 3e4):  # the second overflows float16 in some columns
+        x = (torch.randn(k) * scale_x).to(dtype)
+        x[7] = float("nan") if scale_x > 1 else x[7]
+        xf = x.float()
+        ref = torch.empty(n)
+        gemv.run_plan(plan, xf.data_ptr(), 0, ref.data_ptr(), 0, True, dot and dtype == torch.bfloat16)
+        out = torch.full((n,), 5.0, dtype=dtype)
+        gemv.run_plan(plan, x.data_ptr(), kind_, out.data_ptr(), kind_, True, dot and dtype == torch.bfloat16)
+        assert _same(out, ref.to(dtype))
+    assert torch.isnan(out.float()).all()  # a NaN of x reaches every column
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_a_row_with_strides_reads_only_its_elements(dtype):
+    # a single row sliced from a wider tensor, and a column of a transposed one: the forward reads the row's values
+    q = qtorch.W4A16Linear.from_linear(torch.nn.Linear(256, 128, dtype=dtype))
+    wide = torch.randn(3, 512, dtype=dtype)
+    with torch.no_grad():
+        for x in (wide[1:2, 100:356], torch.randn(256, 2, dtype=dtype).t()[:1]):
+            assert torch.equal(q(x), q(x.contiguous()))
