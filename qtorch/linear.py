@@ -264,6 +264,17 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # decoding (one row, on the CPU, no gradient, eager): the weight's decoder, the least Python per call
+        # (a small model's step makes hundreds of these calls, each a few us of kernel)
+        if (not torch.compiler.is_compiling() and isinstance(x, torch.Tensor) and x.is_cpu
+                and x.numel() == self.in_features and x.dim() and x.shape[-1] == self.in_features
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            y = self._w.decode(x)
+            if y is not None:
+                bias = self._buffers["bias"]
+                if bias is not None:
+                    y.add_(bias if bias.dtype == y.dtype else bias.to(y.dtype))
+                return y
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in COMPUTE_DTYPES:

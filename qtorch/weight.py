@@ -37,6 +37,7 @@ from qcore import packing
 from qcore.params import check_codes, check_float_grid, check_grid, check_zero_point
 
 from . import autotune, layouts
+from ._infer_ops import needs_grad
 from ._torch_numpy import to_numpy
 from .layouts import WeightSpec
 from .layouts.canonical import CANONICAL
@@ -63,6 +64,12 @@ class QuantizedWeight:
         self._routes: dict = {}  # (device type, dtype, row bucket index) -> path, for tuned layouts
         self.reset(torch.get_default_device() if device is None else torch.device(device))
 
+    def __getstate__(self):
+        # copies and pickles start without decoders: each one is bound to the weight (and buffers) it was made for
+        state = dict(self.__dict__)
+        state["_decoders"] = {}
+        return state
+
     # ------------------------------------------------------------------ state
     def reset(self, device: torch.device) -> None:
         """The zero weight on ``device``, canonical: valid for every layout, and what ``to_empty`` gives."""
@@ -83,6 +90,7 @@ class QuantizedWeight:
         b["qweight"], b["scale"], b["zero_point"] = q, s, z
         self.layout, self.aux = layout, aux
         self._routes = {}
+        self._decoders = {}  # by dtype: the layout's decoder of one-row calls (None: it has none)
 
     @property
     def device(self) -> torch.device:
@@ -267,7 +275,22 @@ class QuantizedWeight:
         else:
             path = lay.path(x2.device.type, x2.dtype, rows, spec.bits)
         y = lay.linear(self, x2, path)
+        if rows == 1 and x.is_cpu and x.dtype not in self._decoders and not needs_grad(x) \
+                and not torch.compiler.is_compiling():
+            self._decoders[x.dtype] = lay.decoder(self, x.dtype, path)
         return y if flat else y.reshape(*x.shape[:-1], spec.out_features)
+
+    def decode(self, x: torch.Tensor):
+        """:meth:`linear` of a single row ``x`` (K elements, ``[K]``, ``[1, K]``...) by the layout's decoder kept
+        for its dtype (after the first such call), or None: no decoder (then :meth:`linear`). The caller has
+        checked ``x``: a CPU tensor of K elements, its last dimension K, no gradient to record, not traced."""
+        dec = self._decoders.get(x.dtype)
+        if dec is None:
+            return None
+        y = dec(x)
+        if y is None:
+            self._decoders = {}  # the buffers were replaced: linear() rebuilds, then a new decoder
+        return y
 
     def _route(self, x2: torch.Tensor, key: tuple) -> str:
         """The path for calls like ``x2`` (first call of its row bucket): the dispatcher's choice among the

@@ -120,6 +120,14 @@ class Layout:
         layer adds its bias to it in place)."""
         raise NotImplementedError
 
+    def decoder(self, weight, dtype: torch.dtype, path: str):
+        """A callable ``f(x)`` for eager single-row CPU calls of ``dtype`` by ``path`` (decoding: ``x`` of K
+        elements, ``[K]``, ``[1, K]``, ``[1, 1, K]``...; no gradient), or None where the layout has none: the
+        layer's Python per call cut to the kernel's own. ``f`` returns ``[..., N]`` as :meth:`linear` on the
+        2-d view would (the same kernel, the same bits), or None when the weight's buffers were replaced since
+        it was made (the caller then takes :meth:`linear`, and asks again)."""
+        return None
+
     # -- conversions (each layout overrides at least one of from_codes / from_canonical)
     def from_codes(self, spec: WeightSpec, codes, scale, zero_point):
         return self.from_canonical(spec, pack_codes(codes, spec.bits) if spec.bits < 8 else codes, scale,

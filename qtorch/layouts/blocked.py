@@ -601,6 +601,30 @@ class Blocked(Layout):
         fn = impl if direct else op if grad else twin
         return fn(x2, b["qweight"], b["scale"], b["zero_point"], spec.group, container_bits(spec.bits), n)
 
+    def decoder(self, weight, dtype, path):
+        # the one-row plan's call with everything but x fixed: what linear() runs for such a call
+        if path not in ("numba", BF16DOT) or dtype not in gemv.TORCH_KINDS:
+            return None
+        spec, b = weight.spec, weight.buffers
+        qw, sc, zp = b["qweight"], b["scale"], b["zero_point"]
+        plan = self.plan(weight)
+        if plan is None or qw.shape[1] != spec.in_features:  # no plan, or a ragged last group (x padded)
+            return None
+        kind, n, addresses = gemv.TORCH_KINDS[dtype], spec.out_features, plan.addresses
+        fold, dot = _folds(dtype, plan.bits), path == BF16DOT and kind == 1
+
+        def decode(x):
+            if (b["qweight"] is not qw or b["scale"] is not sc or b["zero_point"] is not zp
+                    or (qw.data_ptr(), sc.data_ptr(), zp.data_ptr()) != addresses):
+                return None
+            if x.stride(-1) != 1:  # (the other dimensions are of size 1)
+                x = x.contiguous()
+            out = torch.empty(x.shape[:-1] + (n,), dtype=dtype)
+            gemv.run_plan(plan, x.data_ptr(), kind, out.data_ptr(), kind, fold, dot)
+            return out
+
+        return decode
+
     def plan(self, weight):
         """``weight``'s :func:`gemv_plan`, rebuilt when a buffer is replaced or moved."""
         b = weight.buffers

@@ -200,6 +200,22 @@ class Int4Pack(Layout):
                                     b["zero_point"], spec.out_features, kp)
         return torch._weight_int4pack_mm_for_cpu(x2.contiguous(), b["qweight"], spec.group, weight.aux)
 
+    def decoder(self, weight, dtype, path):
+        # PyTorch's kernel with every operand but x fixed (no ragged last group to pad)
+        spec, b = weight.spec, weight.buffers
+        if path == "dense" or dtype != torch.bfloat16 or padded_k(spec.in_features, spec.kind, spec.group) != spec.in_features:
+            return None
+        qw, aux, group, k, n = b["qweight"], weight.aux, spec.group, spec.in_features, spec.out_features
+        mm = torch._weight_int4pack_mm_for_cpu
+
+        def decode(x):
+            if b["qweight"] is not qw or weight.aux is not aux:
+                return None
+            y = mm(x.reshape(1, k).contiguous(), qw, group, aux)
+            return y if x.dim() == 2 else y.view(x.shape[:-1] + (n,))
+
+        return decode
+
     def from_codes(self, spec, codes, scale, zero_point):
         codes = complete_groups(codes, zero_point, padded_k(spec.in_features, spec.kind, spec.group), 8)
         r = to_int4pack(codes, scale, zero_point, symmetric=spec.symmetric, group=spec.group)

@@ -86,6 +86,22 @@ class Int8Pack(Layout):
             return torch._weight_int8pack_mm(x2.contiguous(), b["qweight"], weight.aux)
         return dense_linear(x2, weight.dequantize)
 
+    def decoder(self, weight, dtype, path):
+        # PyTorch's kernel with every operand but x fixed
+        if path == dequant_path.NAME or dtype != torch.bfloat16:
+            return None
+        b = weight.buffers
+        qw, aux, k, n = b["qweight"], weight.aux, weight.spec.in_features, weight.spec.out_features
+        mm = torch._weight_int8pack_mm
+
+        def decode(x):
+            if b["qweight"] is not qw or weight.aux is not aux:
+                return None
+            y = mm(x.reshape(1, k).contiguous(), qw, aux)
+            return y if x.dim() == 2 else y.view(x.shape[:-1] + (n,))
+
+        return decode
+
     def from_canonical(self, spec, qweight, scale, zero_point):
         return qweight, scale, zero_point, scale.to(torch.bfloat16)  # the kernel wants the activations' dtype
 

@@ -171,3 +171,84 @@ def test_a_layer_from_a_quantized_array_equals_one_loaded_from_its_state(scheme,
         assert (t is None and a._buffers[key] is None) or torch.equal(a._buffers[key], t), key
     x = torch.randn(3, 128, dtype=dtype)
     assert torch.equal(a(x), b(x))
+
+
+def _layer_in(layout, bits, bias, dtype=torch.bfloat16, k=256, n=128, seed=0):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    scheme = QuantScheme(8, True, PerChannel(0)) if bits == 8 else QuantScheme(4, False, PerGroup(64))
+    q = qtorch.QuantLinear.from_linear(lin, scheme).to(dtype)
+    if not q._w.hold_layout(layout, dtype):
+        pytest.skip(f"{layout} does not hold this weight here")
+    return q
+
+
+DECODING = [("blocked", 8), ("blocked", 4), ("int8pack", 8), ("int4pack", 4)]
+
+
+@pytest.mark.parametrize("layout,bits", DECODING)
+@pytest.mark.parametrize("shape", [(256,), (1, 256), (1, 1, 256)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_single_rows_take_the_decoder_with_the_same_bits(layout, bits, shape, bias):
+    # the first single-row call takes the full path and keeps the layout's decoder; later ones take it: the same
+    # kernel, so the same bits, the same shape as F.linear's, the bias added
+    q = _layer_in(layout, bits, bias)
+    x = torch.randn(shape).to(torch.bfloat16)
+    with torch.no_grad():
+        first = q(x)
+        assert callable(q._w._decoders[torch.bfloat16])
+        again = q(x)
+        wide = q(torch.cat([x.reshape(1, 256)] * 3))  # rows > 1 never take it
+    assert again.shape == first.shape == shape[:-1] + (128,) and torch.equal(again, first)
+    ref = F.linear(x.float(), q.dequantized_weight(torch.float32), None if q.bias is None else q.bias.float())
+    assert torch.allclose(again.float(), ref, rtol=2e-2, atol=2e-2) and wide.shape == (3, 128)
+
+
+@pytest.mark.parametrize("layout,bits", DECODING)
+def test_a_replaced_buffer_is_never_read_by_a_stale_decoder(layout, bits):
+    # a decoder made before the weight's buffers were replaced steps aside: the call takes the full path on the
+    # new buffers (and keeps a decoder for them)
+    q = _layer_in(layout, bits, False)
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        q(x), q(x)
+        other = _layer_in(layout, bits, False, seed=1)
+        q._buffers["qweight"] = other._buffers["qweight"].clone()
+        q._buffers["scale"] = other._buffers["scale"].clone()
+        if other._buffers["zero_point"] is not None:
+            q._buffers["zero_point"] = other._buffers["zero_point"].clone()
+        q._w.aux = other._w.aux
+        fresh = copy.deepcopy(other)
+        assert torch.equal(q(x), fresh(x)) and torch.equal(q(x), fresh(x))
+
+
+def test_the_decoder_records_no_gradient_and_is_left_alone_when_one_is_needed():
+    q = _layer_in("blocked", 4, True, dtype=torch.float32)
+    x = torch.randn(1, 256, requires_grad=True)
+    with torch.no_grad():
+        q(x)
+    assert callable(q._w._decoders[torch.float32])
+    y = q(x)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("layout,bits", DECODING)
+def test_copies_and_pickles_never_share_a_decoder(layout, bits):
+    # a decoder reads the buffers of the layer that made it: a copy computes with its own, even after the
+    # original's are changed in place
+    q = _layer_in(layout, bits, False)
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        y = q(x)
+        q(x)
+        c, p = copy.deepcopy(q), pickle.loads(pickle.dumps(q))
+        assert c._w._decoders == {} and p._w._decoders == {}
+        for t in q._buffers.values():
+            if t is not None and t.is_floating_point():
+                t.mul_(2)
+        if q._w.aux is not None:
+            q._w.aux.mul_(2)
+        assert torch.equal(c(x), y) and torch.equal(p(x), y) and torch.equal(c(x), y)
+        assert not torch.equal(q(x), y)
