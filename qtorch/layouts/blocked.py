@@ -40,7 +40,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import amx, bf16dot, dequant, gemm, gemv
 from .._infer_ops import define_twin, needs_grad
-from .base import Layout
+from .base import Layout, single_row_shapes
 from .codec import complete_groups, pack_codes, pad_columns, padded_k, unpack_codes
 
 __all__ = ["BLOCKED", "CPU_MAX_ROWS_NUMBA", "blocked_tile", "padded_k", "container_bits", "blocked_params",
@@ -610,7 +610,7 @@ class Blocked(Layout):
         plan = self.plan(weight)
         if plan is None or qw.shape[1] != spec.in_features:  # no plan, or a ragged last group (x padded)
             return None
-        kind, n, addresses = gemv.TORCH_KINDS[dtype], spec.out_features, plan.addresses
+        kind, shapes, addresses = gemv.TORCH_KINDS[dtype], single_row_shapes(spec.out_features), plan.addresses
         fold, dot = _folds(dtype, plan.bits), path == BF16DOT and kind == 1
 
         def decode(x):
@@ -619,7 +619,7 @@ class Blocked(Layout):
                 return None
             if x.stride(-1) != 1:  # (the other dimensions are of size 1)
                 x = x.contiguous()
-            out = torch.empty(x.shape[:-1] + (n,), dtype=dtype)
+            out = torch.empty(*shapes[x.dim()], dtype=dtype)
             gemv.run_plan(plan, x.data_ptr(), kind, out.data_ptr(), kind, fold, dot)
             return out
 

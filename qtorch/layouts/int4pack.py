@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from .base import Layout
+from .base import Layout, single_row_shapes
 from .codec import affine, complete_groups, dense_linear, pad_columns, padded_k
 from .._infer_ops import needs_grad
 from .._ir import cached as _cached
@@ -205,14 +205,19 @@ class Int4Pack(Layout):
         spec, b = weight.spec, weight.buffers
         if path == "dense" or dtype != torch.bfloat16 or padded_k(spec.in_features, spec.kind, spec.group) != spec.in_features:
             return None
-        qw, aux, group, k, n = b["qweight"], weight.aux, spec.group, spec.in_features, spec.out_features
+        qw, aux, group, k = b["qweight"], weight.aux, spec.group, spec.in_features
+        shapes = single_row_shapes(spec.out_features)
         mm = torch._weight_int4pack_mm_for_cpu
 
         def decode(x):
             if b["qweight"] is not qw or weight.aux is not aux:
                 return None
-            y = mm(x.reshape(1, k).contiguous(), qw, group, aux)
-            return y if x.dim() == 2 else y.view(x.shape[:-1] + (n,))
+            d = x.dim()
+            x2 = x if d == 2 else x.view(1, k)  # (the other dimensions are of size 1)
+            if x2.stride(1) != 1:
+                x2 = x2.contiguous()
+            y = mm(x2, qw, group, aux)
+            return y if d == 2 else y.view(*shapes[d])
 
         return decode
 

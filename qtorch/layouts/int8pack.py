@@ -14,7 +14,7 @@ import torch
 from .._infer_ops import needs_grad
 from ..compile import woq_templates
 from . import dequant_path
-from .base import Layout
+from .base import Layout, single_row_shapes
 from .codec import dense_linear, dequantize_canonical
 
 __all__ = ["INT8PACK", "int8pack_ok", "Int8PackMM"]
@@ -91,14 +91,19 @@ class Int8Pack(Layout):
         if path == dequant_path.NAME or dtype != torch.bfloat16:
             return None
         b = weight.buffers
-        qw, aux, k, n = b["qweight"], weight.aux, weight.spec.in_features, weight.spec.out_features
+        qw, aux, k = b["qweight"], weight.aux, weight.spec.in_features
+        shapes = single_row_shapes(weight.spec.out_features)
         mm = torch._weight_int8pack_mm
 
         def decode(x):
             if b["qweight"] is not qw or weight.aux is not aux:
                 return None
-            y = mm(x.reshape(1, k).contiguous(), qw, aux)
-            return y if x.dim() == 2 else y.view(x.shape[:-1] + (n,))
+            d = x.dim()
+            x2 = x if d == 2 else x.view(1, k)  # (the other dimensions are of size 1)
+            if x2.stride(1) != 1:
+                x2 = x2.contiguous()
+            y = mm(x2, qw, aux)
+            return y if d == 2 else y.view(*shapes[d])
 
         return decode
 
