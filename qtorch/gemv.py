@@ -41,6 +41,11 @@ page, and a decoding step reads every byte of a layer once, from memory. On the 
 more than the wider vectors (a 4096x4096 layer read from memory, one thread: 8 bits 2.3 ms before, 2.0 with the
 wider vectors, 1.4 with both; torch's ``_weight_int8pack_mm`` 1.6).
 
+Per call (:func:`run_plan`): ``x`` is read in its own dtype (float32, bfloat16 or float16; each thread widens it to
+float32 for itself, exactly, and sums its groups for the folded zero point), and each tile rounds its float32 sums
+into the output's dtype once they are done (to nearest even, as ``.to()`` does): no conversion before or after the
+call, no NumPy array made per call (a hot 512x512 4-bit bfloat16 layer call: 31 us before, 16 after).
+
 Threads: the tiles are claimed one at a time by the threads of PyTorch's own OpenMP team (:mod:`qtorch._omp`:
 no second pool competes with torch's spinning workers), or by qcore's thread splitter where torch has no such
 team.
