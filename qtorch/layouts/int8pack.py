@@ -32,6 +32,16 @@ def int8pack_ok(dtype: torch.dtype, in_features: int) -> bool:
 
 
 
+def aligned(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (contiguous) where its data starts on a 32-byte boundary, else a copy that does: PyTorch's CPU kernel
+    reads the rows with aligned vector loads, and a row sliced from inside a wider tensor (a data pointer 16 bytes
+    past a boundary) killed the process (torch 2.13, AVX-512). Not under tracing: inductor copies misaligned inputs
+    of its compiled graphs itself."""
+    if torch.compiler.is_compiling() or x.data_ptr() % 32 == 0:
+        return x
+    return x.clone()
+
+
 class Int8PackMM(torch.autograd.Function):
     """``torch._weight_int8pack_mm`` (no derivative in PyTorch) with an input gradient ``grad @ (codes * scale)``.
 
@@ -41,7 +51,7 @@ class Int8PackMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qweight, scale_compute, scale):
         ctx.save_for_backward(qweight, scale)
-        return torch._weight_int8pack_mm(x, qweight, scale_compute)
+        return torch._weight_int8pack_mm(aligned(x), qweight, scale_compute)
 
     @staticmethod
     def backward(ctx, grad):
@@ -83,7 +93,7 @@ class Int8Pack(Layout):
             b = weight.buffers
             if needs_grad(x2):  # no derivative in PyTorch: the wrapper has one
                 return Int8PackMM.apply(x2.contiguous(), b["qweight"], weight.aux, b["scale"])
-            return torch._weight_int8pack_mm(x2.contiguous(), b["qweight"], weight.aux)
+            return torch._weight_int8pack_mm(aligned(x2.contiguous()), b["qweight"], weight.aux)
         return dense_linear(x2, weight.dequantize)
 
     def decoder(self, weight, dtype, path):
@@ -100,8 +110,8 @@ class Int8Pack(Layout):
                 return None
             d = x.dim()
             x2 = x if d == 2 else x.view(1, k)  # (the other dimensions are of size 1)
-            if x2.stride(1) != 1:
-                x2 = x2.contiguous()
+            if x2.stride(1) != 1 or x2.data_ptr() % 32:
+                x2 = x2.clone(memory_format=torch.contiguous_format)  # (aligned: see aligned())
             y = mm(x2, qw, aux)
             return y if d == 2 else y.view(*shapes[d])
 

@@ -205,6 +205,18 @@ def test_single_rows_take_the_decoder_with_the_same_bits(layout, bits, shape, bi
 
 
 @pytest.mark.parametrize("layout,bits", DECODING)
+def test_a_strided_row_gives_the_decoder_its_own_values(layout, bits):
+    # a row sliced from a wider tensor, a column of a transposed one, a [1, 1, K] view with odd strides
+    q = _layer_in(layout, bits, True)
+    wide = torch.randn(3, 700).to(torch.bfloat16)
+    cols = torch.randn(256, 2).to(torch.bfloat16)
+    with torch.no_grad():
+        q(wide[0, :256])  # keeps the decoder
+        for x in (wide[1:2, 100:356], cols.t()[:1], wide[:, 3:259][None, 2:3], cols[:, 1]):
+            assert x.numel() == 256 and torch.equal(q(x), q(x.contiguous()))
+
+
+@pytest.mark.parametrize("layout,bits", DECODING)
 def test_a_replaced_buffer_is_never_read_by_a_stale_decoder(layout, bits):
     # a decoder made before the weight's buffers were replaced steps aside: the call takes the full path on the
     # new buffers (and keeps a decoder for them)
@@ -252,3 +264,18 @@ def test_copies_and_pickles_never_share_a_decoder(layout, bits):
             q._w.aux.mul_(2)
         assert torch.equal(c(x), y) and torch.equal(p(x), y) and torch.equal(c(x), y)
         assert not torch.equal(q(x), y)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("grad", [False, True])
+def test_int8pack_takes_rows_that_start_off_a_32_byte_boundary(rows, grad):
+    # PyTorch's kernel reads x with aligned loads: a slice 16 bytes into a buffer killed the process
+    q = _layer_in("int8pack", 8, True)
+    buf = torch.randn(8192).to(torch.bfloat16)
+    x = buf[8:8 + rows * 256].view(rows, 256)
+    assert x.data_ptr() % 32
+    ref = q(x.clone())
+    with torch.set_grad_enabled(grad):
+        x = x.requires_grad_(grad)
+        for _ in range(2):  # the full path, then the decoder (one row)
+            assert torch.equal(q(x), ref)
