@@ -203,7 +203,8 @@ class Int4Pack(Layout):
     def decoder(self, weight, dtype, path):
         # PyTorch's kernel with every operand but x fixed (no ragged last group to pad)
         spec, b = weight.spec, weight.buffers
-        if path == "dense" or dtype != torch.bfloat16 or padded_k(spec.in_features, spec.kind, spec.group) != spec.in_features:
+        ragged = padded_k(spec.in_features, spec.kind, spec.group) != spec.in_features
+        if path == "dense" or dtype != torch.bfloat16 or ragged:
             return None
         qw, aux, group, k = b["qweight"], weight.aux, spec.group, spec.in_features
         shapes = single_row_shapes(spec.out_features)
