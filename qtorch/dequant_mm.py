@@ -156,7 +156,7 @@ def _dequant_block(ops, spec: WeightSpec, r0: int, r1: int, dtype: torch.dtype, 
     signed8 = spec.bits == 8 and spec.symmetric
     k = spec.in_features
     kdt = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-    w = out if out is not None and dtype == kdt else torch.empty((r1 - r0, k), dtype=kdt)
+    w = out if out is not None and dtype == kdt else torch.empty((r1 - r0, k), dtype=kdt, device="cpu")
     dst = w.view(torch.int16).numpy().view("uint16") if kdt == torch.bfloat16 else w.numpy()
     group = spec.group if spec.kind == "group" and spec.axis == 1 else 0  # along K: the ragged last group's size
     _dq.dequant_rows(q, spec.bits, signed8, k, S, Z, zero, row_div, r0, r1, dst, group)
@@ -174,7 +174,7 @@ def _buffer(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
         cache = _BUFFERS.cache = {}
     t = cache.get(dtype)
     if t is None or t.numel() < rows * k:
-        t = cache[dtype] = torch.empty(rows * k, dtype=dtype)
+        t = cache[dtype] = torch.empty(rows * k, dtype=dtype, device="cpu")
     return t[:rows * k].view(rows, k)
 
 
@@ -192,7 +192,7 @@ def dequantize(qweight, scale, zero_point, spec: WeightSpec, dtype: torch.dtype 
 def _impl(x, qweight, scale, zero_point, spec: WeightSpec, block_rows: int) -> torch.Tensor:
     x = x.detach().contiguous()
     n = spec.out_features
-    y = torch.empty((x.shape[0], n), dtype=x.dtype)
+    y = torch.empty((x.shape[0], n), dtype=x.dtype, device="cpu")
     if x.shape[0] == 0:
         return y
     ops = _operands(qweight, scale, zero_point, spec)

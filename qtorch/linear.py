@@ -48,6 +48,7 @@ from torch import nn
 import qcore
 from qcore import PerChannel, PerGroup, QuantScheme
 
+from ._infer_ops import plain_eager
 from ._torch_numpy import to_numpy
 from .weight import QuantizedWeight, WeightSpec
 
@@ -264,11 +265,11 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # decoding (one row, on the CPU, no gradient, eager): the weight's decoder, the least Python per call
+        # decoding (one row, on the CPU, no gradient, plain eager): the weight's decoder, the least Python per call
         # (a small model's step makes hundreds of these calls, each a few us of kernel)
         if (not torch.compiler.is_compiling() and isinstance(x, torch.Tensor) and x.is_cpu
                 and x.numel() == self.in_features and x.dim() and x.shape[-1] == self.in_features
-                and not (x.requires_grad and torch.is_grad_enabled())):
+                and not (x.requires_grad and torch.is_grad_enabled()) and plain_eager(x)):
             y = self._w.decode(x)
             if y is not None:
                 bias = self._buffers["bias"]

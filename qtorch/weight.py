@@ -37,7 +37,7 @@ from qcore import packing
 from qcore.params import check_codes, check_float_grid, check_grid, check_zero_point
 
 from . import autotune, layouts
-from ._infer_ops import needs_grad
+from ._infer_ops import needs_grad, plain_eager
 from ._torch_numpy import to_numpy
 from .layouts import WeightSpec
 from .layouts.canonical import CANONICAL
@@ -69,6 +69,10 @@ class QuantizedWeight:
         state = dict(self.__dict__)
         state["_decoders"] = {}
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_decoders", {})  # a module pickled whole by a version without decoders
 
     # ------------------------------------------------------------------ state
     def reset(self, device: torch.device) -> None:
@@ -275,8 +279,8 @@ class QuantizedWeight:
         else:
             path = lay.path(x2.device.type, x2.dtype, rows, spec.bits)
         y = lay.linear(self, x2, path)
-        if rows == 1 and x.is_cpu and x.dtype not in self._decoders and not needs_grad(x) \
-                and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and rows == 1 and x.is_cpu and x.dtype not in self._decoders \
+                and not needs_grad(x) and plain_eager(x):  # (dynamo never reads the dict: no guard on it)
             self._decoders[x.dtype] = lay.decoder(self, x.dtype, path)
         return y if flat else y.reshape(*x.shape[:-1], spec.out_features)
 

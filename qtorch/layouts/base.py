@@ -75,10 +75,20 @@ def single_row_shapes(n: int) -> dict:
     """Output shapes of single-row calls by the input's dimensions, as plain tuples (a decoder passes them as
     ``*shape``: ``view`` and ``empty`` parse a ``torch.Size`` argument 1-2 us slower).
 
-    >>> single_row_shapes(8)[3]
-    (1, 1, 8)
+    >>> single_row_shapes(8)[3], single_row_shapes(2)[12][-2:]
+    ((1, 1, 8), (1, 2))
     """
-    return {d: (1,) * (d - 1) + (n,) for d in range(1, 9)}
+    return _Shapes(n)
+
+
+class _Shapes(dict):
+    def __init__(self, n: int):
+        super().__init__((d, (1,) * (d - 1) + (n,)) for d in range(1, 5))
+        self.n = n
+
+    def __missing__(self, d):
+        shape = self[d] = (1,) * (d - 1) + (self.n,)
+        return shape
 
 
 class Layout:

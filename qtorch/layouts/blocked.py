@@ -39,7 +39,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import amx, bf16dot, dequant, gemm, gemv
-from .._infer_ops import define_twin, needs_grad
+from .._infer_ops import define_twin, needs_grad, plain_eager
 from .base import Layout, single_row_shapes
 from .codec import complete_groups, pack_codes, pad_columns, padded_k, unpack_codes
 
@@ -112,11 +112,11 @@ def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
             return gemv_planned(x, plan, out_features, dot=dot)
     if one_row:
         x = _row(x)
-        out = torch.empty((1, out_features), dtype=x.dtype)
+        out = torch.empty((1, out_features), dtype=x.dtype, device="cpu")
         return gemv._gemv_tensors(x, qweight, scale, zero_point, group_size, bits, out, _folds(x.dtype, bits),
                                   dot=dot and x.dtype == torch.bfloat16)
     xf = _float32(x)
-    out = torch.empty((xf.shape[0], out_features), dtype=torch.float32)
+    out = torch.empty((xf.shape[0], out_features), dtype=torch.float32, device="cpu")
     gemm._gemm_tensors(xf, qweight, scale, zero_point, group_size, bits, out)
     return _as(out, x.dtype)
 
@@ -171,7 +171,7 @@ def gemv_planned(x: torch.Tensor, plan, out_features: int, dot: bool = False) ->
     ``bf16dot`` path's one row)."""
     x = _row(x)
     dt = x.dtype
-    out = torch.empty((1, out_features), dtype=dt)
+    out = torch.empty((1, out_features), dtype=dt, device="cpu")
     kind = gemv.TORCH_KINDS[dt]
     gemv.run_plan(plan, x.data_ptr(), kind, out.data_ptr(), kind, _folds(dt, plan.bits), dot and kind == 1)
     return out
@@ -215,7 +215,7 @@ def _buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
         cache = _BUFFERS.cache = {}
     t = cache.get(dtype)
     if t is None or t.numel() < numel:
-        t = cache[dtype] = torch.empty(numel, dtype=dtype)
+        t = cache[dtype] = torch.empty(numel, dtype=dtype, device="cpu")
     return t[:numel]
 
 
@@ -240,7 +240,7 @@ def _tiles_mm(x, qweight, scale, zero_point, bits: int, out_features: int, cdt: 
         w = buf.view(K, T * NT)
         dequant.dequant_tiles(wq, bits, sq, zq, 0, T, _kernel_view(w))
         return torch.mm(xc, w)[:, :out_features].to(x.dtype)
-    y = torch.empty((xc.shape[0], T * NT), dtype=cdt)
+    y = torch.empty((xc.shape[0], T * NT), dtype=cdt, device="cpu")
     for t0 in range(0, T, per_chunk):
         t1 = min(T, t0 + per_chunk)
         w = buf[:K * (t1 - t0) * NT].view(K, (t1 - t0) * NT)
@@ -591,7 +591,7 @@ class Blocked(Layout):
         # an op under torch.compile (opaque: freezing never folds a dequantized weight) and for autograd (the one
         # with an input gradient), its kernel directly otherwise (an op's dispatch costs 20+ us a call)
         grad = needs_grad(x2)
-        direct = not grad and not torch.compiler.is_compiling()
+        direct = not grad and plain_eager(x2)
         if path == "numba" or path == BF16DOT and x2.shape[0] == 1:
             if direct and x2.shape[0] == 1:  # decoding: the weight's one-row plan, built once
                 plan = self.plan(weight)
@@ -619,7 +619,7 @@ class Blocked(Layout):
                 return None
             if x.stride(-1) != 1:  # (the other dimensions are of size 1)
                 x = x.contiguous()
-            out = torch.empty(*shapes[x.dim()], dtype=dtype)
+            out = torch.empty(*shapes[x.dim()], dtype=dtype, device="cpu")  # (never the default device)
             gemv.run_plan(plan, x.data_ptr(), kind, out.data_ptr(), kind, fold, dot)
             return out
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .._infer_ops import needs_grad
+from .._infer_ops import needs_grad, plain_eager
 from ..compile import woq_templates
 from . import dequant_path
 from .base import Layout, single_row_shapes
@@ -35,9 +35,9 @@ def int8pack_ok(dtype: torch.dtype, in_features: int) -> bool:
 def aligned(x: torch.Tensor) -> torch.Tensor:
     """``x`` (contiguous) where its data starts on a 32-byte boundary, else a copy that does: PyTorch's CPU kernel
     reads the rows with aligned vector loads, and a row sliced from inside a wider tensor (a data pointer 16 bytes
-    past a boundary) killed the process (torch 2.13, AVX-512). Not under tracing: inductor copies misaligned inputs
-    of its compiled graphs itself."""
-    if torch.compiler.is_compiling() or x.data_ptr() % 32 == 0:
+    past a boundary) killed the process (torch 2.13, AVX-512). Eager calls only (:func:`plain_eager`): a traced
+    graph's input has no address yet (and inductor aligns its inputs to 16 bytes only: docs/kernels.md)."""
+    if not plain_eager(x) or x.data_ptr() % 32 == 0:
         return x
     return x.clone()
 

@@ -354,15 +354,18 @@ def test_half_rows_in_and_out_are_the_float32_call_rounded(dtype, bits, sym, kin
     gsize = g if kind == "group" else k
     plan = gemv.Plan(wb.numpy(), sp.numpy(), zp.numpy(), gsize, bits, wb.data_ptr(), sp.data_ptr(), zp.data_ptr())
     kind_ = gemv.TORCH_KINDS[dtype]
-    for scale_x in (1.0, 3e4):  # the second overflows float16 in some columns
-        x = (torch.randn(k) * scale_x).to(dtype)
-        x[7] = float("nan") if scale_x > 1 else x[7]
+    for case in ("plain", "overflow", "nan"):
+        x = (torch.randn(k) * (3e3 if case == "overflow" else 1.0)).clamp(-6e4, 6e4).to(dtype)  # sums past 65504
+        if case == "nan":
+            x[7] = float("nan")
         xf = x.float()
         ref = torch.empty(n)
         gemv.run_plan(plan, xf.data_ptr(), 0, ref.data_ptr(), 0, True, dot and dtype == torch.bfloat16)
         out = torch.full((n,), 5.0, dtype=dtype)
         gemv.run_plan(plan, x.data_ptr(), kind_, out.data_ptr(), kind_, True, dot and dtype == torch.bfloat16)
         assert _same(out, ref.to(dtype))
+        if case == "overflow" and dtype == torch.float16:
+            assert torch.isinf(out).any() and torch.isfinite(out).any()
     assert torch.isnan(out.float()).all()  # a NaN of x reaches every column
 
 

@@ -279,3 +279,53 @@ def test_int8pack_takes_rows_that_start_off_a_32_byte_boundary(rows, grad):
         x = x.requires_grad_(grad)
         for _ in range(2):  # the full path, then the decoder (one row)
             assert torch.equal(q(x), ref)
+
+
+@pytest.mark.parametrize("layout,bits", DECODING)
+def test_single_rows_under_a_default_device_and_with_many_dimensions(layout, bits):
+    # the kernels write CPU memory whatever torch's default device is; inputs of 9+ dimensions of size 1
+    q = _layer_in(layout, bits, True)
+    x = torch.randn(256).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = q(x)
+        with torch.device("meta"):
+            for _ in range(2):
+                y = q(x)
+                assert y.device.type == "cpu" and torch.equal(y, ref)
+        x9 = x.reshape((1,) * 9 + (256,))
+        for _ in range(2):
+            assert q(x9).shape == (1,) * 9 + (128,) and torch.equal(q(x9).reshape(-1), ref)
+
+
+def test_a_weight_pickled_without_decoders_loads_and_runs():
+    # a module pickled whole by a version that had no decoders
+    q = _layer_in("blocked", 4, False)
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = q(x)
+        del q._w.__dict__["_decoders"]
+        state = q._w.__dict__.copy()
+        q._w.__getstate__ = lambda: state  # what such a version pickled
+        p = pickle.loads(pickle.dumps(q))
+        assert torch.equal(p(x), ref) and torch.equal(p(x), ref)
+
+
+@pytest.mark.parametrize("layout,bits", [("int8pack", 8), ("int4pack", 4)])
+def test_vmap_of_single_rows_takes_the_ops(layout, bits):
+    # torch.func's wrapped tensors have no storage: the decoders and the alignment check stay out of the way
+    q = _layer_in(layout, bits, False)
+    xs = torch.randn(3, 1, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        q(xs[0])  # keeps a decoder
+        y = torch.func.vmap(q)(xs)
+        assert torch.equal(y, torch.stack([q(x) for x in xs]))
+
+
+def test_jit_trace_of_a_single_row_records_the_op():
+    # a traced call must record what computes, not the kernel's direct write into an empty tensor
+    q = _layer_in("blocked", 4, True, dtype=torch.float32)
+    x, x2 = torch.randn(1, 256), torch.randn(1, 256)
+    with torch.no_grad():
+        q(x)  # keeps a decoder
+        traced = torch.jit.trace(q, x, check_trace=False)
+        assert torch.equal(traced(x2), q(x2))
