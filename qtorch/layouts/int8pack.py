@@ -35,8 +35,13 @@ def int8pack_ok(dtype: torch.dtype, in_features: int) -> bool:
 def aligned(x: torch.Tensor) -> torch.Tensor:
     """``x`` (contiguous) where its data starts on a 32-byte boundary, else a copy that does: PyTorch's CPU kernel
     reads the rows with aligned vector loads, and a row sliced from inside a wider tensor (a data pointer 16 bytes
-    past a boundary) killed the process (torch 2.13, AVX-512). Eager calls only (:func:`plain_eager`): a traced
-    graph's input has no address yet (and inductor aligns its inputs to 16 bytes only: docs/kernels.md)."""
+    past a boundary) killed the process (torch 2.13, AVX-512). Under ``torch.compile`` a traced input has no
+    address yet: the graph copies ``x``, which serves backends that run the graph's ops (``eager``,
+    ``aot_eager``); inductor drops such a copy and aligns its graph's inputs to 16 bytes only, so a row misaligned
+    by 16 bytes still reaches the kernel there (docs/kernels.md; ``qtorch.compile``'s template took one fine).
+    Under other tracing and ``torch.func`` transforms (no address to read, :func:`plain_eager`): ``x`` itself."""
+    if torch.compiler.is_compiling():
+        return x.clone()
     if not plain_eager(x) or x.data_ptr() % 32 == 0:
         return x
     return x.clone()

@@ -329,3 +329,13 @@ def test_jit_trace_of_a_single_row_records_the_op():
         q(x)  # keeps a decoder
         traced = torch.jit.trace(q, x, check_trace=False)
         assert torch.equal(traced(x2), q(x2))
+
+
+def test_int8pack_under_torch_compile_copies_a_misaligned_row():
+    # the traced graph copies x before PyTorch's kernel (the eager backend runs that copy)
+    q = _layer_in("int8pack", 8, False)
+    c = torch.compile(q, backend="eager", fullgraph=True)
+    buf = torch.randn(8192).to(torch.bfloat16)
+    x = buf[8:8 + 256].view(1, 256)
+    with torch.no_grad():
+        assert torch.equal(c(x), q(x.clone()))
