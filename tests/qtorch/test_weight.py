@@ -189,15 +189,17 @@ DECODING = [("blocked", 8), ("blocked", 4), ("int8pack", 8), ("int4pack", 4)]
 @pytest.mark.parametrize("layout,bits", DECODING)
 @pytest.mark.parametrize("shape", [(256,), (1, 256), (1, 1, 256)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_single_rows_take_the_decoder_with_the_same_bits(layout, bits, shape, bias):
-    # the first single-row call takes the full path and keeps the layout's decoder; later ones take it: the same
-    # kernel, so the same bits, the same shape as F.linear's, the bias added
+def test_single_rows_take_the_decoder_with_the_same_bits(layout, bits, shape, bias, monkeypatch):
+    # the first single-row call takes the full path and keeps the layout's decoder; later ones take it (the full
+    # path would raise now): the same kernel, so the same bits, the same shape as F.linear's, the bias added
     q = _layer_in(layout, bits, bias)
     x = torch.randn(shape).to(torch.bfloat16)
     with torch.no_grad():
         first = q(x)
         assert callable(q._w._decoders[torch.bfloat16])
-        again = q(x)
+        with monkeypatch.context() as m:
+            m.setattr(type(q._w.layout), "linear", lambda *a: pytest.fail("the full path ran"))
+            again = q(x)
         wide = q(torch.cat([x.reshape(1, 256)] * 3))  # rows > 1 never take it
     assert again.shape == first.shape == shape[:-1] + (128,) and torch.equal(again, first)
     ref = F.linear(x.float(), q.dequantized_weight(torch.float32), None if q.bias is None else q.bias.float())
