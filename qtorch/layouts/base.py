@@ -81,6 +81,27 @@ def single_row_shapes(n: int) -> dict:
     return _Shapes(n)
 
 
+def op_decoder(weight, mm, args: tuple, align: int = 0):
+    """A :meth:`Layout.decoder` that calls PyTorch's kernel ``mm(x2, qweight, *args)`` on a ``[1, K]`` view of
+    ``x`` while ``weight`` holds the ``qweight`` and ``aux`` it was made with (else None). ``align``: the bytes
+    ``x``'s data must start on (a copy where it does not)."""
+    b = weight.buffers
+    qw, aux, k = b["qweight"], weight.aux, weight.spec.in_features
+    shapes = single_row_shapes(weight.spec.out_features)
+
+    def decode(x):
+        if b["qweight"] is not qw or weight.aux is not aux:
+            return None
+        d = x.dim()
+        x2 = x if d == 2 else x.view(1, k)  # (the other dimensions are of size 1)
+        if x2.stride(1) != 1 or (align and x2.data_ptr() % align):
+            x2 = x2.clone(memory_format=torch.contiguous_format)
+        y = mm(x2, qw, *args)
+        return y if d == 2 else y.view(*shapes[d])
+
+    return decode
+
+
 class _Shapes(dict):
     def __init__(self, n: int):
         super().__init__((d, (1,) * (d - 1) + (n,)) for d in range(1, 5))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from .base import Layout, single_row_shapes
+from .base import Layout, op_decoder
 from .codec import affine, complete_groups, dense_linear, pad_columns, padded_k
 from .._infer_ops import needs_grad
 from .._ir import cached as _cached
@@ -202,25 +202,11 @@ class Int4Pack(Layout):
 
     def decoder(self, weight, dtype, path):
         # PyTorch's kernel with every operand but x fixed (no ragged last group to pad)
-        spec, b = weight.spec, weight.buffers
+        spec = weight.spec
         ragged = padded_k(spec.in_features, spec.kind, spec.group) != spec.in_features
         if path == "dense" or dtype != torch.bfloat16 or ragged:
             return None
-        qw, aux, group, k = b["qweight"], weight.aux, spec.group, spec.in_features
-        shapes = single_row_shapes(spec.out_features)
-        mm = torch._weight_int4pack_mm_for_cpu
-
-        def decode(x):
-            if b["qweight"] is not qw or weight.aux is not aux:
-                return None
-            d = x.dim()
-            x2 = x if d == 2 else x.view(1, k)  # (the other dimensions are of size 1)
-            if x2.stride(1) != 1:
-                x2 = x2.contiguous()
-            y = mm(x2, qw, group, aux)
-            return y if d == 2 else y.view(*shapes[d])
-
-        return decode
+        return op_decoder(weight, torch._weight_int4pack_mm_for_cpu, (spec.group, weight.aux))
 
     def from_codes(self, spec, codes, scale, zero_point):
         codes = complete_groups(codes, zero_point, padded_k(spec.in_features, spec.kind, spec.group), 8)

@@ -14,7 +14,7 @@ import torch
 from .._infer_ops import needs_grad, plain_eager
 from ..compile import woq_templates
 from . import dequant_path
-from .base import Layout, single_row_shapes
+from .base import Layout, op_decoder
 from .codec import dense_linear, dequantize_canonical
 
 __all__ = ["INT8PACK", "int8pack_ok", "Int8PackMM"]
@@ -105,22 +105,7 @@ class Int8Pack(Layout):
         # PyTorch's kernel with every operand but x fixed
         if path == dequant_path.NAME or dtype != torch.bfloat16:
             return None
-        b = weight.buffers
-        qw, aux, k = b["qweight"], weight.aux, weight.spec.in_features
-        shapes = single_row_shapes(weight.spec.out_features)
-        mm = torch._weight_int8pack_mm
-
-        def decode(x):
-            if b["qweight"] is not qw or weight.aux is not aux:
-                return None
-            d = x.dim()
-            x2 = x if d == 2 else x.view(1, k)  # (the other dimensions are of size 1)
-            if x2.stride(1) != 1 or x2.data_ptr() % 32:
-                x2 = x2.clone(memory_format=torch.contiguous_format)  # (aligned: see aligned())
-            y = mm(x2, qw, aux)
-            return y if d == 2 else y.view(*shapes[d])
-
-        return decode
+        return op_decoder(weight, torch._weight_int8pack_mm, (weight.aux,), align=32)  # (see aligned())
 
     def from_canonical(self, spec, qweight, scale, zero_point):
         return qweight, scale, zero_point, scale.to(torch.bfloat16)  # the kernel wants the activations' dtype
