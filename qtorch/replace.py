@@ -340,7 +340,9 @@ def _incompatibility(module: nn.Module, kind: str, names: list[str], parents, ta
         others = sorted(o for o in owners.get(_storage_key(t), ()) if o not in own)
         if others:
             return (f"weight shares memory with {others[0]!r} (tied weights); quantizing it would keep the dense "
-                    f"copy alive and untie them. Exclude it")
+                    f"copy alive and untie them. Exclude it, or untie it first (a weight of its own, e.g. "
+                    f"`m.lm_head.weight = nn.Parameter(m.lm_head.weight.detach().clone())`, and "
+                    f"`config.tie_word_embeddings = False`): the dense copy then stays for lookups")
     if target.scheme is not None:
         try:
             target.scheme.validate_shape((int(out_f), int(in_f)))

@@ -292,6 +292,23 @@ def test_tied_weights_do_not_break():
     assert rep["lm_head"].status == "incompatible" and m2.lm_head.weight is m2.embed.weight
 
 
+def test_untied_head_quantizes_as_the_error_suggests():
+    m = toy()
+    m.lm_head.weight = m.embed.weight
+    with pytest.raises(ValueError, match=r"untie it first"):
+        qtorch.quantize_model(m, "w8a16", exclude=())
+    m.lm_head.weight = nn.Parameter(m.lm_head.weight.detach().clone())  # the remedy the message names
+    x = torch.randint(0, 64, (1, 4))
+    table, head = m.embed.weight.detach().clone(), m.lm_head.weight.detach().clone()
+    rep = qtorch.quantize_model(m, "w8a16", exclude=())
+    assert rep["lm_head"].status == "quantized" and isinstance(m.lm_head, QuantLinear)
+    assert torch.equal(m.embed.weight, table)  # the embedding keeps its dense table for lookups
+    h = torch.randn(3, head.shape[1])
+    torch.testing.assert_close(m.lm_head(h), h @ m.lm_head.dequantized_weight().T, rtol=1e-4, atol=1e-4)
+    assert (m.lm_head.dequantized_weight() - head).abs().max() <= head.abs().max() / 127
+    m(x)
+
+
 def test_module_under_two_names_is_replaced_everywhere_once():
     shared = nn.Linear(32, 32)
     m = nn.Sequential(shared, nn.ReLU(), shared)
