@@ -57,7 +57,7 @@ CPU_MAX_ROWS_NUMBA = {
     (torch.float32, 4): 256, (torch.bfloat16, 4): 256, (torch.float16, 4): 256,
 }
 # Columns per tile, largest first: the largest dividing N is used.
-_TILES = (128, 64, 32, 16)
+_TILES = TILE_WIDTHS = (128, 64, 32, 16)
 # Dequantized bytes per chunk of the tiles paths (bounds their temporary memory, held per thread). 8 MB won on the
 # AMX Xeon (one thread, K = N = 4096, 128 rows, bfloat16, two alternating runs of 15: dense/tiles_act 0.73 / 0.79 /
 # 0.62 / 0.73 and 0.66 / 0.71 / 0.68 / 0.66 for 4 / 8 / 16 / 32 MB; float32 also best at 8 MB), as for dequant_mm
