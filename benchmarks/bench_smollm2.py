@@ -98,11 +98,10 @@ def agreeing_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 def untied_head_copy(model):
-    """A deep copy of ``model`` whose ``lm_head`` has a weight of its own (tied models share it with the
-    embeddings, and ``quantize_model`` refuses to quantize a tied weight: the dense copy would stay alive)."""
+    """A deep copy of ``model`` whose ``lm_head`` has a weight of its own (``qtorch.untie``: tied models share it
+    with the embeddings, and ``quantize_model`` refuses to quantize a tied weight while it is shared)."""
     m = copy.deepcopy(model)
-    m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone(), requires_grad=False)
-    m.config.tie_word_embeddings = False
+    qtorch.untie(m, "lm_head")
     return m
 
 

@@ -17,7 +17,7 @@ from .linear import QuantizedLinear, QuantLinear, QWQALinearLayer, W4A16Linear, 
 from .memory import memory_footprint
 from .pretrained import from_pretrained, save_folder
 from .replace import (IncompatibleLayersError, Quantizer, plan, quantize_model, replace_linear_layers_with_w8a16,
-                      replace_linear_with_target_and_quantize)
+                      replace_linear_with_target_and_quantize, untie)
 from .report import LayerReport, QuantizationReport
 from .serialization import empty_weights, load_quantized, save_quantized
 from .weight import QuantizedWeight

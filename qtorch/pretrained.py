@@ -102,6 +102,24 @@ def _folder_config(model: nn.Module, format: str) -> dict:
     return fmt.folder_config(QUANTIZER, __version__, quantized, dense)
 
 
+def _tie_flags(model: nn.Module, config: dict) -> dict:
+    """``config`` (the source folder's config.json) with the model's own ``tie_word_embeddings`` where it differs
+    (:func:`qtorch.untie` gave ``lm_head`` a weight of its own): transformers' loader tied the head of a folder that
+    still said "tied" to the embeddings, and failed on the quantized head (``AttributeError: Linear has no attribute
+    weight``, compressed-tensors format)."""
+    from .replace import _tie_configs
+
+    found = _tie_configs(model)
+    config = dict(config)
+    if found and ("tie_word_embeddings" in config or not found[0].tie_word_embeddings):
+        config["tie_word_embeddings"] = bool(found[0].tie_word_embeddings)
+    text = config.get("text_config")
+    if len(found) > 1 and isinstance(text, dict) and ("tie_word_embeddings" in text
+                                                       or not found[1].tie_word_embeddings):
+        config["text_config"] = dict(text, tie_word_embeddings=bool(found[1].tie_word_embeddings))
+    return config
+
+
 def _read_config(folder: str) -> dict:
     return model_folder.read_config(folder)
 
@@ -229,7 +247,7 @@ def save_folder(model: nn.Module, source: str, out: str, *, overwrite: bool = Fa
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     marker = _folder_config(model, format)  # an unknown format or a layer it cannot store: before any writing
-    config = _read_config(source)
+    config = _tie_flags(model, _read_config(source))
     tmpdir = ck.staging_folder(out)
     try:
         qtorch.save_quantized(model, os.path.join(tmpdir, ck.SINGLE_NAME), format=format)

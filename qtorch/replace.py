@@ -53,7 +53,7 @@ from .report import LayerReport, QuantizationReport, scheme_label
 
 __all__ = [
     "PRESETS", "IncompatibleLayersError", "resolve_scheme", "parse_preset", "grouped_presets", "with_group_size",
-    "plan", "quantize_model",
+    "plan", "quantize_model", "untie",
     "replace_linear_with_target_and_quantize", "replace_linear_layers_with_w8a16", "Quantizer",
 ]
 
@@ -305,6 +305,64 @@ def _storage_key(t: torch.Tensor):
     return _storage_key_and_nbytes(t)[0]
 
 
+def untie(model: nn.Module, *names: str) -> list[str]:
+    """Give each named Linear layer of ``model`` a weight of its own where it shares one (tied weights), so that
+    :func:`quantize_model` can quantize it; return the names it untied. The other owners (an embedding table)
+    keep the dense tensor, so a quantized untied ``lm_head`` costs its codes on top of the tied model's memory and
+    reads only those codes per step. A transformers config's ``tie_word_embeddings`` is set to False when the
+    untied layer is the model's output embedding, so that saving and loading keep the two apart.
+
+    >>> import torch, qtorch
+    >>> m = torch.nn.ModuleDict({"embed": torch.nn.Embedding(100, 64), "lm_head": torch.nn.Linear(64, 100)})
+    >>> m.lm_head.weight = m.embed.weight                                  # tied, as many language models do
+    >>> qtorch.untie(m, "lm_head"), m.lm_head.weight is m.embed.weight
+    (['lm_head'], False)
+    >>> _ = qtorch.quantize_model(m, {"lm_head": "w8a16"}, exclude=())     # now allowed
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    mods = dict(model.named_modules())
+    owners: dict = {}
+    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(
+            remove_duplicate=False)):
+        if t is not None:
+            owners.setdefault(_storage_key(t), set()).add(n)
+    layers = []
+    for name in names:
+        mod = mods.get(name)
+        if mod is None:
+            raise ValueError(f"untie: {type(model).__name__} has no module {name!r}")
+        if _linear_kind(mod) is None or not isinstance(getattr(mod, "weight", None), nn.Parameter):
+            raise TypeError(f"untie: {name!r} is a {type(mod).__name__}, not a Linear layer with a weight parameter")
+        layers.append((name, mod))
+    done = []
+    for name, mod in layers:
+        w = mod.weight
+        if len(owners.get(_storage_key(w), ())) <= 1:  # nothing shares it
+            continue
+        with torch.no_grad():
+            mod.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+        done.append(name)
+        out = getattr(model, "get_output_embeddings", None)
+        if callable(out) and out() is mod:
+            for cfg in _tie_configs(model):
+                cfg.tie_word_embeddings = False
+    return done
+
+
+def _tie_configs(model: nn.Module) -> list:
+    """The transformers configs of ``model`` that say whether the output embedding is tied (the model's, and
+    its text config's where it has one)."""
+    cfg = getattr(model, "config", None)
+    found = [cfg] if cfg is not None and getattr(cfg, "tie_word_embeddings", None) is not None else []
+    text = getattr(cfg, "get_text_config", None)
+    if callable(text):
+        t = text()
+        if t is not cfg and getattr(t, "tie_word_embeddings", None) is not None:
+            found.append(t)
+    return found
+
+
 def _incompatibility(module: nn.Module, kind: str, names: list[str], parents, target: _Target,
                      owners: dict) -> str | None:
     """Why ``module`` cannot be replaced by ``target`` (None when it can). Cheap checks first."""
@@ -340,9 +398,8 @@ def _incompatibility(module: nn.Module, kind: str, names: list[str], parents, ta
         others = sorted(o for o in owners.get(_storage_key(t), ()) if o not in own)
         if others:
             return (f"weight shares memory with {others[0]!r} (tied weights); quantizing it would keep the dense "
-                    f"copy alive and untie them. Exclude it, or untie it first (a weight of its own, e.g. "
-                    f"`m.lm_head.weight = nn.Parameter(m.lm_head.weight.detach().clone())`, and "
-                    f"`config.tie_word_embeddings = False`): the dense copy then stays for lookups")
+                    f"copy alive and untie them. Exclude it, or untie it first (qtorch.untie(model, "
+                    f"{names[0]!r}): the dense copy then stays for the other owner, the quantized one is read here)")
     if target.scheme is not None:
         try:
             target.scheme.validate_shape((int(out_f), int(in_f)))

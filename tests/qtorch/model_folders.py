@@ -42,13 +42,13 @@ def bert_folder(folder, *, tokenizer: bool = True, sentence_transformers: bool =
     return str(folder)
 
 
-def llama_folder(folder, *, tokenizer: bool = True) -> str:
-    """A 2-layer LlamaForCausalLM (hidden 64, untied lm_head) with the MiniLM WordPiece tokenizer."""
+def llama_folder(folder, *, tokenizer: bool = True, tie: bool = False) -> str:
+    """A 2-layer LlamaForCausalLM (hidden 64, untied lm_head unless ``tie``) with the MiniLM WordPiece tokenizer."""
     import transformers
 
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
-                                   bos_token_id=101, eos_token_id=102, pad_token_id=0, tie_word_embeddings=False,
+                                   bos_token_id=101, eos_token_id=102, pad_token_id=0, tie_word_embeddings=tie,
                                    architectures=["LlamaForCausalLM"])
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)

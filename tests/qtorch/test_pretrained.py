@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import qtorch
+from qcore import PerGroup, QuantScheme
 from qtorch.pretrained import read_marker, save_folder
 
 transformers = pytest.importorskip("transformers")
@@ -241,3 +242,28 @@ def test_compressed_tensors_folder_refusals_name_the_problem_before_building_the
         with pytest.raises(ValueError, match=message):
             qtorch.from_pretrained(str(out))
     assert built == []
+
+
+@pytest.mark.parametrize("format", ["qcore", "compressed-tensors"])
+def test_an_untied_quantized_head_stays_untied_when_saved_and_loaded(tmp_path, format):
+    # lm_head tied to the embeddings, untied and quantized: the folder must say "not tied", or its loader ties the
+    # head to the (dense) embedding table again and the quantized head is lost
+    src = llama_folder(tmp_path / "src", tie=True)
+    model = transformers.LlamaForCausalLM.from_pretrained(src).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert qtorch.untie(model, "lm_head") == ["lm_head"] and model.config.tie_word_embeddings is False
+    # symmetric 4 bits: transformers' compressed-tensors integration loads those (its asymmetric loading is not)
+    qtorch.quantize_model(model, {"lm_head": "w8a16", "*": QuantScheme(4, True, PerGroup(32))}, exclude=())
+    assert isinstance(model.lm_head, qtorch.QuantLinear)
+    out = tmp_path / "out"
+    save_folder(model, src, str(out), format=format)
+    assert json.load(open(out / "config.json"))["tie_word_embeddings"] is False
+    with torch.no_grad():
+        ref = model(IDS, attention_mask=MASK).logits
+        back = qtorch.from_pretrained(str(out))
+        assert isinstance(back.lm_head, qtorch.QuantLinear)
+        assert torch.equal(back(IDS, attention_mask=MASK).logits, ref)
+        if format == "compressed-tensors":
+            hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+            assert hasattr(hf.lm_head, "weight_packed")  # its own quantized head, not the embedding table
+            torch.testing.assert_close(hf(IDS, attention_mask=MASK).logits, ref, rtol=0.02, atol=0.02)

@@ -295,18 +295,29 @@ def test_tied_weights_do_not_break():
 def test_untied_head_quantizes_as_the_error_suggests():
     m = toy()
     m.lm_head.weight = m.embed.weight
-    with pytest.raises(ValueError, match=r"untie it first"):
+    with pytest.raises(ValueError, match=r"untie it first \(qtorch.untie\(model, 'lm_head'\)"):
         qtorch.quantize_model(m, "w8a16", exclude=())
-    m.lm_head.weight = nn.Parameter(m.lm_head.weight.detach().clone())  # the remedy the message names
-    x = torch.randint(0, 64, (1, 4))
-    table, head = m.embed.weight.detach().clone(), m.lm_head.weight.detach().clone()
+    table = m.embed.weight.detach().clone()
+    assert qtorch.untie(m, "lm_head", "layers.0.fc1") == ["lm_head"]  # fc1 shares nothing: left as it is
+    assert m.lm_head.weight is not m.embed.weight and torch.equal(m.lm_head.weight, m.embed.weight)
     rep = qtorch.quantize_model(m, "w8a16", exclude=())
     assert rep["lm_head"].status == "quantized" and isinstance(m.lm_head, QuantLinear)
     assert torch.equal(m.embed.weight, table)  # the embedding keeps its dense table for lookups
-    h = torch.randn(3, head.shape[1])
+    h = torch.randn(3, table.shape[1])
     torch.testing.assert_close(m.lm_head(h), h @ m.lm_head.dequantized_weight().T, rtol=1e-4, atol=1e-4)
-    assert (m.lm_head.dequantized_weight() - head).abs().max() <= head.abs().max() / 127
-    m(x)
+    assert (m.lm_head.dequantized_weight() - table).abs().max() <= table.abs().max() / 127
+    m(torch.randint(0, 64, (1, 4)))
+
+
+def test_untie_names_what_it_cannot_untie():
+    m = toy()
+    with pytest.raises(ValueError, match="no module 'head'"):
+        qtorch.untie(m, "head")
+    with pytest.raises(TypeError, match="'embed' is a Embedding, not a Linear"):
+        qtorch.untie(m, "embed")
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        qtorch.untie(object(), "lm_head")
+    assert qtorch.untie(m, "lm_head") == []  # not tied: nothing to do
 
 
 def test_module_under_two_names_is_replaced_everywhere_once():
