@@ -14,9 +14,9 @@ weights take the next candidate layout.
 Calls of 2+ rows may also run qtorch's tile kernels (the ``blocked`` layout's ``bf16dot`` / ``amx`` /
 ``tiles_act`` paths) on the same bytes: where the measured map shows that this CPU's int4pack layout *is* the
 blocked layout's 4-bit tiles (blocks of NT output channels, K rows of NT / 2 bytes, channel ``j`` in the low nibble
-of byte ``j`` and channel ``j + NT / 2`` in its high nibble: the case on AVX-512 CPUs, NT = 64), the packed codes
-are passed to those kernels as a view, with the scale and zero point transposed per call (``[G, N]``). No second
-copy of the weight is kept; the layer measures the paths per row bucket, as for the blocked layout. PyTorch's
+of byte ``j`` and channel ``j + NT / 2`` in its high nibble: on AVX-512 CPUs NT = 64, on AVX2 32), the packed codes
+are passed to those kernels as a view, with the scale and zero point transposed per call (``[G, N]``, a copy of a
+few KB). No second copy of the codes is kept; the layer measures the paths per row bucket, as for the blocked layout. PyTorch's
 kernel is the fastest one-row path for small layers in a model, and slow for prompts: on a 2-core Zen 4,
 bfloat16, groups of 64, 41 rows, 576 x 576 176 us (dense 102, ``bf16dot`` on the same bytes 130), 1536 x 576
 455 us (dense 220, ``bf16dot`` 265).
@@ -112,11 +112,13 @@ def _unpack_traced(packed, n, k, base, stride, offset, hi):
     return torch.where(hi[:, None], b >> 4, b & 15)
 
 
+@torch.compiler.assume_constant_result
 def tile_width(n: int) -> int:
     """The tile width NT where the int4pack layout of ``[n, k]`` weights on this CPU is exactly the blocked
     layout's 4-bit tiles ``[n / NT, k, NT / 2]`` (code ``(r, c)`` in byte ``(r // NT) (NT / 2) k + c (NT / 2) +
     r % (NT / 2)``, high nibble where ``r % NT >= NT / 2``), else 0. Read off the measured map, so a PyTorch or CPU
-    whose layout differs never reaches a tile kernel.
+    whose layout differs never reaches a tile kernel (AVX-512: 64, AVX2: 32). A constant to Dynamo, which runs it
+    while it traces (the first call probes PyTorch's packing: data-dependent ops a graph cannot hold).
 
     >>> tile_width(128) in (0, 64, 32, 16, 128)
     True
@@ -237,8 +239,10 @@ class Int4Pack(Layout):
         """PyTorch's kernel, then for CPU calls of 2+ rows the blocked layout's tile kernels offered for the shape
         (``bf16dot`` or ``amx``, and ``tiles_act``) where the packed bytes are its tiles (:func:`tile_width`)."""
         own = _own_path(device_type, dtype)
-        if own != "int4pack" or rows < 2 or spec is None or spec.zero_point_kind != "int" \
-                or not tile_width(spec.out_features):
+        if own != "int4pack" or rows < 2:
+            return (own,)
+        # given the layer's spec, only where its bytes are tiles; without, every path the CPU has (as blocked)
+        if spec is not None and (spec.zero_point_kind != "int" or not tile_width(spec.out_features)):
             return (own,)
         tiles = blocked._tile_kernels_offered(device_type, dtype, rows, bits, spec)
         return (own,) + tuple(p for p in TILE_PATHS if p in tiles or p == blocked.TILES_ACT)
@@ -249,8 +253,9 @@ class Int4Pack(Layout):
         spec, b = weight.spec, weight.buffers
         kp = padded_k(spec.in_features, spec.kind, spec.group)
         x2 = pad_columns(x2, kp)  # a ragged last group, completed in the layout
-        if path in TILE_PATHS and not (torch.compiler.is_compiling() and _woq_templates()):
-            return _tile_linear(weight, x2, path, kp)
+        if path in TILE_PATHS and tile_width(spec.out_features) and not (torch.compiler.is_compiling()
+                                                                         and _woq_templates()):
+            return _tile_linear(weight, x2, path, kp)  # (a route kept on another CPU, bytes not tiles: the own op)
         # It has no derivative: an input that needs a gradient goes through a wrapper that supplies one.
         if needs_grad(x2):
             return Int4PackMM.apply(x2.contiguous(), b["qweight"], spec.group, weight.aux, b["scale"],

@@ -71,20 +71,22 @@ def test_paths_offered():
     spec, lay = held[0].spec, int4pack.INT4PACK
     assert lay.tuned
     assert lay.paths("cpu", torch.bfloat16, 1, 4, spec=spec) == ("int4pack",)  # one row: PyTorch's kernel
-    assert lay.paths("cpu", torch.bfloat16, 16, 4) == ("int4pack",)  # no spec: the shape is unknown
     assert lay.paths("cpu", torch.float32, 16, 4, spec=spec) == ("dense",)
-    many = lay.paths("cpu", torch.bfloat16, 16, 4, spec=spec)
-    if int4pack.tile_width(128):
-        tiles = blocked._tile_kernels_offered("cpu", torch.bfloat16, 16, 4, spec)
-        assert many == ("int4pack",) + tuple(p for p in int4pack.TILE_PATHS if p in tiles) + (blocked.TILES_ACT,)
-    else:
-        assert many == ("int4pack",)
+    offered = ("int4pack",) + tuple(p for p in int4pack.TILE_PATHS if p in blocked._tile_kernels_offered(
+        "cpu", torch.bfloat16, 16, 4, None) or p == blocked.TILES_ACT)
+    # no spec: every path the CPU has (the dispatch file's fingerprint lists them), as for the blocked layout
+    assert lay.paths("cpu", torch.bfloat16, 16, 4) == offered
+    assert lay.paths("cpu", torch.bfloat16, 16, 4, spec=spec) == (offered if int4pack.tile_width(128) else
+                                                                ("int4pack",))
+    fp = autotune.fingerprint()["paths"]
+    assert all(f"int4pack:{p}" in fp for p in offered)
 
 
+@pytest.mark.parametrize("n", [192, 128, 1536])  # blocked's own tiles: 64, 128, 128 channels wide
 @pytest.mark.parametrize("sym,g,k", [(False, 64, 576), (False, 32, 100), (True, 128, 256)])
 @pytest.mark.parametrize("rows", [2, 16, 41])
-def test_every_path_gives_f_linear_and_the_tile_paths_blockeds_bits(sym, g, k, rows):
-    held = _weights(192, k, QuantScheme(4, sym, PerGroup(g)))
+def test_every_path_gives_f_linear_and_the_tile_paths_blockeds_bits(n, sym, g, k, rows):
+    held = _weights(n, k, QuantScheme(4, sym, PerGroup(g)))
     if held is None:
         pytest.skip("int4pack does not serve this shape here")
     w4, wb = held
@@ -124,3 +126,56 @@ def test_a_kept_tile_path_traces_as_one_opaque_op():
         with torch.no_grad():
             y = torch.compile(w4.linear, backend="aot_eager", fullgraph=True)(x)
             assert torch.equal(y, w4.linear(x)), p
+
+
+def test_a_reloaded_layer_traces_its_kept_tile_route_whole(monkeypatch):
+    # a pickled weight keeps its routes; in a new process the tile width is not known yet when the first call is
+    # traced: Dynamo runs its probe instead of tracing it (fullgraph)
+    held = _weights(192, 256, QuantScheme(4, False, PerGroup(64)))
+    if held is None or len(held[0].layout.paths("cpu", torch.bfloat16, 16, 4, spec=held[0].spec)) < 2:
+        pytest.skip("no tile path here")
+    w4 = held[0]
+    p = w4.layout.paths("cpu", torch.bfloat16, 16, 4, spec=w4.spec)[1]
+    w4._routes = {("cpu", torch.bfloat16, autotune.bucket_index(16)): p}
+    x = torch.randn(16, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = w4.linear(x)
+        monkeypatch.setattr(int4pack, "_TILE_WIDTHS", {})
+        monkeypatch.setattr(int4pack, "_INT4_MAPS", {})
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(w4.linear, backend="aot_eager", fullgraph=True)(x), ref)
+
+
+def test_a_kept_tile_route_where_the_bytes_are_not_tiles_takes_pytorchs_kernel(monkeypatch):
+    held = _weights(192, 256, QuantScheme(4, False, PerGroup(64)))
+    if held is None:
+        pytest.skip("int4pack does not serve this shape here")
+    w4 = held[0]
+    x = torch.randn(16, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = w4.layout.linear(w4, x, "int4pack")
+        monkeypatch.setattr(int4pack, "_TILE_WIDTHS", {192: 0})  # a route kept on another CPU
+        assert torch.equal(w4.layout.linear(w4, x, blocked.TILES_ACT), ref)
+
+
+def test_qtorch_compiles_templates_trace_pytorchs_op_whatever_route_is_kept(monkeypatch):
+    held = _weights(192, 256, QuantScheme(4, False, PerGroup(64)))
+    if held is None or len(held[0].layout.paths("cpu", torch.bfloat16, 16, 4, spec=held[0].spec)) < 2:
+        pytest.skip("no tile path here")
+    w4 = held[0]
+    w4._routes = {("cpu", torch.bfloat16, autotune.bucket_index(16)):
+                  w4.layout.paths("cpu", torch.bfloat16, 16, 4, spec=w4.spec)[1]}
+    x = torch.randn(16, 256, dtype=torch.bfloat16)
+    for templates in (True, False):
+        monkeypatch.setattr(int4pack, "_woq_templates", lambda t=templates: t)
+        seen = []
+
+        def backend(gm, inputs):
+            seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            return gm
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(w4.linear, backend=backend, fullgraph=True)(x)
+        took = [t for t in seen if "int4pack_mm" in t or "qtorch." in t]
+        assert took and all(("int4pack_mm" in t) == templates for t in took), (templates, took)
