@@ -322,11 +322,7 @@ def untie(model: nn.Module, *names: str) -> list[str]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     mods = dict(model.named_modules())
-    owners: dict = {}
-    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(
-            remove_duplicate=False)):
-        if t is not None:
-            owners.setdefault(_storage_key(t), set()).add(n)
+    owners = _tensor_owners(model)
     layers = []
     for name in names:
         mod = mods.get(name)
@@ -338,7 +334,8 @@ def untie(model: nn.Module, *names: str) -> list[str]:
     done = []
     for name, mod in layers:
         w = mod.weight
-        if len(owners.get(_storage_key(w), ())) <= 1:  # nothing shares it
+        own = {f"{n}.weight" for n, m in model.named_modules(remove_duplicate=False) if m is mod}
+        if not any(o not in own for o in owners.get(_storage_key(w), ())):  # nothing else shares it
             continue
         with torch.no_grad():
             mod.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
@@ -348,6 +345,16 @@ def untie(model: nn.Module, *names: str) -> list[str]:
             for cfg in _tie_configs(model):
                 cfg.tie_word_embeddings = False
     return done
+
+
+def _tensor_owners(model: nn.Module) -> dict:
+    """Every name under which a tensor's memory is reachable in ``model``, by storage (tied weights share one)."""
+    owners: dict = {}
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for n, t in tensors:
+        if t is not None:
+            owners.setdefault(_storage_key(t), []).append(n)
+    return owners
 
 
 def _tie_configs(model: nn.Module) -> list:
@@ -482,11 +489,7 @@ def _build_plan(model: nn.Module, scheme, exclude, include, on_incompatible: str
             full = f"{pname}.{cname}" if pname else cname
             if full in wanted:
                 parents.setdefault(id(child), []).append((pmod, cname))
-    owners: dict = {}
-    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    for n, t in tensors:
-        if t is not None:
-            owners.setdefault(_storage_key(t), []).append(n)
+    owners = _tensor_owners(model)
 
     used: set[int] = set()
     jobs: list[_Job] = []

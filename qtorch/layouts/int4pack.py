@@ -16,8 +16,9 @@ Calls of 2+ rows may also run qtorch's tile kernels (the ``blocked`` layout's ``
 blocked layout's 4-bit tiles (blocks of NT output channels, K rows of NT / 2 bytes, channel ``j`` in the low nibble
 of byte ``j`` and channel ``j + NT / 2`` in its high nibble: on AVX-512 CPUs NT = 64, on AVX2 32), the packed codes
 are passed to those kernels as a view, with the scale and zero point transposed per call (``[G, N]``, a copy of a
-few KB). No second copy of the codes is kept; the layer measures the paths per row bucket, as for the blocked layout. PyTorch's
-kernel is the fastest one-row path for small layers in a model, and slow for prompts: on a 2-core Zen 4,
+few KB). No second copy of the codes is kept; the layer measures the paths per row bucket, as for the blocked
+layout. PyTorch's kernel is the fastest one-row path for small layers in a model, and slow for prompts: on a 2-core
+Zen 4,
 bfloat16, groups of 64, 41 rows, 576 x 576 176 us (dense 102, ``bf16dot`` on the same bytes 130), 1536 x 576
 455 us (dense 220, ``bf16dot`` 265).
 """
@@ -253,9 +254,9 @@ class Int4Pack(Layout):
         spec, b = weight.spec, weight.buffers
         kp = padded_k(spec.in_features, spec.kind, spec.group)
         x2 = pad_columns(x2, kp)  # a ragged last group, completed in the layout
-        if path in TILE_PATHS and tile_width(spec.out_features) and not (torch.compiler.is_compiling()
-                                                                         and _woq_templates()):
-            return _tile_linear(weight, x2, path, kp)  # (a route kept on another CPU, bytes not tiles: the own op)
+        nt = tile_width(spec.out_features) if path in TILE_PATHS else 0  # 0: a route kept where bytes are not tiles
+        if nt and not (torch.compiler.is_compiling() and _woq_templates()):
+            return _tile_linear(weight, x2, path, kp, nt)
         # It has no derivative: an input that needs a gradient goes through a wrapper that supplies one.
         if needs_grad(x2):
             return Int4PackMM.apply(x2.contiguous(), b["qweight"], spec.group, weight.aux, b["scale"],
@@ -291,12 +292,11 @@ def _woq_templates() -> bool:
     return woq_templates()
 
 
-def _tile_linear(weight, x2: torch.Tensor, path: str, kp: int) -> torch.Tensor:
-    """``x2 @ W.T`` by the blocked layout's ``path`` on the packed bytes viewed as its tiles: the same op (an
-    input gradient where one is needed, its twin under tracing, the kernel itself eagerly)."""
+def _tile_linear(weight, x2: torch.Tensor, path: str, kp: int, nt: int) -> torch.Tensor:
+    """``x2 @ W.T`` by the blocked layout's ``path`` on the packed bytes viewed as its tiles of ``nt`` channels: the
+    same op (an input gradient where one is needed, its twin under tracing, the kernel itself eagerly)."""
     spec, b = weight.spec, weight.buffers
     n = spec.out_features
-    nt = tile_width(n)
     tiles = b["qweight"].view(torch.uint8).reshape(n // nt, kp, nt // 2)
     zp = b["zero_point"]
     scale = b["scale"].t().contiguous()  # [G, N], as the kernels read them

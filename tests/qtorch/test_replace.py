@@ -318,6 +318,10 @@ def test_untie_names_what_it_cannot_untie():
     with pytest.raises(TypeError, match="must be a torch.nn.Module"):
         qtorch.untie(object(), "lm_head")
     assert qtorch.untie(m, "lm_head") == []  # not tied: nothing to do
+    shared = nn.Linear(8, 8)
+    twice = nn.Sequential(shared, nn.ReLU(), shared)  # one module under two names: nothing tied
+    w = shared.weight
+    assert qtorch.untie(twice, "0") == [] and shared.weight is w
 
 
 def test_module_under_two_names_is_replaced_everywhere_once():
