@@ -1,6 +1,7 @@
 """The ``qtorch`` command: quantize a local transformers model and show what it cost; summarise a checkpoint.
 
-    qtorch quantize [MODEL] [--scheme NAME] [--group-size N] [--exclude PATTERN]... [--skip-incompatible] [-o OUT]
+    qtorch quantize [MODEL] [--scheme NAME] [--group-size N] [--exclude PATTERN]... [--head-scheme NAME]
+                    [--skip-incompatible] [-o OUT]
                     [--format qcore|compressed-tensors|gguf] [--method METHOD]
     qtorch info PATH
     qtorch --version
@@ -280,6 +281,22 @@ def _calibration(args, tokenizer) -> list | None:
             for i in range(0, len(texts), 8)]
 
 
+def _with_head(model, scheme, head: str, exclude: tuple, args, say):
+    """``(scheme mapping, exclude)`` that quantize the model's output embedding (``lm_head``) with ``head`` and the
+    rest with ``scheme``; a head tied to the embeddings is untied first (:func:`qtorch.untie`)."""
+    import qtorch
+
+    out = getattr(model, "get_output_embeddings", lambda: None)()
+    name = next((n for n, m in model.named_modules() if m is out), None) if out is not None else None
+    if name is None:
+        raise CliError(f"--head-scheme: {type(model).__name__} has no output embedding (lm_head) to quantize")
+    if qtorch.untie(model, name):
+        say(f"{name}: untied from the embeddings (they keep the dense table for lookups), to be quantized {head}")
+    if args.exclude is None:  # the default exclusion is the head itself
+        exclude = ()
+    return {name: head, "*": scheme}, exclude
+
+
 def cmd_quantize(args, say) -> int:
     import torch
 
@@ -295,6 +312,12 @@ def cmd_quantize(args, say) -> int:
     if args.format != DEFAULT_FORMAT and not args.output:
         raise CliError(f"--format {args.format} says how OUT is written; pass -o OUT")
     gguf = args.format == GGUF
+    head = getattr(args, "head_scheme", None)
+    if head and gguf:
+        raise CliError("--head-scheme: a GGUF file written here holds one quantization type; leave the head dense "
+                       "or write another format")
+    if head and args.exclude is not None and "lm_head" in args.exclude:
+        raise CliError("--head-scheme quantizes lm_head, which --exclude lm_head keeps dense; give one of them")
     if gguf:
         qtype = _gguf_type(args, scheme)
         _check_gguf_output(args.output, args.overwrite)
@@ -317,13 +340,18 @@ def cmd_quantize(args, say) -> int:
     batch = tokenizer(list(SENTENCES), padding=True, return_tensors="pt")
     ref = _outputs(model, batch, causal)
     dense = copy.deepcopy(model)  # kept to time dense and quantized in alternation
+    exclude = tuple(exclude_patterns(args))
+    tied_bytes = qtorch.memory_footprint(model)
+    if head:
+        scheme, exclude = _with_head(model, scheme, head, exclude, args, say)
 
     with warnings.catch_warnings():  # the report lists patterns that matched no layer
         warnings.filterwarnings("ignore", message=r"pattern\(s\) .* matched no Linear layer")
-        report = qtorch.quantize_model(model, scheme, exclude=tuple(exclude_patterns(args)),
+        report = qtorch.quantize_model(model, scheme, exclude=exclude,
                                        on_incompatible="skip" if args.skip_incompatible else "error",
                                        progress=not args.quiet and sys.stderr.isatty(), method=args.method,
                                        calibration=calibration)
+    report.model_bytes_before = tied_bytes  # the model as given: an untied head's dense copy is part of the cost
     out = _outputs(model, batch, causal)
     cos = torch.nn.functional.cosine_similarity(ref, out, dim=-1)
     with torch.inference_mode():
@@ -521,6 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a layer kept dense: dotted name, glob or re:<regex>; repeat the option for several "
                         "(--exclude lm_head --exclude '*.mlp.*'). Default: lm_head, when no --exclude is given; "
                         "--exclude '' keeps no layer dense")
+    q.add_argument("--head-scheme", type=_scheme_name, default=None, metavar="NAME",
+                   help="also quantize the output embedding (lm_head) with this scheme (e.g. w8a16), untied from "
+                        "the input embeddings first where they share a weight (those keep the dense table: more "
+                        "memory than the tied model, fewer bytes read per decoding step)")
     q.add_argument("--method", choices=method_names(), default="minmax",
                    help="how scales are chosen: a qcore params method (minmax: each group's range; mse: the "
                         "clipping with the least squared error; any other registered with "

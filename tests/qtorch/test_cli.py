@@ -459,3 +459,36 @@ def test_a_params_method_registered_later_is_a_method_choice(tiny_bert, monkeypa
     with pytest.raises(SystemExit):
         main(["quantize", str(tiny_bert), "--method", "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_head_scheme_quantizes_a_tied_head_untied(tmp_path, capsys):
+    src = llama_folder(tmp_path / "tied", tie=True)
+    out = tmp_path / "q"
+    argv = ["quantize", src, "--scheme", "w4a16-g32", "--head-scheme", "w8a16", "-o", str(out), "--rounds", "1"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "lm_head: untied from the embeddings" in text
+    assert re.search(r"lm_head\s+30522x64\s+int8 sym per-channel", text)
+    dense = transformers.LlamaForCausalLM.from_pretrained(src)  # tied: the table counted once
+    before = re.search(r"model memory: ([0-9.]+) MiB", text).group(1)
+    assert before == f"{qtorch.memory_footprint(dense) / 2**20:.1f}", before
+    model = qtorch.from_pretrained(out)
+    assert isinstance(model.lm_head, qtorch.QuantLinear) and model.lm_head.scheme.bits == 8
+    assert isinstance(model.model.layers[0].mlp.up_proj, qtorch.QuantLinear)
+    assert model.model.layers[0].mlp.up_proj.scheme.bits == 4
+    assert not model.config.tie_word_embeddings and type(model.model.embed_tokens) is torch.nn.Embedding
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["--format", "gguf", "-o", "x.gguf"], "a GGUF file written here holds one quantization type"),
+    (["--exclude", "lm_head"], "which --exclude lm_head keeps dense"),
+])
+def test_head_scheme_refusals(tmp_path, capsys, extra, expect):
+    src = llama_folder(tmp_path / "m")
+    extra = [str(tmp_path / e) if e.endswith(".gguf") else e for e in extra]
+    assert expect in error_of(["quantize", src, "--head-scheme", "w8a16"] + extra, capsys)
+
+
+def test_head_scheme_needs_an_output_embedding(tiny_bert, capsys):
+    assert "has no output embedding (lm_head)" in error_of(["quantize", str(tiny_bert), "--head-scheme", "w8a16"],
+                                                           capsys)
