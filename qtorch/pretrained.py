@@ -103,20 +103,22 @@ def _folder_config(model: nn.Module, format: str) -> dict:
 
 
 def _tie_flags(model: nn.Module, config: dict) -> dict:
-    """``config`` (the source folder's config.json) with the model's own ``tie_word_embeddings`` where it differs
-    (:func:`qtorch.untie` gave ``lm_head`` a weight of its own): transformers' loader tied the head of a folder that
-    still said "tied" to the embeddings, and failed on the quantized head (``AttributeError: Linear has no attribute
-    weight``, compressed-tensors format)."""
+    """``config`` (the source folder's config.json) saying "not tied" where the model's own config does and the
+    source's does not (:func:`qtorch.untie` gave ``lm_head`` a weight of its own): transformers' loader tied the head
+    of a folder that still said "tied" to the embeddings, and failed on the quantized head (``AttributeError: Linear
+    has no attribute weight``, compressed-tensors format). Nothing else is rewritten: a config class may read the
+    flag its own way (T5's turns a false one into other settings and keeps it true)."""
     from .replace import _tie_configs
 
-    found = _tie_configs(model)
     config = dict(config)
-    if found and ("tie_word_embeddings" in config or not found[0].tie_word_embeddings):
-        config["tie_word_embeddings"] = bool(found[0].tie_word_embeddings)
-    text = config.get("text_config")
-    if len(found) > 1 and isinstance(text, dict) and ("tie_word_embeddings" in text
-                                                       or not found[1].tie_word_embeddings):
-        config["text_config"] = dict(text, tie_word_embeddings=bool(found[1].tie_word_embeddings))
+    for cfg, key in _tie_configs(model):
+        if cfg.tie_word_embeddings is not False:
+            continue
+        if key is None:
+            if config.get("tie_word_embeddings") is not False:
+                config["tie_word_embeddings"] = False
+        elif isinstance(config.get(key), dict) and config[key].get("tie_word_embeddings") is not False:
+            config[key] = dict(config[key], tie_word_embeddings=False)
     return config
 
 

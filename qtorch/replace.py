@@ -321,6 +321,11 @@ def untie(model: nn.Module, *names: str) -> list[str]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        # there the flag does more than tie lm_head: T5 scales its output by it (and forces it on), BART ties the
+        # encoder's and decoder's embeddings by it
+        raise ValueError(f"untie: {type(model).__name__} is an encoder-decoder model, whose tie_word_embeddings "
+                         f"does more than tie lm_head; keep its head dense (exclude it)")
     mods = dict(model.named_modules())
     owners = _tensor_owners(model)
     layers = []
@@ -342,7 +347,7 @@ def untie(model: nn.Module, *names: str) -> list[str]:
         done.append(name)
         out = getattr(model, "get_output_embeddings", None)
         if callable(out) and out() is mod:
-            for cfg in _tie_configs(model):
+            for cfg, _ in _tie_configs(model):
                 cfg.tie_word_embeddings = False
     return done
 
@@ -358,15 +363,18 @@ def _tensor_owners(model: nn.Module) -> dict:
 
 
 def _tie_configs(model: nn.Module) -> list:
-    """The transformers configs of ``model`` that say whether the output embedding is tied (the model's, and
-    its text config's where it has one)."""
+    """``(config, key)`` for each transformers config of ``model`` that says whether the output embedding is tied:
+    the model's (key None), and its text config (key ``"text_config"``) where it is another object (composite
+    models such as Blip-2 keep the flag there)."""
     cfg = getattr(model, "config", None)
-    found = [cfg] if cfg is not None and getattr(cfg, "tie_word_embeddings", None) is not None else []
+    found = [(cfg, None)] if cfg is not None and getattr(cfg, "tie_word_embeddings", None) is not None else []
     text = getattr(cfg, "get_text_config", None)
-    if callable(text):
-        t = text()
-        if t is not cfg and getattr(t, "tie_word_embeddings", None) is not None:
-            found.append(t)
+    try:
+        t = text() if callable(text) else None
+    except Exception:  # e.g. MusicGen: several text configs, none the one
+        t = None
+    if t is not None and t is not cfg and getattr(t, "tie_word_embeddings", None) is not None:
+        found.append((t, "text_config"))
     return found
 
 

@@ -267,3 +267,59 @@ def test_an_untied_quantized_head_stays_untied_when_saved_and_loaded(tmp_path, f
             hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
             assert hasattr(hf.lm_head, "weight_packed")  # its own quantized head, not the embedding table
             torch.testing.assert_close(hf(IDS, attention_mask=MASK).logits, ref, rtol=0.02, atol=0.02)
+
+
+def _tiny_t5(folder, tie: bool) -> str:
+    cfg = transformers.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                decoder_start_token_id=0, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(folder)
+    if not tie:  # as flan-t5's config.json on the hub says it (written before the config kept it true)
+        path = os.path.join(folder, "config.json")
+        written = json.load(open(path))
+        written.pop("scale_decoder_outputs", None)
+        json.dump(dict(written, tie_word_embeddings=False), open(path, "w"))
+    return str(folder)
+
+
+def test_save_folder_leaves_the_tie_flag_of_a_model_nobody_untied(tmp_path):
+    # T5's config turns a false tie_word_embeddings (flan-t5's) into other settings and keeps the flag true: a
+    # folder rewritten to "true" from the loaded config would scale the decoder's output on reload
+    src = _tiny_t5(tmp_path / "t5", tie=False)
+    model = transformers.T5ForConditionalGeneration.from_pretrained(src).eval()
+    qtorch.quantize_model(model, "w8a16", exclude=["lm_head", "re:.*\\.wo"])  # T5's forward reads wo.weight
+    save_folder(model, src, str(tmp_path / "out"))
+    written = json.load(open(tmp_path / "out" / "config.json"))
+    assert written.get("tie_word_embeddings") == json.load(open(os.path.join(src, "config.json"))).get(
+        "tie_word_embeddings")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    back = qtorch.from_pretrained(str(tmp_path / "out"))
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids, decoder_input_ids=ids).logits,
+                           model(input_ids=ids, decoder_input_ids=ids).logits)
+
+
+def test_untie_refuses_an_encoder_decoder_model(tmp_path):
+    model = transformers.T5ForConditionalGeneration.from_pretrained(_tiny_t5(tmp_path / "t5", tie=True))
+    with pytest.raises(ValueError, match="encoder-decoder model"):
+        qtorch.untie(model, "lm_head")
+
+
+def test_the_tie_flag_is_written_where_the_model_keeps_it():
+    from types import SimpleNamespace
+
+    from qtorch.pretrained import _tie_flags
+
+    text = SimpleNamespace(tie_word_embeddings=False)  # a composite model (Blip-2): the text config holds it
+    model = torch.nn.Module()
+    model.config = SimpleNamespace(tie_word_embeddings=True, get_text_config=lambda: text)
+    src = {"text_config": {"tie_word_embeddings": True, "hidden_size": 8}, "model_type": "x"}
+    assert _tie_flags(model, src) == {"text_config": {"tie_word_embeddings": False, "hidden_size": 8},
+                                      "model_type": "x"}
+    assert src["text_config"]["tie_word_embeddings"] is True  # the source dict is left as it was
+
+    def several():
+        raise ValueError("Multiple valid text configs")  # MusicGen's
+
+    model.config = SimpleNamespace(tie_word_embeddings=True, get_text_config=several)
+    assert _tie_flags(model, {"tie_word_embeddings": True}) == {"tie_word_embeddings": True}
