@@ -32,6 +32,8 @@ weight as soon as its replacement is in place, so the extra memory at any moment
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 import time
 import warnings
@@ -352,6 +354,21 @@ def untie(model: nn.Module, *names: str) -> list[str]:
     return done
 
 
+@functools.lru_cache(maxsize=None)
+def _weight_readers(cls: type) -> frozenset:
+    """Names of the children whose ``.weight`` the ``forward`` of module class ``cls`` reads itself
+    (``self.<name>.weight``: transformers' T5 feed-forward reads ``self.wo.weight.dtype``); empty where its source
+    cannot be read."""
+    forward = getattr(cls, "forward", None)
+    if forward is None or forward is nn.Module.forward:
+        return frozenset()
+    try:
+        src = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return frozenset()
+    return frozenset(re.findall(r"self\.(\w+)\.weight\b", src))
+
+
 def _tensor_owners(model: nn.Module) -> dict:
     """Every name under which a tensor's memory is reachable in ``model``, by storage (tied weights share one)."""
     owners: dict = {}
@@ -403,9 +420,12 @@ def _incompatibility(module: nn.Module, kind: str, names: list[str], parents, ta
         return f"{hooks} hook(s) are registered on this module and would be lost by replacing it"
     if hasattr(module, "parametrizations"):
         return "weight is parametrized (torch.nn.utils.parametrize); remove the parametrization first"
-    for parent, _ in parents:
+    for parent, cname in parents:
         if isinstance(parent, nn.MultiheadAttention):
             return "its parent nn.MultiheadAttention reads out_proj.weight directly instead of calling the layer"
+        if cname in _weight_readers(type(parent)):
+            return (f"its parent {type(parent).__name__}'s forward reads self.{cname}.weight (a quantized layer "
+                    f"has codes, not a weight tensor); keep it dense")
     own = {f"{n}.weight" for n in names} | {f"{n}.bias" for n in names}
     for t in (w, getattr(module, "bias", None)):
         if t is None:

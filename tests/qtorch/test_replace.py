@@ -352,6 +352,29 @@ def test_layers_whose_replacement_would_misbehave_are_incompatible():
         qtorch.quantize_model(m, "w8a16")
 
 
+class _ReadsWeight(nn.Module):
+    """A block whose forward reads a child's weight itself, as transformers' T5 feed-forward reads wo.weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.wi, self.wo = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = self.wi(x)
+        return self.wo(h.to(self.wo.weight.dtype))
+
+
+def test_a_layer_whose_parent_reads_its_weight_is_incompatible():
+    m = nn.Sequential(_ReadsWeight(), nn.Linear(16, 16))
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match=r"0.wo .*its parent _ReadsWeight's forward reads self.wo.weight"):
+        qtorch.quantize_model(m, "w8a16")
+    rep = qtorch.quantize_model(m, "w8a16", on_incompatible="skip")
+    assert [r.name for r in rep.quantized] == ["0.wi", "1"] and rep["0.wo"].status == "incompatible"
+    m(x)  # runs: the layer the parent reads stayed dense
+    assert qtorch.replace._weight_readers(nn.Sequential) == frozenset()  # calls its children, reads no weight
+
+
 def test_bad_arguments_are_rejected_with_the_value():
     m = toy()
     with pytest.raises(ValueError, match="'ignore'"):
