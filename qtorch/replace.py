@@ -351,6 +351,12 @@ def untie(model: nn.Module, *names: str) -> list[str]:
         if callable(out) and out() is mod:
             for cfg, _ in _tie_configs(model):
                 cfg.tie_word_embeddings = False
+        # transformers' table of the ties it makes (tie_weights(), init_weights()): read at init, so edited here
+        for sub_name, sub in model.named_modules():
+            table = getattr(sub, "all_tied_weights_keys", None)
+            prefix = f"{sub_name}." if sub_name else ""
+            if isinstance(table, dict) and name.startswith(prefix):
+                table.pop(f"{name[len(prefix):]}.weight", None)
     return done
 
 

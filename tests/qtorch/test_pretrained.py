@@ -252,6 +252,9 @@ def test_an_untied_quantized_head_stays_untied_when_saved_and_loaded(tmp_path, f
     model = transformers.LlamaForCausalLM.from_pretrained(src).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert qtorch.untie(model, "lm_head") == ["lm_head"] and model.config.tie_word_embeddings is False
+    model.init_weights()  # transformers ties what its table lists (all_tied_weights_keys): the head is not in it
+    model.tie_weights()
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
     # symmetric 4 bits: transformers' compressed-tensors integration loads those (its asymmetric loading is not)
     qtorch.quantize_model(model, {"lm_head": "w8a16", "*": QuantScheme(4, True, PerGroup(32))}, exclude=())
     assert isinstance(model.lm_head, qtorch.QuantLinear)
