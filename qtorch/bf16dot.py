@@ -40,8 +40,8 @@ from numba.extending import intrinsic
 
 from . import _omp
 from ._ir import BF16, F32, I32, I64, host_has, vec
-from .amx import (_PARTS, _SCRATCH, ROW_CHUNK, SCRATCH_BYTES, _chunks, _eights, _splitter, _steps, _unit_shape,
-                  _units, dequantizes, eligible)
+from .amx import (_PARTS, _SCRATCH, ROW_CHUNK, SCRATCH_BYTES, _chunks, _eights, _prefetch, _splitter, _steps,
+                  _unit_shape, _units, dequantizes, eligible)
 from ._ir import cached as _cached
 
 __all__ = ["available", "eligible", "bf16dot_linear"]
@@ -167,6 +167,28 @@ def _dp_rows(typingctx, xf, buf, cf, af, sf, cols, q, parts, ns, mr):
     return types.void(xf, buf, cf, af, sf, cols, q, parts, ns, mr), codegen
 
 
+@intrinsic
+def _prefetch_at(typingctx, arr, off):
+    """Prefetch the line holding ``arr[off]`` into L2 (never faults)."""
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        _prefetch(builder, builder.gep(a.data, [context.cast(builder, args[1], sig.args[1], types.int64)]))
+        return context.get_dummy_value()
+
+    return types.void(arr, off), codegen
+
+
+@njit(inline="always")
+def _prefetch_params(sf, zf, cols, S, N, zstride, col0, g0, g1):  # pragma: no cover - compiled
+    # the scale and zero-point lines of groups g0..g1 for a unit's strips: rows of [G, N] lie N elements apart, so
+    # no hardware prefetcher follows them, and a block that met them cold waited on memory for each
+    for g in range(g0, g1):
+        for i in range(S):
+            _prefetch_at(sf, g * N + col0 + cols[i])
+            if zstride:
+                _prefetch_at(zf, g * zstride + col0 + cols[i])
+
+
 @njit(inline="always")
 def _rows(xf, buf, cf, af, sf, cols, q, parts, ns, mr):  # pragma: no cover - compiled
     # literal dispatch: parts x strips x rows of this block
@@ -262,6 +284,7 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, u0, u1):  # pr
     af = acc.reshape(-1)
     sf = scale.reshape(-1)
     zf = zp.reshape(-1)
+    G = K // gsize
     zstride = N if zp.shape[0] > 1 else 0
     cmode = (9 if zp.shape[0] else 8) if bits == 8 else (2 if W == 8 else 3)
     pstride = blocks * rbs
@@ -295,6 +318,9 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, u0, u1):  # pr
                 ga = (k + 32 * a) // gsize
                 _steps(wb, buf, cols, zf, sf, (t * K + k) * W, ga * zstride + t * NT, ga * N + t * NT, S, bstride,
                        32 * a, 16, nk * W, cmode, deq)
+            kn = k + nk  # the next block's scales and zero points arrive while this one multiplies
+            if kn < K:
+                _prefetch_params(sf, zf, cols, S, N, zstride, t * NT, kn // gsize, min(G, (kn + KB - 1) // gsize + 1))
             for s in range(0, S, 4):
                 ns = min(4, S - s)
                 m0 = 0
