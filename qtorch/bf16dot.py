@@ -291,6 +291,16 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, u0, u1):  # pr
     gacc = K if deq else gsize
     whole = gacc <= KB
     arow, astep = np.int64(32), np.int64(512)  # the next row in a 16 x 32 block; the next block of 32 columns
+    # the next block's lines of codes are prefetched a few before each register block's products (a burst of all of
+    # them at once overflowed the core's queue of misses: most came late, from memory, at the next conversion)
+    nrb = 0
+    m0 = 0
+    while m0 < M:
+        m0 += _block_rows(M - m0, m0, Mp)
+        nrb += 1
+    calls = ((S + 3) // 4) * nrb
+    rs = max(1, 64 // W)  # rows of a tile per 64-byte line
+    wf = wb.reshape(-1)
     for u in range(u0, u1):
         t = u // per_tile
         b0 = (u % per_tile) * nb
@@ -314,17 +324,31 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, u0, u1):  # pr
                 gl = nk
                 first = 1 if k == g0 * gacc else 0
                 last = 1 if k + nk == gend else 0
-            for a in range(nk // 32):  # the block's panels, every strip (32 rows of K lie in one group)
-                ga = (k + 32 * a) // gsize
+            for a in range(nk // 32):  # the block's panels, every strip (32 rows of K lie in one group); their
+                ga = (k + 32 * a) // gsize  # codes were prefetched during the previous block (pf 0: none ahead here)
                 _steps(wb, buf, cols, zf, sf, (t * K + k) * W, ga * zstride + t * NT, ga * N + t * NT, S, bstride,
-                       32 * a, 16, nk * W, cmode, deq)
+                       32 * a, 16, 0, cmode, deq)
             kn = k + nk  # the next block's scales and zero points arrive while this one multiplies
+            prow = 0
+            pbase = 0
             if kn < K:
                 _prefetch_params(sf, zf, cols, S, N, zstride, t * NT, kn // gsize, min(G, (kn + KB - 1) // gsize + 1))
+                pbase = (t * K + kn) * W + b0
+                prow = min(KB, K - kn)
+            elif u + 1 < u1:  # the next unit's first block
+                pbase = ((u + 1) // per_tile) * K * W + ((u + 1) % per_tile) * nb
+                prow = min(KB, K)
+            nlines = (prow + rs - 1) // rs
+            per_call = (nlines + calls - 1) // calls
+            li = 0
             for s in range(0, S, 4):
                 ns = min(4, S - s)
                 m0 = 0
                 while m0 < M:
+                    for _ in range(per_call):
+                        if li < nlines:
+                            _prefetch_at(wf, pbase + li * rs * W)
+                            li += 1
                     mr = _block_rows(M - m0, m0, Mp)
                     q = (m0, rbs, arow, astep, pstride, (k // 32) * astep, nk, gl, s * bstride, bstride,
                          m0 * cw + 16 * s, cw, first, last, g0 * N + t * NT, N, s, deq)
