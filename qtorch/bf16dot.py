@@ -262,10 +262,11 @@ def _block_rows(rem, m0, Mp):  # pragma: no cover - compiled
 
 @_cached
 @njit(cache=True, nogil=True)
-def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, u0, u1):  # pragma: no cover - compiled
+def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, ob, u0, u1):  # pragma: no cover - compiled
     # work unit u: the S strips of 16 output channels whose codes lie in one byte range of a tile row, all rows
     # (as qtorch.amx's units). xp: [P, Mp / 16, 16 K] bfloat16 bits in A-tile order: 16 rows x 32 columns
-    # contiguous (x's own rows, 2 K bytes apart, thrashed one L1 set)
+    # contiguous (x's own rows, 2 K bytes apart, thrashed one L1 set). ob: the output goes to outb as bfloat16 bits
+    # (rounded to nearest even, as torch rounds), out (float32) untouched; no float32 output and no pass converting it
     _, blocks, rbs = xp.shape
     Mp = blocks * 16
     T, K, W = wb.shape
@@ -282,6 +283,7 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, u0, u1):  # pr
     xf = xp.reshape(-1)
     cf = cb.reshape(-1)
     af = acc.reshape(-1)
+    accu = acc.view(np.uint32)
     sf = scale.reshape(-1)
     zf = zp.reshape(-1)
     G = K // gsize
@@ -358,13 +360,23 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, u0, u1):  # pr
         for i in range(S):
             n0 = t * NT + cols[i]
             for m in range(M):
-                o = out[m, n0:n0 + 16]
-                a = acc[m, 16 * i:16 * i + 16]
-                for j in range(16):
-                    o[j] = a[j]
+                if ob:
+                    ou = outb[m, n0:n0 + 16]
+                    au = accu[m, 16 * i:16 * i + 16]
+                    for j in range(16):
+                        v = au[j]
+                        if v & 0x7FFFFFFF > 0x7F800000:
+                            ou[j] = 0x7FC0  # NaN
+                        else:
+                            ou[j] = (v + 0x7FFF + ((v >> 16) & 1)) >> 16
+                else:
+                    o = out[m, n0:n0 + 16]
+                    a = acc[m, 16 * i:16 * i + 16]
+                    for j in range(16):
+                        o[j] = a[j]
 
 
-#: the team kernel's operands (its chunks are the work units); ``flags``: bits | deq << 9
+#: the team kernel's operands (its chunks are the work units); ``flags``: bits | deq << 9 | bfloat16 output << 10
 OPERANDS = _omp.Operands("bf16dot", parts=_omp.I64, M=_omp.I64, T=_omp.I64, K=_omp.I64, W=_omp.I64,
                          gsize=_omp.I64, flags=_omp.I64, zp_rows=_omp.I64, x=_omp.ADDR, wb=_omp.ADDR,
                          scale=_omp.ADDR, zp=_omp.ADDR, out=_omp.ADDR)
@@ -379,7 +391,8 @@ def _dp_chunk(o, i, u0, u1, wdt, _y):  # pragma: no cover - compiled; units u0..
     zrows = o.zp_rows
     _dp_units(carray(o.x, (o.parts, Mp // 16, 16 * K), np.int16), o.parts, M, carray(o.wb, (T, K, W), wdt),
               carray(o.scale, (G, T * NT), np.float32), carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8),
-              o.gsize, bits, o.flags >> 9, carray(o.out, (M, T * NT), np.float32), u0, u1)
+              o.gsize, bits, (o.flags >> 9) & 1, carray(o.out, (M, T * NT), np.float32),
+              carray(o.out, (M, T * NT), np.uint16), (o.flags >> 10) & 1, u0, u1)
     return 0
 
 
@@ -400,11 +413,12 @@ def _serial(team, block, lo, hi) -> None:
 
 
 def _run(xaddr: int, parts: int, M: int, wb: int, signed: bool, T: int, K: int, W: int, scale: int, zp: int,
-         zp_rows: int, gsize: int, bits: int, out: int, deq: int = 0) -> None:
-    """One kernel call on addresses (as :func:`qtorch.amx._run`); the caller holds every operand."""
+         zp_rows: int, gsize: int, bits: int, out: int, deq: int = 0, bf16_out: bool = False) -> None:
+    """One kernel call on addresses (as :func:`qtorch.amx._run`); the caller holds every operand. ``bf16_out``: the
+    output at ``out`` is bfloat16, else float32."""
     units = _units(T, W, bits)
     nchunks = _chunks(T, units, _omp.team_size())
-    block = _omp.new_block(nchunks, units, (parts, M, T, K, W, gsize, bits | deq << 9, zp_rows, xaddr,
+    block = _omp.new_block(nchunks, units, (parts, M, T, K, W, gsize, bits | deq << 9 | bf16_out << 10, zp_rows, xaddr,
                                           wb, scale, zp, out))
     team = _TEAM_KERNELS[signed]
     _omp.run(units, team, block, _serial, (team, block), units, 1, nchunks=nchunks)
@@ -414,12 +428,15 @@ _NO_BF16 = "this process cannot run AVX512-BF16 dot products (numba does not com
 
 
 def bf16dot_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                   group_size: int, bits: int, out_features: int) -> torch.Tensor:
+                   group_size: int, bits: int, out_features: int,
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The forward on CPU torch tensors that ``layouts.blocked`` built (``scale`` / ``zero_point`` already
-    ``[G, N]``, all three contiguous; K and the group size multiples of 32): float32 ``[M, N]``, a new tensor, for
-    bfloat16 or float16 ``x[M, K]``. bfloat16 rows in whole blocks of 16 are read where they lie; other rows are
-    first laid out (float16: split into two bfloat16 parts) ``ROW_CHUNK`` rows at a time, in a buffer the calling
-    thread reuses."""
+    ``[G, N]``, all three contiguous; K and the group size multiples of 32): ``[M, N]``, a new tensor, for
+    bfloat16 or float16 ``x[M, K]``: bfloat16 for bfloat16 rows (the float32 sums rounded to nearest even by the
+    kernel as it stores them, as ``.to(torch.bfloat16)`` rounds), float32 for float16 ones or where ``out_dtype`` is
+    ``torch.float32`` (the sums themselves). bfloat16 rows in whole
+    blocks of 16 are read where they lie; other rows are first laid out (float16: split into two bfloat16 parts)
+    ``ROW_CHUNK`` rows at a time, in a buffer the calling thread reuses."""
     if not (_AVAILABLE or available()):  # the instruction on a CPU without it is SIGILL, not an error
         raise RuntimeError(_NO_BF16)
     if x.dtype not in (torch.bfloat16, torch.float16) or not (x.is_cpu and qweight.is_cpu and scale.is_cpu
@@ -430,7 +447,11 @@ def bf16dot_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     if not eligible(K, group_size) or qweight.shape[1] != K:
         raise ValueError(f"the AVX512-BF16 kernel needs K and the group size to be multiples of 32, got K={K}, "
                          f"group size {group_size}")
-    out = torch.empty((M, out_features), dtype=torch.float32, device="cpu")
+    if out_dtype not in (None, torch.float32, torch.bfloat16) or out_dtype == torch.bfloat16 != x.dtype:
+        raise ValueError(f"out_dtype must be None, torch.float32 or (for bfloat16 rows) torch.bfloat16, "
+                         f"got {out_dtype}")
+    bf16_out = x.dtype == torch.bfloat16 and out_dtype != torch.float32
+    out = torch.empty((M, out_features), dtype=x.dtype if bf16_out else torch.float32, device="cpu")
     T, _, W = qweight.shape
     if M == 0 or T == 0:
         return out
@@ -443,13 +464,14 @@ def bf16dot_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     deq = int(dequantizes(x.dtype, M, K, group_size))
     signed = qweight.dtype == torch.int8
     wa, sa, xa, oa, xsize = qweight.data_ptr(), scale.data_ptr(), x.data_ptr(), out.data_ptr(), x.element_size()
+    osize = out.element_size()
     scratch = _SCRATCH
     own = not scratch.busy
     scratch.busy = True
     try:
         for r0 in range(0, M, ROW_CHUNK):
             m = min(M, r0 + ROW_CHUNK) - r0
-            x0, o0 = xa + r0 * K * xsize, oa + r0 * out_features * 4
+            x0, o0 = xa + r0 * K * xsize, oa + r0 * out_features * osize
             n = parts * -(-m // 16) * 16 * K
             if not own or 2 * n > SCRATCH_BYTES:
                 buf = np.empty(n, np.int16)
@@ -460,7 +482,7 @@ def bf16dot_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
                     scratch.addr = scratch.buf.ctypes.data
                 pa = scratch.addr
             _splitter(x.dtype)(x0, pa, m, K)
-            _run(pa, parts, m, wa, signed, T, K, W, sa, zaddr, zrows, group_size, bits, o0, deq=deq)
+            _run(pa, parts, m, wa, signed, T, K, W, sa, zaddr, zrows, group_size, bits, o0, deq=deq, bf16_out=bf16_out)
     finally:
         if own:
             scratch.busy = False

@@ -83,11 +83,32 @@ def test_sums_whole_groups_across_blocks_of_k():
         for rows in (16, 64):
             x = torch.randn(rows, 4096, dtype=torch.bfloat16)
             with torch.no_grad():
-                y = bf16dot.bf16dot_linear(x, *_operands(q), 128)
+                y = bf16dot.bf16dot_linear(x, *_operands(q), 128, out_dtype=torch.float32)
+                # the bfloat16 output is those sums rounded by the kernel as torch rounds them
+                assert torch.equal(bf16dot.bf16dot_linear(x, *_operands(q), 128).view(torch.int16),
+                                   y.to(torch.bfloat16).view(torch.int16))
             exact = x.double() @ w.t()
             bound = x.double().abs() @ w.abs().t()
             # float32 sums of exact products (64 rows: of the weight rounded to bfloat16)
             assert float(((y.double() - exact).abs() / bound).max()) < (2.0**-8 if rows == 64 else 1e-5)
+
+
+@runs_here
+def test_bfloat16_output_rounds_overflow_to_infinity_and_keeps_nan():
+    # sums past bfloat16's largest value (but within float32's) round to infinity as torch's rounding does; a NaN in
+    # a row stays NaN in that row's outputs, and the other rows are untouched by it
+    q = _layer(QuantScheme(8, True, PerChannel(0)), torch.bfloat16, 64, 256, seed=5)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    x[1] = 3.0e38 / 256
+    x[2, 7] = float("nan")
+    ops = _operands(q)
+    with torch.no_grad():
+        y = bf16dot.bf16dot_linear(x, *ops, 64)
+        y32 = bf16dot.bf16dot_linear(x, *ops, 64, out_dtype=torch.float32)
+    assert y.dtype == torch.bfloat16 and torch.isnan(y[2]).all() and not torch.isnan(y[[0, 1, 3]]).any()
+    assert torch.isinf(y[1]).any()
+    keep = [0, 1, 3]
+    assert torch.equal(y[keep].view(torch.int16), y32[keep].to(torch.bfloat16).view(torch.int16))
 
 
 def _operands(q):
@@ -115,6 +136,9 @@ def test_kernel_checks_its_operands():
         bf16dot.bf16dot_linear(torch.randn(3, 64), qw, scale, zp, group, bits, 48)
     with pytest.raises(ValueError, match="multiples of 32"):
         bf16dot.bf16dot_linear(torch.randn(3, 48, dtype=torch.bfloat16), qw[:, :48], scale, zp, 48, bits, 48)
+    with pytest.raises(ValueError, match="out_dtype"):
+        bf16dot.bf16dot_linear(torch.randn(3, 64, dtype=torch.float16), qw, scale, zp, group, bits, 48,
+                               out_dtype=torch.bfloat16)
     empty = bf16dot.bf16dot_linear(torch.randn(0, 64, dtype=torch.bfloat16), qw, scale, zp, group, bits, 48)
     assert empty.shape == (0, 48)
 
