@@ -43,6 +43,7 @@ from ._ir import BF16, F32, I32, I64, host_has, vec
 from .amx import (_PARTS, _SCRATCH, ROW_CHUNK, SCRATCH_BYTES, _chunks, _eights, _prefetch, _splitter, _steps,
                   _unit_shape, _units, dequantizes, eligible)
 from ._ir import cached as _cached
+from .gemv import TORCH_KINDS, _narrow
 
 __all__ = ["available", "eligible", "bf16dot_linear"]
 
@@ -262,11 +263,11 @@ def _block_rows(rem, m0, Mp):  # pragma: no cover - compiled
 
 @_cached
 @njit(cache=True, nogil=True)
-def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, ob, u0, u1):  # pragma: no cover - compiled
+def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, okind, u0, u1):  # pragma: no cover - compiled
     # work unit u: the S strips of 16 output channels whose codes lie in one byte range of a tile row, all rows
     # (as qtorch.amx's units). xp: [P, Mp / 16, 16 K] bfloat16 bits in A-tile order: 16 rows x 32 columns
-    # contiguous (x's own rows, 2 K bytes apart, thrashed one L1 set). ob: the output goes to outb as bfloat16 bits
-    # (rounded to nearest even, as torch rounds), out (float32) untouched; no float32 output and no pass converting it
+    # contiguous (x's own rows, 2 K bytes apart, thrashed one L1 set). okind 1 / 2: the output goes to outb as
+    # bfloat16 / float16 bits (rounded as torch rounds), out untouched; 0: float32 sums to out
     _, blocks, rbs = xp.shape
     Mp = blocks * 16
     T, K, W = wb.shape
@@ -283,7 +284,6 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, ob, u0, 
     xf = xp.reshape(-1)
     cf = cb.reshape(-1)
     af = acc.reshape(-1)
-    accu = acc.view(np.uint32)
     sf = scale.reshape(-1)
     zf = zp.reshape(-1)
     G = K // gsize
@@ -360,15 +360,8 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, ob, u0, 
         for i in range(S):
             n0 = t * NT + cols[i]
             for m in range(M):
-                if ob:
-                    ou = outb[m, n0:n0 + 16]
-                    au = accu[m, 16 * i:16 * i + 16]
-                    for j in range(16):
-                        v = au[j]
-                        if v & 0x7FFFFFFF > 0x7F800000:
-                            ou[j] = 0x7FC0  # NaN
-                        else:
-                            ou[j] = (v + 0x7FFF + ((v >> 16) & 1)) >> 16
+                if okind:
+                    _narrow(acc[m, 16 * i:16 * i + 16], outb[m, n0:n0 + 16], okind, 0, 16)
                 else:
                     o = out[m, n0:n0 + 16]
                     a = acc[m, 16 * i:16 * i + 16]
@@ -376,7 +369,8 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, ob, u0, 
                         o[j] = a[j]
 
 
-#: the team kernel's operands (its chunks are the work units); ``flags``: bits | deq << 9 | bfloat16 output << 10
+#: the team kernel's operands (its chunks are the work units); ``flags``: bits | deq << 9 | the output's kind << 10
+#: (:data:`qtorch.gemv.TORCH_KINDS`: 0 float32, 1 bfloat16, 2 float16)
 OPERANDS = _omp.Operands("bf16dot", parts=_omp.I64, M=_omp.I64, T=_omp.I64, K=_omp.I64, W=_omp.I64,
                          gsize=_omp.I64, flags=_omp.I64, zp_rows=_omp.I64, x=_omp.ADDR, wb=_omp.ADDR,
                          scale=_omp.ADDR, zp=_omp.ADDR, out=_omp.ADDR)
@@ -392,7 +386,7 @@ def _dp_chunk(o, i, u0, u1, wdt, _y):  # pragma: no cover - compiled; units u0..
     _dp_units(carray(o.x, (o.parts, Mp // 16, 16 * K), np.int16), o.parts, M, carray(o.wb, (T, K, W), wdt),
               carray(o.scale, (G, T * NT), np.float32), carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8),
               o.gsize, bits, (o.flags >> 9) & 1, carray(o.out, (M, T * NT), np.float32),
-              carray(o.out, (M, T * NT), np.uint16), (o.flags >> 10) & 1, u0, u1)
+              carray(o.out, (M, T * NT), np.uint16), (o.flags >> 10) & 3, u0, u1)
     return 0
 
 
@@ -413,12 +407,12 @@ def _serial(team, block, lo, hi) -> None:
 
 
 def _run(xaddr: int, parts: int, M: int, wb: int, signed: bool, T: int, K: int, W: int, scale: int, zp: int,
-         zp_rows: int, gsize: int, bits: int, out: int, deq: int = 0, bf16_out: bool = False) -> None:
-    """One kernel call on addresses (as :func:`qtorch.amx._run`); the caller holds every operand. ``bf16_out``: the
-    output at ``out`` is bfloat16, else float32."""
+         zp_rows: int, gsize: int, bits: int, out: int, deq: int = 0, okind: int = 0) -> None:
+    """One kernel call on addresses (as :func:`qtorch.amx._run`); the caller holds every operand. ``okind``: the
+    output's kind at ``out`` (:data:`qtorch.gemv.TORCH_KINDS`)."""
     units = _units(T, W, bits)
     nchunks = _chunks(T, units, _omp.team_size())
-    block = _omp.new_block(nchunks, units, (parts, M, T, K, W, gsize, bits | deq << 9 | bf16_out << 10, zp_rows, xaddr,
+    block = _omp.new_block(nchunks, units, (parts, M, T, K, W, gsize, bits | deq << 9 | okind << 10, zp_rows, xaddr,
                                           wb, scale, zp, out))
     team = _TEAM_KERNELS[signed]
     _omp.run(units, team, block, _serial, (team, block), units, 1, nchunks=nchunks)
@@ -432,11 +426,10 @@ def bf16dot_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The forward on CPU torch tensors that ``layouts.blocked`` built (``scale`` / ``zero_point`` already
     ``[G, N]``, all three contiguous; K and the group size multiples of 32): ``[M, N]``, a new tensor, for
-    bfloat16 or float16 ``x[M, K]``: bfloat16 for bfloat16 rows (the float32 sums rounded to nearest even by the
-    kernel as it stores them, as ``.to(torch.bfloat16)`` rounds), float32 for float16 ones or where ``out_dtype`` is
-    ``torch.float32`` (the sums themselves). bfloat16 rows in whole
-    blocks of 16 are read where they lie; other rows are first laid out (float16: split into two bfloat16 parts)
-    ``ROW_CHUNK`` rows at a time, in a buffer the calling thread reuses."""
+    bfloat16 or float16 ``x[M, K]``, in ``x``'s dtype (the float32 sums rounded to nearest even by the kernel as it
+    stores them, as ``.to()`` rounds), or float32 where ``out_dtype`` is ``torch.float32`` (the sums themselves).
+    bfloat16 rows in whole blocks of 16 are read where they lie; other rows are first laid out (float16: split into
+    two bfloat16 parts) ``ROW_CHUNK`` rows at a time, in a buffer the calling thread reuses."""
     if not (_AVAILABLE or available()):  # the instruction on a CPU without it is SIGILL, not an error
         raise RuntimeError(_NO_BF16)
     if x.dtype not in (torch.bfloat16, torch.float16) or not (x.is_cpu and qweight.is_cpu and scale.is_cpu
@@ -447,11 +440,10 @@ def bf16dot_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     if not eligible(K, group_size) or qweight.shape[1] != K:
         raise ValueError(f"the AVX512-BF16 kernel needs K and the group size to be multiples of 32, got K={K}, "
                          f"group size {group_size}")
-    if out_dtype not in (None, torch.float32, torch.bfloat16) or out_dtype == torch.bfloat16 != x.dtype:
-        raise ValueError(f"out_dtype must be None, torch.float32 or (for bfloat16 rows) torch.bfloat16, "
-                         f"got {out_dtype}")
-    bf16_out = x.dtype == torch.bfloat16 and out_dtype != torch.float32
-    out = torch.empty((M, out_features), dtype=x.dtype if bf16_out else torch.float32, device="cpu")
+    if out_dtype not in (None, torch.float32, x.dtype):
+        raise ValueError(f"out_dtype must be None, torch.float32 or x's dtype ({x.dtype}), got {out_dtype}")
+    odt = x.dtype if out_dtype is None else out_dtype
+    out = torch.empty((M, out_features), dtype=odt, device="cpu")
     T, _, W = qweight.shape
     if M == 0 or T == 0:
         return out
@@ -482,7 +474,8 @@ def bf16dot_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
                     scratch.addr = scratch.buf.ctypes.data
                 pa = scratch.addr
             _splitter(x.dtype)(x0, pa, m, K)
-            _run(pa, parts, m, wa, signed, T, K, W, sa, zaddr, zrows, group_size, bits, o0, deq=deq, bf16_out=bf16_out)
+            _run(pa, parts, m, wa, signed, T, K, W, sa, zaddr, zrows, group_size, bits, o0, deq=deq,
+                 okind=TORCH_KINDS[odt])
     finally:
         if own:
             scratch.busy = False

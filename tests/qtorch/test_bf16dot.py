@@ -111,6 +111,19 @@ def test_bfloat16_output_rounds_overflow_to_infinity_and_keeps_nan():
     assert torch.equal(y[keep].view(torch.int16), y32[keep].to(torch.bfloat16).view(torch.int16))
 
 
+@runs_here
+def test_float16_rows_get_float16_output_rounded_as_torch_rounds():
+    q = _layer(QuantScheme(4, False, PerGroup(64)), torch.float16, 96, 256, seed=6)
+    x = torch.randn(20, 256, dtype=torch.float16)
+    ops = _operands(q)
+    with torch.no_grad():
+        y = bf16dot.bf16dot_linear(x, *ops, 96)
+        y32 = bf16dot.bf16dot_linear(x, *ops, 96, out_dtype=torch.float32)
+    assert y.dtype == torch.float16 and y32.dtype == torch.float32
+    assert torch.equal(y.view(torch.int16), y32.to(torch.float16).view(torch.int16))
+    _assert_close(y, x, q)
+
+
 def _operands(q):
     b, spec = q.quantized_weight.buffers, q.quantized_weight.spec
     scale, zp = blocked.blocked_params(b["scale"], b["zero_point"], spec.out_features)
