@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
 from qtorch import amx, autotune  # noqa: E402
 from qtorch.layouts.blocked import amx_blocked_impl, blocked_tile, to_blocked  # noqa: E402
-from qtorch.layouts.codec import unpack_codes  # noqa: E402
+from qtorch.layouts.codec import complete_groups, pad_columns, padded_k, unpack_codes  # noqa: E402
 from qtorch.layouts.int4pack import INT4PACK_GROUPS, to_int4pack  # noqa: E402
 from qtorch.layouts.int8pack import int8pack_ok  # noqa: E402
 from qtorch.dequant_mm import WeightSpec, dequant_linear  # noqa: E402
@@ -92,10 +92,13 @@ def _paths(layer, on_routes, dtype, x_rows):
         paths["int8pack"] = lambda x: torch._weight_int8pack_mm(x, q, s_dt)
     if (dtype == torch.bfloat16 and sc.bits == 4 and spec.kind == "group" and spec.axis == 1
             and spec.group in INT4PACK_GROUPS and n % 16 == 0):
-        packed = to_int4pack(unpack_codes(q, 4, k), s, z, symmetric=sc.symmetric, group=spec.group)
+        # a ragged last group completed as the layout completes it (codes at the zero point, x padded with zeros)
+        kp = padded_k(k, spec.kind, spec.group)
+        packed = to_int4pack(complete_groups(unpack_codes(q, 4, k), z, kp, 8), s, z, symmetric=sc.symmetric,
+                             group=spec.group)
         if packed is not None:
             p, sz = packed
-            paths["int4pack"] = lambda x: torch._weight_int4pack_mm_for_cpu(x, p, spec.group, sz)
+            paths["int4pack"] = lambda x: torch._weight_int4pack_mm_for_cpu(pad_columns(x, kp), p, spec.group, sz)
     tile = blocked_tile(n)
     group = spec.group if spec.kind == "group" else k
     if (amx.available() and tile and sc.bits in (4, 8) and amx.eligible(k, group)

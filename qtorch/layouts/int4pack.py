@@ -15,12 +15,12 @@ Calls of 2+ rows may also run qtorch's tile kernels (the ``blocked`` layout's ``
 ``tiles_act`` paths) on the same bytes: where the measured map shows that this CPU's int4pack layout *is* the
 blocked layout's 4-bit tiles (blocks of NT output channels, K rows of NT / 2 bytes, channel ``j`` in the low nibble
 of byte ``j`` and channel ``j + NT / 2`` in its high nibble: on AVX-512 CPUs NT = 64, on AVX2 32), the packed codes
-are passed to those kernels as a view, with the scale and zero point transposed per call (``[G, N]``, a copy of a
-few KB). No second copy of the codes is kept; the layer measures the paths per row bucket, as for the blocked
-layout. PyTorch's kernel is the fastest one-row path for small layers in a model, and slow for prompts: on a 2-core
-Zen 4,
-bfloat16, groups of 64, 41 rows, 576 x 576 176 us (dense 102, ``bf16dot`` on the same bytes 130), 1536 x 576
-455 us (dense 220, ``bf16dot`` 265).
+are passed to those kernels as a view, and so are the scale and zero point: the layout holds them in ``[G, N]``
+memory order (canonical ``[N, G]`` tensors with strides ``(1, N)``), as the kernels read them (transposed copies
+per call took 30 us of a 1536 x 576 layer's 330 us call at 41 rows). No second copy of the codes is kept; the layer
+measures the paths per row bucket, as for the blocked layout. PyTorch's kernel is the fastest one-row path for
+small layers in a model, and slow for prompts: on a 2-core Zen 4, bfloat16, groups of 64, 41 rows, 576 x 576
+176 us (dense 102, ``bf16dot`` on the same bytes 130), 1536 x 576 455 us (dense 220, ``bf16dot`` 265).
 """
 
 from __future__ import annotations
@@ -277,12 +277,25 @@ class Int4Pack(Layout):
         if r is None:  # the measured layout map did not reproduce the codes: never use the kernel for this width
             _UNUSABLE.add(spec.out_features)
             return None
-        return r[0], scale, zero_point, r[1]
+        return r[0], _group_major(scale), _group_major(zero_point), r[1]
 
     def to_codes(self, spec, qweight, scale, zero_point):
         kp = padded_k(spec.in_features, spec.kind, spec.group)
         codes = int4pack_unpack(qweight, spec.out_features, kp)
-        return (codes if kp == spec.in_features else codes[:, :spec.in_features].contiguous()), scale, zero_point
+        codes = codes if kp == spec.in_features else codes[:, :spec.in_features].contiguous()
+        # canonical tensors are contiguous: the layout's own are held group-major (_group_major)
+        return codes, scale.contiguous(), (zero_point if zero_point is None else zero_point.contiguous())
+
+
+def _group_major(t):
+    """The canonical ``[N, G]`` scale or zero point (or None) held in ``[G, N]`` memory order (strides ``(1, N)``): its
+    transpose is then the contiguous ``[G, N]`` the tile kernels read, with no copy per call.
+
+    >>> s = _group_major(torch.arange(6.0).reshape(3, 2))
+    >>> s.shape, s.stride(), s.t().is_contiguous(), s.tolist() == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    (torch.Size([3, 2]), (1, 3), True, True)
+    """
+    return t.t().contiguous().t() if t is not None and t.dim() == 2 and t.numel() else t
 
 
 def _woq_templates() -> bool:
@@ -299,7 +312,7 @@ def _tile_linear(weight, x2: torch.Tensor, path: str, kp: int, nt: int) -> torch
     n = spec.out_features
     tiles = b["qweight"].view(torch.uint8).reshape(n // nt, kp, nt // 2)
     zp = b["zero_point"]
-    scale = b["scale"].t().contiguous()  # [G, N], as the kernels read them
+    scale = b["scale"].t().contiguous()  # [G, N], as the kernels read them: held so (no copy, see _group_major)
     # symmetric: none (the codes carry the offset 8, as the blocked layout's do)
     zp = zp.t().contiguous() if zp is not None and zp.numel() else torch.empty((0, 0), dtype=torch.uint8)
     impl, op, twin = blocked._PATH_OPS[path]

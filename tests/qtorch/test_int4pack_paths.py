@@ -101,6 +101,28 @@ def test_every_path_gives_f_linear_and_the_tile_paths_blockeds_bits(n, sym, g, k
                 assert torch.equal(y, wb.layout.linear(wb, x, p)), p
 
 
+@pytest.mark.parametrize("sym", [False, True])
+def test_scale_and_zero_point_are_held_as_the_tile_kernels_read_them(sym):
+    # group-major: the [G, N] transposes the tile paths pass are views (no copy per call); the canonical form that
+    # state_dict, files and other layouts get stays contiguous and the same values
+    n, k, g = 192, 576, 64
+    qa = qcore.quantize(np.random.default_rng(1).standard_normal((n, k)).astype(np.float32),
+                        QuantScheme(4, sym, PerGroup(g)))
+    w = QuantizedWeight.from_quantized_array(qa, compute_dtype=torch.bfloat16)
+    if not w.hold_layout("int4pack", torch.bfloat16):
+        pytest.skip("int4pack does not serve this shape here")
+    held = [t for t in (w.buffers["scale"], w.buffers["zero_point"]) if t is not None and t.numel()]
+    assert len(held) == (1 if sym else 2)
+    for t in held:
+        assert t.shape == (n, k // g) and t.t().is_contiguous()
+    _, s, z = w.canonical()
+    assert s.is_contiguous() and torch.equal(s, torch.from_numpy(np.ascontiguousarray(qa.scale)).reshape(n, -1))
+    if not sym:
+        assert z.is_contiguous() and torch.equal(z, torch.from_numpy(np.ascontiguousarray(qa.zero_point))
+                                                 .reshape(n, -1))
+    assert all(t.is_contiguous() for t in w.codes() if t is not None)
+
+
 def test_a_tile_path_has_an_input_gradient():
     held = _weights(192, 256, QuantScheme(4, False, PerGroup(64)))
     if held is None or len(held[0].layout.paths("cpu", torch.bfloat16, 16, 4, spec=held[0].spec)) < 2:
