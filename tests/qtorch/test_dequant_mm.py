@@ -104,6 +104,34 @@ def test_the_bfloat16_rounding_is_nearest_even():
     assert np.array_equal(neg, want | 0x8000)
 
 
+@pytest.mark.parametrize("k", [32, 64, 77])
+@pytest.mark.parametrize("signed", [True, False])
+def test_8bit_codes_to_bfloat16_equal_torchs_rounding(k, signed):
+    # 32 values a step where the CPU converts by vcvtne2ps2bf16 (then a scalar tail): ties to even, both signs, the
+    # largest finite, a subnormal scale and subnormal products (the instruction reads those as zero: such groups
+    # take the scalar rounding), zero
+    ties = np.array([0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0x00800000, 0x7F7F8000, 0x00000001,
+                     0x00400000, 0x00000000], np.uint32).view(np.float32)
+    rng = np.random.default_rng(k)
+    n = len(ties) + 3
+    scale = np.concatenate([ties, rng.random(3, dtype=np.float32)]).reshape(n, 1)
+    if signed:
+        q = rng.integers(-128, 128, (n, k), dtype=np.int8)
+        q[:len(ties)] = rng.choice(np.array([1, -1], np.int8), (len(ties), k))
+        z, zero = np.zeros((0, 0), np.uint8), 0
+    else:
+        q = rng.integers(0, 256, (n, k), dtype=np.uint8)
+        z = rng.integers(0, 256, (n, 1), dtype=np.uint8)
+        q[:len(ties)] = (z[:len(ties)].astype(np.int16) + rng.choice([1, -1], (len(ties), k))).clip(0, 255)
+        zero = 0
+    out = np.empty((n, k), np.uint16)
+    DR.dequant_rows(q.view(np.uint8), 8, signed, k, scale, z, zero, 1, 0, n, out)
+    f32 = (q.astype(np.float32) - (z.astype(np.float32) if z.size else 0)) * scale
+    with np.errstate(over="ignore"):
+        want = torch.from_numpy(f32).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(out, want)
+
+
 def test_no_rows_and_one_row():
     q, s, z, ref, spec = _state(QuantScheme(bits=8), 20, 16)
     assert dequant_linear(torch.empty(0, 16), q, s, z, spec).shape == (0, 20)
