@@ -4,11 +4,14 @@ rows on CPUs that have AVX512-BF16 but no AMX (AMD Zen 4 and later; Intel Cooper
 A leaf of :mod:`qtorch.layouts.blocked`, and the sibling of :mod:`qtorch.amx`, whose panels and row split it shares:
 for the strips of 16 output channels of a work unit and a block of K (``KB`` rows), ``code - zp`` is converted once
 into bfloat16 panels in VNNI order, ``B[kp][2n + j] = code[2kp + j][n] - zp`` (exact: integers of at most 9 bits),
-and one pair of K rows of a strip is then exactly one 512-bit operand of ``vdpbf16ps``. For every 6 rows of ``x``
-(4, 2 or 1 at the end) and the unit's 4 strips, 24 float32 accumulators stay in registers over a group: each pair of
-K rows costs 4 panel loads, 6 broadcasts of a row's two bfloat16 values and 24 ``vdpbf16ps``. Every code is
+and one pair of K rows of a strip is then exactly one 512-bit operand of ``vdpbf16ps``. For every 4 rows of ``x``
+(2 or 1 at the end) and the unit's 4 strips, 16 float32 accumulators stay in registers over a group: each pair of
+K rows costs 4 panel loads, 4 broadcasts of a row's two bfloat16 values and 16 ``vdpbf16ps``. Every code is
 converted once per call and serves all rows, where a float32 kernel converts it per block of rows and needs two FMAs
-for what one ``vdpbf16ps`` does. Each group's sums are scaled once into a float32 accumulator of the work unit;
+for what one ``vdpbf16ps`` does. Where a block's calls have about one pair of K rows for each pair of the next
+block's 8-bit panels (13-20 rows), the next block is converted in between the products, one pair of a strip after
+each pair's 16 ``vdpbf16ps``, into a second buffer: the conversion's instructions then run beside the dot
+products instead of before them. Each group's sums are scaled once into a float32 accumulator of the work unit;
 bfloat16 calls of 32+ rows on layers with several groups convert the dequantized weight instead and sum all of K
 (:func:`qtorch.amx.dequantizes`), as F.linear on the dequantized bfloat16 weight does. float16 rows are split
 exactly into two bfloat16 parts (:func:`qtorch.amx.split_rows`), accumulated into the same registers. Like AMX,
@@ -29,6 +32,7 @@ Eligible where :func:`qtorch.amx.eligible` is (K and the group size multiples of
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -39,22 +43,24 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _omp
-from ._ir import BF16, F32, I32, I64, host_has, vec
-from .amx import (_PARTS, _SCRATCH, ROW_CHUNK, SCRATCH_BYTES, _chunks, _eights, _prefetch, _splitter, _steps,
-                  _unit_shape, _units, dequantizes, eligible)
+from ._ir import BF16, F32, I8, I32, I64, host_has, vec
+from .amx import (_PARTS, _SCRATCH, ROW_CHUNK, SCRATCH_BYTES, _chunks, _eights, _emit_pair, _pairs_of, _prefetch,
+                  _splitter, _steps, _unit_shape, _units, dequantizes, eligible)
 from ._ir import cached as _cached
 from .gemv import TORCH_KINDS, _narrow
 
 __all__ = ["available", "eligible", "bf16dot_linear"]
 
 #: rows of K per block: the panels of a unit's 4 strips (4 x 16 channels x 128 rows of bfloat16 = 16 KB) and 16
-#: rows of x (4 KB) stay in L1 (32 KB on Zen 4) while every block of rows passes over them
+#: rows of x (4 KB) stay in L1 (32 KB on Zen 4) while every block of rows passes over them (the next block's
+#: panels, written meanwhile at 8 bits, go to a second buffer)
 KB = 128
-#: rows per register block: 4 strips x 6 rows = 24 float32 accumulators of the 32 registers; each broadcast of x
-#: serves four strips and each panel load six rows (0.42 loads per vdpbf16ps). Measured on a 2-core Zen 4,
-#: K = N = 4096 bfloat16: 2 strips x 12 rows took 13.2-14.1 ms at 128 rows and 2.2-2.65 ms at 16, this 11.4-11.5
-#: and 1.8-2.5 (dense: 10.5-11.2 and 2.2-2.7)
-MR = 6
+#: rows per register block: 4 strips x 4 rows = 16 float32 accumulators of the 32 registers, which leaves room for
+#: the next block's conversion between the products (:func:`_emit_next`); each broadcast of x serves four strips
+#: and each panel load four rows (0.5 loads per vdpbf16ps). Measured on a 2-core Zen 4, K = N = 4096 bfloat16: 6
+#: rows (24 accumulators) took the same time as 4 at 16 and 128 rows (1.78-1.82 and 10.5-10.6 ms), 2 strips x 12
+#: rows 13.2-14.1 ms at 128 rows
+MR = 4
 _LOCK = threading.Lock()
 _AVAILABLE = None
 
@@ -70,8 +76,33 @@ def available() -> bool:
     return _AVAILABLE
 
 
+def _emit_next(builder, mode, signed, wdata, bdata, zdata, coldata, cidx, cc1, shift, cbase, nboff, width, zbase):
+    """IR: one conversion of the next block's 8-bit panels (``mode`` 8 or 9, :func:`qtorch.amx._emit_pair`), the
+    ``cidx``-th (an i64 slot that counts them): pair ``pk`` of strip ``i`` (of ``2^shift``) is conversion
+    ``pk 2^shift + i``, its codes from ``cbase`` (the block's first row of the tile), its panel at ``nboff`` in
+    ``bdata``, its zero points (the block lies in one group) at ``zdata[zbase + column]``. Branch-free: past ``cc1``
+    the last one is converted again (the same values to the same place); a branch let LLVM sink the products below
+    it, their operands spilled to the stack."""
+    c64 = functools.partial(ir.Constant, I64)
+    ci = builder.load(cidx)
+    ce = builder.select(builder.icmp_signed("<", ci, cc1), ci, builder.sub(cc1, c64(1)))
+    strip = builder.and_(ce, builder.sub(builder.shl(c64(1), shift), c64(1)))
+    pk = builder.ashr(ce, shift)
+    col = builder.load(builder.gep(coldata, [strip]))
+    src = builder.gep(wdata, [builder.add(builder.add(cbase, col), builder.mul(builder.mul(pk, c64(2)), width))])
+    dst = builder.gep(bdata, [builder.add(builder.add(nboff, builder.mul(strip, c64(KB * 16))),
+                                          builder.mul(pk, c64(32)))])
+    zlo = zhi = None
+    if mode == 9:  # the zero points of the block's group
+        zp = builder.gep(zdata, [builder.add(zbase, col)])
+        z = builder.load(builder.bitcast(zp, vec(I8, 16).as_pointer()), align=1)
+        zlo, zhi = _pairs_of(builder, z, 0, 8, I32), _pairs_of(builder, z, 8, 8, I32)
+    _emit_pair(builder, src, builder.gep(src, [width]), dst, None, mode, signed, zlo, zhi)
+    builder.store(builder.add(ci, c64(1)), cidx)
+
+
 @intrinsic
-def _dp_rows(typingctx, xf, buf, cf, af, sf, cols, q, parts, ns, mr):
+def _dp_rows(typingctx, xf, buf, cf, af, sf, cols, q, wb, zf, cq, parts, ns, mr, conv):
     """``mr`` rows x ``ns`` strips of 16 channels (literals) over ``nk`` rows of K (a multiple of 32), in runs of
     ``gl`` rows (one group, or ``nk``), each run's float32 sums in ``mr * ns`` registers.
 
@@ -83,16 +114,21 @@ def _dp_rows(typingctx, xf, buf, cf, af, sf, cols, q, parts, ns, mr):
     its sums go into the unit's totals ``af`` (same offsets): ``+= C * scale`` with strip ``s``'s 16 scales at
     ``sf[soff + cols[c0 + s] + j sld]``, or ``+= C`` where ``deq`` (dequantized panels); else they are stored to
     ``cf``."""
-    if not all(isinstance(v, types.IntegerLiteral) for v in (parts, ns, mr)):
+    if not all(isinstance(v, types.IntegerLiteral) for v in (parts, ns, mr, conv)):
         return None
     if not (isinstance(q, types.UniTuple) and q.count == 18 and q.dtype == types.int64):
         return None
+    if not (isinstance(cq, types.UniTuple) and cq.count == 7 and cq.dtype == types.int64):
+        return None
     nparts, nstrips, nrows = parts.literal_value, ns.literal_value, mr.literal_value
+    signed = wb.dtype == types.int8
+    cmode = conv.literal_value  # 0: no conversion, else the next block's panels' mode (8 or 9, :func:`_emit_next`)
 
     def codegen(context, builder, sig, args):
         xa, ba, ca, aa, sa, cola = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(6))
         (m0, rbs, arow, astep, pstride, kbase, nk, gl, boff, bstride, coff, ldc, first, last, soff, sld, c0,
          deq) = cgutils.unpack_tuple(builder, args[6], 18)
+        wa, za = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (7, 8))
         v16f, v16i, vbf = vec(F32, 16), vec(I32, 16), vec(BF16, 32)
         dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, vbf, vbf]),
                                             "llvm.x86.avx512bf16.dpbf16ps.512")
@@ -102,6 +138,9 @@ def _dp_rows(typingctx, xf, buf, cf, af, sf, cols, q, parts, ns, mr):
 
         def c64(v):
             return ir.Constant(I64, v)
+
+        cbase, cc0, cc1, shift, nboff, width, zbase = cgutils.unpack_tuple(builder, args[9], 7)
+        cidx = cgutils.alloca_once_value(builder, cc0)
 
         def fptr(arr, off):
             return builder.bitcast(builder.gep(arr, [off]), v16f.as_pointer())
@@ -146,6 +185,9 @@ def _dp_rows(typingctx, xf, buf, cf, af, sf, cols, q, parts, ns, mr):
                             a = builder.bitcast(splat, vbf)
                             for s in range(nstrips):
                                 cur[(r, s)] = builder.call(dp, [cur[(r, s)], a, bs[s]])
+                    if cmode:
+                        _emit_next(builder, cmode, signed, wa.data, ba.data, za.data, cola.data, cidx, cc1, shift,
+                                   cbase, nboff, width, zbase)
                 for key, a in accs.items():
                     builder.store(cur[key], a)
             with builder.if_else(builder.icmp_signed("!=", last, c64(0))) as (then, otherwise):
@@ -165,7 +207,7 @@ def _dp_rows(typingctx, xf, buf, cf, af, sf, cols, q, parts, ns, mr):
                         builder.store(builder.load(accs[(r, s)]), fptr(ca.data, cell(r, s)), align=4)
         return context.get_dummy_value()
 
-    return types.void(xf, buf, cf, af, sf, cols, q, parts, ns, mr), codegen
+    return types.void(xf, buf, cf, af, sf, cols, q, wb, zf, cq, parts, ns, mr, conv), codegen
 
 
 @intrinsic
@@ -191,64 +233,66 @@ def _prefetch_params(sf, zf, cols, S, N, zstride, col0, g0, g1):  # pragma: no c
 
 
 @njit(inline="always")
-def _rows(xf, buf, cf, af, sf, cols, q, parts, ns, mr):  # pragma: no cover - compiled
-    # literal dispatch: parts x strips x rows of this block
-    if parts == 1:
+def _rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, parts, ns, mr, conv):  # pragma: no cover - compiled
+    # literal dispatch: parts x strips x rows of this block (conv: 4 strips of one part, converting as they go)
+    if conv == 8:
+        if mr == MR:
+            _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 1, 4, MR, 8)
+        elif mr == 2:
+            _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 1, 4, 2, 8)
+        else:
+            _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 1, 4, 1, 8)
+    elif conv == 9:
+        if mr == MR:
+            _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 1, 4, MR, 9)
+        elif mr == 2:
+            _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 1, 4, 2, 9)
+        else:
+            _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 1, 4, 1, 9)
+    elif parts == 1:
         if ns == 4:
             if mr == MR:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 4, MR)
-            elif mr == 4:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 4, 4)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 1, 4, MR, 0)
             elif mr == 2:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 4, 2)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 1, 4, 2, 0)
             else:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 4, 1)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 1, 4, 1, 0)
         elif ns == 2:
             if mr == MR:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 2, MR)
-            elif mr == 4:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 2, 4)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 1, 2, MR, 0)
             elif mr == 2:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 2, 2)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 1, 2, 2, 0)
             else:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 2, 1)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 1, 2, 1, 0)
         else:
             if mr == MR:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 1, MR)
-            elif mr == 4:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 1, 4)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 1, 1, MR, 0)
             elif mr == 2:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 1, 2)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 1, 1, 2, 0)
             else:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 1, 1, 1)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 1, 1, 1, 0)
     else:
         if ns == 4:
             if mr == MR:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 4, MR)
-            elif mr == 4:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 4, 4)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 2, 4, MR, 0)
             elif mr == 2:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 4, 2)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 2, 4, 2, 0)
             else:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 4, 1)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 2, 4, 1, 0)
         elif ns == 2:
             if mr == MR:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 2, MR)
-            elif mr == 4:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 2, 4)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 2, 2, MR, 0)
             elif mr == 2:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 2, 2)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 2, 2, 2, 0)
             else:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 2, 1)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 2, 2, 1, 0)
         else:
             if mr == MR:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 1, MR)
-            elif mr == 4:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 1, 4)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 2, 1, MR, 0)
             elif mr == 2:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 1, 2)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 2, 1, 2, 0)
             else:
-                _dp_rows(xf, buf, cf, af, sf, cols, q, 2, 1, 1)
+                _dp_rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, 2, 1, 1, 0)
 
 
 @njit(inline="always")
@@ -279,7 +323,6 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, okind, u
     cb = np.empty((Mp, cw), np.float32)  # partial sums of a group that spans blocks
     acc = np.zeros((Mp, cw), np.float32)  # the unit's output: sums of the groups' scaled sums
     bstride = KB * 16  # int16 elements of one strip's panel
-    buf = np.empty(S * bstride, np.int16)
     cols = np.empty(S, np.int64)
     xf = xp.reshape(-1)
     cf = cb.reshape(-1)
@@ -303,6 +346,13 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, okind, u
     calls = ((S + 3) // 4) * nrb
     rs = max(1, 64 // W)  # rows of a tile per 64-byte line
     wf = wb.reshape(-1)
+    sb = S * bstride
+    buf = np.empty(2 * sb, np.int16)  # two blocks' panels: the next one is converted while this one multiplies
+    # 8-bit panels of the next block are converted during this block's products, one pair of K rows of a strip
+    # with each pair's products (16 vdpbf16ps), where the calls of a block have about as many pairs as there are
+    # to convert (13-20 rows): hot, 4096 x 4096, 16 rows: 1.78-1.86 -> 1.52-1.65 ms. Not at 4 bits: a table lookup
+    # converts those, and interleaving it measured 10-20% slower than converting the block before its products
+    ovl = cmode if (cmode == 8 or cmode == 9) and deq == 0 and parts == 1 and S == 4 else 0
     for u in range(u0, u1):
         t = u // per_tile
         b0 = (u % per_tile) * nb
@@ -313,6 +363,8 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, okind, u
                 cols[i] = W + b0 + 16 * (i - S // 2)
         acc[:] = 0
         k = 0
+        cur = 0
+        ready = False
         while k < K:
             g0 = k // gacc
             if whole:
@@ -326,23 +378,34 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, okind, u
                 gl = nk
                 first = 1 if k == g0 * gacc else 0
                 last = 1 if k + nk == gend else 0
-            for a in range(nk // 32):  # the block's panels, every strip (32 rows of K lie in one group); their
-                ga = (k + 32 * a) // gsize  # codes were prefetched during the previous block (pf 0: none ahead here)
-                _steps(wb, buf, cols, zf, sf, (t * K + k) * W, ga * zstride + t * NT, ga * N + t * NT, S, bstride,
-                       32 * a, 16, 0, cmode, deq)
+            if not ready:
+                bcur = buf[cur:]
+                for a in range(nk // 32):  # the block's panels, every strip (32 rows of K lie in one group)
+                    ga = (k + 32 * a) // gsize
+                    _steps(wb, bcur, cols, zf, sf, (t * K + k) * W, ga * zstride + t * NT, ga * N + t * NT, S,
+                           bstride, 32 * a, 16, 0, cmode, deq)
             kn = k + nk  # the next block's scales and zero points arrive while this one multiplies
             prow = 0
             pbase = 0
+            nkn = 0
             if kn < K:
                 _prefetch_params(sf, zf, cols, S, N, zstride, t * NT, kn // gsize, min(G, (kn + KB - 1) // gsize + 1))
                 pbase = (t * K + kn) * W + b0
                 prow = min(KB, K - kn)
+                nkn = min((KB // gacc) * gacc, K - kn) if whole else min(KB, (kn // gacc + 1) * gacc - kn)
             elif u + 1 < u1:  # the next unit's first block
                 pbase = ((u + 1) // per_tile) * K * W + ((u + 1) % per_tile) * nb
                 prow = min(KB, K)
+            total = S * (nkn // 2)  # the next block's conversions, shared out among this block's calls
+            per = (total + calls - 1) // calls
+            have = nk // 2  # a call's pairs of K rows: at most a quarter of its conversions are repeats
+            overlap = (ovl > 0 and nkn > 0 and 3 * have <= 4 * per <= 4 * have
+                       and kn // gsize == (kn + nkn - 1) // gsize)  # one group: one row of zero points
+            nxt = sb - cur
             nlines = (prow + rs - 1) // rs
             per_call = (nlines + calls - 1) // calls
             li = 0
+            ci = 0
             for s in range(0, S, 4):
                 ns = min(4, S - s)
                 m0 = 0
@@ -352,10 +415,17 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, okind, u
                             _prefetch_at(wf, pbase + li * rs * W)
                             li += 1
                     mr = _block_rows(M - m0, m0, Mp)
-                    q = (m0, rbs, arow, astep, pstride, (k // 32) * astep, nk, gl, s * bstride, bstride,
+                    q = (m0, rbs, arow, astep, pstride, (k // 32) * astep, nk, gl, cur + s * bstride, bstride,
                          m0 * cw + 16 * s, cw, first, last, g0 * N + t * NT, N, s, deq)
-                    _rows(xf, buf, cf, af, sf, cols, q, parts, ns, mr)
+                    c0 = min(total, ci * per) if overlap else 0
+                    c1 = min(total, c0 + per) if overlap else 0
+                    cq = ((t * K + kn) * W, c0, c1, np.int64(2), nxt, W, (kn // gsize) * zstride + t * NT)
+                    _rows(xf, buf, cf, af, sf, cols, q, wf, zf, cq, parts, ns, mr, ovl if c1 > c0 else 0)
                     m0 += mr
+                    ci += 1
+            ready = overlap
+            if overlap:
+                cur = nxt
             k += nk
         for i in range(S):
             n0 = t * NT + cols[i]

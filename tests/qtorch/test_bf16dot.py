@@ -142,6 +142,26 @@ def test_rows_in_chunks_give_the_same_numbers(monkeypatch):
 
 
 @runs_here
+@pytest.mark.parametrize("scheme", [QuantScheme(8, True, PerChannel(0)), QuantScheme(8, False, PerChannel(0)),
+                                    QuantScheme(8, False, PerGroup(128)), QuantScheme(8, False, PerGroup(64))],
+                         ids=["sym", "asym", "asym-g128", "asym-g64"])
+@pytest.mark.parametrize("rows", [13, 16, 20])
+def test_8_bit_panels_converted_during_the_products_give_the_same_numbers(scheme, rows):
+    # 13-20 rows of 8-bit codes on units of 4 strips (N = 256) convert the next block of K during the products of
+    # this one (blocks in one group); 2 rows a call convert each block before its products: the same panels, the
+    # same sums, bit for bit
+    q = _layer(scheme, torch.bfloat16, 256, 512, seed=rows)
+    x = torch.randn(rows, 512, dtype=torch.bfloat16)
+    ops = _operands(q)
+    with torch.no_grad():
+        y = bf16dot.bf16dot_linear(x, *ops, 256, out_dtype=torch.float32)
+        pairs = torch.cat([bf16dot.bf16dot_linear(x[i:i + 2], *ops, 256, out_dtype=torch.float32)
+                           for i in range(0, rows, 2)])
+    assert torch.equal(y, pairs)
+    _assert_close(y.to(torch.bfloat16), x, q)
+
+
+@runs_here
 def test_kernel_checks_its_operands():
     q = _layer(QuantScheme(8, True, PerChannel(0)), torch.bfloat16, 48, 64, seed=1)
     qw, scale, zp, group, bits = _operands(q)
