@@ -402,6 +402,16 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, okind, u
             overlap = (ovl > 0 and nkn > 0 and 3 * have <= 4 * per <= 4 * have
                        and kn // gsize == (kn + nkn - 1) // gsize)  # one group: one row of zero points
             nxt = sb - cur
+            if overlap:  # the next block's lines are read during this one: prefetch the one after it
+                kn2 = kn + nkn
+                if kn2 < K:
+                    pbase = (t * K + kn2) * W + b0
+                    prow = min(KB, K - kn2)
+                elif u + 1 < u1:
+                    pbase = ((u + 1) // per_tile) * K * W + ((u + 1) % per_tile) * nb
+                    prow = min(KB, K)
+                else:
+                    prow = 0
             nlines = (prow + rs - 1) // rs
             per_call = (nlines + calls - 1) // calls
             li = 0
