@@ -113,7 +113,9 @@ def _dp_rows(typingctx, xf, buf, cf, af, sf, cols, q, wb, zf, cq, parts, ns, mr,
     from the partial sums ``cf[coff + r ldc + 16 s]``; where ``last`` (the run ends its group, the ``j``-th run)
     its sums go into the unit's totals ``af`` (same offsets): ``+= C * scale`` with strip ``s``'s 16 scales at
     ``sf[soff + cols[c0 + s] + j sld]``, or ``+= C`` where ``deq`` (dequantized panels); else they are stored to
-    ``cf``."""
+    ``cf``. ``conv`` (literal): 0, or the mode (8, 9) of the next block's panels, one of which is converted after
+    each pair of K rows (:func:`_emit_next`; ``cq``: ``(cbase, first, end, shift, nboff, W, zbase)``, ``wb`` and
+    ``zf`` the flat codes and zero points)."""
     if not all(isinstance(v, types.IntegerLiteral) for v in (parts, ns, mr, conv)):
         return None
     if not (isinstance(q, types.UniTuple) and q.count == 18 and q.dtype == types.int64):
