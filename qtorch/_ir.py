@@ -1,5 +1,5 @@
-"""LLVM IR types shared by the vector kernels (``gemv``, ``gemm``, ``dequant``). A leaf: imports llvmlite
-(and numba's config, to tell the CPU it compiles for).
+"""LLVM IR types and helpers shared by the vector kernels (``gemv``, ``gemm``, ``dequant``, ``amx``). A leaf:
+imports llvmlite and numba (its config, to tell the CPU it compiles for; its IR utilities).
 
 >>> str(V8F), str(vec(ir.HalfType(), 16)), str(vec(BF16, 16))
 ('<8 x float>', '<16 x half>', '<16 x bfloat>')
@@ -8,6 +8,7 @@
 import os
 
 from llvmlite import binding, ir
+from numba.core import cgutils
 
 from qcore import _jitcache
 
@@ -87,3 +88,22 @@ class X86AMXType(ir.Type):
 
 
 AMX_TILE = X86AMXType()
+
+
+def to_bf16x32(builder, h0, h1, native: bool):
+    """``<32 x i16>``: bfloat16 bits of two ``<16 x float>`` (``h0`` the low half), rounded to nearest even:
+    ``native``, one ``vcvtne2ps2bf16`` (AVX512-BF16; it reads float32 subnormals as zero), else integer rounding
+    (exact for subnormals too). One instruction for 32 values measured 1.2x faster than LLVM's ``fptrunc``, which
+    emits two ``vcvtneps2bf16``."""
+    v16f, v16i = vec(F32, 16), vec(I32, 16)
+    if native:  # its second operand fills the low half
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec(BF16, 32), [v16f, v16f]),
+                                            "llvm.x86.avx512bf16.cvtne2ps2bf16.512")
+        return builder.bitcast(builder.call(fn, [h1, h0]), vec(I16, 32))
+    halves = []
+    for f in (h0, h1):
+        u = builder.bitcast(f, v16i)
+        odd = builder.and_(builder.lshr(u, ir.Constant(v16i, [16] * 16)), ir.Constant(v16i, [1] * 16))
+        u = builder.add(builder.add(u, ir.Constant(v16i, [0x7FFF] * 16)), odd)
+        halves.append(builder.trunc(builder.lshr(u, ir.Constant(v16i, [16] * 16)), vec(I16, 16)))
+    return builder.shuffle_vector(halves[0], halves[1], ir.Constant(vec(I32, 32), list(range(32))))

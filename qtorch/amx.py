@@ -60,7 +60,7 @@ from numba.extending import intrinsic
 from qcore._jitcache import keyed_cfunc
 
 from . import _omp
-from ._ir import AMX_TILE, BF16, F32, I8, I16, I32, I64, host_has, vec
+from ._ir import AMX_TILE, BF16, F32, I8, I16, I32, I64, host_has, to_bf16x32, vec
 from ._ir import cached as _cached
 
 __all__ = ["available", "eligible", "amx_blocked", "amx_linear"]
@@ -145,18 +145,8 @@ _DIFF_BF16 = [int(np.array([i if i < 16 else i - 32], np.float32).view(np.uint32
 
 
 def _to_bf16x32(builder, h0, h1):
-    """``<32 x i16>``: bfloat16 bits of two ``<16 x float>`` (``h0`` the low half), rounded to nearest even."""
-    v16f, v16i = vec(F32, 16), vec(I32, 16)
-    if _CVT:  # one vcvtne2ps2bf16 (its second operand fills the low half)
-        fn = _amx_fn(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", vec(BF16, 32), [v16f, v16f])
-        return builder.bitcast(builder.call(fn, [h1, h0]), vec(I16, 32))
-    halves = []
-    for f in (h0, h1):
-        u = builder.bitcast(f, v16i)
-        odd = builder.and_(builder.lshr(u, ir.Constant(v16i, [16] * 16)), ir.Constant(v16i, [1] * 16))
-        u = builder.add(builder.add(u, ir.Constant(v16i, [0x7FFF] * 16)), odd)
-        halves.append(builder.trunc(builder.lshr(u, ir.Constant(v16i, [16] * 16)), vec(I16, 16)))
-    return builder.shuffle_vector(halves[0], halves[1], ir.Constant(vec(I32, 32), list(range(32))))
+    """:func:`qtorch._ir.to_bf16x32` by this CPU's instruction where it has one."""
+    return to_bf16x32(builder, h0, h1, _CVT)
 
 
 def _emit_pair(builder, r0, r1, dst, dst_hi, mode, signed, zlo, zhi, scales=None):

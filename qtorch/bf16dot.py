@@ -9,13 +9,13 @@ and one pair of K rows of a strip is then exactly one 512-bit operand of ``vdpbf
 K rows costs 4 panel loads, 4 broadcasts of a row's two bfloat16 values and 16 ``vdpbf16ps``. Every code is
 converted once per call and serves all rows, where a float32 kernel converts it per block of rows and needs two FMAs
 for what one ``vdpbf16ps`` does. Where a block's calls have about one pair of K rows for each pair of the next
-block's 8-bit panels (13-20 rows), the next block is converted in between the products, one pair of a strip after
-each pair's 16 ``vdpbf16ps``, into a second buffer: the conversion's instructions then run beside the dot
-products instead of before them. Each group's sums are scaled once into a float32 accumulator of the work unit;
-bfloat16 calls of 32+ rows on layers with several groups convert the dequantized weight instead and sum all of K
-(:func:`qtorch.amx.dequantizes`), as F.linear on the dequantized bfloat16 weight does. float16 rows are split
-exactly into two bfloat16 parts (:func:`qtorch.amx.split_rows`), accumulated into the same registers. Like AMX,
-``vdpbf16ps`` reads bfloat16 subnormals as zero.
+block's 8-bit panels (13-20 rows at 128 rows of K a block; fewer before a short last block), the next block is
+converted in between the products, one pair of a strip after each pair's 16 ``vdpbf16ps``, into a second buffer: the
+conversion's instructions then run beside the dot products instead of before them. Each group's sums are scaled once
+into a float32 accumulator of the work unit; bfloat16 calls of 32+ rows on layers with several groups convert the
+dequantized weight instead and sum all of K (:func:`qtorch.amx.dequantizes`), as F.linear on the dequantized
+bfloat16 weight does. float16 rows are split exactly into two bfloat16 parts (:func:`qtorch.amx.split_rows`),
+accumulated into the same registers. Like AMX, ``vdpbf16ps`` reads bfloat16 subnormals as zero.
 
 Eligible where :func:`qtorch.amx.eligible` is (K and the group size multiples of 32) and :func:`available`.
 
@@ -52,8 +52,8 @@ from .gemv import TORCH_KINDS, _narrow
 __all__ = ["available", "eligible", "bf16dot_linear"]
 
 #: rows of K per block: the panels of a unit's 4 strips (4 x 16 channels x 128 rows of bfloat16 = 16 KB) and 16
-#: rows of x (4 KB) stay in L1 (32 KB on Zen 4) while every block of rows passes over them (the next block's
-#: panels, written meanwhile at 8 bits, go to a second buffer)
+#: rows of x (4 KB) stay in L1 (32 KB on Zen 4) while every block of rows passes over them; where the next block's
+#: 8-bit panels are written meanwhile (a second 16 KB buffer), the two blocks' panels and x exceed L1 a little
 KB = 128
 #: rows per register block: 4 strips x 4 rows = 16 float32 accumulators of the 32 registers, which leaves room for
 #: the next block's conversion between the products (:func:`_emit_next`); each broadcast of x serves four strips
@@ -299,11 +299,9 @@ def _rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, parts, ns, mr, conv):  # pra
 
 @njit(inline="always")
 def _block_rows(rem, m0, Mp):  # pragma: no cover - compiled
-    # rows of the next register block: MR, 4, 2 or 1, rounding a tail up into the zero rows of the padding
-    if rem >= MR or (rem > 4 and m0 + MR <= Mp):
+    # rows of the next register block: MR (4), 2 or 1, rounding a tail of 3 up into the zero rows of the padding
+    if rem >= MR or (rem == 3 and m0 + MR <= Mp):
         return MR
-    if rem >= 4 or (rem == 3 and m0 + 4 <= Mp):
-        return 4
     return 2 if rem >= 2 else 1
 
 
@@ -349,12 +347,14 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, okind, u
     rs = max(1, 64 // W)  # rows of a tile per 64-byte line
     wf = wb.reshape(-1)
     sb = S * bstride
-    buf = np.empty(2 * sb, np.int16)  # two blocks' panels: the next one is converted while this one multiplies
     # 8-bit panels of the next block are converted during this block's products, one pair of K rows of a strip
     # with each pair's products (16 vdpbf16ps), where the calls of a block have about as many pairs as there are
-    # to convert (13-20 rows): hot, 4096 x 4096, 16 rows: 1.78-1.86 -> 1.52-1.65 ms. Not at 4 bits: a table lookup
-    # converts those, and interleaving it measured 10-20% slower than converting the block before its products
+    # to convert (13-20 rows when the next block is a whole one): hot, 4096 x 4096, 16 rows: 1.78-1.86 -> 1.52-1.65
+    # ms. Not at 4 bits: a table lookup converts those, and interleaving it measured 10-20% slower than converting
+    # the block before its products
     ovl = cmode if (cmode == 8 or cmode == 9) and deq == 0 and parts == 1 and S == 4 else 0
+    # one block's panels, or two where the next one is converted while this one multiplies
+    buf = np.empty(2 * sb if ovl else sb, np.int16)
     for u in range(u0, u1):
         t = u // per_tile
         b0 = (u % per_tile) * nb

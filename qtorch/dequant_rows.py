@@ -18,8 +18,8 @@ AMX Xeon, a 1024 x 4096 block to bfloat16: int8 0.61 ms against 1.59 ms for ``q.
 (3.62 ms computed in float32 as here), 4 bits in groups of 128 1.34 ms against 5.46 ms for the same in torch ops.
 8-bit codes to bfloat16 convert 32 at a time by ``vcvtne2ps2bf16`` where the CPU has AVX512-BF16: on one core of
 a Zen 4, 1024 x 4096 int8 went from 7.6 to 13.8 G values/s, 1536 x 576 from 5.4 to 7.6 (the rows' own costs
-weigh more there). Rows are claimed in chunks by the threads of PyTorch's OpenMP team (:mod:`qtorch._omp`), so the matmul that
-follows finds its workers awake.
+weigh more there). Rows are claimed in chunks by the threads of PyTorch's OpenMP team (:mod:`qtorch._omp`), so the
+matmul that follows finds its workers awake.
 
 >>> import numpy as np
 >>> q = np.array([[-2, 0, 3]], np.int8).view(np.uint8)
@@ -37,7 +37,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import _omp
-from ._ir import F32, I8, I16, I32, host_has, vec
+from ._ir import F32, I8, I16, I32, host_has, to_bf16x32, vec
 from ._ir import cached as _cached
 
 __all__ = ["dequant_rows"]
@@ -95,10 +95,12 @@ _MIN_NORMAL = np.float32(np.finfo(np.float32).tiny)
 @intrinsic
 def _bf16_runs(typingctx, src, dst, n32, s, z):
     """``dst[i] = bfloat16((src[i] - z) * s)`` for ``i < 32 n32`` (int8 or uint8 ``src``; uint16 ``dst`` of
-    bfloat16 bits), 32 values a step: widen, subtract, multiply in float32, then one ``vcvtne2ps2bf16`` (round to
-    nearest even, as ``_put``; it reads float32 subnormals as zero, so callers keep ``|s|`` normal or zero)."""
-    if not (isinstance(src, types.Array) and src.dtype in (types.int8, types.uint8) and isinstance(dst, types.Array)
-            and dst.dtype == types.uint16):
+    bfloat16 bits), 32 values a step: widen, subtract, multiply in float32, then one ``vcvtne2ps2bf16``
+    (:func:`qtorch._ir.to_bf16x32`: round to nearest even, as ``_put``; it reads float32 subnormals as zero, so
+    callers keep ``|s|`` normal or zero)."""
+    if not (isinstance(src, types.Array) and src.dtype in (types.int8, types.uint8) and src.layout == "C"
+            and isinstance(dst, types.Array) and dst.dtype == types.uint16 and dst.layout == "C"
+            and s == types.float32 and z == types.float32):
         return None
     signed = src.dtype == types.int8
 
@@ -106,11 +108,10 @@ def _bf16_runs(typingctx, src, dst, n32, s, z):
         sa, da = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(2))
         n32 = context.cast(builder, args[2], sig.args[2], types.int64)
         v16f, v32b, v32s = vec(F32, 16), vec(I8, 32), vec(I16, 32)
-        cvt = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec(ir.IntType(16), 32), [v16f, v16f]),
-                                             "llvm.x86.avx512bf16.cvtne2ps2bf16.512")
-        sv, zv = (builder.insert_element(ir.Constant(v16f, ir.Undefined), a, ir.Constant(I32, 0)) for a in args[3:5])
-        sv, zv = (builder.shuffle_vector(v, ir.Constant(v16f, ir.Undefined), ir.Constant(vec(I32, 16), [0] * 16))
-                  for v in (sv, zv))
+        sv, zv = (builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), a,
+                                                                ir.Constant(I32, 0)),
+                                         ir.Constant(v16f, ir.Undefined), ir.Constant(vec(I32, 16), [0] * 16))
+                  for a in args[3:5])
         with cgutils.for_range(builder, n32) as loop:
             at = builder.mul(loop.index, ir.Constant(ir.IntType(64), 32))
             b = builder.load(builder.bitcast(builder.gep(sa.data, [at]), v32b.as_pointer()), align=1)
@@ -120,9 +121,8 @@ def _bf16_runs(typingctx, src, dst, n32, s, z):
                                               ir.Constant(vec(I32, 16), list(range(h, h + 16))))
                 wide = builder.sext(part, vec(I32, 16)) if signed else builder.zext(part, vec(I32, 16))
                 halves.append(builder.fmul(builder.fsub(builder.sitofp(wide, v16f), zv), sv))
-            out = builder.call(cvt, [halves[1], halves[0]])  # the second operand fills the low half
-            builder.store(builder.bitcast(out, v32s), builder.bitcast(builder.gep(da.data, [at]), v32s.as_pointer()),
-                          align=2)
+            builder.store(to_bf16x32(builder, *halves, True),
+                          builder.bitcast(builder.gep(da.data, [at]), v32s.as_pointer()), align=2)
         return context.get_dummy_value()
 
     return types.void(src, dst, n32, s, z), codegen

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("blocked_kernels")
 EPS = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
 GRANULARITIES = {"tensor": PerTensor(), "channel": PerChannel(0), "g32": PerGroup(32), "g64": PerGroup(64),
                  "g128": PerGroup(128), "g256": PerGroup(256)}
-ROWS = (2, 3, 5, 12, 16, 17, 29, 64, 100, 128, 300)  # every register block and tail: 6, 4, 2, 1 rows
+ROWS = (2, 3, 5, 12, 16, 17, 29, 64, 100, 128, 300)  # every register block and tail: 4, 2, 1 rows
 KS = (32, 384, 1536, 4096)
 WIDTHS = {16: 48, 32: 96, 64: 192, 128: 256}  # tile width -> out_features whose largest tile it is
 
