@@ -401,8 +401,8 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, okind, u
             total = S * (nkn // 2)  # the next block's conversions, shared out among this block's calls
             per = (total + calls - 1) // calls
             have = nk // 2  # a call's pairs of K rows: at most a quarter of its conversions are repeats
-            overlap = (ovl > 0 and nkn > 0 and 3 * have <= 4 * per <= 4 * have
-                       and kn // gsize == (kn + nkn - 1) // gsize)  # one group: one row of zero points
+            overlap = (ovl > 0 and nkn > 0 and 3 * have <= 4 * per <= 4 * have  # asymmetric: one group, one row
+                       and (ovl == 8 or kn // gsize == (kn + nkn - 1) // gsize))  # of zero points
             nxt = sb - cur
             if overlap:  # the next block's lines are read during this one: prefetch the one after it
                 kn2 = kn + nkn

@@ -143,13 +143,14 @@ def test_rows_in_chunks_give_the_same_numbers(monkeypatch):
 
 @runs_here
 @pytest.mark.parametrize("scheme", [QuantScheme(8, True, PerChannel(0)), QuantScheme(8, False, PerChannel(0)),
-                                    QuantScheme(8, False, PerGroup(128)), QuantScheme(8, False, PerGroup(64))],
-                         ids=["sym", "asym", "asym-g128", "asym-g64"])
+                                    QuantScheme(8, False, PerGroup(128)), QuantScheme(8, False, PerGroup(64)),
+                                    QuantScheme(8, True, PerGroup(64))],
+                         ids=["sym", "asym", "asym-g128", "asym-g64", "sym-g64"])
 @pytest.mark.parametrize("rows", [13, 16, 20])
 def test_8_bit_panels_converted_during_the_products_give_the_same_numbers(scheme, rows):
     # 13-20 rows of 8-bit codes on units of 4 strips (N = 256) convert the next block of K during the products of
-    # this one (blocks in one group); 2 rows a call convert each block before its products: the same panels, the
-    # same sums, bit for bit
+    # this one (asymmetric: blocks in one group); 2 rows a call convert each block before its products: the same
+    # panels, the same sums, bit for bit
     q = _layer(scheme, torch.bfloat16, 256, 512, seed=rows)
     x = torch.randn(rows, 512, dtype=torch.bfloat16)
     ops = _operands(q)
