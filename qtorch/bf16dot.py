@@ -298,6 +298,14 @@ def _rows(xf, buf, cf, af, sf, cols, q, wb, zf, cq, parts, ns, mr, conv):  # pra
 
 
 @njit(inline="always")
+def _block_len(k, K, gacc, whole):  # pragma: no cover - compiled
+    # rows of K of the block from k: whole groups up to KB rows, else up to KB rows within one group
+    if whole:
+        return min((KB // gacc) * gacc, K - k)
+    return min(KB, (k // gacc + 1) * gacc - k)
+
+
+@njit(inline="always")
 def _block_rows(rem, m0, Mp):  # pragma: no cover - compiled
     # rows of the next register block: MR (4), 2 or 1, rounding a tail of 3 up into the zero rows of the padding
     if rem >= MR or (rem == 3 and m0 + MR <= Mp):
@@ -369,51 +377,43 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, okind, u
         ready = False
         while k < K:
             g0 = k // gacc
+            nk = _block_len(k, K, gacc, whole)
             if whole:
-                nk = min((KB // gacc) * gacc, K - k)
                 gl = gacc
                 first = 1
                 last = 1
             else:
-                gend = (g0 + 1) * gacc
-                nk = min(KB, gend - k)
                 gl = nk
                 first = 1 if k == g0 * gacc else 0
-                last = 1 if k + nk == gend else 0
+                last = 1 if k + nk == (g0 + 1) * gacc else 0
             if not ready:
                 bcur = buf[cur:]
                 for a in range(nk // 32):  # the block's panels, every strip (32 rows of K lie in one group)
                     ga = (k + 32 * a) // gsize
                     _steps(wb, bcur, cols, zf, sf, (t * K + k) * W, ga * zstride + t * NT, ga * N + t * NT, S,
                            bstride, 32 * a, 16, 0, cmode, deq)
-            kn = k + nk  # the next block's scales and zero points arrive while this one multiplies
-            prow = 0
-            pbase = 0
+            kn = k + nk
             nkn = 0
-            if kn < K:
+            if kn < K:  # the next block's scales and zero points arrive while this one multiplies
                 _prefetch_params(sf, zf, cols, S, N, zstride, t * NT, kn // gsize, min(G, (kn + KB - 1) // gsize + 1))
-                pbase = (t * K + kn) * W + b0
-                prow = min(KB, K - kn)
-                nkn = min((KB // gacc) * gacc, K - kn) if whole else min(KB, (kn // gacc + 1) * gacc - kn)
-            elif u + 1 < u1:  # the next unit's first block
-                pbase = ((u + 1) // per_tile) * K * W + ((u + 1) % per_tile) * nb
-                prow = min(KB, K)
+                nkn = _block_len(kn, K, gacc, whole)
             total = S * (nkn // 2)  # the next block's conversions, shared out among this block's calls
             per = (total + calls - 1) // calls
             have = nk // 2  # a call's pairs of K rows: at most a quarter of its conversions are repeats
             overlap = (ovl > 0 and nkn > 0 and 3 * have <= 4 * per <= 4 * have  # asymmetric: one group, one row
                        and (ovl == 8 or kn // gsize == (kn + nkn - 1) // gsize))  # of zero points
             nxt = sb - cur
-            if overlap:  # the next block's lines are read during this one: prefetch the one after it
-                kn2 = kn + nkn
-                if kn2 < K:
-                    pbase = (t * K + kn2) * W + b0
-                    prow = min(KB, K - kn2)
-                elif u + 1 < u1:
-                    pbase = ((u + 1) // per_tile) * K * W + ((u + 1) % per_tile) * nb
-                    prow = min(KB, K)
-                else:
-                    prow = 0
+            # the lines prefetched during this block: the next block's, or the one after it where the next one is
+            # read (converted) during this one; past the unit's last block, the next unit's first
+            kp = kn + nkn if overlap else kn
+            prow = 0
+            pbase = 0
+            if kp < K:
+                pbase = (t * K + kp) * W + b0
+                prow = min(KB, K - kp)
+            elif u + 1 < u1:
+                pbase = ((u + 1) // per_tile) * K * W + ((u + 1) % per_tile) * nb
+                prow = min(KB, K)
             nlines = (prow + rs - 1) // rs
             per_call = (nlines + calls - 1) // calls
             li = 0
