@@ -151,9 +151,24 @@ def model_class_for(config):
     return transformers.AutoModel
 
 
-def _is_quantized_checkpoint(folder: str) -> bool:
+def _checkpoint_kind(folder: str) -> str:
+    """``"qcore"`` where a checkpoint file of ``folder`` holds qcore's metadata of quantized tensors; ``"bare"``
+    where it holds a quantized layer's tensors without it (``*.qweight``: a ``state_dict`` written as it is, by
+    transformers' ``save_pretrained``); else ``"dense"``."""
     _, files, _ = ck.checkpoint_files(folder)
-    return any(ck.quantized_metadata(ck.read_header(f)) for f in files)
+    headers = [ck.read_header(f) for f in files]
+    if any(ck.quantized_metadata(h) for h in headers):
+        return "qcore"
+    if any(name.endswith(".qweight") for h in headers for name in h.tensors):
+        return "bare"
+    return "dense"
+
+
+def _bare_state_dict(folder: str) -> ValueError:
+    return ValueError(f"{folder} holds a quantized model's tensors without their schemes (a state_dict saved as it "
+                      f"is, e.g. by transformers' save_pretrained): neither qtorch nor transformers can rebuild its "
+                      f"layers from it. Save a quantized model with qtorch.save_folder(model, SOURCE or None, OUT) "
+                      f"or `qtorch quantize MODEL -o OUT`")
 
 
 def from_pretrained(folder, *, model_class=None, device=None) -> nn.Module:
@@ -180,7 +195,10 @@ def from_pretrained(folder, *, model_class=None, device=None) -> nn.Module:
     if is_ct_config(_read_config(folder)):
         return _from_ct_folder(folder, model_class, device)
     marker = read_marker(folder)
-    if marker is None and not _is_quantized_checkpoint(folder):
+    kind = _checkpoint_kind(folder)
+    if kind == "bare":
+        raise _bare_state_dict(folder)
+    if marker is None and kind == "dense":
         raise ValueError(f"{folder} is not quantized (no qtorch quantization_config in {CONFIG_NAME} and no "
                          f"quantized tensor in its checkpoint); load it with transformers' from_pretrained, or "
                          f"quantize it first (qtorch quantize {folder} -o OUT)")
@@ -228,10 +246,30 @@ def _dense_dtype(model: nn.Module) -> str | None:
     return None
 
 
-def save_folder(model: nn.Module, source: str, out: str, *, overwrite: bool = False, format: str = "qcore") -> None:
+def _own_config(model: nn.Module) -> dict:
+    """The config of a transformers ``model`` as ``save_pretrained`` writes it (every field), for a folder with no
+    source folder (a model built from a config or a GGUF file)."""
+    config = getattr(model, "config", None)
+    if config is None or not callable(getattr(config, "to_dict", None)):
+        raise TypeError(f"source is None, so the config must come from the model, and {type(model).__name__} has "
+                        f"no transformers config: pass the model folder it was loaded from")
+    return config.to_dict()
+
+
+def _with_architecture(model: nn.Module, config: dict) -> dict:
+    """``config`` naming the class of ``model`` in ``architectures``, as transformers' ``save_pretrained`` does,
+    where ``model`` is a transformers model: :func:`from_pretrained` builds that class (a model loaded from a GGUF
+    file has no ``architectures``, and the bare encoder was built for it, which then matched none of the keys)."""
+    cls = type(model)
+    if cls.__module__.startswith("transformers.") and hasattr(model, "config"):
+        config = dict(config, architectures=[cls.__name__])
+    return config
+
+
+def save_folder(model: nn.Module, source, out: str, *, overwrite: bool = False, format: str = "qcore") -> None:
     """Write the quantized ``model`` as a model folder ``out``: ``model.safetensors``, the small files of the
     ``source`` model folder (config, tokenizer, sentence-transformers modules such as ``1_Pooling/``), and in
-    ``config.json`` the model's dtype (which :func:`from_pretrained` builds) and the ``format``'s
+    ``config.json`` the model's class and dtype (which :func:`from_pretrained` builds) and the ``format``'s
     ``quantization_config``: qtorch's marker for ``"qcore"``; for ``"compressed-tensors"`` that format's own,
     which transformers' ``from_pretrained`` (with the compressed-tensors package), vLLM and
     :func:`from_pretrained` load::
@@ -239,21 +277,29 @@ def save_folder(model: nn.Module, source: str, out: str, *, overwrite: bool = Fa
         qtorch.pretrained.save_folder(model, "minilm", "minilm-ct", format="compressed-tensors")
         transformers.AutoModel.from_pretrained("minilm-ct")
 
+    ``source=None``: the config is the model's own (``model.config``) and nothing else is copied (a model built
+    from a config or loaded from a GGUF file; save its tokenizer beside it with ``tokenizer.save_pretrained``).
     The folder is built under a temporary name beside ``out`` and renamed when complete; an existing ``out`` is
     replaced only then (and only with ``overwrite``), so a failed save leaves ``out`` as it was.
     """
     import qtorch
 
+    if source is not None and not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source must be a model folder (str or os.PathLike) or None, got {type(source).__name__}")
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
+        raise TypeError(f"out must be a folder path (a non-empty str or os.PathLike), got {out!r}")
     out = os.path.abspath(out)
     ck.recover_output(out)  # an OUTPUT put back here is an existing one: the check below must see it
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     marker = _folder_config(model, format)  # an unknown format or a layer it cannot store: before any writing
-    config = _tie_flags(model, _read_config(source))
+    base = _own_config(model) if source is None else _read_config(source)
+    config = _with_architecture(model, _tie_flags(model, base))
     tmpdir = ck.staging_folder(out)
     try:
         qtorch.save_quantized(model, os.path.join(tmpdir, ck.SINGLE_NAME), format=format)
-        model_folder.copy_side_files(source, tmpdir, out)
+        if source is not None:
+            model_folder.copy_side_files(source, tmpdir, out)
         model_folder.write_config(tmpdir, config, marker, _dense_dtype(model))
         ck.commit_folder(tmpdir, out)
         tmpdir = None

@@ -718,8 +718,26 @@ def quantize_model(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_E
             job.parents = []
     if done:
         release_free_memory()
+        _mark_config(_unwrap(model))
     return _report_from(p, applied=True, seconds=time.perf_counter() - t0,
                         model_bytes_after=memory_footprint(_unwrap(model)))
+
+
+def _mark_config(model: nn.Module) -> None:
+    """Put qtorch's ``quantization_config`` marker in the config of a transformers ``model`` that holds quantized
+    layers (where it has no other tool's): a folder that transformers' own ``save_pretrained`` writes from it then
+    says so, and transformers refuses to load it (``ValueError``, no ``quant_method``) where it would otherwise
+    give every quantized layer random weights; :func:`qtorch.from_pretrained` names the remedy
+    (:func:`qtorch.save_folder`)."""
+    from .pretrained import QUANTIZER, quantization_config
+
+    config = getattr(model, "config", None)
+    if config is None or not type(config).__module__.startswith("transformers.") or getattr(model, "hf_quantizer", None):
+        return
+    current = getattr(config, "quantization_config", None)
+    if current is not None and not (isinstance(current, dict) and current.get("quantizer") == QUANTIZER):
+        return
+    config.quantization_config = quantization_config(model)
 
 
 def _apply_layer(job: _Job, qa: qcore.QuantizedArray | None = None, method: str = "minmax") -> None:

@@ -145,6 +145,43 @@ def test_from_pretrained_refuses_what_it_cannot_load_right(llama_src, llama_q, t
         qtorch.from_pretrained(newer)
 
 
+def test_save_pretrained_of_a_quantized_model_is_refused_by_both_loaders_with_the_remedy(llama_src, tmp_path):
+    model = transformers.LlamaForCausalLM.from_pretrained(llama_src).eval()
+    qtorch.quantize_model(model, "w4a16-g32")
+    assert model.config.quantization_config["quantizer"] == "qtorch"  # quantize_model marks the config
+    model.save_pretrained(tmp_path / "sp")  # tensors as they are, no schemes
+    with pytest.raises(ValueError, match="quant_method"):  # not a model with random Linear weights
+        transformers.LlamaForCausalLM.from_pretrained(tmp_path / "sp")
+    with pytest.raises(ValueError, match=r"without their schemes .* qtorch\.save_folder"):
+        qtorch.from_pretrained(tmp_path / "sp")
+    # a folder saved before the config was marked: the tensors alone tell, and the advice is the same
+    config = json.load(open(tmp_path / "sp" / "config.json"))
+    del config["quantization_config"]
+    json.dump(config, open(tmp_path / "sp" / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"without their schemes .* qtorch\.save_folder"):
+        qtorch.from_pretrained(tmp_path / "sp")
+
+
+def test_save_folder_without_a_source_takes_the_models_config_and_class(llama_src, tmp_path):
+    model = transformers.LlamaForCausalLM.from_pretrained(llama_src).eval()
+    model.config.architectures = None  # as transformers leaves a model it loaded from a GGUF file
+    qtorch.quantize_model(model, "w4a16-g32")
+    save_folder(model, None, str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
+    assert json.load(open(tmp_path / "out" / "config.json"))["architectures"] == ["LlamaForCausalLM"]
+    back = qtorch.from_pretrained(tmp_path / "out")
+    assert type(back) is transformers.LlamaForCausalLM
+    with torch.no_grad():
+        assert torch.equal(back(IDS, attention_mask=MASK).logits, model(IDS, attention_mask=MASK).logits)
+    with pytest.raises(TypeError, match="source must be a model folder"):
+        save_folder(model, 3, str(tmp_path / "x"))
+    with pytest.raises(TypeError, match="out must be a folder path"):
+        save_folder(model, None, "")
+    with pytest.raises(TypeError, match="no transformers config"):
+        save_folder(torch.nn.Sequential(qtorch.W8A16Linear(32, 32)), None, str(tmp_path / "y"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_a_qcore_quantize_folder_is_marked_and_loads(llama_src, tmp_path):
     """``qcore quantize`` of a model folder writes the marker too (quantizer "qcore"); qtorch loads it, and a
     folder from before the marker (no quantization_config) still loads."""
