@@ -930,6 +930,10 @@ def checkpoint_files(path) -> tuple:
         pickles = sorted(f for f in os.listdir(p) if f.lower().endswith(PICKLE_SUFFIXES))
         if pickles:
             check_not_pickle(os.path.join(p, pickles[0]))
+        for name in (INDEX_NAME, SINGLE_NAME):
+            if os.path.islink(os.path.join(p, name)):  # exists() follows the link: it points nowhere
+                raise _bad(os.path.join(p, name), f"a link to {os.readlink(os.path.join(p, name))!r}, which does "
+                                                  f"not exist")
         raise _bad(p, f"no {INDEX_NAME} or {SINGLE_NAME} in this folder")
     if not os.path.exists(p):
         raise FileNotFoundError(f"{p}: no such file or folder")

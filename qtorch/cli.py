@@ -40,6 +40,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentenc
 # Relative spread (max - min) / median of the round timings above which the machine is called noisy.
 NOISY_SPREAD = 0.25
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader went away
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a process stopped by Ctrl-C
 
 
 class CliError(Exception):
@@ -308,6 +309,8 @@ def cmd_quantize(args, say) -> int:
     from .pretrained import model_class_for, save_folder, torch_dtype_of
 
     scheme = chosen_scheme(args)
+    if args.output is not None and not args.output.strip():
+        raise CliError("-o OUT is empty; give the folder (or .gguf file) to write")
     model_dir = args.model or _default_model()
     if args.format != DEFAULT_FORMAT and not args.output:
         raise CliError(f"--format {args.format} says how OUT is written; pass -o OUT")
@@ -410,9 +413,18 @@ def _check_gguf_output(output: str, overwrite: bool) -> None:
         raise CliError(f"OUT {output!r} is a folder; --format gguf writes one file")
     if os.path.lexists(output) and not overwrite:
         raise CliError(f"{output} exists; pass --overwrite to replace it")
+    _check_parent(output)
+
+
+def _check_parent(output: str) -> None:
+    """OUT's parent: an existing folder this process may write in (checked before any work, not after it)."""
     parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.lexists(parent):
+        raise CliError(f"cannot write {output}: its parent {parent} does not exist")
     if not os.path.isdir(parent):
         raise CliError(f"cannot write {output}: its parent {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write {output}: its parent {parent} is not writable")
 
 
 def _check_output(model_dir: str, output: str, overwrite: bool, say=None) -> None:
@@ -426,15 +438,13 @@ def _check_output(model_dir: str, output: str, overwrite: bool, say=None) -> Non
         for note in ck.recover_output(output):
             (say or print)(f"note: {note}")
     out, src = os.path.realpath(output), os.path.realpath(model_dir)
-    if os.path.lexists(output) and not overwrite:
-        raise CliError(f"{output} exists; pass --overwrite to replace it")
     if os.path.lexists(output) and not os.path.isdir(output):
         raise CliError(f"{output} is a file; OUT must be a folder")
+    if os.path.lexists(output) and not overwrite:
+        raise CliError(f"{output} exists; pass --overwrite to replace it")
     if out == src or src.startswith(out + os.sep):
         raise CliError(f"OUT {output} is MODEL or contains it; write to a new folder")
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent):
-        raise CliError(f"cannot write {output}: its parent {parent} is not a folder")
+    _check_parent(output)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -632,6 +642,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; OUT is written whole or not at all
+        print(f"qtorch {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except IncompatibleLayersError as e:
         print(f"qtorch {args.command}: error: {_incompatible_message(e, args)}", file=sys.stderr)
         return 1

@@ -237,6 +237,9 @@ def _scheme_spec(scheme) -> tuple[_Target | None, list[tuple[Pattern, _Target | 
         for pat, value in scheme.items():
             rules.append((Pattern(pat, "scheme mapping key"), _target_from(value, f"scheme for {pat!r}")))
         return None, rules
+    if scheme is None:  # None keeps a layer dense inside a mapping; as the whole scheme it would quantize nothing
+        raise TypeError("scheme must be a preset name (\"w8a16\", \"w4a16\"...), a qcore.QuantScheme, a layer class "
+                        "or a {pattern: scheme} mapping, got None")
     return _target_from(scheme, "scheme"), None
 
 
@@ -597,6 +600,18 @@ def _report_from(p: _Plan, *, applied: bool, seconds: float, model_bytes_after: 
                               model_bytes_after=int(model_bytes_after), unused_patterns=p.unused, seconds=seconds)
 
 
+def _warn_nothing_left(model: nn.Module, p: _Plan) -> None:
+    """A model whose Linear layers were all quantized before (a second ``quantize_model``) has none left: say so,
+    where the report alone reads like a model without Linear layers."""
+    if any(job.record.status == "planned" for job in p.jobs):
+        return
+    done = sum(isinstance(m, QuantLinear) for m in _unwrap(model).modules())
+    if done:
+        warnings.warn(f"the model has no nn.Linear layer left to quantize here: its {done} QuantLinear layer(s) are "
+                      f"quantized already and stay as they are (to change their scheme, quantize the original "
+                      f"model)", UserWarning, stacklevel=3)
+
+
 def _warn_unused(p: _Plan) -> None:
     if p.explicit_unused:
         warnings.warn(f"pattern(s) {p.explicit_unused} matched no Linear layer of the model; check the names "
@@ -653,6 +668,7 @@ def plan(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_EXCLUDE, in
     t0 = time.perf_counter()
     p = _build_plan(model, scheme, exclude, include, on_incompatible)
     _warn_unused(p)
+    _warn_nothing_left(model, p)
     with torch.no_grad():
         for job in p.jobs:
             if job.record.status == "planned":
@@ -695,6 +711,7 @@ def quantize_model(model: nn.Module, scheme: Any = "w8a16", *, exclude=DEFAULT_E
     t0 = time.perf_counter()
     p = _build_plan(model, scheme, exclude, include, on_incompatible)
     _warn_unused(p)
+    _warn_nothing_left(model, p)
     done = 0
     todo = [job for job in p.jobs if job.record.status == "planned"]
     batches, options = check_method(method, calibration, todo, method_options)

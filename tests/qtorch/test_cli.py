@@ -168,6 +168,45 @@ def test_output_that_is_the_model_folder_is_refused(tiny_bert, capsys):
                                                  capsys)
 
 
+def test_output_problems_are_named_before_any_work(tiny_bert, tmp_path, capsys, no_model_load):
+    (tmp_path / "afile.txt").write_text("x")
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    try:
+        writable = os.access(tmp_path / "ro", os.W_OK)  # root writes anywhere: that case cannot be refused
+        cases = [(["-o", ""], "-o OUT is empty"),
+                 (["-o", str(tmp_path / "afile.txt")], "is a file; OUT must be a folder"),  # not "pass --overwrite"
+                 (["-o", str(tmp_path / "no" / "such" / "out")], "its parent " + str(tmp_path / "no" / "such")
+                  + " does not exist"),
+                 (["-o", str(tmp_path / "afile.txt" / "out")], "is not a folder")]
+        if not writable:
+            cases.append((["-o", str(tmp_path / "ro" / "out")], "is not writable"))
+        for extra, expect in cases:
+            assert expect in error_of(["quantize", str(tiny_bert)] + extra, capsys), extra
+    finally:
+        os.chmod(tmp_path / "ro", 0o755)
+    assert sorted(os.listdir(tmp_path)) == ["afile.txt", "ro"] and not os.listdir(tmp_path / "ro")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tiny_bert, monkeypatch, capsys):
+    import qtorch.cli
+
+    def interrupted(args, say):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qtorch.cli, "cmd_quantize", interrupted)
+    assert main(["quantize", str(tiny_bert)]) == 130
+    assert capsys.readouterr().err.strip() == "qtorch quantize: interrupted"
+
+
+def test_a_dangling_weights_link_is_named(tmp_path, capsys, no_model_load):
+    folder = tmp_path / "m"
+    bert_folder(folder)
+    os.remove(folder / "model.safetensors")
+    os.symlink(tmp_path / "gone.safetensors", folder / "model.safetensors")
+    assert "a link to" in error_of(["quantize", str(folder)], capsys)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # MODEL is checked before anything heavy is loaded
 # ------------------------------------------------------------------------------------------------------------------

@@ -535,3 +535,15 @@ def test_prior_art_entry_points_keep_incompatible_layers_dense_with_a_warning():
     assert rep["0"].status == "quantized" and rep["1.out_proj"].status == "incompatible"
     x = torch.randn(3, 1, 16)
     m[1](x, x, x)  # still runs
+
+
+def test_a_second_quantize_model_with_nothing_left_says_so_and_none_is_no_scheme():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    qtorch.quantize_model(model, "w8a16")
+    codes = [m.state_dict()["qweight"].clone() for m in model if isinstance(m, QuantLinear)]
+    with pytest.warns(UserWarning, match="no nn.Linear layer left to quantize here: its 2 QuantLinear"):
+        qtorch.quantize_model(model, "w4a16")
+    assert [torch.equal(m.state_dict()["qweight"], c) for m, c in
+            zip([m for m in model if isinstance(m, QuantLinear)], codes)] == [True, True]  # untouched, still 8-bit
+    with pytest.raises(TypeError, match="scheme must be a preset name .* got None"):
+        qtorch.quantize_model(nn.Sequential(nn.Linear(8, 8)), None)
