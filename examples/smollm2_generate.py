@@ -6,9 +6,10 @@
 
 The GGUF file holds llama.cpp Q4_1 weights; transformers dequantizes them into an ordinary dense model, which
 answers first, then is quantized in place by ``qtorch.quantize_model`` and answers again (greedy both times).
-``lm_head`` stays dense by default (SmolLM2 ties it to the embedding table). For 4 bits use ``w4a16-g64`` or
-``w4a16-g32``: SmolLM2's layers have 576 inputs, which the default groups of 128 do not divide; its weights were
-4-bit already (llama.cpp's Q4_1 grid), so a second 4-bit grid changes its answers more than int8 does.
+``lm_head`` stays dense by default (SmolLM2 ties it to the embedding table). For 4 bits ``w4a16-g64`` (or
+``w4a16-g32``) divides SmolLM2's 576 inputs into whole groups; the default ``w4a16`` works too, with a last group
+of 64 (576 = 4 x 128 + 64). Its weights were 4-bit already (llama.cpp's Q4_1 grid), so a second 4-bit grid changes
+its answers more than int8 does.
 """
 
 import os

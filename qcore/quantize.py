@@ -504,8 +504,10 @@ def dequantize(qa, *args, dtype=np.float32, out=None) -> np.ndarray:
         if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != codes.shape
                 or not out.flags.c_contiguous or not out.flags.writeable or not out.flags.aligned):
             got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
-            if isinstance(out, np.ndarray) and not out.flags.aligned:
-                got += " at a misaligned address"
+            if isinstance(out, np.ndarray):
+                got += "".join(f", {why}" for bad, why in ((not out.flags.c_contiguous, "not C-contiguous"),
+                                                          (not out.flags.writeable, "read-only"),
+                                                          (not out.flags.aligned, "at a misaligned address")) if bad)
             raise ValueError(f"out must be a writeable C-contiguous float32 array of shape {codes.shape} (aligned), "
                              f"got {got}")
     if codes.size == 0:
@@ -567,7 +569,13 @@ def _dequantize_loose(codes, scale=None, zero_point=None, *, dtype=np.float32) -
         raise TypeError(f"codes must be an integer array, got dtype {codes.dtype}")
     if scale is None:
         raise TypeError("dequantize(codes, scale[, zero_point]) needs a scale")
+    out_dtype = np.dtype(dtype)
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float16, float32, float64 or bfloat16, got {out_dtype}")
     scale = np.asarray(scale, np.float32)
+    if scale.size and not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+        bad = scale[~(np.isfinite(scale) & (scale > 0))].reshape(-1)[0]
+        raise ValueError(f"scale must be finite and > 0 everywhere, got {bad} (a scale is a step of the grid)")
     if scale.ndim == 1 and codes.ndim > 1 and scale.shape[0] == codes.shape[0]:
         # one scale per output channel (axis 0), the prior-art convention, square weights included; a scale
         # for the last axis must be shaped to broadcast, e.g. (1, n)
@@ -575,6 +583,10 @@ def _dequantize_loose(codes, scale=None, zero_point=None, *, dtype=np.float32) -
     c = codes.astype(np.float32)
     if zero_point is not None:
         zp = np.asarray(zero_point, np.float32)
+        lo, hi = np.iinfo(codes.dtype).min, np.iinfo(codes.dtype).max
+        if zp.size and not (np.all(np.isfinite(zp)) and np.all((zp >= lo) & (zp <= hi))):
+            bad = zp[~(np.isfinite(zp) & (zp >= lo) & (zp <= hi))].reshape(-1)[0]
+            raise ValueError(f"zero_point must lie in the range of the {codes.dtype} codes [{lo}, {hi}], got {bad}")
         if zp.ndim == 1 and codes.ndim > 1 and zp.shape[0] == codes.shape[0]:
             zp = zp.reshape((-1,) + (1,) * (codes.ndim - 1))
         c = c - zp
@@ -583,7 +595,7 @@ def _dequantize_loose(codes, scale=None, zero_point=None, *, dtype=np.float32) -
     except ValueError:
         raise ValueError(f"scale of shape {scale.shape} does not broadcast against codes of shape "
                          f"{codes.shape}") from None
-    return out.astype(dtype, copy=False)
+    return out.astype(out_dtype, copy=False)
 
 
 def fake_quantize(x, scheme: Optional[QuantScheme] = None, params=None) -> np.ndarray:

@@ -207,6 +207,8 @@ def test_dequantize_into_out_equals_a_fresh_result(scheme):
     for bad in (np.empty((8, 6), np.float32), np.empty(x.shape, np.float64), np.empty((8, 6), np.float32).T):
         with pytest.raises(ValueError, match=r"out must be a writeable C-contiguous float32 array of shape \(6, 8\)"):
             dequantize(qa, out=bad)
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        dequantize(qa, out=np.empty((8, 6), np.float32).T)
     with pytest.raises(TypeError, match="dtype must be float32"):
         dequantize(qa, dtype=np.float16, out=out)
 
@@ -219,6 +221,15 @@ def test_dequantize_prior_art_positional_forms():
     np.testing.assert_allclose(dequantize(np.array([3, 5], np.uint8), 0.25, 3), [0.0, 0.5])
     with pytest.raises(TypeError, match="integer array"):
         dequantize(np.array([0.5]), 1.0)
+    # the parameters are checked as quantize(params=...) checks them: no silently negated, NaN or shifted values
+    for scale in (-0.5, 0.0, np.nan, np.inf, np.array([1.0, -1.0], np.float32)):
+        with pytest.raises(ValueError, match="scale must be finite and > 0"):
+            dequantize(codes, scale)
+    for zp in (300, -129, np.nan):
+        with pytest.raises(ValueError, match=r"zero_point must lie in the range of the int8 codes \[-128, 127\]"):
+            dequantize(codes, 0.5, zp)
+    with pytest.raises(TypeError, match="dtype must be float16, float32, float64 or bfloat16"):
+        dequantize(codes, 0.5, dtype=np.int32)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
