@@ -238,7 +238,9 @@ def latency_lines(dense: Sequence[float], quantized: Sequence[float], batch: int
     (d, d_lo, d_hi), (q, q_lo, q_hi) = stats(dense), stats(quantized)
     lines = [f"forward latency, batch of {batch}, median of {len(dense)} alternating rounds after a warm-up "
              f"(min-max): dense {d:.1f} ms ({d_lo:.1f}-{d_hi:.1f}), quantized {q:.1f} ms ({q_lo:.1f}-{q_hi:.1f})"]
-    if q > d:
+    if f"{max(q / d, d / q):.2f}" == "1.00":
+        lines.append("  quantized and dense take the same time on this machine (within 0.5%)")
+    elif q > d:
         lines.append(f"  quantized is {q / d:.2f}x slower than dense on this machine")
     else:
         lines.append(f"  quantized is {d / q:.2f}x faster than dense on this machine")
@@ -355,6 +357,10 @@ def cmd_quantize(args, say) -> int:
                                        progress=not args.quiet and sys.stderr.isatty(), method=args.method,
                                        calibration=calibration)
     report.model_bytes_before = tied_bytes  # the model as given: an untied head's dense copy is part of the cost
+    if not report.quantized and args.output:  # before the timing: there is nothing to save
+        say(report)
+        raise CliError(f"nothing was quantized (every Linear layer is {'excluded' if args.exclude else 'kept dense'}"
+                       f"; see the report), so there is nothing to write to {args.output}")
     out = _outputs(model, batch, causal)
     cos = torch.nn.functional.cosine_similarity(ref, out, dim=-1)
     with torch.inference_mode():

@@ -224,7 +224,7 @@ class QuantizationReport:
             ])
         rows.append([
             "total", "", "", format_bytes(self.bytes_before), format_bytes(self.bytes_after), "", "",
-            f"quantized weights {self.compression_ratio:.2f}x smaller",
+            f"quantized weights {self.compression_ratio:.2f}x smaller" if self.quantized else "nothing quantized",
         ])
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head[:-1])]
 

@@ -188,6 +188,11 @@ def test_output_problems_are_named_before_any_work(tiny_bert, tmp_path, capsys, 
     assert sorted(os.listdir(tmp_path)) == ["afile.txt", "ro"] and not os.listdir(tmp_path / "ro")
 
 
+def test_nothing_quantized_is_refused_before_writing(tiny_bert, tmp_path, capsys):
+    err = error_of(["quantize", str(tiny_bert), "--exclude", "*", "-o", str(tmp_path / "out"), "--rounds", "1"], capsys)
+    assert "nothing was quantized (every Linear layer is excluded" in err and not (tmp_path / "out").exists()
+
+
 def test_ctrl_c_is_one_line_and_exit_130(tiny_bert, monkeypatch, capsys):
     import qtorch.cli
 
@@ -421,6 +426,8 @@ def test_latency_lines_say_median_spread_and_slower_or_faster():
     assert slower[0] == ("forward latency, batch of 8, median of 3 alternating rounds after a warm-up (min-max): "
                          "dense 14.8 ms (14.6-15.0), quantized 22.4 ms (22.3-22.5)")
     assert slower[1:] == ["  quantized is 1.51x slower than dense on this machine"]
+    assert latency_lines([0.0200, 0.0201], [0.0201, 0.0200], 8)[1] == (
+        "  quantized and dense take the same time on this machine (within 0.5%)")  # not "1.00x slower"
     noisy = latency_lines([0.134, 0.140, 0.300], [1.617, 0.100, 0.110], 8)
     assert noisy[1] == "  quantized is 1.27x faster than dense on this machine"
     assert noisy[2].startswith("  note: the rounds differ by up to") and "busy machine" in noisy[2]
