@@ -573,9 +573,9 @@ def _dequantize_loose(codes, scale=None, zero_point=None, *, dtype=np.float32) -
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be float16, float32, float64 or bfloat16, got {out_dtype}")
     scale = np.asarray(scale, np.float32)
-    if scale.size and not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
-        bad = scale[~(np.isfinite(scale) & (scale > 0))].reshape(-1)[0]
-        raise ValueError(f"scale must be finite and > 0 everywhere, got {bad} (a scale is a step of the grid)")
+    if scale.size and not (np.all(np.isfinite(scale)) and np.all(scale >= 0)):  # 0: a row of zeros (a dead channel)
+        bad = scale[~(np.isfinite(scale) & (scale >= 0))].reshape(-1)[0]
+        raise ValueError(f"scale must be finite and >= 0 everywhere, got {bad} (a scale is a step of the grid)")
     if scale.ndim == 1 and codes.ndim > 1 and scale.shape[0] == codes.shape[0]:
         # one scale per output channel (axis 0), the prior-art convention, square weights included; a scale
         # for the last axis must be shaped to broadcast, e.g. (1, n)

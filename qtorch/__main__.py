@@ -1,7 +1,5 @@
 """``python -m qtorch``: the same as the ``qtorch`` command."""
 
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

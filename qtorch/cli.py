@@ -18,6 +18,7 @@ import contextlib
 import copy
 import os
 import stat
+import signal
 import statistics
 import sys
 import time
@@ -156,6 +157,11 @@ def check_model_folder(model_dir: str):
         for f in files:
             if ck.quantized_metadata(ck.read_header(f)):
                 raise CliError(f"{f} is already a quantized checkpoint; quantize the original model instead")
+        from .pretrained import _checkpoint_kind
+
+        if _checkpoint_kind(model_dir) == "bare":
+            raise CliError(f"{model_dir} holds a quantized model's tensors without their schemes (a state_dict saved "
+                           f"as it is); quantize the original model instead")
     if not any(os.path.isfile(os.path.join(model_dir, n)) for n in TOKENIZER_FILES):
         problems.append(f"tokenizer: no tokenizer files ({', '.join(TOKENIZER_FILES)}); qtorch quantize runs "
                         f"built-in sentences through the model to measure fidelity and latency, so copy the "
@@ -443,6 +449,7 @@ def _check_output(model_dir: str, output: str, overwrite: bool, say=None) -> Non
     if os.path.isdir(os.path.dirname(os.path.abspath(output))):
         for note in ck.recover_output(output):
             (say or print)(f"note: {note}")
+    output = os.path.normpath(output)  # "afile/" names afile: lexists() alone is False for it
     out, src = os.path.realpath(output), os.path.realpath(model_dir)
     if os.path.lexists(output) and not os.path.isdir(output):
         raise CliError(f"{output} is a file; OUT must be a folder")
@@ -493,6 +500,11 @@ def cmd_info(args, say) -> int:
             rows.append((name, list(shape), str(scheme), parts.get(name, 0)))
             q_bytes += parts.get(name, 0)
             q_dense += dense
+    if not rows and any(n.endswith(".qweight") and n[:-len("qweight")] + "scale" in header.tensors
+                        for f in files for header in (ck.read_header(f),) for n in header.tensors):
+        raise CliError(f"{args.path} holds a quantized model's tensors without their schemes (a state_dict saved as "
+                       f"it is, e.g. by transformers' save_pretrained), which no loader can rebuild; save quantized "
+                       f"models with qtorch.save_folder or qtorch quantize -o")
     if not rows:
         raise CliError(f"{args.path} is not quantized: no qcore-quantized tensor in its {len(files)} file(s) "
                        f"({plain_n} tensors, {format_bytes(plain_bytes)}); quantize it with qtorch quantize or "
@@ -660,5 +672,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 
+def entry() -> None:  # pragma: no cover - the console script; tests call main()
+    """The ``qtorch`` command: :func:`main`, and after Ctrl-C the process ends by SIGINT itself, not with a plain
+    exit status, so that a shell loop running it stops too (a shell takes a child's normal exit as handled)."""
+    rc = main()
+    if rc == EXIT_INTERRUPTED and hasattr(signal, "SIGINT"):
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -215,6 +215,9 @@ def from_gguf(path, *, dtype: torch.dtype = torch.float32):
         raise ValueError(f"{path}: no tensor for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if tied:
         model.tie_weights()
+    from .replace import _mark_config
+
+    _mark_config(model)  # transformers' save_pretrained of it must not look dense
     return model.eval()
 
 

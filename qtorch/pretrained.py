@@ -159,8 +159,9 @@ def _checkpoint_kind(folder: str) -> str:
     headers = [ck.read_header(f) for f in files]
     if any(ck.quantized_metadata(h) for h in headers):
         return "qcore"
-    if any(name.endswith(".qweight") for h in headers for name in h.tensors):
-        return "bare"
+    names = {name for h in headers for name in h.tensors}
+    if any(n.endswith(".qweight") and n[:-len("qweight")] + "scale" in names for n in names):
+        return "bare"  # a QuantLinear's state_dict (GPTQ / AWQ files name theirs qweight, qzeros, scales)
     return "dense"
 
 
@@ -232,9 +233,12 @@ def _from_ct_folder(folder: str, model_class, device) -> nn.Module:
 
     from .serialization import _fill
 
+    from .replace import _mark_config
+
     loaded = load_folder(folder)  # checks config.json and every tensor before the model is built
     model = _empty_model(folder, model_class, foreign_config=True)
     _fill(model, folder, loaded, device=device)
+    _mark_config(model)  # its own format's config went; transformers' save_pretrained must not look dense
     return model.eval()
 
 
@@ -253,7 +257,9 @@ def _own_config(model: nn.Module) -> dict:
     if config is None or not callable(getattr(config, "to_dict", None)):
         raise TypeError(f"source is None, so the config must come from the model, and {type(model).__name__} has "
                         f"no transformers config: pass the model folder it was loaded from")
-    return config.to_dict()
+    own = config.to_dict()
+    own.pop("_name_or_path", None)  # where it was loaded from, as transformers' save_pretrained leaves it out
+    return own
 
 
 def _with_architecture(model: nn.Module, config: dict) -> dict:

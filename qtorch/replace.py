@@ -32,6 +32,7 @@ weight as soon as its replacement is in place, so the extra memory at any moment
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import re
@@ -607,9 +608,10 @@ def _warn_nothing_left(model: nn.Module, p: _Plan) -> None:
         return
     done = sum(isinstance(m, QuantLinear) for m in _unwrap(model).modules())
     if done:
-        warnings.warn(f"the model has no nn.Linear layer left to quantize here: its {done} QuantLinear layer(s) are "
-                      f"quantized already and stay as they are (to change their scheme, quantize the original "
-                      f"model)", UserWarning, stacklevel=3)
+        dense = f" and its {len(p.jobs)} nn.Linear layer(s) are kept dense (excluded or not matched)" if p.jobs else ""
+        warnings.warn(f"nothing to quantize: the model's {done} QuantLinear layer(s) are quantized already and stay "
+                      f"as they are{dense} (to change a scheme, quantize the original model)", UserWarning,
+                      stacklevel=3)
 
 
 def _warn_unused(p: _Plan) -> None:
@@ -754,7 +756,13 @@ def _mark_config(model: nn.Module) -> None:
     current = getattr(config, "quantization_config", None)
     if current is not None and not (isinstance(current, dict) and current.get("quantizer") == QUANTIZER):
         return
-    config.quantization_config = quantization_config(model)
+    # the model's own copy: transformers keeps the config it was given, which other models (dense ones) and a
+    # later from_pretrained(config=...) may share; every submodule holding that object gets the copy
+    own = copy.deepcopy(config)
+    own.quantization_config = quantization_config(model)
+    for m in model.modules():
+        if getattr(m, "config", None) is config:
+            m.config = own
 
 
 def _apply_layer(job: _Job, qa: qcore.QuantizedArray | None = None, method: str = "minmax") -> None:

@@ -222,12 +222,16 @@ def test_dequantize_prior_art_positional_forms():
     with pytest.raises(TypeError, match="integer array"):
         dequantize(np.array([0.5]), 1.0)
     # the parameters are checked as quantize(params=...) checks them: no silently negated, NaN or shifted values
-    for scale in (-0.5, 0.0, np.nan, np.inf, np.array([1.0, -1.0], np.float32)):
-        with pytest.raises(ValueError, match="scale must be finite and > 0"):
+    for scale in (-0.5, np.nan, np.inf, np.array([1.0, -1.0], np.float32)):
+        with pytest.raises(ValueError, match="scale must be finite and >= 0"):
             dequantize(codes, scale)
+    np.testing.assert_array_equal(dequantize(codes, np.array([0.0, 2.0])), np.r_[[[0.0] * 3], [[20, 40, 60]]])
     for zp in (300, -129, np.nan):
         with pytest.raises(ValueError, match=r"zero_point must lie in the range of the int8 codes \[-128, 127\]"):
             dequantize(codes, 0.5, zp)
+    for zp in (-128, 127):  # the ends of the range are zero points
+        np.testing.assert_array_equal(dequantize(codes, 0.5, zp), (codes.astype(np.float32) - zp) * 0.5)
+    np.testing.assert_array_equal(dequantize(np.array([0, 255], np.uint8), 1.0, 255), [-255.0, 0.0])
     with pytest.raises(TypeError, match="dtype must be float16, float32, float64 or bfloat16"):
         dequantize(codes, 0.5, dtype=np.int32)
 

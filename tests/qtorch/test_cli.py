@@ -193,6 +193,27 @@ def test_nothing_quantized_is_refused_before_writing(tiny_bert, tmp_path, capsys
     assert "nothing was quantized (every Linear layer is excluded" in err and not (tmp_path / "out").exists()
 
 
+def test_a_state_dict_saved_as_it_is_is_named_by_quantize_and_info(tmp_path, capsys, no_model_load):
+    folder = tmp_path / "m"
+    bert_folder(folder)
+    model = transformers.BertModel.from_pretrained(folder)
+    qtorch.quantize_model(model, "w8a16")
+    model.save_pretrained(folder)  # over the dense weights: each layer's tensors, no schemes
+    import json
+
+    config = json.load(open(folder / "config.json"))
+    del config["quantization_config"]  # as a folder saved before quantize_model marked configs
+    json.dump(config, open(folder / "config.json", "w"))
+    assert "tensors without their schemes" in error_of(["quantize", str(folder)], capsys)
+    assert "tensors without their schemes" in error_of(["info", str(folder)], capsys)
+
+
+def test_a_trailing_slash_does_not_hide_a_file_out(tiny_bert, tmp_path, capsys, no_model_load):
+    (tmp_path / "afile").write_text("x")
+    assert "is a file; OUT must be a folder" in error_of(["quantize", str(tiny_bert), "-o", f"{tmp_path}/afile/"],
+                                                        capsys)
+
+
 def test_ctrl_c_is_one_line_and_exit_130(tiny_bert, monkeypatch, capsys):
     import qtorch.cli
 

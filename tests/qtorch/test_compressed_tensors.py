@@ -135,6 +135,8 @@ def test_w4a16_asymmetric_loads_in_qtorch_exactly(llama, tmp_path):
     save_folder(model, llama, str(tmp_path / "ct"), format="compressed-tensors")
     back = qtorch.from_pretrained(str(tmp_path / "ct"))
     assert torch.equal(logits(back), logits(model))
+    # its format's config is gone from the loaded model; qtorch's marks it, so save_pretrained never looks dense
+    assert back.config.quantization_config["quantizer"] == "qtorch"
     a, b = model.model.layers[1].mlp.up_proj, back.model.layers[1].mlp.up_proj
     qa, qb = a.quantized_array(), b.quantized_array()
     assert np.array_equal(qa.codes, qb.codes) and np.array_equal(qa.zero_point, qb.zero_point)

@@ -182,6 +182,26 @@ def test_save_folder_without_a_source_takes_the_models_config_and_class(llama_sr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_the_marker_goes_on_the_models_own_config_never_on_a_shared_one(llama_src, tmp_path):
+    config = transformers.AutoConfig.from_pretrained(llama_src)
+    dense, quant = transformers.LlamaForCausalLM(config), transformers.LlamaForCausalLM(config)
+    assert dense.config is quant.config is config  # transformers keeps the object it was given
+    qtorch.quantize_model(quant, "w8a16")
+    assert getattr(config, "quantization_config", None) is None and dense.config is config
+    assert quant.config.quantization_config["quantizer"] == "qtorch" and quant.model.config is quant.config
+    dense.save_pretrained(tmp_path / "dense")  # still a dense folder transformers loads
+    transformers.LlamaForCausalLM.from_pretrained(tmp_path / "dense")
+
+
+def test_save_folder_names_the_class_of_the_model_it_saves(llama_src, tmp_path):
+    bare = transformers.AutoModel.from_pretrained(llama_src).eval()  # LlamaModel; the source names the causal LM
+    qtorch.quantize_model(bare, "w4a16-g32")
+    save_folder(bare, llama_src, str(tmp_path / "out"))
+    assert json.load(open(tmp_path / "out" / "config.json"))["architectures"] == ["LlamaModel"]
+    back = qtorch.from_pretrained(tmp_path / "out")  # was: LlamaForCausalLM built, then 'no such module' keys
+    assert type(back) is transformers.LlamaModel
+
+
 def test_a_qcore_quantize_folder_is_marked_and_loads(llama_src, tmp_path):
     """``qcore quantize`` of a model folder writes the marker too (quantizer "qcore"); qtorch loads it, and a
     folder from before the marker (no quantization_config) still loads."""

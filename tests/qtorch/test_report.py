@@ -117,3 +117,14 @@ def test_the_default_lm_head_exclusion_is_not_an_unmatched_pattern(exclude):
     with pytest.warns(UserWarning, match="'nope'"):
         report = qtorch.quantize_model(nn.Sequential(nn.Linear(64, 8)), "w8a16", exclude=["nope"])
     assert report.unused_patterns == ["nope"]  # a pattern the user wrote still is
+
+
+def test_a_report_with_nothing_quantized_says_so():
+    import warnings
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = qtorch.quantize_model(model, "w8a16", exclude=["*"])
+    total = [line for line in str(report).splitlines() if line.startswith("total")][0]
+    assert total.endswith("nothing quantized") and "smaller" not in total
