@@ -244,7 +244,7 @@ def latency_lines(dense: Sequence[float], quantized: Sequence[float], batch: int
     (d, d_lo, d_hi), (q, q_lo, q_hi) = stats(dense), stats(quantized)
     lines = [f"forward latency, batch of {batch}, median of {len(dense)} alternating rounds after a warm-up "
              f"(min-max): dense {d:.1f} ms ({d_lo:.1f}-{d_hi:.1f}), quantized {q:.1f} ms ({q_lo:.1f}-{q_hi:.1f})"]
-    if f"{max(q / d, d / q):.2f}" == "1.00":
+    if max(q / d, d / q) < 1.005:  # what would print as 1.00x
         lines.append("  quantized and dense take the same time on this machine (within 0.5%)")
     elif q > d:
         lines.append(f"  quantized is {q / d:.2f}x slower than dense on this machine")
@@ -478,6 +478,7 @@ def cmd_info(args, say) -> int:
     from qcore.formats import format_of
 
     from .memory import compression_ratio, dense_weight_nbytes, format_bytes
+    from .pretrained import bare_state_dict
 
     _check_readable(args.path)
     _, files, _ = ck.checkpoint_files(args.path)
@@ -500,8 +501,7 @@ def cmd_info(args, say) -> int:
             rows.append((name, list(shape), str(scheme), parts.get(name, 0)))
             q_bytes += parts.get(name, 0)
             q_dense += dense
-    if not rows and any(n.endswith(".qweight") and n[:-len("qweight")] + "scale" in header.tensors
-                        for f in files for header in (ck.read_header(f),) for n in header.tensors):
+    if not rows and bare_state_dict(n for f in files for n in ck.read_header(f).tensors):
         raise CliError(f"{args.path} holds a quantized model's tensors without their schemes (a state_dict saved as "
                        f"it is, e.g. by transformers' save_pretrained), which no loader can rebuild; save quantized "
                        f"models with qtorch.save_folder or qtorch quantize -o")

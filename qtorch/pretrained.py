@@ -159,10 +159,16 @@ def _checkpoint_kind(folder: str) -> str:
     headers = [ck.read_header(f) for f in files]
     if any(ck.quantized_metadata(h) for h in headers):
         return "qcore"
-    names = {name for h in headers for name in h.tensors}
-    if any(n.endswith(".qweight") and n[:-len("qweight")] + "scale" in names for n in names):
-        return "bare"  # a QuantLinear's state_dict (GPTQ / AWQ files name theirs qweight, qzeros, scales)
+    if bare_state_dict({name for h in headers for name in h.tensors}):
+        return "bare"
     return "dense"
+
+
+def bare_state_dict(names) -> bool:
+    """Whether tensor ``names`` hold a :class:`~qtorch.QuantLinear`'s ``state_dict`` entries (``X.qweight`` beside
+    ``X.scale``; GPTQ / AWQ files name theirs ``qweight``, ``qzeros``, ``scales``)."""
+    names = set(names)
+    return any(n.endswith(".qweight") and n[:-len("qweight")] + "scale" in names for n in names)
 
 
 def _bare_state_dict(folder: str) -> ValueError:
