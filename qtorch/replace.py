@@ -751,7 +751,8 @@ def _mark_config(model: nn.Module) -> None:
     from .pretrained import QUANTIZER, quantization_config
 
     config = getattr(model, "config", None)
-    if config is None or not type(config).__module__.startswith("transformers.") or getattr(model, "hf_quantizer", None):
+    if (config is None or not type(config).__module__.startswith("transformers.")
+            or getattr(model, "hf_quantizer", None)):
         return
     current = getattr(config, "quantization_config", None)
     if current is not None and not (isinstance(current, dict) and current.get("quantizer") == QUANTIZER):
