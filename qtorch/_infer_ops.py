@@ -16,11 +16,12 @@ for tracing. Opaque to ``torch.compile`` like the op itself, so freezing never f
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
 
-__all__ = ["define_twin", "needs_grad"]
+__all__ = ["constant_result", "define_twin", "needs_grad"]
 
 _LIB = torch.library.Library("qtorch", "FRAGMENT")
 
@@ -51,3 +52,13 @@ def plain_eager(x: torch.Tensor) -> bool:
 def needs_grad(x: torch.Tensor) -> bool:
     """Whether a call on ``x`` must record a gradient (then the custom op, else its twin or the kernel itself)."""
     return torch.is_grad_enabled() and x.requires_grad
+
+
+def constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)`` without importing Dynamo when it is not loaded yet: that import
+    took about 1 s of ``import qtorch`` (a third of it), for a mark that only a trace reads, and a trace loads
+    Dynamo first. The mark is the attribute Dynamo's own decorator sets (a test checks that it still does)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn

@@ -69,7 +69,6 @@ import types
 import warnings
 
 import torch
-import torch._inductor.config as inductor_config
 from torch import nn
 
 __all__ = ["compile", "CompiledModule", "compile_options"]
@@ -164,19 +163,19 @@ class _tracing_setup:
         if not self.freezing:
             self.saved = (grad,)
             return self
-        folder = _constant_folder()
+        folder, config = _constant_folder(), _INDUCTOR[0]
         orig = folder.__dict__["is_impure"]
-        self.saved = (grad, orig, _WOQ_TEMPLATES, inductor_config.freezing)
+        self.saved = (grad, orig, _WOQ_TEMPLATES, config.freezing)
         folder.is_impure = _keeping_codes(orig)
         _WOQ_TEMPLATES = self.woq
-        inductor_config.freezing = True  # plain assignment: config.patch costs ~20 us per call
+        config.freezing = True  # plain assignment: config.patch costs ~20 us per call
         return self
 
     def __exit__(self, *exc):
         global _WOQ_TEMPLATES
         saved = self.saved
         if len(saved) > 1:
-            inductor_config.freezing = saved[3]
+            _INDUCTOR[0].freezing = saved[3]
             _WOQ_TEMPLATES = saved[2]
             _constant_folder().is_impure = saved[1]
         torch._C._set_grad_enabled(saved[0])
@@ -184,13 +183,17 @@ class _tracing_setup:
 
 
 _FOLDER: list = []
+_INDUCTOR: list = []  # torch._inductor.config, once _constant_folder has loaded inductor
 
 
 def _constant_folder():
-    """inductor's ``ConstantFolder`` class (imported at the first compiled call: importing it loads inductor)."""
+    """inductor's ``ConstantFolder`` class (imported at the first compiled call: importing inductor loads Dynamo,
+    about 1 s that ``import qtorch`` no longer spends)."""
     if not _FOLDER:
+        import torch._inductor.config as config
         from torch._inductor.constant_folding import ConstantFolder
 
+        _INDUCTOR.append(config)
         _FOLDER.append(ConstantFolder)
     return _FOLDER[0]
 

@@ -39,7 +39,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import amx, bf16dot, dequant, gemm, gemv
-from .._infer_ops import define_twin, needs_grad, plain_eager
+from .._infer_ops import constant_result, define_twin, needs_grad, plain_eager
 from .base import Layout, single_row_shapes
 from .codec import complete_groups, pack_codes, pad_columns, padded_k, unpack_codes
 
@@ -526,7 +526,7 @@ def _tile_kernels_offered(device_type, dtype, rows: int, bits: int, spec) -> tup
     return (BF16DOT,) if rows >= 2 and dtype in _ACT_DTYPES and bf16dot.available() else ()
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _traced_tiles(device_type, dtype, rows: int, bits: int, spec) -> str:
     """The first tile kernel offered for such a call, or ``""``: a constant to Dynamo, which runs this while it
     traces instead of tracing it (the availability checks take a lock, and the first one asks Linux for the AMX

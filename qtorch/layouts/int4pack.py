@@ -32,7 +32,7 @@ from numba import njit
 from . import blocked
 from .base import Layout, op_decoder
 from .codec import affine, complete_groups, dense_linear, pad_columns, padded_k
-from .._infer_ops import needs_grad, plain_eager
+from .._infer_ops import constant_result, needs_grad, plain_eager
 from .._ir import cached as _cached
 
 __all__ = ["INT4PACK", "INT4PACK_GROUPS", "int4pack_map", "int4pack_unpack", "int4pack_dequant", "to_int4pack",
@@ -113,7 +113,7 @@ def _unpack_traced(packed, n, k, base, stride, offset, hi):
     return torch.where(hi[:, None], b >> 4, b & 15)
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def tile_width(n: int) -> int:
     """The tile width NT where the int4pack layout of ``[n, k]`` weights on this CPU is exactly the blocked
     layout's 4-bit tiles ``[n / NT, k, NT / 2]`` (code ``(r, c)`` in byte ``(r // NT) (NT / 2) k + c (NT / 2) +

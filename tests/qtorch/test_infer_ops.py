@@ -88,3 +88,22 @@ def test_dequant_linear_compiled_calls_the_twin_and_training_the_op():
     assert "dequant_mm" in code and "_infer" not in code
     torch.compile(f, backend="aot_eager")(xg).sum().backward()
     torch.testing.assert_close(xg.grad, q.dequantized_weight().sum(0).expand(8, 128), rtol=1e-4, atol=1e-4)
+
+
+def test_constant_result_marks_as_dynamo_does_without_loading_it():
+    import subprocess
+    import sys
+
+    from qtorch._infer_ops import constant_result
+    from qtorch.layouts import blocked, int4pack
+
+    def fresh():
+        return 1
+
+    marked = torch.compiler.assume_constant_result(fresh)  # Dynamo's own mark: the attribute constant_result sets
+    assert marked.__dict__ == {"_dynamo_marked_constant": True}
+    assert constant_result(lambda: 1)._dynamo_marked_constant is True
+    assert blocked._traced_tiles._dynamo_marked_constant and int4pack.tile_width._dynamo_marked_constant
+    code = "import sys, qtorch; print('torch._dynamo' in sys.modules, 'torch._inductor' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]  # import qtorch leaves them to the first compile (about 1 s)
