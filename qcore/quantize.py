@@ -573,8 +573,9 @@ def _dequantize_loose(codes, scale=None, zero_point=None, *, dtype=np.float32) -
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be float16, float32, float64 or bfloat16, got {out_dtype}")
     scale = np.asarray(scale, np.float32)
-    if scale.size and not (np.all(np.isfinite(scale)) and np.all(scale >= 0)):  # 0: a row of zeros (a dead channel)
-        bad = scale[~(np.isfinite(scale) & (scale >= 0))].reshape(-1)[0]
+    ok = np.isfinite(scale) & (scale >= 0)  # 0: a row of zeros (a dead channel)
+    if not ok.all():
+        bad = scale[~ok].reshape(-1)[0]
         raise ValueError(f"scale must be finite and >= 0 everywhere, got {bad} (a scale is a step of the grid)")
     if scale.ndim == 1 and codes.ndim > 1 and scale.shape[0] == codes.shape[0]:
         # one scale per output channel (axis 0), the prior-art convention, square weights included; a scale
@@ -584,8 +585,9 @@ def _dequantize_loose(codes, scale=None, zero_point=None, *, dtype=np.float32) -
     if zero_point is not None:
         zp = np.asarray(zero_point, np.float32)
         lo, hi = np.iinfo(codes.dtype).min, np.iinfo(codes.dtype).max
-        if zp.size and not (np.all(np.isfinite(zp)) and np.all((zp >= lo) & (zp <= hi))):
-            bad = zp[~(np.isfinite(zp) & (zp >= lo) & (zp <= hi))].reshape(-1)[0]
+        ok = np.isfinite(zp) & (zp >= lo) & (zp <= hi)
+        if not ok.all():
+            bad = zp[~ok].reshape(-1)[0]
             raise ValueError(f"zero_point must lie in the range of the {codes.dtype} codes [{lo}, {hi}], got {bad}")
         if zp.ndim == 1 and codes.ndim > 1 and zp.shape[0] == codes.shape[0]:
             zp = zp.reshape((-1,) + (1,) * (codes.ndim - 1))

@@ -154,12 +154,15 @@ def check_model_folder(model_dir: str):
     except ValueError as e:
         problems.append(f"weights: {e}")
     else:
-        for f in files:
-            if ck.quantized_metadata(ck.read_header(f)):
-                raise CliError(f"{f} is already a quantized checkpoint; quantize the original model instead")
-        from .pretrained import _checkpoint_kind
+        from .pretrained import bare_state_dict
 
-        if _checkpoint_kind(model_dir) == "bare":
+        names = set()
+        for f in files:
+            header = ck.read_header(f)
+            if ck.quantized_metadata(header):
+                raise CliError(f"{f} is already a quantized checkpoint; quantize the original model instead")
+            names.update(header.tensors)
+        if bare_state_dict(names):
             raise CliError(f"{model_dir} holds a quantized model's tensors without their schemes (a state_dict saved "
                            f"as it is); quantize the original model instead")
     if not any(os.path.isfile(os.path.join(model_dir, n)) for n in TOKENIZER_FILES):
@@ -478,11 +481,11 @@ def cmd_info(args, say) -> int:
     from qcore.formats import format_of
 
     from .memory import compression_ratio, dense_weight_nbytes, format_bytes
-    from .pretrained import bare_state_dict
+    from .pretrained import bare_state_dict, bare_state_dict_error
 
     _check_readable(args.path)
     _, files, _ = ck.checkpoint_files(args.path)
-    rows, plain_bytes, plain_n, q_bytes, q_dense = [], 0, 0, 0, 0
+    rows, plain_bytes, plain_n, q_bytes, q_dense, names = [], 0, 0, 0, 0, set()
     versions = set()
     for f in files:
         header = ck.read_header(f)
@@ -492,6 +495,7 @@ def cmd_info(args, say) -> int:
         stored = ck.stored_names(header, table)  # the format's names for each quantized tensor's entries
         parts = {name: sum(header.tensors[t].nbytes for t in names) for name, names in stored.items()}
         owned = {t for names in stored.values() for t in names}
+        names.update(header.tensors)
         for name, t in header.tensors.items():
             if name not in owned:
                 plain_n += 1
@@ -501,10 +505,8 @@ def cmd_info(args, say) -> int:
             rows.append((name, list(shape), str(scheme), parts.get(name, 0)))
             q_bytes += parts.get(name, 0)
             q_dense += dense
-    if not rows and bare_state_dict(n for f in files for n in ck.read_header(f).tensors):
-        raise CliError(f"{args.path} holds a quantized model's tensors without their schemes (a state_dict saved as "
-                       f"it is, e.g. by transformers' save_pretrained), which no loader can rebuild; save quantized "
-                       f"models with qtorch.save_folder or qtorch quantize -o")
+    if not rows and bare_state_dict(names):
+        raise CliError(str(bare_state_dict_error(args.path)))
     if not rows:
         raise CliError(f"{args.path} is not quantized: no qcore-quantized tensor in its {len(files)} file(s) "
                        f"({plain_n} tensors, {format_bytes(plain_bytes)}); quantize it with qtorch quantize or "

@@ -171,7 +171,7 @@ def bare_state_dict(names) -> bool:
     return any(n.endswith(".qweight") and n[:-len("qweight")] + "scale" in names for n in names)
 
 
-def _bare_state_dict(folder: str) -> ValueError:
+def bare_state_dict_error(folder: str) -> ValueError:
     return ValueError(f"{folder} holds a quantized model's tensors without their schemes (a state_dict saved as it "
                       f"is, e.g. by transformers' save_pretrained): neither qtorch nor transformers can rebuild its "
                       f"layers from it. Save a quantized model with qtorch.save_folder(model, SOURCE or None, OUT) "
@@ -204,7 +204,7 @@ def from_pretrained(folder, *, model_class=None, device=None) -> nn.Module:
     marker = read_marker(folder)
     kind = _checkpoint_kind(folder)
     if kind == "bare":
-        raise _bare_state_dict(folder)
+        raise bare_state_dict_error(folder)
     if marker is None and kind == "dense":
         raise ValueError(f"{folder} is not quantized (no qtorch quantization_config in {CONFIG_NAME} and no "
                          f"quantized tensor in its checkpoint); load it with transformers' from_pretrained, or "
