@@ -225,14 +225,11 @@ def _check_output(input_path: str, output: str, kind: str, overwrite: bool, log=
                            f"{output[:-len('.safetensors')] or 'out'}/")
         if os.path.lexists(out) and not os.path.isdir(out):
             raise RequestError(f"OUTPUT {output!r} is a file; INPUT is a folder, so OUTPUT must be a folder")
-    real_out, real_src = os.path.realpath(out), os.path.realpath(src)
-    if real_out == real_src:
+    if os.path.realpath(out) == os.path.realpath(src):
         raise RequestError(f"OUTPUT {output!r} is the same as INPUT; write to a new path")
-    if kind != "file" and real_src.startswith(real_out + os.sep):
-        raise RequestError(f"OUTPUT {output!r} contains INPUT; write to a new path")
-    if kind != "file" and real_out.startswith(real_src + os.sep):
-        # a later run on INPUT would copy this output's index, whose shards are not beside it
-        raise RequestError(f"OUTPUT {output!r} is inside INPUT {input_path!r}; write it outside the model folder")
+    problem = None if kind == "file" else model_folder.placement_problem(input_path, output)
+    if problem:
+        raise RequestError(problem)
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
         what = "is not a folder" if os.path.exists(parent) else "does not exist"

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 from . import checkpoint as ck
 
 __all__ = ["CONFIG_NAME", "MARKER_KEY", "PRODUCERS", "LOADER", "quantization_marker", "check_marker",
-           "read_config", "check_config", "mark_config", "copy_side_files"]
+           "read_config", "check_config", "mark_config", "copy_side_files", "placement_problem"]
 
 CONFIG_NAME = "config.json"
 MARKER_KEY = "quantization_config"
@@ -135,6 +135,27 @@ def write_config(folder, config: dict, marker: dict, dtype: Optional[str] = None
     with open(os.path.join(os.fspath(folder), CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def placement_problem(src, out, src_name: str = "INPUT", out_name: str = "OUTPUT") -> Optional[str]:
+    """Why the output folder ``out`` may not be written for the model folder ``src``, or None: the same folder
+    (links resolved), a folder that contains ``src`` (replacing it would delete the source), or one inside ``src``
+    (a later run on ``src`` would copy this output's files as its own side files).
+
+    >>> placement_problem("m", "m/q", "MODEL", "OUT")
+    "OUT 'm/q' is inside MODEL 'm'; write it outside the model folder"
+    >>> placement_problem("m", "q") is None
+    True
+    """
+    real_out, real_src = os.path.realpath(os.fspath(out)), os.path.realpath(os.fspath(src))
+    if real_out == real_src:
+        return f"{out_name} {os.fspath(out)!r} is the same as {src_name}; write to a new folder"
+    if real_src.startswith(real_out + os.sep):
+        return f"{out_name} {os.fspath(out)!r} contains {src_name}; write to a new folder"
+    if real_out.startswith(real_src + os.sep):
+        return (f"{out_name} {os.fspath(out)!r} is inside {src_name} {os.fspath(src)!r}; write it outside the model "
+                f"folder")
+    return None
 
 
 def copy_side_files(src_root: str, dst_root: str, out: str) -> None:

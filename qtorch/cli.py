@@ -443,23 +443,25 @@ def _check_parent(output: str) -> None:
 
 
 def _check_output(model_dir: str, output: str, overwrite: bool, say=None) -> None:
-    """Refuse a bad OUT before any work: existing (without --overwrite), a file, MODEL itself, no parent.
+    """Refuse a bad OUT before any work: existing (without --overwrite), a file, MODEL itself, holding MODEL or
+    inside it, no parent.
 
     What a killed run left beside OUT is recovered first, as ``qcore quantize`` does: an OUT put back by the
     recovery is an existing OUT, never replaced without --overwrite."""
     from qcore import checkpoint as ck
+    from qcore import model_folder
 
     if os.path.isdir(os.path.dirname(os.path.abspath(output))):
         for note in ck.recover_output(output):
             (say or print)(f"note: {note}")
     output = os.path.normpath(output)  # "afile/" names afile: lexists() alone is False for it
-    out, src = os.path.realpath(output), os.path.realpath(model_dir)
     if os.path.lexists(output) and not os.path.isdir(output):
         raise CliError(f"{output} is a file; OUT must be a folder")
     if os.path.lexists(output) and not overwrite:
         raise CliError(f"{output} exists; pass --overwrite to replace it")
-    if out == src or src.startswith(out + os.sep):
-        raise CliError(f"OUT {output} is MODEL or contains it; write to a new folder")
+    problem = model_folder.placement_problem(model_dir, output, "MODEL", "OUT")
+    if problem:  # MODEL itself, a folder holding it, or one inside it (as qcore quantize refuses)
+        raise CliError(problem)
     _check_parent(output)
 
 

@@ -300,6 +300,10 @@ def save_folder(model: nn.Module, source, out: str, *, overwrite: bool = False, 
         raise TypeError(f"source must be a model folder (str or os.PathLike) or None, got {type(source).__name__}")
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
         raise TypeError(f"out must be a folder path (a non-empty str or os.PathLike), got {out!r}")
+    if source is not None:  # never replace (or delete) the source folder, nor nest the output in it
+        problem = model_folder.placement_problem(source, out, "source", "out")
+        if problem:
+            raise ValueError(problem)
     out = os.path.abspath(out)
     ck.recover_output(out)  # an OUTPUT put back here is an existing one: the check below must see it
     if os.path.lexists(out) and not overwrite:

@@ -163,9 +163,13 @@ def test_output_put_back_by_the_recovery_is_refused_before_any_work(tiny_bert, t
     assert os.listdir(out) == ["result.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
 
 
-def test_output_that_is_the_model_folder_is_refused(tiny_bert, capsys):
-    assert "is MODEL or contains it" in error_of(["quantize", str(tiny_bert), "-o", str(tiny_bert), "--overwrite"],
-                                                 capsys)
+def test_output_that_is_the_model_folder_holds_it_or_lies_inside_it_is_refused(tiny_bert, capsys, no_model_load):
+    # as qcore quantize refuses them: replacing MODEL (or a folder holding it) deletes it; an OUT inside MODEL
+    # would be copied into every later OUT made from MODEL as if it were one of its module folders
+    for out, expect in ((tiny_bert, "is the same as MODEL"), (tiny_bert.parent, "contains MODEL"),
+                        (tiny_bert / "q", "is inside MODEL")):
+        assert expect in error_of(["quantize", str(tiny_bert), "-o", str(out), "--overwrite"], capsys), out
+    assert not (tiny_bert / "q").exists()
 
 
 def test_output_problems_are_named_before_any_work(tiny_bert, tmp_path, capsys, no_model_load):

@@ -3,6 +3,7 @@ random weights, and loaded right by qtorch.from_pretrained (the class config.arc
 
 import json
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -263,6 +264,20 @@ def test_save_folder_recovers_out_before_deciding_it_is_new(llama_src, tmp_path)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert sorted(os.listdir(tmp_path)) == ["out"]
     ck.load(out)
+
+
+def test_save_folder_never_replaces_holds_or_nests_in_its_source(llama_src, tmp_path):
+    """With ``overwrite``, an ``out`` that is the source (or holds it) replaced the source folder: its dense
+    weights were gone. An ``out`` inside the source became a module folder of every later save from it."""
+    src = tmp_path / "m"
+    shutil.copytree(llama_src, src)
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    model = transformers.LlamaForCausalLM.from_pretrained(src).eval()
+    qtorch.quantize_model(model, "w8a16")
+    for out, expect in ((src, "is the same as source"), (tmp_path, "contains source"), (src / "q", "is inside source")):
+        with pytest.raises(ValueError, match=expect):
+            save_folder(model, str(src), str(out), overwrite=True)
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
 
 
 def test_save_folder_replaces_out_only_when_complete_and_needs_quantized_layers(llama_src, tmp_path):
