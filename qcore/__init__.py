@@ -21,3 +21,15 @@ __version__ = "0.1.0"
 from .packing import pack, unpack, packed_shape
 from . import checkpoint  # qcore.checkpoint.save / load: quantized safetensors files
 from . import gguf  # qcore.gguf: GGUF (llama.cpp) blocks and files; the gguf package only when a file is used
+
+# submodules that ``import qcore`` does not load (GPTQ, AWQ, checkpoint conversion, the property suite...), reached
+# as ``qcore.gptq.gptq(...)`` all the same: imported at their first use
+_LAZY = frozenset({"awq", "convert", "gptq", "labels", "model_folder", "patterns", "testing"})
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

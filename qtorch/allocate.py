@@ -274,10 +274,9 @@ def allocate_bits(model: torch.nn.Module, bits_per_weight: float, *, calibration
         raise ValueError(f"sample_rows must be an int >= 1, got {sample_rows!r}")
     batches = None
     if calibration is not None:
-        if isinstance(calibration, (torch.Tensor, dict, str)):
-            raise TypeError("calibration must be a list of model inputs (tensors, tuples of positional arguments, "
-                            "or dicts of keyword arguments), not a single " + type(calibration).__name__)
-        batches = list(calibration)
+        from .calibrate import calibration_list
+
+        batches = calibration_list(calibration)
         if not batches:
             raise ValueError("calibration is empty: give at least one batch of model inputs, or None to "
                              "measure the weights' error")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import numbers
 import re
 import warnings
+from collections.abc import Mapping
 from typing import Any, Iterator
 
 import numpy as np
@@ -78,13 +79,41 @@ def check_method(method: Any, calibration: Any, jobs, options: Any = None) -> tu
                 _check_scheme(job.target.scheme, *job.record.shape)
             except ValueError as e:
                 raise ValueError(f"layer {job.record.name!r}: {e}") from None
-    if calibration is None or isinstance(calibration, (torch.Tensor, dict, str)):
+    if calibration is None:
         raise ValueError("method='gptq' needs calibration=: a list of model inputs (tensors, tuples of positional "
                          "arguments, or dicts of keyword arguments such as a tokenizer's output)")
-    batches = list(calibration)
+    batches = calibration_list(calibration)
     if not batches:
         raise ValueError("calibration is empty: method='gptq' needs at least one batch of model inputs")
     return batches, opts
+
+
+def calibration_list(calibration: Any) -> list:
+    """The calibration batches as a list, each one model input: a tensor, a tuple or list of positional
+    arguments, or a mapping of keyword arguments (a dict, or a tokenizer's ``BatchEncoding``). ``TypeError`` for a
+    single batch given bare (a tensor or a mapping: a list of its rows or keys would run instead), something not
+    iterable, or text that was not tokenized.
+
+    >>> len(calibration_list([{"input_ids": torch.ones(1, 4, dtype=torch.long)}]))
+    1
+    >>> calibration_list(torch.ones(2, 4))
+    Traceback (most recent call last):
+    TypeError: calibration must be a list of model inputs (tensors, tuples of positional arguments, or dicts of keyword arguments such as a tokenizer's output), not a single Tensor: wrap one batch in a list, [batch]
+    """
+    if isinstance(calibration, (torch.Tensor, Mapping, str, bytes)):
+        raise TypeError("calibration must be a list of model inputs (tensors, tuples of positional arguments, or "
+                        "dicts of keyword arguments such as a tokenizer's output), not a single "
+                        f"{type(calibration).__name__}: wrap one batch in a list, [batch]")
+    try:
+        batches = list(calibration)
+    except TypeError:
+        raise TypeError(f"calibration must be a list of model inputs, got {type(calibration).__name__}") from None
+    for i, batch in enumerate(batches):
+        if isinstance(batch, (str, bytes)) or (isinstance(batch, (list, tuple)) and batch
+                                               and all(isinstance(b, str) for b in batch)):
+            raise TypeError(f"calibration batch {i} is text; the model takes token ids: give the tokenizer's output, "
+                            f"e.g. [tokenizer(texts, return_tensors='pt')]")
+    return batches
 
 
 def _check_options(method: str, options: Any) -> dict:
@@ -142,7 +171,7 @@ class _Stop(Exception):
 
 
 def _run(model, batch) -> None:
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # a dict, or a tokenizer's BatchEncoding (a UserDict)
         model(**batch)
     elif isinstance(batch, (tuple, list)):
         model(*batch)
@@ -320,8 +349,8 @@ def _same(a, b) -> bool:
                 and a.dtype == b.dtype and (a is b or torch.equal(a, b)))
     if isinstance(a, (tuple, list)):
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, Mapping):
+        return isinstance(b, Mapping) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     try:
         return a is b or bool(a == b)
     except Exception:  # an object without a usable ==: not known to be the same

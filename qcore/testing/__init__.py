@@ -20,8 +20,8 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess by test
 
 from .promises import PROMISES, Promises, PromiseBroken, Quantized, Quantizer
 from .checks import CHECKS, Packer
-from .conformance import Result, conformance_table, run_conformance
+from .conformance import Result, conformance_table, run_check, run_conformance
 from . import strategies
 
 __all__ = ["PROMISES", "Promises", "PromiseBroken", "Quantized", "Quantizer", "CHECKS", "Packer", "Result",
-           "conformance_table", "run_conformance", "strategies"]
+           "conformance_table", "run_check", "run_conformance", "strategies"]

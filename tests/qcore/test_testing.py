@@ -13,7 +13,7 @@ from qcore.testing import PROMISES, Packer, Promises, Quantized, Quantizer, conf
 from qcore.testing import __main__ as cli
 from qcore.testing import adapters
 from qcore.testing.checks import ref_pack
-from qcore.testing.conformance import Result, run_check
+from qcore.testing import Result, run_check  # as docs/testing.md imports them
 
 FEW = 60  # examples per check: each broken quantizer below fails on many inputs (exact_zero on few: 25 missed it
 # when another module had been imported first)

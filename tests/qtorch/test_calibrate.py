@@ -414,3 +414,33 @@ def test_gptq_on_a_llama_gives_identical_bytes_every_time():
                               method_options={"sequential": True})
         out.append(state_bytes(m))
     assert out[0] == out[1]
+
+
+def test_a_tokenizers_batch_encoding_is_a_batch_of_keyword_arguments():
+    """A tokenizer returns a ``BatchEncoding``, a mapping that is not a dict: it was passed whole as the model's one
+    positional argument, and transformers failed deep inside with an empty AttributeError."""
+    transformers = pytest.importorskip("transformers")
+    batches = token_batches(seed=2, n=2)
+    encoded = [transformers.BatchEncoding(b) for b in batches]
+    out = []
+    for calib in (batches, encoded):
+        m = bert_model()
+        qtorch.quantize_model(m, "w4a16-g32", method="gptq", calibration=calib)
+        out.append(state_bytes(m))
+    assert out[0] == out[1]
+
+
+@pytest.mark.parametrize("calibration, match", [
+    (token_batches(n=1)[0], "not a single dict: wrap one batch in a list"),
+    (["a sentence"], "calibration batch 0 is text; the model takes token ids"),
+    ([["two", "sentences"]], "calibration batch 0 is text"),
+    (3, "calibration must be a list of model inputs, got int"),
+])
+def test_calibration_that_is_not_a_list_of_model_inputs_is_named_before_any_layer_changes(calibration, match):
+    m = bert_model()
+    before = state_bytes(m)
+    with pytest.raises(TypeError, match=match):
+        qtorch.quantize_model(m, "w4a16-g32", method="gptq", calibration=calibration)
+    with pytest.raises(TypeError, match=match):
+        qtorch.allocate_bits(m, 5, calibration=calibration)
+    assert state_bytes(m) == before and not any(isinstance(x, qtorch.QuantLinear) for x in m.modules())
