@@ -96,9 +96,9 @@ def calibration_list(calibration: Any) -> list:
 
     >>> len(calibration_list([{"input_ids": torch.ones(1, 4, dtype=torch.long)}]))
     1
-    >>> calibration_list(torch.ones(2, 4))
+    >>> calibration_list(torch.ones(2, 4))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    TypeError: calibration must be a list of model inputs (tensors, tuples of positional arguments, or dicts of keyword arguments such as a tokenizer's output), not a single Tensor: wrap one batch in a list, [batch]
+    TypeError: calibration must be a list of model inputs (...), not a single Tensor: wrap one batch in a list, [batch]
     """
     if isinstance(calibration, (torch.Tensor, Mapping, str, bytes)):
         raise TypeError("calibration must be a list of model inputs (tensors, tuples of positional arguments, or "
