@@ -519,7 +519,7 @@ def dequantize(qa, *args, dtype=np.float32, out=None) -> np.ndarray:
         if out is not None:
             np.copyto(out, w)
             return out
-        return w if out_dtype == np.float32 else w.astype(out_dtype)
+        return _as_dtype(w, out_dtype)
     kind, axis = _layout(codes.shape, scheme)
     if kind == "tensor":
         flat = np.empty(codes.size, np.float32) if out is None else out.reshape(-1)
@@ -560,7 +560,23 @@ def dequantize(qa, *args, dtype=np.float32, out=None) -> np.ndarray:
         result = np.ascontiguousarray(result)
     if out is not None:
         return out
-    return result if out_dtype == np.float32 else result.astype(out_dtype)
+    return _as_dtype(result, out_dtype)
+
+
+def _as_dtype(w: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The float32 values ``w`` (a new array, changed in place) as ``dtype``; beyond a 16-bit dtype's largest
+    finite value they saturate to it: a grid point may lie up to a step past the data's range (the zero point is
+    an integer), and float16 data near 65504 then gave ``inf`` where the nearest finite value is closer to the data.
+
+    >>> _as_dtype(np.array([70000.0, -1.0], np.float32), np.dtype(np.float16)).tolist()
+    [65504.0, -1.0]
+    """
+    if dtype == np.float32:
+        return w
+    if dtype.itemsize == 2:
+        top = float(ml_dtypes.finfo(dtype).max)
+        np.clip(w, -top, top, out=w)
+    return w.astype(dtype)
 
 
 def _dequantize_loose(codes, scale=None, zero_point=None, *, dtype=np.float32) -> np.ndarray:
@@ -597,10 +613,17 @@ def _dequantize_loose(codes, scale=None, zero_point=None, *, dtype=np.float32) -
     except ValueError:
         raise ValueError(f"scale of shape {scale.shape} does not broadcast against codes of shape "
                          f"{codes.shape}") from None
-    return out.astype(out_dtype, copy=False)
+    return _as_dtype(out, out_dtype)
 
 
 def fake_quantize(x, scheme: Optional[QuantScheme] = None, params=None) -> np.ndarray:
-    """``dequantize(quantize(x, scheme, params))`` in ``x``'s dtype: the values a quantized model actually sees."""
+    """``dequantize(quantize(x, scheme, params))`` in ``x``'s dtype: the values a quantized model actually sees.
+    Finite ``x`` gives finite values: in float16 and bfloat16 a grid point past the dtype's range saturates to its
+    largest finite value.
+
+    >>> from qcore import PerTensor
+    >>> fake_quantize(np.array([50000, -50000, 1, 0], np.float16), QuantScheme(2, False, PerTensor())).tolist()
+    [65504.0, -33312.0, 0.0, 0.0]
+    """
     x = check_float_array(x)
     return dequantize(quantize(x, scheme, params), dtype=x.dtype)
