@@ -28,7 +28,8 @@ from numba import njit
 
 from ._parallel import blas_threads, run_split
 from .params import params_method
-from .quantize import QuantizedArray, check_float_array, compute_qparams, dequantize, quantize  # noqa: F401
+from .quantize import (QuantizedArray, _raise_nonfinite, check_float_array, compute_qparams, dequantize,  # noqa: F401
+                       quantize)
 from .scheme import PerChannel, PerGroup, PerTensor, QuantScheme, _normalize_axis
 from ._jitcache import cached as _cached
 
@@ -182,10 +183,17 @@ def gptq(w, h, scheme: QuantScheme, *, damp: float = 0.01, act_order: bool = Fal
     params_method(params)  # ValueError naming the registered methods
     if weighted and params != "mse":
         raise ValueError(f"weighted=True weighs the clippings of params='mse', not of params={params!r}")
-    wf = w.astype(np.float32)  # a copy: the caller's array is never touched
+    diag = np.diagonal(h)
+    if np.any(diag < 0):
+        i = int(np.argmax(diag < 0))
+        raise ValueError(f"h[{i}, {i}] = {diag[i]} < 0: not X^T X of any inputs")
+    if n and k and not np.any(diag > 0):
+        raise ValueError("h is all zero on its diagonal: the layer's recorded inputs are all zero, or none were "
+                         "recorded (Hessian.add), and GPTQ would quantize every column as 0")
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32 becomes inf: named below
+        wf = w.astype(np.float32)  # a copy: the caller's array is never touched
     if not np.all(np.isfinite(wf)):
-        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(wf))[0])
-        raise ValueError(f"w contains {w[bad]} at index {bad}; NaN and Inf cannot be quantized")
+        _raise_nonfinite(w, "w")
 
     if n == 0 or k == 0:
         return quantize(wf, scheme)  # nothing to compensate: the empty array's conventional parameters

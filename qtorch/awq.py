@@ -24,7 +24,7 @@ from torch import nn
 
 from qcore.awq import awq_scales
 
-__all__ = ["fold_block"]
+__all__ = ["fold_block", "undo"]
 
 #: largest change of the block's output, relative to its largest magnitude, accepted as float32 rounding
 TOLERANCE = 1e-5
@@ -70,10 +70,11 @@ def _shared_inputs(block: nn.Module, jobs: list, run: Callable[[], torch.Tensor]
 
 
 def fold_block(block: nn.Module, jobs: list, hessians: list, run: Callable[[], torch.Tensor], *,
-               grid: int = 10) -> list[tuple[str, float]]:
+               grid: int = 10, kept: list | None = None) -> list[tuple[str, float]]:
     """Fold activation-aware scales into ``block`` (see the module's docstring); ``hessians[i]`` (a
     :class:`qcore.gptq.Hessian` of ``jobs[i]``) is rescaled in place. ``run()`` runs the block on a calibration
-    batch and returns its output. Returns ``(first layer's name, alpha)`` per folded set."""
+    batch and returns its output. Returns ``(first layer's name, alpha)`` per folded set; ``kept``: a list that
+    gets ``(parameter, its value before)`` for every parameter a kept fold changed, in order (:func:`undo`)."""
     before, sets, order = _shared_inputs(block, jobs, run)
     in_sets = {i for _, users in sets for i in users}
     # a layer whose input is another layer's output times something (Llama's down_proj reads act(gate) * up):
@@ -119,6 +120,8 @@ def fold_block(block: nn.Module, jobs: list, hessians: list, run: Callable[[], t
                 if not moved <= TOLERANCE * max(float(before.float().abs().max()), 1e-30):
                     _restore(saved)
                     continue
+                if kept is not None:
+                    kept.extend(saved)
                 inv = 1.0 / s.astype(np.float64)
                 for i in users:
                     hessians[i].h *= np.outer(inv, inv)  # the layer's inputs are x / s now
@@ -153,6 +156,12 @@ def _passes_through(producer: nn.Linear, consumer: nn.Linear, run: Callable[[], 
         _restore(saved)
     want = before / t.to(before.device, before.dtype)
     return bool(torch.allclose(after, want, rtol=1e-5, atol=1e-6 * float(want.abs().max())))
+
+
+def undo(kept: list) -> None:
+    """Put back the parameters that :func:`fold_block` changed (its ``kept`` list), last change first."""
+    _restore(reversed(kept))
+    kept.clear()
 
 
 def _restore(saved) -> None:

@@ -288,9 +288,13 @@ def _quantize(block: list, accs: list[Hessian], opts: dict, dense: _DenseForward
     for job, acc in zip(block, accs):
         w = job.module.weight.detach()
         w = (w.t() if job.record.kind == "Conv1D" else w).to(torch.float32).cpu().numpy()
-        yield job, gptq(np.ascontiguousarray(w), acc.h, job.target.scheme, damp=opts["damp"],
-                        act_order=opts["act_order"], block_size=opts["block_size"], params=opts["params"],
-                        weighted=opts["weighted"], refit=opts["refit"])
+        try:
+            qa = gptq(np.ascontiguousarray(w), acc.h, job.target.scheme, damp=opts["damp"],
+                      act_order=opts["act_order"], block_size=opts["block_size"], params=opts["params"],
+                      weighted=opts["weighted"], refit=opts["refit"])
+        except ValueError as e:  # e.g. a layer whose calibration inputs are all zero: name it
+            raise ValueError(f"layer {job.record.name!r}: {e}") from None
+        yield job, qa
         dense.add(job)  # the caller has put the quantized layer in place
 
 
@@ -491,11 +495,12 @@ def _replayed(root: nn.Module, plan, batches: list, opts: dict, dense: _DenseFor
                     except _Stop:
                         pass
             accs = rec.hessians()
+            kept: list = []
             if _awq_for(opts["awq"], group):
                 from .awq import fold_block
 
-                fold_block(block, group, accs, lambda: calls[0](block, hidden[0]))
-            yield from _quantize(group, accs, opts, dense)
+                fold_block(block, group, accs, lambda: calls[0](block, hidden[0]), kept=kept)
+            yield from _folds_undone_on_failure(_quantize(group, accs, opts, dense), kept)
         if i < last:
             for b, call in enumerate(calls):  # in place: one batch's old and new hidden states at a time
                 hidden[b] = call(block, hidden[b])
@@ -504,6 +509,22 @@ def _replayed(root: nn.Module, plan, batches: list, opts: dict, dense: _DenseFor
     del hidden, calls
     for jobs in after:  # a pooler, an lm_head...: whole-model runs through the quantized stack
         yield from _quantize(jobs, _collect(root, jobs, batches), opts, dense)
+
+
+def _folds_undone_on_failure(pairs: Iterator, kept: list) -> Iterator:
+    """``pairs`` as they come; where they fail before the first one was taken (none of the group's layers was
+    replaced), the AWQ folds into the group's dense layers (``kept``) are undone: the model is left as it was."""
+    taken = 0
+    try:
+        for pair in pairs:
+            yield pair
+            taken += 1
+    except BaseException:
+        if not taken and kept:
+            from .awq import undo
+
+            undo(kept)
+        raise
 
 
 def _sequential_groups(block: nn.Module, jobs: list, call: _Call, hidden: torch.Tensor) -> list[list]:

@@ -111,7 +111,7 @@ def test_bad_input_is_refused_by_name():
     bad[2, 3] = np.inf
     with pytest.raises(ValueError, match=r"index \(2, 3\)"):
         gptq(bad, h, s)
-    with pytest.raises(ValueError, match="not positive definite"):
+    with pytest.raises(ValueError, match=r"h\[0, 0\] = -1.0 < 0: not X\^T X of any inputs"):
         gptq(w, -np.eye(96), s, damp=0)
     with pytest.raises(ValueError, match=r"shape \[..., 96\]"):
         Hessian(96).add(np.ones((3, 5)))
@@ -257,3 +257,22 @@ def test_weighted_clipping_with_uncorrelated_inputs_is_the_weighted_search_of_ea
     assert not np.array_equal(qa.scale, quantize(w, scheme, params="mse").scale)
     with pytest.raises(ValueError, match="weighted=True weighs the clippings of params='mse'"):
         gptq(w, np.diag(d), scheme, params="minmax", weighted=True)
+
+
+@pytest.mark.parametrize("h, match", [
+    (np.zeros((64, 64)), "h is all zero on its diagonal: the layer's recorded inputs are all zero, or none"),
+    (Hessian(64).h, "h is all zero on its diagonal"),  # nothing added
+    (-np.eye(64), r"h\[0, 0\] = -1.0 < 0: not X\^T X of any inputs"),
+])
+def test_a_hessian_without_inputs_is_refused_not_a_weight_of_zeros(h, match):
+    """Every column of an empty Hessian counts as never fed, so the whole weight came back 0 without a word."""
+    w = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match=match):
+        gptq(w, h, QuantScheme(4, False, PerGroup(32)))
+
+
+def test_float64_weights_beyond_float32_are_named_as_quantize_names_them():
+    w = np.full((2, 64), 1.0)
+    w[1, 3] = 1e39
+    with pytest.raises(ValueError, match=r"w contains 1e\+39 at index \(1, 3\), beyond the float32 range"):
+        gptq(w, np.eye(64), QuantScheme(4, False, PerGroup(32)))

@@ -444,3 +444,12 @@ def test_calibration_that_is_not_a_list_of_model_inputs_is_named_before_any_laye
     with pytest.raises(TypeError, match=match):
         qtorch.allocate_bits(m, 5, calibration=calibration)
     assert state_bytes(m) == before and not any(isinstance(x, qtorch.QuantLinear) for x in m.modules())
+
+
+def test_a_layer_whose_calibration_inputs_are_all_zero_is_named_and_the_model_left_as_it_was():
+    m = net()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layer 'layers.0.up': h is all zero on its diagonal"):
+        qtorch.quantize_model(m, "w4a16-g32", exclude=(), method="gptq", calibration=[torch.zeros(2, 64)])
+    after = m.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
