@@ -399,6 +399,9 @@ def quantize_checkpoint(input_path, output, *, bits: int = 8, symmetric: bool = 
     """
     log = (lambda line: None) if quiet else (log or _stderr_log)
     input_path = os.fspath(input_path)
+    # one pattern given as a str is that pattern (as quantize_model takes it), never its letters one by one
+    include = [include] if isinstance(include, str) else include
+    exclude = [exclude] if isinstance(exclude, str) else exclude
     try:
         fmt = get_format(format)
         gran = PerGroup(group_size) if group_size else PerChannel(0)

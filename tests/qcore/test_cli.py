@@ -224,6 +224,14 @@ def test_include_and_exclude(model_dir, tmp_path):
     assert {n for _, n, _ in s["worst_sqnr"]} == {"lm_head.weight", "model.embed_tokens.weight"}
 
 
+def test_a_str_include_or_exclude_is_one_pattern_not_its_letters(model_dir, tmp_path, capsys):
+    folder, _ = model_dir
+    s = cli.quantize_checkpoint(folder, tmp_path / "a", include="lm_head", exclude="model.layers.1")
+    t = cli.quantize_checkpoint(folder, tmp_path / "b", include=["lm_head"], exclude=["model.layers.1"])
+    assert s["worst_sqnr"] == t["worst_sqnr"] and {n for _, n, _ in s["worst_sqnr"]} >= {"lm_head.weight"}
+    assert "matches no tensor" not in capsys.readouterr().err
+
+
 def test_layer_1_does_not_cover_layer_10(tmp_path):
     x = RNG.standard_normal((8, 16)).astype(np.float32)
     ck.save(tmp_path / "m.safetensors", {f"layers.{i}.q.weight": x for i in (1, 10, 11)})
