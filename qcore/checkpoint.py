@@ -291,6 +291,9 @@ def read_header(path) -> Header:
         raw = f.read(n) if 8 + n <= min(size, 8 + MAX_HEADER_BYTES) else b""
     if not raw.startswith(b"{") and _looks_like_pickle(first):
         raise _bad(p, f"refusing to read: the file {_pickle_reason()}")
+    if first[:4] == b"GGUF":  # llama.cpp's format: its magic reads as a header length of terabytes
+        raise _bad(p, "a GGUF file (llama.cpp's format), not safetensors: read it with qcore.gguf.import_gguf, "
+                      "or load the model with qtorch.from_gguf")
     if n > MAX_HEADER_BYTES:
         raise _bad(p, f"bad header: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit (not a "
                       "safetensors file?)")

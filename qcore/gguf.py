@@ -513,7 +513,8 @@ Tensor = Union[QuantizedArray, np.ndarray]
 def export_gguf(path, tensors: Mapping[str, Tensor], metadata, *, types: Optional[Mapping[str, str]] = None) -> None:
     """Write the GGUF file ``path``: ``tensors`` by GGUF name (NumPy row-major shapes), ``metadata`` the source
     GGUF's path or :func:`read_metadata`'s dict (it must hold ``general.architecture``; for llama.cpp also the
-    architecture's hyperparameters and the ``tokenizer.ggml.*`` keys).
+    architecture's hyperparameters and the ``tokenizer.ggml.*`` keys), where a plain str, bool or float value also
+    does (an int needs its GGUF type: :func:`_typed_metadata`).
 
     A :class:`QuantizedArray` is written as ``types[name]`` (default: Q8_0 for a symmetric 8-bit array, Q4_1 for a
     float zero point, Q4_0 otherwise); arrays as F32, F16 or BF16 by their dtype (float64 as F32). Every tensor is
@@ -523,8 +524,7 @@ def export_gguf(path, tensors: Mapping[str, Tensor], metadata, *, types: Optiona
     ``gguf.GGUFReader`` reads the result, and ``gguf.quants.dequantize`` of a tensor equals qcore's dequantize.
     """
     gguf = _gguf()
-    if not isinstance(metadata, Mapping):
-        metadata = read_metadata(metadata)
+    metadata = read_metadata(metadata) if not isinstance(metadata, Mapping) else _typed_metadata(metadata, gguf)
     if "general.architecture" not in metadata:
         raise ValueError("metadata has no 'general.architecture' (llama.cpp needs it, and the architecture's keys)")
     types = dict(types or {})
@@ -554,6 +554,36 @@ def export_gguf(path, tensors: Mapping[str, Tensor], metadata, *, types: Optiona
             raise TypeError(f"tensor {name!r}: expected a QuantizedArray or numpy array, got {type(t).__name__}")
     write_gguf(path, metadata, [(name, data.shape, data.dtype, raw, lambda data=data: data)
                                 for name, data, raw in encoded])
+
+
+def _typed_metadata(metadata: Mapping, gguf) -> dict:
+    """:func:`read_metadata`'s form of ``metadata``: ``(value, type, item type)`` entries as they are; a plain str,
+    bool or float (or a list of str) gets its GGUF type (STRING, BOOL, FLOAT32; an ARRAY of STRING). A plain int is
+    refused: GGUF has eight integer types and llama.cpp reads each key as one of them (``llama.block_count`` as
+    UINT32), so the caller names it.
+
+    >>> _typed_metadata({"general.architecture": "llama", "general.name": ("x", 8, None)}, _gguf())
+    {'general.architecture': ('llama', 8, None), 'general.name': ('x', 8, None)}
+    """
+    T = gguf.GGUFValueType
+    out = {}
+    for key, entry in metadata.items():
+        if isinstance(entry, tuple) and len(entry) == 3:
+            out[key] = entry
+        elif isinstance(entry, bool):
+            out[key] = (entry, int(T.BOOL), None)
+        elif isinstance(entry, str):
+            out[key] = (entry, int(T.STRING), None)
+        elif isinstance(entry, float):
+            out[key] = (entry, int(T.FLOAT32), None)
+        elif isinstance(entry, (list, tuple)) and entry and all(isinstance(v, str) for v in entry):
+            out[key] = (list(entry), int(T.ARRAY), int(T.STRING))
+        else:
+            what = "an int" if isinstance(entry, int) else f"a {type(entry).__name__}"
+            raise ValueError(f"metadata[{key!r}] is {what} ({entry!r}); give (value, type, item type) as "
+                             f"read_metadata returns, e.g. ({entry!r}, gguf.GGUFValueType.UINT32, None): llama.cpp "
+                             f"reads each key as one GGUF type")
+    return out
 
 
 def write_gguf(path, metadata: Mapping, tensors) -> None:

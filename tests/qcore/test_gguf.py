@@ -218,6 +218,22 @@ def test_export_refuses_before_writing_and_leaves_the_old_file(tmp_path):
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["m.gguf"]
 
 
+def test_export_takes_plain_str_bool_and_float_metadata_and_asks_an_int_for_its_type(tmp_path):
+    path = tmp_path / "m.gguf"
+    w = {"w": qg.quantize(np.ones((2, 32), np.float32), "Q8_0")}
+    qg.export_gguf(path, w, {"general.architecture": "llama", "general.name": "tiny", "x.flag": True,
+                             "x.eps": 0.5, "tokenizer.ggml.tokens": ["a", "b"],
+                             "llama.block_count": (1, gguf.GGUFValueType.UINT32, None)})
+    meta = qg.read_metadata(path)
+    T = gguf.GGUFValueType
+    assert meta["general.name"] == ("tiny", T.STRING, None) and meta["x.flag"] == (True, T.BOOL, None)
+    assert meta["x.eps"] == (0.5, T.FLOAT32, None) and meta["tokenizer.ggml.tokens"] == (["a", "b"], T.ARRAY, T.STRING)
+    assert meta["general.architecture"][0] == "llama" and meta["llama.block_count"] == (1, T.UINT32, None)
+    with pytest.raises(ValueError, match=r"metadata\['llama.block_count'\] is an int \(1\); give \(value, type"):
+        qg.export_gguf(tmp_path / "n.gguf", w, {"general.architecture": "llama", "llama.block_count": 1})
+    assert not (tmp_path / "n.gguf").exists()
+
+
 def test_a_write_removes_what_a_killed_write_left_and_leaves_a_live_ones(tmp_path):
     # a run killed mid-write leaves its staged temporary (named with its pid and start time); the next write of the
     # same file removes it, while a live process's temporary stays
@@ -299,3 +315,15 @@ def test_other_gguf_types_are_named_or_dequantized_as_gguf_py_does(tmp_path):
     assert np.array_equal(got["w5"], gguf.quants.dequantize(gguf.quants.quantize(x, T.Q5_0), T.Q5_0))
     assert qg.read_header(tmp_path / "q5.gguf")[1]["w8"] == ("Q8_0", (4, 64))
     assert isinstance(got["w8"], qg.QuantizedArray)
+
+
+def test_a_gguf_file_given_as_a_checkpoint_is_named_as_gguf(tmp_path):
+    """Its magic read as a safetensors header length of terabytes: 'not a safetensors file?'."""
+    from qcore import checkpoint as ck
+
+    path = tmp_path / "m.gguf"
+    qg.export_gguf(path, {"w": qg.quantize(np.ones((2, 32), np.float32), "Q8_0")}, {"general.architecture": "llama"})
+    for read in (ck.load, ck.read_header):
+        with pytest.raises(ValueError, match=r"a GGUF file \(llama.cpp's format\), not safetensors: read it with "
+                                             r"qcore.gguf.import_gguf"):
+            read(path)
