@@ -705,6 +705,9 @@ class SafetensorsWriter:
                              "limit of safetensors readers (too many tensors or too much metadata)")
         self._data_start = 8 + len(raw)
         self.size = self._data_start + off
+        if os.path.isdir(self.path):  # else found only at the final rename, named by the temporary file
+            raise IsADirectoryError(f"{self.path} is a folder; a checkpoint is written to a file path "
+                                    f"(e.g. {os.path.join(self.path, SINGLE_NAME)})")
         if not overwrite and os.path.lexists(self.path):
             raise FileExistsError(f"{self.path} already exists (pass overwrite=True / --overwrite to replace it)")
         recover_output(self.path)  # temporary files of killed writers of this path

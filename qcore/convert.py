@@ -135,7 +135,9 @@ def _read_inputs(input_path: str):
         if shards is not None:
             ck._check_shard_index(header, shards[os.path.basename(fpath)], os.path.join(input_path, ck.INDEX_NAME))
         if ck._parse_qmeta(header):
-            raise RequestError(f"{fpath}: already a qcore-quantized checkpoint; quantize the original instead")
+            fmt = ck._format_of(header).name
+            raise RequestError(f"{fpath}: already a quantized checkpoint ({fmt} format); quantize the original "
+                               f"instead")
         for name in header.tensors:
             if name in seen:
                 raise RequestError(f"{fpath}: tensor {name!r} is also in {seen[name]}")

@@ -15,7 +15,8 @@ def main(argv=None, libraries=None, prog: str = "python -m qcore.testing") -> in
     """The command; ``libraries`` (name -> (module, adapter factory)) defaults to qcore's own (qcore, gguf):
     ``python -m qtorch.conformance`` adds the torch-based peers."""
     libraries = adapters.LIBRARIES if libraries is None else libraries
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split(":")[0])
+    p = argparse.ArgumentParser(prog=prog, description="The conformance table of qcore.testing's promises, promise "
+                                "by library: which of the numeric promises each quantizer keeps.")
     p.add_argument("--against", default="qcore,gguf", help="comma-separated libraries, from "
                    f"{','.join(libraries)}; those not installed are reported and skipped")
     p.add_argument("--max-examples", type=int, default=100, help="Hypothesis examples per promise (default 100)")

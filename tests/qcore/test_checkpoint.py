@@ -631,3 +631,11 @@ def test_nonzero_padding_bits_are_refused(tmp_path):
         a.reshape(2, 3)[1, 2] |= 0x80
     _edit_data(path, "w.qweight", put)
     _expect(path, "quantized tensor 'w'", "field qweight", "padding bits of the last byte of row (1,)")
+
+
+def test_saving_to_a_folder_names_the_folder_before_writing(tmp_path):
+    (tmp_path / "d").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(IsADirectoryError, match=r"d is a folder; a checkpoint is written to a file path"):
+            ck.save(tmp_path / "d", {"w": np.ones(4, np.float32)}, overwrite=overwrite)
+    assert os.listdir(tmp_path) == ["d"] and not os.listdir(tmp_path / "d")

@@ -454,7 +454,7 @@ def test_bad_input_files(model_dir, tmp_path, capsys):
 def test_quantized_checkpoint_is_not_requantized(tmp_path, capsys):
     ck.save(tmp_path / "q.safetensors", {"w": quantize(np.ones((4, 8), np.float32), QuantScheme(4))})
     expect_error(capsys, ["quantize", tmp_path / "q.safetensors", tmp_path / "qq.safetensors"],
-                 "already a qcore-quantized")
+                 "already a quantized checkpoint (qcore format)")
 
 
 # ---------------------------------------------------------------------------------------------------------
