@@ -339,6 +339,7 @@ def cmd_quantize(args, say) -> int:
         _check_output(model_dir, args.output, args.overwrite, say)
     say(f"model: {model_dir}")
     config, tokenizer = check_model_folder(model_dir)
+    calibration = _calibration(args, tokenizer)  # a bad --calibration before the model is loaded
     if gguf:  # architecture and tokenizer, before the model is loaded
         from qcore.formats.gguf_model import folder_metadata
 
@@ -350,7 +351,6 @@ def cmd_quantize(args, say) -> int:
     causal = _is_causal(config)
     cls = model_class_for(config)
     model = cls.from_pretrained(model_dir, local_files_only=True, dtype=torch_dtype_of(config)).eval()
-    calibration = _calibration(args, tokenizer)
     batch = tokenizer(list(SENTENCES), padding=True, return_tensors="pt")
     ref = _outputs(model, batch, causal)
     dense = copy.deepcopy(model)  # kept to time dense and quantized in alternation

@@ -279,10 +279,19 @@ def test_cli_quantizes_with_gptq_from_a_calibration_file(tiny_bert, tmp_path, ca
     (["--method", "gptq"], "--method gptq needs --calibration FILE"),
     (["--method", "mse", "--calibration", "x.txt"], "--calibration is used by --method gptq only"),
     (["--method", "gptq", "--calibration", "/nonexistent/calib.txt"], "cannot read --calibration"),
+    (["--method", "gptq", "--calibration", "empty.txt"], "holds no text (one sample a line)"),
 ])
-def test_cli_refuses_a_method_without_its_calibration(tiny_bert, capsys, argv, message):
+def test_cli_refuses_a_method_without_its_calibration(tiny_bert, tmp_path, capsys, monkeypatch, argv, message):
+    import qtorch.pretrained
     from qtorch.cli import main
 
+    def refuse(config):
+        raise AssertionError("the model was loaded before --calibration was checked")
+
+    monkeypatch.setattr(qtorch.pretrained, "model_class_for", refuse)
+    if argv[-1] == "empty.txt":
+        (tmp_path / "empty.txt").write_text("\n  \n")
+        argv = argv[:-1] + [str(tmp_path / "empty.txt")]
     assert main(["quantize", str(tiny_bert), "--scheme", "w4a16", *argv]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
