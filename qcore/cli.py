@@ -62,7 +62,8 @@ def _print_summary(s: dict, out=None) -> None:
     if s["worst_sqnr"]:
         print(f"  worst SQNR ({len(s['worst_sqnr'])} of {s['quantized']} quantized tensors):", file=out)
         for db, name, shape in s["worst_sqnr"]:
-            print(f"    {db:7.2f} dB  {name}  {list(shape)}", file=out)
+            level = "exact" if db == float("inf") else f"{db:7.2f} dB"  # no error: the codes hold the values
+            print(f"    {level:>10}  {name}  {list(shape)}", file=out)
 
 
 # ---------------------------------------------------------------------------------------------------------

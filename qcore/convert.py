@@ -309,8 +309,9 @@ def _stream_tensor(f, info: ck.TensorInfo, scheme: Optional[QuantScheme], writer
             signal += float(np.einsum("ij,ij->i", xf, xf).sum(dtype=np.float64))
             del d
         bar.update(xf.size * dt.itemsize)
-    db = math.inf if noise == 0 else (-math.inf if signal == 0 else 10.0 * math.log10(signal / noise))
-    stats.sqnr.append((db, info.name, info.shape))
+    if math.prod(info.shape):  # an empty tensor has no error to rank
+        db = math.inf if noise == 0 else (-math.inf if signal == 0 else 10.0 * math.log10(signal / noise))
+        stats.sqnr.append((db, info.name, info.shape))
     stats.quantized += 1
 
 

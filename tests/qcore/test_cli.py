@@ -761,3 +761,16 @@ def test_failed_commit_keeps_output_and_names_it(model_dir, tmp_path, capsys, mo
     err = expect_error(capsys, ["quantize", folder, out, "--bits", 4, "--overwrite"], "Invalid cross-device link")
     assert err.startswith(f"qcore quantize: error: {out}: cannot move the new output into place"), err
     assert _tree(out) == before and leftovers(tmp_path) == []
+
+
+def test_worst_sqnr_leaves_out_empty_tensors_and_calls_no_error_exact(tmp_path, capsys):
+    x = RNG.standard_normal((8, 16)).astype(np.float32)
+    exact = np.tile(np.array([-2.0, -1.0, 0.0, 1.0], np.float32), (8, 4))  # on the 8-bit grid of its rows
+    ck.save(tmp_path / "m.safetensors", {"a.weight": x, "empty.weight": np.zeros((0, 16), np.float32),
+                                         "exact.weight": exact})
+    s = cli.quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "q.safetensors", bits=8, symmetric=False,
+                                quiet=True)
+    assert [n for _, n, _ in s["worst_sqnr"]] == ["a.weight", "exact.weight"] and s["quantized"] == 3
+    assert run("quantize", tmp_path / "m.safetensors", tmp_path / "r.safetensors", "--bits", "8", "--asymmetric") == 0
+    out = capsys.readouterr().out
+    assert "     exact  exact.weight  [8, 16]" in out and "empty.weight" not in out and " dB  a.weight" in out
