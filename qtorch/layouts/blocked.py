@@ -582,7 +582,9 @@ class Blocked(Layout):
         own = _own_path(device_type, dtype, rows, container_bits(bits))
         if rows < 2:
             return own
-        return _traced_tiles(device_type, dtype, rows, bits, spec) or own
+        # 2, not rows: the kernels offered are the same for any count from 2 up, and under dynamic shapes rows is
+        # symbolic, which a constant-result function cannot take (fullgraph failed at the second row count)
+        return _traced_tiles(device_type, dtype, 2, bits, spec) or own
 
     def linear(self, weight, x2, path):
         spec, b = weight.spec, weight.buffers

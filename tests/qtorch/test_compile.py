@@ -22,6 +22,23 @@ def test_fullgraph_trace_has_no_graph_break(layer, n, rows, blocked_kernels):
     assert torch.equal(cq(x), q(x))
 
 
+@pytest.mark.parametrize("layer", ["W8A16Linear", "W4A16Linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_fullgraph_takes_new_row_counts_with_dynamic_shapes(layer, dtype, dynamic, blocked_kernels):
+    """A second row count makes torch trace with a symbolic one: the traced path's constant-result function got
+    it and fullgraph failed ('Cannot convert argument of type SymNodeVariable to a Python constant')."""
+    torch._dynamo.reset()
+    q = getattr(qtorch, layer).from_linear(torch.nn.Linear(128, 48)).to(dtype)
+    cq = torch.compile(q, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    with torch.no_grad():
+        for rows in (5, 7, 2, 33, 1):
+            x = torch.randn(rows, 128, dtype=dtype)
+            ref = torch.nn.functional.linear(x.float(), q.dequantized_weight(torch.float32), q.bias.float())
+            torch.testing.assert_close(cq(x).float(), ref, **({} if dtype == torch.float32 else
+                                                             {"rtol": 2e-2, "atol": 2e-2}))
+
+
 def test_qtorch_compile_inductor_fullgraph_and_restores_nothing_global(torch_pack_kernels):
     torch._dynamo.reset()
     before = (inductor_config.freezing, inductor_config.max_autotune)
