@@ -25,9 +25,13 @@ def test_fullgraph_trace_has_no_graph_break(layer, n, rows, blocked_kernels):
 @pytest.mark.parametrize("layer", ["W8A16Linear", "W4A16Linear"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dynamic", [None, True])
-def test_fullgraph_takes_new_row_counts_with_dynamic_shapes(layer, dtype, dynamic, blocked_kernels):
+def test_fullgraph_takes_new_row_counts_with_dynamic_shapes(layer, dtype, dynamic, blocked_kernels, monkeypatch):
     """A second row count makes torch trace with a symbolic one: the traced path's constant-result function got
-    it and fullgraph failed ('Cannot convert argument of type SymNodeVariable to a Python constant')."""
+    it and fullgraph failed ('Cannot convert argument of type SymNodeVariable to a Python constant'). Measuring on
+    (as by default): a trace then asks the layout for its traced path."""
+    from qtorch import autotune
+
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env={}))
     torch._dynamo.reset()
     q = getattr(qtorch, layer).from_linear(torch.nn.Linear(128, 48)).to(dtype)
     cq = torch.compile(q, fullgraph=True, dynamic=dynamic, backend="aot_eager")
