@@ -43,6 +43,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _FWAD
 from torch import nn
 
 import qcore
@@ -95,6 +96,17 @@ def _canonical_copy(t: torch.Tensor, device: torch.device, dtype: torch.dtype | 
 def _canonical_view(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``t`` itself where it is already C-contiguous on ``device`` in ``dtype`` (``assign=True``), else a copy."""
     return t.detach().to(device=device, dtype=dtype).contiguous()
+
+
+def _differentiated(x: torch.Tensor) -> bool:
+    """Whether ``x`` comes through forward-mode AD (a dual level is open: ``forward_ad``, ``torch.func.jvp``) or
+    a ``torch.func`` gradient transform (``grad``, ``vjp``, ``jacrev``...), alone or under ``vmap``."""
+    if _FWAD._current_level >= 0:
+        return True
+    if not torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return any(i.key() != torch._C._functorch.TransformType.Vmap for i in stack)
 
 
 class QuantLinear(nn.Module):
@@ -269,7 +281,7 @@ class QuantLinear(nn.Module):
         # (a small model's step makes hundreds of these calls, each a few us of kernel)
         if (not torch.compiler.is_compiling() and isinstance(x, torch.Tensor) and x.is_cpu
                 and x.numel() == self.in_features and x.dim() and x.shape[-1] == self.in_features
-                and not (x.requires_grad and torch.is_grad_enabled()) and plain_eager(x)):
+                and not (x.requires_grad and torch.is_grad_enabled()) and plain_eager(x) and _FWAD._current_level < 0):
             y = self._w.decode(x)
             if y is not None:
                 bias = self._buffers["bias"]
@@ -283,6 +295,14 @@ class QuantLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             got = "a 0-d tensor" if x.dim() == 0 else f"{x.shape[-1]} (input shape {list(x.shape)})"
             raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {got}")
+        if not torch.compiler.is_compiling() and _differentiated(x):
+            # forward-mode AD and torch.func's derivatives (jvp, grad, jacrev...): F.linear of the dequantized
+            # weight, which all of them differentiate. The kernels carry no tangent (a dual input's came back as
+            # zeros) and the blocked layout's autograd.Function has no functorch rule; vmap alone keeps the ops
+            bias = self._buffers["bias"]
+            with torch._C._DisableFuncTorch():  # the weight is a constant of the transform: built outside it
+                w = self.dequantized_weight(x.dtype)
+            return nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
         y = self._w.linear(x)
         bias = self._buffers["bias"]  # not self.bias: nn.Module.__getattr__ costs ~1.5 us per buffer
         if bias is not None:

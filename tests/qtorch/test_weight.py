@@ -323,6 +323,33 @@ def test_vmap_of_single_rows_takes_the_ops(layout, bits):
         assert torch.equal(y, torch.stack([q(x) for x in xs]))
 
 
+@pytest.mark.parametrize("layout,bits", DECODING)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's own
+def test_forward_mode_ad_and_func_derivatives_are_those_of_f_linear(layout, bits, dtype, rows):
+    """A dual input's tangent came back as zeros (the kernels carry none), and torch.func.grad failed on the
+    blocked layout's autograd.Function: every derivative is now the one of F.linear on the dequantized weight."""
+    import torch.autograd.forward_ad as fwAD
+
+    q = _layer_in(layout, bits, True, dtype=dtype)
+    w, b = q.dequantized_weight(dtype), q.bias.to(dtype)
+
+    def ref(x):
+        return torch.nn.functional.linear(x, w, b)
+
+    torch.manual_seed(1)
+    x, v = torch.randn(rows, 256, dtype=dtype), torch.randn(rows, 256, dtype=dtype)
+    q(x)  # keeps its decoder or route
+    want = torch.func.jvp(ref, (x,), (v,))[1]
+    assert torch.equal(torch.func.jvp(q, (x,), (v,))[1], want)
+    with fwAD.dual_level():
+        assert torch.equal(fwAD.unpack_dual(q(fwAD.make_dual(x, v))).tangent, want)
+    assert torch.equal(torch.func.grad(lambda x: q(x).float().sum())(x),
+                       torch.func.grad(lambda x: ref(x).float().sum())(x))
+    assert torch.equal(torch.func.jacrev(q)(x[0]), torch.func.jacrev(ref)(x[0]))
+
+
 def test_jit_trace_of_a_single_row_records_the_op():
     # a traced call must record what computes, not the kernel's direct write into an empty tensor
     q = _layer_in("blocked", 4, True, dtype=torch.float32)
