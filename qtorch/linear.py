@@ -38,6 +38,7 @@ a zero weight ready for ``load_state_dict``, and ``.to()`` out of meta raises (t
 
 from __future__ import annotations
 
+import copy
 import numbers
 import warnings
 
@@ -312,6 +313,17 @@ class QuantLinear(nn.Module):
             # write (the same sums as y + bias); autograd's graph keeps the out-of-place add
             y = y + bias if y.requires_grad else y.add_(bias)
         return y
+
+    def _replicate_for_data_parallel(self):
+        # nn.DataParallel's replica (torch.nn.parallel.replicate) shares this module's __dict__, then gets a
+        # _buffers dict of its own and the buffers' copies on its device assigned into it: its weight must read
+        # that dict, not this module's (every replica computed with device 0's tensors)
+        replica = super()._replicate_for_data_parallel()
+        w = copy.copy(self._w)  # no decoders (__getstate__): each is bound to the buffers it was made for
+        w.buffers = replica._buffers
+        w._routes = dict(self._w._routes)
+        replica._w = w
+        return replica
 
     # ------------------------------------------------------------------ device / dtype moves
     def _apply(self, fn, recurse=True):

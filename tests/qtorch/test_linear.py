@@ -589,3 +589,19 @@ def test_load_state_dict_and_qcore_refuse_a_bad_state_in_the_same_words(field):
         q.load_state_dict(sd)
     assert str(ref.value) in str(via_qcore.value)
     assert str(ref.value) in str(via_torch.value)
+
+
+@pytest.mark.parametrize("layout", ["blocked", "canonical"])
+def test_a_data_parallel_replica_computes_with_its_own_buffers(layout):
+    """torch.nn.parallel.replicate gives each replica a _buffers dict of its own and assigns the buffers' copies
+    on its device into it; the replica's weight read the original module's dict (device 0's tensors)."""
+    q = qtorch.W8A16Linear.from_linear(torch.nn.Linear(256, 96)).eval()
+    if not q._w.hold_layout(layout, torch.float32):
+        pytest.skip(f"{layout} does not hold this weight here")
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        y = q(x)
+        r = q._replicate_for_data_parallel()  # what replicate() calls for each device
+        r.scale = r.scale * 2  # as replicate() assigns each buffer's copy
+        torch.testing.assert_close(r(x) - q.bias, 2 * (y - q.bias))
+        assert torch.equal(q(x), y) and r._w is not q._w and r._w.buffers is r._buffers
