@@ -307,7 +307,7 @@ def save_folder(model: nn.Module, source, out: str, *, overwrite: bool = False, 
     out = os.path.abspath(out)
     ck.recover_output(out)  # an OUTPUT put back here is an existing one: the check below must see it
     if os.path.lexists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+        raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
     marker = _folder_config(model, format)  # an unknown format or a layer it cannot store: before any writing
     base = _own_config(model) if source is None else _read_config(source)
     config = _with_architecture(model, _tie_flags(model, base))

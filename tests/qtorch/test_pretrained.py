@@ -259,7 +259,7 @@ def test_save_folder_recovers_out_before_deciding_it_is_new(llama_src, tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     os.rename(out, tmp_path / f".out.qcore-{dead}-1-abc.old")  # what a run killed at the commit leaves
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
         save_folder(model, llama_src, str(out))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert sorted(os.listdir(tmp_path)) == ["out"]
@@ -287,7 +287,7 @@ def test_save_folder_replaces_out_only_when_complete_and_needs_quantized_layers(
         save_folder(model, llama_src, str(out))
     qtorch.quantize_model(model, "w8a16")
     save_folder(model, llama_src, str(out))
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
         save_folder(model, llama_src, str(out))
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
