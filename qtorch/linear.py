@@ -345,13 +345,14 @@ class QuantLinear(nn.Module):
         else:
             if new_device.type != old_device.type:
                 self._w.to_canonical_layout()
+            shared = new_device.type == "cpu" and probe.is_shared()  # share_memory(): every buffer, as it says
             for name, buf in list(self._buffers.items()):
                 if buf is None:
                     continue
                 if name == "bias":
                     self._buffers[name] = fn(buf)
                 else:
-                    self._buffers[name] = buf.to(new_device)
+                    self._buffers[name] = buf.share_memory_() if shared else buf.to(new_device)
         if probe.is_floating_point():
             self.compute_dtype = probe.dtype
         self._w.relayout(self.compute_dtype)

@@ -605,3 +605,17 @@ def test_a_data_parallel_replica_computes_with_its_own_buffers(layout):
         r.scale = r.scale * 2  # as replicate() assigns each buffer's copy
         torch.testing.assert_close(r(x) - q.bias, 2 * (y - q.bias))
         assert torch.equal(q(x), y) and r._w is not q._w and r._w.buffers is r._buffers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_share_memory_shares_the_codes_and_scales_too(dtype):
+    """module.share_memory() (torch.multiprocessing's way to hand a model to worker processes without copying)
+    shared only the bias: the codes, scales and zero points stayed private, copied into every worker."""
+    m = torch.nn.Sequential(qtorch.W8A16Linear.from_linear(torch.nn.Linear(256, 96)),
+                            qtorch.W4A16Linear.from_linear(torch.nn.Linear(96, 64))).to(dtype)
+    x = torch.randn(1, 256, dtype=dtype)
+    with torch.no_grad():
+        y, y3 = m(x), m(x.expand(3, 256))
+        m.share_memory()
+        assert all(b.is_shared() for _, b in m.named_buffers())
+        assert torch.equal(m(x), y) and torch.equal(m(x.expand(3, 256)), y3)  # decoders and plans follow the move
