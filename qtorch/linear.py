@@ -99,6 +99,16 @@ def _canonical_view(t: torch.Tensor, device: torch.device, dtype: torch.dtype | 
     return t.detach().to(device=device, dtype=dtype).contiguous()
 
 
+def _autocast_input(x):
+    """``x`` in the autocast dtype of its device where autocast is on there (``torch.autocast("cpu",
+    dtype=torch.bfloat16)``), as ``nn.Linear`` computes under it: the layer then runs and returns that dtype."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        if dt in COMPUTE_DTYPES and x.dtype != dt:
+            return x.to(dt)
+    return x
+
+
 def _differentiated(x: torch.Tensor) -> bool:
     """Whether ``x`` comes through forward-mode AD (a dual level is open: ``forward_ad``, ``torch.func.jvp``) or
     a ``torch.func`` gradient transform (``grad``, ``vjp``, ``jacrev``...), alone or under ``vmap``."""
@@ -278,6 +288,8 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and torch._C._is_any_autocast_enabled():
+            x = _autocast_input(x)
         # decoding (one row, on the CPU, no gradient, plain eager): the weight's decoder, the least Python per call
         # (a small model's step makes hundreds of these calls, each a few us of kernel)
         if (not torch.compiler.is_compiling() and isinstance(x, torch.Tensor) and x.is_cpu

@@ -619,3 +619,20 @@ def test_share_memory_shares_the_codes_and_scales_too(dtype):
         m.share_memory()
         assert all(b.is_shared() for _, b in m.named_buffers())
         assert torch.equal(m(x), y) and torch.equal(m(x.expand(3, 256)), y3)  # decoders and plans follow the move
+
+
+@pytest.mark.parametrize("layer", ["W8A16Linear", "W4A16Linear"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_under_autocast_a_layer_computes_in_the_autocast_dtype_as_nn_linear(layer, rows):
+    """nn.Linear under torch.autocast("cpu", bfloat16) computes and returns bfloat16; the quantized layers took
+    the float32 input as it came and returned float32."""
+    lin = torch.nn.Linear(256, 96)
+    q = getattr(qtorch, layer).from_linear(lin).eval()
+    x = torch.randn(rows, 256, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x)
+        assert y.dtype == lin(x).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(y.detach(), q(x.detach().to(torch.bfloat16))) and q(x).dtype == torch.float32
+    y.float().sum().backward()  # the cast is on the graph: the float32 input still gets its gradient
+    assert x.grad is not None and x.grad.dtype == torch.float32
