@@ -93,6 +93,8 @@ class QuantizedWeight:
         b = self.buffers
         b["qweight"], b["scale"], b["zero_point"] = q, s, z
         self.layout, self.aux = layout, aux
+        self._forms = {n: None if t is None else (tuple(t.shape), t.dtype) for n, t in
+                       (("qweight", q), ("scale", s), ("zero_point", z))}
         self._routes = {}
         self._decoders = {}  # by dtype: the layout's decoder of one-row calls (None: it has none)
 
@@ -278,11 +280,34 @@ class QuantizedWeight:
                 path = self._route(x2, key)
         else:
             path = lay.path(x2.device.type, x2.dtype, rows, spec.bits)
-        y = lay.linear(self, x2, path)
+        if torch.compiler.is_compiling():
+            y = lay.linear(self, x2, path)
+        else:
+            try:
+                y = lay.linear(self, x2, path)
+            except Exception as e:
+                problem = self.buffer_problem()
+                if problem:
+                    raise ValueError(problem) from e
+                raise
         if not torch.compiler.is_compiling() and rows == 1 and x.is_cpu and x.dtype not in self._decoders \
                 and not needs_grad(x) and plain_eager(x):  # (dynamo never reads the dict: no guard on it)
             self._decoders[x.dtype] = lay.decoder(self, x.dtype, path)
         return y if flat else y.reshape(*x.shape[:-1], spec.out_features)
+
+    def buffer_problem(self) -> str | None:
+        """Why the buffers do not hold this weight's layout form, or None: a tensor put in their place from
+        outside (``torch.func.functional_call`` given ``state_dict()``, whose tensors are the canonical form)."""
+        forms = getattr(self, "_forms", None) or {}
+        for name, want in forms.items():
+            t = self.buffers.get(name)
+            got = None if t is None else (tuple(t.shape), t.dtype)
+            if got != want:
+                return (f"buffer {name!r} is {_form(got)}, where the layer holds it as {_form(want)} (the "
+                        f"{self.layout.name} layout): tensors put in the buffers' place must have their form; "
+                        f"torch.func.functional_call takes dict(module.named_buffers()), not state_dict(), whose "
+                        f"tensors are the canonical form")
+        return None
 
     def decode(self, x: torch.Tensor):
         """:meth:`linear` of a single row ``x`` (K elements, ``[K]``, ``[1, K]``...) by the layout's decoder kept
@@ -389,3 +414,7 @@ def _tensor(a: np.ndarray, device) -> torch.Tensor:
 
 def _array(t: torch.Tensor) -> np.ndarray:
     return np.array(to_numpy(t), order="C")
+
+
+def _form(f) -> str:
+    return "None" if f is None else f"{str(f[1]).replace('torch.', '')} {list(f[0])}"

@@ -368,3 +368,16 @@ def test_int8pack_under_torch_compile_copies_a_misaligned_row():
     x = buf[8:8 + 256].view(1, 256)
     with torch.no_grad():
         assert torch.equal(c(x), q(x.clone()))
+
+
+def test_functional_call_with_the_state_dict_names_the_buffers_form():
+    """state_dict() holds the canonical form and the buffers the layout's: functional_call with it failed deep in
+    a kernel ('not enough values to unpack', or an IndexError for one row)."""
+    q = _layer_in("blocked", 8, True, dtype=torch.float32)
+    for rows in (1, 4):
+        x = torch.randn(rows, 256)
+        q(x)  # keeps its decoder or route
+        with pytest.raises(ValueError, match=r"buffer 'qweight' is int8 \[128, 256\], where the layer holds it as "
+                                             r"int8 \[1, 256, 128\] \(the blocked layout\).*named_buffers\(\)"):
+            torch.func.functional_call(q, q.state_dict(), (x,))
+        assert torch.equal(torch.func.functional_call(q, dict(q.named_buffers()), (x,)), q(x))
