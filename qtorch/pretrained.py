@@ -178,7 +178,7 @@ def bare_state_dict_error(folder: str) -> ValueError:
                       f"or `qtorch quantize MODEL -o OUT`")
 
 
-def from_pretrained(folder, *, model_class=None, device=None) -> nn.Module:
+def from_pretrained(folder, *, model_class=None, device=None, dtype=None) -> nn.Module:
     """Load a quantized model folder (``qtorch quantize -o``, ``qcore quantize`` of a model folder, or a
     compressed-tensors ``pack-quantized`` folder, ours or another tool's) into the transformers model its config
     names, with :class:`~qtorch.QuantLinear` layers built straight from the codes (never dequantized).
@@ -190,6 +190,9 @@ def from_pretrained(folder, *, model_class=None, device=None) -> nn.Module:
     model_class: a transformers class to build instead of the one ``config.architectures`` names (an
         ``AutoModel*`` class or a concrete one, e.g. ``transformers.AutoModel`` for the bare encoder).
     device: where the tensors go (default CPU).
+    dtype: the model's floating dtype (``torch.float32``, ``torch.float16`` or ``torch.bfloat16``; default: the one
+        its config names), as ``model.to(dtype)`` gives it: the quantized layers compute in it, their scales stay
+        float32.
 
     Raises ``ValueError`` for a folder that is not quantized (load it with transformers), a marker of another
     tool or a newer format, and any mismatch between the checkpoint and the model.
@@ -197,10 +200,13 @@ def from_pretrained(folder, *, model_class=None, device=None) -> nn.Module:
     from .serialization import load_quantized
 
     folder = os.fspath(folder)
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
     if not os.path.isdir(folder):
         raise ValueError(f"{folder}: not a folder (from_pretrained loads a quantized model folder)")
     if is_ct_config(_read_config(folder)):
-        return _from_ct_folder(folder, model_class, device)
+        model = _from_ct_folder(folder, model_class, device)
+        return model if dtype is None else model.to(dtype)
     marker = read_marker(folder)
     kind = _checkpoint_kind(folder)
     if kind == "bare":
@@ -211,7 +217,7 @@ def from_pretrained(folder, *, model_class=None, device=None) -> nn.Module:
                          f"quantize it first (qtorch quantize {folder} -o OUT)")
     model = _empty_model(folder, model_class)
     load_quantized(model, folder, device=device)
-    return model.eval()
+    return (model if dtype is None else model.to(dtype)).eval()
 
 
 def _empty_model(folder: str, model_class=None, *, foreign_config: bool = False) -> nn.Module:

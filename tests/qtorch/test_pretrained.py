@@ -120,6 +120,19 @@ def test_from_pretrained_keeps_the_dtype_of_a_bf16_model(tmp_path):
         assert torch.equal(loaded(IDS).logits, model(IDS).logits)
 
 
+def test_from_pretrained_takes_a_dtype_as_model_to_gives_it(llama_q):
+    model = qtorch.from_pretrained(llama_q, dtype=torch.bfloat16)
+    ref = qtorch.from_pretrained(llama_q).to(torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16 and not model.training
+    assert all(m.compute_dtype == torch.bfloat16 and m.scale.dtype == torch.float32
+               for m in model.modules() if isinstance(m, qtorch.QuantLinear))
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, ref(IDS).logits)
+    with pytest.raises(TypeError, match=r"dtype must be torch.float32, torch.float16 or torch.bfloat16, got "
+                                        r"torch.float64"):
+        qtorch.from_pretrained(llama_q, dtype=torch.float64)
+
+
 def test_from_pretrained_refuses_what_it_cannot_load_right(llama_src, llama_q, tmp_path):
     with pytest.raises(ValueError, match="is not quantized .* load it with transformers' from_pretrained"):
         qtorch.from_pretrained(llama_src)
