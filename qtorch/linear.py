@@ -288,11 +288,12 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and torch._C._is_any_autocast_enabled():
+        compiling = torch.compiler.is_compiling()
+        if not compiling and torch._C._is_any_autocast_enabled():
             x = _autocast_input(x)
         # decoding (one row, on the CPU, no gradient, plain eager): the weight's decoder, the least Python per call
         # (a small model's step makes hundreds of these calls, each a few us of kernel)
-        if (not torch.compiler.is_compiling() and isinstance(x, torch.Tensor) and x.is_cpu
+        if (not compiling and isinstance(x, torch.Tensor) and x.is_cpu
                 and x.numel() == self.in_features and x.dim() and x.shape[-1] == self.in_features
                 and not (x.requires_grad and torch.is_grad_enabled()) and plain_eager(x) and _FWAD._current_level < 0):
             y = self._w.decode(x)
@@ -308,7 +309,7 @@ class QuantLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             got = "a 0-d tensor" if x.dim() == 0 else f"{x.shape[-1]} (input shape {list(x.shape)})"
             raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {got}")
-        if not torch.compiler.is_compiling() and _differentiated(x):
+        if not compiling and _differentiated(x):
             # forward-mode AD and torch.func's derivatives (jvp, grad, jacrev...): F.linear of the dequantized
             # weight, which all of them differentiate. The kernels carry no tangent (a dual input's came back as
             # zeros) and the blocked layout's autograd.Function has no functorch rule; vmap alone keeps the ops
