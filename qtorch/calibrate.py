@@ -512,15 +512,19 @@ def _replayed(root: nn.Module, plan, batches: list, opts: dict, dense: _DenseFor
 
 
 def _folds_undone_on_failure(pairs: Iterator, kept: list) -> Iterator:
-    """``pairs`` as they come; where they fail before the first one was taken (none of the group's layers was
-    replaced), the AWQ folds into the group's dense layers (``kept``) are undone: the model is left as it was."""
-    taken = 0
+    """``pairs`` as they come; where computing the first one fails (none of the group's layers was replaced), the
+    AWQ folds into the group's dense layers (``kept``) are undone: the model is left as it was. Once a pair is
+    handed out the folds stay, whatever follows (its layer may be in place, built from the folded weights; the
+    folds keep the dense outputs)."""
+    handed = False
     try:
         for pair in pairs:
+            handed = True
             yield pair
-            taken += 1
+    except GeneratorExit:  # the consumer stopped (or its frame was freed): never a reason to undo
+        raise
     except BaseException:
-        if not taken and kept:
+        if not handed and kept:
             from .awq import undo
 
             undo(kept)

@@ -462,3 +462,24 @@ def test_a_layer_whose_calibration_inputs_are_all_zero_is_named_and_the_model_le
         qtorch.quantize_model(m, "w4a16-g32", exclude=(), method="gptq", calibration=[torch.zeros(2, 64)])
     after = m.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_folds_stay_once_a_layer_was_handed_out_whatever_stops_the_run():
+    """A consumer that stopped after taking the first pair (its layer built from the folded weights) closed the
+    generator at its first yield, which undid the folds under that layer."""
+    from qtorch.calibrate import _folds_undone_on_failure
+
+    p = torch.nn.Parameter(torch.full((2,), 2.0))
+    kept = [(p, torch.ones(2))]  # its value before a fold
+    g = _folds_undone_on_failure(iter(["first", "second"]), kept)
+    assert next(g) == "first"
+    g.close()
+    assert torch.equal(p.detach(), torch.full((2,), 2.0))
+
+    def failing():
+        raise ValueError("GPTQ of the first layer")
+        yield
+
+    with pytest.raises(ValueError, match="GPTQ of the first layer"):
+        next(_folds_undone_on_failure(failing(), kept))
+    assert torch.equal(p.detach(), torch.ones(2))  # nothing handed out: undone
