@@ -102,7 +102,8 @@ def _canonical_view(t: torch.Tensor, device: torch.device, dtype: torch.dtype | 
 def _autocast_input(x):
     """``x`` in the autocast dtype of its device where autocast is on there (``torch.autocast("cpu",
     dtype=torch.bfloat16)``), as ``nn.Linear`` computes under it: the layer then runs and returns that dtype."""
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+    # float64 is not cast, as autocast leaves it (the layer then refuses it by name)
+    if isinstance(x, torch.Tensor) and x.dtype in COMPUTE_DTYPES and torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         if dt in COMPUTE_DTYPES and x.dtype != dt:
             return x.to(dt)
@@ -289,7 +290,7 @@ class QuantLinear(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compiling = torch.compiler.is_compiling()
-        if not compiling and torch._C._is_any_autocast_enabled():
+        if compiling or torch._C._is_any_autocast_enabled():  # (traced: Dynamo sees the autocast state itself)
             x = _autocast_input(x)
         # decoding (one row, on the CPU, no gradient, plain eager): the weight's decoder, the least Python per call
         # (a small model's step makes hundreds of these calls, each a few us of kernel)

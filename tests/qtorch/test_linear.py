@@ -636,3 +636,16 @@ def test_under_autocast_a_layer_computes_in_the_autocast_dtype_as_nn_linear(laye
         assert torch.equal(y.detach(), q(x.detach().to(torch.bfloat16))) and q(x).dtype == torch.float32
     y.float().sum().backward()  # the cast is on the graph: the float32 input still gets its gradient
     assert x.grad is not None and x.grad.dtype == torch.float32
+
+
+def test_autocast_applies_under_torch_compile_as_in_eager_and_leaves_float64_alone():
+    torch._dynamo.reset()
+    q = qtorch.W8A16Linear.from_linear(torch.nn.Linear(256, 96)).eval()
+    c = torch.compile(q, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(c(x), q(x)) and c(x).dtype == torch.bfloat16
+            with pytest.raises(TypeError, match="input dtype must be float32, float16 or bfloat16, got torch.float64"):
+                q(x.double())
+        assert c(x).dtype == torch.float32
