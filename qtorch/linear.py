@@ -111,14 +111,12 @@ def _autocast_input(x):
 
 
 def _differentiated(x: torch.Tensor) -> bool:
-    """Whether ``x`` comes through forward-mode AD (a dual level is open: ``forward_ad``, ``torch.func.jvp``) or
-    a ``torch.func`` gradient transform (``grad``, ``vjp``, ``jacrev``...), alone or under ``vmap``."""
-    if _FWAD._current_level >= 0:
-        return True
-    if not torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return False
-    stack = torch._C._functorch.get_interpreter_stack() or ()
-    return any(i.key() != torch._C._functorch.TransformType.Vmap for i in stack)
+    """Whether ``x`` is a dual tensor of forward-mode AD (``torch.autograd.forward_ad``) or comes through a
+    ``torch.func`` derivative (``jvp``, ``grad``, ``vjp``, ``jacrev``...), alone or under ``vmap``."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        stack = torch._C._functorch.get_interpreter_stack() or ()
+        return any(i.key() != torch._C._functorch.TransformType.Vmap for i in stack)
+    return _FWAD._current_level >= 0 and _FWAD.unpack_dual(x).tangent is not None
 
 
 class QuantLinear(nn.Module):
@@ -296,7 +294,8 @@ class QuantLinear(nn.Module):
         # (a small model's step makes hundreds of these calls, each a few us of kernel)
         if (not compiling and isinstance(x, torch.Tensor) and x.is_cpu
                 and x.numel() == self.in_features and x.dim() and x.shape[-1] == self.in_features
-                and not (x.requires_grad and torch.is_grad_enabled()) and plain_eager(x) and _FWAD._current_level < 0):
+                and not (x.requires_grad and torch.is_grad_enabled()) and plain_eager(x)
+                and (_FWAD._current_level < 0 or _FWAD.unpack_dual(x).tangent is None)):
             y = self._w.decode(x)
             if y is not None:
                 bias = self._buffers["bias"]
@@ -310,7 +309,8 @@ class QuantLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             got = "a 0-d tensor" if x.dim() == 0 else f"{x.shape[-1]} (input shape {list(x.shape)})"
             raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {got}")
-        if not compiling and _differentiated(x):
+        if not compiling and (_FWAD._current_level >= 0 or torch._C._functorch.is_functorch_wrapped_tensor(x)) \
+                and _differentiated(x):
             # forward-mode AD and torch.func's derivatives (jvp, grad, jacrev...): F.linear of the dequantized
             # weight, which all of them differentiate. The kernels carry no tangent (a dual input's came back as
             # zeros) and the blocked layout's autograd.Function has no functorch rule; vmap alone keeps the ops
