@@ -519,7 +519,7 @@ def dequantize(qa, *args, dtype=np.float32, out=None) -> np.ndarray:
         if out is not None:
             np.copyto(out, w)
             return out
-        return _as_dtype(w, out_dtype)
+        return _as_dtype(w, out_dtype, lambda: expand_params(qa.scale, codes.shape, scheme))
     kind, axis = _layout(codes.shape, scheme)
     if kind == "tensor":
         flat = np.empty(codes.size, np.float32) if out is None else out.reshape(-1)
@@ -560,23 +560,30 @@ def dequantize(qa, *args, dtype=np.float32, out=None) -> np.ndarray:
         result = np.ascontiguousarray(result)
     if out is not None:
         return out
-    return _as_dtype(result, out_dtype)
+    return _as_dtype(result, out_dtype, lambda: expand_params(qa.scale, codes.shape, scheme))
 
 
-def _as_dtype(w: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """The float32 values ``w`` (a new array, changed in place) as ``dtype``; beyond a 16-bit dtype's largest
-    finite value they saturate to it: a grid point may lie up to a step past the data's range (the zero point is
-    an integer), and float16 data near 65504 then gave ``inf`` where the nearest finite value is closer to the data.
+def _as_dtype(w: np.ndarray, dtype: np.dtype, step=None) -> np.ndarray:
+    """The float32 values ``w`` (a new array, changed in place) as ``dtype``. In a 16-bit dtype a value past its
+    largest finite one by at most its step (``step()``: the scales, broadcast against ``w``) saturates to it: an
+    asymmetric grid's end lies up to half a step past its data (the zero point is an integer), and float16 data
+    near 65504 gave ``inf`` where the finite end is nearer the data. One further out overflows to inf, as a cast
+    does (data that never fitted the dtype).
 
-    >>> _as_dtype(np.array([70000.0, -1.0], np.float32), np.dtype(np.float16)).tolist()
-    [65504.0, -1.0]
+    >>> _as_dtype(np.array([70000.0, 1e6, -1.0], np.float32), np.dtype(np.float16), lambda: 8000.0).tolist()
+    [65504.0, inf, -1.0]
     """
     if dtype == np.float32:
         return w
     if dtype.itemsize == 2:
         top = float(ml_dtypes.finfo(dtype).max)
-        np.clip(w, -top, top, out=w)
-    return w.astype(dtype)
+        over = np.abs(w) > top
+        if over.any():
+            with np.errstate(over="ignore"):  # top + step may pass float32's own range: then every value is near
+                near = over & (np.abs(w) <= top + np.asarray(step(), np.float32))
+            w[near] = np.copysign(top, w[near])
+    with np.errstate(over="ignore"):
+        return w.astype(dtype)
 
 
 def _dequantize_loose(codes, scale=None, zero_point=None, *, dtype=np.float32) -> np.ndarray:
@@ -613,7 +620,7 @@ def _dequantize_loose(codes, scale=None, zero_point=None, *, dtype=np.float32) -
     except ValueError:
         raise ValueError(f"scale of shape {scale.shape} does not broadcast against codes of shape "
                          f"{codes.shape}") from None
-    return _as_dtype(out, out_dtype)
+    return _as_dtype(out, out_dtype, lambda: np.broadcast_to(scale, out.shape))
 
 
 def fake_quantize(x, scheme: Optional[QuantScheme] = None, params=None) -> np.ndarray:

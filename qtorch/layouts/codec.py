@@ -90,19 +90,30 @@ def affine(c, scale, zero_point, kind, axis, n, k, group, dtype, float_zero_poin
         # a ragged last group does not reshape into [groups, g]: parameters per element instead (same arithmetic)
         s = _per_element(scale, axis, n, k, group)
         if float_zero_point:
-            return (c * s + _per_element(zero_point, axis, n, k, group)).to(dtype)
+            return _narrow(c * s + _per_element(zero_point, axis, n, k, group), s, dtype)
         if zero_point is not None:
             c = c - _per_element(zero_point, axis, n, k, group).to(torch.float32)
-        return (c * s).to(dtype)
+        return _narrow(c * s, s, dtype)
     c = _codes_view(c, kind, axis, n, k, group)
+    s = _param_view(scale, kind, axis, n, k, group)
     if float_zero_point:
         # two float32 roundings in qcore's (and GGUF Q4_1's) order: no fused multiply-add
-        w = c * _param_view(scale, kind, axis, n, k, group) + _param_view(zero_point, kind, axis, n, k, group)
-        return w.reshape(n, k).to(dtype)
+        w = c * s + _param_view(zero_point, kind, axis, n, k, group)
+        return _narrow(w, s, dtype).reshape(n, k)
     if zero_point is not None:
         c = c - _param_view(zero_point, kind, axis, n, k, group).to(torch.float32)
-    w = c * _param_view(scale, kind, axis, n, k, group)
-    return w.reshape(n, k).to(dtype)
+    return _narrow(c * s, s, dtype).reshape(n, k)
+
+
+def _narrow(w: torch.Tensor, step: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 ``w`` as ``dtype``, as ``qcore.dequantize`` narrows it: in float16 and bfloat16 a value past the
+    largest finite one by at most its step (``step``, broadcast: the scale) saturates to it (an asymmetric grid's
+    end lies up to half a step past its data); one further out overflows to inf. Branch-free, for tracing."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return w.to(dtype)
+    top = torch.finfo(dtype).max
+    mag = w.abs()
+    return torch.where((mag > top) & (mag <= top + step), w.sign() * top, w).to(dtype)
 
 
 def dequantize_canonical(qweight, scale, zero_point, *, bits: int, symmetric: bool, kind: str, axis: int,

@@ -649,3 +649,18 @@ def test_autocast_applies_under_torch_compile_as_in_eager_and_leaves_float64_alo
             with pytest.raises(TypeError, match="input dtype must be float32, float16 or bfloat16, got torch.float64"):
                 q(x.double())
         assert c(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_16_bit_dequantized_weight_narrows_as_qcore_does(dtype):
+    """qcore saturates a grid end within one step past the 16-bit range; qtorch's dequantized_weight gave inf."""
+    import ml_dtypes
+
+    top = float(torch.finfo(dtype).max)
+    x = np.tile(np.array([0.76 * top, -0.76 * top, 1, 0], np.float32), (4, 1))
+    for scheme in (QuantScheme(2, False, PerChannel(0)), QuantScheme(2, False, PerGroup(4))):
+        qa = qcore.quantize(x, scheme)
+        want = qcore.dequantize(qa, dtype=np.float16 if dtype == torch.float16 else ml_dtypes.bfloat16)
+        got = qtorch.QuantLinear.from_quantized_array(qa).dequantized_weight(dtype)
+        assert np.isfinite(want.astype(np.float32)).all() and np.abs(want.astype(np.float32)).max() == top
+        np.testing.assert_array_equal(got.float().numpy(), want.astype(np.float32))
