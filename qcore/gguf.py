@@ -513,8 +513,8 @@ Tensor = Union[QuantizedArray, np.ndarray]
 def export_gguf(path, tensors: Mapping[str, Tensor], metadata, *, types: Optional[Mapping[str, str]] = None) -> None:
     """Write the GGUF file ``path``: ``tensors`` by GGUF name (NumPy row-major shapes), ``metadata`` the source
     GGUF's path or :func:`read_metadata`'s dict (it must hold ``general.architecture``; for llama.cpp also the
-    architecture's hyperparameters and the ``tokenizer.ggml.*`` keys), where a plain str, bool or float value also
-    does (an int needs its GGUF type: :func:`_typed_metadata`).
+    architecture's hyperparameters and the ``tokenizer.ggml.*`` keys), where a plain str, bool or float value (or a
+    list of str) also does; an int or a list of numbers needs its GGUF type, ``(value, type, item type)``.
 
     A :class:`QuantizedArray` is written as ``types[name]`` (default: Q8_0 for a symmetric 8-bit array, Q4_1 for a
     float zero point, Q4_0 otherwise); arrays as F32, F16 or BF16 by their dtype (float64 as F32). Every tensor is
@@ -568,7 +568,8 @@ def _typed_metadata(metadata: Mapping, gguf) -> dict:
     T = gguf.GGUFValueType
     out = {}
     for key, entry in metadata.items():
-        if isinstance(entry, tuple) and len(entry) == 3:
+        typed = isinstance(entry, tuple) and len(entry) == 3 and isinstance(entry[1], int)
+        if typed and not isinstance(entry[1], bool):  # (value, type, item type); a tuple of str is a value
             out[key] = entry
         elif isinstance(entry, bool):
             out[key] = (entry, int(T.BOOL), None)
@@ -579,10 +580,14 @@ def _typed_metadata(metadata: Mapping, gguf) -> dict:
         elif isinstance(entry, (list, tuple)) and entry and all(isinstance(v, str) for v in entry):
             out[key] = (list(entry), int(T.ARRAY), int(T.STRING))
         else:
+            import reprlib
+
             what = "an int" if isinstance(entry, int) else f"a {type(entry).__name__}"
-            raise ValueError(f"metadata[{key!r}] is {what} ({entry!r}); give (value, type, item type) as "
-                             f"read_metadata returns, e.g. ({entry!r}, gguf.GGUFValueType.UINT32, None): llama.cpp "
-                             f"reads each key as one GGUF type")
+            shown = reprlib.repr(entry)
+            form = (f"({shown}, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)" if isinstance(entry, (list, tuple))
+                    else f"({shown}, gguf.GGUFValueType.UINT32, None)")
+            raise ValueError(f"metadata[{key!r}] is {what} ({shown}); give (value, type, item type) as read_metadata "
+                             f"returns, e.g. {form}: llama.cpp reads each key as one GGUF type")
     return out
 
 

@@ -229,6 +229,10 @@ def test_export_takes_plain_str_bool_and_float_metadata_and_asks_an_int_for_its_
     assert meta["general.name"] == ("tiny", T.STRING, None) and meta["x.flag"] == (True, T.BOOL, None)
     assert meta["x.eps"] == (0.5, T.FLOAT32, None) and meta["tokenizer.ggml.tokens"] == (["a", "b"], T.ARRAY, T.STRING)
     assert meta["general.architecture"][0] == "llama" and meta["llama.block_count"] == (1, T.UINT32, None)
+    qg.export_gguf(tmp_path / "t.gguf", w, {"general.architecture": "llama", "tokenizer.ggml.tokens": ("a", "b", "c")})
+    assert qg.read_metadata(tmp_path / "t.gguf")["tokenizer.ggml.tokens"] == (["a", "b", "c"], T.ARRAY, T.STRING)
+    with pytest.raises(ValueError, match=r"is a list \(\[0, 1, 2, 3, 4, 5, \.\.\.\]\); .*GGUFValueType.ARRAY"):
+        qg.export_gguf(tmp_path / "n.gguf", w, {"general.architecture": "llama", "x.scores": list(range(30000))})
     with pytest.raises(ValueError, match=r"metadata\['llama.block_count'\] is an int \(1\); give \(value, type"):
         qg.export_gguf(tmp_path / "n.gguf", w, {"general.architecture": "llama", "llama.block_count": 1})
     assert not (tmp_path / "n.gguf").exists()
