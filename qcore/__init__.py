@@ -31,5 +31,12 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return importlib.import_module(f"{__name__}.{name}")
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ImportError as e:  # (qcore.testing needs hypothesis): hasattr() answers False, the reason chained
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}: {e}") from e
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | _LAZY)

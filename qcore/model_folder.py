@@ -146,13 +146,16 @@ def placement_problem(src, out, src_name: str = "INPUT", out_name: str = "OUTPUT
     "OUT 'm/q' is inside MODEL 'm'; write it outside the model folder"
     >>> placement_problem("m", "q") is None
     True
+    >>> placement_problem("/x/m", "/")
+    "OUTPUT '/' contains INPUT; write to a new folder"
     """
     real_out, real_src = os.path.realpath(os.fspath(out)), os.path.realpath(os.fspath(src))
     if real_out == real_src:
         return f"{out_name} {os.fspath(out)!r} is the same as {src_name}; write to a new folder"
-    if real_src.startswith(real_out + os.sep):
+    common = os.path.commonpath([real_out, real_src])  # (not startswith: "/" + os.sep is "//")
+    if common == real_out:
         return f"{out_name} {os.fspath(out)!r} contains {src_name}; write to a new folder"
-    if real_out.startswith(real_src + os.sep):
+    if common == real_src:
         return (f"{out_name} {os.fspath(out)!r} is inside {src_name} {os.fspath(src)!r}; write it outside the model "
                 f"folder")
     return None

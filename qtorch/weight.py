@@ -280,7 +280,8 @@ class QuantizedWeight:
                 path = self._route(x2, key)
         else:
             path = lay.path(x2.device.type, x2.dtype, rows, spec.bits)
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if compiling:
             y = lay.linear(self, x2, path)
         else:
             try:
@@ -290,7 +291,7 @@ class QuantizedWeight:
                 if problem:
                     raise ValueError(problem) from e
                 raise
-        if not torch.compiler.is_compiling() and rows == 1 and x.is_cpu and x.dtype not in self._decoders \
+        if not compiling and rows == 1 and x.is_cpu and x.dtype not in self._decoders \
                 and not needs_grad(x) and plain_eager(x):  # (dynamo never reads the dict: no guard on it)
             self._decoders[x.dtype] = lay.decoder(self, x.dtype, path)
         return y if flat else y.reshape(*x.shape[:-1], spec.out_features)
