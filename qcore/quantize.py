@@ -577,10 +577,11 @@ def _as_dtype(w: np.ndarray, dtype: np.dtype, step=None) -> np.ndarray:
         return w
     if dtype.itemsize == 2:
         top = float(ml_dtypes.finfo(dtype).max)
-        over = np.abs(w) > top
+        mag = np.abs(w)
+        over = mag > top
         if over.any():
             with np.errstate(over="ignore"):  # top + step may pass float32's own range: then every value is near
-                near = over & (np.abs(w) <= top + np.asarray(step(), np.float32))
+                near = over & (mag <= top + np.asarray(step(), np.float32))
             w[near] = np.copysign(top, w[near])
     with np.errstate(over="ignore"):
         return w.astype(dtype)
