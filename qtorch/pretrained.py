@@ -200,7 +200,9 @@ def from_pretrained(folder, *, model_class=None, device=None, dtype=None) -> nn.
     from .serialization import load_quantized
 
     folder = os.fspath(folder)
-    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    from .linear import COMPUTE_DTYPES
+
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
         raise TypeError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
     if not os.path.isdir(folder):
         raise ValueError(f"{folder}: not a folder (from_pretrained loads a quantized model folder)")
