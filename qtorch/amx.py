@@ -754,12 +754,17 @@ def _split_rows(typingctx, x, xp, parts, kind):
             odd = builder.and_(builder.lshr(u, c(16)), c(1))
             return builder.trunc(builder.lshr(builder.add(builder.add(u, c(0x7FFF)), odd), c(16)), v16s)
 
-        with cgutils.for_range(builder, M) as rows:
-            m = rows.index
-            row0 = builder.add(builder.mul(builder.udiv(m, c64(16)), rbs), builder.mul(builder.urem(m, c64(16)),
-                                                                                       c64(32)))
-            with cgutils.for_range(builder, builder.udiv(K, c64(16))) as steps:
-                k = builder.mul(steps.index, c64(16))
+        # in the tiles' order (a row block, then 16 columns of its rows in turn): the stores fill each 1 KB tile
+        # line by line. Row by row, they went to K / 32 tiles 1 KB apart, a few cache sets (float32: 2-3x slower)
+        with cgutils.for_range(builder, builder.udiv(builder.add(M, c64(15)), c64(16))) as mblocks, \
+                cgutils.for_range(builder, builder.udiv(K, c64(16))) as steps:
+            mb = builder.mul(mblocks.index, c64(16))
+            k = builder.mul(steps.index, c64(16))
+            nrows = builder.select(builder.icmp_signed("<", builder.sub(M, mb), c64(16)), builder.sub(M, mb),
+                                   c64(16))
+            with cgutils.for_range(builder, nrows) as rows:
+                m = builder.add(mb, rows.index)
+                row0 = builder.add(builder.mul(mblocks.index, rbs), builder.mul(rows.index, c64(32)))
                 ptr = builder.gep(xa.data, [builder.add(builder.mul(m, K), k)])
                 ty = F32 if src == 0 else I16
                 rest = builder.load(builder.bitcast(ptr, vec(ty, 16).as_pointer()), align=2)
