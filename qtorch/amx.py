@@ -15,8 +15,9 @@ ahead, so the vector units convert while the tile unit multiplies: 4-bit codes b
 exactly into bfloat16 parts, ``x = x_1 + x_2 + x_3`` (float32: three, each the bfloat16 rounding of what is left;
 float16: two; bfloat16: one): a product of two bfloat16 values is exact in float32, so all parts accumulate into
 the same C tile and the result has float32 accuracy (AMX reads bfloat16 subnormals as zero: a float32 whose last
-part falls below 2^-126 loses that part). At the end of each group the C tiles are scaled into a float32
-accumulator of the work unit (one fused multiply-add a row), copied into the output at its end. bfloat16 calls of
+part falls below 2^-126 loses that part). The split runs on PyTorch's thread team, a row block per chunk, where
+x is large (:func:`split_into`). At the end of each group the C tiles are scaled into a float32 accumulator of the
+work unit (one fused multiply-add a row), copied into the output at its end. bfloat16 calls of
 32 rows or more on layers with several groups convert the dequantized weight instead, ``bfloat16((code - zp) *
 scale)`` (the weight F.linear multiplies in bfloat16), and accumulate all of K before one store
 (:func:`dequantizes`); bfloat16 rows in whole tiles are read as A tiles from x itself.
@@ -722,11 +723,11 @@ def _chunks(T: int, units: int, threads: int) -> int:
 
 
 @intrinsic
-def _split_rows(typingctx, x, xp, parts, kind):
+def _split_rows(typingctx, x, xp, parts, kind, b0, b1):
     """The bfloat16 parts of ``x`` (``kind`` 0: float32; 1: float16 bits, 2: bfloat16 bits, as int16 ``[M, K]``,
     K % 32 == 0) into ``xp`` (int16 ``[P, Mp / 16, 16 K]``) in A tiles: row ``m``, column ``k`` of part ``p`` at
-    ``xp[p, m // 16, 512 (k // 32) + 32 (m % 16) + k % 32]``. Each part is the bfloat16 rounding (to nearest even)
-    of what the parts before it left."""
+    ``xp[p, m // 16, 512 (k // 32) + 32 (m % 16) + k % 32]``, for the rows of blocks ``b0 .. b1`` (16 rows each).
+    Each part is the bfloat16 rounding (to nearest even) of what the parts before it left."""
     if not isinstance(parts, types.IntegerLiteral) or not isinstance(kind, types.IntegerLiteral):
         return None
     nparts, src = parts.literal_value, kind.literal_value
@@ -756,15 +757,18 @@ def _split_rows(typingctx, x, xp, parts, kind):
 
         # in the tiles' order (a row block, then 16 columns of its rows in turn): the stores fill each 1 KB tile
         # line by line. Row by row, they went to K / 32 tiles 1 KB apart, a few cache sets (float32: 2-3x slower)
-        with cgutils.for_range(builder, builder.udiv(builder.add(M, c64(15)), c64(16))) as mblocks, \
+        b0 = context.cast(builder, args[4], sig.args[4], types.int64)
+        b1 = context.cast(builder, args[5], sig.args[5], types.int64)
+        with cgutils.for_range(builder, builder.sub(b1, b0)) as mblocks, \
                 cgutils.for_range(builder, builder.udiv(K, c64(16))) as steps:
-            mb = builder.mul(mblocks.index, c64(16))
+            blk = builder.add(mblocks.index, b0)
+            mb = builder.mul(blk, c64(16))
             k = builder.mul(steps.index, c64(16))
             nrows = builder.select(builder.icmp_signed("<", builder.sub(M, mb), c64(16)), builder.sub(M, mb),
                                    c64(16))
             with cgutils.for_range(builder, nrows) as rows:
                 m = builder.add(mb, rows.index)
-                row0 = builder.add(builder.mul(mblocks.index, rbs), builder.mul(rows.index, c64(32)))
+                row0 = builder.add(builder.mul(blk, rbs), builder.mul(rows.index, c64(32)))
                 ptr = builder.gep(xa.data, [builder.add(builder.mul(m, K), k)])
                 ty = F32 if src == 0 else I16
                 rest = builder.load(builder.bitcast(ptr, vec(ty, 16).as_pointer()), align=2)
@@ -789,7 +793,7 @@ def _split_rows(typingctx, x, xp, parts, kind):
                         rest = builder.select(same, ir.Constant(v16f, [0.0] * 16), builder.fsub(rest, back))
         return context.get_dummy_value()
 
-    return types.void(x, xp, parts, kind), codegen
+    return types.void(x, xp, parts, kind, types.int64, types.int64), codegen
 
 
 @njit(inline="always")
@@ -804,25 +808,80 @@ def _zero_padding(xp, M):  # pragma: no cover - compiled
             xp[p, blocks - 1, 512 * kb + 32 * r0:512 * kb + 512] = 0
 
 
+@njit(inline="always")
+def _split_blocks(x, xp, M, K, kind, b0, b1):  # pragma: no cover - compiled
+    # row blocks b0 .. b1 of x (at address x) into the parts at address xp; the last block also zeroes its padding
+    blocks = (M + 15) // 16
+    if kind == 0:
+        parts = carray(xp, (3, blocks, 16 * K), np.int16)
+        _split_rows(carray(x, (M, K), np.float32), parts, 3, 0, b0, b1)
+    elif kind == 1:
+        parts = carray(xp, (2, blocks, 16 * K), np.int16)
+        _split_rows(carray(x, (M, K), np.int16), parts, 2, 1, b0, b1)
+    else:
+        parts = carray(xp, (1, blocks, 16 * K), np.int16)
+        _split_rows(carray(x, (M, K), np.int16), parts, 1, 2, b0, b1)
+    if b1 == blocks:
+        _zero_padding(parts, M)
+
+
 def _split_f32(x, xp, M, K):  # pragma: no cover - compiled
-    xp = carray(xp, (3, (M + 15) // 16, 16 * K), np.int16)
-    _split_rows(carray(x, (M, K), np.float32), xp, 3, 0)
-    _zero_padding(xp, M)
+    _split_blocks(x, xp, M, K, 0, 0, (M + 15) // 16)
 
 
 def _split_f16(x, xp, M, K):  # pragma: no cover - compiled
-    xp = carray(xp, (2, (M + 15) // 16, 16 * K), np.int16)
-    _split_rows(carray(x, (M, K), np.int16), xp, 2, 1)
-    _zero_padding(xp, M)
+    _split_blocks(x, xp, M, K, 1, 0, (M + 15) // 16)
 
 
 def _split_bf16(x, xp, M, K):  # pragma: no cover - compiled
-    xp = carray(xp, (1, (M + 15) // 16, 16 * K), np.int16)
-    _split_rows(carray(x, (M, K), np.int16), xp, 1, 2)
-    _zero_padding(xp, M)
+    _split_blocks(x, xp, M, K, 2, 0, (M + 15) // 16)
 
 
 _SPLIT_PY = {torch.float32: _split_f32, torch.float16: _split_f16, torch.bfloat16: _split_bf16}
+_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+#: the split's team kernel operands: chunk ``i`` is row block ``i`` (16 rows of x, all of its parts)
+SPLIT_OPERANDS = _omp.Operands("split", M=_omp.I64, K=_omp.I64, x=_omp.ADDR, xp=_omp.ADDR)
+_read_split = SPLIT_OPERANDS.read
+
+
+@njit(inline="always")
+def _split_chunk(o, i, b0, b1, kind, _y):  # pragma: no cover - compiled; row blocks b0..b1 on a team thread
+    _split_blocks(o.x, o.xp, o.M, o.K, kind, b0, b1)
+    return 0
+
+
+def _team_split_f32(data):  # pragma: no cover - compiled
+    _omp.claim_operands(data, _read_split, _split_chunk, 0, 0)
+
+
+def _team_split_f16(data):  # pragma: no cover - compiled
+    _omp.claim_operands(data, _read_split, _split_chunk, 1, 0)
+
+
+def _team_split_bf16(data):  # pragma: no cover - compiled
+    _omp.claim_operands(data, _read_split, _split_chunk, 2, 0)
+
+
+_SPLIT_TEAMS = {torch.float32: _omp.TeamKernel(_team_split_f32), torch.float16: _omp.TeamKernel(_team_split_f16),
+                torch.bfloat16: _omp.TeamKernel(_team_split_bf16)}
+#: values written (elements of x times parts) from which the split runs on torch's team, a row block per chunk;
+#: below, on the calling thread: the team's call costs about 5 us, and the crossing was near 1.5-2.3 x 10^5 values
+#: (AMX Xeon: float32 152 x 384 took 12.4 us alone and 11.3 on two threads; 128 x 4096, 188 against 93 us)
+TEAM_SPLIT_MIN = 3 << 16
+
+
+def split_into(dtype: torch.dtype, xaddr: int, paddr: int, M: int, K: int) -> None:
+    """The parts of contiguous ``x[M, K]`` (``dtype``, at ``xaddr``) into the parts buffer at ``paddr`` (int16,
+    ``parts * Mp * K``; :func:`split_rows`' layout), on torch's team where x is large enough (a row block per
+    chunk), else on the calling thread. The caller holds both until it returns."""
+    blocks = -(-M // _ROWS)
+    if blocks < 2 or M * K * _PARTS[dtype] < TEAM_SPLIT_MIN:
+        _splitter(dtype)(xaddr, paddr, M, K)
+        return
+    team = _SPLIT_TEAMS[dtype]
+    block = _omp.new_block(blocks, blocks, (M, K, xaddr, paddr))
+    _omp.run(blocks, team, block, _serial, (team, block), blocks, 1, nchunks=blocks)
 _SPLITS: dict = {}  # dtype -> the compiled split as a ctypes function (x address, parts address, M, K)
 
 
@@ -974,7 +1033,7 @@ def amx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
                     scratch.buf = np.empty(n, np.int16)
                     scratch.addr = scratch.buf.ctypes.data  # 0.8 us a read
                 pa = scratch.addr
-            _splitter(x.dtype)(x0, pa, m, K)
+            split_into(x.dtype, x0, pa, m, K)
             _run(pa, parts, m, wa, signed, T, K, W, sa, zaddr, zrows, group_size, bits, o0, deq=deq)
     finally:
         if own:

@@ -45,7 +45,7 @@ from numba.extending import intrinsic
 from . import _omp
 from ._ir import BF16, F32, I8, I32, I64, host_has, vec
 from .amx import (_PARTS, _SCRATCH, ROW_CHUNK, SCRATCH_BYTES, _chunks, _eights, _emit_pair, _pairs_of, _prefetch,
-                  _splitter, _steps, _unit_shape, _units, dequantizes, eligible)
+                  _steps, _unit_shape, _units, dequantizes, eligible, split_into)
 from ._ir import cached as _cached
 from .gemv import TORCH_KINDS, _narrow
 
@@ -555,7 +555,7 @@ def bf16dot_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
                     scratch.buf = np.empty(n, np.int16)
                     scratch.addr = scratch.buf.ctypes.data
                 pa = scratch.addr
-            _splitter(x.dtype)(x0, pa, m, K)
+            split_into(x.dtype, x0, pa, m, K)
             _run(pa, parts, m, wa, signed, T, K, W, sa, zaddr, zrows, group_size, bits, o0, deq=deq,
                  okind=TORCH_KINDS[odt])
     finally:
