@@ -215,14 +215,16 @@ def test_amx_is_one_opaque_op_under_torch_compile(monkeypatch):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_runs_the_amx_path():
-    # the tile state Linux granted the parent is inherited: the child's first tile instruction is no SIGILL
+    # the tile state Linux granted the parent is inherited: the child's first tile instruction is no SIGILL; 300
+    # rows of float32 are split on the parent's thread team, and in the child (where a libgomp team would hang)
+    # on the calling thread
     script = textwrap.dedent("""
         import os, sys, torch
         import qtorch
         from qcore import PerChannel, QuantScheme
         from qtorch.layouts import blocked
         q = qtorch.QuantLinear.from_linear(torch.nn.Linear(256, 128, bias=False), QuantScheme(8, True, PerChannel(0)))
-        x = torch.randn(20, 256)
+        x = torch.randn(300, 256)
         with torch.no_grad():
             parent = blocked.BLOCKED.linear(q.quantized_weight, x, "amx")
         r, w = os.pipe()
