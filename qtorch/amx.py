@@ -838,7 +838,6 @@ def _split_bf16(x, xp, M, K):  # pragma: no cover - compiled
 
 
 _SPLIT_PY = {torch.float32: _split_f32, torch.float16: _split_f16, torch.bfloat16: _split_bf16}
-_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 #: the split's team kernel operands: chunk ``i`` is row block ``i`` (16 rows of x, all of its parts)
 SPLIT_OPERANDS = _omp.Operands("split", M=_omp.I64, K=_omp.I64, x=_omp.ADDR, xp=_omp.ADDR)
@@ -882,6 +881,8 @@ def split_into(dtype: torch.dtype, xaddr: int, paddr: int, M: int, K: int) -> No
     team = _SPLIT_TEAMS[dtype]
     block = _omp.new_block(blocks, blocks, (M, K, xaddr, paddr))
     _omp.run(blocks, team, block, _serial, (team, block), blocks, 1, nchunks=blocks)
+
+
 _SPLITS: dict = {}  # dtype -> the compiled split as a ctypes function (x address, parts address, M, K)
 
 
