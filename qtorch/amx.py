@@ -914,11 +914,6 @@ _SCRATCH = _Scratch()
 SCRATCH_BYTES = 4 << 20
 
 
-def _split_into(x: torch.Tensor, parts: int, M: int, K: int, buf: np.ndarray) -> None:
-    """The parts of contiguous ``x[M, K]`` into ``buf`` (int16, at least ``parts * Mp * K`` elements)."""
-    _splitter(x.dtype)(x.data_ptr(), buf.ctypes.data, M, K)
-
-
 def split_rows(x: torch.Tensor) -> torch.Tensor:
     """``x[M, K]`` (float32, float16 or bfloat16; K a multiple of 32) as bfloat16 parts whose sum is ``x`` (P = 3,
     2, 1; each part the bfloat16 rounding of what the parts before it left), laid out as AMX A tiles:
