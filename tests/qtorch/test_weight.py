@@ -353,6 +353,29 @@ def test_forward_mode_ad_and_func_derivatives_are_those_of_f_linear(layout, bits
     assert torch.equal(torch.func.jacrev(q)(x[0]), torch.func.jacrev(ref)(x[0]))
 
 
+@pytest.mark.parametrize("layout,bits", DECODING)
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's own
+def test_func_grad_with_respect_to_a_bias_swapped_in_by_functional_call(layout, bits, rows):
+    """x is a plain tensor and only the bias is torch.func's: the kernels ran on the plain x and wrote into a
+    tensor made inside the transform, which has no storage ('Cannot access data pointer')."""
+    q = _layer_in(layout, bits, True, dtype=torch.float32)
+    w = q.dequantized_weight(torch.float32)
+    torch.manual_seed(2)
+    x, b, u = torch.randn(rows, 256), torch.randn(q.out_features), torch.randn(rows, q.out_features)
+    with torch.no_grad():
+        q(x)  # keeps its decoder or route
+
+    def loss(bias, fn):
+        return (fn(bias) * u).sum()
+
+    got = torch.func.grad(loss)(b, lambda bias: torch.func.functional_call(q, {"bias": bias}, (x,)))
+    want = torch.func.grad(loss)(b, lambda bias: torch.nn.functional.linear(x, w, bias))
+    assert torch.allclose(got, want) and torch.allclose(got, u.sum(0))
+    y = torch.func.functional_call(q, {"bias": b}, (x,))
+    assert torch.allclose(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
 def test_jit_trace_of_a_single_row_records_the_op():
     # a traced call must record what computes, not the kernel's direct write into an empty tensor
     q = _layer_in("blocked", 4, True, dtype=torch.float32)
