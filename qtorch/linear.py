@@ -119,6 +119,16 @@ def _differentiated(x: torch.Tensor) -> bool:
     return _FWAD._current_level >= 0 and _FWAD.unpack_dual(x).tangent is not None
 
 
+def _scale_differentiated(buffers: dict) -> bool:
+    """Whether the layer's scale or zero point is a tensor of a ``torch.func`` derivative (``grad``, ``jacrev``,
+    ``jvp``...; ``vmap`` alone keeps the ops), as ``functional_call`` under one puts it there."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if not any(t is not None and wrapped(t) for t in (buffers["scale"], buffers["zero_point"])):
+        return False
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return any(i.key() != torch._C._functorch.TransformType.Vmap for i in stack)
+
+
 class QuantLinear(nn.Module):
     """Linear layer with weights quantized by any qcore scheme (1..8 bits, any granularity).
 
@@ -309,6 +319,13 @@ class QuantLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             got = "a 0-d tensor" if x.dim() == 0 else f"{x.shape[-1]} (input shape {list(x.shape)})"
             raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {got}")
+        if not compiling and _scale_differentiated(self._buffers):
+            # torch.func's derivative with respect to the scale or zero point (swapped in by functional_call): F.linear
+            # of the weight dequantized inside the transform, which differentiates it (the kernels' ops carry no
+            # such gradient: a grad came back as zeros)
+            bias = self._buffers["bias"]
+            return nn.functional.linear(x, self.dequantized_weight(x.dtype),
+                                        None if bias is None else bias.to(x.dtype))
         if not compiling and (_FWAD._current_level >= 0 or torch._C._functorch.is_functorch_wrapped_tensor(x)) \
                 and _differentiated(x):
             # forward-mode AD and torch.func's derivatives (jvp, grad, jacrev...): F.linear of the dequantized

@@ -376,6 +376,33 @@ def test_func_grad_with_respect_to_a_bias_swapped_in_by_functional_call(layout, 
     assert torch.allclose(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout,bits", DECODING)
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's own
+def test_func_grad_with_respect_to_the_scale_is_that_of_the_dequantized_weight(layout, bits, rows):
+    """torch.func.grad with respect to a scale swapped in by functional_call came back as zeros: the kernels' ops
+    carry no gradient for it. Now it is the gradient of F.linear on the weight dequantized from that scale."""
+    q = _layer_in(layout, bits, True, dtype=torch.float32)
+    b, spec, lay = q._w.buffers, q._w.spec, q._w.layout
+    torch.manual_seed(3)
+    x, u = torch.randn(rows, 256), torch.randn(rows, q.out_features)
+    with torch.no_grad():
+        q(x)  # keeps its decoder or route
+
+    def loss(scale):
+        return (torch.func.functional_call(q, {"scale": scale}, (x,)) * u).sum()
+
+    s = b["scale"].detach().clone()
+    got = torch.func.grad(loss)(s)
+    sr = s.clone().requires_grad_()
+    w = lay.dequantize(spec, b["qweight"], sr, b["zero_point"], torch.float32)
+    (torch.nn.functional.linear(x, w, q.bias) * u).sum().backward()
+    assert got.shape == s.shape and float(got.abs().sum()) > 0
+    assert torch.allclose(got, sr.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # and the layer itself is as it was
+        assert torch.equal(q(x), q.forward(x.clone()))
+
+
 def test_jit_trace_of_a_single_row_records_the_op():
     # a traced call must record what computes, not the kernel's direct write into an empty tensor
     q = _layer_in("blocked", 4, True, dtype=torch.float32)
