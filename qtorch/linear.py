@@ -119,9 +119,18 @@ def _differentiated(x: torch.Tensor) -> bool:
     return _FWAD._current_level >= 0 and _FWAD.unpack_dual(x).tangent is not None
 
 
+def _scale_needs_grad(buffers: dict) -> bool:
+    """Whether autograd must record a gradient for the layer's scale or zero point (one requires it, grad mode on)."""
+    s, z = buffers["scale"], buffers["zero_point"]
+    return torch.is_grad_enabled() and (s.requires_grad or (z is not None and z.requires_grad))
+
+
 def _scale_differentiated(buffers: dict) -> bool:
-    """Whether the layer's scale or zero point is a tensor of a ``torch.func`` derivative (``grad``, ``jacrev``,
-    ``jvp``...; ``vmap`` alone keeps the ops), as ``functional_call`` under one puts it there."""
+    """Whether a gradient with respect to the layer's scale or zero point is asked for: one requires grad (grad
+    mode on), or is a tensor of a ``torch.func`` derivative (``grad``, ``jacrev``, ``jvp``...; ``vmap`` alone keeps
+    the ops), as ``functional_call`` under one puts it there."""
+    if _scale_needs_grad(buffers):
+        return True
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     if not any(t is not None and wrapped(t) for t in (buffers["scale"], buffers["zero_point"])):
         return False
@@ -304,7 +313,8 @@ class QuantLinear(nn.Module):
         # (a small model's step makes hundreds of these calls, each a few us of kernel)
         if (not compiling and isinstance(x, torch.Tensor) and x.is_cpu
                 and x.numel() == self.in_features and x.dim() and x.shape[-1] == self.in_features
-                and not (x.requires_grad and torch.is_grad_enabled()) and plain_eager(x)
+                and not (torch.is_grad_enabled() and (x.requires_grad or _scale_needs_grad(self._buffers)))
+                and plain_eager(x)
                 and (_FWAD._current_level < 0 or _FWAD.unpack_dual(x).tangent is None)):
             y = self._w.decode(x)
             if y is not None:
@@ -320,9 +330,10 @@ class QuantLinear(nn.Module):
             got = "a 0-d tensor" if x.dim() == 0 else f"{x.shape[-1]} (input shape {list(x.shape)})"
             raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {got}")
         if not compiling and _scale_differentiated(self._buffers):
-            # torch.func's derivative with respect to the scale or zero point (swapped in by functional_call): F.linear
-            # of the weight dequantized inside the transform, which differentiates it (the kernels' ops carry no
-            # such gradient: a grad came back as zeros)
+            # a gradient with respect to the scale or zero point (one requiring grad, or torch.func's, swapped in by
+            # functional_call): F.linear of the weight dequantized from them, which autograd and the transforms
+            # differentiate (the kernels' ops carry no such gradient: torch.func's came back as zeros, and a scale
+            # requiring grad failed in the kernel's NumPy view)
             bias = self._buffers["bias"]
             return nn.functional.linear(x, self.dequantized_weight(x.dtype),
                                         None if bias is None else bias.to(x.dtype))

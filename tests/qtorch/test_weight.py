@@ -403,6 +403,33 @@ def test_func_grad_with_respect_to_the_scale_is_that_of_the_dequantized_weight(l
         assert torch.equal(q(x), q.forward(x.clone()))
 
 
+@pytest.mark.parametrize("layout,bits", DECODING)
+@pytest.mark.parametrize("rows", [1, 4])
+def test_a_scale_that_requires_grad_gets_the_dequantized_weights_gradient(layout, bits, rows):
+    """A scale set to require grad failed in the kernel ('Can't call numpy() on Tensor that requires grad'); one
+    row took the decoder and recorded nothing. Both now give the gradient of F.linear on the dequantized weight."""
+    q = _layer_in(layout, bits, True, dtype=torch.float32)
+    b, spec, lay = q._w.buffers, q._w.spec, q._w.layout
+    torch.manual_seed(4)
+    x, u = torch.randn(rows, 256), torch.randn(rows, q.out_features)
+    with torch.no_grad():
+        y0 = q(x)  # keeps its decoder or route
+    sr = b["scale"].detach().clone().requires_grad_()
+    w = lay.dequantize(spec, b["qweight"], sr, b["zero_point"], torch.float32)
+    (torch.nn.functional.linear(x, w, q.bias) * u).sum().backward()
+    b["scale"].requires_grad_()
+    try:
+        y = q(x)
+        (y * u).sum().backward()
+        assert torch.allclose(y.detach(), y0, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(b["scale"].grad, sr.grad, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():  # no gradient asked for: the layer's own kernels again
+            assert torch.equal(q(x), y0)
+    finally:
+        b["scale"].requires_grad_(False)
+        b["scale"].grad = None
+
+
 def test_jit_trace_of_a_single_row_records_the_op():
     # a traced call must record what computes, not the kernel's direct write into an empty tensor
     q = _layer_in("blocked", 4, True, dtype=torch.float32)
