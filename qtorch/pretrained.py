@@ -207,7 +207,7 @@ def from_pretrained(folder, *, model_class=None, device=None, dtype=None) -> nn.
     if not os.path.isdir(folder):
         raise ValueError(f"{folder}: not a folder (from_pretrained loads a quantized model folder)")
     if is_ct_config(_read_config(folder)):
-        model = _from_ct_folder(folder, model_class, device)
+        model = _from_ct_folder(folder, model_class, device, dtype)
         return model if dtype is None else model.to(dtype)
     marker = read_marker(folder)
     kind = _checkpoint_kind(folder)
@@ -217,13 +217,16 @@ def from_pretrained(folder, *, model_class=None, device=None, dtype=None) -> nn.
         raise ValueError(f"{folder} is not quantized (no qtorch quantization_config in {CONFIG_NAME} and no "
                          f"quantized tensor in its checkpoint); load it with transformers' from_pretrained, or "
                          f"quantize it first (qtorch quantize {folder} -o OUT)")
-    model = _empty_model(folder, model_class)
-    load_quantized(model, folder, device=device)
+    # built in ``dtype`` from the start: the quantized layers then take their layout once, for the dtype they will
+    # compute in (built in the config's and moved after, every weight was laid out twice)
+    model = _empty_model(folder, model_class, dtype=dtype)
+    load_quantized(model, folder, device=device, dtype=dtype)
     return (model if dtype is None else model.to(dtype)).eval()
 
 
-def _empty_model(folder: str, model_class=None, *, foreign_config: bool = False) -> nn.Module:
-    """The transformers model of ``folder/config.json``, built inside :func:`qtorch.empty_weights`."""
+def _empty_model(folder: str, model_class=None, *, foreign_config: bool = False, dtype=None) -> nn.Module:
+    """The transformers model of ``folder/config.json``, built inside :func:`qtorch.empty_weights` in ``dtype``
+    (default: the config's)."""
     import transformers
 
     from .serialization import empty_weights
@@ -233,14 +236,14 @@ def _empty_model(folder: str, model_class=None, *, foreign_config: bool = False)
         # compressed-tensors' config describes its own modules; this model holds QuantLinear layers instead
         del config.quantization_config
     cls = model_class if model_class is not None else model_class_for(config)
-    dtype = torch_dtype_of(config)
+    dtype = torch_dtype_of(config) if dtype is None else dtype
     with empty_weights():
         if hasattr(cls, "from_config"):  # AutoModel* classes
             return cls.from_config(config, dtype=dtype)
         return cls._from_config(config, dtype=dtype)
 
 
-def _from_ct_folder(folder: str, model_class, device) -> nn.Module:
+def _from_ct_folder(folder: str, model_class, device, dtype=None) -> nn.Module:
     """A compressed-tensors ``pack-quantized`` folder, written by us or by the compressed-tensors package: each
     packed weight becomes a :class:`~qtorch.QuantLinear` with the same codes, scales and zero points."""
     from qcore.formats.compressed_tensors import load_folder
@@ -250,8 +253,8 @@ def _from_ct_folder(folder: str, model_class, device) -> nn.Module:
     from .replace import _mark_config
 
     loaded = load_folder(folder)  # checks config.json and every tensor before the model is built
-    model = _empty_model(folder, model_class, foreign_config=True)
-    _fill(model, folder, loaded, device=device)
+    model = _empty_model(folder, model_class, foreign_config=True, dtype=dtype)
+    _fill(model, folder, loaded, device=device, dtype=dtype)
     _mark_config(model)  # its own format's config went; transformers' save_pretrained must not look dense
     return model.eval()
 

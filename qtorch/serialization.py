@@ -157,7 +157,7 @@ def _current(owner) -> torch.Tensor:
     return m._parameters[attr] if kind == "param" else m._buffers[attr]
 
 
-def load_quantized(model: nn.Module, path, *, device=None, strict: bool = True) -> nn.Module:
+def load_quantized(model: nn.Module, path, *, device=None, strict: bool = True, dtype=None) -> nn.Module:
     """Fill ``model`` from a qcore checkpoint, in place, and return it.
 
     ``model`` may be built the usual way or inside :func:`empty_weights` (or entirely on the ``meta`` device
@@ -172,19 +172,25 @@ def load_quantized(model: nn.Module, path, *, device=None, strict: bool = True) 
     bias the file lacks keeps its own bias (a problem if that bias is on ``meta``).
 
     ``device`` places tensors that were on ``meta`` (default CPU); others keep the device they are on.
+    ``dtype`` (``torch.float32``, ``float16`` or ``bfloat16``): the compute dtype of every quantized layer, each
+    laid out for it once (default: the one it was saved with, else its module's dtype).
     A path that is neither a regular file nor a folder (a FIFO, a device) is a ``ValueError`` before it is opened.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
     target_device = torch.device(device) if device is not None else torch.device("cpu")
     path = os.fspath(path)
     _refuse_special_file(path, "read")  # before anything opens it (the files of a folder must be regular ones)
     loaded = ckpt_io.load(path)  # validates the whole file first
-    return _fill(model, path, loaded, device=device, strict=strict)
+    return _fill(model, path, loaded, device=device, strict=strict, dtype=dtype)
 
 
-def _fill(model: nn.Module, path: str, loaded: dict, *, device=None, strict: bool = True) -> nn.Module:
+def _fill(model: nn.Module, path: str, loaded: dict, *, device=None, strict: bool = True,
+          dtype=None) -> nn.Module:
     """:func:`load_quantized` of ``loaded`` (``{name: QuantizedArray or array}``, checked), read from ``path``."""
+    compute = dtype
     target_device = torch.device(device) if device is not None else torch.device("cpu")
     meta_dtypes, layouts = _qtorch_metadata(path)
     modules = dict(model.named_modules())
@@ -258,7 +264,7 @@ def _fill(model: nn.Module, path: str, loaded: dict, *, device=None, strict: boo
     # Build every new layer before touching the model: a failure here still leaves it as it was.
     new_layers = {}
     for mname, (m, qa) in replacements.items():
-        dtype = _layer_dtype(m, meta_dtypes.get(mname))
+        dtype = _layer_dtype(m, meta_dtypes.get(mname)) if compute is None else compute
         dev = _place(m.qweight if isinstance(m, QuantLinear) else m.weight, target_device)
         bias = None
         if m.bias is not None:

@@ -120,8 +120,21 @@ def test_from_pretrained_keeps_the_dtype_of_a_bf16_model(tmp_path):
         assert torch.equal(loaded(IDS).logits, model(IDS).logits)
 
 
-def test_from_pretrained_takes_a_dtype_as_model_to_gives_it(llama_q):
+def test_from_pretrained_takes_a_dtype_as_model_to_gives_it(llama_q, monkeypatch):
+    from qtorch import weight
+
+    laid_out = []  # the compute dtype of every layout a weight took while loading
+    take = weight.QuantizedWeight._take_preferred
+
+    def spy(self, compute_dtype, *args, **kwargs):
+        laid_out.append(compute_dtype)
+        return take(self, compute_dtype, *args, **kwargs)
+
+    monkeypatch.setattr(weight.QuantizedWeight, "_take_preferred", spy)
     model = qtorch.from_pretrained(llama_q, dtype=torch.bfloat16)
+    # built in bfloat16 from the start: never laid out for the saved float32 first (every weight was, then again)
+    assert laid_out and set(laid_out) == {torch.bfloat16}
+    monkeypatch.setattr(weight.QuantizedWeight, "_take_preferred", take)
     ref = qtorch.from_pretrained(llama_q).to(torch.bfloat16)
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16 and not model.training
     assert all(m.compute_dtype == torch.bfloat16 and m.scale.dtype == torch.float32

@@ -65,6 +65,23 @@ def test_round_trip_is_exact_into_a_usual_and_an_empty_model(tmp_path, dtype):
     assert usual.fc1.dtype == dtype and empty.fc2.dtype == dtype
 
 
+def test_load_quantized_takes_a_compute_dtype_for_every_quantized_layer(tmp_path):
+    net = _quantized_net(torch.float32)
+    path = tmp_path / "net.safetensors"
+    qtorch.save_quantized(net, path)
+    ids = torch.randint(0, 50, (3, 7))
+    with qtorch.empty_weights():
+        empty = Net(torch.bfloat16)
+    qtorch.load_quantized(empty, path, dtype=torch.bfloat16)  # saved computing in float32
+    quantized = [m for m in empty.modules() if isinstance(m, qtorch.QuantLinear)]
+    assert quantized and all(m.compute_dtype == torch.bfloat16 for m in quantized)
+    with torch.no_grad():
+        assert torch.equal(empty(ids), net.to(torch.bfloat16)(ids))
+    with pytest.raises(TypeError, match=r"dtype must be torch.float32, torch.float16 or torch.bfloat16, got "
+                                        r"torch.int8"):
+        qtorch.load_quantized(Net(torch.float32), path, dtype=torch.int8)
+
+
 def test_checkpoint_reads_without_torch_as_qcore_tensors(tmp_path):
     net = _quantized_net()
     path = tmp_path / "net.safetensors"
