@@ -235,10 +235,8 @@ class _Recorder:
         self.grams.clear()
 
     def hessians(self) -> list[Hessian]:
-        for job, acc in zip(self.jobs, self.accs):
-            if acc.count == 0:
-                raise ValueError(f"layer {job.record.name!r} saw no input while the calibration batches ran; "
-                                 "method='gptq' cannot quantize it")
+        """Each layer's ``H``; one that saw no input (``count == 0``: an MoE expert no calibration token was
+        routed to, a branch the batches never took) is quantized by rounding (:func:`_quantize`)."""
         return self.accs
 
 
@@ -287,11 +285,22 @@ class _DenseForward:
 def _quantize(block: list, accs: list[Hessian], opts: dict, dense: _DenseForward) -> Iterator:
     for job, acc in zip(block, accs):
         w = job.module.weight.detach()
-        w = (w.t() if job.record.kind == "Conv1D" else w).to(torch.float32).cpu().numpy()
+        w = np.ascontiguousarray((w.t() if job.record.kind == "Conv1D" else w).to(torch.float32).cpu().numpy())
+        if acc.count == 0:
+            # no input reached it, so there is no error to compensate: the grid of GPTQ's params method, rounded
+            # (such a layer stopped the whole run before: a mixture of experts at its first expert that no
+            # calibration token was routed to)
+            warnings.warn(f"layer {job.record.name!r} saw no input while the calibration batches ran (an expert "
+                          f"no token was routed to, a branch they never took): quantized by rounding with "
+                          f"params={opts['params']!r}, not by GPTQ; calibration that reaches it gives it GPTQ",
+                          UserWarning, stacklevel=2)
+            yield job, qcore.quantize(w, job.target.scheme, params=opts["params"])
+            dense.add(job)
+            continue
         try:
-            qa = gptq(np.ascontiguousarray(w), acc.h, job.target.scheme, damp=opts["damp"],
-                      act_order=opts["act_order"], block_size=opts["block_size"], params=opts["params"],
-                      weighted=opts["weighted"], refit=opts["refit"])
+            qa = gptq(w, acc.h, job.target.scheme, damp=opts["damp"], act_order=opts["act_order"],
+                      block_size=opts["block_size"], params=opts["params"], weighted=opts["weighted"],
+                      refit=opts["refit"])
         except ValueError as e:  # e.g. a layer whose calibration inputs are all zero: name it
             raise ValueError(f"layer {job.record.name!r}: {e}") from None
         yield job, qa
@@ -496,7 +505,8 @@ def _replayed(root: nn.Module, plan, batches: list, opts: dict, dense: _DenseFor
                         pass
             accs = rec.hessians()
             kept: list = []
-            if _awq_for(opts["awq"], group):
+            # (a layer that saw no input has no activation statistics to fold scales from)
+            if _awq_for(opts["awq"], group) and all(a.count for a in accs):
                 from .awq import fold_block
 
                 fold_block(block, group, accs, lambda: calls[0](block, hidden[0]), kept=kept)

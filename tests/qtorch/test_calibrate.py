@@ -464,6 +464,58 @@ def test_a_layer_whose_calibration_inputs_are_all_zero_is_named_and_the_model_le
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+class ExpertsBlock(nn.Module):
+    """Two experts, every token routed to the first: the second sees no calibration input."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
+
+    def forward(self, x):
+        return x + self.experts[0](x)
+
+
+class ExpertsNet(nn.Module):
+    def __init__(self, numbered=True):
+        super().__init__()
+        blocks = [ExpertsBlock(), ExpertsBlock()]
+        if numbered:
+            self.layers = nn.ModuleList(blocks)
+        else:  # no stack of numbered blocks: calibrated by whole-model runs
+            self.first, self.second = blocks
+
+    def forward(self, x):
+        for b in (self.layers if hasattr(self, "layers") else (self.first, self.second)):
+            x = b(x)
+        return x
+
+
+@pytest.mark.parametrize("numbered", [True, False])
+@pytest.mark.filterwarnings("ignore:GPTQ calibrates with a whole-model run")  # (the experts look like a stack)
+def test_a_layer_no_calibration_input_reaches_is_rounded_with_a_warning(numbered):
+    """An expert that no calibration token reached stopped GPTQ with a ValueError, the model half quantized by
+    nothing; it is now quantized by rounding on GPTQ's grid, named in a warning, and the others take GPTQ."""
+    torch.manual_seed(0)
+    m = ExpertsNet(numbered).eval()
+    names = ["layers.0", "layers.1"] if numbered else ["first", "second"]
+    dense = {n: getattr(m.get_submodule(n), "experts") for n in names}
+    w = {n: [e.weight.detach().numpy().copy() for e in dense[n]] for n in names}
+    scheme = resolve_scheme("w4a16-g32")
+    with pytest.warns(UserWarning, match=r"saw no input while the calibration batches ran") as record:
+        qtorch.quantize_model(m, scheme, exclude=(), method="gptq", calibration=[inputs(64, 0)])
+    warned = " ".join(str(r.message) for r in record)
+    for n in names:
+        assert f"'{n}.experts.1'" in warned and f"'{n}.experts.0'" not in warned
+        unused, used = m.get_submodule(f"{n}.experts.1"), m.get_submodule(f"{n}.experts.0")
+        assert isinstance(unused, QuantLinear) and isinstance(used, QuantLinear)
+        rounded = qcore.quantize(w[n][1], scheme, params=GPTQ_DEFAULTS["params"])
+        np.testing.assert_array_equal(unused.quantized_array().codes, rounded.codes)
+        by_rounding = qcore.quantize(w[n][0], scheme, params=GPTQ_DEFAULTS["params"]).codes
+        assert not np.array_equal(used.quantized_array().codes, by_rounding)  # GPTQ moved some codes
+    with torch.no_grad():
+        assert torch.isfinite(m(inputs(8, 1))).all()
+
+
 def test_the_folds_stay_once_a_layer_was_handed_out_whatever_stops_the_run():
     """A consumer that stopped after taking the first pair (its layer built from the folded weights) closed the
     generator at its first yield, which undid the folds under that layer."""
