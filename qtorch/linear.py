@@ -110,12 +110,18 @@ def _autocast_input(x):
     return x
 
 
+def _func_derivative() -> bool:
+    """Whether a ``torch.func`` derivative (``jvp``, ``grad``, ``vjp``, ``jacrev``...) is running, alone or under
+    ``vmap`` (``vmap`` alone is not one)."""
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return any(i.key() != torch._C._functorch.TransformType.Vmap for i in stack)
+
+
 def _differentiated(x: torch.Tensor) -> bool:
     """Whether ``x`` is a dual tensor of forward-mode AD (``torch.autograd.forward_ad``) or comes through a
     ``torch.func`` derivative (``jvp``, ``grad``, ``vjp``, ``jacrev``...), alone or under ``vmap``."""
     if torch._C._functorch.is_functorch_wrapped_tensor(x):
-        stack = torch._C._functorch.get_interpreter_stack() or ()
-        return any(i.key() != torch._C._functorch.TransformType.Vmap for i in stack)
+        return _func_derivative()
     return _FWAD._current_level >= 0 and _FWAD.unpack_dual(x).tangent is not None
 
 
@@ -132,10 +138,7 @@ def _scale_differentiated(buffers: dict) -> bool:
     if _scale_needs_grad(buffers):
         return True
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    if not any(t is not None and wrapped(t) for t in (buffers["scale"], buffers["zero_point"])):
-        return False
-    stack = torch._C._functorch.get_interpreter_stack() or ()
-    return any(i.key() != torch._C._functorch.TransformType.Vmap for i in stack)
+    return any(t is not None and wrapped(t) for t in (buffers["scale"], buffers["zero_point"])) and _func_derivative()
 
 
 class QuantLinear(nn.Module):

@@ -190,7 +190,6 @@ def load_quantized(model: nn.Module, path, *, device=None, strict: bool = True, 
 def _fill(model: nn.Module, path: str, loaded: dict, *, device=None, strict: bool = True,
           dtype=None) -> nn.Module:
     """:func:`load_quantized` of ``loaded`` (``{name: QuantizedArray or array}``, checked), read from ``path``."""
-    compute = dtype
     target_device = torch.device(device) if device is not None else torch.device("cpu")
     meta_dtypes, layouts = _qtorch_metadata(path)
     modules = dict(model.named_modules())
@@ -264,7 +263,7 @@ def _fill(model: nn.Module, path: str, loaded: dict, *, device=None, strict: boo
     # Build every new layer before touching the model: a failure here still leaves it as it was.
     new_layers = {}
     for mname, (m, qa) in replacements.items():
-        dtype = _layer_dtype(m, meta_dtypes.get(mname)) if compute is None else compute
+        compute = _layer_dtype(m, meta_dtypes.get(mname)) if dtype is None else dtype
         dev = _place(m.qweight if isinstance(m, QuantLinear) else m.weight, target_device)
         bias = None
         if m.bias is not None:
@@ -272,7 +271,7 @@ def _fill(model: nn.Module, path: str, loaded: dict, *, device=None, strict: boo
             # strict=False and not in the file: the layer keeps its own bias (checked above: not on meta)
             bias = from_numpy(b) if b is not None else m.bias.detach()
         # qcore validated the array when it read the file: its codes go into the layer's layout in one conversion
-        new_layers[mname] = QuantLinear.from_quantized_array(qa, bias, dtype=dtype, device=dev)
+        new_layers[mname] = QuantLinear.from_quantized_array(qa, bias, dtype=compute, device=dev)
     staged, seen = {}, set()
     for key, value in plain.items():
         if key.rpartition(".")[0] in replacements:
