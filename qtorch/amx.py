@@ -63,6 +63,7 @@ from qcore._jitcache import keyed_cfunc
 from . import _omp
 from ._ir import AMX_TILE, BF16, F32, I8, I16, I32, I64, host_has, to_bf16x32, vec
 from ._ir import cached as _cached
+from .gemv import TORCH_KINDS
 
 __all__ = ["available", "eligible", "amx_blocked", "amx_linear"]
 
@@ -575,6 +576,46 @@ def _steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, np
             _panel_steps(wb, buf, cols, zp, scale, base, zoff, soff, nstrips, bstride, kk0, npairs, pf, 2, 0)
 
 
+@intrinsic
+def _store_sums(typingctx, a, ai, b, bi, o, oi, kind, with_bias):
+    """``o.flat[oi:oi + 16] = a.flat[ai:ai + 16] (+ b.flat[bi:bi + 16])``: 16 float32 sums, plus the bias where
+    ``with_bias``, stored as float32 (``kind`` 0) or as the bits of their bfloat16 (1) / float16 (2) rounding to
+    nearest even, as ``.to()`` rounds (a NaN stays NaN). Vector IR on the arrays' own addresses: no array view made
+    in the kernel's epilogue, whose reference counting calls made LLVM reload the tile configuration after each
+    (twice the time of a 104-row call)."""
+    if not (isinstance(kind, types.IntegerLiteral) and isinstance(with_bias, types.IntegerLiteral)):
+        return None
+    k, wb = kind.literal_value, with_bias.literal_value
+
+    def codegen(context, builder, sig, args):
+        v16f, v16i, v16h = vec(F32, 16), vec(I32, 16), vec(I16, 16)
+
+        def at(i, ty):
+            arr = context.make_array(sig.args[i])(context, builder, args[i])
+            idx = context.cast(builder, args[i + 1], sig.args[i + 1], types.int64)
+            return builder.bitcast(builder.gep(arr.data, [idx]), ty.as_pointer())
+
+        v = builder.load(at(0, v16f), align=4)
+        if wb:
+            v = builder.fadd(v, builder.load(at(2, v16f), align=4))
+        if k == 0:
+            builder.store(v, at(4, v16f), align=4)
+            return context.get_dummy_value()
+        if k == 1:
+            u = builder.bitcast(v, v16i)
+            c = functools.partial(ir.Constant, v16i)
+            odd = builder.and_(builder.lshr(u, c([16] * 16)), c([1] * 16))
+            r = builder.lshr(builder.add(builder.add(u, c([0x7FFF] * 16)), odd), c([16] * 16))
+            nan = builder.icmp_unsigned(">", builder.and_(u, c([0x7FFFFFFF] * 16)), c([0x7F800000] * 16))
+            bits = builder.trunc(builder.select(nan, c([0x7FC0] * 16), r), v16h)
+        else:
+            bits = builder.bitcast(builder.fptrunc(v, vec(ir.HalfType(), 16)), v16h)
+        builder.store(bits, at(4, v16h), align=2)
+        return context.get_dummy_value()
+
+    return types.void(a, ai, b, bi, o, oi, kind, with_bias), codegen
+
+
 @njit(inline="always")
 def _unit_shape(W, bits):  # pragma: no cover - compiled
     """(bytes of a tile row per unit, strips of 16 channels per unit): a unit reads whole 64-byte lines (8 bits)
@@ -590,11 +631,14 @@ def _unit_shape(W, bits):  # pragma: no cover - compiled
 
 @_cached
 @njit(cache=True, nogil=True)
-def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, deq, out, u0, u1):  # pragma: no cover - compiled
+def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, deq, out, outb, okind, bias, u0,
+               u1):  # pragma: no cover - compiled
     # work unit u: the S strips of 16 output channels whose codes lie in one byte range of a tile row, all rows.
     # zp: [G, N] zero points, or one row of them for every group (4-bit symmetric: 8), or none (8-bit symmetric).
     # direct: xp holds x itself ([1, M / 16, 16 K], bfloat16 bits), its rows read as A tiles 2 K bytes apart.
-    # deq (one part only): dequantized panels, all of K one accumulation (:func:`dequantizes`)
+    # deq (one part only): dequantized panels, all of K one accumulation (:func:`dequantizes`). The epilogue: bias
+    # (float32 [N], or empty) added to each row's float32 sums, which then go to out (okind 0), or to outb as
+    # bfloat16 / float16 bits (okind 1 / 2, rounded as torch rounds): no second pass over the output
     _, blocks, rbs = xp.shape
     Mp = blocks * 16
     T, K, W = wb.shape
@@ -606,6 +650,7 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, deq, out, u0, u
     cb = np.empty((Mp, cw), np.float32)  # partial sums of a group
     acc = np.empty((Mp, cw), np.float32)  # the unit's output: sums of the groups' scaled sums
     zero = np.zeros(16, np.float32)
+    has_bias = bias.shape[0] > 0
     bstride = KB * 16  # int16 elements of one strip's panel (KB / 2 pairs x 32)
     buf = np.empty(S * bstride, np.int16)
     cols = np.empty(S, np.int64)  # the strips' first columns within the tile
@@ -668,16 +713,28 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, deq, out, u0, u
         for i in range(S):
             n0 = t * NT + cols[i]
             for m in range(M):
-                o = out[m, n0:n0 + 16]
-                a = acc[m, 16 * i:16 * i + 16]
-                for j in range(16):
-                    o[j] = a[j]
+                ai, oi = m * cw + 16 * i, m * N + n0
+                if okind == 0:
+                    if has_bias:
+                        _store_sums(acc, ai, bias, n0, out, oi, 0, 1)
+                    else:
+                        _store_sums(acc, ai, bias, n0, out, oi, 0, 0)
+                elif okind == 1:
+                    if has_bias:
+                        _store_sums(acc, ai, bias, n0, outb, oi, 1, 1)
+                    else:
+                        _store_sums(acc, ai, bias, n0, outb, oi, 1, 0)
+                elif has_bias:
+                    _store_sums(acc, ai, bias, n0, outb, oi, 2, 1)
+                else:
+                    _store_sums(acc, ai, bias, n0, outb, oi, 2, 0)
 
 
-#: the team kernel's operands (its chunks are the work units); wb's dtype is the kernel's own
-#: ``flags``: bits | direct << 8 | deq << 9 (a block holds at most 13 operands)
+#: the team kernel's operands (its chunks are the work units); wb's dtype is the kernel's own. ``flags``: bits |
+#: direct << 8 | deq << 9 | the output's kind << 10 (:data:`qtorch.gemv.TORCH_KINDS`) | a bias << 12 | zero point
+#: rows << 16 (a block holds at most 13 operands); ``bias``: float32 ``[N]`` where there is one
 OPERANDS = _omp.Operands("amx", parts=_omp.I64, M=_omp.I64, T=_omp.I64, K=_omp.I64, W=_omp.I64,
-                         gsize=_omp.I64, flags=_omp.I64, zp_rows=_omp.I64, x=_omp.ADDR, wb=_omp.ADDR,
+                         gsize=_omp.I64, flags=_omp.I64, bias=_omp.ADDR, x=_omp.ADDR, wb=_omp.ADDR,
                          scale=_omp.ADDR, zp=_omp.ADDR, out=_omp.ADDR)
 _read = OPERANDS.read
 
@@ -687,10 +744,13 @@ def _amx_chunk(o, i, u0, u1, wdt, _y):  # pragma: no cover - compiled; units u0.
     M, T, K, W, G, bits = o.M, o.T, o.K, o.W, o.K // o.gsize, o.flags & 255
     NT = W * 2 if bits == 4 else W
     Mp = (M + 15) // 16 * 16
-    zrows = o.zp_rows
+    zrows, okind = o.flags >> 16, (o.flags >> 10) & 3
     _amx_units(carray(o.x, (o.parts, Mp // 16, 16 * K), np.int16), o.parts, M, carray(o.wb, (T, K, W), wdt),
                carray(o.scale, (G, T * NT), np.float32), carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8),
-               o.gsize, bits, (o.flags >> 8) & 1, o.flags >> 9, carray(o.out, (M, T * NT), np.float32), u0, u1)
+               o.gsize, bits, (o.flags >> 8) & 1, (o.flags >> 9) & 1,
+               carray(o.out, (M, T * NT) if okind == 0 else (0, 0), np.float32),
+               carray(o.out, (M, T * NT) if okind else (0, 0), np.uint16), okind,
+               carray(o.bias, T * NT if (o.flags >> 12) & 1 else 0, np.float32), u0, u1)
     return 0
 
 
@@ -981,9 +1041,13 @@ def dequantizes(dtype: torch.dtype, rows: int, in_features: int, group_size: int
 
 
 def amx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-               group_size: int, bits: int, out_features: int) -> torch.Tensor:
+               group_size: int, bits: int, out_features: int, bias: torch.Tensor | None = None,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The forward on CPU torch tensors that ``layouts.blocked`` built (``scale`` / ``zero_point`` already
-    ``[G, N]``, all three contiguous): float32 ``[M, N]``, a new tensor. Rows go ``ROW_CHUNK`` at a time: the
+    ``[G, N]``, all three contiguous): ``[M, N]``, a new tensor, in ``out_dtype`` (default float32; bfloat16 or
+    float16: the float32 sums rounded to nearest even by the kernel as it stores them, as ``.to()`` rounds), with
+    ``bias`` (``[N]``, any float dtype; its float32 value) added to the float32 sums before that rounding, as
+    F.linear adds it: the kernel's own stores, no second pass over the output. Rows go ``ROW_CHUNK`` at a time: the
     bfloat16 parts of ``x`` take up to 1.5x its float32 bytes, held for one chunk only (in a buffer the calling
     thread reuses, up to ``SCRATCH_BYTES``).
 
@@ -994,13 +1058,19 @@ def amx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
     parts = _PARTS.get(x.dtype)
     if parts is None or not (x.is_cpu and qweight.is_cpu and scale.is_cpu and zero_point.is_cpu):
         raise TypeError(f"the AMX kernel takes CPU float32, float16 or bfloat16 rows, got {x.dtype} on {x.device}")
+    odt = torch.float32 if out_dtype is None else out_dtype
+    if odt not in TORCH_KINDS or bias is not None and (not bias.is_cpu or tuple(bias.shape) != (out_features,)):
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16 and bias a CPU tensor of {out_features} "
+                        f"values, got {odt} and {None if bias is None else (tuple(bias.shape), str(bias.device))}")
     x = x.contiguous()
     M, K = x.shape
     # on the CPU whatever the default device (under ``torch.device("meta")`` a bare empty has no memory to write)
-    out = torch.empty((M, out_features), dtype=torch.float32, device="cpu")
+    out = torch.empty((M, out_features), dtype=odt, device="cpu")
     T, _, W = qweight.shape
-    if M == 0 or T == 0:
+    if M == 0 or T == 0:  # (T == 0 only where N == 0)
         return out
+    b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()  # held until the kernel returns
+    epilogue = dict(okind=TORCH_KINDS[odt], bias=0 if b32 is None else b32.data_ptr())
     zrows = zero_point.shape[0]
     if bits == 4 and zrows == 0:  # symmetric 4-bit codes carry the offset 8: one row of 8s serves every group
         zaddr, zrows = _eights(out_features)[1], 1
@@ -1009,16 +1079,18 @@ def amx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
     deq = int(dequantizes(x.dtype, M, K, group_size))
     signed = qweight.dtype == torch.int8
     wa, sa, xa, oa, xsize = qweight.data_ptr(), scale.data_ptr(), x.data_ptr(), out.data_ptr(), x.element_size()
+    osize = out.element_size()
     scratch = _SCRATCH
     own = not scratch.busy
     scratch.busy = True
     try:
         for r0 in range(0, M, ROW_CHUNK):
             m = min(M, r0 + ROW_CHUNK) - r0
-            x0, o0 = xa + r0 * K * xsize, oa + r0 * out_features * 4
+            x0, o0 = xa + r0 * K * xsize, oa + r0 * out_features * osize
             if x.dtype == torch.bfloat16 and m % _ROWS == 0:
                 # bfloat16 rows in whole tiles need no split: the A tiles are read from x, a row 2 K bytes apart
-                _run(x0, 1, m, wa, signed, T, K, W, sa, zaddr, zrows, group_size, bits, o0, direct=1, deq=deq)
+                _run(x0, 1, m, wa, signed, T, K, W, sa, zaddr, zrows, group_size, bits, o0, direct=1, deq=deq,
+                     **epilogue)
                 continue
             n = parts * -(-m // _ROWS) * _ROWS * K
             if not own or 2 * n > SCRATCH_BYTES:
@@ -1030,7 +1102,7 @@ def amx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
                     scratch.addr = scratch.buf.ctypes.data  # 0.8 us a read
                 pa = scratch.addr
             split_into(x.dtype, x0, pa, m, K)
-            _run(pa, parts, m, wa, signed, T, K, W, sa, zaddr, zrows, group_size, bits, o0, deq=deq)
+            _run(pa, parts, m, wa, signed, T, K, W, sa, zaddr, zrows, group_size, bits, o0, deq=deq, **epilogue)
     finally:
         if own:
             scratch.busy = False
@@ -1047,14 +1119,16 @@ def _serial(team, block, lo, hi) -> None:
 
 
 def _run(xaddr: int, parts: int, M: int, wb: int, signed: bool, T: int, K: int, W: int, scale: int, zp: int,
-         zp_rows: int, gsize: int, bits: int, out: int, direct: int = 0, deq: int = 0) -> None:
+         zp_rows: int, gsize: int, bits: int, out: int, direct: int = 0, deq: int = 0, okind: int = 0,
+         bias: int = 0) -> None:
     """One kernel call on addresses: parts of x (or x itself, ``direct``), codes ``[T, K, W]``, scale and zero
-    points ``[G or zp_rows, N]``, out ``[M, N]`` float32. The caller holds every operand until it returns."""
+    points ``[G or zp_rows, N]``, out ``[M, N]`` of the kind ``okind`` (:data:`qtorch.gemv.TORCH_KINDS`), ``bias``
+    float32 ``[N]`` or 0 (none). The caller holds every operand until it returns."""
     units = _units(T, W, bits)
     nchunks = _chunks(T, units, _omp.team_size())
+    flags = bits | direct << 8 | deq << 9 | okind << 10 | (1 if bias else 0) << 12 | zp_rows << 16
     # OPERANDS' fields in order (OPERANDS.pack checks names and kinds at ~2.5 us a call; a test pins the order)
-    block = _omp.new_block(nchunks, units, (parts, M, T, K, W, gsize, bits | direct << 8 | deq << 9, zp_rows, xaddr,
-                                          wb, scale, zp, out))
+    block = _omp.new_block(nchunks, units, (parts, M, T, K, W, gsize, flags, bias, xaddr, wb, scale, zp, out))
     team = _TEAM_KERNELS[signed]
     _omp.run(units, team, block, _serial, (team, block), units, 1, nchunks=nchunks)
 

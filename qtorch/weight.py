@@ -267,8 +267,11 @@ class QuantizedWeight:
         b = self.buffers
         return self.layout.dequantize(self.spec, b["qweight"], b["scale"], b["zero_point"], dtype)
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., in] @ W.T`` -> ``[..., out]`` in ``x.dtype``, by the layout's kernel (no bias)."""
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., in] @ W.T (+ bias)`` -> ``[..., out]`` in ``x.dtype``, by the layout's kernel. ``bias``
+        (``[out]``, in ``x.dtype`` or float32; never one to differentiate: the layer adds such a bias itself) is
+        added by the kernel as it stores its sums where the layout's path can (:meth:`Layout.linear_bias`), else
+        in place afterwards."""
         spec, lay = self.spec, self.layout
         flat = x.dim() == 2 and x.shape[1] == spec.in_features  # no reshape either way: two views cost ~1.5 us
         x2 = x if flat else x.reshape(-1, spec.in_features)
@@ -283,9 +286,15 @@ class QuantizedWeight:
         compiling = torch.compiler.is_compiling()
         if compiling:
             y = lay.linear(self, x2, path)
+            if bias is not None:
+                y = y + bias.to(y.dtype)
         else:
             try:
-                y = lay.linear(self, x2, path)
+                y = None if bias is None else lay.linear_bias(self, x2, path, bias)
+                if y is None:
+                    y = lay.linear(self, x2, path)
+                    if bias is not None:  # y is the kernel's new tensor: added in place (the same sums as y + bias)
+                        y.add_(bias if bias.dtype == y.dtype else bias.to(y.dtype))
             except Exception as e:
                 problem = self.buffer_problem()
                 if problem:

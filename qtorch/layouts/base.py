@@ -161,6 +161,13 @@ class Layout:
         layer adds its bias to it in place)."""
         raise NotImplementedError
 
+    def linear_bias(self, weight, x2: torch.Tensor, path: str, bias: torch.Tensor):
+        """:meth:`linear` plus ``bias`` (``[N]``, no gradient to record) where the kernel of ``path`` adds it to its
+        float32 sums as it stores them, for this call (eager, no gradient): one pass less over the output, and
+        the bias added before the rounding into a 16-bit dtype, as F.linear adds it. None where it does not (the
+        caller then adds the bias to :meth:`linear`'s result)."""
+        return None
+
     def decoder(self, weight, dtype: torch.dtype, path: str):
         """A callable ``f(x)`` for eager single-row CPU calls of ``dtype`` by ``path`` (decoding: ``x`` of K
         elements, ``[K]``, ``[1, K]``, ``[1, 1, K]``...; no gradient), or None where the layout has none: the

@@ -292,18 +292,19 @@ tiles_act_blocked.register_fake(_fake)
 
 
 def amx_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                     group_size: int, bits: int, out_features: int) -> torch.Tensor:
+                     group_size: int, bits: int, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x[M, K] @ dequant(qweight).T`` on AMX tiles (:mod:`qtorch.amx`): the codes converted to bfloat16 panels in
-    L1, ``x`` split exactly into bfloat16 parts, float32 accumulation; returned in ``x.dtype``. A layer the kernel
-    does not serve (K or the group size not a multiple of 32: :func:`qtorch.amx.eligible`) takes
-    :func:`gemm_blocked_impl`. The body of the ``qtorch::amx_blocked`` op."""
+    L1, ``x`` split exactly into bfloat16 parts, float32 accumulation; returned in ``x.dtype``, written so by the
+    kernel (no conversion after it), ``bias`` (``[N]``, no gradient) added to the float32 sums as it stores them. A
+    layer the kernel does not serve (K or the group size not a multiple of 32: :func:`qtorch.amx.eligible`) takes
+    :func:`gemm_blocked_impl`. The body of the ``qtorch::amx_blocked`` op (which passes no bias)."""
     if not amx.eligible(qweight.shape[1], group_size) or x.dtype not in (torch.float32, torch.bfloat16,
                                                                          torch.float16):
-        return gemm_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
+        y = gemm_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
+        return y if bias is None else y.add_(bias.to(y.dtype))
     scale, zero_point = blocked_params(scale, zero_point, out_features)
-    out = amx.amx_linear(x.detach() if x.requires_grad else x, qweight.contiguous(), scale, zero_point, group_size,
-                         bits, out_features)
-    return _as(out, x.dtype)
+    return amx.amx_linear(x.detach() if x.requires_grad else x, qweight.contiguous(), scale, zero_point, group_size,
+                          bits, out_features, bias=bias, out_dtype=x.dtype)
 
 
 @torch.library.custom_op("qtorch::amx_blocked", mutates_args=())
@@ -602,6 +603,15 @@ class Blocked(Layout):
         impl, op, twin = _PATH_OPS.get(path, _PATH_OPS["tiles"])
         fn = impl if direct else op if grad else twin
         return fn(x2, b["qweight"], b["scale"], b["zero_point"], spec.group, container_bits(spec.bits), n)
+
+    def linear_bias(self, weight, x2, path, bias):
+        # the AMX kernel stores its sums plus the bias (the other paths' kernels: the layer adds it after them)
+        if path != AMX or x2.shape[0] < 2 or needs_grad(x2) or not plain_eager(x2):
+            return None
+        spec, b = weight.spec, weight.buffers
+        x2 = pad_columns(x2, b["qweight"].shape[1])
+        return amx_blocked_impl(x2, b["qweight"], b["scale"], b["zero_point"], spec.group, container_bits(spec.bits),
+                                spec.out_features, bias=bias)
 
     def decoder(self, weight, dtype, path):
         # the one-row plan's call with everything but x fixed: what linear() runs for such a call

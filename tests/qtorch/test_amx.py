@@ -485,7 +485,8 @@ def test_the_kernel_reads_its_operands_in_their_fields(monkeypatch):
     ops = dict(zip(amx.OPERANDS.fields, seen[0]))
     assert ops["parts"] == 1 and ops["M"] == 16 and ops["K"] == 64 and ops["x"] == x.data_ptr()
     assert ops["out"] == y.data_ptr() and ops["wb"] == b["qweight"].data_ptr() and ops["flags"] & 255 == 8
-    assert ops["T"] * ops["W"] == 96 and ops["gsize"] == 64 and ops["zp_rows"] == 1
+    assert ops["T"] * ops["W"] == 96 and ops["gsize"] == 64 and ops["flags"] >> 16 == 1  # zero point rows
+    assert ops["bias"] == 0 and ops["flags"] >> 10 & 7 == 0  # no bias; float32 out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -501,3 +502,72 @@ def test_a_meta_default_device_does_not_move_the_kernels_buffers(dtype):
             parts = amx.split_rows(x.float())
     assert got.device.type == "cpu" and torch.equal(got, want)
     assert parts.device.type == "cpu"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_the_kernel_stores_its_sums_plus_the_bias_in_the_output_dtype(bits, dtype):
+    # the epilogue: out_dtype's rounding of (the float32 sums + the float32 bias), bit for bit what .to() gives,
+    # infinities included, NaN where it is NaN; rows 20 (a split, a padded block) and 32 (bfloat16: tiles read from x itself)
+    q = _layer(QuantScheme(bits, False, PerGroup(64)), dtype, 192, 128, seed=40 + bits)
+    b, spec = q.quantized_weight.buffers, q.quantized_weight.spec
+    scale, zp = blocked.blocked_params(b["scale"], b["zero_point"], spec.out_features)
+    bias = (torch.randn(192) * 3).to(dtype)
+    bias[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    for rows in (20, 32):
+        x = torch.randn(rows, 128, dtype=dtype) * 2
+        x[1, 5] = float("nan")
+        sums = amx.amx_linear(x, b["qweight"], scale, zp, spec.group, bits, spec.out_features)
+        for with_bias in (False, True):
+            want = (sums + bias.float() if with_bias else sums).to(dtype)
+            got = amx.amx_linear(x, b["qweight"], scale, zp, spec.group, bits, spec.out_features,
+                                 bias=bias if with_bias else None, out_dtype=dtype)
+            assert got.dtype == dtype and got.shape == want.shape
+            nan = want.isnan()  # (a NaN's payload: torch's own conversions differ there, by CPU and path)
+            assert nan.any() and torch.equal(got.isnan(), nan)
+            as_int = torch.int16 if dtype != torch.float32 else torch.int32
+            assert torch.equal(got.view(as_int)[~nan], want.view(as_int)[~nan])
+
+
+def test_a_bad_bias_or_output_dtype_is_refused():
+    q = _layer(QuantScheme(8, True, PerChannel(0)), torch.float32, 48, 64, seed=44)
+    b, spec = q.quantized_weight.buffers, q.quantized_weight.spec
+    scale, zp = blocked.blocked_params(b["scale"], b["zero_point"], spec.out_features)
+    x = torch.randn(4, 64)
+    with pytest.raises(TypeError, match="bias a CPU tensor of 48 values"):
+        amx.amx_linear(x, b["qweight"], scale, zp, spec.group, 8, 48, bias=torch.zeros(47))
+    with pytest.raises(TypeError, match="out_dtype must be"):
+        amx.amx_linear(x, b["qweight"], scale, zp, spec.group, 8, 48, out_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_layer_with_a_bias_adds_it_in_the_kernel_and_still_differentiates_it(dtype):
+    # eager calls without a gradient take the fused bias: F.linear's numbers, float32 ones bit for bit those of
+    # the kernel's sums plus the bias; with a gradient to record (x or a bias that requires one) the layer adds
+    # the bias itself, and autograd differentiates it
+    lin = torch.nn.Linear(128, 192).to(dtype)
+    q = qtorch.W8A16Linear.from_linear(lin)
+    w = q.quantized_weight
+    w._routes = {("cpu", dtype, autotune.bucket_index(24)): "amx"}
+    x = torch.randn(24, 128, dtype=dtype)
+    calls = []
+    real = amx.amx_linear
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(amx, "amx_linear", lambda *a, **k: calls.append(k.get("bias")) or real(*a, **k))
+        with torch.no_grad():
+            y = q(x)
+    assert len(calls) == 1 and calls[0] is q.bias
+    ref = F.linear(x, q.dequantized_weight(dtype), q.bias)
+    bound = F.linear(x.float().abs(), q.dequantized_weight(torch.float32).abs(), q.bias.float().abs())
+    assert torch.all((y.float() - ref.float()).abs() <= EPS[dtype] * bound + 1e-6)
+    if dtype == torch.float32:
+        with torch.no_grad():
+            assert torch.equal(y, blocked.BLOCKED.linear(w, x, "amx") + q.bias)
+    xg = x.clone().requires_grad_()
+    q(xg).sum().backward()
+    assert xg.grad is not None and torch.allclose(xg.grad.float(), q.dequantized_weight(dtype).float().sum(0)
+                                                  .expand(24, 128), rtol=1e-2, atol=1e-2)
+    bias = torch.nn.Parameter(q.bias.detach().clone())
+    q._buffers["bias"] = bias
+    q(x).sum().backward()
+    assert bias.grad is not None and torch.equal(bias.grad, torch.full_like(bias, 24))
