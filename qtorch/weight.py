@@ -300,9 +300,13 @@ class QuantizedWeight:
                 if problem:
                     raise ValueError(problem) from e
                 raise
-        if not compiling and rows == 1 and x.is_cpu and x.dtype not in self._decoders \
-                and not needs_grad(x) and plain_eager(x):  # (dynamo never reads the dict: no guard on it)
-            self._decoders[x.dtype] = lay.decoder(self, x.dtype, path)
+        if not compiling and rows and x.is_cpu and not needs_grad(x) and plain_eager(x):
+            # (dynamo never reads the dict: no guard on it)
+            if rows == 1 and x.dtype not in self._decoders:
+                self._decoders[x.dtype] = lay.decoder(self, x.dtype, path)
+            elif rows > 1 and lay.tuned and spec.zero_point_kind == "int" and key not in self._decoders:
+                # (key: the route's, set above)
+                self._decoders[key] = lay.runner(self, x.dtype, path)
         return y if flat else y.reshape(*x.shape[:-1], spec.out_features)
 
     def buffer_problem(self) -> str | None:
@@ -330,6 +334,21 @@ class QuantizedWeight:
         if y is None:
             self._decoders = {}  # the buffers were replaced: linear() rebuilds, then a new decoder
         return y
+
+    def run_rows(self, x: torch.Tensor, bias: torch.Tensor | None):
+        """:meth:`linear` of ``x`` (2+ rows, ``[..., K]``) plus ``bias`` by the layout's runner kept for its dtype and
+        row bucket (after the first such call: :meth:`Layout.runner`), or None: no runner (then :meth:`linear`).
+        The caller has checked ``x``: a CPU tensor of a compute dtype, its last dimension K, no gradient to record
+        (nor for ``bias``), not traced."""
+        rows = x.numel() // self.spec.in_features
+        run = self._decoders.get((x.device.type, x.dtype, autotune.bucket_index(rows)))
+        if run is None:
+            return None
+        y = run(x if x.dim() == 2 else x.reshape(rows, self.spec.in_features), bias)
+        if y is None:
+            self._decoders = {}  # the buffers were replaced: linear() rebuilds, then a new runner
+            return None
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.spec.out_features)
 
     def _route(self, x2: torch.Tensor, key: tuple) -> str:
         """The path for calls like ``x2`` (first call of its row bucket): the dispatcher's choice among the

@@ -168,6 +168,13 @@ class Layout:
         caller then adds the bias to :meth:`linear`'s result)."""
         return None
 
+    def runner(self, weight, dtype: torch.dtype, path: str):
+        """A callable ``f(x2, bias)`` for eager CPU calls of 2+ rows of ``dtype`` by ``path`` (``x2 [M, K]``; no
+        gradient; ``bias`` ``[N]`` or None, as in :meth:`linear_bias`), or None where the layout has none: what
+        :meth:`linear_bias` computes, with the weight's operands read once. ``f`` returns None when the weight's
+        buffers were replaced since it was made (the caller then takes :meth:`linear`, and asks again)."""
+        return None
+
     def decoder(self, weight, dtype: torch.dtype, path: str):
         """A callable ``f(x)`` for eager single-row CPU calls of ``dtype`` by ``path`` (decoding: ``x`` of K
         elements, ``[K]``, ``[1, K]``, ``[1, 1, K]``...; no gradient), or None where the layout has none: the

@@ -613,6 +613,26 @@ class Blocked(Layout):
         return amx_blocked_impl(x2, b["qweight"], b["scale"], b["zero_point"], spec.group, container_bits(spec.bits),
                                 spec.out_features, bias=bias)
 
+    def runner(self, weight, dtype, path):
+        # the AMX call with everything but x and the bias fixed: what linear_bias() runs for such a call
+        spec, b = weight.spec, weight.buffers
+        qw, sc, zp = b["qweight"], b["scale"], b["zero_point"]
+        if (path != AMX or dtype not in gemv.TORCH_KINDS or qw.device.type != "cpu" or qw.dim() != 3
+                or qw.shape[1] != spec.in_features or not amx.eligible(qw.shape[1], spec.group)
+                or sc.dim() != 2 or zp.dim() != 2  # (a per-tensor scale is expanded per call: updates are seen)
+                or not (qw.is_contiguous() and sc.is_contiguous() and zp.is_contiguous())):
+            return None
+        run = amx.runner(qw, sc, zp, spec.group, container_bits(spec.bits), spec.out_features, dtype)
+        addresses = (qw.data_ptr(), sc.data_ptr(), zp.data_ptr())
+
+        def call(x2, bias):
+            if (b["qweight"] is not qw or b["scale"] is not sc or b["zero_point"] is not zp
+                    or (qw.data_ptr(), sc.data_ptr(), zp.data_ptr()) != addresses):
+                return None
+            return run(x2 if x2.is_contiguous() else x2.contiguous(), bias)
+
+        return call
+
     def decoder(self, weight, dtype, path):
         # the one-row plan's call with everything but x fixed: what linear() runs for such a call
         if path not in ("numba", BF16DOT) or dtype not in gemv.TORCH_KINDS:

@@ -571,3 +571,31 @@ def test_a_layer_with_a_bias_adds_it_in_the_kernel_and_still_differentiates_it(d
     q._buffers["bias"] = bias
     q(x).sum().backward()
     assert bias.grad is not None and torch.equal(bias.grad, torch.full_like(bias, 24))
+
+
+def test_a_layers_later_calls_of_several_rows_take_its_runner_and_see_a_replaced_weight():
+    # the first eager call of a row bucket keeps the layout's runner (the AMX call, the weight's operands read once);
+    # later calls of that bucket go straight to it, 2-d and 3-d, contiguous or not, with the result of linear();
+    # buffers replaced (load_state_dict of another weight) are seen: the runner is dropped and made again
+    torch.manual_seed(50)
+    lin, other = torch.nn.Linear(128, 96), torch.nn.Linear(128, 96)
+    q = qtorch.W8A16Linear.from_linear(lin)
+    w = q.quantized_weight
+    for bucket in (autotune.bucket_index(24), autotune.bucket_index(40)):
+        w._routes[("cpu", torch.float32, bucket)] = "amx"
+    x = torch.randn(2, 12, 128)
+    with torch.no_grad():
+        first = q(x)
+        assert ("cpu", torch.float32, autotune.bucket_index(24)) in w._decoders
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(type(w), "linear", lambda *a, **k: pytest.fail("the runner was not taken"))
+            again, flat = q(x), q(x.reshape(24, 128))
+            strided = q(torch.randn(128, 24).t())
+        assert torch.equal(first, again) and torch.equal(flat, first.reshape(24, 96))
+        assert torch.equal(first, w.linear(x) + q.bias)
+        assert strided.shape == (24, 96)
+        q.load_state_dict(qtorch.W8A16Linear.from_linear(other).state_dict())
+        want = F.linear(x, q.dequantized_weight(), q.bias)
+        got = q(x)
+    assert not torch.equal(got, first)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
