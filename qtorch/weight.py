@@ -300,12 +300,12 @@ class QuantizedWeight:
                 if problem:
                     raise ValueError(problem) from e
                 raise
-        if not compiling and rows and x.is_cpu and not needs_grad(x) and plain_eager(x):
-            # (dynamo never reads the dict: no guard on it)
-            if rows == 1 and x.dtype not in self._decoders:
-                self._decoders[x.dtype] = lay.decoder(self, x.dtype, path)
-            elif rows > 1 and lay.tuned and spec.zero_point_kind == "int" and key not in self._decoders:
-                # (key: the route's, set above)
+        if not compiling and rows and x.is_cpu:  # (dynamo never reads the dict: no guard on it)
+            if rows == 1:
+                if x.dtype not in self._decoders and not needs_grad(x) and plain_eager(x):
+                    self._decoders[x.dtype] = lay.decoder(self, x.dtype, path)
+            elif (lay.tuned and spec.zero_point_kind == "int" and key not in self._decoders  # (key: the route's)
+                  and not needs_grad(x) and plain_eager(x)):
                 self._decoders[key] = lay.runner(self, x.dtype, path)
         return y if flat else y.reshape(*x.shape[:-1], spec.out_features)
 
@@ -334,6 +334,15 @@ class QuantizedWeight:
         if y is None:
             self._decoders = {}  # the buffers were replaced: linear() rebuilds, then a new decoder
         return y
+
+    def kept_call(self, x: torch.Tensor):
+        """The decoder (``x`` of one row) or runner (2+ rows) kept for calls like ``x`` (``[..., K]`` on the CPU),
+        or None: what :meth:`decode` / :meth:`run_rows` would call (a dict lookup: the layer asks before it checks
+        the rest)."""
+        n, k = x.numel(), self.spec.in_features
+        if n == k:
+            return self._decoders.get(x.dtype)
+        return self._decoders.get((x.device.type, x.dtype, autotune.bucket_index(n // k))) if n else None
 
     def run_rows(self, x: torch.Tensor, bias: torch.Tensor | None):
         """:meth:`linear` of ``x`` (2+ rows, ``[..., K]``) plus ``bias`` by the layout's runner kept for its dtype and
