@@ -617,6 +617,33 @@ def _store_sums(typingctx, a, ai, b, bi, o, oi, kind, with_bias):
 
 
 @njit(inline="always")
+def _store_unit(acc, cw, S, cols, n_tile, M, N, out, outb, okind, bias):  # pragma: no cover - compiled
+    """A work unit's output: rows ``0..M`` of its sums ``acc`` (float32 ``[Mp, cw]``, strip ``i`` in columns
+    ``16 i..16 i + 16``) plus the bias (float32 ``[N]``, or empty) into the output's columns ``n_tile + cols[i]``:
+    float32 ``out`` (``okind`` 0) or the bfloat16 / float16 bits ``outb`` (1 / 2), by :func:`_store_sums` (the AMX
+    kernel's and the AVX512-BF16 kernel's epilogue)."""
+    has_bias = bias.shape[0] > 0
+    for i in range(S):
+        n0 = n_tile + cols[i]
+        for m in range(M):
+            ai, oi = m * cw + 16 * i, m * N + n0
+            if okind == 0:
+                if has_bias:
+                    _store_sums(acc, ai, bias, n0, out, oi, 0, 1)
+                else:
+                    _store_sums(acc, ai, bias, n0, out, oi, 0, 0)
+            elif okind == 1:
+                if has_bias:
+                    _store_sums(acc, ai, bias, n0, outb, oi, 1, 1)
+                else:
+                    _store_sums(acc, ai, bias, n0, outb, oi, 1, 0)
+            elif has_bias:
+                _store_sums(acc, ai, bias, n0, outb, oi, 2, 1)
+            else:
+                _store_sums(acc, ai, bias, n0, outb, oi, 2, 0)
+
+
+@njit(inline="always")
 def _unit_shape(W, bits):  # pragma: no cover - compiled
     """(bytes of a tile row per unit, strips of 16 channels per unit): a unit reads whole 64-byte lines (8 bits)
     or half lines holding both nibbles of its channels (4 bits), so no line is fetched twice."""
@@ -650,7 +677,6 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, deq, out, outb,
     cb = np.empty((Mp, cw), np.float32)  # partial sums of a group
     acc = np.empty((Mp, cw), np.float32)  # the unit's output: sums of the groups' scaled sums
     zero = np.zeros(16, np.float32)
-    has_bias = bias.shape[0] > 0
     bstride = KB * 16  # int16 elements of one strip's panel (KB / 2 pairs x 32)
     buf = np.empty(S * bstride, np.int16)
     cols = np.empty(S, np.int64)  # the strips' first columns within the tile
@@ -710,24 +736,7 @@ def _amx_units(xp, parts, M, wb, scale, zp, gsize, bits, direct, deq, out, outb,
                     _block(xf, wb, buf, cf, af, sf, zf, cols, zero, q, ns, nr, parts, cmode, deq)
                     m0 += 16 * nr
             k += nk
-        for i in range(S):
-            n0 = t * NT + cols[i]
-            for m in range(M):
-                ai, oi = m * cw + 16 * i, m * N + n0
-                if okind == 0:
-                    if has_bias:
-                        _store_sums(acc, ai, bias, n0, out, oi, 0, 1)
-                    else:
-                        _store_sums(acc, ai, bias, n0, out, oi, 0, 0)
-                elif okind == 1:
-                    if has_bias:
-                        _store_sums(acc, ai, bias, n0, outb, oi, 1, 1)
-                    else:
-                        _store_sums(acc, ai, bias, n0, outb, oi, 1, 0)
-                elif has_bias:
-                    _store_sums(acc, ai, bias, n0, outb, oi, 2, 1)
-                else:
-                    _store_sums(acc, ai, bias, n0, outb, oi, 2, 0)
+        _store_unit(acc, cw, S, cols, t * NT, M, N, out, outb, okind, bias)
 
 
 #: the team kernel's operands (its chunks are the work units); wb's dtype is the kernel's own. ``flags``: bits |
@@ -1068,9 +1077,16 @@ def amx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
 class _Prepared:
     """What a layer's calls share: the weight's operands as the kernel reads them (addresses, shapes), for
     :func:`amx_linear`, or kept by :func:`runner` for all of a layer's calls (which saves their Python: a 32 x 64
-    float32 call took 66 us through the layer, against 26 for dense F.linear). Holds the tensors it addresses."""
+    float32 call took 66 us through the layer, against 26 for dense F.linear). Holds the tensors it addresses.
+    :mod:`qtorch.bf16dot` subclasses it for its kernel (``_kernel``; ``_DIRECT``: bfloat16 rows in whole tiles
+    read where they lie)."""
 
     __slots__ = ("tensors", "wa", "signed", "T", "K", "W", "sa", "zaddr", "zrows", "group", "bits", "N")
+    _DIRECT = True
+
+    @staticmethod
+    def _kernel(*args, **kwargs) -> None:
+        _run(*args, **kwargs)
 
     def __init__(self, qweight, scale, zero_point, group_size: int, bits: int, out_features: int):
         self.tensors = (qweight, scale, zero_point)
@@ -1104,9 +1120,9 @@ class _Prepared:
             for r0 in range(0, M, ROW_CHUNK):
                 m = min(M, r0 + ROW_CHUNK) - r0
                 x0, o0 = xa + r0 * K * xsize, oa + r0 * N * osize
-                if dt == torch.bfloat16 and m % _ROWS == 0:
+                if self._DIRECT and dt == torch.bfloat16 and m % _ROWS == 0:
                     # bfloat16 rows in whole tiles need no split: the A tiles are read from x, a row 2 K bytes apart
-                    _run(x0, 1, m, *fixed, o0, direct=1, deq=deq, okind=okind, bias=baddr)
+                    self._kernel(x0, 1, m, *fixed, o0, direct=1, deq=deq, okind=okind, bias=baddr)
                     continue
                 n = parts * -(-m // _ROWS) * _ROWS * K
                 if not own or 2 * n > SCRATCH_BYTES:
@@ -1118,7 +1134,7 @@ class _Prepared:
                         scratch.addr = scratch.buf.ctypes.data  # 0.8 us a read
                     pa = scratch.addr
                 split_into(dt, x0, pa, m, K)
-                _run(pa, parts, m, *fixed, o0, deq=deq, okind=okind, bias=baddr)
+                self._kernel(pa, parts, m, *fixed, o0, deq=deq, okind=okind, bias=baddr)
         finally:
             if own:
                 scratch.busy = False
@@ -1126,16 +1142,17 @@ class _Prepared:
 
 
 def runner(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int, bits: int,
-           out_features: int, dtype: torch.dtype):
+           out_features: int, dtype: torch.dtype, prepared=_Prepared):
     """:func:`amx_linear` of one layer for ``dtype`` rows, its weight's operands read once: ``f(x, bias)`` for a
     contiguous ``x [M, K]`` of ``dtype``, the output in ``dtype``. The caller keeps it while the weight's tensors
-    are the same (their addresses are fixed in it) and checks ``x``."""
-    if not (_AVAILABLE or available()):
+    are the same (their addresses are fixed in it) and checks ``x``. ``prepared``: the kernel's :class:`_Prepared`
+    (:mod:`qtorch.bf16dot` passes its own)."""
+    if not (_AVAILABLE or available()) and prepared is _Prepared:
         raise RuntimeError(_NO_TILES)
     if dtype not in _PARTS or not (qweight.is_cpu and scale.is_cpu and zero_point.is_cpu):
-        raise TypeError(f"the AMX kernel takes CPU float32, float16 or bfloat16 rows, got {dtype}")
-    prepared = _Prepared(qweight, scale, zero_point, group_size, bits, out_features)
-    return lambda x, bias: prepared(x, bias, dtype)
+        raise TypeError(f"the kernel takes CPU float32, float16 or bfloat16 rows, got {dtype}")
+    call = prepared(qweight, scale, zero_point, group_size, bits, out_features)
+    return lambda x, bias: call(x, bias, dtype)
 
 
 _NO_TILES = "this process cannot use AMX tiles (no AMX-BF16 CPU, or Linux refused the tile state)"

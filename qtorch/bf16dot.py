@@ -44,10 +44,11 @@ from numba.extending import intrinsic
 
 from . import _omp
 from ._ir import BF16, F32, I8, I32, I64, host_has, vec
-from .amx import (_PARTS, _SCRATCH, ROW_CHUNK, SCRATCH_BYTES, _chunks, _eights, _emit_pair, _pairs_of, _prefetch,
-                  _steps, _unit_shape, _units, dequantizes, eligible, split_into)
+from .amx import _Prepared as _AmxPrepared
+from .amx import (_chunks, _emit_pair, _pairs_of, _prefetch, _steps, _store_unit, _unit_shape, _units,
+                  eligible)
+from .amx import runner as _amx_runner
 from ._ir import cached as _cached
-from .gemv import TORCH_KINDS, _narrow
 
 __all__ = ["available", "eligible", "bf16dot_linear"]
 
@@ -315,11 +316,13 @@ def _block_rows(rem, m0, Mp):  # pragma: no cover - compiled
 
 @_cached
 @njit(cache=True, nogil=True)
-def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, okind, u0, u1):  # pragma: no cover - compiled
+def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, okind, bias, u0,
+              u1):  # pragma: no cover - compiled
     # work unit u: the S strips of 16 output channels whose codes lie in one byte range of a tile row, all rows
     # (as qtorch.amx's units). xp: [P, Mp / 16, 16 K] bfloat16 bits in A-tile order: 16 rows x 32 columns
-    # contiguous (x's own rows, 2 K bytes apart, thrashed one L1 set). okind 1 / 2: the output goes to outb as
-    # bfloat16 / float16 bits (rounded as torch rounds), out untouched; 0: float32 sums to out
+    # contiguous (x's own rows, 2 K bytes apart, thrashed one L1 set). The float32 sums plus the bias (float32
+    # [N], or empty) go to outb as bfloat16 / float16 bits (okind 1 / 2, rounded as torch rounds), out untouched,
+    # or to out as float32 (okind 0)
     _, blocks, rbs = xp.shape
     Mp = blocks * 16
     T, K, W = wb.shape
@@ -439,22 +442,14 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, okind, u
             if overlap:
                 cur = nxt
             k += nk
-        for i in range(S):
-            n0 = t * NT + cols[i]
-            for m in range(M):
-                if okind:
-                    _narrow(acc[m, 16 * i:16 * i + 16], outb[m, n0:n0 + 16], okind, 0, 16)
-                else:
-                    o = out[m, n0:n0 + 16]
-                    a = acc[m, 16 * i:16 * i + 16]
-                    for j in range(16):
-                        o[j] = a[j]
+        _store_unit(acc, cw, S, cols, t * NT, M, N, out, outb, okind, bias)
 
 
 #: the team kernel's operands (its chunks are the work units); ``flags``: bits | deq << 9 | the output's kind << 10
-#: (:data:`qtorch.gemv.TORCH_KINDS`: 0 float32, 1 bfloat16, 2 float16)
+#: (:data:`qtorch.gemv.TORCH_KINDS`: 0 float32, 1 bfloat16, 2 float16) | a bias << 12 | zero point rows << 16;
+#: ``bias``: float32 ``[N]`` where there is one
 OPERANDS = _omp.Operands("bf16dot", parts=_omp.I64, M=_omp.I64, T=_omp.I64, K=_omp.I64, W=_omp.I64,
-                         gsize=_omp.I64, flags=_omp.I64, zp_rows=_omp.I64, x=_omp.ADDR, wb=_omp.ADDR,
+                         gsize=_omp.I64, flags=_omp.I64, bias=_omp.ADDR, x=_omp.ADDR, wb=_omp.ADDR,
                          scale=_omp.ADDR, zp=_omp.ADDR, out=_omp.ADDR)
 _read = OPERANDS.read
 
@@ -464,11 +459,12 @@ def _dp_chunk(o, i, u0, u1, wdt, _y):  # pragma: no cover - compiled; units u0..
     M, T, K, W, G, bits = o.M, o.T, o.K, o.W, o.K // o.gsize, o.flags & 255
     NT = W * 2 if bits == 4 else W
     Mp = (M + 15) // 16 * 16
-    zrows = o.zp_rows
+    zrows, okind = o.flags >> 16, (o.flags >> 10) & 3
     _dp_units(carray(o.x, (o.parts, Mp // 16, 16 * K), np.int16), o.parts, M, carray(o.wb, (T, K, W), wdt),
               carray(o.scale, (G, T * NT), np.float32), carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8),
-              o.gsize, bits, (o.flags >> 9) & 1, carray(o.out, (M, T * NT), np.float32),
-              carray(o.out, (M, T * NT), np.uint16), (o.flags >> 10) & 3, u0, u1)
+              o.gsize, bits, (o.flags >> 9) & 1, carray(o.out, (M, T * NT) if okind == 0 else (0, 0), np.float32),
+              carray(o.out, (M, T * NT) if okind else (0, 0), np.uint16), okind,
+              carray(o.bias, T * NT if (o.flags >> 12) & 1 else 0, np.float32), u0, u1)
     return 0
 
 
@@ -489,13 +485,13 @@ def _serial(team, block, lo, hi) -> None:
 
 
 def _run(xaddr: int, parts: int, M: int, wb: int, signed: bool, T: int, K: int, W: int, scale: int, zp: int,
-         zp_rows: int, gsize: int, bits: int, out: int, deq: int = 0, okind: int = 0) -> None:
+         zp_rows: int, gsize: int, bits: int, out: int, deq: int = 0, okind: int = 0, bias: int = 0) -> None:
     """One kernel call on addresses (as :func:`qtorch.amx._run`); the caller holds every operand. ``okind``: the
-    output's kind at ``out`` (:data:`qtorch.gemv.TORCH_KINDS`)."""
+    output's kind at ``out`` (:data:`qtorch.gemv.TORCH_KINDS`); ``bias``: float32 ``[N]``, or 0 for none."""
     units = _units(T, W, bits)
     nchunks = _chunks(T, units, _omp.team_size())
-    block = _omp.new_block(nchunks, units, (parts, M, T, K, W, gsize, bits | deq << 9 | okind << 10, zp_rows, xaddr,
-                                          wb, scale, zp, out))
+    flags = bits | deq << 9 | okind << 10 | (1 if bias else 0) << 12 | zp_rows << 16
+    block = _omp.new_block(nchunks, units, (parts, M, T, K, W, gsize, flags, bias, xaddr, wb, scale, zp, out))
     team = _TEAM_KERNELS[signed]
     _omp.run(units, team, block, _serial, (team, block), units, 1, nchunks=nchunks)
 
@@ -505,61 +501,49 @@ _NO_BF16 = "this process cannot run AVX512-BF16 dot products (numba does not com
 
 def bf16dot_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                    group_size: int, bits: int, out_features: int,
-                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   out_dtype: torch.dtype | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The forward on CPU torch tensors that ``layouts.blocked`` built (``scale`` / ``zero_point`` already
     ``[G, N]``, all three contiguous; K and the group size multiples of 32): ``[M, N]``, a new tensor, for
     bfloat16 or float16 ``x[M, K]``, in ``x``'s dtype (the float32 sums rounded to nearest even by the kernel as it
-    stores them, as ``.to()`` rounds), or float32 where ``out_dtype`` is ``torch.float32`` (the sums themselves).
-    bfloat16 rows in whole blocks of 16 are read where they lie; other rows are first laid out (float16: split into
-    two bfloat16 parts) ``ROW_CHUNK`` rows at a time, in a buffer the calling thread reuses."""
+    stores them, as ``.to()`` rounds), or float32 where ``out_dtype`` is ``torch.float32`` (the sums themselves),
+    ``bias`` (``[N]``, its float32 value) added to the float32 sums as they are stored. Rows are first laid out
+    (float16: split into two bfloat16 parts) ``ROW_CHUNK`` rows at a time, in a buffer the calling thread reuses."""
     if not (_AVAILABLE or available()):  # the instruction on a CPU without it is SIGILL, not an error
         raise RuntimeError(_NO_BF16)
     if x.dtype not in (torch.bfloat16, torch.float16) or not (x.is_cpu and qweight.is_cpu and scale.is_cpu
                                                               and zero_point.is_cpu):
         raise TypeError(f"the AVX512-BF16 kernel takes CPU bfloat16 or float16 rows, got {x.dtype} on {x.device}")
-    x = x.contiguous()
-    M, K = x.shape
+    K = x.shape[1]
     if not eligible(K, group_size) or qweight.shape[1] != K:
         raise ValueError(f"the AVX512-BF16 kernel needs K and the group size to be multiples of 32, got K={K}, "
                          f"group size {group_size}")
     if out_dtype not in (None, torch.float32, x.dtype):
         raise ValueError(f"out_dtype must be None, torch.float32 or x's dtype ({x.dtype}), got {out_dtype}")
+    if bias is not None and (not bias.is_cpu or tuple(bias.shape) != (out_features,)):
+        raise TypeError(f"bias must be a CPU tensor of {out_features} values, got {tuple(bias.shape)} on "
+                        f"{bias.device}")
     odt = x.dtype if out_dtype is None else out_dtype
-    out = torch.empty((M, out_features), dtype=odt, device="cpu")
-    T, _, W = qweight.shape
-    if M == 0 or T == 0:
-        return out
-    zrows = zero_point.shape[0]
-    if bits == 4 and zrows == 0:  # symmetric 4-bit codes carry the offset 8
-        zaddr, zrows = _eights(out_features)[1], 1
-    else:
-        zaddr = zero_point.data_ptr()
-    parts = _PARTS[x.dtype]
-    deq = int(dequantizes(x.dtype, M, K, group_size))
-    signed = qweight.dtype == torch.int8
-    wa, sa, xa, oa, xsize = qweight.data_ptr(), scale.data_ptr(), x.data_ptr(), out.data_ptr(), x.element_size()
-    osize = out.element_size()
-    scratch = _SCRATCH
-    own = not scratch.busy
-    scratch.busy = True
-    try:
-        for r0 in range(0, M, ROW_CHUNK):
-            m = min(M, r0 + ROW_CHUNK) - r0
-            x0, o0 = xa + r0 * K * xsize, oa + r0 * out_features * osize
-            n = parts * -(-m // 16) * 16 * K
-            if not own or 2 * n > SCRATCH_BYTES:
-                buf = np.empty(n, np.int16)
-                pa = buf.ctypes.data
-            else:
-                if scratch.buf is None or scratch.buf.size < n:
-                    scratch.buf = np.empty(n, np.int16)
-                    scratch.addr = scratch.buf.ctypes.data
-                pa = scratch.addr
-            split_into(x.dtype, x0, pa, m, K)
-            _run(pa, parts, m, wa, signed, T, K, W, sa, zaddr, zrows, group_size, bits, o0, deq=deq,
-                 okind=TORCH_KINDS[odt])
-    finally:
-        if own:
-            scratch.busy = False
-    return out
+    return _Prepared(qweight, scale, zero_point, group_size, bits, out_features)(x.contiguous(), bias, odt)
+
+
+class _Prepared(_AmxPrepared):
+    """:class:`qtorch.amx._Prepared` for this kernel: every row block laid out first (x's own rows thrash L1)."""
+
+    __slots__ = ()
+    _DIRECT = False
+
+    @staticmethod
+    def _kernel(*args, **kwargs) -> None:
+        _run(*args, **kwargs)
+
+
+def runner(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int, bits: int,
+           out_features: int, dtype: torch.dtype):
+    """:func:`bf16dot_linear` of one layer for ``dtype`` rows (bfloat16 / float16), its weight's operands read once:
+    ``f(x, bias)`` (as :func:`qtorch.amx.runner`)."""
+    if not (_AVAILABLE or available()):
+        raise RuntimeError(_NO_BF16)
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"the AVX512-BF16 kernel takes CPU bfloat16 or float16 rows, got {dtype}")
+    return _amx_runner(qweight, scale, zero_point, group_size, bits, out_features, dtype, prepared=_Prepared)
 

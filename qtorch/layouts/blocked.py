@@ -318,18 +318,19 @@ amx_blocked.register_fake(_fake)
 
 
 def bf16dot_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                         group_size: int, bits: int, out_features: int) -> torch.Tensor:
+                         group_size: int, bits: int, out_features: int,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x[M, K] @ dequant(qweight).T`` by AVX512-BF16 dot products (:mod:`qtorch.bf16dot`) for bfloat16 and
-    float16 rows, float32 sums; returned in ``x.dtype``. Shapes the kernel does not serve (K or the group size not
-    a multiple of 32) and other dtypes take :func:`gemm_blocked_impl`. The body of the ``qtorch::bf16dot_blocked``
-    op."""
+    float16 rows, float32 sums plus ``bias`` (``[N]``, no gradient) as the kernel stores them; returned in
+    ``x.dtype``. Shapes the kernel does not serve (K or the group size not a multiple of 32) and other dtypes take
+    :func:`gemm_blocked_impl`. The body of the ``qtorch::bf16dot_blocked`` op (which passes no bias)."""
     if x.shape[0] == 1 or not amx.eligible(qweight.shape[1], group_size) or x.dtype not in _ACT_DTYPES:
         # one row: the one-row kernel's dot-product variant (where the layer allows it, else its float path)
-        return gemm_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features, dot=True)
+        y = gemm_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features, dot=True)
+        return y if bias is None else y.add_(bias.to(y.dtype))
     scale, zero_point = blocked_params(scale, zero_point, out_features)
-    out = bf16dot.bf16dot_linear(x.detach() if x.requires_grad else x, qweight.contiguous(), scale, zero_point,
-                                 group_size, bits, out_features)
-    return _as(out, x.dtype)
+    return bf16dot.bf16dot_linear(x.detach() if x.requires_grad else x, qweight.contiguous(), scale, zero_point,
+                                  group_size, bits, out_features, bias=bias)
 
 
 @torch.library.custom_op("qtorch::bf16dot_blocked", mutates_args=())
@@ -364,6 +365,9 @@ tiles_act_blocked.register_autograd(_backward, setup_context=_setup_backward)
 amx_blocked.register_autograd(_backward, setup_context=_setup_backward)
 bf16dot_blocked.register_autograd(_backward, setup_context=_setup_backward)
 
+#: the paths whose kernels add the bias as they store their sums (:meth:`Blocked.linear_bias`)
+_FUSED_BIAS = {AMX: amx_blocked_impl, BF16DOT: bf16dot_blocked_impl}
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: path -> (kernel, op with an input gradient, its inference twin: :mod:`qtorch._infer_ops`)
 _PATH_OPS = {
     path: (impl, getattr(torch.ops.qtorch, name), define_twin(name, impl, _fake))
@@ -605,24 +609,28 @@ class Blocked(Layout):
         return fn(x2, b["qweight"], b["scale"], b["zero_point"], spec.group, container_bits(spec.bits), n)
 
     def linear_bias(self, weight, x2, path, bias):
-        # the AMX kernel stores its sums plus the bias (the other paths' kernels: the layer adds it after them)
-        if path != AMX or x2.shape[0] < 2 or needs_grad(x2) or not plain_eager(x2):
+        # the AMX and AVX512-BF16 kernels store their sums plus the bias (the other paths' kernels: the layer adds
+        # it after them)
+        if path not in _FUSED_BIAS or x2.shape[0] < 2 or needs_grad(x2) or not plain_eager(x2):
             return None
         spec, b = weight.spec, weight.buffers
         x2 = pad_columns(x2, b["qweight"].shape[1])
-        return amx_blocked_impl(x2, b["qweight"], b["scale"], b["zero_point"], spec.group, container_bits(spec.bits),
-                                spec.out_features, bias=bias)
+        return _FUSED_BIAS[path](x2, b["qweight"], b["scale"], b["zero_point"], spec.group,
+                                 container_bits(spec.bits), spec.out_features, bias=bias)
 
     def runner(self, weight, dtype, path):
-        # the AMX call with everything but x and the bias fixed: what linear_bias() runs for such a call
+        # the AMX or AVX512-BF16 call with everything but x and the bias fixed: what linear_bias() runs for such a
+        # call
         spec, b = weight.spec, weight.buffers
         qw, sc, zp = b["qweight"], b["scale"], b["zero_point"]
-        if (path != AMX or dtype not in gemv.TORCH_KINDS or qw.device.type != "cpu" or qw.dim() != 3
+        if (path not in _FUSED_BIAS or dtype not in (_KERNEL_DTYPES if path == AMX else _ACT_DTYPES)
+                or qw.device.type != "cpu" or qw.dim() != 3
                 or qw.shape[1] != spec.in_features or not amx.eligible(qw.shape[1], spec.group)
                 or sc.dim() != 2 or zp.dim() != 2  # (a per-tensor scale is expanded per call: updates are seen)
                 or not (qw.is_contiguous() and sc.is_contiguous() and zp.is_contiguous())):
             return None
-        run = amx.runner(qw, sc, zp, spec.group, container_bits(spec.bits), spec.out_features, dtype)
+        kernel = amx if path == AMX else bf16dot
+        run = kernel.runner(qw, sc, zp, spec.group, container_bits(spec.bits), spec.out_features, dtype)
         addresses = (qw.data_ptr(), sc.data_ptr(), zp.data_ptr())
 
         def call(x2, bias):

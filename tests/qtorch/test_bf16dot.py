@@ -136,7 +136,7 @@ def test_rows_in_chunks_give_the_same_numbers(monkeypatch):
     x = torch.randn(300, 256, dtype=torch.bfloat16)
     with torch.no_grad():
         whole = blocked.BLOCKED.linear(q.quantized_weight, x, "bf16dot")
-        monkeypatch.setattr(bf16dot, "ROW_CHUNK", 48)
+        monkeypatch.setattr(amx, "ROW_CHUNK", 48)  # (the row chunks of amx._Prepared, which both kernels share)
         assert torch.equal(blocked.BLOCKED.linear(q.quantized_weight, x, "bf16dot"), whole)
     _assert_close(whole, x, q)
 
@@ -274,3 +274,46 @@ def test_one_row_8_bit_or_float16_is_not_offered(monkeypatch):
     assert "bf16dot" not in blocked.BLOCKED.paths("cpu", torch.float32, 1, 4, spec=spec4)
     monkeypatch.setattr(gemv, "dot_available", lambda: False)
     assert "bf16dot" not in blocked.BLOCKED.paths("cpu", torch.bfloat16, 1, 4, spec=spec4)
+
+
+@runs_here
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_the_kernel_stores_its_sums_plus_the_bias(bits, dtype):
+    # the epilogue: x's dtype's rounding of (the float32 sums + the float32 bias), bit for bit what .to() gives,
+    # NaN where it is NaN
+    q = _layer(QuantScheme(bits, False, PerGroup(64)), dtype, 192, 128, seed=60 + bits)
+    ops = _operands(q)
+    bias = (torch.randn(192) * 3).to(dtype)
+    bias[0] = float("nan")
+    x = torch.randn(20, 128, dtype=dtype)
+    sums = bf16dot.bf16dot_linear(x, *ops, 192, out_dtype=torch.float32)
+    got = bf16dot.bf16dot_linear(x, *ops, 192, bias=bias)
+    want = (sums + bias.float()).to(dtype)
+    nan = want.isnan()
+    assert got.dtype == dtype and torch.equal(got.isnan(), nan) and nan.any()
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    with pytest.raises(TypeError, match="bias must be a CPU tensor of 192 values"):
+        bf16dot.bf16dot_linear(x, *ops, 192, bias=bias[:5])
+
+
+@runs_here
+def test_a_layer_on_the_bf16dot_path_keeps_a_runner_that_adds_its_bias():
+    # as on the amx path: later eager calls of the row bucket go to the runner, the bias added by the kernel; the
+    # result is F.linear's within bfloat16's rounding
+    torch.manual_seed(61)
+    q = qtorch.W4A16Linear.from_linear(torch.nn.Linear(256, 96)).to(torch.bfloat16)
+    w = q.quantized_weight
+    key = ("cpu", torch.bfloat16, autotune.bucket_index(24))
+    w._routes[key] = "bf16dot"
+    x = torch.randn(2, 12, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        first = q(x)
+        assert w._decoders.get(key) is not None
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(type(w), "linear", lambda *a, **k: pytest.fail("the runner was not taken"))
+            again = q(x)
+    assert torch.equal(first, again)
+    ref = F.linear(x.float(), q.dequantized_weight(torch.float32), q.bias.float())
+    bound = F.linear(x.float().abs(), q.dequantized_weight(torch.float32).abs(), q.bias.float().abs())
+    assert torch.all((first.float() - ref).abs() <= EPS[torch.bfloat16] * bound + 1e-6)
