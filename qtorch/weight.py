@@ -96,7 +96,9 @@ class QuantizedWeight:
         self._forms = {n: None if t is None else (tuple(t.shape), t.dtype) for n, t in
                        (("qweight", q), ("scale", s), ("zero_point", z))}
         self._routes = {}
-        self._decoders = {}  # by dtype: the layout's decoder of one-row calls (None: it has none)
+        # by dtype: the layout's decoder of one-row calls; by (device type, dtype, row bucket): its runner of
+        # calls of several rows (None: it has none)
+        self._decoders = {}
 
     @property
     def device(self) -> torch.device:
