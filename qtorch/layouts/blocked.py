@@ -65,6 +65,7 @@ _CHUNK_BYTES = 8 << 20
 #: the path that dequantizes in the activation dtype (bfloat16, float16) and multiplies in it
 TILES_ACT = "tiles_act"
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the rows the AMX kernel takes
 #: the path on AMX tiles (:mod:`qtorch.amx`), offered on CPUs this process may use them on
 AMX = "amx"
 #: the path on AVX512-BF16 dot products (:mod:`qtorch.bf16dot`), offered on CPUs that have them but no AMX
@@ -298,8 +299,7 @@ def amx_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     kernel (no conversion after it), ``bias`` (``[N]``, no gradient) added to the float32 sums as it stores them. A
     layer the kernel does not serve (K or the group size not a multiple of 32: :func:`qtorch.amx.eligible`) takes
     :func:`gemm_blocked_impl`. The body of the ``qtorch::amx_blocked`` op (which passes no bias)."""
-    if not amx.eligible(qweight.shape[1], group_size) or x.dtype not in (torch.float32, torch.bfloat16,
-                                                                         torch.float16):
+    if not amx.eligible(qweight.shape[1], group_size) or x.dtype not in _KERNEL_DTYPES:
         y = gemm_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
         return y if bias is None else y.add_(bias.to(y.dtype))
     scale, zero_point = blocked_params(scale, zero_point, out_features)
@@ -367,7 +367,6 @@ bf16dot_blocked.register_autograd(_backward, setup_context=_setup_backward)
 
 #: the paths whose kernels add the bias as they store their sums (:meth:`Blocked.linear_bias`)
 _FUSED_BIAS = {AMX: amx_blocked_impl, BF16DOT: bf16dot_blocked_impl}
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: path -> (kernel, op with an input gradient, its inference twin: :mod:`qtorch._infer_ops`)
 _PATH_OPS = {
     path: (impl, getattr(torch.ops.qtorch, name), define_twin(name, impl, _fake))
