@@ -639,11 +639,32 @@ def _raw(head):
 
 
 @njit(inline="always")
-def claim_operands(data, read, chunk, a, b):
+def lane_chunk(i, nchunks, team):
+    """The chunk that claim ``i`` of a team of ``team`` threads runs in lane order: the chunks cut into ``team``
+    contiguous runs (lanes), claim ``i`` the ``i // team``-th chunk of lane ``i % team``. A bijection of
+    ``[0, nchunks)`` for any team size; the identity off a team (``team`` < 2).
+
+    While the threads claim in turn, each walks one lane front to back, a stream the prefetchers follow across chunk
+    boundaries; a thread that comes late still only takes fewer chunks (the others' claims reach into its lane).
+
+    >>> [lane_chunk(i, 9, 2) for i in range(9)]
+    [0, 5, 1, 6, 2, 7, 3, 8, 4]
+    """
+    if team < 2:
+        return i
+    base, extra = nchunks // team, nchunks % team
+    lane, pos = i % team, i // team
+    return lane * base + min(lane, extra) + pos
+
+
+@njit(inline="always")
+def claim_operands(data, read, chunk, a, b, lanes=False):
     """The body of a team kernel: claim chunks of the block at ``data`` until none is left, run
     ``chunk(ops, i, lo, hi, a, b)`` on each (``ops``: ``read(header)``, an :class:`Operands` spec's ``read``;
     ``a``, ``b``: constants of the kernel, such as dtypes), store its result, as int64, at ``HEADER + i`` and count
-    it done (see :func:`all_done`). A block of no chunks is a probe: the answer is :data:`FINGERPRINT`."""
+    it done (see :func:`all_done`). ``lanes``: claims run the chunks in :func:`lane_chunk`'s order on a team (for kernels
+    that stream their operands chunk after chunk). A block of no chunks is a probe: the answer is
+    :data:`FINGERPRINT`."""
     head = carray(data, HEADER, np.int64)
     nchunks, total = head[1], head[2]
     block = carray(data, HEADER + nchunks + TRAILER, np.int64)
@@ -657,7 +678,8 @@ def claim_operands(data, read, chunk, a, b):
             break
         if i == 0:
             block[trailer + FIRST_IN] = _clock()
-        block[HEADER + i] = np.int64(chunk(ops, i, total * i // nchunks, total * (i + 1) // nchunks, a, b))
+        j = lane_chunk(i, nchunks, team) if lanes else i
+        block[HEADER + j] = np.int64(chunk(ops, j, total * j // nchunks, total * (j + 1) // nchunks, a, b))
         if team == 0:  # off a team the caller learns from this count that every chunk is done (the team: its barrier)
             _count_done(block, trailer + DONE)
         mine += 1

@@ -596,7 +596,7 @@ def _team_body(data, wdt):  # pragma: no cover - compiled
         y = _prep(_read(head))
     else:
         y = (np.empty(0, np.float32), np.empty(0, np.float32))
-    _omp.claim_operands(data, _read, _gemv_chunk, wdt, y)
+    _omp.claim_operands(data, _read, _gemv_chunk, wdt, y, True)  # a lane of tiles per thread: one stream each
 
 
 def _team_gemv_i8(data):  # pragma: no cover - compiled

@@ -401,6 +401,51 @@ def test_a_kernel_reads_its_operands_by_name(threads, monkeypatch, team):
     assert res.sum() == 1000 and res.shape == (7,)
 
 
+def _axpy_first(o, i, lo, hi, _a, _b):  # the axpy chunk; the result: the chunk's first index
+    _axpy_chunk(o, i, lo, hi, _a, _b)
+    return lo
+
+
+_axpy_first = __import__("numba").njit(inline="always")(_axpy_first)
+
+
+def _axpy_lanes(data):
+    _team.claim_operands(data, _axpy_read, _axpy_first, 0, 0, True)
+
+
+_AXPY_LANES_KERNEL = _team.TeamKernel(_axpy_lanes)
+
+
+@pytest.mark.parametrize("nchunks", [1, 2, 7, 9, 64])
+@pytest.mark.parametrize("team", [True, False])
+def test_a_kernel_claiming_in_lanes_runs_every_chunk_once_and_stores_its_result_at_its_index(threads, monkeypatch,
+                                                                                               team, nchunks):
+    threads(2)
+    if not team:
+        monkeypatch.setattr(_team, "gomp_parallel", lambda: None)
+    x, out = np.arange(1000.0), np.zeros(1000)
+    res = P.run_chunks(_AXPY_LANES_KERNEL, _AXPY.pack(n=x.size, a=0.5, x=x, out=out), x.size, 10, keep=(x, out),
+                       nchunks=nchunks)
+    np.testing.assert_array_equal(out, 0.5 * x + 1000)
+    assert res.tolist() == [1000 * j // nchunks for j in range(nchunks)]
+
+
+def test_lane_order_is_a_bijection_that_walks_each_lane_front_to_back():
+    for team in range(0, 6):
+        for nchunks in range(0, 41):
+            order = [_team.lane_chunk(i, nchunks, team) for i in range(nchunks)]
+            assert sorted(order) == list(range(nchunks)), (nchunks, team)
+            if team < 2:
+                assert order == list(range(nchunks))
+                continue
+            for lane in range(team):  # claims in turn: lane l gets claims l, l + team, ...: one contiguous run
+                run = order[lane::team]
+                assert run == list(range(run[0], run[0] + len(run))) if run else True
+            # the lanes cut the chunks into runs of sizes differing by at most one
+            sizes = [len(order[lane::team]) for lane in range(team)]
+            assert max(sizes) - min(sizes) <= 1
+
+
 _STALE_MODULE = """
 import numpy as np
 from numba import carray, njit
