@@ -111,6 +111,33 @@ def _greedy_steps(model, prompt: torch.Tensor, tokens: int):
     return torch.cat(ids, 1)[0]
 
 
+def decode_step(model, prompt: torch.Tensor, max_steps: int = 256):
+    """A callable that runs one greedy decoding step of ``model`` with its KV cache after ``prompt`` (batch 1): what
+    ``qtorch.tune_layouts`` times. The prompt is run again, in the call after ``max_steps`` steps, to bound the
+    cache."""
+    state = {"gen": None, "left": 0}
+
+    def step():
+        if state["left"] == 0:
+            state["gen"], state["left"] = _greedy_steps(model, prompt, max_steps), max_steps
+            next(state["gen"])  # the prompt
+        next(state["gen"])
+        state["left"] -= 1
+
+    return step
+
+
+def tune(models: dict, prompt: torch.Tensor) -> None:
+    """``qtorch.tune_layouts`` on every quantized model of ``models``, timing its decoding steps; prints the picks."""
+    for name, m in models.items():
+        if name == "dense" or name == FREE:
+            continue
+        t = time.perf_counter()
+        picks = qtorch.tune_layouts(m, decode_step(m, prompt))
+        print(f"{name}: layouts tuned on decoding steps in {time.perf_counter() - t:.1f} s: "
+              + ", ".join(f"{k.split('|')[0]} {v}" for k, v in picks.items()), flush=True)
+
+
 def decode_ms(models: dict, prompt: torch.Tensor, tokens: int, repeats: int) -> dict:
     """``{name: Decode}`` for every model: greedy decoding of ``tokens`` steps after ``prompt`` (batch 1), the
     models advancing in lockstep, one timed step each in turn, so that all see the same moments of a shared
@@ -190,6 +217,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES))
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    p.add_argument("--tune", action="store_true",
+                   help="qtorch.tune_layouts on each quantized model's decoding steps before timing")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -208,6 +237,8 @@ def main(argv=None) -> int:
             models[scheme] = copy.deepcopy(models["dense"])
             qtorch.quantize_model(models[scheme], scheme)
         models[FREE] = free_linear_copy(models["dense"])
+        if args.tune:
+            tune(models, prompt)
         result = decode_ms(models, prompt, args.tokens, args.repeats)
         print("\n".join(table_rows(dname, models, result)), flush=True)
         notes.append(f"{dname}: fixed work of a step (every Linear free) {result[FREE].ms_median:.1f} ms; "

@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
 from _layers import bytes_per_token  # noqa: E402
 from _machine import machine_line  # noqa: E402
-from bench_decode import FREE, TABLE_HEAD, decode_ms, free_linear_copy, path_lines, table_rows  # noqa: E402
+from bench_decode import FREE, TABLE_HEAD, decode_ms, free_linear_copy, path_lines, table_rows, tune  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Explain in a few sentences why the sky is blue."
@@ -114,6 +114,8 @@ def main(argv=None) -> int:
                    help="also run each scheme with lm_head untied and quantized with SCHEME (e.g. w8a16)")
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    p.add_argument("--tune", action="store_true",
+                   help="qtorch.tune_layouts on each quantized model's decoding steps before timing")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,6 +143,8 @@ def main(argv=None) -> int:
 
     models[FREE] = free_linear_copy(dense)  # the step's fixed work: every Linear free (no row of its own)
     prompt = chat_ids(tok, args.prompt)
+    if args.tune:
+        tune(models, prompt)
     result = decode_ms(models, prompt, args.tokens, args.repeats)
     print()
     print(f"greedy decoding, batch 1, KV cache: {args.tokens} new tokens after a {prompt.shape[1]}-token chat prompt; "

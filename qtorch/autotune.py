@@ -574,6 +574,14 @@ class Dispatcher:
             return False
         return n is not None and n > 0
 
+    def keep(self, key: "DispatchKey | LayoutKey", entry: dict) -> None:
+        """Keep a decision measured elsewhere (``entry``: ``{"path": name, ...}``, e.g. :func:`qtorch.tune_layouts`'s,
+        timed in a model) as this dispatcher's own: for the process, and in the file unless another process was
+        running just now."""
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise ValueError(f"a decision is a dict with a 'path' name, got {entry!r}")
+        self._remember(key, dict(entry), self._busy())
+
     def _remember(self, key: "DispatchKey | LayoutKey", entry: dict, busy: bool = False,
                   persist: bool = True) -> None:
         if busy:

@@ -239,19 +239,10 @@ def _rows(rows) -> tuple:
 
 
 def _quantized_layers(model: nn.Module) -> dict:
-    """``{(out, in, scheme label, compute dtype): [layers]}`` over the CPU quantized layers of ``model`` that hold an
-    integer zero point (a float zero point has only the canonical layout)."""
-    from .layouts import scheme_label
+    """:func:`qtorch.tune.layer_groups`: the CPU quantized layers of ``model`` by (out, in, scheme label, dtype)."""
+    from .tune import layer_groups
 
-    groups: dict = {}
-    for m in model.modules():
-        w = getattr(m, "quantized_weight", None)
-        dtype = getattr(m, "compute_dtype", None)
-        if w is None or dtype is None or w.device.type != "cpu" or w.spec.zero_point_kind != "int":
-            continue
-        s = w.spec
-        groups.setdefault((s.out_features, s.in_features, scheme_label(s), dtype), []).append(m)
-    return groups
+    return layer_groups(model)
 
 
 def _candidates(weight, dtype) -> list:

@@ -1,0 +1,146 @@
+"""``qtorch.tune_layouts``: each quantized layer shape's layout chosen by timing the model's own work, in place.
+
+When a layer is built, its weight's layout is decided per shape, scheme and dtype by timing a throwaway copy alone
+(:func:`qtorch.layouts.choose`: 1, 16 and 128 rows, the caches evicted before each one-row call). Inside a model
+the conditions differ: the other layers' weights stream through the caches between two calls of a layer, the
+interpreter's own state stays warm, and each layout's Python per call counts as much as its kernel. Where the two
+layouts are close, the isolated timing can pick the one that is slower in the model. Measured on SmolLM2-135M
+(bfloat16, decoding, 2-core Xeon with AMX, same runs): 8-bit layers, where it picked ``int8pack`` for most shapes,
+decoded at 1.45x of dense, and at 1.52-1.54x with every layer ``blocked``; 4-bit layers, where it picked
+``int4pack``, 2.00x, against 1.64-1.66x all ``blocked``.
+
+``tune_layouts(model, run)`` settles it on the workload itself: for each group of layers sharing a shape, scheme and
+dtype that more than one layout can hold (``int8pack`` / ``int4pack`` and ``blocked``), it moves the whole group
+into each candidate in turn and times ``run()`` (one decoding step, one batch: whatever the model will run),
+alternating the candidates over ``rounds`` rounds; the median decides, the held layout keeping its place unless
+another is faster by ``min_gain``. Groups go largest first, each tuned with the decisions before it in place. The
+decision is kept for the shape like the built-in one (the process, and the dispatcher's file unless ``keep=False``),
+so the layers of that shape built later on this machine take it too. Codes are converted exactly: outputs are those
+of the same codes in any layout, within the dtype's rounding.
+
+Cost: per group and candidate, ``2 * rounds`` untimed and timed calls of ``run``, plus the conversions. SmolLM2's
+four groups of shapes took about 3 s on 2 cores.
+
+>>> import torch, qtorch
+>>> model = torch.nn.Sequential(qtorch.W8A16Linear(64, 64), torch.nn.ReLU()).to(torch.bfloat16)
+>>> x = torch.randn(1, 64, dtype=torch.bfloat16)
+>>> picks = qtorch.tune_layouts(model, lambda: model(x), rounds=2, keep=False)
+>>> list(picks), picks["64x64|w8s-channel0-g64|bfloat16"] in ("blocked", "int8pack")
+(['64x64|w8s-channel0-g64|bfloat16'], True)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+__all__ = ["layer_groups", "tune_layouts"]
+
+
+def layer_groups(model: nn.Module) -> dict:
+    """``{(out, in, scheme label, compute dtype): [layers]}`` over the CPU quantized layers of ``model`` that hold an
+    integer zero point (a float zero point has only the canonical layout)."""
+    from .layouts import scheme_label
+
+    groups: dict = {}
+    for m in model.modules():
+        w = getattr(m, "quantized_weight", None)
+        dtype = getattr(m, "compute_dtype", None)
+        if w is None or dtype is None or w.device.type != "cpu" or w.spec.zero_point_kind != "int":
+            continue
+        s = w.spec
+        groups.setdefault((s.out_features, s.in_features, scheme_label(s), dtype), []).append(m)
+    return groups
+
+
+def _label(n: int, k: int, scheme: str, dtype: torch.dtype) -> str:
+    return f"{n}x{k}|{scheme}|{str(dtype).removeprefix('torch.')}"
+
+
+def _hold(members: list, name: str) -> bool:
+    """Move every layer of ``members`` into the layout ``name``; False (and every layer back where it was) if one of
+    them cannot hold it."""
+    before = [m.quantized_weight.layout.name for m in members]
+    for i, m in enumerate(members):
+        if not m.quantized_weight.hold_layout(name, m.compute_dtype):
+            for b, prev in zip(members[:i], before):
+                b.quantized_weight.hold_layout(prev, b.compute_dtype)
+            return False
+    return True
+
+
+def tune_layouts(model: nn.Module, run: Callable[[], Any], *, rounds: int = 5, min_gain: float = 0.02,
+                 keep: bool = True, timer: Callable[[], float] = time.perf_counter) -> dict:
+    """Choose, per group of quantized layers sharing a shape, scheme and compute dtype, the layout under which
+    ``run()`` is fastest, by timing it in place (see the module docstring); returns ``{"out x in|scheme|dtype":
+    layout}`` for the groups that had a choice, every layer of a group holding its pick.
+
+    ``run``: a callable that runs the model as it will be used (one decoding step with its cache, a batch); called
+    under ``torch.no_grad()``, ``1 + 4 * rounds`` times per candidate layout of each group. ``min_gain``: the
+    fraction by which another layout must beat the held one. ``keep``: keep the decisions for layers of these
+    shapes built later (the process and the dispatcher's file), as the built-in choice does. ``QTORCH_LAYOUT``
+    (forced) and ``QTORCH_AUTOTUNE=0`` (no measuring) leave every layer where it is; the held layouts are returned.
+    If ``run`` raises, the group being timed goes back to its layout and the error propagates.
+    """
+    from . import autotune, layouts
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"tune_layouts needs an nn.Module, got {type(model).__name__}")
+    if not callable(run):
+        raise TypeError(f"run must be a callable that runs the model, got {type(run).__name__}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not 0 <= min_gain < 1:
+        raise ValueError(f"min_gain must be a fraction in [0, 1), got {min_gain!r}")
+    d = autotune.default_dispatcher()
+    groups = []
+    for (n, k, scheme, dtype), members in layer_groups(model).items():
+        w = members[0].quantized_weight
+        names = [lay.name for lay in layouts.eligible(w.spec, w.device, dtype) if lay.name != "canonical"]
+        if len(names) > 1:
+            size = sum(t.numel() * t.element_size() for m in members for t in m.quantized_weight.buffers.values()
+                       if isinstance(t, torch.Tensor))
+            groups.append((size, (n, k, scheme, dtype), members, names))
+    groups.sort(key=lambda g: -g[0])  # the largest first: it moves the step the most
+    picks = {_label(*key): members[0].quantized_weight.layout.name for _, key, members, _ in groups}
+    if not groups or d.forced_layout is not None or not d.measuring:
+        return picks
+
+    def timed() -> float:
+        t0 = timer()
+        run()
+        return timer() - t0
+
+    with torch.no_grad():
+        run()  # warm-up: kernels compile, paths are measured
+        for _, key, members, names in groups:
+            held = members[0].quantized_weight.layout.name
+            ms = {}
+            try:
+                for other in (nm for nm in names if nm != held):
+                    if not _hold(members, other):
+                        continue
+                    samples: dict = {held: [], other: []}
+                    for r in range(rounds):
+                        for name in ((held, other) if r % 2 else (other, held)):
+                            _hold(members, name)
+                            run()  # untimed: the first call after a move builds the layers' kept calls
+                            samples[name].append(timed())
+                    med = {nm: statistics.median(v) for nm, v in samples.items()}
+                    ms.update({nm: round(v * 1e3, 4) for nm, v in med.items()})
+                    if med[other] < med[held] * (1 - min_gain):
+                        held = other
+                    _hold(members, held)
+            except BaseException:
+                _hold(members, held)
+                raise
+            picks[_label(*key)] = held
+            if keep and ms:
+                n, k, scheme, dtype = key
+                entry = {"path": held, "ms": ms, "source": "model"}
+                d.keep(autotune.LayoutKey.make(n, k, scheme, dtype), entry)
+    return picks

@@ -1,0 +1,136 @@
+"""qtorch.tune_layouts: each group of layers takes the layout under which the model's own work is timed faster, the
+held one unless another wins by min_gain; decisions kept for later layers; nothing moved when forced, not measuring,
+or when the timed work raises; outputs stay within the dtype's tolerance."""
+
+import pytest
+import torch
+
+import qtorch
+from qtorch import autotune
+
+BF16 = torch.bfloat16
+
+
+def _model():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
+                            torch.nn.Linear(64, 128)).to(BF16)
+    qtorch.quantize_model(m, "w8a16", exclude=())
+    return m
+
+
+def _held(m):
+    return [m[i].quantized_weight.layout.name for i in (0, 2, 3)]
+
+
+def _clocked(m, cost):
+    """(run, timer): each run() advances the clock by the cost of the layouts its layers hold."""
+    clock = [0.0]
+
+    def run():
+        clock[0] += sum(cost[name] for name in _held(m))
+
+    return run, lambda: clock[0]
+
+
+@pytest.fixture
+def measuring(monkeypatch):
+    d = autotune.Dispatcher(cache_path=False, env={})
+    monkeypatch.setattr(autotune, "_DEFAULT", d)
+    return d
+
+
+@pytest.mark.parametrize("fast", ["blocked", "int8pack"])
+def test_each_group_takes_the_layout_its_work_runs_fastest_in(measuring, fast):
+    m = _model()
+    slow = "int8pack" if fast == "blocked" else "blocked"
+    for i in (0, 2, 3):
+        m[i].quantized_weight.hold_layout(slow, BF16)
+    run, timer = _clocked(m, {fast: 1.0, slow: 2.0})
+    picks = qtorch.tune_layouts(m, run, rounds=3, timer=timer)
+    assert picks == {"128x64|w8s-channel0-g64|bfloat16": fast, "64x128|w8s-channel0-g128|bfloat16": fast}
+    assert _held(m) == [fast] * 3  # both layers of the 128x64 group moved together
+    key = autotune.LayoutKey.make(128, 64, "w8s-channel0-g64", BF16)
+    assert measuring.cached(key) == fast and measuring.decisions()[str(key)]["source"] == "model"
+
+
+def test_the_held_layout_stays_unless_another_wins_by_min_gain(measuring):
+    m = _model()
+    for i in (0, 2, 3):
+        m[i].quantized_weight.hold_layout("blocked", BF16)
+    run, timer = _clocked(m, {"blocked": 1.0, "int8pack": 0.99})  # 1% faster: under the 2% asked for
+    picks = qtorch.tune_layouts(m, run, rounds=2, timer=timer, keep=False)
+    assert set(picks.values()) == {"blocked"} and _held(m) == ["blocked"] * 3
+    run, timer = _clocked(m, {"blocked": 1.0, "int8pack": 0.9})  # each group 3-7% faster: moves
+    assert set(qtorch.tune_layouts(m, run, rounds=2, timer=timer, min_gain=0.02, keep=False).values()) == {"int8pack"}
+
+
+def test_outputs_are_those_of_the_same_codes_in_any_layout(measuring):
+    m = _model()
+    x = torch.randn(3, 64, dtype=BF16)
+    with torch.no_grad():
+        before = m(x).float()
+    for i in (0, 2, 3):
+        m[i].quantized_weight.hold_layout("blocked", BF16)
+    run, timer = _clocked(m, {"blocked": 2.0, "int8pack": 1.0})
+    qtorch.tune_layouts(m, run, rounds=1, timer=timer, keep=False)
+    assert _held(m) == ["int8pack"] * 3
+    with torch.no_grad():
+        after = m(x).float()
+    torch.testing.assert_close(after, before, rtol=2e-2, atol=2e-2)
+    sd = m.state_dict()
+    assert sd["0.qweight"].dtype == torch.int8  # the checkpoint form does not depend on the layout
+
+
+def test_a_run_that_raises_leaves_the_group_where_it_was(measuring):
+    m = _model()
+    held = _held(m)
+    calls = [0]
+
+    def run():
+        calls[0] += 1
+        if calls[0] > 2:  # the warm-up and the first call after a move pass
+            raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        qtorch.tune_layouts(m, run)
+    assert _held(m) == held
+
+
+@pytest.mark.parametrize("env", [{"QTORCH_LAYOUT": "blocked"}, {"QTORCH_AUTOTUNE": "0"}])
+def test_forced_or_unmeasured_dispatch_moves_nothing_and_runs_nothing(monkeypatch, env):
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env=env))
+    m = _model()
+    held = _held(m)
+
+    def run():
+        raise AssertionError("nothing is timed")
+
+    picks = qtorch.tune_layouts(m, run)
+    assert _held(m) == held and sorted(set(picks.values())) == sorted(set(held))
+
+
+def test_a_model_without_a_choice_returns_nothing(measuring):
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64))  # float32: only the blocked layout (besides canonical)
+    qtorch.quantize_model(m, "w8a16", exclude=())
+    assert qtorch.tune_layouts(m, lambda: m(torch.randn(1, 64))) == {}
+
+
+def test_bad_arguments_are_named(measuring):
+    m = _model()
+    with pytest.raises(TypeError, match="nn.Module"):
+        qtorch.tune_layouts(object(), lambda: None)
+    with pytest.raises(TypeError, match="callable"):
+        qtorch.tune_layouts(m, 3)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="rounds"):
+            qtorch.tune_layouts(m, lambda: None, rounds=bad)
+    for bad in (-0.1, 1.0, "0.1"):
+        with pytest.raises(ValueError, match="min_gain"):
+            qtorch.tune_layouts(m, lambda: None, min_gain=bad)
+
+
+def test_keep_names_a_bad_decision():
+    d = autotune.Dispatcher(cache_path=False, env={})
+    with pytest.raises(ValueError, match="path"):
+        d.keep(autotune.LayoutKey.make(8, 8, "w8s-channel0-g8", BF16), {"ms": 1})
