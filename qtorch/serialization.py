@@ -43,6 +43,7 @@ from qcore import checkpoint as ckpt_io
 from ._torch_numpy import from_numpy, to_numpy
 from .linear import COMPUTE_DTYPES, QuantLinear
 from .replace import _linear_kind
+from .tune import settle_layouts
 
 __all__ = ["save_quantized", "load_quantized", "empty_weights", "transpose_quantized"]
 
@@ -301,6 +302,7 @@ def _fill(model: nn.Module, path: str, loaded: dict, *, device=None, strict: boo
             cur = _current(owner)
             if cur.device.type == "meta" and id(cur) in replaced:
                 (m._parameters if kind == "param" else m._buffers)[attr] = replaced[id(cur)]
+    settle_layouts(model)  # one kernel family where the shapes' own timings say it costs little
     return model
 
 

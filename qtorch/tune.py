@@ -20,6 +20,13 @@ decision is kept for the shape like the built-in one (the process, and the dispa
 so the layers of that shape built later on this machine take it too. Codes are converted exactly: outputs are those
 of the same codes in any layout, within the dtype's rounding.
 
+Without a workload to time, :func:`settle_layouts` (run by ``quantize_model`` and ``load_quantized`` on the whole
+model) keeps the model on one kernel family where the per-shape timings themselves say that costs little: each
+shape's race left its timings in the dispatcher, and a family (PyTorch's ``int8pack``/``int4pack``, or qtorch's
+``blocked``) that holds every shape of the model for at most :data:`FAMILY_TIE` more than the per-shape choice
+(request costs summed over the model's layers) replaces a mix. SmolLM2's 8-bit shapes: one family within 1.8% of
+the mix, 1.54x of dense where the mix ran 1.47x.
+
 Cost: per group and candidate, ``2 * rounds`` untimed and timed calls of ``run``, plus the conversions. SmolLM2's
 four groups of shapes took 4-5 s on 2 cores with one decoding step as ``run``.
 
@@ -40,7 +47,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["layer_groups", "tune_layouts"]
+__all__ = ["FAMILY_TIE", "layer_groups", "settle_layouts", "tune_layouts"]
+
+#: how much more request time (summed over a model's layers, from the per-shape races' timings) one kernel family
+#: may cost than the per-shape mix and still replace it: alternating between families cost 5-12% of a SmolLM2
+#: decoding step on the AMX Xeon (8-bit 1.47x against 1.54x of dense, 4-bit 1.75x against 1.98x), a cost the
+#: isolated timings do not see
+FAMILY_TIE = 0.05
 
 
 def layer_groups(model: nn.Module) -> dict:
@@ -148,3 +161,62 @@ def tune_layouts(model: nn.Module, run: Callable[[], Any], *, rounds: int = 5, m
                 entry = {"path": held, "ms": ms, "source": "model"}
                 d.keep(autotune.LayoutKey.make(n, k, scheme, dtype), entry)
     return picks
+
+
+def _family(layout) -> str:
+    return "torch" if layout.torch_kernels else layout.name
+
+
+def settle_layouts(model: nn.Module) -> dict:
+    """Move ``model``'s quantized layers onto one kernel family where the per-shape races' own timings put that
+    within :data:`FAMILY_TIE` of the per-shape choice (see the module docstring); returns ``{"out x in|scheme|dtype":
+    layout}`` of the groups moved (empty: nothing moved).
+
+    Only groups whose decision was raced on this machine (timings for every candidate at every row count) take
+    part; a forced layout (``QTORCH_LAYOUT``), no measuring (``QTORCH_AUTOTUNE=0``) or a decision
+    :func:`tune_layouts` measured in a model leaves the model as it is. The cost of a group in a layout is its
+    layers' count times the request cost the race priced (:data:`qtorch.autotune.REQUEST_CALLS`)."""
+    from . import autotune, layouts
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"settle_layouts needs an nn.Module, got {type(model).__name__}")
+    d = autotune.default_dispatcher()
+    if d.forced_layout is not None or not d.measuring:
+        return {}
+    decisions = d.decisions()
+    plans = []  # (key, members, {family: (layout name, cost)})
+    for (n, k, scheme, dtype), members in layer_groups(model).items():
+        w = members[0].quantized_weight
+        found = [lay for lay in layouts.eligible(w.spec, w.device, dtype) if lay.name != "canonical"]
+        entry = decisions.get(str(autotune.LayoutKey.make(n, k, scheme, dtype)))
+        if len(found) < 2 or entry is None:
+            continue
+        if entry.get("source") == "model":  # measured in a model by tune_layouts: that settles it
+            return {}
+        ms = entry.get("ms") or {}
+        costs = {}
+        for lay in found:
+            times = [ms.get(f"{lay.name}@{r}") for r in autotune.LAYOUT_ROWS]
+            if all(isinstance(t, (int, float)) for t in times):
+                cost = len(members) * sum(autotune.REQUEST_CALLS.get(r, 1) * t
+                                          for r, t in zip(autotune.LAYOUT_ROWS, times))
+                fam = _family(lay)
+                if fam not in costs or cost < costs[fam][1]:
+                    costs[fam] = (lay.name, cost)
+        if len(costs) > 1:
+            plans.append(((n, k, scheme, dtype), members, costs))
+    held = {_family(layouts.get(m[0].quantized_weight.layout.name)) for _, m, _ in plans}
+    if len(held) < 2:  # one family already (or nothing raced)
+        return {}
+    families = set.intersection(*(set(c) for _, _, c in plans))
+    mixed = sum(min(c[1] for c in costs.values()) for _, _, costs in plans)
+    total = {f: sum(costs[f][1] for _, _, costs in plans) for f in families}
+    best = min(total, key=total.get, default=None)
+    if best is None or total[best] > mixed * (1 + FAMILY_TIE):
+        return {}
+    moved = {}
+    for key, members, costs in plans:
+        name = costs[best][0]
+        if members[0].quantized_weight.layout.name != name and _hold(members, name):
+            moved[_label(*key)] = name
+    return moved

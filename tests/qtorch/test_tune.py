@@ -134,3 +134,52 @@ def test_keep_names_a_bad_decision():
     d = autotune.Dispatcher(cache_path=False, env={})
     with pytest.raises(ValueError, match="path"):
         d.keep(autotune.LayoutKey.make(8, 8, "w8s-channel0-g8", BF16), {"ms": 1})
+
+
+# --------------------------------------------------------------------------- settle_layouts
+def _race(d, n, k, label, blocked_ms, pack_ms, pick):
+    ms = {f"blocked@{r}": blocked_ms for r in autotune.LAYOUT_ROWS}
+    ms.update({f"int8pack@{r}": pack_ms for r in autotune.LAYOUT_ROWS})
+    d.keep(autotune.LayoutKey.make(n, k, label, BF16), {"path": pick, "ms": ms})
+
+
+def _two_shapes():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)).to(BF16)
+
+
+@pytest.mark.parametrize("pack_a, moved", [(1.02, True), (1.5, False)])
+def test_quantize_model_keeps_one_kernel_family_where_the_races_put_it_within_the_tie(measuring, pack_a, moved):
+    # shape A (128x64): blocked raced faster, by 2% (or by 50%); shape B (64x128): int8pack, by 2x
+    _race(measuring, 128, 64, "w8s-channel0-g64", 1.0, pack_a, "blocked")
+    _race(measuring, 64, 128, "w8s-channel0-g128", 2.0, 1.0, "int8pack")
+    m = _two_shapes()
+    qtorch.quantize_model(m, "w8a16", exclude=())
+    held = [m[0].quantized_weight.layout.name, m[1].quantized_weight.layout.name]
+    assert held == (["int8pack", "int8pack"] if moved else ["blocked", "int8pack"])
+
+
+def test_settle_leaves_a_tuned_forced_or_unmeasured_model_as_it_is(monkeypatch, measuring):
+    _race(measuring, 128, 64, "w8s-channel0-g64", 1.0, 1.02, "blocked")
+    measuring.keep(autotune.LayoutKey.make(64, 128, "w8s-channel0-g128", BF16),
+                   {"path": "int8pack", "ms": {"int8pack": 30.0, "blocked": 31.0}, "source": "model"})
+    m = _two_shapes()
+    qtorch.quantize_model(m, "w8a16", exclude=())
+    assert [m[0].quantized_weight.layout.name, m[1].quantized_weight.layout.name] == ["blocked", "int8pack"]
+    for env in ({"QTORCH_LAYOUT": "blocked"}, {"QTORCH_AUTOTUNE": "0"}):
+        monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env=env))
+        assert qtorch.tune.settle_layouts(m) == {}
+    with pytest.raises(TypeError, match="nn.Module"):
+        qtorch.tune.settle_layouts("model")
+
+
+def test_a_loaded_model_is_settled_too(measuring, tmp_path):
+    _race(measuring, 128, 64, "w8s-channel0-g64", 1.0, 1.02, "blocked")
+    _race(measuring, 64, 128, "w8s-channel0-g128", 2.0, 1.0, "int8pack")
+    m = _two_shapes()
+    qtorch.quantize_model(m, "w8a16", exclude=())
+    path = tmp_path / "m.safetensors"
+    qtorch.save_quantized(m, path)
+    m[0].quantized_weight.hold_layout("blocked", BF16)  # as a model built shape by shape would hold it
+    qtorch.load_quantized(m, path)
+    assert [m[0].quantized_weight.layout.name, m[1].quantized_weight.layout.name] == ["int8pack", "int8pack"]
