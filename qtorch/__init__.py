@@ -20,7 +20,7 @@ from .replace import (IncompatibleLayersError, Quantizer, plan, quantize_model, 
                       replace_linear_with_target_and_quantize, untie)
 from .report import LayerReport, QuantizationReport
 from .serialization import empty_weights, load_quantized, save_quantized
-from .tune import tune_layouts
+from .tune import settle_layouts, tune_layouts
 from .weight import QuantizedWeight
 
 __version__ = "0.1.0"

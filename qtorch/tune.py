@@ -24,7 +24,7 @@ Without a workload to time, :func:`settle_layouts` (run by ``quantize_model`` an
 model) keeps the model on one kernel family where the per-shape timings themselves say that costs little: each
 shape's race left its timings in the dispatcher, and a family (PyTorch's ``int8pack``/``int4pack``, or qtorch's
 ``blocked``) that holds every shape of the model for at most :data:`FAMILY_TIE` more than the per-shape choice
-(request costs summed over the model's layers) replaces a mix. SmolLM2's 8-bit shapes: one family within 1.8% of
+(request costs summed over the model's layers) replaces a mix. SmolLM2's 8-bit shapes: one family within 2% of
 the mix, 1.54x of dense where the mix ran 1.47x.
 
 Cost: per group and candidate, ``2 * rounds`` untimed and timed calls of ``run``, plus the conversions. SmolLM2's
