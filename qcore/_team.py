@@ -662,8 +662,8 @@ def claim_operands(data, read, chunk, a, b, lanes=False):
     """The body of a team kernel: claim chunks of the block at ``data`` until none is left, run
     ``chunk(ops, i, lo, hi, a, b)`` on each (``ops``: ``read(header)``, an :class:`Operands` spec's ``read``;
     ``a``, ``b``: constants of the kernel, such as dtypes), store its result, as int64, at ``HEADER + i`` and count
-    it done (see :func:`all_done`). ``lanes``: claims run the chunks in :func:`lane_chunk`'s order on a team (for kernels
-    that stream their operands chunk after chunk). A block of no chunks is a probe: the answer is
+    it done (see :func:`all_done`). ``lanes``: claims run the chunks in :func:`lane_chunk`'s order on a team (for
+    kernels that stream their operands chunk after chunk). A block of no chunks is a probe: the answer is
     :data:`FINGERPRINT`."""
     head = carray(data, HEADER, np.int64)
     nchunks, total = head[1], head[2]
