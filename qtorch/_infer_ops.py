@@ -40,15 +40,19 @@ def define_twin(name: str, kernel: Callable, fake: Callable):
     return getattr(torch.ops.qtorch, twin)
 
 
+# bound once: the checks below run on every decoding call of every layer (an attribute chain each otherwise)
+IS_TRACING, DISPATCH_DEPTH = torch._C._is_tracing, torch._C._len_torch_dispatch_stack
+WRAPPED, TRANSFORMS = torch._C._functorch.is_functorch_wrapped_tensor, torch._C._functorch.peek_interpreter_stack
+
+
 def plain_eager(x: torch.Tensor) -> bool:
     """Whether a call on ``x`` runs eagerly on a real tensor, so that a kernel may read ``x`` by its address: not
     under ``torch.compile``, ``torch.jit.trace``, a dispatch mode (``make_fx``, fake tensors) or a ``torch.func``
     transform (``vmap``, ``grad``: wrapped tensors have no storage, and a tensor made inside one may be wrapped even
     where ``x`` is not, as when only the bias is the transform's). Where it is not, the layers take their ops,
     which those all see."""
-    return not (torch.compiler.is_compiling() or torch._C._is_tracing() or torch._C._len_torch_dispatch_stack()
-                or torch._C._functorch.is_functorch_wrapped_tensor(x)
-                or torch._C._functorch.peek_interpreter_stack() is not None)
+    return not (torch.compiler.is_compiling() or IS_TRACING() or DISPATCH_DEPTH() or WRAPPED(x)
+                or TRANSFORMS() is not None)
 
 
 def needs_grad(x: torch.Tensor) -> bool:

@@ -334,8 +334,13 @@ class QuantizedWeight:
             return None
         y = dec(x)
         if y is None:
-            self._decoders = {}  # the buffers were replaced: linear() rebuilds, then a new decoder
+            self.drop_kept()  # the buffers were replaced: linear() rebuilds, then a new decoder
         return y
+
+    def drop_kept(self) -> None:
+        """Forget every kept decoder and runner (one found the buffers replaced): the next call of each kind
+        rebuilds it through :meth:`linear`."""
+        self._decoders = {}
 
     def kept_call(self, x: torch.Tensor):
         """The decoder (``x`` of one row) or runner (2+ rows) kept for calls like ``x`` (``[..., K]`` on the CPU),
@@ -357,7 +362,7 @@ class QuantizedWeight:
             return None
         y = run(x if x.dim() == 2 else x.reshape(rows, self.spec.in_features), bias)
         if y is None:
-            self._decoders = {}  # the buffers were replaced: linear() rebuilds, then a new runner
+            self.drop_kept()  # the buffers were replaced: linear() rebuilds, then a new runner
             return None
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.spec.out_features)
 
