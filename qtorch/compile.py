@@ -71,6 +71,8 @@ import warnings
 import torch
 from torch import nn
 
+from .tune import layer_groups
+
 __all__ = ["compile", "CompiledModule", "compile_options"]
 
 
@@ -238,13 +240,6 @@ def _rows(rows) -> tuple:
     return tuple(sorted(set(seq)))
 
 
-def _quantized_layers(model: nn.Module) -> dict:
-    """:func:`qtorch.tune.layer_groups`: the CPU quantized layers of ``model`` by (out, in, scheme label, dtype)."""
-    from .tune import layer_groups
-
-    return layer_groups(model)
-
-
 def _candidates(weight, dtype) -> list:
     """Names of the layouts a compiled layer of ``weight`` may hold, in the unmeasured order
     (:func:`qtorch.layouts.default_policy`): the first template layout that can hold it and qtorch's own layout,
@@ -363,7 +358,7 @@ def choose_layouts(model: nn.Module, rows=None, options: dict | None = None) -> 
     if forced is not None:
         layouts.get(forced)  # an unknown name is an error, as for the eager choice
     decided, picks = {}, []
-    for (n, k, label, dtype), members in _quantized_layers(model).items():
+    for (n, k, label, dtype), members in layer_groups(model).items():
         w = members[0].quantized_weight
         names = _candidates(w, dtype)
         if forced is not None and forced in [lay.name for lay in layouts.eligible(w.spec, w.device, dtype)]:
@@ -386,7 +381,7 @@ def choose_layouts(model: nn.Module, rows=None, options: dict | None = None) -> 
     for members, pick in picks:
         for m in members:
             m.quantized_weight.hold_layout(pick, m.compute_dtype)
-    for members in _quantized_layers(model).values():
+    for members in layer_groups(model).values():
         for m in members:
             _keep_paths(m, rows)
     return decided
