@@ -8,7 +8,9 @@ imports llvmlite and numba (its config, to tell the CPU it compiles for; its IR 
 import os
 
 from llvmlite import binding, ir
+from numba import types
 from numba.core import cgutils
+from numba.extending import intrinsic
 
 from qcore import _jitcache
 
@@ -71,6 +73,26 @@ def host_has(feature: str) -> bool:
         return bool(binding.get_host_cpu_features().get(feature, False))
     except RuntimeError:  # pragma: no cover - LLVM cannot tell on this platform
         return False
+
+
+def prefetch_l2(builder, ptr) -> None:
+    """IR: prefetch the line holding ``ptr`` into L2 (``llvm.prefetch``: a read, locality 2). A prefetch never
+    faults, so an address past the end of an array is harmless."""
+    sig = ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32])
+    fn = cgutils.get_or_insert_function(builder.module, sig, "llvm.prefetch.p0")
+    builder.call(fn, [builder.bitcast(ptr, I8.as_pointer()), ir.Constant(I32, 0), ir.Constant(I32, 2),
+                      ir.Constant(I32, 1)])
+
+
+@intrinsic
+def prefetch_at(typingctx, arr, off):
+    """Prefetch the line holding element ``off`` of the C-contiguous ``arr`` (flat index) into L2."""
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        prefetch_l2(builder, builder.gep(a.data, [context.cast(builder, args[1], sig.args[1], types.int64)]))
+        return context.get_dummy_value()
+
+    return types.void(arr, off), codegen
 
 
 class X86AMXType(ir.Type):

@@ -61,7 +61,7 @@ from numba.extending import intrinsic
 from qcore._jitcache import keyed_cfunc
 
 from . import _omp
-from ._ir import AMX_TILE, BF16, F32, I8, I16, I32, I64, host_has, to_bf16x32, vec
+from ._ir import AMX_TILE, BF16, F32, I8, I16, I32, I64, host_has, prefetch_l2, to_bf16x32, vec
 from ._ir import cached as _cached
 from .gemv import TORCH_KINDS
 
@@ -126,12 +126,6 @@ def eligible(in_features: int, group_size: int) -> bool:
 
 def _amx_fn(builder, name, ret, argtys):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, argtys), name)
-
-
-def _prefetch(builder, ptr):
-    fn = _amx_fn(builder, "llvm.prefetch.p0", ir.VoidType(), [I8.as_pointer(), I32, I32, I32])
-    builder.call(fn, [builder.bitcast(ptr, I8.as_pointer()), ir.Constant(I32, 0), ir.Constant(I32, 2),
-                      ir.Constant(I32, 1)])
 
 
 def _pairs_of(builder, z, first, n, width):
@@ -250,7 +244,7 @@ def _emit_steps(builder, w, signed, bdata, coldata, zdata, base, zoff, nstrips, 
             r0 = builder.gep(src, [builder.mul(builder.mul(p, c64(2)), width)])
             r1 = builder.gep(r0, [width])
             for r in (r0, r1):  # a prefetch never faults: past the end of the codes is harmless
-                _prefetch(builder, builder.gep(r, [pfi]))
+                prefetch_l2(builder, builder.gep(r, [pfi]))
             at = builder.mul(p, c64(32))
             _emit_pair(builder, r0, r1, builder.gep(dst, [at]), builder.gep(dhi, [at]), mode, signed, zlo, zhi,
                        scales)

@@ -43,10 +43,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _omp
-from ._ir import BF16, F32, I8, I32, I64, host_has, vec
+from ._ir import BF16, F32, I8, I32, I64, host_has, prefetch_at, vec
 from .amx import _Prepared as _AmxPrepared
-from .amx import (_chunks, _emit_pair, _pairs_of, _prefetch, _steps, _store_unit, _unit_shape, _units,
-                  eligible)
+from .amx import _chunks, _emit_pair, _pairs_of, _steps, _store_unit, _unit_shape, _units, eligible
 from .amx import runner as _amx_runner
 from ._ir import cached as _cached
 
@@ -213,26 +212,15 @@ def _dp_rows(typingctx, xf, buf, cf, af, sf, cols, q, wb, zf, cq, parts, ns, mr,
     return types.void(xf, buf, cf, af, sf, cols, q, wb, zf, cq, parts, ns, mr, conv), codegen
 
 
-@intrinsic
-def _prefetch_at(typingctx, arr, off):
-    """Prefetch the line holding ``arr[off]`` into L2 (never faults)."""
-    def codegen(context, builder, sig, args):
-        a = context.make_array(sig.args[0])(context, builder, args[0])
-        _prefetch(builder, builder.gep(a.data, [context.cast(builder, args[1], sig.args[1], types.int64)]))
-        return context.get_dummy_value()
-
-    return types.void(arr, off), codegen
-
-
 @njit(inline="always")
 def _prefetch_params(sf, zf, cols, S, N, zstride, col0, g0, g1):  # pragma: no cover - compiled
     # the scale and zero-point lines of groups g0..g1 for a unit's strips: rows of [G, N] lie N elements apart, so
     # no hardware prefetcher follows them, and a block that met them cold waited on memory for each
     for g in range(g0, g1):
         for i in range(S):
-            _prefetch_at(sf, g * N + col0 + cols[i])
+            prefetch_at(sf, g * N + col0 + cols[i])
             if zstride:
-                _prefetch_at(zf, g * zstride + col0 + cols[i])
+                prefetch_at(zf, g * zstride + col0 + cols[i])
 
 
 @njit(inline="always")
@@ -427,7 +415,7 @@ def _dp_units(xp, parts, M, wb, scale, zp, gsize, bits, deq, out, outb, okind, b
                 while m0 < M:
                     for _ in range(per_call):
                         if li < nlines:
-                            _prefetch_at(wf, pbase + li * rs * W)
+                            prefetch_at(wf, pbase + li * rs * W)
                             li += 1
                     mr = _block_rows(M - m0, m0, Mp)
                     q = (m0, rbs, arow, astep, pstride, (k // 32) * astep, nk, gl, cur + s * bstride, bstride,
