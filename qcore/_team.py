@@ -400,21 +400,22 @@ def new_block(nchunks: int, total: int, operands: tuple = ()) -> np.ndarray:
     return block
 
 
-def run(kernel: "TeamKernel", block, nthreads: int, nchunks: int | None = None) -> bool:
+def run(kernel: "TeamKernel", block, nthreads: int, nchunks: int | None = None, address: int | None = None) -> bool:
     """Run ``kernel`` on ``nthreads`` team threads with ``block`` (a NumPy int64 array the caller keeps alive)
     as its argument, and wait for all. False (nothing ran) where there is no team. ctypes releases the GIL.
 
     ``nchunks``: the block is a :func:`new_block` of that many chunks, for a :func:`claim_loop` kernel; the threads
-    it starved then cap the next calls (:func:`thread_cap`)."""
+    it starved then cap the next calls (:func:`thread_cap`). ``address``: the block's data address where the caller
+    knows it (``block.ctypes.data`` costs about 1 us, a tenth of a small decoding call's Python)."""
     global _LAST_END, _LAST_SIZE
     fn = gomp_parallel()
     if fn is None:
         return False
-    address = kernel()
+    kaddr = kernel()
     if nchunks is not None:
         block[HEADER + nchunks + THREADS] = nthreads
     start = _now()
-    fn(address, block.ctypes.data, nthreads, 0)
+    fn(kaddr, block.ctypes.data if address is None else address, nthreads, 0)
     _LAST_END, _LAST_SIZE = _now(), nthreads
     wall = _LAST_END - start
     if nchunks is not None and nthreads > 1 and (wall >= LATE_S or _CAP is not None or _LEVEL):  # else: no news
@@ -512,7 +513,8 @@ class TeamKernel:
 
     def __call__(self) -> int:
         """The compiled kernel's address."""
-        return self._compiled().address
+        c = self._cfunc
+        return (self._compiled() if c is None else c).address
 
     def ctypes(self):
         """The compiled kernel as a ctypes function of one pointer (a call releases the GIL)."""

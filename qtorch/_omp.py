@@ -123,27 +123,29 @@ def team_call(kernel_address: int, block_address: int, nthreads: int | None = No
 
 
 def run(units: int, team_kernel, block: np.ndarray, kernel, args: tuple, total: int, min_part: int,
-        nchunks: int | None = None) -> None:
+        nchunks: int | None = None, address: int | None = None) -> None:
     """Run a ranged kernel over ``[0, total)`` where it belongs.
 
     On torch's team when there is one with 2+ threads and 2+ work units (``team_kernel``: a :class:`TeamKernel`;
     ``block`` is its argument block, a ``new_block`` of ``nchunks`` chunks for a ``claim_operands`` kernel). On the
     calling thread when torch's team has one thread (``torch.set_num_threads(1)``: DataLoader workers, one process
     per core), when a recent call starved a team thread (another process holds its core), and in a forked child.
-    On qcore's threads only where torch has no GNU OpenMP team.
+    On qcore's threads only where torch has no GNU OpenMP team. ``address``: the block's data address, where the
+    caller knows it.
     """
     if _team._IN_FORKED_CHILD:
         kernel(*args, 0, total)
         return
-    if available():
-        n = team_size()
-        if nchunks is not None and _parallel.DYNAMIC:
+    # available(), team_size() and thread_cap()'s quick answer inline: a decoding step makes one such call per layer
+    if _GOMP_PARALLEL if _GOMP_PARALLEL is not None else _lookup():
+        n = max(1, torch.get_num_threads())
+        if nchunks is not None and _parallel.DYNAMIC and _team._CAP is not None:
             n = _team.thread_cap(n)
         if units < 2 or n < 2:
             kernel(*args, 0, total)
         elif nchunks is None:
             team_call(team_kernel(), block.ctypes.data)  # the caller holds every array in the block until here
-        elif not _team.run(team_kernel, block, n, nchunks):
+        elif not _team.run(team_kernel, block, n, nchunks, address):
             kernel(*args, 0, total)
         return
     _parallel.run_split(kernel, args, total, min_part)

@@ -650,7 +650,7 @@ class Blocked(Layout):
         if plan is None or qw.shape[1] != spec.in_features:  # no plan, or a ragged last group (x padded)
             return None
         kind, shapes, addresses = gemv.TORCH_KINDS[dtype], single_row_shapes(spec.out_features), plan.addresses
-        fold, dot = _folds(dtype, plan.bits), path == BF16DOT and kind == 1
+        launch = gemv.Launcher(plan, kind, kind, _folds(dtype, plan.bits), path == BF16DOT and kind == 1)
 
         def decode(x):
             if (b["qweight"] is not qw or b["scale"] is not sc or b["zero_point"] is not zp
@@ -659,7 +659,7 @@ class Blocked(Layout):
             if x.stride(-1) != 1:  # (the other dimensions are of size 1)
                 x = x.contiguous()
             out = torch.empty(*shapes[x.dim()], dtype=dtype, device="cpu")  # (never the default device)
-            gemv.run_plan(plan, x.data_ptr(), kind, out.data_ptr(), kind, fold, dot)
+            launch(x.data_ptr(), out.data_ptr())
             return out
 
         return decode

@@ -130,12 +130,14 @@ def test_single_row_forward_takes_the_one_row_kernel(cls, shape, dtype, monkeypa
     q = cls.from_linear(lin)
     assert q.weight_layout == "blocked"
     calls = []
-    real = gemv.run_plan
-    monkeypatch.setattr(gemv, "run_plan", lambda *a: calls.append(1) or real(*a))
+    real, launch = gemv.run_plan, gemv.Launcher.__call__
+    monkeypatch.setattr(gemv, "run_plan", lambda *a: calls.append("op") or real(*a))
+    monkeypatch.setattr(gemv.Launcher, "__call__", lambda *a: calls.append("decoder") or launch(*a))
     x = torch.randn(*shape, dtype=dtype)
     with torch.no_grad():
         y = q(x)
-    assert calls == [1]
+        assert torch.equal(q(x), y)
+    assert calls == ["op", "decoder"]  # the first call keeps the layer's decoder, which the next one takes
     ref = torch.nn.functional.linear(x.float(), q.dequantized_weight(torch.float32), q.bias.float())
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]  # rounding of the output
     assert y.dtype == dtype and y.shape == ref.shape and torch.allclose(y.float(), ref, rtol=tol, atol=tol)
@@ -377,3 +379,50 @@ def test_a_row_with_strides_reads_only_its_elements(dtype):
     with torch.no_grad():
         for x in (wide[1:2, 100:356], torch.randn(256, 2, dtype=dtype).t()[:1]):
             assert torch.equal(q(x), q(x.contiguous()))
+
+
+@pytest.mark.parametrize("bits,sym,kind,g", [(4, False, "group", 32), (8, True, "channel", 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("team", [True, False])
+def test_a_launcher_gives_run_plans_bits_call_after_call_and_on_several_threads(bits, sym, kind, g, dtype, team,
+                                                                               monkeypatch):
+    # the decoder's launch reuses its blocks (refilled from the template): every call starts from an unclaimed block,
+    # and calls on other threads at the same time each take a block of their own
+    import threading
+
+    if not team:
+        _no_team(monkeypatch)
+    k, n = 256, 192
+    _, wb, sb, zb = _blocked(bits, sym, kind, g, n, k, 64, seed=bits)
+    sp, zp = blocked.blocked_params(sb, zb, n)
+    plan = gemv.Plan(wb.numpy(), sp.numpy(), zp.numpy(), g if kind == "group" else k, bits, wb.data_ptr(),
+                     sp.data_ptr(), zp.data_ptr())
+    kd = gemv.TORCH_KINDS[dtype]
+    launch = gemv.Launcher(plan, kd, kd, True, dtype == torch.bfloat16)
+    xs = [torch.randn(k).to(dtype) for _ in range(6)]
+    refs = []
+    for x in xs:
+        ref = torch.empty(n, dtype=dtype)
+        gemv.run_plan(plan, x.data_ptr(), kd, ref.data_ptr(), kd, True, dtype == torch.bfloat16)
+        refs.append(ref)
+    for _ in range(3):
+        for x, ref in zip(xs, refs):
+            out = torch.full((n,), 7.0, dtype=dtype)
+            launch(x.data_ptr(), out.data_ptr())
+            assert torch.equal(out, ref)
+    assert 1 <= len(launch.free) <= 4
+    bad = []
+
+    def worker(i):
+        for _ in range(50):
+            out = torch.empty(n, dtype=dtype)
+            launch(xs[i].data_ptr(), out.data_ptr())
+            if not torch.equal(out, refs[i]):
+                bad.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad and len(launch.free) <= 4
