@@ -346,8 +346,8 @@ def choose_layouts(model: nn.Module, rows=None, options: dict | None = None) -> 
     weight, compiled with ``options`` and timed at each of ``rows`` by the layout race of
     :meth:`qtorch.autotune.Dispatcher.choose_layout` (a row count's time is its fastest call, weighted by
     ``autotune.REQUEST_CALLS``, ties within ``autotune.LAYOUT_TIE`` to the static order) within
-    :data:`PROBE_BUDGET_S` (:func:`probe_dispatcher`). A probe that fails to build, compile or run loses; if every one fails, the static
-    order holds (with a warning). Every decision is made before any layer moves.
+    :data:`PROBE_BUDGET_S` (:func:`probe_dispatcher`). A probe that fails to build, compile or run loses; if every
+    one fails, the static order holds (with a warning). Every decision is made before any layer moves.
     """
     from . import autotune, layouts
 
