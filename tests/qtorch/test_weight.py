@@ -219,6 +219,23 @@ def test_a_strided_row_gives_the_decoder_its_own_values(layout, bits):
 
 
 @pytest.mark.parametrize("layout,bits", DECODING)
+def test_a_kept_decoder_never_serves_k_values_of_another_shape_nor_autocast(layout, bits):
+    # K values whose last dimension is not K are refused by name once a decoder is kept, and under autocast the row
+    # is cast first, as nn.Linear computes it, then decoded
+    q = _layer_in(layout, bits, True)
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        want = q(x)
+        assert callable(q._w._decoders[torch.bfloat16])
+        for bad in (x.reshape(2, 128), x.reshape(256, 1)):
+            with pytest.raises(ValueError, match="in_features=256"):
+                q(bad)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = q(x.float())
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("layout,bits", DECODING)
 def test_a_replaced_buffer_is_never_read_by_a_stale_decoder(layout, bits):
     # a decoder made before the weight's buffers were replaced steps aside: the call takes the full path on the
     # new buffers (and keeps a decoder for them)
