@@ -9,6 +9,8 @@ dequantize them as qcore does (float32 ``(codes - zero_point) * scale``), on any
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -83,9 +85,15 @@ def _per_element(p: torch.Tensor, axis: int, n: int, k: int, g: int) -> torch.Te
     return p.reshape(-1, k).repeat_interleave(g, dim=0)[:n]
 
 
-def affine(c, scale, zero_point, kind, axis, n, k, group, dtype, float_zero_point: bool = False):
+def affine(c, scale, zero_point, kind, axis, n, k, group, dtype, float_zero_point: bool = False,
+           bits: int | None = None):
     """``(c - zero_point) * scale`` of float32 codes ``c [N, K]``, returned ``[N, K]`` in ``dtype``;
-    ``float_zero_point``: ``c * scale + zero_point`` (float32 offsets, qcore's ``zero_point_kind="float"``)."""
+    ``float_zero_point``: ``c * scale + zero_point`` (float32 offsets, qcore's ``zero_point_kind="float"``).
+    ``bits``: the codes' width, where known: a 16-bit ``dtype`` then skips the saturation passes when no value can
+    reach its range (:func:`fits`)."""
+    if bits is not None and dtype in _TOPS and fits(scale, zero_point, bits, dtype, float_zero_point):
+        # no value lies past the range: the cast alone narrows, as _narrow would
+        return affine(c, scale, zero_point, kind, axis, n, k, group, torch.float32, float_zero_point).to(dtype)
     if kind == "group" and (k if axis == 1 else n) % group:
         # a ragged last group does not reshape into [groups, g]: parameters per element instead (same arithmetic)
         s = _per_element(scale, axis, n, k, group)
@@ -103,6 +111,54 @@ def affine(c, scale, zero_point, kind, axis, n, k, group, dtype, float_zero_poin
     if zero_point is not None:
         c = c - _param_view(zero_point, kind, axis, n, k, group).to(torch.float32)
     return _narrow(c * s, s, dtype).reshape(n, k)
+
+
+_TOPS = {torch.float16: float(torch.finfo(torch.float16).max), torch.bfloat16: float(torch.finfo(torch.bfloat16).max)}
+# (id of the scale) -> (weak reference to it, its version, the zero point's id and version, bits, dtype, float zero
+# point, the verdict): one host check per weight's parameters, not one per call (on a GPU each is a sync)
+_FITS: dict = {}
+
+
+def fits(scale, zero_point, bits: int, dtype: torch.dtype, float_zero_point: bool = False) -> bool:
+    """Whether no dequantized value of ``bits``-bit codes can lie past ``dtype``'s largest finite value, from the
+    parameters alone: ``|code - zero point| < 2^bits``, so ``|w| <= 2^bits max|scale|`` (a float zero point adds
+    ``max|zero point|``). Then casting the float32 weight narrows it exactly as :func:`_narrow` does (nothing
+    saturates), without its eight passes over the weight: ``dequantized_weight(torch.bfloat16)`` of a 4096x4096
+    8-bit layer on the CPU took 161 ms with them against 38 ms in float32, and a GPU layer's eager forward runs them
+    on every call. Kept per scale and zero point until either is replaced or changed in place. False where it
+    cannot be told on real values outside a trace: under ``torch.compile``, ``torch.jit.trace`` or a dispatch mode,
+    for fake, meta or ``torch.func``-wrapped tensors, during CUDA graph capture (then the branch-free narrowing
+    runs).
+
+    >>> fits(torch.tensor([0.5, 2.0]), None, 8, torch.float16), fits(torch.tensor([300.0]), None, 8, torch.float16)
+    (True, False)
+    """
+    top = _TOPS.get(dtype)
+    if top is None:
+        return True
+    if torch.compiler.is_compiling() or torch._C._is_tracing() or torch._C._len_torch_dispatch_stack():
+        return False
+    params = (scale,) if zero_point is None or not float_zero_point else (scale, zero_point)
+    for p in params:
+        if (type(p) is not torch.Tensor or p.is_meta or torch._C._functorch.is_functorch_wrapped_tensor(p)
+                or (p.is_cuda and torch.cuda.is_current_stream_capturing())):
+            return False
+    tracked = not any(p.is_inference() for p in params)  # inference tensors keep no version counter
+    if tracked:
+        zp = zero_point if len(params) == 2 else None
+        key = (id(scale), scale._version, id(zp), -1 if zp is None else zp._version, bits, dtype)
+        hit = _FITS.get(key)
+        if hit is not None and hit[0]() is scale and (zp is None or hit[1]() is zp):
+            return hit[2]
+    bound = float(scale.detach().abs().amax()) * (1 << bits) if scale.numel() else 0.0
+    if len(params) == 2 and zero_point.numel():
+        bound += float(zero_point.detach().abs().amax())
+    verdict = bound <= top  # (a NaN bound is not)
+    if tracked:
+        if len(_FITS) > 4096:
+            _FITS.clear()
+        _FITS[key] = (weakref.ref(scale), (lambda: None) if zp is None else weakref.ref(zp), verdict)
+    return verdict
 
 
 def _narrow(w: torch.Tensor, step: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -128,7 +184,7 @@ def dequantize_canonical(qweight, scale, zero_point, *, bits: int, symmetric: bo
         c = unpack_codes(qweight, bits, k).to(torch.float32)
         if symmetric:
             c = c - float(1 << (bits - 1))
-    return affine(c, scale, zero_point, kind, axis, n, k, group, dtype, zero_point_kind == "float")
+    return affine(c, scale, zero_point, kind, axis, n, k, group, dtype, zero_point_kind == "float", bits)
 
 
 def dequantize_codes(codes, scale, zero_point, spec, dtype=torch.float32) -> torch.Tensor:
@@ -137,7 +193,7 @@ def dequantize_codes(codes, scale, zero_point, spec, dtype=torch.float32) -> tor
     if spec.code_offset:
         c = c - float(spec.code_offset)
     return affine(c, scale, zero_point, spec.kind, spec.axis, spec.out_features, spec.in_features, spec.group,
-                  dtype, spec.zero_point_kind == "float")
+                  dtype, spec.zero_point_kind == "float", spec.bits)
 
 
 def dense_linear(x2: torch.Tensor, w_of) -> torch.Tensor:

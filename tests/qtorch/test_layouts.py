@@ -143,3 +143,50 @@ def test_blocked_holds_every_width_in_containers(bits, sym, dtype):
         for path in lay.paths("cpu", dtype, rows, bits, spec=w_.spec):
             got = lay.linear(w_, x, path).float()
             torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()), msg=path)
+
+
+def _canonical_16(q, scale, zp, bits, sym, kind, g, n, k, dtype):
+    return codec.dequantize_canonical(q, scale, zp, bits=bits, symmetric=sym, kind=kind, axis=int(kind != "channel"),
+                                      group=g, out_features=n, in_features=k, dtype=dtype)
+
+
+@pytest.mark.parametrize("bits,sym,kind,g", CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("magnitude", [1.0, 1e3, 3e4, 6e4, 1e37, 3e38])
+def test_16_bit_dequantization_skips_the_saturation_passes_only_where_nothing_saturates(bits, sym, kind, g, dtype,
+                                                                                     magnitude, monkeypatch):
+    # scales from ordinary to past the 16-bit range: the cast alone where the scales bound every value inside it,
+    # the branch-free saturation otherwise; the same bits either way
+    n, k = 8, 16
+    q, scale, zp = _random_canonical(bits, sym, kind, n, k, g, seed=3)
+    scale = scale * (magnitude / 2**bits)
+    got = _canonical_16(q, scale, zp, bits, sym, kind, g, n, k, dtype)
+    top = float(torch.finfo(dtype).max)
+    assert codec.fits(scale, zp, bits, dtype) == (float(scale.max()) * 2**bits <= top)
+    monkeypatch.setattr(codec, "fits", lambda *a: False)
+    want = _canonical_16(q, scale, zp, bits, sym, kind, g, n, k, dtype)
+    assert got.dtype == want.dtype == dtype and torch.equal(got.float().nan_to_num(), want.float().nan_to_num())
+
+
+def test_fits_is_told_again_after_the_scale_changes_in_place_or_is_replaced():
+    scale, top = torch.full((4,), 1.0), float(torch.finfo(torch.float16).max)
+    assert codec.fits(scale, None, 8, torch.float16)
+    scale.mul_(1e3)  # 256 x 1000 > 65504: a verdict kept from before would let values overflow to inf
+    assert not codec.fits(scale, None, 8, torch.float16)
+    assert codec.fits(torch.full((4,), top / 512), None, 8, torch.float16)
+    assert codec.fits(torch.ones(2), torch.tensor([1e5, 0.0]), 8, torch.float16)  # an integer zero point is a code
+    assert not codec.fits(torch.ones(2), torch.tensor([1e5, 0.0]), 8, torch.float16, True)  # a float one adds
+    assert codec.fits(torch.full((2,), 1e30), None, 8, torch.float32)  # nothing narrows there
+
+
+def test_fits_declines_where_values_cannot_be_read():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert not codec.fits(torch.ones(4, device="meta"), None, 8, torch.bfloat16)
+    assert not codec.fits(torch.nn.Parameter(torch.ones(4)), None, 8, torch.bfloat16)
+    with FakeTensorMode() as mode:
+        assert not codec.fits(mode.from_tensor(torch.ones(4)), None, 8, torch.bfloat16)
+    assert not codec.fits(torch.tensor([float("nan")]), None, 8, torch.bfloat16)
+    with torch.inference_mode():
+        s = torch.ones(4)
+    assert codec.fits(s, None, 8, torch.bfloat16) and codec.fits(s, None, 8, torch.bfloat16)  # no version: no cache
