@@ -113,9 +113,10 @@ def affine(c, scale, zero_point, kind, axis, n, k, group, dtype, float_zero_poin
     return _narrow(c * s, s, dtype).reshape(n, k)
 
 
-_TOPS = {torch.float16: float(torch.finfo(torch.float16).max), torch.bfloat16: float(torch.finfo(torch.bfloat16).max)}
-# (id of the scale) -> (weak reference to it, its version, the zero point's id and version, bits, dtype, float zero
-# point, the verdict): one host check per weight's parameters, not one per call (on a GPU each is a sync)
+_TOPS = {dt: float(torch.finfo(dt).max) for dt in (torch.float16, torch.bfloat16)}
+# (the scale's id and version, the float zero point's (or None's) id and version, bits, dtype) -> (weak references to
+# the scale and zero point, the verdict): one host check per weight's parameters, not one per call (on a GPU each is
+# a sync); the references tell a reused id from the tensor it was told for
 _FITS: dict = {}
 
 
