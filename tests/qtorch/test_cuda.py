@@ -156,3 +156,19 @@ def test_torch_compile_fullgraph_on_gpu():
         want = q(x)
         got = torch.compile(q, fullgraph=True)(x)
     _close(got, want, torch.bfloat16)
+
+
+@pytest.mark.parametrize("layer", ["W8A16Linear", "W4A16Linear"])
+def test_an_eager_call_never_waits_for_the_gpu_after_the_first(layer):
+    """Whether the scales keep every dequantized value inside bfloat16's range is read on the host once per weight
+    (qtorch.layouts.codec.fits), not on every call: later calls queue their work without a sync."""
+    q = getattr(qtorch, layer).from_linear(torch.nn.Linear(256, 128, dtype=torch.bfloat16, device="cuda"))
+    x = torch.randn(4, 256, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        first = q(x)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            again = q(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(first, again)
