@@ -11,11 +11,14 @@ for the other shapes) 1.47x; 4-bit layers all ``int4pack`` 1.98x, all ``blocked`
 only 1.75x. Each shape timed alone was close (576x1536: ``blocked`` 31-34 against 33-35 us a call, hot); in the
 model the switch between kernels cost 1.5-3 ms a step.
 
-``tune_layouts(model, run)`` settles it on the workload itself: for each group of layers sharing a shape, scheme and
-dtype that more than one layout can hold (``int8pack`` / ``int4pack`` and ``blocked``), it moves the whole group
-into each candidate in turn and times ``run()`` (one decoding step, one batch: whatever the model will run),
-alternating the candidates over ``rounds`` rounds; the median decides, the held layout keeping its place unless
-another is faster by ``min_gain``. Groups go largest first, each tuned with the decisions before it in place. The
+``tune_layouts(model, run)`` settles it on the workload itself. First the whole model: every kernel family that
+all its groups can hold (PyTorch's ``int8pack``/``int4pack``, qtorch's ``blocked``) is timed against the layouts as
+held, each by ``run()`` (one decoding step, one batch, a prompt and its answer: whatever the model will run),
+alternating over ``rounds`` rounds, and the fastest by ``min_gain`` is where the groups start: one group at a time
+cannot leave a family where a mix costs more than either (SmolLM2 w8a16, below). Then each group of layers sharing a
+shape, scheme and dtype that more than one layout can hold is moved into each candidate in turn and timed the same
+way; the median decides, the held layout keeping its place unless another is faster by ``min_gain``. Groups go
+largest first, each tuned with the decisions before it in place. The
 decision is kept for the shape like the built-in one (the process, and the dispatcher's file unless ``keep=False``),
 so the layers of that shape built later on this machine take it too. Codes are converted exactly: outputs are those
 of the same codes in any layout, within the dtype's rounding.
@@ -27,8 +30,13 @@ shape's race left its timings in the dispatcher, and a family (PyTorch's ``int8p
 (request costs summed over the model's layers) replaces a mix. SmolLM2's 8-bit shapes: one family within 2% of
 the mix, 1.54x of dense where the mix ran 1.47x.
 
-Cost: per group and candidate, ``2 * rounds`` untimed and timed calls of ``run``, plus the conversions. SmolLM2's
-four groups of shapes took 4-5 s on 2 cores with one decoding step as ``run``.
+SmolLM2 w8a16 held on ``int8pack`` by the per-shape races: tuned group by group on a 41-token prompt and 16 new tokens
+it stayed there (each group alone on ``blocked`` made the work slower); with the families tried first it moved
+whole to ``blocked``: the prompt 54-55 against 90-93 ms, a decoding step 22.3-23.3 against 24.5-25.5 ms.
+
+Cost: per family and per group candidate, ``2 * rounds`` untimed and timed calls of ``run``, plus the conversions.
+SmolLM2's four groups of shapes took 4-5 s on 2 cores with one decoding step as ``run`` before the families were
+tried, 28 s with a 41-token prompt and 16 new tokens as ``run`` and ``rounds=3``.
 
 >>> import torch, qtorch
 >>> model = torch.nn.Sequential(qtorch.W8A16Linear(64, 64), torch.nn.ReLU()).to(torch.bfloat16)
@@ -91,17 +99,19 @@ def _hold(members: list, name: str) -> bool:
 def tune_layouts(model: nn.Module, run: Callable[[], Any], *, rounds: int = 5, min_gain: float = 0.02,
                  keep: bool = True, timer: Callable[[], float] = time.perf_counter) -> dict:
     """Choose, per group of quantized layers sharing a shape, scheme and compute dtype, the layout under which
-    ``run()`` is fastest, by timing it in place (see the module docstring); returns ``{"out x in|scheme|dtype":
-    layout}`` for the groups that had a choice, every layer of a group holding its pick.
+    ``run()`` is fastest, by timing it in place, whole kernel families first (see the module docstring); returns
+    ``{"out x in|scheme|dtype": layout}`` for the groups that had a choice, every layer of a group holding its pick.
 
-    ``run``: a callable that runs the model as it will be used (one decoding step with its cache, a batch); called
-    under ``torch.no_grad()``, ``1 + 4 * rounds`` times per candidate layout of each group. ``min_gain``: the
-    fraction by which another layout must beat the held one. ``keep``: keep the decisions for layers of these
-    shapes built later (the process and the dispatcher's file), as the built-in choice does. ``QTORCH_LAYOUT``
-    (forced) and ``QTORCH_AUTOTUNE=0`` (no measuring) leave every layer where it is; the held layouts are returned.
+    ``run``: a callable that runs the model as it will be used (one decoding step with its cache, a batch, a prompt
+    and its answer); called under ``torch.no_grad()``, ``2 * rounds`` times for the layouts as held and for each
+    other family every group can hold, and ``1 + 4 * rounds`` times per candidate layout of each group.
+    ``min_gain``: the fraction by which another layout (or family) must beat the held one. ``keep``: keep the
+    decisions for layers of these shapes built later (the process and the dispatcher's file), as the built-in
+    choice does. ``QTORCH_LAYOUT`` (forced) and ``QTORCH_AUTOTUNE=0`` (no measuring) leave every layer where it is;
+    the held layouts are returned.
     ``timer``: the clock read before and after each timed call (seconds); one that advances only while the model's
     own part of ``run`` runs times that part alone (the benchmarks step other models in between).
-    If ``run`` raises, the group being timed goes back to its layout and the error propagates.
+    If ``run`` raises, the groups being timed go back to their layouts and the error propagates.
     """
     from . import autotune, layouts
 
@@ -134,6 +144,7 @@ def tune_layouts(model: nn.Module, run: Callable[[], Any], *, rounds: int = 5, m
 
     with torch.no_grad():
         run()  # warm-up: kernels compile, paths are measured
+        _tune_families(groups, run, timed, rounds, min_gain)
         for _, key, members, names in groups:
             held = members[0].quantized_weight.layout.name
             ms = {}
@@ -165,6 +176,63 @@ def tune_layouts(model: nn.Module, run: Callable[[], Any], *, rounds: int = 5, m
 
 def _family(layout) -> str:
     return "torch" if layout.torch_kernels else layout.name
+
+
+def _hold_all(groups: list, names: list) -> bool:
+    """Every group of ``groups`` into its layout of ``names``; False (every group back where it was) if one cannot."""
+    before = [members[0].quantized_weight.layout.name for _, _, members, _ in groups]
+    for i, ((_, _, members, _), name) in enumerate(zip(groups, names)):
+        if not _hold(members, name):
+            for (_, _, back, _), prev in zip(groups[:i], before):
+                _hold(back, prev)
+            return False
+    return True
+
+
+def _tune_families(groups: list, run: Callable[[], Any], timed: Callable[[], float], rounds: int,
+                   min_gain: float) -> None:
+    """Before the groups are tuned one by one: the whole model in each kernel family that every group can hold,
+    timed against its layouts as held, alternating over ``rounds``; the fastest (by ``min_gain`` over the held
+    ones) is where the groups then start. One group at a time cannot find it where a mix of families costs more
+    than either: SmolLM2 w8a16 on the AMX Xeon, held on ``int8pack`` by the races, kept it group by group (each
+    group alone on ``blocked`` made the step slower), while the whole model on ``blocked`` decoded in 22.3-23.2
+    against 24.4-25.3 ms a step and ran its 41-token prompt in 55-61 against 89-95 ms."""
+    from . import layouts
+
+    if len(groups) < 2:
+        return
+    per_group = []
+    for _, _, _, names in groups:
+        fams: dict = {}
+        for name in names:
+            fams.setdefault(_family(layouts.get(name)), name)
+        per_group.append(fams)
+    start = [members[0].quantized_weight.layout.name for _, _, members, _ in groups]
+    configs = {"held": start}
+    for fam in sorted(set.intersection(*(set(f) for f in per_group))):
+        names = [f[fam] for f in per_group]
+        if names != start:
+            configs[fam] = names
+    if len(configs) < 2:
+        return
+    samples: dict = {c: [] for c in configs}
+    try:
+        for r in range(rounds):
+            for c in (list(configs) if r % 2 else list(reversed(configs))):
+                if not _hold_all(groups, configs[c]):  # a group cannot hold it after all: not a candidate
+                    del configs[c], samples[c]
+                    continue
+                run()  # untimed: the first call after a move builds the layers' kept calls
+                samples[c].append(timed())
+            if len(configs) < 2:
+                break
+    except BaseException:
+        _hold_all(groups, start)
+        raise
+    med = {c: statistics.median(v) for c, v in samples.items() if v}
+    best = min(med, key=med.get)
+    pick = best if "held" in med and med[best] < med["held"] * (1 - min_gain) else "held"
+    _hold_all(groups, configs.get(pick, start))
 
 
 def settle_layouts(model: nn.Module) -> dict:

@@ -54,6 +54,22 @@ def test_each_group_takes_the_layout_its_work_runs_fastest_in(measuring, fast):
     assert measuring.cached(key) == fast and measuring.decisions()[str(key)]["source"] == "model"
 
 
+def test_a_whole_family_is_tried_where_one_group_at_a_time_cannot_leave_a_mix(measuring):
+    # mixing the two kernel families costs more than either (as in SmolLM2): from all-int8pack, moving either group
+    # alone to blocked is slower, yet the whole model on blocked is the fastest; the family is found and kept
+    m = _model()
+    for i in (0, 2, 3):
+        m[i].quantized_weight.hold_layout("int8pack", BF16)
+    clock = [0.0]
+
+    def run():
+        held = _held(m)
+        clock[0] += sum({"int8pack": 1.0, "blocked": 0.9}[h] for h in held) + (1.0 if len(set(held)) > 1 else 0.0)
+
+    picks = qtorch.tune_layouts(m, run, rounds=2, timer=lambda: clock[0], keep=False)
+    assert set(picks.values()) == {"blocked"} and _held(m) == ["blocked"] * 3
+
+
 def test_the_held_layout_stays_unless_another_wins_by_min_gain(measuring):
     m = _model()
     for i in (0, 2, 3):
