@@ -62,7 +62,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 __all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "evict_caches", "LAYOUT_TIE", "DROP_AFTER",
-           "DispatchKey", "LayoutKey", "Dispatcher", "row_bucket", "bucket_index", "cpu_info", "fingerprint",
+           "ROTATION_COPIES", "cold_bytes", "DispatchKey", "LayoutKey", "Dispatcher", "row_bucket", "bucket_index", "cpu_info", "fingerprint",
            "default_cache_path", "default_dispatcher"]
 
 #: upper bounds of the row buckets; more rows than the last bound form one more bucket
@@ -71,11 +71,20 @@ ROW_BUCKETS = (1, 4, 16, 64, 256)
 #: turn, or 16 sequences decoding together: between the two regimes) and 128 rows (a prompt: compute-bound, the
 #: 65-256 bucket); the path dispatcher still picks the best path of the held layout per bucket.
 LAYOUT_ROWS = (1, 16, 128)
-#: row counts whose layout trials evict the CPU caches before every timed call: a decoding step reads each layer's
-#: weight from memory (the model's other layers have evicted it), and timed back to back a small weight stays in
-#: cache, which favoured a kernel that is fast on cached weights (a 2048x2048 4-bit layer, bf16: blocked 1.5x
-#: int4pack's one-row time back to back, 1.6 ms per token more in a model than that predicted)
+#: row counts whose layout trials read the weight from memory at every timed call: a decoding step reads each
+#: layer's weight from memory (the model's other layers have evicted it), and timed back to back a small weight
+#: stays in cache, which favoured a kernel that is fast on cached weights (a 2048x2048 4-bit layer, bf16: blocked
+#: 1.5x int4pack's one-row time back to back, 1.6 ms per token more in a model than that predicted). The eager
+#: trials rotate over copies of the weight (:data:`ROTATION_COPIES`), as a model's layers follow one another;
+#: ``choose_layout`` evicts the caches before each such call for candidates that cannot rotate (compiled probes).
+#: Eviction alone misled: after a 256 MB write, SmolLM2's 1536x576 8-bit layer took 67 us on ``blocked`` against
+#: 53 on ``int8pack`` (AMX Xeon, bf16, best calls), while 300 copies of it called in turn, as in the model, took
+#: 49 against 66 (and a model on ``blocked`` decoded 9% faster, its 41-token prompt 1.6x faster)
 COLD_ROWS = (1,)
+#: copies of the weight a layout trial rotates over at :data:`COLD_ROWS` at most (together half of
+#: :func:`cold_bytes`; the trials of two layouts alternate, so each copy is read again after the whole of that
+#: streamed): a 110 KB layer would need over a thousand, and 32 MB of copies already gave the model's order
+ROTATION_COPIES = 512
 #: calls per row count in the request a layout decision prices: a prompt of 512 tokens (four 128-row calls),
 #: then 128 generated tokens (one-row calls). The worst ratio over the two row counts, the rule before, held
 #: prompt and decoding equal: AMX made the blocked layout's prompt 3x faster than PyTorch's int4pack kernel on
@@ -429,7 +438,7 @@ class Dispatcher:
         return not isinstance(timed, dict) or all(n in timed or n in failed for n in candidates)
 
     def choose_layout(self, key: LayoutKey, candidates: Mapping[str, Callable[[], Mapping | None]],
-                      rows: tuple = LAYOUT_ROWS, tie: float = LAYOUT_TIE) -> str:
+                      rows: tuple = LAYOUT_ROWS, tie: float = LAYOUT_TIE, evict_rows: tuple = COLD_ROWS) -> str:
         """Name of the layout to hold for ``key`` among ``candidates`` (name -> a callable that converts a
         throwaway copy of the weight and returns ``{rows: {path name: callable running one forward}}`` for every
         count in ``rows``, or None when the layout cannot hold this weight after all), in the static order.
@@ -442,7 +451,9 @@ class Dispatcher:
         wins (its largest ratio, over the row counts, to the fastest layout at that count; regrets within ``tie``
         go to the earliest in the static order): a near tie on the request goes to the layout that is never far
         behind. The fastest call, not the median, and no path dropped after one round: other work on the machine
-        only adds time, and this decision is kept for good.
+        only adds time, and this decision is kept for good. At ``evict_rows`` (default :data:`COLD_ROWS`) every
+        timed call follows an eviction of the caches (untimed); callers whose calls at those rows read a weight
+        out of cache by themselves (the eager trials rotate over copies) pass ``()``.
 
         >>> import time
         >>> d = Dispatcher(cache_path=False, env={})
@@ -478,7 +489,7 @@ class Dispatcher:
             flat = {f"{name}:{p}": fn for name, runs in built.items() for p, fn in runs.get(r, {}).items()}
             if not flat:  # no layout runs this row count: none is scored
                 continue
-            before = self.evict if r in COLD_ROWS else None
+            before = self.evict if r in evict_rows else None
             failed_here: dict = {}
             got_here = self._samples(flat, drop=False, before=before, errors=failed_here)
             errors.update({f"{label}@{r}": e for label, e in failed_here.items()})
@@ -606,15 +617,20 @@ class Dispatcher:
 _EVICT: list = []
 
 
+def cold_bytes() -> int:
+    """Bytes a read must stream to leave no weight in the CPU caches: twice the last-level cache (32-256 MB)."""
+    try:
+        llc = int(os.sysconf("SC_LEVEL3_CACHE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        llc = 0
+    return min(max(2 * llc, 32 << 20), 256 << 20)
+
+
 def evict_caches() -> None:
-    """Write a buffer larger than the last-level cache (twice its size, 32-256 MB), so that the next call finds
-    no weight in cache, as a layer of a model does."""
+    """Write a buffer larger than the last-level cache (:func:`cold_bytes`), so that the next call finds no
+    weight in cache, as a layer of a model does."""
     if not _EVICT:
-        try:
-            llc = int(os.sysconf("SC_LEVEL3_CACHE_SIZE"))
-        except (ValueError, OSError, AttributeError):
-            llc = 0
-        _EVICT.append(torch.empty(min(max(2 * llc, 32 << 20), 256 << 20) // 4, dtype=torch.float32))
+        _EVICT.append(torch.empty(cold_bytes() // 4, dtype=torch.float32))
     _EVICT[0].fill_(1.0)
 
 

@@ -29,6 +29,8 @@ the copy of the winner is the one kept.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -439,7 +441,9 @@ class QuantizedWeight:
 def _trial_runs(spec: WeightSpec, lay, state: tuple, compute_dtype: torch.dtype, device) -> dict:
     """``{rows: {path: callable}}`` over :data:`qtorch.autotune.LAYOUT_ROWS` for a throwaway weight holding
     ``state`` in ``lay``: one forward of random inputs (``compute_dtype``, a fixed seed of its own: the global
-    generator is left alone) by each path the layout offers for that call."""
+    generator is left alone) by each path the layout offers for that call. At :data:`qtorch.autotune.COLD_ROWS`
+    each call takes the next of :func:`_rotation`'s copies, so that it reads its weight from memory, as a layer of
+    a model does."""
     w = QuantizedWeight(spec, device="meta")  # no zero state to allocate
     w._hold(lay, *state)
     gen = torch.Generator().manual_seed(0)
@@ -448,8 +452,57 @@ def _trial_runs(spec: WeightSpec, lay, state: tuple, compute_dtype: torch.dtype,
         x = torch.randn(rows, spec.in_features, generator=gen, dtype=torch.float32, device="cpu")
         x = x.to(device=device, dtype=compute_dtype)
         names = lay.paths(torch.device(device).type, compute_dtype, rows, spec.bits, spec=spec)
-        runs[rows] = {n: (lambda n=n, x=x: lay.linear(w, x, n)) for n in names}
+        if rows in autotune.COLD_ROWS:
+            copies = _rotation(w, state)
+            for n in names:  # untimed: a first call builds what a layer keeps (blocked's one-row plan: +40 us)
+                try:
+                    for c in copies:
+                        lay.linear(c, x, n)
+                except Exception:  # the race's own first call of the path records what it raises
+                    pass
+            turn = itertools.cycle(copies).__next__  # one turn for all of the layout's paths
+            runs[rows] = {n: (lambda n=n, x=x, turn=turn: lay.linear(turn(), x, n)) for n in names}
+        else:
+            runs[rows] = {n: (lambda n=n, x=x: lay.linear(w, x, n)) for n in names}
     return runs
+
+
+def _rotation(w: "QuantizedWeight", state: tuple) -> list:
+    """``w`` and throwaway copies of it (holding clones of ``state``, its layout's tensors) that together take half
+    of :func:`qtorch.autotune.cold_bytes`, :data:`qtorch.autotune.ROTATION_COPIES` weights at most: called in turn
+    (and alternating with another layout's), each finds its codes out of cache. A weight that size or larger
+    streams itself out of the caches: no copy."""
+    tensors = [t for t in _leaves(state) if isinstance(t, torch.Tensor)]
+    nbytes = max(1, sum(t.numel() * t.element_size() for t in tensors))
+    count = min(autotune.ROTATION_COPIES, -(-(autotune.cold_bytes() // 2) // nbytes))
+    ws = [w]
+    for _ in range(count - 1):
+        c = QuantizedWeight(w.spec, device="meta")
+        c._hold(w.layout, *_cloned(state))
+        ws.append(c)
+    return ws
+
+
+def _leaves(a):
+    if isinstance(a, (tuple, list)):
+        for v in a:
+            yield from _leaves(v)
+    elif isinstance(a, dict):
+        for v in a.values():
+            yield from _leaves(v)
+    else:
+        yield a
+
+
+def _cloned(a):
+    """``a`` with every tensor in it (in tuples, lists and dicts) cloned."""
+    if isinstance(a, torch.Tensor):
+        return a.clone()
+    if isinstance(a, (tuple, list)):
+        return type(a)(_cloned(v) for v in a)
+    if isinstance(a, dict):
+        return {k: _cloned(v) for k, v in a.items()}
+    return a
 
 
 def _tensor(a: np.ndarray, device) -> torch.Tensor:

@@ -169,7 +169,9 @@ def choose(spec: WeightSpec, device, compute_dtype: torch.dtype, trial=None) -> 
     forced), as decided on this machine.
 
     ``trial(layout)`` converts a throwaway copy of the weight into ``layout`` and returns ``{rows: {path:
-    callable}}`` for :meth:`qtorch.autotune.Dispatcher.choose_layout`, or None when it cannot; without it, nothing
+    callable}}`` for :meth:`qtorch.autotune.Dispatcher.choose_layout`, or None when it cannot (its calls at
+    :data:`~qtorch.autotune.COLD_ROWS` must read a weight out of cache by themselves, as the layer's trials do by
+    rotating over copies: nothing is evicted for them); without it, nothing
     is measured: a kept decision, else the static order (for listing). In order of precedence: ``QTORCH_LAYOUT``
     where that layout is eligible; the deprecated ``QTORCH_TORCH_PACK``; the measured choice when two or more
     layouts besides ``canonical`` are eligible on CPU and measuring is on; the static order (:func:`default_policy`).
@@ -192,7 +194,8 @@ def choose(spec: WeightSpec, device, compute_dtype: torch.dtype, trial=None) -> 
     if trial is None:
         name = d.cached(key) if d.measuring else None
     else:
-        name = d.choose_layout(key, {lay.name: (lambda lay=lay: trial(lay)) for lay in timed})
+        # (the trials' one-row calls rotate over copies of the weight: no eviction)
+        name = d.choose_layout(key, {lay.name: (lambda lay=lay: trial(lay)) for lay in timed}, evict_rows=())
     return order if name is None else _first(order, name)
 
 

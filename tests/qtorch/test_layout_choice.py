@@ -159,6 +159,73 @@ def test_one_row_trials_find_the_weight_out_of_cache_and_eviction_is_not_timed()
                                              "b@1": 2.0, "b@16": 0.625, "b@128": 5.0}
 
 
+def _recording_linear(monkeypatch, lay, log):
+    orig = type(lay).linear
+
+    def linear(weight, x2, path, orig=orig):
+        log.append((weight, path, x2.shape[0]))
+        return orig(lay, weight, x2, path)
+    monkeypatch.setattr(lay, "linear", linear)
+
+
+@pytest.mark.parametrize("scheme", [W8, W4], ids=["w8", "w4"])
+def test_one_row_trials_rotate_over_copies_each_called_once_before_the_race(scheme, monkeypatch):
+    """A decoding step reads a layer's weight after the other layers' weights: the one-row calls of a layout trial
+    take copies of the weight in turn (together half of cold_bytes), each called once by every path before the
+    race (what a layer keeps, such as blocked's one-row plan, is built then); 16 and 128 rows use one weight."""
+    from qtorch.weight import _trial_runs
+    w = _layer(scheme).quantized_weight
+    state = w._converted(BLOCKED)
+    nbytes = sum(t.numel() * t.element_size() for t in state[:3] if t is not None)
+    monkeypatch.setattr(autotune, "cold_bytes", lambda: 6 * nbytes - 2)  # half of it: just under 3 weights
+    log = []
+    _recording_linear(monkeypatch, BLOCKED, log)
+    runs = _trial_runs(w.spec, BLOCKED, state, BF16, "cpu")
+    paths = list(runs[1])
+    assert {p for _, p, _ in log} == set(paths) and {r for _, _, r in log} == {1}
+    copies = list(dict.fromkeys(id(c) for c, _, _ in log))
+    assert len(copies) == 3 and len(log) == 3 * len(paths)  # every copy once by every path
+    weights = list({id(c): c for c, _, _ in log}.values())
+    q0 = weights[0].buffers["qweight"]
+    for c in weights[1:]:
+        assert c.layout is BLOCKED and torch.equal(c.buffers["qweight"], q0)
+        assert c.buffers["qweight"].data_ptr() != q0.data_ptr()  # memory of its own: read from memory in turn
+    log.clear()
+    for _ in range(7):
+        for fn in runs[1].values():
+            fn()
+    assert [id(c) for c, _, _ in log] == [copies[i % 3] for i in range(7 * len(paths))]  # one turn for all paths
+    log.clear()
+    for r in (16, 128):
+        for fn in runs[r].values():
+            fn()
+            fn()
+    assert len({id(c) for c, _, _ in log}) == 1 and {r for _, _, r in log} == {16, 128}
+
+
+def test_a_weight_as_large_as_the_rotation_is_not_copied(monkeypatch):
+    from qtorch.weight import _rotation
+    w = _layer(W8).quantized_weight
+    state = w._converted(BLOCKED)
+    nbytes = sum(t.numel() * t.element_size() for t in state[:3] if t is not None)
+    monkeypatch.setattr(autotune, "cold_bytes", lambda: 2 * nbytes)
+    assert _rotation(w, state) == [w]
+    monkeypatch.setattr(autotune, "cold_bytes", lambda: 1 << 40)  # bounded: ROTATION_COPIES weights at most
+    monkeypatch.setattr(autotune, "ROTATION_COPIES", 5)
+    assert len(_rotation(w, state)) == 5
+
+
+def test_an_eager_layout_choice_evicts_nothing(monkeypatch, tmp_path):
+    """The eager trials read their one-row weights out of cache by rotating: the dispatcher's eviction (256 MB
+    written before every call) is left to candidates that cannot rotate."""
+    evicted = []
+    d = autotune.Dispatcher(cache_path=tmp_path / "dispatch.json", env={}, evict=lambda: evicted.append(1))
+    monkeypatch.setattr(autotune, "_DEFAULT", d)
+    monkeypatch.setattr(autotune, "cold_bytes", lambda: 1 << 20)
+    _layer(W8)
+    assert _key(W8) in d.decisions() and not evicted
+
+
 def test_the_rule_is_the_least_request_time_ties_to_the_static_order():
     clock = [0.0]
     d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0])
