@@ -61,9 +61,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "evict_caches", "LAYOUT_TIE", "DROP_AFTER",
-           "ROTATION_COPIES", "cold_bytes", "DispatchKey", "LayoutKey", "Dispatcher", "row_bucket", "bucket_index", "cpu_info", "fingerprint",
-           "default_cache_path", "default_dispatcher"]
+__all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "ROTATION_COPIES", "cold_bytes", "evict_caches",
+           "LAYOUT_TIE", "DROP_AFTER", "DispatchKey", "LayoutKey", "Dispatcher", "row_bucket", "bucket_index",
+           "cpu_info", "fingerprint", "default_cache_path", "default_dispatcher"]
 
 #: upper bounds of the row buckets; more rows than the last bound form one more bucket
 ROW_BUCKETS = (1, 4, 16, 64, 256)

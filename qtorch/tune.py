@@ -1,8 +1,8 @@
 """``qtorch.tune_layouts``: each quantized layer shape's layout chosen by timing the model's own work, in place.
 
 When a layer is built, its weight's layout is decided per shape, scheme and dtype by timing a throwaway copy alone
-(:func:`qtorch.layouts.choose`: 1, 16 and 128 rows, the one-row calls rotating over copies of the weight). Inside a model
-the conditions differ: the other layers' weights stream through the caches between two calls of a layer, the
+(:func:`qtorch.layouts.choose`: 1, 16 and 128 rows, the one-row calls rotating over copies of the weight). Inside a
+model the conditions differ: the other layers' weights stream through the caches between two calls of a layer, the
 interpreter's own state stays warm, each layout's Python per call counts as much as its kernel, and the layers run
 one after another, so that a model whose shapes were decided one by one can alternate between kernels. Measured on
 SmolLM2-135M (bfloat16, decoding, 2-core Xeon with AMX, every variant in one lockstep run): 8-bit layers all
