@@ -34,6 +34,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
+from qtorch.autotune import last_level_cache  # noqa: E402
 from qtorch.compile import TEMPLATE_LAYOUTS, compile as qcompile, probe_dispatcher  # noqa: E402
 from _layers import layer_path  # noqa: E402
 from _machine import machine_line  # noqa: E402
@@ -49,10 +50,7 @@ def read_past_cache() -> None:
     from memory, as each layer of a model larger than the cache does. Reading, not writing: no dirty lines are
     left to write back during the timed call (the previous layers of a model only read theirs)."""
     if not _LLC:
-        try:
-            llc = int(os.sysconf("SC_LEVEL3_CACHE_SIZE"))
-        except (ValueError, OSError, AttributeError):
-            llc = 0
+        llc = last_level_cache()
         _LLC.append(torch.ones(min(max(2 * llc, 64 << 20), 512 << 20) // 8, dtype=torch.int64))
     _LLC[0].sum()
 

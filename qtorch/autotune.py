@@ -62,8 +62,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 __all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "ROTATION_COPIES", "cold_bytes", "evict_caches",
-           "LAYOUT_TIE", "DROP_AFTER", "DispatchKey", "LayoutKey", "Dispatcher", "row_bucket", "bucket_index",
-           "cpu_info", "fingerprint", "default_cache_path", "default_dispatcher"]
+           "last_level_cache", "LAYOUT_TIE", "DROP_AFTER", "DispatchKey", "LayoutKey", "Dispatcher", "row_bucket",
+           "bucket_index", "cpu_info", "fingerprint", "default_cache_path", "default_dispatcher"]
 
 #: upper bounds of the row buckets; more rows than the last bound form one more bucket
 ROW_BUCKETS = (1, 4, 16, 64, 256)
@@ -77,9 +77,10 @@ LAYOUT_ROWS = (1, 16, 128)
 #: 1.5x int4pack's one-row time back to back, 1.6 ms per token more in a model than that predicted). The eager
 #: trials rotate over copies of the weight (:data:`ROTATION_COPIES`), as a model's layers follow one another;
 #: ``choose_layout`` evicts the caches before each such call for candidates that cannot rotate (compiled probes).
-#: Eviction alone misled: after a 256 MB write, SmolLM2's 1536x576 8-bit layer took 67 us on ``blocked`` against
-#: 53 on ``int8pack`` (AMX Xeon, bf16, best calls), while 300 copies of it called in turn, as in the model, took
-#: 49 against 66 (and a model on ``blocked`` decoded 9% faster, its 41-token prompt 1.6x faster)
+#: Eviction misled: SmolLM2's 1536x576 8-bit bf16 layer at one row (best calls, AMX Xeon) took 67 us on ``blocked``
+#: against 53 on ``int8pack`` after a 32 MB write, 269 against 190 after a 256 MB one, while copies of it called in
+#: turn, as in the model, took 49-52 against 66-79 (and a model on ``blocked`` decoded 9% faster, its 41-token
+#: prompt 1.6x faster)
 COLD_ROWS = (1,)
 #: copies of the weight a layout trial rotates over at :data:`COLD_ROWS` at most (together half of
 #: :func:`cold_bytes`; the trials of two layouts alternate, so each copy is read again after the whole of that
@@ -617,13 +618,41 @@ class Dispatcher:
 _EVICT: list = []
 
 
-def cold_bytes() -> int:
-    """Bytes a read must stream to leave no weight in the CPU caches: twice the last-level cache (32-256 MB)."""
+_CPU_CACHES = "/sys/devices/system/cpu/cpu0/cache"
+
+
+def last_level_cache() -> int:
+    """Bytes of the CPU's largest cache: what Linux lists for CPU 0 (``/sys/devices/system/cpu/cpu0/cache``), else
+    ``os.sysconf``'s where the platform names it, else 0. (Python's ``os.sysconf`` has no ``SC_LEVEL3_CACHE_SIZE``
+    on Linux: this once read 0 there, and every eviction took the 32 MB floor on a machine listing 480 MB.)"""
+    best = 0
+    root = _CPU_CACHES
     try:
-        llc = int(os.sysconf("SC_LEVEL3_CACHE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        llc = 0
-    return min(max(2 * llc, 32 << 20), 256 << 20)
+        entries = os.listdir(root)
+    except OSError:
+        entries = []
+    for name in entries:
+        try:
+            with open(os.path.join(root, name, "size")) as f:
+                text = f.read().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text[:-1] if scale > 1 else text
+        if digits.isdigit():
+            best = max(best, int(digits) * scale)
+    if not best:
+        try:
+            best = int(os.sysconf("SC_LEVEL3_CACHE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            best = 0
+    return max(best, 0)
+
+
+def cold_bytes() -> int:
+    """Bytes a read must stream to leave no weight in the CPU caches: twice the last-level cache
+    (:func:`last_level_cache`), 32-256 MB."""
+    return min(max(2 * last_level_cache(), 32 << 20), 256 << 20)
 
 
 def evict_caches() -> None:

@@ -358,3 +358,21 @@ def test_a_decision_made_without_a_path_that_raised_is_not_written(tmp_path):
     later = dispatcher(tmp_path, clock=clock)
     assert later.choose(KEY, {"slow": clock.path("slow", 3.0), "fast": clock.path("fast", 1.0)}) == "fast"
     assert json.loads((tmp_path / "dispatch.json").read_text())["decisions"][str(KEY)]["path"] == "fast"
+
+
+def test_the_last_level_cache_is_read_from_the_cpu_cache_listing(tmp_path, monkeypatch):
+    """Linux lists CPU 0's caches in sysfs (Python's os.sysconf has no SC_LEVEL3_CACHE_SIZE there): the largest one
+    sizes the eviction and the layout trials' rotation, within 32-256 MB."""
+    for name, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "491520K")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "size").write_text(size + "\n")
+    (tmp_path / "uevent").write_text("")  # not a cache: no size
+    monkeypatch.setattr(A, "_CPU_CACHES", str(tmp_path))
+    assert A.last_level_cache() == 480 << 20 and A.cold_bytes() == 256 << 20
+    (tmp_path / "index3" / "size").write_text("8M")
+    assert A.last_level_cache() == 8 << 20 and A.cold_bytes() == 32 << 20
+    (tmp_path / "index3" / "size").write_text("24M")
+    assert A.cold_bytes() == 48 << 20
+    monkeypatch.setattr(A, "_CPU_CACHES", str(tmp_path / "absent"))
+    monkeypatch.setattr(A.os, "sysconf", lambda name: (_ for _ in ()).throw(ValueError(name)))
+    assert A.last_level_cache() == 0 and A.cold_bytes() == 32 << 20
