@@ -62,7 +62,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 __all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "ROTATION_COPIES", "cold_bytes", "evict_caches",
-           "last_level_cache", "LAYOUT_TIE", "DROP_AFTER", "DispatchKey", "LayoutKey", "Dispatcher", "row_bucket",
+           "last_level_cache", "LAYOUT_TIE", "DROP_AFTER", "DispatchKey", "LayoutKey", "SettingKey", "Dispatcher",
+           "row_bucket",
            "bucket_index", "cpu_info", "fingerprint", "default_cache_path", "default_dispatcher"]
 
 #: upper bounds of the row buckets; more rows than the last bound form one more bucket
@@ -191,6 +192,28 @@ class LayoutKey:
 
     def __str__(self) -> str:  # the prefix keeps these apart from the path decisions in the same file
         return f"layout|{self.out_features}x{self.in_features}|{self.scheme}|{self.dtype}|threads {self.threads}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingKey:
+    """What a kernel setting measured once per machine depends on (not a layer's shape): its name and torch's
+    threads. Decided by :meth:`Dispatcher.choose` like a path, its candidates named by their values.
+
+    >>> str(SettingKey.make("gemv-prefetch-w4", threads=2))
+    'setting|gemv-prefetch-w4|threads 2'
+    """
+
+    name: str
+    threads: int
+
+    @classmethod
+    def make(cls, name: str, threads: int | None = None) -> "SettingKey":
+        if not isinstance(name, str) or not name or "|" in name:
+            raise ValueError(f"a setting's name must be a non-empty label without '|', got {name!r}")
+        return cls(name, int(torch.get_num_threads() if threads is None else threads))
+
+    def __str__(self) -> str:  # the prefix keeps these apart from the path and layout decisions in the same file
+        return f"setting|{self.name}|threads {self.threads}"
 
 
 # ------------------------------------------------------------------------------------------------ fingerprint
@@ -395,18 +418,20 @@ class Dispatcher:
             return {k: dict(v) for k, v in self._decisions.items()}
 
     # -------------------------------------------------------------- the choice
-    def choose(self, key: DispatchKey, candidates: Mapping[str, Callable[[], Any]]) -> str:
+    def choose(self, key: "DispatchKey | SettingKey", candidates: Mapping[str, Callable[[], Any]]) -> str:
         """Name of the path to use for ``key`` among ``candidates`` (name -> a callable running one forward; only
         eligible paths, in the default order). Measures at the first call for ``key`` and remembers the result.
+        A :class:`SettingKey` chooses among a setting's values the same way (name -> a callable running the kernel
+        with that value).
 
         A candidate that raises while being measured is dropped; if every one raises, the first error is raised.
         """
-        if not isinstance(key, DispatchKey):
-            raise TypeError(f"key must be a DispatchKey, got {type(key).__name__}")
+        if not isinstance(key, (DispatchKey, SettingKey)):
+            raise TypeError(f"key must be a DispatchKey or a SettingKey, got {type(key).__name__}")
         names = list(candidates)
         if not names:
             raise ValueError(f"no candidate path for {key}")
-        if self.forced is not None and self.forced in candidates:
+        if self.forced is not None and self.forced in candidates and isinstance(key, DispatchKey):  # (a path)
             return self.forced
         if len(names) == 1:
             return names[0]

@@ -628,7 +628,8 @@ WIDE = host_has("avx512f")
 #: thread, CPU time, eight 4096x4096 layers in rotation so that each call reads from memory; 8-bit / 4-bit f32):
 #: none 2.05 / 2.60 ms, 2 KB 1.56 / 1.00, 8 KB 1.43 / 0.96, 32 KB 1.41 / 0.93, 128 KB 1.43 / 0.90; into L1
 #: instead 1.55-1.75 ms at 8 bits at every distance, non-temporal 2.2-3.2 ms. None on the AVX2 path: unmeasured
-#: on such CPUs.
+#: on such CPUs. The distance where nothing is measured (``QTORCH_AUTOTUNE=0``, :func:`gemv_blocked`'s own calls):
+#: the blocked layout's plans take the one measured on the machine (:func:`qtorch.prefetch.distance`).
 PREFETCH = 32768 if WIDE else 0
 
 

@@ -38,7 +38,7 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .. import amx, bf16dot, dequant, gemm, gemv
+from .. import amx, bf16dot, dequant, gemm, gemv, prefetch
 from .._infer_ops import constant_result, define_twin, needs_grad, plain_eager
 from .base import Layout, single_row_shapes
 from .codec import complete_groups, pack_codes, pad_columns, padded_k, unpack_codes
@@ -137,13 +137,14 @@ def _as(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def gemv_plan(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int, bits: int):
     """A :class:`qtorch.gemv.Plan` of a blocked layout's own buffers for one-row calls (:func:`gemv_planned`), or
     None where the plain path serves: a layout the one-row kernel does not read, an empty layer, or a per-tensor
-    scale (expanded per call, so that an in-place update of the 0-d buffer is always seen)."""
+    scale (expanded per call, so that an in-place update of the 0-d buffer is always seen). Its prefetch distance
+    is this machine's (:func:`qtorch.prefetch.distance`, measured at the first plan of a bit width)."""
     if (qweight.device.type != "cpu" or qweight.dim() != 3 or 0 in qweight.shape or scale.dim() != 2
             or zero_point.dim() != 2 or not gemv.eligible(bits, qweight.shape[2])
             or not (qweight.is_contiguous() and scale.is_contiguous() and zero_point.is_contiguous())):
         return None
     return gemv.Plan(qweight.numpy(), scale.numpy(), zero_point.numpy(), group_size, bits, qweight.data_ptr(),
-                     scale.data_ptr(), zero_point.data_ptr())
+                     scale.data_ptr(), zero_point.data_ptr(), prefetch=prefetch.distance(bits))
 
 
 # the ops' one-row plans, by the qweight tensor they read (a compiled graph passes the same frozen constant at every

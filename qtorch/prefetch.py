@@ -1,0 +1,110 @@
+"""The one-row kernel's prefetch distance, measured once on this machine (for :mod:`qtorch.gemv`'s plans).
+
+A decoding step reads every layer's weight once, from memory, and the one-row kernel asks for each tile row's
+lines ``d`` bytes ahead (into L2), because the hardware prefetchers stop at every 4 KB page. ``d`` has to cover the
+memory's latency at the rate a core streams; past that, a longer distance only costs: the first ``d`` bytes of
+every tile a thread claims are read unprefetched, and a small layer's tiles are short (a 2048-row 4-bit tile is
+128 KB, a quarter of it unprefetched at 32 KB). Where the balance lies is the machine's. Measured on the 2-core
+AVX-512/AMX Xeon, ``bench_decode``'s model (every layer ``blocked``, one lockstep run per line, speed-up over dense):
+
+=================  =======  =======  =======
+model              32 KB    8 KB     4 KB
+=================  =======  =======  =======
+bfloat16 w4a16     2.30x    2.35x    2.38x
+bfloat16 w8a16     1.81x    1.93x    1.92x
+float32 w4a16      2.85x    2.91x    2.95x
+float32 w8a16      2.41x    2.45x    2.47x
+=================  =======  =======  =======
+
+So the distance is chosen by measurement (:func:`distance`), per width of the codes (4 or 8 bits), at the first
+one-row plan of that width: the kernel over a rotation of copies of a small layer (1024 x 1024, half of
+:func:`qtorch.autotune.cold_bytes` in all, so that every call reads its codes from memory, as in a model) at each
+of :data:`DISTANCES`, alternating, the fastest pass wins. Kept like a dispatch decision (the process and
+``$QTORCH_CACHE_DIR``, key ``setting|gemv-prefetch-w<bits>|threads <n>``; kept for the process only when another
+process was running). ``QTORCH_AUTOTUNE=0``, or a call while tracing: :data:`qtorch.gemv.PREFETCH`. No bit of a
+result depends on the distance. Cost, once per machine and width: about 0.3 s and 128 MB of copies, freed after.
+
+>>> from qtorch import autotune, gemv
+>>> off = autotune.Dispatcher(cache_path=False, env={"QTORCH_AUTOTUNE": "0"})
+>>> distance(4, off) == gemv.PREFETCH       # measuring off; by default the first call measures, then it is kept
+True
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import autotune, gemv
+
+__all__ = ["DISTANCES", "distance", "measured"]
+
+#: the distances raced, in bytes (0: no prefetch; where the hardware's own prefetchers suffice)
+DISTANCES = (0, 2048, 4096, 8192, 16384, 32768)
+#: the trial layer: K rows of N columns, groups of G, 64-byte tile rows (one line a row)
+_K, _N, _G, _W = 1024, 1024, 128, 64
+_LOCK = threading.Lock()
+
+
+def _key(bits: int) -> autotune.SettingKey:
+    return autotune.SettingKey.make(f"gemv-prefetch-w{bits}")
+
+
+def distance(bits: int, dispatcher: autotune.Dispatcher | None = None) -> int:
+    """Bytes ahead that the one-row kernel prefetches for codes of ``bits`` (4 or 8) on this machine: measured at
+    the first call (see the module docstring), then kept; :data:`qtorch.gemv.PREFETCH` where nothing is measured."""
+    if bits not in (4, 8):
+        raise ValueError(f"the one-row kernel reads 4- or 8-bit codes, got bits={bits!r}")
+    d = dispatcher or autotune.default_dispatcher()
+    if not d.measuring or torch.compiler.is_compiling():
+        return gemv.PREFETCH
+    key = _key(bits)
+    found = d.cached(key)
+    if found is None or int(found) not in DISTANCES:
+        with _LOCK:  # one measurement at a time: two would share the cores and the memory they time
+            found = d.cached(key)
+            if found is None or int(found) not in DISTANCES:
+                found = d.choose(key, _trials(bits))
+    return int(found)
+
+
+def measured(dispatcher: autotune.Dispatcher | None = None) -> dict:
+    """``{bits: distance}`` for the widths whose distance this process knows (measured or read from the file)."""
+    d = dispatcher or autotune.default_dispatcher()
+    out = {}
+    for bits in (4, 8):
+        found = d.cached(_key(bits))
+        if found is not None and int(found) in DISTANCES:
+            out[bits] = int(found)
+    return out
+
+
+def _trials(bits: int) -> dict[str, Callable[[], None]]:
+    """``{str(distance): a pass}``: each pass runs the one-row kernel once on every copy of the trial layer, in
+    turn, with that distance, and returns the output (the last copy's; the copies live as long as the passes)."""
+    T = _N // (2 * _W if bits == 4 else _W)
+    codes = np.random.default_rng(0).integers(0, 256, size=(T, _K, _W), dtype=np.uint8)
+    scale = np.full((_K // _G, _N), 0.01, np.float32)
+    zp = np.full((_K // _G, _N), 8, np.uint8)
+    nbytes = codes.nbytes + scale.nbytes + zp.nbytes
+    count = max(2, min(autotune.ROTATION_COPIES, autotune.cold_bytes() // 2 // nbytes))
+    copies = [codes] + [codes.copy() for _ in range(count - 1)]
+    x = np.random.default_rng(1).standard_normal(_K).astype(np.float32)
+    out = np.empty(_N, np.float32)
+    xa, oa = x.ctypes.data, out.ctypes.data
+    sa, za = scale.ctypes.data, zp.ctypes.data
+    passes = {}
+    for dist in DISTANCES:
+        launchers = [gemv.Launcher(gemv.Plan(c, scale, zp, _G, bits, c.ctypes.data, sa, za, prefetch=dist), 0, 0,
+                                   bits == 4) for c in copies]
+
+        def run(launchers=launchers, keep=(copies, scale, zp, x)):
+            for launch in launchers:
+                launch(xa, oa)
+            return out
+
+        passes[str(dist)] = run
+    return passes

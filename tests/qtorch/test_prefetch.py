@@ -1,0 +1,111 @@
+"""qtorch.prefetch: the one-row kernel's prefetch distance, chosen by measurement once per machine and width."""
+
+import numpy as np
+import pytest
+import torch
+
+import qtorch
+from qtorch import autotune, gemv, prefetch
+
+
+class Clock:
+    """A timer that each fake pass advances by its own cost."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def fake_trials(clock, cost, calls):
+    def trials(bits):
+        calls.append(bits)
+        return {str(d): (lambda d=d: setattr(clock, "t", clock.t + cost(d))) for d in prefetch.DISTANCES}
+    return trials
+
+
+def test_the_fastest_distance_is_chosen_and_kept(monkeypatch, tmp_path):
+    clock, calls = Clock(), []
+    monkeypatch.setattr(prefetch, "_trials", fake_trials(clock, lambda d: 1.0 + abs(d - 8192) / 8192, calls))
+    d = autotune.Dispatcher(tmp_path / "c.json", timer=clock, env={}, others_running=lambda: 0)
+    assert prefetch.distance(4, d) == 8192
+    assert prefetch.distance(4, d) == 8192 and calls == [4]  # kept: measured once
+    assert prefetch.measured(d) == {4: 8192}
+    # another process on the same machine reads it from the file, measuring nothing
+    monkeypatch.setattr(prefetch, "_trials", lambda bits: pytest.fail("measured again"))
+    fresh = autotune.Dispatcher(tmp_path / "c.json", timer=clock, env={}, others_running=lambda: 0)
+    assert prefetch.distance(4, fresh) == 8192
+    key = str(autotune.SettingKey.make("gemv-prefetch-w4"))
+    assert fresh.decisions()[key]["path"] == "8192"
+
+
+def test_each_width_is_measured_for_itself(monkeypatch):
+    clock, calls = Clock(), []
+    monkeypatch.setattr(prefetch, "_trials", fake_trials(clock, lambda d: 1.0 + abs(d - 4096) / 4096, calls))
+    d = autotune.Dispatcher(cache_path=False, timer=clock, env={})
+    assert prefetch.distance(8, d) == 4096
+    assert prefetch.distance(4, d) == 4096
+    assert calls == [8, 4]
+
+
+def test_nothing_is_measured_with_autotune_off(monkeypatch):
+    monkeypatch.setattr(prefetch, "_trials", lambda bits: pytest.fail("measured"))
+    d = autotune.Dispatcher(cache_path=False, env={"QTORCH_AUTOTUNE": "0"})
+    assert prefetch.distance(4, d) == gemv.PREFETCH
+    assert prefetch.measured(d) == {}
+
+
+def test_qtorch_path_does_not_force_a_setting(monkeypatch):
+    clock, calls = Clock(), []
+    monkeypatch.setattr(prefetch, "_trials", fake_trials(clock, lambda d: 1.0 + abs(d - 2048) / 2048, calls))
+    d = autotune.Dispatcher(cache_path=False, timer=clock, env={"QTORCH_PATH": "32768"})
+    assert prefetch.distance(4, d) == 2048
+
+
+@pytest.mark.parametrize("bits", [0, 2, 16, "4"])
+def test_other_widths_are_refused(bits):
+    with pytest.raises(ValueError, match="4- or 8-bit"):
+        prefetch.distance(bits, autotune.Dispatcher(cache_path=False, env={}))
+
+
+@pytest.mark.parametrize("name", ["", "a|b", 3])
+def test_a_setting_key_needs_a_plain_name(name):
+    with pytest.raises(ValueError, match="setting's name"):
+        autotune.SettingKey.make(name)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_real_trials_run_every_distance_with_the_same_result(monkeypatch, bits):
+    monkeypatch.setattr(autotune, "cold_bytes", lambda: 8 << 20)  # a few copies suffice here
+    passes = prefetch._trials(bits)
+    assert list(passes) == [str(d) for d in prefetch.DISTANCES]
+    outs = [passes[name]().copy() for name in passes]
+    assert np.isfinite(outs[0]).all() and np.abs(outs[0]).max() > 0
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])  # no bit depends on the distance
+
+
+def test_the_real_measurement_picks_a_raced_distance(monkeypatch):
+    monkeypatch.setattr(autotune, "cold_bytes", lambda: 8 << 20)
+    d = autotune.Dispatcher(cache_path=False, env={}, budget_s=0.0, min_rounds=1, max_rounds=1)
+    assert prefetch.distance(4, d) in prefetch.DISTANCES
+
+
+@pytest.mark.parametrize("layer_cls,bits", [(qtorch.W4A16Linear, 4), (qtorch.W8A16Linear, 8)])
+def test_a_blocked_layers_one_row_plan_takes_the_machines_distance(monkeypatch, layer_cls, bits):
+    from qtorch.layouts import blocked
+
+    clock = Clock()
+    chosen = 2048 if bits == 4 else 16384
+    monkeypatch.setattr(prefetch, "_trials", fake_trials(clock, lambda d: 1.0 + abs(d - chosen), []))
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, timer=clock, env={}))
+    layer = layer_cls.from_linear(torch.nn.Linear(256, 128)).to(torch.bfloat16)
+    layer.quantized_weight.hold_layout("blocked", torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+    plan = blocked._PLANS[layer.quantized_weight][3]
+    assert plan.prefetch == chosen
+    ref = torch.nn.functional.linear(x.float(), layer.dequantized_weight(torch.float32), layer.bias.float())
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
