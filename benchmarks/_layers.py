@@ -56,6 +56,18 @@ def format_paths(model: nn.Module, dtype: torch.dtype, rows: int) -> str:
     return ", ".join(parts) or "(no quantized layer)"
 
 
+def prefetch_line() -> str:
+    """How far ahead the one-row kernel (``blocked/numba`` at one row) prefetches on this machine, per code width,
+    as measured here (:func:`qtorch.prefetch.distance`); empty where no one-row ``blocked`` call was made."""
+    from qtorch import prefetch
+
+    known = prefetch.measured()
+    if not known:
+        return ""
+    return "one-row kernel's prefetch distance (measured on this machine): " + ", ".join(
+        f"{bits}-bit {d} B" for bits, d in sorted(known.items()))
+
+
 def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 

@@ -42,7 +42,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
-from _layers import bytes_per_token, format_paths  # noqa: E402
+from _layers import bytes_per_token, format_paths, prefetch_line  # noqa: E402
 from _machine import machine_line  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
         del models
     print()
     print("prefill, and the path (layout/kernel) per layer shape out x in:")
-    print("\n".join(notes))
+    print("\n".join(notes + [line for line in [prefetch_line()] if line]))
     return 0
 
 

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
 from qtorch.autotune import last_level_cache  # noqa: E402
 from qtorch.compile import TEMPLATE_LAYOUTS, compile as qcompile, probe_dispatcher  # noqa: E402
-from _layers import layer_path  # noqa: E402
+from _layers import layer_path, prefetch_line  # noqa: E402
 from _machine import machine_line  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -141,6 +141,8 @@ def main(argv=None) -> int:
                 lines.append(f"| {lname} | {dname} | {mode} | " + " | ".join(cells) + " |")
     print()
     print("\n".join(lines))
+    if prefetch_line():
+        print(prefetch_line())
     probes = {k: v for k, v in probe_dispatcher().decisions().items() if "|compiled-" in k}
     if probes:  # the compiled layout decisions: best ms of each candidate's compiled probe per row count
         print("\ncompiled layout decisions (probe ms per layout@rows):")

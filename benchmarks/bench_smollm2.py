@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
-from _layers import bytes_per_token  # noqa: E402
+from _layers import bytes_per_token, prefetch_line  # noqa: E402
 from _machine import machine_line  # noqa: E402
 from bench_decode import FREE, TABLE_HEAD, decode_ms, free_linear_copy, path_lines, table_rows, tune  # noqa: E402
 
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
 
     print()
     print("paths (layout/kernel) per layer shape out x in:")
-    print("\n".join(path_lines(models, torch.bfloat16, n_prompt)))
+    print("\n".join(path_lines(models, torch.bfloat16, n_prompt) + [line for line in [prefetch_line()] if line]))
 
     print()
     base = result["dense"].ms_median
