@@ -62,13 +62,23 @@ def distance(bits: int, dispatcher: autotune.Dispatcher | None = None) -> int:
     if not d.measuring or torch.compiler.is_compiling():
         return gemv.PREFETCH
     key = _key(bits)
-    found = d.cached(key)
-    if found is None or int(found) not in DISTANCES:
+    found = _value(d.cached(key))
+    if found is None:
         with _LOCK:  # one measurement at a time: two would share the cores and the memory they time
-            found = d.cached(key)
-            if found is None or int(found) not in DISTANCES:
-                found = d.choose(key, _trials(bits))
-    return int(found)
+            found = _value(d.cached(key))
+            if found is None:
+                found = int(d.choose(key, _trials(bits)))
+    return found
+
+
+def _value(kept) -> int | None:
+    """A kept decision as a distance, or None where there is none or it is not one of :data:`DISTANCES` (a file
+    written by another build, or edited): then it is measured again."""
+    try:
+        value = int(kept)
+    except (TypeError, ValueError):
+        return None
+    return value if value in DISTANCES else None
 
 
 def measured(dispatcher: autotune.Dispatcher | None = None) -> dict:
@@ -76,9 +86,9 @@ def measured(dispatcher: autotune.Dispatcher | None = None) -> dict:
     d = dispatcher or autotune.default_dispatcher()
     out = {}
     for bits in (4, 8):
-        found = d.cached(_key(bits))
-        if found is not None and int(found) in DISTANCES:
-            out[bits] = int(found)
+        found = _value(d.cached(_key(bits)))
+        if found is not None:
+            out[bits] = found
     return out
 
 

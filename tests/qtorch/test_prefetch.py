@@ -63,6 +63,16 @@ def test_qtorch_path_does_not_force_a_setting(monkeypatch):
     assert prefetch.distance(4, d) == 2048
 
 
+@pytest.mark.parametrize("kept", ["abc", "12345", ""])
+def test_a_kept_value_that_is_no_distance_is_measured_again(monkeypatch, kept):
+    clock, calls = Clock(), []
+    monkeypatch.setattr(prefetch, "_trials", fake_trials(clock, lambda d: 1.0 + abs(d - 4096), calls))
+    d = autotune.Dispatcher(cache_path=False, timer=clock, env={})
+    d.keep(autotune.SettingKey.make("gemv-prefetch-w8"), {"path": kept})  # another build's file, or edited
+    assert prefetch.measured(d) == {}
+    assert prefetch.distance(8, d) == 4096 and calls == [8]
+
+
 @pytest.mark.parametrize("bits", [0, 2, 16, "4"])
 def test_other_widths_are_refused(bits):
     with pytest.raises(ValueError, match="4- or 8-bit"):
