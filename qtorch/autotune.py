@@ -418,11 +418,13 @@ class Dispatcher:
             return {k: dict(v) for k, v in self._decisions.items()}
 
     # -------------------------------------------------------------- the choice
-    def choose(self, key: "DispatchKey | SettingKey", candidates: Mapping[str, Callable[[], Any]]) -> str:
+    def choose(self, key: "DispatchKey | SettingKey", candidates: Mapping[str, Callable[[], Any]],
+               tie: float = 1.0) -> str:
         """Name of the path to use for ``key`` among ``candidates`` (name -> a callable running one forward; only
         eligible paths, in the default order). Measures at the first call for ``key`` and remembers the result.
         A :class:`SettingKey` chooses among a setting's values the same way (name -> a callable running the kernel
-        with that value).
+        with that value). ``tie``: of the candidates whose fastest call is within this factor of the fastest one's,
+        the first in the given order wins (1.0: the fastest).
 
         A candidate that raises while being measured is dropped; if every one raises, the first error is raised.
         """
@@ -446,7 +448,8 @@ class Dispatcher:
         busy = self._busy()
         errors: dict = {}
         ms = self._measure(candidates, errors)
-        best = min(ms, key=ms.get)
+        fastest = min(ms.values())
+        best = next(n for n in names if n in ms and ms[n] <= fastest * tie)
         entry = {"path": best, "ms": {n: round(v, 4) for n, v in ms.items()}}
         failed = [n for n in candidates if n not in ms]
         if failed:  # raced and dropped: not a path this decision missed (else every call would measure again)

@@ -19,9 +19,9 @@ float32 w8a16      2.41x    2.45x    2.47x
 So the distance is chosen by measurement (:func:`distance`), per width of the codes (4 or 8 bits), at the first
 one-row plan of that width: the kernel over a rotation of copies of a small layer (1024 x 1024, half of
 :func:`qtorch.autotune.cold_bytes` in all, so that every call reads its codes from memory, as in a model) at each
-of :data:`DISTANCES`, alternating, the fastest pass wins. Kept like a dispatch decision (the process and
-``$QTORCH_CACHE_DIR``, key ``setting|gemv-prefetch-w<bits>|threads <n>``; kept for the process only when another
-process was running). ``QTORCH_AUTOTUNE=0``, or a call while tracing: :data:`qtorch.gemv.PREFETCH`. No bit of a
+of :data:`DISTANCES`, alternating; the shortest distance within :data:`TIE` of the fastest pass wins. Kept like
+a dispatch decision (the process and ``$QTORCH_CACHE_DIR``, key ``setting|gemv-prefetch-w<bits>|threads <n>``;
+kept for the process only when another process was running). ``QTORCH_AUTOTUNE=0``, or a call while tracing: :data:`qtorch.gemv.PREFETCH`. No bit of a
 result depends on the distance. Cost, once per machine and width: about 0.3 s and 128 MB of copies, freed after.
 
 >>> from qtorch import autotune, gemv
@@ -40,10 +40,15 @@ import torch
 
 from . import autotune, gemv
 
-__all__ = ["DISTANCES", "distance", "measured"]
+__all__ = ["DISTANCES", "TIE", "distance", "measured"]
 
 #: the distances raced, in bytes (0: no prefetch; where the hardware's own prefetchers suffice)
 DISTANCES = (0, 2048, 4096, 8192, 16384, 32768)
+#: of the distances within this factor of the fastest pass, the shortest wins: past what covers the memory's
+#: latency, a longer one only prefetches more past each tile's end and leaves more of each tile's start unprefetched,
+#: which a model's layers, one after another, pay more for than the trial's copies of one layer (AMX Xeon, 8 bits:
+#: 4-16 KB within 1% of each other in the trial, 32 KB 1-3% behind, but 4-6% behind in ``bench_decode``)
+TIE = 1.02
 #: the trial layer: K rows of N columns, groups of G, 64-byte tile rows (one line a row)
 _K, _N, _G, _W = 1024, 1024, 128, 64
 _LOCK = threading.Lock()
@@ -67,7 +72,7 @@ def distance(bits: int, dispatcher: autotune.Dispatcher | None = None) -> int:
         with _LOCK:  # one measurement at a time: two would share the cores and the memory they time
             found = _value(d.cached(key))
             if found is None:
-                found = int(d.choose(key, _trials(bits)))
+                found = int(d.choose(key, _trials(bits), tie=TIE))
     return found
 
 

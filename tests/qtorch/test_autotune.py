@@ -282,6 +282,19 @@ def test_qtorch_path_forces_an_eligible_path_only():
     assert d.choose(KEY, {"dequant_mm": cands["dequant_mm"], "blocked": clock.path("blocked", 5.0)}) == "dequant_mm"
 
 
+def test_a_tie_goes_to_the_first_candidate_within_it():
+    clock = [0.0]
+    cost = {"a": 1.05, "b": 1.01, "c": 1.0}
+
+    def run(name):
+        clock[0] += cost[name]
+
+    cands = {n: (lambda n=n: run(n)) for n in cost}
+    assert A.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0]).choose(KEY, cands) == "c"
+    assert A.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0]).choose(KEY, cands, tie=1.02) == "b"
+    assert A.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0]).choose(KEY, cands, tie=1.1) == "a"
+
+
 def test_autotune_off_takes_the_default_order():
     clock = FakeClock()
     d = dispatcher(env={"QTORCH_AUTOTUNE": "0"}, clock=clock)

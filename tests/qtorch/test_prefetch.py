@@ -40,6 +40,17 @@ def test_the_fastest_distance_is_chosen_and_kept(monkeypatch, tmp_path):
     assert fresh.decisions()[key]["path"] == "8192"
 
 
+def test_the_shortest_distance_within_the_tie_wins(monkeypatch):
+    # 8 KB fastest, 4 KB 1% behind (within TIE), 2 KB 10% behind: 4 KB; no prefetch 1.5% behind would win over all
+    cost = {0: 1.10, 2048: 1.10, 4096: 1.01, 8192: 1.0, 16384: 1.0, 32768: 1.03}
+    clock = Clock()
+    monkeypatch.setattr(prefetch, "_trials", fake_trials(clock, cost.get, []))
+    assert prefetch.distance(4, autotune.Dispatcher(cache_path=False, timer=clock, env={})) == 4096
+    cost[0] = 1.015
+    monkeypatch.setattr(prefetch, "_trials", fake_trials(clock, cost.get, []))
+    assert prefetch.distance(4, autotune.Dispatcher(cache_path=False, timer=clock, env={})) == 0
+
+
 def test_each_width_is_measured_for_itself(monkeypatch):
     clock, calls = Clock(), []
     monkeypatch.setattr(prefetch, "_trials", fake_trials(clock, lambda d: 1.0 + abs(d - 4096) / 4096, calls))
