@@ -25,7 +25,8 @@ and 128), each at its fastest path, and the layout with the least time for a req
 512-token prompt in 128-row calls, one 16-row call and 128 one-row decoding steps) wins; within 10% of it, the one
 never far behind the fastest at any row count (:data:`LAYOUT_TIE`). ``QTORCH_LAYOUT=<name>`` forces a layout where it is eligible (read here, applied by
 :func:`qtorch.layouts.choose`); ``QTORCH_AUTOTUNE=0`` keeps the static order. Layout decisions live in the same
-file, under keys beginning ``layout|``.
+file, under keys beginning ``layout|``; so do a kernel's machine-wide settings (:class:`SettingKey`, ``setting|``:
+the one-row kernel's prefetch distance, :mod:`qtorch.prefetch`).
 
 Bounded: a decision costs one warm-up call per candidate plus rounds of timed calls until ``budget_s`` (20 ms by
 default) is spent, ``max_rounds`` are done, or one candidate is clearly best (the others are dropped as soon as
@@ -63,8 +64,7 @@ import torch
 
 __all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "ROTATION_COPIES", "cold_bytes", "evict_caches",
            "last_level_cache", "LAYOUT_TIE", "DROP_AFTER", "DispatchKey", "LayoutKey", "SettingKey", "Dispatcher",
-           "row_bucket",
-           "bucket_index", "cpu_info", "fingerprint", "default_cache_path", "default_dispatcher"]
+           "row_bucket", "bucket_index", "cpu_info", "fingerprint", "default_cache_path", "default_dispatcher"]
 
 #: upper bounds of the row buckets; more rows than the last bound form one more bucket
 ROW_BUCKETS = (1, 4, 16, 64, 256)
