@@ -63,8 +63,9 @@ from typing import Any, Callable, Mapping
 import torch
 
 __all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "ROTATION_COPIES", "cold_bytes", "evict_caches",
-           "last_level_cache", "LAYOUT_TIE", "DROP_AFTER", "DispatchKey", "LayoutKey", "SettingKey", "Dispatcher",
-           "row_bucket", "bucket_index", "cpu_info", "fingerprint", "default_cache_path", "default_dispatcher"]
+           "last_level_cache", "rotation_copies", "LAYOUT_TIE", "DROP_AFTER", "DispatchKey", "LayoutKey", "SettingKey",
+           "Dispatcher", "row_bucket", "bucket_index", "cpu_info", "fingerprint", "default_cache_path",
+           "default_dispatcher"]
 
 #: upper bounds of the row buckets; more rows than the last bound form one more bucket
 ROW_BUCKETS = (1, 4, 16, 64, 256)
@@ -681,6 +682,17 @@ def cold_bytes() -> int:
     """Bytes a read must stream to leave no weight in the CPU caches: twice the last-level cache
     (:func:`last_level_cache`), 32-256 MB."""
     return min(max(2 * last_level_cache(), 32 << 20), 256 << 20)
+
+
+def rotation_copies(nbytes: int) -> int:
+    """How many copies of a weight of ``nbytes`` a rotation takes so that each, called in turn, reads from memory:
+    together half of :func:`cold_bytes` (the rest for whatever alternates with them), :data:`ROTATION_COPIES` at
+    most, 1 for a weight that large.
+
+    >>> rotation_copies(cold_bytes()) == 1 and rotation_copies(1) == ROTATION_COPIES
+    True
+    """
+    return max(1, min(ROTATION_COPIES, -(-(cold_bytes() // 2) // max(1, nbytes))))
 
 
 def evict_caches() -> None:

@@ -21,8 +21,9 @@ one-row plan of that width: the kernel over a rotation of copies of a small laye
 :func:`qtorch.autotune.cold_bytes` in all, so that every call reads its codes from memory, as in a model) at each
 of :data:`DISTANCES`, alternating; the shortest distance within :data:`TIE` of the fastest pass wins. Kept like
 a dispatch decision (the process and ``$QTORCH_CACHE_DIR``, key ``setting|gemv-prefetch-w<bits>|threads <n>``;
-kept for the process only when another process was running). ``QTORCH_AUTOTUNE=0``, or a call while tracing: :data:`qtorch.gemv.PREFETCH`. No bit of a
-result depends on the distance. Cost, once per machine and width: about 0.3 s and 128 MB of copies, freed after.
+kept for the process only when another process was running). ``QTORCH_AUTOTUNE=0``, or a call while tracing:
+:data:`qtorch.gemv.PREFETCH`. No bit of a result depends on the distance. Cost, once per machine and width: about
+0.3 s and 128 MB of copies (:func:`qtorch.autotune.rotation_copies`), freed after.
 
 >>> from qtorch import autotune, gemv
 >>> off = autotune.Dispatcher(cache_path=False, env={"QTORCH_AUTOTUNE": "0"})
@@ -105,7 +106,7 @@ def _trials(bits: int) -> dict[str, Callable[[], None]]:
     scale = np.full((_K // _G, _N), 0.01, np.float32)
     zp = np.full((_K // _G, _N), 8, np.uint8)
     nbytes = codes.nbytes + scale.nbytes + zp.nbytes
-    count = max(2, min(autotune.ROTATION_COPIES, autotune.cold_bytes() // 2 // nbytes))
+    count = max(2, autotune.rotation_copies(nbytes))
     copies = [codes] + [codes.copy() for _ in range(count - 1)]
     x = np.random.default_rng(1).standard_normal(_K).astype(np.float32)
     out = np.empty(_N, np.float32)

@@ -474,7 +474,7 @@ def _rotation(w: "QuantizedWeight", state: tuple) -> list:
     streams itself out of the caches: no copy."""
     tensors = [t for t in _leaves(state) if isinstance(t, torch.Tensor)]
     nbytes = max(1, sum(t.numel() * t.element_size() for t in tensors))
-    count = min(autotune.ROTATION_COPIES, -(-(autotune.cold_bytes() // 2) // nbytes))
+    count = autotune.rotation_copies(nbytes)
     ws = [w]
     for _ in range(count - 1):
         c = QuantizedWeight(w.spec, device="meta")
