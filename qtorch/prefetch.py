@@ -62,7 +62,7 @@ def _key(bits: int) -> autotune.SettingKey:
 def distance(bits: int, dispatcher: autotune.Dispatcher | None = None) -> int:
     """Bytes ahead that the one-row kernel prefetches for codes of ``bits`` (4 or 8) on this machine: measured at
     the first call (see the module docstring), then kept; :data:`qtorch.gemv.PREFETCH` where nothing is measured."""
-    if bits not in (4, 8):
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (4, 8):
         raise ValueError(f"the one-row kernel reads 4- or 8-bit codes, got bits={bits!r}")
     d = dispatcher or autotune.default_dispatcher()
     if not d.measuring or torch.compiler.is_compiling():

@@ -84,7 +84,7 @@ def test_a_kept_value_that_is_no_distance_is_measured_again(monkeypatch, kept):
     assert prefetch.distance(8, d) == 4096 and calls == [8]
 
 
-@pytest.mark.parametrize("bits", [0, 2, 16, "4"])
+@pytest.mark.parametrize("bits", [0, 2, 16, "4", 4.0, True])
 def test_other_widths_are_refused(bits):
     with pytest.raises(ValueError, match="4- or 8-bit"):
         prefetch.distance(bits, autotune.Dispatcher(cache_path=False, env={}))
