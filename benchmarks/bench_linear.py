@@ -141,8 +141,9 @@ def main(argv=None) -> int:
                 lines.append(f"| {lname} | {dname} | {mode} | " + " | ".join(cells) + " |")
     print()
     print("\n".join(lines))
-    if prefetch_line():
-        print(prefetch_line())
+    line = prefetch_line()
+    if line:
+        print(line)
     probes = {k: v for k, v in probe_dispatcher().decisions().items() if "|compiled-" in k}
     if probes:  # the compiled layout decisions: best ms of each candidate's compiled probe per row count
         print("\ncompiled layout decisions (probe ms per layout@rows):")
