@@ -97,6 +97,7 @@ from .blocked import BLOCKED
 from .canonical import CANONICAL
 from .int4pack import INT4PACK
 from .int8pack import INT8PACK
+from .vnni import VNNI
 
 __all__ = ["Layout", "WeightSpec", "register", "registered", "get", "eligible", "default_policy", "scheme_label",
            "choose", "candidates", "TORCH_PACK_KERNELS"]
@@ -208,4 +209,5 @@ def candidates(spec: WeightSpec, device, compute_dtype: torch.dtype) -> list:
 register(BLOCKED)
 register(INT4PACK)
 register(INT8PACK)
+register(VNNI)
 register(CANONICAL)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import qcore
 import qtorch
+import qtorch.vnni
 from qcore import PerChannel, PerGroup, QuantScheme
 from qtorch import autotune, layouts
 from qtorch.layouts import WeightSpec
@@ -34,6 +35,13 @@ TORCH_LAYOUT = {W8: "int8pack", W4: "int4pack"}
 # steps: blocked 4 * 26 + 128 * 0.70 = 193.6 ms, int8pack through dequant_mm 4 * 3.6 + 128 * 0.72 = 106.6 ms).
 AVX2_LIKE = {"blocked": (0.69, 48.6), "int8pack": (1.13, 58.2), "int4pack": (1.36, 51.9), "dequant_mm": (None, 70.0)}
 AMX_LIKE = {"blocked": (0.70, 26.0), "int8pack": (0.72, 26.0), "int4pack": (0.72, 5.0), "dequant_mm": (None, 3.6)}
+
+
+@pytest.fixture(autouse=True)
+def without_vnni(monkeypatch):
+    """The injected tables below time the layouts every CPU has; the vnni layout (AVX512-VNNI CPUs only) is held
+    out of them, and its choice is tested on its own (test_vnni_layout.py)."""
+    monkeypatch.setattr(qtorch.vnni, "_VNNI", False)
 
 
 @pytest.fixture(autouse=True)

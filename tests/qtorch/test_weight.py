@@ -59,7 +59,9 @@ def test_candidates_are_the_eligible_layouts_in_preference_order(monkeypatch):
 
     monkeypatch.setattr(layouts, "TORCH_PACK_KERNELS", True)
     assert names(w8, 64, 256, bf16) == ["int8pack", "blocked", "canonical"]
-    assert names(w4, 64, 256, bf16) == ["int4pack", "blocked", "canonical"]
+    # the vnni layout where the CPU has AVX512-VNNI (registered after PyTorch's kernels and blocked)
+    vnni = ["vnni"] if qtorch.vnni.available() else []
+    assert names(w4, 64, 256, bf16) == ["int4pack", "blocked"] + vnni + ["canonical"]
     assert names(w8, 64, 256, f32) == ["blocked", "canonical"]
     assert names(w8, 64, 100, bf16) == ["blocked", "canonical"]  # K % 16 != 0 would crash the int8 kernel
     assert names(w8, 30, 256, bf16) == ["int8pack", "canonical"]  # N = 30: no blocked tile
@@ -78,7 +80,7 @@ def test_candidates_are_the_eligible_layouts_in_preference_order(monkeypatch):
     assert names(w8, 30, 256, bf16) == ["int8pack", "canonical"]
     # a layer holds its first candidate, and says so
     q = qtorch.QuantLinear.from_linear(torch.nn.Linear(256, 64, dtype=bf16), w4)
-    assert q.layout_candidates() == ["blocked", "int4pack", "canonical"]
+    assert q.layout_candidates() == ["blocked", "int4pack"] + vnni + ["canonical"]
     assert q.quantized_weight.layout.name == "blocked"
 
 

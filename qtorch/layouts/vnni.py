@@ -1,0 +1,298 @@
+"""The vnni layout: 4-bit codes in 32-bit words of 8 inputs per output channel, multiplied as integers
+(:mod:`qtorch.vnni`, CPUs with AVX512-VNNI).
+
+Eligible for 4-bit weights with integer zero points (or symmetric codes), groups along K with a divisor that is a
+multiple of 8 up to 128 (or per output channel), ``N % 64 == 0`` and ``K % 8 == 0``, on CPUs where
+:func:`qtorch.vnni.available`. The buffers:
+``qweight`` int32 ``[N/64, K/8, 64]`` (the canonical codes' words regrouped by tiles of 64 channels: the same bytes,
+no padding), ``scale`` float32 ``[N/64, G, 64]`` and ``zero_point`` uint8 ``[N/64, G, 64]`` (a tile's parameters
+together: its 64 channels' for each group; ``[0, 0, 0]`` for symmetric codes, which carry the offset 8). Paths:
+``vnni`` (one row: integer dot products with ``x`` split into 8-bit planes, see :mod:`qtorch.vnni` for the rounding)
+and ``vnni_mm`` (2+ rows: on CPUs with AMX-INT8 the same integer sums on AMX tiles, :mod:`qtorch.vnni_amx`, for
+groups of a multiple of 64; else blocks of channels dequantized into ``W.T`` in the activations' dtype, bfloat16 as
+F.linear's weight would be rounded, then ``torch.mm``). Under ``torch.compile``
+and with autograd the same kernels run as the op ``qtorch::vnni_linear`` (opaque: freezing never folds a dequantized
+weight); a call whose ``x`` holds a NaN or an infinity (which the planes cannot hold) is computed by the portable
+path instead, as ``F.linear`` would.
+
+>>> import torch, qcore
+>>> from qtorch.layouts import WeightSpec
+>>> spec = WeightSpec.of(qcore.QuantScheme(4, False, qcore.PerGroup(64)), out_features=128, in_features=256)
+>>> VNNI.eligible(spec, torch.device("cpu"), torch.bfloat16) == vnni.available()
+True
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+
+from .. import vnni, vnni_amx
+from .._infer_ops import define_twin, needs_grad, plain_eager
+from .base import Layout, single_row_shapes
+from .blocked import _buffer, _scale_canonical, _scale_rows  # (the blocks' buffer: one per thread, shared)
+from .codec import dense_linear, unpack_codes
+
+__all__ = ["VNNI", "vnni_linear_impl"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: bytes of dequantized weight per block of a call of several rows (as ``qtorch.dequant_mm``'s blocks)
+BLOCK_BYTES = 8 << 20
+ONE_ROW, MANY_ROWS = "vnni", "vnni_mm"
+
+
+def _arrays(qweight, scale, zero_point):
+    """The kernels' NumPy views of the layout's buffers: words as uint32, scale, zero points (``[0, 0]``: none)."""
+    return qweight.numpy().view(np.uint32), scale.numpy(), zero_point.numpy()
+
+
+def _group(scale: torch.Tensor, k: int) -> int:
+    return k // scale.shape[1]
+
+
+def _kernel_words(words: torch.Tensor) -> torch.Tensor:
+    """Canonical int32 words (input ``8 o + j`` in bits ``4 j``) -> the kernels' (inputs ``8 o + b``, ``b < 4``,
+    in the low nibble of byte ``b``, ``8 o + 4 + b`` in its high nibble): one mask then gives four consecutive
+    inputs' bytes, which the activations' planes meet in their own order."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros_like(w)
+    for j in range(8):
+        out |= ((w >> (4 * j)) & 15) << (8 * j if j < 4 else 8 * (j - 4) + 4)
+    return _as_int32(out)
+
+
+def _canonical_words(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_kernel_words`."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros_like(w)
+    for j in range(8):
+        out |= ((w >> (8 * j if j < 4 else 8 * (j - 4) + 4)) & 15) << (4 * j)
+    return _as_int32(out)
+
+
+def _as_int32(w: torch.Tensor) -> torch.Tensor:
+    return torch.where(w >= 1 << 31, w - (1 << 32), w).to(torch.int32)
+
+
+def _tiles(p: torch.Tensor) -> torch.Tensor:
+    """``[G, N]`` parameters -> ``[N/64, G, 64]``: each tile's together."""
+    g, n = p.shape
+    return p.reshape(g, n // vnni.NT, vnni.NT).transpose(0, 1).contiguous()
+
+
+def _rows(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_tiles`."""
+    t, g, _ = p.shape
+    return p.transpose(0, 1).reshape(g, t * vnni.NT).contiguous()
+
+
+def _numpy_of(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's NumPy view; bfloat16 and float16 as their bits (uint16)."""
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def dequantized_t(qweight, scale, zero_point, dtype: torch.dtype) -> torch.Tensor:
+    """``W.T`` ``[K, N]`` in ``dtype`` (float32 arithmetic, one rounding), from the layout's buffers."""
+    w, s, z = _arrays(qweight, scale, zero_point)
+    k = qweight.shape[1] * 8
+    kdt = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    out = torch.empty((k, qweight.shape[0] * vnni.NT), dtype=kdt)
+    vnni.dequant_t(w, s, z if z.shape[0] else None, _group(scale, k), 0, qweight.shape[0], _numpy_of(out))
+    return out if kdt == dtype else out.to(dtype)
+
+
+def _many_rows(x2, qweight, scale, zero_point, out_features: int) -> torch.Tensor:
+    w, s, z = _arrays(qweight, scale, zero_point)
+    g = _group(scale, x2.shape[1])
+    if vnni_amx.available() and vnni_amx.eligible(g):  # AMX tiles of 8-bit integers: no weight is dequantized
+        x2 = x2.contiguous()
+        out = torch.empty((x2.shape[0], out_features), dtype=torch.float32)
+        if vnni_amx.run(_numpy_of(x2), _KINDS[x2.dtype], w, s, z, g, out.numpy()):
+            return out if x2.dtype == torch.float32 else out.to(x2.dtype)
+        return _portable(x2, qweight, scale, zero_point)
+    # blocks of channels dequantized into W.T (in x's dtype; float16: float32, whose matmul is fast everywhere)
+    zn = z if z.shape[0] else None
+    k, T = x2.shape[1], qweight.shape[0]
+    cdt = torch.float32 if x2.dtype == torch.float16 else x2.dtype
+    per = max(1, BLOCK_BYTES // (k * vnni.NT * cdt.itemsize))
+    xc = x2.to(cdt).contiguous()
+    g = _group(scale, k)
+    buf = _buffer(k * vnni.NT * min(per, T), cdt)
+    if per >= T:
+        b = buf.view(k, T * vnni.NT)
+        vnni.dequant_t(w, s, zn, g, 0, T, _numpy_of(b))
+        return torch.mm(xc, b).to(x2.dtype)
+    y = torch.empty((x2.shape[0], out_features), dtype=x2.dtype)
+    for t0 in range(0, T, per):
+        t1 = min(T, t0 + per)
+        b = buf[:k * (t1 - t0) * vnni.NT].view(k, (t1 - t0) * vnni.NT)
+        vnni.dequant_t(w, s, zn, g, t0, t1, _numpy_of(b))
+        y[:, t0 * vnni.NT:t1 * vnni.NT] = torch.mm(xc, b)
+    return y
+
+
+def _portable(x2, qweight, scale, zero_point) -> torch.Tensor:
+    # float32 F.linear on the dequantized weight: every IEEE case (NaN, infinities) as F.linear has it
+    return torch.mm(x2.to(torch.float32), dequantized_t(qweight, scale, zero_point, torch.float32)).to(x2.dtype)
+
+
+def _one_row(x2, qweight, scale, zero_point, out_features: int) -> torch.Tensor:
+    w, s, z = _arrays(qweight, scale, zero_point)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    kind = _KINDS[x2.dtype]
+    out = torch.empty((1, out_features), dtype=x2.dtype)
+    if vnni.Plan(w, s, z, _group(scale, x2.shape[1]), kind, kind)(x2.data_ptr(), out.data_ptr()):
+        return out
+    return _portable(x2, qweight, scale, zero_point)
+
+
+def vnni_linear_impl(x, qweight, scale, zero_point, out_features: int) -> torch.Tensor:
+    """``x [M, K] @ W.T`` from the layout's buffers (CPU, float32 / bfloat16 / float16): the one-row kernel for
+    one row, dequantized blocks and ``torch.mm`` for more, the portable path where ``x`` is not finite."""
+    x = x.detach()
+    if x.shape[0] == 0:
+        return x.new_empty((0, out_features))
+    if x.shape[0] == 1:
+        return _one_row(x, qweight, scale, zero_point, out_features)
+    if not bool(torch.isfinite(x).all()):
+        return _portable(x, qweight, scale, zero_point)
+    return _many_rows(x, qweight, scale, zero_point, out_features)
+
+
+def _fake(x, qweight, scale, zero_point, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.custom_op("qtorch::vnni_linear", mutates_args=())
+def vnni_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                out_features: int) -> torch.Tensor:
+    """:func:`vnni_linear_impl` as an op: opaque to torch.compile, with an input gradient."""
+    return vnni_linear_impl(x, qweight, scale, zero_point, out_features)
+
+
+vnni_linear.register_fake(_fake)
+
+
+def _setup_backward(ctx, inputs, output):
+    x, qweight, scale, zero_point, _ = inputs
+    ctx.save_for_backward(qweight, scale, zero_point)
+    ctx.x_dtype = x.dtype
+
+
+def _backward(ctx, grad):
+    qweight, scale, zero_point = ctx.saved_tensors
+    wt = dequantized_t(qweight, scale, zero_point, torch.float32)  # [K, N]
+    return torch.mm(grad.to(torch.float32), wt.t()).to(ctx.x_dtype), None, None, None, None
+
+
+vnni_linear.register_autograd(_backward, setup_context=_setup_backward)
+_TWIN = define_twin("vnni_linear", vnni_linear_impl, _fake)
+
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class Vnni(Layout):
+    """4-bit codes for integer dot products (see the module docstring)."""
+
+    name = holds = "vnni"
+
+    def eligible(self, spec, device, compute_dtype):
+        if (device.type != "cpu" or not vnni.available() or spec.bits != 4 or spec.zero_point_kind != "int"
+                or compute_dtype not in _DTYPES):
+            return False
+        n, k = spec.out_features, spec.in_features
+        if n % vnni.NT or k % 8 or not k:
+            return False
+        if spec.kind == "group":
+            return spec.axis == 1 and k % spec.group == 0 and vnni.block_size(spec.group) > 0
+        return spec.kind == "channel" and spec.axis == 0 and spec.group < (1 << 24)
+
+    def path(self, device_type, dtype, rows, bits):
+        return ONE_ROW if rows == 1 else MANY_ROWS
+
+    def linear(self, weight, x2, path):
+        b = weight.buffers
+        qw, sc, zp = b["qweight"], b["scale"], b["zero_point"]
+        n = weight.spec.out_features
+        if x2.device.type != "cpu" or x2.dtype not in _DTYPES:
+            return dense_linear(x2, weight.dequantize)
+        grad = needs_grad(x2)
+        if not grad and plain_eager(x2):
+            if x2.shape[0] == 1:
+                plan = self.plan(weight, x2.dtype)
+                x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+                out = torch.empty((1, n), dtype=x2.dtype)
+                if plan(x2.data_ptr(), out.data_ptr()):
+                    return out
+                return _portable(x2, qw, sc, zp)
+            return vnni_linear_impl(x2, qw, sc, zp, n)
+        return (vnni_linear if grad else _TWIN)(x2, qw, sc, zp, n)
+
+    def decoder(self, weight, dtype, path):
+        if path != ONE_ROW or dtype not in _DTYPES:
+            return None
+        b = weight.buffers
+        qw, sc, zp = b["qweight"], b["scale"], b["zero_point"]
+        plan = self.plan(weight, dtype)
+        shapes, k = single_row_shapes(weight.spec.out_features), weight.spec.in_features
+        addresses = (qw.data_ptr(), sc.data_ptr(), zp.data_ptr())
+
+        def decode(x):
+            if (b["qweight"] is not qw or b["scale"] is not sc or b["zero_point"] is not zp
+                    or (qw.data_ptr(), sc.data_ptr(), zp.data_ptr()) != addresses):
+                return None
+            if x.stride(-1) != 1:  # (the other dimensions are of size 1)
+                x = x.contiguous()
+            out = torch.empty(*shapes[x.dim()], dtype=dtype, device="cpu")  # (never the default device)
+            if not plan(x.data_ptr(), out.data_ptr()):
+                return _portable(x.reshape(1, k), qw, sc, zp).view(*shapes[x.dim()])
+            return out
+
+        return decode
+
+    def plan(self, weight, dtype: torch.dtype):
+        """``weight``'s one-row :class:`qtorch.vnni.Plan` for ``dtype``, rebuilt when a buffer is replaced."""
+        b = weight.buffers
+        qw, sc, zp = b["qweight"], b["scale"], b["zero_point"]
+        entries = _PLANS.setdefault(weight, {})
+        entry = entries.get(dtype)
+        if (entry is None or entry[0] is not qw or entry[1] is not sc or entry[2] is not zp
+                or entry[3] != (qw.data_ptr(), sc.data_ptr(), zp.data_ptr())):
+            kind = _KINDS[dtype]
+            w, s, z = _arrays(qw, sc, zp)
+            plan = vnni.Plan(w, s, z, _group(sc, weight.spec.in_features), kind, kind)
+            entry = entries[dtype] = (qw, sc, zp, (qw.data_ptr(), sc.data_ptr(), zp.data_ptr()), plan)
+        return entry[4]
+
+    def from_canonical(self, spec, qweight, scale, zero_point):
+        n, k = spec.out_features, spec.in_features
+        if (scale.dtype != torch.float32 or qweight.dtype != torch.uint8 or tuple(qweight.shape) != (n, k // 2)
+                or zero_point is not None and zero_point.dtype != torch.uint8):
+            return None
+        words = _kernel_words(qweight.contiguous().view(torch.int32))  # [N, K/8]: 8 codes a word
+        q = words.reshape(n // vnni.NT, vnni.NT, k // 8).transpose(1, 2).contiguous()
+        s = _tiles(_scale_rows(scale, spec.kind, n, k, spec.group))
+        z = (torch.zeros((0, 0, 0), dtype=torch.uint8) if zero_point is None
+             else _tiles(_scale_rows(zero_point, spec.kind, n, k, spec.group)))
+        return q, s, z, None
+
+    def to_canonical(self, spec, qweight, scale, zero_point):
+        n, k = spec.out_features, spec.in_features
+        q = _canonical_words(qweight.transpose(1, 2).reshape(n, k // 8)).contiguous().view(torch.uint8)
+        z = None if spec.symmetric else _scale_canonical(_rows(zero_point), spec.kind, n, k, spec.group)
+        return q, _scale_canonical(_rows(scale), spec.kind, n, k, spec.group), z
+
+    def to_codes(self, spec, qweight, scale, zero_point):
+        q, s, z = self.to_canonical(spec, qweight, scale, zero_point)
+        return unpack_codes(q, 4, spec.in_features), s, z
+
+    def dequantize(self, spec, qweight, scale, zero_point, dtype):
+        return dequantized_t(qweight, scale, zero_point, torch.float32).t().contiguous().to(dtype)
+
+
+VNNI = Vnni()
