@@ -111,9 +111,14 @@ def _many_rows(x2, qweight, scale, zero_point, out_features: int) -> torch.Tenso
     g = _group(scale, x2.shape[1])
     if vnni_amx.available() and vnni_amx.eligible(g):  # AMX tiles of 8-bit integers: no weight is dequantized
         x2 = x2.contiguous()
-        out = torch.empty((x2.shape[0], out_features), dtype=torch.float32)
-        if vnni_amx.run(_numpy_of(x2), _KINDS[x2.dtype], w, s, z, g, out.numpy()):
-            return out if x2.dtype == torch.float32 else out.to(x2.dtype)
+        m = x2.shape[0]
+        if x2.dtype == torch.float32:
+            out = torch.empty((m, out_features), dtype=torch.float32)
+            sums = out.numpy()
+        else:  # float32 sums in a scratch kept by the thread, rounded into a new output
+            sums = vnni_amx.scratch("sums", m * out_features, np.float32).reshape(m, out_features)
+        if vnni_amx.run(_numpy_of(x2), _KINDS[x2.dtype], w, s, z, g, sums):
+            return out if x2.dtype == torch.float32 else torch.from_numpy(sums).to(x2.dtype)
         return _portable(x2, qweight, scale, zero_point)
     # blocks of channels dequantized into W.T (in x's dtype; float16: float32, whose matmul is fast everywhere)
     zn = z if z.shape[0] else None
@@ -159,8 +164,6 @@ def vnni_linear_impl(x, qweight, scale, zero_point, out_features: int) -> torch.
         return x.new_empty((0, out_features))
     if x.shape[0] == 1:
         return _one_row(x, qweight, scale, zero_point, out_features)
-    if not bool(torch.isfinite(x).all()):
-        return _portable(x, qweight, scale, zero_point)
     return _many_rows(x, qweight, scale, zero_point, out_features)
 
 
