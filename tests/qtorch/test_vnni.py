@@ -226,3 +226,16 @@ def test_amx_rows_report_a_non_finite_x():
 def test_amx_blocks_are_whole_tile_steps():
     assert [vnni_amx.eligible(g) for g in (64, 128, 256, 4096, 32, 96, 192)] == [True, True, True, True, False,
                                                                                 False, False]
+
+
+@needs_amx
+def test_amx_rows_off_the_team_are_the_same(monkeypatch):
+    codes, scale, zp, _ = weight(128, 256, 128, False, seed=12)
+    w, s, z = kernel_words(codes), tiles(scale), tiles(zp)
+    x = rough_x((20, 256), 13)
+    on_team = np.empty((20, 128), np.float32)
+    assert vnni_amx.run(x, 0, w, s, z, 128, on_team)
+    monkeypatch.setattr(_omp, "_GOMP_PARALLEL", False)  # no OpenMP team: qcore's own threads claim the chunks
+    alone = np.empty((20, 128), np.float32)
+    assert vnni_amx.run(x, 0, w, s, z, 128, alone)
+    assert np.array_equal(on_team, alone)

@@ -104,3 +104,15 @@ def test_compiled_forward_is_the_eager_one():
         x = torch.randn(rows, 256)
         with torch.no_grad():
             assert torch.equal(compiled(x), m(x))
+
+
+def test_qtorch_compile_keeps_a_float32_layer_on_vnni():
+    # float32: no template layout to choose (qtorch.compile's candidates are bfloat16's), so the layer keeps vnni
+    # and inductor traces its op
+    m = layer(SCHEMES[0], dtype=torch.float32)
+    compiled = qtorch.compile(m, autotune=False)
+    for rows in (1, 5):
+        x = torch.randn(rows, 256)
+        with torch.no_grad():
+            want = m(x)
+        assert m.quantized_weight.layout is VNNI and torch.equal(compiled(x), want)
