@@ -64,8 +64,11 @@ def prefetch_line() -> str:
     known = prefetch.measured()
     if not known:
         return ""
-    return "one-row kernel's prefetch distance (measured on this machine): " + ", ".join(
-        f"{bits}-bit {d} B" for bits, d in sorted(known.items()))
+    widths = {k: d for k, d in known.items() if k != "vnni"}
+    parts = [f"{bits}-bit {d} B" for bits, d in sorted(widths.items())]
+    if "vnni" in known:
+        parts.append(f"vnni kernel {known['vnni']} B")
+    return "one-row kernel's prefetch distance (measured on this machine): " + ", ".join(parts)
 
 
 def _nbytes(*tensors) -> int:

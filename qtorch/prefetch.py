@@ -39,9 +39,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import autotune, gemv
+from . import autotune, gemv, vnni
 
-__all__ = ["DISTANCES", "TIE", "distance", "measured"]
+__all__ = ["DISTANCES", "TIE", "distance", "measured", "vnni_distance"]
 
 #: the distances raced, in bytes (0: no prefetch; where the hardware's own prefetchers suffice)
 DISTANCES = (0, 2048, 4096, 8192, 16384, 32768)
@@ -64,16 +64,26 @@ def distance(bits: int, dispatcher: autotune.Dispatcher | None = None) -> int:
     the first call (see the module docstring), then kept; :data:`qtorch.gemv.PREFETCH` where nothing is measured."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (4, 8):
         raise ValueError(f"the one-row kernel reads 4- or 8-bit codes, got bits={bits!r}")
+    return _measured_once(_key(bits), lambda: _trials(bits), gemv.PREFETCH, dispatcher)
+
+
+def vnni_distance(dispatcher: autotune.Dispatcher | None = None) -> int:
+    """Bytes ahead that the ``vnni`` layout's one-row kernel (:mod:`qtorch.vnni`) prefetches on this machine:
+    measured like :func:`distance` (its own kernel over a rotation of copies of a 1024 x 1024 4-bit layer, key
+    ``setting|vnni-prefetch|threads <n>``), then kept; :data:`qtorch.vnni.PREFETCH` where nothing is measured."""
+    return _measured_once(autotune.SettingKey.make("vnni-prefetch"), _vnni_trials, vnni.PREFETCH, dispatcher)
+
+
+def _measured_once(key, trials, default: int, dispatcher) -> int:
     d = dispatcher or autotune.default_dispatcher()
     if not d.measuring or torch.compiler.is_compiling():
-        return gemv.PREFETCH
-    key = _key(bits)
+        return default
     found = _value(d.cached(key))
     if found is None:
         with _LOCK:  # one measurement at a time: two would share the cores and the memory they time
             found = _value(d.cached(key))
             if found is None:
-                found = int(d.choose(key, _trials(bits), tie=TIE))
+                found = int(d.choose(key, trials(), tie=TIE))
     return found
 
 
@@ -88,13 +98,17 @@ def _value(kept) -> int | None:
 
 
 def measured(dispatcher: autotune.Dispatcher | None = None) -> dict:
-    """``{bits: distance}`` for the widths whose distance this process knows (measured or read from the file)."""
+    """``{bits: distance}`` for the widths whose distance this process knows (measured or read from the file), and
+    ``"vnni": distance`` where the vnni kernel's is known."""
     d = dispatcher or autotune.default_dispatcher()
     out = {}
     for bits in (4, 8):
         found = _value(d.cached(_key(bits)))
         if found is not None:
             out[bits] = found
+    found = _value(d.cached(autotune.SettingKey.make("vnni-prefetch")))
+    if found is not None:
+        out["vnni"] = found
     return out
 
 
@@ -122,5 +136,29 @@ def _trials(bits: int) -> dict[str, Callable[[], None]]:
                 launch(xa, oa)
             return out
 
+        passes[str(dist)] = run
+    return passes
+
+
+def _vnni_trials() -> dict[str, Callable[[], None]]:
+    """:func:`_trials` for the vnni kernel: 4-bit words of the trial layer's shape, a bfloat16 row."""
+    T = _N // vnni.NT
+    words = np.random.default_rng(0).integers(0, 1 << 32, size=(T, _K // 8, vnni.NT), dtype=np.uint64)
+    words = words.astype(np.uint32)
+    scale = np.full((T, _K // _G, vnni.NT), 0.01, np.float32)
+    zp = np.full((T, _K // _G, vnni.NT), 8, np.uint8)
+    count = max(2, autotune.rotation_copies(words.nbytes + scale.nbytes + zp.nbytes))
+    copies = [words] + [words.copy() for _ in range(count - 1)]
+    x = torch.randn(_K).to(torch.bfloat16)
+    out = torch.empty(_N, dtype=torch.bfloat16)
+    xa, oa = x.data_ptr(), out.data_ptr()
+    passes = {}
+    for dist in DISTANCES:
+        plans = [vnni.Plan(c, scale, zp, _G, 1, 1, prefetch=dist) for c in copies]
+
+        def run(plans=plans, keep=(copies, scale, zp, x)):
+            for plan in plans:
+                plan(xa, oa)
+            return out
         passes[str(dist)] = run
     return passes

@@ -57,7 +57,7 @@ from ._ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, 
 from ._ir import cached as _cached
 from .gemv import _half_bits_to_float, _narrow
 
-__all__ = ["Plan", "available", "block_size", "dequant_t", "gemv_vnni", "planes", "split"]
+__all__ = ["Plan", "available", "block_size", "dequant_t", "gemv_vnni", "split"]
 
 #: output channels of a tile: four vectors of 16 lanes
 NT = 64
@@ -65,24 +65,16 @@ NT = 64
 _VNNI = host_has("avx512vnni") and host_has("avx512bw")
 #: the exponent ``P`` of ``q = round(x * 2^(P - e))`` by number of planes
 _P = {2: 14, 3: 22}
-#: bytes ahead of the octet being read that each octet prefetches into L2 (measured on the AVX-512 Xeon, 2
-#: threads, 32 copies of a 4096x4096 layer in rotation: 19.2 GB/s at 1 KB, 22.9 at 2, 25.5 at 4, 25.8 at 8 and 16)
+#: bytes ahead of the octet being read that each octet prefetches into L2 where nothing is measured (the layout's
+#: plans take the distance measured on the machine, :func:`qtorch.prefetch.vnni_distance`). On the AVX-512 Xeon, 2
+#: threads, 32 copies of a 4096x4096 layer in rotation (a C replica): 19.2 GB/s at 1 KB, 22.9 at 2, 25.5 at 4, 25.8
+#: at 8 and 16
 PREFETCH = 8192
 
 
 def available() -> bool:
     """Whether the ``vnni`` kernels run here: numba compiles for a CPU with AVX512-VNNI and AVX512-BW."""
     return _VNNI
-
-
-def planes(dtype) -> int:
-    """Integer planes of an activation dtype: 2 for bfloat16 and float16, 3 for float32."""
-    name = str(dtype).removeprefix("torch.")
-    if name in ("bfloat16", "float16"):
-        return 2
-    if name == "float32":
-        return 3
-    raise TypeError(f"activations must be float32, bfloat16 or float16, got {dtype}")
 
 
 def block_size(group: int) -> int:

@@ -29,7 +29,7 @@ import weakref
 import numpy as np
 import torch
 
-from .. import vnni, vnni_amx
+from .. import prefetch, vnni, vnni_amx
 from .._infer_ops import define_twin, needs_grad, plain_eager
 from .base import Layout, single_row_shapes
 from .blocked import _buffer, _scale_canonical, _scale_rows  # (the blocks' buffer: one per thread, shared)
@@ -268,7 +268,8 @@ class Vnni(Layout):
                 or entry[3] != (qw.data_ptr(), sc.data_ptr(), zp.data_ptr())):
             kind = _KINDS[dtype]
             w, s, z = _arrays(qw, sc, zp)
-            plan = vnni.Plan(w, s, z, _group(sc, weight.spec.in_features), kind, kind)
+            plan = vnni.Plan(w, s, z, _group(sc, weight.spec.in_features), kind, kind,
+                             prefetch=prefetch.vnni_distance())
             entry = entries[dtype] = (qw, sc, zp, (qw.data_ptr(), sc.data_ptr(), zp.data_ptr()), plan)
         return entry[4]
 

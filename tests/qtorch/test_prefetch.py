@@ -130,3 +130,23 @@ def test_a_blocked_layers_one_row_plan_takes_the_machines_distance(monkeypatch, 
     assert plan.prefetch == chosen
     ref = torch.nn.functional.linear(x.float(), layer.dequantized_weight(torch.float32), layer.bias.float())
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_the_vnni_kernel_has_its_own_distance(monkeypatch):
+    clock, calls = Clock(), []
+    monkeypatch.setattr(prefetch, "_trials", fake_trials(clock, lambda d: 1.0 + abs(d - 4096) / 4096, calls))
+    monkeypatch.setattr(prefetch, "_vnni_trials",
+                        lambda: fake_trials(clock, lambda d: 1.0 + abs(d - 16384) / 16384, calls)("vnni"))
+    d = autotune.Dispatcher(cache_path=False, timer=clock, env={})
+    assert prefetch.vnni_distance(d) == 16384 and prefetch.distance(4, d) == 4096
+    assert calls == ["vnni", 4] and prefetch.measured(d) == {4: 4096, "vnni": 16384}
+    off = autotune.Dispatcher(cache_path=False, env={"QTORCH_AUTOTUNE": "0"})
+    assert prefetch.vnni_distance(off) == qtorch.vnni.PREFETCH
+
+
+@pytest.mark.skipif(not qtorch.vnni.available(), reason="the vnni kernel needs AVX512-VNNI (not on this CPU)")
+def test_the_vnni_trials_compute_the_same_at_every_distance():
+    passes = prefetch._vnni_trials()
+    assert set(passes) == {str(d) for d in prefetch.DISTANCES}
+    outs = [passes[str(d)]().clone() for d in prefetch.DISTANCES]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
