@@ -151,7 +151,8 @@ def _one_row(x2, qweight, scale, zero_point, out_features: int) -> torch.Tensor:
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     kind = _KINDS[x2.dtype]
     out = torch.empty((1, out_features), dtype=x2.dtype)
-    if vnni.Plan(w, s, z, _group(scale, x2.shape[1]), kind, kind)(x2.data_ptr(), out.data_ptr()):
+    plan = vnni.Plan(w, s, z, _group(scale, x2.shape[1]), kind, kind, prefetch=prefetch.vnni_distance())
+    if plan(x2.data_ptr(), out.data_ptr()):
         return out
     return _portable(x2, qweight, scale, zero_point)
 
