@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
 
 import numpy as np
 import torch
@@ -55,7 +54,7 @@ from numba.extending import intrinsic
 from . import _omp
 from ._ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, host_has, prefetch_l2, to_bf16x32, vec
 from ._ir import cached as _cached
-from .gemv import _half_bits_to_float, _narrow
+from .gemv import _half_bits_to_float, _narrow, _serial, _sums_address  # (the one-row kernels' shared pieces)
 
 __all__ = ["Plan", "available", "block_size", "dequant_t", "gemv_vnni", "split"]
 
@@ -395,23 +394,6 @@ def _team_gemv(data):  # pragma: no cover - compiled
 _TEAM_GEMV = _omp.TeamKernel(_team_gemv)
 
 
-def _serial(team, block, lo, hi) -> None:
-    team.ctypes()(block.ctypes.data)
-
-
-_SUMS = threading.local()
-
-
-def sums_address(n: int) -> int:
-    """The calling thread's float32 scratch of at least ``n`` values (the sums of an output that is not
-    float32), kept across calls."""
-    buf = getattr(_SUMS, "buf", None)
-    if buf is None or buf.size < n:
-        buf = _SUMS.buf = np.empty(max(n, 1024), np.float32)
-        _SUMS.addr = buf.ctypes.data
-    return _SUMS.addr
-
-
 class Plan:
     """What a one-row call of one weight needs besides ``x`` and ``out``: its arrays (kept alive) and its team
     block, built once; blocks of finished calls are reused (the least Python a call allows: inside a model it runs
@@ -446,7 +428,7 @@ class Plan:
         block[_X] = xa
         block[_OUT] = oa
         if self.scratch:
-            block[_SCRATCH] = sums_address(self.N)
+            block[_SCRATCH] = _sums_address(self.N)
         T = self.T
         _omp.run(T, _TEAM_GEMV, block, _serial, (_TEAM_GEMV, block), T, self.min_part, T, address)
         ok = not block[_HEADER]  # every chunk's result is 1 where x is not finite (each thread splits all of x)
