@@ -45,7 +45,6 @@ import functools
 import math
 
 import numpy as np
-import torch
 from llvmlite import ir
 from numba import carray, njit, types
 from numba.core import cgutils
