@@ -32,7 +32,7 @@ from qcore._team import ADDR, F64, HEADER, I64, Operands, as_ptr, claim, claim_o
 from ._ir import cached as _cached
 
 __all__ = ["ADDR", "F64", "I64", "Operands", "TeamKernel", "as_ptr", "available", "check_operands", "claim",
-           "claim_operands", "new_block", "run", "team_call", "team_size"]
+           "claim_operands", "give_block", "new_block", "run", "take_block", "team_call", "team_size"]
 
 
 def TeamKernel(pyfunc) -> _team.TeamKernel:
@@ -107,6 +107,30 @@ def check_operands(wb, scale, zp, gsize: int, bits: int, out, out_shape: tuple, 
         raise ValueError(f"x must be {list(x_shape)}, got {list(x.shape)}")
     if out.shape != out_shape:
         raise ValueError(f"out must be {list(out_shape)}, got {list(out.shape)}")
+
+
+#: finished blocks a caller keeps for its next calls (:func:`give_block`)
+KEPT_BLOCKS = 4
+
+
+def take_block(template: np.ndarray, free: list) -> tuple:
+    """``(block, its address)`` for one call of a kernel whose blocks all start as ``template``: one a finished
+    call gave back to ``free`` (refilled from the template), else a new copy. Each call has its own block, so a
+    module may run on several threads at once; reusing them saves a copy and an address lookup a call, which a
+    decoding step pays once per layer on caches the previous layer's weights just streamed through."""
+    try:
+        block, address = free.pop()  # (atomic: two threads never take the same block)
+        np.copyto(block, template)
+    except IndexError:
+        block = template.copy()
+        address = block.ctypes.data
+    return block, address
+
+
+def give_block(free: list, block: np.ndarray, address: int) -> None:
+    """Return a finished call's block to ``free`` (at most :data:`KEPT_BLOCKS` are kept)."""
+    if len(free) < KEPT_BLOCKS:
+        free.append((block, address))
 
 
 def team_call(kernel_address: int, block_address: int, nthreads: int | None = None) -> bool:

@@ -784,18 +784,12 @@ class Launcher:
         self.free = []  # (block, its address): blocks of calls that are over; a call on another thread takes its own
 
     def __call__(self, xa: int, oa: int) -> None:
-        p, free = self.plan, self.free
-        try:
-            block, address = free.pop()  # (atomic: two threads never take the same block)
-            np.copyto(block, self.template)
-        except IndexError:
-            block = self.template.copy()
-            address = block.ctypes.data
+        p = self.plan
+        block, address = _omp.take_block(self.template, self.free)
         block[_X] = xa
         block[_OUT] = oa
         if self.scratch:
             block[_SCRATCH] = _sums_address(p.N)
         team = p.kernel
         _omp.run(p.T, team, block, _serial, (team, block), p.T, p.min_part, p.T, address)
-        if len(free) < 4:
-            free.append((block, address))
+        _omp.give_block(self.free, block, address)

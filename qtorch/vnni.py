@@ -395,10 +395,9 @@ _TEAM_GEMV = _omp.TeamKernel(_team_gemv)
 
 class Plan:
     """What a one-row call of one weight needs besides ``x`` and ``out``: its arrays (kept alive) and its team
-    block, built once; blocks of finished calls are reused (the least Python a call allows: inside a model it runs
-    on caches the previous layer's weights just streamed through). ``w``, ``scale``, ``zp`` as in
-    :func:`gemv_vnni` (``zp`` ``[0, 0, 0]`` for symmetric codes); ``xkind`` / ``okind``: 0 float32, 1 bfloat16, 2
-    float16."""
+    block, built once; blocks of finished calls are reused (:func:`qtorch._omp.take_block`). ``w``, ``scale``,
+    ``zp`` as in :func:`gemv_vnni` (``zp`` ``[0, 0, 0]`` for symmetric codes); ``xkind`` / ``okind``: 0 float32,
+    1 bfloat16, 2 float16."""
 
     __slots__ = ("arrays", "T", "N", "template", "free", "scratch", "min_part")
 
@@ -417,13 +416,7 @@ class Plan:
     def __call__(self, xa: int, oa: int) -> bool:
         """``out = x @ W.T`` for ``x`` at ``xa`` and ``out`` at ``oa`` (the caller keeps both alive); False
         (``out`` unwritten) where ``x`` holds a NaN or an infinity."""
-        free = self.free
-        try:
-            block, address = free.pop()  # (atomic: two threads never take the same block)
-            np.copyto(block, self.template)
-        except IndexError:
-            block = self.template.copy()
-            address = block.ctypes.data
+        block, address = _omp.take_block(self.template, self.free)
         block[_X] = xa
         block[_OUT] = oa
         if self.scratch:
@@ -431,8 +424,7 @@ class Plan:
         T = self.T
         _omp.run(T, _TEAM_GEMV, block, _serial, (_TEAM_GEMV, block), T, self.min_part, T, address)
         ok = not block[_HEADER]  # every chunk's result is 1 where x is not finite (each thread splits all of x)
-        if len(free) < 4:
-            free.append((block, address))
+        _omp.give_block(self.free, block, address)
         return ok
 
 

@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 from . import _omp, amx
 from ._ir import AMX_TILE, F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, host_has, vec
 from ._ir import cached as _cached
-from .vnni import NT, _split_bits, _split_row, block_size
+from .vnni import NT, _split_bits, _split_row, block_size, meta
 
 __all__ = ["available", "eligible", "rows_per_tile", "run"]
 
@@ -333,7 +333,6 @@ def run(x: np.ndarray, xkind: int, w: np.ndarray, scale: np.ndarray, zp: np.ndar
     xa = scratch("xa", nrb * K * 16, np.int8).reshape(nrb, K // 64, 16, 64)
     xm = scratch("xm", M * nb, np.float32).reshape(M, nb)
     xs = scratch("xs", M * nb * 2, np.int32).reshape(M, nb, 2)
-    from .vnni import meta
     base = meta(gsize, bsize, parts, 0, zp.shape[0] > 0, xkind)
     for phase, n in ((0, nrb), (1, T)):
         block = _omp.new_block(n, n, OPERANDS.pack(M=M, K=K, T=T, meta=base | phase << 48, x=x, xa=xa, xm=xm,
