@@ -468,7 +468,8 @@ class Dispatcher:
         return not isinstance(timed, dict) or all(n in timed or n in failed for n in candidates)
 
     def choose_layout(self, key: LayoutKey, candidates: Mapping[str, Callable[[], Mapping | None]],
-                      rows: tuple = LAYOUT_ROWS, tie: float = LAYOUT_TIE, evict_rows: tuple = COLD_ROWS) -> str:
+                      rows: tuple = LAYOUT_ROWS, tie: float = LAYOUT_TIE, evict_rows: tuple = COLD_ROWS,
+                      calls: Mapping[int, int] | None = None) -> str:
         """Name of the layout to hold for ``key`` among ``candidates`` (name -> a callable that converts a
         throwaway copy of the weight and returns ``{rows: {path name: callable running one forward}}`` for every
         count in ``rows``, or None when the layout cannot hold this weight after all), in the static order.
@@ -483,7 +484,9 @@ class Dispatcher:
         behind. The fastest call, not the median, and no path dropped after one round: other work on the machine
         only adds time, and this decision is kept for good. At ``evict_rows`` (default :data:`COLD_ROWS`) every
         timed call follows an eviction of the caches (untimed); callers whose calls at those rows read a weight
-        out of cache by themselves (the eager trials rotate over copies) pass ``()``.
+        out of cache by themselves (the eager trials rotate over copies) pass ``()``. ``calls``: row count ->
+        forwards each of its timed calls runs (compiled probes that rotate over copies inside one call); the call's
+        time is divided by it.
 
         >>> import time
         >>> d = Dispatcher(cache_path=False, env={})
@@ -498,6 +501,8 @@ class Dispatcher:
         names = list(candidates)
         if not names:
             raise ValueError(f"no candidate layout for {key}")
+        if calls and any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in calls.values()):
+            raise ValueError(f"calls must map row counts to ints >= 1 (forwards per timed call), got {calls!r}")
         if len(names) == 1 or not self.measuring:
             return names[0]
         found = self.cached(key)
@@ -523,9 +528,10 @@ class Dispatcher:
             failed_here: dict = {}
             got_here = self._samples(flat, drop=False, before=before, errors=failed_here)
             errors.update({f"{label}@{r}": e for label, e in failed_here.items()})
+            per = (calls or {}).get(r, 1)
             for label, got in got_here.items():
                 name = label.partition(":")[0]
-                ms[name][r] = min(ms[name].get(r, float("inf")), min(got) * 1e3)
+                ms[name][r] = min(ms[name].get(r, float("inf")), min(got) * 1e3 / per)
         scored = [name for name in built if len(ms[name]) == len(rows)]  # a path for every row count ran
         if not scored:
             return names[0]

@@ -21,17 +21,19 @@ return, see :func:`_tracing_setup`):
 With max-autotune on CPU, ``qtorch.compile`` first decides, per quantized layer shape (out x in, scheme, compute
 dtype), which layout its layers hold in compiled inference (:func:`choose_layouts`), by measurement on this machine,
 as the eager layout choice does: inductor's template layout (``int8pack`` / ``int4pack``, whose ops it has
-weight-only templates for) against qtorch's own (``blocked``, custom ops that inductor cannot see into, each still
-running the path its eager dispatcher measured). Each candidate is a one-layer probe on a copy of the weight,
-compiled with the same options and timed at the rows the model will run (``rows=``, default one-row decoding steps
-and 128-row prompt calls weighed as a request, :data:`qtorch.autotune.REQUEST_CALLS`). The decision is kept like
+weight-only templates for) against qtorch's own (``blocked``, and ``vnni`` on CPUs with AVX512-VNNI: custom ops
+that inductor cannot see into, each still running the path its eager dispatcher measured). Each candidate is a
+one-layer probe on a copy of the weight, compiled with the same options and timed at the rows the model will run
+(``rows=``, default one-row decoding steps and 128-row prompt calls weighed as a request,
+:data:`qtorch.autotune.REQUEST_CALLS`); at one row a probe calls up to :data:`PROBE_COPIES` copies in turn in one
+compiled call, each weight read from memory with the code hot, as a compiled model's layers run. The decision is kept like
 the dispatcher's (the process and ``$QTORCH_CACHE_DIR``, key ``layout|NxK|compiled-<scheme>-rows<r+r>|...``).
 ``QTORCH_LAYOUT`` forces a layout; ``QTORCH_AUTOTUNE=0`` measures nothing and takes the static order of
 :func:`qtorch.layouts.default_policy` (the template layout on CPUs other than AVX2, else ``blocked``). Then every
 quantized layer runs each of ``rows`` once eagerly, so that the trace takes the path measured for it. The
 state_dict and the outputs (within the dtype's tolerance) are the same in every layout.
 
-The own layout is probed compiled too, not timed eagerly: its custom op is not its eager call (K = N = 4096 8-bit,
+The own layouts are probed compiled too, not timed eagerly: a custom op is not its eager call (K = N = 4096 8-bit,
 bf16, one row, same run, best of 200 at a load of 3.4: eager ``blocked`` 0.44 ms, compiled 0.65 ms, where the op
 runs the one-row kernel without the layer's kept plan and pays the op's dispatch; the compiled template 0.53 ms).
 Cost, once per shape and ``rows`` on a machine (per process where it was measured beside other work, as for the
@@ -50,6 +52,7 @@ layout          traced op
 ``int4pack``    ``torch._weight_int4pack_mm_for_cpu``: the same, with inductor's int4 template
 ``blocked``     qtorch's custom ops (``qtorch::amx_blocked``, ``qtorch::gemm_blocked``, ``qtorch::tiles_blocked``,
                 ``qtorch::tiles_act_blocked``: the path kept for the row bucket): no template reads this layout
+``vnni``        ``qtorch::vnni_linear``: the integer dot products of its one-row kernel, AMX-INT8 for more rows
 ``canonical``   dequantize + ``F.linear``, or the ``qtorch::dequant_mm`` custom op; the codes stay int8/uint8
 ==============  ===============================================================================================
 
@@ -216,8 +219,9 @@ def _device_type(model) -> str:
 
 #: layouts whose op inductor has weight-only GEMM templates for on CPU (AMX / AVX-512), most preferred first
 TEMPLATE_LAYOUTS = ("int8pack", "int4pack")
-#: qtorch's own layout: its custom ops stay opaque to inductor
-OWN_LAYOUT = "blocked"
+#: qtorch's own layouts: their custom ops stay opaque to inductor (``vnni`` where the CPU has AVX512-VNNI: the
+#: fastest one-row path there, 4096 x 4096 bfloat16 0.23 ms eager against 0.49 for int4pack's kernel)
+OWN_LAYOUTS = ("blocked", "vnni")
 
 
 #: the row counts a compiled model's layouts are probed at when ``rows`` is not given: one row and a 128-row prompt
@@ -242,8 +246,9 @@ def _rows(rows) -> tuple:
 
 def _candidates(weight, dtype) -> list:
     """Names of the layouts a compiled layer of ``weight`` may hold, in the unmeasured order
-    (:func:`qtorch.layouts.default_policy`): the first template layout that can hold it and qtorch's own layout,
-    each where eligible. Empty without a template layout: nothing to choose, the layer keeps its layout."""
+    (:func:`qtorch.layouts.default_policy`): the first template layout that can hold it and qtorch's own layouts
+    (:data:`OWN_LAYOUTS`), each where eligible. Empty without a template layout: nothing to choose, the layer keeps
+    its layout."""
     from . import layouts
 
     found = layouts.eligible(weight.spec, weight.device, dtype)
@@ -251,7 +256,7 @@ def _candidates(weight, dtype) -> list:
     template = next((n for n in TEMPLATE_LAYOUTS if n in names), None)
     if template is None:
         return []
-    picked = [lay for lay in found if lay.name in (template, OWN_LAYOUT)]
+    picked = [lay for lay in found if lay.name == template or lay.name in OWN_LAYOUTS]
     return [lay.name for lay in layouts.default_policy(picked)]
 
 
@@ -280,38 +285,66 @@ def probe_dispatcher():
     return _PROBE_DISPATCHER[1]
 
 
+#: copies of the weight a compiled probe calls in turn at one row, at most (:func:`qtorch.autotune.rotation_copies`
+#: below that): one compiled call then runs a layer after layer as a compiled model does, each weight read from
+#: memory with the code, the graph's wrapper and x hot. One layer after an eviction of the caches paid the cold
+#: Python and wrapper too, ~0.5 ms on the AMX Xeon, which hid the kernels: 4096 x 4096 4-bit bfloat16, int4pack
+#: 1.08, vnni 1.21 ms, where vnni's kernel takes 0.42-0.47 ms from memory against int4pack's 0.68-0.71
+PROBE_COPIES = 16
+
+
 def _probe_forward(self, x):
-    return self.layer(x)
+    if x.shape[0] in self.rotate:  # (a shape: Dynamo traces one branch per row count)
+        return tuple(layer(x) for layer in self.layers)
+    return self.layers[0](x)
 
 
-def _probe(layer: nn.Module, layout: str) -> nn.Module:
-    """A copy of ``layer`` (its own tensors) holding ``layout``, inside a module whose ``forward`` is a code object
-    of its own: Dynamo keeps compiled code per code object, so probes neither count towards the recompile limit of
-    the layer's ``forward`` (8: past it the layer would run eagerly, unnoticed) nor outlive the probe."""
-    copy_ = copy.deepcopy(layer)
-    if not copy_.quantized_weight.hold_layout(layout, copy_.compute_dtype):
+def _probe(layer: nn.Module, layout: str, copies: int = 1, rotate: tuple = ()) -> nn.Module:
+    """``copies`` copies of ``layer`` (tensors of their own) holding ``layout``, inside a module whose ``forward``
+    is a code object of its own: Dynamo keeps compiled code per code object, so probes neither count towards the
+    recompile limit of the layer's ``forward`` (8: past it the layer would run eagerly, unnoticed) nor outlive the
+    probe. Calls of the row counts in ``rotate`` run every copy in turn (a tuple of their outputs), others the
+    first."""
+    first = copy.deepcopy(layer)
+    if not first.quantized_weight.hold_layout(layout, first.compute_dtype):
         raise ValueError(f"{layout} cannot hold this weight")
     code = _probe_forward.__code__.replace(co_name=f"_probe_forward_{next(_PROBE_IDS)}")
     cls = type("CompileProbe", (nn.Module,), {"forward": types.FunctionType(code, _probe_forward.__globals__)})
     probe = cls()
-    probe.layer = copy_
+    probe.layers = nn.ModuleList([first] + [copy.deepcopy(first) for _ in range(copies - 1)])
+    probe.rotate = tuple(rotate)
     return probe.eval()
 
 
-def _compiled_probe(layer: nn.Module, layout: str, rows: tuple, options: dict) -> "CompiledModule":
+def _compiled_probe(layer: nn.Module, layout: str, rows: tuple, options: dict, copies: int = 1,
+                    rotate: tuple = ()) -> "CompiledModule":
     """:func:`_probe` compiled as :func:`compile` compiles the model (the same options, one graph per row count,
     the paths measured for ``rows`` kept); compiles at its first call of each row count."""
-    probe = _probe(layer, layout)
-    _keep_paths(probe.layer, rows)
+    probe = _probe(layer, layout, copies, rotate)
+    for m in probe.layers:
+        _keep_paths(m, rows)
     return CompiledModule(probe, torch.compile(probe, fullgraph=True, dynamic=False, options=options), options)
 
 
-def _probe_runs(layer: nn.Module, layout: str, rows: tuple, options: dict):
+def probe_copies(layer: nn.Module) -> int:
+    """Copies a compiled probe of ``layer`` rotates over at one row: enough that each is read from memory
+    (:func:`qtorch.autotune.rotation_copies` of its canonical codes), :data:`PROBE_COPIES` at most."""
+    from . import autotune
+
+    k = layer.quantized_weight.spec.in_features
+    nbytes = layer.quantized_weight.spec.out_features * k * layer.quantized_weight.spec.bits // 8
+    return min(PROBE_COPIES, autotune.rotation_copies(nbytes))
+
+
+def _probe_runs(layer: nn.Module, layout: str, rows: tuple, options: dict, copies: int = 1):
     """``{rows: {"compiled": callable}}`` for :meth:`qtorch.autotune.Dispatcher.choose_layout`: a
-    :func:`_compiled_probe` on random inputs of the layer's dtype (the race's untimed warm-up call of each row
-    count compiles). None when the probe cannot be built (that candidate loses)."""
+    :func:`_compiled_probe` on random inputs of the layer's dtype, its calls at the cold row counts
+    (:data:`qtorch.autotune.COLD_ROWS`) over ``copies`` copies (the race's untimed warm-up call of each row count
+    compiles). None when the probe cannot be built (that candidate loses)."""
+    from . import autotune
+
     try:
-        run = _compiled_probe(layer, layout, rows, options)
+        run = _compiled_probe(layer, layout, rows, options, copies, autotune.COLD_ROWS if copies > 1 else ())
     except Exception:
         return None
     gen = torch.Generator().manual_seed(0)
@@ -339,11 +372,12 @@ def choose_layouts(model: nn.Module, rows=None, options: dict | None = None) -> 
     choice.
 
     Candidates: the template layout (``int8pack`` / ``int4pack``, whose op inductor has weight-only templates for)
-    and qtorch's own (``blocked``, custom ops), where eligible. In order of precedence: ``QTORCH_LAYOUT`` where
-    eligible; one candidate: it; ``QTORCH_AUTOTUNE=0``: the first of the static order
+    and qtorch's own (``blocked``, ``vnni``: custom ops), where eligible. In order of precedence: ``QTORCH_LAYOUT``
+    where eligible; one candidate: it; ``QTORCH_AUTOTUNE=0``: the first of the static order
     (:func:`qtorch.layouts.default_policy`: the template layout on CPUs other than AVX2, else ``blocked``); else the
-    decision kept for this machine, or a measurement: per candidate a one-layer probe on a copy of a layer's
-    weight, compiled with ``options`` and timed at each of ``rows`` by the layout race of
+    decision kept for this machine, or a measurement: per candidate a probe on copies of a layer's weight
+    (:func:`probe_copies` called in turn at one row, one copy at other rows), compiled with ``options`` and timed at
+    each of ``rows`` by the layout race of
     :meth:`qtorch.autotune.Dispatcher.choose_layout` (a row count's time is its fastest call, weighted by
     ``autotune.REQUEST_CALLS``, ties within ``autotune.LAYOUT_TIE`` to the static order) within
     :data:`PROBE_BUDGET_S` (:func:`probe_dispatcher`). A probe that fails to build, compile or run loses; if every
@@ -369,9 +403,12 @@ def choose_layouts(model: nn.Module, rows=None, options: dict | None = None) -> 
             pick = names[0]
         else:
             key = autotune.LayoutKey.make(n, k, f"compiled-{label}-rows{'+'.join(map(str, rows))}", dtype)
-            probes = {name: (lambda name=name: _probe_runs(members[0], name, rows, options)) for name in names}
+            copies = probe_copies(members[0])
+            probes = {name: (lambda name=name: _probe_runs(members[0], name, rows, options, copies))
+                      for name in names}
             try:
-                pick = d.choose_layout(key, probes, rows=rows)
+                pick = d.choose_layout(key, probes, rows=rows,
+                                       calls={r: copies for r in rows if r in autotune.COLD_ROWS})
             except Exception as e:  # every probe failed: nothing was measured
                 warnings.warn(f"qtorch.compile: no layout probe of {key} ran ({type(e).__name__}: {e}); "
                               f"{names[0]} (static order)", RuntimeWarning, stacklevel=3)

@@ -37,19 +37,21 @@ def install(monkeypatch, tmp_path, env=None):
 
 
 class FakeProbes:
-    """``_probe_runs`` with injected times: ``ms[(layout, rows)]`` per call (a sleep), ``fail``: layouts whose
-    compiled call raises; records the (layout, rows) of each probe built."""
+    """``_probe_runs`` with injected times: ``ms[(layout, rows)]`` per layer (a sleep; a call at the cold row
+    counts runs every copy), ``fail``: layouts whose compiled call raises; records the (layout, rows) of each probe
+    built."""
 
     def __init__(self, ms, fail=()):
         self.ms, self.fail, self.built = ms, set(fail), []
 
-    def __call__(self, layer, layout, rows, options):
+    def __call__(self, layer, layout, rows, options, copies=1):
         self.built.append((layout, rows))
+        self.copies = copies
 
         def run(r):
             if layout in self.fail:
                 raise RuntimeError("inductor failed")
-            time.sleep(self.ms.get((layout, r), 0) / 1e3)
+            time.sleep(self.ms.get((layout, r), 0) * (copies if r in autotune.COLD_ROWS else 1) / 1e3)
         return {r: {"compiled": (lambda r=r: run(r))} for r in rows}
 
 
@@ -80,10 +82,25 @@ def test_picks_the_faster_compiled_layout(monkeypatch, tmp_path, scheme, faster)
     assert got == {f"64x128|{qtorch.layouts.scheme_label(a.quantized_weight.spec)}|bfloat16": want,
                    f"32x128|{qtorch.layouts.scheme_label(other.quantized_weight.spec)}|bfloat16": want}
     assert a.quantized_weight.layout.name == b.quantized_weight.layout.name == want  # one probe per shape
-    assert sorted(probes.built) == sorted([("blocked", (16,)), (template, (16,))] * 2)
+    # one probe per candidate and shape: vnni's where the CPU has it and the layer's 64-channel tiles fit
+    wide = [("vnni", (16,))] if scheme is W4 and qtorch.vnni.available() else []
+    assert sorted(probes.built) == sorted([("blocked", (16,)), (template, (16,))] * 2 + wide)
     x = torch.randn(16, 128, dtype=torch.bfloat16)
     for q in (a, b):
         check_outputs(q, x)
+
+
+@pytest.mark.skipif(not qtorch.vnni.available(), reason="the vnni layout needs a CPU with AVX512-VNNI")
+def test_vnni_is_a_compiled_candidate_where_the_cpu_has_it(monkeypatch, tmp_path):
+    install(monkeypatch, tmp_path)
+    probes = fake(monkeypatch, {("int4pack", 1): 4, ("blocked", 1): 4})
+    q = layer(W4)
+    assert choose_layouts(torch.nn.Sequential(q), rows=1) == {
+        f"64x128|{qtorch.layouts.scheme_label(q.quantized_weight.spec)}|bfloat16": "vnni"}
+    assert sorted(probes.built) == [("blocked", (1,)), ("int4pack", (1,)), ("vnni", (1,))]
+    assert q.quantized_weight.layout.name == "vnni"
+    check_outputs(q, torch.randn(1, 128, dtype=torch.bfloat16))
+    check_outputs(q, torch.randn(5, 128, dtype=torch.bfloat16))
 
 
 def test_rows_weigh_the_choice_as_a_request(monkeypatch, tmp_path):
@@ -99,18 +116,19 @@ def test_rows_weigh_the_choice_as_a_request(monkeypatch, tmp_path):
 
 def test_decision_is_kept_in_the_process_and_on_disk(monkeypatch, tmp_path):
     install(monkeypatch, tmp_path)
-    probes = fake(monkeypatch, {("int4pack", 1): 3})
+    probes = fake(monkeypatch, {("int4pack", 1): 3, ("vnni", 1): 3})
     choose_layouts(torch.nn.Sequential(layer(W4)), rows=1)
-    assert len(probes.built) == 2
+    n = len(probes.built)  # one per candidate: int4pack, blocked (and vnni where the CPU has it)
+    assert n == 2 + qtorch.vnni.available()
     q = layer(W4, seed=3)
     choose_layouts(torch.nn.Sequential(q), rows=1)
-    assert len(probes.built) == 2 and q.quantized_weight.layout.name == "blocked"
+    assert len(probes.built) == n and q.quantized_weight.layout.name == "blocked"
     install(monkeypatch, tmp_path)  # a new process: the file
     q = layer(W4, seed=4)
     choose_layouts(torch.nn.Sequential(q), rows=1)
-    assert len(probes.built) == 2 and q.quantized_weight.layout.name == "blocked"
+    assert len(probes.built) == n and q.quantized_weight.layout.name == "blocked"
     choose_layouts(torch.nn.Sequential(q), rows=(1, 16))  # other rows: another decision
-    assert len(probes.built) == 4
+    assert len(probes.built) == 2 * n
 
 
 @pytest.mark.parametrize("env,kernels,want", [({"QTORCH_LAYOUT": "blocked"}, "torch_pack_kernels", "blocked"),
@@ -143,7 +161,7 @@ def test_a_failing_probe_loses(monkeypatch, tmp_path, torch_pack_kernels):
         choose_layouts(torch.nn.Sequential(q), rows=16)
     assert q.quantized_weight.layout.name == "blocked"
     # every probe fails: the static order (template first here), with a warning; the layer is whole
-    fake(monkeypatch, {}, fail={"int4pack", "blocked"})
+    fake(monkeypatch, {}, fail={"int4pack", "blocked", "vnni"})
     q = layer(W4)
     with pytest.warns(RuntimeWarning, match="no layout probe"):
         choose_layouts(torch.nn.Sequential(q), rows=16)
@@ -175,9 +193,43 @@ def test_probe_is_a_copy_with_a_forward_of_its_own():
     q = layer(W8)
     p1, p2 = _probe(q, "blocked"), _probe(q, "int8pack")
     assert type(p1).forward.__code__ is not type(p2).forward.__code__
-    assert (p1.layer.quantized_weight.layout.name, p2.layer.quantized_weight.layout.name) == ("blocked", "int8pack")
+    assert (p1.layers[0].quantized_weight.layout.name,
+            p2.layers[0].quantized_weight.layout.name) == ("blocked", "int8pack")
     mine = {t.untyped_storage().data_ptr() for t in q.buffers()}
     assert not mine & {t.untyped_storage().data_ptr() for t in list(p1.buffers()) + list(p2.buffers())}
+
+
+def test_a_one_row_probe_calls_its_copies_in_turn():
+    """At one row a probe runs its copies one after another in one compiled call (each weight then comes from
+    memory, as a compiled model's layers do), at other rows the first copy alone; every copy is the layer."""
+    q = layer(W4)
+    p = _probe(q, "blocked", copies=3, rotate=(1,))
+    assert len(p.layers) == 3 and len({m.quantized_weight.buffers["qweight"].data_ptr() for m in p.layers}) == 3
+    torch._dynamo.reset()
+    run = _compiled_probe(q, "blocked", (1, 5), compile_options("cpu", autotune=False), copies=3, rotate=(1,))
+    x1, x5 = torch.randn(1, 128, dtype=torch.bfloat16), torch.randn(5, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ys, y5 = run(x1), run(x5)
+    assert isinstance(ys, tuple) and len(ys) == 3 and all(torch.equal(y, ys[0]) for y in ys)
+    for x, y in ((x1, ys[0]), (x5, y5)):
+        ref = F.linear(x.float(), q.dequantized_weight(torch.float32), q.bias.float())
+        assert y.shape == ref.shape and torch.allclose(y.float(), ref, atol=2e-2 * float(ref.abs().max()))
+
+
+def test_one_row_probes_rotate_and_are_timed_per_layer(monkeypatch, tmp_path):
+    """The race divides a rotating call's time by its copies: a one-row call of 16 copies of a 1 ms layer prices
+    it at 1 ms, not 16."""
+    install(monkeypatch, tmp_path)
+    probes = fake(monkeypatch, {("int4pack", 1): 2, ("blocked", 1): 1, ("vnni", 1): 2})
+    q = layer(W4)
+    assert qc.probe_copies(q) == qc.PROBE_COPIES  # a small weight: as many as a probe takes
+    with monkeypatch.context() as m:  # a large weight: the copies that stream the caches' size
+        m.setattr(autotune, "rotation_copies", lambda nbytes: 3 if nbytes == 64 * 128 // 2 else 0)
+        assert qc.probe_copies(q) == 3
+    choose_layouts(torch.nn.Sequential(q), rows=1)
+    assert probes.copies == qc.PROBE_COPIES
+    entry = next(v for k, v in qc.probe_dispatcher()._decisions.items() if "compiled" in k)
+    assert entry["path"] == "blocked" and 0.9 < entry["ms"]["blocked@1"] < 4, entry
 
 
 @SCHEMES
@@ -191,7 +243,7 @@ def test_every_candidate_runs_compiled_within_tolerance(scheme):
         for name in (TEMPLATE[scheme], "blocked"):
             torch._dynamo.reset()
             run = _compiled_probe(q, name, rows, compile_options("cpu"))
-            assert run._orig_mod.layer.quantized_weight.layout.name == name
+            assert run._orig_mod.layers[0].quantized_weight.layout.name == name
             for r in rows:
                 x = torch.randn(r, 96, dtype=torch.bfloat16)
                 ref = F.linear(x.float(), q.dequantized_weight(torch.float32), q.bias.float())

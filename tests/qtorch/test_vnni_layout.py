@@ -116,3 +116,32 @@ def test_qtorch_compile_keeps_a_float32_layer_on_vnni():
         with torch.no_grad():
             want = m(x)
         assert m.quantized_weight.layout is VNNI and torch.equal(compiled(x), want)
+
+
+def test_the_ops_one_row_plan_is_kept_per_weight_and_never_keeps_it_alive():
+    # the op path (compiled graphs, autograd) reuses the plan of the codes tensor it is given, per activation
+    # dtype, builds a new one when the scale tensor changes, and drops it with the codes
+    import gc
+    import weakref
+
+    from qtorch.layouts import vnni as lv
+
+    q = layer(QuantScheme(4, False, PerGroup(64)))
+    b = q.quantized_weight.buffers
+    args = (b["qweight"], b["scale"], b["zero_point"], 128)
+    x = torch.randn(1, 256)
+    y = lv.vnni_linear_impl(x, *args)
+    plan = lv._OP_PLANS[b["qweight"]][torch.float32][3]
+    assert torch.equal(lv.vnni_linear_impl(x, *args), y) and lv._OP_PLANS[b["qweight"]][torch.float32][3] is plan
+    lv.vnni_linear_impl(x.bfloat16(), *args)
+    assert set(lv._OP_PLANS[b["qweight"]]) == {torch.float32, torch.bfloat16}
+    y2 = lv.vnni_linear_impl(x, b["qweight"], b["scale"] * 2, *args[2:])
+    assert lv._OP_PLANS[b["qweight"]][torch.float32][3] is not plan
+    torch.testing.assert_close(y2, 2 * y)
+    qw = b["qweight"].clone()
+    torch.testing.assert_close(lv.vnni_linear_impl(x, qw, *args[1:]), y)
+    ref = weakref.ref(qw)
+    assert qw in lv._OP_PLANS
+    del qw
+    gc.collect()
+    assert ref() is None
