@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .. import prefetch, vnni, vnni_amx
+from .. import prefetch, vnni, vnni_amx, vnni_bf16
 from .._infer_ops import define_twin, needs_grad, plain_eager
 from .base import Layout, single_row_shapes
 from .blocked import _buffer, _scale_canonical, _scale_rows  # (the blocks' buffer: one per thread, shared)
@@ -43,6 +43,8 @@ _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: bytes of dequantized weight per block of a call of several rows (as ``qtorch.dequant_mm``'s blocks)
 BLOCK_BYTES = 8 << 20
 ONE_ROW, MANY_ROWS = "vnni", "vnni_mm"
+#: bfloat16 calls of 2+ rows on AMX-BF16 tiles of the dequantized weight (:mod:`qtorch.vnni_bf16`)
+BF16_ROWS = "vnni_bf16"
 
 
 def _arrays(qweight, scale, zero_point):
@@ -142,6 +144,22 @@ def _many_rows(x2, qweight, scale, zero_point, out_features: int) -> torch.Tenso
     return y
 
 
+def vnni_bf16_linear_impl(x, qweight, scale, zero_point, out_features: int) -> torch.Tensor:
+    """:func:`vnni_linear_impl` with bfloat16 calls of 2+ rows on AMX-BF16 tiles of the dequantized weight
+    (:mod:`qtorch.vnni_bf16`: ``bfloat16((code - z) * scale)``, float32 sums) where this process may use them and
+    ``K % 32 == 0``; other calls as :func:`vnni_linear_impl`."""
+    x = x.detach()
+    m, k = x.shape
+    if m < 2 or x.dtype != torch.bfloat16 or not (vnni_bf16.available() and vnni_bf16.eligible(k)):
+        return vnni_linear_impl(x, qweight, scale, zero_point, out_features)
+    w, s, z = _arrays(qweight, scale, zero_point)
+    x = x.contiguous()
+    mp = -(-m // 16) * 16
+    sums = vnni_amx.scratch("sums", mp * out_features, np.float32).reshape(mp, out_features)
+    vnni_bf16.run(_numpy_of(x), w, s, z, _group(scale, k), sums)
+    return torch.from_numpy(sums[:m]).to(torch.bfloat16)
+
+
 def _portable(x2, qweight, scale, zero_point) -> torch.Tensor:
     # float32 F.linear on the dequantized weight: every IEEE case (NaN, infinities) as F.linear has it
     return torch.mm(x2.to(torch.float32), dequantized_t(qweight, scale, zero_point, torch.float32)).to(x2.dtype)
@@ -216,8 +234,22 @@ def _backward(ctx, grad):
     return torch.mm(grad.to(torch.float32), wt.t()).to(ctx.x_dtype), None, None, None, None
 
 
+@torch.library.custom_op("qtorch::vnni_bf16_linear", mutates_args=())
+def vnni_bf16_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                     out_features: int) -> torch.Tensor:
+    """:func:`vnni_bf16_linear_impl` as an op: opaque to torch.compile, with an input gradient."""
+    return vnni_bf16_linear_impl(x, qweight, scale, zero_point, out_features)
+
+
+vnni_bf16_linear.register_fake(_fake)
 vnni_linear.register_autograd(_backward, setup_context=_setup_backward)
-_TWIN = define_twin("vnni_linear", vnni_linear_impl, _fake)
+vnni_bf16_linear.register_autograd(_backward, setup_context=_setup_backward)
+#: path -> (kernel, op with an input gradient, its inference twin)
+_PATH_OPS = {
+    path: (impl, getattr(torch.ops.qtorch, name), define_twin(name, impl, _fake))
+    for path, name, impl in ((MANY_ROWS, "vnni_linear", vnni_linear_impl),
+                             (BF16_ROWS, "vnni_bf16_linear", vnni_bf16_linear_impl))
+}
 
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -238,8 +270,19 @@ class Vnni(Layout):
             return spec.axis == 1 and k % spec.group == 0 and vnni.block_size(spec.group) > 0
         return spec.kind == "channel" and spec.axis == 0 and spec.group < (1 << 24)
 
+    tuned = True
+
     def path(self, device_type, dtype, rows, bits):
         return ONE_ROW if rows == 1 else MANY_ROWS
+
+    def paths(self, device_type, dtype, rows, bits, spec=None):
+        """The own path; for bfloat16 calls of 2+ rows on CPUs with AMX-BF16 also ``vnni_bf16`` (where the
+        layer's ``K % 32 == 0``, given its ``spec``): the layer times both per row bucket."""
+        own = self.path(device_type, dtype, rows, bits)
+        if (rows < 2 or dtype != torch.bfloat16 or not vnni_bf16.available()
+                or spec is not None and not vnni_bf16.eligible(spec.in_features)):
+            return (own,)
+        return (own, BF16_ROWS)
 
     def linear(self, weight, x2, path):
         b = weight.buffers
@@ -248,16 +291,17 @@ class Vnni(Layout):
         if x2.device.type != "cpu" or x2.dtype not in _DTYPES:
             return dense_linear(x2, weight.dequantize)
         grad = needs_grad(x2)
-        if not grad and plain_eager(x2):
-            if x2.shape[0] == 1:
-                plan = self.plan(weight, x2.dtype)
-                x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-                out = torch.empty((1, n), dtype=x2.dtype)
-                if plan(x2.data_ptr(), out.data_ptr()):
-                    return out
-                return _portable(x2, qw, sc, zp)
-            return vnni_linear_impl(x2, qw, sc, zp, n)
-        return (vnni_linear if grad else _TWIN)(x2, qw, sc, zp, n)
+        impl, op, twin = _PATH_OPS[BF16_ROWS if path == BF16_ROWS else MANY_ROWS]
+        if grad or not plain_eager(x2):
+            return (op if grad else twin)(x2, qw, sc, zp, n)
+        if x2.shape[0] == 1:  # decoding: the weight's one-row plan, built once
+            plan = self.plan(weight, x2.dtype)
+            x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+            out = torch.empty((1, n), dtype=x2.dtype)
+            if plan(x2.data_ptr(), out.data_ptr()):
+                return out
+            return _portable(x2, qw, sc, zp)
+        return impl(x2, qw, sc, zp, n)
 
     def decoder(self, weight, dtype, path):
         if path != ONE_ROW or dtype not in _DTYPES:

@@ -1,0 +1,103 @@
+"""qtorch.vnni_bf16: bfloat16 rows of the vnni layout on AMX-BF16 tiles of the dequantized weight, and the layer's
+``vnni_bf16`` path that runs it."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qtorch
+from qcore import PerChannel, PerGroup, QuantScheme
+from qtorch import autotune, vnni, vnni_bf16
+from qtorch.layouts import vnni as lv
+
+pytestmark = pytest.mark.skipif(not (vnni.available() and vnni_bf16.available()),
+                                reason="needs AVX512-VNNI (the vnni layout) and AMX-BF16 tiles (not on this CPU)")
+
+
+def layer(scheme, n, k, seed=0):
+    torch.manual_seed(seed)
+    m = qtorch.QuantLinear.from_linear(torch.nn.Linear(k, n), scheme).to(torch.bfloat16)
+    assert m.quantized_weight.hold_layout("vnni", torch.bfloat16)
+    return m
+
+
+def bits(x: torch.Tensor) -> np.ndarray:
+    return x.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+@pytest.mark.parametrize("scheme,n,k", [(QuantScheme(4, False, PerGroup(128)), 128, 256),
+                                        (QuantScheme(4, True, PerGroup(32)), 192, 96),
+                                        (QuantScheme(4, False, PerChannel(0)), 64, 160),
+                                        (QuantScheme(4, False, PerGroup(64)), 64, vnni_bf16.KC + 64)],
+                         ids=["g128", "sym-g32", "channel", "two-panels"])
+@pytest.mark.parametrize("rows", [1, 16, 21])
+def test_run_is_the_bfloat16_dequantized_weights_product(scheme, n, k, rows):
+    """Every row: x times bfloat16((code - z) * scale), summed in float32 (within float32 rounding of the exact
+    sum); the rows past M of the padded output are the sums of zero rows."""
+    m = layer(scheme, n, k)
+    w, s, z = lv._arrays(m.qweight, m.scale, m.zero_point)
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    mp = -(-rows // 16) * 16
+    out = np.full((mp, n), np.nan, np.float32)
+    assert vnni_bf16.run(bits(x), w, s, z, k // s.shape[1], out) is out
+    wb = m.quantized_weight.dequantize(torch.float32).to(torch.bfloat16).double()
+    ref = x.double() @ wb.T
+    bound = x.double().abs() @ wb.abs().T
+    assert torch.all((torch.from_numpy(out[:rows]).double() - ref).abs() <= 2.0 ** -20 * bound + 1e-30)
+    assert (out[rows:] == 0).all()
+
+
+def test_bad_operands_are_named():
+    m = layer(QuantScheme(4, False, PerGroup(32)), 64, 64)
+    w, s, z = lv._arrays(m.qweight, m.scale, m.zero_point)
+    x = bits(torch.randn(3, 64).to(torch.bfloat16))
+    with pytest.raises(ValueError, match=r"out contiguous float32 \[16, 64\]"):
+        vnni_bf16.run(x, w, s, z, 32, np.zeros((3, 64), np.float32))
+    with pytest.raises(ValueError, match="uint16"):
+        vnni_bf16.run(x.astype(np.int32), w, s, z, 32, np.zeros((16, 64), np.float32))
+    with pytest.raises(ValueError, match="K % 32"):
+        vnni_bf16.run(x[:, :48].copy(), w, s, z, 32, np.zeros((16, 64), np.float32))
+
+
+def test_the_path_is_offered_for_bfloat16_rows_where_k_fits():
+    lay = lv.VNNI
+    spec = layer(QuantScheme(4, False, PerGroup(32)), 64, 96).quantized_weight.spec
+    assert lay.paths("cpu", torch.bfloat16, 16, 4, spec) == ("vnni_mm", "vnni_bf16")
+    assert lay.paths("cpu", torch.bfloat16, 1, 4, spec) == ("vnni",)
+    assert lay.paths("cpu", torch.float32, 16, 4, spec) == ("vnni_mm",)
+    odd = layer(QuantScheme(4, False, PerGroup(8)), 64, 40).quantized_weight.spec  # K = 40: no whole steps
+    assert lay.paths("cpu", torch.bfloat16, 16, 4, odd) == ("vnni_mm",)
+
+
+@pytest.mark.parametrize("rows", [2, 17, 40])
+def test_a_forced_path_is_taken_by_the_layer_with_an_input_gradient(rows, monkeypatch):
+    env = {"QTORCH_PATH": "vnni_bf16", "QTORCH_LAYOUT": "vnni"}
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env=env))
+    m = layer(QuantScheme(4, False, PerGroup(64)), 128, 256, seed=rows)
+    taken = []
+    real = lv.VNNI.linear
+    monkeypatch.setattr(lv.VNNI, "linear", lambda w, x, p: taken.append(p) or real(w, x, p))
+    x = torch.randn(rows, 256).to(torch.bfloat16)
+    w = m.quantized_weight.dequantize(torch.float32)
+    ref = F.linear(x.float(), w, m.bias.float())
+    bound = F.linear(x.float().abs(), w.abs(), m.bias.float().abs())
+    with torch.no_grad():
+        y = m(x)
+    assert taken == ["vnni_bf16"] and y.dtype == torch.bfloat16
+    assert torch.all((y.float() - ref).abs() <= 2.0 ** -7 * bound + 1e-6)
+    xg = x.clone().requires_grad_()
+    m(xg).float().sum().backward()  # the op with an input gradient: W's columns summed
+    torch.testing.assert_close(xg.grad.float(), w.sum(0).expand(rows, -1), rtol=2e-2, atol=2e-2)
+
+
+def test_compiled_forward_takes_the_op():
+    m = layer(QuantScheme(4, False, PerGroup(64)), 128, 256, seed=3)
+    x = torch.randn(24, 256).to(torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = lv.vnni_bf16_linear_impl(x, m.qweight, m.scale, m.zero_point, 128)
+        traced = torch.compile(lambda x: torch.ops.qtorch.vnni_bf16_linear_infer(x, m.qweight, m.scale,
+                                                                                   m.zero_point, 128),
+                               fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(traced, eager)
