@@ -26,8 +26,8 @@ that inductor cannot see into, each still running the path its eager dispatcher 
 one-layer probe on a copy of the weight, compiled with the same options and timed at the rows the model will run
 (``rows=``, default one-row decoding steps and 128-row prompt calls weighed as a request,
 :data:`qtorch.autotune.REQUEST_CALLS`); at one row a probe calls up to :data:`PROBE_COPIES` copies in turn in one
-compiled call, each weight read from memory with the code hot, as a compiled model's layers run. The decision is kept like
-the dispatcher's (the process and ``$QTORCH_CACHE_DIR``, key ``layout|NxK|compiled-<scheme>-rows<r+r>|...``).
+compiled call, each weight read from memory with the code hot, as a compiled model's layers run. The decision is
+kept like the dispatcher's (the process and ``$QTORCH_CACHE_DIR``, key ``layout|NxK|compiled-<scheme>-rows<r+r>|...``).
 ``QTORCH_LAYOUT`` forces a layout; ``QTORCH_AUTOTUNE=0`` measures nothing and takes the static order of
 :func:`qtorch.layouts.default_policy` (the template layout on CPUs other than AVX2, else ``blocked``). Then every
 quantized layer runs each of ``rows`` once eagerly, so that the trace takes the path measured for it. The
