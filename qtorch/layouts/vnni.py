@@ -10,10 +10,12 @@ together: its 64 channels' for each group; ``[0, 0, 0]`` for symmetric codes, wh
 ``vnni`` (one row: integer dot products with ``x`` split into 8-bit planes, see :mod:`qtorch.vnni` for the rounding)
 and ``vnni_mm`` (2+ rows: on CPUs with AMX-INT8 the same integer sums on AMX tiles, :mod:`qtorch.vnni_amx`, for
 groups of a multiple of 64; else blocks of channels dequantized into ``W.T`` in the activations' dtype, bfloat16 as
-F.linear's weight would be rounded, then ``torch.mm``). Under ``torch.compile``
-and with autograd the same kernels run as the op ``qtorch::vnni_linear`` (opaque: freezing never folds a dequantized
-weight); a call whose ``x`` holds a NaN or an infinity (which the planes cannot hold) is computed by the portable
-path instead, as ``F.linear`` would.
+F.linear's weight would be rounded, then ``torch.mm``) and, for bfloat16 rows on CPUs with AMX-BF16, ``vnni_bf16``
+(:mod:`qtorch.vnni_bf16`: AMX-BF16 tiles of panels of the weight dequantized in bfloat16; the layer times it against
+``vnni_mm`` per row bucket). Under ``torch.compile`` and with autograd the same kernels run as the ops
+``qtorch::vnni_linear`` / ``qtorch::vnni_bf16_linear`` (opaque: freezing never folds a dequantized weight); a call of
+the integer paths whose ``x`` holds a NaN or an infinity (which the planes cannot hold) is computed by the portable
+path instead, as ``F.linear`` would (``vnni_bf16`` multiplies such values as they are).
 
 >>> import torch, qcore
 >>> from qtorch.layouts import WeightSpec
@@ -258,6 +260,7 @@ class Vnni(Layout):
     """4-bit codes for integer dot products (see the module docstring)."""
 
     name = holds = "vnni"
+    tuned = True  # bfloat16 calls of 2+ rows: vnni_mm or vnni_bf16, by measurement per row bucket
 
     def eligible(self, spec, device, compute_dtype):
         if (device.type != "cpu" or not vnni.available() or spec.bits != 4 or spec.zero_point_kind != "int"
@@ -269,8 +272,6 @@ class Vnni(Layout):
         if spec.kind == "group":
             return spec.axis == 1 and k % spec.group == 0 and vnni.block_size(spec.group) > 0
         return spec.kind == "channel" and spec.axis == 0 and spec.group < (1 << 24)
-
-    tuned = True
 
     def path(self, device_type, dtype, rows, bits):
         return ONE_ROW if rows == 1 else MANY_ROWS

@@ -101,3 +101,15 @@ def test_compiled_forward_takes_the_op():
                                                                                    m.zero_point, 128),
                                fullgraph=True, backend="aot_eager")(x)
     assert torch.equal(traced, eager)
+
+
+def test_non_finite_rows_are_f_linears():
+    """NaN and infinities are multiplied as they are (no integer planes here): the same pattern as F.linear."""
+    m = layer(QuantScheme(4, False, PerGroup(64)), 128, 256, seed=7)
+    x = torch.randn(20, 256).to(torch.bfloat16)
+    x[3, 5], x[7, 1] = float("inf"), float("nan")
+    y = lv.vnni_bf16_linear_impl(x, m.qweight, m.scale, m.zero_point, 128).float()
+    ref = F.linear(x.float(), m.quantized_weight.dequantize(torch.float32))
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    assert torch.allclose(y[finite], ref[finite], atol=2e-2 * float(ref[finite].abs().max()), rtol=2e-2)
