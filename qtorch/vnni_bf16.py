@@ -45,6 +45,7 @@ from numba.extending import intrinsic
 from . import _omp, amx, vnni_amx
 from ._ir import AMX_TILE, F32, I8, I16, I32, I64, host_has, to_bf16x32, vec
 from ._ir import cached as _cached
+from .amx import _amx_fn as _fn  # an LLVM intrinsic's declaration in the module
 from .vnni import NT
 
 __all__ = ["available", "eligible", "run"]
@@ -65,10 +66,6 @@ def available() -> bool:
 def eligible(in_features: int) -> bool:
     """Whether the kernel serves ``in_features`` inputs: whole 32-input steps."""
     return in_features > 0 and in_features % 32 == 0
-
-
-def _fn(builder, name, ret, argtys):
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, argtys), name)
 
 
 _LO_IDX = [i // 2 + (16 if i % 2 else 0) for i in range(16)]  # channels 0-7 of two inputs, interleaved
