@@ -47,6 +47,9 @@ BLOCK_BYTES = 8 << 20
 ONE_ROW, MANY_ROWS = "vnni", "vnni_mm"
 #: bfloat16 calls of 2+ rows on AMX-BF16 tiles of the dequantized weight (:mod:`qtorch.vnni_bf16`)
 BF16_ROWS = "vnni_bf16"
+#: rows of x per AMX kernel call at most: bounds the scratch a thread keeps (its rows' planes or A tiles and float32
+#: sums: 24 MB at 4096 x 4096 in bfloat16), where a 16 K-row prompt in one call would have kept 384 MB
+ROW_CHUNK = 1024
 
 
 def _arrays(qweight, scale, zero_point):
@@ -117,14 +120,18 @@ def _many_rows(x2, qweight, scale, zero_point, out_features: int) -> torch.Tenso
     if vnni_amx.available() and vnni_amx.eligible(g):  # AMX tiles of 8-bit integers: no weight is dequantized
         x2 = x2.contiguous()
         m = x2.shape[0]
-        if x2.dtype == torch.float32:
-            out = torch.empty((m, out_features), dtype=torch.float32)
-            sums = out.numpy()
-        else:  # float32 sums in a scratch kept by the thread, rounded into a new output
-            sums = vnni_amx.scratch("sums", m * out_features, np.float32).reshape(m, out_features)
-        if vnni_amx.run(_numpy_of(x2), _KINDS[x2.dtype], w, s, z, g, sums):
-            return out if x2.dtype == torch.float32 else torch.from_numpy(sums).to(x2.dtype)
-        return _portable(x2, qweight, scale, zero_point)
+        out = torch.empty((m, out_features), dtype=x2.dtype)
+        for r0 in range(0, m, ROW_CHUNK):  # the planes' scratch, kept by the thread, bounded by a chunk's rows
+            r1 = min(m, r0 + ROW_CHUNK)
+            if x2.dtype == torch.float32:
+                sums = out[r0:r1].numpy()
+            else:  # float32 sums in a scratch kept by the thread, rounded into the output
+                sums = vnni_amx.scratch("sums", (r1 - r0) * out_features, np.float32).reshape(r1 - r0, out_features)
+            if not vnni_amx.run(_numpy_of(x2[r0:r1]), _KINDS[x2.dtype], w, s, z, g, sums):
+                return _portable(x2, qweight, scale, zero_point)
+            if x2.dtype != torch.float32:
+                out[r0:r1] = torch.from_numpy(sums)
+        return out
     # blocks of channels dequantized into W.T (in x's dtype; float16: float32, whose matmul is fast everywhere)
     zn = z if z.shape[0] else None
     k, T = x2.shape[1], qweight.shape[0]
@@ -156,10 +163,14 @@ def vnni_bf16_linear_impl(x, qweight, scale, zero_point, out_features: int) -> t
         return vnni_linear_impl(x, qweight, scale, zero_point, out_features)
     w, s, z = _arrays(qweight, scale, zero_point)
     x = x.contiguous()
-    mp = -(-m // 16) * 16
-    sums = vnni_amx.scratch("sums", mp * out_features, np.float32).reshape(mp, out_features)
-    vnni_bf16.run(_numpy_of(x), w, s, z, _group(scale, k), sums)
-    return torch.from_numpy(sums[:m]).to(torch.bfloat16)
+    out = torch.empty((m, out_features), dtype=torch.bfloat16)
+    for r0 in range(0, m, ROW_CHUNK):  # the A tiles' and sums' scratch, kept by the thread, bounded by a chunk's rows
+        r1 = min(m, r0 + ROW_CHUNK)
+        mp = -(-(r1 - r0) // 16) * 16
+        sums = vnni_amx.scratch("sums", mp * out_features, np.float32).reshape(mp, out_features)
+        vnni_bf16.run(_numpy_of(x[r0:r1]), w, s, z, _group(scale, k), sums)
+        out[r0:r1] = torch.from_numpy(sums[:r1 - r0])
+    return out
 
 
 def _portable(x2, qweight, scale, zero_point) -> torch.Tensor:

@@ -113,3 +113,17 @@ def test_non_finite_rows_are_f_linears():
     assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
     finite = torch.isfinite(ref)
     assert torch.allclose(y[finite], ref[finite], atol=2e-2 * float(ref[finite].abs().max()), rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype,impl", [(torch.bfloat16, "vnni_bf16_linear_impl"), (torch.bfloat16, "vnni_linear_impl"),
+                                        (torch.float32, "vnni_linear_impl")])
+def test_rows_go_a_chunk_at_a_time_with_the_same_numbers(monkeypatch, dtype, impl):
+    """A call of more rows than ``ROW_CHUNK`` (which bounds the scratch a thread keeps) gives each row what a call
+    of all rows at once gives."""
+    m = layer(QuantScheme(4, False, PerGroup(64)), 128, 256, seed=9)
+    x = torch.randn(45, 256).to(dtype)
+    fn = getattr(lv, impl)
+    whole = fn(x, m.qweight, m.scale, m.zero_point, 128)
+    monkeypatch.setattr(lv, "ROW_CHUNK", 16)
+    assert torch.equal(fn(x, m.qweight, m.scale, m.zero_point, 128), whole)
+    assert whole.dtype == dtype and whole.shape == (45, 128)
