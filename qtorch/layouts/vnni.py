@@ -26,8 +26,6 @@ True
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -178,9 +176,10 @@ def _portable(x2, qweight, scale, zero_point) -> torch.Tensor:
     return torch.mm(x2.to(torch.float32), dequantized_t(qweight, scale, zero_point, torch.float32)).to(x2.dtype)
 
 
-# the op's one-row plans (compiled graphs and autograd get the buffers, not the layer), by the codes tensor they
-# read and the activations' dtype; the plan's arrays hold the storage through tensors of their own, never this key.
-# A plan built per call cost 50-60 us of a 230 us 4096 x 4096 bfloat16 call (its block's first run included)
+# the one-row plans of the layers' decoders and of the op (compiled graphs and autograd get the buffers, not the
+# layer), by the codes tensor they read and the activations' dtype; the plan's arrays hold the storage through
+# tensors of their own, never this key. A plan built per call cost 50-60 us of a 230 us 4096 x 4096 bfloat16 call
+# (its block's first run included)
 _OP_PLANS = WeakIdKeyDictionary()
 
 
@@ -264,8 +263,6 @@ _PATH_OPS = {
                              (BF16_ROWS, "vnni_bf16_linear", vnni_bf16_linear_impl))
 }
 
-_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
 
 class Vnni(Layout):
     """4-bit codes for integer dot products (see the module docstring)."""
@@ -338,19 +335,10 @@ class Vnni(Layout):
         return decode
 
     def plan(self, weight, dtype: torch.dtype):
-        """``weight``'s one-row :class:`qtorch.vnni.Plan` for ``dtype``, rebuilt when a buffer is replaced."""
+        """``weight``'s one-row :class:`qtorch.vnni.Plan` for ``dtype``: its codes tensor's, as the op keeps it
+        (rebuilt when a buffer is replaced)."""
         b = weight.buffers
-        qw, sc, zp = b["qweight"], b["scale"], b["zero_point"]
-        entries = _PLANS.setdefault(weight, {})
-        entry = entries.get(dtype)
-        if (entry is None or entry[0] is not qw or entry[1] is not sc or entry[2] is not zp
-                or entry[3] != (qw.data_ptr(), sc.data_ptr(), zp.data_ptr())):
-            kind = _KINDS[dtype]
-            w, s, z = _arrays(qw, sc, zp)
-            plan = vnni.Plan(w, s, z, _group(sc, weight.spec.in_features), kind, kind,
-                             prefetch=prefetch.vnni_distance())
-            entry = entries[dtype] = (qw, sc, zp, (qw.data_ptr(), sc.data_ptr(), zp.data_ptr()), plan)
-        return entry[4]
+        return _op_plan(b["qweight"], b["scale"], b["zero_point"], weight.spec.in_features, dtype)
 
     def from_canonical(self, spec, qweight, scale, zero_point):
         n, k = spec.out_features, spec.in_features
