@@ -220,8 +220,9 @@ def _device_type(model) -> str:
 #: layouts whose op inductor has weight-only GEMM templates for on CPU (AMX / AVX-512), most preferred first
 TEMPLATE_LAYOUTS = ("int8pack", "int4pack")
 #: qtorch's own layouts: their custom ops stay opaque to inductor (``vnni`` where the CPU has AVX512-VNNI: the
-#: fastest one-row path there, 4096 x 4096 bfloat16 0.23 ms eager against 0.49 for int4pack's kernel)
-OWN_LAYOUTS = ("blocked", "vnni")
+#: fastest one-row path there, 4096 x 4096 bfloat16 0.23 ms eager against 0.49 for int4pack's kernel; ``vnni8``
+#: where it has AMX-INT8: 8-bit prompts of a few rows from the codes as stored)
+OWN_LAYOUTS = ("blocked", "vnni", "vnni8")
 
 
 #: the row counts a compiled model's layouts are probed at when ``rows`` is not given: one row and a 128-row prompt
@@ -372,8 +373,8 @@ def choose_layouts(model: nn.Module, rows=None, options: dict | None = None) -> 
     choice.
 
     Candidates: the template layout (``int8pack`` / ``int4pack``, whose op inductor has weight-only templates for)
-    and qtorch's own (``blocked``, ``vnni``: custom ops), where eligible. In order of precedence: ``QTORCH_LAYOUT``
-    where eligible; one candidate: it; ``QTORCH_AUTOTUNE=0``: the first of the static order
+    and qtorch's own (``blocked``, ``vnni``, ``vnni8``: custom ops), where eligible. In order of precedence:
+    ``QTORCH_LAYOUT`` where eligible; one candidate: it; ``QTORCH_AUTOTUNE=0``: the first of the static order
     (:func:`qtorch.layouts.default_policy`: the template layout on CPUs other than AVX2, else ``blocked``); else the
     decision kept for this machine, or a measurement: per candidate a probe on copies of a layer's weight
     (:func:`probe_copies` called in turn at one row, one copy at other rows), compiled with ``options`` and timed at

@@ -9,6 +9,8 @@ layout        eligible (all CPU-only but ``canonical``)
 ``blocked``   8 or 4 bits; per tensor, per output channel or groups along K; N % 16 == 0 (qtorch's kernels)
 ``int4pack``  bfloat16 layer, 4 bits, groups of 32/64/128/256 along K, N % 16 == 0 (PyTorch's kernel)
 ``int8pack``  bfloat16 layer, 8-bit symmetric per output channel, K % 16 == 0 (PyTorch's kernel)
+``vnni``      4 bits, integer zero points, groups of a multiple of 8 up to 128 along K; N % 64 == 0 (AVX512-VNNI)
+``vnni8``     8-bit symmetric per output channel or per tensor; N % 64 == 0, K % 64 == 0 (AMX-INT8)
 ``canonical`` everything, every device (dequantize + ``F.linear``)
 ============  ==========================================================================================
 
@@ -98,6 +100,7 @@ from .canonical import CANONICAL
 from .int4pack import INT4PACK
 from .int8pack import INT8PACK
 from .vnni import VNNI
+from .vnni8 import VNNI8
 
 __all__ = ["Layout", "WeightSpec", "register", "registered", "get", "eligible", "default_policy", "scheme_label",
            "choose", "candidates", "TORCH_PACK_KERNELS"]
@@ -210,4 +213,5 @@ register(BLOCKED)
 register(INT4PACK)
 register(INT8PACK)
 register(VNNI)
+register(VNNI8)
 register(CANONICAL)

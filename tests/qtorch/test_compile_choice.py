@@ -24,6 +24,16 @@ TEMPLATE = {W8: "int8pack", W4: "int4pack"}
 SCHEMES = pytest.mark.parametrize("scheme", [W8, W4], ids=["w8", "w4"])
 
 
+_VNNI8_AVAILABLE = qtorch.vnni8.available
+
+
+@pytest.fixture(autouse=True)
+def without_vnni8(monkeypatch):
+    """The injected timings below race the template layout, blocked and vnni; the vnni8 layout (AMX-INT8 CPUs
+    only) is held out of them and tested on its own (test_vnni8_is_a_compiled_candidate_where_the_cpu_has_it)."""
+    monkeypatch.setattr(qtorch.vnni8, "available", lambda: False)
+
+
 def layer(scheme, n=64, k=128, dtype=torch.bfloat16, seed=0):
     torch.manual_seed(seed)
     return qtorch.QuantLinear.from_linear(torch.nn.Linear(k, n, dtype=dtype), scheme=scheme).eval()
@@ -101,6 +111,20 @@ def test_vnni_is_a_compiled_candidate_where_the_cpu_has_it(monkeypatch, tmp_path
     assert q.quantized_weight.layout.name == "vnni"
     check_outputs(q, torch.randn(1, 128, dtype=torch.bfloat16))
     check_outputs(q, torch.randn(5, 128, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(not _VNNI8_AVAILABLE(), reason="the vnni8 layout needs a CPU with AMX-INT8")
+def test_vnni8_is_a_compiled_candidate_where_the_cpu_has_it(monkeypatch, tmp_path):
+    install(monkeypatch, tmp_path)
+    monkeypatch.setattr(qtorch.vnni8, "available", _VNNI8_AVAILABLE)
+    probes = fake(monkeypatch, {("int8pack", 16): 4, ("blocked", 16): 4})
+    q = layer(W8)
+    assert choose_layouts(torch.nn.Sequential(q), rows=16) == {
+        f"64x128|{qtorch.layouts.scheme_label(q.quantized_weight.spec)}|bfloat16": "vnni8"}
+    assert sorted(probes.built) == [("blocked", (16,)), ("int8pack", (16,)), ("vnni8", (16,))]
+    assert q.quantized_weight.layout.name == "vnni8"
+    check_outputs(q, torch.randn(16, 128, dtype=torch.bfloat16))
+    check_outputs(q, torch.randn(1, 128, dtype=torch.bfloat16))
 
 
 def test_rows_weigh_the_choice_as_a_request(monkeypatch, tmp_path):

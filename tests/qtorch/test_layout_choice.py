@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import qcore
 import qtorch
 import qtorch.vnni
+import qtorch.vnni8
 from qcore import PerChannel, PerGroup, QuantScheme
 from qtorch import autotune, layouts
 from qtorch.layouts import WeightSpec
@@ -39,9 +40,11 @@ AMX_LIKE = {"blocked": (0.70, 26.0), "int8pack": (0.72, 26.0), "int4pack": (0.72
 
 @pytest.fixture(autouse=True)
 def without_vnni(monkeypatch):
-    """The injected tables below time the layouts every CPU has; the vnni layout (AVX512-VNNI CPUs only) is held
-    out of them, and its choice is tested on its own (test_vnni_layout.py)."""
+    """The injected tables below time the layouts every CPU has; the vnni and vnni8 layouts (AVX512-VNNI / AMX-INT8
+    CPUs only) are held out of them, and their choice is tested on its own (test_vnni_layout.py,
+    test_vnni8_layout.py)."""
     monkeypatch.setattr(qtorch.vnni, "_VNNI", False)
+    monkeypatch.setattr(qtorch.vnni8, "available", lambda: False)
 
 
 @pytest.fixture(autouse=True)

@@ -7,11 +7,11 @@ from hypothesis import assume, settings
 from hypothesis import strategies as st
 
 import qcore
-from qcore import PerChannel, PerGroup, QuantScheme
+from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
 from qcore.testing import PROMISES, Promises, Quantized, Quantizer
 from qcore.testing.conformance import run_check
 from qcore.testing.strategies import expand, schemes
-from qtorch import layouts, vnni
+from qtorch import layouts, vnni, vnni8
 from qtorch.layouts.int4pack import INT4PACK_GROUPS
 from qtorch.weight import QuantizedWeight
 
@@ -28,6 +28,8 @@ LAYOUTS = {
     "vnni": (torch.bfloat16, lambda rank: st.one_of(
         st.builds(lambda s, g: QuantScheme(4, s, PerGroup(g)), st.booleans(), st.sampled_from([8, 16, 32, 64])),
         st.builds(lambda s: QuantScheme(4, s, PerChannel(0)), st.booleans())), (64, 64)),
+    "vnni8": (torch.bfloat16, lambda rank: st.sampled_from([QuantScheme(8, True, PerChannel(0)),
+                                                             QuantScheme(8, True, PerTensor())]), (64, 64)),
 }
 
 
@@ -57,6 +59,8 @@ LAYOUT_PROMISES = [p for p in PROMISES if p not in ("packing", "bit_order", "rej
 def test_layout_keeps_qcores_promises(name, torch_pack_kernels):
     if name == "vnni" and not vnni.available():
         pytest.skip("the vnni layout needs a CPU with AVX512-VNNI (not eligible here: nothing to hold)")
+    if name == "vnni8" and not vnni8.available():
+        pytest.skip("the vnni8 layout needs a CPU with AMX-INT8 (not eligible here: nothing to hold)")
     quantizer = layout_quantizer(name)
     examples = max(5, settings().max_examples // 8)  # qcore.quantize itself is checked in depth in tests/qcore
     failed = {p: r for p in LAYOUT_PROMISES if not (r := run_check(p, quantizer, max_examples=examples)).passed}

@@ -473,7 +473,11 @@ def measure_peak(mode="freeing"):
     1 MiB and more with mmap (MALLOC_MMAP_THRESHOLD_), so a freed layer-sized block goes back to the kernel at once
     and RSS follows live memory rather than the allocator's free lists; smaller blocks still come from the heap.
     """
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    # one layout, not a race: where two layouts can hold the layers (vnni8 beside blocked on an AMX CPU), a layout
+    # race's throwaway copies of a weight are a transient of their own (bounded by autotune.ROTATION_COPIES), and
+    # glibc then serves the model's weights from the heap they freed, where a freed weight stays mapped until
+    # quantize_model's release_free_memory at the end (measured: 18 layers of peak after a race in the same process)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20), QTORCH_LAYOUT="blocked")
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, mode], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr

@@ -11,6 +11,12 @@ from qtorch import autotune
 BF16 = torch.bfloat16
 
 
+@pytest.fixture(autouse=True)
+def without_vnni8(monkeypatch):
+    """The injected costs below race blocked and int8pack; the vnni8 layout (AMX-INT8 CPUs only) is held out."""
+    monkeypatch.setattr(qtorch.vnni8, "available", lambda: False)
+
+
 def _model():
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),

@@ -58,11 +58,14 @@ def test_candidates_are_the_eligible_layouts_in_preference_order(monkeypatch):
         return [lay.name for lay in layouts.candidates(WeightSpec.of(scheme, n, k), device, dtype)]
 
     monkeypatch.setattr(layouts, "TORCH_PACK_KERNELS", True)
-    assert names(w8, 64, 256, bf16) == ["int8pack", "blocked", "canonical"]
-    # the vnni layout where the CPU has AVX512-VNNI (registered after PyTorch's kernels and blocked)
+    # the vnni layouts where the CPU has AVX512-VNNI (4 bits) or AMX-INT8 (8 bits; N % 64 == K % 64 == 0),
+    # registered after PyTorch's kernels and blocked
     vnni = ["vnni"] if qtorch.vnni.available() else []
+    vnni8 = ["vnni8"] if qtorch.vnni8.available() else []
+    assert names(w8, 64, 256, bf16) == ["int8pack", "blocked"] + vnni8 + ["canonical"]
     assert names(w4, 64, 256, bf16) == ["int4pack", "blocked"] + vnni + ["canonical"]
-    assert names(w8, 64, 256, f32) == ["blocked", "canonical"]
+    assert names(w8, 64, 256, f32) == ["blocked"] + vnni8 + ["canonical"]
+    assert names(w8, 64, 96, f32) == ["blocked", "canonical"]  # K % 64 != 0: no vnni8 step
     assert names(w8, 64, 100, bf16) == ["blocked", "canonical"]  # K % 16 != 0 would crash the int8 kernel
     assert names(w8, 30, 256, bf16) == ["int8pack", "canonical"]  # N = 30: no blocked tile
     # 3 bits: held in the blocked layout's 4-bit containers (the same kernels)
@@ -72,11 +75,11 @@ def test_candidates_are_the_eligible_layouts_in_preference_order(monkeypatch):
     assert names(w4, 64, 256, bf16, torch.device("meta")) == ["canonical"]
     # the two steps: what can hold the weight (registration order), then the policy's order
     found = layouts.eligible(WeightSpec.of(w8, 64, 256), cpu, bf16)
-    assert [lay.name for lay in found] == ["blocked", "int8pack", "canonical"]
-    assert [lay.name for lay in layouts.default_policy(found)] == ["int8pack", "blocked", "canonical"]
+    assert [lay.name for lay in found] == ["blocked", "int8pack"] + vnni8 + ["canonical"]
+    assert [lay.name for lay in layouts.default_policy(found)] == ["int8pack", "blocked"] + vnni8 + ["canonical"]
     monkeypatch.setattr(layouts, "TORCH_PACK_KERNELS", False)
-    assert [lay.name for lay in layouts.default_policy(found)] == ["blocked", "int8pack", "canonical"]
-    assert names(w8, 64, 256, bf16) == ["blocked", "int8pack", "canonical"]
+    assert [lay.name for lay in layouts.default_policy(found)] == ["blocked", "int8pack"] + vnni8 + ["canonical"]
+    assert names(w8, 64, 256, bf16) == ["blocked", "int8pack"] + vnni8 + ["canonical"]
     assert names(w8, 30, 256, bf16) == ["int8pack", "canonical"]
     # a layer holds its first candidate, and says so
     q = qtorch.QuantLinear.from_linear(torch.nn.Linear(256, 64, dtype=bf16), w4)

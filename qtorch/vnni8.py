@@ -1,0 +1,581 @@
+"""8-bit codes multiplied as integers on AMX-INT8 tiles (``tdpbssd``), straight from memory: the ``vnni8`` layout's
+kernel, any row count.
+
+A leaf of :mod:`qtorch.layouts.vnni8`. The weight (symmetric int8 codes, a scale per output channel) is held in
+the order of AMX's B operand: per tile of 64 output channels, two pairs of strips of 16 channels, each pair's
+steps of 64 inputs one after the other (2 KB a step: a B tile of 1 KB per strip), row ``r`` of a B tile holding
+inputs ``4 r .. 4 r + 3`` of its 16 channels (byte ``4 n + j`` = ``code[16 s + n, 4 r + j]``), so a tile load reads
+the codes as they are stored, nothing is converted per call, and each pass of a pair of strips over K reads one
+stream.
+Each row of ``x`` is split into 2 to 4 signed 8-bit planes, ``q = round(x * 2^(P - e))`` with ``|x| < 2^e`` over
+the whole row (balanced base-256 digits, ``P = 14, 22, 30``), plane ``p`` of row ``m`` stored as row ``p M + m`` of
+the A tiles (rows of 64 inputs a step; ``ceil(parts M / 16)`` tiles). Per tile of 64 channels, pairs of A tiles
+times pairs of strips (``tdpbssd``, four C tiles carried over K), a last single A tile times all four strips; the
+32-bit sums ``sum q_p code`` over all of K are exact (``|q_p code| <= 128 * 127``; :data:`MAX_K`); each row's
+planes are combined in float32 and scaled once, by ``2^(e - P)`` and the channel's scale. The one rounding is
+``x``'s, under ``2^(e - P - 1)`` an element; :class:`Plan` says how many planes a call takes.
+
+Eligible where :func:`available` (AMX tiles granted to the process and AMX-INT8) for ``N % 64 == 0`` and ``K % 64
+== 0`` up to :data:`MAX_K` (:func:`eligible`).
+
+>>> import numpy as np
+>>> codes = np.ones((64, 64), np.int8); codes[1] = -2                 # channel 1: every code -2
+>>> w = pack(codes)
+>>> x = np.zeros((2, 64), np.uint16); x[0] = 0x3F80; x[1, :2] = 0x4000  # bfloat16: row 0 ones, row 1 [2, 2, 0..]
+>>> out = np.zeros((2, 64), np.float32)
+>>> if available():
+...     out = run(x, 1, w, np.full(64, 0.5, np.float32), out)
+... else:
+...     out[0, :2], out[1, :2] = (32, -64), (2, -4)
+>>> out[:, :2].tolist()
+[[32.0, -64.0], [2.0, -4.0]]
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+
+import numpy as np
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import _omp, vnni_amx
+from ._ir import AMX_TILE, F32, I8, I16, I32, I64, prefetch_l2, vec
+from ._ir import cached as _cached
+from .amx import _amx_fn as _fn  # an LLVM intrinsic's declaration in the module
+from .gemv import _half_bits_to_float, _narrow
+from .vnni import _RNE
+
+
+__all__ = ["MAX_K", "NT", "Plan", "available", "eligible", "pack", "planes", "run", "unpack"]
+
+#: output channels of a tile: four strips of 16 (one C tile each)
+NT = 64
+#: inputs of a tile step (one A tile, four B tiles)
+STEP = 64
+#: bytes from one step of a pair of strips to the next (its two B tiles)
+BSTEP = 2048
+#: inputs at most: a plane's 32-bit sum over all of K stays exact (``128 * 127 * K < 2^31``)
+MAX_K = 1 << 17
+#: the exponent ``P`` of ``q = round(x * 2^(P - e))`` by number of planes (balanced base-256 digits hold ``|q| <=
+#: 2^P``)
+P_OF = {2: 14, 3: 22, 4: 30}
+#: the significant bits of x's dtype by kind (float32, bfloat16, float16): its weight's rounding is ``2^-t``
+_T = (24, 8, 11)
+#: steps of a block of K, over which the C tiles stay in their registers (through ``cacc`` between blocks). Blocks
+#: of 8 steps, whose A and B tiles would stay in L1, measured no faster than 64 on the AMX Xeon (4096 x 4096, 16
+#: and 128 rows; nor did prefetching the next block's B lines into L1, nor one A tile by four strips)
+KB = 64
+#: bytes ahead of the step a lone A tile (up to 5 rows: the weight read from memory) prefetches into L2: on the
+#: AMX Xeon, 4096 x 4096, one bfloat16 row, 2 threads, two runs: 0.35 / 0.36 ms at 2 KB against 0.39 without
+#: (4-32 KB: 0.39-0.40)
+PF = 2048
+
+
+def available() -> bool:
+    """Whether this process may run the kernel: AMX tiles granted and AMX-INT8 (:func:`qtorch.vnni_amx.available`)."""
+    return vnni_amx.available()
+
+
+def eligible(out_features: int, in_features: int) -> bool:
+    """Whether the kernel serves a ``[out_features, in_features]`` weight: whole tiles and steps, K up to MAX_K."""
+    return (out_features > 0 and out_features % NT == 0 and in_features > 0 and in_features % STEP == 0
+            and in_features <= MAX_K)
+
+
+def pack(codes):
+    """int8 codes ``[N, K]`` (NumPy or torch) -> the kernel's order ``[N/64, 2, K/64, 2, 16, 64]``: tile ``t``, pair
+    of strips ``p``, step ``k``, strip ``s`` of the pair, row ``r``, byte ``4 n + j`` = ``codes[64 t + 32 p + 16 s +
+    n, 64 k + 4 r + j]``.
+
+    >>> pack(np.arange(64 * 64).reshape(64, 64).astype(np.int8))[0, 0, 0, 0, 0, :8].tolist()
+    [0, 1, 2, 3, 64, 65, 66, 67]
+    """
+    n, k = codes.shape
+    c = codes.reshape(n // NT, 2, 2, 16, k // STEP, 16, 4)  # t, pair, s, n, k, r, j
+    if isinstance(c, np.ndarray):
+        return np.ascontiguousarray(c.transpose(0, 1, 4, 2, 5, 3, 6)).reshape(n // NT, 2, k // STEP, 2, 16, 64)
+    return c.permute(0, 1, 4, 2, 5, 3, 6).contiguous().reshape(n // NT, 2, k // STEP, 2, 16, 64)
+
+
+def unpack(w):
+    """Inverse of :func:`pack`: ``[N, K]``."""
+    t, ks = w.shape[0], w.shape[2]
+    c = w.reshape(t, 2, ks, 2, 16, 16, 4)  # t, pair, k, s, r, n, j
+    if isinstance(c, np.ndarray):
+        return np.ascontiguousarray(c.transpose(0, 1, 3, 5, 2, 4, 6)).reshape(t * NT, ks * STEP)
+    return c.permute(0, 1, 3, 5, 2, 4, 6).contiguous().reshape(t * NT, ks * STEP)
+
+
+# -- the activations' planes
+
+
+@njit(inline="always")
+def _row_floats(x, kind, m, xf):  # pragma: no cover - compiled; row m of x as float32 (exactly)
+    K = xf.shape[0]
+    row = x[m]
+    if kind == 0:
+        for k in range(K):
+            xf[k] = row[k]
+    elif kind == 1:
+        xi = xf.view(np.uint32)
+        for k in range(K):
+            xi[k] = np.uint32(row[k]) << np.uint32(16)
+    else:
+        for k in range(K):
+            xf[k] = _half_bits_to_float(row[k])
+
+
+@njit(inline="always")
+def _max_bits(xf):  # pragma: no cover - compiled; the largest |x| by its bits (NaN and infinity above all)
+    xb = xf.view(np.uint32)
+    mb = np.uint32(0)
+    for k in range(xf.shape[0]):
+        v = xb[k] & np.uint32(0x7FFFFFFF)
+        mb = v if v > mb else mb
+    return mb
+
+
+@njit(inline="always")
+def _exponent(mb, P):  # pragma: no cover - compiled; e with |x| < 2^e, and 2^(e - P) a float32 (>= 2^-149)
+    ex = np.int64(mb >> np.uint32(23))
+    e = ex - 126 if ex > 0 else -126
+    return e if e - P >= -149 else P - 149
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _abs_sum(xf):  # pragma: no cover - compiled; sum |x| in any order (a bound's test: vectorised)
+    total = np.float32(0)
+    for k in range(xf.shape[0]):
+        total += abs(xf[k])
+    return np.float64(total)
+
+
+@njit(inline="always")
+def _planes_needed(x, kind, need, r0, r1):  # pragma: no cover - compiled
+    # per row, the fewest planes (2, 3 or 4) whose rounding of x, under 2^(e - P - 1) an element, adds at most what
+    # rounding the weight to x's own precision would: K 2^(e - P - 1) <= 2^-t sum |x| (the sum in float32, to a
+    # few ulps: a margin the test does not need to be exact within); 0 for a NaN or an infinity
+    M, K = x.shape
+    t = 24 if kind == 0 else (8 if kind == 1 else 11)
+    xf = np.empty(K, np.float32)
+    for m in range(r0, r1):
+        _row_floats(x, kind, m, xf)
+        mb = _max_bits(xf)
+        if mb >= np.uint32(0x7F800000):
+            need[m] = 0
+            continue
+        total = _abs_sum(xf)
+        need[m] = 4
+        for parts in (3, 2):
+            P = 14 if parts == 2 else 22
+            if math.ldexp(float(K), _exponent(mb, P) - P - 1 + t) <= total:
+                need[m] = parts
+    return 0
+
+
+@njit(inline="always")
+def _split_rows(x, kind, parts, xa, xm, r0, r1):  # pragma: no cover - compiled
+    # rows r0..r1 of x as planes: q = round(x 2^(P - e)) in balanced base-256 digits, plane p (0: the most
+    # significant) of row m in row p M + m of the A tiles (xa[a, step, row, byte]); 1 where x is not finite. With
+    # u = q + 128 (1 + 256 + ...) over the lower digits, each lower digit is a byte of u less 128 and the top one
+    # u shifted: every plane from u alone, in loops LLVM vectorises
+    M, K = x.shape
+    P = 14 if parts == 2 else (22 if parts == 3 else 30)
+    bias = np.int32(0x80 if parts == 2 else (0x8080 if parts == 3 else 0x808080))
+    xf = np.empty(K, np.float32)
+    u = np.empty(K, np.int32)
+    for m in range(r0, r1):
+        _row_floats(x, kind, m, xf)
+        mb = _max_bits(xf)
+        if mb >= np.uint32(0x7F800000):
+            return 1
+        e = _exponent(mb, P)
+        sc = math.ldexp(1.0, P - e)
+        xm[m] = np.float32(math.ldexp(1.0, e - P))
+        for k in range(K):
+            u[k] = np.int32((np.float64(xf[k]) * sc + _RNE) - _RNE) + bias
+        for p in range(parts):
+            r = p * M + m
+            a, rr = r // 16, r % 16
+            sh = np.int32(8 * (parts - 1 - p))
+            for c in range(K // STEP):
+                dst = xa[a, c, rr]
+                src = u[STEP * c:STEP * c + STEP]
+                if p == 0:
+                    for j in range(STEP):  # (from 0: a loop LLVM vectorises)
+                        dst[j] = np.int8(src[j] >> sh)
+                else:
+                    for j in range(STEP):
+                        dst[j] = np.int8(((src[j] >> sh) & 255) - 128)
+    return 0
+
+
+# -- the tiles
+
+
+def _emit_block(builder, fns, apts, bpts, cptrs, first, zb, k0, k1, pf=None):
+    """IR: the C tiles ``cptrs[a][s]`` (int32, 64-byte rows; zero where ``first``) plus, for steps ``k0 .. k1``,
+    A tile ``a`` (``apts[a]`` + 1 KB a step) times B tile ``s`` (``bpts[s]`` + ``BSTEP`` a step), stored back.
+    ``pf`` (with one A tile; 0: none): each step prefetches its B lines ``pf`` bytes ahead into L2. (A and C tiles
+    of fewer rows for a lone A tile of one row's planes: with the shape a run-time value, or with shapes of 4 and
+    16 rows in one function, LLVM ran out of tile registers or spilled them: 16-row calls twice as long.)"""
+    load, store, dp = fns
+    i64 = functools.partial(ir.Constant, I64)
+    r16, c64 = ir.Constant(I16, 16), ir.Constant(I16, 64)
+    ra = r16
+    init = [[builder.call(load, [ra, c64, builder.select(first, zb, cp), builder.select(first, i64(0), i64(64))])
+             for cp in row] for row in cptrs]
+    entry = builder.block
+    head = builder.append_basic_block("v8.head")
+    body = builder.append_basic_block("v8.body")
+    done = builder.append_basic_block("v8.done")
+    builder.branch(head)
+    builder.position_at_end(head)
+    kk = builder.phi(I64)
+    kk.add_incoming(k0, entry)
+    accs = []
+    for row in init:
+        accs.append([])
+        for v in row:
+            accs[-1].append(builder.phi(AMX_TILE))
+            accs[-1][-1].add_incoming(v, entry)
+    builder.cbranch(builder.icmp_signed("<", kk, k1), body, done)
+    builder.position_at_end(body)
+    if pf is not None:  # the lines of the step pf bytes ahead, into L2 (0: none), in both pairs' streams
+        with builder.if_then(builder.icmp_signed("!=", pf, i64(0))):
+            for bp in bpts[::2]:
+                base = builder.gep(bp, [builder.add(builder.mul(kk, i64(BSTEP)), pf)])
+                for j in range(0, BSTEP, 64):
+                    prefetch_l2(builder, builder.gep(base, [i64(j)]))
+    new = [[None] * len(bpts) for _ in apts]
+    ats = [builder.call(load, [ra, c64, builder.gep(ap, [builder.mul(kk, i64(1024))]), i64(64)]) for ap in apts]
+    if len(apts) == 2:  # two A and two B tiles: four products
+        bts = [builder.call(load, [r16, c64, builder.gep(bp, [builder.mul(kk, i64(BSTEP))]), i64(64)]) for bp in bpts]
+        for a, at in enumerate(ats):
+            for s, bt in enumerate(bts):
+                new[a][s] = builder.call(dp, [r16, c64, c64, accs[a][s], at, bt])
+    else:  # one A tile, four strips: two B tiles loaded before their products
+        for pair in ((0, 1), (2, 3)):
+            bts = [builder.call(load, [r16, c64, builder.gep(bpts[s], [builder.mul(kk, i64(BSTEP))]), i64(64)])
+                   for s in pair]
+            for s, bt in zip(pair, bts):
+                new[0][s] = builder.call(dp, [ra, c64, c64, accs[0][s], ats[0], bt])
+    nxt = builder.add(kk, i64(1))
+    latch = builder.block
+    builder.branch(head)
+    kk.add_incoming(nxt, latch)
+    for arow, nrow in zip(accs, new):
+        for acc, v in zip(arow, nrow):
+            acc.add_incoming(v, latch)
+    builder.position_at_end(done)
+    for arow, crow in zip(accs, cptrs):
+        for acc, cp in zip(arow, crow):
+            builder.call(store, [ra, c64, cp, i64(64), acc])
+
+
+@intrinsic
+def _tile(typingctx, xa, w, cacc, zero, t, M, parts, xm, scale, out, oc, kb, pf):
+    """``out[m, 64 t + c] = 2^(e_m - P) scale[64 t + c] sum_p 256^(parts - 1 - p) sum_k q_p[m, k] code[64 t + c,
+    k]`` for every row ``m < M``. ``xa``: int8 A tiles ``[nA, K/64, 16, 64]`` (plane ``p`` of row ``m`` in row ``p M
+    + m``). Per block of ``kb`` steps, pairs of A tiles times pairs of strips (a last single A tile times all four
+    strips), the int32 C tiles carried over the block in registers and through ``cacc`` (``[nA, 4, 16, 16]``)
+    between blocks (the first block: ``zero``, 16 zeros read with a row stride of 0); at the end each row's planes'
+    sums are combined in float32 and scaled into ``out`` from column ``oc`` on (``xm``: float32 ``[M]``, ``2^(e -
+    P)``)."""
+    if not isinstance(parts, types.IntegerLiteral):
+        return None
+    npl = parts.literal_value
+    vi, vf = vec(I32, 16), vec(F32, 16)
+
+    def codegen(context, builder, sig, args):
+        xa_, wa, ca, za, ma, sa, oa = (context.make_array(sig.args[i])(context, builder, args[i])
+                                       for i in (0, 1, 2, 3, 7, 8, 9))
+        tt, mm, ocv, kbv, pfv = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (4, 5, 10, 11, 12))
+        i64 = functools.partial(ir.Constant, I64)
+        i8p = I8.as_pointer()
+        fns = (_fn(builder, "llvm.x86.tileloadd64.internal", AMX_TILE, [I16, I16, i8p, I64]),
+               _fn(builder, "llvm.x86.tilestored64.internal", ir.VoidType(), [I16, I16, i8p, I64, AMX_TILE]),
+               _fn(builder, "llvm.x86.tdpbssd.internal", AMX_TILE, [I16, I16, I16, AMX_TILE, AMX_TILE, AMX_TILE]))
+        na, ksteps, _, _ = cgutils.unpack_tuple(builder, xa_.shape, 4)
+        _, ncols = cgutils.unpack_tuple(builder, oa.shape, 2)
+        xb, wb, cb, zb = (builder.bitcast(a.data, i8p) for a in (xa_, wa, ca, za))
+        wt = builder.gep(wb, [builder.mul(builder.mul(tt, ksteps), i64(4096))])  # the tile's 4 KB a step
+        half = builder.mul(ksteps, i64(2048))  # a pair of strips over all of K
+        bpts = [builder.gep(wt, [builder.add(builder.mul(i64(s // 2), half), i64(1024 * (s % 2)))]) for s in range(4)]
+        npairs = builder.sdiv(na, i64(2))
+        odd = builder.icmp_signed("!=", builder.srem(na, i64(2)), i64(0))
+        nkb = builder.sdiv(builder.sub(builder.add(ksteps, kbv), i64(1)), kbv)
+
+        def aptr(a):
+            return builder.gep(xb, [builder.mul(builder.mul(a, ksteps), i64(1024))])
+
+        def cptr(a, s):
+            return builder.gep(cb, [builder.add(builder.mul(a, i64(4096)), i64(1024 * s))])
+
+        with cgutils.for_range(builder, nkb) as kbl:
+            k0 = builder.mul(kbl.index, kbv)
+            k1 = builder.add(k0, kbv)
+            k1 = builder.select(builder.icmp_signed("<", k1, ksteps), k1, ksteps)
+            first = builder.icmp_signed("==", k0, i64(0))
+            with cgutils.for_range(builder, npairs) as pl:  # two A tiles by two strips, twice
+                a0 = builder.mul(pl.index, i64(2))
+                a1 = builder.add(a0, i64(1))
+                for sp in (0, 2):
+                    _emit_block(builder, fns, [aptr(a0), aptr(a1)], bpts[sp:sp + 2],
+                                [[cptr(a, s) for s in (sp, sp + 1)] for a in (a0, a1)], first, zb, k0, k1)
+            with builder.if_then(odd):  # a last A tile by all four strips
+                a = builder.sub(na, i64(1))
+                _emit_block(builder, fns, [aptr(a)], bpts, [[cptr(a, s) for s in range(4)]], first, zb, k0, k1,
+                            builder.select(builder.icmp_signed("==", na, i64(1)), pfv, i64(0)))
+        # each row: its planes' sums combined (float32: the high plane's sum may pass 2^24) and scaled
+        lanes0 = ir.Constant(vi, [0] * 16)
+        with cgutils.for_range(builder, mm) as rows_loop:
+            m = rows_loop.index
+            mult = builder.load(builder.gep(ma.data, [m]))
+            multv = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), mult,
+                                                                  ir.Constant(I32, 0)),
+                                           ir.Constant(vf, ir.Undefined), lanes0)
+            orow = builder.gep(oa.data, [builder.add(builder.mul(m, ncols), ocv)])
+            for s in range(4):
+                def crow(p):  # row p M + m of the C tiles of strip s
+                    r = builder.add(builder.mul(i64(p), mm), m)
+                    off = builder.add(builder.add(builder.mul(builder.sdiv(r, i64(16)), i64(1024)), i64(256 * s)),
+                                      builder.mul(builder.srem(r, i64(16)), i64(16)))
+                    return builder.sitofp(builder.load(builder.bitcast(builder.gep(ca.data, [off]), vi.as_pointer()),
+                                                       align=4), vf)
+                f = crow(0)
+                for p in range(1, npl):  # Horner, most significant plane first
+                    f = builder.fadd(builder.fmul(f, ir.Constant(vf, [256.0] * 16)), crow(p))
+                sc = builder.load(builder.bitcast(builder.gep(sa.data, [builder.add(builder.mul(tt, i64(NT)),
+                                                                                    i64(16 * s))]),
+                                                  vf.as_pointer()), align=4)
+                op = builder.bitcast(builder.gep(orow, [i64(16 * s)]), vf.as_pointer())
+                builder.store(builder.fmul(f, builder.fmul(multv, sc)), op, align=4)
+        return context.get_dummy_value()
+
+    return types.void(xa, w, cacc, zero, t, M, parts, xm, scale, out, oc, kb, pf), codegen
+
+
+_ZERO = np.zeros(16, np.int32)  # a C tile's first value: 16 zeros read with a row stride of 0
+
+
+@_cached
+@njit(cache=True, nogil=True)
+def _tiles_range(xa, w, M, parts, xm, scale, out, o16, okind, t0, t1, kb, pf):  # pragma: no cover - compiled
+    # the output: float32 out [M, N] (okind 0), else o16 [M, N], the bits of bfloat16 (1) / float16 (2) values,
+    # each tile's float32 sums rounded into it
+    cacc = np.empty(xa.shape[0] * 4 * 256, np.int32)
+    o32 = out if okind == 0 else np.empty((M, NT), np.float32)
+    for t in range(t0, t1):
+        oc = t * NT if okind == 0 else 0
+        if parts == 2:
+            _tile(xa, w, cacc, _ZERO, t, M, 2, xm, scale, o32, oc, kb, pf)
+        elif parts == 3:
+            _tile(xa, w, cacc, _ZERO, t, M, 3, xm, scale, o32, oc, kb, pf)
+        else:
+            _tile(xa, w, cacc, _ZERO, t, M, 4, xm, scale, o32, oc, kb, pf)
+        if okind:
+            for m in range(M):
+                _narrow(o32[m], o16[m, t * NT:t * NT + NT], okind, 0, NT)
+
+
+OPERANDS = _omp.Operands("vnni8", M=_omp.I64, K=_omp.I64, T=_omp.I64, meta=_omp.I64, pf=_omp.I64, x=_omp.ADDR,
+                         xa=_omp.ADDR, xm=_omp.ADDR, need=_omp.ADDR, w=_omp.ADDR, scale=_omp.ADDR, out=_omp.ADDR)
+_read = OPERANDS.read
+#: the phases of a call: each row's planes needed, the rows' planes, the tiles
+_NEED, _SPLIT, _TILES = 0, 1, 2
+
+
+@njit(inline="always")
+def _fields(m):  # pragma: no cover - compiled; the meta operand: x's kind, phase, planes, out's kind, steps a block
+    return m & 3, (m >> 2) & 3, (m >> 4) & 7, (m >> 7) & 3, (m >> 16) & 0xFFFF
+
+
+@njit(inline="always")
+def _outs(address, M, N, okind):  # pragma: no cover - compiled; the output as float32 or as 16-bit values
+    if okind == 0:
+        return carray(address, (M, N), np.float32), carray(address, (0, 0), np.uint16)
+    return carray(address, (0, 0), np.float32), carray(address, (M, N), np.uint16)
+
+
+@njit(inline="always")
+def _chunk(o, i, c0, c1, _a, _b):  # pragma: no cover - compiled; rows c0..c1 (phases 0, 1) or tiles c0..c1
+    M, K, T = o.M, o.K, o.T
+    xkind, phase, parts, okind, kb = _fields(o.meta)
+    na = (parts * M + 15) // 16
+    xa = carray(o.xa, (na, K // STEP, 16, 64), np.int8)
+    xm = carray(o.xm, M, np.float32)
+    if phase == _NEED:
+        need = carray(o.need, M, np.int32)
+        if xkind == 0:
+            return _planes_needed(carray(o.x, (M, K), np.float32), 0, need, c0, c1)
+        return _planes_needed(carray(o.x, (M, K), np.uint16), xkind, need, c0, c1)
+    if phase == _SPLIT:
+        if xkind == 0:
+            return _split_rows(carray(o.x, (M, K), np.float32), 0, parts, xa, xm, c0, c1)
+        return _split_rows(carray(o.x, (M, K), np.uint16), xkind, parts, xa, xm, c0, c1)
+    _tiles_range(xa, carray(o.w, (T, 2, K // STEP, 2, 16, 64), np.int8), M, parts, xm,
+                 carray(o.scale, T * NT, np.float32), *_outs(o.out, M, T * NT, okind), okind, c0, c1, kb, o.pf)
+    return 0
+
+
+def _team(data):  # pragma: no cover - compiled
+    _omp.claim_operands(data, _read, _chunk, 0, 0)
+
+
+_TEAM = _omp.TeamKernel(_team)
+
+
+def _serial(block, lo, hi) -> None:
+    _TEAM.ctypes()(block.ctypes.data)
+
+
+@njit(inline="always")
+def _few_chunk(o, i, t0, t1, _a, y):  # pragma: no cover - compiled; tiles t0..t1 with this thread's planes
+    xa, xm, ok = y
+    if not ok:
+        return 1  # a NaN or an infinity in x: the caller takes another path
+    M, K, T = o.M, o.K, o.T
+    _, _, parts, okind, kb = _fields(o.meta)
+    _tiles_range(xa, carray(o.w, (T, 2, K // STEP, 2, 16, 64), np.int8), M, parts, xm,
+                 carray(o.scale, T * NT, np.float32), *_outs(o.out, M, T * NT, okind), okind, t0, t1, kb, o.pf)
+    return 0
+
+
+def _team_few(data):  # pragma: no cover - compiled
+    # up to 4 rows: each thread splits all of x itself, once per call, then claims tiles (no phase of its own: a
+    # decoding step's launch and the serial split cost more than every thread's split, 4 K inputs in a few us)
+    head = carray(data, _omp.HEADER, np.int64)
+    o = _read(head)
+    M, K = o.M, o.K
+    xkind, _, parts, _, _ = _fields(o.meta)
+    na = (parts * M + 15) // 16
+    xa = np.empty((na, K // STEP, 16, 64), np.int8)
+    xm = np.empty(M, np.float32)
+    ok = True
+    if head[0] < head[1]:  # chunks left to claim (a block of none is the loader's probe)
+        if xkind == 0:
+            ok = _split_rows(carray(o.x, (M, K), np.float32), 0, parts, xa, xm, 0, M) == 0
+        else:
+            ok = _split_rows(carray(o.x, (M, K), np.uint16), xkind, parts, xa, xm, 0, M) == 0
+    _omp.claim_operands(data, _read, _few_chunk, 0, (xa, xm, ok), True)  # a lane of tiles per thread
+
+
+_TEAM_FEW = _omp.TeamKernel(_team_few)
+
+
+def _serial_few(block, lo, hi) -> None:
+    _TEAM_FEW.ctypes()(block.ctypes.data)
+
+
+def planes(xkind: int, rows: int, need=None) -> int:
+    """The planes a call of ``rows`` rows splits ``x`` into: 4 for float32 (``xkind`` 0) and wherever four planes
+    take no more tiles than two (up to 4 rows), else the most that any row needs (``need``: per row, see
+    :class:`Plan`)."""
+    if xkind == 0 or 4 * rows <= 16:
+        return 4
+    return int(need.max())
+
+
+class _Scratch(threading.local):
+    """A thread's arrays for its calls (the A tiles, each row's multiplier and planes needed) and their addresses,
+    kept and grown: an address lookup costs about 1 us, a fresh array its pages' first touch."""
+
+    def __init__(self):
+        self.arrays = {}
+
+    def get(self, name: str, n: int, dtype) -> tuple:
+        a = self.arrays.get(name)
+        if a is None or a[0].size < n:
+            arr = np.empty(max(n, 1024), dtype)
+            a = self.arrays[name] = (arr, arr.ctypes.data)
+        return a
+
+
+_SCRATCH = _Scratch()
+_SLOTS = {f: OPERANDS.slot(f) - 3 for f in OPERANDS.fields}  # a field's place in the operands tuple
+
+
+class Plan:
+    """One weight's calls: ``w`` (int8 ``[N/64, 2, K/64, 2, 16, 64]``, :func:`pack`) and ``scale`` (float32 ``[N]``)
+    kept alive with their addresses; a call passes only ``x``'s and ``out``'s. Three phases on torch's team: each
+    row's planes needed (bfloat16 / float16, 5 rows or more), the rows' planes, the tiles of 64 channels.
+
+    The planes: four for float32 rows (``x``'s rounding under ``2^-31`` of its row's largest magnitude); for
+    bfloat16 and float16 the fewest of two, three or four whose rounding of every row, ``K 2^(e - P - 1)`` at most,
+    stays within what rounding the weight to ``x``'s own precision would add (``2^-t sum |x|``, ``t`` = 8 or 11
+    significant bits): two planes (``2^-15`` of a row's largest) where no row's largest magnitude is far above its
+    mean; up to four rows always four planes (they take no more tiles)."""
+
+    __slots__ = ("arrays", "T", "K", "ops")
+
+    def __init__(self, w: np.ndarray, scale: np.ndarray):
+        T = w.shape[0]
+        self.arrays = (w, scale)
+        self.T, self.K = T, w.shape[2] * STEP
+        self.ops = list(OPERANDS.pack(M=0, K=self.K, T=T, meta=0, pf=PF, x=0, xa=0, xm=0, need=0, w=w, scale=scale,
+                                      out=0))
+
+    def __call__(self, x: int, xkind: int, M: int, out: int, okind: int = 0, kb: int = KB) -> bool:
+        """``out = x @ W.T`` (``[M, N]`` at address ``out``: float32 for ``okind`` 0, else bfloat16 / float16 for 1
+        / 2) for ``x`` ``[M, K]`` at address ``x`` (C-contiguous float32, or bfloat16 / float16 bits for ``xkind`` 1
+        / 2; the caller keeps both alive). False (``out`` unwritten) where ``x`` holds a NaN or an infinity, which
+        the planes cannot hold."""
+        K, T = self.K, self.T
+        ops = self.ops.copy()
+        ops[_SLOTS["M"]], ops[_SLOTS["x"]], ops[_SLOTS["out"]] = M, x, out
+        meta = _SLOTS["meta"]
+        if 4 * M <= 16:  # four planes in one A tile: one launch, every thread splitting x
+            ops[meta] = xkind | 4 << 4 | okind << 7 | kb << 16
+            block = _omp.new_block(T, T, ops)
+            _omp.run(T, _TEAM_FEW, block, _serial_few, (block,), T, 1, nchunks=T)
+            return not block[_omp.HEADER:_omp.HEADER + T].any()
+        need, ops[_SLOTS["need"]] = _SCRATCH.get("need", M, np.int32)
+        _, ops[_SLOTS["xm"]] = _SCRATCH.get("xm", M, np.float32)
+        if xkind:  # each row's planes needed
+            ops[meta] = xkind | _NEED << 2
+            _phase(M, ops)
+            if not need[:M].all():  # a NaN or an infinity
+                return False
+        parts = planes(xkind, M, need[:M])
+        _, ops[_SLOTS["xa"]] = _SCRATCH.get("xa", -(-parts * M // 16) * K * 16, np.int8)
+        ops[meta] = xkind | _SPLIT << 2 | parts << 4 | okind << 7 | kb << 16
+        block = _phase(M, ops)
+        if block[_omp.HEADER:_omp.HEADER + M].any():
+            return False
+        ops[meta] = xkind | _TILES << 2 | parts << 4 | okind << 7 | kb << 16
+        _phase(T, ops)
+        return True
+
+
+def _phase(n: int, ops) -> np.ndarray:
+    block = _omp.new_block(n, n, ops)
+    _omp.run(n, _TEAM, block, _serial, (block,), n, 1, nchunks=n)
+    return block
+
+
+def run(x: np.ndarray, xkind: int, w: np.ndarray, scale: np.ndarray, out: np.ndarray, kb: int = KB):
+    """``out = x @ (codes * scale).T`` (float32 ``[M, N]``) for ``x`` ``[M, K]`` (float32, or the uint16 bits of
+    bfloat16 / float16 values for ``xkind`` 1 / 2; C-contiguous), ``w`` int8 ``[N/64, 2, K/64, 2, 16, 64]``
+    (:func:`pack`) and ``scale`` float32 ``[N]``, on torch's thread team (see :class:`Plan` for the planes).
+    Returns ``out``, or None (``out`` unwritten) where ``x`` holds a NaN or an infinity."""
+    if not available():  # a tile instruction without the tile state is SIGILL, not an error
+        raise RuntimeError("this process cannot use AMX-INT8 tiles (no AMX-INT8 CPU, or Linux refused the tile state)")
+    M, K = x.shape
+    T = w.shape[0]
+    want = np.float32 if xkind == 0 else np.uint16
+    if (x.dtype != want or w.dtype != np.int8 or w.shape != (T, 2, K // STEP, 2, 16, 64) or not eligible(T * NT, K)
+            or scale.shape != (T * NT,) or scale.dtype != np.float32 or out.shape != (M, T * NT)
+            or out.dtype != np.float32 or not all(a.flags.c_contiguous for a in (x, w, scale, out))):
+        raise ValueError(f"x must be contiguous {np.dtype(want)} [M, K] with K % 64 == 0, w int8 [N/64, 2, K/64, 2, "
+                         f"16, 64], scale float32 [N], out float32 [M, N]; got x {x.dtype} {list(x.shape)}, w "
+                         f"{w.dtype} {list(w.shape)}, scale {scale.dtype} {list(scale.shape)}, out {out.dtype} "
+                         f"{list(out.shape)}")
+    if M == 0 or T == 0:
+        return out
+    return out if Plan(w, scale)(x.ctypes.data, xkind, M, out.ctypes.data, 0, kb) else None

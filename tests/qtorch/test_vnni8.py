@@ -1,0 +1,136 @@
+"""The vnni8 kernel (qtorch.vnni8): the weight's tile order, the activations' planes and their one rounding, the
+sums against a float64 product, non-finite inputs and bad operands."""
+
+import numpy as np
+import pytest
+import torch
+
+from qtorch import vnni8
+
+AMX = pytest.mark.skipif(not vnni8.available(), reason="the vnni8 kernel needs AMX-INT8 (not on this CPU)")
+KINDS = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16}
+
+
+def bits(x: torch.Tensor) -> np.ndarray:
+    """The kernel's view of ``x``: float32 as is, 16-bit floats as their bits."""
+    return x.numpy() if x.dtype == torch.float32 else x.view(torch.int16).numpy().view(np.uint16)
+
+
+def weight(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, generator=g) * 0.01 + 1e-3
+    return codes, scale
+
+
+def check(out, x, codes, scale, planes):
+    """``out`` against the float64 product, within ``x``'s rounding into ``planes`` planes (``2^(e - P - 1)`` an
+    element, ``|x| < 2^e`` per row) and float32's rounding of the combined sums."""
+    xd, wd = x.double(), codes.double() * scale.double()[:, None]
+    ref = xd @ wd.T
+    e = torch.frexp(xd.abs().amax(1, keepdim=True)).exponent.double()
+    step = torch.pow(2.0, e - vnni8.P_OF[planes] - 1)
+    bound = step * wd.abs().sum(1)[None, :] + 2.0**-21 * (xd.abs() @ wd.abs().T)
+    err = (torch.as_tensor(out).double() - ref).abs()
+    assert torch.all(err <= bound), float((err - bound).max())
+
+
+def test_pack_and_unpack_are_inverse():
+    codes = np.random.default_rng(0).integers(-127, 128, (128, 192)).astype(np.int8)
+    w = vnni8.pack(codes)
+    assert w.shape == (2, 2, 3, 2, 16, 64) and (vnni8.unpack(w) == codes).all()
+    # a B tile row: four consecutive inputs of each of 16 channels
+    assert w[0, 0, 1, 0, 2, :8].tolist() == [codes[0, 72 + j] for j in range(4)] + [codes[1, 72 + j] for j in range(4)]
+    assert w[1, 1, 0, 1, 0, :4].tolist() == codes[64 + 48, :4].tolist()  # tile 1, strip 3
+    t = torch.from_numpy(codes)
+    assert torch.equal(vnni8.unpack(vnni8.pack(t)), t)
+
+
+def test_planes_are_four_for_float32_and_few_rows():
+    assert vnni8.planes(0, 100) == 4 and vnni8.planes(1, 4) == 4 and vnni8.planes(2, 1) == 4
+    assert vnni8.planes(1, 16, np.array([2, 3, 2])) == 3
+
+
+@AMX
+@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 21, 40])
+def test_sums_match_the_float64_product(kind, rows):
+    codes, scale = weight(128, 320, seed=rows)
+    x = (torch.randn(rows, 320) * torch.exp(torch.randn(rows, 1))).to(KINDS[kind])
+    out = np.full((rows, 128), np.nan, np.float32)
+    assert vnni8.run(bits(x), kind, vnni8.pack(codes.numpy()), scale.numpy(), out) is out
+    check(out, x, codes, scale, 2 if kind and rows > 4 else 4)  # normal rows: two planes are enough
+
+
+@AMX
+def test_a_row_far_above_its_mean_takes_more_planes():
+    # one input 2^12 times the others: two planes would round the rest to 2^-3 of their size; the planes are chosen
+    # so that x's rounding stays within the weight's rounding to bfloat16
+    codes, scale = weight(64, 256)
+    x = torch.randn(16, 256)
+    x[5, 7] = 4096.0
+    xb = x.bfloat16()
+    out = np.empty((16, 64), np.float32)
+    vnni8.run(bits(xb), 1, vnni8.pack(codes.numpy()), scale.numpy(), out)
+    check(out, xb, codes, scale, 3)
+    ref = xb.double() @ (codes.double() * scale.double()[:, None]).T
+    weight_rounding = 2.0**-8 * (xb.double().abs() @ (codes.double() * scale.double()[:, None]).abs().T)
+    assert torch.all((torch.from_numpy(out).double() - ref).abs() <= weight_rounding)
+
+
+@AMX
+def test_exact_inputs_give_exact_sums():
+    # inputs of few significant bits are held exactly: the sums are the integer products, scaled by powers of two
+    codes, _ = weight(64, 128)
+    scale = torch.ones(64)
+    x = torch.randint(-8, 9, (6, 128)).float() * 0.25
+    out = np.empty((6, 64), np.float32)
+    vnni8.run(bits(x), 0, vnni8.pack(codes.numpy()), scale.numpy(), out)
+    assert np.array_equal(out, (x.double() @ codes.double().T).numpy())
+
+
+@AMX
+@pytest.mark.parametrize("rows", [1, 2, 16])
+def test_outputs_in_16_bit_kinds_are_the_float32_sums_rounded(rows):
+    codes, scale = weight(128, 256)
+    w = vnni8.pack(codes.numpy())
+    plan = vnni8.Plan(w, scale.numpy())
+    x = torch.randn(rows, 256, dtype=torch.bfloat16)
+    f32 = torch.empty(rows, 128)
+    assert plan(x.data_ptr(), 1, rows, f32.data_ptr())
+    for okind, dt in ((1, torch.bfloat16), (2, torch.float16)):
+        y = torch.empty(rows, 128, dtype=dt)
+        assert plan(x.data_ptr(), 1, rows, y.data_ptr(), okind)
+        assert torch.equal(y, f32.to(dt))
+
+
+@AMX
+@pytest.mark.parametrize("rows", [1, 4, 9])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_x_is_refused_and_out_untouched(rows, bad):
+    codes, scale = weight(64, 128)
+    x = torch.randn(rows, 128)
+    x[-1, 5] = bad
+    out = np.full((rows, 64), 7.0, np.float32)
+    assert vnni8.run(bits(x), 0, vnni8.pack(codes.numpy()), scale.numpy(), out) is None
+    assert (out == 7.0).all()  # found before any tile ran
+    xb = x.bfloat16()
+    assert vnni8.run(bits(xb), 1, vnni8.pack(codes.numpy()), scale.numpy(), out) is None
+
+
+@AMX
+def test_bad_operands_are_named():
+    codes, scale = weight(64, 128)
+    w = vnni8.pack(codes.numpy())
+    out = np.empty((2, 64), np.float32)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        vnni8.run(np.zeros((2, 128), np.float64), 0, w, scale.numpy(), out)
+    with pytest.raises(ValueError, match="scale float32"):
+        vnni8.run(np.zeros((2, 128), np.float32), 0, w, scale.numpy()[:32], out)
+    with pytest.raises(ValueError, match="out float32"):
+        vnni8.run(np.zeros((2, 128), np.float32), 0, w, scale.numpy(), np.empty((3, 64), np.float32))
+
+
+def test_eligible_shapes():
+    assert vnni8.eligible(64, 64) and vnni8.eligible(4096, 11008)
+    assert not vnni8.eligible(96, 128) and not vnni8.eligible(64, 96) and not vnni8.eligible(64, 2 * vnni8.MAX_K)
