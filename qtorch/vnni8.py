@@ -425,7 +425,7 @@ def _chunk(o, i, c0, c1, _a, _b):  # pragma: no cover - compiled; rows c0..c1 (p
 
 
 def _team(data):  # pragma: no cover - compiled
-    _omp.claim_operands(data, _read, _chunk, 0, 0)
+    _omp.claim_operands(data, _read, _chunk, 0, 0, True)  # a lane of tiles (or rows) per thread: one stream each
 
 
 _TEAM = _omp.TeamKernel(_team)
