@@ -156,32 +156,25 @@ def _abs_sum(xf):  # pragma: no cover - compiled; sum |x| in any order (a bound'
 
 
 @njit(inline="always")
-def _planes_needed(x, kind, need, r0, r1):  # pragma: no cover - compiled
-    # per row, the fewest planes (2, 3 or 4) whose rounding of x, under 2^(e - P - 1) an element, adds at most what
+def _need(xf, kind, mb):  # pragma: no cover - compiled
+    # the fewest planes (2, 3 or 4) whose rounding of the row, under 2^(e - P - 1) an element, adds at most what
     # rounding the weight to x's own precision would: K 2^(e - P - 1) <= 2^-t sum |x| (the sum in float32, to a
-    # few ulps: a margin the test does not need to be exact within); 0 for a NaN or an infinity
-    M, K = x.shape
+    # few ulps: a margin the test does not need to be exact within)
+    K = xf.shape[0]
     t = 24 if kind == 0 else (8 if kind == 1 else 11)
-    xf = np.empty(K, np.float32)
-    for m in range(r0, r1):
-        _row_floats(x, kind, m, xf)
-        mb = _max_bits(xf)
-        if mb >= np.uint32(0x7F800000):
-            need[m] = 0
-            continue
-        total = _abs_sum(xf)
-        need[m] = 4
-        for parts in (3, 2):
-            P = 14 if parts == 2 else 22
-            if math.ldexp(float(K), _exponent(mb, P) - P - 1 + t) <= total:
-                need[m] = parts
-    return 0
+    total = _abs_sum(xf)
+    for parts in (2, 3):
+        P = 14 if parts == 2 else 22
+        if math.ldexp(float(K), _exponent(mb, P) - P - 1 + t) <= total:
+            return parts
+    return 4
 
 
 @njit(inline="always")
-def _split_rows(x, kind, parts, xa, xm, r0, r1):  # pragma: no cover - compiled
+def _split_rows(x, kind, parts, xa, xm, need, r0, r1):  # pragma: no cover - compiled
     # rows r0..r1 of x as planes: q = round(x 2^(P - e)) in balanced base-256 digits, plane p (0: the most
-    # significant) of row m in row p M + m of the A tiles (xa[a, step, row, byte]); 1 where x is not finite. With
+    # significant) of row m in row p M + m of the A tiles (xa[a, step, row, byte]), and (where need has rows) the
+    # planes each row needs (_need); 1 where x is not finite. With
     # u = q + 128 (1 + 256 + ...) over the lower digits, each lower digit is a byte of u less 128 and the top one
     # u shifted: every plane from u alone, in loops LLVM vectorises
     M, K = x.shape
@@ -194,6 +187,8 @@ def _split_rows(x, kind, parts, xa, xm, r0, r1):  # pragma: no cover - compiled
         mb = _max_bits(xf)
         if mb >= np.uint32(0x7F800000):
             return 1
+        if need.shape[0]:
+            need[m] = _need(xf, kind, mb)
         e = _exponent(mb, P)
         sc = math.ldexp(1.0, P - e)
         xm[m] = np.float32(math.ldexp(1.0, e - P))
@@ -388,7 +383,7 @@ OPERANDS = _omp.Operands("vnni8", M=_omp.I64, K=_omp.I64, T=_omp.I64, meta=_omp.
                          xa=_omp.ADDR, xm=_omp.ADDR, need=_omp.ADDR, w=_omp.ADDR, scale=_omp.ADDR, out=_omp.ADDR)
 _read = OPERANDS.read
 #: the phases of a call: each row's planes needed, the rows' planes, the tiles
-_NEED, _SPLIT, _TILES = 0, 1, 2
+_SPLIT, _TILES = 1, 2
 
 
 @njit(inline="always")
@@ -410,15 +405,11 @@ def _chunk(o, i, c0, c1, _a, _b):  # pragma: no cover - compiled; rows c0..c1 (p
     na = (parts * M + 15) // 16
     xa = carray(o.xa, (na, K // STEP, 16, 64), np.int8)
     xm = carray(o.xm, M, np.float32)
-    if phase == _NEED:
-        need = carray(o.need, M, np.int32)
-        if xkind == 0:
-            return _planes_needed(carray(o.x, (M, K), np.float32), 0, need, c0, c1)
-        return _planes_needed(carray(o.x, (M, K), np.uint16), xkind, need, c0, c1)
     if phase == _SPLIT:
+        need = carray(o.need, M if xkind else 0, np.int32)
         if xkind == 0:
-            return _split_rows(carray(o.x, (M, K), np.float32), 0, parts, xa, xm, c0, c1)
-        return _split_rows(carray(o.x, (M, K), np.uint16), xkind, parts, xa, xm, c0, c1)
+            return _split_rows(carray(o.x, (M, K), np.float32), 0, parts, xa, xm, need, c0, c1)
+        return _split_rows(carray(o.x, (M, K), np.uint16), xkind, parts, xa, xm, need, c0, c1)
     _tiles_range(xa, carray(o.w, (T, 2, K // STEP, 2, 16, 64), np.int8), M, parts, xm,
                  carray(o.scale, T * NT, np.float32), *_outs(o.out, M, T * NT, okind), okind, c0, c1, kb, o.pf)
     return 0
@@ -458,11 +449,12 @@ def _team_few(data):  # pragma: no cover - compiled
     xa = np.empty((na, K // STEP, 16, 64), np.int8)
     xm = np.empty(M, np.float32)
     ok = True
+    none = np.empty(0, np.int32)  # no row's planes needed asked for
     if head[0] < head[1]:  # chunks left to claim (a block of none is the loader's probe)
         if xkind == 0:
-            ok = _split_rows(carray(o.x, (M, K), np.float32), 0, parts, xa, xm, 0, M) == 0
+            ok = _split_rows(carray(o.x, (M, K), np.float32), 0, parts, xa, xm, none, 0, M) == 0
         else:
-            ok = _split_rows(carray(o.x, (M, K), np.uint16), xkind, parts, xa, xm, 0, M) == 0
+            ok = _split_rows(carray(o.x, (M, K), np.uint16), xkind, parts, xa, xm, none, 0, M) == 0
     _omp.claim_operands(data, _read, _few_chunk, 0, (xa, xm, ok), True)  # a lane of tiles per thread
 
 
@@ -474,9 +466,8 @@ def _serial_few(block, lo, hi) -> None:
 
 
 def planes(xkind: int, rows: int, need=None) -> int:
-    """The planes a call of ``rows`` rows splits ``x`` into: 4 for float32 (``xkind`` 0) and wherever four planes
-    take no more tiles than two (up to 4 rows), else the most that any row needs (``need``: per row, see
-    :class:`Plan`)."""
+    """The planes a call of ``rows`` rows needs: 4 for float32 (``xkind`` 0) and wherever four planes take no more
+    tiles than two (up to 4 rows), else the most that any row needs (``need``: per row, see :class:`Plan`)."""
     if xkind == 0 or 4 * rows <= 16:
         return 4
     return int(need.max())
@@ -503,21 +494,23 @@ _SLOTS = {f: OPERANDS.slot(f) - 3 for f in OPERANDS.fields}  # a field's place i
 
 class Plan:
     """One weight's calls: ``w`` (int8 ``[N/64, 2, K/64, 2, 16, 64]``, :func:`pack`) and ``scale`` (float32 ``[N]``)
-    kept alive with their addresses; a call passes only ``x``'s and ``out``'s. Three phases on torch's team: each
-    row's planes needed (bfloat16 / float16, 5 rows or more), the rows' planes, the tiles of 64 channels.
+    kept alive with their addresses; a call passes only ``x``'s and ``out``'s. Two phases on torch's team: the rows'
+    planes (rows in parallel), then the tiles of 64 channels; up to 4 rows one, each thread splitting ``x`` itself.
 
-    The planes: four for float32 rows (``x``'s rounding under ``2^-31`` of its row's largest magnitude); for
-    bfloat16 and float16 the fewest of two, three or four whose rounding of every row, ``K 2^(e - P - 1)`` at most,
-    stays within what rounding the weight to ``x``'s own precision would add (``2^-t sum |x|``, ``t`` = 8 or 11
-    significant bits): two planes (``2^-15`` of a row's largest) where no row's largest magnitude is far above its
-    mean; up to four rows always four planes (they take no more tiles)."""
+    The planes: four for float32 rows (``x``'s rounding under ``2^-31`` of its row's largest magnitude) and up to
+    four rows (they take no more tiles); for bfloat16 and float16 at least the fewest of two, three or four whose
+    rounding of every row, ``K 2^(e - P - 1)`` at most, stays within what rounding the weight to ``x``'s own
+    precision would add (``2^-t sum |x|``, ``t`` = 8 or 11 significant bits): two planes (``2^-15`` of a row's
+    largest) where no row's largest magnitude is far above its mean. A call splits into the count the plan's last
+    call needed, each row telling what it needs, and splits again with more where that was too few."""
 
-    __slots__ = ("arrays", "T", "K", "ops")
+    __slots__ = ("arrays", "T", "K", "ops", "parts")
 
     def __init__(self, w: np.ndarray, scale: np.ndarray):
         T = w.shape[0]
         self.arrays = (w, scale)
         self.T, self.K = T, w.shape[2] * STEP
+        self.parts = 2  # the planes the last call of 5+ bfloat16 / float16 rows needed
         self.ops = list(OPERANDS.pack(M=0, K=self.K, T=T, meta=0, pf=PF, x=0, xa=0, xm=0, need=0, w=w, scale=scale,
                                       out=0))
 
@@ -537,17 +530,21 @@ class Plan:
             return not block[_omp.HEADER:_omp.HEADER + T].any()
         need, ops[_SLOTS["need"]] = _SCRATCH.get("need", M, np.int32)
         _, ops[_SLOTS["xm"]] = _SCRATCH.get("xm", M, np.float32)
-        if xkind:  # each row's planes needed
-            ops[meta] = xkind | _NEED << 2
-            _phase(M, ops)
-            if not need[:M].all():  # a NaN or an infinity
+        # bfloat16 / float16: split into the planes the last call needed, each row saying what it needs; split again
+        # where a row needs more (a separate pass for the count took 30 us of a 16-row 4096 x 4096 call of 0.6 ms)
+        parts = 4 if xkind == 0 else self.parts
+        while True:
+            _, ops[_SLOTS["xa"]] = _SCRATCH.get("xa", -(-parts * M // 16) * K * 16, np.int8)
+            ops[meta] = xkind | _SPLIT << 2 | parts << 4 | okind << 7 | kb << 16
+            block = _phase(M, ops)
+            if block[_omp.HEADER:_omp.HEADER + M].any():
                 return False
-        parts = planes(xkind, M, need[:M])
-        _, ops[_SLOTS["xa"]] = _SCRATCH.get("xa", -(-parts * M // 16) * K * 16, np.int8)
-        ops[meta] = xkind | _SPLIT << 2 | parts << 4 | okind << 7 | kb << 16
-        block = _phase(M, ops)
-        if block[_omp.HEADER:_omp.HEADER + M].any():
-            return False
+            if xkind == 0:
+                break
+            self.parts = wanted = planes(xkind, M, need[:M])
+            if wanted <= parts:
+                break
+            parts = wanted
         ops[meta] = xkind | _TILES << 2 | parts << 4 | okind << 7 | kb << 16
         _phase(T, ops)
         return True

@@ -134,3 +134,17 @@ def test_bad_operands_are_named():
 def test_eligible_shapes():
     assert vnni8.eligible(64, 64) and vnni8.eligible(4096, 11008)
     assert not vnni8.eligible(96, 128) and not vnni8.eligible(64, 96) and not vnni8.eligible(64, 2 * vnni8.MAX_K)
+
+
+@AMX
+def test_a_plan_splits_into_the_planes_its_last_call_needed_and_again_where_too_few():
+    codes, scale = weight(64, 256)
+    plan = vnni8.Plan(vnni8.pack(codes.numpy()), scale.numpy())
+    out = torch.empty(16, 64)
+    normal = torch.randn(16, 256).bfloat16()
+    wide = normal.clone()
+    wide[3, 0] = 4096.0  # this row needs three planes
+    for x, want in ((normal, 2), (wide, 3), (normal, 2)):
+        assert plan(x.data_ptr(), 1, 16, out.data_ptr())
+        assert plan.parts == want  # what this call needed: the next call's first split
+        check(out.numpy(), x, codes, scale, want)
