@@ -64,15 +64,13 @@ MAX_K = 1 << 17
 #: the exponent ``P`` of ``q = round(x * 2^(P - e))`` by number of planes (balanced base-256 digits hold ``|q| <=
 #: 2^P``)
 P_OF = {2: 14, 3: 22, 4: 30}
-#: the significant bits of x's dtype by kind (float32, bfloat16, float16): its weight's rounding is ``2^-t``
-_T = (24, 8, 11)
 #: steps of a block of K, over which the C tiles stay in their registers (through ``cacc`` between blocks). Blocks
 #: of 8 steps, whose A and B tiles would stay in L1, measured no faster than 64 on the AMX Xeon (4096 x 4096, 16
 #: and 128 rows; nor did prefetching the next block's B lines into L1, nor one A tile by four strips)
 KB = 64
-#: bytes ahead of the step a lone A tile (up to 5 rows: the weight read from memory) prefetches into L2: on the
-#: AMX Xeon, 4096 x 4096, one bfloat16 row, 2 threads, two runs: 0.35 / 0.36 ms at 2 KB against 0.39 without
-#: (4-32 KB: 0.39-0.40)
+#: bytes ahead of the step a call whose planes fill one A tile (a few rows: each line of the weight read once)
+#: prefetches into L2: on the AMX Xeon, 4096 x 4096, one bfloat16 row, 2 threads, two runs: 0.35 / 0.36 ms at 2 KB
+#: against 0.39 without (4-32 KB: 0.39-0.40)
 PF = 2048
 
 
@@ -382,7 +380,7 @@ def _tiles_range(xa, w, M, parts, xm, scale, out, o16, okind, t0, t1, kb, pf):  
 OPERANDS = _omp.Operands("vnni8", M=_omp.I64, K=_omp.I64, T=_omp.I64, meta=_omp.I64, pf=_omp.I64, x=_omp.ADDR,
                          xa=_omp.ADDR, xm=_omp.ADDR, need=_omp.ADDR, w=_omp.ADDR, scale=_omp.ADDR, out=_omp.ADDR)
 _read = OPERANDS.read
-#: the phases of a call: each row's planes needed, the rows' planes, the tiles
+#: the phases of a call of 5+ rows: the rows' planes, then the tiles
 _SPLIT, _TILES = 1, 2
 
 
@@ -399,7 +397,7 @@ def _outs(address, M, N, okind):  # pragma: no cover - compiled; the output as f
 
 
 @njit(inline="always")
-def _chunk(o, i, c0, c1, _a, _b):  # pragma: no cover - compiled; rows c0..c1 (phases 0, 1) or tiles c0..c1
+def _chunk(o, i, c0, c1, _a, _b):  # pragma: no cover - compiled; rows c0..c1 (the split) or tiles c0..c1
     M, K, T = o.M, o.K, o.T
     xkind, phase, parts, okind, kb = _fields(o.meta)
     na = (parts * M + 15) // 16
