@@ -33,7 +33,7 @@ __all__ = ["VNNI8", "vnni8_linear_impl"]
 
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 PATH = "vnni8"
-#: rows of x per kernel call at most: bounds the scratch a thread keeps (its rows' planes and float32 sums)
+#: rows of x per kernel call at most: bounds the scratch a thread keeps (its rows' planes and each row's multiplier)
 ROW_CHUNK = 1024
 
 
