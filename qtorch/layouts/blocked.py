@@ -97,12 +97,15 @@ def blocked_params(scale: torch.Tensor, zero_point: torch.Tensor, n: int):
 
 
 def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                      group_size: int, bits: int, out_features: int, dot: bool = False) -> torch.Tensor:
+                      group_size: int, bits: int, out_features: int, dot: bool = False,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x[M, K] @ dequant(qweight).T`` from the blocked layout, computed in float32, returned in ``x.dtype``.
 
     The body of the ``qtorch::gemm_blocked`` op; eager callers without autograd may call it directly (the
     op's dispatch costs ~0.1 ms, 10% of a 4096x4096 single-row call). ``dot``: one bfloat16 row of 4-bit codes
-    by the one-row kernel's dot-product variant (the ``bf16dot`` path's one row)."""
+    by the one-row kernel's dot-product variant (the ``bf16dot`` path's one row). ``bias`` (``[N]``, no gradient):
+    added to the float32 sums as the kernel stores them where ``x`` is float32 and has several rows (the same sums
+    as adding it after), else afterwards in place."""
     qweight = qweight.contiguous()  # the kernels address arrays by shape: no copy for the layout's own buffer
     scale, zero_point = blocked_params(scale, zero_point, out_features)
     one_row = (x.shape[0] == 1 and gemv.eligible(bits, qweight.shape[2])  # decoding: the one-row kernel
@@ -110,16 +113,20 @@ def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     if one_row:
         plan = _op_plan(qweight, scale, zero_point, group_size, bits)
         if plan is not None:
-            return gemv_planned(x, plan, out_features, dot=dot)
-    if one_row:
-        x = _row(x)
-        out = torch.empty((1, out_features), dtype=x.dtype, device="cpu")
-        return gemv._gemv_tensors(x, qweight, scale, zero_point, group_size, bits, out, _folds(x.dtype, bits),
-                                  dot=dot and x.dtype == torch.bfloat16)
+            y = gemv_planned(x, plan, out_features, dot=dot)
+        else:
+            x = _row(x)
+            out = torch.empty((1, out_features), dtype=x.dtype, device="cpu")
+            y = gemv._gemv_tensors(x, qweight, scale, zero_point, group_size, bits, out, _folds(x.dtype, bits),
+                                   dot=dot and x.dtype == torch.bfloat16)
+        return y if bias is None else y.add_(bias.to(y.dtype))
     xf = _float32(x)
     out = torch.empty((xf.shape[0], out_features), dtype=torch.float32, device="cpu")
-    gemm._gemm_tensors(xf, qweight, scale, zero_point, group_size, bits, out)
-    return _as(out, x.dtype)
+    fused = bias is not None and x.dtype == torch.float32
+    gemm._gemm_tensors(xf, qweight, scale, zero_point, group_size, bits, out,
+                       bias=bias.detach().to(torch.float32).contiguous() if fused else None)
+    y = _as(out, x.dtype)
+    return y if bias is None or fused else y.add_(bias.to(y.dtype))
 
 
 def _float32(x: torch.Tensor) -> torch.Tensor:
@@ -366,8 +373,9 @@ tiles_act_blocked.register_autograd(_backward, setup_context=_setup_backward)
 amx_blocked.register_autograd(_backward, setup_context=_setup_backward)
 bf16dot_blocked.register_autograd(_backward, setup_context=_setup_backward)
 
-#: the paths whose kernels add the bias as they store their sums (:meth:`Blocked.linear_bias`)
-_FUSED_BIAS = {AMX: amx_blocked_impl, BF16DOT: bf16dot_blocked_impl}
+#: the paths whose kernels add the bias as they store their sums (:meth:`Blocked.linear_bias`; ``numba``: float32
+#: rows)
+_FUSED_BIAS = {AMX: amx_blocked_impl, BF16DOT: bf16dot_blocked_impl, "numba": gemm_blocked_impl}
 #: path -> (kernel, op with an input gradient, its inference twin: :mod:`qtorch._infer_ops`)
 _PATH_OPS = {
     path: (impl, getattr(torch.ops.qtorch, name), define_twin(name, impl, _fake))
@@ -378,6 +386,40 @@ _PATH_OPS = {
                              (BF16DOT, "bf16dot_blocked", bf16dot_blocked_impl))
 }
 
+
+
+def _gemm_runner(weight, dtype: torch.dtype):
+    """The ``numba`` path's call for several rows of ``dtype`` with the layer's operands fixed (a
+    :class:`qtorch.gemm.Runner`): ``call(x2, bias)``, the same numbers as :func:`gemm_blocked_impl` with the bias
+    (stored with float32 sums, added after them for 16-bit rows), or None once the buffers were replaced."""
+    spec, b = weight.spec, weight.buffers
+    qw, sc, zp = b["qweight"], b["scale"], b["zero_point"]
+    if (dtype not in gemv.TORCH_KINDS or qw.device.type != "cpu" or qw.dim() != 3 or 0 in qw.shape
+            or qw.shape[1] != spec.in_features or sc.dim() != 2 or zp.dim() != 2
+            or not (qw.is_contiguous() and sc.is_contiguous() and zp.is_contiguous())):
+        return None
+    bits, n = container_bits(spec.bits), spec.out_features
+    run = gemm.Runner(qw.numpy(), sc.numpy(), zp.numpy(), spec.group, bits, qw.data_ptr(), sc.data_ptr(),
+                      zp.data_ptr())
+    addresses = (qw.data_ptr(), sc.data_ptr(), zp.data_ptr())
+    f32 = torch.float32
+
+    def call(x2, bias):
+        if (b["qweight"] is not qw or b["scale"] is not sc or b["zero_point"] is not zp
+                or (qw.data_ptr(), sc.data_ptr(), zp.data_ptr()) != addresses):
+            return None
+        xf = x2 if x2.dtype == f32 and x2.is_contiguous() else x2.to(f32).contiguous()
+        out = torch.empty((xf.shape[0], n), dtype=f32)
+        fused = bias is not None and x2.dtype == f32
+        if fused and (bias.dtype != f32 or not bias.is_contiguous()):
+            bias = bias.to(f32).contiguous()
+        run(xf.data_ptr(), xf.shape[0], out.data_ptr(), bias.data_ptr() if fused else 0)
+        if x2.dtype == f32:
+            return out
+        y = out.to(x2.dtype)
+        return y if bias is None else y.add_(bias.to(y.dtype))
+
+    return call
 
 
 def _scale_rows(p: torch.Tensor, kind: str, n: int, k: int, g: int) -> torch.Tensor:
@@ -609,8 +651,8 @@ class Blocked(Layout):
         return fn(x2, b["qweight"], b["scale"], b["zero_point"], spec.group, container_bits(spec.bits), n)
 
     def linear_bias(self, weight, x2, path, bias):
-        # the AMX and AVX512-BF16 kernels store their sums plus the bias (the other paths' kernels: the layer adds
-        # it after them)
+        # the AMX and AVX512-BF16 kernels and the few-rows one (float32 rows) store their sums plus the bias (the
+        # other paths' kernels: the layer adds it after them)
         if path not in _FUSED_BIAS or x2.shape[0] < 2 or needs_grad(x2) or not plain_eager(x2):
             return None
         spec, b = weight.spec, weight.buffers
@@ -619,11 +661,13 @@ class Blocked(Layout):
                                  container_bits(spec.bits), spec.out_features, bias=bias)
 
     def runner(self, weight, dtype, path):
-        # the AMX or AVX512-BF16 call with everything but x and the bias fixed: what linear_bias() runs for such a
-        # call
+        # the AMX, AVX512-BF16 or few-rows call with everything but x and the bias fixed: what linear_bias() runs
+        # for such a call
         spec, b = weight.spec, weight.buffers
         qw, sc, zp = b["qweight"], b["scale"], b["zero_point"]
-        if (path not in _FUSED_BIAS or dtype not in (_KERNEL_DTYPES if path == AMX else _ACT_DTYPES)
+        if path == "numba":
+            return _gemm_runner(weight, dtype)
+        if (path not in (AMX, BF16DOT) or dtype not in (_KERNEL_DTYPES if path == AMX else _ACT_DTYPES)
                 or qw.device.type != "cpu" or qw.dim() != 3
                 or qw.shape[1] != spec.in_features or not amx.eligible(qw.shape[1], spec.group)
                 or sc.dim() != 2 or zp.dim() != 2  # (a per-tensor scale is expanded per call: updates are seen)

@@ -227,3 +227,41 @@ def test_a_compiled_model_restores_the_grad_mode_it_was_called_in():
             assert torch.is_grad_enabled() is mode
         finally:
             torch.set_grad_enabled(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 40])
+def test_the_few_rows_kernel_adds_the_bias_as_the_layer_did(dtype, rows, monkeypatch):
+    # float32 rows of several: the kernel stores sums plus bias; else the layer adds it after. Either way the bits
+    # of the kernel's output plus the bias, as before
+    env = {"QTORCH_PATH": "numba", "QTORCH_LAYOUT": "blocked"}
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env=env))
+    torch.manual_seed(rows)
+    lin = torch.nn.Linear(256, 96, dtype=dtype)
+    q = qtorch.QuantLinear.from_linear(lin, QuantScheme(8, True, PerChannel(0)))
+    x = torch.randn(rows, 256, dtype=dtype)
+    with torch.no_grad():
+        y = q(x)
+        plain = blocked.BLOCKED.linear(q.quantized_weight, x, "numba")
+    assert torch.equal(y, plain + q.bias.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_few_rows_runner_gives_the_kernels_numbers_and_drops_replaced_buffers(dtype, monkeypatch):
+    env = {"QTORCH_PATH": "numba", "QTORCH_LAYOUT": "blocked"}
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env=env))
+    torch.manual_seed(3)
+    q = qtorch.QuantLinear.from_linear(torch.nn.Linear(256, 96, dtype=dtype), QuantScheme(4, False, PerGroup(64)))
+    w = q.quantized_weight
+    run = blocked.BLOCKED.runner(w, dtype, "numba")
+    assert run is not None
+    b = w.buffers
+    for rows in (2, 7, 40, 7):  # a row count again: its kept block
+        x = torch.randn(rows, 256, dtype=dtype)
+        plain = blocked.gemm_blocked_impl(x, b["qweight"], b["scale"], b["zero_point"], 64, 4, 96)
+        assert torch.equal(run(x, None), plain)
+        assert torch.equal(run(x, q.bias), plain + q.bias.to(dtype))
+        with torch.no_grad():  # the layer keeps the runner after its first call of the bucket: the same numbers
+            assert torch.equal(q(x), plain + q.bias.to(dtype)) and torch.equal(q(x), plain + q.bias.to(dtype))
+    b["qweight"] = b["qweight"].clone()
+    assert run(torch.randn(3, 256, dtype=dtype), None) is None

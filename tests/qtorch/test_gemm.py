@@ -168,3 +168,54 @@ def test_one_torch_thread_runs_on_the_calling_thread(monkeypatch):
         torch.set_num_threads(threads)
     assert split_calls == [] and team_calls == []  # neither qcore's threads nor the team: torch asked for one
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("bits,signed,with_zp", [(8, True, False), (8, False, True), (4, False, True),
+                                                 (4, False, False)])
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("team", [True, False])
+def test_a_decoded_panel_gives_the_same_bits(bits, signed, with_zp, wide, team, monkeypatch):
+    # codes decoded once into a float32 panel per block of K, then read by every block of rows: the same operations
+    # on each output in the same order as decoding them per block of rows, at every row count and chunking
+    if not team:
+        monkeypatch.setattr(_omp, "_GOMP_PARALLEL", False)
+    rng = np.random.default_rng(bits + 2 * wide + with_zp)
+    T, K, g, width = 2, 576, 192, 64  # blocks of K: 192 per group (a group of 192 < KB), 3 groups
+    NT = 2 * width if bits == 4 else width
+    wb = (rng.integers(-128, 128, (T, K, width), dtype=np.int8) if signed
+          else rng.integers(0, 256, (T, K, width), dtype=np.uint8))
+    sc = rng.random((K // g, T * NT), dtype=np.float32) + 0.5
+    zp = (rng.integers(0, 2**bits, (K // g, T * NT), dtype=np.uint8) if with_zp else np.zeros((0, 0), np.uint8))
+    for rows in (1, 5, 17, 18, 19, 36, 37, 104):
+        x = rng.standard_normal((rows, K)).astype(np.float32)
+        outs = [gemm.gemm_blocked(x, wb, sc, zp, g, bits, np.full((rows, T * NT), np.nan, np.float32), wide=wide,
+                                  panel=p) for p in (False, True, None)]
+        assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2]), rows
+        assert np.isfinite(outs[0]).all()
+
+
+def test_panel_must_be_a_bool():
+    x, wb = np.ones((2, 4), np.float32), np.ones((1, 4, 16), np.int8)
+    with pytest.raises(TypeError, match="panel"):
+        gemm.gemm_blocked(x, wb, np.ones((1, 16), np.float32), np.zeros((0, 0), np.uint8), 4, 8,
+                          np.empty((2, 16), np.float32), panel=1)
+
+
+@pytest.mark.parametrize("team", [True, False])
+@pytest.mark.parametrize("rows", [2, 7, 40])
+def test_a_bias_stored_with_the_sums_equals_adding_it_after(rows, team, monkeypatch):
+    if not team:
+        monkeypatch.setattr(_omp, "_GOMP_PARALLEL", False)
+    rng = np.random.default_rng(rows)
+    wb = rng.integers(-128, 128, (3, 256, 64), dtype=np.int8)
+    sc = rng.random((1, 192), dtype=np.float32)
+    zp = np.zeros((0, 0), np.uint8)
+    x = rng.standard_normal((rows, 256)).astype(np.float32)
+    bias = rng.standard_normal(192).astype(np.float32)
+    plain = gemm.gemm_blocked(x, wb, sc, zp, 256, 8, np.empty((rows, 192), np.float32))
+    fused = gemm.gemm_blocked(x, wb, sc, zp, 256, 8, np.empty((rows, 192), np.float32), bias=bias)
+    assert np.array_equal(fused, plain + bias)
+    with pytest.raises(TypeError, match="bias"):
+        gemm.gemm_blocked(x, wb, sc, zp, 256, 8, np.empty((rows, 192), np.float32), bias=bias.astype(np.float64))
+    with pytest.raises(ValueError, match="bias"):
+        gemm.gemm_blocked(x, wb, sc, zp, 256, 8, np.empty((rows, 192), np.float32), bias=bias[:100])
