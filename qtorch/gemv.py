@@ -24,7 +24,15 @@ order). numba's own loop over the same arrays keeps the accumulators in memory a
 (exact), and ``(z - 8) * sum(x)`` is subtracted per group, every term within the bound of the exact subtraction
 (``|code - 8|, |z - 8| <= 8``), so float32 rows fold too (0.355 against 0.419 ms for 4096x4096 g128 on a 2-core
 Zen 4); 8-bit codes fold as ``z * sum(x)`` for bfloat16/float16 rows only, whose own rounding is coarser than
-that of codes up to 255. On CPUs with
+that of codes up to 255. Where numba compiles for a CPU without AVX-512 (:data:`MASKED`: no ``vpermps``), folded
+4-bit codes are read as dwords and each nibble is masked in place: its int32 is ``code 2^(4 p)`` for nibble ``p``
+(the top one shifted down), converted exactly and multiplied into accumulator ``p``, which is scaled by ``2^(-4 p)``
+once per group (exact barring overflow past 2^100 or float32 subnormals); one AND, one conversion and one FMA per 8
+codes, against widening, masking and centring them (4.5 operations). The codes are then not centred: the group sums
+subtract ``z * sum(x)`` (or ``8 * sum(x)`` for symmetric codes), terms up to ``15 |x|``, so the float32 rounding
+bound of a sum is at most about twice that of the centred sums (still a float32 dot product's; the tests bound
+every path by it). On a 2-core Zen 3, 4096x4096 4-bit g128 float32, hot: one thread 1.22 -> 0.82 ms, both 0.62-0.69
+-> 0.48-0.50; ``bench_decode`` w4a16 18.4 -> 16.6 ms a token in bfloat16, 20.1 -> 17.4 in float32. On CPUs with
 AVX512-BF16, 4-bit codes of bfloat16 rows also have a dot-product variant (``run_plan(..., dot=True)``, the
 blocked layout's ``bf16dot`` path at one row, chosen by measurement): one ``vdpbf16ps`` per 32 codes (two rows of K,
 16 columns) where the float path takes two conversions and two FMAs. The two rows' bytes are interleaved by
@@ -80,6 +88,10 @@ __all__ = ["eligible", "gemv_blocked"]
 # vpermps on 16 floats (AVX-512F): an instruction, so only where numba compiles for a CPU that has it (a 16-float
 # vector elsewhere is split by LLVM; an intrinsic is not)
 _PERMPS = host_has("avx512f")
+#: where numba compiles for a CPU without AVX-512 (no vpermps lookup of nibbles), folded 4-bit codes are read as
+#: dwords and each nibble masked in place: one AND (or one shift, for the top nibble), a conversion and an FMA per
+#: 8 codes, where widening, masking and centring them took 4.5 operations (:func:`_dot_rows`)
+MASKED = not _PERMPS
 #: vdpbf16ps (AVX512-BF16) and shuffles of 16-bit words (AVX512-BW): the dot-product variant for bfloat16 rows
 #: (:func:`dot_available`)
 _DP = _PERMPS and host_has("avx512bf16") and host_has("avx512bw")
@@ -125,6 +137,11 @@ def _dot_rows(typingctx, wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, 
             return sig, functools.partial(_emit_dot_rows_magic, nbytes, zm)
     if zm == 7 and nbits == 8:
         zm = 3  # (8-bit call sites of the same loop: never run with this mode)
+    # 4-bit codes folded (zmode 7, or 9: symmetric with the group sums of x at hand) where numba compiles for a CPU
+    # without AVX-512: each nibble masked in place in its dword (:data:`MASKED`)
+    masked = nbits == 4 and zm in (7, 9) and MASKED
+    if zm == 9 and not masked:
+        zm = 2  # symmetric codes centred, as without the sums of x
     signed = wb.dtype == types.int8
     nload = nbytes // L  # loads of L bytes per row
     nacc = nload if nbits == 8 else 2 * nload  # <L x float> accumulators
@@ -167,6 +184,9 @@ def _dot_rows(typingctx, wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, 
         # of the low or high nibbles): no widening; put back in column order once per group
         dwords = lookup and nbytes == 64
         daccs = [cgutils.alloca_once_value(builder, zero) for _ in range(8)] if dwords else []
+        D = nbytes // 4  # masked: the row's dwords, one lane each
+        vfd, vid = vec(_F32, D), vec(_I32, D)
+        maccs = [cgutils.alloca_once_value(builder, ir.Constant(vfd, [0.0] * D)) for _ in range(8)] if masked else []
         lanes0 = ir.Constant(vi, [0] * L)
         if lookup:  # the float of each nibble, centred: code - 8 (symmetric codes' offset, or folded codes)
             table = ir.Constant(vf, [float(i - 8) for i in range(16)])
@@ -191,7 +211,17 @@ def _dot_rows(typingctx, wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, 
                     iv = d if p == 0 else builder.lshr(d, ir.Constant(vi, [4 * p] * L))
                     prod = builder.fmul(xb, builder.call(permps, [table, iv]), flags=("contract",))
                     builder.store(builder.fadd(builder.load(daccs[p]), prod, flags=("contract",)), daccs[p])
-            for v in range(0 if dwords else nload):
+            if masked:  # nibble p of each dword, in place: the int32 code 2^(4 p) (the top one shifted down)
+                d = builder.load(builder.bitcast(row, vid.as_pointer()), align=1)
+                xbd = builder.shuffle_vector(builder.insert_element(ir.Constant(vfd, ir.Undefined), xv,
+                                                                    ir.Constant(_I32, 0)),
+                                             ir.Constant(vfd, ir.Undefined), ir.Constant(vid, [0] * D))
+                for p in range(8):
+                    t = (builder.lshr(d, ir.Constant(vid, [28] * D)) if p == 7
+                         else builder.and_(d, ir.Constant(vid, [15 << (4 * p)] * D)))
+                    prod = builder.fmul(xbd, builder.sitofp(t, vfd), flags=("contract",))
+                    builder.store(builder.fadd(builder.load(maccs[p]), prod, flags=("contract",)), maccs[p])
+            for v in range(0 if dwords or masked else nload):
                 b = builder.load(builder.bitcast(builder.gep(row, [ir.Constant(_I64, L * v)]), vb.as_pointer()),
                                  align=1)
                 if nbits == 8:
@@ -213,6 +243,17 @@ def _dot_rows(typingctx, wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, 
                     # 'contract': one FMA where the CPU has it, a multiply and an add where it has not
                     prod = builder.fmul(xb, f, flags=("contract",))
                     builder.store(builder.fadd(builder.load(accs[a]), prod, flags=("contract",)), accs[a])
+        if masked:  # scaled back by 2^(-4 p) (exact), then in column order: byte c in dword c // 4, nibble
+            # 2 (c % 4) + h (h = 0: the low nibbles' columns, 1: the high ones')
+            for p in range(7):
+                builder.store(builder.fmul(builder.load(maccs[p]), ir.Constant(vfd, [2.0 ** (-4 * p)] * D)),
+                              maccs[p])
+            for par in (0, 1):
+                allv = _concat(builder, [builder.load(maccs[p]) for p in range(par, 8, 2)])
+                for v in range(nload):
+                    idx = [D * (c % 4) + c // 4 for c in range(L * v, L * v + L)]
+                    builder.store(builder.shuffle_vector(allv, ir.Constant(allv.type, ir.Undefined),
+                                                         ir.Constant(vi, idx)), accs[v + nload * par])
         if dwords:  # back in column order: accumulators v (low nibbles, columns lo + 16 v ..) and v + 4 (high)
             for par in (0, 1):
                 allv = _concat(builder, [builder.load(daccs[p]) for p in range(par, 8, 2)])
@@ -220,7 +261,8 @@ def _dot_rows(typingctx, wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, 
                     idx = [16 * (c % 4) + c // 4 for c in range(16 * v, 16 * v + 16)]
                     builder.store(builder.shuffle_vector(allv, ir.Constant(allv.type, ir.Undefined),
                                                          ir.Constant(vi, idx)), accs[v + 4 * par])
-        _emit_group_sums(builder, accs, offs, srow, orow, zrow, xs, zm, L)
+        # masked codes are not centred: the zero point (zmode 3) or the offset 8 (zmode 8) times the sum of x
+        _emit_group_sums(builder, accs, offs, srow, orow, zrow, xs, (3 if zm == 7 else 8) if masked else zm, L)
         return context.get_dummy_value()
 
     sig = types.void(wb, t, k0, col0, nk, x, out, lo, hi, zp, scale, g, n0, xsg, pf, bits, chunk, zmode, lanes)
@@ -366,14 +408,16 @@ def _emit_group_sums(builder, accs, offs, srow, orow, zrow, xs, zm, L):
     contraction), lane by lane."""
     vf, vi, vb = vec(_F32, L), vec(_I32, L), vec(_I8, L)
     xsb = None
-    if zm in (3, 7):
+    if zm in (3, 7, 8):
         xsb = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), xs, ir.Constant(_I32, 0)),
                                      ir.Constant(vf, ir.Undefined), ir.Constant(vi, [0] * L))
     for a, off in zip(accs, offs):
         s = builder.load(builder.bitcast(builder.gep(srow, [off]), vf.as_pointer()), align=4)
         op = builder.bitcast(builder.gep(orow, [off]), vf.as_pointer())
         v = builder.load(a)
-        if zm in (3, 7):
+        if zm == 8:  # symmetric codes as stored: their offset 8
+            v = builder.fsub(v, builder.fmul(ir.Constant(vf, [8.0] * L), xsb))
+        elif zm in (3, 7):
             zb = builder.load(builder.bitcast(builder.gep(zrow, [off]), vb.as_pointer()), align=1)
             z = builder.uitofp(zb, vf)
             if zm == 7:  # z - 8: exact
@@ -449,7 +493,9 @@ def _gemv_range(x, xs, wb, scale, zp, gsize, bits, out, pf, wide, dot, t0, t1): 
                 _tile(wb, t, x, xs, scale, zp, gsize, bits, out, pf, 3, 16)
             elif has_zp:
                 _tile(wb, t, x, xs, scale, zp, gsize, bits, out, pf, 1, 16)
-            elif bits == 4:  # symmetric 4-bit codes carry the offset 8
+            elif bits == 4 and fold:  # symmetric 4-bit codes carry the offset 8 (9: the sums of x at hand)
+                _tile(wb, t, x, xs, scale, zp, gsize, bits, out, pf, 9, 16)
+            elif bits == 4:
                 _tile(wb, t, x, xs, scale, zp, gsize, bits, out, pf, 2, 16)
             else:
                 _tile(wb, t, x, xs, scale, zp, gsize, bits, out, pf, 0, 16)
@@ -460,6 +506,8 @@ def _gemv_range(x, xs, wb, scale, zp, gsize, bits, out, pf, wide, dot, t0, t1): 
                 _tile(wb, t, x, xs, scale, zp, gsize, bits, out, pf, 3, 8)
             elif has_zp:
                 _tile(wb, t, x, xs, scale, zp, gsize, bits, out, pf, 1, 8)
+            elif bits == 4 and fold:  # symmetric 4-bit codes carry the offset 8 (9: the sums of x at hand)
+                _tile(wb, t, x, xs, scale, zp, gsize, bits, out, pf, 9, 8)
             elif bits == 4:
                 _tile(wb, t, x, xs, scale, zp, gsize, bits, out, pf, 2, 8)
             else:

@@ -194,8 +194,9 @@ def _row(x: torch.Tensor) -> torch.Tensor:
 
 def _folds(dtype: torch.dtype, bits: int) -> bool:
     """Whether the one-row kernel folds the zero point in per group (:func:`qtorch.gemv.gemv_blocked`'s ``fold``):
-    4-bit codes always (centred: within the exact subtraction's bound, and 15% faster in float32), 8-bit ones for
-    bfloat16/float16 rows (the rounding of ``z * sum(x)`` stays below theirs)."""
+    4-bit codes always (centred: within the exact subtraction's bound, and 15% faster in float32; on CPUs without
+    AVX-512 masked in place, uncentred: :data:`qtorch.gemv.MASKED`), 8-bit ones for bfloat16/float16 rows (the
+    rounding of ``z * sum(x)`` stays below theirs)."""
     return bits == 4 or dtype != torch.float32
 
 
