@@ -317,8 +317,9 @@ def test_the_dot_variant_falls_back_where_the_layer_does_not_allow_it():
                                         (True, "group", 32)])
 @pytest.mark.parametrize("wide", [False, True])
 def test_folded_4bit_codes_keep_the_exact_subtractions_bound(sym, kind, g, wide):
-    # centred codes (code - 8) and (z - 8) sum(x) per group: every term at most 8 scales, as |code - z| <= 15 is:
-    # a float32 row folds and stays within the float32 rounding of the exact path's own terms
+    # centred codes (code - 8) and (z - 8) sum(x) per group: every term at most 8 scales, as |code - z| <= 15 is
+    # (without AVX-512, gemv.MASKED: codes masked in place, uncentred, z sum(x) folded: terms up to 15 scales): a
+    # float32 row folds and stays within the float32 rounding of the exact path's own terms
     k, tile = 512, 128
     n = 2 * tile
     w, wb, sb, zb = _blocked(4, sym, kind, g, n, k, tile, seed=g + 7)
