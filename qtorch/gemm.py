@@ -534,7 +534,8 @@ class Runner:
     ``runner(xa, M, oa, ba)`` computes ``out[M, N] = x[M, K] @ W.T (+ bias)`` (float32, C-contiguous, at the
     addresses ``xa`` / ``oa``; ``ba``: the float32 bias ``[N]``, or 0). What ``layouts.blocked``'s runner calls for
     every call of several rows: the team block of each row count is built once and reused (a 104 x 384 call on a
-    384 x 384 layer paid about 30 us of Python on a 2-core Zen 3 to build it, an eighth of the kernel's time).
+    384 x 384 layer, 2-core Zen 3: 229-281 us with the bias, against 287-357 through ``gemm_blocked_impl`` and an
+    ``add_`` of the bias after it, medians of calls in turn).
 
     >>> wb, scale = np.ones((1, 4, 16), np.int8), np.full((1, 16), 0.5, np.float32)
     >>> zp, x, out = np.zeros((0, 0), np.uint8), np.ones((2, 4), np.float32), np.empty((2, 16), np.float32)

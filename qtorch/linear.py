@@ -335,7 +335,7 @@ class QuantLinear(nn.Module):
                         return y
                     self._w.drop_kept()  # the buffers were replaced: linear() rebuilds, then a new decoder
                 elif not (bias is not None and _GRAD_ON() and bias.requires_grad):
-                    y = self._w.run_rows(x, bias)
+                    y = self._w.run_rows(x, bias, run)
                     if y is not None:
                         return y
         if not isinstance(x, torch.Tensor):

@@ -353,15 +353,17 @@ class QuantizedWeight:
             return self._decoders.get(x.dtype)
         return self._decoders.get((x.device.type, x.dtype, autotune.bucket_index(n // k))) if n else None
 
-    def run_rows(self, x: torch.Tensor, bias: torch.Tensor | None):
+    def run_rows(self, x: torch.Tensor, bias: torch.Tensor | None, run=None):
         """:meth:`linear` of ``x`` (2+ rows, ``[..., K]``) plus ``bias`` by the layout's runner kept for its dtype and
         row bucket (after the first such call: :meth:`Layout.runner`), or None: no runner (then :meth:`linear`).
         The caller has checked ``x``: a CPU tensor of a compute dtype, its last dimension K, no gradient to record
-        (nor for ``bias``), not traced."""
+        (nor for ``bias``), not traced. ``run``: the runner :meth:`kept_call` gave for ``x``, where the caller has
+        it (one lookup a call less)."""
         rows = x.numel() // self.spec.in_features
-        run = self._decoders.get((x.device.type, x.dtype, autotune.bucket_index(rows)))
         if run is None:
-            return None
+            run = self._decoders.get((x.device.type, x.dtype, autotune.bucket_index(rows)))
+            if run is None:
+                return None
         y = run(x if x.dim() == 2 else x.reshape(rows, self.spec.in_features), bias)
         if y is None:
             self.drop_kept()  # the buffers were replaced: linear() rebuilds, then a new runner
