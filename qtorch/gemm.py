@@ -512,9 +512,9 @@ def _run(x, wb, scale, zp, gsize, bits, out, xa, wa, sa, za, oa, wide=None, pane
     units = T * mch
     bias = _NO_BIAS if bias is None else bias
     block = _omp.new_block(units, units, OPERANDS.pack(row_chunks=mch, M=M, T=T, K=K, W=W, gsize=gsize,
-                                                       bits=bits | wide << 8 | pan << 9 | (zp.shape[0] > 0) << 11 | (bias.size > 0) << 12,
-                                                       x=xa,
-                                                       wb=wa, scale=sa, zp=za, out=oa,
+                                                       bits=(bits | wide << 8 | pan << 9 | (zp.shape[0] > 0) << 11
+                                                             | (bias.size > 0) << 12),
+                                                       x=xa, wb=wa, scale=sa, zp=za, out=oa,
                                                        bias=bias.ctypes.data if bias.size else 0))
     _omp.run(units, _TEAM_KERNELS[wb.dtype == np.int8], block, _gemm_units,
              (x, wb, scale, zp, gsize, bits, out, bias, mch, wide, pan), units, 1, nchunks=units)
