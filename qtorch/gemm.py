@@ -62,6 +62,40 @@ PANEL = 1
 PANEL_BLOCKS = 3
 
 
+def _vload(builder, ptr, ty, off):
+    """IR: an unaligned load of a ``ty`` vector at ``ptr + off``."""
+    return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=1)
+
+
+def _strip_zero_points(builder, za, g, n0, col, second, nbits: int, with_zp: bool, L: int) -> list:
+    """IR: the two int32 vectors subtracted from a strip's codes (its zero points, the offset 8 of symmetric 4-bit
+    codes), or ``[None, None]`` (signed 8-bit codes)."""
+    vi, vb = vec(_I32, L), vec(_I8, L)
+    if with_zp:
+        _, zcols = cgutils.unpack_tuple(builder, za.shape, 2)
+        zbase = builder.gep(za.data, [builder.add(builder.mul(g, zcols), builder.add(n0, col))])
+        return [builder.zext(_vload(builder, zbase, vb, ir.Constant(_I64, 0)), vi),
+                builder.zext(_vload(builder, zbase, vb, second), vi)]
+    if nbits == 4:
+        return [ir.Constant(vi, [8] * L)] * 2
+    return [None, None]
+
+
+def _strip_floats(builder, row, zvec, nbits: int, signed: bool, L: int) -> list:
+    """IR: the floats ``code - zero point`` of a strip's ``2 L`` columns in one tile row at ``row`` (8 bits: two
+    loads of ``L`` codes; 4 bits: ``L`` bytes, low nibbles then high), subtracted in integers (exact)."""
+    vf, vi, vb = vec(_F32, L), vec(_I32, L), vec(_I8, L)
+    if nbits == 8:
+        ints = [builder.sext(_vload(builder, row, vb, ir.Constant(_I64, v * L)), vi) if signed
+                else builder.zext(_vload(builder, row, vb, ir.Constant(_I64, v * L)), vi) for v in (0, 1)]
+    else:
+        z = builder.zext(_vload(builder, row, vb, ir.Constant(_I64, 0)), vi)
+        ints = [builder.and_(z, ir.Constant(vi, [15] * L)), builder.lshr(z, ir.Constant(vi, [4] * L))]
+    if zvec[0] is not None:
+        ints = [builder.sub(v, zv) for v, zv in zip(ints, zvec)]
+    return [builder.sitofp(v, vf) for v in ints]
+
+
 @intrinsic
 def _rows_strip(typingctx, wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n0, bits, mr, has_zp, lanes):
     """tot[m0+i, tcol.. (2 vectors)] += scale * sum_{k in k0..k0+nk} x[m0+i, k] * (code - zp), i < mr.
@@ -76,7 +110,7 @@ def _rows_strip(typingctx, wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n
         return None
     nbits, nrows, with_zp, L = bits.literal_value, mr.literal_value, has_zp.literal_value, lanes.literal_value
     signed = wb.dtype == types.int8
-    _V8F, _V8I, _V8B = vec(_F32, L), vec(_I32, L), vec(_I8, L)  # L lanes (8: one AVX2 register)
+    _V8F, _V8I = vec(_F32, L), vec(_I32, L)  # L lanes (8: one AVX2 register)
 
     def codegen(context, builder, sig, args):
         w = context.make_array(sig.args[0])(context, builder, args[0])
@@ -90,37 +124,18 @@ def _rows_strip(typingctx, wb, t, k0, nk, col, x, m0, tot, tcol, scale, zp, g, n
         _, xk = cgutils.unpack_tuple(builder, xa.shape, 2)
         _, tn = cgutils.unpack_tuple(builder, ta.shape, 2)
         _, scols = cgutils.unpack_tuple(builder, sa.shape, 2)
-        _, zcols = cgutils.unpack_tuple(builder, za.shape, 2)
         second = ir.Constant(_I64, L) if nbits == 8 else width  # offset of the strip's second L columns
         wp = builder.gep(w.data, [builder.add(builder.mul(builder.add(builder.mul(tt, k_all), kk0), width), col)])
         xrows = [builder.gep(xa.data, [builder.add(builder.mul(builder.add(m0, ir.Constant(_I64, i)), xk), kk0)])
                  for i in range(nrows)]
 
-        def vload(ptr, ty, off):
-            return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=1)
-
-        zvec = [None, None]
-        if with_zp:
-            zbase = builder.gep(za.data, [builder.add(builder.mul(g, zcols), builder.add(n0, col))])
-            zvec = [builder.zext(vload(zbase, _V8B, ir.Constant(_I64, 0)), _V8I),
-                    builder.zext(vload(zbase, _V8B, second), _V8I)]
-        elif nbits == 4:
-            zvec = [ir.Constant(_V8I, [8] * L)] * 2
+        zvec = _strip_zero_points(builder, za, g, n0, col, second, nbits, with_zp, L)
         zero = ir.Constant(_V8F, [0.0] * L)
         accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(2)] for _ in range(nrows)]  # -> registers
         lanes0 = ir.Constant(_V8I, [0] * L)
         with cgutils.for_range(builder, n) as loop:
             i = loop.index
-            row = builder.gep(wp, [builder.mul(i, width)])
-            if nbits == 8:
-                ints = [builder.sext(vload(row, _V8B, ir.Constant(_I64, v * L)), _V8I) if signed
-                        else builder.zext(vload(row, _V8B, ir.Constant(_I64, v * L)), _V8I) for v in (0, 1)]
-            else:
-                z = builder.zext(vload(row, _V8B, ir.Constant(_I64, 0)), _V8I)
-                ints = [builder.and_(z, ir.Constant(_V8I, [15] * L)), builder.lshr(z, ir.Constant(_V8I, [4] * L))]
-            if zvec[0] is not None:
-                ints = [builder.sub(v, zv) for v, zv in zip(ints, zvec)]
-            ws = [builder.sitofp(v, _V8F) for v in ints]
+            ws = _strip_floats(builder, builder.gep(wp, [builder.mul(i, width)]), zvec, nbits, signed, L)
             for r in range(nrows):
                 xv = builder.load(builder.gep(xrows[r], [i]))
                 xb = builder.shuffle_vector(builder.insert_element(ir.Constant(_V8F, ir.Undefined), xv,
@@ -153,7 +168,7 @@ def _decode_strip(typingctx, wb, t, k0, nk, col, zp, g, n0, panel, bits, has_zp,
         return None
     nbits, with_zp, L = bits.literal_value, has_zp.literal_value, lanes.literal_value
     signed = wb.dtype == types.int8
-    vf, vi, vb = vec(_F32, L), vec(_I32, L), vec(_I8, L)
+    vf = vec(_F32, L)
 
     def codegen(context, builder, sig, args):
         w = context.make_array(sig.args[0])(context, builder, args[0])
@@ -161,35 +176,16 @@ def _decode_strip(typingctx, wb, t, k0, nk, col, zp, g, n0, panel, bits, has_zp,
         pa = context.make_array(sig.args[8])(context, builder, args[8])
         tt, kk0, n, col, g, n0 = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 3, 4, 6, 7))
         _, k_all, width = cgutils.unpack_tuple(builder, w.shape, 3)
-        _, zcols = cgutils.unpack_tuple(builder, za.shape, 2)
         second = ir.Constant(_I64, L) if nbits == 8 else width
         wp = builder.gep(w.data, [builder.add(builder.mul(builder.add(builder.mul(tt, k_all), kk0), width), col)])
-
-        def vload(ptr, ty, off):
-            return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=1)
-
-        zvec = [None, None]
-        if with_zp:
-            zbase = builder.gep(za.data, [builder.add(builder.mul(g, zcols), builder.add(n0, col))])
-            zvec = [builder.zext(vload(zbase, vb, ir.Constant(_I64, 0)), vi),
-                    builder.zext(vload(zbase, vb, second), vi)]
-        elif nbits == 4:
-            zvec = [ir.Constant(vi, [8] * L)] * 2
+        zvec = _strip_zero_points(builder, za, g, n0, col, second, nbits, with_zp, L)
         with cgutils.for_range(builder, n) as loop:
             i = loop.index
-            row = builder.gep(wp, [builder.mul(i, width)])
-            if nbits == 8:
-                ints = [builder.sext(vload(row, vb, ir.Constant(_I64, v * L)), vi) if signed
-                        else builder.zext(vload(row, vb, ir.Constant(_I64, v * L)), vi) for v in (0, 1)]
-            else:
-                z = builder.zext(vload(row, vb, ir.Constant(_I64, 0)), vi)
-                ints = [builder.and_(z, ir.Constant(vi, [15] * L)), builder.lshr(z, ir.Constant(vi, [4] * L))]
-            if zvec[0] is not None:
-                ints = [builder.sub(v, zv) for v, zv in zip(ints, zvec)]
+            ws = _strip_floats(builder, builder.gep(wp, [builder.mul(i, width)]), zvec, nbits, signed, L)
             prow = builder.gep(pa.data, [builder.mul(i, ir.Constant(_I64, 2 * L))])
-            for v, iv in enumerate(ints):
+            for v, f in enumerate(ws):
                 p = builder.bitcast(builder.gep(prow, [ir.Constant(_I64, v * L)]), vf.as_pointer())
-                builder.store(builder.sitofp(iv, vf), p, align=32)
+                builder.store(f, p, align=32)
         return context.get_dummy_value()
 
     return types.void(wb, t, k0, nk, col, zp, g, n0, panel, bits, has_zp, lanes), codegen
@@ -558,7 +554,7 @@ class Runner:
                              bits=bits | self.wide << 8 | PANEL << 9 | (zp.shape[0] > 0) << 11, x=0, wb=wa,
                              scale=sa, zp=za, out=0, bias=0)
         self.team = _TEAM_KERNELS[wb.dtype == np.int8]
-        self.blocks = {}  # rows -> (template, free blocks)
+        self.blocks = {}  # rows -> (template block, free blocks, work units)
 
     def _template(self, M: int) -> tuple:
         mch = _row_chunks(M, self.T, _omp.team_size(), MR_WIDE if self.wide else MR)
