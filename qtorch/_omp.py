@@ -32,7 +32,7 @@ from qcore._team import ADDR, F64, HEADER, I64, Operands, as_ptr, claim, claim_o
 from ._ir import cached as _cached
 
 __all__ = ["ADDR", "F64", "I64", "Operands", "TeamKernel", "as_ptr", "available", "check_operands", "claim",
-           "claim_operands", "give_block", "new_block", "run", "take_block", "team_call", "team_size"]
+           "claim_operands", "give_block", "new_block", "on_caller", "run", "take_block", "team_call", "team_size"]
 
 
 def TeamKernel(pyfunc) -> _team.TeamKernel:
@@ -144,6 +144,13 @@ def team_call(kernel_address: int, block_address: int, nthreads: int | None = No
         return False
     fn(kernel_address, block_address, team_size() if nthreads is None else nthreads, 0)
     return True
+
+
+def on_caller(team, block: np.ndarray, lo: int, hi: int) -> None:
+    """The ranged ``kernel`` for :func:`run` of a claiming team kernel off a team (one thread, a forked child, no
+    OpenMP; or each of qcore's threads): ``team`` (a :class:`TeamKernel`) on the calling thread claims chunks of
+    ``block`` until none is left, whatever ``lo, hi``; pass ``args=(team, block)``."""
+    team.ctypes()(block.ctypes.data)
 
 
 def run(units: int, team_kernel, block: np.ndarray, kernel, args: tuple, total: int, min_part: int,

@@ -943,7 +943,7 @@ def split_into(dtype: torch.dtype, xaddr: int, paddr: int, M: int, K: int) -> No
         return
     team = _SPLIT_TEAMS[dtype]
     block = _omp.new_block(blocks, blocks, (M, K, xaddr, paddr))
-    _omp.run(blocks, team, block, _serial, (team, block), blocks, 1, nchunks=blocks)
+    _omp.run(blocks, team, block, _omp.on_caller, (team, block), blocks, 1, nchunks=blocks)
 
 
 _SPLITS: dict = {}  # dtype -> the compiled split as a ctypes function (x address, parts address, M, K)
@@ -1152,11 +1152,6 @@ def runner(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
 _NO_TILES = "this process cannot use AMX tiles (no AMX-BF16 CPU, or Linux refused the tile state)"
 
 
-def _serial(team, block, lo, hi) -> None:
-    # off a team (one thread, a forked child, no OpenMP): the team kernel on the calling thread claims every
-    # chunk itself (on Python threads, each claims from the same counter)
-    team.ctypes()(block.ctypes.data)
-
 
 def _run(xaddr: int, parts: int, M: int, wb: int, signed: bool, T: int, K: int, W: int, scale: int, zp: int,
          zp_rows: int, gsize: int, bits: int, out: int, direct: int = 0, deq: int = 0, okind: int = 0,
@@ -1170,7 +1165,7 @@ def _run(xaddr: int, parts: int, M: int, wb: int, signed: bool, T: int, K: int, 
     # OPERANDS' fields in order (OPERANDS.pack checks names and kinds at ~2.5 us a call; a test pins the order)
     block = _omp.new_block(nchunks, units, (parts, M, T, K, W, gsize, flags, bias, xaddr, wb, scale, zp, out))
     team = _TEAM_KERNELS[signed]
-    _omp.run(units, team, block, _serial, (team, block), units, 1, nchunks=nchunks)
+    _omp.run(units, team, block, _omp.on_caller, (team, block), units, 1, nchunks=nchunks)
 
 
 @functools.lru_cache(maxsize=16)

@@ -467,10 +467,6 @@ def _team_dp_u8(data):  # pragma: no cover - compiled
 _TEAM_KERNELS = {True: _omp.TeamKernel(_team_dp_i8), False: _omp.TeamKernel(_team_dp_u8)}  # by signedness
 
 
-def _serial(team, block, lo, hi) -> None:
-    # off a team (one thread, a forked child, no OpenMP): the team kernel on the calling thread claims every chunk
-    team.ctypes()(block.ctypes.data)
-
 
 def _run(xaddr: int, parts: int, M: int, wb: int, signed: bool, T: int, K: int, W: int, scale: int, zp: int,
          zp_rows: int, gsize: int, bits: int, out: int, deq: int = 0, okind: int = 0, bias: int = 0) -> None:
@@ -481,7 +477,7 @@ def _run(xaddr: int, parts: int, M: int, wb: int, signed: bool, T: int, K: int, 
     flags = bits | deq << 9 | okind << 10 | (1 if bias else 0) << 12 | zp_rows << 16
     block = _omp.new_block(nchunks, units, (parts, M, T, K, W, gsize, flags, bias, xaddr, wb, scale, zp, out))
     team = _TEAM_KERNELS[signed]
-    _omp.run(units, team, block, _serial, (team, block), units, 1, nchunks=nchunks)
+    _omp.run(units, team, block, _omp.on_caller, (team, block), units, 1, nchunks=nchunks)
 
 
 _NO_BF16 = "this process cannot run AVX512-BF16 dot products (numba does not compile for such a CPU)"

@@ -516,11 +516,6 @@ def _run(x, wb, scale, zp, gsize, bits, out, xa, wa, sa, za, oa, wide=None, pane
              (x, wb, scale, zp, gsize, bits, out, bias, mch, wide, pan), units, 1, nchunks=units)
 
 
-def _serial(team, block, lo, hi) -> None:
-    # off a team (one thread, a forked child, no OpenMP; or each of qcore's threads): the team kernel on the
-    # calling thread claims work units until none is left
-    team.ctypes()(block.ctypes.data)
-
 
 _X, _OUT, _BIAS, _BITS = (OPERANDS.slot(f) for f in ("x", "out", "bias", "bits"))
 
@@ -576,5 +571,5 @@ class Runner:
             block[_BIAS] = ba
             block[_BITS] |= 1 << 12
         team = self.team
-        _omp.run(units, team, block, _serial, (team, block), units, 1, units, address)
+        _omp.run(units, team, block, _omp.on_caller, (team, block), units, 1, units, address)
         _omp.give_block(free, block, address)

@@ -664,11 +664,6 @@ def _team_gemv_u8(data):  # pragma: no cover - compiled
 _TEAM_KERNELS = {True: _omp.TeamKernel(_team_gemv_i8), False: _omp.TeamKernel(_team_gemv_u8)}  # by signedness
 
 
-def _serial(team, block, lo, hi) -> None:
-    # off a team (one thread, a forked child, no OpenMP; or each of qcore's threads): the team kernel on the
-    # calling thread claims chunks until none is left
-    team.ctypes()(block.ctypes.data)
-
 
 #: vectors of 16 floats where the CPU numba compiles for has AVX-512 (half the instructions per code), else 8
 WIDE = host_has("avx512f")
@@ -796,7 +791,7 @@ def run_plan(p: Plan, xa: int, xkind: int, oa: int, okind: int, fold: bool, dot:
     if okind:
         block[_SCRATCH] = _sums_address(p.N)
     team = p.kernel
-    _omp.run(p.T, team, block, _serial, (team, block), p.T, p.min_part, nchunks=p.T)
+    _omp.run(p.T, team, block, _omp.on_caller, (team, block), p.T, p.min_part, nchunks=p.T)
 
 
 def _call_flags(p: Plan, xkind: int, okind: int, fold: bool, dot: bool) -> int:
@@ -839,5 +834,5 @@ class Launcher:
         if self.scratch:
             block[_SCRATCH] = _sums_address(p.N)
         team = p.kernel
-        _omp.run(p.T, team, block, _serial, (team, block), p.T, p.min_part, p.T, address)
+        _omp.run(p.T, team, block, _omp.on_caller, (team, block), p.T, p.min_part, p.T, address)
         _omp.give_block(self.free, block, address)

@@ -53,7 +53,7 @@ from numba.extending import intrinsic
 from . import _omp
 from ._ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, host_has, prefetch_l2, to_bf16x32, vec
 from ._ir import cached as _cached
-from .gemv import _half_bits_to_float, _narrow, _serial, _sums_address  # (the one-row kernels' shared pieces)
+from .gemv import _half_bits_to_float, _narrow, _sums_address  # (the one-row kernels' shared pieces)
 
 __all__ = ["Plan", "available", "block_size", "dequant_t", "gemv_vnni", "split"]
 
@@ -422,7 +422,7 @@ class Plan:
         if self.scratch:
             block[_SCRATCH] = _sums_address(self.N)
         T = self.T
-        _omp.run(T, _TEAM_GEMV, block, _serial, (_TEAM_GEMV, block), T, self.min_part, T, address)
+        _omp.run(T, _TEAM_GEMV, block, _omp.on_caller, (_TEAM_GEMV, block), T, self.min_part, T, address)
         ok = not block[_HEADER]  # every chunk's result is 1 where x is not finite (each thread splits all of x)
         _omp.give_block(self.free, block, address)
         return ok
@@ -590,5 +590,5 @@ def dequant_t(w: np.ndarray, scale: np.ndarray, zp, gsize: int, t0: int, t1: int
         return dst
     block = _omp.new_block(n, n, DQ_OPERANDS.pack(K=K, T=T, gsize=gsize, zp_rows=zp.shape[0], tb=t0, cols=cols,
                                                   bf=int(dst.dtype == np.uint16), w=w, scale=scale, zp=zp, dst=dst))
-    _omp.run(n, _TEAM_DQ, block, _serial, (_TEAM_DQ, block), n, 1, nchunks=n)
+    _omp.run(n, _TEAM_DQ, block, _omp.on_caller, (_TEAM_DQ, block), n, 1, nchunks=n)
     return dst
