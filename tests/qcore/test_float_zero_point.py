@@ -47,10 +47,14 @@ def test_float_zero_point_codes_dequantize_and_error_bound(case):
     # dequantize is codes * scale + zero_point in float32, two roundings
     w = dequantize(qa)
     np.testing.assert_array_equal(w, (qa.codes.astype(np.float32) * s) + z)
-    # within half a step of x, plus the float32 roundings of the division, the product and the sum
+    # within half a step of x, plus the float32 roundings of the division, the product and the sum; each of those
+    # is relative (eps) or, among subnormals, absolute (half the smallest subnormal): a subnormal scale, rounded by
+    # up to that, is off by up to qmax times it at the top code (which clipping then keeps)
     xf = x.astype(np.float64)
     eps = np.finfo(np.float32).eps
-    tol = s.astype(np.float64) / 2 + 4 * eps * (np.abs(xf) + np.abs(z) + scheme.qmax * s.astype(np.float64))
+    tiny = 2.0 ** -149
+    tol = (s.astype(np.float64) / 2 + 4 * eps * (np.abs(xf) + np.abs(z) + scheme.qmax * s.astype(np.float64))
+           + (scheme.qmax + 4) * tiny)
     assert (np.abs(w.astype(np.float64) - xf) <= tol).all()
     # re-quantizing the dequantized values with the same parameters keeps the codes, wherever the step is not
     # lost in the rounding of the offset (a step below float32's resolution at |zero_point| collapses the grid)
