@@ -43,6 +43,18 @@ corrected once, ``16 (acc - sum x) - z sum x``. On a 2-core Zen 4, 4096x4096 g12
 looked up by ``vpermw``); both threads: 0.29-0.33 ms from memory either way, at memory speed there (a torch sum of
 the same 8 MB took 0.22-0.29 ms).
 
+Where numba compiles for a CPU with AVX2 and without AVX-512 (:data:`PLANES`), 4-bit codes of bfloat16 and float16
+rows have an integer variant instead (``run_plan(..., dot=True)``, the blocked layout's ``int8dot`` path at one row,
+chosen by measurement): each thread splits ``x`` per block of up to 128 inputs into two signed-byte planes
+(:mod:`qtorch.planes`: ``q = round(x 2^(14 - e)) = 256 h + l``, ``2^e`` above the block's largest ``|x|``; the one
+rounding, at most ``2^-15`` of that largest), the 32 bytes of rows ``k`` and ``k + 1`` are paired (``vpunpcklbw`` /
+``vpunpckhbw``: one 16-bit lane per column), the nibbles masked, and ``vpmaddubsw`` multiplies each by the pair
+``h_k, h_k+1`` and by ``l_k, l_k+1``: 32 codes per instruction, no conversion. Eight pairs of rows are summed in
+16 bits (at most ``8 * 2 * 15 * 128 < 2^15``), then widened by ``vpmaddwd`` as ``l + 256 h`` into 32-bit sums,
+exact per block; ``z sum q`` is subtracted and each block's sums scaled once. On a 2-core Zen 3, bfloat16, hot,
+g128: 4096x4096 one thread 0.82 -> 0.50 ms, both 0.455 -> 0.30; 2048x5632 both 0.336 -> 0.227. A row holding a NaN
+or an infinity takes the float path; float32 rows keep it (three planes would cost about what the FMAs do).
+
 A tile's rows are contiguous (K-major): each thread streams one tile at a time from memory. On the wide path every
 row also prefetches the lines :data:`PREFETCH` bytes ahead into L2: the hardware prefetchers stop at each 4 KB
 page, and a decoding step reads every byte of a layer once, from memory. On the AVX-512 Xeon the prefetch gave
@@ -82,6 +94,7 @@ from . import _omp
 from ._ir import BF16 as _BF16, F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, host_has, vec
 from ._ir import prefetch_at, prefetch_l2
 from ._ir import cached as _cached
+from .planes import block_size, block_size_of, split_row
 
 __all__ = ["eligible", "gemv_blocked"]
 
@@ -514,6 +527,176 @@ def _gemv_range(x, xs, wb, scale, zp, gsize, bits, out, pf, wide, dot, t0, t1): 
                 _tile(wb, t, x, xs, scale, zp, gsize, bits, out, pf, 0, 8)
 
 
+# -- the integer variant of 4-bit codes of 16-bit rows (CPUs with AVX2 and without AVX-512)
+
+#: bfloat16 / float16 rows of 4-bit codes as integer dot products where numba compiles for a CPU with AVX2 and
+#: without AVX-512 (the blocked layout's ``int8dot`` path at one row; :func:`planes_available`): ``x`` split into two
+#: signed-byte planes per block of inputs (:mod:`qtorch.planes`), the codes of two rows of K paired by bytes and
+#: multiplied by ``vpmaddubsw``
+PLANES = MASKED and host_has("avx2")
+_MADD_UB = "llvm.x86.avx2.pmadd.ub.sw"
+_MADD_WD = "llvm.x86.avx2.pmadd.wd"
+#: 32 bytes of two rows paired as ``vpunpcklbw`` / ``vpunpckhbw`` do within each 16-byte half: byte i of row k,
+#: then byte i of row k + 1 (one 16-bit lane per column), bytes 0-7 (``_PAIR_LO``) or 8-15 of each half
+_PAIR_LO = [h * 16 + i // 2 + (32 if i % 2 else 0) for h in (0, 1) for i in range(16)]
+_PAIR_HI = [v + 8 for v in _PAIR_LO]
+#: 16-bit lanes of two vectors interleaved as ``vpunpcklwd`` / ``vpunpckhwd`` do within each 128-bit half
+_LOW_WORDS = [v for i in (0, 1, 2, 3, 8, 9, 10, 11) for v in (i, i + 16)]
+_HIGH_WORDS = [v for i in (4, 5, 6, 7, 12, 13, 14, 15) for v in (i, i + 16)]
+
+
+def planes_available() -> bool:
+    """Whether the one-row kernel's integer variant runs here (:data:`PLANES`: numba compiles for a CPU with AVX2
+    and without AVX-512): 4-bit codes of bfloat16 / float16 rows, ``x`` in two 8-bit planes."""
+    return PLANES
+
+
+@intrinsic
+def _planes_block(typingctx, wb, t, k0, nunits, units, xq, xm, xs, b, zp, g, n0, gacc, pf, zmode):
+    """``gacc[c] += 2^(e_b - P) * sum_k q_k (code[n0 + c, k] - z)`` over the rows ``k0 .. k0 + 2 units nunits`` of
+    block ``b`` of ``x``'s planes (``xq`` int8 ``[2, K]``: ``q = 256 h + l``; ``xm[b] = 2^(e_b - P)``, ``xs[b, 0] =
+    sum q``), for the ``NT`` columns of tile ``t`` (``gacc`` float32 ``[NT]``). Per 32 bytes of two rows: the
+    bytes paired row by row (a column a 16-bit lane), the nibbles masked, ``vpmaddubsw`` by each plane's two values
+    (``code_k x_k + code_k+1 x_k+1``, at most ``2 * 15 * 128``: no saturation); ``units`` pairs of rows (4 or 8)
+    are summed in 16 bits (at most ``8 * 3840 < 2^15``), then widened by ``vpmaddwd`` as ``l + 256 h`` into
+    32-bit sums (exact: ``|q| <= 2^14``, 128 rows a block). ``zmode`` 0: ``z = zp[g, n0 + c]``; 1: 8."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (units, zmode)):
+        return None
+    U, zm = units.literal_value, zmode.literal_value
+    v32, w16, d8, f8 = vec(_I8, 32), vec(_I16, 16), vec(_I32, 8), vec(_F32, 8)
+
+    def codegen(context, builder, sig, args):
+        wa, xa, ma, sa, za, ga = (context.make_array(sig.args[i])(context, builder, args[i])
+                                  for i in (0, 5, 6, 7, 9, 12))
+        tt, kk0, nu, bb, gg, nn0, pfd = (context.cast(builder, args[i], sig.args[i], types.int64)
+                                         for i in (1, 2, 3, 8, 10, 11, 13))
+        i64 = functools.partial(ir.Constant, _I64)
+        ntiles, kk, ww = cgutils.unpack_tuple(builder, wa.shape, 3)
+        N = builder.mul(builder.mul(ntiles, ww), i64(2))
+        madd_ub = cgutils.get_or_insert_function(builder.module, ir.FunctionType(w16, [v32, v32]), _MADD_UB)
+        madd_wd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(d8, [w16, w16]), _MADD_WD)
+        wbase = builder.bitcast(builder.gep(wa.data, [builder.mul(builder.add(builder.mul(tt, kk), kk0), ww)]),
+                                _I8.as_pointer())
+        xbase = builder.bitcast(xa.data, _I8.as_pointer())
+        xrows = [builder.gep(xbase, [builder.add(builder.mul(i64(p), kk), kk0)]) for p in (0, 1)]
+        nib = ir.Constant(v32, [0x0F] * 32)
+        four = ir.Constant(w16, [4] * 16)
+        l256 = ir.Constant(w16, [1, 256] * 8)
+        zero16, zero32 = ir.Constant(w16, [0] * 16), ir.Constant(d8, [0] * 8)
+
+        def splat(v, ty, n):
+            ins = builder.insert_element(ir.Constant(ty, ir.Undefined), v, ir.Constant(_I32, 0))
+            return builder.shuffle_vector(ins, ir.Constant(ty, ir.Undefined), ir.Constant(vec(_I32, n), [0] * n))
+
+        qsum = splat(builder.load(builder.gep(sa.data, [builder.mul(bb, i64(2))])), d8, 8)
+        mult = splat(builder.load(builder.gep(ma.data, [bb])), f8, 8)
+        eight = ir.Constant(d8, [8] * 8)
+        do_pf = builder.icmp_signed(">", pfd, i64(0))
+        # 32-bit sums of a chunk by (low / high nibbles) x (bytes 0-7 / 8-15 of each 16-byte half) x (the two
+        # word interleavings of the flush)
+        accs = [[cgutils.alloca_once_value(builder, zero32) for _ in range(2)] for _ in range(4)]
+        nch = builder.sdiv(ww, i64(32))
+        bsz = builder.mul(nu, i64(2 * U))  # rows of the block
+        with cgutils.for_range(builder, nch) as chunks:
+            cb = builder.mul(chunks.index, i64(32))
+            # the lines pf bytes ahead, one a pair of rows in every pass: pass ch over the block's chunk ch of its
+            # bytes (a chunk's 32 bytes a row: as many lines a pass as pairs), so that misses are in flight all along
+            pfbase = builder.gep(wbase, [builder.add(pfd, builder.mul(builder.mul(chunks.index, bsz), i64(32)))])
+            for pair in accs:
+                for a in pair:
+                    builder.store(zero32, a)
+            with cgutils.for_range(builder, nu) as loop:
+                r0 = builder.mul(loop.index, i64(2 * U))
+                sums = [[zero16, zero16] for _ in range(4)]  # per code vector: (plane h, plane l), 16-bit
+                for j in range(U):
+                    r = builder.add(r0, i64(2 * j))
+                    at = builder.gep(wbase, [builder.add(builder.mul(r, ww), cb)])
+                    with builder.if_then(do_pf, likely=True):
+                        prefetch_l2(builder, builder.gep(pfbase, [builder.mul(r, i64(32))]))
+                    a = builder.load(builder.bitcast(at, v32.as_pointer()), align=1)
+                    c = builder.load(builder.bitcast(builder.gep(at, [ww]), v32.as_pointer()), align=1)
+                    ys = [builder.shuffle_vector(a, c, ir.Constant(vec(_I32, 32), m)) for m in (_PAIR_LO, _PAIR_HI)]
+                    codes = [builder.and_(y, nib) for y in ys]
+                    codes += [builder.and_(builder.bitcast(builder.lshr(builder.bitcast(y, w16), four), v32), nib)
+                              for y in ys]
+                    xv = []
+                    for p in (0, 1):
+                        pair = builder.load(builder.bitcast(builder.gep(xrows[p], [r]), _I16.as_pointer()), align=1)
+                        xv.append(builder.bitcast(splat(pair, w16, 16), v32))
+                    sums = [[builder.add(sums[v][p], builder.call(madd_ub, [codes[v], xv[p]])) for p in (0, 1)]
+                            for v in range(4)]
+                for v in range(4):  # l + 256 h per column, in 32 bits
+                    hs, ls = sums[v]
+                    for m, mask in enumerate((_LOW_WORDS, _HIGH_WORDS)):
+                        pr = builder.shuffle_vector(ls, hs, ir.Constant(vec(_I32, 16), mask))
+                        acc = accs[v][m]
+                        builder.store(builder.add(builder.load(acc), builder.call(madd_wd, [pr, l256])), acc)
+            # the chunk's block sums: columns back in order, minus z sum q, scaled by 2^(e - P) into gacc. Code
+            # vector v: bytes 0-7 (v even) or 8-15 (odd) of each 16-byte half, low nibbles (v < 2) or high (the
+            # columns NT/2 on); its sums hold columns 0-3 and 16-19 (first interleaving), 4-7 and 20-23 (second)
+            for v in range(4):
+                a1, a2 = builder.load(accs[v][0]), builder.load(accs[v][1])
+                col = builder.add(builder.add(cb, builder.mul(ww, i64(v // 2))), i64(8 * (v % 2)))
+                for half, mask in ((0, [0, 1, 2, 3, 8, 9, 10, 11]), (16, [4, 5, 6, 7, 12, 13, 14, 15])):
+                    s = builder.shuffle_vector(a1, a2, ir.Constant(vec(_I32, 8), mask))
+                    c8 = builder.add(col, i64(half))
+                    if zm == 0:
+                        zptr = builder.gep(za.data, [builder.add(builder.mul(gg, N), builder.add(nn0, c8))])
+                        z = builder.zext(builder.load(builder.bitcast(zptr, vec(_I8, 8).as_pointer()), align=1), d8)
+                    else:
+                        z = eight
+                    f = builder.fmul(builder.sitofp(builder.sub(s, builder.mul(z, qsum)), f8), mult)
+                    gp = builder.bitcast(builder.gep(ga.data, [c8]), f8.as_pointer())
+                    builder.store(builder.fadd(builder.load(gp, align=4), f), gp, align=4)
+        return context.get_dummy_value()
+
+    return types.void(wb, t, k0, nunits, units, xq, xm, xs, b, zp, g, n0, gacc, pf, zmode), codegen
+
+
+@njit(inline="always")
+def _planes_tile(wb, t, xq, xm, xqs, scale, zp, gsize, bsize, out, pf, gacc, units, zmode):  # pragma: no cover
+    T, K, W = wb.shape
+    NT = 2 * W
+    n0 = t * NT
+    out[n0:n0 + NT] = 0
+    nbg = gsize // bsize
+    nunits = bsize // (2 * units)
+    G, N = scale.shape
+    for g in range(G):
+        gp = g + PARAMS_AHEAD  # the scale and zero-point lines of a group ahead, as the float path's tiles do
+        if pf and gp < G:
+            for c in range(0, NT, 16):
+                prefetch_at(scale, gp * N + n0 + c)
+            if zp.shape[0]:
+                for c in range(0, NT, 64):
+                    prefetch_at(zp, gp * N + n0 + c)
+        gacc[:] = 0
+        for j in range(nbg):
+            b = g * nbg + j
+            _planes_block(wb, t, b * bsize, nunits, units, xq, xm, xqs, b, zp, g, n0, gacc, pf, zmode)
+        for c in range(NT):
+            out[n0 + c] += gacc[c] * scale[g, n0 + c]
+
+
+@_cached
+@njit(cache=True, nogil=True)
+def _planes_range(xq, xm, xqs, wb, scale, zp, gsize, bsize, out, pf, gacc, t0, t1):  # pragma: no cover - compiled
+    # the integer variant's tiles t0..t1 (4-bit codes; 16 rows summed in 16 bits where a block's pairs allow)
+    sym = zp.shape[0] == 0
+    eight = (bsize // 2) % 8 == 0
+    for t in range(t0, t1):
+        if eight:
+            if sym:
+                _planes_tile(wb, t, xq, xm, xqs, scale, zp, gsize, bsize, out, pf, gacc, 8, 1)
+            else:
+                _planes_tile(wb, t, xq, xm, xqs, scale, zp, gsize, bsize, out, pf, gacc, 8, 0)
+        else:
+            if sym:
+                _planes_tile(wb, t, xq, xm, xqs, scale, zp, gsize, bsize, out, pf, gacc, 4, 1)
+            else:
+                _planes_tile(wb, t, xq, xm, xqs, scale, zp, gsize, bsize, out, pf, gacc, 4, 0)
+
+
 #: the team kernel's operands (its chunks are tiles: the block's total is T); wb's dtype is the kernel's own.
 #: ``flags``: fold (bit 0), wide (bit 1), dot (bit 2), x's kind (bits 3-4) and out's (bits 5-6) as in :data:`KINDS`,
 #: the prefetch distance in bytes (from bit 7 on). ``scratch``: float32 ``[N]``, the sums of an output that is not
@@ -609,7 +792,13 @@ def _prep(o):  # pragma: no cover - compiled; per thread, once per call: x as fl
     _widen_row(o, xf)
     xs = np.empty(o.K // o.gsize if o.flags & 1 else 0, np.float32)
     _row_sums(xf, o.gsize, xs)
-    return xf, xs
+    if PLANES and (o.flags >> 2) & 1:  # the integer variant: x's two planes, and a tile's group sums
+        bsize = block_size_of(o.gsize)
+        nb = o.K // bsize
+        xq, xm, xqs = np.empty((2, o.K), np.int8), np.empty(nb, np.float32), np.empty((nb, 2), np.int32)
+        ok = split_row(xf, bsize, 14, 2, xq, xm, xqs)  # False for a NaN or an infinity: the float path
+        return xf, xs, xq, xm, xqs, np.empty(2 * o.W, np.float32), ok
+    return xf, xs, np.empty((0, 0), np.int8), xs[:0], np.empty((0, 2), np.int32), xs[:0], False
 
 
 @njit(inline="always")
@@ -633,11 +822,17 @@ def _gemv_chunk(o, i, t0, t1, wdt, y):  # pragma: no cover - compiled; tiles t0.
     NT = W * 2 if o.bits == 4 else W
     zrows = o.zp_rows
     okind = (o.flags >> 5) & 3
-    xf, xs = y
+    xf, xs, xq, xm, xqs, gacc, planes = y
     sums = carray(o.scratch if okind else o.out, T * NT, np.float32)
-    _gemv_range(xf, xs, carray(o.wb, (T, K, W), wdt), carray(o.scale, (G, T * NT), np.float32),
-                carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8), o.gsize, o.bits, sums,
-                o.flags >> _PF_SHIFT, (o.flags >> 1) & 1, (o.flags >> 2) & 1, t0, t1)
+    wb = carray(o.wb, (T, K, W), wdt)
+    scale = carray(o.scale, (G, T * NT), np.float32)
+    zp = carray(o.zp, (zrows, T * NT if zrows else 0), np.uint8)
+    dot = (o.flags >> 2) & 1
+    if planes:
+        _planes_range(xq, xm, xqs, wb, scale, zp, o.gsize, K // xm.shape[0], sums, o.flags >> _PF_SHIFT, gacc, t0, t1)
+    else:  # (where the dot flag means the integer variant, a row it cannot hold takes the float path)
+        _gemv_range(xf, xs, wb, scale, zp, o.gsize, o.bits, sums, o.flags >> _PF_SHIFT, (o.flags >> 1) & 1,
+                    dot and not PLANES, t0, t1)
     if okind:
         _narrow(sums, carray(o.out, T * NT, np.uint16), okind, t0 * NT, t1 * NT)
     return 0
@@ -649,7 +844,8 @@ def _team_body(data, wdt):  # pragma: no cover - compiled
     if head[0] < head[1]:  # chunks left to claim: this thread's own x (a block of none is the loader's probe)
         y = _prep(_read(head))
     else:
-        y = (np.empty(0, np.float32), np.empty(0, np.float32))
+        e = np.empty(0, np.float32)
+        y = (e, e, np.empty((0, 0), np.int8), e, np.empty((0, 2), np.int32), e, False)
     _omp.claim_operands(data, _read, _gemv_chunk, wdt, y, True)  # a lane of tiles per thread: one stream each
 
 
@@ -757,7 +953,8 @@ class Plan:
         self.min_part = max(1, (1 << 21) // max(1, K * W))  # tiles a thread of qcore's takes at least (no team)
         self.wide = WIDE if wide is None else bool(wide)
         self.prefetch = PREFETCH if prefetch is None else int(prefetch)
-        self.dot_ok = _DP and self.wide and bits == 4 and gsize % 2 == 0
+        self.dot_ok = (_DP and self.wide and bits == 4 and gsize % 2 == 0
+                       or PLANES and bits == 4 and W % 16 == 0 and block_size(gsize) > 0)
         flags = (self.prefetch << _PF_SHIFT) | (int(self.wide) << 1)
         self.block = _omp.new_block(T, T, OPERANDS.pack(K=K, W=W, gsize=gsize, bits=bits, zp_rows=zp.shape[0],
                                                         flags=flags, tiles=T, x=0, scratch=0, wb=wa, scale=sa,
@@ -782,8 +979,11 @@ def run_plan(p: Plan, xa: int, xkind: int, oa: int, okind: int, fold: bool, dot:
     """``out = x @ W.T`` for the layer of ``p``: ``x`` ``[K]`` at address ``xa`` and ``out`` ``[N]`` at ``oa``, of
     the :data:`KINDS` ``xkind`` / ``okind`` (float32, bfloat16 or float16: each thread widens ``x`` to float32 for
     itself, and each tile rounds its own float32 sums into ``out``, to nearest even, as ``.to()`` does); ``fold``
-    as in :func:`gemv_blocked`. ``dot``: ``x`` holds bfloat16 values and the 4-bit codes go by dot products
-    (:func:`dot_available`; where the layer allows: 16-float vectors, groups of even size, else the float path).
+    as in :func:`gemv_blocked`. ``dot``: the 4-bit codes go by dot products where the layer allows, else by the
+    float path: on CPUs with AVX512-BF16 ``x`` holds bfloat16 values (:func:`dot_available`: 16-float vectors,
+    groups of even size); on CPUs with AVX2 and without AVX-512 ``x`` is bfloat16 or float16 (``xkind`` 1 or 2),
+    split into two 8-bit planes (:func:`planes_available`: 16-byte tile rows, groups with a
+    :func:`qtorch.planes.block_size`; a row holding a NaN or an infinity takes the float path).
     The caller keeps ``x`` and ``out`` alive."""
     block = p.block.copy()  # per call: a module may run on several threads at once
     block[_FLAGS] |= _call_flags(p, xkind, okind, fold, dot)
@@ -796,7 +996,8 @@ def run_plan(p: Plan, xa: int, xkind: int, oa: int, okind: int, fold: bool, dot:
 
 def _call_flags(p: Plan, xkind: int, okind: int, fold: bool, dot: bool) -> int:
     fold = bool(fold) and p.fold_ok
-    dot = bool(dot) and fold and p.dot_ok
+    # the integer variant takes 16-bit rows (two planes); the bfloat16 dot products any row of bfloat16 values
+    dot = bool(dot) and fold and p.dot_ok and (xkind in (1, 2) or not PLANES)
     return fold | dot << 2 | xkind << 3 | okind << 5
 
 

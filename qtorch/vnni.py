@@ -42,7 +42,6 @@ array([28., 28.], dtype=float32)
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 from llvmlite import ir
@@ -54,6 +53,7 @@ from . import _omp
 from ._ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, host_has, prefetch_l2, to_bf16x32, vec
 from ._ir import cached as _cached
 from .gemv import _half_bits_to_float, _narrow, _sums_address  # (the one-row kernels' shared pieces)
+from .planes import P as _P, _RNE, block_size, split_row as _split_row  # (x as integer planes)
 
 __all__ = ["Plan", "available", "block_size", "dequant_t", "gemv_vnni", "split"]
 
@@ -61,8 +61,6 @@ __all__ = ["Plan", "available", "block_size", "dequant_t", "gemv_vnni", "split"]
 NT = 64
 #: ``vpdpbusd`` on 16 lanes (AVX512-VNNI): numba compiles for a CPU that has it
 _VNNI = host_has("avx512vnni") and host_has("avx512bw")
-#: the exponent ``P`` of ``q = round(x * 2^(P - e))`` by number of planes
-_P = {2: 14, 3: 22}
 #: bytes ahead of the octet being read that each octet prefetches into L2 where nothing is measured (the layout's
 #: plans take the distance measured on the machine, :func:`qtorch.prefetch.vnni_distance`). On the AVX-512 Xeon, 2
 #: threads, 32 copies of a 4096x4096 layer in rotation (a C replica): 19.2 GB/s at 1 KB, 22.9 at 2, 25.5 at 4, 25.8
@@ -75,88 +73,7 @@ def available() -> bool:
     return _VNNI
 
 
-def block_size(group: int) -> int:
-    """Inputs per block of ``x``'s split: the largest multiple of 8 up to 128 that divides ``group`` (0: none).
-
-    >>> block_size(128), block_size(32), block_size(4096), block_size(192), block_size(12)
-    (128, 32, 128, 96, 0)
-    """
-    for b in range(min(128, group) // 8 * 8, 0, -8):
-        if group % b == 0:
-            return b
-    return 0
-
-
-# -- the activations' split
-
-
-#: 1.5 * 2^52: adding then subtracting it rounds a float64 below 2^51 in magnitude to an integer, to nearest even
-#: (``np.rint``'s result; a call that LLVM does not vectorise)
-_RNE = 6755399441055744.0
-
-
-@njit(inline="always")
-def _split_block(xf, k0, n, P, parts, xq, xm, xs, b):  # pragma: no cover - compiled
-    # loops that LLVM vectorises (slices indexed from 0: no wraparound test): the largest |x| by its bits (NaN and
-    # infinity above the largest finite), then the rounding of x times a power of two (exact, in float64) and the
-    # planes
-    xv = xf[k0:k0 + n]
-    xb = xv.view(np.uint32)
-    mb = np.uint32(0)
-    for j in range(n):
-        v = xb[j] & np.uint32(0x7FFFFFFF)
-        mb = v if v > mb else mb
-    if mb >= np.uint32(0x7F800000):  # a NaN or an infinity: not representable
-        return False
-    p0 = xq[0, k0:k0 + n]
-    p1 = xq[1, k0:k0 + n]
-    if mb == 0:
-        xm[b] = 0
-        for p in range(parts):
-            xq[p, k0:k0 + n] = 0
-        xs[b, 0] = 0
-        xs[b, 1] = 0
-        return True
-    ex = np.int64(mb >> np.uint32(23))
-    e = ex - 126 if ex > 0 else -126  # |x| < 2^e (subnormals: below 2^-126)
-    sc = math.ldexp(1.0, P - e)
-    xm[b] = np.float32(math.ldexp(1.0, e - P))
-    s0 = np.int32(0)
-    s1 = np.int32(0)
-    if parts == 2:
-        for j in range(n):
-            q = np.int32((np.float64(xv[j]) * sc + _RNE) - _RNE)
-            lo = ((q + 128) & 255) - 128
-            p0[j] = (q - lo) >> 8
-            p1[j] = lo
-            s0 += q
-        xs[b, 0] = s0
-        xs[b, 1] = 0
-        return True
-    p2 = xq[2, k0:k0 + n]
-    for j in range(n):
-        q = np.int32((np.float64(xv[j]) * sc + _RNE) - _RNE)
-        lo = ((q + 128) & 255) - 128
-        r = (q - lo) >> 8
-        mid = ((r + 128) & 255) - 128
-        hi = (r - mid) >> 8
-        p0[j] = hi
-        p1[j] = mid
-        p2[j] = lo
-        s0 += q
-        s1 += hi
-    xs[b, 0] = s1
-    xs[b, 1] = s0 - 65536 * s1
-    return True
-
-
-@_cached
-@njit(cache=True, nogil=True)
-def _split_row(xf, bsize, P, parts, xq, xm, xs):  # pragma: no cover - compiled; xf: float32 [K]
-    for b in range(xf.shape[0] // bsize):
-        if not _split_block(xf, b * bsize, bsize, P, parts, xq, xm, xs, b):
-            return False
-    return True
+# -- the activations' split (:mod:`qtorch.planes`)
 
 
 @_cached

@@ -38,7 +38,7 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .. import amx, bf16dot, dequant, gemm, gemv, prefetch
+from .. import amx, bf16dot, dequant, gemm, gemv, planes, prefetch
 from .._infer_ops import constant_result, define_twin, needs_grad, plain_eager
 from .base import Layout, single_row_shapes
 from .codec import complete_groups, pack_codes, pad_columns, padded_k, unpack_codes
@@ -47,7 +47,7 @@ __all__ = ["BLOCKED", "CPU_MAX_ROWS_NUMBA", "blocked_tile", "padded_k", "contain
            "to_blocked", "from_blocked",
            "dequant_blocked", "gemm_blocked", "gemm_blocked_impl", "tiles_blocked", "tiles_blocked_impl",
            "tiles_act_blocked", "tiles_act_blocked_impl", "amx_blocked", "amx_blocked_impl", "bf16dot_blocked",
-           "bf16dot_blocked_impl", "gemv_plan", "gemv_planned", "TILES_ACT", "AMX", "BF16DOT"]
+           "bf16dot_blocked_impl", "gemv_plan", "gemv_planned", "TILES_ACT", "AMX", "BF16DOT", "INT8DOT"]
 
 # Rows (= x.numel() // in_features) up to this bound take the gemm kernel on CPU; more rows take float32 matmul
 # of dequantized tiles. Crossovers measured with benchmarks/bench_linear.py at K = N = 4096 (see
@@ -70,6 +70,9 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the rows the 
 AMX = "amx"
 #: the path on AVX512-BF16 dot products (:mod:`qtorch.bf16dot`), offered on CPUs that have them but no AMX
 BF16DOT = "bf16dot"
+#: one bfloat16 / float16 row of 4-bit codes by integer dot products (:func:`qtorch.gemv.planes_available`: CPUs
+#: with AVX2 and without AVX-512): the one-row kernel's integer variant
+INT8DOT = "int8dot"
 # QuantizedWeight -> (qweight, scale, zero_point, its one-row plan or None): weak keys, so the plan goes with the
 # weight, and copying or pickling a layer never copies it.
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -102,8 +105,10 @@ def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     """``x[M, K] @ dequant(qweight).T`` from the blocked layout, computed in float32, returned in ``x.dtype``.
 
     The body of the ``qtorch::gemm_blocked`` op; eager callers without autograd may call it directly (the
-    op's dispatch costs ~0.1 ms, 10% of a 4096x4096 single-row call). ``dot``: one bfloat16 row of 4-bit codes
-    by the one-row kernel's dot-product variant (the ``bf16dot`` path's one row). ``bias`` (``[N]``, no gradient):
+    op's dispatch costs ~0.1 ms, 10% of a 4096x4096 single-row call). ``dot``: one row of 4-bit codes by the
+    one-row kernel's dot-product variant where the CPU and layer allow it (the ``bf16dot`` path's one bfloat16 row
+    on CPUs with AVX512-BF16, the ``int8dot`` path's one bfloat16 / float16 row on CPUs with AVX2 and without
+    AVX-512: :func:`qtorch.gemv.run_plan`). ``bias`` (``[N]``, no gradient):
     added to the float32 sums as the kernel stores them where ``x`` is float32 and has several rows (the same sums
     as adding it after), else afterwards in place."""
     qweight = qweight.contiguous()  # the kernels address arrays by shape: no copy for the layout's own buffer
@@ -118,7 +123,7 @@ def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
             x = _row(x)
             out = torch.empty((1, out_features), dtype=x.dtype, device="cpu")
             y = gemv._gemv_tensors(x, qweight, scale, zero_point, group_size, bits, out, _folds(x.dtype, bits),
-                                   dot=dot and x.dtype == torch.bfloat16)
+                                   dot=dot)
         return y if bias is None else y.add_(bias.to(y.dtype))
     xf = _float32(x)
     out = torch.empty((xf.shape[0], out_features), dtype=torch.float32, device="cpu")
@@ -176,13 +181,13 @@ def _op_plan(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
 def gemv_planned(x: torch.Tensor, plan, out_features: int, dot: bool = False) -> torch.Tensor:
     """:func:`gemm_blocked_impl` for one row ``x[1, K]`` with a layer's :func:`gemv_plan`: same kernel, same
     result, less Python per call (eager, no autograd). The kernel reads ``x`` and writes the output in ``x``'s
-    dtype itself (no conversion before or after). ``dot``: bfloat16 ``x``, 4-bit codes by dot products (the
-    ``bf16dot`` path's one row)."""
+    dtype itself (no conversion before or after). ``dot``: 4-bit codes by the dot-product variant (the
+    ``bf16dot`` / ``int8dot`` paths' one row, as in :func:`gemm_blocked_impl`)."""
     x = _row(x)
     dt = x.dtype
     out = torch.empty((1, out_features), dtype=dt, device="cpu")
     kind = gemv.TORCH_KINDS[dt]
-    gemv.run_plan(plan, x.data_ptr(), kind, out.data_ptr(), kind, _folds(dt, plan.bits), dot and kind == 1)
+    gemv.run_plan(plan, x.data_ptr(), kind, out.data_ptr(), kind, _folds(dt, plan.bits), dot)
     return out
 
 
@@ -352,6 +357,24 @@ def bf16dot_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 bf16dot_blocked.register_fake(_fake)
 
 
+def int8dot_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                         group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """:func:`gemm_blocked_impl` with one bfloat16 / float16 row of 4-bit codes by the one-row kernel's integer
+    variant (where the layer allows it: :func:`qtorch.gemv.planes_available`, else its float path); several rows
+    as :func:`gemm_blocked_impl`. The body of the ``qtorch::int8dot_blocked`` op."""
+    return gemm_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features, dot=True)
+
+
+@torch.library.custom_op("qtorch::int8dot_blocked", mutates_args=())
+def int8dot_blocked(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                    group_size: int, bits: int, out_features: int) -> torch.Tensor:
+    """:func:`int8dot_blocked_impl` as an op: opaque to torch.compile, with an input gradient."""
+    return int8dot_blocked_impl(x, qweight, scale, zero_point, group_size, bits, out_features)
+
+
+int8dot_blocked.register_fake(_fake)
+
+
 def _setup_backward(ctx, inputs, output):
     x, qweight, scale, zero_point, group_size, bits, out_features = inputs
     ctx.save_for_backward(qweight, scale, zero_point)
@@ -373,6 +396,7 @@ tiles_blocked.register_autograd(_backward, setup_context=_setup_backward)
 tiles_act_blocked.register_autograd(_backward, setup_context=_setup_backward)
 amx_blocked.register_autograd(_backward, setup_context=_setup_backward)
 bf16dot_blocked.register_autograd(_backward, setup_context=_setup_backward)
+int8dot_blocked.register_autograd(_backward, setup_context=_setup_backward)
 
 #: the paths whose kernels add the bias as they store their sums (:meth:`Blocked.linear_bias`; ``numba``: float32
 #: rows)
@@ -384,7 +408,8 @@ _PATH_OPS = {
                              ("tiles", "tiles_blocked", tiles_blocked_impl),
                              (TILES_ACT, "tiles_act_blocked", tiles_act_blocked_impl),
                              (AMX, "amx_blocked", amx_blocked_impl),
-                             (BF16DOT, "bf16dot_blocked", bf16dot_blocked_impl))
+                             (BF16DOT, "bf16dot_blocked", bf16dot_blocked_impl),
+                             (INT8DOT, "int8dot_blocked", int8dot_blocked_impl))
 }
 
 
@@ -558,6 +583,13 @@ def dequant_blocked(wb, scale, zero_point, *, bits: int, group: int, t0: int = 0
 def _tile_kernels_offered(device_type, dtype, rows: int, bits: int, spec) -> tuple:
     if device_type != "cpu" or rows < 1 or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return ()
+    if rows == 1 and dtype in _ACT_DTYPES and container_bits(bits) == 4 and gemv.planes_available():
+        # one 16-bit row of 4-bit codes on a CPU with AVX2 and without AVX-512: the one-row kernel's integer variant
+        # (x in two 8-bit planes), where the layer's tiles and groups allow it
+        if spec is not None and (not planes.block_size(spec.group)
+                                 or not gemv.eligible(4, blocked_tile(spec.out_features) // 2)):
+            return ()
+        return (INT8DOT,)
     if rows == 1 and dtype == torch.bfloat16 and container_bits(bits) == 4 and not amx.available():
         # one bfloat16 row of 4-bit codes: gemv's dot-product variant (two rows of K per vdpbf16ps), where the
         # layer's tiles and groups allow it
@@ -611,7 +643,8 @@ class Blocked(Layout):
         """The own path, then for CPU calls of 2+ rows ``tiles_act`` (bfloat16 / float16 activations) and
         ``tiles`` (float32 tiles) where it is not the own path already, and on CPUs with AMX (any row count)
         ``amx``, on CPUs with AVX512-BF16 and no AMX ``bf16dot`` (bfloat16/float16, 2+ rows; one bfloat16 row of
-        4-bit codes). Given the layer's ``spec``, ``amx`` is offered only where its kernel serves the shape
+        4-bit codes), on CPUs with AVX2 and without AVX-512 ``int8dot`` (one bfloat16 / float16 row of 4-bit
+        codes). Given the layer's ``spec``, ``amx`` is offered only where its kernel serves the shape
         (:func:`qtorch.amx.eligible`); without it, a layer the kernel does not serve runs ``numba`` under that
         name."""
         own = _own_path(device_type, dtype, rows, container_bits(bits))
@@ -642,11 +675,11 @@ class Blocked(Layout):
         # with an input gradient), its kernel directly otherwise (an op's dispatch costs 20+ us a call)
         grad = needs_grad(x2)
         direct = not grad and plain_eager(x2)
-        if path == "numba" or path == BF16DOT and x2.shape[0] == 1:
+        if path == "numba" or path in (BF16DOT, INT8DOT) and x2.shape[0] == 1:
             if direct and x2.shape[0] == 1:  # decoding: the weight's one-row plan, built once
                 plan = self.plan(weight)
                 if plan is not None:
-                    return gemv_planned(x2, plan, n, dot=path == BF16DOT)
+                    return gemv_planned(x2, plan, n, dot=path != "numba")
         impl, op, twin = _PATH_OPS.get(path, _PATH_OPS["tiles"])
         fn = impl if direct else op if grad else twin
         return fn(x2, b["qweight"], b["scale"], b["zero_point"], spec.group, container_bits(spec.bits), n)
@@ -688,7 +721,7 @@ class Blocked(Layout):
 
     def decoder(self, weight, dtype, path):
         # the one-row plan's call with everything but x fixed: what linear() runs for such a call
-        if path not in ("numba", BF16DOT) or dtype not in gemv.TORCH_KINDS:
+        if path not in ("numba", BF16DOT, INT8DOT) or dtype not in gemv.TORCH_KINDS:
             return None
         spec, b = weight.spec, weight.buffers
         qw, sc, zp = b["qweight"], b["scale"], b["zero_point"]
@@ -696,7 +729,7 @@ class Blocked(Layout):
         if plan is None or qw.shape[1] != spec.in_features:  # no plan, or a ragged last group (x padded)
             return None
         kind, shapes, addresses = gemv.TORCH_KINDS[dtype], single_row_shapes(spec.out_features), plan.addresses
-        launch = gemv.Launcher(plan, kind, kind, _folds(dtype, plan.bits), path == BF16DOT and kind == 1)
+        launch = gemv.Launcher(plan, kind, kind, _folds(dtype, plan.bits), path != "numba")
 
         def decode(x):
             if (b["qweight"] is not qw or b["scale"] is not sc or b["zero_point"] is not zp

@@ -266,6 +266,7 @@ def test_one_bfloat16_row_of_4_bit_codes_goes_by_dot_products(scheme, n, k, monk
 def test_one_row_8_bit_or_float16_is_not_offered(monkeypatch):
     monkeypatch.setattr(amx, "available", lambda: False)
     monkeypatch.setattr(gemv, "dot_available", lambda: True)
+    monkeypatch.setattr(gemv, "planes_available", lambda: False)  # (a CPU with AVX512-BF16 has AVX-512)
     spec8 = _layer(QuantScheme(8, True, PerChannel(0)), torch.float32, 64, 256, seed=0).quantized_weight.spec
     spec4 = _layer(QuantScheme(4, True, PerGroup(64)), torch.float32, 64, 256, seed=0).quantized_weight.spec
     assert "bf16dot" not in blocked.BLOCKED.paths("cpu", torch.bfloat16, 1, 8, spec=spec8)

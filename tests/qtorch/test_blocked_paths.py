@@ -39,6 +39,7 @@ def test_paths_offered(monkeypatch):
     monkeypatch.setattr(amx, "available", lambda: False)
     monkeypatch.setattr(bf16dot, "available", lambda: False)
     monkeypatch.setattr(gemv, "dot_available", lambda: False)
+    monkeypatch.setattr(gemv, "planes_available", lambda: False)
     paths = blocked.BLOCKED.paths
     assert blocked.BLOCKED.tuned
     assert paths("cpu", torch.bfloat16, 128, 8) == ("numba", "tiles_act", "tiles")
@@ -89,6 +90,44 @@ def test_tiles_act_computes_with_the_weight_rounded_to_the_activation_dtype(dtyp
     with torch.no_grad():
         y = blocked.BLOCKED.linear(q.quantized_weight, x, "tiles_act")
     assert torch.equal(y, torch.mm(x, q.dequantized_weight(dtype).t().contiguous()))
+
+
+@pytest.mark.skipif(not gemv.planes_available(), reason="numba does not compile for a CPU with AVX2 and without "
+                                                         "AVX-512 here")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_int8dot_is_offered_for_one_16bit_row_of_4bit_codes_and_taken_eager_and_compiled(dtype, monkeypatch):
+    # offered where the one-row kernel's integer variant serves the layer (4-bit codes, tiles of 64+ columns,
+    # groups with a block of x); forced, the layer takes it for one row, eagerly and as one opaque op compiled
+    paths = blocked.BLOCKED.paths
+    spec = _layer(QuantScheme(4, True, PerGroup(64)), dtype, n=128).quantized_weight.spec
+    assert paths("cpu", dtype, 1, 4, spec) == ("numba", "int8dot")
+    assert paths("cpu", torch.float32, 1, 4, spec) == ("numba",)
+    assert paths("cpu", dtype, 1, 8, spec) == ("numba",)
+    assert "int8dot" not in paths("cpu", dtype, 2, 4, spec)
+    narrow = _layer(QuantScheme(4, True, PerGroup(64)), dtype, n=96).quantized_weight.spec  # tiles of 32 columns
+    assert paths("cpu", dtype, 1, 4, narrow) == ("numba",)
+    env = {"QTORCH_PATH": "int8dot", "QTORCH_LAYOUT": "blocked"}
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env=env))
+    taken = []
+    real = blocked.BLOCKED.linear
+    monkeypatch.setattr(blocked.BLOCKED, "linear", lambda w, x, p: taken.append(p) or real(w, x, p))
+    q = _layer(QuantScheme(4, False, PerGroup(32)), dtype, n=128, seed=8)
+    x = torch.randn(1, 256, dtype=dtype)
+    with torch.no_grad():
+        y = q(x)
+    assert taken == ["int8dot"]
+    _assert_close(y, x, q)
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        yc = torch.compile(q, fullgraph=True, backend=backend)(x)
+    assert any("qtorch.int8dot_blocked_infer" in t for t in seen), seen
+    assert torch.equal(yc, y)
 
 
 def test_chunks_cover_every_output_channel(monkeypatch):
@@ -143,7 +182,7 @@ def test_tiles_act_is_one_opaque_op_under_torch_compile(monkeypatch):
 
 
 _OPS = {"numba": "gemm_blocked", "tiles": "tiles_blocked", "tiles_act": "tiles_act_blocked", "amx": "amx_blocked",
-        "bf16dot": "bf16dot_blocked"}
+        "bf16dot": "bf16dot_blocked", "int8dot": "int8dot_blocked"}
 
 
 @pytest.mark.parametrize("usable", [True, False], ids=["tile-kernels", "none"])

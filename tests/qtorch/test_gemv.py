@@ -10,7 +10,7 @@ import torch
 
 import qtorch
 from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
-from qtorch import _omp, gemv
+from qtorch import _omp, gemv, planes
 from qtorch.linear import QuantLinear
 from qtorch.layouts import blocked, codec
 
@@ -313,6 +313,66 @@ def test_the_dot_variant_falls_back_where_the_layer_does_not_allow_it():
         assert np.array_equal(a, b)
 
 
+def _planes_call(plan, x, dot, okind=0):
+    """run_plan on a bfloat16 / float16 row ``x`` (its own bits), float32 sums (or ``okind``'s) as a tensor."""
+    out = torch.full((plan.N,), float("nan"), dtype=torch.float32 if okind == 0 else x.dtype)
+    gemv.run_plan(plan, x.data_ptr(), gemv.TORCH_KINDS[x.dtype], out.data_ptr(), okind, True, dot)
+    return out
+
+
+@pytest.mark.skipif(not gemv.planes_available(), reason="numba does not compile for a CPU with AVX2 and without "
+                                                         "AVX-512 here")
+@pytest.mark.parametrize("sym,kind,g", [(False, "group", 8), (True, "group", 32), (False, "group", 40),
+                                        (False, "group", 128), (True, "channel", 1), (False, "tensor", 1)])
+@pytest.mark.parametrize("tile", [64, 128])
+@pytest.mark.parametrize("team", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_the_integer_variant_is_within_the_rounding_of_x_into_planes(sym, kind, g, tile, team, dtype, monkeypatch):
+    # x per block of inputs as q = round(x * 2^(14 - e)) (|x| < 2^e, the block's largest): exact integer sums of
+    # q (code - z), so the one rounding beyond float32's is x's, at most 2^(e - 15) <= 2^-14 of the block's largest
+    if not team:
+        _no_team(monkeypatch)
+    k = 640
+    n = 3 * tile
+    w, wb, sb, zb = _blocked(4, sym, kind, g, n, k, tile, seed=tile + g)
+    x = (torch.randn(k) * torch.logspace(-3, 2, k)[torch.randperm(k)]).to(dtype)  # magnitudes far apart
+    sp, zp = blocked.blocked_params(sb, zb, n)
+    gsize = g if kind == "group" else k
+    plan = gemv.Plan(wb.numpy(), sp.numpy(), zp.numpy(), gsize, 4, wb.data_ptr(), sp.data_ptr(), zp.data_ptr())
+    assert plan.dot_ok
+    out = _planes_call(plan, x, True).double()
+    ref = x.double() @ w.T
+    bsize = planes.block_size(gsize)
+    block_max = x.double().abs().reshape(-1, bsize).amax(1).repeat_interleave(bsize)
+    bound = 2.0 ** -14 * (block_max @ w.abs().T) + 1e-6 * (x.double().abs() @ w.abs().T) + 1e-30
+    assert torch.all((out - ref).abs() <= bound)
+    assert not torch.equal(out, _planes_call(plan, x, False).double())  # the float path: another rounding
+
+
+@pytest.mark.skipif(not gemv.planes_available(), reason="numba does not compile for a CPU with AVX2 and without "
+                                                         "AVX-512 here")
+def test_the_integer_variant_rounds_x_below_its_blocks_resolution_away():
+    # one input of each block of 32 is 1, the others 2^-20: within each block 2^-20 rounds to 0 (2^-15 is the
+    # resolution), so every sum is exactly the codes of the first inputs; the float path keeps the small terms.
+    # A NaN or an infinity cannot be split: such a row takes the float path
+    k, n, g = 256, 128, 32
+    w, wb, sb, zb = _blocked(4, False, "group", g, n, k, 128, seed=3)
+    sp, zp = blocked.blocked_params(sb, zb, n)
+    plan = gemv.Plan(wb.numpy(), sp.numpy(), zp.numpy(), g, 4, wb.data_ptr(), sp.data_ptr(), zp.data_ptr())
+    x = torch.full((k,), 2.0 ** -20, dtype=torch.bfloat16)
+    x[::g] = 1
+    exact = torch.zeros(n)
+    for c in range(0, k, g):  # group by group in float32, as the kernel adds them: (code - z) * scale each
+        exact += w[:, c].float()
+    assert torch.equal(_planes_call(plan, x, True), exact)
+    assert not torch.equal(_planes_call(plan, x, False), exact)
+    for bad, finite in ((float("nan"), False), (float("inf"), False), (1e30, True)):
+        y = x.clone()
+        y[5] = bad
+        out = _planes_call(plan, y, True)
+        assert _same(out, _planes_call(plan, y, False)) != finite
+
+
 @pytest.mark.parametrize("sym,kind,g", [(False, "group", 4), (False, "group", 128), (False, "channel", 1),
                                         (True, "group", 32)])
 @pytest.mark.parametrize("wide", [False, True])
@@ -357,15 +417,20 @@ def test_half_rows_in_and_out_are_the_float32_call_rounded(dtype, bits, sym, kin
     gsize = g if kind == "group" else k
     plan = gemv.Plan(wb.numpy(), sp.numpy(), zp.numpy(), gsize, bits, wb.data_ptr(), sp.data_ptr(), zp.data_ptr())
     kind_ = gemv.TORCH_KINDS[dtype]
+    torch.manual_seed(bits + g)  # rows whose float16 sums overflow in some columns, not all, whatever ran before
     for case in ("plain", "overflow", "nan"):
         x = (torch.randn(k) * (3e3 if case == "overflow" else 1.0)).clamp(-6e4, 6e4).to(dtype)  # sums past 65504
         if case == "nan":
             x[7] = float("nan")
         xf = x.float()
         ref = torch.empty(n)
-        gemv.run_plan(plan, xf.data_ptr(), 0, ref.data_ptr(), 0, True, dot and dtype == torch.bfloat16)
+        if dot and gemv.planes_available() and plan.dot_ok:  # the integer variant splits 16-bit rows only
+            gemv.run_plan(plan, x.data_ptr(), kind_, ref.data_ptr(), 0, True, True)
+        else:
+            gemv.run_plan(plan, xf.data_ptr(), 0, ref.data_ptr(), 0, True, dot and dtype == torch.bfloat16)
         out = torch.full((n,), 5.0, dtype=dtype)
-        gemv.run_plan(plan, x.data_ptr(), kind_, out.data_ptr(), kind_, True, dot and dtype == torch.bfloat16)
+        gemv.run_plan(plan, x.data_ptr(), kind_, out.data_ptr(), kind_, True,
+                      dot and (dtype == torch.bfloat16 or gemv.planes_available()))
         assert _same(out, ref.to(dtype))
         if case == "overflow" and dtype == torch.float16:
             assert torch.isinf(out).any() and torch.isfinite(out).any()

@@ -12,7 +12,7 @@ from qtorch.layouts import blocked
 
 W8 = QuantScheme(bits=8, symmetric=True, granularity=PerChannel(axis=0))
 W4 = QuantScheme(bits=4, symmetric=False, granularity=PerGroup(64))
-OPS = ["gemm_blocked", "tiles_blocked", "tiles_act_blocked", "amx_blocked", "bf16dot_blocked", "dequant_mm"]
+OPS = ["gemm_blocked", "tiles_blocked", "tiles_act_blocked", "amx_blocked", "bf16dot_blocked", "int8dot_blocked", "dequant_mm"]
 
 
 @pytest.mark.parametrize("name", OPS)
