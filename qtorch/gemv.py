@@ -53,7 +53,7 @@ rounding, at most ``2^-15`` of that largest), the 32 bytes of rows ``k`` and ``k
 16 bits (at most ``8 * 2 * 15 * 128 < 2^15``), then widened by ``vpmaddwd`` as ``l + 256 h`` into 32-bit sums,
 exact per block; ``z sum q`` is subtracted and each block's sums scaled once. On a 2-core Zen 3, bfloat16, hot,
 g128: 4096x4096 one thread 0.82 -> 0.50 ms, both 0.455 -> 0.30; 2048x5632 both 0.336 -> 0.227. A row holding a NaN
-or an infinity takes the float path; float32 rows keep it (three planes would cost about what the FMAs do).
+or an infinity takes the float path; float32 rows keep it (three planes, built and measured: 0.79-1.07x).
 
 A tile's rows are contiguous (K-major): each thread streams one tile at a time from memory. On the wide path every
 row also prefetches the lines :data:`PREFETCH` bytes ahead into L2: the hardware prefetchers stop at each 4 KB
@@ -996,8 +996,9 @@ def run_plan(p: Plan, xa: int, xkind: int, oa: int, okind: int, fold: bool, dot:
 
 def _call_flags(p: Plan, xkind: int, okind: int, fold: bool, dot: bool) -> int:
     fold = bool(fold) and p.fold_ok
-    # the integer variant takes 16-bit rows (two planes); the bfloat16 dot products any row of bfloat16 values
-    dot = bool(dot) and fold and p.dot_ok and (xkind in (1, 2) or not PLANES)
+    # the integer variant takes 16-bit rows (two planes); the bfloat16 dot products a row of bfloat16 values, in
+    # bfloat16 or float32, never a float16 one
+    dot = bool(dot) and fold and p.dot_ok and (xkind in (1, 2) if PLANES else xkind != 2)
     return fold | dot << 2 | xkind << 3 | okind << 5
 
 

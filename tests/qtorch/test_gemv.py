@@ -320,6 +320,18 @@ def _planes_call(plan, x, dot, okind=0):
     return out
 
 
+@pytest.mark.parametrize("planes,xkind,dot", [(False, 0, True), (False, 1, True), (False, 2, False), (True, 0, False),
+                                              (True, 1, True), (True, 2, True)])
+def test_the_dot_flag_reaches_a_kernel_only_for_rows_it_takes(planes, xkind, dot, monkeypatch):
+    # bfloat16 dot products (AVX512-BF16): rows of bfloat16 values, as bfloat16 or float32, never float16 ones; the
+    # integer variant (AVX2, PLANES): 16-bit rows, split into two planes (float32 would need three)
+    monkeypatch.setattr(gemv, "PLANES", planes)
+    wb, scale, zp = np.ones((1, 128, 64), np.uint8), np.ones((1, 128), np.float32), np.zeros((1, 128), np.uint8)
+    plan = gemv.Plan(wb, scale, zp, 128, 4, wb.ctypes.data, scale.ctypes.data, zp.ctypes.data)
+    plan.dot_ok = True  # (as a layer the variant serves)
+    assert bool(gemv._call_flags(plan, xkind, 0, True, True) & 4) == dot
+
+
 @pytest.mark.skipif(not gemv.planes_available(), reason="numba does not compile for a CPU with AVX2 and without "
                                                          "AVX-512 here")
 @pytest.mark.parametrize("sym,kind,g", [(False, "group", 8), (True, "group", 32), (False, "group", 40),
