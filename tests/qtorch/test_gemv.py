@@ -10,7 +10,7 @@ import torch
 
 import qtorch
 from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
-from qtorch import _omp, gemv, planes
+from qtorch import _omp, autotune, gemv, planes
 from qtorch.linear import QuantLinear
 from qtorch.layouts import blocked, codec
 
@@ -162,11 +162,16 @@ def test_zero_points_cost_no_precision():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_runs_the_kernels_on_its_own_thread():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_forked_child_runs_the_kernels_on_its_own_thread(dtype, monkeypatch):
     # an OpenMP team does not survive fork: after the parent used it, the child must not call into it (GNU OpenMP
-    # would hang); the child runs the kernels on its calling thread
-    q = qtorch.W4A16Linear.from_linear(torch.nn.Linear(512, 256))
-    x = torch.randn(1, 512)
+    # would hang); the child runs the kernels on its calling thread (bfloat16: the integer variant where it runs)
+    env = {"QTORCH_LAYOUT": "blocked"}
+    if dtype == torch.bfloat16 and gemv.planes_available():
+        env["QTORCH_PATH"] = "int8dot"
+    monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env=env))
+    q = qtorch.W4A16Linear.from_linear(torch.nn.Linear(512, 256, dtype=dtype))
+    x = torch.randn(1, 512, dtype=dtype)
     with torch.no_grad():
         y = q(x)
     pid = os.fork()
