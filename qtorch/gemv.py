@@ -465,22 +465,27 @@ PARAMS_AHEAD = 2
 
 
 @njit(inline="always")
+def _prefetch_params(scale, zp, g, n0, NT):  # pragma: no cover - compiled
+    # where rows are prefetched, so are the scale and zero-point lines of a group ahead (PARAMS_AHEAD): rows of
+    # [G, N] lie N elements apart, so no hardware prefetcher follows them, and each group met them cold
+    G, N = scale.shape
+    if g < G:
+        for c in range(0, NT, 16):
+            prefetch_at(scale, g * N + n0 + c)
+        if zp.shape[0]:
+            for c in range(0, NT, 64):
+                prefetch_at(zp, g * N + n0 + c)
+
+
+@njit(inline="always")
 def _tile(wb, t, x, xs, scale, zp, gsize, bits, out, pf, zmode, lanes):  # pragma: no cover - compiled
     T, K, W = wb.shape
     NT = W * 2 if bits == 4 else W
     n0 = t * NT
     out[n0:n0 + NT] = 0
-    G, N = scale.shape
-    for g in range(G):
-        # where rows are prefetched, so are the scale and zero-point lines of the group PARAMS_AHEAD on: rows of
-        # [G, N] lie N elements apart, so no hardware prefetcher follows them, and each group met them cold
-        gp = g + PARAMS_AHEAD
-        if pf and gp < G:
-            for c in range(0, NT, 16):
-                prefetch_at(scale, gp * N + n0 + c)
-            if zp.shape[0]:
-                for c in range(0, NT, 64):
-                    prefetch_at(zp, gp * N + n0 + c)
+    for g in range(scale.shape[0]):
+        if pf:
+            _prefetch_params(scale, zp, g + PARAMS_AHEAD, n0, NT)
         xsg = xs[g] if zmode >= 3 else np.float32(0)
         _dot_group(wb, t, g * gsize, gsize, x, out, zp, scale, g, n0, xsg, pf, bits, W, zmode, lanes)
 
@@ -661,15 +666,9 @@ def _planes_tile(wb, t, xq, xm, xqs, scale, zp, gsize, bsize, out, pf, gacc, uni
     out[n0:n0 + NT] = 0
     nbg = gsize // bsize
     nunits = bsize // (2 * units)
-    G, N = scale.shape
-    for g in range(G):
-        gp = g + PARAMS_AHEAD  # the scale and zero-point lines of a group ahead, as the float path's tiles do
-        if pf and gp < G:
-            for c in range(0, NT, 16):
-                prefetch_at(scale, gp * N + n0 + c)
-            if zp.shape[0]:
-                for c in range(0, NT, 64):
-                    prefetch_at(zp, gp * N + n0 + c)
+    for g in range(scale.shape[0]):
+        if pf:
+            _prefetch_params(scale, zp, g + PARAMS_AHEAD, n0, NT)
         gacc[:] = 0
         for j in range(nbg):
             b = g * nbg + j
@@ -790,14 +789,14 @@ def _row_sums(xf, gsize, xs):  # pragma: no cover - compiled
 def _prep(o):  # pragma: no cover - compiled; per thread, once per call: x as float32 and its group sums
     xf = np.empty(o.K, np.float32)
     _widen_row(o, xf)
-    xs = np.empty(o.K // o.gsize if o.flags & 1 else 0, np.float32)
-    _row_sums(xf, o.gsize, xs)
     if PLANES and (o.flags >> 2) & 1:  # the integer variant: x's two planes, and a tile's group sums
         bsize = block_size_of(o.gsize)
         nb = o.K // bsize
         xq, xm, xqs = np.empty((2, o.K), np.int8), np.empty(nb, np.float32), np.empty((nb, 2), np.int32)
-        ok = split_row(xf, bsize, 14, 2, xq, xm, xqs)  # False for a NaN or an infinity: the float path
-        return xf, xs, xq, xm, xqs, np.empty(2 * o.W, np.float32), ok
+        if split_row(xf, bsize, 14, 2, xq, xm, xqs):  # (False for a NaN or an infinity: the float path)
+            return xf, xm[:0], xq, xm, xqs, np.empty(2 * o.W, np.float32), True
+    xs = np.empty(o.K // o.gsize if o.flags & 1 else 0, np.float32)
+    _row_sums(xf, o.gsize, xs)
     return xf, xs, np.empty((0, 0), np.int8), xs[:0], np.empty((0, 2), np.int32), xs[:0], False
 
 
