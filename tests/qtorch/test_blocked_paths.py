@@ -103,7 +103,9 @@ def test_int8dot_is_offered_for_one_16bit_row_of_4bit_codes_and_taken_eager_and_
     assert paths("cpu", dtype, 1, 4, spec) == ("numba", "int8dot")
     assert paths("cpu", torch.float32, 1, 4, spec) == ("numba",)
     assert paths("cpu", dtype, 1, 8, spec) == ("numba",)
-    assert "int8dot" not in paths("cpu", dtype, 2, 4, spec)
+    assert paths("cpu", dtype, 2, 4, spec)[-1] == paths("cpu", dtype, 4, 4, spec)[-1] == "int8dot"
+    assert "int8dot" not in paths("cpu", dtype, 5, 4, spec)
+    assert blocked.BLOCKED.traced_path("cpu", dtype, 2, 4, spec) == "numba"  # never traced for any row count
     narrow = _layer(QuantScheme(4, True, PerGroup(64)), dtype, n=96).quantized_weight.spec  # tiles of 32 columns
     assert paths("cpu", dtype, 1, 4, narrow) == ("numba",)
     env = {"QTORCH_PATH": "int8dot", "QTORCH_LAYOUT": "blocked"}
@@ -128,6 +130,25 @@ def test_int8dot_is_offered_for_one_16bit_row_of_4bit_codes_and_taken_eager_and_
         yc = torch.compile(q, fullgraph=True, backend=backend)(x)
     assert any("qtorch.int8dot_blocked_infer" in t for t in seen), seen
     assert torch.equal(yc, y)
+
+
+@pytest.mark.skipif(not gemv.planes_available(), reason="numba does not compile for a CPU with AVX2 and without "
+                                                         "AVX-512 here")
+def test_int8dot_takes_two_rows_one_at_a_time_and_more_by_the_few_rows_kernel():
+    # two sequences decoded together: each row the one-row integer variant's own bits; 3-4 rows (the same row
+    # bucket) the few-rows kernel's, as numba; either way within bfloat16's rounding of F.linear
+    q = _layer(QuantScheme(4, False, PerGroup(64)), torch.bfloat16, n=128, seed=9)
+    w = q.quantized_weight
+    with torch.no_grad():
+        for rows in (2, 3, 4):
+            x = torch.randn(rows, 256, dtype=torch.bfloat16)
+            y = blocked.BLOCKED.linear(w, x, "int8dot")
+            if rows <= blocked.INT8DOT_ROWS:
+                want = torch.cat([blocked.BLOCKED.linear(w, x[i:i + 1], "int8dot") for i in range(rows)])
+            else:
+                want = blocked.BLOCKED.linear(w, x, "numba")
+            assert torch.equal(y, want)
+            _assert_close(y, x, q)
 
 
 def test_chunks_cover_every_output_channel(monkeypatch):
