@@ -38,7 +38,7 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .. import amx, bf16dot, dequant, gemm, gemv, planes, prefetch
+from .. import amx, autotune, bf16dot, dequant, gemm, gemv, planes, prefetch
 from .._infer_ops import constant_result, define_twin, needs_grad, plain_eager
 from .base import Layout, single_row_shapes
 from .codec import complete_groups, pack_codes, pad_columns, padded_k, unpack_codes
@@ -70,13 +70,15 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the rows the 
 AMX = "amx"
 #: the path on AVX512-BF16 dot products (:mod:`qtorch.bf16dot`), offered on CPUs that have them but no AMX
 BF16DOT = "bf16dot"
-#: one bfloat16 / float16 row of 4-bit codes by integer dot products (:func:`qtorch.gemv.planes_available`: CPUs
-#: with AVX2 and without AVX-512): the one-row kernel's integer variant
+#: bfloat16 / float16 rows of 4-bit codes by integer dot products (:func:`qtorch.gemv.planes_available`: CPUs with
+#: AVX2 and without AVX-512): the one-row kernel's integer variant, offered up to :data:`INT8DOT_OFFERED` rows
 INT8DOT = "int8dot"
 #: rows that ``int8dot`` runs one at a time by the one-row kernel's integer variant (batched decoding of two
 #: sequences); more rows take the few-rows kernel, as ``numba`` does. On the 2-core Zen 3, 4096x4096 g128 bfloat16,
 #: the few-rows kernel against row by row: 2 rows 1.20 against 0.91 ms, 3 rows 1.41 / 1.34, 4 rows 1.50 / 1.79
 INT8DOT_ROWS = 2
+#: the rows ``int8dot`` is offered for: the row buckets of 1 and 2-4 rows (:data:`qtorch.autotune.ROW_BUCKETS`)
+INT8DOT_OFFERED = autotune.ROW_BUCKETS[1]
 # QuantizedWeight -> (qweight, scale, zero_point, its one-row plan or None): weak keys, so the plan goes with the
 # weight, and copying or pickling a layer never copies it.
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -600,7 +602,7 @@ def dequant_blocked(wb, scale, zero_point, *, bits: int, group: int, t0: int = 0
 def _tile_kernels_offered(device_type, dtype, rows: int, bits: int, spec) -> tuple:
     if device_type != "cpu" or rows < 1 or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return ()
-    if rows <= 4 and dtype in _ACT_DTYPES and container_bits(bits) == 4 and gemv.planes_available():
+    if rows <= INT8DOT_OFFERED and dtype in _ACT_DTYPES and container_bits(bits) == 4 and gemv.planes_available():
         # 16-bit rows of 4-bit codes on a CPU with AVX2 and without AVX-512: the one-row kernel's integer variant
         # (x in two 8-bit planes), where the layer's tiles and groups allow it; offered for the row buckets of 1
         # and 2-4 rows, of which it takes 2 row by row and 3-4 by the few-rows kernel
@@ -661,7 +663,7 @@ class Blocked(Layout):
         """The own path, then for CPU calls of 2+ rows ``tiles_act`` (bfloat16 / float16 activations) and
         ``tiles`` (float32 tiles) where it is not the own path already, and on CPUs with AMX (any row count)
         ``amx``, on CPUs with AVX512-BF16 and no AMX ``bf16dot`` (bfloat16/float16, 2+ rows; one bfloat16 row of
-        4-bit codes), on CPUs with AVX2 and without AVX-512 ``int8dot`` (one bfloat16 / float16 row of 4-bit
+        4-bit codes), on CPUs with AVX2 and without AVX-512 ``int8dot`` (1-4 bfloat16 / float16 rows of 4-bit
         codes). Given the layer's ``spec``, ``amx`` is offered only where its kernel serves the shape
         (:func:`qtorch.amx.eligible`); without it, a layer the kernel does not serve runs ``numba`` under that
         name."""
