@@ -117,6 +117,10 @@ def gemm_blocked_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     AVX-512: :func:`qtorch.gemv.run_plan`). ``bias`` (``[N]``, no gradient):
     added to the float32 sums as the kernel stores them where ``x`` is float32 and has several rows (the same sums
     as adding it after), else afterwards in place."""
+    if x.shape[0] == 1 and bias is None:  # decoding: the launch kept for these operands, if any
+        y = _op_decode(x, qweight, scale, zero_point, group_size, bits, out_features, dot)
+        if y is not None:
+            return y
     qweight = qweight.contiguous()  # the kernels address arrays by shape: no copy for the layout's own buffer
     scale, zero_point = blocked_params(scale, zero_point, out_features)
     one_row = (x.shape[0] == 1 and gemv.eligible(bits, qweight.shape[2])  # decoding: the one-row kernel
@@ -180,8 +184,35 @@ def _op_plan(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
         return entry[3]
     plan = gemv_plan(qweight, scale, zero_point, group_size, bits)
     if plan is not None:
-        _OP_PLANS[qweight] = (scale, zero_point, (group_size, bits), plan)
+        _OP_PLANS[qweight] = (scale, zero_point, (group_size, bits), plan, {})
     return plan
+
+
+def _op_decode(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+               group_size: int, bits: int, out_features: int, dot: bool):
+    """One row ``x[1, K]`` by the :class:`qtorch.gemv.Launcher` kept with the op plan of these operands (the
+    layer's decoder for an op: a compiled graph calls its op with the same frozen tensors at every step), or None
+    where none is kept yet for them and ``x``'s dtype (then :func:`gemm_blocked_impl`'s checks, which keep one).
+    Saves the op's per-call checks, plan lookup and block copy: a compiled model makes one such call per layer and
+    decoding step."""
+    entry = _OP_PLANS.get(qweight)
+    if (entry is None or entry[0] is not scale or entry[1] is not zero_point or entry[2] != (group_size, bits)
+            or entry[3].addresses != (qweight.data_ptr(), scale.data_ptr(), zero_point.data_ptr())):
+        return None
+    dt, plan = x.dtype, entry[3]
+    if x.shape[1] != plan.K:
+        return None
+    launch = entry[4].get((dt, dot))
+    if launch is None:
+        kind = gemv.TORCH_KINDS.get(dt)
+        if kind is None or x.device.type != "cpu":
+            return None
+        launch = entry[4][(dt, dot)] = gemv.Launcher(plan, kind, kind, _folds(dt, bits), dot)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty((1, out_features), dtype=dt, device="cpu")
+    launch(x.data_ptr(), out.data_ptr())
+    return out
 
 
 def gemv_planned(x: torch.Tensor, plan, out_features: int, dot: bool = False) -> torch.Tensor:

@@ -262,6 +262,18 @@ def test_the_ops_one_row_plan_is_kept_per_weight_and_never_keeps_it_alive():
     y = blocked.gemm_blocked_impl(x, *args)
     plan = blocked._OP_PLANS[b["qweight"]][3]
     assert torch.equal(blocked.gemm_blocked_impl(x, *args), y) and blocked._OP_PLANS[b["qweight"]][3] is plan
+    # later calls of one row go by a launch kept with the plan, one per dtype and dot flag, same bits as the plan's
+    # call; a row whose elements are not adjacent is read as its contiguous copy
+    assert set(blocked._OP_PLANS[b["qweight"]][4]) == {(torch.float32, False)}
+    xs = torch.randn(spec.in_features, 2)[:, :1].t()
+    assert xs.stride(-1) != 1 and torch.equal(blocked.gemm_blocked_impl(xs, *args), blocked.gemv_planned(xs, plan, 256))
+    for dt in (torch.bfloat16, torch.float16):
+        xd = x.to(dt)
+        first = blocked.gemm_blocked_impl(xd, *args)
+        assert torch.equal(blocked.gemm_blocked_impl(xd, *args), first)
+        assert torch.equal(first, blocked.gemv_planned(xd, plan, 256))
+    assert set(blocked._OP_PLANS[b["qweight"]][4]) == {(torch.float32, False), (torch.bfloat16, False),
+                                                      (torch.float16, False)}
     scale2 = b["scale"].clone() * 2
     y2 = blocked.gemm_blocked_impl(x, b["qweight"], scale2, *args[2:])
     assert blocked._OP_PLANS[b["qweight"]][3] is not plan
