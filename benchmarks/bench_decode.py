@@ -152,17 +152,50 @@ def tune(models: dict, prompt: torch.Tensor) -> None:
               + ", ".join(f"{k.split('|')[0]} {v}" for k, v in picks.items()), flush=True)
 
 
-def decode_ms(models: dict, prompt: torch.Tensor, tokens: int, repeats: int) -> dict:
+class CompiledSteps:
+    """Greedy decoding like :func:`_greedy_steps` (call it with the same arguments), its one-token steps by
+    ``torch.compile(model.forward)`` on a static KV cache (``transformers.StaticCache``: fixed shapes, so one graph
+    serves every step); the prompt runs eagerly. The graph compiles at the first step (a minute or more for a
+    30-layer model on 2 cores): the decoding a deployment compiles once and reuses."""
+
+    def __init__(self, model, max_len: int):
+        import transformers
+
+        self.model = model
+        try:
+            self.cache = transformers.StaticCache(config=model.config, max_cache_len=max_len)
+        except TypeError as e:  # transformers 4.x took other arguments
+            raise SystemExit(f"compiled decoding needs transformers 5's StaticCache(config=, max_cache_len=): {e}")
+        self.step = torch.compile(model.forward, dynamic=False)
+
+    def __call__(self, model, prompt: torch.Tensor, tokens: int):
+        n = prompt.shape[1]
+        self.cache.reset()
+        out = self.model(input_ids=prompt, past_key_values=self.cache, cache_position=torch.arange(n),
+                         use_cache=True, logits_to_keep=1)
+        ids = [out.logits[:, -1].argmax(-1, keepdim=True)]
+        yield
+        for i in range(tokens):
+            out = self.step(input_ids=ids[-1], past_key_values=self.cache, cache_position=torch.tensor([n + i]),
+                            use_cache=True, logits_to_keep=1)
+            ids.append(out.logits[:, -1].argmax(-1, keepdim=True))
+            yield
+        return torch.cat(ids, 1)[0]
+
+
+def decode_ms(models: dict, prompt: torch.Tensor, tokens: int, repeats: int, steppers: dict | None = None) -> dict:
     """``{name: Decode}`` for every model: greedy decoding of ``tokens`` steps after ``prompt`` (batch 1), the
     models advancing in lockstep, one timed step each in turn, so that all see the same moments of a shared
     machine; one untimed warm-up round (kernels compile, paths are measured), then ``repeats`` timed rounds. The
-    per-step figure is the median over all steps of all rounds."""
+    per-step figure is the median over all steps of all rounds. ``steppers``: ``{name: decoder}`` used instead of
+    :func:`_greedy_steps` for those models (e.g. :class:`CompiledSteps`)."""
     steps = {name: [] for name in models}
     prefill = {name: [] for name in models}
     ids = {}
+    steppers = steppers or {}
     with torch.no_grad():
         for r in range(repeats + 1):
-            gens = {name: _greedy_steps(m, prompt, tokens) for name, m in models.items()}
+            gens = {name: steppers.get(name, _greedy_steps)(m, prompt, tokens) for name, m in models.items()}
             for i in range(tokens + 2):  # prefill, the steps, then the generator's return
                 for name, g in gens.items():
                     t = time.perf_counter()

