@@ -174,13 +174,22 @@ def gemv_plan(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
 _OP_PLANS = WeakIdKeyDictionary()
 
 
+def _kept_op_plan(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int, bits: int):
+    """The ``_OP_PLANS`` entry of ``qweight`` (scale, zero point, (group size, width), plan, launches) where it was
+    kept for these very operands at these addresses, else None."""
+    entry = _OP_PLANS.get(qweight)
+    if (entry is None or entry[0] is not scale or entry[1] is not zero_point or entry[2] != (group_size, bits)
+            or entry[3].addresses != (qweight.data_ptr(), scale.data_ptr(), zero_point.data_ptr())):
+        return None
+    return entry
+
+
 def _op_plan(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int, bits: int):
     """:func:`gemv_plan` of an op's operands, kept while ``qweight`` lives and rebuilt when the scale or zero point
     tensor, an address, the group size or the width changes; None where :func:`gemv_plan` is None (a per-tensor
     scale's temporary expansion is never kept)."""
-    entry = _OP_PLANS.get(qweight)
-    if (entry is not None and entry[0] is scale and entry[1] is zero_point and entry[2] == (group_size, bits)
-            and entry[3].addresses == (qweight.data_ptr(), scale.data_ptr(), zero_point.data_ptr())):
+    entry = _kept_op_plan(qweight, scale, zero_point, group_size, bits)
+    if entry is not None:
         return entry[3]
     plan = gemv_plan(qweight, scale, zero_point, group_size, bits)
     if plan is not None:
@@ -195,9 +204,8 @@ def _op_decode(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
     where none is kept yet for them and ``x``'s dtype (then :func:`gemm_blocked_impl`'s checks, which keep one).
     Saves the op's per-call checks, plan lookup and block copy: a compiled model makes one such call per layer and
     decoding step."""
-    entry = _OP_PLANS.get(qweight)
-    if (entry is None or entry[0] is not scale or entry[1] is not zero_point or entry[2] != (group_size, bits)
-            or entry[3].addresses != (qweight.data_ptr(), scale.data_ptr(), zero_point.data_ptr())):
+    entry = _kept_op_plan(qweight, scale, zero_point, group_size, bits)
+    if entry is None:
         return None
     dt, plan = x.dtype, entry[3]
     if x.shape[1] != plan.K:
