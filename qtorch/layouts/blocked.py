@@ -36,10 +36,10 @@ import threading
 import weakref
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import amx, autotune, bf16dot, dequant, gemm, gemv, planes, prefetch
 from .._infer_ops import constant_result, define_twin, needs_grad, plain_eager
+from .._kept import ByTensor
 from .base import Layout, single_row_shapes
 from .codec import complete_groups, pack_codes, pad_columns, padded_k, unpack_codes
 
@@ -171,7 +171,7 @@ def gemv_plan(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
 
 # the ops' one-row plans, by the qweight tensor they read (a compiled graph passes the same frozen constant at every
 # call; the plan's arrays hold the storage through tensors of their own, never this key): ~15 us a call saved
-_OP_PLANS = WeakIdKeyDictionary()
+_OP_PLANS = ByTensor()
 
 
 def _kept_op_plan(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int, bits: int):

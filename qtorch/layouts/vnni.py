@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import prefetch, vnni, vnni_amx, vnni_bf16
 from .._infer_ops import define_twin, needs_grad, plain_eager
+from .._kept import ByTensor
 from .base import Layout, single_row_shapes
 from .blocked import _buffer, _scale_canonical, _scale_rows  # (the blocks' buffer: one per thread, shared)
 from .codec import dense_linear, unpack_codes
@@ -180,7 +180,7 @@ def _portable(x2, qweight, scale, zero_point) -> torch.Tensor:
 # layer), by the codes tensor they read and the activations' dtype; the plan's arrays hold the storage through
 # tensors of their own, never this key. A plan built per call cost 50-60 us of a 230 us 4096 x 4096 bfloat16 call
 # (its block's first run included)
-_OP_PLANS = WeakIdKeyDictionary()
+_OP_PLANS = ByTensor()
 
 
 def _op_plan(qweight, scale, zero_point, k: int, dtype: torch.dtype) -> "vnni.Plan":

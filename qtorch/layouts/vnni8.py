@@ -22,10 +22,10 @@ True
 from __future__ import annotations
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import vnni8
 from .._infer_ops import define_twin, needs_grad, plain_eager
+from .._kept import ByTensor
 from .base import Layout, single_row_shapes
 from .codec import dense_linear
 
@@ -49,7 +49,7 @@ def _portable(x2, qweight, scale) -> torch.Tensor:
 
 # the plans of the layers and of the op (compiled graphs and autograd get the buffers, not the layer), by the codes
 # tensor they read; a plan's arrays hold the storage through views of their own, never this key
-_PLANS = WeakIdKeyDictionary()
+_PLANS = ByTensor()
 
 
 def _plan(qweight: torch.Tensor, scale: torch.Tensor) -> "vnni8.Plan":
