@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from qcore import _parallel, _team
 # the kernel modules take these from here
-from qcore._team import ADDR, F64, HEADER, I64, Operands, as_ptr, claim, claim_operands  # noqa: F401
+from qcore._team import (ADDR, F64, HEADER, I64, THREADS, TRAILER, Operands, as_ptr, claim,  # noqa: F401
+                         claim_operands)
 
 from ._ir import cached as _cached
 

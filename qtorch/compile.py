@@ -80,8 +80,17 @@ __all__ = ["compile", "CompiledModule", "compile_options"]
 
 
 def compile_options(device_type: str = "cpu", *, autotune: bool = True) -> dict:
-    """The inductor options ``qtorch.compile`` passes for ``device_type``."""
+    """The inductor options ``qtorch.compile`` passes for ``device_type``: on the CPU with
+    :data:`qtorch.siblings.PASS` (one call for the blocked layers that read the same row), unless inductor's
+    config holds a post-grad pass of the caller's already (which stays)."""
     opts = {"freezing": True}
+    if device_type == "cpu":
+        from torch._inductor import config
+
+        from .siblings import PASS
+
+        if config.post_grad_custom_post_pass is None:
+            opts["post_grad_custom_post_pass"] = PASS
     if autotune:
         opts["max_autotune"] = True
         opts["coordinate_descent_tuning"] = True
@@ -324,6 +333,8 @@ def _compiled_probe(layer: nn.Module, layout: str, rows: tuple, options: dict, c
     probe = _probe(layer, layout, copies, rotate)
     for m in probe.layers:
         _keep_paths(m, rows)
+    # the copies read the same row: siblings' single calls would time something no model runs
+    options = {k: v for k, v in options.items() if k != "post_grad_custom_post_pass"}
     return CompiledModule(probe, torch.compile(probe, fullgraph=True, dynamic=False, options=options), options)
 
 

@@ -96,7 +96,7 @@ from ._ir import prefetch_at, prefetch_l2
 from ._ir import cached as _cached
 from .planes import block_size, block_size_of, split_row
 
-__all__ = ["eligible", "gemv_blocked"]
+__all__ = ["Chain", "Launcher", "Plan", "eligible", "gemv_blocked"]
 
 # vpermps on 16 floats (AVX-512F): an instruction, so only where numba compiles for a CPU that has it (a 16-float
 # vector elsewhere is split by LLVM; an intrinsic is not)
@@ -839,13 +839,25 @@ def _gemv_chunk(o, i, t0, t1, wdt, y):  # pragma: no cover - compiled; tiles t0.
 
 @njit(inline="always")
 def _team_body(data, wdt):  # pragma: no cover - compiled
+    # a chain of blocks (:class:`Chain`): each thread runs its share of one layer's tiles, then goes on to the next
+    # block's without waiting for the others; the team size of the first block is every block's
     head = carray(data, _omp.HEADER, np.int64)
-    if head[0] < head[1]:  # chunks left to claim: this thread's own x (a block of none is the loader's probe)
-        y = _prep(_read(head))
-    else:
-        e = np.empty(0, np.float32)
-        y = (e, e, np.empty((0, 0), np.int8), e, np.empty((0, 2), np.int32), e, False)
-    _omp.claim_operands(data, _read, _gemv_chunk, wdt, y, True)  # a lane of tiles per thread: one stream each
+    team = carray(data, _omp.HEADER + head[1] + _omp.TRAILER, np.int64)[_omp.HEADER + head[1] + _omp.THREADS]
+    while True:
+        head = carray(data, _omp.HEADER, np.int64)
+        nchunks = head[1]
+        block = carray(data, _omp.HEADER + nchunks + _omp.TRAILER + 1, np.int64)
+        block[_omp.HEADER + nchunks + _omp.THREADS] = team  # (every thread writes the same value)
+        if head[0] < nchunks:  # chunks left to claim: this thread's own x (a block of none is the loader's probe)
+            y = _prep(_read(head))
+        else:
+            e = np.empty(0, np.float32)
+            y = (e, e, np.empty((0, 0), np.int8), e, np.empty((0, 2), np.int32), e, False)
+        _omp.claim_operands(data, _read, _gemv_chunk, wdt, y, True)  # a lane of tiles per thread: one stream each
+        following = block[_omp.HEADER + nchunks + _omp.TRAILER]
+        if following == 0:
+            break
+        data = _omp.as_ptr(following)
 
 
 def _team_gemv_i8(data):  # pragma: no cover - compiled
@@ -955,9 +967,10 @@ class Plan:
         self.dot_ok = (_DP and self.wide and bits == 4 and gsize % 2 == 0
                        or PLANES and bits == 4 and W % 16 == 0 and block_size(gsize) > 0)
         flags = (self.prefetch << _PF_SHIFT) | (int(self.wide) << 1)
-        self.block = _omp.new_block(T, T, OPERANDS.pack(K=K, W=W, gsize=gsize, bits=bits, zp_rows=zp.shape[0],
-                                                        flags=flags, tiles=T, x=0, scratch=0, wb=wa, scale=sa,
-                                                        zp=za, out=0))
+        block = _omp.new_block(T, T, OPERANDS.pack(K=K, W=W, gsize=gsize, bits=bits, zp_rows=zp.shape[0],
+                                                   flags=flags, tiles=T, x=0, scratch=0, wb=wa, scale=sa, zp=za,
+                                                   out=0))
+        self.block = np.append(block, np.int64(0))  # after the trailer: the next block's address in a Chain, or 0
         self.addresses = (wa, sa, za)
         self.kernel = _TEAM_KERNELS[wb.dtype == np.int8]
 
@@ -1037,3 +1050,54 @@ class Launcher:
         team = p.kernel
         _omp.run(p.T, team, block, _omp.on_caller, (team, block), p.T, p.min_part, p.T, address)
         _omp.give_block(self.free, block, address)
+
+
+class Chain:
+    """Several layers' :class:`Launcher` calls on one input row, as one start of the thread team: their blocks are
+    linked (each block's last slot holds the next one's address), so that each thread goes on to the next layer's
+    tiles as soon as it finds none left in this one, and the team meets once, after the last. What a decoding step
+    runs for the layers that read the same row (attention's query, key and value; an MLP's gate and up): each
+    launch of its own starts the team and waits for its slowest thread. ``chain(xa, oas)``: ``x`` at ``xa`` (every
+    layer's ``K`` values) and layer ``i``'s output at ``oas[i]``; the same bits as each launcher's own call.
+
+    The layers share the team kernel (all codes signed, or all unsigned); each thread widens ``x`` once per layer.
+
+    >>> import numpy as np
+    >>> wb, scale = np.ones((1, 128, 64), np.int8), np.full((1, 64), 0.5, np.float32)
+    >>> zp, x = np.zeros((0, 0), np.uint8), np.ones(128, np.float32)
+    >>> p = Plan(wb, scale, zp, 128, 8, wb.ctypes.data, scale.ctypes.data, zp.ctypes.data)
+    >>> out = np.empty((2, 64), np.float32)
+    >>> Chain([Launcher(p, 0, 0, False)] * 2)(x.ctypes.data, (out[0].ctypes.data, out[1].ctypes.data))
+    >>> out[:, :2].tolist()
+    [[64.0, 64.0], [64.0, 64.0]]
+    """
+
+    __slots__ = ("launchers", "kernel", "units", "sums")
+
+    def __init__(self, launchers):
+        launchers = tuple(launchers)
+        if not launchers or not all(isinstance(la, Launcher) for la in launchers):
+            raise TypeError("a Chain takes one or more Launchers")
+        if len({la.plan.kernel for la in launchers}) != 1:
+            raise ValueError("a Chain's layers share one team kernel: their codes all signed or all unsigned")
+        self.launchers = launchers
+        self.kernel = launchers[0].plan.kernel
+        self.units = sum(la.plan.T for la in launchers)
+        self.sums = sum(la.plan.N for la in launchers if la.scratch)  # float32 sums of the outputs not float32
+
+    def __call__(self, xa: int, oas) -> None:
+        taken = [_omp.take_block(la.template, la.free) for la in self.launchers]  # (a launcher twice: two blocks)
+        sums = _sums_address(self.sums) if self.sums else 0
+        for i, (la, (block, _)) in enumerate(zip(self.launchers, taken)):
+            block[_X] = xa
+            block[_OUT] = oas[i]
+            if la.scratch:  # each layer its own stretch of the thread's sums: threads work on two layers at once
+                block[_SCRATCH] = sums
+                sums += 4 * la.plan.N
+            block[-1] = taken[i + 1][1] if i + 1 < len(taken) else 0
+        first, address = taken[0]
+        p = self.launchers[0].plan
+        team = self.kernel
+        _omp.run(self.units, team, first, _omp.on_caller, (team, first), p.T, p.min_part, p.T, address)
+        for la, (block, address) in zip(self.launchers, taken):
+            _omp.give_block(la.free, block, address)

@@ -204,23 +204,32 @@ def _op_decode(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
     where none is kept yet for them and ``x``'s dtype (then :func:`gemm_blocked_impl`'s checks, which keep one).
     Saves the op's per-call checks, plan lookup and block copy: a compiled model makes one such call per layer and
     decoding step."""
+    launch = kept_launch(x, qweight, scale, zero_point, group_size, bits, dot)
+    if launch is None:
+        return None
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty((1, out_features), dtype=x.dtype, device="cpu")
+    launch(x.data_ptr(), out.data_ptr())
+    return out
+
+
+def kept_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                group_size: int, bits: int, dot: bool):
+    """The :class:`qtorch.gemv.Launcher` kept with the op plan of these operands for one row like ``x`` (``[1, K]``
+    on the CPU, of ``x``'s dtype) and the dot flag (made at its first such call), or None where no plan is kept
+    for them yet or ``x`` does not fit it."""
     entry = _kept_op_plan(qweight, scale, zero_point, group_size, bits)
-    if entry is None:
+    if entry is None or x.shape[1] != entry[3].K:
         return None
-    dt, plan = x.dtype, entry[3]
-    if x.shape[1] != plan.K:
-        return None
+    dt = x.dtype
     launch = entry[4].get((dt, dot))
     if launch is None:
         kind = gemv.TORCH_KINDS.get(dt)
         if kind is None or x.device.type != "cpu":
             return None
-        launch = entry[4][(dt, dot)] = gemv.Launcher(plan, kind, kind, _folds(dt, bits), dot)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    out = torch.empty((1, out_features), dtype=dt, device="cpu")
-    launch(x.data_ptr(), out.data_ptr())
-    return out
+        launch = entry[4][(dt, dot)] = gemv.Launcher(entry[3], kind, kind, _folds(dt, bits), dot)
+    return launch
 
 
 def gemv_planned(x: torch.Tensor, plan, out_features: int, dot: bool = False) -> torch.Tensor:

@@ -71,9 +71,16 @@ def test_qtorch_compile_inductor_fullgraph_and_restores_nothing_global(torch_pac
 
 
 def test_compile_options():
-    assert compile_options("cpu") == {"freezing": True, "max_autotune": True, "coordinate_descent_tuning": True}
-    assert compile_options("cuda")["triton.cudagraphs"] is True
-    assert compile_options("cpu", autotune=False) == {"freezing": True}
+    from qtorch.siblings import PASS
+
+    assert compile_options("cpu") == {"freezing": True, "max_autotune": True, "coordinate_descent_tuning": True,
+                                      "post_grad_custom_post_pass": PASS}
+    assert compile_options("cuda")["triton.cudagraphs"] is True and "post_grad_custom_post_pass" not in \
+        compile_options("cuda")
+    assert compile_options("cpu", autotune=False) == {"freezing": True, "post_grad_custom_post_pass": PASS}
+    mine = object()
+    with inductor_config.patch(post_grad_custom_post_pass=mine):  # a pass of the caller's stays
+        assert compile_options("cpu", autotune=False) == {"freezing": True}
     with pytest.raises(TypeError):
         qtorch.compile(lambda x: x)
 
