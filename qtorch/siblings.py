@@ -51,9 +51,10 @@ def _chain(qweight: torch.Tensor, launches: tuple, key: tuple):
         kept = _CHAINS[qweight] = {}
     chain = kept.get(key)
     if chain is None or chain.launchers != launches:
-        if len({la.plan.kernel for la in launches}) != 1:
+        try:
+            chain = kept[key] = gemv.Chain(launches)
+        except ValueError:  # codes of both signs: each layer by its own launch
             return None
-        chain = kept[key] = gemv.Chain(launches)
     return chain
 
 

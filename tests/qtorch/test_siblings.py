@@ -181,3 +181,14 @@ def test_a_compiled_model_runs_its_siblings_as_one_call_with_the_same_bits(compi
     assert sum("gemm_blocked_infer.default(" in c for c in calls) == 1
     for a, b, c in zip(got, again, want):
         assert torch.equal(a, c) and torch.equal(b, c)
+
+
+def test_layers_of_signed_and_unsigned_codes_share_a_call_and_run_each_by_its_own_launch():
+    layers = _layers(W8, torch.bfloat16, (64,)) + _layers(QuantScheme(8, False, PerChannel(0)), torch.bfloat16, (128,))
+    assert {q.quantized_weight.buffers["qweight"].dtype for q in layers} == {torch.int8, torch.uint8}
+    members = [(*_operands(q)[:3], q.out_features) for q in layers]
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    want = torch.cat([blocked.gemm_blocked_impl(x, *_operands(q)) for q in layers], 1)
+    for _ in range(3):  # the first call keeps the launches; no chain joins the two kernels
+        assert torch.equal(siblings.siblings_impl(x, members, 128, 8, False), want)
+    assert siblings._CHAINS.get(members[0][0], {}).get((torch.bfloat16, False)) is None
