@@ -38,7 +38,7 @@ import qcore
 from qcore import packing
 from qcore.params import check_codes, check_float_grid, check_grid, check_zero_point
 
-from . import autotune, layouts
+from . import _stack_cache, autotune, layouts
 from ._infer_ops import needs_grad, plain_eager
 from ._torch_numpy import to_numpy
 from .layouts import WeightSpec
@@ -65,6 +65,7 @@ class QuantizedWeight:
         self.aux = None
         self._routes: dict = {}  # (device type, dtype, row bucket index) -> path, for tuned layouts
         self.reset(torch.get_default_device() if device is None else torch.device(device))
+        _stack_cache.ensure()  # (the layer's calls at a frame-stack chunk's edge: qtorch._stack_cache)
 
     def __getstate__(self):
         # copies and pickles start without decoders: each one is bound to the weight (and buffers) it was made for
