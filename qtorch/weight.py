@@ -76,6 +76,7 @@ class QuantizedWeight:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.__dict__.setdefault("_decoders", {})  # a module pickled whole by a version without decoders
+        _stack_cache.ensure()  # (a model unpickled in a new process: torch.load of a whole module)
 
     # ------------------------------------------------------------------ state
     def reset(self, device: torch.device) -> None:

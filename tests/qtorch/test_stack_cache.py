@@ -50,6 +50,26 @@ def test_the_first_quantized_weight_installs_it_and_the_variable_keeps_it_off():
     assert off.stdout.split() == ["False", "False", "False"]
 
 
+def test_a_model_unpickled_in_a_new_process_installs_it_too(tmp_path):
+    import torch
+
+    import qtorch
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    qtorch.quantize_model(model, exclude=())
+    torch.save(model, tmp_path / "m.pt")
+    r = _run(f"""
+        import torch, qtorch
+        from qtorch import _stack_cache as s
+        before = s.installed()
+        m = torch.load({str(tmp_path / "m.pt")!r}, weights_only=False)
+        print(before, s.installed(), s.applicable(), type(m[0]).__name__)
+    """)
+    assert r.returncode == 0, r.stderr
+    before, after, applicable, name = r.stdout.split()
+    assert before == "False" and after == applicable and name == "QuantLinear"
+
+
 @needs_cache
 def test_freed_chunks_are_kept_and_handed_out_again():
     assert _stack_cache.install() and _stack_cache.installed()
