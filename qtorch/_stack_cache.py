@@ -18,7 +18,9 @@ threads call it at once. ``import qtorch`` installs it on CPython 3.11 and 3.12 
 unless ``QTORCH_STACK_CACHE=0``; it holds at most ``SLOTS * CHUNK`` bytes (64 KiB).
 
 >>> from qtorch import _stack_cache
->>> _stack_cache.installed() == _stack_cache.applicable()   # (unless QTORCH_STACK_CACHE=0 turned it off)
+>>> _stack_cache.install() == _stack_cache.applicable()   # installed where the interpreter has the cost
+True
+>>> 0 <= _stack_cache.cached_chunks() <= _stack_cache.SLOTS
 True
 """
 

@@ -18,8 +18,8 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
     ``DEEP`` defined."""
     full_env = {k: v for k, v in os.environ.items() if k != _stack_cache.ENV}
     full_env.update(env)
-    return subprocess.run([sys.executable, "-c", f"DEEP = {DEEP!r}\n" + textwrap.dedent(code)], capture_output=True, text=True,
-                          env=full_env, timeout=300)
+    return subprocess.run([sys.executable, "-c", f"DEEP = {DEEP!r}\n" + textwrap.dedent(code)],
+                          capture_output=True, text=True, env=full_env, timeout=300)
 
 
 # a recursion whose frames take ~1 KiB each (128 local variables): 16 of them fill a chunk, so 200 deep spans a
