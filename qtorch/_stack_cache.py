@@ -14,8 +14,9 @@ CPython's documented hook): up to :data:`SLOTS` freed chunks of :data:`CHUNK` by
 next request of that size; every other request (obmalloc's arenas, a big frame's larger chunk) goes to the
 allocator that was there before, as does a chunk freed while the cache is full. The allocator runs as native code
 (numba ``cfunc``); its slots are taken and filled with atomic exchanges, so that it stays correct where two
-threads call it at once. ``import qtorch`` installs it on CPython 3.11 and 3.12 (the versions without the fix)
-unless ``QTORCH_STACK_CACHE=0``; it holds at most ``SLOTS * CHUNK`` bytes (64 KiB).
+threads call it at once. The first quantized weight a process makes or unpickles installs it (:func:`ensure`) on
+CPython 3.11 and 3.12, the versions without the fix, unless ``QTORCH_STACK_CACHE=0``; it holds at most
+``SLOTS * CHUNK`` bytes (64 KiB).
 
 >>> from qtorch import _stack_cache
 >>> _stack_cache.install() == _stack_cache.applicable()   # installed where the interpreter has the cost
