@@ -81,6 +81,7 @@ array([64., 64., 64.], dtype=float32)
 from __future__ import annotations
 
 import functools
+import os
 import threading
 
 import numpy as np
@@ -90,7 +91,7 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import _omp
+from . import _launch, _omp
 from ._ir import BF16 as _BF16, F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, host_has, vec
 from ._ir import prefetch_at, prefetch_l2
 from ._ir import cached as _cached
@@ -1014,6 +1015,21 @@ def _call_flags(p: Plan, xkind: int, okind: int, fold: bool, dot: bool) -> int:
     return fold | dot << 2 | xkind << 3 | okind << 5
 
 
+#: one-row launches go as one native call where they can (:mod:`qtorch._launch`); ``QTORCH_NATIVE_LAUNCH=0`` keeps
+#: them in Python (the same numbers either way)
+NATIVE_LAUNCH = os.environ.get("QTORCH_NATIVE_LAUNCH", "1").strip() != "0"
+
+
+def _native(team_kernel, units: int, layers):
+    """The native launch of these layers' blocks (:class:`qtorch._launch.Native`), or None where their launch never
+    goes natively: one work unit (the caller runs it alone), more layers than one native call chains, no OpenMP
+    team of torch's, or :data:`NATIVE_LAUNCH` off."""
+    if not NATIVE_LAUNCH or units < 2 or len(layers) > _launch.MAX_LAYERS or not _omp.available():
+        return None
+    native = _launch.Native(team_kernel(), layers, (_X, _OUT, _SCRATCH))
+    return native if native.available() else None
+
+
 class Launcher:
     """:func:`run_plan` with every argument but the addresses fixed: ``launcher(xa, oa)``. What the blocked
     layout's decoder calls once per decoding step of each layer, so it does the least Python a call allows: the
@@ -1031,7 +1047,7 @@ class Launcher:
     [64.0, 64.0]
     """
 
-    __slots__ = ("plan", "template", "free", "scratch")
+    __slots__ = ("plan", "template", "free", "scratch", "native")
 
     def __init__(self, plan: Plan, xkind: int, okind: int, fold: bool, dot: bool = False):
         self.plan = plan
@@ -1039,8 +1055,18 @@ class Launcher:
         self.template[_FLAGS] |= _call_flags(plan, xkind, okind, fold, dot)
         self.scratch = bool(okind)
         self.free = []  # (block, its address): blocks of calls that are over; a call on another thread takes its own
+        self.native = _native(plan.kernel, plan.T, [(self.template, plan.N if okind else 0)])
 
     def __call__(self, xa: int, oa: int) -> None:
+        native = self.native
+        if native is not None:  # the plain case as one native call (qtorch._launch)
+            start = _launch.start()
+            n = torch.get_num_threads()
+            if start is not None and n > 1:
+                starved = native(xa, oa, 0, 0, n)
+                if starved >= 0:
+                    _launch.after(native, n, starved, start)
+                    return
         p = self.plan
         block, address = _omp.take_block(self.template, self.free)
         block[_X] = xa
@@ -1072,7 +1098,7 @@ class Chain:
     [[64.0, 64.0], [64.0, 64.0]]
     """
 
-    __slots__ = ("launchers", "kernel", "units", "sums")
+    __slots__ = ("launchers", "kernel", "units", "sums", "native")
 
     def __init__(self, launchers):
         launchers = tuple(launchers)
@@ -1084,8 +1110,19 @@ class Chain:
         self.kernel = launchers[0].plan.kernel
         self.units = sum(la.plan.T for la in launchers)
         self.sums = sum(la.plan.N for la in launchers if la.scratch)  # float32 sums of the outputs not float32
+        self.native = _native(self.kernel, self.units, [(la.template, la.plan.N if la.scratch else 0)
+                                                        for la in launchers])
 
     def __call__(self, xa: int, oas) -> None:
+        native = self.native
+        if native is not None:  # the plain case as one native call (qtorch._launch)
+            start = _launch.start()
+            n = torch.get_num_threads()
+            if start is not None and n > 1:
+                starved = native(xa, *oas, n) if len(oas) == 3 else native(xa, *oas, 0, n)
+                if starved >= 0:
+                    _launch.after(native, n, starved, start)
+                    return
         taken = [_omp.take_block(la.template, la.free) for la in self.launchers]  # (a launcher twice: two blocks)
         sums = _sums_address(self.sums) if self.sums else 0
         for i, (la, (block, _)) in enumerate(zip(self.launchers, taken)):

@@ -466,15 +466,18 @@ def test_a_row_with_strides_reads_only_its_elements(dtype):
 
 @pytest.mark.parametrize("bits,sym,kind,g", [(4, False, "group", 32), (8, True, "channel", 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("team", [True, False])
+@pytest.mark.parametrize("team,native", [(True, True), (True, False), (False, False)],
+                         ids=["native", "python", "no-team"])
 def test_a_launcher_gives_run_plans_bits_call_after_call_and_on_several_threads(bits, sym, kind, g, dtype, team,
-                                                                               monkeypatch):
+                                                                               native, monkeypatch):
     # the decoder's launch reuses its blocks (refilled from the template): every call starts from an unclaimed block,
-    # and calls on other threads at the same time each take a block of their own
+    # and calls on other threads at the same time each take a block of their own (the native launch's one block:
+    # whoever finds it taken goes the Python way)
     import threading
 
     if not team:
         _no_team(monkeypatch)
+    monkeypatch.setattr(gemv, "NATIVE_LAUNCH", native)
     k, n = 256, 192
     _, wb, sb, zb = _blocked(bits, sym, kind, g, n, k, 64, seed=bits)
     sp, zp = blocked.blocked_params(sb, zb, n)
@@ -493,7 +496,12 @@ def test_a_launcher_gives_run_plans_bits_call_after_call_and_on_several_threads(
             out = torch.full((n,), 7.0, dtype=dtype)
             launch(x.data_ptr(), out.data_ptr())
             assert torch.equal(out, ref)
-    assert 1 <= len(launch.free) <= 4
+    if native and torch.get_num_threads() > 1:  # every call went natively: its block holds the last call's row
+        assert launch.native is not None and not launch.free
+        assert launch.native.blocks[0][gemv._X] == xs[-1].data_ptr()
+    else:
+        assert launch.native is None or torch.get_num_threads() < 2
+        assert 1 <= len(launch.free) <= 4
     bad = []
 
     def worker(i):
