@@ -1030,6 +1030,9 @@ def _native(team_kernel, units: int, layers):
     return native if native.available() else None
 
 
+_UNUSED_OUTS = ((), (0, 0), (0,), ())  # a native chain of 1, 2 or 3 layers: the output addresses it does not read
+
+
 class Launcher:
     """:func:`run_plan` with every argument but the addresses fixed: ``launcher(xa, oa)``. What the blocked
     layout's decoder calls once per decoding step of each layer, so it does the least Python a call allows: the
@@ -1119,7 +1122,7 @@ class Chain:
             start = _launch.start()
             n = torch.get_num_threads()
             if start is not None and n > 1:
-                starved = native(xa, *oas, n) if len(oas) == 3 else native(xa, *oas, 0, n)
+                starved = native(xa, *oas, *_UNUSED_OUTS[len(oas)], n)
                 if starved >= 0:
                     _launch.after(native, n, starved, start)
                     return
