@@ -7,8 +7,9 @@ calls and attribute lookups around the one that does the work, and a decoding st
 layer, each on caches the previous layer's weights just streamed through. :class:`Native` does it all in one
 ``cfunc`` called through ctypes (which releases the GIL, as the team call did): the template copied, the slots
 written, the team started through ``GOMP_parallel``'s address, the starved count returned. Measured on the 2-core
-Zen 3, 100 launches of one-row bfloat16 8-bit layers in a loop, medians: 64x64 10.1 -> 4.3 us a launch, 576x576
-27.3 -> 19.7 us.
+Zen 3, 100 launches of one-row bfloat16 8-bit layers in a loop (medians, interleaved): 576x576 18.1 -> 15.4 us a
+launch, 1536x1536 123.0 -> 113.9; inside SmolLM2's decoding, where each launch meets cold caches, 4-9% of a step
+(``benchmarks/bench_launch.py``).
 
 It serves only the plain case: torch's team available, two or more threads and work units, no thread cap in
 force (:mod:`qcore._team`'s cap after a starved call: that bookkeeping stays in Python), not in a forked child,
@@ -153,7 +154,7 @@ class Native:
     ``native(xa, o0, o1, o2, nthreads)``: see :func:`_launch` (at most :data:`MAX_LAYERS` layers; ``o1``, ``o2``
     unread where there are fewer); the caller keeps ``x`` and the outputs alive during the call."""
 
-    __slots__ = ("state", "address", "blocks", "scratch", "nchunks", "fn", "__weakref__")
+    __slots__ = ("state", "address", "blocks", "scratch", "nchunks", "fn")
 
     def __init__(self, kernel_address: int, layers, slots: tuple):
         layers = list(layers)
