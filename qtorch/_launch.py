@@ -15,9 +15,8 @@ It serves only the plain case: torch's team available, two or more threads and w
 force (:mod:`qcore._team`'s cap after a starved call: that bookkeeping stays in Python), not in a forked child,
 and no other thread inside the same launch (each :class:`Native` holds one block, taken by an atomic flag). Any
 other call returns ``-1`` or is not made, and the caller takes the Python path, which handles them all; the
-numbers are the same either way (the same kernel on the same block layout). After a call the caller passes the
-starved count and the wall time to :func:`after`, which does what :func:`qcore._team.run` does after its team
-call.
+numbers are the same either way (the same kernel on the same block layout). :meth:`Native.run` makes the call
+where it may and then does what :func:`qcore._team.run` does after its team call.
 
 >>> import numpy as np
 >>> from qtorch import gemv
@@ -38,12 +37,13 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
+import torch
 from llvmlite import ir
 from numba import carray, types
 from numba.extending import intrinsic
 from qcore import _team
 
-__all__ = ["MAX_LAYERS", "Native", "after", "start"]
+__all__ = ["MAX_LAYERS", "Native", "start"]
 
 #: the most layers one native launch chains (sibling layers come in twos and threes)
 MAX_LAYERS = 3
@@ -187,6 +187,24 @@ class Native:
     def __call__(self, xa: int, o0: int, o1: int, o2: int, nthreads: int) -> int:
         return self.fn(self.address, xa, o0, o1, o2, nthreads)
 
+    def run(self, xa: int, o0: int, o1: int, o2: int) -> bool:
+        """The launch on torch's threads as one native call, with :func:`qcore._team.run`'s bookkeeping after it;
+        False (nothing ran) where it must go the Python way: :func:`start` says no, one thread, or another thread
+        holds this launch."""
+        begin = start()
+        n = torch.get_num_threads()
+        if begin is None or n < 2:
+            return False
+        starved = self.fn(self.address, xa, o0, o1, o2, n)
+        if starved < 0:
+            return False
+        end = _team._now()
+        _team._LAST_END, _team._LAST_SIZE = end, n
+        if end - begin >= _team.LATE_S:  # (no cap was in force, or the launch would not have been native)
+            waited = self.nchunks >= 4 * n and _team._waited(self.trailer())
+            _team._note_starved(n, int(starved), end - begin, waited)
+        return True
+
     def trailer(self) -> np.ndarray:
         """The first block's trailer as the last call left it."""
         return self.blocks[0][_team.HEADER + self.nchunks:]
@@ -198,15 +216,3 @@ def start() -> float | None:
     if _team._IN_FORKED_CHILD or _team._CAP is not None or _team._LEVEL:
         return None
     return _team._now()
-
-
-def after(native: Native, nthreads: int, starved: int, start: float) -> None:
-    """What :func:`qcore._team.run` does after its team call, for a native launch of ``nthreads`` that began at
-    ``start`` (:func:`start`'s clock) and returned ``starved``."""
-    end = _team._now()
-    _team._LAST_END, _team._LAST_SIZE = end, nthreads
-    wall = end - start
-    if wall >= _team.LATE_S:  # (no cap was in force, or the launch would not have been native)
-        trailer = native.trailer()
-        waited = native.nchunks >= 4 * nthreads and _team._waited(trailer)
-        _team._note_starved(nthreads, int(starved), wall, waited)

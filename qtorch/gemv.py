@@ -1062,14 +1062,8 @@ class Launcher:
 
     def __call__(self, xa: int, oa: int) -> None:
         native = self.native
-        if native is not None:  # the plain case as one native call (qtorch._launch)
-            start = _launch.start()
-            n = torch.get_num_threads()
-            if start is not None and n > 1:
-                starved = native(xa, oa, 0, 0, n)
-                if starved >= 0:
-                    _launch.after(native, n, starved, start)
-                    return
+        if native is not None and native.run(xa, oa, 0, 0):  # the plain case as one native call (qtorch._launch)
+            return
         p = self.plan
         block, address = _omp.take_block(self.template, self.free)
         block[_X] = xa
@@ -1118,14 +1112,8 @@ class Chain:
 
     def __call__(self, xa: int, oas) -> None:
         native = self.native
-        if native is not None:  # the plain case as one native call (qtorch._launch)
-            start = _launch.start()
-            n = torch.get_num_threads()
-            if start is not None and n > 1:
-                starved = native(xa, *oas, *_UNUSED_OUTS[len(oas)], n)
-                if starved >= 0:
-                    _launch.after(native, n, starved, start)
-                    return
+        if native is not None and native.run(xa, *oas, *_UNUSED_OUTS[len(oas)]):  # one native call (qtorch._launch)
+            return
         taken = [_omp.take_block(la.template, la.free) for la in self.launchers]  # (a launcher twice: two blocks)
         sums = _sums_address(self.sums) if self.sums else 0
         for i, (la, (block, _)) in enumerate(zip(self.launchers, taken)):
