@@ -52,7 +52,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=24, help="decoding steps per round (default 24)")
     p.add_argument("--rounds", type=int, default=8, help="rounds of each kind, alternating (default 8)")
     p.add_argument("--compile", action="store_true", help="decode with torch.compile on a static KV cache")
+    p.add_argument("--ops", action="store_true",
+                   help="compiled: the C++ ops (qtorch.native_ops) against the Python ops, both launching natively")
     args = p.parse_args(argv)
+    args.compile = args.compile or args.ops
     print(machine_line(), flush=True)
     tok, dense = load_smollm2()
     model = untied_head_copy(dense)
@@ -74,6 +77,12 @@ def main(argv=None) -> int:
                 return _greedy_steps(model, prompt, args.tokens)
         found = launches()
         natives = [o.native for o in found]
+        if args.ops:
+            from qtorch import native_ops
+            if native_ops.library() is None:
+                print(f"no C++ ops here: {native_ops.reason()}")
+                return 1
+            found, natives = [], []  # every launch native; the ops C++ in one kind of round, Python in the other
         print(f"{args.scheme}, {'compiled' if args.compile else 'eager'}: {len(found)} launches with a native "
               f"call ({sum(type(o) is gemv.Chain for o in found)} of them chains of sibling layers)", flush=True)
         ms = {"native": [], "python": []}
@@ -81,6 +90,8 @@ def main(argv=None) -> int:
             for kind in ("python", "native"):
                 for o, native in zip(found, natives):
                     o.native = native if kind == "native" else None
+                if args.ops:
+                    native_ops.set_enabled(kind == "native")
                 g = run()
                 next(g)  # the prompt
                 times = []

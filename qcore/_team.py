@@ -109,6 +109,17 @@ _now = time.monotonic  # the clock of the spin window and the under-load guard (
 _LAST_END = 0.0
 _LAST_SIZE = 1
 
+#: The team's state as native callers see it (qtorch's C++ decoding ops, which start the team without Python):
+#: ``NATIVE[NATIVE_OPEN]`` is 1 while they may (no thread cap in force or being lifted, not a forked child), kept
+#: so by :func:`_sync_native` wherever that changes. They write the end (``CLOCK_MONOTONIC`` ns) and size of their
+#: last launch, and after a launch of ``NATIVE_LATE_NS`` or more its note (threads, starved count, wall ns, the
+#: launch's state address) and close the gate: :func:`settle_native` folds both into this module's own state.
+(NATIVE_OPEN, NATIVE_LAST_END_NS, NATIVE_LAST_SIZE, NATIVE_NOTE, NATIVE_NOTE_THREADS, NATIVE_NOTE_STARVED,
+ NATIVE_NOTE_WALL_NS, NATIVE_NOTE_STATE, NATIVE_LATE_NS) = range(9)
+NATIVE = np.zeros(9, np.int64)
+#: ``waited(state, nthreads)`` of a native launch's note (:func:`_waited` of its block), set by its owner
+NATIVE_WAITED = None
+
 
 #: ``omp_pause_resource_all`` of every GNU OpenMP runtime :func:`_symbol` found, by address (one per runtime)
 _PAUSES: dict = {}
@@ -141,6 +152,7 @@ def _after_fork_in_child():
     # the child starts no team for qcore: where release_before_fork could not empty the pool (a runtime without
     # omp_pause_resource_all) the call would hang. torch's ops in the child do use the emptied pool.
     _IN_FORKED_CHILD = True
+    NATIVE[NATIVE_OPEN] = 0
     _LOCK = threading.Lock()  # another thread may have held it at the fork
 
 
@@ -276,6 +288,8 @@ def on_torch_team() -> bool:
 
 def own_spinners() -> int:
     """Workers of our last team call that may still be spinning: runnable, yet free for our next call."""
+    if NATIVE[NATIVE_LAST_END_NS]:
+        settle_native()
     if _now() - _LAST_END < SPIN_WINDOW_S:
         return _LAST_SIZE - 1
     return 0
@@ -287,6 +301,8 @@ def thread_cap(n: int) -> int:
     tasks plainly still hold the cores (:func:`_cores_still_taken`): then the cap holds on, twice as long. After
     the longest hold the whole team is tried whatever the count says (tasks of low priority, which yield a core at
     once, count as running too)."""
+    if NATIVE[NATIVE_NOTE]:
+        settle_native()
     cap = _CAP
     if cap is None or n <= cap[1]:
         return n
@@ -329,6 +345,8 @@ def _cores_still_taken(n: int) -> bool:
     running = running_tasks()
     if running is None:
         return False
+    if NATIVE[NATIVE_LAST_END_NS]:
+        settle_native()
     ours = max(n, _LAST_SIZE, team_threads())
     if _torch_loaded() and not _FROM_TORCH:  # torch's own team beside ours: its workers spin too
         try:
@@ -340,6 +358,7 @@ def _cores_still_taken(n: int) -> bool:
 
 #: a team call this long that starved a thread waited for it (a worker woken from sleep costs ~0.1 ms at most)
 LATE_S = 0.0003
+NATIVE[NATIVE_LATE_NS] = int(LATE_S * 1e9)
 #: how long the cap holds after a late call: CAP_FIRST_S after one, doubled with each late call that follows, up to
 #: CAP_MAX_S. One stall on a quiet machine (a page fault, another process's burst) caps about ten 1 ms calls; a busy
 #: core is tried again after 10, 20, 40 ... ms, then every 1.6 s
@@ -359,6 +378,7 @@ def _hold_on(cap: tuple, now: float) -> None:
     _LEVEL = min(MAX_LEVEL, _LEVEL + 1)
     hold = _hold_s(_LEVEL)
     _CAP = (now + hold, cap[1], hold)
+    _sync_native()
 
 
 def _note_starved(nthreads: int, starved: int, wall_s: float, waited: bool = False) -> None:
@@ -383,6 +403,32 @@ def _note_starved(nthreads: int, starved: int, wall_s: float, waited: bool = Fal
     elif not active or nthreads > cap[1]:
         _LEVEL = max(0, _LEVEL - 1)
         _CAP = None
+    _sync_native()
+
+
+def _sync_native() -> None:
+    """Open the native callers' gate where they may start the team now, else close it."""
+    NATIVE[NATIVE_OPEN] = not (_IN_FORKED_CHILD or _DISABLED or _CAP is not None or _LEVEL)
+
+
+def settle_native() -> None:
+    """Fold what native launches left into this module's state: the end and size of the last one (as our last
+    team call where it is the later), and the note of a late one (:func:`_note_starved`, which may cap the team);
+    then the gate as that state says."""
+    global _LAST_END, _LAST_SIZE
+    nat = NATIVE
+    end = int(nat[NATIVE_LAST_END_NS])
+    if end:
+        nat[NATIVE_LAST_END_NS] = 0
+        at = _now() - max(0, time.monotonic_ns() - end) * 1e-9  # in _now's time (tests set another clock)
+        if at > _LAST_END:
+            _LAST_END, _LAST_SIZE = at, max(1, int(nat[NATIVE_LAST_SIZE]))
+    if nat[NATIVE_NOTE]:
+        nthreads, starved, wall = (int(nat[k]) for k in (NATIVE_NOTE_THREADS, NATIVE_NOTE_STARVED, NATIVE_NOTE_WALL_NS))
+        waited = NATIVE_WAITED(int(nat[NATIVE_NOTE_STATE]), nthreads) if NATIVE_WAITED is not None else False
+        nat[NATIVE_NOTE] = 0
+        _note_starved(nthreads, starved, wall * 1e-9, waited)
+    _sync_native()
 
 
 def new_block(nchunks: int, total: int, operands: tuple = ()) -> np.ndarray:
@@ -712,3 +758,6 @@ def all_done(block):
     caller (an acquire load of the count that the threads released)."""
     nchunks = block[1]
     return _load_acquire(block, HEADER + nchunks + DONE) == nchunks
+
+
+_sync_native()  # open unless switched off

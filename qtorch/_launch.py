@@ -139,6 +139,12 @@ def _function():
     return _FN[0][1]
 
 
+def _function_address() -> int:
+    """The compiled launch's address (what :mod:`qtorch.native_ops` calls)."""
+    _function()
+    return _FN[0][0].address
+
+
 def _gomp_address() -> int:
     fn = _team.gomp_parallel()
     return 0 if fn is None else ctypes.cast(fn, ctypes.c_void_p).value or 0
@@ -154,7 +160,7 @@ class Native:
     ``native(xa, o0, o1, o2, nthreads)``: see :func:`_launch` (at most :data:`MAX_LAYERS` layers; ``o1``, ``o2``
     unread where there are fewer); the caller keeps ``x`` and the outputs alive during the call."""
 
-    __slots__ = ("state", "address", "blocks", "scratch", "nchunks", "fn")
+    __slots__ = ("state", "address", "blocks", "scratch", "nchunks", "fn", "__weakref__")
 
     def __init__(self, kernel_address: int, layers, slots: tuple):
         layers = list(layers)
@@ -213,6 +219,8 @@ class Native:
 def start() -> float | None:
     """The clock (``qcore._team``'s) where a launch may go natively now, else None: in a forked child, or while a
     thread cap is in force or being lifted (then :func:`qcore._team.run`'s bookkeeping sizes the team)."""
+    if _team.NATIVE[_team.NATIVE_NOTE]:  # a native op's launch was late: learn from it first
+        _team.settle_native()
     if _team._IN_FORKED_CHILD or _team._CAP is not None or _team._LEVEL:
         return None
     return _team._now()

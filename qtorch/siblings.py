@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from . import gemv
+from . import gemv, native_ops
 from ._kept import ByTensor
 from .layouts import blocked
 
@@ -45,16 +45,17 @@ def _schema(n: int) -> str:
 _CHAINS = ByTensor()
 
 
-def _chain(qweight: torch.Tensor, launches: tuple, key: tuple):
-    kept = _CHAINS.get(qweight)
+def _chain(layers: list, launches: tuple, key: tuple, group_size: int, bits: int, k: int):
+    kept = _CHAINS.get(layers[0][0])
     if kept is None:
-        kept = _CHAINS[qweight] = {}
+        kept = _CHAINS[layers[0][0]] = {}
     chain = kept.get(key)
     if chain is None or chain.launchers != launches:
         try:
             chain = kept[key] = gemv.Chain(launches)
         except ValueError:  # codes of both signs: each layer by its own launch
             return None
+        native_ops.register(chain.native, key[1], group_size, bits, key[0], k, layers)
     return chain
 
 
@@ -66,7 +67,7 @@ def siblings_impl(x: torch.Tensor, layers: list, group_size: int, bits: int, dot
     total = sum(n for *_, n in layers)
     if x.dim() == 2 and x.shape[0] == 1 and x.device.type == "cpu":
         launches = tuple(blocked.kept_launch(x, q, s, z, group_size, bits, dot) for q, s, z, _ in layers)
-        chain = None if None in launches else _chain(layers[0][0], launches, (x.dtype, dot))
+        chain = None if None in launches else _chain(layers, launches, (x.dtype, dot), group_size, bits, x.shape[1])
         if chain is not None:
             if x.stride(-1) != 1:
                 x = x.contiguous()
@@ -187,9 +188,14 @@ class SiblingsPass(CustomGraphPass):
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         group_siblings(graph)
+        if native_ops.swap(graph):  # the inference ops' C++ twins, where they could be built
+            graph.lint()
 
     def uuid(self):
-        return get_hash_for_files((__file__,))
+        # graphs with the C++ twins and without them are cached apart (a process without the library loaded must
+        # never run a graph that calls them)
+        native = "native" if native_ops.library() is not None else "python"
+        return get_hash_for_files((__file__, native_ops.__file__, native_ops.SOURCE)) + native.encode()
 
 
 PASS = SiblingsPass()

@@ -37,7 +37,7 @@ import weakref
 
 import torch
 
-from .. import amx, autotune, bf16dot, dequant, gemm, gemv, planes, prefetch
+from .. import amx, autotune, bf16dot, dequant, gemm, gemv, native_ops, planes, prefetch
 from .._infer_ops import constant_result, define_twin, needs_grad, plain_eager
 from .._kept import ByTensor
 from .base import Layout, single_row_shapes
@@ -229,6 +229,8 @@ def kept_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
         if kind is None or x.device.type != "cpu":
             return None
         launch = entry[4][(dt, dot)] = gemv.Launcher(entry[3], kind, kind, _folds(dt, bits), dot)
+        plan = entry[3]
+        native_ops.register(launch.native, dot, group_size, bits, dt, plan.K, [(qweight, scale, zero_point, plan.N)])
     return launch
 
 

@@ -1,0 +1,194 @@
+// qtorch's decoding ops for compiled graphs, as C++ kernels: the one-row launch of a blocked layer (or of two or
+// three sibling layers) without the Python between the graph and the kernel.
+//
+// Each op has the schema of a Python op (``qtorch::<name>_infer`` or ``qtorch::blocked_siblings<n>``) and the same
+// numbers: a call that Python registered a native launch for (qtorch/native_ops.py: the layers' addresses, group
+// size, width, row dtype, dot flag and K as the key, the launch's state as the value) runs that launch here (the
+// numba cfunc qtorch._launch compiled, by its address); every other call, and any launch that cannot go natively
+// now, is handed to the Python op through the dispatcher, which handles them all.
+//
+// The team's state (qcore._team) is shared through an int64 array Python owns: open (no thread cap, no forked
+// child), the end and size of the last native launch, and the note of a late launch, which closes the gate until
+// Python has learnt from it.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <ctime>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace {
+
+using Launch = int64_t (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+
+// the gate's slots (qcore._team.NATIVE_* must match)
+enum { OPEN, LAST_END_NS, LAST_SIZE, NOTE, NOTE_THREADS, NOTE_STARVED, NOTE_WALL_NS, NOTE_STATE, LATE_NS };
+
+Launch g_launch = nullptr;
+int64_t* g_gate = nullptr;
+int64_t g_enabled = 1;
+int64_t g_runs = 0;  // launches run here (tests, benchmarks: which way the calls went)  // 0: every call to the Python op (a comparison of both in one process)
+std::mutex g_mutex;
+std::map<std::vector<int64_t>, int64_t> g_launches;  // key -> the launch's state address
+
+int64_t now_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);  // time.monotonic's clock
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+int64_t kind_of(at::ScalarType t) {  // qtorch.gemv.TORCH_KINDS
+  switch (t) {
+    case at::ScalarType::Float: return 0;
+    case at::ScalarType::BFloat16: return 1;
+    case at::ScalarType::Half: return 2;
+    default: return -1;
+  }
+}
+
+// The launch registered for the call on ``stack`` (``layers`` layers; ``dot``: the dot flag, -1 where it is the
+// last argument), run and its output pushed; false (the stack untouched) where there is none or it cannot run now.
+bool try_native(torch::jit::Stack* stack, int64_t layers, int64_t dot) {
+  const size_t nargs = 1 + 3 * layers + 2 + layers + (dot < 0 ? 1 : 0);
+  if (g_launch == nullptr || g_gate == nullptr || !__atomic_load_n(&g_enabled, __ATOMIC_RELAXED) ||
+      stack->size() < nargs) {
+    return false;
+  }
+  auto args = stack->end() - nargs;
+  const at::Tensor& x = args[0].toTensor();
+  if (__atomic_load_n(&g_gate[OPEN], __ATOMIC_ACQUIRE) != 1 || x.dim() != 2 || x.size(0) != 1 ||
+      !x.device().is_cpu() || x.stride(1) != 1 || x.requires_grad()) {
+    return false;
+  }
+  const int64_t kind = kind_of(x.scalar_type());
+  if (kind < 0) return false;
+  const int64_t d = dot < 0 ? static_cast<int64_t>(args[nargs - 1].toBool()) : dot;
+  std::vector<int64_t> key{layers, d, args[1 + 3 * layers].toInt(), args[2 + 3 * layers].toInt(), kind, x.size(1)};
+  int64_t total = 0;
+  for (int64_t i = 0; i < layers; ++i) {
+    for (int64_t j = 1; j <= 3; ++j) {
+      const at::Tensor& t = args[3 * i + j].toTensor();
+      key.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+    }
+    const int64_t n = args[3 + 3 * layers + i].toInt();
+    key.push_back(n);
+    total += n;
+  }
+  int64_t state = 0;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_launches.find(key);
+    if (it == g_launches.end()) return false;
+    state = it->second;
+  }
+  const int64_t nthreads = at::get_num_threads();
+  if (nthreads < 2) return false;
+  at::Tensor out = at::empty({1, total}, x.options());
+  const int64_t oa = reinterpret_cast<int64_t>(out.data_ptr());
+  const int64_t step = out.element_size();
+  int64_t o[3] = {oa, 0, 0};
+  for (int64_t i = 1; i < layers; ++i) o[i] = o[i - 1] + args[3 + 3 * layers + i - 1].toInt() * step;
+  const int64_t begin = now_ns();
+  const int64_t starved = g_launch(state, reinterpret_cast<int64_t>(x.data_ptr()), o[0], o[1], o[2], nthreads);
+  if (starved < 0) return false;  // another thread holds this launch
+  const int64_t end = now_ns();
+  __atomic_fetch_add(&g_runs, 1, __ATOMIC_RELAXED);
+  g_gate[LAST_END_NS] = end;
+  g_gate[LAST_SIZE] = nthreads;
+  if (end - begin >= g_gate[LATE_NS]) {  // Python learns from it (a thread cap, perhaps) before the next launch
+    g_gate[NOTE_THREADS] = nthreads;
+    g_gate[NOTE_STARVED] = starved;
+    g_gate[NOTE_WALL_NS] = end - begin;
+    g_gate[NOTE_STATE] = state;
+    g_gate[NOTE] = 1;
+    __atomic_store_n(&g_gate[OPEN], 0, __ATOMIC_RELEASE);
+  }
+  torch::jit::drop(*stack, nargs);
+  torch::jit::push(*stack, std::move(out));
+  return true;
+}
+
+// One boxed kernel per op (``Id`` keeps each op's fallback its own): the launch where one is registered, else the
+// Python op of the same schema called with the same stack.
+template <int64_t Layers, int64_t Dot, int Id>
+void kernel(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
+  if (try_native(stack, Layers, Dot)) return;
+  static const c10::OperatorHandle fallback = [&op] {
+    std::string name = op.schema().name();  // qtorch::<fallback>_native
+    name = name.substr(0, name.size() - 7);
+    return c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "");
+  }();
+  fallback.callBoxed(stack);
+}
+
+}  // namespace
+
+extern "C" {
+
+// the launch cfunc's address and the gate's; once, after loading
+void qtorch_native_setup(int64_t launch, int64_t gate) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_launch = reinterpret_cast<Launch>(launch);
+  g_gate = reinterpret_cast<int64_t*>(gate);
+}
+
+// a launch for the key (its ``n`` int64 at ``key``); a later one for the same key replaces it
+void qtorch_native_register(const int64_t* key, int64_t n, int64_t state) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_launches[std::vector<int64_t>(key, key + n)] = state;
+}
+
+// forget every key of the launch ``state`` (before its memory goes); the number forgotten
+int64_t qtorch_native_forget(int64_t state) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  int64_t gone = 0;
+  for (auto it = g_launches.begin(); it != g_launches.end();) {
+    if (it->second == state) {
+      it = g_launches.erase(it);
+      ++gone;
+    } else {
+      ++it;
+    }
+  }
+  return gone;
+}
+
+// 1: registered launches run here; 0: every call goes to the Python op. The previous setting.
+int64_t qtorch_native_enable(int64_t on) { return __atomic_exchange_n(&g_enabled, on ? 1 : 0, __ATOMIC_RELAXED); }
+
+int64_t qtorch_native_runs() { return __atomic_load_n(&g_runs, __ATOMIC_RELAXED); }
+
+int64_t qtorch_native_count() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return static_cast<int64_t>(g_launches.size());
+}
+
+}  // extern "C"
+
+TORCH_LIBRARY_FRAGMENT(qtorch, m) {
+#define QTORCH_SINGLE "(Tensor x, Tensor qweight, Tensor scale, Tensor zero_point, int group_size, int bits, " \
+                      "int out_features) -> Tensor"
+  m.def("gemm_blocked_infer_native" QTORCH_SINGLE);
+  m.def("int8dot_blocked_infer_native" QTORCH_SINGLE);
+  m.def("bf16dot_blocked_infer_native" QTORCH_SINGLE);
+  m.def("blocked_siblings2_native(Tensor x, Tensor qweight0, Tensor scale0, Tensor zero_point0, Tensor qweight1, "
+        "Tensor scale1, Tensor zero_point1, int group_size, int bits, int out_features0, int out_features1, "
+        "bool dot) -> Tensor");
+  m.def("blocked_siblings3_native(Tensor x, Tensor qweight0, Tensor scale0, Tensor zero_point0, Tensor qweight1, "
+        "Tensor scale1, Tensor zero_point1, Tensor qweight2, Tensor scale2, Tensor zero_point2, int group_size, "
+        "int bits, int out_features0, int out_features1, int out_features2, bool dot) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qtorch, CPU, m) {
+  m.impl("gemm_blocked_infer_native", torch::CppFunction::makeFromBoxedFunction<&kernel<1, 0, 0>>());
+  m.impl("int8dot_blocked_infer_native", torch::CppFunction::makeFromBoxedFunction<&kernel<1, 1, 1>>());
+  m.impl("bf16dot_blocked_infer_native", torch::CppFunction::makeFromBoxedFunction<&kernel<1, 1, 2>>());
+  m.impl("blocked_siblings2_native", torch::CppFunction::makeFromBoxedFunction<&kernel<2, -1, 3>>());
+  m.impl("blocked_siblings3_native", torch::CppFunction::makeFromBoxedFunction<&kernel<3, -1, 4>>());
+}
