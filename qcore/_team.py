@@ -112,13 +112,15 @@ _LAST_SIZE = 1
 #: The team's state as native callers see it (qtorch's C++ decoding ops, which start the team without Python):
 #: ``NATIVE[NATIVE_OPEN]`` is 1 while they may (no thread cap in force or being lifted, not a forked child), kept
 #: so by :func:`_sync_native` wherever that changes. They write the end (``CLOCK_MONOTONIC`` ns) and size of their
-#: last launch, and after a launch of ``NATIVE_LATE_NS`` or more its note (threads, starved count, wall ns, the
-#: launch's state address) and close the gate: :func:`settle_native` folds both into this module's own state.
+#: last launch, and after a launch of ``NATIVE_LATE_NS`` or more that starved a thread or kept threads waiting
+#: (:func:`_waited` of its block, whose layout the last four slots give) its note (threads, starved count, wall ns,
+#: waited) and close the gate: :func:`settle_native` folds both into this module's own state. (A late launch that
+#: did neither would change nothing while the gate is open; ``NATIVE_NOTE_CLEAN`` 1 notes those too: tests.)
 (NATIVE_OPEN, NATIVE_LAST_END_NS, NATIVE_LAST_SIZE, NATIVE_NOTE, NATIVE_NOTE_THREADS, NATIVE_NOTE_STARVED,
- NATIVE_NOTE_WALL_NS, NATIVE_NOTE_STATE, NATIVE_LATE_NS) = range(9)
-NATIVE = np.zeros(9, np.int64)
-#: ``waited(state, nthreads)`` of a native launch's note (:func:`_waited` of its block), set by its owner
-NATIVE_WAITED = None
+ NATIVE_NOTE_WALL_NS, NATIVE_NOTE_WAITED, NATIVE_LATE_NS, NATIVE_NOTE_CLEAN, NATIVE_HEADER, NATIVE_FIRST_IN,
+ NATIVE_FIRST_OUT, NATIVE_LAST_OUT) = range(14)
+NATIVE = np.zeros(14, np.int64)
+NATIVE[NATIVE_HEADER:] = HEADER, FIRST_IN, FIRST_OUT, LAST_OUT
 
 
 #: ``omp_pause_resource_all`` of every GNU OpenMP runtime :func:`_symbol` found, by address (one per runtime)
@@ -424,10 +426,10 @@ def settle_native() -> None:
         if at > _LAST_END:
             _LAST_END, _LAST_SIZE = at, max(1, int(nat[NATIVE_LAST_SIZE]))
     if nat[NATIVE_NOTE]:
-        nthreads, starved, wall = (int(nat[k]) for k in (NATIVE_NOTE_THREADS, NATIVE_NOTE_STARVED, NATIVE_NOTE_WALL_NS))
-        waited = NATIVE_WAITED(int(nat[NATIVE_NOTE_STATE]), nthreads) if NATIVE_WAITED is not None else False
+        nthreads, starved, wall, waited = (int(nat[k]) for k in (NATIVE_NOTE_THREADS, NATIVE_NOTE_STARVED,
+                                                                  NATIVE_NOTE_WALL_NS, NATIVE_NOTE_WAITED))
         nat[NATIVE_NOTE] = 0
-        _note_starved(nthreads, starved, wall * 1e-9, waited)
+        _note_starved(nthreads, starved, wall * 1e-9, bool(waited))
     _sync_native()
 
 

@@ -43,7 +43,7 @@ from numba import carray, types
 from numba.extending import intrinsic
 from qcore import _team
 
-__all__ = ["MAX_LAYERS", "Native", "start"]
+__all__ = ["FIRST_BLOCK", "MAX_LAYERS", "Native", "start"]
 
 #: the most layers one native launch chains (sibling layers come in twos and threes)
 MAX_LAYERS = 3
@@ -54,6 +54,8 @@ _I32, _I64, _I8P = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
 _BUSY, _GOMP, _KERNEL, _LAYERS, _THREADS, _STARVED, _SCRATCH_BASE, _HEAD = range(8)
 # per layer: its block, its template, their length, the x / out / scratch slots (-1: none), its scratch offset
 _BLOCK, _TEMPLATE, _LEN, _XS, _OUTS, _SCRS, _SCR_OFF, _PER = range(8)
+#: the state's slot of the first layer's block address (what a native caller reads the trailer through)
+FIRST_BLOCK = _HEAD + _BLOCK
 
 
 @intrinsic

@@ -28,12 +28,16 @@ namespace {
 using Launch = int64_t (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 
 // the gate's slots (qcore._team.NATIVE_* must match)
-enum { OPEN, LAST_END_NS, LAST_SIZE, NOTE, NOTE_THREADS, NOTE_STARVED, NOTE_WALL_NS, NOTE_STATE, LATE_NS };
+enum {
+  OPEN, LAST_END_NS, LAST_SIZE, NOTE, NOTE_THREADS, NOTE_STARVED, NOTE_WALL_NS, NOTE_WAITED, LATE_NS, NOTE_CLEAN,
+  HEADER, FIRST_IN, FIRST_OUT, LAST_OUT
+};
 
 Launch g_launch = nullptr;
 int64_t* g_gate = nullptr;
 int64_t g_enabled = 1;
 int64_t g_runs = 0;  // launches run here (tests, benchmarks: which way the calls went)  // 0: every call to the Python op (a comparison of both in one process)
+int64_t g_first_block = 0;  // where a launch's state holds its first block's address (int64 slots)
 std::mutex g_mutex;
 std::map<std::vector<int64_t>, int64_t> g_launches;  // key -> the launch's state address
 
@@ -50,6 +54,19 @@ int64_t kind_of(at::ScalarType t) {  // qtorch.gemv.TORCH_KINDS
     case at::ScalarType::Half: return 2;
     default: return -1;
   }
+}
+
+// Whether the threads of the launch ``state`` that ran out of chunks waited for a straggler longer than half the
+// time all of them worked (qcore._team._waited on its first block's trailer; few chunks: never).
+bool waited(int64_t state, int64_t nthreads) {
+  const int64_t* block = reinterpret_cast<const int64_t*>(reinterpret_cast<const int64_t*>(state)[g_first_block]);
+  const int64_t nchunks = block[1];
+  if (nchunks < 4 * nthreads) return false;
+  const int64_t* trailer = block + g_gate[HEADER] + nchunks;
+  const int64_t first_in = trailer[g_gate[FIRST_IN]], first_out = trailer[g_gate[FIRST_OUT]];
+  const int64_t last_out = trailer[g_gate[LAST_OUT]];
+  if (!(first_in <= first_out && first_out <= last_out) || first_in == last_out) return false;
+  return 2 * (last_out - first_out) > first_out - first_in;
 }
 
 // The launch registered for the call on ``stack`` (``layers`` layers; ``dot``: the dot flag, -1 where it is the
@@ -101,13 +118,18 @@ bool try_native(torch::jit::Stack* stack, int64_t layers, int64_t dot) {
   __atomic_fetch_add(&g_runs, 1, __ATOMIC_RELAXED);
   g_gate[LAST_END_NS] = end;
   g_gate[LAST_SIZE] = nthreads;
-  if (end - begin >= g_gate[LATE_NS]) {  // Python learns from it (a thread cap, perhaps) before the next launch
-    g_gate[NOTE_THREADS] = nthreads;
-    g_gate[NOTE_STARVED] = starved;
-    g_gate[NOTE_WALL_NS] = end - begin;
-    g_gate[NOTE_STATE] = state;
-    g_gate[NOTE] = 1;
-    __atomic_store_n(&g_gate[OPEN], 0, __ATOMIC_RELEASE);
+  if (end - begin >= g_gate[LATE_NS]) {
+    // a late launch that starved a thread or kept threads waiting: Python learns from it (a thread cap) before the
+    // next launch. (Without either, its note would change nothing while the gate is open: no cap, level 0.)
+    const bool kept_waiting = waited(state, nthreads);
+    if (starved > 0 || kept_waiting || g_gate[NOTE_CLEAN]) {
+      g_gate[NOTE_THREADS] = nthreads;
+      g_gate[NOTE_STARVED] = starved;
+      g_gate[NOTE_WALL_NS] = end - begin;
+      g_gate[NOTE_WAITED] = kept_waiting;
+      g_gate[NOTE] = 1;
+      __atomic_store_n(&g_gate[OPEN], 0, __ATOMIC_RELEASE);
+    }
   }
   torch::jit::drop(*stack, nargs);
   torch::jit::push(*stack, std::move(out));
@@ -131,11 +153,12 @@ void kernel(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stac
 
 extern "C" {
 
-// the launch cfunc's address and the gate's; once, after loading
-void qtorch_native_setup(int64_t launch, int64_t gate) {
+// the launch cfunc's address, the gate's, and the slot of a launch's state that holds its first block; once
+void qtorch_native_setup(int64_t launch, int64_t gate, int64_t first_block) {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_launch = reinterpret_cast<Launch>(launch);
   g_gate = reinterpret_cast<int64_t*>(gate);
+  g_first_block = first_block;
 }
 
 // a launch for the key (its ``n`` int64 at ``key``); a later one for the same key replaces it

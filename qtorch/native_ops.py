@@ -50,7 +50,7 @@ _TWINS = ("gemm_blocked_infer", "int8dot_blocked_infer", "bf16dot_blocked_infer"
 _LOCK = threading.Lock()
 _LIB: list = []  # [the loaded library, or None where it could not be built], once tried
 _REASON: list = []  # why not, where it could not
-_NATIVES = weakref.WeakValueDictionary()  # state address -> its registered Native (for a late launch's note)
+_FORGET = set()  # the addresses of registered launches with a finalizer (one each)
 
 
 def enabled() -> bool:
@@ -147,7 +147,7 @@ def _load():
     from . import siblings  # noqa: F401
     torch.ops.load_library(target)
     lib = ctypes.CDLL(target)
-    lib.qtorch_native_setup.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    lib.qtorch_native_setup.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     lib.qtorch_native_register.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     lib.qtorch_native_forget.argtypes = [ctypes.c_int64]
     lib.qtorch_native_forget.restype = ctypes.c_int64
@@ -155,10 +155,9 @@ def _load():
     lib.qtorch_native_runs.restype = ctypes.c_int64
     lib.qtorch_native_enable.argtypes = [ctypes.c_int64]
     lib.qtorch_native_enable.restype = ctypes.c_int64
-    lib.qtorch_native_setup(_launch._function_address(), _team.NATIVE.ctypes.data)
+    lib.qtorch_native_setup(_launch._function_address(), _team.NATIVE.ctypes.data, _launch.FIRST_BLOCK)
     for name in _TWINS:
         torch.library.register_fake(f"qtorch::{name}_native", _fake(name), lib=_FAKES)
-    _team.NATIVE_WAITED = _waited
     return lib
 
 
@@ -173,11 +172,6 @@ def _fake(name: str):
         return x.new_empty((x.shape[0], sum(outs)))
 
     return fake
-
-
-def _waited(state: int, nthreads: int) -> bool:
-    native = _NATIVES.get(state)
-    return native is not None and native.nchunks >= 4 * nthreads and _team._waited(native.trailer())
 
 
 def runs() -> int:
@@ -213,10 +207,15 @@ def register(native, dot: bool, group_size: int, bits: int, dtype: torch.dtype, 
         key += [q.data_ptr(), s.data_ptr(), z.data_ptr(), n]
     arr = np.array(key, np.int64)
     address = native.address
-    if address not in _NATIVES:
-        _NATIVES[address] = native
-        weakref.finalize(native, lib.qtorch_native_forget, address)
+    if address not in _FORGET:
+        _FORGET.add(address)
+        weakref.finalize(native, _forget, lib, address)
     lib.qtorch_native_register(arr.ctypes.data, arr.size, address)
+
+
+def _forget(lib, address: int) -> None:
+    lib.qtorch_native_forget(address)
+    _FORGET.discard(address)
 
 
 def swap(graph: torch.fx.Graph) -> int:

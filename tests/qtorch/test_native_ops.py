@@ -147,6 +147,7 @@ def test_a_late_launch_closes_the_gate_until_python_learns_from_it(lib, monkeypa
     with torch.no_grad():
         _keep(op, x, ops)
         _team.NATIVE[_team.NATIVE_LATE_NS] = 0  # every launch late
+        _team.NATIVE[_team.NATIVE_NOTE_CLEAN] = 1  # and noted, whether or not it starved a thread
         before = native_ops.runs()
         nat(x, *ops)
         assert native_ops.runs() == before + 1
@@ -262,3 +263,37 @@ def test_the_library_is_built_once_and_kept(lib):
     target = native_ops._target(native_ops._compiler())
     assert os.path.exists(target) and target.startswith(
         os.environ.get("QTORCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "qtorch"))
+
+
+def test_a_clean_late_launch_leaves_the_gate_open(lib):
+    ops = _operands(_layer(W8, torch.float32))
+    op, nat = torch.ops.qtorch.gemm_blocked_infer.default, torch.ops.qtorch.gemm_blocked_infer_native.default
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        _keep(op, x, ops)
+        _team.NATIVE[_team.NATIVE_LATE_NS] = 0  # every launch late, noted only where it starved or kept waiting
+        _team.NATIVE[_team.NATIVE_NOTE_CLEAN] = 0
+        before = native_ops.runs()
+        nat(x, *ops)
+        assert native_ops.runs() == before + 1
+        noted = _team.NATIVE[_team.NATIVE_NOTE] == 1
+        assert _team.NATIVE[_team.NATIVE_OPEN] == (0 if noted else 1)
+        if noted:  # (a busy machine starved a thread)
+            assert _team.NATIVE[_team.NATIVE_NOTE_STARVED] > 0 or _team.NATIVE[_team.NATIVE_NOTE_WAITED] == 1
+
+
+def test_settle_native_learns_from_a_note_as_from_a_team_call(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_team, "_note_starved", lambda *a: calls.append(a))
+    saved = _team.NATIVE.copy()
+    try:
+        nat = _team.NATIVE
+        nat[_team.NATIVE_NOTE_THREADS], nat[_team.NATIVE_NOTE_STARVED] = 2, 1
+        nat[_team.NATIVE_NOTE_WALL_NS], nat[_team.NATIVE_NOTE_WAITED] = 2_000_000, 1
+        nat[_team.NATIVE_NOTE], nat[_team.NATIVE_OPEN] = 1, 0
+        assert _team.thread_cap(2) in (1, 2)  # reads the note first
+        assert calls == [(2, 1, 0.002, True)]
+        assert nat[_team.NATIVE_NOTE] == 0
+        assert nat[_team.NATIVE_OPEN] == int(_team._CAP is None and not _team._LEVEL)
+    finally:
+        _team.NATIVE[:] = saved
