@@ -297,3 +297,35 @@ def test_settle_native_learns_from_a_note_as_from_a_team_call(monkeypatch):
         assert nat[_team.NATIVE_OPEN] == int(_team._CAP is None and not _team._LEVEL)
     finally:
         _team.NATIVE[:] = saved
+
+
+_BUILD_AND_RUN = """
+import torch, qtorch
+from qcore import PerChannel, QuantScheme
+from qtorch import native_ops
+assert native_ops.library() is not None, native_ops.reason()
+torch.manual_seed(0)
+q = qtorch.QuantLinear.from_linear(torch.nn.Linear(128, 256, bias=False), QuantScheme(8, True, PerChannel(0)))
+b, spec = q.quantized_weight.buffers, q.quantized_weight.spec
+ops = (b["qweight"], b["scale"], b["zero_point"], spec.group, 8, 256)
+x = torch.randn(1, 128)
+with torch.no_grad():
+    want = [torch.ops.qtorch.gemm_blocked_infer.default(x, *ops) for _ in range(2)][-1]
+    for _ in range(500):  # (the other process's build may keep a core: its late launches cap the team a while)
+        got = torch.ops.qtorch.gemm_blocked_infer_native.default(x, *ops)
+        if native_ops.runs():
+            break
+print(native_ops.runs() > 0, torch.equal(got, want))
+"""
+
+
+def test_processes_building_at_once_each_load_a_whole_library(lib, tmp_path):
+    env = dict(os.environ, QTORCH_CACHE_DIR=str(tmp_path))  # nothing built there yet: both build
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD_AND_RUN], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and out.split() == ["True", "True"], err[-2000:]
+    names = [f.name for f in tmp_path.iterdir()]  # (the dispatch cache's files too)
+    assert len([n for n in names if n.startswith("native-ops-") and n.endswith(".so")]) == 1
+    assert not [n for n in names if n.endswith(".tmp")]  # no temporary left
