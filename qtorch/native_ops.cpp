@@ -35,8 +35,8 @@ enum {
 
 Launch g_launch = nullptr;
 int64_t* g_gate = nullptr;
-int64_t g_enabled = 1;
-int64_t g_runs = 0;  // launches run here (tests, benchmarks: which way the calls went)  // 0: every call to the Python op (a comparison of both in one process)
+int64_t g_enabled = 1;  // 0: every call to the Python op (a comparison of both in one process)
+int64_t g_runs = 0;     // launches run here (tests, benchmarks: which way the calls went)
 int64_t g_first_block = 0;  // where a launch's state holds its first block's address (int64 slots)
 std::mutex g_mutex;
 std::map<std::vector<int64_t>, int64_t> g_launches;  // key -> the launch's state address

@@ -329,3 +329,12 @@ def test_processes_building_at_once_each_load_a_whole_library(lib, tmp_path):
     names = [f.name for f in tmp_path.iterdir()]  # (the dispatch cache's files too)
     assert len([n for n in names if n.startswith("native-ops-") and n.endswith(".so")]) == 1
     assert not [n for n in names if n.endswith(".tmp")]  # no temporary left
+
+
+def test_a_kept_library_that_does_not_load_is_built_again(lib, tmp_path):
+    code = ("from qtorch import native_ops; import os; t = native_ops._target(native_ops._compiler()); "
+            "os.makedirs(os.path.dirname(t), exist_ok=True); open(t, 'wb').write(b'not a library'); "
+            "print(native_ops.library() is not None, os.path.getsize(t) > 1000)")
+    env = dict(os.environ, QTORCH_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.stdout.split() == ["True", "True"], out.stderr[-2000:]
