@@ -62,7 +62,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "ROTATION_COPIES", "cold_bytes", "evict_caches",
+__all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "ROTATION_COPIES", "cache_dir", "cold_bytes",
+           "evict_caches",
            "last_level_cache", "rotation_copies", "LAYOUT_TIE", "DROP_AFTER", "DispatchKey", "LayoutKey", "SettingKey",
            "Dispatcher", "row_bucket", "bucket_index", "cpu_info", "fingerprint", "default_cache_path",
            "default_dispatcher"]
@@ -276,11 +277,15 @@ def _fingerprint_id(fp: dict) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The folder of qtorch's files kept per machine: ``$QTORCH_CACHE_DIR``, by default ``~/.cache/qtorch``."""
+    env = os.environ if env is None else env
+    return Path(env.get("QTORCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "qtorch"))
+
+
 def default_cache_path(env: Mapping[str, str] | None = None) -> Path:
     """``$QTORCH_CACHE_DIR/dispatch-<fingerprint>.json``, by default under ``~/.cache/qtorch``."""
-    env = os.environ if env is None else env
-    root = env.get("QTORCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "qtorch")
-    return Path(root) / f"dispatch-{_fingerprint_id(fingerprint())}.json"
+    return cache_dir(env) / f"dispatch-{_fingerprint_id(fingerprint())}.json"
 
 
 # ------------------------------------------------------------------------------------------------ the file

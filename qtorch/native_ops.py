@@ -42,6 +42,7 @@ import torch
 from qcore import _team
 
 from . import _launch
+from .gemv import TORCH_KINDS
 
 __all__ = ["OPS", "SOURCE", "enabled", "library", "reason", "register", "registered", "runs", "set_enabled", "swap"]
 
@@ -90,8 +91,8 @@ def _target(cxx: str) -> str:
     for part in (torch.__version__, str(torch.version.git_version), cxx, os.path.realpath(cxx), " ".join(_flags()),
                  sys.platform):
         h.update(part.encode() + b"\0")
-    root = os.environ.get("QTORCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "qtorch")
-    return os.path.join(root, f"native-ops-{h.hexdigest()[:20]}.so")
+    from .autotune import cache_dir
+    return os.path.join(cache_dir(), f"native-ops-{h.hexdigest()[:20]}.so")
 
 
 def _build(cxx: str, target: str) -> None:
@@ -211,7 +212,6 @@ def register(native, dot: bool, group_size: int, bits: int, dtype: torch.dtype, 
     lib = _LIB[0] if _LIB else None
     if lib is None or native is None:
         return
-    from .gemv import TORCH_KINDS
     key = [len(layers), int(dot), group_size, bits, TORCH_KINDS[dtype], k]
     for q, s, z, n in layers:
         key += [q.data_ptr(), s.data_ptr(), z.data_ptr(), n]

@@ -12,7 +12,7 @@ import torch
 
 import qtorch
 from qcore import PerChannel, PerGroup, QuantScheme, _team
-from qtorch import native_ops
+from qtorch import autotune, native_ops
 from qtorch.layouts import blocked
 
 W8 = QuantScheme(8, True, PerChannel(0))
@@ -268,8 +268,7 @@ def test_a_failed_build_leaves_the_python_ops(tmp_path):
 
 def test_the_library_is_built_once_and_kept(lib):
     target = native_ops._target(native_ops._compiler())
-    assert os.path.exists(target) and target.startswith(
-        os.environ.get("QTORCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "qtorch"))
+    assert os.path.exists(target) and target.startswith(str(autotune.cache_dir()))
 
 
 def test_a_clean_late_launch_leaves_the_gate_open(lib):
