@@ -154,11 +154,13 @@ def main(argv=None) -> int:
     steppers = None
     if args.compile:
         from qtorch.compile import choose_layouts
+        from qtorch.sibling_layouts import find_siblings
         from qtorch.siblings import inductor_options
 
-        for name, m in models.items():  # the layouts qtorch.compile would hold: its compiled probes' race
-            if name not in ("dense", FREE):
-                choose_layouts(m, options=inductor_options())
+        for name, m in models.items():  # the layouts qtorch.compile would hold: its compiled probes' race, the
+            if name not in ("dense", FREE):  # layers that read one input (seen in a call of the prompt) weighed together
+                picks = choose_layouts(m, options=inductor_options(), siblings=find_siblings(m, prompt))
+                print(f"{name}: compiled layouts {picks}", flush=True)
         with torch.no_grad():  # eager steps first: each layer's path is measured for one row, and the trace takes it
             for m in models.values():
                 for _ in _greedy_steps(m, prompt, 4):

@@ -28,6 +28,10 @@ one-layer probe on a copy of the weight, compiled with the same options and time
 :data:`qtorch.autotune.REQUEST_CALLS`); at one row a probe calls up to :data:`PROBE_COPIES` copies in turn in one
 compiled call, each weight read from memory with the code hot, as a compiled model's layers run. The decision is
 kept like the dispatcher's (the process and ``$QTORCH_CACHE_DIR``, key ``layout|NxK|compiled-<scheme>-rows<r+r>|...``).
+The layers that read the same input (attention's query, key and value; an MLP's gate and up), seen in the model's
+first call, which runs eagerly for that, are weighed together: compiled, the ``blocked`` ones among them run as one
+call at one row (:mod:`qtorch.siblings`), and what that saves, timed on probes of each kind of set, can hold a
+shape in ``blocked`` that is slower alone (:mod:`qtorch.sibling_layouts`).
 ``QTORCH_LAYOUT`` forces a layout; ``QTORCH_AUTOTUNE=0`` measures nothing and takes the static order of
 :func:`qtorch.layouts.default_policy` (the template layout on CPUs other than AVX2, else ``blocked``). Then every
 quantized layer runs each of ``rows`` once eagerly, so that the trace takes the path measured for it. The
@@ -103,7 +107,7 @@ class CompiledModule(nn.Module):
     """A compiled model that runs without autograd (needed by freezing). ``_orig_mod`` is the model, as with
     ``torch.compile``; attribute access falls through to it."""
 
-    def __init__(self, model: nn.Module, compiled, options: dict | None = None):
+    def __init__(self, model: nn.Module, compiled, options: dict | None = None, choose_rows: tuple | None = None):
         super().__init__()
         self._orig_mod = model
         self.training = model.training
@@ -111,10 +115,24 @@ class CompiledModule(nn.Module):
         opts = options or {}
         object.__setattr__(self, "_freezing", bool(opts.get("freezing")))
         object.__setattr__(self, "_woq", bool(opts.get("max_autotune")) and _device_type(model) == "cpu")
+        object.__setattr__(self, "_choose", None if choose_rows is None else (choose_rows, opts))
 
     def forward(self, *args, **kwargs):
+        if self._choose is not None:
+            return self._first_call(args, kwargs)
         with _tracing_setup(self._freezing, self._woq):
             return self._compiled(*args, **kwargs)
+
+    def _first_call(self, args, kwargs):
+        """The model's eager call, which shows the layers that read the same input; then the layouts are chosen
+        (:func:`choose_layouts` with those sets) for the calls to come, compiled."""
+        from .sibling_layouts import record
+
+        out, sets = record(self._orig_mod, args, kwargs)
+        rows, opts = self._choose
+        choose_layouts(self._orig_mod, rows, opts, siblings=sets)
+        object.__setattr__(self, "_choose", None)
+        return out
 
     def __getattr__(self, name):
         try:
@@ -333,8 +351,20 @@ def _compiled_probe(layer: nn.Module, layout: str, rows: tuple, options: dict, c
     probe = _probe(layer, layout, copies, rotate)
     for m in probe.layers:
         _keep_paths(m, rows)
-    # the copies read the same row: siblings' single calls would time something no model runs
+    return _compile_probe(probe, options, group=False)
+
+
+def _compile_probe(probe: nn.Module, options: dict, group: bool) -> "CompiledModule":
+    """``probe`` compiled with ``options``, whose siblings pass (:data:`qtorch.siblings.PASS`) groups layers that
+    read one row only where ``group``: the C++ twins of the inference ops run either way, as in the model (a
+    probe of Python ops timed SmolLM2's 192x576 8-bit layer at 65 us a call on ``blocked``, where the model's C++
+    op takes 44; ``int8pack`` 35). Another pass in ``options`` (the caller's own) is not run in probes."""
+    from .siblings import APART, PASS
+
+    passed = options.get("post_grad_custom_post_pass")
     options = {k: v for k, v in options.items() if k != "post_grad_custom_post_pass"}
+    if passed is PASS:
+        options["post_grad_custom_post_pass"] = PASS if group else APART
     return CompiledModule(probe, torch.compile(probe, fullgraph=True, dynamic=False, options=options), options)
 
 
@@ -378,7 +408,21 @@ def _keep_paths(layer: nn.Module, rows: tuple) -> None:
             w.linear(torch.zeros(r, w.spec.in_features, dtype=layer.compute_dtype, device=w.device))
 
 
-def choose_layouts(model: nn.Module, rows=None, options: dict | None = None) -> dict:
+def _request_costs(d, key, names: list, rows: tuple) -> dict:
+    """``{layout: ms}``: a request's cost of one layer in each layout the race of ``key`` timed at every count of
+    ``rows`` (:data:`qtorch.autotune.REQUEST_CALLS`)."""
+    from . import autotune
+
+    ms = (d.decisions().get(str(key)) or {}).get("ms") or {}
+    got = {}
+    for name in names:
+        times = [ms.get(f"{name}@{r}") for r in rows]
+        if all(isinstance(t, (int, float)) for t in times):
+            got[name] = sum(autotune.REQUEST_CALLS.get(r, 1) * t for r, t in zip(rows, times))
+    return got
+
+
+def choose_layouts(model: nn.Module, rows=None, options: dict | None = None, siblings: list | None = None) -> dict:
     """Decide, per quantized layer shape (out x in, scheme, compute dtype), the layout its layers hold in
     compiled inference, then move them; returns ``{"out x in|scheme|dtype": layout name}`` of the shapes that had a
     choice.
@@ -393,7 +437,10 @@ def choose_layouts(model: nn.Module, rows=None, options: dict | None = None) -> 
     :meth:`qtorch.autotune.Dispatcher.choose_layout` (a row count's time is its fastest call, weighted by
     ``autotune.REQUEST_CALLS``, ties within ``autotune.LAYOUT_TIE`` to the static order) within
     :data:`PROBE_BUDGET_S` (:func:`probe_dispatcher`). A probe that fails to build, compile or run loses; if every
-    one fails, the static order holds (with a warning). Every decision is made before any layer moves.
+    one fails, the static order holds (with a warning). ``siblings``: sets of layers that read the same input
+    (:func:`qtorch.sibling_layouts.find_siblings`); the layouts of the shape groups are then settled together,
+    each set whose layers all hold ``blocked`` saving what its one call measured against its calls apart
+    (:func:`qtorch.sibling_layouts.settle`). Every decision is made before any layer moves.
     """
     from . import autotune, layouts
 
@@ -403,8 +450,9 @@ def choose_layouts(model: nn.Module, rows=None, options: dict | None = None) -> 
     d = probe_dispatcher()
     if forced is not None:
         layouts.get(forced)  # an unknown name is an error, as for the eager choice
-    decided, picks = {}, []
-    for (n, k, label, dtype), members in layer_groups(model).items():
+    groups = layer_groups(model)
+    picks, costs = {}, {}
+    for (n, k, label, dtype), members in groups.items():
         w = members[0].quantized_weight
         names = _candidates(w, dtype)
         if forced is not None and forced in [lay.name for lay in layouts.eligible(w.spec, w.device, dtype)]:
@@ -425,11 +473,17 @@ def choose_layouts(model: nn.Module, rows=None, options: dict | None = None) -> 
                 warnings.warn(f"qtorch.compile: no layout probe of {key} ran ({type(e).__name__}: {e}); "
                               f"{names[0]} (static order)", RuntimeWarning, stacklevel=3)
                 pick = names[0]
-        picks.append((members, pick))
-        decided[f"{n}x{k}|{label}|{str(dtype).removeprefix('torch.')}"] = pick
-    for members, pick in picks:
-        for m in members:
+            costs[(n, k, label, dtype)] = _request_costs(d, key, names, rows)
+        picks[(n, k, label, dtype)] = pick
+    if siblings and forced is None and d.measuring:
+        from . import sibling_layouts
+
+        picks = sibling_layouts.settle(groups, costs, picks, siblings, options, rows)
+    decided = {}
+    for (n, k, label, dtype), pick in picks.items():
+        for m in groups[(n, k, label, dtype)]:
             m.quantized_weight.hold_layout(pick, m.compute_dtype)
+        decided[f"{n}x{k}|{label}|{str(dtype).removeprefix('torch.')}"] = pick
     for members in layer_groups(model).values():
         for m in members:
             _keep_paths(m, rows)
@@ -447,9 +501,11 @@ def compile(model, *, fullgraph: bool = False, dynamic: bool | None = False, aut
     skips max-autotune (much faster compilation, e.g. for tests) and the layout choice.
 
     ``rows``: the rows of the calls the model will run (an int or a sequence; default ``(1, 128)``, decoding steps
-    and prompt chunks weighed as a request, as the eager layout choice does). With max-autotune on CPU the layout of
-    each quantized layer shape is chosen for them by measurement (:func:`choose_layouts`), and every quantized layer
-    runs each of them once eagerly so that the trace takes the path measured for that row count.
+    and prompt chunks weighed as a request, as the eager layout choice does). With max-autotune on CPU, for a model
+    with quantized layers, the first call runs the model eagerly (its output is that call's), which shows the
+    layers that read the same input; then the layout of each quantized layer shape is chosen for ``rows`` by
+    measurement (:func:`choose_layouts`, those sets weighed together), and every quantized layer runs each row
+    count once eagerly so that the trace takes the path measured for it. The graphs compile from the second call.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"qtorch.compile needs an nn.Module, got {type(model).__name__}")
@@ -457,7 +513,6 @@ def compile(model, *, fullgraph: bool = False, dynamic: bool | None = False, aut
     model.eval()
     device_type = _device_type(model)
     opts = compile_options(device_type, autotune=autotune) if backend == "inductor" else None
-    if opts and opts.get("max_autotune") and device_type == "cpu":
-        choose_layouts(model, rows, opts)
+    choose = opts and opts.get("max_autotune") and device_type == "cpu" and layer_groups(model)
     compiled = torch.compile(model, fullgraph=fullgraph, dynamic=dynamic, backend=backend, options=opts)
-    return CompiledModule(model, compiled, opts)
+    return CompiledModule(model, compiled, opts, rows if choose else None)

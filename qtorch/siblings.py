@@ -29,7 +29,7 @@ from . import gemv, native_ops
 from ._kept import ByTensor
 from .layouts import blocked
 
-__all__ = ["PASS", "SiblingsPass", "group_siblings", "inductor_options", "siblings_impl"]
+__all__ = ["APART", "PASS", "SiblingsPass", "group_siblings", "inductor_options", "siblings_impl"]
 
 #: the most layers one call takes (attention's query, key and value); a larger set takes several calls
 MOST = 3
@@ -183,22 +183,30 @@ def _replace(graph: torch.fx.Graph, take: list, dot: bool) -> int:
 
 
 class SiblingsPass(CustomGraphPass):
-    """:func:`group_siblings` as inductor's ``post_grad_custom_post_pass`` (keyed for inductor's caches by this
-    file's contents)."""
+    """:func:`group_siblings` as inductor's ``post_grad_custom_post_pass``, then the inference ops' C++ twins
+    (:func:`qtorch.native_ops.swap`); ``group=False``: the twins only (keyed for inductor's caches by this file's
+    contents and both)."""
+
+    def __init__(self, group: bool = True):
+        self.group = group
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        group_siblings(graph)
+        if self.group:
+            group_siblings(graph)
         if native_ops.swap(graph):  # the inference ops' C++ twins, where they could be built
             graph.lint()
 
     def uuid(self):
         # graphs with the C++ twins and without them are cached apart (a process without the library loaded must
         # never run a graph that calls them)
-        native = "native" if native_ops.library() is not None else "python"
+        native = ("native" if native_ops.library() is not None else "python") + ("" if self.group else "-apart")
         return get_hash_for_files((__file__, native_ops.__file__, native_ops.SOURCE)) + native.encode()
 
 
 PASS = SiblingsPass()
+#: the C++ twins without grouping: for compiled probes, whose copies of a layer all read one row (grouped, they
+#: would time chains no model runs), and the siblings probe's layers kept apart
+APART = SiblingsPass(group=False)
 
 
 def inductor_options(options: dict | None = None) -> dict:

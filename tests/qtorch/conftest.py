@@ -39,3 +39,20 @@ def quiet_machine(monkeypatch):
     """Dispatchers see no other process's work (the test machine is shared): their decisions are written to their
     files as on a quiet machine. test_autotune.py tests the busy case with its own probe."""
     monkeypatch.setattr(autotune, "_others_running", lambda: 0)
+
+
+@pytest.fixture
+def uncapped_team(monkeypatch):
+    """A team no late call caps (the machine is shared: a busy moment would cap it and close the native launches'
+    gate, and tests that count which way calls went would fail), its native state restored after the test (some
+    tests close the gate or make every launch late)."""
+    from qcore import _team
+
+    saved = _team.NATIVE.copy()
+    monkeypatch.setattr(_team, "LATE_S", 1e9)
+    monkeypatch.setattr(_team, "_CAP", None)
+    monkeypatch.setattr(_team, "_LEVEL", 0)
+    _team.NATIVE[_team.NATIVE_LATE_NS] = 1 << 62
+    _team._sync_native()
+    yield _team.NATIVE
+    _team.NATIVE[:] = saved

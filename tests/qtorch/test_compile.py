@@ -135,7 +135,10 @@ def compile_and_record(model, x, **kw):
     torch._dynamo.reset()
     rec = FrozenConstants()
     with inductor_config.patch(post_grad_custom_post_pass=rec, fx_graph_cache=False):
-        y, code = run_and_get_code(qtorch.compile(model, fullgraph=True, **kw), x)
+        cm = qtorch.compile(model, fullgraph=True, **kw)
+        if cm._choose is not None:  # the first call chooses the layouts eagerly; the second compiles
+            cm(x)
+        y, code = run_and_get_code(cm, x)
     return y, rec, "\n".join(code)
 
 

@@ -308,5 +308,28 @@ def test_compile_keeps_each_rows_path_before_tracing():
     on the AMX Xeon, where the kept ``amx`` ran at 1.10-1.58x)."""
     q = layer(W8, dtype=torch.float32)
     assert q.quantized_weight.layout.name == "blocked" and q.quantized_weight._routes == {}
-    qtorch.compile(q, rows=(3, 100))
+    cm = qtorch.compile(q, rows=(3, 100))
+    assert q.quantized_weight._routes == {}  # chosen at the first call
+    cm(torch.randn(3, q.in_features))
     assert set(q.quantized_weight._routes) == {("cpu", torch.float32, autotune.bucket_index(r)) for r in (3, 100)}
+
+
+def test_probes_time_the_cpp_ops_the_model_runs_and_keep_copies_apart(uncapped_team):
+    """A probe runs the inference ops' C++ twins as a model compiled by qtorch.compile does (a probe of the Python
+    ops timed a layer 1.5x slower than the model runs it), each copy by its own call: grouped as siblings, copies
+    that read one row would time a chain no model runs."""
+    from qtorch import native_ops
+
+    if native_ops.library() is None:
+        pytest.skip(f"the C++ ops are not built here: {native_ops.reason()}")
+    q = layer(W8, n=256)
+    run = _compiled_probe(q, "blocked", (1,), compile_options("cpu"), copies=3, rotate=(1,))
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    for _ in range(3):  # traced; each copy keeps its plan, then its launch
+        outs = run(x)
+    before = native_ops.runs()
+    outs = run(x)
+    assert native_ops.runs() - before == 3
+    ref = F.linear(x.float(), q.dequantized_weight(torch.float32), q.bias.float())
+    for y in outs:
+        assert torch.allclose(y.float(), ref, atol=2e-2 * float(ref.abs().max()), rtol=2e-2)

@@ -38,18 +38,9 @@ def two_threads():
 
 
 @pytest.fixture(autouse=True)
-def gate(monkeypatch):
-    """A team no late call caps (the machine is shared: a busy moment would cap it and close the gate, and these
-    tests count which way calls went), its native state restored after each test (tests close the gate, make
-    every launch late)."""
-    saved = _team.NATIVE.copy()
-    monkeypatch.setattr(_team, "LATE_S", 1e9)
-    monkeypatch.setattr(_team, "_CAP", None)
-    monkeypatch.setattr(_team, "_LEVEL", 0)
-    _team.NATIVE[_team.NATIVE_LATE_NS] = 1 << 62
-    _team._sync_native()
-    yield _team.NATIVE
-    _team.NATIVE[:] = saved
+def gate(uncapped_team):
+    """Every test here counts which way calls went: a team no late call caps (``conftest.uncapped_team``)."""
+    yield uncapped_team
 
 
 def _layer(scheme, dtype, n=256, k=128, seed=0):
@@ -220,6 +211,7 @@ def test_a_compiled_model_calls_the_cpp_ops(lib):
     with torch.no_grad():
         want = model(x)
         compiled = qtorch.compile(model)
+        compiled(x)  # eager: the layouts are chosen
         compiled(x)  # traced and run: each op keeps its plan
         compiled(x)  # and its launch
         before = native_ops.runs()
