@@ -2,7 +2,7 @@
 
 >>> import torch, qtorch
 >>> m = torch.nn.Sequential(qtorch.W8A16Linear(64, 32), torch.nn.ReLU())
->>> cm = qtorch.compile(m)                    # nothing global is changed; compiles on the first call
+>>> cm = qtorch.compile(m)                    # nothing global is changed; compiles lazily
 >>> cm(torch.randn(2, 64)).shape
 torch.Size([2, 32])
 
