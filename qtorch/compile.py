@@ -72,6 +72,7 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import threading
 import types
 import warnings
 
@@ -105,7 +106,8 @@ def compile_options(device_type: str = "cpu", *, autotune: bool = True) -> dict:
 
 class CompiledModule(nn.Module):
     """A compiled model that runs without autograd (needed by freezing). ``_orig_mod`` is the model, as with
-    ``torch.compile``; attribute access falls through to it."""
+    ``torch.compile``; attribute access falls through to it. With ``choose_rows``, the first call runs the model
+    eagerly and then chooses its layouts for those rows (:meth:`_first_call`); the graphs compile from the second."""
 
     def __init__(self, model: nn.Module, compiled, options: dict | None = None, choose_rows: tuple | None = None):
         super().__init__()
@@ -116,22 +118,31 @@ class CompiledModule(nn.Module):
         object.__setattr__(self, "_freezing", bool(opts.get("freezing")))
         object.__setattr__(self, "_woq", bool(opts.get("max_autotune")) and _device_type(model) == "cpu")
         object.__setattr__(self, "_choose", None if choose_rows is None else (choose_rows, opts))
+        object.__setattr__(self, "_choosing", threading.Lock())
 
     def forward(self, *args, **kwargs):
         if self._choose is not None:
-            return self._first_call(args, kwargs)
+            with self._choosing:  # (another thread's first call may be moving the weights)
+                if self._choose is not None:
+                    return self._first_call(args, kwargs)
         with _tracing_setup(self._freezing, self._woq):
             return self._compiled(*args, **kwargs)
 
     def _first_call(self, args, kwargs):
         """The model's eager call, which shows the layers that read the same input; then the layouts are chosen
-        (:func:`choose_layouts` with those sets) for the calls to come, compiled."""
+        (:func:`choose_layouts` with those sets) for the calls to come, compiled. The call's output is returned
+        whatever the choice does: the model ran (a KV cache grew), so a failed choice only warns, and the layers
+        keep the layouts they hold."""
         from .sibling_layouts import record
 
-        out, sets = record(self._orig_mod, args, kwargs)
+        out, sets = record(self._orig_mod, args, kwargs)  # (raises before anything ran or changed: tried again)
         rows, opts = self._choose
-        choose_layouts(self._orig_mod, rows, opts, siblings=sets)
         object.__setattr__(self, "_choose", None)
+        try:
+            choose_layouts(self._orig_mod, rows, opts, siblings=sets)
+        except Exception as e:
+            warnings.warn(f"qtorch.compile: the layout choice failed ({type(e).__name__}: {e}); the layers keep "
+                          f"the layouts they hold", RuntimeWarning, stacklevel=3)
         return out
 
     def __getattr__(self, name):
@@ -358,13 +369,14 @@ def _compile_probe(probe: nn.Module, options: dict, group: bool) -> "CompiledMod
     """``probe`` compiled with ``options``, whose siblings pass (:data:`qtorch.siblings.PASS`) groups layers that
     read one row only where ``group``: the C++ twins of the inference ops run either way, as in the model (a
     probe of Python ops timed SmolLM2's 192x576 8-bit layer at 65 us a call on ``blocked``, where the model's C++
-    op takes 44; ``int8pack`` 35). Another pass in ``options`` (the caller's own) is not run in probes."""
-    from .siblings import APART, PASS
+    op takes 44; ``int8pack`` 35). Another pass in ``options`` (the caller's own) is not run in probes; one set in
+    inductor's config is (as in the model)."""
+    from .siblings import APART, PASS, SiblingsPass
 
     passed = options.get("post_grad_custom_post_pass")
     options = {k: v for k, v in options.items() if k != "post_grad_custom_post_pass"}
-    if passed is PASS:
-        options["post_grad_custom_post_pass"] = PASS if group else APART
+    if isinstance(passed, SiblingsPass):
+        options["post_grad_custom_post_pass"] = PASS if group and passed.group else APART
     return CompiledModule(probe, torch.compile(probe, fullgraph=True, dynamic=False, options=options), options)
 
 
@@ -406,6 +418,14 @@ def _keep_paths(layer: nn.Module, rows: tuple) -> None:
     with torch.no_grad():
         for r in rows:
             w.linear(torch.zeros(r, w.spec.in_features, dtype=layer.compute_dtype, device=w.device))
+
+
+def _groups_siblings(options: dict) -> bool:
+    """Whether a model compiled with ``options`` runs sibling layers as one call (the siblings pass, grouping)."""
+    from .siblings import SiblingsPass
+
+    passed = options.get("post_grad_custom_post_pass")
+    return isinstance(passed, SiblingsPass) and passed.group
 
 
 def _request_costs(d, key, names: list, rows: tuple) -> dict:
@@ -475,7 +495,7 @@ def choose_layouts(model: nn.Module, rows=None, options: dict | None = None, sib
                 pick = names[0]
             costs[(n, k, label, dtype)] = _request_costs(d, key, names, rows)
         picks[(n, k, label, dtype)] = pick
-    if siblings and forced is None and d.measuring:
+    if siblings and forced is None and d.measuring and _groups_siblings(options):
         from . import sibling_layouts
 
         picks = sibling_layouts.settle(groups, costs, picks, siblings, options, rows)
@@ -506,6 +526,7 @@ def compile(model, *, fullgraph: bool = False, dynamic: bool | None = False, aut
     layers that read the same input; then the layout of each quantized layer shape is chosen for ``rows`` by
     measurement (:func:`choose_layouts`, those sets weighed together), and every quantized layer runs each row
     count once eagerly so that the trace takes the path measured for it. The graphs compile from the second call.
+    Where nothing is measured (``QTORCH_AUTOTUNE=0``, ``QTORCH_LAYOUT``), the layouts are chosen here, at once.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"qtorch.compile needs an nn.Module, got {type(model).__name__}")
@@ -514,5 +535,12 @@ def compile(model, *, fullgraph: bool = False, dynamic: bool | None = False, aut
     device_type = _device_type(model)
     opts = compile_options(device_type, autotune=autotune) if backend == "inductor" else None
     choose = opts and opts.get("max_autotune") and device_type == "cpu" and layer_groups(model)
+    if choose:
+        from . import autotune
+
+        d = autotune.default_dispatcher()
+        if d.forced_layout is not None or not d.measuring:  # nothing is measured: no sets to see, choose now
+            choose_layouts(model, rows, opts)
+            choose = False
     compiled = torch.compile(model, fullgraph=fullgraph, dynamic=dynamic, backend=backend, options=opts)
     return CompiledModule(model, compiled, opts, rows if choose else None)

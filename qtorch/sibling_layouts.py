@@ -26,16 +26,18 @@ import collections
 import copy
 import itertools
 import types
+import warnings
+import weakref
 
 import torch
 from torch import nn
 
 from .tune import layer_groups
 
-__all__ = ["find_siblings", "settle"]
+__all__ = ["find_siblings"]
 
-#: assignments of layouts to shape groups :func:`settle` weighs, at most (SmolLM2: 2 at most); past it the
-#: per-shape choice stands
+#: the most assignments of layouts to shape groups :func:`settle` weighs (2 ** the groups that may move to
+#: ``blocked``; SmolLM2 has 4 shapes); past it each shape keeps its own race's layout
 MOST_ASSIGNMENTS = 4096
 
 
@@ -44,11 +46,21 @@ def record(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
     layers (:func:`qtorch.tune.layer_groups`' layers, of one scheme and compute dtype) whose input was the same
     tensor in it, in the order they ran."""
     group_of = {id(m): key for key, members in layer_groups(model).items() for m in members}
-    seen = []  # (layer, input): the inputs stay referenced, so no two of them share an address by reuse
+    found: list = []  # the sets, in the order their first layer ran
+    current: dict = {}  # input key -> (a weak reference to the input, its set)
 
     def hook(module, inputs):
-        if inputs and isinstance(inputs[0], torch.Tensor):
-            seen.append((module, inputs[0]))
+        x = inputs[0] if inputs else None
+        if not isinstance(x, torch.Tensor):
+            return
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, group_of[id(module)][2:])
+        ref, members = current.get(key, (None, None))
+        if ref is None or ref() is None:  # a new input (an address is reused only once its tensor is gone)
+            members = []
+            current[key] = (weakref.ref(x), members)
+            found.append(members)
+        if all(m is not module for m in members):
+            members.append(module)
 
     handles = [m.register_forward_pre_hook(hook) for m in model.modules() if id(m) in group_of]
     try:
@@ -57,13 +69,7 @@ def record(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
     finally:
         for h in handles:
             h.remove()
-    by_input: dict = {}
-    for module, x in seen:
-        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, group_of[id(module)][2:])
-        members = by_input.setdefault(key, [])
-        if all(m is not module for m in members):
-            members.append(module)
-    return out, [members for members in by_input.values() if len(members) >= 2]
+    return out, [members for members in found if len(members) >= 2]
 
 
 def find_siblings(model: nn.Module, *args, **kwargs) -> list:
@@ -94,6 +100,8 @@ def _set_probe(members: list, copies: int, together: bool, options: dict):
 
 
 def _set_runs(members: list, copies: int, together: bool, options: dict):
+    """``{1: {"compiled": callable}}`` for :meth:`qtorch.autotune.Dispatcher.choose_layout`: a :func:`_set_probe`
+    on random rows of the layers' dtype, one per copy; None when the probe cannot be built."""
     try:
         run = _set_probe(members, copies, together, options)
     except Exception:
@@ -121,7 +129,12 @@ def saving_ms(members: list, options: dict) -> float | None:
     d = probe_dispatcher()
     runs = {name: (lambda together=together: _set_runs(members, copies, together, options))
             for name, together in (("together", True), ("apart", False))}
-    d.choose_layout(key, runs, rows=(1,), calls={1: copies})
+    try:
+        d.choose_layout(key, runs, rows=(1,), calls={1: copies})
+    except Exception as e:  # neither probe ran: no saving is known
+        warnings.warn(f"qtorch.compile: no probe of {key} ran ({type(e).__name__}: {e}); its layers are weighed "
+                      f"one by one", RuntimeWarning, stacklevel=4)
+        return None
     ms = (d.decisions().get(str(key)) or {}).get("ms") or {}
     if not all(isinstance(ms.get(f"{n}@1"), (int, float)) for n in runs):
         return None
@@ -129,7 +142,7 @@ def saving_ms(members: list, options: dict) -> float | None:
 
 
 def settle(groups: dict, costs: dict, picks: dict, sets: list, options: dict, rows: tuple) -> dict:
-    """The layouts of the shape groups (``groups``: key -> layers; ``picks``: key -> the per-shape choice;
+    """(:func:`qtorch.compile.choose_layouts`'s last step.) The layouts of the shape groups (``groups``: key -> layers; ``picks``: key -> the per-shape choice;
     ``costs``: key -> {layout: request cost of one layer, ms}, for the groups the races timed), the groups of
     ``sets`` moved to ``blocked`` where that costs the model less: each set whose groups all hold ``blocked`` saves
     its :func:`saving_ms` per one-row call of a request (measured only for the kinds of set that a group not on
@@ -161,6 +174,8 @@ def settle(groups: dict, costs: dict, picks: dict, sets: list, options: dict, ro
                   key=str)
     options_per = [(picks[g], "blocked") for g in free]
     if 2 ** len(free) > MOST_ASSIGNMENTS:
+        warnings.warn(f"qtorch.compile: {len(free)} layer shapes in sets of layers that read one input, too many to "
+                      f"weigh together; each keeps its own race's layout", RuntimeWarning, stacklevel=4)
         return picks
 
     def total(assign: dict) -> float:

@@ -308,9 +308,7 @@ def test_compile_keeps_each_rows_path_before_tracing():
     on the AMX Xeon, where the kept ``amx`` ran at 1.10-1.58x)."""
     q = layer(W8, dtype=torch.float32)
     assert q.quantized_weight.layout.name == "blocked" and q.quantized_weight._routes == {}
-    cm = qtorch.compile(q, rows=(3, 100))
-    assert q.quantized_weight._routes == {}  # chosen at the first call
-    cm(torch.randn(3, q.in_features))
+    qtorch.compile(q, rows=(3, 100))  # (nothing measured in tests: chosen at once, no first call needed)
     assert set(q.quantized_weight._routes) == {("cpu", torch.float32, autotune.bucket_index(r)) for r in (3, 100)}
 
 
