@@ -142,11 +142,12 @@ def saving_ms(members: list, options: dict) -> float | None:
 
 
 def settle(groups: dict, costs: dict, picks: dict, sets: list, options: dict, rows: tuple) -> dict:
-    """(:func:`qtorch.compile.choose_layouts`'s last step.) The layouts of the shape groups (``groups``: key -> layers; ``picks``: key -> the per-shape choice;
-    ``costs``: key -> {layout: request cost of one layer, ms}, for the groups the races timed), the groups of
-    ``sets`` moved to ``blocked`` where that costs the model less: each set whose groups all hold ``blocked`` saves
-    its :func:`saving_ms` per one-row call of a request (measured only for the kinds of set that a group not on
-    ``blocked`` yet belongs to). Returns the new ``{key: layout}`` (``picks`` where nothing is cheaper)."""
+    """:func:`qtorch.compile.choose_layouts`'s last step: the layouts of the shape groups (``groups``: key ->
+    layers; ``picks``: key -> the per-shape choice; ``costs``: key -> {layout: request cost of one layer, ms}, for
+    the groups the races timed), the groups of ``sets`` moved to ``blocked`` where that costs the model less: each
+    set whose groups all hold ``blocked`` saves its :func:`saving_ms` per one-row call of a request (measured only
+    for the kinds of set that a group not on ``blocked`` yet belongs to). Returns the new ``{key: layout}``
+    (``picks`` where nothing is cheaper)."""
     from . import autotune
 
     if 1 not in rows or not sets:

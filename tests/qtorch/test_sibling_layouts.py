@@ -165,14 +165,14 @@ def test_choose_layouts_weighs_the_sets(monkeypatch, tmp_path):
     m = Model()
     x = torch.randn(1, 128, dtype=torch.bfloat16)
     sets = sibling_layouts.find_siblings(m, x)
-    alone = choose_layouts(m, rows=1)
-    assert alone["64x128|" + qtorch.layouts.scheme_label(m.blocks[0].k.quantized_weight.spec) + "|bfloat16"] == "int8pack"
+    kv = f"64x128|{qtorch.layouts.scheme_label(m.blocks[0].k.quantized_weight.spec)}|bfloat16"
+    assert choose_layouts(m, rows=1)[kv] == "int8pack"
     # together: the saving injected (ms per set call), the races' timings kept from the call before
     monkeypatch.setattr(sibling_layouts, "saving_ms", lambda members, options: 5.0 if len(members) == 3 else None)
     got = choose_layouts(m, rows=1, siblings=sets)
     # (the MLP's shapes are ties here: the static order decides them, which differs between CPUs)
     assert {layer.quantized_weight.layout.name for b in m.blocks for layer in (b.q, b.k, b.v, b.o)} == {"blocked"}
-    assert got[f"64x128|{qtorch.layouts.scheme_label(m.blocks[0].k.quantized_weight.spec)}|bfloat16"] == "blocked"
+    assert got[kv] == "blocked"
     with torch.no_grad():
         ref = F.linear(x.float(), m.blocks[0].q.dequantized_weight(torch.float32), m.blocks[0].q.bias.float())
         assert torch.allclose(m.blocks[0].q(x).float(), ref, atol=2e-2 * float(ref.abs().max()), rtol=2e-2)
