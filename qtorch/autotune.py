@@ -63,7 +63,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 __all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "ROTATION_COPIES", "cache_dir", "cold_bytes",
-           "evict_caches",
+           "evict_caches", "request_cost",
            "last_level_cache", "rotation_copies", "LAYOUT_TIE", "DROP_AFTER", "DispatchKey", "LayoutKey", "SettingKey",
            "Dispatcher", "row_bucket", "bucket_index", "cpu_info", "fingerprint", "default_cache_path",
            "default_dispatcher"]
@@ -98,6 +98,19 @@ ROTATION_COPIES = 512
 #: against 29.9 ms at 128 rows). A 128-token prompt moved the 4096-wide ones to int4pack too (0.15x of dense at 128
 #: rows). One 16-row call stands for the short turns and small batches between.
 REQUEST_CALLS = {1: 128, 16: 1, 128: 4}
+
+
+def request_cost(ms: Mapping, name: str, rows: tuple) -> float | None:
+    """A request's cost in ms of one layer in layout ``name``, from a layout decision's timings ``ms`` (keys
+    ``"<name>@<rows>"``) at every count of ``rows`` weighted by :data:`REQUEST_CALLS`; None where one is missing.
+
+    >>> request_cost({"blocked@1": 0.1, "blocked@128": 2.0}, "blocked", (1, 128))
+    20.8
+    """
+    times = [ms.get(f"{name}@{r}") for r in rows]
+    if not all(isinstance(t, (int, float)) for t in times):
+        return None
+    return sum(REQUEST_CALLS.get(r, 1) * t for r, t in zip(rows, times))
 #: layouts whose request cost is within this factor of the lowest count as tied. Among them the one whose worst row
 #: count is closest to the best layout at that count wins (its *regret*; ties of that, within the same factor, go
 #: to the static order). One-row calls outweigh the rest of a request, and their cold timings move by 5-10% between

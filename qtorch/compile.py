@@ -428,20 +428,6 @@ def _groups_siblings(options: dict) -> bool:
     return isinstance(passed, SiblingsPass) and passed.group
 
 
-def _request_costs(d, key, names: list, rows: tuple) -> dict:
-    """``{layout: ms}``: a request's cost of one layer in each layout the race of ``key`` timed at every count of
-    ``rows`` (:data:`qtorch.autotune.REQUEST_CALLS`)."""
-    from . import autotune
-
-    ms = (d.decisions().get(str(key)) or {}).get("ms") or {}
-    got = {}
-    for name in names:
-        times = [ms.get(f"{name}@{r}") for r in rows]
-        if all(isinstance(t, (int, float)) for t in times):
-            got[name] = sum(autotune.REQUEST_CALLS.get(r, 1) * t for r, t in zip(rows, times))
-    return got
-
-
 def choose_layouts(model: nn.Module, rows=None, options: dict | None = None, siblings: list | None = None) -> dict:
     """Decide, per quantized layer shape (out x in, scheme, compute dtype), the layout its layers hold in
     compiled inference, then move them; returns ``{"out x in|scheme|dtype": layout name}`` of the shapes that had a
@@ -471,7 +457,7 @@ def choose_layouts(model: nn.Module, rows=None, options: dict | None = None, sib
     if forced is not None:
         layouts.get(forced)  # an unknown name is an error, as for the eager choice
     groups = layer_groups(model)
-    picks, costs = {}, {}
+    picks, raced = {}, {}  # raced: group -> (its decision's key, the candidates)
     for (n, k, label, dtype), members in groups.items():
         w = members[0].quantized_weight
         names = _candidates(w, dtype)
@@ -493,18 +479,23 @@ def choose_layouts(model: nn.Module, rows=None, options: dict | None = None, sib
                 warnings.warn(f"qtorch.compile: no layout probe of {key} ran ({type(e).__name__}: {e}); "
                               f"{names[0]} (static order)", RuntimeWarning, stacklevel=3)
                 pick = names[0]
-            costs[(n, k, label, dtype)] = _request_costs(d, key, names, rows)
+            raced[(n, k, label, dtype)] = (key, names)
         picks[(n, k, label, dtype)] = pick
     if siblings and forced is None and d.measuring and _groups_siblings(options):
         from . import sibling_layouts
 
+        known = d.decisions()
+        costs = {}  # group -> {layout: a request's cost of one layer, ms}, as its race timed it
+        for g, (key, names) in raced.items():
+            ms = (known.get(str(key)) or {}).get("ms") or {}
+            costs[g] = {name: c for name in names if (c := autotune.request_cost(ms, name, rows)) is not None}
         picks = sibling_layouts.settle(groups, costs, picks, siblings, options, rows)
     decided = {}
     for (n, k, label, dtype), pick in picks.items():
         for m in groups[(n, k, label, dtype)]:
             m.quantized_weight.hold_layout(pick, m.compute_dtype)
         decided[f"{n}x{k}|{label}|{str(dtype).removeprefix('torch.')}"] = pick
-    for members in layer_groups(model).values():
+    for members in groups.values():
         for m in members:
             _keep_paths(m, rows)
     return decided

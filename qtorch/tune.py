@@ -264,10 +264,9 @@ def settle_layouts(model: nn.Module) -> dict:
         ms = entry.get("ms") or {}
         costs = {}
         for lay in found:
-            times = [ms.get(f"{lay.name}@{r}") for r in autotune.LAYOUT_ROWS]
-            if all(isinstance(t, (int, float)) for t in times):
-                cost = len(members) * sum(autotune.REQUEST_CALLS.get(r, 1) * t
-                                          for r, t in zip(autotune.LAYOUT_ROWS, times))
+            one = autotune.request_cost(ms, lay.name, autotune.LAYOUT_ROWS)
+            if one is not None:
+                cost = len(members) * one
                 fam = _family(lay)
                 if fam not in costs or cost < costs[fam][1]:
                     costs[fam] = (lay.name, cost)
