@@ -4,10 +4,11 @@
     python benchmarks/bench_launch.py                      # SmolLM2 w8a16 (8-bit lm_head too), eager, ~2 minutes
     python benchmarks/bench_launch.py --scheme w4a16-g64 --compile
     python benchmarks/bench_launch.py --ops            # compiled: the C++ ops against the Python ops
+    python benchmarks/bench_launch.py --layout vnni --scheme w4a16-g64 --ops   # CPUs with AVX512-VNNI
 
 SmolLM2-135M-Instruct (``bench_smollm2.py``'s model) is quantized with every layer, ``lm_head`` included, on the
-``blocked`` layout (the layout whose one-row calls launch the team themselves: ``QTORCH_LAYOUT=blocked`` is set
-here), decoded greedily once to settle its paths, then in alternating rounds with every one-row launch as one native
+``blocked`` layout (``QTORCH_LAYOUT=blocked`` is set here; ``--layout vnni``: the other layout whose one-row calls
+launch the team themselves, 4-bit schemes on CPUs with AVX512-VNNI), decoded greedily once to settle its paths, then in alternating rounds with every one-row launch as one native
 call (:mod:`qtorch._launch`) and with each launch's native call removed (the Python launch, as with
 ``QTORCH_NATIVE_LAUNCH=0``). Both run in the same process on the same weights, so each round compares the two on
 the same moment of a shared machine. Reported: the median step of each round, and the median over rounds.
@@ -25,7 +26,7 @@ import os
 import sys
 import time
 
-os.environ["QTORCH_LAYOUT"] = "blocked"
+os.environ["QTORCH_LAYOUT"] = "vnni" if "vnni" in sys.argv else "blocked"  # (--layout, read before qtorch loads)
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
@@ -33,7 +34,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
-from qtorch import gemv  # noqa: E402
+from qtorch import gemv, vnni  # noqa: E402
 from _machine import machine_line  # noqa: E402
 from bench_decode import CompiledSteps, _greedy_steps  # noqa: E402
 from bench_smollm2 import PROMPT, chat_ids, load_smollm2, untied_head_copy  # noqa: E402
@@ -44,7 +45,7 @@ def launches() -> list:
     found = []
     for o in gc.get_objects():
         try:
-            if type(o) in (gemv.Launcher, gemv.Chain) and o.native is not None:
+            if type(o) in (gemv.Launcher, gemv.Chain, vnni.Plan) and o.native is not None:
                 found.append(o)
         except ReferenceError:  # a dead weak proxy met on the way
             pass
@@ -54,6 +55,8 @@ def launches() -> list:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scheme", default="w8a16", help="quantize_model preset (default w8a16)")
+    p.add_argument("--layout", choices=("blocked", "vnni"), default="blocked",
+                   help="the layout every layer holds (default blocked; vnni: 4-bit schemes, AVX512-VNNI)")
     p.add_argument("--tokens", type=int, default=24, help="decoding steps per round (default 24)")
     p.add_argument("--rounds", type=int, default=8, help="rounds of each kind, alternating (default 8)")
     p.add_argument("--compile", action="store_true", help="decode with torch.compile on a static KV cache")
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
                 print(f"no C++ ops here: {native_ops.reason()}")
                 return 1
             found, natives = [], []  # every launch native; the ops C++ in one kind of round, Python in the other
-        print(f"{args.scheme}, {'compiled' if args.compile else 'eager'}: {len(found)} launches with a native "
+        print(f"{args.scheme} on {args.layout}, {'compiled' if args.compile else 'eager'}: {len(found)} launches with a native "
               f"call ({sum(type(o) is gemv.Chain for o in found)} of them chains of sibling layers)", flush=True)
         ms = {"native": [], "python": []}
         for _ in range(args.rounds):

@@ -162,12 +162,13 @@ class Native:
     ``native(xa, o0, o1, o2, nthreads)``: see :func:`_launch` (at most :data:`MAX_LAYERS` layers; ``o1``, ``o2``
     unread where there are fewer); the caller keeps ``x`` and the outputs alive during the call."""
 
-    __slots__ = ("state", "address", "blocks", "scratch", "nchunks", "fn", "__weakref__")
+    __slots__ = ("state", "address", "templates", "blocks", "scratch", "nchunks", "fn", "__weakref__")
 
     def __init__(self, kernel_address: int, layers, slots: tuple):
         layers = list(layers)
         if not 1 <= len(layers) <= MAX_LAYERS:
             raise ValueError(f"a native launch takes 1 to {MAX_LAYERS} layers, got {len(layers)}")
+        self.templates = [t for t, _ in layers]  # read by address at every launch: kept alive here
         self.blocks = [np.array(t, dtype=np.int64, copy=True) for t, _ in layers]
         sums = [int(n) for _, n in layers]
         self.scratch = np.empty(max(1, sum(sums)), np.float32) if any(sums) else None

@@ -1020,13 +1020,14 @@ def _call_flags(p: Plan, xkind: int, okind: int, fold: bool, dot: bool) -> int:
 NATIVE_LAUNCH = os.environ.get("QTORCH_NATIVE_LAUNCH", "1").strip() != "0"
 
 
-def _native(team_kernel, units: int, layers):
+def _native(team_kernel, units: int, layers, slots: tuple = (_X, _OUT, _SCRATCH)):
     """The native launch of these layers' blocks (:class:`qtorch._launch.Native`), or None where their launch never
     goes natively: one work unit (the caller runs it alone), more layers than one native call chains, no OpenMP
-    team of torch's, or :data:`NATIVE_LAUNCH` off."""
+    team of torch's, or :data:`NATIVE_LAUNCH` off. ``slots``: where a block holds the row's, the output's and the
+    sums' addresses (this module's blocks by default; :mod:`qtorch.vnni` passes its own)."""
     if not NATIVE_LAUNCH or units < 2 or len(layers) > _launch.MAX_LAYERS or not _omp.available():
         return None
-    native = _launch.Native(team_kernel(), layers, (_X, _OUT, _SCRATCH))
+    native = _launch.Native(team_kernel(), layers, slots)
     return native if native.available() else None
 
 

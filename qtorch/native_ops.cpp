@@ -1,5 +1,5 @@
 // qtorch's decoding ops for compiled graphs, as C++ kernels: the one-row launch of a blocked layer (or of two or
-// three sibling layers) without the Python between the graph and the kernel.
+// three sibling layers), or of a vnni layer, without the Python between the graph and the kernel.
 //
 // Each op has the schema of a Python op (``qtorch::<name>_infer`` or ``qtorch::blocked_siblings<n>``) and the same
 // numbers: a call that Python registered a native launch for (qtorch/native_ops.py: the layers' addresses, group
@@ -69,51 +69,15 @@ bool waited(int64_t state, int64_t nthreads) {
   return 2 * (last_out - first_out) > first_out - first_in;
 }
 
-// The launch registered for the call on ``stack`` (``layers`` layers; ``dot``: the dot flag, -1 where it is the
-// last argument), run and its output pushed; false (the stack untouched) where there is none or it cannot run now.
-bool try_native(torch::jit::Stack* stack, int64_t layers, int64_t dot) {
-  const size_t nargs = 1 + 3 * layers + 2 + layers + (dot < 0 ? 1 : 0);
-  if (g_launch == nullptr || g_gate == nullptr || !__atomic_load_n(&g_enabled, __ATOMIC_RELAXED) ||
-      stack->size() < nargs) {
-    return false;
-  }
-  auto args = stack->end() - nargs;
-  const at::Tensor& x = args[0].toTensor();
-  if (__atomic_load_n(&g_gate[OPEN], __ATOMIC_ACQUIRE) != 1 || x.dim() != 2 || x.size(0) != 1 ||
-      !x.device().is_cpu() || x.stride(1) != 1 || x.requires_grad()) {
-    return false;
-  }
-  const int64_t kind = kind_of(x.scalar_type());
-  if (kind < 0) return false;
-  const int64_t d = dot < 0 ? static_cast<int64_t>(args[nargs - 1].toBool()) : dot;
-  std::vector<int64_t> key{layers, d, args[1 + 3 * layers].toInt(), args[2 + 3 * layers].toInt(), kind, x.size(1)};
-  int64_t total = 0;
-  for (int64_t i = 0; i < layers; ++i) {
-    for (int64_t j = 1; j <= 3; ++j) {
-      const at::Tensor& t = args[3 * i + j].toTensor();
-      key.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
-    }
-    const int64_t n = args[3 + 3 * layers + i].toInt();
-    key.push_back(n);
-    total += n;
-  }
-  int64_t state = 0;
-  {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    auto it = g_launches.find(key);
-    if (it == g_launches.end()) return false;
-    state = it->second;
-  }
+// Run the launch ``state`` with the row at ``xa`` and the outputs at ``o``; its first block's starved count, or -1
+// where it cannot go now (one thread, or another thread holds it). Keeps the team's state: the last launch's end
+// and size, and the note of a late one.
+int64_t run_launch(int64_t state, int64_t xa, const int64_t* o) {
   const int64_t nthreads = at::get_num_threads();
-  if (nthreads < 2) return false;
-  at::Tensor out = at::empty({1, total}, x.options());
-  const int64_t oa = reinterpret_cast<int64_t>(out.data_ptr());
-  const int64_t step = out.element_size();
-  int64_t o[3] = {oa, 0, 0};
-  for (int64_t i = 1; i < layers; ++i) o[i] = o[i - 1] + args[3 + 3 * layers + i - 1].toInt() * step;
+  if (nthreads < 2) return -1;
   const int64_t begin = now_ns();
-  const int64_t starved = g_launch(state, reinterpret_cast<int64_t>(x.data_ptr()), o[0], o[1], o[2], nthreads);
-  if (starved < 0) return false;  // another thread holds this launch
+  const int64_t starved = g_launch(state, xa, o[0], o[1], o[2], nthreads);
+  if (starved < 0) return -1;  // another thread holds this launch
   const int64_t end = now_ns();
   __atomic_fetch_add(&g_runs, 1, __ATOMIC_RELAXED);
   g_gate[LAST_END_NS] = end;
@@ -131,6 +95,85 @@ bool try_native(torch::jit::Stack* stack, int64_t layers, int64_t dot) {
       __atomic_store_n(&g_gate[OPEN], 0, __ATOMIC_RELEASE);
     }
   }
+  return starved;
+}
+
+// The registered launch of ``key``, or 0.
+int64_t lookup(const std::vector<int64_t>& key) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_launches.find(key);
+  return it == g_launches.end() ? 0 : it->second;
+}
+
+// The row ``x`` of a call, where a launch may read it: one contiguous row of a float dtype on the CPU, no gradient,
+// the gate open. Its kind (qtorch.gemv.TORCH_KINDS), or -1.
+int64_t row_kind(const at::Tensor& x) {
+  if (__atomic_load_n(&g_gate[OPEN], __ATOMIC_ACQUIRE) != 1 || x.dim() != 2 || x.size(0) != 1 ||
+      !x.device().is_cpu() || x.stride(1) != 1 || x.requires_grad()) {
+    return -1;
+  }
+  return kind_of(x.scalar_type());
+}
+
+bool ready(torch::jit::Stack* stack, size_t nargs) {
+  return g_launch != nullptr && g_gate != nullptr && __atomic_load_n(&g_enabled, __ATOMIC_RELAXED) &&
+         stack->size() >= nargs;
+}
+
+// The launch registered for the blocked op's call on ``stack`` (``layers`` layers; ``dot``: the dot flag, -1 where
+// it is the last argument), run and its output pushed; false (the stack untouched) where there is none or it
+// cannot run now.
+bool try_native(torch::jit::Stack* stack, int64_t layers, int64_t dot) {
+  const size_t nargs = 1 + 3 * layers + 2 + layers + (dot < 0 ? 1 : 0);
+  if (!ready(stack, nargs)) return false;
+  auto args = stack->end() - nargs;
+  const at::Tensor& x = args[0].toTensor();
+  const int64_t kind = row_kind(x);
+  if (kind < 0) return false;
+  const int64_t d = dot < 0 ? static_cast<int64_t>(args[nargs - 1].toBool()) : dot;
+  std::vector<int64_t> key{layers, d, args[1 + 3 * layers].toInt(), args[2 + 3 * layers].toInt(), kind, x.size(1)};
+  int64_t total = 0;
+  for (int64_t i = 0; i < layers; ++i) {
+    for (int64_t j = 1; j <= 3; ++j) {
+      const at::Tensor& t = args[3 * i + j].toTensor();
+      key.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+    }
+    const int64_t n = args[3 + 3 * layers + i].toInt();
+    key.push_back(n);
+    total += n;
+  }
+  const int64_t state = lookup(key);
+  if (state == 0) return false;
+  at::Tensor out = at::empty({1, total}, x.options());
+  const int64_t step = out.element_size();
+  int64_t o[3] = {reinterpret_cast<int64_t>(out.data_ptr()), 0, 0};
+  for (int64_t i = 1; i < layers; ++i) o[i] = o[i - 1] + args[3 + 3 * layers + i - 1].toInt() * step;
+  if (run_launch(state, reinterpret_cast<int64_t>(x.data_ptr()), o) < 0) return false;
+  torch::jit::drop(*stack, nargs);
+  torch::jit::push(*stack, std::move(out));
+  return true;
+}
+
+// The same for the vnni layout's op (x, qweight, scale, zero_point, out_features), keyed with 0 layers. Its kernel
+// reports a row holding a NaN or an infinity in the first chunk's result; such a call goes to the Python op.
+bool try_vnni(torch::jit::Stack* stack) {
+  const size_t nargs = 5;
+  if (!ready(stack, nargs)) return false;
+  auto args = stack->end() - nargs;
+  const at::Tensor& x = args[0].toTensor();
+  const int64_t kind = row_kind(x);
+  if (kind < 0) return false;
+  const int64_t n = args[4].toInt();
+  std::vector<int64_t> key{0, kind, x.size(1)};
+  for (int64_t j = 1; j <= 3; ++j) key.push_back(reinterpret_cast<int64_t>(args[j].toTensor().data_ptr()));
+  key.push_back(n);
+  const int64_t state = lookup(key);
+  if (state == 0) return false;
+  at::Tensor out = at::empty({1, n}, x.options());
+  const int64_t o[3] = {reinterpret_cast<int64_t>(out.data_ptr()), 0, 0};
+  if (run_launch(state, reinterpret_cast<int64_t>(x.data_ptr()), o) < 0) return false;
+  const int64_t* block = reinterpret_cast<const int64_t*>(reinterpret_cast<const int64_t*>(state)[g_first_block]);
+  if (block[g_gate[HEADER]] != 0) return false;  // x not finite
   torch::jit::drop(*stack, nargs);
   torch::jit::push(*stack, std::move(out));
   return true;
@@ -140,7 +183,7 @@ bool try_native(torch::jit::Stack* stack, int64_t layers, int64_t dot) {
 // Python op of the same schema called with the same stack.
 template <int64_t Layers, int64_t Dot, int Id>
 void kernel(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
-  if (try_native(stack, Layers, Dot)) return;
+  if (Layers == 0 ? try_vnni(stack) : try_native(stack, Layers, Dot)) return;
   static const c10::OperatorHandle fallback = [&op] {
     std::string name = op.schema().name();  // qtorch::<fallback>_native
     name = name.substr(0, name.size() - 7);
@@ -206,6 +249,8 @@ TORCH_LIBRARY_FRAGMENT(qtorch, m) {
   m.def("blocked_siblings3_native(Tensor x, Tensor qweight0, Tensor scale0, Tensor zero_point0, Tensor qweight1, "
         "Tensor scale1, Tensor zero_point1, Tensor qweight2, Tensor scale2, Tensor zero_point2, int group_size, "
         "int bits, int out_features0, int out_features1, int out_features2, bool dot) -> Tensor");
+  m.def("vnni_linear_infer_native(Tensor x, Tensor qweight, Tensor scale, Tensor zero_point, int out_features) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qtorch, CPU, m) {
@@ -214,4 +259,5 @@ TORCH_LIBRARY_IMPL(qtorch, CPU, m) {
   m.impl("bf16dot_blocked_infer_native", torch::CppFunction::makeFromBoxedFunction<&kernel<1, 1, 2>>());
   m.impl("blocked_siblings2_native", torch::CppFunction::makeFromBoxedFunction<&kernel<2, -1, 3>>());
   m.impl("blocked_siblings3_native", torch::CppFunction::makeFromBoxedFunction<&kernel<3, -1, 4>>());
+  m.impl("vnni_linear_infer_native", torch::CppFunction::makeFromBoxedFunction<&kernel<0, 0, 5>>());
 }

@@ -44,12 +44,13 @@ from qcore import _team
 from . import _launch
 from .gemv import TORCH_KINDS
 
-__all__ = ["OPS", "SOURCE", "enabled", "library", "reason", "register", "registered", "runs", "set_enabled", "swap"]
+__all__ = ["OPS", "SOURCE", "enabled", "library", "reason", "register", "register_vnni", "registered", "runs",
+           "set_enabled", "swap"]
 
 #: the C++ source of the ops
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_ops.cpp")
 _TWINS = ("gemm_blocked_infer", "int8dot_blocked_infer", "bf16dot_blocked_infer", "blocked_siblings2",
-          "blocked_siblings3")
+          "blocked_siblings3", "vnni_linear_infer")
 _LOCK = threading.Lock()
 _LIB: list = []  # [the loaded library, or None where it could not be built], once tried
 _REASON: list = []  # why not, where it could not
@@ -150,7 +151,7 @@ def _load():
     target = _target(cxx)
     if not os.path.exists(target):
         _build(cxx, target)
-    from .layouts import blocked  # noqa: F401  (the Python ops the C++ ones fall back on)
+    from .layouts import blocked, vnni  # noqa: F401  (the Python ops the C++ ones fall back on)
     from . import siblings  # noqa: F401
     try:
         lib = ctypes.CDLL(target)
@@ -177,9 +178,10 @@ _FAKES = torch.library.Library("qtorch", "FRAGMENT")
 
 def _fake(name: str):
     layers = int(name[-1]) if name.startswith("blocked_siblings") else 1
+    first = 3 if name.startswith("vnni") else 3 * layers + 2  # where the output widths start after x
 
     def fake(x, *args):
-        outs = args[3 * layers + 2:4 * layers + 2]
+        outs = args[first:first + layers]
         return x.new_empty((x.shape[0], sum(outs)))
 
     return fake
@@ -204,23 +206,35 @@ def set_enabled(on: bool) -> bool:
     return bool(lib.qtorch_native_enable(int(on))) if lib is not None else False
 
 
-def register(native, dot: bool, group_size: int, bits: int, dtype: torch.dtype, k: int, layers) -> None:
+def register(native, dot: bool, group_size: int, bits: int, dtype: torch.dtype, k: int, layers) -> bool:
     """Let the C++ ops run ``native`` (a :class:`qtorch._launch.Native`) for one-row ``dtype`` calls of ``K``
     ``k`` on ``layers``: ``(qweight, scale, zero_point, out_features)`` per layer, as the op receives them (their
     addresses are the key), until ``native`` is collected. Nothing where the library is not loaded (never built
-    here: eager decoding has no use for it)."""
-    lib = _LIB[0] if _LIB else None
-    if lib is None or native is None:
-        return
+    here: eager decoding has no use for it); whether it was registered."""
     key = [len(layers), int(dot), group_size, bits, TORCH_KINDS[dtype], k]
     for q, s, z, n in layers:
         key += [q.data_ptr(), s.data_ptr(), z.data_ptr(), n]
+    return _register(native, key)
+
+
+def register_vnni(native, dtype: torch.dtype, k: int, qweight, scale, zero_point, n: int) -> bool:
+    """:func:`register` for the vnni layout's op (``qtorch::vnni_linear_infer``: no group size, width or dot
+    flag among its arguments; keyed as a call of 0 layers)."""
+    return _register(native, [0, TORCH_KINDS[dtype], k, qweight.data_ptr(), scale.data_ptr(),
+                              zero_point.data_ptr(), n])
+
+
+def _register(native, key: list) -> bool:
+    lib = _LIB[0] if _LIB else None
+    if lib is None or native is None:
+        return False
     arr = np.array(key, np.int64)
     address = native.address
     if address not in _FORGET:
         _FORGET.add(address)
         weakref.finalize(native, _forget, lib, address)
     lib.qtorch_native_register(arr.ctypes.data, arr.size, address)
+    return True
 
 
 def _forget(lib, address: int) -> None:

@@ -52,7 +52,7 @@ from numba.extending import intrinsic
 from . import _omp
 from ._ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, host_has, prefetch_l2, to_bf16x32, vec
 from ._ir import cached as _cached
-from .gemv import _half_bits_to_float, _narrow, _sums_address  # (the one-row kernels' shared pieces)
+from .gemv import _half_bits_to_float, _narrow, _native, _sums_address  # (the one-row kernels' shared pieces)
 from .planes import P as _P, _RNE, block_size, split_row as _split_row  # (x as integer planes)
 
 __all__ = ["Plan", "available", "block_size", "dequant_t", "gemv_vnni", "split"]
@@ -316,23 +316,29 @@ class Plan:
     ``zp`` as in :func:`gemv_vnni` (``zp`` ``[0, 0, 0]`` for symmetric codes); ``xkind`` / ``okind``: 0 float32,
     1 bfloat16, 2 float16."""
 
-    __slots__ = ("arrays", "T", "N", "template", "free", "scratch", "min_part")
+    __slots__ = ("arrays", "T", "N", "template", "free", "scratch", "min_part", "native", "registered")
 
     def __init__(self, w, scale, zp, gsize: int, xkind: int, okind: int, prefetch: int = PREFETCH):
         T, KO, _ = w.shape
         self.arrays = (w, scale, zp)
         self.T, self.N = T, T * NT
         parts = 3 if xkind == 0 else 2
-        self.template = _omp.new_block(T, T, OPERANDS.pack(
+        self.template = np.append(_omp.new_block(T, T, OPERANDS.pack(
             K=KO * 8, T=T, meta=meta(gsize, block_size(gsize), parts, okind, zp.shape[0] > 0, xkind), pf=prefetch,
-            x=0, w=w, scale=scale, zp=zp, scratch=0, out=0))
+            x=0, w=w, scale=scale, zp=zp, scratch=0, out=0)), np.int64(0))  # (a native launch's link slot last)
         self.scratch = bool(okind)
         self.free = []  # (block, its address): blocks of calls that are over; a call on another thread takes its own
         self.min_part = max(1, (1 << 21) // max(1, KO * 256))  # tiles a thread of qcore's takes at least (no team)
+        # the plain case as one native call (qtorch._launch)
+        self.native = _native(_TEAM_GEMV, T, [(self.template, self.N if okind else 0)], (_X, _OUT, _SCRATCH))
+        self.registered = False  # whether qtorch.native_ops runs self.native for an op's calls
 
     def __call__(self, xa: int, oa: int) -> bool:
         """``out = x @ W.T`` for ``x`` at ``xa`` and ``out`` at ``oa`` (the caller keeps both alive); False
         (``out`` unwritten) where ``x`` holds a NaN or an infinity."""
+        native = self.native
+        if native is not None and native.run(xa, oa, 0, 0):
+            return not native.blocks[0][_HEADER]  # (refilled from the template at every launch)
         block, address = _omp.take_block(self.template, self.free)
         block[_X] = xa
         block[_OUT] = oa

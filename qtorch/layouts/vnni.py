@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import prefetch, vnni, vnni_amx, vnni_bf16
+from .. import native_ops, prefetch, vnni, vnni_amx, vnni_bf16
 from .._infer_ops import define_twin, needs_grad, plain_eager
 from .._kept import ByTensor
 from .base import Layout, single_row_shapes
@@ -204,6 +204,9 @@ def _one_row(x2, qweight, scale, zero_point, out_features: int) -> torch.Tensor:
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     out = torch.empty((1, out_features), dtype=x2.dtype)
     plan = _op_plan(qweight, scale, zero_point, x2.shape[1], x2.dtype)
+    if not plan.registered and plan.native is not None:  # the C++ op of compiled graphs runs it from the next call
+        plan.registered = native_ops.register_vnni(plan.native, x2.dtype, x2.shape[1], qweight, scale, zero_point,
+                                                   out_features)
     if plan(x2.data_ptr(), out.data_ptr()):
         return out
     return _portable(x2, qweight, scale, zero_point)

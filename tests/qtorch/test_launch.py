@@ -131,3 +131,20 @@ def test_native_launches_can_be_switched_off(monkeypatch):
     la(x.data_ptr(), out.data_ptr())
     gemv.run_plan(p, x.data_ptr(), 0, want.data_ptr(), 0, False)
     assert torch.equal(out, want)
+
+
+@needs_team
+def test_a_native_launch_keeps_the_templates_it_reads():
+    """Each launch refills its blocks from the templates by address: a template the caller dropped (a temporary)
+    must still be there, whatever memory came after it."""
+    (wb, scale, zp, p), = _plans((3,), seed=9)
+    la = gemv.Launcher(p, 0, 0, False)
+    x = torch.randn(1, 256)
+    want, got = torch.zeros(p.N), torch.zeros(p.N)
+    _python(la)(x.data_ptr(), want.data_ptr())
+    native = _launch.Native(p.kernel(), [(la.template.copy(), 0)], (gemv._X, gemv._OUT, gemv._SCRATCH))
+    import gc
+    gc.collect()
+    junk = [np.full(la.template.size, -1, np.int64) for _ in range(64)]  # where a freed template would be reused
+    assert native(x.data_ptr(), got.data_ptr(), 0, 0, 2) >= 0
+    assert torch.equal(got, want) and len(junk) == 64

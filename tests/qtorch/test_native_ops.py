@@ -1,5 +1,5 @@
-"""The C++ twins of the blocked layout's inference ops: the same numbers as the Python ops, every call they cannot
-run handed to those, the team's state kept, and compiled graphs calling them."""
+"""The C++ twins of the blocked and vnni layouts' inference ops: the same numbers as the Python ops, every call they
+cannot run handed to those, the team's state kept, and compiled graphs calling them."""
 
 import gc
 import multiprocessing
@@ -12,7 +12,7 @@ import torch
 
 import qtorch
 from qcore import PerChannel, PerGroup, QuantScheme, _team
-from qtorch import autotune, native_ops
+from qtorch import autotune, native_ops, vnni
 from qtorch.layouts import blocked
 
 W8 = QuantScheme(8, True, PerChannel(0))
@@ -43,11 +43,19 @@ def gate(uncapped_team):
     yield uncapped_team
 
 
-def _layer(scheme, dtype, n=256, k=128, seed=0):
+@pytest.fixture(autouse=True)
+def held_layout(monkeypatch):
+    """The layout under test held, not one raced on this machine (``QTORCH_LAYOUT``); a test sets another."""
+    def hold(name):
+        monkeypatch.setattr(autotune, "_DEFAULT", autotune.Dispatcher(cache_path=False, env={"QTORCH_LAYOUT": name}))
+    hold("blocked")
+    return hold
+
+
+def _layer(scheme, dtype, n=256, k=128, seed=0, layout="blocked"):
     torch.manual_seed(seed)
     q = qtorch.QuantLinear.from_linear(torch.nn.Linear(k, n, bias=False, dtype=dtype), scheme)
-    if q.weight_layout != "blocked":
-        pytest.skip("the blocked layout is not this machine's choice for the layer")
+    assert q.quantized_weight.hold_layout(layout, dtype)
     return q
 
 
@@ -205,8 +213,7 @@ def test_a_compiled_model_calls_the_cpp_ops(lib):
     model = torch.nn.Sequential(torch.nn.Linear(128, 256, bias=False), torch.nn.Linear(256, 384, bias=False))
     model = model.to(torch.bfloat16)
     qtorch.quantize_model(model, W8, exclude=())
-    if any(m.weight_layout != "blocked" for m in model):
-        pytest.skip("the blocked layout is not this machine's choice for the layers")
+    assert all(m.weight_layout == "blocked" for m in model)
     x = torch.randn(1, 128, dtype=torch.bfloat16)
     with torch.no_grad():
         want = model(x)
@@ -214,6 +221,76 @@ def test_a_compiled_model_calls_the_cpp_ops(lib):
         compiled(x)  # eager: the layouts are chosen
         compiled(x)  # traced and run: each op keeps its plan
         compiled(x)  # and its launch
+        before = native_ops.runs()
+        got = compiled(x)
+        assert native_ops.runs() == before + 2  # both layers' launches from C++
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+needs_vnni = pytest.mark.skipif(not vnni.available(), reason="the vnni layout needs AVX512-VNNI (not on this CPU)")
+
+
+def _vnni_operands(q):
+    b = q.quantized_weight.buffers
+    return b["qweight"], b["scale"], b["zero_point"], q.out_features
+
+
+@needs_vnni
+@pytest.mark.parametrize("scheme", [W4, QuantScheme(4, True, PerGroup(64)), QuantScheme(4, True, PerChannel(0))],
+                         ids=["asym-g32", "sym-g64", "sym-channel"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_registered_vnni_launch_runs_in_cpp_with_the_python_ops_bits(lib, scheme, dtype):
+    q = _layer(scheme, dtype, k=256, layout="vnni")
+    ops = _vnni_operands(q)
+    op, nat = torch.ops.qtorch.vnni_linear_infer.default, torch.ops.qtorch.vnni_linear_infer_native.default
+    x = torch.randn(1, 256, dtype=dtype)
+    with torch.no_grad():
+        before = native_ops.runs()
+        first = nat(x, *ops)  # nothing registered for it yet: the Python op, which registers the weight's launch
+        assert native_ops.runs() == before
+        got = nat(x, *ops)
+        assert native_ops.runs() == before + 1
+        torch.testing.assert_close(got, op(x, *ops), rtol=0, atol=0)
+        torch.testing.assert_close(got, first, rtol=0, atol=0)
+        ref = torch.nn.functional.linear(x.float(), q.dequantized_weight().float())
+        torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@needs_vnni
+def test_a_vnni_call_it_cannot_run_goes_to_the_python_op(lib):
+    q = _layer(W4, torch.bfloat16, k=256, seed=7, layout="vnni")
+    ops = _vnni_operands(q)
+    op, nat = torch.ops.qtorch.vnni_linear_infer.default, torch.ops.qtorch.vnni_linear_infer_native.default
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        op(x, *ops)  # registered
+        for what, value in (("a NaN", float("nan")), ("an infinity", float("inf"))):
+            xi = x.clone()
+            xi[0, 3] = value  # the kernel's planes hold no such value: the launch runs, reports it, and the
+            got = nat(xi, *ops)  # Python op takes the portable path
+            torch.testing.assert_close(got, op(xi, *ops), rtol=0, atol=0, equal_nan=True, msg=what)
+            assert not torch.isfinite(got).any(), what
+        before = native_ops.runs()
+        rows = torch.randn(3, 256, dtype=torch.bfloat16)
+        torch.testing.assert_close(nat(rows, *ops), op(rows, *ops), rtol=0, atol=0)
+        assert native_ops.runs() == before  # several rows: the Python op's AMX or dequantized path
+        torch.testing.assert_close(nat(x, *ops), op(x, *ops), rtol=0, atol=0)  # a finite row again: natively
+        assert native_ops.runs() == before + 1
+
+
+@needs_vnni
+def test_a_compiled_model_of_vnni_layers_calls_the_cpp_op(lib, held_layout):
+    held_layout("vnni")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128, bias=False), torch.nn.Linear(128, 256, bias=True))
+    model = model.to(torch.bfloat16)
+    qtorch.quantize_model(model, W4, exclude=())
+    assert all(m.weight_layout == "vnni" for m in model)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = model(x)
+        compiled = qtorch.compile(model)
+        compiled(x)  # traced and run: each op keeps its plan and registers its launch
         before = native_ops.runs()
         got = compiled(x)
         assert native_ops.runs() == before + 2  # both layers' launches from C++
