@@ -146,6 +146,63 @@ def test_one_row_reports_a_non_finite_x_and_leaves_out_alone():
         vnni.gemv_vnni(x, kernel_words(codes), tiles(scale), None, g, out)
 
 
+needs_team = pytest.mark.skipif(not _omp.available() or torch.get_num_threads() < 2,
+                                reason="no OpenMP team of 2+ threads in this process")
+
+
+@needs_vnni
+@needs_team
+@pytest.mark.parametrize("okind", [0, 1], ids=["float32-out", "bfloat16-out"])
+def test_one_row_as_one_native_launch_gives_the_python_launchs_bits(okind):
+    n, k, g = 256, 256, 64
+    codes, scale, zp, _ = weight(n, k, g, False, seed=21)
+    w, s, z = kernel_words(codes), tiles(scale), tiles(zp)
+    plan, python = vnni.Plan(w, s, z, g, 1, okind), vnni.Plan(w, s, z, g, 1, okind)
+    python.native = None  # the Python launch (as with QTORCH_NATIVE_LAUNCH=0)
+    assert plan.native is not None  # four tiles: two work units or more
+    dtype = torch.bfloat16 if okind else torch.float32
+    x = torch.from_numpy(rough_x(k, 22)).to(torch.bfloat16)
+    want = torch.full((n,), 5.0, dtype=dtype)
+    assert python(x.data_ptr(), want.data_ptr())
+    for _ in range(3):
+        got = torch.full((n,), 5.0, dtype=dtype)
+        assert plan(x.data_ptr(), got.data_ptr())
+        assert torch.equal(got, want)
+    assert not plan.free  # never the Python path's blocks
+    bad = x.clone()
+    bad[17] = float("nan")
+    out = torch.full((n,), 5.0, dtype=dtype)
+    assert not plan(bad.data_ptr(), out.data_ptr())  # reported through the native launch too, out left alone
+    assert torch.all(out == 5.0)
+    assert plan(x.data_ptr(), out.data_ptr()) and torch.equal(out, want)  # the next launch starts afresh
+
+
+@needs_vnni
+@needs_team
+def test_one_row_calls_from_several_threads_at_once_each_get_their_own_bits():
+    import concurrent.futures
+    n, k, g = 512, 512, 128
+    codes, scale, zp, _ = weight(n, k, g, True, seed=23)
+    plan = vnni.Plan(kernel_words(codes), tiles(scale), np.zeros((0, 0, 0), np.uint8), g, 1, 0)
+    xs = [torch.from_numpy(rough_x(k, 30 + i)).to(torch.bfloat16) for i in range(4)]
+    want = []
+    for x in xs:
+        out = torch.empty(n)
+        assert plan(x.data_ptr(), out.data_ptr())
+        want.append(out)
+
+    def call(i):  # one launch runs natively at a time; the others take the Python path with blocks of their own
+        out = torch.empty(n)
+        for _ in range(20):
+            assert plan(xs[i].data_ptr(), out.data_ptr())
+            if not torch.equal(out, want[i]):
+                return False
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(call, range(4)))
+
+
 @needs_vnni
 def test_gemv_vnni_names_bad_operands():
     codes, scale, zp, _ = weight(64, 128, 64, False, seed=8)
