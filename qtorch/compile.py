@@ -114,6 +114,12 @@ class CompiledModule(nn.Module):
         self._orig_mod = model
         self.training = model.training
         object.__setattr__(self, "_compiled", compiled)
+        # what a call runs: the compiled module's forward (Dynamo's wrapper of the model's call) where it has one,
+        # without the module call around it (nn.Module's hooks machinery and the optimized-module flag, which only
+        # torch.distributed's module tracker reads: 10-20 us of a compiled one-row call, on caches the weights
+        # just streamed through)
+        run = getattr(compiled, "forward", None) if isinstance(compiled, _optimized_module()) else None
+        object.__setattr__(self, "_run", run if callable(run) else compiled)
         opts = options or {}
         object.__setattr__(self, "_freezing", bool(opts.get("freezing")))
         object.__setattr__(self, "_woq", bool(opts.get("max_autotune")) and _device_type(model) == "cpu")
@@ -126,7 +132,7 @@ class CompiledModule(nn.Module):
                 if self._choose is not None:
                     return self._first_call(args, kwargs)
         with _tracing_setup(self._freezing, self._woq):
-            return self._compiled(*args, **kwargs)
+            return self._run(*args, **kwargs)
 
     def _first_call(self, args, kwargs):
         """The model's eager call, which shows the layers that read the same input; then the layouts are chosen
@@ -150,6 +156,15 @@ class CompiledModule(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["_orig_mod"], name)
+
+
+def _optimized_module() -> type:
+    """The class ``torch.compile`` returns for a module (``OptimizedModule``), or a class nothing is an instance of."""
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - another torch layout
+        return type("NoOptimizedModule", (), {})
+    return OptimizedModule
 
 
 #: True while qtorch.compile traces for inductor with max-autotune on CPU: the layouts then emit PyTorch's
@@ -192,6 +207,12 @@ class _tracing_setup:
       graph (the portable path) would get a full-precision copy of its weight as a constant. Nodes that read
       1-byte integer tensors are kept out of folding, so codes stay codes.
     * :func:`woq_templates` answers True while tracing.
+
+    Only a compilation reads the last three, so where Dynamo runs compile callbacks (``torch._dynamo.
+    callback_handler``) they are set when a compilation starts inside such a call and restored when it ends
+    (:func:`_compile_start`); a call only notes that it runs (a thread's list). Setting them around every call
+    cost 30 us of a compiled 4096x4096 one-row call on the AMX Xeon (its caches cold from the weight's stream:
+    inductor's config setter, the folder's class attribute).
     """
 
     __slots__ = ("freezing", "woq", "saved")
@@ -206,6 +227,11 @@ class _tracing_setup:
         if not self.freezing:
             self.saved = (grad,)
             return self
+        if _callbacks_on():
+            calls = _running()
+            calls.append(self.woq)
+            self.saved = (grad, calls)
+            return self
         folder, config = _constant_folder(), _INDUCTOR[0]
         orig = folder.__dict__["is_impure"]
         self.saved = (grad, orig, _WOQ_TEMPLATES, config.freezing)
@@ -217,12 +243,75 @@ class _tracing_setup:
     def __exit__(self, *exc):
         global _WOQ_TEMPLATES
         saved = self.saved
-        if len(saved) > 1:
+        if len(saved) == 2:
+            saved[1].pop()
+        elif len(saved) > 2:
             _INDUCTOR[0].freezing = saved[3]
             _WOQ_TEMPLATES = saved[2]
             _constant_folder().is_impure = saved[1]
         torch._C._set_grad_enabled(saved[0])
         return False
+
+
+_CALLS = threading.local()  # per thread: .running, the woq flags of the compiled calls in progress (innermost last)
+_SAVED: list = []  # what a compilation started inside such a call changed, until it ends
+_HANDLER: list = []  # [Dynamo's callback handler, or None where this torch has none], once looked up
+
+
+def _callbacks_on() -> bool:
+    """Whether :func:`_compile_start` / :func:`_compile_end` are registered with Dynamo (registered here where
+    they are not: at the first call, and after ``torch._dynamo.reset()``, which clears every callback); False
+    where this torch has no compile callbacks (then :class:`_tracing_setup` sets everything around each call)."""
+    if not _HANDLER:
+        _constant_folder()  # (inductor's config loaded, and Dynamo with it)
+        handler = getattr(torch._dynamo, "callback_handler", None)
+        ok = handler is not None and isinstance(getattr(handler, "start_callbacks", None), list)
+        _HANDLER.append(handler if ok and hasattr(handler, "register_start_callback") else None)
+    handler = _HANDLER[0]
+    if handler is None:
+        return False
+    if _compile_start not in handler.start_callbacks:
+        with _INSTALL:
+            if _compile_start not in handler.start_callbacks:
+                handler.register_start_callback(_compile_start)
+                handler.register_end_callback(_compile_end)
+    return True
+
+
+def _running() -> list:
+    calls = getattr(_CALLS, "running", None)
+    if calls is None:
+        calls = _CALLS.running = []
+    return calls
+
+
+def _compile_start(*_args) -> None:
+    """Dynamo's compile-start callback: inside a ``qtorch.compile`` call of this thread, the settings of
+    :class:`_tracing_setup` for the compilation (restored by :func:`_compile_end`)."""
+    global _WOQ_TEMPLATES
+    calls = getattr(_CALLS, "running", None)
+    if not calls or _SAVED:
+        return
+    folder, config = _constant_folder(), _INDUCTOR[0]
+    orig = folder.__dict__["is_impure"]
+    _SAVED.append((orig, _WOQ_TEMPLATES, config.freezing))
+    folder.is_impure = _keeping_codes(orig)
+    _WOQ_TEMPLATES = calls[-1]
+    config.freezing = True
+
+
+def _compile_end(*_args) -> None:
+    """Dynamo's compile-end callback (in the thread whose compilation ends last, where several ran at once)."""
+    global _WOQ_TEMPLATES
+    if not _SAVED:
+        return
+    saved = _SAVED.pop()
+    _INDUCTOR[0].freezing = saved[2]
+    _WOQ_TEMPLATES = saved[1]
+    _constant_folder().is_impure = saved[0]
+
+
+_INSTALL = threading.Lock()
 
 
 _FOLDER: list = []

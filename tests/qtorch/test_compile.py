@@ -1,6 +1,7 @@
 """torch.compile over the quantized layers: fullgraph tracing of every path, and qtorch.compile end to end."""
 
 import re
+import sys
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ import torch._inductor.config as inductor_config
 import qtorch
 from qcore import PerChannel, PerGroup, QuantScheme
 from qtorch.compile import CompiledModule, compile_options
+
+COMPILE_MODULE = sys.modules["qtorch.compile"]  # (the module: qtorch.compile is also the function)
 
 
 @pytest.mark.parametrize("layer,n,rows", [("W8A16Linear", 48, 2), ("W4A16Linear", 32, 300),
@@ -165,6 +168,35 @@ def test_weights_become_frozen_constants(torch_pack_kernels):
     assert torch.allclose(y.float(), dense(x).float(), atol=1e-2, rtol=1e-2)
     assert any(t.shape in (dense.weight.shape, dense.weight.t().shape) for t in rec.constants.values())
     assert re.search(r"\n\s+\w+, = args\n", code)
+
+
+def test_freezing_reaches_the_compilation_without_compile_callbacks(torch_pack_kernels, monkeypatch):
+    """Where Dynamo runs no compile callbacks (older torch), the settings are made around every call instead."""
+    monkeypatch.setattr(COMPILE_MODULE, "_HANDLER", [None])
+    q = bf16_layer(qtorch.W8A16Linear)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    y, rec, code = compile_and_record(q, x, autotune=False)
+    assert torch.equal(y, q(x))
+    assert any(t.dtype == torch.int8 for t in rec.constants.values())
+    assert re.search(r"\n\s+\w+, = args\n", code)  # the compiled call takes x alone
+    assert inductor_config.freezing is False
+
+
+def test_the_settings_are_the_compilations_alone(torch_pack_kernels):
+    """A compiled call sets freezing only while Dynamo compiles inside it: a plain torch.compile of another model
+    afterwards, in the same process, is not frozen (its weight stays an input), and nothing is left set."""
+    q = bf16_layer(qtorch.W8A16Linear)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    compile_and_record(q, x, autotune=False)  # (registers the callbacks, compiles, runs)
+    assert inductor_config.freezing is False and not COMPILE_MODULE._SAVED
+    assert COMPILE_MODULE._compile_start in torch._dynamo.callback_handler.start_callbacks
+    dense = torch.nn.Linear(128, 64, dtype=torch.bfloat16)
+    seen = []
+    with inductor_config.patch(post_grad_custom_post_pass=None):
+        with torch.no_grad():
+            out = torch.compile(dense, backend=lambda gm, inputs: seen.append(len(inputs)) or gm.forward)(x)
+    assert torch.allclose(out, dense(x)) and seen == [3]  # x, the weight and the bias: graph inputs
+    assert inductor_config.freezing is False
 
 
 @pytest.mark.parametrize("scheme,n", [(QuantScheme(8, True, PerChannel(0)), 30), (QuantScheme(4, False, PerGroup(32)), 30)])
