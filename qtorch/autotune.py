@@ -32,8 +32,8 @@ Bounded: a decision costs one warm-up call per candidate plus rounds of timed ca
 default) is spent, ``max_rounds`` are done, or one candidate is clearly best (the others are dropped as soon as
 their fastest of :data:`DROP_AFTER` or more timed calls is ``drop_ratio`` times slower than the leader's median).
 A layout decision costs the conversion of a throwaway copy per candidate layout, then, per row count in
-``LAYOUT_ROWS``, one warm-up call per path and timed rounds within ``budget_s`` (one round where a call takes over
-``budget_s``); nothing is dropped.
+``LAYOUT_ROWS``, one warm-up call per path and timed rounds within ``budget_s``, at least :data:`LAYOUT_ROUNDS`
+within :data:`LAYOUT_SPEND` budgets; no layout is dropped, only a path much slower than another of its layout.
 
 >>> import time
 >>> d = Dispatcher(cache_path=False, env={})
@@ -124,6 +124,10 @@ LAYOUT_TIE = 1.10
 #: more: beside other work a path that waits on a busy core (PyTorch's own ops: 6-20 ms a call there, 0.2 quiet)
 #: would otherwise spend the race's budget, and the others would get fewer rounds
 DROP_AFTER = 2
+#: timed rounds a layout race makes at each row count however slow its calls (a layout decision is kept for good,
+#: and the fastest of one call per path decided it before), within :data:`LAYOUT_SPEND` budgets
+LAYOUT_ROUNDS = 3
+LAYOUT_SPEND = 40
 FILE_FORMAT = "qtorch-dispatch"
 FILE_VERSION = 1
 
@@ -544,7 +548,8 @@ class Dispatcher:
                 continue
             before = self.evict if r in evict_rows else None
             failed_here: dict = {}
-            got_here = self._samples(flat, drop=False, before=before, errors=failed_here)
+            got_here = self._samples(flat, drop=False, before=before, errors=failed_here,
+                                     siblings=lambda label: label.partition(":")[0])
             errors.update({f"{label}@{r}": e for label, e in failed_here.items()})
             per = (calls or {}).get(r, 1)
             for label, got in got_here.items():
@@ -579,11 +584,19 @@ class Dispatcher:
         return {n: min(s) * 1e3 for n, s in self._samples(candidates, errors=errors).items()}
 
     def _samples(self, candidates: Mapping[str, Callable[[], Any]], drop: bool = True,
-                 before: Callable[[], Any] | None = None, errors: dict | None = None) -> dict[str, list[float]]:
+                 before: Callable[[], Any] | None = None, errors: dict | None = None,
+                 siblings: Callable[[str], str] | None = None) -> dict[str, list[float]]:
         """Timed calls (seconds) per candidate that ran: warm-up, then alternating rounds within the budget
         (``drop``: a clearly slower candidate stops being timed once it made :data:`DROP_AFTER` timed calls;
         ``before``: run, untimed, before every timed call; ``errors``: filled with what each candidate that
-        raised in its warm-up call raised)."""
+        raised in its warm-up call raised).
+
+        ``siblings``: candidate -> its group (a layout's paths, of which only the fastest counts). A candidate
+        ``drop_ratio`` times slower than its group's leader after a timed call stops being timed, whatever
+        ``drop``; and the rounds go on past the slow-call stop (four budgets spent) until :data:`LAYOUT_ROUNDS`
+        are done, within :data:`LAYOUT_SPEND` budgets. Without that, a 128-row race of 4096x4096 4-bit bfloat16
+        layers (nine paths, 87 ms a round, three of them 15-24 ms) was decided on one call per path: on the AMX
+        Xeon `vnni`'s AMX path took 3.0, 4.4 and 4.8 ms in three races, and 2.6-2.8 ms timed alone."""
         alive, raised = {}, {}
         for name, fn in candidates.items():  # warm-up: first calls compile, allocate, fill caches
             try:
@@ -613,10 +626,21 @@ class Dispatcher:
                 # clearly slower: its best call loses to the leader's typical one
                 if n != lead and min(samples[n]) > self.drop_ratio * med[lead]:
                     del alive[n]
+            if siblings is not None:  # a path clearly slower than its layout's fastest cannot set the layout's time
+                leads: dict = {}
+                for n in alive:
+                    g = siblings(n)
+                    if g not in leads or med[n] < med[leads[g]]:
+                        leads[g] = n
+                for n in list(alive):
+                    first = leads[siblings(n)]
+                    if n != first and min(samples[n]) > self.drop_ratio * med[first]:
+                        del alive[n]
             if len(alive) == 1 or rounds >= self.max_rounds or (rounds >= self.min_rounds and spent >= self.budget_s):
                 break
-            if spent >= 4 * self.budget_s:  # very slow candidates: do not hold the first call for long
-                break
+            if spent >= 4 * self.budget_s and (siblings is None or rounds >= LAYOUT_ROUNDS
+                                               or spent >= LAYOUT_SPEND * self.budget_s):
+                break  # very slow candidates: do not hold the first call for long
         return samples
 
     def _warn_failed(self, key, errors: Mapping[str, BaseException]) -> None:

@@ -464,3 +464,36 @@ def test_a_real_measurement_picks_an_eligible_layout_and_writes_it(fresh_dispatc
     assert _key(W8) in json.loads((tmp_path / "dispatch.json").read_text())["decisions"]
     x = torch.randn(3, K, dtype=BF16)
     check_close(q(x), x, q.quantized_weight.dequantize())
+
+
+def test_slow_row_counts_still_get_several_calls_and_a_layouts_slow_paths_stop():
+    """A 128-row round of slow calls (each over the budget) once stopped the race after one call per path: the
+    decision kept for good rested on one sample. A path far slower than another path of its own layout cannot
+    set that layout's time and stops being timed, which pays for the further rounds."""
+    clock = [0.0]
+    calls = {}
+
+    def path(name, *ms):
+        calls[name] = 0
+
+        def call():
+            clock[0] += ms[min(calls[name], len(ms) - 1)] / 1e3
+            calls[name] += 1
+        return call
+
+    d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0])
+    key = autotune.LayoutKey.make(64, 64, "w4a-group1-g32", BF16)
+    a = lambda: {1: {"own": path("a1", 1.0)}, 16: {"own": path("a16", 2.0)},  # noqa: E731
+                 128: {"fast": path("a-fast", 30.0), "slow": path("a-slow", 200.0)}}
+    # b's 128-row path: a hiccup on its first timed call, 20 ms settled (a request: b 222.8 ms, a 250)
+    b = lambda: {1: {"own": path("b1", 1.1)}, 16: {"own": path("b16", 2.0)},  # noqa: E731
+                 128: {"own": path("b128", 20.0, 90.0, 20.0)}}
+    assert d.choose_layout(key, {"a": a, "b": b}) == "b"
+    assert calls["a-slow"] == 2  # warm-up and one timed call: 6x its layout's fastest, not timed again
+    assert calls["a-fast"] == calls["b128"] == 1 + autotune.LAYOUT_ROUNDS
+    assert d.decisions()[str(key)]["ms"]["b@128"] == 20.0  # one call (90 ms) would have decided against it
+    # a bound on the time spent however slow the calls: past LAYOUT_SPEND budgets, no further round
+    d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0])
+    slow = lambda n: lambda: {r: {"own": path(f"{n}{r}", 5000.0)} for r in (1, 16, 128)}  # noqa: E731
+    d.choose_layout(key, {"a": slow("a"), "b": slow("b")})
+    assert calls["a128"] == calls["b128"] == 2  # warm-up and one timed call
