@@ -1,4 +1,4 @@
-"""The blocked layout's decoding ops as C++ kernels for compiled graphs, built on the user's machine.
+"""The blocked and vnni layouts' decoding ops as C++ kernels for compiled graphs, built on the user's machine.
 
 A compiled model calls one op per quantized layer and decoding step. Its kernel is fast, but the Python between
 the graph and the kernel is not: the op's dispatch into Python, the kept launch looked up, the output allocated,
@@ -8,10 +8,10 @@ through the C++ one (what the launches alone take); a compiled SmolLM2 step with
 8-bit head, 22.9 -> 18.0 ms (w8a16) and 21.1 -> 14.0 ms (w4a16-g64).
 
 So :func:`OPS` maps each inference op a compiled graph may hold (``qtorch::gemm_blocked_infer``, the ``int8dot`` /
-``bf16dot`` ones, ``blocked_siblings2`` / ``3``) to a twin of the same schema and numbers, ``<name>_native``,
-whose C++ kernel (``native_ops.cpp``) runs the launch Python registered for the call's operands
-(:func:`register`: :class:`qtorch._launch.Native`'s state, keyed by the layers' addresses, group size, width, row
-dtype, dot flag and ``K``) and hands every other call to the Python op. The siblings pass
+``bf16dot`` ones, ``blocked_siblings2`` / ``3``, ``vnni_linear_infer``) to a twin of the same schema and numbers,
+``<name>_native``, whose C++ kernel (``native_ops.cpp``) runs the launch Python registered for the call's operands
+(:func:`register`, :func:`register_vnni`: :class:`qtorch._launch.Native`'s state, keyed by the layers' addresses,
+group size, width, row dtype, dot flag and ``K``) and hands every other call to the Python op. The siblings pass
 (:mod:`qtorch.siblings`) puts the twins in the graph where :func:`library` could be built: with the C++ compiler
 that ``torch.compile`` itself needs on the CPU (``$CXX``, else ``c++``), against the installed torch's headers,
 once per machine (10-15 s), kept under ``$QTORCH_CACHE_DIR`` (default ``~/.cache/qtorch``) by a hash of the
