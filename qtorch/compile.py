@@ -208,11 +208,12 @@ class _tracing_setup:
       1-byte integer tensors are kept out of folding, so codes stay codes.
     * :func:`woq_templates` answers True while tracing.
 
-    Only a compilation reads the last three, so where Dynamo runs compile callbacks (``torch._dynamo.
+    Only a compilation reads the first two, so where Dynamo runs compile callbacks (``torch._dynamo.
     callback_handler``) they are set when a compilation starts inside such a call and restored when it ends
-    (:func:`_compile_start`); a call only notes that it runs (a thread's list). Setting them around every call
-    cost 30 us of a compiled 4096x4096 one-row call on the AMX Xeon (its caches cold from the weight's stream:
-    inductor's config setter, the folder's class attribute).
+    (:func:`_compile_start`); a call notes that it runs (a thread's list) and sets the third, which the compiled
+    code is guarded on (a global read while tracing: without it at a call, every call compiled again). Setting
+    the first two around every call cost 20 us of a compiled 4096x4096 one-row call on the AMX Xeon (its caches
+    cold from the weight's stream: inductor's config setter, the folder's class attribute).
     """
 
     __slots__ = ("freezing", "woq", "saved")
@@ -230,7 +231,9 @@ class _tracing_setup:
         if _callbacks_on():
             calls = _running()
             calls.append(self.woq)
-            self.saved = (grad, calls)
+            # (the flag at every call: Dynamo guards the compiled code on the global it read while tracing)
+            self.saved = (grad, calls, _WOQ_TEMPLATES)
+            _WOQ_TEMPLATES = self.woq
             return self
         folder, config = _constant_folder(), _INDUCTOR[0]
         orig = folder.__dict__["is_impure"]
@@ -243,9 +246,10 @@ class _tracing_setup:
     def __exit__(self, *exc):
         global _WOQ_TEMPLATES
         saved = self.saved
-        if len(saved) == 2:
+        if len(saved) == 3:
             saved[1].pop()
-        elif len(saved) > 2:
+            _WOQ_TEMPLATES = saved[2]
+        elif len(saved) > 3:
             _INDUCTOR[0].freezing = saved[3]
             _WOQ_TEMPLATES = saved[2]
             _constant_folder().is_impure = saved[1]
@@ -286,28 +290,24 @@ def _running() -> list:
 
 
 def _compile_start(*_args) -> None:
-    """Dynamo's compile-start callback: inside a ``qtorch.compile`` call of this thread, the settings of
-    :class:`_tracing_setup` for the compilation (restored by :func:`_compile_end`)."""
-    global _WOQ_TEMPLATES
+    """Dynamo's compile-start callback: inside a ``qtorch.compile`` call of this thread, freezing and the codes
+    kept out of folding for the compilation (restored by :func:`_compile_end`)."""
     calls = getattr(_CALLS, "running", None)
     if not calls or _SAVED:
         return
     folder, config = _constant_folder(), _INDUCTOR[0]
     orig = folder.__dict__["is_impure"]
-    _SAVED.append((orig, _WOQ_TEMPLATES, config.freezing))
+    _SAVED.append((orig, config.freezing))
     folder.is_impure = _keeping_codes(orig)
-    _WOQ_TEMPLATES = calls[-1]
     config.freezing = True
 
 
 def _compile_end(*_args) -> None:
     """Dynamo's compile-end callback (in the thread whose compilation ends last, where several ran at once)."""
-    global _WOQ_TEMPLATES
     if not _SAVED:
         return
     saved = _SAVED.pop()
-    _INDUCTOR[0].freezing = saved[2]
-    _WOQ_TEMPLATES = saved[1]
+    _INDUCTOR[0].freezing = saved[1]
     _constant_folder().is_impure = saved[0]
 
 

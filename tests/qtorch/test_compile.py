@@ -182,6 +182,24 @@ def test_freezing_reaches_the_compilation_without_compile_callbacks(torch_pack_k
     assert inductor_config.freezing is False
 
 
+def test_later_calls_compile_nothing_again(torch_pack_kernels, monkeypatch):
+    """With max-autotune the trace reads whether the weight-only templates are on (a global Dynamo guards the
+    compiled code on): every call must see what the trace saw, or every call compiles again (from inductor's
+    cache: 0.1 s a call of a 4096x4096 layer)."""
+    forced_route(monkeypatch, "dequant_mm")  # an int8pack layer whose trace reads it
+    torch._dynamo.reset()
+    q = bf16_layer(qtorch.W8A16Linear)
+    x = torch.randn(8, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        q(x)  # keeps the route
+    cm = qtorch.compile(q, fullgraph=True)
+    with inductor_config.patch(max_autotune_gemm_backends="CPP,ATEN"):
+        y = cm(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(3):
+                assert torch.equal(cm(x), y)
+
+
 def test_the_settings_are_the_compilations_alone(torch_pack_kernels):
     """A compiled call sets freezing only while Dynamo compiles inside it: a plain torch.compile of another model
     afterwards, in the same process, is not frozen (its weight stays an input), and nothing is left set."""
