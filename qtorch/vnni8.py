@@ -47,7 +47,7 @@ from . import _omp, vnni_amx
 from ._ir import AMX_TILE, F32, I8, I16, I32, I64, prefetch_l2, vec
 from ._ir import cached as _cached
 from .amx import _amx_fn as _fn  # an LLVM intrinsic's declaration in the module
-from .gemv import _half_bits_to_float, _narrow
+from .gemv import _half_bits_to_float, _narrow, _native
 from .vnni import _RNE
 
 
@@ -488,6 +488,7 @@ class _Scratch(threading.local):
 
 _SCRATCH = _Scratch()
 _SLOTS = {f: OPERANDS.slot(f) - 3 for f in OPERANDS.fields}  # a field's place in the operands tuple
+_X, _OUT = OPERANDS.slot("x"), OPERANDS.slot("out")  # ... and in a block
 
 
 class Plan:
@@ -502,7 +503,7 @@ class Plan:
     largest) where no row's largest magnitude is far above its mean. A call splits into the count the plan's last
     call needed, each row telling what it needs, and splits again with more where that was too few."""
 
-    __slots__ = ("arrays", "T", "K", "ops", "parts")
+    __slots__ = ("arrays", "T", "K", "ops", "parts", "natives")
 
     def __init__(self, w: np.ndarray, scale: np.ndarray):
         T = w.shape[0]
@@ -511,6 +512,20 @@ class Plan:
         self.parts = 2  # the planes the last call of 5+ bfloat16 / float16 rows needed
         self.ops = list(OPERANDS.pack(M=0, K=self.K, T=T, meta=0, pf=PF, x=0, xa=0, xm=0, need=0, w=w, scale=scale,
                                       out=0))
+        self.natives = {}  # (xkind, okind, kb) -> the one-row launch as one native call (qtorch._launch), or None
+
+    def _native(self, xkind: int, okind: int, kb: int):
+        key = (xkind, okind, kb)
+        try:
+            return self.natives[key]
+        except KeyError:
+            pass
+        ops = self.ops.copy()
+        ops[_SLOTS["M"]], ops[_SLOTS["meta"]] = 1, xkind | 4 << 4 | okind << 7 | kb << 16
+        # the block of a one-row call and a link slot after its trailer (what a native launch writes); no sums
+        template = np.append(_omp.new_block(self.T, self.T, ops), np.int64(0))
+        native = self.natives[key] = _native(_TEAM_FEW, self.T, [(template, 0)], (_X, _OUT, -1))
+        return native
 
     def __call__(self, x: int, xkind: int, M: int, out: int, okind: int = 0, kb: int = KB) -> bool:
         """``out = x @ W.T`` (``[M, N]`` at address ``out``: float32 for ``okind`` 0, else bfloat16 / float16 for 1
@@ -518,6 +533,10 @@ class Plan:
         / 2; the caller keeps both alive). False (``out`` unwritten) where ``x`` holds a NaN or an infinity, which
         the planes cannot hold."""
         K, T = self.K, self.T
+        if M == 1:  # a decoding step: its launch as one native call where it can go so
+            native = self._native(xkind, okind, kb)
+            if native is not None and native.run(x, out, 0, 0):
+                return not native.blocks[0][_omp.HEADER:_omp.HEADER + T].any()
         ops = self.ops.copy()
         ops[_SLOTS["M"]], ops[_SLOTS["x"]], ops[_SLOTS["out"]] = M, x, out
         meta = _SLOTS["meta"]

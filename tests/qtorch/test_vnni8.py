@@ -148,3 +148,30 @@ def test_a_plan_splits_into_the_planes_its_last_call_needed_and_again_where_too_
         assert plan(x.data_ptr(), 1, 16, out.data_ptr())
         assert plan.parts == want  # what this call needed: the next call's first split
         check(out.numpy(), x, codes, scale, want)
+
+
+@AMX
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: every call runs on the caller")
+@pytest.mark.parametrize("xkind", [0, 1], ids=["float32", "bfloat16"])
+def test_one_row_as_one_native_launch_gives_the_python_launchs_bits(xkind):
+    codes, scale = weight(256, 256, seed=31)
+    w = vnni8.pack(codes.numpy())
+    plan, python = vnni8.Plan(w, scale.numpy()), vnni8.Plan(w, scale.numpy())
+    python.natives = {(xkind, xkind, vnni8.KB): None}  # the Python launch (as with QTORCH_NATIVE_LAUNCH=0)
+    dtype = KINDS[xkind]
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(32)).to(dtype)
+    want = torch.full((1, 256), 5.0, dtype=dtype)
+    assert python(x.data_ptr(), xkind, 1, want.data_ptr(), xkind)
+    for _ in range(3):
+        got = torch.full((1, 256), 5.0, dtype=dtype)
+        assert plan(x.data_ptr(), xkind, 1, got.data_ptr(), xkind)
+        assert torch.equal(got, want)
+    assert plan.natives[(xkind, xkind, vnni8.KB)] is not None  # four tiles: the launch went natively
+    if xkind == 0:  # (a bfloat16 output adds its own rounding: the bits above are the Python launch's)
+        check(want, x, codes, scale, 4)
+    bad = x.clone()
+    bad[0, 100] = float("inf")
+    out = torch.full((1, 256), 5.0, dtype=dtype)
+    assert not plan(bad.data_ptr(), xkind, 1, out.data_ptr(), xkind)  # reported, out left alone
+    assert torch.all(out == 5.0)
+    assert plan(x.data_ptr(), xkind, 1, out.data_ptr(), xkind) and torch.equal(out, want)
