@@ -7,8 +7,8 @@
 torch.Size([2, 32])
 
 What it sets, for this compilation only (``torch.compile(options=...)`` patches inductor's config while it
-compiles this model; the few settings the trace itself must see are set around each call and restored on
-return, see :func:`_tracing_setup`):
+compiles this model; the few settings the trace itself must see are set while Dynamo compiles inside a call, or
+around each call, and restored after, see :func:`_tracing_setup`):
 
 * ``freezing=True``: parameters and buffers become graph constants, so inductor pre-packs dense weights (oneDNN)
   and can use its weight-only GEMM templates. It applies only without autograd, so the returned module runs its
