@@ -521,7 +521,7 @@ class Plan:
         except KeyError:
             pass
         ops = self.ops.copy()
-        ops[_SLOTS["M"]], ops[_SLOTS["meta"]] = 1, xkind | 4 << 4 | okind << 7 | kb << 16
+        ops[_SLOTS["M"]], ops[_SLOTS["meta"]] = 1, _few_meta(xkind, okind, kb)
         # the block of a one-row call and a link slot after its trailer (what a native launch writes); no sums
         template = np.append(_omp.new_block(self.T, self.T, ops), np.int64(0))
         native = self.natives[key] = _native(_TEAM_FEW, self.T, [(template, 0)], (_X, _OUT, -1))
@@ -541,7 +541,7 @@ class Plan:
         ops[_SLOTS["M"]], ops[_SLOTS["x"]], ops[_SLOTS["out"]] = M, x, out
         meta = _SLOTS["meta"]
         if 4 * M <= 16:  # four planes in one A tile: one launch, every thread splitting x
-            ops[meta] = xkind | 4 << 4 | okind << 7 | kb << 16
+            ops[meta] = _few_meta(xkind, okind, kb)
             block = _omp.new_block(T, T, ops)
             _omp.run(T, _TEAM_FEW, block, _serial_few, (block,), T, 1, nchunks=T)
             return not block[_omp.HEADER:_omp.HEADER + T].any()
@@ -565,6 +565,11 @@ class Plan:
         ops[meta] = xkind | _TILES << 2 | parts << 4 | okind << 7 | kb << 16
         _phase(T, ops)
         return True
+
+
+def _few_meta(xkind: int, okind: int, kb: int) -> int:
+    """The ``meta`` operand of a call of up to 4 rows: four planes in one A tile, one launch."""
+    return xkind | 4 << 4 | okind << 7 | kb << 16
 
 
 def _phase(n: int, ops) -> np.ndarray:
