@@ -1,5 +1,5 @@
 // qtorch's decoding ops for compiled graphs, as C++ kernels: the one-row launch of a blocked layer (or of two or
-// three sibling layers), or of a vnni layer, without the Python between the graph and the kernel.
+// three sibling layers), or of a vnni or vnni8 layer, without the Python between the graph and the kernel.
 //
 // Each op has the schema of a Python op (``qtorch::<name>_infer`` or ``qtorch::blocked_siblings<n>``) and the same
 // numbers: a call that Python registered a native launch for (qtorch/native_ops.py: the layers' addresses, group
@@ -154,18 +154,19 @@ bool try_native(torch::jit::Stack* stack, int64_t layers, int64_t dot) {
   return true;
 }
 
-// The same for the vnni layout's op (x, qweight, scale, zero_point, out_features), keyed with 0 layers. Its kernel
-// reports a row holding a NaN or an infinity in the first chunk's result; such a call goes to the Python op.
-bool try_vnni(torch::jit::Stack* stack) {
-  const size_t nargs = 5;
+// The same for the ops of one layer whose launch reads no group size, width or dot flag: the vnni layout's (x,
+// qweight, scale, zero_point, out_features; ``tag`` 0) and the vnni8 layout's (x, qweight, scale, out_features;
+// ``tag`` -1), keyed by the tag, the row's kind, K, the tensors' addresses and the output width. Their kernels
+// report a row holding a NaN or an infinity in the chunks' results; such a call goes to the Python op.
+bool try_row_op(torch::jit::Stack* stack, size_t nargs, int64_t tag) {
   if (!ready(stack, nargs)) return false;
   auto args = stack->end() - nargs;
   const at::Tensor& x = args[0].toTensor();
   const int64_t kind = row_kind(x);
   if (kind < 0) return false;
-  const int64_t n = args[4].toInt();
-  std::vector<int64_t> key{0, kind, x.size(1)};
-  for (int64_t j = 1; j <= 3; ++j) key.push_back(reinterpret_cast<int64_t>(args[j].toTensor().data_ptr()));
+  const int64_t n = args[nargs - 1].toInt();
+  std::vector<int64_t> key{tag, kind, x.size(1)};
+  for (size_t j = 1; j + 1 < nargs; ++j) key.push_back(reinterpret_cast<int64_t>(args[j].toTensor().data_ptr()));
   key.push_back(n);
   const int64_t state = lookup(key);
   if (state == 0) return false;
@@ -173,7 +174,9 @@ bool try_vnni(torch::jit::Stack* stack) {
   const int64_t o[3] = {reinterpret_cast<int64_t>(out.data_ptr()), 0, 0};
   if (run_launch(state, reinterpret_cast<int64_t>(x.data_ptr()), o) < 0) return false;
   const int64_t* block = reinterpret_cast<const int64_t*>(reinterpret_cast<const int64_t*>(state)[g_first_block]);
-  if (block[g_gate[HEADER]] != 0) return false;  // x not finite
+  for (int64_t i = 0; i < block[1]; ++i) {
+    if (block[g_gate[HEADER] + i] != 0) return false;  // x not finite
+  }
   torch::jit::drop(*stack, nargs);
   torch::jit::push(*stack, std::move(out));
   return true;
@@ -183,7 +186,7 @@ bool try_vnni(torch::jit::Stack* stack) {
 // Python op of the same schema called with the same stack.
 template <int64_t Layers, int64_t Dot, int Id>
 void kernel(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
-  if (Layers == 0 ? try_vnni(stack) : try_native(stack, Layers, Dot)) return;
+  if (Layers <= 0 ? try_row_op(stack, Layers == 0 ? 5 : 4, Layers) : try_native(stack, Layers, Dot)) return;
   static const c10::OperatorHandle fallback = [&op] {
     std::string name = op.schema().name();  // qtorch::<fallback>_native
     name = name.substr(0, name.size() - 7);
@@ -251,6 +254,7 @@ TORCH_LIBRARY_FRAGMENT(qtorch, m) {
         "int bits, int out_features0, int out_features1, int out_features2, bool dot) -> Tensor");
   m.def("vnni_linear_infer_native(Tensor x, Tensor qweight, Tensor scale, Tensor zero_point, int out_features) "
         "-> Tensor");
+  m.def("vnni8_linear_infer_native(Tensor x, Tensor qweight, Tensor scale, int out_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qtorch, CPU, m) {
@@ -260,4 +264,5 @@ TORCH_LIBRARY_IMPL(qtorch, CPU, m) {
   m.impl("blocked_siblings2_native", torch::CppFunction::makeFromBoxedFunction<&kernel<2, -1, 3>>());
   m.impl("blocked_siblings3_native", torch::CppFunction::makeFromBoxedFunction<&kernel<3, -1, 4>>());
   m.impl("vnni_linear_infer_native", torch::CppFunction::makeFromBoxedFunction<&kernel<0, 0, 5>>());
+  m.impl("vnni8_linear_infer_native", torch::CppFunction::makeFromBoxedFunction<&kernel<-1, 0, 6>>());
 }

@@ -8,10 +8,11 @@ through the C++ one (what the launches alone take); a compiled SmolLM2 step with
 8-bit head, 22.9 -> 18.0 ms (w8a16) and 21.1 -> 14.0 ms (w4a16-g64).
 
 So :func:`OPS` maps each inference op a compiled graph may hold (``qtorch::gemm_blocked_infer``, the ``int8dot`` /
-``bf16dot`` ones, ``blocked_siblings2`` / ``3``, ``vnni_linear_infer``) to a twin of the same schema and numbers,
-``<name>_native``, whose C++ kernel (``native_ops.cpp``) runs the launch Python registered for the call's operands
-(:func:`register`, :func:`register_vnni`: :class:`qtorch._launch.Native`'s state, keyed by the layers' addresses,
-group size, width, row dtype, dot flag and ``K``) and hands every other call to the Python op. The siblings pass
+``bf16dot`` ones, ``blocked_siblings2`` / ``3``, ``vnni_linear_infer``, ``vnni8_linear_infer``) to a twin of the
+same schema and numbers, ``<name>_native``, whose C++ kernel (``native_ops.cpp``) runs the launch Python registered
+for the call's operands (:func:`register`, :func:`register_vnni`, :func:`register_vnni8`:
+:class:`qtorch._launch.Native`'s state, keyed by the layers' addresses, group size, width, row dtype, dot flag and
+``K``) and hands every other call to the Python op. The siblings pass
 (:mod:`qtorch.siblings`) puts the twins in the graph where :func:`library` could be built: with the C++ compiler
 that ``torch.compile`` itself needs on the CPU (``$CXX``, else ``c++``), against the installed torch's headers,
 once per machine (10-15 s), kept under ``$QTORCH_CACHE_DIR`` (default ``~/.cache/qtorch``) by a hash of the
@@ -44,13 +45,13 @@ from qcore import _team
 from . import _launch
 from .gemv import TORCH_KINDS
 
-__all__ = ["OPS", "SOURCE", "enabled", "library", "reason", "register", "register_vnni", "registered", "runs",
-           "set_enabled", "swap"]
+__all__ = ["OPS", "SOURCE", "enabled", "library", "reason", "register", "register_vnni", "register_vnni8",
+           "registered", "runs", "set_enabled", "swap"]
 
 #: the C++ source of the ops
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_ops.cpp")
 _TWINS = ("gemm_blocked_infer", "int8dot_blocked_infer", "bf16dot_blocked_infer", "blocked_siblings2",
-          "blocked_siblings3", "vnni_linear_infer")
+          "blocked_siblings3", "vnni_linear_infer", "vnni8_linear_infer")
 _LOCK = threading.Lock()
 _LIB: list = []  # [the loaded library, or None where it could not be built], once tried
 _REASON: list = []  # why not, where it could not
@@ -151,7 +152,7 @@ def _load():
     target = _target(cxx)
     if not os.path.exists(target):
         _build(cxx, target)
-    from .layouts import blocked, vnni  # noqa: F401  (the Python ops the C++ ones fall back on)
+    from .layouts import blocked, vnni, vnni8  # noqa: F401  (the Python ops the C++ ones fall back on)
     from . import siblings  # noqa: F401
     try:
         lib = ctypes.CDLL(target)
@@ -178,7 +179,8 @@ _FAKES = torch.library.Library("qtorch", "FRAGMENT")
 
 def _fake(name: str):
     layers = int(name[-1]) if name.startswith("blocked_siblings") else 1
-    first = 3 if name.startswith("vnni") else 3 * layers + 2  # where the output widths start after x
+    # where the output widths start after x
+    first = 2 if name.startswith("vnni8") else 3 if name.startswith("vnni") else 3 * layers + 2
 
     def fake(x, *args):
         outs = args[first:first + layers]
@@ -222,6 +224,12 @@ def register_vnni(native, dtype: torch.dtype, k: int, qweight, scale, zero_point
     flag among its arguments; keyed as a call of 0 layers)."""
     return _register(native, [0, TORCH_KINDS[dtype], k, qweight.data_ptr(), scale.data_ptr(),
                               zero_point.data_ptr(), n])
+
+
+def register_vnni8(native, dtype: torch.dtype, k: int, qweight, scale, n: int) -> bool:
+    """:func:`register` for the vnni8 layout's op (``qtorch::vnni8_linear_infer``: codes and scales only; keyed
+    with the tag -1)."""
+    return _register(native, [-1, TORCH_KINDS[dtype], k, qweight.data_ptr(), scale.data_ptr(), n])
 
 
 def _register(native, key: list) -> bool:

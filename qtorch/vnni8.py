@@ -503,7 +503,7 @@ class Plan:
     largest) where no row's largest magnitude is far above its mean. A call splits into the count the plan's last
     call needed, each row telling what it needs, and splits again with more where that was too few."""
 
-    __slots__ = ("arrays", "T", "K", "ops", "parts", "natives")
+    __slots__ = ("arrays", "T", "K", "ops", "parts", "natives", "registered")
 
     def __init__(self, w: np.ndarray, scale: np.ndarray):
         T = w.shape[0]
@@ -513,8 +513,11 @@ class Plan:
         self.ops = list(OPERANDS.pack(M=0, K=self.K, T=T, meta=0, pf=PF, x=0, xa=0, xm=0, need=0, w=w, scale=scale,
                                       out=0))
         self.natives = {}  # (xkind, okind, kb) -> the one-row launch as one native call (qtorch._launch), or None
+        self.registered = set()  # the kinds whose launch qtorch.native_ops runs for an op's one-row calls
 
-    def _native(self, xkind: int, okind: int, kb: int):
+    def one_row_native(self, xkind: int, okind: int, kb: int = KB):
+        """The :class:`qtorch._launch.Native` of this weight's one-row calls of these kinds (made at the first
+        ask), or None where its launch never goes natively."""
         key = (xkind, okind, kb)
         try:
             return self.natives[key]
@@ -534,7 +537,7 @@ class Plan:
         the planes cannot hold."""
         K, T = self.K, self.T
         if M == 1:  # a decoding step: its launch as one native call where it can go so
-            native = self._native(xkind, okind, kb)
+            native = self.one_row_native(xkind, okind, kb)
             if native is not None and native.run(x, out, 0, 0):
                 return not native.blocks[0][_omp.HEADER:_omp.HEADER + T].any()
         ops = self.ops.copy()

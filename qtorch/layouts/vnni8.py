@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import vnni8
+from .. import native_ops, vnni8
 from .._infer_ops import define_twin, needs_grad, plain_eager
 from .._kept import ByTensor
 from .base import Layout, single_row_shapes
@@ -73,6 +73,11 @@ def vnni8_linear_impl(x, qweight, scale, out_features: int) -> torch.Tensor:
         return out
     x = x.contiguous()
     plan, kind = _plan(qweight, scale), _KINDS[x.dtype]
+    if m == 1 and kind not in plan.registered:  # the C++ op of compiled graphs runs the launch from the next call
+        native = plan.one_row_native(kind, kind)
+        if native is not None and native_ops.register_vnni8(native, x.dtype, x.shape[1], qweight, scale,
+                                                            out_features):
+            plan.registered.add(kind)
     for r0 in range(0, m, ROW_CHUNK):
         r1 = min(m, r0 + ROW_CHUNK)
         if not plan(x[r0:r1].data_ptr(), kind, r1 - r0, out[r0:r1].data_ptr(), kind):

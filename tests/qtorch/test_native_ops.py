@@ -1,5 +1,5 @@
-"""The C++ twins of the blocked and vnni layouts' inference ops: the same numbers as the Python ops, every call they
-cannot run handed to those, the team's state kept, and compiled graphs calling them."""
+"""The C++ twins of the blocked, vnni and vnni8 layouts' inference ops: the same numbers as the Python ops, every
+call they cannot run handed to those, the team's state kept, and compiled graphs calling them."""
 
 import gc
 import multiprocessing
@@ -12,7 +12,7 @@ import torch
 
 import qtorch
 from qcore import PerChannel, PerGroup, QuantScheme, _team
-from qtorch import autotune, native_ops, vnni
+from qtorch import autotune, native_ops, vnni, vnni8
 from qtorch.layouts import blocked
 
 W8 = QuantScheme(8, True, PerChannel(0))
@@ -295,6 +295,36 @@ def test_a_compiled_model_of_vnni_layers_calls_the_cpp_op(lib, held_layout):
         got = compiled(x)
         assert native_ops.runs() == before + 2  # both layers' launches from C++
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+needs_vnni8 = pytest.mark.skipif(not vnni8.available(), reason="the vnni8 layout needs AMX-INT8 (not on this CPU)")
+
+
+@needs_vnni8
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_registered_vnni8_launch_runs_in_cpp_with_the_python_ops_bits(lib, dtype):
+    q = _layer(W8, dtype, k=256, seed=11, layout="vnni8")
+    b = q.quantized_weight.buffers
+    ops = (b["qweight"], b["scale"], q.out_features)
+    op, nat = torch.ops.qtorch.vnni8_linear_infer.default, torch.ops.qtorch.vnni8_linear_infer_native.default
+    x = torch.randn(1, 256, dtype=dtype)
+    with torch.no_grad():
+        before = native_ops.runs()
+        first = nat(x, *ops)  # nothing registered for it yet: the Python op, which registers the weight's launch
+        assert native_ops.runs() == before
+        got = nat(x, *ops)
+        assert native_ops.runs() == before + 1
+        torch.testing.assert_close(got, op(x, *ops), rtol=0, atol=0)
+        torch.testing.assert_close(got, first, rtol=0, atol=0)
+        ref = torch.nn.functional.linear(x.float(), q.dequantized_weight().float())
+        torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+        bad = x.clone()
+        bad[0, 5] = float("nan")  # launched, reported, handed to the Python op (the portable path)
+        torch.testing.assert_close(nat(bad, *ops), op(bad, *ops), rtol=0, atol=0, equal_nan=True)
+        rows = torch.randn(3, 256, dtype=dtype)
+        before = native_ops.runs()
+        torch.testing.assert_close(nat(rows, *ops), op(rows, *ops), rtol=0, atol=0)
+        assert native_ops.runs() == before  # several rows: the Python op
 
 
 def _child(queue, ops, x):
