@@ -411,6 +411,7 @@ from qtorch import native_ops
 assert native_ops.library() is not None, native_ops.reason()
 torch.manual_seed(0)
 q = qtorch.QuantLinear.from_linear(torch.nn.Linear(128, 256, bias=False), QuantScheme(8, True, PerChannel(0)))
+assert q.quantized_weight.hold_layout("blocked", torch.float32)  # the op under test, whatever the race chose
 b, spec = q.quantized_weight.buffers, q.quantized_weight.spec
 ops = (b["qweight"], b["scale"], b["zero_point"], spec.group, 8, 256)
 x = torch.randn(1, 128)
