@@ -11,9 +11,11 @@ together: its 64 channels' for each group; ``[0, 0, 0]`` for symmetric codes, wh
 and ``vnni_mm`` (2+ rows: on CPUs with AMX-INT8 the same integer sums on AMX tiles, :mod:`qtorch.vnni_amx`, for
 groups of a multiple of 64; else blocks of channels dequantized into ``W.T`` in the activations' dtype, bfloat16 as
 F.linear's weight would be rounded, then ``torch.mm``) and, for bfloat16 rows on CPUs with AMX-BF16, ``vnni_bf16``
-(:mod:`qtorch.vnni_bf16`: AMX-BF16 tiles of panels of the weight dequantized in bfloat16; the layer times it against
-``vnni_mm`` per row bucket). Under ``torch.compile`` and with autograd the same kernels run as the ops
-``qtorch::vnni_linear`` / ``qtorch::vnni_bf16_linear`` (opaque: freezing never folds a dequantized weight); a call of
+(:mod:`qtorch.vnni_bf16`: AMX-BF16 tiles of panels of the weight dequantized in bfloat16) and ``vnni_lut``
+(:mod:`qtorch.vnni_lut`: the same products with the weight's channels as the A tiles, 32 codes looked up per
+instruction a step ahead of the tile unit; groups of a multiple of 32); the layer times them against ``vnni_mm``
+per row bucket. Under ``torch.compile`` and with autograd the same kernels run as the ops ``qtorch::vnni_linear`` /
+``qtorch::vnni_bf16_linear`` / ``qtorch::vnni_lut_linear`` (opaque: freezing never folds a dequantized weight); a call of
 the integer paths whose ``x`` holds a NaN or an infinity (which the planes cannot hold) is computed by the portable
 path instead, as ``F.linear`` would (``vnni_bf16`` multiplies such values as they are).
 
@@ -29,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import native_ops, prefetch, vnni, vnni_amx, vnni_bf16
+from .. import native_ops, prefetch, vnni, vnni_amx, vnni_bf16, vnni_lut
 from .._infer_ops import define_twin, needs_grad, plain_eager
 from .._kept import ByTensor
 from .base import Layout, single_row_shapes
@@ -45,6 +47,9 @@ BLOCK_BYTES = 8 << 20
 ONE_ROW, MANY_ROWS = "vnni", "vnni_mm"
 #: bfloat16 calls of 2+ rows on AMX-BF16 tiles of the dequantized weight (:mod:`qtorch.vnni_bf16`)
 BF16_ROWS = "vnni_bf16"
+#: bfloat16 calls of 2+ rows on AMX-BF16 tiles of the weight's channels, each 32 codes looked up at once
+#: (:mod:`qtorch.vnni_lut`)
+LUT_ROWS = "vnni_lut"
 #: rows of x per AMX kernel call at most: bounds the scratch a thread keeps (its rows' planes or A tiles and float32
 #: sums: 24 MB at 4096 x 4096 in bfloat16), where a 16 K-row prompt in one call would have kept 384 MB
 ROW_CHUNK = 1024
@@ -171,6 +176,27 @@ def vnni_bf16_linear_impl(x, qweight, scale, zero_point, out_features: int) -> t
     return out
 
 
+def vnni_lut_linear_impl(x, qweight, scale, zero_point, out_features: int) -> torch.Tensor:
+    """:func:`vnni_linear_impl` with bfloat16 calls of 2+ rows on AMX-BF16 tiles whose rows are the weight's
+    channels (:mod:`qtorch.vnni_lut`: ``bfloat16((code - z) * scale)`` looked up per channel and group, float32
+    sums) where this process may use them and the layer's steps of 32 inputs fit its groups; other calls as
+    :func:`vnni_linear_impl`."""
+    x = x.detach()
+    m, k = x.shape
+    if (m < 2 or x.dtype != torch.bfloat16 or not vnni_lut.available()
+            or not vnni_lut.eligible(k, _group(scale, k))):
+        return vnni_linear_impl(x, qweight, scale, zero_point, out_features)
+    w, s, z = _arrays(qweight, scale, zero_point)
+    x = x.contiguous()
+    out = torch.empty((m, out_features), dtype=torch.bfloat16)
+    for r0 in range(0, m, ROW_CHUNK):  # the B tiles' and sums' scratch, kept by the thread, bounded by a chunk's rows
+        r1 = min(m, r0 + ROW_CHUNK)
+        sums = vnni_amx.scratch("sums", (r1 - r0) * out_features, np.float32).reshape(r1 - r0, out_features)
+        vnni_lut.run(_numpy_of(x[r0:r1]), w, s, z, _group(scale, k), sums)
+        out[r0:r1] = torch.from_numpy(sums)
+    return out
+
+
 def _portable(x2, qweight, scale, zero_point) -> torch.Tensor:
     # float32 F.linear on the dequantized weight: every IEEE case (NaN, infinities) as F.linear has it
     return torch.mm(x2.to(torch.float32), dequantized_t(qweight, scale, zero_point, torch.float32)).to(x2.dtype)
@@ -249,6 +275,13 @@ def _backward(ctx, grad):
     return torch.mm(grad.to(torch.float32), wt.t()).to(ctx.x_dtype), None, None, None, None
 
 
+@torch.library.custom_op("qtorch::vnni_lut_linear", mutates_args=())
+def vnni_lut_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                    out_features: int) -> torch.Tensor:
+    """:func:`vnni_lut_linear_impl` as an op: opaque to torch.compile, with an input gradient."""
+    return vnni_lut_linear_impl(x, qweight, scale, zero_point, out_features)
+
+
 @torch.library.custom_op("qtorch::vnni_bf16_linear", mutates_args=())
 def vnni_bf16_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                      out_features: int) -> torch.Tensor:
@@ -257,13 +290,15 @@ def vnni_bf16_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
 
 
 vnni_bf16_linear.register_fake(_fake)
-vnni_linear.register_autograd(_backward, setup_context=_setup_backward)
-vnni_bf16_linear.register_autograd(_backward, setup_context=_setup_backward)
+vnni_lut_linear.register_fake(_fake)
+for _op in (vnni_linear, vnni_bf16_linear, vnni_lut_linear):
+    _op.register_autograd(_backward, setup_context=_setup_backward)
 #: path -> (kernel, op with an input gradient, its inference twin)
 _PATH_OPS = {
     path: (impl, getattr(torch.ops.qtorch, name), define_twin(name, impl, _fake))
     for path, name, impl in ((MANY_ROWS, "vnni_linear", vnni_linear_impl),
-                             (BF16_ROWS, "vnni_bf16_linear", vnni_bf16_linear_impl))
+                             (BF16_ROWS, "vnni_bf16_linear", vnni_bf16_linear_impl),
+                             (LUT_ROWS, "vnni_lut_linear", vnni_lut_linear_impl))
 }
 
 
@@ -271,7 +306,7 @@ class Vnni(Layout):
     """4-bit codes for integer dot products (see the module docstring)."""
 
     name = holds = "vnni"
-    tuned = True  # bfloat16 calls of 2+ rows: vnni_mm or vnni_bf16, by measurement per row bucket
+    tuned = True  # bfloat16 calls of 2+ rows: vnni_mm, vnni_bf16 or vnni_lut, by measurement per row bucket
 
     def eligible(self, spec, device, compute_dtype):
         if (device.type != "cpu" or not vnni.available() or spec.bits != 4 or spec.zero_point_kind != "int"
@@ -289,11 +324,14 @@ class Vnni(Layout):
 
     def paths(self, device_type, dtype, rows, bits, spec=None):
         """The own path; for bfloat16 calls of 2+ rows on CPUs with AMX-BF16 also ``vnni_bf16`` (where the
-        layer's ``K % 32 == 0``, given its ``spec``): the layer times both per row bucket."""
+        layer's ``K % 32 == 0``, given its ``spec``) and ``vnni_lut`` (where its groups hold whole steps of 32
+        inputs too): the layer times them per row bucket."""
         own = self.path(device_type, dtype, rows, bits)
         if (rows < 2 or dtype != torch.bfloat16 or not vnni_bf16.available()
                 or spec is not None and not vnni_bf16.eligible(spec.in_features)):
             return (own,)
+        if vnni_lut.available() and (spec is None or vnni_lut.eligible(spec.in_features, spec.group)):
+            return (own, BF16_ROWS, LUT_ROWS)
         return (own, BF16_ROWS)
 
     def linear(self, weight, x2, path):
@@ -303,7 +341,7 @@ class Vnni(Layout):
         if x2.device.type != "cpu" or x2.dtype not in _DTYPES:
             return dense_linear(x2, weight.dequantize)
         grad = needs_grad(x2)
-        impl, op, twin = _PATH_OPS[BF16_ROWS if path == BF16_ROWS else MANY_ROWS]
+        impl, op, twin = _PATH_OPS[path if path in (BF16_ROWS, LUT_ROWS) else MANY_ROWS]
         if grad or not plain_eager(x2):
             return (op if grad else twin)(x2, qw, sc, zp, n)
         if x2.shape[0] == 1:  # decoding: the weight's one-row plan, built once

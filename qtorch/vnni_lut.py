@@ -1,0 +1,354 @@
+"""bfloat16 calls of a few rows of the ``vnni`` layout on AMX-BF16 tiles whose rows are the weight's channels,
+each 32 codes looked up in one instruction, a step ahead of the tile unit.
+
+A leaf of :mod:`qtorch.layouts.vnni`, beside :mod:`qtorch.vnni_bf16` (which puts the weight in the B tiles: 16
+channels a register, each code converted and scaled on its own, about 0.7 ms of a core for 16 M codes). Here the
+product is computed transposed, ``C^T[n, m] = sum_k W[n, k] x[m, k]``: an A tile row is one channel's 32 inputs of
+one step, all in one group, so one ``vpermw`` looks 32 codes up in that channel's table of 16 bfloat16 values,
+``bfloat16((q - z) * scale)`` for ``q`` = 0..15 (the weight ``F.linear`` multiplies once the dequantized weight is
+held in bfloat16; two channels' tables share a register, the lane's half choosing). The layout's words hold 8
+inputs of one channel and a 64-byte row of them 16 channels: a 4 x 4 transpose of 32-bit words within 128-bit
+lanes gives each channel's 4 words of a step (16 bytes, 32 codes), in the order the B tiles of ``x`` follow
+(:data:`PAIRS`). Per tile of 64 channels and block of 16 rows of ``x``, each step of 32 inputs converts the next
+step's four A tiles into a ring of two while the tile unit multiplies this one's (``tdpbf16ps``, float32 sums
+in four C tiles carried over all of K), then the C tiles are transposed into the output. A block of rows
+converts the weight again: the layer times this path against ``vnni_bf16`` and ``vnni_mm`` per row bucket.
+
+4096 x 4096 in groups of 128, 2 threads, the AMX Xeon: 16 rows 0.41-0.49 ms against 0.94-1.06 for
+``vnni_bf16`` (the same process, alternating).
+
+Eligible where :func:`available` for ``K % 32 == 0`` and groups of a multiple of 32 inputs (or one group a
+channel). AMX reads bfloat16 subnormals as zero, as the other AMX paths do.
+
+>>> import numpy as np
+>>> w = np.full((1, 4, 64), 0x99999999, np.uint32)          # one tile, K = 32, every code 9
+>>> s = np.full((1, 1, 64), 0.5, np.float32)                # one group; symmetric codes: 9 - 8 = 1
+>>> x = np.zeros((2, 32), np.uint16); x[0] = 0x3F80         # bfloat16 bits: a row of ones, a row of zeros
+>>> out = np.zeros((2, 64), np.float32)
+>>> if available():
+...     out = run(x, w, s, np.zeros((0, 0, 0), np.uint8), 32, out)
+... else:
+...     out[0] = 16.0
+>>> float(out[0, 0]), float(out[1, 0])
+(16.0, 0.0)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import _omp, amx, vnni_amx
+from ._ir import AMX_TILE, F32, I8, I16, I32, I64, host_has, to_bf16x32, vec
+from ._ir import cached as _cached
+from .amx import _amx_fn as _fn  # an LLVM intrinsic's declaration in the module
+from .vnni import NT
+
+__all__ = ["available", "eligible", "run"]
+
+_CVT = host_has("avx512bf16")
+_BW = host_has("avx512bw")  # vpermw
+_EIGHTS = np.full(NT, 8, np.uint8)  # the zero point of symmetric codes, for every channel
+
+
+def available() -> bool:
+    """Whether this process may run the kernel: AMX-BF16 tiles granted (:func:`qtorch.amx.available`) and
+    AVX512-BW (the table lookup)."""
+    return _BW and amx.available()
+
+
+def eligible(in_features: int, group_size: int) -> bool:
+    """Whether the kernel serves a layer of ``in_features`` inputs in groups of ``group_size``: whole steps of 32
+    inputs, each inside one group."""
+    return (in_features > 0 and in_features % 32 == 0
+            and (group_size >= in_features or group_size > 0 and group_size % 32 == 0))
+
+
+def _input(e: int) -> int:
+    """The input (of a step's 32) that element ``e`` of an A tile row holds: byte ``e % 16`` of the channel's four
+    words (word ``o``'s byte ``b``: inputs ``8 o + b`` in its low nibble, ``8 o + 4 + b`` in its high one), low
+    nibbles first."""
+    b = e % 16
+    return 8 * (b // 4) + b % 4 + (4 if e >= 16 else 0)
+
+
+#: per pair row ``p`` of a B tile (elements ``2 p``, ``2 p + 1``: two consecutive inputs), the pair of inputs of
+#: the step it holds, counted in pairs: ``x``'s 32-bit words of the step in this order are the B tile's rows
+PAIRS = np.array([_input(2 * p) // 2 for p in range(16)], np.int64)
+assert all(_input(2 * p + 1) == _input(2 * p) + 1 for p in range(16))
+
+# the 4 x 4 transpose of 32-bit words within each 128-bit lane: words, then pairs of words, of two registers
+_W_LO = [x for l in range(4) for x in (4 * l, 16 + 4 * l, 4 * l + 1, 17 + 4 * l)]
+_W_HI = [x for l in range(4) for x in (4 * l + 2, 18 + 4 * l, 4 * l + 3, 19 + 4 * l)]
+_P_LO = [x for l in range(4) for x in (4 * l, 4 * l + 1, 16 + 4 * l, 17 + 4 * l)]
+_P_HI = [x for l in range(4) for x in (4 * l + 2, 4 * l + 3, 18 + 4 * l, 19 + 4 * l)]
+
+
+def _transpose_masks() -> list:
+    """Masks of a 16 x 16 transpose in four stages of two-register shuffles: at distance ``h`` (8, 4, 2, 1) rows
+    ``i`` and ``i + h`` (``i & h == 0``) swap their off-diagonal ``h x h`` blocks."""
+    stages = []
+    for h in (8, 4, 2, 1):
+        lo = [c if c & h == 0 else 16 + c - h for c in range(16)]
+        hi = [c + h if c & h == 0 else 16 + c for c in range(16)]
+        stages.append((h, lo, hi))
+    return stages
+
+
+_TRANSPOSE = _transpose_masks()
+
+
+def _emit_tables(builder, ops, g, tabs) -> None:
+    """IR: the lookup tables of group ``g`` of the tile's 64 channels into ``tabs`` (int16 pointer, 32 registers
+    of 32 values): register ``8 s + 2 i + h`` holds channel ``16 s + 8 h + i`` in its low half and ``16 s + 8 h + 4
+    + i`` in its high half, ``bfloat16((q - z) * scale)`` for ``q`` = 0..15."""
+    wa, sa, za, ea, has_zp, ko, ng, tt = ops
+    c64 = functools.partial(ir.Constant, I64)
+    vi, vf, vb, v32s = vec(I32, 16), vec(F32, 16), vec(I8, 16), vec(I16, 32)
+    codes = ir.Constant(vf, [float(q) for q in range(16)])
+    for s in range(4):
+        prow = builder.add(builder.mul(builder.add(builder.mul(tt, ng), g), c64(NT)), c64(16 * s))
+        zptr = builder.select(has_zp, builder.gep(za.data, [prow]), builder.gep(ea.data, [c64(16 * s)]))
+        zf = builder.uitofp(builder.zext(builder.load(builder.bitcast(zptr, vb.as_pointer()), align=1), vi), vf)
+        sv = builder.load(builder.bitcast(builder.gep(sa.data, [prow]), vf.as_pointer()), align=4)
+
+        def table(c):
+            lane = ir.Constant(vi, [c] * 16)
+            z = builder.shuffle_vector(zf, ir.Constant(vf, ir.Undefined), lane)
+            sc = builder.shuffle_vector(sv, ir.Constant(vf, ir.Undefined), lane)
+            return builder.fmul(builder.fsub(codes, z), sc)  # (q - z) exact, one rounding as dequantize has it
+
+        for i in range(4):
+            for h in range(2):
+                val = to_bf16x32(builder, table(8 * h + i), table(8 * h + 4 + i), _CVT)
+                dst = builder.gep(tabs, [c64(32 * (8 * s + 2 * i + h))])
+                builder.store(val, builder.bitcast(dst, v32s.as_pointer()), align=2)
+
+
+def _emit_step(builder, ops, ks, tabs, dst) -> None:
+    """IR: step ``ks`` (inputs ``32 ks ..``) of the tile's four strips as four A tiles at ``dst`` (int16 pointer,
+    ``[4, 16, 32]``: strip ``s``, row = channel ``16 s + r``, element ``e`` = input :func:`_input` ``(e)``)."""
+    wa, sa, za, ea, has_zp, ko, ng, tt = ops
+    c64 = functools.partial(ir.Constant, I64)
+    vi, v32s, v16s = vec(I32, 16), vec(I16, 32), vec(I16, 16)
+    perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32s, [v32s, v32s]),
+                                          "llvm.x86.avx512.permvar.hi.512")
+    half_sel = ir.Constant(v32s, [0] * 16 + [16] * 16)  # the high half's lanes read the second table
+    nibble, four = ir.Constant(v32s, [15] * 32), ir.Constant(v32s, [4] * 32)
+    row0 = builder.mul(builder.add(builder.mul(tt, ko), builder.mul(ks, c64(4))), c64(NT))
+    for s in range(4):
+        words = [builder.load(builder.bitcast(builder.gep(wa.data, [builder.add(row0, c64(NT * o + 16 * s))]),
+                                              vi.as_pointer()), align=4) for o in range(4)]
+        a0, a1 = (builder.shuffle_vector(words[0], words[1], ir.Constant(vi, m)) for m in (_W_LO, _W_HI))
+        a2, a3 = (builder.shuffle_vector(words[2], words[3], ir.Constant(vi, m)) for m in (_W_LO, _W_HI))
+        # lane l of chan[i]: channel 4 l + i's four words of the step
+        chan = [builder.shuffle_vector(a, b, ir.Constant(vi, m)) for a, b in ((a0, a2), (a1, a3)) for m in (_P_LO, _P_HI)]
+        for i in range(4):
+            by = builder.bitcast(chan[i], vec(I8, 64))
+            for h in range(2):  # lanes 2 h, 2 h + 1: channels 8 h + i and 8 h + 4 + i
+                tab = builder.load(builder.bitcast(builder.gep(tabs, [c64(32 * (8 * s + 2 * i + h))]),
+                                                   v32s.as_pointer()), align=2)
+                idx = builder.zext(builder.shuffle_vector(by, ir.Constant(vec(I8, 64), ir.Undefined),
+                                                          ir.Constant(vec(I32, 32), list(range(32 * h, 32 * h + 32)))),
+                                   v32s)
+                for nib, src in ((0, builder.and_(idx, nibble)), (1, builder.lshr(idx, four))):
+                    val = builder.call(perm, [tab, builder.or_(src, half_sel)])
+                    for part, ch in ((0, 8 * h + i), (1, 8 * h + 4 + i)):
+                        v = builder.shuffle_vector(val, ir.Constant(v32s, ir.Undefined),
+                                                   ir.Constant(vec(I32, 16), list(range(16 * part, 16 * part + 16))))
+                        p = builder.gep(dst, [c64(512 * s + 32 * ch + 16 * nib)])
+                        builder.store(v, builder.bitcast(p, v16s.as_pointer()), align=2)
+
+
+def _emit_store_transposed(builder, ct, out, ostride, m_rows) -> None:
+    """IR: the four C^T tiles at ``ct`` (float32 ``[64, 16]``: channel, row) into ``out`` (float pointer to row
+    0, channel 0 of the tile; ``ostride`` floats a row), rows ``0 .. m_rows - 1``."""
+    c64 = functools.partial(ir.Constant, I64)
+    vf = vec(F32, 16)
+    for s in range(4):
+        rows = [builder.load(builder.bitcast(builder.gep(ct, [c64(256 * s + 16 * r)]), vf.as_pointer()), align=4)
+                for r in range(16)]
+        for h, lo, hi in _TRANSPOSE:
+            new = list(rows)
+            for i in range(16):
+                if i & h == 0:
+                    new[i] = builder.shuffle_vector(rows[i], rows[i + h], ir.Constant(vec(I32, 16), lo))
+                    new[i + h] = builder.shuffle_vector(rows[i], rows[i + h], ir.Constant(vec(I32, 16), hi))
+            rows = new
+        for m in range(16):
+            with builder.if_then(builder.icmp_signed("<", c64(m), m_rows)):
+                p = builder.gep(out, [builder.add(builder.mul(c64(m), ostride), c64(16 * s))])
+                builder.store(rows[m], builder.bitcast(p, vf.as_pointer()), align=4)
+
+
+@intrinsic
+def _tile_block(typingctx, w, scale, zp, eights, xb, ring, tabs, ct, out, t, rb, gsize):
+    """``out[16 rb + m, 64 t + c] = sum_k W[64 t + c, k] x[16 rb + m, k]`` for the rows of block ``rb`` (those
+    of ``out``; ``xb``: that block's B tiles, uint16 ``[K/32, 16, 32]``): the tables and the first step's A
+    tiles, then per step the four products and the next step's conversion (into the other half of ``ring``,
+    int16 ``[2, 4, 16, 32]``; ``tabs`` int16 ``[32, 32]``, ``ct`` float32 ``[64, 16]``: scratch)."""
+    def codegen(context, builder, sig, args):
+        wa, sa, za, ea, xa, ra, ta, ca, oa = (context.make_array(sig.args[i])(context, builder, args[i])
+                                              for i in range(9))
+        tt, rbv, gs = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (9, 10, 11))
+        i64 = functools.partial(ir.Constant, I64)
+        i8p = I8.as_pointer()
+        _, ko, _ = cgutils.unpack_tuple(builder, wa.shape, 3)
+        _, ng, _ = cgutils.unpack_tuple(builder, sa.shape, 3)
+        zrows, _, _ = cgutils.unpack_tuple(builder, za.shape, 3)
+        mrows, ncols = cgutils.unpack_tuple(builder, oa.shape, 2)
+        ops = (wa, sa, za, ea, builder.icmp_signed(">", zrows, i64(0)), ko, ng, tt)
+        load = _fn(builder, "llvm.x86.tileloadd64.internal", AMX_TILE, [I16, I16, i8p, I64])
+        store = _fn(builder, "llvm.x86.tilestored64.internal", ir.VoidType(), [I16, I16, i8p, I64, AMX_TILE])
+        tzero = _fn(builder, "llvm.x86.tilezero.internal", AMX_TILE, [I16, I16])
+        dp = _fn(builder, "llvm.x86.tdpbf16ps.internal", AMX_TILE, [I16, I16, I16, AMX_TILE, AMX_TILE, AMX_TILE])
+        r16, c64 = ir.Constant(I16, 16), ir.Constant(I16, 64)
+        steps = builder.sdiv(ko, i64(4))
+        group_steps = builder.sdiv(gs, i64(32))
+        xp, rp = builder.bitcast(xa.data, i8p), builder.bitcast(ra.data, i8p)
+        _emit_tables(builder, ops, i64(0), ta.data)
+        _emit_step(builder, ops, i64(0), ta.data, ra.data)
+        init = [builder.call(tzero, [r16, c64]) for _ in range(4)]
+        entry = builder.block
+        head, body, nxt, tables, convert, latch, done = (builder.append_basic_block(f"lut.{n}") for n in (
+            "head", "body", "next", "tables", "convert", "latch", "done"))
+        builder.branch(head)
+        builder.position_at_end(head)
+        kk = builder.phi(I64)
+        kk.add_incoming(i64(0), entry)
+        accs = []
+        for v in init:
+            accs.append(builder.phi(AMX_TILE))
+            accs[-1].add_incoming(v, entry)
+        builder.cbranch(builder.icmp_signed("<", kk, steps), body, done)
+        builder.position_at_end(body)
+        slot = builder.and_(kk, i64(1))
+        b = builder.call(load, [r16, c64, builder.gep(xp, [builder.mul(kk, i64(1024))]), i64(64)])
+        new = []
+        for s in range(4):  # the products first: the tile unit runs them while the next step converts
+            a = builder.call(load, [r16, c64, builder.gep(rp, [builder.add(builder.mul(slot, i64(4096)),
+                                                                          i64(1024 * s))]), i64(64)])
+            new.append(builder.call(dp, [r16, c64, c64, accs[s], a, b]))
+        k1 = builder.add(kk, i64(1))
+        builder.cbranch(builder.icmp_signed("<", k1, steps), nxt, latch)
+        builder.position_at_end(nxt)
+        builder.cbranch(builder.icmp_signed("==", builder.srem(k1, group_steps), i64(0)), tables, convert)
+        builder.position_at_end(tables)
+        _emit_tables(builder, ops, builder.sdiv(k1, group_steps), ta.data)
+        builder.branch(convert)
+        builder.position_at_end(convert)
+        _emit_step(builder, ops, k1, ta.data, builder.gep(ra.data, [builder.mul(builder.sub(i64(1), slot),
+                                                                               i64(2048))]))
+        builder.branch(latch)
+        builder.position_at_end(latch)
+        kk.add_incoming(k1, latch)
+        for acc, v in zip(accs, new):
+            acc.add_incoming(v, latch)
+        builder.branch(head)
+        builder.position_at_end(done)
+        cp = builder.bitcast(ca.data, i8p)
+        for s, acc in enumerate(accs):
+            builder.call(store, [r16, c64, builder.gep(cp, [i64(1024 * s)]), i64(64), acc])
+        m_rows = builder.sub(mrows, builder.mul(rbv, i64(16)))
+        base = builder.add(builder.mul(builder.mul(rbv, i64(16)), ncols), builder.mul(tt, i64(NT)))
+        _emit_store_transposed(builder, ca.data, builder.gep(oa.data, [base]), ncols, m_rows)
+        return context.get_dummy_value()
+
+    return types.void(w, scale, zp, eights, xb, ring, tabs, ct, out, t, rb, gsize), codegen
+
+
+@_cached
+@njit(cache=True, nogil=True)
+def _tiles(w, xa, scale, zp, gsize, out, t0, t1):  # pragma: no cover - compiled
+    ring = np.empty((2, 4, 16, 32), np.int16)
+    tabs = np.empty((32, 32), np.int16)
+    ct = np.empty((64, 16), np.float32)
+    for t in range(t0, t1):
+        for rb in range(xa.shape[0]):
+            _tile_block(w, scale, zp, _EIGHTS, xa[rb], ring, tabs, ct, out, t, rb, gsize)
+
+
+@njit(inline="always")
+def _pack_rows(x32, xa32, pairs, rb0, rb1):  # pragma: no cover - compiled
+    # rows of blocks rb0..rb1 as B tiles of 1 KB: row p of step ks holds each row's input pair pairs[p] of the
+    # step (two bfloat16 in a 32-bit word), rows past M zero
+    M, K2 = x32.shape
+    for rb in range(rb0, rb1):
+        for m in range(16):
+            r = rb * 16 + m
+            for ks in range(K2 // 16):
+                dst = xa32[rb, ks]
+                if r < M:
+                    for p in range(16):
+                        dst[p, m] = x32[r, 16 * ks + pairs[p]]
+                else:
+                    for p in range(16):
+                        dst[p, m] = 0
+
+
+OPERANDS = _omp.Operands("vnni_lut", M=_omp.I64, K=_omp.I64, T=_omp.I64, G=_omp.I64, meta=_omp.I64,
+                         x=_omp.ADDR, xa=_omp.ADDR, w=_omp.ADDR, scale=_omp.ADDR, zp=_omp.ADDR, pairs=_omp.ADDR,
+                         out=_omp.ADDR)
+_read = OPERANDS.read
+
+
+@njit(inline="always")
+def _chunk(o, i, c0, c1, _a, _b):  # pragma: no cover - compiled; phase 0: row blocks c0..c1; phase 1: tiles
+    M, K, T, G, m = o.M, o.K, o.T, o.G, o.meta
+    zr, phase = m & 1, (m >> 1) & 1
+    nrb = (M + 15) // 16
+    if phase == 0:
+        _pack_rows(carray(o.x, (M, K // 2), np.uint32), carray(o.xa, (nrb, K // 32, 16, 16), np.uint32),
+                   carray(o.pairs, 16, np.int64), c0, c1)
+        return 0
+    _tiles(carray(o.w, (T, K // 8, NT), np.uint32), carray(o.xa, (nrb, K // 32, 16, 32), np.uint16),
+           carray(o.scale, (T, G, NT), np.float32), carray(o.zp, (T, G, NT) if zr else (0, 0, 0), np.uint8),
+           K // G, carray(o.out, (M, T * NT), np.float32), c0, c1)
+    return 0
+
+
+def _team(data):  # pragma: no cover - compiled
+    _omp.claim_operands(data, _read, _chunk, 0, 0)
+
+
+_TEAM = _omp.TeamKernel(_team)
+
+
+def _serial(block, lo, hi) -> None:
+    _TEAM.ctypes()(block.ctypes.data)
+
+
+def run(x: np.ndarray, w: np.ndarray, scale: np.ndarray, zp: np.ndarray, gsize: int, out: np.ndarray) -> np.ndarray:
+    """``out = x @ W.T`` (float32 ``[M, N]``) for ``x`` the bfloat16 bits ``[M, K]`` (uint16, C-contiguous) and
+    the layout's arrays (as :func:`qtorch.vnni.gemv_vnni` takes them, ``zp`` ``[0, 0, 0]`` for symmetric codes;
+    not checked here), on torch's thread team: the rows as B tiles first (row blocks in parallel), then the tiles
+    of 64 channels, a few per chunk.
+
+    The A tiles hold ``bfloat16((code - z) * scale)``, the weight ``F.linear`` multiplies once it is dequantized
+    in bfloat16, and the C tiles carry all of K (float32 sums)."""
+    if not available():  # a tile instruction without the tile state is SIGILL, not an error
+        raise RuntimeError("this process cannot use AMX tiles (no AMX-BF16 CPU, or Linux refused the tile state)")
+    M, K = x.shape
+    T, G = w.shape[0], scale.shape[1]
+    if (x.dtype != np.uint16 or w.shape[1] * 8 != K or not eligible(K, K // G if G else 0) or K % G
+            or out.shape != (M, T * NT) or out.dtype != np.float32
+            or not (x.flags.c_contiguous and out.flags.c_contiguous)):
+        raise ValueError(f"x must be contiguous uint16 [M, K] with K % 32 == 0 matching w ({w.shape[1] * 8} inputs) "
+                         f"in groups of a multiple of 32, out contiguous float32 [{M}, {T * NT}]; got x {x.dtype} "
+                         f"{list(x.shape)}, {G} groups, out {out.dtype} {list(out.shape)}")
+    if M == 0 or T == 0:
+        return out
+    nrb = -(-M // 16)
+    nchunks = min(T, 2 * _omp.team_size())
+    xa = vnni_amx.scratch("b_lut", nrb * K * 16, np.uint16)
+    base = 1 if zp.shape[0] else 0
+    for phase, n, chunks in ((0, nrb, nrb), (1, T, nchunks)):
+        block = _omp.new_block(chunks, n, OPERANDS.pack(M=M, K=K, T=T, G=G, meta=base | phase << 1, x=x, xa=xa, w=w,
+                                                         scale=scale, zp=zp, pairs=PAIRS, out=out))
+        _omp.run(n, _TEAM, block, _serial, (block,), n, 1, nchunks=chunks)
+    return out
