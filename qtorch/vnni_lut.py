@@ -165,25 +165,27 @@ def _emit_step(builder, ops, ks, tabs, dst) -> None:
                         builder.store(v, builder.bitcast(p, v16s.as_pointer()), align=2)
 
 
-def _emit_store_transposed(builder, ct, out, ostride, m_rows) -> None:
-    """IR: the four C^T tiles at ``ct`` (float32 ``[64, 16]``: channel, row) into ``out`` (float pointer to row
-    0, channel 0 of the tile; ``ostride`` floats a row), rows ``0 .. m_rows - 1``."""
+def _emit_store_transposed(builder, ct, out, ostride, m_rows, bf16: bool) -> None:
+    """IR: the four C^T tiles at ``ct`` (float32 ``[64, 16]``: channel, row) into ``out`` (pointer to row 0,
+    channel 0 of the tile; ``ostride`` elements a row), rows ``0 .. m_rows - 1``: float32, or (``bf16``) the
+    bits of bfloat16 rounded to nearest even, as ``Tensor.to(torch.bfloat16)`` rounds."""
     c64 = functools.partial(ir.Constant, I64)
     vf = vec(F32, 16)
-    for s in range(4):
-        rows = [builder.load(builder.bitcast(builder.gep(ct, [c64(256 * s + 16 * r)]), vf.as_pointer()), align=4)
-                for r in range(16)]
-        for h, lo, hi in _TRANSPOSE:
-            new = list(rows)
-            for i in range(16):
-                if i & h == 0:
-                    new[i] = builder.shuffle_vector(rows[i], rows[i + h], ir.Constant(vec(I32, 16), lo))
-                    new[i + h] = builder.shuffle_vector(rows[i], rows[i + h], ir.Constant(vec(I32, 16), hi))
-            rows = new
-        for m in range(16):
-            with builder.if_then(builder.icmp_signed("<", c64(m), m_rows)):
-                p = builder.gep(out, [builder.add(builder.mul(c64(m), ostride), c64(16 * s))])
-                builder.store(rows[m], builder.bitcast(p, vf.as_pointer()), align=4)
+    strips = [_transposed(builder, [builder.load(builder.bitcast(builder.gep(ct, [c64(256 * s + 16 * r)]),
+                                                                 vf.as_pointer()), align=4) for r in range(16)])
+              for s in range(4)]
+    for m in range(16):
+        with builder.if_then(builder.icmp_signed("<", c64(m), m_rows)):
+            row = builder.gep(out, [builder.mul(c64(m), ostride)])
+            if bf16:  # two strips' 32 channels a store
+                for s in (0, 2):
+                    val = to_bf16x32(builder, strips[s][m], strips[s + 1][m], False)
+                    builder.store(val, builder.bitcast(builder.gep(row, [c64(16 * s)]), vec(I16, 32).as_pointer()),
+                                  align=2)
+            else:
+                for s in range(4):
+                    builder.store(strips[s][m], builder.bitcast(builder.gep(row, [c64(16 * s)]), vf.as_pointer()),
+                                  align=4)
 
 
 @intrinsic
@@ -256,59 +258,108 @@ def _tile_block(typingctx, w, scale, zp, eights, xb, ring, tabs, ct, out, t, rb,
             builder.call(store, [r16, c64, builder.gep(cp, [i64(1024 * s)]), i64(64), acc])
         m_rows = builder.sub(mrows, builder.mul(rbv, i64(16)))
         base = builder.add(builder.mul(builder.mul(rbv, i64(16)), ncols), builder.mul(tt, i64(NT)))
-        _emit_store_transposed(builder, ca.data, builder.gep(oa.data, [base]), ncols, m_rows)
+        _emit_store_transposed(builder, ca.data, builder.gep(oa.data, [base]), ncols, m_rows,
+                               sig.args[8].dtype == types.uint16)
         return context.get_dummy_value()
 
     return types.void(w, scale, zp, eights, xb, ring, tabs, ct, out, t, rb, gsize), codegen
 
 
+@njit(inline="always")
+def _aligned(n, dtype):  # pragma: no cover - compiled
+    raw = np.empty(n + 64, dtype)
+    off = (-raw.ctypes.data % 64) // raw.itemsize
+    return raw[off:off + n]
+
+
 @_cached
 @njit(cache=True, nogil=True)
 def _tiles(w, xa, scale, zp, gsize, out, t0, t1):  # pragma: no cover - compiled
-    ring = np.empty((2, 4, 16, 32), np.int16)
-    tabs = np.empty((32, 32), np.int16)
-    ct = np.empty((64, 16), np.float32)
+    # the tiles' scratch on 64-byte lines: a tile row across two lines loads both (a 16-row call took 1.3x as long)
+    ring = _aligned(2 * 4 * 16 * 32 + 32 * 32, np.int16)
+    tabs = ring[2 * 4 * 16 * 32:].reshape((32, 32))
+    ring = ring[:2 * 4 * 16 * 32].reshape((2, 4, 16, 32))
+    ct = _aligned(64 * 16, np.float32).reshape((64, 16))
     for t in range(t0, t1):
         for rb in range(xa.shape[0]):
             _tile_block(w, scale, zp, _EIGHTS, xa[rb], ring, tabs, ct, out, t, rb, gsize)
 
 
+def _transposed(builder, rows: list) -> list:
+    """IR: the 16 x 16 transpose of ``rows`` (16 ``<16 x T>`` vectors): element ``c`` of result ``r`` is element
+    ``r`` of ``rows[c]``."""
+    for h, lo, hi in _TRANSPOSE:
+        new = list(rows)
+        for i in range(16):
+            if i & h == 0:
+                new[i] = builder.shuffle_vector(rows[i], rows[i + h], ir.Constant(vec(I32, 16), lo))
+                new[i + h] = builder.shuffle_vector(rows[i], rows[i + h], ir.Constant(vec(I32, 16), hi))
+        rows = new
+    return rows
+
+
+@intrinsic
+def _pack_block(typingctx, x32, xb32, zeros, rb):
+    """Block ``rb`` of the rows of ``x32`` (uint32 ``[M, K/2]``: pairs of bfloat16) as the B tiles ``xb32``
+    (uint32 ``[K/32, 16, 16]``): row ``p`` of step ``ks`` holds each row's pair ``PAIRS[p]`` of the step, a row
+    past ``M`` zeros (read from ``zeros``, 16 words). Per step: the 16 rows' words, permuted, transposed."""
+    def codegen(context, builder, sig, args):
+        xa_, ba, za = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(3))
+        rbv = context.cast(builder, args[3], sig.args[3], types.int64)
+        c64 = functools.partial(ir.Constant, I64)
+        vi = vec(I32, 16)
+        m_all, k2 = cgutils.unpack_tuple(builder, xa_.shape, 2)
+        steps = builder.sdiv(k2, c64(16))
+        perm = ir.Constant(vi, [int(p) for p in PAIRS])
+        srcs = []
+        for m in range(16):  # each row's start, or the zeros (stride 0) past M
+            r = builder.add(builder.mul(rbv, c64(16)), c64(m))
+            real = builder.icmp_signed("<", r, m_all)
+            srcs.append((builder.select(real, builder.gep(xa_.data, [builder.mul(r, k2)]), za.data),
+                         builder.select(real, c64(16), c64(0))))
+        with cgutils.for_range(builder, steps) as loop:
+            ks = loop.index
+            rows = []
+            for ptr, stride in srcs:
+                v = builder.load(builder.bitcast(builder.gep(ptr, [builder.mul(ks, stride)]), vi.as_pointer()),
+                                 align=4)
+                rows.append(builder.shuffle_vector(v, ir.Constant(vi, ir.Undefined), perm))
+            dst = builder.gep(ba.data, [builder.mul(ks, c64(256))])
+            for p, row in enumerate(_transposed(builder, rows)):
+                builder.store(row, builder.bitcast(builder.gep(dst, [c64(16 * p)]), vi.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(x32, xb32, zeros, rb), codegen
+
+
+_ZEROS = np.zeros(16, np.uint32)
+
+
 @njit(inline="always")
-def _pack_rows(x32, xa32, pairs, rb0, rb1):  # pragma: no cover - compiled
-    # rows of blocks rb0..rb1 as B tiles of 1 KB: row p of step ks holds each row's input pair pairs[p] of the
-    # step (two bfloat16 in a 32-bit word), rows past M zero
-    M, K2 = x32.shape
+def _pack_rows(x32, xa32, rb0, rb1):  # pragma: no cover - compiled
     for rb in range(rb0, rb1):
-        for m in range(16):
-            r = rb * 16 + m
-            for ks in range(K2 // 16):
-                dst = xa32[rb, ks]
-                if r < M:
-                    for p in range(16):
-                        dst[p, m] = x32[r, 16 * ks + pairs[p]]
-                else:
-                    for p in range(16):
-                        dst[p, m] = 0
+        _pack_block(x32, xa32[rb], _ZEROS, rb)
 
 
 OPERANDS = _omp.Operands("vnni_lut", M=_omp.I64, K=_omp.I64, T=_omp.I64, G=_omp.I64, meta=_omp.I64,
-                         x=_omp.ADDR, xa=_omp.ADDR, w=_omp.ADDR, scale=_omp.ADDR, zp=_omp.ADDR, pairs=_omp.ADDR,
-                         out=_omp.ADDR)
+                         x=_omp.ADDR, xa=_omp.ADDR, w=_omp.ADDR, scale=_omp.ADDR, zp=_omp.ADDR, out=_omp.ADDR)
 _read = OPERANDS.read
 
 
 @njit(inline="always")
 def _chunk(o, i, c0, c1, _a, _b):  # pragma: no cover - compiled; phase 0: row blocks c0..c1; phase 1: tiles
     M, K, T, G, m = o.M, o.K, o.T, o.G, o.meta
-    zr, phase = m & 1, (m >> 1) & 1
+    zr, phase, bf16 = m & 1, (m >> 1) & 1, (m >> 2) & 1
     nrb = (M + 15) // 16
     if phase == 0:
-        _pack_rows(carray(o.x, (M, K // 2), np.uint32), carray(o.xa, (nrb, K // 32, 16, 16), np.uint32),
-                   carray(o.pairs, 16, np.int64), c0, c1)
+        _pack_rows(carray(o.x, (M, K // 2), np.uint32), carray(o.xa, (nrb, K // 32, 16, 16), np.uint32), c0, c1)
         return 0
-    _tiles(carray(o.w, (T, K // 8, NT), np.uint32), carray(o.xa, (nrb, K // 32, 16, 32), np.uint16),
-           carray(o.scale, (T, G, NT), np.float32), carray(o.zp, (T, G, NT) if zr else (0, 0, 0), np.uint8),
-           K // G, carray(o.out, (M, T * NT), np.float32), c0, c1)
+    w, xa = carray(o.w, (T, K // 8, NT), np.uint32), carray(o.xa, (nrb, K // 32, 16, 32), np.uint16)
+    scale, zp = carray(o.scale, (T, G, NT), np.float32), carray(o.zp, (T, G, NT) if zr else (0, 0, 0), np.uint8)
+    if bf16:
+        _tiles(w, xa, scale, zp, K // G, carray(o.out, (M, T * NT), np.uint16), c0, c1)
+    else:
+        _tiles(w, xa, scale, zp, K // G, carray(o.out, (M, T * NT), np.float32), c0, c1)
     return 0
 
 
@@ -324,7 +375,8 @@ def _serial(block, lo, hi) -> None:
 
 
 def run(x: np.ndarray, w: np.ndarray, scale: np.ndarray, zp: np.ndarray, gsize: int, out: np.ndarray) -> np.ndarray:
-    """``out = x @ W.T`` (float32 ``[M, N]``) for ``x`` the bfloat16 bits ``[M, K]`` (uint16, C-contiguous) and
+    """``out = x @ W.T`` (``[M, N]``: float32, or uint16 for the bits of the sums rounded to bfloat16) for ``x``
+    the bfloat16 bits ``[M, K]`` (uint16, C-contiguous) and
     the layout's arrays (as :func:`qtorch.vnni.gemv_vnni` takes them, ``zp`` ``[0, 0, 0]`` for symmetric codes;
     not checked here), on torch's thread team: the rows as B tiles first (row blocks in parallel), then the tiles
     of 64 channels, a few per chunk.
@@ -336,19 +388,19 @@ def run(x: np.ndarray, w: np.ndarray, scale: np.ndarray, zp: np.ndarray, gsize: 
     M, K = x.shape
     T, G = w.shape[0], scale.shape[1]
     if (x.dtype != np.uint16 or w.shape[1] * 8 != K or not eligible(K, K // G if G else 0) or K % G
-            or out.shape != (M, T * NT) or out.dtype != np.float32
+            or out.shape != (M, T * NT) or out.dtype not in (np.float32, np.uint16)
             or not (x.flags.c_contiguous and out.flags.c_contiguous)):
         raise ValueError(f"x must be contiguous uint16 [M, K] with K % 32 == 0 matching w ({w.shape[1] * 8} inputs) "
-                         f"in groups of a multiple of 32, out contiguous float32 [{M}, {T * NT}]; got x {x.dtype} "
-                         f"{list(x.shape)}, {G} groups, out {out.dtype} {list(out.shape)}")
+                         f"in groups of a multiple of 32, out contiguous float32 or uint16 [{M}, {T * NT}]; got x "
+                         f"{x.dtype} {list(x.shape)}, {G} groups, out {out.dtype} {list(out.shape)}")
     if M == 0 or T == 0:
         return out
     nrb = -(-M // 16)
     nchunks = min(T, 2 * _omp.team_size())
     xa = vnni_amx.scratch("b_lut", nrb * K * 16, np.uint16)
-    base = 1 if zp.shape[0] else 0
+    base = (1 if zp.shape[0] else 0) | (4 if out.dtype == np.uint16 else 0)
     for phase, n, chunks in ((0, nrb, nrb), (1, T, nchunks)):
         block = _omp.new_block(chunks, n, OPERANDS.pack(M=M, K=K, T=T, G=G, meta=base | phase << 1, x=x, xa=xa, w=w,
-                                                         scale=scale, zp=zp, pairs=PAIRS, out=out))
+                                                         scale=scale, zp=zp, out=out))
         _omp.run(n, _TEAM, block, _serial, (block,), n, 1, nchunks=chunks)
     return out

@@ -189,11 +189,9 @@ def vnni_lut_linear_impl(x, qweight, scale, zero_point, out_features: int) -> to
     w, s, z = _arrays(qweight, scale, zero_point)
     x = x.contiguous()
     out = torch.empty((m, out_features), dtype=torch.bfloat16)
-    for r0 in range(0, m, ROW_CHUNK):  # the B tiles' and sums' scratch, kept by the thread, bounded by a chunk's rows
+    for r0 in range(0, m, ROW_CHUNK):  # the B tiles' scratch, kept by the thread, bounded by a chunk's rows
         r1 = min(m, r0 + ROW_CHUNK)
-        sums = vnni_amx.scratch("sums", (r1 - r0) * out_features, np.float32).reshape(r1 - r0, out_features)
-        vnni_lut.run(_numpy_of(x[r0:r1]), w, s, z, _group(scale, k), sums)
-        out[r0:r1] = torch.from_numpy(sums)
+        vnni_lut.run(_numpy_of(x[r0:r1]), w, s, z, _group(scale, k), _numpy_of(out[r0:r1]))  # rounded to bfloat16
     return out
 
 

@@ -54,13 +54,17 @@ def test_run_is_the_bfloat16_dequantized_weights_product(scheme, n, k, rows):
     ref = x.double() @ wb.T
     bound = x.double().abs() @ wb.abs().T
     assert torch.all((torch.from_numpy(out).double() - ref).abs() <= 2.0 ** -20 * bound + 1e-30)
+    rounded = np.zeros((rows, n), np.uint16)  # the same sums, rounded to bfloat16 as Tensor.to rounds them
+    vnni_lut.run(bits(x), w, s, z, k // s.shape[1], rounded)
+    assert torch.equal(torch.from_numpy(rounded.view(np.int16)).view(torch.bfloat16),
+                       torch.from_numpy(out).to(torch.bfloat16))
 
 
 def test_bad_operands_are_named():
     m = layer(QuantScheme(4, False, PerGroup(32)), 64, 64)
     w, s, z = lv._arrays(m.qweight, m.scale, m.zero_point)
     x = bits(torch.randn(3, 64).to(torch.bfloat16))
-    with pytest.raises(ValueError, match=r"out contiguous float32 \[3, 64\]"):
+    with pytest.raises(ValueError, match=r"out contiguous float32 or uint16 \[3, 64\]"):
         vnni_lut.run(x, w, s, z, 32, np.zeros((16, 64), np.float32))
     with pytest.raises(ValueError, match="uint16"):
         vnni_lut.run(x.astype(np.int32), w, s, z, 32, np.zeros((3, 64), np.float32))
