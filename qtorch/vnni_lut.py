@@ -103,15 +103,15 @@ def _transpose_masks() -> list:
 _TRANSPOSE = _transpose_masks()
 
 
-def _emit_tables(builder, ops, g, tabs) -> None:
-    """IR: the lookup tables of group ``g`` of the tile's 64 channels into ``tabs`` (int16 pointer, 32 registers
-    of 32 values): register ``8 s + 2 i + h`` holds channel ``16 s + 8 h + i`` in its low half and ``16 s + 8 h + 4
-    + i`` in its high half, ``bfloat16((q - z) * scale)`` for ``q`` = 0..15."""
+def _emit_tables(builder, ops, g, tabs, strips) -> None:
+    """IR: the lookup tables of group ``g`` of the tile's ``strips`` (of 16 channels) into ``tabs`` (int16 pointer,
+    32 registers of 32 values): register ``8 s + 2 i + h`` holds channel ``16 s + 8 h + i`` in its low half and
+    ``16 s + 8 h + 4 + i`` in its high half, ``bfloat16((q - z) * scale)`` for ``q`` = 0..15."""
     wa, sa, za, ea, has_zp, ko, ng, tt = ops
     c64 = functools.partial(ir.Constant, I64)
     vi, vf, vb, v32s = vec(I32, 16), vec(F32, 16), vec(I8, 16), vec(I16, 32)
     codes = ir.Constant(vf, [float(q) for q in range(16)])
-    for s in range(4):
+    for s in strips:
         prow = builder.add(builder.mul(builder.add(builder.mul(tt, ng), g), c64(NT)), c64(16 * s))
         zptr = builder.select(has_zp, builder.gep(za.data, [prow]), builder.gep(ea.data, [c64(16 * s)]))
         zf = builder.uitofp(builder.zext(builder.load(builder.bitcast(zptr, vb.as_pointer()), align=1), vi), vf)
@@ -130,8 +130,8 @@ def _emit_tables(builder, ops, g, tabs) -> None:
                 builder.store(val, builder.bitcast(dst, v32s.as_pointer()), align=2)
 
 
-def _emit_step(builder, ops, ks, tabs, dst) -> None:
-    """IR: step ``ks`` (inputs ``32 ks ..``) of the tile's four strips as four A tiles at ``dst`` (int16 pointer,
+def _emit_step(builder, ops, ks, tabs, dst, strips) -> None:
+    """IR: step ``ks`` (inputs ``32 ks ..``) of the tile's ``strips`` as A tiles at ``dst`` (int16 pointer,
     ``[4, 16, 32]``: strip ``s``, row = channel ``16 s + r``, element ``e`` = input :func:`_input` ``(e)``)."""
     wa, sa, za, ea, has_zp, ko, ng, tt = ops
     c64 = functools.partial(ir.Constant, I64)
@@ -141,7 +141,7 @@ def _emit_step(builder, ops, ks, tabs, dst) -> None:
     half_sel = ir.Constant(v32s, [0] * 16 + [16] * 16)  # the high half's lanes read the second table
     nibble, four = ir.Constant(v32s, [15] * 32), ir.Constant(v32s, [4] * 32)
     row0 = builder.mul(builder.add(builder.mul(tt, ko), builder.mul(ks, c64(4))), c64(NT))
-    for s in range(4):
+    for s in strips:
         words = [builder.load(builder.bitcast(builder.gep(wa.data, [builder.add(row0, c64(NT * o + 16 * s))]),
                                               vi.as_pointer()), align=4) for o in range(4)]
         a0, a1 = (builder.shuffle_vector(words[0], words[1], ir.Constant(vi, m)) for m in (_W_LO, _W_HI))
@@ -165,38 +165,46 @@ def _emit_step(builder, ops, ks, tabs, dst) -> None:
                         builder.store(v, builder.bitcast(p, v16s.as_pointer()), align=2)
 
 
-def _emit_store_transposed(builder, ct, out, ostride, m_rows, bf16: bool) -> None:
-    """IR: the four C^T tiles at ``ct`` (float32 ``[64, 16]``: channel, row) into ``out`` (pointer to row 0,
-    channel 0 of the tile; ``ostride`` elements a row), rows ``0 .. m_rows - 1``: float32, or (``bf16``) the
-    bits of bfloat16 rounded to nearest even, as ``Tensor.to(torch.bfloat16)`` rounds."""
+def _emit_store_transposed(builder, ct, tiles, out, ostride, m_rows, bf16: bool) -> None:
+    """IR: C^T tiles (16 channels x 16 rows of float32) at ``ct`` (float pointer) into ``out`` (pointer to row 0
+    of the block, channel 0 of the tile; ``ostride`` elements a row), rows ``0 .. m_rows - 1``; ``tiles``: per
+    tile, its offset in ``ct`` (floats) and its first channel, in order of channels, strips of consecutive
+    channels. float32, or (``bf16``) the bits of bfloat16 rounded to nearest even, as ``Tensor.to`` rounds."""
     c64 = functools.partial(ir.Constant, I64)
     vf = vec(F32, 16)
-    strips = [_transposed(builder, [builder.load(builder.bitcast(builder.gep(ct, [c64(256 * s + 16 * r)]),
-                                                                 vf.as_pointer()), align=4) for r in range(16)])
-              for s in range(4)]
+    rows = [_transposed(builder, [builder.load(builder.bitcast(builder.gep(ct, [c64(off + 16 * r)]),
+                                                               vf.as_pointer()), align=4) for r in range(16)])
+            for off, _ in tiles]
     for m in range(16):
         with builder.if_then(builder.icmp_signed("<", c64(m), m_rows)):
             row = builder.gep(out, [builder.mul(c64(m), ostride)])
             if bf16:  # two strips' 32 channels a store
-                for s in (0, 2):
-                    val = to_bf16x32(builder, strips[s][m], strips[s + 1][m], False)
-                    builder.store(val, builder.bitcast(builder.gep(row, [c64(16 * s)]), vec(I16, 32).as_pointer()),
-                                  align=2)
+                for j in range(0, len(tiles), 2):
+                    val = to_bf16x32(builder, rows[j][m], rows[j + 1][m], False)
+                    builder.store(val, builder.bitcast(builder.gep(row, [c64(tiles[j][1])]),
+                                                       vec(I16, 32).as_pointer()), align=2)
             else:
-                for s in range(4):
-                    builder.store(strips[s][m], builder.bitcast(builder.gep(row, [c64(16 * s)]), vf.as_pointer()),
-                                  align=4)
+                for j, (_, ch) in enumerate(tiles):
+                    builder.store(rows[j][m], builder.bitcast(builder.gep(row, [c64(ch)]), vf.as_pointer()), align=4)
 
 
 @intrinsic
-def _tile_block(typingctx, w, scale, zp, eights, xb, ring, tabs, ct, out, t, rb, gsize):
-    """``out[16 rb + m, 64 t + c] = sum_k W[64 t + c, k] x[16 rb + m, k]`` for the rows of block ``rb`` (those
-    of ``out``; ``xb``: that block's B tiles, uint16 ``[K/32, 16, 32]``): the tables and the first step's A
-    tiles, then per step the four products and the next step's conversion (into the other half of ``ring``,
-    int16 ``[2, 4, 16, 32]``; ``tabs`` int16 ``[32, 32]``, ``ct`` float32 ``[64, 16]``: scratch)."""
+def _tile_pass(typingctx, w, scale, zp, eights, xa, ring, tabs, ct, out, t, rb, gsize, first, nstrips):
+    """``out[16 r + m, 64 t + c] = sum_k W[64 t + c, k] x[16 r + m, k]`` for the channels of strips ``first ..
+    first + nstrips - 1`` of tile ``t`` (literals: 0 and 4, one row block ``r = rb``; or 0 or 2 and 2, the blocks
+    ``rb`` and ``rb + 1``: four C tiles either way, and with two blocks each A tile serves two products), the rows
+    of ``out`` (``xa``: the B tiles, uint16 ``[M / 16, K/32, 16, 32]``). The tables and the first step's A tiles,
+    then per step the products and the next step's conversion (into the other half of ``ring``, int16 ``[2, 4,
+    16, 32]``; ``tabs`` int16 ``[32, 32]``, ``ct`` float32 ``[64, 16]``: scratch)."""
+    if not (isinstance(first, types.IntegerLiteral) and isinstance(nstrips, types.IntegerLiteral)):
+        return None
+    strips = list(range(first.literal_value, first.literal_value + nstrips.literal_value))
+    nblocks = 4 // len(strips)
+    bf16 = out.dtype == types.uint16
+
     def codegen(context, builder, sig, args):
-        wa, sa, za, ea, xa, ra, ta, ca, oa = (context.make_array(sig.args[i])(context, builder, args[i])
-                                              for i in range(9))
+        wa, sa, za, ea, xa_, ra, ta, ca, oa = (context.make_array(sig.args[i])(context, builder, args[i])
+                                               for i in range(9))
         tt, rbv, gs = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (9, 10, 11))
         i64 = functools.partial(ir.Constant, I64)
         i8p = I8.as_pointer()
@@ -212,10 +220,12 @@ def _tile_block(typingctx, w, scale, zp, eights, xb, ring, tabs, ct, out, t, rb,
         r16, c64 = ir.Constant(I16, 16), ir.Constant(I16, 64)
         steps = builder.sdiv(ko, i64(4))
         group_steps = builder.sdiv(gs, i64(32))
-        xp, rp = builder.bitcast(xa.data, i8p), builder.bitcast(ra.data, i8p)
-        _emit_tables(builder, ops, i64(0), ta.data)
-        _emit_step(builder, ops, i64(0), ta.data, ra.data)
-        init = [builder.call(tzero, [r16, c64]) for _ in range(4)]
+        xp, rp = builder.bitcast(xa_.data, i8p), builder.bitcast(ra.data, i8p)
+        xblock = builder.mul(steps, i64(1024))  # bytes of a row block's B tiles
+        _emit_tables(builder, ops, i64(0), ta.data, strips)
+        _emit_step(builder, ops, i64(0), ta.data, ra.data, strips)
+        tiles = [(s, r) for r in range(nblocks) for s in strips]
+        init = [builder.call(tzero, [r16, c64]) for _ in tiles]
         entry = builder.block
         head, body, nxt, tables, convert, latch, done = (builder.append_basic_block(f"lut.{n}") for n in (
             "head", "body", "next", "tables", "convert", "latch", "done"))
@@ -230,22 +240,26 @@ def _tile_block(typingctx, w, scale, zp, eights, xb, ring, tabs, ct, out, t, rb,
         builder.cbranch(builder.icmp_signed("<", kk, steps), body, done)
         builder.position_at_end(body)
         slot = builder.and_(kk, i64(1))
-        b = builder.call(load, [r16, c64, builder.gep(xp, [builder.mul(kk, i64(1024))]), i64(64)])
-        new = []
-        for s in range(4):  # the products first: the tile unit runs them while the next step converts
+        bs = [builder.call(load, [r16, c64, builder.gep(xp, [builder.add(builder.mul(builder.add(rbv, i64(r)), xblock),
+                                                                          builder.mul(kk, i64(1024)))]), i64(64)])
+              for r in range(nblocks)]
+        new = [None] * len(tiles)
+        for s in strips:  # the products first: the tile unit runs them while the next step converts
             a = builder.call(load, [r16, c64, builder.gep(rp, [builder.add(builder.mul(slot, i64(4096)),
                                                                           i64(1024 * s))]), i64(64)])
-            new.append(builder.call(dp, [r16, c64, c64, accs[s], a, b]))
+            for r in range(nblocks):
+                j = tiles.index((s, r))
+                new[j] = builder.call(dp, [r16, c64, c64, accs[j], a, bs[r]])
         k1 = builder.add(kk, i64(1))
         builder.cbranch(builder.icmp_signed("<", k1, steps), nxt, latch)
         builder.position_at_end(nxt)
         builder.cbranch(builder.icmp_signed("==", builder.srem(k1, group_steps), i64(0)), tables, convert)
         builder.position_at_end(tables)
-        _emit_tables(builder, ops, builder.sdiv(k1, group_steps), ta.data)
+        _emit_tables(builder, ops, builder.sdiv(k1, group_steps), ta.data, strips)
         builder.branch(convert)
         builder.position_at_end(convert)
         _emit_step(builder, ops, k1, ta.data, builder.gep(ra.data, [builder.mul(builder.sub(i64(1), slot),
-                                                                               i64(2048))]))
+                                                                               i64(2048))]), strips)
         builder.branch(latch)
         builder.position_at_end(latch)
         kk.add_incoming(k1, latch)
@@ -254,15 +268,17 @@ def _tile_block(typingctx, w, scale, zp, eights, xb, ring, tabs, ct, out, t, rb,
         builder.branch(head)
         builder.position_at_end(done)
         cp = builder.bitcast(ca.data, i8p)
-        for s, acc in enumerate(accs):
-            builder.call(store, [r16, c64, builder.gep(cp, [i64(1024 * s)]), i64(64), acc])
-        m_rows = builder.sub(mrows, builder.mul(rbv, i64(16)))
-        base = builder.add(builder.mul(builder.mul(rbv, i64(16)), ncols), builder.mul(tt, i64(NT)))
-        _emit_store_transposed(builder, ca.data, builder.gep(oa.data, [base]), ncols, m_rows,
-                               sig.args[8].dtype == types.uint16)
+        for j, acc in enumerate(accs):
+            builder.call(store, [r16, c64, builder.gep(cp, [i64(1024 * j)]), i64(64), acc])
+        for r in range(nblocks):
+            block = builder.add(rbv, i64(r))
+            m_rows = builder.sub(mrows, builder.mul(block, i64(16)))
+            base = builder.add(builder.mul(builder.mul(block, i64(16)), ncols), builder.mul(tt, i64(NT)))
+            mine = [(256 * tiles.index((s, r)), 16 * s) for s in strips]
+            _emit_store_transposed(builder, ca.data, mine, builder.gep(oa.data, [base]), ncols, m_rows, bf16)
         return context.get_dummy_value()
 
-    return types.void(w, scale, zp, eights, xb, ring, tabs, ct, out, t, rb, gsize), codegen
+    return types.void(w, scale, zp, eights, xa, ring, tabs, ct, out, t, rb, gsize, first, nstrips), codegen
 
 
 @njit(inline="always")
@@ -280,9 +296,15 @@ def _tiles(w, xa, scale, zp, gsize, out, t0, t1):  # pragma: no cover - compiled
     tabs = ring[2 * 4 * 16 * 32:].reshape((32, 32))
     ring = ring[:2 * 4 * 16 * 32].reshape((2, 4, 16, 32))
     ct = _aligned(64 * 16, np.float32).reshape((64, 16))
+    nrb = xa.shape[0]
     for t in range(t0, t1):
-        for rb in range(xa.shape[0]):
-            _tile_block(w, scale, zp, _EIGHTS, xa[rb], ring, tabs, ct, out, t, rb, gsize)
+        rb = 0
+        while rb + 1 < nrb:  # two row blocks a pass: half the conversions, four products per two A tiles
+            _tile_pass(w, scale, zp, _EIGHTS, xa, ring, tabs, ct, out, t, rb, gsize, 0, 2)
+            _tile_pass(w, scale, zp, _EIGHTS, xa, ring, tabs, ct, out, t, rb, gsize, 2, 2)
+            rb += 2
+        if rb < nrb:
+            _tile_pass(w, scale, zp, _EIGHTS, xa, ring, tabs, ct, out, t, rb, gsize, 0, 4)
 
 
 def _transposed(builder, rows: list) -> list:
