@@ -366,6 +366,7 @@ def _pack_rows(x32, xa32, rb0, rb1):  # pragma: no cover - compiled
 OPERANDS = _omp.Operands("vnni_lut", M=_omp.I64, K=_omp.I64, T=_omp.I64, G=_omp.I64, meta=_omp.I64,
                          x=_omp.ADDR, xa=_omp.ADDR, w=_omp.ADDR, scale=_omp.ADDR, zp=_omp.ADDR, out=_omp.ADDR)
 _read = OPERANDS.read
+_META = OPERANDS.slot("meta")
 
 
 @njit(inline="always")
@@ -421,8 +422,9 @@ def run(x: np.ndarray, w: np.ndarray, scale: np.ndarray, zp: np.ndarray, gsize: 
     nchunks = min(T, 2 * _omp.team_size())
     xa = vnni_amx.scratch("b_lut", nrb * K * 16, np.uint16)
     base = (1 if zp.shape[0] else 0) | (4 if out.dtype == np.uint16 else 0)
+    ops = OPERANDS.pack(M=M, K=K, T=T, G=G, meta=base, x=x, xa=xa, w=w, scale=scale, zp=zp, out=out)
     for phase, n, chunks in ((0, nrb, nrb), (1, T, nchunks)):
-        block = _omp.new_block(chunks, n, OPERANDS.pack(M=M, K=K, T=T, G=G, meta=base | phase << 1, x=x, xa=xa, w=w,
-                                                         scale=scale, zp=zp, out=out))
+        block = _omp.new_block(chunks, n, ops)
+        block[_META] = base | phase << 1
         _omp.run(n, _TEAM, block, _serial, (block,), n, 1, nchunks=chunks)
     return out
