@@ -306,8 +306,8 @@ _SCRATCH = threading.local()
 
 def scratch(name: str, n: int, dtype) -> np.ndarray:
     """The calling thread's array ``name`` of at least ``n`` elements of ``dtype`` (its first ``n``, starting on a
-    64-byte line), kept across calls: a fresh one per call met its pages for the first time (a 128-row call of a 2048x2048 layer spent about
-    0.3 ms of 1.8 in page faults of its planes and its float32 output)."""
+    64-byte line), kept across calls: a fresh one per call met its pages for the first time (a 128-row call of a
+    2048x2048 layer spent about 0.3 ms of 1.8 in page faults of its planes and its float32 output)."""
     cache = getattr(_SCRATCH, "arrays", None)
     if cache is None:
         cache = _SCRATCH.arrays = {}

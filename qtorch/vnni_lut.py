@@ -9,13 +9,15 @@ one step, all in one group, so one ``vpermw`` looks 32 codes up in that channel'
 held in bfloat16; two channels' tables share a register, the lane's half choosing). The layout's words hold 8
 inputs of one channel and a 64-byte row of them 16 channels: a 4 x 4 transpose of 32-bit words within 128-bit
 lanes gives each channel's 4 words of a step (16 bytes, 32 codes), in the order the B tiles of ``x`` follow
-(:data:`PAIRS`). Per tile of 64 channels and block of 16 rows of ``x``, each step of 32 inputs converts the next
-step's four A tiles into a ring of two while the tile unit multiplies this one's (``tdpbf16ps``, float32 sums
-in four C tiles carried over all of K), then the C tiles are transposed into the output. A block of rows
-converts the weight again: the layer times this path against ``vnni_bf16`` and ``vnni_mm`` per row bucket.
+(:data:`PAIRS`). Per tile of 64 channels and pair of blocks of 16 rows of ``x`` (two strips of 16 channels a
+pass: each A tile serves two products; a last single block takes all four strips), each step of 32 inputs
+converts the next step's A tiles into a ring of two while the tile unit multiplies this one's (``tdpbf16ps``,
+float32 sums in four C tiles carried over all of K), then the C tiles are transposed into the output. Each pair of
+row blocks converts the weight again: the layer times this path against ``vnni_bf16`` and ``vnni_mm`` per row
+bucket.
 
-4096 x 4096 in groups of 128, 2 threads, the AMX Xeon: 16 rows 0.41-0.49 ms against 0.94-1.06 for
-``vnni_bf16`` (the same process, alternating).
+4096 x 4096 in groups of 128, 2 threads, the AMX Xeon, alternating with ``vnni_bf16`` in one process: 16 rows
+0.42-0.48 ms against 0.91-0.99, 32 rows 0.56-0.57 against 0.97-1.00, 128 rows 2.02-2.03 against 2.13-2.26.
 
 Eligible where :func:`available` for ``K % 32 == 0`` and groups of a multiple of 32 inputs (or one group a
 channel). AMX reads bfloat16 subnormals as zero, as the other AMX paths do.
@@ -80,7 +82,6 @@ def _input(e: int) -> int:
 #: per pair row ``p`` of a B tile (elements ``2 p``, ``2 p + 1``: two consecutive inputs), the pair of inputs of
 #: the step it holds, counted in pairs: ``x``'s 32-bit words of the step in this order are the B tile's rows
 PAIRS = np.array([_input(2 * p) // 2 for p in range(16)], np.int64)
-assert all(_input(2 * p + 1) == _input(2 * p) + 1 for p in range(16))
 
 # the 4 x 4 transpose of 32-bit words within each 128-bit lane: words, then pairs of words, of two registers
 _W_LO = [x for l in range(4) for x in (4 * l, 16 + 4 * l, 4 * l + 1, 17 + 4 * l)]
@@ -147,7 +148,8 @@ def _emit_step(builder, ops, ks, tabs, dst, strips) -> None:
         a0, a1 = (builder.shuffle_vector(words[0], words[1], ir.Constant(vi, m)) for m in (_W_LO, _W_HI))
         a2, a3 = (builder.shuffle_vector(words[2], words[3], ir.Constant(vi, m)) for m in (_W_LO, _W_HI))
         # lane l of chan[i]: channel 4 l + i's four words of the step
-        chan = [builder.shuffle_vector(a, b, ir.Constant(vi, m)) for a, b in ((a0, a2), (a1, a3)) for m in (_P_LO, _P_HI)]
+        chan = [builder.shuffle_vector(a, b, ir.Constant(vi, m))
+                for a, b in ((a0, a2), (a1, a3)) for m in (_P_LO, _P_HI)]
         for i in range(4):
             by = builder.bitcast(chan[i], vec(I8, 64))
             for h in range(2):  # lanes 2 h, 2 h + 1: channels 8 h + i and 8 h + 4 + i

@@ -15,9 +15,9 @@ F.linear's weight would be rounded, then ``torch.mm``) and, for bfloat16 rows on
 (:mod:`qtorch.vnni_lut`: the same products with the weight's channels as the A tiles, 32 codes looked up per
 instruction a step ahead of the tile unit; groups of a multiple of 32); the layer times them against ``vnni_mm``
 per row bucket. Under ``torch.compile`` and with autograd the same kernels run as the ops ``qtorch::vnni_linear`` /
-``qtorch::vnni_bf16_linear`` / ``qtorch::vnni_lut_linear`` (opaque: freezing never folds a dequantized weight); a call of
-the integer paths whose ``x`` holds a NaN or an infinity (which the planes cannot hold) is computed by the portable
-path instead, as ``F.linear`` would (``vnni_bf16`` multiplies such values as they are).
+``qtorch::vnni_bf16_linear`` / ``qtorch::vnni_lut_linear`` (opaque: freezing never folds a dequantized weight); a
+call of the integer paths whose ``x`` holds a NaN or an infinity (which the planes cannot hold) is computed by the
+portable path instead, as ``F.linear`` would (``vnni_bf16`` and ``vnni_lut`` multiply such values as they are).
 
 >>> import torch, qcore
 >>> from qtorch.layouts import WeightSpec
