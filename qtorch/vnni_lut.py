@@ -46,7 +46,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _omp, amx, vnni_amx
-from ._ir import AMX_TILE, F32, I8, I16, I32, I64, host_has, to_bf16x32, vec
+from ._ir import AMX_TILE, F32, I8, I16, I32, I64, host_has, prefetch_l2, to_bf16x32, vec
 from ._ir import cached as _cached
 from .amx import _amx_fn as _fn  # an LLVM intrinsic's declaration in the module
 from .vnni import NT
@@ -131,9 +131,10 @@ def _emit_tables(builder, ops, g, tabs, strips) -> None:
                 builder.store(val, builder.bitcast(dst, v32s.as_pointer()), align=2)
 
 
-def _emit_step(builder, ops, ks, tabs, dst, strips) -> None:
+def _emit_step(builder, ops, ks, tabs, dst, strips, pf) -> None:
     """IR: step ``ks`` (inputs ``32 ks ..``) of the tile's ``strips`` as A tiles at ``dst`` (int16 pointer,
-    ``[4, 16, 32]``: strip ``s``, row = channel ``16 s + r``, element ``e`` = input :func:`_input` ``(e)``)."""
+    ``[4, 16, 32]``: strip ``s``, row = channel ``16 s + r``, element ``e`` = input :func:`_input` ``(e)``); the
+    strips' lines ``pf`` words further on prefetched (a tile's words are one stream, 1 KB a step)."""
     wa, sa, za, ea, has_zp, ko, ng, tt = ops
     c64 = functools.partial(ir.Constant, I64)
     vi, v32s, v16s = vec(I32, 16), vec(I16, 32), vec(I16, 16)
@@ -143,6 +144,8 @@ def _emit_step(builder, ops, ks, tabs, dst, strips) -> None:
     nibble, four = ir.Constant(v32s, [15] * 32), ir.Constant(v32s, [4] * 32)
     row0 = builder.mul(builder.add(builder.mul(tt, ko), builder.mul(ks, c64(4))), c64(NT))
     for s in strips:
+        for o in range(4):  # a prefetch never faults: past the end of the words is harmless
+            prefetch_l2(builder, builder.gep(wa.data, [builder.add(builder.add(row0, pf), c64(NT * o + 16 * s))]))
         words = [builder.load(builder.bitcast(builder.gep(wa.data, [builder.add(row0, c64(NT * o + 16 * s))]),
                                               vi.as_pointer()), align=4) for o in range(4)]
         a0, a1 = (builder.shuffle_vector(words[0], words[1], ir.Constant(vi, m)) for m in (_W_LO, _W_HI))
@@ -191,13 +194,14 @@ def _emit_store_transposed(builder, ct, tiles, out, ostride, m_rows, bf16: bool)
 
 
 @intrinsic
-def _tile_pass(typingctx, w, scale, zp, eights, xa, ring, tabs, ct, out, t, rb, gsize, first, nstrips):
+def _tile_pass(typingctx, w, scale, zp, eights, xa, ring, tabs, ct, out, t, rb, gsize, pf, first, nstrips):
     """``out[16 r + m, 64 t + c] = sum_k W[64 t + c, k] x[16 r + m, k]`` for the channels of strips ``first ..
     first + nstrips - 1`` of tile ``t`` (literals: 0 and 4, one row block ``r = rb``; or 0 or 2 and 2, the blocks
     ``rb`` and ``rb + 1``: four C tiles either way, and with two blocks each A tile serves two products), the rows
     of ``out`` (``xa``: the B tiles, uint16 ``[M / 16, K/32, 16, 32]``). The tables and the first step's A tiles,
     then per step the products and the next step's conversion (into the other half of ``ring``, int16 ``[2, 4,
-    16, 32]``; ``tabs`` int16 ``[32, 32]``, ``ct`` float32 ``[64, 16]``: scratch)."""
+    16, 32]``; ``tabs`` int16 ``[32, 32]``, ``ct`` float32 ``[64, 16]``: scratch; ``pf``: words of the weight
+    prefetched ahead)."""
     if not (isinstance(first, types.IntegerLiteral) and isinstance(nstrips, types.IntegerLiteral)):
         return None
     strips = list(range(first.literal_value, first.literal_value + nstrips.literal_value))
@@ -207,7 +211,7 @@ def _tile_pass(typingctx, w, scale, zp, eights, xa, ring, tabs, ct, out, t, rb, 
     def codegen(context, builder, sig, args):
         wa, sa, za, ea, xa_, ra, ta, ca, oa = (context.make_array(sig.args[i])(context, builder, args[i])
                                                for i in range(9))
-        tt, rbv, gs = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (9, 10, 11))
+        tt, rbv, gs, pfw = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (9, 10, 11, 12))
         i64 = functools.partial(ir.Constant, I64)
         i8p = I8.as_pointer()
         _, ko, _ = cgutils.unpack_tuple(builder, wa.shape, 3)
@@ -225,7 +229,7 @@ def _tile_pass(typingctx, w, scale, zp, eights, xa, ring, tabs, ct, out, t, rb, 
         xp, rp = builder.bitcast(xa_.data, i8p), builder.bitcast(ra.data, i8p)
         xblock = builder.mul(steps, i64(1024))  # bytes of a row block's B tiles
         _emit_tables(builder, ops, i64(0), ta.data, strips)
-        _emit_step(builder, ops, i64(0), ta.data, ra.data, strips)
+        _emit_step(builder, ops, i64(0), ta.data, ra.data, strips, pfw)
         tiles = [(s, r) for r in range(nblocks) for s in strips]
         init = [builder.call(tzero, [r16, c64]) for _ in tiles]
         entry = builder.block
@@ -261,7 +265,7 @@ def _tile_pass(typingctx, w, scale, zp, eights, xa, ring, tabs, ct, out, t, rb, 
         builder.branch(convert)
         builder.position_at_end(convert)
         _emit_step(builder, ops, k1, ta.data, builder.gep(ra.data, [builder.mul(builder.sub(i64(1), slot),
-                                                                               i64(2048))]), strips)
+                                                                               i64(2048))]), strips, pfw)
         builder.branch(latch)
         builder.position_at_end(latch)
         kk.add_incoming(k1, latch)
@@ -280,7 +284,7 @@ def _tile_pass(typingctx, w, scale, zp, eights, xa, ring, tabs, ct, out, t, rb, 
             _emit_store_transposed(builder, ca.data, mine, builder.gep(oa.data, [base]), ncols, m_rows, bf16)
         return context.get_dummy_value()
 
-    return types.void(w, scale, zp, eights, xa, ring, tabs, ct, out, t, rb, gsize, first, nstrips), codegen
+    return types.void(w, scale, zp, eights, xa, ring, tabs, ct, out, t, rb, gsize, pf, first, nstrips), codegen
 
 
 @njit(inline="always")
@@ -292,7 +296,7 @@ def _aligned(n, dtype):  # pragma: no cover - compiled
 
 @_cached
 @njit(cache=True, nogil=True)
-def _tiles(w, xa, scale, zp, gsize, out, t0, t1):  # pragma: no cover - compiled
+def _tiles(w, xa, scale, zp, gsize, pf, out, t0, t1):  # pragma: no cover - compiled
     # the tiles' scratch on 64-byte lines: a tile row across two lines loads both (a 16-row call took 1.3x as long)
     ring = _aligned(2 * 4 * 16 * 32 + 32 * 32, np.int16)
     tabs = ring[2 * 4 * 16 * 32:].reshape((32, 32))
@@ -302,11 +306,11 @@ def _tiles(w, xa, scale, zp, gsize, out, t0, t1):  # pragma: no cover - compiled
     for t in range(t0, t1):
         rb = 0
         while rb + 1 < nrb:  # two row blocks a pass: half the conversions, four products per two A tiles
-            _tile_pass(w, scale, zp, _EIGHTS, xa, ring, tabs, ct, out, t, rb, gsize, 0, 2)
-            _tile_pass(w, scale, zp, _EIGHTS, xa, ring, tabs, ct, out, t, rb, gsize, 2, 2)
+            _tile_pass(w, scale, zp, _EIGHTS, xa, ring, tabs, ct, out, t, rb, gsize, pf, 0, 2)
+            _tile_pass(w, scale, zp, _EIGHTS, xa, ring, tabs, ct, out, t, rb, gsize, pf, 2, 2)
             rb += 2
         if rb < nrb:
-            _tile_pass(w, scale, zp, _EIGHTS, xa, ring, tabs, ct, out, t, rb, gsize, 0, 4)
+            _tile_pass(w, scale, zp, _EIGHTS, xa, ring, tabs, ct, out, t, rb, gsize, pf, 0, 4)
 
 
 def _transposed(builder, rows: list) -> list:
@@ -366,7 +370,8 @@ def _pack_rows(x32, xa32, rb0, rb1):  # pragma: no cover - compiled
 
 
 OPERANDS = _omp.Operands("vnni_lut", M=_omp.I64, K=_omp.I64, T=_omp.I64, G=_omp.I64, meta=_omp.I64,
-                         x=_omp.ADDR, xa=_omp.ADDR, w=_omp.ADDR, scale=_omp.ADDR, zp=_omp.ADDR, out=_omp.ADDR)
+                         x=_omp.ADDR, xa=_omp.ADDR, w=_omp.ADDR, scale=_omp.ADDR, zp=_omp.ADDR, out=_omp.ADDR,
+                         pf=_omp.I64)
 _read = OPERANDS.read
 _META = OPERANDS.slot("meta")
 
@@ -382,9 +387,9 @@ def _chunk(o, i, c0, c1, _a, _b):  # pragma: no cover - compiled; phase 0: row b
     w, xa = carray(o.w, (T, K // 8, NT), np.uint32), carray(o.xa, (nrb, K // 32, 16, 32), np.uint16)
     scale, zp = carray(o.scale, (T, G, NT), np.float32), carray(o.zp, (T, G, NT) if zr else (0, 0, 0), np.uint8)
     if bf16:
-        _tiles(w, xa, scale, zp, K // G, carray(o.out, (M, T * NT), np.uint16), c0, c1)
+        _tiles(w, xa, scale, zp, K // G, o.pf, carray(o.out, (M, T * NT), np.uint16), c0, c1)
     else:
-        _tiles(w, xa, scale, zp, K // G, carray(o.out, (M, T * NT), np.float32), c0, c1)
+        _tiles(w, xa, scale, zp, K // G, o.pf, carray(o.out, (M, T * NT), np.float32), c0, c1)
     return 0
 
 
@@ -399,7 +404,8 @@ def _serial(block, lo, hi) -> None:
     _TEAM.ctypes()(block.ctypes.data)
 
 
-def run(x: np.ndarray, w: np.ndarray, scale: np.ndarray, zp: np.ndarray, gsize: int, out: np.ndarray) -> np.ndarray:
+def run(x: np.ndarray, w: np.ndarray, scale: np.ndarray, zp: np.ndarray, gsize: int, out: np.ndarray,
+        prefetch: int = 0) -> np.ndarray:
     """``out = x @ W.T`` (``[M, N]``: float32, or uint16 for the bits of the sums rounded to bfloat16) for ``x``
     the bfloat16 bits ``[M, K]`` (uint16, C-contiguous) and
     the layout's arrays (as :func:`qtorch.vnni.gemv_vnni` takes them, ``zp`` ``[0, 0, 0]`` for symmetric codes;
@@ -407,7 +413,9 @@ def run(x: np.ndarray, w: np.ndarray, scale: np.ndarray, zp: np.ndarray, gsize: 
     of 64 channels, a few per chunk.
 
     The A tiles hold ``bfloat16((code - z) * scale)``, the weight ``F.linear`` multiplies once it is dequantized
-    in bfloat16, and the C tiles carry all of K (float32 sums)."""
+    in bfloat16, and the C tiles carry all of K (float32 sums). ``prefetch``: bytes ahead in a tile's words that
+    each step asks for (the one-row kernel's measured distance, :func:`qtorch.prefetch.vnni_distance`, reads the
+    same stream); 0: none."""
     if not available():  # a tile instruction without the tile state is SIGILL, not an error
         raise RuntimeError("this process cannot use AMX tiles (no AMX-BF16 CPU, or Linux refused the tile state)")
     M, K = x.shape
@@ -424,7 +432,8 @@ def run(x: np.ndarray, w: np.ndarray, scale: np.ndarray, zp: np.ndarray, gsize: 
     nchunks = min(T, 2 * _omp.team_size())
     xa = vnni_amx.scratch("b_lut", nrb * K * 16, np.uint16)
     base = (1 if zp.shape[0] else 0) | (4 if out.dtype == np.uint16 else 0)
-    ops = OPERANDS.pack(M=M, K=K, T=T, G=G, meta=base, x=x, xa=xa, w=w, scale=scale, zp=zp, out=out)
+    ops = OPERANDS.pack(M=M, K=K, T=T, G=G, meta=base, x=x, xa=xa, w=w, scale=scale, zp=zp, out=out,
+                        pf=max(0, int(prefetch)) // 4)
     for phase, n, chunks in ((0, nrb, nrb), (1, T, nchunks)):
         block = _omp.new_block(chunks, n, ops)
         block[_META] = base | phase << 1

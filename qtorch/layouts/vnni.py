@@ -191,7 +191,8 @@ def vnni_lut_linear_impl(x, qweight, scale, zero_point, out_features: int) -> to
     out = torch.empty((m, out_features), dtype=torch.bfloat16)
     for r0 in range(0, m, ROW_CHUNK):  # the B tiles' scratch, kept by the thread, bounded by a chunk's rows
         r1 = min(m, r0 + ROW_CHUNK)
-        vnni_lut.run(_numpy_of(x[r0:r1]), w, s, z, _group(scale, k), _numpy_of(out[r0:r1]))  # rounded to bfloat16
+        vnni_lut.run(_numpy_of(x[r0:r1]), w, s, z, _group(scale, k), _numpy_of(out[r0:r1]),  # rounded to bfloat16
+                     prefetch=prefetch.vnni_distance())
     return out
 
 
