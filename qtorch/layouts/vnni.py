@@ -183,16 +183,16 @@ def vnni_lut_linear_impl(x, qweight, scale, zero_point, out_features: int) -> to
     :func:`vnni_linear_impl`."""
     x = x.detach()
     m, k = x.shape
-    if (m < 2 or x.dtype != torch.bfloat16 or not vnni_lut.available()
-            or not vnni_lut.eligible(k, _group(scale, k))):
+    g = _group(scale, k)
+    if m < 2 or x.dtype != torch.bfloat16 or not vnni_lut.available() or not vnni_lut.eligible(k, g):
         return vnni_linear_impl(x, qweight, scale, zero_point, out_features)
     w, s, z = _arrays(qweight, scale, zero_point)
     x = x.contiguous()
     out = torch.empty((m, out_features), dtype=torch.bfloat16)
+    ahead = prefetch.vnni_distance()
     for r0 in range(0, m, ROW_CHUNK):  # the B tiles' scratch, kept by the thread, bounded by a chunk's rows
         r1 = min(m, r0 + ROW_CHUNK)
-        vnni_lut.run(_numpy_of(x[r0:r1]), w, s, z, _group(scale, k), _numpy_of(out[r0:r1]),  # rounded to bfloat16
-                     prefetch=prefetch.vnni_distance())
+        vnni_lut.run(_numpy_of(x[r0:r1]), w, s, z, g, _numpy_of(out[r0:r1]), prefetch=ahead)  # rounded to bfloat16
     return out
 
 
