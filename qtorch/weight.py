@@ -38,7 +38,7 @@ import qcore
 from qcore import packing
 from qcore.params import check_codes, check_float_grid, check_grid, check_zero_point
 
-from . import _stack_cache, autotune, layouts
+from . import _stack_cache, autotune, layouts, pages
 from ._infer_ops import needs_grad, plain_eager
 from ._torch_numpy import to_numpy
 from .layouts import WeightSpec
@@ -94,6 +94,7 @@ class QuantizedWeight:
         self._hold(CANONICAL, q, s, z, None)
 
     def _hold(self, layout, q, s, z, aux) -> None:
+        q, s, z, aux = _on_pages((q, s, z, aux))  # (no copy of what a conversion put there already)
         b = self.buffers
         b["qweight"], b["scale"], b["zero_point"] = q, s, z
         self.layout, self.aux = layout, aux
@@ -162,7 +163,8 @@ class QuantizedWeight:
 
         def converted(lay):
             if lay not in made:
-                made[lay] = convert(lay)
+                r = convert(lay)
+                made[lay] = None if r is None else _on_pages(r)  # the pages it runs on, timed and kept
             return made[lay]
 
         def trial(lay):
@@ -498,10 +500,18 @@ def _leaves(a):
         yield a
 
 
+def _on_pages(state: tuple) -> tuple:
+    """A layout's state ``(qweight, scale, zero_point, aux)`` with each CPU tensor of it large enough on 2 MiB
+    pages (:func:`qtorch.pages.on_huge_pages`: the one-row kernels stream those from memory about 1.25x faster);
+    ``aux`` where it is a tensor."""
+    return tuple(pages.on_huge_pages(t) if isinstance(t, torch.Tensor) else t for t in state)
+
+
 def _cloned(a):
-    """``a`` with every tensor in it (in tuples, lists and dicts) cloned."""
+    """``a`` with every tensor in it (in tuples, lists and dicts) cloned (onto 2 MiB pages where the original
+    would be: a race times copies like the weight it holds)."""
     if isinstance(a, torch.Tensor):
-        return a.clone()
+        return pages.on_huge_pages(a, copy=True)
     if isinstance(a, (tuple, list)):
         return type(a)(_cloned(v) for v in a)
     if isinstance(a, dict):
