@@ -75,7 +75,8 @@ def on_huge_pages_applies() -> bool:
 def is_paged(t: torch.Tensor) -> bool:
     """Whether ``t``'s data lies in a mapping :func:`on_huge_pages` made."""
     p = t.data_ptr()
-    return any(a <= p < b for a, b in _RANGES.values())
+    ranges = _RANGES.copy()  # (a finalizer run by the collector on another thread may remove one meanwhile)
+    return any(a <= p < b for a, b in ranges.values())
 
 
 def on_huge_pages(t: torch.Tensor, *, copy: bool = False) -> torch.Tensor:

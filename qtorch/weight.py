@@ -76,7 +76,23 @@ class QuantizedWeight:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.__dict__.setdefault("_decoders", {})  # a module pickled whole by a version without decoders
+        # a deep copy or an unpickled weight got its tensors from PyTorch's allocator: back onto 2 MiB pages
+        # (no copy of what is there already, as after a shallow copy)
+        self.repage()
         _stack_cache.ensure()  # (a model unpickled in a new process: torch.load of a whole module)
+
+    def repage(self) -> None:
+        """Put this weight's large CPU tensors on 2 MiB pages where they are not (:mod:`qtorch.pages`), replacing
+        them in its buffers dict (the layer's own); what a layout made is there already."""
+        b = self.__dict__.get("buffers")
+        if isinstance(b, dict):
+            for k, t in list(b.items()):
+                if isinstance(t, torch.Tensor):
+                    moved = pages.on_huge_pages(t)
+                    if moved is not t:
+                        b[k] = moved
+        if isinstance(self.__dict__.get("aux"), torch.Tensor):
+            self.aux = pages.on_huge_pages(self.aux)
 
     # ------------------------------------------------------------------ state
     def reset(self, device: torch.device) -> None:

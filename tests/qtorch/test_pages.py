@@ -134,3 +134,23 @@ def test_a_large_layer_holds_its_codes_on_huge_pages_and_computes_the_same(cls, 
 def test_small_layers_are_left_alone():
     q = qtorch.W8A16Linear.from_linear(torch.nn.Linear(256, 256))
     assert not pages.is_paged(q._w.buffers["qweight"])
+
+
+@applies
+def test_deep_copies_and_unpickled_layers_hold_their_codes_on_huge_pages_too(tmp_path):
+    import copy
+
+    q = qtorch.W8A16Linear.from_linear(torch.nn.Linear(2048, 2048).to(torch.bfloat16))
+    x = torch.randn(1, 2048, dtype=torch.bfloat16)
+    for other in (copy.deepcopy(q), _saved_and_loaded(q, tmp_path)):
+        codes = other._w.buffers["qweight"]
+        assert pages.is_paged(codes) and codes.data_ptr() != q._w.buffers["qweight"].data_ptr()
+        assert other._buffers["qweight"] is codes  # the module reads the same tensor its weight holds
+        assert torch.equal(other(x), q(x))
+    shallow = copy.copy(q._w)  # a shallow copy shares the tensors: nothing is copied
+    assert shallow.buffers["qweight"] is q._w.buffers["qweight"]
+
+
+def _saved_and_loaded(module, tmp_path):
+    torch.save(module, tmp_path / "m.pt")
+    return torch.load(tmp_path / "m.pt", weights_only=False)
