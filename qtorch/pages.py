@@ -44,8 +44,19 @@ import torch
 
 __all__ = ["HUGE", "MIN_BYTES", "on_huge_pages", "on_huge_pages_applies", "is_paged"]
 
-#: the size (and alignment) of a transparent huge page on x86-64 and most arm64 kernels
-HUGE = 2 << 20
+
+def _pmd_size() -> int:
+    # a transparent huge page's size: 2 MiB on x86-64 and on arm64 with 4 KiB pages, 512 MiB with 64 KiB pages
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            size = int(f.read().strip())
+        return size if size > 0 and size & (size - 1) == 0 else 2 << 20
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+#: the size (and alignment) of a transparent huge page here (2 MiB on x86-64)
+HUGE = _pmd_size()
 #: tensors smaller than this stay where they are: they cannot fill one huge page of their own
 MIN_BYTES = HUGE
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"

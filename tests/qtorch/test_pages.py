@@ -10,8 +10,9 @@ import torch.nn.functional as F
 import qtorch
 from qtorch import pages
 
-applies = pytest.mark.skipif(not pages.on_huge_pages_applies(),
-                             reason="no transparent huge pages here (not Linux, mode never, or QTORCH_HUGE_PAGES=0)")
+applies = pytest.mark.skipif(not pages.on_huge_pages_applies() or pages.HUGE > 2 << 20,
+                             reason="no transparent huge pages here (not Linux, mode never, or QTORCH_HUGE_PAGES=0), "
+                                    "or pages larger than the tensors these tests move")
 
 
 def _vma_field(ptr: int, field: str):
