@@ -1,11 +1,12 @@
-"""Large weight buffers on 2 MiB pages: the one-row kernels stream them from memory about 1.25x faster. A leaf.
+"""Large weight buffers on 2 MiB pages, which the 8-bit one-row kernel streams from memory 1.2x faster. A leaf.
 
 A decoding step reads every layer's codes from memory once. On 4 KiB pages a core's loads and the hardware
 prefetchers cross a page boundary every 4 KiB, each with its own translation; on 2 MiB pages (Linux's transparent
-huge pages) there are 512 times fewer. Measured on the 2-core AVX-512/AMX Xeon, the one-row kernel over 24 copies
-of a layer called in turn (each read from memory, as in a model), the same codes on either kind of page:
-5504x2048 8-bit 0.543 -> 0.427 ms a call (20.7 -> 26.4 GB/s), 4-bit 0.304 -> 0.252, 2048x2048 8-bit 0.199 ->
-0.155. PyTorch's allocator gives 2 MiB pages only when ``THP_MEM_ALLOC_ENABLE=1`` is set before it starts, and
+huge pages) there are 512 times fewer. Measured on the 2-core AVX-512/AMX Xeon, the blocked layout's one-row
+kernel over 24 copies of a layer called in turn (each read from memory, as in a model), the same codes on either
+kind of page: 5504x2048 8-bit 0.543 -> 0.427 ms a call (20.7 -> 26.4 GB/s), 2048x2048 8-bit 0.199 -> 0.155; a
+plain float32 sum 25.3 -> 33.3 GB/s. The 4-bit kernels in groups and the AMX one-row path of ``vnni8`` read no
+faster from them (docs/performance.md): they are held by their own instructions. PyTorch's allocator gives 2 MiB pages only when ``THP_MEM_ALLOC_ENABLE=1`` is set before it starts, and
 Linux backs ``malloc``'d memory with them only where the system's mode is ``always``; most machines run
 ``madvise``, which needs the request.
 

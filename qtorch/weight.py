@@ -86,11 +86,7 @@ class QuantizedWeight:
         them in its buffers dict (the layer's own); what a layout made is there already."""
         b = self.__dict__.get("buffers")
         if isinstance(b, dict):
-            for k, t in list(b.items()):
-                if isinstance(t, torch.Tensor):
-                    moved = pages.on_huge_pages(t)
-                    if moved is not t:
-                        b[k] = moved
+            b.update(zip(b, _on_pages(tuple(b.values()))))
         if isinstance(self.__dict__.get("aux"), torch.Tensor):
             self.aux = pages.on_huge_pages(self.aux)
 
@@ -107,10 +103,11 @@ class QuantizedWeight:
         s = torch.ones(spec.pshape, dtype=torch.float32, device=device)
         zdt = torch.uint8 if spec.zero_point_kind == "int" else torch.float32
         z = None if spec.symmetric else torch.zeros(spec.pshape, dtype=zdt, device=device)
-        self._hold(CANONICAL, q, s, z, None)
+        self._hold(CANONICAL, q, s, z, None, paged=False)  # (zeros, replaced by the first load)
 
-    def _hold(self, layout, q, s, z, aux) -> None:
-        q, s, z, aux = _on_pages((q, s, z, aux))  # (no copy of what a conversion put there already)
+    def _hold(self, layout, q, s, z, aux, paged: bool = True) -> None:
+        if paged:  # (no copy of what a conversion put there already)
+            q, s, z, aux = _on_pages((q, s, z, aux))
         b = self.buffers
         b["qweight"], b["scale"], b["zero_point"] = q, s, z
         self.layout, self.aux = layout, aux
@@ -517,9 +514,9 @@ def _leaves(a):
 
 
 def _on_pages(state: tuple) -> tuple:
-    """A layout's state ``(qweight, scale, zero_point, aux)`` with each CPU tensor of it large enough on 2 MiB
-    pages (:func:`qtorch.pages.on_huge_pages`: the one-row kernels stream those from memory about 1.25x faster);
-    ``aux`` where it is a tensor."""
+    """A layout's state ``(qweight, scale, zero_point, aux)`` (or any tuple) with each CPU tensor in it large enough
+    on 2 MiB pages (:func:`qtorch.pages.on_huge_pages`: the 8-bit one-row kernel streams those from memory 1.2x
+    faster); other items as they are."""
     return tuple(pages.on_huge_pages(t) if isinstance(t, torch.Tensor) else t for t in state)
 
 
