@@ -313,6 +313,157 @@ def _tiles(w, xa, scale, zp, gsize, pf, out, t0, t1):  # pragma: no cover - comp
             _tile_pass(w, scale, zp, _EIGHTS, xa, ring, tabs, ct, out, t, rb, gsize, pf, 0, 4)
 
 
+#: steps of 32 inputs a panel holds (:func:`_tiles_grouped`): 16 KB of A tiles for two strips, beside the C tiles
+#: of a group of row blocks (16 KB) in a 48 KB L1. 4096 x 4096, 128 rows, AMX Xeon: 4, 8 and 16 steps within 5%
+#: of each other (32: 1.65 against 1.56-1.62 ms)
+PANEL_STEPS = 8
+#: row blocks of 16 a group of :func:`_tiles_grouped` at most: its B tiles (1 MB of ``x`` at K = 4096) stay in L2
+#: while every tile of the thread passes over them. Without groups 1024 rows of 4096 x 4096 took 25-26 ms, the
+#: rows' 8 MB streamed from memory once per strip pair (groups of 8 or 16 blocks: 15.0-15.2; dense 16.2)
+GROUP_BLOCKS = 8
+
+
+@intrinsic
+def _panel_convert(typingctx, w, scale, zp, eights, panel, tabs, t, k0, nsteps, gsize, pf, first):
+    """Steps ``k0 .. k0 + nsteps - 1`` of strips ``first`` and ``first + 1`` (a literal: 0 or 2) of tile ``t`` as
+    A tiles into ``panel`` (int16 ``[steps, 2, 16, 32]``), each group's tables made where a step starts one
+    (the steps of a strip pair come in order, so the tables of ``tabs`` hold the current group's)."""
+    if not isinstance(first, types.IntegerLiteral):
+        return None
+    strips = [first.literal_value, first.literal_value + 1]
+
+    def codegen(context, builder, sig, args):
+        wa, sa, za, ea, pa, ta = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(6))
+        tt, k0v, nv, gs, pfw = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (6, 7, 8, 9, 10))
+        i64 = functools.partial(ir.Constant, I64)
+        _, ko, _ = cgutils.unpack_tuple(builder, wa.shape, 3)
+        _, ng, _ = cgutils.unpack_tuple(builder, sa.shape, 3)
+        zrows, _, _ = cgutils.unpack_tuple(builder, za.shape, 3)
+        ops = (wa, sa, za, ea, builder.icmp_signed(">", zrows, i64(0)), ko, ng, tt)
+        group_steps = builder.sdiv(gs, i64(32))
+        with cgutils.for_range(builder, nv) as loop:
+            ks = builder.add(k0v, loop.index)
+            with builder.if_then(builder.icmp_signed("==", builder.srem(ks, group_steps), i64(0))):
+                _emit_tables(builder, ops, builder.sdiv(ks, group_steps), ta.data, strips)
+            # _emit_step writes strip s at 512 s elements: the pair's first strip at the step's start
+            dst = builder.gep(pa.data, [builder.sub(builder.mul(loop.index, i64(1024)), i64(512 * strips[0]))])
+            _emit_step(builder, ops, ks, ta.data, dst, strips, pfw)
+        return context.get_dummy_value()
+
+    return types.void(w, scale, zp, eights, panel, tabs, t, k0, nsteps, gsize, pf, first), codegen
+
+
+@intrinsic
+def _panel_products(typingctx, xa, panel, cacc, out, t, rb, k0, nsteps, last, first, nblocks):
+    """The products of ``panel`` (``nsteps`` steps from step ``k0`` of strips ``first``, ``first + 1``) with row
+    blocks ``rb .. rb + nblocks - 1`` (a literal: 1 or 2) of ``xa``: the C tiles from ``cacc`` (float32 ``[4,
+    16, 16]``; zeros where ``k0 == 0``), back into it, and where ``last``, transposed into ``out``."""
+    if not (isinstance(first, types.IntegerLiteral) and isinstance(nblocks, types.IntegerLiteral)):
+        return None
+    strips = [first.literal_value, first.literal_value + 1]
+    nb = nblocks.literal_value
+    bf16 = out.dtype == types.uint16
+
+    def codegen(context, builder, sig, args):
+        xa_, pa, ca, oa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(4))
+        tt, rbv, k0v, nv, lastv = (context.cast(builder, args[i], sig.args[i], types.int64) for i in range(4, 9))
+        i64 = functools.partial(ir.Constant, I64)
+        i8p = I8.as_pointer()
+        _, steps, _, _ = cgutils.unpack_tuple(builder, xa_.shape, 4)
+        mrows, ncols = cgutils.unpack_tuple(builder, oa.shape, 2)
+        load = _fn(builder, "llvm.x86.tileloadd64.internal", AMX_TILE, [I16, I16, i8p, I64])
+        store = _fn(builder, "llvm.x86.tilestored64.internal", ir.VoidType(), [I16, I16, i8p, I64, AMX_TILE])
+        tzero = _fn(builder, "llvm.x86.tilezero.internal", AMX_TILE, [I16, I16])
+        dp = _fn(builder, "llvm.x86.tdpbf16ps.internal", AMX_TILE, [I16, I16, I16, AMX_TILE, AMX_TILE, AMX_TILE])
+        r16, c64 = ir.Constant(I16, 16), ir.Constant(I16, 64)
+        xp, pp, cp = (builder.bitcast(a.data, i8p) for a in (xa_, pa, ca))
+        xblock = builder.mul(steps, i64(1024))  # bytes of a row block's B tiles
+        tiles = [(s, r) for r in range(nb) for s in strips]
+        zero, carried, head, body, done = (builder.append_basic_block(f"panel.{n}") for n in (
+            "zero", "carried", "head", "body", "done"))
+        builder.cbranch(builder.icmp_signed("==", k0v, i64(0)), zero, carried)
+        builder.position_at_end(zero)
+        zs = [builder.call(tzero, [r16, c64]) for _ in tiles]
+        builder.branch(head)
+        builder.position_at_end(carried)
+        cs = [builder.call(load, [r16, c64, builder.gep(cp, [i64(1024 * j)]), i64(64)]) for j in range(len(tiles))]
+        builder.branch(head)
+        builder.position_at_end(head)
+        jj = builder.phi(I64)
+        jj.add_incoming(i64(0), zero)
+        jj.add_incoming(i64(0), carried)
+        accs = []
+        for z, c in zip(zs, cs):
+            accs.append(builder.phi(AMX_TILE))
+            accs[-1].add_incoming(z, zero)
+            accs[-1].add_incoming(c, carried)
+        builder.cbranch(builder.icmp_signed("<", jj, nv), body, done)
+        builder.position_at_end(body)
+        kk = builder.add(k0v, jj)
+        bs = [builder.call(load, [r16, c64, builder.gep(xp, [builder.add(builder.mul(builder.add(rbv, i64(r)), xblock),
+                                                                          builder.mul(kk, i64(1024)))]), i64(64)])
+              for r in range(nb)]
+        new = [None] * len(tiles)
+        for i, s in enumerate(strips):
+            a = builder.call(load, [r16, c64, builder.gep(pp, [builder.add(builder.mul(jj, i64(2048)),
+                                                                          i64(1024 * i))]), i64(64)])
+            for r in range(nb):
+                j = tiles.index((s, r))
+                new[j] = builder.call(dp, [r16, c64, c64, accs[j], a, bs[r]])
+        jj.add_incoming(builder.add(jj, i64(1)), body)
+        for acc, v in zip(accs, new):
+            acc.add_incoming(v, body)
+        builder.branch(head)
+        builder.position_at_end(done)
+        for j, acc in enumerate(accs):
+            builder.call(store, [r16, c64, builder.gep(cp, [i64(1024 * j)]), i64(64), acc])
+        with builder.if_then(builder.icmp_signed("!=", lastv, i64(0))):
+            for r in range(nb):
+                block = builder.add(rbv, i64(r))
+                m_rows = builder.sub(mrows, builder.mul(block, i64(16)))
+                base = builder.add(builder.mul(builder.mul(block, i64(16)), ncols), builder.mul(tt, i64(NT)))
+                mine = [(256 * tiles.index((s, r)), 16 * s) for s in strips]
+                _emit_store_transposed(builder, ca.data, mine, builder.gep(oa.data, [base]), ncols, m_rows, bf16)
+        return context.get_dummy_value()
+
+    return types.void(xa, panel, cacc, out, t, rb, k0, nsteps, last, first, nblocks), codegen
+
+
+@njit(inline="always")
+def _strip_pair(w, xa, scale, zp, gsize, pf, out, t, g0, nrb, panel, tabs, cacc, first):  # pragma: no cover
+    # (first: a literal at each call) the strip pair over all of K, a panel at a time, for the group's row blocks
+    steps = xa.shape[1]
+    npairs = nrb // 2
+    k0 = 0
+    while k0 < steps:
+        n = min(PANEL_STEPS, steps - k0)
+        last = 1 if k0 + n >= steps else 0
+        _panel_convert(w, scale, zp, _EIGHTS, panel, tabs, t, k0, n, gsize, pf, first)
+        for p in range(npairs):
+            _panel_products(xa, panel, cacc[p], out, t, g0 + 2 * p, k0, n, last, first, 2)
+        if nrb % 2:
+            _panel_products(xa, panel, cacc[npairs], out, t, g0 + 2 * npairs, k0, n, last, first, 1)
+        k0 += n
+
+
+@_cached
+@njit(cache=True, nogil=True)
+def _tiles_grouped(w, xa, scale, zp, gsize, pf, out, t0, t1):  # pragma: no cover - compiled
+    # per group of row blocks and tile, each strip pair's steps converted once, a panel at a time, and multiplied
+    # by every pair of row blocks of the group, whose C tiles wait in cacc between panels (L1): _tiles converts
+    # the weight again for each pair of row blocks, where the conversion, not the tile unit, bounds the call
+    # (4096 x 4096, 128 rows, AMX Xeon: 2.05-2.30 -> 1.56-1.74 ms; with the conversion skipped, 1.03)
+    panel = _aligned(PANEL_STEPS * 2 * 16 * 32, np.int16).reshape((PANEL_STEPS, 2, 16, 32))
+    tabs = _aligned(32 * 32, np.int16).reshape((32, 32))
+    cacc = _aligned((GROUP_BLOCKS // 2 + 1) * 4 * 256, np.float32).reshape((GROUP_BLOCKS // 2 + 1, 4, 16, 16))
+    nrb_all = xa.shape[0]
+    for g0 in range(0, nrb_all, GROUP_BLOCKS):
+        nrb = min(GROUP_BLOCKS, nrb_all - g0)
+        for t in range(t0, t1):
+            _strip_pair(w, xa, scale, zp, gsize, pf, out, t, g0, nrb, panel, tabs, cacc, 0)
+            _strip_pair(w, xa, scale, zp, gsize, pf, out, t, g0, nrb, panel, tabs, cacc, 2)
+
+
 def _transposed(builder, rows: list) -> list:
     """IR: the 16 x 16 transpose of ``rows`` (16 ``<16 x T>`` vectors): element ``c`` of result ``r`` is element
     ``r`` of ``rows[c]``."""
@@ -386,10 +537,15 @@ def _chunk(o, i, c0, c1, _a, _b):  # pragma: no cover - compiled; phase 0: row b
         return 0
     w, xa = carray(o.w, (T, K // 8, NT), np.uint32), carray(o.xa, (nrb, K // 32, 16, 32), np.uint16)
     scale, zp = carray(o.scale, (T, G, NT), np.float32), carray(o.zp, (T, G, NT) if zr else (0, 0, 0), np.uint8)
-    if bf16:
-        _tiles(w, xa, scale, zp, K // G, o.pf, carray(o.out, (M, T * NT), np.uint16), c0, c1)
+    if nrb <= 2:  # one pass over the strips a pair of row blocks: each converts the weight once anyway
+        if bf16:
+            _tiles(w, xa, scale, zp, K // G, o.pf, carray(o.out, (M, T * NT), np.uint16), c0, c1)
+        else:
+            _tiles(w, xa, scale, zp, K // G, o.pf, carray(o.out, (M, T * NT), np.float32), c0, c1)
+    elif bf16:
+        _tiles_grouped(w, xa, scale, zp, K // G, o.pf, carray(o.out, (M, T * NT), np.uint16), c0, c1)
     else:
-        _tiles(w, xa, scale, zp, K // G, o.pf, carray(o.out, (M, T * NT), np.float32), c0, c1)
+        _tiles_grouped(w, xa, scale, zp, K // G, o.pf, carray(o.out, (M, T * NT), np.float32), c0, c1)
     return 0
 
 

@@ -41,10 +41,12 @@ def test_the_input_order_of_a_tile_row_is_a_permutation_in_pairs():
                                         (QuantScheme(4, False, PerChannel(0)), 64, 160),
                                         (QuantScheme(4, False, PerGroup(64)), 64, 4160)],
                          ids=["g128", "sym-g32", "channel", "long-k"])
-@pytest.mark.parametrize("rows", [1, 2, 16, 21, 40])
+@pytest.mark.parametrize("rows", [1, 2, 16, 21, 40, 64, 170])
 def test_run_is_the_bfloat16_dequantized_weights_product(scheme, n, k, rows):
     """Every row: x times bfloat16((code - z) * scale), summed in float32 (within float32 rounding of the exact
-    sum), whatever block of 16 rows it falls in."""
+    sum), whatever block of 16 rows it falls in: up to two blocks a pass over the weight, more in groups of
+    ``GROUP_BLOCKS`` (170 rows: a group of 8 blocks, then a pair and a single block), a panel of
+    ``PANEL_STEPS`` steps at a time (K of 96 and 4160: one short panel, a short last one)."""
     m = layer(scheme, n, k)
     w, s, z = lv._arrays(m.qweight, m.scale, m.zero_point)
     x = torch.randn(rows, k).to(torch.bfloat16)
