@@ -973,6 +973,14 @@ class _Scratch(threading.local):
 
 
 _SCRATCH = _Scratch()
+
+
+def _on_lines(n: int) -> np.ndarray:
+    """``n`` int16 starting on a 64-byte line: each 64-byte row of an A tile then loads one line (NumPy aligns to
+    16 bytes; a row across two lines loads both)."""
+    raw = np.empty(2 * n + 64, np.uint8)
+    off = -raw.ctypes.data % 64
+    return raw[off:off + 2 * n].view(np.int16)
 #: a thread keeps a parts buffer of at most this many bytes (3 x 1024 rows x K = 1536 of float32 take 9 MiB)
 SCRATCH_BYTES = 4 << 20
 
@@ -1120,11 +1128,11 @@ class _Prepared:
                     continue
                 n = parts * -(-m // _ROWS) * _ROWS * K
                 if not own or 2 * n > SCRATCH_BYTES:
-                    buf = np.empty(n, np.int16)  # a call re-entered on this thread, or too large to keep
+                    buf = _on_lines(n)  # a call re-entered on this thread, or too large to keep
                     pa = buf.ctypes.data
                 else:
                     if scratch.buf is None or scratch.buf.size < n:
-                        scratch.buf = np.empty(n, np.int16)
+                        scratch.buf = _on_lines(n)
                         scratch.addr = scratch.buf.ctypes.data  # 0.8 us a read
                     pa = scratch.addr
                 split_into(dt, x0, pa, m, K)
