@@ -12,12 +12,15 @@ lanes gives each channel's 4 words of a step (16 bytes, 32 codes), in the order 
 (:data:`PAIRS`). Per tile of 64 channels and pair of blocks of 16 rows of ``x`` (two strips of 16 channels a
 pass: each A tile serves two products; a last single block takes all four strips), each step of 32 inputs
 converts the next step's A tiles into a ring of two while the tile unit multiplies this one's (``tdpbf16ps``,
-float32 sums in four C tiles carried over all of K), then the C tiles are transposed into the output. Each pair of
-row blocks converts the weight again: the layer times this path against ``vnni_bf16`` and ``vnni_mm`` per row
-bucket.
+float32 sums in four C tiles carried over all of K), then the C tiles are transposed into the output. Calls of
+more than two row blocks go by groups of up to :data:`GROUP_BLOCKS` blocks (:func:`_tiles_grouped`): each pair of
+strips converted once, a panel of :data:`PANEL_STEPS` steps at a time, then multiplied by every pair of the
+group's blocks, their C tiles carried between panels in L1 (the conversion, not the tile unit, bounds these calls).
+The layer times this path against ``vnni_bf16`` and ``vnni_mm`` per row bucket.
 
-4096 x 4096 in groups of 128, 2 threads, the AMX Xeon, alternating with ``vnni_bf16`` in one process: 16 rows
-0.42-0.48 ms against 0.91-0.99, 32 rows 0.56-0.57 against 0.97-1.00, 128 rows 2.02-2.03 against 2.13-2.26.
+4096 x 4096 in groups of 128, 2 threads, the AMX Xeon, alternating in one process: 16 rows 0.42-0.48 ms against
+``vnni_bf16``'s 0.91-0.99, 32 rows 0.56-0.57 against 0.97-1.00; 128 rows 1.56-1.74 against 2.05-2.30 converting
+per pair of blocks (and ``vnni_bf16``'s 2.13-2.26 in an earlier session).
 
 Eligible where :func:`available` for ``K % 32 == 0`` and groups of a multiple of 32 inputs (or one group a
 channel). AMX reads bfloat16 subnormals as zero, as the other AMX paths do.
