@@ -973,6 +973,8 @@ class _Scratch(threading.local):
 
 
 _SCRATCH = _Scratch()
+#: a thread keeps a parts buffer of at most this many bytes (3 x 1024 rows x K = 1536 of float32 take 9 MiB)
+SCRATCH_BYTES = 4 << 20
 
 
 def _on_lines(n: int) -> np.ndarray:
@@ -981,8 +983,6 @@ def _on_lines(n: int) -> np.ndarray:
     raw = np.empty(2 * n + 64, np.uint8)
     off = -raw.ctypes.data % 64
     return raw[off:off + 2 * n].view(np.int16)
-#: a thread keeps a parts buffer of at most this many bytes (3 x 1024 rows x K = 1536 of float32 take 9 MiB)
-SCRATCH_BYTES = 4 << 20
 
 
 def split_rows(x: torch.Tensor) -> torch.Tensor:

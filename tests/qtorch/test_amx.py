@@ -599,3 +599,10 @@ def test_a_layers_later_calls_of_several_rows_take_its_runner_and_see_a_replaced
         got = q(x)
     assert not torch.equal(got, first)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_parts_buffer_starts_on_a_64_byte_line():
+    """The A tiles' 64-byte rows each load one line only where the parts start on one (NumPy aligns to 16 bytes)."""
+    for n in (1, 512, 3 * 16 * 4096 + 7):
+        buf = amx._on_lines(n)
+        assert buf.ctypes.data % 64 == 0 and buf.dtype == np.int16 and buf.size == n
