@@ -47,6 +47,7 @@ from . import _omp, vnni_amx
 from ._ir import AMX_TILE, F32, I8, I16, I32, I64, prefetch_l2, vec
 from ._ir import cached as _cached
 from .amx import _amx_fn as _fn  # an LLVM intrinsic's declaration in the module
+from .amx import on_lines
 from .gemv import _half_bits_to_float, _narrow, _native
 from .vnni import _RNE
 
@@ -481,12 +482,7 @@ class _Scratch(threading.local):
     def get(self, name: str, n: int, dtype) -> tuple:
         a = self.arrays.get(name)
         if a is None or a[0].size < n:
-            # on a 64-byte line: an A tile's rows then load one line each (NumPy aligns to 16 bytes, and a tile row
-            # across two lines loads both: 128-row calls took 3.5 ms in some processes and 2.2 in others)
-            size = max(n, 1024) * np.dtype(dtype).itemsize
-            raw = np.empty(size + 64, np.uint8)
-            off = -raw.ctypes.data % 64
-            arr = raw[off:off + size].view(dtype)
+            arr = on_lines(max(n, 1024), dtype)  # the A tiles' rows load one line each
             a = self.arrays[name] = (arr, arr.ctypes.data)
         return a
 

@@ -313,10 +313,7 @@ def scratch(name: str, n: int, dtype) -> np.ndarray:
         cache = _SCRATCH.arrays = {}
     a = cache.get(name)
     if a is None or a.size < n or a.dtype != dtype:  # on a 64-byte line: AMX tile rows load whole lines
-        size = max(n, 1024) * np.dtype(dtype).itemsize
-        raw = np.empty(size + 64, np.uint8)
-        off = -raw.ctypes.data % 64
-        a = cache[name] = raw[off:off + size].view(dtype)
+        a = cache[name] = amx.on_lines(max(n, 1024), dtype)
     return a[:n]
 
 

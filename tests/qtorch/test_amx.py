@@ -601,8 +601,10 @@ def test_a_layers_later_calls_of_several_rows_take_its_runner_and_see_a_replaced
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_the_parts_buffer_starts_on_a_64_byte_line():
-    """The A tiles' 64-byte rows each load one line only where the parts start on one (NumPy aligns to 16 bytes)."""
-    for n in (1, 512, 3 * 16 * 4096 + 7):
-        buf = amx._on_lines(n)
-        assert buf.ctypes.data % 64 == 0 and buf.dtype == np.int16 and buf.size == n
+def test_on_lines_starts_an_array_on_a_64_byte_line():
+    """The A tiles' 64-byte rows each load one line only where their array starts on one (NumPy aligns to 16
+    bytes): the parts buffer, vnni8's planes and vnni_amx's scratch all come from here."""
+    for n, dtype in ((1, np.int16), (512, np.int16), (3 * 16 * 4096 + 7, np.int16), (100, np.int8),
+                     (33, np.float32)):
+        buf = amx.on_lines(n, dtype)
+        assert buf.ctypes.data % 64 == 0 and buf.dtype == dtype and buf.size == n and buf.flags.c_contiguous
