@@ -332,3 +332,99 @@ def test_probes_time_the_cpp_ops_the_model_runs_and_keep_copies_apart(uncapped_t
     ref = F.linear(x.float(), q.dequantized_weight(torch.float32), q.bias.float())
     for y in outs:
         assert torch.allclose(y.float(), ref, atol=2e-2 * float(ref.abs().max()), rtol=2e-2)
+
+
+# -- inductor's cache blocking for the template layouts
+
+
+class FakeBlockingProbes(FakeProbes):
+    """``_probe_runs`` with injected times per blocking: ``ms[(blocking, rows)]`` (``"inductor"``: the options set
+    none)."""
+
+    def __call__(self, layer, layout, rows, options, copies=1):
+        blocking = options.get(qc.BLOCKING_OPTION, qc.OWN_BLOCKING)
+        self.built.append((layout, blocking, rows))
+
+        def run(r):
+            time.sleep(self.ms.get((blocking, r), 0) * (copies if r in autotune.COLD_ROWS else 1) / 1e3)
+        return {r: {"compiled": (lambda r=r: run(r))} for r in rows}
+
+
+def blocking_probes(monkeypatch, ms):
+    probes = FakeBlockingProbes(ms)
+    monkeypatch.setattr(qc, "_probe_runs", probes)
+    return probes
+
+
+def holding(scheme, layout, **kw):
+    q = layer(scheme, **kw)
+    assert q.quantized_weight.hold_layout(layout, q.compute_dtype)
+    return q
+
+
+@SCHEMES
+def test_a_faster_blocking_is_chosen_for_the_template_layers(monkeypatch, tmp_path, scheme):
+    install(monkeypatch, tmp_path)
+    slow = {(qc.OWN_BLOCKING, 16): 4, (qc.TEMPLATE_BLOCKINGS[1], 16): 4}
+    probes = blocking_probes(monkeypatch, slow)
+    model = torch.nn.Sequential(holding(scheme, TEMPLATE[scheme]), holding(scheme, TEMPLATE[scheme], seed=1))
+    assert qc.choose_blocking(model, rows=16) == qc.TEMPLATE_BLOCKINGS[0]
+    # one probe per blocking for the shape group, each compiled with its options
+    assert sorted(probes.built) == sorted((TEMPLATE[scheme], b, (16,)) for b in (qc.OWN_BLOCKING,)
+                                          + qc.TEMPLATE_BLOCKINGS)
+    probes.built.clear()
+    assert qc.choose_blocking(model, rows=16) == qc.TEMPLATE_BLOCKINGS[0] and probes.built == []  # kept
+
+
+def test_inductors_own_blocking_holds_within_the_tie(monkeypatch, tmp_path):
+    install(monkeypatch, tmp_path)
+    blocking_probes(monkeypatch, {(b, 16): 4 for b in (qc.OWN_BLOCKING,) + qc.TEMPLATE_BLOCKINGS})
+    assert qc.choose_blocking(torch.nn.Sequential(holding(W8, "int8pack")), rows=16) is None
+
+
+def test_the_blocking_weighs_every_template_group_by_its_layers(monkeypatch, tmp_path):
+    """One option serves the whole graph: a blocking that helps one layer but slows three loses."""
+    install(monkeypatch, tmp_path)
+
+    class PerShape(FakeBlockingProbes):
+        def __call__(self, layer, layout, rows, options, copies=1):
+            self.ms = ({(qc.OWN_BLOCKING, 16): 6, (qc.TEMPLATE_BLOCKINGS[1], 16): 6} if layer.out_features == 64
+                       else {(qc.TEMPLATE_BLOCKINGS[0], 16): 3, (qc.TEMPLATE_BLOCKINGS[1], 16): 3})
+            return super().__call__(layer, layout, rows, options, copies)
+
+    monkeypatch.setattr(qc, "_probe_runs", PerShape({}))
+    one = holding(W8, "int8pack")  # 64 x 128: TEMPLATE_BLOCKINGS[0] saves 6 ms a call
+    three = [holding(W8, "int8pack", n=128, seed=s) for s in range(3)]  # 128 x 128: it costs 3 ms each
+    assert qc.choose_blocking(torch.nn.Sequential(one, *three), rows=16) is None
+    assert qc.choose_blocking(torch.nn.Sequential(one, three[0]), rows=16) == qc.TEMPLATE_BLOCKINGS[0]
+
+
+def test_nothing_is_measured_without_template_layers_or_with_a_callers_blocking(monkeypatch, tmp_path):
+    install(monkeypatch, tmp_path)
+    probes = blocking_probes(monkeypatch, {(qc.OWN_BLOCKING, 16): 4})
+    assert qc.choose_blocking(torch.nn.Sequential(holding(W8, "blocked")), rows=16) is None
+    model = torch.nn.Sequential(holding(W8, "int8pack"))
+    assert qc.choose_blocking(model, rows=16, options={**compile_options("cpu"), qc.BLOCKING_OPTION: "4,1,4"}) is None
+    with inductor_config.patch(**{qc.BLOCKING_OPTION: "4,1,4"}):
+        assert qc.choose_blocking(model, rows=16) is None
+    install(monkeypatch, tmp_path, env={"QTORCH_AUTOTUNE": "0"})
+    assert qc.choose_blocking(model, rows=16) is None
+    assert probes.built == []
+
+
+def test_the_compiled_model_runs_with_the_chosen_blocking(monkeypatch, tmp_path):
+    """After the first call, the model compiles with the blocking chosen (inductor accepts it) and its outputs
+    stay within the dtype's tolerance of F.linear on the dequantized weight."""
+    install(monkeypatch, tmp_path)
+    fake(monkeypatch, {("blocked", 32): 4, ("vnni", 32): 4, ("vnni8", 32): 4})  # the template layout wins
+    monkeypatch.setattr(qc, "choose_blocking", lambda model, rows, options: qc.TEMPLATE_BLOCKINGS[0])
+    q = layer(W8)
+    torch._dynamo.reset()
+    cm = qtorch.compile(torch.nn.Sequential(q), rows=32)
+    x = torch.randn(32, 128, dtype=torch.bfloat16)
+    cm(x)  # the choices
+    assert q.quantized_weight.layout.name == "int8pack"
+    assert cm.options[qc.BLOCKING_OPTION] == qc.TEMPLATE_BLOCKINGS[0]
+    y = cm(x).float()
+    ref = F.linear(x.float(), q.dequantized_weight(torch.float32), q.bias.float())
+    assert torch.allclose(y, ref, atol=2e-2 * float(ref.abs().max()), rtol=2e-2)
