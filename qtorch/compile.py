@@ -293,7 +293,8 @@ class _tracing_setup:
         return False
 
 
-_CALLS = threading.local()  # per thread: .running, (woq flag, blocking) of the compiled calls in progress (innermost last)
+# per thread: .running, (woq flag, blocking) of the compiled calls in progress (innermost last)
+_CALLS = threading.local()
 _SAVED: list = []  # what a compilation started inside such a call changed, until it ends
 _HANDLER: list = []  # [Dynamo's callback handler, or None where this torch has none], once looked up
 
