@@ -114,7 +114,8 @@ def compile_options(device_type: str = "cpu", *, autotune: bool = True) -> dict:
 class CompiledModule(nn.Module):
     """A compiled model that runs without autograd (needed by freezing). ``_orig_mod`` is the model, as with
     ``torch.compile``; attribute access falls through to it. With ``choose_rows``, the first call runs the model
-    eagerly and then chooses its layouts for those rows (:meth:`_first_call`); the graphs compile from the second."""
+    eagerly and then chooses its layouts for those rows, and the template blocking (:meth:`_first_call`); the
+    graphs compile from the second. ``options``: what its graphs compile with (the blocking included)."""
 
     def __init__(self, model: nn.Module, compiled, options: dict | None = None, choose_rows: tuple | None = None,
                  recompile=None):
@@ -170,7 +171,7 @@ class CompiledModule(nn.Module):
             warnings.warn(f"qtorch.compile: the template blocking choice failed ({type(e).__name__}: {e}); "
                           f"inductor's own holds", RuntimeWarning, stacklevel=3)
             blocking = None
-        if blocking is not None and self._recompile is not None:
+        if blocking is not None:
             self._use({**opts, BLOCKING_OPTION: blocking})
         return out
 

@@ -196,6 +196,20 @@ def _emit_store_transposed(builder, ct, tiles, out, ostride, m_rows, bf16: bool)
                     builder.store(rows[j][m], builder.bitcast(builder.gep(row, [c64(ch)]), vf.as_pointer()), align=4)
 
 
+def _emit_blocks_out(builder, ct, tiles, strips, nblocks, rb, t, oa, bf16: bool) -> None:
+    """IR: the C tiles at ``ct`` (float pointer, tile ``j`` of ``tiles``, ``(strip, block)`` pairs, 1 KB apart)
+    transposed into ``oa`` (the output array), rows of blocks ``rb .. rb + nblocks - 1``, channels of the strips
+    of tile ``t`` (:func:`_emit_store_transposed`)."""
+    i64 = functools.partial(ir.Constant, I64)
+    mrows, ncols = cgutils.unpack_tuple(builder, oa.shape, 2)
+    for r in range(nblocks):
+        block = builder.add(rb, i64(r))
+        m_rows = builder.sub(mrows, builder.mul(block, i64(16)))
+        base = builder.add(builder.mul(builder.mul(block, i64(16)), ncols), builder.mul(t, i64(NT)))
+        mine = [(256 * tiles.index((s, r)), 16 * s) for s in strips]
+        _emit_store_transposed(builder, ct, mine, builder.gep(oa.data, [base]), ncols, m_rows, bf16)
+
+
 @intrinsic
 def _tile_pass(typingctx, w, scale, zp, eights, xa, ring, tabs, ct, out, t, rb, gsize, pf, first, nstrips):
     """``out[16 r + m, 64 t + c] = sum_k W[64 t + c, k] x[16 r + m, k]`` for the channels of strips ``first ..
@@ -220,7 +234,6 @@ def _tile_pass(typingctx, w, scale, zp, eights, xa, ring, tabs, ct, out, t, rb, 
         _, ko, _ = cgutils.unpack_tuple(builder, wa.shape, 3)
         _, ng, _ = cgutils.unpack_tuple(builder, sa.shape, 3)
         zrows, _, _ = cgutils.unpack_tuple(builder, za.shape, 3)
-        mrows, ncols = cgutils.unpack_tuple(builder, oa.shape, 2)
         ops = (wa, sa, za, ea, builder.icmp_signed(">", zrows, i64(0)), ko, ng, tt)
         load = _fn(builder, "llvm.x86.tileloadd64.internal", AMX_TILE, [I16, I16, i8p, I64])
         store = _fn(builder, "llvm.x86.tilestored64.internal", ir.VoidType(), [I16, I16, i8p, I64, AMX_TILE])
@@ -279,12 +292,7 @@ def _tile_pass(typingctx, w, scale, zp, eights, xa, ring, tabs, ct, out, t, rb, 
         cp = builder.bitcast(ca.data, i8p)
         for j, acc in enumerate(accs):
             builder.call(store, [r16, c64, builder.gep(cp, [i64(1024 * j)]), i64(64), acc])
-        for r in range(nblocks):
-            block = builder.add(rbv, i64(r))
-            m_rows = builder.sub(mrows, builder.mul(block, i64(16)))
-            base = builder.add(builder.mul(builder.mul(block, i64(16)), ncols), builder.mul(tt, i64(NT)))
-            mine = [(256 * tiles.index((s, r)), 16 * s) for s in strips]
-            _emit_store_transposed(builder, ca.data, mine, builder.gep(oa.data, [base]), ncols, m_rows, bf16)
+        _emit_blocks_out(builder, ca.data, tiles, strips, nblocks, rbv, tt, oa, bf16)
         return context.get_dummy_value()
 
     return types.void(w, scale, zp, eights, xa, ring, tabs, ct, out, t, rb, gsize, pf, first, nstrips), codegen
@@ -373,7 +381,6 @@ def _panel_products(typingctx, xa, panel, cacc, out, t, rb, k0, nsteps, last, fi
         i64 = functools.partial(ir.Constant, I64)
         i8p = I8.as_pointer()
         _, steps, _, _ = cgutils.unpack_tuple(builder, xa_.shape, 4)
-        mrows, ncols = cgutils.unpack_tuple(builder, oa.shape, 2)
         load = _fn(builder, "llvm.x86.tileloadd64.internal", AMX_TILE, [I16, I16, i8p, I64])
         store = _fn(builder, "llvm.x86.tilestored64.internal", ir.VoidType(), [I16, I16, i8p, I64, AMX_TILE])
         tzero = _fn(builder, "llvm.x86.tilezero.internal", AMX_TILE, [I16, I16])
@@ -421,12 +428,7 @@ def _panel_products(typingctx, xa, panel, cacc, out, t, rb, k0, nsteps, last, fi
         for j, acc in enumerate(accs):
             builder.call(store, [r16, c64, builder.gep(cp, [i64(1024 * j)]), i64(64), acc])
         with builder.if_then(builder.icmp_signed("!=", lastv, i64(0))):
-            for r in range(nb):
-                block = builder.add(rbv, i64(r))
-                m_rows = builder.sub(mrows, builder.mul(block, i64(16)))
-                base = builder.add(builder.mul(builder.mul(block, i64(16)), ncols), builder.mul(tt, i64(NT)))
-                mine = [(256 * tiles.index((s, r)), 16 * s) for s in strips]
-                _emit_store_transposed(builder, ca.data, mine, builder.gep(oa.data, [base]), ncols, m_rows, bf16)
+            _emit_blocks_out(builder, ca.data, tiles, strips, nb, rbv, tt, oa, bf16)
         return context.get_dummy_value()
 
     return types.void(xa, panel, cacc, out, t, rb, k0, nsteps, last, first, nblocks), codegen
