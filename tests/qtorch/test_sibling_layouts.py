@@ -286,6 +286,7 @@ def test_a_first_call_that_raises_is_tried_again(monkeypatch, tmp_path):
     install(monkeypatch, tmp_path)
     seen = []
     monkeypatch.setattr(qc, "choose_layouts", lambda model, rows, options, siblings=None: seen.append(1) or {})
+    monkeypatch.setattr(qc, "choose_blocking", lambda model, rows, options: None)  # (its own tests)
     m = Model()
     cm = qtorch.compile(m, rows=1)
     with pytest.raises(ValueError, match="in_features"):
@@ -313,6 +314,7 @@ def test_compile_chooses_at_the_first_call_with_the_sets(monkeypatch, tmp_path):
         return {}
 
     monkeypatch.setattr(qc, "choose_layouts", choose)
+    monkeypatch.setattr(qc, "choose_blocking", lambda model, rows, options: None)  # (its own tests)
     m = Model()
     x = torch.randn(1, 128, dtype=torch.bfloat16)
     cm = qtorch.compile(m, rows=1)
