@@ -15,6 +15,15 @@ times pairs of strips (``tdpbssd``, four C tiles carried over K), a last single 
 planes are combined in float32 and scaled once, by ``2^(e - P)`` and the channel's scale. The one rounding is
 ``x``'s, under ``2^(e - P - 1)`` an element; :class:`Plan` says how many planes a call takes.
 
+One row may instead take ``vpdpbusd`` on the same bytes (AVX512-VNNI, ``K`` up to :data:`DOT_MAX_K`; the layout
+offers it as a path of its own, measured against the tiles): a B tile's row of 64 bytes is 4 inputs of 16
+channels, what one ``vpdpbusd`` multiplies by a broadcast word of ``x``, so no tile is loaded or stored and the AMX
+unit is not woken for a product of one row. Its operand of ``x`` is unsigned: the row's digits are those of ``v =
+q + 2^P`` (``0 <= v <= 2^(P + 1)``), and ``2^P`` times each channel's code sum (:func:`colsums`, kept by the plan)
+is taken off in 64-bit integers; the same planes and rounding of ``x`` as the tiles' (four for float32, for
+bfloat16 / float16 the fewest that :class:`Plan` allows), the planes' exact sums combined in 64-bit integers and
+scaled in float64.
+
 Eligible where :func:`available` (AMX tiles granted to the process and AMX-INT8) for ``N % 64 == 0`` and ``K % 64
 == 0`` up to :data:`MAX_K` (:func:`eligible`).
 
@@ -44,7 +53,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _omp, vnni_amx
-from ._ir import AMX_TILE, F32, I8, I16, I32, I64, prefetch_l2, vec
+from ._ir import AMX_TILE, F32, I8, I16, I32, I64, host_has, prefetch_l2, vec
 from ._ir import cached as _cached
 from .amx import _amx_fn as _fn  # an LLVM intrinsic's declaration in the module
 from .amx import on_lines
@@ -52,7 +61,8 @@ from .gemv import _half_bits_to_float, _narrow, _native
 from .vnni import _RNE
 
 
-__all__ = ["MAX_K", "NT", "Plan", "available", "eligible", "pack", "planes", "run", "unpack"]
+__all__ = ["DOT_MAX_K", "MAX_K", "NT", "Plan", "available", "colsums", "dot_eligible", "eligible", "pack", "planes",
+           "run", "unpack"]
 
 #: output channels of a tile: four strips of 16 (one C tile each)
 NT = 64
@@ -378,8 +388,163 @@ def _tiles_range(xa, w, M, parts, xm, scale, out, o16, okind, t0, t1, kb, pf):  
                 _narrow(o32[m], o16[m, t * NT:t * NT + NT], okind, 0, NT)
 
 
+# -- one row: ``vpdpbusd`` on the same bytes
+
+
+#: inputs at most for the one-row ``vpdpbusd`` kernel (:func:`_row_tile`: its 32-bit sums of unsigned digits times
+#: codes stay exact, ``255 * 128 * K < 2^31``)
+DOT_MAX_K = 1 << 16
+#: numba compiles for a CPU with AVX512-VNNI (every AMX-INT8 CPU has it; a numba target without it has no tiles
+#: either)
+_DOT = host_has("avx512vnni")
+
+
+def dot_eligible(in_features: int) -> bool:
+    """Whether one-row calls of a weight with ``in_features`` inputs may take the ``vpdpbusd`` kernel
+    (:meth:`Plan.__call__` with ``dot``): AVX512-VNNI, and K up to :data:`DOT_MAX_K`."""
+    return _DOT and 0 < in_features <= DOT_MAX_K
+
+
+@njit(inline="always")
+def _row_digits(x, kind, xd, xm):  # pragma: no cover - compiled
+    # row 0 of x as unsigned digits: v = q + 2^P (q = round(x 2^(P - e)), |q| <= 2^P, so 0 <= v <= 2^(P + 1)),
+    # digit p (0: the least significant) of every input in xd[p]; xm[0] = 2^(e - P). The planes: four for float32,
+    # for bfloat16 / float16 the fewest whose rounding of the row stays within what rounding the weight to x's own
+    # precision would add (_need). Returns the planes, 0 where x is not finite
+    K = xd.shape[1]
+    xf = np.empty(K, np.float32)
+    _row_floats(x, kind, 0, xf)
+    mb = _max_bits(xf)
+    if mb >= np.uint32(0x7F800000):
+        return 0
+    parts = 4 if kind == 0 else _need(xf, kind, mb)
+    P = 14 if parts == 2 else (22 if parts == 3 else 30)
+    e = _exponent(mb, P)
+    sc = math.ldexp(1.0, P - e)
+    xm[0] = np.float32(math.ldexp(1.0, e - P))
+    bias = np.int64(1) << np.int64(P)
+    v = np.empty(K, np.int64)
+    for k in range(K):
+        v[k] = np.int64((np.float64(xf[k]) * sc + _RNE) - _RNE) + bias
+    for p in range(parts):
+        sh = np.int64(8 * p)
+        dst = xd[p]
+        for k in range(K):  # (a loop LLVM vectorises)
+            dst[k] = np.uint8((v[k] >> sh) & np.int64(255))
+    return parts
+
+
+@intrinsic
+def _row_tile(typingctx, w, t, xd, parts, colsum, xm, scale, out, oc, pf):
+    """``out[oc + c] = 2^(e - P) scale[64 t + c] (sum_p 256^p sum_k d_p[k] code[64 t + c, k] - 2^P colsum[64 t +
+    c])`` for the 64 channels of tile ``t``: one row's unsigned digits ``xd`` (uint8 ``[4, K]``, :func:`_row_digits`)
+    times the codes as they are stored, ``vpdpbusd`` (unsigned bytes of ``x`` by signed codes, four products summed
+    into the 32-bit lane of their channel: a B tile's row of 64 bytes is 4 inputs of 16 channels). Both pairs of
+    strips stream at once, each broadcast digit word serving four strips; the planes' exact 32-bit sums combine in
+    64-bit integers, less ``2^P`` times the channel's code sum (``colsum``, int32 ``[N]``), then scale in float64.
+    ``pf`` (bytes; 0: none): each row of a step prefetches its lines that far ahead into L2."""
+    if not isinstance(parts, types.IntegerLiteral):
+        return None
+    npl = parts.literal_value
+    P = P_OF[npl]
+    vi, vl, vd, vf = vec(I32, 16), vec(I64, 16), vec(ir.DoubleType(), 16), vec(F32, 16)
+
+    def codegen(context, builder, sig, args):
+        wa, xa, ca, ma, sa, oa = (context.make_array(sig.args[i])(context, builder, args[i])
+                                  for i in (0, 2, 4, 5, 6, 7))
+        tt, ocv, pfv = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 8, 9))
+        i64 = functools.partial(ir.Constant, I64)
+        i8p = I8.as_pointer()
+        _, _, ksteps, _, _, _ = cgutils.unpack_tuple(builder, wa.shape, 6)
+        _, kk = cgutils.unpack_tuple(builder, xa.shape, 2)
+        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [vi, vi, vi]),
+                                            "llvm.x86.avx512.vpdpbusd.512")
+        wb, xb = builder.bitcast(wa.data, i8p), builder.bitcast(xa.data, i8p)
+        half = builder.mul(ksteps, i64(BSTEP))  # a pair of strips over all of K
+        wt = builder.gep(wb, [builder.mul(tt, builder.mul(half, i64(2)))])
+        pairs = [wt, builder.gep(wt, [half])]
+        lanes0 = ir.Constant(vi, [0] * 16)
+        zero = ir.Constant(vi, [0] * 16)
+        do_pf = builder.icmp_signed("!=", pfv, i64(0))
+
+        def splat(v, ty):
+            return builder.shuffle_vector(builder.insert_element(ir.Constant(ty, ir.Undefined), v,
+                                                                 ir.Constant(I32, 0)),
+                                          ir.Constant(ty, ir.Undefined), lanes0)
+
+        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(4)] for _ in range(npl)]
+        with cgutils.for_range(builder, ksteps) as loop:
+            k = loop.index
+            steps = [builder.gep(pp, [builder.mul(k, i64(BSTEP))]) for pp in pairs]
+            xk = builder.mul(k, i64(STEP))
+            cur = [[builder.load(a) for a in row] for row in accs]
+            for r in range(16):
+                rows = [builder.gep(st, [i64(1024 * s + 64 * r)]) for st in steps for s in (0, 1)]  # strips 0..3
+                with builder.if_then(do_pf, likely=True):
+                    for rp in rows:
+                        prefetch_l2(builder, builder.gep(rp, [pfv]))
+                codes = [builder.load(builder.bitcast(rp, vi.as_pointer()), align=4) for rp in rows]
+                for p in range(npl):
+                    at = builder.gep(xb, [builder.add(builder.add(builder.mul(i64(p), kk), xk), i64(4 * r))])
+                    xw = splat(builder.load(builder.bitcast(at, I32.as_pointer()), align=4), vi)
+                    for c in range(4):
+                        cur[p][c] = builder.call(dp, [cur[p][c], xw, codes[c]])
+            for p in range(npl):
+                for c in range(4):
+                    builder.store(cur[p][c], accs[p][c])
+        mult = builder.fpext(builder.load(ma.data), ir.DoubleType())
+        n0 = builder.mul(tt, i64(NT))
+        for c in range(4):
+            s64 = None
+            for p in range(npl):
+                a = builder.sext(builder.load(accs[p][c]), vl)
+                if p:
+                    a = builder.shl(a, ir.Constant(vl, [8 * p] * 16))
+                s64 = a if s64 is None else builder.add(s64, a)
+            cs = builder.load(builder.bitcast(builder.gep(ca.data, [builder.add(n0, i64(16 * c))]), vi.as_pointer()),
+                              align=4)
+            s64 = builder.sub(s64, builder.shl(builder.sext(cs, vl), ir.Constant(vl, [P] * 16)))
+            sc = builder.load(builder.bitcast(builder.gep(sa.data, [builder.add(n0, i64(16 * c))]), vf.as_pointer()),
+                              align=4)
+            f = builder.fmul(builder.sitofp(s64, vd), builder.fmul(builder.fpext(sc, vd), splat(mult, vd)))
+            op = builder.bitcast(builder.gep(oa.data, [builder.add(ocv, i64(16 * c))]), vf.as_pointer())
+            builder.store(builder.fptrunc(f, vf), op, align=4)
+        return context.get_dummy_value()
+
+    return types.void(w, t, xd, parts, colsum, xm, scale, out, oc, pf), codegen
+
+
+@_cached
+@njit(cache=True, nogil=True)
+def _row_range(w, xd, parts, colsum, xm, scale, out, o16, okind, t0, t1, pf):  # pragma: no cover - compiled
+    o32 = out if okind == 0 else np.empty(NT, np.float32)
+    for t in range(t0, t1):
+        oc = t * NT if okind == 0 else 0
+        if parts == 2:
+            _row_tile(w, t, xd, 2, colsum, xm, scale, o32, oc, pf)
+        elif parts == 3:
+            _row_tile(w, t, xd, 3, colsum, xm, scale, o32, oc, pf)
+        else:
+            _row_tile(w, t, xd, 4, colsum, xm, scale, o32, oc, pf)
+        if okind:
+            _narrow(o32, o16[t * NT:t * NT + NT], okind, 0, NT)
+
+
+def colsums(w: np.ndarray) -> np.ndarray:
+    """Each output channel's sum of codes (int32 ``[N]``) from the kernel's order (:func:`pack`): what the one-row
+    kernel's unsigned digits of ``x`` add, taken off.
+
+    >>> colsums(pack(np.ones((64, 128), np.int8)))[:3].tolist()
+    [128, 128, 128]
+    """
+    t, ks = w.shape[0], w.shape[2]
+    c = w.reshape(t, 2, ks, 2, 16, 16, 4)  # t, pair, k, s, r, n, j
+    return np.ascontiguousarray(c.sum(axis=(2, 4, 6), dtype=np.int32).reshape(t * NT))
+
+
 OPERANDS = _omp.Operands("vnni8", M=_omp.I64, K=_omp.I64, T=_omp.I64, meta=_omp.I64, pf=_omp.I64, x=_omp.ADDR,
-                         xa=_omp.ADDR, xm=_omp.ADDR, need=_omp.ADDR, w=_omp.ADDR, scale=_omp.ADDR, out=_omp.ADDR)
+                         xa=_omp.ADDR, xm=_omp.ADDR, need=_omp.ADDR, w=_omp.ADDR, scale=_omp.ADDR, colsum=_omp.ADDR,
+                         out=_omp.ADDR)
 _read = OPERANDS.read
 #: the phases of a call of 5+ rows: the rows' planes, then the tiles
 _SPLIT, _TILES = 1, 2
@@ -464,6 +629,48 @@ def _serial_few(block, lo, hi) -> None:
     _TEAM_FEW.ctypes()(block.ctypes.data)
 
 
+
+@njit(inline="always")
+def _row_chunk(o, i, t0, t1, _a, y):  # pragma: no cover - compiled; tiles t0..t1 of a one-row call
+    xd, xm, parts = y
+    if parts == 0:
+        return 1  # a NaN or an infinity in x: the caller takes another path
+    K, T = o.K, o.T
+    okind = (o.meta >> 7) & 3
+    N = T * NT
+    if okind == 0:
+        out, o16 = carray(o.out, N, np.float32), carray(o.out, 0, np.uint16)
+    else:
+        out, o16 = carray(o.out, 0, np.float32), carray(o.out, N, np.uint16)
+    _row_range(carray(o.w, (T, 2, K // STEP, 2, 16, 64), np.int8), xd, parts, carray(o.colsum, N, np.int32), xm,
+               carray(o.scale, N, np.float32), out, o16, okind, t0, t1, o.pf)
+    return 0
+
+
+def _team_row(data):  # pragma: no cover - compiled
+    # one row: each thread makes the row's digits itself, once per call, then claims tiles
+    head = carray(data, _omp.HEADER, np.int64)
+    o = _read(head)
+    K = o.K
+    xkind = o.meta & 3
+    xd = np.empty((4, K), np.uint8)
+    xm = np.empty(1, np.float32)
+    parts = 0
+    if head[0] < head[1]:  # chunks left to claim (a block of none is the loader's probe)
+        if xkind == 0:
+            parts = _row_digits(carray(o.x, (1, K), np.float32), 0, xd, xm)
+        else:
+            parts = _row_digits(carray(o.x, (1, K), np.uint16), xkind, xd, xm)
+    _omp.claim_operands(data, _read, _row_chunk, 0, (xd, xm, parts), True)  # a lane of tiles per thread
+
+
+_TEAM_ROW = _omp.TeamKernel(_team_row)
+
+
+def _serial_row(block, lo, hi) -> None:
+    _TEAM_ROW.ctypes()(block.ctypes.data)
+
+
 def planes(xkind: int, rows: int, need=None) -> int:
     """The planes a call of ``rows`` rows needs: 4 for float32 (``xkind`` 0) and wherever four planes take no more
     tiles than two (up to 4 rows), else the most that any row needs (``need``: per row, see :class:`Plan`)."""
@@ -504,22 +711,27 @@ class Plan:
     largest) where no row's largest magnitude is far above its mean. A call splits into the count the plan's last
     call needed, each row telling what it needs, and splits again with more where that was too few."""
 
-    __slots__ = ("arrays", "T", "K", "ops", "parts", "natives", "registered")
+    __slots__ = ("arrays", "T", "K", "ops", "parts", "natives", "registered", "row")
 
     def __init__(self, w: np.ndarray, scale: np.ndarray):
         T = w.shape[0]
-        self.arrays = (w, scale)
         self.T, self.K = T, w.shape[2] * STEP
+        # the one-row vpdpbusd kernel's code sums per channel, where it serves the weight
+        self.row = dot_eligible(self.K) and T > 0
+        colsum = colsums(w) if self.row else np.zeros(1, np.int32)
+        self.arrays = (w, scale, colsum)
         self.parts = 2  # the planes the last call of 5+ bfloat16 / float16 rows needed
         self.ops = list(OPERANDS.pack(M=0, K=self.K, T=T, meta=0, pf=PF, x=0, xa=0, xm=0, need=0, w=w, scale=scale,
-                                      out=0))
+                                      colsum=colsum, out=0))
         self.natives = {}  # (xkind, okind, kb) -> the one-row launch as one native call (qtorch._launch), or None
         self.registered = set()  # the kinds whose launch qtorch.native_ops runs for an op's one-row calls
 
-    def one_row_native(self, xkind: int, okind: int, kb: int = KB):
+    def one_row_native(self, xkind: int, okind: int, kb: int = KB, dot: bool = False):
         """The :class:`qtorch._launch.Native` of this weight's one-row calls of these kinds (made at the first
-        ask), or None where its launch never goes natively."""
-        key = (xkind, okind, kb)
+        ask; ``dot``: the ``vpdpbusd`` kernel where it serves the weight, else the tiles), or None where its launch
+        never goes natively."""
+        dot = dot and self.row
+        key = (xkind, okind, kb, dot)
         try:
             return self.natives[key]
         except KeyError:
@@ -528,26 +740,32 @@ class Plan:
         ops[_SLOTS["M"]], ops[_SLOTS["meta"]] = 1, _few_meta(xkind, okind, kb)
         # the block of a one-row call and a link slot after its trailer (what a native launch writes); no sums
         template = np.append(_omp.new_block(self.T, self.T, ops), np.int64(0))
-        native = self.natives[key] = _native(_TEAM_FEW, self.T, [(template, 0)], (_X, _OUT, -1))
+        team = _TEAM_ROW if dot else _TEAM_FEW
+        native = self.natives[key] = _native(team, self.T, [(template, 0)], (_X, _OUT, -1))
         return native
 
-    def __call__(self, x: int, xkind: int, M: int, out: int, okind: int = 0, kb: int = KB) -> bool:
+    def __call__(self, x: int, xkind: int, M: int, out: int, okind: int = 0, kb: int = KB,
+                 dot: bool = False) -> bool:
         """``out = x @ W.T`` (``[M, N]`` at address ``out``: float32 for ``okind`` 0, else bfloat16 / float16 for 1
         / 2) for ``x`` ``[M, K]`` at address ``x`` (C-contiguous float32, or bfloat16 / float16 bits for ``xkind`` 1
-        / 2; the caller keeps both alive). False (``out`` unwritten) where ``x`` holds a NaN or an infinity, which
-        the planes cannot hold."""
+        / 2; the caller keeps both alive). ``dot``: one row by the ``vpdpbusd`` kernel where it serves the weight
+        (:func:`dot_eligible`), else by the tiles. False (``out`` unwritten) where ``x`` holds a NaN or an
+        infinity, which the planes cannot hold."""
         K, T = self.K, self.T
         if M == 1:  # a decoding step: its launch as one native call where it can go so
-            native = self.one_row_native(xkind, okind, kb)
+            native = self.one_row_native(xkind, okind, kb, dot)
             if native is not None and native.run(x, out, 0, 0):
                 return not native.blocks[0][_omp.HEADER:_omp.HEADER + T].any()
         ops = self.ops.copy()
         ops[_SLOTS["M"]], ops[_SLOTS["x"]], ops[_SLOTS["out"]] = M, x, out
         meta = _SLOTS["meta"]
-        if 4 * M <= 16:  # four planes in one A tile: one launch, every thread splitting x
+        if 4 * M <= 16:  # four planes in one A tile (or one row's digits): one launch, every thread splitting x
             ops[meta] = _few_meta(xkind, okind, kb)
             block = _omp.new_block(T, T, ops)
-            _omp.run(T, _TEAM_FEW, block, _serial_few, (block,), T, 1, nchunks=T)
+            if M == 1 and dot and self.row:
+                _omp.run(T, _TEAM_ROW, block, _serial_row, (block,), T, 1, nchunks=T)
+            else:
+                _omp.run(T, _TEAM_FEW, block, _serial_few, (block,), T, 1, nchunks=T)
             return not block[_omp.HEADER:_omp.HEADER + T].any()
         need, ops[_SLOTS["need"]] = _SCRATCH.get("need", M, np.int32)
         _, ops[_SLOTS["xm"]] = _SCRATCH.get("xm", M, np.float32)
@@ -582,11 +800,12 @@ def _phase(n: int, ops) -> np.ndarray:
     return block
 
 
-def run(x: np.ndarray, xkind: int, w: np.ndarray, scale: np.ndarray, out: np.ndarray, kb: int = KB):
+def run(x: np.ndarray, xkind: int, w: np.ndarray, scale: np.ndarray, out: np.ndarray, kb: int = KB,
+        dot: bool = False):
     """``out = x @ (codes * scale).T`` (float32 ``[M, N]``) for ``x`` ``[M, K]`` (float32, or the uint16 bits of
     bfloat16 / float16 values for ``xkind`` 1 / 2; C-contiguous), ``w`` int8 ``[N/64, 2, K/64, 2, 16, 64]``
-    (:func:`pack`) and ``scale`` float32 ``[N]``, on torch's thread team (see :class:`Plan` for the planes).
-    Returns ``out``, or None (``out`` unwritten) where ``x`` holds a NaN or an infinity."""
+    (:func:`pack`) and ``scale`` float32 ``[N]``, on torch's thread team (see :class:`Plan` for the planes; ``dot``:
+    one row by ``vpdpbusd``). Returns ``out``, or None (``out`` unwritten) where ``x`` holds a NaN or an infinity."""
     if not available():  # a tile instruction without the tile state is SIGILL, not an error
         raise RuntimeError("this process cannot use AMX-INT8 tiles (no AMX-INT8 CPU, or Linux refused the tile state)")
     M, K = x.shape
@@ -601,4 +820,4 @@ def run(x: np.ndarray, xkind: int, w: np.ndarray, scale: np.ndarray, out: np.nda
                          f"{list(out.shape)}")
     if M == 0 or T == 0:
         return out
-    return out if Plan(w, scale)(x.ctypes.data, xkind, M, out.ctypes.data, 0, kb) else None
+    return out if Plan(w, scale)(x.ctypes.data, xkind, M, out.ctypes.data, 0, kb, dot) else None

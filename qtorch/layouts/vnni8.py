@@ -5,10 +5,11 @@ Eligible for 8-bit symmetric weights per output channel or per tensor with ``N %
 (up to :data:`qtorch.vnni8.MAX_K`), float32 / bfloat16 / float16 activations, where :func:`qtorch.vnni8.available`
 (AMX tiles granted to the process). Buffers: ``qweight`` int8 ``[N/64, 2, K/64, 2, 16, 64]`` (the canonical codes
 reordered, :func:`qtorch.vnni8.pack`: the same bytes), ``scale`` float32 ``[N]`` (a per-tensor scale repeated);
-``state_dict`` and files keep the canonical form. One path for every row count, ``vnni8``: ``x`` split into 2 to 4
+``state_dict`` and files keep the canonical form. The path ``vnni8`` for every row count: ``x`` split into 2 to 4
 integer planes per row, every tile loaded from the weight as it is stored (no code is converted per call), exact
 32-bit sums, scaled once per row and channel (see :class:`qtorch.vnni8.Plan` for the planes and ``x``'s one
-rounding). Under ``torch.compile`` and with autograd the op ``qtorch::vnni8_linear`` and its inference twin
+rounding); one eager row also ``vnni8_dot`` (the same planes by ``vpdpbusd``, no tile, where
+:func:`qtorch.vnni8.dot_eligible`), the layer timing both on this machine and keeping the faster. Under ``torch.compile`` and with autograd the op ``qtorch::vnni8_linear`` and its inference twin
 (opaque: freezing never folds a dequantized weight); a call whose ``x`` holds a NaN or an infinity, which the
 planes cannot hold, is computed by the portable path instead, as ``F.linear`` would.
 
@@ -33,6 +34,8 @@ __all__ = ["VNNI8", "vnni8_linear_impl"]
 
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 PATH = "vnni8"
+#: one row by ``vpdpbusd`` on the same bytes (eager calls; compiled graphs and autograd run the op's tiles)
+DOT_PATH = "vnni8_dot"
 #: rows of x per kernel call at most: bounds the scratch a thread keeps (its rows' planes and each row's multiplier)
 ROW_CHUNK = 1024
 
@@ -63,9 +66,10 @@ def _plan(qweight: torch.Tensor, scale: torch.Tensor) -> "vnni8.Plan":
     return entry[2]
 
 
-def vnni8_linear_impl(x, qweight, scale, out_features: int) -> torch.Tensor:
+def vnni8_linear_impl(x, qweight, scale, out_features: int, dot: bool = False) -> torch.Tensor:
     """``x [M, K] @ W.T`` from the layout's buffers (CPU, float32 / bfloat16 / float16 ``x``, the output in its
-    dtype): the AMX-INT8 kernel, ``ROW_CHUNK`` rows a call; the portable path where ``x`` is not finite."""
+    dtype): the AMX-INT8 kernel, ``ROW_CHUNK`` rows a call (``dot``: one row by ``vpdpbusd``); the portable path
+    where ``x`` is not finite."""
     x = x.detach()
     m = x.shape[0]
     out = torch.empty((m, out_features), dtype=x.dtype)
@@ -80,7 +84,7 @@ def vnni8_linear_impl(x, qweight, scale, out_features: int) -> torch.Tensor:
             plan.registered.add(kind)
     for r0 in range(0, m, ROW_CHUNK):
         r1 = min(m, r0 + ROW_CHUNK)
-        if not plan(x[r0:r1].data_ptr(), kind, r1 - r0, out[r0:r1].data_ptr(), kind):
+        if not plan(x[r0:r1].data_ptr(), kind, r1 - r0, out[r0:r1].data_ptr(), kind, dot=dot):
             return _portable(x, qweight, scale)
     return out
 
@@ -117,6 +121,7 @@ class Vnni8(Layout):
     """Symmetric 8-bit codes for AMX-INT8 tiles (see the module docstring)."""
 
     name = holds = "vnni8"
+    tuned = True  # one row: the tiles or vpdpbusd, by measurement
 
     def eligible(self, spec, device, compute_dtype):
         if (device.type != "cpu" or not vnni8.available() or spec.bits != 8 or not spec.symmetric
@@ -129,6 +134,14 @@ class Vnni8(Layout):
     def path(self, device_type, dtype, rows, bits):
         return PATH
 
+    def paths(self, device_type, dtype, rows, bits, spec=None):
+        """The own path; for one CPU row also ``vnni8_dot`` (where :func:`qtorch.vnni8.dot_eligible` for the
+        layer's ``in_features``, given its ``spec``)."""
+        if (device_type != "cpu" or rows != 1 or not vnni8.dot_eligible(spec.in_features if spec else 1)
+                or dtype not in _KINDS):
+            return (PATH,)
+        return (PATH, DOT_PATH)
+
     def linear(self, weight, x2, path):
         b = weight.buffers
         qw, sc = b["qweight"], b["scale"]
@@ -138,7 +151,7 @@ class Vnni8(Layout):
         grad = needs_grad(x2)
         if grad or not plain_eager(x2):
             return (torch.ops.qtorch.vnni8_linear if grad else _TWIN)(x2, qw, sc, n)
-        return vnni8_linear_impl(x2, qw, sc, n)
+        return vnni8_linear_impl(x2, qw, sc, n, path == DOT_PATH)
 
     def decoder(self, weight, dtype, path):
         if dtype not in _KINDS:
@@ -146,7 +159,7 @@ class Vnni8(Layout):
         b = weight.buffers
         qw, sc = b["qweight"], b["scale"]
         plan = _plan(qw, sc)
-        n, k, kind = weight.spec.out_features, weight.spec.in_features, _KINDS[dtype]
+        n, k, kind, dot = weight.spec.out_features, weight.spec.in_features, _KINDS[dtype], path == DOT_PATH
         shapes = single_row_shapes(n)
         addresses = (qw.data_ptr(), sc.data_ptr())
 
@@ -156,7 +169,7 @@ class Vnni8(Layout):
             if x.stride(-1) != 1:  # (the other dimensions are of size 1)
                 x = x.contiguous()
             out = torch.empty(*shapes[x.dim()], dtype=dtype, device="cpu")  # (never the default device)
-            if not plan(x.data_ptr(), kind, 1, out.data_ptr(), kind):
+            if not plan(x.data_ptr(), kind, 1, out.data_ptr(), kind, dot=dot):
                 return _portable(x.reshape(1, k), qw, sc).view(*shapes[x.dim()])
             return out
 

@@ -157,7 +157,7 @@ def test_one_row_as_one_native_launch_gives_the_python_launchs_bits(xkind):
     codes, scale = weight(256, 256, seed=31)
     w = vnni8.pack(codes.numpy())
     plan, python = vnni8.Plan(w, scale.numpy()), vnni8.Plan(w, scale.numpy())
-    python.natives = {(xkind, xkind, vnni8.KB): None}  # the Python launch (as with QTORCH_NATIVE_LAUNCH=0)
+    python.natives = {(xkind, xkind, vnni8.KB, False): None}  # the Python launch (as QTORCH_NATIVE_LAUNCH=0)
     dtype = KINDS[xkind]
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(32)).to(dtype)
     want = torch.full((1, 256), 5.0, dtype=dtype)
@@ -166,7 +166,7 @@ def test_one_row_as_one_native_launch_gives_the_python_launchs_bits(xkind):
         got = torch.full((1, 256), 5.0, dtype=dtype)
         assert plan(x.data_ptr(), xkind, 1, got.data_ptr(), xkind)
         assert torch.equal(got, want)
-    assert plan.natives[(xkind, xkind, vnni8.KB)] is not None  # four tiles: the launch went natively
+    assert plan.natives[(xkind, xkind, vnni8.KB, False)] is not None  # four tiles: the launch went natively
     if xkind == 0:  # (a bfloat16 output adds its own rounding: the bits above are the Python launch's)
         check(want, x, codes, scale, 4)
     bad = x.clone()
@@ -184,3 +184,105 @@ def test_the_scratch_of_the_planes_starts_on_a_64_byte_line():
     for n, dtype in ((100, np.int8), (5000, np.int8), (3, np.float32)):
         arr, address = scratch.get(f"a{n}", n, dtype)
         assert address % 64 == 0 and arr.ctypes.data == address and arr.dtype == dtype and arr.size >= n
+
+
+# -- one row by vpdpbusd (dot=True)
+
+DOT = pytest.mark.skipif(not (vnni8.available() and vnni8.dot_eligible(64)),
+                         reason="the one-row dot kernel needs AVX512-VNNI and the vnni8 layout AMX-INT8")
+
+
+def run_dot(x, kind, codes, scale, okind=0):
+    out = torch.full((1, codes.shape[0]), 7.0, dtype=KINDS[okind])
+    plan = vnni8.Plan(vnni8.pack(codes.numpy()), scale.numpy())
+    ok = plan(x.data_ptr(), kind, 1, out.data_ptr(), okind, dot=True)
+    return out if ok else None
+
+
+def test_colsums_are_each_channels_code_sum():
+    codes, _ = weight(192, 320, seed=3)
+    got = vnni8.colsums(vnni8.pack(codes.numpy()))
+    assert got.dtype == np.int32 and np.array_equal(got, codes.numpy().astype(np.int64).sum(1))
+
+
+def test_dot_serves_k_up_to_its_exact_bound():
+    assert vnni8.DOT_MAX_K * 255 * 128 < 2**31  # every 32-bit lane sum of digits times codes stays exact
+    if vnni8.dot_eligible(64):
+        assert vnni8.dot_eligible(vnni8.DOT_MAX_K) and not vnni8.dot_eligible(vnni8.DOT_MAX_K + 64)
+
+
+@DOT
+@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("n,k", [(64, 64), (128, 320), (192, 1024)])
+def test_dot_sums_match_the_float64_product(kind, n, k):
+    codes, scale = weight(n, k, seed=k + kind)
+    x = (torch.randn(1, k) * torch.exp(torch.randn(1, k))).to(KINDS[kind])
+    out = run_dot(x, kind, codes, scale)
+    check(out, x, codes, scale, 4 if kind == 0 else 2)  # 16-bit rows: at least two planes
+    if kind == 0:  # four planes either way: the tiles' sums, up to their combination in float32
+        tiles = torch.empty(1, n)
+        assert vnni8.Plan(vnni8.pack(codes.numpy()), scale.numpy())(x.data_ptr(), kind, 1, tiles.data_ptr())
+        torch.testing.assert_close(out, tiles, rtol=2.0**-20, atol=1e-30)
+
+
+@DOT
+def test_dot_takes_more_planes_for_a_row_far_above_its_mean():
+    codes, scale = weight(64, 256)
+    x = torch.randn(1, 256)
+    x[0, 7] = 4096.0
+    xb = x.bfloat16()
+    out = run_dot(xb, 1, codes, scale)
+    ref = xb.double() @ (codes.double() * scale.double()[:, None]).T
+    weight_rounding = 2.0**-8 * (xb.double().abs() @ (codes.double() * scale.double()[:, None]).abs().T)
+    assert torch.all((out.double() - ref).abs() <= weight_rounding)
+
+
+@DOT
+@pytest.mark.parametrize("kind", [0, 1])
+def test_dot_sums_stay_exact_at_its_longest_rows(kind):
+    # every code -128 and x just under a power of two: the lower digits 0xFF and 0xC0, the top one 0x7F, each lane's
+    # 32-bit sum within 2^31 of zero at K = DOT_MAX_K; the result is the exact product (few significant bits)
+    k = vnni8.DOT_MAX_K
+    codes = torch.full((64, k), -128, dtype=torch.int8)
+    scale = torch.ones(64)
+    v = 1 - 2.0**-24 if kind == 0 else 1 - 2.0**-8
+    x = torch.full((1, k), v).to(KINDS[kind])
+    out = run_dot(x, kind, codes, scale)
+    assert torch.equal(out, torch.full((1, 64), -128.0 * k * v))
+
+
+@DOT
+def test_dot_outputs_in_16_bit_kinds_are_the_float32_sums_rounded():
+    codes, scale = weight(128, 256)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    f32 = run_dot(x, 1, codes, scale)
+    for okind, dt in ((1, torch.bfloat16), (2, torch.float16)):
+        assert torch.equal(run_dot(x, 1, codes, scale, okind), f32.to(dt))
+
+
+@DOT
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_dot_refuses_non_finite_x_and_leaves_out_untouched(bad):
+    codes, scale = weight(64, 128)
+    for kind in (0, 1):
+        x = torch.randn(1, 128).to(KINDS[kind])
+        x[0, 5] = bad
+        assert run_dot(x, kind, codes, scale) is None
+        out = np.full((1, 64), 7.0, np.float32)
+        assert vnni8.run(bits(x), kind, vnni8.pack(codes.numpy()), scale.numpy(), out, dot=True) is None
+        assert (out == 7.0).all()
+
+
+@DOT
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: every call runs on the caller")
+def test_dot_as_one_native_launch_gives_the_python_launchs_bits():
+    codes, scale = weight(256, 256, seed=31)
+    w = vnni8.pack(codes.numpy())
+    plan, python = vnni8.Plan(w, scale.numpy()), vnni8.Plan(w, scale.numpy())
+    python.natives = {(1, 1, vnni8.KB, True): None}  # the Python launch
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    want = torch.empty(1, 256, dtype=torch.bfloat16)
+    assert python(x.data_ptr(), 1, 1, want.data_ptr(), 1, dot=True)
+    got = torch.empty(1, 256, dtype=torch.bfloat16)
+    assert plan(x.data_ptr(), 1, 1, got.data_ptr(), 1, dot=True) and torch.equal(got, want)
+    assert plan.natives[(1, 1, vnni8.KB, True)] is not None

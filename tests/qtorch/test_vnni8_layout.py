@@ -79,6 +79,29 @@ def test_forward_matches_f_linear(scheme, dtype, rows):
         check_close(m(x.view(rows, 1, 256)).view(rows, 128), x, m)  # the decoder's shapes and the layer's
 
 
+def test_one_row_offers_the_dot_kernel_where_it_serves_the_weight():
+    spec = WeightSpec.of(W8, 128, 256)
+    dot = vnni8.dot_eligible(256)
+    assert VNNI8.tuned
+    assert VNNI8.paths("cpu", torch.bfloat16, 1, 8, spec=spec) == (("vnni8", "vnni8_dot") if dot else ("vnni8",))
+    assert VNNI8.paths("cpu", torch.bfloat16, 2, 8, spec=spec) == ("vnni8",)
+    long = WeightSpec.of(W8, 64, vnni8.DOT_MAX_K + 64)  # its lane sums could pass 2^31
+    assert VNNI8.paths("cpu", torch.float32, 1, 8, spec=long) == ("vnni8",)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_every_one_row_path_and_its_decoder_match_f_linear(dtype):
+    m = layer(dtype=dtype, seed=5)
+    w, lay = m.quantized_weight, m.quantized_weight.layout
+    x = (torch.randn(1, 256) * torch.exp(torch.randn(1, 256))).to(dtype)
+    b = m.bias
+    with torch.no_grad():
+        for path in lay.paths("cpu", dtype, 1, 8, spec=w.spec):
+            check_close(lay.linear(w, x, path) + b.to(dtype), x, m)
+            decode = lay.decoder(w, dtype, path)
+            check_close((decode(x.view(256)) + b.to(dtype)).view(1, 128), x, m)
+
+
 def test_calls_in_chunks_of_rows_give_the_same_numbers(monkeypatch):
     m = layer()
     x = torch.randn(37, 256, dtype=torch.bfloat16)
