@@ -55,7 +55,7 @@ from ._ir import cached as _cached
 from .gemv import _half_bits_to_float, _narrow, _native, _sums_address  # (the one-row kernels' shared pieces)
 from .planes import P as _P, _RNE, block_size, split_row as _split_row  # (x as integer planes)
 
-__all__ = ["Plan", "available", "block_size", "dequant_t", "gemv_vnni", "split"]
+__all__ = ["Chain", "Plan", "available", "block_size", "dequant_t", "gemv_vnni", "split"]
 
 #: output channels of a tile: four vectors of 16 lanes
 NT = 64
@@ -256,6 +256,7 @@ OPERANDS = _omp.Operands("vnni", K=_omp.I64, T=_omp.I64, meta=_omp.I64, pf=_omp.
 _read = OPERANDS.read
 _X, _OUT, _SCRATCH = (OPERANDS.slot(f) for f in ("x", "out", "scratch"))
 _HEADER = _omp.HEADER
+_K, _META = OPERANDS.slot("K"), OPERANDS.slot("meta")
 
 
 def meta(gsize: int, bsize: int, parts: int, okind: int, has_zp: bool, xkind: int) -> int:
@@ -299,12 +300,24 @@ def _gemv_chunk(o, i, t0, t1, _a, y):  # pragma: no cover - compiled; tiles t0..
 
 
 def _team_gemv(data):  # pragma: no cover - compiled
+    # a chain of blocks (:class:`Chain`): each thread runs its share of one layer's tiles, then goes on to the next
+    # block's without waiting for the others; the team size of the first block is every block's
     head = carray(data, _omp.HEADER, np.int64)
-    if head[0] < head[1]:  # chunks left to claim: this thread's own planes (a block of none is the loader's probe)
-        y = _prep(_read(head))
-    else:
-        y = (np.empty((0, 0), np.int8), np.empty(0, np.float32), np.empty((0, 2), np.int32), False)
-    _omp.claim_operands(data, _read, _gemv_chunk, 0, y, True)  # a lane of tiles per thread: one stream each
+    team = carray(data, _omp.HEADER + head[1] + _omp.TRAILER, np.int64)[_omp.HEADER + head[1] + _omp.THREADS]
+    while True:
+        head = carray(data, _omp.HEADER, np.int64)
+        nchunks = head[1]
+        block = carray(data, _omp.HEADER + nchunks + _omp.TRAILER + 1, np.int64)
+        block[_omp.HEADER + nchunks + _omp.THREADS] = team  # (every thread writes the same value)
+        if head[0] < nchunks:  # chunks left to claim: this thread's own planes (a block of none is the loader's probe)
+            y = _prep(_read(head))
+        else:
+            y = (np.empty((0, 0), np.int8), np.empty(0, np.float32), np.empty((0, 2), np.int32), False)
+        _omp.claim_operands(data, _read, _gemv_chunk, 0, y, True)  # a lane of tiles per thread: one stream each
+        following = block[_omp.HEADER + nchunks + _omp.TRAILER]
+        if following == 0:
+            break
+        data = _omp.as_ptr(following)
 
 
 _TEAM_GEMV = _omp.TeamKernel(_team_gemv)
@@ -349,6 +362,31 @@ class Plan:
         ok = not block[_HEADER]  # every chunk's result is 1 where x is not finite (each thread splits all of x)
         _omp.give_block(self.free, block, address)
         return ok
+
+
+class Chain:
+    """Two or three one-row :class:`Plan` calls on one input row (plans of one ``K`` and one kind of ``x``), as one
+    native start of the thread team: their blocks linked, each thread going on to the next
+    layer's tiles as soon as it finds none left in this one. ``chain(xa, oas)``: ``x`` at ``xa`` and layer ``i``'s
+    output at ``oas[i]``; False (nothing written that counts) where it cannot go natively (one thread, a forked
+    child, another thread holding it) or ``x`` is not finite: the caller then runs each plan itself. The same bits
+    as each plan's own call."""
+
+    __slots__ = ("plans", "native")
+
+    def __init__(self, plans):
+        plans = tuple(plans)
+        if not 2 <= len(plans) <= 3 or len({(int(p.template[_K]), int(p.template[_META]) >> 41) for p in plans}) != 1:
+            raise ValueError("a Chain takes two or three plans of one K and one kind of x")
+        self.plans = plans
+        self.native = _native(_TEAM_GEMV, sum(p.T for p in plans),
+                              [(p.template, p.N if p.scratch else 0) for p in plans], (_X, _OUT, _SCRATCH))
+
+    def __call__(self, xa: int, oas) -> bool:
+        native = self.native
+        if native is None or not native.run(xa, *oas, *(0,) * (3 - len(oas))):
+            return False
+        return not native.blocks[0][_HEADER]  # (refilled from the template at every launch)
 
 
 def _check(w, scale, zp, gsize: int) -> tuple:

@@ -40,6 +40,7 @@ import torch
 from .. import amx, autotune, bf16dot, dequant, gemm, gemv, native_ops, planes, prefetch
 from .._infer_ops import constant_result, define_twin, needs_grad, plain_eager
 from .._kept import ByTensor
+from ..sibling_calls import Part
 from .base import Layout, single_row_shapes
 from .codec import complete_groups, pack_codes, pad_columns, padded_k, unpack_codes
 
@@ -802,9 +803,12 @@ class Blocked(Layout):
         kind, shapes, addresses = gemv.TORCH_KINDS[dtype], single_row_shapes(spec.out_features), plan.addresses
         launch = gemv.Launcher(plan, kind, kind, _folds(dtype, plan.bits), path != "numba")
 
+        def valid():
+            return (b["qweight"] is qw and b["scale"] is sc and b["zero_point"] is zp
+                    and (qw.data_ptr(), sc.data_ptr(), zp.data_ptr()) == addresses)
+
         def decode(x):
-            if (b["qweight"] is not qw or b["scale"] is not sc or b["zero_point"] is not zp
-                    or (qw.data_ptr(), sc.data_ptr(), zp.data_ptr()) != addresses):
+            if not valid():
                 return None
             if x.stride(-1) != 1:  # (the other dimensions are of size 1)
                 x = x.contiguous()
@@ -812,6 +816,8 @@ class Blocked(Layout):
             launch(x.data_ptr(), out.data_ptr())
             return out
 
+        # the same launch chained with sibling layers' (qtorch.sibling_calls): one team kernel, K and dtype
+        decode.part = Part(("gemv", plan.kernel, spec.in_features, dtype), launch, valid, shapes, dtype)
         return decode
 
     def plan(self, weight):

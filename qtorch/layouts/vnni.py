@@ -34,6 +34,7 @@ import torch
 from .. import native_ops, prefetch, vnni, vnni_amx, vnni_bf16, vnni_lut
 from .._infer_ops import define_twin, needs_grad, plain_eager
 from .._kept import ByTensor
+from ..sibling_calls import Part
 from .base import Layout, single_row_shapes
 from .blocked import _buffer, _scale_canonical, _scale_rows  # (the blocks' buffer: one per thread, shared)
 from .codec import dense_linear, unpack_codes
@@ -361,9 +362,12 @@ class Vnni(Layout):
         shapes, k = single_row_shapes(weight.spec.out_features), weight.spec.in_features
         addresses = (qw.data_ptr(), sc.data_ptr(), zp.data_ptr())
 
+        def valid():
+            return (b["qweight"] is qw and b["scale"] is sc and b["zero_point"] is zp
+                    and (qw.data_ptr(), sc.data_ptr(), zp.data_ptr()) == addresses)
+
         def decode(x):
-            if (b["qweight"] is not qw or b["scale"] is not sc or b["zero_point"] is not zp
-                    or (qw.data_ptr(), sc.data_ptr(), zp.data_ptr()) != addresses):
+            if not valid():
                 return None
             if x.stride(-1) != 1:  # (the other dimensions are of size 1)
                 x = x.contiguous()
@@ -372,6 +376,8 @@ class Vnni(Layout):
                 return _portable(x.reshape(1, k), qw, sc, zp).view(*shapes[x.dim()])
             return out
 
+        # the same plan chained with sibling layers' (qtorch.sibling_calls): one K and dtype
+        decode.part = Part(("vnni", k, dtype), plan, valid, shapes, dtype)
         return decode
 
     def plan(self, weight, dtype: torch.dtype):
