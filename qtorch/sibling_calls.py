@@ -103,7 +103,7 @@ class Group:
         self.members, self.parts, self.run = members, parts, run
         self.dtype = parts[0].dtype
         self.pending = None  # (x, its version, the outputs) of the round under way
-        self.turn = 0  # the member whose call is due
+        self.turn = _SKIP  # the member whose call is due (formed mid-round: that round's calls go on apart)
         self.misses = 0
         for i, m in enumerate(members):
             m._sibling = _Member(self, i)

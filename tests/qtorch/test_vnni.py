@@ -179,6 +179,36 @@ def test_one_row_as_one_native_launch_gives_the_python_launchs_bits(okind):
 
 @needs_vnni
 @needs_team
+@pytest.mark.parametrize("okind", [0, 1], ids=["float32-out", "bfloat16-out"])
+def test_a_chain_of_plans_gives_each_plans_own_bits(okind):
+    k, g = 256, 64
+    plans = []
+    for n, sym, seed in ((128, False, 1), (64, True, 2), (192, False, 3)):
+        codes, scale, zp, _ = weight(n, k, g, sym, seed=seed)
+        z = tiles(zp) if not sym else np.zeros((0, 0, 0), np.uint8)
+        plans.append(vnni.Plan(kernel_words(codes), tiles(scale), z, g, 1, okind))
+    dtype = torch.bfloat16 if okind else torch.float32
+    x = torch.from_numpy(rough_x(k, 5)).to(torch.bfloat16)
+    want = []
+    for p in plans:
+        want.append(torch.empty(p.N, dtype=dtype))
+        assert p(x.data_ptr(), want[-1].data_ptr())
+    for chosen in (plans, plans[1:]):
+        chain = vnni.Chain(chosen)
+        for _ in range(2):
+            got = [torch.full((p.N,), 5.0, dtype=dtype) for p in chosen]
+            assert chain(x.data_ptr(), [o.data_ptr() for o in got])
+            assert all(torch.equal(a, b) for a, b in zip(got, want[len(plans) - len(chosen):]))
+    bad = x.clone()
+    bad[3] = float("inf")
+    assert not vnni.Chain(plans)(bad.data_ptr(), [o.data_ptr() for o in want])  # reported: the caller goes apart
+    with pytest.raises(ValueError, match="one K"):
+        codes, scale, zp, _ = weight(64, 128, g, False, seed=4)
+        vnni.Chain([plans[0], vnni.Plan(kernel_words(codes), tiles(scale), tiles(zp), g, 1, okind)])
+
+
+@needs_vnni
+@needs_team
 def test_one_row_calls_from_several_threads_at_once_each_get_their_own_bits():
     import concurrent.futures
     n, k, g = 512, 512, 128

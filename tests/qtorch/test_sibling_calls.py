@@ -1,0 +1,188 @@
+"""Sibling layers in eager decoding (qtorch.sibling_calls): layers that read one row in turn become a group after
+two rounds, the group's launch gives each layer the bits of its own call, and every other pattern (an input changed
+in place or another one, a member skipped, a weight replaced, copies) computes on its own."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import qtorch
+from qtorch import sibling_calls, vnni
+
+
+@pytest.fixture(autouse=True)
+def grouping_on(monkeypatch):
+    monkeypatch.setattr(sibling_calls, "ENABLED", True)
+    monkeypatch.setattr(sibling_calls, "_RUN", [None, -1, []])
+
+
+def layers(n=3, k=256, dtype=torch.float32, layout="blocked", bits=8, bias=True, seed=0):
+    torch.manual_seed(seed)
+    out = []
+    for i in range(n):
+        lin = torch.nn.Linear(k, 64 * (i + 1), bias=bias).to(dtype)
+        m = (qtorch.W8A16Linear.from_linear(lin) if bits == 8
+             else qtorch.W4A16Linear.from_linear(lin))
+        assert m.quantized_weight.hold_layout(layout, dtype)
+        out.append(m)
+    return out
+
+
+def apart(ms):
+    """Copies of ``ms`` that never group: what each layer's own call gives."""
+    copies = [copy.deepcopy(m) for m in ms]
+    for c in copies:
+        sibling_calls._REFUSED[c] = True
+    return copies
+
+
+def step(ms, x, other):
+    """One decoding round: every layer of ``ms`` on ``x``, then a layer on another input (what closes the run)."""
+    ys = [m(x) for m in ms]
+    other(ys[0][..., :other.in_features].contiguous())
+    return ys
+
+
+def grouped(ms) -> bool:
+    g = {id(m._sibling.group) if m._sibling is not None else None for m in ms}
+    return len(g) == 1 and None not in g
+
+
+CASES = [(torch.float32, "blocked", 8), (torch.bfloat16, "blocked", 8), (torch.bfloat16, "blocked", 4)]
+if vnni.available():
+    CASES += [(torch.bfloat16, "vnni", 4), (torch.float32, "vnni", 4)]
+
+
+@pytest.mark.parametrize("dtype,layout,bits", CASES, ids=str)
+def test_layers_reading_one_row_in_turn_group_and_keep_their_bits(dtype, layout, bits):
+    ms = layers(dtype=dtype, layout=layout, bits=bits)
+    ref = apart(ms)
+    other = layers(1, k=64, dtype=dtype, seed=9)[0]  # (8 bits, blocked: any dtype)
+    with torch.no_grad():
+        for i in range(6):
+            x = torch.randn(1, 1, 256, dtype=dtype)
+            ys = step(ms, x, other)
+            assert all(torch.equal(y, r(x)) for y, r in zip(ys, ref)), i
+            if i >= 3:
+                assert grouped(ms)  # (round 1 keeps decoders, rounds 2 and 3 are seen, then grouped)
+    assert ms[0]._sibling.index == 0 and ms[2]._sibling.index == 2
+
+
+def test_an_input_changed_in_place_or_another_input_computes_apart_and_dissolves_the_group():
+    ms = layers()
+    ref = apart(ms)
+    other = layers(1, k=64, seed=9)[0]
+    with torch.no_grad():
+        for _ in range(4):
+            step(ms, torch.randn(1, 256), other)
+        assert grouped(ms)
+        x = torch.randn(1, 256)
+        y0 = ms[0](x)
+        x.mul_(2)  # between the lead's call and the others'
+        assert torch.equal(y0, ref[0](x / 2))
+        assert torch.equal(ms[1](x), ref[1](x)) and torch.equal(ms[2](x), ref[2](x))
+        x = torch.randn(1, 256)
+        ms[0](x)
+        z = x.clone()  # equal values, another tensor
+        assert torch.equal(ms[1](z), ref[1](z)) and torch.equal(ms[2](z), ref[2](z))
+    assert all(m._sibling is None for m in ms)  # two missed rounds: apart for good
+    assert all(m in sibling_calls._REFUSED for m in ms)
+
+
+def test_a_member_skipped_is_a_miss():
+    ms = layers(2)
+    other = layers(1, k=64, seed=9)[0]
+    with torch.no_grad():
+        for _ in range(4):
+            step(ms, torch.randn(1, 256), other)
+        assert grouped(ms)
+        ref = apart(ms)
+        for _ in range(2):  # the lead alone, twice: the second's outputs for the member never taken
+            x = torch.randn(1, 256)
+            assert torch.equal(ms[0](x), ref[0](x))
+        x = torch.randn(1, 256)
+        assert torch.equal(ms[0](x), ref[0](x)) and torch.equal(ms[1](x), ref[1](x))
+    assert ms[0]._sibling is None
+
+
+def test_a_replaced_weight_is_read_and_the_group_dissolves():
+    ms = layers()
+    other = layers(1, k=64, seed=9)[0]
+    with torch.no_grad():
+        for _ in range(4):
+            step(ms, torch.randn(1, 256), other)
+        assert grouped(ms)
+        ms[1].quantize(torch.randn(128, 256))  # new buffers for a member
+        ref = apart(ms)
+        x = torch.randn(1, 256)
+        assert all(torch.equal(m(x), r(x)) for m, r in zip(ms, ref))
+    assert ms[0]._sibling is None
+
+
+def test_biases_are_each_layers_own():
+    ms = layers(bias=True)
+    other = layers(1, k=64, seed=9)[0]
+    with torch.no_grad():
+        for m in ms:
+            m.bias.add_(torch.arange(m.out_features, dtype=m.bias.dtype))
+        ref = apart(ms)
+        for _ in range(5):
+            x = torch.randn(1, 256)
+            ys = step(ms, x, other)
+            assert all(torch.equal(y, r(x)) for y, r in zip(ys, ref))
+    assert grouped(ms)
+
+
+def test_copies_and_pickles_of_a_grouped_layer_are_apart():
+    ms = layers()
+    other = layers(1, k=64, seed=9)[0]
+    with torch.no_grad():
+        for _ in range(4):
+            step(ms, torch.randn(1, 256), other)
+    assert grouped(ms)
+    twin = copy.deepcopy(torch.nn.ModuleList(ms))
+    thawed = pickle.loads(pickle.dumps(torch.nn.ModuleList(ms)))
+    assert all(m._sibling is None for m in list(twin) + list(thawed))
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        assert all(torch.equal(a(x), b(x)) for a, b in zip(twin, apart(ms)))
+
+
+def test_only_layers_of_one_kernel_k_and_dtype_group():
+    a = layers(1, k=256)[0]
+    b = layers(1, k=256, dtype=torch.bfloat16)[0]  # another dtype: another kind
+    other = layers(1, k=64, seed=9)[0]
+    with torch.no_grad():
+        for _ in range(5):
+            x = torch.randn(1, 256)
+            a(x)
+            b(x.bfloat16())
+            other(torch.randn(1, 64))
+    assert a._sibling is None and b._sibling is None
+
+
+def test_a_round_whose_launch_cannot_run_goes_apart_without_a_miss(monkeypatch):
+    ms = layers()
+    ref = apart(ms)
+    other = layers(1, k=64, seed=9)[0]
+    with torch.no_grad():
+        for _ in range(4):
+            step(ms, torch.randn(1, 256), other)
+        group = ms[0]._sibling.group
+        monkeypatch.setattr(group, "run", lambda xa, oas: False)  # e.g. no native launch on a busy machine
+        for _ in range(4):
+            x = torch.randn(1, 256)
+            assert all(torch.equal(y, r(x)) for y, r in zip(step(ms, x, other), ref))
+    assert grouped(ms) and group.misses == 0
+
+
+def test_grouping_off(monkeypatch):
+    monkeypatch.setattr(sibling_calls, "ENABLED", False)
+    ms = layers()
+    other = layers(1, k=64, seed=9)[0]
+    with torch.no_grad():
+        for _ in range(5):
+            step(ms, torch.randn(1, 256), other)
+    assert all(m._sibling is None for m in ms)
