@@ -56,6 +56,18 @@ def format_paths(model: nn.Module, dtype: torch.dtype, rows: int) -> str:
     return ", ".join(parts) or "(no quantized layer)"
 
 
+def sibling_groups(model: nn.Module) -> str:
+    """``8 groups of 20 layers``: the groups of sibling layers that one launch runs in eager decoding
+    (:mod:`qtorch.sibling_calls`), as the model's calls so far formed them."""
+    groups, layers = set(), 0
+    for m in model.modules():
+        member = getattr(m, "_sibling", None)
+        if member is not None:
+            groups.add(id(member.group))
+            layers += 1
+    return f"{len(groups)} groups of {layers} layers" if groups else "none"
+
+
 def prefetch_line() -> str:
     """How far ahead the one-row kernel (``blocked/numba`` at one row) prefetches on this machine, per code width,
     as measured here (:func:`qtorch.prefetch.distance`); empty where no one-row ``blocked`` call was made."""

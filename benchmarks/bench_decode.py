@@ -43,7 +43,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
 from qtorch.siblings import inductor_options  # noqa: E402
-from _layers import bytes_per_token, format_paths, prefetch_line  # noqa: E402
+from _layers import bytes_per_token, format_paths, prefetch_line, sibling_groups  # noqa: E402
 from _machine import machine_line  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -256,6 +256,7 @@ def path_lines(models: dict, dtype: torch.dtype, prompt_rows: int) -> list:
         if any(isinstance(x, qtorch.QuantLinear) for x in m.modules()):
             lines.append(f"  {name}: decode (1 row): {format_paths(m, dtype, 1)}")
             lines.append(f"  {name}: prompt ({prompt_rows} rows): {format_paths(m, dtype, prompt_rows)}")
+            lines.append(f"  {name}: sibling layers decoded as one launch (qtorch.sibling_calls): {sibling_groups(m)}")
     return lines
 
 

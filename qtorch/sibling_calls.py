@@ -97,10 +97,13 @@ def _launcher(parts: list):
 class Group:
     """Layers that read one row in turn, launched together by the first one's call (see the module docstring)."""
 
-    __slots__ = ("members", "parts", "run", "dtype", "pending", "turn", "misses", "__weakref__")
+    __slots__ = ("members", "parts", "run", "dtype", "pending", "turn", "misses", "dissolved", "__weakref__")
 
     def __init__(self, members: list, parts: list, run):
-        self.members, self.parts, self.run = members, parts, run
+        # the members weakly: they hold the group, and a model deleted is freed at once, with no cycle to collect
+        self.members = [weakref.ref(m) for m in members]
+        self.parts, self.run = parts, run
+        self.dissolved = False
         self.dtype = parts[0].dtype
         self.pending = None  # (x, its version, the outputs) of the round under way
         self.turn = _SKIP  # the member whose call is due (formed mid-round: that round's calls go on apart)
@@ -127,7 +130,7 @@ class Group:
     def _lead(self, x: torch.Tensor):
         if self.pending is not None:  # the last round's outputs not all taken: a member was skipped
             self._miss()
-            if self.members[0]._sibling is None:  # dissolved
+            if self.dissolved:
                 return None
         if x.dtype is not self.dtype:
             self.turn = _SKIP
@@ -155,7 +158,11 @@ class Group:
     def dissolve(self) -> None:
         """The members compute on their own from now on, and never group again."""
         self.pending = None
-        for m in self.members:
+        self.dissolved = True
+        for ref in self.members:
+            m = ref()
+            if m is None:
+                continue
             if getattr(m, "_sibling", None) is not None and m._sibling.group is self:
                 m._sibling = None
             _REFUSED[m] = True

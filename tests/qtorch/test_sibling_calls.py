@@ -186,3 +186,23 @@ def test_grouping_off(monkeypatch):
         for _ in range(5):
             step(ms, torch.randn(1, 256), other)
     assert all(m._sibling is None for m in ms)
+
+
+def test_a_grouped_model_is_freed_when_deleted():
+    import gc
+    import weakref
+
+    ms = layers()
+    other = layers(1, k=64, seed=9)[0]
+    with torch.no_grad():
+        for _ in range(4):
+            step(ms, torch.randn(1, 256), other)
+    assert grouped(ms)
+    group = weakref.ref(ms[0]._sibling.group)
+    refs = [weakref.ref(m) for m in ms]
+    gc.disable()  # freed by reference counts alone: no cycle through the group
+    try:
+        del ms
+        assert all(r() is None for r in refs) and group() is None
+    finally:
+        gc.enable()
