@@ -61,7 +61,7 @@ from .gemv import _half_bits_to_float, _narrow, _native
 from .vnni import _RNE
 
 
-__all__ = ["DOT_MAX_K", "MAX_K", "NT", "Plan", "available", "colsums", "dot_eligible", "eligible", "pack", "planes",
+__all__ = ["DOT_MAX_K", "MAX_K", "NT", "Chain", "Plan", "available", "colsums", "dot_eligible", "eligible", "pack", "planes",
            "run", "unpack"]
 
 #: output channels of a tile: four strips of 16 (one C tile each)
@@ -648,20 +648,32 @@ def _row_chunk(o, i, t0, t1, _a, y):  # pragma: no cover - compiled; tiles t0..t
 
 
 def _team_row(data):  # pragma: no cover - compiled
-    # one row: each thread makes the row's digits itself, once per call, then claims tiles
+    # one row: each thread makes the row's digits itself, once per call (at its first chunk), then claims tiles; a
+    # chain of blocks (:class:`Chain`, layers of one K and kind of x) goes on to the next block's tiles as soon as
+    # it finds none left in this one, the same digits serving every layer; the first block's team size is every one's
     head = carray(data, _omp.HEADER, np.int64)
+    team = carray(data, _omp.HEADER + head[1] + _omp.TRAILER, np.int64)[_omp.HEADER + head[1] + _omp.THREADS]
     o = _read(head)
     K = o.K
     xkind = o.meta & 3
     xd = np.empty((4, K), np.uint8)
     xm = np.empty(1, np.float32)
-    parts = 0
-    if head[0] < head[1]:  # chunks left to claim (a block of none is the loader's probe)
-        if xkind == 0:
-            parts = _row_digits(carray(o.x, (1, K), np.float32), 0, xd, xm)
-        else:
-            parts = _row_digits(carray(o.x, (1, K), np.uint16), xkind, xd, xm)
-    _omp.claim_operands(data, _read, _row_chunk, 0, (xd, xm, parts), True)  # a lane of tiles per thread
+    parts = -1  # (not made yet)
+    while True:
+        head = carray(data, _omp.HEADER, np.int64)
+        nchunks = head[1]
+        block = carray(data, _omp.HEADER + nchunks + _omp.TRAILER + 1, np.int64)
+        block[_omp.HEADER + nchunks + _omp.THREADS] = team  # (every thread writes the same value)
+        if parts < 0 and head[0] < nchunks:  # chunks left to claim (a block of none is the loader's probe)
+            if xkind == 0:
+                parts = _row_digits(carray(o.x, (1, K), np.float32), 0, xd, xm)
+            else:
+                parts = _row_digits(carray(o.x, (1, K), np.uint16), xkind, xd, xm)
+        _omp.claim_operands(data, _read, _row_chunk, 0, (xd, xm, max(parts, 0)), True)  # a lane of tiles per thread
+        following = block[_omp.HEADER + nchunks + _omp.TRAILER]
+        if following == 0:
+            break
+        data = _omp.as_ptr(following)
 
 
 _TEAM_ROW = _omp.TeamKernel(_team_row)
@@ -736,13 +748,17 @@ class Plan:
             return self.natives[key]
         except KeyError:
             pass
-        ops = self.ops.copy()
-        ops[_SLOTS["M"]], ops[_SLOTS["meta"]] = 1, _few_meta(xkind, okind, kb)
-        # the block of a one-row call and a link slot after its trailer (what a native launch writes); no sums
-        template = np.append(_omp.new_block(self.T, self.T, ops), np.int64(0))
+        template = self.row_template(xkind, okind, kb)
         team = _TEAM_ROW if dot else _TEAM_FEW
         native = self.natives[key] = _native(team, self.T, [(template, 0)], (_X, _OUT, -1))
         return native
+
+    def row_template(self, xkind: int, okind: int, kb: int = KB) -> np.ndarray:
+        """The team block of a one-row call of these kinds, and a link slot after its trailer (what a native launch
+        and a :class:`Chain` write); no sums."""
+        ops = self.ops.copy()
+        ops[_SLOTS["M"]], ops[_SLOTS["meta"]] = 1, _few_meta(xkind, okind, kb)
+        return np.append(_omp.new_block(self.T, self.T, ops), np.int64(0))
 
     def __call__(self, x: int, xkind: int, M: int, out: int, okind: int = 0, kb: int = KB,
                  dot: bool = False) -> bool:
@@ -763,6 +779,7 @@ class Plan:
             ops[meta] = _few_meta(xkind, okind, kb)
             block = _omp.new_block(T, T, ops)
             if M == 1 and dot and self.row:
+                block = np.append(block, np.int64(0))  # (the row kernel reads a link slot: none)
                 _omp.run(T, _TEAM_ROW, block, _serial_row, (block,), T, 1, nchunks=T)
             else:
                 _omp.run(T, _TEAM_FEW, block, _serial_few, (block,), T, 1, nchunks=T)
@@ -787,6 +804,32 @@ class Plan:
         ops[meta] = xkind | _TILES << 2 | parts << 4 | okind << 7 | kb << 16
         _phase(T, ops)
         return True
+
+
+class Chain:
+    """Two or three one-row ``vpdpbusd`` calls (:meth:`Plan.__call__` with ``dot``) on one input row, as one native
+    start of the thread team: ``Chain([(plan, xkind, okind), ...])`` (plans of one ``K`` that the kernel serves, one
+    kind of ``x``); ``chain(xa, oas)``: ``x`` at ``xa``, layer ``i``'s output at ``oas[i]``. False (nothing that
+    counts written) where it cannot go natively or ``x`` is not finite: the caller then runs each plan itself. The
+    same bits as each plan's own call."""
+
+    __slots__ = ("templates", "plans", "native")
+
+    def __init__(self, calls):
+        calls = tuple(calls)
+        if (not 2 <= len(calls) <= 3 or len({(p.K, xkind) for p, xkind, _ in calls}) != 1
+                or not all(p.row for p, _, _ in calls)):
+            raise ValueError("a Chain takes two or three plans of one K served by the dot kernel, one kind of x")
+        self.plans = tuple(p for p, _, _ in calls)
+        self.templates = [p.row_template(xkind, okind) for p, xkind, okind in calls]
+        self.native = _native(_TEAM_ROW, sum(p.T for p in self.plans), [(t, 0) for t in self.templates],
+                              (_X, _OUT, -1))
+
+    def __call__(self, xa: int, oas) -> bool:
+        native = self.native
+        if native is None or not native.run(xa, *oas, *(0,) * (3 - len(oas))):
+            return False
+        return not native.blocks[0][_omp.HEADER:_omp.HEADER + self.plans[0].T].any()
 
 
 def _few_meta(xkind: int, okind: int, kb: int) -> int:

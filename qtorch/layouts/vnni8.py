@@ -27,6 +27,7 @@ import torch
 from .. import native_ops, vnni8
 from .._infer_ops import define_twin, needs_grad, plain_eager
 from .._kept import ByTensor
+from ..sibling_calls import Part
 from .base import Layout, single_row_shapes
 from .codec import dense_linear
 
@@ -163,8 +164,11 @@ class Vnni8(Layout):
         shapes = single_row_shapes(n)
         addresses = (qw.data_ptr(), sc.data_ptr())
 
+        def valid():
+            return b["qweight"] is qw and b["scale"] is sc and (qw.data_ptr(), sc.data_ptr()) == addresses
+
         def decode(x):
-            if b["qweight"] is not qw or b["scale"] is not sc or (qw.data_ptr(), sc.data_ptr()) != addresses:
+            if not valid():
                 return None
             if x.stride(-1) != 1:  # (the other dimensions are of size 1)
                 x = x.contiguous()
@@ -173,6 +177,8 @@ class Vnni8(Layout):
                 return _portable(x.reshape(1, k), qw, sc).view(*shapes[x.dim()])
             return out
 
+        if dot and plan.row:  # chained with sibling layers' (qtorch.sibling_calls): one K and dtype
+            decode.part = Part(("vnni8", k, dtype), (plan, kind, kind), valid, shapes, dtype)
         return decode
 
     def from_canonical(self, spec, qweight, scale, zero_point):

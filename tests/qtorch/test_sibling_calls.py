@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qtorch
-from qtorch import sibling_calls, vnni
+from qtorch import autotune, sibling_calls, vnni, vnni8
 
 
 @pytest.fixture(autouse=True)
@@ -53,11 +53,21 @@ def grouped(ms) -> bool:
 CASES = [(torch.float32, "blocked", 8), (torch.bfloat16, "blocked", 8), (torch.bfloat16, "blocked", 4)]
 if vnni.available():
     CASES += [(torch.bfloat16, "vnni", 4), (torch.float32, "vnni", 4)]
+if vnni8.available() and vnni8.dot_eligible(256):
+    CASES += [(torch.bfloat16, "vnni8", 8), (torch.float32, "vnni8", 8)]
+
+
+def on_dot_path(ms, dtype):
+    """vnni8 layers decode one row by vpdpbusd (the path a race may keep; unmeasured here): the path that chains."""
+    for m in ms:
+        m.quantized_weight._routes[("cpu", dtype, autotune.bucket_index(1))] = "vnni8_dot"
 
 
 @pytest.mark.parametrize("dtype,layout,bits", CASES, ids=str)
 def test_layers_reading_one_row_in_turn_group_and_keep_their_bits(dtype, layout, bits):
     ms = layers(dtype=dtype, layout=layout, bits=bits)
+    if layout == "vnni8":
+        on_dot_path(ms, dtype)
     ref = apart(ms)
     other = layers(1, k=64, dtype=dtype, seed=9)[0]  # (8 bits, blocked: any dtype)
     with torch.no_grad():
@@ -206,3 +216,38 @@ def test_a_grouped_model_is_freed_when_deleted():
         assert all(r() is None for r in refs) and group() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.skipif(not (vnni8.available() and vnni8.dot_eligible(256)), reason="vnni8's dot path needs AMX-INT8")
+def test_vnni8_layers_on_the_tiles_stay_apart():
+    ms = layers(dtype=torch.bfloat16, layout="vnni8")  # one row on the tiles (the unmeasured path): no part to chain
+    other = layers(1, k=64, dtype=torch.bfloat16, seed=9)[0]
+    with torch.no_grad():
+        for _ in range(5):
+            step(ms, torch.randn(1, 256, dtype=torch.bfloat16), other)
+    assert all(m._sibling is None for m in ms)
+
+
+@pytest.mark.skipif(not (vnni8.available() and vnni8.dot_eligible(256)), reason="vnni8's dot path needs AMX-INT8")
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: no native launch")
+def test_a_vnni8_chain_gives_each_plans_own_bits_and_refuses_what_it_cannot_take():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    plans = [vnni8.Plan(vnni8.pack(rng.integers(-127, 128, (n, 256)).astype(np.int8)),
+                        rng.random(n).astype(np.float32)) for n in (128, 64, 192)]
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    want = []
+    for p in plans:
+        want.append(torch.empty(1, p.T * 64, dtype=torch.bfloat16))
+        assert p(x.data_ptr(), 1, 1, want[-1].data_ptr(), 1, dot=True)
+    chain = vnni8.Chain([(p, 1, 1) for p in plans])
+    got = [torch.full_like(w, 7) for w in want]
+    assert chain(x.data_ptr(), [g.data_ptr() for g in got])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    bad = x.clone()
+    bad[0, 9] = float("nan")
+    assert not chain(bad.data_ptr(), [g.data_ptr() for g in got])
+    other = vnni8.Plan(vnni8.pack(np.ones((64, 128), np.int8)), np.ones(64, np.float32))
+    with pytest.raises(ValueError, match="one K"):
+        vnni8.Chain([(plans[0], 1, 1), (other, 1, 1)])
