@@ -7,7 +7,8 @@ object, unchanged since: its version counter) one right after the other, the sam
 *group*: from then on the first one's call launches the whole group at once (:class:`qtorch.gemv.Chain` for the
 blocked layout, :class:`qtorch.vnni.Chain` for vnni, :class:`qtorch.vnni8.Chain` for vnni8's one-row ``vpdpbusd``
 path; up to three layers of one kernel, one ``K`` and dtype), and the
-others' calls return their output where they get that same tensor, unchanged, in the same order. Anything else (an
+others' calls return their output where they get that same tensor, unchanged, in the same order (tensors made under
+``torch.inference_mode`` keep no version counter, so their calls never group). Anything else (an
 input changed in place or another one, a member called out of turn or not at all, a weight replaced, a launch that
 cannot go natively) makes those calls compute on their own, and a group that misses twice in a row is dissolved
 for good. Every output has the bits of the layer's own call. ``QTORCH_SIBLINGS=0`` turns the grouping off.
@@ -137,7 +138,7 @@ class Group:
             self._miss()
             if self.dissolved:
                 return None
-        if x.dtype is not self.dtype:
+        if x.dtype is not self.dtype or x.is_inference():  # (an inference tensor keeps no version: no round)
             self.turn = _SKIP
             return None
         parts = self.parts
@@ -184,6 +185,8 @@ _REFUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def observe(layer, x: torch.Tensor, decoder) -> None:
     """Note a one-row call of ``layer`` (not in a group) on ``x`` by its kept ``decoder``: a run of layers on the
     same unchanged ``x`` seen twice in a row becomes a group."""
+    if x.is_inference():  # no version counter: a change in place between two calls could not be seen
+        return
     run = _RUN
     ref = run[0]
     if ref is not None and ref() is x and run[1] == x._version:

@@ -251,3 +251,24 @@ def test_a_vnni8_chain_gives_each_plans_own_bits_and_refuses_what_it_cannot_take
     other = vnni8.Plan(vnni8.pack(np.ones((64, 128), np.int8)), np.ones(64, np.float32))
     with pytest.raises(ValueError, match="one K"):
         vnni8.Chain([(plans[0], 1, 1), (other, 1, 1)])
+
+
+def test_inference_mode_tensors_never_group_and_decode_as_apart():
+    # an inference tensor keeps no version counter: a change in place between two calls could not be seen
+    ms = layers()
+    ref = apart(ms)
+    other = layers(1, k=64, seed=9)[0]
+    with torch.inference_mode():
+        for _ in range(5):
+            x = torch.randn(1, 256)
+            assert all(torch.equal(y, r(x)) for y, r in zip(step(ms, x, other), ref))
+    assert all(m._sibling is None for m in ms)
+    with torch.no_grad():  # grouped, then an inference tensor: that round goes apart, none of it a miss
+        for _ in range(4):
+            step(ms, torch.randn(1, 256), other)
+        assert grouped(ms)
+        with torch.inference_mode():
+            x = torch.randn(1, 256)
+            ys = [m(x) for m in ms]
+        assert all(torch.equal(y, r(x)) for y, r in zip(ys, ref))
+    assert grouped(ms) and ms[0]._sibling.group.misses == 0
