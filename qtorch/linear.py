@@ -160,8 +160,10 @@ class QuantLinear(nn.Module):
     (16, 16)
     """
 
-    #: this layer's place in a group of sibling layers that one launch runs (:mod:`qtorch.sibling_calls`), or None
+    #: this layer's place in a group of sibling layers that one launch runs (:mod:`qtorch.sibling_calls`), or None;
+    #: and the runs in a row in which it read its one-row input alone (watched for siblings up to ``LONELY``)
     _sibling = None
+    _lonely = 0
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, scheme: QuantScheme,
                  dtype: torch.dtype = torch.float32, device=None):
@@ -336,8 +338,9 @@ class QuantLinear(nn.Module):
                     y = None if sib is None else sib.group.call(sib.index, x)  # a group's launch ran it
                     if y is None:
                         y = run(x)
-                        if sib is None and y is not None and sibling_calls.ENABLED:
-                            sibling_calls.observe(self, x, run)
+                        if (sib is None and y is not None and self._lonely < sibling_calls.LONELY
+                                and sibling_calls.ENABLED and getattr(run, "part", None) is not None):
+                            sibling_calls.observe(self, x, run)  # (a layer that may group, and not seen alone)
                     if y is not None:
                         if bias is not None:
                             y.add_(bias if bias.dtype == y.dtype else bias.to(y.dtype))

@@ -43,6 +43,9 @@ ENABLED = os.environ.get("QTORCH_SIBLINGS", "1").strip() != "0"
 MOST = 3
 #: rounds in a row that a group may miss before it is dissolved
 MISSES = 2
+#: runs in a row in which a layer read its input alone, after which it is no longer watched (its calls skip
+#: :func:`observe`: attention's output and the MLP's down projection never have siblings)
+LONELY = 8
 #: ``Group.turn`` in a round whose launch did not run (no native launch now: the team capped on a busy machine, a
 #: forked child; ``x`` not finite; another dtype): every member computes its own, and none of it is a miss
 _SKIP = -1
@@ -195,6 +198,10 @@ def observe(layer, x: torch.Tensor, decoder) -> None:
             return
     if len(run[2]) > 1:
         _close(run[2])
+    elif run[2]:
+        alone = run[2][0][0]()
+        if alone is not None:
+            alone._lonely = getattr(alone, "_lonely", 0) + 1
     run[0], run[1], run[2] = weakref.ref(x), x._version, [(weakref.ref(layer), getattr(decoder, "part", None))]
 
 
@@ -203,6 +210,8 @@ def _close(calls: list) -> None:
     parts = [p for _, p in calls]
     if any(m is None for m in layers) or parts[0] is None:
         return
+    for m in layers:
+        m._lonely = 0
     n = 1
     while n < min(len(parts), MOST) and parts[n] is not None and parts[n].kind == parts[0].kind:
         n += 1
