@@ -61,8 +61,8 @@ from .gemv import _half_bits_to_float, _narrow, _native
 from .vnni import _RNE
 
 
-__all__ = ["DOT_MAX_K", "MAX_K", "NT", "Chain", "Plan", "available", "colsums", "dot_eligible", "eligible", "pack", "planes",
-           "run", "unpack"]
+__all__ = ["DOT_MAX_K", "MAX_K", "NT", "Chain", "Plan", "available", "colsums", "dot_eligible", "eligible", "pack",
+           "planes", "run", "unpack"]
 
 #: output channels of a tile: four strips of 16 (one C tile each)
 NT = 64

@@ -9,9 +9,10 @@ reordered, :func:`qtorch.vnni8.pack`: the same bytes), ``scale`` float32 ``[N]``
 integer planes per row, every tile loaded from the weight as it is stored (no code is converted per call), exact
 32-bit sums, scaled once per row and channel (see :class:`qtorch.vnni8.Plan` for the planes and ``x``'s one
 rounding); one eager row also ``vnni8_dot`` (the same planes by ``vpdpbusd``, no tile, where
-:func:`qtorch.vnni8.dot_eligible`), the layer timing both on this machine and keeping the faster. Under ``torch.compile`` and with autograd the op ``qtorch::vnni8_linear`` and its inference twin
-(opaque: freezing never folds a dequantized weight); a call whose ``x`` holds a NaN or an infinity, which the
-planes cannot hold, is computed by the portable path instead, as ``F.linear`` would.
+:func:`qtorch.vnni8.dot_eligible`), the layer timing both on this machine and keeping the faster. Under
+``torch.compile`` and with autograd the op ``qtorch::vnni8_linear`` and its inference twin (opaque: freezing never
+folds a dequantized weight; one row on the tiles); a call whose ``x`` holds a NaN or an infinity, which the planes
+cannot hold, is computed by the portable path instead, as ``F.linear`` would.
 
 >>> import torch, qcore
 >>> from qtorch.layouts import WeightSpec
