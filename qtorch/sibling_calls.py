@@ -159,7 +159,7 @@ class Group:
         return outs[0]
 
     def _miss(self) -> None:
-        self.pending = None
+        self.pending, self.turn = None, _SKIP  # (the rest of the round goes apart: one miss a round)
         self.misses += 1
         if self.misses >= MISSES:
             self.dissolve()
