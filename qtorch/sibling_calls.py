@@ -11,7 +11,7 @@ others' calls return their output where they get that same tensor, unchanged, in
 ``torch.inference_mode`` keep no version counter, so their calls never group). Anything else (an
 input changed in place or another one, a member called out of turn or not at all, a weight replaced, a launch that
 cannot go natively) makes those calls compute on their own, and a group that misses twice in a row is dissolved
-for good. Every output has the bits of the layer's own call. ``QTORCH_SIBLINGS=0`` turns the grouping off.
+for good; one whose weights were replaced or moved to another layout is dissolved, and forms again as before. Every output has the bits of the layer's own call. ``QTORCH_SIBLINGS=0`` turns the grouping off.
 
 Why: a decoding step calls each layer's kernel for a few hundred microseconds, and each call's launch, its Python
 on caches the weights just streamed through and the wait for its slowest thread cost tens of microseconds more
@@ -146,8 +146,8 @@ class Group:
             return None
         parts = self.parts
         for p in parts:
-            if not p.valid():  # a weight replaced: its unit reads the old buffers
-                self.dissolve()
+            if not p.valid():  # a weight replaced or held in another layout: its unit reads the old buffers
+                self.dissolve(refuse=False)  # (the calls' pattern still holds: they may group again)
                 return None
         xc = x if x.stride(-1) == 1 else x.contiguous()
         d = x.dim()
@@ -164,8 +164,8 @@ class Group:
         if self.misses >= MISSES:
             self.dissolve()
 
-    def dissolve(self) -> None:
-        """The members compute on their own from now on, and never group again."""
+    def dissolve(self, refuse: bool = True) -> None:
+        """The members compute on their own from now on, and (``refuse``) never group again."""
         self.pending = None
         self.dissolved = True
         for ref in self.members:
@@ -174,7 +174,8 @@ class Group:
                 continue
             if getattr(m, "_sibling", None) is not None and m._sibling.group is self:
                 m._sibling = None
-            _REFUSED[m] = True
+            if refuse:
+                _REFUSED[m] = True
 
 
 # the run of one-row calls under way: the input (weakly), its version, and per call the layer (weakly) and its part
@@ -212,11 +213,16 @@ def _close(calls: list) -> None:
         return
     for m in layers:
         m._lonely = 0
-    n = 1
-    while n < min(len(parts), MOST) and parts[n] is not None and parts[n].kind == parts[0].kind:
-        n += 1
+    def joins(m, p):  # (a layer refused or in a group of its own ends the run that can group)
+        return p is not None and p.kind == parts[0].kind and m not in _REFUSED and getattr(m, "_sibling", None) is None
+
     lead = layers[0]
-    if n < 2 or lead in _REFUSED:
+    if not joins(lead, parts[0]):
+        return
+    n = 1
+    while n < min(len(parts), MOST) and joins(layers[n], parts[n]):
+        n += 1
+    if n < 2:
         return
     key = tuple(id(m) for m in layers[:n])
     seen = _SEEN.get(lead)
@@ -224,8 +230,6 @@ def _close(calls: list) -> None:
         _SEEN[lead] = (key, 1)
         return
     del _SEEN[lead]
-    if any(getattr(m, "_sibling", None) is not None or m in _REFUSED for m in layers[:n]):
-        return
     try:
         run = _launcher(parts[:n])
     except ValueError:  # units the chain refuses: they stay apart

@@ -118,7 +118,7 @@ def test_a_member_skipped_is_a_miss():
     assert ms[0]._sibling is None
 
 
-def test_a_replaced_weight_is_read_and_the_group_dissolves():
+def test_a_replaced_weight_is_read_and_the_group_forms_again():
     ms = layers()
     other = layers(1, k=64, seed=9)[0]
     with torch.no_grad():
@@ -128,8 +128,18 @@ def test_a_replaced_weight_is_read_and_the_group_dissolves():
         ms[1].quantize(torch.randn(128, 256))  # new buffers for a member
         ref = apart(ms)
         x = torch.randn(1, 256)
-        assert all(torch.equal(m(x), r(x)) for m, r in zip(ms, ref))
-    assert ms[0]._sibling is None
+        assert all(torch.equal(y, r(x)) for y, r in zip(step(ms, x, other), ref))
+        assert ms[0]._sibling is None  # dissolved, not refused: the calls' pattern still holds
+        for _ in range(3):
+            x = torch.randn(1, 256)
+            assert all(torch.equal(y, r(x)) for y, r in zip(step(ms, x, other), ref))
+        assert grouped(ms)
+        assert ms[2].quantized_weight.hold_layout("canonical", torch.float32)  # another layout: no chain
+        ref = apart(ms)
+        for _ in range(4):
+            x = torch.randn(1, 256)
+            assert all(torch.equal(y, r(x)) for y, r in zip(step(ms, x, other), ref))
+        assert grouped(ms[:2]) and ms[2]._sibling is None  # the two that still chain
 
 
 def test_biases_are_each_layers_own():
