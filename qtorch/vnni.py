@@ -381,6 +381,8 @@ class Chain:
         self.plans = plans
         self.native = _native(_TEAM_GEMV, sum(p.T for p in plans),
                               [(p.template, p.N if p.scratch else 0) for p in plans], (_X, _OUT, _SCRATCH))
+        if self.native is None:  # (no team of torch's here, or native launches off: nothing to chain)
+            raise ValueError("a Chain runs as one native launch, which this process cannot make")
 
     def __call__(self, xa: int, oas) -> bool:
         native = self.native

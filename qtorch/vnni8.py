@@ -824,6 +824,8 @@ class Chain:
         self.templates = [p.row_template(xkind, okind) for p, xkind, okind in calls]
         self.native = _native(_TEAM_ROW, sum(p.T for p in self.plans), [(t, 0) for t in self.templates],
                               (_X, _OUT, -1))
+        if self.native is None:  # (no team of torch's here, or native launches off: nothing to chain)
+            raise ValueError("a Chain runs as one native launch, which this process cannot make")
 
     def __call__(self, xa: int, oas) -> bool:
         native = self.native
