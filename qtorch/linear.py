@@ -338,9 +338,13 @@ class QuantLinear(nn.Module):
                     y = None if sib is None else sib.group.call(sib.index, x)  # a group's launch ran it
                     if y is None:
                         y = run(x)
-                        if (sib is None and y is not None and self._lonely < sibling_calls.LONELY
-                                and sibling_calls.ENABLED and getattr(run, "part", None) is not None):
-                            sibling_calls.observe(self, x, run)  # (a layer that may group, and not seen alone)
+                        if sib is None and y is not None and sibling_calls.ENABLED:
+                            lonely = self._lonely
+                            if lonely < sibling_calls.LONELY:  # (a layer that may group, and not seen alone)
+                                if getattr(run, "part", None) is not None:
+                                    sibling_calls.observe(self, x, run)
+                            else:  # watched again after REWATCH calls: its neighbours' layouts may have changed
+                                self._lonely = lonely + 1 if lonely < sibling_calls.REWATCH else 0
                     if y is not None:
                         if bias is not None:
                             y.add_(bias if bias.dtype == y.dtype else bias.to(y.dtype))

@@ -46,6 +46,8 @@ MISSES = 2
 #: runs in a row in which a layer read its input alone, after which it is no longer watched (its calls skip
 #: :func:`observe`: attention's output and the MLP's down projection never have siblings)
 LONELY = 8
+#: ... until it has made this many calls more (a neighbour moved to a layout that chains may be its sibling now)
+REWATCH = 256
 #: ``Group.turn`` in a round whose launch did not run (no native launch now: the team capped on a busy machine, a
 #: forked child; ``x`` not finite; another dtype): every member computes its own, and none of it is a miss
 _SKIP = -1

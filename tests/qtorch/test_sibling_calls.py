@@ -283,3 +283,20 @@ def test_inference_mode_tensors_never_group_and_decode_as_apart():
             ys = [m(x) for m in ms]
         assert all(torch.equal(y, r(x)) for y, r in zip(ys, ref))
     assert grouped(ms) and ms[0]._sibling.group.misses == 0
+
+
+def test_a_layer_seen_alone_is_watched_again_later(monkeypatch):
+    monkeypatch.setattr(sibling_calls, "REWATCH", 20)
+    ms = layers(2)
+    ms[1].quantized_weight.hold_layout("canonical", torch.float32)  # no chain: the first reads its input alone
+    other = layers(1, k=64, seed=9)[0]
+    with torch.no_grad():
+        for _ in range(12):
+            step(ms, torch.randn(1, 256), other)
+        assert ms[0]._lonely >= sibling_calls.LONELY and ms[0]._sibling is None
+        assert ms[1].quantized_weight.hold_layout("blocked", torch.float32)  # now it chains
+        ref = apart(ms)
+        for _ in range(30):
+            x = torch.randn(1, 256)
+            assert all(torch.equal(y, r(x)) for y, r in zip(step(ms, x, other), ref))
+    assert grouped(ms)
