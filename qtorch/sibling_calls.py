@@ -215,8 +215,10 @@ def _close(calls: list) -> None:
         return
     for m in layers:
         m._lonely = 0
+
     def joins(m, p):  # (a layer refused or in a group of its own ends the run that can group)
-        return p is not None and p.kind == parts[0].kind and m not in _REFUSED and getattr(m, "_sibling", None) is None
+        return (p is not None and p.kind == parts[0].kind and m not in _REFUSED
+                and getattr(m, "_sibling", None) is None)
 
     lead = layers[0]
     if not joins(lead, parts[0]):
