@@ -25,6 +25,7 @@ import threading
 
 import numpy as np
 import torch
+from numba import carray, njit
 from qcore import _parallel, _team
 # the kernel modules take these from here
 from qcore._team import (ADDR, F64, HEADER, I64, THREADS, TRAILER, Operands, as_ptr, claim,  # noqa: F401
@@ -32,8 +33,30 @@ from qcore._team import (ADDR, F64, HEADER, I64, THREADS, TRAILER, Operands, as_
 
 from ._ir import cached as _cached
 
-__all__ = ["ADDR", "F64", "I64", "Operands", "TeamKernel", "as_ptr", "available", "check_operands", "claim",
-           "claim_operands", "give_block", "new_block", "on_caller", "run", "take_block", "team_call", "team_size"]
+__all__ = ["ADDR", "F64", "I64", "Operands", "TeamKernel", "as_ptr", "available", "chain_team", "check_operands",
+           "claim", "claim_operands", "enter_block", "give_block", "new_block", "on_caller", "run", "take_block",
+           "team_call", "team_size"]
+
+
+@njit(inline="always")
+def chain_team(data):  # pragma: no cover - compiled
+    """The team size of a chain of linked blocks (one layer each, :class:`qtorch.gemv.Chain` and the like): its
+    first block's, where the launch wrote it."""
+    head = carray(data, HEADER, np.int64)
+    return carray(data, HEADER + head[1] + TRAILER, np.int64)[HEADER + head[1] + THREADS]
+
+
+@njit(inline="always")
+def enter_block(data, team):  # pragma: no cover - compiled
+    """Give the block at ``data``, one of a chain, the chain's ``team`` size (every thread writes the same value)
+    and return the next block's address: the slot after its trailer, 0 for the last. A team kernel over a chain
+    runs each thread's share of one block's chunks, then goes on to the next block's without waiting for the
+    others."""
+    head = carray(data, HEADER, np.int64)
+    nchunks = head[1]
+    block = carray(data, HEADER + nchunks + TRAILER + 1, np.int64)
+    block[HEADER + nchunks + THREADS] = team
+    return block[HEADER + nchunks + TRAILER]
 
 
 def TeamKernel(pyfunc) -> _team.TeamKernel:

@@ -302,19 +302,15 @@ def _gemv_chunk(o, i, t0, t1, _a, y):  # pragma: no cover - compiled; tiles t0..
 def _team_gemv(data):  # pragma: no cover - compiled
     # a chain of blocks (:class:`Chain`): each thread runs its share of one layer's tiles, then goes on to the next
     # block's without waiting for the others; the team size of the first block is every block's
-    head = carray(data, _omp.HEADER, np.int64)
-    team = carray(data, _omp.HEADER + head[1] + _omp.TRAILER, np.int64)[_omp.HEADER + head[1] + _omp.THREADS]
+    team = _omp.chain_team(data)
     while True:
+        following = _omp.enter_block(data, team)
         head = carray(data, _omp.HEADER, np.int64)
-        nchunks = head[1]
-        block = carray(data, _omp.HEADER + nchunks + _omp.TRAILER + 1, np.int64)
-        block[_omp.HEADER + nchunks + _omp.THREADS] = team  # (every thread writes the same value)
-        if head[0] < nchunks:  # chunks left to claim: this thread's own planes (a block of none is the loader's probe)
+        if head[0] < head[1]:  # chunks left to claim: this thread's own planes (a block of none is the loader's probe)
             y = _prep(_read(head))
         else:
             y = (np.empty((0, 0), np.int8), np.empty(0, np.float32), np.empty((0, 2), np.int32), False)
         _omp.claim_operands(data, _read, _gemv_chunk, 0, y, True)  # a lane of tiles per thread: one stream each
-        following = block[_omp.HEADER + nchunks + _omp.TRAILER]
         if following == 0:
             break
         data = _omp.as_ptr(following)

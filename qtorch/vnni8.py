@@ -651,26 +651,22 @@ def _team_row(data):  # pragma: no cover - compiled
     # one row: each thread makes the row's digits itself, once per call (at its first chunk), then claims tiles; a
     # chain of blocks (:class:`Chain`, layers of one K and kind of x) goes on to the next block's tiles as soon as
     # it finds none left in this one, the same digits serving every layer; the first block's team size is every one's
-    head = carray(data, _omp.HEADER, np.int64)
-    team = carray(data, _omp.HEADER + head[1] + _omp.TRAILER, np.int64)[_omp.HEADER + head[1] + _omp.THREADS]
-    o = _read(head)
+    team = _omp.chain_team(data)
+    o = _read(carray(data, _omp.HEADER, np.int64))
     K = o.K
     xkind = o.meta & 3
     xd = np.empty((4, K), np.uint8)
     xm = np.empty(1, np.float32)
     parts = -1  # (not made yet)
     while True:
+        following = _omp.enter_block(data, team)
         head = carray(data, _omp.HEADER, np.int64)
-        nchunks = head[1]
-        block = carray(data, _omp.HEADER + nchunks + _omp.TRAILER + 1, np.int64)
-        block[_omp.HEADER + nchunks + _omp.THREADS] = team  # (every thread writes the same value)
-        if parts < 0 and head[0] < nchunks:  # chunks left to claim (a block of none is the loader's probe)
+        if parts < 0 and head[0] < head[1]:  # chunks left to claim (a block of none is the loader's probe)
             if xkind == 0:
                 parts = _row_digits(carray(o.x, (1, K), np.float32), 0, xd, xm)
             else:
                 parts = _row_digits(carray(o.x, (1, K), np.uint16), xkind, xd, xm)
         _omp.claim_operands(data, _read, _row_chunk, 0, (xd, xm, max(parts, 0)), True)  # a lane of tiles per thread
-        following = block[_omp.HEADER + nchunks + _omp.TRAILER]
         if following == 0:
             break
         data = _omp.as_ptr(following)
