@@ -703,6 +703,7 @@ class _Scratch(threading.local):
 
 
 _SCRATCH = _Scratch()
+_SUMS_LOCK = threading.Lock()
 _SLOTS = {f: OPERANDS.slot(f) - 3 for f in OPERANDS.fields}  # a field's place in the operands tuple
 _X, _OUT = OPERANDS.slot("x"), OPERANDS.slot("out")  # ... and in a block
 
@@ -724,13 +725,11 @@ class Plan:
     def __init__(self, w: np.ndarray, scale: np.ndarray):
         T = w.shape[0]
         self.T, self.K = T, w.shape[2] * STEP
-        # the one-row vpdpbusd kernel's code sums per channel, where it serves the weight
-        self.row = dot_eligible(self.K) and T > 0
-        colsum = colsums(w) if self.row else np.zeros(1, np.int32)
-        self.arrays = (w, scale, colsum)
+        self.row = dot_eligible(self.K) and T > 0  # whether the one-row vpdpbusd kernel serves the weight
+        self.arrays = (w, scale)
         self.parts = 2  # the planes the last call of 5+ bfloat16 / float16 rows needed
         self.ops = list(OPERANDS.pack(M=0, K=self.K, T=T, meta=0, pf=PF, x=0, xa=0, xm=0, need=0, w=w, scale=scale,
-                                      colsum=colsum, out=0))
+                                      colsum=0, out=0))
         self.natives = {}  # (xkind, okind, kb) -> the one-row launch as one native call (qtorch._launch), or None
         self.registered = set()  # the kinds whose launch qtorch.native_ops runs for an op's one-row calls
 
@@ -744,14 +743,26 @@ class Plan:
             return self.natives[key]
         except KeyError:
             pass
-        template = self.row_template(xkind, okind, kb)
+        template = self.row_template(xkind, okind, kb, dot)
         team = _TEAM_ROW if dot else _TEAM_FEW
         native = self.natives[key] = _native(team, self.T, [(template, 0)], (_X, _OUT, -1))
         return native
 
-    def row_template(self, xkind: int, okind: int, kb: int = KB) -> np.ndarray:
-        """The team block of a one-row call of these kinds, and a link slot after its trailer (what a native launch
-        and a :class:`Chain` write); no sums."""
+    def _code_sums(self) -> None:
+        # each channel's code sum, which the vpdpbusd kernel takes off: made at its first call, not with the plan
+        # (56 ms for a 4096 x 4096 weight, paid by every layer a model loads otherwise)
+        if self.ops[_SLOTS["colsum"]] == 0:
+            with _SUMS_LOCK:  # (made once: a template of another thread's may hold the address already)
+                if self.ops[_SLOTS["colsum"]] == 0:
+                    colsum = colsums(self.arrays[0])
+                    self.arrays = self.arrays[:2] + (colsum,)
+                    self.ops[_SLOTS["colsum"]] = colsum.ctypes.data
+
+    def row_template(self, xkind: int, okind: int, kb: int = KB, dot: bool = False) -> np.ndarray:
+        """The team block of a one-row call of these kinds (``dot``: for the vpdpbusd kernel), and a link slot after
+        its trailer (what a native launch and a :class:`Chain` write); no sums."""
+        if dot:
+            self._code_sums()
         ops = self.ops.copy()
         ops[_SLOTS["M"]], ops[_SLOTS["meta"]] = 1, _few_meta(xkind, okind, kb)
         return np.append(_omp.new_block(self.T, self.T, ops), np.int64(0))
@@ -775,7 +786,9 @@ class Plan:
             ops[meta] = _few_meta(xkind, okind, kb)
             block = _omp.new_block(T, T, ops)
             if M == 1 and dot and self.row:
-                block = np.append(block, np.int64(0))  # (the row kernel reads a link slot: none)
+                self._code_sums()
+                ops[_SLOTS["colsum"]] = self.ops[_SLOTS["colsum"]]
+                block = np.append(_omp.new_block(T, T, ops), np.int64(0))  # (the row kernel reads a link slot: none)
                 _omp.run(T, _TEAM_ROW, block, _serial_row, (block,), T, 1, nchunks=T)
             else:
                 _omp.run(T, _TEAM_FEW, block, _serial_few, (block,), T, 1, nchunks=T)
@@ -817,7 +830,7 @@ class Chain:
                 or not all(p.row for p, _, _ in calls)):
             raise ValueError("a Chain takes two or three plans of one K served by the dot kernel, one kind of x")
         self.plans = tuple(p for p, _, _ in calls)
-        self.templates = [p.row_template(xkind, okind) for p, xkind, okind in calls]
+        self.templates = [p.row_template(xkind, okind, dot=True) for p, xkind, okind in calls]
         self.native = _native(_TEAM_ROW, sum(p.T for p in self.plans), [(t, 0) for t in self.templates],
                               (_X, _OUT, -1))
         if self.native is None:  # (no team of torch's here, or native launches off: nothing to chain)
