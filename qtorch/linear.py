@@ -341,8 +341,9 @@ class QuantLinear(nn.Module):
                         if sib is None and y is not None and sibling_calls.ENABLED:
                             lonely = self._lonely
                             if lonely < sibling_calls.LONELY:  # (a layer that may group, and not seen alone)
-                                if getattr(run, "part", None) is not None:
-                                    sibling_calls.observe(self, x, run)
+                                part = getattr(run, "part", None)
+                                if part is not None:
+                                    sibling_calls.observe(self, x, part)
                             else:  # watched again after REWATCH calls: its neighbours' layouts may have changed
                                 self._lonely = lonely + 1 if lonely < sibling_calls.REWATCH else 0
                     if y is not None:

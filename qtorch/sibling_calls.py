@@ -188,8 +188,9 @@ _SEEN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _REFUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def observe(layer, x: torch.Tensor, decoder) -> None:
-    """Note a one-row call of ``layer`` (not in a group) on ``x`` by its kept ``decoder``: a run of layers on the
+def observe(layer, x: torch.Tensor, part: Part) -> None:
+    """Note a one-row call of ``layer`` (not in a group) on ``x`` by its kept decoder, whose ``part`` this is: a run
+    of layers on the
     same unchanged ``x`` seen twice in a row becomes a group."""
     if x.is_inference():  # no version counter: a change in place between two calls could not be seen
         return
@@ -197,7 +198,7 @@ def observe(layer, x: torch.Tensor, decoder) -> None:
     ref = run[0]
     if ref is not None and ref() is x and run[1] == x._version:
         if all(w() is not layer for w, _ in run[2]):
-            run[2].append((weakref.ref(layer), getattr(decoder, "part", None)))
+            run[2].append((weakref.ref(layer), part))
             return
     if len(run[2]) > 1:
         _close(run[2])
@@ -205,7 +206,7 @@ def observe(layer, x: torch.Tensor, decoder) -> None:
         alone = run[2][0][0]()
         if alone is not None:
             alone._lonely = getattr(alone, "_lonely", 0) + 1
-    run[0], run[1], run[2] = weakref.ref(x), x._version, [(weakref.ref(layer), getattr(decoder, "part", None))]
+    run[0], run[1], run[2] = weakref.ref(x), x._version, [(weakref.ref(layer), part)]
 
 
 def _close(calls: list) -> None:

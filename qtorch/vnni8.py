@@ -784,13 +784,13 @@ class Plan:
         meta = _SLOTS["meta"]
         if 4 * M <= 16:  # four planes in one A tile (or one row's digits): one launch, every thread splitting x
             ops[meta] = _few_meta(xkind, okind, kb)
-            block = _omp.new_block(T, T, ops)
             if M == 1 and dot and self.row:
                 self._code_sums()
                 ops[_SLOTS["colsum"]] = self.ops[_SLOTS["colsum"]]
                 block = np.append(_omp.new_block(T, T, ops), np.int64(0))  # (the row kernel reads a link slot: none)
                 _omp.run(T, _TEAM_ROW, block, _serial_row, (block,), T, 1, nchunks=T)
             else:
+                block = _omp.new_block(T, T, ops)
                 _omp.run(T, _TEAM_FEW, block, _serial_few, (block,), T, 1, nchunks=T)
             return not block[_omp.HEADER:_omp.HEADER + T].any()
         need, ops[_SLOTS["need"]] = _SCRATCH.get("need", M, np.int32)
