@@ -64,7 +64,7 @@ import torch
 
 __all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "ROTATION_COPIES", "cache_dir", "cold_bytes",
            "evict_caches", "request_cost",
-           "last_level_cache", "rotation_copies", "LAYOUT_TIE", "DROP_AFTER", "DispatchKey", "LayoutKey", "SettingKey",
+           "last_level_cache", "rotation_copies", "LAYOUT_TIE", "DROP_AFTER", "SIBLING_DROP", "DispatchKey", "LayoutKey", "SettingKey",
            "Dispatcher", "row_bucket", "bucket_index", "cpu_info", "fingerprint", "default_cache_path",
            "default_dispatcher"]
 
@@ -128,6 +128,13 @@ DROP_AFTER = 2
 #: and the fastest of one call per path decided it before), within :data:`LAYOUT_SPEND` budgets
 LAYOUT_ROUNDS = 3
 LAYOUT_SPEND = 40
+#: how much slower than the fastest path of its own layout a path may be, once it has made :data:`DROP_AFTER`
+#: timed calls, and still be timed in a layout race (it cannot set the layout's time; ``drop_ratio`` applies
+#: before). A slow sibling kept in the rounds slows the calls timed after it: the blocked layout's AMX one-row path,
+#: 2.7x its own one-row kernel on a 2048x2048 4-bit float32 layer (AMX Xeon), stayed in every round under the
+#: ratio of 3, and the call after it in each round, vnni's, read 0.153-0.200 ms against 0.121-0.152 without it,
+#: and lost a race it wins in a model (decoding 12.86 against 13.49 ms a token, lockstep)
+SIBLING_DROP = 2.0
 FILE_FORMAT = "qtorch-dispatch"
 FILE_VERSION = 1
 
@@ -592,8 +599,8 @@ class Dispatcher:
         raised in its warm-up call raised).
 
         ``siblings``: candidate -> its group (a layout's paths, of which only the fastest counts). A candidate
-        ``drop_ratio`` times slower than its group's leader after a timed call stops being timed, whatever
-        ``drop``; and the rounds go on past the slow-call stop (four budgets spent) until :data:`LAYOUT_ROUNDS`
+        ``drop_ratio`` times slower than its group's leader after a timed call, or :data:`SIBLING_DROP` times after
+        :data:`DROP_AFTER`, stops being timed, whatever ``drop``; and the rounds go on past the slow-call stop (four budgets spent) until :data:`LAYOUT_ROUNDS`
         are done, within :data:`LAYOUT_SPEND` budgets. Without that, a 128-row race of 4096x4096 4-bit bfloat16
         layers (nine paths, 87 ms a round, three of them 15-24 ms) was decided on one call per path: on the AMX
         Xeon `vnni`'s AMX path took 3.0, 4.4 and 4.8 ms in three races, and 2.6-2.8 ms timed alone."""
@@ -634,7 +641,8 @@ class Dispatcher:
                         leads[g] = n
                 for n in list(alive):
                     first = leads[siblings(n)]
-                    if n != first and min(samples[n]) > self.drop_ratio * med[first]:
+                    ratio = SIBLING_DROP if len(samples[n]) >= DROP_AFTER else self.drop_ratio
+                    if n != first and min(samples[n]) > min(ratio, self.drop_ratio) * med[first]:
                         del alive[n]
             if len(alive) == 1 or rounds >= self.max_rounds or (rounds >= self.min_rounds and spent >= self.budget_s):
                 break

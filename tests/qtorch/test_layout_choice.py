@@ -497,3 +497,31 @@ def test_slow_row_counts_still_get_several_calls_and_a_layouts_slow_paths_stop()
     slow = lambda n: lambda: {r: {"own": path(f"{n}{r}", 5000.0)} for r in (1, 16, 128)}  # noqa: E731
     d.choose_layout(key, {"a": slow("a"), "b": slow("b")})
     assert calls["a128"] == calls["b128"] == 2  # warm-up and one timed call
+
+
+def test_a_layouts_path_twice_as_slow_as_its_sibling_stops_after_two_timed_calls():
+    """A path that cannot set its layout's time (over SIBLING_DROP times its sibling's, over DROP_AFTER timed calls)
+    stops being timed: kept in every round, such a call (the blocked layout's AMX one-row path) slowed the call
+    timed after it, another layout's. One slow first call is not enough."""
+    clock = [0.0]
+    calls = {}
+
+    def path(name, *ms):
+        calls[name] = 0
+
+        def call():
+            clock[0] += ms[min(calls[name], len(ms) - 1)] / 1e3
+            calls[name] += 1
+        return call
+
+    d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0])
+    key = autotune.LayoutKey.make(64, 64, "w4a-group1-g32", BF16)
+    a = lambda: {1: {"fast": path("a-fast", 1.0), "slow": path("a-slow", 2.5),  # noqa: E731
+                     "hiccup": path("a-hiccup", 1.0, 2.5, 1.0)},
+                 16: {"own": path("a16", 2.0)}, 128: {"own": path("a128", 20.0)}}
+    b = lambda: {r: {"own": path(f"b{r}", 1.1 * r)} for r in (1, 16, 128)}  # noqa: E731
+    assert d.choose_layout(key, {"a": a, "b": b}) == "a"
+    assert calls["a-slow"] == 1 + autotune.DROP_AFTER  # warm-up and two timed calls at 2.5x
+    assert calls["a-hiccup"] == calls["a-fast"] == calls["b1"] > 1 + autotune.DROP_AFTER
+    assert d.decisions()[str(key)]["ms"]["a@1"] == 1.0
+    assert autotune.SIBLING_DROP < d.drop_ratio  # (over drop_ratio a path stops after one timed call)
