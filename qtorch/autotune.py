@@ -113,7 +113,7 @@ def request_cost(ms: Mapping, name: str, rows: tuple) -> float | None:
     return sum(REQUEST_CALLS.get(r, 1) * t for r, t in zip(rows, times))
 #: layouts whose request cost is within this factor of the lowest count as tied. Among them the one whose worst row
 #: count is closest to the best layout at that count wins (its *regret*; ties of that, within the same factor, go
-#: to the static order). One-row calls outweigh the rest of a request, and their cold timings move by 5-10% between
+#: to the cheaper request, equal ones to the static order). One-row calls outweigh the rest of a request, and their cold timings move by 5-10% between
 #: runs on a shared machine, so a narrow tie flipped bfloat16 4096x4096 8-bit layers between int8pack and blocked
 #: from run to run, on the Zen 4 and on the AMX Xeon alike: within 3% of each other at one row, int8pack 1.3-1.5x
 #: slower at 16 rows and 1.2x at 128 (Zen 4), 2.7x and 2x (Xeon, torch 2.11)
@@ -509,7 +509,7 @@ class Dispatcher:
         call, 128 one-row decoding steps; a row count it does not name counts once), and its score that cost over
         the cheapest layout's. Of the layouts scoring within ``tie`` of the lowest, the one with the least regret
         wins (its largest ratio, over the row counts, to the fastest layout at that count; regrets within ``tie``
-        go to the earliest in the static order): a near tie on the request goes to the layout that is never far
+        go to the cheaper request, equal ones to the earliest in the static order): a near tie on the request goes to the layout that is never far
         behind. The fastest call, not the median, and no path dropped after one round: other work on the machine
         only adds time, and this decision is kept for good. At ``evict_rows`` (default :data:`COLD_ROWS`) every
         timed call follows an eviction of the caches (untimed); callers whose calls at those rows read a weight
@@ -574,7 +574,10 @@ class Dispatcher:
         best_at = {r: min(ms[n][r] for n in scored) + eps for r in rows}
         regret = {n: max((ms[n][r] + eps) / best_at[r] for r in rows) for n in near}
         least = min(regret.values())
-        pick = next(n for n in near if regret[n] <= least * tie)
+        # of those never far behind, the cheaper request (equal ones: the static order). The static order alone
+        # kept float32 2048x2048 4-bit layers on blocked, 5% dearer on the request than vnni with regrets of 1.12
+        # and 1.11, whose decoding it slowed by 5% (13.49 against 12.86 ms a token, AMX Xeon, lockstep)
+        pick = min((n for n in near if regret[n] <= least * tie), key=score.__getitem__)
         entry = {"path": pick, "ms": {f"{n}@{r}": round(v, 4) for n in ms for r, v in ms[n].items()},
                  "score": {n: round(v, 3) for n, v in score.items()},
                  "regret": {n: round(v, 3) for n, v in regret.items()}}
