@@ -51,7 +51,7 @@ import qcore
 from qcore import PerChannel, PerGroup, QuantScheme
 
 from . import sibling_calls
-from ._infer_ops import DISPATCH_DEPTH, IS_TRACING, TRANSFORMS, WRAPPED, plain_eager
+from ._infer_ops import DISPATCH_DEPTH, IS_TRACING, TRANSFORMS, WRAPPED
 from ._torch_numpy import to_numpy
 from .weight import QuantizedWeight, WeightSpec
 

@@ -53,7 +53,7 @@ from . import _omp
 from ._ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, host_has, prefetch_l2, to_bf16x32, vec
 from ._ir import cached as _cached
 from .gemv import _half_bits_to_float, _narrow, _native, _sums_address  # (the one-row kernels' shared pieces)
-from .planes import P as _P, _RNE, block_size, split_row as _split_row  # (x as integer planes)
+from .planes import P as _P, block_size, split_row as _split_row  # (x as integer planes)
 
 __all__ = ["Chain", "Plan", "available", "block_size", "dequant_t", "gemv_vnni", "split"]
 
@@ -512,7 +512,6 @@ _read_dq = DQ_OPERANDS.read
 @njit(inline="always")
 def _dq_chunk(o, i, t0, t1, _a, _b):  # pragma: no cover - compiled
     K, T = o.K, o.T
-    N = T * NT
     G = K // o.gsize
     w = carray(o.w, (T, K // 8, NT), np.uint32)
     scale = carray(o.scale, (T, G, NT), np.float32)

@@ -58,7 +58,7 @@ from ._ir import cached as _cached
 from .amx import _amx_fn as _fn  # an LLVM intrinsic's declaration in the module
 from .amx import on_lines
 from .gemv import _half_bits_to_float, _narrow, _native
-from .vnni import _RNE
+from .planes import _RNE
 
 
 __all__ = ["DOT_MAX_K", "MAX_K", "NT", "Chain", "Plan", "available", "colsums", "dot_eligible", "eligible", "pack",

@@ -110,7 +110,7 @@ def _tile_blocks(typingctx, xa, bbuf, cbuf, t, M, scale, xm, out, nbb, steps, pa
         return None
     ns, P = steps.literal_value, parts.literal_value
     R = 16 // P
-    vi, vf, vb = vec(_I32, 16), vec(_F32, 16), vec(_I8, 16)
+    vi, vf = vec(_I32, 16), vec(_F32, 16)
 
     def codegen(context, builder, sig, args):
         xa_, ba, ca, sa, ma, oa = (context.make_array(sig.args[i])(context, builder, args[i])
