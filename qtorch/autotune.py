@@ -498,7 +498,7 @@ class Dispatcher:
 
     def choose_layout(self, key: LayoutKey, candidates: Mapping[str, Callable[[], Mapping | None]],
                       rows: tuple = LAYOUT_ROWS, tie: float = LAYOUT_TIE, evict_rows: tuple = COLD_ROWS,
-                      calls: Mapping[int, int] | None = None) -> str:
+                      calls: Mapping[int, int] | None = None, cheaper_ties: bool = True) -> str:
         """Name of the layout to hold for ``key`` among ``candidates`` (name -> a callable that converts a
         throwaway copy of the weight and returns ``{rows: {path name: callable running one forward}}`` for every
         count in ``rows``, or None when the layout cannot hold this weight after all), in the static order.
@@ -515,7 +515,8 @@ class Dispatcher:
         timed call follows an eviction of the caches (untimed); callers whose calls at those rows read a weight
         out of cache by themselves (the eager trials rotate over copies) pass ``()``. ``calls``: row count ->
         forwards each of its timed calls runs (compiled probes that rotate over copies inside one call); the call's
-        time is divided by it.
+        time is divided by it. ``cheaper_ties=False``: regrets within ``tie`` go to the static order alone (the
+        compiled probes, whose template layout's time the blocking chosen after them may still lower).
 
         >>> import time
         >>> d = Dispatcher(cache_path=False, env={})
@@ -577,7 +578,8 @@ class Dispatcher:
         # of those never far behind, the cheaper request (equal ones: the static order). The static order alone
         # kept float32 2048x2048 4-bit layers on blocked, 5% dearer on the request than vnni with regrets of 1.12
         # and 1.11, whose decoding it slowed by 5% (13.49 against 12.86 ms a token, AMX Xeon, lockstep)
-        pick = min((n for n in near if regret[n] <= least * tie), key=score.__getitem__)
+        tied = [n for n in near if regret[n] <= least * tie]
+        pick = min(tied, key=score.__getitem__) if cheaper_ties else tied[0]
         entry = {"path": pick, "ms": {f"{n}@{r}": round(v, 4) for n in ms for r, v in ms[n].items()},
                  "score": {n: round(v, 3) for n, v in score.items()},
                  "regret": {n: round(v, 3) for n, v in regret.items()}}

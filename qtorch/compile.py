@@ -687,7 +687,7 @@ def choose_layouts(model: nn.Module, rows=None, options: dict | None = None, sib
             probes = {name: (lambda name=name: _probe_runs(members[0], name, rows, options, copies))
                       for name in names}
             try:
-                pick = d.choose_layout(key, probes, rows=rows,
+                pick = d.choose_layout(key, probes, rows=rows, cheaper_ties=False,
                                        calls={r: copies for r in rows if r in autotune.COLD_ROWS})
             except Exception as e:  # every probe failed: nothing was measured
                 warnings.warn(f"qtorch.compile: no layout probe of {key} ran ({type(e).__name__}: {e}); "
