@@ -623,7 +623,9 @@ class Dispatcher:
         samples: dict[str, list[float]] = {name: [] for name in alive}
         spent, rounds = 0.0, 0
         while True:
-            for name in list(alive):
+            # every other round in reverse: a call slows the one timed after it (an AMX call, the next candidate's
+            # cold start), so no candidate always follows the same one
+            for name in (list(alive) if rounds % 2 == 0 else list(reversed(alive))):
                 if before is not None:
                     before()
                 t0 = self.timer()

@@ -538,3 +538,22 @@ def test_a_layouts_path_twice_as_slow_as_its_sibling_stops_after_two_timed_calls
     assert calls["a-hiccup"] == calls["a-fast"] == calls["b1"] > 1 + autotune.DROP_AFTER
     assert d.decisions()[str(key)]["ms"]["a@1"] == 1.0
     assert autotune.SIBLING_DROP < d.drop_ratio  # (over drop_ratio a path stops after one timed call)
+
+
+def test_every_other_round_times_the_candidates_in_reverse():
+    """A call slows the one timed right after it (an AMX call, a cold start): the rounds alternate the order, so
+    that no candidate is always timed after the same one."""
+    clock = [0.0]
+    log = []
+
+    def candidate(name, ms):
+        def call():
+            log.append(name)
+            clock[0] += ms / 1e3
+        return lambda: {r: {"own": call} for r in (1, 16, 128)}
+
+    d = autotune.Dispatcher(cache_path=False, env={}, timer=lambda: clock[0], min_rounds=4, max_rounds=4)
+    key = autotune.LayoutKey.make(64, 64, "w8s-channel0-g64", BF16)
+    d.choose_layout(key, {"a": candidate("a", 1.0), "b": candidate("b", 1.0), "c": candidate("c", 1.0)}, rows=(1,))
+    assert log[:3] == ["a", "b", "c"]  # the warm-up
+    assert log[3:15] == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
