@@ -64,7 +64,8 @@ import torch
 
 __all__ = ["ROW_BUCKETS", "LAYOUT_ROWS", "REQUEST_CALLS", "COLD_ROWS", "ROTATION_COPIES", "cache_dir", "cold_bytes",
            "evict_caches", "request_cost",
-           "last_level_cache", "rotation_copies", "LAYOUT_TIE", "DROP_AFTER", "SIBLING_DROP", "DispatchKey", "LayoutKey", "SettingKey",
+           "last_level_cache", "rotation_copies", "LAYOUT_TIE", "DROP_AFTER", "SIBLING_DROP", "DispatchKey",
+           "LayoutKey", "SettingKey",
            "Dispatcher", "row_bucket", "bucket_index", "cpu_info", "fingerprint", "default_cache_path",
            "default_dispatcher"]
 
@@ -112,11 +113,11 @@ def request_cost(ms: Mapping, name: str, rows: tuple) -> float | None:
         return None
     return sum(REQUEST_CALLS.get(r, 1) * t for r, t in zip(rows, times))
 #: layouts whose request cost is within this factor of the lowest count as tied. Among them the one whose worst row
-#: count is closest to the best layout at that count wins (its *regret*; ties of that, within the same factor, go
-#: to the cheaper request, equal ones to the static order). One-row calls outweigh the rest of a request, and their cold timings move by 5-10% between
-#: runs on a shared machine, so a narrow tie flipped bfloat16 4096x4096 8-bit layers between int8pack and blocked
-#: from run to run, on the Zen 4 and on the AMX Xeon alike: within 3% of each other at one row, int8pack 1.3-1.5x
-#: slower at 16 rows and 1.2x at 128 (Zen 4), 2.7x and 2x (Xeon, torch 2.11)
+#: count is closest to the best layout at that count wins (its *regret*; ties of that, within the same factor, go to the
+#: cheaper request, equal ones to the static order). One-row calls outweigh the rest of a request, and their cold
+#: timings move by 5-10% between runs on a shared machine, so a narrow tie flipped bfloat16 4096x4096 8-bit layers
+#: between int8pack and blocked from run to run, on the Zen 4 and on the AMX Xeon alike: within 3% of each other at one
+#: row, int8pack 1.3-1.5x slower at 16 rows and 1.2x at 128 (Zen 4), 2.7x and 2x (Xeon, torch 2.11)
 LAYOUT_TIE = 1.10
 #: timed calls a candidate has made before a race may drop it: one call can be a hiccup (a preemption, a page
 #: fault), and a path dropped on it is lost for good. The AMX Xeon beside another job, MiniLM's 384x1536 layer at 104
@@ -503,20 +504,20 @@ class Dispatcher:
         throwaway copy of the weight and returns ``{rows: {path name: callable running one forward}}`` for every
         count in ``rows``, or None when the layout cannot hold this weight after all), in the static order.
 
-        Measures at the first call for ``key`` (nothing is converted otherwise) and keeps the result, within the
-        budget per row count. Rule: per row count, a layout's time is the fastest call of its fastest path; its
-        cost is the time of one request, :data:`REQUEST_CALLS` (a 512-token prompt in 128-row calls, one 16-row
-        call, 128 one-row decoding steps; a row count it does not name counts once), and its score that cost over
-        the cheapest layout's. Of the layouts scoring within ``tie`` of the lowest, the one with the least regret
-        wins (its largest ratio, over the row counts, to the fastest layout at that count; regrets within ``tie``
-        go to the cheaper request, equal ones to the earliest in the static order): a near tie on the request goes to the layout that is never far
-        behind. The fastest call, not the median, and no path dropped after one round: other work on the machine
-        only adds time, and this decision is kept for good. At ``evict_rows`` (default :data:`COLD_ROWS`) every
-        timed call follows an eviction of the caches (untimed); callers whose calls at those rows read a weight
-        out of cache by themselves (the eager trials rotate over copies) pass ``()``. ``calls``: row count ->
-        forwards each of its timed calls runs (compiled probes that rotate over copies inside one call); the call's
-        time is divided by it. ``cheaper_ties=False``: regrets within ``tie`` go to the static order alone (the
-        compiled probes, whose template layout's time the blocking chosen after them may still lower).
+        Measures at the first call for ``key`` (nothing is converted otherwise) and keeps the result, within the budget
+        per row count. Rule: per row count, a layout's time is the fastest call of its fastest path; its cost is the
+        time of one request, :data:`REQUEST_CALLS` (a 512-token prompt in 128-row calls, one 16-row call, 128 one-row
+        decoding steps; a row count it does not name counts once), and its score that cost over the cheapest layout's.
+        Of the layouts scoring within ``tie`` of the lowest, the one with the least regret wins (its largest ratio, over
+        the row counts, to the fastest layout at that count; regrets within ``tie`` go to the cheaper request, equal
+        ones to the earliest in the static order): a near tie on the request goes to the layout that is never far
+        behind. The fastest call, not the median, and no path dropped after one round: other work on the machine only
+        adds time, and this decision is kept for good. At ``evict_rows`` (default :data:`COLD_ROWS`) every timed call
+        follows an eviction of the caches (untimed); callers whose calls at those rows read a weight out of cache by
+        themselves (the eager trials rotate over copies) pass ``()``. ``calls``: row count -> forwards each of its timed
+        calls runs (compiled probes that rotate over copies inside one call); the call's time is divided by it.
+        ``cheaper_ties=False``: regrets within ``tie`` go to the static order alone (the compiled probes, whose template
+        layout's time the blocking chosen after them may still lower).
 
         >>> import time
         >>> d = Dispatcher(cache_path=False, env={})
@@ -605,10 +606,11 @@ class Dispatcher:
 
         ``siblings``: candidate -> its group (a layout's paths, of which only the fastest counts). A candidate
         ``drop_ratio`` times slower than its group's leader after a timed call, or :data:`SIBLING_DROP` times after
-        :data:`DROP_AFTER`, stops being timed, whatever ``drop``; and the rounds go on past the slow-call stop (four budgets spent) until :data:`LAYOUT_ROUNDS`
-        are done, within :data:`LAYOUT_SPEND` budgets. Without that, a 128-row race of 4096x4096 4-bit bfloat16
-        layers (nine paths, 87 ms a round, three of them 15-24 ms) was decided on one call per path: on the AMX
-        Xeon `vnni`'s AMX path took 3.0, 4.4 and 4.8 ms in three races, and 2.6-2.8 ms timed alone."""
+        :data:`DROP_AFTER`, stops being timed, whatever ``drop``; and the rounds go on past the slow-call stop (four
+        budgets spent) until :data:`LAYOUT_ROUNDS` are done, within :data:`LAYOUT_SPEND` budgets. Without that, a
+        128-row race of 4096x4096 4-bit bfloat16 layers (nine paths, 87 ms a round, three of them 15-24 ms) was decided
+        on one call per path: on the AMX Xeon `vnni`'s AMX path took 3.0, 4.4 and 4.8 ms in three races, and 2.6-2.8 ms
+        timed alone."""
         alive, raised = {}, {}
         for name, fn in candidates.items():  # warm-up: first calls compile, allocate, fill caches
             try:
