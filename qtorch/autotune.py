@@ -650,8 +650,8 @@ class Dispatcher:
                         leads[g] = n
                 for n in list(alive):
                     first = leads[siblings(n)]
-                    ratio = SIBLING_DROP if len(samples[n]) >= DROP_AFTER else self.drop_ratio
-                    if n != first and min(samples[n]) > min(ratio, self.drop_ratio) * med[first]:
+                    ratio = min(SIBLING_DROP, self.drop_ratio) if len(samples[n]) >= DROP_AFTER else self.drop_ratio
+                    if n != first and min(samples[n]) > ratio * med[first]:
                         del alive[n]
             if len(alive) == 1 or rounds >= self.max_rounds or (rounds >= self.min_rounds and spent >= self.budget_s):
                 break
