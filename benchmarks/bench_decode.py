@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py                  # Llama-style, hidden 2048, 4 layers; bfloat16 and float32
     python benchmarks/bench_decode.py --layers 2 --dtypes bfloat16 --tokens 16
+    python benchmarks/bench_decode.py --compile        # torch.compile on a static KV cache, qtorch.compile's layouts
 
 The model is ``transformers.LlamaForCausalLM`` with random weights (decoding speed does not depend on their
 values), quantized in place by ``qtorch.quantize_model`` (``lm_head`` stays dense, as by default). Each variant
@@ -187,6 +188,24 @@ class CompiledSteps:
         return torch.cat(ids, 1)[0]
 
 
+def compiled_steppers(models: dict, prompt: torch.Tensor, tokens: int, log=print) -> dict:
+    """``{name: CompiledSteps}`` for every model, each quantized one first put in the layouts ``qtorch.compile``
+    would hold (its compiled probes' race, the layers that read one input, seen in a call of the prompt, weighed
+    together), then a few eager steps (each layer's one-row path is measured, and the trace takes it)."""
+    from qtorch.compile import choose_layouts
+    from qtorch.sibling_layouts import find_siblings
+
+    for name, m in models.items():
+        if name not in ("dense", FREE):
+            picks = choose_layouts(m, options=inductor_options(), siblings=find_siblings(m, prompt))
+            log(f"{name}: compiled layouts {picks}")
+    with torch.no_grad():
+        for m in models.values():
+            for _ in _greedy_steps(m, prompt, 4):
+                pass
+    return {name: CompiledSteps(m, prompt.shape[1] + tokens + 1) for name, m in models.items()}
+
+
 def decode_ms(models: dict, prompt: torch.Tensor, tokens: int, repeats: int, steppers: dict | None = None) -> dict:
     """``{name: Decode}`` for every model: greedy decoding of ``tokens`` steps after ``prompt`` (batch 1), the
     models advancing in lockstep, one timed step each in turn, so that all see the same moments of a shared
@@ -271,6 +290,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     p.add_argument("--tune", action="store_true",
                    help="qtorch.tune_layouts on each quantized model's decoding steps before timing")
+    p.add_argument("--compile", action="store_true",
+                   help="decode every model with torch.compile(model.forward) on a static KV cache, each quantized "
+                        "layer shape in the layout qtorch.compile would choose; compiles each model once")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -278,7 +300,8 @@ def main(argv=None) -> int:
     prompt = torch.randint(0, args.vocab, (1, 16))
     print(machine_line())
     print(f"LlamaForCausalLM hidden={args.hidden} layers={args.layers} vocab={args.vocab}, {args.tokens} new tokens "
-          f"after a {prompt.shape[1]}-token prompt, greedy, KV cache; ms / token = median step over {args.repeats} "
+          f"after a {prompt.shape[1]}-token prompt, greedy, "
+          f"{'compiled (static KV cache)' if args.compile else 'KV cache'}; ms / token = median step over {args.repeats} "
           f"rounds, models in lockstep")
     print(TABLE_HEAD)
     notes = []
@@ -291,7 +314,10 @@ def main(argv=None) -> int:
         models[FREE] = free_linear_copy(models["dense"])
         if args.tune:
             tune(models, prompt)
-        result = decode_ms(models, prompt, args.tokens, args.repeats)
+        steppers = None
+        if args.compile:
+            steppers = compiled_steppers(models, prompt, args.tokens, log=notes.append)
+        result = decode_ms(models, prompt, args.tokens, args.repeats, steppers)
         print("\n".join(table_rows(dname, models, result)), flush=True)
         notes.append(f"{dname}: fixed work of a step (every Linear free) {result[FREE].ms_median:.1f} ms; "
                      f"prefill ({prompt.shape[1]} tokens), median ms: "

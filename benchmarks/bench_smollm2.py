@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
 from _layers import bytes_per_token, prefetch_line  # noqa: E402
 from _machine import machine_line  # noqa: E402
-from bench_decode import (FREE, TABLE_HEAD, CompiledSteps, _greedy_steps, decode_ms, free_linear_copy,  # noqa: E402
+from bench_decode import (FREE, TABLE_HEAD, compiled_steppers, decode_ms, free_linear_copy,  # noqa: E402
                           path_lines, table_rows, tune)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -153,19 +153,7 @@ def main(argv=None) -> int:
         tune(models, prompt)
     steppers = None
     if args.compile:
-        from qtorch.compile import choose_layouts
-        from qtorch.sibling_layouts import find_siblings
-        from qtorch.siblings import inductor_options
-
-        for name, m in models.items():  # the layouts qtorch.compile would hold: its compiled probes' race, the
-            if name not in ("dense", FREE):  # layers that read one input (seen in a call of the prompt) weighed together
-                picks = choose_layouts(m, options=inductor_options(), siblings=find_siblings(m, prompt))
-                print(f"{name}: compiled layouts {picks}", flush=True)
-        with torch.no_grad():  # eager steps first: each layer's path is measured for one row, and the trace takes it
-            for m in models.values():
-                for _ in _greedy_steps(m, prompt, 4):
-                    pass
-        steppers = {name: CompiledSteps(m, prompt.shape[1] + args.tokens + 1) for name, m in models.items()}
+        steppers = compiled_steppers(models, prompt, args.tokens, log=lambda line: print(line, flush=True))
     result = decode_ms(models, prompt, args.tokens, args.repeats, steppers)
     print()
     print(f"greedy decoding, batch 1, {'compiled (static KV cache)' if args.compile else 'KV cache'}: "
