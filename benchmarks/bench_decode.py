@@ -51,6 +51,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TABLE_HEAD = ("| dtype | model | model memory | weights read / token | ms / token | tokens / s | speed-up "
               "| byte-ratio limit | % of limit | step limit | % of step limit |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|")
+#: how the table's heading names the --whole order
+WHOLE = "one model at a time (each its whole answer, the order reversed every other round)"
 #: the model with free Linear layers, decoded alongside (not a row of the table): the step's fixed work
 FREE = "free-linear"
 
@@ -206,30 +208,45 @@ def compiled_steppers(models: dict, prompt: torch.Tensor, tokens: int, log=print
     return {name: CompiledSteps(m, prompt.shape[1] + tokens + 1) for name, m in models.items()}
 
 
-def decode_ms(models: dict, prompt: torch.Tensor, tokens: int, repeats: int, steppers: dict | None = None) -> dict:
+def decode_ms(models: dict, prompt: torch.Tensor, tokens: int, repeats: int, steppers: dict | None = None,
+              whole: bool = False) -> dict:
     """``{name: Decode}`` for every model: greedy decoding of ``tokens`` steps after ``prompt`` (batch 1), the
     models advancing in lockstep, one timed step each in turn, so that all see the same moments of a shared
     machine; one untimed warm-up round (kernels compile, paths are measured), then ``repeats`` timed rounds. The
     per-step figure is the median over all steps of all rounds. ``steppers``: ``{name: decoder}`` used instead of
-    :func:`_greedy_steps` for those models (e.g. :class:`CompiledSteps`)."""
+    :func:`_greedy_steps` for those models (e.g. :class:`CompiledSteps`). ``whole``: one model at a time instead,
+    each decoding its whole answer before the next starts (the order reversed every other round): each step then
+    finds in the caches what the model's own step before it left there, as when one model serves, where in
+    lockstep the other models' steps evict it (on a CPU whose last-level cache holds a small model whole, that
+    decides where its weights are read from)."""
     steps = {name: [] for name in models}
     prefill = {name: [] for name in models}
     ids = {}
     steppers = steppers or {}
+
+    def timed(name, g, r, i):
+        t = time.perf_counter()
+        try:
+            next(g)
+        except StopIteration as stop:
+            ids[name] = stop.value
+            return
+        dt = (time.perf_counter() - t) * 1e3
+        if r:
+            (prefill if i == 0 else steps)[name].append(dt)
+
     with torch.no_grad():
         for r in range(repeats + 1):
-            gens = {name: steppers.get(name, _greedy_steps)(m, prompt, tokens) for name, m in models.items()}
+            order = list(models) if r % 2 == 0 or not whole else list(reversed(models))
+            gens = {name: steppers.get(name, _greedy_steps)(models[name], prompt, tokens) for name in order}
+            if whole:
+                for name, g in gens.items():
+                    for i in range(tokens + 2):
+                        timed(name, g, r, i)
+                continue
             for i in range(tokens + 2):  # prefill, the steps, then the generator's return
                 for name, g in gens.items():
-                    t = time.perf_counter()
-                    try:
-                        next(g)
-                    except StopIteration as stop:
-                        ids[name] = stop.value
-                        continue
-                    dt = (time.perf_counter() - t) * 1e3
-                    if r:
-                        (prefill if i == 0 else steps)[name].append(dt)
+                    timed(name, g, r, i)
     return {name: Decode(statistics.median(steps[name]), min(steps[name]), statistics.median(prefill[name]),
                          ids[name]) for name in models}
 
@@ -293,6 +310,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="decode every model with torch.compile(model.forward) on a static KV cache, each quantized "
                         "layer shape in the layout qtorch.compile would choose; compiles each model once")
+    p.add_argument("--whole", action="store_true",
+                   help="one model at a time, each decoding its whole answer before the next (default: lockstep, "
+                        "one step of each model in turn)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -302,7 +322,7 @@ def main(argv=None) -> int:
     print(f"LlamaForCausalLM hidden={args.hidden} layers={args.layers} vocab={args.vocab}, {args.tokens} new tokens "
           f"after a {prompt.shape[1]}-token prompt, greedy, "
           f"{'compiled (static KV cache)' if args.compile else 'KV cache'}; ms / token = median step over {args.repeats} "
-          f"rounds, models in lockstep")
+          f"rounds, {WHOLE if args.whole else 'models in lockstep'}")
     print(TABLE_HEAD)
     notes = []
     for dname in args.dtypes:
@@ -317,7 +337,7 @@ def main(argv=None) -> int:
         steppers = None
         if args.compile:
             steppers = compiled_steppers(models, prompt, args.tokens, log=notes.append)
-        result = decode_ms(models, prompt, args.tokens, args.repeats, steppers)
+        result = decode_ms(models, prompt, args.tokens, args.repeats, steppers, whole=args.whole)
         print("\n".join(table_rows(dname, models, result)), flush=True)
         notes.append(f"{dname}: fixed work of a step (every Linear free) {result[FREE].ms_median:.1f} ms; "
                      f"prefill ({prompt.shape[1]} tokens), median ms: "

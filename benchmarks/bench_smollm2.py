@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
 from _layers import bytes_per_token, prefetch_line  # noqa: E402
 from _machine import machine_line  # noqa: E402
-from bench_decode import (FREE, TABLE_HEAD, compiled_steppers, decode_ms, free_linear_copy,  # noqa: E402
+from bench_decode import (FREE, TABLE_HEAD, WHOLE, compiled_steppers, decode_ms, free_linear_copy,  # noqa: E402
                           path_lines, table_rows, tune)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -122,6 +122,9 @@ def main(argv=None) -> int:
                         "few eager steps that measure the layers' paths; compiles each model once, a minute or more each")
     p.add_argument("--tune", action="store_true",
                    help="qtorch.tune_layouts on each quantized model's decoding steps before timing")
+    p.add_argument("--whole", action="store_true",
+                   help="one model at a time, each decoding its whole answer before the next (default: lockstep, "
+                        "one step of each model in turn)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,11 +157,11 @@ def main(argv=None) -> int:
     steppers = None
     if args.compile:
         steppers = compiled_steppers(models, prompt, args.tokens, log=lambda line: print(line, flush=True))
-    result = decode_ms(models, prompt, args.tokens, args.repeats, steppers)
+    result = decode_ms(models, prompt, args.tokens, args.repeats, steppers, whole=args.whole)
     print()
     print(f"greedy decoding, batch 1, {'compiled (static KV cache)' if args.compile else 'KV cache'}: "
           f"{args.tokens} new tokens after a {prompt.shape[1]}-token chat prompt; "
-          f"ms / token = median step over {args.repeats} rounds, models in lockstep; "
+          f"ms / token = median step over {args.repeats} rounds, {WHOLE if args.whole else 'models in lockstep'}; "
           f"w4a16-g64 = int4 asymmetric, groups of 64")
     print(TABLE_HEAD)
     print("\n".join(table_rows("bfloat16", models, result)))  # the free-linear model has no row
