@@ -27,8 +27,12 @@ Without a workload to time, :func:`settle_layouts` (run by ``quantize_model`` an
 model) keeps the model on one kernel family where the per-shape timings themselves say that costs little: each
 shape's race left its timings in the dispatcher, and a family (PyTorch's ``int8pack``/``int4pack``, or qtorch's
 ``blocked``) that holds every shape of the model for at most :data:`FAMILY_TIE` more than the per-shape choice
-(request costs summed over the model's layers) replaces a mix. SmolLM2's 8-bit shapes: one family within 2% of
-the mix, 1.54x of dense where the mix ran 1.47x.
+(request costs summed over the model's layers) replaces a mix, unless it leaves a shape further behind the fastest
+layout at some row count than the shape's own choice does (beyond the races' tie, the regret they weigh).
+SmolLM2's 8-bit shapes: one family within 2% of the mix, 1.54x of dense where the mix ran 1.47x (lockstep); one
+model at a time, the whole of them on ``int8pack`` decoded at 1.51x and ran the prompt at 0.65x of dense, the mix
+at 1.54x and 0.93x, ``blocked`` at 1.64x and 1.03x (its sibling layers decode as one launch, which no shape's
+race sees: :func:`tune_layouts` finds it).
 
 SmolLM2 w8a16 held on ``int8pack`` by the per-shape races: tuned group by group on a 41-token prompt and 16 new tokens
 it stayed there (each group alone on ``blocked`` made the work slower); with the families tried first it moved
@@ -235,6 +239,34 @@ def _tune_families(groups: list, run: Callable[[], Any], timed: Callable[[], flo
     _hold_all(groups, configs.get(pick, start))
 
 
+def _regrets(ms: dict, names: list) -> dict:
+    """``{layout: regret}`` from a race's timings ``ms`` (``"<layout>@<rows>"``) for the layouts of ``names`` timed at
+    every row count of :data:`qtorch.autotune.LAYOUT_ROWS`: the largest ratio, over the row counts, of its time to the
+    fastest of them at that count (the regret :meth:`~qtorch.autotune.Dispatcher.choose_layout` weighs).
+
+    >>> _regrets({"a@1": 1.0, "a@16": 2.0, "a@128": 9.0, "b@1": 2.0, "b@16": 2.0, "b@128": 3.0}, ["a", "b"])
+    {'a': 3.0, 'b': 2.0}
+    """
+    from . import autotune
+
+    rows = autotune.LAYOUT_ROWS
+    timed = [n for n in names if all(isinstance(ms.get(f"{n}@{r}"), (int, float)) for r in rows)]
+    if not timed:
+        return {}
+    best = {r: max(min(ms[f"{n}@{r}"] for n in timed), 1e-9) for r in rows}
+    return {n: max(ms[f"{n}@{r}"] / best[r] for r in rows) for n in timed}
+
+
+def _within_regret(members: list, name: str, regrets: dict) -> bool:
+    """Whether holding layout ``name`` leaves the shape group of ``members`` within the races' tie of the regret of
+    the layout it holds (True where either was not timed at every row count: nothing to compare)."""
+    from . import autotune
+
+    held = regrets.get(members[0].quantized_weight.layout.name)
+    mine = regrets.get(name)
+    return held is None or mine is None or mine <= max(held, 1.0) * autotune.LAYOUT_TIE
+
+
 def settle_layouts(model: nn.Module) -> dict:
     """Move ``model``'s quantized layers onto one kernel family where the per-shape races' own timings put that
     within :data:`FAMILY_TIE` of the per-shape choice (see the module docstring); returns ``{"out x in|scheme|dtype":
@@ -243,7 +275,9 @@ def settle_layouts(model: nn.Module) -> dict:
     Only groups whose decision was raced on this machine (timings for every candidate at every row count) take
     part; a forced layout (``QTORCH_LAYOUT``), no measuring (``QTORCH_AUTOTUNE=0``) or a decision
     :func:`tune_layouts` measured in a model leaves the model as it is. The cost of a group in a layout is its
-    layers' count times the request cost the race priced (:data:`qtorch.autotune.REQUEST_CALLS`)."""
+    layers' count times the request cost the race priced (:data:`qtorch.autotune.REQUEST_CALLS`); a family whose
+    layout for a group has a regret (its largest ratio to the fastest layout at a row count) above the held one's
+    by more than :data:`qtorch.autotune.LAYOUT_TIE` is not taken."""
     from . import autotune, layouts
 
     if not isinstance(model, nn.Module):
@@ -271,18 +305,24 @@ def settle_layouts(model: nn.Module) -> dict:
                 if fam not in costs or cost < costs[fam][1]:
                     costs[fam] = (lay.name, cost)
         if len(costs) > 1:
-            plans.append(((n, k, scheme, dtype), members, costs))
-    held = {_family(layouts.get(m[0].quantized_weight.layout.name)) for _, m, _ in plans}
+            plans.append(((n, k, scheme, dtype), members, costs, _regrets(ms, [lay.name for lay in found])))
+    held = {_family(layouts.get(m[0].quantized_weight.layout.name)) for _, m, _, _ in plans}
     if len(held) < 2:  # one family already (or nothing raced)
         return {}
-    families = set.intersection(*(set(c) for _, _, c in plans))
-    mixed = sum(min(c[1] for c in costs.values()) for _, _, costs in plans)
-    total = {f: sum(costs[f][1] for _, _, costs in plans) for f in families}
+    families = set.intersection(*(set(c) for _, _, c, _ in plans))
+    # a family that puts a shape further behind the fastest layout at some row count than the shape's own choice
+    # (by more than the races' tie) is no candidate: SmolLM2's 8-bit shapes, bfloat16, AMX Xeon, one model at a
+    # time, moved whole onto int8pack (PyTorch's kernel: 1.8-2.1x the fastest at 128 rows) decoded at 1.51x of
+    # dense and ran the 41-token prompt at 0.65x, where the races' mix gave 1.54x and 0.93x
+    families = {f for f in families if all(_within_regret(members, costs[f][0], regrets)
+                                           for _, members, costs, regrets in plans)}
+    mixed = sum(min(c[1] for c in costs.values()) for _, _, costs, _ in plans)
+    total = {f: sum(costs[f][1] for _, _, costs, _ in plans) for f in families}
     best = min(total, key=total.get, default=None)
     if best is None or total[best] > mixed * (1 + FAMILY_TIE):
         return {}
     moved = {}
-    for key, members, costs in plans:
+    for key, members, costs, _ in plans:
         name = costs[best][0]
         if members[0].quantized_weight.layout.name != name and _hold(members, name):
             moved[_label(*key)] = name

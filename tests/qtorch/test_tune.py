@@ -181,6 +181,26 @@ def test_quantize_model_keeps_one_kernel_family_where_the_races_put_it_within_th
     assert held == (["int8pack", "int8pack"] if moved else ["blocked", "int8pack"])
 
 
+def test_settle_takes_no_family_that_leaves_a_shape_far_behind_at_some_row_count(measuring):
+    # shape A (128x64): int8pack as cheap on the request (faster at one row) but 2.5x blocked at 128 rows, blocked
+    # held; shape B (64x128): int8pack. One family would cost no more in all, but puts A's prompts far behind
+    rows = autotune.LAYOUT_ROWS
+    ms_a = {f"blocked@{r}": 1.0 for r in rows}
+    ms_a.update({"int8pack@1": 0.96, "int8pack@16": 1.0, "int8pack@128": 2.5})
+    measuring.keep(autotune.LayoutKey.make(128, 64, "w8s-channel0-g64", BF16), {"path": "blocked", "ms": ms_a})
+    _race(measuring, 64, 128, "w8s-channel0-g128", 2.0, 1.0, "int8pack")
+    assert autotune.request_cost(ms_a, "int8pack", rows) < 1.01 * autotune.request_cost(ms_a, "blocked", rows)
+    m = _two_shapes()
+    qtorch.quantize_model(m, "w8a16", exclude=())
+    assert [m[0].quantized_weight.layout.name, m[1].quantized_weight.layout.name] == ["blocked", "int8pack"]
+    # the same race without the 128-row gap: one family
+    ms_a["int8pack@128"] = 1.0
+    measuring.keep(autotune.LayoutKey.make(128, 64, "w8s-channel0-g64", BF16), {"path": "blocked", "ms": ms_a})
+    m = _two_shapes()
+    qtorch.quantize_model(m, "w8a16", exclude=())
+    assert [m[0].quantized_weight.layout.name, m[1].quantized_weight.layout.name] == ["int8pack", "int8pack"]
+
+
 def test_settle_leaves_a_tuned_forced_or_unmeasured_model_as_it_is(monkeypatch, measuring):
     _race(measuring, 128, 64, "w8s-channel0-g64", 1.0, 1.02, "blocked")
     measuring.keep(autotune.LayoutKey.make(64, 128, "w8s-channel0-g128", BF16),
