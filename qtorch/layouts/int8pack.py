@@ -3,21 +3,26 @@
 Eligible for 8-bit symmetric per-output-channel weights of a bfloat16 layer on CPU where the kernel cannot crash
 (:func:`int8pack_ok`). The buffers are the canonical state itself; the kernel's bfloat16 scales ``[N]`` are
 derived data (``aux``, never saved). Inputs of another dtype take the portable path. CPU calls of several rows
-may take ``dequant_mm`` instead (:mod:`qtorch.layouts.dequant_path`) where the layer measured it faster: the
-measured choice calls the kernel's path ``int8pack`` (:meth:`path` keeps naming it ``dense``, as before).
+may take ``dequant_mm`` instead (:mod:`qtorch.layouts.dequant_path`), or on AMX CPUs ``amx_rows`` (the codes as
+they are held, multiplied on AMX tiles: :mod:`qtorch.amx_rows`), where the layer measured it faster: the measured
+choice calls the kernel's path ``int8pack`` (:meth:`path` keeps naming it ``dense``, as before).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import amx_rows
 from .._infer_ops import needs_grad, plain_eager
 from ..compile import woq_templates
 from . import dequant_path
 from .base import Layout, op_decoder
 from .codec import dense_linear, dequantize_canonical
 
-__all__ = ["INT8PACK", "int8pack_ok", "Int8PackMM"]
+__all__ = ["AMX_ROWS", "INT8PACK", "int8pack_ok", "Int8PackMM"]
+
+#: the path of bfloat16 calls of several rows on AMX tiles, the codes' rows as A tiles (:mod:`qtorch.amx_rows`)
+AMX_ROWS = "amx_rows"
 
 
 def int8pack_ok(dtype: torch.dtype, in_features: int) -> bool:
@@ -87,12 +92,19 @@ class Int8Pack(Layout):
 
     def paths(self, device_type, dtype, rows, bits, spec=None):
         own = "int8pack" if device_type == "cpu" and dtype == torch.bfloat16 else "dense"
+        extra = ()
         if dequant_path.eligible(device_type, dtype, rows):
-            return (own, dequant_path.NAME)
-        return (own,)
+            extra = (dequant_path.NAME,)
+            if (own == "int8pack" and amx_rows.available()
+                    and (spec is None or amx_rows.eligible(spec.in_features))):
+                extra += (AMX_ROWS,)
+        return (own,) + extra
 
     def linear(self, weight, x2, path):
-        if path == dequant_path.NAME and not _woq_template(x2):
+        if path == AMX_ROWS and not (torch.compiler.is_compiling() or needs_grad(x2) or not plain_eager(x2)):
+            b = weight.buffers
+            return amx_rows.run(x2.contiguous(), b["qweight"], b["scale"])
+        if path in (dequant_path.NAME, AMX_ROWS) and not _woq_template(x2):
             return dequant_path.linear(weight, x2)
         if x2.device.type == "cpu" and x2.dtype == torch.bfloat16:
             b = weight.buffers

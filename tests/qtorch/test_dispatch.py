@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import qtorch
 from qcore import PerChannel, PerGroup, PerTensor, QuantScheme
-from qtorch import autotune
+from qtorch import amx_rows, autotune
 from qtorch.layouts.canonical import CANONICAL
 from qtorch.layouts.int8pack import INT8PACK
 
@@ -89,8 +89,9 @@ def test_every_int8pack_path_equals_f_linear(n, k, monkeypatch, tmp_path):
     for dtype in (torch.bfloat16, torch.float32):
         for rows in (2, 5, 130):
             x = torch.randn(rows, k, dtype=dtype)
-            names = INT8PACK.paths("cpu", dtype, rows, 8)
-            assert names == ("int8pack" if dtype == torch.bfloat16 else "dense", "dequant_mm")
+            names = INT8PACK.paths("cpu", dtype, rows, 8, spec=w.spec)
+            amx = ("amx_rows",) if dtype == torch.bfloat16 and amx_rows.available() and k % 32 == 0 else ()
+            assert names == ("int8pack" if dtype == torch.bfloat16 else "dense", "dequant_mm") + amx
             for name in names:
                 check_close(INT8PACK.linear(w, x, name), x, w.dequantize())
 

@@ -1,0 +1,261 @@
+"""bfloat16 calls of several rows on 8-bit codes held row by row, ``[N, K]`` (the ``int8pack`` layout's codes, the
+canonical form), on AMX tiles. A leaf.
+
+PyTorch's ``_weight_int8pack_mm`` takes 1.8-3.5x dense's time at 16-128 rows on an AMX CPU, and dequantizing the
+weight for oneDNN (``dequant_mm``) writes and reads it whole again. Here nothing is written but the output: the
+product is computed transposed, ``C^T[n, m] = sum_k W[n, k] x[m, k]``, so that the codes' own rows are the A tiles'
+rows: each block of 16 channels is converted to bfloat16 into a panel of 16 x K (exact: codes are small integers;
+it stays in L1/L2), and multiplied by ``x`` laid out once per call as VNNI B tiles (``B[p][2j + t] = x[m_j][2p +
+t]``), up to four blocks of 16 rows of ``x`` a pass (``tdpbf16ps``, float32 sums in the C tiles over all of K).
+Each channel's sums are then scaled, the bias added, and rounded once to bfloat16, as the other AMX paths do
+(``qtorch.amx``: the scale applied to the sums, not to each code; within bfloat16's rounding of ``F.linear`` on the
+dequantized weight). The threads of PyTorch's OpenMP team claim blocks of channels (:mod:`qtorch._omp`).
+
+Eligible (:func:`eligible`) for 8-bit codes with one scale per output channel, ``K % 32 == 0``, where the process
+may use AMX-BF16 (:func:`qtorch.amx.available`).
+
+>>> import torch
+>>> q = torch.ones(16, 32, dtype=torch.int8)
+>>> x = torch.ones(2, 32, dtype=torch.bfloat16)
+>>> y = linear(x, q, torch.full((16,), 0.5)) if available() else torch.full((2, 16), 16.0)
+>>> y[:, :2].tolist()
+[[16.0, 16.0], [16.0, 16.0]]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import _omp, amx
+from ._ir import AMX_TILE, I8, I16, I64
+from ._ir import cached as _cached
+from .amx import _amx_fn
+from .dequant_rows import _bf16_runs
+
+__all__ = ["available", "eligible", "linear", "run"]
+
+#: blocks of 16 rows of x multiplied per pass over a panel: 4 C tiles, the A tile and a B tile fit the 8 registers
+_PASS = 4
+
+
+def available() -> bool:
+    """Whether this process may run the kernel: AMX-BF16 tiles granted, and AVX512-BF16 for the conversion."""
+    return amx.available() and amx._CVT
+
+
+def eligible(in_features: int) -> bool:
+    """Whether a layer of ``in_features`` inputs has whole steps of 32 (says nothing about the CPU)."""
+    return in_features > 0 and in_features % 32 == 0
+
+
+@intrinsic
+def _products(typingctx, a, b, c, zero, q, nmb):
+    """``C_j = A^T-panel x B_j`` for ``j < nmb`` (a literal, 1..4) over all of K: A tiles from the panel ``a`` (uint16,
+    16 rows of K bfloat16 bits), step ``s`` at element ``32 s``, rows ``2 K`` bytes apart; B tiles of block ``mb0 + j``
+    at element ``(mb0 + j) 16 K + 512 s`` of ``b`` (64-byte rows); C tile ``j`` stored at ``c[256 j]`` (float32,
+    64-byte rows). ``q``: ``(K, mb0)``; ``zero``: 16 zero float32 (the C tiles start from a load of row stride 0)."""
+    if not isinstance(nmb, types.IntegerLiteral):
+        return None
+    n = nmb.literal_value
+    if not (1 <= n <= _PASS and isinstance(q, types.UniTuple) and q.count == 2 and q.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        aa, ba, ca, za = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(4))
+        K, mb0 = cgutils.unpack_tuple(builder, args[4], 2)
+        i8p = I8.as_pointer()
+        load = _amx_fn(builder, "llvm.x86.tileloadd64.internal", AMX_TILE, [I16, I16, i8p, I64])
+        store = _amx_fn(builder, "llvm.x86.tilestored64.internal", ir.VoidType(), [I16, I16, i8p, I64, AMX_TILE])
+        dp = _amx_fn(builder, "llvm.x86.tdpbf16ps.internal", AMX_TILE, [I16, I16, I16, AMX_TILE, AMX_TILE, AMX_TILE])
+        rows, cols = ir.Constant(I16, 16), ir.Constant(I16, 64)
+
+        def c64(v):
+            return ir.Constant(I64, v)
+
+        zptr = builder.bitcast(za.data, i8p)
+        init = [builder.call(load, [rows, cols, zptr, c64(0)]) for _ in range(n)]
+        astride = builder.mul(K, c64(2))
+        bbase = builder.mul(builder.mul(mb0, K), c64(16))
+        steps = builder.sdiv(K, c64(32))
+        entry = builder.block
+        head = builder.append_basic_block("tiles.head")
+        body = builder.append_basic_block("tiles.body")
+        done = builder.append_basic_block("tiles.done")
+        builder.branch(head)
+        builder.position_at_end(head)
+        s = builder.phi(I64)
+        s.add_incoming(c64(0), entry)
+        accs = []
+        for v in init:
+            p = builder.phi(AMX_TILE)
+            p.add_incoming(v, entry)
+            accs.append(p)
+        builder.cbranch(builder.icmp_signed("<", s, steps), body, done)
+        builder.position_at_end(body)
+        at = builder.bitcast(builder.gep(aa.data, [builder.mul(s, c64(32))]), i8p)
+        atile = builder.call(load, [rows, cols, at, astride])
+        new = []
+        for j in range(n):
+            off = builder.add(builder.add(bbase, builder.mul(c64(j), builder.mul(K, c64(16)))),
+                              builder.mul(s, c64(512)))
+            bt = builder.call(load, [rows, cols, builder.bitcast(builder.gep(ba.data, [off]), i8p), c64(64)])
+            new.append(builder.call(dp, [rows, cols, cols, accs[j], atile, bt]))
+        nxt = builder.add(s, c64(1))
+        latch = builder.block
+        builder.branch(head)
+        s.add_incoming(nxt, latch)
+        for p, v in zip(accs, new):
+            p.add_incoming(v, latch)
+        builder.position_at_end(done)
+        for j, v in enumerate(accs):
+            builder.call(store, [rows, cols, builder.bitcast(builder.gep(ca.data, [c64(256 * j)]), i8p), c64(64), v])
+        return context.get_dummy_value()
+
+    return types.void(a, b, c, zero, q, nmb), codegen
+
+
+@njit(inline="always")
+def _pass(panel, xb, cbuf, zero, K, mb0, nmb):  # pragma: no cover - compiled; literal dispatch
+    q = (K, mb0)
+    if nmb == 4:
+        _products(panel, xb, cbuf, zero, q, 4)
+    elif nmb == 3:
+        _products(panel, xb, cbuf, zero, q, 3)
+    elif nmb == 2:
+        _products(panel, xb, cbuf, zero, q, 2)
+    else:
+        _products(panel, xb, cbuf, zero, q, 1)
+
+
+@_cached
+@njit(cache=True, nogil=True)
+def _blocks(codes, scale, bias, xb, M, out, a, e):  # pragma: no cover - compiled
+    # channel blocks a .. e: out[n, m] (float32) = scale[n] * sum_k code[n, k] x[m, k] (+ bias[n])
+    N, K = codes.shape
+    Mb = (M + 15) // 16
+    panel = np.zeros(16 * K, np.uint16)
+    cbuf = np.empty(256 * _PASS, np.float32)
+    zero = np.zeros(16, np.float32)
+    xf = xb.reshape(-1)
+    has_bias = bias.shape[0] > 0
+    for nb in range(a, e):
+        n0 = 16 * nb
+        nr = min(16, N - n0)
+        for i in range(nr):
+            _bf16_runs(codes[n0 + i], panel[i * K:(i + 1) * K], K // 32, np.float32(1.0), np.float32(0.0))
+        if nr < 16:
+            panel[nr * K:] = 0
+        for mb0 in range(0, Mb, _PASS):
+            nmb = min(_PASS, Mb - mb0)
+            _pass(panel, xf, cbuf, zero, K, mb0, nmb)
+            for j in range(nmb):  # C^T's rows are channels: out is [N, M], each row written contiguously
+                m0 = 16 * (mb0 + j)
+                mr = min(16, M - m0)
+                for i in range(nr):
+                    s = scale[n0 + i]
+                    b = bias[n0 + i] if has_bias else np.float32(0.0)
+                    c0 = 256 * j + 16 * i
+                    dst = out[n0 + i]
+                    for mm in range(mr):
+                        dst[m0 + mm] = cbuf[c0 + mm] * s + b
+
+
+# the team kernel's argument block (int64): chunk counter, chunks, shapes, addresses
+(_B_NEXT, _B_CHUNKS, _B_N, _B_K, _B_M, _B_NB, _B_BIAS, _B_Q, _B_S, _B_BA, _B_X, _B_OUT, _B_LEN) = range(13)
+
+
+def _team_blocks(data):  # pragma: no cover - compiled; runs on every thread of torch's OpenMP team
+    b = carray(data, _B_LEN, np.int64)
+    N, K, M, nblocks, nchunks = b[_B_N], b[_B_K], b[_B_M], b[_B_NB], b[_B_CHUNKS]
+    codes = carray(_omp.as_ptr(b[_B_Q]), (N, K), np.int8)
+    scale = carray(_omp.as_ptr(b[_B_S]), N, np.float32)
+    bias = carray(_omp.as_ptr(b[_B_BA]), N if b[_B_BIAS] else 0, np.float32)
+    xb = carray(_omp.as_ptr(b[_B_X]), ((M + 15) // 16, 16 * K), np.uint16)
+    out = carray(_omp.as_ptr(b[_B_OUT]), (N, M), np.float32)
+    while True:
+        i = _omp.claim(b)
+        if i >= nchunks:
+            return
+        _blocks(codes, scale, bias, xb, M, out, nblocks * i // nchunks, nblocks * (i + 1) // nchunks)
+
+
+_TEAM_KERNEL = _omp.TeamKernel(_team_blocks)
+
+
+@_cached
+@njit(cache=True, nogil=True)
+def _tiles_of(x32, M, xb32):  # pragma: no cover - compiled
+    # x32: [M, K / 2] uint32 (pairs of bfloat16 inputs); xb32: [Mb, 16 K / 2]: block mb's pair p, row j at 16 p + j
+    Mb, W = xb32.shape
+    P = W // 16
+    for mb in range(Mb):
+        dst = xb32[mb]
+        for j in range(16):
+            m = 16 * mb + j
+            if m < M:
+                src = x32[m]
+                for p in range(P):
+                    dst[16 * p + j] = src[p]
+            else:
+                for p in range(P):
+                    dst[16 * p + j] = 0
+
+
+def vnni_rows(x: torch.Tensor) -> np.ndarray:
+    """``x`` (``[M, K]`` bfloat16, C-contiguous) as B tiles: ``[ceil(M / 16), 16 K]`` bfloat16 bits (uint16), block
+    ``mb``'s pair ``p`` of inputs at row ``p``, ``B[p][2 j + t] = x[16 mb + j][2 p + t]`` (rows past M zero)."""
+    M, K = x.shape
+    xb = np.empty(((M + 15) // 16, 16 * K), np.uint16)
+    _tiles_of(x.view(torch.int16).numpy().view(np.uint32), M, xb.view(np.uint32))
+    return xb
+
+
+def run(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias32: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`linear` on operands a layer has checked: ``x`` C-contiguous bfloat16 ``[M, K]`` (``K % 32 == 0``),
+    ``codes`` C-contiguous int8 ``[N, K]``, ``scale`` contiguous float32 of ``N`` values, ``bias32`` contiguous
+    float32 ``[N]`` or None; :func:`available` true."""
+    M, K = x.shape
+    N = codes.shape[0]
+    scale = scale.reshape(N)
+    out = torch.empty((N, M), dtype=torch.float32)  # transposed: the kernel writes each channel's row
+    if M == 0 or N == 0:
+        return out.t().to(torch.bfloat16)
+    xb = vnni_rows(x)
+    nblocks = (N + 15) // 16
+    nchunks = max(1, min(nblocks, 4 * _omp.team_size()))
+    block = np.array((0, nchunks, N, K, M, nblocks, int(bias32 is not None), codes.data_ptr(), scale.data_ptr(),
+                      0 if bias32 is None else bias32.data_ptr(), xb.ctypes.data, out.data_ptr()), np.int64)
+    args = (codes.numpy(), scale.numpy(), _EMPTY if bias32 is None else bias32.numpy(), xb, M, out.numpy())
+    _omp.run(nchunks, _TEAM_KERNEL, block, _blocks, args, nblocks, 1)
+    return out.t().to(torch.bfloat16, memory_format=torch.contiguous_format)
+
+
+_EMPTY = np.zeros(0, np.float32)
+
+
+def linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (codes * scale[:, None]).T + bias`` for ``x [M, K]`` bfloat16, ``codes [N, K]`` int8, ``scale [N]``
+    float32 (and ``bias [N]``), on CPU, in bfloat16 (float32 sums, one rounding). Checks every operand (a
+    ``TypeError`` / ``ValueError`` names it); raises ``RuntimeError`` where :func:`available` is False."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or x.dim() != 2 or x.device.type != "cpu":
+        raise TypeError(f"x must be a 2-d bfloat16 CPU tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    M, K = x.shape
+    if not eligible(K):
+        raise ValueError(f"in_features must be a positive multiple of 32, got {K}")
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int8 or codes.dim() != 2 or codes.shape[1] != K:
+        raise ValueError(f"codes must be int8 [N, {K}], got {getattr(codes, 'dtype', None)} "
+                         f"{list(getattr(codes, 'shape', []))}")
+    N = codes.shape[0]
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.numel() != N:
+        raise ValueError(f"scale must be float32 with {N} values (one per output channel)")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.numel() != N):
+        raise ValueError(f"bias must have {N} values")
+    if not available():
+        raise RuntimeError("the AMX rows kernel needs AMX-BF16 tiles and AVX512-BF16 (qtorch.amx_rows.available())")
+    bias32 = None if bias is None else bias.detach().to(torch.float32).contiguous().reshape(N)
+    return run(x.contiguous(), codes.contiguous(), scale.contiguous().reshape(N), bias32)
