@@ -4,12 +4,12 @@ canonical form), on AMX tiles. A leaf.
 PyTorch's ``_weight_int8pack_mm`` takes 1.8-3.5x dense's time at 16-128 rows on an AMX CPU, and dequantizing the
 weight for oneDNN (``dequant_mm``) writes and reads it whole again. Here nothing is written but the output: the
 product is computed transposed, ``C^T[n, m] = sum_k W[n, k] x[m, k]``, so that the codes' own rows are the A tiles'
-rows: each block of 16 channels is converted to bfloat16 into a panel of 16 x K (exact: codes are small integers;
-it stays in L1/L2), and multiplied by ``x`` laid out once per call as VNNI B tiles (``B[p][2j + t] = x[m_j][2p +
-t]``), up to four blocks of 16 rows of ``x`` a pass (``tdpbf16ps``, float32 sums in the C tiles over all of K).
-Each channel's sums are then scaled, the bias added, and rounded once to bfloat16, as the other AMX paths do
-(``qtorch.amx``: the scale applied to the sums, not to each code; within bfloat16's rounding of ``F.linear`` on the
-dequantized weight). The threads of PyTorch's OpenMP team claim blocks of channels (:mod:`qtorch._omp`).
+rows: each block of 16 channels is converted into a panel of 16 x K (each code times its channel's scale,
+rounded to bfloat16: the weight ``F.linear`` multiplies once the dequantized weight is held in bfloat16; it stays in
+L1/L2), and multiplied by ``x`` laid out once per call as VNNI B tiles (``B[p][2j + t] = x[m_j][2p + t]``), up to
+four blocks of 16 rows of ``x`` a pass (``tdpbf16ps``, float32 sums in the C tiles over all of K, stored straight
+into the transposed output). The bias is added to the float32 sums, which are rounded once to bfloat16.
+The threads of PyTorch's OpenMP team claim blocks of channels (:mod:`qtorch._omp`).
 
 Eligible (:func:`eligible`) for 8-bit codes with one scale per output channel, ``K % 32 == 0``, where the process
 may use AMX-BF16 (:func:`qtorch.amx.available`).
@@ -35,7 +35,7 @@ from . import _omp, amx
 from ._ir import AMX_TILE, I8, I16, I64
 from ._ir import cached as _cached
 from .amx import _amx_fn
-from .dequant_rows import _bf16_runs
+from .dequant_rows import _codes8
 
 __all__ = ["available", "eligible", "linear", "run"]
 
@@ -55,19 +55,20 @@ def eligible(in_features: int) -> bool:
 
 @intrinsic
 def _products(typingctx, a, b, c, zero, q, nmb):
-    """``C_j = A^T-panel x B_j`` for ``j < nmb`` (a literal, 1..4) over all of K: A tiles from the panel ``a`` (uint16,
+    """``C_j = A-panel x B_j`` for ``j < nmb`` (a literal, 1..4) over all of K: A tiles from the panel ``a`` (uint16,
     16 rows of K bfloat16 bits), step ``s`` at element ``32 s``, rows ``2 K`` bytes apart; B tiles of block ``mb0 + j``
-    at element ``(mb0 + j) 16 K + 512 s`` of ``b`` (64-byte rows); C tile ``j`` stored at ``c[256 j]`` (float32,
-    64-byte rows). ``q``: ``(K, mb0)``; ``zero``: 16 zero float32 (the C tiles start from a load of row stride 0)."""
+    at element ``(mb0 + j) 16 K + 512 s`` of ``b`` (64-byte rows); C tile ``j`` stored at ``c[coff + 16 j]`` (float32,
+    rows ``ldc`` bytes apart). ``q``: ``(K, mb0, coff, ldc)``; ``zero``: 16 zero float32 (the C tiles start from a
+    load of row stride 0)."""
     if not isinstance(nmb, types.IntegerLiteral):
         return None
     n = nmb.literal_value
-    if not (1 <= n <= _PASS and isinstance(q, types.UniTuple) and q.count == 2 and q.dtype == types.int64):
+    if not (1 <= n <= _PASS and isinstance(q, types.UniTuple) and q.count == 4 and q.dtype == types.int64):
         return None
 
     def codegen(context, builder, sig, args):
         aa, ba, ca, za = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(4))
-        K, mb0 = cgutils.unpack_tuple(builder, args[4], 2)
+        K, mb0, coff, ldc = cgutils.unpack_tuple(builder, args[4], 4)
         i8p = I8.as_pointer()
         load = _amx_fn(builder, "llvm.x86.tileloadd64.internal", AMX_TILE, [I16, I16, i8p, I64])
         store = _amx_fn(builder, "llvm.x86.tilestored64.internal", ir.VoidType(), [I16, I16, i8p, I64, AMX_TILE])
@@ -113,15 +114,16 @@ def _products(typingctx, a, b, c, zero, q, nmb):
             p.add_incoming(v, latch)
         builder.position_at_end(done)
         for j, v in enumerate(accs):
-            builder.call(store, [rows, cols, builder.bitcast(builder.gep(ca.data, [c64(256 * j)]), i8p), c64(64), v])
+            at = builder.bitcast(builder.gep(ca.data, [builder.add(coff, c64(16 * j))]), i8p)
+            builder.call(store, [rows, cols, at, ldc, v])
         return context.get_dummy_value()
 
     return types.void(a, b, c, zero, q, nmb), codegen
 
 
 @njit(inline="always")
-def _pass(panel, xb, cbuf, zero, K, mb0, nmb):  # pragma: no cover - compiled; literal dispatch
-    q = (K, mb0)
+def _pass(panel, xb, cbuf, zero, K, mb0, coff, ldc, nmb):  # pragma: no cover - compiled; literal dispatch
+    q = (K, mb0, coff, ldc)
     if nmb == 4:
         _products(panel, xb, cbuf, zero, q, 4)
     elif nmb == 3:
@@ -134,39 +136,28 @@ def _pass(panel, xb, cbuf, zero, K, mb0, nmb):  # pragma: no cover - compiled; l
 
 @_cached
 @njit(cache=True, nogil=True)
-def _blocks(codes, scale, bias, xb, M, out, a, e):  # pragma: no cover - compiled
-    # channel blocks a .. e: out[n, m] (float32) = scale[n] * sum_k code[n, k] x[m, k] (+ bias[n])
+def _blocks(codes, scale, xb, M, out, a, e):  # pragma: no cover - compiled
+    # channel blocks a .. e: out[n, m] (float32, [Np, Mp]) = sum_k bfloat16(code[n, k] scale[n]) x[m, k]
     N, K = codes.shape
     Mb = (M + 15) // 16
+    Mp = 16 * Mb
     panel = np.zeros(16 * K, np.uint16)
-    cbuf = np.empty(256 * _PASS, np.float32)
     zero = np.zeros(16, np.float32)
     xf = xb.reshape(-1)
-    has_bias = bias.shape[0] > 0
+    of = out.reshape(-1)
     for nb in range(a, e):
         n0 = 16 * nb
         nr = min(16, N - n0)
-        for i in range(nr):
-            _bf16_runs(codes[n0 + i], panel[i * K:(i + 1) * K], K // 32, np.float32(1.0), np.float32(0.0))
+        for i in range(nr):  # the weight F.linear multiplies: each code times its scale, rounded to bfloat16
+            _codes8(panel[i * K:(i + 1) * K], codes[n0 + i], K, scale[n0 + i], np.float32(0.0))
         if nr < 16:
             panel[nr * K:] = 0
         for mb0 in range(0, Mb, _PASS):
-            nmb = min(_PASS, Mb - mb0)
-            _pass(panel, xf, cbuf, zero, K, mb0, nmb)
-            for j in range(nmb):  # C^T's rows are channels: out is [N, M], each row written contiguously
-                m0 = 16 * (mb0 + j)
-                mr = min(16, M - m0)
-                for i in range(nr):
-                    s = scale[n0 + i]
-                    b = bias[n0 + i] if has_bias else np.float32(0.0)
-                    c0 = 256 * j + 16 * i
-                    dst = out[n0 + i]
-                    for mm in range(mr):
-                        dst[m0 + mm] = cbuf[c0 + mm] * s + b
+            _pass(panel, xf, of, zero, K, mb0, n0 * Mp + 16 * mb0, 4 * Mp, min(_PASS, Mb - mb0))
 
 
 # the team kernel's argument block (int64): chunk counter, chunks, shapes, addresses
-(_B_NEXT, _B_CHUNKS, _B_N, _B_K, _B_M, _B_NB, _B_BIAS, _B_Q, _B_S, _B_BA, _B_X, _B_OUT, _B_LEN) = range(13)
+(_B_NEXT, _B_CHUNKS, _B_N, _B_K, _B_M, _B_NB, _B_Q, _B_S, _B_X, _B_OUT, _B_LEN) = range(11)
 
 
 def _team_blocks(data):  # pragma: no cover - compiled; runs on every thread of torch's OpenMP team
@@ -174,14 +165,13 @@ def _team_blocks(data):  # pragma: no cover - compiled; runs on every thread of 
     N, K, M, nblocks, nchunks = b[_B_N], b[_B_K], b[_B_M], b[_B_NB], b[_B_CHUNKS]
     codes = carray(_omp.as_ptr(b[_B_Q]), (N, K), np.int8)
     scale = carray(_omp.as_ptr(b[_B_S]), N, np.float32)
-    bias = carray(_omp.as_ptr(b[_B_BA]), N if b[_B_BIAS] else 0, np.float32)
     xb = carray(_omp.as_ptr(b[_B_X]), ((M + 15) // 16, 16 * K), np.uint16)
-    out = carray(_omp.as_ptr(b[_B_OUT]), (N, M), np.float32)
+    out = carray(_omp.as_ptr(b[_B_OUT]), (16 * nblocks, (M + 15) // 16 * 16), np.float32)
     while True:
         i = _omp.claim(b)
         if i >= nchunks:
             return
-        _blocks(codes, scale, bias, xb, M, out, nblocks * i // nchunks, nblocks * (i + 1) // nchunks)
+        _blocks(codes, scale, xb, M, out, nblocks * i // nchunks, nblocks * (i + 1) // nchunks)
 
 
 _TEAM_KERNEL = _omp.TeamKernel(_team_blocks)
@@ -222,20 +212,20 @@ def run(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias32: torch
     M, K = x.shape
     N = codes.shape[0]
     scale = scale.reshape(N)
-    out = torch.empty((N, M), dtype=torch.float32)  # transposed: the kernel writes each channel's row
     if M == 0 or N == 0:
-        return out.t().to(torch.bfloat16)
-    xb = vnni_rows(x)
+        return torch.zeros((M, N), dtype=torch.bfloat16) if bias32 is None else bias32.expand(M, N).to(torch.bfloat16)
     nblocks = (N + 15) // 16
+    Mp = (M + 15) // 16 * 16
+    out = torch.empty((16 * nblocks, Mp), dtype=torch.float32)  # C^T, whole tiles: the C tiles are stored in it
+    xb = vnni_rows(x)
     nchunks = max(1, min(nblocks, 4 * _omp.team_size()))
-    block = np.array((0, nchunks, N, K, M, nblocks, int(bias32 is not None), codes.data_ptr(), scale.data_ptr(),
-                      0 if bias32 is None else bias32.data_ptr(), xb.ctypes.data, out.data_ptr()), np.int64)
-    args = (codes.numpy(), scale.numpy(), _EMPTY if bias32 is None else bias32.numpy(), xb, M, out.numpy())
-    _omp.run(nchunks, _TEAM_KERNEL, block, _blocks, args, nblocks, 1)
-    return out.t().to(torch.bfloat16, memory_format=torch.contiguous_format)
-
-
-_EMPTY = np.zeros(0, np.float32)
+    block = np.array((0, nchunks, N, K, M, nblocks, codes.data_ptr(), scale.data_ptr(), xb.ctypes.data,
+                      out.data_ptr()), np.int64)
+    _omp.run(nchunks, _TEAM_KERNEL, block, _blocks, (codes.numpy(), scale.numpy(), xb, M, out.numpy()), nblocks, 1)
+    y = out[:N, :M].t()
+    if bias32 is not None:
+        y = y + bias32  # in float32, before the one rounding, as F.linear adds it
+    return y.to(torch.bfloat16, memory_format=torch.contiguous_format)
 
 
 def linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
