@@ -14,7 +14,9 @@ step: the case weight-only quantization is for. Reported per model:
 * milliseconds per generated token: greedy decoding as ``generate`` does it (one forward call with the KV cache,
   argmax), the models advancing in lockstep, one timed step each in turn, so that all see the same moments of a
   shared machine (a contended 2-core host made whole ``generate`` calls vary 10x from one second to the next);
-  the median over all ``--tokens`` steps of ``--repeats`` rounds, after an untimed warm-up round;
+  the median over all ``--tokens`` steps of ``--repeats`` rounds, after an untimed warm-up round (``--whole``: one
+  model at a time instead, each decoding its whole answer, the order reversed every other round: each step then
+  finds in the caches what the model's own last step left, as in a process serving one model);
 * speed-up over the dense model of the same dtype, and against the byte-ratio limit (dense bytes / quantized
   bytes read per step: what a purely memory-bound decoder would gain if the step did nothing but read weights),
   as a percentage of that limit;
