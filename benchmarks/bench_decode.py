@@ -323,8 +323,8 @@ def main(argv=None) -> int:
     print(machine_line())
     print(f"LlamaForCausalLM hidden={args.hidden} layers={args.layers} vocab={args.vocab}, {args.tokens} new tokens "
           f"after a {prompt.shape[1]}-token prompt, greedy, "
-          f"{'compiled (static KV cache)' if args.compile else 'KV cache'}; ms / token = median step over {args.repeats} "
-          f"rounds, {WHOLE if args.whole else 'models in lockstep'}")
+          f"{'compiled (static KV cache)' if args.compile else 'KV cache'}; ms / token = median step over "
+          f"{args.repeats} rounds, {WHOLE if args.whole else 'models in lockstep'}")
     print(TABLE_HEAD)
     notes = []
     for dname in args.dtypes:
