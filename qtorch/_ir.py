@@ -19,7 +19,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 #: (``tests/qtorch/test_ir.py`` checks that every file of the package that uses numba is listed)
 KERNEL_SOURCES = tuple(os.path.join(_HERE, f) for f in (
     "_ir.py", "_launch.py", "_omp.py", "_stack_cache.py", "amx.py", "amx_rows.py", "bf16dot.py", "dequant.py",
-    "dequant_rows.py", "gemm.py", "gemv.py", "planes.py", "vnni.py", "vnni_amx.py", "vnni_bf16.py", "vnni_lut.py", "vnni8.py",
+    "dequant_rows.py", "gemm.py", "gemv.py", "planes.py", "vnni.py", "vnni_amx.py", "vnni_bf16.py", "vnni_lut.py",
+    "vnni8.py",
     os.path.join("layouts", "int4pack.py"))) + tuple(
     p for p in _jitcache.KERNEL_SOURCES if os.path.basename(p) in ("_parallel.py", "_team.py", "_jitcache.py"))
 #: the decorator of qtorch's cached kernels: keyed on all of :data:`KERNEL_SOURCES` (numba alone checks the
