@@ -6,9 +6,10 @@ weight for oneDNN (``dequant_mm``) writes and reads it whole again. Here nothing
 product is computed transposed, ``C^T[n, m] = sum_k W[n, k] x[m, k]``, so that the codes' own rows are the A tiles'
 rows: each block of 16 channels is converted into a panel of 16 x K (each code times its channel's scale,
 rounded to bfloat16: the weight ``F.linear`` multiplies once the dequantized weight is held in bfloat16; it stays in
-L1/L2), and multiplied by ``x`` laid out once per call as VNNI B tiles (``B[p][2j + t] = x[m_j][2p + t]``), up to
-four blocks of 16 rows of ``x`` a pass (``tdpbf16ps``, float32 sums in the C tiles over all of K, stored straight
-into the transposed output). The bias is added to the float32 sums, which are rounded once to bfloat16.
+L1/L2), and multiplied by ``x`` laid out once per call as VNNI B tiles (``B[p][2j + t] = x[m_j][2p + t]``): two
+blocks of channels by two blocks of 16 rows of ``x`` a pass (four blocks of channels where ``x`` is one block of
+rows), so that each tile loaded serves about one product (``tdpbf16ps``, float32 sums in the C tiles over all of
+K, stored straight into the transposed output). The bias is added to the float32 sums, which are rounded once to bfloat16.
 The threads of PyTorch's OpenMP team claim blocks of channels (:mod:`qtorch._omp`).
 
 Eligible (:func:`eligible`) for 8-bit codes with one scale per output channel, ``K % 32 == 0``, where the process
@@ -39,10 +40,6 @@ from .dequant_rows import _codes8
 
 __all__ = ["available", "eligible", "linear", "run"]
 
-#: blocks of 16 rows of x multiplied per pass over a panel: 4 C tiles, the A tile and a B tile fit the 8 registers
-_PASS = 4
-
-
 def available() -> bool:
     """Whether this process may run the kernel: AMX-BF16 tiles granted, and AVX512-BF16 for the conversion."""
     return amx.available() and amx._CVT
@@ -54,16 +51,19 @@ def eligible(in_features: int) -> bool:
 
 
 @intrinsic
-def _products(typingctx, a, b, c, zero, q, nmb):
-    """``C_j = A-panel x B_j`` for ``j < nmb`` (a literal, 1..4) over all of K: A tiles from the panel ``a`` (uint16,
-    16 rows of K bfloat16 bits), step ``s`` at element ``32 s``, rows ``2 K`` bytes apart; B tiles of block ``mb0 + j``
-    at element ``(mb0 + j) 16 K + 512 s`` of ``b`` (64-byte rows); C tile ``j`` stored at ``c[coff + 16 j]`` (float32,
-    rows ``ldc`` bytes apart). ``q``: ``(K, mb0, coff, ldc)``; ``zero``: 16 zero float32 (the C tiles start from a
-    load of row stride 0)."""
-    if not isinstance(nmb, types.IntegerLiteral):
+def _products(typingctx, a, b, c, zero, q, nn, nmb):
+    """``C_ij = A_i x B_j`` for ``i < nn``, ``j < nmb`` (literals, ``nn * nmb <= 4``, ``nmb <= 2``) over all of K, each
+    step's B tiles loaded once and each A tile once: A tiles of block ``i`` of the panel ``a`` (uint16, 16 nn rows of K
+    bfloat16 bits) at element ``16 K i + 32 s`` for step ``s``, rows ``2 K`` bytes apart; B tiles of block ``mb0 + j``
+    at element ``(mb0 + j) 16 K + 512 s`` of ``b`` (64-byte rows); C tile ``(i, j)`` stored at
+    ``c[coff + 16 i ldc / 4 + 16 j]`` (float32, rows ``ldc`` bytes apart). ``q``: ``(K, mb0, coff, ldc)``; ``zero``:
+    16 zero float32 (the C tiles start from a load of row stride 0). With 8 tile registers, ``nn + nmb`` loads a
+    step serve ``nn * nmb`` products: 4 for 4 at 2 x 2, 5 for 4 at 4 x 1."""
+    if not (isinstance(nn, types.IntegerLiteral) and isinstance(nmb, types.IntegerLiteral)):
         return None
-    n = nmb.literal_value
-    if not (1 <= n <= _PASS and isinstance(q, types.UniTuple) and q.count == 4 and q.dtype == types.int64):
+    ni, nj = nn.literal_value, nmb.literal_value
+    if not (1 <= nj <= 2 and 1 <= ni and ni * nj <= 4 and isinstance(q, types.UniTuple) and q.count == 4
+            and q.dtype == types.int64):
         return None
 
     def codegen(context, builder, sig, args):
@@ -79,9 +79,11 @@ def _products(typingctx, a, b, c, zero, q, nmb):
             return ir.Constant(I64, v)
 
         zptr = builder.bitcast(za.data, i8p)
-        init = [builder.call(load, [rows, cols, zptr, c64(0)]) for _ in range(n)]
+        keys = [(i, j) for i in range(ni) for j in range(nj)]
+        init = {key: builder.call(load, [rows, cols, zptr, c64(0)]) for key in keys}
         astride = builder.mul(K, c64(2))
-        bbase = builder.mul(builder.mul(mb0, K), c64(16))
+        ablock = builder.mul(K, c64(16))  # elements between two A blocks (and two B blocks)
+        bbase = builder.mul(mb0, ablock)
         steps = builder.sdiv(K, c64(32))
         entry = builder.block
         head = builder.append_basic_block("tiles.head")
@@ -91,69 +93,84 @@ def _products(typingctx, a, b, c, zero, q, nmb):
         builder.position_at_end(head)
         s = builder.phi(I64)
         s.add_incoming(c64(0), entry)
-        accs = []
-        for v in init:
+        accs = {}
+        for key, v in init.items():
             p = builder.phi(AMX_TILE)
             p.add_incoming(v, entry)
-            accs.append(p)
+            accs[key] = p
         builder.cbranch(builder.icmp_signed("<", s, steps), body, done)
         builder.position_at_end(body)
-        at = builder.bitcast(builder.gep(aa.data, [builder.mul(s, c64(32))]), i8p)
-        atile = builder.call(load, [rows, cols, at, astride])
-        new = []
-        for j in range(n):
-            off = builder.add(builder.add(bbase, builder.mul(c64(j), builder.mul(K, c64(16)))),
-                              builder.mul(s, c64(512)))
-            bt = builder.call(load, [rows, cols, builder.bitcast(builder.gep(ba.data, [off]), i8p), c64(64)])
-            new.append(builder.call(dp, [rows, cols, cols, accs[j], atile, bt]))
+        bt = []
+        for j in range(nj):
+            off = builder.add(builder.add(bbase, builder.mul(c64(j), ablock)), builder.mul(s, c64(512)))
+            bt.append(builder.call(load, [rows, cols, builder.bitcast(builder.gep(ba.data, [off]), i8p), c64(64)]))
+        new = {}
+        for i in range(ni):
+            off = builder.add(builder.mul(c64(i), ablock), builder.mul(s, c64(32)))
+            at = builder.call(load, [rows, cols, builder.bitcast(builder.gep(aa.data, [off]), i8p), astride])
+            for j in range(nj):
+                new[(i, j)] = builder.call(dp, [rows, cols, cols, accs[(i, j)], at, bt[j]])
         nxt = builder.add(s, c64(1))
         latch = builder.block
         builder.branch(head)
         s.add_incoming(nxt, latch)
-        for p, v in zip(accs, new):
-            p.add_incoming(v, latch)
+        for key in keys:
+            accs[key].add_incoming(new[key], latch)
         builder.position_at_end(done)
-        for j, v in enumerate(accs):
-            at = builder.bitcast(builder.gep(ca.data, [builder.add(coff, c64(16 * j))]), i8p)
-            builder.call(store, [rows, cols, at, ldc, v])
+        crow = builder.sdiv(builder.mul(ldc, c64(16)), c64(4))  # elements between two C blocks of channels
+        for (i, j), v in accs.items():
+            off = builder.add(builder.add(coff, builder.mul(c64(i), crow)), c64(16 * j))
+            builder.call(store, [rows, cols, builder.bitcast(builder.gep(ca.data, [off]), i8p), ldc, v])
         return context.get_dummy_value()
 
-    return types.void(a, b, c, zero, q, nmb), codegen
+    return types.void(a, b, c, zero, q, nn, nmb), codegen
 
 
 @njit(inline="always")
-def _pass(panel, xb, cbuf, zero, K, mb0, coff, ldc, nmb):  # pragma: no cover - compiled; literal dispatch
+def _pass(panel, xb, out, zero, K, mb0, coff, ldc, nn, nmb):  # pragma: no cover - compiled; literal dispatch
     q = (K, mb0, coff, ldc)
-    if nmb == 4:
-        _products(panel, xb, cbuf, zero, q, 4)
-    elif nmb == 3:
-        _products(panel, xb, cbuf, zero, q, 3)
-    elif nmb == 2:
-        _products(panel, xb, cbuf, zero, q, 2)
+    if nmb == 2:
+        if nn == 2:
+            _products(panel, xb, out, zero, q, 2, 2)
+        else:
+            _products(panel, xb, out, zero, q, 1, 2)
+    elif nn == 4:
+        _products(panel, xb, out, zero, q, 4, 1)
+    elif nn == 3:
+        _products(panel, xb, out, zero, q, 3, 1)
+    elif nn == 2:
+        _products(panel, xb, out, zero, q, 2, 1)
     else:
-        _products(panel, xb, cbuf, zero, q, 1)
+        _products(panel, xb, out, zero, q, 1, 1)
 
 
 @_cached
 @njit(cache=True, nogil=True)
 def _blocks(codes, scale, xb, M, out, a, e):  # pragma: no cover - compiled
-    # channel blocks a .. e: out[n, m] (float32, [Np, Mp]) = sum_k bfloat16(code[n, k] scale[n]) x[m, k]
+    # channel blocks a .. e: out[n, m] (float32, [Np, Mp]) = sum_k bfloat16(code[n, k] scale[n]) x[m, k]; blocks of
+    # channels go by fours where x is one block of rows (one B tile a step serves four A tiles), else by twos, each
+    # pass over two blocks of rows (2 x 2 products for 4 tile loads)
     N, K = codes.shape
     Mb = (M + 15) // 16
     Mp = 16 * Mb
-    panel = np.zeros(16 * K, np.uint16)
+    group = 4 if Mb == 1 else 2
+    panel = np.zeros(16 * group * K, np.uint16)
     zero = np.zeros(16, np.float32)
     xf = xb.reshape(-1)
     of = out.reshape(-1)
-    for nb in range(a, e):
+    nb = a
+    while nb < e:
+        nn = min(group, e - nb)
         n0 = 16 * nb
-        nr = min(16, N - n0)
+        nr = min(16 * nn, N - n0)
         for i in range(nr):  # the weight F.linear multiplies: each code times its scale, rounded to bfloat16
             _codes8(panel[i * K:(i + 1) * K], codes[n0 + i], K, scale[n0 + i], np.float32(0.0))
-        if nr < 16:
-            panel[nr * K:] = 0
-        for mb0 in range(0, Mb, _PASS):
-            _pass(panel, xf, of, zero, K, mb0, n0 * Mp + 16 * mb0, 4 * Mp, min(_PASS, Mb - mb0))
+        if nr < 16 * nn:
+            panel[nr * K:16 * nn * K] = 0
+        for mb0 in range(0, Mb, 2):
+            _pass(panel, xf, of, zero, K, mb0, n0 * Mp + 16 * mb0, 4 * Mp, nn if Mb == 1 else min(nn, 2),
+                  min(2, Mb - mb0))
+        nb += nn
 
 
 # the team kernel's argument block (int64): chunk counter, chunks, shapes, addresses
@@ -208,7 +225,10 @@ def vnni_rows(x: torch.Tensor) -> np.ndarray:
 def run(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias32: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`linear` on operands a layer has checked: ``x`` C-contiguous bfloat16 ``[M, K]`` (``K % 32 == 0``),
     ``codes`` C-contiguous int8 ``[N, K]``, ``scale`` contiguous float32 of ``N`` values, ``bias32`` contiguous
-    float32 ``[N]`` or None; :func:`available` true."""
+    float32 ``[N]`` or None. Raises ``RuntimeError`` where :func:`available` is False (a tile instruction in a
+    process that was not granted the tile state kills it)."""
+    if not available():
+        raise RuntimeError("the AMX rows kernel needs AMX-BF16 tiles and AVX512-BF16 (qtorch.amx_rows.available())")
     M, K = x.shape
     N = codes.shape[0]
     scale = scale.reshape(N)
@@ -245,7 +265,5 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torc
         raise ValueError(f"scale must be float32 with {N} values (one per output channel)")
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.numel() != N):
         raise ValueError(f"bias must have {N} values")
-    if not available():
-        raise RuntimeError("the AMX rows kernel needs AMX-BF16 tiles and AVX512-BF16 (qtorch.amx_rows.available())")
     bias32 = None if bias is None else bias.detach().to(torch.float32).contiguous().reshape(N)
     return run(x.contiguous(), codes.contiguous(), scale.contiguous().reshape(N), bias32)
