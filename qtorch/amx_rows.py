@@ -168,8 +168,7 @@ def _blocks(codes, scale, xb, M, out, a, e):  # pragma: no cover - compiled
         if nr < 16 * nn:
             panel[nr * K:16 * nn * K] = 0
         for mb0 in range(0, Mb, 2):
-            _pass(panel, xf, of, zero, K, mb0, n0 * Mp + 16 * mb0, 4 * Mp, nn if Mb == 1 else min(nn, 2),
-                  min(2, Mb - mb0))
+            _pass(panel, xf, of, zero, K, mb0, n0 * Mp + 16 * mb0, 4 * Mp, nn, min(2, Mb - mb0))
         nb += nn
 
 
