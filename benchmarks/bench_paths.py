@@ -101,11 +101,13 @@ def _paths(layer, on_routes, dtype, x_rows):
             paths["int4pack"] = lambda x: torch._weight_int4pack_mm_for_cpu(pad_columns(x, kp), p, spec.group, sz)
     tile = blocked_tile(n)
     group = spec.group if spec.kind == "group" else k
-    if (amx.available() and tile and sc.bits in (4, 8) and amx.eligible(k, group)
+    if (amx.available() and tile and sc.bits in (4, 8) and amx.eligible(padded_k(k, spec.kind, group), group)
             and (spec.kind != "group" or spec.axis == 1) and (spec.kind != "channel" or spec.axis == 0)):
         wb, sb, zb = to_blocked(q, s, z, bits=sc.bits, symmetric=sc.symmetric, kind=spec.kind, group=group,
                                 out_features=n, in_features=k, tile=tile)
-        paths["amx"] = lambda x: amx_blocked_impl(x, wb, sb, zb, group, sc.bits, n)
+        # a ragged last group is completed in the copy (codes at the zero point): x padded with zeros to match, as
+        # the layout pads it
+        paths["amx"] = lambda x: amx_blocked_impl(pad_columns(x, wb.shape[1]), wb, sb, zb, group, sc.bits, n)
     return paths
 
 
