@@ -48,8 +48,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qtorch  # noqa: E402
 from _layers import bytes_per_token, prefetch_line  # noqa: E402
 from _machine import machine_line  # noqa: E402
-from bench_decode import (FREE, TABLE_HEAD, WHOLE, compiled_steppers, decode_ms, free_linear_copy,  # noqa: E402
-                          path_lines, table_rows, tune)
+from bench_decode import (FREE, MV, TABLE_HEAD, WHOLE, compiled_steppers, decode_ms, free_linear_copy,  # noqa: E402
+                          max_logit_diff, mv_linear_copy, path_lines, table_rows, tune)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Explain in a few sentences why the sky is blue."
@@ -126,6 +126,9 @@ def main(argv=None) -> int:
     p.add_argument("--whole", action="store_true",
                    help="one model at a time, each decoding its whole answer before the next (default: lockstep, "
                         "one step of each model in turn)")
+    p.add_argument("--dense-mv", action="store_true",
+                   help=f"also the dense model with its one-row Linear calls by torch.mv (row {MV!r}): the dense "
+                        "model's own best one-row path, a second baseline")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,6 +141,11 @@ def main(argv=None) -> int:
     print(f"SmolLM2-135M-Instruct ({n_params / 1e6:.1f}M parameters) loaded from {GGUF_FILE} as dense bf16 in "
           f"{time.perf_counter() - t:.1f} s", flush=True)
     models = {"dense": dense}
+    prompt = chat_ids(tok, args.prompt)
+    if args.dense_mv:
+        models[MV] = mv_linear_copy(dense)
+        print(f"{MV}: the dense model, one-row Linear calls by torch.mv; largest logit difference from dense "
+              f"{max_logit_diff(dense, models[MV], prompt):.3g}", flush=True)
     for scheme in args.schemes:
         models[scheme] = copy.deepcopy(dense)
         rep = qtorch.quantize_model(models[scheme], scheme)
@@ -152,7 +160,6 @@ def main(argv=None) -> int:
             print(f"{name}: {scheme}, lm_head untied from the embeddings and quantized {args.lm_head}", flush=True)
 
     models[FREE] = free_linear_copy(dense)  # the step's fixed work: every Linear free (no row of its own)
-    prompt = chat_ids(tok, args.prompt)
     if args.tune:
         tune(models, prompt)
     steppers = None
@@ -187,12 +194,14 @@ def main(argv=None) -> int:
     print()
     base = result["dense"].ms_median
     read = {name: bytes_per_token(m) for name, m in models.items()}
-    for name in [n for n in result if n != "dense"]:
+    for name in [n for n in result if n not in ("dense", MV)]:
         speed, limit = base / result[name].ms_median, read["dense"] / read[name]
         goal = TARGETS.get(name.split("+")[0])
         verdict = "" if goal is None else (f"target >= {goal:.1f}x: {'met' if speed >= goal else 'NOT met'}; ")
         print(f"{name}: {speed:.2f}x; {verdict}{100 * speed / limit:.0f}% of the byte-ratio limit {limit:.2f}x "
               f"(target >= {100 * TARGET_SHARE:.0f}%: {'met' if speed >= TARGET_SHARE * limit else 'NOT met'})")
+        if MV in result:
+            print(f"  {name} against {MV}: {result[MV].ms_median / result[name].ms_median:.2f}x")
     return 0
 
 
