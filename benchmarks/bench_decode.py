@@ -3,6 +3,7 @@
     python benchmarks/bench_decode.py                  # Llama-style, hidden 2048, 4 layers; bfloat16 and float32
     python benchmarks/bench_decode.py --layers 2 --dtypes bfloat16 --tokens 16
     python benchmarks/bench_decode.py --compile        # torch.compile on a static KV cache, qtorch.compile's layouts
+    python benchmarks/bench_decode.py --dense-mv       # also dense with its one-row Linear calls by torch.mv
 
 The model is ``transformers.LlamaForCausalLM`` with random weights (decoding speed does not depend on their
 values), quantized in place by ``qtorch.quantize_model`` (``lm_head`` stays dense, as by default). Each variant

