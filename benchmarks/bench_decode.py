@@ -185,7 +185,7 @@ def tune(models: dict, prompt: torch.Tensor) -> None:
     Prints the picks."""
     steps = {name: decode_step(m, prompt) for name, m in models.items()}
     for name, m in models.items():
-        if name == "dense" or name == FREE:
+        if name in ("dense", MV, FREE):
             continue
         clock = [0.0]
 
@@ -243,7 +243,7 @@ def compiled_steppers(models: dict, prompt: torch.Tensor, tokens: int, log=print
     from qtorch.sibling_layouts import find_siblings
 
     for name, m in models.items():
-        if name not in ("dense", FREE):
+        if name not in ("dense", MV, FREE):
             picks = choose_layouts(m, options=inductor_options(), siblings=find_siblings(m, prompt))
             log(f"{name}: compiled layouts {picks}")
     with torch.no_grad():
