@@ -106,14 +106,23 @@ def mv_linear_copy(model: nn.Module) -> nn.Module:
 def max_logit_diff(a: nn.Module, b: nn.Module, prompt: torch.Tensor) -> float:
     """Largest absolute difference of the two models' logits on ``prompt`` and its one-token continuation (a
     one-row call of every Linear)."""
+    kw = _cache_keyword(a)
     with torch.no_grad():
         la = a(input_ids=prompt, use_cache=True)
         lb = b(input_ids=prompt, use_cache=True)
         nxt = la.logits[:, -1:].argmax(-1)
-        ca, cb = la.past_key_values, lb.past_key_values
-        da = a(input_ids=nxt, past_key_values=ca, use_cache=True).logits.float()
-        db = b(input_ids=nxt, past_key_values=cb, use_cache=True).logits.float()
+        da = a(input_ids=nxt, use_cache=True, **{kw: _cache_of(la)}).logits.float()
+        db = b(input_ids=nxt, use_cache=True, **{kw: _cache_of(lb)}).logits.float()
     return float(max((la.logits.float() - lb.logits.float()).abs().max(), (da - db).abs().max()))
+
+
+def _cache_keyword(model) -> str:
+    # the cache keyword is ``cache`` from transformers 5.x on, ``past_key_values`` before
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    return getattr(out, "cache", None) or out.past_key_values
 
 
 def free_linear_copy(model: nn.Module) -> nn.Module:
@@ -147,12 +156,11 @@ class Decode:
 def _greedy_steps(model, prompt: torch.Tensor, tokens: int):
     """Greedy decoding as ``generate`` does it, one forward call per ``next()``: first the prompt (prefill), then
     ``tokens`` one-token steps with the KV cache; each call's argmax becomes the next input. Returns the ids."""
-    # the cache keyword is ``cache`` from transformers 5.x on, ``past_key_values`` before
+    kw = _cache_keyword(model)
     params = inspect.signature(model.forward).parameters
-    kw = "cache" if "cache" in params else "past_key_values"
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # lm_head on the last position only
     out = model(input_ids=prompt, use_cache=True, **extra)
-    cache = getattr(out, "cache", None) or out.past_key_values
+    cache = _cache_of(out)
     ids = [out.logits[:, -1].argmax(-1, keepdim=True)]
     yield
     for _ in range(tokens):
