@@ -76,10 +76,10 @@ def prefetch_line() -> str:
     known = prefetch.measured()
     if not known:
         return ""
-    widths = {k: d for k, d in known.items() if k != "vnni"}
+    widths = {k: d for k, d in known.items() if isinstance(k, int)}
     parts = [f"{bits}-bit {d} B" for bits, d in sorted(widths.items())]
     if "vnni" in known:
-        parts.append(f"vnni kernel {known['vnni']} B")
+        parts.append(f"vnni kernel {known['vnni']} B" + (", each line read twice" if known["vnni touch"] else ""))
     return "one-row kernel's prefetch distance (measured on this machine): " + ", ".join(parts)
 
 

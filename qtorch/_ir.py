@@ -86,6 +86,23 @@ def prefetch_l2(builder, ptr) -> None:
                       ir.Constant(I32, 1)])
 
 
+class _VolatileLoad(ir.LoadInstr):
+    """``load volatile``: llvmlite's builder writes no such load; LLVM neither drops nor merges it."""
+
+    def descr(self, buf):
+        super().descr(buf)
+        buf[-1] = buf[-1].replace("load ", "load volatile ", 1)
+
+
+def touch(builder, ptr) -> None:
+    """IR: read the 4 bytes at ``ptr`` and discard them (a volatile load, which LLVM keeps). A second read of a line
+    that a kernel's vector load reads once is what starts the L1 prefetcher on the next line (see
+    :mod:`qtorch.prefetch`)."""
+    instr = _VolatileLoad(builder.block, builder.bitcast(ptr, I32.as_pointer()))
+    instr.align = 4
+    builder._insert(instr)
+
+
 @intrinsic
 def prefetch_at(typingctx, arr, off):
     """Prefetch the line holding element ``off`` of the C-contiguous ``arr`` (flat index) into L2."""

@@ -25,6 +25,10 @@ kept for the process only when another process was running). ``QTORCH_AUTOTUNE=0
 :data:`qtorch.gemv.PREFETCH`. No bit of a result depends on the distance. Cost, once per machine and width: about
 0.3 s and 128 MB of copies (:func:`qtorch.autotune.rotation_copies`), freed after.
 
+The ``vnni`` layout's one-row kernel races the same distances, each also with a second read of every line of
+codes (:func:`vnni_reads`): a line that one 64-byte load reads once never starts the L1 prefetcher, which a
+second read of a recent line does (about 0.6 s once per machine).
+
 >>> from qtorch import autotune, gemv
 >>> off = autotune.Dispatcher(cache_path=False, env={"QTORCH_AUTOTUNE": "0"})
 >>> distance(4, off) == gemv.PREFETCH       # measuring off; by default the first call measures, then it is kept
@@ -41,7 +45,7 @@ import torch
 
 from . import autotune, gemv, vnni
 
-__all__ = ["DISTANCES", "TIE", "distance", "measured", "vnni_distance"]
+__all__ = ["DISTANCES", "TIE", "distance", "measured", "vnni_distance", "vnni_reads"]
 
 #: the distances raced, in bytes (0: no prefetch; where the hardware's own prefetchers suffice)
 DISTANCES = (0, 2048, 4096, 8192, 16384, 32768)
@@ -67,23 +71,52 @@ def distance(bits: int, dispatcher: autotune.Dispatcher | None = None) -> int:
     return _measured_once(_key(bits), lambda: _trials(bits), gemv.PREFETCH, dispatcher)
 
 
+def vnni_reads(dispatcher: autotune.Dispatcher | None = None) -> tuple[int, bool]:
+    """How the ``vnni`` layout's one-row kernel (:mod:`qtorch.vnni`) reads its codes on this machine: ``(bytes
+    ahead that it prefetches, whether it reads each line a second time)`` (:data:`qtorch.vnni.TOUCH`). Measured like
+    :func:`distance`, each distance with and without the second reads (its own kernel over a rotation of copies of
+    a 1024 x 1024 4-bit layer; of the passes within :data:`TIE` of the fastest, the shortest distance, then no
+    second reads; key ``setting|vnni-reads|threads <n>``), then kept; :data:`qtorch.vnni.PREFETCH` and
+    :data:`qtorch.vnni.TOUCH` where nothing is measured."""
+    return _measured_once(_VNNI_KEY, _vnni_trials, (vnni.PREFETCH, vnni.TOUCH), dispatcher, parse=_reads_value)
+
+
 def vnni_distance(dispatcher: autotune.Dispatcher | None = None) -> int:
-    """Bytes ahead that the ``vnni`` layout's one-row kernel (:mod:`qtorch.vnni`) prefetches on this machine:
-    measured like :func:`distance` (its own kernel over a rotation of copies of a 1024 x 1024 4-bit layer, key
-    ``setting|vnni-prefetch|threads <n>``), then kept; :data:`qtorch.vnni.PREFETCH` where nothing is measured."""
-    return _measured_once(autotune.SettingKey.make("vnni-prefetch"), _vnni_trials, vnni.PREFETCH, dispatcher)
+    """Bytes ahead that the ``vnni`` layout's one-row kernel prefetches on this machine (:func:`vnni_reads`)."""
+    return vnni_reads(dispatcher)[0]
 
 
-def _measured_once(key, trials, default: int, dispatcher) -> int:
+#: the vnni kernel's decision (a new key where it took the distance alone: kept values of the old one are not read)
+_VNNI_KEY = autotune.SettingKey.make("vnni-reads")
+
+
+def _reads_name(dist: int, touch: bool) -> str:
+    return f"{dist} touch" if touch else str(dist)
+
+
+def _reads_value(kept) -> tuple[int, bool] | None:
+    """A kept ``"<distance>"`` or ``"<distance> touch"`` as ``(distance, touch)``; None where it is neither."""
+    if not isinstance(kept, str):
+        return None
+    dist, _, rest = kept.partition(" ")
+    value = _value(dist)
+    if value is None or rest not in ("", "touch"):
+        return None
+    return value, rest == "touch"
+
+
+def _measured_once(key, trials, default, dispatcher, parse=None):
+    """The kept decision of ``key`` (``parse``d: an int distance by default), measured first where there is none."""
+    parse = parse or _value
     d = dispatcher or autotune.default_dispatcher()
     if not d.measuring or torch.compiler.is_compiling():
         return default
-    found = _value(d.cached(key))
+    found = parse(d.cached(key))
     if found is None:
         with _LOCK:  # one measurement at a time: two would share the cores and the memory they time
-            found = _value(d.cached(key))
+            found = parse(d.cached(key))
             if found is None:
-                found = int(d.choose(key, trials(), tie=TIE))
+                found = parse(d.choose(key, trials(), tie=TIE))
     return found
 
 
@@ -99,16 +132,16 @@ def _value(kept) -> int | None:
 
 def measured(dispatcher: autotune.Dispatcher | None = None) -> dict:
     """``{bits: distance}`` for the widths whose distance this process knows (measured or read from the file), and
-    ``"vnni": distance`` where the vnni kernel's is known."""
+    ``"vnni": distance`` and ``"vnni touch": bool`` where the vnni kernel's reads are known (:func:`vnni_reads`)."""
     d = dispatcher or autotune.default_dispatcher()
     out = {}
     for bits in (4, 8):
         found = _value(d.cached(_key(bits)))
         if found is not None:
             out[bits] = found
-    found = _value(d.cached(autotune.SettingKey.make("vnni-prefetch")))
+    found = _reads_value(d.cached(_VNNI_KEY))
     if found is not None:
-        out["vnni"] = found
+        out["vnni"], out["vnni touch"] = found
     return out
 
 
@@ -141,7 +174,8 @@ def _trials(bits: int) -> dict[str, Callable[[], None]]:
 
 
 def _vnni_trials() -> dict[str, Callable[[], None]]:
-    """:func:`_trials` for the vnni kernel: 4-bit words of the trial layer's shape, a bfloat16 row."""
+    """:func:`_trials` for the vnni kernel: 4-bit words of the trial layer's shape, a bfloat16 row; a pass for each
+    distance without and with the second reads of each line (named ``"4096"``, ``"4096 touch"``)."""
     T = _N // vnni.NT
     words = np.random.default_rng(0).integers(0, 1 << 32, size=(T, _K // 8, vnni.NT), dtype=np.uint64)
     words = words.astype(np.uint32)
@@ -154,11 +188,12 @@ def _vnni_trials() -> dict[str, Callable[[], None]]:
     xa, oa = x.data_ptr(), out.data_ptr()
     passes = {}
     for dist in DISTANCES:
-        plans = [vnni.Plan(c, scale, zp, _G, 1, 1, prefetch=dist) for c in copies]
+        for touch in (False, True):
+            plans = [vnni.Plan(c, scale, zp, _G, 1, 1, prefetch=dist, touch=touch) for c in copies]
 
-        def run(plans=plans, keep=(copies, scale, zp, x)):
-            for plan in plans:
-                plan(xa, oa)
-            return out
-        passes[str(dist)] = run
+            def run(plans=plans, keep=(copies, scale, zp, x)):
+                for plan in plans:
+                    plan(xa, oa)
+                return out
+            passes[_reads_name(dist, touch)] = run
     return passes

@@ -51,7 +51,7 @@ from numba.extending import intrinsic
 
 from . import _omp
 from ._ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, host_has, prefetch_l2, to_bf16x32, vec
-from ._ir import cached as _cached
+from ._ir import cached as _cached, touch as _touch
 from .gemv import _half_bits_to_float, _narrow, _native, _sums_address  # (the one-row kernels' shared pieces)
 from .planes import P as _P, block_size, split_row as _split_row  # (x as integer planes)
 
@@ -66,6 +66,14 @@ _VNNI = host_has("avx512vnni") and host_has("avx512bw")
 #: threads, 32 copies of a 4096x4096 layer in rotation (a C replica): 19.2 GB/s at 1 KB, 22.9 at 2, 25.5 at 4, 25.8
 #: at 8 and 16
 PREFETCH = 8192
+#: whether each octet reads every line of its codes a second time (4 bytes, discarded) where nothing is measured
+#: (the layout's plans take what is measured on the machine, :func:`qtorch.prefetch.vnni_reads`). A line read by
+#: one 64-byte load is never read again, and the L1 prefetcher, which starts on a second read of a recent line,
+#: never fetches the next one. On the AVX-512 Xeon, one thread streaming 134 MB of 4-bit codes without a software
+#: prefetch: 8.2-10.4 GB/s with one read a line, 10.6-11.8 with two; 4 KB prefetched ahead, bfloat16 rows alike,
+#: float32 rows 11.4-12.2 against 12.1-13.1; two threads over copies of 5504x2048 and 2048x5504 layers in turn, 0-8%
+#: faster. A second full vector load of each line did as well from memory but cost more where the codes are cached
+TOUCH = False
 
 
 def available() -> bool:
@@ -118,11 +126,12 @@ def split(xf: np.ndarray, bsize: int, parts: int, kind: int = 0):
 
 
 @intrinsic
-def _group(typingctx, w, t, g, nbg, bo, xq, xm, xs, zp, scale, sums, pf, parts, zmode):
+def _group(typingctx, w, t, g, nbg, bo, xq, xm, xs, zp, scale, sums, pf, touch, parts, zmode):
     """``sums[n] += scale[t, g, c] * sum over the group's blocks b of 2^(e_b - P) * sum q (code - z)`` for the 64
     channels ``n = 64 t + c`` of tile ``t``: group ``g`` is ``nbg`` blocks of ``bo`` octets; each block's sums in 32-bit
     integers (exact), scaled once. ``parts``: 2 or 3 planes; ``zmode`` 0: the zero points ``zp[t, g, c]``, 1:
-    the constant 8 (symmetric codes). ``pf`` > 0: each octet prefetches the lines ``pf`` bytes ahead."""
+    the constant 8 (symmetric codes). ``pf`` > 0: each octet prefetches the lines ``pf`` bytes ahead; ``touch`` > 0:
+    each of its lines is read once more, 4 bytes (:data:`TOUCH`)."""
     if not all(isinstance(a, types.IntegerLiteral) for a in (parts, zmode)):
         return None
     P, zm = parts.literal_value, zmode.literal_value
@@ -131,7 +140,8 @@ def _group(typingctx, w, t, g, nbg, bo, xq, xm, xs, zp, scale, sums, pf, parts, 
     def codegen(context, builder, sig, args):
         wa, xa, ma, sa, za, ca, oa = (context.make_array(sig.args[i])(context, builder, args[i])
                                       for i in (0, 5, 6, 7, 8, 9, 10))
-        tt, gg, nbgv, bov, pfd = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 3, 4, 11))
+        tt, gg, nbgv, bov, pfd, tch = (context.cast(builder, args[i], sig.args[i], types.int64)
+                                       for i in (1, 2, 3, 4, 11, 12))
         i64 = functools.partial(ir.Constant, _I64)
         _, ko, _ = cgutils.unpack_tuple(builder, wa.shape, 3)
         _, kk = cgutils.unpack_tuple(builder, xa.shape, 2)
@@ -147,6 +157,7 @@ def _group(typingctx, w, t, g, nbg, bo, xq, xm, xs, zp, scale, sums, pf, parts, 
         four = ir.Constant(vi, [4] * 16)
         eight = ir.Constant(vi, [8] * 16)
         do_pf = builder.icmp_signed(">", pfd, i64(0))
+        do_touch = builder.icmp_signed(">", tch, i64(0))
         lanes0 = ir.Constant(vi, [0] * 16)
 
         def splat(v, ty):
@@ -177,6 +188,9 @@ def _group(typingctx, w, t, g, nbg, bo, xq, xm, xs, zp, scale, sums, pf, parts, 
                     rb = builder.bitcast(row, _I8.as_pointer())
                     for line in range(4):
                         prefetch_l2(builder, builder.gep(rb, [builder.add(pfd, i64(64 * line))]))
+                with builder.if_then(do_touch, likely=True):
+                    for line in range(4):
+                        _touch(builder, builder.gep(row, [i64(16 * line)]))
                 xs_even, xs_odd = [], []
                 for p in range(P):
                     at = builder.gep(xrow[p], [builder.mul(i, i64(8))])
@@ -217,40 +231,40 @@ def _group(typingctx, w, t, g, nbg, bo, xq, xm, xs, zp, scale, sums, pf, parts, 
                           align=4)
         return context.get_dummy_value()
 
-    sig = types.void(w, t, g, nbg, bo, xq, xm, xs, zp, scale, sums, pf, parts, zmode)
+    sig = types.void(w, t, g, nbg, bo, xq, xm, xs, zp, scale, sums, pf, touch, parts, zmode)
     return sig, codegen
 
 
 @njit(inline="always")
-def _tile(w, t, xq, xm, xs, zp, scale, gsize, bsize, sums, pf, parts, zmode):  # pragma: no cover - compiled
+def _tile(w, t, xq, xm, xs, zp, scale, gsize, bsize, sums, pf, touch, parts, zmode):  # pragma: no cover - compiled
     n0 = t * NT
     for c in range(NT):
         sums[n0 + c] = 0
     for g in range(scale.shape[1]):
-        _group(w, t, g, gsize // bsize, bsize // 8, xq, xm, xs, zp, scale, sums, pf, parts, zmode)
+        _group(w, t, g, gsize // bsize, bsize // 8, xq, xm, xs, zp, scale, sums, pf, touch, parts, zmode)
 
 
 @_cached
 @njit(cache=True, nogil=True)
-def _gemv_range(w, xq, xm, xs, zp, scale, gsize, bsize, sums, pf, t0, t1):  # pragma: no cover - compiled
+def _gemv_range(w, xq, xm, xs, zp, scale, gsize, bsize, sums, pf, touch, t0, t1):  # pragma: no cover - compiled
     sym = zp.shape[0] == 0
     for t in range(t0, t1):
         if xq.shape[0] == 2:
             if sym:
-                _tile(w, t, xq, xm, xs, zp, scale, gsize, bsize, sums, pf, 2, 1)
+                _tile(w, t, xq, xm, xs, zp, scale, gsize, bsize, sums, pf, touch, 2, 1)
             else:
-                _tile(w, t, xq, xm, xs, zp, scale, gsize, bsize, sums, pf, 2, 0)
+                _tile(w, t, xq, xm, xs, zp, scale, gsize, bsize, sums, pf, touch, 2, 0)
         else:
             if sym:
-                _tile(w, t, xq, xm, xs, zp, scale, gsize, bsize, sums, pf, 3, 1)
+                _tile(w, t, xq, xm, xs, zp, scale, gsize, bsize, sums, pf, touch, 3, 1)
             else:
-                _tile(w, t, xq, xm, xs, zp, scale, gsize, bsize, sums, pf, 3, 0)
+                _tile(w, t, xq, xm, xs, zp, scale, gsize, bsize, sums, pf, touch, 3, 0)
 
 
 #: the team kernel's operands (chunks are tiles). ``meta``: the group size (bits 0-23), the block size (24-31),
 #: the planes (32-35), the output's kind (36-37: 0 float32 into ``out``; 1 bfloat16, 2 float16: the sums go to
-#: ``scratch``, float32 ``[N]``, and each tile rounds its own into ``out``), whether ``zp`` is read (bit 40) and
-#: the kind of ``x`` (41-42, as the output's)
+#: ``scratch``, float32 ``[N]``, and each tile rounds its own into ``out``), whether ``zp`` is read (bit 40), the
+#: kind of ``x`` (41-42, as the output's) and whether each line of codes is read twice (bit 43, :data:`TOUCH`)
 OPERANDS = _omp.Operands("vnni", K=_omp.I64, T=_omp.I64, meta=_omp.I64, pf=_omp.I64, x=_omp.ADDR, w=_omp.ADDR,
                          scale=_omp.ADDR, zp=_omp.ADDR, scratch=_omp.ADDR, out=_omp.ADDR)
 _read = OPERANDS.read
@@ -259,9 +273,9 @@ _HEADER = _omp.HEADER
 _K, _META = OPERANDS.slot("K"), OPERANDS.slot("meta")
 
 
-def meta(gsize: int, bsize: int, parts: int, okind: int, has_zp: bool, xkind: int) -> int:
+def meta(gsize: int, bsize: int, parts: int, okind: int, has_zp: bool, xkind: int, touch: bool = TOUCH) -> int:
     """The ``meta`` operand of a call (see :data:`OPERANDS`)."""
-    return gsize | bsize << 24 | parts << 32 | okind << 36 | int(has_zp) << 40 | xkind << 41
+    return gsize | bsize << 24 | parts << 32 | okind << 36 | int(has_zp) << 40 | xkind << 41 | int(touch) << 43
 
 
 @njit(inline="always")
@@ -293,7 +307,7 @@ def _gemv_chunk(o, i, t0, t1, _a, y):  # pragma: no cover - compiled; tiles t0..
     sums = carray(o.scratch if okind else o.out, N, np.float32)
     _gemv_range(carray(o.w, (T, K // 8, NT), np.uint32), xq, xm, xs,
                 carray(o.zp, (T, G, NT) if zrows else (0, 0, 0), np.uint8), carray(o.scale, (T, G, NT), np.float32),
-                gsize, bsize, sums, o.pf, t0, t1)
+                gsize, bsize, sums, o.pf, (m >> 43) & 1, t0, t1)
     if okind:
         _narrow(sums, carray(o.out, N, np.uint16), okind, t0 * NT, t1 * NT)
     return 0
@@ -323,17 +337,19 @@ class Plan:
     """What a one-row call of one weight needs besides ``x`` and ``out``: its arrays (kept alive) and its team
     block, built once; blocks of finished calls are reused (:func:`qtorch._omp.take_block`). ``w``, ``scale``,
     ``zp`` as in :func:`gemv_vnni` (``zp`` ``[0, 0, 0]`` for symmetric codes); ``xkind`` / ``okind``: 0 float32,
-    1 bfloat16, 2 float16."""
+    1 bfloat16, 2 float16; ``prefetch`` and ``touch``: how the kernel reads the codes (:data:`PREFETCH`,
+    :data:`TOUCH`; no bit of the result depends on them)."""
 
     __slots__ = ("arrays", "T", "N", "template", "free", "scratch", "min_part", "native", "registered")
 
-    def __init__(self, w, scale, zp, gsize: int, xkind: int, okind: int, prefetch: int = PREFETCH):
+    def __init__(self, w, scale, zp, gsize: int, xkind: int, okind: int, prefetch: int = PREFETCH,
+                 touch: bool = TOUCH):
         T, KO, _ = w.shape
         self.arrays = (w, scale, zp)
         self.T, self.N = T, T * NT
         parts = 3 if xkind == 0 else 2
         self.template = np.append(_omp.new_block(T, T, OPERANDS.pack(
-            K=KO * 8, T=T, meta=meta(gsize, block_size(gsize), parts, okind, zp.shape[0] > 0, xkind), pf=prefetch,
+            K=KO * 8, T=T, meta=meta(gsize, block_size(gsize), parts, okind, zp.shape[0] > 0, xkind, touch), pf=prefetch,
             x=0, w=w, scale=scale, zp=zp, scratch=0, out=0)), np.int64(0))  # (a native launch's link slot last)
         self.scratch = bool(okind)
         self.free = []  # (block, its address): blocks of calls that are over; a call on another thread takes its own

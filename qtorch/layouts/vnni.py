@@ -218,7 +218,8 @@ def _op_plan(qweight, scale, zero_point, k: int, dtype: torch.dtype) -> "vnni.Pl
     if entry is None or entry[0] is not scale or entry[1] is not zero_point or entry[2] != addresses:
         kind = _KINDS[dtype]
         w, s, z = _arrays(qweight.detach(), scale, zero_point)
-        plan = vnni.Plan(w, s, z, _group(scale, k), kind, kind, prefetch=prefetch.vnni_distance())
+        ahead, touch = prefetch.vnni_reads()
+        plan = vnni.Plan(w, s, z, _group(scale, k), kind, kind, prefetch=ahead, touch=touch)
         entry = (scale, zero_point, addresses, plan)
         if entries is None:
             entries = _OP_PLANS[qweight] = {}

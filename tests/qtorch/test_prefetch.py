@@ -132,21 +132,51 @@ def test_a_blocked_layers_one_row_plan_takes_the_machines_distance(monkeypatch, 
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
 
 
+def fake_vnni_trials(clock, cost, calls):
+    """The vnni race's passes: every distance without and with the second reads, ``cost(distance, touch)``."""
+    def trials():
+        calls.append("vnni")
+        return {prefetch._reads_name(d, t): (lambda d=d, t=t: setattr(clock, "t", clock.t + cost(d, t)))
+                for d in prefetch.DISTANCES for t in (False, True)}
+    return trials
+
+
 def test_the_vnni_kernel_has_its_own_distance(monkeypatch):
     clock, calls = Clock(), []
     monkeypatch.setattr(prefetch, "_trials", fake_trials(clock, lambda d: 1.0 + abs(d - 4096) / 4096, calls))
     monkeypatch.setattr(prefetch, "_vnni_trials",
-                        lambda: fake_trials(clock, lambda d: 1.0 + abs(d - 16384) / 16384, calls)("vnni"))
+                        fake_vnni_trials(clock, lambda d, t: 1.0 + abs(d - 16384) / 16384, calls))
     d = autotune.Dispatcher(cache_path=False, timer=clock, env={})
     assert prefetch.vnni_distance(d) == 16384 and prefetch.distance(4, d) == 4096
-    assert calls == ["vnni", 4] and prefetch.measured(d) == {4: 4096, "vnni": 16384}
+    # a tie between the two ways of reading goes to the one read (the first named)
+    assert prefetch.vnni_reads(d) == (16384, False)
+    assert calls == ["vnni", 4] and prefetch.measured(d) == {4: 4096, "vnni": 16384, "vnni touch": False}
     off = autotune.Dispatcher(cache_path=False, env={"QTORCH_AUTOTUNE": "0"})
-    assert prefetch.vnni_distance(off) == qtorch.vnni.PREFETCH
+    assert prefetch.vnni_reads(off) == (qtorch.vnni.PREFETCH, qtorch.vnni.TOUCH)
+
+
+def test_the_vnni_kernel_reads_each_line_twice_where_that_is_faster(monkeypatch, tmp_path):
+    clock, calls = Clock(), []
+    # on this machine the second reads save 10% at every distance, and 4 KB is the best distance
+    monkeypatch.setattr(prefetch, "_vnni_trials", fake_vnni_trials(
+        clock, lambda d, t: (1.0 + abs(d - 4096) / 4096) * (0.9 if t else 1.0), calls))
+    d = autotune.Dispatcher(tmp_path / "c.json", timer=clock, env={}, others_running=lambda: 0)
+    assert prefetch.vnni_reads(d) == (4096, True) and prefetch.vnni_distance(d) == 4096 and calls == ["vnni"]
+    # kept in the file: another process reads it back, measuring nothing
+    again = autotune.Dispatcher(tmp_path / "c.json", timer=clock, env={}, others_running=lambda: 0)
+    assert prefetch.vnni_reads(again) == (4096, True) and calls == ["vnni"]
+
+
+@pytest.mark.parametrize("kept", ["4096 twice", "4097", "touch", "", "4096 touch extra"])
+def test_a_vnni_decision_that_is_not_one_is_measured_again(kept):
+    assert prefetch._reads_value(kept) is None
+    assert prefetch._reads_value("2048 touch") == (2048, True) and prefetch._reads_value("0") == (0, False)
 
 
 @pytest.mark.skipif(not qtorch.vnni.available(), reason="the vnni kernel needs AVX512-VNNI (not on this CPU)")
 def test_the_vnni_trials_compute_the_same_at_every_distance():
     passes = prefetch._vnni_trials()
-    assert set(passes) == {str(d) for d in prefetch.DISTANCES}
-    outs = [passes[str(d)]().clone() for d in prefetch.DISTANCES]
+    names = [prefetch._reads_name(d, t) for d in prefetch.DISTANCES for t in (False, True)]
+    assert list(passes) == names
+    outs = [passes[n]().clone() for n in names]
     assert all(torch.equal(outs[0], o) for o in outs[1:])

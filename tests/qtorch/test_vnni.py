@@ -151,6 +151,25 @@ needs_team = pytest.mark.skipif(not _omp.available() or torch.get_num_threads() 
 
 
 @needs_vnni
+@pytest.mark.parametrize("xkind", [0, 1], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("sym", [True, False])
+def test_how_the_codes_are_read_changes_no_bit(xkind, sym):
+    # the prefetch distance and the second reads of each line (qtorch.prefetch.vnni_reads) are the machine's choice
+    n, k, g = 192, 512, 128
+    codes, scale, zp, _ = weight(n, k, g, sym, seed=23)
+    w, s = kernel_words(codes), tiles(scale)
+    z = np.zeros((0, 0, 0), np.uint8) if sym else tiles(zp)
+    x = torch.from_numpy(rough_x(k, 24)).to(torch.bfloat16 if xkind else torch.float32)
+    outs = []
+    for ahead in (0, 64, 4096):
+        for touch in (False, True):
+            out = torch.empty(n, dtype=x.dtype)
+            assert vnni.Plan(w, s, z, g, xkind, xkind, prefetch=ahead, touch=touch)(x.data_ptr(), out.data_ptr())
+            outs.append(out)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@needs_vnni
 @needs_team
 @pytest.mark.parametrize("okind", [0, 1], ids=["float32-out", "bfloat16-out"])
 def test_one_row_as_one_native_launch_gives_the_python_launchs_bits(okind):
