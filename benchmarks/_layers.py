@@ -69,8 +69,9 @@ def sibling_groups(model: nn.Module) -> str:
 
 
 def prefetch_line() -> str:
-    """How far ahead the one-row kernel (``blocked/numba`` at one row) prefetches on this machine, per code width,
-    as measured here (:func:`qtorch.prefetch.distance`); empty where no one-row ``blocked`` call was made."""
+    """How the one-row kernels read their codes on this machine, as measured here: how far ahead ``blocked/numba``
+    prefetches per code width (:func:`qtorch.prefetch.distance`), and ``vnni``'s and ``vnni8``'s reads
+    (:func:`qtorch.prefetch.vnni_reads`, :func:`qtorch.prefetch.vnni8_touch`); empty where none was measured."""
     from qtorch import prefetch
 
     known = prefetch.measured()
@@ -80,7 +81,9 @@ def prefetch_line() -> str:
     parts = [f"{bits}-bit {d} B" for bits, d in sorted(widths.items())]
     if "vnni" in known:
         parts.append(f"vnni kernel {known['vnni']} B" + (", each line read twice" if known["vnni touch"] else ""))
-    return "one-row kernel's prefetch distance (measured on this machine): " + ", ".join(parts)
+    if "vnni8 touch" in known:
+        parts.append("vnni8 one-row kernel: each line read " + ("twice" if known["vnni8 touch"] else "once"))
+    return "one-row kernels' reads (measured on this machine): prefetch distance " + ", ".join(parts)
 
 
 def _nbytes(*tensors) -> int:

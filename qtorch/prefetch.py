@@ -27,7 +27,8 @@ kept for the process only when another process was running). ``QTORCH_AUTOTUNE=0
 
 The ``vnni`` layout's one-row kernel races the same distances, each also with a second read of every line of
 codes (:func:`vnni_reads`): a line that one 64-byte load reads once never starts the L1 prefetcher, which a
-second read of a recent line does (about 0.6 s once per machine).
+second read of a recent line does (about 0.6 s once per machine). So does the ``vnni8`` layout's one-row
+``vpdpbusd`` kernel, at its own fixed distance (:func:`vnni8_touch`).
 
 >>> from qtorch import autotune, gemv
 >>> off = autotune.Dispatcher(cache_path=False, env={"QTORCH_AUTOTUNE": "0"})
@@ -43,9 +44,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import autotune, gemv, vnni
+from . import autotune, gemv, vnni, vnni8
 
-__all__ = ["DISTANCES", "TIE", "distance", "measured", "vnni_distance", "vnni_reads"]
+__all__ = ["DISTANCES", "TIE", "distance", "measured", "vnni8_touch", "vnni_distance", "vnni_reads"]
 
 #: the distances raced, in bytes (0: no prefetch; where the hardware's own prefetchers suffice)
 DISTANCES = (0, 2048, 4096, 8192, 16384, 32768)
@@ -84,6 +85,23 @@ def vnni_reads(dispatcher: autotune.Dispatcher | None = None) -> tuple[int, bool
 def vnni_distance(dispatcher: autotune.Dispatcher | None = None) -> int:
     """Bytes ahead that the ``vnni`` layout's one-row kernel prefetches on this machine (:func:`vnni_reads`)."""
     return vnni_reads(dispatcher)[0]
+
+
+def vnni8_touch(dispatcher: autotune.Dispatcher | None = None) -> bool:
+    """Whether the ``vnni8`` layout's one-row ``vpdpbusd`` kernel (:mod:`qtorch.vnni8`) reads each line of codes a
+    second time on this machine: its calls over a rotation of copies of a 1024 x 1024 8-bit layer, once and twice
+    (``"once"`` wins a tie within :data:`TIE`; key ``setting|vnni8-reads|threads <n>``), then kept; False where
+    nothing is measured or the kernel does not run here."""
+    if not vnni8.dot_eligible(_K):
+        return False
+    return _measured_once(_VNNI8_KEY, _vnni8_trials, False, dispatcher, parse=_twice)
+
+
+_VNNI8_KEY = autotune.SettingKey.make("vnni8-reads")
+
+
+def _twice(kept) -> bool | None:
+    return {"once": False, "twice": True}.get(kept) if isinstance(kept, str) else None
 
 
 #: the vnni kernel's decision (a new key where it took the distance alone: kept values of the old one are not read)
@@ -132,7 +150,8 @@ def _value(kept) -> int | None:
 
 def measured(dispatcher: autotune.Dispatcher | None = None) -> dict:
     """``{bits: distance}`` for the widths whose distance this process knows (measured or read from the file), and
-    ``"vnni": distance`` and ``"vnni touch": bool`` where the vnni kernel's reads are known (:func:`vnni_reads`)."""
+    ``"vnni": distance`` and ``"vnni touch": bool`` where the vnni kernel's reads are known (:func:`vnni_reads`),
+    ``"vnni8 touch": bool`` where the vnni8 kernel's are (:func:`vnni8_touch`)."""
     d = dispatcher or autotune.default_dispatcher()
     out = {}
     for bits in (4, 8):
@@ -142,6 +161,9 @@ def measured(dispatcher: autotune.Dispatcher | None = None) -> dict:
     found = _reads_value(d.cached(_VNNI_KEY))
     if found is not None:
         out["vnni"], out["vnni touch"] = found
+    found = _twice(d.cached(_VNNI8_KEY))
+    if found is not None:
+        out["vnni8 touch"] = found
     return out
 
 
@@ -196,4 +218,27 @@ def _vnni_trials() -> dict[str, Callable[[], None]]:
                     plan(xa, oa)
                 return out
             passes[_reads_name(dist, touch)] = run
+    return passes
+
+
+def _vnni8_trials() -> dict[str, Callable[[], None]]:
+    """The vnni8 one-row kernel's passes, ``"once"`` and ``"twice"``: 8-bit codes of the trial layer's shape in
+    the kernel's order, a bfloat16 row, every copy called in turn."""
+    codes = np.random.default_rng(0).integers(-127, 128, size=(_N, _K), dtype=np.int8)
+    w = vnni8.pack(codes)
+    scale = np.full(_N, 0.01, np.float32)
+    count = max(2, autotune.rotation_copies(w.nbytes))
+    copies = [w] + [w.copy() for _ in range(count - 1)]
+    x = torch.randn(_K).to(torch.bfloat16)
+    out = torch.empty(_N, dtype=torch.bfloat16)
+    xa, oa = x.data_ptr(), out.data_ptr()
+    passes = {}
+    for name, touch in (("once", False), ("twice", True)):
+        plans = [vnni8.Plan(c, scale, touch=touch) for c in copies]
+
+        def run(plans=plans, keep=(copies, scale, x)):
+            for plan in plans:
+                plan(xa, 1, 1, oa, 1, dot=True)
+            return out
+        passes[name] = run
     return passes

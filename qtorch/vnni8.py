@@ -54,7 +54,7 @@ from numba.extending import intrinsic
 
 from . import _omp, vnni_amx
 from ._ir import AMX_TILE, F32, I8, I16, I32, I64, host_has, prefetch_l2, vec
-from ._ir import cached as _cached
+from ._ir import cached as _cached, touch as _touch
 from .amx import _amx_fn as _fn  # an LLVM intrinsic's declaration in the module
 from .amx import on_lines
 from .gemv import _half_bits_to_float, _narrow, _native
@@ -435,14 +435,15 @@ def _row_digits(x, kind, xd, xm):  # pragma: no cover - compiled
 
 
 @intrinsic
-def _row_tile(typingctx, w, t, xd, parts, colsum, xm, scale, out, oc, pf):
+def _row_tile(typingctx, w, t, xd, parts, colsum, xm, scale, out, oc, pf, touch):
     """``out[oc + c] = 2^(e - P) scale[64 t + c] (sum_p 256^p sum_k d_p[k] code[64 t + c, k] - 2^P colsum[64 t +
     c])`` for the 64 channels of tile ``t``: one row's unsigned digits ``xd`` (uint8 ``[4, K]``, :func:`_row_digits`)
     times the codes as they are stored, ``vpdpbusd`` (unsigned bytes of ``x`` by signed codes, four products summed
     into the 32-bit lane of their channel: a B tile's row of 64 bytes is 4 inputs of 16 channels). Both pairs of
     strips stream at once, each broadcast digit word serving four strips; the planes' exact 32-bit sums combine in
     64-bit integers, less ``2^P`` times the channel's code sum (``colsum``, int32 ``[N]``), then scale in float64.
-    ``pf`` (bytes; 0: none): each row of a step prefetches its lines that far ahead into L2."""
+    ``pf`` (bytes; 0: none): each row of a step prefetches its lines that far ahead into L2; ``touch`` > 0: each
+    line is read once more, 4 bytes (:func:`qtorch.prefetch.vnni8_touch`)."""
     if not isinstance(parts, types.IntegerLiteral):
         return None
     npl = parts.literal_value
@@ -452,7 +453,7 @@ def _row_tile(typingctx, w, t, xd, parts, colsum, xm, scale, out, oc, pf):
     def codegen(context, builder, sig, args):
         wa, xa, ca, ma, sa, oa = (context.make_array(sig.args[i])(context, builder, args[i])
                                   for i in (0, 2, 4, 5, 6, 7))
-        tt, ocv, pfv = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 8, 9))
+        tt, ocv, pfv, tch = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 8, 9, 10))
         i64 = functools.partial(ir.Constant, I64)
         i8p = I8.as_pointer()
         _, _, ksteps, _, _, _ = cgutils.unpack_tuple(builder, wa.shape, 6)
@@ -466,6 +467,7 @@ def _row_tile(typingctx, w, t, xd, parts, colsum, xm, scale, out, oc, pf):
         lanes0 = ir.Constant(vi, [0] * 16)
         zero = ir.Constant(vi, [0] * 16)
         do_pf = builder.icmp_signed("!=", pfv, i64(0))
+        do_touch = builder.icmp_signed(">", tch, i64(0))
 
         def splat(v, ty):
             return builder.shuffle_vector(builder.insert_element(ir.Constant(ty, ir.Undefined), v,
@@ -484,6 +486,9 @@ def _row_tile(typingctx, w, t, xd, parts, colsum, xm, scale, out, oc, pf):
                     for rp in rows:
                         prefetch_l2(builder, builder.gep(rp, [pfv]))
                 codes = [builder.load(builder.bitcast(rp, vi.as_pointer()), align=4) for rp in rows]
+                with builder.if_then(do_touch, likely=True):
+                    for rp in rows:
+                        _touch(builder, rp)
                 for p in range(npl):
                     at = builder.gep(xb, [builder.add(builder.add(builder.mul(i64(p), kk), xk), i64(4 * r))])
                     xw = splat(builder.load(builder.bitcast(at, I32.as_pointer()), align=4), vi)
@@ -511,21 +516,21 @@ def _row_tile(typingctx, w, t, xd, parts, colsum, xm, scale, out, oc, pf):
             builder.store(builder.fptrunc(f, vf), op, align=4)
         return context.get_dummy_value()
 
-    return types.void(w, t, xd, parts, colsum, xm, scale, out, oc, pf), codegen
+    return types.void(w, t, xd, parts, colsum, xm, scale, out, oc, pf, touch), codegen
 
 
 @_cached
 @njit(cache=True, nogil=True)
-def _row_range(w, xd, parts, colsum, xm, scale, out, o16, okind, t0, t1, pf):  # pragma: no cover - compiled
+def _row_range(w, xd, parts, colsum, xm, scale, out, o16, okind, t0, t1, pf, touch):  # pragma: no cover - compiled
     o32 = out if okind == 0 else np.empty(NT, np.float32)
     for t in range(t0, t1):
         oc = t * NT if okind == 0 else 0
         if parts == 2:
-            _row_tile(w, t, xd, 2, colsum, xm, scale, o32, oc, pf)
+            _row_tile(w, t, xd, 2, colsum, xm, scale, o32, oc, pf, touch)
         elif parts == 3:
-            _row_tile(w, t, xd, 3, colsum, xm, scale, o32, oc, pf)
+            _row_tile(w, t, xd, 3, colsum, xm, scale, o32, oc, pf, touch)
         else:
-            _row_tile(w, t, xd, 4, colsum, xm, scale, o32, oc, pf)
+            _row_tile(w, t, xd, 4, colsum, xm, scale, o32, oc, pf, touch)
         if okind:
             _narrow(o32, o16[t * NT:t * NT + NT], okind, 0, NT)
 
@@ -643,7 +648,7 @@ def _row_chunk(o, i, t0, t1, _a, y):  # pragma: no cover - compiled; tiles t0..t
     else:
         out, o16 = carray(o.out, 0, np.float32), carray(o.out, N, np.uint16)
     _row_range(carray(o.w, (T, 2, K // STEP, 2, 16, 64), np.int8), xd, parts, carray(o.colsum, N, np.int32), xm,
-               carray(o.scale, N, np.float32), out, o16, okind, t0, t1, o.pf)
+               carray(o.scale, N, np.float32), out, o16, okind, t0, t1, o.pf, (o.meta >> 9) & 1)
     return 0
 
 
@@ -718,11 +723,13 @@ class Plan:
     rounding of every row, ``K 2^(e - P - 1)`` at most, stays within what rounding the weight to ``x``'s own
     precision would add (``2^-t sum |x|``, ``t`` = 8 or 11 significant bits): two planes (``2^-15`` of a row's
     largest) where no row's largest magnitude is far above its mean. A call splits into the count the plan's last
-    call needed, each row telling what it needs, and splits again with more where that was too few."""
+    call needed, each row telling what it needs, and splits again with more where that was too few. ``touch``:
+    the one-row ``vpdpbusd`` kernel reads each line of codes a second time (as measured faster on the machine by
+    :func:`qtorch.prefetch.vnni8_touch`; no bit depends on it)."""
 
-    __slots__ = ("arrays", "T", "K", "ops", "parts", "natives", "registered", "row")
+    __slots__ = ("arrays", "T", "K", "ops", "parts", "natives", "registered", "row", "touch")
 
-    def __init__(self, w: np.ndarray, scale: np.ndarray):
+    def __init__(self, w: np.ndarray, scale: np.ndarray, touch: bool = False):
         T = w.shape[0]
         self.T, self.K = T, w.shape[2] * STEP
         self.row = dot_eligible(self.K) and T > 0  # whether the one-row vpdpbusd kernel serves the weight
@@ -732,6 +739,7 @@ class Plan:
                                       colsum=0, out=0))
         self.natives = {}  # (xkind, okind, kb) -> the one-row launch as one native call (qtorch._launch), or None
         self.registered = set()  # the kinds whose launch qtorch.native_ops runs for an op's one-row calls
+        self.touch = bool(touch)
 
     def one_row_native(self, xkind: int, okind: int, kb: int = KB, dot: bool = False):
         """The :class:`qtorch._launch.Native` of this weight's one-row calls of these kinds (made at the first
@@ -764,7 +772,7 @@ class Plan:
         if dot:
             self._code_sums()
         ops = self.ops.copy()
-        ops[_SLOTS["M"]], ops[_SLOTS["meta"]] = 1, _few_meta(xkind, okind, kb)
+        ops[_SLOTS["M"]], ops[_SLOTS["meta"]] = 1, _few_meta(xkind, okind, kb, dot and self.touch)
         return np.append(_omp.new_block(self.T, self.T, ops), np.int64(0))
 
     def __call__(self, x: int, xkind: int, M: int, out: int, okind: int = 0, kb: int = KB,
@@ -783,7 +791,7 @@ class Plan:
         ops[_SLOTS["M"]], ops[_SLOTS["x"]], ops[_SLOTS["out"]] = M, x, out
         meta = _SLOTS["meta"]
         if 4 * M <= 16:  # four planes in one A tile (or one row's digits): one launch, every thread splitting x
-            ops[meta] = _few_meta(xkind, okind, kb)
+            ops[meta] = _few_meta(xkind, okind, kb, dot and self.touch)
             if M == 1 and dot and self.row:
                 self._code_sums()
                 ops[_SLOTS["colsum"]] = self.ops[_SLOTS["colsum"]]
@@ -843,9 +851,10 @@ class Chain:
         return not native.blocks[0][_omp.HEADER:_omp.HEADER + self.plans[0].T].any()
 
 
-def _few_meta(xkind: int, okind: int, kb: int) -> int:
-    """The ``meta`` operand of a call of up to 4 rows: four planes in one A tile, one launch."""
-    return xkind | 4 << 4 | okind << 7 | kb << 16
+def _few_meta(xkind: int, okind: int, kb: int, touch: bool = False) -> int:
+    """The ``meta`` operand of a call of up to 4 rows: four planes in one A tile, one launch; ``touch``: the
+    ``vpdpbusd`` kernel reads each line of codes a second time (bit 9)."""
+    return xkind | 4 << 4 | okind << 7 | int(touch) << 9 | kb << 16
 
 
 def _phase(n: int, ops) -> np.ndarray:

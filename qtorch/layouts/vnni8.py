@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import native_ops, vnni8
+from .. import native_ops, prefetch, vnni8
 from .._infer_ops import define_twin, needs_grad, plain_eager
 from .._kept import ByTensor
 from ..sibling_calls import Part
@@ -63,7 +63,7 @@ def _plan(qweight: torch.Tensor, scale: torch.Tensor) -> "vnni8.Plan":
     addresses = (qweight.data_ptr(), scale.data_ptr())
     entry = _PLANS.get(qweight)
     if entry is None or entry[0] is not scale or entry[1] != addresses:
-        plan = vnni8.Plan(qweight.detach().numpy(), scale.detach().numpy())
+        plan = vnni8.Plan(qweight.detach().numpy(), scale.detach().numpy(), touch=prefetch.vnni8_touch())
         entry = _PLANS[qweight] = (scale, addresses, plan)
     return entry[2]
 

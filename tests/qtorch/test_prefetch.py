@@ -173,6 +173,33 @@ def test_a_vnni_decision_that_is_not_one_is_measured_again(kept):
     assert prefetch._reads_value("2048 touch") == (2048, True) and prefetch._reads_value("0") == (0, False)
 
 
+@pytest.mark.parametrize("faster", [False, True])
+def test_the_vnni8_kernel_reads_each_line_twice_only_where_that_is_faster(monkeypatch, tmp_path, faster):
+    clock, calls = Clock(), []
+
+    def trials():
+        calls.append("vnni8")
+        cost = {"once": 1.0, "twice": 0.9 if faster else 1.01}  # (1% is within the tie: the one read wins)
+        return {n: (lambda c=c: setattr(clock, "t", clock.t + c)) for n, c in cost.items()}
+
+    monkeypatch.setattr(prefetch, "_vnni8_trials", trials)
+    monkeypatch.setattr(qtorch.vnni8, "dot_eligible", lambda k: True)
+    d = autotune.Dispatcher(tmp_path / "c.json", timer=clock, env={}, others_running=lambda: 0)
+    assert prefetch.vnni8_touch(d) is faster and prefetch.vnni8_touch(d) is faster and calls == ["vnni8"]
+    assert prefetch.measured(d) == {"vnni8 touch": faster}
+    assert prefetch.vnni8_touch(autotune.Dispatcher(cache_path=False, env={"QTORCH_AUTOTUNE": "0"})) is False
+    monkeypatch.setattr(qtorch.vnni8, "dot_eligible", lambda k: False)  # no kernel to time: one read, no race
+    assert prefetch.vnni8_touch(autotune.Dispatcher(cache_path=False, timer=clock, env={})) is False
+    assert calls == ["vnni8"]
+
+
+@pytest.mark.skipif(not qtorch.vnni8.dot_eligible(1024), reason="the vnni8 one-row kernel needs AVX512-VNNI")
+def test_the_vnni8_trials_compute_the_same_either_way():
+    passes = prefetch._vnni8_trials()
+    assert list(passes) == ["once", "twice"]
+    assert torch.equal(passes["once"]().clone(), passes["twice"]())
+
+
 @pytest.mark.skipif(not qtorch.vnni.available(), reason="the vnni kernel needs AVX512-VNNI (not on this CPU)")
 def test_the_vnni_trials_compute_the_same_at_every_distance():
     passes = prefetch._vnni_trials()

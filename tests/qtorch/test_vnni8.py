@@ -192,11 +192,21 @@ DOT = pytest.mark.skipif(not (vnni8.available() and vnni8.dot_eligible(64)),
                          reason="the one-row dot kernel needs AVX512-VNNI and the vnni8 layout AMX-INT8")
 
 
-def run_dot(x, kind, codes, scale, okind=0):
+def run_dot(x, kind, codes, scale, okind=0, touch=False):
     out = torch.full((1, codes.shape[0]), 7.0, dtype=KINDS[okind])
-    plan = vnni8.Plan(vnni8.pack(codes.numpy()), scale.numpy())
+    plan = vnni8.Plan(vnni8.pack(codes.numpy()), scale.numpy(), touch=touch)
     ok = plan(x.data_ptr(), kind, 1, out.data_ptr(), okind, dot=True)
     return out if ok else None
+
+
+@DOT
+@pytest.mark.parametrize("kind", [0, 1], ids=["float32", "bfloat16"])
+def test_reading_each_line_twice_changes_no_bit(kind):
+    # whether it does is the machine's choice (qtorch.prefetch.vnni8_touch)
+    codes, scale = weight(192, 320, seed=41)
+    x = torch.randn(1, 320, generator=torch.Generator().manual_seed(42)).to(KINDS[kind])
+    once, twice = (run_dot(x, kind, codes, scale, kind, touch=t) for t in (False, True))
+    assert once is not None and torch.equal(once, twice)
 
 
 def test_colsums_are_each_channels_code_sum():
