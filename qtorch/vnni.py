@@ -72,7 +72,8 @@ PREFETCH = 8192
 #: never fetches the next one. On the AVX-512 Xeon, one thread streaming 134 MB of 4-bit codes without a software
 #: prefetch: 8.0-10.4 GB/s with one read a line, 10.2-11.8 with two; 4 KB prefetched ahead, bfloat16 rows alike,
 #: float32 rows 11.3-12.2 against 11.9-13.1; two threads over copies of 5504x2048, 2048x5504 and 2048x2048 layers in
-#: turn, both ways alternating in one process: -2% to +7%, most cells +2-6%. A second full vector load of each line did as well from memory but cost more where the codes are cached
+#: turn, both ways alternating in one process: -2% to +7%, most cells +2-6%. A second full vector load of each line
+#: did as well from memory but cost more where the codes are cached
 TOUCH = False
 
 
