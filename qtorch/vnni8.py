@@ -725,11 +725,12 @@ class Plan:
     largest) where no row's largest magnitude is far above its mean. A call splits into the count the plan's last
     call needed, each row telling what it needs, and splits again with more where that was too few. ``touch``:
     the one-row ``vpdpbusd`` kernel reads each line of codes a second time (as measured faster on the machine by
-    :func:`qtorch.prefetch.vnni8_touch`; no bit depends on it)."""
+    :func:`qtorch.prefetch.vnni8_touch`; no bit depends on it). ``colsum``: the codes' :func:`colsums`, where the
+    caller has them (else made at the first ``vpdpbusd`` call)."""
 
     __slots__ = ("arrays", "T", "K", "ops", "parts", "natives", "registered", "row", "touch")
 
-    def __init__(self, w: np.ndarray, scale: np.ndarray, touch: bool = False):
+    def __init__(self, w: np.ndarray, scale: np.ndarray, touch: bool = False, colsum: np.ndarray | None = None):
         T = w.shape[0]
         self.T, self.K = T, w.shape[2] * STEP
         self.row = dot_eligible(self.K) and T > 0  # whether the one-row vpdpbusd kernel serves the weight
@@ -740,6 +741,11 @@ class Plan:
         self.natives = {}  # (xkind, okind, kb) -> the one-row launch as one native call (qtorch._launch), or None
         self.registered = set()  # the kinds whose launch qtorch.native_ops runs for an op's one-row calls
         self.touch = bool(touch)
+        if colsum is not None:  # (kept alive with the codes, as _code_sums keeps its own)
+            if colsum.dtype != np.int32 or colsum.shape != (T * NT,) or not colsum.flags.c_contiguous:
+                raise ValueError(f"colsum must be a contiguous int32 array [{T * NT}]")
+            self.arrays = (w, scale, colsum)
+            self.ops[_SLOTS["colsum"]] = colsum.ctypes.data
 
     def one_row_native(self, xkind: int, okind: int, kb: int = KB, dot: bool = False):
         """The :class:`qtorch._launch.Native` of this weight's one-row calls of these kinds (made at the first

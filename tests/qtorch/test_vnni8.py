@@ -209,6 +209,21 @@ def test_reading_each_line_twice_changes_no_bit(kind):
     assert once is not None and torch.equal(once, twice)
 
 
+@DOT
+def test_code_sums_given_to_the_plan_are_those_it_would_make():
+    codes, scale = weight(128, 256, seed=43)
+    w = vnni8.pack(codes.numpy())
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(44))
+    outs = []
+    for colsum in (None, vnni8.colsums(w)):
+        out = torch.empty(1, 128)
+        assert vnni8.Plan(w, scale.numpy(), colsum=colsum)(x.data_ptr(), 0, 1, out.data_ptr(), 0, dot=True)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="colsum"):
+        vnni8.Plan(w, scale.numpy(), colsum=np.zeros(64, np.int32))
+
+
 def test_colsums_are_each_channels_code_sum():
     codes, _ = weight(192, 320, seed=3)
     got = vnni8.colsums(vnni8.pack(codes.numpy()))
