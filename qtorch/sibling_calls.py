@@ -5,8 +5,8 @@ Eager model code calls each projection by itself, so nothing joins them ahead of
 of a quantized layer on its kept decoder notes its input; layers seen reading the very same tensor (the same
 object, unchanged since: its version counter) one right after the other, the same run of them twice, become a
 *group*: from then on the first one's call launches the whole group at once (:class:`qtorch.gemv.Chain` for the
-blocked layout, :class:`qtorch.vnni.Chain` for vnni, :class:`qtorch.vnni8.Chain` for vnni8's one-row ``vpdpbusd``
-path; up to three layers of one kernel, one ``K`` and dtype), and the
+blocked layout, :class:`qtorch.vnni.Chain` for vnni, :class:`qtorch.vnni8.Chain` for vnni8's one-row
+``vpdpbusd`` path or its tiles; up to three layers of one kernel, one ``K`` and dtype), and the
 others' calls return their output where they get that same tensor, unchanged, in the same order (tensors made under
 ``torch.inference_mode`` keep no version counter, so their calls never group). Anything else (an
 input changed in place or another one, a member called out of turn or not at all, a weight replaced, a launch that

@@ -609,22 +609,32 @@ def _few_chunk(o, i, t0, t1, _a, y):  # pragma: no cover - compiled; tiles t0..t
 
 def _team_few(data):  # pragma: no cover - compiled
     # up to 4 rows: each thread splits all of x itself, once per call, then claims tiles (no phase of its own: a
-    # decoding step's launch and the serial split cost more than every thread's split, 4 K inputs in a few us)
-    head = carray(data, _omp.HEADER, np.int64)
-    o = _read(head)
+    # decoding step's launch and the serial split cost more than every thread's split, 4 K inputs in a few us); a
+    # chain of blocks (:class:`Chain`: one row, layers of one K and kind of x) goes on to the next block's tiles as
+    # soon as it finds none left in this one, the same planes serving every layer
+    team = _omp.chain_team(data)
+    o = _read(carray(data, _omp.HEADER, np.int64))
     M, K = o.M, o.K
     xkind, _, parts, _, _ = _fields(o.meta)
     na = (parts * M + 15) // 16
     xa = np.empty((na, K // STEP, 16, 64), np.int8)
     xm = np.empty(M, np.float32)
     ok = True
+    split = False
     none = np.empty(0, np.int32)  # no row's planes needed asked for
-    if head[0] < head[1]:  # chunks left to claim (a block of none is the loader's probe)
-        if xkind == 0:
-            ok = _split_rows(carray(o.x, (M, K), np.float32), 0, parts, xa, xm, none, 0, M) == 0
-        else:
-            ok = _split_rows(carray(o.x, (M, K), np.uint16), xkind, parts, xa, xm, none, 0, M) == 0
-    _omp.claim_operands(data, _read, _few_chunk, 0, (xa, xm, ok), True)  # a lane of tiles per thread
+    while True:
+        following = _omp.enter_block(data, team)
+        head = carray(data, _omp.HEADER, np.int64)
+        if not split and head[0] < head[1]:  # chunks left to claim (a block of none is the loader's probe)
+            split = True
+            if xkind == 0:
+                ok = _split_rows(carray(o.x, (M, K), np.float32), 0, parts, xa, xm, none, 0, M) == 0
+            else:
+                ok = _split_rows(carray(o.x, (M, K), np.uint16), xkind, parts, xa, xm, none, 0, M) == 0
+        _omp.claim_operands(data, _read, _few_chunk, 0, (xa, xm, ok), True)  # a lane of tiles per thread
+        if following == 0:
+            break
+        data = _omp.as_ptr(following)
 
 
 _TEAM_FEW = _omp.TeamKernel(_team_few)
@@ -804,7 +814,7 @@ class Plan:
                 block = np.append(_omp.new_block(T, T, ops), np.int64(0))  # (the row kernel reads a link slot: none)
                 _omp.run(T, _TEAM_ROW, block, _serial_row, (block,), T, 1, nchunks=T)
             else:
-                block = _omp.new_block(T, T, ops)
+                block = np.append(_omp.new_block(T, T, ops), np.int64(0))  # (the kernel reads a link slot: none)
                 _omp.run(T, _TEAM_FEW, block, _serial_few, (block,), T, 1, nchunks=T)
             return not block[_omp.HEADER:_omp.HEADER + T].any()
         need, ops[_SLOTS["need"]] = _SCRATCH.get("need", M, np.int32)
@@ -830,23 +840,25 @@ class Plan:
 
 
 class Chain:
-    """Two or three one-row ``vpdpbusd`` calls (:meth:`Plan.__call__` with ``dot``) on one input row, as one native
-    start of the thread team: ``Chain([(plan, xkind, okind), ...])`` (plans of one ``K`` that the kernel serves, one
-    kind of ``x``); ``chain(xa, oas)``: ``x`` at ``xa``, layer ``i``'s output at ``oas[i]``. False (nothing that
-    counts written) where it cannot go natively or ``x`` is not finite: the caller then runs each plan itself. The
-    same bits as each plan's own call."""
+    """Two or three one-row calls (:meth:`Plan.__call__`) on one input row, as one native start of the thread team:
+    ``Chain([(plan, xkind, okind, dot), ...])`` (plans of one ``K``, one kind of ``x``, one path: ``dot`` for the
+    ``vpdpbusd`` kernel, which must serve every plan, else the tiles); ``chain(xa, oas)``: ``x`` at ``xa``, layer
+    ``i``'s output at ``oas[i]``. False (nothing that counts written) where it cannot go natively or ``x`` is not
+    finite: the caller then runs each plan itself. The same bits as each plan's own call."""
 
     __slots__ = ("templates", "plans", "native")
 
     def __init__(self, calls):
         calls = tuple(calls)
-        if (not 2 <= len(calls) <= 3 or len({(p.K, xkind) for p, xkind, _ in calls}) != 1
-                or not all(p.row for p, _, _ in calls)):
-            raise ValueError("a Chain takes two or three plans of one K served by the dot kernel, one kind of x")
-        self.plans = tuple(p for p, _, _ in calls)
-        self.templates = [p.row_template(xkind, okind, dot=True) for p, xkind, okind in calls]
-        self.native = _native(_TEAM_ROW, sum(p.T for p in self.plans), [(t, 0) for t in self.templates],
-                              (_X, _OUT, -1))
+        if (not 2 <= len(calls) <= 3 or len({(p.K, xkind, bool(dot)) for p, xkind, _, dot in calls}) != 1
+                or not all(p.row for p, _, _, dot in calls if dot)):
+            raise ValueError("a Chain takes two or three plans of one K, one kind of x and one path (the dot kernel "
+                             "serving each, or the tiles)")
+        dot = bool(calls[0][3])
+        self.plans = tuple(p for p, _, _, _ in calls)
+        self.templates = [p.row_template(xkind, okind, dot=dot) for p, xkind, okind, _ in calls]
+        self.native = _native(_TEAM_ROW if dot else _TEAM_FEW, sum(p.T for p in self.plans),
+                              [(t, 0) for t in self.templates], (_X, _OUT, -1))
         if self.native is None:  # (no team of torch's here, or native launches off: nothing to chain)
             raise ValueError("a Chain runs as one native launch, which this process cannot make")
 

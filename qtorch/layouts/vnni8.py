@@ -178,8 +178,8 @@ class Vnni8(Layout):
                 return _portable(x.reshape(1, k), qw, sc).view(*shapes[x.dim()])
             return out
 
-        if dot and plan.row:  # chained with sibling layers' (qtorch.sibling_calls): one K and dtype
-            decode.part = Part(("vnni8", k, dtype), (plan, kind, kind), valid, shapes, dtype)
+        if plan.row or not dot:  # chained with sibling layers' (qtorch.sibling_calls): one K, dtype and path
+            decode.part = Part(("vnni8", k, dtype, dot), (plan, kind, kind, dot), valid, shapes, dtype)
         return decode
 
     def from_canonical(self, spec, qweight, scale, zero_point):

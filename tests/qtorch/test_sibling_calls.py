@@ -54,19 +54,22 @@ CASES = [(torch.float32, "blocked", 8), (torch.bfloat16, "blocked", 8), (torch.b
 if vnni.available():
     CASES += [(torch.bfloat16, "vnni", 4), (torch.float32, "vnni", 4)]
 if vnni8.available() and vnni8.dot_eligible(256):
-    CASES += [(torch.bfloat16, "vnni8", 8), (torch.float32, "vnni8", 8)]
+    CASES += [(torch.bfloat16, "vnni8", 8), (torch.float32, "vnni8", 8),  # one row on the tiles (unmeasured)
+              (torch.bfloat16, "vnni8_dot", 8), (torch.float32, "vnni8_dot", 8)]
 
 
 def on_dot_path(ms, dtype):
-    """vnni8 layers decode one row by vpdpbusd (the path a race may keep; unmeasured here): the path that chains."""
+    """vnni8 layers decode one row by vpdpbusd (the path a race may keep; unmeasured here)."""
     for m in ms:
         m.quantized_weight._routes[("cpu", dtype, autotune.bucket_index(1))] = "vnni8_dot"
 
 
 @pytest.mark.parametrize("dtype,layout,bits", CASES, ids=str)
 def test_layers_reading_one_row_in_turn_group_and_keep_their_bits(dtype, layout, bits):
+    dot = layout == "vnni8_dot"
+    layout = "vnni8" if dot else layout
     ms = layers(dtype=dtype, layout=layout, bits=bits)
-    if layout == "vnni8":
+    if dot:
         on_dot_path(ms, dtype)
     ref = apart(ms)
     other = layers(1, k=64, dtype=dtype, seed=9)[0]  # (8 bits, blocked: any dtype)
@@ -230,8 +233,9 @@ def test_a_grouped_model_is_freed_when_deleted():
 
 
 @pytest.mark.skipif(not (vnni8.available() and vnni8.dot_eligible(256)), reason="vnni8's dot path needs AMX-INT8")
-def test_vnni8_layers_on_the_tiles_stay_apart():
-    ms = layers(dtype=torch.bfloat16, layout="vnni8")  # one row on the tiles (the unmeasured path): no part to chain
+def test_vnni8_layers_on_different_one_row_paths_stay_apart():
+    ms = layers(dtype=torch.bfloat16, layout="vnni8")
+    on_dot_path(ms[1:2], torch.bfloat16)  # the key layer on vpdpbusd, the others on the tiles: no chain joins them
     other = layers(1, k=64, dtype=torch.bfloat16, seed=9)[0]
     with torch.no_grad():
         for _ in range(5):
@@ -241,27 +245,33 @@ def test_vnni8_layers_on_the_tiles_stay_apart():
 
 @pytest.mark.skipif(not (vnni8.available() and vnni8.dot_eligible(256)), reason="vnni8's dot path needs AMX-INT8")
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: no native launch")
-def test_a_vnni8_chain_gives_each_plans_own_bits_and_refuses_what_it_cannot_take():
+@pytest.mark.parametrize("dot", [True, False], ids=["vpdpbusd", "tiles"])
+@pytest.mark.parametrize("kind", [0, 1], ids=["float32", "bfloat16"])
+def test_a_vnni8_chain_gives_each_plans_own_bits_and_refuses_what_it_cannot_take(dot, kind):
     import numpy as np
 
     rng = np.random.default_rng(0)
     plans = [vnni8.Plan(vnni8.pack(rng.integers(-127, 128, (n, 256)).astype(np.int8)),
                         rng.random(n).astype(np.float32)) for n in (128, 64, 192)]
-    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if kind else torch.float32
+    x = torch.randn(1, 256, dtype=dtype)
     want = []
     for p in plans:
-        want.append(torch.empty(1, p.T * 64, dtype=torch.bfloat16))
-        assert p(x.data_ptr(), 1, 1, want[-1].data_ptr(), 1, dot=True)
-    chain = vnni8.Chain([(p, 1, 1) for p in plans])
-    got = [torch.full_like(w, 7) for w in want]
-    assert chain(x.data_ptr(), [g.data_ptr() for g in got])
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+        want.append(torch.empty(1, p.T * 64, dtype=dtype))
+        assert p(x.data_ptr(), kind, 1, want[-1].data_ptr(), kind, dot=dot)
+    chain = vnni8.Chain([(p, kind, kind, dot) for p in plans])
+    for _ in range(2):  # (the second launch starts afresh)
+        got = [torch.full_like(w, 7) for w in want]
+        assert chain(x.data_ptr(), [g.data_ptr() for g in got])
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
     bad = x.clone()
     bad[0, 9] = float("nan")
     assert not chain(bad.data_ptr(), [g.data_ptr() for g in got])
     other = vnni8.Plan(vnni8.pack(np.ones((64, 128), np.int8)), np.ones(64, np.float32))
     with pytest.raises(ValueError, match="one K"):
-        vnni8.Chain([(plans[0], 1, 1), (other, 1, 1)])
+        vnni8.Chain([(plans[0], kind, kind, dot), (other, kind, kind, dot)])
+    with pytest.raises(ValueError, match="one path"):
+        vnni8.Chain([(plans[0], kind, kind, dot), (plans[1], kind, kind, not dot)])
 
 
 def test_inference_mode_tensors_never_group_and_decode_as_apart():
