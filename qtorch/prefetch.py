@@ -64,6 +64,15 @@ def _key(bits: int) -> autotune.SettingKey:
     return autotune.SettingKey.make(f"gemv-prefetch-w{bits}")
 
 
+def _vnni_key() -> autotune.SettingKey:
+    # (a new name where the key held the distance alone: kept values of the old one are not read)
+    return autotune.SettingKey.make("vnni-reads")
+
+
+def _vnni8_key() -> autotune.SettingKey:
+    return autotune.SettingKey.make("vnni8-reads")
+
+
 def distance(bits: int, dispatcher: autotune.Dispatcher | None = None) -> int:
     """Bytes ahead that the one-row kernel prefetches for codes of ``bits`` (4 or 8) on this machine: measured at
     the first call (see the module docstring), then kept; :data:`qtorch.gemv.PREFETCH` where nothing is measured."""
@@ -79,7 +88,7 @@ def vnni_reads(dispatcher: autotune.Dispatcher | None = None) -> tuple[int, bool
     a 1024 x 1024 4-bit layer; of the passes within :data:`TIE` of the fastest, the shortest distance, then no
     second reads; key ``setting|vnni-reads|threads <n>``), then kept; :data:`qtorch.vnni.PREFETCH` and
     :data:`qtorch.vnni.TOUCH` where nothing is measured."""
-    return _measured_once(_VNNI_KEY, _vnni_trials, (vnni.PREFETCH, vnni.TOUCH), dispatcher, parse=_reads_value)
+    return _measured_once(_vnni_key(), _vnni_trials, (vnni.PREFETCH, vnni.TOUCH), dispatcher, parse=_reads_value)
 
 
 def vnni_distance(dispatcher: autotune.Dispatcher | None = None) -> int:
@@ -94,18 +103,11 @@ def vnni8_touch(dispatcher: autotune.Dispatcher | None = None) -> bool:
     nothing is measured or the kernel does not run here."""
     if not vnni8.dot_eligible(_K):
         return False
-    return _measured_once(_VNNI8_KEY, _vnni8_trials, False, dispatcher, parse=_twice)
-
-
-_VNNI8_KEY = autotune.SettingKey.make("vnni8-reads")
+    return _measured_once(_vnni8_key(), _vnni8_trials, False, dispatcher, parse=_twice)
 
 
 def _twice(kept) -> bool | None:
     return {"once": False, "twice": True}.get(kept) if isinstance(kept, str) else None
-
-
-#: the vnni kernel's decision (a new key where it took the distance alone: kept values of the old one are not read)
-_VNNI_KEY = autotune.SettingKey.make("vnni-reads")
 
 
 def _reads_name(dist: int, touch: bool) -> str:
@@ -158,10 +160,10 @@ def measured(dispatcher: autotune.Dispatcher | None = None) -> dict:
         found = _value(d.cached(_key(bits)))
         if found is not None:
             out[bits] = found
-    found = _reads_value(d.cached(_VNNI_KEY))
+    found = _reads_value(d.cached(_vnni_key()))
     if found is not None:
         out["vnni"], out["vnni touch"] = found
-    found = _twice(d.cached(_VNNI8_KEY))
+    found = _twice(d.cached(_vnni8_key()))
     if found is not None:
         out["vnni8 touch"] = found
     return out

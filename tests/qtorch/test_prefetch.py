@@ -167,6 +167,24 @@ def test_the_vnni_kernel_reads_each_line_twice_where_that_is_faster(monkeypatch,
     assert prefetch.vnni_reads(again) == (4096, True) and calls == ["vnni"]
 
 
+def test_the_vnni_decisions_are_kept_per_thread_count(monkeypatch):
+    # a process that changes torch's thread count reads with another team: measured again, not the other count's
+    clock, calls = Clock(), []
+    monkeypatch.setattr(prefetch, "_vnni_trials", fake_vnni_trials(clock, lambda d, t: 1.0 + abs(d - 4096), calls))
+    monkeypatch.setattr(prefetch, "_vnni8_trials", lambda: calls.append("vnni8") or {
+        "once": lambda: setattr(clock, "t", clock.t + 1.0), "twice": lambda: setattr(clock, "t", clock.t + 2.0)})
+    monkeypatch.setattr(qtorch.vnni8, "dot_eligible", lambda k: True)
+    d = autotune.Dispatcher(cache_path=False, timer=clock, env={})
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            assert prefetch.vnni_reads(d) == (4096, False) and prefetch.vnni8_touch(d) is False
+    finally:
+        torch.set_num_threads(before)
+    assert calls == ["vnni", "vnni8", "vnni", "vnni8"]
+
+
 @pytest.mark.parametrize("kept", ["4096 twice", "4097", "touch", "", "4096 touch extra"])
 def test_a_vnni_decision_that_is_not_one_is_measured_again(kept):
     assert prefetch._reads_value(kept) is None
