@@ -141,6 +141,14 @@ def fake_vnni_trials(clock, cost, calls):
     return trials
 
 
+def fake_vnni8_trials(clock, cost, calls):
+    """The vnni8 race's passes, ``"once"`` and ``"twice"``, each ``cost[name]``."""
+    def trials():
+        calls.append("vnni8")
+        return {n: (lambda c=c: setattr(clock, "t", clock.t + c)) for n, c in cost.items()}
+    return trials
+
+
 def test_the_vnni_kernel_has_its_own_distance(monkeypatch):
     clock, calls = Clock(), []
     monkeypatch.setattr(prefetch, "_trials", fake_trials(clock, lambda d: 1.0 + abs(d - 4096) / 4096, calls))
@@ -171,8 +179,7 @@ def test_the_vnni_decisions_are_kept_per_thread_count(monkeypatch):
     # a process that changes torch's thread count reads with another team: measured again, not the other count's
     clock, calls = Clock(), []
     monkeypatch.setattr(prefetch, "_vnni_trials", fake_vnni_trials(clock, lambda d, t: 1.0 + abs(d - 4096), calls))
-    monkeypatch.setattr(prefetch, "_vnni8_trials", lambda: calls.append("vnni8") or {
-        "once": lambda: setattr(clock, "t", clock.t + 1.0), "twice": lambda: setattr(clock, "t", clock.t + 2.0)})
+    monkeypatch.setattr(prefetch, "_vnni8_trials", fake_vnni8_trials(clock, {"once": 1.0, "twice": 2.0}, calls))
     monkeypatch.setattr(qtorch.vnni8, "dot_eligible", lambda k: True)
     d = autotune.Dispatcher(cache_path=False, timer=clock, env={})
     before = torch.get_num_threads()
@@ -195,12 +202,8 @@ def test_a_vnni_decision_that_is_not_one_is_measured_again(kept):
 def test_the_vnni8_kernel_reads_each_line_twice_only_where_that_is_faster(monkeypatch, tmp_path, faster):
     clock, calls = Clock(), []
 
-    def trials():
-        calls.append("vnni8")
-        cost = {"once": 1.0, "twice": 0.9 if faster else 1.01}  # (1% is within the tie: the one read wins)
-        return {n: (lambda c=c: setattr(clock, "t", clock.t + c)) for n, c in cost.items()}
-
-    monkeypatch.setattr(prefetch, "_vnni8_trials", trials)
+    cost = {"once": 1.0, "twice": 0.9 if faster else 1.01}  # (1% is within the tie: the one read wins)
+    monkeypatch.setattr(prefetch, "_vnni8_trials", fake_vnni8_trials(clock, cost, calls))
     monkeypatch.setattr(qtorch.vnni8, "dot_eligible", lambda k: True)
     d = autotune.Dispatcher(tmp_path / "c.json", timer=clock, env={}, others_running=lambda: 0)
     assert prefetch.vnni8_touch(d) is faster and prefetch.vnni8_touch(d) is faster and calls == ["vnni8"]
