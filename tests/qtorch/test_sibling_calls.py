@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qtorch
-from qtorch import autotune, sibling_calls, vnni, vnni8
+from qtorch import _launch, _omp, autotune, gemv, sibling_calls, vnni, vnni8
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +58,13 @@ if vnni8.available() and vnni8.dot_eligible(256):
               (torch.bfloat16, "vnni8_dot", 8), (torch.float32, "vnni8_dot", 8)]
 
 
+def chains_here(layout: str) -> bool:
+    """Whether layers of ``layout`` can be chained in this process: ``blocked`` always (in Python where it must),
+    ``vnni`` and ``vnni8`` only as one native launch (``QTORCH_NATIVE_LAUNCH=0`` or no OpenMP team of torch's:
+    they stay apart, each on its own call)."""
+    return layout == "blocked" or (gemv.NATIVE_LAUNCH and _omp.available() and _launch._gomp_address() != 0)
+
+
 def on_dot_path(ms, dtype):
     """vnni8 layers decode one row by vpdpbusd (the path a race may keep; unmeasured here)."""
     for m in ms:
@@ -78,9 +85,12 @@ def test_layers_reading_one_row_in_turn_group_and_keep_their_bits(dtype, layout,
             x = torch.randn(1, 1, 256, dtype=dtype)
             ys = step(ms, x, other)
             assert all(torch.equal(y, r(x)) for y, r in zip(ys, ref)), i
-            if i >= 3:
-                assert grouped(ms)  # (round 1 keeps decoders, rounds 2 and 3 are seen, then grouped)
-    assert ms[0]._sibling.index == 0 and ms[2]._sibling.index == 2
+            if i >= 3:  # (round 1 keeps decoders, rounds 2 and 3 are seen, then grouped)
+                assert grouped(ms) == chains_here(layout)
+    if chains_here(layout):
+        assert ms[0]._sibling.index == 0 and ms[2]._sibling.index == 2
+    else:
+        assert all(m._sibling is None and sibling_calls._REFUSED.get(m) for m in ms)
 
 
 def test_an_input_changed_in_place_or_another_input_computes_apart_and_dissolves_the_group():
@@ -259,6 +269,10 @@ def test_a_vnni8_chain_gives_each_plans_own_bits_and_refuses_what_it_cannot_take
     for p in plans:
         want.append(torch.empty(1, p.T * 64, dtype=dtype))
         assert p(x.data_ptr(), kind, 1, want[-1].data_ptr(), kind, dot=dot)
+    if not chains_here("vnni8"):  # (QTORCH_NATIVE_LAUNCH=0: no chain to make, said by name)
+        with pytest.raises(ValueError, match="native launch"):
+            vnni8.Chain([(p, kind, kind, dot) for p in plans])
+        return
     chain = vnni8.Chain([(p, kind, kind, dot) for p in plans])
     for _ in range(2):  # (the second launch starts afresh)
         got = [torch.full_like(w, 7) for w in want]
