@@ -12,6 +12,15 @@ def torch_pack_kernels(monkeypatch):
 
 
 @pytest.fixture
+def native_launches(monkeypatch):
+    """One-row launches go natively where they can, whatever ``QTORCH_NATIVE_LAUNCH`` says: the tests of those
+    launches check them in a process that turned them off too (read at import, applied where a plan is made)."""
+    from qtorch import gemv
+
+    monkeypatch.setattr(gemv, "NATIVE_LAUNCH", True)
+
+
+@pytest.fixture
 def blocked_kernels(monkeypatch):
     """bfloat16 layers on the blocked layout's kernels (the choice on AVX2 CPUs)."""
     monkeypatch.setattr(layouts, "TORCH_PACK_KERNELS", False)

@@ -328,7 +328,10 @@ def test_probes_time_the_cpp_ops_the_model_runs_and_keep_copies_apart(uncapped_t
         outs = run(x)
     before = native_ops.runs()
     outs = run(x)
-    assert native_ops.runs() - before == 3
+    from qtorch import gemv
+
+    # (QTORCH_NATIVE_LAUNCH=0: the C++ ops hand every call to the Python ops, the same numbers)
+    assert native_ops.runs() - before == (3 if gemv.NATIVE_LAUNCH else 0)
     ref = F.linear(x.float(), q.dequantized_weight(torch.float32), q.bias.float())
     for y in outs:
         assert torch.allclose(y.float(), ref, atol=2e-2 * float(ref.abs().max()), rtol=2e-2)

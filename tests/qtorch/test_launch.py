@@ -8,6 +8,9 @@ from qcore import _team
 
 from qtorch import _launch, _omp, gemv
 
+#: native launches are what these tests check (under QTORCH_NATIVE_LAUNCH=0 too)
+pytestmark = pytest.mark.usefixtures("native_launches")
+
 needs_team = pytest.mark.skipif(not _omp.available() or _team.gomp_parallel() is None or torch.get_num_threads() < 2,
                                 reason="no OpenMP team of 2+ threads in this process")
 

@@ -15,6 +15,9 @@ from qcore import PerChannel, PerGroup, QuantScheme, _team
 from qtorch import autotune, native_ops, vnni, vnni8
 from qtorch.layouts import blocked
 
+#: native launches are what these tests check (under QTORCH_NATIVE_LAUNCH=0 too)
+pytestmark = pytest.mark.usefixtures("native_launches")
+
 W8 = QuantScheme(8, True, PerChannel(0))
 W4 = QuantScheme(4, False, PerGroup(32))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -429,7 +432,8 @@ print(native_ops.runs() > 0, torch.equal(got, want))
 
 
 def test_processes_building_at_once_each_load_a_whole_library(lib, tmp_path):
-    env = dict(os.environ, QTORCH_CACHE_DIR=str(tmp_path))  # nothing built there yet: both build
+    # nothing built there yet: both build; native launches on in the children (the library is what is tested)
+    env = dict(os.environ, QTORCH_CACHE_DIR=str(tmp_path), QTORCH_NATIVE_LAUNCH="1")
     procs = [subprocess.Popen([sys.executable, "-c", _BUILD_AND_RUN], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]

@@ -245,6 +245,7 @@ def test_saving_is_measured_and_kept(monkeypatch, tmp_path):
     assert len(keys) == 1 and {"together@1", "apart@1"} <= set(qc.probe_dispatcher().decisions()[keys[0]]["ms"])
 
 
+@pytest.mark.usefixtures("native_launches")
 @pytest.mark.parametrize("together,launches", [(True, 1), (False, 2)])
 def test_the_sets_probe_runs_a_set_as_one_launch_or_apart(uncapped_team, together, launches):
     from qtorch import native_ops

@@ -169,6 +169,7 @@ def test_how_the_codes_are_read_changes_no_bit(xkind, sym):
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
+@pytest.mark.usefixtures("native_launches")
 @needs_vnni
 @needs_team
 @pytest.mark.parametrize("okind", [0, 1], ids=["float32-out", "bfloat16-out"])
@@ -196,6 +197,7 @@ def test_one_row_as_one_native_launch_gives_the_python_launchs_bits(okind):
     assert plan(x.data_ptr(), out.data_ptr()) and torch.equal(out, want)  # the next launch starts afresh
 
 
+@pytest.mark.usefixtures("native_launches")
 @needs_vnni
 @needs_team
 @pytest.mark.parametrize("okind", [0, 1], ids=["float32-out", "bfloat16-out"])

@@ -150,6 +150,7 @@ def test_a_plan_splits_into_the_planes_its_last_call_needed_and_again_where_too_
         check(out.numpy(), x, codes, scale, want)
 
 
+@pytest.mark.usefixtures("native_launches")
 @AMX
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: every call runs on the caller")
 @pytest.mark.parametrize("xkind", [0, 1], ids=["float32", "bfloat16"])
@@ -298,6 +299,7 @@ def test_dot_refuses_non_finite_x_and_leaves_out_untouched(bad):
         assert (out == 7.0).all()
 
 
+@pytest.mark.usefixtures("native_launches")
 @DOT
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: every call runs on the caller")
 def test_dot_as_one_native_launch_gives_the_python_launchs_bits():
