@@ -345,7 +345,7 @@ class QuantLinear(nn.Module):
                                 if part is not None:
                                     sibling_calls.observe(self, x, part)
                             else:  # watched again after REWATCH calls: its neighbours' layouts may have changed
-                                # (into __dict__: nn.Module.__setattr__ took 1.2 us of a 10-us call)
+                                # (into __dict__: nn.Module.__setattr__ cost 3.5 us of a small layer's 20-us call)
                                 self.__dict__["_lonely"] = lonely + 1 if lonely < sibling_calls.REWATCH else 0
                     if y is not None:
                         if bias is not None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import qtorch
 from qcore import PerChannel, PerGroup, QuantScheme
-from qtorch import autotune
+from qtorch import autotune, gemv
 from qtorch.compile import _compiled_probe, _probe, choose_layouts, compile_options
 
 qc = importlib.import_module("qtorch.compile")  # `qtorch.compile` the attribute is the function
@@ -328,8 +328,6 @@ def test_probes_time_the_cpp_ops_the_model_runs_and_keep_copies_apart(uncapped_t
         outs = run(x)
     before = native_ops.runs()
     outs = run(x)
-    from qtorch import gemv
-
     # (QTORCH_NATIVE_LAUNCH=0: the C++ ops hand every call to the Python ops, the same numbers)
     assert native_ops.runs() - before == (3 if gemv.NATIVE_LAUNCH else 0)
     ref = F.linear(x.float(), q.dequantized_weight(torch.float32), q.bias.float())
