@@ -350,8 +350,8 @@ class Plan:
         self.T, self.N = T, T * NT
         parts = 3 if xkind == 0 else 2
         self.template = np.append(_omp.new_block(T, T, OPERANDS.pack(
-            K=KO * 8, T=T, meta=meta(gsize, block_size(gsize), parts, okind, zp.shape[0] > 0, xkind, touch), pf=prefetch,
-            x=0, w=w, scale=scale, zp=zp, scratch=0, out=0)), np.int64(0))  # (a native launch's link slot last)
+            K=KO * 8, T=T, meta=meta(gsize, block_size(gsize), parts, okind, zp.shape[0] > 0, xkind, touch),
+            pf=prefetch, x=0, w=w, scale=scale, zp=zp, scratch=0, out=0)), np.int64(0))  # (a native launch's link slot last)
         self.scratch = bool(okind)
         self.free = []  # (block, its address): blocks of calls that are over; a call on another thread takes its own
         self.min_part = max(1, (1 << 21) // max(1, KO * 256))  # tiles a thread of qcore's takes at least (no team)
